@@ -1,0 +1,134 @@
+"""The one small interface every recommender implements, and its plain-array persistence.
+
+A model is fitted on a :class:`~recsys.models.data.Dataset`, scores a batch of user indices
+against the whole catalog as one dense numpy block, and saves itself as ``arrays.npz`` (no
+pickle) plus ``params.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import scipy.sparse as sp
+
+from recsys.models.data import Dataset
+
+MODEL_CLASSES: dict[str, type[Recommender]] = {}
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the indices and values of the `k` largest scores, best first (batched numpy).
+
+    Ties are broken by the lower index. Rows with fewer than `k` finite scores end with
+    ``-inf`` entries, which callers drop.
+    """
+    n_rows, n_cols = scores.shape
+    k = min(k, n_cols)
+    if k <= 0:
+        return np.zeros((n_rows, 0), np.int64), np.zeros((n_rows, 0), scores.dtype)
+    if k < n_cols:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(n_cols), (n_rows, n_cols)).copy()
+    vals = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1) if n_rows else np.zeros((0, k), np.int64)
+    idx = np.take_along_axis(part, order, axis=1)
+    return idx, np.take_along_axis(vals, order, axis=1)
+
+
+def mask_rows(scores: np.ndarray, matrix: sp.csr_matrix, rows: np.ndarray, value: float = -np.inf) -> None:
+    """Set ``scores[b, j] = value`` wherever ``matrix[rows[b], j]`` is stored (in place)."""
+    sub = matrix[rows]
+    r = np.repeat(np.arange(len(rows)), np.diff(sub.indptr))
+    scores[r, sub.indices] = value
+
+
+class Recommender(ABC):
+    """Fit on a Dataset, score users against every item, recommend the top k, save / load."""
+
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            MODEL_CLASSES[cls.name] = cls
+
+    # subclasses set these in fit / load
+    seen_: sp.csr_matrix
+    n_items_: int
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """Hyperparameters (JSON-able); ``type(self)(**params)`` rebuilds an unfitted model."""
+
+    @abstractmethod
+    def _fit(self, data: Dataset) -> None: ...
+
+    @abstractmethod
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        """Dense float32 scores (len(user_idx), n_items); higher is better, -inf = never."""
+
+    @abstractmethod
+    def _arrays(self) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None: ...
+
+    def fit(self, data: Dataset) -> Self:
+        """Fit on `data`; remembers which items each user has seen (for exclusion)."""
+        seen = data.confidence.copy()
+        seen.data[:] = 1
+        self.seen_ = seen.astype(np.float32).tocsr()
+        self.n_items_ = data.n_items
+        self._fit(data)
+        return self
+
+    def recommend(
+        self, user_idx: np.ndarray, k: int = 10, exclude_seen: bool = True,
+        batch_size: int = 1024,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-`k` item indices and scores per user, best first (k columns, -inf padded)."""
+        user_idx = np.asarray(user_idx, dtype=np.int64)
+        out_i, out_s = [], []
+        for start in range(0, len(user_idx), batch_size):
+            batch = user_idx[start : start + batch_size]
+            s = self.score(batch)
+            if exclude_seen:
+                mask_rows(s, self.seen_, batch)
+            i, v = top_k(s, k)
+            out_i.append(i)
+            out_s.append(v)
+        if not out_i:
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        return np.concatenate(out_i), np.concatenate(out_s)
+
+    def save(self, path: str) -> None:
+        """Write ``params.json`` and ``arrays.npz`` (no pickle) into folder `path`."""
+        os.makedirs(path, exist_ok=True)
+        arrays = dict(self._arrays())
+        arrays.update(
+            seen_indptr=self.seen_.indptr, seen_indices=self.seen_.indices,
+            seen_shape=np.array(self.seen_.shape, np.int64),
+        )
+        np.savez_compressed(os.path.join(path, "arrays.npz"), **arrays)
+        with open(os.path.join(path, "params.json"), "w") as f:
+            json.dump({"model": self.name, "params": self.params()}, f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str) -> Recommender:
+        """Load any saved model from `path` (the class is read from params.json)."""
+        with open(os.path.join(path, "params.json")) as f:
+            meta = json.load(f)
+        model = MODEL_CLASSES[meta["model"]](**meta["params"])
+        with np.load(os.path.join(path, "arrays.npz"), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        shape = tuple(arrays.pop("seen_shape"))
+        indptr, indices = arrays.pop("seen_indptr"), arrays.pop("seen_indices")
+        model.seen_ = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=shape)
+        model.n_items_ = shape[1]
+        model._set_arrays(arrays)
+        return model

@@ -1,0 +1,349 @@
+"""From validated events to what every model trains on.
+
+* :func:`interactions` folds events into one weighted, time-decayed confidence per (user, item).
+* :func:`temporal_split` cuts events by time into train / validation / test.
+* :func:`build_dataset` adds the integer index maps, sparse matrices and item / user side data
+  (category, brand, tags, price, age, segment) that the models and the ranker use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from recsys.contract import DEFAULT_EVENT_WEIGHTS, EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA
+
+#: Event types that make the "co-buy" signal (a stronger intent than a view).
+BUY_EVENT_TYPES: tuple[str, ...] = ("add_to_cart", "purchase")
+
+_DAY_US = 86_400 * 1_000_000
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """One row per (user, item) with a positive confidence, plus the integer index maps.
+
+    ``frame`` has columns user_id, item_id, user_idx, item_idx, confidence, n_events,
+    first_ts, last_ts. ``user_ids[user_idx]`` and ``item_ids[item_idx]`` give the ids back.
+    """
+
+    frame: pl.DataFrame
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def matrix(self) -> sp.csr_matrix:
+        """Users x items confidence matrix (float32)."""
+        return _csr(self.frame, "confidence", self.n_users, self.n_items)
+
+
+def _csr(frame: pl.DataFrame, column: str, n_users: int, n_items: int) -> sp.csr_matrix:
+    m = sp.csr_matrix(
+        (
+            frame[column].to_numpy().astype(np.float32),
+            (frame["user_idx"].to_numpy(), frame["item_idx"].to_numpy()),
+        ),
+        shape=(n_users, n_items),
+    )
+    m.sum_duplicates()
+    m.sort_indices()
+    return m
+
+
+def event_weight_expr(weights: dict[str, float]) -> pl.Expr:
+    """Per-row weight of an event from its type; types missing from `weights` weigh 0."""
+    return (
+        pl.col("event_type")
+        .replace_strict(
+            list(weights), [float(w) for w in weights.values()], default=0.0,
+            return_dtype=pl.Float64,
+        )
+    )
+
+
+def decayed_weights(
+    events: pl.DataFrame,
+    weights: dict[str, float] | None = None,
+    half_life_days: float | None = None,
+    now: datetime | None = None,
+) -> pl.DataFrame:
+    """`events` with a column ``w``: type weight x 0.5 ** (age_days / half_life_days)."""
+    weights = DEFAULT_EVENT_WEIGHTS if weights is None else weights
+    w = event_weight_expr(weights)
+    if half_life_days is not None and half_life_days > 0 and events.height:
+        now_ts = events["timestamp"].max() if now is None else now
+        age_days = (pl.lit(now_ts).cast(EVENT_SCHEMA["timestamp"]) - pl.col("timestamp")).dt.total_microseconds() / _DAY_US
+        # Events after `now` (clock skew) count as fresh, never as amplified.
+        w = w * pl.lit(0.5).pow(age_days.clip(lower_bound=0.0) / half_life_days)
+    return events.with_columns(w.alias("w"))
+
+
+def interactions(
+    events: pl.DataFrame,
+    weights: dict[str, float] | None = None,
+    half_life_days: float | None = None,
+    now: datetime | None = None,
+    *,
+    user_ids: np.ndarray | None = None,
+    item_ids: np.ndarray | None = None,
+) -> Interactions:
+    """Fold events into one confidence per (user, item).
+
+    Each event contributes ``weights[event_type]`` (default: ``DEFAULT_EVENT_WEIGHTS``; a tenant
+    overrides or extends it), decayed exponentially with age relative to ``now`` (default: the
+    newest event) when ``half_life_days`` is set. Negative weights (dislike) count against the
+    pair; pairs whose total is not positive are dropped.
+
+    ``user_ids`` / ``item_ids`` fix the index maps (e.g. a catalog with items nobody touched
+    yet); pairs outside them are dropped. By default the maps are the sorted ids that remain.
+    """
+    pairs = (
+        decayed_weights(events, weights, half_life_days, now)
+        .group_by("user_id", "item_id")
+        .agg(
+            pl.col("w").sum().alias("confidence"),
+            pl.len().alias("n_events"),
+            pl.col("timestamp").min().alias("first_ts"),
+            pl.col("timestamp").max().alias("last_ts"),
+        )
+        .filter(pl.col("confidence") > 0)
+    )
+    uids = np.array(sorted(pairs["user_id"].unique().to_list()), dtype=object) if user_ids is None else np.asarray(user_ids, dtype=object)
+    iids = np.array(sorted(pairs["item_id"].unique().to_list()), dtype=object) if item_ids is None else np.asarray(item_ids, dtype=object)
+    umap = pl.DataFrame({"user_id": uids.tolist(), "user_idx": np.arange(len(uids), dtype=np.int32)}, schema={"user_id": pl.String, "user_idx": pl.Int32})
+    imap = pl.DataFrame({"item_id": iids.tolist(), "item_idx": np.arange(len(iids), dtype=np.int32)}, schema={"item_id": pl.String, "item_idx": pl.Int32})
+    frame = (
+        pairs.join(umap, on="user_id", how="inner")
+        .join(imap, on="item_id", how="inner")
+        .sort("user_idx", "item_idx")
+        .select("user_id", "item_id", "user_idx", "item_idx", "confidence", "n_events", "first_ts", "last_ts")
+    )
+    return Interactions(frame=frame, user_ids=uids, item_ids=iids)
+
+
+# --- temporal split -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TemporalSplit:
+    """Events cut by time: ``train`` (itself ``fit`` + ``validation``) and ``test``."""
+
+    fit: pl.DataFrame
+    validation: pl.DataFrame
+    test: pl.DataFrame
+    validation_start: datetime | None
+    test_start: datetime | None
+
+    @property
+    def train(self) -> pl.DataFrame:
+        return pl.concat([self.fit, self.validation])
+
+
+def temporal_split(
+    events: pl.DataFrame, test_fraction: float = 0.2, validation_fraction: float = 0.0
+) -> TemporalSplit:
+    """Global temporal split by event order.
+
+    The newest ``test_fraction`` of events are the test period; of the rest (train), the newest
+    ``validation_fraction`` are the validation window. Events are ordered by (timestamp,
+    event_id), so ties at a cut are split deterministically.
+    """
+    if not (0 <= test_fraction < 1 and 0 <= validation_fraction < 1):
+        raise ValueError("fractions must be in [0, 1)")
+    ordered = events.sort("timestamp", "event_id", maintain_order=True)
+    n = ordered.height
+    n_train = n - int(round(n * test_fraction))
+    n_fit = n_train - int(round(n_train * validation_fraction))
+    ts = ordered["timestamp"]
+    return TemporalSplit(
+        fit=ordered[:n_fit],
+        validation=ordered[n_fit:n_train],
+        test=ordered[n_train:],
+        validation_start=ts[n_fit] if n_fit < n_train else None,
+        test_start=ts[n_train] if n_train < n else None,
+    )
+
+
+def holdout_pairs(
+    train_events: pl.DataFrame, holdout_events: pl.DataFrame, weights: dict[str, float] | None = None
+) -> pl.DataFrame:
+    """The positive (user_id, item_id) pairs of a later window, per the evaluation protocol.
+
+    Keeps pairs with a positive total weight whose user and item both appear in train, and
+    drops pairs the user already had in train.
+    """
+    train_pairs = train_events.select("user_id", "item_id").unique()
+    pos = interactions(holdout_events, weights).frame.select("user_id", "item_id")
+    return (
+        pos.join(train_pairs.select("user_id").unique(), on="user_id", how="semi")
+        .join(train_pairs.select("item_id").unique(), on="item_id", how="semi")
+        .join(train_pairs, on=["user_id", "item_id"], how="anti")
+        .sort("user_id", "item_id")
+    )
+
+
+# --- dataset: everything a model fits on -----------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    """Index maps, interaction matrices and side data for one fit.
+
+    Matrices are users x items CSR float32: ``confidence`` (all events, weighted and decayed),
+    ``buy`` (add_to_cart / purchase only, for co-buy) and ``trending`` per item (short half-life).
+    Item side data: ``item_category`` codes (-1 unknown) into ``categories``, ``item_brand``
+    codes into ``brands``, ``item_tags`` (items x tags CSR), ``item_price`` (nan unknown),
+    ``item_age_days`` (since created_at or first event), ``item_available``. ``user_segment``
+    codes into ``segments``.
+    """
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    confidence: sp.csr_matrix
+    buy: sp.csr_matrix
+    trending: np.ndarray
+    item_category: np.ndarray
+    categories: list[str]
+    item_brand: np.ndarray
+    brands: list[str]
+    item_tags: sp.csr_matrix
+    tags: list[str]
+    item_price: np.ndarray
+    item_age_days: np.ndarray
+    item_available: np.ndarray
+    user_segment: np.ndarray
+    segments: list[str]
+    now: datetime | None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def user_index(self, user_ids) -> np.ndarray:
+        """Index of each user id, -1 for unknown users."""
+        return _lookup(self.user_ids, user_ids)
+
+    def item_index(self, item_ids) -> np.ndarray:
+        """Index of each item id, -1 for unknown items."""
+        return _lookup(self.item_ids, item_ids)
+
+
+def _lookup(ids: np.ndarray, query) -> np.ndarray:
+    table = pl.DataFrame({"id": list(ids), "idx": np.arange(len(ids), dtype=np.int64)}, schema={"id": pl.String, "idx": pl.Int64})
+    q = pl.DataFrame({"id": [str(x) for x in query]}, schema={"id": pl.String})
+    return q.join(table, on="id", how="left", maintain_order="left")["idx"].fill_null(-1).to_numpy()
+
+
+def _codes(values: list[str | None]) -> tuple[np.ndarray, list[str]]:
+    vocab = sorted({v for v in values if v is not None})
+    lookup = {v: i for i, v in enumerate(vocab)}
+    return np.array([lookup.get(v, -1) if v is not None else -1 for v in values], dtype=np.int32), vocab
+
+
+def build_dataset(
+    events: pl.DataFrame,
+    items: pl.DataFrame | None = None,
+    users: pl.DataFrame | None = None,
+    *,
+    weights: dict[str, float] | None = None,
+    half_life_days: float | None = None,
+    trending_half_life_days: float = 7.0,
+    now: datetime | None = None,
+    include_catalog_items: bool = True,
+) -> Dataset:
+    """Index maps, matrices and side data for a fit on `events`.
+
+    Users are those with at least one positive interaction. Items are those with one, plus
+    (``include_catalog_items``) every item of the `items` table, so content-aware models can
+    score items nobody has touched yet.
+    """
+    items = pl.DataFrame(schema=ITEM_SCHEMA) if items is None else items
+    users = pl.DataFrame(schema=USER_SCHEMA) if users is None else users
+    now = (events["timestamp"].max() if events.height else None) if now is None else now
+    inter = interactions(events, weights, half_life_days, now)
+    item_ids = inter.item_ids
+    if include_catalog_items and items.height:
+        item_ids = np.array(sorted(set(item_ids.tolist()) | set(items["item_id"].to_list())), dtype=object)
+    inter = interactions(events, weights, half_life_days, now, user_ids=inter.user_ids, item_ids=item_ids)
+    confidence = inter.matrix()
+
+    buy_events = events.filter(pl.col("event_type").is_in(list(BUY_EVENT_TYPES)))
+    buy = interactions(buy_events, weights, half_life_days, now, user_ids=inter.user_ids, item_ids=item_ids).matrix()
+
+    # Trending: the same weights with a short half-life, summed per item.
+    tr = decayed_weights(events, weights, trending_half_life_days, now).group_by("item_id").agg(pl.col("w").sum())
+    trending = np.zeros(len(item_ids), dtype=np.float32)
+    tr_idx = _lookup(item_ids, tr["item_id"].to_list())
+    ok = tr_idx >= 0
+    trending[tr_idx[ok]] = np.maximum(tr["w"].to_numpy()[ok], 0)
+
+    # Item side data, aligned on item_ids.
+    side = pl.DataFrame({"item_id": item_ids.tolist()}, schema={"item_id": pl.String}).join(
+        items.unique("item_id", keep="last", maintain_order=True), on="item_id", how="left", maintain_order="left"
+    )
+    first_seen = inter.frame.group_by("item_id").agg(pl.col("first_ts").min())
+    side = side.join(first_seen, on="item_id", how="left", maintain_order="left")
+    item_category, categories = _codes(side["category"].to_list())
+    item_brand, brands = _codes(side["brand"].to_list())
+    tag_lists = [[t for t in (ts or []) if t is not None] for ts in side["tags"].to_list()]
+    tags = sorted({t for ts in tag_lists for t in ts})
+    tag_lookup = {t: i for i, t in enumerate(tags)}
+    rows = np.repeat(np.arange(len(tag_lists)), [len(ts) for ts in tag_lists])
+    cols = np.array([tag_lookup[t] for ts in tag_lists for t in ts], dtype=np.int64)
+    item_tags = sp.csr_matrix((np.ones(len(cols), np.float32), (rows, cols)), shape=(len(item_ids), len(tags)))
+    price = side["price"].cast(pl.Float64).fill_null(float("nan")).to_numpy().astype(np.float64)
+    born = side.select(pl.coalesce("created_at", "first_ts").alias("born"))["born"]
+    if now is not None:
+        age = ((pl.Series([now] * len(born)).cast(EVENT_SCHEMA["timestamp"]) - born).dt.total_microseconds() / _DAY_US)
+        item_age = age.fill_null(float("nan")).to_numpy().astype(np.float64)
+    else:
+        item_age = np.full(len(item_ids), np.nan)
+    available = side["available"].fill_null(True).to_numpy().astype(bool)
+
+    useg = pl.DataFrame({"user_id": inter.user_ids.tolist()}, schema={"user_id": pl.String}).join(
+        users.unique("user_id", keep="last", maintain_order=True).select("user_id", "segment"),
+        on="user_id", how="left", maintain_order="left",
+    )
+    user_segment, segments = _codes(useg["segment"].to_list())
+
+    return Dataset(
+        user_ids=inter.user_ids,
+        item_ids=item_ids,
+        confidence=confidence,
+        buy=buy,
+        trending=trending,
+        item_category=item_category,
+        categories=categories,
+        item_brand=item_brand,
+        brands=brands,
+        item_tags=item_tags,
+        tags=tags,
+        item_price=price,
+        item_age_days=item_age,
+        item_available=available,
+        user_segment=user_segment,
+        segments=segments,
+        now=now,
+        info={
+            "n_events": events.height,
+            "n_pairs": inter.frame.height,
+            "weights": dict(DEFAULT_EVENT_WEIGHTS if weights is None else weights),
+            "half_life_days": half_life_days,
+        },
+    )

@@ -1,0 +1,110 @@
+"""Where every piece of data lives, relative to one configured root.
+
+The root is a local folder (``./data`` by default) or any fsspec URI (``s3://bucket/recsys``);
+callers ask this class for paths and a filesystem instead of building paths themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+LANDING_KINDS = ("events", "items", "users")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Paths of the data layout (see docs/architecture.md) under one root URI or folder."""
+
+    root: str
+    _fs: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        root = self.root
+        if "://" not in root:
+            root = os.path.abspath(root)
+        fs, _ = url_to_fs(root)
+        object.__setattr__(self, "root", root.rstrip("/"))
+        object.__setattr__(self, "_fs", fs)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return self._fs
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.root or self.root.startswith("file://")
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    # --- landing zone -------------------------------------------------------------------
+    def landing_dir(self, tenant: str, kind: str) -> str:
+        if kind not in LANDING_KINDS:
+            raise ValueError(f"unknown landing kind {kind!r}; expected one of {LANDING_KINDS}")
+        return self.path("landing", tenant, kind)
+
+    def landing_files(self, tenant: str, kind: str) -> list[str]:
+        """Landing files of one kind, sorted by name (names start with a UTC timestamp)."""
+        d = self.landing_dir(tenant, kind)
+        if not self.fs.exists(d):
+            return []
+        files = [f for f in self.fs.ls(d, detail=False) if not posixpath.basename(f).startswith(".")]
+        return sorted(self._qualify(f) for f in files)
+
+    # --- warehouse -----------------------------------------------------------------------
+    def events_dir(self, tenant: str) -> str:
+        return self.path("warehouse", tenant, "events")
+
+    def rejected_dir(self, tenant: str) -> str:
+        return self.path("warehouse", tenant, "rejected_events")
+
+    def table_path(self, tenant: str, name: str) -> str:
+        """A single-file warehouse table: items, users, interactions, ..."""
+        return self.path("warehouse", tenant, f"{name}.parquet")
+
+    def ingest_state_path(self, tenant: str) -> str:
+        return self.path("warehouse", tenant, "_ingest_state.json")
+
+    # --- downstream ------------------------------------------------------------------------
+    def models_dir(self, tenant: str) -> str:
+        return self.path("models", tenant)
+
+    def evaluation_dir(self, tenant: str) -> str:
+        return self.path("evaluation", tenant)
+
+    def snapshots_dir(self, tenant: str) -> str:
+        return self.path("snapshots", tenant)
+
+    def serving_dir(self) -> str:
+        return self.path("serving")
+
+    def mlflow_uri(self) -> str:
+        """Default MLflow tracking URI: a SQLite database under the root (local roots only)."""
+        return "sqlite:///" + self.path("mlflow", "mlflow.db")
+
+    def mlflow_artifacts(self) -> str:
+        return self.path("mlflow", "artifacts")
+
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def _qualify(self, p: str) -> str:
+        # fsspec drops the protocol from listings; put it back so paths stay usable URIs.
+        if "://" in self.root and "://" not in p:
+            proto = self.root.split("://", 1)[0]
+            return f"{proto}://{p}"
+        return p
+
+
+def default_root() -> str:
+    """The data root from ``RECSYS_DATA_ROOT`` (read by entry points only), else ``./data``."""
+    return os.environ.get("RECSYS_DATA_ROOT", "data")

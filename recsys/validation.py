@@ -1,0 +1,394 @@
+"""Validation of raw rows against the data contract: typed good rows out, every bad row kept.
+
+All checks are vectorised Polars expressions, so validation runs at millions of rows a second.
+A row is rejected with the first reason that applies, in the order of REJECT_REASONS; nothing
+valid is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+import duckdb
+import polars as pl
+
+from recsys.contract import (
+    BUILTIN_EVENT_TYPES,
+    EVENT_SCHEMA,
+    ITEM_SCHEMA,
+    MAX_CONTEXT_BYTES,
+    MAX_ID_LENGTH,
+    MAX_TITLE_LENGTH,
+    REJECTED_SCHEMA,
+    USER_SCHEMA,
+    UTC_TS,
+)
+from recsys.readers import MAX_RAW_CHARS
+
+#: Events before this instant are taken as corrupt clocks (epoch zero, two-digit years...).
+EARLIEST_EVENT = datetime(1990, 1, 1, tzinfo=UTC)
+#: Events may be a little in the future (clock skew), not more.
+MAX_CLOCK_SKEW = timedelta(days=1)
+
+_ISO_FORMATS = (
+    "%Y-%m-%dT%H:%M:%S%.f%:z",
+    "%Y-%m-%dT%H:%M:%S%:z",
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M:%S",
+    "%Y-%m-%d %H:%M:%S%.f%:z",
+    "%Y-%m-%d %H:%M:%S%:z",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S",
+    "%Y-%m-%d",
+)
+
+
+def parse_timestamp(col: str, dtype: pl.DataType) -> pl.Expr:
+    """An expression turning `col` (ISO-8601 text, epoch s/ms/us numbers, or datetimes) into
+    UTC microsecond datetimes; anything unparsable becomes null."""
+    c = pl.col(col)
+    if isinstance(dtype, pl.Datetime):
+        if dtype.time_zone is None:
+            return c.dt.replace_time_zone("UTC").dt.cast_time_unit("us")
+        return c.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+    if isinstance(dtype, pl.Date):
+        return c.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    if dtype.is_numeric():
+        return _epoch_to_datetime(c.cast(pl.Float64, strict=False))
+    text = c.cast(pl.String).str.strip_chars()
+    numeric = text.cast(pl.Float64, strict=False)
+    iso = text.str.replace(r"[Zz]$", "+00:00")
+    parsed = [
+        iso.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+        if "%:z" in fmt
+        else iso.str.to_datetime(fmt, strict=False, time_unit="us").dt.replace_time_zone("UTC")
+        for fmt in _ISO_FORMATS
+    ]
+    return (
+        pl.when(numeric.is_not_null())
+        .then(_epoch_to_datetime(numeric))
+        .otherwise(pl.coalesce(parsed))
+    )
+
+
+def _epoch_to_datetime(num: pl.Expr) -> pl.Expr:
+    """Epoch numbers to UTC datetimes, telling seconds, milliseconds and microseconds apart by
+    magnitude (seconds stay below 1e11 until the year 5138)."""
+    micros = (
+        pl.when(num.abs() < 1e11)
+        .then(num * 1e6)
+        .when(num.abs() < 1e14)
+        .then(num * 1e3)
+        .otherwise(num)
+    )
+    micros = pl.when(micros.is_finite() & (micros.abs() < 1e17)).then(micros)
+    return micros.cast(pl.Int64, strict=False).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+
+
+def _text(df: pl.DataFrame, col: str) -> pl.Expr:
+    """Column as trimmed text with empty strings as null; null literal if absent."""
+    if col not in df.columns:
+        return pl.lit(None, dtype=pl.String)
+    c = pl.col(col)
+    if df.schema[col] != pl.String:
+        c = c.cast(pl.String, strict=False)
+    c = c.str.strip_chars()
+    return pl.when(c.str.len_chars() > 0).then(c)
+
+
+def _first_reason(checks: Iterable[tuple[pl.Expr, str, pl.Expr | str]]) -> tuple[pl.Expr, pl.Expr]:
+    """(reason, detail) expressions: the first failing check of each row, or null."""
+    checks = list(checks)
+    reason: pl.Expr = pl.lit(None, dtype=pl.String)
+    detail: pl.Expr = pl.lit(None, dtype=pl.String)
+    for failed, name, why in reversed(checks):
+        why_expr = pl.lit(why) if isinstance(why, str) else why
+        reason = pl.when(failed).then(pl.lit(name)).otherwise(reason)
+        detail = pl.when(failed).then(why_expr).otherwise(detail)
+    return reason, detail
+
+
+def _rejects(df: pl.DataFrame, source_cols: list[str], source: str) -> pl.DataFrame:
+    """Rejected rows in REJECTED_SCHEMA, with the original fields as a JSON object in `raw`."""
+    bad = df.filter(pl.col("_reason").is_not_null())
+    if bad.height == 0:
+        return pl.DataFrame(schema=REJECTED_SCHEMA)
+    cols = [c for c in source_cols if c in bad.columns]
+    raw = (
+        pl.struct([pl.col(c).cast(pl.String, strict=False) for c in cols]).struct.json_encode()
+        if cols
+        else pl.lit("{}")
+    )
+    return bad.select(
+        pl.lit(source, dtype=pl.String).alias("source_file"),
+        pl.col("_row").cast(pl.Int64).alias("row_number"),
+        pl.col("_reason").alias("reason"),
+        pl.col("_detail").alias("detail"),
+        raw.str.slice(0, MAX_RAW_CHARS).alias("raw"),
+    )
+
+
+def derive_event_ids(df: pl.DataFrame) -> pl.Series:
+    """Deterministic event ids from the event's content (stable across versions and machines:
+    md5 of the canonical fields), so re-ingesting the same data never duplicates it."""
+    key = df.select(
+        pl.concat_str(
+            [
+                pl.col("tenant"),
+                pl.col("user_id"),
+                pl.col("item_id"),
+                pl.col("event_type"),
+                pl.col("timestamp").dt.epoch("us").cast(pl.String),
+                pl.col("value").cast(pl.String).fill_null(""),
+                pl.col("session_id").fill_null(""),
+            ],
+            separator="\x1f",
+        ).alias("k")
+    )
+    con = duckdb.connect()
+    try:
+        con.register("keys", key.to_arrow())
+        out = con.sql("SELECT 'e' || md5(k) AS event_id FROM keys").pl()
+    finally:
+        con.close()
+    return out["event_id"]
+
+
+def validate_events(
+    raw: pl.DataFrame,
+    *,
+    tenant: str,
+    source: str,
+    extra_event_types: Iterable[str] = (),
+    now: datetime | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split raw event rows into (valid events in EVENT_SCHEMA, rejects in REJECTED_SCHEMA).
+
+    `raw` has contract column names (any subset) plus `_row`; `now` bounds future timestamps.
+    Valid events are deduplicated by event_id (first occurrence kept).
+    """
+    if "_row" not in raw.columns:
+        raw = raw.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
+    now = now or datetime.now(UTC)
+    known = sorted(set(BUILTIN_EVENT_TYPES) | {t.lower() for t in extra_event_types})
+    source_cols = [c for c in raw.columns if c != "_row"]
+    ts_dtype = raw.schema.get("timestamp", pl.String)
+    df = raw.with_columns(
+        _text(raw, "user_id").alias("user_id"),
+        _text(raw, "item_id").alias("item_id"),
+        _text(raw, "event_type").str.to_lowercase().alias("event_type"),
+        _text(raw, "session_id").alias("session_id"),
+        _text(raw, "event_id").alias("event_id"),
+        _text(raw, "tenant").fill_null(tenant).alias("tenant"),
+        _text(raw, "context").alias("context"),
+        (
+            parse_timestamp("timestamp", ts_dtype)
+            if "timestamp" in raw.columns
+            else pl.lit(None, dtype=UTC_TS)
+        ).alias("_ts"),
+        (
+            _text(raw, "timestamp").is_not_null()
+            if "timestamp" in raw.columns
+            else pl.lit(False)
+        ).alias("_ts_given"),
+        (
+            _text(raw, "value").cast(pl.Float64, strict=False)
+            if "value" in raw.columns
+            else pl.lit(None, dtype=pl.Float64)
+        ).alias("_value"),
+        (_text(raw, "value").is_not_null() if "value" in raw.columns else pl.lit(False)).alias(
+            "_value_given"
+        ),
+    )
+    ts = pl.col("_ts")
+    oversize = (
+        (pl.col("user_id").str.len_bytes() > MAX_ID_LENGTH)
+        | (pl.col("item_id").str.len_bytes() > MAX_ID_LENGTH)
+        | (pl.col("event_id").str.len_bytes() > MAX_ID_LENGTH)
+        | (pl.col("session_id").str.len_bytes() > MAX_ID_LENGTH)
+        | (pl.col("event_type").str.len_bytes() > MAX_ID_LENGTH)
+        | (pl.col("context").str.len_bytes() > MAX_CONTEXT_BYTES)
+    ).fill_null(False)
+    reason, detail = _first_reason(
+        [
+            (
+                pl.col("user_id").is_null() | pl.col("item_id").is_null(),
+                "missing_id",
+                pl.when(pl.col("user_id").is_null())
+                .then(pl.lit("user_id is missing"))
+                .otherwise(pl.lit("item_id is missing")),
+            ),
+            (oversize, "oversize_field", f"a field exceeds its limit ({MAX_ID_LENGTH} bytes for "
+             f"ids, {MAX_CONTEXT_BYTES} for context)"),
+            (
+                pl.col("tenant") != tenant,
+                "wrong_tenant",
+                pl.format("row is for tenant '{}', file landed for '{}'", pl.col("tenant"),
+                          pl.lit(tenant)),
+            ),
+            (
+                ts.is_null(),
+                "bad_timestamp",
+                pl.when(pl.col("_ts_given"))
+                .then(pl.lit("timestamp is not ISO-8601 or epoch seconds/milliseconds"))
+                .otherwise(pl.lit("timestamp is missing")),
+            ),
+            (
+                (ts < EARLIEST_EVENT) | (ts > now + MAX_CLOCK_SKEW),
+                "bad_timestamp",
+                pl.format("timestamp {} is outside the possible range", ts.cast(pl.String)),
+            ),
+            (
+                pl.col("event_type").is_null() | ~pl.col("event_type").is_in(known),
+                "unknown_event_type",
+                pl.format("event type '{}' is not declared", pl.col("event_type")),
+            ),
+            (
+                pl.col("_value_given")
+                & (pl.col("_value").is_null() | ~pl.col("_value").is_finite()),
+                "bad_value",
+                pl.lit("value is not a finite number"),
+            ),
+        ]
+    )
+    df = df.with_columns(reason.alias("_reason"), detail.alias("_detail"))
+    rejects = _rejects(df, source_cols, source)
+    good = df.filter(pl.col("_reason").is_null()).select(
+        pl.col("event_id"),
+        pl.col("tenant"),
+        pl.col("user_id"),
+        pl.col("item_id"),
+        pl.col("event_type"),
+        pl.col("_ts").alias("timestamp"),
+        pl.col("_value").alias("value"),
+        pl.col("session_id"),
+        pl.col("context"),
+    )
+    if good.height and good["event_id"].null_count():
+        derived = derive_event_ids(good)
+        good = good.with_columns(pl.coalesce(pl.col("event_id"), derived).alias("event_id"))
+    good = good.unique(subset="event_id", keep="first", maintain_order=True)
+    return good.select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()]), rejects
+
+
+def _parse_tags(df: pl.DataFrame) -> pl.Expr:
+    """Tags from a JSON list, or text separated by '|' or ','; trimmed, empty ones dropped."""
+    if "tags" not in df.columns:
+        return pl.lit([], dtype=pl.List(pl.String))
+    if isinstance(df.schema["tags"], pl.List):
+        col = pl.col("tags").cast(pl.List(pl.String))
+    else:
+        text = pl.col("tags").cast(pl.String).str.strip_chars()
+        as_json = text.str.json_decode(pl.List(pl.String))
+        col = (
+            pl.when(text.str.starts_with("["))
+            .then(as_json)
+            .otherwise(text.str.split(pl.lit("|")).list.eval(pl.element().str.split(",")).list.eval(
+                pl.element().explode()
+            ))
+        )
+    return (
+        col.list.eval(pl.element().str.strip_chars().filter(pl.element().str.len_chars() > 0))
+        .fill_null(pl.lit([], dtype=pl.List(pl.String)))
+    )
+
+
+_TRUE = ["1", "true", "yes", "y", "t", "in_stock", "available"]
+_FALSE = ["0", "false", "no", "n", "f", "out_of_stock", "unavailable"]
+
+
+def validate_items(raw: pl.DataFrame, *, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split raw item rows into (valid items in ITEM_SCHEMA, rejects). Later rows for the same
+    item_id replace earlier ones (the catalog is an upsert table)."""
+    if "_row" not in raw.columns:
+        raw = raw.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
+    source_cols = [c for c in raw.columns if c != "_row"]
+    avail_text = _text(raw, "available").str.to_lowercase()
+    df = raw.with_columns(
+        _text(raw, "item_id").alias("item_id"),
+        _text(raw, "title").alias("title"),
+        _text(raw, "category").alias("category"),
+        _text(raw, "brand").alias("brand"),
+        _text(raw, "attributes").alias("attributes"),
+        _text(raw, "price").cast(pl.Float64, strict=False).alias("_price"),
+        _text(raw, "price").is_not_null().alias("_price_given"),
+        pl.when(avail_text.is_null()).then(True)
+        .when(avail_text.is_in(_TRUE)).then(True)
+        .when(avail_text.is_in(_FALSE)).then(False)
+        .alias("_available"),
+        (parse_timestamp("created_at", raw.schema["created_at"]) if "created_at" in raw.columns
+         else pl.lit(None, dtype=UTC_TS)).alias("_created"),
+        (_text(raw, "created_at").is_not_null() if "created_at" in raw.columns
+         else pl.lit(False)).alias("_created_given"),
+    )
+    df = df.with_columns(_parse_tags(df).alias("_tags"))
+    oversize = (
+        (pl.col("item_id").str.len_bytes() > MAX_ID_LENGTH)
+        | (pl.col("title").str.len_chars() > MAX_TITLE_LENGTH)
+        | (pl.col("category").str.len_bytes() > MAX_ID_LENGTH)
+        | (pl.col("brand").str.len_bytes() > MAX_ID_LENGTH)
+        | (pl.col("attributes").str.len_bytes() > MAX_CONTEXT_BYTES)
+        | (pl.col("_tags").list.len() > 256)
+    ).fill_null(False)
+    price = pl.col("_price")
+    reason, detail = _first_reason(
+        [
+            (pl.col("item_id").is_null(), "missing_id", "item_id is missing"),
+            (oversize, "oversize_field", "a field exceeds its limit"),
+            (pl.col("_created_given") & pl.col("_created").is_null(), "bad_timestamp",
+             "created_at is not a timestamp"),
+            (pl.col("_price_given") & (price.is_null() | ~price.is_finite() | (price < 0)),
+             "bad_value", "price is not a non-negative number"),
+            (pl.col("_available").is_null(), "bad_value", "available is not a boolean"),
+        ]
+    )
+    df = df.with_columns(reason.alias("_reason"), detail.alias("_detail"))
+    rejects = _rejects(df, source_cols, source)
+    good = (
+        df.filter(pl.col("_reason").is_null())
+        .select(
+            "item_id", "title", "category", "brand",
+            pl.col("_price").alias("price"), pl.col("_tags").alias("tags"),
+            pl.col("_available").alias("available"), pl.col("_created").alias("created_at"),
+            "attributes",
+        )
+        .unique(subset="item_id", keep="last", maintain_order=True)
+    )
+    return good.select([pl.col(c).cast(t) for c, t in ITEM_SCHEMA.items()]), rejects
+
+
+def validate_users(raw: pl.DataFrame, *, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split raw user rows into (valid users in USER_SCHEMA, rejects); later rows win."""
+    if "_row" not in raw.columns:
+        raw = raw.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
+    source_cols = [c for c in raw.columns if c != "_row"]
+    df = raw.with_columns(
+        _text(raw, "user_id").alias("user_id"),
+        _text(raw, "segment").alias("segment"),
+        _text(raw, "country").alias("country"),
+        _text(raw, "attributes").alias("attributes"),
+    )
+    oversize = (
+        (pl.col("user_id").str.len_bytes() > MAX_ID_LENGTH)
+        | (pl.col("segment").str.len_bytes() > MAX_ID_LENGTH)
+        | (pl.col("country").str.len_bytes() > MAX_ID_LENGTH)
+        | (pl.col("attributes").str.len_bytes() > MAX_CONTEXT_BYTES)
+    ).fill_null(False)
+    reason, detail = _first_reason(
+        [
+            (pl.col("user_id").is_null(), "missing_id", "user_id is missing"),
+            (oversize, "oversize_field", "a field exceeds its limit"),
+        ]
+    )
+    df = df.with_columns(reason.alias("_reason"), detail.alias("_detail"))
+    rejects = _rejects(df, source_cols, source)
+    good = (
+        df.filter(pl.col("_reason").is_null())
+        .select(list(USER_SCHEMA))
+        .unique(subset="user_id", keep="last", maintain_order=True)
+    )
+    return good.select([pl.col(c).cast(t) for c, t in USER_SCHEMA.items()]), rejects
+
+
+VALIDATORS = {"items": validate_items, "users": validate_users}

@@ -1,0 +1,84 @@
+"""Fixed-window request counters: in-process by default, shared through Redis when configured.
+
+`hit(key, spec)` counts one request and answers whether it is allowed, how many remain and
+when the window resets. With Redis every worker and host share one counter per key; without it
+each worker counts alone (so the effective limit is workers x limit; documented in the README).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from serving.config import RateLimitSpec
+
+log = logging.getLogger("recsys.serving")
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_s: int  # seconds until the window resets
+
+
+class InProcessLimiter:
+    """Per-process fixed windows (a dict of key -> (window start, count))."""
+
+    def __init__(self, clock=time.time, max_keys: int = 100_000) -> None:
+        self._clock = clock
+        self._counts: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self._max_keys = max_keys
+
+    def hit(self, key: str, spec: RateLimitSpec) -> RateDecision:
+        now = self._clock()
+        window = int(now // spec.window_s)
+        with self._lock:
+            start, count = self._counts.get(key, (window, 0))
+            if start != window:
+                count = 0
+            count += 1
+            if len(self._counts) >= self._max_keys and key not in self._counts:
+                self._counts.clear()  # bounded memory; losing old windows only forgives callers
+            self._counts[key] = (window, count)
+        reset = int((window + 1) * spec.window_s - now) + 1
+        return RateDecision(count <= spec.limit, spec.limit, max(0, spec.limit - count), reset)
+
+
+class RedisLimiter:
+    """Fixed windows in Redis (INCR + EXPIRE in one round trip); shared by all workers.
+
+    If Redis fails, the request is counted by an in-process limiter instead (fail open to a
+    per-worker limit rather than refusing traffic) and a warning is logged once a minute.
+    """
+
+    def __init__(self, url: str, prefix: str = "recsys:rl:", client=None) -> None:
+        import redis  # optional dependency, only needed when RECSYS_REDIS_URL is set
+
+        self._redis = client or redis.Redis.from_url(
+            url, socket_timeout=0.05, socket_connect_timeout=0.05
+        )
+        self._prefix = prefix
+        self._fallback = InProcessLimiter()
+        self._last_warning = 0.0
+
+    def hit(self, key: str, spec: RateLimitSpec) -> RateDecision:
+        now = time.time()
+        window = int(now // spec.window_s)
+        rkey = f"{self._prefix}{key}:{spec.window_s}:{window}"
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.incr(rkey)
+            pipe.expire(rkey, spec.window_s + 1)
+            count = int(pipe.execute()[0])
+        except Exception as e:  # redis.RedisError, OSError: degrade, do not fail requests
+            if now - self._last_warning > 60:
+                log.warning("redis rate limiter unavailable (%s); counting in-process", e)
+                self._last_warning = now
+            return self._fallback.hit(key, spec)
+        reset = int((window + 1) * spec.window_s - now) + 1
+        return RateDecision(count <= spec.limit, spec.limit, max(0, spec.limit - count), reset)
