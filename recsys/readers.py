@@ -172,7 +172,7 @@ def _parse_delimited(
     buf = ("\n".join(t for _, t in body) + "\n").encode("utf-8")
     table = pacsv.read_csv(
         io.BytesIO(buf),
-        read_options=pacsv.ReadOptions(column_names=names, use_threads=True),
+        read_options=pacsv.ReadOptions(column_names=names, use_threads=False),  # row numbers
         parse_options=pacsv.ParseOptions(
             delimiter=layout.delimiter,
             quote_char='"' if layout.quoted else False,

@@ -97,6 +97,25 @@ def _text(df: pl.DataFrame, col: str) -> pl.Expr:
     return pl.when(c.str.len_chars() > 0).then(c)
 
 
+def _number(df: pl.DataFrame, col: str) -> pl.Expr:
+    """Column as Float64 (null where absent or unparsable; NaN in numeric input means missing)."""
+    if col not in df.columns:
+        return pl.lit(None, dtype=pl.Float64)
+    if df.schema[col].is_numeric():
+        return pl.col(col).cast(pl.Float64).fill_nan(None)
+    return _text(df, col).cast(pl.Float64, strict=False)
+
+
+def _given(df: pl.DataFrame, col: str) -> pl.Expr:
+    """Whether the source row carries a value in `col` (NaN in numeric input counts as none)."""
+    if col not in df.columns:
+        return pl.lit(False)
+    if df.schema[col].is_numeric():
+        c = pl.col(col)
+        return c.is_not_null() & ~c.cast(pl.Float64).is_nan()
+    return _text(df, col).is_not_null()
+
+
 def _first_reason(checks: Iterable[tuple[pl.Expr, str, pl.Expr | str]]) -> tuple[pl.Expr, pl.Expr]:
     """(reason, detail) expressions: the first failing check of each row, or null."""
     checks = list(checks)
@@ -162,11 +181,13 @@ def validate_events(
     source: str,
     extra_event_types: Iterable[str] = (),
     now: datetime | None = None,
+    dedupe: bool = True,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split raw event rows into (valid events in EVENT_SCHEMA, rejects in REJECTED_SCHEMA).
 
     `raw` has contract column names (any subset) plus `_row`; `now` bounds future timestamps.
-    Valid events are deduplicated by event_id (first occurrence kept).
+    Valid events are deduplicated by event_id (first occurrence kept) unless `dedupe` is False
+    (the ingest step deduplicates per day itself).
     """
     if "_row" not in raw.columns:
         raw = raw.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
@@ -192,14 +213,8 @@ def validate_events(
             if "timestamp" in raw.columns
             else pl.lit(False)
         ).alias("_ts_given"),
-        (
-            _text(raw, "value").cast(pl.Float64, strict=False)
-            if "value" in raw.columns
-            else pl.lit(None, dtype=pl.Float64)
-        ).alias("_value"),
-        (_text(raw, "value").is_not_null() if "value" in raw.columns else pl.lit(False)).alias(
-            "_value_given"
-        ),
+        _number(raw, "value").alias("_value"),
+        _given(raw, "value").alias("_value_given"),
     )
     ts = pl.col("_ts")
     oversize = (
@@ -268,7 +283,8 @@ def validate_events(
     if good.height and good["event_id"].null_count():
         derived = derive_event_ids(good)
         good = good.with_columns(pl.coalesce(pl.col("event_id"), derived).alias("event_id"))
-    good = good.unique(subset="event_id", keep="first", maintain_order=True)
+    if dedupe:
+        good = good.unique(subset="event_id", keep="first", maintain_order=True)
     return good.select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()]), rejects
 
 
@@ -311,8 +327,8 @@ def validate_items(raw: pl.DataFrame, *, source: str) -> tuple[pl.DataFrame, pl.
         _text(raw, "category").alias("category"),
         _text(raw, "brand").alias("brand"),
         _text(raw, "attributes").alias("attributes"),
-        _text(raw, "price").cast(pl.Float64, strict=False).alias("_price"),
-        _text(raw, "price").is_not_null().alias("_price_given"),
+        _number(raw, "price").alias("_price"),
+        _given(raw, "price").alias("_price_given"),
         pl.when(avail_text.is_null()).then(True)
         .when(avail_text.is_in(_TRUE)).then(True)
         .when(avail_text.is_in(_FALSE)).then(False)

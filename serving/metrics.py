@@ -70,9 +70,11 @@ class Histogram:
             cumulative = 0.0
             for bound, count in zip(self.buckets, row, strict=False):
                 cumulative += count
-                yield f"{self.name}_bucket{_labels(self.label_names, key, f'le=\"{bound}\"')} {cumulative:g}"
+                le = 'le="%s"' % bound
+                yield f"{self.name}_bucket{_labels(self.label_names, key, le)} {cumulative:g}"
             cumulative += row[len(self.buckets)]
-            yield f"{self.name}_bucket{_labels(self.label_names, key, 'le=\"+Inf\"')} {cumulative:g}"
+            inf = _labels(self.label_names, key, 'le="+Inf"')
+            yield f"{self.name}_bucket{inf} {cumulative:g}"
             yield f"{self.name}_sum{_labels(self.label_names, key)} {row[-1]:.6f}"
             yield f"{self.name}_count{_labels(self.label_names, key)} {cumulative:g}"
 

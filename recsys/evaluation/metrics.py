@@ -39,8 +39,12 @@ def precision_at_k(recommended: np.ndarray, relevant: Sequence[np.ndarray], k: i
 
 
 def recall_at_k(recommended: np.ndarray, relevant: Sequence[np.ndarray], k: int = 10) -> np.ndarray:
-    """Relevant items among the top k, divided by the number of relevant items."""
-    n_rel = _n_relevant(relevant)
+    """Relevant items among the top k, divided by min(k, number of relevant items).
+
+    The min(k, .) normalisation (as in the reference figures of shared/data/README.md) keeps a
+    perfect list at 1.0 for users with more than k relevant items.
+    """
+    n_rel = np.minimum(_n_relevant(relevant), k)
     hits = hits_matrix(recommended[:, :k], relevant).sum(axis=1)
     return np.divide(hits, n_rel, out=np.zeros_like(n_rel), where=n_rel > 0)
 

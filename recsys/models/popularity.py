@@ -61,7 +61,7 @@ class PopularityRecommender(Recommender):
             shape=(n_seg, data.n_users),
         )
         segpop = np.asarray((seg_onehot @ conf).todense(), dtype=np.float32)
-        mx = segpop.max(axis=1, keepdims=True)
+        mx = segpop.max(axis=1, keepdims=True, initial=0.0)
         self.segment_pop_ = np.divide(segpop, mx, out=np.zeros_like(segpop), where=mx > 0)
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:

@@ -198,8 +198,11 @@ class Snapshot:
         self.brand_id: np.ndarray = ld("item_brand")
         #: float32[n_items]: price, NaN when unknown.
         self.price: np.ndarray = ld("item_price")
-        self._tags_off = ld("item_tags.offsets")
-        self._tags_id = ld("item_tags.id")
+        #: Tag CSR over items, for vectorized tag filters: tags of item i are
+        #: ``item_tags_ids[item_tags_offsets[i]:item_tags_offsets[i+1]]``.
+        self.item_tags_offsets: np.ndarray = ld("item_tags.offsets")
+        self.item_tags_ids: np.ndarray = ld("item_tags.id")
+        self._tags_off, self._tags_id = self.item_tags_offsets, self.item_tags_ids
         self.has_factors: bool = bool(manifest.get("factors"))
         if self.has_factors:
             self._user_factors = ld("user_factors")
@@ -212,7 +215,8 @@ class Snapshot:
     def _load(self, name: str) -> np.ndarray:
         full = os.path.join(self.path, name + ".npy")
         try:
-            return np.load(full, mmap_mode="r", allow_pickle=False)
+            # np.asarray: a plain ndarray view of the map (np.memmap slices carry per-op overhead).
+            return np.asarray(np.load(full, mmap_mode="r", allow_pickle=False))
         except (OSError, ValueError) as exc:
             raise SnapshotError(f"{name}.npy: cannot be opened ({exc})") from None
 

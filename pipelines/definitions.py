@@ -1,0 +1,29 @@
+"""The one Definitions object of the recsys code location, assembled from the domain folders
+in the order data flows through them."""
+
+
+import os
+
+import dagster as dg
+
+from pipelines import ingest
+from pipelines.resources import IngestPolicy, MlflowResource, StorageResource
+
+recsys_pipeline = dg.define_asset_job(
+    "recsys_pipeline",
+    selection=dg.AssetSelection.all(),
+    description="The main job: ingest, train, evaluate, gate and publish, end to end.",
+)
+
+defs = dg.Definitions(
+    assets=[*ingest.assets],
+    asset_checks=[*ingest.asset_checks],
+    jobs=[recsys_pipeline, *ingest.jobs],
+    sensors=[*ingest.sensors],
+    resources={
+        # The data root is configuration: RECSYS_DATA_ROOT, else ./data beside workspace.yaml.
+        "storage": StorageResource(root=os.environ.get("RECSYS_DATA_ROOT", "data")),
+        "mlflow": MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None),
+        "policy": IngestPolicy(),
+    },
+)

@@ -1,0 +1,107 @@
+"""Evaluation assets: the offline table of every model, and the champion gate + registry."""
+
+import os
+
+import dagster as dg
+
+from pipelines.evaluation.config import ChampionConfig, EvaluationConfig
+from pipelines.resources import MlflowResource, StorageResource
+from pipelines.training.assets import (
+    _md_table,
+    model_path,
+    ranker_model,
+    read_inputs,
+    read_json,
+    split_events,
+    tenants,
+    write_json,
+)
+from recsys import tracking
+from recsys.evaluation.evaluate import format_table, plot_table
+from recsys.evaluation.offline import evaluate_fitted
+from recsys.models.data import temporal_split
+from recsys.models.hybrid import HybridRecommender
+
+GROUP = "evaluation"
+
+
+def _table_metadata(table) -> dg.MetadataValue:
+    cols = [c for c in table.columns if c not in ("model",)]
+    schema = dg.TableSchema(columns=[dg.TableColumn("model", "string")] + [dg.TableColumn(c, "float") for c in cols])
+    records = [dg.TableRecord({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+               for r in table.iter_rows(named=True)]
+    return dg.MetadataValue.table(records=records, schema=schema)
+
+
+@dg.asset(group_name=GROUP, deps=[ranker_model], kinds={"polars", "matplotlib"})
+def model_evaluation(
+    context: dg.AssetExecutionContext, config: EvaluationConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    """Scores of popularity, EASE, co-occurrence, LightFM and the served list on the test
+    period (evaluation/<tenant>/evaluation.csv + .png), with bootstrap CIs."""
+    store = storage.storage()
+    metadata: dict = {}
+    summary = []
+    for tenant in tenants(store, config.tenants):
+        events, _, _ = read_inputs(store, tenant)
+        split = read_json(store, model_path(store, tenant, "split.json"))
+        s = temporal_split(events, split["test_fraction"])
+        model = HybridRecommender.load(model_path(store, tenant, "eval", "hybrid"))
+        table, holdout, _ = evaluate_fitted(model, s.train, s.test, config.bootstrap_resamples, config.seed)
+        out_dir = store.evaluation_dir(tenant)
+        store.makedirs(out_dir)
+        record = {"tenant": tenant, "users": holdout.n_users, "pairs": holdout.n_pairs}
+        if table.height:
+            table.write_csv(os.path.join(out_dir, "evaluation.csv"))
+            plot_table(table, os.path.join(out_dir, "evaluation.png"))
+            served = table.filter(table["model"] == "served").row(0, named=True)
+            record["served_ndcg@10"] = round(served["NDCG@10"], 4)
+            record["skipped"] = ""
+            metadata[f"{tenant}/table"] = _md_table(format_table(table).to_dicts())
+            metadata[f"{tenant}/metrics"] = _table_metadata(table)
+            metadata[f"{tenant}/plot"] = dg.MetadataValue.path(os.path.join(out_dir, "evaluation.png"))
+        else:
+            record["served_ndcg@10"] = None
+            record["skipped"] = "no test positives on known users and items (too little data)"
+            context.log.warning(f"{tenant}: evaluation skipped: {record['skipped']}")
+        write_json(store, os.path.join(out_dir, "evaluation.json"), record)
+        summary.append(record)
+    metadata["summary"] = _md_table(summary)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(group_name=GROUP, deps=[model_evaluation], kinds={"mlflow"})
+def champion_model(
+    context: dg.AssetExecutionContext, config: ChampionConfig, storage: StorageResource,
+    mlflow: MlflowResource,
+) -> dg.MaterializeResult:
+    """Logs the final (all-data) model to MLflow as a new version of recsys-<tenant> and gives
+    it the `champion` alias unless its served NDCG@10 regressed beyond the tolerance."""
+    import polars as pl
+
+    store = storage.storage()
+    uri = mlflow.resolve_tracking_uri(store)
+    rows = []
+    for tenant in tenants(store, config.tenants):
+        events, _, _ = read_inputs(store, tenant)
+        model = HybridRecommender.load(model_path(store, tenant, "final", "hybrid"))
+        ev_dir = store.evaluation_dir(tenant)
+        csv = os.path.join(ev_dir, "evaluation.csv")
+        table = pl.read_csv(csv) if os.path.exists(csv) else None
+        png = os.path.join(ev_dir, "evaluation.png")
+        run = tracking.log_training_run(
+            tenant=tenant, model=model, events=events, uri=uri,
+            artifact_root=store.mlflow_artifacts() if not mlflow.tracking_uri else None,
+            table=table, plot_path=png if os.path.exists(png) else None,
+            extra_params={"split": read_json(store, model_path(store, tenant, "split.json"))},
+            tolerance=config.tolerance,
+        )
+        gate = {**run.gate, "run_id": run.run_id, "version": run.version, "model": run.model_name}
+        write_json(store, model_path(store, tenant, "gate.json"), gate)
+        rows.append({"tenant": tenant, "version": run.version, "promoted": gate["promoted"],
+                     "candidate": gate["candidate_ndcg_at_10"], "champion": gate["champion_ndcg_at_10"],
+                     "reason": gate["reason"]})
+        context.log.info(f"{tenant}: version {run.version}: {gate['reason']}")
+    return dg.MaterializeResult(metadata={
+        "gate": _md_table(rows), "tracking_uri": uri, "tolerance": config.tolerance,
+    })

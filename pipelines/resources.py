@@ -1,0 +1,38 @@
+"""Resources shared by every asset: where data lives, and where MLflow tracks runs."""
+
+
+import dagster as dg
+
+from recsys.storage import Storage
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The data root: a local folder (default `data`, relative to where Dagster runs) or any
+    fsspec URI such as `s3://bucket/recsys`. Every path an asset touches comes from here."""
+
+    root: str = "data"
+
+    def storage(self) -> Storage:
+        return Storage(self.root)
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """MLflow tracking. Unset `tracking_uri` means the SQLite store under the data root."""
+
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+
+    def resolve_tracking_uri(self, storage: Storage) -> str:
+        return self.tracking_uri or storage.mlflow_uri()
+
+
+class IngestPolicy(dg.ConfigurableResource):
+    """Thresholds of the ingest asset checks."""
+
+    max_reject_rate: float = 0.05
+    freshness_hours: float = 48.0
+    #: event types tenants declared beyond the built-in ones, as tenant -> {type: weight}
+    extra_event_types: dict[str, dict[str, float]] = {}
+
+    def extra_types(self, tenant: str) -> list[str]:
+        return sorted(self.extra_event_types.get(tenant, {}))

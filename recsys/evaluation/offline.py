@@ -1,0 +1,87 @@
+"""One call from events to the evaluation table: split, fit everything on train, score test."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import polars as pl
+
+from recsys.evaluation.evaluate import Holdout, build_holdout, evaluation_table
+from recsys.models.data import TemporalSplit, temporal_split
+from recsys.models.hybrid import HybridConfig, HybridRecommender
+
+#: Rows of the evaluation table: generator name in the hybrid -> row label.
+TABLE_ROWS: dict[str, str] = {
+    "popularity": "popularity", "ease": "EASE", "cooccurrence": "cooc", "lightfm": "lightfm",
+}
+SERVED = "served"
+
+
+@dataclass
+class OfflineResult:
+    """The table plus what produced it."""
+
+    table: pl.DataFrame
+    holdout: Holdout
+    split: TemporalSplit
+    model: HybridRecommender
+    lists: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def evaluate_offline(
+    events: pl.DataFrame, items: pl.DataFrame | None = None, users: pl.DataFrame | None = None,
+    config: HybridConfig | None = None, test_fraction: float = 0.2, n_resamples: int = 1000,
+    seed: int = 0,
+) -> OfflineResult:
+    """The protocol of shared/data/README.md on `events`: fit the hybrid (generators + ranker,
+    tuned only on its own validation window inside train) on the oldest 1 - `test_fraction`,
+    and score every generator and the served list on the test period.
+
+    The catalog is the items seen in train (test pairs on other items are dropped anyway).
+    """
+    t0 = time.perf_counter()
+    config = replace(config or HybridConfig(), include_catalog_items=False)
+    split = temporal_split(events, test_fraction)
+    train = split.train
+    model = HybridRecommender(config).fit(train, items, users)
+    table, holdout, lists = evaluate_fitted(model, train, split.test, n_resamples, seed)
+    return OfflineResult(table, holdout, split, model, lists, time.perf_counter() - t0)
+
+
+def evaluate_fitted(
+    model: HybridRecommender, train: pl.DataFrame, test: pl.DataFrame, n_resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[pl.DataFrame, Holdout, dict[str, np.ndarray]]:
+    """The table for a hybrid already fitted on `train`: one row per generator plus ``served``.
+
+    The table is empty when the test period has no usable positives (too little data).
+    """
+    data = model.data_
+    holdout = build_holdout(data, train, test, model.config.weights)
+    lists: dict[str, np.ndarray] = {}
+    if holdout.n_users == 0:
+        return pl.DataFrame(), holdout, lists
+    for gen, label in TABLE_ROWS.items():
+        if gen in model.generators_:
+            # same exclusions as the served list: seen and unavailable items
+            lists[label] = _recommend_available(model.generators_[gen], model, holdout.user_idx, 20)
+    lists[SERVED], _ = model.recommend(holdout.user_idx, 20)
+    pop = np.asarray(data.confidence.sum(axis=0)).ravel()
+    return evaluation_table(lists, holdout, data.n_items, pop, n_resamples, seed), holdout, lists
+
+
+def _recommend_available(m, model: HybridRecommender, user_idx: np.ndarray, k: int) -> np.ndarray:
+    from recsys.models.base import mask_rows, top_k
+
+    out = []
+    for start in range(0, len(user_idx), 512):
+        b = user_idx[start : start + 512]
+        s = m.score(b)
+        mask_rows(s, model.seen_, b)
+        s[:, ~model.side_.item_available] = -np.inf
+        i, v = top_k(s, k)
+        out.append(np.where(np.isfinite(v), i, -1))
+    return np.concatenate(out) if out else np.zeros((0, k), np.int64)

@@ -1,0 +1,369 @@
+"""Getting data in: landing imported files, then turning landing files into validated tables.
+
+`import_file` is what `recsys import` does: read any supported file (through an adapter or a
+column mapping) and land it as Parquet under landing/<tenant>/<kind>/, with the lines that could
+not even be parsed kept beside it. `ingest_events`, `build_items` and `build_users` are what the
+Dagster ingest assets do: validate landing files against the contract into the warehouse.
+
+Events are processed in bounded memory: each landing batch is validated and staged by day, then
+each day is deduplicated (by event_id, against what the warehouse already holds for that day)
+and appended as one new part file. A deterministic event_id maps to one timestamp and so to one
+day, which makes per-day deduplication exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from recsys.adapters import read_source
+from recsys.contract import DEFAULT_TENANT, EVENT_SCHEMA, REJECTED_SCHEMA, empty_frame
+from recsys.readers import TextLayout
+from recsys.storage import Storage
+from recsys.validation import validate_events, validate_items, validate_users
+
+REJECTED_SUFFIX = ".rejected.parquet"
+BATCH_ROWS = 2_000_000  # rows validated at a time; bounds ingest memory
+
+
+# --- landing -----------------------------------------------------------------------------------
+@dataclass
+class ImportResult:
+    kind: str
+    tenant: str
+    source: str
+    landed: str | None
+    rows: int
+    unparsable: int
+    would_reject: dict[str, int]
+    already_landed: bool = False
+
+
+def import_file(
+    storage: Storage,
+    kind: str,
+    path: str,
+    *,
+    tenant: str = DEFAULT_TENANT,
+    adapter: str | None = None,
+    fmt: str | None = None,
+    layout: TextLayout | None = None,
+    mapping: dict[str, str] | None = None,
+    extra_event_types: Iterable[str] = (),
+) -> ImportResult:
+    """Land one file as Parquet for the ingest assets; idempotent (the landing name carries a
+    hash of the content, so importing the same file twice lands it once).
+
+    Also dry-runs validation so the caller can say how many rows will be rejected and why.
+    """
+    raw, unparsable = read_source(path, kind, adapter=adapter, fmt=fmt, layout=layout,
+                                  mapping=mapping)
+    source = os.path.basename(path)
+    if kind == "events":
+        _, rejects = validate_events(raw, tenant=tenant, source=source,
+                                     extra_event_types=extra_event_types)
+    else:
+        validate = validate_items if kind == "items" else validate_users
+        _, rejects = validate(raw, source=source)
+    would_reject = Counter(rejects["reason"].to_list())
+    data = raw.drop("_row")
+    digest = hashlib.sha256()
+    digest.update(data.hash_rows(seed=0).to_numpy().tobytes())
+    digest.update(json.dumps(data.schema, default=str, sort_keys=True).encode())
+    stem = os.path.splitext(source)[0].replace(".", "_")
+    name = f"{stem}-{digest.hexdigest()[:12]}"
+    landing_dir = storage.landing_dir(tenant, kind)
+    storage.makedirs(landing_dir)
+    target = posixpath.join(landing_dir, name + ".parquet")
+    existed = storage.exists(target)
+    if not existed:
+        _atomic_parquet(storage, data, target)
+        if unparsable.height:
+            _atomic_parquet(storage, unparsable, posixpath.join(landing_dir, name + REJECTED_SUFFIX))
+    return ImportResult(
+        kind=kind, tenant=tenant, source=path, landed=target, rows=raw.height,
+        unparsable=unparsable.height, would_reject=dict(would_reject), already_landed=existed,
+    )
+
+
+def _atomic_parquet(storage: Storage, df: pl.DataFrame, path: str) -> None:
+    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}")
+    with storage.fs.open(tmp, "wb") as fh:
+        df.write_parquet(fh, compression="zstd")
+    storage.fs.mv(tmp, path)
+
+
+def tenants_with_landing(storage: Storage) -> list[str]:
+    """Tenants that have a landing folder."""
+    root = storage.path("landing")
+    if not storage.exists(root):
+        return []
+    return sorted(
+        posixpath.basename(p.rstrip("/"))
+        for p in storage.fs.ls(root, detail=False)
+        if storage.fs.isdir(p) and not posixpath.basename(p).startswith(".")
+    )
+
+
+def landing_data_files(storage: Storage, tenant: str, kind: str) -> list[str]:
+    return [f for f in storage.landing_files(tenant, kind) if not f.endswith(REJECTED_SUFFIX)]
+
+
+def _file_key(storage: Storage, path: str) -> str:
+    info = storage.fs.info(path)
+    return f"{posixpath.basename(path)}:{info.get('size')}"
+
+
+def pending_files(storage: Storage, tenant: str, kind: str = "events") -> list[str]:
+    """Landing files of `kind` not yet ingested (what the sensor and the assets act on)."""
+    done = set(load_state(storage, tenant).get(kind, {}).get("files", []))
+    return [f for f in landing_data_files(storage, tenant, kind) if _file_key(storage, f) not in done]
+
+
+def load_state(storage: Storage, tenant: str) -> dict:
+    p = storage.ingest_state_path(tenant)
+    if not storage.exists(p):
+        return {}
+    return json.loads(storage.fs.cat_file(p))
+
+
+def save_state(storage: Storage, tenant: str, state: dict) -> None:
+    p = storage.ingest_state_path(tenant)
+    storage.makedirs(posixpath.dirname(p))
+    tmp = p + f".{uuid.uuid4().hex}.tmp"
+    storage.fs.pipe_file(tmp, json.dumps(state, indent=1, sort_keys=True).encode())
+    storage.fs.mv(tmp, p)
+
+
+# --- events -------------------------------------------------------------------------------------
+@dataclass
+class IngestReport:
+    tenant: str
+    files: list[str] = field(default_factory=list)
+    rows_read: int = 0
+    rows_valid: int = 0
+    rows_new: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    days_written: list[str] = field(default_factory=list)
+    min_timestamp: str | None = None
+    max_timestamp: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def reject_rate(self) -> float:
+        return self.rejected / self.rows_read if self.rows_read else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["reject_rate"] = self.reject_rate
+        return d
+
+
+def _batches(storage: Storage, path: str) -> Iterator[pl.DataFrame]:
+    """A landing Parquet file in row batches with 1-based `_row` numbers."""
+    with storage.fs.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        offset = 1
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+            df = pl.from_arrow(batch)
+            assert isinstance(df, pl.DataFrame)
+            yield df.with_columns(
+                pl.int_range(offset, offset + df.height, dtype=pl.Int64).alias("_row")
+            )
+            offset += df.height
+
+
+def ingest_events(
+    storage: Storage,
+    tenant: str,
+    *,
+    full_refresh: bool = False,
+    extra_event_types: Iterable[str] = (),
+    now: datetime | None = None,
+) -> IngestReport:
+    """Validate pending landing event files into warehouse/<tenant>/events (partitioned by day)
+    and warehouse/<tenant>/rejected_events. Re-running with nothing new changes nothing."""
+    started = time.perf_counter()
+    now = now or datetime.now(UTC)
+    report = IngestReport(tenant=tenant)
+    events_dir, rejected_dir = storage.events_dir(tenant), storage.rejected_dir(tenant)
+    state = load_state(storage, tenant)
+    if full_refresh:
+        for d in (events_dir, rejected_dir):
+            if storage.exists(d):
+                storage.fs.rm(d, recursive=True)
+        state.pop("events", None)
+    files = pending_files(storage, tenant, "events") if not full_refresh else landing_data_files(
+        storage, tenant, "events")
+    report.files = files
+    if not files:
+        report.seconds = time.perf_counter() - started
+        return report
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    staging = storage.path("warehouse", tenant, f"_staging-{run_id}")
+    storage.makedirs(staging)
+    storage.makedirs(rejected_dir)
+    reasons: Counter[str] = Counter()
+    days: set[str] = set()
+    try:
+        for i, path in enumerate(files):
+            source = posixpath.basename(path)
+            sidecar = path[: -len(".parquet")] + REJECTED_SUFFIX
+            if storage.exists(sidecar):  # lines `recsys import` could not parse at all
+                unparsable = pl.read_parquet(storage.fs.open(sidecar, "rb"))
+                _append_rejects(storage, rejected_dir, unparsable, f"{run_id}-{i}-u")
+                reasons.update(unparsable["reason"].to_list())
+                report.rows_read += unparsable.height
+            for j, raw in enumerate(_batches(storage, path)):
+                report.rows_read += raw.height
+                good, rejects = validate_events(
+                    raw, tenant=tenant, source=source, extra_event_types=extra_event_types, now=now,
+                    dedupe=False,
+                )
+                if rejects.height:
+                    _append_rejects(storage, rejected_dir, rejects, f"{run_id}-{i}-{j}")
+                    reasons.update(rejects["reason"].to_list())
+                report.rows_valid += good.height
+                good = good.with_columns(pl.col("timestamp").dt.date().cast(pl.String).alias("_day"))
+                for (day,), part in good.partition_by("_day", as_dict=True).items():
+                    days.add(day)
+                    d = posixpath.join(staging, f"date={day}")
+                    storage.makedirs(d)
+                    with storage.fs.open(posixpath.join(d, f"{i:05d}-{j:04d}.parquet"), "wb") as fh:
+                        part.drop("_day").write_parquet(fh, compression="lz4", statistics=False)
+        for day in sorted(days):
+            new = _merge_day(storage, events_dir, posixpath.join(staging, f"date={day}"), day, run_id)
+            report.rows_new += new
+            if new:
+                report.days_written.append(day)
+    finally:
+        if storage.exists(staging):
+            storage.fs.rm(staging, recursive=True)
+    report.duplicates = report.rows_valid - report.rows_new
+    report.rejected = sum(reasons.values())
+    report.rejected_by_reason = dict(sorted(reasons.items()))
+    lo, hi = events_time_range(storage, tenant)
+    report.min_timestamp, report.max_timestamp = lo, hi
+    done = state.setdefault("events", {}).setdefault("files", [])
+    done.extend(_file_key(storage, f) for f in files)
+    state["events"]["last_report"] = report.as_dict()
+    report.seconds = time.perf_counter() - started
+    state["events"]["last_report"]["seconds"] = report.seconds
+    save_state(storage, tenant, state)
+    return report
+
+
+def _merge_day(storage: Storage, events_dir: str, staged_dir: str, day: str, run_id: str) -> int:
+    """Deduplicate one day's staged rows against themselves and the warehouse; append the rest."""
+    staged = pl.read_parquet(storage.fs.glob(posixpath.join(staged_dir, "*.parquet")) if not
+                             storage.is_local else posixpath.join(staged_dir, "*.parquet"))
+    staged = staged.unique(subset="event_id", keep="first", maintain_order=True)
+    day_dir = posixpath.join(events_dir, f"date={day}")
+    if storage.exists(day_dir):
+        existing = pl.scan_parquet(posixpath.join(day_dir, "*.parquet")).select("event_id").collect()
+        staged = staged.join(existing, on="event_id", how="anti")
+    if staged.height == 0:
+        return 0
+    storage.makedirs(day_dir)
+    staged = staged.sort("timestamp")
+    _atomic_parquet(storage, staged, posixpath.join(day_dir, f"part-{run_id}.parquet"))
+    return staged.height
+
+
+def _append_rejects(storage: Storage, rejected_dir: str, rejects: pl.DataFrame, name: str) -> None:
+    rejects = rejects.select([pl.col(c).cast(t) for c, t in REJECTED_SCHEMA.items()])
+    rejects = rejects.with_columns(pl.lit(datetime.now(UTC)).alias("rejected_at"))
+    _atomic_parquet(storage, rejects, posixpath.join(rejected_dir, f"{name}.parquet"))
+
+
+def scan_events(storage: Storage, tenant: str) -> pl.LazyFrame:
+    """The validated events of a tenant as a lazy frame (with the `date` partition column)."""
+    d = storage.events_dir(tenant)
+    if not storage.exists(d) or not storage.fs.glob(posixpath.join(d, "date=*", "*.parquet")):
+        return pl.LazyFrame(schema={**EVENT_SCHEMA, "date": pl.Date})
+    return pl.scan_parquet(
+        posixpath.join(d, "date=*", "*.parquet"), hive_partitioning=True,
+        hive_schema={"date": pl.Date},
+    )
+
+
+def read_events(storage: Storage, tenant: str) -> pl.DataFrame:
+    """All validated events of a tenant in EVENT_SCHEMA (what the training assets read)."""
+    return scan_events(storage, tenant).select(list(EVENT_SCHEMA)).collect()
+
+
+def scan_rejected(storage: Storage, tenant: str) -> pl.LazyFrame:
+    d = storage.rejected_dir(tenant)
+    if not storage.exists(d) or not storage.fs.glob(posixpath.join(d, "*.parquet")):
+        return pl.LazyFrame(schema={**REJECTED_SCHEMA, "rejected_at": pl.Datetime("us", "UTC")})
+    return pl.scan_parquet(posixpath.join(d, "*.parquet"))
+
+
+def events_time_range(storage: Storage, tenant: str) -> tuple[str | None, str | None]:
+    r = scan_events(storage, tenant).select(
+        pl.col("timestamp").min().alias("lo"), pl.col("timestamp").max().alias("hi")
+    ).collect()
+    lo, hi = r["lo"][0], r["hi"][0]
+    return (lo.isoformat() if lo else None, hi.isoformat() if hi else None)
+
+
+# --- items and users ----------------------------------------------------------------------------
+@dataclass
+class TableReport:
+    tenant: str
+    kind: str
+    files: list[str] = field(default_factory=list)
+    rows_read: int = 0
+    rows: int = 0
+    rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    path: str = ""
+
+
+def build_table(storage: Storage, tenant: str, kind: str) -> tuple[pl.DataFrame, TableReport]:
+    """Rebuild the items or users table from every landing file of that kind (later files
+    override earlier rows of the same id: landing order is file modification time)."""
+    validate = validate_items if kind == "items" else validate_users
+    files = landing_data_files(storage, tenant, kind)
+    files.sort(key=lambda f: (storage.fs.info(f).get("mtime") or 0, f))
+    report = TableReport(tenant=tenant, kind=kind, files=files, path=storage.table_path(tenant, kind))
+    frames, rejects = [], []
+    for path in files:
+        raw = pl.read_parquet(storage.fs.open(path, "rb"))
+        raw = raw.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
+        report.rows_read += raw.height
+        good, bad = validate(raw, source=posixpath.basename(path))
+        frames.append(good)
+        rejects.append(bad)
+        sidecar = path[: -len(".parquet")] + REJECTED_SUFFIX
+        if storage.exists(sidecar):
+            rejects.append(pl.read_parquet(storage.fs.open(sidecar, "rb")))
+    table = (
+        pl.concat(frames).unique(subset=frames[0].columns[0], keep="last", maintain_order=True)
+        if frames else empty_frame(kind)
+    )
+    rejected = pl.concat(rejects) if rejects else pl.DataFrame(schema=REJECTED_SCHEMA)
+    report.rows = table.height
+    report.rejected = rejected.height
+    report.rejected_by_reason = dict(Counter(rejected["reason"].to_list()))
+    storage.makedirs(posixpath.dirname(report.path))
+    _atomic_parquet(storage, table, report.path)
+    _atomic_parquet(storage, rejected, storage.table_path(tenant, f"rejected_{kind}"))
+    state = load_state(storage, tenant)
+    state[kind] = {"files": [_file_key(storage, f) for f in files]}
+    save_state(storage, tenant, state)
+    return table, report
+

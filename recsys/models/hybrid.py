@@ -1,0 +1,444 @@
+"""The served recommender: candidate generators merged and re-ordered by a learned ranker.
+
+Stage 1 (generators): popularity (global and by category affinity), item-item co-occurrence,
+LightFM and EASE each propose their top ``candidates_per_generator`` unseen, available items.
+Stage 2 (ranker): a gradient-boosted classifier scores the merged candidates from each
+generator's score and rank plus item / user features; it decides the final order.
+
+Training (:meth:`HybridRecommender.fit`): the events are cut by time into a fit window and the
+newest ``validation_fraction`` (the ranker's label window). Generators fitted on the fit window
+propose candidates; candidates the user interacted with in the label window are positives. The
+ranker learns on that, then every generator is REFIT on all the events given, so the published
+model sees the newest data and the ranker's labels come from the latest window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recsys.evaluation.evaluate import Holdout, build_holdout
+from recsys.evaluation.metrics import ndcg_at_k, popularity_percentile
+from recsys.models.base import Recommender, mask_rows, top_k
+from recsys.models.cooccurrence import CooccurrenceRecommender
+from recsys.models.data import Dataset, build_dataset, temporal_split
+from recsys.models.ease import EASERecommender
+from recsys.models.lightfm_model import LightFMRecommender
+from recsys.models.popularity import PopularityRecommender
+from recsys.models.trees import TreeEnsemble
+
+#: Candidate generators, in feature order. "category" is popularity by category affinity.
+GENERATORS: tuple[str, ...] = ("popularity", "category", "cooccurrence", "lightfm", "ease")
+
+#: Why an item is in a served list (reason_code -> label), from the generator ranking it best.
+REASON_CODES: dict[int, str] = {0: "popular", 1: "popular_in_category", 2: "similar_to_history", 3: "personalized"}
+_REASON_OF_GENERATOR = {"popularity": 0, "category": 1, "cooccurrence": 2, "lightfm": 3, "ease": 3}
+
+
+@dataclass
+class HybridConfig:
+    """Everything that decides a fit; JSON-able, echoed into MLflow params and asset metadata."""
+
+    weights: dict[str, float] | None = None  # None = recsys.contract.DEFAULT_EVENT_WEIGHTS
+    half_life_days: float | None = None
+    include_catalog_items: bool = True
+    validation_fraction: float = 0.15
+    candidates_per_generator: int = 100
+    cooccurrence: dict[str, Any] = field(default_factory=lambda: {"shrink": 10.0, "buy_weight": 1.0, "neighbors": 200})
+    lightfm: dict[str, Any] = field(default_factory=lambda: {"no_components": 32, "epochs": 30, "seed": 42, "num_threads": 1})
+    ease: dict[str, Any] = field(default_factory=lambda: {"l2": 250.0, "max_items": 5000})
+    #: candidate values tried on the validation window (never the test window); best NDCG@10 wins
+    tune: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {
+        "ease": [{"l2": 100.0}, {"l2": 250.0}, {"l2": 500.0}],
+        "cooccurrence": [{"shrink": 5.0}, {"shrink": 20.0}, {"shrink": 50.0}],
+    })
+    ranker: dict[str, Any] = field(default_factory=lambda: {
+        "max_iter": 150, "learning_rate": 0.05, "max_leaf_nodes": 15, "min_samples_leaf": 50,
+        "l2_regularization": 1.0,
+    })
+    max_ranker_rows: int = 400_000
+    min_ranker_positives: int = 20
+    min_users: int = 2
+    min_items: int = 2
+    seed: int = 42
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HybridConfig:
+        return cls(**d)
+
+    def generator_params(self, name: str) -> dict[str, Any]:
+        if name == "popularity":
+            return {"kind": "global"}
+        if name == "category":
+            return {"kind": "category"}
+        return dict(getattr(self, name))
+
+
+def make_generator(name: str, params: dict[str, Any]) -> Recommender:
+    """An unfitted generator by name."""
+    cls = {
+        "popularity": PopularityRecommender, "category": PopularityRecommender,
+        "cooccurrence": CooccurrenceRecommender, "lightfm": LightFMRecommender, "ease": EASERecommender,
+    }[name]
+    return cls(**params)
+
+
+def too_little_data(data: Dataset, config: HybridConfig) -> str | None:
+    """Why personalised models cannot be fitted on `data` (None when they can)."""
+    if data.confidence.nnz == 0:
+        return "no positive interactions"
+    if data.n_users < config.min_users:
+        return f"{data.n_users} user(s) < min_users={config.min_users}"
+    active_items = int((np.diff(data.confidence.tocsc().indptr) > 0).sum())
+    if active_items < config.min_items:
+        return f"{active_items} interacted item(s) < min_items={config.min_items}"
+    return None
+
+
+def fit_generators(
+    data: Dataset, config: HybridConfig, names: tuple[str, ...] = GENERATORS
+) -> tuple[dict[str, Recommender], dict[str, str], dict[str, float]]:
+    """Fit the named generators; returns (models, skipped name -> reason, fit seconds)."""
+    models, skipped, seconds = {}, {}, {}
+    reason = too_little_data(data, config)
+    for name in names:
+        if reason and name not in ("popularity", "category"):
+            skipped[name] = reason
+            continue
+        t0 = time.perf_counter()
+        models[name] = make_generator(name, config.generator_params(name)).fit(data)
+        seconds[name] = time.perf_counter() - t0
+    return models, skipped, seconds
+
+
+# --- features ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SideFeatures:
+    """Per-item and per-user arrays the ranker reads, computed from the fit data."""
+
+    item_log_pop: np.ndarray
+    item_pop_pct: np.ndarray
+    item_trending: np.ndarray
+    item_age_days: np.ndarray
+    item_price_band: np.ndarray
+    item_category: np.ndarray
+    item_available: np.ndarray
+    user_log_activity: np.ndarray
+    user_n_categories: np.ndarray
+    user_category: np.ndarray  # users x categories share of confidence
+    user_segment: np.ndarray
+    segment_pop: np.ndarray  # segments x items, unit-scaled
+
+    @classmethod
+    def from_data(cls, data: Dataset, pop: PopularityRecommender) -> SideFeatures:
+        counts = np.asarray((data.confidence > 0).sum(axis=0)).ravel().astype(np.float64)
+        price = data.item_price
+        band = np.full(data.n_items, np.nan)
+        known = ~np.isnan(price)
+        if known.any():
+            band[known] = popularity_percentile(price[known])  # price percentile in the catalog
+        activity = np.diff(data.confidence.indptr).astype(np.float64)
+        return cls(
+            item_log_pop=np.log1p(counts).astype(np.float32),
+            item_pop_pct=popularity_percentile(counts).astype(np.float32),
+            item_trending=pop.trending_.astype(np.float32),
+            item_age_days=data.item_age_days.astype(np.float32),
+            item_price_band=band.astype(np.float32),
+            item_category=data.item_category.astype(np.int32),
+            item_available=data.item_available.astype(bool),
+            user_log_activity=np.log1p(activity).astype(np.float32),
+            user_n_categories=(pop.user_category_ > 0).sum(axis=1).astype(np.float32),
+            user_category=pop.user_category_.astype(np.float32),
+            user_segment=pop.user_segment_.astype(np.int32),
+            segment_pop=pop.segment_pop_.astype(np.float32),
+        )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f"side_{k}": v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> SideFeatures:
+        return cls(**{k[5:]: v for k, v in a.items() if k.startswith("side_")})
+
+
+FEATURE_NAMES: tuple[str, ...] = (
+    *(f"{g}_{kind}" for g in GENERATORS for kind in ("score", "z", "log_rank")),
+    "n_generators", "item_log_pop", "item_pop_pct", "item_trending", "item_age_days",
+    "item_price_band", "user_log_activity", "user_n_categories", "user_category_affinity",
+    "segment_pop",
+)
+
+
+@dataclass
+class Candidates:
+    """Merged candidates of a user batch: one row per (user, item), with features."""
+
+    user_pos: np.ndarray  # position in the batch
+    item_idx: np.ndarray
+    features: np.ndarray  # float64 (n, len(FEATURE_NAMES)), NaN = missing
+    scores: dict[str, np.ndarray]  # generator -> raw score per candidate (NaN = none)
+    ranks: dict[str, np.ndarray]  # generator -> 0-based rank, n_candidates when not proposed
+
+
+def _group_z(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    ok = ~np.isnan(values)
+    v = np.where(ok, values, 0.0)
+    cnt = np.bincount(groups, weights=ok.astype(float), minlength=n_groups)
+    s = np.bincount(groups, weights=v, minlength=n_groups)
+    ss = np.bincount(groups, weights=v * v, minlength=n_groups)
+    mean = np.divide(s, cnt, out=np.zeros(n_groups), where=cnt > 0)
+    var = np.divide(ss, cnt, out=np.zeros(n_groups), where=cnt > 0) - mean**2
+    std = np.sqrt(np.maximum(var, 0)) + 1e-9
+    return np.where(ok, (values - mean[groups]) / std[groups], np.nan)
+
+
+def build_candidates(
+    generators: dict[str, Recommender], side: SideFeatures, seen, user_idx: np.ndarray,
+    n_candidates: int,
+) -> Candidates:
+    """Merge each generator's top `n_candidates` unseen, available items and compute features."""
+    user_idx = np.asarray(user_idx, dtype=np.int64)
+    b = len(user_idx)
+    n_items = len(side.item_available)
+    unavailable = ~side.item_available
+    dense: dict[str, np.ndarray] = {}
+    tops: dict[str, np.ndarray] = {}
+    codes = []
+    for name, model in generators.items():
+        s = model.score(user_idx)
+        mask_rows(s, seen, user_idx)
+        s[:, unavailable] = -np.inf
+        idx, val = top_k(s, n_candidates)
+        ok = np.isfinite(val)
+        dense[name], tops[name] = s, np.where(ok, idx, -1)
+        codes.append((np.repeat(np.arange(b), idx.shape[1]) * n_items + idx.ravel())[ok.ravel()])
+    merged = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+    pos, items = merged // n_items, merged % n_items
+    n = len(merged)
+    cols: dict[str, np.ndarray] = {}
+    scores, ranks = {}, {}
+    n_gen = np.zeros(n)
+    for g in GENERATORS:
+        if g in dense:
+            sc = dense[g][pos, items].astype(np.float64)
+            sc[~np.isfinite(sc)] = np.nan
+            rank_of = np.full((b, n_items), n_candidates, dtype=np.int32)
+            top = tops[g]
+            r, c = np.nonzero(top >= 0)
+            rank_of[r, top[r, c]] = c
+            rk = rank_of[pos, items]
+        else:
+            sc = np.full(n, np.nan)
+            rk = np.full(n, n_candidates, dtype=np.int32)
+        scores[g], ranks[g] = sc, rk
+        n_gen += rk < n_candidates
+        cols[f"{g}_score"] = sc
+        cols[f"{g}_z"] = _group_z(sc, pos, b)
+        cols[f"{g}_log_rank"] = np.log1p(rk.astype(np.float64))
+    cols["n_generators"] = n_gen
+    for name in ("item_log_pop", "item_pop_pct", "item_trending", "item_age_days", "item_price_band"):
+        cols[name] = getattr(side, name)[items].astype(np.float64)
+    u = user_idx[pos]
+    cols["user_log_activity"] = side.user_log_activity[u].astype(np.float64)
+    cols["user_n_categories"] = side.user_n_categories[u].astype(np.float64)
+    cat = side.item_category[items]
+    aff = np.zeros(n)
+    has = cat >= 0
+    if side.user_category.size:
+        aff[has] = side.user_category[u[has], cat[has]]
+    cols["user_category_affinity"] = aff
+    seg = side.user_segment[u]
+    segp = np.full(n, np.nan)
+    hs = seg >= 0
+    if side.segment_pop.size and hs.any():
+        segp[hs] = side.segment_pop[seg[hs], items[hs]]
+    cols["segment_pop"] = segp
+    features = np.column_stack([cols[f] for f in FEATURE_NAMES]) if n else np.zeros((0, len(FEATURE_NAMES)))
+    return Candidates(pos, items, features, scores, ranks)
+
+
+def _rank_lists(user_pos: np.ndarray, items: np.ndarray, score: np.ndarray, n_users: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n_users, k) item indices (-1 padded) and scores ordered by `score` within each user."""
+    order = np.lexsort((items, -score, user_pos))
+    up, it, sc = user_pos[order], items[order], score[order]
+    starts = np.searchsorted(up, np.arange(n_users))
+    rank = np.arange(len(up)) - starts[up]
+    keep = rank < k
+    out_i = np.full((n_users, k), -1, np.int64)
+    out_s = np.full((n_users, k), -np.inf, np.float64)
+    out_i[up[keep], rank[keep]] = it[keep]
+    out_s[up[keep], rank[keep]] = sc[keep]
+    return out_i, out_s
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+class HybridRecommender:
+    """Generators + learned ranker; see the module docstring for how it is trained."""
+
+    name = "hybrid"
+
+    def __init__(self, config: HybridConfig | None = None) -> None:
+        self.config = config or HybridConfig()
+        self.ranker_: TreeEnsemble | None = None
+        self.info: dict[str, Any] = {}
+
+    # -- training --
+    def _dataset(self, events, items, users, include_catalog: bool | None = None) -> Dataset:
+        c = self.config
+        return build_dataset(
+            events, items, users, weights=c.weights, half_life_days=c.half_life_days,
+            include_catalog_items=c.include_catalog_items if include_catalog is None else include_catalog,
+        )
+
+    def _tune(self, data: Dataset, holdout: Holdout) -> dict[str, Any]:
+        """Pick each tuned generator's params by validation NDCG@10; updates the config."""
+        chosen = {}
+        for name, grid in self.config.tune.items():
+            if not grid or holdout.n_users == 0:
+                continue
+            results = []
+            for override in grid:
+                params = {**self.config.generator_params(name), **override}
+                model = make_generator(name, params).fit(data)
+                rec, _ = model.recommend(holdout.user_idx, 10)
+                results.append((float(ndcg_at_k(rec, holdout.relevant, 10).mean()), override))
+            best = max(results, key=lambda r: r[0])  # first best on ties (grid order)
+            setattr(self.config, name, {**getattr(self.config, name), **best[1]})
+            chosen[name] = {"chosen": best[1], "validation_ndcg@10": [r[0] for r in results]}
+        return chosen
+
+    def fit(
+        self, events: pl.DataFrame, items: pl.DataFrame | None = None, users: pl.DataFrame | None = None,
+        generators: dict[str, Recommender] | None = None, data: Dataset | None = None,
+    ) -> HybridRecommender:
+        """Train the ranker on the newest window, then refit generators on all `events`.
+
+        Pass already fitted ``generators`` (and their ``data``) to skip the final refit, e.g.
+        when the generators are separate pipeline assets fitted on the same events.
+        """
+        c = self.config
+        t0 = time.perf_counter()
+        split = temporal_split(events, 0.0, c.validation_fraction)
+        info: dict[str, Any] = {"ranker_events_fit": split.fit.height, "ranker_events_label": split.validation.height}
+        fit_data = self._dataset(split.fit, items, users)
+        holdout = build_holdout(fit_data, split.fit, split.validation, c.weights) if split.validation.height else Holdout(np.zeros(0, np.int64), [])
+        info["ranker_label_users"], info["ranker_label_pairs"] = holdout.n_users, holdout.n_pairs
+        skip = too_little_data(fit_data, c) if fit_data.n_users else "no events before the label window"
+        if skip is None and holdout.n_pairs < c.min_ranker_positives:
+            skip = f"{holdout.n_pairs} label pair(s) in the validation window < min_ranker_positives={c.min_ranker_positives}"
+        if skip is None and generators is None:
+            info["tuning"] = self._tune(fit_data, holdout)
+        if skip is None:
+            gens, _, _ = fit_generators(fit_data, c)
+            side = SideFeatures.from_data(fit_data, gens["popularity"])
+            info.update(self._fit_ranker(gens, side, fit_data, holdout))
+            if self.ranker_ is None:
+                skip = info.get("ranker_skipped")
+        info["ranker_skipped"] = skip
+        info["ranker_seconds"] = time.perf_counter() - t0
+        # REFIT on everything
+        if generators is None:
+            data = self._dataset(events, items, users)
+            generators, skipped, seconds = fit_generators(data, c)
+            info["generators_skipped"], info["generator_seconds"] = skipped, seconds
+        elif data is None:
+            raise ValueError("pass the Dataset the generators were fitted on")
+        self.data_ = data
+        self.generators_ = generators
+        self.seen_ = generators["popularity"].seen_
+        self.side_ = SideFeatures.from_data(data, generators["popularity"])
+        self.user_ids_, self.item_ids_ = data.user_ids, data.item_ids
+        info["fallback_order"] = None if self.ranker_ is not None else self._fallback()
+        self.info = info
+        return self
+
+    def _fallback(self) -> str:
+        for g in ("lightfm", "ease", "category", "popularity"):
+            if g in self.generators_:
+                return g
+        return "popularity"
+
+    def _fit_ranker(self, gens, side, data: Dataset, holdout: Holdout) -> dict[str, Any]:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        c = self.config
+        cand = build_candidates(gens, side, gens["popularity"].seen_, holdout.user_idx, c.candidates_per_generator)
+        rel_codes = np.concatenate([np.full(len(r), p) * data.n_items + r for p, r in enumerate(holdout.relevant)])
+        y = np.isin(cand.user_pos * data.n_items + cand.item_idx, rel_codes).astype(np.int8)
+        info = {
+            "ranker_rows": int(len(y)), "ranker_positives": int(y.sum()),
+            "candidate_recall": float(y.sum() / max(holdout.n_pairs, 1)),
+        }
+        if y.sum() < c.min_ranker_positives or y.sum() == len(y):
+            info["ranker_skipped"] = f"{int(y.sum())} positive candidate(s) of {len(y)}"
+            return info
+        x = cand.features.copy()
+        # an all-missing column (e.g. no prices at all) is constant: the trees never split on it
+        x[:, np.isnan(x).all(axis=0)] = 0.0
+        rng = np.random.default_rng(c.seed)
+        if len(y) > c.max_ranker_rows:  # keep every positive, subsample negatives
+            neg = np.flatnonzero(y == 0)
+            keep_neg = rng.choice(neg, size=max(c.max_ranker_rows - int(y.sum()), 1), replace=False)
+            keep = np.sort(np.concatenate([np.flatnonzero(y == 1), keep_neg]))
+            x, y = x[keep], y[keep]
+        clf = HistGradientBoostingClassifier(random_state=c.seed, early_stopping=False, **c.ranker)
+        clf.fit(x, y)
+        self.ranker_ = TreeEnsemble.from_sklearn(clf)
+        return info
+
+    # -- inference --
+    def rank(self, user_idx: np.ndarray, k: int = 10, batch_size: int = 256):
+        """Final top-`k` lists for a batch of users (see :func:`recsys.models.serve.serve_top_n`)."""
+        from recsys.models.serve import serve_top_n
+
+        return serve_top_n(self, user_idx, k, batch_size)
+
+    def recommend(self, user_idx: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(n_users, k) item indices (-1 padded) and final scores, like Recommender.recommend."""
+        s = self.rank(user_idx, k)
+        return _rank_lists(s.user_pos, s.item_idx, s.final_score, len(user_idx), k)
+
+    # -- persistence --
+    def save(self, path: str) -> None:
+        """A folder: one sub-folder per generator, ``hybrid.npz`` (ranker, side data, ids), ``hybrid.json``."""
+        os.makedirs(path, exist_ok=True)
+        for name, model in self.generators_.items():
+            model.save(os.path.join(path, name))
+        arrays = self.side_.arrays()
+        arrays["user_ids"] = np.asarray(self.user_ids_, dtype=str)
+        arrays["item_ids"] = np.asarray(self.item_ids_, dtype=str)
+        if self.ranker_ is not None:
+            arrays.update(self.ranker_.to_arrays())
+        np.savez_compressed(os.path.join(path, "hybrid.npz"), **arrays)
+        with open(os.path.join(path, "hybrid.json"), "w") as f:
+            json.dump({"config": self.config.to_dict(), "generators": sorted(self.generators_),
+                       "info": self.info, "feature_names": list(FEATURE_NAMES)}, f, indent=2, default=str)
+
+    @classmethod
+    def load(cls, path: str) -> HybridRecommender:
+        with open(os.path.join(path, "hybrid.json")) as f:
+            meta = json.load(f)
+        model = cls(HybridConfig.from_dict(meta["config"]))
+        model.info = meta["info"]
+        model.generators_ = {g: Recommender.load(os.path.join(path, g)) for g in meta["generators"]}
+        with np.load(os.path.join(path, "hybrid.npz"), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        model.side_ = SideFeatures.from_arrays(arrays)
+        model.user_ids_ = arrays["user_ids"].astype(object)
+        model.item_ids_ = arrays["item_ids"].astype(object)
+        model.ranker_ = TreeEnsemble.from_arrays(arrays) if "tree_roots" in arrays else None
+        model.seen_ = model.generators_["popularity"].seen_
+        return model

@@ -1,0 +1,160 @@
+"""What the snapshot builder calls: final top-N per user with per-signal parts, factors and
+similar-item lists, all as batched numpy arrays.
+
+Typical use (``model`` is a fitted or loaded :class:`~recsys.models.hybrid.HybridRecommender`)::
+
+    lists = serve_top_n(model, np.arange(len(model.user_ids_)), k=50)
+    # flat arrays, one row per (user, item), sorted by user then rank:
+    # lists.user_idx, lists.item_idx, lists.rank, lists.final_score,
+    # lists.pop, lists.cooc, lists.emb, lists.ranker, lists.reason_code
+    user_ids = model.user_ids_[lists.user_idx]; item_ids = model.item_ids_[lists.item_idx]
+    item_emb, item_bias = item_factors(model)          # LightFM, incl. features of new items
+    sim_idx, sim_val = similar_items_embedding(model, k=20)
+    co_idx, co_val = similar_items_cooccurrence(model, k=20)
+    fallback_items, fallback_scores = popular_items(model, k=50)   # for unknown users
+
+Index spaces: ``user_idx`` indexes ``model.user_ids_`` and ``item_idx`` ``model.item_ids_``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from recsys.models.base import top_k
+from recsys.models.hybrid import (
+    _REASON_OF_GENERATOR,
+    GENERATORS,
+    REASON_CODES,
+    HybridRecommender,
+    build_candidates,
+)
+
+__all__ = [
+    "REASON_CODES", "ServedLists", "item_factors", "popular_items", "serve_top_n",
+    "similar_items_cooccurrence", "similar_items_embedding", "user_factors",
+]
+
+
+@dataclass(frozen=True)
+class ServedLists:
+    """Final lists as flat arrays, one row per (user, item), sorted by user then rank.
+
+    * ``user_idx`` / ``item_idx``: int64 indices into ``model.user_ids_`` / ``model.item_ids_``;
+      ``user_pos`` is the user's position in the requested batch.
+    * ``rank``: 0-based position in the user's list.
+    * ``final_score``: the score that decided the order (ranker probability, or the fallback
+      generator's score when the tenant had too little data to train a ranker).
+    * ``pop``: global popularity in [0, 1]; ``cooc``: co-occurrence score with the user's history;
+      ``emb``: LightFM score (dot product + biases); ``ranker``: ranker probability. A signal the
+      model does not have (skipped for lack of data) is 0.0.
+    * ``reason_code``: why the item is there, a key of :data:`REASON_CODES` (the generator that
+      ranked it highest).
+
+    A user gets fewer than k rows when fewer unseen, available items exist.
+    """
+
+    user_idx: np.ndarray
+    user_pos: np.ndarray
+    item_idx: np.ndarray
+    rank: np.ndarray
+    final_score: np.ndarray
+    pop: np.ndarray
+    cooc: np.ndarray
+    emb: np.ndarray
+    ranker: np.ndarray
+    reason_code: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.item_idx)
+
+
+def _zero_nan(x: np.ndarray) -> np.ndarray:
+    return np.where(np.isnan(x), 0.0, x).astype(np.float32)
+
+
+def serve_top_n(model: HybridRecommender, user_idx: np.ndarray, k: int = 10, batch_size: int = 256) -> ServedLists:
+    """Final served top-`k` for users (indices of ``model.user_ids_``), excluding seen and
+    unavailable items. Batched: candidates and features of `batch_size` users at a time."""
+    user_idx = np.asarray(user_idx, dtype=np.int64)
+    n_cand = max(model.config.candidates_per_generator, k)
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, len(user_idx), batch_size):
+        batch = user_idx[start : start + batch_size]
+        cand = build_candidates(model.generators_, model.side_, model.seen_, batch, n_cand)
+        if model.ranker_ is not None:
+            ranker = model.ranker_.predict_proba(cand.features)
+            final = ranker
+        else:
+            ranker = np.zeros(len(cand.item_idx))
+            fb = model.info.get("fallback_order") or "popularity"
+            final = np.nan_to_num(cand.scores[fb], nan=-np.inf)
+        order = np.lexsort((cand.item_idx, -final, cand.user_pos))
+        up = cand.user_pos[order]
+        starts = np.searchsorted(up, np.arange(len(batch)))
+        rank = np.arange(len(up)) - starts[up]
+        keep = order[rank < k]
+        ranks = np.column_stack([cand.ranks[g][keep] for g in GENERATORS])
+        best = np.argmin(ranks, axis=1)
+        reason = np.array([_REASON_OF_GENERATOR[g] for g in GENERATORS], np.int8)[best]
+        parts.append({
+            "user_idx": batch[cand.user_pos[keep]], "user_pos": cand.user_pos[keep] + start,
+            "item_idx": cand.item_idx[keep], "rank": rank[rank < k].astype(np.int32),
+            "final_score": final[keep].astype(np.float32),
+            "pop": _zero_nan(cand.scores["popularity"][keep]),
+            "cooc": _zero_nan(cand.scores["cooccurrence"][keep]),
+            "emb": _zero_nan(cand.scores["lightfm"][keep]),
+            "ranker": ranker[keep].astype(np.float32),
+            "reason_code": reason,
+        })
+    fields = ServedLists.__dataclass_fields__
+    if not parts:
+        ints = {"user_idx": np.int64, "user_pos": np.int64, "item_idx": np.int64, "rank": np.int32, "reason_code": np.int8}
+        return ServedLists(**{f: np.zeros(0, ints.get(f, np.float32)) for f in fields})
+    return ServedLists(**{f: np.concatenate([p[f] for p in parts]) for f in fields})
+
+
+def item_factors(model: HybridRecommender) -> tuple[np.ndarray, np.ndarray]:
+    """LightFM item embeddings (n_items, d) and biases (n_items,), including items known only
+    from their features. Raises KeyError when LightFM was skipped for lack of data."""
+    m = model.generators_["lightfm"]
+    return m.item_emb_, m.item_bias_
+
+
+def user_factors(model: HybridRecommender) -> tuple[np.ndarray, np.ndarray]:
+    """LightFM user embeddings (n_users, d) and biases; score = u.i + b_u + b_i."""
+    m = model.generators_["lightfm"]
+    return m.user_emb_, m.user_bias_
+
+
+def similar_items_embedding(model: HybridRecommender, k: int = 20, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Per item, the `k` nearest items by cosine of LightFM embeddings (self excluded)."""
+    emb, _ = item_factors(model)
+    norm = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    out_i, out_v = [], []
+    for start in range(0, len(norm), batch_size):
+        s = norm[start : start + batch_size] @ norm.T
+        rows = np.arange(s.shape[0])
+        s[rows, rows + start] = -np.inf
+        i, v = top_k(s, k)
+        out_i.append(i)
+        out_v.append(v)
+    if not out_i:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    idx, val = np.concatenate(out_i), np.concatenate(out_v)
+    return np.where(np.isfinite(val), idx, -1), np.where(np.isfinite(val), val, 0.0).astype(np.float32)
+
+
+def similar_items_cooccurrence(model: HybridRecommender, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Per item, the `k` items most often viewed / bought with it (shrunk cosine; -1 padded)."""
+    return model.generators_["cooccurrence"].similar_items(k)
+
+
+def popular_items(model: HybridRecommender, k: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """The global popularity list (available items only): the fallback for unknown users."""
+    pop = model.generators_["popularity"].pop_.astype(np.float32).copy()
+    pop[~model.side_.item_available] = -np.inf
+    idx, val = top_k(pop[None, :], k)
+    ok = np.isfinite(val[0])
+    return idx[0][ok], val[0][ok]

@@ -1,0 +1,248 @@
+"""MLflow tracking and registry for training runs, and the champion gate.
+
+Every training run logs its params, metrics, a fingerprint of the data, the code version, the
+evaluation table (CSV, HTML, PNG) and the model folder (plain arrays + JSON, see
+``HybridRecommender.save``). The model folder is registered as a version of ``recsys-<tenant>``;
+:func:`load_registered_model` brings any version or alias back as a working model.
+
+The tracking URI is passed in by the caller (default: ``Storage.mlflow_uri()``); nothing here
+reads the environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from recsys.storage import Storage
+
+CHAMPION_ALIAS = "champion"
+GATE_METRIC = "NDCG@10"
+
+
+def registered_model_name(tenant: str) -> str:
+    return f"recsys-{tenant}"
+
+
+def experiment_name(tenant: str) -> str:
+    return f"recsys-{tenant}"
+
+
+def tracking_uri(storage: Storage, override: str | None = None) -> str:
+    """`override` (e.g. MLFLOW_TRACKING_URI read by the entry point) or the storage default."""
+    return override or storage.mlflow_uri()
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(client, tenant: str, artifact_root: str | None) -> str:
+    """The tenant's experiment id, created with artifacts under `artifact_root` if new."""
+    name = experiment_name(tenant)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None if artifact_root is None else f"{artifact_root.rstrip('/')}/{name}"
+    return client.create_experiment(name, artifact_location=location)
+
+
+def data_fingerprint(events: pl.DataFrame) -> dict[str, Any]:
+    """Row count, users, items, time range and a SHA-256 of the sorted (event_id, user, item,
+    type, timestamp) rows: two runs on the same data carry the same hash."""
+    cols = ["event_id", "user_id", "item_id", "event_type", "timestamp"]
+    h = hashlib.sha256()
+    if events.height:
+        body = events.select(cols).sort(cols).write_csv(include_header=False)
+        h.update(body.encode())
+    return {
+        "data_rows": events.height,
+        "data_users": events["user_id"].n_unique() if events.height else 0,
+        "data_items": events["item_id"].n_unique() if events.height else 0,
+        "data_min_ts": str(events["timestamp"].min()) if events.height else "",
+        "data_max_ts": str(events["timestamp"].max()) if events.height else "",
+        "data_sha256": h.hexdigest(),
+    }
+
+
+def code_version(repo_dir: str | None = None) -> str:
+    """The git commit of the code (with ``-dirty`` when the tree has changes), else 'unknown'."""
+    repo_dir = repo_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir, capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+def _metric_key(label: str) -> str:
+    return label.replace("@", "_at_")
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    run_id: str
+    model_name: str
+    version: str
+    gate: dict[str, Any]
+
+
+def log_training_run(
+    *,
+    tenant: str,
+    model,
+    events: pl.DataFrame,
+    uri: str,
+    artifact_root: str | None,
+    table: pl.DataFrame | None = None,
+    plot_path: str | None = None,
+    extra_params: dict[str, Any] | None = None,
+    extra_metrics: dict[str, float] | None = None,
+    tolerance: float = 0.0,
+    register: bool = True,
+) -> TrainingRun:
+    """Log one training run and register its model as a new version of ``recsys-<tenant>``.
+
+    `model` is a fitted ``HybridRecommender``; `table` the evaluation table (row ``served`` is
+    the gate's figure). With ``register``, the champion gate runs (see :func:`champion_gate`).
+    """
+    import mlflow
+
+    client = _client(uri)
+    exp_id = ensure_experiment(client, tenant, artifact_root)
+    params = {"tenant": tenant, **_flatten(model.config.to_dict(), "config.")}
+    params.update(_flatten(extra_params or {}))
+    tags = {"tenant": tenant, "code_version": code_version(), **{k: str(v) for k, v in data_fingerprint(events).items()}}
+    run = client.create_run(exp_id, tags=tags, run_name=f"train-{tenant}")
+    run_id = run.info.run_id
+    try:
+        items = list(params.items())
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
+        metrics: dict[str, float] = dict(extra_metrics or {})
+        for k, v in data_fingerprint(events).items():
+            if isinstance(v, int):
+                metrics[k] = float(v)
+        served = None
+        if table is not None and table.height:
+            for row in table.iter_rows(named=True):
+                for col, v in row.items():
+                    if isinstance(v, float) and not math.isnan(v):
+                        metrics[f"{row['model']}.{_metric_key(col)}"] = v
+                if row["model"] == "served":
+                    served = row.get(GATE_METRIC)
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+        with tempfile.TemporaryDirectory() as tmp:
+            if table is not None and table.height:
+                from recsys.evaluation.evaluate import format_table
+
+                table.write_csv(os.path.join(tmp, "evaluation.csv"))
+                with open(os.path.join(tmp, "evaluation.html"), "w") as f:
+                    f.write(format_table(table).to_pandas().to_html(index=False))
+                client.log_artifact(run_id, os.path.join(tmp, "evaluation.csv"), "evaluation")
+                client.log_artifact(run_id, os.path.join(tmp, "evaluation.html"), "evaluation")
+            if plot_path:
+                client.log_artifact(run_id, plot_path, "evaluation")
+            model_dir = os.path.join(tmp, "model")
+            model.save(model_dir)
+            client.log_artifacts(run_id, model_dir, "model")
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    version, gate = "", {}
+    if register:
+        name = registered_model_name(tenant)
+        if not _exists(client, name):
+            client.create_registered_model(name, tags={"tenant": tenant})
+        mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags={"tenant": tenant})
+        version = mv.version
+        gate = champion_gate(client, name, version, served, tolerance)
+    return TrainingRun(run_id, registered_model_name(tenant), str(version), gate)
+
+
+def _exists(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
+
+
+def champion_gate(client, name: str, version: str, candidate: float | None, tolerance: float = 0.0) -> dict[str, Any]:
+    """Give `version` the ``champion`` alias unless its served NDCG@10 is worse than the current
+    champion's by more than `tolerance`. The decision and both figures become version tags."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException:
+        current = None
+    champion_value = None
+    if current is not None:
+        raw = current.tags.get("gate.candidate_ndcg_at_10")
+        champion_value = float(raw) if raw not in (None, "", "None") else None
+    if candidate is None:
+        promoted, reason = False, "no served NDCG@10 (evaluation skipped)"
+        if current is None:
+            promoted, reason = True, "no champion yet and no evaluation: first version serves"
+    elif current is None or champion_value is None:
+        promoted, reason = True, "no champion with a recorded NDCG@10 yet"
+    elif candidate >= champion_value - tolerance:
+        promoted, reason = True, f"{candidate:.4f} >= champion {champion_value:.4f} - tolerance {tolerance}"
+    else:
+        promoted, reason = False, f"{candidate:.4f} < champion {champion_value:.4f} - tolerance {tolerance}"
+    decision = {
+        "promoted": promoted, "reason": reason, "candidate_ndcg_at_10": candidate,
+        "champion_ndcg_at_10": champion_value,
+        "champion_version": None if current is None else current.version, "tolerance": tolerance,
+    }
+    for k, v in decision.items():
+        client.set_model_version_tag(name, version, f"gate.{k}", str(v))
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    return decision
+
+
+def load_registered_model(tenant: str, uri: str, alias_or_version: str = CHAMPION_ALIAS, dst: str | None = None):
+    """Download a registered version (alias like ``champion`` or a version number) and load it."""
+    import mlflow
+
+    from recsys.models.hybrid import HybridRecommender
+
+    client = _client(uri)
+    name = registered_model_name(tenant)
+    if str(alias_or_version).isdigit():
+        mv = client.get_model_version(name, str(alias_or_version))
+    else:
+        mv = client.get_model_version_by_alias(name, alias_or_version)
+    dst = dst or tempfile.mkdtemp(prefix=f"recsys-{tenant}-v{mv.version}-")
+    path = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst, tracking_uri=uri)
+    return HybridRecommender.load(path)

@@ -1,0 +1,115 @@
+"""The Falcon application factory: `create_app(config, store)`; no module-level state."""
+
+from __future__ import annotations
+
+import os
+
+import falcon
+import orjson
+
+from serving import errors
+from serving.auth import Authenticator
+from serving.config import ServingConfig
+from serving.metrics import Metrics
+from serving.middleware import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    GzipMiddleware,
+    MetricsMiddleware,
+    RateLimitMiddleware,
+    RequestIdMiddleware,
+)
+from serving.ratelimit import InProcessLimiter, RedisLimiter
+from serving.resources.admin import CacheInvalidateResource, TenantDocumentResource
+from serving.resources.docs import DocsResource, OpenApiResource
+from serving.resources.ops import HealthResource, MetricsResource, ReadyResource, VersionResource
+from serving.resources.public import RecommendResource, SimilarResource
+from serving.service import RecommendService
+from serving.snapshot import SnapshotRegistry
+from serving.tenant_store import TenantStore
+
+
+def _json_handler() -> falcon.media.JSONHandler:
+    return falcon.media.JSONHandler(dumps=orjson.dumps, loads=orjson.loads)
+
+
+def create_app(config: ServingConfig | None = None, store: SnapshotRegistry | None = None,
+               *, limiter=None, tenant_store: TenantStore | None = None) -> falcon.App:
+    """Build the WSGI app.
+
+    config: server settings (default: `ServingConfig.from_env()`).
+    store:  the snapshots of all tenants (default: a `SnapshotRegistry` over
+            `<data_root>/snapshots`).
+    limiter / tenant_store: overrides for tests (default: Redis or in-process counters; the
+            admin store under `<data_root>/serving`).
+    """
+    config = config or ServingConfig.from_env()
+    metrics = Metrics()
+    if store is None:
+        store = SnapshotRegistry(os.path.join(config.data_root, "snapshots"), config.tenants,
+                                 config.snapshot_check_s, metrics)
+    else:
+        store.bind_metrics(metrics)
+    metrics.add_gauge_source(store.gauges)
+    tenant_store = tenant_store or TenantStore(os.path.join(config.data_root, "serving"),
+                                               config.snapshot_check_s)
+    if limiter is None:
+        limiter = RedisLimiter(config.redis_url) if config.redis_url else InProcessLimiter()
+
+    middleware: list = [
+        RequestIdMiddleware(),
+        MetricsMiddleware(metrics, config.access_log),
+    ]
+    if config.cors_origins:
+        middleware.append(falcon.CORSMiddleware(
+            allow_origins="*" if config.cors_origins == ("*",) else list(config.cors_origins),
+            expose_headers=["X-Request-Id", "traceparent", "RateLimit", "RateLimit-Policy",
+                            "Retry-After", "ETag"],
+        ))
+    middleware += [
+        BodyLimitMiddleware(config.max_body_bytes),
+        AuthMiddleware(Authenticator(config)),
+        RateLimitMiddleware(limiter, config),
+        GzipMiddleware(config.gzip_min_bytes),
+    ]
+    app = falcon.App(middleware=middleware)
+    handler = _json_handler()
+    app.req_options.media_handlers[falcon.MEDIA_JSON] = handler
+    app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
+    app.req_options.strip_url_path_trailing_slash = True
+    errors.install(app, config.problem_base)
+
+    service = RecommendService(config, store, tenant_store, metrics)
+    recommend = RecommendResource(service)
+    app.add_route("/v1/recommend", recommend)
+    app.add_route("/v1/recommend/validate", recommend, suffix="validate")
+    app.add_route("/v1/similar", SimilarResource(service))
+    for kind in ("config", "rules"):
+        app.add_route(f"/v1/admin/tenants/{{tenant_id}}/{kind}",
+                      TenantDocumentResource(kind, tenant_store, store, config))
+    app.add_route("/v1/admin/tenants/{tenant_id}/cache/invalidate",
+                  CacheInvalidateResource(tenant_store, store))
+    app.add_route("/healthz", HealthResource())
+    app.add_route("/readyz", ReadyResource(store))
+    app.add_route("/metrics", MetricsResource(metrics))
+    app.add_route("/version", VersionResource(config))
+    app.add_route("/openapi.json", OpenApiResource(config))
+    app.add_route("/docs", DocsResource())
+    return app
+
+
+def configure_logging(config: ServingConfig) -> None:
+    """Plain-message INFO logs on stderr (access lines are already JSON) for the server."""
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("recsys.access", "recsys.serving"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    if not config.access_log:
+        logging.getLogger("recsys.access").setLevel(logging.WARNING)

@@ -1,0 +1,338 @@
+"""The OpenAPI 3.1 document of the server (served at /openapi.json).
+
+Schemas are JSON Schema 2020-12, so tests validate real requests and responses with jsonschema
+against `SPEC["components"]["schemas"]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from recsys.snapshot.format import SIGNALS
+
+_STR = {"type": "string", "minLength": 1, "maxLength": 256}
+_STR_LIST = {"type": "array", "items": _STR}
+_NULLABLE_STR = {"type": ["string", "null"]}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+SCHEMAS: dict[str, Any] = {
+    "Problem": {
+        "type": "object",
+        "required": ["type", "title", "status", "detail", "instance", "code", "request_id"],
+        "properties": {
+            "type": {"type": "string", "format": "uri"},
+            "title": {"type": "string"},
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "detail": {"type": "string"},
+            "instance": {"type": "string"},
+            "code": {"type": "string", "pattern": "^RECSYS_[A-Z_]+$"},
+            "request_id": {"type": "string"},
+            "current_version": _NULLABLE_STR,
+        },
+    },
+    "Warning": {
+        "type": "object", "required": ["code", "detail"], "additionalProperties": False,
+        "properties": {"code": {"type": "string"}, "detail": {"type": "string"}},
+    },
+    "Weights": {
+        "type": "object", "additionalProperties": False,
+        "properties": {s: {"type": "number", "minimum": 0} for s in SIGNALS},
+    },
+    "Constraints": {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "required_tags": _STR_LIST,
+            "forbidden_tags": _STR_LIST,
+            "max_per_tag": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1},
+                            "description": "cap per tag; keys may also be brand:<b> or category:<c>"},
+        },
+    },
+    "Candidates": {
+        "type": "object", "additionalProperties": False,
+        "properties": {"include_ids": _STR_LIST, "exclude_ids": _STR_LIST},
+    },
+    "Options": {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "include_reasons": {"type": "boolean"},
+            "explain": {"enum": ["none", "summary", "full"]},
+            "include_trace": {"type": "boolean"},
+            "seed": {"type": "integer", "minimum": 0},
+        },
+    },
+    "RecommendRequest": {
+        "type": "object", "additionalProperties": False, "required": ["user"],
+        "properties": {
+            "surface": _STR, "segment": _STR,
+            "k": {"type": "integer", "minimum": 1, "maximum": 200},
+            "user": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"user_id": _STR, "anonymous_id": _STR, "session_id": _STR},
+                "anyOf": [{"required": ["user_id"]}, {"required": ["anonymous_id"]},
+                          {"required": ["session_id"]}],
+            },
+            "context": {"type": "object"},
+            "anchors": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"item_ids": _STR_LIST, "max_anchors": {"type": "integer", "minimum": 1}},
+            },
+            "candidates": _ref("Candidates"),
+            "constraints": _ref("Constraints"),
+            "weights": _ref("Weights"),
+            "options": _ref("Options"),
+            "experiment": {
+                "type": "object", "additionalProperties": False, "required": ["id"],
+                "properties": {"id": _STR, "variant": _STR},
+            },
+        },
+    },
+    "SimilarRequest": {
+        "type": "object", "additionalProperties": False, "required": ["item_id"],
+        "properties": {
+            "surface": _STR, "segment": _STR, "item_id": _STR,
+            "k": {"type": "integer", "minimum": 1, "maximum": 200},
+            "kind": {"enum": ["emb", "cooc", "blend"]},
+            "candidates": _ref("Candidates"),
+            "constraints": _ref("Constraints"),
+            "options": _ref("Options"),
+            "context": {"type": "object"},
+        },
+    },
+    "Item": {
+        "type": "object", "required": ["item_id", "rank", "score"], "additionalProperties": False,
+        "properties": {
+            "item_id": {"type": "string"},
+            "rank": {"type": "integer", "minimum": 1},
+            "score": {"type": "number"},
+            "reasons": {"type": "array", "items": {"type": "string"}},
+            "explain": {
+                "type": "object", "required": ["signals", "rules"],
+                "properties": {
+                    "signals": {"type": "object", "additionalProperties": {"type": "number"}},
+                    "rules": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+    "TraceEntry": {
+        "type": "object", "required": ["item_id", "source", "outcome"],
+        "properties": {
+            "item_id": {"type": "string"},
+            "source": {"type": "string"},
+            "outcome": {"enum": ["kept", "excluded", "capped", "pinned", "pin_skipped",
+                                 "backfilled", "below_k"]},
+            "rule": {"type": "string"},
+            "detail": {"type": "string"},
+            "position": {"type": "integer"},
+            "rank_before_postrank": {"type": "integer"},
+        },
+    },
+    "Meta": {
+        "type": "object",
+        "required": ["tenant_id", "surface", "segment", "algo_version", "snapshot_id",
+                     "config_version", "rules_version", "request_id", "timings_ms", "counts"],
+        "properties": {
+            "tenant_id": {"type": "string"}, "surface": {"type": "string"},
+            "segment": {"type": "string"}, "algo_version": {"type": "string"},
+            "snapshot_id": {"type": "string"},
+            "config_version": _NULLABLE_STR, "rules_version": _NULLABLE_STR,
+            "request_id": {"type": "string"},
+            "timings_ms": {
+                "type": "object", "required": ["candidates", "scoring", "postrank", "total"],
+                "additionalProperties": {"type": "number"},
+            },
+            "counts": {
+                "type": "object",
+                "required": ["candidates_in", "filtered", "returned", "backfilled"],
+                "additionalProperties": {"type": "integer"},
+            },
+            "experiment": {
+                "type": "object", "required": ["id", "variant", "snapshot_id"],
+                "properties": {"id": {"type": "string"}, "variant": {"type": "string"},
+                               "assigned": {"type": "boolean"}, "snapshot_id": {"type": "string"}},
+            },
+            "weights": {"type": "object", "additionalProperties": {"type": "number"}},
+        },
+    },
+    "RecommendResponse": {
+        "type": "object", "required": ["items", "meta", "warnings"], "additionalProperties": False,
+        "properties": {
+            "items": {"type": "array", "items": _ref("Item")},
+            "meta": _ref("Meta"),
+            "warnings": {"type": "array", "items": _ref("Warning")},
+            "trace": {"type": "array", "items": _ref("TraceEntry")},
+        },
+    },
+    "ValidateResponse": {
+        "type": "object", "required": ["normalized_request", "warnings", "meta"],
+        "properties": {
+            "normalized_request": {"type": "object", "required": ["surface", "segment", "k", "options"]},
+            "warnings": {"type": "array", "items": _ref("Warning")},
+            "meta": {"type": "object", "required": ["request_id"],
+                     "properties": {"request_id": {"type": "string"}}},
+        },
+    },
+    "TenantConfig": {
+        "type": "object",
+        "properties": {
+            "tenant_id": {"type": "string"},
+            "config_version": _NULLABLE_STR,
+            "defaults": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"weights": _ref("Weights"), "k": {"type": "integer", "minimum": 1},
+                               "surface": _STR},
+            },
+            "limits": {
+                "type": "object", "additionalProperties": False,
+                "properties": {key: {"type": "integer", "minimum": 0} for key in
+                               ("max_k", "max_include_ids", "max_exclude_ids", "max_anchors")},
+            },
+            "surfaces": _STR_LIST,
+            "experiments": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object", "required": ["variants"],
+                    "properties": {"variants": {"type": "array", "minItems": 1, "items": {
+                        "type": "object", "required": ["name"],
+                        "properties": {"name": _STR, "weight": {"type": "number", "exclusiveMinimum": 0},
+                                       "snapshot": {"type": "string",
+                                                    "description": "'current' or a snapshot id"}},
+                    }}},
+                },
+            },
+            "strict_similar": {"type": "boolean"},
+        },
+    },
+    "Rule": {
+        "type": "object", "required": ["id", "type"],
+        "properties": {
+            "id": _STR,
+            "type": {"enum": ["pin", "boost", "bury", "block"]},
+            "surfaces": _STR_LIST, "segments": _STR_LIST, "enabled": {"type": "boolean"},
+            "note": {"type": "string"},
+            "item_id": _STR, "position": {"type": "integer", "minimum": 1},
+            "tag": _STR, "factor": {"type": "number", "exclusiveMinimum": 0},
+            "item_ids": _STR_LIST, "tags": _STR_LIST,
+        },
+    },
+    "TenantRules": {
+        "type": "object", "required": ["rules"],
+        "properties": {"tenant_id": {"type": "string"}, "rules_version": _NULLABLE_STR,
+                       "rules": {"type": "array", "items": _ref("Rule")}},
+    },
+    "InvalidateRequest": {
+        "type": "object",
+        "properties": {"targets": {"type": "array", "items": {
+            "enum": ["config", "rules", "snapshot", "popularity"]}}, "surface": {"type": "string"}},
+    },
+    "InvalidateResponse": {
+        "type": "object", "required": ["tenant_id", "invalidated"],
+        "properties": {"tenant_id": {"type": "string"},
+                       "invalidated": {"type": "array", "items": {"type": "string"}},
+                       "surface": _NULLABLE_STR, "detail": {"type": "string"}},
+    },
+    "Ready": {
+        "type": "object", "required": ["status", "tenants"],
+        "properties": {"status": {"enum": ["ready", "not_ready"]}, "tenants": {
+            "type": "object", "additionalProperties": {
+                "type": "object", "required": ["snapshot_id", "age_s", "error"],
+                "properties": {"snapshot_id": _NULLABLE_STR, "age_s": {"type": ["number", "null"]},
+                               "error": _NULLABLE_STR}}}},
+    },
+    "Version": {
+        "type": "object", "required": ["service", "version", "git_sha", "built_at"],
+        "properties": {k: {"type": "string"} for k in ("service", "version", "git_sha", "built_at")},
+    },
+}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/problem+json": {"schema": _ref("Problem")}}}
+
+
+def _json(schema: str, description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+_COMMON_ERRORS = {
+    "400": _problem("Malformed request"), "401": _problem("Missing or invalid credentials"),
+    "403": _problem("Wrong tenant or missing scope"), "413": _problem("Body too large"),
+    "415": _problem("Not application/json"), "422": _problem("Semantically invalid request"),
+    "429": _problem("Rate limited (Retry-After)"), "500": _problem("Unexpected error"),
+    "503": _problem("No snapshot loaded"), "504": _problem("Deadline exceeded"),
+}
+_ADMIN_ERRORS = {k: v for k, v in _COMMON_ERRORS.items() if k not in ("503", "504")}
+_TENANT_PARAM = [{"name": "tenant_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
+             "description": "the ETag of the version being replaced; 409 when stale"}
+_SECURED = [{"bearer": []}, {"apiKey": []}]
+
+
+def _body(schema: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+def _doc_ops(kind: str, schema: str) -> dict[str, Any]:
+    return {
+        "parameters": _TENANT_PARAM,
+        "get": {"summary": f"Get the tenant's {kind}", "security": _SECURED,
+                "responses": {"200": _json(schema), "404": _problem("Unknown tenant"), **_ADMIN_ERRORS}},
+        "put": {"summary": f"Replace the tenant's {kind} (versioned)", "security": _SECURED,
+                "parameters": [_IF_MATCH], "requestBody": _body(schema),
+                "responses": {"200": _json(schema), "404": _problem("Unknown tenant"),
+                              "409": _problem("Version conflict"), **_ADMIN_ERRORS}},
+    }
+
+
+def build_spec(version: str) -> dict[str, Any]:
+    """The OpenAPI document for a server of `version`."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "recsys-svc", "version": version,
+                 "description": "Recommendations from precomputed snapshots. Errors are RFC 9457 "
+                                "Problem Details (application/problem+json)."},
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"},
+            },
+        },
+        "paths": {
+            "/v1/recommend": {"post": {
+                "summary": "Recommend items for a user or an anonymous session",
+                "security": _SECURED, "requestBody": _body("RecommendRequest"),
+                "responses": {"200": _json("RecommendResponse"), **_COMMON_ERRORS}}},
+            "/v1/recommend/validate": {"post": {
+                "summary": "Validate and normalize a recommend request",
+                "security": _SECURED, "requestBody": _body("RecommendRequest"),
+                "responses": {"200": _json("ValidateResponse"), **_COMMON_ERRORS}}},
+            "/v1/similar": {"post": {
+                "summary": "Items similar to an item", "security": _SECURED,
+                "requestBody": _body("SimilarRequest"),
+                "responses": {"200": _json("RecommendResponse"),
+                              "404": _problem("Unknown item (strict_similar)"), **_COMMON_ERRORS}}},
+            "/v1/admin/tenants/{tenant_id}/config": _doc_ops("config", "TenantConfig"),
+            "/v1/admin/tenants/{tenant_id}/rules": _doc_ops("rules", "TenantRules"),
+            "/v1/admin/tenants/{tenant_id}/cache/invalidate": {
+                "parameters": _TENANT_PARAM,
+                "post": {"summary": "Invalidate cached state of the tenant", "security": _SECURED,
+                         "requestBody": {"required": False, "content": {
+                             "application/json": {"schema": _ref("InvalidateRequest")}}},
+                         "responses": {"202": _json("InvalidateResponse", "Accepted"), **_ADMIN_ERRORS}}},
+            "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {
+                "200": {"description": "alive", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+            "/readyz": {"get": {"summary": "Readiness (a valid snapshot per tenant)", "security": [],
+                                "responses": {"200": _json("Ready"), "503": _json("Ready", "Not ready")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (per worker)", "security": [],
+                                 "responses": {"200": {"description": "text exposition format",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/version": {"get": {"summary": "Build info", "security": [],
+                                 "responses": {"200": _json("Version")}}},
+        },
+    }

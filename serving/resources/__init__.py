@@ -1,0 +1,1 @@
+"""Small Falcon resource classes; each holds its collaborators as private attributes."""

@@ -1,0 +1,209 @@
+"""The use cases behind the public routes: validate, recommend, similar.
+
+Resources stay thin (parse HTTP, call here, write JSON); this module knows tenants' config,
+rules, snapshots and experiments, and turns an engine result into the contract's JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from recsys.snapshot.format import SIGNALS
+from serving.config import ServingConfig
+from serving.errors import ProblemError
+from serving.metrics import Metrics
+from serving.rules import Engine, Ranked, assign_variant, backfill_sources, compile_rules
+from serving.snapshot import LiveSnapshot, SnapshotRegistry
+from serving.tenant_store import TenantStore
+from serving.validation import DEFAULT_SEGMENT, Limits, RecommendRequest, parse_recommend
+
+
+class RecommendService:
+    def __init__(self, config: ServingConfig, registry: SnapshotRegistry, tenants: TenantStore,
+                 metrics: Metrics) -> None:
+        self._config = config
+        self._registry = registry
+        self._tenants = tenants
+        self._metrics = metrics
+
+    # --- shared ------------------------------------------------------------------------------
+    def tenant_config(self, tenant: str) -> tuple[dict[str, Any], str | None]:
+        doc = self._tenants.cached(tenant, "config")
+        return doc.body, doc.version
+
+    def parse(self, tenant: str, body: Any, similar: bool = False):
+        tconf, cversion = self.tenant_config(tenant)
+        limits = Limits.for_tenant(self._config, tconf)
+        req, warnings = parse_recommend(body, limits, tconf, similar=similar)
+        return req, warnings, tconf, cversion
+
+    def _live(self, tenant: str, req: RecommendRequest, tconf: dict[str, Any],
+              meta: dict[str, Any]) -> LiveSnapshot:
+        holder = self._registry.tenant(tenant)
+        live = holder.live() if holder else None
+        if live is None:
+            raise ProblemError(503, f"No snapshot is loaded for tenant '{tenant}'.",
+                               code="RECSYS_NO_SNAPSHOT", headers={"Retry-After": "5"})
+        if req.experiment_id is None:
+            return live
+        exp = (tconf.get("experiments") or {}).get(req.experiment_id)
+        if exp is None:
+            raise ProblemError(422, f"Unknown experiment '{req.experiment_id}'.",
+                               code="RECSYS_UNKNOWN_EXPERIMENT")
+        variants = exp["variants"]
+        chosen = None
+        if req.experiment_variant is not None:
+            chosen = next((v for v in variants if v["name"] == req.experiment_variant), None)
+            if chosen is None:
+                raise ProblemError(422, f"Experiment '{req.experiment_id}' has no variant "
+                                        f"'{req.experiment_variant}'.", code="RECSYS_UNKNOWN_VARIANT")
+        else:
+            unit = req.user_id or req.anonymous_id or req.session_id or ""
+            chosen = assign_variant(req.experiment_id, unit, variants)
+        target = chosen.get("snapshot") or "current"
+        if target not in ("current", "champion"):
+            variant_live = holder.variant(target)
+            if variant_live is None:
+                raise ProblemError(503, f"Snapshot '{target}' of variant '{chosen['name']}' "
+                                        "cannot be loaded.", code="RECSYS_NO_SNAPSHOT")
+            live = variant_live
+        meta["experiment"] = {"id": req.experiment_id, "variant": chosen["name"],
+                              "assigned": req.experiment_variant is None,
+                              "snapshot_id": live.snapshot_id}
+        return live
+
+    def _rules(self, tenant: str, live: LiveSnapshot, surface: str, segment: str):
+        doc = self._tenants.cached(tenant, "rules")
+        return compile_rules(live, doc.body.get("rules", ()), doc.version, surface, segment), doc.version
+
+    # --- use cases ---------------------------------------------------------------------------
+    def validate(self, tenant: str, body: Any) -> dict[str, Any]:
+        req, warnings, _, cversion = self.parse(tenant, body)
+        return {"normalized_request": req.normalized(), "warnings": warnings,
+                "meta": {"tenant_id": tenant, "config_version": cversion}}
+
+    def recommend(self, tenant: str, body: Any, started: float) -> dict[str, Any]:
+        deadline = started + self._config.deadline_ms / 1000.0
+        req, warnings, tconf, cversion = self.parse(tenant, body)
+        meta: dict[str, Any] = {}
+        live = self._live(tenant, req, tconf, meta)
+        snap = live.snap
+
+        uidx = snap.user_index(req.user_id) if req.user_id else None
+        segment = req.segment
+        if segment is None:
+            segment = (snap.user_segment(uidx) if uidx is not None else None) or DEFAULT_SEGMENT
+        rules, rversion = self._rules(tenant, live, req.surface, segment)
+        engine = Engine(live, req, rules, deadline, warnings)
+
+        anchors = _item_indices(snap, req.anchors)
+        category_hint = None
+        if uidx is not None:
+            pool, seen = engine.user_pool(uidx)
+            if anchors.size:  # anchors the user just looked at are not recommended back
+                seen = np.union1d(seen, anchors)
+            if pool.items.shape[0]:
+                category_hint = int(live.category_id[pool.items[0]])
+        elif anchors.size:
+            pool, seen = engine.anchor_pool(anchors), anchors
+            category_hint = int(live.category_id[anchors[0]])
+            if req.user_id:
+                warnings.append({"code": "UNKNOWN_USER",
+                                 "detail": "user not in the snapshot; recommending from anchors"})
+        else:
+            name = f"segment:{segment}" if f"segment:{segment}" in snap.fallback_names else "popular"
+            pool = engine.fallback_pool(name)
+            if pool is None:
+                raise ProblemError(503, "The snapshot has no fallback list to answer a cold start.",
+                                   code="RECSYS_NO_FALLBACK")
+            seen = anchors
+            warnings.append({"code": "COLD_START",
+                             "detail": f"{'unknown user' if req.user_id else 'anonymous user'} "
+                                       f"without anchors; answered from '{name}'"})
+        if req.anchors and anchors.size < len(req.anchors):
+            warnings.append({"code": "UNKNOWN_ANCHOR",
+                             "detail": f"{len(req.anchors) - anchors.size} anchor id(s) unknown"})
+        weights = req.weights if req.weights is not None else (tconf.get("defaults") or {}).get("weights")
+        ranked = engine.run(pool, seen, weights, backfill_sources(live, req, segment, category_hint))
+        meta.update(self._meta(tenant, req, segment, live, cversion, rversion, ranked, started))
+        if weights and req.explain == "full":
+            meta["weights"] = {s: float(weights.get(s, 0.0)) for s in SIGNALS}
+        self._count(tenant, ranked)
+        return self._response(live, req, ranked, meta, warnings)
+
+    def similar(self, tenant: str, body: Any, started: float) -> dict[str, Any]:
+        deadline = started + self._config.deadline_ms / 1000.0
+        req, warnings, tconf, cversion = self.parse(tenant, body, similar=True)
+        meta: dict[str, Any] = {}
+        live = self._live(tenant, req, tconf, meta)
+        snap = live.snap
+        segment = req.segment or DEFAULT_SEGMENT
+        iidx = snap.item_index(req.item_id)
+        if iidx is None:
+            if tconf.get("strict_similar"):
+                raise ProblemError(404, f"Item '{req.item_id}' is not in the catalogue.",
+                                   code="RECSYS_UNKNOWN_ITEM")
+            warnings.append({"code": "UNKNOWN_ITEM", "detail": f"item '{req.item_id}' is unknown"})
+        rules, rversion = self._rules(tenant, live, req.surface, segment)
+        engine = Engine(live, req, rules, deadline, warnings)
+        anchor = np.asarray([iidx] if iidx is not None else [], dtype=np.int32)
+        kinds = ("emb", "cooc") if req.kind == "blend" else (req.kind,)
+        pool = engine.anchor_pool(anchor, kinds)
+        category_hint = int(live.category_id[iidx]) if iidx is not None else None
+        ranked = engine.run(pool, anchor, None, backfill_sources(live, req, segment, category_hint)
+                            if iidx is not None else [])
+        meta.update(self._meta(tenant, req, segment, live, cversion, rversion, ranked, started))
+        self._count(tenant, ranked)
+        return self._response(live, req, ranked, meta, warnings)
+
+    # --- output ------------------------------------------------------------------------------
+    def _meta(self, tenant, req, segment, live, cversion, rversion, ranked: Ranked, started):
+        timings = {name: round(ms, 3) for name, ms in ranked.timings.items()}
+        timings["total"] = round((time.perf_counter() - started) * 1000, 3)
+        return {
+            "tenant_id": tenant,
+            "surface": req.surface,
+            "segment": segment,
+            "algo_version": live.algo_version,
+            "snapshot_id": live.snapshot_id,
+            "config_version": cversion,
+            "rules_version": rversion,
+            "timings_ms": timings,
+            "counts": ranked.counts,
+        }
+
+    def _response(self, live, req: RecommendRequest, ranked: Ranked, meta, warnings):
+        ids = live.snap.item_ids(ranked.items)
+        items = []
+        explain = req.explain != "none"
+        for rank, (item_id, score) in enumerate(zip(ids, ranked.scores, strict=True), start=1):
+            entry: dict[str, Any] = {"item_id": item_id, "rank": rank, "score": round(score, 6)}
+            if req.include_reasons or explain:
+                entry["reasons"] = ranked.reasons[rank - 1]
+            if explain:
+                sig = ranked.signals[rank - 1]
+                entry["explain"] = {
+                    "signals": dict(zip(SIGNALS, (round(v, 6) for v in sig), strict=True)) if sig else {},
+                    "rules": ranked.rules[rank - 1],
+                }
+            items.append(entry)
+        body: dict[str, Any] = {"items": items, "meta": meta, "warnings": warnings}
+        if ranked.trace is not None:
+            body["trace"] = ranked.trace
+        return body
+
+    def _count(self, tenant: str, ranked: Ranked) -> None:
+        for reason, n in ranked.filtered_by.items():
+            self._metrics.filtered.inc((tenant, reason), n)
+        for source, n in ranked.backfilled_from.items():
+            self._metrics.backfilled.inc((tenant, source), n)
+
+
+def _item_indices(snap, ids: list[str]) -> np.ndarray:
+    if not ids:
+        return np.zeros(0, dtype=np.int32)
+    found = [i for i in map(snap.item_index, ids) if i is not None]
+    return np.asarray(list(dict.fromkeys(found)), dtype=np.int32)

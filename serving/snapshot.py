@@ -1,0 +1,220 @@
+"""The live snapshot of every tenant, hot-reloaded without a restart or a failed request.
+
+`SnapshotRegistry.live(tenant)` is called on every request. At most once per
+`check_interval_s` it stats ``snapshots/<tenant>/CURRENT``; when the file changed and names
+another snapshot, the new one is opened (memory-mapped, structurally verified) and the reference
+is swapped. Requests in flight keep the object they already hold. A snapshot that fails to open
+is refused: the last good one keeps serving and the failure is logged and counted.
+
+Arrays are memory-mapped read-only, so gunicorn workers share them through the page cache; the
+only per-process state is a handful of small Python objects per snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from recsys.snapshot import Snapshot, SnapshotError, SnapshotStore, open_snapshot
+from recsys.snapshot.format import CURRENT
+from serving.metrics import Metrics
+from serving.tenant_store import valid_tenant
+
+log = logging.getLogger("recsys.serving")
+
+
+class LiveSnapshot:
+    """An open snapshot plus plain-ndarray views of the arrays the rules engine reads.
+
+    (np.memmap slices carry subclass overhead on every operation; `np.asarray` views of the
+    same pages avoid it without copying.)
+    """
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+        self.snapshot_id = snap.snapshot_id
+        self.loaded_at = time.time()
+        self.created_ts = snap.created_at.timestamp()
+        self.available = np.asarray(snap.available)
+        self.category_id = np.asarray(snap.category_id)
+        self.brand_id = np.asarray(snap.brand_id)
+        # Tag CSR (offsets int64[n_items+1], ids int32[]): the reader exposes tags per item only;
+        # the engine needs the whole table to gather tags of 200 candidates in a few numpy ops.
+        self.tag_offsets = np.asarray(getattr(snap, "item_tags_offsets", snap._tags_off))
+        self.tag_ids = np.asarray(getattr(snap, "item_tags_ids", snap._tags_id))
+        models = snap.manifest.get("models") or {}
+        champion = models.get("champion") or next(iter(models.values()), {})
+        name, version = champion.get("name"), champion.get("version")
+        self.algo_version = f"{name}@{version}" if name else f"snapshot@{snap.snapshot_id}"
+        self.compiled: OrderedDict[Any, Any] = OrderedDict()  # rules-engine cache (bounded)
+
+    def __repr__(self) -> str:
+        return f"LiveSnapshot({self.snapshot_id!r})"
+
+
+class TenantSnapshots:
+    """The live snapshot of one tenant (plus experiment variants opened by id)."""
+
+    def __init__(self, tenant: str, store: SnapshotStore, check_interval_s: float,
+                 metrics: Metrics | None = None,
+                 opener: Callable[[str], Snapshot] = open_snapshot) -> None:
+        self.tenant = tenant
+        self.store = store
+        self._interval = check_interval_s
+        self._metrics = metrics
+        self._open = opener
+        self._live: LiveSnapshot | None = None
+        self._checked_at = -1e18
+        self._signature: tuple = ()
+        self._lock = threading.Lock()
+        self._variants: OrderedDict[str, LiveSnapshot] = OrderedDict()
+        self.last_error: str | None = None
+
+    def live(self) -> LiveSnapshot | None:
+        """The current snapshot; re-checks CURRENT at most once per interval."""
+        if time.monotonic() - self._checked_at >= self._interval:
+            self.refresh()
+        return self._live
+
+    def refresh(self, force: bool = False) -> None:
+        """Stat CURRENT; open and swap in the snapshot it names if it changed."""
+        with self._lock:
+            self._checked_at = time.monotonic()
+            try:
+                st = os.stat(os.path.join(self.store.root, CURRENT))
+                signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:
+                signature = ()
+            if signature == self._signature and not force:
+                return
+            self._signature = signature
+            sid = self.store.current_id()
+            if sid is None or (self._live is not None and sid == self._live.snapshot_id):
+                return
+            loaded = self._load(sid)
+            if loaded is not None:
+                self._live = loaded  # the swap: one reference assignment
+
+    def variant(self, snapshot_id: str) -> LiveSnapshot | None:
+        """A snapshot by id (experiment variants); cached, a few at most."""
+        live = self.live()
+        if live is not None and live.snapshot_id == snapshot_id:
+            return live
+        cached = self._variants.get(snapshot_id)
+        if cached is not None:
+            return cached
+        with self._lock:
+            loaded = self._load(snapshot_id)
+            if loaded is not None:
+                self._variants[snapshot_id] = loaded
+                while len(self._variants) > 4:
+                    self._variants.popitem(last=False)
+            return loaded
+
+    def _load(self, sid: str) -> LiveSnapshot | None:
+        try:
+            snap = self._open(self.store.path_of(sid))
+            if snap.tenant != self.tenant:
+                raise SnapshotError(f"snapshot {sid} belongs to tenant {snap.tenant!r}")
+            if snap.n_users:  # touch a row of each kind, as publication does
+                snap.user_candidates(0)
+                snap.user_seen(0)
+            loaded = LiveSnapshot(snap)
+        except (SnapshotError, OSError, ValueError, KeyError, IndexError) as e:
+            self.last_error = f"{sid}: {e}"
+            log.error("refusing snapshot %s of tenant %s: %s", sid, self.tenant, e)
+            if self._metrics:
+                self._metrics.snapshot_loads.inc((self.tenant, "refused"))
+            return None
+        self.last_error = None
+        log.info("tenant %s now serves snapshot %s", self.tenant, sid)
+        if self._metrics:
+            self._metrics.snapshot_loads.inc((self.tenant, "loaded"))
+        return loaded
+
+
+class SnapshotRegistry:
+    """Snapshots of all tenants under ``<snapshots_root>/<tenant>/`` (the app's `store`)."""
+
+    def __init__(self, snapshots_root: str, tenants: Iterable[str] = (),
+                 check_interval_s: float = 1.0, metrics: Metrics | None = None) -> None:
+        self.root = os.path.abspath(snapshots_root)
+        self._interval = check_interval_s
+        self._metrics = metrics
+        self._fixed = tuple(tenants)
+        self._tenants: dict[str, TenantSnapshots] = {}
+        self._lock = threading.Lock()
+        for t in self._fixed:
+            self._holder(t)
+
+    def bind_metrics(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        for holder in self._tenants.values():
+            holder._metrics = metrics
+
+    def tenant(self, tenant: str) -> TenantSnapshots | None:
+        """The holder of `tenant`, or None when the tenant is not served here."""
+        holder = self._tenants.get(tenant)
+        if holder is not None:
+            return holder
+        if self._fixed or not valid_tenant(tenant):
+            return None
+        if not os.path.isdir(os.path.join(self.root, tenant)):
+            return None
+        return self._holder(tenant)
+
+    def live(self, tenant: str) -> LiveSnapshot | None:
+        holder = self.tenant(tenant)
+        return holder.live() if holder else None
+
+    def known_tenants(self) -> list[str]:
+        if self._fixed:
+            return list(self._fixed)
+        if not os.path.isdir(self.root):
+            return []
+        return sorted(t for t in os.listdir(self.root)
+                      if valid_tenant(t) and os.path.isdir(os.path.join(self.root, t)))
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per tenant: live snapshot id, its age and the last refused load (for /readyz)."""
+        out = {}
+        now = time.time()
+        for t in self.known_tenants():
+            holder = self.tenant(t)
+            live = holder.live() if holder else None
+            out[t] = {
+                "snapshot_id": live.snapshot_id if live else None,
+                "age_s": round(now - live.created_ts, 1) if live else None,
+                "error": holder.last_error if holder else None,
+            }
+        return out
+
+    def gauges(self) -> Iterable[str]:
+        """Prometheus lines: snapshot id (info style) and age per tenant."""
+        yield "# HELP recsys_snapshot_info The live snapshot of each tenant (value 1)."
+        yield "# TYPE recsys_snapshot_info gauge"
+        status = self.status()
+        for t, s in status.items():
+            if s["snapshot_id"]:
+                yield f'recsys_snapshot_info{{tenant="{t}",snapshot_id="{s["snapshot_id"]}"}} 1'
+        yield "# HELP recsys_snapshot_age_seconds Age of the live snapshot of each tenant."
+        yield "# TYPE recsys_snapshot_age_seconds gauge"
+        for t, s in status.items():
+            if s["age_s"] is not None:
+                yield f'recsys_snapshot_age_seconds{{tenant="{t}"}} {s["age_s"]}'
+
+    def _holder(self, tenant: str) -> TenantSnapshots:
+        with self._lock:
+            holder = self._tenants.get(tenant)
+            if holder is None:
+                store = SnapshotStore(os.path.join(self.root, tenant))
+                holder = TenantSnapshots(tenant, store, self._interval, self._metrics)
+                self._tenants[tenant] = holder
+            return holder

@@ -1,0 +1,8 @@
+"""gunicorn entry point: ``gunicorn serving.wsgi:app`` (config from the environment, once)."""
+
+from serving.app import configure_logging, create_app
+from serving.config import ServingConfig
+
+config = ServingConfig.from_env()
+configure_logging(config)
+app = create_app(config)

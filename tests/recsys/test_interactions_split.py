@@ -1,0 +1,52 @@
+"""Interactions (weights, decay, dislikes) and the temporal split."""
+
+import numpy as np
+import pytest
+from synthetic_events import make_events
+
+from recsys.evaluation.evaluate import build_holdout
+from recsys.models.data import build_dataset, holdout_pairs, interactions, temporal_split
+
+
+def test_weights_sum_and_dislike_drops_pair():
+    ev = make_events([("a", "x", "view", 0), ("a", "x", "purchase", 1), ("a", "y", "view", 2),
+                      ("a", "y", "dislike", 3), ("b", "y", "add_to_cart", 4), ("b", "z", "impression", 5)])
+    inter = interactions(ev)
+    got = {(r["user_id"], r["item_id"]): r["confidence"] for r in inter.frame.iter_rows(named=True)}
+    assert got == {("a", "x"): 9.0, ("b", "y"): 4.0}  # a-y: 1 - 4 < 0 dropped; impression weighs 0
+    assert list(inter.user_ids) == ["a", "b"] and list(inter.item_ids) == ["x", "y"]
+    m = inter.matrix().toarray()
+    assert m[0, 0] == 9.0 and m[1, 1] == 4.0
+
+
+def test_tenant_weights_override():
+    ev = make_events([("a", "x", "view", 0), ("a", "y", "signup_bonus", 0)])
+    got = interactions(ev, {"view": 2.0, "signup_bonus": 5.0}).frame
+    assert dict(zip(got["item_id"], got["confidence"], strict=True)) == {"x": 2.0, "y": 5.0}
+
+
+def test_half_life_decay():
+    ev = make_events([("a", "old", "view", 0), ("a", "new", "view", 60 * 24 * 10)])
+    got = interactions(ev, half_life_days=10.0).frame
+    conf = dict(zip(got["item_id"], got["confidence"], strict=True))
+    assert conf["new"] == pytest.approx(1.0) and conf["old"] == pytest.approx(0.5)
+
+
+def test_temporal_split_by_quantile_and_order():
+    ev = make_events([("u", f"i{k}", "view", k) for k in range(100)]).sample(fraction=1.0, shuffle=True, seed=1)
+    s = temporal_split(ev, test_fraction=0.2, validation_fraction=0.25)
+    assert (s.fit.height, s.validation.height, s.test.height) == (60, 20, 20)
+    assert s.fit["timestamp"].max() <= s.validation["timestamp"].min()
+    assert s.validation["timestamp"].max() <= s.test["timestamp"].min()
+    assert s.train.height == 80
+
+
+def test_holdout_protocol_drops_cold_and_repeat_pairs():
+    train = make_events([("a", "x", "view", 0), ("b", "y", "view", 1)])
+    test = make_events([("a", "x", "view", 5), ("a", "y", "view", 6), ("c", "x", "view", 7), ("a", "new", "view", 8)])
+    pairs = holdout_pairs(train, test)
+    assert pairs.rows() == [("a", "y")]
+    data = build_dataset(train)
+    h = build_holdout(data, train, test)
+    assert h.user_idx.tolist() == [0] and [r.tolist() for r in h.relevant] == [[1]]
+    assert np.array_equal(data.item_index(["y", "nope"]), [1, -1])

@@ -1,0 +1,59 @@
+"""Metrics on hand-computed cases."""
+
+import math
+
+import numpy as np
+import pytest
+
+from recsys.evaluation import metrics as m
+
+REC = np.array([[1, 2, 3, -1], [7, 8, 9, 4]])
+REL = [np.array([2, 5]), np.array([4])]
+
+
+def test_ndcg_hand_computed():
+    got = m.ndcg_at_k(REC, REL, 10)
+    # user 0: hit at rank 2 of 2 relevant; user 1: hit at rank 4 of 1 relevant
+    assert got[0] == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
+    assert got[1] == pytest.approx(1 / math.log2(5))
+
+
+def test_recall_precision_hitrate_map():
+    assert m.recall_at_k(REC, REL, 10).tolist() == [0.5, 1.0]
+    assert m.recall_at_k(REC, REL, 3).tolist() == [0.5, 0.0]
+    assert m.precision_at_k(REC, REL, 10).tolist() == [0.1, 0.1]
+    assert m.hit_rate_at_k(REC, REL, 3).tolist() == [1.0, 0.0]
+    assert m.map_at_k(REC, REL, 10) == pytest.approx([0.5 / 2, 0.25 / 1])
+
+
+def test_recall_normalises_by_min_k_relevant():
+    rec = np.array([[0, 1]])
+    assert m.recall_at_k(rec, [np.array([0, 1, 2, 3])], 2).tolist() == [1.0]
+
+
+def test_perfect_list_scores_one():
+    rec = np.array([[3, 1, 2]])
+    rel = [np.array([1, 2, 3])]
+    for fn in (m.ndcg_at_k, m.recall_at_k, m.map_at_k, m.hit_rate_at_k):
+        assert fn(rec, rel, 3)[0] == pytest.approx(1.0)
+
+
+def test_padding_never_counts_as_hit():
+    assert m.hits_matrix(np.array([[-1, -1]]), [np.array([0])]).sum() == 0
+
+
+def test_coverage_and_popularity_bias():
+    assert m.catalog_coverage(np.array([[0, 1], [1, 2]]), 10) == pytest.approx(0.3)
+    pct = m.popularity_percentile(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert pct.tolist() == [0.0, 0.25, 0.5, 0.75]
+    assert m.mean_popularity_percentile(np.array([[3, 2]]), np.array([1.0, 2, 3, 4]), 10)[0] == pytest.approx(0.625)
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_mean(rng):
+    x = rng.random(200)
+    a, b = m.bootstrap_ci(x, seed=3), m.bootstrap_ci(x, seed=3)
+    assert a == b
+    assert a.low < a.value < a.high
+    assert a.value == pytest.approx(x.mean())
+    c = m.bootstrap_ci(np.full(10, 0.5))
+    assert c.low == c.value == c.high == 0.5
