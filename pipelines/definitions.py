@@ -1,7 +1,6 @@
 """The one Definitions object of the recsys code location, assembled from the domain folders
 in the order data flows through them."""
 
-
 import os
 
 import dagster as dg

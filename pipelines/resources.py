@@ -1,6 +1,5 @@
 """Resources shared by every asset: where data lives, and where MLflow tracks runs."""
 
-
 import dagster as dg
 
 from recsys.storage import Storage

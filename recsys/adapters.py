@@ -8,8 +8,10 @@ ratings.csv/movies.csv), retail invoice-line exports, and Taobao UserBehavior.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import polars as pl
@@ -19,9 +21,25 @@ from recsys.readers import TextLayout, detect_format, read_raw, rejects_frame
 from recsys.validation import validate_events, validate_items, validate_users
 
 MOVIELENS_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
-    "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 TAOBAO_BEHAVIORS = {"pv": "view", "cart": "add_to_cart", "fav": "like", "buy": "purchase"}
 
@@ -52,17 +70,25 @@ def _genre_tags(genres: pl.Expr) -> pl.Expr:
 # --- MovieLens -------------------------------------------------------------------------------
 def _ml_ratings(df: pl.DataFrame) -> pl.DataFrame:
     return df.select(
-        "_row", "user_id", "item_id", pl.lit("rating").alias("event_type"),
-        pl.col("rating").alias("value"), "timestamp",
+        "_row",
+        "user_id",
+        "item_id",
+        pl.lit("rating").alias("event_type"),
+        pl.col("rating").alias("value"),
+        "timestamp",
     )
 
 
 def _ml100k_items(df: pl.DataFrame) -> pl.DataFrame:
-    flags = [pl.when(pl.col(f"g{i}") == "1").then(pl.lit(g)) for i, g in enumerate(MOVIELENS_GENRES)]
+    flags = [
+        pl.when(pl.col(f"g{i}") == "1").then(pl.lit(g)) for i, g in enumerate(MOVIELENS_GENRES)
+    ]
     genres = pl.concat_list(flags).list.drop_nulls()
     released = pl.col("release_date").str.to_date("%d-%b-%Y", strict=False)
     return df.select(
-        "_row", "item_id", "title",
+        "_row",
+        "item_id",
+        "title",
         genres.list.first().alias("category"),
         _genre_tags(genres).alias("tags"),
         released.cast(pl.String).alias("created_at"),
@@ -71,12 +97,16 @@ def _ml100k_items(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def _ml_genre_items(df: pl.DataFrame) -> pl.DataFrame:
-    genres = pl.col("genres").str.split("|").list.eval(
-        pl.element().filter(pl.element() != "(no genres listed)")
+    genres = (
+        pl.col("genres")
+        .str.split("|")
+        .list.eval(pl.element().filter(pl.element() != "(no genres listed)"))
     )
     year = pl.col("title").str.extract(r"\((\d{4})\)\s*$")
     return df.select(
-        "_row", "item_id", "title",
+        "_row",
+        "item_id",
+        "title",
         genres.list.first().alias("category"),
         _genre_tags(genres).alias("tags"),
         pl.when(year.is_not_null()).then(year + "-01-01").alias("created_at"),
@@ -85,14 +115,18 @@ def _ml_genre_items(df: pl.DataFrame) -> pl.DataFrame:
 
 def _ml100k_users(df: pl.DataFrame) -> pl.DataFrame:
     return df.select(
-        "_row", "user_id", pl.col("occupation").alias("segment"),
+        "_row",
+        "user_id",
+        pl.col("occupation").alias("segment"),
         pl.struct("age", "gender", "zip").struct.json_encode().alias("attributes"),
     )
 
 
 def _ml1m_users(df: pl.DataFrame) -> pl.DataFrame:
     return df.select(
-        "_row", "user_id", pl.col("occupation").alias("segment"),
+        "_row",
+        "user_id",
+        pl.col("occupation").alias("segment"),
         pl.struct("age", "gender", "zip").struct.json_encode().alias("attributes"),
     )
 
@@ -101,7 +135,9 @@ def _ml1m_users(df: pl.DataFrame) -> pl.DataFrame:
 def _taobao_events(df: pl.DataFrame) -> pl.DataFrame:
     behavior = pl.col("behavior").str.strip_chars().str.to_lowercase()
     return df.select(
-        "_row", "user_id", "item_id",
+        "_row",
+        "user_id",
+        "item_id",
         # unknown behaviours pass through unchanged so validation rejects them by name
         behavior.replace(TAOBAO_BEHAVIORS).alias("event_type"),
         "timestamp",
@@ -110,13 +146,12 @@ def _taobao_events(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def _taobao_items(df: pl.DataFrame) -> pl.DataFrame:
-    return (
-        df.select(
-            "_row", "item_id", pl.col("category_id").alias("category"),
-            (pl.lit("category:") + pl.col("category_id")).alias("tags"),
-        )
-        .unique(subset="item_id", keep="last", maintain_order=True)
-    )
+    return df.select(
+        "_row",
+        "item_id",
+        pl.col("category_id").alias("category"),
+        (pl.lit("category:") + pl.col("category_id")).alias("tags"),
+    ).unique(subset="item_id", keep="last", maintain_order=True)
 
 
 # --- Retail invoice lines (e.g. the UCI Online Retail export) -----------------------------------
@@ -144,7 +179,8 @@ def _retail_columns(df: pl.DataFrame) -> dict[str, str]:
     missing = [f for f in ("product", "quantity", "date", "customer") if f not in found]
     if missing:
         raise RecsysError(
-            f"retail export lacks columns for {missing}; found {df.columns}. Use --map to name them."
+            f"retail export lacks columns for {missing}; found {df.columns}. "
+            "Use --map to name them."
         )
     return found
 
@@ -158,37 +194,37 @@ def _retail_date(col: pl.Expr) -> pl.Expr:
 def _retail_events(df: pl.DataFrame) -> pl.DataFrame:
     c = _retail_columns(df)
     qty = pl.col(c["quantity"]).cast(pl.Float64, strict=False)
-    cancelled = (
-        pl.col(c["invoice"]).str.starts_with("C") if "invoice" in c else pl.lit(False)
-    ) | (qty < 0)
+    cancelled = (pl.col(c["invoice"]).str.starts_with("C") if "invoice" in c else pl.lit(False)) | (
+        qty < 0
+    )
     context = {k: pl.col(c[k]) for k in ("unit_price", "country") if k in c}
     return df.select(
         "_row",
         pl.col(c["customer"]).str.replace(r"\.0$", "").alias("user_id"),
         pl.col(c["product"]).alias("item_id"),
         pl.when(cancelled).then(pl.lit("return")).otherwise(pl.lit("purchase")).alias("event_type"),
-        pl.when(qty.is_not_null()).then(qty.abs().cast(pl.String))
-        .otherwise(pl.col(c["quantity"])).alias("value"),
+        pl.when(qty.is_not_null())
+        .then(qty.abs().cast(pl.String))
+        .otherwise(pl.col(c["quantity"]))
+        .alias("value"),
         _retail_date(pl.col(c["date"])).alias("timestamp"),
         (pl.col(c["invoice"]) if "invoice" in c else pl.lit(None, pl.String)).alias("session_id"),
-        (pl.struct(**context).struct.json_encode() if context else pl.lit(None, pl.String))
-        .alias("context"),
+        (pl.struct(**context).struct.json_encode() if context else pl.lit(None, pl.String)).alias(
+            "context"
+        ),
     )
 
 
 def _retail_items(df: pl.DataFrame) -> pl.DataFrame:
     c = _retail_columns(df)
-    return (
-        df.select(
-            "_row",
-            pl.col(c["product"]).alias("item_id"),
-            (pl.col(c["description"]) if "description" in c else pl.lit(None, pl.String))
-            .alias("title"),
-            (pl.col(c["unit_price"]) if "unit_price" in c else pl.lit(None, pl.String))
-            .alias("price"),
-        )
-        .unique(subset="item_id", keep="last", maintain_order=True)
-    )
+    return df.select(
+        "_row",
+        pl.col(c["product"]).alias("item_id"),
+        (pl.col(c["description"]) if "description" in c else pl.lit(None, pl.String)).alias(
+            "title"
+        ),
+        (pl.col(c["unit_price"]) if "unit_price" in c else pl.lit(None, pl.String)).alias("price"),
+    ).unique(subset="item_id", keep="last", maintain_order=True)
 
 
 def _identity(df: pl.DataFrame) -> pl.DataFrame:
@@ -203,45 +239,84 @@ _TAB = TextLayout(delimiter="\t", has_header=False)
 
 ADAPTERS: dict[tuple[str, str], Adapter] = {
     ("movielens-100k", "events"): Adapter(
-        "movielens-100k", "events", "tsv",
-        TextLayout("\t", False, ("user_id", "item_id", "rating", "timestamp")), _ml_ratings),
+        "movielens-100k",
+        "events",
+        "tsv",
+        TextLayout("\t", False, ("user_id", "item_id", "rating", "timestamp")),
+        _ml_ratings,
+    ),
     ("movielens-100k", "items"): Adapter(
-        "movielens-100k", "items", "csv",
-        TextLayout("|", False, _ML100K_ITEM_COLS, "latin-1", quoted=False), _ml100k_items),
+        "movielens-100k",
+        "items",
+        "csv",
+        TextLayout("|", False, _ML100K_ITEM_COLS, "latin-1", quoted=False),
+        _ml100k_items,
+    ),
     ("movielens-100k", "users"): Adapter(
-        "movielens-100k", "users", "csv",
-        TextLayout("|", False, ("user_id", "age", "gender", "occupation", "zip")), _ml100k_users),
+        "movielens-100k",
+        "users",
+        "csv",
+        TextLayout("|", False, ("user_id", "age", "gender", "occupation", "zip")),
+        _ml100k_users,
+    ),
     ("movielens-1m", "events"): Adapter(
-        "movielens-1m", "events", "csv",
-        TextLayout("\x1f", False, ("user_id", "item_id", "rating", "timestamp")), _ml_ratings,
-        separator="::"),
+        "movielens-1m",
+        "events",
+        "csv",
+        TextLayout("\x1f", False, ("user_id", "item_id", "rating", "timestamp")),
+        _ml_ratings,
+        separator="::",
+    ),
     ("movielens-1m", "items"): Adapter(
-        "movielens-1m", "items", "csv",
+        "movielens-1m",
+        "items",
+        "csv",
         TextLayout("\x1f", False, ("item_id", "title", "genres"), "latin-1", quoted=False),
-        _ml_genre_items, separator="::"),
+        _ml_genre_items,
+        separator="::",
+    ),
     ("movielens-1m", "users"): Adapter(
-        "movielens-1m", "users", "csv",
+        "movielens-1m",
+        "users",
+        "csv",
         TextLayout("\x1f", False, ("user_id", "gender", "age", "occupation", "zip")),
-        _ml1m_users, separator="::"),
+        _ml1m_users,
+        separator="::",
+    ),
     ("movielens", "events"): Adapter(
-        "movielens", "events", "csv",
-        TextLayout(",", True, ("user_id", "item_id", "rating", "timestamp")), _ml_ratings),
+        "movielens",
+        "events",
+        "csv",
+        TextLayout(",", True, ("user_id", "item_id", "rating", "timestamp")),
+        _ml_ratings,
+    ),
     ("movielens", "items"): Adapter(
-        "movielens", "items", "csv", TextLayout(",", True, ("item_id", "title", "genres")),
-        _ml_genre_items),
+        "movielens",
+        "items",
+        "csv",
+        TextLayout(",", True, ("item_id", "title", "genres")),
+        _ml_genre_items,
+    ),
     ("retail", "events"): Adapter("retail", "events", "csv", TextLayout(), _retail_events),
     ("retail", "items"): Adapter("retail", "items", "csv", TextLayout(), _retail_items),
     ("taobao", "events"): Adapter(
-        "taobao", "events", "csv", TextLayout(",", False, _TAOBAO_COLS), _taobao_events),
+        "taobao", "events", "csv", TextLayout(",", False, _TAOBAO_COLS), _taobao_events
+    ),
     ("taobao", "items"): Adapter(
-        "taobao", "items", "csv", TextLayout(",", False, _TAOBAO_COLS), _taobao_items),
+        "taobao", "items", "csv", TextLayout(",", False, _TAOBAO_COLS), _taobao_items
+    ),
 }
 ADAPTER_NAMES = sorted({name for name, _ in ADAPTERS})
 
 _KNOWN_FILES = {
-    "u.data": "movielens-100k", "u.item": "movielens-100k", "u.user": "movielens-100k",
-    "ratings.dat": "movielens-1m", "movies.dat": "movielens-1m", "users.dat": "movielens-1m",
-    "ratings.csv": "movielens", "movies.csv": "movielens",
+    "u.data": "movielens-100k",
+    "u.item": "movielens-100k",
+    "u.user": "movielens-100k",
+    "ratings.dat": "movielens-1m",
+    "movies.dat": "movielens-1m",
+    "users.dat": "movielens-1m",
+    "ratings.csv": "movielens",
+    "movies.csv": "movielens",
 }
 
 
@@ -265,36 +340,38 @@ def read_with_adapter(path: str, kind: str, adapter: str) -> tuple[pl.DataFrame,
             + (f" (it maps: {', '.join(have)})" if have else f"; known: {', '.join(ADAPTER_NAMES)}")
         )
     if spec.separator:
-        path = _resplit(path, spec.separator, spec.layout.delimiter, spec.layout.encoding)
-    raw, rejects = read_raw(path, spec.fmt, spec.layout)
+        with _resplit(path, spec.separator, spec.layout.delimiter, spec.layout.encoding) as tmp:
+            raw, rejects = read_raw(tmp, spec.fmt, spec.layout)
+    else:
+        raw, rejects = read_raw(path, spec.fmt, spec.layout)
     if raw.height == 0:
         return raw, rejects
     return spec.mapper(raw), rejects
 
 
-def _resplit(path: str, sep: str, delimiter: str, encoding: str) -> str:
-    """Multi-character separators are rewritten to a one-character delimiter in a temp copy."""
-    import tempfile
-
+@contextlib.contextmanager
+def _resplit(path: str, sep: str, delimiter: str, encoding: str) -> Iterator[str]:
+    """Multi-character separators rewritten to a one-character delimiter, in a temp copy."""
     from fsspec.core import url_to_fs
 
     fs, fpath = url_to_fs(path)
     with fs.open(fpath, "rb") as fh:
         data = fh.read()
-    tmp = tempfile.NamedTemporaryFile(
-        prefix="recsys-", suffix=os.path.basename(path), delete=False
-    )
-    with tmp:
-        tmp.write(data.replace(sep.encode(encoding), delimiter.encode(encoding)))
-    return tmp.name
+    with tempfile.TemporaryDirectory(prefix="recsys-") as d:
+        tmp = os.path.join(d, os.path.basename(fpath))
+        with open(tmp, "wb") as out:
+            out.write(data.replace(sep.encode(encoding), delimiter.encode(encoding)))
+        yield tmp
 
 
 def apply_mapping(raw: pl.DataFrame, mapping: dict[str, str]) -> pl.DataFrame:
     """Rename source columns to contract columns ({source: contract}); unknown sources fail."""
     missing = [src for src in mapping if src not in raw.columns]
     if missing:
-        raise RecsysError(f"--map names columns the file does not have: {missing}; it has "
-                          f"{[c for c in raw.columns if c != '_row']}")
+        raise RecsysError(
+            f"--map names columns the file does not have: {missing}; it has "
+            f"{[c for c in raw.columns if c != '_row']}"
+        )
     return raw.rename(mapping)
 
 
@@ -309,6 +386,11 @@ def read_source(
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Read any supported file as `kind`: through an adapter when one is named (or implied by
     a well-known file name), else as a generic CSV/TSV/NDJSON/Parquet with a column mapping."""
+    from fsspec.core import url_to_fs
+
+    fs, fpath = url_to_fs(path)
+    if not fs.exists(fpath):
+        raise RecsysError(f"no such file: {path}")
     adapter = adapter or guess_adapter(path)
     if adapter and adapter != "generic":
         raw, rejects = read_with_adapter(path, kind, adapter)
@@ -341,6 +423,15 @@ def taobao_userbehavior(path: str, tenant: str = "default"):
 
 
 __all__ = [
-    "ADAPTERS", "ADAPTER_NAMES", "Adapter", "apply_mapping", "detect_format", "guess_adapter",
-    "movielens_100k", "read_source", "read_with_adapter", "rejects_frame", "taobao_userbehavior",
+    "ADAPTERS",
+    "ADAPTER_NAMES",
+    "Adapter",
+    "apply_mapping",
+    "detect_format",
+    "guess_adapter",
+    "movielens_100k",
+    "read_source",
+    "read_with_adapter",
+    "rejects_frame",
+    "taobao_userbehavior",
 ]

@@ -29,8 +29,12 @@ def _progress(label: str, quiet: bool) -> Callable[[int, int], None]:
             return
         rate = done / max(time.perf_counter() - started, 1e-9)
         end = "\n" if done >= total else ""
-        print(f"\r{label}: {done:,}/{total:,} ({100 * done / total:.0f}%, {rate:,.0f}/s)",
-              end=end, file=sys.stderr, flush=True)
+        print(
+            f"\r{label}: {done:,}/{total:,} ({100 * done / total:.0f}%, {rate:,.0f}/s)",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
 
     return report
 
@@ -61,8 +65,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     storage = Storage(args.data_root)
     try:
         result = import_file(
-            storage, args.kind, args.file, tenant=args.tenant, adapter=args.adapter,
-            fmt=args.format, layout=layout, mapping=_parse_mapping(args.map),
+            storage,
+            args.kind,
+            args.file,
+            tenant=args.tenant,
+            adapter=args.adapter,
+            fmt=args.format,
+            layout=layout,
+            mapping=_parse_mapping(args.map),
         )
     except EmptyInputError as exc:
         print(f"nothing to import: {exc}", file=sys.stderr)
@@ -76,8 +86,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         if result.unparsable:
             reasons["unparsable"] = reasons.get("unparsable", 0) + result.unparsable
         detail = ", ".join(f"{k}: {v:,}" for k, v in sorted(reasons.items()))
-        print(f"{bad:,} rows will be rejected at ingest ({detail}); see rejected_events after "
-              f"the next run")
+        print(
+            f"{bad:,} rows will be rejected at ingest ({detail}); see rejected_events after "
+            f"the next run"
+        )
     print("the landing sensor (or `recsys run`) ingests it")
     return 0
 
@@ -96,12 +108,18 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
         raise RecsysError("--events must be positive")
     spec = DemoSpec(**kwargs)
     started = time.perf_counter()
-    summary = generate(spec, Storage(args.data_root), _progress("demo events", args.quiet),
-                       overwrite=args.overwrite)
+    summary = generate(
+        spec,
+        Storage(args.data_root),
+        _progress("demo events", args.quiet),
+        overwrite=args.overwrite,
+    )
     if summary.skipped:
         if not args.quiet:
-            print(f"demo data for seed {spec.seed} and {spec.events:,} events is already in "
-                  f"landing/{spec.tenant}/ (use --overwrite to write it again)")
+            print(
+                f"demo data for seed {spec.seed} and {spec.events:,} events is already in "
+                f"landing/{spec.tenant}/ (use --overwrite to write it again)"
+            )
         return 0
     if not args.quiet:
         print(
@@ -122,8 +140,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default=default_root(),
-                        help="data folder or fsspec URI (env RECSYS_DATA_ROOT, default ./data)")
+    parser.add_argument(
+        "--data-root",
+        default=default_root(),
+        help="data folder or fsspec URI (env RECSYS_DATA_ROOT, default ./data)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import", help="land a CSV/TSV/NDJSON/Parquet file for ingest")
@@ -132,11 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", default=DEFAULT_TENANT)
     from recsys.adapters import ADAPTER_NAMES
 
-    p.add_argument("--adapter", choices=[*ADAPTER_NAMES, "generic"],
-                   help="a ready-made mapping (guessed from well-known file names)")
+    p.add_argument(
+        "--adapter",
+        choices=[*ADAPTER_NAMES, "generic"],
+        help="a ready-made mapping (guessed from well-known file names)",
+    )
     p.add_argument("--format", choices=["csv", "tsv", "ndjson", "parquet"])
-    p.add_argument("--map", action="append", default=[], metavar="SOURCE=COLUMN",
-                   help="rename a source column to a contract column (repeatable)")
+    p.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="SOURCE=COLUMN",
+        help="rename a source column to a contract column (repeatable)",
+    )
     p.add_argument("--delimiter")
     p.add_argument("--no-header", action="store_true")
     p.add_argument("--columns", help="comma-separated column names for files without a header")

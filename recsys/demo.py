@@ -23,9 +23,26 @@ import polars as pl
 from recsys.storage import Storage
 
 CATEGORIES = (
-    "shoes", "jackets", "shirts", "trousers", "dresses", "bags", "watches", "jewelry",
-    "phones", "laptops", "headphones", "cameras", "kitchen", "furniture", "lighting", "garden",
-    "toys", "books", "sports", "beauty",
+    "shoes",
+    "jackets",
+    "shirts",
+    "trousers",
+    "dresses",
+    "bags",
+    "watches",
+    "jewelry",
+    "phones",
+    "laptops",
+    "headphones",
+    "cameras",
+    "kitchen",
+    "furniture",
+    "lighting",
+    "garden",
+    "toys",
+    "books",
+    "sports",
+    "beauty",
 )
 STYLE_TAGS = ("classic", "modern", "sporty", "premium")
 EXTRA_TAGS = ("sale", "eco", "winter", "outdoor", "kids", "adult")
@@ -141,27 +158,37 @@ class _World:
 def _catalog(spec: DemoSpec, world: _World, rng: np.random.Generator, start: datetime):
     n = spec.n_items
     cat = world.item_cat
-    base_price = np.array([60, 120, 30, 50, 70, 80, 150, 200, 400, 900, 90, 500, 40, 250, 60,
-                           35, 25, 15, 45, 20], dtype=float)
-    price = np.round(base_price[cat] * rng.lognormal(0, 0.45, n) * (1 + 0.5 * (world.item_style == 3)), 2)
+    base_price = np.array(
+        [60, 120, 30, 50, 70, 80, 150, 200, 400, 900, 90, 500, 40, 250, 60, 35, 25, 15, 45, 20],
+        dtype=float,
+    )
+    price = np.round(
+        base_price[cat] * rng.lognormal(0, 0.45, n) * (1 + 0.5 * (world.item_style == 3)), 2
+    )
     extra = rng.random((n, len(EXTRA_TAGS))) < np.array([0.15, 0.1, 0.1, 0.1, 0.05, 0.02])
     tags = []
     for i in range(n):
-        t = [f"category:{CATEGORIES[cat[i]]}", f"brand:brand{world.item_brand[i]:02d}",
-             f"style:{STYLE_TAGS[world.item_style[i]]}"]
+        t = [
+            f"category:{CATEGORIES[cat[i]]}",
+            f"brand:brand{world.item_brand[i]:02d}",
+            f"style:{STYLE_TAGS[world.item_style[i]]}",
+        ]
         t.extend(EXTRA_TAGS[j] for j in np.flatnonzero(extra[i]))
         tags.append(t)
     phase_len = timedelta(days=spec.days) / N_PHASES
     created = [
-        start + phase_len * int(world.launch_phase[i]) - timedelta(days=int(rng.integers(0, 400)))
-        * (world.launch_phase[i] == 0)
+        start
+        + phase_len * int(world.launch_phase[i])
+        - timedelta(days=int(rng.integers(0, 400))) * (world.launch_phase[i] == 0)
         for i in range(n)
     ]
     return pl.DataFrame(
         {
             "item_id": [f"i{i:06d}" for i in range(n)],
-            "title": [f"{STYLE_TAGS[world.item_style[i]].title()} {CATEGORIES[cat[i]]} #{i}"
-                      for i in range(n)],
+            "title": [
+                f"{STYLE_TAGS[world.item_style[i]].title()} {CATEGORIES[cat[i]]} #{i}"
+                for i in range(n)
+            ],
             "category": [CATEGORIES[c] for c in cat],
             "brand": [f"brand{b:02d}" for b in world.item_brand],
             "price": price,
@@ -185,8 +212,13 @@ def _users(spec: DemoSpec, rng: np.random.Generator) -> pl.DataFrame:
 
 
 def _session_chunk(
-    spec: DemoSpec, world: _World, rng: np.random.Generator, n_target: int,
-    start_us: int, span_us: int, first_id: int,
+    spec: DemoSpec,
+    world: _World,
+    rng: np.random.Generator,
+    n_target: int,
+    start_us: int,
+    span_us: int,
+    first_id: int,
 ) -> pl.DataFrame:
     """About n_target clean events: sessions of views with cart and purchase funnels."""
     n_sessions = max(1, n_target // 5)
@@ -244,7 +276,9 @@ def _session_chunk(
     )
 
 
-def _corrupt(df: pl.DataFrame, spec: DemoSpec, rng: np.random.Generator) -> tuple[pl.DataFrame, int, int]:
+def _corrupt(
+    df: pl.DataFrame, spec: DemoSpec, rng: np.random.Generator
+) -> tuple[pl.DataFrame, int, int]:
     """Spoil a small share of rows the ways real feeds do, and resend a few events."""
     n = df.height
     k = int(round(n * spec.malformed_share))
@@ -257,15 +291,17 @@ def _corrupt(df: pl.DataFrame, spec: DemoSpec, rng: np.random.Generator) -> tupl
         et = df["event_type"].to_numpy().astype(object)
         ts = df["timestamp"].to_numpy().copy()
         val = df["value"].to_numpy().copy()
-        uid[rows[kind == 0]] = None                       # missing id
-        ts[rows[kind == 1]] = 0                           # 1970: a reset clock
-        ts[rows[kind == 2]] = 32_503_680_000_000          # year 3000
-        et[rows[kind == 3]] = "hover"                     # undeclared event type
-        iid[rows[kind == 4]] = "x" * 400                  # oversize field
-        val[rows[kind == 5]] = np.inf                     # bad value
+        uid[rows[kind == 0]] = None  # missing id
+        ts[rows[kind == 1]] = 0  # 1970: a reset clock
+        ts[rows[kind == 2]] = 32_503_680_000_000  # year 3000
+        et[rows[kind == 3]] = "hover"  # undeclared event type
+        iid[rows[kind == 4]] = "x" * 400  # oversize field
+        val[rows[kind == 5]] = np.inf  # bad value
         df = df.with_columns(
-            pl.Series("user_id", uid, dtype=pl.String), pl.Series("item_id", iid, dtype=pl.String),
-            pl.Series("event_type", et, dtype=pl.String), pl.Series("timestamp", ts),
+            pl.Series("user_id", uid, dtype=pl.String),
+            pl.Series("item_id", iid, dtype=pl.String),
+            pl.Series("event_type", et, dtype=pl.String),
+            pl.Series("timestamp", ts),
             pl.Series("value", val).fill_nan(None),
         )
     if d:  # resend clean rows only, so every malformed row is counted once
@@ -275,7 +311,9 @@ def _corrupt(df: pl.DataFrame, spec: DemoSpec, rng: np.random.Generator) -> tupl
 
 
 def generate(
-    spec: DemoSpec, storage: Storage, progress: Callable[[int, int], None] | None = None,
+    spec: DemoSpec,
+    storage: Storage,
+    progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
 ) -> DemoSummary:
     """Write the demo catalog, users and events into the landing zone of `spec.tenant`.
@@ -288,8 +326,9 @@ def generate(
     tag = f"demo-s{spec.seed}-n{spec.events}"
     ev_dir = storage.landing_dir(spec.tenant, "events")
     marker = storage.path("landing", spec.tenant, f".{tag}.json")
-    summary = DemoSummary(start=start.isoformat(), end=end.isoformat(),
-                          items=spec.n_items, users=spec.n_users)
+    summary = DemoSummary(
+        start=start.isoformat(), end=end.isoformat(), items=spec.n_items, users=spec.n_users
+    )
     if not overwrite and storage.exists(marker):
         done = json.loads(storage.fs.cat_file(marker))
         if done.get("spec") == asdict(spec):

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from recsys.adapters import read_source
 from recsys.contract import DEFAULT_TENANT, EVENT_SCHEMA, REJECTED_SCHEMA, empty_frame
+from recsys.errors import RecsysError
 from recsys.readers import TextLayout
 from recsys.storage import Storage
 from recsys.validation import validate_events, validate_items, validate_users
@@ -67,12 +68,19 @@ def import_file(
 
     Also dry-runs validation so the caller can say how many rows will be rejected and why.
     """
-    raw, unparsable = read_source(path, kind, adapter=adapter, fmt=fmt, layout=layout,
-                                  mapping=mapping)
+    raw, unparsable = read_source(
+        path, kind, adapter=adapter, fmt=fmt, layout=layout, mapping=mapping
+    )
     source = os.path.basename(path)
+    if raw.height == 0:
+        reasons = ", ".join(
+            f"{k}: {v}" for k, v in sorted(Counter(unparsable["reason"].to_list()).items())
+        )
+        raise RecsysError(f"no readable rows in {path}: every line was rejected ({reasons})")
     if kind == "events":
-        _, rejects = validate_events(raw, tenant=tenant, source=source,
-                                     extra_event_types=extra_event_types)
+        _, rejects = validate_events(
+            raw, tenant=tenant, source=source, extra_event_types=extra_event_types
+        )
     else:
         validate = validate_items if kind == "items" else validate_users
         _, rejects = validate(raw, source=source)
@@ -90,10 +98,18 @@ def import_file(
     if not existed:
         _atomic_parquet(storage, data, target)
         if unparsable.height:
-            _atomic_parquet(storage, unparsable, posixpath.join(landing_dir, name + REJECTED_SUFFIX))
+            _atomic_parquet(
+                storage, unparsable, posixpath.join(landing_dir, name + REJECTED_SUFFIX)
+            )
     return ImportResult(
-        kind=kind, tenant=tenant, source=path, landed=target, rows=raw.height,
-        unparsable=unparsable.height, would_reject=dict(would_reject), already_landed=existed,
+        kind=kind,
+        tenant=tenant,
+        source=path,
+        landed=target,
+        rows=raw.height,
+        unparsable=unparsable.height,
+        would_reject=dict(would_reject),
+        already_landed=existed,
     )
 
 
@@ -128,7 +144,9 @@ def _file_key(storage: Storage, path: str) -> str:
 def pending_files(storage: Storage, tenant: str, kind: str = "events") -> list[str]:
     """Landing files of `kind` not yet ingested (what the sensor and the assets act on)."""
     done = set(load_state(storage, tenant).get(kind, {}).get("files", []))
-    return [f for f in landing_data_files(storage, tenant, kind) if _file_key(storage, f) not in done]
+    return [
+        f for f in landing_data_files(storage, tenant, kind) if _file_key(storage, f) not in done
+    ]
 
 
 def load_state(storage: Storage, tenant: str) -> dict:
@@ -206,8 +224,11 @@ def ingest_events(
             if storage.exists(d):
                 storage.fs.rm(d, recursive=True)
         state.pop("events", None)
-    files = pending_files(storage, tenant, "events") if not full_refresh else landing_data_files(
-        storage, tenant, "events")
+    files = (
+        pending_files(storage, tenant, "events")
+        if not full_refresh
+        else landing_data_files(storage, tenant, "events")
+    )
     report.files = files
     if not files:
         report.seconds = time.perf_counter() - started
@@ -230,22 +251,32 @@ def ingest_events(
             for j, raw in enumerate(_batches(storage, path)):
                 report.rows_read += raw.height
                 good, rejects = validate_events(
-                    raw, tenant=tenant, source=source, extra_event_types=extra_event_types, now=now,
+                    raw,
+                    tenant=tenant,
+                    source=source,
+                    extra_event_types=extra_event_types,
+                    now=now,
                     dedupe=False,
                 )
                 if rejects.height:
                     _append_rejects(storage, rejected_dir, rejects, f"{run_id}-{i}-{j}")
                     reasons.update(rejects["reason"].to_list())
                 report.rows_valid += good.height
-                good = good.with_columns(pl.col("timestamp").dt.date().cast(pl.String).alias("_day"))
+                good = good.with_columns(
+                    pl.col("timestamp").dt.date().cast(pl.String).alias("_day")
+                )
                 for (day,), part in good.partition_by("_day", as_dict=True).items():
                     days.add(day)
                     d = posixpath.join(staging, f"date={day}")
                     storage.makedirs(d)
                     with storage.fs.open(posixpath.join(d, f"{i:05d}-{j:04d}.parquet"), "wb") as fh:
-                        part.drop("_day").write_parquet(fh, compression="lz4", statistics=False)
+                        part.drop("_day").write_parquet(
+                            fh, compression="uncompressed", statistics=False
+                        )
         for day in sorted(days):
-            new = _merge_day(storage, events_dir, posixpath.join(staging, f"date={day}"), day, run_id)
+            new = _merge_day(
+                storage, events_dir, posixpath.join(staging, f"date={day}"), day, run_id
+            )
             report.rows_new += new
             if new:
                 report.days_written.append(day)
@@ -268,17 +299,22 @@ def ingest_events(
 
 def _merge_day(storage: Storage, events_dir: str, staged_dir: str, day: str, run_id: str) -> int:
     """Deduplicate one day's staged rows against themselves and the warehouse; append the rest."""
-    staged = pl.read_parquet(storage.fs.glob(posixpath.join(staged_dir, "*.parquet")) if not
-                             storage.is_local else posixpath.join(staged_dir, "*.parquet"))
-    staged = staged.unique(subset="event_id", keep="first", maintain_order=True)
+    staged = pl.read_parquet(
+        storage.fs.glob(posixpath.join(staged_dir, "*.parquet"))
+        if not storage.is_local
+        else posixpath.join(staged_dir, "*.parquet")
+    )
+    # rows with one event_id are the same event, so which copy survives does not matter
+    staged = staged.unique(subset="event_id", keep="any", maintain_order=False)
     day_dir = posixpath.join(events_dir, f"date={day}")
     if storage.exists(day_dir):
-        existing = pl.scan_parquet(posixpath.join(day_dir, "*.parquet")).select("event_id").collect()
+        existing = (
+            pl.scan_parquet(posixpath.join(day_dir, "*.parquet")).select("event_id").collect()
+        )
         staged = staged.join(existing, on="event_id", how="anti")
     if staged.height == 0:
         return 0
     storage.makedirs(day_dir)
-    staged = staged.sort("timestamp")
     _atomic_parquet(storage, staged, posixpath.join(day_dir, f"part-{run_id}.parquet"))
     return staged.height
 
@@ -295,7 +331,8 @@ def scan_events(storage: Storage, tenant: str) -> pl.LazyFrame:
     if not storage.exists(d) or not storage.fs.glob(posixpath.join(d, "date=*", "*.parquet")):
         return pl.LazyFrame(schema={**EVENT_SCHEMA, "date": pl.Date})
     return pl.scan_parquet(
-        posixpath.join(d, "date=*", "*.parquet"), hive_partitioning=True,
+        posixpath.join(d, "date=*", "*.parquet"),
+        hive_partitioning=True,
         hive_schema={"date": pl.Date},
     )
 
@@ -313,9 +350,11 @@ def scan_rejected(storage: Storage, tenant: str) -> pl.LazyFrame:
 
 
 def events_time_range(storage: Storage, tenant: str) -> tuple[str | None, str | None]:
-    r = scan_events(storage, tenant).select(
-        pl.col("timestamp").min().alias("lo"), pl.col("timestamp").max().alias("hi")
-    ).collect()
+    r = (
+        scan_events(storage, tenant)
+        .select(pl.col("timestamp").min().alias("lo"), pl.col("timestamp").max().alias("hi"))
+        .collect()
+    )
     lo, hi = r["lo"][0], r["hi"][0]
     return (lo.isoformat() if lo else None, hi.isoformat() if hi else None)
 
@@ -339,7 +378,9 @@ def build_table(storage: Storage, tenant: str, kind: str) -> tuple[pl.DataFrame,
     validate = validate_items if kind == "items" else validate_users
     files = landing_data_files(storage, tenant, kind)
     files.sort(key=lambda f: (storage.fs.info(f).get("mtime") or 0, f))
-    report = TableReport(tenant=tenant, kind=kind, files=files, path=storage.table_path(tenant, kind))
+    report = TableReport(
+        tenant=tenant, kind=kind, files=files, path=storage.table_path(tenant, kind)
+    )
     frames, rejects = [], []
     for path in files:
         raw = pl.read_parquet(storage.fs.open(path, "rb"))
@@ -353,7 +394,8 @@ def build_table(storage: Storage, tenant: str, kind: str) -> tuple[pl.DataFrame,
             rejects.append(pl.read_parquet(storage.fs.open(sidecar, "rb")))
     table = (
         pl.concat(frames).unique(subset=frames[0].columns[0], keep="last", maintain_order=True)
-        if frames else empty_frame(kind)
+        if frames
+        else empty_frame(kind)
     )
     rejected = pl.concat(rejects) if rejects else pl.DataFrame(schema=REJECTED_SCHEMA)
     report.rows = table.height
@@ -366,4 +408,3 @@ def build_table(storage: Storage, tenant: str, kind: str) -> tuple[pl.DataFrame,
     state[kind] = {"files": [_file_key(storage, f) for f in files]}
     save_state(storage, tenant, state)
     return table, report
-

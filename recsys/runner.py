@@ -33,14 +33,20 @@ def run_job(name: str, quiet: bool = False, log_level: str = "WARNING") -> int:
     import dagster as dg
 
     if "DAGSTER_HOME" not in os.environ:
-        raise RecsysError("set DAGSTER_HOME (e.g. export DAGSTER_HOME=$PWD/dagster_home) so the "
-                          "run is recorded where the Dagster UI looks")
+        raise RecsysError(
+            "set DAGSTER_HOME (e.g. export DAGSTER_HOME=$PWD/dagster_home) so the "
+            "run is recorded where the Dagster UI looks"
+        )
     if name not in _RECONSTRUCTABLE:
         raise RecsysError(f"unknown job {name!r}; known: {', '.join(_RECONSTRUCTABLE)}")
     instance = dg.DagsterInstance.get()
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
-    result = dg.execute_job(dg.reconstructable(_RECONSTRUCTABLE[name]), instance=instance,
-                            run_config=run_config, raise_on_error=False)
+    result = dg.execute_job(
+        dg.reconstructable(_RECONSTRUCTABLE[name]),
+        instance=instance,
+        run_config=run_config,
+        raise_on_error=False,
+    )
     steps = [e for e in result.all_events if e.is_step_failure]
     failed_checks = [
         e.asset_check_evaluation_data.asset_check_key.to_user_string()
@@ -52,11 +58,16 @@ def run_job(name: str, quiet: bool = False, log_level: str = "WARNING") -> int:
         if not quiet:
             print(f"run {result.run_id[:8]} of {name} succeeded")
         if failed_checks:
-            print(f"checks that did not pass (see the Dagster UI): {', '.join(failed_checks)}",
-                  file=sys.stderr)
+            print(
+                f"checks that did not pass (see the Dagster UI): {', '.join(failed_checks)}",
+                file=sys.stderr,
+            )
         return 0
-    print(f"run {result.run_id} of {name} failed at: "
-          f"{', '.join(sorted({e.step_key for e in steps})) or 'unknown step'}", file=sys.stderr)
+    print(
+        f"run {result.run_id} of {name} failed at: "
+        f"{', '.join(sorted({e.step_key for e in steps})) or 'unknown step'}",
+        file=sys.stderr,
+    )
     for e in steps[:3]:
         err = e.step_failure_data.error
         print(f"  {e.step_key}: {err.message.strip() if err else 'failed'}", file=sys.stderr)

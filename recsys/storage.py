@@ -54,7 +54,9 @@ class Storage:
         d = self.landing_dir(tenant, kind)
         if not self.fs.exists(d):
             return []
-        files = [f for f in self.fs.ls(d, detail=False) if not posixpath.basename(f).startswith(".")]
+        files = [
+            f for f in self.fs.ls(d, detail=False) if not posixpath.basename(f).startswith(".")
+        ]
         return sorted(self._qualify(f) for f in files)
 
     # --- warehouse -----------------------------------------------------------------------

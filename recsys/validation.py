@@ -195,7 +195,8 @@ def validate_events(
     known = sorted(set(BUILTIN_EVENT_TYPES) | {t.lower() for t in extra_event_types})
     source_cols = [c for c in raw.columns if c != "_row"]
     ts_dtype = raw.schema.get("timestamp", pl.String)
-    df = raw.with_columns(
+    # one lazy plan: Polars fuses the parsing, the checks and the split into a single pass
+    lf = raw.lazy().with_columns(
         _text(raw, "user_id").alias("user_id"),
         _text(raw, "item_id").alias("item_id"),
         _text(raw, "event_type").str.to_lowercase().alias("event_type"),
@@ -209,9 +210,7 @@ def validate_events(
             else pl.lit(None, dtype=UTC_TS)
         ).alias("_ts"),
         (
-            _text(raw, "timestamp").is_not_null()
-            if "timestamp" in raw.columns
-            else pl.lit(False)
+            _text(raw, "timestamp").is_not_null() if "timestamp" in raw.columns else pl.lit(False)
         ).alias("_ts_given"),
         _number(raw, "value").alias("_value"),
         _given(raw, "value").alias("_value_given"),
@@ -234,13 +233,18 @@ def validate_events(
                 .then(pl.lit("user_id is missing"))
                 .otherwise(pl.lit("item_id is missing")),
             ),
-            (oversize, "oversize_field", f"a field exceeds its limit ({MAX_ID_LENGTH} bytes for "
-             f"ids, {MAX_CONTEXT_BYTES} for context)"),
+            (
+                oversize,
+                "oversize_field",
+                f"a field exceeds its limit ({MAX_ID_LENGTH} bytes for "
+                f"ids, {MAX_CONTEXT_BYTES} for context)",
+            ),
             (
                 pl.col("tenant") != tenant,
                 "wrong_tenant",
-                pl.format("row is for tenant '{}', file landed for '{}'", pl.col("tenant"),
-                          pl.lit(tenant)),
+                pl.format(
+                    "row is for tenant '{}', file landed for '{}'", pl.col("tenant"), pl.lit(tenant)
+                ),
             ),
             (
                 ts.is_null(),
@@ -267,7 +271,20 @@ def validate_events(
             ),
         ]
     )
-    df = df.with_columns(reason.alias("_reason"), detail.alias("_detail"))
+    df = (
+        lf.with_columns(reason.alias("_reason"), detail.alias("_detail"))
+        .select(
+            *[c for c in source_cols if c not in EVENT_SCHEMA],
+            *[c for c in EVENT_SCHEMA if c != "timestamp" and c != "value"],
+            "timestamp",
+            "_ts",
+            "_value",
+            "_row",
+            "_reason",
+            "_detail",
+        )
+        .collect()
+    )
     rejects = _rejects(df, source_cols, source)
     good = df.filter(pl.col("_reason").is_null()).select(
         pl.col("event_id"),
@@ -300,14 +317,15 @@ def _parse_tags(df: pl.DataFrame) -> pl.Expr:
         col = (
             pl.when(text.str.starts_with("["))
             .then(as_json)
-            .otherwise(text.str.split(pl.lit("|")).list.eval(pl.element().str.split(",")).list.eval(
-                pl.element().explode()
-            ))
+            .otherwise(
+                text.str.split(pl.lit("|"))
+                .list.eval(pl.element().str.split(","))
+                .list.eval(pl.element().explode())
+            )
         )
-    return (
-        col.list.eval(pl.element().str.strip_chars().filter(pl.element().str.len_chars() > 0))
-        .fill_null(pl.lit([], dtype=pl.List(pl.String)))
-    )
+    return col.list.eval(
+        pl.element().str.strip_chars().filter(pl.element().str.len_chars() > 0)
+    ).fill_null(pl.lit([], dtype=pl.List(pl.String)))
 
 
 _TRUE = ["1", "true", "yes", "y", "t", "in_stock", "available"]
@@ -329,14 +347,21 @@ def validate_items(raw: pl.DataFrame, *, source: str) -> tuple[pl.DataFrame, pl.
         _text(raw, "attributes").alias("attributes"),
         _number(raw, "price").alias("_price"),
         _given(raw, "price").alias("_price_given"),
-        pl.when(avail_text.is_null()).then(True)
-        .when(avail_text.is_in(_TRUE)).then(True)
-        .when(avail_text.is_in(_FALSE)).then(False)
+        pl.when(avail_text.is_null())
+        .then(True)
+        .when(avail_text.is_in(_TRUE))
+        .then(True)
+        .when(avail_text.is_in(_FALSE))
+        .then(False)
         .alias("_available"),
-        (parse_timestamp("created_at", raw.schema["created_at"]) if "created_at" in raw.columns
-         else pl.lit(None, dtype=UTC_TS)).alias("_created"),
-        (_text(raw, "created_at").is_not_null() if "created_at" in raw.columns
-         else pl.lit(False)).alias("_created_given"),
+        (
+            parse_timestamp("created_at", raw.schema["created_at"])
+            if "created_at" in raw.columns
+            else pl.lit(None, dtype=UTC_TS)
+        ).alias("_created"),
+        (
+            _text(raw, "created_at").is_not_null() if "created_at" in raw.columns else pl.lit(False)
+        ).alias("_created_given"),
     )
     df = df.with_columns(_parse_tags(df).alias("_tags"))
     oversize = (
@@ -352,10 +377,16 @@ def validate_items(raw: pl.DataFrame, *, source: str) -> tuple[pl.DataFrame, pl.
         [
             (pl.col("item_id").is_null(), "missing_id", "item_id is missing"),
             (oversize, "oversize_field", "a field exceeds its limit"),
-            (pl.col("_created_given") & pl.col("_created").is_null(), "bad_timestamp",
-             "created_at is not a timestamp"),
-            (pl.col("_price_given") & (price.is_null() | ~price.is_finite() | (price < 0)),
-             "bad_value", "price is not a non-negative number"),
+            (
+                pl.col("_created_given") & pl.col("_created").is_null(),
+                "bad_timestamp",
+                "created_at is not a timestamp",
+            ),
+            (
+                pl.col("_price_given") & (price.is_null() | ~price.is_finite() | (price < 0)),
+                "bad_value",
+                "price is not a non-negative number",
+            ),
             (pl.col("_available").is_null(), "bad_value", "available is not a boolean"),
         ]
     )
@@ -364,9 +395,14 @@ def validate_items(raw: pl.DataFrame, *, source: str) -> tuple[pl.DataFrame, pl.
     good = (
         df.filter(pl.col("_reason").is_null())
         .select(
-            "item_id", "title", "category", "brand",
-            pl.col("_price").alias("price"), pl.col("_tags").alias("tags"),
-            pl.col("_available").alias("available"), pl.col("_created").alias("created_at"),
+            "item_id",
+            "title",
+            "category",
+            "brand",
+            pl.col("_price").alias("price"),
+            pl.col("_tags").alias("tags"),
+            pl.col("_available").alias("available"),
+            pl.col("_created").alias("created_at"),
             "attributes",
         )
         .unique(subset="item_id", keep="last", maintain_order=True)

@@ -44,9 +44,10 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def gunicorn_argv(bind: str, workers: int, timeout: int = 30, reload: bool = False) -> list[str]:
+def gunicorn_argv(bind: str, workers: int, timeout: int = 30, reload: bool = False,
+                  app: str = "serving.wsgi:app") -> list[str]:
     """The gunicorn command line the server runs with (also used by the benchmark)."""
-    argv = [sys.executable, "-m", "gunicorn", "serving.wsgi:app", "--bind", bind,
+    argv = [sys.executable, "-m", "gunicorn", app, "--bind", bind,
             "--workers", str(workers), "--worker-class", "sync", "--timeout", str(timeout),
             "--graceful-timeout", "10", "--keep-alive", "5", "--log-level", "warning"]
     if reload:

@@ -157,32 +157,33 @@ class Filters:
         that blocked it (or None)."""
         code = np.where(live.available[items], KEPT, UNAVAILABLE).astype(np.uint8)
         if self.exclude.size:
-            code[(code == KEPT) & np.isin(items, self.exclude)] = EXCLUDED
+            code[(code == KEPT) & live.item_member(items, self.exclude)] = EXCLUDED
         if self.include is not None:
-            code[(code == KEPT) & ~np.isin(items, self.include)] = NOT_INCLUDED
+            code[(code == KEPT) & ~live.item_member(items, self.include)] = NOT_INCLUDED
         if self.seen.size:
-            code[(code == KEPT) & np.isin(items, self.seen)] = SEEN
+            code[(code == KEPT) & live.item_member(items, self.seen)] = SEEN
         blocked_by: list = []
         r = self.rules
         if r.blocked_items.size:
-            hit = (code == KEPT) & np.isin(items, r.blocked_items)
+            hit = (code == KEPT) & live.item_member(items, r.blocked_items)
             code[hit] = BLOCKED
         if self.needs_tags or self.required_missing:
             owner, tags = gather_tags(live, items)
             if r.blocked_tags.size:
-                bad = np.isin(tags, r.blocked_tags)
+                bad = live.tag_member(tags, r.blocked_tags)
                 hit = np.zeros(items.shape[0], dtype=bool)
                 hit[owner[bad]] = True
                 code[(code == KEPT) & hit] = BLOCKED
             if self.forbidden_tags.size:
-                bad = np.isin(tags, self.forbidden_tags)
+                bad = live.tag_member(tags, self.forbidden_tags)
                 hit = np.zeros(items.shape[0], dtype=bool)
                 hit[owner[bad]] = True
                 code[(code == KEPT) & hit] = FORBIDDEN_TAG
             if self.required_missing:
                 code[code == KEPT] = MISSING_TAG
             elif self.required_tags.size:
-                have = np.bincount(owner[np.isin(tags, self.required_tags)], minlength=items.shape[0])
+                have = np.bincount(owner[live.tag_member(tags, self.required_tags)],
+                                   minlength=items.shape[0])
                 code[(code == KEPT) & (have < self.required_tags.size)] = MISSING_TAG
         if (code == BLOCKED).any():
             blocked_by = [self._blocking_rule(live, int(i)) if c == BLOCKED else None
@@ -261,27 +262,63 @@ class Caps:
                              "detail": f"max_per_tag key(s) match nothing: {', '.join(unknown)}"})
         return caps if caps.names else None
 
-    def groups_of(self, live: LiveSnapshot, items: np.ndarray) -> list[list[int]]:
-        """Group indices of each item (vectorized, then one list per item)."""
-        groups: list[list[int]] = [[] for _ in range(items.shape[0])]
+    def members(self, live: LiveSnapshot, items: np.ndarray) -> np.ndarray:
+        """bool[len(items), groups]: which capped groups each item belongs to (vectorized)."""
+        m = np.zeros((items.shape[0], len(self.names)), dtype=bool)
         if self.tag_groups:
             owner, tags = gather_tags(live, items)
-            keys = np.fromiter(self.tag_groups, dtype=np.int32)
-            hit = np.isin(tags, keys)
-            for o, t in zip(owner[hit].tolist(), tags[hit].tolist(), strict=True):
-                groups[o].append(self.tag_groups[t])
-        if self.brand_groups:
-            for row, b in enumerate(live.brand_id[items].tolist()):
-                if b in self.brand_groups:
-                    groups[row].append(self.brand_groups[b])
-        if self.category_groups:
-            for row, c in enumerate(live.category_id[items].tolist()):
-                if c in self.category_groups:
-                    groups[row].append(self.category_groups[c])
-        return groups
+            lookup = np.full(max(1, live.n_tags), -1, dtype=np.int32)
+            lookup[np.fromiter(self.tag_groups, dtype=np.int32)] = np.fromiter(
+                self.tag_groups.values(), dtype=np.int32)
+            g = lookup[tags]
+            sel = g >= 0
+            m[owner[sel], g[sel]] = True
+        for ids, groups in ((live.brand_id, self.brand_groups),
+                            (live.category_id, self.category_groups)):
+            if groups:
+                values = ids[items]
+                for value, g in groups.items():
+                    m[:, g] |= values == value
+        return m
 
-    def take(self, groups: list[int]) -> str | None:
-        """Count an item in; or the name of the cap that refuses it."""
+    def select(self, m: np.ndarray, n: int) -> tuple[np.ndarray, dict[int, str]]:
+        """Greedy top-`n` under the caps, over rows already in rank order.
+
+        Returns (chosen row positions, {refused position: cap name}) and counts the chosen in.
+        One capped group is done with a cumulative sum; several with a loop over the member
+        rows only.
+        """
+        member_rows = np.flatnonzero(m.any(axis=1))
+        refused: dict[int, str] = {}
+        if m.shape[1] == 1:
+            counts = np.cumsum(m[:, 0]) + self.counts[0]
+            bad = np.flatnonzero(m[:, 0] & (counts > self.caps[0]))
+            refused = dict.fromkeys(bad.tolist(), self.names[0])
+            ok = np.ones(m.shape[0], dtype=bool)
+            ok[bad] = False
+        else:
+            counts_now = list(self.counts)
+            ok = np.ones(m.shape[0], dtype=bool)
+            for row, flags in zip(member_rows.tolist(), m[member_rows].tolist(), strict=True):
+                groups = [g for g, f in enumerate(flags) if f]
+                full = next((g for g in groups if counts_now[g] >= self.caps[g]), None)
+                if full is None:
+                    for g in groups:
+                        counts_now[g] += 1
+                else:
+                    ok[row] = False
+                    refused[row] = self.names[full]
+        chosen = np.flatnonzero(ok)[:n]
+        if chosen.shape[0] == n and n > 0:
+            cutoff = int(chosen[-1])
+            refused = {r: name for r, name in refused.items() if r < cutoff}
+        for g, c in enumerate(m[chosen].sum(axis=0).tolist()):
+            self.counts[g] += int(c)
+        return chosen, refused
+
+    def take(self, flags: list[bool]) -> str | None:
+        """Count one item in (back-fill); or the name of the cap that refuses it."""
+        groups = [g for g, f in enumerate(flags) if f]
         for g in groups:
             if self.counts[g] >= self.caps[g]:
                 return self.names[g]
@@ -455,27 +492,20 @@ class Engine:
         n_free = k - len(pins)
         pinned_item_set = {p.item for p in pins}
         if pins and ranked_rows.size:
-            not_pinned = ~np.isin(pool.items[ranked_rows],
-                                  np.fromiter(pinned_item_set, dtype=np.int32))
+            not_pinned = ~live.item_member(pool.items[ranked_rows],
+                                           np.fromiter(pinned_item_set, dtype=np.int32))
             ranked_rows, ranked_adj = ranked_rows[not_pinned], ranked_adj[not_pinned]
         caps = Caps.build(live, req.max_per_tag, self.warnings)
-        chosen_rows: list[int] = []
         capped: dict[int, str] = {}
+        n_take = max(0, n_free)
         if caps is None:
-            chosen_rows = ranked_rows[: max(0, n_free)].tolist()
-            chosen_adj = ranked_adj[: max(0, n_free)].tolist()
+            chosen_rows = ranked_rows[:n_take].tolist()
+            chosen_adj = ranked_adj[:n_take].tolist()
         else:
-            groups = caps.groups_of(live, pool.items[ranked_rows])
-            chosen_adj = []
-            for row, g, s in zip(ranked_rows.tolist(), groups, ranked_adj.tolist(), strict=True):
-                if len(chosen_rows) >= n_free:
-                    break
-                refused = caps.take(g) if g else None
-                if refused:
-                    capped[row] = refused
-                else:
-                    chosen_rows.append(row)
-                    chosen_adj.append(s)
+            positions, refused = caps.select(caps.members(live, pool.items[ranked_rows]), n_take)
+            chosen_rows = ranked_rows[positions].tolist()
+            chosen_adj = ranked_adj[positions].tolist()
+            capped = {int(ranked_rows[pos]): name for pos, name in refused.items()}
         entries: list[tuple[int, float, int, list[str], list[float] | None, list[str]]] = []
         chosen = np.asarray(chosen_rows, dtype=np.int64)
         chosen_items = pool.items[chosen].tolist()
@@ -502,7 +532,7 @@ class Engine:
                     continue
                 fcode, _ = filters.outcomes(live, fb.items)
                 fb_keep = np.flatnonzero(fcode == KEPT)
-                fb_groups = caps.groups_of(live, fb.items[fb_keep]) if caps else None
+                fb_groups = caps.members(live, fb.items[fb_keep]).tolist() if caps else None
                 for j, row in enumerate(fb_keep.tolist()):
                     if need <= 0:
                         break

@@ -176,7 +176,7 @@ class RecommendService:
         }
 
     def _response(self, live, req: RecommendRequest, ranked: Ranked, meta, warnings):
-        ids = live.snap.item_ids(ranked.items)
+        ids = live.item_ids(ranked.items)
         items = []
         explain = req.explain != "none"
         for rank, (item_id, score) in enumerate(zip(ids, ranked.scores, strict=True), start=1):

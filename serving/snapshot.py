@@ -54,6 +54,48 @@ class LiveSnapshot:
         name, version = champion.get("name"), champion.get("version")
         self.algo_version = f"{name}@{version}" if name else f"snapshot@{snap.snapshot_id}"
         self.compiled: OrderedDict[Any, Any] = OrderedDict()  # rules-engine cache (bounded)
+        self.n_tags = len(snap.tags)
+        self._scratch = threading.local()
+        self._id_cache: dict[int, str] = {}
+
+    def _masks(self) -> tuple[np.ndarray, np.ndarray]:
+        scratch = self._scratch
+        masks = getattr(scratch, "masks", None)
+        if masks is None:
+            # One all-False bool[n_items] and bool[n_tags] per thread, allocated once: membership
+            # tests set the few entries they need and clear them again (np.isin sorts instead).
+            masks = scratch.masks = (np.zeros(self.snap.n_items, dtype=bool),
+                                     np.zeros(max(1, self.n_tags), dtype=bool))
+        return masks
+
+    def item_member(self, items: np.ndarray, of: np.ndarray) -> np.ndarray:
+        """bool per entry of `items`: is it one of the item indices `of`?"""
+        mask = self._masks()[0]
+        mask[of] = True
+        try:
+            return mask[items]
+        finally:
+            mask[of] = False
+
+    def tag_member(self, tags: np.ndarray, of: np.ndarray) -> np.ndarray:
+        """bool per entry of `tags`: is it one of the tag ids `of`?"""
+        mask = self._masks()[1]
+        mask[of] = True
+        try:
+            return mask[tags]
+        finally:
+            mask[of] = False
+
+    def item_ids(self, items: list[int]) -> list[str]:
+        """Item id strings, memoized per worker (bounded by the catalogue size)."""
+        cache = self._id_cache
+        out = []
+        for i in items:
+            s = cache.get(i)
+            if s is None:
+                s = cache[i] = self.snap.item_id(i)
+            out.append(s)
+        return out
 
     def __repr__(self) -> str:
         return f"LiveSnapshot({self.snapshot_id!r})"

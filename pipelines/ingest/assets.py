@@ -1,6 +1,5 @@
 """The ingest assets: validated tables built from the landing zone of every tenant."""
 
-
 import dagster as dg
 import polars as pl
 
@@ -19,8 +18,13 @@ class IngestConfig(dg.Config):
 
 
 def _preview(df: pl.DataFrame, n: int = 5) -> dg.MetadataValue:
-    with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_dataframe_shape=True,
-                   tbl_hide_column_data_types=True, fmt_str_lengths=40, tbl_width_chars=400):
+    with pl.Config(
+        tbl_formatting="MARKDOWN",
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+        fmt_str_lengths=40,
+        tbl_width_chars=400,
+    ):
         return dg.MetadataValue.md(str(df.head(n)))
 
 
@@ -31,11 +35,19 @@ def _tenants(storage: Storage, wanted: list[str]) -> list[str]:
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec("events", group_name=GROUP, kinds={"parquet", "polars"},
-                     description="Validated, deduplicated interaction events, one folder a day, "
-                                 "per tenant (warehouse/<tenant>/events/date=YYYY-MM-DD)."),
-        dg.AssetSpec("rejected_events", group_name=GROUP, kinds={"parquet"},
-                     description="Every event row that failed validation, with its reason."),
+        dg.AssetSpec(
+            "events",
+            group_name=GROUP,
+            kinds={"parquet", "polars"},
+            description="Validated, deduplicated interaction events, one folder a day, "
+            "per tenant (warehouse/<tenant>/events/date=YYYY-MM-DD).",
+        ),
+        dg.AssetSpec(
+            "rejected_events",
+            group_name=GROUP,
+            kinds={"parquet"},
+            description="Every event row that failed validation, with its reason.",
+        ),
     ],
 )
 def events_and_rejects(
@@ -50,7 +62,9 @@ def events_and_rejects(
     reports = []
     for tenant in tenants:
         report = ingest.ingest_events(
-            store, tenant, full_refresh=config.full_refresh,
+            store,
+            tenant,
+            full_refresh=config.full_refresh,
             extra_event_types=policy.extra_types(tenant),
         )
         context.log.info(
@@ -60,9 +74,7 @@ def events_and_rejects(
         )
         reports.append(report)
     total = {t: ingest.scan_events(store, t).select(pl.len()).collect().item() for t in tenants}
-    preview = (
-        ingest.scan_events(store, tenants[0]).head(5).collect() if tenants else pl.DataFrame()
-    )
+    preview = ingest.scan_events(store, tenants[0]).head(5).collect() if tenants else pl.DataFrame()
     rejected_total = {
         t: ingest.scan_rejected(store, t).select(pl.len()).collect().item() for t in tenants
     }
@@ -134,7 +146,13 @@ def _table_asset(kind: str, description: str):
     return _asset
 
 
-items = _table_asset("items", "The item catalog per tenant: latest row of every item_id across "
-                              "the landing files, validated (warehouse/<tenant>/items.parquet).")
-users = _table_asset("users", "User profiles per tenant (optional): segment, country, attributes "
-                              "(warehouse/<tenant>/users.parquet).")
+items = _table_asset(
+    "items",
+    "The item catalog per tenant: latest row of every item_id across "
+    "the landing files, validated (warehouse/<tenant>/items.parquet).",
+)
+users = _table_asset(
+    "users",
+    "User profiles per tenant (optional): segment, country, attributes "
+    "(warehouse/<tenant>/users.parquet).",
+)

@@ -14,17 +14,31 @@ from recsys import ingest
 from recsys.contract import EVENT_SCHEMA, ITEM_SCHEMA
 
 EVENT_CHECKS = [
-    dg.AssetCheckSpec("events_schema", asset="events", blocking=True,
-                      description="Stored events match the data contract's types."),
-    dg.AssetCheckSpec("events_null_ids", asset="events", blocking=True,
-                      description="No event lacks an event, user or item id."),
-    dg.AssetCheckSpec("events_unique", asset="events", blocking=True,
-                      description="Every event_id is stored once."),
-    dg.AssetCheckSpec("events_freshness", asset="events",
-                      description="The newest event is recent enough (warning only)."),
-    dg.AssetCheckSpec("reject_rate", asset="rejected_events",
-                      description="The share of rejected rows in the last ingest is under the "
-                                  "configured limit."),
+    dg.AssetCheckSpec(
+        "events_schema",
+        asset="events",
+        blocking=True,
+        description="Stored events match the data contract's types.",
+    ),
+    dg.AssetCheckSpec(
+        "events_null_ids",
+        asset="events",
+        blocking=True,
+        description="No event lacks an event, user or item id.",
+    ),
+    dg.AssetCheckSpec(
+        "events_unique", asset="events", blocking=True, description="Every event_id is stored once."
+    ),
+    dg.AssetCheckSpec(
+        "events_freshness",
+        asset="events",
+        description="The newest event is recent enough (warning only).",
+    ),
+    dg.AssetCheckSpec(
+        "reject_rate",
+        asset="rejected_events",
+        description="The share of rejected rows in the last ingest is under the configured limit.",
+    ),
 ]
 
 
@@ -41,8 +55,13 @@ def event_checks(storage: StorageResource, policy: IngestPolicy):
         if bad:
             schema_problems[tenant] = bad
         stats = scan.select(
-            (pl.col("user_id").is_null() | pl.col("item_id").is_null()
-             | pl.col("event_id").is_null()).sum().alias("nulls"),
+            (
+                pl.col("user_id").is_null()
+                | pl.col("item_id").is_null()
+                | pl.col("event_id").is_null()
+            )
+            .sum()
+            .alias("nulls"),
             (pl.len() - pl.col("event_id").n_unique()).alias("dupes"),
             pl.col("timestamp").max().alias("newest"),
         ).collect()
@@ -55,22 +74,40 @@ def event_checks(storage: StorageResource, policy: IngestPolicy):
         last = ingest.load_state(store, tenant).get("events", {}).get("last_report", {})
         rates[tenant] = round(last.get("reject_rate", 0.0), 5)
     over = [t for t, r in rates.items() if r > policy.max_reject_rate]
-    yield dg.AssetCheckResult(check_name="events_schema", asset_key="events",
-                              passed=not schema_problems,
-                              metadata={"mismatched_columns": schema_problems})
-    yield dg.AssetCheckResult(check_name="events_null_ids", asset_key="events",
-                              passed=sum(nulls.values()) == 0, metadata={"null_ids": nulls})
-    yield dg.AssetCheckResult(check_name="events_unique", asset_key="events",
-                              passed=sum(dupes.values()) == 0, metadata={"duplicates": dupes})
     yield dg.AssetCheckResult(
-        check_name="events_freshness", asset_key="events", passed=not stale,
+        check_name="events_schema",
+        asset_key="events",
+        passed=not schema_problems,
+        metadata={"mismatched_columns": schema_problems},
+    )
+    yield dg.AssetCheckResult(
+        check_name="events_null_ids",
+        asset_key="events",
+        passed=sum(nulls.values()) == 0,
+        metadata={"null_ids": nulls},
+    )
+    yield dg.AssetCheckResult(
+        check_name="events_unique",
+        asset_key="events",
+        passed=sum(dupes.values()) == 0,
+        metadata={"duplicates": dupes},
+    )
+    yield dg.AssetCheckResult(
+        check_name="events_freshness",
+        asset_key="events",
+        passed=not stale,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"age_hours": ages, "limit_hours": policy.freshness_hours, "stale": stale},
     )
     yield dg.AssetCheckResult(
-        check_name="reject_rate", asset_key="rejected_events", passed=not over,
-        metadata={"reject_rate": rates, "max_reject_rate": policy.max_reject_rate,
-                  "over_limit": over},
+        check_name="reject_rate",
+        asset_key="rejected_events",
+        passed=not over,
+        metadata={
+            "reject_rate": rates,
+            "max_reject_rate": policy.max_reject_rate,
+            "over_limit": over,
+        },
     )
 
 

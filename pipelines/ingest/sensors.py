@@ -1,6 +1,5 @@
 """New landing files trigger the ingest job."""
 
-
 import hashlib
 
 import dagster as dg
@@ -16,8 +15,12 @@ ingest_job = dg.define_asset_job(
 )
 
 
-@dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Starts an ingest run when new files land in data/landing/<tenant>/<kind>/.")
+@dg.sensor(
+    job=ingest_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Starts an ingest run when new files land in data/landing/<tenant>/<kind>/.",
+)
 def landing_sensor(context: dg.SensorEvaluationContext, storage: StorageResource):
     store = storage.storage()
     pending = sorted(

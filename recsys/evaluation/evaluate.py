@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import polars as pl
@@ -20,6 +21,11 @@ from recsys.evaluation.metrics import (
     mean_popularity_percentile,
 )
 from recsys.models.data import Dataset, holdout_pairs
+
+class HasIndex(Protocol):
+    def user_index(self, user_ids) -> np.ndarray: ...
+    def item_index(self, item_ids) -> np.ndarray: ...
+
 
 #: Column order of the evaluation table (each metric also has _low / _high CI columns).
 METRIC_LABELS: tuple[str, ...] = (*PER_USER_METRICS, "Coverage@10", "PopPercentile@10")
@@ -42,10 +48,11 @@ class Holdout:
 
 
 def build_holdout(
-    data: Dataset, train_events: pl.DataFrame, holdout_events: pl.DataFrame,
+    data: Dataset | HasIndex, train_events: pl.DataFrame, holdout_events: pl.DataFrame,
     weights: dict[str, float] | None = None,
 ) -> Holdout:
-    """Positives of `holdout_events` per the protocol, mapped onto `data`'s index."""
+    """Positives of `holdout_events` per the protocol, mapped onto `data`'s index (anything
+    with ``user_index`` / ``item_index``: a Dataset or a fitted HybridRecommender)."""
     pairs = holdout_pairs(train_events, holdout_events, weights)
     u = data.user_index(pairs["user_id"].to_list())
     i = data.item_index(pairs["item_id"].to_list())

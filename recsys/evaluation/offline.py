@@ -59,8 +59,7 @@ def evaluate_fitted(
 
     The table is empty when the test period has no usable positives (too little data).
     """
-    data = model.data_
-    holdout = build_holdout(data, train, test, model.config.weights)
+    holdout = build_holdout(model, train, test, model.config.weights)
     lists: dict[str, np.ndarray] = {}
     if holdout.n_users == 0:
         return pl.DataFrame(), holdout, lists
@@ -69,8 +68,8 @@ def evaluate_fitted(
             # same exclusions as the served list: seen and unavailable items
             lists[label] = _recommend_available(model.generators_[gen], model, holdout.user_idx, 20)
     lists[SERVED], _ = model.recommend(holdout.user_idx, 20)
-    pop = np.asarray(data.confidence.sum(axis=0)).ravel()
-    return evaluation_table(lists, holdout, data.n_items, pop, n_resamples, seed), holdout, lists
+    pop = model.generators_["popularity"].pop_
+    return evaluation_table(lists, holdout, len(model.item_ids_), pop, n_resamples, seed), holdout, lists
 
 
 def _recommend_available(m, model: HybridRecommender, user_idx: np.ndarray, k: int) -> np.ndarray:

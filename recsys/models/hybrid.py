@@ -27,7 +27,7 @@ from recsys.evaluation.evaluate import Holdout, build_holdout
 from recsys.evaluation.metrics import ndcg_at_k, popularity_percentile
 from recsys.models.base import Recommender, mask_rows, top_k
 from recsys.models.cooccurrence import CooccurrenceRecommender
-from recsys.models.data import Dataset, build_dataset, temporal_split
+from recsys.models.data import Dataset, _lookup, build_dataset, temporal_split
 from recsys.models.ease import EASERecommender
 from recsys.models.lightfm_model import LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
@@ -400,6 +400,14 @@ class HybridRecommender:
         return info
 
     # -- inference --
+    def user_index(self, user_ids) -> np.ndarray:
+        """Index of each user id in ``user_ids_``, -1 for unknown users."""
+        return _lookup(self.user_ids_, user_ids)
+
+    def item_index(self, item_ids) -> np.ndarray:
+        """Index of each item id in ``item_ids_``, -1 for unknown items."""
+        return _lookup(self.item_ids_, item_ids)
+
     def rank(self, user_idx: np.ndarray, k: int = 10, batch_size: int = 256):
         """Final top-`k` lists for a batch of users (see :func:`recsys.models.serve.serve_top_n`)."""
         from recsys.models.serve import serve_top_n

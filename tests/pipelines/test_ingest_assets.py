@@ -37,15 +37,22 @@ def test_definitions_load_with_the_ingest_graph():
 def test_ingest_run_materialises_tables_with_metadata_and_passing_checks(ingest_resources):
     result = _materialize(ingest_resources)
     assert result.success
-    mats = {m.asset_key.to_user_string(): m.metadata for m in result.asset_materializations_for_node(
-        "events_and_rejects")}
+    mats = {
+        m.asset_key.to_user_string(): m.metadata
+        for m in result.asset_materializations_for_node("events_and_rejects")
+    }
     ev = mats["events"]
     assert ev["rows_new"].value == ev["dagster/row_count"].value > 19_000
     assert ev["duplicates_dropped"].value == 60
     rej = mats["rejected_events"]
     assert rej["rejected_this_run"].value == 80
     assert set(rej["rejected_by_reason"].value) == {
-        "missing_id", "bad_timestamp", "unknown_event_type", "oversize_field", "bad_value"}
+        "missing_id",
+        "bad_timestamp",
+        "unknown_event_type",
+        "oversize_field",
+        "bad_value",
+    }
     checks = _checks(result)
     assert checks["events_schema"] and checks["events_null_ids"] and checks["events_unique"]
     assert checks["reject_rate"] and checks["items_valid"]
@@ -53,15 +60,19 @@ def test_ingest_run_materialises_tables_with_metadata_and_passing_checks(ingest_
 
     again = _materialize(ingest_resources)  # idempotent: nothing new, same table
     assert again.success
-    ev2 = {m.asset_key.to_user_string(): m.metadata for m in
-           again.asset_materializations_for_node("events_and_rejects")}["events"]
+    ev2 = {
+        m.asset_key.to_user_string(): m.metadata
+        for m in again.asset_materializations_for_node("events_and_rejects")
+    }["events"]
     assert ev2["rows_new"].value == 0
     assert ev2["dagster/row_count"].value == ev["dagster/row_count"].value
 
 
 def test_reject_rate_check_fails_above_the_threshold(demo_root):
-    strict = {"storage": StorageResource(root=demo_root.root),
-              "policy": IngestPolicy(max_reject_rate=0.001)}
+    strict = {
+        "storage": StorageResource(root=demo_root.root),
+        "policy": IngestPolicy(max_reject_rate=0.001),
+    }
     result = _materialize(strict)
     assert _checks(result)["reject_rate"] is False
 

@@ -20,8 +20,9 @@ def pg_database():
     psycopg2 = pytest.importorskip("psycopg2")
     host = os.environ.get("RECSYS_PG_HOST", "127.0.0.1")
     try:
-        admin = psycopg2.connect(host=host, port=5432, user="postgres", dbname="postgres",
-                                 connect_timeout=3)
+        admin = psycopg2.connect(
+            host=host, port=5432, user="postgres", dbname="postgres", connect_timeout=3
+        )
     except psycopg2.OperationalError as exc:
         pytest.skip(f"PostgreSQL not reachable at {host}:5432: {exc}")
     admin.autocommit = True
@@ -36,17 +37,23 @@ def pg_database():
         admin.close()
 
 
-def test_ingest_assets_materialise_on_a_postgres_instance(pg_database, ingest_resources, tmp_path,
-                                                          monkeypatch):
+def test_ingest_assets_materialise_on_a_postgres_instance(
+    pg_database, ingest_resources, tmp_path, monkeypatch
+):
     for k, v in pg_database.items():
         monkeypatch.setenv(k, v)
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text((REPO / "dagster_home" / "dagster-postgres.yaml").read_text())
+    (home / "dagster.yaml").write_text(
+        (REPO / "dagster_home" / "dagster-postgres.yaml").read_text()
+    )
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-        result = dg.materialize([*ingest_defs.assets, *ingest_defs.asset_checks],
-                                resources=ingest_resources, instance=instance)
+        result = dg.materialize(
+            [*ingest_defs.assets, *ingest_defs.asset_checks],
+            resources=ingest_resources,
+            instance=instance,
+        )
         assert result.success
         stored = instance.get_run_by_id(result.run_id)
         assert stored is not None and stored.is_success

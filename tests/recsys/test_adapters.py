@@ -39,10 +39,14 @@ def test_import_cli_path_guesses_adapter_for_well_known_names(shared_data, stora
 
 def test_movielens_dat_and_csv_formats(tmp_path):
     (tmp_path / "ratings.dat").write_text("1::1193::5::978300760\n1::661::3::978302109\n")
-    (tmp_path / "movies.dat").write_bytes("1::Toy Story (1995)::Animation|Children's\n".encode("latin-1"))
+    (tmp_path / "movies.dat").write_bytes(
+        "1::Toy Story (1995)::Animation|Children's\n".encode("latin-1")
+    )
     raw, rej = adapters.read_source(str(tmp_path / "ratings.dat"), "events")
     assert raw.select("user_id", "item_id", "value", "event_type").rows() == [
-        ("1", "1193", "5", "rating"), ("1", "661", "3", "rating")]
+        ("1", "1193", "5", "rating"),
+        ("1", "661", "3", "rating"),
+    ]
     raw, _ = adapters.read_source(str(tmp_path / "movies.dat"), "items")
     assert raw.row(0, named=True)["tags"] == "genre:animation|genre:children-s"
     (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,3.5,1112486027\n")
@@ -64,7 +68,8 @@ def test_retail_export_maps_purchases_and_returns(tmp_path):
     ]
     items, _ = adapters.read_source(str(p), "items", adapter="retail")
     assert items.select("item_id", "title", "price").rows() == [
-        ("85123A", "WHITE HANGING HEART", "2.55")]
+        ("85123A", "WHITE HANGING HEART", "2.55")
+    ]
 
 
 def test_unknown_adapter_kind_and_bad_mapping_are_clear_errors(tmp_path):

@@ -19,12 +19,15 @@ def _csv(tmp_path, name, text):
 
 
 def test_import_then_ingest_keeps_every_valid_row_once(storage, tmp_path):
-    path = _csv(tmp_path, "events.csv",
-                "user,sku,kind,ts\n"
-                "u1,i1,view,2026-10-01T10:00:00Z\n"
-                "u1,i2,purchase,2026-10-02T10:00:00Z\n"
-                "u2,i1,view,not-a-time\n"
-                "u3,i3\n")
+    path = _csv(
+        tmp_path,
+        "events.csv",
+        "user,sku,kind,ts\n"
+        "u1,i1,view,2026-10-01T10:00:00Z\n"
+        "u1,i2,purchase,2026-10-02T10:00:00Z\n"
+        "u2,i1,view,not-a-time\n"
+        "u3,i3\n",
+    )
     mapping = {"user": "user_id", "sku": "item_id", "kind": "event_type", "ts": "timestamp"}
     first = ingest.import_file(storage, "events", path, mapping=mapping)
     assert (first.rows, first.unparsable, first.would_reject) == (3, 1, {"bad_timestamp": 1})
@@ -48,10 +51,16 @@ def test_import_then_ingest_keeps_every_valid_row_once(storage, tmp_path):
 
 
 def test_overlapping_files_do_not_duplicate_events(storage, tmp_path):
-    a = _csv(tmp_path, "a.csv", "user_id,item_id,event_type,timestamp\n"
-                                "u1,i1,view,1759312800\nu2,i2,view,1759312801\n")
-    b = _csv(tmp_path, "b.csv", "user_id,item_id,event_type,timestamp\n"
-                                "u2,i2,view,1759312801\nu3,i3,view,1759312802\n")
+    a = _csv(
+        tmp_path,
+        "a.csv",
+        "user_id,item_id,event_type,timestamp\nu1,i1,view,1759312800\nu2,i2,view,1759312801\n",
+    )
+    b = _csv(
+        tmp_path,
+        "b.csv",
+        "user_id,item_id,event_type,timestamp\nu2,i2,view,1759312801\nu3,i3,view,1759312802\n",
+    )
     ingest.import_file(storage, "events", a)
     assert ingest.ingest_events(storage, "default", now=NOW).rows_new == 2
     ingest.import_file(storage, "events", b)
@@ -74,7 +83,12 @@ def test_demo_data_is_deterministic_and_ingests_with_the_planted_faults(storage,
     assert report.duplicates == summary.duplicates
     assert report.rows_new == 20_000 - summary.malformed
     assert set(report.rejected_by_reason) == {
-        "missing_id", "bad_timestamp", "unknown_event_type", "oversize_field", "bad_value"}
+        "missing_id",
+        "bad_timestamp",
+        "unknown_event_type",
+        "oversize_field",
+        "bad_value",
+    }
     events = ingest.read_events(storage, "default")
     assert events["event_id"].n_unique() == events.height
     types = set(events["event_type"].unique())
@@ -89,12 +103,15 @@ def test_demo_users_have_tastes_a_model_can_learn(storage):
     generate(DemoSpec(events=30_000, seed=5, end_date="2026-11-01"), storage)
     ingest.ingest_events(storage, "default", now=NOW)
     items, _ = ingest.build_table(storage, "default", "items")
-    ev = ingest.read_events(storage, "default").join(items.select("item_id", "category"),
-                                                     on="item_id")
+    ev = ingest.read_events(storage, "default").join(
+        items.select("item_id", "category"), on="item_id"
+    )
     share = (
-        ev.group_by("user_id", "category").len()
+        ev.group_by("user_id", "category")
+        .len()
         .with_columns((pl.col("len") / pl.col("len").sum().over("user_id")).alias("s"))
-        .group_by("user_id").agg(pl.col("s").max(), pl.col("len").sum().alias("n"))
+        .group_by("user_id")
+        .agg(pl.col("s").max(), pl.col("len").sum().alias("n"))
         .filter(pl.col("n") >= 20)
     )
     # an active user's top category holds far more than the 1/20 a taste-free user would give

@@ -33,7 +33,10 @@ def test_csv_keeps_good_lines_and_rejects_ragged_and_badly_encoded(tmp_path):
     assert rows["user_id"].to_list() == ["u1", "u3"]
     assert rows["_row"].to_list() == [2, 4]
     assert sorted(zip(rejects["row_number"], rejects["reason"], strict=True)) == [
-        (3, "unparsable"), (5, "bad_encoding"), (6, "unparsable")]
+        (3, "unparsable"),
+        (5, "bad_encoding"),
+        (6, "unparsable"),
+    ]
 
 
 def test_empty_and_header_only_files_are_clear_errors(tmp_path):
@@ -55,50 +58,90 @@ def test_ndjson_lines_that_are_not_objects_are_rejected(tmp_path):
 
 def test_timestamps_in_every_documented_form_parse_to_the_same_instant():
     expected = datetime(2024, 10, 1, 10, 0, tzinfo=UTC)
-    raw = pl.DataFrame({
-        "user_id": ["u"] * 5, "item_id": [f"i{i}" for i in range(5)],
-        "event_type": ["view"] * 5,
-        "timestamp": ["2024-10-01T10:00:00Z", "2024-10-01T12:00:00+02:00", "1727776800",
-                      "1727776800000", "2024-10-01 10:00:00"],
-    })
+    raw = pl.DataFrame(
+        {
+            "user_id": ["u"] * 5,
+            "item_id": [f"i{i}" for i in range(5)],
+            "event_type": ["view"] * 5,
+            "timestamp": [
+                "2024-10-01T10:00:00Z",
+                "2024-10-01T12:00:00+02:00",
+                "1727776800",
+                "1727776800000",
+                "2024-10-01 10:00:00",
+            ],
+        }
+    )
     good, rejects = validate_events(raw, tenant="default", source="t", now=NOW)
     assert rejects.height == 0
     assert good["timestamp"].to_list() == [expected] * 5
 
 
 def test_each_kind_of_bad_row_gets_its_reason_and_good_rows_survive():
-    raw = pl.DataFrame({
-        "user_id": ["u1", None, "u3", "u4", "u5", "u6", "u7", "u8", "u9"],
-        "item_id": ["i1", "i2", "i3", "i4", "x" * 300, "i6", "i7", "i8", "i9"],
-        "event_type": ["view", "view", "view", "hover", "view", "purchase", "VIEW", "view",
-                       "rating"],
-        "timestamp": ["2026-10-01T00:00:00Z", "2026-10-01T00:00:00Z", "yesterday",
-                      "2026-10-01T00:00:00Z", "2026-10-01T00:00:00Z", "0",
-                      "2026-10-02T00:00:00Z", "2099-01-01T00:00:00Z", "2026-10-01T00:00:00Z"],
-        "value": [None, None, None, None, None, None, None, None, "five"],
-        "tenant": [None, None, None, None, None, None, None, "other", None],
-    })
+    raw = pl.DataFrame(
+        {
+            "user_id": ["u1", None, "u3", "u4", "u5", "u6", "u7", "u8", "u9"],
+            "item_id": ["i1", "i2", "i3", "i4", "x" * 300, "i6", "i7", "i8", "i9"],
+            "event_type": [
+                "view",
+                "view",
+                "view",
+                "hover",
+                "view",
+                "purchase",
+                "VIEW",
+                "view",
+                "rating",
+            ],
+            "timestamp": [
+                "2026-10-01T00:00:00Z",
+                "2026-10-01T00:00:00Z",
+                "yesterday",
+                "2026-10-01T00:00:00Z",
+                "2026-10-01T00:00:00Z",
+                "0",
+                "2026-10-02T00:00:00Z",
+                "2099-01-01T00:00:00Z",
+                "2026-10-01T00:00:00Z",
+            ],
+            "value": [None, None, None, None, None, None, None, None, "five"],
+            "tenant": [None, None, None, None, None, None, None, "other", None],
+        }
+    )
     good, rejects = validate_events(raw, tenant="default", source="t", now=NOW)
     assert good["user_id"].to_list() == ["u1", "u7"]
     assert good["event_type"].to_list() == ["view", "view"]  # types are case-insensitive
     reasons = dict(zip(rejects["row_number"].to_list(), rejects["reason"].to_list(), strict=True))
-    assert reasons == {2: "missing_id", 3: "bad_timestamp", 4: "unknown_event_type",
-                       5: "oversize_field", 6: "bad_timestamp", 8: "wrong_tenant",
-                       9: "bad_value"}
+    assert reasons == {
+        2: "missing_id",
+        3: "bad_timestamp",
+        4: "unknown_event_type",
+        5: "oversize_field",
+        6: "bad_timestamp",
+        8: "wrong_tenant",
+        9: "bad_value",
+    }
     assert '"user_id":"u3"' in rejects.filter(pl.col("row_number") == 3)["raw"][0]
 
 
 def test_tenant_declared_event_types_are_accepted():
-    raw = pl.DataFrame({"user_id": ["u"], "item_id": ["i"], "event_type": ["wishlist"],
-                        "timestamp": [1727776800]})
+    raw = pl.DataFrame(
+        {"user_id": ["u"], "item_id": ["i"], "event_type": ["wishlist"], "timestamp": [1727776800]}
+    )
     assert validate_events(raw, tenant="t", source="s", now=NOW)[0].height == 0
     good, _ = validate_events(raw, tenant="t", source="s", now=NOW, extra_event_types=["wishlist"])
     assert good.height == 1
 
 
 def test_derived_event_ids_are_deterministic_and_deduplicate():
-    raw = pl.DataFrame({"user_id": ["u1", "u1", "u2"], "item_id": ["i1", "i1", "i1"],
-                        "event_type": ["view"] * 3, "timestamp": [1727776800] * 3})
+    raw = pl.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u2"],
+            "item_id": ["i1", "i1", "i1"],
+            "event_type": ["view"] * 3,
+            "timestamp": [1727776800] * 3,
+        }
+    )
     good, _ = validate_events(raw, tenant="default", source="s", now=NOW)
     assert good.height == 2  # the repeated row is the same event
     again, _ = validate_events(raw.reverse(), tenant="default", source="s", now=NOW)
@@ -109,17 +152,23 @@ def test_derived_event_ids_are_deterministic_and_deduplicate():
 
 
 def test_items_parse_tags_prices_and_availability_and_reject_bad_rows():
-    raw = pl.DataFrame({
-        "item_id": ["a", "b", "c", None, "a"],
-        "price": ["9.5", "-1", "x", "3", "10"],
-        "tags": ['["brand:acme", "sale"]', "category:shoes|sale", "", "t", "brand:acme,new"],
-        "available": ["yes", "0", None, "1", "maybe"],
-    })
+    raw = pl.DataFrame(
+        {
+            "item_id": ["a", "b", "c", None, "a"],
+            "price": ["9.5", "-1", "x", "3", "10"],
+            "tags": ['["brand:acme", "sale"]', "category:shoes|sale", "", "t", "brand:acme,new"],
+            "available": ["yes", "0", None, "1", "maybe"],
+        }
+    )
     good, rejects = validate_items(raw, source="s")
     assert good["item_id"].to_list() == ["a"]
     assert good.row(0, named=True)["tags"] == ["brand:acme", "sale"]
     assert dict(zip(rejects["row_number"], rejects["reason"], strict=True)) == {
-        2: "bad_value", 3: "bad_value", 4: "missing_id", 5: "bad_value"}
+        2: "bad_value",
+        3: "bad_value",
+        4: "missing_id",
+        5: "bad_value",
+    }
 
 
 def test_text_layout_without_header_uses_given_names(tmp_path):

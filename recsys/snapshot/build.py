@@ -1,0 +1,286 @@
+"""Build a tenant's serving snapshot from a fitted hybrid model (Dagster-free).
+
+The publish assets (pipelines/publish/) are thin wrappers around these functions:
+
+* `compute_shard` scores one contiguous range of users with `recsys.models.serve.serve_top_n`
+  and writes it to a staging Parquet file (bounded memory: one shard at a time);
+* `similar_lists` and `fallback_lists` build the item-level lists;
+* `assemble_snapshot` streams the shard files into a `SnapshotWriter` inside a temporary folder
+  and publishes it through `SnapshotStore.publish` (verify, then switch CURRENT atomically).
+
+Staging files live in ``<snapshots_dir>/.staging/<model_key>/`` so shards computed for another
+model version are never mixed into a snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recsys.contract import DEFAULT_EVENT_WEIGHTS, ITEM_SCHEMA
+from recsys.snapshot.format import REASON_CODES
+from recsys.snapshot.store import SnapshotStore
+from recsys.snapshot.writer import CANDIDATE_COLUMNS, SnapshotWriter
+
+STAGING = ".staging"
+
+#: recsys.models.hybrid.REASON_CODES (0 popular, 1 popular_in_category, 2 similar_to_history,
+#: 3 personalized) -> snapshot reason codes (recsys.snapshot.format.REASONS).
+MODEL_REASON_TO_SNAPSHOT: dict[int, int] = {
+    0: REASON_CODES["popular"],
+    1: REASON_CODES["category"],
+    2: REASON_CODES["cooc"],
+    3: REASON_CODES["personal"],
+}
+
+
+def shard_bounds(n_users: int, shard: int, n_shards: int) -> tuple[int, int]:
+    """Users [start, stop) of shard `shard` of `n_shards` contiguous, near-equal ranges."""
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} out of range [0, {n_shards})")
+    return shard * n_users // n_shards, (shard + 1) * n_users // n_shards
+
+
+def staging_dir(snapshots_dir: str, model_key: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key) or "model"
+    return os.path.join(snapshots_dir, STAGING, safe)
+
+
+def shard_path(snapshots_dir: str, model_key: str, shard: int, n_shards: int) -> str:
+    return os.path.join(staging_dir(snapshots_dir, model_key), f"shard-{shard:02d}-of-{n_shards:02d}.parquet")
+
+
+def shard_candidates(model: Any, start: int, stop: int, k: int, batch_size: int = 256) -> pl.DataFrame:
+    """Final top-k of users [start, stop) as a frame with `CANDIDATE_COLUMNS`."""
+    from recsys.models.serve import serve_top_n  # the model package is optional for readers
+
+    lists = serve_top_n(model, np.arange(start, stop), k=k, batch_size=batch_size)
+    code = np.asarray(lists.reason_code, dtype=np.int64)
+    mapping = np.full(256, REASON_CODES["personal"], dtype=np.uint8)
+    for src, dst in MODEL_REASON_TO_SNAPSHOT.items():
+        mapping[src] = dst
+    return pl.DataFrame({
+        "user_idx": np.asarray(lists.user_idx, np.int64),
+        "item_idx": np.asarray(lists.item_idx, np.int64),
+        "score": np.asarray(lists.final_score, np.float32),
+        "pop": lists.pop, "cooc": lists.cooc, "emb": lists.emb, "ranker": lists.ranker,
+        "reason": mapping[code],
+    }).select(CANDIDATE_COLUMNS)
+
+
+def compute_shard(model: Any, snapshots_dir: str, model_key: str, shard: int, n_shards: int, k: int) -> tuple[str, int]:
+    """Score one shard and write it atomically to staging. Returns (path, rows)."""
+    start, stop = shard_bounds(len(model.user_ids_), shard, n_shards)
+    frame = shard_candidates(model, start, stop, k)
+    path = shard_path(snapshots_dir, model_key, shard, n_shards)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    frame.write_parquet(tmp)
+    os.replace(tmp, path)
+    return path, frame.height
+
+
+def seen_pairs(model: Any, start: int, stop: int) -> dict[str, np.ndarray]:
+    """The (user_idx, item_idx) training interactions of users [start, stop)."""
+    seen = model.seen_[start:stop].tocsr()
+    rows = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(seen.indptr))
+    return {"user_idx": rows, "item_idx": seen.indices.astype(np.int64)}
+
+
+def aligned_items(item_ids: Sequence[str], items: pl.DataFrame | None) -> pl.DataFrame:
+    """The items table in the model's item order (ITEM_SCHEMA); items absent from it are null."""
+    order = pl.DataFrame({"item_id": pl.Series(list(item_ids), dtype=pl.String)})
+    if items is None:
+        table = pl.DataFrame(schema=ITEM_SCHEMA)
+    else:
+        table = items.select([pl.col(c) if c in items.columns else pl.lit(None, dtype=t).alias(c)
+                              for c, t in ITEM_SCHEMA.items()]).unique("item_id", keep="last")
+    out = order.join(table, on="item_id", how="left", maintain_order="left")
+    return out.with_columns(pl.col("available").fill_null(True), pl.col("tags").fill_null([])).cast(ITEM_SCHEMA)  # type: ignore[arg-type]
+
+
+def similar_lists(model: Any, k: int = 20) -> dict[str, pl.DataFrame]:
+    """Item-to-item lists: 'emb' (LightFM cosine, when the model has LightFM) and 'cooc'."""
+    from recsys.models import serve
+
+    out: dict[str, pl.DataFrame] = {}
+    for kind, fn in (("emb", serve.similar_items_embedding), ("cooc", serve.similar_items_cooccurrence)):
+        try:
+            idx, val = fn(model, k=k)
+        except KeyError:  # the generator was skipped for lack of data: no list of this kind
+            continue
+        idx, val = np.asarray(idx), np.asarray(val, dtype=np.float32)
+        src = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
+        ok = idx.ravel() >= 0
+        out[kind] = pl.DataFrame({"item_idx": src[ok], "similar_idx": idx.ravel()[ok], "score": val.ravel()[ok]})
+    return out
+
+
+def fallback_lists(
+    model: Any,
+    items: pl.DataFrame,
+    users: pl.DataFrame | None,
+    events: pl.DataFrame | None,
+    k: int = 200,
+    weights: Mapping[str, float] | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """'popular', 'trending', 'category:<c>', 'tag:<t>', 'segment:<s>' lists over available items.
+
+    `items` is aligned to the model (see `aligned_items`); popularity and trending come from the
+    model's popularity generator, segment lists from the events of each segment's users.
+    """
+    pop_gen = model.generators_["popularity"]
+    available = items["available"].to_numpy().astype(bool)
+    pop = np.asarray(pop_gen.pop_, dtype=np.float32)
+    trending = np.asarray(pop_gen.trending_, dtype=np.float32)
+
+    def top(mask: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.flatnonzero(mask & available & (score > 0))
+        order = idx[np.argsort(-score[idx], kind="stable")[:k]]
+        return order.astype(np.int32), score[order].astype(np.float32)
+
+    everything = np.ones(len(items), dtype=bool)
+    out = {"popular": top(everything, pop), "trending": top(everything, trending)}
+    indexed = items.with_row_index("i")
+    for (cat,), group in indexed.drop_nulls("category").group_by("category"):
+        mask = np.zeros(len(items), dtype=bool)
+        mask[group["i"].to_numpy()] = True
+        out[f"category:{cat}"] = top(mask, pop)
+    for (tag,), group in indexed.select("i", "tags").explode("tags").drop_nulls("tags").group_by("tags"):
+        mask = np.zeros(len(items), dtype=bool)
+        mask[group["i"].to_numpy()] = True
+        out[f"tag:{tag}"] = top(mask, pop)
+    if users is not None and events is not None and "segment" in users.columns and events.height:
+        w = dict(DEFAULT_EVENT_WEIGHTS, **(weights or {}))
+        item_pos = indexed.select("item_id", "i")
+        seg = (
+            events.select("user_id", "item_id", "event_type")
+            .join(users.select("user_id", "segment").drop_nulls(), on="user_id")
+            .with_columns(pl.col("event_type").replace_strict(w, default=0.0, return_dtype=pl.Float64).alias("w"))
+            .filter(pl.col("w") > 0)
+            .group_by("segment", "item_id").agg(pl.col("w").sum())
+            .join(item_pos, on="item_id")
+        )
+        for (name,), group in seg.group_by("segment"):
+            score = np.zeros(len(items), dtype=np.float32)
+            score[group["i"].to_numpy()] = group["w"].to_numpy()
+            out[f"segment:{name}"] = top(everything, score)
+    return dict(sorted(out.items()))
+
+
+def write_item_lists(snapshots_dir: str, model_key: str, similar: Mapping[str, pl.DataFrame] | None = None,
+                     fallbacks: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[str]:
+    """Stage similar lists (similar-<kind>.parquet) and/or fallbacks (fallbacks.parquet)."""
+    d = staging_dir(snapshots_dir, model_key)
+    os.makedirs(d, exist_ok=True)
+    frames: dict[str, pl.DataFrame] = {f"similar-{kind}": f for kind, f in (similar or {}).items()}
+    if similar is not None:
+        frames["similar-kinds"] = pl.DataFrame({"kind": list(similar)}, schema={"kind": pl.String})
+    if fallbacks is not None:
+        frames["fallbacks"] = pl.DataFrame({
+            "name": [n for n, (i, _) in fallbacks.items() for _ in range(len(i))],
+            "item_idx": np.concatenate([i for i, _ in fallbacks.values()] or [np.zeros(0, np.int32)]).astype(np.int32),
+            "score": np.concatenate([v for _, v in fallbacks.values()] or [np.zeros(0, np.float32)]).astype(np.float32),
+        }, schema={"name": pl.String, "item_idx": pl.Int32, "score": pl.Float32})
+    paths = []
+    for name, frame in frames.items():
+        path = os.path.join(d, f"{name}.parquet")
+        frame.write_parquet(path + ".tmp")
+        os.replace(path + ".tmp", path)
+        paths.append(path)
+    return paths
+
+
+def read_similar_lists(snapshots_dir: str, model_key: str) -> dict[str, pl.DataFrame] | None:
+    d = staging_dir(snapshots_dir, model_key)
+    kinds_path = os.path.join(d, "similar-kinds.parquet")
+    if not os.path.exists(kinds_path):
+        return None
+    kinds = pl.read_parquet(kinds_path)["kind"].to_list()
+    return {k: pl.read_parquet(os.path.join(d, f"similar-{k}.parquet")) for k in kinds}
+
+
+def read_fallback_lists(snapshots_dir: str, model_key: str) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    path = os.path.join(staging_dir(snapshots_dir, model_key), "fallbacks.parquet")
+    if not os.path.exists(path):
+        return None
+    frame = pl.read_parquet(path)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for (name,), group in frame.group_by("name", maintain_order=True):
+        out[name] = (group["item_idx"].to_numpy(), group["score"].to_numpy())
+    return out
+
+
+def user_segments(user_ids: Sequence[str], users: pl.DataFrame | None) -> pl.Series:
+    order = pl.DataFrame({"user_id": pl.Series(list(user_ids), dtype=pl.String)})
+    if users is None or "segment" not in users.columns:
+        return pl.Series("segment", [None] * order.height, dtype=pl.String)
+    table = users.select("user_id", pl.col("segment").cast(pl.String)).unique("user_id", keep="last")
+    return order.join(table, on="user_id", how="left", maintain_order="left")["segment"]
+
+
+def assemble_snapshot(
+    store: SnapshotStore,
+    *,
+    tenant: str,
+    model: Any,
+    model_key: str,
+    n_shards: int,
+    k: int,
+    items: pl.DataFrame | None,
+    users: pl.DataFrame | None,
+    events: pl.DataFrame | None,
+    models_info: Mapping[str, Mapping[str, Any]],
+    config_version: str | None,
+    n_similar: int = 20,
+    compute_missing: bool = True,
+    log: Any = None,
+) -> tuple[str, dict[str, Any]]:
+    """Write the snapshot from the staged shards (computing missing ones), verify and publish.
+
+    Returns (snapshot_id, manifest). CURRENT changes only if everything succeeded.
+    """
+    user_ids = [str(u) for u in model.user_ids_]
+    item_table = aligned_items([str(i) for i in model.item_ids_], items)
+    tmp = store.new_tmp_dir()
+    try:
+        writer = SnapshotWriter(
+            tmp, tenant=tenant, user_ids=user_ids, items=item_table,
+            segments=user_segments(user_ids, users), models=models_info,
+            config_version=config_version, n_per_user=k,
+        )
+        for shard in range(n_shards):
+            path = shard_path(store.root, model_key, shard, n_shards)
+            if not os.path.exists(path):
+                if not compute_missing:
+                    raise FileNotFoundError(f"shard {shard} of {n_shards} not computed for model {model_key}")
+                if log is not None:
+                    log.info(f"{tenant}: computing missing shard {shard}/{n_shards}")
+                compute_shard(model, store.root, model_key, shard, n_shards, k)
+            start, stop = shard_bounds(len(user_ids), shard, n_shards)
+            writer.add_shard(start, stop, pl.read_parquet(path), seen_pairs(model, start, stop))
+        similar = read_similar_lists(store.root, model_key)
+        for kind, frame in (similar if similar is not None else similar_lists(model, n_similar)).items():
+            writer.set_similar(kind, frame)
+        fallbacks = read_fallback_lists(store.root, model_key)
+        writer.set_fallbacks(fallbacks if fallbacks is not None else fallback_lists(model, item_table, users, events, k=k))
+        try:
+            from recsys.models.serve import item_factors, user_factors
+
+            uf, _ = user_factors(model)
+            itf, ib = item_factors(model)
+            writer.set_factors(uf, itf, ib)
+        except KeyError:
+            pass  # no LightFM in this model: the snapshot carries no factors
+        manifest = writer.finish()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sid = store.publish(tmp)
+    shutil.rmtree(staging_dir(store.root, model_key), ignore_errors=True)
+    return sid, manifest

@@ -1,0 +1,54 @@
+"""The training and evaluation assets end to end on a small warehouse, plus a tiny tenant."""
+
+import json
+import os
+
+import dagster as dg
+import numpy as np
+import pytest
+from synthetic_events import cluster_events, cluster_items, make_events
+
+from pipelines import evaluation, training
+from pipelines.resources import MlflowResource, StorageResource
+
+RUN_CONFIG = {"ops": {
+    "lightfm_model": {"config": {"no_components": 4, "epochs": 3}},
+    "ranker_model": {"config": {"max_iter": 10, "min_ranker_positives": 5, "candidates_per_generator": 20}},
+    "model_evaluation": {"config": {"bootstrap_resamples": 50}},
+    "champion_model": {"config": {"tolerance": 0.01}},
+}}
+
+
+def _write_warehouse(store, tenant, events, items=None):
+    d = store.path("warehouse", tenant, "events", "date=2024-01-01")
+    os.makedirs(d, exist_ok=True)
+    events.write_parquet(os.path.join(d, "part-0.parquet"))
+    if items is not None:
+        items.write_parquet(store.table_path(tenant, "items"))
+
+
+@pytest.mark.slow
+def test_pipeline_trains_evaluates_and_gates(storage):
+    _write_warehouse(storage, "shop", cluster_events(np.random.default_rng(4), 80, 30, 10), cluster_items(30))
+    _write_warehouse(storage, "tiny", make_events([("a", "x", "view", 0), ("a", "y", "view", 0)]))
+    externals = [dg.AssetSpec(k) for k in ("events", "items", "users")]
+    result = dg.materialize(
+        [*externals, *training.assets, *evaluation.assets, *training.asset_checks,
+         *evaluation.asset_checks],
+        resources={"storage": StorageResource(root=storage.root), "mlflow": MlflowResource()},
+        run_config=RUN_CONFIG,
+    )
+    assert result.success
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"split_is_temporal": True, "hybrid_model_saved": True, "champion_not_regressed": True}
+    mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
+    eval_md = mats["model_evaluation"].materialization.metadata
+    assert "shop/metrics" in eval_md and "too little data" in eval_md["summary"].value
+    with open(storage.path("models", "shop", "gate.json")) as f:
+        gate = json.load(f)
+    assert gate["promoted"] and gate["version"] == "1"
+    with open(storage.path("models", "tiny", "split.json")) as f:
+        assert "popularity only" in json.load(f)["skip"]
+    assert os.path.exists(storage.path("models", "tiny", "final", "popularity", "arrays.npz"))
+    assert not os.path.exists(storage.path("models", "tiny", "final", "lightfm"))
+    assert os.path.exists(storage.path("evaluation", "shop", "evaluation.png"))
