@@ -34,15 +34,27 @@ def main() -> int:
     events, items, users = movielens_100k(args.data)
     result = evaluate_offline(events, items, users)
     table = result.table
-    with pl.Config(tbl_rows=20, tbl_cols=20, tbl_width_chars=400, fmt_str_lengths=30,
-                   tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+    with pl.Config(
+        tbl_rows=20,
+        tbl_cols=20,
+        tbl_width_chars=400,
+        fmt_str_lengths=30,
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+    ):
         print(format_table(table))
     ndcg = dict(zip(table["model"], table["NDCG@10"], strict=True))
     bar = 1.05 * max(ndcg["EASE"], ndcg["popularity"])
     print(f"\ntest users {result.holdout.n_users}, test pairs {result.holdout.n_pairs}")
-    print(f"served NDCG@10 {ndcg['served']:.4f} vs target 1.05 x max(EASE, popularity) = {bar:.4f}: "
-          f"{'PASS' if ndcg['served'] >= bar else 'FAIL'} (ratio {ndcg['served'] / max(ndcg['EASE'], ndcg['popularity']):.3f})")
-    info = {k: v for k, v in result.model.info.items() if k in ("tuning", "candidate_recall", "ranker_rows", "ranker_positives")}
+    print(
+        f"served NDCG@10 {ndcg['served']:.4f} vs target 1.05 x max(EASE, popularity) = {bar:.4f}: "
+        f"{'PASS' if ndcg['served'] >= bar else 'FAIL'} (ratio {ndcg['served'] / max(ndcg['EASE'], ndcg['popularity']):.3f})"
+    )
+    info = {
+        k: v
+        for k, v in result.model.info.items()
+        if k in ("tuning", "candidate_recall", "ranker_rows", "ranker_positives")
+    }
     print("chosen on validation:", json.dumps(info, default=str))
     print(f"total {time.perf_counter() - t0:.1f}s")
     if args.plot:

@@ -29,8 +29,14 @@ EQUAL = {"view": 1.0, "click": 1.0, "like": 1.0, "add_to_cart": 1.0, "purchase":
 
 
 def _show(table: pl.DataFrame) -> None:
-    with pl.Config(tbl_rows=20, tbl_cols=20, tbl_width_chars=400, fmt_str_lengths=30,
-                   tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+    with pl.Config(
+        tbl_rows=20,
+        tbl_cols=20,
+        tbl_width_chars=400,
+        fmt_str_lengths=30,
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+    ):
         print(format_table(table))
 
 
@@ -43,7 +49,9 @@ def main() -> int:
         return 2
     t0 = time.perf_counter()
     events, items = taobao_userbehavior(args.data)
-    print(f"{events.height:,} events, {events['user_id'].n_unique()} users, {events['item_id'].n_unique():,} items")
+    print(
+        f"{events.height:,} events, {events['user_id'].n_unique()} users, {events['item_id'].n_unique():,} items"
+    )
     base = HybridConfig()
     weighted = evaluate_offline(events, items, config=base)
     print("\n== contract weights (purchase 8, cart 4, like 3, view 1) ==")
@@ -58,7 +66,12 @@ def main() -> int:
     lw, le = weighted.lists["served"][:, :10], equal.lists["served"][:, :10]
     ids_w = weighted.model.item_ids_[np.maximum(lw, 0)]
     ids_e = equal.model.item_ids_[np.maximum(le, 0)]
-    overlap = np.mean([len(set(a[x >= 0]) & set(b[y >= 0])) / 10 for a, b, x, y in zip(ids_w, ids_e, lw, le, strict=True)])
+    overlap = np.mean(
+        [
+            len(set(a[x >= 0]) & set(b[y >= 0])) / 10
+            for a, b, x, y in zip(ids_w, ids_e, lw, le, strict=True)
+        ]
+    )
     print(f"\nserved overlap@10 between weighted and equal-weight lists: {overlap:.3f}")
 
     # Purchases in the test period, per the protocol (known user and item, not seen in train).
@@ -69,10 +82,15 @@ def main() -> int:
         i = res.model.item_index(buys["item_id"].to_list())
         pos = {int(x): p for p, x in enumerate(res.holdout.user_idx)}
         rows = [pos[x] for x in u if int(x) in pos]
-        rel = [np.array([ii for uu, ii in zip(u, i, strict=True) if uu == res.holdout.user_idx[r]]) for r in sorted(set(rows))]
+        rel = [
+            np.array([ii for uu, ii in zip(u, i, strict=True) if uu == res.holdout.user_idx[r]])
+            for r in sorted(set(rows))
+        ]
         lists = res.lists["served"][sorted(set(rows))]
-        print(f"{name:>8}: test purchases {len(buys)} by {len(rel)} users; purchased items in served "
-              f"top-20 HitRate {hit_rate_at_k(lists, rel, 20).mean():.3f}, NDCG@10 {ndcg_at_k(lists, rel, 10).mean():.4f}")
+        print(
+            f"{name:>8}: test purchases {len(buys)} by {len(rel)} users; purchased items in served "
+            f"top-20 HitRate {hit_rate_at_k(lists, rel, 20).mean():.3f}, NDCG@10 {ndcg_at_k(lists, rel, 10).mean():.4f}"
+        )
     print(f"total {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -39,13 +39,19 @@ def _du(path: str) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--users", type=int, default=1_000_000)
     p.add_argument("--items", type=int, default=100_000)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--shard-size", type=int, default=50_000)
-    p.add_argument("--no-parquet", action="store_true", help="skip the analyst Parquet/DuckDB copies")
-    p.add_argument("--out", help="snapshots folder to publish into (kept); default a temp dir (removed)")
+    p.add_argument(
+        "--no-parquet", action="store_true", help="skip the analyst Parquet/DuckDB copies"
+    )
+    p.add_argument(
+        "--out", help="snapshots folder to publish into (kept); default a temp dir (removed)"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -54,8 +60,15 @@ def main() -> None:
     tmp = store.new_tmp_dir()
     base_mb = _vm_hwm_mb()
     t0 = time.perf_counter()
-    manifest = build_synthetic_snapshot(tmp, args.users, args.items, n=args.n, seed=args.seed,
-                                        shard_size=args.shard_size, write_parquet=not args.no_parquet)
+    manifest = build_synthetic_snapshot(
+        tmp,
+        args.users,
+        args.items,
+        n=args.n,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        write_parquet=not args.no_parquet,
+    )
     t_build = time.perf_counter() - t0
     peak_mb = _vm_hwm_mb()
     t0 = time.perf_counter()
@@ -77,10 +90,12 @@ def main() -> None:
         snap.user_candidates(u)
     t_lookup = (time.perf_counter() - t0) / len(ids)
 
-    print(f"snapshot {sid}: {args.users:,} users x {args.items:,} items, n={args.n}, "
-          f"shard={args.shard_size:,}, parquet={'no' if args.no_parquet else 'yes'}")
+    print(
+        f"snapshot {sid}: {args.users:,} users x {args.items:,} items, n={args.n}, "
+        f"shard={args.shard_size:,}, parquet={'no' if args.no_parquet else 'yes'}"
+    )
     print(f"  build            {t_build:8.1f} s  ({args.users / t_build:,.0f} users/s)")
-    print(f"  publish (verify) {t_publish:8.1f} s  (sha256 of every file, reader open, rename, CURRENT)")
+    print(f"  publish (verify) {t_publish:8.1f} s  (sha256 of every file, open, rename, CURRENT)")
     print(f"  size on disk     {size / 2**30:8.2f} GiB  (serving .npy {npy / 2**30:.2f} GiB)")
     print(f"  peak memory      {peak_mb:8.0f} MiB  (VmHWM; {base_mb:.0f} MiB before building)")
     print(f"  open_snapshot    {t_open * 1e3:8.1f} ms")

@@ -1,13 +1,17 @@
 """The baseline of serve_load.py: a Falcon endpoint returning a fixed 20-item JSON list, with the
-same JSON handler and gunicorn settings as the real server (`gunicorn benchmarks.trivial_app:app`)."""
+same JSON handler and gunicorn settings as the real server
+(`gunicorn benchmarks.trivial_app:app`)."""
 
 from __future__ import annotations
 
 import falcon
 import orjson
 
-ITEMS = {"items": [{"item_id": f"i{n:07d}", "rank": n + 1, "score": round(1.0 - n / 100, 6)}
-                   for n in range(20)]}
+ITEMS = {
+    "items": [
+        {"item_id": f"i{n:07d}", "rank": n + 1, "score": round(1.0 - n / 100, 6)} for n in range(20)
+    ]
+}
 
 
 class FixedList:

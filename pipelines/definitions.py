@@ -5,7 +5,7 @@ import os
 
 import dagster as dg
 
-from pipelines import ingest
+from pipelines import evaluation, ingest, publish, training
 from pipelines.resources import IngestPolicy, MlflowResource, StorageResource
 
 recsys_pipeline = dg.define_asset_job(
@@ -15,8 +15,13 @@ recsys_pipeline = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=[*ingest.assets],
-    asset_checks=[*ingest.asset_checks],
+    assets=[*ingest.assets, *training.assets, *evaluation.assets, *publish.assets],
+    asset_checks=[
+        *ingest.asset_checks,
+        *training.asset_checks,
+        *evaluation.asset_checks,
+        *publish.asset_checks,
+    ],
     jobs=[recsys_pipeline, *ingest.jobs],
     sensors=[*ingest.sensors],
     resources={

@@ -18,7 +18,7 @@ from recsys.errors import EmptyInputError, RecsysError
 from recsys.storage import Storage, default_root
 
 #: Modules that add their own sub-commands through `register(subparsers)`.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("recsys.snapshot.cli", "serving.cli")
 
 
 def _progress(label: str, quiet: bool) -> Callable[[int, int], None]:
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--data-root",
+        dest="global_data_root",
         default=default_root(),
         help="data folder or fsspec URI (env RECSYS_DATA_ROOT, default ./data)",
     )
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # a sub-command's own --data-root wins; otherwise the global one applies
+    if getattr(args, "data_root", None) is None:
+        args.data_root = args.global_data_root
     try:
         return int(args.func(args) or 0)
     except RecsysError as exc:

@@ -44,7 +44,7 @@ def _client(uri: str):
     from mlflow import MlflowClient
 
     if uri.startswith("sqlite:///"):
-        os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
+        os.makedirs(os.path.dirname(uri[len("sqlite:///") :]), exist_ok=True)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -80,10 +80,18 @@ def code_version(repo_dir: str | None = None) -> str:
     """The git commit of the code (with ``-dirty`` when the tree has changes), else 'unknown'."""
     repo_dir = repo_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10)
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10
+        )
         if sha.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo_dir,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -137,13 +145,19 @@ def log_training_run(
     exp_id = ensure_experiment(client, tenant, artifact_root)
     params = {"tenant": tenant, **_flatten(model.config.to_dict(), "config.")}
     params.update(_flatten(extra_params or {}))
-    tags = {"tenant": tenant, "code_version": code_version(), **{k: str(v) for k, v in data_fingerprint(events).items()}}
+    tags = {
+        "tenant": tenant,
+        "code_version": code_version(),
+        **{k: str(v) for k, v in data_fingerprint(events).items()},
+    }
     run = client.create_run(exp_id, tags=tags, run_name=f"train-{tenant}")
     run_id = run.info.run_id
     try:
         items = list(params.items())
         for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
+            client.log_batch(
+                run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]]
+            )
         metrics: dict[str, float] = dict(extra_metrics or {})
         for k, v in data_fingerprint(events).items():
             if isinstance(v, int):
@@ -156,7 +170,9 @@ def log_training_run(
                         metrics[f"{row['model']}.{_metric_key(col)}"] = v
                 if row["model"] == "served":
                     served = row.get(GATE_METRIC)
-        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+        client.log_batch(
+            run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()]
+        )
         with tempfile.TemporaryDirectory() as tmp:
             if table is not None and table.height:
                 from recsys.evaluation.evaluate import format_table
@@ -180,7 +196,9 @@ def log_training_run(
         name = registered_model_name(tenant)
         if not _exists(client, name):
             client.create_registered_model(name, tags={"tenant": tenant})
-        mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags={"tenant": tenant})
+        mv = client.create_model_version(
+            name, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags={"tenant": tenant}
+        )
         version = mv.version
         gate = champion_gate(client, name, version, served, tolerance)
     return TrainingRun(run_id, registered_model_name(tenant), str(version), gate)
@@ -196,7 +214,9 @@ def _exists(client, name: str) -> bool:
         return False
 
 
-def champion_gate(client, name: str, version: str, candidate: float | None, tolerance: float = 0.0) -> dict[str, Any]:
+def champion_gate(
+    client, name: str, version: str, candidate: float | None, tolerance: float = 0.0
+) -> dict[str, Any]:
     """Give `version` the ``champion`` alias unless its served NDCG@10 is worse than the current
     champion's by more than `tolerance`. The decision and both figures become version tags."""
     from mlflow.exceptions import MlflowException
@@ -216,13 +236,22 @@ def champion_gate(client, name: str, version: str, candidate: float | None, tole
     elif current is None or champion_value is None:
         promoted, reason = True, "no champion with a recorded NDCG@10 yet"
     elif candidate >= champion_value - tolerance:
-        promoted, reason = True, f"{candidate:.4f} >= champion {champion_value:.4f} - tolerance {tolerance}"
+        promoted, reason = (
+            True,
+            f"{candidate:.4f} >= champion {champion_value:.4f} - tolerance {tolerance}",
+        )
     else:
-        promoted, reason = False, f"{candidate:.4f} < champion {champion_value:.4f} - tolerance {tolerance}"
+        promoted, reason = (
+            False,
+            f"{candidate:.4f} < champion {champion_value:.4f} - tolerance {tolerance}",
+        )
     decision = {
-        "promoted": promoted, "reason": reason, "candidate_ndcg_at_10": candidate,
+        "promoted": promoted,
+        "reason": reason,
+        "candidate_ndcg_at_10": candidate,
         "champion_ndcg_at_10": champion_value,
-        "champion_version": None if current is None else current.version, "tolerance": tolerance,
+        "champion_version": None if current is None else current.version,
+        "tolerance": tolerance,
     }
     for k, v in decision.items():
         client.set_model_version_tag(name, version, f"gate.{k}", str(v))
@@ -231,7 +260,9 @@ def champion_gate(client, name: str, version: str, candidate: float | None, tole
     return decision
 
 
-def load_registered_model(tenant: str, uri: str, alias_or_version: str = CHAMPION_ALIAS, dst: str | None = None):
+def load_registered_model(
+    tenant: str, uri: str, alias_or_version: str = CHAMPION_ALIAS, dst: str | None = None
+):
     """Download a registered version (alias like ``champion`` or a version number) and load it."""
     import mlflow
 
@@ -244,5 +275,7 @@ def load_registered_model(tenant: str, uri: str, alias_or_version: str = CHAMPIO
     else:
         mv = client.get_model_version_by_alias(name, alias_or_version)
     dst = dst or tempfile.mkdtemp(prefix=f"recsys-{tenant}-v{mv.version}-")
-    path = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst, tracking_uri=uri)
+    path = mlflow.artifacts.download_artifacts(
+        artifact_uri=mv.source, dst_path=dst, tracking_uri=uri
+    )
     return HybridRecommender.load(path)

@@ -33,8 +33,13 @@ def _json_handler() -> falcon.media.JSONHandler:
     return falcon.media.JSONHandler(dumps=orjson.dumps, loads=orjson.loads)
 
 
-def create_app(config: ServingConfig | None = None, store: SnapshotRegistry | None = None,
-               *, limiter=None, tenant_store: TenantStore | None = None) -> falcon.App:
+def create_app(
+    config: ServingConfig | None = None,
+    store: SnapshotRegistry | None = None,
+    *,
+    limiter=None,
+    tenant_store: TenantStore | None = None,
+) -> falcon.App:
     """Build the WSGI app.
 
     config: server settings (default: `ServingConfig.from_env()`).
@@ -46,13 +51,18 @@ def create_app(config: ServingConfig | None = None, store: SnapshotRegistry | No
     config = config or ServingConfig.from_env()
     metrics = Metrics()
     if store is None:
-        store = SnapshotRegistry(os.path.join(config.data_root, "snapshots"), config.tenants,
-                                 config.snapshot_check_s, metrics)
+        store = SnapshotRegistry(
+            os.path.join(config.data_root, "snapshots"),
+            config.tenants,
+            config.snapshot_check_s,
+            metrics,
+        )
     else:
         store.bind_metrics(metrics)
     metrics.add_gauge_source(store.gauges)
-    tenant_store = tenant_store or TenantStore(os.path.join(config.data_root, "serving"),
-                                               config.snapshot_check_s)
+    tenant_store = tenant_store or TenantStore(
+        os.path.join(config.data_root, "serving"), config.snapshot_check_s
+    )
     if limiter is None:
         limiter = RedisLimiter(config.redis_url) if config.redis_url else InProcessLimiter()
 
@@ -61,11 +71,19 @@ def create_app(config: ServingConfig | None = None, store: SnapshotRegistry | No
         MetricsMiddleware(metrics, config.access_log),
     ]
     if config.cors_origins:
-        middleware.append(falcon.CORSMiddleware(
-            allow_origins="*" if config.cors_origins == ("*",) else list(config.cors_origins),
-            expose_headers=["X-Request-Id", "traceparent", "RateLimit", "RateLimit-Policy",
-                            "Retry-After", "ETag"],
-        ))
+        middleware.append(
+            falcon.CORSMiddleware(
+                allow_origins="*" if config.cors_origins == ("*",) else list(config.cors_origins),
+                expose_headers=[
+                    "X-Request-Id",
+                    "traceparent",
+                    "RateLimit",
+                    "RateLimit-Policy",
+                    "Retry-After",
+                    "ETag",
+                ],
+            )
+        )
     middleware += [
         BodyLimitMiddleware(config.max_body_bytes),
         AuthMiddleware(Authenticator(config)),
@@ -85,16 +103,26 @@ def create_app(config: ServingConfig | None = None, store: SnapshotRegistry | No
     app.add_route("/v1/recommend/validate", recommend, suffix="validate")
     app.add_route("/v1/similar", SimilarResource(service))
     for kind in ("config", "rules"):
-        app.add_route(f"/v1/admin/tenants/{{tenant_id}}/{kind}",
-                      TenantDocumentResource(kind, tenant_store, store, config))
-    app.add_route("/v1/admin/tenants/{tenant_id}/cache/invalidate",
-                  CacheInvalidateResource(tenant_store, store))
+        app.add_route(
+            f"/v1/admin/tenants/{{tenant_id}}/{kind}",
+            TenantDocumentResource(kind, tenant_store, store, config),
+        )
+    app.add_route(
+        "/v1/admin/tenants/{tenant_id}/cache/invalidate",
+        CacheInvalidateResource(tenant_store, store),
+    )
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(store))
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/version", VersionResource(config))
     app.add_route("/openapi.json", OpenApiResource(config))
     app.add_route("/docs", DocsResource())
+
+    # --- issue 6: /v1/recs (events, feedback, runtime, experiments, CRR); serving/recs/ ---
+    from serving.recs import register as register_recs
+
+    register_recs(app, config, service=service, store=store, tenant_store=tenant_store)
+    # --- end issue 6 ---
     return app
 
 

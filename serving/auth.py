@@ -35,7 +35,10 @@ class Principal:
 
 def _unauthorized(detail: str) -> ProblemError:
     return ProblemError(
-        401, detail, code="RECSYS_UNAUTHORIZED", headers={"WWW-Authenticate": 'Bearer realm="recsys"'}
+        401,
+        detail,
+        code="RECSYS_UNAUTHORIZED",
+        headers={"WWW-Authenticate": 'Bearer realm="recsys"'},
     )
 
 

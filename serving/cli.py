@@ -11,8 +11,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `token` and `serve` sub-commands (each sets `func(args) -> int`)."""
     tok = subparsers.add_parser("token", help="mint a development JWT for the serving API")
     tok.add_argument("--tenant", required=True, help="tenant the token grants access to")
-    tok.add_argument("--scope", action="append", choices=["recommend", "admin"],
-                     help="scope (repeatable; default: recommend)")
+    tok.add_argument(
+        "--scope",
+        action="append",
+        choices=["recommend", "admin"],
+        help="scope (repeatable; default: recommend)",
+    )
     tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     tok.add_argument("--subject", help="the token's sub claim (default dev-<tenant>)")
     tok.add_argument("--secret", help="HS256 secret (default: $RECSYS_JWT_SECRET)")
@@ -38,18 +42,39 @@ def _token(args: argparse.Namespace) -> int:
     else:
         key, alg = args.secret or os.environ.get("RECSYS_JWT_SECRET"), "HS256"
         if not key:
-            print("error: give --secret or set RECSYS_JWT_SECRET (or use --private-key)", file=sys.stderr)
+            print(
+                "error: give --secret or set RECSYS_JWT_SECRET (or use --private-key)",
+                file=sys.stderr,
+            )
             return 2
     print(mint_token(key, args.tenant, scopes, args.ttl, subject=args.subject, algorithm=alg))
     return 0
 
 
-def gunicorn_argv(bind: str, workers: int, timeout: int = 30, reload: bool = False,
-                  app: str = "serving.wsgi:app") -> list[str]:
+def gunicorn_argv(
+    bind: str, workers: int, timeout: int = 30, reload: bool = False, app: str = "serving.wsgi:app"
+) -> list[str]:
     """The gunicorn command line the server runs with (also used by the benchmark)."""
-    argv = [sys.executable, "-m", "gunicorn", app, "--bind", bind,
-            "--workers", str(workers), "--worker-class", "sync", "--timeout", str(timeout),
-            "--graceful-timeout", "10", "--keep-alive", "5", "--log-level", "warning"]
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        app,
+        "--bind",
+        bind,
+        "--workers",
+        str(workers),
+        "--worker-class",
+        "sync",
+        "--timeout",
+        str(timeout),
+        "--graceful-timeout",
+        "10",
+        "--keep-alive",
+        "5",
+        "--log-level",
+        "warning",
+    ]
     if reload:
         argv.append("--reload")
     return argv

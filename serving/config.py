@@ -5,7 +5,7 @@ serving package that reads `os.environ` (entry points call it; tests build the o
 
 | variable | default | meaning |
 |---|---|---|
-| RECSYS_DATA_ROOT | `data` | data root (snapshots under `snapshots/`, admin state under `serving/`) |
+| RECSYS_DATA_ROOT | `data` | data root: snapshots in `snapshots/`, admin state in `serving/` |
 | RECSYS_TENANTS | (all under `snapshots/`) | comma list of tenants to serve |
 | RECSYS_JWT_SECRET | (unset) | HS256 shared secret for Bearer tokens |
 | RECSYS_JWT_PUBLIC_KEY | (unset) | RS256 public key: PEM text, or a path to a PEM file |

@@ -51,7 +51,9 @@ class ProblemError(falcon.HTTPError):
         headers: Mapping[str, str] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        slug, default_title, default_code = _DEFAULTS.get(status, ("error", "Error", "RECSYS_ERROR"))
+        slug, default_title, default_code = _DEFAULTS.get(
+            status, ("error", "Error", "RECSYS_ERROR")
+        )
         super().__init__(
             status,
             title=title or default_title,

@@ -2,8 +2,8 @@
 
 Metrics are per worker process: each gunicorn worker answers /metrics from its own counters (the
 `recsys_worker_pid` gauge says which one answered), so a scrape through gunicorn sees one worker
-at a time; counters are monotonic per worker, so rate() over scrapes stays meaningful. (prometheus_client's multiprocess mode would aggregate
-across workers; it is not a dependency of this project.)
+at a time; counters are monotonic per worker, so rate() over scrapes stays meaningful.
+(prometheus_client's multiprocess mode would aggregate across workers; it is not a dependency.)
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class Histogram:
             cumulative = 0.0
             for bound, count in zip(self.buckets, row, strict=False):
                 cumulative += count
-                le = 'le="%s"' % bound
+                le = f'le="{bound}"'
                 yield f"{self.name}_bucket{_labels(self.label_names, key, le)} {cumulative:g}"
             cumulative += row[len(self.buckets)]
             inf = _labels(self.label_names, key, 'le="+Inf"')
@@ -84,23 +84,28 @@ class Metrics:
 
     def __init__(self) -> None:
         self.requests = Counter(
-            "recsys_http_requests_total", "HTTP requests by route, method and status.",
+            "recsys_http_requests_total",
+            "HTTP requests by route, method and status.",
             ("route", "method", "status"),
         )
         self.latency = Histogram(
-            "recsys_http_request_duration_seconds", "Request latency by route and status.",
+            "recsys_http_request_duration_seconds",
+            "Request latency by route and status.",
             ("route", "method", "status"),
         )
         self.filtered = Counter(
-            "recsys_candidates_filtered_total", "Candidates removed, by tenant and reason.",
+            "recsys_candidates_filtered_total",
+            "Candidates removed, by tenant and reason.",
             ("tenant", "reason"),
         )
         self.backfilled = Counter(
-            "recsys_backfilled_items_total", "Items added from fallback lists, by tenant and list.",
+            "recsys_backfilled_items_total",
+            "Items added from fallback lists, by tenant and list.",
             ("tenant", "source"),
         )
         self.snapshot_loads = Counter(
-            "recsys_snapshot_loads_total", "Snapshot load attempts by tenant and outcome.",
+            "recsys_snapshot_loads_total",
+            "Snapshot load attempts by tenant and outcome.",
             ("tenant", "outcome"),
         )
         self._gauges: list[Callable[[], Iterable[str]]] = []
@@ -111,8 +116,13 @@ class Metrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for metric in (self.requests, self.latency, self.filtered, self.backfilled,
-                       self.snapshot_loads):
+        for metric in (
+            self.requests,
+            self.latency,
+            self.filtered,
+            self.backfilled,
+            self.snapshot_loads,
+        ):
             lines.extend(metric.render())
         for source in self._gauges:
             lines.extend(source())

@@ -131,11 +131,16 @@ class AuthMiddleware:
         req.context.principal = None
         if req.method == "OPTIONS" or req.path in PUBLIC_PATHS:
             return
-        principal = self._auth.authenticate(req.get_header("Authorization"), req.get_header("X-Api-Key"))
+        principal = self._auth.authenticate(
+            req.get_header("Authorization"), req.get_header("X-Api-Key")
+        )
         org = req.get_header("X-Org-Id")
         if org is not None and org != principal.tenant:
-            raise ProblemError(403, "X-Org-Id does not match the tenant of the credentials.",
-                               code="RECSYS_TENANT_MISMATCH")
+            raise ProblemError(
+                403,
+                "X-Org-Id does not match the tenant of the credentials.",
+                code="RECSYS_TENANT_MISMATCH",
+            )
         req.context.principal = principal
 
     def process_resource(self, req, resp, resource, params) -> None:
@@ -146,12 +151,16 @@ class AuthMiddleware:
         if isinstance(scope, dict):
             scope = scope.get(req.method)
         if scope and not principal.has_scope(scope):
-            raise ProblemError(403, f"This operation needs the {scope!r} scope.",
-                               code="RECSYS_INSUFFICIENT_SCOPE")
+            raise ProblemError(
+                403, f"This operation needs the {scope!r} scope.", code="RECSYS_INSUFFICIENT_SCOPE"
+            )
         tenant = params.get("tenant_id")
         if tenant is not None and tenant != principal.tenant:
-            raise ProblemError(403, "The credentials do not grant access to this tenant.",
-                               code="RECSYS_TENANT_MISMATCH")
+            raise ProblemError(
+                403,
+                "The credentials do not grant access to this tenant.",
+                code="RECSYS_TENANT_MISMATCH",
+            )
 
 
 class RateLimitMiddleware:
@@ -172,8 +181,9 @@ class RateLimitMiddleware:
             return
         by_key = self._limiter.hit(f"k:{principal.tenant}:{principal.subject}", self._key_spec)
         by_tenant = self._limiter.hit(f"t:{principal.tenant}", self._tenant_spec)
-        name, tight = ("key", by_key) if by_key.remaining <= by_tenant.remaining else (
-            "tenant", by_tenant)
+        name, tight = (
+            ("key", by_key) if by_key.remaining <= by_tenant.remaining else ("tenant", by_tenant)
+        )
         if not by_key.allowed:
             name, tight = "key", by_key
         elif not by_tenant.allowed:
@@ -187,8 +197,11 @@ class RateLimitMiddleware:
         }
         if not (by_key.allowed and by_tenant.allowed):
             headers["Retry-After"] = str(tight.reset_s)
-            raise ProblemError(429, f"Rate limit of the {name} exceeded; retry in {tight.reset_s} s.",
-                               headers=headers)
+            raise ProblemError(
+                429,
+                f"Rate limit of the {name} exceeded; retry in {tight.reset_s} s.",
+                headers=headers,
+            )
         req.context.ratelimit_headers = headers
 
     def process_response(self, req, resp, resource, req_succeeded) -> None:

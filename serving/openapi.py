@@ -35,28 +35,37 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "Warning": {
-        "type": "object", "required": ["code", "detail"], "additionalProperties": False,
+        "type": "object",
+        "required": ["code", "detail"],
+        "additionalProperties": False,
         "properties": {"code": {"type": "string"}, "detail": {"type": "string"}},
     },
     "Weights": {
-        "type": "object", "additionalProperties": False,
+        "type": "object",
+        "additionalProperties": False,
         "properties": {s: {"type": "number", "minimum": 0} for s in SIGNALS},
     },
     "Constraints": {
-        "type": "object", "additionalProperties": False,
+        "type": "object",
+        "additionalProperties": False,
         "properties": {
             "required_tags": _STR_LIST,
             "forbidden_tags": _STR_LIST,
-            "max_per_tag": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1},
-                            "description": "cap per tag; keys may also be brand:<b> or category:<c>"},
+            "max_per_tag": {
+                "type": "object",
+                "additionalProperties": {"type": "integer", "minimum": 1},
+                "description": "cap per tag; keys may also be brand:<b> or category:<c>",
+            },
         },
     },
     "Candidates": {
-        "type": "object", "additionalProperties": False,
+        "type": "object",
+        "additionalProperties": False,
         "properties": {"include_ids": _STR_LIST, "exclude_ids": _STR_LIST},
     },
     "Options": {
-        "type": "object", "additionalProperties": False,
+        "type": "object",
+        "additionalProperties": False,
         "properties": {
             "include_reasons": {"type": "boolean"},
             "explain": {"enum": ["none", "summary", "full"]},
@@ -65,35 +74,52 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "RecommendRequest": {
-        "type": "object", "additionalProperties": False, "required": ["user"],
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["user"],
         "properties": {
-            "surface": _STR, "segment": _STR,
+            "surface": _STR,
+            "segment": _STR,
             "k": {"type": "integer", "minimum": 1, "maximum": 200},
             "user": {
-                "type": "object", "additionalProperties": False,
+                "type": "object",
+                "additionalProperties": False,
                 "properties": {"user_id": _STR, "anonymous_id": _STR, "session_id": _STR},
-                "anyOf": [{"required": ["user_id"]}, {"required": ["anonymous_id"]},
-                          {"required": ["session_id"]}],
+                "anyOf": [
+                    {"required": ["user_id"]},
+                    {"required": ["anonymous_id"]},
+                    {"required": ["session_id"]},
+                ],
             },
             "context": {"type": "object"},
             "anchors": {
-                "type": "object", "additionalProperties": False,
-                "properties": {"item_ids": _STR_LIST, "max_anchors": {"type": "integer", "minimum": 1}},
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "item_ids": _STR_LIST,
+                    "max_anchors": {"type": "integer", "minimum": 1},
+                },
             },
             "candidates": _ref("Candidates"),
             "constraints": _ref("Constraints"),
             "weights": _ref("Weights"),
             "options": _ref("Options"),
             "experiment": {
-                "type": "object", "additionalProperties": False, "required": ["id"],
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["id"],
                 "properties": {"id": _STR, "variant": _STR},
             },
         },
     },
     "SimilarRequest": {
-        "type": "object", "additionalProperties": False, "required": ["item_id"],
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["item_id"],
         "properties": {
-            "surface": _STR, "segment": _STR, "item_id": _STR,
+            "surface": _STR,
+            "segment": _STR,
+            "item_id": _STR,
             "k": {"type": "integer", "minimum": 1, "maximum": 200},
             "kind": {"enum": ["emb", "cooc", "blend"]},
             "candidates": _ref("Candidates"),
@@ -103,14 +129,17 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "Item": {
-        "type": "object", "required": ["item_id", "rank", "score"], "additionalProperties": False,
+        "type": "object",
+        "required": ["item_id", "rank", "score"],
+        "additionalProperties": False,
         "properties": {
             "item_id": {"type": "string"},
             "rank": {"type": "integer", "minimum": 1},
             "score": {"type": "number"},
             "reasons": {"type": "array", "items": {"type": "string"}},
             "explain": {
-                "type": "object", "required": ["signals", "rules"],
+                "type": "object",
+                "required": ["signals", "rules"],
                 "properties": {
                     "signals": {"type": "object", "additionalProperties": {"type": "number"}},
                     "rules": {"type": "array", "items": {"type": "string"}},
@@ -119,12 +148,22 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "TraceEntry": {
-        "type": "object", "required": ["item_id", "source", "outcome"],
+        "type": "object",
+        "required": ["item_id", "source", "outcome"],
         "properties": {
             "item_id": {"type": "string"},
             "source": {"type": "string"},
-            "outcome": {"enum": ["kept", "excluded", "capped", "pinned", "pin_skipped",
-                                 "backfilled", "below_k"]},
+            "outcome": {
+                "enum": [
+                    "kept",
+                    "excluded",
+                    "capped",
+                    "pinned",
+                    "pin_skipped",
+                    "backfilled",
+                    "below_k",
+                ]
+            },
             "rule": {"type": "string"},
             "detail": {"type": "string"},
             "position": {"type": "integer"},
@@ -133,16 +172,30 @@ SCHEMAS: dict[str, Any] = {
     },
     "Meta": {
         "type": "object",
-        "required": ["tenant_id", "surface", "segment", "algo_version", "snapshot_id",
-                     "config_version", "rules_version", "request_id", "timings_ms", "counts"],
+        "required": [
+            "tenant_id",
+            "surface",
+            "segment",
+            "algo_version",
+            "snapshot_id",
+            "config_version",
+            "rules_version",
+            "request_id",
+            "timings_ms",
+            "counts",
+        ],
         "properties": {
-            "tenant_id": {"type": "string"}, "surface": {"type": "string"},
-            "segment": {"type": "string"}, "algo_version": {"type": "string"},
+            "tenant_id": {"type": "string"},
+            "surface": {"type": "string"},
+            "segment": {"type": "string"},
+            "algo_version": {"type": "string"},
             "snapshot_id": {"type": "string"},
-            "config_version": _NULLABLE_STR, "rules_version": _NULLABLE_STR,
+            "config_version": _NULLABLE_STR,
+            "rules_version": _NULLABLE_STR,
             "request_id": {"type": "string"},
             "timings_ms": {
-                "type": "object", "required": ["candidates", "scoring", "postrank", "total"],
+                "type": "object",
+                "required": ["candidates", "scoring", "postrank", "total"],
                 "additionalProperties": {"type": "number"},
             },
             "counts": {
@@ -151,15 +204,22 @@ SCHEMAS: dict[str, Any] = {
                 "additionalProperties": {"type": "integer"},
             },
             "experiment": {
-                "type": "object", "required": ["id", "variant", "snapshot_id"],
-                "properties": {"id": {"type": "string"}, "variant": {"type": "string"},
-                               "assigned": {"type": "boolean"}, "snapshot_id": {"type": "string"}},
+                "type": "object",
+                "required": ["id", "variant", "snapshot_id"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "variant": {"type": "string"},
+                    "assigned": {"type": "boolean"},
+                    "snapshot_id": {"type": "string"},
+                },
             },
             "weights": {"type": "object", "additionalProperties": {"type": "number"}},
         },
     },
     "RecommendResponse": {
-        "type": "object", "required": ["items", "meta", "warnings"], "additionalProperties": False,
+        "type": "object",
+        "required": ["items", "meta", "warnings"],
+        "additionalProperties": False,
         "properties": {
             "items": {"type": "array", "items": _ref("Item")},
             "meta": _ref("Meta"),
@@ -168,12 +228,19 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "ValidateResponse": {
-        "type": "object", "required": ["normalized_request", "warnings", "meta"],
+        "type": "object",
+        "required": ["normalized_request", "warnings", "meta"],
         "properties": {
-            "normalized_request": {"type": "object", "required": ["surface", "segment", "k", "options"]},
+            "normalized_request": {
+                "type": "object",
+                "required": ["surface", "segment", "k", "options"],
+            },
             "warnings": {"type": "array", "items": _ref("Warning")},
-            "meta": {"type": "object", "required": ["request_id"],
-                     "properties": {"request_id": {"type": "string"}}},
+            "meta": {
+                "type": "object",
+                "required": ["request_id"],
+                "properties": {"request_id": {"type": "string"}},
+            },
         },
     },
     "TenantConfig": {
@@ -182,77 +249,132 @@ SCHEMAS: dict[str, Any] = {
             "tenant_id": {"type": "string"},
             "config_version": _NULLABLE_STR,
             "defaults": {
-                "type": "object", "additionalProperties": False,
-                "properties": {"weights": _ref("Weights"), "k": {"type": "integer", "minimum": 1},
-                               "surface": _STR},
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "weights": _ref("Weights"),
+                    "k": {"type": "integer", "minimum": 1},
+                    "surface": _STR,
+                },
             },
             "limits": {
-                "type": "object", "additionalProperties": False,
-                "properties": {key: {"type": "integer", "minimum": 0} for key in
-                               ("max_k", "max_include_ids", "max_exclude_ids", "max_anchors")},
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    key: {"type": "integer", "minimum": 0}
+                    for key in ("max_k", "max_include_ids", "max_exclude_ids", "max_anchors")
+                },
             },
             "surfaces": _STR_LIST,
             "experiments": {
                 "type": "object",
                 "additionalProperties": {
-                    "type": "object", "required": ["variants"],
-                    "properties": {"variants": {"type": "array", "minItems": 1, "items": {
-                        "type": "object", "required": ["name"],
-                        "properties": {"name": _STR, "weight": {"type": "number", "exclusiveMinimum": 0},
-                                       "snapshot": {"type": "string",
-                                                    "description": "'current' or a snapshot id"}},
-                    }}},
+                    "type": "object",
+                    "required": ["variants"],
+                    "properties": {
+                        "variants": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": _STR,
+                                    "weight": {"type": "number", "exclusiveMinimum": 0},
+                                    "snapshot": {
+                                        "type": "string",
+                                        "description": "'current' or a snapshot id",
+                                    },
+                                },
+                            },
+                        }
+                    },
                 },
             },
             "strict_similar": {"type": "boolean"},
         },
     },
     "Rule": {
-        "type": "object", "required": ["id", "type"],
+        "type": "object",
+        "required": ["id", "type"],
         "properties": {
             "id": _STR,
             "type": {"enum": ["pin", "boost", "bury", "block"]},
-            "surfaces": _STR_LIST, "segments": _STR_LIST, "enabled": {"type": "boolean"},
+            "surfaces": _STR_LIST,
+            "segments": _STR_LIST,
+            "enabled": {"type": "boolean"},
             "note": {"type": "string"},
-            "item_id": _STR, "position": {"type": "integer", "minimum": 1},
-            "tag": _STR, "factor": {"type": "number", "exclusiveMinimum": 0},
-            "item_ids": _STR_LIST, "tags": _STR_LIST,
+            "item_id": _STR,
+            "position": {"type": "integer", "minimum": 1},
+            "tag": _STR,
+            "factor": {"type": "number", "exclusiveMinimum": 0},
+            "item_ids": _STR_LIST,
+            "tags": _STR_LIST,
         },
     },
     "TenantRules": {
-        "type": "object", "required": ["rules"],
-        "properties": {"tenant_id": {"type": "string"}, "rules_version": _NULLABLE_STR,
-                       "rules": {"type": "array", "items": _ref("Rule")}},
+        "type": "object",
+        "required": ["rules"],
+        "properties": {
+            "tenant_id": {"type": "string"},
+            "rules_version": _NULLABLE_STR,
+            "rules": {"type": "array", "items": _ref("Rule")},
+        },
     },
     "InvalidateRequest": {
         "type": "object",
-        "properties": {"targets": {"type": "array", "items": {
-            "enum": ["config", "rules", "snapshot", "popularity"]}}, "surface": {"type": "string"}},
+        "properties": {
+            "targets": {
+                "type": "array",
+                "items": {"enum": ["config", "rules", "snapshot", "popularity"]},
+            },
+            "surface": {"type": "string"},
+        },
     },
     "InvalidateResponse": {
-        "type": "object", "required": ["tenant_id", "invalidated"],
-        "properties": {"tenant_id": {"type": "string"},
-                       "invalidated": {"type": "array", "items": {"type": "string"}},
-                       "surface": _NULLABLE_STR, "detail": {"type": "string"}},
+        "type": "object",
+        "required": ["tenant_id", "invalidated"],
+        "properties": {
+            "tenant_id": {"type": "string"},
+            "invalidated": {"type": "array", "items": {"type": "string"}},
+            "surface": _NULLABLE_STR,
+            "detail": {"type": "string"},
+        },
     },
     "Ready": {
-        "type": "object", "required": ["status", "tenants"],
-        "properties": {"status": {"enum": ["ready", "not_ready"]}, "tenants": {
-            "type": "object", "additionalProperties": {
-                "type": "object", "required": ["snapshot_id", "age_s", "error"],
-                "properties": {"snapshot_id": _NULLABLE_STR, "age_s": {"type": ["number", "null"]},
-                               "error": _NULLABLE_STR}}}},
+        "type": "object",
+        "required": ["status", "tenants"],
+        "properties": {
+            "status": {"enum": ["ready", "not_ready"]},
+            "tenants": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["snapshot_id", "age_s", "error"],
+                    "properties": {
+                        "snapshot_id": _NULLABLE_STR,
+                        "age_s": {"type": ["number", "null"]},
+                        "error": _NULLABLE_STR,
+                    },
+                },
+            },
+        },
     },
     "Version": {
-        "type": "object", "required": ["service", "version", "git_sha", "built_at"],
-        "properties": {k: {"type": "string"} for k in ("service", "version", "git_sha", "built_at")},
+        "type": "object",
+        "required": ["service", "version", "git_sha", "built_at"],
+        "properties": {
+            k: {"type": "string"} for k in ("service", "version", "git_sha", "built_at")
+        },
     },
 }
 
 
 def _problem(description: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {"application/problem+json": {"schema": _ref("Problem")}}}
+    return {
+        "description": description,
+        "content": {"application/problem+json": {"schema": _ref("Problem")}},
+    }
 
 
 def _json(schema: str, description: str = "OK") -> dict[str, Any]:
@@ -260,16 +382,28 @@ def _json(schema: str, description: str = "OK") -> dict[str, Any]:
 
 
 _COMMON_ERRORS = {
-    "400": _problem("Malformed request"), "401": _problem("Missing or invalid credentials"),
-    "403": _problem("Wrong tenant or missing scope"), "413": _problem("Body too large"),
-    "415": _problem("Not application/json"), "422": _problem("Semantically invalid request"),
-    "429": _problem("Rate limited (Retry-After)"), "500": _problem("Unexpected error"),
-    "503": _problem("No snapshot loaded"), "504": _problem("Deadline exceeded"),
+    "400": _problem("Malformed request"),
+    "401": _problem("Missing or invalid credentials"),
+    "403": _problem("Wrong tenant or missing scope"),
+    "413": _problem("Body too large"),
+    "415": _problem("Not application/json"),
+    "422": _problem("Semantically invalid request"),
+    "429": _problem("Rate limited (Retry-After)"),
+    "500": _problem("Unexpected error"),
+    "503": _problem("No snapshot loaded"),
+    "504": _problem("Deadline exceeded"),
 }
 _ADMIN_ERRORS = {k: v for k, v in _COMMON_ERRORS.items() if k not in ("503", "504")}
-_TENANT_PARAM = [{"name": "tenant_id", "in": "path", "required": True, "schema": {"type": "string"}}]
-_IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
-             "description": "the ETag of the version being replaced; 409 when stale"}
+_TENANT_PARAM = [
+    {"name": "tenant_id", "in": "path", "required": True, "schema": {"type": "string"}}
+]
+_IF_MATCH = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "the ETag of the version being replaced; 409 when stale",
+}
 _SECURED = [{"bearer": []}, {"apiKey": []}]
 
 
@@ -280,12 +414,23 @@ def _body(schema: str) -> dict[str, Any]:
 def _doc_ops(kind: str, schema: str) -> dict[str, Any]:
     return {
         "parameters": _TENANT_PARAM,
-        "get": {"summary": f"Get the tenant's {kind}", "security": _SECURED,
-                "responses": {"200": _json(schema), "404": _problem("Unknown tenant"), **_ADMIN_ERRORS}},
-        "put": {"summary": f"Replace the tenant's {kind} (versioned)", "security": _SECURED,
-                "parameters": [_IF_MATCH], "requestBody": _body(schema),
-                "responses": {"200": _json(schema), "404": _problem("Unknown tenant"),
-                              "409": _problem("Version conflict"), **_ADMIN_ERRORS}},
+        "get": {
+            "summary": f"Get the tenant's {kind}",
+            "security": _SECURED,
+            "responses": {"200": _json(schema), "404": _problem("Unknown tenant"), **_ADMIN_ERRORS},
+        },
+        "put": {
+            "summary": f"Replace the tenant's {kind} (versioned)",
+            "security": _SECURED,
+            "parameters": [_IF_MATCH],
+            "requestBody": _body(schema),
+            "responses": {
+                "200": _json(schema),
+                "404": _problem("Unknown tenant"),
+                "409": _problem("Version conflict"),
+                **_ADMIN_ERRORS,
+            },
+        },
     }
 
 
@@ -293,9 +438,12 @@ def build_spec(version: str) -> dict[str, Any]:
     """The OpenAPI document for a server of `version`."""
     return {
         "openapi": "3.1.0",
-        "info": {"title": "recsys-svc", "version": version,
-                 "description": "Recommendations from precomputed snapshots. Errors are RFC 9457 "
-                                "Problem Details (application/problem+json)."},
+        "info": {
+            "title": "recsys-svc",
+            "version": version,
+            "description": "Recommendations from precomputed snapshots. Errors are RFC 9457 "
+            "Problem Details (application/problem+json).",
+        },
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {
@@ -304,35 +452,158 @@ def build_spec(version: str) -> dict[str, Any]:
             },
         },
         "paths": {
-            "/v1/recommend": {"post": {
-                "summary": "Recommend items for a user or an anonymous session",
-                "security": _SECURED, "requestBody": _body("RecommendRequest"),
-                "responses": {"200": _json("RecommendResponse"), **_COMMON_ERRORS}}},
-            "/v1/recommend/validate": {"post": {
-                "summary": "Validate and normalize a recommend request",
-                "security": _SECURED, "requestBody": _body("RecommendRequest"),
-                "responses": {"200": _json("ValidateResponse"), **_COMMON_ERRORS}}},
-            "/v1/similar": {"post": {
-                "summary": "Items similar to an item", "security": _SECURED,
-                "requestBody": _body("SimilarRequest"),
-                "responses": {"200": _json("RecommendResponse"),
-                              "404": _problem("Unknown item (strict_similar)"), **_COMMON_ERRORS}}},
+            "/v1/recommend": {
+                "post": {
+                    "summary": "Recommend items for a user or an anonymous session",
+                    "security": _SECURED,
+                    "requestBody": _body("RecommendRequest"),
+                    "responses": {"200": _json("RecommendResponse"), **_COMMON_ERRORS},
+                }
+            },
+            "/v1/recommend/validate": {
+                "post": {
+                    "summary": "Validate and normalize a recommend request",
+                    "security": _SECURED,
+                    "requestBody": _body("RecommendRequest"),
+                    "responses": {"200": _json("ValidateResponse"), **_COMMON_ERRORS},
+                }
+            },
+            "/v1/similar": {
+                "post": {
+                    "summary": "Items similar to an item",
+                    "security": _SECURED,
+                    "requestBody": _body("SimilarRequest"),
+                    "responses": {
+                        "200": _json("RecommendResponse"),
+                        "404": _problem("Unknown item (strict_similar)"),
+                        **_COMMON_ERRORS,
+                    },
+                }
+            },
             "/v1/admin/tenants/{tenant_id}/config": _doc_ops("config", "TenantConfig"),
             "/v1/admin/tenants/{tenant_id}/rules": _doc_ops("rules", "TenantRules"),
             "/v1/admin/tenants/{tenant_id}/cache/invalidate": {
                 "parameters": _TENANT_PARAM,
-                "post": {"summary": "Invalidate cached state of the tenant", "security": _SECURED,
-                         "requestBody": {"required": False, "content": {
-                             "application/json": {"schema": _ref("InvalidateRequest")}}},
-                         "responses": {"202": _json("InvalidateResponse", "Accepted"), **_ADMIN_ERRORS}}},
-            "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {
-                "200": {"description": "alive", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-            "/readyz": {"get": {"summary": "Readiness (a valid snapshot per tenant)", "security": [],
-                                "responses": {"200": _json("Ready"), "503": _json("Ready", "Not ready")}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics (per worker)", "security": [],
-                                 "responses": {"200": {"description": "text exposition format",
-                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-            "/version": {"get": {"summary": "Build info", "security": [],
-                                 "responses": {"200": _json("Version")}}},
+                "post": {
+                    "summary": "Invalidate cached state of the tenant",
+                    "security": _SECURED,
+                    "requestBody": {
+                        "required": False,
+                        "content": {"application/json": {"schema": _ref("InvalidateRequest")}},
+                    },
+                    "responses": {"202": _json("InvalidateResponse", "Accepted"), **_ADMIN_ERRORS},
+                },
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "alive",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness (a valid snapshot per tenant)",
+                    "security": [],
+                    "responses": {"200": _json("Ready"), "503": _json("Ready", "Not ready")},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (per worker)",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/version": {
+                "get": {
+                    "summary": "Build info",
+                    "security": [],
+                    "responses": {"200": _json("Version")},
+                }
+            },
+            **recs_paths(),
         },
+    }
+
+
+# --- issue 6: the /v1/recs surface (serving/recs/), merged into build_spec's paths ---------------
+def recs_paths() -> dict[str, Any]:
+    """Paths of /v1/recs (events, feedback, runtime). Bodies are JSON objects described in the
+    summaries; errors are the same Problem Details as everywhere."""
+    obj = {"type": "object"}
+
+    def op(summary: str, ok: str = "200", body: bool = False, params=(), errors=_COMMON_ERRORS):
+        out: dict[str, Any] = {"summary": summary, "security": _SECURED,
+                               "responses": {ok: {"description": "OK", "content": {
+                                   "application/json": {"schema": obj}}}, **errors}}
+        if body:
+            out["requestBody"] = {"required": True,
+                                  "content": {"application/json": {"schema": obj}}}
+        if params:
+            out["parameters"] = [{"name": n, "in": where, "required": where == "path",
+                                  "schema": {"type": t}} for n, where, t in params]
+        return out
+
+    event_id = [("event_id", "path", "string")]
+    user_id = [("user_id", "path", "string")]
+    return {
+        "/v1/recs/events": {"post": op(
+            "Ingest one event (type|event_type, user_id, item_id, timestamp, session_id, "
+            "metadata|context, value, event_id); fsync'd before the answer: 201 accepted, "
+            "200 duplicate event_id, 422 invalid with the contract's reason", "201", True)},
+        "/v1/recs/events/bulk": {"post": op(
+            "Ingest many events: a JSON array or NDJSON (one event per line); valid lines are "
+            "kept, invalid ones reported by line with a reason", body=True)},
+        "/v1/recs/events/{event_id}": {
+            "get": op("An event from the log or the API's landing files (410 when deleted)",
+                      params=event_id),
+            "delete": op("Delete an event (scope admin): a durable tombstone; the flusher drops "
+                         "it before landing, ingest drops already-landed ones", params=event_id)},
+        "/v1/recs/feedback": {
+            "post": op("Submit a label {user_id, item_id, label: relevant|not_relevant, source, "
+                       "confidence, feedback_id}", "201", True),
+            "get": op("List labels", params=[("user_id", "query", "string"),
+                                             ("item_id", "query", "string"),
+                                             ("label", "query", "string"),
+                                             ("source", "query", "string"),
+                                             ("limit", "query", "integer"),
+                                             ("cursor", "query", "string")])},
+        "/v1/recs/feedback/{feedback_id}": {"get": op(
+            "One label", params=[("feedback_id", "path", "string")])},
+        "/v1/recs/predict": {"post": op(
+            "Recommendations (user_id, context, candidate_ids, exclude_ids, filters.tags|"
+            "exclude_tags, diversity.max_per_tag, limit, explain, seed, timeout_ms, model, "
+            "return_scores); options the engine cannot honour are 422", body=True)},
+        "/v1/recs/users/{user_id}": {"get": op(
+            "Cached top-N of a user", params=user_id + [("limit", "query", "integer"),
+                                                       ("strategy", "query", "string"),
+                                                       ("model", "query", "string"),
+                                                       ("fresh", "query", "boolean")])},
+        "/v1/recs/users/{user_id}/realtime": {"post": op(
+            "Recommendations for one user with full context (predict's body)", body=True,
+            params=user_id)},
+        "/v1/recs/batch/predict": {"post": op(
+            "Up to 100 predict requests; a status and result or problem per request", body=True)},
+        "/v1/recs/item/{item_id}/related": {"get": op(
+            "Related items", params=[("item_id", "path", "string"), ("limit", "query", "integer"),
+                                     ("strategy", "query", "string")])},
+        "/v1/recs/score": {"post": op(
+            "Score and order a caller's candidates with the snapshot's factors", body=True)},
+        "/v1/recs/embeddings/search": {"post": op(
+            "Exact k-NN over item factors (vector or item_id, k, metric cosine|dot, filters "
+            "category|available)", body=True)},
+        "/v1/recs/embeddings/{embedding_id}": {"get": op(
+            "A stored vector: item:<id> or user:<id>",
+            params=[("embedding_id", "path", "string")])},
     }

@@ -25,8 +25,16 @@ from serving.validation import DEFAULT_SEGMENT, RecommendRequest
 
 # Outcome codes of a candidate (uint8); the order is the order filters are checked in.
 KEPT, UNAVAILABLE, EXCLUDED, NOT_INCLUDED, SEEN, BLOCKED, FORBIDDEN_TAG, MISSING_TAG = range(8)
-OUTCOMES = ("kept", "unavailable", "exclude_ids", "not_in_include_ids", "seen", "blocked",
-            "forbidden_tag", "missing_required_tag")
+OUTCOMES = (
+    "kept",
+    "unavailable",
+    "exclude_ids",
+    "not_in_include_ids",
+    "seen",
+    "blocked",
+    "forbidden_tag",
+    "missing_required_tag",
+)
 
 _NO_ITEMS = np.zeros(0, dtype=np.int32)
 PINNED_REASON, PINNED_TEXT = -1, "featured"
@@ -67,8 +75,13 @@ class CompiledRules:
     unresolved: list[str] = field(default_factory=list)  # rule ids naming unknown items/tags
 
 
-def compile_rules(live: LiveSnapshot, rules: Sequence[dict[str, Any]], version: str | None,
-                  surface: str, segment: str) -> CompiledRules:
+def compile_rules(
+    live: LiveSnapshot,
+    rules: Sequence[dict[str, Any]],
+    version: str | None,
+    surface: str,
+    segment: str,
+) -> CompiledRules:
     """Rules applying to `surface` x `segment`, resolved to indices; cached per snapshot."""
     key = (version, surface, segment)
     cached = live.compiled.get(key)
@@ -130,11 +143,16 @@ class Filters:
     required_tags: np.ndarray
     required_missing: bool  # a required tag the snapshot does not know: nothing can match
     rules: CompiledRules
-    needs_tags: bool
 
     @classmethod
-    def build(cls, live: LiveSnapshot, req: RecommendRequest, rules: CompiledRules,
-              seen: np.ndarray, warnings: list[dict[str, str]]) -> Filters:
+    def build(
+        cls,
+        live: LiveSnapshot,
+        req: RecommendRequest,
+        rules: CompiledRules,
+        seen: np.ndarray,
+        warnings: list[dict[str, str]],
+    ) -> Filters:
         snap = live.snap
         exclude = _indices(snap, req.exclude_ids)
         include = _indices(snap, req.include_ids) if req.include_ids is not None else None
@@ -142,52 +160,59 @@ class Filters:
         required_ids = [snap.tag_id(x) for x in req.required_tags]
         missing = [t for t, i in zip(req.required_tags, required_ids, strict=True) if i is None]
         if missing:
-            warnings.append({"code": "UNKNOWN_TAG",
-                             "detail": f"required tag(s) unknown to the catalogue: {', '.join(missing)}"})
+            warnings.append(
+                {
+                    "code": "UNKNOWN_TAG",
+                    "detail": f"required tag(s) unknown to the catalogue: {', '.join(missing)}",
+                }
+            )
         required = np.asarray([i for i in required_ids if i is not None], dtype=np.int32)
         forbidden_arr = np.asarray(forbidden, dtype=np.int32)
         return cls(
-            exclude=exclude, include=include, seen=seen, forbidden_tags=forbidden_arr,
-            required_tags=required, required_missing=bool(missing), rules=rules,
-            needs_tags=bool(forbidden_arr.size or required.size or rules.blocked_tags.size),
+            exclude=exclude,
+            include=include,
+            seen=seen,
+            forbidden_tags=forbidden_arr,
+            required_tags=required,
+            required_missing=bool(missing),
+            rules=rules,
         )
 
     def outcomes(self, live: LiveSnapshot, items: np.ndarray) -> tuple[np.ndarray, list]:
-        """uint8 outcome per item (KEPT or the first failed filter) and, per item, the rule id
-        that blocked it (or None)."""
-        code = np.where(live.available[items], KEPT, UNAVAILABLE).astype(np.uint8)
-        if self.exclude.size:
-            code[(code == KEPT) & live.item_member(items, self.exclude)] = EXCLUDED
-        if self.include is not None:
-            code[(code == KEPT) & ~live.item_member(items, self.include)] = NOT_INCLUDED
-        if self.seen.size:
-            code[(code == KEPT) & live.item_member(items, self.seen)] = SEEN
-        blocked_by: list = []
+        """uint8 outcome per item (KEPT or the first failed filter) and, when some item was
+        blocked by a rule, the blocking rule id per item (else an empty list).
+
+        Filters are applied from the last to the first, each overwriting, so an item ends with
+        the first filter it fails (the order of OUTCOMES).
+        """
         r = self.rules
+        code = np.zeros(items.shape[0], dtype=np.uint8)
+        if self.required_missing:
+            code[:] = MISSING_TAG
+        elif self.required_tags.size:
+            have = np.zeros(items.shape[0], dtype=np.int32)
+            for tag in self.required_tags.tolist():
+                have += live.tag_hits(items, tag)
+            code[have < self.required_tags.size] = MISSING_TAG
+        for tag in self.forbidden_tags.tolist():
+            code[live.tag_hits(items, tag)] = FORBIDDEN_TAG
+        for tag in r.blocked_tags.tolist():
+            code[live.tag_hits(items, tag)] = BLOCKED
         if r.blocked_items.size:
-            hit = (code == KEPT) & live.item_member(items, r.blocked_items)
-            code[hit] = BLOCKED
-        if self.needs_tags or self.required_missing:
-            owner, tags = gather_tags(live, items)
-            if r.blocked_tags.size:
-                bad = live.tag_member(tags, r.blocked_tags)
-                hit = np.zeros(items.shape[0], dtype=bool)
-                hit[owner[bad]] = True
-                code[(code == KEPT) & hit] = BLOCKED
-            if self.forbidden_tags.size:
-                bad = live.tag_member(tags, self.forbidden_tags)
-                hit = np.zeros(items.shape[0], dtype=bool)
-                hit[owner[bad]] = True
-                code[(code == KEPT) & hit] = FORBIDDEN_TAG
-            if self.required_missing:
-                code[code == KEPT] = MISSING_TAG
-            elif self.required_tags.size:
-                have = np.bincount(owner[live.tag_member(tags, self.required_tags)],
-                                   minlength=items.shape[0])
-                code[(code == KEPT) & (have < self.required_tags.size)] = MISSING_TAG
-        if (code == BLOCKED).any():
-            blocked_by = [self._blocking_rule(live, int(i)) if c == BLOCKED else None
-                          for i, c in zip(items.tolist(), code.tolist(), strict=True)]
+            code[live.item_member(items, r.blocked_items)] = BLOCKED
+        if self.seen.size:
+            code[live.item_member(items, self.seen)] = SEEN
+        if self.include is not None:
+            code[~live.item_member(items, self.include)] = NOT_INCLUDED
+        if self.exclude.size:
+            code[live.item_member(items, self.exclude)] = EXCLUDED
+        code[~live.available[items]] = UNAVAILABLE
+        blocked_by: list = []
+        if (r.blocked_items.size or r.blocked_tags.size) and (code == BLOCKED).any():
+            blocked_by = [
+                self._blocking_rule(live, i) if c == BLOCKED else None
+                for i, c in zip(items.tolist(), code.tolist(), strict=True)
+            ]
         return code, blocked_by
 
     def _blocking_rule(self, live: LiveSnapshot, item: int) -> str:
@@ -195,9 +220,11 @@ class Filters:
         hits = np.flatnonzero(r.blocked_items == item)
         if hits.size:
             return r.blocked_item_rules[int(hits[0])]
-        tags = live.tag_ids[live.tag_offsets[item]:live.tag_offsets[item + 1]]
-        hits = np.flatnonzero(np.isin(r.blocked_tags, tags))
-        return r.blocked_tag_rules[int(hits[0])] if hits.size else "block"
+        one = np.asarray([item], dtype=np.int32)
+        for j, tag in enumerate(r.blocked_tags.tolist()):
+            if live.tag_hits(one, tag)[0]:
+                return r.blocked_tag_rules[j]
+        return "block"
 
 
 def _indices(snap, ids: Sequence[str] | None) -> np.ndarray:
@@ -208,19 +235,6 @@ def _indices(snap, ids: Sequence[str] | None) -> np.ndarray:
     return np.asarray(found, dtype=np.int32)
 
 
-def gather_tags(live: LiveSnapshot, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(owner row, tag id) pairs of every tag of `items` (CSR gather, no Python loop)."""
-    starts = live.tag_offsets[items]
-    lens = live.tag_offsets[items + 1] - starts
-    total = int(lens.sum())
-    if total == 0:
-        return _NO_ITEMS, _NO_ITEMS
-    owner = np.repeat(np.arange(items.shape[0], dtype=np.int32), lens)
-    first = np.cumsum(lens) - lens
-    pos = np.arange(total, dtype=np.int64) - np.repeat(first - starts, lens)
-    return owner, live.tag_ids[pos]
-
-
 # --- caps ----------------------------------------------------------------------------------
 @dataclass(slots=True)
 class Caps:
@@ -228,14 +242,15 @@ class Caps:
 
     names: list[str]
     caps: list[int]
-    tag_groups: dict[int, int]        # tag id -> group
-    brand_groups: dict[int, int]      # brand id -> group
-    category_groups: dict[int, int]   # category id -> group
+    tag_groups: dict[int, int]  # tag id -> group
+    brand_groups: dict[int, int]  # brand id -> group
+    category_groups: dict[int, int]  # category id -> group
     counts: list[int]
 
     @classmethod
-    def build(cls, live: LiveSnapshot, max_per_tag: dict[str, int],
-              warnings: list[dict[str, str]]) -> Caps | None:
+    def build(
+        cls, live: LiveSnapshot, max_per_tag: dict[str, int], warnings: list[dict[str, str]]
+    ) -> Caps | None:
         if not max_per_tag:
             return None
         snap = live.snap
@@ -258,23 +273,23 @@ class Caps:
             caps.caps.append(int(cap))
             caps.counts.append(0)
         if unknown:
-            warnings.append({"code": "UNKNOWN_TAG",
-                             "detail": f"max_per_tag key(s) match nothing: {', '.join(unknown)}"})
+            warnings.append(
+                {
+                    "code": "UNKNOWN_TAG",
+                    "detail": f"max_per_tag key(s) match nothing: {', '.join(unknown)}",
+                }
+            )
         return caps if caps.names else None
 
     def members(self, live: LiveSnapshot, items: np.ndarray) -> np.ndarray:
         """bool[len(items), groups]: which capped groups each item belongs to (vectorized)."""
         m = np.zeros((items.shape[0], len(self.names)), dtype=bool)
-        if self.tag_groups:
-            owner, tags = gather_tags(live, items)
-            lookup = np.full(max(1, live.n_tags), -1, dtype=np.int32)
-            lookup[np.fromiter(self.tag_groups, dtype=np.int32)] = np.fromiter(
-                self.tag_groups.values(), dtype=np.int32)
-            g = lookup[tags]
-            sel = g >= 0
-            m[owner[sel], g[sel]] = True
-        for ids, groups in ((live.brand_id, self.brand_groups),
-                            (live.category_id, self.category_groups)):
+        for tag, g in self.tag_groups.items():
+            m[:, g] = live.tag_hits(items, tag)
+        for ids, groups in (
+            (live.brand_id, self.brand_groups),
+            (live.category_id, self.category_groups),
+        ):
             if groups:
                 values = ids[items]
                 for value, g in groups.items():
@@ -371,8 +386,14 @@ def assign_variant(experiment_id: str, unit: str, variants: list[dict[str, Any]]
 class Engine:
     """Runs one request against one live snapshot."""
 
-    def __init__(self, live: LiveSnapshot, req: RecommendRequest, rules: CompiledRules,
-                 deadline: float, warnings: list[dict[str, str]]) -> None:
+    def __init__(
+        self,
+        live: LiveSnapshot,
+        req: RecommendRequest,
+        rules: CompiledRules,
+        deadline: float,
+        warnings: list[dict[str, str]],
+    ) -> None:
         self.live = live
         self.snap = live.snap
         self.req = req
@@ -389,8 +410,13 @@ class Engine:
     # ---- candidate pools ----
     def user_pool(self, uidx: int) -> tuple[Pool, np.ndarray]:
         items, score, signals, reason = self.snap.user_candidates(uidx)
-        return Pool(np.asarray(items), np.asarray(score), np.asarray(signals), np.asarray(reason),
-                    "personal"), np.asarray(self.snap.user_seen(uidx))
+        return Pool(
+            np.asarray(items),
+            np.asarray(score),
+            np.asarray(signals),
+            np.asarray(reason),
+            "personal",
+        ), np.asarray(self.snap.user_seen(uidx))
 
     def anchor_pool(self, anchors: np.ndarray, kinds: Sequence[str] = ("emb", "cooc")) -> Pool:
         """Items similar to any anchor; per kind the scores are summed over anchors and each
@@ -405,8 +431,13 @@ class Engine:
                     parts_scores.append(np.asarray(sc, dtype=np.float32) / top)
                     parts_kind.append(np.full(it.shape[0], j, dtype=np.int8))
         if not parts_items:
-            return Pool(_NO_ITEMS, np.zeros(0, np.float32), np.zeros((0, len(SIGNALS)), np.float32),
-                        np.zeros(0, np.uint8), "similar")
+            return Pool(
+                _NO_ITEMS,
+                np.zeros(0, np.float32),
+                np.zeros((0, len(SIGNALS)), np.float32),
+                np.zeros(0, np.uint8),
+                "similar",
+            )
         all_items = np.concatenate(parts_items)
         all_scores = np.concatenate(parts_scores)
         all_kind = np.concatenate(parts_kind)
@@ -415,14 +446,23 @@ class Engine:
         n_anchor = max(1, anchors.shape[0])
         for j, kind in enumerate(kinds):
             sel = all_kind == j
-            signals[:, _SIGNAL_INDEX[kind]] = np.bincount(
-                inv[sel], weights=all_scores[sel], minlength=uniq.shape[0]) / n_anchor
+            signals[:, _SIGNAL_INDEX[kind]] = (
+                np.bincount(inv[sel], weights=all_scores[sel], minlength=uniq.shape[0]) / n_anchor
+            )
         score = signals.sum(axis=1)
-        reason = np.where(signals[:, _SIGNAL_INDEX["emb"]] >= signals[:, _SIGNAL_INDEX["cooc"]],
-                          REASON_CODES["emb"], REASON_CODES["cooc"]).astype(np.uint8)
+        reason = np.where(
+            signals[:, _SIGNAL_INDEX["emb"]] >= signals[:, _SIGNAL_INDEX["cooc"]],
+            REASON_CODES["emb"],
+            REASON_CODES["cooc"],
+        ).astype(np.uint8)
         order = np.argsort(-score, kind="stable")
-        return Pool(uniq[order].astype(np.int32), score[order].astype(np.float32), signals[order],
-                    reason[order], "similar")
+        return Pool(
+            uniq[order].astype(np.int32),
+            score[order].astype(np.float32),
+            signals[order],
+            reason[order],
+            "similar",
+        )
 
     def fallback_pool(self, name: str) -> Pool | None:
         fb = self.snap.fallback(name)
@@ -436,12 +476,22 @@ class Engine:
             code = REASON_CODES["category"]
         elif name == "trending":
             code = REASON_CODES["trending"]
-        return Pool(np.asarray(items), np.asarray(scores), None,
-                    np.full(items.shape[0], code, dtype=np.uint8), name)
+        return Pool(
+            np.asarray(items),
+            np.asarray(scores),
+            None,
+            np.full(items.shape[0], code, dtype=np.uint8),
+            name,
+        )
 
     # ---- the pipeline ----
-    def run(self, pool: Pool, seen: np.ndarray, weights: dict[str, float] | None,
-            backfill_sources: list[str]) -> Ranked:
+    def run(
+        self,
+        pool: Pool,
+        seen: np.ndarray,
+        weights: dict[str, float] | None,
+        backfill_sources: list[str],
+    ) -> Ranked:
         req, live = self.req, self.live
         k = req.k
         out = Ranked(trace=self.trace)
@@ -456,27 +506,35 @@ class Engine:
             for name, value in weights.items():
                 w[_SIGNAL_INDEX[name]] = value
             scores = pool.signals @ w
-            dead = [s for s, j in _SIGNAL_INDEX.items() if w[j] > 0 and not pool.signals[:, j].any()]
+            dead = [
+                s for s, j in _SIGNAL_INDEX.items() if w[j] > 0 and not pool.signals[:, j].any()
+            ]
             if dead:
-                self.warnings.append({"code": "SIGNAL_UNAVAILABLE",
-                                      "detail": f"{', '.join(dead)} signal unavailable for these "
-                                                "candidates; scored with the other weights"})
+                self.warnings.append(
+                    {
+                        "code": "SIGNAL_UNAVAILABLE",
+                        "detail": f"{', '.join(dead)} signal unavailable for these "
+                        "candidates; scored with the other weights",
+                    }
+                )
         code, blocked_by = filters.outcomes(live, pool.items)
         keep = np.flatnonzero(code == KEPT)
         adj = scores[keep].astype(np.float32, copy=True)
         applied_boosts: dict[int, list[str]] = {}
         if self.rules.boosts and keep.size:
-            owner, tags = gather_tags(live, pool.items[keep])
+            kept_items = pool.items[keep]
             # Factors act on a positive scale: scores are mapped onto [span, 2 * span], so a
             # factor of 2 lifts the weakest candidate to the level of the strongest.
             lo, span = adj.min(), adj.max() - adj.min()
             adj = adj - lo + (span if span > 0 else np.float32(1.0))
             for b in self.rules.boosts:
-                rows = np.unique(owner[tags == b.tag])
+                rows = np.flatnonzero(live.tag_hits(kept_items, b.tag))
                 if rows.size:
                     adj[rows] *= np.float32(b.factor)
                     for r in rows.tolist():
-                        applied_boosts.setdefault(r, []).append(f"{'boost' if b.factor > 1 else 'bury'}:{b.rule_id}")
+                        applied_boosts.setdefault(r, []).append(
+                            f"{'boost' if b.factor > 1 else 'bury'}:{b.rule_id}"
+                        )
         if req.seed is not None and keep.size > 1:
             jitter = np.random.default_rng(req.seed).random(keep.size)  # tie-break only
             order = np.lexsort((jitter, -adj))
@@ -492,8 +550,9 @@ class Engine:
         n_free = k - len(pins)
         pinned_item_set = {p.item for p in pins}
         if pins and ranked_rows.size:
-            not_pinned = ~live.item_member(pool.items[ranked_rows],
-                                           np.fromiter(pinned_item_set, dtype=np.int32))
+            not_pinned = ~live.item_member(
+                pool.items[ranked_rows], np.fromiter(pinned_item_set, dtype=np.int32)
+            )
             ranked_rows, ranked_adj = ranked_rows[not_pinned], ranked_adj[not_pinned]
         caps = Caps.build(live, req.max_per_tag, self.warnings)
         capped: dict[int, str] = {}
@@ -506,25 +565,28 @@ class Engine:
             chosen_rows = ranked_rows[positions].tolist()
             chosen_adj = ranked_adj[positions].tolist()
             capped = {int(ranked_rows[pos]): name for pos, name in refused.items()}
-        entries: list[tuple[int, float, int, list[str], list[float] | None, list[str]]] = []
         chosen = np.asarray(chosen_rows, dtype=np.int64)
-        chosen_items = pool.items[chosen].tolist()
-        chosen_reasons = pool.reasons[chosen].tolist()
-        chosen_signals = (pool.signals[chosen].tolist() if pool.signals is not None
-                          else [None] * len(chosen_rows))
-        for j, row in enumerate(chosen_rows):
-            boosts = (applied_boosts.get(int(np.searchsorted(keep, row)), [])
-                      if applied_boosts else [])
-            entries.append((chosen_items[j], chosen_adj[j], chosen_reasons[j], boosts,
-                            chosen_signals[j], []))
+        e_items: list[int] = pool.items[chosen].tolist()
+        e_scores: list[float] = chosen_adj
+        e_reasons: list[int] = pool.reasons[chosen].tolist()
+        e_signals: list = (
+            pool.signals[chosen].tolist()
+            if pool.signals is not None and req.explain != "none"
+            else [None] * len(chosen_rows)
+        )
+        if applied_boosts:
+            slots = np.searchsorted(keep, chosen).tolist()
+            e_rules = [list(applied_boosts.get(slot, ())) for slot in slots]
+        else:
+            e_rules = [[] for _ in chosen_rows]
         counts_filtered = int(pool.items.shape[0] - keep.size)
 
         # Back-fill.
         backfilled = 0
-        if len(entries) + len(pins) < k:
-            taken = {e[0] for e in entries} | pinned_item_set
+        if len(e_items) + len(pins) < k:
+            taken = set(e_items) | pinned_item_set
             for source in backfill_sources:
-                need = k - len(entries) - len(pins)
+                need = k - len(e_items) - len(pins)
                 if need <= 0:
                     break
                 fb = self.fallback_pool(source)
@@ -542,52 +604,79 @@ class Engine:
                     if caps is not None and caps.take(fb_groups[j]):
                         continue
                     taken.add(item)
-                    entries.append((item, float(fb.scores[row]), int(fb.reasons[row]), [],
-                                    None, [f"backfill:{source}"]))
+                    e_items.append(item)
+                    e_scores.append(float(fb.scores[row]))
+                    e_reasons.append(int(fb.reasons[row]))
+                    e_signals.append(None)
+                    e_rules.append([f"backfill:{source}"])
                     out.backfilled_from[source] = out.backfilled_from.get(source, 0) + 1
                     backfilled += 1
                     need -= 1
                     if self.trace is not None:
-                        self.trace.append({"item_id": self.snap.item_id(item), "source": source,
-                                           "outcome": "backfilled"})
+                        self.trace.append(
+                            {
+                                "item_id": self.snap.item_id(item),
+                                "source": source,
+                                "outcome": "backfilled",
+                            }
+                        )
             if backfilled:
                 srcs = ", ".join(f"{s} ({n})" for s, n in out.backfilled_from.items())
-                self.warnings.append({"code": "BACKFILLED",
-                                      "detail": f"filters left fewer than k={k} items; "
-                                                f"{backfilled} back-filled from {srcs}"})
-        if len(entries) + len(pins) < k:
-            self.warnings.append({"code": "FEWER_THAN_K",
-                                  "detail": f"only {len(entries) + len(pins)} items satisfy the "
-                                            f"request (k={k})"})
+                self.warnings.append(
+                    {
+                        "code": "BACKFILLED",
+                        "detail": f"filters left fewer than k={k} items; "
+                        f"{backfilled} back-filled from {srcs}",
+                    }
+                )
+        if len(e_items) + len(pins) < k:
+            self.warnings.append(
+                {
+                    "code": "FEWER_THAN_K",
+                    "detail": f"only {len(e_items) + len(pins)} items satisfy the request (k={k})",
+                }
+            )
 
         # Pins at their positions (1-based); past the end they go last.
         for p in pins:
-            pos = min(p.position - 1, len(entries))
-            entries.insert(pos, (p.item, entries[pos][1] if pos < len(entries) else 0.0,
-                                 PINNED_REASON, [], None, [f"pin:{p.rule_id}"]))
-        entries = entries[:k]
+            pos = min(p.position - 1, len(e_items))
+            e_scores.insert(pos, e_scores[pos] if pos < len(e_scores) else 0.0)
+            e_items.insert(pos, p.item)
+            e_reasons.insert(pos, PINNED_REASON)
+            e_signals.insert(pos, None)
+            e_rules.insert(pos, [f"pin:{p.rule_id}"])
         t_post = time.perf_counter()
 
-        for item, s, reason, boosts, sig, extra in entries:
-            out.items.append(item)
-            out.scores.append(float(s))
-            out.reasons.append([PINNED_TEXT if reason == PINNED_REASON
-                                else REASONS.get(reason, "recommended for you")])
-            out.signals.append(sig)
-            out.rules.append(boosts + extra)
+        out.items = e_items[:k]
+        out.scores = e_scores[:k]
+        out.reasons = [
+            [PINNED_TEXT if c == PINNED_REASON else REASONS.get(c, REASONS[0])]
+            for c in e_reasons[:k]
+        ]
+        out.signals = e_signals[:k]
+        out.rules = e_rules[:k]
 
         if self.trace is not None:
-            self._trace_candidates(pool, code, blocked_by, keep, ranked_rows, chosen_rows, capped,
-                                   set(out.items), pins)
+            self._trace_candidates(
+                pool, code, blocked_by, keep, ranked_rows, chosen_rows, capped, set(out.items), pins
+            )
         filtered_by = np.bincount(code, minlength=len(OUTCOMES)).tolist()
         out.filtered_by = {OUTCOMES[c]: n for c, n in enumerate(filtered_by) if c != KEPT and n}
         if capped:
             out.filtered_by["max_per_tag"] = len(capped)
-        out.counts = {"candidates_in": int(pool.items.shape[0]), "filtered": counts_filtered,
-                      "capped": len(capped), "pinned": len(pins), "backfilled": backfilled,
-                      "returned": len(out.items)}
-        out.timings = {"candidates": (t_cand - self.t0) * 1000, "scoring": (t_score - t_cand) * 1000,
-                       "postrank": (t_post - t_score) * 1000}
+        out.counts = {
+            "candidates_in": int(pool.items.shape[0]),
+            "filtered": counts_filtered,
+            "capped": len(capped),
+            "pinned": len(pins),
+            "backfilled": backfilled,
+            "returned": len(out.items),
+        }
+        out.timings = {
+            "candidates": (t_cand - self.t0) * 1000,
+            "scoring": (t_score - t_cand) * 1000,
+            "postrank": (t_post - t_score) * 1000,
+        }
         return out
 
     def _valid_pins(self, filters: Filters) -> list[Pin]:
@@ -602,19 +691,32 @@ class Engine:
                 seen_items.add(p.item)
             elif self.trace is not None:
                 reason = OUTCOMES[c] if c != KEPT else "duplicate or beyond k"
-                self.trace.append({"item_id": self.snap.item_id(p.item), "source": "pin",
-                                   "outcome": "pin_skipped", "rule": f"pin:{p.rule_id}",
-                                   "detail": reason})
+                self.trace.append(
+                    {
+                        "item_id": self.snap.item_id(p.item),
+                        "source": "pin",
+                        "outcome": "pin_skipped",
+                        "rule": f"pin:{p.rule_id}",
+                        "detail": reason,
+                    }
+                )
         return valid
 
-    def _trace_candidates(self, pool, code, blocked_by, keep, ranked_rows, chosen_rows, capped,
-                          returned, pins) -> None:
+    def _trace_candidates(
+        self, pool, code, blocked_by, keep, ranked_rows, chosen_rows, capped, returned, pins
+    ) -> None:
         rank_of = {row: r for r, row in enumerate(ranked_rows.tolist())}
         chosen = set(chosen_rows)
         for p in pins:
-            self.trace.append({"item_id": self.snap.item_id(p.item), "source": "pin",
-                               "outcome": "pinned", "rule": f"pin:{p.rule_id}",
-                               "position": p.position})
+            self.trace.append(
+                {
+                    "item_id": self.snap.item_id(p.item),
+                    "source": "pin",
+                    "outcome": "pinned",
+                    "rule": f"pin:{p.rule_id}",
+                    "position": p.position,
+                }
+            )
         for row, (item, c) in enumerate(zip(pool.items.tolist(), code.tolist(), strict=True)):
             entry: dict[str, Any] = {"item_id": self.snap.item_id(item), "source": pool.source}
             if c != KEPT:
@@ -636,8 +738,9 @@ class Engine:
             self.trace.append(entry)
 
 
-def backfill_sources(live: LiveSnapshot, req: RecommendRequest, segment: str,
-                     category_hint: int | None) -> list[str]:
+def backfill_sources(
+    live: LiveSnapshot, req: RecommendRequest, segment: str, category_hint: int | None
+) -> list[str]:
     """The fallback lists to back-fill from, most specific first: required tag, category,
     segment, then global popularity."""
     names = set(live.snap.fallback_names)

@@ -22,8 +22,13 @@ from serving.validation import DEFAULT_SEGMENT, Limits, RecommendRequest, parse_
 
 
 class RecommendService:
-    def __init__(self, config: ServingConfig, registry: SnapshotRegistry, tenants: TenantStore,
-                 metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: ServingConfig,
+        registry: SnapshotRegistry,
+        tenants: TenantStore,
+        metrics: Metrics,
+    ) -> None:
         self._config = config
         self._registry = registry
         self._tenants = tenants
@@ -40,26 +45,35 @@ class RecommendService:
         req, warnings = parse_recommend(body, limits, tconf, similar=similar)
         return req, warnings, tconf, cversion
 
-    def _live(self, tenant: str, req: RecommendRequest, tconf: dict[str, Any],
-              meta: dict[str, Any]) -> LiveSnapshot:
+    def _live(
+        self, tenant: str, req: RecommendRequest, tconf: dict[str, Any], meta: dict[str, Any]
+    ) -> LiveSnapshot:
         holder = self._registry.tenant(tenant)
         live = holder.live() if holder else None
         if live is None:
-            raise ProblemError(503, f"No snapshot is loaded for tenant '{tenant}'.",
-                               code="RECSYS_NO_SNAPSHOT", headers={"Retry-After": "5"})
+            raise ProblemError(
+                503,
+                f"No snapshot is loaded for tenant '{tenant}'.",
+                code="RECSYS_NO_SNAPSHOT",
+                headers={"Retry-After": "5"},
+            )
         if req.experiment_id is None:
             return live
         exp = (tconf.get("experiments") or {}).get(req.experiment_id)
         if exp is None:
-            raise ProblemError(422, f"Unknown experiment '{req.experiment_id}'.",
-                               code="RECSYS_UNKNOWN_EXPERIMENT")
+            raise ProblemError(
+                422, f"Unknown experiment '{req.experiment_id}'.", code="RECSYS_UNKNOWN_EXPERIMENT"
+            )
         variants = exp["variants"]
         chosen = None
         if req.experiment_variant is not None:
             chosen = next((v for v in variants if v["name"] == req.experiment_variant), None)
             if chosen is None:
-                raise ProblemError(422, f"Experiment '{req.experiment_id}' has no variant "
-                                        f"'{req.experiment_variant}'.", code="RECSYS_UNKNOWN_VARIANT")
+                raise ProblemError(
+                    422,
+                    f"Experiment '{req.experiment_id}' has no variant '{req.experiment_variant}'.",
+                    code="RECSYS_UNKNOWN_VARIANT",
+                )
         else:
             unit = req.user_id or req.anonymous_id or req.session_id or ""
             chosen = assign_variant(req.experiment_id, unit, variants)
@@ -67,23 +81,34 @@ class RecommendService:
         if target not in ("current", "champion"):
             variant_live = holder.variant(target)
             if variant_live is None:
-                raise ProblemError(503, f"Snapshot '{target}' of variant '{chosen['name']}' "
-                                        "cannot be loaded.", code="RECSYS_NO_SNAPSHOT")
+                raise ProblemError(
+                    503,
+                    f"Snapshot '{target}' of variant '{chosen['name']}' cannot be loaded.",
+                    code="RECSYS_NO_SNAPSHOT",
+                )
             live = variant_live
-        meta["experiment"] = {"id": req.experiment_id, "variant": chosen["name"],
-                              "assigned": req.experiment_variant is None,
-                              "snapshot_id": live.snapshot_id}
+        meta["experiment"] = {
+            "id": req.experiment_id,
+            "variant": chosen["name"],
+            "assigned": req.experiment_variant is None,
+            "snapshot_id": live.snapshot_id,
+        }
         return live
 
     def _rules(self, tenant: str, live: LiveSnapshot, surface: str, segment: str):
         doc = self._tenants.cached(tenant, "rules")
-        return compile_rules(live, doc.body.get("rules", ()), doc.version, surface, segment), doc.version
+        return compile_rules(
+            live, doc.body.get("rules", ()), doc.version, surface, segment
+        ), doc.version
 
     # --- use cases ---------------------------------------------------------------------------
     def validate(self, tenant: str, body: Any) -> dict[str, Any]:
         req, warnings, _, cversion = self.parse(tenant, body)
-        return {"normalized_request": req.normalized(), "warnings": warnings,
-                "meta": {"tenant_id": tenant, "config_version": cversion}}
+        return {
+            "normalized_request": req.normalized(),
+            "warnings": warnings,
+            "meta": {"tenant_id": tenant, "config_version": cversion},
+        }
 
     def recommend(self, tenant: str, body: Any, started: float) -> dict[str, Any]:
         deadline = started + self._config.deadline_ms / 1000.0
@@ -111,23 +136,44 @@ class RecommendService:
             pool, seen = engine.anchor_pool(anchors), anchors
             category_hint = int(live.category_id[anchors[0]])
             if req.user_id:
-                warnings.append({"code": "UNKNOWN_USER",
-                                 "detail": "user not in the snapshot; recommending from anchors"})
+                warnings.append(
+                    {
+                        "code": "UNKNOWN_USER",
+                        "detail": "user not in the snapshot; recommending from anchors",
+                    }
+                )
         else:
-            name = f"segment:{segment}" if f"segment:{segment}" in snap.fallback_names else "popular"
+            name = (
+                f"segment:{segment}" if f"segment:{segment}" in snap.fallback_names else "popular"
+            )
             pool = engine.fallback_pool(name)
             if pool is None:
-                raise ProblemError(503, "The snapshot has no fallback list to answer a cold start.",
-                                   code="RECSYS_NO_FALLBACK")
+                raise ProblemError(
+                    503,
+                    "The snapshot has no fallback list to answer a cold start.",
+                    code="RECSYS_NO_FALLBACK",
+                )
             seen = anchors
-            warnings.append({"code": "COLD_START",
-                             "detail": f"{'unknown user' if req.user_id else 'anonymous user'} "
-                                       f"without anchors; answered from '{name}'"})
+            warnings.append(
+                {
+                    "code": "COLD_START",
+                    "detail": f"{'unknown user' if req.user_id else 'anonymous user'} "
+                    f"without anchors; answered from '{name}'",
+                }
+            )
         if req.anchors and anchors.size < len(req.anchors):
-            warnings.append({"code": "UNKNOWN_ANCHOR",
-                             "detail": f"{len(req.anchors) - anchors.size} anchor id(s) unknown"})
-        weights = req.weights if req.weights is not None else (tconf.get("defaults") or {}).get("weights")
-        ranked = engine.run(pool, seen, weights, backfill_sources(live, req, segment, category_hint))
+            warnings.append(
+                {
+                    "code": "UNKNOWN_ANCHOR",
+                    "detail": f"{len(req.anchors) - anchors.size} anchor id(s) unknown",
+                }
+            )
+        weights = (
+            req.weights if req.weights is not None else (tconf.get("defaults") or {}).get("weights")
+        )
+        ranked = engine.run(
+            pool, seen, weights, backfill_sources(live, req, segment, category_hint)
+        )
         meta.update(self._meta(tenant, req, segment, live, cversion, rversion, ranked, started))
         if weights and req.explain == "full":
             meta["weights"] = {s: float(weights.get(s, 0.0)) for s in SIGNALS}
@@ -144,8 +190,11 @@ class RecommendService:
         iidx = snap.item_index(req.item_id)
         if iidx is None:
             if tconf.get("strict_similar"):
-                raise ProblemError(404, f"Item '{req.item_id}' is not in the catalogue.",
-                                   code="RECSYS_UNKNOWN_ITEM")
+                raise ProblemError(
+                    404,
+                    f"Item '{req.item_id}' is not in the catalogue.",
+                    code="RECSYS_UNKNOWN_ITEM",
+                )
             warnings.append({"code": "UNKNOWN_ITEM", "detail": f"item '{req.item_id}' is unknown"})
         rules, rversion = self._rules(tenant, live, req.surface, segment)
         engine = Engine(live, req, rules, deadline, warnings)
@@ -153,8 +202,12 @@ class RecommendService:
         kinds = ("emb", "cooc") if req.kind == "blend" else (req.kind,)
         pool = engine.anchor_pool(anchor, kinds)
         category_hint = int(live.category_id[iidx]) if iidx is not None else None
-        ranked = engine.run(pool, anchor, None, backfill_sources(live, req, segment, category_hint)
-                            if iidx is not None else [])
+        ranked = engine.run(
+            pool,
+            anchor,
+            None,
+            backfill_sources(live, req, segment, category_hint) if iidx is not None else [],
+        )
         meta.update(self._meta(tenant, req, segment, live, cversion, rversion, ranked, started))
         self._count(tenant, ranked)
         return self._response(live, req, ranked, meta, warnings)
@@ -186,7 +239,9 @@ class RecommendService:
             if explain:
                 sig = ranked.signals[rank - 1]
                 entry["explain"] = {
-                    "signals": dict(zip(SIGNALS, (round(v, 6) for v in sig), strict=True)) if sig else {},
+                    "signals": dict(zip(SIGNALS, (round(v, 6) for v in sig), strict=True))
+                    if sig
+                    else {},
                     "rules": ranked.rules[rank - 1],
                 }
             items.append(entry)

@@ -39,8 +39,12 @@ class Limits:
         lim = tenant_config.get("limits", {})
         return cls(
             max_k=min(config.max_k, lim.get("max_k", config.max_k)),
-            max_include_ids=min(config.max_list_ids, lim.get("max_include_ids", config.max_list_ids)),
-            max_exclude_ids=min(config.max_list_ids, lim.get("max_exclude_ids", config.max_list_ids)),
+            max_include_ids=min(
+                config.max_list_ids, lim.get("max_include_ids", config.max_list_ids)
+            ),
+            max_exclude_ids=min(
+                config.max_list_ids, lim.get("max_exclude_ids", config.max_list_ids)
+            ),
             max_anchors=min(config.max_anchors, lim.get("max_anchors", config.max_anchors)),
             max_tags=config.max_tags,
         )
@@ -133,7 +137,9 @@ def _str(value: Any, where: str, required: bool = False) -> str | None:
             raise bad_request(f"Field '{where}' is required.")
         return None
     if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
-        raise bad_request(f"Field '{where}' must be a non-empty string of at most {MAX_ID_LENGTH} characters.")
+        raise bad_request(
+            f"Field '{where}' must be a non-empty string of at most {MAX_ID_LENGTH} characters."
+        )
     return value
 
 
@@ -162,7 +168,9 @@ def _str_list(value: Any, where: str, max_len: int) -> list[str] | None:
         raise bad_request(f"Field '{where}' holds {len(value)} entries; the limit is {max_len}.")
     for v in value:
         if not isinstance(v, str) or not v or len(v) > MAX_ID_LENGTH:
-            raise bad_request(f"Field '{where}' must hold non-empty strings (<= {MAX_ID_LENGTH} chars).")
+            raise bad_request(
+                f"Field '{where}' must hold non-empty strings (<= {MAX_ID_LENGTH} chars)."
+            )
     return value
 
 
@@ -174,7 +182,9 @@ def _weights(value: Any, where: str) -> dict[str, float] | None:
     out = {}
     for name, w in value.items():
         if name not in SIGNALS:
-            raise unprocessable(f"Unknown signal '{name}' in '{where}'; known: {', '.join(SIGNALS)}.")
+            raise unprocessable(
+                f"Unknown signal '{name}' in '{where}'; known: {', '.join(SIGNALS)}."
+            )
         if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
             raise bad_request(f"Weight '{where}.{name}' must be a finite number.")
         if w < 0:
@@ -185,14 +195,39 @@ def _weights(value: Any, where: str) -> dict[str, float] | None:
     return out
 
 
-_TOP = frozenset({"surface", "segment", "k", "user", "context", "anchors", "candidates",
-                  "constraints", "weights", "options", "experiment"})
-_SIMILAR_TOP = frozenset({"surface", "segment", "item_id", "k", "kind", "candidates",
-                          "constraints", "options", "context"})
+_TOP = frozenset(
+    {
+        "surface",
+        "segment",
+        "k",
+        "user",
+        "context",
+        "anchors",
+        "candidates",
+        "constraints",
+        "weights",
+        "options",
+        "experiment",
+    }
+)
+_SIMILAR_TOP = frozenset(
+    {
+        "surface",
+        "segment",
+        "item_id",
+        "k",
+        "kind",
+        "candidates",
+        "constraints",
+        "options",
+        "context",
+    }
+)
 
 
-def parse_recommend(body: Any, limits: Limits, tenant_config: dict[str, Any],
-                    similar: bool = False) -> tuple[RecommendRequest, list[dict[str, str]]]:
+def parse_recommend(
+    body: Any, limits: Limits, tenant_config: dict[str, Any], similar: bool = False
+) -> tuple[RecommendRequest, list[dict[str, str]]]:
     """Validate a /v1/recommend (or /v1/similar) body; returns the request and its warnings."""
     body = _obj(body, "body", _SIMILAR_TOP if similar else _TOP)
     warnings: list[dict[str, str]] = []
@@ -205,8 +240,10 @@ def parse_recommend(body: Any, limits: Limits, tenant_config: dict[str, Any],
         warnings.append({"code": "DEFAULT_APPLIED", "detail": f"surface defaulted to '{surface}'"})
     allowed_surfaces = tenant_config.get("surfaces") or ()
     if allowed_surfaces and surface not in allowed_surfaces:
-        raise unprocessable(f"Unknown surface '{surface}'; this tenant has: {', '.join(allowed_surfaces)}.",
-                            code="RECSYS_UNKNOWN_SURFACE")
+        raise unprocessable(
+            f"Unknown surface '{surface}'; this tenant has: {', '.join(allowed_surfaces)}.",
+            code="RECSYS_UNKNOWN_SURFACE",
+        )
     r.surface = surface
     r.segment = _str(body.get("segment"), "segment")
 
@@ -244,15 +281,21 @@ def parse_recommend(body: Any, limits: Limits, tenant_config: dict[str, Any],
     cands = _obj(body.get("candidates"), "candidates", frozenset({"include_ids", "exclude_ids"}))
     include = _str_list(cands.get("include_ids"), "candidates.include_ids", limits.max_include_ids)
     r.include_ids = include if include else None  # [] means "no allow-list", as in the contract
-    r.exclude_ids = _str_list(cands.get("exclude_ids"), "candidates.exclude_ids",
-                              limits.max_exclude_ids) or []
+    r.exclude_ids = (
+        _str_list(cands.get("exclude_ids"), "candidates.exclude_ids", limits.max_exclude_ids) or []
+    )
 
-    cons = _obj(body.get("constraints"), "constraints",
-                frozenset({"required_tags", "forbidden_tags", "max_per_tag"}))
-    r.required_tags = _str_list(cons.get("required_tags"), "constraints.required_tags",
-                                limits.max_tags) or []
-    r.forbidden_tags = _str_list(cons.get("forbidden_tags"), "constraints.forbidden_tags",
-                                 limits.max_tags) or []
+    cons = _obj(
+        body.get("constraints"),
+        "constraints",
+        frozenset({"required_tags", "forbidden_tags", "max_per_tag"}),
+    )
+    r.required_tags = (
+        _str_list(cons.get("required_tags"), "constraints.required_tags", limits.max_tags) or []
+    )
+    r.forbidden_tags = (
+        _str_list(cons.get("forbidden_tags"), "constraints.forbidden_tags", limits.max_tags) or []
+    )
     mpt = _obj(cons.get("max_per_tag"), "constraints.max_per_tag", None)
     if len(mpt) > limits.max_tags:
         raise bad_request(f"'constraints.max_per_tag' holds more than {limits.max_tags} entries.")
@@ -261,14 +304,21 @@ def parse_recommend(body: Any, limits: Limits, tenant_config: dict[str, Any],
     r.max_per_tag = dict(mpt)
     both = set(r.required_tags) & set(r.forbidden_tags)
     if both:
-        raise unprocessable(f"Tag(s) both required and forbidden: {', '.join(sorted(both))}.",
-                            code="RECSYS_IMPOSSIBLE_CONSTRAINTS")
+        raise unprocessable(
+            f"Tag(s) both required and forbidden: {', '.join(sorted(both))}.",
+            code="RECSYS_IMPOSSIBLE_CONSTRAINTS",
+        )
     if r.include_ids is not None and not set(r.include_ids) - set(r.exclude_ids):
-        raise unprocessable("Every id of candidates.include_ids is also excluded.",
-                            code="RECSYS_IMPOSSIBLE_CONSTRAINTS")
+        raise unprocessable(
+            "Every id of candidates.include_ids is also excluded.",
+            code="RECSYS_IMPOSSIBLE_CONSTRAINTS",
+        )
 
-    opts = _obj(body.get("options"), "options",
-                frozenset({"include_reasons", "explain", "include_trace", "seed"}))
+    opts = _obj(
+        body.get("options"),
+        "options",
+        frozenset({"include_reasons", "explain", "include_trace", "seed"}),
+    )
     r.include_reasons = bool(_bool(opts.get("include_reasons"), "options.include_reasons"))
     explain = opts.get("explain", "none")
     if explain not in EXPLAIN_LEVELS:
@@ -277,7 +327,9 @@ def parse_recommend(body: Any, limits: Limits, tenant_config: dict[str, Any],
     r.include_trace = bool(_bool(opts.get("include_trace"), "options.include_trace"))
     r.seed = _int(opts.get("seed"), "options.seed", 0, MAX_SEED)
     if r.segment is None and not similar and r.user_id is None:
-        warnings.append({"code": "DEFAULT_APPLIED", "detail": f"segment defaulted to '{DEFAULT_SEGMENT}'"})
+        warnings.append(
+            {"code": "DEFAULT_APPLIED", "detail": f"segment defaulted to '{DEFAULT_SEGMENT}'"}
+        )
     return r, warnings
 
 
@@ -292,15 +344,21 @@ def validate_config(body: Any, config: ServingConfig) -> dict[str, Any]:
     body = {k: v for k, v in body.items() if k not in ("tenant_id", "config_version")}
     defaults = _obj(body.get("defaults"), "defaults", frozenset({"weights", "k", "surface"}))
     _weights(defaults.get("weights"), "defaults.weights")
-    hard = {"max_k": config.max_k, "max_include_ids": config.max_list_ids,
-            "max_exclude_ids": config.max_list_ids, "max_anchors": config.max_anchors}
+    hard = {
+        "max_k": config.max_k,
+        "max_include_ids": config.max_list_ids,
+        "max_exclude_ids": config.max_list_ids,
+        "max_anchors": config.max_anchors,
+    }
     limits = _obj(body.get("limits"), "limits", frozenset(_LIMIT_KEYS))
     for key, value in limits.items():
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad_request(f"Field 'limits.{key}' must be an integer.")
         if not 1 <= value <= hard[key] and not (key != "max_k" and value == 0):
-            raise unprocessable(f"Field 'limits.{key}' = {value} is impossible; "
-                                f"it must be between {0 if key != 'max_k' else 1} and {hard[key]}.")
+            raise unprocessable(
+                f"Field 'limits.{key}' = {value} is impossible; "
+                f"it must be between {0 if key != 'max_k' else 1} and {hard[key]}."
+            )
     k = defaults.get("k")
     if k is not None:
         _int(k, "defaults.k", 1, config.max_k)

@@ -12,7 +12,9 @@ from recsys.contract import EVENT_SCHEMA, ITEM_SCHEMA
 START = datetime(2024, 1, 1, tzinfo=UTC)
 
 
-def cluster_events(rng: np.random.Generator, n_users: int = 40, n_items: int = 20, per_user: int = 6) -> pl.DataFrame:
+def cluster_events(
+    rng: np.random.Generator, n_users: int = 40, n_items: int = 20, per_user: int = 6
+) -> pl.DataFrame:
     """User u belongs to cluster u % 2 and only touches items of its cluster (item i is in
     cluster i < n_items // 2 ? 0 : 1). Lower item ids are more popular inside each cluster."""
     rows = []
@@ -24,12 +26,19 @@ def cluster_events(rng: np.random.Generator, n_users: int = 40, n_items: int = 2
         base = 0 if u % 2 == 0 else half
         picks = rng.choice(half, size=per_user, replace=False, p=p) + base
         for i in picks:
-            rows.append({
-                "event_id": f"e{k}", "tenant": "t", "user_id": f"u{u}", "item_id": f"i{int(i)}",
-                "event_type": "purchase" if k % 5 == 0 else "view",
-                "timestamp": START + timedelta(minutes=k), "value": None, "session_id": None,
-                "context": None,
-            })
+            rows.append(
+                {
+                    "event_id": f"e{k}",
+                    "tenant": "t",
+                    "user_id": f"u{u}",
+                    "item_id": f"i{int(i)}",
+                    "event_type": "purchase" if k % 5 == 0 else "view",
+                    "timestamp": START + timedelta(minutes=k),
+                    "value": None,
+                    "session_id": None,
+                    "context": None,
+                }
+            )
             k += 1
     # spread every user's events over the whole period, so later windows hold known users
     minutes = rng.permutation(len(rows))
@@ -40,16 +49,41 @@ def cluster_events(rng: np.random.Generator, n_users: int = 40, n_items: int = 2
 
 def cluster_items(n_items: int = 20) -> pl.DataFrame:
     half = n_items // 2
-    return pl.DataFrame([{
-        "item_id": f"i{i}", "title": None, "category": "a" if i < half else "b", "brand": None,
-        "price": float(i), "tags": ["x" if i < half else "y"], "available": True,
-        "created_at": START, "attributes": None,
-    } for i in range(n_items)], schema=ITEM_SCHEMA)
+    return pl.DataFrame(
+        [
+            {
+                "item_id": f"i{i}",
+                "title": None,
+                "category": "a" if i < half else "b",
+                "brand": None,
+                "price": float(i),
+                "tags": ["x" if i < half else "y"],
+                "available": True,
+                "created_at": START,
+                "attributes": None,
+            }
+            for i in range(n_items)
+        ],
+        schema=ITEM_SCHEMA,
+    )
 
 
 def make_events(rows: list[tuple[str, str, str, int]]) -> pl.DataFrame:
     """(user, item, type, minute) tuples as contract events."""
-    return pl.DataFrame([{
-        "event_id": f"e{n}", "tenant": "t", "user_id": u, "item_id": i, "event_type": t,
-        "timestamp": START + timedelta(minutes=m), "value": None, "session_id": None, "context": None,
-    } for n, (u, i, t, m) in enumerate(rows)], schema=EVENT_SCHEMA)
+    return pl.DataFrame(
+        [
+            {
+                "event_id": f"e{n}",
+                "tenant": "t",
+                "user_id": u,
+                "item_id": i,
+                "event_type": t,
+                "timestamp": START + timedelta(minutes=m),
+                "value": None,
+                "session_id": None,
+                "context": None,
+            }
+            for n, (u, i, t, m) in enumerate(rows)
+        ],
+        schema=EVENT_SCHEMA,
+    )

@@ -12,7 +12,6 @@ from pipelines.training.assets import (
     ranker_model,
     read_inputs,
     read_json,
-    split_events,
     tenants,
     write_json,
 )
@@ -27,9 +26,13 @@ GROUP = "evaluation"
 
 def _table_metadata(table) -> dg.MetadataValue:
     cols = [c for c in table.columns if c not in ("model",)]
-    schema = dg.TableSchema(columns=[dg.TableColumn("model", "string")] + [dg.TableColumn(c, "float") for c in cols])
-    records = [dg.TableRecord({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-               for r in table.iter_rows(named=True)]
+    schema = dg.TableSchema(
+        columns=[dg.TableColumn("model", "string")] + [dg.TableColumn(c, "float") for c in cols]
+    )
+    records = [
+        dg.TableRecord({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+        for r in table.iter_rows(named=True)
+    ]
     return dg.MetadataValue.table(records=records, schema=schema)
 
 
@@ -47,7 +50,9 @@ def model_evaluation(
         split = read_json(store, model_path(store, tenant, "split.json"))
         s = temporal_split(events, split["test_fraction"])
         model = HybridRecommender.load(model_path(store, tenant, "eval", "hybrid"))
-        table, holdout, _ = evaluate_fitted(model, s.train, s.test, config.bootstrap_resamples, config.seed)
+        table, holdout, _ = evaluate_fitted(
+            model, s.train, s.test, config.bootstrap_resamples, config.seed
+        )
         out_dir = store.evaluation_dir(tenant)
         store.makedirs(out_dir)
         record = {"tenant": tenant, "users": holdout.n_users, "pairs": holdout.n_pairs}
@@ -59,7 +64,9 @@ def model_evaluation(
             record["skipped"] = ""
             metadata[f"{tenant}/table"] = _md_table(format_table(table).to_dicts())
             metadata[f"{tenant}/metrics"] = _table_metadata(table)
-            metadata[f"{tenant}/plot"] = dg.MetadataValue.path(os.path.join(out_dir, "evaluation.png"))
+            metadata[f"{tenant}/plot"] = dg.MetadataValue.path(
+                os.path.join(out_dir, "evaluation.png")
+            )
         else:
             record["served_ndcg@10"] = None
             record["skipped"] = "no test positives on known users and items (too little data)"
@@ -72,7 +79,9 @@ def model_evaluation(
 
 @dg.asset(group_name=GROUP, deps=[model_evaluation], kinds={"mlflow"})
 def champion_model(
-    context: dg.AssetExecutionContext, config: ChampionConfig, storage: StorageResource,
+    context: dg.AssetExecutionContext,
+    config: ChampionConfig,
+    storage: StorageResource,
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
     """Logs the final (all-data) model to MLflow as a new version of recsys-<tenant> and gives
@@ -90,18 +99,33 @@ def champion_model(
         table = pl.read_csv(csv) if os.path.exists(csv) else None
         png = os.path.join(ev_dir, "evaluation.png")
         run = tracking.log_training_run(
-            tenant=tenant, model=model, events=events, uri=uri,
+            tenant=tenant,
+            model=model,
+            events=events,
+            uri=uri,
             artifact_root=store.mlflow_artifacts() if not mlflow.tracking_uri else None,
-            table=table, plot_path=png if os.path.exists(png) else None,
+            table=table,
+            plot_path=png if os.path.exists(png) else None,
             extra_params={"split": read_json(store, model_path(store, tenant, "split.json"))},
             tolerance=config.tolerance,
         )
         gate = {**run.gate, "run_id": run.run_id, "version": run.version, "model": run.model_name}
         write_json(store, model_path(store, tenant, "gate.json"), gate)
-        rows.append({"tenant": tenant, "version": run.version, "promoted": gate["promoted"],
-                     "candidate": gate["candidate_ndcg_at_10"], "champion": gate["champion_ndcg_at_10"],
-                     "reason": gate["reason"]})
+        rows.append(
+            {
+                "tenant": tenant,
+                "version": run.version,
+                "promoted": gate["promoted"],
+                "candidate": gate["candidate_ndcg_at_10"],
+                "champion": gate["champion_ndcg_at_10"],
+                "reason": gate["reason"],
+            }
+        )
         context.log.info(f"{tenant}: version {run.version}: {gate['reason']}")
-    return dg.MaterializeResult(metadata={
-        "gate": _md_table(rows), "tracking_uri": uri, "tolerance": config.tolerance,
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "gate": _md_table(rows),
+            "tracking_uri": uri,
+            "tolerance": config.tolerance,
+        }
+    )

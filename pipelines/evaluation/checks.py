@@ -6,8 +6,11 @@ from pipelines.resources import StorageResource
 from pipelines.training.assets import model_path, read_json, tenants
 
 
-@dg.asset_check(asset="champion_model", blocking=True,
-                description="The new model's served NDCG@10 did not regress beyond the tolerance.")
+@dg.asset_check(
+    asset="champion_model",
+    blocking=True,
+    description="The new model's served NDCG@10 did not regress beyond the tolerance.",
+)
 def champion_not_regressed(storage: StorageResource) -> dg.AssetCheckResult:
     """Fails when a tenant's new version was refused the champion alias for a regression.
     A tenant with too little data to evaluate passes (popularity serves); its reason is shown."""
@@ -24,5 +27,8 @@ def champion_not_regressed(storage: StorageResource) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=not regressed,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={"regressed": dg.MetadataValue.json(regressed), "decisions": dg.MetadataValue.json(decisions)},
+        metadata={
+            "regressed": dg.MetadataValue.json(regressed),
+            "decisions": dg.MetadataValue.json(decisions),
+        },
     )

@@ -5,7 +5,6 @@ the shard and the paths, and report metadata. Nothing runs unless the champion g
 every asset depends on `champion_model`, whose `champion_not_regressed` check is blocking.
 """
 
-
 import hashlib
 import json
 import os
@@ -33,17 +32,32 @@ class _Champion:
 
         gate_path = model_path(store, tenant, "gate.json")
         if not store.exists(gate_path):
-            raise dg.Failure(f"{tenant}: no champion gate decision ({gate_path}); materialize champion_model first")
+            raise dg.Failure(
+                f"{tenant}: no champion gate decision ({gate_path}); "
+                "materialize champion_model first"
+            )
         self.gate: dict[str, Any] = read_json(store, gate_path)
         if not self.gate.get("promoted") and self.gate.get("candidate_ndcg_at_10") is not None:
-            raise dg.Failure(f"{tenant}: the new model was not promoted ({self.gate.get('reason')}); nothing to publish")
+            raise dg.Failure(
+                f"{tenant}: the new model was not promoted ({self.gate.get('reason')}); "
+                "nothing to publish"
+            )
         self.model = HybridRecommender.load(model_path(store, tenant, "final", "hybrid"))
         run_id = str(self.gate.get("run_id") or "")
-        self.key = f"{self.gate.get('model', 'model')}-v{self.gate.get('version', '0')}-{run_id[:12]}"
-        self.info = {"champion": {"name": self.gate.get("model"), "version": self.gate.get("version"),
-                                  "run_id": self.gate.get("run_id")}}
+        self.key = (
+            f"{self.gate.get('model', 'model')}-v{self.gate.get('version', '0')}-{run_id[:12]}"
+        )
+        self.info = {
+            "champion": {
+                "name": self.gate.get("model"),
+                "version": self.gate.get("version"),
+                "run_id": self.gate.get("run_id"),
+            }
+        }
         cfg = asdict(self.model.config)  # the configuration the served model was fitted with
-        self.config_version = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.config_version = hashlib.sha256(
+            json.dumps(cfg, sort_keys=True, default=str).encode()
+        ).hexdigest()[:12]
 
 
 def _snapshots(store: Storage, tenant: str, keep: int = 5) -> SnapshotStore:
@@ -63,20 +77,32 @@ def user_recommendations(
     time (staged under snapshots/<tenant>/.staging/<model>/). Run without a partition (the
     end-to-end job) it computes every shard in turn; memory stays bounded by one shard."""
     store = storage.storage()
-    shards = [shard_number(context.partition_key)] if context.has_partition_key else list(range(N_USER_SHARDS))
+    shards = (
+        [shard_number(context.partition_key)]
+        if context.has_partition_key
+        else list(range(N_USER_SHARDS))
+    )
     rows, summary = 0, []
     for tenant in tenants(store, config.tenants):
         champ = _Champion(store, tenant)
         snaps = _snapshots(store, tenant)
         for shard in shards:
-            path, n = snapbuild.compute_shard(champ.model, snaps.root, champ.key, shard, N_USER_SHARDS, config.n_per_user)
+            path, n = snapbuild.compute_shard(
+                champ.model, snaps.root, champ.key, shard, N_USER_SHARDS, config.n_per_user
+            )
             start, stop = snapbuild.shard_bounds(len(champ.model.user_ids_), shard, N_USER_SHARDS)
             rows += n
-            summary.append({"tenant": tenant, "shard": shard, "users": stop - start, "rows": n, "path": path})
+            summary.append(
+                {"tenant": tenant, "shard": shard, "users": stop - start, "rows": n, "path": path}
+            )
         context.log.info(f"{tenant}: shards {shards} staged for model {champ.key}")
-    return dg.MaterializeResult(metadata={
-        "rows": rows, "shards": dg.MetadataValue.json(summary), "n_per_user": config.n_per_user,
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "rows": rows,
+            "shards": dg.MetadataValue.json(summary),
+            "n_per_user": config.n_per_user,
+        }
+    )
 
 
 @dg.asset(group_name=GROUP, deps=["champion_model"], kinds={"numpy", "parquet"})
@@ -111,7 +137,8 @@ def fallback_lists(
         snapbuild.write_item_lists(_snapshots(store, tenant).root, champ.key, fallbacks=lists)
         meta[f"{tenant}/lists"] = len(lists)
         meta[f"{tenant}/popular_top10"] = dg.MetadataValue.json(
-            [str(champ.model.item_ids_[i]) for i in lists["popular"][0][:10]])
+            [str(champ.model.item_ids_[i]) for i in lists["popular"][0][:10]]
+        )
         context.log.info(f"{tenant}: {len(lists)} fallback lists")
     return dg.MaterializeResult(metadata=meta)
 
@@ -136,12 +163,26 @@ def serving_snapshot(
         previous = snaps.current_id()
         events, items, users = read_inputs(store, tenant)
         sid, manifest = snapbuild.assemble_snapshot(
-            snaps, tenant=tenant, model=champ.model, model_key=champ.key, n_shards=N_USER_SHARDS,
-            k=config.n_per_user, items=items, users=users, events=events, models_info=champ.info,
-            config_version=champ.config_version, n_similar=config.n_similar, log=context.log,
+            snaps,
+            tenant=tenant,
+            model=champ.model,
+            model_key=champ.key,
+            n_shards=N_USER_SHARDS,
+            k=config.n_per_user,
+            items=items,
+            users=users,
+            events=events,
+            models_info=champ.info,
+            config_version=champ.config_version,
+            n_similar=config.n_similar,
+            log=context.log,
         )
-        row: dict[str, Any] = {"tenant": tenant, "snapshot": sid, "previous": previous,
-                               **{k: manifest["counts"][k] for k in ("users", "items", "candidates")}}
+        row: dict[str, Any] = {
+            "tenant": tenant,
+            "snapshot": sid,
+            "previous": previous,
+            **{k: manifest["counts"][k] for k in ("users", "items", "candidates")},
+        }
         if previous and config.diff_k and previous in snaps.ids():
             d = snaps.diff(previous, sid, k=config.diff_k)
             row[f"top{config.diff_k}_changed"] = f"{d.users_changed} ({d.changed_fraction:.1%})"

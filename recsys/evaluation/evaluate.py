@@ -22,6 +22,7 @@ from recsys.evaluation.metrics import (
 )
 from recsys.models.data import Dataset, holdout_pairs
 
+
 class HasIndex(Protocol):
     def user_index(self, user_ids) -> np.ndarray: ...
     def item_index(self, item_ids) -> np.ndarray: ...
@@ -48,7 +49,9 @@ class Holdout:
 
 
 def build_holdout(
-    data: Dataset | HasIndex, train_events: pl.DataFrame, holdout_events: pl.DataFrame,
+    data: Dataset | HasIndex,
+    train_events: pl.DataFrame,
+    holdout_events: pl.DataFrame,
     weights: dict[str, float] | None = None,
 ) -> Holdout:
     """Positives of `holdout_events` per the protocol, mapped onto `data`'s index (anything
@@ -61,12 +64,18 @@ def build_holdout(
     order = np.lexsort((i, u))
     u, i = u[order], i[order]
     users, starts = np.unique(u, return_index=True)
-    return Holdout(user_idx=users.astype(np.int64), relevant=np.split(i, starts[1:]) if len(u) else [])
+    return Holdout(
+        user_idx=users.astype(np.int64), relevant=np.split(i, starts[1:]) if len(u) else []
+    )
 
 
 def evaluate_lists(
-    recommended: np.ndarray, holdout: Holdout, n_items: int, item_popularity: np.ndarray,
-    n_resamples: int = 1000, seed: int = 0,
+    recommended: np.ndarray,
+    holdout: Holdout,
+    n_items: int,
+    item_popularity: np.ndarray,
+    n_resamples: int = 1000,
+    seed: int = 0,
 ) -> dict[str, float]:
     """All metrics (with CI) of one model's lists, aligned with ``holdout.user_idx``."""
     row: dict[str, float] = {}
@@ -78,19 +87,37 @@ def evaluate_lists(
     rng = np.random.default_rng(seed)
     cov = catalog_coverage(recommended, n_items, 10)
     n = len(recommended)
-    boots = np.array([catalog_coverage(recommended[rng.integers(0, n, n)], n_items, 10) for _ in range(200)]) if n else np.array([np.nan])
+    boots = (
+        np.array(
+            [catalog_coverage(recommended[rng.integers(0, n, n)], n_items, 10) for _ in range(200)]
+        )
+        if n
+        else np.array([np.nan])
+    )
     shift = cov - float(np.mean(boots))
     row["Coverage@10"], row["Coverage@10_low"], row["Coverage@10_high"] = (
-        cov, float(np.quantile(boots, 0.025)) + shift, float(np.quantile(boots, 0.975)) + shift,
+        cov,
+        float(np.quantile(boots, 0.025)) + shift,
+        float(np.quantile(boots, 0.975)) + shift,
     )
-    est = bootstrap_ci(mean_popularity_percentile(recommended, item_popularity, 10), n_resamples, seed=seed)
-    row["PopPercentile@10"], row["PopPercentile@10_low"], row["PopPercentile@10_high"] = est.value, est.low, est.high
+    est = bootstrap_ci(
+        mean_popularity_percentile(recommended, item_popularity, 10), n_resamples, seed=seed
+    )
+    row["PopPercentile@10"], row["PopPercentile@10_low"], row["PopPercentile@10_high"] = (
+        est.value,
+        est.low,
+        est.high,
+    )
     return row
 
 
 def evaluation_table(
-    lists: Mapping[str, np.ndarray], holdout: Holdout, n_items: int, item_popularity: np.ndarray,
-    n_resamples: int = 1000, seed: int = 0,
+    lists: Mapping[str, np.ndarray],
+    holdout: Holdout,
+    n_items: int,
+    item_popularity: np.ndarray,
+    n_resamples: int = 1000,
+    seed: int = 0,
 ) -> pl.DataFrame:
     """One row per model: every metric and its bootstrap CI (``<metric>_low`` / ``_high``)."""
     rows = []
@@ -106,12 +133,18 @@ def format_table(table: pl.DataFrame, metrics: tuple[str, ...] = METRIC_LABELS) 
     cols = [pl.col("model"), pl.col("users")]
     for m in (m for m in metrics if m in table.columns):
         cols.append(
-            pl.format("{} [{}, {}]", *(pl.col(c).round(3) for c in (m, f"{m}_low", f"{m}_high"))).alias(m)
+            pl.format(
+                "{} [{}, {}]", *(pl.col(c).round(3) for c in (m, f"{m}_low", f"{m}_high"))
+            ).alias(m)
         )
     return table.select(cols)
 
 
-def plot_table(table: pl.DataFrame, path: str, metrics: tuple[str, ...] = ("NDCG@10", "Recall@10", "HitRate@10", "MAP@10")) -> str:
+def plot_table(
+    table: pl.DataFrame,
+    path: str,
+    metrics: tuple[str, ...] = ("NDCG@10", "Recall@10", "HitRate@10", "MAP@10"),
+) -> str:
     """Grouped bar chart of `metrics` per model with CI whiskers, saved as PNG at `path`."""
     import matplotlib
 
@@ -125,8 +158,12 @@ def plot_table(table: pl.DataFrame, path: str, metrics: tuple[str, ...] = ("NDCG
     for j, name in enumerate(models):
         r = table.row(j, named=True)
         vals = np.array([r[m] for m in metrics])
-        err = np.array([[r[m] - r[f"{m}_low"] for m in metrics], [r[f"{m}_high"] - r[m] for m in metrics]])
-        ax.bar(x + (j - (len(models) - 1) / 2) * width, vals, width, yerr=err, capsize=2, label=name)
+        err = np.array(
+            [[r[m] - r[f"{m}_low"] for m in metrics], [r[f"{m}_high"] - r[m] for m in metrics]]
+        )
+        ax.bar(
+            x + (j - (len(models) - 1) / 2) * width, vals, width, yerr=err, capsize=2, label=name
+        )
     ax.set_xticks(x, metrics)
     ax.set_ylabel("value (95% bootstrap CI)")
     users = table["users"][0] if table.height else 0

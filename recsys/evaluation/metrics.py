@@ -22,8 +22,18 @@ def hits_matrix(recommended: np.ndarray, relevant: Sequence[np.ndarray]) -> np.n
     if n == 0 or k == 0 or lens.sum() == 0:
         return np.zeros((n, k), dtype=bool)
     # encode (user, item) as one int64 and test membership in one vectorized call
-    width = int(max(recommended.max(initial=0), max((int(r.max()) for r in relevant if len(r)), default=0))) + 2
-    rel_codes = np.repeat(np.arange(n), lens) * width + np.concatenate([np.asarray(r, np.int64) for r in relevant])
+    width = (
+        int(
+            max(
+                recommended.max(initial=0),
+                max((int(r.max()) for r in relevant if len(r)), default=0),
+            )
+        )
+        + 2
+    )
+    rel_codes = np.repeat(np.arange(n), lens) * width + np.concatenate(
+        [np.asarray(r, np.int64) for r in relevant]
+    )
     rec_codes = np.arange(n)[:, None] * width + recommended.astype(np.int64)
     out = np.isin(rec_codes, rel_codes)
     return out & (recommended >= 0)
@@ -33,7 +43,9 @@ def _n_relevant(relevant: Sequence[np.ndarray]) -> np.ndarray:
     return np.array([len(np.unique(r)) for r in relevant], dtype=np.float64)
 
 
-def precision_at_k(recommended: np.ndarray, relevant: Sequence[np.ndarray], k: int = 10) -> np.ndarray:
+def precision_at_k(
+    recommended: np.ndarray, relevant: Sequence[np.ndarray], k: int = 10
+) -> np.ndarray:
     """Relevant items among the top k, divided by k."""
     return hits_matrix(recommended[:, :k], relevant).sum(axis=1) / k
 
@@ -49,7 +61,9 @@ def recall_at_k(recommended: np.ndarray, relevant: Sequence[np.ndarray], k: int 
     return np.divide(hits, n_rel, out=np.zeros_like(n_rel), where=n_rel > 0)
 
 
-def hit_rate_at_k(recommended: np.ndarray, relevant: Sequence[np.ndarray], k: int = 10) -> np.ndarray:
+def hit_rate_at_k(
+    recommended: np.ndarray, relevant: Sequence[np.ndarray], k: int = 10
+) -> np.ndarray:
     """1 if at least one relevant item is in the top k, else 0."""
     return hits_matrix(recommended[:, :k], relevant).any(axis=1).astype(np.float64)
 
@@ -87,7 +101,9 @@ def popularity_percentile(item_popularity: np.ndarray) -> np.ndarray:
     return np.searchsorted(order, pop, side="left") / max(len(pop), 1)
 
 
-def mean_popularity_percentile(recommended: np.ndarray, item_popularity: np.ndarray, k: int = 10) -> np.ndarray:
+def mean_popularity_percentile(
+    recommended: np.ndarray, item_popularity: np.ndarray, k: int = 10
+) -> np.ndarray:
     """Popularity bias: per user, the mean popularity percentile of the recommended items."""
     top = np.asarray(recommended)[:, :k]
     pct = popularity_percentile(item_popularity)
@@ -116,7 +132,9 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
     alpha = (1 - confidence) / 2
-    return Estimate(float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+    return Estimate(
+        float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    )
 
 
 #: label -> per-user metric function (recommended, relevant) -> per-user values

@@ -14,7 +14,10 @@ from recsys.models.hybrid import HybridConfig, HybridRecommender
 
 #: Rows of the evaluation table: generator name in the hybrid -> row label.
 TABLE_ROWS: dict[str, str] = {
-    "popularity": "popularity", "ease": "EASE", "cooccurrence": "cooc", "lightfm": "lightfm",
+    "popularity": "popularity",
+    "ease": "EASE",
+    "cooccurrence": "cooc",
+    "lightfm": "lightfm",
 }
 SERVED = "served"
 
@@ -32,8 +35,12 @@ class OfflineResult:
 
 
 def evaluate_offline(
-    events: pl.DataFrame, items: pl.DataFrame | None = None, users: pl.DataFrame | None = None,
-    config: HybridConfig | None = None, test_fraction: float = 0.2, n_resamples: int = 1000,
+    events: pl.DataFrame,
+    items: pl.DataFrame | None = None,
+    users: pl.DataFrame | None = None,
+    config: HybridConfig | None = None,
+    test_fraction: float = 0.2,
+    n_resamples: int = 1000,
     seed: int = 0,
 ) -> OfflineResult:
     """The protocol of shared/data/README.md on `events`: fit the hybrid (generators + ranker,
@@ -52,7 +59,10 @@ def evaluate_offline(
 
 
 def evaluate_fitted(
-    model: HybridRecommender, train: pl.DataFrame, test: pl.DataFrame, n_resamples: int = 1000,
+    model: HybridRecommender,
+    train: pl.DataFrame,
+    test: pl.DataFrame,
+    n_resamples: int = 1000,
     seed: int = 0,
 ) -> tuple[pl.DataFrame, Holdout, dict[str, np.ndarray]]:
     """The table for a hybrid already fitted on `train`: one row per generator plus ``served``.
@@ -69,7 +79,11 @@ def evaluate_fitted(
             lists[label] = _recommend_available(model.generators_[gen], model, holdout.user_idx, 20)
     lists[SERVED], _ = model.recommend(holdout.user_idx, 20)
     pop = model.generators_["popularity"].pop_
-    return evaluation_table(lists, holdout, len(model.item_ids_), pop, n_resamples, seed), holdout, lists
+    return (
+        evaluation_table(lists, holdout, len(model.item_ids_), pop, n_resamples, seed),
+        holdout,
+        lists,
+    )
 
 
 def _recommend_available(m, model: HybridRecommender, user_idx: np.ndarray, k: int) -> np.ndarray:

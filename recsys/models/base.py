@@ -40,7 +40,9 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.take_along_axis(vals, order, axis=1)
 
 
-def mask_rows(scores: np.ndarray, matrix: sp.csr_matrix, rows: np.ndarray, value: float = -np.inf) -> None:
+def mask_rows(
+    scores: np.ndarray, matrix: sp.csr_matrix, rows: np.ndarray, value: float = -np.inf
+) -> None:
     """Set ``scores[b, j] = value`` wherever ``matrix[rows[b], j]`` is stored (in place)."""
     sub = matrix[rows]
     r = np.repeat(np.arange(len(rows)), np.diff(sub.indptr))
@@ -88,7 +90,10 @@ class Recommender(ABC):
         return self
 
     def recommend(
-        self, user_idx: np.ndarray, k: int = 10, exclude_seen: bool = True,
+        self,
+        user_idx: np.ndarray,
+        k: int = 10,
+        exclude_seen: bool = True,
         batch_size: int = 1024,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-`k` item indices and scores per user, best first (k columns, -inf padded)."""
@@ -111,7 +116,8 @@ class Recommender(ABC):
         os.makedirs(path, exist_ok=True)
         arrays = dict(self._arrays())
         arrays.update(
-            seen_indptr=self.seen_.indptr, seen_indices=self.seen_.indices,
+            seen_indptr=self.seen_.indptr,
+            seen_indices=self.seen_.indices,
             seen_shape=np.array(self.seen_.shape, np.int64),
         )
         np.savez_compressed(os.path.join(path, "arrays.npz"), **arrays)
@@ -128,7 +134,9 @@ class Recommender(ABC):
             arrays = {k: z[k] for k in z.files}
         shape = tuple(arrays.pop("seen_shape"))
         indptr, indices = arrays.pop("seen_indptr"), arrays.pop("seen_indices")
-        model.seen_ = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=shape)
+        model.seen_ = sp.csr_matrix(
+            (np.ones(len(indices), np.float32), indices, indptr), shape=shape
+        )
         model.n_items_ = shape[1]
         model._set_arrays(arrays)
         return model

@@ -88,11 +88,19 @@ class CooccurrenceRecommender(Recommender):
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {
-            "sim_indptr": self.sim_.indptr, "sim_indices": self.sim_.indices, "sim_data": self.sim_.data,
-            "h_indptr": self.history_.indptr, "h_indices": self.history_.indices, "h_data": self.history_.data,
+            "sim_indptr": self.sim_.indptr,
+            "sim_indices": self.sim_.indices,
+            "sim_data": self.sim_.data,
+            "h_indptr": self.history_.indptr,
+            "h_indices": self.history_.indices,
+            "h_data": self.history_.data,
         }
 
     def _set_arrays(self, a: dict[str, np.ndarray]) -> None:
         n_users, n_items = self.seen_.shape
-        self.sim_ = sp.csr_matrix((a["sim_data"], a["sim_indices"], a["sim_indptr"]), shape=(n_items, n_items))
-        self.history_ = sp.csr_matrix((a["h_data"], a["h_indices"], a["h_indptr"]), shape=(n_users, n_items))
+        self.sim_ = sp.csr_matrix(
+            (a["sim_data"], a["sim_indices"], a["sim_indptr"]), shape=(n_items, n_items)
+        )
+        self.history_ = sp.csr_matrix(
+            (a["h_data"], a["h_indices"], a["h_indptr"]), shape=(n_users, n_items)
+        )

@@ -63,12 +63,11 @@ def _csr(frame: pl.DataFrame, column: str, n_users: int, n_items: int) -> sp.csr
 
 def event_weight_expr(weights: dict[str, float]) -> pl.Expr:
     """Per-row weight of an event from its type; types missing from `weights` weigh 0."""
-    return (
-        pl.col("event_type")
-        .replace_strict(
-            list(weights), [float(w) for w in weights.values()], default=0.0,
-            return_dtype=pl.Float64,
-        )
+    return pl.col("event_type").replace_strict(
+        list(weights),
+        [float(w) for w in weights.values()],
+        default=0.0,
+        return_dtype=pl.Float64,
     )
 
 
@@ -83,7 +82,9 @@ def decayed_weights(
     w = event_weight_expr(weights)
     if half_life_days is not None and half_life_days > 0 and events.height:
         now_ts = events["timestamp"].max() if now is None else now
-        age_days = (pl.lit(now_ts).cast(EVENT_SCHEMA["timestamp"]) - pl.col("timestamp")).dt.total_microseconds() / _DAY_US
+        age_days = (
+            pl.lit(now_ts).cast(EVENT_SCHEMA["timestamp"]) - pl.col("timestamp")
+        ).dt.total_microseconds() / _DAY_US
         # Events after `now` (clock skew) count as fresh, never as amplified.
         w = w * pl.lit(0.5).pow(age_days.clip(lower_bound=0.0) / half_life_days)
     return events.with_columns(w.alias("w"))
@@ -119,15 +120,38 @@ def interactions(
         )
         .filter(pl.col("confidence") > 0)
     )
-    uids = np.array(sorted(pairs["user_id"].unique().to_list()), dtype=object) if user_ids is None else np.asarray(user_ids, dtype=object)
-    iids = np.array(sorted(pairs["item_id"].unique().to_list()), dtype=object) if item_ids is None else np.asarray(item_ids, dtype=object)
-    umap = pl.DataFrame({"user_id": uids.tolist(), "user_idx": np.arange(len(uids), dtype=np.int32)}, schema={"user_id": pl.String, "user_idx": pl.Int32})
-    imap = pl.DataFrame({"item_id": iids.tolist(), "item_idx": np.arange(len(iids), dtype=np.int32)}, schema={"item_id": pl.String, "item_idx": pl.Int32})
+    uids = (
+        np.array(sorted(pairs["user_id"].unique().to_list()), dtype=object)
+        if user_ids is None
+        else np.asarray(user_ids, dtype=object)
+    )
+    iids = (
+        np.array(sorted(pairs["item_id"].unique().to_list()), dtype=object)
+        if item_ids is None
+        else np.asarray(item_ids, dtype=object)
+    )
+    umap = pl.DataFrame(
+        {"user_id": uids.tolist(), "user_idx": np.arange(len(uids), dtype=np.int32)},
+        schema={"user_id": pl.String, "user_idx": pl.Int32},
+    )
+    imap = pl.DataFrame(
+        {"item_id": iids.tolist(), "item_idx": np.arange(len(iids), dtype=np.int32)},
+        schema={"item_id": pl.String, "item_idx": pl.Int32},
+    )
     frame = (
         pairs.join(umap, on="user_id", how="inner")
         .join(imap, on="item_id", how="inner")
         .sort("user_idx", "item_idx")
-        .select("user_id", "item_id", "user_idx", "item_idx", "confidence", "n_events", "first_ts", "last_ts")
+        .select(
+            "user_id",
+            "item_id",
+            "user_idx",
+            "item_idx",
+            "confidence",
+            "n_events",
+            "first_ts",
+            "last_ts",
+        )
     )
     return Interactions(frame=frame, user_ids=uids, item_ids=iids)
 
@@ -176,7 +200,9 @@ def temporal_split(
 
 
 def holdout_pairs(
-    train_events: pl.DataFrame, holdout_events: pl.DataFrame, weights: dict[str, float] | None = None
+    train_events: pl.DataFrame,
+    holdout_events: pl.DataFrame,
+    weights: dict[str, float] | None = None,
 ) -> pl.DataFrame:
     """The positive (user_id, item_id) pairs of a later window, per the evaluation protocol.
 
@@ -245,7 +271,10 @@ class Dataset:
 
 
 def _lookup(ids: np.ndarray, query) -> np.ndarray:
-    table = pl.DataFrame({"id": list(ids), "idx": np.arange(len(ids), dtype=np.int64)}, schema={"id": pl.String, "idx": pl.Int64})
+    table = pl.DataFrame(
+        {"id": list(ids), "idx": np.arange(len(ids), dtype=np.int64)},
+        schema={"id": pl.String, "idx": pl.Int64},
+    )
     q = pl.DataFrame({"id": [str(x) for x in query]}, schema={"id": pl.String})
     return q.join(table, on="id", how="left", maintain_order="left")["idx"].fill_null(-1).to_numpy()
 
@@ -253,7 +282,9 @@ def _lookup(ids: np.ndarray, query) -> np.ndarray:
 def _codes(values: list[str | None]) -> tuple[np.ndarray, list[str]]:
     vocab = sorted({v for v in values if v is not None})
     lookup = {v: i for i, v in enumerate(vocab)}
-    return np.array([lookup.get(v, -1) if v is not None else -1 for v in values], dtype=np.int32), vocab
+    return np.array(
+        [lookup.get(v, -1) if v is not None else -1 for v in values], dtype=np.int32
+    ), vocab
 
 
 def build_dataset(
@@ -279,15 +310,25 @@ def build_dataset(
     inter = interactions(events, weights, half_life_days, now)
     item_ids = inter.item_ids
     if include_catalog_items and items.height:
-        item_ids = np.array(sorted(set(item_ids.tolist()) | set(items["item_id"].to_list())), dtype=object)
-    inter = interactions(events, weights, half_life_days, now, user_ids=inter.user_ids, item_ids=item_ids)
+        item_ids = np.array(
+            sorted(set(item_ids.tolist()) | set(items["item_id"].to_list())), dtype=object
+        )
+    inter = interactions(
+        events, weights, half_life_days, now, user_ids=inter.user_ids, item_ids=item_ids
+    )
     confidence = inter.matrix()
 
     buy_events = events.filter(pl.col("event_type").is_in(list(BUY_EVENT_TYPES)))
-    buy = interactions(buy_events, weights, half_life_days, now, user_ids=inter.user_ids, item_ids=item_ids).matrix()
+    buy = interactions(
+        buy_events, weights, half_life_days, now, user_ids=inter.user_ids, item_ids=item_ids
+    ).matrix()
 
     # Trending: the same weights with a short half-life, summed per item.
-    tr = decayed_weights(events, weights, trending_half_life_days, now).group_by("item_id").agg(pl.col("w").sum())
+    tr = (
+        decayed_weights(events, weights, trending_half_life_days, now)
+        .group_by("item_id")
+        .agg(pl.col("w").sum())
+    )
     trending = np.zeros(len(item_ids), dtype=np.float32)
     tr_idx = _lookup(item_ids, tr["item_id"].to_list())
     ok = tr_idx >= 0
@@ -295,7 +336,10 @@ def build_dataset(
 
     # Item side data, aligned on item_ids.
     side = pl.DataFrame({"item_id": item_ids.tolist()}, schema={"item_id": pl.String}).join(
-        items.unique("item_id", keep="last", maintain_order=True), on="item_id", how="left", maintain_order="left"
+        items.unique("item_id", keep="last", maintain_order=True),
+        on="item_id",
+        how="left",
+        maintain_order="left",
     )
     first_seen = inter.frame.group_by("item_id").agg(pl.col("first_ts").min())
     side = side.join(first_seen, on="item_id", how="left", maintain_order="left")
@@ -306,11 +350,15 @@ def build_dataset(
     tag_lookup = {t: i for i, t in enumerate(tags)}
     rows = np.repeat(np.arange(len(tag_lists)), [len(ts) for ts in tag_lists])
     cols = np.array([tag_lookup[t] for ts in tag_lists for t in ts], dtype=np.int64)
-    item_tags = sp.csr_matrix((np.ones(len(cols), np.float32), (rows, cols)), shape=(len(item_ids), len(tags)))
+    item_tags = sp.csr_matrix(
+        (np.ones(len(cols), np.float32), (rows, cols)), shape=(len(item_ids), len(tags))
+    )
     price = side["price"].cast(pl.Float64).fill_null(float("nan")).to_numpy().astype(np.float64)
     born = side.select(pl.coalesce("created_at", "first_ts").alias("born"))["born"]
     if now is not None:
-        age = ((pl.Series([now] * len(born)).cast(EVENT_SCHEMA["timestamp"]) - born).dt.total_microseconds() / _DAY_US)
+        age = (
+            pl.Series([now] * len(born)).cast(EVENT_SCHEMA["timestamp"]) - born
+        ).dt.total_microseconds() / _DAY_US
         item_age = age.fill_null(float("nan")).to_numpy().astype(np.float64)
     else:
         item_age = np.full(len(item_ids), np.nan)
@@ -318,7 +366,9 @@ def build_dataset(
 
     useg = pl.DataFrame({"user_id": inter.user_ids.tolist()}, schema={"user_id": pl.String}).join(
         users.unique("user_id", keep="last", maintain_order=True).select("user_id", "segment"),
-        on="user_id", how="left", maintain_order="left",
+        on="user_id",
+        how="left",
+        maintain_order="left",
     )
     user_segment, segments = _codes(useg["segment"].to_list())
 

@@ -37,7 +37,9 @@ class EASERecommender(Recommender):
         x = self._input(data.confidence)
         counts = np.asarray((x > 0).sum(axis=0)).ravel()
         order = np.lexsort((np.arange(len(counts)), -counts))
-        self.items_ = np.sort(order[: min(self.max_items, int((counts > 0).sum()))]).astype(np.int64)
+        self.items_ = np.sort(order[: min(self.max_items, int((counts > 0).sum()))]).astype(
+            np.int64
+        )
         xs = x[:, self.items_]
         gram = np.asarray((xs.T @ xs).todense())
         gram[np.diag_indices_from(gram)] += self.l2
@@ -57,12 +59,17 @@ class EASERecommender(Recommender):
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {
-            "items": self.items_, "b": self.b_, "x_indptr": self.x_.indptr,
-            "x_indices": self.x_.indices, "x_data": self.x_.data,
+            "items": self.items_,
+            "b": self.b_,
+            "x_indptr": self.x_.indptr,
+            "x_indices": self.x_.indices,
+            "x_data": self.x_.data,
         }
 
     def _set_arrays(self, a: dict[str, np.ndarray]) -> None:
         import scipy.sparse as sp
 
         self.items_, self.b_ = a["items"], a["b"]
-        self.x_ = sp.csr_matrix((a["x_data"], a["x_indices"], a["x_indptr"]), shape=self.seen_.shape)
+        self.x_ = sp.csr_matrix(
+            (a["x_data"], a["x_indices"], a["x_indptr"]), shape=self.seen_.shape
+        )

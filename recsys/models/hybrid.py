@@ -37,7 +37,12 @@ from recsys.models.trees import TreeEnsemble
 GENERATORS: tuple[str, ...] = ("popularity", "category", "cooccurrence", "lightfm", "ease")
 
 #: Why an item is in a served list (reason_code -> label), from the generator ranking it best.
-REASON_CODES: dict[int, str] = {0: "popular", 1: "popular_in_category", 2: "similar_to_history", 3: "personalized"}
+REASON_CODES: dict[int, str] = {
+    0: "popular",
+    1: "popular_in_category",
+    2: "similar_to_history",
+    3: "personalized",
+}
 _REASON_OF_GENERATOR = {"popularity": 0, "category": 1, "cooccurrence": 2, "lightfm": 3, "ease": 3}
 
 
@@ -50,18 +55,29 @@ class HybridConfig:
     include_catalog_items: bool = True
     validation_fraction: float = 0.15
     candidates_per_generator: int = 100
-    cooccurrence: dict[str, Any] = field(default_factory=lambda: {"shrink": 10.0, "buy_weight": 1.0, "neighbors": 200})
-    lightfm: dict[str, Any] = field(default_factory=lambda: {"no_components": 32, "epochs": 30, "seed": 42, "num_threads": 1})
+    cooccurrence: dict[str, Any] = field(
+        default_factory=lambda: {"shrink": 10.0, "buy_weight": 1.0, "neighbors": 200}
+    )
+    lightfm: dict[str, Any] = field(
+        default_factory=lambda: {"no_components": 32, "epochs": 30, "seed": 42, "num_threads": 1}
+    )
     ease: dict[str, Any] = field(default_factory=lambda: {"l2": 250.0, "max_items": 5000})
     #: candidate values tried on the validation window (never the test window); best NDCG@10 wins
-    tune: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {
-        "ease": [{"l2": 100.0}, {"l2": 250.0}, {"l2": 500.0}],
-        "cooccurrence": [{"shrink": 5.0}, {"shrink": 20.0}, {"shrink": 50.0}],
-    })
-    ranker: dict[str, Any] = field(default_factory=lambda: {
-        "max_iter": 150, "learning_rate": 0.05, "max_leaf_nodes": 15, "min_samples_leaf": 50,
-        "l2_regularization": 1.0,
-    })
+    tune: dict[str, list[dict[str, Any]]] = field(
+        default_factory=lambda: {
+            "ease": [{"l2": 100.0}, {"l2": 250.0}, {"l2": 500.0}],
+            "cooccurrence": [{"shrink": 5.0}, {"shrink": 20.0}, {"shrink": 50.0}],
+        }
+    )
+    ranker: dict[str, Any] = field(
+        default_factory=lambda: {
+            "max_iter": 150,
+            "learning_rate": 0.05,
+            "max_leaf_nodes": 15,
+            "min_samples_leaf": 50,
+            "l2_regularization": 1.0,
+        }
+    )
     max_ranker_rows: int = 400_000
     min_ranker_positives: int = 20
     min_users: int = 2
@@ -86,8 +102,11 @@ class HybridConfig:
 def make_generator(name: str, params: dict[str, Any]) -> Recommender:
     """An unfitted generator by name."""
     cls = {
-        "popularity": PopularityRecommender, "category": PopularityRecommender,
-        "cooccurrence": CooccurrenceRecommender, "lightfm": LightFMRecommender, "ease": EASERecommender,
+        "popularity": PopularityRecommender,
+        "category": PopularityRecommender,
+        "cooccurrence": CooccurrenceRecommender,
+        "lightfm": LightFMRecommender,
+        "ease": EASERecommender,
     }[name]
     return cls(**params)
 
@@ -174,8 +193,15 @@ class SideFeatures:
 
 FEATURE_NAMES: tuple[str, ...] = (
     *(f"{g}_{kind}" for g in GENERATORS for kind in ("score", "z", "log_rank")),
-    "n_generators", "item_log_pop", "item_pop_pct", "item_trending", "item_age_days",
-    "item_price_band", "user_log_activity", "user_n_categories", "user_category_affinity",
+    "n_generators",
+    "item_log_pop",
+    "item_pop_pct",
+    "item_trending",
+    "item_age_days",
+    "item_price_band",
+    "user_log_activity",
+    "user_n_categories",
+    "user_category_affinity",
     "segment_pop",
 )
 
@@ -204,7 +230,10 @@ def _group_z(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarra
 
 
 def build_candidates(
-    generators: dict[str, Recommender], side: SideFeatures, seen, user_idx: np.ndarray,
+    generators: dict[str, Recommender],
+    side: SideFeatures,
+    seen,
+    user_idx: np.ndarray,
     n_candidates: int,
 ) -> Candidates:
     """Merge each generator's top `n_candidates` unseen, available items and compute features."""
@@ -247,7 +276,13 @@ def build_candidates(
         cols[f"{g}_z"] = _group_z(sc, pos, b)
         cols[f"{g}_log_rank"] = np.log1p(rk.astype(np.float64))
     cols["n_generators"] = n_gen
-    for name in ("item_log_pop", "item_pop_pct", "item_trending", "item_age_days", "item_price_band"):
+    for name in (
+        "item_log_pop",
+        "item_pop_pct",
+        "item_trending",
+        "item_age_days",
+        "item_price_band",
+    ):
         cols[name] = getattr(side, name)[items].astype(np.float64)
     u = user_idx[pos]
     cols["user_log_activity"] = side.user_log_activity[u].astype(np.float64)
@@ -264,11 +299,17 @@ def build_candidates(
     if side.segment_pop.size and hs.any():
         segp[hs] = side.segment_pop[seg[hs], items[hs]]
     cols["segment_pop"] = segp
-    features = np.column_stack([cols[f] for f in FEATURE_NAMES]) if n else np.zeros((0, len(FEATURE_NAMES)))
+    features = (
+        np.column_stack([cols[f] for f in FEATURE_NAMES])
+        if n
+        else np.zeros((0, len(FEATURE_NAMES)))
+    )
     return Candidates(pos, items, features, scores, ranks)
 
 
-def _rank_lists(user_pos: np.ndarray, items: np.ndarray, score: np.ndarray, n_users: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _rank_lists(
+    user_pos: np.ndarray, items: np.ndarray, score: np.ndarray, n_users: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(n_users, k) item indices (-1 padded) and scores ordered by `score` within each user."""
     order = np.lexsort((items, -score, user_pos))
     up, it, sc = user_pos[order], items[order], score[order]
@@ -299,8 +340,14 @@ class HybridRecommender:
     def _dataset(self, events, items, users, include_catalog: bool | None = None) -> Dataset:
         c = self.config
         return build_dataset(
-            events, items, users, weights=c.weights, half_life_days=c.half_life_days,
-            include_catalog_items=c.include_catalog_items if include_catalog is None else include_catalog,
+            events,
+            items,
+            users,
+            weights=c.weights,
+            half_life_days=c.half_life_days,
+            include_catalog_items=c.include_catalog_items
+            if include_catalog is None
+            else include_catalog,
         )
 
     def _tune(self, data: Dataset, holdout: Holdout) -> dict[str, Any]:
@@ -321,8 +368,12 @@ class HybridRecommender:
         return chosen
 
     def fit(
-        self, events: pl.DataFrame, items: pl.DataFrame | None = None, users: pl.DataFrame | None = None,
-        generators: dict[str, Recommender] | None = None, data: Dataset | None = None,
+        self,
+        events: pl.DataFrame,
+        items: pl.DataFrame | None = None,
+        users: pl.DataFrame | None = None,
+        generators: dict[str, Recommender] | None = None,
+        data: Dataset | None = None,
     ) -> HybridRecommender:
         """Train the ranker on the newest window, then refit generators on all `events`.
 
@@ -332,11 +383,22 @@ class HybridRecommender:
         c = self.config
         t0 = time.perf_counter()
         split = temporal_split(events, 0.0, c.validation_fraction)
-        info: dict[str, Any] = {"ranker_events_fit": split.fit.height, "ranker_events_label": split.validation.height}
+        info: dict[str, Any] = {
+            "ranker_events_fit": split.fit.height,
+            "ranker_events_label": split.validation.height,
+        }
         fit_data = self._dataset(split.fit, items, users)
-        holdout = build_holdout(fit_data, split.fit, split.validation, c.weights) if split.validation.height else Holdout(np.zeros(0, np.int64), [])
+        holdout = (
+            build_holdout(fit_data, split.fit, split.validation, c.weights)
+            if split.validation.height
+            else Holdout(np.zeros(0, np.int64), [])
+        )
         info["ranker_label_users"], info["ranker_label_pairs"] = holdout.n_users, holdout.n_pairs
-        skip = too_little_data(fit_data, c) if fit_data.n_users else "no events before the label window"
+        skip = (
+            too_little_data(fit_data, c)
+            if fit_data.n_users
+            else "no events before the label window"
+        )
         if skip is None and holdout.n_pairs < c.min_ranker_positives:
             skip = f"{holdout.n_pairs} label pair(s) in the validation window < min_ranker_positives={c.min_ranker_positives}"
         if skip is None and generators is None:
@@ -375,11 +437,16 @@ class HybridRecommender:
         from sklearn.ensemble import HistGradientBoostingClassifier
 
         c = self.config
-        cand = build_candidates(gens, side, gens["popularity"].seen_, holdout.user_idx, c.candidates_per_generator)
-        rel_codes = np.concatenate([np.full(len(r), p) * data.n_items + r for p, r in enumerate(holdout.relevant)])
+        cand = build_candidates(
+            gens, side, gens["popularity"].seen_, holdout.user_idx, c.candidates_per_generator
+        )
+        rel_codes = np.concatenate(
+            [np.full(len(r), p) * data.n_items + r for p, r in enumerate(holdout.relevant)]
+        )
         y = np.isin(cand.user_pos * data.n_items + cand.item_idx, rel_codes).astype(np.int8)
         info = {
-            "ranker_rows": int(len(y)), "ranker_positives": int(y.sum()),
+            "ranker_rows": int(len(y)),
+            "ranker_positives": int(y.sum()),
             "candidate_recall": float(y.sum() / max(holdout.n_pairs, 1)),
         }
         if y.sum() < c.min_ranker_positives or y.sum() == len(y):
@@ -432,8 +499,17 @@ class HybridRecommender:
             arrays.update(self.ranker_.to_arrays())
         np.savez_compressed(os.path.join(path, "hybrid.npz"), **arrays)
         with open(os.path.join(path, "hybrid.json"), "w") as f:
-            json.dump({"config": self.config.to_dict(), "generators": sorted(self.generators_),
-                       "info": self.info, "feature_names": list(FEATURE_NAMES)}, f, indent=2, default=str)
+            json.dump(
+                {
+                    "config": self.config.to_dict(),
+                    "generators": sorted(self.generators_),
+                    "info": self.info,
+                    "feature_names": list(FEATURE_NAMES),
+                },
+                f,
+                indent=2,
+                default=str,
+            )
 
     @classmethod
     def load(cls, path: str) -> HybridRecommender:

@@ -21,10 +21,12 @@ def item_feature_matrix(data: Dataset, identity: bool = True) -> sp.csr_matrix:
     for codes, vocab in ((data.item_category, data.categories), (data.item_brand, data.brands)):
         if len(vocab):
             has = codes >= 0
-            blocks.append(sp.csr_matrix(
-                (np.ones(int(has.sum()), np.float32), (np.flatnonzero(has), codes[has])),
-                shape=(n, len(vocab)),
-            ))
+            blocks.append(
+                sp.csr_matrix(
+                    (np.ones(int(has.sum()), np.float32), (np.flatnonzero(has), codes[has])),
+                    shape=(n, len(vocab)),
+                )
+            )
     if data.item_tags.shape[1]:
         blocks.append(data.item_tags.astype(np.float32))
     if not blocks:
@@ -41,9 +43,17 @@ class LightFMRecommender(Recommender):
     name = "lightfm"
 
     def __init__(
-        self, no_components: int = 32, epochs: int = 30, learning_rate: float = 0.05,
-        item_alpha: float = 0.0, user_alpha: float = 0.0, max_sampled: int = 10,
-        use_item_features: bool = True, weighted: bool = True, seed: int = 42, num_threads: int = 1,
+        self,
+        no_components: int = 32,
+        epochs: int = 30,
+        learning_rate: float = 0.05,
+        item_alpha: float = 0.0,
+        user_alpha: float = 0.0,
+        max_sampled: int = 10,
+        use_item_features: bool = True,
+        weighted: bool = True,
+        seed: int = 42,
+        num_threads: int = 1,
     ) -> None:
         self.no_components = int(no_components)
         self.epochs = int(epochs)
@@ -59,40 +69,65 @@ class LightFMRecommender(Recommender):
 
     def params(self) -> dict[str, Any]:
         return {
-            "no_components": self.no_components, "epochs": self.epochs,
-            "learning_rate": self.learning_rate, "item_alpha": self.item_alpha,
-            "user_alpha": self.user_alpha, "max_sampled": self.max_sampled,
-            "use_item_features": self.use_item_features, "weighted": self.weighted,
-            "seed": self.seed, "num_threads": self.num_threads,
+            "no_components": self.no_components,
+            "epochs": self.epochs,
+            "learning_rate": self.learning_rate,
+            "item_alpha": self.item_alpha,
+            "user_alpha": self.user_alpha,
+            "max_sampled": self.max_sampled,
+            "use_item_features": self.use_item_features,
+            "weighted": self.weighted,
+            "seed": self.seed,
+            "num_threads": self.num_threads,
         }
 
     def _fit(self, data: Dataset) -> None:
         from lightfm import LightFM
 
         conf = data.confidence.tocoo()
-        inter = sp.coo_matrix((np.ones(conf.nnz, np.float32), (conf.row, conf.col)), shape=conf.shape)
+        inter = sp.coo_matrix(
+            (np.ones(conf.nnz, np.float32), (conf.row, conf.col)), shape=conf.shape
+        )
         weight = None
         if self.weighted:
             # log-damped confidence: a purchase counts more than a view, not 8x more
             weight = sp.coo_matrix(
-                (np.log1p(conf.data).astype(np.float32) / np.float32(np.log(2.0)), (conf.row, conf.col)),
+                (
+                    np.log1p(conf.data).astype(np.float32) / np.float32(np.log(2.0)),
+                    (conf.row, conf.col),
+                ),
                 shape=conf.shape,
             )
         item_features = item_feature_matrix(data) if self.use_item_features else None
         model = LightFM(
-            no_components=self.no_components, loss="warp", learning_rate=self.learning_rate,
-            item_alpha=self.item_alpha, user_alpha=self.user_alpha, max_sampled=self.max_sampled,
+            no_components=self.no_components,
+            loss="warp",
+            learning_rate=self.learning_rate,
+            item_alpha=self.item_alpha,
+            user_alpha=self.user_alpha,
+            max_sampled=self.max_sampled,
             random_state=np.random.RandomState(self.seed),
         )
         if conf.nnz:
             model.fit(
-                inter, item_features=item_features, sample_weight=weight, epochs=self.epochs,
+                inter,
+                item_features=item_features,
+                sample_weight=weight,
+                epochs=self.epochs,
                 num_threads=self.num_threads,
             )
         else:  # nothing to learn from: initialise the arrays so the shapes are right
-            model._initialize(self.no_components, item_features.shape[1] if item_features is not None else data.n_items, data.n_users)
-        self.item_bias_, self.item_emb_ = (a.astype(np.float32) for a in model.get_item_representations(item_features))
-        self.user_bias_, self.user_emb_ = (a.astype(np.float32) for a in model.get_user_representations())
+            model._initialize(
+                self.no_components,
+                item_features.shape[1] if item_features is not None else data.n_items,
+                data.n_users,
+            )
+        self.item_bias_, self.item_emb_ = (
+            a.astype(np.float32) for a in model.get_item_representations(item_features)
+        )
+        self.user_bias_, self.user_emb_ = (
+            a.astype(np.float32) for a in model.get_user_representations()
+        )
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         user_idx = np.asarray(user_idx, dtype=np.int64)
@@ -104,8 +139,10 @@ class LightFMRecommender(Recommender):
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {
-            "item_bias": self.item_bias_, "item_emb": self.item_emb_,
-            "user_bias": self.user_bias_, "user_emb": self.user_emb_,
+            "item_bias": self.item_bias_,
+            "item_emb": self.item_emb_,
+            "user_bias": self.user_bias_,
+            "user_emb": self.user_emb_,
         }
 
     def _set_arrays(self, a: dict[str, np.ndarray]) -> None:

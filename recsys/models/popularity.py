@@ -84,8 +84,11 @@ class PopularityRecommender(Recommender):
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {
-            "pop": self.pop_, "trending": self.trending_, "item_category": self.item_category_,
-            "user_category": self.user_category_, "user_segment": self.user_segment_,
+            "pop": self.pop_,
+            "trending": self.trending_,
+            "item_category": self.item_category_,
+            "user_category": self.user_category_,
+            "user_segment": self.user_segment_,
             "segment_pop": self.segment_pop_,
         }
 

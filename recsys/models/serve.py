@@ -32,8 +32,14 @@ from recsys.models.hybrid import (
 )
 
 __all__ = [
-    "REASON_CODES", "ServedLists", "item_factors", "popular_items", "serve_top_n",
-    "similar_items_cooccurrence", "similar_items_embedding", "user_factors",
+    "REASON_CODES",
+    "ServedLists",
+    "item_factors",
+    "popular_items",
+    "serve_top_n",
+    "similar_items_cooccurrence",
+    "similar_items_embedding",
+    "user_factors",
 ]
 
 
@@ -74,7 +80,9 @@ def _zero_nan(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(x), 0.0, x).astype(np.float32)
 
 
-def serve_top_n(model: HybridRecommender, user_idx: np.ndarray, k: int = 10, batch_size: int = 256) -> ServedLists:
+def serve_top_n(
+    model: HybridRecommender, user_idx: np.ndarray, k: int = 10, batch_size: int = 256
+) -> ServedLists:
     """Final served top-`k` for users (indices of ``model.user_ids_``), excluding seen and
     unavailable items. Batched: candidates and features of `batch_size` users at a time."""
     user_idx = np.asarray(user_idx, dtype=np.int64)
@@ -98,19 +106,29 @@ def serve_top_n(model: HybridRecommender, user_idx: np.ndarray, k: int = 10, bat
         ranks = np.column_stack([cand.ranks[g][keep] for g in GENERATORS])
         best = np.argmin(ranks, axis=1)
         reason = np.array([_REASON_OF_GENERATOR[g] for g in GENERATORS], np.int8)[best]
-        parts.append({
-            "user_idx": batch[cand.user_pos[keep]], "user_pos": cand.user_pos[keep] + start,
-            "item_idx": cand.item_idx[keep], "rank": rank[rank < k].astype(np.int32),
-            "final_score": final[keep].astype(np.float32),
-            "pop": _zero_nan(cand.scores["popularity"][keep]),
-            "cooc": _zero_nan(cand.scores["cooccurrence"][keep]),
-            "emb": _zero_nan(cand.scores["lightfm"][keep]),
-            "ranker": ranker[keep].astype(np.float32),
-            "reason_code": reason,
-        })
+        parts.append(
+            {
+                "user_idx": batch[cand.user_pos[keep]],
+                "user_pos": cand.user_pos[keep] + start,
+                "item_idx": cand.item_idx[keep],
+                "rank": rank[rank < k].astype(np.int32),
+                "final_score": final[keep].astype(np.float32),
+                "pop": _zero_nan(cand.scores["popularity"][keep]),
+                "cooc": _zero_nan(cand.scores["cooccurrence"][keep]),
+                "emb": _zero_nan(cand.scores["lightfm"][keep]),
+                "ranker": ranker[keep].astype(np.float32),
+                "reason_code": reason,
+            }
+        )
     fields = ServedLists.__dataclass_fields__
     if not parts:
-        ints = {"user_idx": np.int64, "user_pos": np.int64, "item_idx": np.int64, "rank": np.int32, "reason_code": np.int8}
+        ints = {
+            "user_idx": np.int64,
+            "user_pos": np.int64,
+            "item_idx": np.int64,
+            "rank": np.int32,
+            "reason_code": np.int8,
+        }
         return ServedLists(**{f: np.zeros(0, ints.get(f, np.float32)) for f in fields})
     return ServedLists(**{f: np.concatenate([p[f] for p in parts]) for f in fields})
 
@@ -128,7 +146,9 @@ def user_factors(model: HybridRecommender) -> tuple[np.ndarray, np.ndarray]:
     return m.user_emb_, m.user_bias_
 
 
-def similar_items_embedding(model: HybridRecommender, k: int = 20, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def similar_items_embedding(
+    model: HybridRecommender, k: int = 20, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """Per item, the `k` nearest items by cosine of LightFM embeddings (self excluded)."""
     emb, _ = item_factors(model)
     norm = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
@@ -143,10 +163,14 @@ def similar_items_embedding(model: HybridRecommender, k: int = 20, batch_size: i
     if not out_i:
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     idx, val = np.concatenate(out_i), np.concatenate(out_v)
-    return np.where(np.isfinite(val), idx, -1), np.where(np.isfinite(val), val, 0.0).astype(np.float32)
+    return np.where(np.isfinite(val), idx, -1), np.where(np.isfinite(val), val, 0.0).astype(
+        np.float32
+    )
 
 
-def similar_items_cooccurrence(model: HybridRecommender, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
+def similar_items_cooccurrence(
+    model: HybridRecommender, k: int = 20
+) -> tuple[np.ndarray, np.ndarray]:
     """Per item, the `k` items most often viewed / bought with it (shrunk cosine; -1 padded)."""
     return model.generators_["cooccurrence"].similar_items(k)
 

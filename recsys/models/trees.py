@@ -80,12 +80,24 @@ class TreeEnsemble:
         return 1.0 / (1.0 + np.exp(-self.decision_function(x)))
 
     def to_arrays(self, prefix: str = "tree_") -> dict[str, np.ndarray]:
-        d = {k: getattr(self, k) for k in ("feature", "threshold", "missing_left", "left", "right", "is_leaf", "value", "roots")}
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "feature",
+                "threshold",
+                "missing_left",
+                "left",
+                "right",
+                "is_leaf",
+                "value",
+                "roots",
+            )
+        }
         d["meta"] = np.array([self.max_depth, self.baseline], np.float64)
         return {prefix + k: v for k, v in d.items()}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "tree_") -> TreeEnsemble:
-        a = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        a = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
         meta = a.pop("meta")
         return cls(**a, max_depth=int(meta[0]), baseline=float(meta[1]))

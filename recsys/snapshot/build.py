@@ -52,10 +52,14 @@ def staging_dir(snapshots_dir: str, model_key: str) -> str:
 
 
 def shard_path(snapshots_dir: str, model_key: str, shard: int, n_shards: int) -> str:
-    return os.path.join(staging_dir(snapshots_dir, model_key), f"shard-{shard:02d}-of-{n_shards:02d}.parquet")
+    return os.path.join(
+        staging_dir(snapshots_dir, model_key), f"shard-{shard:02d}-of-{n_shards:02d}.parquet"
+    )
 
 
-def shard_candidates(model: Any, start: int, stop: int, k: int, batch_size: int = 256) -> pl.DataFrame:
+def shard_candidates(
+    model: Any, start: int, stop: int, k: int, batch_size: int = 256
+) -> pl.DataFrame:
     """Final top-k of users [start, stop) as a frame with `CANDIDATE_COLUMNS`."""
     from recsys.models.serve import serve_top_n  # the model package is optional for readers
 
@@ -64,16 +68,23 @@ def shard_candidates(model: Any, start: int, stop: int, k: int, batch_size: int 
     mapping = np.full(256, REASON_CODES["personal"], dtype=np.uint8)
     for src, dst in MODEL_REASON_TO_SNAPSHOT.items():
         mapping[src] = dst
-    return pl.DataFrame({
-        "user_idx": np.asarray(lists.user_idx, np.int64),
-        "item_idx": np.asarray(lists.item_idx, np.int64),
-        "score": np.asarray(lists.final_score, np.float32),
-        "pop": lists.pop, "cooc": lists.cooc, "emb": lists.emb, "ranker": lists.ranker,
-        "reason": mapping[code],
-    }).select(CANDIDATE_COLUMNS)
+    return pl.DataFrame(
+        {
+            "user_idx": np.asarray(lists.user_idx, np.int64),
+            "item_idx": np.asarray(lists.item_idx, np.int64),
+            "score": np.asarray(lists.final_score, np.float32),
+            "pop": lists.pop,
+            "cooc": lists.cooc,
+            "emb": lists.emb,
+            "ranker": lists.ranker,
+            "reason": mapping[code],
+        }
+    ).select(CANDIDATE_COLUMNS)
 
 
-def compute_shard(model: Any, snapshots_dir: str, model_key: str, shard: int, n_shards: int, k: int) -> tuple[str, int]:
+def compute_shard(
+    model: Any, snapshots_dir: str, model_key: str, shard: int, n_shards: int, k: int
+) -> tuple[str, int]:
     """Score one shard and write it atomically to staging. Returns (path, rows)."""
     start, stop = shard_bounds(len(model.user_ids_), shard, n_shards)
     frame = shard_candidates(model, start, stop, k)
@@ -98,10 +109,16 @@ def aligned_items(item_ids: Sequence[str], items: pl.DataFrame | None) -> pl.Dat
     if items is None:
         table = pl.DataFrame(schema=ITEM_SCHEMA)
     else:
-        table = items.select([pl.col(c) if c in items.columns else pl.lit(None, dtype=t).alias(c)
-                              for c, t in ITEM_SCHEMA.items()]).unique("item_id", keep="last")
+        table = items.select(
+            [
+                pl.col(c) if c in items.columns else pl.lit(None, dtype=t).alias(c)
+                for c, t in ITEM_SCHEMA.items()
+            ]
+        ).unique("item_id", keep="last")
     out = order.join(table, on="item_id", how="left", maintain_order="left")
-    return out.with_columns(pl.col("available").fill_null(True), pl.col("tags").fill_null([])).cast(ITEM_SCHEMA)  # type: ignore[arg-type]
+    return out.with_columns(pl.col("available").fill_null(True), pl.col("tags").fill_null([])).cast(
+        ITEM_SCHEMA
+    )  # type: ignore[arg-type]
 
 
 def similar_lists(model: Any, k: int = 20) -> dict[str, pl.DataFrame]:
@@ -109,7 +126,10 @@ def similar_lists(model: Any, k: int = 20) -> dict[str, pl.DataFrame]:
     from recsys.models import serve
 
     out: dict[str, pl.DataFrame] = {}
-    for kind, fn in (("emb", serve.similar_items_embedding), ("cooc", serve.similar_items_cooccurrence)):
+    for kind, fn in (
+        ("emb", serve.similar_items_embedding),
+        ("cooc", serve.similar_items_cooccurrence),
+    ):
         try:
             idx, val = fn(model, k=k)
         except KeyError:  # the generator was skipped for lack of data: no list of this kind
@@ -117,7 +137,9 @@ def similar_lists(model: Any, k: int = 20) -> dict[str, pl.DataFrame]:
         idx, val = np.asarray(idx), np.asarray(val, dtype=np.float32)
         src = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
         ok = idx.ravel() >= 0
-        out[kind] = pl.DataFrame({"item_idx": src[ok], "similar_idx": idx.ravel()[ok], "score": val.ravel()[ok]})
+        out[kind] = pl.DataFrame(
+            {"item_idx": src[ok], "similar_idx": idx.ravel()[ok], "score": val.ravel()[ok]}
+        )
     return out
 
 
@@ -151,7 +173,9 @@ def fallback_lists(
         mask = np.zeros(len(items), dtype=bool)
         mask[group["i"].to_numpy()] = True
         out[f"category:{cat}"] = top(mask, pop)
-    for (tag,), group in indexed.select("i", "tags").explode("tags").drop_nulls("tags").group_by("tags"):
+    for (tag,), group in (
+        indexed.select("i", "tags").explode("tags").drop_nulls("tags").group_by("tags")
+    ):
         mask = np.zeros(len(items), dtype=bool)
         mask[group["i"].to_numpy()] = True
         out[f"tag:{tag}"] = top(mask, pop)
@@ -161,9 +185,14 @@ def fallback_lists(
         seg = (
             events.select("user_id", "item_id", "event_type")
             .join(users.select("user_id", "segment").drop_nulls(), on="user_id")
-            .with_columns(pl.col("event_type").replace_strict(w, default=0.0, return_dtype=pl.Float64).alias("w"))
+            .with_columns(
+                pl.col("event_type")
+                .replace_strict(w, default=0.0, return_dtype=pl.Float64)
+                .alias("w")
+            )
             .filter(pl.col("w") > 0)
-            .group_by("segment", "item_id").agg(pl.col("w").sum())
+            .group_by("segment", "item_id")
+            .agg(pl.col("w").sum())
             .join(item_pos, on="item_id")
         )
         for (name,), group in seg.group_by("segment"):
@@ -173,8 +202,12 @@ def fallback_lists(
     return dict(sorted(out.items()))
 
 
-def write_item_lists(snapshots_dir: str, model_key: str, similar: Mapping[str, pl.DataFrame] | None = None,
-                     fallbacks: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[str]:
+def write_item_lists(
+    snapshots_dir: str,
+    model_key: str,
+    similar: Mapping[str, pl.DataFrame] | None = None,
+    fallbacks: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> list[str]:
     """Stage similar lists (similar-<kind>.parquet) and/or fallbacks (fallbacks.parquet)."""
     d = staging_dir(snapshots_dir, model_key)
     os.makedirs(d, exist_ok=True)
@@ -182,11 +215,18 @@ def write_item_lists(snapshots_dir: str, model_key: str, similar: Mapping[str, p
     if similar is not None:
         frames["similar-kinds"] = pl.DataFrame({"kind": list(similar)}, schema={"kind": pl.String})
     if fallbacks is not None:
-        frames["fallbacks"] = pl.DataFrame({
-            "name": [n for n, (i, _) in fallbacks.items() for _ in range(len(i))],
-            "item_idx": np.concatenate([i for i, _ in fallbacks.values()] or [np.zeros(0, np.int32)]).astype(np.int32),
-            "score": np.concatenate([v for _, v in fallbacks.values()] or [np.zeros(0, np.float32)]).astype(np.float32),
-        }, schema={"name": pl.String, "item_idx": pl.Int32, "score": pl.Float32})
+        frames["fallbacks"] = pl.DataFrame(
+            {
+                "name": [n for n, (i, _) in fallbacks.items() for _ in range(len(i))],
+                "item_idx": np.concatenate(
+                    [i for i, _ in fallbacks.values()] or [np.zeros(0, np.int32)]
+                ).astype(np.int32),
+                "score": np.concatenate(
+                    [v for _, v in fallbacks.values()] or [np.zeros(0, np.float32)]
+                ).astype(np.float32),
+            },
+            schema={"name": pl.String, "item_idx": pl.Int32, "score": pl.Float32},
+        )
     paths = []
     for name, frame in frames.items():
         path = os.path.join(d, f"{name}.parquet")
@@ -205,7 +245,9 @@ def read_similar_lists(snapshots_dir: str, model_key: str) -> dict[str, pl.DataF
     return {k: pl.read_parquet(os.path.join(d, f"similar-{k}.parquet")) for k in kinds}
 
 
-def read_fallback_lists(snapshots_dir: str, model_key: str) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+def read_fallback_lists(
+    snapshots_dir: str, model_key: str
+) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     path = os.path.join(staging_dir(snapshots_dir, model_key), "fallbacks.parquet")
     if not os.path.exists(path):
         return None
@@ -220,7 +262,9 @@ def user_segments(user_ids: Sequence[str], users: pl.DataFrame | None) -> pl.Ser
     order = pl.DataFrame({"user_id": pl.Series(list(user_ids), dtype=pl.String)})
     if users is None or "segment" not in users.columns:
         return pl.Series("segment", [None] * order.height, dtype=pl.String)
-    table = users.select("user_id", pl.col("segment").cast(pl.String)).unique("user_id", keep="last")
+    table = users.select("user_id", pl.col("segment").cast(pl.String)).unique(
+        "user_id", keep="last"
+    )
     return order.join(table, on="user_id", how="left", maintain_order="left")["segment"]
 
 
@@ -250,25 +294,38 @@ def assemble_snapshot(
     tmp = store.new_tmp_dir()
     try:
         writer = SnapshotWriter(
-            tmp, tenant=tenant, user_ids=user_ids, items=item_table,
-            segments=user_segments(user_ids, users), models=models_info,
-            config_version=config_version, n_per_user=k,
+            tmp,
+            tenant=tenant,
+            user_ids=user_ids,
+            items=item_table,
+            segments=user_segments(user_ids, users),
+            models=models_info,
+            config_version=config_version,
+            n_per_user=k,
         )
         for shard in range(n_shards):
             path = shard_path(store.root, model_key, shard, n_shards)
             if not os.path.exists(path):
                 if not compute_missing:
-                    raise FileNotFoundError(f"shard {shard} of {n_shards} not computed for model {model_key}")
+                    raise FileNotFoundError(
+                        f"shard {shard} of {n_shards} not computed for model {model_key}"
+                    )
                 if log is not None:
                     log.info(f"{tenant}: computing missing shard {shard}/{n_shards}")
                 compute_shard(model, store.root, model_key, shard, n_shards, k)
             start, stop = shard_bounds(len(user_ids), shard, n_shards)
             writer.add_shard(start, stop, pl.read_parquet(path), seen_pairs(model, start, stop))
         similar = read_similar_lists(store.root, model_key)
-        for kind, frame in (similar if similar is not None else similar_lists(model, n_similar)).items():
+        for kind, frame in (
+            similar if similar is not None else similar_lists(model, n_similar)
+        ).items():
             writer.set_similar(kind, frame)
         fallbacks = read_fallback_lists(store.root, model_key)
-        writer.set_fallbacks(fallbacks if fallbacks is not None else fallback_lists(model, item_table, users, events, k=k))
+        writer.set_fallbacks(
+            fallbacks
+            if fallbacks is not None
+            else fallback_lists(model, item_table, users, events, k=k)
+        )
         try:
             from recsys.models.serve import item_factors, user_factors
 

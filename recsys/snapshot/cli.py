@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -19,11 +20,16 @@ from recsys.snapshot.store import SnapshotStore
 from recsys.storage import Storage, default_root
 
 
-def register(subparsers: argparse._SubParsersAction, default_data_root: str | None = None) -> argparse.ArgumentParser:
+def register(
+    subparsers: argparse._SubParsersAction, default_data_root: str | None = None
+) -> argparse.ArgumentParser:
     """Add the `snapshot` command (with list, rollback, diff) to an argparse subparsers object."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--data-root", default=default_data_root,
-                        help="data root (default: $RECSYS_DATA_ROOT or ./data)")
+    parent.add_argument(
+        "--data-root",
+        default=default_data_root,
+        help="data root (default: $RECSYS_DATA_ROOT or ./data)",
+    )
     parent.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant (default: %(default)s)")
     parent.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -34,12 +40,17 @@ def register(subparsers: argparse._SubParsersAction, default_data_root: str | No
     p = sub.add_parser("list", parents=[parent], help="published snapshots, newest first")
     p.set_defaults(func=_friendly(_list))
 
-    p = sub.add_parser("rollback", parents=[parent],
-                       help="make an older snapshot live (default: the one before the current)")
+    p = sub.add_parser(
+        "rollback",
+        parents=[parent],
+        help="make an older snapshot live (default: the one before the current)",
+    )
     p.add_argument("snapshot_id", nargs="?", help="snapshot to switch to")
     p.set_defaults(func=_friendly(_rollback))
 
-    p = sub.add_parser("diff", parents=[parent], help="how many users' top-k differ between two snapshots")
+    p = sub.add_parser(
+        "diff", parents=[parent], help="how many users' top-k differ between two snapshots"
+    )
     p.add_argument("a", nargs="?", help="first snapshot (default: the one before the current)")
     p.add_argument("b", nargs="?", help="second snapshot (default: the current one)")
     p.add_argument("-k", type=int, default=10, help="list length compared (default: %(default)s)")
@@ -62,6 +73,8 @@ def _friendly(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpars
 
 
 def _store(args: argparse.Namespace) -> SnapshotStore:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.tenant or ""):
+        raise ValueError(f"invalid tenant name {args.tenant!r}")
     storage = Storage(args.data_root or default_root())
     return SnapshotStore(storage.snapshots_dir(args.tenant))
 
@@ -79,8 +92,20 @@ def _list(args: argparse.Namespace) -> int:
     store = _store(args)
     infos = store.list()
     if args.json:
-        print(json.dumps([{"snapshot_id": s.snapshot_id, "created_at": s.created_at.isoformat(),
-                           "current": s.is_current, "bytes": s.bytes, "counts": s.counts} for s in infos]))
+        print(
+            json.dumps(
+                [
+                    {
+                        "snapshot_id": s.snapshot_id,
+                        "created_at": s.created_at.isoformat(),
+                        "current": s.is_current,
+                        "bytes": s.bytes,
+                        "counts": s.counts,
+                    }
+                    for s in infos
+                ]
+            )
+        )
         return 0
     if not infos:
         print(f"no snapshots for tenant {args.tenant!r} in {store.root}")
@@ -89,8 +114,10 @@ def _list(args: argparse.Namespace) -> int:
     for s in infos:
         mark = "* " if s.is_current else "  "
         created = s.created_at.strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{mark}{s.snapshot_id:34} {created:20} {s.counts.get('users', 0):>10,} "
-              f"{s.counts.get('items', 0):>9,} {_human_bytes(s.bytes):>10}")
+        print(
+            f"{mark}{s.snapshot_id:34} {created:20} {s.counts.get('users', 0):>10,} "
+            f"{s.counts.get('items', 0):>9,} {_human_bytes(s.bytes):>10}"
+        )
     return 0
 
 
@@ -129,7 +156,9 @@ def _diff(args: argparse.Namespace) -> int:
         return 0
     print(f"{report.a} -> {report.b} (top-{report.k})")
     print(f"  users compared        {report.users_compared:,}")
-    print(f"  top-{report.k} changed         {report.users_changed:,} ({report.changed_fraction:.1%})")
+    print(
+        f"  top-{report.k} changed         {report.users_changed:,} ({report.changed_fraction:.1%})"
+    )
     print(f"  mean overlap          {report.mean_overlap:.1%}")
     print(f"  users only in a / b   {report.users_only_in_a:,} / {report.users_only_in_b:,}")
     return 0

@@ -72,7 +72,10 @@ class _IdTable:
             if row == EMPTY_SLOT:
                 return None
             start = int(offsets[row])
-            if int(offsets[row + 1]) - start == n_raw and data[start : start + n_raw].tobytes() == raw:
+            if (
+                int(offsets[row + 1]) - start == n_raw
+                and data[start : start + n_raw].tobytes() == raw
+            ):
                 return row
             slot = (slot + 1) & mask
 
@@ -101,7 +104,9 @@ def _read_manifest(path: str) -> dict[str, Any]:
         with open(mpath, "rb") as f:
             manifest = json.loads(f.read())
     except FileNotFoundError:
-        raise SnapshotError(f"{path}: no {MANIFEST} (not a snapshot, or an unfinished one)") from None
+        raise SnapshotError(
+            f"{path}: no {MANIFEST} (not a snapshot, or an unfinished one)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise SnapshotError(f"{mpath}: unreadable manifest ({exc})") from None
     version = manifest.get("schema_version")
@@ -175,7 +180,9 @@ class Snapshot:
         ld = self._load
         self._users = _IdTable(ld("user_ids.data"), ld("user_ids.offsets"), ld("user_ids.hash"))
         self._items = _IdTable(ld("item_ids.data"), ld("item_ids.offsets"), ld("item_ids.hash"))
-        self._cand_off = ld("cand.offsets")
+        #: int64[n_users+1]: the candidate CSR offsets (list lengths = np.diff).
+        self.candidate_offsets: np.ndarray = ld("cand.offsets")
+        self._cand_off = self.candidate_offsets
         self._cand_item = ld("cand.item")
         self._cand_score = ld("cand.score")
         self._cand_signals = ld("cand.signals")
@@ -183,7 +190,11 @@ class Snapshot:
         self._seen_off = ld("seen.offsets")
         self._seen_item = ld("seen.item")
         self._similar = {
-            kind: (ld(f"similar_{kind}.offsets"), ld(f"similar_{kind}.item"), ld(f"similar_{kind}.score"))
+            kind: (
+                ld(f"similar_{kind}.offsets"),
+                ld(f"similar_{kind}.item"),
+                ld(f"similar_{kind}.score"),
+            )
             for kind in SIMILAR_KINDS
         }
         self._fb_off = ld("fallback.offsets")
@@ -271,7 +282,10 @@ class Snapshot:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Snapshot({self.snapshot_id!r}, tenant={self.tenant!r}, users={self.n_users}, items={self.n_items})"
+        return (
+            f"Snapshot({self.snapshot_id!r}, tenant={self.tenant!r}, "
+            f"users={self.n_users}, items={self.n_items})"
+        )
 
     # --- ids ------------------------------------------------------------------------------
     def user_index(self, user_id: str) -> int | None:
@@ -299,7 +313,12 @@ class Snapshot:
         Sorted by score, best first; the user's seen items are already excluded.
         """
         a, b = int(self._cand_off[uidx]), int(self._cand_off[uidx + 1])
-        return self._cand_item[a:b], self._cand_score[a:b], self._cand_signals[a:b], self._cand_reason[a:b]
+        return (
+            self._cand_item[a:b],
+            self._cand_score[a:b],
+            self._cand_signals[a:b],
+            self._cand_reason[a:b],
+        )
 
     def user_seen(self, uidx: int) -> np.ndarray:
         """int32[]: items the user interacted with in the training data, sorted ascending."""
@@ -322,7 +341,9 @@ class Snapshot:
         try:
             off, item, score = self._similar[kind]
         except KeyError:
-            raise ValueError(f"unknown similarity kind {kind!r}; expected one of {SIMILAR_KINDS}") from None
+            raise ValueError(
+                f"unknown similarity kind {kind!r}; expected one of {SIMILAR_KINDS}"
+            ) from None
         a, b = int(off[iidx]), int(off[iidx + 1])
         return item[a:b], score[a:b]
 

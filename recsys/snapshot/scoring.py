@@ -59,7 +59,11 @@ class TopNScorer:
         self.n = n
         self.block_size = block_size
         self.threads = threads
-        bias = np.zeros(self.n_items, np.float32) if item_bias is None else np.asarray(item_bias, np.float32)
+        bias = (
+            np.zeros(self.n_items, np.float32)
+            if item_bias is None
+            else np.asarray(item_bias, np.float32)
+        )
         if bias.shape != (self.n_items,):
             raise ValueError("item_bias must have one value per item")
         bias = bias.copy()
@@ -78,7 +82,9 @@ class TopNScorer:
         vt[self.dim, self.n_items :] = NEG_INF
         self._vt = vt
 
-    def score_block(self, user_factors: np.ndarray, seen: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def score_block(
+        self, user_factors: np.ndarray, seen: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-n of a block of users: (item_idx int32[b, n], score float32[b, n]), best first.
 
         seen: CSR (offsets int64[b+1], items) relative to this block. Rows with fewer than n
@@ -111,7 +117,10 @@ class TopNScorer:
             ).reshape(b, g * n)
             vals = s.ravel()[flat]  # b x g*n
             pick = np.argpartition(vals, g * n - n, axis=1)[:, g * n - n :]
-            cand = np.take_along_axis(flat, pick, axis=1) - (np.arange(b, dtype=np.int64) * (g * w))[:, None]
+            cand = (
+                np.take_along_axis(flat, pick, axis=1)
+                - (np.arange(b, dtype=np.int64) * (g * w))[:, None]
+            )
             csc = np.take_along_axis(vals, pick, axis=1)
         order = np.argsort(-csc, axis=1, kind="stable")
         items = np.take_along_axis(cand, order, axis=1).astype(np.int32)
@@ -122,7 +131,9 @@ class TopNScorer:
             scores = np.pad(scores, ((0, 0), (0, self.n - n)), constant_values=NEG_INF)
         return items, scores
 
-    def iter_blocks(self, user_factors: Any, seen: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    def iter_blocks(
+        self, user_factors: Any, seen: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield (first_row, item_idx, score) per block over all rows of `user_factors`."""
         n_users = user_factors.shape[0]
         limits = threadpool_limits(self.threads, user_api="blas") if self.threads else None
@@ -155,8 +166,14 @@ def top_n(
     seen: CSR (offsets int64[u+1], item int32[]) of items to exclude per user. Keep `u` to a
     shard (the output is u x n); stream larger inputs with `TopNScorer.iter_blocks`.
     """
-    scorer = TopNScorer(item_factors, n, item_bias=item_bias, exclude=exclude,
-                        block_size=block_size, threads=threads)
+    scorer = TopNScorer(
+        item_factors,
+        n,
+        item_bias=item_bias,
+        exclude=exclude,
+        block_size=block_size,
+        threads=threads,
+    )
     n_users = user_factors.shape[0]
     out_items = np.empty((n_users, n), dtype=np.int32)
     out_scores = np.empty((n_users, n), dtype=np.float32)

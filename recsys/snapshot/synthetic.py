@@ -26,7 +26,9 @@ def synthetic_items(n_items: int, seed: int = 0) -> pl.DataFrame:
     tag_ids = rng.integers(0, N_TAGS, int(n_tags.sum()))
     tag_names = np.array([f"tag{t:03d}" for t in range(N_TAGS)], dtype=object)
     offsets = np.concatenate([[0], np.cumsum(n_tags)])
-    tags = [list(dict.fromkeys(tag_names[tag_ids[offsets[k] : offsets[k + 1]]])) for k in range(n_items)]
+    tags = [
+        list(dict.fromkeys(tag_names[tag_ids[offsets[k] : offsets[k + 1]]])) for k in range(n_items)
+    ]
     width = max(7, len(str(n_items)))
     cat = rng.integers(0, N_CATEGORIES, n_items)
     brand = rng.integers(0, N_BRANDS, n_items)
@@ -42,8 +44,11 @@ def synthetic_items(n_items: int, seed: int = 0) -> pl.DataFrame:
             "created_at": [None] * n_items,
             "attributes": [None] * n_items,
         },
-        schema_overrides={"created_at": pl.Datetime("us", "UTC"), "attributes": pl.String,
-                          "tags": pl.List(pl.String)},
+        schema_overrides={
+            "created_at": pl.Datetime("us", "UTC"),
+            "attributes": pl.String,
+            "tags": pl.List(pl.String),
+        },
     )
 
 
@@ -66,12 +71,14 @@ class _LazyUserFactors:
 
 
 def _steps(n_items: int) -> np.ndarray:
-    """Strides coprime with n_items, so `start + r*stride mod n_items` never repeats within n_items."""
+    """Strides coprime with n_items: `start + r*stride mod n_items` never repeats early."""
     cands = np.arange(1, min(n_items, 5000))
     return np.array([s for s in cands if math.gcd(int(s), n_items) == 1], dtype=np.int64)
 
 
-def synthetic_shard(user_start: int, user_stop: int, n_items: int, n: int, n_seen: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def synthetic_shard(
+    user_start: int, user_stop: int, n_items: int, n: int, n_seen: int, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(candidates, seen) of users [user_start, user_stop), deterministic per (seed, user_start)."""
     rng = np.random.default_rng([seed, 3, user_start])
     m = user_stop - user_start
@@ -91,8 +98,10 @@ def synthetic_shard(user_start: int, user_stop: int, n_items: int, n: int, n_see
         **{s: parts[:, j] for j, s in enumerate(SIGNALS)},
         "reason": rng.integers(0, len(REASONS), m * n).astype(np.uint8),
     }
-    seen = {"user_idx": np.repeat(np.arange(user_start, user_stop, dtype=np.int64), n_seen),
-            "item_idx": items[:, n:].ravel()}
+    seen = {
+        "user_idx": np.repeat(np.arange(user_start, user_stop, dtype=np.int64), n_seen),
+        "item_idx": items[:, n:].ravel(),
+    }
     return cand, seen
 
 
@@ -125,9 +134,14 @@ def build_synthetic_snapshot(
     segments = pl.Series("segment", rng.integers(0, N_SEGMENTS, n_users)).cast(pl.String)
     segments = ("seg" + segments).alias("segment")
     writer = SnapshotWriter(
-        out_dir, tenant=tenant, user_ids=user_id_list(n_users), items=items, segments=segments,
+        out_dir,
+        tenant=tenant,
+        user_ids=user_id_list(n_users),
+        items=items,
+        segments=segments,
         models=models or {"champion": {"name": "synthetic", "version": "0", "run_id": None}},
-        config_version=f"synthetic-seed{seed}", n_per_user=min(n, n_items - n_seen),
+        config_version=f"synthetic-seed{seed}",
+        n_per_user=min(n, n_items - n_seen),
         write_parquet=write_parquet,
     )
     n_seen = min(n_seen, n_items - 1)
@@ -144,9 +158,13 @@ def build_synthetic_snapshot(
         offs[offs == 0] = 1
         dst = (np.arange(n_items)[:, None] + offs + r.integers(0, 1, (n_items, k))) % n_items
         # de-duplicate the rare collisions of small n_items
-        frame = pl.DataFrame({"item_idx": src, "similar_idx": dst.ravel(),
-                              "score": r.random(n_items * k, dtype=np.float32)}).unique(
-            ["item_idx", "similar_idx"], keep="first", maintain_order=True)
+        frame = pl.DataFrame(
+            {
+                "item_idx": src,
+                "similar_idx": dst.ravel(),
+                "score": r.random(n_items * k, dtype=np.float32),
+            }
+        ).unique(["item_idx", "similar_idx"], keep="first", maintain_order=True)
         writer.set_similar(kind, frame)
 
     fb_n = min(n, n_items)
@@ -160,7 +178,9 @@ def build_synthetic_snapshot(
 
     everything = np.ones(n_items, dtype=bool)
     fallbacks["popular"] = top(everything, pop)
-    fallbacks["trending"] = top(everything, np.random.default_rng([seed, 7]).random(n_items, dtype=np.float32))
+    fallbacks["trending"] = top(
+        everything, np.random.default_rng([seed, 7]).random(n_items, dtype=np.float32)
+    )
     for c, group in items.with_row_index("i").group_by("category"):
         mask = np.zeros(n_items, dtype=bool)
         mask[group["i"].to_numpy()] = True

@@ -86,8 +86,11 @@ class _Part:
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(
             header,
-            {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-             "shape": (self.rows, *self.tail)},
+            {
+                "descr": np.lib.format.dtype_to_descr(self.dtype),
+                "fortran_order": False,
+                "shape": (self.rows, *self.tail),
+            },
         )
         h = hashlib.sha256(header.getvalue())
         with open(out_path, "wb") as out, open(self.path, "rb") as src:
@@ -135,7 +138,11 @@ class SnapshotWriter:
         self.snapshot_id = new_snapshot_id(self.created_at)
         self._hashes: dict[str, str] = {}
 
-        users = pl.Series("user_id", user_ids, dtype=pl.String) if not isinstance(user_ids, pl.Series) else user_ids.cast(pl.String)
+        users = (
+            pl.Series("user_id", user_ids, dtype=pl.String)
+            if not isinstance(user_ids, pl.Series)
+            else user_ids.cast(pl.String)
+        )
         if users.null_count():
             raise ValueError("user_ids contain nulls")
         if users.n_unique() != users.len():
@@ -153,11 +160,17 @@ class SnapshotWriter:
         if segments is None:
             seg = pl.Series("segment", [None] * self.n_users, dtype=pl.String)
         else:
-            seg = pl.Series("segment", segments, dtype=pl.String) if not isinstance(segments, pl.Series) else segments.cast(pl.String)
+            seg = (
+                pl.Series("segment", segments, dtype=pl.String)
+                if not isinstance(segments, pl.Series)
+                else segments.cast(pl.String)
+            )
         if seg.len() != self.n_users:
             raise ValueError("segments must have one entry per user")
         self.segments = sorted(s for s in seg.unique().to_list() if s is not None)
-        seg_ids = seg.replace_strict({s: i for i, s in enumerate(self.segments)}, default=-1, return_dtype=pl.Int16)
+        seg_ids = seg.replace_strict(
+            {s: i for i, s in enumerate(self.segments)}, default=-1, return_dtype=pl.Int16
+        )
 
         # Users: ids + segment now (bounded by n_users, not by candidates).
         for name, arr in zip(("data", "offsets", "hash"), encode_ids(users.to_list()), strict=True):
@@ -166,8 +179,13 @@ class SnapshotWriter:
         if write_parquet:
             self._parquet(
                 "users",
-                pa.table({"user_idx": np.arange(self.n_users, dtype=np.int32),
-                          "user_id": users.to_arrow(), "segment": seg.to_arrow()}),
+                pa.table(
+                    {
+                        "user_idx": np.arange(self.n_users, dtype=np.int32),
+                        "user_id": users.to_arrow(),
+                        "segment": seg.to_arrow(),
+                    }
+                ),
             )
         del users, seg, seg_ids
 
@@ -189,7 +207,9 @@ class SnapshotWriter:
         self._factors: tuple[Any, np.ndarray, np.ndarray] | None = None
 
     # --- inputs ------------------------------------------------------------------------------
-    def add_shard(self, user_start: int, user_stop: int, candidates: Arrays, seen: Arrays | None = None) -> int:
+    def add_shard(
+        self, user_start: int, user_stop: int, candidates: Arrays, seen: Arrays | None = None
+    ) -> int:
         """Append the candidates (and seen pairs) of users [user_start, user_stop).
 
         candidates: columns CANDIDATE_COLUMNS (user_idx, item_idx, score, pop, cooc, emb, ranker,
@@ -199,7 +219,9 @@ class SnapshotWriter:
         Returns the number of candidate rows written.
         """
         if user_start != self._next_user or not user_start <= user_stop <= self.n_users:
-            raise ValueError(f"shard [{user_start}, {user_stop}) out of order; next user is {self._next_user}")
+            raise ValueError(
+                f"shard [{user_start}, {user_stop}) out of order; next user is {self._next_user}"
+            )
         u = _col(candidates, "user_idx", np.int64)
         it = _col(candidates, "item_idx", np.int64)
         score = _col(candidates, "score", np.float32)
@@ -219,7 +241,13 @@ class SnapshotWriter:
 
         if not _sorted_by_user_then_score(u, score):
             order = np.lexsort((-score, u))
-            u, it, score, signals, reason = u[order], it[order], score[order], signals[order], reason[order]
+            u, it, score, signals, reason = (
+                u[order],
+                it[order],
+                score[order],
+                signals[order],
+                reason[order],
+            )
             del order
         keys = np.sort(u * self.n_items + it)
         if n and (keys[1:] == keys[:-1]).any():
@@ -239,7 +267,9 @@ class SnapshotWriter:
                     raise ValueError("a candidate is an item the user has already seen")
             su, si = skeys // self.n_items, skeys % self.n_items
             self._seen.append(si.astype(np.int32))
-            self._seen_counts[user_start:user_stop] = np.bincount(su - user_start, minlength=user_stop - user_start)
+            self._seen_counts[user_start:user_stop] = np.bincount(
+                su - user_start, minlength=user_stop - user_start
+            )
         del keys
 
         counts = np.bincount(u - user_start, minlength=user_stop - user_start)
@@ -254,7 +284,12 @@ class SnapshotWriter:
             starts = np.zeros(counts.shape[0], dtype=np.int64)
             np.cumsum(counts[:-1], out=starts[1:])
             rank = (np.arange(n) - np.repeat(starts, counts)).astype(np.int16)
-            cols = {"user_idx": u.astype(np.int32), "rank": rank, "item_idx": it.astype(np.int32), "score": score}
+            cols = {
+                "user_idx": u.astype(np.int32),
+                "rank": rank,
+                "item_idx": it.astype(np.int32),
+                "score": score,
+            }
             cols.update({s: signals[:, j] for j, s in enumerate(SIGNALS)})
             cols["reason"] = reason
             # No dictionary pages: scores are near-unique floats, the attempt only costs time.
@@ -288,15 +323,23 @@ class SnapshotWriter:
             order = np.argsort(-sc, kind="stable")
             self._fallbacks[str(name)] = (it[order].astype(np.int32), sc[order])
 
-    def set_factors(self, user_factors: Any, item_factors: Any, item_bias: Any | None = None) -> None:
+    def set_factors(
+        self, user_factors: Any, item_factors: Any, item_bias: Any | None = None
+    ) -> None:
         """Latent factors: user float32[n_users, d] (may be a memmap), item [n_items, d], bias."""
         uf_shape = tuple(user_factors.shape)
         itf = np.ascontiguousarray(item_factors, dtype=np.float32)
         if len(uf_shape) != 2 or uf_shape[0] != self.n_users:
             raise ValueError(f"user_factors shape {uf_shape}, expected ({self.n_users}, d)")
         if itf.shape != (self.n_items, uf_shape[1]):
-            raise ValueError(f"item_factors shape {itf.shape}, expected ({self.n_items}, {uf_shape[1]})")
-        bias = np.zeros(self.n_items, np.float32) if item_bias is None else np.ascontiguousarray(item_bias, np.float32)
+            raise ValueError(
+                f"item_factors shape {itf.shape}, expected ({self.n_items}, {uf_shape[1]})"
+            )
+        bias = (
+            np.zeros(self.n_items, np.float32)
+            if item_bias is None
+            else np.ascontiguousarray(item_bias, np.float32)
+        )
         if bias.shape != (self.n_items,):
             raise ValueError("item_bias must have one value per item")
         self._factors = (user_factors, itf, bias)
@@ -307,8 +350,12 @@ class SnapshotWriter:
         if self._next_user != self.n_users:
             raise ValueError(f"shards cover users [0, {self._next_user}) of {self.n_users}")
         for name, part in self._cand.items():
-            self._hashes[f"cand.{name}.npy"] = part.finish(os.path.join(self.out_dir, f"cand.{name}.npy"))
-        self._hashes["seen.item.npy"] = self._seen.finish(os.path.join(self.out_dir, "seen.item.npy"))
+            self._hashes[f"cand.{name}.npy"] = part.finish(
+                os.path.join(self.out_dir, f"cand.{name}.npy")
+            )
+        self._hashes["seen.item.npy"] = self._seen.finish(
+            os.path.join(self.out_dir, "seen.item.npy")
+        )
         shutil.rmtree(os.path.join(self.out_dir, _PARTS))
         self._save("cand.offsets", _offsets(self._cand_counts))
         self._save("seen.offsets", _offsets(self._seen_counts))
@@ -316,8 +363,12 @@ class SnapshotWriter:
         if self.write_parquet:
             self._write_seen_parquet()
 
-        counts: dict[str, int] = {"users": self.n_users, "items": self.n_items,
-                                  "candidates": n_candidates, "seen": n_seen}
+        counts: dict[str, int] = {
+            "users": self.n_users,
+            "items": self.n_items,
+            "candidates": n_candidates,
+            "seen": n_seen,
+        }
         counts.update(self._write_items())
         counts.update(self._write_similar())
         counts.update(self._write_fallbacks())
@@ -326,8 +377,16 @@ class SnapshotWriter:
             self._write_duckdb()
 
         with open(os.path.join(self.out_dir, DICTIONARIES), "w", encoding="utf-8") as f:
-            json.dump({"categories": self._categories, "brands": self._brands, "tags": self._tags,
-                       "segments": self.segments, "fallbacks": list(self._fallbacks)}, f)
+            json.dump(
+                {
+                    "categories": self._categories,
+                    "brands": self._brands,
+                    "tags": self._tags,
+                    "segments": self.segments,
+                    "fallbacks": list(self._fallbacks),
+                },
+                f,
+            )
         files: dict[str, dict[str, Any]] = {}
         for root, _dirs, names in os.walk(self.out_dir):
             for name in sorted(names):
@@ -401,22 +460,38 @@ class SnapshotWriter:
         tags = items["tags"].fill_null([])
         lengths = tags.list.len().to_numpy().astype(np.int64)
         flat = tags.explode().drop_nulls()
-        if flat.len() != int(lengths.sum()):  # null tags inside a list: drop them, keep lengths right
+        if flat.len() != int(
+            lengths.sum()
+        ):  # null tags inside a list: drop them, keep lengths right
             tags = tags.list.drop_nulls()
             lengths = tags.list.len().to_numpy().astype(np.int64)
             flat = tags.explode().drop_nulls()
         self._save("item_tags.offsets", _offsets(lengths))
-        self._save("item_tags.id", flat.replace_strict(tag_map, return_dtype=pl.Int32).to_numpy()
-                   if flat.len() else np.zeros(0, np.int32))
+        self._save(
+            "item_tags.id",
+            flat.replace_strict(tag_map, return_dtype=pl.Int32).to_numpy()
+            if flat.len()
+            else np.zeros(0, np.int32),
+        )
         if self.write_parquet:
-            self._parquet("items", items.with_row_index("item_idx").with_columns(
-                pl.col("item_idx").cast(pl.Int32)).to_arrow())
-        return {"categories": len(self._categories), "brands": len(self._brands), "tags": len(self._tags)}
+            self._parquet(
+                "items",
+                items.with_row_index("item_idx")
+                .with_columns(pl.col("item_idx").cast(pl.Int32))
+                .to_arrow(),
+            )
+        return {
+            "categories": len(self._categories),
+            "brands": len(self._brands),
+            "tags": len(self._tags),
+        }
 
     def _write_similar(self) -> dict[str, int]:
         counts, tables = {}, []
         for kind in SIMILAR_KINDS:
-            i, j, s = self._similar.get(kind, (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)))
+            i, j, s = self._similar.get(
+                kind, (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
+            )
             per_item = np.bincount(i, minlength=self.n_items)
             self._save(f"similar_{kind}.offsets", _offsets(per_item))
             self._save(f"similar_{kind}.item", j)
@@ -424,9 +499,17 @@ class SnapshotWriter:
             counts[f"similar_{kind}"] = int(j.shape[0])
             if self.write_parquet:
                 rank = np.arange(i.shape[0]) - np.repeat(_offsets(per_item)[:-1], per_item)
-                tables.append(pa.table({"kind": pa.array([kind] * i.shape[0], pa.string()),
-                                        "item_idx": i.astype(np.int32), "rank": rank.astype(np.int32),
-                                        "similar_idx": j, "score": s}))
+                tables.append(
+                    pa.table(
+                        {
+                            "kind": pa.array([kind] * i.shape[0], pa.string()),
+                            "item_idx": i.astype(np.int32),
+                            "rank": rank.astype(np.int32),
+                            "similar_idx": j,
+                            "score": s,
+                        }
+                    )
+                )
         if self.write_parquet:
             self._parquet("similar", pa.concat_tables(tables))
         return counts
@@ -440,13 +523,32 @@ class SnapshotWriter:
         self._save("fallback.item", np.concatenate(items).astype(np.int32))
         self._save("fallback.score", np.concatenate(scores).astype(np.float32))
         if self.write_parquet:
-            self._parquet("fallbacks", pa.table({
-                "name": pa.array([n for n, k in zip(names, lengths, strict=True) for _ in range(k)], pa.string()),
-                "rank": np.concatenate([np.arange(k, dtype=np.int32) for k in lengths] or [np.zeros(0, np.int32)]),
-                "item_idx": np.concatenate(items).astype(np.int32),
-                "score": np.concatenate(scores).astype(np.float32)}))
-            self._parquet("reasons", pa.table({"code": pa.array(list(REASONS), pa.uint8()),
-                                               "text": pa.array(list(REASONS.values()))}))
+            self._parquet(
+                "fallbacks",
+                pa.table(
+                    {
+                        "name": pa.array(
+                            [n for n, k in zip(names, lengths, strict=True) for _ in range(k)],
+                            pa.string(),
+                        ),
+                        "rank": np.concatenate(
+                            [np.arange(k, dtype=np.int32) for k in lengths]
+                            or [np.zeros(0, np.int32)]
+                        ),
+                        "item_idx": np.concatenate(items).astype(np.int32),
+                        "score": np.concatenate(scores).astype(np.float32),
+                    }
+                ),
+            )
+            self._parquet(
+                "reasons",
+                pa.table(
+                    {
+                        "code": pa.array(list(REASONS), pa.uint8()),
+                        "text": pa.array(list(REASONS.values())),
+                    }
+                ),
+            )
         return {"fallbacks": len(names)}
 
     def _write_factors(self) -> dict[str, int] | None:
@@ -459,7 +561,9 @@ class SnapshotWriter:
         step = max(1, (1 << 24) // (d * 4))
         for a in range(0, self.n_users, step):
             part.append(np.asarray(uf[a : a + step], dtype=np.float32))
-        self._hashes["user_factors.npy"] = part.finish(os.path.join(self.out_dir, "user_factors.npy"))
+        self._hashes["user_factors.npy"] = part.finish(
+            os.path.join(self.out_dir, "user_factors.npy")
+        )
         self._save("item_factors", itf)
         self._save("item_bias", bias)
         return {"dim": d}
@@ -481,15 +585,19 @@ class SnapshotWriter:
         try:
             con.execute("SET file_search_path = " + _sql_str(self.out_dir))
             for name, src in views.items():
-                con.execute(f"CREATE VIEW \"{name}\" AS SELECT * FROM {src}")
+                con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {src}')
             con.execute(
-                "CREATE VIEW recommendations AS SELECT u.user_id, c.rank, i.item_id, c.score, c.pop, "
+                "CREATE VIEW recommendations AS SELECT u.user_id, c.rank, i.item_id, c.score, "
+                "c.pop, "
                 "c.cooc, c.emb, c.ranker, r.text AS reason FROM candidates c "
                 "JOIN users u USING (user_idx) JOIN items i USING (item_idx) "
                 "LEFT JOIN reasons r ON r.code = c.reason"
             )
-            con.execute("CREATE TABLE snapshot_info AS SELECT ? AS snapshot_id, ? AS tenant, ? AS created_at",
-                        [self.snapshot_id, self.tenant, self.created_at.isoformat()])
+            con.execute(
+                "CREATE TABLE snapshot_info AS "
+                "SELECT ? AS snapshot_id, ? AS tenant, ? AS created_at",
+                [self.snapshot_id, self.tenant, self.created_at.isoformat()],
+            )
         finally:
             con.close()
 
@@ -529,9 +637,17 @@ def write_snapshot(
     write_parquet: bool = True,
 ) -> dict[str, Any]:
     """Write a whole snapshot in one call (all users as one shard). Returns the manifest."""
-    w = SnapshotWriter(out_dir, tenant=tenant, user_ids=user_ids, items=items, segments=segments,
-                       models=models, config_version=config_version, n_per_user=n_per_user,
-                       write_parquet=write_parquet)
+    w = SnapshotWriter(
+        out_dir,
+        tenant=tenant,
+        user_ids=user_ids,
+        items=items,
+        segments=segments,
+        models=models,
+        config_version=config_version,
+        n_per_user=n_per_user,
+        write_parquet=write_parquet,
+    )
     w.add_shard(0, w.n_users, candidates, seen)
     for kind, data in (similar or {}).items():
         w.set_similar(kind, data)

@@ -38,14 +38,16 @@ class TenantDocumentResource:
 
     required_scope = SCOPE_ADMIN
 
-    def __init__(self, kind: str, store: TenantStore, registry: SnapshotRegistry,
-                 config: ServingConfig) -> None:
+    def __init__(
+        self, kind: str, store: TenantStore, registry: SnapshotRegistry, config: ServingConfig
+    ) -> None:
         assert kind in KINDS
         self._kind = kind
         self._store = store
         self._registry = registry
         self._validate: Callable[[Any, ServingConfig], dict] = (
-            validate_config if kind == "config" else validate_rules)
+            validate_config if kind == "config" else validate_rules
+        )
         self._config = config
 
     def _exists(self, tenant: str) -> bool:
@@ -59,16 +61,18 @@ class TenantDocumentResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, tenant_id: str) -> None:
         if not self._exists(tenant_id):
-            raise ProblemError(404, f"Tenant '{tenant_id}' is not known here.",
-                               code="RECSYS_UNKNOWN_TENANT")
+            raise ProblemError(
+                404, f"Tenant '{tenant_id}' is not known here.", code="RECSYS_UNKNOWN_TENANT"
+            )
         doc = self._store.read(tenant_id, self._kind)
         body = doc.body if doc.version else ({"rules": []} if self._kind == "rules" else {})
         self._send(resp, tenant_id, doc.version, body)
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, tenant_id: str) -> None:
         if not self._exists(tenant_id):
-            raise ProblemError(404, f"Tenant '{tenant_id}' is not known here.",
-                               code="RECSYS_UNKNOWN_TENANT")
+            raise ProblemError(
+                404, f"Tenant '{tenant_id}' is not known here.", code="RECSYS_UNKNOWN_TENANT"
+            )
         try:
             raw = req.get_media()
         except falcon.MediaMalformedError:
@@ -80,9 +84,11 @@ class TenantDocumentResource:
             doc = self._store.write(tenant_id, self._kind, body, _if_match(req))
         except VersionConflict as e:
             raise ProblemError(
-                409, f"The {self._kind} changed: stored version is {e.current!r}; GET it, "
-                     "re-apply your change and send its ETag in If-Match.",
-                extra={"current_version": e.current}) from None
+                409,
+                f"The {self._kind} changed: stored version is {e.current!r}; GET it, "
+                "re-apply your change and send its ETag in If-Match.",
+                extra={"current_version": e.current},
+            ) from None
         self._send(resp, tenant_id, doc.version, doc.body)
 
 
@@ -113,6 +119,9 @@ class CacheInvalidateResource:
             if live is not None:
                 live.compiled.clear()
         resp.status = falcon.HTTP_202
-        resp.media = {"tenant_id": tenant_id, "invalidated": targets,
-                      "surface": raw.get("surface"),
-                      "detail": "this worker now; other workers within the check interval"}
+        resp.media = {
+            "tenant_id": tenant_id,
+            "invalidated": targets,
+            "surface": raw.get("surface"),
+            "detail": "this worker now; other workers within the check interval",
+        }

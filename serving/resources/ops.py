@@ -45,8 +45,12 @@ class VersionResource:
     """Build metadata."""
 
     def __init__(self, config: ServingConfig) -> None:
-        self._body = {"service": "recsys-svc", "version": config.version,
-                      "git_sha": config.git_sha, "built_at": config.built_at}
+        self._body = {
+            "service": "recsys-svc",
+            "version": config.version,
+            "git_sha": config.git_sha,
+            "built_at": config.built_at,
+        }
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = self._body

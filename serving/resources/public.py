@@ -15,7 +15,9 @@ def _body(req: falcon.Request):
     try:
         return req.get_media()
     except falcon.MediaMalformedError:
-        raise ProblemError(400, "The body is not valid JSON.", code="RECSYS_MALFORMED_JSON") from None
+        raise ProblemError(
+            400, "The body is not valid JSON.", code="RECSYS_MALFORMED_JSON"
+        ) from None
 
 
 class RecommendResource:
@@ -49,6 +51,8 @@ class SimilarResource:
         self._service = service
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        result = self._service.similar(req.context.principal.tenant, _body(req), req.context.started)
+        result = self._service.similar(
+            req.context.principal.tenant, _body(req), req.context.started
+        )
         result["meta"]["request_id"] = req.context.request_id
         resp.media = result

@@ -11,12 +11,16 @@ from synthetic_events import cluster_events, cluster_items, make_events
 from pipelines import evaluation, training
 from pipelines.resources import MlflowResource, StorageResource
 
-RUN_CONFIG = {"ops": {
-    "lightfm_model": {"config": {"no_components": 4, "epochs": 3}},
-    "ranker_model": {"config": {"max_iter": 10, "min_ranker_positives": 5, "candidates_per_generator": 20}},
-    "model_evaluation": {"config": {"bootstrap_resamples": 50}},
-    "champion_model": {"config": {"tolerance": 0.01}},
-}}
+RUN_CONFIG = {
+    "ops": {
+        "lightfm_model": {"config": {"no_components": 4, "epochs": 3}},
+        "ranker_model": {
+            "config": {"max_iter": 10, "min_ranker_positives": 5, "candidates_per_generator": 20}
+        },
+        "model_evaluation": {"config": {"bootstrap_resamples": 50}},
+        "champion_model": {"config": {"tolerance": 0.01}},
+    }
+}
 
 
 def _write_warehouse(store, tenant, events, items=None):
@@ -29,18 +33,29 @@ def _write_warehouse(store, tenant, events, items=None):
 
 @pytest.mark.slow
 def test_pipeline_trains_evaluates_and_gates(storage):
-    _write_warehouse(storage, "shop", cluster_events(np.random.default_rng(4), 80, 30, 10), cluster_items(30))
+    _write_warehouse(
+        storage, "shop", cluster_events(np.random.default_rng(4), 80, 30, 10), cluster_items(30)
+    )
     _write_warehouse(storage, "tiny", make_events([("a", "x", "view", 0), ("a", "y", "view", 0)]))
     externals = [dg.AssetSpec(k) for k in ("events", "items", "users")]
     result = dg.materialize(
-        [*externals, *training.assets, *evaluation.assets, *training.asset_checks,
-         *evaluation.asset_checks],
+        [
+            *externals,
+            *training.assets,
+            *evaluation.assets,
+            *training.asset_checks,
+            *evaluation.asset_checks,
+        ],
         resources={"storage": StorageResource(root=storage.root), "mlflow": MlflowResource()},
         run_config=RUN_CONFIG,
     )
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"split_is_temporal": True, "hybrid_model_saved": True, "champion_not_regressed": True}
+    assert checks == {
+        "split_is_temporal": True,
+        "hybrid_model_saved": True,
+        "champion_not_regressed": True,
+    }
     mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
     eval_md = mats["model_evaluation"].materialization.metadata
     assert "shop/metrics" in eval_md and "too little data" in eval_md["summary"].value

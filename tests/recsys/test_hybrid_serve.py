@@ -17,10 +17,13 @@ from recsys.models.serve import (
     user_factors,
 )
 
-FAST = dict(lightfm={"no_components": 8, "epochs": 5, "seed": 1, "num_threads": 1},
-            ranker={"max_iter": 20, "max_leaf_nodes": 7, "min_samples_leaf": 5},
-            tune={"ease": [{"l2": 10.0}, {"l2": 50.0}]}, candidates_per_generator=20,
-            min_ranker_positives=5)
+FAST = dict(
+    lightfm={"no_components": 8, "epochs": 5, "seed": 1, "num_threads": 1},
+    ranker={"max_iter": 20, "max_leaf_nodes": 7, "min_samples_leaf": 5},
+    tune={"ease": [{"l2": 10.0}, {"l2": 50.0}]},
+    candidates_per_generator=20,
+    min_ranker_positives=5,
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +94,25 @@ def test_same_data_and_config_give_same_metrics(world):
     assert t1.equals(t2)
 
 
-@pytest.mark.parametrize("rows", [
-    [("solo", "x", "view", 0), ("solo", "y", "purchase", 1), ("solo", "z", "view", 2)],  # one user
-    [("a", "x", "view", 0), ("b", "x", "view", 1), ("c", "x", "purchase", 2)],  # one item
-    [("a", "x", "view", 0), ("b", "y", "view", 0), ("a", "y", "view", 0), ("c", "z", "view", 0)],  # one second
-    [("a", "x", "dislike", 0)],  # nothing positive
-], ids=["one-user", "one-item", "same-second", "only-dislikes"])
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [
+            ("solo", "x", "view", 0),
+            ("solo", "y", "purchase", 1),
+            ("solo", "z", "view", 2),
+        ],  # one user
+        [("a", "x", "view", 0), ("b", "x", "view", 1), ("c", "x", "purchase", 2)],  # one item
+        [
+            ("a", "x", "view", 0),
+            ("b", "y", "view", 0),
+            ("a", "y", "view", 0),
+            ("c", "z", "view", 0),
+        ],  # one second
+        [("a", "x", "dislike", 0)],  # nothing positive
+    ],
+    ids=["one-user", "one-item", "same-second", "only-dislikes"],
+)
 def test_degenerate_inputs_fall_back_to_popularity(rows):
     events = make_events(rows)
     model = HybridRecommender(HybridConfig(**FAST)).fit(events)
@@ -111,7 +127,9 @@ def test_degenerate_inputs_fall_back_to_popularity(rows):
 
 def test_unavailable_items_are_never_served(world):
     events, items = world
-    items = items.with_columns(pl.when(pl.col("item_id") == "i0").then(False).otherwise(True).alias("available"))
+    items = items.with_columns(
+        pl.when(pl.col("item_id") == "i0").then(False).otherwise(True).alias("available")
+    )
     model = HybridRecommender(HybridConfig(**FAST)).fit(events, items)
     s = serve_top_n(model, np.arange(len(model.user_ids_)), 10)
     assert "i0" not in set(model.item_ids_[s.item_idx])

@@ -9,8 +9,16 @@ from recsys.models.data import build_dataset, holdout_pairs, interactions, tempo
 
 
 def test_weights_sum_and_dislike_drops_pair():
-    ev = make_events([("a", "x", "view", 0), ("a", "x", "purchase", 1), ("a", "y", "view", 2),
-                      ("a", "y", "dislike", 3), ("b", "y", "add_to_cart", 4), ("b", "z", "impression", 5)])
+    ev = make_events(
+        [
+            ("a", "x", "view", 0),
+            ("a", "x", "purchase", 1),
+            ("a", "y", "view", 2),
+            ("a", "y", "dislike", 3),
+            ("b", "y", "add_to_cart", 4),
+            ("b", "z", "impression", 5),
+        ]
+    )
     inter = interactions(ev)
     got = {(r["user_id"], r["item_id"]): r["confidence"] for r in inter.frame.iter_rows(named=True)}
     assert got == {("a", "x"): 9.0, ("b", "y"): 4.0}  # a-y: 1 - 4 < 0 dropped; impression weighs 0
@@ -33,7 +41,9 @@ def test_half_life_decay():
 
 
 def test_temporal_split_by_quantile_and_order():
-    ev = make_events([("u", f"i{k}", "view", k) for k in range(100)]).sample(fraction=1.0, shuffle=True, seed=1)
+    ev = make_events([("u", f"i{k}", "view", k) for k in range(100)]).sample(
+        fraction=1.0, shuffle=True, seed=1
+    )
     s = temporal_split(ev, test_fraction=0.2, validation_fraction=0.25)
     assert (s.fit.height, s.validation.height, s.test.height) == (60, 20, 20)
     assert s.fit["timestamp"].max() <= s.validation["timestamp"].min()
@@ -43,7 +53,14 @@ def test_temporal_split_by_quantile_and_order():
 
 def test_holdout_protocol_drops_cold_and_repeat_pairs():
     train = make_events([("a", "x", "view", 0), ("b", "y", "view", 1)])
-    test = make_events([("a", "x", "view", 5), ("a", "y", "view", 6), ("c", "x", "view", 7), ("a", "new", "view", 8)])
+    test = make_events(
+        [
+            ("a", "x", "view", 5),
+            ("a", "y", "view", 6),
+            ("c", "x", "view", 7),
+            ("a", "new", "view", 8),
+        ]
+    )
     pairs = holdout_pairs(train, test)
     assert pairs.rows() == [("a", "y")]
     data = build_dataset(train)

@@ -46,7 +46,9 @@ def test_coverage_and_popularity_bias():
     assert m.catalog_coverage(np.array([[0, 1], [1, 2]]), 10) == pytest.approx(0.3)
     pct = m.popularity_percentile(np.array([1.0, 2.0, 3.0, 4.0]))
     assert pct.tolist() == [0.0, 0.25, 0.5, 0.75]
-    assert m.mean_popularity_percentile(np.array([[3, 2]]), np.array([1.0, 2, 3, 4]), 10)[0] == pytest.approx(0.625)
+    assert m.mean_popularity_percentile(np.array([[3, 2]]), np.array([1.0, 2, 3, 4]), 10)[
+        0
+    ] == pytest.approx(0.625)
 
 
 def test_bootstrap_ci_is_seeded_and_brackets_mean(rng):

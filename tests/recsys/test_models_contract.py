@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from synthetic_events import cluster_events, cluster_items
 
 from recsys.models.base import Recommender, top_k
 from recsys.models.cooccurrence import CooccurrenceRecommender
@@ -11,7 +12,6 @@ from recsys.models.data import build_dataset
 from recsys.models.ease import EASERecommender
 from recsys.models.lightfm_model import LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
-from synthetic_events import cluster_events, cluster_items
 
 PERSONALISED = [
     pytest.param(lambda: CooccurrenceRecommender(shrink=1.0), id="cooccurrence"),
@@ -19,8 +19,11 @@ PERSONALISED = [
     pytest.param(lambda: LightFMRecommender(no_components=8, epochs=20, seed=1), id="lightfm"),
     pytest.param(lambda: PopularityRecommender("category"), id="popularity-category"),
 ]
-ALL = [pytest.param(lambda: PopularityRecommender("global"), id="popularity"),
-       pytest.param(lambda: PopularityRecommender("trending"), id="trending"), *PERSONALISED]
+ALL = [
+    pytest.param(lambda: PopularityRecommender("global"), id="popularity"),
+    pytest.param(lambda: PopularityRecommender("trending"), id="trending"),
+    *PERSONALISED,
+]
 
 
 @pytest.fixture
@@ -60,8 +63,16 @@ def test_personalised_models_stay_in_the_users_cluster(make, data):
 def test_global_popularity_known_answer():
     from synthetic_events import make_events
 
-    ev = make_events([("a", "x", "view", 0), ("b", "x", "view", 1), ("c", "x", "view", 2),
-                      ("a", "y", "view", 3), ("b", "y", "view", 4), ("c", "z", "view", 5)])
+    ev = make_events(
+        [
+            ("a", "x", "view", 0),
+            ("b", "x", "view", 1),
+            ("c", "x", "view", 2),
+            ("a", "y", "view", 3),
+            ("b", "y", "view", 4),
+            ("c", "z", "view", 5),
+        ]
+    )
     data = build_dataset(ev)
     model = PopularityRecommender().fit(data)
     items, _ = model.recommend(np.array([0]), k=3, exclude_seen=False)

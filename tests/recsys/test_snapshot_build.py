@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+from synthetic_events import cluster_events
 
 from recsys.snapshot import SnapshotStore, open_snapshot
 from recsys.snapshot import build as snapbuild
 from recsys.snapshot.format import REASON_CODES
-from synthetic_events import cluster_events
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +27,29 @@ def test_shard_bounds_cover_every_user_once() -> None:
         assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
 
 
+@pytest.mark.slow  # fits a hybrid model (~10 s)
 def test_assemble_publishes_the_models_lists(fitted, tmp_path) -> None:
     events, model = fitted
-    users = pl.DataFrame({"user_id": [f"u{u}" for u in range(60)],
-                          "segment": ["a" if u % 3 else "b" for u in range(60)]})
+    users = pl.DataFrame(
+        {
+            "user_id": [f"u{u}" for u in range(60)],
+            "segment": ["a" if u % 3 else "b" for u in range(60)],
+        }
+    )
     store = SnapshotStore(str(tmp_path / "snapshots" / "t"))
     # one shard staged ahead (as the partitioned asset does), the others computed on assembly
     snapbuild.compute_shard(model, store.root, "m1", 2, 4, 10)
     sid, manifest = snapbuild.assemble_snapshot(
-        store, tenant="t", model=model, model_key="m1", n_shards=4, k=10, items=None, users=users,
-        events=events, models_info={"champion": {"name": "hybrid", "version": "1", "run_id": "r"}},
+        store,
+        tenant="t",
+        model=model,
+        model_key="m1",
+        n_shards=4,
+        k=10,
+        items=None,
+        users=users,
+        events=events,
+        models_info={"champion": {"name": "hybrid", "version": "1", "run_id": "r"}},
         config_version="c1",
     )
     assert store.current_id() == sid and manifest["counts"]["users"] == 60

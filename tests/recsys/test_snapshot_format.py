@@ -64,7 +64,9 @@ def small(tmp_path: Path) -> str:
         items=_items(),
         candidates=_candidates(),
         seen={"user_idx": [0, 0, 2], "item_idx": [3, 1, 2]},
-        similar={"emb": {"item_idx": [0, 0, 3], "similar_idx": [3, 2, 0], "score": [0.1, 0.8, 0.4]}},
+        similar={
+            "emb": {"item_idx": [0, 0, 3], "similar_idx": [3, 2, 0], "score": [0.1, 0.8, 0.4]}
+        },
         fallbacks={"popular": ([1, 0, 3], [5.0, 9.0, 1.0]), "category:shoes": ([2, 0], [1.0, 2.0])},
         segments=["vip", None, "vip"],
         factors=(np.ones((3, 2), np.float32), np.arange(8, dtype=np.float32).reshape(4, 2), None),
@@ -122,7 +124,12 @@ def test_duckdb_views(small: str, tmp_path: Path) -> None:
         "SELECT user_id, rank, item_id, reason FROM recommendations ORDER BY user_id, rank"
     ).fetchall()
     assert [(u, r, i) for u, r, i, _ in rows] == [
-        ("u0", 0, "c"), ("u0", 1, "a"), ("u2", 0, "d"), ("u2", 1, "b"), ("u2", 2, "a")]
+        ("u0", 0, "c"),
+        ("u0", 1, "a"),
+        ("u2", 0, "d"),
+        ("u2", 1, "b"),
+        ("u2", 2, "a"),
+    ]
     assert rows[0][3] == "similar to items you interacted with"
     assert con.execute("SELECT count(*) FROM seen").fetchone() == (3,)
     con.close()
@@ -171,7 +178,9 @@ def test_structural_check_catches_inconsistent_counts(small: str) -> None:
 
 def test_writer_rejects_bad_input(tmp_path: Path) -> None:
     def writer(name: str) -> SnapshotWriter:
-        return SnapshotWriter(str(tmp_path / name), tenant="t", user_ids=["u0", "u1"], items=_items())
+        return SnapshotWriter(
+            str(tmp_path / name), tenant="t", user_ids=["u0", "u1"], items=_items()
+        )
 
     dup = _candidates() | {"user_idx": [0, 0, 1, 0, 1], "item_idx": [0, 0, 1, 2, 3]}
     with pytest.raises(ValueError, match="duplicate"):
@@ -205,7 +214,10 @@ def test_sharded_write_equals_single_shard(tmp_path: Path) -> None:
     def build(out: str, shard: int) -> None:
         w = SnapshotWriter(out, tenant="t", user_ids=user_id_list(230), items=synthetic_items(120))
         for s in range(0, 230, shard):
-            parts = [synthetic_shard(x, min(230, x + 10), 120, 15, 5, 0) for x in range(s, min(230, s + shard), 10)]
+            parts = [
+                synthetic_shard(x, min(230, x + 10), 120, 15, 5, 0)
+                for x in range(s, min(230, s + shard), 10)
+            ]
             cand = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
             seen = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
             w.add_shard(s, min(230, s + shard), cand, seen)
@@ -213,8 +225,17 @@ def test_sharded_write_equals_single_shard(tmp_path: Path) -> None:
 
     build(str(tmp_path / "one"), 230)
     build(str(tmp_path / "many"), 50)
-    for name in ("cand.offsets", "cand.item", "cand.score", "cand.signals", "seen.offsets", "seen.item"):
-        np.testing.assert_array_equal(np.load(tmp_path / "one" / f"{name}.npy"), np.load(tmp_path / "many" / f"{name}.npy"))
+    for name in (
+        "cand.offsets",
+        "cand.item",
+        "cand.score",
+        "cand.signals",
+        "seen.offsets",
+        "seen.item",
+    ):
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "one" / f"{name}.npy"), np.load(tmp_path / "many" / f"{name}.npy")
+        )
     assert pl.read_parquet(tmp_path / "many" / "parquet" / "candidates").height == 230 * 15
 
 

@@ -16,7 +16,9 @@ def brute_force(uf, itf, bias, n, seen_pairs, exclude):
     order = np.argsort(-s, axis=1, kind="stable")[:, :n]
     scores = np.take_along_axis(s, order, axis=1)
     pad = n - order.shape[1]  # fewer items than n: the kernel pads with -1 / -inf
-    return np.pad(order, ((0, 0), (0, pad)), constant_values=-1), np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return np.pad(order, ((0, 0), (0, pad)), constant_values=-1), np.pad(
+        scores, ((0, 0), (0, pad)), constant_values=-np.inf
+    )
 
 
 @pytest.mark.parametrize(

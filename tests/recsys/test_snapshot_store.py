@@ -30,7 +30,9 @@ def test_publish_switches_current_and_prunes(tmp_path: Path) -> None:
     assert not [n for n in os.listdir(store.root) if n.startswith(".tmp-")]
 
 
-def test_failed_publication_leaves_current_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_publication_leaves_current_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = SnapshotStore(str(tmp_path / "s"), keep=3)
     live = _publish(store, 0)
     before = Path(store.root, "CURRENT").read_bytes()
@@ -159,7 +161,10 @@ def test_cli_list_rollback_diff(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert f"* {b}" in out and f"  {a}" in out
 
-    assert main(["snapshot", "diff", "--data-root", root, "--tenant", "shop", "-k", "5", "--json"]) == 0
+    assert (
+        main(["snapshot", "diff", "--data-root", root, "--tenant", "shop", "-k", "5", "--json"])
+        == 0
+    )
     import json
 
     report = json.loads(capsys.readouterr().out)
@@ -174,3 +179,41 @@ def test_cli_list_rollback_diff(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert err.startswith("error:") and "Traceback" not in err and err.count("\n") == 1
     assert main(["snapshot", "diff", a, "missing", "--data-root", root, "--tenant", "shop"]) == 1
     assert "unknown snapshot" in capsys.readouterr().err
+
+
+def test_diff_matches_users_and_items_by_id(tmp_path: Path) -> None:
+    """b indexes users and items differently and lacks one user; a and b agree except user x."""
+    from recsys.snapshot import diff_snapshots, write_snapshot
+    from recsys.snapshot.synthetic import synthetic_items
+
+    items = synthetic_items(6)
+    ids = items["item_id"].to_list()
+
+    def cand(rows):
+        return {
+            "user_idx": [u for u, _ in rows],
+            "item_idx": [i for _, i in rows],
+            "score": [1.0 - 0.1 * n for n in range(len(rows))],
+            **{s: [0.0] * len(rows) for s in ("pop", "cooc", "emb", "ranker")},
+            "reason": [0] * len(rows),
+        }
+
+    write_snapshot(
+        str(tmp_path / "a"),
+        tenant="t",
+        user_ids=["x", "y", "z"],
+        items=items,
+        candidates=cand([(0, 0), (0, 1), (1, 2), (1, 3), (2, 4)]),
+    )
+    rev = items.reverse()  # item j of b is item 5 - j of a
+    write_snapshot(
+        str(tmp_path / "b"),
+        tenant="t",
+        user_ids=["y", "x"],
+        items=rev,
+        candidates=cand([(0, 5 - 3), (0, 5 - 2), (1, 5 - 0), (1, 5 - 5)]),
+    )
+    d = diff_snapshots(str(tmp_path / "a"), str(tmp_path / "b"), k=10)
+    assert (d.users_compared, d.users_changed, d.users_only_in_a, d.users_only_in_b) == (2, 1, 1, 0)
+    assert d.mean_overlap == pytest.approx((0.5 + 1.0) / 2)
+    assert ids[0] == rev["item_id"][5]

@@ -9,14 +9,25 @@ from recsys import tracking
 from recsys.models.hybrid import HybridConfig, HybridRecommender
 from recsys.models.serve import serve_top_n
 
-FAST = dict(lightfm={"no_components": 4, "epochs": 3, "seed": 1, "num_threads": 1},
-            ranker={"max_iter": 10, "max_leaf_nodes": 7, "min_samples_leaf": 5}, tune={},
-            candidates_per_generator=10, min_ranker_positives=5)
+FAST = dict(
+    lightfm={"no_components": 4, "epochs": 3, "seed": 1, "num_threads": 1},
+    ranker={"max_iter": 10, "max_leaf_nodes": 7, "min_samples_leaf": 5},
+    tune={},
+    candidates_per_generator=10,
+    min_ranker_positives=5,
+)
 
 
 def _table(ndcg: float) -> pl.DataFrame:
-    return pl.DataFrame({"model": ["served"], "users": [10], "NDCG@10": [ndcg],
-                         "NDCG@10_low": [ndcg - 0.01], "NDCG@10_high": [ndcg + 0.01]})
+    return pl.DataFrame(
+        {
+            "model": ["served"],
+            "users": [10],
+            "NDCG@10": [ndcg],
+            "NDCG@10_low": [ndcg - 0.01],
+            "NDCG@10_high": [ndcg + 0.01],
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +41,15 @@ def test_registry_roundtrip_and_gate(model, storage, tmp_path):
     uri = tracking.tracking_uri(storage)
     assert uri.startswith("sqlite:///") and uri.endswith("mlflow/mlflow.db")
     art = storage.mlflow_artifacts()
-    first = tracking.log_training_run(tenant="shop", model=hybrid, events=events, uri=uri,
-                                      artifact_root=art, table=_table(0.20), tolerance=0.01)
+    first = tracking.log_training_run(
+        tenant="shop",
+        model=hybrid,
+        events=events,
+        uri=uri,
+        artifact_root=art,
+        table=_table(0.20),
+        tolerance=0.01,
+    )
     assert first.version == "1" and first.gate["promoted"]
     loaded = tracking.load_registered_model("shop", uri, "champion", dst=str(tmp_path / "dl"))
     users = np.arange(len(hybrid.user_ids_))
@@ -40,11 +58,25 @@ def test_registry_roundtrip_and_gate(model, storage, tmp_path):
     np.testing.assert_allclose(a.final_score, b.final_score, rtol=1e-6)
 
     # within tolerance: promoted; beyond it: refused, champion stays, both figures recorded
-    second = tracking.log_training_run(tenant="shop", model=hybrid, events=events, uri=uri,
-                                       artifact_root=art, table=_table(0.195), tolerance=0.01)
+    second = tracking.log_training_run(
+        tenant="shop",
+        model=hybrid,
+        events=events,
+        uri=uri,
+        artifact_root=art,
+        table=_table(0.195),
+        tolerance=0.01,
+    )
     assert second.gate["promoted"]
-    third = tracking.log_training_run(tenant="shop", model=hybrid, events=events, uri=uri,
-                                      artifact_root=art, table=_table(0.15), tolerance=0.01)
+    third = tracking.log_training_run(
+        tenant="shop",
+        model=hybrid,
+        events=events,
+        uri=uri,
+        artifact_root=art,
+        table=_table(0.15),
+        tolerance=0.01,
+    )
     assert not third.gate["promoted"] and third.gate["champion_ndcg_at_10"] == pytest.approx(0.195)
     client = tracking._client(uri)
     assert str(client.get_model_version_by_alias("recsys-shop", "champion").version) == "2"
@@ -55,7 +87,10 @@ def test_registry_roundtrip_and_gate(model, storage, tmp_path):
     assert run.data.tags["data_sha256"] == tracking.data_fingerprint(events)["data_sha256"]
     assert run.data.metrics["served.NDCG_at_10"] == pytest.approx(0.20)
     assert "config.lightfm.epochs" in run.data.params
-    assert str(storage.mlflow_artifacts()) in client.get_experiment(run.info.experiment_id).artifact_location
+    assert (
+        str(storage.mlflow_artifacts())
+        in client.get_experiment(run.info.experiment_id).artifact_location
+    )
 
 
 def test_fingerprint_is_order_independent(model):

@@ -27,8 +27,16 @@ from serving.snapshot import SnapshotRegistry
 
 SECRET = "test-secret-of-sufficient-length-0123456789"
 N_ITEMS = 20
-TAGS = {0: ["shoes", "nike"], 1: ["shoes", "adult"], 2: ["shoes"], 3: ["winter", "nike"],
-        4: ["winter"], 5: ["nike"], 7: ["winter"], 9: ["promo"]}
+TAGS = {
+    0: ["shoes", "nike"],
+    1: ["shoes", "adult"],
+    2: ["shoes"],
+    3: ["winter", "nike"],
+    4: ["winter"],
+    5: ["nike"],
+    7: ["winter"],
+    9: ["promo"],
+}
 
 
 def items_frame(prefix: str) -> pl.DataFrame:
@@ -44,8 +52,11 @@ def items_frame(prefix: str) -> pl.DataFrame:
             "created_at": [None] * N_ITEMS,
             "attributes": [None] * N_ITEMS,
         },
-        schema_overrides={"created_at": pl.Datetime("us", "UTC"), "attributes": pl.String,
-                          "tags": pl.List(pl.String)},
+        schema_overrides={
+            "created_at": pl.Datetime("us", "UTC"),
+            "attributes": pl.String,
+            "tags": pl.List(pl.String),
+        },
     )
 
 
@@ -59,8 +70,13 @@ def write_tiny_snapshot(out_dir: str, tenant: str, prefix: str, variant: int = 0
         scores = [0.1 + 0.1 * i for i in range(8)] + [0.5]
     emb = [0.1 * (i + 1) for i in range(8)] + [0.3]
     cands = {
-        "user_idx": users, "item_idx": cand_items, "score": scores,
-        "pop": [0.5] * 9, "cooc": [0.0] * 9, "emb": emb, "ranker": scores,
+        "user_idx": users,
+        "item_idx": cand_items,
+        "score": scores,
+        "pop": [0.5] * 9,
+        "cooc": [0.0] * 9,
+        "emb": emb,
+        "ranker": scores,
         "reason": [0] * 9,
     }
     similar = {
@@ -75,9 +91,15 @@ def write_tiny_snapshot(out_dir: str, tenant: str, prefix: str, variant: int = 0
         "tag:winter": (np.array([3, 4, 7]), np.array([0.9, 0.8, 0.7])),
     }
     return write_snapshot(
-        out_dir, tenant=tenant, user_ids=["u1", "u2", "u3"], items=items_frame(prefix),
-        candidates=cands, seen={"user_idx": [0], "item_idx": [8]}, similar=similar,
-        fallbacks=fallbacks, segments=["s1", None, None],
+        out_dir,
+        tenant=tenant,
+        user_ids=["u1", "u2", "u3"],
+        items=items_frame(prefix),
+        candidates=cands,
+        seen={"user_idx": [0], "item_idx": [8]},
+        similar=similar,
+        fallbacks=fallbacks,
+        segments=["s1", None, None],
         models={"champion": {"name": "tiny", "version": str(variant + 1)}},
         write_parquet=False,
     )
@@ -92,10 +114,16 @@ def publish_tiny(root: str, tenant: str, prefix: str, variant: int = 0) -> str:
 
 def make_config(root: str, **overrides) -> ServingConfig:
     base = dict(
-        data_root=root, jwt_secret=SECRET, access_log=False, snapshot_check_s=0.0,
-        api_keys=(ApiKey("acme-key-0123456789", "acme", frozenset({"recommend"})),
-                  ApiKey("globex-key-0123456789", "globex", frozenset({"recommend", "admin"}))),
-        rate_limit=RateLimitSpec(100_000, 60), tenant_rate_limit=RateLimitSpec(100_000, 60),
+        data_root=root,
+        jwt_secret=SECRET,
+        access_log=False,
+        snapshot_check_s=0.0,
+        api_keys=(
+            ApiKey("acme-key-0123456789", "acme", frozenset({"recommend"})),
+            ApiKey("globex-key-0123456789", "globex", frozenset({"recommend", "admin"})),
+        ),
+        rate_limit=RateLimitSpec(100_000, 60),
+        tenant_rate_limit=RateLimitSpec(100_000, 60),
         cors_origins=("https://shop.example",),
     )
     base.update(overrides)
@@ -103,8 +131,9 @@ def make_config(root: str, **overrides) -> ServingConfig:
 
 
 def build_client(config: ServingConfig) -> testing.TestClient:
-    registry = SnapshotRegistry(os.path.join(config.data_root, "snapshots"),
-                                check_interval_s=config.snapshot_check_s)
+    registry = SnapshotRegistry(
+        os.path.join(config.data_root, "snapshots"), check_interval_s=config.snapshot_check_s
+    )
     return testing.TestClient(create_app(config, registry, limiter=InProcessLimiter()))
 
 
@@ -117,7 +146,9 @@ def auth(tenant: str = "acme", scopes=("recommend",), **extra) -> dict[str, str]
 
 
 def recommend(client, body: dict, tenant: str = "acme", headers: dict | None = None):
-    return client.simulate_post("/v1/recommend", json=body, headers={**auth(tenant), **(headers or {})})
+    return client.simulate_post(
+        "/v1/recommend", json=body, headers={**auth(tenant), **(headers or {})}
+    )
 
 
 def ids(resp) -> list[str]:

@@ -27,7 +27,9 @@ def free_port() -> int:
 
 def request(url, body=None, headers=None):
     data = orjson.dumps(body) if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, resp.headers, resp.read()
@@ -39,11 +41,19 @@ def test_gunicorn_serves_requests(tmp_path):
     root = str(tmp_path)
     publish_tiny(root, "acme", "a")
     port = free_port()
-    env = {**os.environ, "RECSYS_DATA_ROOT": root, "RECSYS_JWT_SECRET": SECRET,
-           "RECSYS_ACCESS_LOG": "1"}
-    proc = subprocess.Popen(gunicorn_argv(f"127.0.0.1:{port}", 2), env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "RECSYS_DATA_ROOT": root,
+        "RECSYS_JWT_SECRET": SECRET,
+        "RECSYS_ACCESS_LOG": "1",
+    }
+    proc = subprocess.Popen(
+        gunicorn_argv(f"127.0.0.1:{port}", 2),
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 20
@@ -56,8 +66,11 @@ def test_gunicorn_serves_requests(tmp_path):
                 pass
             assert time.time() < deadline, "gunicorn did not become ready"
             time.sleep(0.2)
-        status, headers, body = request(base + "/v1/recommend", {"k": 2, "user": {"user_id": "u1"}},
-                                        {"Authorization": f"Bearer {token()}"})
+        status, headers, body = request(
+            base + "/v1/recommend",
+            {"k": 2, "user": {"user_id": "u1"}},
+            {"Authorization": f"Bearer {token()}"},
+        )
         assert status == 200
         assert [i["item_id"] for i in orjson.loads(body)["items"]] == ["a0", "a1"]
         assert headers["X-Request-Id"]

@@ -29,41 +29,63 @@ def test_routing_errors_are_problems(client):
     assert_problem(client.simulate_get("/nope"), 401)  # unknown routes are not probed without auth
 
 
-@pytest.mark.parametrize("body,status", [
-    ({"k": 0, "user": {"user_id": "u1"}}, 400),
-    ({"k": 201, "user": {"user_id": "u1"}}, 400),
-    ({"k": "5", "user": {"user_id": "u1"}}, 400),
-    ({"user": {}}, 400),
-    ({"user": {"user_id": "u1"}, "bogus": 1}, 400),
-    ({"user": {"user_id": "u1"}, "candidates": {"exclude_ids": ["x"] * 5001}}, 400),
-    ({"user": {"user_id": "u1"}, "anchors": {"item_ids": ["x"] * 51}}, 400),
-    ({"user": {"user_id": "u1"}, "weights": {"pop": -1}}, 422),
-    ({"user": {"user_id": "u1"}, "weights": {"magic": 1}}, 422),
-    ({"user": {"user_id": "u1"}, "constraints": {"required_tags": ["a"], "forbidden_tags": ["a"]}}, 422),
-    ({"user": {"user_id": "u1"}, "options": {"explain": "everything"}}, 400),
-])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ({"k": 0, "user": {"user_id": "u1"}}, 400),
+        ({"k": 201, "user": {"user_id": "u1"}}, 400),
+        ({"k": "5", "user": {"user_id": "u1"}}, 400),
+        ({"user": {}}, 400),
+        ({"user": {"user_id": "u1"}, "bogus": 1}, 400),
+        ({"user": {"user_id": "u1"}, "candidates": {"exclude_ids": ["x"] * 5001}}, 400),
+        ({"user": {"user_id": "u1"}, "anchors": {"item_ids": ["x"] * 51}}, 400),
+        ({"user": {"user_id": "u1"}, "weights": {"pop": -1}}, 422),
+        ({"user": {"user_id": "u1"}, "weights": {"magic": 1}}, 422),
+        (
+            {
+                "user": {"user_id": "u1"},
+                "constraints": {"required_tags": ["a"], "forbidden_tags": ["a"]},
+            },
+            422,
+        ),
+        ({"user": {"user_id": "u1"}, "options": {"explain": "everything"}}, 400),
+    ],
+)
 def test_invalid_requests(client, body, status):
     assert_problem(recommend(client, body), status)
 
 
 def test_unknown_surface_when_tenant_declares_surfaces(client):
-    client.simulate_put("/v1/admin/tenants/acme/config", json={"surfaces": ["home", "pdp"]},
-                        headers=auth("acme", ("admin",)))
-    assert_problem(recommend(client, {"surface": "cart", "user": {"user_id": "u1"}}), 422,
-                   "RECSYS_UNKNOWN_SURFACE")
+    client.simulate_put(
+        "/v1/admin/tenants/acme/config",
+        json={"surfaces": ["home", "pdp"]},
+        headers=auth("acme", ("admin",)),
+    )
+    assert_problem(
+        recommend(client, {"surface": "cart", "user": {"user_id": "u1"}}),
+        422,
+        "RECSYS_UNKNOWN_SURFACE",
+    )
     assert recommend(client, {"surface": "home", "user": {"user_id": "u1"}}).status_code == 200
 
 
 def test_media_type_size_and_json(client, data_root):
-    resp = client.simulate_post("/v1/recommend", body=b'{"user": {"user_id": "u1"}}',
-                                headers={**auth(), "Content-Type": "text/plain"})
+    resp = client.simulate_post(
+        "/v1/recommend",
+        body=b'{"user": {"user_id": "u1"}}',
+        headers={**auth(), "Content-Type": "text/plain"},
+    )
     assert_problem(resp, 415)
-    resp = client.simulate_post("/v1/recommend", body=b'{"user": ',
-                                headers={**auth(), "Content-Type": "application/json"})
+    resp = client.simulate_post(
+        "/v1/recommend", body=b'{"user": ', headers={**auth(), "Content-Type": "application/json"}
+    )
     assert_problem(resp, 400, "RECSYS_MALFORMED_JSON")
     small = build_client(make_config(data_root, max_body_bytes=100))
-    resp = small.simulate_post("/v1/recommend", json={"user": {"user_id": "u1"}, "context": {"x": "y" * 200}},
-                               headers=auth())
+    resp = small.simulate_post(
+        "/v1/recommend",
+        json={"user": {"user_id": "u1"}, "context": {"x": "y" * 200}},
+        headers=auth(),
+    )
     assert_problem(resp, 413)
 
 
@@ -83,25 +105,38 @@ def test_rate_limit_headers_and_429(data_root):
     assert_problem(resp, 429, "RECSYS_RATE_LIMITED")
     assert int(resp.headers["Retry-After"]) > 0
     # another tenant has its own budget
-    assert recommend(client, {"k": 1, "user": {"user_id": "u1"}}, tenant="globex").status_code == 200
+    assert (
+        recommend(client, {"k": 1, "user": {"user_id": "u1"}}, tenant="globex").status_code == 200
+    )
 
 
 def test_tenant_rate_limit_spans_keys(data_root):
     client = build_client(make_config(data_root, tenant_rate_limit=RateLimitSpec(2, 60)))
     assert recommend(client, {"user": {"user_id": "u1"}}).status_code == 200
     other_key = {"X-Api-Key": "acme-key-0123456789"}
-    assert client.simulate_post("/v1/recommend", json={"user": {"user_id": "u1"}},
-                                headers=other_key).status_code == 200
-    resp = client.simulate_post("/v1/recommend", json={"user": {"user_id": "u1"}}, headers=other_key)
+    assert (
+        client.simulate_post(
+            "/v1/recommend", json={"user": {"user_id": "u1"}}, headers=other_key
+        ).status_code
+        == 200
+    )
+    resp = client.simulate_post(
+        "/v1/recommend", json={"user": {"user_id": "u1"}}, headers=other_key
+    )
     assert_problem(resp, 429)
     assert resp.headers["RateLimit"].startswith('"tenant"')
 
 
 def test_request_id_and_traceparent(client):
-    resp = recommend(client, {"k": 1, "user": {"user_id": "u1"}},
-                     headers={"X-Request-Id": "req-123",
-                              "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-                              "tracestate": "vendor=1"})
+    resp = recommend(
+        client,
+        {"k": 1, "user": {"user_id": "u1"}},
+        headers={
+            "X-Request-Id": "req-123",
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "vendor=1",
+        },
+    )
     assert resp.headers["X-Request-Id"] == "req-123"
     assert resp.json["meta"]["request_id"] == "req-123"
     tp = resp.headers["traceparent"]
@@ -114,7 +149,11 @@ def test_request_id_and_traceparent(client):
 
 
 def test_gzip_when_accepted(client):
-    body = {"k": 8, "user": {"user_id": "u1"}, "options": {"explain": "full", "include_trace": True}}
+    body = {
+        "k": 8,
+        "user": {"user_id": "u1"},
+        "options": {"explain": "full", "include_trace": True},
+    }
     plain = recommend(client, body)
     zipped = recommend(client, body, headers={"Accept-Encoding": "gzip"})
     assert "Content-Encoding" not in plain.headers
@@ -125,12 +164,19 @@ def test_gzip_when_accepted(client):
 
 
 def test_cors_for_configured_origins(client):
-    ok = client.simulate_options("/v1/recommend", headers={
-        "Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization,content-type"})
+    ok = client.simulate_options(
+        "/v1/recommend",
+        headers={
+            "Origin": "https://shop.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
     assert ok.headers["Access-Control-Allow-Origin"] == "https://shop.example"
     assert "POST" in ok.headers["Access-Control-Allow-Methods"]
-    other = recommend(client, {"k": 1, "user": {"user_id": "u1"}}, headers={"Origin": "https://evil.example"})
+    other = recommend(
+        client, {"k": 1, "user": {"user_id": "u1"}}, headers={"Origin": "https://evil.example"}
+    )
     assert "Access-Control-Allow-Origin" not in other.headers
 
 
@@ -141,10 +187,20 @@ def test_ops_routes(client):
     assert set(ready.json["tenants"]) == {"acme", "globex"}
     version = client.simulate_get("/version").json
     assert version["service"] == "recsys-svc"
-    recommend(client, {"k": 5, "user": {"user_id": "u1"}, "constraints": {"forbidden_tags": ["shoes", "nike", "winter"]}})
+    recommend(
+        client,
+        {
+            "k": 5,
+            "user": {"user_id": "u1"},
+            "constraints": {"forbidden_tags": ["shoes", "nike", "winter"]},
+        },
+    )
     text = client.simulate_get("/metrics").text
     assert 'recsys_http_requests_total{route="/v1/recommend",method="POST",status="200"} 1' in text
-    assert 'recsys_http_request_duration_seconds_bucket{route="/v1/recommend",method="POST",status="200",le="+Inf"} 1' in text
+    assert (
+        "recsys_http_request_duration_seconds_bucket"
+        '{route="/v1/recommend",method="POST",status="200",le="+Inf"} 1' in text
+    )
     assert re.search(r'recsys_snapshot_info\{tenant="acme",snapshot_id="[^"]+"\} 1', text)
     assert 'recsys_snapshot_age_seconds{tenant="acme"}' in text
     assert 'recsys_candidates_filtered_total{tenant="acme",reason="forbidden_tag"}' in text
@@ -158,3 +214,14 @@ def test_not_ready_without_snapshots(tmp_path):
     resp = client.simulate_get("/readyz")
     assert resp.status_code == 503 and resp.json["status"] == "not_ready"
     assert_problem(recommend(client, {"user": {"user_id": "u1"}}), 503, "RECSYS_NO_SNAPSHOT")
+
+
+def test_unexpected_errors_are_500_problems(client, monkeypatch):
+    from serving.service import RecommendService
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(RecommendService, "recommend", boom)
+    body = assert_problem(recommend(client, {"user": {"user_id": "u1"}}), 500, "RECSYS_INTERNAL")
+    assert "kaboom" not in body["detail"]  # internals are logged, not leaked

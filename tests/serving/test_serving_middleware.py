@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import falcon
 import pytest
 from falcon import testing
 
-import falcon
 from serving import errors
 from serving.config import RateLimitSpec, ServingConfig, parse_api_keys
 from serving.middleware import BodyLimitMiddleware, GzipMiddleware, RequestIdMiddleware
@@ -42,7 +42,12 @@ def test_body_limit_alone():
 
 def test_gzip_alone():
     client = tiny_app(RequestIdMiddleware(), GzipMiddleware(100))
-    assert client.simulate_get("/echo", headers={"Accept-Encoding": "gzip"}).headers["Content-Encoding"] == "gzip"
+    assert (
+        client.simulate_get("/echo", headers={"Accept-Encoding": "gzip"}).headers[
+            "Content-Encoding"
+        ]
+        == "gzip"
+    )
     assert "Content-Encoding" not in client.simulate_get("/echo").headers
 
 
@@ -56,9 +61,15 @@ def test_in_process_limiter_windows():
 
 
 def test_config_from_env():
-    cfg = ServingConfig.from_env({"RECSYS_DATA_ROOT": "/srv/data", "RECSYS_API_KEYS": "k1=acme:recommend+admin",
-                                  "RECSYS_RATE_LIMIT": "5/1", "RECSYS_CORS_ORIGINS": "https://a, https://b",
-                                  "RECSYS_ACCESS_LOG": "0"})
+    cfg = ServingConfig.from_env(
+        {
+            "RECSYS_DATA_ROOT": "/srv/data",
+            "RECSYS_API_KEYS": "k1=acme:recommend+admin",
+            "RECSYS_RATE_LIMIT": "5/1",
+            "RECSYS_CORS_ORIGINS": "https://a, https://b",
+            "RECSYS_ACCESS_LOG": "0",
+        }
+    )
     assert cfg.data_root == "/srv/data" and cfg.rate_limit == RateLimitSpec(5, 1)
     assert cfg.api_keys[0].tenant == "acme" and cfg.api_keys[0].scopes == {"recommend", "admin"}
     assert cfg.cors_origins == ("https://a", "https://b") and cfg.access_log is False
@@ -80,8 +91,12 @@ def test_redis_limiter_is_shared():
     key = f"test-{uuid.uuid4().hex}"
     spec = RateLimitSpec(3, 60)
     a, b = RedisLimiter(url), RedisLimiter(url)  # two workers
-    decisions = [a.hit(key, spec).allowed, b.hit(key, spec).allowed, a.hit(key, spec).allowed,
-                 b.hit(key, spec).allowed]
+    decisions = [
+        a.hit(key, spec).allowed,
+        b.hit(key, spec).allowed,
+        a.hit(key, spec).allowed,
+        b.hit(key, spec).allowed,
+    ]
     assert decisions == [True, True, True, False]
 
 

@@ -6,8 +6,9 @@ from serving_helpers import auth, ids, recommend
 
 
 def put_rules(client, rules, tenant="acme"):
-    resp = client.simulate_put(f"/v1/admin/tenants/{tenant}/rules", json={"rules": rules},
-                               headers=auth(tenant, ("admin",)))
+    resp = client.simulate_put(
+        f"/v1/admin/tenants/{tenant}/rules", json={"rules": rules}, headers=auth(tenant, ("admin",))
+    )
     assert resp.status_code == 200, resp.json
     return resp
 
@@ -26,35 +27,55 @@ def test_known_user_gets_candidates_in_order_without_unavailable(client):
 
 
 def test_exclude_and_forbidden_tag_are_absent(client):
-    resp = recommend(client, {"surface": "home", "k": 4, "user": {"user_id": "u1"},
-                              "candidates": {"exclude_ids": ["a0"]},
-                              "constraints": {"forbidden_tags": ["adult"]}})
+    resp = recommend(
+        client,
+        {
+            "surface": "home",
+            "k": 4,
+            "user": {"user_id": "u1"},
+            "candidates": {"exclude_ids": ["a0"]},
+            "constraints": {"forbidden_tags": ["adult"]},
+        },
+    )
     assert ids(resp) == ["a3", "a4", "a5", "a6"]
 
 
 def test_required_tags_and_include_allow_list(client):
-    resp = recommend(client, {"k": 3, "user": {"user_id": "u1"},
-                              "constraints": {"required_tags": ["winter"]}})
+    resp = recommend(
+        client, {"k": 3, "user": {"user_id": "u1"}, "constraints": {"required_tags": ["winter"]}}
+    )
     assert ids(resp) == ["a3", "a4", "a7"]
-    resp = recommend(client, {"k": 5, "user": {"user_id": "u1"},
-                              "candidates": {"include_ids": ["a5", "a1", "a12"]}})
+    resp = recommend(
+        client,
+        {"k": 5, "user": {"user_id": "u1"}, "candidates": {"include_ids": ["a5", "a1", "a12"]}},
+    )
     # only allow-listed ids, ranked; a12 is back-filled from popular (it is not a candidate)
     assert ids(resp) == ["a1", "a5", "a12"]
     assert {w["code"] for w in resp.json["warnings"]} >= {"BACKFILLED", "FEWER_THAN_K"}
 
 
 def test_max_per_tag_caps_and_brand_key(client):
-    resp = recommend(client, {"k": 4, "user": {"user_id": "u1"},
-                              "constraints": {"max_per_tag": {"nike": 1}}})
+    resp = recommend(
+        client, {"k": 4, "user": {"user_id": "u1"}, "constraints": {"max_per_tag": {"nike": 1}}}
+    )
     assert ids(resp) == ["a0", "a1", "a4", "a6"]  # a3 and a5 carry the capped tag
-    resp = recommend(client, {"k": 4, "user": {"user_id": "u1"},
-                              "constraints": {"max_per_tag": {"brand:nike": 2}}})
+    resp = recommend(
+        client,
+        {"k": 4, "user": {"user_id": "u1"}, "constraints": {"max_per_tag": {"brand:nike": 2}}},
+    )
     assert ids(resp) == ["a0", "a1", "a3", "a4"]  # a5 would be the 3rd nike
 
 
 def test_weights_rescore_from_stored_signals(client):
-    resp = recommend(client, {"k": 3, "user": {"user_id": "u1"}, "weights": {"emb": 1.0},
-                              "options": {"explain": "summary"}})
+    resp = recommend(
+        client,
+        {
+            "k": 3,
+            "user": {"user_id": "u1"},
+            "weights": {"emb": 1.0},
+            "options": {"explain": "summary"},
+        },
+    )
     assert ids(resp) == ["a7", "a6", "a5"]
     top = resp.json["items"][0]
     assert abs(top["score"] - 0.8) < 1e-5
@@ -64,13 +85,21 @@ def test_weights_rescore_from_stored_signals(client):
 
 
 def test_zero_signal_weight_warns(client):
-    resp = recommend(client, {"k": 2, "user": {"user_id": "u1"}, "weights": {"cooc": 1.0, "emb": 0.1}})
+    resp = recommend(
+        client, {"k": 2, "user": {"user_id": "u1"}, "weights": {"cooc": 1.0, "emb": 0.1}}
+    )
     assert "SIGNAL_UNAVAILABLE" in {w["code"] for w in resp.json["warnings"]}
 
 
 def test_backfill_when_filters_thin_the_list(client):
-    resp = recommend(client, {"k": 5, "user": {"user_id": "u1"},
-                              "constraints": {"forbidden_tags": ["shoes", "nike", "winter"]}})
+    resp = recommend(
+        client,
+        {
+            "k": 5,
+            "user": {"user_id": "u1"},
+            "constraints": {"forbidden_tags": ["shoes", "nike", "winter"]},
+        },
+    )
     # only a6 survives; a8 is popular but seen by u1; category:c1 holds nothing new that passes;
     # the user's segment list s1 comes next, then popular.
     assert ids(resp) == ["a6", "a19", "a18", "a17", "a9"]
@@ -80,28 +109,48 @@ def test_backfill_when_filters_thin_the_list(client):
 
 
 def test_pin_rule_puts_item_at_position_and_respects_exclusions(client):
-    put_rules(client, [{"id": "pin9", "type": "pin", "item_id": "a9", "position": 2,
-                        "surfaces": ["home"]}])
-    resp = recommend(client, {"surface": "home", "k": 3, "user": {"user_id": "u1"},
-                              "options": {"explain": "summary"}})
+    put_rules(
+        client,
+        [{"id": "pin9", "type": "pin", "item_id": "a9", "position": 2, "surfaces": ["home"]}],
+    )
+    resp = recommend(
+        client,
+        {"surface": "home", "k": 3, "user": {"user_id": "u1"}, "options": {"explain": "summary"}},
+    )
     assert ids(resp) == ["a0", "a9", "a1"]
     assert resp.json["items"][1]["explain"]["rules"] == ["pin:pin9"]
     # other surface: the rule does not apply
-    assert ids(recommend(client, {"surface": "pdp", "k": 3, "user": {"user_id": "u1"}})) == ["a0", "a1", "a3"]
+    assert ids(recommend(client, {"surface": "pdp", "k": 3, "user": {"user_id": "u1"}})) == [
+        "a0",
+        "a1",
+        "a3",
+    ]
     # an excluded pinned item is not injected
-    resp = recommend(client, {"surface": "home", "k": 3, "user": {"user_id": "u1"},
-                              "candidates": {"exclude_ids": ["a9"]}})
+    resp = recommend(
+        client,
+        {
+            "surface": "home",
+            "k": 3,
+            "user": {"user_id": "u1"},
+            "candidates": {"exclude_ids": ["a9"]},
+        },
+    )
     assert "a9" not in ids(resp)
 
 
 def test_block_boost_bury_rules(client):
-    put_rules(client, [
-        {"id": "no-adult", "type": "block", "tags": ["adult"]},
-        {"id": "blk", "type": "block", "item_ids": ["a0"]},
-        {"id": "winter", "type": "boost", "tag": "winter", "factor": 100},
-        {"id": "down", "type": "bury", "tag": "nike", "factor": 0.01},
-    ])
-    resp = recommend(client, {"k": 5, "user": {"user_id": "u1"}, "options": {"include_trace": True}})
+    put_rules(
+        client,
+        [
+            {"id": "no-adult", "type": "block", "tags": ["adult"]},
+            {"id": "blk", "type": "block", "item_ids": ["a0"]},
+            {"id": "winter", "type": "boost", "tag": "winter", "factor": 100},
+            {"id": "down", "type": "bury", "tag": "nike", "factor": 0.01},
+        ],
+    )
+    resp = recommend(
+        client, {"k": 5, "user": {"user_id": "u1"}, "options": {"include_trace": True}}
+    )
     got = ids(resp)
     assert "a0" not in got and "a1" not in got
     assert got == ["a4", "a7", "a3", "a6", "a5"]
@@ -112,10 +161,16 @@ def test_block_boost_bury_rules(client):
 
 
 def test_trace_reports_every_candidate(client):
-    resp = recommend(client, {"k": 3, "user": {"user_id": "u1"},
-                              "candidates": {"exclude_ids": ["a1"]},
-                              "constraints": {"max_per_tag": {"nike": 1}},
-                              "options": {"include_trace": True}})
+    resp = recommend(
+        client,
+        {
+            "k": 3,
+            "user": {"user_id": "u1"},
+            "candidates": {"exclude_ids": ["a1"]},
+            "constraints": {"max_per_tag": {"nike": 1}},
+            "options": {"include_trace": True},
+        },
+    )
     assert ids(resp) == ["a0", "a4", "a6"]
     trace = {t["item_id"]: t for t in resp.json["trace"] if t["source"] == "personal"}
     assert len(trace) == 8
@@ -126,8 +181,15 @@ def test_trace_reports_every_candidate(client):
 
 
 def test_anonymous_with_anchors_uses_similar_items(client):
-    resp = recommend(client, {"k": 4, "user": {"anonymous_id": "anon-1"},
-                              "anchors": {"item_ids": ["a0"]}, "options": {"include_reasons": True}})
+    resp = recommend(
+        client,
+        {
+            "k": 4,
+            "user": {"anonymous_id": "anon-1"},
+            "anchors": {"item_ids": ["a0"]},
+            "options": {"include_reasons": True},
+        },
+    )
     got = ids(resp)
     assert "a0" not in got
     assert set(got) == {"a3", "a4", "a5", "a6"}
@@ -146,26 +208,39 @@ def test_seed_is_reproducible(client):
 
 
 def test_similar_items(client):
-    resp = client.simulate_post("/v1/similar", json={"item_id": "a0", "k": 3, "kind": "emb"},
-                                headers=auth())
+    resp = client.simulate_post(
+        "/v1/similar", json={"item_id": "a0", "k": 3, "kind": "emb"}, headers=auth()
+    )
     assert resp.status_code == 200, resp.json
     assert ids(resp) == ["a3", "a4", "a5"]
-    resp = client.simulate_post("/v1/similar", json={"item_id": "a0", "k": 3, "kind": "emb",
-                                                     "constraints": {"forbidden_tags": ["winter"]}},
-                                headers=auth())
+    resp = client.simulate_post(
+        "/v1/similar",
+        json={
+            "item_id": "a0",
+            "k": 3,
+            "kind": "emb",
+            "constraints": {"forbidden_tags": ["winter"]},
+        },
+        headers=auth(),
+    )
     assert ids(resp)[0] == "a5" and "a3" not in ids(resp) and "a0" not in ids(resp)
     resp = client.simulate_post("/v1/similar", json={"item_id": "nope", "k": 3}, headers=auth())
     assert resp.status_code == 200 and resp.json["items"] == []
 
 
 def test_validate_normalizes_without_ranking(client):
-    resp = client.simulate_post("/v1/recommend/validate", json={"user": {"anonymous_id": "a"}},
-                                headers=auth())
+    resp = client.simulate_post(
+        "/v1/recommend/validate", json={"user": {"anonymous_id": "a"}}, headers=auth()
+    )
     assert resp.status_code == 200
     norm = resp.json["normalized_request"]
     assert norm["surface"] == "default" and norm["segment"] == "default" and norm["k"] == 20
-    assert norm["options"] == {"include_reasons": False, "explain": "none", "include_trace": False,
-                               "seed": 0}
+    assert norm["options"] == {
+        "include_reasons": False,
+        "explain": "none",
+        "include_trace": False,
+        "seed": 0,
+    }
     assert {w["code"] for w in resp.json["warnings"]} == {"DEFAULT_APPLIED"}
 
 
@@ -180,14 +255,24 @@ def test_experiment_assignment_is_deterministic_and_selects_snapshot(client, dat
     champion = [s for s in store.ids() if s != challenger][0]
     store.rollback(champion)
     try:
-        cfg = {"experiments": {"exp1": {"variants": [
-            {"name": "A", "snapshot": "current", "weight": 50},
-            {"name": "B", "snapshot": challenger, "weight": 50}]}}}
-        resp = client.simulate_put("/v1/admin/tenants/acme/config", json=cfg,
-                                   headers=auth("acme", ("admin",)))
+        cfg = {
+            "experiments": {
+                "exp1": {
+                    "variants": [
+                        {"name": "A", "snapshot": "current", "weight": 50},
+                        {"name": "B", "snapshot": challenger, "weight": 50},
+                    ]
+                }
+            }
+        }
+        resp = client.simulate_put(
+            "/v1/admin/tenants/acme/config", json=cfg, headers=auth("acme", ("admin",))
+        )
         assert resp.status_code == 200, resp.json
-        forced = recommend(client, {"k": 2, "user": {"user_id": "u1"},
-                                    "experiment": {"id": "exp1", "variant": "B"}})
+        forced = recommend(
+            client,
+            {"k": 2, "user": {"user_id": "u1"}, "experiment": {"id": "exp1", "variant": "B"}},
+        )
         assert forced.json["meta"]["experiment"]["snapshot_id"] == challenger
         assert ids(forced) == ["a7", "a6"]
         variants = set()

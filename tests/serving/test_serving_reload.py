@@ -35,8 +35,10 @@ def test_new_snapshot_is_picked_up_and_broken_one_refused(tmp_path):
     ready = client.simulate_get("/readyz").json
     assert ready["tenants"]["acme"]["snapshot_id"] == second
     assert broken in ready["tenants"]["acme"]["error"]
-    assert 'recsys_snapshot_loads_total{tenant="acme",outcome="refused"} 1' in \
-        client.simulate_get("/metrics").text
+    assert (
+        'recsys_snapshot_loads_total{tenant="acme",outcome="refused"} 1'
+        in client.simulate_get("/metrics").text
+    )
 
     # and rolling forward to a good one works again
     store._switch(first)
@@ -48,13 +50,22 @@ def test_check_interval_limits_stats(tmp_path):
     root = str(tmp_path)
     first = publish_tiny(root, "acme", "a")
     client = build_client(make_config(root, snapshot_check_s=3600.0))
-    assert recommend(client, {"k": 1, "user": {"user_id": "u1"}}).json["meta"]["snapshot_id"] == first
+    assert (
+        recommend(client, {"k": 1, "user": {"user_id": "u1"}}).json["meta"]["snapshot_id"] == first
+    )
     publish_tiny(root, "acme", "a", variant=1)
     # not re-checked within the interval ...
-    assert recommend(client, {"k": 1, "user": {"user_id": "u1"}}).json["meta"]["snapshot_id"] == first
+    assert (
+        recommend(client, {"k": 1, "user": {"user_id": "u1"}}).json["meta"]["snapshot_id"] == first
+    )
     # ... unless an admin invalidates the snapshot cache
     from serving_helpers import auth
 
-    client.simulate_post("/v1/admin/tenants/acme/cache/invalidate", json={"targets": ["snapshot"]},
-                         headers=auth("acme", ("admin",)))
-    assert recommend(client, {"k": 1, "user": {"user_id": "u1"}}).json["meta"]["snapshot_id"] != first
+    client.simulate_post(
+        "/v1/admin/tenants/acme/cache/invalidate",
+        json={"targets": ["snapshot"]},
+        headers=auth("acme", ("admin",)),
+    )
+    assert (
+        recommend(client, {"k": 1, "user": {"user_id": "u1"}}).json["meta"]["snapshot_id"] != first
+    )

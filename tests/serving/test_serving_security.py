@@ -11,17 +11,21 @@ from serving_helpers import SECRET, auth, ids, token
 
 from serving.auth import mint_token
 
-PUBLIC_ROUTES = [("POST", "/v1/recommend", {"k": 3, "user": {"user_id": "u1"}}),
-                 ("POST", "/v1/recommend/validate", {"user": {"user_id": "u1"}}),
-                 ("POST", "/v1/similar", {"item_id": "g0", "k": 3})]
+PUBLIC_ROUTES = [
+    ("POST", "/v1/recommend", {"k": 3, "user": {"user_id": "u1"}}),
+    ("POST", "/v1/recommend/validate", {"user": {"user_id": "u1"}}),
+    ("POST", "/v1/similar", {"item_id": "g0", "k": 3}),
+]
 
 
 def admin_routes(tenant):
-    return [("GET", f"/v1/admin/tenants/{tenant}/config", None),
-            ("PUT", f"/v1/admin/tenants/{tenant}/config", {"defaults": {"k": 5}}),
-            ("GET", f"/v1/admin/tenants/{tenant}/rules", None),
-            ("PUT", f"/v1/admin/tenants/{tenant}/rules", {"rules": []}),
-            ("POST", f"/v1/admin/tenants/{tenant}/cache/invalidate", {"targets": ["rules"]})]
+    return [
+        ("GET", f"/v1/admin/tenants/{tenant}/config", None),
+        ("PUT", f"/v1/admin/tenants/{tenant}/config", {"defaults": {"k": 5}}),
+        ("GET", f"/v1/admin/tenants/{tenant}/rules", None),
+        ("PUT", f"/v1/admin/tenants/{tenant}/rules", {"rules": []}),
+        ("POST", f"/v1/admin/tenants/{tenant}/cache/invalidate", {"targets": ["rules"]}),
+    ]
 
 
 def call(client, method, path, body, headers):
@@ -62,11 +66,15 @@ def test_admin_routes_need_the_admin_scope(client, method, path, body):
 def test_answers_come_only_from_the_callers_snapshot(client):
     # u1 exists in both tenants; each caller sees only its own ids, whatever it sends
     for tenant, prefix in (("acme", "a"), ("globex", "g")):
-        for path, body in (("/v1/recommend", {"k": 5, "user": {"user_id": "u1"}}),
-                           ("/v1/recommend", {"k": 5, "user": {"anonymous_id": "x"},
-                                              "anchors": {"item_ids": ["a0", "g0"]}}),
-                           ("/v1/similar", {"item_id": "a0", "k": 5}),
-                           ("/v1/similar", {"item_id": "g0", "k": 5})):
+        for path, body in (
+            ("/v1/recommend", {"k": 5, "user": {"user_id": "u1"}}),
+            (
+                "/v1/recommend",
+                {"k": 5, "user": {"anonymous_id": "x"}, "anchors": {"item_ids": ["a0", "g0"]}},
+            ),
+            ("/v1/similar", {"item_id": "a0", "k": 5}),
+            ("/v1/similar", {"item_id": "g0", "k": 5}),
+        ):
             resp = client.simulate_post(path, json=body, headers=auth(tenant))
             assert resp.status_code == 200
             assert all(i.startswith(prefix) for i in ids(resp)), (tenant, path, ids(resp))
@@ -77,48 +85,100 @@ def test_answers_come_only_from_the_callers_snapshot(client):
 
 
 def test_config_and_rules_are_per_tenant(client):
-    put = client.simulate_put("/v1/admin/tenants/globex/rules",
-                              json={"rules": [{"id": "secret-pin", "type": "pin", "item_id": "g9",
-                                               "position": 1}]},
-                              headers=auth("globex", ("admin",)))
+    put = client.simulate_put(
+        "/v1/admin/tenants/globex/rules",
+        json={"rules": [{"id": "secret-pin", "type": "pin", "item_id": "g9", "position": 1}]},
+        headers=auth("globex", ("admin",)),
+    )
     assert put.status_code == 200
     mine = client.simulate_get("/v1/admin/tenants/acme/rules", headers=auth("acme", ("admin",)))
     assert mine.json["rules"] == []
     # globex's pin affects only globex
-    assert ids(client.simulate_post("/v1/recommend", json={"k": 2, "user": {"user_id": "u1"}},
-                                    headers=auth("globex")))[0] == "g9"
-    assert ids(client.simulate_post("/v1/recommend", json={"k": 2, "user": {"user_id": "u1"}},
-                                    headers=auth("acme")))[0] == "a0"
+    assert (
+        ids(
+            client.simulate_post(
+                "/v1/recommend", json={"k": 2, "user": {"user_id": "u1"}}, headers=auth("globex")
+            )
+        )[0]
+        == "g9"
+    )
+    assert (
+        ids(
+            client.simulate_post(
+                "/v1/recommend", json={"k": 2, "user": {"user_id": "u1"}}, headers=auth("acme")
+            )
+        )[0]
+        == "a0"
+    )
 
 
 def test_api_keys(client):
-    resp = client.simulate_post("/v1/recommend", json={"k": 2, "user": {"user_id": "u1"}},
-                                headers={"X-Api-Key": "acme-key-0123456789"})
+    resp = client.simulate_post(
+        "/v1/recommend",
+        json={"k": 2, "user": {"user_id": "u1"}},
+        headers={"X-Api-Key": "acme-key-0123456789"},
+    )
     assert resp.status_code == 200 and ids(resp) == ["a0", "a1"]
-    assert_problem(client.simulate_get("/v1/admin/tenants/acme/config",
-                                       headers={"X-Api-Key": "acme-key-0123456789"}), 403)
-    assert_problem(client.simulate_get("/v1/admin/tenants/acme/config",
-                                       headers={"X-Api-Key": "globex-key-0123456789"}), 403)
-    assert_problem(client.simulate_post("/v1/recommend", json={"user": {"user_id": "u1"}},
-                                        headers={"X-Api-Key": "wrong"}), 401)
+    assert_problem(
+        client.simulate_get(
+            "/v1/admin/tenants/acme/config", headers={"X-Api-Key": "acme-key-0123456789"}
+        ),
+        403,
+    )
+    assert_problem(
+        client.simulate_get(
+            "/v1/admin/tenants/acme/config", headers={"X-Api-Key": "globex-key-0123456789"}
+        ),
+        403,
+    )
+    assert_problem(
+        client.simulate_post(
+            "/v1/recommend", json={"user": {"user_id": "u1"}}, headers={"X-Api-Key": "wrong"}
+        ),
+        401,
+    )
 
 
-@pytest.mark.parametrize("bad", [
-    "not-a-jwt",
-    jwt.encode({"tenant_id": "acme", "scope": "recommend", "exp": int(time.time()) + 60}, "other-secret-0123456789abcdef0123", algorithm="HS256"),
-    jwt.encode({"tenant_id": "acme", "scope": "recommend", "exp": int(time.time()) - 60}, SECRET, algorithm="HS256"),
-    jwt.encode({"tenant_id": "acme", "scope": "recommend"}, SECRET, algorithm="HS256"),  # no exp
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not-a-jwt",
+        jwt.encode(
+            {"tenant_id": "acme", "scope": "recommend", "exp": int(time.time()) + 60},
+            "other-secret-0123456789abcdef0123",
+            algorithm="HS256",
+        ),
+        jwt.encode(
+            {"tenant_id": "acme", "scope": "recommend", "exp": int(time.time()) - 60},
+            SECRET,
+            algorithm="HS256",
+        ),
+        jwt.encode(
+            {"tenant_id": "acme", "scope": "recommend"}, SECRET, algorithm="HS256"
+        ),  # no exp
+    ],
+)
 def test_bad_tokens_are_401(client, bad):
-    resp = client.simulate_post("/v1/recommend", json={"user": {"user_id": "u1"}},
-                                headers={"Authorization": f"Bearer {bad}"})
+    resp = client.simulate_post(
+        "/v1/recommend",
+        json={"user": {"user_id": "u1"}},
+        headers={"Authorization": f"Bearer {bad}"},
+    )
     assert_problem(resp, 401)
 
 
 def test_token_without_tenant_is_403(client):
-    bad = jwt.encode({"scope": "recommend", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
-    assert_problem(client.simulate_post("/v1/recommend", json={"user": {"user_id": "u1"}},
-                                        headers={"Authorization": f"Bearer {bad}"}), 403)
+    bad = jwt.encode(
+        {"scope": "recommend", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"
+    )
+    assert_problem(
+        client.simulate_post(
+            "/v1/recommend",
+            json={"user": {"user_id": "u1"}},
+            headers={"Authorization": f"Bearer {bad}"},
+        ),
+        403,
+    )
 
 
 def test_rs256_tokens(data_root):
@@ -127,15 +187,28 @@ def test_rs256_tokens(data_root):
     from serving_helpers import build_client, make_config
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem_private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-    pem_public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    pem_private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pem_public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     client = build_client(make_config(data_root, jwt_secret=None, jwt_public_key=pem_public))
     good = mint_token(pem_private, "acme", ["recommend"], 60, algorithm="RS256")
-    resp = client.simulate_post("/v1/recommend", json={"k": 1, "user": {"user_id": "u1"}},
-                                headers={"Authorization": f"Bearer {good}"})
+    resp = client.simulate_post(
+        "/v1/recommend",
+        json={"k": 1, "user": {"user_id": "u1"}},
+        headers={"Authorization": f"Bearer {good}"},
+    )
     assert resp.status_code == 200
     # an HS256 token (e.g. signed with the public key as secret) is refused
-    assert_problem(client.simulate_post("/v1/recommend", json={"user": {"user_id": "u1"}},
-                                        headers={"Authorization": f"Bearer {token()}"}), 401)
+    assert_problem(
+        client.simulate_post(
+            "/v1/recommend",
+            json={"user": {"user_id": "u1"}},
+            headers={"Authorization": f"Bearer {token()}"},
+        ),
+        401,
+    )

@@ -1,0 +1,354 @@
+"""Load test of the serving API under real gunicorn, over loopback, with wrk.
+
+    python benchmarks/serve_load.py [--data-root data/bench] [--duration 10]
+
+Builds (or reuses) a synthetic 1M-user x 100k-item, N=200 snapshot, starts the real server and a
+trivial Falcon endpoint (a fixed 20-item list; benchmarks/trivial_app.py) with the same gunicorn
+settings (2 sync workers), and prints:
+
+* throughput of POST /v1/recommend (k=20, 5 excluded ids, a forbidden tag, max_per_tag) vs the
+  trivial endpoint (goal >= 70 %),
+* p99 latency at ~70 % of the recommend throughput (goal < 5 ms), paced with a wrk `delay()`
+  (closed loop with think time, so the offered rate is approximate; the achieved rate is printed),
+* single-client median latency (goal < 0.3 ms),
+* memory per worker beyond the shared snapshot mapping, from /proc/<pid>/smaps (goal < 150 MB),
+* a snapshot switch under load with zero failed requests.
+
+Needs `wrk` (apt-get install -y wrk). Everything stays on 127.0.0.1; every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks._snapshots import TENANT, ensure_snapshot  # noqa: E402
+from recsys.snapshot import SnapshotStore  # noqa: E402
+from recsys.snapshot.format import MANIFEST  # noqa: E402
+from recsys.snapshot.writer import new_snapshot_id  # noqa: E402
+from serving.auth import mint_token  # noqa: E402
+from serving.cli import gunicorn_argv  # noqa: E402
+
+SECRET = "benchmark-secret-0123456789abcdef0123456789"
+
+LUA = r"""
+local token = "%(token)s"
+local n_users = %(n_users)d
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. token
+local counter = 0
+local tid = 0
+local delay_ms = %(delay_ms)f
+setup = function(thread) tid = tid + 1; thread:set("tid", tid) end
+init = function(args) math.randomseed(1234 + (tid or 0)) end
+request = function()
+  counter = counter + 1
+  local uid = string.format("u%%07d", math.random(0, n_users - 1))
+  local body = '{"surface":"home","k":20,"user":{"user_id":"' .. uid .. '"},' ..
+    '"candidates":{"exclude_ids":["i0000001","i0000002","i0000003","i0000004","i0000005"]},' ..
+    '"constraints":{"forbidden_tags":["tag007"],"max_per_tag":{"tag001":2}}}'
+  return wrk.format(nil, nil, nil, body)
+end
+if delay_ms > 0 then
+  delay = function() return delay_ms end
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(app: str, port: int, env: dict[str, str]) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        gunicorn_argv(f"127.0.0.1:{port}", 2, app=app),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    path = "/readyz" if app.startswith("serving") else None
+    while time.time() < deadline:
+        try:
+            if path:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                    if r.status == 200:
+                        return proc
+            else:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return proc
+        except OSError:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{app} exited: {proc.stderr.read().decode()[-2000:]}")
+    proc.kill()
+    raise RuntimeError(f"{app} did not become ready")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _ms(value: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", value)
+    number, unit = float(m.group(1)), m.group(2)
+    return number / 1000 if unit == "us" else number * 1000 if unit == "s" else number
+
+
+def wrk(url: str, script: str, duration: int, connections: int, threads: int = 1) -> dict:
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            script,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+    ).stdout
+    res = {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+        "non2xx": int(m.group(1))
+        if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out))
+        else 0,
+        "socket_errors": sum(int(x) for x in m.groups())
+        if (
+            m := re.search(
+                r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+            )
+        )
+        else 0,
+        "raw": out,
+    }
+    for pct in ("50", "90", "99"):
+        m = re.search(rf"^\s+{pct}(?:\.000)?%\s+([\d.]+(?:us|ms|s))", out, re.M)
+        res[f"p{pct}_ms"] = _ms(m.group(1)) if m else float("nan")
+    return res
+
+
+def lua_file(tmp: str, name: str, n_users: int, delay_ms: float = 0.0) -> str:
+    path = os.path.join(tmp, name)
+    with open(path, "w") as f:
+        f.write(
+            LUA
+            % {
+                "token": mint_token(SECRET, TENANT, ["recommend"], 7200),
+                "n_users": n_users,
+                "delay_ms": delay_ms,
+            }
+        )
+    return path
+
+
+def worker_pids(master: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def memory(pid: int, snapshot_dir: str) -> dict[str, float]:
+    """MB: smaps_rollup totals and private memory outside the snapshot's file mappings."""
+    rollup = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[-1] == "kB":
+                rollup[parts[0].rstrip(":")] = int(parts[1]) / 1024
+    private_outside = 0.0
+    in_snapshot = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):
+                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                in_snapshot = path.startswith(snapshot_dir)
+            elif first in ("Private_Clean:", "Private_Dirty:") and not in_snapshot:
+                private_outside += int(line.split()[1]) / 1024
+    return {
+        "rss": rollup.get("Rss", 0),
+        "pss": rollup.get("Pss", 0),
+        "private": rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0),
+        "anonymous": rollup.get("Anonymous", 0),
+        "private_outside_snapshot": private_outside,
+    }
+
+
+def copy_snapshot(store: SnapshotStore, source_id: str) -> str:
+    """Publish a new snapshot id holding the same arrays (hard links) as `source_id`."""
+    src = store.path_of(source_id)
+    tmp = store.new_tmp_dir()
+    for name in os.listdir(src):
+        full = os.path.join(src, name)
+        if name == MANIFEST:
+            continue
+        if os.path.isdir(full):
+            shutil.copytree(full, os.path.join(tmp, name), copy_function=os.link)
+        else:
+            os.link(full, os.path.join(tmp, name))
+    with open(os.path.join(src, MANIFEST)) as f:
+        manifest = json.load(f)
+    manifest["snapshot_id"] = new_snapshot_id()
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    return store.publish(tmp, checksums=False, prune=False)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-root", default=os.path.join(REPO, "data", "bench"))
+    ap.add_argument("--users", type=int, default=1_000_000)
+    ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    ap.add_argument("--connections", type=int, default=8)
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk not found: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    data_root = os.path.abspath(args.data_root)
+    sid = ensure_snapshot(data_root, args.users, args.items)
+    store = SnapshotStore(os.path.join(data_root, "snapshots", TENANT))
+    print(f"snapshot {sid}: {args.users} users x {args.items} items", flush=True)
+
+    env = {
+        **os.environ,
+        "RECSYS_DATA_ROOT": data_root,
+        "RECSYS_JWT_SECRET": SECRET,
+        "RECSYS_TENANTS": TENANT,
+        "RECSYS_ACCESS_LOG": "0",
+        "RECSYS_RATE_LIMIT": "1000000000/60",
+        "RECSYS_TENANT_RATE_LIMIT": "1000000000/60",
+        "PYTHONPATH": REPO,
+    }
+    env.pop("RECSYS_REDIS_URL", None)
+    tmp = tempfile.mkdtemp(prefix="serve_load-")
+    full = lua_file(tmp, "full.lua", args.users)
+    port_app, port_triv = free_port(), free_port()
+    server = start("serving.wsgi:app", port_app, env)
+    trivial = start("benchmarks.trivial_app:app", port_triv, env)
+    results: dict[str, object] = {}
+    try:
+        url_app = f"http://127.0.0.1:{port_app}/v1/recommend"
+        url_triv = f"http://127.0.0.1:{port_triv}/v1/recommend"
+        wrk(url_app, full, 3, args.connections)  # warm-up: page in the hot parts of the mapping
+        wrk(url_triv, full, 2, args.connections)
+
+        triv = wrk(url_triv, full, args.duration, args.connections)
+        rec = wrk(url_app, full, args.duration, args.connections)
+        ratio = rec["rps"] / triv["rps"]
+        print(
+            f"throughput: recommend {rec['rps']:.0f} req/s vs trivial {triv['rps']:.0f} req/s "
+            f"= {ratio:.0%} (goal >= 70%); recommend non-2xx {rec['non2xx']}",
+            flush=True,
+        )
+
+        target = 0.7 * rec["rps"]
+        delay = max(0.0, args.connections / target * 1000 - rec["p50_ms"])
+        paced = wrk(
+            url_app, lua_file(tmp, "paced.lua", args.users, delay), args.duration, args.connections
+        )
+        print(
+            f"p99 at ~70% load: {paced['p99_ms']:.2f} ms (p50 {paced['p50_ms']:.2f} ms, "
+            f"offered ~{target:.0f} req/s, achieved {paced['rps']:.0f} req/s; goal < 5 ms)",
+            flush=True,
+        )
+
+        single = wrk(url_app, full, args.duration, 1)
+        single_triv = wrk(url_triv, full, args.duration, 1)
+        print(
+            f"single client: median {single['p50_ms']:.3f} ms, p99 {single['p99_ms']:.3f} ms, "
+            f"{single['rps']:.0f} req/s (trivial endpoint: median {single_triv['p50_ms']:.3f} ms; "
+            "goal < 0.3 ms)",
+            flush=True,
+        )
+
+        snapshot_dir = store.root
+        for pid in worker_pids(server.pid):
+            m = memory(pid, snapshot_dir)
+            print(
+                f"worker {pid}: RSS {m['rss']:.0f} MB (shared snapshot pages included), "
+                f"private outside the snapshot mapping {m['private_outside_snapshot']:.1f} MB, "
+                f"anonymous {m['anonymous']:.1f} MB, PSS {m['pss']:.0f} MB (goal < 150 MB)",
+                flush=True,
+            )
+        for pid in worker_pids(trivial.pid):
+            m = memory(pid, snapshot_dir)
+            print(f"trivial worker {pid}: private {m['private']:.1f} MB (baseline interpreter)")
+
+        # Snapshot switch under load.
+        switch_len = max(8, args.duration)
+        proc = subprocess.Popen(
+            [
+                "wrk",
+                "-t1",
+                f"-c{args.connections}",
+                f"-d{switch_len}s",
+                "--latency",
+                "-s",
+                full,
+                url_app,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(switch_len / 3)
+        new_sid = copy_snapshot(store, sid)
+        out = proc.communicate(timeout=switch_len + 60)[0]
+        non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+        errs = re.search(
+            r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+        )
+        total = int(re.search(r"(\d+) requests in", out).group(1))
+        live = set()
+        for _ in range(10):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port_app}/readyz", timeout=5) as r:
+                live.add(json.loads(r.read())["tenants"][TENANT]["snapshot_id"])
+        print(
+            f"snapshot switch under load: {total} requests, non-2xx {non2xx}, socket errors "
+            f"{errs.groups() if errs else (0, 0, 0, 0)}; workers now serve {sorted(live)} "
+            f"(published {new_sid})",
+            flush=True,
+        )
+        results = {
+            "ratio": ratio,
+            "p99_ms": paced["p99_ms"],
+            "median_ms": single["p50_ms"],
+            "switch_failed": non2xx,
+            "switched": live == {new_sid},
+        }
+        store.prune(keep=1)  # the copy (same arrays) stays current; the next run reuses it
+    finally:
+        stop(server)
+        stop(trivial)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,894 @@
+"""Durable event intake: an append-only, fsync'd write-ahead log per tenant, flushed to landing.
+
+Layout under ``<data root>/serving/events/<tenant>/`` (feedback labels use the same log under
+``serving/feedback/<tenant>/``)::
+
+    wal/seg-00000001.log   closed segment (its last record is an END marker)
+    wal/seg-00000002.log   the active segment (highest number): every worker appends here
+    append.lock            flock held while appending (all gunicorn workers, all hosts on NFS)
+    flush.lock             flock held while flushing closed segments to landing
+    tombstones/*.parquet   deleted event ids (event_id, deleted_at) of flushed segments
+
+Record framing: ``<u32 length><u32 crc32(payload)><payload>``, little-endian, payload = JSON.
+A reader stops at the first frame that is incomplete or whose CRC does not match; the appender
+truncates such a torn tail of the active segment (under the lock) before writing after it, so a
+crash in the middle of a write never corrupts a later record.
+
+Guarantees:
+
+* An append returns only after the records were written *and* fsync'd (the HTTP 201/200 is sent
+  after that), so an acknowledged event survives kill -9 of any process and power loss.
+* Group commit: concurrent requests of one worker (gthread) are validated together with
+  `recsys.validation.validate_events` (vectorised) and written with one write and one fsync.
+* Idempotent by event_id (derived like the contract when absent) while the event is in the
+  log: a repeated id is answered as a duplicate and not written again. Once flushed to landing,
+  ingest deduplicates by event_id against the warehouse, so an event is stored once either way.
+* Deleting an event appends a tombstone record. The flusher drops tombstoned events that are
+  still in the log and writes the tombstones to ``tombstones/``; events that had already
+  landed must be dropped by ingest from that list (`read_tombstones`).
+* Flushing (on segment roll, on a timer, or `flush_events(data_root)`) converts closed segments
+  into ``landing/<tenant>/events/api-<segment>.parquet`` (temporary name, then atomic rename;
+  deterministic name, so a flush interrupted before the segment is deleted lands it once),
+  then deletes the segment. The landing sensor picks the files up like imported files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import polars as pl
+
+from recsys.contract import EVENT_SCHEMA
+from recsys.storage import Storage
+from recsys.validation import validate_events
+
+log = logging.getLogger("recsys.serving")
+
+_HEADER = struct.Struct("<II")
+_SEGMENT = re.compile(r"^seg-(\d{8})\.log$")
+END = {"k": "end"}
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+#: Fields an API event may carry; `type` and `metadata` are the /v1/recs spellings of
+#: `event_type` and `context`.
+EVENT_FIELDS = frozenset(
+    {
+        "event_id",
+        "user_id",
+        "item_id",
+        "event_type",
+        "type",
+        "timestamp",
+        "value",
+        "session_id",
+        "context",
+        "metadata",
+        "tenant",
+    }
+)
+
+
+# --- framing -------------------------------------------------------------------------------------
+def frame(record: dict[str, Any]) -> bytes:
+    """One record as a length + CRC framed byte string."""
+    payload = orjson.dumps(record)
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def read_frames(data: bytes | memoryview, start: int = 0) -> tuple[list[tuple[int, dict]], int]:
+    """Records `(offset, record)` of `data` from `start`, and the offset after the last good one.
+
+    Stops at an incomplete or corrupt frame (a torn tail): the returned offset is where the
+    valid prefix ends.
+    """
+    out: list[tuple[int, dict]] = []
+    pos, n = start, len(data)
+    while pos + _HEADER.size <= n:
+        length, crc = _HEADER.unpack_from(data, pos)
+        end = pos + _HEADER.size + length
+        if end > n:
+            break
+        payload = bytes(data[pos + _HEADER.size : end])
+        if zlib.crc32(payload) != crc:
+            break
+        try:
+            rec = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            break
+        out.append((pos, rec))
+        pos = end
+    return out, pos
+
+
+def segment_name(number: int) -> str:
+    return f"seg-{number:08d}.log"
+
+
+def list_segments(wal_dir: str) -> list[int]:
+    """Segment numbers present in `wal_dir`, ascending."""
+    try:
+        names = os.listdir(wal_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for m in map(_SEGMENT.match, names) if m)
+
+
+def read_segment(path: str) -> tuple[list[tuple[int, dict]], int, int]:
+    """(records, valid bytes, file bytes) of one segment file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    records, end = read_frames(data)
+    return records, end, len(data)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- the shared segment log ------------------------------------------------------------------
+class SegmentLog:
+    """An append-only log in numbered segment files, shared by processes through `flock`.
+
+    Every process keeps an in-memory view (`on_record` is called once per record, in log order,
+    for records written by any process) and catches up with the others' writes under the lock
+    before appending, so a duplicate check made under the lock sees every committed record.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        on_record: Callable[[int, int, dict], None],
+        on_segment_removed: Callable[[int], None] | None = None,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    ) -> None:
+        self.dir = directory
+        self.wal_dir = os.path.join(directory, "wal")
+        os.makedirs(self.wal_dir, exist_ok=True)
+        self._on_record = on_record
+        self._on_removed = on_segment_removed or (lambda seg: None)
+        self._segment_bytes = segment_bytes
+        self._lock_path = os.path.join(directory, "append.lock")
+        self._mutex = threading.Lock()  # this process's threads; flock orders the processes
+        self._seg = 0  # segment this process has read up to (and appends to)
+        self._offset = 0  # bytes of _seg already read
+        self._known: set[int] = set()
+        self._fd: int | None = None
+        self._fd_seg = 0
+        self._opened_at = time.time()
+
+    # -- locking
+    def _flock(self, path: str, blocking: bool = True):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def _path(self, seg: int) -> str:
+        return os.path.join(self.wal_dir, segment_name(seg))
+
+    # -- reading other processes' writes
+    def _catch_up(self, repair: bool) -> None:
+        """Read every record appended since the last call (caller holds `_mutex`; `repair`
+        only with the append flock held: truncates a torn tail of the active segment)."""
+        segs = list_segments(self.wal_dir)
+        for gone in sorted(self._known - set(segs)):  # flushed (deleted) by some process
+            self._known.discard(gone)
+            self._on_removed(gone)
+        if not segs:
+            if not repair:
+                return
+            self._create(1)
+            segs = [1]
+        if self._seg not in segs:
+            # first call, or our segment was flushed: continue with the next one that exists
+            # (the flusher never deletes the newest segment, so there always is one)
+            later = [s for s in segs if s > self._seg]
+            self._seg, self._offset = (later[0] if later else segs[-1]), 0
+            self._opened_at = time.time()
+        while True:
+            path = self._path(self._seg)
+            self._known.add(self._seg)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self._offset)
+                    data = f.read()
+            except FileNotFoundError:  # flushed while we read; move on
+                data = b""
+            records, end = read_frames(data)
+            ended = False
+            for off, rec in records:
+                if rec.get("k") == "end":
+                    ended = True
+                    break
+                self._on_record(self._seg, self._offset + off, rec)
+            later = [s for s in segs if s > self._seg]
+            if ended or (later and not data[end:]):
+                if not later:
+                    if not repair:
+                        self._offset += end
+                        return
+                    self._create(self._seg + 1)
+                    later = [self._seg + 1]
+                self._seg, self._offset = later[0], 0
+                self._opened_at = time.time()
+                continue
+            if end < len(data):
+                if later:
+                    log.error(
+                        "segment %s has %d unreadable bytes after offset %d; skipped",
+                        path,
+                        len(data) - end,
+                        self._offset + end,
+                    )
+                    self._seg, self._offset = later[0], 0
+                    continue
+                if repair:  # torn tail of the active segment: never acknowledged, cut it
+                    log.warning("truncating a torn tail of %d bytes in %s", len(data) - end, path)
+                    with open(path, "r+b") as f:
+                        f.truncate(self._offset + end)
+                        os.fsync(f.fileno())
+            self._offset += end
+            return
+
+    def _create(self, seg: int) -> None:
+        fd = os.open(self._path(seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.close(fd)
+        _fsync_dir(self.wal_dir)
+        self._opened_at = time.time()
+
+    def refresh(self) -> None:
+        """Catch up with records other processes appended (reads only)."""
+        with self._mutex:
+            self._catch_up(repair=False)
+
+    # -- writing
+    def append(self, prepare: Callable[[], list[dict]], roll: bool = False) -> Any:
+        """Under the lock: catch up, call `prepare()` (which decides what to write from the
+        now complete view and returns the records), append them, roll the segment if it is
+        full (or `roll`), then fsync. Returns the segment numbers closed by a roll."""
+        with self._mutex:
+            lock = self._flock(self._lock_path)
+            try:
+                self._catch_up(repair=True)
+                records = prepare()
+                fd = self._active_fd()
+                sync_fds = [fd]
+                closed: list[int] = []
+                if records:
+                    frames = [frame(r) for r in records]
+                    buf = b"".join(frames)
+                    os.write(fd, buf)
+                    pos = self._offset
+                    for r, fr in zip(records, frames, strict=True):
+                        self._on_record(self._seg, pos, r)
+                        pos += len(fr)
+                    self._offset = pos
+                if (roll or self._offset >= self._segment_bytes) and self._offset:
+                    os.write(fd, frame(END))
+                    closed.append(self._seg)
+                    self._create(self._seg + 1)
+                    self._seg, self._offset = self._seg + 1, 0
+            finally:
+                self._unlock(lock)
+            for f in sync_fds:
+                os.fsync(f)
+            if closed:
+                os.close(self._fd)
+                self._fd = None
+            return closed
+
+    def _active_fd(self) -> int:
+        if self._fd is None or self._fd_seg != self._seg:
+            if self._fd is not None:
+                os.fsync(self._fd)
+                os.close(self._fd)
+            self._fd = os.open(self._path(self._seg), os.O_WRONLY | os.O_APPEND)
+            self._fd_seg = self._seg
+        return self._fd
+
+    def active_age_s(self) -> float:
+        return time.time() - self._opened_at
+
+    def active_bytes(self) -> int:
+        return self._offset
+
+    def read_at(self, seg: int, offset: int) -> dict | None:
+        """The record at (segment, offset), or None when that segment was flushed meanwhile."""
+        try:
+            with open(self._path(seg), "rb") as f:
+                f.seek(offset)
+                head = f.read(_HEADER.size)
+                length, crc = _HEADER.unpack(head)
+                payload = f.read(length)
+        except (FileNotFoundError, struct.error):
+            return None
+        if zlib.crc32(payload) != crc:
+            return None
+        return orjson.loads(payload)
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+# --- events --------------------------------------------------------------------------------------
+@dataclass
+class ItemResult:
+    """The outcome of one submitted event."""
+
+    status: str  # accepted | duplicate | rejected
+    event_id: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+@dataclass
+class _Pending:
+    rows: list[dict[str, Any]]
+    done: threading.Event = field(default_factory=threading.Event)
+    results: list[ItemResult] | None = None
+    error: BaseException | None = None
+
+
+_ALIASES = {"type": "event_type", "metadata": "context"}
+
+
+def to_raw_row(body: Any, now_iso: str) -> dict[str, Any] | ItemResult:
+    """An API event object as a raw contract row (strings; validation does the typing), or a
+    rejected result when it is not even an object of known fields."""
+    if type(body) is not dict:
+        return ItemResult("rejected", reason="unparsable", detail="an event must be a JSON object")
+    if not body.keys() <= EVENT_FIELDS:
+        unknown = ", ".join(sorted(set(body) - EVENT_FIELDS))
+        return ItemResult("rejected", reason="unparsable", detail=f"unknown field(s): {unknown}")
+    row: dict[str, Any] = {}
+    for key, value in body.items():
+        key = _ALIASES.get(key, key)
+        if key in row:
+            return ItemResult(
+                "rejected",
+                reason="unparsable",
+                detail=f"'{key}' is given twice (under both of its names)",
+            )
+        kind = type(value)
+        if key == "context" and value is not None:
+            if kind is not dict:
+                return ItemResult(
+                    "rejected", reason="unparsable", detail="context/metadata must be an object"
+                )
+            row[key] = orjson.dumps(value).decode()
+        elif kind is str or value is None:
+            row[key] = value
+        elif kind is int or kind is float:
+            row[key] = str(value)
+        else:
+            return ItemResult(
+                "rejected",
+                reason="bad_value" if key == "value" else "unparsable",
+                detail=f"{key} must be a string or a number",
+            )
+    if row.get("timestamp") is None:
+        row["timestamp"] = now_iso  # the receipt time (send one for idempotent retries)
+    return row
+
+
+_RAW_COLUMNS = (
+    "event_id",
+    "tenant",
+    "user_id",
+    "item_id",
+    "event_type",
+    "timestamp",
+    "value",
+    "session_id",
+    "context",
+)
+
+
+def _event_record(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "k": "e",
+        "id": row["event_id"],
+        "u": row["user_id"],
+        "i": row["item_id"],
+        "t": row["event_type"],
+        "ts": row["_ts_us"],
+        "v": row["value"],
+        "s": row["session_id"],
+        "c": row["context"],
+    }
+
+
+def record_to_event(rec: dict[str, Any], tenant: str) -> dict[str, Any]:
+    """A log record as a contract event (JSON-friendly: ISO timestamp)."""
+    ts = datetime.fromtimestamp(rec["ts"] / 1e6, UTC)
+    return {
+        "event_id": rec["id"],
+        "tenant": tenant,
+        "user_id": rec["u"],
+        "item_id": rec["i"],
+        "event_type": rec["t"],
+        "timestamp": ts.isoformat().replace("+00:00", "Z"),
+        "value": rec["v"],
+        "session_id": rec["s"],
+        "context": orjson.loads(rec["c"]) if rec["c"] else None,
+    }
+
+
+def records_frame(records: Iterable[dict[str, Any]], tenant: str) -> pl.DataFrame:
+    """Event log records as a DataFrame in EVENT_SCHEMA."""
+    recs = list(records)
+    df = pl.DataFrame(
+        {
+            "event_id": [r["id"] for r in recs],
+            "tenant": [tenant] * len(recs),
+            "user_id": [r["u"] for r in recs],
+            "item_id": [r["i"] for r in recs],
+            "event_type": [r["t"] for r in recs],
+            "timestamp": [r["ts"] for r in recs],
+            "value": [r["v"] for r in recs],
+            "session_id": [r["s"] for r in recs],
+            "context": [r["c"] for r in recs],
+        },
+        schema_overrides={
+            "timestamp": pl.Int64,
+            "value": pl.Float64,
+            "event_id": pl.String,
+            "tenant": pl.String,
+            "user_id": pl.String,
+            "item_id": pl.String,
+            "event_type": pl.String,
+            "session_id": pl.String,
+            "context": pl.String,
+        },
+    )
+    return df.with_columns(
+        pl.col("timestamp").cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    ).select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()])
+
+
+class TenantEventLog:
+    """The event log of one tenant in this process: group commit, index, tombstones, flush."""
+
+    def __init__(
+        self,
+        data_root: str,
+        tenant: str,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        max_batch_rows: int = 20_000,
+    ) -> None:
+        self.tenant = tenant
+        self.data_root = data_root
+        self.dir = os.path.join(data_root, "serving", "events", tenant)
+        self._index: dict[str, tuple[int, int]] = {}  # event_id -> (segment, offset)
+        self._by_segment: dict[int, list[str]] = {}
+        self._deleted: dict[str, int] = {}  # event_id -> deleted_at (us)
+        self.log = SegmentLog(self.dir, self._on_record, self._on_removed, segment_bytes)
+        self._load_tombstones()
+        self._queue: list[_Pending] = []
+        self._cond = threading.Condition()
+        self._max_batch = max_batch_rows
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self.batches = 0
+        self.log.refresh()
+
+    # -- view
+    def _on_record(self, seg: int, offset: int, rec: dict) -> None:
+        kind = rec.get("k")
+        if kind == "e":
+            self._index.setdefault(rec["id"], (seg, offset))
+            self._by_segment.setdefault(seg, []).append(rec["id"])
+        elif kind == "t":
+            self._deleted[rec["id"]] = rec["at"]
+
+    def _on_removed(self, seg: int) -> None:
+        for eid in self._by_segment.pop(seg, ()):
+            if self._index.get(eid, (None,))[0] == seg:
+                del self._index[eid]
+
+    def _load_tombstones(self) -> None:
+        for eid, at in read_tombstones(self.data_root, self.tenant).items():
+            self._deleted.setdefault(eid, at)
+
+    # -- group commit
+    def submit(self, bodies: list[Any], timeout_s: float = 30.0) -> list[ItemResult]:
+        """Validate and durably append `bodies` (API event objects); one result per body, in
+        order. Returns after the accepted ones are fsync'd."""
+        now_iso = datetime.now(UTC).isoformat()
+        rows: list[Any] = [to_raw_row(b, now_iso) for b in bodies]
+        pending = _Pending(rows)
+        self._ensure_thread()
+        with self._cond:
+            self._queue.append(pending)
+            self._cond.notify()
+        if not pending.done.wait(timeout_s):
+            raise TimeoutError("the event log did not commit in time")
+        if pending.error is not None:
+            raise pending.error
+        assert pending.results is not None
+        return pending.results
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            with self._cond:
+                if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                    self._pid = os.getpid()
+                    self._queue = []
+                    self._thread = threading.Thread(
+                        target=self._run, daemon=True, name=f"event-log-{self.tenant}"
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                batch, rows = [], 0
+                while self._queue and (
+                    not batch or rows + len(self._queue[0].rows) <= self._max_batch
+                ):
+                    p = self._queue.pop(0)
+                    batch.append(p)
+                    rows += len(p.rows)
+            try:
+                self._commit(batch)
+            except BaseException as e:  # handed to every waiting request (-> 500 there)
+                log.exception("event log commit failed")
+                for p in batch:
+                    p.error = e
+            for p in batch:
+                p.done.set()
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        flat: list[dict[str, Any]] = []
+        slots: list[tuple[_Pending, int]] = []
+        for p in batch:
+            p.results = [None] * len(p.rows)  # type: ignore[list-item]
+            for j, row in enumerate(p.rows):
+                if isinstance(row, ItemResult):
+                    p.results[j] = row
+                else:
+                    flat.append(row)
+                    slots.append((p, j))
+        good_rows: list[dict[str, Any]] = []
+        good_slots: list[tuple[_Pending, int]] = []
+        if flat:
+            raw = pl.DataFrame(
+                {c: [r.get(c) for r in flat] for c in _RAW_COLUMNS},
+                schema={c: pl.String for c in _RAW_COLUMNS},
+            )
+            good, rejects = validate_events(raw, tenant=self.tenant, source="api", dedupe=False)
+            bad_rows = {}
+            for rn, reason, detail in rejects.select("row_number", "reason", "detail").iter_rows():
+                bad_rows[rn - 1] = (reason, detail)
+            for k, slot in enumerate(slots):
+                if k in bad_rows:
+                    slot[0].results[slot[1]] = ItemResult(
+                        "rejected", reason=bad_rows[k][0], detail=bad_rows[k][1]
+                    )
+                else:
+                    good_slots.append(slot)
+            good_rows = good.with_columns(
+                pl.col("timestamp").dt.epoch("us").alias("_ts_us")
+            ).to_dicts()
+            assert len(good_rows) == len(good_slots)
+
+        def prepare() -> list[dict]:
+            out, fresh = [], set()
+            for row, (p, j) in zip(good_rows, good_slots, strict=True):
+                eid = row["event_id"]
+                if eid in self._index or eid in fresh:
+                    p.results[j] = ItemResult("duplicate", event_id=eid)
+                else:
+                    fresh.add(eid)
+                    out.append(_event_record(row))
+                    p.results[j] = ItemResult("accepted", event_id=eid)
+            return out
+
+        if good_rows:
+            closed = self.log.append(prepare)
+            self.batches += 1
+            if closed:
+                self.flush_async()
+
+    def delete(self, event_id: str) -> bool:
+        """Append a tombstone for `event_id` (fsync'd); False when it was already deleted."""
+        at = int(time.time() * 1_000_000)
+        outcome = {}
+
+        def prepare() -> list[dict]:
+            if event_id in self._deleted:
+                outcome["new"] = False
+                return []
+            outcome["new"] = True
+            return [{"k": "t", "id": event_id, "at": at}]
+
+        self.log.append(prepare)
+        return outcome["new"]
+
+    # -- reads
+    def get(self, event_id: str) -> tuple[dict[str, Any] | None, int | None]:
+        """(event, deleted_at_us): the event from the log or from flushed landing files."""
+        self.log.refresh()
+        deleted = self._deleted.get(event_id)
+        loc = self._index.get(event_id)
+        if loc is not None:
+            rec = self.log.read_at(*loc)
+            if rec is not None:
+                return record_to_event(rec, self.tenant), deleted
+        storage = Storage(self.data_root)
+        files = [
+            f
+            for f in storage.landing_files(self.tenant, "events")
+            if os.path.basename(f).startswith("api-")
+        ]
+        if files:
+            hit = pl.scan_parquet(files).filter(pl.col("event_id") == event_id).head(1).collect()
+            if hit.height:
+                row = hit.row(0, named=True)
+                row["timestamp"] = row["timestamp"].isoformat().replace("+00:00", "Z")
+                row["context"] = orjson.loads(row["context"]) if row["context"] else None
+                return row, deleted
+        return None, deleted
+
+    def is_deleted(self, event_id: str) -> bool:
+        return event_id in self._deleted
+
+    def pending_events(self) -> Iterator[dict[str, Any]]:
+        """Events still in the log (not yet flushed), as contract dicts, in log order."""
+        self.log.refresh()
+        for seg in list_segments(self.log.wal_dir):
+            try:
+                records, _, _ = read_segment(os.path.join(self.log.wal_dir, segment_name(seg)))
+            except FileNotFoundError:
+                continue
+            for _, rec in records:
+                if rec.get("k") == "e":
+                    yield record_to_event(rec, self.tenant)
+
+    # -- flushing
+    def roll(self) -> list[int]:
+        """Close the active segment if it holds anything (so the flusher can take it)."""
+        return self.log.append(lambda: [], roll=True)
+
+    def flush_async(self) -> None:
+        threading.Thread(target=self._flush_quietly, daemon=True).start()
+
+    def _flush_quietly(self) -> None:
+        try:
+            flush_tenant(self.data_root, self.tenant)
+        except Exception:
+            log.exception(
+                "flushing the event log of %s failed; retried on the next timer", self.tenant
+            )
+
+
+def flush_tenant(data_root: str, tenant: str, blocking: bool = False) -> list[str]:
+    """Land every closed segment of `tenant` as Parquet and delete it; returns the landed paths.
+
+    Safe to run from any process at any time (a `flush.lock` flock serialises flushers; with
+    `blocking=False` a flush already running elsewhere makes this return []).
+    """
+    directory = os.path.join(data_root, "serving", "events", tenant)
+    wal_dir = os.path.join(directory, "wal")
+    segs = list_segments(wal_dir)
+    if len(segs) < 2:
+        return []
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(os.path.join(directory, "flush.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return []
+        storage = Storage(data_root)
+        landing = storage.landing_dir(tenant, "events")
+        os.makedirs(landing, exist_ok=True)
+        tomb_dir = os.path.join(directory, "tombstones")
+        os.makedirs(tomb_dir, exist_ok=True)
+        deleted = read_tombstones(data_root, tenant)
+        landed = []
+        for seg in list_segments(wal_dir)[:-1]:  # never the newest: it is (or becomes) active
+            path = os.path.join(wal_dir, segment_name(seg))
+            records, _, _ = read_segment(path)
+            if not records or records[-1][1].get("k") != "end":
+                break  # the active segment (or one being written): stop here, keep order
+            tombs = {r["id"]: r["at"] for _, r in records if r.get("k") == "t"}
+            deleted.update(tombs)
+            events = [r for _, r in records if r.get("k") == "e" and r["id"] not in deleted]
+            stem = f"api-{segment_name(seg)[:-4]}-{_dir_tag(directory)}"
+            if tombs:
+                tdf = pl.DataFrame(
+                    {"event_id": list(tombs), "deleted_at": list(tombs.values())},
+                    schema={"event_id": pl.String, "deleted_at": pl.Int64},
+                )
+                _atomic_write(
+                    tdf.with_columns(
+                        pl.col("deleted_at").cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+                    ),
+                    os.path.join(tomb_dir, stem + ".parquet"),
+                )
+            if events:
+                target = os.path.join(landing, stem + ".parquet")
+                if not os.path.exists(target):
+                    _atomic_write(records_frame(events, tenant), target)
+                landed.append(target)
+            os.unlink(path)
+            _fsync_dir(wal_dir)
+        return landed
+    finally:
+        os.close(fd)
+
+
+def _dir_tag(directory: str) -> str:
+    """A short stable tag of the log folder (so two data roots never produce one file name)."""
+    return format(zlib.crc32(os.path.abspath(directory).encode()), "08x")
+
+
+def _atomic_write(df: pl.DataFrame, path: str) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+        df.write_parquet(f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def read_tombstones(data_root: str, tenant: str) -> dict[str, int]:
+    """Deleted event ids of `tenant` that were flushed (event_id -> deleted_at, epoch us); the
+    ingest step drops landed events with these ids."""
+    tomb_dir = os.path.join(data_root, "serving", "events", tenant, "tombstones")
+    try:
+        files = sorted(
+            os.path.join(tomb_dir, f)
+            for f in os.listdir(tomb_dir)
+            if f.endswith(".parquet") and not f.startswith(".")
+        )
+    except FileNotFoundError:
+        return {}
+    if not files:
+        return {}
+    df = pl.read_parquet(files)
+    return dict(
+        zip(df["event_id"].to_list(), df["deleted_at"].dt.epoch("us").to_list(), strict=True)
+    )
+
+
+def flush_events(
+    data_root: str, tenants: Iterable[str] | None = None, roll: bool = True
+) -> dict[str, list[str]]:
+    """Land the logged events of `tenants` (default: every tenant with a log) now.
+
+    With `roll`, the active segments are closed first, so everything acknowledged so far lands.
+    Callable from `recsys` (a CLI command or an asset) without a running server.
+    """
+    base = os.path.join(data_root, "serving", "events")
+    if tenants is None:
+        tenants = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    out = {}
+    for tenant in tenants:
+        if roll:
+            tlog = TenantEventLog(data_root, tenant)
+            tlog.roll()
+            tlog.log.close()
+        out[tenant] = flush_tenant(data_root, tenant, blocking=True)
+    return out
+
+
+class EventLogs:
+    """The event logs of every tenant in this process, plus the timer that flushes them."""
+
+    def __init__(
+        self,
+        data_root: str,
+        flush_interval_s: float = 30.0,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    ) -> None:
+        self.data_root = data_root
+        self._interval = flush_interval_s
+        self._segment_bytes = segment_bytes
+        self._logs: dict[str, TenantEventLog] = {}
+        self._lock = threading.Lock()
+        self._timer_pid = 0
+
+    def tenant(self, tenant: str) -> TenantEventLog:
+        tlog = self._logs.get(tenant)
+        if tlog is None:
+            with self._lock:
+                tlog = self._logs.get(tenant)
+                if tlog is None:
+                    tlog = self._logs[tenant] = TenantEventLog(
+                        self.data_root, tenant, self._segment_bytes
+                    )
+        if self._interval > 0 and self._timer_pid != os.getpid():
+            self._start_timer()
+        return tlog
+
+    def _start_timer(self) -> None:
+        with self._lock:
+            if self._timer_pid == os.getpid():
+                return
+            self._timer_pid = os.getpid()
+            threading.Thread(target=self._timer, daemon=True, name="event-log-flusher").start()
+
+    def _timer(self) -> None:
+        while True:
+            time.sleep(self._interval)
+            for tlog in list(self._logs.values()):
+                try:
+                    if tlog.log.active_age_s() >= self._interval and tlog.log.active_bytes():
+                        tlog.roll()
+                    flush_tenant(self.data_root, tlog.tenant)
+                except Exception:
+                    log.exception("timed flush of %s failed; retried next time", tlog.tenant)
+
+
+# --- feedback labels -----------------------------------------------------------------------------
+FEEDBACK_LABELS = ("relevant", "not_relevant")
+
+
+class FeedbackLog:
+    """Human labels (user, item, relevant|not_relevant) of one tenant, in the same durable log
+    format under ``serving/feedback/<tenant>/``; held in memory for reading back (labels are
+    few compared with events)."""
+
+    def __init__(self, data_root: str, tenant: str) -> None:
+        self.tenant = tenant
+        self.labels: dict[str, dict[str, Any]] = {}
+        self.log = SegmentLog(
+            os.path.join(data_root, "serving", "feedback", tenant), self._on_record
+        )
+        self.log.refresh()
+
+    def _on_record(self, seg: int, offset: int, rec: dict) -> None:
+        if rec.get("k") == "f":
+            self.labels.setdefault(rec["id"], rec)
+
+    def add(self, label: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Append `label` (which has an `id`) durably; (stored record, created?)."""
+        outcome: dict[str, Any] = {}
+
+        def prepare() -> list[dict]:
+            existing = self.labels.get(label["id"])
+            if existing is not None:
+                outcome["rec"], outcome["new"] = existing, False
+                return []
+            rec = {"k": "f", **label}
+            outcome["rec"], outcome["new"] = rec, True
+            return [rec]
+
+        self.log.append(prepare)
+        return outcome["rec"], outcome["new"]
+
+    def all(self) -> list[dict[str, Any]]:
+        self.log.refresh()
+        return list(self.labels.values())

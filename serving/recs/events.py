@@ -1,0 +1,247 @@
+"""POST /v1/recs/events, /v1/recs/events/bulk, GET/DELETE /v1/recs/events/{event_id},
+POST/GET /v1/recs/feedback and GET /v1/recs/feedback/{feedback_id}.
+
+The tenant is always the caller's (`req.context.principal.tenant`); a body naming another
+tenant is rejected by the contract validation (`wrong_tenant`).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+import falcon
+import orjson
+
+from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
+from serving.errors import ProblemError
+from serving.events_log import FEEDBACK_LABELS, EventLogs, FeedbackLog, ItemResult
+
+#: Lines (events) accepted in one bulk request; the body size limit applies as well.
+MAX_BULK_EVENTS = 10_000
+_FEEDBACK_FIELDS = frozenset(
+    {"feedback_id", "user_id", "item_id", "label", "source", "confidence", "note"}
+)
+
+
+def _raw_body(req: falcon.Request) -> bytes:
+    if not req.content_length:
+        raise ProblemError(400, "The request needs a body.")
+    return req.bounded_stream.read()
+
+
+def _json(req: falcon.Request) -> Any:
+    try:
+        return orjson.loads(_raw_body(req))
+    except orjson.JSONDecodeError:
+        raise ProblemError(
+            400, "The body is not valid JSON.", code="RECSYS_MALFORMED_JSON"
+        ) from None
+
+
+def parse_bulk(data: bytes) -> tuple[list[Any], dict[int, ItemResult]]:
+    """Events of a bulk body (a JSON array, or NDJSON: one object per line, blank lines
+    ignored) and the lines that are not JSON. Line numbers are 1-based positions."""
+    try:
+        whole = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        whole = None
+    else:
+        if isinstance(whole, list):
+            return whole, {}
+        if isinstance(whole, dict):
+            return [whole], {}
+        raise ProblemError(400, "A bulk body is a JSON array of events or NDJSON.")
+    items: list[Any] = []
+    broken: dict[int, ItemResult] = {}
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            items.append(orjson.loads(line))
+        except orjson.JSONDecodeError as e:
+            broken[len(items)] = ItemResult(
+                "rejected", reason="unparsable", detail=f"not JSON: {e}"
+            )
+            items.append(None)
+    return items, broken
+
+
+def _result_json(r: ItemResult) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": r.status}
+    if r.event_id is not None:
+        out["event_id"] = r.event_id
+    if r.reason is not None:
+        out["reason"], out["detail"] = r.reason, r.detail
+    return out
+
+
+class EventsResource:
+    """One event (on_post) or many (on_post_bulk), durable before the response."""
+
+    required_scope = SCOPE_RECOMMEND
+
+    def __init__(self, logs: EventLogs) -> None:
+        self._logs = logs
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = _json(req)
+        if not isinstance(body, dict):
+            raise ProblemError(400, "An event is a JSON object; use /v1/recs/events/bulk for many.")
+        result = self._logs.tenant(req.context.principal.tenant).submit([body])[0]
+        if result.status == "rejected":
+            raise ProblemError(
+                422,
+                f"The event is invalid ({result.reason}): {result.detail}",
+                code="RECSYS_INVALID_EVENT",
+                extra={"reason": result.reason},
+            )
+        resp.status = falcon.HTTP_201 if result.status == "accepted" else falcon.HTTP_200
+        resp.media = _result_json(result)
+        resp.cache_control = ["no-store"]
+
+    def on_post_bulk(self, req: falcon.Request, resp: falcon.Response) -> None:
+        items, broken = parse_bulk(_raw_body(req))
+        if not items:
+            raise ProblemError(400, "The bulk body holds no events.")
+        if len(items) > MAX_BULK_EVENTS:
+            raise ProblemError(
+                413, f"{len(items)} events in one request; the limit is {MAX_BULK_EVENTS}."
+            )
+        todo = [i for i in range(len(items)) if i not in broken]
+        results: list[ItemResult | None] = [broken.get(i) for i in range(len(items))]
+        if todo:
+            done = self._logs.tenant(req.context.principal.tenant).submit([items[i] for i in todo])
+            for i, r in zip(todo, done, strict=True):
+                results[i] = r
+        counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+        errors = []
+        for line, r in enumerate(results, start=1):
+            assert r is not None
+            counts[r.status] += 1
+            if r.status == "rejected":
+                errors.append({"line": line, "reason": r.reason, "detail": r.detail})
+        resp.media = {
+            "received": len(items),
+            "accepted": counts["accepted"],
+            "duplicates": counts["duplicate"],
+            "rejected": counts["rejected"],
+            "errors": errors,
+            "event_ids": [r.event_id for r in results if r is not None],
+        }
+        resp.cache_control = ["no-store"]
+
+
+class EventResource:
+    """Read one event back; delete it (admin) by appending a tombstone."""
+
+    required_scope = {"GET": SCOPE_RECOMMEND, "DELETE": SCOPE_ADMIN}
+
+    def __init__(self, logs: EventLogs) -> None:
+        self._logs = logs
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, event_id: str) -> None:
+        event, deleted_at = self._logs.tenant(req.context.principal.tenant).get(event_id)
+        if deleted_at is not None:
+            raise ProblemError(
+                410, f"Event '{event_id}' was deleted.", title="Gone", code="RECSYS_EVENT_DELETED"
+            )
+        if event is None:
+            raise ProblemError(
+                404,
+                f"No event '{event_id}' in the event log or the events landed from the API.",
+                code="RECSYS_UNKNOWN_EVENT",
+            )
+        resp.media = event
+        resp.cache_control = ["no-store"]
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, event_id: str) -> None:
+        tlog = self._logs.tenant(req.context.principal.tenant)
+        event, _ = tlog.get(event_id)
+        created = tlog.delete(event_id)
+        resp.media = {
+            "event_id": event_id,
+            "status": "deleted" if created else "already_deleted",
+            "known": event is not None,
+        }
+
+
+class FeedbackResource:
+    """Human labels: submit one (on_post), list them (on_get), read one (on_get_one)."""
+
+    required_scope = SCOPE_RECOMMEND
+
+    def __init__(self, data_root: str) -> None:
+        self._root = data_root
+        self._logs: dict[str, FeedbackLog] = {}
+        self._lock = threading.Lock()
+
+    def _log(self, tenant: str) -> FeedbackLog:
+        with self._lock:
+            flog = self._logs.get(tenant)
+            if flog is None:
+                flog = self._logs[tenant] = FeedbackLog(self._root, tenant)
+            return flog
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = _json(req)
+        if not isinstance(body, dict):
+            raise ProblemError(400, "The body must be an object.")
+        unknown = set(body) - _FEEDBACK_FIELDS
+        if unknown:
+            raise ProblemError(400, f"Unknown field(s): {', '.join(sorted(unknown))}.")
+        label: dict[str, Any] = {}
+        for name in ("feedback_id", "user_id", "item_id", "source", "note"):
+            value = body.get(name)
+            if value is None:
+                if name in ("user_id", "item_id"):
+                    raise ProblemError(422, f"Field '{name}' is required.")
+                continue
+            if not isinstance(value, str) or not value or len(value.encode()) > 256:
+                raise ProblemError(422, f"Field '{name}' must be a string of 1..256 bytes.")
+            label[name] = value
+        if body.get("label") not in FEEDBACK_LABELS:
+            raise ProblemError(422, f"Field 'label' must be one of {', '.join(FEEDBACK_LABELS)}.")
+        label["label"] = body["label"]
+        conf = body.get("confidence")
+        if conf is not None:
+            if isinstance(conf, bool) or not isinstance(conf, int | float) or not 0 <= conf <= 1:
+                raise ProblemError(422, "Field 'confidence' must be a number in [0, 1].")
+            label["confidence"] = float(conf)
+        label["id"] = label.pop("feedback_id", None) or uuid.uuid4().hex
+        import datetime as dt
+
+        label["created_at"] = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+        rec, created = self._log(req.context.principal.tenant).add(label)
+        resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
+        resp.media = _label_json(rec)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        labels = self._log(req.context.principal.tenant).all()
+        for name in ("user_id", "item_id", "label", "source"):
+            value = req.get_param(name)
+            if value is not None:
+                labels = [r for r in labels if r.get(name) == value]
+        limit = req.get_param_as_int("limit", min_value=1, max_value=1000, default=100)
+        offset = req.get_param_as_int("cursor", min_value=0, default=0)
+        page = labels[offset : offset + limit]
+        nxt = offset + limit if offset + limit < len(labels) else None
+        resp.media = {
+            "items": [_label_json(r) for r in page],
+            "total": len(labels),
+            "next_cursor": str(nxt) if nxt is not None else None,
+        }
+
+    def on_get_one(self, req: falcon.Request, resp: falcon.Response, feedback_id: str) -> None:
+        flog = self._log(req.context.principal.tenant)
+        flog.log.refresh()
+        rec = flog.labels.get(feedback_id)
+        if rec is None:
+            raise ProblemError(404, f"No feedback '{feedback_id}'.", code="RECSYS_UNKNOWN_FEEDBACK")
+        resp.media = _label_json(rec)
+
+
+def _label_json(rec: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in rec.items() if k not in ("k", "id")}
+    return {"feedback_id": rec["id"], **out}

@@ -1,0 +1,61 @@
+"""Mount the /v1/recs routes on the app (called once at the end of `create_app`)."""
+
+from __future__ import annotations
+
+import os
+
+import falcon
+
+from serving.config import ServingConfig
+from serving.events_log import DEFAULT_SEGMENT_BYTES, EventLogs
+from serving.recs.events import EventResource, EventsResource, FeedbackResource
+from serving.recs.runtime import RuntimeResources
+
+
+def register(
+    app: falcon.App,
+    config: ServingConfig,
+    *,
+    service,
+    store,
+    tenant_store,
+    event_logs: EventLogs | None = None,
+) -> EventLogs:
+    """Add every /v1/recs route to `app`; returns the event logs (tests flush through it)."""
+    if event_logs is None:
+        flush_s, segment_bytes = events_settings()
+        event_logs = EventLogs(config.data_root, flush_s, segment_bytes)
+    events = EventsResource(event_logs)
+    app.add_route("/v1/recs/events", events)
+    app.add_route("/v1/recs/events/bulk", events, suffix="bulk")
+    app.add_route("/v1/recs/events/{event_id}", EventResource(event_logs))
+    feedback = FeedbackResource(config.data_root)
+    app.add_route("/v1/recs/feedback", feedback)
+    app.add_route("/v1/recs/feedback/{feedback_id}", feedback, suffix="one")
+    rt = RuntimeResources(service, store, config.deadline_ms)
+    app.add_route("/v1/recs/predict", rt, suffix="predict")
+    app.add_route("/v1/recs/users/{user_id}", rt, suffix="user")
+    app.add_route("/v1/recs/users/{user_id}/realtime", rt, suffix="realtime")
+    app.add_route("/v1/recs/batch/predict", rt, suffix="batch")
+    app.add_route("/v1/recs/item/{item_id}/related", rt, suffix="related")
+    app.add_route("/v1/recs/score", rt, suffix="score")
+    app.add_route("/v1/recs/embeddings/search", rt, suffix="search")
+    app.add_route("/v1/recs/embeddings/{embedding_id}", rt, suffix="embedding")
+    return event_logs
+
+
+def events_settings(environ=None) -> tuple[float, int]:
+    """(flush interval s, segment bytes) of the event log.
+
+    | variable | default | meaning |
+    |---|---|---|
+    | RECSYS_EVENTS_FLUSH_S | `30` | an older non-empty active segment is closed and landed |
+    | RECSYS_EVENTS_SEGMENT_BYTES | `67108864` | a segment is closed (and landed) at this size |
+
+    (Read when the app is built; these belong in `ServingConfig` once the lead wires them.)
+    """
+    env = os.environ if environ is None else environ
+    return (
+        float(env.get("RECSYS_EVENTS_FLUSH_S") or 30.0),
+        int(env.get("RECSYS_EVENTS_SEGMENT_BYTES") or DEFAULT_SEGMENT_BYTES),
+    )

@@ -1,0 +1,277 @@
+"""Durable events and feedback: /v1/recs/events, /events/bulk, /events/{id}, /feedback.
+
+Known answers: ids derived exactly like the contract's `derive_event_ids`, rejects by line with
+the contract's reasons, events landed as contract Parquet that `ingest_events` accepts, and a
+torn tail of the log detected and cut without losing an acknowledged record.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pytest
+from serving_helpers import auth
+
+from recsys.contract import EVENT_SCHEMA
+from recsys.ingest import ingest_events, read_events
+from recsys.storage import Storage
+from recsys.validation import validate_events
+from serving.events_log import (
+    TenantEventLog,
+    flush_events,
+    frame,
+    list_segments,
+    read_frames,
+    read_tombstones,
+    segment_name,
+)
+
+EV = {
+    "type": "click",
+    "user_id": "u1",
+    "item_id": "a1",
+    "timestamp": "2025-01-01T10:00:00Z",
+    "session_id": "s1",
+    "metadata": {"page": "home"},
+}
+
+
+def post(client, body, tenant="acme", scopes=("recommend",)):
+    return client.simulate_post("/v1/recs/events", json=body, headers=auth(tenant, scopes))
+
+
+def bulk(client, data: bytes, tenant="acme"):
+    return client.simulate_post(
+        "/v1/recs/events/bulk",
+        body=data,
+        headers=auth(tenant, **{"Content-Type": "application/json"}),
+    )
+
+
+def test_single_event_is_stored_with_the_contract_id_and_read_back(client):
+    resp = post(client, EV)
+    assert resp.status_code == 201 and resp.json["status"] == "accepted"
+    raw = pl.DataFrame(
+        [
+            {
+                "user_id": "u1",
+                "item_id": "a1",
+                "event_type": "click",
+                "timestamp": "2025-01-01T10:00:00Z",
+                "session_id": "s1",
+            }
+        ]
+    )
+    expected_id = validate_events(raw, tenant="acme", source="t")[0]["event_id"][0]
+    assert resp.json["event_id"] == expected_id
+    got = client.simulate_get(f"/v1/recs/events/{expected_id}", headers=auth())
+    assert got.status_code == 200
+    assert got.json == {
+        "event_id": expected_id,
+        "tenant": "acme",
+        "user_id": "u1",
+        "item_id": "a1",
+        "event_type": "click",
+        "timestamp": "2025-01-01T10:00:00Z",
+        "value": None,
+        "session_id": "s1",
+        "context": {"page": "home"},
+    }
+    again = post(client, EV)  # idempotent: same content, same id
+    assert again.status_code == 200 and again.json == {
+        "status": "duplicate",
+        "event_id": expected_id,
+    }
+
+
+def test_invalid_single_event_is_a_422_problem_with_the_contract_reason(client):
+    for body, reason in [
+        ({**EV, "type": "teleport"}, "unknown_event_type"),
+        ({**EV, "user_id": ""}, "missing_id"),
+        ({**EV, "timestamp": "1970-01-02T00:00:00Z"}, "bad_timestamp"),
+        ({**EV, "value": "abc"}, "bad_value"),
+        ({**EV, "tenant": "globex"}, "wrong_tenant"),
+        ({**EV, "colour": "red"}, "unparsable"),
+    ]:
+        resp = post(client, body)
+        assert resp.status_code == 422, body
+        assert resp.headers["Content-Type"] == "application/problem+json"
+        assert resp.json["code"] == "RECSYS_INVALID_EVENT" and resp.json["reason"] == reason
+    assert post(client, [EV]).status_code == 400
+
+
+def test_bulk_ndjson_and_array_keep_valid_lines_and_report_bad_ones(client):
+    lines = [
+        orjson.dumps({**EV, "event_id": "b1"}),
+        b"{not json",
+        orjson.dumps({**EV, "event_id": "b2", "type": "nope"}),
+        b"",
+        orjson.dumps({**EV, "event_id": "b3", "type": "purchase", "value": 2}),
+    ]
+    resp = bulk(client, b"\n".join(lines))
+    assert resp.status_code == 200
+    assert resp.json["accepted"] == 2 and resp.json["rejected"] == 2
+    assert [(e["line"], e["reason"]) for e in resp.json["errors"]] == [
+        (2, "unparsable"),
+        (3, "unknown_event_type"),
+    ]
+    assert resp.json["event_ids"] == ["b1", None, None, "b3"]
+    arr = bulk(client, orjson.dumps([{**EV, "event_id": "b1"}, {**EV, "event_id": "b4"}]))
+    assert (arr.json["accepted"], arr.json["duplicates"]) == (1, 1)
+    got = client.simulate_get("/v1/recs/events/b3", headers=auth()).json
+    assert got["event_type"] == "purchase" and got["value"] == 2.0
+
+
+def test_tenants_never_see_each_others_events(client):
+    post(client, {**EV, "event_id": "secret-1"})
+    assert client.simulate_get("/v1/recs/events/secret-1", headers=auth("acme")).status_code == 200
+    other = client.simulate_get("/v1/recs/events/secret-1", headers=auth("globex"))
+    assert other.status_code == 404
+    # globex deleting "secret-1" tombstones only its own id space
+    client.simulate_delete("/v1/recs/events/secret-1", headers=auth("globex", ("admin",)))
+    assert client.simulate_get("/v1/recs/events/secret-1", headers=auth("acme")).status_code == 200
+    assert client.simulate_post("/v1/recs/events", json=EV).status_code == 401
+
+
+def test_delete_is_admin_only_and_tombstones_survive_the_flush(client, data_root):
+    post(client, {**EV, "event_id": "keep"})
+    post(client, {**EV, "event_id": "drop"})
+    assert client.simulate_delete("/v1/recs/events/drop", headers=auth()).status_code == 403
+    resp = client.simulate_delete("/v1/recs/events/drop", headers=auth("acme", ("admin",)))
+    assert resp.json == {"event_id": "drop", "status": "deleted", "known": True}
+    assert client.simulate_get("/v1/recs/events/drop", headers=auth()).status_code == 410
+    flush_events(data_root, ["acme"])
+    landed = pl.read_parquet(Storage(data_root).landing_files("acme", "events"))
+    assert landed["event_id"].to_list() == ["keep"]
+    assert dict(landed.schema) == EVENT_SCHEMA
+    assert set(read_tombstones(data_root, "acme")) == {"drop"}
+    # after the flush the event is still readable (from landing) and the tombstone still holds
+    assert client.simulate_get("/v1/recs/events/keep", headers=auth()).status_code == 200
+    assert client.simulate_get("/v1/recs/events/drop", headers=auth()).status_code == 410
+
+
+def test_flushed_events_are_ingested_by_the_pipeline(client, data_root):
+    body = b"\n".join(
+        orjson.dumps({**EV, "event_id": f"p{i}", "user_id": f"u{i}"}) for i in range(50)
+    )
+    assert bulk(client, body).json["accepted"] == 50
+    flush_events(data_root, ["acme"])
+    storage = Storage(data_root)
+    report = ingest_events(storage, "acme")
+    assert (report.rows_read, report.rows_new, report.rejected) == (50, 50, 0)
+    assert sorted(read_events(storage, "acme")["event_id"].to_list()) == sorted(
+        f"p{i}" for i in range(50)
+    )
+
+
+def test_two_workers_share_one_log_without_duplicates(tmp_path):
+    root = str(tmp_path)
+    w1, w2 = TenantEventLog(root, "acme"), TenantEventLog(root, "acme")
+    assert w1.submit([{**EV, "event_id": "x"}])[0].status == "accepted"
+    assert w2.submit([{**EV, "event_id": "x"}])[0].status == "duplicate"
+    assert w2.submit([{**EV, "event_id": "y"}])[0].status == "accepted"
+    assert w1.get("y")[0]["event_id"] == "y"
+
+
+def test_a_torn_tail_is_cut_and_nothing_acknowledged_is_lost(tmp_path):
+    root = str(tmp_path)
+    w = TenantEventLog(root, "acme")
+    w.submit([{**EV, "event_id": f"t{i}"} for i in range(3)])
+    wal = os.path.join(root, "serving", "events", "acme", "wal")
+    seg = os.path.join(wal, segment_name(list_segments(wal)[-1]))
+    good_size = os.path.getsize(seg)
+    torn = frame({"k": "e", "id": "never-acked"})
+    with open(seg, "ab") as f:  # a crash in the middle of a write
+        f.write(torn[: len(torn) // 2])
+    records, end = read_frames(Path(seg).read_bytes())
+    assert end == good_size and [r["id"] for _, r in records] == ["t0", "t1", "t2"]
+    restarted = TenantEventLog(root, "acme")  # a new worker after the crash
+    assert restarted.submit([{**EV, "event_id": "t3"}])[0].status == "accepted"
+    records, end = read_frames(Path(seg).read_bytes())
+    assert [r["id"] for _, r in records] == ["t0", "t1", "t2", "t3"]
+    assert end == os.path.getsize(seg)
+    corrupt = bytearray(frame({"k": "e", "id": "z"}))
+    corrupt[-2] ^= 0xFF  # a flipped bit fails the CRC
+    assert read_frames(bytes(corrupt)) == ([], 0)
+    landed = flush_events(root, ["acme"])["acme"]
+    assert sorted(pl.read_parquet(landed)["event_id"].to_list()) == ["t0", "t1", "t2", "t3"]
+
+
+def test_segments_roll_and_land_each_once(tmp_path):
+    root = str(tmp_path)
+    w = TenantEventLog(root, "acme", segment_bytes=2_000)
+    for i in range(20):
+        w.submit([{**EV, "event_id": f"r{i}-{j}"} for j in range(5)])
+    flush_events(root, ["acme"])
+    files = Storage(root).landing_files("acme", "events")
+    assert len(files) > 3
+    ids = pl.read_parquet(files)["event_id"].to_list()
+    assert sorted(ids) == sorted(f"r{i}-{j}" for i in range(20) for j in range(5))
+    assert flush_events(root, ["acme"]) == {"acme": []}  # nothing new, nothing landed again
+
+
+def test_feedback_is_stored_listed_and_isolated(client):
+    resp = client.simulate_post(
+        "/v1/recs/feedback",
+        headers=auth(),
+        json={
+            "feedback_id": "f1",
+            "user_id": "u1",
+            "item_id": "a1",
+            "label": "relevant",
+            "source": "panel",
+            "confidence": 0.9,
+        },
+    )
+    assert resp.status_code == 201 and resp.json["label"] == "relevant"
+    client.simulate_post(
+        "/v1/recs/feedback",
+        headers=auth(),
+        json={"user_id": "u2", "item_id": "a1", "label": "not_relevant"},
+    )
+    again = client.simulate_post(
+        "/v1/recs/feedback",
+        headers=auth(),
+        json={"feedback_id": "f1", "user_id": "u1", "item_id": "a1", "label": "relevant"},
+    )
+    assert again.status_code == 200
+    listed = client.simulate_get("/v1/recs/feedback", params={"item_id": "a1"}, headers=auth())
+    assert listed.json["total"] == 2
+    only = client.simulate_get("/v1/recs/feedback", params={"label": "relevant"}, headers=auth())
+    assert [f["feedback_id"] for f in only.json["items"]] == ["f1"]
+    assert client.simulate_get("/v1/recs/feedback/f1", headers=auth()).json["confidence"] == 0.9
+    assert client.simulate_get("/v1/recs/feedback/f1", headers=auth("globex")).status_code == 404
+    bad = client.simulate_post(
+        "/v1/recs/feedback", headers=auth(), json={"user_id": "u1", "item_id": "a1", "label": "meh"}
+    )
+    assert bad.status_code == 422
+
+
+@pytest.mark.slow
+def test_kill_9_of_real_gunicorn_loses_no_acknowledged_event(tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "events_ingest.py")
+    spec = importlib.util.spec_from_file_location("events_ingest", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root, port = str(tmp_path), bench.free_port()
+    env = {"RECSYS_EVENTS_SEGMENT_BYTES": "200000", "RECSYS_EVENTS_FLUSH_S": "1"}
+    proc = bench.start_server(root, port, 2, 8, env)
+    acked, requests, _, _ = bench.load(
+        port, "single", 4.0, 2, 8, prefix="k", during=(2.5, lambda: bench.kill9(proc))
+    )
+    assert len(acked) > 50 and requests >= len(acked)
+    # a restarted server reads the log (repairing any torn tail) and keeps serving
+    proc = bench.start_server(root, port, 2, 4, env)
+    try:
+        acked2, _, errors, _ = bench.load(port, "bulk", 1.0, 1, 1, bulk_size=100, prefix="after")
+        assert acked2 and errors == 0
+    finally:
+        bench.kill9(proc)
+    stored, _ = bench.stored_ids(root)
+    report = bench.check_exactly_once(acked + acked2, stored)
+    assert report["missing"] == 0 and report["duplicated"] == 0, report
