@@ -21,6 +21,7 @@ import contextlib
 import http.client
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -284,6 +285,7 @@ def main() -> int:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
 
+    shutil.rmtree(root, ignore_errors=True)
     root = tempfile.mkdtemp(prefix="events-kill-")
     proc = start_server(root, port, args.workers, args.threads, env)
     t0 = time.time()
@@ -302,6 +304,7 @@ def main() -> int:
     print(report, f"landing files {files}")
     ok = report["missing"] == 0 and report["duplicated"] == 0
     print("every acknowledged event present exactly once:", "yes" if ok else "NO")
+    shutil.rmtree(root, ignore_errors=True)
     return 0 if ok else 1
 
 

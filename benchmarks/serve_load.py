@@ -167,6 +167,16 @@ def lua_file(tmp: str, name: str, n_users: int, delay_ms: float = 0.0) -> str:
     return path
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes, in seconds."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def worker_pids(master: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]

@@ -154,8 +154,8 @@ class Filters:
         warnings: list[dict[str, str]],
     ) -> Filters:
         snap = live.snap
-        exclude = _indices(snap, req.exclude_ids)
-        include = _indices(snap, req.include_ids) if req.include_ids is not None else None
+        exclude = _indices(live, req.exclude_ids)
+        include = _indices(live, req.include_ids) if req.include_ids is not None else None
         forbidden = [t for t in (snap.tag_id(x) for x in req.forbidden_tags) if t is not None]
         required_ids = [snap.tag_id(x) for x in req.required_tags]
         missing = [t for t, i in zip(req.required_tags, required_ids, strict=True) if i is None]
@@ -227,10 +227,10 @@ class Filters:
         return "block"
 
 
-def _indices(snap, ids: Sequence[str] | None) -> np.ndarray:
+def _indices(live: LiveSnapshot, ids: Sequence[str] | None) -> np.ndarray:
     if not ids:
         return _NO_ITEMS
-    lookup = snap.item_index
+    lookup = live.item_index
     found = [i for i in map(lookup, ids) if i is not None]
     return np.asarray(found, dtype=np.int32)
 
@@ -303,7 +303,6 @@ class Caps:
         One capped group is done with a cumulative sum; several with a loop over the member
         rows only.
         """
-        member_rows = np.flatnonzero(m.any(axis=1))
         refused: dict[int, str] = {}
         if m.shape[1] == 1:
             counts = np.cumsum(m[:, 0]) + self.counts[0]
@@ -314,6 +313,7 @@ class Caps:
         else:
             counts_now = list(self.counts)
             ok = np.ones(m.shape[0], dtype=bool)
+            member_rows = np.flatnonzero(m.any(axis=1))
             for row, flags in zip(member_rows.tolist(), m[member_rows].tolist(), strict=True):
                 groups = [g for g, f in enumerate(flags) if f]
                 full = next((g for g in groups if counts_now[g] >= self.caps[g]), None)
@@ -327,8 +327,8 @@ class Caps:
         if chosen.shape[0] == n and n > 0:
             cutoff = int(chosen[-1])
             refused = {r: name for r, name in refused.items() if r < cutoff}
-        for g, c in enumerate(m[chosen].sum(axis=0).tolist()):
-            self.counts[g] += int(c)
+        for g, c in enumerate(np.count_nonzero(m[chosen], axis=0).tolist()):
+            self.counts[g] += c
         return chosen, refused
 
     def take(self, flags: list[bool]) -> str | None:
@@ -648,7 +648,7 @@ class Engine:
         t_post = time.perf_counter()
 
         out.items = e_items[:k]
-        out.scores = e_scores[:k]
+        out.scores = np.round(np.asarray(e_scores[:k], dtype=np.float64), 6).tolist()
         out.reasons = [
             [PINNED_TEXT if c == PINNED_REASON else REASONS.get(c, REASONS[0])]
             for c in e_reasons[:k]

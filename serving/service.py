@@ -124,7 +124,7 @@ class RecommendService:
         rules, rversion = self._rules(tenant, live, req.surface, segment)
         engine = Engine(live, req, rules, deadline, warnings)
 
-        anchors = _item_indices(snap, req.anchors)
+        anchors = _item_indices(live, req.anchors)
         category_hint = None
         if uidx is not None:
             pool, seen = engine.user_pool(uidx)
@@ -187,7 +187,7 @@ class RecommendService:
         live = self._live(tenant, req, tconf, meta)
         snap = live.snap
         segment = req.segment or DEFAULT_SEGMENT
-        iidx = snap.item_index(req.item_id)
+        iidx = live.item_index(req.item_id)
         if iidx is None:
             if tconf.get("strict_similar"):
                 raise ProblemError(
@@ -233,7 +233,7 @@ class RecommendService:
         items = []
         explain = req.explain != "none"
         for rank, (item_id, score) in enumerate(zip(ids, ranked.scores, strict=True), start=1):
-            entry: dict[str, Any] = {"item_id": item_id, "rank": rank, "score": round(score, 6)}
+            entry: dict[str, Any] = {"item_id": item_id, "rank": rank, "score": score}
             if req.include_reasons or explain:
                 entry["reasons"] = ranked.reasons[rank - 1]
             if explain:
@@ -257,8 +257,8 @@ class RecommendService:
             self._metrics.backfilled.inc((tenant, source), n)
 
 
-def _item_indices(snap, ids: list[str]) -> np.ndarray:
+def _item_indices(live: LiveSnapshot, ids: list[str]) -> np.ndarray:
     if not ids:
         return np.zeros(0, dtype=np.int32)
-    found = [i for i in map(snap.item_index, ids) if i is not None]
+    found = [i for i in map(live.item_index, ids) if i is not None]
     return np.asarray(list(dict.fromkeys(found)), dtype=np.int32)

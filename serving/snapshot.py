@@ -61,6 +61,7 @@ class LiveSnapshot:
         self.n_tags = len(snap.tags)
         self._scratch = threading.local()
         self._id_cache: dict[int, str] = {}
+        self._index_cache: dict[str, int | None] = {}
         self._tag_items: np.ndarray | None = None
         self._tag_items_off: np.ndarray | None = None
         self.fallback_names = frozenset(snap.fallback_names)
@@ -118,6 +119,16 @@ class LiveSnapshot:
             return mask[tags]
         finally:
             mask[of] = False
+
+    def item_index(self, item_id: str) -> int | None:
+        """Row of an item id (memoized per worker, like `item_ids`)."""
+        cache = self._index_cache
+        row = cache.get(item_id, -2)
+        if row == -2:
+            if len(cache) > ID_CACHE_SIZE:
+                cache.clear()
+            row = cache[item_id] = self.snap.item_index(item_id)
+        return row
 
     def item_ids(self, items: list[int]) -> list[str]:
         """Item id strings, memoized per worker (at most ID_CACHE_SIZE entries)."""
