@@ -268,12 +268,22 @@ def main() -> int:
         wrk(url_app, full, 3, args.connections)  # warm-up: page in the hot parts of the mapping
         wrk(url_triv, full, 2, args.connections)
 
+        triv_pids, app_pids = worker_pids(trivial.pid), worker_pids(server.pid)
+        cpu0 = cpu_seconds(triv_pids)
         triv = wrk(url_triv, full, args.duration, args.connections)
+        cpu_triv = (cpu_seconds(triv_pids) - cpu0) / max(1, triv["requests"]) * 1e6
+        cpu0 = cpu_seconds(app_pids)
         rec = wrk(url_app, full, args.duration, args.connections)
+        cpu_rec = (cpu_seconds(app_pids) - cpu0) / max(1, rec["requests"]) * 1e6
         ratio = rec["rps"] / triv["rps"]
         print(
             f"throughput: recommend {rec['rps']:.0f} req/s vs trivial {triv['rps']:.0f} req/s "
             f"= {ratio:.0%} (goal >= 70%); recommend non-2xx {rec['non2xx']}",
+            flush=True,
+        )
+        print(
+            f"worker CPU per request: recommend {cpu_rec:.0f} us, trivial {cpu_triv:.0f} us "
+            f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs during the run)",
             flush=True,
         )
 
