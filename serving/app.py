@@ -60,6 +60,7 @@ def create_app(
     else:
         store.bind_metrics(metrics)
     metrics.add_gauge_source(store.gauges)
+    store.warm()
     tenant_store = tenant_store or TenantStore(
         os.path.join(config.data_root, "serving"), config.snapshot_check_s
     )

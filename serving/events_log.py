@@ -674,6 +674,18 @@ class TenantEventLog:
                 if rec.get("k") == "e":
                     yield record_to_event(rec, self.tenant)
 
+    def logged_frame(self) -> pl.DataFrame:
+        """Events still in the log (not yet flushed) as a DataFrame in EVENT_SCHEMA."""
+        self.log.refresh()
+        recs = []
+        for seg in list_segments(self.log.wal_dir):
+            try:
+                records, _, _ = read_segment(os.path.join(self.log.wal_dir, segment_name(seg)))
+            except FileNotFoundError:
+                continue
+            recs.extend(rec for _, rec in records if rec.get("k") == "e")
+        return records_frame(recs, self.tenant)
+
     # -- flushing
     def roll(self) -> list[int]:
         """Close the active segment if it holds anything (so the flusher can take it)."""
@@ -892,3 +904,35 @@ class FeedbackLog:
     def all(self) -> list[dict[str, Any]]:
         self.log.refresh()
         return list(self.labels.values())
+
+
+# --- reading every known event of a tenant -----------------------------------------------------
+def scan_all_events(data_root: str, tenant: str, tlog: TenantEventLog | None = None) -> pl.LazyFrame:
+    """Every event of `tenant` the server can see, in EVENT_SCHEMA, each event_id once: the
+    validated warehouse (`recsys.ingest.scan_events`), the API's landed files (``api-*``, not
+    yet ingested or ingested: deduplicated) and, with `tlog`, the events still in the log.
+    Deleted (tombstoned) events are left out. Imported landing files that ingest has not
+    validated yet are not read (they may hold rows that will be rejected)."""
+    from recsys.ingest import scan_events  # the ingest module is heavy; only readers need it
+
+    storage = Storage(data_root)
+    cols = list(EVENT_SCHEMA)
+    parts = [scan_events(storage, tenant).select(cols)]
+    api_files = [
+        f
+        for f in storage.landing_files(tenant, "events")
+        if os.path.basename(f).startswith("api-") and f.endswith(".parquet")
+    ]
+    if api_files:
+        parts.append(pl.scan_parquet(api_files).select(cols))
+    deleted = set(read_tombstones(data_root, tenant))
+    if tlog is not None:
+        parts.append(tlog.logged_frame().lazy())
+        deleted |= set(tlog._deleted)
+    lf = pl.concat(
+        [p.select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()]) for p in parts],
+        how="vertical",
+    ).unique(subset="event_id", keep="first", maintain_order=True)
+    if deleted:
+        lf = lf.filter(~pl.col("event_id").is_in(list(deleted)))
+    return lf

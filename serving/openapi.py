@@ -606,4 +606,268 @@ def recs_paths() -> dict[str, Any]:
         "/v1/recs/embeddings/{embedding_id}": {"get": op(
             "A stored vector: item:<id> or user:<id>",
             params=[("embedding_id", "path", "string")])},
+        **recs_loop_paths(),
+        **crr_paths(),
     }
+
+
+_RATE = {
+    "type": "object",
+    "required": ["successes", "trials", "rate", "ci_low", "ci_high"],
+    "properties": {
+        "successes": {"type": "integer", "minimum": 0},
+        "trials": {"type": "integer", "minimum": 0},
+        "rate": {"type": ["number", "null"]},
+        "ci_low": {"type": ["number", "null"]},
+        "ci_high": {"type": ["number", "null"]},
+    },
+}
+RECS_SCHEMAS: dict[str, Any] = {
+    "Experiment": {
+        "type": "object",
+        "required": ["id", "surface", "status", "variants", "metrics", "primary_metric", "alpha",
+                     "assignments", "version", "created_at", "updated_at"],
+        "properties": {
+            "id": _STR,
+            "name": _NULLABLE_STR,
+            "description": _NULLABLE_STR,
+            "surface": _STR,
+            "status": {"enum": ["draft", "running", "paused", "stopped"]},
+            "variants": {
+                "type": "array",
+                "minItems": 2,
+                "items": {
+                    "type": "object",
+                    "required": ["id", "traffic"],
+                    "properties": {
+                        "id": _STR,
+                        "traffic": {"type": "number", "exclusiveMinimum": 0},
+                        "snapshot": {"type": "string", "description": "'current' or an id"},
+                        "model": {"type": "string", "description": "<name>@<version>"},
+                    },
+                },
+            },
+            "metrics": {"type": "array", "items": {"enum": ["ctr", "conversion"]}},
+            "primary_metric": {"enum": ["ctr", "conversion"]},
+            "alpha": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.5},
+            "start": _NULLABLE_STR,
+            "end": _NULLABLE_STR,
+            "assignments": {"type": "object", "additionalProperties": {"type": "string"}},
+            "version": {"type": "string"},
+            "created_at": {"type": "string"},
+            "updated_at": {"type": "string"},
+        },
+    },
+    "ExperimentResults": {
+        "type": "object",
+        "required": ["experiment_id", "alpha", "primary_metric", "variants", "comparisons",
+                     "winner", "left_out"],
+        "properties": {
+            "experiment_id": {"type": "string"},
+            "alpha": {"type": "number"},
+            "corrected_alpha": {"type": "number"},
+            "variants": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "users", "impressions", "clicks", "purchases",
+                                 "converters", "ctr", "conversion"],
+                    "properties": {"ctr": _RATE, "conversion": _RATE},
+                },
+            },
+            "comparisons": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["metric", "a", "b", "z", "p_value", "significant"],
+                    "properties": {
+                        "z": {"type": ["number", "null"]},
+                        "p_value": {"type": ["number", "null"]},
+                        "significant": {"type": "boolean"},
+                    },
+                },
+            },
+            "winner": {
+                "oneOf": [
+                    {"type": "null"},
+                    {"type": "object", "required": ["variant", "metric", "p_value"]},
+                ]
+            },
+            "left_out": {"type": "object", "additionalProperties": {"type": "integer"}},
+        },
+    },
+    "CrrEvents": {
+        "type": "object",
+        "required": ["events", "total", "next_cursor"],
+        "properties": {
+            "events": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["eid", "type", "uid", "iid", "timestamp", "value"],
+                    "properties": {
+                        "eid": {"type": "string"},
+                        "type": {"type": "string"},
+                        "uid": {"type": "string"},
+                        "iid": {"type": "string"},
+                        "timestamp": {"type": "number"},
+                        "value": {"type": ["number", "null"]},
+                    },
+                },
+            },
+            "total": {"type": "integer"},
+            "next_cursor": _NULLABLE_STR,
+        },
+    },
+    "CrrRecord": {
+        "type": "object",
+        "required": ["rid", "created_at", "updated_at"],
+        "properties": {
+            "uid": {"type": "string"},
+            "iid": {"type": "string"},
+            "rid": {"type": "string"},
+            "tags": {"type": ["array", "null"], "items": {"type": "string"}},
+            "price": {"type": ["number", "null"]},
+            "available": {"type": ["boolean", "null"]},
+            "attributes": {"type": ["object", "null"]},
+        },
+    },
+}
+SCHEMAS.update(RECS_SCHEMAS)
+
+
+def _op(summary: str, ok: str = "200", schema: str | None = None, body: bool = False,
+        params=(), errors=_COMMON_ERRORS, extra: dict | None = None) -> dict[str, Any]:
+    content = _ref(schema) if schema else {"type": "object"}
+    out: dict[str, Any] = {
+        "summary": summary,
+        "security": _SECURED,
+        "responses": {
+            ok: {"description": "OK", "content": {"application/json": {"schema": content}}},
+            **(extra or {}),
+            **errors,
+        },
+    }
+    if ok == "204":
+        out["responses"][ok] = {"description": "No content"}
+    if body:
+        out["requestBody"] = {"required": True,
+                              "content": {"application/json": {"schema": {"type": "object"}}}}
+    if params:
+        out["parameters"] = [
+            {"name": n, "in": where, "required": where == "path", "schema": {"type": t}}
+            for n, where, t in params
+        ]
+    return out
+
+
+_CONFLICT = {"409": _problem("Stale If-Match / revision, or a conflicting experiment"),
+             "404": _problem("Unknown id")}
+
+
+def recs_loop_paths() -> dict[str, Any]:
+    """Experiments, rerank, explain and cold-start seeds (serving/recs/experiments.py,
+    rerank.py, seeds.py)."""
+    exp = [("experiment_id", "path", "string")]
+    return {
+        "/v1/recs/experiments": {
+            "post": _op("Create an experiment (scope admin): name, surface, status draft|running"
+                        "|paused|stopped, variants [{id, traffic, snapshot|model}], metrics, "
+                        "primary_metric, alpha, start, end", "201", "Experiment", True,
+                        extra=_CONFLICT),
+            "get": _op("List experiments", params=[("status", "query", "string"),
+                                                   ("surface", "query", "string")]),
+        },
+        "/v1/recs/experiments/{experiment_id}": {
+            "get": _op("One experiment (ETag = version)", schema="Experiment", params=exp,
+                       extra=_CONFLICT),
+            "patch": _op("Change an experiment with a JSON merge patch (If-Match; scope admin)",
+                         schema="Experiment", body=True,
+                         params=exp + [("If-Match", "header", "string")], extra=_CONFLICT),
+            "delete": _op("Delete an experiment (If-Match; scope admin)", "204", params=exp
+                          + [("If-Match", "header", "string")], extra=_CONFLICT),
+        },
+        "/v1/recs/experiments/{experiment_id}/assign": {"post": _op(
+            "Force-assign a user to a variant for debugging ({user_id, variant|null}; admin)",
+            body=True, params=exp, extra=_CONFLICT)},
+        "/v1/recs/experiments/{experiment_id}/assignment": {"get": _op(
+            "The variant a user gets (hashed or forced)",
+            params=exp + [("user_id", "query", "string")], extra=_CONFLICT)},
+        "/v1/recs/experiments/{experiment_id}/results": {"get": _op(
+            "CTR and conversion per variant with Wilson intervals, z-tests, winner at alpha",
+            schema="ExperimentResults", params=exp + [("alpha", "query", "number")],
+            extra=_CONFLICT)},
+        "/v1/recs/rerank": {"post": _op(
+            "Order a caller's candidates for a user (stored signals / factors) with the "
+            "tenant's rules: {user_id, candidates, limit, weights, filters, business_rules, "
+            "exclude_seen, explain}", body=True)},
+        "/v1/recs/explain": {"post": _op(
+            "Why an item is (not) recommended to a user: signals, contributions, factors, the "
+            "pipeline's outcome and rules", body=True, extra={"404": _problem("Unknown item")})},
+        "/v1/recs/seed": {
+            "get": _op("The tenant's cold-start seeds per surface"),
+            "post": _op("Set the seed of a surface {surface, item_ids, strategy} (admin)",
+                        body=True, extra=_CONFLICT),
+        },
+        "/v1/recs/seed/{surface}": {
+            "get": _op("The seed of one surface", params=[("surface", "path", "string")],
+                       extra=_CONFLICT),
+            "delete": _op("Remove the seed of a surface (admin)",
+                          params=[("surface", "path", "string")], extra=_CONFLICT),
+        },
+    }
+
+
+def crr_paths() -> dict[str, Any]:
+    """The Common Recommender REST API under /v1/crr (serving/crr/)."""
+    uid, iid = [("uid", "path", "string")], [("iid", "path", "string")]
+    etype = [("event_type", "path", "string")]
+    filters = [("history", "query", "string"), ("null", "query", "boolean"),
+               ("limit", "query", "integer"), ("cursor", "query", "string")]
+    ufilters = [("item", "query", "string"), *filters]
+    ifilters = [("user", "query", "string"), *filters]
+    rec = {"428": _problem("Update without the current rid"), **_CONFLICT}
+    out: dict[str, Any] = {}
+    for kind, key, one in (("users", uid, "user"), ("items", iid, "item")):
+        out[f"/v1/crr/{kind}"] = {"post": _op(
+            f"Add a {one} (id optional: generated; 409 when it exists); returns its rid (admin)",
+            "201", "CrrRecord", True, extra=rec)}
+        out[f"/v1/crr/{kind}/{{{key[0][0]}}}"] = {
+            "put": _op(f"Add or update a {one} (an update needs the current rid: body 'rid' or "
+                       "If-Match); landed for the pipeline (admin)", schema="CrrRecord",
+                       body=True, params=key, extra={"201": _json("CrrRecord", "Created"),
+                                                     **rec}),
+            "get": _op(f"The {one}'s record", schema="CrrRecord", params=key, extra=rec),
+            "delete": _op(f"Delete the {one} (admin)", params=key, extra=rec),
+        }
+        out[f"/v1/crr/{kind}/{{{key[0][0]}}}/statistics"] = {"get": _op(
+            f"Statistics of a {one}", params=key)}
+    out["/v1/crr/users/{uid}/predictions"] = {"get": _op(
+        "Score predictions (item repeatable; useStoredRatings)",
+        params=uid + [("item", "query", "string"), ("useStoredRatings", "query", "boolean"),
+                      ("limit", "query", "integer")], extra=rec)}
+    out["/v1/crr/users/{uid}/recommendations"] = {"get": _op(
+        "Ranked recommendations (count)", params=uid + [("count", "query", "integer"),
+                                                         ("surface", "query", "string")])}
+    out["/v1/crr/users/{uid}/events"] = {"get": _op(
+        "The user's events", schema="CrrEvents", params=uid + ufilters)}
+    out["/v1/crr/users/{uid}/events/{event_type}"] = {
+        "get": _op("The user's events of a type (purchases, ratings, ...)", schema="CrrEvents",
+                   params=uid + etype + ufilters, extra=rec),
+        "post": _op("Add an event (or an array) of this type to the user's history (admin)",
+                    "201", body=True, params=uid + etype, extra=rec),
+    }
+    out["/v1/crr/users/{uid}/currentRatings"] = {"get": _op(
+        "The latest rating of each item the user rated", params=uid)}
+    out["/v1/crr/items/{iid}/events"] = {"get": _op(
+        "The item's events", schema="CrrEvents", params=iid + ifilters)}
+    out["/v1/crr/items/{iid}/events/{event_type}"] = {"get": _op(
+        "The item's events of a type", schema="CrrEvents", params=iid + etype + ifilters,
+        extra=rec)}
+    out["/v1/crr/events/{eid}"] = {
+        "get": _op("One event (410 when deleted)", params=[("eid", "path", "string")],
+                   extra={"410": _problem("Deleted"), **rec}),
+        "delete": _op("Delete an event (admin)", params=[("eid", "path", "string")]),
+    }
+    out["/v1/crr/statistics"] = {"get": _op("System statistics of the tenant")}
+    return out

@@ -185,7 +185,6 @@ class RecommendService:
         req, warnings, tconf, cversion = self.parse(tenant, body, similar=True)
         meta: dict[str, Any] = {}
         live = self._live(tenant, req, tconf, meta)
-        snap = live.snap
         segment = req.segment or DEFAULT_SEGMENT
         iidx = live.item_index(req.item_id)
         if iidx is None:

@@ -273,6 +273,11 @@ class SnapshotRegistry:
         holder = self.tenant(tenant)
         return holder.live() if holder else None
 
+    def warm(self) -> None:
+        """Open every known tenant's live snapshot now (not in the first request)."""
+        for tenant in self.known_tenants():
+            self.live(tenant)
+
     def known_tenants(self) -> list[str]:
         if self._fixed:
             return list(self._fixed)

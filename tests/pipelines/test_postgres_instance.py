@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -15,33 +13,10 @@ pytestmark = pytest.mark.services
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def pg_database():
-    psycopg2 = pytest.importorskip("psycopg2")
-    host = os.environ.get("RECSYS_PG_HOST", "127.0.0.1")
-    try:
-        admin = psycopg2.connect(
-            host=host, port=5432, user="postgres", dbname="postgres", connect_timeout=3
-        )
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {host}:5432: {exc}")
-    admin.autocommit = True
-    name = f"recsys_test_{uuid.uuid4().hex[:8]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield {"RECSYS_PG_URL": f"postgresql+psycopg2://postgres@{host}:5432/{name}"}
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
 def test_ingest_assets_materialise_on_a_postgres_instance(
-    pg_database, ingest_resources, tmp_path, monkeypatch
+    pg_database_url, ingest_resources, tmp_path, monkeypatch
 ):
-    for k, v in pg_database.items():
-        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("RECSYS_PG_URL", pg_database_url)
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(

@@ -97,3 +97,23 @@ def test_fingerprint_is_order_independent(model):
     _, events = model
     shuffled = events.sample(fraction=1.0, shuffle=True, seed=3)
     assert tracking.data_fingerprint(shuffled) == tracking.data_fingerprint(events)
+
+
+@pytest.mark.services
+def test_postgres_tracking_store_round_trip(model, pg_database_url, storage, tmp_path):
+    """The production backend: runs, registry and aliases in PostgreSQL, artifacts on disk."""
+    hybrid, events = model
+    uri = tracking.tracking_uri(storage, override=pg_database_url)
+    assert uri == pg_database_url
+    run = tracking.log_training_run(
+        tenant="pg", model=hybrid, events=events, uri=uri,
+        artifact_root=storage.mlflow_artifacts(), table=_table(0.2), tolerance=0.01,
+    )
+    assert run.version == "1" and run.gate["promoted"]
+    loaded = tracking.load_registered_model("pg", uri, "champion", dst=str(tmp_path / "dl"))
+    users = np.arange(len(hybrid.user_ids_))
+    np.testing.assert_array_equal(
+        serve_top_n(hybrid, users, 10).item_idx, serve_top_n(loaded, users, 10).item_idx
+    )
+    client = tracking._client(uri)
+    assert client.get_run(run.run_id).data.metrics["served.NDCG_at_10"] == pytest.approx(0.2)

@@ -1,0 +1,166 @@
+"""/v1/recs/experiments: create (POST), list (GET), read / change / delete one (GET, PATCH,
+DELETE with ETag + If-Match), force-assign a user (POST .../assign), results (GET .../results).
+
+Reads need the `recommend` scope, writes `admin`. The tenant is always the caller's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon
+
+from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
+from serving.errors import ProblemError
+from serving.events_log import EventLogs, scan_all_events
+from serving.experiments import ExperimentConflict, ExperimentStore, compute_results
+from serving.recs.events import _json
+
+
+def if_match(req: falcon.Request) -> str | None:
+    """The If-Match header as a bare version ('*' kept; weak prefix and quotes removed)."""
+    value = req.get_header("If-Match")
+    if value is None:
+        return None
+    value = value.strip()
+    if value == "*":
+        return "*"
+    if value.startswith("W/"):
+        value = value[2:]
+    return value.strip('"')
+
+
+def conflict(e: ExperimentConflict, what: str) -> ProblemError:
+    return ProblemError(
+        409,
+        f"The {what} changed: stored version is {e.current!r}; GET it, re-apply your change and "
+        "send its ETag in If-Match.",
+        extra={"current_version": e.current},
+    )
+
+
+def _public(doc: dict[str, Any]) -> dict[str, Any]:
+    return dict(doc)
+
+
+def _send(resp: falcon.Response, doc: dict[str, Any]) -> None:
+    resp.media = _public(doc)
+    resp.etag = f'"{doc["version"]}"'
+    resp.cache_control = ["no-store"]
+
+
+class ExperimentsResource:
+    """The collection (on_get / on_post), one experiment (`_one`), assign, results."""
+
+    required_scope = {
+        "GET": SCOPE_RECOMMEND,
+        "POST": SCOPE_ADMIN,
+        "PATCH": SCOPE_ADMIN,
+        "DELETE": SCOPE_ADMIN,
+    }
+
+    def __init__(self, store: ExperimentStore, logs: EventLogs) -> None:
+        self._store = store
+        self._logs = logs
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        doc = self._store.create(req.context.principal.tenant, _json(req))
+        resp.status = falcon.HTTP_201
+        resp.location = f"/v1/recs/experiments/{doc['id']}"
+        _send(resp, doc)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        docs = self._store.list(req.context.principal.tenant)
+        for name in ("status", "surface"):
+            value = req.get_param(name)
+            if value is not None:
+                docs = [d for d in docs if d[name] == value]
+        resp.media = {"items": [_public(d) for d in docs], "total": len(docs)}
+        resp.cache_control = ["no-store"]
+
+    def _get(self, tenant: str, experiment_id: str) -> dict[str, Any]:
+        doc = self._store.read(tenant, experiment_id)
+        if doc is None:
+            raise ProblemError(
+                404, f"No experiment '{experiment_id}'.", code="RECSYS_UNKNOWN_EXPERIMENT"
+            )
+        return doc
+
+    def on_get_one(self, req: falcon.Request, resp: falcon.Response, experiment_id: str) -> None:
+        _send(resp, self._get(req.context.principal.tenant, experiment_id))
+
+    def on_patch_one(
+        self, req: falcon.Request, resp: falcon.Response, experiment_id: str
+    ) -> None:
+        try:
+            doc = self._store.update(
+                req.context.principal.tenant, experiment_id, _json(req), if_match(req)
+            )
+        except ExperimentConflict as e:
+            raise conflict(e, "experiment") from None
+        _send(resp, doc)
+
+    def on_delete_one(
+        self, req: falcon.Request, resp: falcon.Response, experiment_id: str
+    ) -> None:
+        try:
+            self._store.delete(req.context.principal.tenant, experiment_id, if_match(req))
+        except ExperimentConflict as e:
+            raise conflict(e, "experiment") from None
+        resp.status = falcon.HTTP_204
+
+    def on_post_assign(
+        self, req: falcon.Request, resp: falcon.Response, experiment_id: str
+    ) -> None:
+        """Body ``{"user_id": "...", "variant": "B" | null}``: pin (or un-pin) a user."""
+        body = _json(req)
+        if not isinstance(body, dict) or set(body) - {"user_id", "variant"}:
+            raise ProblemError(400, 'The body is {"user_id": "...", "variant": "<id>" | null}.')
+        unit, variant = body.get("user_id"), body.get("variant")
+        if not isinstance(unit, str) or not unit or len(unit.encode()) > 256:
+            raise ProblemError(422, "Field 'user_id' must be a string of 1..256 bytes.")
+        if "variant" not in body or (variant is not None and not isinstance(variant, str)):
+            raise ProblemError(422, "Field 'variant' must be a variant id, or null to un-pin.")
+        tenant = req.context.principal.tenant
+        try:
+            doc = self._store.force_assign(tenant, experiment_id, unit, variant, if_match(req))
+        except ExperimentConflict as e:
+            raise conflict(e, "experiment") from None
+        chosen, forced = self._store.assign(tenant, doc, unit)
+        resp.media = {
+            "experiment_id": experiment_id,
+            "user_id": unit,
+            "variant": chosen["id"],
+            "forced": forced,
+            "version": doc["version"],
+        }
+        resp.etag = f'"{doc["version"]}"'
+        resp.cache_control = ["no-store"]
+
+    def on_get_assignment(
+        self, req: falcon.Request, resp: falcon.Response, experiment_id: str
+    ) -> None:
+        """?user_id=...: the variant the user gets (hashed or forced)."""
+        unit = req.get_param("user_id", required=True)
+        doc = self._get(req.context.principal.tenant, experiment_id)
+        chosen, forced = self._store.assign(req.context.principal.tenant, doc, unit)
+        resp.media = {
+            "experiment_id": experiment_id,
+            "user_id": unit,
+            "variant": chosen["id"],
+            "forced": forced,
+            "version": doc["version"],
+        }
+        resp.cache_control = ["no-store"]
+
+    def on_get_results(
+        self, req: falcon.Request, resp: falcon.Response, experiment_id: str
+    ) -> None:
+        tenant = req.context.principal.tenant
+        doc = self._get(tenant, experiment_id)
+        alpha = req.get_param_as_float("alpha")
+        if alpha is not None and not 0 < alpha < 0.5:
+            raise ProblemError(400, "alpha must be in (0, 0.5).")
+        events = scan_all_events(self._logs.data_root, tenant, self._logs.tenant(tenant))
+        resp.media = compute_results(events, doc, alpha)
+        resp.cache_control = ["no-store"]
