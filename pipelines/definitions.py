@@ -14,6 +14,16 @@ recsys_pipeline = dg.define_asset_job(
     description="The main job: ingest, train, evaluate, gate and publish, end to end.",
 )
 
+daily_retrain = dg.ScheduleDefinition(
+    name="daily_retrain",
+    job=recsys_pipeline,
+    cron_schedule="0 3 * * *",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Every night: ingest what landed, retrain, evaluate, gate and publish. A run "
+    "that fails at any step leaves the live snapshot untouched (publication is its last step).",
+)
+
 defs = dg.Definitions(
     assets=[*ingest.assets, *training.assets, *evaluation.assets, *publish.assets],
     asset_checks=[
@@ -24,6 +34,7 @@ defs = dg.Definitions(
     ],
     jobs=[recsys_pipeline, *ingest.jobs],
     sensors=[*ingest.sensors],
+    schedules=[daily_retrain],
     resources={
         # The data root is configuration: RECSYS_DATA_ROOT, else ./data beside workspace.yaml.
         "storage": StorageResource(root=os.environ.get("RECSYS_DATA_ROOT", "data")),

@@ -17,7 +17,11 @@ if ! .venv/bin/recsys run --job recsys_pipeline > data/logs/demo-run.log 2>&1; t
 fi
 grep -E "^checks that did not pass" data/logs/demo-run.log || true
 
+snapshot="$(.venv/bin/recsys snapshot list --json 2>/dev/null | .venv/bin/python -c 'import json,sys; d=json.load(sys.stdin); print(next((s["snapshot_id"] for s in d if s.get("current")), "none"))' || echo none)"
 cat <<MSG
-Demo pipeline done ($events events). Next:
-  Dagster UI:  DAGSTER_HOME=\$PWD/dagster_home .venv/bin/dagster dev -w workspace.yaml   -> http://127.0.0.1:3000
+Demo pipeline done: $events events ingested, models trained and gated, snapshot $snapshot live.
+Next (see README.md):
+  Dagster UI:  DAGSTER_HOME=\$PWD/dagster_home .venv/bin/dagster dev -w workspace.yaml        -> http://127.0.0.1:3000
+  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri sqlite:///data/mlflow/mlflow.db             -> http://127.0.0.1:5000
+  API:         RECSYS_JWT_SECRET=change-me .venv/bin/recsys serve                                  -> http://127.0.0.1:8000/docs
 MSG

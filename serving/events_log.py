@@ -907,7 +907,9 @@ class FeedbackLog:
 
 
 # --- reading every known event of a tenant -----------------------------------------------------
-def scan_all_events(data_root: str, tenant: str, tlog: TenantEventLog | None = None) -> pl.LazyFrame:
+def scan_all_events(
+    data_root: str, tenant: str, tlog: TenantEventLog | None = None
+) -> pl.LazyFrame:
     """Every event of `tenant` the server can see, in EVENT_SCHEMA, each event_id once: the
     validated warehouse (`recsys.ingest.scan_events`), the API's landed files (``api-*``, not
     yet ingested or ingested: deduplicated) and, with `tlog`, the events still in the log.

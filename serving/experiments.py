@@ -118,9 +118,7 @@ def validate_experiment(body: Any) -> dict[str, Any]:
     for i, v in enumerate(variants):
         where = f"variants[{i}]"
         if not isinstance(v, dict) or set(v) - _VARIANT_FIELDS:
-            raise bad_request(
-                f"{where} must be an object of {', '.join(sorted(_VARIANT_FIELDS))}."
-            )
+            raise bad_request(f"{where} must be an object of {', '.join(sorted(_VARIANT_FIELDS))}.")
         vid = v.get("id", v.get("name"))
         if not isinstance(vid, str) or not _ID.match(vid):
             raise bad_request(f"{where}.id must match {_ID.pattern}.")
@@ -287,9 +285,7 @@ class ExperimentStore:
             self._write(tenant, doc)
         return doc
 
-    def update(
-        self, tenant: str, exp_id: str, patch: Any, if_match: str | None
-    ) -> dict[str, Any]:
+    def update(self, tenant: str, exp_id: str, patch: Any, if_match: str | None) -> dict[str, Any]:
         if not isinstance(patch, dict):
             raise bad_request("A PATCH body is a JSON merge patch (an object).")
         if "id" in patch and patch["id"] != exp_id:
@@ -348,9 +344,7 @@ class ExperimentStore:
     def _existing(self, tenant: str, exp_id: str, if_match: str | None) -> dict[str, Any]:
         current = self.read(tenant, exp_id)
         if current is None:
-            raise ProblemError(
-                404, f"No experiment '{exp_id}'.", code="RECSYS_UNKNOWN_EXPERIMENT"
-            )
+            raise ProblemError(404, f"No experiment '{exp_id}'.", code="RECSYS_UNKNOWN_EXPERIMENT")
         if if_match not in (None, "*") and if_match != current["version"]:
             raise ExperimentConflict(current["version"])
         return current
@@ -384,9 +378,7 @@ class ExperimentStore:
         weighted = [{**v, "weight": v["traffic"]} for v in exp["variants"]]
         return assign_variant(exp["id"], unit, weighted), False
 
-    def pick(
-        self, tenant: str, surface: str, unit: str
-    ) -> tuple[str, dict[str, Any], bool] | None:
+    def pick(self, tenant: str, surface: str, unit: str) -> tuple[str, dict[str, Any], bool] | None:
         """The running experiment of `surface` for `unit`: (experiment id, variant in the
         service's shape ``{"name", "weight", "snapshot"}``, hashed (True) or forced), or None."""
         for exp in self._docs(tenant).values():
@@ -438,8 +430,9 @@ class ExperimentStore:
         found = None
         for info in holder.store.list():  # newest first
             try:
-                with open(os.path.join(holder.store.path_of(info.snapshot_id), "manifest.json"),
-                          "rb") as f:
+                with open(
+                    os.path.join(holder.store.path_of(info.snapshot_id), "manifest.json"), "rb"
+                ) as f:
                     manifest = orjson.loads(f.read())
             except (OSError, orjson.JSONDecodeError):
                 continue
@@ -558,8 +551,11 @@ def attributed_events(events: pl.LazyFrame, exp: dict[str, Any]) -> tuple[pl.Dat
     exposure = (
         tagged.filter(pl.col("event_type") == "impression")
         .group_by("user_id")
-        .agg(pl.col("_var").n_unique().alias("_n"), pl.col("_var").first().alias("_exposed"),
-             pl.col("timestamp").min().alias("_first"))
+        .agg(
+            pl.col("_var").n_unique().alias("_n"),
+            pl.col("_var").first().alias("_exposed"),
+            pl.col("timestamp").min().alias("_first"),
+        )
     )
     mixed = exposure.filter(pl.col("_n") > 1)["user_id"]
     exposure = exposure.filter(pl.col("_n") == 1).drop("_n")
@@ -601,9 +597,14 @@ def compute_results(
             (pl.col("event_type") == "impression").sum().alias("impressions"),
             (pl.col("event_type") == "click").sum().alias("clicks"),
             (pl.col("event_type") == "purchase").sum().alias("purchases"),
-            pl.col("user_id").filter(pl.col("event_type") == "purchase").n_unique()
+            pl.col("user_id")
+            .filter(pl.col("event_type") == "purchase")
+            .n_unique()
             .alias("converters"),
-            pl.col("value").filter(pl.col("event_type") == "purchase").fill_null(0).sum()
+            pl.col("value")
+            .filter(pl.col("event_type") == "purchase")
+            .fill_null(0)
+            .sum()
             .alias("purchase_value"),
         )
         for row in per_var.iter_rows(named=True):

@@ -368,6 +368,7 @@ class Pool:
     signals: np.ndarray | None
     reasons: np.ndarray
     source: str
+    sorted: bool = False  # True when scores are known to be descending (skips a sort)
 
 
 def assign_variant(experiment_id: str, unit: str, variants: list[dict[str, Any]]) -> dict[str, Any]:
@@ -416,6 +417,7 @@ class Engine:
             np.asarray(signals),
             np.asarray(reason),
             "personal",
+            sorted=True,  # the snapshot stores each user's candidates best first
         ), np.asarray(self.snap.user_seen(uidx))
 
     def anchor_pool(self, anchors: np.ndarray, kinds: Sequence[str] = ("emb", "cooc")) -> Pool:
@@ -538,10 +540,12 @@ class Engine:
         if req.seed is not None and keep.size > 1:
             jitter = np.random.default_rng(req.seed).random(keep.size)  # tie-break only
             order = np.lexsort((jitter, -adj))
+            ranked_rows, ranked_adj = keep[order], adj[order]
+        elif scores is pool.scores and not applied_boosts and pool.sorted:
+            ranked_rows, ranked_adj = keep, adj  # stored order is already best first
         else:
             order = np.argsort(-adj, kind="stable")
-        ranked_rows = keep[order]
-        ranked_adj = adj[order]
+            ranked_rows, ranked_adj = keep[order], adj[order]
         t_score = time.perf_counter()
         self._check_deadline("scoring")
 

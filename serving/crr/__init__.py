@@ -38,5 +38,6 @@ def register(
         "/statistics": "statistics",
     }
     for path, suffix in routes.items():
-        app.add_route(PREFIX + path, ev if suffix in ("user_events_of", "event") else r,
-                      suffix=suffix)
+        app.add_route(
+            PREFIX + path, ev if suffix in ("user_events_of", "event") else r, suffix=suffix
+        )

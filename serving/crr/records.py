@@ -117,8 +117,12 @@ def parse_record(kind: str, body: Any) -> tuple[str | None, str | None, dict[str
     for f in ("attributes",):
         if f in record and record[f] is not None and not isinstance(record[f], dict):
             raise bad_request(f"Field '{f}' must be an object.")
-    if "tags" in record and record["tags"] is not None and not (
-        isinstance(record["tags"], list) and all(isinstance(t, str) for t in record["tags"])
+    if (
+        "tags" in record
+        and record["tags"] is not None
+        and not (
+            isinstance(record["tags"], list) and all(isinstance(t, str) for t in record["tags"])
+        )
     ):
         raise bad_request("Field 'tags' must be an array of strings.")
     return rec_id, rid, record, events
@@ -150,9 +154,7 @@ class RecordStore:
 
     def count(self, tenant: str, kind: str) -> int:
         try:
-            return sum(
-                1 for n in os.listdir(self._dir(tenant, kind)) if n.endswith(".json")
-            )
+            return sum(1 for n in os.listdir(self._dir(tenant, kind)) if n.endswith(".json"))
         except FileNotFoundError:
             return 0
 
@@ -209,9 +211,7 @@ class RecordStore:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             current = self.get(tenant, kind, rec_id)
             if current is None:
-                raise ProblemError(
-                    404, f"No {kind[:-1]} '{rec_id}'.", code="RECSYS_UNKNOWN_RECORD"
-                )
+                raise ProblemError(404, f"No {kind[:-1]} '{rec_id}'.", code="RECSYS_UNKNOWN_RECORD")
             if rid is not None and rid != current["rid"]:
                 raise RevisionConflict(current["rid"])
             if kind == "items":

@@ -40,8 +40,15 @@ from serving.snapshot import LiveSnapshot, SnapshotRegistry
 MAX_EVENTS_PAGE = 10_000
 MAX_PREDICTIONS = 10_000
 _HISTORY = re.compile(r"^(\d{1,6})(s|min|h|d|w|m|y)$")
-_UNIT_S = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400,
-           "y": 365 * 86400}
+_UNIT_S = {
+    "s": 1,
+    "min": 60,
+    "h": 3600,
+    "d": 86400,
+    "w": 7 * 86400,
+    "m": 30 * 86400,
+    "y": 365 * 86400,
+}
 
 
 def event_type_of(name: str) -> str:
@@ -143,8 +150,7 @@ class CrrResources:
         return lf.sort(["timestamp", "event_id"]).collect()
 
     def _page(self, req: falcon.Request, resp: falcon.Response, df: pl.DataFrame) -> None:
-        limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_EVENTS_PAGE,
-                                     default=1000)
+        limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_EVENTS_PAGE, default=1000)
         offset = req.get_param_as_int("cursor", min_value=0, default=0)
         page = df.slice(offset, limit)
         nxt = offset + limit if offset + limit < df.height else None
@@ -227,10 +233,18 @@ class CrrResources:
     ) -> list[dict[str, Any]]:
         bodies = []
         for e in events:
-            if not isinstance(e, dict) or set(e) - {"eid", "iid", "type", "timestamp", "value",
-                                                    "session_id", "context"}:
+            if not isinstance(e, dict) or set(e) - {
+                "eid",
+                "iid",
+                "type",
+                "timestamp",
+                "value",
+                "session_id",
+                "context",
+            }:
                 raise ProblemError(
-                    400, "An event is {eid?, iid, type?, timestamp?, value?, session_id?, context?}."
+                    400,
+                    "An event is {eid?, iid, type?, timestamp?, value?, session_id?, context?}.",
                 )
             etype = event_type or e.get("type")
             if not isinstance(etype, str):
@@ -281,20 +295,23 @@ class CrrResources:
 
     # --- events --------------------------------------------------------------------------------
     def on_get_user_events(self, req, resp, uid: str) -> None:
-        self._page(req, resp, self._filtered(req, req.context.principal.tenant, "user_id", uid,
-                                             None))
+        self._page(
+            req, resp, self._filtered(req, req.context.principal.tenant, "user_id", uid, None)
+        )
 
     def on_get_user_events_of(self, req, resp, uid: str, event_type: str) -> None:
         etype = event_type_of(event_type)
-        self._page(req, resp, self._filtered(req, req.context.principal.tenant, "user_id", uid,
-                                             etype))
+        self._page(
+            req, resp, self._filtered(req, req.context.principal.tenant, "user_id", uid, etype)
+        )
 
     def on_post_user_events_of(self, req, resp, uid: str, event_type: str) -> None:
         """Add one event (or an array) of this type to the user's history."""
         body = _json(req)
         events = body if isinstance(body, list) else [body]
-        results = self._add_events(req.context.principal.tenant, uid, event_type_of(event_type),
-                                   events)
+        results = self._add_events(
+            req.context.principal.tenant, uid, event_type_of(event_type), events
+        )
         rejected = [r for r in results if r["status"] == "rejected"]
         if not isinstance(body, list):
             r = results[0]
@@ -327,20 +344,23 @@ class CrrResources:
         }
 
     def on_get_item_events(self, req, resp, iid: str) -> None:
-        self._page(req, resp, self._filtered(req, req.context.principal.tenant, "item_id", iid,
-                                             None))
+        self._page(
+            req, resp, self._filtered(req, req.context.principal.tenant, "item_id", iid, None)
+        )
 
     def on_get_item_events_of(self, req, resp, iid: str, event_type: str) -> None:
         etype = event_type_of(event_type)
-        self._page(req, resp, self._filtered(req, req.context.principal.tenant, "item_id", iid,
-                                             etype))
+        self._page(
+            req, resp, self._filtered(req, req.context.principal.tenant, "item_id", iid, etype)
+        )
 
     def on_get_event(self, req, resp, eid: str) -> None:
         tenant = req.context.principal.tenant
         tlog = self._logs.tenant(tenant)
         if tlog.is_deleted(eid):
-            raise ProblemError(410, f"Event '{eid}' was deleted.", title="Gone",
-                               code="RECSYS_EVENT_DELETED")
+            raise ProblemError(
+                410, f"Event '{eid}' was deleted.", title="Gone", code="RECSYS_EVENT_DELETED"
+            )
         df = self._events(tenant).filter(pl.col("event_id") == eid).head(1).collect()
         if not df.height:
             raise ProblemError(404, f"No event '{eid}'.", code="RECSYS_UNKNOWN_EVENT")
@@ -358,8 +378,7 @@ class CrrResources:
         snap = live.snap
         uidx = snap.user_index(uid)
         wanted = req.get_param_as_list("item")
-        limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_PREDICTIONS,
-                                     default=100)
+        limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_PREDICTIONS, default=100)
         stored = {}
         if req.get_param_as_bool("useStoredRatings", default=False) or req.get_param_as_bool(
             "usedStoredRatings", default=False
@@ -390,8 +409,14 @@ class CrrResources:
                     preds.append({"iid": iid, "value": stored[iid], "source": "rating"})
                 else:
                     v = values.get(i) if i is not None else None
-                    preds.append({"iid": iid, "value": v, "source": source if v is not None
-                                  else None, "known": i is not None})
+                    preds.append(
+                        {
+                            "iid": iid,
+                            "value": v,
+                            "source": source if v is not None else None,
+                            "known": i is not None,
+                        }
+                    )
         else:
             if uidx is None:
                 order = np.zeros(0, dtype=np.int64)
@@ -404,17 +429,30 @@ class CrrResources:
                 c_items, c_score, _, _ = snap.user_candidates(uidx)
                 order, scores = np.asarray(c_items), np.asarray(c_score).tolist()
             ids = live.item_ids(order.tolist())
-            preds = [{"iid": s, "value": stored.get(s, round(float(v), 6)),
-                      "source": "rating" if s in stored else source}
-                     for s, v in zip(ids, scores, strict=True)]
+            preds = [
+                {
+                    "iid": s,
+                    "value": stored.get(s, round(float(v), 6)),
+                    "source": "rating" if s in stored else source,
+                }
+                for s, v in zip(ids, scores, strict=True)
+            ]
             have = set(ids)
-            preds += [{"iid": i, "value": v, "source": "rating"} for i, v in stored.items()
-                      if i not in have]
+            preds += [
+                {"iid": i, "value": v, "source": "rating"}
+                for i, v in stored.items()
+                if i not in have
+            ]
             preds.sort(key=lambda p: -p["value"])
             truncated = len(preds) > limit
             preds = preds[:limit]
-        resp.media = {"uid": uid, "predictions": preds, "model": live.algo_version,
-                      "snapshot_id": live.snapshot_id, "truncated": truncated}
+        resp.media = {
+            "uid": uid,
+            "predictions": preds,
+            "model": live.algo_version,
+            "snapshot_id": live.snapshot_id,
+            "truncated": truncated,
+        }
 
     @staticmethod
     def _scores(live: LiveSnapshot, uidx: int | None, items: np.ndarray) -> list[float | None]:

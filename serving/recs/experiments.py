@@ -89,9 +89,7 @@ class ExperimentsResource:
     def on_get_one(self, req: falcon.Request, resp: falcon.Response, experiment_id: str) -> None:
         _send(resp, self._get(req.context.principal.tenant, experiment_id))
 
-    def on_patch_one(
-        self, req: falcon.Request, resp: falcon.Response, experiment_id: str
-    ) -> None:
+    def on_patch_one(self, req: falcon.Request, resp: falcon.Response, experiment_id: str) -> None:
         try:
             doc = self._store.update(
                 req.context.principal.tenant, experiment_id, _json(req), if_match(req)
@@ -100,9 +98,7 @@ class ExperimentsResource:
             raise conflict(e, "experiment") from None
         _send(resp, doc)
 
-    def on_delete_one(
-        self, req: falcon.Request, resp: falcon.Response, experiment_id: str
-    ) -> None:
+    def on_delete_one(self, req: falcon.Request, resp: falcon.Response, experiment_id: str) -> None:
         try:
             self._store.delete(req.context.principal.tenant, experiment_id, if_match(req))
         except ExperimentConflict as e:

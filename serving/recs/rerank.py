@@ -34,8 +34,18 @@ from serving.validation import DEFAULT_SEGMENT
 
 MAX_RERANK = 1000
 _RERANK_KEYS = frozenset(
-    {"user_id", "candidates", "surface", "segment", "limit", "weights", "business_rules",
-     "filters", "exclude_seen", "explain"}
+    {
+        "user_id",
+        "candidates",
+        "surface",
+        "segment",
+        "limit",
+        "weights",
+        "business_rules",
+        "filters",
+        "exclude_seen",
+        "explain",
+    }
 )
 
 
@@ -121,8 +131,8 @@ class RerankExplainResources:
         idx = [live.item_index(i) for i in ids]
         unknown_ids = [i for i, x in zip(ids, idx, strict=True) if x is None]
         items = np.asarray([x for x in idx if x is not None], dtype=np.int32)
-        weights = rq.weights if rq.weights is not None else (tconf.get("defaults") or {}).get(
-            "weights"
+        weights = (
+            rq.weights if rq.weights is not None else (tconf.get("defaults") or {}).get("weights")
         )
         scores, signals, reasons, scored_by = self._base_scores(live, uidx, items, weights)
         segment = rq.segment or (
@@ -222,8 +232,14 @@ class RerankExplainResources:
     def on_post_explain(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = req.context.principal.tenant
         p = _json(req)
-        if not isinstance(p, dict) or set(p) - {"user_id", "item_id", "surface", "segment",
-                                               "model", "context"}:
+        if not isinstance(p, dict) or set(p) - {
+            "user_id",
+            "item_id",
+            "surface",
+            "segment",
+            "model",
+            "context",
+        }:
             raise ProblemError(
                 400, "The body is {user_id, item_id, surface?, segment?, model?, context?}."
             )
@@ -273,8 +289,11 @@ class RerankExplainResources:
                     "score": round(float(c_score[j]), 6),
                     "reason": REASONS.get(int(c_reason[j]), REASONS[0]),
                     "signals": sig,
-                    "contributions": {s: round(float(weights.get(s, 0.0)) * v, 6)
-                                      for s, v in sig.items()} if weights else sig,
+                    "contributions": {
+                        s: round(float(weights.get(s, 0.0)) * v, 6) for s, v in sig.items()
+                    }
+                    if weights
+                    else sig,
                     "contributions_from": "tenant default weights x signals"
                     if weights
                     else "stored signal parts of the precomputed score",
@@ -284,8 +303,11 @@ class RerankExplainResources:
                 uf = np.asarray(snap.user_factors(uidx), dtype=np.float32)
                 dot = float(np.asarray(snap.item_factors)[iidx] @ uf)
                 bias = float(np.asarray(snap.item_bias)[iidx])
-                out["factors"] = {"dot": round(dot, 6), "bias": round(bias, 6),
-                                  "score": round(dot + bias, 6)}
+                out["factors"] = {
+                    "dot": round(dot, 6),
+                    "bias": round(bias, 6),
+                    "score": round(dot + bias, 6),
+                }
         out["candidate"] = candidate
         # What the whole /v1/recommend pipeline does with the item, for this user and surface.
         max_k = min(

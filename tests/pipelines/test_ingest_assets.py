@@ -32,6 +32,8 @@ def test_definitions_load_with_the_ingest_graph():
     assert {"events", "rejected_events", "items", "users"} <= keys
     assert defs.resolve_job_def("recsys_pipeline") is not None
     assert defs.resolve_sensor_def("landing_sensor") is not None
+    schedule = defs.resolve_schedule_def("daily_retrain")
+    assert schedule.job_name == "recsys_pipeline" and schedule.cron_schedule == "0 3 * * *"
 
 
 def test_ingest_run_materialises_tables_with_metadata_and_passing_checks(ingest_resources):

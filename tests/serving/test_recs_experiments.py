@@ -54,16 +54,23 @@ def test_crud_with_etag_and_if_match(client):
     )
     assert stale.status_code == 409
     assert stale.json["current_version"] == patched.json["version"]
-    listed = client.simulate_get("/v1/recs/experiments", params={"status": "running"},
-                                 headers=auth())
+    listed = client.simulate_get(
+        "/v1/recs/experiments", params={"status": "running"}, headers=auth()
+    )
     assert [e["id"] for e in listed.json["items"]] == ["home-ab"]
     # a second running experiment on the same surface is refused
     other = create(client, {**EXP, "id": "other", "status": "running"})
     assert other.status_code == 409 and other.json["code"] == "RECSYS_EXPERIMENT_CONFLICT"
-    assert create(client, {**EXP, "id": "other", "status": "running", "surface": "pdp"}
-                  ).status_code == 201
-    assert client.simulate_delete("/v1/recs/experiments/home-ab",
-                                  headers={**ADMIN, "If-Match": etag}).status_code == 409
+    assert (
+        create(client, {**EXP, "id": "other", "status": "running", "surface": "pdp"}).status_code
+        == 201
+    )
+    assert (
+        client.simulate_delete(
+            "/v1/recs/experiments/home-ab", headers={**ADMIN, "If-Match": etag}
+        ).status_code
+        == 409
+    )
     assert client.simulate_delete("/v1/recs/experiments/home-ab", headers=ADMIN).status_code == 204
     assert client.simulate_get("/v1/recs/experiments/home-ab", headers=auth()).status_code == 404
 
@@ -91,12 +98,17 @@ def test_writes_need_admin_and_stay_in_the_tenant(client):
     assert create(client, headers=auth("acme")).status_code == 403
     assert create(client).status_code == 201
     for method in ("GET", "DELETE"):
-        resp = client.simulate_request(method, "/v1/recs/experiments/home-ab",
-                                       headers=auth("globex", ("admin",)))
+        resp = client.simulate_request(
+            method, "/v1/recs/experiments/home-ab", headers=auth("globex", ("admin",))
+        )
         assert resp.status_code == 404
     assert client.simulate_get("/v1/recs/experiments", headers=auth("globex")).json["total"] == 0
-    assert client.simulate_get("/v1/recs/experiments/home-ab/results",
-                               headers=auth("globex")).status_code == 404
+    assert (
+        client.simulate_get(
+            "/v1/recs/experiments/home-ab/results", headers=auth("globex")
+        ).status_code
+        == 404
+    )
 
 
 def test_assignment_is_the_hash_of_experiment_and_user_and_can_be_forced(client):
@@ -105,28 +117,36 @@ def test_assignment_is_the_hash_of_experiment_and_user_and_can_be_forced(client)
     counts = {"A": 0, "B": 0}
     for n in range(40):
         user = f"user-{n}"
-        got = client.simulate_get("/v1/recs/experiments/home-ab/assignment",
-                                  params={"user_id": user}, headers=auth()).json
+        got = client.simulate_get(
+            "/v1/recs/experiments/home-ab/assignment", params={"user_id": user}, headers=auth()
+        ).json
         assert got["variant"] == assign_variant("home-ab", user, variants)["name"]
         assert got["forced"] is False
         counts[got["variant"]] += 1
     assert min(counts.values()) >= 10  # a fair split of 40 users (binomial, p=0.5)
     hashed = assign_variant("home-ab", "u1", variants)["name"]
     other = "B" if hashed == "A" else "A"
-    forced = client.simulate_post("/v1/recs/experiments/home-ab/assign",
-                                  json={"user_id": "u1", "variant": other}, headers=ADMIN)
+    forced = client.simulate_post(
+        "/v1/recs/experiments/home-ab/assign",
+        json={"user_id": "u1", "variant": other},
+        headers=ADMIN,
+    )
     assert forced.json["variant"] == other and forced.json["forced"] is True
     doc = client.simulate_get("/v1/recs/experiments/home-ab", headers=auth()).json
     assert doc["assignments"] == {"u1": other}
-    bad = client.simulate_post("/v1/recs/experiments/home-ab/assign",
-                               json={"user_id": "u1", "variant": "Z"}, headers=ADMIN)
+    bad = client.simulate_post(
+        "/v1/recs/experiments/home-ab/assign", json={"user_id": "u1", "variant": "Z"}, headers=ADMIN
+    )
     assert bad.status_code == 422
-    unpinned = client.simulate_post("/v1/recs/experiments/home-ab/assign",
-                                    json={"user_id": "u1", "variant": None}, headers=ADMIN)
+    unpinned = client.simulate_post(
+        "/v1/recs/experiments/home-ab/assign",
+        json={"user_id": "u1", "variant": None},
+        headers=ADMIN,
+    )
     assert unpinned.json["variant"] == hashed and unpinned.json["forced"] is False
 
 
-# --- results ---------------------------------------------------------------------------------------
+# --- results ----------------------------------------------------------------------------------
 def _event(user, etype, variant=None, ts="2025-03-01T10:00:00Z", value=None, item="a1"):
     ev = {"user_id": user, "item_id": item, "type": etype, "timestamp": ts}
     if variant:
@@ -185,12 +205,14 @@ def test_results_have_known_counts_intervals_tests_and_winner(client):
     assert conv["p_value"] == pytest.approx(2 * stats.norm.sf(3.535534), rel=1e-5)
     assert body["winner"]["variant"] == "B" and body["winner"]["metric"] == "conversion"
     # at alpha = 0.0001 the same data names no winner
-    strict = client.simulate_get("/v1/recs/experiments/home-ab/results",
-                                 params={"alpha": 0.0001}, headers=auth()).json
+    strict = client.simulate_get(
+        "/v1/recs/experiments/home-ab/results", params={"alpha": 0.0001}, headers=auth()
+    ).json
     assert strict["winner"] is None
     spec = client.simulate_get("/openapi.json").json
     schema = spec["paths"]["/v1/recs/experiments/{experiment_id}/results"]["get"]["responses"][
-        "200"]["content"]["application/json"]["schema"]
+        "200"
+    ]["content"]["application/json"]["schema"]
     jsonschema.Draft202012Validator({**schema, "components": spec["components"]}).validate(body)
 
 
@@ -224,53 +246,79 @@ def two_model_client(tmp_path):
 @needs_hook
 def test_recommend_follows_the_running_experiment_of_its_surface(two_model_client):
     c = two_model_client
-    body = {**EXP, "status": "running",
-            "variants": [{"id": "A", "traffic": 1}, {"id": "B", "model": "tiny@2", "traffic": 1}]}
+    body = {
+        **EXP,
+        "status": "running",
+        "variants": [{"id": "A", "traffic": 1}, {"id": "B", "model": "tiny@2", "traffic": 1}],
+    }
     assert create(c, body).status_code == 201
     for variant, first in (("A", "a0"), ("B", "a7")):
-        c.simulate_post("/v1/recs/experiments/home-ab/assign",
-                        json={"user_id": "u1", "variant": variant}, headers=ADMIN)
-        resp = c.simulate_post("/v1/recommend", json={"k": 2, "surface": "home",
-                                                      "user": {"user_id": "u1"}}, headers=auth())
+        c.simulate_post(
+            "/v1/recs/experiments/home-ab/assign",
+            json={"user_id": "u1", "variant": variant},
+            headers=ADMIN,
+        )
+        resp = c.simulate_post(
+            "/v1/recommend",
+            json={"k": 2, "surface": "home", "user": {"user_id": "u1"}},
+            headers=auth(),
+        )
         assert resp.status_code == 200, resp.json
         assert ids(resp)[0] == first
         assert resp.json["meta"]["experiment"]["variant"] == variant
         assert resp.json["meta"]["experiment"]["assigned"] is False  # forced
     # another surface is not in the experiment
-    other = c.simulate_post("/v1/recommend", json={"k": 2, "surface": "pdp",
-                                                   "user": {"user_id": "u1"}}, headers=auth())
+    other = c.simulate_post(
+        "/v1/recommend", json={"k": 2, "surface": "pdp", "user": {"user_id": "u1"}}, headers=auth()
+    )
     assert "experiment" not in other.json["meta"]
     # hashed assignment for everybody else, echoed for attribution
     weighted = [{"name": "A", "weight": 1.0}, {"name": "B", "weight": 1.0}]
     for n in range(6):
-        resp = c.simulate_post("/v1/recommend", json={"k": 1, "surface": "home",
-                                                      "user": {"anonymous_id": f"anon-{n}"}},
-                               headers=auth())
+        resp = c.simulate_post(
+            "/v1/recommend",
+            json={"k": 1, "surface": "home", "user": {"anonymous_id": f"anon-{n}"}},
+            headers=auth(),
+        )
         exp = resp.json["meta"]["experiment"]
         assert exp["variant"] == assign_variant("home-ab", f"anon-{n}", weighted)["name"]
         assert exp["assigned"] is True
     # paused: no longer applied
     c.simulate_patch("/v1/recs/experiments/home-ab", json={"status": "paused"}, headers=ADMIN)
-    resp = c.simulate_post("/v1/recommend", json={"k": 2, "surface": "home",
-                                                  "user": {"user_id": "u1"}}, headers=auth())
+    resp = c.simulate_post(
+        "/v1/recommend", json={"k": 2, "surface": "home", "user": {"user_id": "u1"}}, headers=auth()
+    )
     assert ids(resp)[0] == "a0" and "experiment" not in resp.json["meta"]
 
 
 # --- seeds ----------------------------------------------------------------------------------------
 def test_seed_crud_and_validation(client):
-    put = client.simulate_post("/v1/recs/seed", json={"surface": "home",
-                                                      "item_ids": ["a15", "a3"],
-                                                      "strategy": "tag:winter"}, headers=ADMIN)
+    put = client.simulate_post(
+        "/v1/recs/seed",
+        json={"surface": "home", "item_ids": ["a15", "a3"], "strategy": "tag:winter"},
+        headers=ADMIN,
+    )
     assert put.status_code == 200 and put.json["surfaces"]["home"]["item_ids"] == ["a15", "a3"]
     etag = put.headers["ETag"]
     assert client.simulate_get("/v1/recs/seed/home", headers=auth()).json["strategy"] == (
-        "tag:winter")
-    assert client.simulate_post("/v1/recs/seed", json={"surface": "home", "strategy": "x"},
-                                headers=ADMIN).status_code == 422
-    assert client.simulate_post("/v1/recs/seed", json={"surface": "home"},
-                                headers=ADMIN).status_code == 422
-    assert client.simulate_post("/v1/recs/seed", json={"surface": "pdp", "item_ids": ["a1"]},
-                                headers=auth()).status_code == 403
+        "tag:winter"
+    )
+    assert (
+        client.simulate_post(
+            "/v1/recs/seed", json={"surface": "home", "strategy": "x"}, headers=ADMIN
+        ).status_code
+        == 422
+    )
+    assert (
+        client.simulate_post("/v1/recs/seed", json={"surface": "home"}, headers=ADMIN).status_code
+        == 422
+    )
+    assert (
+        client.simulate_post(
+            "/v1/recs/seed", json={"surface": "pdp", "item_ids": ["a1"]}, headers=auth()
+        ).status_code
+        == 403
+    )
     assert client.simulate_get("/v1/recs/seed", headers=auth("globex")).json["surfaces"] == {}
     stale = client.simulate_delete("/v1/recs/seed/home", headers={**ADMIN, "If-Match": '"old"'})
     assert stale.status_code == 409
@@ -281,69 +329,107 @@ def test_seed_crud_and_validation(client):
 
 @needs_hook
 def test_unknown_users_start_from_the_seed_of_their_surface(client):
-    client.simulate_post("/v1/recs/seed", json={"surface": "home", "item_ids": ["a15", "a3"],
-                                                "strategy": "tag:winter"}, headers=ADMIN)
-    resp = client.simulate_post("/v1/recommend", json={"k": 6, "surface": "home",
-                                                       "user": {"user_id": "newcomer"}},
-                                headers=auth())
+    client.simulate_post(
+        "/v1/recs/seed",
+        json={"surface": "home", "item_ids": ["a15", "a3"], "strategy": "tag:winter"},
+        headers=ADMIN,
+    )
+    resp = client.simulate_post(
+        "/v1/recommend",
+        json={"k": 6, "surface": "home", "user": {"user_id": "newcomer"}},
+        headers=auth(),
+    )
     # curated a15, a3; then tag:winter (a3 a4 a7) without the duplicate; then popular back-fill
     assert ids(resp) == ["a15", "a3", "a4", "a7", "a8", "a9"]
     assert any("seed:home" in w["detail"] for w in resp.json["warnings"])
-    other = client.simulate_post("/v1/recommend", json={"k": 2, "surface": "pdp",
-                                                        "user": {"user_id": "newcomer"}},
-                                 headers=auth())
+    other = client.simulate_post(
+        "/v1/recommend",
+        json={"k": 2, "surface": "pdp", "user": {"user_id": "newcomer"}},
+        headers=auth(),
+    )
     assert ids(other) == ["a8", "a9"]  # no seed for pdp: the popular fallback as before
 
 
 # --- rerank and explain ---------------------------------------------------------------------------
 def test_rerank_orders_candidates_by_stored_scores_and_rules(client):
-    resp = client.simulate_post("/v1/recs/rerank", headers=auth(), json={
-        "user_id": "u1", "candidates": ["a5", "a2", "a0", {"item_id": "a12"}, "zzz", "a3"]})
+    resp = client.simulate_post(
+        "/v1/recs/rerank",
+        headers=auth(),
+        json={"user_id": "u1", "candidates": ["a5", "a2", "a0", {"item_id": "a12"}, "zzz", "a3"]},
+    )
     assert resp.status_code == 200, resp.json
     # stored scores a0 .9 > a3 .6 > a5 .4; a12 has none (0); a2 unavailable; zzz unknown
     assert ids(resp) == ["a0", "a3", "a5", "a12"]
     assert resp.json["meta"]["scored_by"] == "candidates"
     out = {e["item_id"]: e["outcome"] for e in resp.json["excluded"]}
     assert out == {"a2": "excluded", "zzz": "unknown"}
-    by_emb = client.simulate_post("/v1/recs/rerank", headers=auth(), json={
-        "user_id": "u1", "candidates": ["a0", "a3", "a5"], "weights": {"emb": 1}})
+    by_emb = client.simulate_post(
+        "/v1/recs/rerank",
+        headers=auth(),
+        json={"user_id": "u1", "candidates": ["a0", "a3", "a5"], "weights": {"emb": 1}},
+    )
     assert ids(by_emb) == ["a5", "a3", "a0"] and by_emb.json["meta"]["scored_by"] == "weights"
-    rules = {"rules": [{"id": "no-nike", "type": "block", "tags": ["nike"]},
-                       {"id": "feature", "type": "pin", "item_id": "a19", "position": 1}]}
+    rules = {
+        "rules": [
+            {"id": "no-nike", "type": "block", "tags": ["nike"]},
+            {"id": "feature", "type": "pin", "item_id": "a19", "position": 1},
+        ]
+    }
     client.simulate_put("/v1/admin/tenants/acme/rules", json=rules, headers=ADMIN)
-    ruled = client.simulate_post("/v1/recs/rerank", headers=auth(), json={
-        "user_id": "u1", "candidates": ["a0", "a1", "a3", "a4"]})
+    ruled = client.simulate_post(
+        "/v1/recs/rerank",
+        headers=auth(),
+        json={"user_id": "u1", "candidates": ["a0", "a1", "a3", "a4"]},
+    )
     assert ids(ruled) == ["a1", "a4"]  # nike items blocked; the pin's item is no candidate
     assert {e["rule"] for e in ruled.json["excluded"]} == {"block:no-nike"}
-    cold = client.simulate_post("/v1/recs/rerank", headers=auth(), json={
-        "candidates": ["a19", "a10", "a8"], "business_rules": False})
+    cold = client.simulate_post(
+        "/v1/recs/rerank",
+        headers=auth(),
+        json={"candidates": ["a19", "a10", "a8"], "business_rules": False},
+    )
     assert ids(cold) == ["a8", "a10", "a19"] and cold.json["meta"]["scored_by"] == "popularity"
 
 
 def test_explain_reports_signals_and_what_the_pipeline_did(client):
-    resp = client.simulate_post("/v1/recs/explain", headers=auth(),
-                                json={"user_id": "u1", "item_id": "a3"})
+    resp = client.simulate_post(
+        "/v1/recs/explain", headers=auth(), json={"user_id": "u1", "item_id": "a3"}
+    )
     assert resp.status_code == 200, resp.json
     body = resp.json
     assert body["candidate"]["precomputed_rank"] == 4
     assert body["candidate"]["signals"] == {"pop": 0.5, "cooc": 0.0, "emb": 0.4, "ranker": 0.6}
     assert body["pipeline"]["outcome"] == "recommended" and body["pipeline"]["rank"] == 3
     assert body["seen"] is False
-    client.simulate_put("/v1/admin/tenants/acme/rules", headers=ADMIN, json={
-        "rules": [{"id": "b", "type": "boost", "tag": "winter", "factor": 3}]})
-    client.simulate_put("/v1/admin/tenants/acme/config", headers=ADMIN,
-                        json={"defaults": {"weights": {"emb": 1}}})
-    boosted = client.simulate_post("/v1/recs/explain", headers=auth(),
-                                   json={"user_id": "u1", "item_id": "a3"}).json
+    client.simulate_put(
+        "/v1/admin/tenants/acme/rules",
+        headers=ADMIN,
+        json={"rules": [{"id": "b", "type": "boost", "tag": "winter", "factor": 3}]},
+    )
+    client.simulate_put(
+        "/v1/admin/tenants/acme/config", headers=ADMIN, json={"defaults": {"weights": {"emb": 1}}}
+    )
+    boosted = client.simulate_post(
+        "/v1/recs/explain", headers=auth(), json={"user_id": "u1", "item_id": "a3"}
+    ).json
     assert boosted["pipeline"]["rules"] == ["boost:b"]
-    assert boosted["candidate"]["contributions"] == {"pop": 0.0, "cooc": 0.0, "emb": 0.4,
-                                                     "ranker": 0.0}
-    gone = client.simulate_post("/v1/recs/explain", headers=auth(),
-                                json={"user_id": "u1", "item_id": "a2"}).json
+    assert boosted["candidate"]["contributions"] == {
+        "pop": 0.0,
+        "cooc": 0.0,
+        "emb": 0.4,
+        "ranker": 0.0,
+    }
+    gone = client.simulate_post(
+        "/v1/recs/explain", headers=auth(), json={"user_id": "u1", "item_id": "a2"}
+    ).json
     assert gone["pipeline"]["outcome"] == "excluded"
     assert gone["pipeline"]["rules"] == ["unavailable"] and gone["item"]["available"] is False
-    assert client.simulate_post("/v1/recs/explain", headers=auth(),
-                                json={"user_id": "u1", "item_id": "g3"}).status_code == 404
+    assert (
+        client.simulate_post(
+            "/v1/recs/explain", headers=auth(), json={"user_id": "u1", "item_id": "g3"}
+        ).status_code
+        == 404
+    )
 
 
 def test_experiment_files_are_per_tenant_json(client, data_root):
