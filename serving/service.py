@@ -33,6 +33,11 @@ class RecommendService:
         self._registry = registry
         self._tenants = tenants
         self._metrics = metrics
+        # Hooks set by serving.recs.register (issue 6): the experiments store (a running
+        # experiment of the request's surface; experiments created through /v1/recs/experiments)
+        # and the cold-start seed lists (/v1/recs/seed). None: not mounted.
+        self.experiments = None
+        self.seeds = None
 
     # --- shared ------------------------------------------------------------------------------
     def tenant_config(self, tenant: str) -> tuple[dict[str, Any], str | None]:
@@ -57,26 +62,14 @@ class RecommendService:
                 code="RECSYS_NO_SNAPSHOT",
                 headers={"Retry-After": "5"},
             )
+        unit = req.user_id or req.anonymous_id or req.session_id or ""
         if req.experiment_id is None:
-            return live
-        exp = (tconf.get("experiments") or {}).get(req.experiment_id)
-        if exp is None:
-            raise ProblemError(
-                422, f"Unknown experiment '{req.experiment_id}'.", code="RECSYS_UNKNOWN_EXPERIMENT"
-            )
-        variants = exp["variants"]
-        chosen = None
-        if req.experiment_variant is not None:
-            chosen = next((v for v in variants if v["name"] == req.experiment_variant), None)
-            if chosen is None:
-                raise ProblemError(
-                    422,
-                    f"Experiment '{req.experiment_id}' has no variant '{req.experiment_variant}'.",
-                    code="RECSYS_UNKNOWN_VARIANT",
-                )
+            picked = self.experiments.pick(tenant, req.surface, unit) if self.experiments else None
+            if picked is None:
+                return live
+            exp_id, chosen, assigned = picked
         else:
-            unit = req.user_id or req.anonymous_id or req.session_id or ""
-            chosen = assign_variant(req.experiment_id, unit, variants)
+            exp_id, chosen, assigned = self._named_variant(tenant, req, tconf, unit)
         target = chosen.get("snapshot") or "current"
         if target not in ("current", "champion"):
             variant_live = holder.variant(target)
@@ -88,12 +81,50 @@ class RecommendService:
                 )
             live = variant_live
         meta["experiment"] = {
-            "id": req.experiment_id,
+            "id": exp_id,
             "variant": chosen["name"],
-            "assigned": req.experiment_variant is None,
+            "assigned": assigned,
             "snapshot_id": live.snapshot_id,
         }
         return live
+
+    def _named_variant(self, tenant: str, req: RecommendRequest, tconf: dict[str, Any], unit: str):
+        """(experiment id, variant, assigned by hash?) of an experiment the request names: from
+        the tenant config's `experiments`, else from the experiments store."""
+        exp = (tconf.get("experiments") or {}).get(req.experiment_id)
+        if exp is None:
+            found = None
+            if self.experiments is not None:
+                found = self.experiments.resolve(tenant, req.experiment_id, unit)
+            if found is None:
+                raise ProblemError(
+                    422,
+                    f"Unknown experiment '{req.experiment_id}'.",
+                    code="RECSYS_UNKNOWN_EXPERIMENT",
+                )
+            if req.experiment_variant is None:
+                return found
+            resolved = self.experiments.resolve(
+                tenant, req.experiment_id, unit, req.experiment_variant
+            )
+            if resolved is None:
+                raise ProblemError(
+                    422,
+                    f"Experiment '{req.experiment_id}' has no variant '{req.experiment_variant}'.",
+                    code="RECSYS_UNKNOWN_VARIANT",
+                )
+            return resolved
+        variants = exp["variants"]
+        if req.experiment_variant is not None:
+            chosen = next((v for v in variants if v["name"] == req.experiment_variant), None)
+            if chosen is None:
+                raise ProblemError(
+                    422,
+                    f"Experiment '{req.experiment_id}' has no variant '{req.experiment_variant}'.",
+                    code="RECSYS_UNKNOWN_VARIANT",
+                )
+            return req.experiment_id, chosen, False
+        return req.experiment_id, assign_variant(req.experiment_id, unit, variants), True
 
     def _rules(self, tenant: str, live: LiveSnapshot, surface: str, segment: str):
         doc = self._tenants.cached(tenant, "rules")
@@ -146,7 +177,11 @@ class RecommendService:
             name = (
                 f"segment:{segment}" if f"segment:{segment}" in snap.fallback_names else "popular"
             )
-            pool = engine.fallback_pool(name)
+            pool = self.seeds.cold_start_pool(tenant, live, req.surface) if self.seeds else None
+            if pool is not None:
+                name = pool.source
+            else:
+                pool = engine.fallback_pool(name)
             if pool is None:
                 raise ProblemError(
                     503,

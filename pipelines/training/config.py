@@ -48,7 +48,7 @@ class LightFMConfig(TenantsConfig):
 
 class EASEConfig(TenantsConfig):
     l2: float = 250.0
-    max_items: int = 5000
+    max_items: int = 3000
 
 
 class RankerConfig(TenantsConfig):

@@ -112,7 +112,11 @@ class Recommender(ABC):
         return np.concatenate(out_i), np.concatenate(out_s)
 
     def save(self, path: str) -> None:
-        """Write ``params.json`` and ``arrays.npz`` (no pickle) into folder `path`."""
+        """Write ``params.json`` and ``arrays.npz`` (no pickle) into folder `path`.
+
+        Uncompressed: model arrays are mostly dense floats that zlib barely shrinks, and
+        compressing them cost seconds per save (EASE's item-item matrix alone is 100 MB).
+        """
         os.makedirs(path, exist_ok=True)
         arrays = dict(self._arrays())
         arrays.update(
@@ -120,7 +124,7 @@ class Recommender(ABC):
             seen_indices=self.seen_.indices,
             seen_shape=np.array(self.seen_.shape, np.int64),
         )
-        np.savez_compressed(os.path.join(path, "arrays.npz"), **arrays)
+        np.savez(os.path.join(path, "arrays.npz"), **arrays)
         with open(os.path.join(path, "params.json"), "w") as f:
             json.dump({"model": self.name, "params": self.params()}, f, indent=2, sort_keys=True)
 

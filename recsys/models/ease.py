@@ -10,16 +10,37 @@ from recsys.models.base import Recommender
 from recsys.models.data import Dataset
 
 
+def _ease_weights(gram: np.ndarray) -> np.ndarray:
+    """B = I - P / diag(P) with a zero diagonal, P = gram^-1 (float32, via Cholesky)."""
+    from scipy.linalg import lapack
+
+    if gram.shape[0] == 0:
+        return gram.astype(np.float32)
+    c, info = lapack.spotrf(gram, lower=1, clean=0, overwrite_a=1)
+    if info == 0:
+        p, info = lapack.spotri(c, lower=1, overwrite_c=1)
+    if info != 0:  # not positive definite (only possible with l2 <= 0): general inverse
+        p = np.linalg.inv(gram.astype(np.float64)).astype(np.float32)
+    else:
+        p = np.tril(p) + np.tril(p, -1).T  # spotri fills one triangle
+    b = p / (-np.diag(p))
+    b[np.diag_indices_from(b)] = 0.0
+    return b.astype(np.float32, copy=False)
+
+
 class EASERecommender(Recommender):
     """B = I - P diagMat(1 / diag(P)), P = (X'X + lambda I)^-1, scores = X B.
 
     The Gram matrix is dense in the number of items, so only the ``max_items`` most popular
-    items are modelled (memory ~ 8 * max_items^2 bytes); the rest score ``-inf``.
+    items are modelled (memory ~ 4 * max_items^2 bytes, time ~ max_items^3); the rest score
+    ``-inf`` and are left to the other generators. P is computed in float32 through a Cholesky
+    factorisation (the Gram matrix plus lambda I is symmetric positive definite): about four
+    times faster than a float64 LU inverse, and well within float32 precision for lambda >= 1.
     """
 
     name = "ease"
 
-    def __init__(self, l2: float = 250.0, max_items: int = 5000, binary: bool = True) -> None:
+    def __init__(self, l2: float = 250.0, max_items: int = 3000, binary: bool = True) -> None:
         self.l2 = float(l2)
         self.max_items = int(max_items)
         self.binary = bool(binary)
@@ -40,22 +61,26 @@ class EASERecommender(Recommender):
         self.items_ = np.sort(order[: min(self.max_items, int((counts > 0).sum()))]).astype(
             np.int64
         )
-        xs = x[:, self.items_]
-        gram = np.asarray((xs.T @ xs).todense())
+        xs = x[:, self.items_].astype(np.float32).tocsc()
+        gram = np.asarray((xs.T @ xs).todense(), dtype=np.float32)
         gram[np.diag_indices_from(gram)] += self.l2
-        p = np.linalg.inv(gram)
-        b = p / (-np.diag(p))
-        b[np.diag_indices_from(b)] = 0.0
-        self.b_ = b.astype(np.float32)
+        self.b_ = _ease_weights(gram)
         self.x_ = x.tocsr().astype(np.float32)  # user histories, needed to score
+        self.xs_ = None
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         user_idx = np.asarray(user_idx, dtype=np.int64)
         out = np.full((len(user_idx), self.n_items_), -np.inf, dtype=np.float32)
         if len(self.items_):
-            xs = self.x_[user_idx][:, self.items_]
-            out[:, self.items_] = xs @ self.b_
+            out[:, self.items_] = self._xs()[user_idx] @ self.b_
         return out
+
+    def _xs(self):
+        """User histories restricted to the modelled items (computed once, then cached)."""
+        xs = getattr(self, "xs_", None)
+        if xs is None:
+            xs = self.xs_ = self.x_[:, self.items_].tocsr()
+        return xs
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -69,6 +94,7 @@ class EASERecommender(Recommender):
     def _set_arrays(self, a: dict[str, np.ndarray]) -> None:
         import scipy.sparse as sp
 
+        self.xs_ = None
         self.items_, self.b_ = a["items"], a["b"]
         self.x_ = sp.csr_matrix(
             (a["x_data"], a["x_indices"], a["x_indptr"]), shape=self.seen_.shape

@@ -61,7 +61,7 @@ class HybridConfig:
     lightfm: dict[str, Any] = field(
         default_factory=lambda: {"no_components": 32, "epochs": 30, "seed": 42, "num_threads": 1}
     )
-    ease: dict[str, Any] = field(default_factory=lambda: {"l2": 250.0, "max_items": 5000})
+    ease: dict[str, Any] = field(default_factory=lambda: {"l2": 250.0, "max_items": 3000})
     #: candidate values tried on the validation window (never the test window); best NDCG@10 wins
     tune: dict[str, list[dict[str, Any]]] = field(
         default_factory=lambda: {
@@ -497,7 +497,7 @@ class HybridRecommender:
         arrays["item_ids"] = np.asarray(self.item_ids_, dtype=str)
         if self.ranker_ is not None:
             arrays.update(self.ranker_.to_arrays())
-        np.savez_compressed(os.path.join(path, "hybrid.npz"), **arrays)
+        np.savez(os.path.join(path, "hybrid.npz"), **arrays)
         with open(os.path.join(path, "hybrid.json"), "w") as f:
             json.dump(
                 {

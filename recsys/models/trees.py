@@ -59,7 +59,28 @@ class TreeEnsemble:
         )
 
     def decision_function(self, x: np.ndarray) -> np.ndarray:
-        """Raw margin per row."""
+        """Raw margin per row.
+
+        Uses scikit-learn's compiled per-tree predictor over these same node tables when it is
+        importable (about 20x faster than numpy on ranker-sized inputs), else plain numpy.
+        Both follow the same rule (left when ``x <= threshold``, NaN where ``missing_left``
+        says), so they agree to float rounding.
+        """
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        predictors = self._compiled()
+        if predictors is not None:
+            return _predict_compiled(predictors, x, self.baseline)
+        return self.decision_function_numpy(x)
+
+    def _compiled(self):
+        cached = self.__dict__.get("_predictors", False)
+        if cached is False:
+            cached = _compile(self)
+            object.__setattr__(self, "_predictors", cached)  # a cache on a frozen dataclass
+        return cached
+
+    def decision_function_numpy(self, x: np.ndarray) -> np.ndarray:
+        """Raw margin per row in plain numpy (one loop over trees and depth, never rows)."""
         x = np.asarray(x, dtype=np.float64)
         rows = np.arange(len(x))
         out = np.full(len(x), self.baseline)
@@ -101,3 +122,46 @@ class TreeEnsemble:
         a = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
         meta = a.pop("meta")
         return cls(**a, max_depth=int(meta[0]), baseline=float(meta[1]))
+
+
+def _compile(ens: TreeEnsemble):
+    """Per-tree node records in scikit-learn's predictor layout, or None when its private
+    predictor module is not available (the numpy path is then used)."""
+    try:
+        from sklearn.ensemble._hist_gradient_boosting._predictor import _predict_from_raw_data
+        from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
+    except ImportError:  # pragma: no cover - depends on the installed scikit-learn
+        return None
+    n_nodes = len(ens.feature)
+    bounds = np.append(ens.roots, n_nodes)
+    trees = []
+    for t in range(len(ens.roots)):
+        lo, hi = int(bounds[t]), int(bounds[t + 1])
+        nodes = np.zeros(hi - lo, dtype=PREDICTOR_RECORD_DTYPE)
+        nodes["value"] = ens.value[lo:hi]
+        nodes["feature_idx"] = ens.feature[lo:hi]
+        nodes["num_threshold"] = ens.threshold[lo:hi]
+        nodes["missing_go_to_left"] = ens.missing_left[lo:hi]
+        leaf = ens.is_leaf[lo:hi]
+        nodes["is_leaf"] = leaf
+        nodes["left"] = np.where(leaf, 0, ens.left[lo:hi] - lo)
+        nodes["right"] = np.where(leaf, 0, ens.right[lo:hi] - lo)
+        trees.append(nodes)
+    empty_bitsets = np.zeros((0, 8), dtype=np.uint32)
+    return _predict_from_raw_data, trees, empty_bitsets
+
+
+def _predict_compiled(compiled, x: np.ndarray, baseline: float) -> np.ndarray:
+    predict, trees, bitsets = compiled
+    n_features = x.shape[1]
+    f_idx_map = np.zeros(n_features, dtype=np.uint32)
+    out = np.full(len(x), baseline, dtype=np.float64)
+    buf = np.empty(len(x), dtype=np.float64)
+    if not len(x):
+        return out
+    for nodes in trees:
+        # one thread: the step runs beside other steps on a small shared machine, where
+        # OpenMP workers spinning for a busy core cost more than they gain
+        predict(nodes, x, bitsets, bitsets, f_idx_map, 1, buf)
+        out += buf
+    return out

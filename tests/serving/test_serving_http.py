@@ -99,7 +99,7 @@ def test_rate_limit_headers_and_429(data_root):
     for remaining in (2, 1, 0):
         resp = recommend(client, {"k": 1, "user": {"user_id": "u1"}})
         assert resp.status_code == 200
-        assert resp.headers["RateLimit-Remaining"] == str(remaining)
+        assert resp.headers["RateLimit"].startswith(f'"key";r={remaining};t=')
         assert "RateLimit-Policy" in resp.headers and resp.headers["RateLimit"].startswith('"key"')
     resp = recommend(client, {"k": 1, "user": {"user_id": "u1"}})
     assert_problem(resp, 429, "RECSYS_RATE_LIMITED")
@@ -145,7 +145,7 @@ def test_request_id_and_traceparent(client):
     assert resp.headers["tracestate"] == "vendor=1"
     fresh = client.simulate_get("/healthz", headers={"X-Request-Id": "bad id with spaces"})
     assert re.fullmatch(r"[0-9a-f-]{36}", fresh.headers["X-Request-Id"])
-    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", fresh.headers["traceparent"])
+    assert "traceparent" not in fresh.headers  # nothing to continue
 
 
 def test_gzip_when_accepted(client):
