@@ -31,6 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     srv.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     srv.set_defaults(func=_serve)
 
+    ev = subparsers.add_parser("events", help="the API's durable event log")
+    ev_sub = ev.add_subparsers(dest="events_command", required=True)
+    flush = ev_sub.add_parser(
+        "flush", help="land every acknowledged API event as Parquet for the ingest sensor now"
+    )
+    flush.add_argument("--tenant", action="append", help="tenant (repeatable; default: all)")
+    flush.set_defaults(func=_flush_events)
+
 
 def _token(args: argparse.Namespace) -> int:
     from serving.auth import mint_token
@@ -48,6 +56,19 @@ def _token(args: argparse.Namespace) -> int:
             )
             return 2
     print(mint_token(key, args.tenant, scopes, args.ttl, subject=args.subject, algorithm=alg))
+    return 0
+
+
+def _flush_events(args: argparse.Namespace) -> int:
+    from recsys.storage import default_root
+    from serving.events_log import flush_events
+
+    root = getattr(args, "data_root", None) or default_root()
+    landed = flush_events(root, args.tenant)
+    for tenant, files in landed.items():
+        print(f"{tenant}: {len(files)} event file(s) landed")
+    if not landed:
+        print(f"no event logs under {root}/serving/events")
     return 0
 
 

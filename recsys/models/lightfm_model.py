@@ -81,7 +81,7 @@ class LightFMRecommender(Recommender):
             "num_threads": self.num_threads,
         }
 
-    def _fit(self, data: Dataset) -> None:
+    def _model_and_inputs(self, data: Dataset):
         from lightfm import LightFM
 
         conf = data.confidence.tocoo()
@@ -108,7 +108,19 @@ class LightFMRecommender(Recommender):
             max_sampled=self.max_sampled,
             random_state=np.random.RandomState(self.seed),
         )
-        if conf.nnz:
+        return model, inter, weight, item_features
+
+    def _take(self, model, item_features) -> None:
+        self.item_bias_, self.item_emb_ = (
+            a.astype(np.float32) for a in model.get_item_representations(item_features)
+        )
+        self.user_bias_, self.user_emb_ = (
+            a.astype(np.float32) for a in model.get_user_representations()
+        )
+
+    def _fit(self, data: Dataset) -> None:
+        model, inter, weight, item_features = self._model_and_inputs(data)
+        if inter.nnz:
             model.fit(
                 inter,
                 item_features=item_features,
@@ -122,12 +134,55 @@ class LightFMRecommender(Recommender):
                 item_features.shape[1] if item_features is not None else data.n_items,
                 data.n_users,
             )
-        self.item_bias_, self.item_emb_ = (
-            a.astype(np.float32) for a in model.get_item_representations(item_features)
-        )
-        self.user_bias_, self.user_emb_ = (
-            a.astype(np.float32) for a in model.get_user_representations()
-        )
+        self._take(model, item_features)
+
+    def fit_early_stopping(
+        self,
+        data: Dataset,
+        user_idx: np.ndarray,
+        relevant: list[np.ndarray],
+        eval_every: int = 2,
+        patience: int = 2,
+    ) -> dict[str, Any]:
+        """Fit up to ``epochs`` epochs, scoring validation NDCG@10 of the users `user_idx`
+        (their `relevant` items) every `eval_every` epochs; stop after `patience` scores
+        without improvement and keep the best state. ``epochs`` becomes the best count, so a
+        refit with :meth:`params` repeats the chosen configuration. Deterministic: epoch by
+        epoch training draws the same shuffles as one ``fit`` call."""
+        from recsys.evaluation.metrics import ndcg_at_k
+
+        seen = data.confidence.copy()
+        seen.data[:] = 1
+        self.seen_ = seen.astype(np.float32).tocsr()
+        self.n_items_ = data.n_items
+        model, inter, weight, item_features = self._model_and_inputs(data)
+        if not inter.nnz or not len(user_idx):
+            self._fit(data)
+            return {"epochs": self.epochs, "curve": []}
+        model._reset_state()
+        best, best_epochs, curve, stale, done = -1.0, 0, [], 0, 0
+        while done < self.epochs and stale < patience:
+            step = min(eval_every, self.epochs - done)
+            model.fit_partial(
+                inter,
+                item_features=item_features,
+                sample_weight=weight,
+                epochs=step,
+                num_threads=self.num_threads,
+            )
+            done += step
+            self._take(model, item_features)
+            rec, _ = self.recommend(user_idx, 10)
+            value = float(ndcg_at_k(rec, relevant, 10).mean())
+            curve.append((done, round(value, 5)))
+            if value > best + 1e-4:
+                best, best_epochs, stale = value, done, 0
+                kept = (self.item_bias_, self.item_emb_, self.user_bias_, self.user_emb_)
+            else:
+                stale += 1
+        self.item_bias_, self.item_emb_, self.user_bias_, self.user_emb_ = kept
+        self.epochs = best_epochs
+        return {"epochs": best_epochs, "curve": curve, "validation_ndcg@10": best}
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         user_idx = np.asarray(user_idx, dtype=np.int64)

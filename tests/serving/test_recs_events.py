@@ -275,3 +275,14 @@ def test_kill_9_of_real_gunicorn_loses_no_acknowledged_event(tmp_path):
     stored, _ = bench.stored_ids(root)
     report = bench.check_exactly_once(acked + acked2, stored)
     assert report["missing"] == 0 and report["duplicated"] == 0, report
+
+
+def test_events_flush_command_lands_acknowledged_events(client, data_root, capsys):
+    from recsys.cli import main
+
+    body = b"\n".join(orjson.dumps({**EV, "event_id": f"c{i}"}) for i in range(3))
+    assert bulk(client, body).json["accepted"] == 3
+    assert main(["--data-root", data_root, "events", "flush", "--tenant", "acme"]) == 0
+    assert "acme: 1 event file(s) landed" in capsys.readouterr().out
+    report = ingest_events(Storage(data_root), "acme")
+    assert report.rows_new == 3
