@@ -53,7 +53,15 @@ def main() -> int:
     info = {
         k: v
         for k, v in result.model.info.items()
-        if k in ("tuning", "candidate_recall", "ranker_rows", "ranker_positives")
+        if k
+        in (
+            "tuning",
+            "lightfm_early_stopping",
+            "candidate_recall",
+            "ranker_rows",
+            "ranker_positives",
+            "ranker_trees",
+        )
     }
     print("chosen on validation:", json.dumps(info, default=str))
     print(f"total {time.perf_counter() - t0:.1f}s")

@@ -12,6 +12,11 @@ recsys_pipeline = dg.define_asset_job(
     "recsys_pipeline",
     selection=dg.AssetSelection.all(),
     description="The main job: ingest, train, evaluate, gate and publish, end to end.",
+    # One process for the whole run: the steps form a chain, and a fresh process per step
+    # (importing dagster, polars, scikit-learn, loading models again) cost more than the
+    # little they could overlap on a small machine. Sharded backfills of
+    # user_recommendations still run through the default (multiprocess) executor.
+    executor_def=dg.in_process_executor,
 )
 
 daily_retrain = dg.ScheduleDefinition(

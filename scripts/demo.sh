@@ -23,5 +23,5 @@ Demo pipeline done: $events events ingested, models trained and gated, snapshot 
 Next (see README.md):
   Dagster UI:  DAGSTER_HOME=\$PWD/dagster_home .venv/bin/dagster dev -w workspace.yaml        -> http://127.0.0.1:3000
   MLflow UI:   .venv/bin/mlflow ui --backend-store-uri sqlite:///data/mlflow/mlflow.db             -> http://127.0.0.1:5000
-  API:         RECSYS_JWT_SECRET=change-me .venv/bin/recsys serve                                  -> http://127.0.0.1:8000/docs
+  API:         RECSYS_JWT_SECRET=<32+ random bytes> .venv/bin/recsys serve                              -> http://127.0.0.1:8000/docs
 MSG

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,30 +183,42 @@ class Filters:
         blocked by a rule, the blocking rule id per item (else an empty list).
 
         Filters are applied from the last to the first, each overwriting, so an item ends with
-        the first filter it fails (the order of OUTCOMES).
+        the first filter it fails (the order of OUTCOMES). The item-list filters (blocked items,
+        seen, exclude_ids) take one gather together (`LiveSnapshot.list_codes`).
         """
         r = self.rules
-        code = np.zeros(items.shape[0], dtype=np.uint8)
+        n = items.shape[0]
+        code = None  # tag outcomes (the lowest priorities), allocated when some tag applies
         if self.required_missing:
-            code[:] = MISSING_TAG
+            code = np.full(n, MISSING_TAG, dtype=np.uint8)
         elif self.required_tags.size:
-            have = np.zeros(items.shape[0], dtype=np.int32)
+            have = np.zeros(n, dtype=np.int32)
             for tag in self.required_tags.tolist():
                 have += live.tag_hits(items, tag)
-            code[have < self.required_tags.size] = MISSING_TAG
-        for tag in self.forbidden_tags.tolist():
-            code[live.tag_hits(items, tag)] = FORBIDDEN_TAG
-        for tag in r.blocked_tags.tolist():
-            code[live.tag_hits(items, tag)] = BLOCKED
-        if r.blocked_items.size:
-            code[live.item_member(items, r.blocked_items)] = BLOCKED
-        if self.seen.size:
-            code[live.item_member(items, self.seen)] = SEEN
+            code = (have < self.required_tags.size).astype(np.uint8)
+            code *= MISSING_TAG
+        for codes, tags in ((FORBIDDEN_TAG, self.forbidden_tags), (BLOCKED, r.blocked_tags)):
+            for tag in tags.tolist():
+                if code is None:
+                    code = np.zeros(n, dtype=np.uint8)
+                code[live.tag_hits(items, tag)] = codes
+        lists = [(r.blocked_items, BLOCKED), (self.seen, SEEN)]
+        if self.include is None:  # else exclude_ids must overwrite not_in_include_ids below
+            lists.append((self.exclude, EXCLUDED))
+        listed = live.list_codes(items, lists)
+        if listed is None:
+            if code is None:
+                code = np.zeros(n, dtype=np.uint8)
+        elif code is None:
+            code = listed
+        else:
+            np.copyto(code, listed, where=listed.astype(bool))
         if self.include is not None:
             code[~live.item_member(items, self.include)] = NOT_INCLUDED
-        if self.exclude.size:
-            code[live.item_member(items, self.exclude)] = EXCLUDED
-        code[~live.available[items]] = UNAVAILABLE
+            if self.exclude.size:
+                code[live.item_member(items, self.exclude)] = EXCLUDED
+        if live.any_unavailable:
+            code[live.unavailable[items]] = UNAVAILABLE
         blocked_by: list = []
         if (r.blocked_items.size or r.blocked_tags.size) and (code == BLOCKED).any():
             blocked_by = [
@@ -296,39 +308,33 @@ class Caps:
                     m[:, g] |= values == value
         return m
 
-    def select(self, m: np.ndarray, n: int) -> tuple[np.ndarray, dict[int, str]]:
+    def select(self, m: np.ndarray, n: int) -> tuple[list[int], dict[int, str]]:
         """Greedy top-`n` under the caps, over rows already in rank order.
 
         Returns (chosen row positions, {refused position: cap name}) and counts the chosen in.
-        One capped group is done with a cumulative sum; several with a loop over the member
-        rows only.
+        A plain loop that stops at the n-th chosen row: it visits about n rows, and only the
+        member rows look at their groups (cheaper than vector passes over every row).
         """
+        caps, names = self.caps, self.names
+        counts_now = list(self.counts)
+        member = (m[:, 0] if m.shape[1] == 1 else m.any(axis=1)).tolist()
+        chosen: list[int] = []
         refused: dict[int, str] = {}
-        if m.shape[1] == 1:
-            counts = np.cumsum(m[:, 0]) + self.counts[0]
-            bad = np.flatnonzero(m[:, 0] & (counts > self.caps[0]))
-            refused = dict.fromkeys(bad.tolist(), self.names[0])
-            ok = np.ones(m.shape[0], dtype=bool)
-            ok[bad] = False
-        else:
-            counts_now = list(self.counts)
-            ok = np.ones(m.shape[0], dtype=bool)
-            member_rows = np.flatnonzero(m.any(axis=1))
-            for row, flags in zip(member_rows.tolist(), m[member_rows].tolist(), strict=True):
-                groups = [g for g, f in enumerate(flags) if f]
-                full = next((g for g in groups if counts_now[g] >= self.caps[g]), None)
-                if full is None:
-                    for g in groups:
-                        counts_now[g] += 1
-                else:
-                    ok[row] = False
-                    refused[row] = self.names[full]
-        chosen = np.flatnonzero(ok)[:n]
-        if chosen.shape[0] == n and n > 0:
-            cutoff = int(chosen[-1])
-            refused = {r: name for r, name in refused.items() if r < cutoff}
-        for g, c in enumerate(np.count_nonzero(m[chosen], axis=0).tolist()):
-            self.counts[g] += c
+        for pos, is_member in enumerate(member):
+            if is_member:
+                groups = [g for g, f in enumerate(m[pos].tolist()) if f]
+                full = next((g for g in groups if counts_now[g] >= caps[g]), None)
+                if full is not None:
+                    refused[pos] = names[full]
+                    continue
+                for g in groups:
+                    counts_now[g] += 1
+            if len(chosen) < n:
+                chosen.append(pos)
+                if len(chosen) == n:
+                    break  # refusals past the n-th chosen row do not matter
+        if n > 0:  # (n == 0: nothing is taken; the scan only reports what the caps refuse)
+            self.counts[:] = counts_now
         return chosen, refused
 
     def take(self, flags: list[bool]) -> str | None:
@@ -349,7 +355,7 @@ class Ranked:
 
     items: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
-    reasons: list[list[str]] = field(default_factory=list)
+    reasons: list[list[str]] = field(default_factory=list)  # only with reasons or explain asked
     signals: list[list[float] | None] = field(default_factory=list)
     rules: list[list[str]] = field(default_factory=list)
     trace: list[dict[str, Any]] | None = None
@@ -492,8 +498,13 @@ class Engine:
         pool: Pool,
         seen: np.ndarray,
         weights: dict[str, float] | None,
-        backfill_sources: list[str],
+        backfill_sources: Sequence[str] | Callable[[], Sequence[str]],
     ) -> Ranked:
+        """Filter, re-score, rank, cap, pin and back-fill `pool` into the answer.
+
+        backfill_sources: fallback list names (or a callable returning them, called only when
+        the candidates leave fewer than k items).
+        """
         req, live = self.req, self.live
         k = req.k
         out = Ranked(trace=self.trace)
@@ -520,8 +531,10 @@ class Engine:
                     }
                 )
         code, blocked_by = filters.outcomes(live, pool.items)
-        keep = np.flatnonzero(code == KEPT)
-        adj = scores[keep].astype(np.float32, copy=True)
+        keep = (code == KEPT).nonzero()[0]
+        adj = scores[keep]  # a copy (fancy indexing)
+        if adj.dtype != np.float32:
+            adj = adj.astype(np.float32)
         applied_boosts: dict[int, list[str]] = {}
         if self.rules.boosts and keep.size:
             kept_items = pool.items[keep]
@@ -569,7 +582,7 @@ class Engine:
             chosen_rows = ranked_rows[positions].tolist()
             chosen_adj = ranked_adj[positions].tolist()
             capped = {int(ranked_rows[pos]): name for pos, name in refused.items()}
-        chosen = np.asarray(chosen_rows, dtype=np.int64)
+        chosen = np.asarray(chosen_rows, dtype=np.intp)
         e_items: list[int] = pool.items[chosen].tolist()
         e_scores: list[float] = chosen_adj
         e_reasons: list[int] = pool.reasons[chosen].tolist()
@@ -589,6 +602,8 @@ class Engine:
         backfilled = 0
         if len(e_items) + len(pins) < k:
             taken = set(e_items) | pinned_item_set
+            if callable(backfill_sources):
+                backfill_sources = backfill_sources()
             for source in backfill_sources:
                 need = k - len(e_items) - len(pins)
                 if need <= 0:
@@ -652,11 +667,12 @@ class Engine:
         t_post = time.perf_counter()
 
         out.items = e_items[:k]
-        out.scores = np.round(np.asarray(e_scores[:k], dtype=np.float64), 6).tolist()
-        out.reasons = [
-            [PINNED_TEXT if c == PINNED_REASON else REASONS.get(c, REASONS[0])]
-            for c in e_reasons[:k]
-        ]
+        out.scores = np.array(e_scores[:k], dtype=np.float64).round(6).tolist()
+        if req.include_reasons or req.explain != "none":
+            out.reasons = [
+                [PINNED_TEXT if c == PINNED_REASON else REASONS.get(c, REASONS[0])]
+                for c in e_reasons[:k]
+            ]
         out.signals = e_signals[:k]
         out.rules = e_rules[:k]
 
@@ -664,8 +680,11 @@ class Engine:
             self._trace_candidates(
                 pool, code, blocked_by, keep, ranked_rows, chosen_rows, capped, set(out.items), pins
             )
-        filtered_by = np.bincount(code, minlength=len(OUTCOMES)).tolist()
-        out.filtered_by = {OUTCOMES[c]: n for c, n in enumerate(filtered_by) if c != KEPT and n}
+        if counts_filtered:
+            filtered_by = np.bincount(code, minlength=len(OUTCOMES)).tolist()
+            out.filtered_by = {
+                OUTCOMES[c]: n for c, n in enumerate(filtered_by) if c != KEPT and n
+            }
         if capped:
             out.filtered_by["max_per_tag"] = len(capped)
         out.counts = {

@@ -38,6 +38,8 @@ class RecommendService:
         # and the cold-start seed lists (/v1/recs/seed). None: not mounted.
         self.experiments = None
         self.seeds = None
+        self._limits: dict[tuple[str, str | None], Limits] = {}  # per tenant config version
+
 
     # --- shared ------------------------------------------------------------------------------
     def tenant_config(self, tenant: str) -> tuple[dict[str, Any], str | None]:
@@ -46,7 +48,11 @@ class RecommendService:
 
     def parse(self, tenant: str, body: Any, similar: bool = False):
         tconf, cversion = self.tenant_config(tenant)
-        limits = Limits.for_tenant(self._config, tconf)
+        limits = self._limits.get((tenant, cversion))
+        if limits is None:
+            if len(self._limits) > 1024:
+                self._limits.clear()
+            limits = self._limits[(tenant, cversion)] = Limits.for_tenant(self._config, tconf)
         req, warnings = parse_recommend(body, limits, tconf, similar=similar)
         return req, warnings, tconf, cversion
 
@@ -156,16 +162,14 @@ class RecommendService:
         engine = Engine(live, req, rules, deadline, warnings)
 
         anchors = _item_indices(live, req.anchors)
-        category_hint = None
         if uidx is not None:
             pool, seen = engine.user_pool(uidx)
             if anchors.size:  # anchors the user just looked at are not recommended back
                 seen = np.union1d(seen, anchors)
-            if pool.items.shape[0]:
-                category_hint = int(live.category_id[pool.items[0]])
+            category_of = pool.items[:1]  # back-fill by the category of the top candidate
         elif anchors.size:
             pool, seen = engine.anchor_pool(anchors), anchors
-            category_hint = int(live.category_id[anchors[0]])
+            category_of = anchors[:1]
             if req.user_id:
                 warnings.append(
                     {
@@ -189,6 +193,7 @@ class RecommendService:
                     code="RECSYS_NO_FALLBACK",
                 )
             seen = anchors
+            category_of = anchors[:0]
             warnings.append(
                 {
                     "code": "COLD_START",
@@ -206,9 +211,12 @@ class RecommendService:
         weights = (
             req.weights if req.weights is not None else (tconf.get("defaults") or {}).get("weights")
         )
-        ranked = engine.run(
-            pool, seen, weights, backfill_sources(live, req, segment, category_hint)
-        )
+
+        def sources() -> list[str]:  # only when back-fill is needed
+            hint = int(live.category_id[category_of[0]]) if category_of.shape[0] else None
+            return backfill_sources(live, req, segment, hint)
+
+        ranked = engine.run(pool, seen, weights, sources)
         meta.update(self._meta(tenant, req, segment, live, cversion, rversion, ranked, started))
         if weights and req.explain == "full":
             meta["weights"] = {s: float(weights.get(s, 0.0)) for s in SIGNALS}
@@ -264,21 +272,28 @@ class RecommendService:
 
     def _response(self, live, req: RecommendRequest, ranked: Ranked, meta, warnings):
         ids = live.item_ids(ranked.items)
-        items = []
         explain = req.explain != "none"
-        for rank, (item_id, score) in enumerate(zip(ids, ranked.scores, strict=True), start=1):
-            entry: dict[str, Any] = {"item_id": item_id, "rank": rank, "score": score}
-            if req.include_reasons or explain:
+        if req.include_reasons or explain:
+            items = []
+            for rank, (item_id, score) in enumerate(zip(ids, ranked.scores, strict=True), start=1):
+                entry: dict[str, Any] = {"item_id": item_id, "rank": rank, "score": score}
                 entry["reasons"] = ranked.reasons[rank - 1]
-            if explain:
-                sig = ranked.signals[rank - 1]
-                entry["explain"] = {
-                    "signals": dict(zip(SIGNALS, (round(v, 6) for v in sig), strict=True))
-                    if sig
-                    else {},
-                    "rules": ranked.rules[rank - 1],
-                }
-            items.append(entry)
+                if explain:
+                    sig = ranked.signals[rank - 1]
+                    entry["explain"] = {
+                        "signals": dict(zip(SIGNALS, (round(v, 6) for v in sig), strict=True))
+                        if sig
+                        else {},
+                        "rules": ranked.rules[rank - 1],
+                    }
+                items.append(entry)
+        else:
+            items = [
+                {"item_id": item_id, "rank": rank, "score": score}
+                for rank, item_id, score in zip(
+                    range(1, len(ids) + 1), ids, ranked.scores, strict=True
+                )
+            ]
         body: dict[str, Any] = {"items": items, "meta": meta, "warnings": warnings}
         if ranked.trace is not None:
             body["trace"] = ranked.trace
@@ -291,8 +306,12 @@ class RecommendService:
             self._metrics.backfilled.inc((tenant, source), n)
 
 
+_NO_ITEMS = np.zeros(0, dtype=np.int32)
+_NO_ITEMS.flags.writeable = False
+
+
 def _item_indices(live: LiveSnapshot, ids: list[str]) -> np.ndarray:
     if not ids:
-        return np.zeros(0, dtype=np.int32)
+        return _NO_ITEMS
     found = [i for i in map(live.item_index, ids) if i is not None]
     return np.asarray(list(dict.fromkeys(found)), dtype=np.int32)

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,10 @@ log = logging.getLogger("recsys.serving")
 #: Item id strings kept per worker and snapshot (~70 bytes each): decoding ids from the mapped
 #: byte array costs about a microsecond each, a dict hit a tenth of that.
 ID_CACHE_SIZE = 200_000
+
+#: Per worker and snapshot, bytes of bool[n_items] tag masks (most common tags first): a mask
+#: answers "which of these candidates carry the tag" with one gather instead of a binary search.
+TAG_MASK_BUDGET_BYTES = 32 << 20
 
 
 class LiveSnapshot:
@@ -64,7 +68,29 @@ class LiveSnapshot:
         self._index_cache: dict[str, int | None] = {}
         self._tag_items: np.ndarray | None = None
         self._tag_items_off: np.ndarray | None = None
+        self._tag_masks: dict[int, np.ndarray] = {}
         self.fallback_names = frozenset(snap.fallback_names)
+        # bool[n_items] (private, n_items bytes): one gather answers "unavailable?" for a request.
+        self.unavailable = ~self.available
+        self.any_unavailable = bool(self.unavailable.any())
+
+    def prepare(self, tag_mask_budget_bytes: int = TAG_MASK_BUDGET_BYTES) -> None:
+        """Build the per-worker structures the engine reads, before the snapshot is swapped in:
+        the inverted tag index, and one bool[n_items] mask per tag for the most common tags
+        (as many as fit in `tag_mask_budget_bytes`; other tags use the inverted index)."""
+        tag_items, off = self._tag_index()
+        n_items = self.snap.n_items
+        if not n_items:
+            return
+        sizes = np.diff(off)
+        masks: dict[int, np.ndarray] = {}
+        for tag in np.argsort(-sizes, kind="stable")[: tag_mask_budget_bytes // n_items].tolist():
+            if not sizes[tag]:
+                break
+            mask = np.zeros(n_items, dtype=bool)
+            mask[tag_items[off[tag] : off[tag + 1]]] = True
+            masks[tag] = mask
+        self._tag_masks = masks
 
     def _tag_index(self) -> tuple[np.ndarray, np.ndarray]:
         """Inverted tag table (tag -> sorted item indices), built once per worker on first use
@@ -80,27 +106,50 @@ class LiveSnapshot:
         return self._tag_items, self._tag_items_off
 
     def tag_hits(self, items: np.ndarray, tag: int) -> np.ndarray:
-        """bool per entry of `items`: does the item carry tag id `tag`? (binary search; the cost
-        does not grow with how many items carry the tag)."""
+        """bool per entry of `items`: does the item carry tag id `tag`? (one gather from the
+        tag's mask; tags without a mask: a binary search in the inverted index)."""
+        mask = self._tag_masks.get(tag)
+        if mask is not None:
+            return mask[items]
         tag_items, off = self._tag_index()
         having = tag_items[off[tag] : off[tag + 1]]
         if not having.shape[0]:
             return np.zeros(items.shape[0], dtype=bool)
-        pos = np.searchsorted(having, items)
-        np.minimum(pos, having.shape[0] - 1, out=pos)
+        pos = having.searchsorted(items)
+        pos.clip(0, having.shape[0] - 1, out=pos)
         return having[pos] == items
 
-    def _masks(self) -> tuple[np.ndarray, np.ndarray]:
+    def _masks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         scratch = self._scratch
         masks = getattr(scratch, "masks", None)
         if masks is None:
-            # One all-False bool[n_items] and bool[n_tags] per thread, allocated once: membership
-            # tests set the few entries they need and clear them again (np.isin sorts instead).
+            # One all-False bool[n_items] and bool[n_tags] and an all-zero uint8[n_items] per
+            # thread, allocated once: membership tests set the few entries they need and clear
+            # them again (np.isin sorts instead).
             masks = scratch.masks = (
                 np.zeros(self.snap.n_items, dtype=bool),
                 np.zeros(max(1, self.n_tags), dtype=bool),
+                np.zeros(self.snap.n_items, dtype=np.uint8),
             )
         return masks
+
+    def list_codes(
+        self, items: np.ndarray, lists: Sequence[tuple[np.ndarray, int]]
+    ) -> np.ndarray | None:
+        """uint8 per entry of `items`: the code of the last of `lists` ((item indices, code)
+        pairs) that holds it, 0 when none does; None when every list is empty. One gather for
+        all lists: give them in reverse priority."""
+        written = [(of, code) for of, code in lists if of.shape[0]]
+        if not written:
+            return None
+        codes = self._masks()[2]
+        try:
+            for of, code in written:
+                codes[of] = code
+            return codes[items]
+        finally:
+            for of, _ in written:
+                codes[of] = 0
 
     def item_member(self, items: np.ndarray, of: np.ndarray) -> np.ndarray:
         """bool per entry of `items`: is it one of the item indices `of`?"""
@@ -220,7 +269,7 @@ class TenantSnapshots:
                 snap.user_candidates(0)
                 snap.user_seen(0)
             loaded = LiveSnapshot(snap)
-            loaded._tag_index()  # build before the swap, not inside the first ranked request
+            loaded.prepare()  # build before the swap, not inside the first ranked request
         except (SnapshotError, OSError, ValueError, KeyError, IndexError) as e:
             self.last_error = f"{sid}: {e}"
             log.error("refusing snapshot %s of tenant %s: %s", sid, self.tenant, e)

@@ -9,7 +9,6 @@ from pipelines.resources import MlflowResource, StorageResource
 from pipelines.training.assets import (
     _md_table,
     model_path,
-    ranker_model,
     read_inputs,
     read_json,
     tenants,
@@ -36,7 +35,7 @@ def _table_metadata(table) -> dg.MetadataValue:
     return dg.MetadataValue.table(records=records, schema=schema)
 
 
-@dg.asset(group_name=GROUP, deps=[ranker_model], kinds={"polars", "matplotlib"})
+@dg.asset(group_name=GROUP, deps=["ranker_model"], kinds={"polars", "matplotlib"})
 def model_evaluation(
     context: dg.AssetExecutionContext, config: EvaluationConfig, storage: StorageResource
 ) -> dg.MaterializeResult:

@@ -5,7 +5,7 @@ import dagster as dg
 
 class PublishConfig(dg.Config):
     tenants: list[str] = []  # empty = every tenant with validated events
-    n_per_user: int = 100  # candidates kept per user (the server filters and re-ranks them)
+    n_per_user: int = 200  # candidates kept per user: enough for filters to leave a full page
     n_similar: int = 20  # neighbours per item, per kind
     n_fallback: int = 200  # items per fallback list
     keep: int = 5  # published snapshots kept per tenant (plus the current one)

@@ -1,13 +1,17 @@
 """Training assets: interactions, the temporal split, the candidate generators and the ranker.
 
 Every asset loops over tenants and reads the validated warehouse tables through the storage
-resource. Each model is fitted twice: on the train part of the split (``eval/``, scored by
-``model_evaluation``) and on all events (``final/``, the version that is registered and
-published). Model folders live under ``Storage.models_dir(tenant)``.
+resource. Two hybrid models come out per tenant (``recsys.models.hybrid.fit_eval_and_final``):
+``eval/hybrid``, fitted on the train part of the split and scored by ``model_evaluation``, and
+``final/hybrid``, refitted on all events with the configuration chosen and evaluated on the
+train part; that one is registered and published. Each hybrid folder holds its generators.
+
+The generators and the ranker are one step (``train_models``, a multi-asset that still shows
+each model as its own asset): they share the datasets and the fitted generators in memory,
+where separate steps re-read the events, rebuilt the datasets and re-loaded every model.
 """
 
 import json
-import os
 import posixpath
 import time
 
@@ -15,25 +19,27 @@ import dagster as dg
 import polars as pl
 
 from pipelines.resources import StorageResource
-from pipelines.training.config import (
-    CooccurrenceConfig,
-    EASEConfig,
-    InteractionsConfig,
-    LightFMConfig,
-    PopularityConfig,
-    RankerConfig,
-    SplitConfig,
-)
+from pipelines.training.config import InteractionsConfig, SplitConfig, TrainingConfig
 from recsys import ingest
 from recsys.contract import DEFAULT_EVENT_WEIGHTS
-from recsys.models.base import Recommender
-from recsys.models.data import build_dataset, temporal_split
 from recsys.models.data import interactions as fold_interactions
-from recsys.models.hybrid import HybridConfig, HybridRecommender, fit_generators
+from recsys.models.data import temporal_split
+from recsys.models.hybrid import (
+    HybridConfig,
+    fit_eval_and_final,
+    popularity_only,
+)
 from recsys.storage import Storage
 
 GROUP = "training"
 VARIANTS = ("eval", "final")  # fitted on the train part / on all events
+#: asset name -> the generators it stands for in the hybrid
+GENERATOR_ASSETS: dict[str, tuple[str, ...]] = {
+    "popularity_model": ("popularity", "category"),
+    "cooccurrence_model": ("cooccurrence",),
+    "lightfm_model": ("lightfm",),
+    "ease_model": ("ease",),
+}
 
 
 # --- reading and writing -------------------------------------------------------------------------
@@ -75,38 +81,55 @@ def read_json(store: Storage, path: str):
         return json.load(f)
 
 
-def hybrid_config(store: Storage, tenant: str) -> HybridConfig:
-    """The HybridConfig implied by what the upstream assets recorded for `tenant`."""
+def hybrid_config(store: Storage, tenant: str, config: TrainingConfig) -> HybridConfig:
+    """The HybridConfig of a fit: what the upstream assets recorded for `tenant` (weights,
+    half-life, validation window) plus the run's model hyperparameters."""
     inter = read_json(store, model_path(store, tenant, "interactions.json"))
     split = read_json(store, model_path(store, tenant, "split.json"))
-    cfg = HybridConfig(
+    lf, rk = config.lightfm, config.ranker
+    return HybridConfig(
         weights=inter["weights"],
         half_life_days=inter["half_life_days"],
         validation_fraction=split["validation_fraction"],
         tune={},
-    )
-    for name in ("cooccurrence", "lightfm", "ease"):
-        p = model_path(store, tenant, "final", name, "params.json")
-        if store.exists(p):
-            setattr(cfg, name, read_json(store, p)["params"])
-    return cfg
-
-
-def split_events(store: Storage, tenant: str, events: pl.DataFrame) -> dict[str, pl.DataFrame]:
-    """{'eval': train part, 'final': all events} per the recorded split."""
-    split = read_json(store, model_path(store, tenant, "split.json"))
-    return {"eval": temporal_split(events, split["test_fraction"]).train, "final": events}
-
-
-def variant_dataset(store: Storage, tenant: str, variant: str, events, items, users):
-    cfg = hybrid_config(store, tenant)
-    return build_dataset(
-        events,
-        items,
-        users,
-        weights=cfg.weights,
-        half_life_days=cfg.half_life_days,
-        include_catalog_items=(variant == "final"),
+        candidates_per_generator=rk.candidates_per_generator,
+        cooccurrence={
+            "shrink": config.cooccurrence.shrink,
+            "buy_weight": config.cooccurrence.buy_weight,
+            "neighbors": config.cooccurrence.neighbors,
+            "max_user_items": config.cooccurrence.max_user_items,
+        },
+        lightfm={
+            "no_components": lf.no_components,
+            "epochs": lf.epochs,
+            "learning_rate": lf.learning_rate,
+            "item_alpha": lf.item_alpha,
+            "max_sampled": lf.max_sampled,
+            "use_item_features": lf.use_item_features,
+            "seed": lf.seed,
+            "num_threads": lf.num_threads,
+            "max_updates": lf.max_updates,
+        },
+        lightfm_early_stopping=(
+            {"eval_every": lf.eval_every, "patience": lf.patience, "max_users": 1000}
+            if lf.early_stopping
+            else None
+        ),
+        ease={"l2": config.ease.l2, "max_items": config.ease.max_items},
+        ranker={
+            "max_iter": rk.max_iter,
+            "learning_rate": rk.learning_rate,
+            "max_leaf_nodes": rk.max_leaf_nodes,
+            "min_samples_leaf": rk.min_samples_leaf,
+            "l2_regularization": rk.l2_regularization,
+            "early_stopping": rk.early_stopping,
+            "n_iter_no_change": rk.n_iter_no_change,
+            "validation_fraction": 0.1,
+        },
+        max_ranker_users=rk.max_users,
+        max_ranker_rows=rk.max_rows,
+        min_ranker_positives=rk.min_ranker_positives,
+        seed=rk.seed,
     )
 
 
@@ -200,163 +223,119 @@ def data_split(
     )
 
 
-def _generator_asset(
-    asset_name: str, names: tuple[str, ...], config_cls, to_params, description: str
+@dg.multi_asset(
+    name="train_models",
+    group_name=GROUP,
+    specs=[
+        dg.AssetSpec(
+            "popularity_model",
+            deps=[data_split],
+            kinds={"numpy"},
+            description="Global, trending, per-category and per-segment popularity; always "
+            "fitted (the fallback).",
+        ),
+        dg.AssetSpec(
+            "cooccurrence_model",
+            deps=[data_split],
+            kinds={"numpy", "scipy"},
+            description="Item-item co-view / co-buy similarity (shrunk cosine, sparse products).",
+        ),
+        dg.AssetSpec(
+            "lightfm_model",
+            deps=[data_split],
+            kinds={"numpy"},
+            description="LightFM WARP, hybrid with category / brand / tag item features; the "
+            "epoch count is chosen on the validation window.",
+        ),
+        dg.AssetSpec(
+            "ease_model",
+            deps=[data_split],
+            kinds={"numpy"},
+            description="EASE closed-form item-item model over the most popular items.",
+        ),
+        dg.AssetSpec(
+            "ranker_model",
+            deps=["popularity_model", "cooccurrence_model", "lightfm_model", "ease_model"],
+            kinds={"scikitlearn", "numpy"},
+            description="The second stage: a boosted-tree ranker over the merged candidates, "
+            "saved with its generators as one hybrid model (models/<tenant>/<eval|final>/hybrid).",
+        ),
+    ],
+)
+def train_models(
+    context: dg.AssetExecutionContext, config: TrainingConfig, storage: StorageResource
 ):
-    @dg.asset(
-        name=asset_name,
-        group_name=GROUP,
-        deps=[data_split],
-        kinds={"numpy"},
-        description=description,
-    )
-    def _asset(
-        context: dg.AssetExecutionContext, config: config_cls, storage: StorageResource
-    ) -> dg.MaterializeResult:
-        store = storage.storage()
-        params = to_params(config)
-        rows = []
-        for tenant in tenants(store, config.tenants):
-            events, items, users = read_inputs(store, tenant)
-            split = read_json(store, model_path(store, tenant, "split.json"))
-            parts = split_events(store, tenant, events)
-            for variant in VARIANTS:
-                data = variant_dataset(store, tenant, variant, parts[variant], items, users)
-                cfg = hybrid_config(store, tenant)
+    """Fits every generator and the ranker for each tenant, eval and final variants (see the
+    module docstring), and saves the two hybrid models."""
+    store = storage.storage()
+    gen_rows: dict[str, list[dict]] = {a: [] for a in GENERATOR_ASSETS}
+    ranker_rows: list[dict] = []
+    chosen: dict[str, dict] = {}
+    for tenant in tenants(store, config.tenants):
+        t0 = time.perf_counter()
+        events, items, users = read_inputs(store, tenant)
+        split = read_json(store, model_path(store, tenant, "split.json"))
+        cfg = hybrid_config(store, tenant, config)
+        if split["skip"]:
+            models = {
+                v: popularity_only(
+                    events if v == "final" else _train_part(events, split),
+                    items,
+                    users,
+                    cfg,
+                    split["skip"],
+                    v == "final",
+                )
+                for v in VARIANTS
+            }
+        else:
+            models = dict(
+                zip(
+                    VARIANTS,
+                    fit_eval_and_final(events, items, users, cfg, split["test_fraction"]),
+                    strict=True,
+                )
+            )
+        for variant, model in models.items():
+            model.save(model_path(store, tenant, variant, "hybrid"))
+        seconds = round(time.perf_counter() - t0, 2)
+        chosen[tenant] = {
+            k: models["eval"].info[k]
+            for k in ("tuning", "lightfm_early_stopping")
+            if k in models["eval"].info
+        }
+        for variant, model in models.items():
+            info = model.info
+            gen_seconds = info.get("generator_seconds", {})
+            skipped = {**info.get("generators_skipped", {})}
+            for asset, names in GENERATOR_ASSETS.items():
                 for name in names:
-                    if name in params:
-                        setattr(cfg, name, params[name])
-                wanted = names if not split["skip"] or names[0] == "popularity" else ()
-                models, skipped, seconds = fit_generators(data, cfg, wanted)
-                if split["skip"] and not wanted:
-                    skipped = {n: split["skip"] for n in names}
-                for name in names:
-                    out = model_path(store, tenant, variant, name)
-                    if name in models:
-                        models[name].save(out)
-                    elif store.exists(out):
-                        store.fs.rm(out, recursive=True)  # a stale model must not be picked up
-                    rows.append(
+                    if name not in model.generators_ and name not in skipped:
+                        skipped[name] = split["skip"] or "too little data"
+                    gen_rows[asset].append(
                         {
                             "tenant": tenant,
                             "variant": variant,
                             "model": name,
-                            "users": data.n_users,
-                            "items": data.n_items,
-                            "seconds": round(seconds.get(name, 0.0), 3),
+                            "users": len(model.user_ids_),
+                            "items": len(model.item_ids_),
+                            "seconds": round(gen_seconds.get(name, 0.0), 3),
                             "skipped": skipped.get(name, ""),
                         }
                     )
                     if name in skipped:
                         context.log.warning(f"{tenant}/{variant}/{name} skipped: {skipped[name]}")
-        return dg.MaterializeResult(
-            metadata={
-                "models": _md_table(rows),
-                "params": dg.MetadataValue.json(params),
-                "path": model_path(store, "<tenant>", "<eval|final>"),
-            }
-        )
-
-    return _asset
-
-
-popularity_model = _generator_asset(
-    "popularity_model",
-    ("popularity", "category"),
-    PopularityConfig,
-    lambda c: {},
-    "Global, trending, per-category and per-segment popularity; always fitted (the fallback).",
-)
-cooccurrence_model = _generator_asset(
-    "cooccurrence_model",
-    ("cooccurrence",),
-    CooccurrenceConfig,
-    lambda c: {
-        "cooccurrence": {"shrink": c.shrink, "buy_weight": c.buy_weight, "neighbors": c.neighbors}
-    },
-    "Item-item co-view / co-buy similarity (shrunk cosine).",
-)
-lightfm_model = _generator_asset(
-    "lightfm_model",
-    ("lightfm",),
-    LightFMConfig,
-    lambda c: {
-        "lightfm": {
-            "no_components": c.no_components,
-            "epochs": c.epochs,
-            "learning_rate": c.learning_rate,
-            "item_alpha": c.item_alpha,
-            "max_sampled": c.max_sampled,
-            "use_item_features": c.use_item_features,
-            "seed": c.seed,
-            "num_threads": c.num_threads,
-        }
-    },
-    "LightFM WARP, hybrid with category / brand / tag item features.",
-)
-ease_model = _generator_asset(
-    "ease_model",
-    ("ease",),
-    EASEConfig,
-    lambda c: {"ease": {"l2": c.l2, "max_items": c.max_items}},
-    "EASE closed-form item-item model.",
-)
-
-
-@dg.asset(
-    group_name=GROUP,
-    deps=[popularity_model, cooccurrence_model, lightfm_model, ease_model],
-    kinds={"scikitlearn", "numpy"},
-)
-def ranker_model(
-    context: dg.AssetExecutionContext, config: RankerConfig, storage: StorageResource
-) -> dg.MaterializeResult:
-    """The second stage: a boosted-tree ranker over the merged candidates, trained on the
-    newest window of each variant's events, saved with its generators as one hybrid model
-    (models/<tenant>/<eval|final>/hybrid)."""
-    store = storage.storage()
-    params = {
-        "candidates_per_generator": config.candidates_per_generator,
-        "min_ranker_positives": config.min_ranker_positives,
-        "seed": config.seed,
-        "ranker": {
-            "max_iter": config.max_iter,
-            "learning_rate": config.learning_rate,
-            "max_leaf_nodes": config.max_leaf_nodes,
-            "min_samples_leaf": config.min_samples_leaf,
-            "l2_regularization": config.l2_regularization,
-        },
-    }
-    rows = []
-    for tenant in tenants(store, config.tenants):
-        events, items, users = read_inputs(store, tenant)
-        parts = split_events(store, tenant, events)
-        for variant in VARIANTS:
-            t0 = time.perf_counter()
-            cfg = hybrid_config(store, tenant)
-            for k, v in params.items():
-                setattr(cfg, k, v)
-            cfg.include_catalog_items = variant == "final"
-            data = variant_dataset(store, tenant, variant, parts[variant], items, users)
-            gens: dict[str, Recommender] = {}
-            for name in ("popularity", "category", "cooccurrence", "lightfm", "ease"):
-                p = model_path(store, tenant, variant, name)
-                if store.exists(os.path.join(p, "params.json")):
-                    gens[name] = Recommender.load(p)
-            model = HybridRecommender(cfg).fit(
-                parts[variant], items, users, generators=gens, data=data
-            )
-            model.save(model_path(store, tenant, variant, "hybrid"))
-            info = model.info
-            rows.append(
+            ranker_rows.append(
                 {
                     "tenant": tenant,
                     "variant": variant,
+                    "users": info.get("ranker_users", 0),
                     "rows": info.get("ranker_rows", 0),
                     "positives": info.get("ranker_positives", 0),
+                    "trees": info.get("ranker_trees", 0),
                     "candidate_recall": round(info.get("candidate_recall", 0.0), 3),
                     "skipped": info.get("ranker_skipped") or "",
-                    "seconds": round(time.perf_counter() - t0, 2),
+                    "seconds": round(info.get("ranker_seconds", 0.0), 2),
                 }
             )
             if info.get("ranker_skipped"):
@@ -364,6 +343,27 @@ def ranker_model(
                     f"{tenant}/{variant}: ranker skipped ({info['ranker_skipped']}); "
                     f"order falls back to {info['fallback_order']}"
                 )
-    return dg.MaterializeResult(
-        metadata={"ranker": _md_table(rows), "params": dg.MetadataValue.json(params)}
+        context.log.info(f"{tenant}: eval and final models fitted in {seconds}s")
+    params = config.model_dump()
+    for asset in GENERATOR_ASSETS:
+        key = asset.removesuffix("_model")
+        yield dg.MaterializeResult(
+            asset_key=asset,
+            metadata={
+                "models": _md_table(gen_rows[asset]),
+                "params": dg.MetadataValue.json(params.get(key, {})),
+                "path": model_path(store, "<tenant>", "<eval|final>", "hybrid"),
+            },
+        )
+    yield dg.MaterializeResult(
+        asset_key="ranker_model",
+        metadata={
+            "ranker": _md_table(ranker_rows),
+            "params": dg.MetadataValue.json(params["ranker"]),
+            "chosen_on_validation": dg.MetadataValue.json(chosen),
+        },
     )
+
+
+def _train_part(events, split: dict):
+    return temporal_split(events, split["test_fraction"]).train

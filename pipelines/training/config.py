@@ -1,4 +1,14 @@
-"""Run configuration of the training assets: one dg.Config per model, echoed into metadata."""
+"""Run configuration of the training assets: one dg.Config per model, echoed into metadata.
+
+The generators and the ranker are fitted by one step (see ``pipelines/training/assets.py``),
+so their configs are nested in :class:`TrainingConfig`; in the launchpad::
+
+    ops:
+      train_models:
+        config:
+          lightfm: {no_components: 32, epochs: 30}
+          ranker: {max_iter: 150}
+"""
 
 import dagster as dg
 
@@ -25,38 +35,52 @@ class SplitConfig(TenantsConfig):
     min_events: int = 50  # fewer: personalised models are skipped, popularity still serves
 
 
-class PopularityConfig(TenantsConfig):
-    """Popularity has no hyperparameters beyond the interaction weights."""
-
-
-class CooccurrenceConfig(TenantsConfig):
+class CooccurrenceConfig(dg.Config):
     shrink: float = 10.0
     buy_weight: float = 1.0
     neighbors: int = 200
+    max_user_items: int = 1000  # longer histories keep their strongest items (crawlers)
 
 
-class LightFMConfig(TenantsConfig):
+class LightFMConfig(dg.Config):
     no_components: int = 32
-    epochs: int = 30
+    epochs: int = 30  # the maximum; the count is chosen on the validation window
     learning_rate: float = 0.05
     item_alpha: float = 0.0
     max_sampled: int = 10
     use_item_features: bool = True
     seed: int = 42
     num_threads: int = 1  # >1 is faster but not reproducible (Hogwild)
+    max_updates: int = 3_000_000  # epochs x interactions cap per fit (0 = none)
+    early_stopping: bool = True
+    eval_every: int = 5
+    patience: int = 2
 
 
-class EASEConfig(TenantsConfig):
+class EASEConfig(dg.Config):
     l2: float = 250.0
-    max_items: int = 3000
+    max_items: int = 3000  # the most popular items are modelled (time ~ max_items^3)
 
 
-class RankerConfig(TenantsConfig):
+class RankerConfig(dg.Config):
     candidates_per_generator: int = 100
     max_iter: int = 150
     learning_rate: float = 0.05
     max_leaf_nodes: int = 15
     min_samples_leaf: int = 50
     l2_regularization: float = 1.0
+    early_stopping: bool = True
+    n_iter_no_change: int = 10
+    max_users: int = 3000  # label-window users sampled (seeded) for training
+    max_rows: int = 200_000
     min_ranker_positives: int = 20
     seed: int = 42
+
+
+class TrainingConfig(TenantsConfig):
+    """Hyperparameters of every generator and of the ranker (one step fits them all)."""
+
+    cooccurrence: CooccurrenceConfig = CooccurrenceConfig()
+    lightfm: LightFMConfig = LightFMConfig()
+    ease: EASEConfig = EASEConfig()
+    ranker: RankerConfig = RankerConfig()

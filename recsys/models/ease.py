@@ -13,12 +13,17 @@ from recsys.models.data import Dataset
 def _ease_weights(gram: np.ndarray) -> np.ndarray:
     """B = I - P / diag(P) with a zero diagonal, P = gram^-1 (float32, via Cholesky)."""
     from scipy.linalg import lapack
+    from threadpoolctl import threadpool_limits
 
     if gram.shape[0] == 0:
         return gram.astype(np.float32)
-    c, info = lapack.spotrf(gram, lower=1, clean=0, overwrite_a=1)
-    if info == 0:
-        p, info = lapack.spotri(c, lower=1, overwrite_c=1)
+    # One BLAS thread: after LightFM and scikit-learn have run in the same process, OpenBLAS's
+    # two threads fought idle-spinning workers of the other runtimes on a 2-core machine and
+    # the factorisation ran ~15x slower than single-threaded.
+    with threadpool_limits(limits=1, user_api="blas"):
+        c, info = lapack.spotrf(gram, lower=1, clean=0, overwrite_a=1)
+        if info == 0:
+            p, info = lapack.spotri(c, lower=1, overwrite_c=1)
     if info != 0:  # not positive definite (only possible with l2 <= 0): general inverse
         p = np.linalg.inv(gram.astype(np.float64)).astype(np.float32)
     else:

@@ -56,12 +56,29 @@ class HybridConfig:
     validation_fraction: float = 0.15
     candidates_per_generator: int = 100
     cooccurrence: dict[str, Any] = field(
-        default_factory=lambda: {"shrink": 10.0, "buy_weight": 1.0, "neighbors": 200}
+        default_factory=lambda: {
+            "shrink": 10.0,
+            "buy_weight": 1.0,
+            "neighbors": 200,
+            "max_user_items": 1000,
+        }
     )
     lightfm: dict[str, Any] = field(
-        default_factory=lambda: {"no_components": 32, "epochs": 30, "seed": 42, "num_threads": 1}
+        default_factory=lambda: {
+            "no_components": 32,
+            "epochs": 30,
+            "seed": 42,
+            "num_threads": 1,
+            "max_updates": 3_000_000,
+        }
     )
     ease: dict[str, Any] = field(default_factory=lambda: {"l2": 250.0, "max_items": 3000})
+    #: LightFM's epoch count is chosen on the validation window: ``lightfm["epochs"]`` is the
+    #: maximum, NDCG@10 of up to ``max_users`` validation users is scored every ``eval_every``
+    #: epochs, and training stops after ``patience`` scores without improvement. None = off.
+    lightfm_early_stopping: dict[str, Any] | None = field(
+        default_factory=lambda: {"eval_every": 5, "patience": 2, "max_users": 1000}
+    )
     #: candidate values tried on the validation window (never the test window); best NDCG@10 wins
     tune: dict[str, list[dict[str, Any]]] = field(
         default_factory=lambda: {
@@ -76,9 +93,16 @@ class HybridConfig:
             "max_leaf_nodes": 15,
             "min_samples_leaf": 50,
             "l2_regularization": 1.0,
+            # stop adding trees once a held-out 10% of the ranker's rows stops improving:
+            # fewer trees train faster and make every served list cheaper to score
+            "early_stopping": True,
+            "n_iter_no_change": 10,
+            "validation_fraction": 0.1,
         }
     )
-    max_ranker_rows: int = 400_000
+    #: label-window users the ranker learns from (a seeded sample when there are more)
+    max_ranker_users: int = 3000
+    max_ranker_rows: int = 200_000
     min_ranker_positives: int = 20
     min_users: int = 2
     min_items: int = 2
@@ -137,6 +161,205 @@ def fit_generators(
         models[name] = make_generator(name, config.generator_params(name)).fit(data)
         seconds[name] = time.perf_counter() - t0
     return models, skipped, seconds
+
+
+def _sample_holdout(holdout: Holdout, max_users: int, seed: int) -> Holdout:
+    """At most `max_users` users of `holdout` (a seeded sample, kept in index order)."""
+    if max_users <= 0 or holdout.n_users <= max_users:
+        return holdout
+    pick = np.sort(np.random.default_rng(seed).choice(holdout.n_users, max_users, replace=False))
+    return Holdout(holdout.user_idx[pick], [holdout.relevant[i] for i in pick])
+
+
+def fit_window_generators(
+    data: Dataset, holdout: Holdout, config: HybridConfig, tune: bool = True
+) -> tuple[dict[str, Recommender], dict[str, Any]]:
+    """Generators on the ranker's fit window, choosing hyperparameters on its label window.
+
+    With `tune`, each ``config.tune`` grid is tried and the best validation NDCG@10 wins
+    (first on ties), and LightFM stops early on validation NDCG@10
+    (``config.lightfm_early_stopping``). The choices are written into `config`, so a refit
+    with it repeats them; the chosen models themselves are kept (never fitted twice).
+    """
+    c = config
+    gens: dict[str, Recommender] = {}
+    chosen: dict[str, Any] = {}
+    reason = too_little_data(data, c)
+    if tune and reason is None and holdout.n_users:
+        tuning = {}
+        for name, grid in c.tune.items():
+            if not grid:
+                continue
+            results = []
+            for override in grid:
+                model = make_generator(name, {**c.generator_params(name), **override}).fit(data)
+                rec, _ = model.recommend(holdout.user_idx, 10)
+                results.append(
+                    (float(ndcg_at_k(rec, holdout.relevant, 10).mean()), override, model)
+                )
+            best = max(results, key=lambda r: r[0])  # first best on ties (grid order)
+            setattr(c, name, {**getattr(c, name), **best[1]})
+            gens[name] = best[2]
+            tuning[name] = {"chosen": best[1], "validation_ndcg@10": [r[0] for r in results]}
+        chosen["tuning"] = tuning
+        es = c.lightfm_early_stopping
+        if es and "lightfm" not in gens:
+            sample = _sample_holdout(holdout, int(es.get("max_users", 1000)), c.seed)
+            model = make_generator("lightfm", c.generator_params("lightfm"))
+            t0 = time.perf_counter()
+            curve = model.fit_early_stopping(
+                data,
+                sample.user_idx,
+                sample.relevant,
+                eval_every=int(es.get("eval_every", 2)),
+                patience=int(es.get("patience", 2)),
+            )
+            c.lightfm = {**c.lightfm, "epochs": model.epochs}
+            gens["lightfm"] = model
+            chosen["lightfm_early_stopping"] = {
+                **curve,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+    rest = tuple(g for g in GENERATORS if g not in gens)
+    more, _, _ = fit_generators(data, c, rest)
+    gens.update(more)
+    return {g: gens[g] for g in GENERATORS if g in gens}, chosen
+
+
+def train_ranker(
+    gens: dict[str, Recommender],
+    side: SideFeatures,
+    data: Dataset,
+    holdout: Holdout,
+    config: HybridConfig,
+    batch_size: int = 512,
+) -> tuple[TreeEnsemble | None, dict[str, Any]]:
+    """The second stage: a boosted-tree classifier over the merged candidates of (a seeded
+    sample of) the holdout users, positives = their holdout items. None when too few."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from threadpoolctl import threadpool_limits
+
+    c = config
+    sample = _sample_holdout(holdout, c.max_ranker_users, c.seed)
+    xs, ys = [], []
+    for start in range(0, sample.n_users, batch_size):
+        users = sample.user_idx[start : start + batch_size]
+        cand = build_candidates(
+            gens, side, gens["popularity"].seen_, users, c.candidates_per_generator
+        )
+        rel = sample.relevant[start : start + batch_size]
+        rel_codes = np.concatenate(
+            [np.full(len(r), p, np.int64) * data.n_items + r for p, r in enumerate(rel)]
+        )
+        ys.append(np.isin(cand.user_pos * data.n_items + cand.item_idx, rel_codes))
+        xs.append(cand.features)
+    y = np.concatenate(ys).astype(np.int8) if ys else np.zeros(0, np.int8)
+    x = np.concatenate(xs) if xs else np.zeros((0, len(FEATURE_NAMES)))
+    info = {
+        "ranker_users": sample.n_users,
+        "ranker_rows": int(len(y)),
+        "ranker_positives": int(y.sum()),
+        "candidate_recall": float(y.sum() / max(sample.n_pairs, 1)),
+    }
+    if y.sum() < c.min_ranker_positives or y.sum() == len(y):
+        info["ranker_skipped"] = f"{int(y.sum())} positive candidate(s) of {len(y)}"
+        return None, info
+    # an all-missing column (e.g. no prices at all) is constant: the trees never split on it
+    x[:, np.isnan(x).all(axis=0)] = 0.0
+    rng = np.random.default_rng(c.seed)
+    if len(y) > c.max_ranker_rows:  # keep every positive, subsample negatives
+        neg = np.flatnonzero(y == 0)
+        keep_neg = rng.choice(neg, size=max(c.max_ranker_rows - int(y.sum()), 1), replace=False)
+        keep = np.sort(np.concatenate([np.flatnonzero(y == 1), keep_neg]))
+        x, y = x[keep], y[keep]
+    params = {"early_stopping": False, **c.ranker}
+    if params["early_stopping"] and (y.sum() < 20 or len(y) < 200):
+        params["early_stopping"] = False  # too few rows to hold a tenth out
+    clf = HistGradientBoostingClassifier(random_state=c.seed, **params)
+    # One OpenMP thread: in a process that has also run LightFM and BLAS, scikit-learn's
+    # OpenMP workers contended with the other runtimes' idle-spinning threads and the fit
+    # ran 10-20x slower on 2 cores (27 s instead of 1.5 s of split finding, 200k rows).
+    with threadpool_limits(limits=1, user_api="openmp"):
+        clf.fit(x, y)
+    info["ranker_trees"] = int(clf.n_iter_)
+    return TreeEnsemble.from_sklearn(clf), info
+
+
+def fit_eval_and_final(
+    events: pl.DataFrame,
+    items: pl.DataFrame | None,
+    users: pl.DataFrame | None,
+    config: HybridConfig,
+    test_fraction: float,
+) -> tuple[HybridRecommender, HybridRecommender]:
+    """The two models a pipeline run needs, with three generator fits instead of four.
+
+    * ``eval``: :meth:`HybridRecommender.fit` on the train part (all but the newest
+      `test_fraction`): generators on the fit window choose the hyperparameters and train
+      ranker R1 on the validation window, then generators are refit on train (set S2). It is
+      what the evaluation scores on the test window.
+    * ``final`` (published): generators refit on all events with the evaluated configuration
+      (S3), and ranker R2 trained like R1, one window later: S2 proposes candidates for the
+      test window's newest interactions. So the published ranker learns from the newest data,
+      and S2 serves twice instead of fitting a fourth set on all-but-the-newest events. When
+      the test window has too few positives, R2 falls back to R1.
+    """
+    eval_cfg = HybridConfig.from_dict(config.to_dict())
+    eval_cfg.include_catalog_items = False
+    split = temporal_split(events, test_fraction)
+    eval_model = HybridRecommender(eval_cfg).fit(split.train, items, users)
+
+    final_cfg = HybridConfig.from_dict(eval_model.config.to_dict())  # the chosen values
+    final_cfg.include_catalog_items = config.include_catalog_items
+    final_cfg.tune = {}
+    final = HybridRecommender(final_cfg)
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {"ranker_from": "eval", "evaluated_config_from": "eval"}
+    gens2 = eval_model.generators_
+    holdout = (
+        build_holdout(eval_model.data_, split.train, split.test, final_cfg.weights)
+        if split.test.height and eval_model.ranker_ is not None
+        else Holdout(np.zeros(0, np.int64), [])
+    )
+    ranker = None
+    if holdout.n_pairs >= final_cfg.min_ranker_positives:
+        ranker, rinfo = train_ranker(gens2, eval_model.side_, eval_model.data_, holdout, final_cfg)
+        info.update(rinfo)
+        info["ranker_label_users"], info["ranker_label_pairs"] = holdout.n_users, holdout.n_pairs
+    if ranker is not None:
+        info["ranker_from"] = "test window (newest)"
+    else:
+        ranker = eval_model.ranker_
+        info["ranker_skipped"] = eval_model.info.get("ranker_skipped")
+    final.ranker_ = ranker
+    info["ranker_seconds"] = time.perf_counter() - t0
+    data = final._dataset(events, items, users)
+    generators, skipped, seconds = fit_generators(data, final_cfg)
+    info["generators_skipped"], info["generator_seconds"] = skipped, seconds
+    for k in ("tuning", "lightfm_early_stopping"):
+        if k in eval_model.info:
+            info[k] = eval_model.info[k]
+    final._assemble(generators, data, info)
+    return eval_model, final
+
+
+def popularity_only(
+    events: pl.DataFrame,
+    items: pl.DataFrame | None,
+    users: pl.DataFrame | None,
+    config: HybridConfig,
+    reason: str,
+    include_catalog_items: bool = True,
+) -> HybridRecommender:
+    """A hybrid of the popularity generators alone, no ranker (a tenant with too little data)."""
+    cfg = HybridConfig.from_dict(config.to_dict())
+    cfg.include_catalog_items = include_catalog_items
+    model = HybridRecommender(cfg)
+    data = model._dataset(events, items, users)
+    gens, _, seconds = fit_generators(data, cfg, ("popularity", "category"))
+    skipped = {g: reason for g in GENERATORS if g not in gens}
+    info = {"ranker_skipped": reason, "generators_skipped": skipped, "generator_seconds": seconds}
+    return model._assemble(gens, data, info)
 
 
 # --- features ---------------------------------------------------------------------------------
@@ -262,11 +485,11 @@ def build_candidates(
         if g in dense:
             sc = dense[g][pos, items].astype(np.float64)
             sc[~np.isfinite(sc)] = np.nan
-            rank_of = np.full((b, n_items), n_candidates, dtype=np.int32)
+            # each proposed (user, item) is in `merged` (sorted): look its rank up there
             top = tops[g]
             r, c = np.nonzero(top >= 0)
-            rank_of[r, top[r, c]] = c
-            rk = rank_of[pos, items]
+            rk = np.full(n, n_candidates, dtype=np.int32)
+            rk[np.searchsorted(merged, r * n_items + top[r, c])] = c
         else:
             sc = np.full(n, np.nan)
             rk = np.full(n, n_candidates, dtype=np.int32)
@@ -350,23 +573,6 @@ class HybridRecommender:
             else include_catalog,
         )
 
-    def _tune(self, data: Dataset, holdout: Holdout) -> dict[str, Any]:
-        """Pick each tuned generator's params by validation NDCG@10; updates the config."""
-        chosen = {}
-        for name, grid in self.config.tune.items():
-            if not grid or holdout.n_users == 0:
-                continue
-            results = []
-            for override in grid:
-                params = {**self.config.generator_params(name), **override}
-                model = make_generator(name, params).fit(data)
-                rec, _ = model.recommend(holdout.user_idx, 10)
-                results.append((float(ndcg_at_k(rec, holdout.relevant, 10).mean()), override))
-            best = max(results, key=lambda r: r[0])  # first best on ties (grid order)
-            setattr(self.config, name, {**getattr(self.config, name), **best[1]})
-            chosen[name] = {"chosen": best[1], "validation_ndcg@10": [r[0] for r in results]}
-        return chosen
-
     def fit(
         self,
         events: pl.DataFrame,
@@ -377,8 +583,10 @@ class HybridRecommender:
     ) -> HybridRecommender:
         """Train the ranker on the newest window, then refit generators on all `events`.
 
-        Pass already fitted ``generators`` (and their ``data``) to skip the final refit, e.g.
-        when the generators are separate pipeline assets fitted on the same events.
+        Generators fitted on the older part propose candidates for the newest
+        ``validation_fraction`` (the label window); tuning grids and LightFM's epoch count are
+        chosen there too (only when no ``generators`` are passed). Pass already fitted
+        ``generators`` (and their ``data``) to skip the final refit.
         """
         c = self.config
         t0 = time.perf_counter()
@@ -401,14 +609,15 @@ class HybridRecommender:
         )
         if skip is None and holdout.n_pairs < c.min_ranker_positives:
             skip = f"{holdout.n_pairs} label pair(s) in the validation window < min_ranker_positives={c.min_ranker_positives}"
-        if skip is None and generators is None:
-            info["tuning"] = self._tune(fit_data, holdout)
         if skip is None:
-            gens, _, _ = fit_generators(fit_data, c)
+            gens, chosen = fit_window_generators(fit_data, holdout, c, tune=generators is None)
+            info.update(chosen)
             side = SideFeatures.from_data(fit_data, gens["popularity"])
-            info.update(self._fit_ranker(gens, side, fit_data, holdout))
-            if self.ranker_ is None:
-                skip = info.get("ranker_skipped")
+            ranker, rinfo = train_ranker(gens, side, fit_data, holdout, c)
+            info.update(rinfo)
+            self.ranker_ = ranker
+            if ranker is None:
+                skip = rinfo.get("ranker_skipped")
         info["ranker_skipped"] = skip
         info["ranker_seconds"] = time.perf_counter() - t0
         # REFIT on everything
@@ -418,6 +627,11 @@ class HybridRecommender:
             info["generators_skipped"], info["generator_seconds"] = skipped, seconds
         elif data is None:
             raise ValueError("pass the Dataset the generators were fitted on")
+        return self._assemble(generators, data, info)
+
+    def _assemble(
+        self, generators: dict[str, Recommender], data: Dataset, info: dict[str, Any]
+    ) -> HybridRecommender:
         self.data_ = data
         self.generators_ = generators
         self.seen_ = generators["popularity"].seen_
@@ -432,39 +646,6 @@ class HybridRecommender:
             if g in self.generators_:
                 return g
         return "popularity"
-
-    def _fit_ranker(self, gens, side, data: Dataset, holdout: Holdout) -> dict[str, Any]:
-        from sklearn.ensemble import HistGradientBoostingClassifier
-
-        c = self.config
-        cand = build_candidates(
-            gens, side, gens["popularity"].seen_, holdout.user_idx, c.candidates_per_generator
-        )
-        rel_codes = np.concatenate(
-            [np.full(len(r), p) * data.n_items + r for p, r in enumerate(holdout.relevant)]
-        )
-        y = np.isin(cand.user_pos * data.n_items + cand.item_idx, rel_codes).astype(np.int8)
-        info = {
-            "ranker_rows": int(len(y)),
-            "ranker_positives": int(y.sum()),
-            "candidate_recall": float(y.sum() / max(holdout.n_pairs, 1)),
-        }
-        if y.sum() < c.min_ranker_positives or y.sum() == len(y):
-            info["ranker_skipped"] = f"{int(y.sum())} positive candidate(s) of {len(y)}"
-            return info
-        x = cand.features.copy()
-        # an all-missing column (e.g. no prices at all) is constant: the trees never split on it
-        x[:, np.isnan(x).all(axis=0)] = 0.0
-        rng = np.random.default_rng(c.seed)
-        if len(y) > c.max_ranker_rows:  # keep every positive, subsample negatives
-            neg = np.flatnonzero(y == 0)
-            keep_neg = rng.choice(neg, size=max(c.max_ranker_rows - int(y.sum()), 1), replace=False)
-            keep = np.sort(np.concatenate([np.flatnonzero(y == 1), keep_neg]))
-            x, y = x[keep], y[keep]
-        clf = HistGradientBoostingClassifier(random_state=c.seed, early_stopping=False, **c.ranker)
-        clf.fit(x, y)
-        self.ranker_ = TreeEnsemble.from_sklearn(clf)
-        return info
 
     # -- inference --
     def user_index(self, user_ids) -> np.ndarray:

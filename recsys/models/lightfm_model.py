@@ -54,6 +54,7 @@ class LightFMRecommender(Recommender):
         weighted: bool = True,
         seed: int = 42,
         num_threads: int = 1,
+        max_updates: int = 0,
     ) -> None:
         self.no_components = int(no_components)
         self.epochs = int(epochs)
@@ -66,6 +67,9 @@ class LightFMRecommender(Recommender):
         self.seed = int(seed)
         # More than one thread makes LightFM's Hogwild updates order-dependent (not reproducible).
         self.num_threads = int(num_threads)
+        # Time bound: at most max_updates / interactions epochs (0 = no bound), so a fit on
+        # a large tenant costs about as much as one on max_updates interactions.
+        self.max_updates = int(max_updates)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -79,7 +83,14 @@ class LightFMRecommender(Recommender):
             "weighted": self.weighted,
             "seed": self.seed,
             "num_threads": self.num_threads,
+            "max_updates": self.max_updates,
         }
+
+    def epochs_for(self, nnz: int) -> int:
+        """``epochs``, capped by ``max_updates`` for `nnz` interactions (at least 1)."""
+        if self.max_updates <= 0 or nnz <= 0:
+            return self.epochs
+        return max(1, min(self.epochs, self.max_updates // nnz))
 
     def _model_and_inputs(self, data: Dataset):
         from lightfm import LightFM
@@ -125,7 +136,7 @@ class LightFMRecommender(Recommender):
                 inter,
                 item_features=item_features,
                 sample_weight=weight,
-                epochs=self.epochs,
+                epochs=self.epochs_for(inter.nnz),
                 num_threads=self.num_threads,
             )
         else:  # nothing to learn from: initialise the arrays so the shapes are right
@@ -161,8 +172,9 @@ class LightFMRecommender(Recommender):
             return {"epochs": self.epochs, "curve": []}
         model._reset_state()
         best, best_epochs, curve, stale, done = -1.0, 0, [], 0, 0
-        while done < self.epochs and stale < patience:
-            step = min(eval_every, self.epochs - done)
+        max_epochs = self.epochs_for(inter.nnz)
+        while done < max_epochs and stale < patience:
+            step = min(eval_every, max_epochs - done)
             model.fit_partial(
                 inter,
                 item_features=item_features,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import falcon
+import orjson
 
 from serving.auth import SCOPE_RECOMMEND
 from serving.errors import ProblemError
@@ -10,14 +11,23 @@ from serving.service import RecommendService
 
 
 def _body(req: falcon.Request):
+    """The JSON body, parsed once with orjson (BodyLimitMiddleware has already checked its
+    length and Content-Type; Falcon's media machinery is skipped on the hot path)."""
     if not req.content_length:
         raise ProblemError(400, "The request needs a JSON body.")
     try:
-        return req.get_media()
-    except falcon.MediaMalformedError:
+        return orjson.loads(req.bounded_stream.read())
+    except orjson.JSONDecodeError:
         raise ProblemError(
             400, "The body is not valid JSON.", code="RECSYS_MALFORMED_JSON"
         ) from None
+
+
+def _send(resp: falcon.Response, result: dict, no_store: bool = True) -> None:
+    """Serialize once, straight to bytes (the Content-Type stays application/json)."""
+    resp.data = orjson.dumps(result)
+    if no_store:
+        resp.set_header("Cache-Control", "no-store")
 
 
 class RecommendResource:
@@ -32,14 +42,12 @@ class RecommendResource:
         tenant = req.context.principal.tenant
         result = self._service.recommend(tenant, _body(req), req.context.started)
         result["meta"]["request_id"] = req.context.request_id
-        resp.media = result
-        resp.cache_control = ["no-store"]
+        _send(resp, result)
 
     def on_post_validate(self, req: falcon.Request, resp: falcon.Response) -> None:
         result = self._service.validate(req.context.principal.tenant, _body(req))
         result["meta"]["request_id"] = req.context.request_id
-        resp.media = result
-        resp.cache_control = ["no-store"]
+        _send(resp, result)
 
 
 class SimilarResource:
@@ -55,4 +63,4 @@ class SimilarResource:
             req.context.principal.tenant, _body(req), req.context.started
         )
         result["meta"]["request_id"] = req.context.request_id
-        resp.media = result
+        _send(resp, result, no_store=False)

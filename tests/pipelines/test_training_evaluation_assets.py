@@ -13,9 +13,15 @@ from pipelines.resources import MlflowResource, StorageResource
 
 RUN_CONFIG = {
     "ops": {
-        "lightfm_model": {"config": {"no_components": 4, "epochs": 3}},
-        "ranker_model": {
-            "config": {"max_iter": 10, "min_ranker_positives": 5, "candidates_per_generator": 20}
+        "train_models": {
+            "config": {
+                "lightfm": {"no_components": 4, "epochs": 3},
+                "ranker": {
+                    "max_iter": 10,
+                    "min_ranker_positives": 5,
+                    "candidates_per_generator": 20,
+                },
+            }
         },
         "model_evaluation": {"config": {"bootstrap_resamples": 50}},
         "champion_model": {"config": {"tolerance": 0.01}},
@@ -64,6 +70,9 @@ def test_pipeline_trains_evaluates_and_gates(storage):
     assert gate["promoted"] and gate["version"] == "1"
     with open(storage.path("models", "tiny", "split.json")) as f:
         assert "popularity only" in json.load(f)["skip"]
-    assert os.path.exists(storage.path("models", "tiny", "final", "popularity", "arrays.npz"))
-    assert not os.path.exists(storage.path("models", "tiny", "final", "lightfm"))
+    tiny_final = storage.path("models", "tiny", "final", "hybrid")
+    assert os.path.exists(os.path.join(tiny_final, "popularity", "arrays.npz"))
+    assert not os.path.exists(os.path.join(tiny_final, "lightfm"))
+    ranker_md = mats["ranker_model"].materialization.metadata
+    assert "chosen_on_validation" in ranker_md and "shop" in ranker_md["ranker"].value
     assert os.path.exists(storage.path("evaluation", "shop", "evaluation.png"))
