@@ -191,12 +191,25 @@ class IngestReport:
 
 
 def _batches(storage: Storage, path: str) -> Iterator[pl.DataFrame]:
-    """A landing Parquet file in row batches with 1-based `_row` numbers."""
+    """A landing Parquet file in batches of whole row groups (up to BATCH_ROWS rows, decoded
+    with threads), with 1-based `_row` numbers."""
     with storage.fs.open(path, "rb") as fh:
         pf = pq.ParquetFile(fh)
+        meta = pf.metadata
+        groups: list[list[int]] = [[]]
+        rows = 0
+        for i in range(meta.num_row_groups):
+            n = meta.row_group(i).num_rows
+            if groups[-1] and rows + n > BATCH_ROWS:
+                groups.append([])
+                rows = 0
+            groups[-1].append(i)
+            rows += n
         offset = 1
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-            df = pl.from_arrow(batch)
+        for group in groups:
+            if not group:
+                continue
+            df = pl.from_arrow(pf.read_row_groups(group, use_threads=True))
             assert isinstance(df, pl.DataFrame)
             yield df.with_columns(
                 pl.int_range(offset, offset + df.height, dtype=pl.Int64).alias("_row")

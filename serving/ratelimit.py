@@ -10,15 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from serving.config import RateLimitSpec
 
 log = logging.getLogger("recsys.serving")
 
 
-@dataclass(frozen=True, slots=True)
-class RateDecision:
+class RateDecision(NamedTuple):  # (a tuple: built twice per request, cheaply)
     allowed: bool
     limit: int
     remaining: int
