@@ -84,7 +84,7 @@ def main() -> int:
         data = timed(
             f"dataset ({name})",
             f"{part.height:,} events",
-            lambda part=part: build_dataset(
+            lambda part=part, name=name: build_dataset(
                 part, items, users, include_catalog_items=name == "all events"
             ),
         )

@@ -37,6 +37,7 @@ OUTCOMES = (
 )
 
 _NO_ITEMS = np.zeros(0, dtype=np.int32)
+_NO_ITEMS.flags.writeable = False
 PINNED_REASON, PINNED_TEXT = -1, "featured"
 _SIGNAL_INDEX = {s: j for j, s in enumerate(SIGNALS)}
 _REASON_SLUGS = {code: slug for slug, code in REASON_CODES.items()}
@@ -156,18 +157,22 @@ class Filters:
         snap = live.snap
         exclude = _indices(live, req.exclude_ids)
         include = _indices(live, req.include_ids) if req.include_ids is not None else None
-        forbidden = [t for t in (snap.tag_id(x) for x in req.forbidden_tags) if t is not None]
-        required_ids = [snap.tag_id(x) for x in req.required_tags]
-        missing = [t for t, i in zip(req.required_tags, required_ids, strict=True) if i is None]
-        if missing:
-            warnings.append(
-                {
-                    "code": "UNKNOWN_TAG",
-                    "detail": f"required tag(s) unknown to the catalogue: {', '.join(missing)}",
-                }
-            )
-        required = np.asarray([i for i in required_ids if i is not None], dtype=np.int32)
-        forbidden_arr = np.asarray(forbidden, dtype=np.int32)
+        forbidden_arr = required = _NO_ITEMS
+        if req.forbidden_tags:
+            forbidden = [t for t in map(snap.tag_id, req.forbidden_tags) if t is not None]
+            forbidden_arr = np.asarray(forbidden, dtype=np.int32)
+        missing = []
+        if req.required_tags:
+            required_ids = [snap.tag_id(x) for x in req.required_tags]
+            missing = [t for t, i in zip(req.required_tags, required_ids, strict=True) if i is None]
+            if missing:
+                warnings.append(
+                    {
+                        "code": "UNKNOWN_TAG",
+                        "detail": f"required tag(s) unknown to the catalogue: {', '.join(missing)}",
+                    }
+                )
+            required = np.asarray([i for i in required_ids if i is not None], dtype=np.int32)
         return cls(
             exclude=exclude,
             include=include,
@@ -682,9 +687,7 @@ class Engine:
             )
         if counts_filtered:
             filtered_by = np.bincount(code, minlength=len(OUTCOMES)).tolist()
-            out.filtered_by = {
-                OUTCOMES[c]: n for c, n in enumerate(filtered_by) if c != KEPT and n
-            }
+            out.filtered_by = {OUTCOMES[c]: n for c, n in enumerate(filtered_by) if c != KEPT and n}
         if capped:
             out.filtered_by["max_per_tag"] = len(capped)
         out.counts = {

@@ -40,7 +40,6 @@ class RecommendService:
         self.seeds = None
         self._limits: dict[tuple[str, str | None], Limits] = {}  # per tenant config version
 
-
     # --- shared ------------------------------------------------------------------------------
     def tenant_config(self, tenant: str) -> tuple[dict[str, Any], str | None]:
         doc = self._tenants.cached(tenant, "config")

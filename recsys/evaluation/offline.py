@@ -73,28 +73,22 @@ def evaluate_fitted(
     lists: dict[str, np.ndarray] = {}
     if holdout.n_users == 0:
         return pl.DataFrame(), holdout, lists
+    from recsys.models.hybrid import _rank_lists
+    from recsys.models.serve import serve_top_n
+
+    # one scoring pass gives the served lists and every generator's own list, with the same
+    # exclusions (seen and unavailable items)
+    per_generator: dict[str, np.ndarray] = {}
+    served = serve_top_n(model, holdout.user_idx, 20, generator_lists=per_generator)
     for gen, label in TABLE_ROWS.items():
-        if gen in model.generators_:
-            # same exclusions as the served list: seen and unavailable items
-            lists[label] = _recommend_available(model.generators_[gen], model, holdout.user_idx, 20)
-    lists[SERVED], _ = model.recommend(holdout.user_idx, 20)
+        if gen in per_generator:
+            lists[label] = per_generator[gen]
+    lists[SERVED], _ = _rank_lists(
+        served.user_pos, served.item_idx, served.final_score, holdout.n_users, 20
+    )
     pop = model.generators_["popularity"].pop_
     return (
         evaluation_table(lists, holdout, len(model.item_ids_), pop, n_resamples, seed),
         holdout,
         lists,
     )
-
-
-def _recommend_available(m, model: HybridRecommender, user_idx: np.ndarray, k: int) -> np.ndarray:
-    from recsys.models.base import mask_rows, top_k
-
-    out = []
-    for start in range(0, len(user_idx), 512):
-        b = user_idx[start : start + 512]
-        s = m.score(b)
-        mask_rows(s, model.seen_, b)
-        s[:, ~model.side_.item_available] = -np.inf
-        i, v = top_k(s, k)
-        out.append(np.where(np.isfinite(v), i, -1))
-    return np.concatenate(out) if out else np.zeros((0, k), np.int64)

@@ -54,7 +54,7 @@ class HybridConfig:
     half_life_days: float | None = None
     include_catalog_items: bool = True
     validation_fraction: float = 0.15
-    candidates_per_generator: int = 100
+    candidates_per_generator: int = 50
     cooccurrence: dict[str, Any] = field(
         default_factory=lambda: {
             "shrink": 10.0,
@@ -88,8 +88,8 @@ class HybridConfig:
     )
     ranker: dict[str, Any] = field(
         default_factory=lambda: {
-            "max_iter": 150,
-            "learning_rate": 0.05,
+            "max_iter": 100,
+            "learning_rate": 0.1,
             "max_leaf_nodes": 15,
             "min_samples_leaf": 50,
             "l2_regularization": 1.0,
@@ -438,6 +438,7 @@ class Candidates:
     features: np.ndarray  # float64 (n, len(FEATURE_NAMES)), NaN = missing
     scores: dict[str, np.ndarray]  # generator -> raw score per candidate (NaN = none)
     ranks: dict[str, np.ndarray]  # generator -> 0-based rank, n_candidates when not proposed
+    tops: dict[str, np.ndarray] = field(default_factory=dict)  # generator -> (b, n) -1 padded
 
 
 def _group_z(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
@@ -458,8 +459,17 @@ def build_candidates(
     seen,
     user_idx: np.ndarray,
     n_candidates: int,
+    n_ranked: int | None = None,
 ) -> Candidates:
-    """Merge each generator's top `n_candidates` unseen, available items and compute features."""
+    """Merge each generator's top `n_candidates` unseen, available items and compute features.
+
+    Features are those of the candidate set the ranker learned on: the union of each
+    generator's top `n_ranked` (default `n_candidates`). With a larger `n_candidates` (long
+    served lists) the extra rows are proposals only: ranks at or past `n_ranked` count as "not
+    proposed" and the per-user z-scores use the ranked rows alone, so a ranked row has the
+    same features whatever the list length.
+    """
+    n_ranked = n_candidates if n_ranked is None else min(n_ranked, n_candidates)
     user_idx = np.asarray(user_idx, dtype=np.int64)
     b = len(user_idx)
     n_items = len(side.item_available)
@@ -494,10 +504,16 @@ def build_candidates(
             sc = np.full(n, np.nan)
             rk = np.full(n, n_candidates, dtype=np.int32)
         scores[g], ranks[g] = sc, rk
-        n_gen += rk < n_candidates
-        cols[f"{g}_score"] = sc
+    ranked = np.zeros(n, dtype=bool)
+    for g in GENERATORS:
+        ranked |= ranks[g] < n_ranked
+    for g in GENERATORS:
+        rk_f = np.minimum(ranks[g], n_ranked)
+        n_gen += rk_f < n_ranked
+        sc = scores[g] if ranked.all() else np.where(ranked, scores[g], np.nan)
+        cols[f"{g}_score"] = scores[g]
         cols[f"{g}_z"] = _group_z(sc, pos, b)
-        cols[f"{g}_log_rank"] = np.log1p(rk.astype(np.float64))
+        cols[f"{g}_log_rank"] = np.log1p(rk_f.astype(np.float64))
     cols["n_generators"] = n_gen
     for name in (
         "item_log_pop",
@@ -527,7 +543,7 @@ def build_candidates(
         if n
         else np.zeros((0, len(FEATURE_NAMES)))
     )
-    return Candidates(pos, items, features, scores, ranks)
+    return Candidates(pos, items, features, scores, ranks, tops)
 
 
 def _rank_lists(

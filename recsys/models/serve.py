@@ -51,7 +51,9 @@ class ServedLists:
       ``user_pos`` is the user's position in the requested batch.
     * ``rank``: 0-based position in the user's list.
     * ``final_score``: the score that decided the order (ranker probability, or the fallback
-      generator's score when the tenant had too little data to train a ranker).
+      generator's score when the tenant had too little data to train a ranker). Lists longer
+      than the ranker's candidate set end with the generators' further items, scored below
+      every ranked item (see ``_ranker_scores``).
     * ``pop``: global popularity in [0, 1]; ``cooc``: co-occurrence score with the user's history;
       ``emb``: LightFM score (dot product + biases); ``ranker``: ranker probability. A signal the
       model does not have (skipped for lack of data) is 0.0.
@@ -80,20 +82,60 @@ def _zero_nan(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(x), 0.0, x).astype(np.float32)
 
 
+def _ranker_scores(model: HybridRecommender, cand, n_users: int, n_cand: int):
+    """(ranker probability, final score) per candidate.
+
+    The ranker learned on the union of each generator's top ``candidates_per_generator``; it
+    scores exactly those. Longer lists (k above that, e.g. 200 candidates kept per user in a
+    snapshot) are filled with the rest of each generator's top-k, ordered by their best
+    generator rank below every ranker-scored item of the same user (ranker column 0). So the
+    ranker's work grows with ``candidates_per_generator``, not with k.
+    """
+    best_rank = np.min(np.column_stack([cand.ranks[g] for g in GENERATORS]), axis=1)
+    scored = best_rank < model.config.candidates_per_generator
+    ranker = np.zeros(len(cand.item_idx))
+    ranker[scored] = model.ranker_.predict_proba(cand.features[scored])
+    final = ranker.copy()
+    rest = ~scored
+    if rest.any():
+        floor = np.ones(n_users)
+        np.minimum.at(floor, cand.user_pos[scored], ranker[scored])
+        final[rest] = floor[cand.user_pos[rest]] * 0.5 * (1.0 - best_rank[rest] / (n_cand + 1))
+    return ranker, final
+
+
 def serve_top_n(
-    model: HybridRecommender, user_idx: np.ndarray, k: int = 10, batch_size: int = 256
+    model: HybridRecommender,
+    user_idx: np.ndarray,
+    k: int = 10,
+    batch_size: int = 256,
+    generator_lists: dict[str, np.ndarray] | None = None,
 ) -> ServedLists:
     """Final served top-`k` for users (indices of ``model.user_ids_``), excluding seen and
-    unavailable items. Batched: candidates and features of `batch_size` users at a time."""
+    unavailable items. Batched: candidates and features of `batch_size` users at a time.
+
+    Pass a dict as `generator_lists` to also get each generator's own top-`k` (the same
+    exclusions, -1 padded, aligned with `user_idx`) from the same scoring pass: the evaluation
+    compares them with the served lists without scoring every user twice."""
     user_idx = np.asarray(user_idx, dtype=np.int64)
     n_cand = max(model.config.candidates_per_generator, k)
     parts: list[dict[str, np.ndarray]] = []
+    per_generator: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(user_idx), batch_size):
         batch = user_idx[start : start + batch_size]
-        cand = build_candidates(model.generators_, model.side_, model.seen_, batch, n_cand)
+        cand = build_candidates(
+            model.generators_,
+            model.side_,
+            model.seen_,
+            batch,
+            n_cand,
+            n_ranked=model.config.candidates_per_generator,
+        )
+        if generator_lists is not None:
+            for g, top in cand.tops.items():
+                per_generator.setdefault(g, []).append(top[:, :k])
         if model.ranker_ is not None:
-            ranker = model.ranker_.predict_proba(cand.features)
-            final = ranker
+            ranker, final = _ranker_scores(model, cand, len(batch), n_cand)
         else:
             ranker = np.zeros(len(cand.item_idx))
             fb = model.info.get("fallback_order") or "popularity"
@@ -120,6 +162,11 @@ def serve_top_n(
                 "reason_code": reason,
             }
         )
+    if generator_lists is not None:
+        for g in model.generators_:
+            generator_lists[g] = (
+                np.concatenate(per_generator[g]) if g in per_generator else np.zeros((0, k), int)
+            )
     fields = ServedLists.__dataclass_fields__
     if not parts:
         ints = {

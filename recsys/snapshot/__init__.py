@@ -19,6 +19,7 @@ def __getattr__(name: str):
         return getattr(writer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
     "REASONS",
     "REASON_CODES",

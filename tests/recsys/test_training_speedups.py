@@ -1,0 +1,124 @@
+"""The faster training and scoring paths give the answers of the plain ones."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from synthetic_events import cluster_events, cluster_items
+
+from recsys.models.cooccurrence import cap_user_history, prune_rows
+from recsys.models.data import build_dataset
+from recsys.models.ease import EASERecommender
+from recsys.models.hybrid import HybridConfig, fit_eval_and_final
+from recsys.models.lightfm_model import LightFMRecommender
+from recsys.models.serve import serve_top_n
+from recsys.models.trees import TreeEnsemble
+
+FAST = dict(
+    lightfm={"no_components": 8, "epochs": 6, "seed": 1, "num_threads": 1},
+    lightfm_early_stopping={"eval_every": 2, "patience": 1, "max_users": 50},
+    ranker={"max_iter": 20, "max_leaf_nodes": 7, "min_samples_leaf": 5},
+    tune={},
+    candidates_per_generator=8,
+    min_ranker_positives=5,
+)
+
+
+def _prune_by_sorting(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """The reference: sort every entry by (row, -value, column), keep the first k per row."""
+    m = m.tocsr()
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    order = np.lexsort((m.indices, -m.data, rows))
+    rank = np.arange(m.nnz) - m.indptr[rows[order]]
+    keep = order[rank < k]
+    out = sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape)
+    out.sort_indices()
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 10, 100])
+def test_prune_rows_matches_sorting_with_ties(k):
+    for seed in range(5):
+        m = sp.random(40, 60, density=0.3, random_state=seed, format="csr", dtype=np.float32)
+        m.data = np.round(m.data * 4) / 4  # many ties
+        got, want = prune_rows(m, k), _prune_by_sorting(m, k)
+        assert got.nnz == want.nnz and (got != want).nnz == 0
+
+
+def test_cap_user_history_keeps_the_strongest_items():
+    x = sp.csr_matrix(np.array([[1, 5, 3, 2], [0, 1, 0, 0]], np.float32))
+    capped = cap_user_history(x, 2).toarray()
+    assert capped[0].tolist() == [0, 5, 3, 0] and capped[1].tolist() == [0, 1, 0, 0]
+
+
+def test_tree_predictor_matches_numpy_reference(rng):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    x = rng.normal(size=(3000, 6))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    y = (np.nan_to_num(x[:, 0]) + np.nan_to_num(x[:, 1]) > 0).astype(int)
+    clf = HistGradientBoostingClassifier(max_iter=30, random_state=0).fit(x, y)
+    ens = TreeEnsemble.from_sklearn(clf)
+    np.testing.assert_allclose(ens.decision_function(x), ens.decision_function_numpy(x))
+    np.testing.assert_allclose(ens.decision_function(x), clf.decision_function(x), rtol=1e-9)
+
+
+def test_ease_float32_cholesky_matches_float64_inverse(rng):
+    data = build_dataset(cluster_events(rng), cluster_items())
+    model = EASERecommender(l2=10.0).fit(data)
+    x = data.confidence.toarray()[:, model.items_] > 0
+    gram = x.T.astype(np.float64) @ x + 10.0 * np.eye(len(model.items_))
+    p = np.linalg.inv(gram)
+    b = p / -np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    np.testing.assert_allclose(model.b_, b, atol=1e-5)
+
+
+def test_lightfm_early_stopping_is_deterministic_and_refits_the_same(rng):
+    data = build_dataset(cluster_events(rng), cluster_items())
+    users = np.arange(data.n_users)
+    relevant = [np.array([int(u) % 20]) for u in users]
+    a = LightFMRecommender(no_components=4, epochs=6, seed=3)
+    b = LightFMRecommender(no_components=4, epochs=6, seed=3)
+    ca = a.fit_early_stopping(data, users, relevant, eval_every=2, patience=1)
+    cb = b.fit_early_stopping(data, users, relevant, eval_every=2, patience=1)
+    assert ca == cb and 1 <= a.epochs <= 6
+    np.testing.assert_array_equal(a.score(users), b.score(users))
+    # epoch by epoch = one fit of the chosen length, when it stopped at its best
+    refit = LightFMRecommender(**a.params()).fit(data)
+    if ca["curve"][-1][0] == a.epochs:
+        np.testing.assert_allclose(refit.score(users), a.score(users), rtol=1e-5)
+
+
+def test_lightfm_max_updates_bounds_epochs():
+    m = LightFMRecommender(epochs=30, max_updates=1000)
+    assert m.epochs_for(100) == 10 and m.epochs_for(5000) == 1 and m.epochs_for(10) == 30
+
+
+@pytest.fixture(scope="module")
+def eval_and_final():
+    events = cluster_events(np.random.default_rng(5), n_users=120, n_items=40, per_user=12)
+    return fit_eval_and_final(events, cluster_items(40), None, HybridConfig(**FAST), 0.2)
+
+
+def test_eval_and_final_share_the_evaluated_configuration(eval_and_final):
+    ev, final = eval_and_final
+    assert ev.ranker_ is not None and final.ranker_ is not None
+    assert final.info["ranker_from"] == "test window (newest)"
+    assert ev.config.lightfm == final.config.lightfm  # the epoch count chosen on validation
+    assert len(final.user_ids_) >= len(ev.user_ids_)
+
+
+def test_long_lists_rank_scored_candidates_first(eval_and_final):
+    _, final = eval_and_final
+    users = np.arange(len(final.user_ids_))
+    lists = serve_top_n(final, users, k=30)
+    n_cand = final.config.candidates_per_generator
+    short = serve_top_n(final, users, k=n_cand)
+    for u in users[:20]:
+        mine = lists.user_pos == u
+        scored = lists.ranker[mine] > 0
+        # every ranker-scored item comes before every filler item
+        assert not scored[np.argmax(~scored) :].any() if (~scored).any() else True
+        # the head of the long list is the short list
+        head = lists.item_idx[mine][: int((short.user_pos == u).sum())]
+        assert head.tolist() == short.item_idx[short.user_pos == u].tolist()
