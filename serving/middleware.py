@@ -104,6 +104,9 @@ class MetricsMiddleware:
             )
 
 
+DEFAULT_MEDIA: tuple[str, ...] = ("application/json",)
+
+
 class BodyLimitMiddleware:
     """413 for bodies over the cap, 415 for non-JSON bodies, 411 for bodies without a length."""
 
@@ -120,9 +123,18 @@ class BodyLimitMiddleware:
             length = 0
         if length > self._max:
             raise ProblemError(413, f"The body is {length} bytes; the limit is {self._max}.")
-        if length and not (req.content_type or "").lower().startswith("application/json"):
+        req.context.body_length = length
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource,
+                         params) -> None:
+        # A resource may accept more media types than JSON (the bulk events route: NDJSON).
+        if not getattr(req.context, "body_length", 0):
+            return
+        accepted = getattr(resource, "accepted_media", DEFAULT_MEDIA)
+        content_type = (req.content_type or "").lower()
+        if not content_type.startswith(accepted):
             raise ProblemError(
-                415, f"Content-Type must be application/json, not {req.content_type!r}."
+                415, f"Content-Type must be {' or '.join(accepted)}, not {req.content_type!r}."
             )
 
 

@@ -81,6 +81,7 @@ class EventsResource:
     """One event (on_post) or many (on_post_bulk), durable before the response."""
 
     required_scope = SCOPE_RECOMMEND
+    accepted_media = ("application/json", "application/x-ndjson")
 
     def __init__(self, logs: EventLogs) -> None:
         self._logs = logs
