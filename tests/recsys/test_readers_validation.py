@@ -176,3 +176,15 @@ def test_text_layout_without_header_uses_given_names(tmp_path):
     rows, _ = read_raw(path, "tsv", TextLayout("\t", False, ("user_id", "item_id", "r", "t")))
     assert rows.columns == ["user_id", "item_id", "r", "t", "_row"]
     assert rows["item_id"].to_list() == ["10", "20"]
+
+
+def test_event_ids_are_the_same_on_the_small_and_the_vectorised_path(monkeypatch):
+    from recsys import validation
+
+    raw = pl.DataFrame({"user_id": [f"u{i}" for i in range(50)], "item_id": ["i"] * 50,
+                        "event_type": ["view"] * 50, "timestamp": [1727776800 + i for i in range(50)],
+                        "value": [None] * 25 + [1.5] * 25})
+    small, _ = validate_events(raw, tenant="default", source="s", now=NOW)
+    monkeypatch.setattr(validation, "_VECTORISED_MD5_FROM", 0)
+    large, _ = validate_events(raw, tenant="default", source="s", now=NOW)
+    assert small["event_id"].to_list() == large["event_id"].to_list()
