@@ -52,9 +52,7 @@ def start_server(
     root: str, port: int, workers: int, threads: int, extra_env: dict[str, str] | None = None
 ) -> subprocess.Popen:
     """gunicorn with gthread workers on 127.0.0.1:`port`; returns when /healthz answers."""
-    argv = gunicorn_argv(f"127.0.0.1:{port}", workers)
-    argv[argv.index("sync")] = "gthread"
-    argv += ["--threads", str(threads), "--backlog", "2048"]
+    argv = gunicorn_argv(f"127.0.0.1:{port}", workers, threads=threads) + ["--backlog", "2048"]
     env = {
         **os.environ,
         "RECSYS_DATA_ROOT": root,
