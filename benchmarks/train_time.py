@@ -7,7 +7,8 @@ root; pass --root to reuse), then times what a pipeline run fits, piece by piece
 split the pipeline uses (test 20%, validation 15% of train):
 
 * the datasets of the three windows (fit window, train, all events);
-* each generator on the train part (the ``eval`` set), LightFM with its chosen epoch count;
+* each generator on the train part (the ``eval`` set) with the default configuration (LightFM:
+  30 epochs at most, capped by ``max_updates``);
 * ``fit_eval_and_final`` as a whole (what the ``train_models`` step runs: tuning on the
   validation window, two rankers, three generator sets), and the ranker training inside it;
 * scoring: the served top-100 of 2,000 users (what the publish step does for every user).
@@ -113,7 +114,8 @@ def main() -> int:
         info = model.info
         rows.append(
             (
-                f"  of which ranker ({label})",
+                f"  of which ranker ({label})"
+                + (" incl. window generators" if label == "eval" else ""),
                 f"{info.get('ranker_users', 0):,} users, {info.get('ranker_rows', 0):,} rows, "
                 f"{info.get('ranker_trees', 0)} trees",
                 info.get("ranker_seconds", float("nan")),

@@ -142,7 +142,7 @@ def _md_table(rows: list[dict]) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(lines))
 
 
-# --- assets ----------------------------------------------------------------------------------------
+# --- assets ------------------------------------------------------------------------------
 @dg.asset(group_name=GROUP, deps=["events", "items", "users"], kinds={"polars", "parquet"})
 def interactions(
     context: dg.AssetExecutionContext, config: InteractionsConfig, storage: StorageResource

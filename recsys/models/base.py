@@ -32,6 +32,15 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((n_rows, 0), np.int64), np.zeros((n_rows, 0), scores.dtype)
     if k < n_cols:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        # argpartition picks arbitrary members of a tie at the k-th value: where one straddles
+        # the cut, take the lowest indices, so the answer depends on the scores alone (not on
+        # the matrix layout, e.g. when a caller selects among a subset of columns)
+        kth = np.take_along_axis(scores, part, axis=1).min(axis=1)
+        straddling = np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k)
+        for r in straddling:
+            above = np.flatnonzero(scores[r] > kth[r])
+            tied = np.flatnonzero(scores[r] == kth[r])[: k - len(above)]
+            part[r] = np.concatenate([above, tied])
     else:
         part = np.broadcast_to(np.arange(n_cols), (n_rows, n_cols)).copy()
     vals = np.take_along_axis(scores, part, axis=1)
@@ -79,6 +88,12 @@ class Recommender(ABC):
 
     @abstractmethod
     def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None: ...
+
+    def candidate_columns(self, n_candidates: int, n_excluded: int) -> np.ndarray | None:
+        """Sorted item indices that hold every user's top `n_candidates` once at most
+        `n_excluded` items per user are masked out, or None (any item may). Lets candidate
+        generation select the top over a few columns instead of the whole catalog."""
+        return None
 
     def fit(self, data: Dataset) -> Self:
         """Fit on `data`; remembers which items each user has seen (for exclusion)."""

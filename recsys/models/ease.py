@@ -80,6 +80,10 @@ class EASERecommender(Recommender):
             out[:, self.items_] = self._xs()[user_idx] @ self.b_
         return out
 
+    def candidate_columns(self, n_candidates: int, n_excluded: int) -> np.ndarray | None:
+        """Only the modelled items score above -inf."""
+        return self.items_
+
     def _xs(self):
         """User histories restricted to the modelled items (computed once, then cached)."""
         xs = getattr(self, "xs_", None)

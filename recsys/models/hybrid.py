@@ -9,7 +9,11 @@ Training (:meth:`HybridRecommender.fit`): the events are cut by time into a fit 
 newest ``validation_fraction`` (the ranker's label window). Generators fitted on the fit window
 propose candidates; candidates the user interacted with in the label window are positives. The
 ranker learns on that, then every generator is REFIT on all the events given, so the published
-model sees the newest data and the ranker's labels come from the latest window.
+model sees the newest data and the ranker's labels come from the latest window. Tuning grids and
+LightFM's epoch count (early stopping) are chosen on that same label window.
+
+A pipeline run needs an evaluated model and a published one: :func:`fit_eval_and_final` fits
+both with three generator sets (fit window, train, all events) instead of four, see there.
 """
 
 from __future__ import annotations
@@ -477,11 +481,21 @@ def build_candidates(
     dense: dict[str, np.ndarray] = {}
     tops: dict[str, np.ndarray] = {}
     codes = []
+    n_excluded = int(np.diff(seen[user_idx].indptr).max(initial=0)) + int(unavailable.sum())
     for name, model in generators.items():
         s = model.score(user_idx)
         mask_rows(s, seen, user_idx)
         s[:, unavailable] = -np.inf
-        idx, val = top_k(s, n_candidates)
+        cols = model.candidate_columns(n_candidates, n_excluded)
+        if cols is None:
+            idx, val = top_k(s, n_candidates)
+        else:  # the top lies in a few known columns: select there (same order, same ties)
+            sub, val = top_k(s[:, cols], n_candidates)
+            idx = cols[sub]
+            if idx.shape[1] < n_candidates:  # fewer columns than candidates: pad
+                pad = n_candidates - idx.shape[1]
+                idx = np.pad(idx, ((0, 0), (0, pad)))
+                val = np.pad(val, ((0, 0), (0, pad)), constant_values=-np.inf)
         ok = np.isfinite(val)
         dense[name], tops[name] = s, np.where(ok, idx, -1)
         codes.append((np.repeat(np.arange(b), idx.shape[1]) * n_items + idx.ravel())[ok.ravel()])
@@ -624,7 +638,10 @@ class HybridRecommender:
             else "no events before the label window"
         )
         if skip is None and holdout.n_pairs < c.min_ranker_positives:
-            skip = f"{holdout.n_pairs} label pair(s) in the validation window < min_ranker_positives={c.min_ranker_positives}"
+            skip = (
+                f"{holdout.n_pairs} label pair(s) in the validation window "
+                f"< min_ranker_positives={c.min_ranker_positives}"
+            )
         if skip is None:
             gens, chosen = fit_window_generators(fit_data, holdout, c, tune=generators is None)
             info.update(chosen)
@@ -673,7 +690,7 @@ class HybridRecommender:
         return _lookup(self.item_ids_, item_ids)
 
     def rank(self, user_idx: np.ndarray, k: int = 10, batch_size: int = 256):
-        """Final top-`k` lists for a batch of users (see :func:`recsys.models.serve.serve_top_n`)."""
+        """Final top-`k` lists for a batch of users (:func:`recsys.models.serve.serve_top_n`)."""
         from recsys.models.serve import serve_top_n
 
         return serve_top_n(self, user_idx, k, batch_size)
@@ -685,7 +702,8 @@ class HybridRecommender:
 
     # -- persistence --
     def save(self, path: str) -> None:
-        """A folder: one sub-folder per generator, ``hybrid.npz`` (ranker, side data, ids), ``hybrid.json``."""
+        """A folder: one sub-folder per generator, ``hybrid.npz`` (ranker, side data, ids) and
+        ``hybrid.json``."""
         os.makedirs(path, exist_ok=True)
         for name, model in self.generators_.items():
             model.save(os.path.join(path, name))

@@ -13,7 +13,7 @@ from recsys.models.data import Dataset
 
 
 def item_feature_matrix(data: Dataset, identity: bool = True) -> sp.csr_matrix:
-    """Items x features: [identity | category one-hot | brand one-hot | tags], rows L1-normalized."""
+    """Items x features: [identity | category one-hot | brand one-hot | tags], rows L1-normed."""
     n = data.n_items
     blocks = []
     if identity:

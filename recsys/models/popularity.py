@@ -82,6 +82,18 @@ class PopularityRecommender(Recommender):
         out[has] = self.segment_pop_[seg[has]]
         return out
 
+    def candidate_columns(self, n_candidates: int, n_excluded: int) -> np.ndarray | None:
+        """The same list for everyone (global, trending): the top n_candidates + n_excluded
+        items, plus any tied with the last of them (ties go to the lower index)."""
+        if self.kind not in ("global", "trending"):
+            return None
+        score = self.pop_ if self.kind == "global" else self.trending_
+        m = n_candidates + n_excluded
+        if m >= score.size:
+            return None
+        threshold = np.partition(score, score.size - m)[score.size - m]
+        return np.flatnonzero(score >= threshold)
+
     def _arrays(self) -> dict[str, np.ndarray]:
         return {
             "pop": self.pop_,

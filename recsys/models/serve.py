@@ -110,18 +110,20 @@ def serve_top_n(
     k: int = 10,
     batch_size: int = 256,
     generator_lists: dict[str, np.ndarray] | None = None,
+    workers: int = 2,
 ) -> ServedLists:
     """Final served top-`k` for users (indices of ``model.user_ids_``), excluding seen and
     unavailable items. Batched: candidates and features of `batch_size` users at a time.
 
     Pass a dict as `generator_lists` to also get each generator's own top-`k` (the same
     exclusions, -1 padded, aligned with `user_idx`) from the same scoring pass: the evaluation
-    compares them with the served lists without scoring every user twice."""
+    compares them with the served lists without scoring every user twice. `workers` batches
+    are scored at a time (threads; the output does not depend on it)."""
     user_idx = np.asarray(user_idx, dtype=np.int64)
     n_cand = max(model.config.candidates_per_generator, k)
-    parts: list[dict[str, np.ndarray]] = []
     per_generator: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(user_idx), batch_size):
+
+    def one_batch(start: int):
         batch = user_idx[start : start + batch_size]
         cand = build_candidates(
             model.generators_,
@@ -131,9 +133,7 @@ def serve_top_n(
             n_cand,
             n_ranked=model.config.candidates_per_generator,
         )
-        if generator_lists is not None:
-            for g, top in cand.tops.items():
-                per_generator.setdefault(g, []).append(top[:, :k])
+        tops = {g: top[:, :k] for g, top in cand.tops.items()}
         if model.ranker_ is not None:
             ranker, final = _ranker_scores(model, cand, len(batch), n_cand)
         else:
@@ -148,20 +148,35 @@ def serve_top_n(
         ranks = np.column_stack([cand.ranks[g][keep] for g in GENERATORS])
         best = np.argmin(ranks, axis=1)
         reason = np.array([_REASON_OF_GENERATOR[g] for g in GENERATORS], np.int8)[best]
-        parts.append(
-            {
-                "user_idx": batch[cand.user_pos[keep]],
-                "user_pos": cand.user_pos[keep] + start,
-                "item_idx": cand.item_idx[keep],
-                "rank": rank[rank < k].astype(np.int32),
-                "final_score": final[keep].astype(np.float32),
-                "pop": _zero_nan(cand.scores["popularity"][keep]),
-                "cooc": _zero_nan(cand.scores["cooccurrence"][keep]),
-                "emb": _zero_nan(cand.scores["lightfm"][keep]),
-                "ranker": ranker[keep].astype(np.float32),
-                "reason_code": reason,
-            }
-        )
+        part = {
+            "user_idx": batch[cand.user_pos[keep]],
+            "user_pos": cand.user_pos[keep] + start,
+            "item_idx": cand.item_idx[keep],
+            "rank": rank[rank < k].astype(np.int32),
+            "final_score": final[keep].astype(np.float32),
+            "pop": _zero_nan(cand.scores["popularity"][keep]),
+            "cooc": _zero_nan(cand.scores["cooccurrence"][keep]),
+            "emb": _zero_nan(cand.scores["lightfm"][keep]),
+            "ranker": ranker[keep].astype(np.float32),
+            "reason_code": reason,
+        }
+        return part, tops
+
+    starts_ = range(0, len(user_idx), batch_size)
+    if workers > 1 and len(starts_) > 1:
+        # numpy, scipy and the tree predictor release the GIL in their heavy loops: two
+        # batches at a time use both cores; results are joined in batch order (deterministic)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one_batch, starts_))
+    else:
+        results = [one_batch(start) for start in starts_]
+    parts = [p for p, _ in results]
+    if generator_lists is not None:
+        for _, tops in results:
+            for g, top in tops.items():
+                per_generator.setdefault(g, []).append(top)
     if generator_lists is not None:
         for g in model.generators_:
             generator_lists[g] = (

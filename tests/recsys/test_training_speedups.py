@@ -122,3 +122,12 @@ def test_long_lists_rank_scored_candidates_first(eval_and_final):
         # the head of the long list is the short list
         head = lists.item_idx[mine][: int((short.user_pos == u).sum())]
         assert head.tolist() == short.item_idx[short.user_pos == u].tolist()
+
+
+def test_threaded_scoring_gives_the_same_lists(eval_and_final):
+    _, final = eval_and_final
+    users = np.arange(len(final.user_ids_))
+    one = serve_top_n(final, users, k=12, batch_size=16, workers=1)
+    two = serve_top_n(final, users, k=12, batch_size=16, workers=2)
+    for field in ("user_idx", "item_idx", "rank", "final_score", "reason_code"):
+        np.testing.assert_array_equal(getattr(one, field), getattr(two, field))
