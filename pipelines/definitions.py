@@ -19,6 +19,16 @@ recsys_pipeline = dg.define_asset_job(
     executor_def=dg.in_process_executor,
 )
 
+user_shards_job = dg.define_asset_job(
+    "user_shards_job",
+    selection=dg.AssetSelection.assets("user_recommendations"),
+    partitions_def=publish.user_shards,
+    executor_def=dg.multiprocess_executor,
+    description="Recompute user-shard top-N lists; backfill several shards to run them as "
+    "separate processes (or pods, under a Kubernetes/Celery/Docker executor), then "
+    "materialise serving_snapshot to publish.",
+)
+
 daily_retrain = dg.ScheduleDefinition(
     name="daily_retrain",
     job=recsys_pipeline,
@@ -37,7 +47,7 @@ defs = dg.Definitions(
         *evaluation.asset_checks,
         *publish.asset_checks,
     ],
-    jobs=[recsys_pipeline, *ingest.jobs],
+    jobs=[recsys_pipeline, user_shards_job, *ingest.jobs],
     sensors=[*ingest.sensors],
     schedules=[daily_retrain],
     resources={

@@ -63,9 +63,9 @@ class EASEConfig(dg.Config):
 
 
 class RankerConfig(dg.Config):
-    candidates_per_generator: int = 50
-    max_iter: int = 100
-    learning_rate: float = 0.1
+    candidates_per_generator: int = 100
+    max_iter: int = 150
+    learning_rate: float = 0.05
     max_leaf_nodes: int = 15
     min_samples_leaf: int = 50
     l2_regularization: float = 1.0

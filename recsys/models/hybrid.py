@@ -58,7 +58,7 @@ class HybridConfig:
     half_life_days: float | None = None
     include_catalog_items: bool = True
     validation_fraction: float = 0.15
-    candidates_per_generator: int = 50
+    candidates_per_generator: int = 100
     cooccurrence: dict[str, Any] = field(
         default_factory=lambda: {
             "shrink": 10.0,
@@ -92,8 +92,8 @@ class HybridConfig:
     )
     ranker: dict[str, Any] = field(
         default_factory=lambda: {
-            "max_iter": 100,
-            "learning_rate": 0.1,
+            "max_iter": 150,
+            "learning_rate": 0.05,
             "max_leaf_nodes": 15,
             "min_samples_leaf": 50,
             "l2_regularization": 1.0,

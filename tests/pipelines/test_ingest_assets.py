@@ -32,6 +32,8 @@ def test_definitions_load_with_the_ingest_graph():
     assert {"events", "rejected_events", "items", "users"} <= keys
     assert defs.resolve_job_def("recsys_pipeline") is not None
     assert defs.resolve_sensor_def("landing_sensor") is not None
+    shards = defs.resolve_job_def("user_shards_job")
+    assert len(shards.partitions_def.get_partition_keys()) == 16
     schedule = defs.resolve_schedule_def("daily_retrain")
     assert schedule.job_name == "recsys_pipeline" and schedule.cron_schedule == "0 3 * * *"
 
