@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 import polars as pl
 
+from recsys.durable import fsync_dir, write_atomic
 from serving.errors import ProblemError, bad_request, unprocessable
 from serving.rules import assign_variant
 
@@ -244,14 +245,8 @@ class ExperimentStore:
         return docs
 
     def _write(self, tenant: str, doc: dict[str, Any]) -> None:
-        path = self._path(tenant, doc["id"])
-        tmp = os.path.join(self._dir(tenant), f".{doc['id']}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self._dir(tenant))
+        data = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        write_atomic(self._path(tenant, doc["id"]), data)
         self._cache.pop(tenant, None)
 
     def _locked(self, tenant: str):
@@ -314,7 +309,7 @@ class ExperimentStore:
         with self._locked(tenant):
             self._existing(tenant, exp_id, if_match)
             os.unlink(self._path(tenant, exp_id))
-            _fsync_dir(self._dir(tenant))
+            fsync_dir(self._dir(tenant))
             self._cache.pop(tenant, None)
 
     def force_assign(
@@ -459,14 +454,6 @@ class _FolderLock:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._mutex.release()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now() -> str:

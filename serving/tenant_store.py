@@ -22,6 +22,8 @@ from typing import Any
 
 import orjson
 
+from recsys.durable import write_atomic
+
 KINDS = ("config", "rules")
 _TENANT_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 
@@ -113,17 +115,7 @@ class TenantStore:
                 {"version": doc.version, "updated_at": doc.updated_at, "body": body},
                 option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS,
             )
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomic(path, payload)
         self.invalidate(tenant, (kind,))
         return doc
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from recsys.durable import fsync_dir, write_atomic
 from recsys.snapshot.format import CURRENT, MANIFEST, TMP_PREFIX
 from recsys.snapshot.reader import SnapshotError, _read_manifest, open_snapshot
 
@@ -142,7 +143,7 @@ class SnapshotStore:
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
-        self._fsync_dir(self.root)
+        fsync_dir(self.root)
         self._switch(sid)
         if prune:
             self.prune()
@@ -207,21 +208,7 @@ class SnapshotStore:
 
     # --- internals -----------------------------------------------------------------------
     def _switch(self, snapshot_id: str) -> None:
-        tmp = os.path.join(self.root, f"{TMP_PREFIX}{CURRENT}-{uuid.uuid4().hex[:8]}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(snapshot_id + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.root, CURRENT))
-        self._fsync_dir(self.root)
-
-    @staticmethod
-    def _fsync_dir(path: str) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(os.path.join(self.root, CURRENT), (snapshot_id + "\n").encode())
 
 
 def _ids_arrow(table: Any) -> Any:

@@ -31,6 +31,7 @@ import orjson
 import polars as pl
 
 from recsys.contract import ITEM_SCHEMA, USER_SCHEMA
+from recsys.durable import fsync_dir, write_atomic
 from recsys.ingest import _atomic_parquet
 from recsys.storage import Storage
 from recsys.validation import validate_items, validate_users
@@ -218,11 +219,7 @@ class RecordStore:
                 gone = {**current["record"], "available": False}
                 self._land(tenant, kind, landing_row(kind, rec_id, gone), uuid.uuid4().hex)
             os.unlink(self._path(tenant, kind, rec_id))
-            fd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(d)
         return current
 
     def _land(self, tenant: str, kind: str, raw: pl.DataFrame, rid: str) -> str:
@@ -235,14 +232,4 @@ class RecordStore:
 
     @staticmethod
     def _write(path: str, doc: dict[str, Any]) -> None:
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(orjson.dumps(doc))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(os.path.dirname(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(path, orjson.dumps(doc))

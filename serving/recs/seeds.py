@@ -19,13 +19,13 @@ import fcntl
 import os
 import threading
 import time
-import uuid
 from typing import Any
 
 import falcon
 import numpy as np
 import orjson
 
+from recsys.durable import write_atomic
 from recsys.snapshot.format import REASON_CODES
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.errors import ProblemError, bad_request, unprocessable
@@ -122,17 +122,8 @@ class SeedStore:
                 stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
                 surfaces[surface] = {**seed, "updated_at": stamp.replace("+00:00", "Z")}
             new = {"version": f"seed_{time.time_ns():x}", "surfaces": surfaces}
-            tmp = f"{self._path(tenant)}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(orjson.dumps(new, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._path(tenant))
-            fd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            data = orjson.dumps(new, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+            write_atomic(self._path(tenant), data)
             self._cache.pop(tenant, None)
         return new
 
