@@ -11,14 +11,7 @@ from serving import errors
 from serving.auth import Authenticator
 from serving.config import ServingConfig
 from serving.metrics import Metrics
-from serving.middleware import (
-    AuthMiddleware,
-    BodyLimitMiddleware,
-    GzipMiddleware,
-    MetricsMiddleware,
-    RateLimitMiddleware,
-    RequestIdMiddleware,
-)
+from serving.middleware import ServingMiddleware
 from serving.ratelimit import InProcessLimiter, RedisLimiter
 from serving.resources.admin import CacheInvalidateResource, TenantDocumentResource
 from serving.resources.docs import DocsResource, OpenApiResource
@@ -68,10 +61,17 @@ def create_app(
         limiter = RedisLimiter(config.redis_url) if config.redis_url else InProcessLimiter()
 
     middleware: list = [
-        RequestIdMiddleware(),
-        MetricsMiddleware(metrics, config.access_log),
+        ServingMiddleware(
+            metrics=metrics,
+            access_log=config.access_log,
+            max_body_bytes=config.max_body_bytes,
+            authenticator=Authenticator(config),
+            limiter=limiter,
+            config=config,
+            gzip_min_bytes=config.gzip_min_bytes,
+        )
     ]
-    if config.cors_origins:
+    if config.cors_origins:  # (its process_response runs before ServingMiddleware's)
         middleware.append(
             falcon.CORSMiddleware(
                 allow_origins="*" if config.cors_origins == ("*",) else list(config.cors_origins),
@@ -85,12 +85,6 @@ def create_app(
                 ],
             )
         )
-    middleware += [
-        BodyLimitMiddleware(config.max_body_bytes),
-        AuthMiddleware(Authenticator(config)),
-        RateLimitMiddleware(limiter, config),
-        GzipMiddleware(config.gzip_min_bytes),
-    ]
     app = falcon.App(middleware=middleware)
     handler = _json_handler()
     app.req_options.media_handlers[falcon.MEDIA_JSON] = handler

@@ -1,7 +1,18 @@
-"""Falcon middleware: small classes, each doing one thing and testable alone.
+"""Falcon middleware: the whole per-request stack in one class, `ServingMiddleware`.
 
-Order in `create_app` (process_request runs top-down, process_response bottom-up):
-RequestId -> Metrics/AccessLog -> CORS (Falcon's) -> BodyLimits -> Auth -> RateLimit -> Gzip.
+One object with one process_request / process_resource / process_response (instead of a chain
+of small classes): every middleware method Falcon calls, and every attribute put on
+`req.context`, costs on each request. Its steps, in order:
+
+* request: request id + W3C trace context -> start time -> body limits (411/413) ->
+  authentication + X-Org-Id (401/403) -> rate limits (429);
+* resource: media type (415) -> scope and `{tenant_id}` (403);
+* response: RateLimit headers -> X-Request-Id / traceparent -> gzip -> metrics + access log.
+
+Each step can be switched off (`None`), which is how the small factories below
+(`RequestIdMiddleware`, `BodyLimitMiddleware`, `GzipMiddleware`, ...) build a one-step
+middleware for tests and small apps; Falcon's `CORSMiddleware` is added after it by
+`create_app` when origins are configured.
 """
 
 from __future__ import annotations
@@ -9,6 +20,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import random
 import re
 import time
 
@@ -29,130 +41,107 @@ _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/version", "/openapi.json", "/docs"})
 
 
-def new_request_id() -> str:
-    """A random UUID (version 4) string; a third of the cost of ``str(uuid.uuid4())``."""
-    h = os.urandom(16).hex()
-    variant = "89ab"[int(h[16], 16) & 3]
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
+_UUID4_CLEAR = (0xF000 << 64) | (0xC000 << 48)  # version nibble, variant bits
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)  # version 4, RFC 4122 variant
 
 
-class RequestIdMiddleware:
-    """Echo a well-formed `X-Request-Id` or generate one; continue the W3C trace context.
+def new_request_id(_bits=random.getrandbits) -> str:
+    """A random UUID (version 4) string, from the process's Mersenne Twister (reseeded by
+    Python in every forked worker) rather than a getrandom() syscall: a request id correlates
+    logs, it is not a secret. About a fifth of the cost of ``str(uuid.uuid4())``."""
+    h = "%032x" % ((_bits(128) & ~_UUID4_CLEAR) | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
-    A valid incoming `traceparent` is continued: the response's keeps the caller's trace id and
-    flags with a new span id (this server's span), and `tracestate` is passed through. Requests
-    without one get none back (the request id already correlates logs; every response header
-    costs gunicorn a few microseconds).
+
+class ServingMiddleware:
+    """The serving stack (see the module docstring); a step given `None` is skipped.
+
+    metrics / access_log: request counts and latency per route template, method and status,
+        and one JSON access line per request (when the `recsys.access` logger is at INFO).
+    max_body_bytes: 413 above it, 411 for chunked bodies, 415 for non-JSON bodies (a resource
+        may accept more media types through `accepted_media`).
+    authenticator: every route but `PUBLIC_PATHS` (and OPTIONS) needs credentials; a resource
+        declares `required_scope` (a string, or a dict method -> scope); a `tenant_id` route
+        parameter and `X-Org-Id`, when sent, must equal the caller's tenant.
+    limiter + config: per-credential and per-tenant fixed windows; `RateLimit-Policy` and
+        `RateLimit` headers on every limited route, 429 with `Retry-After`.
+    gzip_min_bytes: compress bodies of at least that size when the client accepts gzip.
+    request_ids: echo a well-formed `X-Request-Id` or generate one; continue a valid incoming
+        `traceparent` (same trace id and flags, this server's span id; `tracestate` passed
+        through). Requests without one get none back (every response header costs gunicorn a
+        few microseconds).
     """
 
+    def __init__(
+        self,
+        *,
+        request_ids: bool = True,
+        metrics: Metrics | None = None,
+        access_log: bool = False,
+        max_body_bytes: int | None = None,
+        authenticator: Authenticator | None = None,
+        limiter=None,
+        config: ServingConfig | None = None,
+        gzip_min_bytes: int | None = None,
+        gzip_level: int = 5,
+    ) -> None:
+        self._request_ids = request_ids
+        self._metrics = metrics
+        self._requests = metrics.requests if metrics else None
+        self._latency = metrics.latency if metrics else None
+        self._log = access_log
+        self._max_body = max_body_bytes
+        self._auth = authenticator
+        self._limiter = limiter
+        if limiter is not None:
+            if config is None:
+                raise ValueError("rate limits need the config (its limit specs)")
+            self._key_spec = config.rate_limit
+            self._tenant_spec = config.tenant_rate_limit
+            self._policy = (
+                f'"key";q={self._key_spec.limit};w={self._key_spec.window_s}, '
+                f'"tenant";q={self._tenant_spec.limit};w={self._tenant_spec.window_s}'
+            )
+        self._gzip_min = gzip_min_bytes
+        self._gzip_level = gzip_level
+
+    # --- request -------------------------------------------------------------------------
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         env, ctx = req.env, req.context  # (headers straight from the WSGI environ)
-        rid = env.get("HTTP_X_REQUEST_ID")
-        ctx.request_id = rid if rid and _REQUEST_ID_OK.match(rid) else new_request_id()
-        ctx.traceparent = None
-        incoming = env.get("HTTP_TRACEPARENT")
-        if incoming:
-            match = _TRACEPARENT.match(incoming)
-            if match and match.group(2) != "0" * 32 and match.group(1) != "ff":
-                span = os.urandom(8).hex()
-                ctx.traceparent = f"00-{match.group(2)}-{span}-{match.group(4)}"
-                ctx.tracestate = env.get("HTTP_TRACESTATE")
-
-    def process_response(self, req, resp, resource, req_succeeded) -> None:
-        ctx = req.context
-        resp.set_header("X-Request-Id", ctx.request_id)
-        if ctx.traceparent:
-            resp.set_header("traceparent", ctx.traceparent)
-            if ctx.tracestate:
-                resp.set_header("tracestate", ctx.tracestate)
-
-
-class MetricsMiddleware:
-    """Request counts and latency per route template and status; optional JSON access log."""
-
-    def __init__(self, metrics: Metrics, access_log_enabled: bool = True) -> None:
-        self._metrics = metrics
-        self._log = access_log_enabled
-
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        req.context.started = time.perf_counter()
-
-    def process_response(self, req, resp, resource, req_succeeded) -> None:
-        elapsed = time.perf_counter() - req.context.started
-        route = req.uri_template or "unmatched"
-        status = resp.status_code
-        key = (route, req.method, str(status))
-        self._metrics.requests.inc(key)
-        self._metrics.latency.observe(key, elapsed)
-        if self._log and access_log.isEnabledFor(logging.INFO):
-            principal = getattr(req.context, "principal", None)
-            access_log.info(
-                orjson.dumps(
-                    {
-                        "ts": time.time(),
-                        "request_id": req.context.request_id,
-                        "method": req.method,
-                        "path": req.path,
-                        "route": route,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                        "tenant": principal.tenant if principal else None,
-                        "remote": req.remote_addr,
-                        "user_agent": req.user_agent,
-                    }
-                ).decode()
-            )
-
-
-DEFAULT_MEDIA: tuple[str, ...] = ("application/json",)
-
-
-class BodyLimitMiddleware:
-    """413 for bodies over the cap, 415 for non-JSON bodies, 411 for bodies without a length."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self._max = max_bytes
-
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if req.method not in ("POST", "PUT", "PATCH"):
+        if self._request_ids:
+            rid = env.get("HTTP_X_REQUEST_ID")
+            ctx.request_id = rid if rid and _REQUEST_ID_OK.match(rid) else new_request_id()
+            ctx.traceparent = None
+            incoming = env.get("HTTP_TRACEPARENT")
+            if incoming:
+                match = _TRACEPARENT.match(incoming)
+                if match and match.group(2) != "0" * 32 and match.group(1) != "ff":
+                    span = os.urandom(8).hex()
+                    ctx.traceparent = f"00-{match.group(2)}-{span}-{match.group(4)}"
+                    ctx.tracestate = env.get("HTTP_TRACESTATE")
+        ctx.started = time.perf_counter()
+        method = req.method
+        if self._max_body is not None:
+            ctx.body_length = 0
+        if self._max_body is not None and method in _BODY_METHODS:
+            length = req.content_length
+            if length is None:
+                if env.get("HTTP_TRANSFER_ENCODING"):
+                    raise ProblemError(
+                        411, "Send a Content-Length; chunked bodies are not accepted."
+                    )
+                length = 0
+            if length > self._max_body:
+                raise ProblemError(
+                    413, f"The body is {length} bytes; the limit is {self._max_body}."
+                )
+            ctx.body_length = length
+        if self._auth is None:
             return
-        length = req.content_length
-        if length is None:
-            if req.get_header("Transfer-Encoding"):
-                raise ProblemError(411, "Send a Content-Length; chunked bodies are not accepted.")
-            length = 0
-        if length > self._max:
-            raise ProblemError(413, f"The body is {length} bytes; the limit is {self._max}.")
-        req.context.body_length = length
-
-    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource,
-                         params) -> None:
-        # A resource may accept more media types than JSON (the bulk events route: NDJSON).
-        if not getattr(req.context, "body_length", 0):
+        ctx.principal = None
+        ctx.ratelimit_state = None
+        if method == "OPTIONS" or req.path in PUBLIC_PATHS:
             return
-        accepted = getattr(resource, "accepted_media", DEFAULT_MEDIA)
-        content_type = (req.content_type or "").lower()
-        if not content_type.startswith(accepted):
-            raise ProblemError(
-                415, f"Content-Type must be {' or '.join(accepted)}, not {req.content_type!r}."
-            )
-
-
-class AuthMiddleware:
-    """Authenticate every non-public route and enforce scope and tenant.
-
-    A resource declares `required_scope` (one string, or a dict method -> scope). When the route
-    has a `tenant_id` parameter it must equal the caller's tenant; `X-Org-Id`, when sent, too.
-    """
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        self._auth = authenticator
-
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        req.context.principal = None
-        if req.method == "OPTIONS" or req.path in PUBLIC_PATHS:
-            return
-        env = req.env
         principal = self._auth.authenticate(
             env.get("HTTP_AUTHORIZATION"), env.get("HTTP_X_API_KEY")
         )
@@ -163,10 +152,51 @@ class AuthMiddleware:
                 "X-Org-Id does not match the tenant of the credentials.",
                 code="RECSYS_TENANT_MISMATCH",
             )
-        req.context.principal = principal
+        ctx.principal = principal
+        if self._limiter is not None:
+            ctx.ratelimit_state = self._rate_limit(principal)
 
-    def process_resource(self, req, resp, resource, params) -> None:
-        principal: Principal | None = req.context.principal
+    def _rate_limit(self, principal: Principal) -> str:
+        """The `RateLimit` header value of an allowed request; 429 otherwise."""
+        by_key = self._limiter.hit(f"k:{principal.tenant}:{principal.subject}", self._key_spec)
+        by_tenant = self._limiter.hit(f"t:{principal.tenant}", self._tenant_spec)
+        if not by_key.allowed:
+            name, tight = "key", by_key
+        elif not by_tenant.allowed:
+            name, tight = "tenant", by_tenant
+        elif by_key.remaining <= by_tenant.remaining:
+            name, tight = "key", by_key
+        else:
+            name, tight = "tenant", by_tenant
+        state = f'"{name}";r={tight.remaining};t={tight.reset_s}'
+        if not (by_key.allowed and by_tenant.allowed):
+            raise ProblemError(
+                429,
+                f"Rate limit of the {name} exceeded; retry in {tight.reset_s} s.",
+                headers={
+                    "RateLimit-Policy": self._policy,
+                    "RateLimit": state,
+                    "Retry-After": str(tight.reset_s),
+                },
+            )
+        return state
+
+    # --- resource ------------------------------------------------------------------------
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource,
+                         params) -> None:
+        ctx = req.context
+        if self._max_body is not None and ctx.body_length:
+            # A resource may accept more media types than JSON (the bulk events route: NDJSON).
+            accepted = getattr(resource, "accepted_media", DEFAULT_MEDIA)
+            content_type = (req.content_type or "").lower()
+            if not content_type.startswith(accepted):
+                raise ProblemError(
+                    415,
+                    f"Content-Type must be {' or '.join(accepted)}, not {req.content_type!r}.",
+                )
+        if self._auth is None:
+            return
+        principal: Principal | None = ctx.principal
         if principal is None or resource is None:
             return
         scope = getattr(resource, "required_scope", None)
@@ -184,67 +214,85 @@ class AuthMiddleware:
                 code="RECSYS_TENANT_MISMATCH",
             )
 
-
-class RateLimitMiddleware:
-    """Per-credential and per-tenant fixed windows; RateLimit headers on every limited route."""
-
-    def __init__(self, limiter, config: ServingConfig) -> None:
-        self._limiter = limiter
-        self._key_spec = config.rate_limit
-        self._tenant_spec = config.tenant_rate_limit
-        self._policy = (
-            f'"key";q={self._key_spec.limit};w={self._key_spec.window_s}, '
-            f'"tenant";q={self._tenant_spec.limit};w={self._tenant_spec.window_s}'
-        )
-
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        principal: Principal | None = getattr(req.context, "principal", None)
-        if principal is None:
-            return
-        by_key = self._limiter.hit(f"k:{principal.tenant}:{principal.subject}", self._key_spec)
-        by_tenant = self._limiter.hit(f"t:{principal.tenant}", self._tenant_spec)
-        name, tight = (
-            ("key", by_key) if by_key.remaining <= by_tenant.remaining else ("tenant", by_tenant)
-        )
-        if not by_key.allowed:
-            name, tight = "key", by_key
-        elif not by_tenant.allowed:
-            name, tight = "tenant", by_tenant
-        state = f'"{name}";r={tight.remaining};t={tight.reset_s}'
-        if not (by_key.allowed and by_tenant.allowed):
-            raise ProblemError(
-                429,
-                f"Rate limit of the {name} exceeded; retry in {tight.reset_s} s.",
-                headers={
-                    "RateLimit-Policy": self._policy,
-                    "RateLimit": state,
-                    "Retry-After": str(tight.reset_s),
-                },
-            )
-        req.context.ratelimit_state = state
-
+    # --- response ------------------------------------------------------------------------
     def process_response(self, req, resp, resource, req_succeeded) -> None:
-        state = getattr(req.context, "ratelimit_state", None)
+        ctx = req.context
+        # (getattr: Falcon runs process_response even when process_request did not run)
+        state = getattr(ctx, "ratelimit_state", None) if self._limiter is not None else None
         if state:
             resp.set_header("RateLimit-Policy", self._policy)
             resp.set_header("RateLimit", state)
+        if self._request_ids and hasattr(ctx, "request_id"):
+            resp.set_header("X-Request-Id", ctx.request_id)
+            if ctx.traceparent:
+                resp.set_header("traceparent", ctx.traceparent)
+                if ctx.tracestate:
+                    resp.set_header("tracestate", ctx.tracestate)
+        if self._gzip_min is not None:
+            self._gzip(req, resp)
+        if self._metrics is not None and hasattr(ctx, "started"):
+            self._observe(req, resp, ctx)
 
-
-class GzipMiddleware:
-    """Compress bodies of at least `min_bytes` when the client accepts gzip."""
-
-    def __init__(self, min_bytes: int = 1024, level: int = 5) -> None:
-        self._min = min_bytes
-        self._level = level
-
-    def process_response(self, req, resp, resource, req_succeeded) -> None:
+    def _gzip(self, req, resp) -> None:
         accept = req.env.get("HTTP_ACCEPT_ENCODING")
         if not accept or "gzip" not in accept.lower() or resp.stream is not None:
             return
         body = resp.render_body()
         resp.append_header("Vary", "Accept-Encoding")
-        if body is None or len(body) < self._min:
+        if body is None or len(body) < self._gzip_min:
             return
-        resp.data = gzip.compress(body, compresslevel=self._level, mtime=0)
+        resp.data = gzip.compress(body, compresslevel=self._gzip_level, mtime=0)
         resp.text = None
         resp.set_header("Content-Encoding", "gzip")
+
+    def _observe(self, req, resp, ctx) -> None:
+        elapsed = time.perf_counter() - ctx.started
+        route = req.uri_template or "unmatched"
+        status = resp.status_code
+        key = (route, req.method, _STATUS_TEXT.get(status) or str(status))
+        self._requests.inc(key)
+        self._latency.observe(key, elapsed)
+        if self._log and access_log.isEnabledFor(logging.INFO):
+            principal = getattr(ctx, "principal", None)
+            access_log.info(
+                orjson.dumps(
+                    {
+                        "ts": time.time(),
+                        "request_id": getattr(ctx, "request_id", None),
+                        "method": req.method,
+                        "path": req.path,
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "tenant": principal.tenant if principal else None,
+                        "remote": req.remote_addr,
+                        "user_agent": req.user_agent,
+                    }
+                ).decode()
+            )
+
+
+DEFAULT_MEDIA: tuple[str, ...] = ("application/json",)
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_STATUS_TEXT = {code: str(code) for code in range(100, 600)}
+
+
+# --- one-step middlewares (tests, small apps): configurations of ServingMiddleware -----------
+def RequestIdMiddleware() -> ServingMiddleware:  # noqa: N802 (used like the class it was)
+    return ServingMiddleware()
+
+
+def MetricsMiddleware(metrics: Metrics, access_log_enabled: bool = True) -> ServingMiddleware:  # noqa: N802
+    return ServingMiddleware(request_ids=False, metrics=metrics, access_log=access_log_enabled)
+
+
+def BodyLimitMiddleware(max_bytes: int) -> ServingMiddleware:  # noqa: N802
+    return ServingMiddleware(request_ids=False, max_body_bytes=max_bytes)
+
+
+def AuthMiddleware(authenticator: Authenticator) -> ServingMiddleware:  # noqa: N802
+    return ServingMiddleware(request_ids=False, authenticator=authenticator)
+
+
+def GzipMiddleware(min_bytes: int = 1024, level: int = 5) -> ServingMiddleware:  # noqa: N802
+    return ServingMiddleware(request_ids=False, gzip_min_bytes=min_bytes, gzip_level=level)

@@ -25,27 +25,29 @@ class RateDecision(NamedTuple):  # (a tuple: built twice per request, cheaply)
 
 
 class InProcessLimiter:
-    """Per-process fixed windows (a dict of key -> (window start, count))."""
+    """Per-process fixed windows (a dict of key -> [window start, count], updated in place)."""
 
     def __init__(self, clock=time.time, max_keys: int = 100_000) -> None:
         self._clock = clock
-        self._counts: dict[str, tuple[int, int]] = {}
+        self._counts: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         self._max_keys = max_keys
 
     def hit(self, key: str, spec: RateLimitSpec) -> RateDecision:
         now = self._clock()
-        window = int(now // spec.window_s)
+        window_s, limit = spec.window_s, spec.limit
+        window = int(now // window_s)
         with self._lock:
-            start, count = self._counts.get(key, (window, 0))
-            if start != window:
-                count = 0
-            count += 1
-            if len(self._counts) >= self._max_keys and key not in self._counts:
-                self._counts.clear()  # bounded memory; losing old windows only forgives callers
-            self._counts[key] = (window, count)
-        reset = int((window + 1) * spec.window_s - now) + 1
-        return RateDecision(count <= spec.limit, spec.limit, max(0, spec.limit - count), reset)
+            slot = self._counts.get(key)
+            if slot is None:
+                if len(self._counts) >= self._max_keys:
+                    self._counts.clear()  # bounded memory; losing old windows only forgives callers
+                slot = self._counts[key] = [window, 0]
+            elif slot[0] != window:
+                slot[0], slot[1] = window, 0
+            slot[1] = count = slot[1] + 1
+        reset = int((window + 1) * window_s - now) + 1
+        return RateDecision(count <= limit, limit, max(0, limit - count), reset)
 
 
 class RedisLimiter:

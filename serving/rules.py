@@ -73,6 +73,7 @@ class CompiledRules:
     blocked_item_rules: list[str] = field(default_factory=list)  # rule id per blocked item
     blocked_tags: np.ndarray = field(default_factory=lambda: _NO_ITEMS)
     blocked_tag_rules: list[str] = field(default_factory=list)
+    blocked_tags_list: list[int] = field(default_factory=list)  # = blocked_tags, as a list
     unresolved: list[str] = field(default_factory=list)  # rule ids naming unknown items/tags
 
 
@@ -126,6 +127,7 @@ def compile_rules(
     out.pins.sort(key=lambda p: p.position)
     out.blocked_items = np.asarray(b_items, dtype=np.int32)
     out.blocked_tags = np.asarray(b_tags, dtype=np.int32)
+    out.blocked_tags_list = b_tags
     live.compiled[key] = out
     while len(live.compiled) > 256:
         live.compiled.popitem(last=False)
@@ -140,8 +142,8 @@ class Filters:
     exclude: np.ndarray
     include: np.ndarray | None
     seen: np.ndarray
-    forbidden_tags: np.ndarray
-    required_tags: np.ndarray
+    forbidden_tags: list[int]  # tag ids (plain lists: only ever looped over)
+    required_tags: list[int]
     required_missing: bool  # a required tag the snapshot does not know: nothing can match
     rules: CompiledRules
 
@@ -157,10 +159,10 @@ class Filters:
         snap = live.snap
         exclude = _indices(live, req.exclude_ids)
         include = _indices(live, req.include_ids) if req.include_ids is not None else None
-        forbidden_arr = required = _NO_ITEMS
+        forbidden: list[int] = []
+        required: list[int] = []
         if req.forbidden_tags:
             forbidden = [t for t in map(snap.tag_id, req.forbidden_tags) if t is not None]
-            forbidden_arr = np.asarray(forbidden, dtype=np.int32)
         missing = []
         if req.required_tags:
             required_ids = [snap.tag_id(x) for x in req.required_tags]
@@ -172,12 +174,12 @@ class Filters:
                         "detail": f"required tag(s) unknown to the catalogue: {', '.join(missing)}",
                     }
                 )
-            required = np.asarray([i for i in required_ids if i is not None], dtype=np.int32)
+            required = [i for i in required_ids if i is not None]
         return cls(
             exclude=exclude,
             include=include,
             seen=seen,
-            forbidden_tags=forbidden_arr,
+            forbidden_tags=forbidden,
             required_tags=required,
             required_missing=bool(missing),
             rules=rules,
@@ -196,17 +198,17 @@ class Filters:
         code = None  # tag outcomes (the lowest priorities), allocated when some tag applies
         if self.required_missing:
             code = np.full(n, MISSING_TAG, dtype=np.uint8)
-        elif self.required_tags.size:
+        elif self.required_tags:
             have = np.zeros(n, dtype=np.int32)
-            for tag in self.required_tags.tolist():
+            for tag in self.required_tags:
                 have += live.tag_hits(items, tag)
-            code = (have < self.required_tags.size).astype(np.uint8)
+            code = (have < len(self.required_tags)).astype(np.uint8)
             code *= MISSING_TAG
-        for codes, tags in ((FORBIDDEN_TAG, self.forbidden_tags), (BLOCKED, r.blocked_tags)):
-            for tag in tags.tolist():
+        for codes, tags in ((FORBIDDEN_TAG, self.forbidden_tags), (BLOCKED, r.blocked_tags_list)):
+            for tag in tags:
                 if code is None:
                     code = np.zeros(n, dtype=np.uint8)
-                code[live.tag_hits(items, tag)] = codes
+                np.putmask(code, live.tag_hits(items, tag), codes)
         lists = [(r.blocked_items, BLOCKED), (self.seen, SEEN)]
         if self.include is None:  # else exclude_ids must overwrite not_in_include_ids below
             lists.append((self.exclude, EXCLUDED))
@@ -223,7 +225,7 @@ class Filters:
             if self.exclude.size:
                 code[live.item_member(items, self.exclude)] = EXCLUDED
         if live.any_unavailable:
-            code[live.unavailable[items]] = UNAVAILABLE
+            np.putmask(code, live.unavailable.take(items), UNAVAILABLE)
         blocked_by: list = []
         if (r.blocked_items.size or r.blocked_tags.size) and (code == BLOCKED).any():
             blocked_by = [
@@ -300,6 +302,8 @@ class Caps:
 
     def members(self, live: LiveSnapshot, items: np.ndarray) -> np.ndarray:
         """bool[len(items), groups]: which capped groups each item belongs to (vectorized)."""
+        if len(self.tag_groups) == 1 and len(self.names) == 1:  # the common case: one tag
+            return live.tag_hits(items, next(iter(self.tag_groups)))[:, None]
         m = np.zeros((items.shape[0], len(self.names)), dtype=bool)
         for tag, g in self.tag_groups.items():
             m[:, g] = live.tag_hits(items, tag)
@@ -308,7 +312,7 @@ class Caps:
             (live.category_id, self.category_groups),
         ):
             if groups:
-                values = ids[items]
+                values = ids.take(items)
                 for value, g in groups.items():
                     m[:, g] |= values == value
         return m
@@ -325,9 +329,10 @@ class Caps:
         member = (m[:, 0] if m.shape[1] == 1 else m.any(axis=1)).tolist()
         chosen: list[int] = []
         refused: dict[int, str] = {}
+        single = [0] if m.shape[1] == 1 else None  # one capped group: no per-row lookup
         for pos, is_member in enumerate(member):
             if is_member:
-                groups = [g for g, f in enumerate(m[pos].tolist()) if f]
+                groups = single or [g for g, f in enumerate(m[pos].tolist()) if f]
                 full = next((g for g in groups if counts_now[g] >= caps[g]), None)
                 if full is not None:
                     refused[pos] = names[full]
@@ -580,14 +585,14 @@ class Engine:
         capped: dict[int, str] = {}
         n_take = max(0, n_free)
         if caps is None:
-            chosen_rows = ranked_rows[:n_take].tolist()
-            chosen_adj = ranked_adj[:n_take].tolist()
+            chosen, chosen_adj = ranked_rows[:n_take], ranked_adj[:n_take]
         else:
             positions, refused = caps.select(caps.members(live, pool.items[ranked_rows]), n_take)
-            chosen_rows = ranked_rows[positions].tolist()
-            chosen_adj = ranked_adj[positions].tolist()
+            at = np.array(positions, dtype=np.intp)  # (one conversion for both gathers)
+            chosen, chosen_adj = ranked_rows[at], ranked_adj[at]
             capped = {int(ranked_rows[pos]): name for pos, name in refused.items()}
-        chosen = np.asarray(chosen_rows, dtype=np.intp)
+        chosen_rows: list[int] = chosen.tolist()
+        chosen_adj = chosen_adj.tolist()
         e_items: list[int] = pool.items[chosen].tolist()
         e_scores: list[float] = chosen_adj
         e_reasons: list[int] = pool.reasons[chosen].tolist()
@@ -686,8 +691,12 @@ class Engine:
                 pool, code, blocked_by, keep, ranked_rows, chosen_rows, capped, set(out.items), pins
             )
         if counts_filtered:
-            filtered_by = np.bincount(code, minlength=len(OUTCOMES)).tolist()
-            out.filtered_by = {OUTCOMES[c]: n for c, n in enumerate(filtered_by) if c != KEPT and n}
+            # bytes.count per outcome: cheaper than np.bincount(...).tolist() on ~200 codes
+            raw = code.tobytes()
+            for c in range(1, len(OUTCOMES)):
+                n_c = raw.count(c)
+                if n_c:
+                    out.filtered_by[OUTCOMES[c]] = n_c
         if capped:
             out.filtered_by["max_per_tag"] = len(capped)
         out.counts = {

@@ -113,7 +113,7 @@ class LiveSnapshot:
         tag's mask; tags without a mask: a binary search in the inverted index)."""
         mask = self._tag_masks.get(tag)
         if mask is not None:
-            return mask[items]
+            return mask.take(items)  # (take/put: ~0.5 us cheaper than [] with int32 indices)
         tag_items, off = self._tag_index()
         having = tag_items[off[tag] : off[tag + 1]]
         if not having.shape[0]:
@@ -148,29 +148,29 @@ class LiveSnapshot:
         codes = self._masks()[2]
         try:
             for of, code in written:
-                codes[of] = code
-            return codes[items]
+                codes.put(of, code)
+            return codes.take(items)
         finally:
             for of, _ in written:
-                codes[of] = 0
+                codes.put(of, 0)
 
     def item_member(self, items: np.ndarray, of: np.ndarray) -> np.ndarray:
         """bool per entry of `items`: is it one of the item indices `of`?"""
         mask = self._masks()[0]
-        mask[of] = True
+        mask.put(of, True)
         try:
-            return mask[items]
+            return mask.take(items)
         finally:
-            mask[of] = False
+            mask.put(of, False)
 
     def tag_member(self, tags: np.ndarray, of: np.ndarray) -> np.ndarray:
         """bool per entry of `tags`: is it one of the tag ids `of`?"""
         mask = self._masks()[1]
-        mask[of] = True
+        mask.put(of, True)
         try:
-            return mask[tags]
+            return mask.take(tags)
         finally:
-            mask[of] = False
+            mask.put(of, False)
 
     def item_index(self, item_id: str) -> int | None:
         """Row of an item id (memoized per worker, like `item_ids`)."""

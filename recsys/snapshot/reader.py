@@ -56,6 +56,11 @@ class _IdTable:
         self._table = table
         self._mask = int(table.shape[0]) - 1
         self.n = int(offsets.shape[0]) - 1
+        # memoryviews of the same pages for the scalar lookups of `index`: indexing one yields a
+        # Python int / bytes-comparable slice without building a NumPy scalar (~10x cheaper).
+        self._data_mv = memoryview(np.ascontiguousarray(data))
+        self._offsets_mv = memoryview(np.ascontiguousarray(offsets))
+        self._table_mv = memoryview(np.ascontiguousarray(table))
 
     def id(self, idx: int) -> str:
         if not 0 <= idx < self.n:
@@ -65,17 +70,14 @@ class _IdTable:
     def index(self, key: str) -> int | None:
         raw = key.encode("utf-8")
         slot = id_hash(raw) & self._mask
-        data, offsets, table, mask = self._data, self._offsets, self._table, self._mask
+        data, offsets, table, mask = self._data_mv, self._offsets_mv, self._table_mv, self._mask
         n_raw = len(raw)
         while True:
-            row = int(table[slot])
+            row = table[slot]
             if row == EMPTY_SLOT:
                 return None
-            start = int(offsets[row])
-            if (
-                int(offsets[row + 1]) - start == n_raw
-                and data[start : start + n_raw].tobytes() == raw
-            ):
+            start = offsets[row]
+            if offsets[row + 1] - start == n_raw and data[start : start + n_raw] == raw:
                 return row
             slot = (slot + 1) & mask
 

@@ -176,6 +176,49 @@ def test_two_workers_share_one_log_without_duplicates(tmp_path):
     assert w1.get("y")[0]["event_id"] == "y"
 
 
+def test_concurrent_events_share_commits_and_are_fsynced_before_the_answer(tmp_path, monkeypatch):
+    import threading
+
+    import serving.events_log as events_log
+
+    root = str(tmp_path)
+    w = TenantEventLog(root, "acme", linger_s=0.05)
+    wal = os.path.join(root, "serving", "events", "acme", "wal")
+    synced = {"bytes": 0}
+    real_fsync = os.fsync
+
+    def fsync(fd):  # records how much of the active segment a finished fsync covers
+        real_fsync(fd)
+        synced["bytes"] = max(synced["bytes"], os.fstat(fd).st_size)
+
+    monkeypatch.setattr(events_log.os, "fsync", fsync)
+    answers: dict[str, tuple[str, bool]] = {}
+
+    def send(i: int) -> None:
+        status = w.submit([{**EV, "event_id": f"c{i}"}])[0].status
+        covered = synced["bytes"]  # fsync'd bytes when the answer came
+        seg = os.path.join(wal, segment_name(list_segments(wal)[-1]))
+        offset = next(
+            off for off, r in read_frames(Path(seg).read_bytes())[0] if r["id"] == f"c{i}"
+        )
+        answers[f"c{i}"] = (status, covered > offset)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(answers) == sorted(f"c{i}" for i in range(16))
+    assert set(answers.values()) == {("accepted", True)}  # each fsync'd before its answer
+    assert w.batches < 16  # concurrent requests shared validation passes and fsyncs
+    results = w.submit([{**EV, "event_id": f"c{i}"} for i in range(16)])
+    assert {r.status for r in results} == {"duplicate"}
+    landed = flush_events(root, ["acme"])["acme"]
+    assert sorted(pl.read_parquet(landed)["event_id"].to_list()) == sorted(
+        f"c{i}" for i in range(16)
+    )
+
+
 def test_a_torn_tail_is_cut_and_nothing_acknowledged_is_lost(tmp_path):
     root = str(tmp_path)
     w = TenantEventLog(root, "acme")
