@@ -58,15 +58,7 @@ class RecommendService:
     def _live(
         self, tenant: str, req: RecommendRequest, tconf: dict[str, Any], meta: dict[str, Any]
     ) -> LiveSnapshot:
-        holder = self._registry.tenant(tenant)
-        live = holder.live() if holder else None
-        if live is None:
-            raise ProblemError(
-                503,
-                f"No snapshot is loaded for tenant '{tenant}'.",
-                code="RECSYS_NO_SNAPSHOT",
-                headers={"Retry-After": "5"},
-            )
+        live = self._registry.require_live(tenant)
         unit = req.user_id or req.anonymous_id or req.session_id or ""
         if req.experiment_id is None:
             picked = self.experiments.pick(tenant, req.surface, unit) if self.experiments else None
@@ -77,7 +69,7 @@ class RecommendService:
             exp_id, chosen, assigned = self._named_variant(tenant, req, tconf, unit)
         target = chosen.get("snapshot") or "current"
         if target not in ("current", "champion"):
-            variant_live = holder.variant(target)
+            variant_live = self._registry.tenant(tenant).variant(target)
             if variant_live is None:
                 raise ProblemError(
                     503,

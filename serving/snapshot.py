@@ -326,6 +326,20 @@ class SnapshotRegistry:
         holder = self.tenant(tenant)
         return holder.live() if holder else None
 
+    def require_live(self, tenant: str) -> LiveSnapshot:
+        """The live snapshot of `tenant`, or a 503 Problem when none is loaded."""
+        live = self.live(tenant)
+        if live is None:
+            from serving.errors import ProblemError
+
+            raise ProblemError(
+                503,
+                f"No snapshot is loaded for tenant '{tenant}'.",
+                code="RECSYS_NO_SNAPSHOT",
+                headers={"Retry-After": "5"},
+            )
+        return live
+
     def warm(self) -> None:
         """Open every known tenant's live snapshot now (not in the first request)."""
         for tenant in self.known_tenants():

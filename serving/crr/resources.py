@@ -82,19 +82,6 @@ def event_json(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _live(store: SnapshotRegistry, tenant: str) -> LiveSnapshot:
-    holder = store.tenant(tenant)
-    live = holder.live() if holder else None
-    if live is None:
-        raise ProblemError(
-            503,
-            f"No snapshot is loaded for tenant '{tenant}'.",
-            code="RECSYS_NO_SNAPSHOT",
-            headers={"Retry-After": "5"},
-        )
-    return live
-
-
 class CrrResources:
     """Every /v1/crr route (one class; `suffix=` per route)."""
 
@@ -374,7 +361,7 @@ class CrrResources:
     # --- predictions and recommendations ------------------------------------------------------
     def on_get_predictions(self, req, resp, uid: str) -> None:
         tenant = req.context.principal.tenant
-        live = _live(self._store, tenant)
+        live = self._store.require_live(tenant)
         snap = live.snap
         uidx = snap.user_index(uid)
         wanted = req.get_param_as_list("item")
@@ -514,7 +501,7 @@ class CrrResources:
     def on_get_user_statistics(self, req, resp, uid: str) -> None:
         tenant = req.context.principal.tenant
         df = self._events(tenant).filter(pl.col("user_id") == uid).collect()
-        live = _live(self._store, tenant)
+        live = self._store.require_live(tenant)
         uidx = live.snap.user_index(uid)
         resp.media = {
             "uid": uid,
@@ -533,7 +520,7 @@ class CrrResources:
     def on_get_item_statistics(self, req, resp, iid: str) -> None:
         tenant = req.context.principal.tenant
         df = self._events(tenant).filter(pl.col("item_id") == iid).collect()
-        live = _live(self._store, tenant)
+        live = self._store.require_live(tenant)
         iidx = live.item_index(iid)
         resp.media = {
             "iid": iid,
@@ -546,7 +533,7 @@ class CrrResources:
     def on_get_statistics(self, req, resp) -> None:
         tenant = req.context.principal.tenant
         df = self._events(tenant).collect()
-        live = _live(self._store, tenant)
+        live = self._store.require_live(tenant)
         stats = self._event_stats(df, "user")
         stats["distinct_items"] = df["item_id"].n_unique()
         resp.media = {

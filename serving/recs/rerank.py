@@ -49,19 +49,6 @@ _RERANK_KEYS = frozenset(
 )
 
 
-def _live(store: SnapshotRegistry, tenant: str) -> LiveSnapshot:
-    holder = store.tenant(tenant)
-    live = holder.live() if holder else None
-    if live is None:
-        raise ProblemError(
-            503,
-            f"No snapshot is loaded for tenant '{tenant}'.",
-            code="RECSYS_NO_SNAPSHOT",
-            headers={"Retry-After": "5"},
-        )
-    return live
-
-
 class RerankExplainResources:
     required_scope = SCOPE_RECOMMEND
 
@@ -125,7 +112,7 @@ class RerankExplainResources:
         limit = p.get("limit", min(len(ids), max_k))
         body["k"] = limit
         rq, warnings, tconf, _ = self._service.parse(tenant, body)
-        live = _live(self._store, tenant)
+        live = self._store.require_live(tenant)
         snap = live.snap
         uidx = snap.user_index(user_id) if user_id is not None else None
         idx = [live.item_index(i) for i in ids]
@@ -246,7 +233,7 @@ class RerankExplainResources:
         user_id, item_id = p.get("user_id"), p.get("item_id")
         if not isinstance(user_id, str) or not isinstance(item_id, str):
             raise ProblemError(400, "Fields 'user_id' and 'item_id' (strings) are required.")
-        live = _live(self._store, tenant)
+        live = self._store.require_live(tenant)
         snap = live.snap
         if p.get("model") is not None and p["model"] != live.algo_version:
             raise ProblemError(

@@ -20,7 +20,7 @@ import orjson
 from serving.auth import SCOPE_RECOMMEND
 from serving.errors import ProblemError
 from serving.service import RecommendService
-from serving.snapshot import LiveSnapshot, SnapshotRegistry
+from serving.snapshot import SnapshotRegistry
 
 _PREDICT_KEYS = frozenset(
     {
@@ -163,18 +163,6 @@ class RuntimeResources:
         self._deadline_ms = deadline_ms
 
     # -- helpers
-    def _live(self, tenant: str) -> LiveSnapshot:
-        holder = self._store.tenant(tenant)
-        live = holder.live() if holder else None
-        if live is None:
-            raise ProblemError(
-                503,
-                f"No snapshot is loaded for tenant '{tenant}'.",
-                code="RECSYS_NO_SNAPSHOT",
-                headers={"Retry-After": "5"},
-            )
-        return live
-
     def predict(self, req: falcon.Request, payload: Any) -> dict[str, Any]:
         body, shift, flags = to_recommend_body(payload, self._deadline_ms)
         result = self._service.recommend(
@@ -303,7 +291,7 @@ class RuntimeResources:
         ids = [c.get("item_id") if isinstance(c, dict) else c for c in cands]
         if not all(isinstance(i, str) for i in ids):
             raise ProblemError(400, 'Each candidate is an item id or {"item_id": ...}.')
-        live = self._live(req.context.principal.tenant)
+        live = self._store.require_live(req.context.principal.tenant)
         snap = live.snap
         if not snap.has_factors:
             raise _unsupported("This snapshot stores no factors to score with.")
@@ -346,7 +334,7 @@ class RuntimeResources:
         payload = _body(req)
         if not isinstance(payload, dict):
             raise ProblemError(400, "The body must be an object.")
-        live = self._live(req.context.principal.tenant)
+        live = self._store.require_live(req.context.principal.tenant)
         snap = live.snap
         if not snap.has_factors:
             raise _unsupported("This snapshot stores no item factors to search.")
@@ -408,7 +396,7 @@ class RuntimeResources:
         kind, _, key = embedding_id.partition(":")
         if kind not in ("item", "user") or not key:
             raise ProblemError(400, "An embedding id is item:<item_id> or user:<user_id>.")
-        live = self._live(req.context.principal.tenant)
+        live = self._store.require_live(req.context.principal.tenant)
         snap = live.snap
         if not snap.has_factors:
             raise ProblemError(404, "This snapshot stores no factors.", code="RECSYS_NOT_FOUND")
