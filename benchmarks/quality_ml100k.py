@@ -48,7 +48,8 @@ def main() -> int:
     print(f"\ntest users {result.holdout.n_users}, test pairs {result.holdout.n_pairs}")
     print(
         f"served NDCG@10 {ndcg['served']:.4f} vs target 1.05 x max(EASE, popularity) = {bar:.4f}: "
-        f"{'PASS' if ndcg['served'] >= bar else 'FAIL'} (ratio {ndcg['served'] / max(ndcg['EASE'], ndcg['popularity']):.3f})"
+        f"{'PASS' if ndcg['served'] >= bar else 'FAIL'} "
+        f"(ratio {ndcg['served'] / max(ndcg['EASE'], ndcg['popularity']):.3f})"
     )
     info = {
         k: v

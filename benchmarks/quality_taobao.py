@@ -50,7 +50,8 @@ def main() -> int:
     t0 = time.perf_counter()
     events, items = taobao_userbehavior(args.data)
     print(
-        f"{events.height:,} events, {events['user_id'].n_unique()} users, {events['item_id'].n_unique():,} items"
+        f"{events.height:,} events, {events['user_id'].n_unique()} users, "
+        f"{events['item_id'].n_unique():,} items"
     )
     base = HybridConfig()
     weighted = evaluate_offline(events, items, config=base)
@@ -89,7 +90,8 @@ def main() -> int:
         lists = res.lists["served"][sorted(set(rows))]
         print(
             f"{name:>8}: test purchases {len(buys)} by {len(rel)} users; purchased items in served "
-            f"top-20 HitRate {hit_rate_at_k(lists, rel, 20).mean():.3f}, NDCG@10 {ndcg_at_k(lists, rel, 10).mean():.4f}"
+            f"top-20 HitRate {hit_rate_at_k(lists, rel, 20).mean():.3f}, "
+            f"NDCG@10 {ndcg_at_k(lists, rel, 10).mean():.4f}"
         )
     print(f"total {time.perf_counter() - t0:.1f}s")
     return 0

@@ -27,9 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     srv.add_argument("--bind", default="127.0.0.1:8000", help="host:port (default 127.0.0.1:8000)")
     srv.add_argument("--workers", type=int, default=2, help="gunicorn sync workers (default 2)")
     srv.add_argument("--timeout", type=int, default=30, help="worker timeout in seconds")
-    srv.add_argument("--threads", type=int, default=1,
-                     help="threads per worker; >1 uses gthread workers (better for event "
-                          "collection, whose fsyncs are then batched across requests)")
+    srv.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads per worker; >1 uses gthread workers (better for event "
+        "collection, whose fsyncs are then batched across requests)",
+    )
     srv.add_argument("--data-root", help="sets RECSYS_DATA_ROOT for the server")
     srv.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     srv.set_defaults(func=_serve)
@@ -75,16 +79,39 @@ def _flush_events(args: argparse.Namespace) -> int:
     return 0
 
 
-def gunicorn_argv(bind: str, workers: int, timeout: int = 30, reload: bool = False,
-                  app: str = "serving.wsgi:app", threads: int = 1) -> list[str]:
+def gunicorn_argv(
+    bind: str,
+    workers: int,
+    timeout: int = 30,
+    reload: bool = False,
+    app: str = "serving.wsgi:app",
+    threads: int = 1,
+) -> list[str]:
     """The gunicorn command line the server runs with (also used by the benchmarks).
 
     threads > 1 selects gthread workers: concurrent event posts to one worker then share one
     validation pass and one fsync (the event log's group commit)."""
     worker_class = "gthread" if threads > 1 else "sync"
-    argv = [sys.executable, "-m", "gunicorn", app, "--bind", bind,
-            "--workers", str(workers), "--worker-class", worker_class, "--timeout", str(timeout),
-            "--graceful-timeout", "10", "--keep-alive", "5", "--log-level", "warning"]
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        app,
+        "--bind",
+        bind,
+        "--workers",
+        str(workers),
+        "--worker-class",
+        worker_class,
+        "--timeout",
+        str(timeout),
+        "--graceful-timeout",
+        "10",
+        "--keep-alive",
+        "5",
+        "--log-level",
+        "warning",
+    ]
     if threads > 1:
         argv += ["--threads", str(threads)]
     if reload:

@@ -182,8 +182,9 @@ class ServingMiddleware:
         return state
 
     # --- resource ------------------------------------------------------------------------
-    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource,
-                         params) -> None:
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource, params
+    ) -> None:
         ctx = req.context
         if self._max_body is not None and ctx.body_length:
             # A resource may accept more media types than JSON (the bulk events route: NDJSON).

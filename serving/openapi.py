@@ -544,68 +544,138 @@ def recs_paths() -> dict[str, Any]:
     obj = {"type": "object"}
 
     def op(summary: str, ok: str = "200", body: bool = False, params=(), errors=_COMMON_ERRORS):
-        out: dict[str, Any] = {"summary": summary, "security": _SECURED,
-                               "responses": {ok: {"description": "OK", "content": {
-                                   "application/json": {"schema": obj}}}, **errors}}
+        out: dict[str, Any] = {
+            "summary": summary,
+            "security": _SECURED,
+            "responses": {
+                ok: {"description": "OK", "content": {"application/json": {"schema": obj}}},
+                **errors,
+            },
+        }
         if body:
-            out["requestBody"] = {"required": True,
-                                  "content": {"application/json": {"schema": obj}}}
+            out["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": obj}},
+            }
         if params:
-            out["parameters"] = [{"name": n, "in": where, "required": where == "path",
-                                  "schema": {"type": t}} for n, where, t in params]
+            out["parameters"] = [
+                {"name": n, "in": where, "required": where == "path", "schema": {"type": t}}
+                for n, where, t in params
+            ]
         return out
 
     event_id = [("event_id", "path", "string")]
     user_id = [("user_id", "path", "string")]
     return {
-        "/v1/recs/events": {"post": op(
-            "Ingest one event (type|event_type, user_id, item_id, timestamp, session_id, "
-            "metadata|context, value, event_id); fsync'd before the answer: 201 accepted, "
-            "200 duplicate event_id, 422 invalid with the contract's reason", "201", True)},
-        "/v1/recs/events/bulk": {"post": op(
-            "Ingest many events: a JSON array or NDJSON (one event per line); valid lines are "
-            "kept, invalid ones reported by line with a reason", body=True)},
+        "/v1/recs/events": {
+            "post": op(
+                "Ingest one event (type|event_type, user_id, item_id, timestamp, session_id, "
+                "metadata|context, value, event_id); fsync'd before the answer: 201 accepted, "
+                "200 duplicate event_id, 422 invalid with the contract's reason",
+                "201",
+                True,
+            )
+        },
+        "/v1/recs/events/bulk": {
+            "post": op(
+                "Ingest many events: a JSON array or NDJSON (one event per line); valid lines are "
+                "kept, invalid ones reported by line with a reason",
+                body=True,
+            )
+        },
         "/v1/recs/events/{event_id}": {
-            "get": op("An event from the log or the API's landing files (410 when deleted)",
-                      params=event_id),
-            "delete": op("Delete an event (scope admin): a durable tombstone; the flusher drops "
-                         "it before landing, ingest drops already-landed ones", params=event_id)},
+            "get": op(
+                "An event from the log or the API's landing files (410 when deleted)",
+                params=event_id,
+            ),
+            "delete": op(
+                "Delete an event (scope admin): a durable tombstone; the flusher drops "
+                "it before landing, ingest drops already-landed ones",
+                params=event_id,
+            ),
+        },
         "/v1/recs/feedback": {
-            "post": op("Submit a label {user_id, item_id, label: relevant|not_relevant, source, "
-                       "confidence, feedback_id}", "201", True),
-            "get": op("List labels", params=[("user_id", "query", "string"),
-                                             ("item_id", "query", "string"),
-                                             ("label", "query", "string"),
-                                             ("source", "query", "string"),
-                                             ("limit", "query", "integer"),
-                                             ("cursor", "query", "string")])},
-        "/v1/recs/feedback/{feedback_id}": {"get": op(
-            "One label", params=[("feedback_id", "path", "string")])},
-        "/v1/recs/predict": {"post": op(
-            "Recommendations (user_id, context, candidate_ids, exclude_ids, filters.tags|"
-            "exclude_tags, diversity.max_per_tag, limit, explain, seed, timeout_ms, model, "
-            "return_scores); options the engine cannot honour are 422", body=True)},
-        "/v1/recs/users/{user_id}": {"get": op(
-            "Cached top-N of a user", params=user_id + [("limit", "query", "integer"),
-                                                       ("strategy", "query", "string"),
-                                                       ("model", "query", "string"),
-                                                       ("fresh", "query", "boolean")])},
-        "/v1/recs/users/{user_id}/realtime": {"post": op(
-            "Recommendations for one user with full context (predict's body)", body=True,
-            params=user_id)},
-        "/v1/recs/batch/predict": {"post": op(
-            "Up to 100 predict requests; a status and result or problem per request", body=True)},
-        "/v1/recs/item/{item_id}/related": {"get": op(
-            "Related items", params=[("item_id", "path", "string"), ("limit", "query", "integer"),
-                                     ("strategy", "query", "string")])},
-        "/v1/recs/score": {"post": op(
-            "Score and order a caller's candidates with the snapshot's factors", body=True)},
-        "/v1/recs/embeddings/search": {"post": op(
-            "Exact k-NN over item factors (vector or item_id, k, metric cosine|dot, filters "
-            "category|available)", body=True)},
-        "/v1/recs/embeddings/{embedding_id}": {"get": op(
-            "A stored vector: item:<id> or user:<id>",
-            params=[("embedding_id", "path", "string")])},
+            "post": op(
+                "Submit a label {user_id, item_id, label: relevant|not_relevant, source, "
+                "confidence, feedback_id}",
+                "201",
+                True,
+            ),
+            "get": op(
+                "List labels",
+                params=[
+                    ("user_id", "query", "string"),
+                    ("item_id", "query", "string"),
+                    ("label", "query", "string"),
+                    ("source", "query", "string"),
+                    ("limit", "query", "integer"),
+                    ("cursor", "query", "string"),
+                ],
+            ),
+        },
+        "/v1/recs/feedback/{feedback_id}": {
+            "get": op("One label", params=[("feedback_id", "path", "string")])
+        },
+        "/v1/recs/predict": {
+            "post": op(
+                "Recommendations (user_id, context, candidate_ids, exclude_ids, filters.tags|"
+                "exclude_tags, diversity.max_per_tag, limit, explain, seed, timeout_ms, model, "
+                "return_scores); options the engine cannot honour are 422",
+                body=True,
+            )
+        },
+        "/v1/recs/users/{user_id}": {
+            "get": op(
+                "Cached top-N of a user",
+                params=user_id
+                + [
+                    ("limit", "query", "integer"),
+                    ("strategy", "query", "string"),
+                    ("model", "query", "string"),
+                    ("fresh", "query", "boolean"),
+                ],
+            )
+        },
+        "/v1/recs/users/{user_id}/realtime": {
+            "post": op(
+                "Recommendations for one user with full context (predict's body)",
+                body=True,
+                params=user_id,
+            )
+        },
+        "/v1/recs/batch/predict": {
+            "post": op(
+                "Up to 100 predict requests; a status and result or problem per request", body=True
+            )
+        },
+        "/v1/recs/item/{item_id}/related": {
+            "get": op(
+                "Related items",
+                params=[
+                    ("item_id", "path", "string"),
+                    ("limit", "query", "integer"),
+                    ("strategy", "query", "string"),
+                ],
+            )
+        },
+        "/v1/recs/score": {
+            "post": op(
+                "Score and order a caller's candidates with the snapshot's factors", body=True
+            )
+        },
+        "/v1/recs/embeddings/search": {
+            "post": op(
+                "Exact k-NN over item factors (vector or item_id, k, metric cosine|dot, filters "
+                "category|available)",
+                body=True,
+            )
+        },
+        "/v1/recs/embeddings/{embedding_id}": {
+            "get": op(
+                "A stored vector: item:<id> or user:<id>",
+                params=[("embedding_id", "path", "string")],
+            )
+        },
         **recs_loop_paths(),
         **crr_paths(),
     }
@@ -625,8 +695,19 @@ _RATE = {
 RECS_SCHEMAS: dict[str, Any] = {
     "Experiment": {
         "type": "object",
-        "required": ["id", "surface", "status", "variants", "metrics", "primary_metric", "alpha",
-                     "assignments", "version", "created_at", "updated_at"],
+        "required": [
+            "id",
+            "surface",
+            "status",
+            "variants",
+            "metrics",
+            "primary_metric",
+            "alpha",
+            "assignments",
+            "version",
+            "created_at",
+            "updated_at",
+        ],
         "properties": {
             "id": _STR,
             "name": _NULLABLE_STR,
@@ -660,8 +741,15 @@ RECS_SCHEMAS: dict[str, Any] = {
     },
     "ExperimentResults": {
         "type": "object",
-        "required": ["experiment_id", "alpha", "primary_metric", "variants", "comparisons",
-                     "winner", "left_out"],
+        "required": [
+            "experiment_id",
+            "alpha",
+            "primary_metric",
+            "variants",
+            "comparisons",
+            "winner",
+            "left_out",
+        ],
         "properties": {
             "experiment_id": {"type": "string"},
             "alpha": {"type": "number"},
@@ -670,8 +758,16 @@ RECS_SCHEMAS: dict[str, Any] = {
                 "type": "array",
                 "items": {
                     "type": "object",
-                    "required": ["id", "users", "impressions", "clicks", "purchases",
-                                 "converters", "ctr", "conversion"],
+                    "required": [
+                        "id",
+                        "users",
+                        "impressions",
+                        "clicks",
+                        "purchases",
+                        "converters",
+                        "ctr",
+                        "conversion",
+                    ],
                     "properties": {"ctr": _RATE, "conversion": _RATE},
                 },
             },
@@ -736,8 +832,15 @@ RECS_SCHEMAS: dict[str, Any] = {
 SCHEMAS.update(RECS_SCHEMAS)
 
 
-def _op(summary: str, ok: str = "200", schema: str | None = None, body: bool = False,
-        params=(), errors=_COMMON_ERRORS, extra: dict | None = None) -> dict[str, Any]:
+def _op(
+    summary: str,
+    ok: str = "200",
+    schema: str | None = None,
+    body: bool = False,
+    params=(),
+    errors=_COMMON_ERRORS,
+    extra: dict | None = None,
+) -> dict[str, Any]:
     content = _ref(schema) if schema else {"type": "object"}
     out: dict[str, Any] = {
         "summary": summary,
@@ -751,8 +854,10 @@ def _op(summary: str, ok: str = "200", schema: str | None = None, body: bool = F
     if ok == "204":
         out["responses"][ok] = {"description": "No content"}
     if body:
-        out["requestBody"] = {"required": True,
-                              "content": {"application/json": {"schema": {"type": "object"}}}}
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
     if params:
         out["parameters"] = [
             {"name": n, "in": where, "required": where == "path", "schema": {"type": t}}
@@ -761,8 +866,10 @@ def _op(summary: str, ok: str = "200", schema: str | None = None, body: bool = F
     return out
 
 
-_CONFLICT = {"409": _problem("Stale If-Match / revision, or a conflicting experiment"),
-             "404": _problem("Unknown id")}
+_CONFLICT = {
+    "409": _problem("Stale If-Match / revision, or a conflicting experiment"),
+    "404": _problem("Unknown id"),
+}
 
 
 def recs_loop_paths() -> dict[str, Any]:
@@ -771,49 +878,94 @@ def recs_loop_paths() -> dict[str, Any]:
     exp = [("experiment_id", "path", "string")]
     return {
         "/v1/recs/experiments": {
-            "post": _op("Create an experiment (scope admin): name, surface, status draft|running"
-                        "|paused|stopped, variants [{id, traffic, snapshot|model}], metrics, "
-                        "primary_metric, alpha, start, end", "201", "Experiment", True,
-                        extra=_CONFLICT),
-            "get": _op("List experiments", params=[("status", "query", "string"),
-                                                   ("surface", "query", "string")]),
+            "post": _op(
+                "Create an experiment (scope admin): name, surface, status draft|running"
+                "|paused|stopped, variants [{id, traffic, snapshot|model}], metrics, "
+                "primary_metric, alpha, start, end",
+                "201",
+                "Experiment",
+                True,
+                extra=_CONFLICT,
+            ),
+            "get": _op(
+                "List experiments",
+                params=[("status", "query", "string"), ("surface", "query", "string")],
+            ),
         },
         "/v1/recs/experiments/{experiment_id}": {
-            "get": _op("One experiment (ETag = version)", schema="Experiment", params=exp,
-                       extra=_CONFLICT),
-            "patch": _op("Change an experiment with a JSON merge patch (If-Match; scope admin)",
-                         schema="Experiment", body=True,
-                         params=exp + [("If-Match", "header", "string")], extra=_CONFLICT),
-            "delete": _op("Delete an experiment (If-Match; scope admin)", "204", params=exp
-                          + [("If-Match", "header", "string")], extra=_CONFLICT),
+            "get": _op(
+                "One experiment (ETag = version)", schema="Experiment", params=exp, extra=_CONFLICT
+            ),
+            "patch": _op(
+                "Change an experiment with a JSON merge patch (If-Match; scope admin)",
+                schema="Experiment",
+                body=True,
+                params=exp + [("If-Match", "header", "string")],
+                extra=_CONFLICT,
+            ),
+            "delete": _op(
+                "Delete an experiment (If-Match; scope admin)",
+                "204",
+                params=exp + [("If-Match", "header", "string")],
+                extra=_CONFLICT,
+            ),
         },
-        "/v1/recs/experiments/{experiment_id}/assign": {"post": _op(
-            "Force-assign a user to a variant for debugging ({user_id, variant|null}; admin)",
-            body=True, params=exp, extra=_CONFLICT)},
-        "/v1/recs/experiments/{experiment_id}/assignment": {"get": _op(
-            "The variant a user gets (hashed or forced)",
-            params=exp + [("user_id", "query", "string")], extra=_CONFLICT)},
-        "/v1/recs/experiments/{experiment_id}/results": {"get": _op(
-            "CTR and conversion per variant with Wilson intervals, z-tests, winner at alpha",
-            schema="ExperimentResults", params=exp + [("alpha", "query", "number")],
-            extra=_CONFLICT)},
-        "/v1/recs/rerank": {"post": _op(
-            "Order a caller's candidates for a user (stored signals / factors) with the "
-            "tenant's rules: {user_id, candidates, limit, weights, filters, business_rules, "
-            "exclude_seen, explain}", body=True)},
-        "/v1/recs/explain": {"post": _op(
-            "Why an item is (not) recommended to a user: signals, contributions, factors, the "
-            "pipeline's outcome and rules", body=True, extra={"404": _problem("Unknown item")})},
+        "/v1/recs/experiments/{experiment_id}/assign": {
+            "post": _op(
+                "Force-assign a user to a variant for debugging ({user_id, variant|null}; admin)",
+                body=True,
+                params=exp,
+                extra=_CONFLICT,
+            )
+        },
+        "/v1/recs/experiments/{experiment_id}/assignment": {
+            "get": _op(
+                "The variant a user gets (hashed or forced)",
+                params=exp + [("user_id", "query", "string")],
+                extra=_CONFLICT,
+            )
+        },
+        "/v1/recs/experiments/{experiment_id}/results": {
+            "get": _op(
+                "CTR and conversion per variant with Wilson intervals, z-tests, winner at alpha",
+                schema="ExperimentResults",
+                params=exp + [("alpha", "query", "number")],
+                extra=_CONFLICT,
+            )
+        },
+        "/v1/recs/rerank": {
+            "post": _op(
+                "Order a caller's candidates for a user (stored signals / factors) with the "
+                "tenant's rules: {user_id, candidates, limit, weights, filters, business_rules, "
+                "exclude_seen, explain}",
+                body=True,
+            )
+        },
+        "/v1/recs/explain": {
+            "post": _op(
+                "Why an item is (not) recommended to a user: signals, contributions, factors, the "
+                "pipeline's outcome and rules",
+                body=True,
+                extra={"404": _problem("Unknown item")},
+            )
+        },
         "/v1/recs/seed": {
             "get": _op("The tenant's cold-start seeds per surface"),
-            "post": _op("Set the seed of a surface {surface, item_ids, strategy} (admin)",
-                        body=True, extra=_CONFLICT),
+            "post": _op(
+                "Set the seed of a surface {surface, item_ids, strategy} (admin)",
+                body=True,
+                extra=_CONFLICT,
+            ),
         },
         "/v1/recs/seed/{surface}": {
-            "get": _op("The seed of one surface", params=[("surface", "path", "string")],
-                       extra=_CONFLICT),
-            "delete": _op("Remove the seed of a surface (admin)",
-                          params=[("surface", "path", "string")], extra=_CONFLICT),
+            "get": _op(
+                "The seed of one surface", params=[("surface", "path", "string")], extra=_CONFLICT
+            ),
+            "delete": _op(
+                "Remove the seed of a surface (admin)",
+                params=[("surface", "path", "string")],
+                extra=_CONFLICT,
+            ),
         },
     }
 
@@ -822,51 +974,98 @@ def crr_paths() -> dict[str, Any]:
     """The Common Recommender REST API under /v1/crr (serving/crr/)."""
     uid, iid = [("uid", "path", "string")], [("iid", "path", "string")]
     etype = [("event_type", "path", "string")]
-    filters = [("history", "query", "string"), ("null", "query", "boolean"),
-               ("limit", "query", "integer"), ("cursor", "query", "string")]
+    filters = [
+        ("history", "query", "string"),
+        ("null", "query", "boolean"),
+        ("limit", "query", "integer"),
+        ("cursor", "query", "string"),
+    ]
     ufilters = [("item", "query", "string"), *filters]
     ifilters = [("user", "query", "string"), *filters]
     rec = {"428": _problem("Update without the current rid"), **_CONFLICT}
     out: dict[str, Any] = {}
     for kind, key, one in (("users", uid, "user"), ("items", iid, "item")):
-        out[f"/v1/crr/{kind}"] = {"post": _op(
-            f"Add a {one} (id optional: generated; 409 when it exists); returns its rid (admin)",
-            "201", "CrrRecord", True, extra=rec)}
+        out[f"/v1/crr/{kind}"] = {
+            "post": _op(
+                f"Add a {one} (id optional: generated; 409 when it exists); "
+                "returns its rid (admin)",
+                "201",
+                "CrrRecord",
+                True,
+                extra=rec,
+            )
+        }
         out[f"/v1/crr/{kind}/{{{key[0][0]}}}"] = {
-            "put": _op(f"Add or update a {one} (an update needs the current rid: body 'rid' or "
-                       "If-Match); landed for the pipeline (admin)", schema="CrrRecord",
-                       body=True, params=key, extra={"201": _json("CrrRecord", "Created"),
-                                                     **rec}),
+            "put": _op(
+                f"Add or update a {one} (an update needs the current rid: body 'rid' or "
+                "If-Match); landed for the pipeline (admin)",
+                schema="CrrRecord",
+                body=True,
+                params=key,
+                extra={"201": _json("CrrRecord", "Created"), **rec},
+            ),
             "get": _op(f"The {one}'s record", schema="CrrRecord", params=key, extra=rec),
             "delete": _op(f"Delete the {one} (admin)", params=key, extra=rec),
         }
-        out[f"/v1/crr/{kind}/{{{key[0][0]}}}/statistics"] = {"get": _op(
-            f"Statistics of a {one}", params=key)}
-    out["/v1/crr/users/{uid}/predictions"] = {"get": _op(
-        "Score predictions (item repeatable; useStoredRatings)",
-        params=uid + [("item", "query", "string"), ("useStoredRatings", "query", "boolean"),
-                      ("limit", "query", "integer")], extra=rec)}
-    out["/v1/crr/users/{uid}/recommendations"] = {"get": _op(
-        "Ranked recommendations (count)", params=uid + [("count", "query", "integer"),
-                                                         ("surface", "query", "string")])}
-    out["/v1/crr/users/{uid}/events"] = {"get": _op(
-        "The user's events", schema="CrrEvents", params=uid + ufilters)}
-    out["/v1/crr/users/{uid}/events/{event_type}"] = {
-        "get": _op("The user's events of a type (purchases, ratings, ...)", schema="CrrEvents",
-                   params=uid + etype + ufilters, extra=rec),
-        "post": _op("Add an event (or an array) of this type to the user's history (admin)",
-                    "201", body=True, params=uid + etype, extra=rec),
+        out[f"/v1/crr/{kind}/{{{key[0][0]}}}/statistics"] = {
+            "get": _op(f"Statistics of a {one}", params=key)
+        }
+    out["/v1/crr/users/{uid}/predictions"] = {
+        "get": _op(
+            "Score predictions (item repeatable; useStoredRatings)",
+            params=uid
+            + [
+                ("item", "query", "string"),
+                ("useStoredRatings", "query", "boolean"),
+                ("limit", "query", "integer"),
+            ],
+            extra=rec,
+        )
     }
-    out["/v1/crr/users/{uid}/currentRatings"] = {"get": _op(
-        "The latest rating of each item the user rated", params=uid)}
-    out["/v1/crr/items/{iid}/events"] = {"get": _op(
-        "The item's events", schema="CrrEvents", params=iid + ifilters)}
-    out["/v1/crr/items/{iid}/events/{event_type}"] = {"get": _op(
-        "The item's events of a type", schema="CrrEvents", params=iid + etype + ifilters,
-        extra=rec)}
+    out["/v1/crr/users/{uid}/recommendations"] = {
+        "get": _op(
+            "Ranked recommendations (count)",
+            params=uid + [("count", "query", "integer"), ("surface", "query", "string")],
+        )
+    }
+    out["/v1/crr/users/{uid}/events"] = {
+        "get": _op("The user's events", schema="CrrEvents", params=uid + ufilters)
+    }
+    out["/v1/crr/users/{uid}/events/{event_type}"] = {
+        "get": _op(
+            "The user's events of a type (purchases, ratings, ...)",
+            schema="CrrEvents",
+            params=uid + etype + ufilters,
+            extra=rec,
+        ),
+        "post": _op(
+            "Add an event (or an array) of this type to the user's history (admin)",
+            "201",
+            body=True,
+            params=uid + etype,
+            extra=rec,
+        ),
+    }
+    out["/v1/crr/users/{uid}/currentRatings"] = {
+        "get": _op("The latest rating of each item the user rated", params=uid)
+    }
+    out["/v1/crr/items/{iid}/events"] = {
+        "get": _op("The item's events", schema="CrrEvents", params=iid + ifilters)
+    }
+    out["/v1/crr/items/{iid}/events/{event_type}"] = {
+        "get": _op(
+            "The item's events of a type",
+            schema="CrrEvents",
+            params=iid + etype + ifilters,
+            extra=rec,
+        )
+    }
     out["/v1/crr/events/{eid}"] = {
-        "get": _op("One event (410 when deleted)", params=[("eid", "path", "string")],
-                   extra={"410": _problem("Deleted"), **rec}),
+        "get": _op(
+            "One event (410 when deleted)",
+            params=[("eid", "path", "string")],
+            extra={"410": _problem("Deleted"), **rec},
+        ),
         "delete": _op("Delete an event (admin)", params=[("eid", "path", "string")]),
     }
     out["/v1/crr/statistics"] = {"get": _op("System statistics of the tenant")}

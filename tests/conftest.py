@@ -40,8 +40,9 @@ def pg_database_url():
     psycopg2 = pytest.importorskip("psycopg2")
     host = os.environ.get("RECSYS_PG_HOST", "127.0.0.1")
     try:
-        admin = psycopg2.connect(host=host, port=5432, user="postgres", dbname="postgres",
-                                 connect_timeout=3)
+        admin = psycopg2.connect(
+            host=host, port=5432, user="postgres", dbname="postgres", connect_timeout=3
+        )
     except psycopg2.OperationalError as exc:
         pytest.skip(f"PostgreSQL not reachable at {host}:5432: {exc}")
     admin.autocommit = True

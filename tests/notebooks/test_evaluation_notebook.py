@@ -9,9 +9,9 @@ from pathlib import Path
 import nbformat
 import numpy as np
 from nbclient import NotebookClient
+from synthetic_events import cluster_events
 
 from recsys.evaluation.offline import evaluate_offline
-from synthetic_events import cluster_events
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "evaluation.ipynb"
 
@@ -28,14 +28,18 @@ def test_evaluation_notebook_executes_and_reports_the_lift(storage, monkeypatch)
     monkeypatch.setenv("RECSYS_DATA_ROOT", storage.root)
     monkeypatch.setenv("RECSYS_TENANT", "t")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=120, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(
+        nb,
+        timeout=120,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    ).execute()
     text = "".join(
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )
     served = result.table.filter(result.table["model"] == "served")["NDCG@10"][0]
     assert f"served NDCG@10 {served:.4f}" in text
     assert "test users" in text
-    assert any(
-        "image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])
-    ), "the comparison plot was not drawn"
+    assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])), (
+        "the comparison plot was not drawn"
+    )

@@ -31,8 +31,9 @@ def _wait_json(url: str, body: bytes | None = None, timeout: float = 120.0):
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            req = urllib.request.Request(url, data=body,
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                url, data=body, headers={"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(req, timeout=5) as resp:
                 return json.loads(resp.read())
         except Exception as exc:  # not up yet
@@ -58,7 +59,10 @@ def test_dagster_dev_serves_the_asset_graph(tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(home), "RECSYS_DATA_ROOT": str(tmp_path / "data")}
     proc = subprocess.Popen(
         [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
@@ -67,8 +71,14 @@ def test_dagster_dev_serves_the_asset_graph(tmp_path):
         nodes = data["data"]["assetNodes"]
         keys = {"/".join(n["assetKey"]["path"]): n["groupName"] for n in nodes}
         assert keys["events"] == "ingest" and keys["rejected_events"] == "ingest"
-        assert {"interactions", "lightfm_model", "ranker_model", "model_evaluation",
-                "champion_model", "serving_snapshot"} <= set(keys)
+        assert {
+            "interactions",
+            "lightfm_model",
+            "ranker_model",
+            "model_evaluation",
+            "champion_model",
+            "serving_snapshot",
+        } <= set(keys)
     finally:
         _stop(proc)
 
@@ -78,15 +88,29 @@ def test_mlflow_ui_opens_on_the_default_store(tmp_path):
     store.mkdir()
     port = _free_port()
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
-         "--default-artifact-root", str(store / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port)],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(BIN / "mlflow"),
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{store}/mlflow.db",
+            "--default-artifact-root",
+            str(store / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
-        data = _wait_json(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
-                          b'{"max_results": 10}', timeout=180)
+        data = _wait_json(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+            b'{"max_results": 10}',
+            timeout=180,
+        )
         assert any(e["name"] == "Default" for e in data["experiments"])
     finally:
         _stop(proc)

@@ -181,9 +181,15 @@ def test_text_layout_without_header_uses_given_names(tmp_path):
 def test_event_ids_are_the_same_on_the_small_and_the_vectorised_path(monkeypatch):
     from recsys import validation
 
-    raw = pl.DataFrame({"user_id": [f"u{i}" for i in range(50)], "item_id": ["i"] * 50,
-                        "event_type": ["view"] * 50, "timestamp": [1727776800 + i for i in range(50)],
-                        "value": [None] * 25 + [1.5] * 25})
+    raw = pl.DataFrame(
+        {
+            "user_id": [f"u{i}" for i in range(50)],
+            "item_id": ["i"] * 50,
+            "event_type": ["view"] * 50,
+            "timestamp": [1727776800 + i for i in range(50)],
+            "value": [None] * 25 + [1.5] * 25,
+        }
+    )
     small, _ = validate_events(raw, tenant="default", source="s", now=NOW)
     monkeypatch.setattr(validation, "_VECTORISED_MD5_FROM", 0)
     large, _ = validate_events(raw, tenant="default", source="s", now=NOW)

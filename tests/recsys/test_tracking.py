@@ -106,8 +106,13 @@ def test_postgres_tracking_store_round_trip(model, pg_database_url, storage, tmp
     uri = tracking.tracking_uri(storage, override=pg_database_url)
     assert uri == pg_database_url
     run = tracking.log_training_run(
-        tenant="pg", model=hybrid, events=events, uri=uri,
-        artifact_root=storage.mlflow_artifacts(), table=_table(0.2), tolerance=0.01,
+        tenant="pg",
+        model=hybrid,
+        events=events,
+        uri=uri,
+        artifact_root=storage.mlflow_artifacts(),
+        table=_table(0.2),
+        tolerance=0.01,
     )
     assert run.version == "1" and run.gate["promoted"]
     loaded = tracking.load_registered_model("pg", uri, "champion", dst=str(tmp_path / "dl"))

@@ -334,12 +334,14 @@ def test_events_flush_command_lands_acknowledged_events(client, data_root, capsy
 def test_bulk_accepts_the_ndjson_media_type_and_other_routes_do_not(client):
     body = b"\n".join(orjson.dumps({**EV, "event_id": f"n{i}"}) for i in range(2))
     resp = client.simulate_post(
-        "/v1/recs/events/bulk", body=body,
+        "/v1/recs/events/bulk",
+        body=body,
         headers=auth("acme", **{"Content-Type": "application/x-ndjson"}),
     )
     assert resp.status_code == 200 and resp.json["accepted"] == 2
     resp = client.simulate_post(
-        "/v1/recommend", body=b'{"k": 1}',
+        "/v1/recommend",
+        body=b'{"k": 1}',
         headers=auth("acme", **{"Content-Type": "application/x-ndjson"}),
     )
     assert resp.status_code == 415
