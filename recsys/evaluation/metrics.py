@@ -22,18 +22,9 @@ def hits_matrix(recommended: np.ndarray, relevant: Sequence[np.ndarray]) -> np.n
     if n == 0 or k == 0 or lens.sum() == 0:
         return np.zeros((n, k), dtype=bool)
     # encode (user, item) as one int64 and test membership in one vectorized call
-    width = (
-        int(
-            max(
-                recommended.max(initial=0),
-                max((int(r.max()) for r in relevant if len(r)), default=0),
-            )
-        )
-        + 2
-    )
-    rel_codes = np.repeat(np.arange(n), lens) * width + np.concatenate(
-        [np.asarray(r, np.int64) for r in relevant]
-    )
+    rel_items = np.concatenate([np.asarray(r, np.int64) for r in relevant])
+    width = int(max(recommended.max(initial=0), rel_items.max(initial=0))) + 2
+    rel_codes = np.repeat(np.arange(n), lens) * width + rel_items
     rec_codes = np.arange(n)[:, None] * width + recommended.astype(np.int64)
     out = np.isin(rec_codes, rel_codes)
     return out & (recommended >= 0)
@@ -133,6 +124,23 @@ class Estimate:
     high: float
 
 
+_RESAMPLES: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _resample_index(seed: int, size: int, n_resamples: int) -> np.ndarray:
+    """The seeded (n_resamples, size) resample indices; an evaluation table asks for the same
+    ones for every metric and model, so the last draw is kept (when it is not huge)."""
+    key = (seed, size, n_resamples)
+    idx = _RESAMPLES.get(key)
+    if idx is None:
+        idx = np.random.default_rng(seed).integers(0, size, size=(n_resamples, size))
+        _RESAMPLES.clear()
+        if idx.size <= 20_000_000:  # at most 160 MB kept
+            idx.setflags(write=False)
+            _RESAMPLES[key] = idx
+    return idx
+
+
 def bootstrap_ci(
     per_user: np.ndarray, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> Estimate:
@@ -141,8 +149,7 @@ def bootstrap_ci(
     x = x[~np.isnan(x)]
     if x.size == 0:
         return Estimate(float("nan"), float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    means = x[_resample_index(seed, x.size, n_resamples)].mean(axis=1)
     alpha = (1 - confidence) / 2
     return Estimate(
         float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))

@@ -435,7 +435,8 @@ FEATURE_NAMES: tuple[str, ...] = (
 
 @dataclass
 class Candidates:
-    """Merged candidates of a user batch: one row per (user, item), with features."""
+    """Merged candidates of a user batch: one row per (user, item); features for the rows the
+    ranker scores (``feature_rows``, all rows unless build_candidates got a smaller n_ranked)."""
 
     user_pos: np.ndarray  # position in the batch
     item_idx: np.ndarray
@@ -443,6 +444,8 @@ class Candidates:
     scores: dict[str, np.ndarray]  # generator -> raw score per candidate (NaN = none)
     ranks: dict[str, np.ndarray]  # generator -> 0-based rank, n_candidates when not proposed
     tops: dict[str, np.ndarray] = field(default_factory=dict)  # generator -> (b, n) -1 padded
+    #: rows that have ``features`` (the ranked ones, in order); None = every row
+    feature_rows: np.ndarray | None = None
 
 
 def _group_z(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
@@ -499,12 +502,14 @@ def build_candidates(
         ok = np.isfinite(val)
         dense[name], tops[name] = s, np.where(ok, idx, -1)
         codes.append((np.repeat(np.arange(b), idx.shape[1]) * n_items + idx.ravel())[ok.ravel()])
-    merged = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+    # sort + drop repeats: the same sorted codes as np.unique, without its hash pass
+    merged = np.sort(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+    if len(merged) > 1:
+        merged = merged[np.concatenate(([True], merged[1:] != merged[:-1]))]
     pos, items = merged // n_items, merged % n_items
     n = len(merged)
     cols: dict[str, np.ndarray] = {}
     scores, ranks = {}, {}
-    n_gen = np.zeros(n)
     for g in GENERATORS:
         if g in dense:
             sc = dense[g][pos, items].astype(np.float64)
@@ -521,12 +526,19 @@ def build_candidates(
     ranked = np.zeros(n, dtype=bool)
     for g in GENERATORS:
         ranked |= ranks[g] < n_ranked
+    # features only for the ranked rows (the rest are proposals the ranker never scores);
+    # per-row values and the per-user z-scores are the same as over all rows
+    rows = None if ranked.all() else np.flatnonzero(ranked)
+    sub = (lambda a: a) if rows is None else (lambda a: a[rows])  # noqa: E731
+    pos_f, items_f = sub(pos), sub(items)
+    n_f = len(pos_f)
+    n_gen = np.zeros(n_f)
     for g in GENERATORS:
-        rk_f = np.minimum(ranks[g], n_ranked)
+        rk_f = np.minimum(sub(ranks[g]), n_ranked)
         n_gen += rk_f < n_ranked
-        sc = scores[g] if ranked.all() else np.where(ranked, scores[g], np.nan)
-        cols[f"{g}_score"] = scores[g]
-        cols[f"{g}_z"] = _group_z(sc, pos, b)
+        sc = sub(scores[g])
+        cols[f"{g}_score"] = sc
+        cols[f"{g}_z"] = _group_z(sc, pos_f, b)
         cols[f"{g}_log_rank"] = np.log1p(rk_f.astype(np.float64))
     cols["n_generators"] = n_gen
     for name in (
@@ -536,28 +548,28 @@ def build_candidates(
         "item_age_days",
         "item_price_band",
     ):
-        cols[name] = getattr(side, name)[items].astype(np.float64)
-    u = user_idx[pos]
+        cols[name] = getattr(side, name)[items_f].astype(np.float64)
+    u = user_idx[pos_f]
     cols["user_log_activity"] = side.user_log_activity[u].astype(np.float64)
     cols["user_n_categories"] = side.user_n_categories[u].astype(np.float64)
-    cat = side.item_category[items]
-    aff = np.zeros(n)
+    cat = side.item_category[items_f]
+    aff = np.zeros(n_f)
     has = cat >= 0
     if side.user_category.size:
         aff[has] = side.user_category[u[has], cat[has]]
     cols["user_category_affinity"] = aff
     seg = side.user_segment[u]
-    segp = np.full(n, np.nan)
+    segp = np.full(n_f, np.nan)
     hs = seg >= 0
     if side.segment_pop.size and hs.any():
-        segp[hs] = side.segment_pop[seg[hs], items[hs]]
+        segp[hs] = side.segment_pop[seg[hs], items_f[hs]]
     cols["segment_pop"] = segp
     features = (
         np.column_stack([cols[f] for f in FEATURE_NAMES])
-        if n
+        if n_f
         else np.zeros((0, len(FEATURE_NAMES)))
     )
-    return Candidates(pos, items, features, scores, ranks, tops)
+    return Candidates(pos, items, features, scores, ranks, tops, rows)
 
 
 def _rank_lists(

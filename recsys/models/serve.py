@@ -94,7 +94,9 @@ def _ranker_scores(model: HybridRecommender, cand, n_users: int, n_cand: int):
     best_rank = np.min(np.column_stack([cand.ranks[g] for g in GENERATORS]), axis=1)
     scored = best_rank < model.config.candidates_per_generator
     ranker = np.zeros(len(cand.item_idx))
-    ranker[scored] = model.ranker_.predict_proba(cand.features[scored])
+    # build_candidates computed features for exactly these rows (the ranked ones)
+    x = cand.features if cand.feature_rows is not None else cand.features[scored]
+    ranker[scored] = model.ranker_.predict_proba(x)
     final = ranker.copy()
     rest = ~scored
     if rest.any():
