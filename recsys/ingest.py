@@ -175,6 +175,7 @@ class IngestReport:
     duplicates: int = 0
     rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    deleted: int = 0  # events dropped because the API deleted them (tombstones)
     days_written: list[str] = field(default_factory=list)
     min_timestamp: str | None = None
     max_timestamp: str | None = None
@@ -243,10 +244,18 @@ def ingest_events(
         else landing_data_files(storage, tenant, "events")
     )
     report.files = files
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    tomb_files, deleted = _tombstones(storage, tenant)
+    done_tombs = set(state.get("events", {}).get("tombstone_files", []))
+    new_tombs = [f for f in tomb_files if _file_key(storage, f) not in done_tombs]
+    _finish_compaction(storage, tenant, state)
+    if new_tombs and not full_refresh:
+        report.deleted += _drop_deleted(storage, tenant, state, deleted, run_id)
     if not files:
+        if new_tombs:
+            _record_tombstones(storage, tenant, state, new_tombs)
         report.seconds = time.perf_counter() - started
         return report
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     staging = storage.path("warehouse", tenant, f"_staging-{run_id}")
     storage.makedirs(staging)
     storage.makedirs(rejected_dir)
@@ -274,6 +283,10 @@ def ingest_events(
                 if rejects.height:
                     _append_rejects(storage, rejected_dir, rejects, f"{run_id}-{i}-{j}")
                     reasons.update(rejects["reason"].to_list())
+                if deleted:
+                    before = good.height
+                    good = good.filter(~pl.col("event_id").is_in(deleted))
+                    report.deleted += before - good.height
                 report.rows_valid += good.height
                 good = good.with_columns(
                     pl.col("timestamp").dt.date().cast(pl.String).alias("_day")
@@ -303,11 +316,70 @@ def ingest_events(
     report.min_timestamp, report.max_timestamp = lo, hi
     done = state.setdefault("events", {}).setdefault("files", [])
     done.extend(_file_key(storage, f) for f in files)
+    state["events"]["tombstone_files"] = [_file_key(storage, f) for f in tomb_files]
     state["events"]["last_report"] = report.as_dict()
     report.seconds = time.perf_counter() - started
     state["events"]["last_report"]["seconds"] = report.seconds
     save_state(storage, tenant, state)
     return report
+
+
+def _tombstones(storage: Storage, tenant: str) -> tuple[list[str], list[str]]:
+    """(tombstone files, deleted event ids) of a tenant."""
+    d = storage.tombstones_dir(tenant)
+    if not storage.exists(d):
+        return [], []
+    files = sorted(
+        f
+        for f in storage.fs.ls(d, detail=False)
+        if f.endswith(".parquet") and not posixpath.basename(f).startswith(".")
+    )
+    if not files:
+        return [], []
+    ids = pl.concat(
+        [pl.read_parquet(storage.fs.open(f, "rb"), columns=["event_id"]) for f in files]
+    )["event_id"]
+    return files, ids.unique().to_list()
+
+
+def _record_tombstones(storage: Storage, tenant: str, state: dict, files: list[str]) -> None:
+    keys = state.setdefault("events", {}).setdefault("tombstone_files", [])
+    keys.extend(_file_key(storage, f) for f in files)
+    save_state(storage, tenant, state)
+
+
+def _drop_deleted(
+    storage: Storage, tenant: str, state: dict, deleted: list[str], run_id: str
+) -> int:
+    """Rewrite the day partitions that hold deleted event ids without them. Crash-safe: the
+    compacted part is written first, the old parts to remove are recorded in the ingest state,
+    then removed (`_finish_compaction` completes an interrupted removal). Returns rows dropped."""
+    scan = scan_events(storage, tenant)
+    hit = scan.filter(pl.col("event_id").is_in(deleted)).select("date").unique().collect()
+    dropped = 0
+    for day in sorted(hit["date"].to_list()):
+        day_dir = posixpath.join(storage.events_dir(tenant), f"date={day.isoformat()}")
+        old = sorted(storage.fs.glob(posixpath.join(day_dir, "*.parquet")))
+        rows = pl.read_parquet(old if storage.is_local else [storage.fs.open(f, "rb") for f in old])
+        kept = rows.filter(~pl.col("event_id").is_in(deleted))
+        dropped += rows.height - kept.height
+        if kept.height:
+            _atomic_parquet(storage, kept, posixpath.join(day_dir, f"part-{run_id}-c.parquet"))
+        state.setdefault("events", {})["compacting"] = old
+        save_state(storage, tenant, state)
+        _finish_compaction(storage, tenant, state)
+    return dropped
+
+
+def _finish_compaction(storage: Storage, tenant: str, state: dict) -> None:
+    """Remove the old parts of a day rewrite, if a run recorded some (idempotent)."""
+    old = state.get("events", {}).pop("compacting", None)
+    if not old:
+        return
+    for f in old:
+        if storage.exists(f):
+            storage.fs.rm(f)
+    save_state(storage, tenant, state)
 
 
 def _merge_day(storage: Storage, events_dir: str, staged_dir: str, day: str, run_id: str) -> int:

@@ -86,6 +86,11 @@ class Storage:
     def serving_dir(self) -> str:
         return self.path("serving")
 
+    def tombstones_dir(self, tenant: str) -> str:
+        """Ids of events deleted through the API (Parquet: event_id, deleted_at), written by the
+        server's event log and applied to the warehouse by ingest."""
+        return self.path("serving", "events", tenant, "tombstones")
+
     def mlflow_uri(self) -> str:
         """Default MLflow tracking URI: a SQLite database under the root (local roots only)."""
         return "sqlite:///" + self.path("mlflow", "mlflow.db")

@@ -851,7 +851,7 @@ def flush_tenant(data_root: str, tenant: str, blocking: bool = False) -> list[st
         storage = Storage(data_root)
         landing = storage.landing_dir(tenant, "events")
         os.makedirs(landing, exist_ok=True)
-        tomb_dir = os.path.join(directory, "tombstones")
+        tomb_dir = Storage(data_root).tombstones_dir(tenant)
         os.makedirs(tomb_dir, exist_ok=True)
         deleted = read_tombstones(data_root, tenant)
         landed = []
@@ -905,7 +905,7 @@ def _atomic_write(df: pl.DataFrame, path: str) -> None:
 def read_tombstones(data_root: str, tenant: str) -> dict[str, int]:
     """Deleted event ids of `tenant` that were flushed (event_id -> deleted_at, epoch us); the
     ingest step drops landed events with these ids."""
-    tomb_dir = os.path.join(data_root, "serving", "events", tenant, "tombstones")
+    tomb_dir = Storage(data_root).tombstones_dir(tenant)
     try:
         files = sorted(
             os.path.join(tomb_dir, f)

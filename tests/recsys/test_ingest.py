@@ -131,3 +131,39 @@ def test_items_upsert_latest_file_wins(storage, tmp_path):
     table, report = ingest.build_table(storage, "default", "items")
     assert dict(zip(table["item_id"], table["title"], strict=True)) == {"a": "New", "b": "B"}
     assert ingest.pending_files(storage, "default", "items") == []
+
+
+def test_events_deleted_through_the_api_leave_the_warehouse(storage, tmp_path):
+    a = _csv(
+        tmp_path,
+        "a.csv",
+        "event_id,user_id,item_id,event_type,timestamp\n"
+        "k1,u1,i1,view,1759312800\nd1,u2,i2,view,1759312801\n"
+        "k2,u3,i3,view,1759399200\n",
+    )
+    ingest.import_file(storage, "events", a)
+    assert ingest.ingest_events(storage, "default", now=NOW).rows_new == 3
+
+    # the server's event log records deletions as tombstones; one id is already stored,
+    # one arrives only in the next file
+    tombs = storage.tombstones_dir("default")
+    storage.makedirs(tombs)
+    pl.DataFrame(
+        {"event_id": ["d1", "d2"], "deleted_at": [datetime(2026, 10, 2, tzinfo=UTC)] * 2}
+    ).write_parquet(f"{tombs}/seg-000001.parquet")
+    b = _csv(
+        tmp_path,
+        "b.csv",
+        "event_id,user_id,item_id,event_type,timestamp\n"
+        "d2,u4,i4,view,1759312802\nk3,u5,i5,view,1759312803\n",
+    )
+    ingest.import_file(storage, "events", b)
+    report = ingest.ingest_events(storage, "default", now=NOW)
+    assert report.deleted == 2 and report.rows_new == 1
+    events = ingest.read_events(storage, "default")
+    assert sorted(events["event_id"].to_list()) == ["k1", "k2", "k3"]
+    # the rewrite left one part per touched day and no duplicates; a re-run is a no-op
+    assert ingest.load_state(storage, "default")["events"].get("compacting") is None
+    again = ingest.ingest_events(storage, "default", now=NOW)
+    assert (again.deleted, again.rows_new) == (0, 0)
+    assert ingest.read_events(storage, "default").height == 3
