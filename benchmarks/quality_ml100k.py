@@ -13,10 +13,8 @@ import os
 import sys
 import time
 
-import polars as pl
-
 from recsys.adapters import movielens_100k
-from recsys.evaluation.evaluate import format_table, plot_table
+from recsys.evaluation.evaluate import plot_table, print_table
 from recsys.evaluation.offline import evaluate_offline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,15 +32,7 @@ def main() -> int:
     events, items, users = movielens_100k(args.data)
     result = evaluate_offline(events, items, users)
     table = result.table
-    with pl.Config(
-        tbl_rows=20,
-        tbl_cols=20,
-        tbl_width_chars=400,
-        fmt_str_lengths=30,
-        tbl_hide_dataframe_shape=True,
-        tbl_hide_column_data_types=True,
-    ):
-        print(format_table(table))
+    print_table(table)
     ndcg = dict(zip(table["model"], table["NDCG@10"], strict=True))
     bar = 1.05 * max(ndcg["EASE"], ndcg["popularity"])
     print(f"\ntest users {result.holdout.n_users}, test pairs {result.holdout.n_pairs}")

@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from recsys.adapters import taobao_userbehavior
-from recsys.evaluation.evaluate import format_table
+from recsys.evaluation.evaluate import print_table
 from recsys.evaluation.metrics import hit_rate_at_k, ndcg_at_k
 from recsys.evaluation.offline import evaluate_offline
 from recsys.models.data import holdout_pairs
@@ -26,18 +26,6 @@ from recsys.models.hybrid import HybridConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "..", "shared", "data", "taobao-sample", "UserBehavior_head84475.csv")
 EQUAL = {"view": 1.0, "click": 1.0, "like": 1.0, "add_to_cart": 1.0, "purchase": 1.0, "rating": 1.0}
-
-
-def _show(table: pl.DataFrame) -> None:
-    with pl.Config(
-        tbl_rows=20,
-        tbl_cols=20,
-        tbl_width_chars=400,
-        fmt_str_lengths=30,
-        tbl_hide_dataframe_shape=True,
-        tbl_hide_column_data_types=True,
-    ):
-        print(format_table(table))
 
 
 def main() -> int:
@@ -56,10 +44,10 @@ def main() -> int:
     base = HybridConfig()
     weighted = evaluate_offline(events, items, config=base)
     print("\n== contract weights (purchase 8, cart 4, like 3, view 1) ==")
-    _show(weighted.table)
+    print_table(weighted.table)
     equal = evaluate_offline(events, items, config=replace(base, weights=EQUAL))
     print("\n== every event weighs 1 ==")
-    _show(equal.table)
+    print_table(equal.table)
 
     # Same test users in both runs (the split and the train users do not depend on weights).
     hw, he = weighted.holdout, equal.holdout

@@ -374,6 +374,12 @@ class Ranked:
     backfilled_from: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
+    def explanation(self, i: int) -> dict[str, Any]:
+        """The `explain` object of returned item `i`: stored signals and the rules that fired."""
+        sig = self.signals[i]
+        signals = dict(zip(SIGNALS, (round(v, 6) for v in sig), strict=True)) if sig else {}
+        return {"signals": signals, "rules": self.rules[i]}
+
 
 @dataclass(slots=True)
 class Pool:

@@ -270,13 +270,7 @@ class RecommendService:
                 entry: dict[str, Any] = {"item_id": item_id, "rank": rank, "score": score}
                 entry["reasons"] = ranked.reasons[rank - 1]
                 if explain:
-                    sig = ranked.signals[rank - 1]
-                    entry["explain"] = {
-                        "signals": dict(zip(SIGNALS, (round(v, 6) for v in sig), strict=True))
-                        if sig
-                        else {},
-                        "rules": ranked.rules[rank - 1],
-                    }
+                    entry["explain"] = ranked.explanation(rank - 1)
                 items.append(entry)
         else:
             items = [

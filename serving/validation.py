@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import falcon
+
 from recsys.snapshot.format import SIGNALS
 from serving.config import ServingConfig
 from serving.errors import bad_request, unprocessable
@@ -445,3 +447,16 @@ def validate_rules(body: Any, config: ServingConfig) -> dict[str, Any]:
             if not ids and not tags:
                 raise unprocessable(f"{where} blocks nothing: give item_ids or tags.")
     return {"rules": rules}
+
+
+def if_match(req: falcon.Request) -> str | None:
+    """The If-Match header as a bare version ('*' kept; weak prefix and quotes removed)."""
+    value = req.get_header("If-Match")
+    if value is None:
+        return None
+    value = value.strip()
+    if value == "*":
+        return "*"
+    if value.startswith("W/"):
+        value = value[2:]
+    return value.strip('"')

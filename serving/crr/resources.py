@@ -33,9 +33,9 @@ from serving.crr.records import ID_FIELD, RecordStore, RevisionConflict, parse_r
 from serving.errors import ProblemError
 from serving.events_log import EventLogs, scan_all_events
 from serving.recs.events import _json
-from serving.recs.experiments import if_match
 from serving.service import RecommendService
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
+from serving.validation import if_match
 
 MAX_EVENTS_PAGE = 10_000
 MAX_PREDICTIONS = 10_000

@@ -15,19 +15,7 @@ from serving.errors import ProblemError
 from serving.events_log import EventLogs, scan_all_events
 from serving.experiments import ExperimentConflict, ExperimentStore, compute_results
 from serving.recs.events import _json
-
-
-def if_match(req: falcon.Request) -> str | None:
-    """The If-Match header as a bare version ('*' kept; weak prefix and quotes removed)."""
-    value = req.get_header("If-Match")
-    if value is None:
-        return None
-    value = value.strip()
-    if value == "*":
-        return "*"
-    if value.startswith("W/"):
-        value = value[2:]
-    return value.strip('"')
+from serving.validation import if_match
 
 
 def conflict(e: ExperimentConflict, what: str) -> ProblemError:

@@ -147,13 +147,7 @@ class RerankExplainResources:
         ):
             entry: dict[str, Any] = {"item_id": item_id, "rank": rank, "score": score}
             if p.get("explain"):
-                sig = ranked.signals[rank - 1]
-                entry["explain"] = {
-                    "signals": dict(zip(SIGNALS, (round(v, 6) for v in sig), strict=True))
-                    if sig
-                    else {},
-                    "rules": ranked.rules[rank - 1],
-                }
+                entry["explain"] = ranked.explanation(rank - 1)
             out_items.append(entry)
         excluded = [
             {"item_id": t["item_id"], "outcome": t["outcome"], "rule": t.get("rule")}

@@ -30,9 +30,9 @@ from recsys.snapshot.format import REASON_CODES
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.errors import ProblemError, bad_request, unprocessable
 from serving.recs.events import _json
-from serving.recs.experiments import if_match
 from serving.rules import Pool
 from serving.snapshot import LiveSnapshot
+from serving.validation import if_match
 
 MAX_SEED_ITEMS = 1000
 ANY_SURFACE = "*"

@@ -16,21 +16,9 @@ from serving.config import ServingConfig
 from serving.errors import ProblemError
 from serving.snapshot import SnapshotRegistry
 from serving.tenant_store import KINDS, TenantStore, VersionConflict
-from serving.validation import validate_config, validate_rules
+from serving.validation import if_match, validate_config, validate_rules
 
 _VERSION_FIELD = {"config": "config_version", "rules": "rules_version"}
-
-
-def _if_match(req: falcon.Request) -> str | None:
-    value = req.get_header("If-Match")
-    if value is None:
-        return None
-    value = value.strip()
-    if value == "*":
-        return "*"
-    if value.startswith("W/"):
-        value = value[2:]
-    return value.strip('"')
 
 
 class TenantDocumentResource:
@@ -81,7 +69,7 @@ class TenantDocumentResource:
         if isinstance(raw, dict) and raw.get("tenant_id", tenant_id) != tenant_id:
             raise ProblemError(422, "tenant_id in the body differs from the URL.")
         try:
-            doc = self._store.write(tenant_id, self._kind, body, _if_match(req))
+            doc = self._store.write(tenant_id, self._kind, body, if_match(req))
         except VersionConflict as e:
             raise ProblemError(
                 409,
