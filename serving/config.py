@@ -25,6 +25,9 @@ serving package that reads `os.environ` (entry points call it; tests build the o
 | RECSYS_SNAPSHOT_CHECK_S | `1.0` | how often a worker stats CURRENT for a new snapshot |
 | RECSYS_GZIP_MIN_BYTES | `1024` | smaller bodies are never compressed |
 | RECSYS_ACCESS_LOG | `1` | JSON access log lines on the `recsys.access` logger |
+| RECSYS_EVENTS_FLUSH_S | `30` | an older non-empty event-log segment is closed and landed |
+| RECSYS_EVENTS_SEGMENT_BYTES | `67108864` | an event-log segment is landed at this size |
+| RECSYS_EVENTS_LINGER_MS | `2` | longest a group commit waits for more requests (`0`: never) |
 | RECSYS_PROBLEM_BASE | `https://errors.recsys.example/problem/` | prefix of Problem `type` URIs |
 | RECSYS_VERSION / RECSYS_GIT_SHA / RECSYS_BUILT_AT | package version / `unknown` | /version |
 """
@@ -86,6 +89,9 @@ class ServingConfig:
     max_anchors: int = 50
     max_tags: int = 64
     deadline_ms: float = 250.0
+    events_flush_s: float = 30.0
+    events_segment_bytes: int = 64 * 1024 * 1024
+    events_linger_ms: float = 2.0
     snapshot_check_s: float = 1.0
     gzip_min_bytes: int = 1024
     access_log: bool = True
@@ -127,6 +133,11 @@ class ServingConfig:
             max_anchors=int(get("RECSYS_MAX_ANCHORS", str(d.max_anchors))),
             max_tags=int(get("RECSYS_MAX_TAGS", str(d.max_tags))),
             deadline_ms=float(get("RECSYS_DEADLINE_MS", str(d.deadline_ms))),
+            events_flush_s=float(get("RECSYS_EVENTS_FLUSH_S", str(d.events_flush_s))),
+            events_segment_bytes=int(
+                get("RECSYS_EVENTS_SEGMENT_BYTES", str(d.events_segment_bytes))
+            ),
+            events_linger_ms=float(get("RECSYS_EVENTS_LINGER_MS", str(d.events_linger_ms))),
             snapshot_check_s=float(get("RECSYS_SNAPSHOT_CHECK_S", str(d.snapshot_check_s))),
             gzip_min_bytes=int(get("RECSYS_GZIP_MIN_BYTES", str(d.gzip_min_bytes))),
             access_log=get("RECSYS_ACCESS_LOG", "1").lower() not in ("0", "false", "no", "off"),

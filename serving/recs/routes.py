@@ -7,7 +7,7 @@ import os
 import falcon
 
 from serving.config import ServingConfig
-from serving.events_log import DEFAULT_LINGER_S, DEFAULT_SEGMENT_BYTES, EventLogs
+from serving.events_log import EventLogs
 from serving.recs.events import EventResource, EventsResource, FeedbackResource
 from serving.recs.experiments import ExperimentsResource
 from serving.recs.rerank import RerankExplainResources
@@ -26,8 +26,12 @@ def register(
 ) -> EventLogs:
     """Add every /v1/recs route to `app`; returns the event logs (tests flush through it)."""
     if event_logs is None:
-        flush_s, segment_bytes, linger_s = events_settings()
-        event_logs = EventLogs(config.data_root, flush_s, segment_bytes, linger_s)
+        event_logs = EventLogs(
+            config.data_root,
+            config.events_flush_s,
+            config.events_segment_bytes,
+            config.events_linger_ms / 1000,
+        )
     events = EventsResource(event_logs)
     app.add_route("/v1/recs/events", events)
     app.add_route("/v1/recs/events/bulk", events, suffix="bulk")
@@ -72,22 +76,3 @@ def register(
 
     register_crr(app, config, service=service, store=store, event_logs=event_logs)
     return event_logs
-
-
-def events_settings(environ=None) -> tuple[float, int, float]:
-    """(flush interval s, segment bytes, group-commit linger s) of the event log.
-
-    | variable | default | meaning |
-    |---|---|---|
-    | RECSYS_EVENTS_FLUSH_S | `30` | an older non-empty active segment is closed and landed |
-    | RECSYS_EVENTS_SEGMENT_BYTES | `67108864` | a segment is closed (and landed) at this size |
-    | RECSYS_EVENTS_LINGER_MS | `2` | longest a group commit waits for more requests (`0`: never) |
-
-    (Read when the app is built; these belong in `ServingConfig` once the lead wires them.)
-    """
-    env = os.environ if environ is None else environ
-    return (
-        float(env.get("RECSYS_EVENTS_FLUSH_S") or 30.0),
-        int(env.get("RECSYS_EVENTS_SEGMENT_BYTES") or DEFAULT_SEGMENT_BYTES),
-        float(env.get("RECSYS_EVENTS_LINGER_MS") or DEFAULT_LINGER_S * 1000) / 1000,
-    )
