@@ -1,15 +1,21 @@
 """Event ingestion over HTTP against real gunicorn on loopback, then kill -9 under load.
 
-    python benchmarks/events_ingest.py [--seconds 8] [--workers 2] [--threads 32] [--clients 4]
+    python benchmarks/events_ingest.py [--seconds 8] [--workers 2] [--threads 32]
+        [--connections 64] [--repeat 1]
 
 Starts gunicorn (gthread workers: concurrent requests of a worker share one validation pass and
-one fsync, the log's group commit) on a fresh data root and prints:
+one fsync, the log's group commit) on a fresh data root and prints, with the load average:
 
-* single events/s: POST /v1/recs/events from `--clients` processes x 16 keep-alive connections,
-* bulk events/s: POST /v1/recs/events/bulk with 1,000 NDJSON-in-a-JSON-body events per request,
-* kill -9 of the master and every worker in the middle of a mixed load, then a count: every
-  acknowledged event (201) is in the log or in landing Parquet exactly once, and nothing is
-  unreadable.
+* single events/s: POST /v1/recs/events from wrk (`benchmarks/events_wrk.lua`: unique valid
+  events) over `--connections` keep-alive connections, and the workers' CPU per request
+  (utime + stime from /proc: less sensitive to the other load on a shared machine),
+* bulk events/s: POST /v1/recs/events/bulk with 1,000 NDJSON events per request,
+* kill -9 of the master and every worker in the middle of a load of single events (Python
+  clients, which know which events were acknowledged), then a count: every acknowledged event
+  (201) is in landing Parquet exactly once after the flush, and nothing is unreadable.
+
+The load generator is wrk (C and LuaJIT, /usr/bin/wrk) because it shares the cores with the
+server: Python clients took about as much CPU as the server they measured.
 
 Every loop is bounded (time and count); everything stays on 127.0.0.1.
 """
@@ -250,51 +256,110 @@ def check_exactly_once(acked: list[str], stored: list[str]) -> dict[str, int]:
     }
 
 
+def cpu_ticks(pids: list[int]) -> int:
+    """utime + stime of `pids` in clock ticks (processes that are gone count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+WRK_SCRIPT = os.path.join(REPO, "benchmarks", "events_wrk.lua")
+
+
+def wrk_load(
+    port: int, proc: subprocess.Popen, seconds: float, connections: int, prefix: str, bulk: int = 0
+) -> dict[str, float]:
+    """wrk (2 threads) posting unique events for `seconds`; events/s, requests/s and the
+    server's CPU per request (master + workers, microseconds)."""
+    token = mint_token(SECRET, TENANT, ["recommend"], 3600)
+    pids = server_pids(proc.pid)
+    before = cpu_ticks(pids)
+    argv = [
+        shutil.which("wrk") or "/usr/bin/wrk",
+        "-t2",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "30s",
+        "-s",
+        WRK_SCRIPT,
+        f"http://127.0.0.1:{port}",
+        "--",
+        prefix,
+        str(bulk),
+    ]
+    out = subprocess.run(
+        argv, env={**os.environ, "TOKEN": token}, capture_output=True, text=True, check=True
+    ).stdout
+    cpu_s = (cpu_ticks(pids) - before) / os.sysconf("SC_CLK_TCK")
+    line = next(x for x in out.splitlines() if x.startswith("result "))
+    res = {k: int(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
+    secs = res["us"] / 1e6
+    return {
+        "events_s": res["acked"] / secs,
+        "requests_s": res["answered"] / secs,
+        "failed": res["failed"] + res["errors"],
+        "acked": res["acked"],
+        "cpu_us_per_request": cpu_s * 1e6 / max(res["answered"], 1),
+        "seconds": secs,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=32)
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--connections", type=int, default=64, help="wrk connections, single events")
+    ap.add_argument("--repeat", type=int, default=1, help="throughput runs (kill test once)")
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="events-bench-")
     port = free_port()
     env = {"RECSYS_EVENTS_SEGMENT_BYTES": str(8 << 20), "RECSYS_EVENTS_FLUSH_S": "5"}
     print(
         f"data root {root}; gunicorn {args.workers} gthread workers x {args.threads} threads; "
-        f"{args.clients} client processes x {args.connections} connections; {os.cpu_count()} cores"
+        f"wrk 2 threads x {args.connections} connections; {os.cpu_count()} cores"
     )
     proc = start_server(root, port, args.workers, args.threads, env)
+    acked = 0
     try:
-        ids, reqs, errs, secs = load(
-            port, "single", args.seconds, args.clients, args.connections, prefix="single"
-        )
-        print(
-            f"single events : {len(ids) / secs:9.0f} events/s  ({reqs} requests, {errs} errors, "
-            f"{secs:.1f} s)"
-        )
-        ids, reqs, errs, secs = load(port, "bulk", args.seconds, args.clients, 2, prefix="bulk")
-        print(
-            f"bulk (1000/req): {len(ids) / secs:9.0f} events/s  ({reqs} requests, {errs} errors, "
-            f"{secs:.1f} s)"
-        )
+        for run in range(args.repeat):
+            for name, bulk, conns in (
+                ("single events  ", 0, args.connections),
+                ("bulk (1000/req)", 1000, 4),
+            ):
+                load_before = load_average()
+                r = wrk_load(port, proc, args.seconds, conns, f"{name[0]}{run}", bulk)
+                acked += r["acked"]
+                print(
+                    f"{name}: {r['events_s']:9.0f} events/s  {r['requests_s']:7.0f} req/s  "
+                    f"server CPU {r['cpu_us_per_request']:7.0f} us/request  "
+                    f"({r['failed']} failed, {r['seconds']:.1f} s; load average "
+                    f"{load_before} -> {load_average()})"
+                )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-
+    stored, _ = stored_ids(root)
+    print(f"stored after the throughput runs: {len(stored)} events ({acked} acknowledged)")
     shutil.rmtree(root, ignore_errors=True)
+
     root = tempfile.mkdtemp(prefix="events-kill-")
     proc = start_server(root, port, args.workers, args.threads, env)
     t0 = time.time()
     acked_single, *_ = load(
-        port,
-        "single",
-        4.0,
-        max(1, args.clients // 2),
-        args.connections,
-        prefix="ks",
-        during=(2.0, lambda: kill9(proc)),
+        port, "single", 4.0, 2, 16, prefix="ks", during=(2.0, lambda: kill9(proc))
     )
     print(f"kill -9 after {time.time() - t0:.1f} s of load: ", end="")
     stored, files = stored_ids(root)

@@ -8,8 +8,11 @@ valid is dropped.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import math
+import re
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import duckdb
 import polars as pl
@@ -31,6 +34,20 @@ from recsys.readers import MAX_RAW_CHARS
 EARLIEST_EVENT = datetime(1990, 1, 1, tzinfo=UTC)
 #: Events may be a little in the future (clock skew), not more.
 MAX_CLOCK_SKEW = timedelta(days=1)
+
+# Details of rejected events (`{}`: filled in per row), shared by `validate_events` and
+# `check_event_rows`.
+MISSING_USER = "user_id is missing"
+MISSING_ITEM = "item_id is missing"
+OVERSIZE_EVENT_FIELD = (
+    f"a field exceeds its limit ({MAX_ID_LENGTH} bytes for ids, {MAX_CONTEXT_BYTES} for context)"
+)
+WRONG_TENANT = "row is for tenant '{}', file landed for '{}'"
+UNPARSABLE_TIMESTAMP = "timestamp is not ISO-8601 or epoch seconds/milliseconds"
+MISSING_TIMESTAMP = "timestamp is missing"
+TIMESTAMP_OUT_OF_RANGE = "timestamp {} is outside the possible range"
+UNDECLARED_EVENT_TYPE = "event type '{}' is not declared"
+BAD_EVENT_VALUE = "value is not a finite number"
 
 _ISO_FORMATS = (
     "%Y-%m-%dT%H:%M:%S%.f%:z",
@@ -150,6 +167,12 @@ def _rejects(df: pl.DataFrame, source_cols: list[str], source: str) -> pl.DataFr
 
 
 _VECTORISED_MD5_FROM = 20_000  # rows; below this a Python loop is faster than DuckDB
+#: Joins the fields of a derived event id's key (a byte no field contains).
+_KEY_SEP = "\x1f"
+
+
+def _md5_event_id(key: str) -> str:
+    return "e" + hashlib.md5(key.encode()).hexdigest()
 
 
 def derive_event_ids(df: pl.DataFrame) -> pl.Series:
@@ -166,12 +189,12 @@ def derive_event_ids(df: pl.DataFrame) -> pl.Series:
                 pl.col("value").cast(pl.String).fill_null(""),
                 pl.col("session_id").fill_null(""),
             ],
-            separator="\x1f",
+            separator=_KEY_SEP,
         ).alias("k")
     )
     if key.height < _VECTORISED_MD5_FROM:
         # small batches (API requests): hashlib beats opening a DuckDB connection (~15 ms)
-        ids = ["e" + hashlib.md5(k.encode()).hexdigest() for k in key["k"].to_list()]
+        ids = [_md5_event_id(k) for k in key["k"].to_list()]
         return pl.Series("event_id", ids, dtype=pl.String)
     con = duckdb.connect()
     try:
@@ -238,44 +261,41 @@ def validate_events(
                 pl.col("user_id").is_null() | pl.col("item_id").is_null(),
                 "missing_id",
                 pl.when(pl.col("user_id").is_null())
-                .then(pl.lit("user_id is missing"))
-                .otherwise(pl.lit("item_id is missing")),
+                .then(pl.lit(MISSING_USER))
+                .otherwise(pl.lit(MISSING_ITEM)),
             ),
             (
                 oversize,
                 "oversize_field",
-                f"a field exceeds its limit ({MAX_ID_LENGTH} bytes for "
-                f"ids, {MAX_CONTEXT_BYTES} for context)",
+                OVERSIZE_EVENT_FIELD,
             ),
             (
                 pl.col("tenant") != tenant,
                 "wrong_tenant",
-                pl.format(
-                    "row is for tenant '{}', file landed for '{}'", pl.col("tenant"), pl.lit(tenant)
-                ),
+                pl.format(WRONG_TENANT, pl.col("tenant"), pl.lit(tenant)),
             ),
             (
                 ts.is_null(),
                 "bad_timestamp",
                 pl.when(pl.col("_ts_given"))
-                .then(pl.lit("timestamp is not ISO-8601 or epoch seconds/milliseconds"))
-                .otherwise(pl.lit("timestamp is missing")),
+                .then(pl.lit(UNPARSABLE_TIMESTAMP))
+                .otherwise(pl.lit(MISSING_TIMESTAMP)),
             ),
             (
                 (ts < EARLIEST_EVENT) | (ts > now + MAX_CLOCK_SKEW),
                 "bad_timestamp",
-                pl.format("timestamp {} is outside the possible range", ts.cast(pl.String)),
+                pl.format(TIMESTAMP_OUT_OF_RANGE, ts.cast(pl.String)),
             ),
             (
                 pl.col("event_type").is_null() | ~pl.col("event_type").is_in(known),
                 "unknown_event_type",
-                pl.format("event type '{}' is not declared", pl.col("event_type")),
+                pl.format(UNDECLARED_EVENT_TYPE, pl.col("event_type")),
             ),
             (
                 pl.col("_value_given")
                 & (pl.col("_value").is_null() | ~pl.col("_value").is_finite()),
                 "bad_value",
-                pl.lit("value is not a finite number"),
+                pl.lit(BAD_EVENT_VALUE),
             ),
         ]
     )
@@ -311,6 +331,183 @@ def validate_events(
     if dedupe:
         good = good.unique(subset="event_id", keep="first", maintain_order=True)
     return good.select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()]), rejects
+
+
+# --- the same checks row by row, for the few rows of an API request ---------------------------
+# A pass of `validate_events` costs milliseconds however few its rows (plan building); the
+# event intake validates a handful of rows at a time. `check_event_rows` applies the same
+# checks, in the same order, with the same details, in plain Python, and hands back every row
+# whose outcome it cannot be sure of (text Polars may parse differently: exotic number or
+# date spellings, non-ASCII event types, years outside 1..9999) for `validate_events` to
+# decide. tests/recsys/test_event_row_checks.py compares both on many valid and invalid rows.
+
+#: What Polars' `str.strip_chars()` strips (Rust's White_Space); Python's `str.strip()` would
+#: also strip U+001C..U+001F.
+_WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+#: Decimal numbers that Python's float() and Polars' String -> Float64 cast read alike.
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+#: ISO-8601 spellings of `_ISO_FORMATS` (T or space; optional fraction and offset; a date).
+_ISO = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})"
+    r"(?:[T ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?([Zz]|[+-]\d{2}:\d{2})?)?"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class _Undecided(Exception):
+    """A row `check_event_rows` leaves to `validate_events`."""
+
+
+def _strip(value: str | None) -> str | None:
+    """`_text`: trimmed text, empty as None."""
+    if value is None:
+        return None
+    value = value.strip(_WHITESPACE)
+    return value or None
+
+
+def _decimal(text: str) -> float:
+    """Text Polars casts to this float (`_Undecided` for anything but plain decimals)."""
+    if _DECIMAL.fullmatch(text) is None:
+        raise _Undecided
+    return float(text)
+
+
+def _timestamp_us(text: str) -> int:
+    """`parse_timestamp` of stripped text, as epoch microseconds."""
+    if _DECIMAL.fullmatch(text) is not None:
+        # `_epoch_to_datetime`: s / ms / us told apart by magnitude, truncated to whole us
+        num = float(text)
+        size = abs(num)
+        micros = num * 1e6 if size < 1e11 else num * 1e3 if size < 1e14 else num
+        if not (math.isfinite(micros) and abs(micros) < 1e17):
+            raise _Undecided  # null: "not ISO-8601" (rare; let Polars say so)
+        return int(micros)
+    m = _ISO.fullmatch(text)
+    if m is None:
+        raise _Undecided
+    year, month, day, hh, mm, ss, frac, offset = m.groups()
+    if hh is not None and (int(hh) > 23 or int(mm) > 59 or int(ss) > 59):
+        raise _Undecided
+    try:
+        at = datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hh or 0),
+            int(mm or 0),
+            int(ss or 0),
+            int((frac or "0").ljust(6, "0")),
+            tzinfo=UTC,
+        )
+    except ValueError:
+        raise _Undecided from None
+    us = (at - _EPOCH) // timedelta(microseconds=1)
+    if offset and offset not in "Zz":
+        oh, om = int(offset[1:3]), int(offset[4:6])
+        if oh > 23 or om > 59:
+            raise _Undecided
+        us -= (1 if offset[0] == "+" else -1) * (oh * 3600 + om * 60) * 1_000_000
+    return us
+
+
+def _check_event_row(
+    row: dict[str, str | None], tenant: str, known: frozenset[str], latest_us: int
+) -> dict[str, Any] | tuple[str, str | None]:
+    """One raw row: the validated event (timestamp as epoch us) or (reason, detail), with the
+    first failing check of `validate_events`; raises `_Undecided`."""
+    user, item = _strip(row.get("user_id")), _strip(row.get("item_id"))
+    if user is None or item is None:
+        return "missing_id", MISSING_USER if user is None else MISSING_ITEM
+    event_type = _strip(row.get("event_type"))
+    if event_type is not None:
+        if not event_type.isascii():
+            raise _Undecided  # Unicode lower-casing: leave it to Polars
+        event_type = event_type.lower()
+    event_id, session = _strip(row.get("event_id")), _strip(row.get("session_id"))
+    context = _strip(row.get("context"))
+    row_tenant = _strip(row.get("tenant")) or tenant
+    if (
+        any(
+            v is not None and len(v.encode()) > MAX_ID_LENGTH
+            for v in (user, item, event_id, session, event_type)
+        )
+        or context is not None
+        and len(context.encode()) > MAX_CONTEXT_BYTES
+    ):
+        return "oversize_field", OVERSIZE_EVENT_FIELD
+    if row_tenant != tenant:
+        return "wrong_tenant", WRONG_TENANT.format(row_tenant, tenant)
+    ts_text = _strip(row.get("timestamp"))
+    if ts_text is None:
+        return "bad_timestamp", MISSING_TIMESTAMP
+    ts = _timestamp_us(ts_text)
+    if ts < _EARLIEST_US or ts > latest_us:
+        at = _EPOCH + timedelta(microseconds=ts)  # OverflowError outside years 1..9999
+        text = at.strftime("%Y-%m-%d %H:%M:%S.%f+00:00")
+        if not 1 <= at.year <= 9999 or len(text) != 32:
+            raise _Undecided
+        return "bad_timestamp", TIMESTAMP_OUT_OF_RANGE.format(text)
+    if event_type is None:
+        return "unknown_event_type", None
+    if event_type not in known:
+        return "unknown_event_type", UNDECLARED_EVENT_TYPE.format(event_type)
+    value_text = _strip(row.get("value"))
+    value = None
+    if value_text is not None:
+        value = _decimal(value_text)
+        if not math.isfinite(value):
+            return "bad_value", BAD_EVENT_VALUE
+    if event_id is None:
+        if value is None:
+            value_key = ""
+        else:
+            value_key = repr(value)
+            if "e-" in value_key:
+                raise _Undecided  # Polars writes small floats without an exponent
+        event_id = _md5_event_id(
+            _KEY_SEP.join((tenant, user, item, event_type, str(ts), value_key, session or ""))
+        )
+    return {
+        "event_id": event_id,
+        "tenant": tenant,
+        "user_id": user,
+        "item_id": item,
+        "event_type": event_type,
+        "timestamp": ts,
+        "value": value,
+        "session_id": session,
+        "context": context,
+    }
+
+
+_EARLIEST_US = (EARLIEST_EVENT - _EPOCH) // timedelta(microseconds=1)
+
+
+def check_event_rows(
+    rows: Sequence[dict[str, str | None]],
+    *,
+    tenant: str,
+    extra_event_types: Iterable[str] = (),
+    now: datetime | None = None,
+) -> list[dict[str, Any] | tuple[str, str | None] | None]:
+    """`validate_events` (with dedupe=False) for a few raw text rows, row by row in plain
+    Python: per row the validated event (EVENT_SCHEMA keys; `timestamp` in epoch
+    microseconds), or (reason, detail) of its rejection, or None where only `validate_events`
+    can decide (give it those rows)."""
+    now = now or datetime.now(UTC)
+    latest_us = (now + MAX_CLOCK_SKEW - _EPOCH) // timedelta(microseconds=1)
+    known = frozenset(BUILTIN_EVENT_TYPES) | {t.lower() for t in extra_event_types}
+    out: list[dict[str, Any] | tuple[str, str | None] | None] = []
+    for row in rows:
+        try:
+            out.append(_check_event_row(row, tenant, known, latest_us))
+        except (_Undecided, OverflowError):
+            out.append(None)
+    return out
 
 
 def _parse_tags(df: pl.DataFrame) -> pl.Expr:
