@@ -1,10 +1,10 @@
 """Event ingestion over HTTP against real gunicorn on loopback, then kill -9 under load.
 
-    python benchmarks/events_ingest.py [--seconds 8] [--workers 2] [--threads 32]
-        [--connections 64] [--repeat 1]
+    python benchmarks/events_ingest.py [--seconds 8] [--workers 2] [--threads 64]
+        [--connections 64] [--repeat 1] [--worker-class gthread ...]
 
-Starts gunicorn (gthread workers: concurrent requests of a worker share one validation pass and
-one fsync, the log's group commit) on a fresh data root and prints, with the load average:
+Starts gunicorn as `recsys serve --threads` does (or with `--worker-class`, repeatable for an
+A/B: the runs alternate) on a fresh data root and prints, with the load average:
 
 * single events/s: POST /v1/recs/events from wrk (`benchmarks/events_wrk.lua`: unique valid
   events) over `--connections` keep-alive connections, and the workers' CPU per request
@@ -55,10 +55,18 @@ def free_port() -> int:
 
 
 def start_server(
-    root: str, port: int, workers: int, threads: int, extra_env: dict[str, str] | None = None
+    root: str,
+    port: int,
+    workers: int,
+    threads: int,
+    extra_env: dict[str, str] | None = None,
+    worker_class: str | None = None,
 ) -> subprocess.Popen:
-    """gunicorn with gthread workers on 127.0.0.1:`port`; returns when /healthz answers."""
-    argv = gunicorn_argv(f"127.0.0.1:{port}", workers, threads=threads) + ["--backlog", "2048"]
+    """gunicorn (`recsys serve --threads` workers unless `worker_class` names others) on
+    127.0.0.1:`port`; returns when /healthz answers."""
+    argv = gunicorn_argv(
+        f"127.0.0.1:{port}", workers, threads=threads, worker_class=worker_class
+    ) + ["--backlog", "2048"]
     env = {
         **os.environ,
         "RECSYS_DATA_ROOT": root,
@@ -316,47 +324,65 @@ def wrk_load(
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=32)
-    ap.add_argument("--connections", type=int, default=64, help="wrk connections, single events")
-    ap.add_argument("--repeat", type=int, default=1, help="throughput runs (kill test once)")
-    args = ap.parse_args()
+def throughput(args: argparse.Namespace, worker_class: str | None, run: int) -> None:
+    """Single and bulk events/s of one fresh server; checks every acknowledged event landed."""
     root = tempfile.mkdtemp(prefix="events-bench-")
     port = free_port()
-    env = {"RECSYS_EVENTS_SEGMENT_BYTES": str(8 << 20), "RECSYS_EVENTS_FLUSH_S": "5"}
-    print(
-        f"data root {root}; gunicorn {args.workers} gthread workers x {args.threads} threads; "
-        f"wrk 2 threads x {args.connections} connections; {os.cpu_count()} cores"
-    )
-    proc = start_server(root, port, args.workers, args.threads, env)
+    proc = start_server(root, port, args.workers, args.threads, SERVER_ENV, worker_class)
     acked = 0
+    label = worker_class or "default"
     try:
-        for run in range(args.repeat):
-            for name, bulk, conns in (
-                ("single events  ", 0, args.connections),
-                ("bulk (1000/req)", 1000, 4),
-            ):
-                load_before = load_average()
-                r = wrk_load(port, proc, args.seconds, conns, f"{name[0]}{run}", bulk)
-                acked += r["acked"]
-                print(
-                    f"{name}: {r['events_s']:9.0f} events/s  {r['requests_s']:7.0f} req/s  "
-                    f"server CPU {r['cpu_us_per_request']:7.0f} us/request  "
-                    f"({r['failed']} failed, {r['seconds']:.1f} s; load average "
-                    f"{load_before} -> {load_average()})"
-                )
+        for name, bulk, conns in (
+            ("single events  ", 0, args.connections),
+            ("bulk (1000/req)", 1000, 4),
+        ):
+            load_before = load_average()
+            r = wrk_load(port, proc, args.seconds, conns, f"{name[0]}{run}", bulk)
+            acked += r["acked"]
+            print(
+                f"[{label}] {name}: {r['events_s']:7.0f} events/s  {r['requests_s']:6.0f} req/s  "
+                f"server CPU {r['cpu_us_per_request']:6.0f} us/request  "
+                f"({r['failed']} failed, {r['seconds']:.1f} s; load average "
+                f"{load_before} -> {load_average()})"
+            )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     stored, _ = stored_ids(root)
-    print(f"stored after the throughput runs: {len(stored)} events ({acked} acknowledged)")
+    missing = acked - len(set(stored))
+    print(f"[{label}] stored {len(stored)} events, {acked} acknowledged, {max(0, missing)} missing")
     shutil.rmtree(root, ignore_errors=True)
 
+
+SERVER_ENV = {"RECSYS_EVENTS_SEGMENT_BYTES": str(8 << 20), "RECSYS_EVENTS_FLUSH_S": "5"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=64)
+    ap.add_argument("--connections", type=int, default=64, help="wrk connections, single events")
+    ap.add_argument("--repeat", type=int, default=1, help="throughput runs (kill test once)")
+    ap.add_argument(
+        "--worker-class",
+        action="append",
+        help="gunicorn worker class to measure (repeatable: runs alternate; default: that of "
+        "recsys serve --threads)",
+    )
+    args = ap.parse_args()
+    classes = args.worker_class or [None]
+    print(
+        f"gunicorn {args.workers} workers x {args.threads} threads; wrk 2 threads x "
+        f"{args.connections} connections; {os.cpu_count()} cores"
+    )
+    for run in range(args.repeat):
+        for worker_class in classes:
+            throughput(args, worker_class, run)
+
     root = tempfile.mkdtemp(prefix="events-kill-")
-    proc = start_server(root, port, args.workers, args.threads, env)
+    port = free_port()
+    proc = start_server(root, port, args.workers, args.threads, SERVER_ENV, classes[0])
     t0 = time.time()
     acked_single, *_ = load(
         port, "single", 4.0, 2, 16, prefix="ks", during=(2.0, lambda: kill9(proc))

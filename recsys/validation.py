@@ -363,10 +363,12 @@ class _Undecided(Exception):
 
 def _strip(value: str | None) -> str | None:
     """`_text`: trimmed text, empty as None."""
-    if value is None:
-        return None
-    value = value.strip(_WHITESPACE)
-    return value or None
+    return value.strip(_WHITESPACE) or None if value is not None else None
+
+
+def _oversize(text: str | None, limit: int) -> bool:
+    """More than `limit` UTF-8 bytes (no encoding needed below limit / 4 characters)."""
+    return text is not None and len(text) * 4 > limit and len(text.encode()) > limit
 
 
 def _decimal(text: str) -> float:
@@ -419,29 +421,30 @@ def _check_event_row(
 ) -> dict[str, Any] | tuple[str, str | None]:
     """One raw row: the validated event (timestamp as epoch us) or (reason, detail), with the
     first failing check of `validate_events`; raises `_Undecided`."""
-    user, item = _strip(row.get("user_id")), _strip(row.get("item_id"))
+    get = row.get
+    user, item = _strip(get("user_id")), _strip(get("item_id"))
     if user is None or item is None:
         return "missing_id", MISSING_USER if user is None else MISSING_ITEM
-    event_type = _strip(row.get("event_type"))
+    event_type = _strip(get("event_type"))
     if event_type is not None:
         if not event_type.isascii():
             raise _Undecided  # Unicode lower-casing: leave it to Polars
         event_type = event_type.lower()
-    event_id, session = _strip(row.get("event_id")), _strip(row.get("session_id"))
-    context = _strip(row.get("context"))
-    row_tenant = _strip(row.get("tenant")) or tenant
+    event_id, session = _strip(get("event_id")), _strip(get("session_id"))
+    context = _strip(get("context"))
+    row_tenant = _strip(get("tenant")) or tenant
     if (
-        any(
-            v is not None and len(v.encode()) > MAX_ID_LENGTH
-            for v in (user, item, event_id, session, event_type)
-        )
-        or context is not None
-        and len(context.encode()) > MAX_CONTEXT_BYTES
+        _oversize(user, MAX_ID_LENGTH)
+        or _oversize(item, MAX_ID_LENGTH)
+        or _oversize(event_id, MAX_ID_LENGTH)
+        or _oversize(session, MAX_ID_LENGTH)
+        or _oversize(event_type, MAX_ID_LENGTH)
+        or _oversize(context, MAX_CONTEXT_BYTES)
     ):
         return "oversize_field", OVERSIZE_EVENT_FIELD
     if row_tenant != tenant:
         return "wrong_tenant", WRONG_TENANT.format(row_tenant, tenant)
-    ts_text = _strip(row.get("timestamp"))
+    ts_text = _strip(get("timestamp"))
     if ts_text is None:
         return "bad_timestamp", MISSING_TIMESTAMP
     ts = _timestamp_us(ts_text)
@@ -455,7 +458,7 @@ def _check_event_row(
         return "unknown_event_type", None
     if event_type not in known:
         return "unknown_event_type", UNDECLARED_EVENT_TYPE.format(event_type)
-    value_text = _strip(row.get("value"))
+    value_text = _strip(get("value"))
     value = None
     if value_text is not None:
         value = _decimal(value_text)

@@ -31,8 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         default=1,
-        help="threads per worker; >1 uses gthread workers (better for event "
-        "collection, whose fsyncs are then batched across requests)",
+        help="threads per worker; >1 uses serving.workers.ConnectionThreadWorker (one thread "
+        "per keep-alive connection: better for event collection, whose validation and fsync "
+        "are then shared by concurrent requests; a worker holds at most this many connections)",
     )
     srv.add_argument("--data-root", help="sets RECSYS_DATA_ROOT for the server")
     srv.add_argument("--reload", action="store_true", help="restart on code changes (development)")
@@ -79,6 +80,10 @@ def _flush_events(args: argparse.Namespace) -> int:
     return 0
 
 
+#: One thread per keep-alive connection (serving/workers.py); the default when threads > 1.
+CONNECTION_THREAD_WORKER = "serving.workers.ConnectionThreadWorker"
+
+
 def gunicorn_argv(
     bind: str,
     workers: int,
@@ -86,12 +91,14 @@ def gunicorn_argv(
     reload: bool = False,
     app: str = "serving.wsgi:app",
     threads: int = 1,
+    worker_class: str | None = None,
 ) -> list[str]:
     """The gunicorn command line the server runs with (also used by the benchmarks).
 
-    threads > 1 selects gthread workers: concurrent event posts to one worker then share one
-    validation pass and one fsync (the event log's group commit)."""
-    worker_class = "gthread" if threads > 1 else "sync"
+    threads > 1 selects `CONNECTION_THREAD_WORKER` (unless `worker_class` names another):
+    concurrent event posts to one worker then share one validation pass and one fsync (the
+    event log's group commit)."""
+    worker_class = worker_class or (CONNECTION_THREAD_WORKER if threads > 1 else "sync")
     argv = [
         sys.executable,
         "-m",

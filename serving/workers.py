@@ -1,0 +1,155 @@
+"""A gunicorn worker with one thread per keep-alive connection, for event collection.
+
+    gunicorn serving.wsgi:app --worker-class serving.workers.ConnectionThreadWorker --threads 64
+
+gunicorn's gthread worker hands every request of a keep-alive connection from its poller
+thread to a pool thread and back (epoll unregister/register, a pipe write and read, two
+thread wake-ups with the GIL): ~150-290 us of worker CPU a request, three times the event
+route itself. Here a thread accepts a connection and serves it until the client closes it,
+it idles for `--keep-alive` seconds, or the worker stops: a request costs one wake-up (its
+data arriving). Concurrent event posts still share one validation pass and one fsync (the
+event log's group commit collects the threads that are waiting).
+
+Each thread serves one connection at a time, so `--threads` bounds the connections a worker
+holds open; a connection beyond all workers' threads waits in the listen backlog until a
+thread is free (an idle one frees itself after `--keep-alive` seconds). Threads take
+connections only while free, so the connections spread over the workers by their free
+threads. HTTP/1.1 only (like the sync worker).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+from datetime import datetime
+
+from gunicorn import http, sock, util
+from gunicorn.http import wsgi
+from gunicorn.workers import base
+
+#: Seconds a thread waits in accept() before it looks at `alive` again.
+_ACCEPT_POLL_S = 1.0
+
+
+class ConnectionThreadWorker(base.Worker):
+    """`--threads` threads per process, each accepting and serving one connection at a time
+    (keep-alive); the main thread only heartbeats and handles signals."""
+
+    def run(self) -> None:
+        if "h2" in self.cfg.http_protocols:
+            self.log.warning("HTTP/2 is not supported by this worker; serving HTTP/1.1 only.")
+        for listener in self.sockets:
+            listener.settimeout(_ACCEPT_POLL_S)
+        threads = [
+            threading.Thread(target=self._serve, args=(listener,), daemon=True)
+            for listener in self.sockets
+            for _ in range(max(1, self.cfg.threads))
+        ]
+        for t in threads:
+            t.start()
+        while self.alive:
+            self.notify()
+            if self.ppid != os.getppid():
+                self.log.info("Parent changed, shutting down: %s", self)
+                break
+            time.sleep(min(1.0, self.timeout / 2 if self.timeout else 1.0))
+        self.alive = False
+        # requests in progress finish (their connections close after the answer); idle
+        # keep-alive connections are closed with the process
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def _serve(self, listener: socket.socket) -> None:
+        """One thread: accept a connection, serve its requests, repeat while alive."""
+        while self.alive:
+            try:
+                client, addr = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK, errno.EINTR):
+                    continue
+                if not self.alive:
+                    return
+                raise
+            client.settimeout(self.cfg.keepalive or None)
+            util.close_on_exec(client)
+            self._handle(listener, client, addr)
+
+    def _handle(self, listener: socket.socket, client: socket.socket, addr) -> None:
+        req = None
+        try:
+            if self.cfg.is_ssl:
+                client = sock.ssl_wrap_socket(client, self.cfg)
+            parser = http.get_parser(self.cfg, client, addr)
+            server = listener.getsockname()
+            while self.alive:
+                req = next(parser)
+                if not self._handle_request(req, client, addr, server):
+                    break
+                # leftover body bytes must not be read as the next request
+                if not parser.finish_body(deadline=time.monotonic() + 5.0):
+                    break
+                req = None
+        except (StopIteration, TimeoutError):
+            pass  # the client closed the connection, or it idled past --keep-alive
+        except http.errors.NoMoreData as e:
+            self.log.debug("Ignored premature client disconnection. %s", e)
+        except ssl.SSLError as e:
+            if e.args[0] != ssl.SSL_ERROR_EOF:
+                self.handle_error(req, client, addr, e)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self.log.exception("Socket error processing request.")
+        except Exception as e:
+            self.handle_error(req, client, addr, e)
+        finally:
+            util.close_graceful(client)
+
+    def _handle_request(self, req, client: socket.socket, addr, server) -> bool:
+        """Run the app for `req`; whether the connection stays open for another request."""
+        environ: dict = {}
+        resp = None
+        try:
+            self.cfg.pre_request(self, req)
+            request_start = datetime.now()
+            resp, environ = wsgi.create(req, client, addr, server, self.cfg)
+            environ["wsgi.multithread"] = True
+            self.nr += 1
+            if self.nr >= self.max_requests and self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+            if not self.alive or not self.cfg.keepalive:
+                resp.force_close()
+            respiter = self.wsgi(environ, resp.start_response)
+            try:
+                if isinstance(respiter, environ["wsgi.file_wrapper"]):
+                    resp.write_file(respiter)
+                else:
+                    for item in respiter:
+                        resp.write(item)
+                resp.close()
+            finally:
+                self.log.access(resp, req, environ, datetime.now() - request_start)
+                if hasattr(respiter, "close"):
+                    respiter.close()
+            return not resp.should_close()
+        except OSError:
+            util.reraise(*sys.exc_info())
+        except Exception:
+            if resp and resp.headers_sent:
+                self.log.exception("Error handling request")
+                util.close_graceful(client)
+                raise StopIteration() from None
+            raise
+        finally:
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
