@@ -1,8 +1,8 @@
 """A fitted scikit-learn HistGradientBoostingClassifier as plain arrays, and a numpy predictor.
 
 Pickled scikit-learn models break across library versions and run code on load; a boosted
-tree ensemble is just node tables, so it is saved as arrays and evaluated here, vectorized
-over rows (one loop over trees and depth, never over rows).
+tree ensemble is just node tables, so it is saved as arrays and evaluated here in numpy,
+vectorized over rows and trees (never a Python loop over rows).
 """
 
 from __future__ import annotations
@@ -61,26 +61,28 @@ class TreeEnsemble:
     def decision_function(self, x: np.ndarray) -> np.ndarray:
         """Raw margin per row.
 
-        Uses scikit-learn's compiled per-tree predictor over these same node tables when it is
-        importable (about 20x faster than numpy on ranker-sized inputs), else plain numpy.
-        Both follow the same rule (left when ``x <= threshold``, NaN where ``missing_left``
-        says), so they agree to float rounding.
+        Trees of at most 64 leaves (the ranker's are 15) go through :class:`_LeafMasks`, a
+        bitmask evaluation vectorized over rows and trees at once (about 3.5x faster than
+        scikit-learn's compiled per-tree predictor on ranker-sized inputs); larger ones
+        through the plain traversal. Both follow scikit-learn's rule (left when
+        ``x <= threshold``, NaN where ``missing_left`` says), so they agree to float rounding.
         """
-        x = np.ascontiguousarray(x, dtype=np.float64)
-        predictors = self._compiled()
-        if predictors is not None:
-            return _predict_compiled(predictors, x, self.baseline)
-        return self.decision_function_numpy(x)
+        x = np.asarray(x, dtype=np.float64)
+        masks = self._leaf_masks()
+        if masks is not None:
+            return masks.decision_function(x, self.baseline)
+        return self.decision_function_traversal(x)
 
-    def _compiled(self):
-        cached = self.__dict__.get("_predictors", False)
+    def _leaf_masks(self) -> _LeafMasks | None:
+        cached = self.__dict__.get("_masks", False)
         if cached is False:
-            cached = _compile(self)
-            object.__setattr__(self, "_predictors", cached)  # a cache on a frozen dataclass
+            cached = _LeafMasks.build(self)
+            object.__setattr__(self, "_masks", cached)  # a cache on a frozen dataclass
         return cached
 
-    def decision_function_numpy(self, x: np.ndarray) -> np.ndarray:
-        """Raw margin per row in plain numpy (one loop over trees and depth, never rows)."""
+    def decision_function_traversal(self, x: np.ndarray) -> np.ndarray:
+        """Raw margin per row by walking every tree (one loop over trees and depth, never
+        rows): the path for trees too large for bitmasks, and the reference in tests."""
         x = np.asarray(x, dtype=np.float64)
         rows = np.arange(len(x))
         out = np.full(len(x), self.baseline)
@@ -124,44 +126,117 @@ class TreeEnsemble:
         return cls(**a, max_depth=int(meta[0]), baseline=float(meta[1]))
 
 
-def _compile(ens: TreeEnsemble):
-    """Per-tree node records in scikit-learn's predictor layout, or None when its private
-    predictor module is not available (the numpy path is then used)."""
-    try:
-        from sklearn.ensemble._hist_gradient_boosting._predictor import _predict_from_raw_data
-        from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
-    except ImportError:  # pragma: no cover - depends on the installed scikit-learn
-        return None
-    n_nodes = len(ens.feature)
-    bounds = np.append(ens.roots, n_nodes)
-    trees = []
-    for t in range(len(ens.roots)):
-        lo, hi = int(bounds[t]), int(bounds[t + 1])
-        nodes = np.zeros(hi - lo, dtype=PREDICTOR_RECORD_DTYPE)
-        nodes["value"] = ens.value[lo:hi]
-        nodes["feature_idx"] = ens.feature[lo:hi]
-        nodes["num_threshold"] = ens.threshold[lo:hi]
-        nodes["missing_go_to_left"] = ens.missing_left[lo:hi]
-        leaf = ens.is_leaf[lo:hi]
-        nodes["is_leaf"] = leaf
-        nodes["left"] = np.where(leaf, 0, ens.left[lo:hi] - lo)
-        nodes["right"] = np.where(leaf, 0, ens.right[lo:hi] - lo)
-        trees.append(nodes)
-    empty_bitsets = np.zeros((0, 8), dtype=np.uint32)
-    return _predict_from_raw_data, trees, empty_bitsets
+_MAX_MASK_LEAVES = 64
+#: index of the lowest set bit of every 16-bit value (0 for 0, which never occurs)
+_v16 = np.arange(1 << 16)
+_LOWEST_BIT_16 = np.maximum(np.frexp((_v16 & -_v16).astype(np.float64))[1] - 1, 0).astype(np.int8)
+del _v16
 
 
-def _predict_compiled(compiled, x: np.ndarray, baseline: float) -> np.ndarray:
-    predict, trees, bitsets = compiled
-    n_features = x.shape[1]
-    f_idx_map = np.zeros(n_features, dtype=np.uint32)
-    out = np.full(len(x), baseline, dtype=np.float64)
-    buf = np.empty(len(x), dtype=np.float64)
-    if not len(x):
+@dataclass(frozen=True)
+class _LeafMasks:
+    """The ensemble as per-feature lookup tables of leaf bitmasks (QuickScorer, Lucchese et
+    al. 2015), evaluated with numpy over rows and trees at once.
+
+    The leaves of each tree are numbered left to right. A split whose test fails (the row goes
+    right) rules out the leaves of its left subtree; the exit leaf of a row is the lowest leaf
+    that no failed test of its tree rules out. A feature's distinct thresholds over all trees
+    cut its values into bins, and ``tables[f][bin]`` holds, for every tree, the leaves still
+    possible after all of that feature's tests for a value in that bin (the last bin is NaN).
+    A row's exit leaves are the AND of one table row per feature.
+    """
+
+    features: np.ndarray  # the features some split uses
+    thresholds: list[np.ndarray]  # per used feature: sorted distinct thresholds, then +inf
+    tables: list[np.ndarray]  # per used feature: (len(thresholds) + 1, n_trees) leaf masks
+    leaf_value: np.ndarray  # (n_trees * width,) leaf values, tree-major, leaves left to right
+    width: int  # leaf slots per tree (bits of the mask dtype)
+
+    @classmethod
+    def build(cls, ens: TreeEnsemble) -> _LeafMasks | None:
+        """The tables of `ens`, or None when a tree has more than 64 leaves."""
+        n_trees = len(ens.roots)
+        leaves: list[list[int]] = []  # per tree, leaf nodes left to right
+        splits = []  # (tree, node, first leaf, last leaf of its left subtree)
+        left_first: dict[int, int] = {}
+        for t, root in enumerate(ens.roots):
+            order: list[int] = []
+            stack = [(int(root), False)]
+            while stack:  # in-order walk: a node's left subtree is numbered before it
+                node, expanded = stack.pop()
+                if ens.is_leaf[node]:
+                    order.append(node)
+                elif expanded:
+                    splits.append((t, node, left_first[node], len(order) - 1))
+                else:
+                    left_first[node] = len(order)
+                    stack += [
+                        (int(ens.right[node]), False),
+                        (node, True),
+                        (int(ens.left[node]), False),
+                    ]
+            leaves.append(order)
+        n_leaves = max((len(o) for o in leaves), default=1)
+        if n_leaves > _MAX_MASK_LEAVES:
+            return None
+        dtype = next(
+            d for d in (np.uint8, np.uint16, np.uint32, np.uint64) if np.iinfo(d).bits >= n_leaves
+        )
+        width = np.iinfo(dtype).bits
+        leaf_value = np.zeros((n_trees, width))
+        for t, order in enumerate(leaves):
+            leaf_value[t, : len(order)] = ens.value[order]
+        split = np.array(splits, np.int64).reshape(-1, 4)
+        tree, node, lo, hi = split.T
+        feature = ens.feature[node]
+        ones = np.iinfo(dtype).max
+        # the leaves lo..hi ruled out when the test fails (hi < 63: the right subtree has one)
+        one = np.uint64(1)
+        span = hi.astype(np.uint64) - lo.astype(np.uint64) + one
+        ruled_out = ((one << span) - one) << lo.astype(np.uint64)
+        masks = (np.uint64(ones) ^ ruled_out).astype(dtype)
+        used = np.unique(feature)
+        thresholds, tables = [], []
+        for f in used:
+            on_f = np.flatnonzero(feature == f)
+            values = ens.threshold[node[on_f]]
+            th = np.unique(values[~np.isnan(values)])
+            table = np.full((len(th) + 2, n_trees), ones, dtype)
+            for i in on_f:
+                # a NaN threshold (a split of missing values from the rest) fails for any value
+                t = ens.threshold[node[i]]
+                j = -1 if np.isnan(t) else int(np.searchsorted(th, t))
+                table[j + 1 : len(th) + 1, tree[i]] &= masks[i]  # value > threshold: fails
+                if not ens.missing_left[node[i]]:
+                    table[-1, tree[i]] &= masks[i]  # NaN goes right
+            thresholds.append(np.append(th, np.inf))
+            tables.append(table)
+        return cls(used, thresholds, tables, leaf_value.ravel(), width)
+
+    def decision_function(self, x: np.ndarray, baseline: float, chunk: int = 2048) -> np.ndarray:
+        n_trees = len(self.leaf_value) // self.width
+        out = np.full(len(x), baseline)
+        if not len(x) or not n_trees:
+            return out
+        xt = np.ascontiguousarray(x.T)
+        # bin of each value: the number of thresholds below it (NaN sorts after +inf)
+        bins = np.empty((len(self.features), len(x)), np.intp)
+        for k, f in enumerate(self.features):
+            bins[k] = np.searchsorted(self.thresholds[k], xt[f], side="left")
+        offsets = np.arange(n_trees, dtype=np.intp) * self.width
+        for start in range(0, len(x), chunk):  # chunks keep the (rows, trees) blocks in cache
+            stop = start + chunk
+            mask = np.take(self.tables[0], bins[0, start:stop], axis=0)
+            for k in range(1, len(self.features)):
+                mask &= np.take(self.tables[k], bins[k, start:stop], axis=0)
+            leaf = _lowest_bit(mask) + offsets
+            out[start:stop] += np.take(self.leaf_value, leaf).sum(axis=1)
         return out
-    for nodes in trees:
-        # one thread: the step runs beside other steps on a small shared machine, where
-        # OpenMP workers spinning for a busy core cost more than they gain
-        predict(nodes, x, bitsets, bitsets, f_idx_map, 1, buf)
-        out += buf
-    return out
+
+
+def _lowest_bit(mask: np.ndarray) -> np.ndarray:
+    """Index of the lowest set bit of each (nonzero) unsigned integer."""
+    if mask.dtype.itemsize <= 2:
+        return np.take(_LOWEST_BIT_16, mask).astype(np.intp)
+    lowest = mask & (~mask + mask.dtype.type(1))  # a power of two: exact as a float64
+    return (np.frexp(lowest.astype(np.float64))[1] - 1).astype(np.intp)

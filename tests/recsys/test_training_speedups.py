@@ -50,16 +50,35 @@ def test_cap_user_history_keeps_the_strongest_items():
     assert capped[0].tolist() == [0, 5, 3, 0] and capped[1].tolist() == [0, 1, 0, 0]
 
 
-def test_tree_predictor_matches_numpy_reference(rng):
+@pytest.mark.parametrize("max_leaf_nodes", [2, 7, 15, 31, 63, 100])
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # binning the infinities
+def test_tree_predictor_matches_sklearn_and_the_traversal(rng, max_leaf_nodes):
+    # 2..63 leaves: bitmask tables (uint8 .. uint64 masks); 100: the traversal
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     x = rng.normal(size=(3000, 6))
     x[rng.random(x.shape) < 0.1] = np.nan
-    y = (np.nan_to_num(x[:, 0]) + np.nan_to_num(x[:, 1]) > 0).astype(int)
-    clf = HistGradientBoostingClassifier(max_iter=30, random_state=0).fit(x, y)
+    x[:50, 2] = np.inf
+    x[50:100, 3] = -np.inf
+    y = (np.nan_to_num(x[:, 0]) + np.nan_to_num(x[:, 1]) * x[:, 4] > 0).astype(int)
+    clf = HistGradientBoostingClassifier(
+        max_iter=30, max_leaf_nodes=max_leaf_nodes, min_samples_leaf=5, random_state=0
+    ).fit(x, y)
     ens = TreeEnsemble.from_sklearn(clf)
-    np.testing.assert_allclose(ens.decision_function(x), ens.decision_function_numpy(x))
-    np.testing.assert_allclose(ens.decision_function(x), clf.decision_function(x), rtol=1e-9)
+    assert (ens._leaf_masks() is None) == (max_leaf_nodes > 64)
+    x_new = rng.normal(size=(5000, 6)) * 2
+    x_new[rng.random(x_new.shape) < 0.2] = np.nan
+    x_new[:100] = x[:100]  # infinities
+    want = clf.decision_function(x_new)
+    np.testing.assert_allclose(ens.decision_function(x_new), want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ens.decision_function_traversal(x_new), want, rtol=1e-9)
+    # values exactly at a threshold go left, like scikit-learn
+    at = np.tile(np.nan_to_num(x_new[:1]), (len(ens.threshold), 1))
+    split = ~ens.is_leaf
+    at[np.flatnonzero(split), ens.feature[split]] = ens.threshold[split]
+    np.testing.assert_allclose(
+        ens.decision_function(at), clf.decision_function(at), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_ease_float32_cholesky_matches_float64_inverse(rng):
