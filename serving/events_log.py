@@ -18,12 +18,12 @@ Guarantees:
 
 * An append returns only after the records were written *and* fsync'd (the HTTP 201/200 is sent
   after that), so an acknowledged event survives kill -9 of any process and power loss.
-* Group commit: concurrent requests of one worker (gthread) are validated together with
-  `recsys.validation.validate_events` (vectorised) and written with one write and one fsync.
-  A validation pass costs ~3 ms however few its rows (Polars plan building), so batches are
-  made large: under load the committer waits (at most `linger_s`, 2 ms) until as many
-  requests are queued as were in flight during the previous batch, and the fsync runs in a
-  second thread while the next batch is validated. Every request (duplicates included) is
+* Group commit: concurrent requests of one worker (`recsys serve --threads`) are validated
+  together by the contract (`validate_rows`: `recsys.validation.check_event_rows` row by row,
+  the rows it cannot decide through the vectorised `validate_events`) and written with one
+  write and one fsync. Under load the committer waits (at most `linger_s`, 2 ms) until as
+  many requests are queued as were in flight during the previous batch, and the fsync runs in
+  a second thread while the next batch is validated. Every request (duplicates included) is
   answered only after an fsync that started after its batch was written.
 * Idempotent by event_id (derived like the contract when absent) while the event is in the
   log: a repeated id is answered as a duplicate and not written again. Once flushed to landing,
@@ -394,9 +394,10 @@ class _Pending:
 _ALIASES = {"type": "event_type", "metadata": "context"}
 
 
-def to_raw_row(body: Any, now_iso: str) -> dict[str, Any] | ItemResult:
+def to_raw_row(body: Any, now: Callable[[], str]) -> dict[str, Any] | ItemResult:
     """An API event object as a raw contract row (strings; validation does the typing), or a
-    rejected result when it is not even an object of known fields."""
+    rejected result when it is not even an object of known fields. An event without a
+    timestamp gets `now()` (the receipt time)."""
     if type(body) is not dict:
         return ItemResult("rejected", reason="unparsable", detail="an event must be a JSON object")
     if not body.keys() <= EVENT_FIELDS:
@@ -429,7 +430,7 @@ def to_raw_row(body: Any, now_iso: str) -> dict[str, Any] | ItemResult:
                 detail=f"{key} must be a string or a number",
             )
     if row.get("timestamp") is None:
-        row["timestamp"] = now_iso  # the receipt time (send one for idempotent retries)
+        row["timestamp"] = now()  # the receipt time (send one for idempotent retries)
     return row
 
 
@@ -591,8 +592,14 @@ class TenantEventLog:
     def submit(self, bodies: list[Any], timeout_s: float = 30.0) -> list[ItemResult]:
         """Validate and durably append `bodies` (API event objects); one result per body, in
         order. Returns after the accepted ones are fsync'd."""
-        now_iso = datetime.now(UTC).isoformat()
-        rows: list[Any] = [to_raw_row(b, now_iso) for b in bodies]
+        received: list[str] = []
+
+        def now() -> str:  # one receipt time per request, taken only when an event needs it
+            if not received:
+                received.append(datetime.now(UTC).isoformat())
+            return received[0]
+
+        rows: list[Any] = [to_raw_row(b, now) for b in bodies]
         pending = _Pending(rows)
         self._ensure_thread()
         with self._cond:
