@@ -19,12 +19,17 @@ from typing import Any
 import numpy as np
 
 from recsys.snapshot.format import REASON_CODES, REASONS, SIGNALS
+from serving import kernels
 from serving.errors import ProblemError
+from serving.kernels import (
+    BLOCKED,
+    KEPT,
+)
 from serving.snapshot import LiveSnapshot
 from serving.validation import DEFAULT_SEGMENT, RecommendRequest
 
-# Outcome codes of a candidate (uint8); the order is the order filters are checked in.
-KEPT, UNAVAILABLE, EXCLUDED, NOT_INCLUDED, SEEN, BLOCKED, FORBIDDEN_TAG, MISSING_TAG = range(8)
+# Names of the outcome codes of a candidate (uint8, serving.kernels); the order is the order
+# filters take precedence in.
 OUTCOMES = (
     "kept",
     "unavailable",
@@ -38,6 +43,10 @@ OUTCOMES = (
 
 _NO_ITEMS = np.zeros(0, dtype=np.int32)
 _NO_ITEMS.flags.writeable = False
+_NO_ROWS = np.zeros(0, dtype=np.intp)
+_NO_ROWS.flags.writeable = False
+# No caps: (kinds, values, caps, counts) of zero groups.
+_NO_CAPS = (_NO_ITEMS, _NO_ITEMS, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 PINNED_REASON, PINNED_TEXT = -1, "featured"
 _SIGNAL_INDEX = {s: j for j, s in enumerate(SIGNALS)}
 _REASON_SLUGS = {code: slug for slug, code in REASON_CODES.items()}
@@ -73,7 +82,6 @@ class CompiledRules:
     blocked_item_rules: list[str] = field(default_factory=list)  # rule id per blocked item
     blocked_tags: np.ndarray = field(default_factory=lambda: _NO_ITEMS)
     blocked_tag_rules: list[str] = field(default_factory=list)
-    blocked_tags_list: list[int] = field(default_factory=list)  # = blocked_tags, as a list
     unresolved: list[str] = field(default_factory=list)  # rule ids naming unknown items/tags
 
 
@@ -127,7 +135,6 @@ def compile_rules(
     out.pins.sort(key=lambda p: p.position)
     out.blocked_items = np.asarray(b_items, dtype=np.int32)
     out.blocked_tags = np.asarray(b_tags, dtype=np.int32)
-    out.blocked_tags_list = b_tags
     live.compiled[key] = out
     while len(live.compiled) > 256:
         live.compiled.popitem(last=False)
@@ -142,8 +149,8 @@ class Filters:
     exclude: np.ndarray
     include: np.ndarray | None
     seen: np.ndarray
-    forbidden_tags: list[int]  # tag ids (plain lists: only ever looped over)
-    required_tags: list[int]
+    forbidden_tags: np.ndarray  # tag ids (int32)
+    required_tags: np.ndarray
     required_missing: bool  # a required tag the snapshot does not know: nothing can match
     rules: CompiledRules
 
@@ -159,10 +166,9 @@ class Filters:
         snap = live.snap
         exclude = _indices(live, req.exclude_ids)
         include = _indices(live, req.include_ids) if req.include_ids is not None else None
-        forbidden: list[int] = []
-        required: list[int] = []
+        forbidden = required = _NO_ITEMS
         if req.forbidden_tags:
-            forbidden = [t for t in map(snap.tag_id, req.forbidden_tags) if t is not None]
+            forbidden = _int32([t for t in map(snap.tag_id, req.forbidden_tags) if t is not None])
         missing = []
         if req.required_tags:
             required_ids = [snap.tag_id(x) for x in req.required_tags]
@@ -174,7 +180,7 @@ class Filters:
                         "detail": f"required tag(s) unknown to the catalogue: {', '.join(missing)}",
                     }
                 )
-            required = [i for i in required_ids if i is not None]
+            required = _int32([i for i in required_ids if i is not None])
         return cls(
             exclude=exclude,
             include=include,
@@ -185,54 +191,38 @@ class Filters:
             rules=rules,
         )
 
-    def outcomes(self, live: LiveSnapshot, items: np.ndarray) -> tuple[np.ndarray, list]:
-        """uint8 outcome per item (KEPT or the first failed filter) and, when some item was
-        blocked by a rule, the blocking rule id per item (else an empty list).
-
-        Filters are applied from the last to the first, each overwriting, so an item ends with
-        the first filter it fails (the order of OUTCOMES). The item-list filters (blocked items,
-        seen, exclude_ids) take one gather together (`LiveSnapshot.list_codes`).
-        """
+    def outcomes(
+        self, live: LiveSnapshot, items: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, list]:
+        """uint8 outcome per item (KEPT or the first failed filter, in the order of OUTCOMES),
+        how many items got each outcome, and, when some item was blocked by a rule, the
+        blocking rule id per item (else an empty list). One compiled pass over the items
+        (`serving.kernels.outcomes`)."""
         r = self.rules
-        n = items.shape[0]
-        code = None  # tag outcomes (the lowest priorities), allocated when some tag applies
-        if self.required_missing:
-            code = np.full(n, MISSING_TAG, dtype=np.uint8)
-        elif self.required_tags:
-            have = np.zeros(n, dtype=np.int32)
-            for tag in self.required_tags:
-                have += live.tag_hits(items, tag)
-            code = (have < len(self.required_tags)).astype(np.uint8)
-            code *= MISSING_TAG
-        for codes, tags in ((FORBIDDEN_TAG, self.forbidden_tags), (BLOCKED, r.blocked_tags_list)):
-            for tag in tags:
-                if code is None:
-                    code = np.zeros(n, dtype=np.uint8)
-                np.putmask(code, live.tag_hits(items, tag), codes)
-        lists = [(r.blocked_items, BLOCKED), (self.seen, SEEN)]
-        if self.include is None:  # else exclude_ids must overwrite not_in_include_ids below
-            lists.append((self.exclude, EXCLUDED))
-        listed = live.list_codes(items, lists)
-        if listed is None:
-            if code is None:
-                code = np.zeros(n, dtype=np.uint8)
-        elif code is None:
-            code = listed
-        else:
-            np.copyto(code, listed, where=listed.astype(bool))
-        if self.include is not None:
-            code[~live.item_member(items, self.include)] = NOT_INCLUDED
-            if self.exclude.size:
-                code[live.item_member(items, self.exclude)] = EXCLUDED
-        if live.any_unavailable:
-            np.putmask(code, live.unavailable.take(items), UNAVAILABLE)
+        code, tally = kernels.outcomes(
+            items,
+            live.tag_offsets,
+            live.tag_ids,
+            live.unavailable_or_empty,
+            live.marks,
+            live.roles,
+            self.exclude,
+            self.include if self.include is not None else _NO_ITEMS,
+            self.include is not None,
+            self.seen,
+            r.blocked_items,
+            self.forbidden_tags,
+            r.blocked_tags,
+            self.required_tags,
+            self.required_missing,
+        )
         blocked_by: list = []
-        if (r.blocked_items.size or r.blocked_tags.size) and (code == BLOCKED).any():
+        if tally[BLOCKED] and (r.blocked_items.size or r.blocked_tags.size):
             blocked_by = [
                 self._blocking_rule(live, i) if c == BLOCKED else None
                 for i, c in zip(items.tolist(), code.tolist(), strict=True)
             ]
-        return code, blocked_by
+        return code, tally, blocked_by
 
     def _blocking_rule(self, live: LiveSnapshot, item: int) -> str:
         r = self.rules
@@ -249,22 +239,24 @@ class Filters:
 def _indices(live: LiveSnapshot, ids: Sequence[str] | None) -> np.ndarray:
     if not ids:
         return _NO_ITEMS
-    lookup = live.item_index
-    found = [i for i in map(lookup, ids) if i is not None]
-    return np.asarray(found, dtype=np.int32)
+    return _int32([i for i in map(live.item_index, ids) if i is not None])
+
+
+def _int32(values: list[int]) -> np.ndarray:
+    return np.array(values, dtype=np.int32) if values else _NO_ITEMS
 
 
 # --- caps ----------------------------------------------------------------------------------
 @dataclass(slots=True)
 class Caps:
-    """`max_per_tag` resolved: group name -> cap, and how to find the groups of an item."""
+    """`max_per_tag` resolved: one group per key, each a (kind, id) pair (a tag, `brand:<b>` or
+    `category:<c>`), with its cap and how many items the answer holds so far."""
 
     names: list[str]
-    caps: list[int]
-    tag_groups: dict[int, int]  # tag id -> group
-    brand_groups: dict[int, int]  # brand id -> group
-    category_groups: dict[int, int]  # category id -> group
-    counts: list[int]
+    kinds: np.ndarray  # int32 per group: serving.kernels.GROUP_TAG / _BRAND / _CATEGORY
+    values: np.ndarray  # int32 per group: the tag, brand or category id
+    caps: np.ndarray  # int64 per group
+    counts: np.ndarray  # int64 per group
 
     @classmethod
     def build(
@@ -273,24 +265,24 @@ class Caps:
         if not max_per_tag:
             return None
         snap = live.snap
-        caps = cls([], [], {}, {}, {}, [])
+        names, kinds, values, caps = [], [], [], []
         unknown = []
         for key, cap in max_per_tag.items():
-            g = len(caps.names)
             tid = snap.tag_id(key)
             prefix, _, value = key.partition(":")
             if tid is not None:
-                caps.tag_groups[tid] = g
-            elif prefix == "brand" and snap.brand_index(value) is not None:
-                caps.brand_groups[snap.brand_index(value)] = g
-            elif prefix == "category" and snap.category_index(value) is not None:
-                caps.category_groups[snap.category_index(value)] = g
+                kind, vid = kernels.GROUP_TAG, tid
+            elif prefix == "brand" and (vid := snap.brand_index(value)) is not None:
+                kind = kernels.GROUP_BRAND
+            elif prefix == "category" and (vid := snap.category_index(value)) is not None:
+                kind = kernels.GROUP_CATEGORY
             else:
                 unknown.append(key)
                 continue
-            caps.names.append(key)
-            caps.caps.append(int(cap))
-            caps.counts.append(0)
+            names.append(key)
+            kinds.append(kind)
+            values.append(vid)
+            caps.append(int(cap))
         if unknown:
             warnings.append(
                 {
@@ -298,54 +290,27 @@ class Caps:
                     "detail": f"max_per_tag key(s) match nothing: {', '.join(unknown)}",
                 }
             )
-        return caps if caps.names else None
+        if not names:
+            return None
+        return cls(
+            names,
+            np.array(kinds, dtype=np.int32),
+            np.array(values, dtype=np.int32),
+            np.array(caps, dtype=np.int64),
+            np.zeros(len(names), dtype=np.int64),
+        )
 
     def members(self, live: LiveSnapshot, items: np.ndarray) -> np.ndarray:
-        """bool[len(items), groups]: which capped groups each item belongs to (vectorized)."""
-        if len(self.tag_groups) == 1 and len(self.names) == 1:  # the common case: one tag
-            return live.tag_hits(items, next(iter(self.tag_groups)))[:, None]
-        m = np.zeros((items.shape[0], len(self.names)), dtype=bool)
-        for tag, g in self.tag_groups.items():
-            m[:, g] = live.tag_hits(items, tag)
-        for ids, groups in (
-            (live.brand_id, self.brand_groups),
-            (live.category_id, self.category_groups),
-        ):
-            if groups:
-                values = ids.take(items)
-                for value, g in groups.items():
-                    m[:, g] |= values == value
-        return m
-
-    def select(self, m: np.ndarray, n: int) -> tuple[list[int], dict[int, str]]:
-        """Greedy top-`n` under the caps, over rows already in rank order.
-
-        Returns (chosen row positions, {refused position: cap name}) and counts the chosen in.
-        A plain loop that stops at the n-th chosen row: it visits about n rows, and only the
-        member rows look at their groups (cheaper than vector passes over every row).
-        """
-        caps, names = self.caps, self.names
-        counts_now = list(self.counts)
-        member = (m[:, 0] if m.shape[1] == 1 else m.any(axis=1)).tolist()
-        chosen: list[int] = []
-        refused: dict[int, str] = {}
-        single = [0] if m.shape[1] == 1 else None  # one capped group: no per-row lookup
-        for pos, is_member in enumerate(member):
-            if is_member:
-                groups = single or [g for g, f in enumerate(m[pos].tolist()) if f]
-                full = next((g for g in groups if counts_now[g] >= caps[g]), None)
-                if full is not None:
-                    refused[pos] = names[full]
-                    continue
-                for g in groups:
-                    counts_now[g] += 1
-            if len(chosen) < n:
-                chosen.append(pos)
-                if len(chosen) == n:
-                    break  # refusals past the n-th chosen row do not matter
-        if n > 0:  # (n == 0: nothing is taken; the scan only reports what the caps refuse)
-            self.counts[:] = counts_now
-        return chosen, refused
+        """bool[len(items), groups]: which capped groups each item belongs to."""
+        return kernels.group_members(
+            items,
+            live.tag_offsets,
+            live.tag_ids,
+            live.brand_id,
+            live.category_id,
+            self.kinds,
+            self.values,
+        )
 
     def take(self, flags: list[bool]) -> str | None:
         """Count one item in (back-fill); or the name of the cap that refuses it."""
@@ -546,35 +511,14 @@ class Engine:
                         "candidates; scored with the other weights",
                     }
                 )
-        code, blocked_by = filters.outcomes(live, pool.items)
-        keep = (code == KEPT).nonzero()[0]
-        adj = scores[keep]  # a copy (fancy indexing)
-        if adj.dtype != np.float32:
-            adj = adj.astype(np.float32)
-        applied_boosts: dict[int, list[str]] = {}
-        if self.rules.boosts and keep.size:
-            kept_items = pool.items[keep]
-            # Factors act on a positive scale: scores are mapped onto [span, 2 * span], so a
-            # factor of 2 lifts the weakest candidate to the level of the strongest.
-            lo, span = adj.min(), adj.max() - adj.min()
-            adj = adj - lo + (span if span > 0 else np.float32(1.0))
-            for b in self.rules.boosts:
-                rows = np.flatnonzero(live.tag_hits(kept_items, b.tag))
-                if rows.size:
-                    adj[rows] *= np.float32(b.factor)
-                    for r in rows.tolist():
-                        applied_boosts.setdefault(r, []).append(
-                            f"{'boost' if b.factor > 1 else 'bury'}:{b.rule_id}"
-                        )
-        if req.seed is not None and keep.size > 1:
-            jitter = np.random.default_rng(req.seed).random(keep.size)  # tie-break only
-            order = np.lexsort((jitter, -adj))
-            ranked_rows, ranked_adj = keep[order], adj[order]
-        elif scores is pool.scores and not applied_boosts and pool.sorted:
-            ranked_rows, ranked_adj = keep, adj  # stored order is already best first
-        else:
-            order = np.argsort(-adj, kind="stable")
-            ranked_rows, ranked_adj = keep[order], adj[order]
+        code, tally, blocked_by = filters.outcomes(live, pool.items)
+        # Rank order. Stored scores of candidates stored best first, without boosts or a seed
+        # (the common case), need no array: the selection walks the kept rows in stored order.
+        row_scores = scores  # the score of each pool row (float32)
+        order = None  # kept rows in rank order (None: the kept rows in stored order)
+        applied_boosts: dict[int, list[str]] = {}  # pool row -> boost/bury rules applied
+        if self.rules.boosts or req.seed is not None or not (scores is pool.scores and pool.sorted):
+            row_scores, order, applied_boosts = self._rank(pool, scores, code)
         t_score = time.perf_counter()
         self._check_deadline("scoring")
 
@@ -582,37 +526,48 @@ class Engine:
         pins = self._valid_pins(filters)
         n_free = k - len(pins)
         pinned_item_set = {p.item for p in pins}
-        if pins and ranked_rows.size:
+        if pins:
+            if order is None:
+                order = (code == KEPT).nonzero()[0]
             not_pinned = ~live.item_member(
-                pool.items[ranked_rows], np.fromiter(pinned_item_set, dtype=np.int32)
+                pool.items.take(order), np.fromiter(pinned_item_set, dtype=np.int32)
             )
-            ranked_rows, ranked_adj = ranked_rows[not_pinned], ranked_adj[not_pinned]
+            order = order[not_pinned]
         caps = Caps.build(live, req.max_per_tag, self.warnings)
-        capped: dict[int, str] = {}
-        n_take = max(0, n_free)
-        if caps is None:
-            chosen, chosen_adj = ranked_rows[:n_take], ranked_adj[:n_take]
-        else:
-            positions, refused = caps.select(caps.members(live, pool.items[ranked_rows]), n_take)
-            at = np.array(positions, dtype=np.intp)  # (one conversion for both gathers)
-            chosen, chosen_adj = ranked_rows[at], ranked_adj[at]
-            capped = {int(ranked_rows[pos]): name for pos, name in refused.items()}
+        chosen, refused, refused_by = kernels.select(
+            code,
+            _NO_ROWS if order is None else order,
+            order is None,
+            pool.items,
+            live.tag_offsets,
+            live.tag_ids,
+            live.brand_id,
+            live.category_id,
+            *((caps.kinds, caps.values, caps.caps, caps.counts) if caps else _NO_CAPS),
+            max(0, n_free),
+        )
+        capped: dict[int, str] = (
+            {
+                row: caps.names[g]
+                for row, g in zip(refused.tolist(), refused_by.tolist(), strict=True)
+            }
+            if refused.shape[0]
+            else {}
+        )
         chosen_rows: list[int] = chosen.tolist()
-        chosen_adj = chosen_adj.tolist()
-        e_items: list[int] = pool.items[chosen].tolist()
-        e_scores: list[float] = chosen_adj
-        e_reasons: list[int] = pool.reasons[chosen].tolist()
+        e_items: list[int] = pool.items.take(chosen).tolist()
+        e_scores: list[float] = row_scores.take(chosen).tolist()
+        e_reasons: list[int] = pool.reasons.take(chosen).tolist()
         e_signals: list = (
             pool.signals[chosen].tolist()
             if pool.signals is not None and req.explain != "none"
             else [None] * len(chosen_rows)
         )
         if applied_boosts:
-            slots = np.searchsorted(keep, chosen).tolist()
-            e_rules = [list(applied_boosts.get(slot, ())) for slot in slots]
+            e_rules = [list(applied_boosts.get(row, ())) for row in chosen_rows]
         else:
             e_rules = [[] for _ in chosen_rows]
-        counts_filtered = int(pool.items.shape[0] - keep.size)
+        counts_filtered = int(code.shape[0] - tally[KEPT])
 
         # Back-fill.
         backfilled = 0
@@ -627,7 +582,7 @@ class Engine:
                 fb = self.fallback_pool(source)
                 if fb is None:
                     continue
-                fcode, _ = filters.outcomes(live, fb.items)
+                fcode, _, _ = filters.outcomes(live, fb.items)
                 fb_keep = np.flatnonzero(fcode == KEPT)
                 fb_groups = caps.members(live, fb.items[fb_keep]).tolist() if caps else None
                 for j, row in enumerate(fb_keep.tolist()):
@@ -693,15 +648,16 @@ class Engine:
         out.rules = e_rules[:k]
 
         if self.trace is not None:
+            if order is None:
+                order = (code == KEPT).nonzero()[0]
+                if pins:
+                    order = order[~np.isin(pool.items.take(order), list(pinned_item_set))]
             self._trace_candidates(
-                pool, code, blocked_by, keep, ranked_rows, chosen_rows, capped, set(out.items), pins
+                pool, code, blocked_by, order, chosen_rows, capped, set(out.items), pins
             )
         if counts_filtered:
-            # bytes.count per outcome: cheaper than np.bincount(...).tolist() on ~200 codes
-            raw = code.tobytes()
-            for c in range(1, len(OUTCOMES)):
-                n_c = raw.count(c)
-                if n_c:
+            for c, n_c in enumerate(tally.tolist()):
+                if n_c and c != KEPT:
                     out.filtered_by[OUTCOMES[c]] = n_c
         if capped:
             out.filtered_by["max_per_tag"] = len(capped)
@@ -720,11 +676,43 @@ class Engine:
         }
         return out
 
+    def _rank(
+        self, pool: Pool, scores: np.ndarray, code: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, list[str]]]:
+        """Rank the kept rows by (re-weighted) score, boosts and the seed's tie-break: (score
+        per pool row, kept rows in rank order, {row: boost/bury rules applied})."""
+        keep = (code == KEPT).nonzero()[0]
+        adj = scores.take(keep).astype(np.float32, copy=False)
+        applied: dict[int, list[str]] = {}
+        if self.rules.boosts and keep.size:
+            kept_items = pool.items.take(keep)
+            # Factors act on a positive scale: scores are mapped onto [span, 2 * span], so a
+            # factor of 2 lifts the weakest candidate to the level of the strongest.
+            lo, span = adj.min(), adj.max() - adj.min()
+            adj = adj - lo + (span if span > 0 else np.float32(1.0))
+            for b in self.rules.boosts:
+                slots = np.flatnonzero(self.live.tag_hits(kept_items, b.tag))
+                if slots.size:
+                    adj[slots] *= np.float32(b.factor)
+                    rule = f"{'boost' if b.factor > 1 else 'bury'}:{b.rule_id}"
+                    for row in keep.take(slots).tolist():
+                        applied.setdefault(row, []).append(rule)
+        row_scores = np.zeros(code.shape[0], dtype=np.float32)
+        row_scores.put(keep, adj)
+        if self.req.seed is not None and keep.size > 1:
+            jitter = np.random.default_rng(self.req.seed).random(keep.size)  # tie-break only
+            order = keep.take(np.lexsort((jitter, -adj)))
+        elif scores is pool.scores and not applied and pool.sorted:
+            order = keep  # stored order is already best first
+        else:
+            order = keep.take(np.argsort(-adj, kind="stable"))
+        return row_scores, order, applied
+
     def _valid_pins(self, filters: Filters) -> list[Pin]:
         if not self.rules.pins:
             return []
         items = np.asarray([p.item for p in self.rules.pins], dtype=np.int32)
-        code, _ = filters.outcomes(self.live, items)
+        code, _, _ = filters.outcomes(self.live, items)
         valid, seen_items = [], set()
         for p, c in zip(self.rules.pins, code.tolist(), strict=True):
             if c == KEPT and p.item not in seen_items and p.position <= self.req.k:
@@ -744,7 +732,7 @@ class Engine:
         return valid
 
     def _trace_candidates(
-        self, pool, code, blocked_by, keep, ranked_rows, chosen_rows, capped, returned, pins
+        self, pool, code, blocked_by, ranked_rows, chosen_rows, capped, returned, pins
     ) -> None:
         rank_of = {row: r for r, row in enumerate(ranked_rows.tolist())}
         chosen = set(chosen_rows)

@@ -17,13 +17,14 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 from recsys.snapshot import Snapshot, SnapshotError, SnapshotStore, open_snapshot
 from recsys.snapshot.format import CURRENT
+from serving import kernels
 from serving.metrics import Metrics
 from serving.tenant_store import valid_tenant
 
@@ -32,10 +33,6 @@ log = logging.getLogger("recsys.serving")
 #: Item id strings kept per worker and snapshot (~70 bytes each): decoding ids from the mapped
 #: byte array costs about a microsecond each, a dict hit a tenth of that.
 ID_CACHE_SIZE = 200_000
-
-#: Per worker and snapshot, bytes of bool[n_items] tag masks (most common tags first): a mask
-#: answers "which of these candidates carry the tag" with one gather instead of a binary search.
-TAG_MASK_BUDGET_BYTES = 32 << 20
 
 
 class LiveSnapshot:
@@ -54,7 +51,7 @@ class LiveSnapshot:
         self.category_id = np.asarray(snap.category_id)
         self.brand_id = np.asarray(snap.brand_id)
         # Tag CSR (offsets int64[n_items+1], ids int32[]): the reader exposes tags per item only;
-        # the engine needs the whole table to gather tags of 200 candidates in a few numpy ops.
+        # the engine's kernels read the whole table.
         self.tag_offsets = np.asarray(getattr(snap, "item_tags_offsets", snap._tags_off))
         self.tag_ids = np.asarray(getattr(snap, "item_tags_ids", snap._tags_id))
         models = snap.manifest.get("models") or {}
@@ -63,114 +60,27 @@ class LiveSnapshot:
         self.algo_version = f"{name}@{version}" if name else f"snapshot@{snap.snapshot_id}"
         self.compiled: OrderedDict[Any, Any] = OrderedDict()  # rules-engine cache (bounded)
         self.n_tags = len(snap.tags)
-        self._scratch = threading.local()
         # Item id strings by index (a list: cheaper than a dict to look up; 8 bytes per item
         # plus the strings decoded so far, at most ID_CACHE_SIZE of them).
         self._id_cache: list[str | None] = [None] * snap.n_items
         self._id_cached = 0
         self._index_cache: dict[str, int | None] = {}
-        self._tag_items: np.ndarray | None = None
-        self._tag_items_off: np.ndarray | None = None
-        self._tag_masks: dict[int, np.ndarray] = {}
         self.fallback_names = frozenset(snap.fallback_names)
-        # bool[n_items] (private, n_items bytes): one gather answers "unavailable?" for a request.
-        self.unavailable = ~self.available
-        self.any_unavailable = bool(self.unavailable.any())
-
-    def prepare(self, tag_mask_budget_bytes: int = TAG_MASK_BUDGET_BYTES) -> None:
-        """Build the per-worker structures the engine reads, before the snapshot is swapped in:
-        the inverted tag index, and one bool[n_items] mask per tag for the most common tags
-        (as many as fit in `tag_mask_budget_bytes`; other tags use the inverted index)."""
-        tag_items, off = self._tag_index()
-        n_items = self.snap.n_items
-        if not n_items:
-            return
-        sizes = np.diff(off)
-        masks: dict[int, np.ndarray] = {}
-        for tag in np.argsort(-sizes, kind="stable")[: tag_mask_budget_bytes // n_items].tolist():
-            if not sizes[tag]:
-                break
-            mask = np.zeros(n_items, dtype=bool)
-            mask[tag_items[off[tag] : off[tag + 1]]] = True
-            masks[tag] = mask
-        self._tag_masks = masks
-
-    def _tag_index(self) -> tuple[np.ndarray, np.ndarray]:
-        """Inverted tag table (tag -> sorted item indices), built once per worker on first use
-        (~12 bytes per item-tag pair; the snapshot stores only item -> tags)."""
-        if self._tag_items is None:
-            off, ids = self.tag_offsets, self.tag_ids
-            owner = np.repeat(np.arange(off.shape[0] - 1, dtype=np.int32), np.diff(off))
-            order = np.argsort(ids, kind="stable")
-            items_off = np.zeros(self.n_tags + 1, dtype=np.int64)
-            np.cumsum(np.bincount(ids, minlength=self.n_tags), out=items_off[1:])
-            self._tag_items_off = items_off
-            self._tag_items = owner[order]  # sorted by item within each tag (stable sort)
-        return self._tag_items, self._tag_items_off
+        # bool[n_items] of unavailable items (private, n_items bytes), or empty when every item
+        # is available (the engine then skips the check).
+        unavailable = ~self.available
+        self.unavailable_or_empty = unavailable if unavailable.any() else np.zeros(0, dtype=bool)
+        # Scratch of the compiled kernels (serving.kernels): set and cleared within one call.
+        self.marks = np.zeros(max(1, snap.n_items), dtype=np.uint8)
+        self.roles = np.zeros(max(1, self.n_tags), dtype=np.uint8)
 
     def tag_hits(self, items: np.ndarray, tag: int) -> np.ndarray:
-        """bool per entry of `items`: does the item carry tag id `tag`? (one gather from the
-        tag's mask; tags without a mask: a binary search in the inverted index)."""
-        mask = self._tag_masks.get(tag)
-        if mask is not None:
-            return mask.take(items)  # (take/put: ~0.5 us cheaper than [] with int32 indices)
-        tag_items, off = self._tag_index()
-        having = tag_items[off[tag] : off[tag + 1]]
-        if not having.shape[0]:
-            return np.zeros(items.shape[0], dtype=bool)
-        pos = having.searchsorted(items)
-        pos.clip(0, having.shape[0] - 1, out=pos)
-        return having[pos] == items
-
-    def _masks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        scratch = self._scratch
-        masks = getattr(scratch, "masks", None)
-        if masks is None:
-            # One all-False bool[n_items] and bool[n_tags] and an all-zero uint8[n_items] per
-            # thread, allocated once: membership tests set the few entries they need and clear
-            # them again (np.isin sorts instead).
-            masks = scratch.masks = (
-                np.zeros(self.snap.n_items, dtype=bool),
-                np.zeros(max(1, self.n_tags), dtype=bool),
-                np.zeros(self.snap.n_items, dtype=np.uint8),
-            )
-        return masks
-
-    def list_codes(
-        self, items: np.ndarray, lists: Sequence[tuple[np.ndarray, int]]
-    ) -> np.ndarray | None:
-        """uint8 per entry of `items`: the code of the last of `lists` ((item indices, code)
-        pairs) that holds it, 0 when none does; None when every list is empty. One gather for
-        all lists: give them in reverse priority."""
-        written = [(of, code) for of, code in lists if of.shape[0]]
-        if not written:
-            return None
-        codes = self._masks()[2]
-        try:
-            for of, code in written:
-                codes.put(of, code)
-            return codes.take(items)
-        finally:
-            for of, _ in written:
-                codes.put(of, 0)
+        """bool per entry of `items` (int32 item indices): does the item carry tag id `tag`?"""
+        return kernels.tag_hits(items, self.tag_offsets, self.tag_ids, tag)
 
     def item_member(self, items: np.ndarray, of: np.ndarray) -> np.ndarray:
-        """bool per entry of `items`: is it one of the item indices `of`?"""
-        mask = self._masks()[0]
-        mask.put(of, True)
-        try:
-            return mask.take(items)
-        finally:
-            mask.put(of, False)
-
-    def tag_member(self, tags: np.ndarray, of: np.ndarray) -> np.ndarray:
-        """bool per entry of `tags`: is it one of the tag ids `of`?"""
-        mask = self._masks()[1]
-        mask.put(of, True)
-        try:
-            return mask.take(tags)
-        finally:
-            mask.put(of, False)
+        """bool per entry of `items`: is it one of the item indices `of` (both int32)?"""
+        return kernels.is_member(items, of, self.marks)
 
     def item_index(self, item_id: str) -> int | None:
         """Row of an item id (memoized per worker, like `item_ids`)."""
@@ -273,7 +183,6 @@ class TenantSnapshots:
                 snap.user_candidates(0)
                 snap.user_seen(0)
             loaded = LiveSnapshot(snap)
-            loaded.prepare()  # build before the swap, not inside the first ranked request
         except (SnapshotError, OSError, ValueError, KeyError, IndexError) as e:
             self.last_error = f"{sid}: {e}"
             log.error("refusing snapshot %s of tenant %s: %s", sid, self.tenant, e)
