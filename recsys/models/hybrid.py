@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from recsys.models.data import Dataset, _lookup, build_dataset, temporal_split
 from recsys.models.ease import EASERecommender
 from recsys.models.lightfm_model import LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
+from recsys.models.threads import in_thread, single_threaded_blas
 from recsys.models.trees import TreeEnsemble
 
 #: Candidate generators, in feature order. "category" is popularity by category affinity.
@@ -307,44 +309,59 @@ def fit_eval_and_final(
       test window's newest interactions. So the published ranker learns from the newest data,
       and S2 serves twice instead of fitting a fourth set on all-but-the-newest events. When
       the test window has too few positives, R2 falls back to R1.
+
+    S2 and S3 need only the chosen configuration: once it is known, each is fitted in a thread
+    of its own while R1 and then R2 train (on two cores the step takes about the time of its
+    longest chain instead of the sum; the models are the same as fitted one after another).
     """
     eval_cfg = HybridConfig.from_dict(config.to_dict())
     eval_cfg.include_catalog_items = False
     split = temporal_split(events, test_fraction)
-    eval_model = HybridRecommender(eval_cfg).fit(split.train, items, users)
+    final: dict[str, Any] = {}
 
-    final_cfg = HybridConfig.from_dict(eval_model.config.to_dict())  # the chosen values
-    final_cfg.include_catalog_items = config.include_catalog_items
-    final_cfg.tune = {}
-    final = HybridRecommender(final_cfg)
-    t0 = time.perf_counter()
-    info: dict[str, Any] = {"ranker_from": "eval", "evaluated_config_from": "eval"}
-    gens2 = eval_model.generators_
-    holdout = (
-        build_holdout(eval_model.data_, split.train, split.test, final_cfg.weights)
-        if split.test.height and eval_model.ranker_ is not None
-        else Holdout(np.zeros(0, np.int64), [])
-    )
-    ranker = None
-    if holdout.n_pairs >= final_cfg.min_ranker_positives:
-        ranker, rinfo = train_ranker(gens2, eval_model.side_, eval_model.data_, holdout, final_cfg)
-        info.update(rinfo)
-        info["ranker_label_users"], info["ranker_label_pairs"] = holdout.n_users, holdout.n_pairs
-    if ranker is not None:
-        info["ranker_from"] = "test window (newest)"
-    else:
-        ranker = eval_model.ranker_
-        info["ranker_skipped"] = eval_model.info.get("ranker_skipped")
-    final.ranker_ = ranker
-    info["ranker_seconds"] = time.perf_counter() - t0
-    data = final._dataset(events, items, users)
-    generators, skipped, seconds = fit_generators(data, final_cfg)
+    def fit_final_generators(chosen: HybridConfig) -> None:
+        cfg = HybridConfig.from_dict(chosen.to_dict())
+        cfg.include_catalog_items = config.include_catalog_items
+        cfg.tune = {}
+        final["model"] = HybridRecommender(cfg)
+        final["generators"] = in_thread(final["model"]._fit_generators, events, items, users)
+
+    with single_threaded_blas():
+        eval_model = HybridRecommender(eval_cfg).fit(
+            split.train, items, users, on_config=fit_final_generators
+        )
+        model = final["model"]
+        final_cfg = model.config
+        t0 = time.perf_counter()
+        info: dict[str, Any] = {"ranker_from": "eval", "evaluated_config_from": "eval"}
+        gens2 = eval_model.generators_
+        holdout = (
+            build_holdout(eval_model.data_, split.train, split.test, final_cfg.weights)
+            if split.test.height and eval_model.ranker_ is not None
+            else Holdout(np.zeros(0, np.int64), [])
+        )
+        ranker = None
+        if holdout.n_pairs >= final_cfg.min_ranker_positives:
+            ranker, rinfo = train_ranker(
+                gens2, eval_model.side_, eval_model.data_, holdout, final_cfg
+            )
+            info.update(rinfo)
+            info["ranker_label_users"] = holdout.n_users
+            info["ranker_label_pairs"] = holdout.n_pairs
+        if ranker is not None:
+            info["ranker_from"] = "test window (newest)"
+        else:
+            ranker = eval_model.ranker_
+            info["ranker_skipped"] = eval_model.info.get("ranker_skipped")
+        model.ranker_ = ranker
+        info["ranker_seconds"] = time.perf_counter() - t0
+        data, generators, skipped, seconds = final["generators"].result()
     info["generators_skipped"], info["generator_seconds"] = skipped, seconds
     for k in ("tuning", "lightfm_early_stopping"):
         if k in eval_model.info:
             info[k] = eval_model.info[k]
-    final._assemble(generators, data, info)
-    return eval_model, final
+    model._assemble(generators, data, info)
+    return eval_model, model
 
 
 def popularity_only(
@@ -620,59 +637,69 @@ class HybridRecommender:
         events: pl.DataFrame,
         items: pl.DataFrame | None = None,
         users: pl.DataFrame | None = None,
-        generators: dict[str, Recommender] | None = None,
-        data: Dataset | None = None,
+        on_config: Callable[[HybridConfig], None] | None = None,
     ) -> HybridRecommender:
         """Train the ranker on the newest window, then refit generators on all `events`.
 
         Generators fitted on the older part propose candidates for the newest
         ``validation_fraction`` (the label window); tuning grids and LightFM's epoch count are
-        chosen there too (only when no ``generators`` are passed). Pass already fitted
-        ``generators`` (and their ``data``) to skip the final refit.
+        chosen there too. Once they are, the refit on all events needs nothing more from the
+        window, so it runs in a thread beside the ranker's training (LightFM, the sparse
+        products and the tree fit release the GIL: two cores are used; the models are the
+        same as one after the other). `on_config` is called with the chosen configuration
+        at that point, for more work that needs only it.
         """
         c = self.config
         t0 = time.perf_counter()
-        split = temporal_split(events, 0.0, c.validation_fraction)
-        info: dict[str, Any] = {
-            "ranker_events_fit": split.fit.height,
-            "ranker_events_label": split.validation.height,
-        }
-        fit_data = self._dataset(split.fit, items, users)
-        holdout = (
-            build_holdout(fit_data, split.fit, split.validation, c.weights)
-            if split.validation.height
-            else Holdout(np.zeros(0, np.int64), [])
-        )
-        info["ranker_label_users"], info["ranker_label_pairs"] = holdout.n_users, holdout.n_pairs
-        skip = (
-            too_little_data(fit_data, c)
-            if fit_data.n_users
-            else "no events before the label window"
-        )
-        if skip is None and holdout.n_pairs < c.min_ranker_positives:
-            skip = (
-                f"{holdout.n_pairs} label pair(s) in the validation window "
-                f"< min_ranker_positives={c.min_ranker_positives}"
+        with single_threaded_blas():
+            split = temporal_split(events, 0.0, c.validation_fraction)
+            info: dict[str, Any] = {
+                "ranker_events_fit": split.fit.height,
+                "ranker_events_label": split.validation.height,
+            }
+            fit_data = self._dataset(split.fit, items, users)
+            holdout = (
+                build_holdout(fit_data, split.fit, split.validation, c.weights)
+                if split.validation.height
+                else Holdout(np.zeros(0, np.int64), [])
             )
-        if skip is None:
-            gens, chosen = fit_window_generators(fit_data, holdout, c, tune=generators is None)
-            info.update(chosen)
-            side = SideFeatures.from_data(fit_data, gens["popularity"])
-            ranker, rinfo = train_ranker(gens, side, fit_data, holdout, c)
-            info.update(rinfo)
-            self.ranker_ = ranker
-            if ranker is None:
-                skip = rinfo.get("ranker_skipped")
-        info["ranker_skipped"] = skip
-        info["ranker_seconds"] = time.perf_counter() - t0
-        # REFIT on everything
-        if generators is None:
-            data = self._dataset(events, items, users)
-            generators, skipped, seconds = fit_generators(data, c)
-            info["generators_skipped"], info["generator_seconds"] = skipped, seconds
-        elif data is None:
-            raise ValueError("pass the Dataset the generators were fitted on")
+            info["ranker_label_users"] = holdout.n_users
+            info["ranker_label_pairs"] = holdout.n_pairs
+            skip = (
+                too_little_data(fit_data, c)
+                if fit_data.n_users
+                else "no events before the label window"
+            )
+            if skip is None and holdout.n_pairs < c.min_ranker_positives:
+                skip = (
+                    f"{holdout.n_pairs} label pair(s) in the validation window "
+                    f"< min_ranker_positives={c.min_ranker_positives}"
+                )
+            gens = None
+            if skip is None:
+                gens, chosen = fit_window_generators(fit_data, holdout, c)
+                info.update(chosen)
+            # the configuration is final from here on
+            if on_config is not None:
+                on_config(c)
+            refit = in_thread(self._fit_generators, events, items, users)
+            if gens is not None:
+                side = SideFeatures.from_data(fit_data, gens["popularity"])
+                ranker, rinfo = train_ranker(gens, side, fit_data, holdout, c)
+                info.update(rinfo)
+                self.ranker_ = ranker
+                if ranker is None:
+                    skip = rinfo.get("ranker_skipped")
+            info["ranker_skipped"] = skip
+            info["ranker_seconds"] = time.perf_counter() - t0
+            data, generators, skipped, seconds = refit.result()
+        info["generators_skipped"], info["generator_seconds"] = skipped, seconds
         return self._assemble(generators, data, info)
+
+    def _fit_generators(self, events, items, users):
+        """(Dataset of `events`, every generator fitted on it, skipped, seconds)."""
+        data = self._dataset(events, items, users)
+        return (data, *fit_generators(data, self.config))
 
     def _assemble(
         self, generators: dict[str, Recommender], data: Dataset, info: dict[str, Any]

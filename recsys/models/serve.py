@@ -30,6 +30,7 @@ from recsys.models.hybrid import (
     HybridRecommender,
     build_candidates,
 )
+from recsys.models.threads import single_threaded_blas
 
 __all__ = [
     "REASON_CODES",
@@ -165,15 +166,18 @@ def serve_top_n(
         return part, tops
 
     starts_ = range(0, len(user_idx), batch_size)
-    if workers > 1 and len(starts_) > 1:
-        # numpy, scipy and the tree predictor release the GIL in their heavy loops: two
-        # batches at a time use both cores; results are joined in batch order (deterministic)
-        from concurrent.futures import ThreadPoolExecutor
+    # one BLAS thread, like the fit: the same LightFM products as the ranker learned on, and
+    # no BLAS threads contending with ours
+    with single_threaded_blas():
+        if workers > 1 and len(starts_) > 1:
+            # numpy, scipy and the tree predictor release the GIL in their heavy loops: two
+            # batches at a time use both cores; results are joined in batch order
+            from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(one_batch, starts_))
-    else:
-        results = [one_batch(start) for start in starts_]
+            with ThreadPoolExecutor(workers) as pool:
+                results = list(pool.map(one_batch, starts_))
+        else:
+            results = [one_batch(start) for start in starts_]
     parts = [p for p, _ in results]
     if generator_lists is not None:
         for _, tops in results:

@@ -8,9 +8,10 @@ from synthetic_events import cluster_events, cluster_items
 from recsys.models.cooccurrence import cap_user_history, prune_rows
 from recsys.models.data import build_dataset
 from recsys.models.ease import EASERecommender
-from recsys.models.hybrid import HybridConfig, fit_eval_and_final
+from recsys.models.hybrid import HybridConfig, fit_eval_and_final, fit_generators
 from recsys.models.lightfm_model import LightFMRecommender
 from recsys.models.serve import serve_top_n
+from recsys.models.threads import single_threaded_blas
 from recsys.models.trees import TreeEnsemble
 
 FAST = dict(
@@ -114,9 +115,30 @@ def test_lightfm_max_updates_bounds_epochs():
 
 
 @pytest.fixture(scope="module")
-def eval_and_final():
+def cluster_data():
     events = cluster_events(np.random.default_rng(5), n_users=120, n_items=40, per_user=12)
-    return fit_eval_and_final(events, cluster_items(40), None, HybridConfig(**FAST), 0.2)
+    return events, cluster_items(40)
+
+
+@pytest.fixture(scope="module")
+def eval_and_final(cluster_data):
+    events, items = cluster_data
+    return fit_eval_and_final(events, items, None, HybridConfig(**FAST), 0.2)
+
+
+def test_fits_in_threads_equal_a_fit_one_after_the_other(cluster_data, eval_and_final):
+    events, items = cluster_data
+    _, final = eval_and_final
+    _, again = fit_eval_and_final(events, items, None, HybridConfig(**FAST), 0.2)
+    with single_threaded_blas():
+        sequential, _, _ = fit_generators(build_dataset(events, items), final.config)
+    assert sorted(final.generators_) == sorted(sequential)
+    for name, model in final.generators_.items():
+        for key, value in model._arrays().items():
+            np.testing.assert_array_equal(value, sequential[name]._arrays()[key])
+            np.testing.assert_array_equal(value, again.generators_[name]._arrays()[key])
+    for key, value in final.ranker_.to_arrays().items():
+        np.testing.assert_array_equal(value, again.ranker_.to_arrays()[key])
 
 
 def test_eval_and_final_share_the_evaluated_configuration(eval_and_final):
