@@ -16,8 +16,8 @@ import polars as pl
 
 from recsys.evaluation.metrics import (
     PER_USER_METRICS,
-    bootstrap_ci,
-    catalog_coverage,
+    bootstrap_cis,
+    coverage_ci,
     mean_popularity_percentile,
 )
 from recsys.models.data import Dataset, holdout_pairs
@@ -69,48 +69,6 @@ def build_holdout(
     )
 
 
-def evaluate_lists(
-    recommended: np.ndarray,
-    holdout: Holdout,
-    n_items: int,
-    item_popularity: np.ndarray,
-    n_resamples: int = 1000,
-    seed: int = 0,
-) -> dict[str, float]:
-    """All metrics (with CI) of one model's lists, aligned with ``holdout.user_idx``."""
-    row: dict[str, float] = {}
-    for label, fn in PER_USER_METRICS.items():
-        est = bootstrap_ci(fn(recommended, holdout.relevant), n_resamples, seed=seed)
-        row[label], row[f"{label}_low"], row[f"{label}_high"] = est.value, est.low, est.high
-    # Coverage belongs to the whole set of lists, and resampling users with replacement shrinks
-    # it (fewer distinct users), so the bootstrap spread is re-centred on the estimate.
-    rng = np.random.default_rng(seed)
-    cov = catalog_coverage(recommended, n_items, 10)
-    n = len(recommended)
-    boots = (
-        np.array(
-            [catalog_coverage(recommended[rng.integers(0, n, n)], n_items, 10) for _ in range(200)]
-        )
-        if n
-        else np.array([np.nan])
-    )
-    shift = cov - float(np.mean(boots))
-    row["Coverage@10"], row["Coverage@10_low"], row["Coverage@10_high"] = (
-        cov,
-        float(np.quantile(boots, 0.025)) + shift,
-        float(np.quantile(boots, 0.975)) + shift,
-    )
-    est = bootstrap_ci(
-        mean_popularity_percentile(recommended, item_popularity, 10), n_resamples, seed=seed
-    )
-    row["PopPercentile@10"], row["PopPercentile@10_low"], row["PopPercentile@10_high"] = (
-        est.value,
-        est.low,
-        est.high,
-    )
-    return row
-
-
 def evaluation_table(
     lists: Mapping[str, np.ndarray],
     holdout: Holdout,
@@ -119,11 +77,28 @@ def evaluation_table(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> pl.DataFrame:
-    """One row per model: every metric and its bootstrap CI (``<metric>_low`` / ``_high``)."""
+    """One row per model: every metric and its bootstrap CI (``<metric>_low`` / ``_high``).
+
+    Every per-user metric of every model is resampled with the same seeded draws, in one
+    pass (:func:`~recsys.evaluation.metrics.bootstrap_cis`); coverage, a property of the whole
+    set of lists, has its own (:func:`~recsys.evaluation.metrics.coverage_ci`).
+    """
+    labels = (*PER_USER_METRICS, "PopPercentile@10")
+    columns = []
+    for rec in lists.values():
+        columns += [fn(rec, holdout.relevant) for fn in PER_USER_METRICS.values()]
+        columns.append(mean_popularity_percentile(rec, item_popularity, 10))
+    per_user = np.column_stack(columns) if columns else np.zeros((holdout.n_users, 0))
+    estimates = bootstrap_cis(per_user, n_resamples, seed=seed)
     rows = []
-    for name, rec in lists.items():
-        row = {"model": name, "users": holdout.n_users}
-        row.update(evaluate_lists(rec, holdout, n_items, item_popularity, n_resamples, seed))
+    for m, (name, rec) in enumerate(lists.items()):
+        row: dict = {"model": name, "users": holdout.n_users}
+        mine = estimates[m * len(labels) : (m + 1) * len(labels)]
+        found = dict(zip(labels, mine, strict=True))
+        found["Coverage@10"] = coverage_ci(rec, n_items, 10, seed=seed)
+        for label in METRIC_LABELS:
+            est = found[label]
+            row[label], row[f"{label}_low"], row[f"{label}_high"] = est.value, est.low, est.high
         rows.append(row)
     return pl.DataFrame(rows)
 

@@ -24,10 +24,11 @@ def hits_matrix(recommended: np.ndarray, relevant: Sequence[np.ndarray]) -> np.n
     # encode (user, item) as one int64 and test membership in one vectorized call
     rel_items = np.concatenate([np.asarray(r, np.int64) for r in relevant])
     width = int(max(recommended.max(initial=0), rel_items.max(initial=0))) + 2
-    rel_codes = np.repeat(np.arange(n), lens) * width + rel_items
+    rel_codes = np.sort(np.repeat(np.arange(n), lens) * width + rel_items)
     rec_codes = np.arange(n)[:, None] * width + recommended.astype(np.int64)
-    out = np.isin(rec_codes, rel_codes)
-    return out & (recommended >= 0)
+    # membership by binary search in the sorted codes (np.isin would sort both sides)
+    found = rel_codes[np.minimum(np.searchsorted(rel_codes, rec_codes), len(rel_codes) - 1)]
+    return (found == rec_codes) & (recommended >= 0)
 
 
 def _n_relevant(relevant: Sequence[np.ndarray]) -> np.ndarray:
@@ -97,6 +98,48 @@ def catalog_coverage(recommended: np.ndarray, n_items: int, k: int = 10) -> floa
     return float(shown.sum() / n_items)
 
 
+def coverage_ci(
+    recommended: np.ndarray,
+    n_items: int,
+    k: int = 10,
+    n_resamples: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """Catalog coverage of the top k with a bootstrap CI over users (seeded).
+
+    Coverage belongs to the whole set of lists, and resampling users with replacement shrinks
+    it (fewer distinct users), so the bootstrap spread is re-centred on the estimate. The
+    resamples are counted in one sparse product (items x users times users x resamples)
+    instead of one coverage per resample.
+    """
+    top = np.asarray(recommended)[:, :k]
+    value = catalog_coverage(top, n_items, k)
+    n = len(top)
+    if not n or not n_items:
+        return Estimate(value, float("nan"), float("nan"))
+    import scipy.sparse as sp
+
+    draws = _resample_index(seed, n, n_resamples)
+    users, ranks = np.nonzero(top >= 0)
+    # item x user: in that user's top k (a repeated item sums; only > 0 is read)
+    shown = sp.csr_matrix((np.ones(len(users)), (top[users, ranks], users)), shape=(n_items, n))
+    boots = np.empty(n_resamples)
+    step = max(1, 2_000_000 // max(n, n_items))  # resamples per block: ~16 MB at a time
+    for start in range(0, n_resamples, step):
+        block = draws[start : start + step]
+        picked = np.zeros((n, len(block)))  # user x resample: drawn at least once
+        picked[block.ravel(), np.repeat(np.arange(len(block)), n)] = 1.0
+        boots[start : start + len(block)] = ((shown @ picked) > 0).sum(axis=0) / n_items
+    shift = value - float(np.mean(boots))
+    alpha = (1 - confidence) / 2
+    return Estimate(
+        value,
+        float(np.quantile(boots, alpha)) + shift,
+        float(np.quantile(boots, 1 - alpha)) + shift,
+    )
+
+
 def popularity_percentile(item_popularity: np.ndarray) -> np.ndarray:
     """Per item, the share of catalog items strictly less popular (0 = least, ~1 = most)."""
     pop = np.asarray(item_popularity, dtype=np.float64)
@@ -124,36 +167,71 @@ class Estimate:
     high: float
 
 
-_RESAMPLES: dict[tuple[int, int, int], np.ndarray] = {}
+_RESAMPLES: dict[tuple[int, int], np.ndarray] = {}
 
 
 def _resample_index(seed: int, size: int, n_resamples: int) -> np.ndarray:
-    """The seeded (n_resamples, size) resample indices; an evaluation table asks for the same
-    ones for every metric and model, so the last draw is kept (when it is not huge)."""
-    key = (seed, size, n_resamples)
-    idx = _RESAMPLES.get(key)
-    if idx is None:
-        idx = np.random.default_rng(seed).integers(0, size, size=(n_resamples, size))
-        _RESAMPLES.clear()
-        if idx.size <= 20_000_000:  # at most 160 MB kept
-            idx.setflags(write=False)
-            _RESAMPLES[key] = idx
+    """The seeded (n_resamples, size) resample indices. An evaluation table asks for the same
+    ones for every metric and model, so the last draw is kept (when it is not huge); fewer
+    resamples of the same seed and size are its first rows (the generator draws them first)."""
+    idx = _RESAMPLES.get((seed, size))
+    if idx is not None and len(idx) >= n_resamples:
+        return idx[:n_resamples]
+    idx = np.random.default_rng(seed).integers(0, size, size=(n_resamples, size))
+    _RESAMPLES.clear()
+    if idx.size <= 20_000_000:  # at most 160 MB kept
+        idx.setflags(write=False)
+        _RESAMPLES[(seed, size)] = idx
     return idx
 
 
 def bootstrap_ci(
     per_user: np.ndarray, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> Estimate:
-    """Mean of `per_user` with a percentile bootstrap CI over users (seeded)."""
-    x = np.asarray(per_user, dtype=np.float64)
-    x = x[~np.isnan(x)]
-    if x.size == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"))
-    means = x[_resample_index(seed, x.size, n_resamples)].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return Estimate(
-        float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
-    )
+    """Mean of `per_user` with a percentile bootstrap CI over users (seeded); NaN values are
+    left out."""
+    x = np.asarray(per_user, dtype=np.float64)[:, None]
+    return bootstrap_cis(x, n_resamples, confidence, seed)[0]
+
+
+def bootstrap_cis(
+    columns: np.ndarray, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> list[Estimate]:
+    """:func:`bootstrap_ci` of each column of `columns` (users x values), with the same draws.
+
+    The resample means of all columns come from one product of the draws' counts (resamples x
+    users) with the columns, instead of gathering every column once per resample. A column
+    with NaN values is resampled over its other values (its own draws, as alone).
+    """
+    x = np.asarray(columns, dtype=np.float64)
+    out: list[Estimate | None] = [None] * x.shape[1]
+    nan = np.isnan(x).any(axis=0)
+    for j in np.flatnonzero(nan):
+        kept = x[~np.isnan(x[:, j]), j]
+        out[j] = bootstrap_cis(kept[:, None], n_resamples, confidence, seed)[0]
+    full = np.flatnonzero(~nan)
+    if len(full) and not len(x):
+        for j in full:
+            out[j] = Estimate(float("nan"), float("nan"), float("nan"))
+    elif len(full):
+        from threadpoolctl import threadpool_limits
+
+        n = len(x)
+        draws = _resample_index(seed, n, n_resamples)
+        means = np.empty((n_resamples, len(full)))
+        step = max(1, 2_000_000 // n)  # resamples per block: counts of ~16 MB at a time
+        with threadpool_limits(limits=1, user_api="blas"):  # the same sums whatever the host
+            for start in range(0, n_resamples, step):
+                block = draws[start : start + step]
+                rows = np.repeat(np.arange(len(block)), n) * n
+                counts = np.bincount(rows + block.ravel(), minlength=len(block) * n)
+                means[start : start + len(block)] = counts.reshape(len(block), n) @ x[:, full]
+        means /= n
+        alpha = (1 - confidence) / 2
+        low, high = np.quantile(means, [alpha, 1 - alpha], axis=0)
+        for c, j in enumerate(full):
+            out[j] = Estimate(float(x[:, j].mean()), float(low[c]), float(high[c]))
+    return out  # type: ignore[return-value]
 
 
 #: label -> per-user metric function (recommended, relevant) -> per-user values

@@ -59,3 +59,31 @@ def test_bootstrap_ci_is_seeded_and_brackets_mean(rng):
     assert a.value == pytest.approx(x.mean())
     c = m.bootstrap_ci(np.full(10, 0.5))
     assert c.low == c.value == c.high == 0.5
+
+
+def test_bootstrap_cis_match_resampling_each_column(rng):
+    x = rng.random((300, 4))
+    x[rng.random(300) < 0.1, 2] = np.nan  # a column with missing values: resampled without them
+    got = m.bootstrap_cis(x, n_resamples=500, seed=7)
+    for j, est in enumerate(got):
+        col = x[~np.isnan(x[:, j]), j]
+        idx = np.random.default_rng(7).integers(0, len(col), size=(500, len(col)))
+        means = col[idx].mean(axis=1)
+        assert est.value == pytest.approx(col.mean(), abs=1e-15)
+        assert est.low == pytest.approx(np.quantile(means, 0.025), abs=1e-12)
+        assert est.high == pytest.approx(np.quantile(means, 0.975), abs=1e-12)
+        alone = m.bootstrap_ci(x[:, j], n_resamples=500, seed=7)
+        assert (alone.low, alone.high) == pytest.approx((est.low, est.high), abs=1e-12)
+
+
+def test_coverage_ci_matches_covering_each_resample(rng):
+    rec = rng.integers(-1, 60, size=(80, 12))
+    got = m.coverage_ci(rec, 60, 10, n_resamples=200, seed=3)
+    draws = np.random.default_rng(3)
+    boots = np.array(
+        [m.catalog_coverage(rec[draws.integers(0, 80, 80)], 60, 10) for _ in range(200)]
+    )
+    shift = m.catalog_coverage(rec, 60, 10) - boots.mean()
+    assert got.value == m.catalog_coverage(rec, 60, 10)
+    assert got.low == pytest.approx(np.quantile(boots, 0.025) + shift, abs=1e-12)
+    assert got.high == pytest.approx(np.quantile(boots, 0.975) + shift, abs=1e-12)
