@@ -23,6 +23,7 @@ import errno
 import os
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -30,10 +31,51 @@ from datetime import datetime
 
 from gunicorn import http, sock, util
 from gunicorn.http import wsgi
+from gunicorn.http.body import LengthReader
 from gunicorn.workers import base
 
 #: Seconds a thread waits in accept() before it looks at `alive` again.
 _ACCEPT_POLL_S = 1.0
+
+
+class _OneSendResponse(wsgi.Response):
+    """gunicorn's response, with the status line and headers held back until the first body
+    bytes: a small response leaves in one send() and one TCP segment instead of two (a
+    syscall and a wake-up of the client fewer)."""
+
+    _head: bytes | None = None
+
+    def send_headers(self) -> None:
+        if self.headers_sent:
+            return
+        lines = self.default_headers()
+        lines.extend([f"{k}: {v}\r\n" for k, v in self.headers])
+        self._head = ("".join(lines) + "\r\n").encode("latin-1")
+        self.headers_sent = True
+
+    def _flush_head(self) -> None:
+        head, self._head = self._head, None
+        if head:
+            self.sock.sendall(head)
+
+    def _emit_body(self, data: bytes) -> None:
+        head, self._head = self._head, None
+        if head and not self.chunked:
+            self.sock.sendall(head + data)
+            return
+        if head:
+            self.sock.sendall(head)
+        super()._emit_body(data)
+
+    def sendfile(self, respiter) -> bool:
+        self.send_headers()
+        self._flush_head()  # sendfile() writes to the socket itself
+        return super().sendfile(respiter)
+
+    def close(self) -> None:
+        self.send_headers()
+        self._flush_head()
+        super().close()
 
 
 class ConnectionThreadWorker(base.Worker):
@@ -78,7 +120,12 @@ class ConnectionThreadWorker(base.Worker):
                 if not self.alive:
                     return
                 raise
-            client.settimeout(self.cfg.keepalive or None)
+            # the kernel times out reads and writes (SO_RCVTIMEO/SO_SNDTIMEO: EAGAIN) on a
+            # blocking socket; a Python-level timeout would add a poll() to every recv/send
+            client.setblocking(True)
+            idle = struct.pack("ll", int(self.cfg.keepalive or 0) or 3600, 0)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, idle)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, idle)
             util.close_on_exec(client)
             self._handle(listener, client, addr)
 
@@ -93,11 +140,14 @@ class ConnectionThreadWorker(base.Worker):
                 req = next(parser)
                 if not self._handle_request(req, client, addr, server):
                     break
-                # leftover body bytes must not be read as the next request
-                if not parser.finish_body(deadline=time.monotonic() + 5.0):
+                # an unread body must not be taken for the next request: drain it, bounded
+                # (skipped when the body was read to its end: no syscalls for nothing)
+                reader = getattr(req.body, "reader", None)
+                read_to_end = isinstance(reader, LengthReader) and reader.length == 0
+                if not read_to_end and not parser.finish_body(deadline=time.monotonic() + 5.0):
                     break
                 req = None
-        except (StopIteration, TimeoutError):
+        except (StopIteration, TimeoutError, BlockingIOError):
             pass  # the client closed the connection, or it idled past --keep-alive
         except http.errors.NoMoreData as e:
             self.log.debug("Ignored premature client disconnection. %s", e)
@@ -119,7 +169,9 @@ class ConnectionThreadWorker(base.Worker):
         try:
             self.cfg.pre_request(self, req)
             request_start = datetime.now()
-            resp, environ = wsgi.create(req, client, addr, server, self.cfg)
+            resp, environ = wsgi.create(
+                req, client, addr, server, self.cfg, response_class=_OneSendResponse
+            )
             environ["wsgi.multithread"] = True
             self.nr += 1
             if self.nr >= self.max_requests and self.alive:
