@@ -37,15 +37,19 @@ def server(tmp_path):
     argv[argv.index("--keep-alive") + 1] = "1"
     env = {**os.environ, "RECSYS_DATA_ROOT": str(tmp_path), "RECSYS_JWT_SECRET": SECRET}
     proc = subprocess.Popen(argv, env=env, cwd=REPO, stderr=subprocess.PIPE)
-    deadline = time.time() + 30
-    while True:
+    deadline = time.time() + 60
+    while True:  # the port is bound before the worker has booted: wait for an answer
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                conn.close()
                 break
         except OSError:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "gunicorn did not start"
-            time.sleep(0.2)
+            pass
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "gunicorn did not start"
+        time.sleep(0.2)
     yield port, proc
     if proc.poll() is None:
         proc.kill()
