@@ -26,9 +26,12 @@ _FEEDBACK_FIELDS = frozenset(
 
 
 def _raw_body(req: falcon.Request) -> bytes:
-    if not req.content_length:
+    length = req.content_length
+    if not length:
         raise ProblemError(400, "The request needs a body.")
-    return req.bounded_stream.read()
+    # exactly Content-Length bytes of the WSGI input (the middleware has capped the length):
+    # what `req.bounded_stream` would read, without building its wrapper per request
+    return req.stream.read(length)
 
 
 def _json(req: falcon.Request) -> Any:
@@ -99,7 +102,7 @@ class EventsResource:
                 extra={"reason": result.reason},
             )
         resp.status = falcon.HTTP_201 if result.status == "accepted" else falcon.HTTP_200
-        resp.media = _result_json(result)
+        resp.data = orjson.dumps(_result_json(result))  # JSON, without the media handler
         resp.cache_control = ["no-store"]
 
     def on_post_bulk(self, req: falcon.Request, resp: falcon.Response) -> None:
