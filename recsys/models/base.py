@@ -89,10 +89,17 @@ class Recommender(ABC):
     @abstractmethod
     def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None: ...
 
-    def candidate_columns(self, n_candidates: int, n_excluded: int) -> np.ndarray | None:
-        """Sorted item indices that hold every user's top `n_candidates` once at most
-        `n_excluded` items per user are masked out, or None (any item may). Lets candidate
-        generation select the top over a few columns instead of the whole catalog."""
+    def candidate_columns(
+        self, n_candidates: int, seen: sp.csr_matrix, unavailable: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Where the top `n_candidates` of a batch of users lie, or None (anywhere).
+
+        `seen` holds the batch's rows of masked items and `unavailable` the items masked for
+        everyone. Returns sorted item indices ``columns`` that hold each user's top, unless a
+        ``frontier`` item (none: never) scores at least that user's last candidate: every
+        item outside the columns scores at most the best of the frontier. Lets candidate
+        generation select the top over a few columns instead of the whole catalog.
+        """
         return None
 
     def fit(self, data: Dataset) -> Self:

@@ -80,9 +80,9 @@ class EASERecommender(Recommender):
             out[:, self.items_] = self._xs()[user_idx] @ self.b_
         return out
 
-    def candidate_columns(self, n_candidates: int, n_excluded: int) -> np.ndarray | None:
+    def candidate_columns(self, n_candidates, seen, unavailable):
         """Only the modelled items score above -inf."""
-        return self.items_
+        return self.items_, self.items_[:0]
 
     def _xs(self):
         """User histories restricted to the modelled items (computed once, then cached)."""

@@ -501,21 +501,26 @@ def build_candidates(
     dense: dict[str, np.ndarray] = {}
     tops: dict[str, np.ndarray] = {}
     codes = []
-    n_excluded = int(np.diff(seen[user_idx].indptr).max(initial=0)) + int(unavailable.sum())
+    seen_rows = seen[user_idx]
     for name, model in generators.items():
         s = model.score(user_idx)
-        mask_rows(s, seen, user_idx)
+        mask_rows(s, seen_rows, np.arange(b))
         s[:, unavailable] = -np.inf
-        cols = model.candidate_columns(n_candidates, n_excluded)
-        if cols is None:
+        found = model.candidate_columns(n_candidates, seen_rows, unavailable)
+        if found is None:
             idx, val = top_k(s, n_candidates)
         else:  # the top lies in a few known columns: select there (same order, same ties)
+            cols, frontier = found
             sub, val = top_k(s[:, cols], n_candidates)
             idx = cols[sub]
             if idx.shape[1] < n_candidates:  # fewer columns than candidates: pad
                 pad = n_candidates - idx.shape[1]
                 idx = np.pad(idx, ((0, 0), (0, pad)))
                 val = np.pad(val, ((0, 0), (0, pad)), constant_values=-np.inf)
+            if len(frontier):  # users whose top may reach outside the columns: all of them
+                redo = np.flatnonzero(s[:, frontier].max(axis=1) >= val[:, -1])
+                if len(redo):
+                    idx[redo], val[redo] = top_k(s[redo], n_candidates)
         ok = np.isfinite(val)
         dense[name], tops[name] = s, np.where(ok, idx, -1)
         codes.append((np.repeat(np.arange(b), idx.shape[1]) * n_items + idx.ravel())[ok.ravel()])

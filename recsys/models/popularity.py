@@ -82,17 +82,61 @@ class PopularityRecommender(Recommender):
         out[has] = self.segment_pop_[seg[has]]
         return out
 
-    def candidate_columns(self, n_candidates: int, n_excluded: int) -> np.ndarray | None:
-        """The same list for everyone (global, trending): the top n_candidates + n_excluded
-        items, plus any tied with the last of them (ties go to the lower index)."""
-        if self.kind not in ("global", "trending"):
+    def candidate_columns(self, n_candidates, seen, unavailable):
+        """Global and trending: the same list for everyone, so the top n_candidates plus as
+        many items as one user of the batch has masked, plus any tied with the last of them
+        (ties go to the lower index).
+
+        Category: a user's score is an item's popularity times a factor of its category (the
+        user's affinity), so within a category every user ranks items alike. Each category's
+        top m (n_candidates, plus the most items one user of the batch has seen in it, plus
+        its unavailable ones; ties included) holds every user's candidates from it, and an
+        item further down scores at most the category's next item, which goes in the
+        frontier (equal scores across categories are the one way it can matter).
+        """
+        masked = int(np.diff(seen.indptr).max(initial=0)) + int(unavailable.sum())
+        if self.kind in ("global", "trending"):
+            score = self.pop_ if self.kind == "global" else self.trending_
+            m = n_candidates + masked
+            if m >= score.size:
+                return None
+            threshold = np.partition(score, score.size - m)[score.size - m]
+            return np.flatnonzero(score >= threshold), np.zeros(0, np.int64)
+        if self.kind != "category" or n_candidates + masked >= self.pop_.size:
             return None
-        score = self.pop_ if self.kind == "global" else self.trending_
-        m = n_candidates + n_excluded
-        if m >= score.size:
-            return None
-        threshold = np.partition(score, score.size - m)[score.size - m]
-        return np.flatnonzero(score >= threshold)
+        group, order, starts = self._by_category()
+        n_groups = len(starts) - 1
+        users = np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr))
+        per_user = np.bincount(
+            users * n_groups + group[seen.indices], minlength=seen.shape[0] * n_groups
+        )
+        most_seen = per_user.reshape(-1, n_groups).max(axis=0, initial=0)
+        m = n_candidates + most_seen + np.bincount(group[unavailable], minlength=n_groups)
+        columns, frontier = [], []
+        for g in range(n_groups):
+            members = order[starts[g] : starts[g + 1]]
+            take = len(members)
+            if m[g] < take:  # cut after the m-th, keeping those tied with it
+                take = int(
+                    np.searchsorted(-self.pop_[members], -self.pop_[members[m[g] - 1]], "right")
+                )
+                if take < len(members):
+                    frontier.append(members[take])
+            columns.append(members[:take])
+        return np.sort(np.concatenate(columns)), np.array(frontier, np.int64)
+
+    def _by_category(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(category group of each item, items by group then popularity desc then index, the
+        group starts in that order); items without a category are the last group. Computed
+        once, then cached."""
+        cached = getattr(self, "_groups", None)
+        if cached is None:
+            n_cat = int(self.item_category_.max(initial=-1)) + 1
+            group = np.where(self.item_category_ >= 0, self.item_category_, n_cat)
+            order = np.lexsort((np.arange(len(group)), -self.pop_, group))
+            starts = np.searchsorted(group[order], np.arange(n_cat + 2))
+            cached = self._groups = (group, order, starts)
+        return cached
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {

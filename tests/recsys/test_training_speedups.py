@@ -1,15 +1,24 @@
 """The faster training and scoring paths give the answers of the plain ones."""
 
 import numpy as np
+import polars as pl
 import pytest
 import scipy.sparse as sp
-from synthetic_events import cluster_events, cluster_items
+from synthetic_events import cluster_events, cluster_items, make_events
 
+from recsys.models.base import top_k
 from recsys.models.cooccurrence import cap_user_history, prune_rows
 from recsys.models.data import build_dataset
 from recsys.models.ease import EASERecommender
-from recsys.models.hybrid import HybridConfig, fit_eval_and_final, fit_generators
+from recsys.models.hybrid import (
+    HybridConfig,
+    SideFeatures,
+    build_candidates,
+    fit_eval_and_final,
+    fit_generators,
+)
 from recsys.models.lightfm_model import LightFMRecommender
+from recsys.models.popularity import PopularityRecommender
 from recsys.models.serve import serve_top_n
 from recsys.models.threads import single_threaded_blas
 from recsys.models.trees import TreeEnsemble
@@ -172,3 +181,66 @@ def test_threaded_scoring_gives_the_same_lists(eval_and_final):
     two = serve_top_n(final, users, k=12, batch_size=16, workers=2)
     for field in ("user_idx", "item_idx", "rank", "final_score", "reason_code"):
         np.testing.assert_array_equal(getattr(one, field), getattr(two, field))
+
+
+def test_candidate_columns_give_the_whole_catalogs_top():
+    # popularity with many ties (small counts), categories (and none), unavailable items and
+    # users with long histories: the columns path picks what the whole catalog would, ties
+    # included
+    rng = np.random.default_rng(11)
+    n_items = 300
+    users, picks = rng.integers(0, 60, 4000), rng.zipf(1.3, 4000) % n_items
+    rows = [
+        (f"u{u}", f"i{i}", "view", m) for m, (u, i) in enumerate(zip(users, picks, strict=True))
+    ]
+    # users of uncategorised items only: no category affinity, so popularity alone orders
+    # their lists and equal counts tie across categories (where the frontier matters)
+    rows += [(f"x{u}", "i0", "view", 5000 + u) for u in range(5)]
+    events = make_events(rows)
+    category = rng.choice(["a", "b", "c", None], n_items)
+    category[0] = None
+    items = cluster_items(n_items).with_columns(
+        pl.Series("category", category.tolist()),
+        pl.Series("available", (rng.random(n_items) > 0.1).tolist()),
+    )
+    data = build_dataset(events, items)
+    gens = {
+        "popularity": PopularityRecommender("global").fit(data),
+        "category": PopularityRecommender("category").fit(data),
+    }
+    side = SideFeatures.from_data(data, gens["popularity"])
+
+    class WholeCatalog:
+        def __init__(self, model):
+            self.model = model
+
+        def score(self, user_idx):
+            return self.model.score(user_idx)
+
+        def candidate_columns(self, *args):
+            return None
+
+    plain = {name: WholeCatalog(m) for name, m in gens.items()}
+    batch = np.arange(data.n_users)
+    for n in (1, 3, 10, 40):
+        got = build_candidates(gens, side, gens["popularity"].seen_, batch, n)
+        want = build_candidates(plain, side, gens["popularity"].seen_, batch, n)
+        for name in gens:
+            np.testing.assert_array_equal(got.tops[name], want.tops[name])
+        np.testing.assert_array_equal(got.features, want.features)
+
+
+def test_category_frontier_flags_scores_equal_across_popularities():
+    # two popularities whose category scores round to the same float32: the less popular item
+    # (lower index) is the user's top, outside the columns; the frontier says so
+    model = PopularityRecommender("category")
+    model.pop_ = np.array([0.1, 0.49999994, 0.49999997, 0.05], np.float32)
+    model.item_category_ = np.array([0, 1, 1, 0], np.int32)
+    model.user_category_ = np.zeros((1, 2), np.float32)  # no affinity: popularity alone
+    scores = model.score(np.array([0]))
+    assert scores[0, 1] == scores[0, 2]
+    best = top_k(scores, 1)[0][0, 0]
+    seen = sp.csr_matrix((1, 4), dtype=np.float32)
+    cols, frontier = model.candidate_columns(1, seen, np.zeros(4, bool))
+    assert best == 1 and 1 not in cols and 1 in frontier
+    assert scores[0, frontier].max() >= scores[0, best]
