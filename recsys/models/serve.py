@@ -30,7 +30,7 @@ from recsys.models.hybrid import (
     HybridRecommender,
     build_candidates,
 )
-from recsys.models.threads import single_threaded_blas
+from recsys.models.threads import map_in_threads
 
 __all__ = [
     "REASON_CODES",
@@ -165,19 +165,10 @@ def serve_top_n(
         }
         return part, tops
 
-    starts_ = range(0, len(user_idx), batch_size)
-    # one BLAS thread, like the fit: the same LightFM products as the ranker learned on, and
-    # no BLAS threads contending with ours
-    with single_threaded_blas():
-        if workers > 1 and len(starts_) > 1:
-            # numpy, scipy and the tree predictor release the GIL in their heavy loops: two
-            # batches at a time use both cores; results are joined in batch order
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(workers) as pool:
-                results = list(pool.map(one_batch, starts_))
-        else:
-            results = [one_batch(start) for start in starts_]
+    # numpy, scipy and the tree predictor release the GIL in their heavy loops: two batches
+    # at a time use both cores (one BLAS thread, as in the fit: the same LightFM products as
+    # the ranker learned on)
+    results = map_in_threads(one_batch, range(0, len(user_idx), batch_size), workers)
     parts = [p for p, _ in results]
     if generator_lists is not None:
         for _, tops in results:
@@ -215,22 +206,24 @@ def user_factors(model: HybridRecommender) -> tuple[np.ndarray, np.ndarray]:
 
 
 def similar_items_embedding(
-    model: HybridRecommender, k: int = 20, batch_size: int = 1024
+    model: HybridRecommender, k: int = 20, batch_size: int = 1024, workers: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per item, the `k` nearest items by cosine of LightFM embeddings (self excluded)."""
+    """Per item, the `k` nearest items by cosine of LightFM embeddings (self excluded);
+    `workers` batches at a time (threads; the output does not depend on it)."""
     emb, _ = item_factors(model)
     norm = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    out_i, out_v = [], []
-    for start in range(0, len(norm), batch_size):
+
+    def one_batch(start: int) -> tuple[np.ndarray, np.ndarray]:
         s = norm[start : start + batch_size] @ norm.T
         rows = np.arange(s.shape[0])
         s[rows, rows + start] = -np.inf
-        i, v = top_k(s, k)
-        out_i.append(i)
-        out_v.append(v)
-    if not out_i:
+        return top_k(s, k)
+
+    results = map_in_threads(one_batch, range(0, len(norm), batch_size), workers)
+    if not results:
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-    idx, val = np.concatenate(out_i), np.concatenate(out_v)
+    idx = np.concatenate([i for i, _ in results])
+    val = np.concatenate([v for _, v in results])
     return np.where(np.isfinite(val), idx, -1), np.where(np.isfinite(val), val, 0.0).astype(
         np.float32
     )

@@ -23,6 +23,18 @@ def in_thread(fn: Callable[..., T], *args: Any) -> Future[T]:
         pool.shutdown(wait=False)
 
 
+def map_in_threads(fn: Callable[[Any], T], items, workers: int = 2) -> list[T]:
+    """``[fn(x) for x in items]``, `workers` items at a time in threads, under one BLAS
+    thread (see :func:`single_threaded_blas`); the results keep the order of `items`, so
+    they do not depend on `workers`."""
+    items = list(items)
+    with single_threaded_blas():
+        if workers <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(fn, items))
+
+
 def single_threaded_blas():
     """A context with one BLAS thread, entered once around work that runs its own threads.
 
