@@ -145,10 +145,11 @@ def log_training_run(
     exp_id = ensure_experiment(client, tenant, artifact_root)
     params = {"tenant": tenant, **_flatten(model.config.to_dict(), "config.")}
     params.update(_flatten(extra_params or {}))
+    fingerprint = data_fingerprint(events)  # sorts and hashes every event: once
     tags = {
         "tenant": tenant,
         "code_version": code_version(),
-        **{k: str(v) for k, v in data_fingerprint(events).items()},
+        **{k: str(v) for k, v in fingerprint.items()},
     }
     run = client.create_run(exp_id, tags=tags, run_name=f"train-{tenant}")
     run_id = run.info.run_id
@@ -159,7 +160,7 @@ def log_training_run(
                 run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]]
             )
         metrics: dict[str, float] = dict(extra_metrics or {})
-        for k, v in data_fingerprint(events).items():
+        for k, v in fingerprint.items():
             if isinstance(v, int):
                 metrics[k] = float(v)
         served = None
