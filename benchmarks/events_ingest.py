@@ -91,7 +91,7 @@ def start_server(
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
+            if conn.getresponse().status == 200 and all_booted(proc.pid, workers):
                 return proc
         except OSError:
             pass
@@ -100,6 +100,18 @@ def start_server(
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError("gunicorn did not become ready in 60 s")
+
+
+def all_booted(master: int, workers: int) -> bool:
+    """Whether every worker has booted: `workers` of them, each idle for 0.5 s (a booting
+    worker is busy importing the app). A load started while one worker still boots would hand
+    the other all its keep-alive connections for the whole run."""
+    pids = server_pids(master)[1:]
+    if len(pids) < workers:
+        return False
+    before = [cpu_ticks([pid]) for pid in pids]
+    time.sleep(0.5)
+    return all(cpu_ticks([pid]) - t <= 1 for pid, t in zip(pids, before, strict=True))
 
 
 def server_pids(master: int) -> list[int]:
