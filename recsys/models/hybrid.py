@@ -186,12 +186,18 @@ def fit_window_generators(
     (first on ties), and LightFM stops early on validation NDCG@10
     (``config.lightfm_early_stopping``). The choices are written into `config`, so a refit
     with it repeats them; the chosen models themselves are kept (never fitted twice).
+    LightFM's early stopping runs in a thread beside the grids and the other generators.
     """
     c = config
     gens: dict[str, Recommender] = {}
     chosen: dict[str, Any] = {}
     reason = too_little_data(data, c)
+    early = None
     if tune and reason is None and holdout.n_users:
+        es = c.lightfm_early_stopping
+        if es and not c.tune.get("lightfm"):
+            # needs nothing from the grids or the other generators: beside them, in a thread
+            early = in_thread(_early_stopped_lightfm, data, holdout, c, es)
         tuning = {}
         for name, grid in c.tune.items():
             if not grid:
@@ -208,28 +214,30 @@ def fit_window_generators(
             gens[name] = best[2]
             tuning[name] = {"chosen": best[1], "validation_ndcg@10": [r[0] for r in results]}
         chosen["tuning"] = tuning
-        es = c.lightfm_early_stopping
-        if es and "lightfm" not in gens:
-            sample = _sample_holdout(holdout, int(es.get("max_users", 1000)), c.seed)
-            model = make_generator("lightfm", c.generator_params("lightfm"))
-            t0 = time.perf_counter()
-            curve = model.fit_early_stopping(
-                data,
-                sample.user_idx,
-                sample.relevant,
-                eval_every=int(es.get("eval_every", 2)),
-                patience=int(es.get("patience", 2)),
-            )
-            c.lightfm = {**c.lightfm, "epochs": model.epochs}
-            gens["lightfm"] = model
-            chosen["lightfm_early_stopping"] = {
-                **curve,
-                "seconds": round(time.perf_counter() - t0, 2),
-            }
-    rest = tuple(g for g in GENERATORS if g not in gens)
+    rest = tuple(g for g in GENERATORS if g not in gens and (early is None or g != "lightfm"))
     more, _, _ = fit_generators(data, c, rest)
     gens.update(more)
+    if early is not None:
+        gens["lightfm"], chosen["lightfm_early_stopping"] = early.result()
+        c.lightfm = {**c.lightfm, "epochs": gens["lightfm"].epochs}
     return {g: gens[g] for g in GENERATORS if g in gens}, chosen
+
+
+def _early_stopped_lightfm(
+    data: Dataset, holdout: Holdout, c: HybridConfig, es: dict[str, Any]
+) -> tuple[Recommender, dict[str, Any]]:
+    """LightFM fitted until validation NDCG@10 of (a sample of) `holdout` stops improving."""
+    sample = _sample_holdout(holdout, int(es.get("max_users", 1000)), c.seed)
+    model = make_generator("lightfm", c.generator_params("lightfm"))
+    t0 = time.perf_counter()
+    curve = model.fit_early_stopping(
+        data,
+        sample.user_idx,
+        sample.relevant,
+        eval_every=int(es.get("eval_every", 2)),
+        patience=int(es.get("patience", 2)),
+    )
+    return model, {**curve, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def train_ranker(

@@ -198,11 +198,12 @@ class LightFMRecommender(Recommender):
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         user_idx = np.asarray(user_idx, dtype=np.int64)
-        return (
-            self.user_emb_[user_idx] @ self.item_emb_.T
-            + self.item_bias_[None, :]
-            + self.user_bias_[user_idx, None]
-        ).astype(np.float32)
+        # in place: the same sums in the same order as (u @ i.T + b_i) + b_u, without two
+        # more (users x items) temporaries
+        s = np.asarray(self.user_emb_[user_idx] @ self.item_emb_.T, dtype=np.float32)
+        s += self.item_bias_[None, :]
+        s += self.user_bias_[user_idx, None]
+        return s
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {
