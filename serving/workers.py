@@ -14,8 +14,8 @@ Each thread serves one connection at a time, so `--threads` bounds the connectio
 holds open; a connection beyond all workers' threads waits in the listen backlog until a
 thread is free (an idle one frees itself after `--keep-alive` seconds). One free thread per
 process waits in accept() at a time, so a burst of new connections is shared by the workers
-(64 connections over 2 workers: 18-34 / 30-46, against 1 / 63 with every free thread in
-accept()). HTTP/1.1 only (like the sync worker).
+(64 connections over 2 booted workers: 23-27 / 37-41, against up to 1 / 63 with every free
+thread in accept()). HTTP/1.1 only (like the sync worker).
 """
 
 from __future__ import annotations
@@ -125,9 +125,10 @@ class ConnectionThreadWorker(base.Worker):
             except OSError as e:
                 if e.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK, errno.EINTR):
                     continue
-                if not self.alive:
-                    return
-                raise
+                if self.alive:  # like the other workers: exit, the master starts a new one
+                    self.log.exception("accept() failed; stopping the worker")
+                    self.alive = False
+                return
             finally:
                 acceptor.release()
             # the kernel times out reads and writes (SO_RCVTIMEO/SO_SNDTIMEO: EAGAIN) on a
