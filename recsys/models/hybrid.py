@@ -156,17 +156,25 @@ def too_little_data(data: Dataset, config: HybridConfig) -> str | None:
 def fit_generators(
     data: Dataset, config: HybridConfig, names: tuple[str, ...] = GENERATORS
 ) -> tuple[dict[str, Recommender], dict[str, str], dict[str, float]]:
-    """Fit the named generators; returns (models, skipped name -> reason, fit seconds)."""
-    models, skipped, seconds = {}, {}, {}
+    """Fit the named generators; returns (models, skipped name -> reason, fit seconds).
+
+    LightFM, much the longest, is fitted in a thread beside the others (its epochs release
+    the GIL; the models are the same as fitted one after another)."""
     reason = too_little_data(data, config)
-    for name in names:
-        if reason and name not in ("popularity", "category"):
-            skipped[name] = reason
-            continue
+    fitted = [n for n in names if not reason or n in ("popularity", "category")]
+    skipped = {n: reason for n in names if n not in fitted}
+
+    def fit(name: str) -> tuple[Recommender, float]:
         t0 = time.perf_counter()
-        models[name] = make_generator(name, config.generator_params(name)).fit(data)
-        seconds[name] = time.perf_counter() - t0
-    return models, skipped, seconds
+        model = make_generator(name, config.generator_params(name)).fit(data)
+        return model, time.perf_counter() - t0
+
+    beside = in_thread(fit, "lightfm") if "lightfm" in fitted and len(fitted) > 1 else None
+    done = {n: fit(n) for n in fitted if beside is None or n != "lightfm"}
+    if beside is not None:
+        done["lightfm"] = beside.result()
+    models = {n: done[n][0] for n in fitted}
+    return models, skipped, {n: done[n][1] for n in fitted}
 
 
 def _sample_holdout(holdout: Holdout, max_users: int, seed: int) -> Holdout:
