@@ -30,6 +30,9 @@ _BOOL = types.Array(types.boolean, 1, "C", readonly=True)
 _U8 = types.Array(types.uint8, 1, "C", readonly=True)
 _U8_RW = types.Array(types.uint8, 1, "C")
 _I64_RW = types.Array(types.int64, 1, "C")
+_F32 = types.Array(types.float32, 1, "C", readonly=True)
+_F64_RW = types.Array(types.float64, 1, "C")
+_INTP_RW = types.Array(types.intp, 1, "C")
 _b, _i = types.boolean, types.int64
 
 # Outcome codes, in the order filters take precedence (serving.rules.OUTCOMES names them).
@@ -75,11 +78,8 @@ def _in_group(item, kind, value, tag_off, tag_ids, brand_id, category_id):
     return category_id[item] == value
 
 
-@njit(
-    [(_I32, _I64, _I32, _BOOL, _U8_RW, _U8_RW, _I32, _I32, _b, _I32, _I32, _I32, _I32, _I32, _b)],
-    cache=True,
-)
-def outcomes(
+@njit(cache=True)
+def _outcomes_into(
     items,
     tag_off,
     tag_ids,
@@ -95,13 +95,9 @@ def outcomes(
     blocked_tags,
     required_tags,
     required_missing,
+    code,
+    tally,
 ):
-    """(uint8 per candidate: KEPT, or the first filter it fails in the order of the codes,
-    unavailable > exclude_ids > not in include_ids > seen > blocked > forbidden tag > missing
-    required tag; int64[8]: how many candidates got each code).
-
-    `unavailable` is bool[n_items], or empty when every item is available; `required_missing`:
-    a required tag the catalogue does not know, so nothing can qualify."""
     for i in exclude:
         marks[i] |= _M_EXCLUDED
     for i in seen:
@@ -122,28 +118,26 @@ def outcomes(
     check_tags = forbidden_tags.shape[0] + blocked_tags.shape[0] + n_required > 0
     any_unavailable = unavailable.shape[0] > 0
 
-    n = items.shape[0]
-    code = np.zeros(n, dtype=np.uint8)
-    tally = np.zeros(8, dtype=np.int64)
-    for r in range(n):
+    tally[:] = 0
+    for r in range(items.shape[0]):
         item = items[r]
+        c = KEPT
         if any_unavailable and unavailable[item]:
-            code[r] = UNAVAILABLE
-            continue
-        m = marks[item]
-        if m & _M_EXCLUDED:
-            code[r] = EXCLUDED
-        elif has_include and not m & _M_INCLUDED:
-            code[r] = NOT_INCLUDED
-        elif m & _M_SEEN:
-            code[r] = SEEN
-        elif m & _M_BLOCKED:
-            code[r] = BLOCKED
-        elif check_tags or required_missing:
-            code[r] = _tag_outcome(item, tag_off, tag_ids, roles, n_required, required_missing)
-
-    for r in range(n):
-        tally[code[r]] += 1
+            c = UNAVAILABLE
+        else:
+            m = marks[item]
+            if m & _M_EXCLUDED:
+                c = EXCLUDED
+            elif has_include and not m & _M_INCLUDED:
+                c = NOT_INCLUDED
+            elif m & _M_SEEN:
+                c = SEEN
+            elif m & _M_BLOCKED:
+                c = BLOCKED
+            elif check_tags or required_missing:
+                c = _tag_outcome(item, tag_off, tag_ids, roles, n_required, required_missing)
+        code[r] = c
+        tally[c] += 1
 
     for i in exclude:
         marks[i] = 0
@@ -159,7 +153,198 @@ def outcomes(
         roles[t] = 0
     for t in required_tags:
         roles[t] = 0
-    return code, tally
+
+
+@njit(cache=True)
+def _full_member(item, g, kinds, values, caps, counts, tag_off, tag_ids, brand_id, category_id):
+    """Does `item` belong to group `g`, and is the group full?"""
+    return counts[g] >= caps[g] and _in_group(
+        item, kinds[g], values[g], tag_off, tag_ids, brand_id, category_id
+    )
+
+
+#: Layout of the int64 answer buffer the selection writes (`answer_size`): [n_chosen, n_refused,
+#: tally of the 8 outcome codes, then k chosen rows, k chosen items, k chosen reasons, then the
+#: refused rows and the refusing group of each (room for every candidate).
+HEAD = 10
+
+
+def answer_size(k: int, n_candidates: int) -> int:
+    return HEAD + 3 * k + 2 * n_candidates
+
+
+@njit(cache=True)
+def _select_into(
+    code,
+    order,
+    stored_order,
+    items,
+    scores,
+    reasons,
+    tag_off,
+    tag_ids,
+    brand_id,
+    category_id,
+    kinds,
+    values,
+    caps,
+    counts,
+    n,
+    out,
+    out_scores,
+):
+    n_groups = kinds.shape[0]
+    n_rows = code.shape[0] if stored_order else order.shape[0]
+    before = counts.copy() if n == 0 else counts  # (n == 0: report only, count nothing)
+    at_items, at_reasons, at_refused = HEAD + n, HEAD + 2 * n, HEAD + 3 * n
+    at_groups = at_refused + code.shape[0]
+    n_chosen = n_refused = 0
+    for pos in range(n_rows):
+        if n_chosen >= n and n > 0:
+            break  # refusals past the n-th chosen row do not matter
+        if stored_order:
+            if code[pos] != KEPT:
+                continue
+            row = pos
+        else:
+            row = order[pos]
+        item = items[row]
+        full = -1
+        for g in range(n_groups):
+            if _full_member(item, g, kinds, values, caps, counts, tag_off, tag_ids, brand_id,
+                            category_id):  # fmt: skip
+                full = g
+                break
+        if full >= 0:
+            out[at_refused + n_refused] = row
+            out[at_groups + n_refused] = full
+            n_refused += 1
+            continue
+        for g in range(n_groups):
+            if _in_group(item, kinds[g], values[g], tag_off, tag_ids, brand_id, category_id):
+                counts[g] += 1
+        if n_chosen < n:
+            out[HEAD + n_chosen] = row
+            out[at_items + n_chosen] = item
+            out[at_reasons + n_chosen] = reasons[row]
+            out_scores[n_chosen] = scores[row]
+            n_chosen += 1
+    if n == 0:
+        counts[:] = before
+    out[0] = n_chosen
+    out[1] = n_refused
+
+
+# (items, tag_off, tag_ids, unavailable, marks, roles, exclude, include, has_include, seen,
+#  blocked_items, forbidden_tags, blocked_tags, required_tags, required_missing)
+_FILTER_ARGS = (_I32, _I64, _I32, _BOOL, _U8_RW, _U8_RW, _I32, _I32, _b, _I32, _I32, _I32, _I32,
+                _I32, _b)  # fmt: skip
+# (scores, reasons, brand_id, category_id, kinds, values, caps, counts, n, out, out_scores)
+_SELECT_ARGS = (_F32, _U8, _I32, _I32, _I32, _I32, _I64, _I64_RW, _i, _I64_RW, _F64_RW)
+
+
+@njit([_FILTER_ARGS + (_U8_RW, _I64_RW)], cache=True)
+def outcomes(
+    items,
+    tag_off,
+    tag_ids,
+    unavailable,
+    marks,
+    roles,
+    exclude,
+    include,
+    has_include,
+    seen,
+    blocked_items,
+    forbidden_tags,
+    blocked_tags,
+    required_tags,
+    required_missing,
+    code,
+    tally,
+):
+    """Writes into `code` (uint8 per candidate) KEPT, or the first filter the candidate fails
+    in the order of the codes: unavailable > exclude_ids > not in include_ids > seen > blocked
+    > forbidden tag > missing required tag; and into `tally` (int64[8]) how many got each.
+
+    `unavailable` is bool[n_items], or empty when every item is available; `required_missing`:
+    a required tag the catalogue does not know, so nothing can qualify."""
+    _outcomes_into(items, tag_off, tag_ids, unavailable, marks, roles, exclude, include,
+                   has_include, seen, blocked_items, forbidden_tags, blocked_tags, required_tags,
+                   required_missing, code, tally)  # fmt: skip
+
+
+@njit([(_U8, _INTP, _b, _I32, _I64, _I32) + _SELECT_ARGS], cache=True)
+def select(
+    code,
+    order,
+    stored_order,
+    items,
+    tag_off,
+    tag_ids,
+    scores,
+    reasons,
+    brand_id,
+    category_id,
+    kinds,
+    values,
+    caps,
+    counts,
+    n,
+    out,
+    out_scores,
+):
+    """Greedy top-`n` rows under the caps: the rows of `order` (rank order), or with
+    `stored_order` the KEPT rows (per `code`) in stored order.
+
+    An item counts toward every group it belongs to; it is refused when one of its groups is
+    full (the lowest-numbered full group is reported). Stops at the n-th chosen row: refusals
+    past it do not matter. Writes the answer into `out` (layout: `HEAD`) and the chosen rows'
+    `scores` into `out_scores`; `counts` is updated in place unless n == 0 (a scan that only
+    reports)."""
+    _select_into(code, order, stored_order, items, scores, reasons, tag_off, tag_ids, brand_id,
+                 category_id, kinds, values, caps, counts, n, out, out_scores)  # fmt: skip
+
+
+@njit([_FILTER_ARGS + (_U8_RW,) + _SELECT_ARGS], cache=True)
+def outcomes_select(
+    items,
+    tag_off,
+    tag_ids,
+    unavailable,
+    marks,
+    roles,
+    exclude,
+    include,
+    has_include,
+    seen,
+    blocked_items,
+    forbidden_tags,
+    blocked_tags,
+    required_tags,
+    required_missing,
+    code,
+    scores,
+    reasons,
+    brand_id,
+    category_id,
+    kinds,
+    values,
+    caps,
+    counts,
+    n,
+    out,
+    out_scores,
+):
+    """`outcomes` (the tally into the answer's head), then `select` over the kept candidates in
+    stored order, in one call (the common request: stored scores, candidates stored best first,
+    no boost, seed or pin)."""
+    _outcomes_into(items, tag_off, tag_ids, unavailable, marks, roles, exclude, include,
+                   has_include, seen, blocked_items, forbidden_tags, blocked_tags, required_tags,
+                   required_missing, code, out[2:HEAD])  # fmt: skip
+    no_order = np.empty(0, dtype=np.intp)
+    _select_into(code, no_order, True, items, scores, reasons, tag_off, tag_ids, brand_id,
+                 category_id, kinds, values, caps, counts, n, out, out_scores)  # fmt: skip
 
 
 @njit([(_I32, _I64, _I32, _i)], cache=True)
@@ -197,69 +382,3 @@ def group_members(items, tag_off, tag_ids, brand_id, category_id, kinds, values)
             out[r, g] = _in_group(items[r], kinds[g], values[g], tag_off, tag_ids, brand_id,
                                   category_id)  # fmt: skip
     return out
-
-
-@njit(
-    [(_U8, _INTP, _b, _I32, _I64, _I32, _I32, _I32, _I32, _I32, _I64, _I64_RW, _i)],
-    cache=True,
-)
-def select(
-    code,
-    order,
-    stored_order,
-    items,
-    tag_off,
-    tag_ids,
-    brand_id,
-    category_id,
-    kinds,
-    values,
-    caps,
-    counts,
-    n,
-):
-    """Greedy top-`n` rows under the caps: the rows of `order` (rank order), or with
-    `stored_order` the KEPT rows (per `code`) in stored order.
-
-    An item counts toward every group it belongs to; it is refused when one of its groups is
-    full (the lowest-numbered full group is reported). Stops at the n-th chosen row: refusals
-    past it do not matter. Returns (chosen rows, refused rows, the refusing group of each);
-    `counts` is updated in place unless n == 0 (a scan that only reports)."""
-    n_groups = kinds.shape[0]
-    n_rows = code.shape[0] if stored_order else order.shape[0]
-    now = counts.copy()
-    chosen = np.empty(min(n, n_rows), dtype=np.intp)
-    refused = np.empty(n_rows, dtype=np.intp)
-    refused_by = np.empty(n_rows, dtype=np.intp)
-    member = np.empty(n_groups, dtype=np.bool_)
-    n_chosen = n_refused = 0
-    for pos in range(n_rows):
-        if stored_order:
-            if code[pos] != KEPT:
-                continue
-            row = pos
-        else:
-            row = order[pos]
-        item = items[row]
-        full = -1
-        for g in range(n_groups):
-            member[g] = _in_group(item, kinds[g], values[g], tag_off, tag_ids, brand_id,
-                                  category_id)  # fmt: skip
-            if member[g] and full < 0 and now[g] >= caps[g]:
-                full = g
-        if full >= 0:
-            refused[n_refused] = row
-            refused_by[n_refused] = full
-            n_refused += 1
-            continue
-        for g in range(n_groups):
-            if member[g]:
-                now[g] += 1
-        if n_chosen < n:
-            chosen[n_chosen] = row
-            n_chosen += 1
-            if n_chosen == n:
-                break
-    if n > 0:
-        counts[:] = now
-    return chosen[:n_chosen], refused[:n_refused], refused_by[:n_refused]

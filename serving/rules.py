@@ -163,44 +163,27 @@ class Filters:
         seen: np.ndarray,
         warnings: list[dict[str, str]],
     ) -> Filters:
-        snap = live.snap
-        exclude = _indices(live, req.exclude_ids)
-        include = _indices(live, req.include_ids) if req.include_ids is not None else None
         forbidden = required = _NO_ITEMS
-        if req.forbidden_tags:
-            forbidden = _int32([t for t in map(snap.tag_id, req.forbidden_tags) if t is not None])
-        missing = []
-        if req.required_tags:
-            required_ids = [snap.tag_id(x) for x in req.required_tags]
-            missing = [t for t, i in zip(req.required_tags, required_ids, strict=True) if i is None]
-            if missing:
-                warnings.append(
-                    {
-                        "code": "UNKNOWN_TAG",
-                        "detail": f"required tag(s) unknown to the catalogue: {', '.join(missing)}",
-                    }
-                )
-            required = _int32([i for i in required_ids if i is not None])
+        missing = False
+        if req.forbidden_tags or req.required_tags:
+            forbidden, required, warning = _resolved_tags(live, req)
+            if warning is not None:
+                warnings.append(dict(warning))
+                missing = True
         return cls(
-            exclude=exclude,
-            include=include,
+            exclude=_indices(live, req.exclude_ids),
+            include=_indices(live, req.include_ids) if req.include_ids is not None else None,
             seen=seen,
             forbidden_tags=forbidden,
             required_tags=required,
-            required_missing=bool(missing),
+            required_missing=missing,
             rules=rules,
         )
 
-    def outcomes(
-        self, live: LiveSnapshot, items: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, list]:
-        """uint8 outcome per item (KEPT or the first failed filter, in the order of OUTCOMES),
-        how many items got each outcome, and, when some item was blocked by a rule, the
-        blocking rule id per item (else an empty list). One compiled pass over the items
-        (`serving.kernels.outcomes`)."""
+    def args(self, live: LiveSnapshot) -> tuple:
+        """The filter arguments of `serving.kernels.outcomes` after the items."""
         r = self.rules
-        code, tally = kernels.outcomes(
-            items,
+        return (
             live.tag_offsets,
             live.tag_ids,
             live.unavailable_or_empty,
@@ -216,13 +199,28 @@ class Filters:
             self.required_tags,
             self.required_missing,
         )
-        blocked_by: list = []
-        if tally[BLOCKED] and (r.blocked_items.size or r.blocked_tags.size):
-            blocked_by = [
-                self._blocking_rule(live, i) if c == BLOCKED else None
-                for i, c in zip(items.tolist(), code.tolist(), strict=True)
-            ]
-        return code, tally, blocked_by
+
+    def outcomes(self, live: LiveSnapshot, items: np.ndarray) -> tuple[np.ndarray, list[int], list]:
+        """uint8 outcome per item (KEPT or the first failed filter, in the order of OUTCOMES),
+        how many items got each outcome, and the blocking rules (`blocked_by`). One compiled
+        pass over the items (`serving.kernels.outcomes`)."""
+        code = np.empty(items.shape[0], dtype=np.uint8)
+        tally = np.empty(len(OUTCOMES), dtype=np.int64)
+        kernels.outcomes(items, *self.args(live), code, tally)
+        tally_list = tally.tolist()
+        return code, tally_list, self.blocked_by(live, items, code, tally_list)
+
+    def blocked_by(
+        self, live: LiveSnapshot, items: np.ndarray, code: np.ndarray, tally: list[int]
+    ) -> list:
+        """The blocking rule id per item when some item was blocked by a rule, else []."""
+        r = self.rules
+        if not tally[BLOCKED] or not (r.blocked_items.size or r.blocked_tags.size):
+            return []
+        return [
+            self._blocking_rule(live, i) if c == BLOCKED else None
+            for i, c in zip(items.tolist(), code.tolist(), strict=True)
+        ]
 
     def _blocking_rule(self, live: LiveSnapshot, item: int) -> str:
         r = self.rules
@@ -234,6 +232,27 @@ class Filters:
             if live.tag_hits(one, tag)[0]:
                 return r.blocked_tag_rules[j]
         return "block"
+
+
+def _resolved_tags(live: LiveSnapshot, req: RecommendRequest):
+    """(forbidden tag ids, required tag ids, warning about unknown required tags or None),
+    memoized per snapshot: a page template sends the same tag constraints on every request."""
+    key = ("tags", tuple(req.forbidden_tags), tuple(req.required_tags))
+    found = live.resolved.get(key)
+    if found is None:
+        tag_id = live.snap.tag_id
+        forbidden = _int32([t for t in map(tag_id, req.forbidden_tags) if t is not None])
+        required_ids = [tag_id(x) for x in req.required_tags]
+        missing = [t for t, i in zip(req.required_tags, required_ids, strict=True) if i is None]
+        warning = None
+        if missing:
+            warning = {
+                "code": "UNKNOWN_TAG",
+                "detail": f"required tag(s) unknown to the catalogue: {', '.join(missing)}",
+            }
+        found = (forbidden, _int32([i for i in required_ids if i is not None]), warning)
+        live.remember(key, found)
+    return found
 
 
 def _indices(live: LiveSnapshot, ids: Sequence[str] | None) -> np.ndarray:
@@ -262,8 +281,24 @@ class Caps:
     def build(
         cls, live: LiveSnapshot, max_per_tag: dict[str, int], warnings: list[dict[str, str]]
     ) -> Caps | None:
+        """The caps of a request, with fresh counts (the resolution is memoized per snapshot)."""
         if not max_per_tag:
             return None
+        key = ("caps", tuple(max_per_tag.items()))
+        found = live.resolved.get(key)
+        if found is None:
+            found = cls._resolve(live, max_per_tag)
+            live.remember(key, found)
+        template, warning = found
+        if warning is not None:
+            warnings.append(dict(warning))
+        if template is None:
+            return None
+        names, kinds, values, caps = template
+        return cls(names, kinds, values, caps, np.zeros(len(names), dtype=np.int64))
+
+    @staticmethod
+    def _resolve(live: LiveSnapshot, max_per_tag: dict[str, int]):
         snap = live.snap
         names, kinds, values, caps = [], [], [], []
         unknown = []
@@ -283,22 +318,21 @@ class Caps:
             kinds.append(kind)
             values.append(vid)
             caps.append(int(cap))
+        warning = None
         if unknown:
-            warnings.append(
-                {
-                    "code": "UNKNOWN_TAG",
-                    "detail": f"max_per_tag key(s) match nothing: {', '.join(unknown)}",
-                }
+            warning = {
+                "code": "UNKNOWN_TAG",
+                "detail": f"max_per_tag key(s) match nothing: {', '.join(unknown)}",
+            }
+        template = None
+        if names:
+            template = (
+                names,
+                np.array(kinds, dtype=np.int32),
+                np.array(values, dtype=np.int32),
+                np.array(caps, dtype=np.int64),
             )
-        if not names:
-            return None
-        return cls(
-            names,
-            np.array(kinds, dtype=np.int32),
-            np.array(values, dtype=np.int32),
-            np.array(caps, dtype=np.int64),
-            np.zeros(len(names), dtype=np.int64),
-        )
+        return template, warning
 
     def members(self, live: LiveSnapshot, items: np.ndarray) -> np.ndarray:
         """bool[len(items), groups]: which capped groups each item belongs to."""
@@ -511,57 +545,85 @@ class Engine:
                         "candidates; scored with the other weights",
                     }
                 )
-        code, tally, blocked_by = filters.outcomes(live, pool.items)
-        # Rank order. Stored scores of candidates stored best first, without boosts or a seed
-        # (the common case), need no array: the selection walks the kept rows in stored order.
-        row_scores = scores  # the score of each pool row (float32)
+        pins = self._valid_pins(filters)
+        n_take = max(0, k - len(pins))
+        pinned_item_set = {p.item for p in pins}
+        caps = Caps.build(live, req.max_per_tag, self.warnings)
+        n_cand = pool.items.shape[0]
+        code = np.empty(n_cand, dtype=np.uint8)
+        answer = np.empty(kernels.answer_size(n_take, n_cand), dtype=np.int64)
+        answer_scores = np.empty(n_take, dtype=np.float64)
         order = None  # kept rows in rank order (None: the kept rows in stored order)
         applied_boosts: dict[int, list[str]] = {}  # pool row -> boost/bury rules applied
-        if self.rules.boosts or req.seed is not None or not (scores is pool.scores and pool.sorted):
-            row_scores, order, applied_boosts = self._rank(pool, scores, code)
+        if not (self.rules.boosts or req.seed is not None or pins) and (
+            scores is pool.scores and pool.sorted
+        ):
+            # The common case: stored scores of candidates stored best first, without boosts,
+            # a seed or pins. Filters and caps take one compiled pass over the kept rows in
+            # stored order.
+            kernels.outcomes_select(
+                pool.items,
+                *filters.args(live),
+                code,
+                *self._select_args(pool.scores, pool.reasons, caps, n_take),
+                answer,
+                answer_scores,
+            )
+            head = answer[: kernels.HEAD + 3 * n_take].tolist()
+            tally = head[2 : kernels.HEAD]
+        else:
+            tally_arr = np.empty(len(OUTCOMES), dtype=np.int64)
+            kernels.outcomes(pool.items, *filters.args(live), code, tally_arr)
+            tally = tally_arr.tolist()
+            row_scores = scores
+            if (
+                self.rules.boosts
+                or req.seed is not None
+                or not (scores is pool.scores and pool.sorted)
+            ):
+                row_scores, order, applied_boosts = self._rank(pool, scores, code)
+            if pins:
+                if order is None:
+                    order = (code == KEPT).nonzero()[0]
+                not_pinned = ~live.item_member(
+                    pool.items.take(order), np.fromiter(pinned_item_set, dtype=np.int32)
+                )
+                order = order[not_pinned]
+            kernels.select(
+                code,
+                _NO_ROWS if order is None else order,
+                order is None,
+                pool.items,
+                live.tag_offsets,
+                live.tag_ids,
+                *self._select_args(row_scores, pool.reasons, caps, n_take),
+                answer,
+                answer_scores,
+            )
+            head = answer[: kernels.HEAD + 3 * n_take].tolist()
+        blocked_by = filters.blocked_by(live, pool.items, code, tally)
         t_score = time.perf_counter()
         self._check_deadline("scoring")
 
-        # Caps, pins and k.
-        pins = self._valid_pins(filters)
-        n_free = k - len(pins)
-        pinned_item_set = {p.item for p in pins}
-        if pins:
-            if order is None:
-                order = (code == KEPT).nonzero()[0]
-            not_pinned = ~live.item_member(
-                pool.items.take(order), np.fromiter(pinned_item_set, dtype=np.int32)
-            )
-            order = order[not_pinned]
-        caps = Caps.build(live, req.max_per_tag, self.warnings)
-        chosen, refused, refused_by = kernels.select(
-            code,
-            _NO_ROWS if order is None else order,
-            order is None,
-            pool.items,
-            live.tag_offsets,
-            live.tag_ids,
-            live.brand_id,
-            live.category_id,
-            *((caps.kinds, caps.values, caps.caps, caps.counts) if caps else _NO_CAPS),
-            max(0, n_free),
-        )
-        capped: dict[int, str] = (
-            {
-                row: caps.names[g]
-                for row, g in zip(refused.tolist(), refused_by.tolist(), strict=True)
-            }
-            if refused.shape[0]
-            else {}
-        )
-        chosen_rows: list[int] = chosen.tolist()
-        e_items: list[int] = pool.items.take(chosen).tolist()
-        e_scores: list[float] = row_scores.take(chosen).tolist()
-        e_reasons: list[int] = pool.reasons.take(chosen).tolist()
-        e_signals: list = (
-            pool.signals[chosen].tolist()
+        n_chosen, n_refused = head[0], head[1]
+        at = kernels.HEAD
+        chosen_rows: list[int] = head[at : at + n_chosen]
+        e_items: list[int] = head[at + n_take : at + n_take + n_chosen]
+        e_reasons: list[int] = head[at + 2 * n_take : at + 2 * n_take + n_chosen]
+        e_scores: list[float] = answer_scores[:n_chosen].tolist()
+        capped: dict[int, str] = {}
+        if n_refused:
+            at = kernels.HEAD + 3 * n_take
+            rows = answer[at : at + n_refused].tolist()
+            groups = answer[at + n_cand : at + n_cand + n_refused].tolist()
+            capped = {row: caps.names[g] for row, g in zip(rows, groups, strict=True)}
+        chosen = (
+            np.array(chosen_rows, dtype=np.intp)
             if pool.signals is not None and req.explain != "none"
-            else [None] * len(chosen_rows)
+            else None
+        )
+        e_signals: list = (
+            pool.signals[chosen].tolist() if chosen is not None else [None] * len(chosen_rows)
         )
         if applied_boosts:
             e_rules = [list(applied_boosts.get(row, ())) for row in chosen_rows]
@@ -638,7 +700,7 @@ class Engine:
         t_post = time.perf_counter()
 
         out.items = e_items[:k]
-        out.scores = np.array(e_scores[:k], dtype=np.float64).round(6).tolist()
+        out.scores = [round(score, 6) for score in e_scores[:k]]
         if req.include_reasons or req.explain != "none":
             out.reasons = [
                 [PINNED_TEXT if c == PINNED_REASON else REASONS.get(c, REASONS[0])]
@@ -656,7 +718,7 @@ class Engine:
                 pool, code, blocked_by, order, chosen_rows, capped, set(out.items), pins
             )
         if counts_filtered:
-            for c, n_c in enumerate(tally.tolist()):
+            for c, n_c in enumerate(tally):
                 if n_c and c != KEPT:
                     out.filtered_by[OUTCOMES[c]] = n_c
         if capped:
@@ -675,6 +737,18 @@ class Engine:
             "postrank": (t_post - t_score) * 1000,
         }
         return out
+
+    def _select_args(self, scores: np.ndarray, reasons: np.ndarray, caps: Caps | None, n: int):
+        """The arguments of `serving.kernels.select` between the tag table and the answer."""
+        live = self.live
+        return (
+            scores,
+            reasons,
+            live.brand_id,
+            live.category_id,
+            *((caps.kinds, caps.values, caps.caps, caps.counts) if caps else _NO_CAPS),
+            n,
+        )
 
     def _rank(
         self, pool: Pool, scores: np.ndarray, code: np.ndarray

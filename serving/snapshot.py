@@ -34,6 +34,9 @@ log = logging.getLogger("recsys.serving")
 #: byte array costs about a microsecond each, a dict hit a tenth of that.
 ID_CACHE_SIZE = 200_000
 
+#: Resolved request constraints kept per worker and snapshot (`LiveSnapshot.remember`).
+RESOLVED_SIZE = 4096
+
 
 class LiveSnapshot:
     """An open snapshot plus plain-ndarray views of the arrays the rules engine reads.
@@ -59,6 +62,8 @@ class LiveSnapshot:
         name, version = champion.get("name"), champion.get("version")
         self.algo_version = f"{name}@{version}" if name else f"snapshot@{snap.snapshot_id}"
         self.compiled: OrderedDict[Any, Any] = OrderedDict()  # rules-engine cache (bounded)
+        # Request constraints resolved against this snapshot (tag ids, caps), by their values.
+        self.resolved: dict[Any, Any] = {}
         self.n_tags = len(snap.tags)
         # Item id strings by index (a list: cheaper than a dict to look up; 8 bytes per item
         # plus the strings decoded so far, at most ID_CACHE_SIZE of them).
@@ -73,6 +78,12 @@ class LiveSnapshot:
         # Scratch of the compiled kernels (serving.kernels): set and cleared within one call.
         self.marks = np.zeros(max(1, snap.n_items), dtype=np.uint8)
         self.roles = np.zeros(max(1, self.n_tags), dtype=np.uint8)
+
+    def remember(self, key: Any, value: Any) -> None:
+        """Memoize a resolved constraint (`resolved`), keeping at most RESOLVED_SIZE of them."""
+        if len(self.resolved) >= RESOLVED_SIZE:
+            self.resolved.clear()
+        self.resolved[key] = value
 
     def tag_hits(self, items: np.ndarray, tag: int) -> np.ndarray:
         """bool per entry of `items` (int32 item indices): does the item carry tag id `tag`?"""

@@ -126,10 +126,9 @@ def _obj(value: Any, where: str, allowed: frozenset[str] | None) -> dict[str, An
         return {}
     if not isinstance(value, dict):
         raise bad_request(f"'{where}' must be an object.")
-    if allowed is not None:
-        unknown = value.keys() - allowed
-        if unknown:
-            raise bad_request(f"Unknown field(s) in '{where}': {', '.join(sorted(unknown))}.")
+    if allowed is not None and not value.keys() <= allowed:
+        unknown = sorted(value.keys() - allowed)
+        raise bad_request(f"Unknown field(s) in '{where}': {', '.join(unknown)}.")
     return value
 
 
