@@ -12,7 +12,9 @@ event log's group commit collects the threads that are waiting).
 
 Each thread serves one connection at a time, so `--threads` bounds the connections a worker
 holds open; a connection beyond all workers' threads waits in the listen backlog until a
-thread is free (an idle one frees itself after `--keep-alive` seconds). One free thread per
+thread is free: an idle one frees itself after `--keep-alive` seconds, and while every thread
+is taken and a connection waits, each answer closes its connection (the client reconnects),
+so kept-alive clients cannot starve new ones. One free thread per
 process waits in accept() at a time, so a burst of new connections is shared by the workers
 (64 connections over 2 booted workers: 23-27 / 37-41, against up to 1 / 63 with every free
 thread in accept()). HTTP/1.1 only (like the sync worker).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import ssl
 import struct
@@ -89,6 +92,9 @@ class ConnectionThreadWorker(base.Worker):
         for listener in self.sockets:
             listener.settimeout(_ACCEPT_POLL_S)
         acceptors = [threading.Lock() for _ in self.sockets]
+        # free threads per listener: with none, a waiting connection takes a kept-alive one's
+        self._free = {listener.fileno(): max(1, self.cfg.threads) for listener in self.sockets}
+        self._free_lock = threading.Lock()
         threads = [
             threading.Thread(target=self._serve, args=(listener, acceptor), daemon=True)
             for listener, acceptor in zip(self.sockets, acceptors, strict=True)
@@ -138,7 +144,21 @@ class ConnectionThreadWorker(base.Worker):
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, idle)
             client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, idle)
             util.close_on_exec(client)
-            self._handle(listener, client, addr)
+            with self._free_lock:
+                self._free[listener.fileno()] -= 1
+            try:
+                self._handle(listener, client, addr)
+            finally:
+                with self._free_lock:
+                    self._free[listener.fileno()] += 1
+
+    def _crowded(self, listener: socket.socket) -> bool:
+        """No thread of this worker is free for `listener` and a connection waits on it."""
+        if self._free[listener.fileno()] > 0:
+            return False
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        return bool(poller.poll(0))
 
     def _handle(self, listener: socket.socket, client: socket.socket, addr) -> None:
         req = None
@@ -149,7 +169,7 @@ class ConnectionThreadWorker(base.Worker):
             server = listener.getsockname()
             while self.alive:
                 req = next(parser)
-                if not self._handle_request(req, client, addr, server):
+                if not self._handle_request(req, client, addr, listener, server):
                     break
                 # an unread body must not be taken for the next request: drain it, bounded
                 # (skipped when the body was read to its end: no syscalls for nothing)
@@ -173,8 +193,10 @@ class ConnectionThreadWorker(base.Worker):
         finally:
             util.close_graceful(client)
 
-    def _handle_request(self, req, client: socket.socket, addr, server) -> bool:
-        """Run the app for `req`; whether the connection stays open for another request."""
+    def _handle_request(self, req, client: socket.socket, addr, listener, server) -> bool:
+        """Run the app for `req`; whether the connection stays open for another request (not
+        when the worker stops, nor when every thread is taken and a connection waits: then
+        this one closes after its answer, so kept-alive clients cannot starve new ones)."""
         environ: dict = {}
         resp = None
         try:
@@ -188,7 +210,7 @@ class ConnectionThreadWorker(base.Worker):
             if self.nr >= self.max_requests and self.alive:
                 self.log.info("Autorestarting worker after current request.")
                 self.alive = False
-            if not self.alive or not self.cfg.keepalive:
+            if not self.alive or not self.cfg.keepalive or self._crowded(listener):
                 resp.force_close()
             respiter = self.wsgi(environ, resp.start_response)
             try:

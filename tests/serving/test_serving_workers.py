@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import orjson
@@ -104,3 +105,35 @@ def test_sigterm_stops_the_worker_promptly_with_a_connection_open(server):
     assert proc.wait(20) == 0
     assert time.monotonic() - started < 12  # within --graceful-timeout (10 s)
     conn.close()
+
+
+def test_busy_keep_alive_connections_make_room_for_a_waiting_one(server):
+    port, _ = server
+    stop = threading.Event()
+    closed: list[bool] = []
+
+    def busy() -> None:  # never idle long enough for --keep-alive to let it go
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while not stop.is_set():
+            conn.request("GET", "/healthz")
+            resp = conn.getresponse()
+            resp.read()
+            closed.append(resp.getheader("Connection") == "close")  # then it reconnects
+            time.sleep(0.05)
+        conn.close()
+
+    clients = [threading.Thread(target=busy) for _ in range(2)]
+    for t in clients:
+        t.start()
+    time.sleep(0.5)  # both threads of the worker now serve a busy connection
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/healthz")
+    status = conn.getresponse().status
+    waited = time.monotonic() - started
+    stop.set()
+    for t in clients:
+        t.join()
+    conn.close()
+    assert status == 200 and waited < 5  # without room made it waits for the busy ones to end
+    assert any(closed) and not all(closed)  # kept alive, closed only to let the third in
