@@ -66,6 +66,13 @@ def _tag_outcome(item, tag_off, tag_ids, roles, n_required, required_missing):
     return KEPT
 
 
+@njit(["float64(float64)"], cache=True)
+def round6(x):
+    """`x` to six decimals exactly as np.round(x, 6) does it (x * 1e6 to the nearest integer,
+    ties to even, / 1e6): the scores the API returns."""
+    return np.rint(x * 1e6) / 1e6
+
+
 @njit(cache=True)
 def _in_group(item, kind, value, tag_off, tag_ids, brand_id, category_id):
     if kind == GROUP_TAG:
@@ -227,7 +234,7 @@ def _select_into(
             out[HEAD + n_chosen] = row
             out[at_items + n_chosen] = item
             out[at_reasons + n_chosen] = reasons[row]
-            out_scores[n_chosen] = scores[row]
+            out_scores[n_chosen] = round6(scores[row])
             n_chosen += 1
     if n == 0:
         counts[:] = before
@@ -300,8 +307,8 @@ def select(
     An item counts toward every group it belongs to; it is refused when one of its groups is
     full (the lowest-numbered full group is reported). Stops at the n-th chosen row: refusals
     past it do not matter. Writes the answer into `out` (layout: `HEAD`) and the chosen rows'
-    `scores` into `out_scores`; `counts` is updated in place unless n == 0 (a scan that only
-    reports)."""
+    `scores` (`round6`) into `out_scores`; `counts` is updated in place unless n == 0 (a scan
+    that only reports)."""
     _select_into(code, order, stored_order, items, scores, reasons, tag_off, tag_ids, brand_id,
                  category_id, kinds, values, caps, counts, n, out, out_scores)  # fmt: skip
 

@@ -366,7 +366,7 @@ class Ranked:
     scores: list[float] = field(default_factory=list)
     reasons: list[list[str]] = field(default_factory=list)  # only with reasons or explain asked
     signals: list[list[float] | None] = field(default_factory=list)
-    rules: list[list[str]] = field(default_factory=list)
+    rules: list[Sequence[str]] = field(default_factory=list)
     trace: list[dict[str, Any]] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     filtered_by: dict[str, int] = field(default_factory=dict)
@@ -628,7 +628,7 @@ class Engine:
         if applied_boosts:
             e_rules = [list(applied_boosts.get(row, ())) for row in chosen_rows]
         else:
-            e_rules = [[] for _ in chosen_rows]
+            e_rules = [()] * len(chosen_rows)  # (one shared empty tuple: no rule fired)
         counts_filtered = int(code.shape[0] - tally[KEPT])
 
         # Back-fill.
@@ -657,7 +657,7 @@ class Engine:
                         continue
                     taken.add(item)
                     e_items.append(item)
-                    e_scores.append(float(fb.scores[row]))
+                    e_scores.append(kernels.round6(float(fb.scores[row])))
                     e_reasons.append(int(fb.reasons[row]))
                     e_signals.append(None)
                     e_rules.append([f"backfill:{source}"])
@@ -700,7 +700,7 @@ class Engine:
         t_post = time.perf_counter()
 
         out.items = e_items[:k]
-        out.scores = [round(score, 6) for score in e_scores[:k]]
+        out.scores = e_scores[:k]  # (rounded: kernels.round6)
         if req.include_reasons or req.explain != "none":
             out.reasons = [
                 [PINNED_TEXT if c == PINNED_REASON else REASONS.get(c, REASONS[0])]

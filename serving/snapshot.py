@@ -106,7 +106,7 @@ class LiveSnapshot:
     def item_ids(self, items: list[int]) -> list[str]:
         """Item id strings, memoized per worker (at most ID_CACHE_SIZE strings)."""
         cache = self._id_cache
-        out = [cache[i] for i in items]
+        out = list(map(cache.__getitem__, items))
         if None in out:
             if self._id_cached > ID_CACHE_SIZE:
                 cache[:] = [None] * len(cache)

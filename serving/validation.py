@@ -211,6 +211,12 @@ _TOP = frozenset(
         "experiment",
     }
 )
+_USER = frozenset({"user_id", "anonymous_id", "session_id"})
+_ANCHORS = frozenset({"item_ids", "max_anchors"})
+_EXPERIMENT = frozenset({"id", "variant"})
+_CANDIDATES = frozenset({"include_ids", "exclude_ids"})
+_CONSTRAINTS = frozenset({"required_tags", "forbidden_tags", "max_per_tag"})
+_OPTIONS = frozenset({"include_reasons", "explain", "include_trace", "seed"})
 _SIMILAR_TOP = frozenset(
     {
         "surface",
@@ -260,18 +266,18 @@ def parse_recommend(
             raise bad_request(f"Field 'kind' must be one of {', '.join(SIMILAR_KINDS)}.")
         r.kind = kind
     else:
-        user = _obj(body.get("user"), "user", frozenset({"user_id", "anonymous_id", "session_id"}))
+        user = _obj(body.get("user"), "user", _USER)
         r.user_id = _str(user.get("user_id"), "user.user_id")
         r.anonymous_id = _str(user.get("anonymous_id"), "user.anonymous_id")
         r.session_id = _str(user.get("session_id"), "user.session_id")
         if not (r.user_id or r.anonymous_id or r.session_id):
             raise bad_request("Field 'user' needs a user_id, or an anonymous_id or session_id.")
-        anchors = _obj(body.get("anchors"), "anchors", frozenset({"item_ids", "max_anchors"}))
+        anchors = _obj(body.get("anchors"), "anchors", _ANCHORS)
         max_anchors = _int(anchors.get("max_anchors"), "anchors.max_anchors", 1, limits.max_anchors)
         ids = _str_list(anchors.get("item_ids"), "anchors.item_ids", limits.max_anchors) or []
         r.anchors = ids[: max_anchors or limits.max_anchors]
         r.weights = _weights(body.get("weights"), "weights")
-        exp = _obj(body.get("experiment"), "experiment", frozenset({"id", "variant"}))
+        exp = _obj(body.get("experiment"), "experiment", _EXPERIMENT)
         if exp:
             r.experiment_id = _str(exp.get("id"), "experiment.id", required=True)
             r.experiment_variant = _str(exp.get("variant"), "experiment.variant")
@@ -279,18 +285,14 @@ def parse_recommend(
     if context is not None:
         r.context = _obj(context, "context", None)
 
-    cands = _obj(body.get("candidates"), "candidates", frozenset({"include_ids", "exclude_ids"}))
+    cands = _obj(body.get("candidates"), "candidates", _CANDIDATES)
     include = _str_list(cands.get("include_ids"), "candidates.include_ids", limits.max_include_ids)
     r.include_ids = include if include else None  # [] means "no allow-list", as in the contract
     r.exclude_ids = (
         _str_list(cands.get("exclude_ids"), "candidates.exclude_ids", limits.max_exclude_ids) or []
     )
 
-    cons = _obj(
-        body.get("constraints"),
-        "constraints",
-        frozenset({"required_tags", "forbidden_tags", "max_per_tag"}),
-    )
+    cons = _obj(body.get("constraints"), "constraints", _CONSTRAINTS)
     r.required_tags = (
         _str_list(cons.get("required_tags"), "constraints.required_tags", limits.max_tags) or []
     )
@@ -300,10 +302,12 @@ def parse_recommend(
     mpt = _obj(cons.get("max_per_tag"), "constraints.max_per_tag", None)
     if len(mpt) > limits.max_tags:
         raise bad_request(f"'constraints.max_per_tag' holds more than {limits.max_tags} entries.")
+    max_k = limits.max_k
     for tag, cap in mpt.items():
-        _int(cap, f"constraints.max_per_tag.{tag}", 1, limits.max_k)
+        if type(cap) is not int or not 1 <= cap <= max_k:
+            _int(cap, f"constraints.max_per_tag.{tag}", 1, max_k)  # (raises the 400)
     r.max_per_tag = dict(mpt)
-    both = set(r.required_tags) & set(r.forbidden_tags)
+    both = r.required_tags and r.forbidden_tags and set(r.required_tags) & set(r.forbidden_tags)
     if both:
         raise unprocessable(
             f"Tag(s) both required and forbidden: {', '.join(sorted(both))}.",
@@ -315,11 +319,7 @@ def parse_recommend(
             code="RECSYS_IMPOSSIBLE_CONSTRAINTS",
         )
 
-    opts = _obj(
-        body.get("options"),
-        "options",
-        frozenset({"include_reasons", "explain", "include_trace", "seed"}),
-    )
+    opts = _obj(body.get("options"), "options", _OPTIONS)
     r.include_reasons = bool(_bool(opts.get("include_reasons"), "options.include_reasons"))
     explain = opts.get("explain", "none")
     if explain not in EXPLAIN_LEVELS:
