@@ -158,8 +158,12 @@ class ServingMiddleware:
 
     def _rate_limit(self, principal: Principal) -> str:
         """The `RateLimit` header value of an allowed request; 429 otherwise."""
-        by_key = self._limiter.hit(f"k:{principal.tenant}:{principal.subject}", self._key_spec)
-        by_tenant = self._limiter.hit(f"t:{principal.tenant}", self._tenant_spec)
+        by_key, by_tenant = self._limiter.hit_pair(
+            f"k:{principal.tenant}:{principal.subject}",
+            self._key_spec,
+            f"t:{principal.tenant}",
+            self._tenant_spec,
+        )
         if not by_key.allowed:
             name, tight = "key", by_key
         elif not by_tenant.allowed:

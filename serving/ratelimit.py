@@ -1,8 +1,10 @@
 """Fixed-window request counters: in-process by default, shared through Redis when configured.
 
 `hit(key, spec)` counts one request and answers whether it is allowed, how many remain and
-when the window resets. With Redis every worker and host share one counter per key; without it
-each worker counts alone (so the effective limit is workers x limit; documented in the README).
+when the window resets; `hit_pair` counts two at once (a request's credential and tenant: one
+lock, or one Redis round trip). With Redis every worker and host share one counter per key;
+without it each worker counts alone (so the effective limit is workers x limit; documented in
+the README).
 """
 
 from __future__ import annotations
@@ -34,18 +36,28 @@ class InProcessLimiter:
         self._max_keys = max_keys
 
     def hit(self, key: str, spec: RateLimitSpec) -> RateDecision:
+        with self._lock:
+            return self._hit(key, spec, self._clock())
+
+    def hit_pair(
+        self, key_a: str, spec_a: RateLimitSpec, key_b: str, spec_b: RateLimitSpec
+    ) -> tuple[RateDecision, RateDecision]:
+        """Two counters at once (a request's credential and tenant): one clock read, one lock."""
         now = self._clock()
+        with self._lock:
+            return self._hit(key_a, spec_a, now), self._hit(key_b, spec_b, now)
+
+    def _hit(self, key: str, spec: RateLimitSpec, now: float) -> RateDecision:
         window_s, limit = spec.window_s, spec.limit
         window = int(now // window_s)
-        with self._lock:
-            slot = self._counts.get(key)
-            if slot is None:
-                if len(self._counts) >= self._max_keys:
-                    self._counts.clear()  # bounded memory; losing old windows only forgives callers
-                slot = self._counts[key] = [window, 0]
-            elif slot[0] != window:
-                slot[0], slot[1] = window, 0
-            slot[1] = count = slot[1] + 1
+        slot = self._counts.get(key)
+        if slot is None:
+            if len(self._counts) >= self._max_keys:
+                self._counts.clear()  # bounded memory; losing old windows only forgives callers
+            slot = self._counts[key] = [window, 0]
+        elif slot[0] != window:
+            slot[0], slot[1] = window, 0
+        slot[1] = count = slot[1] + 1
         reset = int((window + 1) * window_s - now) + 1
         return RateDecision(count <= limit, limit, max(0, limit - count), reset)
 
@@ -68,18 +80,35 @@ class RedisLimiter:
         self._last_warning = 0.0
 
     def hit(self, key: str, spec: RateLimitSpec) -> RateDecision:
+        return self._hit_many(((key, spec),))[0]
+
+    def hit_pair(
+        self, key_a: str, spec_a: RateLimitSpec, key_b: str, spec_b: RateLimitSpec
+    ) -> tuple[RateDecision, RateDecision]:
+        """Two counters in one round trip (a request's credential and tenant)."""
+        a, b = self._hit_many(((key_a, spec_a), (key_b, spec_b)))
+        return a, b
+
+    def _hit_many(self, hits) -> list[RateDecision]:
         now = time.time()
-        window = int(now // spec.window_s)
-        rkey = f"{self._prefix}{key}:{spec.window_s}:{window}"
+        windows = [int(now // spec.window_s) for _, spec in hits]
         try:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.incr(rkey)
-            pipe.expire(rkey, spec.window_s + 1)
-            count = int(pipe.execute()[0])
+            for (key, spec), window in zip(hits, windows, strict=True):
+                rkey = f"{self._prefix}{key}:{spec.window_s}:{window}"
+                pipe.incr(rkey)
+                pipe.expire(rkey, spec.window_s + 1)
+            replies = pipe.execute()
         except Exception as e:  # redis.RedisError, OSError: degrade, do not fail requests
             if now - self._last_warning > 60:
                 log.warning("redis rate limiter unavailable (%s); counting in-process", e)
                 self._last_warning = now
-            return self._fallback.hit(key, spec)
-        reset = int((window + 1) * spec.window_s - now) + 1
-        return RateDecision(count <= spec.limit, spec.limit, max(0, spec.limit - count), reset)
+            return [self._fallback.hit(key, spec) for key, spec in hits]
+        out = []
+        for j, ((_, spec), window) in enumerate(zip(hits, windows, strict=True)):
+            count = int(replies[2 * j])
+            reset = int((window + 1) * spec.window_s - now) + 1
+            out.append(
+                RateDecision(count <= spec.limit, spec.limit, max(0, spec.limit - count), reset)
+            )
+        return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import falcon
@@ -167,11 +168,15 @@ def _str_list(value: Any, where: str, max_len: int) -> list[str] | None:
         raise bad_request(f"Field '{where}' must be an array of strings.")
     if len(value) > max_len:
         raise bad_request(f"Field '{where}' holds {len(value)} entries; the limit is {max_len}.")
-    for v in value:
-        if not isinstance(v, str) or not v or len(v) > MAX_ID_LENGTH:
-            raise bad_request(
-                f"Field '{where}' must hold non-empty strings (<= {MAX_ID_LENGTH} chars)."
-            )
+    # (C-level passes: every entry a str, none empty, none too long)
+    if value and (
+        not all(map(isinstance, value, repeat(str)))
+        or not all(value)
+        or max(map(len, value)) > MAX_ID_LENGTH
+    ):
+        raise bad_request(
+            f"Field '{where}' must hold non-empty strings (<= {MAX_ID_LENGTH} chars)."
+        )
     return value
 
 

@@ -60,6 +60,22 @@ def test_in_process_limiter_windows():
     assert limiter.hit("k", spec).allowed
 
 
+def test_in_process_limiter_counts_a_pair_like_two_hits():
+    now = [1000.0]
+    limiter = InProcessLimiter(clock=lambda: now[0])
+    key_spec, tenant_spec = RateLimitSpec(2, 10), RateLimitSpec(3, 60)
+    pairs = [limiter.hit_pair("k:a", key_spec, "t:a", tenant_spec) for _ in range(4)]
+    assert [(k.allowed, t.allowed) for k, t in pairs] == [
+        (True, True),
+        (True, True),
+        (False, True),
+        (False, False),
+    ]
+    assert [(k.remaining, t.remaining) for k, t in pairs[:2]] == [(1, 2), (0, 1)]
+    assert pairs[0][0].reset_s == 11 and pairs[0][1].reset_s == 21  # windows of 10 s and 60 s
+    assert limiter.hit("t:a", tenant_spec).remaining == 0  # the same counters as hit()
+
+
 def test_config_from_env():
     cfg = ServingConfig.from_env(
         {
@@ -98,9 +114,15 @@ def test_redis_limiter_is_shared():
         b.hit(key, spec).allowed,
     ]
     assert decisions == [True, True, True, False]
+    # a pair is counted in one round trip, on the same shared counters
+    k, t = a.hit_pair(key, spec, f"{key}-tenant", RateLimitSpec(5, 60))
+    assert (k.allowed, k.remaining, t.allowed, t.remaining) == (False, 0, True, 4)
+    assert b.hit(f"{key}-tenant", RateLimitSpec(5, 60)).remaining == 3
 
 
 def test_redis_limiter_fails_open_to_in_process():
     limiter = RedisLimiter("redis://127.0.0.1:1/0")  # nothing listens on port 1
     spec = RateLimitSpec(1, 60)
     assert limiter.hit("k", spec).allowed and not limiter.hit("k", spec).allowed
+    k, t = limiter.hit_pair("k", spec, "t", spec)
+    assert not k.allowed and t.allowed
