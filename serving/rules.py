@@ -14,6 +14,7 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ _NO_ROWS.flags.writeable = False
 # No caps: (kinds, values, caps, counts) of zero groups.
 _NO_CAPS = (_NO_ITEMS, _NO_ITEMS, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 PINNED_REASON, PINNED_TEXT = -1, "featured"
+_FILTERS = OUTCOMES[1:]  # the outcomes that remove a candidate
 _SIGNAL_INDEX = {s: j for j, s in enumerate(SIGNALS)}
 _REASON_SLUGS = {code: slug for slug, code in REASON_CODES.items()}
 
@@ -717,10 +719,11 @@ class Engine:
             self._trace_candidates(
                 pool, code, blocked_by, order, chosen_rows, capped, set(out.items), pins
             )
-        if counts_filtered:
-            for c, n_c in enumerate(tally):
-                if n_c and c != KEPT:
-                    out.filtered_by[OUTCOMES[c]] = n_c
+        if counts_filtered:  # (outcome name -> count for the non-zero filter counts)
+            removed = tally[1:]
+            out.filtered_by.update(
+                zip(compress(_FILTERS, removed), filter(None, removed), strict=True)
+            )
         if capped:
             out.filtered_by["max_per_tag"] = len(capped)
         out.counts = {

@@ -277,41 +277,57 @@ def parse_recommend(
         r.session_id = _str(user.get("session_id"), "user.session_id")
         if not (r.user_id or r.anonymous_id or r.session_id):
             raise bad_request("Field 'user' needs a user_id, or an anonymous_id or session_id.")
-        anchors = _obj(body.get("anchors"), "anchors", _ANCHORS)
-        max_anchors = _int(anchors.get("max_anchors"), "anchors.max_anchors", 1, limits.max_anchors)
-        ids = _str_list(anchors.get("item_ids"), "anchors.item_ids", limits.max_anchors) or []
-        r.anchors = ids[: max_anchors or limits.max_anchors]
-        r.weights = _weights(body.get("weights"), "weights")
-        exp = _obj(body.get("experiment"), "experiment", _EXPERIMENT)
-        if exp:
+        anchors = body.get("anchors")  # (absent optional blocks keep their defaults)
+        if anchors is not None:
+            anchors = _obj(anchors, "anchors", _ANCHORS)
+            max_anchors = _int(
+                anchors.get("max_anchors"), "anchors.max_anchors", 1, limits.max_anchors
+            )
+            ids = _str_list(anchors.get("item_ids"), "anchors.item_ids", limits.max_anchors) or []
+            r.anchors = ids[: max_anchors or limits.max_anchors]
+        weights = body.get("weights")
+        if weights is not None:
+            r.weights = _weights(weights, "weights")
+        exp = body.get("experiment")
+        if exp is not None and (exp := _obj(exp, "experiment", _EXPERIMENT)):
             r.experiment_id = _str(exp.get("id"), "experiment.id", required=True)
             r.experiment_variant = _str(exp.get("variant"), "experiment.variant")
     context = body.get("context")
     if context is not None:
         r.context = _obj(context, "context", None)
 
-    cands = _obj(body.get("candidates"), "candidates", _CANDIDATES)
-    include = _str_list(cands.get("include_ids"), "candidates.include_ids", limits.max_include_ids)
-    r.include_ids = include if include else None  # [] means "no allow-list", as in the contract
-    r.exclude_ids = (
-        _str_list(cands.get("exclude_ids"), "candidates.exclude_ids", limits.max_exclude_ids) or []
-    )
+    cands = body.get("candidates")
+    if cands is not None:
+        cands = _obj(cands, "candidates", _CANDIDATES)
+        include = _str_list(
+            cands.get("include_ids"), "candidates.include_ids", limits.max_include_ids
+        )
+        r.include_ids = include if include else None  # [] means "no allow-list" (contract)
+        r.exclude_ids = (
+            _str_list(cands.get("exclude_ids"), "candidates.exclude_ids", limits.max_exclude_ids)
+            or []
+        )
 
-    cons = _obj(body.get("constraints"), "constraints", _CONSTRAINTS)
-    r.required_tags = (
-        _str_list(cons.get("required_tags"), "constraints.required_tags", limits.max_tags) or []
-    )
-    r.forbidden_tags = (
-        _str_list(cons.get("forbidden_tags"), "constraints.forbidden_tags", limits.max_tags) or []
-    )
-    mpt = _obj(cons.get("max_per_tag"), "constraints.max_per_tag", None)
-    if len(mpt) > limits.max_tags:
-        raise bad_request(f"'constraints.max_per_tag' holds more than {limits.max_tags} entries.")
-    max_k = limits.max_k
-    for tag, cap in mpt.items():
-        if type(cap) is not int or not 1 <= cap <= max_k:
-            _int(cap, f"constraints.max_per_tag.{tag}", 1, max_k)  # (raises the 400)
-    r.max_per_tag = dict(mpt)
+    cons = body.get("constraints")
+    if cons is not None:
+        cons = _obj(cons, "constraints", _CONSTRAINTS)
+        r.required_tags = (
+            _str_list(cons.get("required_tags"), "constraints.required_tags", limits.max_tags) or []
+        )
+        r.forbidden_tags = (
+            _str_list(cons.get("forbidden_tags"), "constraints.forbidden_tags", limits.max_tags)
+            or []
+        )
+        mpt = _obj(cons.get("max_per_tag"), "constraints.max_per_tag", None)
+        if len(mpt) > limits.max_tags:
+            raise bad_request(
+                f"'constraints.max_per_tag' holds more than {limits.max_tags} entries."
+            )
+        max_k = limits.max_k
+        for tag, cap in mpt.items():
+            if type(cap) is not int or not 1 <= cap <= max_k:
+                _int(cap, f"constraints.max_per_tag.{tag}", 1, max_k)  # (raises the 400)
+        r.max_per_tag = dict(mpt)
     both = r.required_tags and r.forbidden_tags and set(r.required_tags) & set(r.forbidden_tags)
     if both:
         raise unprocessable(
@@ -324,14 +340,18 @@ def parse_recommend(
             code="RECSYS_IMPOSSIBLE_CONSTRAINTS",
         )
 
-    opts = _obj(body.get("options"), "options", _OPTIONS)
-    r.include_reasons = bool(_bool(opts.get("include_reasons"), "options.include_reasons"))
-    explain = opts.get("explain", "none")
-    if explain not in EXPLAIN_LEVELS:
-        raise bad_request(f"Field 'options.explain' must be one of {', '.join(EXPLAIN_LEVELS)}.")
-    r.explain = explain
-    r.include_trace = bool(_bool(opts.get("include_trace"), "options.include_trace"))
-    r.seed = _int(opts.get("seed"), "options.seed", 0, MAX_SEED)
+    opts = body.get("options")
+    if opts is not None:
+        opts = _obj(opts, "options", _OPTIONS)
+        r.include_reasons = bool(_bool(opts.get("include_reasons"), "options.include_reasons"))
+        explain = opts.get("explain", "none")
+        if explain not in EXPLAIN_LEVELS:
+            raise bad_request(
+                f"Field 'options.explain' must be one of {', '.join(EXPLAIN_LEVELS)}."
+            )
+        r.explain = explain
+        r.include_trace = bool(_bool(opts.get("include_trace"), "options.include_trace"))
+        r.seed = _int(opts.get("seed"), "options.seed", 0, MAX_SEED)
     if r.segment is None and not similar and r.user_id is None:
         warnings.append(
             {"code": "DEFAULT_APPLIED", "detail": f"segment defaulted to '{DEFAULT_SEGMENT}'"}
