@@ -33,8 +33,8 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks._snapshots import TENANT, ensure_snapshot  # noqa: E402
-from benchmarks.serve_load import SECRET, free_port, lua_file  # noqa: E402
+from benchmarks._snapshots import ensure_snapshot  # noqa: E402
+from benchmarks.serve_load import free_port, lua_file, server_env  # noqa: E402
 
 
 def count(app: str, env: dict[str, str], script: str, seconds: int, tmp: str) -> tuple[int, int]:
@@ -116,19 +116,11 @@ def main() -> int:
             return 2
     data_root = os.path.abspath(args.data_root)
     ensure_snapshot(data_root)
-    env = {
-        **os.environ,
-        "RECSYS_DATA_ROOT": data_root,
-        "RECSYS_JWT_SECRET": SECRET,
-        "RECSYS_TENANTS": TENANT,
-        "RECSYS_ACCESS_LOG": "0",
-        "RECSYS_RATE_LIMIT": "1000000000/60",
-        "RECSYS_TENANT_RATE_LIMIT": "1000000000/60",
-        "RECSYS_DEADLINE_MS": "600000",  # (valgrind runs the worker ~50x slower)
-        "NUMBA_CPU_NAME": "generic",
-        "PYTHONPATH": REPO,
-    }
-    env.pop("RECSYS_REDIS_URL", None)
+    env = server_env(
+        data_root,
+        RECSYS_DEADLINE_MS="600000",  # (valgrind runs the worker ~50x slower)
+        NUMBA_CPU_NAME="generic",
+    )
     subprocess.run([sys.executable, "-c", "import serving.kernels"], env=env, check=True)
     tmp = tempfile.mkdtemp(prefix="serve_instructions-")
     try:

@@ -70,6 +70,24 @@ end
 """
 
 
+def server_env(data_root: str, **extra: str) -> dict[str, str]:
+    """The environment of the benchmarked server: the bench tenant, no access log, rate limits
+    out of the way, in-process counters (no Redis)."""
+    env = {
+        **os.environ,
+        "RECSYS_DATA_ROOT": data_root,
+        "RECSYS_JWT_SECRET": SECRET,
+        "RECSYS_TENANTS": TENANT,
+        "RECSYS_ACCESS_LOG": "0",
+        "RECSYS_RATE_LIMIT": "1000000000/60",
+        "RECSYS_TENANT_RATE_LIMIT": "1000000000/60",
+        "PYTHONPATH": REPO,
+        **extra,
+    }
+    env.pop("RECSYS_REDIS_URL", None)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -249,17 +267,7 @@ def main() -> int:
     store = SnapshotStore(os.path.join(data_root, "snapshots", TENANT))
     print(f"snapshot {sid}: {args.users} users x {args.items} items", flush=True)
 
-    env = {
-        **os.environ,
-        "RECSYS_DATA_ROOT": data_root,
-        "RECSYS_JWT_SECRET": SECRET,
-        "RECSYS_TENANTS": TENANT,
-        "RECSYS_ACCESS_LOG": "0",
-        "RECSYS_RATE_LIMIT": "1000000000/60",
-        "RECSYS_TENANT_RATE_LIMIT": "1000000000/60",
-        "PYTHONPATH": REPO,
-    }
-    env.pop("RECSYS_REDIS_URL", None)
+    env = server_env(data_root)
     tmp = tempfile.mkdtemp(prefix="serve_load-")
     full = lua_file(tmp, "full.lua", args.users)
     port_app, port_triv = free_port(), free_port()
