@@ -11,8 +11,10 @@ per live snapshot (`marks` uint8[n_items], `roles` uint8[n_tags]) are set for th
 items and tags and cleared again before returning; the kernels hold the GIL, so threads of one
 worker never see each other's marks.
 
-Item indices come from the snapshot (structurally verified at load) or from id lookups in it, so
-they are in range; Numba does not bounds-check.
+Item indices come from the snapshot (structurally verified at load) or from id lookups in it;
+every access is still bounds-checked (`_JIT`), so a damaged snapshot fails a request with
+IndexError instead of touching stray memory (`LiveSnapshot.call_kernel` then clears the
+scratch the failed call left marked).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ _F64_RW = types.Array(types.float64, 1, "C")
 _INTP_RW = types.Array(types.intp, 1, "C")
 _b, _i = types.boolean, types.int64
 
+# Cached on disk; bounds-checked, so an index out of range (a damaged snapshot) raises
+# IndexError - a 500 Problem for that request - instead of reading or writing stray memory.
+_JIT = {"cache": True, "boundscheck": True}
+
 # Outcome codes, in the order filters take precedence (serving.rules.OUTCOMES names them).
 KEPT, UNAVAILABLE, EXCLUDED, NOT_INCLUDED, SEEN, BLOCKED, FORBIDDEN_TAG, MISSING_TAG = range(8)
 
@@ -47,7 +53,7 @@ GROUP_TAG, GROUP_BRAND, GROUP_CATEGORY = 0, 1, 2
 
 
 # Helpers (compiled into the kernels that call them).
-@njit(cache=True)
+@njit(**_JIT)
 def _tag_outcome(item, tag_off, tag_ids, roles, n_required, required_missing):
     blocked = forbidden = False
     have = 0
@@ -66,14 +72,14 @@ def _tag_outcome(item, tag_off, tag_ids, roles, n_required, required_missing):
     return KEPT
 
 
-@njit(["float64(float64)"], cache=True)
+@njit(["float64(float64)"], **_JIT)
 def round6(x):
     """`x` to six decimals exactly as np.round(x, 6) does it (x * 1e6 to the nearest integer,
     ties to even, / 1e6): the scores the API returns."""
     return np.rint(x * 1e6) / 1e6
 
 
-@njit(cache=True)
+@njit(**_JIT)
 def _in_group(item, kind, value, tag_off, tag_ids, brand_id, category_id):
     if kind == GROUP_TAG:
         for j in range(tag_off[item], tag_off[item + 1]):  # noqa: SIM110 (a loop compiles)
@@ -85,7 +91,7 @@ def _in_group(item, kind, value, tag_off, tag_ids, brand_id, category_id):
     return category_id[item] == value
 
 
-@njit(cache=True)
+@njit(**_JIT)
 def _outcomes_into(
     items,
     tag_off,
@@ -162,7 +168,7 @@ def _outcomes_into(
         roles[t] = 0
 
 
-@njit(cache=True)
+@njit(**_JIT)
 def _full_member(item, g, kinds, values, caps, counts, tag_off, tag_ids, brand_id, category_id):
     """Does `item` belong to group `g`, and is the group full?"""
     return counts[g] >= caps[g] and _in_group(
@@ -180,7 +186,28 @@ def answer_size(k: int, n_candidates: int) -> int:
     return HEAD + 3 * k + 2 * n_candidates
 
 
-@njit(cache=True)
+def unpack(answer: np.ndarray, scores: np.ndarray, k: int, n_candidates: int):
+    """The answer buffer as lists: (tally per outcome code, chosen rows, their items, their
+    reasons, their scores, refused rows, the refusing group of each)."""
+    head = answer[: HEAD + 3 * k].tolist()
+    n_chosen, n_refused = head[0], head[1]
+    refused = groups = []
+    if n_refused:
+        at = HEAD + 3 * k
+        refused = answer[at : at + n_refused].tolist()
+        groups = answer[at + n_candidates : at + n_candidates + n_refused].tolist()
+    return (
+        head[2:HEAD],
+        head[HEAD : HEAD + n_chosen],
+        head[HEAD + k : HEAD + k + n_chosen],
+        head[HEAD + 2 * k : HEAD + 2 * k + n_chosen],
+        scores[:n_chosen].tolist(),
+        refused,
+        groups,
+    )
+
+
+@njit(**_JIT)
 def _select_into(
     code,
     order,
@@ -250,7 +277,7 @@ _FILTER_ARGS = (_I32, _I64, _I32, _BOOL, _U8_RW, _U8_RW, _I32, _I32, _b, _I32, _
 _SELECT_ARGS = (_F32, _U8, _I32, _I32, _I32, _I32, _I64, _I64_RW, _i, _I64_RW, _F64_RW)
 
 
-@njit([_FILTER_ARGS + (_U8_RW, _I64_RW)], cache=True)
+@njit([_FILTER_ARGS + (_U8_RW, _I64_RW)], **_JIT)
 def outcomes(
     items,
     tag_off,
@@ -281,7 +308,7 @@ def outcomes(
                    required_missing, code, tally)  # fmt: skip
 
 
-@njit([(_U8, _INTP, _b, _I32, _I64, _I32) + _SELECT_ARGS], cache=True)
+@njit([(_U8, _INTP, _b, _I32, _I64, _I32) + _SELECT_ARGS], **_JIT)
 def select(
     code,
     order,
@@ -313,7 +340,7 @@ def select(
                  category_id, kinds, values, caps, counts, n, out, out_scores)  # fmt: skip
 
 
-@njit([_FILTER_ARGS + (_U8_RW,) + _SELECT_ARGS], cache=True)
+@njit([_FILTER_ARGS + (_U8_RW,) + _SELECT_ARGS], **_JIT)
 def outcomes_select(
     items,
     tag_off,
@@ -354,7 +381,7 @@ def outcomes_select(
                  category_id, kinds, values, caps, counts, n, out, out_scores)  # fmt: skip
 
 
-@njit([(_I32, _I64, _I32, _i)], cache=True)
+@njit([(_I32, _I64, _I32, _i)], **_JIT)
 def tag_hits(items, tag_off, tag_ids, tag):
     """bool per entry of `items`: does the item carry tag id `tag`?"""
     out = np.zeros(items.shape[0], dtype=np.bool_)
@@ -367,7 +394,7 @@ def tag_hits(items, tag_off, tag_ids, tag):
     return out
 
 
-@njit([(_I32, _I32, _U8_RW)], cache=True)
+@njit([(_I32, _I32, _U8_RW)], **_JIT)
 def is_member(items, of, marks):
     """bool per entry of `items`: is it one of the item indices `of`?"""
     for i in of:
@@ -380,7 +407,7 @@ def is_member(items, of, marks):
     return out
 
 
-@njit([(_I32, _I64, _I32, _I32, _I32, _I32, _I32)], cache=True)
+@njit([(_I32, _I64, _I32, _I32, _I32, _I32, _I32)], **_JIT)
 def group_members(items, tag_off, tag_ids, brand_id, category_id, kinds, values):
     """bool[len(items), groups]: which `max_per_tag` groups ((kind, id) pairs) hold each item."""
     out = np.zeros((items.shape[0], kinds.shape[0]), dtype=np.bool_)

@@ -208,7 +208,7 @@ class Filters:
         pass over the items (`serving.kernels.outcomes`)."""
         code = np.empty(items.shape[0], dtype=np.uint8)
         tally = np.empty(len(OUTCOMES), dtype=np.int64)
-        kernels.outcomes(items, *self.args(live), code, tally)
+        live.call_kernel(kernels.outcomes, items, *self.args(live), code, tally)
         tally_list = tally.tolist()
         return code, tally_list, self.blocked_by(live, items, code, tally_list)
 
@@ -557,13 +557,17 @@ class Engine:
         answer_scores = np.empty(n_take, dtype=np.float64)
         order = None  # kept rows in rank order (None: the kept rows in stored order)
         applied_boosts: dict[int, list[str]] = {}  # pool row -> boost/bury rules applied
-        if not (self.rules.boosts or req.seed is not None or pins) and (
-            scores is pool.scores and pool.sorted
-        ):
+        ranked_as_stored = (
+            not (self.rules.boosts or req.seed is not None)
+            and scores is pool.scores
+            and pool.sorted
+        )
+        if ranked_as_stored and not pins:
             # The common case: stored scores of candidates stored best first, without boosts,
             # a seed or pins. Filters and caps take one compiled pass over the kept rows in
             # stored order.
-            kernels.outcomes_select(
+            live.call_kernel(
+                kernels.outcomes_select,
                 pool.items,
                 *filters.args(live),
                 code,
@@ -571,18 +575,12 @@ class Engine:
                 answer,
                 answer_scores,
             )
-            head = answer[: kernels.HEAD + 3 * n_take].tolist()
-            tally = head[2 : kernels.HEAD]
         else:
-            tally_arr = np.empty(len(OUTCOMES), dtype=np.int64)
-            kernels.outcomes(pool.items, *filters.args(live), code, tally_arr)
-            tally = tally_arr.tolist()
+            live.call_kernel(
+                kernels.outcomes, pool.items, *filters.args(live), code, answer[2 : kernels.HEAD]
+            )
             row_scores = scores
-            if (
-                self.rules.boosts
-                or req.seed is not None
-                or not (scores is pool.scores and pool.sorted)
-            ):
+            if not ranked_as_stored:
                 row_scores, order, applied_boosts = self._rank(pool, scores, code)
             if pins:
                 if order is None:
@@ -602,30 +600,17 @@ class Engine:
                 answer,
                 answer_scores,
             )
-            head = answer[: kernels.HEAD + 3 * n_take].tolist()
+        tally, chosen_rows, e_items, e_reasons, e_scores, refused, groups = kernels.unpack(
+            answer, answer_scores, n_take, n_cand
+        )
         blocked_by = filters.blocked_by(live, pool.items, code, tally)
         t_score = time.perf_counter()
         self._check_deadline("scoring")
-
-        n_chosen, n_refused = head[0], head[1]
-        at = kernels.HEAD
-        chosen_rows: list[int] = head[at : at + n_chosen]
-        e_items: list[int] = head[at + n_take : at + n_take + n_chosen]
-        e_reasons: list[int] = head[at + 2 * n_take : at + 2 * n_take + n_chosen]
-        e_scores: list[float] = answer_scores[:n_chosen].tolist()
-        capped: dict[int, str] = {}
-        if n_refused:
-            at = kernels.HEAD + 3 * n_take
-            rows = answer[at : at + n_refused].tolist()
-            groups = answer[at + n_cand : at + n_cand + n_refused].tolist()
-            capped = {row: caps.names[g] for row, g in zip(rows, groups, strict=True)}
-        chosen = (
-            np.array(chosen_rows, dtype=np.intp)
-            if pool.signals is not None and req.explain != "none"
-            else None
-        )
+        capped = {row: caps.names[g] for row, g in zip(refused, groups, strict=True)}
         e_signals: list = (
-            pool.signals[chosen].tolist() if chosen is not None else [None] * len(chosen_rows)
+            pool.signals[chosen_rows].tolist()
+            if pool.signals is not None and req.explain != "none"
+            else [None] * len(chosen_rows)
         )
         if applied_boosts:
             e_rules = [list(applied_boosts.get(row, ())) for row in chosen_rows]

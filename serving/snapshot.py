@@ -91,7 +91,18 @@ class LiveSnapshot:
 
     def item_member(self, items: np.ndarray, of: np.ndarray) -> np.ndarray:
         """bool per entry of `items`: is it one of the item indices `of` (both int32)?"""
-        return kernels.is_member(items, of, self.marks)
+        return self.call_kernel(kernels.is_member, items, of, self.marks)
+
+    def call_kernel(self, kernel, *args):
+        """Run a kernel that marks this snapshot's scratch (`marks`, `roles`); when it fails (an
+        index out of range in a damaged snapshot), clear the scratch it left marked before the
+        error goes on, so that no later request is filtered by those marks."""
+        try:
+            return kernel(*args)
+        except BaseException:
+            self.marks.fill(0)
+            self.roles.fill(0)
+            raise
 
     def item_index(self, item_id: str) -> int | None:
         """Row of an item id (memoized per worker, like `item_ids`)."""

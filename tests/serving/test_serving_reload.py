@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 from serving_helpers import build_client, ids, make_config, publish_tiny, recommend
 
 from recsys.snapshot import SnapshotStore
@@ -69,3 +70,35 @@ def test_check_interval_limits_stats(tmp_path):
     assert (
         recommend(client, {"k": 1, "user": {"user_id": "u1"}}).json["meta"]["snapshot_id"] != first
     )
+
+
+def test_out_of_range_index_in_a_live_snapshot_fails_one_request_and_leaves_no_marks(tmp_path):
+    # A live snapshot damaged after publication (its tag table names a tag id past the end) must
+    # fail the requests that read the bad entry with a Problem, not read stray memory, and must
+    # not leave the failed request's filter marks behind for the next request.
+    root = str(tmp_path)
+    sid = publish_tiny(root, "acme", "a")
+    store = SnapshotStore(os.path.join(root, "snapshots", "acme"))
+    tag_ids = np.load(os.path.join(store.path_of(sid), "item_tags.id.npy"), mmap_mode="r+")
+    tag_ids[0] = 1_000_000  # item a0's first tag (a0 is u1's best candidate)
+    tag_ids.flush()
+    del tag_ids
+    client = build_client(make_config(root))
+
+    body = {
+        "k": 3,
+        "user": {"user_id": "u1"},
+        "candidates": {"exclude_ids": ["a9"]},
+        "constraints": {"forbidden_tags": ["winter"]},
+    }
+    resp = recommend(client, body)
+    assert resp.status_code == 500
+    assert resp.headers["Content-Type"].startswith("application/problem+json")
+    assert resp.json["code"] == "RECSYS_INTERNAL" and resp.json["request_id"]
+
+    # a9 was marked excluded by the failed call: a cold start (popular a8..a19) must still get it
+    resp = recommend(client, {"k": 3, "user": {"user_id": "newcomer"}})
+    assert resp.status_code == 200 and ids(resp) == ["a8", "a9", "a10"]
+    # and requests that do not read the damaged entry are answered as before
+    resp = recommend(client, {"k": 2, "user": {"user_id": "u1"}})
+    assert resp.status_code == 200 and ids(resp) == ["a0", "a1"]
