@@ -16,37 +16,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from recsys.models.data import Dataset
+from recsys.models.topk import top_k
 
 MODEL_CLASSES: dict[str, type[Recommender]] = {}
-
-
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the indices and values of the `k` largest scores, best first (batched numpy).
-
-    Ties are broken by the lower index. Rows with fewer than `k` finite scores end with
-    ``-inf`` entries, which callers drop.
-    """
-    n_rows, n_cols = scores.shape
-    k = min(k, n_cols)
-    if k <= 0:
-        return np.zeros((n_rows, 0), np.int64), np.zeros((n_rows, 0), scores.dtype)
-    if k < n_cols:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        # argpartition picks arbitrary members of a tie at the k-th value: where one straddles
-        # the cut, take the lowest indices, so the answer depends on the scores alone (not on
-        # the matrix layout, e.g. when a caller selects among a subset of columns)
-        kth = np.take_along_axis(scores, part, axis=1).min(axis=1)
-        straddling = np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k)
-        for r in straddling:
-            above = np.flatnonzero(scores[r] > kth[r])
-            tied = np.flatnonzero(scores[r] == kth[r])[: k - len(above)]
-            part[r] = np.concatenate([above, tied])
-    else:
-        part = np.broadcast_to(np.arange(n_cols), (n_rows, n_cols)).copy()
-    vals = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -vals), axis=1) if n_rows else np.zeros((0, k), np.int64)
-    idx = np.take_along_axis(part, order, axis=1)
-    return idx, np.take_along_axis(vals, order, axis=1)
 
 
 def mask_rows(

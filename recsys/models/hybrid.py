@@ -30,13 +30,14 @@ import polars as pl
 
 from recsys.evaluation.evaluate import Holdout, build_holdout
 from recsys.evaluation.metrics import ndcg_at_k, popularity_percentile
-from recsys.models.base import Recommender, mask_rows, top_k
+from recsys.models.base import Recommender, mask_rows
 from recsys.models.cooccurrence import CooccurrenceRecommender
 from recsys.models.data import Dataset, _lookup, build_dataset, temporal_split
 from recsys.models.ease import EASERecommender
 from recsys.models.lightfm_model import LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
 from recsys.models.threads import in_thread, single_threaded_blas
+from recsys.models.topk import top_k
 from recsys.models.trees import TreeEnsemble
 
 #: Candidate generators, in feature order. "category" is popularity by category affinity.

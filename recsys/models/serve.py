@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from recsys.models.base import top_k
 from recsys.models.hybrid import (
     _REASON_OF_GENERATOR,
     GENERATORS,
@@ -31,6 +30,7 @@ from recsys.models.hybrid import (
     build_candidates,
 )
 from recsys.models.threads import map_in_threads
+from recsys.models.topk import top_k
 
 __all__ = [
     "REASON_CODES",

@@ -1,8 +1,8 @@
-"""A fitted scikit-learn HistGradientBoostingClassifier as plain arrays, and a numpy predictor.
+"""A fitted scikit-learn HistGradientBoostingClassifier as plain arrays, and a predictor.
 
 Pickled scikit-learn models break across library versions and run code on load; a boosted
-tree ensemble is just node tables, so it is saved as arrays and evaluated here in numpy,
-vectorized over rows and trees (never a Python loop over rows).
+tree ensemble is just node tables, so it is saved as arrays and evaluated here: a compiled
+bitmask evaluation (never a Python loop over rows), or a numpy traversal for large trees.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,9 @@ class TreeEnsemble:
         """Raw margin per row.
 
         Trees of at most 64 leaves (the ranker's are 15) go through :class:`_LeafMasks`, a
-        bitmask evaluation vectorized over rows and trees at once (about 3.5x faster than
-        scikit-learn's compiled per-tree predictor on ranker-sized inputs); larger ones
+        compiled bitmask evaluation (157k candidate rows x 135 trees: 0.16 s, against 0.47 s
+        for the same tables evaluated with numpy, which beat scikit-learn's compiled per-tree
+        predictor 3.5x); larger ones
         through the plain traversal. Both follow scikit-learn's rule (left when
         ``x <= threshold``, NaN where ``missing_left`` says), so they agree to float rounding.
         """
@@ -136,7 +138,7 @@ del _v16
 @dataclass(frozen=True)
 class _LeafMasks:
     """The ensemble as per-feature lookup tables of leaf bitmasks (QuickScorer, Lucchese et
-    al. 2015), evaluated with numpy over rows and trees at once.
+    al. 2015), evaluated row by row by a compiled kernel (:func:`_exit_leaf_sums`).
 
     The leaves of each tree are numbered left to right. A split whose test fails (the row goes
     right) rules out the leaves of its left subtree; the exit leaf of a row is the lowest leaf
@@ -146,9 +148,14 @@ class _LeafMasks:
     A row's exit leaves are the AND of one table row per feature.
     """
 
-    features: np.ndarray  # the features some split uses
-    thresholds: list[np.ndarray]  # per used feature: sorted distinct thresholds, then +inf
-    tables: list[np.ndarray]  # per used feature: (len(thresholds) + 1, n_trees) leaf masks
+    features: np.ndarray  # int64, the features some split uses
+    #: per used feature k: its sorted distinct thresholds then +inf, at th_off[k]:th_off[k+1]
+    thresholds: np.ndarray  # float64
+    th_off: np.ndarray  # int64
+    #: per used feature k: (len(its thresholds) + 1) rows of n_trees leaf masks (the last row
+    #: for NaN) at rows tab_off[k]:tab_off[k+1]
+    tables: np.ndarray  # unsigned, (rows, n_trees)
+    tab_off: np.ndarray  # int64
     leaf_value: np.ndarray  # (n_trees * width,) leaf values, tree-major, leaves left to right
     width: int  # leaf slots per tree (bits of the mask dtype)
 
@@ -211,32 +218,74 @@ class _LeafMasks:
                     table[-1, tree[i]] &= masks[i]  # NaN goes right
             thresholds.append(np.append(th, np.inf))
             tables.append(table)
-        return cls(used, thresholds, tables, leaf_value.ravel(), width)
+        offsets = lambda parts: np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)  # noqa: E731
+        return cls(
+            features=used.astype(np.int64),
+            thresholds=np.concatenate(thresholds) if thresholds else np.zeros(0),
+            th_off=offsets(thresholds),
+            tables=np.concatenate(tables) if tables else np.zeros((0, n_trees), dtype),
+            tab_off=offsets(tables),
+            leaf_value=leaf_value.ravel(),
+            width=width,
+        )
 
-    def decision_function(self, x: np.ndarray, baseline: float, chunk: int = 2048) -> np.ndarray:
-        n_trees = len(self.leaf_value) // self.width
-        out = np.full(len(x), baseline)
-        if not len(x) or not n_trees:
-            return out
-        xt = np.ascontiguousarray(x.T)
-        # bin of each value: the number of thresholds below it (NaN sorts after +inf)
-        bins = np.empty((len(self.features), len(x)), np.intp)
-        for k, f in enumerate(self.features):
-            bins[k] = np.searchsorted(self.thresholds[k], xt[f], side="left")
-        offsets = np.arange(n_trees, dtype=np.intp) * self.width
-        for start in range(0, len(x), chunk):  # chunks keep the (rows, trees) blocks in cache
-            stop = start + chunk
-            mask = np.take(self.tables[0], bins[0, start:stop], axis=0)
-            for k in range(1, len(self.features)):
-                mask &= np.take(self.tables[k], bins[k, start:stop], axis=0)
-            leaf = _lowest_bit(mask) + offsets
-            out[start:stop] += np.take(self.leaf_value, leaf).sum(axis=1)
+    def decision_function(self, x: np.ndarray, baseline: float) -> np.ndarray:
+        out = np.empty(len(x))
+        if not len(self.features):  # every tree is a single leaf
+            out[:] = baseline + self.leaf_value[:: self.width].sum()
+        elif len(x):
+            _exit_leaf_sums(
+                np.ascontiguousarray(x, dtype=np.float64),
+                self.features,
+                self.thresholds,
+                self.th_off,
+                self.tables,
+                self.tab_off,
+                self.leaf_value,
+                self.width,
+                float(baseline),
+                out,
+            )
         return out
 
 
-def _lowest_bit(mask: np.ndarray) -> np.ndarray:
-    """Index of the lowest set bit of each (nonzero) unsigned integer."""
-    if mask.dtype.itemsize <= 2:
-        return np.take(_LOWEST_BIT_16, mask).astype(np.intp)
-    lowest = mask & (~mask + mask.dtype.type(1))  # a power of two: exact as a float64
-    return (np.frexp(lowest.astype(np.float64))[1] - 1).astype(np.intp)
+@njit(cache=True, nogil=True)
+def _exit_leaf_sums(x, features, thresholds, th_off, tables, tab_off, leaf_value, width, base, out):
+    """``out[r] = base + the sum of row r's exit-leaf values`` (see :class:`_LeafMasks`).
+
+    Per row: each used feature's bin (a binary search among its thresholds; NaN takes the
+    last bin), the AND of those table rows (one mask per tree), then each tree's lowest
+    remaining leaf. Compiled and GIL-free: the snapshot builder's threads use both cores.
+    """
+    n_trees = tables.shape[1]
+    mask = np.empty(n_trees, tables.dtype)
+    ffff, sixteen = np.uint64(0xFFFF), np.uint64(16)
+    for r in range(x.shape[0]):
+        for k in range(len(features)):
+            v = x[r, features[k]]
+            lo, hi = th_off[k], th_off[k + 1]
+            if v != v:
+                b = hi - lo  # NaN: after every threshold, +inf included
+            else:  # the number of thresholds below v (a branch-free binary search)
+                at, n = lo, hi - lo
+                while n > 1:
+                    half = n >> 1
+                    at = at + half if thresholds[at + half] < v else at
+                    n -= half
+                b = at - lo + (thresholds[at] < v)
+            row = tab_off[k] + b
+            if k == 0:
+                for t in range(n_trees):
+                    mask[t] = tables[row, t]
+            else:
+                for t in range(n_trees):
+                    mask[t] &= tables[row, t]
+        total = 0.0
+        for t in range(n_trees):
+            m = np.uint64(mask[t])
+            bit = 0
+            while (m & ffff) == 0:
+                m >>= sixteen
+                bit += 16
+            total += leaf_value[t * width + bit + _LOWEST_BIT_16[m & ffff]]
+        out[r] = base + total

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from synthetic_events import cluster_events, cluster_items
 
-from recsys.models.base import Recommender, top_k
+from recsys.models.base import Recommender
 from recsys.models.cooccurrence import CooccurrenceRecommender
 from recsys.models.data import build_dataset
 from recsys.models.ease import EASERecommender
 from recsys.models.lightfm_model import LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
+from recsys.models.topk import top_k
 
 PERSONALISED = [
     pytest.param(lambda: CooccurrenceRecommender(shrink=1.0), id="cooccurrence"),

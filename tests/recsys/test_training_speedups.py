@@ -6,7 +6,6 @@ import pytest
 import scipy.sparse as sp
 from synthetic_events import cluster_events, cluster_items, make_events
 
-from recsys.models.base import top_k
 from recsys.models.cooccurrence import cap_user_history, prune_rows
 from recsys.models.data import build_dataset
 from recsys.models.ease import EASERecommender
@@ -21,6 +20,7 @@ from recsys.models.lightfm_model import LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
 from recsys.models.serve import serve_top_n
 from recsys.models.threads import single_threaded_blas
+from recsys.models.topk import top_k
 from recsys.models.trees import TreeEnsemble
 
 FAST = dict(

@@ -1,0 +1,121 @@
+"""Per-row top-k selection, compiled (Numba): the hot loop of candidate generation.
+
+Every generator's candidates, the served lists, the evaluation and the similar-item lists
+select each row's best few of a (batch x catalogue) score block. ``np.argpartition`` over
+25,000 columns costs ~0.3 ms a row; one pass with a bounded heap costs a tenth of that, and it
+releases the GIL, so the threaded batches of the snapshot builder use both cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_BLOCK = 32  # columns per block maximum
+
+
+@njit(cache=True, nogil=True)
+def _keep_best(bv, bi, n, k):
+    """Compact the buffer's first `n` entries (in column order) to its `k` best, still in
+    column order; returns the k-th best score (the new entry threshold)."""
+    kth = np.partition(bv[:n].copy(), n - k)[n - k]
+    above = 0
+    for j in range(n):
+        if bv[j] > kth:
+            above += 1
+    ties = k - above  # entries equal to kth that stay: the lowest columns
+    m = 0
+    for j in range(n):
+        v = bv[j]
+        if v > kth or (v == kth and ties > 0):
+            if v == kth:
+                ties -= 1
+            bv[m], bi[m] = v, bi[j]
+            m += 1
+    return kth
+
+
+@njit(cache=True, nogil=True)
+def top_k_rows(scores, k, out_idx, out_val):
+    """Fill ``out_idx[r]`` / ``out_val[r]`` with row r's `k` largest scores, best first, ties
+    by the lower column; NaN counts as -inf. `k` <= the number of columns.
+
+    Per row: the maxima of blocks of ``_BLOCK`` columns (a vectorised pass); the k-th largest
+    of them is a lower bound of the row's k-th score (k blocks reach it), so only blocks whose
+    maximum reaches the bound are visited. A column enters a buffer when it reaches the bound;
+    a full buffer is compacted to its k best, whose k-th score becomes the bound (entry then
+    strictly above it: an equal score at a later column loses the tie). The k kept are sorted,
+    stable, so equal scores stay in column order. Rows with fewer than k finite scores are
+    completed with the lowest columns holding -inf or NaN, as -inf.
+    """
+    n_rows, n_cols = scores.shape
+    n_blocks = (n_cols + _BLOCK - 1) // _BLOCK
+    whole = n_cols // _BLOCK
+    cap = 4 * k + 64
+    bv = np.empty(cap, scores.dtype)
+    bi = np.empty(cap, np.int64)
+    block_max = np.empty(n_blocks, scores.dtype)
+    neg_inf = np.full(1, -np.inf, scores.dtype)[0]  # keeps the scores' type
+    for r in range(n_rows):
+        row = scores[r]
+        for b in range(n_blocks):
+            m = neg_inf
+            if b < whole:
+                base = b * _BLOCK
+                for j in range(_BLOCK):  # fixed length, select only: vectorised
+                    x = row[base + j]
+                    m = x if x > m else m
+            else:
+                for j in range(b * _BLOCK, n_cols):
+                    x = row[j]
+                    m = x if x > m else m
+            block_max[b] = m
+        t = neg_inf
+        if n_blocks >= k:
+            t = np.partition(block_max.copy(), n_blocks - k)[n_blocks - k]
+        strict = t == neg_inf  # -inf never enters
+        n = 0
+        for b in range(n_blocks):
+            m = block_max[b]
+            if not (m > t or (m == t and not strict)):
+                continue
+            for j in range(b * _BLOCK, min((b + 1) * _BLOCK, n_cols)):
+                x = row[j]
+                if x > t or (x == t and not strict):
+                    bv[n], bi[n] = x, j
+                    n += 1
+                    if n == cap:
+                        t = _keep_best(bv, bi, n, k)
+                        strict = True
+                        n = k
+        if n > k:
+            _keep_best(bv, bi, n, k)
+            n = k
+        order = np.argsort(-bv[:n], kind="mergesort")
+        for p in range(n):
+            out_val[r, p], out_idx[r, p] = bv[order[p]], bi[order[p]]
+        p = n
+        j = 0
+        while p < k:  # too few finite scores: the lowest -inf / NaN columns
+            x = row[j]
+            if not x > neg_inf:
+                out_val[r, p], out_idx[r, p] = neg_inf, j
+                p += 1
+            j += 1
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the indices and values of the `k` largest scores, best first (batched).
+
+    Ties are broken by the lower index, so the answer depends on the scores alone (not on the
+    matrix layout, e.g. when a caller selects among a subset of columns). Rows with fewer than
+    `k` finite scores end with ``-inf`` entries, which callers drop.
+    """
+    n_rows, n_cols = scores.shape
+    k = min(k, n_cols)
+    dtype = scores.dtype if scores.dtype in (np.float32, np.float64) else np.float64
+    idx = np.empty((n_rows, max(k, 0)), np.int64)
+    val = np.empty((n_rows, max(k, 0)), dtype)
+    if k > 0 and n_rows:
+        top_k_rows(np.ascontiguousarray(scores, dtype=dtype), k, idx, val)
+    return idx, val
