@@ -76,12 +76,43 @@ class Recommender(ABC):
 
     def fit(self, data: Dataset) -> Self:
         """Fit on `data`; remembers which items each user has seen (for exclusion)."""
+        self._remember_seen(data)
+        self._fit(data)
+        return self
+
+    @classmethod
+    def fit_grid(cls, data: Dataset, grid: list[dict[str, Any]]) -> list[Recommender]:
+        """One model fitted on `data` per parameter set of `grid` (a tuning grid), each the
+        same as ``cls(**params).fit(data)``. Work that only depends on some parameters
+        (``_shared_key``) is done once per distinct value of them."""
+        shared: dict[Any, Any] = {}
+        models = []
+        for params in grid:
+            model = cls(**params)
+            key = model._shared_key()
+            if key is None:
+                models.append(model.fit(data))
+                continue
+            if key not in shared:
+                shared[key] = model._shared_work(data)
+            model._remember_seen(data)
+            model._fit(data, shared[key])
+            models.append(model)
+        return models
+
+    def _shared_key(self) -> Any:
+        """The parameters ``_shared_work`` depends on; None: nothing to share."""
+        return None
+
+    def _shared_work(self, data: Dataset) -> Any:
+        """What fits with the same ``_shared_key`` have in common (passed to ``_fit``)."""
+        raise NotImplementedError
+
+    def _remember_seen(self, data: Dataset) -> None:
         seen = data.confidence.copy()
         seen.data[:] = 1
         self.seen_ = seen.astype(np.float32).tocsr()
         self.n_items_ = data.n_items
-        self._fit(data)
-        return self
 
     def recommend(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from recsys.models.base import Recommender
 from recsys.models.data import Dataset
@@ -59,19 +60,26 @@ class EASERecommender(Recommender):
             x.data[:] = 1.0
         return x
 
-    def _fit(self, data: Dataset) -> None:
+    def _shared_work(self, data: Dataset) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
+        """(modelled items, their Gram matrix X'X without l2, the float32 histories X): the
+        same for every l2, so a tuning grid builds it once."""
         x = self._input(data.confidence)
         counts = np.asarray((x > 0).sum(axis=0)).ravel()
         order = np.lexsort((np.arange(len(counts)), -counts))
-        self.items_ = np.sort(order[: min(self.max_items, int((counts > 0).sum()))]).astype(
-            np.int64
-        )
-        xs = x[:, self.items_].astype(np.float32).tocsc()
+        items = np.sort(order[: min(self.max_items, int((counts > 0).sum()))]).astype(np.int64)
+        xs = x[:, items].astype(np.float32).tocsc()
         gram = np.asarray((xs.T @ xs).todense(), dtype=np.float32)
+        return items, gram, x.tocsr().astype(np.float32)
+
+    def _fit(self, data: Dataset, shared=None) -> None:
+        self.items_, gram, self.x_ = self._shared_work(data) if shared is None else shared
+        gram = gram.copy() if shared is not None else gram
         gram[np.diag_indices_from(gram)] += self.l2
         self.b_ = _ease_weights(gram)
-        self.x_ = x.tocsr().astype(np.float32)  # user histories, needed to score
         self.xs_ = None
+
+    def _shared_key(self):
+        return (self.max_items, self.binary)
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         user_idx = np.asarray(user_idx, dtype=np.int64)
@@ -101,8 +109,6 @@ class EASERecommender(Recommender):
         }
 
     def _set_arrays(self, a: dict[str, np.ndarray]) -> None:
-        import scipy.sparse as sp
-
         self.xs_ = None
         self.items_, self.b_ = a["items"], a["b"]
         self.x_ = sp.csr_matrix(

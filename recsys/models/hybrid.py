@@ -130,16 +130,18 @@ class HybridConfig:
         return dict(getattr(self, name))
 
 
+_GENERATOR_CLASSES: dict[str, type[Recommender]] = {
+    "popularity": PopularityRecommender,
+    "category": PopularityRecommender,
+    "cooccurrence": CooccurrenceRecommender,
+    "lightfm": LightFMRecommender,
+    "ease": EASERecommender,
+}
+
+
 def make_generator(name: str, params: dict[str, Any]) -> Recommender:
     """An unfitted generator by name."""
-    cls = {
-        "popularity": PopularityRecommender,
-        "category": PopularityRecommender,
-        "cooccurrence": CooccurrenceRecommender,
-        "lightfm": LightFMRecommender,
-        "ease": EASERecommender,
-    }[name]
-    return cls(**params)
+    return _GENERATOR_CLASSES[name](**params)
 
 
 def too_little_data(data: Dataset, config: HybridConfig) -> str | None:
@@ -212,8 +214,10 @@ def fit_window_generators(
             if not grid:
                 continue
             results = []
-            for override in grid:
-                model = make_generator(name, {**c.generator_params(name), **override}).fit(data)
+            models = _GENERATOR_CLASSES[name].fit_grid(
+                data, [{**c.generator_params(name), **override} for override in grid]
+            )
+            for override, model in zip(grid, models, strict=True):
                 rec, _ = model.recommend(holdout.user_idx, 10)
                 results.append(
                     (float(ndcg_at_k(rec, holdout.relevant, 10).mean()), override, model)

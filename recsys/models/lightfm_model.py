@@ -162,10 +162,7 @@ class LightFMRecommender(Recommender):
         epoch training draws the same shuffles as one ``fit`` call."""
         from recsys.evaluation.metrics import ndcg_at_k
 
-        seen = data.confidence.copy()
-        seen.data[:] = 1
-        self.seen_ = seen.astype(np.float32).tocsr()
-        self.n_items_ = data.n_items
+        self._remember_seen(data)
         model, inter, weight, item_features = self._model_and_inputs(data)
         if not inter.nnz or not len(user_idx):
             self._fit(data)

@@ -6,7 +6,12 @@ import pytest
 import scipy.sparse as sp
 from synthetic_events import cluster_events, cluster_items, make_events
 
-from recsys.models.cooccurrence import cap_user_history, prune_rows
+from recsys.models.cooccurrence import (
+    CooccurrenceRecommender,
+    cap_user_history,
+    cooccurrence_counts,
+    prune_rows,
+)
 from recsys.models.data import build_dataset
 from recsys.models.ease import EASERecommender
 from recsys.models.hybrid import (
@@ -58,6 +63,35 @@ def test_cap_user_history_keeps_the_strongest_items():
     x = sp.csr_matrix(np.array([[1, 5, 3, 2], [0, 1, 0, 0]], np.float32))
     capped = cap_user_history(x, 2).toarray()
     assert capped[0].tolist() == [0, 5, 3, 0] and capped[1].tolist() == [0, 1, 0, 0]
+
+
+def test_cooccurrence_counts_leave_out_the_diagonal():
+    x = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 0]], np.float32) * 3)
+    c, rows, n = cooccurrence_counts(x)
+    assert c.toarray().tolist() == [[0, 2, 1, 0], [2, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+    assert rows.tolist() == np.repeat(np.arange(4), np.diff(c.indptr)).tolist()
+    assert n.tolist() == [2, 2, 2, 0]
+
+
+@pytest.mark.parametrize(
+    "cls, grid",
+    [
+        (
+            CooccurrenceRecommender,
+            [{"shrink": 5.0}, {"shrink": 50.0}, {"shrink": 5.0, "max_user_items": 3}],
+        ),
+        (EASERecommender, [{"l2": 10.0}, {"l2": 500.0}, {"l2": 10.0, "max_items": 7}]),
+    ],
+)
+def test_a_tuning_grid_fits_the_models_of_separate_fits(rng, cls, grid):
+    data = build_dataset(cluster_events(rng, n_users=60), cluster_items())
+    assert data.buy.nnz  # co-buy counts are shared too
+    users = np.arange(data.n_users)
+    for params, model in zip(grid, cls.fit_grid(data, grid), strict=True):
+        alone = cls(**params).fit(data)
+        assert model.params() == alone.params()
+        np.testing.assert_array_equal(model.score(users), alone.score(users))
+        assert (model.seen_ != alone.seen_).nnz == 0
 
 
 @pytest.mark.parametrize("max_leaf_nodes", [2, 7, 15, 31, 63, 100])
