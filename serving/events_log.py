@@ -40,6 +40,7 @@ Guarantees:
 from __future__ import annotations
 
 import fcntl
+import io
 import logging
 import os
 import re
@@ -95,29 +96,60 @@ def frame(record: dict[str, Any]) -> bytes:
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def frames(data: bytes | memoryview, start: int = 0) -> tuple[list[tuple[int, bytes]], int]:
+    """Payloads `(offset, payload)` of the frames of `data` from `start` whose CRC matches, and
+    the offset after the last of them (where a torn tail begins); the payloads unparsed."""
+    out: list[tuple[int, bytes]] = []
+    append, unpack, crc32 = out.append, _HEADER.unpack_from, zlib.crc32
+    view = memoryview(data)
+    pos, n = start, len(data)
+    while pos + 8 <= n:
+        length, crc = unpack(data, pos)
+        end = pos + 8 + length
+        if end > n:
+            break
+        payload = bytes(view[pos + 8 : end])
+        if crc32(payload) != crc:
+            break
+        append((pos, payload))
+        pos = end
+    return out, pos
+
+
 def read_frames(data: bytes | memoryview, start: int = 0) -> tuple[list[tuple[int, dict]], int]:
     """Records `(offset, record)` of `data` from `start`, and the offset after the last good one.
 
     Stops at an incomplete or corrupt frame (a torn tail): the returned offset is where the
     valid prefix ends.
     """
+    payloads, end = frames(data, start)
     out: list[tuple[int, dict]] = []
-    pos, n = start, len(data)
-    while pos + _HEADER.size <= n:
-        length, crc = _HEADER.unpack_from(data, pos)
-        end = pos + _HEADER.size + length
-        if end > n:
-            break
-        payload = bytes(data[pos + _HEADER.size : end])
-        if zlib.crc32(payload) != crc:
-            break
+    for pos, payload in payloads:
         try:
-            rec = orjson.loads(payload)
+            out.append((pos, orjson.loads(payload)))
         except orjson.JSONDecodeError:
-            break
-        out.append((pos, rec))
-        pos = end
-    return out, pos
+            return out, pos
+    return out, end
+
+
+#: How every event record's payload begins (`_record`: orjson keeps the key order) and what
+#: follows its id: a reader that only needs the id takes it from the bytes (`event_id_of`).
+_EVENT_HEAD = b'{"k":"e","id":"'
+_EVENT_ID_END = b'","u":'
+
+
+def event_id_of(payload: bytes) -> str | None:
+    """The id of an event record's payload without parsing the JSON, or None when the
+    payload is not an event record or its id is escaped (then parse it)."""
+    if not payload.startswith(_EVENT_HEAD):
+        return None
+    end = payload.find(_EVENT_ID_END, 15)
+    if end < 0:
+        return None
+    raw = payload[15:end]
+    if b"\\" in raw or b'"' in raw:
+        return None
+    return raw.decode()
 
 
 def segment_name(number: int) -> str:
@@ -154,8 +186,10 @@ class SegmentLog:
     """An append-only log in numbered segment files, shared by processes through `flock`.
 
     Every process keeps an in-memory view (`on_record` is called once per record, in log order,
-    for records written by any process) and catches up with the others' writes under the lock
-    before appending, so a duplicate check made under the lock sees every committed record.
+    for records written by any process; with `on_event_id`, an event record read back from
+    the file is handed to it as its id alone, without parsing the JSON) and catches up with
+    the others' writes under the lock before appending, so a duplicate check made under the
+    lock sees every committed record.
     """
 
     def __init__(
@@ -164,8 +198,10 @@ class SegmentLog:
         on_record: Callable[[int, int, dict], None],
         on_segment_removed: Callable[[int], None] | None = None,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        on_event_id: Callable[[int, int, str], None] | None = None,
     ) -> None:
         self.dir = directory
+        self._on_event_id = on_event_id
         self.wal_dir = os.path.join(directory, "wal")
         os.makedirs(self.wal_dir, exist_ok=True)
         self._on_record = on_record
@@ -226,9 +262,20 @@ class SegmentLog:
                     data = f.read()
             except FileNotFoundError:  # flushed while we read; move on
                 data = b""
-            records, end = read_frames(data)
+            payloads, end = frames(data)
             ended = False
-            for off, rec in records:
+            on_id = self._on_event_id
+            for off, payload in payloads:
+                if on_id is not None:  # the id is all the view needs of an event record
+                    eid = event_id_of(payload)
+                    if eid is not None:
+                        on_id(self._seg, self._offset + off, eid)
+                        continue
+                try:
+                    rec = orjson.loads(payload)
+                except orjson.JSONDecodeError:  # corrupt in spite of its CRC: stop here
+                    end = off
+                    break
                 if rec.get("k") == "end":
                     ended = True
                     break
@@ -534,6 +581,39 @@ def records_frame(records: Iterable[dict[str, Any]], tenant: str) -> pl.DataFram
     ).select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()])
 
 
+#: Event records as Polars reads their JSON (`_record`'s keys).
+_RECORD_SCHEMA = {
+    "k": pl.String,
+    "id": pl.String,
+    "u": pl.String,
+    "i": pl.String,
+    "t": pl.String,
+    "ts": pl.Int64,
+    "v": pl.Float64,
+    "s": pl.String,
+    "c": pl.String,
+}
+
+
+def payloads_frame(payloads: list[bytes], tenant: str) -> pl.DataFrame:
+    """Event record payloads (JSON bytes) as a DataFrame in EVENT_SCHEMA: `records_frame` of
+    the parsed records, parsed by Polars in one pass instead of one `orjson.loads` each."""
+    if not payloads:
+        return records_frame([], tenant)
+    df = pl.read_ndjson(io.BytesIO(b"\n".join(payloads)), schema=_RECORD_SCHEMA)
+    return df.select(
+        pl.col("id").alias("event_id"),
+        pl.lit(tenant, dtype=pl.String).alias("tenant"),
+        pl.col("u").alias("user_id"),
+        pl.col("i").alias("item_id"),
+        pl.col("t").alias("event_type"),
+        pl.col("ts").cast(pl.Datetime("us")).dt.replace_time_zone("UTC").alias("timestamp"),
+        pl.col("v").alias("value"),
+        pl.col("s").alias("session_id"),
+        pl.col("c").alias("context"),
+    ).select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()])
+
+
 class TenantEventLog:
     """The event log of one tenant in this process: group commit, index, tombstones, flush."""
 
@@ -551,7 +631,9 @@ class TenantEventLog:
         self._index: dict[str, tuple[int, int]] = {}  # event_id -> (segment, offset)
         self._by_segment: dict[int, list[str]] = {}
         self._deleted: dict[str, int] = {}  # event_id -> deleted_at (us)
-        self.log = SegmentLog(self.dir, self._on_record, self._on_removed, segment_bytes)
+        self.log = SegmentLog(
+            self.dir, self._on_record, self._on_removed, segment_bytes, self._on_event_id
+        )
         self._load_tombstones()
         self._queue: list[_Pending] = []
         self._queued_rows = 0
@@ -578,6 +660,10 @@ class TenantEventLog:
             self._by_segment.setdefault(seg, []).append(rec["id"])
         elif kind == "t":
             self._deleted[rec["id"]] = rec["at"]
+
+    def _on_event_id(self, seg: int, offset: int, eid: str) -> None:
+        self._index.setdefault(eid, (seg, offset))
+        self._by_segment.setdefault(seg, []).append(eid)
 
     def _on_removed(self, seg: int) -> None:
         for eid in self._by_segment.pop(seg, ()):
@@ -888,12 +974,25 @@ def flush_tenant(data_root: str, tenant: str, blocking: bool = False) -> list[st
         landed = []
         for seg in list_segments(wal_dir)[:-1]:  # never the newest: it is (or becomes) active
             path = os.path.join(wal_dir, segment_name(seg))
-            records, _, _ = read_segment(path)
-            if not records or records[-1][1].get("k") != "end":
+            with open(path, "rb") as f:
+                payloads, _ = frames(f.read())
+            if not payloads or orjson.loads(payloads[-1][1]).get("k") != "end":
                 break  # the active segment (or one being written): stop here, keep order
-            tombs = {r["id"]: r["at"] for _, r in records if r.get("k") == "t"}
+            tombs: dict[str, int] = {}
+            event_payloads = []
+            for _, payload in payloads:
+                if payload.startswith(_EVENT_HEAD):  # parsed together by Polars below
+                    event_payloads.append(payload)
+                    continue
+                rec = orjson.loads(payload)
+                if rec.get("k") == "t":
+                    tombs[rec["id"]] = rec["at"]
+                elif rec.get("k") == "e":
+                    event_payloads.append(payload)
             deleted.update(tombs)
-            events = [r for _, r in records if r.get("k") == "e" and r["id"] not in deleted]
+            events = payloads_frame(event_payloads, tenant)
+            if deleted and events.height:
+                events = events.filter(~pl.col("event_id").is_in(list(deleted)))
             stem = f"api-{segment_name(seg)[:-4]}-{_dir_tag(directory)}"
             if tombs:
                 tdf = pl.DataFrame(
@@ -906,10 +1005,10 @@ def flush_tenant(data_root: str, tenant: str, blocking: bool = False) -> list[st
                     ),
                     os.path.join(tomb_dir, stem + ".parquet"),
                 )
-            if events:
+            if events.height:
                 target = os.path.join(landing, stem + ".parquet")
                 if not os.path.exists(target):
-                    _atomic_write(records_frame(events, tenant), target)
+                    _atomic_write(events, target)
                 landed.append(target)
             os.unlink(path)
             _fsync_dir(wal_dir)

@@ -21,13 +21,17 @@ from recsys.storage import Storage
 from recsys.validation import validate_events
 from serving.events_log import (
     TenantEventLog,
+    event_id_of,
     flush_events,
     frame,
     list_segments,
+    payloads_frame,
     read_frames,
     read_tombstones,
+    records_frame,
     segment_name,
 )
+from serving.recs.events import parse_bulk
 
 EV = {
     "type": "click",
@@ -123,6 +127,64 @@ def test_bulk_ndjson_and_array_keep_valid_lines_and_report_bad_ones(client):
     assert (arr.json["accepted"], arr.json["duplicates"]) == (1, 1)
     got = client.simulate_get("/v1/recs/events/b3", headers=auth()).json
     assert got["event_type"] == "purchase" and got["value"] == 2.0
+
+
+def test_bulk_parsing_of_clean_ndjson_matches_the_line_by_line_reading():
+    events = [orjson.dumps({**EV, "event_id": f"n{i}"}) for i in range(5)]
+    for body in (
+        b"\n".join(events),
+        b"\n".join(events) + b"\n",
+        b"\r\n".join(events) + b"\r\n  \n",
+        b"\n".join([events[0], b"", events[1]]),
+        b"\n".join([events[0], b"7", b"{nope", events[1]]),
+    ):
+        items, broken = parse_bulk(body)
+        expected = []
+        for line in body.split(b"\n"):
+            if line.strip():
+                try:
+                    expected.append(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    expected.append(None)
+        assert items == expected
+        assert sorted(broken) == [i for i, e in enumerate(expected) if e is None]
+
+
+RECORDS = [
+    {"k": "e", "id": "a", "u": "u1", "i": "i1", "t": "click", "ts": 1735689600000000,
+     "v": None, "s": None, "c": None},
+    {"k": "e", "id": 'é"x\\y', "u": "ü\n", "i": "i\u2028", "t": "purchase", "ts": -5, "v": 1.0,
+     "s": "s", "c": '{"a":[1,2],"b":"\\u00e9"}'},
+    {"k": "e", "id": "b", "u": "u", "i": "i", "t": "view", "ts": 253402300799999999,
+     "v": 0.1 + 0.2, "s": "", "c": "{}"},
+    {"k": "e", "id": "c\x01", "u": "u", "i": "i", "t": "view", "ts": 0, "v": 5, "s": "x",
+     "c": None},
+]  # fmt: skip
+
+
+def test_event_records_read_in_one_polars_pass_equal_the_parsed_ones():
+    payloads = [orjson.dumps(r) for r in RECORDS]
+    got, want = payloads_frame(payloads, "acme"), records_frame(RECORDS, "acme")
+    assert got.schema == want.schema and got.equals(want)
+    assert payloads_frame([], "acme").equals(records_frame([], "acme"))
+    # ids taken from the bytes where that is safe, else None (the record is parsed)
+    assert [event_id_of(p) for p in payloads] == ["a", None, "b", None]
+    assert event_id_of(orjson.dumps({"k": "t", "id": "a", "at": 1})) is None
+
+
+def test_a_worker_catching_up_indexes_the_others_events_and_tombstones(tmp_path):
+    root = str(tmp_path)
+    w1, w2 = TenantEventLog(root, "acme"), TenantEventLog(root, "acme")
+    odd = 'q"\\é'
+    w1.submit([{**EV, "event_id": e} for e in ("p1", "p2", odd)])
+    w1.delete("p2")
+    w2.log.refresh()
+    assert set(w2._index) == {"p1", "p2", odd} and set(w2._deleted) == {"p2"}
+    assert w2.get(odd)[0]["event_id"] == odd
+    assert [r.status for r in w2.submit([{**EV, "event_id": e} for e in ("p1", odd)])] == [
+        "duplicate",
+        "duplicate",
+    ]
 
 
 def test_tenants_never_see_each_others_events(client):
