@@ -61,6 +61,16 @@ class Recommender(ABC):
     @abstractmethod
     def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None: ...
 
+    def score_columns(self, user_idx: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``score(user_idx)[:, cols]``, the same values; models whose candidates lie in a few
+        columns (``candidate_columns``) compute them without the whole block."""
+        return self.score(user_idx)[:, cols]
+
+    def score_pairs(self, user_idx: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """``score(user_idx)[i, items[i]]`` for each i (aligned arrays), the same values."""
+        users, row = np.unique(np.asarray(user_idx, dtype=np.int64), return_inverse=True)
+        return self.score(users)[row, items] if len(users) else np.zeros(0, np.float32)
+
     def candidate_columns(
         self, n_candidates: int, seen: sp.csr_matrix, unavailable: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray] | None:

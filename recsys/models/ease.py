@@ -88,6 +88,26 @@ class EASERecommender(Recommender):
             out[:, self.items_] = self._xs()[user_idx] @ self.b_
         return out
 
+    def score_columns(self, user_idx: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        user_idx = np.asarray(user_idx, dtype=np.int64)
+        if np.array_equal(cols, self.items_):  # what candidate_columns proposes
+            return np.asarray(self._xs()[user_idx] @ self.b_, dtype=np.float32)
+        out = np.full((len(user_idx), len(cols)), -np.inf, dtype=np.float32)
+        at = np.minimum(np.searchsorted(self.items_, cols), max(len(self.items_) - 1, 0))
+        modelled = self.items_[at] == cols if len(self.items_) else np.zeros(len(cols), bool)
+        if modelled.any():
+            out[:, modelled] = self._xs()[user_idx] @ self.b_[:, at[modelled]]
+        return out
+
+    def score_pairs(self, user_idx: np.ndarray, items: np.ndarray) -> np.ndarray:
+        out = np.full(len(items), -np.inf, dtype=np.float32)
+        modelled = np.isin(items, self.items_)
+        if modelled.any():
+            out[modelled] = super().score_pairs(
+                np.asarray(user_idx)[modelled], np.asarray(items)[modelled]
+            )
+        return out
+
     def candidate_columns(self, n_candidates, seen, unavailable):
         """Only the modelled items score above -inf."""
         return self.items_, self.items_[:0]

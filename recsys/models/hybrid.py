@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -498,6 +499,40 @@ def _group_z(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarra
     return np.where(ok, (values - mean[groups]) / std[groups], np.nan)
 
 
+def _masked_columns(
+    model: Recommender,
+    user_idx: np.ndarray,
+    cols: np.ndarray,
+    seen_user: np.ndarray,
+    seen_rows,
+    unavailable_idx: np.ndarray,
+) -> np.ndarray:
+    """``model.score(user_idx)[:, cols]`` with the batch's seen and the unavailable items
+    at -inf."""
+    sub = model.score_columns(user_idx, cols)
+    col_of = np.full(seen_rows.shape[1], -1, np.int64)
+    col_of[cols] = np.arange(len(cols))
+    c = col_of[seen_rows.indices]
+    sub[seen_user[c >= 0], c[c >= 0]] = -np.inf
+    c = col_of[unavailable_idx]
+    sub[:, c[c >= 0]] = -np.inf
+    return sub
+
+
+def _column_lookup(model, user_idx, cols, sub, n_items, pos, items) -> np.ndarray:
+    """The model's score of each (batch position, item) candidate: read from the column block
+    `sub` where the item is one of `cols` (a candidate is never a masked entry), else scored."""
+    col_of = np.full(n_items, -1, np.int64)
+    col_of[cols] = np.arange(len(cols))
+    c = col_of[items]
+    inside = c >= 0
+    out = np.empty(len(items), np.float32)
+    out[inside] = sub[pos[inside], c[inside]]
+    if not inside.all():
+        out[~inside] = model.score_pairs(user_idx[pos[~inside]], items[~inside])
+    return out
+
+
 def build_candidates(
     generators: dict[str, Recommender],
     side: SideFeatures,
@@ -519,31 +554,42 @@ def build_candidates(
     b = len(user_idx)
     n_items = len(side.item_available)
     unavailable = ~side.item_available
-    dense: dict[str, np.ndarray] = {}
+    unavailable_idx = np.flatnonzero(unavailable)
+    seen_rows = seen[user_idx]
+    seen_user = np.repeat(np.arange(b), np.diff(seen_rows.indptr))
+    lookups: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
     tops: dict[str, np.ndarray] = {}
     codes = []
-    seen_rows = seen[user_idx]
     for name, model in generators.items():
-        s = model.score(user_idx)
-        mask_rows(s, seen_rows, np.arange(b))
-        s[:, unavailable] = -np.inf
         found = model.candidate_columns(n_candidates, seen_rows, unavailable)
         if found is None:
+            s = model.score(user_idx)
+            s[seen_user, seen_rows.indices] = -np.inf
+            s[:, unavailable_idx] = -np.inf
             idx, val = top_k(s, n_candidates)
-        else:  # the top lies in a few known columns: select there (same order, same ties)
+            lookups[name] = lambda pos, items, s=s: s[pos, items]
+        else:  # the top lies in a few known columns: score and select there (same order, ties)
             cols, frontier = found
-            sub, val = top_k(s[:, cols], n_candidates)
-            idx = cols[sub]
+            sub = _masked_columns(model, user_idx, cols, seen_user, seen_rows, unavailable_idx)
+            at, val = top_k(sub, n_candidates)
+            idx = cols[at]
             if idx.shape[1] < n_candidates:  # fewer columns than candidates: pad
                 pad = n_candidates - idx.shape[1]
                 idx = np.pad(idx, ((0, 0), (0, pad)))
                 val = np.pad(val, ((0, 0), (0, pad)), constant_values=-np.inf)
             if len(frontier):  # users whose top may reach outside the columns: all of them
-                redo = np.flatnonzero(s[:, frontier].max(axis=1) >= val[:, -1])
+                edge = _masked_columns(
+                    model, user_idx, frontier, seen_user, seen_rows, unavailable_idx
+                )
+                redo = np.flatnonzero(edge.max(axis=1) >= val[:, -1])
                 if len(redo):
-                    idx[redo], val[redo] = top_k(s[redo], n_candidates)
+                    s = model.score(user_idx[redo])
+                    mask_rows(s, seen_rows, redo)
+                    s[:, unavailable_idx] = -np.inf
+                    idx[redo], val[redo] = top_k(s, n_candidates)
+            lookups[name] = partial(_column_lookup, model, user_idx, cols, sub, n_items)
         ok = np.isfinite(val)
-        dense[name], tops[name] = s, np.where(ok, idx, -1)
+        tops[name] = np.where(ok, idx, -1)
         codes.append((np.repeat(np.arange(b), idx.shape[1]) * n_items + idx.ravel())[ok.ravel()])
     # sort + drop repeats: the same sorted codes as np.unique, without its hash pass
     merged = np.sort(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
@@ -554,8 +600,8 @@ def build_candidates(
     cols: dict[str, np.ndarray] = {}
     scores, ranks = {}, {}
     for g in GENERATORS:
-        if g in dense:
-            sc = dense[g][pos, items].astype(np.float64)
+        if g in lookups:
+            sc = lookups[g](pos, items).astype(np.float64)
             sc[~np.isfinite(sc)] = np.nan
             # each proposed (user, item) is in `merged` (sorted): look its rank up there
             top = tops[g]

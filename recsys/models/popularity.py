@@ -82,6 +82,28 @@ class PopularityRecommender(Recommender):
         out[has] = self.segment_pop_[seg[has]]
         return out
 
+    def score_columns(self, user_idx: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        if self.kind not in ("global", "trending", "category"):
+            return super().score_columns(user_idx, cols)
+        user_idx = np.asarray(user_idx, dtype=np.int64)
+        if self.kind == "category":  # score()'s float32 arithmetic on the columns alone
+            cat = self.item_category_[cols]
+            aff = self.user_category_[user_idx][:, np.where(cat >= 0, cat, 0)] * (cat >= 0)
+            pop = self.pop_[cols]
+            return (aff * pop + 1e-3 * pop).astype(np.float32)
+        score = self.pop_ if self.kind == "global" else self.trending_
+        return np.broadcast_to(score[cols], (len(user_idx), len(cols))).copy()
+
+    def score_pairs(self, user_idx: np.ndarray, items: np.ndarray) -> np.ndarray:
+        if self.kind not in ("global", "trending", "category"):
+            return super().score_pairs(user_idx, items)
+        if self.kind == "category":
+            cat = self.item_category_[items]
+            aff = self.user_category_[user_idx, np.where(cat >= 0, cat, 0)] * (cat >= 0)
+            pop = self.pop_[items]
+            return (aff * pop + 1e-3 * pop).astype(np.float32)
+        return (self.pop_ if self.kind == "global" else self.trending_)[items].copy()
+
     def candidate_columns(self, n_candidates, seen, unavailable):
         """Global and trending: the same list for everyone, so the top n_candidates plus as
         many items as one user of the batch has masked, plus any tied with the last of them

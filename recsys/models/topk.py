@@ -49,8 +49,10 @@ def top_k_rows(scores, k, out_idx, out_val):
     completed with the lowest columns holding -inf or NaN, as -inf.
     """
     n_rows, n_cols = scores.shape
-    n_blocks = (n_cols + _BLOCK - 1) // _BLOCK
-    whole = n_cols // _BLOCK
+    # at least 2k blocks where the row is long enough: the bound then prunes
+    block = max(1, min(_BLOCK, n_cols // (2 * k)))
+    n_blocks = (n_cols + block - 1) // block
+    whole = n_cols // block if block == _BLOCK else 0
     cap = 4 * k + 64
     bv = np.empty(cap, scores.dtype)
     bi = np.empty(cap, np.int64)
@@ -66,7 +68,7 @@ def top_k_rows(scores, k, out_idx, out_val):
                     x = row[base + j]
                     m = x if x > m else m
             else:
-                for j in range(b * _BLOCK, n_cols):
+                for j in range(b * block, min((b + 1) * block, n_cols)):
                     x = row[j]
                     m = x if x > m else m
             block_max[b] = m
@@ -79,7 +81,7 @@ def top_k_rows(scores, k, out_idx, out_val):
             m = block_max[b]
             if not (m > t or (m == t and not strict)):
                 continue
-            for j in range(b * _BLOCK, min((b + 1) * _BLOCK, n_cols)):
+            for j in range(b * block, min((b + 1) * block, n_cols)):
                 x = row[j]
                 if x > t or (x == t and not strict):
                     bv[n], bi[n] = x, j

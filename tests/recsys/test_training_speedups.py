@@ -241,8 +241,22 @@ def test_candidate_columns_give_the_whole_catalogs_top():
     gens = {
         "popularity": PopularityRecommender("global").fit(data),
         "category": PopularityRecommender("category").fit(data),
+        "ease": EASERecommender(l2=5.0, max_items=80).fit(data),
     }
     side = SideFeatures.from_data(data, gens["popularity"])
+    # the column and pair scores are the whole block's values
+    batch = np.arange(data.n_users)
+    cols = np.sort(rng.choice(n_items, 120, replace=False))
+    pairs = rng.integers(0, data.n_users, 500), rng.integers(0, n_items, 500)
+    for model in [*gens.values(), PopularityRecommender("trending").fit(data)]:
+        whole = model.score(batch)
+        np.testing.assert_array_equal(model.score_columns(batch, cols), whole[:, cols])
+        np.testing.assert_array_equal(model.score_columns(batch, cols[:0]), whole[:, :0])
+        np.testing.assert_array_equal(model.score_pairs(*pairs), whole[pairs])
+    ease = gens["ease"]  # the columns it proposes: its modelled items
+    np.testing.assert_array_equal(
+        ease.score_columns(batch, ease.items_), ease.score(batch)[:, ease.items_]
+    )
 
     class WholeCatalog:
         def __init__(self, model):
@@ -255,12 +269,13 @@ def test_candidate_columns_give_the_whole_catalogs_top():
             return None
 
     plain = {name: WholeCatalog(m) for name, m in gens.items()}
-    batch = np.arange(data.n_users)
-    for n in (1, 3, 10, 40):
+    for n in (1, 3, 10, 40, 100):
         got = build_candidates(gens, side, gens["popularity"].seen_, batch, n)
         want = build_candidates(plain, side, gens["popularity"].seen_, batch, n)
         for name in gens:
             np.testing.assert_array_equal(got.tops[name], want.tops[name])
+            np.testing.assert_array_equal(got.scores[name], want.scores[name])
+            np.testing.assert_array_equal(got.ranks[name], want.ranks[name])
         np.testing.assert_array_equal(got.features, want.features)
 
 
