@@ -10,6 +10,7 @@ import orjson
 from serving import errors
 from serving.auth import Authenticator
 from serving.config import ServingConfig
+from serving.fastpath import ServingApp
 from serving.metrics import Metrics
 from serving.middleware import ServingMiddleware
 from serving.ratelimit import InProcessLimiter, RedisLimiter
@@ -60,17 +61,16 @@ def create_app(
     if limiter is None:
         limiter = RedisLimiter(config.redis_url) if config.redis_url else InProcessLimiter()
 
-    middleware: list = [
-        ServingMiddleware(
-            metrics=metrics,
-            access_log=config.access_log,
-            max_body_bytes=config.max_body_bytes,
-            authenticator=Authenticator(config),
-            limiter=limiter,
-            config=config,
-            gzip_min_bytes=config.gzip_min_bytes,
-        )
-    ]
+    serving = ServingMiddleware(
+        metrics=metrics,
+        access_log=config.access_log,
+        max_body_bytes=config.max_body_bytes,
+        authenticator=Authenticator(config),
+        limiter=limiter,
+        config=config,
+        gzip_min_bytes=config.gzip_min_bytes,
+    )
+    middleware: list = [serving]
     if config.cors_origins:  # (its process_response runs before ServingMiddleware's)
         middleware.append(
             falcon.CORSMiddleware(
@@ -85,7 +85,7 @@ def create_app(
                 ],
             )
         )
-    app = falcon.App(middleware=middleware)
+    app = ServingApp(middleware=middleware)
     handler = _json_handler()
     app.req_options.media_handlers[falcon.MEDIA_JSON] = handler
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
@@ -96,6 +96,9 @@ def create_app(
     recommend = RecommendResource(service)
     app.add_route("/v1/recommend", recommend)
     app.add_route("/v1/recommend/validate", recommend, suffix="validate")
+    app.enable_fast_path(
+        serving, recommend, cors=bool(config.cors_origins), problem_base=config.problem_base
+    )
     app.add_route("/v1/similar", SimilarResource(service))
     for kind in ("config", "rules"):
         app.add_route(

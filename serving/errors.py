@@ -76,6 +76,13 @@ def unprocessable(detail: str, code: str = "RECSYS_UNPROCESSABLE") -> ProblemErr
 
 def problem_body(req: falcon.Request, exc: falcon.HTTPError, base: str) -> dict[str, Any]:
     """The Problem Details object for an HTTP error raised while handling `req`."""
+    return problem_document(exc, req.path, getattr(req.context, "request_id", None), base)
+
+
+def problem_document(
+    exc: falcon.HTTPError, path: str, request_id: str | None, base: str
+) -> dict[str, Any]:
+    """The Problem Details object of an HTTP error raised while handling a request for `path`."""
     status = exc.status_code
     slug, title, code = _DEFAULTS.get(status, ("error", "Error", "RECSYS_ERROR"))
     if isinstance(exc, ProblemError):
@@ -85,13 +92,19 @@ def problem_body(req: falcon.Request, exc: falcon.HTTPError, base: str) -> dict[
         "title": exc.title or title,
         "status": status,
         "detail": exc.description or exc.title or title,
-        "instance": req.path,
+        "instance": path,
         "code": code,
-        "request_id": getattr(req.context, "request_id", None),
+        "request_id": request_id,
     }
     if isinstance(exc, ProblemError) and exc.extra:
         body.update(exc.extra)
     return body
+
+
+def internal_error(request_id: str | None) -> ProblemError:
+    """The 500 Problem of an unexpected exception (being handled), after logging it."""
+    log.exception("unhandled error", extra={"request_id": request_id})
+    return ProblemError(500, "The server failed to handle this request; see its logs.")
 
 
 def install(app: falcon.App, base: str) -> None:
@@ -102,10 +115,7 @@ def install(app: falcon.App, base: str) -> None:
         resp.content_type = PROBLEM_JSON
 
     def unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, params) -> None:
-        log.exception(
-            "unhandled error", extra={"request_id": getattr(req.context, "request_id", None)}
-        )
-        raise ProblemError(500, "The server failed to handle this request; see its logs.")
+        raise internal_error(getattr(req.context, "request_id", None))
 
     app.set_error_serializer(serialize)
     app.add_error_handler(Exception, unexpected)

@@ -106,8 +106,26 @@ class ServingMiddleware:
         self._gzip_level = gzip_level
 
     # --- request -------------------------------------------------------------------------
+    # (Each step reads the WSGI environ and writes `ctx`, so that `serving.fastpath` runs the
+    # very same steps without a Falcon Request; the Falcon methods below only sequence them.)
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         env, ctx = req.env, req.context  # (headers straight from the WSGI environ)
+        self.start(env, ctx)
+        method = req.method
+        if self._max_body is not None:
+            ctx.body_length = (
+                self.body_length(req.content_length, env) if method in (_BODY_METHODS) else 0
+            )
+        if self._auth is None:
+            return
+        ctx.principal = None
+        ctx.ratelimit_state = None
+        if method == "OPTIONS" or req.path in PUBLIC_PATHS:
+            return
+        self.admit(env, ctx)
+
+    def start(self, env: dict, ctx) -> None:
+        """Request id and trace context (when enabled), and the start time."""
         if self._request_ids:
             rid = env.get("HTTP_X_REQUEST_ID")
             ctx.request_id = rid if rid and _REQUEST_ID_OK.match(rid) else new_request_id()
@@ -120,28 +138,19 @@ class ServingMiddleware:
                     ctx.traceparent = f"00-{match.group(2)}-{span}-{match.group(4)}"
                     ctx.tracestate = env.get("HTTP_TRACESTATE")
         ctx.started = time.perf_counter()
-        method = req.method
-        if self._max_body is not None:
-            ctx.body_length = 0
-        if self._max_body is not None and method in _BODY_METHODS:
-            length = req.content_length
-            if length is None:
-                if env.get("HTTP_TRANSFER_ENCODING"):
-                    raise ProblemError(
-                        411, "Send a Content-Length; chunked bodies are not accepted."
-                    )
-                length = 0
-            if length > self._max_body:
-                raise ProblemError(
-                    413, f"The body is {length} bytes; the limit is {self._max_body}."
-                )
-            ctx.body_length = length
-        if self._auth is None:
-            return
-        ctx.principal = None
-        ctx.ratelimit_state = None
-        if method == "OPTIONS" or req.path in PUBLIC_PATHS:
-            return
+
+    def body_length(self, length: int | None, env: dict) -> int:
+        """The Content-Length of a body method's request, checked against the limit (411/413)."""
+        if length is None:
+            if env.get("HTTP_TRANSFER_ENCODING"):
+                raise ProblemError(411, "Send a Content-Length; chunked bodies are not accepted.")
+            return 0
+        if length > self._max_body:
+            raise ProblemError(413, f"The body is {length} bytes; the limit is {self._max_body}.")
+        return length
+
+    def admit(self, env: dict, ctx) -> None:
+        """Authentication, X-Org-Id and rate limits of a route that needs credentials."""
         principal = self._auth.authenticate(
             env.get("HTTP_AUTHORIZATION"), env.get("HTTP_X_API_KEY")
         )
@@ -189,15 +198,17 @@ class ServingMiddleware:
     def process_resource(
         self, req: falcon.Request, resp: falcon.Response, resource, params
     ) -> None:
-        ctx = req.context
+        self.check_resource(req.context, req.content_type, req.method, resource, params)
+
+    def check_resource(self, ctx, content_type: str | None, method: str, resource, params) -> None:
+        """Media type (415), then the resource's scope and `{tenant_id}` (403)."""
         if self._max_body is not None and ctx.body_length:
             # A resource may accept more media types than JSON (the bulk events route: NDJSON).
             accepted = getattr(resource, "accepted_media", DEFAULT_MEDIA)
-            content_type = (req.content_type or "").lower()
-            if not content_type.startswith(accepted):
+            if not (content_type or "").lower().startswith(accepted):
                 raise ProblemError(
                     415,
-                    f"Content-Type must be {' or '.join(accepted)}, not {req.content_type!r}.",
+                    f"Content-Type must be {' or '.join(accepted)}, not {content_type!r}.",
                 )
         if self._auth is None:
             return
@@ -206,7 +217,7 @@ class ServingMiddleware:
             return
         scope = getattr(resource, "required_scope", None)
         if isinstance(scope, dict):
-            scope = scope.get(req.method)
+            scope = scope.get(method)
         if scope and not principal.has_scope(scope):
             raise ProblemError(
                 403, f"This operation needs the {scope!r} scope.", code="RECSYS_INSUFFICIENT_SCOPE"
@@ -222,39 +233,56 @@ class ServingMiddleware:
     # --- response ------------------------------------------------------------------------
     def process_response(self, req, resp, resource, req_succeeded) -> None:
         ctx = req.context
-        # (getattr: Falcon runs process_response even when process_request did not run)
-        state = getattr(ctx, "ratelimit_state", None) if self._limiter is not None else None
-        if state:
-            resp.set_header("RateLimit-Policy", self._policy)
-            resp.set_header("RateLimit", state)
-        if self._request_ids and hasattr(ctx, "request_id"):
-            resp.set_header("X-Request-Id", ctx.request_id)
-            if ctx.traceparent:
-                resp.set_header("traceparent", ctx.traceparent)
-                if ctx.tracestate:
-                    resp.set_header("tracestate", ctx.tracestate)
+        for name, value in self.response_headers(ctx):
+            resp.set_header(name, value)
         if self._gzip_min is not None:
             self._gzip(req, resp)
         if self._metrics is not None and hasattr(ctx, "started"):
-            self._observe(req, resp, ctx)
+            self.observe(ctx, req.uri_template, req.method, resp.status_code, req.path, req.env)
+
+    def response_headers(self, ctx) -> list[tuple[str, str]]:
+        """RateLimit headers, then X-Request-Id / traceparent / tracestate (lowercase names, as
+        Falcon sends them)."""
+        out = []
+        # (getattr: Falcon runs process_response even when process_request did not run)
+        state = getattr(ctx, "ratelimit_state", None) if self._limiter is not None else None
+        if state:
+            out.append(("ratelimit-policy", self._policy))
+            out.append(("ratelimit", state))
+        if self._request_ids and hasattr(ctx, "request_id"):
+            out.append(("x-request-id", ctx.request_id))
+            if ctx.traceparent:
+                out.append(("traceparent", ctx.traceparent))
+                if ctx.tracestate:
+                    out.append(("tracestate", ctx.tracestate))
+        return out
 
     def _gzip(self, req, resp) -> None:
-        accept = req.env.get("HTTP_ACCEPT_ENCODING")
-        if not accept or "gzip" not in accept.lower() or resp.stream is not None:
+        if resp.stream is not None or not self.accepts_gzip(req.env):
             return
         body = resp.render_body()
         resp.append_header("Vary", "Accept-Encoding")
-        if body is None or len(body) < self._gzip_min:
-            return
-        resp.data = gzip.compress(body, compresslevel=self._gzip_level, mtime=0)
-        resp.text = None
-        resp.set_header("Content-Encoding", "gzip")
+        zipped = self.gzipped(body)
+        if zipped is not None:
+            resp.data = zipped
+            resp.text = None
+            resp.set_header("Content-Encoding", "gzip")
 
-    def _observe(self, req, resp, ctx) -> None:
+    def accepts_gzip(self, env: dict) -> bool:
+        accept = env.get("HTTP_ACCEPT_ENCODING")
+        return bool(accept) and "gzip" in accept.lower()
+
+    def gzipped(self, body: bytes | None) -> bytes | None:
+        """The compressed body of a client that accepts gzip, or None when it is too small."""
+        if body is None or len(body) < self._gzip_min:
+            return None
+        return gzip.compress(body, compresslevel=self._gzip_level, mtime=0)
+
+    def observe(self, ctx, route: str | None, method: str, status: int, path: str, env) -> None:
+        """Request count and latency of the route, and the access log line."""
         elapsed = time.perf_counter() - ctx.started
-        route = req.uri_template or "unmatched"
-        status = resp.status_code
-        key = (route, req.method, _STATUS_TEXT.get(status) or str(status))
+        route = route or "unmatched"
+        key = (route, method, _STATUS_TEXT.get(status) or str(status))
         self._requests.inc(key)
         self._latency.observe(key, elapsed)
         if self._log and access_log.isEnabledFor(logging.INFO):
@@ -264,14 +292,14 @@ class ServingMiddleware:
                     {
                         "ts": time.time(),
                         "request_id": getattr(ctx, "request_id", None),
-                        "method": req.method,
-                        "path": req.path,
+                        "method": method,
+                        "path": path,
                         "route": route,
                         "status": status,
                         "duration_ms": round(elapsed * 1000, 3),
                         "tenant": principal.tenant if principal else None,
-                        "remote": req.remote_addr,
-                        "user_agent": req.user_agent,
+                        "remote": env.get("REMOTE_ADDR", "127.0.0.1"),
+                        "user_agent": env.get("HTTP_USER_AGENT"),
                     }
                 ).decode()
             )

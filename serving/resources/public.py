@@ -11,15 +11,18 @@ from serving.service import RecommendService
 
 
 def _body(req: falcon.Request):
-    """The JSON body, parsed once with orjson (BodyLimitMiddleware has already checked its
-    length and Content-Type; Falcon's media machinery is skipped on the hot path)."""
-    length = req.content_length
+    return body_of(req.stream, req.content_length)
+
+
+def body_of(stream, length: int | None):
+    """The JSON body, parsed once with orjson (the middleware has already checked its length
+    and Content-Type; Falcon's media machinery is skipped on the hot path)."""
     if not length:
         raise ProblemError(400, "The request needs a JSON body.")
     try:
         # Exactly Content-Length bytes from the WSGI input (already capped by the middleware):
         # what `req.bounded_stream` would do, without building its wrapper per request.
-        return orjson.loads(req.stream.read(length))
+        return orjson.loads(stream.read(length))
     except orjson.JSONDecodeError:
         raise ProblemError(
             400, "The body is not valid JSON.", code="RECSYS_MALFORMED_JSON"
@@ -42,10 +45,15 @@ class RecommendResource:
         self._service = service
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        tenant = req.context.principal.tenant
-        result = self._service.recommend(tenant, _body(req), req.context.started)
-        result["meta"]["request_id"] = req.context.request_id
-        _send(resp, result)
+        resp.data = self.answer(req.context, req.stream, req.content_length)
+        resp.set_header("Cache-Control", "no-store")
+
+    def answer(self, ctx, stream, length: int | None) -> bytes:
+        """The JSON answer (bytes) of the request whose middleware state is `ctx` and whose body
+        is `length` bytes of `stream` (shared with `serving.fastpath`)."""
+        result = self._service.recommend(ctx.principal.tenant, body_of(stream, length), ctx.started)
+        result["meta"]["request_id"] = ctx.request_id
+        return orjson.dumps(result)
 
     def on_post_validate(self, req: falcon.Request, resp: falcon.Response) -> None:
         result = self._service.validate(req.context.principal.tenant, _body(req))
