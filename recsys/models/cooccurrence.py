@@ -9,6 +9,7 @@ import scipy.sparse as sp
 
 from recsys.models.base import Recommender
 from recsys.models.data import Dataset
+from recsys.models.similarity import shrunk_cosine_neighbours
 
 
 def prune_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
@@ -51,38 +52,6 @@ def cap_user_history(x: sp.csr_matrix, max_items: int) -> sp.csr_matrix:
     return prune_rows(x, max_items)
 
 
-def cooccurrence_counts(x: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
-    """Item-item co-interaction counts over binary user histories, diagonal left out.
-
-    Returns (``c``: float32 CSR, ``c_ij`` = users who interacted with both i and j; the row of
-    each stored entry; ``n``: users per item). What :func:`shrunk_cosine` divides, for any
-    shrink: a tuning grid computes it once.
-    """
-    xb = x.tocsr().astype(np.float32)
-    xb.data[:] = 1.0
-    c = (xb.T @ xb).tocsr()
-    rows = np.repeat(np.arange(c.shape[0]), np.diff(c.indptr))
-    keep = (rows != c.indices) & (c.data != 0)  # setdiag(0) + eliminate_zeros, in one pass
-    indptr = np.zeros(c.shape[0] + 1, dtype=c.indptr.dtype)
-    np.cumsum(np.bincount(rows[keep], minlength=c.shape[0]), out=indptr[1:])
-    c = sp.csr_matrix((c.data[keep], c.indices[keep], indptr), shape=c.shape)
-    return c, rows[keep], np.asarray(xb.sum(axis=0)).ravel()
-
-
-def shrunk_cosine(
-    counts: tuple[sp.csr_matrix, np.ndarray, np.ndarray], shrink: float
-) -> sp.csr_matrix:
-    """Item-item ``c_ij / (sqrt(n_i n_j) + shrink)`` from :func:`cooccurrence_counts`.
-
-    ``c_ij`` = users who interacted with both, ``n_i`` = users of item i. The shrink term pulls
-    pairs seen by few users towards 0, so two items bought once by the same user do not look
-    perfectly similar (raw counts would instead favour whatever is popular).
-    """
-    c, rows, n = counts
-    data = (c.data / (np.sqrt(n[rows] * n[c.indices]) + shrink)).astype(np.float32)
-    return sp.csr_matrix((data, c.indices, c.indptr), shape=c.shape)
-
-
 class CooccurrenceRecommender(Recommender):
     """Scores = user history (log1p confidence) x item-item similarity.
 
@@ -112,23 +81,42 @@ class CooccurrenceRecommender(Recommender):
             "max_user_items": self.max_user_items,
         }
 
-    def _shared_work(self, data: Dataset) -> dict:
-        """The co-occurrence counts of all positive events and of buys (capped histories):
-        the sparse products, most of a fit, the same for every shrink."""
-        out = {"all": cooccurrence_counts(cap_user_history(data.confidence, self.max_user_items))}
-        if self.buy_weight and data.buy.nnz:
-            out["buy"] = cooccurrence_counts(cap_user_history(data.buy, self.max_user_items))
-        return out
+    @classmethod
+    def fit_grid(cls, data: Dataset, grid: list[dict[str, Any]]) -> list[CooccurrenceRecommender]:
+        """One model per parameter set, each the same as its own fit; the shrinks of
+        parameter sets that differ only in shrink are computed in one counting pass."""
+        models = [cls(**params) for params in grid]
+        groups: dict[tuple, list[CooccurrenceRecommender]] = {}
+        for model in models:
+            key = (model.max_user_items, model.buy_weight, model.neighbors)
+            groups.setdefault(key, []).append(model)
+        for group in groups.values():
+            sims = group[0]._similarities(data, [m.shrink for m in group])
+            for model, sim in zip(group, sims, strict=True):
+                model._remember_seen(data)
+                model._set_fitted(data, sim)
+        return models
 
-    def _shared_key(self):
-        return (self.max_user_items, bool(self.buy_weight))
+    def _similarities(self, data: Dataset, shrinks: list[float]) -> list[sp.csr_matrix]:
+        """The pruned item-item similarities for each shrink (``recsys.models.similarity``)."""
+        buy = (
+            cap_user_history(data.buy, self.max_user_items)
+            if self.buy_weight and data.buy.nnz
+            else None
+        )
+        return shrunk_cosine_neighbours(
+            cap_user_history(data.confidence, self.max_user_items),
+            buy,
+            self.buy_weight,
+            shrinks,
+            self.neighbors,
+        )
 
-    def _fit(self, data: Dataset, counts: dict | None = None) -> None:
-        counts = self._shared_work(data) if counts is None else counts
-        sim = shrunk_cosine(counts["all"], self.shrink)
-        if self.buy_weight and data.buy.nnz:
-            sim = sim + self.buy_weight * shrunk_cosine(counts["buy"], self.shrink)
-        self.sim_ = prune_rows(sim.tocsr(), self.neighbors).astype(np.float32)
+    def _fit(self, data: Dataset) -> None:
+        self._set_fitted(data, self._similarities(data, [self.shrink])[0])
+
+    def _set_fitted(self, data: Dataset, sim: sp.csr_matrix) -> None:
+        self.sim_ = sim
         h = data.confidence.astype(np.float32).tocsr()
         h.data = np.log1p(np.maximum(h.data, 0))
         self.history_ = h

@@ -6,12 +6,7 @@ import pytest
 import scipy.sparse as sp
 from synthetic_events import cluster_events, cluster_items, make_events
 
-from recsys.models.cooccurrence import (
-    CooccurrenceRecommender,
-    cap_user_history,
-    cooccurrence_counts,
-    prune_rows,
-)
+from recsys.models.cooccurrence import CooccurrenceRecommender, cap_user_history, prune_rows
 from recsys.models.data import build_dataset
 from recsys.models.ease import EASERecommender
 from recsys.models.hybrid import (
@@ -24,6 +19,7 @@ from recsys.models.hybrid import (
 from recsys.models.lightfm_model import LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
 from recsys.models.serve import serve_top_n
+from recsys.models.similarity import shrunk_cosine_neighbours
 from recsys.models.threads import single_threaded_blas
 from recsys.models.topk import top_k
 from recsys.models.trees import TreeEnsemble
@@ -65,12 +61,40 @@ def test_cap_user_history_keeps_the_strongest_items():
     assert capped[0].tolist() == [0, 5, 3, 0] and capped[1].tolist() == [0, 1, 0, 0]
 
 
-def test_cooccurrence_counts_leave_out_the_diagonal():
-    x = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 0]], np.float32) * 3)
-    c, rows, n = cooccurrence_counts(x)
-    assert c.toarray().tolist() == [[0, 2, 1, 0], [2, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
-    assert rows.tolist() == np.repeat(np.arange(4), np.diff(c.indptr)).tolist()
-    assert n.tolist() == [2, 2, 2, 0]
+def _shrunk_cosine_by_products(x: sp.csr_matrix, shrink: float) -> sp.csr_matrix:
+    """The reference: X'X of binary histories, diagonal dropped, divided in float32."""
+    xb = x.tocsr().astype(np.float32)
+    xb.data[:] = 1.0
+    c = (xb.T @ xb).tocsr()
+    c.setdiag(0)
+    c.eliminate_zeros()
+    n = np.asarray(xb.sum(axis=0)).ravel()
+    rows = np.repeat(np.arange(c.shape[0]), np.diff(c.indptr))
+    c.data = (c.data / (np.sqrt(n[rows] * n[c.indices]) + shrink)).astype(np.float32)
+    return c
+
+
+@pytest.mark.parametrize("buy_weight", [0.0, 1.0, 0.35])
+def test_neighbour_rows_match_sparse_products_and_pruning(buy_weight):
+    rng = np.random.default_rng(5)
+    n_users, n_items = 300, 120
+    # skewed popularity: many equal similarities (ties at the cut), some empty items
+    x = sp.csr_matrix(
+        (rng.random((n_users, n_items)) < 0.08 * (rng.random(n_items) < 0.9)).astype(np.float32)
+    )
+    buy = sp.csr_matrix((x.toarray() * (rng.random(x.shape) < 0.3)).astype(np.float32))
+    shrinks = [0.0, 5.0, 20.0]
+    for neighbors in (1, 7, 40, 500):
+        got = shrunk_cosine_neighbours(x, buy, buy_weight, shrinks, neighbors)
+        for shrink, sim in zip(shrinks, got, strict=True):
+            want = _shrunk_cosine_by_products(x, shrink)
+            if buy_weight:
+                want = want + buy_weight * _shrunk_cosine_by_products(buy, shrink)
+            want = prune_rows(want.tocsr(), neighbors)
+            assert sim.shape == want.shape
+            np.testing.assert_array_equal(sim.indptr, want.indptr)
+            np.testing.assert_array_equal(sim.indices, want.indices)
+            np.testing.assert_array_equal(sim.data, want.data.astype(np.float32))
 
 
 @pytest.mark.parametrize(
