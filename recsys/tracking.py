@@ -12,6 +12,7 @@ reads the environment.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import subprocess
@@ -136,14 +137,21 @@ def log_training_run(
 ) -> TrainingRun:
     """Log one training run and register its model as a new version of ``recsys-<tenant>``.
 
-    `model` is a fitted ``HybridRecommender``; `table` the evaluation table (row ``served`` is
-    the gate's figure). With ``register``, the champion gate runs (see :func:`champion_gate`).
+    `model` is a fitted ``HybridRecommender``, or the folder one was saved to (logged as it
+    is, neither loaded nor saved again); `table` the evaluation table (row ``served`` is the
+    gate's figure). With ``register``, the champion gate runs (see :func:`champion_gate`).
     """
     import mlflow
 
+    if isinstance(model, str):
+        model_dir = model
+        with open(os.path.join(model_dir, "hybrid.json")) as f:
+            config = json.load(f)["config"]
+    else:
+        model_dir, config = None, model.config.to_dict()
     client = _client(uri)
     exp_id = ensure_experiment(client, tenant, artifact_root)
-    params = {"tenant": tenant, **_flatten(model.config.to_dict(), "config.")}
+    params = {"tenant": tenant, **_flatten(config, "config.")}
     params.update(_flatten(extra_params or {}))
     fingerprint = data_fingerprint(events)  # sorts and hashes every event: once
     tags = {
@@ -185,8 +193,9 @@ def log_training_run(
                 client.log_artifact(run_id, os.path.join(tmp, "evaluation.html"), "evaluation")
             if plot_path:
                 client.log_artifact(run_id, plot_path, "evaluation")
-            model_dir = os.path.join(tmp, "model")
-            model.save(model_dir)
+            if model_dir is None:
+                model_dir = os.path.join(tmp, "model")
+                model.save(model_dir)
             client.log_artifacts(run_id, model_dir, "model")
         client.set_terminated(run_id, "FINISHED")
     except BaseException:

@@ -92,14 +92,13 @@ def champion_model(
     rows = []
     for tenant in tenants(store, config.tenants):
         events, _, _ = read_inputs(store, tenant)
-        model = HybridRecommender.load(model_path(store, tenant, "final", "hybrid"))
         ev_dir = store.evaluation_dir(tenant)
         csv = os.path.join(ev_dir, "evaluation.csv")
         table = pl.read_csv(csv) if os.path.exists(csv) else None
         png = os.path.join(ev_dir, "evaluation.png")
         run = tracking.log_training_run(
             tenant=tenant,
-            model=model,
+            model=model_path(store, tenant, "final", "hybrid"),  # logged as saved
             events=events,
             uri=uri,
             artifact_root=store.mlflow_artifacts() if not mlflow.tracking_uri else None,

@@ -93,6 +93,29 @@ def test_registry_roundtrip_and_gate(model, storage, tmp_path):
     )
 
 
+def test_a_saved_model_folder_is_logged_as_it_is(model, storage, tmp_path):
+    hybrid, events = model
+    folder = str(tmp_path / "saved")
+    hybrid.save(folder)
+    uri = tracking.tracking_uri(storage)
+    run = tracking.log_training_run(
+        tenant="folder",
+        model=folder,
+        events=events,
+        uri=uri,
+        artifact_root=storage.mlflow_artifacts(),
+        table=_table(0.2),
+    )
+    assert run.gate["promoted"]
+    params = tracking._client(uri).get_run(run.run_id).data.params
+    assert params["config.lightfm.epochs"] == str(hybrid.config.lightfm["epochs"])
+    loaded = tracking.load_registered_model("folder", uri, "champion", dst=str(tmp_path / "dl"))
+    users = np.arange(len(hybrid.user_ids_))
+    a, b = serve_top_n(hybrid, users, 10), serve_top_n(loaded, users, 10)
+    np.testing.assert_array_equal(a.item_idx, b.item_idx)
+    np.testing.assert_array_equal(a.final_score, b.final_score)
+
+
 def test_fingerprint_is_order_independent(model):
     _, events = model
     shuffled = events.sample(fraction=1.0, shuffle=True, seed=3)
