@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import numpy as np
+import orjson
 
 from recsys.snapshot.format import SIGNALS
 from serving.config import ServingConfig
@@ -139,6 +140,26 @@ class RecommendService:
         }
 
     def recommend(self, tenant: str, body: Any, started: float) -> dict[str, Any]:
+        """The answer to a recommend request body of `tenant` (the contract's JSON object)."""
+        return self._response(*self._recommend(tenant, body, started))
+
+    def recommend_json(self, tenant: str, body: Any, started: float, request_id: str) -> bytes:
+        """`recommend` with `meta.request_id`, serialized: the same bytes as orjson.dumps of
+        that object, with the plain items (no reasons or explanations) written directly
+        instead of as one dict each."""
+        live, req, ranked, meta, warnings = self._recommend(tenant, body, started)
+        meta["request_id"] = request_id
+        if not req.include_reasons and req.explain == "none":
+            items = items_json(live.item_ids(ranked.items), ranked.scores)
+            if items is not None:
+                rest: dict[str, Any] = {"meta": meta, "warnings": warnings}
+                if ranked.trace is not None:
+                    rest["trace"] = ranked.trace
+                return b'{"items":' + items + b"," + orjson.dumps(rest)[1:]
+        return orjson.dumps(self._response(live, req, ranked, meta, warnings))
+
+    def _recommend(self, tenant: str, body: Any, started: float):
+        """(live snapshot, request, ranked answer, meta, warnings) of a recommend request."""
         deadline = started + self._config.deadline_ms / 1000.0
         req, warnings, tconf, cversion = self.parse(tenant, body)
         meta: dict[str, Any] = {}
@@ -212,7 +233,7 @@ class RecommendService:
         if weights and req.explain == "full":
             meta["weights"] = {s: float(weights.get(s, 0.0)) for s in SIGNALS}
         self._count(tenant, ranked)
-        return self._response(live, req, ranked, meta, warnings)
+        return live, req, ranked, meta, warnings
 
     def similar(self, tenant: str, body: Any, started: float) -> dict[str, Any]:
         deadline = started + self._config.deadline_ms / 1000.0
@@ -301,3 +322,27 @@ def _item_indices(live: LiveSnapshot, ids: list[str]) -> np.ndarray:
         return _NO_ITEMS
     found = [i for i in map(live.item_index, ids) if i is not None]
     return np.asarray(list(dict.fromkeys(found)), dtype=np.int32)
+
+
+_ITEM_START, _ITEM_SEP = b'[{"item_id":"', b'},{"item_id":"'
+_RANK_SCORE: list[bytes] = []  # b'","rank":<r>,"score":' of rank r = index + 1
+
+
+def items_json(ids: list[str], scores: list[float]) -> bytes | None:
+    """The `items` array of plain items ({"item_id", "rank", "score"} in rank order) exactly as
+    orjson.dumps writes it, from one dumps of the ids and one of the scores; None when an id
+    holds a quote or ends with a backslash (a backslash before a quote in the dump would make
+    the split of the ids ambiguous)."""
+    n = len(ids)
+    if not n:
+        return b"[]"
+    ids_blob = orjson.dumps(ids)
+    if b'\\"' in ids_blob:
+        return None
+    while len(_RANK_SCORE) < n:
+        _RANK_SCORE.append(b'","rank":%d,"score":' % (len(_RANK_SCORE) + 1))
+    # (every quote in ids_blob is structural, so '","' separates ids; numbers hold no comma)
+    id_parts = ids_blob[2:-2].split(b'","')
+    score_parts = orjson.dumps(scores)[1:-1].split(b",")
+    parts = map(b"".join, zip(id_parts, _RANK_SCORE[:n], score_parts, strict=True))
+    return _ITEM_START + _ITEM_SEP.join(parts) + b"}]"

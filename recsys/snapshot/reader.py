@@ -65,7 +65,8 @@ class _IdTable:
     def id(self, idx: int) -> str:
         if not 0 <= idx < self.n:
             raise IndexError(f"index {idx} out of range [0, {self.n})")
-        return self._data[self._offsets[idx] : self._offsets[idx + 1]].tobytes().decode("utf-8")
+        offsets = self._offsets_mv  # (Python ints and a bytes slice: no NumPy scalars)
+        return str(self._data_mv[offsets[idx] : offsets[idx + 1]], "utf-8")
 
     def index(self, key: str) -> int | None:
         raw = key.encode("utf-8")

@@ -51,9 +51,9 @@ class RecommendResource:
     def answer(self, ctx, stream, length: int | None) -> bytes:
         """The JSON answer (bytes) of the request whose middleware state is `ctx` and whose body
         is `length` bytes of `stream` (shared with `serving.fastpath`)."""
-        result = self._service.recommend(ctx.principal.tenant, body_of(stream, length), ctx.started)
-        result["meta"]["request_id"] = ctx.request_id
-        return orjson.dumps(result)
+        return self._service.recommend_json(
+            ctx.principal.tenant, body_of(stream, length), ctx.started, ctx.request_id
+        )
 
     def on_post_validate(self, req: falcon.Request, resp: falcon.Response) -> None:
         result = self._service.validate(req.context.principal.tenant, _body(req))

@@ -300,7 +300,7 @@ def test_deadline_and_unexpected_errors_answer_alike(monkeypatch, data_root):
     def boom(self, *args, **kwargs):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(RecommendService, "recommend", boom)
+    monkeypatch.setattr(RecommendService, "_recommend", boom)
     request = [("500", request[0][1], True)]
     answers = dict(_compare(monkeypatch, make_config(data_root), request))
     assert answers["500"][0].startswith("500") and b"kaboom" not in answers["500"][2]

@@ -222,6 +222,6 @@ def test_unexpected_errors_are_500_problems(client, monkeypatch):
     def boom(self, *args, **kwargs):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(RecommendService, "recommend", boom)
+    monkeypatch.setattr(RecommendService, "_recommend", boom)
     body = assert_problem(recommend(client, {"user": {"user_id": "u1"}}), 500, "RECSYS_INTERNAL")
     assert "kaboom" not in body["detail"]  # internals are logged, not leaked
