@@ -189,6 +189,8 @@ class ConnectionThreadWorker(base.Worker):
             if not self.alive or not self.cfg.keepalive or conn.upgraded or self._crowded(listener):
                 resp.force_close()
             respiter = self.wsgi(environ, resp.start_response)
+            if conn.broken:  # the body could not be read (the app may have answered a 500)
+                resp.force_close()
             try:
                 if type(respiter) is list and len(respiter) == 1:
                     resp.finish(respiter[0])  # head and body in one send
@@ -201,7 +203,7 @@ class ConnectionThreadWorker(base.Worker):
                     self.log.access(resp, req, environ, datetime.now() - request_start)
                 if hasattr(respiter, "close"):
                     respiter.close()
-            return not resp.should_close()
+            return not resp.should_close() and not conn.broken
         except (OSError, ClientGone, BadRequest):
             raise
         except Exception:

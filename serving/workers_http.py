@@ -37,7 +37,13 @@ from gunicorn.http.errors import (
     LimitRequestLine,
     UnsupportedTransferCoding,
 )
-from gunicorn.http.message import MAX_HEADERS, MAX_REQUEST_LINE, TOKEN_RE, HeaderPolicy
+from gunicorn.http.message import (
+    MAX_HEADERS,
+    MAX_REQUEST_LINE,
+    RFC9110_5_3_SINGLETON_FIELDS,
+    TOKEN_RE,
+    HeaderPolicy,
+)
 from gunicorn.http.wsgi import HEADER_VALUE_RE, FileWrapper, WSGIErrorsWrapper
 
 #: Bytes asked of recv() at a time.
@@ -57,6 +63,12 @@ _HOP_HEADERS = frozenset(
     }
 )
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: Request header names `HeaderPolicy._apply_header_policy` acts on (with the trusted
+#: secure-scheme and forwarder headers, and any name holding "_"); TRANSFER-ENCODING for
+#: `Connection._transfer_coding`.
+_POLICY_NAMES = RFC9110_5_3_SINGLETON_FIELDS | {"EXPECT", "TRANSFER-ENCODING"}
+#: Header names as sent -> upper-case str (bounded), so a repeated name is decoded once.
+_NAMES: dict[bytes, str] = {}
 
 
 class ClientGone(Exception):
@@ -151,6 +163,7 @@ class Connection:
         self.in_head = False
         self.head_bytes = 0
         self.upgraded = False
+        self.broken = False
         self._trusted: tuple | None = None
 
     # -- llhttp callbacks
@@ -206,24 +219,31 @@ class Connection:
                 parts.fragment or "",
             )
         if self._trusted is None:
-            self._trusted = req._peer_trusted_for_forwarded()
+            secure, forwarders = self._trusted = req._peer_trusted_for_forwarded()
+            # names the header policy acts on; any other name (without "_") is kept as it is
+            self._policy_names = _POLICY_NAMES | set(secure) | set(forwarders)
         secure, forwarders = self._trusted
+        policy_names = self._policy_names
         scheme_state = [False]
         seen: set[str] = set()
         headers = req.headers
-        for name, value in req.raw:
-            kept = req._apply_header_policy(
-                name.decode("latin-1").upper(),
-                value.decode("latin-1").strip(" \t"),
-                scheme_state,
-                seen,
-                secure,
-                forwarders,
-            )
-            if kept is not None:
+        names = _NAMES
+        for raw_name, raw_value in req.raw:
+            name = names.get(raw_name)
+            if name is None:
+                name = raw_name.decode("latin-1").upper()
+                if len(names) < 1024:
+                    names[raw_name] = name
+            value = raw_value.decode("latin-1").strip(" \t")
+            if name in policy_names or "_" in name:
+                kept = req._apply_header_policy(name, value, scheme_state, seen, secure, forwarders)
+                if kept is None:
+                    continue
+                if name == "TRANSFER-ENCODING":
+                    self._transfer_coding(req, value)
                 headers.append(kept)
-            if kept is not None and kept[0] == "TRANSFER-ENCODING":
-                self._transfer_coding(req, kept[1])
+            else:
+                headers.append((name, value))
         req.raw = []
         if req.chunked and version < (1, 1):
             raise InvalidHeader("TRANSFER-ENCODING", req=req)
@@ -258,7 +278,15 @@ class Connection:
 
     # -- reading
     def feed(self) -> None:
-        """Read once from the socket and parse it; ClientGone at the end of the stream."""
+        """Read once from the socket and parse it; ClientGone at the end of the stream. After
+        any error the connection is `broken`: it closes after the answer in progress."""
+        try:
+            self._feed()
+        except BaseException:
+            self.broken = True
+            raise
+
+    def _feed(self) -> None:
         data = self.sock.recv(RECV_BYTES)
         if not data:
             raise ClientGone()
@@ -314,14 +342,17 @@ class Body:
         self.dropping = False
 
     def _fill(self, size: int) -> None:
+        """Read until `buf` holds `size` bytes (all of the body when size < 0) or the body
+        ends; the pieces are joined once."""
         req = self.req
-        while True:
-            if req.chunks:
-                self.buf += b"".join(req.chunks) if len(req.chunks) > 1 else req.chunks[0]
-                req.chunks = []
-            if (size >= 0 and len(self.buf) >= size) or req.complete:
-                return
+        have = len(self.buf) + sum(map(len, req.chunks))
+        while not req.complete and (size < 0 or have < size):
+            seen = len(req.chunks)
             self.conn.feed()
+            have += sum(map(len, req.chunks[seen:]))
+        if req.chunks:
+            self.buf = b"".join([self.buf, *req.chunks]) if self.buf else b"".join(req.chunks)
+            req.chunks = []
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
@@ -375,6 +406,8 @@ class Body:
         return line
 
 
+#: Response header names already checked against TOKEN_RE -> lower case (bounded).
+_RESPONSE_NAMES: dict[str, str] = {}
 _date = [0, ""]
 
 
@@ -406,8 +439,6 @@ class Response:
         "upgrade",
         "_head",
     )
-
-    _names_ok: set[str] = set()  # header names already checked against TOKEN_RE
 
     def __init__(self, req: Request, sock) -> None:
         self.req = req
@@ -452,22 +483,23 @@ class Response:
         except ValueError:
             self.status_code = code = None
         kept = self.headers = []
-        names_ok = self._names_ok
+        names_ok = _RESPONSE_NAMES
         length = None
         for name, value in headers:
-            if type(name) is not str:
-                raise TypeError(f"{name!r} is not a string")
-            if name not in names_ok:
+            lname = names_ok.get(name)
+            if lname is None:
+                if type(name) is not str:
+                    raise TypeError(f"{name!r} is not a string")
                 if not TOKEN_RE.fullmatch(name):
                     raise InvalidHeaderName(f"{name!r}")
+                lname = name.lower()
                 if len(names_ok) < 1024:
-                    names_ok.add(name)
+                    names_ok[name] = lname
             if type(value) is not str:
                 raise TypeError(f"{value!r} is not a string")
             if not HEADER_VALUE_RE.fullmatch(value):
                 raise InvalidHeader(f"{value!r}")
             value = value.strip(" \t")
-            lname = name.lower()
             if lname == "content-length":
                 length = int(value)
             elif lname in _HOP_HEADERS:
