@@ -33,7 +33,6 @@ _U8 = types.Array(types.uint8, 1, "C", readonly=True)
 _U8_RW = types.Array(types.uint8, 1, "C")
 _I64_RW = types.Array(types.int64, 1, "C")
 _F32 = types.Array(types.float32, 1, "C", readonly=True)
-_F64_RW = types.Array(types.float64, 1, "C")
 _INTP_RW = types.Array(types.intp, 1, "C")
 _b, _i = types.boolean, types.int64
 
@@ -91,26 +90,55 @@ def _in_group(item, kind, value, tag_off, tag_ids, brand_id, category_id):
     return category_id[item] == value
 
 
+#: Layout of the int64 `plan` of a request (`serving.rules.plan`): its parameters and small
+#: lists, so that a kernel call unboxes one array instead of a dozen. [n (rows to choose),
+#: flags (PLAN_HAS_INCLUDE | PLAN_REQUIRED_MISSING), groups G, then the lengths of the
+#: exclude, include, forbidden-tag and required-tag lists; the four lists; then the
+#: `max_per_tag` groups as four runs of G: kind, value (tag, brand or category id), cap, count
+#: (updated in place by the selection)].
+P_N, P_FLAGS, P_GROUPS, P_EXCLUDE, P_INCLUDE, P_FORBIDDEN, P_REQUIRED = range(7)
+PLAN_HEAD = 7
+PLAN_HAS_INCLUDE, PLAN_REQUIRED_MISSING = 1, 2
+
+
+def counts_at(plan_head: list[int]) -> int:
+    """Where the group counts start in a plan, from its first PLAN_HEAD entries."""
+    lists = sum(plan_head[P_EXCLUDE : P_REQUIRED + 1])
+    return PLAN_HEAD + lists + 3 * plan_head[P_GROUPS]
+
+
+@njit(**_JIT)
+def _lists(plan):
+    """(exclude, include, forbidden tags, required tags): views of the plan."""
+    a = PLAN_HEAD
+    b = a + plan[P_EXCLUDE]
+    c = b + plan[P_INCLUDE]
+    d = c + plan[P_FORBIDDEN]
+    e = d + plan[P_REQUIRED]
+    return plan[a:b], plan[b:c], plan[c:d], plan[d:e]
+
+
+@njit(**_JIT)
+def _groups(plan):
+    """(kinds, values, caps, counts) of the `max_per_tag` groups: views of the plan."""
+    g = plan[P_GROUPS]
+    at = PLAN_HEAD + plan[P_EXCLUDE] + plan[P_INCLUDE] + plan[P_FORBIDDEN] + plan[P_REQUIRED]
+    return (
+        plan[at : at + g],
+        plan[at + g : at + 2 * g],
+        plan[at + 2 * g : at + 3 * g],
+        plan[at + 3 * g : at + 4 * g],
+    )
+
+
 @njit(**_JIT)
 def _outcomes_into(
-    items,
-    tag_off,
-    tag_ids,
-    unavailable,
-    marks,
-    roles,
-    exclude,
-    include,
-    has_include,
-    seen,
-    blocked_items,
-    forbidden_tags,
-    blocked_tags,
-    required_tags,
-    required_missing,
-    code,
-    tally,
-):
+    items, tag_off, tag_ids, unavailable, marks, roles, seen, blocked_items, blocked_tags, plan,
+    code, tally,
+):  # fmt: skip
+    exclude, include, forbidden_tags, required_tags = _lists(plan)
+    has_include = (plan[P_FLAGS] & PLAN_HAS_INCLUDE) != 0
+    required_missing = (plan[P_FLAGS] & PLAN_REQUIRED_MISSING) != 0
     for i in exclude:
         marks[i] |= _M_EXCLUDED
     for i in seen:
@@ -176,61 +204,57 @@ def _full_member(item, g, kinds, values, caps, counts, tag_off, tag_ids, brand_i
     )
 
 
-#: Layout of the int64 answer buffer the selection writes (`answer_size`): [n_chosen, n_refused,
-#: tally of the 8 outcome codes, then k chosen rows, k chosen items, k chosen reasons, then the
-#: refused rows and the refusing group of each (room for every candidate).
+#: Layout of the int64 answer buffer the selection writes (`answer_size`, for n rows to choose
+#: among n_candidates): [n_chosen, n_refused, tally of the 8 outcome codes, then n chosen
+#: rows, n chosen items, n chosen reasons, n chosen scores (float64 bits, `round6`), then the
+#: refused rows and the refusing group of each (room for every candidate), then (the fused
+#: kernel) the outcome code of each candidate as bytes].
 HEAD = 10
 
 
-def answer_size(k: int, n_candidates: int) -> int:
-    return HEAD + 3 * k + 2 * n_candidates
+def answer_size(n: int, n_candidates: int) -> int:
+    return HEAD + 4 * n + 2 * n_candidates + (n_candidates + 7) // 8
 
 
-def unpack(answer: np.ndarray, scores: np.ndarray, k: int, n_candidates: int):
-    """The answer buffer as lists: (tally per outcome code, chosen rows, their items, their
-    reasons, their scores, refused rows, the refusing group of each)."""
-    head = answer[: HEAD + 3 * k].tolist()
-    n_chosen, n_refused = head[0], head[1]
-    refused = groups = []
-    if n_refused:
-        at = HEAD + 3 * k
-        refused = answer[at : at + n_refused].tolist()
-        groups = answer[at + n_candidates : at + n_candidates + n_refused].tolist()
-    return (
-        head[2:HEAD],
-        head[HEAD : HEAD + n_chosen],
-        head[HEAD + k : HEAD + k + n_chosen],
-        head[HEAD + 2 * k : HEAD + 2 * k + n_chosen],
-        scores[:n_chosen].tolist(),
-        refused,
-        groups,
-    )
+def chosen(answer: np.ndarray, n: int, n_chosen: int) -> tuple[list[int], list[float]]:
+    """(items, scores) of the chosen rows of an answer buffer."""
+    at = HEAD + n
+    scores = answer[HEAD + 3 * n : HEAD + 3 * n + n_chosen].view(np.float64)
+    return answer[at : at + n_chosen].tolist(), scores.tolist()
+
+
+def chosen_rows(answer: np.ndarray, n: int, n_chosen: int) -> tuple[list[int], list[int]]:
+    """(pool rows, reason codes) of the chosen rows of an answer buffer."""
+    return answer[HEAD : HEAD + n_chosen].tolist(), answer[
+        HEAD + 2 * n : HEAD + 2 * n + n_chosen
+    ].tolist()
+
+
+def refused(answer: np.ndarray, n: int, n_candidates: int, n_refused: int):
+    """(refused rows, the refusing group of each) of an answer buffer."""
+    at = HEAD + 4 * n
+    return answer[at : at + n_refused].tolist(), answer[
+        at + n_candidates : at + n_candidates + n_refused
+    ].tolist()
+
+
+def codes(answer: np.ndarray, n: int, n_candidates: int) -> np.ndarray:
+    """The outcome codes (uint8 per candidate) the fused kernel wrote into an answer buffer."""
+    return answer[HEAD + 4 * n + 2 * n_candidates :].view(np.uint8)[:n_candidates]
 
 
 @njit(**_JIT)
 def _select_into(
-    code,
-    order,
-    stored_order,
-    items,
-    scores,
-    reasons,
-    tag_off,
-    tag_ids,
-    brand_id,
-    category_id,
-    kinds,
-    values,
-    caps,
-    counts,
-    n,
-    out,
-    out_scores,
-):
+    code, order, stored_order, items, scores, reasons, tag_off, tag_ids, brand_id, category_id,
+    plan, out,
+):  # fmt: skip
+    kinds, values, caps, counts = _groups(plan)
+    n = plan[P_N]
     n_groups = kinds.shape[0]
     n_rows = code.shape[0] if stored_order else order.shape[0]
     before = counts.copy() if n == 0 else counts  # (n == 0: report only, count nothing)
-    at_items, at_reasons, at_refused = HEAD + n, HEAD + 2 * n, HEAD + 3 * n
+    at_items, at_reasons, at_refused = HEAD + n, HEAD + 2 * n, HEAD + 4 * n
+    out_scores = out[HEAD + 3 * n : HEAD + 4 * n].view(np.float64)
     at_groups = at_refused + code.shape[0]
     n_chosen = n_refused = 0
     for pos in range(n_rows):
@@ -269,116 +293,59 @@ def _select_into(
     out[1] = n_refused
 
 
-# (items, tag_off, tag_ids, unavailable, marks, roles, exclude, include, has_include, seen,
-#  blocked_items, forbidden_tags, blocked_tags, required_tags, required_missing)
-_FILTER_ARGS = (_I32, _I64, _I32, _BOOL, _U8_RW, _U8_RW, _I32, _I32, _b, _I32, _I32, _I32, _I32,
-                _I32, _b)  # fmt: skip
-# (scores, reasons, brand_id, category_id, kinds, values, caps, counts, n, out, out_scores)
-_SELECT_ARGS = (_F32, _U8, _I32, _I32, _I32, _I32, _I64, _I64_RW, _i, _I64_RW, _F64_RW)
+# (items, tag_off, tag_ids, unavailable, marks, roles, seen, blocked_items, blocked_tags, plan)
+_FILTER_ARGS = (_I32, _I64, _I32, _BOOL, _U8_RW, _U8_RW, _I32, _I32, _I32, _I64_RW)
+# (scores, reasons, brand_id, category_id)
+_SELECT_ARGS = (_F32, _U8, _I32, _I32)
 
 
 @njit([_FILTER_ARGS + (_U8_RW, _I64_RW)], **_JIT)
 def outcomes(
-    items,
-    tag_off,
-    tag_ids,
-    unavailable,
-    marks,
-    roles,
-    exclude,
-    include,
-    has_include,
-    seen,
-    blocked_items,
-    forbidden_tags,
-    blocked_tags,
-    required_tags,
-    required_missing,
-    code,
-    tally,
-):
+    items, tag_off, tag_ids, unavailable, marks, roles, seen, blocked_items, blocked_tags, plan,
+    code, tally,
+):  # fmt: skip
     """Writes into `code` (uint8 per candidate) KEPT, or the first filter the candidate fails
-    in the order of the codes: unavailable > exclude_ids > not in include_ids > seen > blocked
-    > forbidden tag > missing required tag; and into `tally` (int64[8]) how many got each.
+    in the order of the codes: unavailable > exclude_ids (plan) > not in include_ids (plan) >
+    seen > blocked (items or tags) > forbidden tag (plan) > missing required tag (plan); and
+    into `tally` (int64[8]) how many got each.
 
-    `unavailable` is bool[n_items], or empty when every item is available; `required_missing`:
-    a required tag the catalogue does not know, so nothing can qualify."""
-    _outcomes_into(items, tag_off, tag_ids, unavailable, marks, roles, exclude, include,
-                   has_include, seen, blocked_items, forbidden_tags, blocked_tags, required_tags,
-                   required_missing, code, tally)  # fmt: skip
+    `unavailable` is bool[n_items], or empty when every item is available; the plan's
+    PLAN_REQUIRED_MISSING: a required tag the catalogue does not know, so nothing qualifies."""
+    _outcomes_into(items, tag_off, tag_ids, unavailable, marks, roles, seen, blocked_items,
+                   blocked_tags, plan, code, tally)  # fmt: skip
 
 
-@njit([(_U8, _INTP, _b, _I32, _I64, _I32) + _SELECT_ARGS], **_JIT)
+@njit([(_U8, _INTP, _b, _I32, _I64, _I32) + _SELECT_ARGS + (_I64_RW, _I64_RW)], **_JIT)
 def select(
-    code,
-    order,
-    stored_order,
-    items,
-    tag_off,
-    tag_ids,
-    scores,
-    reasons,
-    brand_id,
-    category_id,
-    kinds,
-    values,
-    caps,
-    counts,
-    n,
-    out,
-    out_scores,
-):
-    """Greedy top-`n` rows under the caps: the rows of `order` (rank order), or with
-    `stored_order` the KEPT rows (per `code`) in stored order.
+    code, order, stored_order, items, tag_off, tag_ids, scores, reasons, brand_id, category_id,
+    plan, out,
+):  # fmt: skip
+    """Greedy top-n rows (n: the plan's) under the plan's caps: the rows of `order` (rank
+    order), or with `stored_order` the KEPT rows (per `code`) in stored order.
 
     An item counts toward every group it belongs to; it is refused when one of its groups is
     full (the lowest-numbered full group is reported). Stops at the n-th chosen row: refusals
-    past it do not matter. Writes the answer into `out` (layout: `HEAD`) and the chosen rows'
-    `scores` (`round6`) into `out_scores`; `counts` is updated in place unless n == 0 (a scan
-    that only reports)."""
+    past it do not matter. Writes the answer into `out` (layout: `HEAD`; scores `round6`); the
+    plan's group counts are updated in place unless n == 0 (a scan that only reports)."""
     _select_into(code, order, stored_order, items, scores, reasons, tag_off, tag_ids, brand_id,
-                 category_id, kinds, values, caps, counts, n, out, out_scores)  # fmt: skip
+                 category_id, plan, out)  # fmt: skip
 
 
-@njit([_FILTER_ARGS + (_U8_RW,) + _SELECT_ARGS], **_JIT)
+@njit([_FILTER_ARGS + _SELECT_ARGS + (_I64_RW,)], **_JIT)
 def outcomes_select(
-    items,
-    tag_off,
-    tag_ids,
-    unavailable,
-    marks,
-    roles,
-    exclude,
-    include,
-    has_include,
-    seen,
-    blocked_items,
-    forbidden_tags,
-    blocked_tags,
-    required_tags,
-    required_missing,
-    code,
-    scores,
-    reasons,
-    brand_id,
-    category_id,
-    kinds,
-    values,
-    caps,
-    counts,
-    n,
-    out,
-    out_scores,
-):
-    """`outcomes` (the tally into the answer's head), then `select` over the kept candidates in
-    stored order, in one call (the common request: stored scores, candidates stored best first,
-    no boost, seed or pin)."""
-    _outcomes_into(items, tag_off, tag_ids, unavailable, marks, roles, exclude, include,
-                   has_include, seen, blocked_items, forbidden_tags, blocked_tags, required_tags,
-                   required_missing, code, out[2:HEAD])  # fmt: skip
+    items, tag_off, tag_ids, unavailable, marks, roles, seen, blocked_items, blocked_tags, plan,
+    scores, reasons, brand_id, category_id, out,
+):  # fmt: skip
+    """`outcomes` (the codes into the end of the answer, the tally into its head), then
+    `select` over the kept candidates in stored order, in one call (the common request: stored
+    scores, candidates stored best first, no boost, seed or pin)."""
+    n = plan[P_N]
+    code = out[HEAD + 4 * n + 2 * items.shape[0] :].view(np.uint8)[: items.shape[0]]
+    _outcomes_into(items, tag_off, tag_ids, unavailable, marks, roles, seen, blocked_items,
+                   blocked_tags, plan, code, out[2:HEAD])  # fmt: skip
     no_order = np.empty(0, dtype=np.intp)
     _select_into(code, no_order, True, items, scores, reasons, tag_off, tag_ids, brand_id,
-                 category_id, kinds, values, caps, counts, n, out, out_scores)  # fmt: skip
+                 category_id, plan, out)  # fmt: skip
 
 
 @njit([(_I32, _I64, _I32, _i)], **_JIT)

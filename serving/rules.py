@@ -22,10 +22,7 @@ import numpy as np
 from recsys.snapshot.format import REASON_CODES, REASONS, SIGNALS
 from serving import kernels
 from serving.errors import ProblemError
-from serving.kernels import (
-    BLOCKED,
-    KEPT,
-)
+from serving.kernels import BLOCKED, KEPT, PLAN_HAS_INCLUDE, PLAN_REQUIRED_MISSING
 from serving.snapshot import LiveSnapshot
 from serving.validation import DEFAULT_SEGMENT, RecommendRequest
 
@@ -46,8 +43,6 @@ _NO_ITEMS = np.zeros(0, dtype=np.int32)
 _NO_ITEMS.flags.writeable = False
 _NO_ROWS = np.zeros(0, dtype=np.intp)
 _NO_ROWS.flags.writeable = False
-# No caps: (kinds, values, caps, counts) of zero groups.
-_NO_CAPS = (_NO_ITEMS, _NO_ITEMS, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 PINNED_REASON, PINNED_TEXT = -1, "featured"
 _FILTERS = OUTCOMES[1:]  # the outcomes that remove a candidate
 _SIGNAL_INDEX = {s: j for j, s in enumerate(SIGNALS)}
@@ -146,13 +141,14 @@ def compile_rules(
 # --- the per-request filter context ----------------------------------------------------------
 @dataclass(slots=True)
 class Filters:
-    """Hard filters of one request, resolved to index arrays."""
+    """Hard filters of one request, resolved to item and tag indices (plain lists: they go
+    into the kernels' `plan`)."""
 
-    exclude: np.ndarray
-    include: np.ndarray | None
+    exclude: list[int]
+    include: list[int] | None
     seen: np.ndarray
-    forbidden_tags: np.ndarray  # tag ids (int32)
-    required_tags: np.ndarray
+    forbidden_tags: list[int]  # tag ids
+    required_tags: list[int]
     required_missing: bool  # a required tag the snapshot does not know: nothing can match
     rules: CompiledRules
 
@@ -165,7 +161,7 @@ class Filters:
         seen: np.ndarray,
         warnings: list[dict[str, str]],
     ) -> Filters:
-        forbidden = required = _NO_ITEMS
+        forbidden = required = _NO_IDS
         missing = False
         if req.forbidden_tags or req.required_tags:
             forbidden, required, warning = _resolved_tags(live, req)
@@ -173,17 +169,31 @@ class Filters:
                 warnings.append(dict(warning))
                 missing = True
         return cls(
-            exclude=_indices(live, req.exclude_ids),
-            include=_indices(live, req.include_ids) if req.include_ids is not None else None,
-            seen=seen,
-            forbidden_tags=forbidden,
-            required_tags=required,
-            required_missing=missing,
-            rules=rules,
+            _indices(live, req.exclude_ids),
+            _indices(live, req.include_ids) if req.include_ids is not None else None,
+            seen,
+            forbidden,
+            required,
+            missing,
+            rules,
         )
 
+    def plan(self, n: int = 0, caps: Caps | None = None) -> np.ndarray:
+        """The int64 `plan` of the kernels (layout: `serving.kernels.P_N`): these filters, the
+        number of rows to choose and the caps' groups with zero counts."""
+        include = self.include
+        flags = PLAN_REQUIRED_MISSING if self.required_missing else 0
+        if include is not None:
+            flags |= PLAN_HAS_INCLUDE
+        else:
+            include = _NO_IDS
+        exclude, forbidden, required = self.exclude, self.forbidden_tags, self.required_tags
+        head = [n, flags, caps.n_groups if caps else 0, len(exclude), len(include)]
+        head += [len(forbidden), len(required), *exclude, *include, *forbidden, *required]
+        return np.array(head + caps.groups if caps else head, np.int64)
+
     def args(self, live: LiveSnapshot) -> tuple:
-        """The filter arguments of `serving.kernels.outcomes` after the items."""
+        """The kernel arguments between the items and the plan (`serving.kernels.outcomes`)."""
         r = self.rules
         return (
             live.tag_offsets,
@@ -191,15 +201,9 @@ class Filters:
             live.unavailable_or_empty,
             live.marks,
             live.roles,
-            self.exclude,
-            self.include if self.include is not None else _NO_ITEMS,
-            self.include is not None,
             self.seen,
             r.blocked_items,
-            self.forbidden_tags,
             r.blocked_tags,
-            self.required_tags,
-            self.required_missing,
         )
 
     def outcomes(self, live: LiveSnapshot, items: np.ndarray) -> tuple[np.ndarray, list[int], list]:
@@ -208,7 +212,7 @@ class Filters:
         pass over the items (`serving.kernels.outcomes`)."""
         code = np.empty(items.shape[0], dtype=np.uint8)
         tally = np.empty(len(OUTCOMES), dtype=np.int64)
-        live.call_kernel(kernels.outcomes, items, *self.args(live), code, tally)
+        live.call_kernel(kernels.outcomes, items, *self.args(live), self.plan(), code, tally)
         tally_list = tally.tolist()
         return code, tally_list, self.blocked_by(live, items, code, tally_list)
 
@@ -236,6 +240,9 @@ class Filters:
         return "block"
 
 
+_NO_IDS: list[int] = []  # (shared, never modified)
+
+
 def _resolved_tags(live: LiveSnapshot, req: RecommendRequest):
     """(forbidden tag ids, required tag ids, warning about unknown required tags or None),
     memoized per snapshot: a page template sends the same tag constraints on every request."""
@@ -243,7 +250,7 @@ def _resolved_tags(live: LiveSnapshot, req: RecommendRequest):
     found = live.resolved.get(key)
     if found is None:
         tag_id = live.snap.tag_id
-        forbidden = _int32([t for t in map(tag_id, req.forbidden_tags) if t is not None])
+        forbidden = [t for t in map(tag_id, req.forbidden_tags) if t is not None]
         required_ids = [tag_id(x) for x in req.required_tags]
         missing = [t for t, i in zip(req.required_tags, required_ids, strict=True) if i is None]
         warning = None
@@ -252,38 +259,39 @@ def _resolved_tags(live: LiveSnapshot, req: RecommendRequest):
                 "code": "UNKNOWN_TAG",
                 "detail": f"required tag(s) unknown to the catalogue: {', '.join(missing)}",
             }
-        found = (forbidden, _int32([i for i in required_ids if i is not None]), warning)
+        found = (forbidden, [i for i in required_ids if i is not None], warning)
         live.remember(key, found)
     return found
 
 
-def _indices(live: LiveSnapshot, ids: Sequence[str] | None) -> np.ndarray:
+def _indices(live: LiveSnapshot, ids: Sequence[str] | None) -> list[int]:
     if not ids:
-        return _NO_ITEMS
-    return _int32([i for i in map(live.item_index, ids) if i is not None])
-
-
-def _int32(values: list[int]) -> np.ndarray:
-    return np.array(values, dtype=np.int32) if values else _NO_ITEMS
+        return _NO_IDS
+    return [i for i in map(live.item_index, ids) if i is not None]
 
 
 # --- caps ----------------------------------------------------------------------------------
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Caps:
-    """`max_per_tag` resolved: one group per key, each a (kind, id) pair (a tag, `brand:<b>` or
-    `category:<c>`), with its cap and how many items the answer holds so far."""
+    """`max_per_tag` resolved against a snapshot: one group per key, each a (kind, id) pair (a
+    tag, `brand:<b>` or `category:<c>`) with its cap. Shared by the requests that send the same
+    caps (memoized per snapshot); the counts of a request live in its kernel plan."""
 
     names: list[str]
     kinds: np.ndarray  # int32 per group: serving.kernels.GROUP_TAG / _BRAND / _CATEGORY
     values: np.ndarray  # int32 per group: the tag, brand or category id
-    caps: np.ndarray  # int64 per group
-    counts: np.ndarray  # int64 per group
+    caps: list[int]
+    groups: list[int]  # the plan's groups: kinds, values, caps, zero counts
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.names)
 
     @classmethod
     def build(
         cls, live: LiveSnapshot, max_per_tag: dict[str, int], warnings: list[dict[str, str]]
     ) -> Caps | None:
-        """The caps of a request, with fresh counts (the resolution is memoized per snapshot)."""
+        """The caps of a request (the resolution is memoized per snapshot)."""
         if not max_per_tag:
             return None
         key = ("caps", tuple(max_per_tag.items()))
@@ -291,16 +299,13 @@ class Caps:
         if found is None:
             found = cls._resolve(live, max_per_tag)
             live.remember(key, found)
-        template, warning = found
+        caps, warning = found
         if warning is not None:
             warnings.append(dict(warning))
-        if template is None:
-            return None
-        names, kinds, values, caps = template
-        return cls(names, kinds, values, caps, np.zeros(len(names), dtype=np.int64))
+        return caps
 
-    @staticmethod
-    def _resolve(live: LiveSnapshot, max_per_tag: dict[str, int]):
+    @classmethod
+    def _resolve(cls, live: LiveSnapshot, max_per_tag: dict[str, int]):
         snap = live.snap
         names, kinds, values, caps = [], [], [], []
         unknown = []
@@ -326,15 +331,16 @@ class Caps:
                 "code": "UNKNOWN_TAG",
                 "detail": f"max_per_tag key(s) match nothing: {', '.join(unknown)}",
             }
-        template = None
+        resolved = None
         if names:
-            template = (
+            resolved = cls(
                 names,
                 np.array(kinds, dtype=np.int32),
                 np.array(values, dtype=np.int32),
-                np.array(caps, dtype=np.int64),
+                caps,
+                kinds + values + caps + [0] * len(names),
             )
-        return template, warning
+        return resolved, warning
 
     def members(self, live: LiveSnapshot, items: np.ndarray) -> np.ndarray:
         """bool[len(items), groups]: which capped groups each item belongs to."""
@@ -348,14 +354,14 @@ class Caps:
             self.values,
         )
 
-    def take(self, flags: list[bool]) -> str | None:
-        """Count one item in (back-fill); or the name of the cap that refuses it."""
+    def take(self, flags: list[bool], counts: list[int]) -> str | None:
+        """Count one item in `counts` (back-fill); or the name of the cap that refuses it."""
         groups = [g for g, f in enumerate(flags) if f]
         for g in groups:
-            if self.counts[g] >= self.caps[g]:
+            if counts[g] >= self.caps[g]:
                 return self.names[g]
         for g in groups:
-            self.counts[g] += 1
+            counts[g] += 1
         return None
 
 
@@ -426,10 +432,6 @@ class Engine:
         self.warnings = warnings
         self.trace: list[dict[str, Any]] | None = [] if req.include_trace else None
         self.t0 = time.perf_counter()
-
-    def _check_deadline(self, stage: str) -> None:
-        if time.perf_counter() > self.deadline:
-            raise DeadlineExceeded(stage)
 
     # ---- candidate pools ----
     def user_pool(self, uidx: int) -> tuple[Pool, np.ndarray]:
@@ -524,9 +526,9 @@ class Engine:
         """
         req, live = self.req, self.live
         k = req.k
-        out = Ranked(trace=self.trace)
         t_cand = time.perf_counter()
-        self._check_deadline("candidate generation")
+        if t_cand > self.deadline:
+            raise DeadlineExceeded("candidate generation")
         filters = Filters.build(live, req, self.rules, seen, self.warnings)
 
         # Re-score from stored signals when weights are given.
@@ -547,14 +549,13 @@ class Engine:
                         "candidates; scored with the other weights",
                     }
                 )
-        pins = self._valid_pins(filters)
+        pins = self._valid_pins(filters) if self.rules.pins else []
         n_take = max(0, k - len(pins))
         pinned_item_set = {p.item for p in pins}
         caps = Caps.build(live, req.max_per_tag, self.warnings)
+        plan = filters.plan(n_take, caps)
         n_cand = pool.items.shape[0]
-        code = np.empty(n_cand, dtype=np.uint8)
         answer = np.empty(kernels.answer_size(n_take, n_cand), dtype=np.int64)
-        answer_scores = np.empty(n_take, dtype=np.float64)
         order = None  # kept rows in rank order (None: the kept rows in stored order)
         applied_boosts: dict[int, list[str]] = {}  # pool row -> boost/bury rules applied
         ranked_as_stored = (
@@ -570,14 +571,23 @@ class Engine:
                 kernels.outcomes_select,
                 pool.items,
                 *filters.args(live),
-                code,
-                *self._select_args(pool.scores, pool.reasons, caps, n_take),
+                plan,
+                pool.scores,
+                pool.reasons,
+                live.brand_id,
+                live.category_id,
                 answer,
-                answer_scores,
             )
+            code = None  # (in the answer; read only when needed)
         else:
+            code = np.empty(n_cand, dtype=np.uint8)
             live.call_kernel(
-                kernels.outcomes, pool.items, *filters.args(live), code, answer[2 : kernels.HEAD]
+                kernels.outcomes,
+                pool.items,
+                *filters.args(live),
+                plan,
+                code,
+                answer[2 : kernels.HEAD],
             )
             row_scores = scores
             if not ranked_as_stored:
@@ -596,32 +606,50 @@ class Engine:
                 pool.items,
                 live.tag_offsets,
                 live.tag_ids,
-                *self._select_args(row_scores, pool.reasons, caps, n_take),
+                row_scores,
+                pool.reasons,
+                live.brand_id,
+                live.category_id,
+                plan,
                 answer,
-                answer_scores,
             )
-        tally, chosen_rows, e_items, e_reasons, e_scores, refused, groups = kernels.unpack(
-            answer, answer_scores, n_take, n_cand
-        )
-        blocked_by = filters.blocked_by(live, pool.items, code, tally)
+        head = answer[: kernels.HEAD].tolist()
+        n_chosen, n_refused, tally = head[0], head[1], head[2:]
+        e_items, e_scores = kernels.chosen(answer, n_take, n_chosen)
+        blocked_by = []
+        if tally[BLOCKED]:
+            if code is None:
+                code = kernels.codes(answer, n_take, n_cand)
+            blocked_by = filters.blocked_by(live, pool.items, code, tally)
         t_score = time.perf_counter()
-        self._check_deadline("scoring")
-        capped = {row: caps.names[g] for row, g in zip(refused, groups, strict=True)}
+        if t_score > self.deadline:
+            raise DeadlineExceeded("scoring")
+        capped = {}
+        if n_refused:
+            refused, groups = kernels.refused(answer, n_take, n_cand, n_refused)
+            capped = {row: caps.names[g] for row, g in zip(refused, groups, strict=True)}
+        explain = req.explain != "none"
+        chosen_rows: list[int] = []
+        e_reasons: list[int] = []
+        if explain or req.include_reasons or applied_boosts or self.trace is not None:
+            chosen_rows, e_reasons = kernels.chosen_rows(answer, n_take, n_chosen)
         e_signals: list = (
             pool.signals[chosen_rows].tolist()
-            if pool.signals is not None and req.explain != "none"
-            else [None] * len(chosen_rows)
+            if pool.signals is not None and explain
+            else [None] * n_chosen
         )
         if applied_boosts:
             e_rules = [list(applied_boosts.get(row, ())) for row in chosen_rows]
         else:
-            e_rules = [()] * len(chosen_rows)  # (one shared empty tuple: no rule fired)
-        counts_filtered = int(code.shape[0] - tally[KEPT])
+            e_rules = [()] * n_chosen  # (one shared empty tuple: no rule fired)
+        counts_filtered = n_cand - tally[KEPT]
+        backfilled_from: dict[str, int] = {}
 
         # Back-fill.
         backfilled = 0
         if len(e_items) + len(pins) < k:
             taken = set(e_items) | pinned_item_set
+            cap_counts = None
             if callable(backfill_sources):
                 backfill_sources = backfill_sources()
             for source in backfill_sources:
@@ -633,14 +661,19 @@ class Engine:
                     continue
                 fcode, _, _ = filters.outcomes(live, fb.items)
                 fb_keep = np.flatnonzero(fcode == KEPT)
-                fb_groups = caps.members(live, fb.items[fb_keep]).tolist() if caps else None
+                fb_groups = None
+                if caps is not None:
+                    fb_groups = caps.members(live, fb.items[fb_keep]).tolist()
+                    if cap_counts is None:  # (the counts the selection left in the plan)
+                        at = kernels.counts_at(plan[: kernels.PLAN_HEAD].tolist())
+                        cap_counts = plan[at : at + caps.n_groups].tolist()
                 for j, row in enumerate(fb_keep.tolist()):
                     if need <= 0:
                         break
                     item = int(fb.items[row])
                     if item in taken:
                         continue
-                    if caps is not None and caps.take(fb_groups[j]):
+                    if caps is not None and caps.take(fb_groups[j], cap_counts):
                         continue
                     taken.add(item)
                     e_items.append(item)
@@ -648,7 +681,7 @@ class Engine:
                     e_reasons.append(int(fb.reasons[row]))
                     e_signals.append(None)
                     e_rules.append([f"backfill:{source}"])
-                    out.backfilled_from[source] = out.backfilled_from.get(source, 0) + 1
+                    backfilled_from[source] = backfilled_from.get(source, 0) + 1
                     backfilled += 1
                     need -= 1
                     if self.trace is not None:
@@ -660,7 +693,7 @@ class Engine:
                             }
                         )
             if backfilled:
-                srcs = ", ".join(f"{s} ({n})" for s, n in out.backfilled_from.items())
+                srcs = ", ".join(f"{s} ({n})" for s, n in backfilled_from.items())
                 self.warnings.append(
                     {
                         "code": "BACKFILLED",
@@ -686,56 +719,51 @@ class Engine:
             e_rules.insert(pos, [f"pin:{p.rule_id}"])
         t_post = time.perf_counter()
 
-        out.items = e_items[:k]
-        out.scores = e_scores[:k]  # (rounded: kernels.round6)
-        if req.include_reasons or req.explain != "none":
-            out.reasons = [
+        items = e_items[:k]
+        reasons = []
+        if req.include_reasons or explain:
+            reasons = [
                 [PINNED_TEXT if c == PINNED_REASON else REASONS.get(c, REASONS[0])]
                 for c in e_reasons[:k]
             ]
-        out.signals = e_signals[:k]
-        out.rules = e_rules[:k]
-
         if self.trace is not None:
+            if code is None:
+                code = kernels.codes(answer, n_take, n_cand)
             if order is None:
                 order = (code == KEPT).nonzero()[0]
                 if pins:
                     order = order[~np.isin(pool.items.take(order), list(pinned_item_set))]
             self._trace_candidates(
-                pool, code, blocked_by, order, chosen_rows, capped, set(out.items), pins
+                pool, code, blocked_by, order, chosen_rows, capped, set(items), pins
             )
+        filtered_by: dict[str, int] = {}
         if counts_filtered:  # (outcome name -> count for the non-zero filter counts)
             removed = tally[1:]
-            out.filtered_by.update(
-                zip(compress(_FILTERS, removed), filter(None, removed), strict=True)
-            )
+            filtered_by.update(zip(compress(_FILTERS, removed), filter(None, removed), strict=True))
         if capped:
-            out.filtered_by["max_per_tag"] = len(capped)
-        out.counts = {
-            "candidates_in": int(pool.items.shape[0]),
-            "filtered": counts_filtered,
-            "capped": len(capped),
-            "pinned": len(pins),
-            "backfilled": backfilled,
-            "returned": len(out.items),
-        }
-        out.timings = {
-            "candidates": (t_cand - self.t0) * 1000,
-            "scoring": (t_score - t_cand) * 1000,
-            "postrank": (t_post - t_score) * 1000,
-        }
-        return out
-
-    def _select_args(self, scores: np.ndarray, reasons: np.ndarray, caps: Caps | None, n: int):
-        """The arguments of `serving.kernels.select` between the tag table and the answer."""
-        live = self.live
-        return (
-            scores,
+            filtered_by["max_per_tag"] = len(capped)
+        return Ranked(
+            items,
+            e_scores[:k],  # (rounded: kernels.round6)
             reasons,
-            live.brand_id,
-            live.category_id,
-            *((caps.kinds, caps.values, caps.caps, caps.counts) if caps else _NO_CAPS),
-            n,
+            e_signals[:k],
+            e_rules[:k],
+            self.trace,
+            {
+                "candidates_in": n_cand,
+                "filtered": counts_filtered,
+                "capped": len(capped),
+                "pinned": len(pins),
+                "backfilled": backfilled,
+                "returned": len(items),
+            },
+            filtered_by,
+            backfilled_from,
+            {
+                "candidates": (t_cand - self.t0) * 1000,
+                "scoring": (t_score - t_cand) * 1000,
+                "postrank": (t_post - t_score) * 1000,
+            },
         )
 
     def _rank(
