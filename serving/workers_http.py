@@ -164,6 +164,7 @@ class Connection:
         self.head_bytes = 0
         self.upgraded = False
         self.broken = False
+        self.deferred: Exception | None = None
         self._trusted: tuple | None = None
 
     # -- llhttp callbacks
@@ -279,9 +280,19 @@ class Connection:
     # -- reading
     def feed(self) -> None:
         """Read once from the socket and parse it; ClientGone at the end of the stream. After
-        any error the connection is `broken`: it closes after the answer in progress."""
+        an error the connection is `broken`: it closes after the answer in progress. An error
+        in a request pipelined after the one being read (whose bytes came in the same piece)
+        is held back and raised when that request is due, after the earlier ones' answers."""
+        if self.deferred is not None:
+            raise self.deferred
         try:
             self._feed()
+        except Exception as e:
+            if self.ready and self.cur is not self.ready[0]:
+                self.deferred = e
+                return
+            self.broken = True
+            raise
         except BaseException:
             self.broken = True
             raise

@@ -398,6 +398,18 @@ def test_keep_alive_and_pipelined_requests_are_answered_in_order(servers):
         assert orjson.loads(body)["environ"]["QUERY_STRING"] == "b"
 
 
+def test_a_bad_request_pipelined_after_a_good_one_is_refused_after_its_answer(servers):
+    port = servers[("echo_wsgi", "ct")]
+    for bad in (
+        req("GET", "/", headers={"X-Big": "v" * 9000}),  # 431 from the header limit
+        b"GET / HTTP/1.1\r\nX-A: a\x01b\r\n\r\n",  # 400 from llhttp
+    ):
+        data = req("POST", "/", b"first") + bad
+        (first, _, body), (second, headers, _) = parse(exchange(port, data))
+        assert first == "HTTP/1.1 200 OK" and orjson.loads(body)["body"] == "first"
+        assert second.split()[1] in ("400", "431") and dict(headers)["Connection"] == "close"
+
+
 def test_a_client_cut_in_the_middle_of_a_body_does_not_stop_the_worker(servers):
     port = servers[("echo_wsgi", "ct")]
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
