@@ -40,6 +40,16 @@ class Counter:
         with self._lock:
             self.values[labels] = self.values.get(labels, 0.0) + amount
 
+    def inc_each(self, first: str, amounts: dict[str, float]) -> None:
+        """`inc((first, name), amount)` for each name -> amount (one lock)."""
+        if not amounts:
+            return
+        values = self.values
+        with self._lock:
+            for name, amount in amounts.items():
+                key = (first, name)
+                values[key] = values.get(key, 0.0) + amount
+
     def render(self) -> Iterable[str]:
         yield f"# HELP {self.name} {self.doc}"
         yield f"# TYPE {self.name} counter"

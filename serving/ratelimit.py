@@ -26,6 +26,9 @@ class RateDecision(NamedTuple):  # (a tuple: built twice per request, cheaply)
     reset_s: int  # seconds until the window resets
 
 
+_decision = tuple.__new__  # (RateDecision(...) without the namedtuple's Python-level __new__)
+
+
 class InProcessLimiter:
     """Per-process fixed windows (a dict of key -> [window start, count], updated in place)."""
 
@@ -59,7 +62,9 @@ class InProcessLimiter:
             slot[0], slot[1] = window, 0
         slot[1] = count = slot[1] + 1
         reset = int((window + 1) * window_s - now) + 1
-        return RateDecision(count <= limit, limit, max(0, limit - count), reset)
+        return _decision(
+            RateDecision, (count <= limit, limit, limit - count if count < limit else 0, reset)
+        )
 
 
 class RedisLimiter:

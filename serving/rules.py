@@ -264,10 +264,8 @@ def _resolved_tags(live: LiveSnapshot, req: RecommendRequest):
     return found
 
 
-def _indices(live: LiveSnapshot, ids: Sequence[str] | None) -> list[int]:
-    if not ids:
-        return _NO_IDS
-    return [i for i in map(live.item_index, ids) if i is not None]
+def _indices(live: LiveSnapshot, ids: list[str] | None) -> list[int]:
+    return live.item_indices(ids) if ids else _NO_IDS
 
 
 # --- caps ----------------------------------------------------------------------------------
@@ -379,7 +377,7 @@ class Ranked:
     counts: dict[str, int] = field(default_factory=dict)
     filtered_by: dict[str, int] = field(default_factory=dict)
     backfilled_from: dict[str, int] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # ms, rounded to microseconds
 
     def explanation(self, i: int) -> dict[str, Any]:
         """The `explain` object of returned item `i`: stored signals and the rules that fired."""
@@ -435,15 +433,10 @@ class Engine:
 
     # ---- candidate pools ----
     def user_pool(self, uidx: int) -> tuple[Pool, np.ndarray]:
+        # (plain ndarray views of the snapshot's maps)
         items, score, signals, reason = self.snap.user_candidates(uidx)
-        return Pool(
-            np.asarray(items),
-            np.asarray(score),
-            np.asarray(signals),
-            np.asarray(reason),
-            "personal",
-            sorted=True,  # the snapshot stores each user's candidates best first
-        ), np.asarray(self.snap.user_seen(uidx))
+        # sorted: the snapshot stores each user's candidates best first
+        return Pool(items, score, signals, reason, "personal", True), self.snap.user_seen(uidx)
 
     def anchor_pool(self, anchors: np.ndarray, kinds: Sequence[str] = ("emb", "cooc")) -> Pool:
         """Items similar to any anchor; per kind the scores are summed over anchors and each
@@ -759,10 +752,10 @@ class Engine:
             },
             filtered_by,
             backfilled_from,
-            {
-                "candidates": (t_cand - self.t0) * 1000,
-                "scoring": (t_score - t_cand) * 1000,
-                "postrank": (t_post - t_score) * 1000,
+            {  # (ms to microseconds, as round(ms, 3) gives it at a fifth of its cost)
+                "candidates": round((t_cand - self.t0) * 1e6) / 1000,
+                "scoring": round((t_score - t_cand) * 1e6) / 1000,
+                "postrank": round((t_post - t_score) * 1e6) / 1000,
             },
         )
 

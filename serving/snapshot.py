@@ -69,7 +69,7 @@ class LiveSnapshot:
         # plus the strings decoded so far, at most ID_CACHE_SIZE of them).
         self._id_cache: list[str | None] = [None] * snap.n_items
         self._id_cached = 0
-        self._index_cache: dict[str, int | None] = {}
+        self._index_cache: dict[str, int] = {}  # (-1: not in the snapshot)
         self.fallback_names = frozenset(snap.fallback_names)
         # bool[n_items] of unavailable items (private, n_items bytes), or empty when every item
         # is available (the engine then skips the check).
@@ -107,12 +107,22 @@ class LiveSnapshot:
     def item_index(self, item_id: str) -> int | None:
         """Row of an item id (memoized per worker, like `item_ids`)."""
         cache = self._index_cache
-        row = cache.get(item_id, -2)
-        if row == -2:
+        row = cache.get(item_id)
+        if row is None:
             if len(cache) > ID_CACHE_SIZE:
                 cache.clear()
-            row = cache[item_id] = self.snap.item_index(item_id)
-        return row
+            found = self.snap.item_index(item_id)
+            row = cache[item_id] = -1 if found is None else found
+        return None if row < 0 else row
+
+    def item_indices(self, ids: list[str]) -> list[int]:
+        """Rows of the known ids among `ids`, in their order (memoized like `item_index`; one
+        C-level pass when every id is cached)."""
+        rows = list(map(self._index_cache.get, ids))
+        if None in rows:  # (not cached yet)
+            rows = [self.item_index(i) for i in ids]
+            return [r for r in rows if r is not None]
+        return [r for r in rows if r >= 0] if -1 in rows else rows
 
     def item_ids(self, items: list[int]) -> list[str]:
         """Item id strings, memoized per worker (at most ID_CACHE_SIZE strings)."""

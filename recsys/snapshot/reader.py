@@ -192,6 +192,9 @@ class Snapshot:
         self._cand_reason = ld("cand.reason")
         self._seen_off = ld("seen.offsets")
         self._seen_item = ld("seen.item")
+        # (memoryviews of the offsets: Python ints per lookup, no NumPy scalars)
+        self._cand_off_mv = memoryview(np.ascontiguousarray(self._cand_off))
+        self._seen_off_mv = memoryview(np.ascontiguousarray(self._seen_off))
         self._similar = {
             kind: (
                 ld(f"similar_{kind}.offsets"),
@@ -315,7 +318,8 @@ class Snapshot:
 
         Sorted by score, best first; the user's seen items are already excluded.
         """
-        a, b = int(self._cand_off[uidx]), int(self._cand_off[uidx + 1])
+        off = self._cand_off_mv
+        a, b = off[uidx], off[uidx + 1]
         return (
             self._cand_item[a:b],
             self._cand_score[a:b],
@@ -325,8 +329,8 @@ class Snapshot:
 
     def user_seen(self, uidx: int) -> np.ndarray:
         """int32[]: items the user interacted with in the training data, sorted ascending."""
-        a, b = int(self._seen_off[uidx]), int(self._seen_off[uidx + 1])
-        return self._seen_item[a:b]
+        off = self._seen_off_mv
+        return self._seen_item[off[uidx] : off[uidx + 1]]
 
     def user_segment(self, uidx: int) -> str | None:
         s = int(self._user_segment[uidx])
