@@ -20,9 +20,9 @@ import falcon
 import orjson
 
 from serving.errors import PROBLEM_JSON, internal_error, problem_document
+from serving.middleware import DEFAULT_MEDIA, check_media, check_scope
 
 PATH = "/v1/recommend"
-_NO_PARAMS: dict = {}
 
 
 class _Context:
@@ -60,8 +60,13 @@ class ServingApp(falcon.App):
             or not middleware._request_ids
         ):
             raise ValueError("the fast path needs a ServingMiddleware with every step on")
+        if getattr(resource, "accepted_media", DEFAULT_MEDIA) != DEFAULT_MEDIA or not isinstance(
+            resource.required_scope, str
+        ):
+            raise ValueError("the fast path checks JSON bodies and one scope")
         self._mw = middleware
         self._resource = resource
+        self._scope = resource.required_scope
         self._cors = cors
         self._base = problem_base
         self._fast = True
@@ -87,18 +92,36 @@ class ServingApp(falcon.App):
             mw.admit(env, ctx)
             route = PATH
             # process_resource, the responder
-            mw.check_resource(ctx, env.get("CONTENT_TYPE"), "POST", self._resource, _NO_PARAMS)
+            if ctx.body_length:  # (check_resource, for this resource: no route parameters)
+                check_media(env.get("CONTENT_TYPE"), DEFAULT_MEDIA)
+            check_scope(ctx.principal, self._scope)
             body = self._resource.answer(ctx, env["wsgi.input"], length)
-            status = 200
-            headers = {"cache-control": "no-store"}
         except Exception as ex:
-            if not isinstance(ex, falcon.HTTPError):
-                ex = internal_error(ctx.request_id)
-            status = ex.status_code
-            headers = {name.lower(): value for name, value in (ex.headers or {}).items()}
-            headers["content-type"] = PROBLEM_JSON
-            body = orjson.dumps(problem_document(ex, PATH, ctx.request_id, self._base))
-        # process_response
+            return self._problem(env, start_response, ctx, route, ex)
+        # process_response (the header order and names Falcon gives them)
+        headers = [("cache-control", "no-store"), *mw.response_headers(ctx)]
+        if mw.accepts_gzip(env):
+            headers.append(("vary", "Accept-Encoding"))
+            zipped = mw.gzipped(body)
+            if zipped is not None:
+                body = zipped
+                headers.append(("content-encoding", "gzip"))
+        mw.observe(ctx, route, "POST", 200, PATH, env)
+        headers.append(("content-length", str(len(body))))
+        headers.append(("content-type", falcon.MEDIA_JSON))
+        start_response("200 OK", headers)
+        return [body]
+
+    def _problem(self, env, start_response, ctx, route, ex: Exception):
+        """The Problem Details answer of an error raised while answering (as Falcon's error
+        serializer, `serving.errors.install`, and the middleware's process_response give it)."""
+        mw = self._mw
+        if not isinstance(ex, falcon.HTTPError):
+            ex = internal_error(ctx.request_id)
+        status = ex.status_code
+        headers = {name.lower(): value for name, value in (ex.headers or {}).items()}
+        headers["content-type"] = PROBLEM_JSON
+        body = orjson.dumps(problem_document(ex, PATH, ctx.request_id, self._base))
         for name, value in mw.response_headers(ctx):
             headers[name] = value
         if mw.accepts_gzip(env):
@@ -109,7 +132,5 @@ class ServingApp(falcon.App):
                 headers["content-encoding"] = "gzip"
         mw.observe(ctx, route, "POST", status, PATH, env)
         headers["content-length"] = str(len(body))
-        if "content-type" not in headers:
-            headers["content-type"] = falcon.MEDIA_JSON
         start_response(falcon.code_to_http_status(status), list(headers.items()))
         return [body]

@@ -216,11 +216,13 @@ def answer_size(n: int, n_candidates: int) -> int:
     return HEAD + 4 * n + 2 * n_candidates + (n_candidates + 7) // 8
 
 
-def chosen(answer: np.ndarray, n: int, n_chosen: int) -> tuple[list[int], list[float]]:
-    """(items, scores) of the chosen rows of an answer buffer."""
-    at = HEAD + n
-    scores = answer[HEAD + 3 * n : HEAD + 3 * n + n_chosen].view(np.float64)
-    return answer[at : at + n_chosen].tolist(), scores.tolist()
+def chosen(answer: np.ndarray, n: int) -> tuple[list[int], list[int], list[float]]:
+    """(head: [n_chosen, n_refused, tally...], items, scores of the chosen rows) of an answer
+    buffer."""
+    head = answer[: HEAD + 2 * n].tolist()
+    n_chosen = head[0]
+    scores = answer[HEAD + 3 * n : HEAD + 3 * n + n_chosen].view(np.float64).tolist()
+    return head[:HEAD], head[HEAD + n : HEAD + n + n_chosen], scores
 
 
 def chosen_rows(answer: np.ndarray, n: int, n_chosen: int) -> tuple[list[int], list[int]]:

@@ -204,12 +204,7 @@ class ServingMiddleware:
         """Media type (415), then the resource's scope and `{tenant_id}` (403)."""
         if self._max_body is not None and ctx.body_length:
             # A resource may accept more media types than JSON (the bulk events route: NDJSON).
-            accepted = getattr(resource, "accepted_media", DEFAULT_MEDIA)
-            if not (content_type or "").lower().startswith(accepted):
-                raise ProblemError(
-                    415,
-                    f"Content-Type must be {' or '.join(accepted)}, not {content_type!r}.",
-                )
+            check_media(content_type, getattr(resource, "accepted_media", DEFAULT_MEDIA))
         if self._auth is None:
             return
         principal: Principal | None = ctx.principal
@@ -218,10 +213,8 @@ class ServingMiddleware:
         scope = getattr(resource, "required_scope", None)
         if isinstance(scope, dict):
             scope = scope.get(method)
-        if scope and not principal.has_scope(scope):
-            raise ProblemError(
-                403, f"This operation needs the {scope!r} scope.", code="RECSYS_INSUFFICIENT_SCOPE"
-            )
+        if scope:
+            check_scope(principal, scope)
         tenant = params.get("tenant_id")
         if tenant is not None and tenant != principal.tenant:
             raise ProblemError(
@@ -303,6 +296,22 @@ class ServingMiddleware:
                     }
                 ).decode()
             )
+
+
+def check_media(content_type: str | None, accepted: tuple[str, ...]) -> None:
+    """415 unless the body's Content-Type is one of `accepted`."""
+    if not (content_type or "").lower().startswith(accepted):
+        raise ProblemError(
+            415, f"Content-Type must be {' or '.join(accepted)}, not {content_type!r}."
+        )
+
+
+def check_scope(principal: Principal, scope: str) -> None:
+    """403 unless the caller holds `scope`."""
+    if not principal.has_scope(scope):
+        raise ProblemError(
+            403, f"This operation needs the {scope!r} scope.", code="RECSYS_INSUFFICIENT_SCOPE"
+        )
 
 
 DEFAULT_MEDIA: tuple[str, ...] = ("application/json",)

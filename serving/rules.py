@@ -188,9 +188,12 @@ class Filters:
         else:
             include = _NO_IDS
         exclude, forbidden, required = self.exclude, self.forbidden_tags, self.required_tags
-        head = [n, flags, caps.n_groups if caps else 0, len(exclude), len(include)]
-        head += [len(forbidden), len(required), *exclude, *include, *forbidden, *required]
-        return np.array(head + caps.groups if caps else head, np.int64)
+        groups = caps.groups if caps else _NO_IDS
+        return np.array(
+            [n, flags, len(caps.names) if caps else 0, len(exclude), len(include), len(forbidden),
+             len(required), *exclude, *include, *forbidden, *required, *groups],
+            np.int64,
+        )  # fmt: skip
 
     def args(self, live: LiveSnapshot) -> tuple:
         """The kernel arguments between the items and the plan (`serving.kernels.outcomes`)."""
@@ -606,9 +609,8 @@ class Engine:
                 plan,
                 answer,
             )
-        head = answer[: kernels.HEAD].tolist()
+        head, e_items, e_scores = kernels.chosen(answer, n_take)
         n_chosen, n_refused, tally = head[0], head[1], head[2:]
-        e_items, e_scores = kernels.chosen(answer, n_take, n_chosen)
         blocked_by = []
         if tally[BLOCKED]:
             if code is None:

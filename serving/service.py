@@ -178,10 +178,10 @@ class RecommendService:
             pool, seen = engine.user_pool(uidx)
             if anchors.size:  # anchors the user just looked at are not recommended back
                 seen = np.union1d(seen, anchors)
-            category_of = pool.items[:1]  # back-fill by the category of the top candidate
+            category_of = pool.items  # back-fill by the category of the top candidate
         elif anchors.size:
             pool, seen = engine.anchor_pool(anchors), anchors
-            category_of = anchors[:1]
+            category_of = anchors
             if req.user_id:
                 warnings.append(
                     {
@@ -205,7 +205,7 @@ class RecommendService:
                     code="RECSYS_NO_FALLBACK",
                 )
             seen = anchors
-            category_of = anchors[:0]
+            category_of = _NO_ITEMS
             warnings.append(
                 {
                     "code": "COLD_START",

@@ -257,7 +257,9 @@ def parse_recommend(
             code="RECSYS_UNKNOWN_SURFACE",
         )
     r.surface = surface
-    r.segment = _str(body.get("segment"), "segment")
+    # (absent optional fields keep their defaults without a validator call)
+    if (segment := body.get("segment")) is not None:
+        r.segment = _str(segment, "segment")
 
     k = _int(body.get("k"), "k", 1, limits.max_k)
     if k is None:
@@ -272,9 +274,12 @@ def parse_recommend(
         r.kind = kind
     else:
         user = _obj(body.get("user"), "user", _USER)
-        r.user_id = _str(user.get("user_id"), "user.user_id")
-        r.anonymous_id = _str(user.get("anonymous_id"), "user.anonymous_id")
-        r.session_id = _str(user.get("session_id"), "user.session_id")
+        if (uid := user.get("user_id")) is not None:
+            r.user_id = _str(uid, "user.user_id")
+        if (uid := user.get("anonymous_id")) is not None:
+            r.anonymous_id = _str(uid, "user.anonymous_id")
+        if (uid := user.get("session_id")) is not None:
+            r.session_id = _str(uid, "user.session_id")
         if not (r.user_id or r.anonymous_id or r.session_id):
             raise bad_request("Field 'user' needs a user_id, or an anonymous_id or session_id.")
         anchors = body.get("anchors")  # (absent optional blocks keep their defaults)
@@ -299,26 +304,21 @@ def parse_recommend(
     cands = body.get("candidates")
     if cands is not None:
         cands = _obj(cands, "candidates", _CANDIDATES)
-        include = _str_list(
-            cands.get("include_ids"), "candidates.include_ids", limits.max_include_ids
-        )
-        r.include_ids = include if include else None  # [] means "no allow-list" (contract)
-        r.exclude_ids = (
-            _str_list(cands.get("exclude_ids"), "candidates.exclude_ids", limits.max_exclude_ids)
-            or []
-        )
+        if (ids := cands.get("include_ids")) is not None:
+            include = _str_list(ids, "candidates.include_ids", limits.max_include_ids)
+            r.include_ids = include if include else None  # [] means "no allow-list" (contract)
+        if (ids := cands.get("exclude_ids")) is not None:
+            r.exclude_ids = _str_list(ids, "candidates.exclude_ids", limits.max_exclude_ids) or []
 
     cons = body.get("constraints")
     if cons is not None:
         cons = _obj(cons, "constraints", _CONSTRAINTS)
-        r.required_tags = (
-            _str_list(cons.get("required_tags"), "constraints.required_tags", limits.max_tags) or []
-        )
-        r.forbidden_tags = (
-            _str_list(cons.get("forbidden_tags"), "constraints.forbidden_tags", limits.max_tags)
-            or []
-        )
-        mpt = _obj(cons.get("max_per_tag"), "constraints.max_per_tag", None)
+        if (tags := cons.get("required_tags")) is not None:
+            r.required_tags = _str_list(tags, "constraints.required_tags", limits.max_tags) or []
+        if (tags := cons.get("forbidden_tags")) is not None:
+            r.forbidden_tags = _str_list(tags, "constraints.forbidden_tags", limits.max_tags) or []
+        mpt = cons.get("max_per_tag")
+        mpt = {} if mpt is None else _obj(mpt, "constraints.max_per_tag", None)
         if len(mpt) > limits.max_tags:
             raise bad_request(
                 f"'constraints.max_per_tag' holds more than {limits.max_tags} entries."
