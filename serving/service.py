@@ -323,25 +323,43 @@ def _item_indices(live: LiveSnapshot, ids: list[str]) -> np.ndarray:
     return np.asarray(list(dict.fromkeys(live.item_indices(ids))), dtype=np.int32)
 
 
-_ITEM_START, _ITEM_SEP = b'[{"item_id":"', b'},{"item_id":"'
-_RANK_SCORE: list[bytes] = []  # b'","rank":<r>,"score":' of rank r = index + 1
+#: The items array of n items with a %b per id and score, for n up to 256 (~1.6 MB if all).
+_ITEMS_FORMATS: list[bytes] = [b"[]"]
+
+
+def _items_format(n: int) -> bytes:
+    if n >= 256:
+        return _item_formats(1, n + 1)
+    while len(_ITEMS_FORMATS) <= n:
+        r = len(_ITEMS_FORMATS)
+        _ITEMS_FORMATS.append(
+            _ITEMS_FORMATS[-1][:-1] + (b"," if r > 1 else b"") + _item_formats(r, r + 1)[1:]
+        )
+    return _ITEMS_FORMATS[n]
+
+
+def _item_formats(first: int, stop: int) -> bytes:
+    """The items array of ranks first..stop-1 (%b per id and score)."""
+    return (
+        b"["
+        + b",".join(b'{"item_id":"%%b","rank":%d,"score":%%b}' % r for r in range(first, stop))
+        + b"]"
+    )
 
 
 def items_json(ids: list[str], scores: list[float]) -> bytes | None:
     """The `items` array of plain items ({"item_id", "rank", "score"} in rank order) exactly as
-    orjson.dumps writes it, from one dumps of the ids and one of the scores; None when an id
-    holds a quote or ends with a backslash (a backslash before a quote in the dump would make
-    the split of the ids ambiguous)."""
+    orjson.dumps writes it, from one dumps of the ids, one of the scores and one formatting;
+    None when an id holds a quote or ends with a backslash (a backslash before a quote in the
+    dump would make the split of the ids ambiguous)."""
     n = len(ids)
     if not n:
         return b"[]"
     ids_blob = orjson.dumps(ids)
     if b'\\"' in ids_blob:
         return None
-    while len(_RANK_SCORE) < n:
-        _RANK_SCORE.append(b'","rank":%d,"score":' % (len(_RANK_SCORE) + 1))
     # (every quote in ids_blob is structural, so '","' separates ids; numbers hold no comma)
-    id_parts = ids_blob[2:-2].split(b'","')
-    score_parts = orjson.dumps(scores)[1:-1].split(b",")
-    parts = map(b"".join, zip(id_parts, _RANK_SCORE[:n], score_parts, strict=True))
-    return _ITEM_START + _ITEM_SEP.join(parts) + b"}]"
+    fields = [b""] * (2 * n)
+    fields[0::2] = ids_blob[2:-2].split(b'","')
+    fields[1::2] = orjson.dumps(scores)[1:-1].split(b",")
+    return _items_format(n) % tuple(fields)
