@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -28,6 +28,13 @@ class Principal:
     tenant: str
     scopes: frozenset[str]
     subject: str  # rate-limit key: "jwt:<sub>" or "key:<first 8 chars>"
+    #: The rate-limit counter keys of the credential and of the tenant (computed once: a
+    #: verified token's Principal is cached).
+    limit_keys: tuple[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        keys = (f"k:{self.tenant}:{self.subject}", f"t:{self.tenant}")
+        object.__setattr__(self, "limit_keys", keys)
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes or (scope == SCOPE_RECOMMEND and SCOPE_ADMIN in self.scopes)

@@ -167,11 +167,9 @@ class ServingMiddleware:
 
     def _rate_limit(self, principal: Principal) -> str:
         """The `RateLimit` header value of an allowed request; 429 otherwise."""
+        key, tenant_key = principal.limit_keys
         by_key, by_tenant = self._limiter.hit_pair(
-            f"k:{principal.tenant}:{principal.subject}",
-            self._key_spec,
-            f"t:{principal.tenant}",
-            self._tenant_spec,
+            key, self._key_spec, tenant_key, self._tenant_spec
         )
         if not by_key.allowed:
             name, tight = "key", by_key
