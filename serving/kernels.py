@@ -5,8 +5,10 @@ A request filters and caps a few hundred candidates. Done with NumPy that was ~2
 engine (`serving.rules`) keeps the decisions that are not per candidate (which filters and caps a
 request has, rule attribution, back-fill, pins) and calls these for the per-candidate work.
 
-Inputs are the snapshot's item -> tags CSR (`tag_off` int64[n_items + 1], `tag_ids` int32[]) and
-small per-request arrays; nothing here allocates per item of the catalogue. Two scratch arrays
+Inputs are the snapshot's item -> tags CSR (`tag_off` int64[n_items + 1], `tag_ids` int32[]),
+the candidates, and one int64 `plan` per request holding its parameters and small lists (layout:
+`P_N`; each array argument costs the call's dispatch ~1.5k instructions to type-check and
+unbox); nothing here allocates per item of the catalogue. Two scratch arrays
 per live snapshot (`marks` uint8[n_items], `roles` uint8[n_tags]) are set for the request's few
 items and tags and cleared again before returning; the kernels hold the GIL, so threads of one
 worker never see each other's marks.
