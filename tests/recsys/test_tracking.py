@@ -30,6 +30,14 @@ def _table(ndcg: float) -> pl.DataFrame:
     )
 
 
+def assert_serves_alike(fitted, loaded) -> None:
+    """The registered model serves the fitted one's lists."""
+    users = np.arange(len(fitted.user_ids_))
+    a, b = serve_top_n(fitted, users, 10), serve_top_n(loaded, users, 10)
+    np.testing.assert_array_equal(a.item_idx, b.item_idx)
+    np.testing.assert_allclose(a.final_score, b.final_score, rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def model():
     events = cluster_events(np.random.default_rng(2), n_users=60, n_items=20, per_user=8)
@@ -52,10 +60,7 @@ def test_registry_roundtrip_and_gate(model, storage, tmp_path):
     )
     assert first.version == "1" and first.gate["promoted"]
     loaded = tracking.load_registered_model("shop", uri, "champion", dst=str(tmp_path / "dl"))
-    users = np.arange(len(hybrid.user_ids_))
-    a, b = serve_top_n(hybrid, users, 10), serve_top_n(loaded, users, 10)
-    np.testing.assert_array_equal(a.item_idx, b.item_idx)
-    np.testing.assert_allclose(a.final_score, b.final_score, rtol=1e-6)
+    assert_serves_alike(hybrid, loaded)
 
     # within tolerance: promoted; beyond it: refused, champion stays, both figures recorded
     second = tracking.log_training_run(
@@ -110,10 +115,7 @@ def test_a_saved_model_folder_is_logged_as_it_is(model, storage, tmp_path):
     params = tracking._client(uri).get_run(run.run_id).data.params
     assert params["config.lightfm.epochs"] == str(hybrid.config.lightfm["epochs"])
     loaded = tracking.load_registered_model("folder", uri, "champion", dst=str(tmp_path / "dl"))
-    users = np.arange(len(hybrid.user_ids_))
-    a, b = serve_top_n(hybrid, users, 10), serve_top_n(loaded, users, 10)
-    np.testing.assert_array_equal(a.item_idx, b.item_idx)
-    np.testing.assert_array_equal(a.final_score, b.final_score)
+    assert_serves_alike(hybrid, loaded)
 
 
 def test_fingerprint_is_order_independent(model):
@@ -139,9 +141,6 @@ def test_postgres_tracking_store_round_trip(model, pg_database_url, storage, tmp
     )
     assert run.version == "1" and run.gate["promoted"]
     loaded = tracking.load_registered_model("pg", uri, "champion", dst=str(tmp_path / "dl"))
-    users = np.arange(len(hybrid.user_ids_))
-    np.testing.assert_array_equal(
-        serve_top_n(hybrid, users, 10).item_idx, serve_top_n(loaded, users, 10).item_idx
-    )
+    assert_serves_alike(hybrid, loaded)
     client = tracking._client(uri)
     assert client.get_run(run.run_id).data.metrics["served.NDCG_at_10"] == pytest.approx(0.2)
