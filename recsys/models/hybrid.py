@@ -507,8 +507,8 @@ def _masked_columns(
     seen_rows,
     unavailable_idx: np.ndarray,
 ) -> np.ndarray:
-    """``model.score(user_idx)[:, cols]`` with the batch's seen and the unavailable items
-    at -inf."""
+    """(``model.score(user_idx)[:, cols]`` with the batch's seen and the unavailable items
+    at -inf, each item's position in `cols` or -1)."""
     sub = model.score_columns(user_idx, cols)
     col_of = np.full(seen_rows.shape[1], -1, np.int64)
     col_of[cols] = np.arange(len(cols))
@@ -516,14 +516,13 @@ def _masked_columns(
     sub[seen_user[c >= 0], c[c >= 0]] = -np.inf
     c = col_of[unavailable_idx]
     sub[:, c[c >= 0]] = -np.inf
-    return sub
+    return sub, col_of
 
 
-def _column_lookup(model, user_idx, cols, sub, n_items, pos, items) -> np.ndarray:
+def _column_lookup(model, user_idx, col_of, sub, pos, items) -> np.ndarray:
     """The model's score of each (batch position, item) candidate: read from the column block
-    `sub` where the item is one of `cols` (a candidate is never a masked entry), else scored."""
-    col_of = np.full(n_items, -1, np.int64)
-    col_of[cols] = np.arange(len(cols))
+    `sub` where the item has a column (`col_of` >= 0; a candidate is never a masked entry),
+    else scored."""
     c = col_of[items]
     inside = c >= 0
     out = np.empty(len(items), np.float32)
@@ -570,7 +569,9 @@ def build_candidates(
             lookups[name] = lambda pos, items, s=s: s[pos, items]
         else:  # the top lies in a few known columns: score and select there (same order, ties)
             cols, frontier = found
-            sub = _masked_columns(model, user_idx, cols, seen_user, seen_rows, unavailable_idx)
+            sub, col_of = _masked_columns(
+                model, user_idx, cols, seen_user, seen_rows, unavailable_idx
+            )
             at, val = top_k(sub, n_candidates)
             idx = cols[at]
             if idx.shape[1] < n_candidates:  # fewer columns than candidates: pad
@@ -578,7 +579,7 @@ def build_candidates(
                 idx = np.pad(idx, ((0, 0), (0, pad)))
                 val = np.pad(val, ((0, 0), (0, pad)), constant_values=-np.inf)
             if len(frontier):  # users whose top may reach outside the columns: all of them
-                edge = _masked_columns(
+                edge, _ = _masked_columns(
                     model, user_idx, frontier, seen_user, seen_rows, unavailable_idx
                 )
                 redo = np.flatnonzero(edge.max(axis=1) >= val[:, -1])
@@ -587,7 +588,7 @@ def build_candidates(
                     mask_rows(s, seen_rows, redo)
                     s[:, unavailable_idx] = -np.inf
                     idx[redo], val[redo] = top_k(s, n_candidates)
-            lookups[name] = partial(_column_lookup, model, user_idx, cols, sub, n_items)
+            lookups[name] = partial(_column_lookup, model, user_idx, col_of, sub)
         ok = np.isfinite(val)
         tops[name] = np.where(ok, idx, -1)
         codes.append((np.repeat(np.arange(b), idx.shape[1]) * n_items + idx.ravel())[ok.ravel()])
