@@ -37,7 +37,7 @@ from recsys.models.data import Dataset, _lookup, build_dataset, temporal_split
 from recsys.models.ease import EASERecommender
 from recsys.models.lightfm_model import LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
-from recsys.models.threads import in_thread, single_threaded_blas
+from recsys.models.threads import in_thread, map_in_threads, single_threaded_blas
 from recsys.models.topk import top_k
 from recsys.models.trees import TreeEnsemble
 
@@ -181,6 +181,47 @@ def fit_generators(
     return models, skipped, {n: done[n][1] for n in fitted}
 
 
+class _Refit:
+    """Every generator refit on `events` with the chosen configuration, each part started as
+    soon as what it needs is known: the dataset at once (it needs no choice), the generators
+    that nothing is tuned for once the grids are decided, LightFM once its epoch count is.
+    On two cores the refits then fill the time the fit window's early stopping leaves free;
+    the models are the same as fitted one after another."""
+
+    def __init__(self, model: HybridRecommender, events, items, users) -> None:
+        self._data = in_thread(model._dataset, events, items, users)
+        self._parts: list = []
+        self._started: set[str] = set()
+
+    def fit(self, config: HybridConfig, names: tuple[str, ...] | None = None) -> None:
+        """Start fitting `names` (default: every generator not started yet) with a copy of
+        `config` as it is now."""
+        names = tuple(g for g in (names or GENERATORS) if g not in self._started)
+        if not names:
+            return
+        self._started.update(names)
+        cfg = HybridConfig.from_dict(config.to_dict())
+        self._parts.append(in_thread(lambda: fit_generators(self._data.result(), cfg, names)))
+
+    def result(self) -> tuple[Dataset, dict[str, Recommender], dict[str, str], dict[str, float]]:
+        """(dataset, generators in GENERATORS order, skipped name -> reason, fit seconds)."""
+        models: dict[str, Recommender] = {}
+        skipped: dict[str, str] = {}
+        seconds: dict[str, float] = {}
+        for part in self._parts:
+            m, sk, sec = part.result()
+            models.update(m)
+            skipped.update(sk)
+            seconds.update(sec)
+        order = {g: i for i, g in enumerate(GENERATORS)}
+        return (
+            self._data.result(),
+            {g: models[g] for g in sorted(models, key=order.__getitem__)},
+            {g: skipped[g] for g in sorted(skipped, key=order.__getitem__)},
+            seconds,
+        )
+
+
 def _sample_holdout(holdout: Holdout, max_users: int, seed: int) -> Holdout:
     """At most `max_users` users of `holdout` (a seeded sample, kept in index order)."""
     if max_users <= 0 or holdout.n_users <= max_users:
@@ -190,7 +231,11 @@ def _sample_holdout(holdout: Holdout, max_users: int, seed: int) -> Holdout:
 
 
 def fit_window_generators(
-    data: Dataset, holdout: Holdout, config: HybridConfig, tune: bool = True
+    data: Dataset,
+    holdout: Holdout,
+    config: HybridConfig,
+    tune: bool = True,
+    on_grids: Callable[[HybridConfig], None] | None = None,
 ) -> tuple[dict[str, Recommender], dict[str, Any]]:
     """Generators on the ranker's fit window, choosing hyperparameters on its label window.
 
@@ -198,7 +243,9 @@ def fit_window_generators(
     (first on ties), and LightFM stops early on validation NDCG@10
     (``config.lightfm_early_stopping``). The choices are written into `config`, so a refit
     with it repeats them; the chosen models themselves are kept (never fitted twice).
-    LightFM's early stopping runs in a thread beside the grids and the other generators.
+    LightFM's early stopping runs in a thread beside the grids and the other generators;
+    `on_grids` is called once the grids are decided and the other generators fitted, while
+    it still runs (everything but LightFM's epoch count is final then).
     """
     c = config
     gens: dict[str, Recommender] = {}
@@ -231,6 +278,8 @@ def fit_window_generators(
     rest = tuple(g for g in GENERATORS if g not in gens and (early is None or g != "lightfm"))
     more, _, _ = fit_generators(data, c, rest)
     gens.update(more)
+    if on_grids is not None:
+        on_grids(c)
     if early is not None:
         gens["lightfm"], chosen["lightfm_early_stopping"] = early.result()
         c.lightfm = {**c.lightfm, "epochs": gens["lightfm"].epochs}
@@ -269,8 +318,8 @@ def train_ranker(
 
     c = config
     sample = _sample_holdout(holdout, c.max_ranker_users, c.seed)
-    xs, ys = [], []
-    for start in range(0, sample.n_users, batch_size):
+
+    def labelled(start: int) -> tuple[np.ndarray, np.ndarray]:
         users = sample.user_idx[start : start + batch_size]
         cand = build_candidates(
             gens, side, gens["popularity"].seen_, users, c.candidates_per_generator
@@ -279,10 +328,12 @@ def train_ranker(
         rel_codes = np.concatenate(
             [np.full(len(r), p, np.int64) * data.n_items + r for p, r in enumerate(rel)]
         )
-        ys.append(np.isin(cand.user_pos * data.n_items + cand.item_idx, rel_codes))
-        xs.append(cand.features)
-    y = np.concatenate(ys).astype(np.int8) if ys else np.zeros(0, np.int8)
-    x = np.concatenate(xs) if xs else np.zeros((0, len(FEATURE_NAMES)))
+        return cand.features, np.isin(cand.user_pos * data.n_items + cand.item_idx, rel_codes)
+
+    # two batches at a time (threads, in batch order: the rows do not depend on the timing)
+    parts = map_in_threads(labelled, range(0, sample.n_users, batch_size))
+    y = np.concatenate([p[1] for p in parts]).astype(np.int8) if parts else np.zeros(0, np.int8)
+    x = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, len(FEATURE_NAMES)))
     info = {
         "ranker_users": sample.n_users,
         "ranker_rows": int(len(y)),
@@ -332,27 +383,39 @@ def fit_eval_and_final(
       and S2 serves twice instead of fitting a fourth set on all-but-the-newest events. When
       the test window has too few positives, R2 falls back to R1.
 
-    S2 and S3 need only the chosen configuration: once it is known, each is fitted in a thread
-    of its own while R1 and then R2 train (on two cores the step takes about the time of its
-    longest chain instead of the sum; the models are the same as fitted one after another).
+    S2 and S3 need only the chosen configuration, and each of their parts starts as soon as
+    the choices it needs are made (:class:`_Refit`), in threads beside R1's work; R2 trains
+    once S2 is fitted (on two cores the step takes about the time of its longest chain
+    instead of the sum; the models are the same as fitted one after another).
     """
     eval_cfg = HybridConfig.from_dict(config.to_dict())
     eval_cfg.include_catalog_items = False
     split = temporal_split(events, test_fraction)
-    final: dict[str, Any] = {}
 
-    def fit_final_generators(chosen: HybridConfig) -> None:
+    def final_config(chosen: HybridConfig) -> HybridConfig:
         cfg = HybridConfig.from_dict(chosen.to_dict())
         cfg.include_catalog_items = config.include_catalog_items
         cfg.tune = {}
-        final["model"] = HybridRecommender(cfg)
-        final["generators"] = in_thread(final["model"]._fit_generators, events, items, users)
+        return cfg
 
     with single_threaded_blas():
+        # the dataset depends on nothing that is tuned: its build starts at once
+        model = HybridRecommender(final_config(config))
+        refit = _Refit(model, events, items, users)
+
+        def on_config(chosen: HybridConfig) -> None:
+            model.config = final_config(chosen)
+            refit.fit(model.config)
+
         eval_model = HybridRecommender(eval_cfg).fit(
-            split.train, items, users, on_config=fit_final_generators
+            split.train,
+            items,
+            users,
+            on_config=on_config,
+            on_grids=lambda chosen: refit.fit(
+                final_config(chosen), tuple(g for g in GENERATORS if g != "lightfm")
+            ),
         )
-        model = final["model"]
         final_cfg = model.config
         t0 = time.perf_counter()
         info: dict[str, Any] = {"ranker_from": "eval", "evaluated_config_from": "eval"}
@@ -377,7 +440,7 @@ def fit_eval_and_final(
             info["ranker_skipped"] = eval_model.info.get("ranker_skipped")
         model.ranker_ = ranker
         info["ranker_seconds"] = time.perf_counter() - t0
-        data, generators, skipped, seconds = final["generators"].result()
+        data, generators, skipped, seconds = refit.result()
     info["generators_skipped"], info["generator_seconds"] = skipped, seconds
     for k in ("tuning", "lightfm_early_stopping"):
         if k in eval_model.info:
@@ -711,20 +774,25 @@ class HybridRecommender:
         items: pl.DataFrame | None = None,
         users: pl.DataFrame | None = None,
         on_config: Callable[[HybridConfig], None] | None = None,
+        on_grids: Callable[[HybridConfig], None] | None = None,
     ) -> HybridRecommender:
         """Train the ranker on the newest window, then refit generators on all `events`.
 
         Generators fitted on the older part propose candidates for the newest
         ``validation_fraction`` (the label window); tuning grids and LightFM's epoch count are
-        chosen there too. Once they are, the refit on all events needs nothing more from the
-        window, so it runs in a thread beside the ranker's training (LightFM, the sparse
-        products and the tree fit release the GIL: two cores are used; the models are the
-        same as one after the other). `on_config` is called with the chosen configuration
-        at that point, for more work that needs only it.
+        chosen there too. The refit on all events needs nothing more from the window than
+        those choices, so it runs in threads beside the fit window's work (see
+        :class:`_Refit`: its dataset from the start, the untuned generators once the grids
+        are decided, LightFM once early stopping has chosen its epochs) and the ranker's
+        training (LightFM, the sparse products and the tree fit release the GIL: two cores
+        are used; the models are the same as one after the other). `on_grids` and
+        `on_config` are called with the configuration at those two points (all but
+        LightFM's epoch count final; all final), for more work that needs only it.
         """
         c = self.config
         t0 = time.perf_counter()
         with single_threaded_blas():
+            refit = _Refit(self, events, items, users)
             split = temporal_split(events, 0.0, c.validation_fraction)
             info: dict[str, Any] = {
                 "ranker_events_fit": split.fit.height,
@@ -750,12 +818,18 @@ class HybridRecommender:
                 )
             gens = None
             if skip is None:
-                gens, chosen = fit_window_generators(fit_data, holdout, c)
+
+                def grids_decided(cfg: HybridConfig) -> None:
+                    refit.fit(cfg, tuple(g for g in GENERATORS if g != "lightfm"))
+                    if on_grids is not None:
+                        on_grids(cfg)
+
+                gens, chosen = fit_window_generators(fit_data, holdout, c, on_grids=grids_decided)
                 info.update(chosen)
             # the configuration is final from here on
+            refit.fit(c)
             if on_config is not None:
                 on_config(c)
-            refit = in_thread(self._fit_generators, events, items, users)
             if gens is not None:
                 side = SideFeatures.from_data(fit_data, gens["popularity"])
                 ranker, rinfo = train_ranker(gens, side, fit_data, holdout, c)
@@ -768,11 +842,6 @@ class HybridRecommender:
             data, generators, skipped, seconds = refit.result()
         info["generators_skipped"], info["generator_seconds"] = skipped, seconds
         return self._assemble(generators, data, info)
-
-    def _fit_generators(self, events, items, users):
-        """(Dataset of `events`, every generator fitted on it, skipped, seconds)."""
-        data = self._dataset(events, items, users)
-        return (data, *fit_generators(data, self.config))
 
     def _assemble(
         self, generators: dict[str, Recommender], data: Dataset, info: dict[str, Any]

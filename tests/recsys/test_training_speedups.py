@@ -7,7 +7,7 @@ import scipy.sparse as sp
 from synthetic_events import cluster_events, cluster_items, make_events
 
 from recsys.models.cooccurrence import CooccurrenceRecommender, cap_user_history, prune_rows
-from recsys.models.data import build_dataset
+from recsys.models.data import build_dataset, temporal_split
 from recsys.models.ease import EASERecommender
 from recsys.models.hybrid import (
     HybridConfig,
@@ -206,6 +206,29 @@ def test_fits_in_threads_equal_a_fit_one_after_the_other(cluster_data, eval_and_
             np.testing.assert_array_equal(value, again.generators_[name]._arrays()[key])
     for key, value in final.ranker_.to_arrays().items():
         np.testing.assert_array_equal(value, again.ranker_.to_arrays()[key])
+
+
+def test_refits_started_at_each_choice_equal_fits_with_the_chosen_configuration(cluster_data):
+    """A tuning grid and early stopping: the refits start as the choices are made (the grid
+    before LightFM's epoch count); each refit equals a fit with the final configuration."""
+    events, items = cluster_data
+    grid = {
+        "ease": [{"l2": 5.0}, {"l2": 200.0}],
+        "cooccurrence": [{"shrink": 0.0}, {"shrink": 50.0}],
+    }
+    ev, final = fit_eval_and_final(events, items, None, HybridConfig(**{**FAST, "tune": grid}), 0.2)
+    assert set(ev.info["tuning"]) == {"ease", "cooccurrence"}
+    assert ev.config.lightfm["epochs"] == ev.info["lightfm_early_stopping"]["epochs"]
+    split = temporal_split(events, 0.2)
+    with single_threaded_blas():
+        for model, rows in ((ev, split.train), (final, events)):
+            data = model._dataset(rows, items, None)
+            sequential, _, _ = fit_generators(data, model.config)
+            assert list(model.generators_) == list(sequential)
+            for name, gen in model.generators_.items():
+                assert gen.params() == sequential[name].params()
+                for key, value in gen._arrays().items():
+                    np.testing.assert_array_equal(value, sequential[name]._arrays()[key])
 
 
 def test_eval_and_final_share_the_evaluated_configuration(eval_and_final):
