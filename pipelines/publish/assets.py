@@ -73,9 +73,10 @@ def _snapshots(store: Storage, tenant: str, keep: int = 5) -> SnapshotStore:
 def user_recommendations(
     context: dg.AssetExecutionContext, config: PublishConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
-    """Final top-N per user with per-signal parts and reasons, one contiguous user shard at a
-    time (staged under snapshots/<tenant>/.staging/<model>/). Run without a partition (the
-    end-to-end job) it computes every shard in turn; memory stays bounded by one shard."""
+    """Final top-N per user with per-signal parts and reasons, by contiguous user shards
+    (staged under snapshots/<tenant>/.staging/<model>/). Run without a partition (the
+    end-to-end job) it computes every shard, two side by side; memory stays bounded by two
+    shards."""
     store = storage.storage()
     shards = (
         [shard_number(context.partition_key)]
@@ -86,10 +87,10 @@ def user_recommendations(
     for tenant in tenants(store, config.tenants):
         champ = _Champion(store, tenant)
         snaps = _snapshots(store, tenant)
-        for shard in shards:
-            path, n = snapbuild.compute_shard(
-                champ.model, snaps.root, champ.key, shard, N_USER_SHARDS, config.n_per_user
-            )
+        done = snapbuild.compute_shards(
+            champ.model, snaps.root, champ.key, shards, N_USER_SHARDS, config.n_per_user
+        )
+        for shard, (path, n) in zip(shards, done, strict=True):
             start, stop = snapbuild.shard_bounds(len(champ.model.user_ids_), shard, N_USER_SHARDS)
             rows += n
             summary.append(

@@ -3,7 +3,8 @@
 The publish assets (pipelines/publish/) are thin wrappers around these functions:
 
 * `compute_shard` scores one contiguous range of users with `recsys.models.serve.serve_top_n`
-  and writes it to a staging Parquet file (bounded memory: one shard at a time);
+  and writes it to a staging Parquet file; `compute_shards` runs several, two side by side
+  (bounded memory: two shards at a time);
 * `similar_lists` and `fallback_lists` build the item-level lists;
 * `assemble_snapshot` streams the shard files into a `SnapshotWriter` inside a temporary folder
   and publishes it through `SnapshotStore.publish` (verify, then switch CURRENT atomically).
@@ -58,12 +59,13 @@ def shard_path(snapshots_dir: str, model_key: str, shard: int, n_shards: int) ->
 
 
 def shard_candidates(
-    model: Any, start: int, stop: int, k: int, batch_size: int = 256
+    model: Any, start: int, stop: int, k: int, batch_size: int = 256, workers: int = 2
 ) -> pl.DataFrame:
-    """Final top-k of users [start, stop) as a frame with `CANDIDATE_COLUMNS`."""
+    """Final top-k of users [start, stop) as a frame with `CANDIDATE_COLUMNS` (scored
+    `workers` batches at a time; the frame does not depend on it)."""
     from recsys.models.serve import serve_top_n  # the model package is optional for readers
 
-    lists = serve_top_n(model, np.arange(start, stop), k=k, batch_size=batch_size)
+    lists = serve_top_n(model, np.arange(start, stop), k=k, batch_size=batch_size, workers=workers)
     code = np.asarray(lists.reason_code, dtype=np.int64)
     mapping = np.full(256, REASON_CODES["personal"], dtype=np.uint8)
     for src, dst in MODEL_REASON_TO_SNAPSHOT.items():
@@ -83,17 +85,49 @@ def shard_candidates(
 
 
 def compute_shard(
-    model: Any, snapshots_dir: str, model_key: str, shard: int, n_shards: int, k: int
+    model: Any,
+    snapshots_dir: str,
+    model_key: str,
+    shard: int,
+    n_shards: int,
+    k: int,
+    workers: int = 2,
 ) -> tuple[str, int]:
     """Score one shard and write it atomically to staging. Returns (path, rows)."""
     start, stop = shard_bounds(len(model.user_ids_), shard, n_shards)
-    frame = shard_candidates(model, start, stop, k)
+    frame = shard_candidates(model, start, stop, k, workers=workers)
     path = shard_path(snapshots_dir, model_key, shard, n_shards)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     frame.write_parquet(tmp)
     os.replace(tmp, path)
     return path, frame.height
+
+
+def compute_shards(
+    model: Any,
+    snapshots_dir: str,
+    model_key: str,
+    shards: Sequence[int],
+    n_shards: int,
+    k: int,
+    workers: int = 2,
+) -> list[tuple[str, int]]:
+    """`compute_shard` for each of `shards`, in their order. Several shards are scored
+    `workers` at a time, one thread each (a shard's batches, scored two at a time, leave a
+    core idle while its last batch finishes; whole shards side by side do not), so memory
+    holds `workers` shards at most. The files do not depend on `workers`."""
+    from recsys.models.threads import map_in_threads
+
+    if len(shards) < 2 or workers < 2:
+        return [
+            compute_shard(model, snapshots_dir, model_key, s, n_shards, k, workers) for s in shards
+        ]
+    return map_in_threads(
+        lambda s: compute_shard(model, snapshots_dir, model_key, s, n_shards, k, workers=1),
+        shards,
+        workers,
+    )
 
 
 def seen_pairs(model: Any, start: int, stop: int) -> dict[str, np.ndarray]:
