@@ -35,7 +35,7 @@ from recsys.models.base import Recommender, mask_rows
 from recsys.models.cooccurrence import CooccurrenceRecommender
 from recsys.models.data import Dataset, _lookup, build_dataset, temporal_split
 from recsys.models.ease import EASERecommender
-from recsys.models.lightfm_model import LightFMRecommender
+from recsys.models.lightfm_model import EpochChoice, LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
 from recsys.models.threads import in_thread, map_in_threads, single_threaded_blas
 from recsys.models.topk import top_k
@@ -158,19 +158,28 @@ def too_little_data(data: Dataset, config: HybridConfig) -> str | None:
 
 
 def fit_generators(
-    data: Dataset, config: HybridConfig, names: tuple[str, ...] = GENERATORS
+    data: Dataset,
+    config: HybridConfig,
+    names: tuple[str, ...] = GENERATORS,
+    lightfm_epochs: EpochChoice | None = None,
 ) -> tuple[dict[str, Recommender], dict[str, str], dict[str, float]]:
     """Fit the named generators; returns (models, skipped name -> reason, fit seconds).
 
     LightFM, much the longest, is fitted in a thread beside the others (its epochs release
-    the GIL; the models are the same as fitted one after another)."""
+    the GIL; the models are the same as fitted one after another); with `lightfm_epochs`,
+    for the epoch count early stopping is choosing (:meth:`LightFMRecommender.fit_as_chosen`).
+    """
     reason = too_little_data(data, config)
     fitted = [n for n in names if not reason or n in ("popularity", "category")]
     skipped = {n: reason for n in names if n not in fitted}
 
     def fit(name: str) -> tuple[Recommender, float]:
         t0 = time.perf_counter()
-        model = make_generator(name, config.generator_params(name)).fit(data)
+        model = make_generator(name, config.generator_params(name))
+        if name == "lightfm" and lightfm_epochs is not None:
+            model.fit_as_chosen(data, lightfm_epochs)
+        else:
+            model.fit(data)
         return model, time.perf_counter() - t0
 
     beside = in_thread(fit, "lightfm") if "lightfm" in fitted and len(fitted) > 1 else None
@@ -183,25 +192,32 @@ def fit_generators(
 
 class _Refit:
     """Every generator refit on `events` with the chosen configuration, each part started as
-    soon as what it needs is known: the dataset at once (it needs no choice), the generators
-    that nothing is tuned for once the grids are decided, LightFM once its epoch count is.
-    On two cores the refits then fill the time the fit window's early stopping leaves free;
-    the models are the same as fitted one after another."""
+    soon as what it needs is known: the dataset at once (it needs no choice), LightFM when
+    its early stopping starts (it runs beside it, for the count being chosen), the other
+    generators once the grids are decided. On two cores the refits then fill the time the
+    fit window's work leaves free; the models are the same as fitted one after another."""
 
     def __init__(self, model: HybridRecommender, events, items, users) -> None:
         self._data = in_thread(model._dataset, events, items, users)
         self._parts: list = []
         self._started: set[str] = set()
 
-    def fit(self, config: HybridConfig, names: tuple[str, ...] | None = None) -> None:
+    def fit(
+        self,
+        config: HybridConfig,
+        names: tuple[str, ...] | None = None,
+        lightfm_epochs: EpochChoice | None = None,
+    ) -> None:
         """Start fitting `names` (default: every generator not started yet) with a copy of
-        `config` as it is now."""
+        `config` as it is now (LightFM for `lightfm_epochs`, when given)."""
         names = tuple(g for g in (names or GENERATORS) if g not in self._started)
         if not names:
             return
         self._started.update(names)
         cfg = HybridConfig.from_dict(config.to_dict())
-        self._parts.append(in_thread(lambda: fit_generators(self._data.result(), cfg, names)))
+        self._parts.append(
+            in_thread(lambda: fit_generators(self._data.result(), cfg, names, lightfm_epochs))
+        )
 
     def result(self) -> tuple[Dataset, dict[str, Recommender], dict[str, str], dict[str, float]]:
         """(dataset, generators in GENERATORS order, skipped name -> reason, fit seconds)."""
@@ -236,6 +252,7 @@ def fit_window_generators(
     config: HybridConfig,
     tune: bool = True,
     on_grids: Callable[[HybridConfig], None] | None = None,
+    on_early_stopping: Callable[[HybridConfig, EpochChoice], None] | None = None,
 ) -> tuple[dict[str, Recommender], dict[str, Any]]:
     """Generators on the ranker's fit window, choosing hyperparameters on its label window.
 
@@ -244,8 +261,9 @@ def fit_window_generators(
     (``config.lightfm_early_stopping``). The choices are written into `config`, so a refit
     with it repeats them; the chosen models themselves are kept (never fitted twice).
     LightFM's early stopping runs in a thread beside the grids and the other generators;
-    `on_grids` is called once the grids are decided and the other generators fitted, while
-    it still runs (everything but LightFM's epoch count is final then).
+    `on_early_stopping` is called when it starts, with the :class:`EpochChoice` it will make
+    (for refits that run beside it), and `on_grids` once the grids are decided and the other
+    generators fitted (everything but LightFM's epoch count is final then).
     """
     c = config
     gens: dict[str, Recommender] = {}
@@ -256,7 +274,12 @@ def fit_window_generators(
         es = c.lightfm_early_stopping
         if es and not c.tune.get("lightfm"):
             # needs nothing from the grids or the other generators: beside them, in a thread
-            early = in_thread(_early_stopped_lightfm, data, holdout, c, es)
+            lf = make_generator("lightfm", c.generator_params("lightfm"))
+            points = lf.early_stopping_epochs(data.confidence.nnz, int(es.get("eval_every", 2)))
+            choice = EpochChoice([*points, lf.epochs])
+            early = in_thread(_early_stopped_lightfm, data, holdout, c, es, choice)
+            if on_early_stopping is not None:
+                on_early_stopping(c, choice)
         tuning = {}
         for name, grid in c.tune.items():
             if not grid:
@@ -287,20 +310,26 @@ def fit_window_generators(
 
 
 def _early_stopped_lightfm(
-    data: Dataset, holdout: Holdout, c: HybridConfig, es: dict[str, Any]
+    data: Dataset, holdout: Holdout, c: HybridConfig, es: dict[str, Any], choice: EpochChoice
 ) -> tuple[Recommender, dict[str, Any]]:
-    """LightFM fitted until validation NDCG@10 of (a sample of) `holdout` stops improving."""
-    sample = _sample_holdout(holdout, int(es.get("max_users", 1000)), c.seed)
-    model = make_generator("lightfm", c.generator_params("lightfm"))
-    t0 = time.perf_counter()
-    curve = model.fit_early_stopping(
-        data,
-        sample.user_idx,
-        sample.relevant,
-        eval_every=int(es.get("eval_every", 2)),
-        patience=int(es.get("patience", 2)),
-    )
-    return model, {**curve, "seconds": round(time.perf_counter() - t0, 2)}
+    """LightFM fitted until validation NDCG@10 of (a sample of) `holdout` stops improving;
+    the count it keeps is told to `choice` (None if the fit fails)."""
+    try:
+        sample = _sample_holdout(holdout, int(es.get("max_users", 1000)), c.seed)
+        model = make_generator("lightfm", c.generator_params("lightfm"))
+        t0 = time.perf_counter()
+        curve = model.fit_early_stopping(
+            data,
+            sample.user_idx,
+            sample.relevant,
+            eval_every=int(es.get("eval_every", 2)),
+            patience=int(es.get("patience", 2)),
+        )
+        choice.choose(model.epochs)
+        return model, {**curve, "seconds": round(time.perf_counter() - t0, 2)}
+    finally:
+        if not choice.known():
+            choice.choose(None)
 
 
 def train_ranker(
@@ -414,6 +443,9 @@ def fit_eval_and_final(
             on_config=on_config,
             on_grids=lambda chosen: refit.fit(
                 final_config(chosen), tuple(g for g in GENERATORS if g != "lightfm")
+            ),
+            on_early_stopping=lambda chosen, choice: refit.fit(
+                final_config(chosen), ("lightfm",), choice
             ),
         )
         final_cfg = model.config
@@ -775,6 +807,7 @@ class HybridRecommender:
         users: pl.DataFrame | None = None,
         on_config: Callable[[HybridConfig], None] | None = None,
         on_grids: Callable[[HybridConfig], None] | None = None,
+        on_early_stopping: Callable[[HybridConfig, EpochChoice], None] | None = None,
     ) -> HybridRecommender:
         """Train the ranker on the newest window, then refit generators on all `events`.
 
@@ -782,12 +815,12 @@ class HybridRecommender:
         ``validation_fraction`` (the label window); tuning grids and LightFM's epoch count are
         chosen there too. The refit on all events needs nothing more from the window than
         those choices, so it runs in threads beside the fit window's work (see
-        :class:`_Refit`: its dataset from the start, the untuned generators once the grids
-        are decided, LightFM once early stopping has chosen its epochs) and the ranker's
-        training (LightFM, the sparse products and the tree fit release the GIL: two cores
-        are used; the models are the same as one after the other). `on_grids` and
-        `on_config` are called with the configuration at those two points (all but
-        LightFM's epoch count final; all final), for more work that needs only it.
+        :class:`_Refit`: its dataset from the start, LightFM beside its early stopping, the
+        other generators once the grids are decided) and the ranker's training (LightFM, the
+        sparse products and the tree fit release the GIL: two cores are used; the models are
+        the same as one after the other). `on_early_stopping`, `on_grids` and `on_config`
+        are called at those points (see :func:`fit_window_generators`; `on_config` once all
+        is final), for more work that needs only the choices made by then.
         """
         c = self.config
         t0 = time.perf_counter()
@@ -819,12 +852,23 @@ class HybridRecommender:
             gens = None
             if skip is None:
 
+                def early_stopping(cfg: HybridConfig, choice: EpochChoice) -> None:
+                    refit.fit(cfg, ("lightfm",), choice)
+                    if on_early_stopping is not None:
+                        on_early_stopping(cfg, choice)
+
                 def grids_decided(cfg: HybridConfig) -> None:
                     refit.fit(cfg, tuple(g for g in GENERATORS if g != "lightfm"))
                     if on_grids is not None:
                         on_grids(cfg)
 
-                gens, chosen = fit_window_generators(fit_data, holdout, c, on_grids=grids_decided)
+                gens, chosen = fit_window_generators(
+                    fit_data,
+                    holdout,
+                    c,
+                    on_grids=grids_decided,
+                    on_early_stopping=early_stopping,
+                )
                 info.update(chosen)
             # the configuration is final from here on
             refit.fit(c)

@@ -3,7 +3,9 @@ tags, so an item nobody has touched yet still gets an embedding from its feature
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from collections.abc import Sequence
+from typing import Any, Self
 
 import numpy as np
 import scipy.sparse as sp
@@ -35,6 +37,31 @@ def item_feature_matrix(data: Dataset, identity: bool = True) -> sp.csr_matrix:
     norms = np.asarray(f.sum(axis=1)).ravel()
     norms[norms == 0] = 1.0
     return sp.diags(1.0 / norms).astype(np.float32) @ f
+
+
+class EpochChoice:
+    """The epoch count early stopping is choosing, shared with fits that start before it has
+    chosen (:meth:`LightFMRecommender.fit_as_chosen`): the counts it can choose, and the
+    choice once made (or the failure, so that nobody waits for ever)."""
+
+    def __init__(self, possible: Sequence[int]) -> None:
+        self.possible = tuple(sorted(set(possible)))
+        self._made = threading.Event()
+        self._epochs: int | None = None
+
+    def choose(self, epochs: int | None) -> None:
+        """Record the choice; None: early stopping failed (waiters raise)."""
+        self._epochs = epochs
+        self._made.set()
+
+    def known(self) -> bool:
+        return self._made.is_set()
+
+    def wait(self) -> int:
+        self._made.wait()
+        if self._epochs is None:
+            raise RuntimeError("LightFM early stopping failed before choosing its epoch count")
+        return self._epochs
 
 
 class LightFMRecommender(Recommender):
@@ -91,6 +118,15 @@ class LightFMRecommender(Recommender):
         if self.max_updates <= 0 or nnz <= 0:
             return self.epochs
         return max(1, min(self.epochs, self.max_updates // nnz))
+
+    def early_stopping_epochs(self, nnz: int, eval_every: int) -> list[int]:
+        """The epoch counts :meth:`fit_early_stopping` evaluates (and so can choose) on
+        `nnz` interactions: every `eval_every` epochs, and the last."""
+        done, points, last = 0, [], self.epochs_for(nnz)
+        while done < last:
+            done += min(max(eval_every, 1), last - done)
+            points.append(done)
+        return points
 
     def _model_and_inputs(self, data: Dataset):
         from lightfm import LightFM
@@ -169,17 +205,17 @@ class LightFMRecommender(Recommender):
             return {"epochs": self.epochs, "curve": []}
         model._reset_state()
         best, best_epochs, curve, stale, done = -1.0, 0, [], 0, 0
-        max_epochs = self.epochs_for(inter.nnz)
-        while done < max_epochs and stale < patience:
-            step = min(eval_every, max_epochs - done)
+        for point in self.early_stopping_epochs(inter.nnz, eval_every):
+            if stale >= patience:
+                break
             model.fit_partial(
                 inter,
                 item_features=item_features,
                 sample_weight=weight,
-                epochs=step,
+                epochs=point - done,
                 num_threads=self.num_threads,
             )
-            done += step
+            done = point
             self._take(model, item_features)
             rec, _ = self.recommend(user_idx, 10)
             value = float(ndcg_at_k(rec, relevant, 10).mean())
@@ -192,6 +228,50 @@ class LightFMRecommender(Recommender):
         self.item_bias_, self.item_emb_, self.user_bias_, self.user_emb_ = kept
         self.epochs = best_epochs
         return {"epochs": best_epochs, "curve": curve, "validation_ndcg@10": best}
+
+    def fit_as_chosen(self, data: Dataset, choice: EpochChoice) -> Self:
+        """``fit(data)`` with ``epochs`` set to what early stopping (on another window) is
+        choosing, started before it has chosen: epoch by epoch, keeping the representations
+        at each count a choice can lead to, until the choice is known and reached. The same
+        model as ``fit`` once ``epochs`` is set (epoch by epoch draws the same shuffles), so
+        a refit runs beside the early stopping instead of after it."""
+        self._remember_seen(data)
+        model, inter, weight, item_features = self._model_and_inputs(data)
+        if not inter.nnz:
+            self.epochs = choice.wait()
+            self._fit(data)
+            return self
+        # what a choice of e epochs makes this fit run (the max_updates bound of its data)
+        run_for = {e: self._with_epochs(e).epochs_for(inter.nnz) for e in choice.possible}
+        targets = set(run_for.values())
+        model._reset_state()
+        kept: dict[int, tuple[np.ndarray, ...]] = {}
+        done = 0
+        while True:
+            if choice.known() or done >= max(targets, default=0):
+                self.epochs = choice.wait()
+                target = self.epochs_for(inter.nnz)
+                if done >= target:
+                    break
+            model.fit_partial(
+                inter,
+                item_features=item_features,
+                sample_weight=weight,
+                epochs=1,
+                num_threads=self.num_threads,
+            )
+            done += 1
+            if done in targets and not choice.known():
+                self._take(model, item_features)
+                kept[done] = (self.item_bias_, self.item_emb_, self.user_bias_, self.user_emb_)
+        if done == target:
+            self._take(model, item_features)
+        else:  # ran past the choice: its state was kept when it was reached
+            self.item_bias_, self.item_emb_, self.user_bias_, self.user_emb_ = kept[target]
+        return self
+
+    def _with_epochs(self, epochs: int) -> LightFMRecommender:
+        return LightFMRecommender(**{**self.params(), "epochs": epochs})
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         user_idx = np.asarray(user_idx, dtype=np.int64)

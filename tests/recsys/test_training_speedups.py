@@ -1,5 +1,7 @@
 """The faster training and scoring paths give the answers of the plain ones."""
 
+import threading
+
 import numpy as np
 import polars as pl
 import pytest
@@ -16,11 +18,11 @@ from recsys.models.hybrid import (
     fit_eval_and_final,
     fit_generators,
 )
-from recsys.models.lightfm_model import LightFMRecommender
+from recsys.models.lightfm_model import EpochChoice, LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
 from recsys.models.serve import serve_top_n
 from recsys.models.similarity import shrunk_cosine_neighbours
-from recsys.models.threads import single_threaded_blas
+from recsys.models.threads import in_thread, single_threaded_blas
 from recsys.models.topk import top_k
 from recsys.models.trees import TreeEnsemble
 
@@ -174,6 +176,59 @@ def test_lightfm_early_stopping_is_deterministic_and_refits_the_same(rng):
     refit = LightFMRecommender(**a.params()).fit(data)
     if ca["curve"][-1][0] == a.epochs:
         np.testing.assert_allclose(refit.score(users), a.score(users), rtol=1e-5)
+
+
+class _ObservedChoice(EpochChoice):
+    """An EpochChoice that tells the test when the fit has run as far as it can unaided."""
+
+    def __init__(self, possible):
+        super().__init__(possible)
+        self.waiting = threading.Event()
+
+    def wait(self):
+        self.waiting.set()
+        return super().wait()
+
+
+def _fit_beside(data, params, choice):
+    return in_thread(LightFMRecommender(**params).fit_as_chosen, data, choice)
+
+
+@pytest.mark.parametrize("chosen", [2, 4, 6])
+def test_a_fit_beside_early_stopping_is_the_fit_of_the_chosen_count(rng, chosen):
+    """Told the count only once it has run as far as any choice can need, it keeps the state
+    of each possible count: the model of a plain fit of the chosen length."""
+    data = build_dataset(cluster_events(rng), cluster_items())
+    params = dict(no_components=4, epochs=30, seed=3)
+    choice = _ObservedChoice([2, 4, 6])
+    fitting = _fit_beside(data, params, choice)
+    assert choice.waiting.wait(60)
+    choice.choose(chosen)
+    beside = fitting.result(60)
+    plain = LightFMRecommender(**{**params, "epochs": chosen}).fit(data)
+    assert beside.params() == plain.params()
+    for key, value in plain._arrays().items():
+        np.testing.assert_array_equal(beside._arrays()[key], value)
+
+
+def test_a_fit_beside_early_stopping_follows_max_updates_and_failure(rng):
+    data = build_dataset(cluster_events(rng), cluster_items())
+    nnz = data.confidence.nnz
+    # its own data allows 3 epochs: a choice of 6 runs 3, as fit() would
+    params = dict(no_components=4, epochs=30, seed=3, max_updates=3 * nnz)
+    choice = EpochChoice([2, 6])
+    choice.choose(6)
+    beside = LightFMRecommender(**params).fit_as_chosen(data, choice)
+    plain = LightFMRecommender(**{**params, "epochs": 6}).fit(data)
+    assert plain.epochs_for(nnz) == 3
+    np.testing.assert_array_equal(beside.item_emb_, plain.item_emb_)
+    # early stopping failed: the fit beside it stops with that error instead of waiting
+    failed = _ObservedChoice([2])
+    fitting = _fit_beside(data, params, failed)
+    assert failed.waiting.wait(60)
+    failed.choose(None)
+    with pytest.raises(RuntimeError, match="early stopping failed"):
+        fitting.result(60)
 
 
 def test_lightfm_max_updates_bounds_epochs():
