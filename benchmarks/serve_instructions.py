@@ -35,6 +35,7 @@ sys.path.insert(0, REPO)
 
 from benchmarks._snapshots import ensure_snapshot  # noqa: E402
 from benchmarks.serve_load import free_port, lua_file, server_env  # noqa: E402
+from serving.cli import GUNICORN_CONFIG  # noqa: E402
 
 
 def count(app: str, env: dict[str, str], script: str, seconds: int, tmp: str) -> tuple[int, int]:
@@ -51,6 +52,8 @@ def count(app: str, env: dict[str, str], script: str, seconds: int, tmp: str) ->
             "-m",
             "gunicorn",
             app,
+            "--config",
+            GUNICORN_CONFIG,  # (as served: the master preloads the serving modules)
             "--bind",
             f"127.0.0.1:{port}",
             "--workers",

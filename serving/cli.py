@@ -83,6 +83,10 @@ def _flush_events(args: argparse.Namespace) -> int:
 #: One thread per keep-alive connection (serving/workers.py); the default when threads > 1.
 CONNECTION_THREAD_WORKER = "serving.workers.ConnectionThreadWorker"
 
+#: The gunicorn settings module (serving/gunicorn_conf.py: the master imports and compiles what
+#: the workers share before forking them).
+GUNICORN_CONFIG = "python:serving.gunicorn_conf"
+
 
 def gunicorn_argv(
     bind: str,
@@ -97,13 +101,16 @@ def gunicorn_argv(
 
     threads > 1 selects `CONNECTION_THREAD_WORKER` (unless `worker_class` names another):
     concurrent event posts to one worker then share one validation pass and one fsync (the
-    event log's group commit)."""
+    event log's group commit). The settings module `GUNICORN_CONFIG` preloads the serving
+    modules (and the compiled kernels) in the master when `app` is one of this package's."""
     worker_class = worker_class or (CONNECTION_THREAD_WORKER if threads > 1 else "sync")
     argv = [
         sys.executable,
         "-m",
         "gunicorn",
         app,
+        "--config",
+        GUNICORN_CONFIG,
         "--bind",
         bind,
         "--workers",

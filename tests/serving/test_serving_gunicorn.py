@@ -83,3 +83,65 @@ def test_gunicorn_serves_requests(tmp_path):
         _, err = proc.communicate(timeout=20)
     access = [orjson.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
     assert any(a["route"] == "/v1/recommend" and a["status"] == 200 for a in access)
+
+
+def test_workers_share_the_kernels_the_master_compiled(tmp_path):
+    """With an empty Numba cache the master (serving.gunicorn_conf) compiles the kernels once
+    before forking; the two workers inherit them: they neither compile nor load the cache."""
+    root = str(tmp_path / "data")
+    publish_tiny(root, "acme", "a")
+    cache = tmp_path / "numba-cache"
+    port = free_port()
+    env = {
+        **os.environ,
+        "RECSYS_DATA_ROOT": root,
+        "RECSYS_JWT_SECRET": SECRET,
+        "NUMBA_CACHE_DIR": str(cache),
+        "NUMBA_DEBUG_CACHE": "1",  # one stdout line per cache file saved or loaded
+    }
+    proc = subprocess.Popen(
+        gunicorn_argv(f"127.0.0.1:{port}", 2),
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300  # (a cold compilation takes 5-20 s, more on a busy box)
+        while True:
+            try:
+                status, _, _ = request(base + "/readyz")
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "gunicorn did not become ready"
+            time.sleep(0.2)
+        for _ in range(6):  # (new connections: both workers answer some)
+            status, _, body = request(
+                base + "/v1/recommend",
+                {"k": 2, "user": {"user_id": "u1"}, "constraints": {"max_per_tag": {"x": 1}}},
+                {"Authorization": f"Bearer {token()}"},
+            )
+            assert status == 200
+            assert [i["item_id"] for i in orjson.loads(body)["items"]] == ["a0", "a1"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    lines = out.decode().splitlines()
+    fused = [line for line in lines if "kernels.outcomes_select-" in line and "data " in line]
+    # one process (the master) compiled and saved the fused kernel; no worker loaded it
+    assert len(fused) == 1 and "data saved" in fused[0], lines
+    assert not [line for line in lines if "data loaded" in line], lines
+
+
+def test_the_preload_is_for_this_packages_apps_only():
+    from serving.gunicorn_conf import serves_this_package
+
+    assert serves_this_package("serving.wsgi:app")
+    assert serves_this_package("serving:app")
+    assert not serves_this_package("benchmarks.trivial_app:app")
+    assert not serves_this_package("servingx.wsgi:app")
+    assert not serves_this_package(None)
