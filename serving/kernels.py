@@ -22,7 +22,8 @@ scratch the failed call left marked).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import carray, njit, types
+from numba.extending import intrinsic
 
 # Argument types: the snapshot's arrays are read-only memory maps, request arrays are writable;
 # both pass as read-only (a safe conversion), so each kernel has exactly one compiled version,
@@ -387,3 +388,78 @@ def group_members(items, tag_off, tag_ids, brand_id, category_id, kinds, values)
             out[r, g] = _in_group(items[r], kinds[g], values[g], tag_off, tag_ids, brand_id,
                                   category_id)  # fmt: skip
     return out
+
+
+# --- the fused kernel reading a known user's rows itself ----------------------------------------
+# Dispatch type-checks and unboxes every array argument of a call, ~1.5k instructions for a
+# read-only memory map; `outcomes_select_user` takes three writable int64 arrays (the cheap case)
+# and finds the snapshot's arrays through `ctx`: the address and length of each, captured once
+# per live snapshot (`LiveSnapshot.kernel_ctx`, which also keeps the arrays alive).
+(
+    C_CAND_OFF, C_CAND_ITEM, C_CAND_SCORE, C_CAND_REASON, C_SEEN_OFF, C_SEEN_ITEM, C_TAG_OFF,
+    C_TAG_IDS, C_UNAVAILABLE, C_MARKS, C_ROLES, C_BRAND, C_CATEGORY,
+) = range(0, 26, 2)  # fmt: skip
+#: (address of the array, its length) pairs; the dtypes `kernel_ctx` checks.
+CTX_SIZE = 26
+CTX_DTYPES = (
+    np.int64, np.int32, np.float32, np.uint8, np.int64, np.int32, np.int64, np.int32, np.bool_,
+    np.uint8, np.uint8, np.int32, np.int32,
+)  # fmt: skip
+
+
+def _pointer(ty):
+    ptr = types.CPointer(ty)
+
+    def typer(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+        return ptr(types.int64), codegen
+
+    return typer
+
+
+_ptr_i64 = intrinsic(_pointer(types.int64))
+_ptr_i32 = intrinsic(_pointer(types.int32))
+_ptr_f32 = intrinsic(_pointer(types.float32))
+_ptr_u8 = intrinsic(_pointer(types.uint8))
+_ptr_b = intrinsic(_pointer(types.boolean))
+
+
+@njit([(_I64_RW, _I64_RW, _I64_RW)], **_JIT)
+def outcomes_select_user(ctx, plan, out):
+    """`outcomes_select` over the candidates of the plan's user (and with the user's seen
+    items), read from the snapshot arrays of `ctx`; the plan's tail (`user_tail`) names the
+    user and the rules' blocked items and tags. Same answer buffer as `outcomes_select`."""
+    tail = PLAN_HEAD + plan[P_EXCLUDE] + plan[P_INCLUDE] + plan[P_FORBIDDEN] + plan[P_REQUIRED]
+    tail += 4 * plan[P_GROUPS]
+    user = plan[tail]
+    n_bi = plan[tail + 1]
+    n_bt = plan[tail + 2]
+    blocked_items = plan[tail + 3 : tail + 3 + n_bi]
+    blocked_tags = plan[tail + 3 + n_bi : tail + 3 + n_bi + n_bt]
+    cand_off = carray(_ptr_i64(ctx[C_CAND_OFF]), ctx[C_CAND_OFF + 1])
+    seen_off = carray(_ptr_i64(ctx[C_SEEN_OFF]), ctx[C_SEEN_OFF + 1])
+    a, b = cand_off[user], cand_off[user + 1]
+    sa, sb = seen_off[user], seen_off[user + 1]
+    if not (0 <= a <= b <= ctx[C_CAND_ITEM + 1] and 0 <= sa <= sb <= ctx[C_SEEN_ITEM + 1]):
+        raise IndexError("candidate offsets out of range")
+    items = carray(_ptr_i32(ctx[C_CAND_ITEM]), ctx[C_CAND_ITEM + 1])[a:b]
+    scores = carray(_ptr_f32(ctx[C_CAND_SCORE]), ctx[C_CAND_SCORE + 1])[a:b]
+    reasons = carray(_ptr_u8(ctx[C_CAND_REASON]), ctx[C_CAND_REASON + 1])[a:b]
+    seen = carray(_ptr_i32(ctx[C_SEEN_ITEM]), ctx[C_SEEN_ITEM + 1])[sa:sb]
+    tag_off = carray(_ptr_i64(ctx[C_TAG_OFF]), ctx[C_TAG_OFF + 1])
+    tag_ids = carray(_ptr_i32(ctx[C_TAG_IDS]), ctx[C_TAG_IDS + 1])
+    unavailable = carray(_ptr_b(ctx[C_UNAVAILABLE]), ctx[C_UNAVAILABLE + 1])
+    marks = carray(_ptr_u8(ctx[C_MARKS]), ctx[C_MARKS + 1])
+    roles = carray(_ptr_u8(ctx[C_ROLES]), ctx[C_ROLES + 1])
+    brand_id = carray(_ptr_i32(ctx[C_BRAND]), ctx[C_BRAND + 1])
+    category_id = carray(_ptr_i32(ctx[C_CATEGORY]), ctx[C_CATEGORY + 1])
+    n = plan[P_N]
+    n_cand = b - a
+    code = out[HEAD + 4 * n + 2 * n_cand :].view(np.uint8)[:n_cand]
+    _outcomes_into(items, tag_off, tag_ids, unavailable, marks, roles, seen, blocked_items,
+                   blocked_tags, plan, code, out[2:HEAD])  # fmt: skip
+    no_order = np.empty(0, dtype=np.intp)
+    _select_into(code, no_order, True, items, scores, reasons, tag_off, tag_ids, brand_id,
+                 category_id, plan, out)  # fmt: skip

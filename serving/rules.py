@@ -80,6 +80,9 @@ class CompiledRules:
     blocked_tags: np.ndarray = field(default_factory=lambda: _NO_ITEMS)
     blocked_tag_rules: list[str] = field(default_factory=list)
     unresolved: list[str] = field(default_factory=list)  # rule ids naming unknown items/tags
+    #: The blocked items and tags as the tail of a kernel plan (`Filters.plan`, `user`):
+    #: [number of items, number of tags, items..., tags...].
+    plan_tail: list[int] = field(default_factory=lambda: [0, 0])
 
 
 def compile_rules(
@@ -132,6 +135,7 @@ def compile_rules(
     out.pins.sort(key=lambda p: p.position)
     out.blocked_items = np.asarray(b_items, dtype=np.int32)
     out.blocked_tags = np.asarray(b_tags, dtype=np.int32)
+    out.plan_tail = [len(b_items), len(b_tags), *b_items, *b_tags]
     live.compiled[key] = out
     while len(live.compiled) > 256:
         live.compiled.popitem(last=False)
@@ -146,7 +150,7 @@ class Filters:
 
     exclude: list[int]
     include: list[int] | None
-    seen: np.ndarray
+    seen: np.ndarray | UserPool  # (a UserPool: that user's seen items, sliced when needed)
     forbidden_tags: list[int]  # tag ids
     required_tags: list[int]
     required_missing: bool  # a required tag the snapshot does not know: nothing can match
@@ -158,7 +162,7 @@ class Filters:
         live: LiveSnapshot,
         req: RecommendRequest,
         rules: CompiledRules,
-        seen: np.ndarray,
+        seen: np.ndarray | UserPool,
         warnings: list[dict[str, str]],
     ) -> Filters:
         forbidden = required = _NO_IDS
@@ -178,9 +182,10 @@ class Filters:
             rules,
         )
 
-    def plan(self, n: int = 0, caps: Caps | None = None) -> np.ndarray:
+    def plan(self, n: int = 0, caps: Caps | None = None, user: int | None = None) -> np.ndarray:
         """The int64 `plan` of the kernels (layout: `serving.kernels.P_N`): these filters, the
-        number of rows to choose and the caps' groups with zero counts."""
+        number of rows to choose and the caps' groups with zero counts; with `user`, then that
+        user's row and the rules' blocked items and tags (`kernels.outcomes_select_user`)."""
         include = self.include
         flags = PLAN_REQUIRED_MISSING if self.required_missing else 0
         if include is not None:
@@ -189,6 +194,13 @@ class Filters:
             include = _NO_IDS
         exclude, forbidden, required = self.exclude, self.forbidden_tags, self.required_tags
         groups = caps.groups if caps else _NO_IDS
+        if user is not None:
+            return np.array(
+                [n, flags, len(caps.names) if caps else 0, len(exclude), len(include),
+                 len(forbidden), len(required), *exclude, *include, *forbidden, *required,
+                 *groups, user, *self.rules.plan_tail],
+                np.int64,
+            )  # fmt: skip
         return np.array(
             [n, flags, len(caps.names) if caps else 0, len(exclude), len(include), len(forbidden),
              len(required), *exclude, *include, *forbidden, *required, *groups],
@@ -198,13 +210,14 @@ class Filters:
     def args(self, live: LiveSnapshot) -> tuple:
         """The kernel arguments between the items and the plan (`serving.kernels.outcomes`)."""
         r = self.rules
+        seen = self.seen
         return (
             live.tag_offsets,
             live.tag_ids,
             live.unavailable_or_empty,
             live.marks,
             live.roles,
-            self.seen,
+            seen.seen if isinstance(seen, UserPool) else seen,
             r.blocked_items,
             r.blocked_tags,
         )
@@ -400,6 +413,58 @@ class Pool:
     source: str
     sorted: bool = False  # True when scores are known to be descending (skips a sort)
 
+    @property
+    def n_candidates(self) -> int:
+        return self.items.shape[0]
+
+
+class UserPool:
+    """A known user's stored candidates (best first, seen items already excluded) with a
+    Pool's fields, plus `seen`: each is sliced from the snapshot when first read. The common
+    request reads none of them: its compiled kernel reads the user's rows itself
+    (`kernels.outcomes_select_user`)."""
+
+    __slots__ = ("_snap", "uidx", "n_candidates", "_parts", "_seen")
+    source = "personal"
+    sorted = True  # (the snapshot stores each user's candidates best first)
+
+    def __init__(self, snap, uidx: int, n_candidates: int) -> None:
+        self._snap = snap
+        self.uidx = uidx
+        self.n_candidates = n_candidates
+        self._parts = None
+        self._seen = None
+
+    def _get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        parts = self._parts
+        if parts is None:
+            parts = self._parts = self._snap.user_candidates(self.uidx)
+        return parts
+
+    @property
+    def items(self) -> np.ndarray:
+        return self._get()[0]
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self._get()[1]
+
+    @property
+    def signals(self) -> np.ndarray:
+        return self._get()[2]
+
+    @property
+    def reasons(self) -> np.ndarray:
+        return self._get()[3]
+
+    @property
+    def seen(self) -> np.ndarray:
+        """int32[]: the items the user interacted with (sorted ascending)."""
+        seen = self._seen
+        if seen is None:
+            seen = self._seen = self._snap.user_seen(self.uidx)
+        return seen
+
 
 def assign_variant(experiment_id: str, unit: str, variants: list[dict[str, Any]]) -> dict[str, Any]:
     """Deterministic variant for `unit` (user or anonymous id): hash bucket over weights."""
@@ -435,11 +500,9 @@ class Engine:
         self.t0 = time.perf_counter()
 
     # ---- candidate pools ----
-    def user_pool(self, uidx: int) -> tuple[Pool, np.ndarray]:
-        # (plain ndarray views of the snapshot's maps)
-        items, score, signals, reason = self.snap.user_candidates(uidx)
-        # sorted: the snapshot stores each user's candidates best first
-        return Pool(items, score, signals, reason, "personal", True), self.snap.user_seen(uidx)
+    def user_pool(self, uidx: int) -> UserPool:
+        """The user's candidates (and seen items: `UserPool.seen`), read when needed."""
+        return UserPool(self.snap, uidx, self.live.candidate_count(uidx))
 
     def anchor_pool(self, anchors: np.ndarray, kinds: Sequence[str] = ("emb", "cooc")) -> Pool:
         """Items similar to any anchor; per kind the scores are summed over anchors and each
@@ -528,7 +591,7 @@ class Engine:
         filters = Filters.build(live, req, self.rules, seen, self.warnings)
 
         # Re-score from stored signals when weights are given.
-        scores = pool.scores
+        scores = None  # (None: the stored scores, pool.scores)
         if weights and pool.signals is not None and pool.items.shape[0]:
             w = np.zeros(len(SIGNALS), dtype=np.float32)
             for name, value in weights.items():
@@ -549,20 +612,29 @@ class Engine:
         n_take = max(0, k - len(pins))
         pinned_item_set = {p.item for p in pins}
         caps = Caps.build(live, req.max_per_tag, self.warnings)
-        plan = filters.plan(n_take, caps)
-        n_cand = pool.items.shape[0]
+        n_cand = pool.n_candidates
         answer = np.empty(kernels.answer_size(n_take, n_cand), dtype=np.int64)
         order = None  # kept rows in rank order (None: the kept rows in stored order)
         applied_boosts: dict[int, list[str]] = {}  # pool row -> boost/bury rules applied
         ranked_as_stored = (
-            not (self.rules.boosts or req.seed is not None)
-            and scores is pool.scores
-            and pool.sorted
+            not (self.rules.boosts or req.seed is not None) and scores is None and pool.sorted
         )
-        if ranked_as_stored and not pins:
-            # The common case: stored scores of candidates stored best first, without boosts,
-            # a seed or pins. Filters and caps take one compiled pass over the kept rows in
-            # stored order.
+        if (
+            ranked_as_stored
+            and not pins
+            and filters.seen is pool  # (a UserPool: the user's own seen items)
+            and live.kernel_ctx is not None
+        ):
+            # The common case: a known user's stored scores (stored best first), without
+            # boosts, a seed or pins. Filters and caps take one compiled pass over the kept rows
+            # in stored order, the kernel reading the user's rows itself.
+            plan = filters.plan(n_take, caps, pool.uidx)
+            live.call_kernel(kernels.outcomes_select_user, live.kernel_ctx, plan, answer)
+            code = None  # (in the answer; read only when needed)
+        elif ranked_as_stored and not pins:
+            # The same for other pools (or an experiment's snapshot whose arrays the kernel
+            # cannot read directly).
+            plan = filters.plan(n_take, caps)
             live.call_kernel(
                 kernels.outcomes_select,
                 pool.items,
@@ -576,6 +648,9 @@ class Engine:
             )
             code = None  # (in the answer; read only when needed)
         else:
+            plan = filters.plan(n_take, caps)
+            if scores is None:
+                scores = pool.scores
             code = np.empty(n_cand, dtype=np.uint8)
             live.call_kernel(
                 kernels.outcomes,
@@ -630,7 +705,7 @@ class Engine:
             chosen_rows, e_reasons = kernels.chosen_rows(answer, n_take, n_chosen)
         e_signals: list = (
             pool.signals[chosen_rows].tolist()
-            if pool.signals is not None and explain
+            if explain and pool.signals is not None
             else [None] * n_chosen
         )
         if applied_boosts:

@@ -175,10 +175,11 @@ class RecommendService:
 
         anchors = _item_indices(live, req.anchors)
         if uidx is not None:
-            pool, seen = engine.user_pool(uidx)
+            pool = engine.user_pool(uidx)
+            seen = pool  # (the user's seen items: UserPool.seen, read when needed)
             if anchors.size:  # anchors the user just looked at are not recommended back
-                seen = np.union1d(seen, anchors)
-            category_of = pool.items  # back-fill by the category of the top candidate
+                seen = np.union1d(pool.seen, anchors)
+            category_of = pool  # back-fill by the category of the top candidate
         elif anchors.size:
             pool, seen = engine.anchor_pool(anchors), anchors
             category_of = anchors
@@ -225,7 +226,8 @@ class RecommendService:
         )
 
         def sources() -> list[str]:  # only when back-fill is needed
-            hint = int(live.category_id[category_of[0]]) if category_of.shape[0] else None
+            of = category_of.items if category_of is pool else category_of
+            hint = int(live.category_id[of[0]]) if of.shape[0] else None
             return backfill_sources(live, req, segment, hint)
 
         ranked = engine.run(pool, seen, weights, sources)

@@ -78,6 +78,16 @@ class LiveSnapshot:
         # Scratch of the compiled kernels (serving.kernels): set and cleared within one call.
         self.marks = np.zeros(max(1, snap.n_items), dtype=np.uint8)
         self.roles = np.zeros(max(1, self.n_tags), dtype=np.uint8)
+        # Per-user candidate counts from the offsets (Python ints, no NumPy scalars).
+        self._cand_off_mv = memoryview(np.ascontiguousarray(snap.candidate_offsets))
+        #: The arrays `kernels.outcomes_select_user` reads, as (address, length) pairs, or
+        #: None when a snapshot's arrays are not laid out as that kernel reads them.
+        self.kernel_ctx, self._ctx_arrays = _kernel_ctx(snap, self)
+
+    def candidate_count(self, uidx: int) -> int:
+        """How many candidates the snapshot stores for user row `uidx`."""
+        off = self._cand_off_mv
+        return off[uidx + 1] - off[uidx]
 
     def remember(self, key: Any, value: Any) -> None:
         """Memoize a resolved constraint (`resolved`), keeping at most RESOLVED_SIZE of them."""
@@ -140,6 +150,42 @@ class LiveSnapshot:
 
     def __repr__(self) -> str:
         return f"LiveSnapshot({self.snapshot_id!r})"
+
+
+def _kernel_ctx(snap: Snapshot, live: LiveSnapshot) -> tuple[np.ndarray | None, tuple]:
+    """(`kernels.outcomes_select_user`'s `ctx`: the address and length of each array it reads,
+    the arrays themselves, kept alive with the LiveSnapshot), or (None, ()) when one of them is
+    missing, of another dtype or not contiguous (that kernel then is not used)."""
+    arrays = tuple(
+        getattr(owner, name, None)
+        for owner, name in (
+            (snap, "candidate_offsets"),
+            (snap, "_cand_item"),
+            (snap, "_cand_score"),
+            (snap, "_cand_reason"),
+            (snap, "_seen_off"),
+            (snap, "_seen_item"),
+            (live, "tag_offsets"),
+            (live, "tag_ids"),
+            (live, "unavailable_or_empty"),
+            (live, "marks"),
+            (live, "roles"),
+            (live, "brand_id"),
+            (live, "category_id"),
+        )
+    )
+    ctx = np.zeros(kernels.CTX_SIZE, dtype=np.int64)
+    for j, (array, dtype) in enumerate(zip(arrays, kernels.CTX_DTYPES, strict=True)):
+        if (
+            not isinstance(array, np.ndarray)
+            or array.dtype != dtype
+            or array.ndim != 1
+            or not array.flags.c_contiguous
+        ):
+            return None, ()
+        ctx[2 * j] = array.ctypes.data
+        ctx[2 * j + 1] = array.shape[0]
+    return ctx, arrays
 
 
 class TenantSnapshots:
