@@ -37,7 +37,12 @@ from recsys.models.data import Dataset, _lookup, build_dataset, temporal_split
 from recsys.models.ease import EASERecommender
 from recsys.models.lightfm_model import EpochChoice, LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
-from recsys.models.threads import in_thread, map_in_threads, single_threaded_blas
+from recsys.models.threads import (
+    in_thread,
+    lower_thread_priority,
+    map_in_threads,
+    single_threaded_blas,
+)
 from recsys.models.topk import top_k
 from recsys.models.trees import TreeEnsemble
 
@@ -195,12 +200,25 @@ class _Refit:
     soon as what it needs is known: the dataset at once (it needs no choice), LightFM when
     its early stopping starts (it runs beside it, for the count being chosen), the other
     generators once the grids are decided. On two cores the refits then fill the time the
-    fit window's work leaves free; the models are the same as fitted one after another."""
+    fit window's work leaves free; the models are the same as fitted one after another.
+    A `background` refit (one needed only at the very end) runs at a lower CPU priority, so
+    that the work others wait for gets the cores first and it takes the time they leave."""
 
-    def __init__(self, model: HybridRecommender, events, items, users) -> None:
-        self._data = in_thread(model._dataset, events, items, users)
+    def __init__(
+        self, model: HybridRecommender, events, items, users, background: bool = False
+    ) -> None:
+        self._background = background
+        self._data = self._start(model._dataset, events, items, users)
         self._parts: list = []
         self._started: set[str] = set()
+
+    def _start(self, fn, *args):
+        def run():
+            if self._background:
+                lower_thread_priority()  # this thread only: it ends with the part
+            return fn(*args)
+
+        return in_thread(run)
 
     def fit(
         self,
@@ -216,7 +234,7 @@ class _Refit:
         self._started.update(names)
         cfg = HybridConfig.from_dict(config.to_dict())
         self._parts.append(
-            in_thread(lambda: fit_generators(self._data.result(), cfg, names, lightfm_epochs))
+            self._start(lambda: fit_generators(self._data.result(), cfg, names, lightfm_epochs))
         )
 
     def result(self) -> tuple[Dataset, dict[str, Recommender], dict[str, str], dict[str, float]]:
@@ -430,7 +448,7 @@ def fit_eval_and_final(
     with single_threaded_blas():
         # the dataset depends on nothing that is tuned: its build starts at once
         model = HybridRecommender(final_config(config))
-        refit = _Refit(model, events, items, users)
+        refit = _Refit(model, events, items, users, background=True)
 
         def on_config(chosen: HybridConfig) -> None:
             model.config = final_config(chosen)

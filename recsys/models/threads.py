@@ -7,6 +7,9 @@ small machine without the start-up cost of processes (importing the stack, loadi
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -21,6 +24,18 @@ def in_thread(fn: Callable[..., T], *args: Any) -> Future[T]:
         return pool.submit(fn, *args)
     finally:
         pool.shutdown(wait=False)
+
+
+def lower_thread_priority(niceness: int = 10) -> None:
+    """Lower the calling thread's CPU priority by `niceness` (on Linux a thread has its own
+    nice value, and the threads it starts inherit it). Work that is needed only later then
+    yields the cores to work that others wait for, and still uses what they leave. A
+    scheduling hint: where threads cannot be reniced (other systems) only the timing
+    differs."""
+    if sys.platform.startswith("linux"):
+        tid = threading.get_native_id()
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(now + niceness, 19))
 
 
 def map_in_threads(fn: Callable[[Any], T], items, workers: int = 2) -> list[T]:

@@ -1,5 +1,7 @@
 """The faster training and scoring paths give the answers of the plain ones."""
 
+import os
+import sys
 import threading
 
 import numpy as np
@@ -22,7 +24,7 @@ from recsys.models.lightfm_model import EpochChoice, LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
 from recsys.models.serve import serve_top_n
 from recsys.models.similarity import shrunk_cosine_neighbours
-from recsys.models.threads import in_thread, single_threaded_blas
+from recsys.models.threads import in_thread, lower_thread_priority, single_threaded_blas
 from recsys.models.topk import top_k
 from recsys.models.trees import TreeEnsemble
 
@@ -395,3 +397,14 @@ def test_category_frontier_flags_scores_equal_across_popularities():
     cols, frontier = model.candidate_columns(1, seen, np.zeros(4, bool))
     assert best == 1 and 1 not in cols and 1 in frontier
     assert scores[0, frontier].max() >= scores[0, best]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values: Linux")
+def test_a_background_thread_lowers_its_own_priority_only():
+    def nice_of_this_thread():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = nice_of_this_thread()
+    lowered = in_thread(lambda: (lower_thread_priority(5), nice_of_this_thread())[1]).result()
+    assert lowered == min(before + 5, 19)
+    assert nice_of_this_thread() == before
