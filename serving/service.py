@@ -19,7 +19,13 @@ from serving.metrics import Metrics
 from serving.rules import Engine, Ranked, assign_variant, backfill_sources, compile_rules
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
 from serving.tenant_store import TenantStore
-from serving.validation import DEFAULT_SEGMENT, Limits, RecommendRequest, parse_recommend
+from serving.validation import (
+    DEFAULT_SEGMENT,
+    Limits,
+    ParsedShapes,
+    RecommendRequest,
+    parse_recommend,
+)
 
 
 class RecommendService:
@@ -40,20 +46,31 @@ class RecommendService:
         self.experiments = None
         self.seeds = None
         self._limits: dict[tuple[str, str | None], Limits] = {}  # per tenant config version
+        self._shapes = ParsedShapes()  # validated recommend bodies by shape (raw bytes given)
 
     # --- shared ------------------------------------------------------------------------------
     def tenant_config(self, tenant: str) -> tuple[dict[str, Any], str | None]:
         doc = self._tenants.cached(tenant, "config")
         return doc.body, doc.version
 
-    def parse(self, tenant: str, body: Any, similar: bool = False):
+    def parse(self, tenant: str, body: Any, similar: bool = False, raw: bytes | None = None):
+        """(request, warnings, tenant config, its version) of a body; `raw`: the body's bytes
+        (a recommend body then skips validation when its shape was validated before:
+        `ParsedShapes`)."""
         tconf, cversion = self.tenant_config(tenant)
         limits = self._limits.get((tenant, cversion))
         if limits is None:
             if len(self._limits) > 1024:
                 self._limits.clear()
             limits = self._limits[(tenant, cversion)] = Limits.for_tenant(self._config, tconf)
+        shape = ParsedShapes.key(tenant, body, raw) if raw is not None and not similar else None
+        if shape is not None:
+            found = self._shapes.get(shape[0], tconf, limits, shape[1])
+            if found is not None:
+                return found[0], found[1], tconf, cversion
         req, warnings = parse_recommend(body, limits, tconf, similar=similar)
+        if shape is not None:
+            self._shapes.put(shape[0], tconf, limits, req, warnings)
         return req, warnings, tconf, cversion
 
     def _live(
@@ -143,25 +160,26 @@ class RecommendService:
         """The answer to a recommend request body of `tenant` (the contract's JSON object)."""
         return self._response(*self._recommend(tenant, body, started))
 
-    def recommend_json(self, tenant: str, body: Any, started: float, request_id: str) -> bytes:
+    def recommend_json(
+        self, tenant: str, body: Any, started: float, request_id: str, raw: bytes | None = None
+    ) -> bytes:
         """`recommend` with `meta.request_id`, serialized: the same bytes as orjson.dumps of
         that object, with the plain items (no reasons or explanations) written directly
-        instead of as one dict each."""
-        live, req, ranked, meta, warnings = self._recommend(tenant, body, started)
+        instead of as one dict each. `raw`: the body's bytes (see `parse`)."""
+        live, req, ranked, meta, warnings = self._recommend(tenant, body, started, raw)
         meta["request_id"] = request_id
         if not req.include_reasons and req.explain == "none":
-            items = items_json(live.item_ids(ranked.items), ranked.scores)
-            if items is not None:
-                rest: dict[str, Any] = {"meta": meta, "warnings": warnings}
-                if ranked.trace is not None:
-                    rest["trace"] = ranked.trace
-                return b'{"items":' + items + b"," + orjson.dumps(rest)[1:]
+            items = items_json_fields(live.item_ids_json(ranked.items), ranked.scores)
+            rest: dict[str, Any] = {"meta": meta, "warnings": warnings}
+            if ranked.trace is not None:
+                rest["trace"] = ranked.trace
+            return b'{"items":' + items + b"," + orjson.dumps(rest)[1:]
         return orjson.dumps(self._response(live, req, ranked, meta, warnings))
 
-    def _recommend(self, tenant: str, body: Any, started: float):
+    def _recommend(self, tenant: str, body: Any, started: float, raw: bytes | None = None):
         """(live snapshot, request, ranked answer, meta, warnings) of a recommend request."""
         deadline = started + self._config.deadline_ms / 1000.0
-        req, warnings, tconf, cversion = self.parse(tenant, body)
+        req, warnings, tconf, cversion = self.parse(tenant, body, raw=raw)
         meta: dict[str, Any] = {}
         live = self._live(tenant, req, tconf, meta)
         snap = live.snap
@@ -325,43 +343,40 @@ def _item_indices(live: LiveSnapshot, ids: list[str]) -> np.ndarray:
     return np.asarray(list(dict.fromkeys(live.item_indices(ids))), dtype=np.int32)
 
 
-#: The items array of n items with a %b per id and score, for n up to 256 (~1.6 MB if all).
-_ITEMS_FORMATS: list[bytes] = [b"[]"]
+#: The constant parts of an items array of n items, for n up to 256 (~0.5 MB if all): [b'[{
+#: "item_id":"', id, b'","rank":1,"score":', score, b'},{"item_id":"', ..., b'}]'] with None
+#: in the 2n slots of the ids and scores.
+_ITEMS_PARTS: list[list[bytes | None]] = [[b"[]"]]
 
 
-def _items_format(n: int) -> bytes:
+def _items_parts(n: int) -> list[bytes | None]:
     if n >= 256:
-        return _item_formats(1, n + 1)
-    while len(_ITEMS_FORMATS) <= n:
-        r = len(_ITEMS_FORMATS)
-        _ITEMS_FORMATS.append(
-            _ITEMS_FORMATS[-1][:-1] + (b"," if r > 1 else b"") + _item_formats(r, r + 1)[1:]
-        )
-    return _ITEMS_FORMATS[n]
+        return _item_parts(n)
+    while len(_ITEMS_PARTS) <= n:
+        _ITEMS_PARTS.append(_item_parts(len(_ITEMS_PARTS)))
+    return _ITEMS_PARTS[n]
 
 
-def _item_formats(first: int, stop: int) -> bytes:
-    """The items array of ranks first..stop-1 (%b per id and score)."""
-    return (
-        b"["
-        + b",".join(b'{"item_id":"%%b","rank":%d,"score":%%b}' % r for r in range(first, stop))
-        + b"]"
-    )
+def _item_parts(n: int) -> list[bytes | None]:
+    parts: list[bytes | None] = [b'[{"item_id":"']
+    for r in range(1, n + 1):
+        parts += [None, b'","rank":%d,"score":' % r, None, b'},{"item_id":"' if r < n else b"}]"]
+    return parts
+
+
+def items_json_fields(id_fields: list[bytes], scores: list[float]) -> bytes:
+    """The `items` array of plain items ({"item_id", "rank", "score"} in rank order) exactly as
+    orjson.dumps writes it, from each id as orjson writes it between its quotes
+    (`LiveSnapshot.item_ids_json`) and one dumps of the scores, in one join."""
+    n = len(id_fields)
+    if not n:
+        return b"[]"
+    parts = _items_parts(n).copy()
+    parts[1::4] = id_fields
+    parts[3::4] = orjson.dumps(scores)[1:-1].split(b",")  # (numbers hold no comma)
+    return b"".join(parts)
 
 
 def items_json(ids: list[str], scores: list[float]) -> bytes | None:
-    """The `items` array of plain items ({"item_id", "rank", "score"} in rank order) exactly as
-    orjson.dumps writes it, from one dumps of the ids, one of the scores and one formatting;
-    None when an id holds a quote or ends with a backslash (a backslash before a quote in the
-    dump would make the split of the ids ambiguous)."""
-    n = len(ids)
-    if not n:
-        return b"[]"
-    ids_blob = orjson.dumps(ids)
-    if b'\\"' in ids_blob:
-        return None
-    # (every quote in ids_blob is structural, so '","' separates ids; numbers hold no comma)
-    fields = [b""] * (2 * n)
-    fields[0::2] = ids_blob[2:-2].split(b'","')
-    fields[1::2] = orjson.dumps(scores)[1:-1].split(b",")
-    return _items_format(n) % tuple(fields)
+    """`items_json_fields` of id strings."""
+    return items_json_fields([orjson.dumps(i)[1:-1] for i in ids], scores)

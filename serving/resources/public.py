@@ -17,12 +17,18 @@ def _body(req: falcon.Request):
 def body_of(stream, length: int | None):
     """The JSON body, parsed once with orjson (the middleware has already checked its length
     and Content-Type; Falcon's media machinery is skipped on the hot path)."""
+    return raw_body_of(stream, length)[0]
+
+
+def raw_body_of(stream, length: int | None):
+    """(the parsed JSON body, its bytes)."""
     if not length:
         raise ProblemError(400, "The request needs a JSON body.")
+    # Exactly Content-Length bytes from the WSGI input (already capped by the middleware):
+    # what `req.bounded_stream` would do, without building its wrapper per request.
+    raw = stream.read(length)
     try:
-        # Exactly Content-Length bytes from the WSGI input (already capped by the middleware):
-        # what `req.bounded_stream` would do, without building its wrapper per request.
-        return orjson.loads(stream.read(length))
+        return orjson.loads(raw), raw
     except orjson.JSONDecodeError:
         raise ProblemError(
             400, "The body is not valid JSON.", code="RECSYS_MALFORMED_JSON"
@@ -51,8 +57,9 @@ class RecommendResource:
     def answer(self, ctx, stream, length: int | None) -> bytes:
         """The JSON answer (bytes) of the request whose middleware state is `ctx` and whose body
         is `length` bytes of `stream` (shared with `serving.fastpath`)."""
+        body, raw = raw_body_of(stream, length)
         return self._service.recommend_json(
-            ctx.principal.tenant, body_of(stream, length), ctx.started, ctx.request_id
+            ctx.principal.tenant, body, ctx.started, ctx.request_id, raw
         )
 
     def on_post_validate(self, req: falcon.Request, resp: falcon.Response) -> None:

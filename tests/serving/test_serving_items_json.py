@@ -67,8 +67,8 @@ def test_answer_bytes_match_the_object(client, monkeypatch):
     captured = []
     real = service_module.RecommendService._recommend
 
-    def twice(self, tenant, body, started):
-        parts = real(self, tenant, body, started)
+    def twice(self, tenant, body, started, *raw):
+        parts = real(self, tenant, body, started, *raw)
         captured.append((self, parts))
         return parts
 
