@@ -119,6 +119,21 @@ class Metrics:
             ("tenant", "outcome"),
         )
         self._gauges: list[Callable[[], Iterable[str]]] = []
+        # (one lock for the two per-request updates: `observe_request`)
+        self.latency._lock = self.requests._lock
+
+    def observe_request(self, labels: LabelKey, seconds: float) -> None:
+        """`requests.inc(labels)` and `latency.observe(labels, seconds)` under one lock."""
+        latency = self.latency
+        i = bisect.bisect_left(latency.buckets, seconds)
+        counts = self.requests.values
+        with self.requests._lock:
+            counts[labels] = counts.get(labels, 0.0) + 1.0
+            row = latency.values.get(labels)
+            if row is None:
+                row = latency.values[labels] = [0.0] * (len(latency.buckets) + 2)
+            row[i] += 1
+            row[-1] += seconds
 
     def add_gauge_source(self, source: Callable[[], Iterable[str]]) -> None:
         """Register a callable yielding already formatted gauge lines at scrape time."""

@@ -87,8 +87,6 @@ class ServingMiddleware:
     ) -> None:
         self._request_ids = request_ids
         self._metrics = metrics
-        self._requests = metrics.requests if metrics else None
-        self._latency = metrics.latency if metrics else None
         self._log = access_log
         self._max_body = max_body_bytes
         self._auth = authenticator
@@ -274,8 +272,7 @@ class ServingMiddleware:
         elapsed = time.perf_counter() - ctx.started
         route = route or "unmatched"
         key = (route, method, _STATUS_TEXT.get(status) or str(status))
-        self._requests.inc(key)
-        self._latency.observe(key, elapsed)
+        self._metrics.observe_request(key, elapsed)
         if self._log and access_log.isEnabledFor(logging.INFO):
             principal = getattr(ctx, "principal", None)
             access_log.info(

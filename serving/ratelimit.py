@@ -45,10 +45,39 @@ class InProcessLimiter:
     def hit_pair(
         self, key_a: str, spec_a: RateLimitSpec, key_b: str, spec_b: RateLimitSpec
     ) -> tuple[RateDecision, RateDecision]:
-        """Two counters at once (a request's credential and tenant): one clock read, one lock."""
+        """Two counters at once (a request's credential and tenant): one clock read, one lock
+        (`_hit` twice, written out: this runs on every request)."""
         now = self._clock()
+        counts = self._counts
         with self._lock:
-            return self._hit(key_a, spec_a, now), self._hit(key_b, spec_b, now)
+            window_a, window_b = int(now // spec_a.window_s), int(now // spec_b.window_s)
+            slot_a, slot_b = counts.get(key_a), counts.get(key_b)
+            if slot_a is None or slot_b is None or slot_a is slot_b:
+                return self._hit(key_a, spec_a, now), self._hit(key_b, spec_b, now)
+            if slot_a[0] != window_a:
+                slot_a[0], slot_a[1] = window_a, 0
+            if slot_b[0] != window_b:
+                slot_b[0], slot_b[1] = window_b, 0
+            slot_a[1] = count_a = slot_a[1] + 1
+            slot_b[1] = count_b = slot_b[1] + 1
+        limit_a, limit_b = spec_a.limit, spec_b.limit
+        return _decision(
+            RateDecision,
+            (
+                count_a <= limit_a,
+                limit_a,
+                limit_a - count_a if count_a < limit_a else 0,
+                int((window_a + 1) * spec_a.window_s - now) + 1,
+            ),
+        ), _decision(
+            RateDecision,
+            (
+                count_b <= limit_b,
+                limit_b,
+                limit_b - count_b if count_b < limit_b else 0,
+                int((window_b + 1) * spec_b.window_s - now) + 1,
+            ),
+        )
 
     def _hit(self, key: str, spec: RateLimitSpec, now: float) -> RateDecision:
         window_s, limit = spec.window_s, spec.limit

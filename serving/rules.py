@@ -694,8 +694,8 @@ class Engine:
         t_score = time.perf_counter()
         if t_score > self.deadline:
             raise DeadlineExceeded("scoring")
-        capped = {}
-        if n_refused:
+        capped = {}  # (row -> refusing cap; read by the trace only: the rows are distinct)
+        if n_refused and self.trace is not None:
             refused, groups = kernels.refused(answer, n_take, n_cand, n_refused)
             capped = {row: caps.names[g] for row, g in zip(refused, groups, strict=True)}
         explain = req.explain != "none"
@@ -810,8 +810,8 @@ class Engine:
         if counts_filtered:  # (outcome name -> count for the non-zero filter counts)
             removed = tally[1:]
             filtered_by.update(zip(compress(_FILTERS, removed), filter(None, removed), strict=True))
-        if capped:
-            filtered_by["max_per_tag"] = len(capped)
+        if n_refused:
+            filtered_by["max_per_tag"] = n_refused
         return Ranked(
             items,
             e_scores[:k],  # (rounded: kernels.round6)
@@ -822,7 +822,7 @@ class Engine:
             {
                 "candidates_in": n_cand,
                 "filtered": counts_filtered,
-                "capped": len(capped),
+                "capped": n_refused,
                 "pinned": len(pins),
                 "backfilled": backfilled,
                 "returned": len(items),

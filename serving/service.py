@@ -7,6 +7,7 @@ rules, snapshots and experiments, and turns an engine result into the contract's
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -187,7 +188,7 @@ class RecommendService:
         uidx = snap.user_index(req.user_id) if req.user_id else None
         segment = req.segment
         if segment is None:
-            segment = (snap.user_segment(uidx) if uidx is not None else None) or DEFAULT_SEGMENT
+            segment = (live.user_segment(uidx) if uidx is not None else None) or DEFAULT_SEGMENT
         rules, rversion = self._rules(tenant, live, req.surface, segment)
         engine = Engine(live, req, rules, deadline, warnings)
 
@@ -242,12 +243,8 @@ class RecommendService:
         weights = (
             req.weights if req.weights is not None else (tconf.get("defaults") or {}).get("weights")
         )
-
-        def sources() -> list[str]:  # only when back-fill is needed
-            of = category_of.items if category_of is pool else category_of
-            hint = int(live.category_id[of[0]]) if of.shape[0] else None
-            return backfill_sources(live, req, segment, hint)
-
+        # (the back-fill sources are computed only when back-fill is needed)
+        sources = partial(_backfill_sources, live, req, segment, category_of, pool)
         ranked = engine.run(pool, seen, weights, sources)
         if meta:  # (the experiment first)
             meta.update(self._meta(tenant, req, segment, live, cversion, rversion, ranked, started))
@@ -335,6 +332,14 @@ class RecommendService:
 
 _NO_ITEMS = np.zeros(0, dtype=np.int32)
 _NO_ITEMS.flags.writeable = False
+
+
+def _backfill_sources(live: LiveSnapshot, req, segment: str, category_of, pool) -> list[str]:
+    """`backfill_sources` with the category of the first item of `category_of` (the pool's
+    top candidate when it is the pool, else the anchors) as the hint."""
+    of = category_of.items if category_of is pool else category_of
+    hint = int(live.category_id[of[0]]) if of.shape[0] else None
+    return backfill_sources(live, req, segment, hint)
 
 
 def _item_indices(live: LiveSnapshot, ids: list[str]) -> np.ndarray:

@@ -88,11 +88,22 @@ class LiveSnapshot:
         # Scratch of the compiled kernels (serving.kernels): set and cleared within one call.
         self.marks = np.zeros(max(1, snap.n_items), dtype=np.uint8)
         self.roles = np.zeros(max(1, self.n_tags), dtype=np.uint8)
-        # Per-user candidate counts from the offsets (Python ints, no NumPy scalars).
+        # Per-user candidate counts and segments (Python ints, no NumPy scalars).
         self._cand_off_mv = memoryview(np.ascontiguousarray(snap.candidate_offsets))
+        user_segment = getattr(snap, "_user_segment", None)
+        self._segment_mv = (
+            memoryview(np.ascontiguousarray(user_segment)) if user_segment is not None else None
+        )
         #: The arrays `kernels.outcomes_select_user` reads, as (address, length) pairs, or
         #: None when a snapshot's arrays are not laid out as that kernel reads them.
         self.kernel_ctx, self._ctx_arrays = _kernel_ctx(snap, self)
+
+    def user_segment(self, uidx: int) -> str | None:
+        """`snap.user_segment(uidx)`: the user's segment name, or None."""
+        if self._segment_mv is None:
+            return self.snap.user_segment(uidx)
+        s = self._segment_mv[uidx]
+        return None if s < 0 else self.snap.segments[s]
 
     def candidate_count(self, uidx: int) -> int:
         """How many candidates the snapshot stores for user row `uidx`."""
