@@ -398,12 +398,12 @@ def group_members(items, tag_off, tag_ids, brand_id, category_id, kinds, values)
 # per live snapshot (`LiveSnapshot.kernel_ctx`, which also keeps the arrays alive).
 (
     C_CAND_OFF, C_CAND_ITEM, C_CAND_SCORE, C_CAND_REASON, C_SEEN_OFF, C_SEEN_ITEM, C_TAG_OFF,
-    C_TAG_IDS, C_UNAVAILABLE, C_MARKS, C_ROLES, C_BRAND, C_CATEGORY,
+    C_TAG_IDS, C_ITEM_BITS, C_MARKS, C_ROLES, C_BRAND, C_CATEGORY,
 ) = range(0, 26, 2)  # fmt: skip
 #: (address of the array, its length) pairs; the dtypes `kernel_ctx` checks.
 CTX_SIZE = 26
 CTX_DTYPES = (
-    np.int64, np.int32, np.float32, np.uint8, np.int64, np.int32, np.int64, np.int32, np.bool_,
+    np.int64, np.int32, np.float32, np.uint8, np.int64, np.int32, np.int64, np.int32, np.int64,
     np.uint8, np.uint8, np.int32, np.int32,
 )  # fmt: skip
 
@@ -424,7 +424,185 @@ _ptr_i64 = intrinsic(_pointer(types.int64))
 _ptr_i32 = intrinsic(_pointer(types.int32))
 _ptr_f32 = intrinsic(_pointer(types.float32))
 _ptr_u8 = intrinsic(_pointer(types.uint8))
-_ptr_b = intrinsic(_pointer(types.boolean))
+
+
+#: Bits of a per-item word (`item_bits_into`): one per tag id below TAG_BITS, BIT_UNAVAILABLE,
+#: and BIT_SLOW for an item whose tags those bits cannot stand for (a tag id >= TAG_BITS or out
+#: of range, or a tag listed twice): such items are checked through the tag table as before.
+TAG_BITS = 61
+BIT_UNAVAILABLE, BIT_SLOW = 61, 62
+
+
+@njit([(_I64, _I32, _BOOL, types.int64, _I64_RW)], **_JIT)
+def item_bits_into(tag_off, tag_ids, unavailable, n_tags, out):
+    """out[item]: the item's word (bits: `TAG_BITS`), for every item of `out`."""
+    any_unavailable = unavailable.shape[0] > 0
+    for item in range(out.shape[0]):
+        word = 0
+        for j in range(tag_off[item], tag_off[item + 1]):
+            t = tag_ids[j]
+            if t < 0 or t >= TAG_BITS or t >= n_tags or (word >> t) & 1:
+                word |= 1 << BIT_SLOW
+            else:
+                word |= 1 << t
+        if any_unavailable and unavailable[item]:
+            word |= 1 << BIT_UNAVAILABLE
+        out[item] = word
+
+
+@njit(inline="always", **_JIT)
+def _popcount(x):
+    n = 0
+    while x:
+        x &= x - 1
+        n += 1
+    return n
+
+
+@njit(**_JIT)
+def _outcomes_bits_into(
+    items, bits, tag_off, tag_ids, marks, roles, seen, blocked_items, blocked_tags, plan, code,
+    tally,
+):  # fmt: skip
+    """`_outcomes_into` with unavailability and tags read from the items' words (`bits`) when
+    the request's tags have bits, else from the tag table (an item's BIT_SLOW: always)."""
+    exclude, include, forbidden_tags, required_tags = _lists(plan)
+    has_include = (plan[P_FLAGS] & PLAN_HAS_INCLUDE) != 0
+    required_missing = (plan[P_FLAGS] & PLAN_REQUIRED_MISSING) != 0
+    for i in exclude:
+        marks[i] |= _M_EXCLUDED
+    for i in seen:
+        marks[i] |= _M_SEEN
+    for i in blocked_items:
+        marks[i] |= _M_BLOCKED
+    for i in include:
+        marks[i] |= _M_INCLUDED
+    fmask = bmask = rmask = 0
+    word_tags = True  # (every tag of the request has a bit)
+    for t in forbidden_tags:
+        roles[t] |= _R_FORBIDDEN
+        if 0 <= t < TAG_BITS:
+            fmask |= 1 << t
+        else:
+            word_tags = False
+    for t in blocked_tags:
+        roles[t] |= _R_BLOCKED
+        if 0 <= t < TAG_BITS:
+            bmask |= 1 << t
+        else:
+            word_tags = False
+    n_required = 0
+    for t in required_tags:
+        if not roles[t] & _R_REQUIRED:
+            n_required += 1
+        roles[t] |= _R_REQUIRED
+        if 0 <= t < TAG_BITS:
+            rmask |= 1 << t
+        else:
+            word_tags = False
+    check_tags = forbidden_tags.shape[0] + blocked_tags.shape[0] + n_required > 0
+    tag_step = check_tags or required_missing
+
+    tally[:] = 0
+    for r in range(items.shape[0]):
+        item = items[r]
+        word = bits[item]
+        c = KEPT
+        if (word >> BIT_UNAVAILABLE) & 1:
+            c = UNAVAILABLE
+        else:
+            m = marks[item]
+            if m & _M_EXCLUDED:
+                c = EXCLUDED
+            elif has_include and not m & _M_INCLUDED:
+                c = NOT_INCLUDED
+            elif m & _M_SEEN:
+                c = SEEN
+            elif m & _M_BLOCKED:
+                c = BLOCKED
+            elif tag_step:
+                if word_tags and not (word >> BIT_SLOW) & 1:
+                    if word & bmask:
+                        c = BLOCKED
+                    elif word & fmask:
+                        c = FORBIDDEN_TAG
+                    elif required_missing or _popcount(word & rmask) < n_required:
+                        c = MISSING_TAG
+                else:
+                    c = _tag_outcome(item, tag_off, tag_ids, roles, n_required, required_missing)
+        code[r] = c
+        tally[c] += 1
+
+    for i in exclude:
+        marks[i] = 0
+    for i in seen:
+        marks[i] = 0
+    for i in blocked_items:
+        marks[i] = 0
+    for i in include:
+        marks[i] = 0
+    for t in forbidden_tags:
+        roles[t] = 0
+    for t in blocked_tags:
+        roles[t] = 0
+    for t in required_tags:
+        roles[t] = 0
+
+
+@njit(inline="always", **_JIT)
+def _in_group_bits(item, word, kind, value, tag_off, tag_ids, brand_id, category_id):
+    if kind == GROUP_TAG and 0 <= value < TAG_BITS and not (word >> BIT_SLOW) & 1:
+        return (word >> value) & 1 == 1
+    return _in_group(item, kind, value, tag_off, tag_ids, brand_id, category_id)
+
+
+@njit(**_JIT)
+def _select_bits_into(
+    code, items, bits, scores, reasons, tag_off, tag_ids, brand_id, category_id, plan, out
+):
+    """`_select_into` over the kept rows in stored order, a tag group's membership read from
+    the items' words where they tell it."""
+    kinds, values, caps, counts = _groups(plan)
+    n = plan[P_N]
+    n_groups = kinds.shape[0]
+    before = counts.copy() if n == 0 else counts  # (n == 0: report only, count nothing)
+    at_items, at_reasons, at_refused = HEAD + n, HEAD + 2 * n, HEAD + 4 * n
+    out_scores = out[HEAD + 3 * n : HEAD + 4 * n].view(np.float64)
+    at_groups = at_refused + code.shape[0]
+    n_chosen = n_refused = 0
+    for row in range(code.shape[0]):
+        if n_chosen >= n and n > 0:
+            break  # refusals past the n-th chosen row do not matter
+        if code[row] != KEPT:
+            continue
+        item = items[row]
+        word = bits[item] if n_groups else 0
+        full = -1
+        for g in range(n_groups):
+            if counts[g] >= caps[g] and _in_group_bits(
+                item, word, kinds[g], values[g], tag_off, tag_ids, brand_id, category_id
+            ):
+                full = g
+                break
+        if full >= 0:
+            out[at_refused + n_refused] = row
+            out[at_groups + n_refused] = full
+            n_refused += 1
+            continue
+        for g in range(n_groups):
+            if _in_group_bits(item, word, kinds[g], values[g], tag_off, tag_ids, brand_id,
+                              category_id):  # fmt: skip
+                counts[g] += 1
+        if n_chosen < n:
+            out[HEAD + n_chosen] = row
+            out[at_items + n_chosen] = item
+            out[at_reasons + n_chosen] = reasons[row]
+            out_scores[n_chosen] = round6(scores[row])
+            n_chosen += 1
+    if n == 0:
+        counts[:] = before
+    out[0] = n_chosen
+    out[1] = n_refused
 
 
 @njit([(_I64_RW, _I64_RW, _I64_RW)], **_JIT)
@@ -451,7 +629,7 @@ def outcomes_select_user(ctx, plan, out):
     seen = carray(_ptr_i32(ctx[C_SEEN_ITEM]), ctx[C_SEEN_ITEM + 1])[sa:sb]
     tag_off = carray(_ptr_i64(ctx[C_TAG_OFF]), ctx[C_TAG_OFF + 1])
     tag_ids = carray(_ptr_i32(ctx[C_TAG_IDS]), ctx[C_TAG_IDS + 1])
-    unavailable = carray(_ptr_b(ctx[C_UNAVAILABLE]), ctx[C_UNAVAILABLE + 1])
+    bits = carray(_ptr_i64(ctx[C_ITEM_BITS]), ctx[C_ITEM_BITS + 1])
     marks = carray(_ptr_u8(ctx[C_MARKS]), ctx[C_MARKS + 1])
     roles = carray(_ptr_u8(ctx[C_ROLES]), ctx[C_ROLES + 1])
     brand_id = carray(_ptr_i32(ctx[C_BRAND]), ctx[C_BRAND + 1])
@@ -459,8 +637,7 @@ def outcomes_select_user(ctx, plan, out):
     n = plan[P_N]
     n_cand = b - a
     code = out[HEAD + 4 * n + 2 * n_cand :].view(np.uint8)[:n_cand]
-    _outcomes_into(items, tag_off, tag_ids, unavailable, marks, roles, seen, blocked_items,
-                   blocked_tags, plan, code, out[2:HEAD])  # fmt: skip
-    no_order = np.empty(0, dtype=np.intp)
-    _select_into(code, no_order, True, items, scores, reasons, tag_off, tag_ids, brand_id,
-                 category_id, plan, out)  # fmt: skip
+    _outcomes_bits_into(items, bits, tag_off, tag_ids, marks, roles, seen, blocked_items,
+                        blocked_tags, plan, code, out[2:HEAD])  # fmt: skip
+    _select_bits_into(code, items, bits, scores, reasons, tag_off, tag_ids, brand_id,
+                      category_id, plan, out)  # fmt: skip

@@ -94,6 +94,13 @@ class LiveSnapshot:
         self._segment_mv = (
             memoryview(np.ascontiguousarray(user_segment)) if user_segment is not None else None
         )
+        # One int64 word per item (kernels.item_bits_into: its tags below 61 and whether it is
+        # unavailable, as bits; 8 bytes per item): the common request's kernel reads it
+        # instead of the tag table.
+        self.item_bits = np.zeros(snap.n_items, dtype=np.int64)
+        kernels.item_bits_into(
+            self.tag_offsets, self.tag_ids, self.unavailable_or_empty, self.n_tags, self.item_bits
+        )
         #: The arrays `kernels.outcomes_select_user` reads, as (address, length) pairs, or
         #: None when a snapshot's arrays are not laid out as that kernel reads them.
         self.kernel_ctx, self._ctx_arrays = _kernel_ctx(snap, self)
@@ -236,7 +243,7 @@ def _kernel_ctx(snap: Snapshot, live: LiveSnapshot) -> tuple[np.ndarray | None, 
             (snap, "_seen_item"),
             (live, "tag_offsets"),
             (live, "tag_ids"),
-            (live, "unavailable_or_empty"),
+            (live, "item_bits"),
             (live, "marks"),
             (live, "roles"),
             (live, "brand_id"),

@@ -14,7 +14,7 @@ from serving import kernels as K
 from serving.snapshot import _kernel_ctx
 
 
-def random_snapshot(rng, n_users=40, n_items=300, n_tags=12, unavailable=True):
+def random_snapshot(rng, n_users=40, n_items=300, n_tags=12, unavailable=True, duplicates=False):
     def csr(n_rows, max_len, pool, sort=False):
         lens = rng.integers(0, max_len + 1, n_rows)
         rows = [rng.choice(pool, size=m, replace=False) for m in lens]
@@ -28,6 +28,9 @@ def random_snapshot(rng, n_users=40, n_items=300, n_tags=12, unavailable=True):
     cand_off, cand_item = csr(n_users, 40, n_items)
     seen_off, seen_item = csr(n_users, 6, n_items, sort=True)
     tag_off, tag_ids = csr(n_items, 4, n_tags)
+    if duplicates:  # (some items list a tag twice: they take the tag table's path)
+        twice = rng.random(tag_ids.shape[0]) < 0.1
+        tag_ids[1:][twice[1:]] = tag_ids[:-1][twice[1:]]
     snap = SimpleNamespace(
         candidate_offsets=cand_off,
         _cand_item=cand_item,
@@ -44,7 +47,9 @@ def random_snapshot(rng, n_users=40, n_items=300, n_tags=12, unavailable=True):
         roles=np.zeros(n_tags, np.uint8),
         brand_id=rng.integers(-1, 6, n_items).astype(np.int32),
         category_id=rng.integers(-1, 4, n_items).astype(np.int32),
+        item_bits=np.zeros(n_items, np.int64),
     )
+    K.item_bits_into(tag_off, tag_ids, live.unavailable_or_empty, n_tags, live.item_bits)
     return snap, live
 
 
@@ -84,10 +89,14 @@ def answer_parts(out, n, n_cand):
     )
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_user_kernel_answers_as_the_array_kernel(seed):
     rng = np.random.default_rng(seed)
-    snap, live = random_snapshot(rng, unavailable=seed % 2 == 0)
+    # tag ids below and above kernels.TAG_BITS (the items' words and the tag table)
+    n_tags = (12, 90)[seed % 4 // 2]
+    snap, live = random_snapshot(
+        rng, n_tags=n_tags, unavailable=seed % 2 == 0, duplicates=seed % 3 == 0
+    )
     ctx, arrays = _kernel_ctx(snap, live)
     assert ctx is not None and len(arrays) == K.CTX_SIZE // 2
     n_items, n_tags = live.marks.shape[0], live.roles.shape[0]
