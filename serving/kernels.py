@@ -135,14 +135,9 @@ def _groups(plan):
     )
 
 
-@njit(**_JIT)
-def _outcomes_into(
-    items, tag_off, tag_ids, unavailable, marks, roles, seen, blocked_items, blocked_tags, plan,
-    code, tally,
-):  # fmt: skip
-    exclude, include, forbidden_tags, required_tags = _lists(plan)
-    has_include = (plan[P_FLAGS] & PLAN_HAS_INCLUDE) != 0
-    required_missing = (plan[P_FLAGS] & PLAN_REQUIRED_MISSING) != 0
+@njit(inline="always", **_JIT)
+def _mark_items(marks, exclude, seen, blocked_items, include):
+    """Flag the request's item lists in `marks` (one byte per catalogue item)."""
     for i in exclude:
         marks[i] |= _M_EXCLUDED
     for i in seen:
@@ -151,6 +146,39 @@ def _outcomes_into(
         marks[i] |= _M_BLOCKED
     for i in include:
         marks[i] |= _M_INCLUDED
+
+
+@njit(inline="always", **_JIT)
+def _clear_marks(
+    marks, roles, exclude, seen, blocked_items, include, forbidden_tags, blocked_tags,
+    required_tags,
+):  # fmt: skip
+    """Reset what a request flagged in `marks` and `roles` (zero again for the next one)."""
+    for i in exclude:
+        marks[i] = 0
+    for i in seen:
+        marks[i] = 0
+    for i in blocked_items:
+        marks[i] = 0
+    for i in include:
+        marks[i] = 0
+    for t in forbidden_tags:
+        roles[t] = 0
+    for t in blocked_tags:
+        roles[t] = 0
+    for t in required_tags:
+        roles[t] = 0
+
+
+@njit(**_JIT)
+def _outcomes_into(
+    items, tag_off, tag_ids, unavailable, marks, roles, seen, blocked_items, blocked_tags, plan,
+    code, tally,
+):  # fmt: skip
+    exclude, include, forbidden_tags, required_tags = _lists(plan)
+    has_include = (plan[P_FLAGS] & PLAN_HAS_INCLUDE) != 0
+    required_missing = (plan[P_FLAGS] & PLAN_REQUIRED_MISSING) != 0
+    _mark_items(marks, exclude, seen, blocked_items, include)
     for t in forbidden_tags:
         roles[t] |= _R_FORBIDDEN
     for t in blocked_tags:
@@ -184,20 +212,10 @@ def _outcomes_into(
         code[r] = c
         tally[c] += 1
 
-    for i in exclude:
-        marks[i] = 0
-    for i in seen:
-        marks[i] = 0
-    for i in blocked_items:
-        marks[i] = 0
-    for i in include:
-        marks[i] = 0
-    for t in forbidden_tags:
-        roles[t] = 0
-    for t in blocked_tags:
-        roles[t] = 0
-    for t in required_tags:
-        roles[t] = 0
+    _clear_marks(
+        marks, roles, exclude, seen, blocked_items, include, forbidden_tags, blocked_tags,
+        required_tags,
+    )  # fmt: skip
 
 
 @njit(inline="always", **_JIT)
@@ -469,14 +487,7 @@ def _outcomes_bits_into(
     exclude, include, forbidden_tags, required_tags = _lists(plan)
     has_include = (plan[P_FLAGS] & PLAN_HAS_INCLUDE) != 0
     required_missing = (plan[P_FLAGS] & PLAN_REQUIRED_MISSING) != 0
-    for i in exclude:
-        marks[i] |= _M_EXCLUDED
-    for i in seen:
-        marks[i] |= _M_SEEN
-    for i in blocked_items:
-        marks[i] |= _M_BLOCKED
-    for i in include:
-        marks[i] |= _M_INCLUDED
+    _mark_items(marks, exclude, seen, blocked_items, include)
     fmask = bmask = rmask = 0
     word_tags = True  # (every tag of the request has a bit)
     for t in forbidden_tags:
@@ -533,20 +544,10 @@ def _outcomes_bits_into(
         code[r] = c
         tally[c] += 1
 
-    for i in exclude:
-        marks[i] = 0
-    for i in seen:
-        marks[i] = 0
-    for i in blocked_items:
-        marks[i] = 0
-    for i in include:
-        marks[i] = 0
-    for t in forbidden_tags:
-        roles[t] = 0
-    for t in blocked_tags:
-        roles[t] = 0
-    for t in required_tags:
-        roles[t] = 0
+    _clear_marks(
+        marks, roles, exclude, seen, blocked_items, include, forbidden_tags, blocked_tags,
+        required_tags,
+    )  # fmt: skip
 
 
 @njit(inline="always", **_JIT)
