@@ -1,17 +1,21 @@
 """Instructions per request in one gunicorn worker, counted by valgrind (callgrind).
 
-    python benchmarks/serve_instructions.py [--data-root data/bench] [--seconds 20]
+    python benchmarks/serve_instructions.py [--data-root data/bench] [--requests 2000]
 
 Wall-clock throughput on a shared 2-core box swings by +-15 % from run to run; the number of
 instructions a worker executes per request does not. For the trivial endpoint
 (benchmarks/trivial_app.py) and for POST /v1/recommend (the load of serve_load.py: k=20, 5
 excluded ids, a forbidden tag, max_per_tag) this starts gunicorn with one sync worker under
-callgrind, warms it up with wrk, zeroes the counters, runs wrk with one connection for
-`--seconds`, dumps the counters and prints instructions per request (accept, HTTP parsing,
-the app, the response, close: everything the worker does).
+callgrind, warms it up with `--warmup` requests, zeroes the counters, sends `--requests` more,
+dumps the counters and prints instructions per request (accept, HTTP parsing, the app, the
+response, close: everything the worker does). The requests are the bytes wrk sends for
+serve_load.py's script (one connection each, as the sync worker closes it), for users drawn
+from a seeded generator, so a run repeats its figure: over a window of fixed seconds of wrk
+load (before 2026-12-01) the warm-up's share moved it by a few percent. The client's own work
+is not counted, so it need not be wrk.
 
 Under serve_load.py the worker CPU per request follows these counts (0.48 and 0.47 for the
-trivial/recommend ratio before the compiled kernels). Needs valgrind and wrk. Numba compiles
+trivial/recommend ratio before the compiled kernels). Needs valgrind. Numba compiles
 for the CPU valgrind reports, so NUMBA_CPU_NAME=generic is set for the server and the kernels
 are compiled natively first (a compilation under valgrind takes minutes).
 """
@@ -21,9 +25,10 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import re
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,13 +38,48 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks._snapshots import ensure_snapshot  # noqa: E402
-from benchmarks.serve_load import free_port, lua_file, server_env  # noqa: E402
+from benchmarks._snapshots import TENANT, ensure_snapshot  # noqa: E402
+from benchmarks.serve_load import SECRET, free_port, server_env  # noqa: E402
+from serving.auth import mint_token  # noqa: E402
 from serving.cli import GUNICORN_CONFIG  # noqa: E402
 
 
-def count(app: str, env: dict[str, str], script: str, seconds: int, tmp: str) -> tuple[int, int]:
-    """(requests, instructions) of one worker over `seconds` of single-connection load."""
+def requests_for(port: int, n: int, seed: int, n_users: int = 1_000_000) -> list[bytes]:
+    """`n` POST /v1/recommend requests as wrk writes them for serve_load.py's script (k=20,
+    5 excluded ids, a forbidden tag, max_per_tag), for seeded random users."""
+    token = mint_token(SECRET, TENANT, ["recommend"], 7200)
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        user = f"u{rng.randrange(n_users):07d}"
+        body = (
+            '{"surface":"home","k":20,"user":{"user_id":"' + user + '"},'
+            '"candidates":{"exclude_ids":["i0000001","i0000002","i0000003","i0000004",'
+            '"i0000005"]},"constraints":{"forbidden_tags":["tag007"],"max_per_tag":{"tag001":2}}}'
+        ).encode()
+        head = (
+            f"POST /v1/recommend HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Length: {len(body)}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n"
+        ).encode()
+        out.append(head + body)
+    return out
+
+
+def send(port: int, requests: list[bytes]) -> None:
+    """Each request on a connection of its own, its whole answer read; fails on a non-200."""
+    for raw in requests:
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+            sock.sendall(raw)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        if not answer.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"non-200 answer under callgrind: {answer[:300]!r}")
+
+
+def count(app: str, env: dict[str, str], warmup: int, measured: int, tmp: str) -> tuple[int, int]:
+    """(requests, instructions) of one worker over `measured` requests, after `warmup`."""
     port = free_port()
     out = os.path.join(tmp, f"cg-{port}")
     master = subprocess.Popen(
@@ -85,21 +125,14 @@ def count(app: str, env: dict[str, str], script: str, seconds: int, tmp: str) ->
         worker = subprocess.run(
             ["pgrep", "-P", str(master.pid)], capture_output=True, text=True
         ).stdout.split()[0]
-        url = f"http://127.0.0.1:{port}/v1/recommend"
-        wrk = ["wrk", "-t1", "-c1", "--timeout", "30s", "-s", script, url]
-        subprocess.run([*wrk[:3], "-d10s", *wrk[3:]], capture_output=True, timeout=120)
+        send(port, requests_for(port, warmup, seed=1234))
         subprocess.run(["callgrind_control", "-z", worker], capture_output=True, timeout=60)
-        res = subprocess.run(
-            [*wrk[:3], f"-d{seconds}s", *wrk[3:]], capture_output=True, text=True, timeout=600
-        ).stdout
+        send(port, requests_for(port, measured, seed=99))  # other users than the warm-up's
         subprocess.run(["callgrind_control", "-d", worker], capture_output=True, timeout=120)
-        requests = int(re.search(r"(\d+) requests in", res).group(1))
-        if re.search(r"Non-2xx or 3xx responses: (\d+)", res):
-            raise RuntimeError(f"{app}: non-2xx answers under callgrind:\n{res}")
         dump = sorted(glob.glob(f"{out}.{worker}.*"))[-1]  # the dump after the zeroing
         with open(dump) as f:
             total = next(int(line.split()[1]) for line in f if line.startswith("summary:"))
-        return requests, total
+        return measured, total
     finally:
         master.send_signal(signal.SIGTERM)
         try:
@@ -111,11 +144,12 @@ def count(app: str, env: dict[str, str], script: str, seconds: int, tmp: str) ->
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-root", default=os.path.join(REPO, "data", "bench"))
-    ap.add_argument("--seconds", type=int, default=20, help="measured seconds per endpoint")
+    ap.add_argument("--requests", type=int, default=2000, help="measured requests per endpoint")
+    ap.add_argument("--warmup", type=int, default=1000, help="requests before the counting")
     args = ap.parse_args()
-    for tool in ("valgrind", "callgrind_control", "wrk"):
+    for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
-            print(f"{tool} not found: apt-get install -y valgrind wrk", file=sys.stderr)
+            print(f"{tool} not found: apt-get install -y valgrind", file=sys.stderr)
             return 2
     data_root = os.path.abspath(args.data_root)
     ensure_snapshot(data_root)
@@ -127,13 +161,12 @@ def main() -> int:
     subprocess.run([sys.executable, "-c", "import serving.kernels"], env=env, check=True)
     tmp = tempfile.mkdtemp(prefix="serve_instructions-")
     try:
-        script = lua_file(tmp, "full.lua", 1_000_000)
         results = {}
         for name, app in (
             ("trivial", "benchmarks.trivial_app:app"),
             ("recommend", "serving.wsgi:app"),
         ):
-            n, total = count(app, env, script, args.seconds, tmp)
+            n, total = count(app, env, args.warmup, args.requests, tmp)
             results[name] = total / n
             print(f"{name}: {total / n:,.0f} instructions per request ({n} requests)", flush=True)
         print(
