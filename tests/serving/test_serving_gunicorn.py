@@ -37,6 +37,32 @@ def request(url, body=None, headers=None):
         return e.code, e.headers, e.read()
 
 
+def start_gunicorn(port: int, env: dict[str, str]) -> subprocess.Popen:
+    """`recsys serve`'s gunicorn command line, 2 workers, on `port`."""
+    return subprocess.Popen(
+        gunicorn_argv(f"127.0.0.1:{port}", 2),
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Until /readyz answers 200 (fails if gunicorn exits or the time runs out)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            status, _, _ = request(base + "/readyz")
+            if status == 200:
+                return
+        except OSError:
+            pass
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "gunicorn did not become ready"
+        time.sleep(0.2)
+
+
 def test_gunicorn_serves_requests(tmp_path):
     root = str(tmp_path)
     publish_tiny(root, "acme", "a")
@@ -47,25 +73,10 @@ def test_gunicorn_serves_requests(tmp_path):
         "RECSYS_JWT_SECRET": SECRET,
         "RECSYS_ACCESS_LOG": "1",
     }
-    proc = subprocess.Popen(
-        gunicorn_argv(f"127.0.0.1:{port}", 2),
-        env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_gunicorn(port, env)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 20
-        while True:
-            try:
-                status, _, _ = request(base + "/readyz")
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, "gunicorn did not become ready"
-            time.sleep(0.2)
+        wait_ready(base, proc, 20)
         status, headers, body = request(
             base + "/v1/recommend",
             {"k": 2, "user": {"user_id": "u1"}},
@@ -99,26 +110,10 @@ def test_workers_share_the_kernels_the_master_compiled(tmp_path):
         "NUMBA_CACHE_DIR": str(cache),
         "NUMBA_DEBUG_CACHE": "1",  # one stdout line per cache file saved or loaded
     }
-    proc = subprocess.Popen(
-        gunicorn_argv(f"127.0.0.1:{port}", 2),
-        env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_gunicorn(port, env)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300  # (a cold compilation takes 5-20 s, more on a busy box)
-        while True:
-            try:
-                status, _, _ = request(base + "/readyz")
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "gunicorn did not become ready"
-            time.sleep(0.2)
+        wait_ready(base, proc, 300)  # (a cold compilation takes 5-20 s, more on a busy box)
         for _ in range(6):  # (new connections: both workers answer some)
             status, _, body = request(
                 base + "/v1/recommend",
