@@ -113,11 +113,13 @@ class LightFMRecommender(Recommender):
             "max_updates": self.max_updates,
         }
 
-    def epochs_for(self, nnz: int) -> int:
-        """``epochs``, capped by ``max_updates`` for `nnz` interactions (at least 1)."""
+    def epochs_for(self, nnz: int, epochs: int | None = None) -> int:
+        """``epochs`` (or `epochs`), capped by ``max_updates`` for `nnz` interactions (at
+        least 1)."""
+        epochs = self.epochs if epochs is None else epochs
         if self.max_updates <= 0 or nnz <= 0:
-            return self.epochs
-        return max(1, min(self.epochs, self.max_updates // nnz))
+            return epochs
+        return max(1, min(epochs, self.max_updates // nnz))
 
     def early_stopping_epochs(self, nnz: int, eval_every: int) -> list[int]:
         """The epoch counts :meth:`fit_early_stopping` evaluates (and so can choose) on
@@ -242,8 +244,7 @@ class LightFMRecommender(Recommender):
             self._fit(data)
             return self
         # what a choice of e epochs makes this fit run (the max_updates bound of its data)
-        run_for = {e: self._with_epochs(e).epochs_for(inter.nnz) for e in choice.possible}
-        targets = set(run_for.values())
+        targets = {self.epochs_for(inter.nnz, e) for e in choice.possible}
         model._reset_state()
         kept: dict[int, tuple[np.ndarray, ...]] = {}
         done = 0
@@ -269,9 +270,6 @@ class LightFMRecommender(Recommender):
         else:  # ran past the choice: its state was kept when it was reached
             self.item_bias_, self.item_emb_, self.user_bias_, self.user_emb_ = kept[target]
         return self
-
-    def _with_epochs(self, epochs: int) -> LightFMRecommender:
-        return LightFMRecommender(**{**self.params(), "epochs": epochs})
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         user_idx = np.asarray(user_idx, dtype=np.int64)
