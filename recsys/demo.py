@@ -12,7 +12,6 @@ Events stream to Parquet in chunks, so memory stays bounded from thousands to 10
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -20,6 +19,7 @@ from datetime import UTC, date, datetime, timedelta
 import numpy as np
 import polars as pl
 
+from recsys.durable import write_parquet_atomic
 from recsys.storage import Storage
 
 CATEGORIES = (
@@ -369,8 +369,5 @@ def generate(
 
 
 def _write(storage: Storage, df: pl.DataFrame, path: str) -> None:
-    """Write via a temporary name and rename, so a sensor never sees half a file."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with storage.fs.open(tmp, "wb") as fh:
-        df.write_parquet(fh, compression="zstd", row_group_size=256_000)
-    storage.fs.mv(tmp, path)
+    """Land `df` whole (a sensor never sees half a file)."""
+    write_parquet_atomic(df, path, storage.fs, row_group_size=256_000)

@@ -1,14 +1,18 @@
-"""Crash-safe small-file writes on a local filesystem: write a temporary file, fsync it, rename
-it over the target (atomic on POSIX), fsync the folder so the rename itself survives a crash.
+"""Crash-safe writes: write a temporary file in the target's folder, fsync it, rename it over
+the target (atomic on POSIX), fsync the folder so the rename itself survives a crash.
 
 Every durable JSON document of the project (tenant config and rules, experiments, seeds, record
-stores, the snapshot `CURRENT` pointer) is written through here.
+stores, the snapshot `CURRENT` pointer and manifest) is written by `write_atomic`, and every
+Parquet file another process may pick up (landing files from imports, the demo and the API's
+event log, tombstones, staged shards) by `write_parquet_atomic`; `fsync_dir` makes a new or
+removed name in a folder durable.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from typing import Any
 
 
 def fsync_dir(path: str) -> None:
@@ -36,3 +40,42 @@ def write_atomic(path: str, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(folder)
+
+
+def write_parquet_atomic(df: Any, path: str, fs: Any = None, **options: Any) -> None:
+    """Write the Polars DataFrame `df` as Parquet at `path` so that a reader (a sensor, another
+    process, a restart after a crash) finds no file or the whole file, never part of one.
+
+    `options` go to `DataFrame.write_parquet` (compression defaults to zstd). `fs` is the
+    fsspec filesystem of a `recsys.storage.Storage` root: on a local one (or without `fs`) the
+    file is fsync'd and renamed as `write_atomic` does; on an object store the temporary
+    object is moved into place (an object appears whole; there is nothing to fsync).
+    """
+    options.setdefault("compression", "zstd")
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+    elif fs is not None and "file" not in _protocols(fs):
+        folder, name = path.rsplit("/", 1)
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+        with fs.open(tmp, "wb") as fh:
+            df.write_parquet(fh, **options)
+        fs.mv(tmp, path)
+        return
+    folder = os.path.dirname(path) or "."
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            df.write_parquet(f, **options)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = getattr(fs, "protocol", ())
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)

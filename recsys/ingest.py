@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from recsys.adapters import read_source
 from recsys.contract import DEFAULT_TENANT, EVENT_SCHEMA, REJECTED_SCHEMA, empty_frame
+from recsys.durable import write_parquet_atomic
 from recsys.errors import RecsysError
 from recsys.readers import TextLayout
 from recsys.storage import Storage
@@ -96,10 +97,10 @@ def import_file(
     target = posixpath.join(landing_dir, name + ".parquet")
     existed = storage.exists(target)
     if not existed:
-        _atomic_parquet(storage, data, target)
+        write_parquet_atomic(data, target, storage.fs)
         if unparsable.height:
-            _atomic_parquet(
-                storage, unparsable, posixpath.join(landing_dir, name + REJECTED_SUFFIX)
+            write_parquet_atomic(
+                unparsable, posixpath.join(landing_dir, name + REJECTED_SUFFIX), storage.fs
             )
     return ImportResult(
         kind=kind,
@@ -111,13 +112,6 @@ def import_file(
         would_reject=dict(would_reject),
         already_landed=existed,
     )
-
-
-def _atomic_parquet(storage: Storage, df: pl.DataFrame, path: str) -> None:
-    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}")
-    with storage.fs.open(tmp, "wb") as fh:
-        df.write_parquet(fh, compression="zstd")
-    storage.fs.mv(tmp, path)
 
 
 def tenants_with_landing(storage: Storage) -> list[str]:
@@ -364,7 +358,9 @@ def _drop_deleted(
         kept = rows.filter(~pl.col("event_id").is_in(deleted))
         dropped += rows.height - kept.height
         if kept.height:
-            _atomic_parquet(storage, kept, posixpath.join(day_dir, f"part-{run_id}-c.parquet"))
+            write_parquet_atomic(
+                kept, posixpath.join(day_dir, f"part-{run_id}-c.parquet"), storage.fs
+            )
         state.setdefault("events", {})["compacting"] = old
         save_state(storage, tenant, state)
         _finish_compaction(storage, tenant, state)
@@ -400,14 +396,14 @@ def _merge_day(storage: Storage, events_dir: str, staged_dir: str, day: str, run
     if staged.height == 0:
         return 0
     storage.makedirs(day_dir)
-    _atomic_parquet(storage, staged, posixpath.join(day_dir, f"part-{run_id}.parquet"))
+    write_parquet_atomic(staged, posixpath.join(day_dir, f"part-{run_id}.parquet"), storage.fs)
     return staged.height
 
 
 def _append_rejects(storage: Storage, rejected_dir: str, rejects: pl.DataFrame, name: str) -> None:
     rejects = rejects.select([pl.col(c).cast(t) for c, t in REJECTED_SCHEMA.items()])
     rejects = rejects.with_columns(pl.lit(datetime.now(UTC)).alias("rejected_at"))
-    _atomic_parquet(storage, rejects, posixpath.join(rejected_dir, f"{name}.parquet"))
+    write_parquet_atomic(rejects, posixpath.join(rejected_dir, f"{name}.parquet"), storage.fs)
 
 
 def scan_events(storage: Storage, tenant: str) -> pl.LazyFrame:
@@ -487,8 +483,8 @@ def build_table(storage: Storage, tenant: str, kind: str) -> tuple[pl.DataFrame,
     report.rejected = rejected.height
     report.rejected_by_reason = dict(Counter(rejected["reason"].to_list()))
     storage.makedirs(posixpath.dirname(report.path))
-    _atomic_parquet(storage, table, report.path)
-    _atomic_parquet(storage, rejected, storage.table_path(tenant, f"rejected_{kind}"))
+    write_parquet_atomic(table, report.path, storage.fs)
+    write_parquet_atomic(rejected, storage.table_path(tenant, f"rejected_{kind}"), storage.fs)
     state = load_state(storage, tenant)
     state[kind] = {"files": [_file_key(storage, f) for f in files]}
     save_state(storage, tenant, state)

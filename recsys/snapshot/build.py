@@ -24,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from recsys.contract import DEFAULT_EVENT_WEIGHTS, ITEM_SCHEMA
+from recsys.durable import write_parquet_atomic
 from recsys.snapshot.format import REASON_CODES
 from recsys.snapshot.store import SnapshotStore
 from recsys.snapshot.writer import CANDIDATE_COLUMNS, SnapshotWriter
@@ -98,9 +99,7 @@ def compute_shard(
     frame = shard_candidates(model, start, stop, k, workers=workers)
     path = shard_path(snapshots_dir, model_key, shard, n_shards)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    frame.write_parquet(tmp)
-    os.replace(tmp, path)
+    write_parquet_atomic(frame, path)
     return path, frame.height
 
 
@@ -264,8 +263,7 @@ def write_item_lists(
     paths = []
     for name, frame in frames.items():
         path = os.path.join(d, f"{name}.parquet")
-        frame.write_parquet(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_parquet_atomic(frame, path)
         paths.append(path)
     return paths
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.contract import ITEM_SCHEMA
+from recsys.durable import write_atomic
 from recsys.snapshot.format import (
     DICTIONARIES,
     MANIFEST,
@@ -410,12 +411,7 @@ class SnapshotWriter:
             "factors": factors,
             "files": dict(sorted(files.items())),
         }
-        tmp = os.path.join(self.out_dir, MANIFEST + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.out_dir, MANIFEST))
+        write_atomic(os.path.join(self.out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
         return manifest
 
     # --- helpers -------------------------------------------------------------------------

@@ -10,7 +10,7 @@ one (else 409), as the API asks.
 Every accepted create/update is also landed for the pipeline like an imported file: one
 Parquet row in the contract's columns (as text, exactly what `recsys import` lands) under
 ``landing/<tenant>/<items|users>/api-crr-<UTC time>-<rid>.parquet``, written under a hidden
-temporary name and renamed (`recsys.ingest._atomic_parquet`). The row is validated first with
+temporary name and renamed (`recsys.durable.write_parquet_atomic`). The row is validated first with
 the contract's validators, so a record ingest would reject is refused with 422 instead.
 Deleting an item lands it with ``available=false`` (the catalogue is an upsert table, so this is
 how the pipeline learns to stop recommending it); deleting a user removes the record only.
@@ -31,8 +31,7 @@ import orjson
 import polars as pl
 
 from recsys.contract import ITEM_SCHEMA, USER_SCHEMA
-from recsys.durable import fsync_dir, write_atomic
-from recsys.ingest import _atomic_parquet
+from recsys.durable import fsync_dir, write_atomic, write_parquet_atomic
 from recsys.storage import Storage
 from recsys.validation import validate_items, validate_users
 from serving.errors import ProblemError, bad_request
@@ -227,7 +226,7 @@ class RecordStore:
         self._storage.makedirs(landing)
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
         target = posixpath.join(landing, f"api-crr-{stamp}-{rid[:12]}.parquet")
-        _atomic_parquet(self._storage, raw, target)
+        write_parquet_atomic(raw, target, self._storage.fs)
         return target
 
     @staticmethod
