@@ -10,6 +10,7 @@ import orjson
 from serving import errors
 from serving.auth import Authenticator
 from serving.config import ServingConfig
+from serving.documents import TenantDocuments
 from serving.fastpath import ServingApp
 from serving.metrics import Metrics
 from serving.middleware import ServingMiddleware
@@ -20,7 +21,6 @@ from serving.resources.ops import HealthResource, MetricsResource, ReadyResource
 from serving.resources.public import RecommendResource, SimilarResource
 from serving.service import RecommendService
 from serving.snapshot import SnapshotRegistry
-from serving.tenant_store import TenantStore
 
 
 def _json_handler() -> falcon.media.JSONHandler:
@@ -32,7 +32,7 @@ def create_app(
     store: SnapshotRegistry | None = None,
     *,
     limiter=None,
-    tenant_store: TenantStore | None = None,
+    tenant_store: TenantDocuments | None = None,
 ) -> falcon.App:
     """Build the WSGI app.
 
@@ -55,7 +55,7 @@ def create_app(
         store.bind_metrics(metrics)
     metrics.add_gauge_source(store.gauges)
     store.warm()
-    tenant_store = tenant_store or TenantStore(
+    tenant_store = tenant_store or TenantDocuments(
         os.path.join(config.data_root, "serving"), config.snapshot_check_s
     )
     if limiter is None:

@@ -15,11 +15,11 @@ import orjson
 
 from recsys.snapshot.format import SIGNALS
 from serving.config import ServingConfig
+from serving.documents import TenantDocuments
 from serving.errors import ProblemError
 from serving.metrics import Metrics
 from serving.rules import Engine, Ranked, assign_variant, backfill_sources, compile_rules
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
-from serving.tenant_store import TenantStore
 from serving.validation import (
     DEFAULT_SEGMENT,
     Limits,
@@ -34,7 +34,7 @@ class RecommendService:
         self,
         config: ServingConfig,
         registry: SnapshotRegistry,
-        tenants: TenantStore,
+        tenants: TenantDocuments,
         metrics: Metrics,
     ) -> None:
         self._config = config
@@ -51,8 +51,7 @@ class RecommendService:
 
     # --- shared ------------------------------------------------------------------------------
     def tenant_config(self, tenant: str) -> tuple[dict[str, Any], str | None]:
-        doc = self._tenants.cached(tenant, "config")
-        return doc.body, doc.version
+        return self._tenants.current(tenant, "config")
 
     def parse(self, tenant: str, body: Any, similar: bool = False, raw: bytes | None = None):
         """(request, warnings, tenant config, its version) of a body; `raw`: the body's bytes
@@ -143,10 +142,8 @@ class RecommendService:
         return req.experiment_id, assign_variant(req.experiment_id, unit, variants), True
 
     def _rules(self, tenant: str, live: LiveSnapshot, surface: str, segment: str):
-        doc = self._tenants.cached(tenant, "rules")
-        return compile_rules(
-            live, doc.body.get("rules", ()), doc.version, surface, segment
-        ), doc.version
+        body, version = self._tenants.current(tenant, "rules")
+        return compile_rules(live, body.get("rules", ()), version, surface, segment), version
 
     # --- use cases ---------------------------------------------------------------------------
     def validate(self, tenant: str, body: Any) -> dict[str, Any]:

@@ -27,9 +27,9 @@ import orjson
 
 from recsys.snapshot import Snapshot, SnapshotError, SnapshotStore, open_snapshot
 from recsys.snapshot.format import CURRENT
+from recsys.tenancy import is_valid_tenant as valid_tenant
 from serving import kernels
 from serving.metrics import Metrics
-from serving.tenant_store import valid_tenant
 
 log = logging.getLogger("recsys.serving")
 

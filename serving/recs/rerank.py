@@ -24,12 +24,12 @@ import numpy as np
 
 from recsys.snapshot.format import REASONS, SIGNALS
 from serving.auth import SCOPE_RECOMMEND
+from serving.documents import TenantDocuments
 from serving.errors import ProblemError
 from serving.recs.events import _json
 from serving.rules import CompiledRules, Engine, Pool, compile_rules
 from serving.service import RecommendService
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
-from serving.tenant_store import TenantStore
 from serving.validation import DEFAULT_SEGMENT
 
 MAX_RERANK = 1000
@@ -56,7 +56,7 @@ class RerankExplainResources:
         self,
         service: RecommendService,
         store: SnapshotRegistry,
-        tenant_store: TenantStore,
+        tenant_store: TenantDocuments,
         deadline_ms: float,
     ) -> None:
         self._service = service
@@ -126,8 +126,8 @@ class RerankExplainResources:
             (snap.user_segment(uidx) if uidx is not None else None) or DEFAULT_SEGMENT
         )
         if p.get("business_rules", True):
-            doc = self._tenants.cached(tenant, "rules")
-            rules = compile_rules(live, doc.body.get("rules", ()), doc.version, rq.surface, segment)
+            body, version = self._tenants.current(tenant, "rules")
+            rules = compile_rules(live, body.get("rules", ()), version, rq.surface, segment)
             in_list = set(items.tolist())
             rules = dataclasses.replace(rules, pins=[x for x in rules.pins if x.item in in_list])
         else:

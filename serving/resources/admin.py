@@ -1,7 +1,11 @@
 """Admin routes (scope `admin`, own tenant only):
 
-GET/PUT /v1/admin/tenants/{tenant_id}/config and .../rules (ETag / If-Match, 409 on a stale
-version) and POST .../cache/invalidate.
+GET/PUT /v1/admin/tenants/{tenant_id}/config and .../rules (ETag / If-Match / If-None-Match
+through `serving.documents`; 409 on a stale revision) and POST .../cache/invalidate.
+
+A tenant that never stored a config (or rules) is answered its effective defaults
+(`effective_config`: the weights, k, surface and limits a request of it gets) with the ETag of
+those defaults, which its first PUT may send in If-Match (or `If-None-Match: *`).
 """
 
 from __future__ import annotations
@@ -13,12 +17,42 @@ import falcon
 
 from serving.auth import SCOPE_ADMIN
 from serving.config import ServingConfig
+from serving.documents import Preconditions, TenantDocuments, set_etag
 from serving.errors import ProblemError
+from serving.routing import json_body
 from serving.snapshot import SnapshotRegistry
-from serving.tenant_store import KINDS, TenantStore, VersionConflict
-from serving.validation import if_match, validate_config, validate_rules
+from serving.validation import (
+    DEFAULT_K,
+    DEFAULT_SURFACE,
+    Limits,
+    validate_config,
+    validate_rules,
+)
 
 _VERSION_FIELD = {"config": "config_version", "rules": "rules_version"}
+
+
+def effective_config(config: ServingConfig) -> dict[str, Any]:
+    """The config a tenant without one is served with, written out in full: PUT back
+    unchanged, it changes nothing."""
+    limits = Limits.for_tenant(config, {})
+    return {
+        # (no weights: the snapshot's stored score ranks)
+        "defaults": {
+            "weights": None,
+            "k": min(DEFAULT_K, limits.max_k),
+            "surface": DEFAULT_SURFACE,
+        },
+        "limits": {
+            "max_k": limits.max_k,
+            "max_include_ids": limits.max_include_ids,
+            "max_exclude_ids": limits.max_exclude_ids,
+            "max_anchors": limits.max_anchors,
+        },
+        "surfaces": [],
+        "experiments": {},
+        "strict_similar": False,
+    }
 
 
 class TenantDocumentResource:
@@ -27,57 +61,45 @@ class TenantDocumentResource:
     required_scope = SCOPE_ADMIN
 
     def __init__(
-        self, kind: str, store: TenantStore, registry: SnapshotRegistry, config: ServingConfig
+        self, kind: str, store: TenantDocuments, registry: SnapshotRegistry, config: ServingConfig
     ) -> None:
-        assert kind in KINDS
         self._kind = kind
+        self._documents = store.collection(kind)
         self._store = store
         self._registry = registry
         self._validate: Callable[[Any, ServingConfig], dict] = (
             validate_config if kind == "config" else validate_rules
         )
         self._config = config
+        self._default = effective_config(config) if kind == "config" else {"rules": []}
 
-    def _exists(self, tenant: str) -> bool:
-        return self._store.exists(tenant) or self._registry.tenant(tenant) is not None
+    def _known(self, tenant: str) -> None:
+        if not (self._store.exists(tenant) or self._registry.tenant(tenant) is not None):
+            raise ProblemError(
+                404, f"Tenant '{tenant}' is not known here.", code="RECSYS_UNKNOWN_TENANT"
+            )
 
-    def _send(self, resp: falcon.Response, tenant: str, version: str | None, body: dict) -> None:
-        resp.media = {"tenant_id": tenant, _VERSION_FIELD[self._kind]: version, **body}
-        if version:
-            resp.etag = f'"{version}"'
-        resp.cache_control = ["no-store"]
+    def _send(self, resp: falcon.Response, tenant: str, doc) -> None:
+        resp.media = {"tenant_id": tenant, _VERSION_FIELD[self._kind]: doc.revision, **doc.body}
+        set_etag(resp, doc)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, tenant_id: str) -> None:
-        if not self._exists(tenant_id):
-            raise ProblemError(
-                404, f"Tenant '{tenant_id}' is not known here.", code="RECSYS_UNKNOWN_TENANT"
-            )
-        doc = self._store.read(tenant_id, self._kind)
-        body = doc.body if doc.version else ({"rules": []} if self._kind == "rules" else {})
-        self._send(resp, tenant_id, doc.version, body)
+        self._known(tenant_id)
+        self._send(resp, tenant_id, self._documents.get(tenant_id, self._kind, self._default))
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, tenant_id: str) -> None:
-        if not self._exists(tenant_id):
-            raise ProblemError(
-                404, f"Tenant '{tenant_id}' is not known here.", code="RECSYS_UNKNOWN_TENANT"
-            )
+        self._known(tenant_id)
         try:
-            raw = req.get_media()
+            raw = json_body(req)
         except falcon.MediaMalformedError:
             raise ProblemError(400, "The body is not valid JSON.") from None
         body = self._validate(raw, self._config)
         if isinstance(raw, dict) and raw.get("tenant_id", tenant_id) != tenant_id:
             raise ProblemError(422, "tenant_id in the body differs from the URL.")
-        try:
-            doc = self._store.write(tenant_id, self._kind, body, if_match(req))
-        except VersionConflict as e:
-            raise ProblemError(
-                409,
-                f"The {self._kind} changed: stored version is {e.current!r}; GET it, "
-                "re-apply your change and send its ETag in If-Match.",
-                extra={"current_version": e.current},
-            ) from None
-        self._send(resp, tenant_id, doc.version, doc.body)
+        doc, _ = self._documents.put(
+            tenant_id, self._kind, body, Preconditions.of(req), default=self._default
+        )
+        self._send(resp, tenant_id, doc)
 
 
 class CacheInvalidateResource:
@@ -87,18 +109,18 @@ class CacheInvalidateResource:
     required_scope = SCOPE_ADMIN
     TARGETS = ("config", "rules", "snapshot", "popularity")
 
-    def __init__(self, store: TenantStore, registry: SnapshotRegistry) -> None:
+    def __init__(self, store: TenantDocuments, registry: SnapshotRegistry) -> None:
         self._store = store
         self._registry = registry
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, tenant_id: str) -> None:
-        raw = req.get_media(default_when_empty={}) if req.content_length else {}
+        raw = json_body(req) if req.content_length else {}
         if not isinstance(raw, dict):
             raise ProblemError(400, "The body must be an object.")
         targets = raw.get("targets") or list(self.TARGETS)
         if not isinstance(targets, list) or any(t not in self.TARGETS for t in targets):
             raise ProblemError(400, f"targets must be a list of {', '.join(self.TARGETS)}.")
-        kinds = tuple(t for t in targets if t in KINDS)
+        kinds = tuple(t for t in targets if t in TenantDocuments.KINDS)
         self._store.invalidate(tenant_id, kinds)
         holder = self._registry.tenant(tenant_id)
         if holder is not None and ("snapshot" in targets or "popularity" in targets):

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
+import orjson
 import pytest
 from serving_helpers import auth, build_client, make_config, recommend
 
-from serving.tenant_store import TenantStore
+from serving.documents import TenantDocuments
 
 ADMIN = auth("acme", ("admin",))
 
 
 def test_etag_if_match_and_conflict(client):
     first = client.simulate_get("/v1/admin/tenants/acme/config", headers=ADMIN)
-    assert first.status_code == 200 and first.json["config_version"] is None
+    assert first.status_code == 200 and first.json["config_version"].startswith("cfg_defaults_")
     put = client.simulate_put(
         "/v1/admin/tenants/acme/config",
         json={"defaults": {"weights": {"pop": 0.4, "cooc": 0.2, "emb": 0.4}}},
@@ -51,11 +54,103 @@ def test_config_is_durable(client, data_root):
         json={"rules": [{"id": "b", "type": "block", "item_ids": ["a0"]}]},
         headers=ADMIN,
     )
-    doc = TenantStore(data_root + "/serving").read("acme", "rules")
-    assert doc.version.startswith("rules_") and doc.body["rules"][0]["id"] == "b"
+    doc = TenantDocuments(data_root + "/serving").collection("rules").get("acme", "rules")
+    assert doc.revision.startswith("rules_") and doc.body["rules"][0]["id"] == "b"
     fresh = build_client(make_config(data_root))  # a new process would see the same
     again = fresh.simulate_get("/v1/admin/tenants/acme/rules", headers=ADMIN)
-    assert again.json["rules_version"] == doc.version
+    assert again.json["rules_version"] == doc.revision
+
+
+def test_a_tenant_never_configured_gets_its_effective_defaults(client, config):
+    got = client.simulate_get("/v1/admin/tenants/acme/config", headers=ADMIN)
+    assert got.status_code == 200
+    assert got.json["defaults"] == {"weights": None, "k": 20, "surface": "default"}
+    assert got.json["limits"] == {
+        "max_k": config.max_k,
+        "max_include_ids": config.max_list_ids,
+        "max_exclude_ids": config.max_list_ids,
+        "max_anchors": config.max_anchors,
+    }
+    assert got.json["surfaces"] == [] and got.json["experiments"] == {}
+    etag = got.headers["ETag"]
+    assert etag == f'"{got.json["config_version"]}"' and etag.startswith('"cfg_defaults_')
+    # the same defaults have the same ETag (another worker, another GET)
+    assert (
+        client.simulate_get("/v1/admin/tenants/acme/config", headers=ADMIN).headers["ETag"] == etag
+    )
+    # the defaults are what a request gets: k = 20, of which u1 can have 18 (a2 is
+    # unavailable, a8 seen)
+    assert len(recommend(client, {"user": {"user_id": "u1"}}).json["items"]) == 18
+    # a stale guess is refused and names the defaults' revision
+    stale = client.simulate_put(
+        "/v1/admin/tenants/acme/config",
+        json={"defaults": {"k": 5}},
+        headers={**ADMIN, "If-Match": '"cfg_2020-01-01_001"'},
+    )
+    assert stale.status_code == 409 and stale.json["current_version"] == got.json["config_version"]
+    # the first PUT with If-Match of the defaults' ETag goes through
+    body = {k: v for k, v in got.json.items() if k not in ("tenant_id", "config_version")}
+    body["defaults"] = {**body["defaults"], "k": 5}
+    put = client.simulate_put(
+        "/v1/admin/tenants/acme/config", json=body, headers={**ADMIN, "If-Match": etag}
+    )
+    assert put.status_code == 200, put.json
+    assert put.json["config_version"].endswith("_001") and put.json["defaults"]["k"] == 5
+    # ... and only once: the defaults' ETag is stale now
+    again = client.simulate_put(
+        "/v1/admin/tenants/acme/config", json=body, headers={**ADMIN, "If-Match": etag}
+    )
+    assert again.status_code == 409
+    assert again.json["current_version"] == put.json["config_version"]
+    assert len(recommend(client, {"user": {"user_id": "u1"}}).json["items"]) == 5
+
+
+def test_first_put_with_if_none_match_star(client):
+    rules = {"rules": [{"id": "b", "type": "block", "item_ids": ["a0"]}]}
+    got = client.simulate_get("/v1/admin/tenants/acme/rules", headers=ADMIN)
+    assert got.json["rules"] == [] and got.headers["ETag"].startswith('"rules_defaults_')
+    first = client.simulate_put(
+        "/v1/admin/tenants/acme/rules", json=rules, headers={**ADMIN, "If-None-Match": "*"}
+    )
+    assert first.status_code == 200 and first.json["rules_version"].endswith("_001")
+    second = client.simulate_put(
+        "/v1/admin/tenants/acme/rules", json=rules, headers={**ADMIN, "If-None-Match": "*"}
+    )
+    assert second.status_code == 412
+    assert second.headers["Content-Type"] == "application/problem+json"
+    assert second.json["current_version"] == first.json["rules_version"]
+    assert second.json["code"] == "RECSYS_PRECONDITION_FAILED"
+    # If-Match: * needs a stored document: fine now, refused on a tenant without one
+    star = client.simulate_put(
+        "/v1/admin/tenants/acme/rules", json=rules, headers={**ADMIN, "If-Match": "*"}
+    )
+    assert star.status_code == 200 and star.json["rules_version"].endswith("_002")
+
+
+def test_config_written_before_the_document_store_still_loads(client, data_root):
+    folder = os.path.join(data_root, "serving", "tenants", "acme")
+    os.makedirs(folder)
+    old = {
+        "version": "cfg_2026-01-29_004",
+        "updated_at": "2026-01-29T10:00:00+00:00",
+        "body": {"defaults": {"k": 3}},
+    }
+    with open(os.path.join(folder, "config.json"), "wb") as f:
+        f.write(orjson.dumps(old))
+    got = client.simulate_get("/v1/admin/tenants/acme/config", headers=ADMIN)
+    assert got.json["config_version"] == "cfg_2026-01-29_004" and got.json["defaults"] == {"k": 3}
+    assert len(recommend(client, {"user": {"user_id": "u1"}}).json["items"]) == 3
+    put = client.simulate_put(
+        "/v1/admin/tenants/acme/config",
+        json={"defaults": {"k": 4}},
+        headers={**ADMIN, "If-Match": got.headers["ETag"]},
+    )
+    assert put.status_code == 200 and put.json["config_version"].endswith("_005")
+    with open(os.path.join(folder, "config.json"), "rb") as f:
+        stored = orjson.loads(f.read())
+    assert stored["revision"] == put.json["config_version"] and stored["body"]["defaults"] == {
+        "k": 4
+    }
 
 
 @pytest.mark.parametrize(
