@@ -54,7 +54,17 @@ def model_evaluation(
         )
         out_dir = store.evaluation_dir(tenant)
         store.makedirs(out_dir)
-        record = {"tenant": tenant, "users": holdout.n_users, "pairs": holdout.n_pairs}
+        selection = model.info.get("selection") or {}
+        record = {
+            "tenant": tenant,
+            "users": holdout.n_users,
+            "pairs": holdout.n_pairs,
+            # what serves, chosen on the validation window inside train (never on this test)
+            "served_by": model.info.get("served_by"),
+            "selection": selection.get("reason"),
+        }
+        if selection.get("validation_ndcg@10"):
+            metadata[f"{tenant}/validation_ndcg@10"] = dg.MetadataValue.json(selection)
         if table.height:
             table.write_csv(os.path.join(out_dir, "evaluation.csv"))
             plot_table(table, os.path.join(out_dir, "evaluation.png"))
@@ -96,6 +106,9 @@ def champion_model(
         csv = os.path.join(ev_dir, "evaluation.csv")
         table = pl.read_csv(csv) if os.path.exists(csv) else None
         png = os.path.join(ev_dir, "evaluation.png")
+        final = read_json(store, model_path(store, tenant, "final", "hybrid", "hybrid.json"))
+        selection = final["info"].get("selection") or {}
+        served_by = final["info"].get("served_by")
         run = tracking.log_training_run(
             tenant=tenant,
             model=model_path(store, tenant, "final", "hybrid"),  # logged as saved
@@ -104,10 +117,20 @@ def champion_model(
             artifact_root=store.mlflow_artifacts() if not mlflow.tracking_uri else None,
             table=table,
             plot_path=png if os.path.exists(png) else None,
-            extra_params={"split": read_json(store, model_path(store, tenant, "split.json"))},
+            extra_params={
+                "split": read_json(store, model_path(store, tenant, "split.json")),
+                "selection": {k: v for k, v in selection.items() if k in ("served", "reason")},
+            },
+            extra_metrics={
+                f"validation.{name}.NDCG_at_10": value
+                for name, value in (selection.get("validation_ndcg@10") or {}).items()
+            },
             tolerance=config.tolerance,
         )
         gate = {**run.gate, "run_id": run.run_id, "version": run.version, "model": run.model_name}
+        # what the version serves and why (e.g. popularity: too little data to beat it)
+        gate["served_by"] = served_by
+        gate["served_because"] = selection.get("reason")
         write_json(store, model_path(store, tenant, "gate.json"), gate)
         rows.append(
             {
@@ -117,6 +140,7 @@ def champion_model(
                 "candidate": gate["candidate_ndcg_at_10"],
                 "champion": gate["champion_ndcg_at_10"],
                 "reason": gate["reason"],
+                "served_by": served_by,
             }
         )
         context.log.info(f"{tenant}: version {run.version}: {gate['reason']}")

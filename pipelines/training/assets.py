@@ -36,7 +36,7 @@ VARIANTS = ("eval", "final")  # fitted on the train part / on all events
 #: asset name -> the generators it stands for in the hybrid
 GENERATOR_ASSETS: dict[str, tuple[str, ...]] = {
     "popularity_model": ("popularity", "category"),
-    "cooccurrence_model": ("cooccurrence",),
+    "cooccurrence_model": ("cooccurrence", "recent"),
     "lightfm_model": ("lightfm",),
     "ease_model": ("ease",),
 }
@@ -91,7 +91,10 @@ def hybrid_config(store: Storage, tenant: str, config: TrainingConfig) -> Hybrid
         weights=inter["weights"],
         half_life_days=inter["half_life_days"],
         validation_fraction=split["validation_fraction"],
-        tune={},
+        tune={
+            "ease": [{"l2": v} for v in config.tune.ease_l2],
+            "cooccurrence": [{"shrink": v} for v in config.tune.cooccurrence_shrink],
+        },
         candidates_per_generator=rk.candidates_per_generator,
         cooccurrence={
             "shrink": config.cooccurrence.shrink,
@@ -116,6 +119,10 @@ def hybrid_config(store: Storage, tenant: str, config: TrainingConfig) -> Hybrid
             else None
         ),
         ease={"l2": config.ease.l2, "max_items": config.ease.max_items},
+        recent=config.recent.model_dump(),
+        generators=list(config.selection.generators) or None,
+        served=config.selection.served or None,
+        min_selection_users=config.selection.min_selection_users,
         ranker={
             "max_iter": rk.max_iter,
             "learning_rate": rk.learning_rate,
@@ -238,7 +245,9 @@ def data_split(
             "cooccurrence_model",
             deps=[data_split],
             kinds={"numpy", "scipy"},
-            description="Item-item co-view / co-buy similarity (shrunk cosine, sparse products).",
+            description="Item-item co-view / co-buy similarity (shrunk cosine), and "
+            "item-to-item candidates from each user's last interactions weighted by recency "
+            "(sequence transitions).",
         ),
         dg.AssetSpec(
             "lightfm_model",
@@ -301,7 +310,7 @@ def train_models(
         seconds = round(time.perf_counter() - t0, 2)
         chosen[tenant] = {
             k: models["eval"].info[k]
-            for k in ("tuning", "lightfm_early_stopping")
+            for k in ("tuning", "lightfm_early_stopping", "selection")
             if k in models["eval"].info
         }
         for variant, model in models.items():
@@ -333,6 +342,7 @@ def train_models(
                     "rows": info.get("ranker_rows", 0),
                     "positives": info.get("ranker_positives", 0),
                     "trees": info.get("ranker_trees", 0),
+                    "served": info.get("served_by", ""),
                     "candidate_recall": round(info.get("candidate_recall", 0.0), 3),
                     "skipped": info.get("ranker_skipped") or "",
                     "seconds": round(info.get("ranker_seconds", 0.0), 2),
@@ -344,6 +354,11 @@ def train_models(
                     f"order falls back to {info['fallback_order']}"
                 )
         context.log.info(f"{tenant}: eval and final models fitted in {seconds}s")
+        selection = models["final"].info.get("selection") or {}
+        context.log.info(
+            f"{tenant}: serves {models['final'].info.get('served_by')} "
+            f"({selection.get('reason', 'no selection recorded')})"
+        )
     params = config.model_dump()
     for asset in GENERATOR_ASSETS:
         key = asset.removesuffix("_model")

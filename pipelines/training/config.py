@@ -31,7 +31,10 @@ class SplitConfig(TenantsConfig):
     newest validation_fraction of the rest is the ranker's label window."""
 
     test_fraction: float = 0.2
-    validation_fraction: float = 0.15
+    #: equal to test_fraction by default: the published model's label window (the newest
+    #: test_fraction of all events) is then cut like the evaluated one's, and its ranker
+    #: learns from the generators already fitted on train (no fourth generator set)
+    validation_fraction: float = 0.2
     min_events: int = 50  # fewer: personalised models are skipped, popularity still serves
 
 
@@ -62,6 +65,33 @@ class EASEConfig(dg.Config):
     max_items: int = 3000  # the most popular items are modelled (time ~ max_items^3)
 
 
+class RecentConfig(dg.Config):
+    """Item-to-item candidates from the user's last interactions (recsys.models.recent)."""
+
+    n_recent: int = 10  # the user's newest items that count
+    half_life: float = 3.0  # a weight halves every half_life items back
+    shrink: float = 5.0
+    neighbors: int = 100
+
+
+class TuneConfig(dg.Config):
+    """Values tried on the validation window (never the test window); best NDCG@10 wins."""
+
+    ease_l2: list[float] = [100.0, 250.0, 500.0]
+    cooccurrence_shrink: list[float] = [5.0, 20.0, 50.0]
+
+
+class SelectionConfig(dg.Config):
+    """What serves: the ranked list, or one generator's list when it beats the ranked list
+    beyond its interval on the validation window (recsys.models.hybrid.choose_served)."""
+
+    #: "" = choose on validation; "hybrid" or a generator name forces it
+    served: str = ""
+    #: all generators when empty; popularity is always fitted
+    generators: list[str] = []
+    min_selection_users: int = 20
+
+
 class RankerConfig(dg.Config):
     candidates_per_generator: int = 100
     max_iter: int = 150
@@ -83,4 +113,7 @@ class TrainingConfig(TenantsConfig):
     cooccurrence: CooccurrenceConfig = CooccurrenceConfig()
     lightfm: LightFMConfig = LightFMConfig()
     ease: EASEConfig = EASEConfig()
+    recent: RecentConfig = RecentConfig()
     ranker: RankerConfig = RankerConfig()
+    tune: TuneConfig = TuneConfig()
+    selection: SelectionConfig = SelectionConfig()

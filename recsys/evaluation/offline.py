@@ -18,6 +18,7 @@ TABLE_ROWS: dict[str, str] = {
     "ease": "EASE",
     "cooccurrence": "cooc",
     "lightfm": "lightfm",
+    "recent": "recent",
 }
 SERVED = "served"
 

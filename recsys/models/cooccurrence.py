@@ -52,7 +52,38 @@ def cap_user_history(x: sp.csr_matrix, max_items: int) -> sp.csr_matrix:
     return prune_rows(x, max_items)
 
 
-class CooccurrenceRecommender(Recommender):
+class HistoryTimesSimilarity(Recommender):
+    """Scores = a users x items history matrix ``history_`` times an item-item similarity
+    ``sim_`` (both sparse); saved as their CSR arrays."""
+
+    history_: sp.csr_matrix
+    sim_: sp.csr_matrix
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        user_idx = np.asarray(user_idx, dtype=np.int64)
+        return np.asarray((self.history_[user_idx] @ self.sim_).todense(), dtype=np.float32)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "sim_indptr": self.sim_.indptr,
+            "sim_indices": self.sim_.indices,
+            "sim_data": self.sim_.data,
+            "h_indptr": self.history_.indptr,
+            "h_indices": self.history_.indices,
+            "h_data": self.history_.data,
+        }
+
+    def _set_arrays(self, a: dict[str, np.ndarray]) -> None:
+        n_users, n_items = self.seen_.shape
+        self.sim_ = sp.csr_matrix(
+            (a["sim_data"], a["sim_indices"], a["sim_indptr"]), shape=(n_items, n_items)
+        )
+        self.history_ = sp.csr_matrix(
+            (a["h_data"], a["h_indices"], a["h_indptr"]), shape=(n_users, n_items)
+        )
+
+
+class CooccurrenceRecommender(HistoryTimesSimilarity):
     """Scores = user history (log1p confidence) x item-item similarity.
 
     Similarity = shrunk cosine of co-interaction (all positive events) + ``buy_weight`` x shrunk
@@ -121,10 +152,6 @@ class CooccurrenceRecommender(Recommender):
         h.data = np.log1p(np.maximum(h.data, 0))
         self.history_ = h
 
-    def score(self, user_idx: np.ndarray) -> np.ndarray:
-        user_idx = np.asarray(user_idx, dtype=np.int64)
-        return np.asarray((self.history_[user_idx] @ self.sim_).todense(), dtype=np.float32)
-
     def similar_items(self, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
         """Per item, the `k` most similar items and their similarity (-1 / 0 padded)."""
         top = prune_rows(self.sim_, k)
@@ -138,22 +165,3 @@ class CooccurrenceRecommender(Recommender):
         idx[rows[order], pos] = top.indices[order]
         val[rows[order], pos] = top.data[order]
         return idx, val
-
-    def _arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "sim_indptr": self.sim_.indptr,
-            "sim_indices": self.sim_.indices,
-            "sim_data": self.sim_.data,
-            "h_indptr": self.history_.indptr,
-            "h_indices": self.history_.indices,
-            "h_data": self.history_.data,
-        }
-
-    def _set_arrays(self, a: dict[str, np.ndarray]) -> None:
-        n_users, n_items = self.seen_.shape
-        self.sim_ = sp.csr_matrix(
-            (a["sim_data"], a["sim_indices"], a["sim_indptr"]), shape=(n_items, n_items)
-        )
-        self.history_ = sp.csr_matrix(
-            (a["h_data"], a["h_indices"], a["h_indptr"]), shape=(n_users, n_items)
-        )

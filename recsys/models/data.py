@@ -19,6 +19,8 @@ from recsys.contract import DEFAULT_EVENT_WEIGHTS, EVENT_SCHEMA, ITEM_SCHEMA, US
 
 #: Event types that make the "co-buy" signal (a stronger intent than a view).
 BUY_EVENT_TYPES: tuple[str, ...] = ("add_to_cart", "purchase")
+#: Events apart (in a user's time order) that still count as a sequence transition.
+SEQUENCE_WINDOW = 3
 
 _DAY_US = 86_400 * 1_000_000
 
@@ -219,6 +221,78 @@ def holdout_pairs(
     )
 
 
+# --- sequences: what the user did last ---------------------------------------------------
+
+
+def _last_days(inter: Interactions, now: datetime | None) -> sp.csr_matrix:
+    """Users x items: days from each pair's last event to `now`, on the pattern of
+    ``inter.matrix()`` (built from the index arrays, so a pair of age 0 is kept)."""
+    f = inter.frame  # sorted by user_idx, item_idx: one row per stored pair
+    if now is None or not f.height:
+        days = np.zeros(f.height, np.float32)
+    else:
+        days = (
+            pl.lit(now).cast(EVENT_SCHEMA["timestamp"]) - f["last_ts"]
+        ).dt.total_microseconds() / _DAY_US
+        days = f.select(days.clip(lower_bound=0.0))[:, 0].to_numpy().astype(np.float32)
+    indptr = np.zeros(inter.n_users + 1, np.int64)
+    np.cumsum(np.bincount(f["user_idx"].to_numpy(), minlength=inter.n_users), out=indptr[1:])
+    return sp.csr_matrix(
+        (days, f["item_idx"].to_numpy().astype(np.int32), indptr),
+        shape=(inter.n_users, inter.n_items),
+    )
+
+
+def sequence_transitions(
+    events: pl.DataFrame,
+    weights: dict[str, float] | None,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    window: int = SEQUENCE_WINDOW,
+) -> sp.csr_matrix:
+    """Items x items: for each user's positive events in time order (repeats of the same
+    item in a row collapsed), every pair of different items at most `window` events apart
+    adds 1 / distance, in both directions. What a user touches next after an item."""
+    weights = DEFAULT_EVENT_WEIGHTS if weights is None else weights
+    n = len(item_ids)
+    uidx = pl.DataFrame(
+        {"user_id": list(user_ids), "u": np.arange(len(user_ids), dtype=np.int64)},
+        schema={"user_id": pl.String, "u": pl.Int64},
+    )
+    iidx = pl.DataFrame(
+        {"item_id": list(item_ids), "i": np.arange(n, dtype=np.int64)},
+        schema={"item_id": pl.String, "i": pl.Int64},
+    )
+    seq = (
+        events.filter(event_weight_expr(weights) > 0)
+        .select("user_id", "item_id", "timestamp", "event_id")
+        .join(uidx, on="user_id", how="inner")
+        .join(iidx, on="item_id", how="inner")
+        .sort("u", "timestamp", "event_id")
+    )
+    u, i = seq["u"].to_numpy(), seq["i"].to_numpy()
+    keep = np.ones(len(u), bool)
+    keep[1:] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
+    u, i = u[keep], i[keep]
+    rows, cols, vals = [], [], []
+    for d in range(1, max(window, 0) + 1):
+        ok = (u[d:] == u[:-d]) & (i[d:] != i[:-d])
+        a, b = i[:-d][ok], i[d:][ok]
+        rows += [a, b]
+        cols += [b, a]
+        vals.append(np.full(2 * len(a), 1.0 / d, np.float32))
+    if not vals:
+        return sp.csr_matrix((n, n), dtype=np.float32)
+    m = sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(n, n),
+        dtype=np.float32,
+    )
+    m.sum_duplicates()
+    m.sort_indices()
+    return m
+
+
 # --- dataset: everything a model fits on -----------------------------------------------------
 
 
@@ -252,6 +326,12 @@ class Dataset:
     segments: list[str]
     now: datetime | None
     info: dict = field(default_factory=dict)
+    #: users x items CSR, the pattern of ``confidence``: days from the pair's last event to
+    #: ``now`` (0 = the newest); None when built without sequence data
+    last_days: sp.csr_matrix | None = None
+    #: items x items CSR: how often j came within ``SEQUENCE_WINDOW`` events of i in a user's
+    #: time-ordered events (weight 1 / distance, both directions); None as above
+    transitions: sp.csr_matrix | None = None
 
     @property
     def n_users(self) -> int:
@@ -371,6 +451,8 @@ def build_dataset(
         maintain_order="left",
     )
     user_segment, segments = _codes(useg["segment"].to_list())
+    last_days = _last_days(inter, now)
+    transitions = sequence_transitions(events, weights, inter.user_ids, item_ids)
 
     return Dataset(
         user_ids=inter.user_ids,
@@ -390,6 +472,8 @@ def build_dataset(
         user_segment=user_segment,
         segments=segments,
         now=now,
+        last_days=last_days,
+        transitions=transitions,
         info={
             "n_events": events.height,
             "n_pairs": inter.frame.height,

@@ -30,13 +30,14 @@ import numpy as np
 import polars as pl
 
 from recsys.evaluation.evaluate import Holdout, build_holdout
-from recsys.evaluation.metrics import ndcg_at_k, popularity_percentile
+from recsys.evaluation.metrics import bootstrap_ci, ndcg_at_k, popularity_percentile
 from recsys.models.base import Recommender, mask_rows
 from recsys.models.cooccurrence import CooccurrenceRecommender
 from recsys.models.data import Dataset, _lookup, build_dataset, temporal_split
 from recsys.models.ease import EASERecommender
 from recsys.models.lightfm_model import EpochChoice, LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
+from recsys.models.recent import RecentItemsRecommender
 from recsys.models.threads import (
     in_thread,
     lower_thread_priority,
@@ -46,8 +47,19 @@ from recsys.models.threads import (
 from recsys.models.topk import top_k
 from recsys.models.trees import TreeEnsemble
 
-#: Candidate generators, in feature order. "category" is popularity by category affinity.
-GENERATORS: tuple[str, ...] = ("popularity", "category", "cooccurrence", "lightfm", "ease")
+#: Candidate generators, in feature order. "category" is popularity by category affinity,
+#: "recent" item-to-item from the user's last interactions (weighted by recency).
+GENERATORS: tuple[str, ...] = (
+    "popularity",
+    "category",
+    "cooccurrence",
+    "lightfm",
+    "ease",
+    "recent",
+)
+#: What the served list can be: the ranker over every generator's candidates, or one
+#: generator's own list (chosen on the validation window, see :func:`choose_served`).
+HYBRID = "hybrid"
 
 #: Why an item is in a served list (reason_code -> label), from the generator ranking it best.
 REASON_CODES: dict[int, str] = {
@@ -56,7 +68,14 @@ REASON_CODES: dict[int, str] = {
     2: "similar_to_history",
     3: "personalized",
 }
-_REASON_OF_GENERATOR = {"popularity": 0, "category": 1, "cooccurrence": 2, "lightfm": 3, "ease": 3}
+_REASON_OF_GENERATOR = {
+    "popularity": 0,
+    "category": 1,
+    "cooccurrence": 2,
+    "lightfm": 3,
+    "ease": 3,
+    "recent": 2,
+}
 
 
 @dataclass
@@ -66,7 +85,10 @@ class HybridConfig:
     weights: dict[str, float] | None = None  # None = recsys.contract.DEFAULT_EVENT_WEIGHTS
     half_life_days: float | None = None
     include_catalog_items: bool = True
-    validation_fraction: float = 0.15
+    #: the newest share of the events the ranker learns from (and choices are made on); the
+    #: pipeline's test fraction by default, so the published model's label window (the
+    #: newest test_fraction of all events) is cut like the evaluated one's
+    validation_fraction: float = 0.2
     candidates_per_generator: int = 100
     cooccurrence: dict[str, Any] = field(
         default_factory=lambda: {
@@ -86,6 +108,17 @@ class HybridConfig:
         }
     )
     ease: dict[str, Any] = field(default_factory=lambda: {"l2": 250.0, "max_items": 3000})
+    recent: dict[str, Any] = field(
+        default_factory=lambda: {"n_recent": 10, "half_life": 3.0, "shrink": 5.0, "neighbors": 100}
+    )
+    #: the generators fitted (None = all of GENERATORS; popularity always is)
+    generators: list[str] | None = None
+    #: what serves: None = chosen on the validation window (:func:`choose_served`), else
+    #: "hybrid" or a generator's name, as chosen before (the published model repeats the
+    #: evaluated model's choice)
+    served: str | None = None
+    #: validation users below which no choice is made on them: popularity serves
+    min_selection_users: int = 20
     #: LightFM's epoch count is chosen on the validation window: ``lightfm["epochs"]`` is the
     #: maximum, NDCG@10 of up to ``max_users`` validation users is scored every ``eval_every``
     #: epochs, and training stops after ``patience`` scores without improvement. None = off.
@@ -142,7 +175,12 @@ _GENERATOR_CLASSES: dict[str, type[Recommender]] = {
     "cooccurrence": CooccurrenceRecommender,
     "lightfm": LightFMRecommender,
     "ease": EASERecommender,
+    "recent": RecentItemsRecommender,
 }
+
+
+def _uses(config: HybridConfig, name: str) -> bool:
+    return config.generators is None or name in config.generators or name == "popularity"
 
 
 def make_generator(name: str, params: dict[str, Any]) -> Recommender:
@@ -175,8 +213,11 @@ def fit_generators(
     for the epoch count early stopping is choosing (:meth:`LightFMRecommender.fit_as_chosen`).
     """
     reason = too_little_data(data, config)
-    fitted = [n for n in names if not reason or n in ("popularity", "category")]
-    skipped = {n: reason for n in names if n not in fitted}
+    off = [n for n in names if config.generators is not None and n not in config.generators]
+    off = [n for n in off if n != "popularity"]
+    fitted = [n for n in names if n not in off and (not reason or n in ("popularity", "category"))]
+    skipped = {n: reason or "" for n in names if n not in fitted and n not in off}
+    skipped.update({n: "switched off in the configuration" for n in off})
 
     def fit(name: str) -> tuple[Recommender, float]:
         t0 = time.perf_counter()
@@ -290,7 +331,7 @@ def fit_window_generators(
     early = None
     if tune and reason is None and holdout.n_users:
         es = c.lightfm_early_stopping
-        if es and not c.tune.get("lightfm"):
+        if es and not c.tune.get("lightfm") and _uses(c, "lightfm"):
             # needs nothing from the grids or the other generators: beside them, in a thread
             lf = make_generator("lightfm", c.generator_params("lightfm"))
             points = lf.early_stopping_epochs(data.confidence.nnz, int(es.get("eval_every", 2)))
@@ -300,7 +341,7 @@ def fit_window_generators(
                 on_early_stopping(c, choice)
         tuning = {}
         for name, grid in c.tune.items():
-            if not grid:
+            if not grid or not _uses(c, name):
                 continue
             results = []
             models = _GENERATOR_CLASSES[name].fit_grid(
@@ -350,48 +391,14 @@ def _early_stopped_lightfm(
             choice.choose(None)
 
 
-def train_ranker(
-    gens: dict[str, Recommender],
-    side: SideFeatures,
-    data: Dataset,
-    holdout: Holdout,
-    config: HybridConfig,
-    batch_size: int = 512,
-) -> tuple[TreeEnsemble | None, dict[str, Any]]:
-    """The second stage: a boosted-tree classifier over the merged candidates of (a seeded
-    sample of) the holdout users, positives = their holdout items. None when too few."""
+def _fit_trees(x: np.ndarray, y: np.ndarray, c: HybridConfig):
+    """The boosted-tree classifier on rows `x` / labels `y` (negatives subsampled to
+    ``max_ranker_rows``, every positive kept), or None with the reason when too few."""
     from sklearn.ensemble import HistGradientBoostingClassifier
     from threadpoolctl import threadpool_limits
 
-    c = config
-    sample = _sample_holdout(holdout, c.max_ranker_users, c.seed)
-
-    def labelled(start: int) -> tuple[np.ndarray, np.ndarray]:
-        users = sample.user_idx[start : start + batch_size]
-        cand = build_candidates(
-            gens, side, gens["popularity"].seen_, users, c.candidates_per_generator
-        )
-        rel = sample.relevant[start : start + batch_size]
-        rel_codes = np.concatenate(
-            [np.full(len(r), p, np.int64) * data.n_items + r for p, r in enumerate(rel)]
-        )
-        return cand.features, np.isin(cand.user_pos * data.n_items + cand.item_idx, rel_codes)
-
-    # two batches at a time (threads, in batch order: the rows do not depend on the timing)
-    parts = map_in_threads(labelled, range(0, sample.n_users, batch_size))
-    y = np.concatenate([p[1] for p in parts]).astype(np.int8) if parts else np.zeros(0, np.int8)
-    x = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, len(FEATURE_NAMES)))
-    info = {
-        "ranker_users": sample.n_users,
-        "ranker_rows": int(len(y)),
-        "ranker_positives": int(y.sum()),
-        "candidate_recall": float(y.sum() / max(sample.n_pairs, 1)),
-    }
     if y.sum() < c.min_ranker_positives or y.sum() == len(y):
-        info["ranker_skipped"] = f"{int(y.sum())} positive candidate(s) of {len(y)}"
-        return None, info
-    # an all-missing column (e.g. no prices at all) is constant: the trees never split on it
-    x[:, np.isnan(x).all(axis=0)] = 0.0
+        return None, f"{int(y.sum())} positive candidate(s) of {len(y)}"
     rng = np.random.default_rng(c.seed)
     if len(y) > c.max_ranker_rows:  # keep every positive, subsample negatives
         neg = np.flatnonzero(y == 0)
@@ -407,8 +414,138 @@ def train_ranker(
     # ran 10-20x slower on 2 cores (27 s instead of 1.5 s of split finding, 200k rows).
     with threadpool_limits(limits=1, user_api="openmp"):
         clf.fit(x, y)
+    return clf, None
+
+
+def train_ranker(
+    gens: dict[str, Recommender],
+    side: SideFeatures,
+    data: Dataset,
+    holdout: Holdout,
+    config: HybridConfig,
+    batch_size: int = 512,
+    compare: bool = False,
+) -> tuple[TreeEnsemble | None, dict[str, Any]]:
+    """The second stage: a boosted-tree classifier over the merged candidates of (a seeded
+    sample of) the holdout users, positives = their holdout items. None when too few.
+
+    With `compare`, the validation NDCG@10 of every generator's own list and of the ranked
+    list is measured on the same users (``info["validation_per_user"]``, name -> per-user
+    values): the ranked list by 2-fold cross-fitting over users (each half ranked by trees
+    that never saw its labels), so it is as honest as the generators' figures."""
+    c = config
+    sample = _sample_holdout(holdout, c.max_ranker_users, c.seed)
+
+    def labelled(start: int):
+        users = sample.user_idx[start : start + batch_size]
+        cand = build_candidates(
+            gens, side, gens["popularity"].seen_, users, c.candidates_per_generator
+        )
+        rel = sample.relevant[start : start + batch_size]
+        rel_codes = np.concatenate(
+            [np.full(len(r), p, np.int64) * data.n_items + r for p, r in enumerate(rel)]
+        )
+        y = np.isin(cand.user_pos * data.n_items + cand.item_idx, rel_codes)
+        tops = {g: top[:, :10] for g, top in cand.tops.items()} if compare else {}
+        return cand.features, y, cand.user_pos + start, cand.item_idx, tops
+
+    # two batches at a time (threads, in batch order: the rows do not depend on the timing)
+    parts = map_in_threads(labelled, range(0, sample.n_users, batch_size))
+    y = np.concatenate([p[1] for p in parts]).astype(np.int8) if parts else np.zeros(0, np.int8)
+    x = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, len(FEATURE_NAMES)))
+    info: dict[str, Any] = {
+        "ranker_users": sample.n_users,
+        "ranker_rows": int(len(y)),
+        "ranker_positives": int(y.sum()),
+        "candidate_recall": float(y.sum() / max(sample.n_pairs, 1)),
+    }
+    # an all-missing column (e.g. no prices at all) is constant: the trees never split on it
+    x[:, np.isnan(x).all(axis=0)] = 0.0
+    if compare and parts:
+        per_user = {
+            g: ndcg_at_k(np.concatenate([p[4][g] for p in parts]), sample.relevant, 10)
+            for g in parts[0][4]
+        }
+        pos = np.concatenate([p[2] for p in parts])
+        items = np.concatenate([p[3] for p in parts])
+        crossed = _cross_fitted(x, y, pos, items, sample, c)
+        if crossed is not None:
+            per_user[HYBRID] = crossed
+        info["validation_per_user"] = per_user
+    clf, why = _fit_trees(x, y, c)
+    if clf is None:
+        info["ranker_skipped"] = why
+        return None, info
     info["ranker_trees"] = int(clf.n_iter_)
     return TreeEnsemble.from_sklearn(clf), info
+
+
+def _cross_fitted(x, y, pos, items, sample: Holdout, c: HybridConfig) -> np.ndarray | None:
+    """Per-user NDCG@10 of the ranked lists, each half of the users ranked by trees fitted on
+    the other half (seeded halves); None when a half has too few positives to fit."""
+    half = np.random.default_rng(c.seed + 1).permutation(sample.n_users) % 2
+    score = np.zeros(len(y))
+    for fold in (0, 1):
+        mine = half[pos] == fold
+        clf, _ = _fit_trees(x[~mine], y[~mine], c)
+        if clf is None:
+            return None
+        score[mine] = TreeEnsemble.from_sklearn(clf).predict_proba(x[mine])
+    lists, _ = _rank_lists(pos, items, score, sample.n_users, 10)
+    return ndcg_at_k(lists, sample.relevant, 10)
+
+
+def choose_served(
+    per_user: dict[str, np.ndarray] | None, config: HybridConfig, why_not: str | None = None
+) -> dict[str, Any]:
+    """What serves, from validation NDCG@10 per user (name -> values on the same users).
+
+    The ranked list (``hybrid``) serves unless the best single generator beats it beyond
+    the 95 % bootstrap interval of the per-user difference; without a ranked list, the best
+    generator serves when it beats popularity beyond its interval, else popularity. Too few
+    validation users (``min_selection_users``) or none: popularity, with the reason. The
+    decision, the figures and the reason are returned for the evaluation and MLflow."""
+    if config.served is not None:
+        return {
+            "served": config.served,
+            "reason": "chosen before, on the evaluated model's validation window",
+        }
+    n = 0 if not per_user else len(next(iter(per_user.values())))
+    if n < config.min_selection_users:
+        detail = f"{n} validation user(s) < min_selection_users={config.min_selection_users}"
+        return {
+            "served": "popularity",
+            "reason": f"{why_not or detail}: too little validation data to choose a "
+            "personalised list, popularity serves",
+            "validation_users": n,
+        }
+    means = {g: float(v.mean()) for g, v in per_user.items()}
+    singles = {g: m for g, m in means.items() if g != HYBRID}
+    best = max(singles, key=lambda g: (singles[g], g == "popularity"))
+    ref = HYBRID if HYBRID in per_user else "popularity"
+    served, reason = ref, ""
+    diff = None
+    if best != ref:
+        est = bootstrap_ci(per_user[best] - per_user[ref], 1000, seed=config.seed)
+        diff = {"of": f"{best} - {ref}", "mean": est.value, "low": est.low, "high": est.high}
+        if est.low > 0:
+            served = best
+            reason = (
+                f"{best} beats {ref} on validation by {est.value:.4f} "
+                f"[{est.low:.4f}, {est.high:.4f}]"
+            )
+    if not reason:
+        reason = f"{ref} is within the interval of the best single generator ({best})"
+        if ref != HYBRID and why_not:
+            reason = f"{why_not}; {reason}"
+    return {
+        "served": served,
+        "reason": reason,
+        "validation_users": n,
+        "validation_ndcg@10": {g: round(m, 5) for g, m in means.items()},
+        "best_single": best,
+        "difference": diff,
+    }
 
 
 def fit_eval_and_final(
@@ -418,22 +555,27 @@ def fit_eval_and_final(
     config: HybridConfig,
     test_fraction: float,
 ) -> tuple[HybridRecommender, HybridRecommender]:
-    """The two models a pipeline run needs, with three generator fits instead of four.
+    """The two models a pipeline run needs: the evaluated one and the published one, fitted
+    by the same procedure (:meth:`HybridRecommender.fit`) one window apart.
 
     * ``eval``: :meth:`HybridRecommender.fit` on the train part (all but the newest
-      `test_fraction`): generators on the fit window choose the hyperparameters and train
-      ranker R1 on the validation window, then generators are refit on train (set S2). It is
-      what the evaluation scores on the test window.
-    * ``final`` (published): generators refit on all events with the evaluated configuration
-      (S3), and ranker R2 trained like R1, one window later: S2 proposes candidates for the
-      test window's newest interactions. So the published ranker learns from the newest data,
-      and S2 serves twice instead of fitting a fourth set on all-but-the-newest events. When
-      the test window has too few positives, R2 falls back to R1.
+      `test_fraction`): generators on the fit window choose the hyperparameters, ranker R1
+      learns on the validation window (the newest ``validation_fraction`` of train), what
+      serves is chosen there (:func:`choose_served`), then generators are refit on train
+      (set S2). It is what the evaluation scores on the test window.
+    * ``final`` (published): the same fit on all events with every choice made above
+      (grids, LightFM's epochs, what serves): ranker R2 learns on the newest
+      ``validation_fraction`` of all events from generators fitted before it, then the
+      generators are refit on all events (S3). ``HybridRecommender(final.config).fit(events)``
+      gives the same model (tested), except that the published refit also holds the
+      catalogue's items nobody touched (so they can be served through their metadata).
 
-    S2 and S3 need only the chosen configuration, and each of their parts starts as soon as
-    the choices it needs are made (:class:`_Refit`), in threads beside R1's work; R2 trains
-    once S2 is fitted (on two cores the step takes about the time of its longest chain
-    instead of the sum; the models are the same as fitted one after another).
+    When ``validation_fraction == test_fraction`` (the default) R2's fit window is the train
+    part, whose generators are S2 with the same configuration: S2 serves twice and three
+    generator sets are fitted instead of four. Otherwise R2's generators are fitted on their
+    own. S2 and S3 need only the chosen configuration, and each of their parts starts as soon
+    as the choices it needs are made (:class:`_Refit`), in threads beside R1's work (the
+    models are the same as fitted one after another).
     """
     eval_cfg = HybridConfig.from_dict(config.to_dict())
     eval_cfg.include_catalog_items = False
@@ -442,7 +584,8 @@ def fit_eval_and_final(
     def final_config(chosen: HybridConfig) -> HybridConfig:
         cfg = HybridConfig.from_dict(chosen.to_dict())
         cfg.include_catalog_items = config.include_catalog_items
-        cfg.tune = {}
+        cfg.tune = {}  # the grids' choices are in the generators' parameters
+        cfg.lightfm_early_stopping = None  # the chosen epoch count is lightfm["epochs"]
         return cfg
 
     with single_threaded_blas():
@@ -467,27 +610,46 @@ def fit_eval_and_final(
             ),
         )
         final_cfg = model.config
+        final_cfg.served = eval_model.info["selection"]["served"]
         t0 = time.perf_counter()
-        info: dict[str, Any] = {"ranker_from": "eval", "evaluated_config_from": "eval"}
-        gens2 = eval_model.generators_
-        holdout = (
-            build_holdout(eval_model.data_, split.train, split.test, final_cfg.weights)
-            if split.test.height and eval_model.ranker_ is not None
-            else Holdout(np.zeros(0, np.int64), [])
-        )
+        info: dict[str, Any] = {
+            "selection": {
+                **eval_model.info["selection"],
+                "chosen_on": "the evaluated model's validation window",
+            },
+        }
         ranker = None
-        if holdout.n_pairs >= final_cfg.min_ranker_positives:
-            ranker, rinfo = train_ranker(
-                gens2, eval_model.side_, eval_model.data_, holdout, final_cfg
+        if final_cfg.served == HYBRID:
+            label = temporal_split(events, 0.0, final_cfg.validation_fraction)
+            if label.fit.height == split.train.height:  # R2's fit window is train: S2
+                gens, side, data = eval_model.generators_, eval_model.side_, eval_model.data_
+            else:
+                data = eval_model._dataset(label.fit, items, users)
+                gens, _, _ = fit_generators(data, final_cfg)
+                side = SideFeatures.from_data(data, gens["popularity"])
+            holdout = (
+                build_holdout(data, label.fit, label.validation, final_cfg.weights)
+                if label.validation.height
+                else Holdout(np.zeros(0, np.int64), [])
             )
-            info.update(rinfo)
             info["ranker_label_users"] = holdout.n_users
             info["ranker_label_pairs"] = holdout.n_pairs
-        if ranker is not None:
-            info["ranker_from"] = "test window (newest)"
+            if holdout.n_pairs >= final_cfg.min_ranker_positives:
+                ranker, rinfo = train_ranker(gens, side, data, holdout, final_cfg)
+                info.update(rinfo)
+            else:
+                info["ranker_skipped"] = (
+                    f"{holdout.n_pairs} label pair(s) in the newest window "
+                    f"< min_ranker_positives={final_cfg.min_ranker_positives}"
+                )
+            if ranker is None:  # too few labels in the newest window: the evaluated ranker
+                ranker = eval_model.ranker_
+                info["ranker_from"] = "eval (the newest window had too few labels)"
+            else:
+                info["ranker_from"] = "the newest validation_fraction of all events"
         else:
-            ranker = eval_model.ranker_
-            info["ranker_skipped"] = eval_model.info.get("ranker_skipped")
+            info["ranker_skipped"] = f"{final_cfg.served} serves alone (chosen on validation)"
+        info.setdefault("ranker_skipped", None)
         model.ranker_ = ranker
         info["ranker_seconds"] = time.perf_counter() - t0
         data, generators, skipped, seconds = refit.result()
@@ -514,7 +676,12 @@ def popularity_only(
     data = model._dataset(events, items, users)
     gens, _, seconds = fit_generators(data, cfg, ("popularity", "category"))
     skipped = {g: reason for g in GENERATORS if g not in gens}
-    info = {"ranker_skipped": reason, "generators_skipped": skipped, "generator_seconds": seconds}
+    info = {
+        "ranker_skipped": reason,
+        "generators_skipped": skipped,
+        "generator_seconds": seconds,
+        "selection": {"served": "popularity", "reason": f"{reason}: popularity serves"},
+    }
     return model._assemble(gens, data, info)
 
 
@@ -537,6 +704,8 @@ class SideFeatures:
     user_category: np.ndarray  # users x categories share of confidence
     user_segment: np.ndarray
     segment_pop: np.ndarray  # segments x items, unit-scaled
+    user_days_since_last: np.ndarray  # days from the user's last event to the data's end
+    user_category_days: np.ndarray  # users x categories: days since the last event there
 
     @classmethod
     def from_data(cls, data: Dataset, pop: PopularityRecommender) -> SideFeatures:
@@ -547,6 +716,7 @@ class SideFeatures:
         if known.any():
             band[known] = popularity_percentile(price[known])  # price percentile in the catalog
         activity = np.diff(data.confidence.indptr).astype(np.float64)
+        last, cat_days = _recency_arrays(data, pop.user_category_.shape[1])
         return cls(
             item_log_pop=np.log1p(counts).astype(np.float32),
             item_pop_pct=popularity_percentile(counts).astype(np.float32),
@@ -560,6 +730,8 @@ class SideFeatures:
             user_category=pop.user_category_.astype(np.float32),
             user_segment=pop.user_segment_.astype(np.int32),
             segment_pop=pop.segment_pop_.astype(np.float32),
+            user_days_since_last=last,
+            user_category_days=cat_days,
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -568,6 +740,27 @@ class SideFeatures:
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> SideFeatures:
         return cls(**{k[5:]: v for k, v in a.items() if k.startswith("side_")})
+
+
+def _recency_arrays(data: Dataset, n_categories: int) -> tuple[np.ndarray, np.ndarray]:
+    """(days since each user's last event, users x categories days since the user's last
+    event in the category; NaN where none) from ``data.last_days``."""
+    last = np.full(data.n_users, np.nan, np.float32)
+    cat_days = np.full((data.n_users, n_categories), np.nan, np.float32)
+    m = data.last_days
+    if m is None or not m.nnz:
+        return last, cat_days
+    rows = np.repeat(np.arange(data.n_users), np.diff(m.indptr))
+    has = np.diff(m.indptr) > 0
+    last[has] = np.minimum.reduceat(m.data, m.indptr[:-1][has])
+    cat = data.item_category[m.indices]
+    ok = cat >= 0
+    if ok.any() and n_categories:
+        flat = np.full(data.n_users * n_categories, np.inf, np.float32)
+        np.minimum.at(flat, rows[ok] * n_categories + cat[ok], m.data[ok])
+        flat[np.isinf(flat)] = np.nan
+        cat_days = flat.reshape(data.n_users, n_categories)
+    return last, cat_days
 
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -582,6 +775,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "user_n_categories",
     "user_category_affinity",
     "segment_pop",
+    "user_days_since_last",
+    "category_days_since",
 )
 
 
@@ -767,6 +962,11 @@ def build_candidates(
     if side.segment_pop.size and hs.any():
         segp[hs] = side.segment_pop[seg[hs], items_f[hs]]
     cols["segment_pop"] = segp
+    cols["user_days_since_last"] = side.user_days_since_last[u].astype(np.float64)
+    cdays = np.full(n_f, np.nan)
+    if side.user_category_days.size:
+        cdays[has] = side.user_category_days[u[has], cat[has]]
+    cols["category_days_since"] = cdays
     features = (
         np.column_stack([cols[f] for f in FEATURE_NAMES])
         if n_f
@@ -892,13 +1092,20 @@ class HybridRecommender:
             refit.fit(c)
             if on_config is not None:
                 on_config(c)
+            per_user = None
             if gens is not None:
                 side = SideFeatures.from_data(fit_data, gens["popularity"])
-                ranker, rinfo = train_ranker(gens, side, fit_data, holdout, c)
+                ranker, rinfo = train_ranker(
+                    gens, side, fit_data, holdout, c, compare=c.served is None
+                )
+                per_user = rinfo.pop("validation_per_user", None)
                 info.update(rinfo)
                 self.ranker_ = ranker
                 if ranker is None:
                     skip = rinfo.get("ranker_skipped")
+            info["selection"] = choose_served(per_user, c, skip)
+            if info["selection"]["served"] != HYBRID:
+                self.ranker_ = None  # a single generator's list serves: no ranker
             info["ranker_skipped"] = skip
             info["ranker_seconds"] = time.perf_counter() - t0
             data, generators, skipped, seconds = refit.result()
@@ -913,15 +1120,13 @@ class HybridRecommender:
         self.seen_ = generators["popularity"].seen_
         self.side_ = SideFeatures.from_data(data, generators["popularity"])
         self.user_ids_, self.item_ids_ = data.user_ids, data.item_ids
-        info["fallback_order"] = None if self.ranker_ is not None else self._fallback()
+        served = (info.get("selection") or {}).get("served", "popularity")
+        info["fallback_order"] = (
+            None if self.ranker_ is not None else served if served in generators else "popularity"
+        )
+        info["served_by"] = HYBRID if self.ranker_ is not None else info["fallback_order"]
         self.info = info
         return self
-
-    def _fallback(self) -> str:
-        for g in ("lightfm", "ease", "category", "popularity"):
-            if g in self.generators_:
-                return g
-        return "popularity"
 
     # -- inference --
     def user_index(self, user_ids) -> np.ndarray:

@@ -35,6 +35,7 @@ FAST = dict(
     tune={},
     candidates_per_generator=8,
     min_ranker_positives=5,
+    served="hybrid",  # the ranked list, whatever validation says (tests of the ranker)
 )
 
 
@@ -291,7 +292,7 @@ def test_refits_started_at_each_choice_equal_fits_with_the_chosen_configuration(
 def test_eval_and_final_share_the_evaluated_configuration(eval_and_final):
     ev, final = eval_and_final
     assert ev.ranker_ is not None and final.ranker_ is not None
-    assert final.info["ranker_from"] == "test window (newest)"
+    assert final.info["ranker_from"] == "the newest validation_fraction of all events"
     assert ev.config.lightfm == final.config.lightfm  # the epoch count chosen on validation
     assert len(final.user_ids_) >= len(ev.user_ids_)
 
