@@ -12,6 +12,7 @@ from recsys.models.data import build_dataset
 from recsys.models.ease import EASERecommender
 from recsys.models.lightfm_model import LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
+from recsys.models.recent import RecentItemsRecommender
 from recsys.models.topk import top_k
 
 PERSONALISED = [
@@ -19,6 +20,7 @@ PERSONALISED = [
     pytest.param(lambda: EASERecommender(l2=10.0), id="ease"),
     pytest.param(lambda: LightFMRecommender(no_components=8, epochs=20, seed=1), id="lightfm"),
     pytest.param(lambda: PopularityRecommender("category"), id="popularity-category"),
+    pytest.param(lambda: RecentItemsRecommender(n_recent=3, shrink=1.0), id="recent"),
 ]
 ALL = [
     pytest.param(lambda: PopularityRecommender("global"), id="popularity"),
