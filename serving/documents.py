@@ -135,10 +135,11 @@ class Conflict(ProblemError):
         self.current = current
 
 
-def set_etag(resp: falcon.Response, doc: Document | None) -> None:
-    """The headers of an answer carrying a document: its ETag, and no caching."""
-    if doc is not None:
-        resp.etag = doc.etag
+def set_etag(resp: falcon.Response, revision: str | None) -> None:
+    """The headers of an answer carrying a document: its revision as the ETag (when it has
+    one), and no caching."""
+    if revision is not None:
+        resp.etag = f'"{revision}"'
     resp.cache_control = ["no-store"]
 
 

@@ -1,11 +1,10 @@
 """A/B experiments over snapshot variants or model versions: the durable store, deterministic
 assignment, the hook `/v1/recommend` calls, and results with Wilson intervals and z-tests.
 
-Storage: one JSON document per experiment at
-``<data root>/serving/experiments/<tenant>/<experiment id>.json`` (temporary file, fsync,
-`os.replace`, fsync of the folder), written under an `flock` of the tenant folder so a
-read-check-write is atomic across gunicorn workers. Every write gets a new `version`, sent as
-the ETag; a write with a stale `If-Match` is refused (409), as for the admin config.
+Storage: one document per experiment in the document store (`serving.documents`), at
+``<data root>/serving/experiments/<tenant>/<experiment id>.json``. Every write gets a new
+revision (the experiment's `version`, sent as the ETag); a write with a stale `If-Match` is
+refused (409), as for the admin config.
 
 Assignment: a user (or anonymous/session id) is placed by `serving.rules.assign_variant`, a
 blake2b hash of ``"<experiment id>:<unit>"`` over the variants' traffic shares, unless the user
@@ -17,12 +16,9 @@ Attribution (how `results` counts): see `compute_results`.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import math
 import os
 import re
-import threading
-import time
 import uuid
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -31,7 +27,7 @@ from typing import Any
 import orjson
 import polars as pl
 
-from recsys.durable import fsync_dir, write_atomic
+from serving.documents import NONE, Collection, Document, Legacy, Preconditions, now_iso
 from serving.errors import ProblemError, bad_request, unprocessable
 from serving.rules import assign_variant
 
@@ -56,14 +52,6 @@ _FIELDS = frozenset(
 _VARIANT_FIELDS = frozenset({"id", "name", "snapshot", "model", "traffic", "weight"})
 MAX_VARIANTS = 10
 MAX_FORCED = 10_000
-
-
-class ExperimentConflict(Exception):
-    """If-Match did not name the stored version (`current` is the stored one, or None)."""
-
-    def __init__(self, current: str | None) -> None:
-        super().__init__(current)
-        self.current = current
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -187,71 +175,61 @@ def is_live(exp: dict[str, Any], now: dt.datetime | None = None) -> bool:
 
 
 # --- the durable store ---------------------------------------------------------------------------
+def _legacy_experiment(raw: dict[str, Any]) -> tuple[str, dict[str, Any], str | None, str | None]:
+    """An experiment file before the document store: one flat object with its `version`."""
+    body = {k: v for k, v in raw.items() if k not in ("id", "version", "created_at", "updated_at")}
+    return raw["version"], body, raw.get("created_at"), raw.get("updated_at")
+
+
+def _flat(doc: Document) -> dict[str, Any]:
+    """An experiment as the API and the assignment read it: its body with its id, times and
+    revision (`version`, the ETag)."""
+    return {
+        "id": doc.id,
+        **doc.body,
+        "created_at": doc.created_at,
+        "updated_at": doc.updated_at,
+        "version": doc.revision,
+    }
+
+
 class ExperimentStore:
-    """Experiments of every tenant under ``<root>/<tenant>/<id>.json`` (root =
-    ``<data root>/serving/experiments``), with a per-tenant cache the hot path reads."""
+    """Experiments of every tenant, one document each (`serving.documents`) under
+    ``<root>/<tenant>/<id>.json`` (root = ``<data root>/serving/experiments``), with a
+    per-tenant cache the hot path reads."""
 
     def __init__(self, root: str, registry=None, check_interval_s: float = 1.0) -> None:
         self.root = root
         self._registry = registry
-        self._interval = check_interval_s
-        self._lock = threading.Lock()
-        # tenant -> (checked at, folder signature, {id: doc})
-        self._cache: dict[str, tuple[float, tuple, dict[str, dict[str, Any]]]] = {}
+        self.documents = Collection(
+            root,
+            "experiment",
+            folder="{tenant}",
+            prefix="exp",
+            exists_code="RECSYS_EXPERIMENT_EXISTS",
+            missing_code="RECSYS_UNKNOWN_EXPERIMENT",
+            legacy=Legacy(_legacy_experiment),
+            check_interval_s=check_interval_s,
+        )
+        # tenant -> (the collection's cached {id: Document}, {id: flat experiment} of it)
+        self._flat: dict[str, tuple[dict[str, Document], dict[str, dict[str, Any]]]] = {}
         self._models: dict[tuple[str, str], tuple[str | None, str | None]] = {}
 
-    # -- files
-    def _dir(self, tenant: str) -> str:
-        return os.path.join(self.root, tenant)
-
-    def _path(self, tenant: str, exp_id: str) -> str:
-        return os.path.join(self._dir(tenant), f"{exp_id}.json")
-
     def read(self, tenant: str, exp_id: str) -> dict[str, Any] | None:
-        if not _ID.match(exp_id):
-            return None
-        try:
-            with open(self._path(tenant, exp_id), "rb") as f:
-                return orjson.loads(f.read())
-        except FileNotFoundError:
-            return None
+        doc = self.documents.get(tenant, exp_id)
+        return _flat(doc) if doc is not None else None
 
     def list(self, tenant: str) -> list[dict[str, Any]]:
         return sorted(self._docs(tenant).values(), key=lambda d: (d["created_at"], d["id"]))
 
     def _docs(self, tenant: str) -> dict[str, dict[str, Any]]:
-        """All documents of a tenant, re-read when the folder changed (checked per interval)."""
-        now = time.monotonic()
-        entry = self._cache.get(tenant)
-        if entry is not None and now - entry[0] < self._interval:
-            return entry[2]
-        d = self._dir(tenant)
-        try:
-            st = os.stat(d)
-            sig = (st.st_ino, st.st_mtime_ns)
-        except FileNotFoundError:
-            sig = ()
-        if entry is not None and entry[1] == sig:
-            self._cache[tenant] = (now, sig, entry[2])
-            return entry[2]
-        docs: dict[str, dict[str, Any]] = {}
-        if sig:
-            for name in os.listdir(d):
-                if name.endswith(".json") and not name.startswith("."):
-                    doc = self.read(tenant, name[:-5])
-                    if doc is not None:
-                        docs[doc["id"]] = doc
-        self._cache[tenant] = (now, sig, docs)
-        return docs
-
-    def _write(self, tenant: str, doc: dict[str, Any]) -> None:
-        data = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-        write_atomic(self._path(tenant, doc["id"]), data)
-        self._cache.pop(tenant, None)
-
-    def _locked(self, tenant: str):
-        os.makedirs(self._dir(tenant), exist_ok=True)
-        return _FolderLock(os.path.join(self._dir(tenant), ".lock"), self._lock)
+        """All experiments of a tenant, re-read when the folder changed (checked per interval)."""
+        docs = self.documents.cached_list(tenant)
+        memo = self._flat.get(tenant)
+        if memo is None or memo[0] is not docs:
+            memo = (docs, {i: _flat(d) for i, d in docs.items()})
+            self._flat[tenant] = memo
+        return memo[1]
 
     # -- use cases
     def create(self, tenant: str, body: Any) -> dict[str, Any]:
@@ -260,69 +238,47 @@ class ExperimentStore:
         if exp_id is not None and (not isinstance(exp_id, str) or not _ID.match(exp_id)):
             raise bad_request(f"Field 'id' must match {_ID.pattern}.")
         exp_id = exp_id or f"exp-{uuid.uuid4().hex[:12]}"
-        with self._locked(tenant):
-            if self.read(tenant, exp_id) is not None:
-                raise ProblemError(
-                    409,
-                    f"Experiment '{exp_id}' exists; PATCH it or choose another id.",
-                    code="RECSYS_EXPERIMENT_EXISTS",
-                )
-            self._check_surface(tenant, exp_id, spec)
-            now = _now()
-            doc = {
-                "id": exp_id,
-                **spec,
-                "assignments": {},
-                "created_at": now,
-                "updated_at": now,
-                "version": _version(),
-            }
-            self._write(tenant, doc)
-        return doc
 
-    def update(self, tenant: str, exp_id: str, patch: Any, if_match: str | None) -> dict[str, Any]:
+        def new(_: None) -> dict[str, Any]:
+            self._check_surface(tenant, exp_id, spec)
+            return {**spec, "assignments": {}}
+
+        return _flat(self.documents.create(tenant, exp_id, new))
+
+    def update(
+        self, tenant: str, exp_id: str, patch: Any, pre: Preconditions = NONE
+    ) -> dict[str, Any]:
         if not isinstance(patch, dict):
             raise bad_request("A PATCH body is a JSON merge patch (an object).")
         if "id" in patch and patch["id"] != exp_id:
             raise unprocessable("The id of an experiment cannot change.")
-        with self._locked(tenant):
-            current = self._existing(tenant, exp_id, if_match)
-            user_part = {k: v for k, v in current.items() if k in _FIELDS and k != "id"}
-            spec = validate_experiment(merge_patch(user_part, patch))
-            if spec["variants"] != current["variants"]:
-                ids = {v["id"] for v in spec["variants"]}
-                forced = {u: v for u, v in current["assignments"].items() if v in ids}
-            else:
-                forced = current["assignments"]
-            self._check_surface(tenant, exp_id, spec)
-            doc = {
-                **current,
-                **spec,
-                "assignments": forced,
-                "updated_at": _now(),
-                "version": _version(),
-            }
-            self._write(tenant, doc)
-        return doc
 
-    def delete(self, tenant: str, exp_id: str, if_match: str | None) -> None:
-        with self._locked(tenant):
-            self._existing(tenant, exp_id, if_match)
-            os.unlink(self._path(tenant, exp_id))
-            fsync_dir(self._dir(tenant))
-            self._cache.pop(tenant, None)
+        def change(current: Document) -> dict[str, Any]:
+            user_part = {k: v for k, v in current.body.items() if k in _FIELDS}
+            spec = validate_experiment(merge_patch(user_part, patch))
+            forced = current.body["assignments"]
+            if spec["variants"] != current.body["variants"]:
+                ids = {v["id"] for v in spec["variants"]}
+                forced = {u: v for u, v in forced.items() if v in ids}
+            self._check_surface(tenant, exp_id, spec)
+            return {**current.body, **spec, "assignments": forced}
+
+        return _flat(self.documents.patch(tenant, exp_id, change, pre))
+
+    def delete(self, tenant: str, exp_id: str, pre: Preconditions = NONE) -> None:
+        self.documents.delete(tenant, exp_id, pre)
 
     def force_assign(
-        self, tenant: str, exp_id: str, unit: str, variant: str | None, if_match: str | None
+        self, tenant: str, exp_id: str, unit: str, variant: str | None, pre: Preconditions = NONE
     ) -> dict[str, Any]:
         """Pin `unit` to `variant` (None: back to the hashed assignment)."""
-        with self._locked(tenant):
-            current = self._existing(tenant, exp_id, if_match)
-            forced = dict(current["assignments"])
+
+        def change(current: Document) -> dict[str, Any]:
+            forced = dict(current.body["assignments"])
             if variant is None:
                 forced.pop(unit, None)
             else:
-                if variant not in {v["id"] for v in current["variants"]}:
+                if variant not in {v["id"] for v in current.body["variants"]}:
                     raise unprocessable(
                         f"Experiment '{exp_id}' has no variant '{variant}'.",
                         code="RECSYS_UNKNOWN_VARIANT",
@@ -332,37 +288,26 @@ class ExperimentStore:
                         f"At most {MAX_FORCED} forced assignments per experiment (debugging aid)."
                     )
                 forced[unit] = variant
-            doc = {**current, "assignments": forced, "updated_at": _now(), "version": _version()}
-            self._write(tenant, doc)
-        return doc
+            return {**current.body, "assignments": forced}
 
-    def _existing(self, tenant: str, exp_id: str, if_match: str | None) -> dict[str, Any]:
-        current = self.read(tenant, exp_id)
-        if current is None:
-            raise ProblemError(404, f"No experiment '{exp_id}'.", code="RECSYS_UNKNOWN_EXPERIMENT")
-        if if_match not in (None, "*") and if_match != current["version"]:
-            raise ExperimentConflict(current["version"])
-        return current
+        return _flat(self.documents.patch(tenant, exp_id, change, pre))
 
     def _check_surface(self, tenant: str, exp_id: str, spec: dict[str, Any]) -> None:
+        """At most one running experiment per surface (read from disk: called under the lock)."""
         if spec["status"] != "running":
             return
-        for other in self._docs_uncached(tenant):
+        for other in self.documents.list(tenant):
             if (
-                other["id"] != exp_id
-                and other["status"] == "running"
-                and other["surface"] == spec["surface"]
+                other.id != exp_id
+                and other.body["status"] == "running"
+                and other.body["surface"] == spec["surface"]
             ):
                 raise ProblemError(
                     409,
-                    f"Experiment '{other['id']}' is already running on surface "
+                    f"Experiment '{other.id}' is already running on surface "
                     f"'{spec['surface']}'; pause or stop it first.",
                     code="RECSYS_EXPERIMENT_CONFLICT",
                 )
-
-    def _docs_uncached(self, tenant: str) -> list[dict[str, Any]]:
-        self._cache.pop(tenant, None)
-        return list(self._docs(tenant).values())
 
     # -- assignment (the /v1/recommend hook)
     def assign(self, tenant: str, exp: dict[str, Any], unit: str) -> tuple[dict[str, Any], bool]:
@@ -437,31 +382,6 @@ class ExperimentStore:
                 break
         self._models[(tenant, model)] = (current, found)
         return found
-
-
-class _FolderLock:
-    def __init__(self, path: str, mutex: threading.Lock) -> None:
-        self._path = path
-        self._mutex = mutex
-
-    def __enter__(self):
-        self._mutex.acquire()
-        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-        self._mutex.release()
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _version() -> str:
-    return f"exp_{time.time_ns():x}_{uuid.uuid4().hex[:6]}"
 
 
 # --- statistics ----------------------------------------------------------------------------------
@@ -670,7 +590,7 @@ def compute_results(
         "comparisons": comparisons,
         "winner": winner,
         "left_out": left_out,
-        "computed_at": _now(),
+        "computed_at": now_iso(),
     }
 
 

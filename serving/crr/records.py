@@ -1,17 +1,16 @@
 """User and item records of the Common Recommender REST API, with revision ids.
 
-Durable store: one JSON file per record,
-``<data root>/serving/crr/<tenant>/<users|items>/<sha256(id)[:40]>.json`` holding
-``{"id", "rid", "record", "created_at", "updated_at"}`` (temporary file, fsync, `os.replace`),
-changed under an `flock` of the folder so the revision check and the write are atomic across
-workers. Every create or update gets a new revision id (`rid`); an update must name the current
-one (else 409), as the API asks.
+Durable store: one document of the document store (`serving.documents`) per record,
+``<data root>/serving/crr/<tenant>/<users|items>/<sha256(id)[:40]>.json``, its body the record.
+Every create or update gets a new revision id (`rid`); an update must name the current one
+(else 409; 428 without one), as the API asks.
 
 Every accepted create/update is also landed for the pipeline like an imported file: one
 Parquet row in the contract's columns (as text, exactly what `recsys import` lands) under
-``landing/<tenant>/<items|users>/api-crr-<UTC time>-<rid>.parquet``, written under a hidden
-temporary name and renamed (`recsys.durable.write_parquet_atomic`). The row is validated first with
-the contract's validators, so a record ingest would reject is refused with 422 instead.
+``landing/<tenant>/<items|users>/api-crr-<UTC time>-<random>.parquet``, written under a
+hidden temporary name and renamed (`recsys.durable.write_parquet_atomic`), under the record's
+lock once its revision check passed. The row is validated first with the contract's
+validators, so a record ingest would reject is refused with 422 instead.
 Deleting an item lands it with ``available=false`` (the catalogue is an upsert table, so this is
 how the pipeline learns to stop recommending it); deleting a user removes the record only.
 """
@@ -19,11 +18,8 @@ how the pipeline learns to stop recommending it); deleting a user removes the re
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
-import hashlib
 import os
 import posixpath
-import threading
 import uuid
 from typing import Any
 
@@ -31,9 +27,10 @@ import orjson
 import polars as pl
 
 from recsys.contract import ITEM_SCHEMA, USER_SCHEMA
-from recsys.durable import fsync_dir, write_atomic, write_parquet_atomic
+from recsys.durable import write_parquet_atomic
 from recsys.storage import Storage
 from recsys.validation import validate_items, validate_users
+from serving.documents import NONE, Collection, Document, Legacy, Preconditions
 from serving.errors import ProblemError, bad_request
 
 KINDS = ("users", "items")
@@ -44,16 +41,6 @@ FIELDS = {
     "users": tuple(c for c in USER_SCHEMA if c != "user_id"),
     "items": tuple(c for c in ITEM_SCHEMA if c != "item_id"),
 }
-
-
-class RevisionConflict(Exception):
-    def __init__(self, current: str | None) -> None:
-        super().__init__(current)
-        self.current = current
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _text(value: Any) -> str | None:
@@ -128,35 +115,50 @@ def parse_record(kind: str, body: Any) -> tuple[str | None, str | None, dict[str
     return rec_id, rid, record, events
 
 
+def _legacy_record(raw: dict[str, Any]) -> tuple[str, dict[str, Any], str, str]:
+    """``{"id", "rid", "record", "created_at", "updated_at"}`` (before the document store)."""
+    return raw["rid"], raw["record"], raw["created_at"], raw["updated_at"]
+
+
+def _flat(doc: Document) -> dict[str, Any]:
+    return {
+        "id": doc.id,
+        "rid": doc.revision,
+        "record": doc.body,
+        "created_at": doc.created_at,
+        "updated_at": doc.updated_at,
+    }
+
+
 class RecordStore:
-    """Users and items of every tenant (see the module docstring)."""
+    """Users and items of every tenant (see the module docstring): one collection of the
+    document store per kind, documents named by the SHA-256 of their id."""
 
     def __init__(self, data_root: str) -> None:
         self.data_root = data_root
         self.root = os.path.join(data_root, "serving", "crr")
         self._storage = Storage(data_root)
-        self._mutex = threading.Lock()
-
-    def _dir(self, tenant: str, kind: str) -> str:
-        return os.path.join(self.root, tenant, kind)
-
-    def _path(self, tenant: str, kind: str, rec_id: str) -> str:
-        digest = hashlib.sha256(rec_id.encode()).hexdigest()[:40]
-        return os.path.join(self._dir(tenant, kind), f"{digest}.json")
+        self._kinds = {
+            kind: Collection(
+                self.root,
+                kind[:-1],
+                folder=f"{{tenant}}/{kind}",
+                revisions=lambda previous: uuid.uuid4().hex,
+                hashed_ids=True,
+                replace_needs_match=True,
+                exists_code="RECSYS_RECORD_EXISTS",
+                missing_code="RECSYS_UNKNOWN_RECORD",
+                legacy=Legacy(_legacy_record),
+            )
+            for kind in KINDS
+        }
 
     def get(self, tenant: str, kind: str, rec_id: str) -> dict[str, Any] | None:
-        try:
-            with open(self._path(tenant, kind, rec_id), "rb") as f:
-                doc = orjson.loads(f.read())
-        except FileNotFoundError:
-            return None
-        return doc if doc["id"] == rec_id else None
+        doc = self._kinds[kind].get(tenant, rec_id)
+        return _flat(doc) if doc is not None else None
 
     def count(self, tenant: str, kind: str) -> int:
-        try:
-            return sum(1 for n in os.listdir(self._dir(tenant, kind)) if n.endswith(".json"))
-        except FileNotFoundError:
-            return 0
+        return self._kinds[kind].count(tenant)
 
     def put(
         self,
@@ -164,71 +166,39 @@ class RecordStore:
         kind: str,
         rec_id: str,
         record: dict[str, Any],
-        rid: str | None,
+        pre: Preconditions = NONE,
         create_only: bool = False,
     ) -> tuple[dict[str, Any], bool]:
-        """Create or update (with the current `rid`); (stored document, created?)."""
+        """Create (409 if it exists, with `create_only`) or replace it (`pre` naming its
+        current rid, else 409 / 428) and land it; (stored document, created?)."""
         raw = check_record(kind, rec_id, record)
-        d = self._dir(tenant, kind)
-        os.makedirs(d, exist_ok=True)
-        with self._mutex, open(os.path.join(d, ".lock"), "a+") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            current = self.get(tenant, kind, rec_id)
-            if current is not None:
-                if create_only:
-                    raise ProblemError(
-                        409,
-                        f"{kind[:-1].capitalize()} '{rec_id}' exists; update it with PUT and "
-                        "its rid.",
-                        code="RECSYS_RECORD_EXISTS",
-                        extra={"current_version": current["rid"]},
-                    )
-                if rid is None:
-                    raise ProblemError(
-                        428,
-                        f"{kind[:-1].capitalize()} '{rec_id}' exists: send its current rid "
-                        "(field 'rid' or If-Match) to update it.",
-                        extra={"current_version": current["rid"]},
-                    )
-                if rid != current["rid"]:
-                    raise RevisionConflict(current["rid"])
-            now = _now()
-            doc = {
-                "id": rec_id,
-                "rid": uuid.uuid4().hex,
-                "record": record,
-                "created_at": current["created_at"] if current else now,
-                "updated_at": now,
-            }
-            self._land(tenant, kind, raw, doc["rid"])
-            self._write(self._path(tenant, kind, rec_id), doc)
-        return doc, current is None
 
-    def delete(self, tenant: str, kind: str, rec_id: str, rid: str | None) -> dict[str, Any]:
-        d = self._dir(tenant, kind)
-        os.makedirs(d, exist_ok=True)
-        with self._mutex, open(os.path.join(d, ".lock"), "a+") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            current = self.get(tenant, kind, rec_id)
-            if current is None:
-                raise ProblemError(404, f"No {kind[:-1]} '{rec_id}'.", code="RECSYS_UNKNOWN_RECORD")
-            if rid is not None and rid != current["rid"]:
-                raise RevisionConflict(current["rid"])
+        def land(_: Document | None) -> dict[str, Any]:
+            self._land(tenant, kind, raw, uuid.uuid4().hex)
+            return record
+
+        documents = self._kinds[kind]
+        if create_only:
+            return _flat(documents.create(tenant, rec_id, land)), True
+        doc, created = documents.put(tenant, rec_id, land, pre)
+        return _flat(doc), created
+
+    def delete(
+        self, tenant: str, kind: str, rec_id: str, pre: Preconditions = NONE
+    ) -> dict[str, Any]:
+        """Remove a record (an item is landed as unavailable first); returns it."""
+
+        def land(current: Document) -> None:
             if kind == "items":
-                gone = {**current["record"], "available": False}
+                gone = {**current.body, "available": False}
                 self._land(tenant, kind, landing_row(kind, rec_id, gone), uuid.uuid4().hex)
-            os.unlink(self._path(tenant, kind, rec_id))
-            fsync_dir(d)
-        return current
 
-    def _land(self, tenant: str, kind: str, raw: pl.DataFrame, rid: str) -> str:
+        return _flat(self._kinds[kind].delete(tenant, rec_id, pre, before=land))
+
+    def _land(self, tenant: str, kind: str, raw: pl.DataFrame, token: str) -> str:
         landing = self._storage.landing_dir(tenant, kind)
         self._storage.makedirs(landing)
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        target = posixpath.join(landing, f"api-crr-{stamp}-{rid[:12]}.parquet")
+        target = posixpath.join(landing, f"api-crr-{stamp}-{token[:12]}.parquet")
         write_parquet_atomic(raw, target, self._storage.fs)
         return target
-
-    @staticmethod
-    def _write(path: str, doc: dict[str, Any]) -> None:
-        write_atomic(path, orjson.dumps(doc))

@@ -29,13 +29,13 @@ import polars as pl
 
 from recsys.contract import BUILTIN_EVENT_TYPES
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
-from serving.crr.records import ID_FIELD, RecordStore, RevisionConflict, parse_record
+from serving.crr.records import ID_FIELD, RecordStore, parse_record
+from serving.documents import Preconditions, set_etag
 from serving.errors import ProblemError
 from serving.events_log import EventLogs, scan_all_events
 from serving.recs.events import _json
 from serving.service import RecommendService
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
-from serving.validation import if_match
 
 MAX_EVENTS_PAGE = 10_000
 MAX_PREDICTIONS = 10_000
@@ -161,15 +161,14 @@ class CrrResources:
     def _send_record(self, resp, kind, doc, created: bool) -> None:
         resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
         resp.media = self._record_json(kind, doc)
-        resp.etag = f'"{doc["rid"]}"'
-        resp.cache_control = ["no-store"]
+        set_etag(resp, doc["rid"])
 
     def _create(self, req, resp, kind: str) -> None:
         tenant = req.context.principal.tenant
         rec_id, _, record, events = parse_record(kind, _json(req))
         generated = rec_id is None
         rec_id = rec_id or f"{kind[0]}-{time.time_ns():x}"
-        doc, _ = self._records.put(tenant, kind, rec_id, record, None, create_only=True)
+        doc, _ = self._records.put(tenant, kind, rec_id, record, create_only=True)
         self._send_record(resp, kind, doc, True)
         resp.location = f"/v1/crr/{kind}/{rec_id}"
         if generated:
@@ -181,17 +180,8 @@ class CrrResources:
         body_id, rid, record, events = parse_record(kind, _json(req))
         if body_id is not None and body_id != rec_id:
             raise ProblemError(422, f"{ID_FIELD[kind]} in the body differs from the URL.")
-        rid = rid or if_match(req)
-        try:
-            doc, created = self._records.put(
-                req.context.principal.tenant, kind, rec_id, record, None if rid == "*" else rid
-            )
-        except RevisionConflict as e:
-            raise ProblemError(
-                409,
-                f"Revision {rid!r} is not the current revision of {kind[:-1]} '{rec_id}'.",
-                extra={"current_version": e.current},
-            ) from None
+        pre = Preconditions.of(req).matching(rid)  # (the body's rid, else If-Match)
+        doc, created = self._records.put(req.context.principal.tenant, kind, rec_id, record, pre)
         self._send_record(resp, kind, doc, created)
         if events:
             resp.media["events"] = self._add_events(
@@ -205,14 +195,9 @@ class CrrResources:
         self._send_record(resp, kind, doc, False)
 
     def _delete(self, req, resp, kind: str, rec_id: str) -> None:
-        try:
-            doc = self._records.delete(req.context.principal.tenant, kind, rec_id, if_match(req))
-        except RevisionConflict as e:
-            raise ProblemError(
-                409,
-                f"If-Match does not name the current revision of {kind[:-1]} '{rec_id}'.",
-                extra={"current_version": e.current},
-            ) from None
+        doc = self._records.delete(
+            req.context.principal.tenant, kind, rec_id, Preconditions.of(req)
+        )
         resp.media = {ID_FIELD[kind]: rec_id, "rid": doc["rid"], "status": "deleted"}
 
     def _add_events(

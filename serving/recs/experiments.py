@@ -11,20 +11,11 @@ from typing import Any
 import falcon
 
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
+from serving.documents import Preconditions, set_etag
 from serving.errors import ProblemError
 from serving.events_log import EventLogs, scan_all_events
-from serving.experiments import ExperimentConflict, ExperimentStore, compute_results
+from serving.experiments import ExperimentStore, compute_results
 from serving.recs.events import _json
-from serving.validation import if_match
-
-
-def conflict(e: ExperimentConflict, what: str) -> ProblemError:
-    return ProblemError(
-        409,
-        f"The {what} changed: stored version is {e.current!r}; GET it, re-apply your change and "
-        "send its ETag in If-Match.",
-        extra={"current_version": e.current},
-    )
 
 
 def _public(doc: dict[str, Any]) -> dict[str, Any]:
@@ -33,8 +24,7 @@ def _public(doc: dict[str, Any]) -> dict[str, Any]:
 
 def _send(resp: falcon.Response, doc: dict[str, Any]) -> None:
     resp.media = _public(doc)
-    resp.etag = f'"{doc["version"]}"'
-    resp.cache_control = ["no-store"]
+    set_etag(resp, doc["version"])
 
 
 class ExperimentsResource:
@@ -78,19 +68,13 @@ class ExperimentsResource:
         _send(resp, self._get(req.context.principal.tenant, experiment_id))
 
     def on_patch_one(self, req: falcon.Request, resp: falcon.Response, experiment_id: str) -> None:
-        try:
-            doc = self._store.update(
-                req.context.principal.tenant, experiment_id, _json(req), if_match(req)
-            )
-        except ExperimentConflict as e:
-            raise conflict(e, "experiment") from None
+        doc = self._store.update(
+            req.context.principal.tenant, experiment_id, _json(req), Preconditions.of(req)
+        )
         _send(resp, doc)
 
     def on_delete_one(self, req: falcon.Request, resp: falcon.Response, experiment_id: str) -> None:
-        try:
-            self._store.delete(req.context.principal.tenant, experiment_id, if_match(req))
-        except ExperimentConflict as e:
-            raise conflict(e, "experiment") from None
+        self._store.delete(req.context.principal.tenant, experiment_id, Preconditions.of(req))
         resp.status = falcon.HTTP_204
 
     def on_post_assign(
@@ -106,10 +90,7 @@ class ExperimentsResource:
         if "variant" not in body or (variant is not None and not isinstance(variant, str)):
             raise ProblemError(422, "Field 'variant' must be a variant id, or null to un-pin.")
         tenant = req.context.principal.tenant
-        try:
-            doc = self._store.force_assign(tenant, experiment_id, unit, variant, if_match(req))
-        except ExperimentConflict as e:
-            raise conflict(e, "experiment") from None
+        doc = self._store.force_assign(tenant, experiment_id, unit, variant, Preconditions.of(req))
         chosen, forced = self._store.assign(tenant, doc, unit)
         resp.media = {
             "experiment_id": experiment_id,
@@ -118,8 +99,7 @@ class ExperimentsResource:
             "forced": forced,
             "version": doc["version"],
         }
-        resp.etag = f'"{doc["version"]}"'
-        resp.cache_control = ["no-store"]
+        set_etag(resp, doc["version"])
 
     def on_get_assignment(
         self, req: falcon.Request, resp: falcon.Response, experiment_id: str

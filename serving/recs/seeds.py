@@ -8,41 +8,30 @@ snapshot (``popular``, ``trending``, ``category:<c>``, ``tag:<t>``, ``segment:<s
 without anchors from the seed of their surface (`SeedStore.cold_start_pool`), then back-fills
 from the snapshot's fallbacks as before.
 
-Stored as one JSON document per tenant, ``<data root>/serving/seeds/<tenant>.json`` (atomic
-replace, versioned: ETag / If-Match, 409 on a stale version).
+Stored as one document per tenant in the document store (`serving.documents`):
+``<data root>/serving/seeds/<tenant>/surfaces.json`` (versioned: ETag / If-Match, 409 on a
+stale version; a tenant's ``seeds/<tenant>.json`` of an earlier release is read, and moved by
+its next change).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import fcntl
-import os
-import threading
-import time
 from typing import Any
 
 import falcon
 import numpy as np
-import orjson
 
-from recsys.durable import write_atomic
 from recsys.snapshot.format import REASON_CODES
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
+from serving.documents import NONE, Collection, Document, Legacy, Preconditions, now_iso, set_etag
 from serving.errors import ProblemError, bad_request, unprocessable
 from serving.recs.events import _json
 from serving.rules import Pool
 from serving.snapshot import LiveSnapshot
-from serving.validation import if_match
 
 MAX_SEED_ITEMS = 1000
 ANY_SURFACE = "*"
 _FALLBACK_PREFIXES = ("category:", "tag:", "segment:")
-
-
-class SeedConflict(Exception):
-    def __init__(self, current: str | None) -> None:
-        super().__init__(current)
-        self.current = current
 
 
 def validate_seed(body: Any) -> dict[str, Any]:
@@ -69,49 +58,41 @@ def validate_seed(body: Any) -> dict[str, Any]:
     return {"surface": surface, "item_ids": list(dict.fromkeys(items)), "strategy": strategy}
 
 
+def _legacy_seeds(raw: dict[str, Any]) -> tuple[str, dict[str, Any], None, None]:
+    """``<root>/<tenant>.json`` = ``{"version", "surfaces"}`` (before the document store)."""
+    return raw["version"], {"surfaces": raw["surfaces"]}, None, None
+
+
 class SeedStore:
-    """The seed documents of every tenant (cached; re-read when the file changes)."""
+    """The seed lists of every tenant: one document per tenant (`serving.documents`),
+    ``<root>/<tenant>/surfaces.json`` = ``{"surfaces": {surface: seed}}``, cached for the hot
+    path (re-read when the file changes)."""
+
+    DOCUMENT = "surfaces"
 
     def __init__(self, root: str, check_interval_s: float = 1.0) -> None:
         self.root = root
-        self._interval = check_interval_s
-        self._cache: dict[str, tuple[float, tuple, dict[str, Any]]] = {}
-        self._mutex = threading.Lock()
+        self.documents = Collection(
+            root,
+            "seeds",
+            folder="{tenant}",
+            ids=(self.DOCUMENT,),
+            prefix="seed",
+            legacy=Legacy(_legacy_seeds, path=lambda tenant, _: f"{tenant}.json"),
+            check_interval_s=check_interval_s,
+        )
 
-    def _path(self, tenant: str) -> str:
-        return os.path.join(self.root, f"{tenant}.json")
+    def read(self, tenant: str) -> Document | None:
+        """The tenant's seeds (None: it has none), cached."""
+        return self.documents.cached(tenant, self.DOCUMENT)
 
-    def read(self, tenant: str) -> dict[str, Any]:
-        """``{"version": str | None, "surfaces": {surface: seed}}``."""
-        now = time.monotonic()
-        entry = self._cache.get(tenant)
-        if entry is not None and now - entry[0] < self._interval:
-            return entry[2]
-        try:
-            st = os.stat(self._path(tenant))
-            sig: tuple = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            sig = ()
-        if entry is not None and entry[1] == sig:
-            self._cache[tenant] = (now, sig, entry[2])
-            return entry[2]
-        doc: dict[str, Any] = {"version": None, "surfaces": {}}
-        if sig:
-            with open(self._path(tenant), "rb") as f:
-                doc = orjson.loads(f.read())
-        self._cache[tenant] = (now, sig, doc)
-        return doc
-
-    def change(self, tenant: str, surface: str, seed: dict | None, expected: str | None) -> dict:
+    def change(
+        self, tenant: str, surface: str, seed: dict | None, pre: Preconditions = NONE
+    ) -> Document:
         """Set (or with None remove) the seed of `surface`; returns the new document."""
-        os.makedirs(self.root, exist_ok=True)
-        with self._mutex, open(self._path(tenant) + ".lock", "a+") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            self._cache.pop(tenant, None)
-            doc = self.read(tenant)
-            if expected not in (None, "*") and expected != doc["version"]:
-                raise SeedConflict(doc["version"])
-            surfaces = dict(doc["surfaces"])
+
+        def new(current: Document | None) -> dict[str, Any]:
+            surfaces = dict(current.body["surfaces"]) if current is not None else {}
             if seed is None:
                 if surface not in surfaces:
                     raise ProblemError(
@@ -119,16 +100,14 @@ class SeedStore:
                     )
                 surfaces.pop(surface)
             else:
-                stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-                surfaces[surface] = {**seed, "updated_at": stamp.replace("+00:00", "Z")}
-            new = {"version": f"seed_{time.time_ns():x}", "surfaces": surfaces}
-            data = orjson.dumps(new, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-            write_atomic(self._path(tenant), data)
-            self._cache.pop(tenant, None)
-        return new
+                surfaces[surface] = {**seed, "updated_at": now_iso()}
+            return {"surfaces": surfaces}
+
+        return self.documents.put(tenant, self.DOCUMENT, new, pre)[0]
 
     def seed_for(self, tenant: str, surface: str) -> tuple[str, dict[str, Any]] | None:
-        surfaces = self.read(tenant)["surfaces"]
+        doc = self.read(tenant)
+        surfaces = doc.body["surfaces"] if doc is not None else {}
         for key in (surface, ANY_SURFACE):
             if key in surfaces:
                 return key, surfaces[key]
@@ -173,11 +152,11 @@ class SeedResource:
     def __init__(self, seeds: SeedStore) -> None:
         self._seeds = seeds
 
-    def _send(self, resp: falcon.Response, tenant: str, doc: dict[str, Any]) -> None:
-        resp.media = {"tenant_id": tenant, "version": doc["version"], "surfaces": doc["surfaces"]}
-        if doc["version"]:
-            resp.etag = f'"{doc["version"]}"'
-        resp.cache_control = ["no-store"]
+    def _send(self, resp: falcon.Response, tenant: str, doc: Document | None) -> None:
+        version = doc.revision if doc is not None else None
+        surfaces = doc.body["surfaces"] if doc is not None else {}
+        resp.media = {"tenant_id": tenant, "version": version, "surfaces": surfaces}
+        set_etag(resp, version)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = req.context.principal.tenant
@@ -186,32 +165,17 @@ class SeedResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         seed = validate_seed(_json(req))
         tenant = req.context.principal.tenant
-        try:
-            doc = self._seeds.change(tenant, seed["surface"], seed, if_match(req))
-        except SeedConflict as e:
-            raise ProblemError(
-                409,
-                f"The seeds changed: stored version is {e.current!r}.",
-                extra={"current_version": e.current},
-            ) from None
+        doc = self._seeds.change(tenant, seed["surface"], seed, Preconditions.of(req))
         self._send(resp, tenant, doc)
 
     def on_get_one(self, req: falcon.Request, resp: falcon.Response, surface: str) -> None:
         doc = self._seeds.read(req.context.principal.tenant)
-        seed = doc["surfaces"].get(surface)
+        seed = doc.body["surfaces"].get(surface) if doc is not None else None
         if seed is None:
             raise ProblemError(404, f"No seed for surface '{surface}'.", code="RECSYS_UNKNOWN_SEED")
-        resp.media = {"surface": surface, **seed, "version": doc["version"]}
-        resp.cache_control = ["no-store"]
+        resp.media = {"surface": surface, **seed, "version": doc.revision}
+        set_etag(resp, doc.revision)
 
     def on_delete_one(self, req: falcon.Request, resp: falcon.Response, surface: str) -> None:
         tenant = req.context.principal.tenant
-        try:
-            doc = self._seeds.change(tenant, surface, None, if_match(req))
-        except SeedConflict as e:
-            raise ProblemError(
-                409,
-                f"The seeds changed: stored version is {e.current!r}.",
-                extra={"current_version": e.current},
-            ) from None
-        self._send(resp, tenant, doc)
+        self._send(resp, tenant, self._seeds.change(tenant, surface, None, Preconditions.of(req)))

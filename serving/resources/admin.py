@@ -81,7 +81,7 @@ class TenantDocumentResource:
 
     def _send(self, resp: falcon.Response, tenant: str, doc) -> None:
         resp.media = {"tenant_id": tenant, _VERSION_FIELD[self._kind]: doc.revision, **doc.body}
-        set_etag(resp, doc)
+        set_etag(resp, doc.revision)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, tenant_id: str) -> None:
         self._known(tenant_id)
