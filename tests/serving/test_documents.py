@@ -3,6 +3,7 @@ answers, compare-and-swap across processes, cached reads, files of earlier relea
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 
@@ -10,6 +11,7 @@ import orjson
 import pytest
 from falcon import testing
 
+from serving.crr.records import RecordStore
 from serving.documents import (
     ANY,
     NONE,
@@ -21,6 +23,7 @@ from serving.documents import (
     default_revision,
 )
 from serving.errors import ProblemError
+from serving.experiments import ExperimentStore
 
 
 @pytest.fixture()
@@ -271,3 +274,60 @@ def test_preconditions_of_a_request():
     assert of(**{"If-None-Match": "*"}) == Preconditions(if_none_match=(ANY,))
     assert of(**{"If-Match": '"r1"'}).matching("r9") == Preconditions(if_match=("r9",))
     assert of(**{"If-Match": '"r1"'}).matching(None) == Preconditions(if_match=("r1",))
+
+
+def test_experiments_and_records_of_an_earlier_release_load(tmp_path):
+    data_root = str(tmp_path)
+    exp_dir = tmp_path / "serving" / "experiments" / "acme"
+    exp_dir.mkdir(parents=True)
+    flat = {
+        "id": "home-ab",
+        "name": "old",
+        "surface": "home",
+        "status": "running",
+        "variants": [
+            {"id": "A", "traffic": 1.0, "snapshot": "current"},
+            {"id": "B", "traffic": 1.0, "snapshot": "current"},
+        ],
+        "metrics": ["ctr"],
+        "primary_metric": "ctr",
+        "alpha": 0.05,
+        "start": None,
+        "end": None,
+        "description": None,
+        "assignments": {"u1": "A"},
+        "created_at": "2026-01-01T00:00:00.000Z",
+        "updated_at": "2026-01-02T00:00:00.000Z",
+        "version": "exp_old_1",
+    }
+    (exp_dir / "home-ab.json").write_bytes(orjson.dumps(flat))
+    experiments = ExperimentStore(str(tmp_path / "serving" / "experiments"))
+    assert experiments.read("acme", "home-ab") == flat
+    assert experiments.list("acme") == [flat]
+    assert experiments.pick("acme", "home", "u1") == (
+        "home-ab",
+        {"name": "A", "weight": 1.0, "snapshot": "current"},
+        False,
+    )
+    changed = experiments.update("acme", "home-ab", {"status": "paused"}, if_match("exp_old_1"))
+    assert changed["status"] == "paused" and changed["assignments"] == {"u1": "A"}
+    assert changed["created_at"] == flat["created_at"] and changed["version"] != "exp_old_1"
+
+    records = RecordStore(data_root)
+    rec_dir = tmp_path / "serving" / "crr" / "acme" / "users"
+    rec_dir.mkdir(parents=True)
+    old = {
+        "id": "alice",
+        "rid": "0f" * 16,
+        "record": {"segment": "vip"},
+        "created_at": "2026-01-01T00:00:00.000Z",
+        "updated_at": "2026-01-01T00:00:00.000Z",
+    }
+    name = hashlib.sha256(b"alice").hexdigest()[:40] + ".json"
+    (rec_dir / name).write_bytes(orjson.dumps(old))
+    assert records.get("acme", "users", "alice") == old and records.count("acme", "users") == 1
+    with pytest.raises(Conflict) as caught:
+        records.put("acme", "users", "alice", {"segment": "new"})
+    assert caught.value.status_code == 428 and caught.value.current == old["rid"]
+    new, created = records.put("acme", "users", "alice", {"segment": "new"}, if_match(old["rid"]))
+    assert not created and new["record"] == {"segment": "new"} and new["rid"] != old["rid"]
