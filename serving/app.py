@@ -10,15 +10,27 @@ import orjson
 from serving import errors
 from serving.auth import Authenticator
 from serving.config import ServingConfig
+from serving.crr.records import RecordStore
+from serving.crr.resources import CrrEventResources, CrrResources
 from serving.documents import TenantDocuments
+from serving.events_log import EventLogs
+from serving.experiments import ExperimentStore
 from serving.fastpath import ServingApp
 from serving.metrics import Metrics
 from serving.middleware import ServingMiddleware
+from serving.openapi import build_spec
 from serving.ratelimit import InProcessLimiter, RedisLimiter
+from serving.recs.events import EventResource, EventsResource, FeedbackResource
+from serving.recs.experiments import ExperimentsResource
+from serving.recs.rerank import RerankExplainResources
+from serving.recs.runtime import RuntimeResources
+from serving.recs.seeds import SeedResource, SeedStore
 from serving.resources.admin import CacheInvalidateResource, TenantDocumentResource
 from serving.resources.docs import DocsResource, OpenApiResource
 from serving.resources.ops import HealthResource, MetricsResource, ReadyResource, VersionResource
 from serving.resources.public import RecommendResource, SimilarResource
+from serving.routes import ROUTES
+from serving.routing import find, mount, public_paths
 from serving.service import RecommendService
 from serving.snapshot import SnapshotRegistry
 
@@ -33,14 +45,16 @@ def create_app(
     *,
     limiter=None,
     tenant_store: TenantDocuments | None = None,
+    event_logs: EventLogs | None = None,
 ) -> falcon.App:
-    """Build the WSGI app.
+    """Build the WSGI app: its collaborators, then every route of `serving.routes.ROUTES`.
 
     config: server settings (default: `ServingConfig.from_env()`).
     store:  the snapshots of all tenants (default: a `SnapshotRegistry` over
             `<data_root>/snapshots`).
-    limiter / tenant_store: overrides for tests (default: Redis or in-process counters; the
-            admin store under `<data_root>/serving`).
+    limiter / tenant_store / event_logs: overrides for tests (default: Redis or in-process
+            counters; the admin store under `<data_root>/serving`; the event logs under
+            `<data_root>`). The app's event logs are `app.event_logs`.
     """
     config = config or ServingConfig.from_env()
     metrics = Metrics()
@@ -55,11 +69,26 @@ def create_app(
         store.bind_metrics(metrics)
     metrics.add_gauge_source(store.gauges)
     store.warm()
-    tenant_store = tenant_store or TenantDocuments(
-        os.path.join(config.data_root, "serving"), config.snapshot_check_s
-    )
+    serving_dir = os.path.join(config.data_root, "serving")
+    tenant_store = tenant_store or TenantDocuments(serving_dir, config.snapshot_check_s)
     if limiter is None:
         limiter = RedisLimiter(config.redis_url) if config.redis_url else InProcessLimiter()
+    if event_logs is None:
+        event_logs = EventLogs(
+            config.data_root,
+            config.events_flush_s,
+            config.events_segment_bytes,
+            config.events_linger_ms / 1000,
+        )
+    experiments = ExperimentStore(
+        os.path.join(serving_dir, "experiments"), store, config.snapshot_check_s
+    )
+    seeds = SeedStore(os.path.join(serving_dir, "seeds"), config.snapshot_check_s)
+    service = RecommendService(
+        config, store, tenant_store, metrics, experiments=experiments, seeds=seeds
+    )
+    records = RecordStore(config.data_root)
+    spec = build_spec(config.version, ROUTES)
 
     serving = ServingMiddleware(
         metrics=metrics,
@@ -69,6 +98,7 @@ def create_app(
         limiter=limiter,
         config=config,
         gzip_min_bytes=config.gzip_min_bytes,
+        public_paths=public_paths(ROUTES),
     )
     middleware: list = [serving]
     if config.cors_origins:  # (its process_response runs before ServingMiddleware's)
@@ -92,42 +122,47 @@ def create_app(
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app, config.problem_base)
 
-    service = RecommendService(config, store, tenant_store, metrics)
-    recommend = RecommendResource(service)
-    app.add_route("/v1/recommend", recommend)
-    app.add_route("/v1/recommend/validate", recommend, suffix="validate")
+    resources = {
+        "recommend": RecommendResource(service),
+        "similar": SimilarResource(service),
+        "config": TenantDocumentResource("config", tenant_store, store, config),
+        "rules": TenantDocumentResource("rules", tenant_store, store, config),
+        "invalidate": CacheInvalidateResource(tenant_store, store),
+        "health": HealthResource(),
+        "ready": ReadyResource(store),
+        "metrics": MetricsResource(metrics),
+        "version": VersionResource(config),
+        "openapi": OpenApiResource(spec),
+        "docs": DocsResource(spec),
+        "events": EventsResource(event_logs),
+        "event": EventResource(event_logs),
+        "feedback": FeedbackResource(config.data_root),
+        "runtime": RuntimeResources(service, store, config.deadline_ms),
+        "experiments": ExperimentsResource(experiments, event_logs),
+        "rerank": RerankExplainResources(service, store, tenant_store, config.deadline_ms),
+        "seeds": SeedResource(seeds),
+        "crr": CrrResources(records, event_logs, service, store),
+        "crr_events": CrrEventResources(records, event_logs, service, store),
+    }
+    mount(app, ROUTES, resources)
     app.enable_fast_path(
-        serving, recommend, cors=bool(config.cors_origins), problem_base=config.problem_base
+        serving,
+        resources["recommend"],
+        find(ROUTES, "POST", "/v1/recommend"),
+        cors=bool(config.cors_origins),
+        problem_base=config.problem_base,
     )
-    app.add_route("/v1/similar", SimilarResource(service))
-    for kind in ("config", "rules"):
-        app.add_route(
-            f"/v1/admin/tenants/{{tenant_id}}/{kind}",
-            TenantDocumentResource(kind, tenant_store, store, config),
-        )
-    app.add_route(
-        "/v1/admin/tenants/{tenant_id}/cache/invalidate",
-        CacheInvalidateResource(tenant_store, store),
-    )
-    app.add_route("/healthz", HealthResource())
-    app.add_route("/readyz", ReadyResource(store))
-    app.add_route("/metrics", MetricsResource(metrics))
-    app.add_route("/version", VersionResource(config))
-    app.add_route("/openapi.json", OpenApiResource(config))
-    app.add_route("/docs", DocsResource())
-
-    # --- issue 6: /v1/recs (events, feedback, runtime, experiments, CRR); serving/recs/ ---
-    from serving.recs import register as register_recs
-
-    register_recs(app, config, service=service, store=store, tenant_store=tenant_store)
-    # --- end issue 6 ---
+    app.event_logs = event_logs
     return app
 
 
 def configure_logging(config: ServingConfig) -> None:
-    """Plain-message INFO logs on stderr (access lines are already JSON) for the server."""
+    """Plain-message INFO logs on stderr for the server; the JSON access lines go to stderr
+    in batches, from a thread (`serving.accesslog.AccessLog`), when `config.access_log`."""
     import logging
     import sys
+
+    from serving import accesslog
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -137,5 +172,7 @@ def configure_logging(config: ServingConfig) -> None:
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    if not config.access_log:
+    if config.access_log:
+        accesslog.install(accesslog.AccessLog(sys.stderr.fileno()))
+    else:
         logging.getLogger("recsys.access").setLevel(logging.WARNING)

@@ -3,9 +3,10 @@
 `ServingApp` is the Falcon app of `create_app`; a call for exactly ``POST /v1/recommend`` is
 answered by `_recommend`, which runs the very same steps Falcon would (the `ServingMiddleware`
 steps: request id and trace context, body limits, authentication, X-Org-Id, rate limits, media
-type, scope; `RecommendResource.answer`; the Problem Details of any error; RateLimit, request id
-and gzip response headers; metrics and access log) on the WSGI environ, and answers with the
-same status, headers (same order, Falcon's lowercase names) and body. Everything else - another
+type, scope; the route table's body decoder; `RecommendResource.answer`; the Problem Details of
+any error; RateLimit, request id and gzip response headers; metrics and access log) on the
+WSGI environ, and answers with the same status, headers (same order, Falcon's lowercase names)
+and body. Everything else - another
 path or method, a Content-Length that is not plain digits (Falcon's own 400 for it), a browser
 request (`Origin`) while CORS is configured - goes through Falcon. Both paths answer the same
 requests alike: `tests/serving/test_serving_fastpath.py` runs each request class through both.
@@ -21,6 +22,7 @@ import orjson
 
 from serving.errors import PROBLEM_JSON, internal_error, problem_document
 from serving.middleware import DEFAULT_MEDIA, check_media, check_scope
+from serving.routing import Route, decoder
 
 PATH = "/v1/recommend"
 
@@ -45,28 +47,22 @@ class ServingApp(falcon.App):
 
     _fast = False
 
-    def enable_fast_path(self, middleware, resource, *, cors: bool, problem_base: str) -> None:
-        """Answer POST /v1/recommend with `resource` behind the whole `middleware` (a
-        ServingMiddleware with every step on, the app's only middleware besides CORS)."""
-        if (
-            None
-            in (
-                middleware._auth,
-                middleware._limiter,
-                middleware._metrics,
-                middleware._max_body,
-                middleware._gzip_min,
-            )
-            or not middleware._request_ids
-        ):
+    def enable_fast_path(
+        self, middleware, resource, route: Route, *, cors: bool, problem_base: str
+    ) -> None:
+        """Answer POST /v1/recommend (`route`, of the route table) with `resource` behind the
+        whole `middleware` (a ServingMiddleware with every step on, the app's only middleware
+        besides CORS)."""
+        if not middleware.complete:
             raise ValueError("the fast path needs a ServingMiddleware with every step on")
-        if getattr(resource, "accepted_media", DEFAULT_MEDIA) != DEFAULT_MEDIA or not isinstance(
-            resource.required_scope, str
-        ):
-            raise ValueError("the fast path checks JSON bodies and one scope")
+        if (route.method, route.path) != ("POST", PATH) or route.media != DEFAULT_MEDIA:
+            raise ValueError("the fast path answers POST /v1/recommend with a JSON body")
+        if route.query is not None or route.params or route.body is None:
+            raise ValueError("the fast path decodes a body, no query or path parameters")
         self._mw = middleware
         self._resource = resource
-        self._scope = resource.required_scope
+        self._scope = route.scope
+        self._decode = decoder(route.body)
         self._cors = cors
         self._base = problem_base
         self._fast = True
@@ -95,7 +91,9 @@ class ServingApp(falcon.App):
             if ctx.body_length:  # (check_resource, for this resource: no route parameters)
                 check_media(env.get("CONTENT_TYPE"), DEFAULT_MEDIA)
             check_scope(ctx.principal, self._scope)
-            body = self._resource.answer(ctx, env["wsgi.input"], length)
+            # (exactly Content-Length bytes of the WSGI input, capped by `body_length`)
+            request = self._decode(env["wsgi.input"].read(length) if length else b"")
+            body = self._resource.answer(ctx, request)
         except Exception as ex:
             return self._problem(env, start_response, ctx, route, ex)
         # process_response (the header order and names Falcon gives them)

@@ -25,8 +25,9 @@ import re
 import time
 
 import falcon
-import orjson
 
+from recsys.tenancy import TENANT_ID_RULE, is_valid_tenant
+from serving import accesslog
 from serving.auth import Authenticator, Principal
 from serving.config import ServingConfig
 from serving.errors import ProblemError
@@ -37,7 +38,7 @@ access_log = logging.getLogger("recsys.access")
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
-#: Paths served without credentials (liveness, readiness, metrics, build info, API docs).
+#: Paths served without credentials by default (the app passes its route table's).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/version", "/openapi.json", "/docs"})
 
 
@@ -84,8 +85,10 @@ class ServingMiddleware:
         config: ServingConfig | None = None,
         gzip_min_bytes: int | None = None,
         gzip_level: int = 5,
+        public_paths: frozenset[str] = PUBLIC_PATHS,
     ) -> None:
         self._request_ids = request_ids
+        self._public = public_paths
         self._metrics = metrics
         self._log = access_log
         self._max_body = max_body_bytes
@@ -103,6 +106,17 @@ class ServingMiddleware:
         self._gzip_min = gzip_min_bytes
         self._gzip_level = gzip_level
 
+    @property
+    def complete(self) -> bool:
+        """Whether every step is on (what `serving.fastpath` needs to stand in for Falcon)."""
+        return self._request_ids and None not in (
+            self._auth,
+            self._limiter,
+            self._metrics,
+            self._max_body,
+            self._gzip_min,
+        )
+
     # --- request -------------------------------------------------------------------------
     # (Each step reads the WSGI environ and writes `ctx`, so that `serving.fastpath` runs the
     # very same steps without a Falcon Request; the Falcon methods below only sequence them.)
@@ -118,7 +132,7 @@ class ServingMiddleware:
             return
         ctx.principal = None
         ctx.ratelimit_state = None
-        if method == "OPTIONS" or req.path in PUBLIC_PATHS:
+        if method == "OPTIONS" or req.path in self._public:
             return
         self.admit(env, ctx)
 
@@ -154,6 +168,12 @@ class ServingMiddleware:
         )
         org = env.get("HTTP_X_ORG_ID")
         if org is not None and org != principal.tenant:
+            if not is_valid_tenant(org):
+                raise ProblemError(
+                    400,
+                    f"X-Org-Id is not a tenant id ({TENANT_ID_RULE}).",
+                    code="RECSYS_BAD_TENANT",
+                )
             raise ProblemError(
                 403,
                 "X-Org-Id does not match the tenant of the credentials.",
@@ -213,6 +233,12 @@ class ServingMiddleware:
             check_scope(principal, scope)
         tenant = params.get("tenant_id")
         if tenant is not None and tenant != principal.tenant:
+            if not is_valid_tenant(tenant):
+                raise ProblemError(
+                    400,
+                    f"{{tenant_id}} is not a tenant id ({TENANT_ID_RULE}).",
+                    code="RECSYS_BAD_TENANT",
+                )
             raise ProblemError(
                 403,
                 "The credentials do not grant access to this tenant.",
@@ -273,23 +299,21 @@ class ServingMiddleware:
         route = route or "unmatched"
         key = (route, method, _STATUS_TEXT.get(status) or str(status))
         self._metrics.observe_request(key, elapsed)
-        if self._log and access_log.isEnabledFor(logging.INFO):
+        if self._log and (sink := accesslog.sink()) is not None:
             principal = getattr(ctx, "principal", None)
-            access_log.info(
-                orjson.dumps(
-                    {
-                        "ts": time.time(),
-                        "request_id": getattr(ctx, "request_id", None),
-                        "method": method,
-                        "path": path,
-                        "route": route,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                        "tenant": principal.tenant if principal else None,
-                        "remote": env.get("REMOTE_ADDR", "127.0.0.1"),
-                        "user_agent": env.get("HTTP_USER_AGENT"),
-                    }
-                ).decode()
+            sink.write(
+                {
+                    "ts": time.time(),
+                    "request_id": getattr(ctx, "request_id", None),
+                    "method": method,
+                    "path": path,
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "tenant": principal.tenant if principal else None,
+                    "remote": env.get("REMOTE_ADDR", "127.0.0.1"),
+                    "user_agent": env.get("HTTP_USER_AGENT"),
+                }
             )
 
 

@@ -20,13 +20,7 @@ from serving.errors import ProblemError
 from serving.metrics import Metrics
 from serving.rules import Engine, Ranked, assign_variant, backfill_sources, compile_rules
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
-from serving.validation import (
-    DEFAULT_SEGMENT,
-    Limits,
-    ParsedShapes,
-    RecommendRequest,
-    parse_recommend,
-)
+from serving.validation import DEFAULT_SEGMENT, Limits, RecommendRequest, parse_recommend
 
 
 class RecommendService:
@@ -36,41 +30,44 @@ class RecommendService:
         registry: SnapshotRegistry,
         tenants: TenantDocuments,
         metrics: Metrics,
+        *,
+        experiments=None,
+        seeds=None,
     ) -> None:
+        """experiments: the experiments store (a running experiment of the request's surface,
+        created through /v1/recs/experiments); seeds: the cold-start seed lists
+        (/v1/recs/seed). None: not consulted."""
         self._config = config
         self._registry = registry
         self._tenants = tenants
         self._metrics = metrics
-        # Hooks set by serving.recs.register (issue 6): the experiments store (a running
-        # experiment of the request's surface; experiments created through /v1/recs/experiments)
-        # and the cold-start seed lists (/v1/recs/seed). None: not mounted.
-        self.experiments = None
-        self.seeds = None
+        self.experiments = experiments
+        self.seeds = seeds
         self._limits: dict[tuple[str, str | None], Limits] = {}  # per tenant config version
-        self._shapes = ParsedShapes()  # validated recommend bodies by shape (raw bytes given)
 
     # --- shared ------------------------------------------------------------------------------
     def tenant_config(self, tenant: str) -> tuple[dict[str, Any], str | None]:
         return self._tenants.current(tenant, "config")
 
-    def parse(self, tenant: str, body: Any, similar: bool = False, raw: bytes | None = None):
-        """(request, warnings, tenant config, its version) of a body; `raw`: the body's bytes
-        (a recommend body then skips validation when its shape was validated before:
-        `ParsedShapes`)."""
+    def limits(self, tenant: str) -> Limits:
+        """The tenant's effective limits (the server's, lowered by its config)."""
         tconf, cversion = self.tenant_config(tenant)
+        return self._tenant_limits(tenant, tconf, cversion)
+
+    def _tenant_limits(self, tenant: str, tconf: dict[str, Any], cversion: str | None) -> Limits:
         limits = self._limits.get((tenant, cversion))
         if limits is None:
             if len(self._limits) > 1024:
                 self._limits.clear()
             limits = self._limits[(tenant, cversion)] = Limits.for_tenant(self._config, tconf)
-        shape = ParsedShapes.key(tenant, body, raw) if raw is not None and not similar else None
-        if shape is not None:
-            found = self._shapes.get(shape[0], tconf, limits, shape[1])
-            if found is not None:
-                return found[0], found[1], tconf, cversion
+        return limits
+
+    def parse(self, tenant: str, body: Any, similar: bool = False):
+        """(request, warnings, tenant config, its version) of a body: its schema type
+        (`serving.schemas`), or plain JSON values checked against it."""
+        tconf, cversion = self.tenant_config(tenant)
+        limits = self._tenant_limits(tenant, tconf, cversion)
         req, warnings = parse_recommend(body, limits, tconf, similar=similar)
-        if shape is not None:
-            self._shapes.put(shape[0], tconf, limits, req, warnings)
         return req, warnings, tconf, cversion
 
     def _live(
@@ -158,13 +155,11 @@ class RecommendService:
         """The answer to a recommend request body of `tenant` (the contract's JSON object)."""
         return self._response(*self._recommend(tenant, body, started))
 
-    def recommend_json(
-        self, tenant: str, body: Any, started: float, request_id: str, raw: bytes | None = None
-    ) -> bytes:
+    def recommend_json(self, tenant: str, body: Any, started: float, request_id: str) -> bytes:
         """`recommend` with `meta.request_id`, serialized: the same bytes as orjson.dumps of
         that object, with the plain items (no reasons or explanations) written directly
-        instead of as one dict each. `raw`: the body's bytes (see `parse`)."""
-        live, req, ranked, meta, warnings = self._recommend(tenant, body, started, raw)
+        instead of as one dict each."""
+        live, req, ranked, meta, warnings = self._recommend(tenant, body, started)
         meta["request_id"] = request_id
         if not req.include_reasons and req.explain == "none":
             items = items_json_fields(live.item_ids_json(ranked.items), ranked.scores)
@@ -174,10 +169,10 @@ class RecommendService:
             return b'{"items":' + items + b"," + orjson.dumps(rest)[1:]
         return orjson.dumps(self._response(live, req, ranked, meta, warnings))
 
-    def _recommend(self, tenant: str, body: Any, started: float, raw: bytes | None = None):
+    def _recommend(self, tenant: str, body: Any, started: float):
         """(live snapshot, request, ranked answer, meta, warnings) of a recommend request."""
         deadline = started + self._config.deadline_ms / 1000.0
-        req, warnings, tconf, cversion = self.parse(tenant, body, raw=raw)
+        req, warnings, tconf, cversion = self.parse(tenant, body)
         meta: dict[str, Any] = {}
         live = self._live(tenant, req, tconf, meta)
         snap = live.snap

@@ -33,7 +33,6 @@ from serving.crr.records import ID_FIELD, RecordStore, parse_record
 from serving.documents import Preconditions, set_etag
 from serving.errors import ProblemError
 from serving.events_log import EventLogs, scan_all_events
-from serving.recs.events import _json
 from serving.service import RecommendService
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
 
@@ -165,7 +164,7 @@ class CrrResources:
 
     def _create(self, req, resp, kind: str) -> None:
         tenant = req.context.principal.tenant
-        rec_id, _, record, events = parse_record(kind, _json(req))
+        rec_id, _, record, events = parse_record(kind, req.context.body)
         generated = rec_id is None
         rec_id = rec_id or f"{kind[0]}-{time.time_ns():x}"
         doc, _ = self._records.put(tenant, kind, rec_id, record, create_only=True)
@@ -177,7 +176,7 @@ class CrrResources:
             resp.media["events"] = self._add_events(tenant, rec_id, None, events)
 
     def _put(self, req, resp, kind: str, rec_id: str) -> None:
-        body_id, rid, record, events = parse_record(kind, _json(req))
+        body_id, rid, record, events = parse_record(kind, req.context.body)
         if body_id is not None and body_id != rec_id:
             raise ProblemError(422, f"{ID_FIELD[kind]} in the body differs from the URL.")
         pre = Preconditions.of(req).matching(rid)  # (the body's rid, else If-Match)
@@ -279,7 +278,7 @@ class CrrResources:
 
     def on_post_user_events_of(self, req, resp, uid: str, event_type: str) -> None:
         """Add one event (or an array) of this type to the user's history."""
-        body = _json(req)
+        body = req.context.body
         events = body if isinstance(body, list) else [body]
         results = self._add_events(
             req.context.principal.tenant, uid, event_type_of(event_type), events

@@ -16,7 +16,10 @@ import orjson
 
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.errors import ProblemError
-from serving.events_log import FEEDBACK_LABELS, EventLogs, FeedbackLog, ItemResult
+from serving.event_records import ItemResult
+from serving.events_log import EventLogs
+from serving.feedback_log import FEEDBACK_LABELS, FeedbackLog
+from serving.routing import read_body
 
 #: Lines (events) accepted in one bulk request; the body size limit applies as well.
 MAX_BULK_EVENTS = 10_000
@@ -25,22 +28,11 @@ _FEEDBACK_FIELDS = frozenset(
 )
 
 
-def _raw_body(req: falcon.Request) -> bytes:
-    length = req.content_length
-    if not length:
+def _bulk_body(req: falcon.Request) -> bytes:
+    raw = read_body(req)
+    if not raw:
         raise ProblemError(400, "The request needs a body.")
-    # exactly Content-Length bytes of the WSGI input (the middleware has capped the length):
-    # what `req.bounded_stream` would read, without building its wrapper per request
-    return req.stream.read(length)
-
-
-def _json(req: falcon.Request) -> Any:
-    try:
-        return orjson.loads(_raw_body(req))
-    except orjson.JSONDecodeError:
-        raise ProblemError(
-            400, "The body is not valid JSON.", code="RECSYS_MALFORMED_JSON"
-        ) from None
+    return raw
 
 
 def parse_bulk(data: bytes) -> tuple[list[Any], dict[int, ItemResult]]:
@@ -95,7 +87,7 @@ class EventsResource:
         self._logs = logs
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = _json(req)
+        body = req.context.body
         if not isinstance(body, dict):
             raise ProblemError(400, "An event is a JSON object; use /v1/recs/events/bulk for many.")
         result = self._logs.tenant(req.context.principal.tenant).submit([body])[0]
@@ -111,7 +103,7 @@ class EventsResource:
         resp.cache_control = ["no-store"]
 
     def on_post_bulk(self, req: falcon.Request, resp: falcon.Response) -> None:
-        items, broken = parse_bulk(_raw_body(req))
+        items, broken = parse_bulk(_bulk_body(req))
         if not items:
             raise ProblemError(400, "The bulk body holds no events.")
         if len(items) > MAX_BULK_EVENTS:
@@ -194,7 +186,7 @@ class FeedbackResource:
             return flog
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = _json(req)
+        body = req.context.body
         if not isinstance(body, dict):
             raise ProblemError(400, "The body must be an object.")
         unknown = set(body) - _FEEDBACK_FIELDS
@@ -243,9 +235,7 @@ class FeedbackResource:
         }
 
     def on_get_one(self, req: falcon.Request, resp: falcon.Response, feedback_id: str) -> None:
-        flog = self._log(req.context.principal.tenant)
-        flog.log.refresh()
-        rec = flog.labels.get(feedback_id)
+        rec = self._log(req.context.principal.tenant).get(feedback_id)
         if rec is None:
             raise ProblemError(404, f"No feedback '{feedback_id}'.", code="RECSYS_UNKNOWN_FEEDBACK")
         resp.media = _label_json(rec)

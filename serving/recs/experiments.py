@@ -15,7 +15,6 @@ from serving.documents import Preconditions, set_etag
 from serving.errors import ProblemError
 from serving.events_log import EventLogs, scan_all_events
 from serving.experiments import ExperimentStore, compute_results
-from serving.recs.events import _json
 
 
 def _public(doc: dict[str, Any]) -> dict[str, Any]:
@@ -42,7 +41,7 @@ class ExperimentsResource:
         self._logs = logs
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        doc = self._store.create(req.context.principal.tenant, _json(req))
+        doc = self._store.create(req.context.principal.tenant, req.context.body)
         resp.status = falcon.HTTP_201
         resp.location = f"/v1/recs/experiments/{doc['id']}"
         _send(resp, doc)
@@ -69,7 +68,7 @@ class ExperimentsResource:
 
     def on_patch_one(self, req: falcon.Request, resp: falcon.Response, experiment_id: str) -> None:
         doc = self._store.update(
-            req.context.principal.tenant, experiment_id, _json(req), Preconditions.of(req)
+            req.context.principal.tenant, experiment_id, req.context.body, Preconditions.of(req)
         )
         _send(resp, doc)
 
@@ -81,7 +80,7 @@ class ExperimentsResource:
         self, req: falcon.Request, resp: falcon.Response, experiment_id: str
     ) -> None:
         """Body ``{"user_id": "...", "variant": "B" | null}``: pin (or un-pin) a user."""
-        body = _json(req)
+        body = req.context.body
         if not isinstance(body, dict) or set(body) - {"user_id", "variant"}:
             raise ProblemError(400, 'The body is {"user_id": "...", "variant": "<id>" | null}.')
         unit, variant = body.get("user_id"), body.get("variant")

@@ -26,7 +26,6 @@ from recsys.snapshot.format import REASONS, SIGNALS
 from serving.auth import SCOPE_RECOMMEND
 from serving.documents import TenantDocuments
 from serving.errors import ProblemError
-from serving.recs.events import _json
 from serving.rules import CompiledRules, Engine, Pool, compile_rules
 from serving.service import RecommendService
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
@@ -67,7 +66,7 @@ class RerankExplainResources:
     # -- rerank
     def on_post_rerank(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = req.context.principal.tenant
-        p = _json(req)
+        p = req.context.body
         if not isinstance(p, dict):
             raise ProblemError(400, "The body must be an object.")
         unknown = set(p) - _RERANK_KEYS
@@ -212,7 +211,7 @@ class RerankExplainResources:
     # -- explain
     def on_post_explain(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = req.context.principal.tenant
-        p = _json(req)
+        p = req.context.body
         if not isinstance(p, dict) or set(p) - {
             "user_id",
             "item_id",

@@ -15,7 +15,6 @@ from typing import Any
 
 import falcon
 import numpy as np
-import orjson
 
 from serving.auth import SCOPE_RECOMMEND
 from serving.errors import ProblemError
@@ -51,17 +50,6 @@ MAX_SCORE_CANDIDATES = 1000
 
 def _unsupported(detail: str) -> ProblemError:
     return ProblemError(422, detail, code="RECSYS_UNSUPPORTED_OPTION")
-
-
-def _body(req: falcon.Request) -> Any:
-    if not req.content_length:
-        raise ProblemError(400, "The request needs a JSON body.")
-    try:
-        return orjson.loads(req.bounded_stream.read())
-    except orjson.JSONDecodeError:
-        raise ProblemError(
-            400, "The body is not valid JSON.", code="RECSYS_MALFORMED_JSON"
-        ) from None
 
 
 def to_recommend_body(p: Any, deadline_ms: float) -> tuple[dict[str, Any], float, dict]:
@@ -196,7 +184,7 @@ class RuntimeResources:
 
     # -- routes
     def on_post_predict(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = self.predict(req, _body(req))
+        resp.media = self.predict(req, req.context.body)
         resp.cache_control = ["no-store"]
 
     def on_get_user(self, req: falcon.Request, resp: falcon.Response, user_id: str) -> None:
@@ -215,7 +203,7 @@ class RuntimeResources:
         resp.media = self.predict(req, payload)
 
     def on_post_realtime(self, req: falcon.Request, resp: falcon.Response, user_id: str) -> None:
-        payload = _body(req)
+        payload = req.context.body
         if not isinstance(payload, dict):
             raise ProblemError(400, "The body must be an object.")
         if payload.get("user_id", user_id) != user_id:
@@ -224,7 +212,7 @@ class RuntimeResources:
         resp.cache_control = ["no-store"]
 
     def on_post_batch(self, req: falcon.Request, resp: falcon.Response) -> None:
-        payload = _body(req)
+        payload = req.context.body
         reqs = payload.get("requests") if isinstance(payload, dict) else None
         if not isinstance(reqs, list) or not reqs:
             raise ProblemError(400, "Field 'requests' must be a non-empty array.")
@@ -282,7 +270,7 @@ class RuntimeResources:
     def on_post_score(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Score a caller's candidates for a user with the snapshot's factors (dot product plus
         item bias); the user's precomputed signals are returned where the item is a candidate."""
-        payload = _body(req)
+        payload = req.context.body
         if not isinstance(payload, dict) or not isinstance(payload.get("user_id"), str):
             raise ProblemError(400, "Field 'user_id' (a string) is required.")
         cands = payload.get("candidates")
@@ -331,7 +319,7 @@ class RuntimeResources:
 
     def on_post_search(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Exact k-NN over the item factors (cosine or dot), with category/availability filters."""
-        payload = _body(req)
+        payload = req.context.body
         if not isinstance(payload, dict):
             raise ProblemError(400, "The body must be an object.")
         live = self._store.require_live(req.context.principal.tenant)

@@ -25,7 +25,6 @@ from recsys.snapshot.format import REASON_CODES
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.documents import NONE, Collection, Document, Legacy, Preconditions, now_iso, set_etag
 from serving.errors import ProblemError, bad_request, unprocessable
-from serving.recs.events import _json
 from serving.rules import Pool
 from serving.snapshot import LiveSnapshot
 
@@ -163,7 +162,7 @@ class SeedResource:
         self._send(resp, tenant, self._seeds.read(tenant))
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        seed = validate_seed(_json(req))
+        seed = validate_seed(req.context.body)
         tenant = req.context.principal.tenant
         doc = self._seeds.change(tenant, seed["surface"], seed, Preconditions.of(req))
         self._send(resp, tenant, doc)

@@ -7,13 +7,12 @@ import html
 import falcon
 import orjson
 
-from serving.config import ServingConfig
-from serving.openapi import build_spec
-
 
 class OpenApiResource:
-    def __init__(self, config: ServingConfig) -> None:
-        self._data = orjson.dumps(build_spec(config.version))
+    """The OpenAPI document generated from the route table (`serving.openapi`)."""
+
+    def __init__(self, spec: dict) -> None:
+        self._data = orjson.dumps(spec)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.data = self._data
@@ -23,12 +22,13 @@ class OpenApiResource:
 class DocsResource:
     """A readable rendering of the OpenAPI document: routes, summaries, schemas."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec: dict) -> None:
+        self._spec = spec
         self._page: str | None = None
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         if self._page is None:
-            self._page = render_docs(build_spec("current"))
+            self._page = render_docs(self._spec)
         resp.text = self._page
         resp.content_type = falcon.MEDIA_HTML
 

@@ -156,14 +156,18 @@ def test_config_written_before_the_document_store_still_loads(client, data_root)
 @pytest.mark.parametrize(
     "body,status",
     [
-        ({"defaults": {"weights": {"pop": -0.1}}}, 422),
+        # the schema (400): types, ranges of the API, unknown fields
+        ({"defaults": {"weights": {"pop": -0.1}}}, 400),
+        ({"limits": {"max_k": 0}}, 400),
+        ({"limits": {"max_k": 10_000}}, 400),
+        ({"experiments": {"e": {"variants": [{"name": "A", "weight": -1}]}}}, 400),
+        # the second pass (422): the server's limits, semantics
         ({"defaults": {"weights": {"pop": 0, "emb": 0}}}, 422),
-        ({"limits": {"max_k": 0}}, 422),
-        ({"limits": {"max_k": 10_000}}, 422),
+        ({"limits": {"max_k": 999}}, 422),
         ({"limits": {"max_k": 10}, "defaults": {"k": 20}}, 422),
         ({"limits": {"max_k": "ten"}}, 400),
         ({"unknown": 1}, 400),
-        ({"experiments": {"e": {"variants": [{"name": "A", "weight": -1}]}}}, 422),
+        ({"experiments": {"e": {"variants": [{"name": "A"}, {"name": "A"}]}}}, 422),
     ],
 )
 def test_invalid_config(client, body, status):
@@ -175,8 +179,10 @@ def test_invalid_config(client, body, status):
 @pytest.mark.parametrize(
     "rule,status",
     [
-        ({"id": "p", "type": "pin", "item_id": "a1", "position": 0}, 422),
-        ({"id": "p", "type": "pin", "item_id": "a1"}, 400),
+        ({"id": "p", "type": "pin", "item_id": "a1", "position": 0}, 400),
+        ({"id": "p", "type": "pin", "item_id": "a1", "position": 201}, 422),
+        ({"id": "p", "type": "pin", "item_id": "a1"}, 422),
+        ({"id": "p", "type": "pin", "item_id": "a1", "position": 1, "tag": "x"}, 422),
         ({"id": "b", "type": "boost", "tag": "x", "factor": 0.5}, 422),
         ({"id": "b", "type": "bury", "tag": "x", "factor": 2}, 422),
         ({"id": "k", "type": "block"}, 422),

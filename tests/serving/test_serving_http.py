@@ -32,15 +32,19 @@ def test_routing_errors_are_problems(client):
 @pytest.mark.parametrize(
     "body,status",
     [
+        # the schema (400): types, ranges, unknown fields
         ({"k": 0, "user": {"user_id": "u1"}}, 400),
-        ({"k": 201, "user": {"user_id": "u1"}}, 400),
         ({"k": "5", "user": {"user_id": "u1"}}, 400),
-        ({"user": {}}, 400),
         ({"user": {"user_id": "u1"}, "bogus": 1}, 400),
-        ({"user": {"user_id": "u1"}, "candidates": {"exclude_ids": ["x"] * 5001}}, 400),
-        ({"user": {"user_id": "u1"}, "anchors": {"item_ids": ["x"] * 51}}, 400),
-        ({"user": {"user_id": "u1"}, "weights": {"pop": -1}}, 422),
-        ({"user": {"user_id": "u1"}, "weights": {"magic": 1}}, 422),
+        ({"user": {"user_id": "u1"}, "weights": {"pop": -1}}, 400),
+        ({"user": {"user_id": "u1"}, "weights": {"magic": 1}}, 400),
+        ({"user": {"user_id": "u1"}, "candidates": {"exclude_ids": ["x"] * 10_001}}, 400),
+        # the second pass (422): the server's and the tenant's limits, semantics
+        ({"k": 201, "user": {"user_id": "u1"}}, 422),
+        ({"user": {}}, 422),
+        ({"user": {"user_id": "u1"}, "candidates": {"exclude_ids": ["x"] * 5001}}, 422),
+        ({"user": {"user_id": "u1"}, "anchors": {"item_ids": ["x"] * 51}}, 422),
+        ({"user": {"user_id": "u1"}, "weights": {"pop": 0}}, 422),
         (
             {
                 "user": {"user_id": "u1"},

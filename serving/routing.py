@@ -1,0 +1,193 @@
+"""How a `Route` of the one route table (`serving.routes.ROUTES`) becomes a Falcon responder and
+an OpenAPI operation.
+
+A route declares its method, path, handler (a resource of `create_app` and one of its
+methods), scope, the types of its path parameters, query and JSON body (msgspec types), its
+success status and body, and the error statuses it can answer. `mount` adds every route to the
+app: before the handler runs, the path parameters, the query and the body are decoded and
+checked against those types (400 Problem Details naming the field on any mismatch): the path
+parameters are passed on to the handler, the query and the body are left on `req.context`
+(`query`, `body`; `json_body(req)` gives the body as plain JSON values). `serving.openapi`
+builds `/openapi.json` from the same routes and types, so the contract and its checks cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import falcon
+import msgspec
+import orjson
+
+from serving.errors import ProblemError
+
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    """One operation of the HTTP API."""
+
+    method: str
+    path: str
+    handler: tuple[str, str]  # (resource name in create_app, its method)
+    summary: str
+    scope: str | None  # None: public (no credentials)
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)  # path parameter types
+    query: type | None = None  # a Struct of query parameters
+    body: Any = None  # the JSON body's type (None: no body)
+    body_required: bool = True
+    media: tuple[str, ...] = (JSON,)  # accepted body media types (NDJSON: parsed by the handler)
+    status: int = 200
+    also: tuple[int, ...] = ()  # other success statuses with the same body (200 + 201 ...)
+    response: Any = None  # the success body's type (None: no body)
+    response_media: str = JSON
+    errors: tuple[int, ...] = ()  # statuses beyond the ones the route's shape implies
+    headers: tuple[str, ...] = ()  # request headers it reads (If-Match, If-None-Match, ...)
+    tags: tuple[str, ...] = ()
+    description: str | None = None
+
+    def statuses(self) -> tuple[int, ...]:
+        """Every error status the route can answer: its own plus what its shape implies."""
+        out = set(self.errors) | {500}
+        if self.scope is not None:
+            out |= {401, 403, 429}
+        if self.body is not None:
+            out |= {400, 411, 413, 415}
+        if self.query is not None or self.params:
+            out.add(400)
+        if self.params:
+            out.add(404)
+        return tuple(sorted(out))
+
+
+def _decode_error(ex: msgspec.ValidationError, where: str) -> ProblemError:
+    # msgspec names the field as a JSON path ("... - at `$.k`"); say where it is
+    detail = str(ex).replace("`$", f"`{where}")
+    return ProblemError(400, f"Invalid {where}: {detail}.", code="RECSYS_INVALID_REQUEST")
+
+
+def read_body(req: falcon.Request) -> bytes:
+    """The request's body bytes, read once (the middleware has checked its length)."""
+    raw = getattr(req.context, "raw_body", None)
+    if raw is None:
+        length = req.content_length
+        raw = req.stream.read(length) if length else b""
+        req.context.raw_body = raw
+    return raw
+
+
+def json_body(req: falcon.Request) -> Any:
+    """The body as plain JSON values (for handlers that keep a document as sent)."""
+    return parse_json(read_body(req))
+
+
+def parse_json(raw: bytes) -> Any:
+    """Plain JSON values of a body; 400 for an empty or malformed one."""
+    if not raw:
+        raise ProblemError(400, "The request needs a JSON body.")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ProblemError(400, "The body is not valid JSON.", code=MALFORMED) from None
+
+
+MALFORMED = "RECSYS_MALFORMED_JSON"
+
+
+@functools.cache
+def decoder(type_: Any) -> Callable[[bytes], Any]:
+    """A function decoding a JSON body into `type_` (in C), with the route table's errors: 400
+    for an empty or malformed body, and 400 naming the field that does not conform."""
+    decode = msgspec.json.Decoder(type_).decode
+
+    def decode_body(raw: bytes) -> Any:
+        if not raw:
+            raise ProblemError(400, "The request needs a JSON body.")
+        try:
+            return decode(raw)
+        except msgspec.ValidationError as ex:
+            raise _decode_error(ex, "body") from None
+        except msgspec.DecodeError:
+            raise ProblemError(400, "The body is not valid JSON.", code=MALFORMED) from None
+
+    return decode_body
+
+
+def check(value: Any, type_: Any, where: str) -> Any:
+    """`value` (plain JSON values) as `type_`; 400 naming the field when it does not conform."""
+    try:
+        return msgspec.convert(value, type_)
+    except msgspec.ValidationError as ex:
+        raise _decode_error(ex, where) from None
+
+
+class _Endpoint:
+    """The Falcon resource of one path: a responder per method of its routes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.required_scope: dict[str, str | None] = {}
+        self.accepted_media: tuple[str, ...] = (JSON,)
+
+    def add(self, route: Route, handler: Callable) -> None:
+        self.required_scope[route.method] = route.scope
+        media = set(self.accepted_media) | set(route.media)
+        self.accepted_media = tuple(sorted(media))
+        setattr(self, "on_" + route.method.lower(), _responder(route, handler))
+
+
+def _responder(route: Route, handler: Callable) -> Callable:
+    params = tuple(route.params.items())
+    query_type = route.query
+    # (an NDJSON body is split into lines and checked by its handler)
+    decode = decoder(route.body) if route.body is not None and route.media == (JSON,) else None
+
+    def respond(req: falcon.Request, resp: falcon.Response, **kwargs: str) -> None:
+        ctx = req.context
+        for name, type_ in params:
+            kwargs[name] = check(kwargs[name], type_, f"path parameter '{name}'")
+        if query_type is not None:
+            try:
+                ctx.query = msgspec.convert(req.params, query_type, strict=False)
+            except msgspec.ValidationError as ex:
+                raise _decode_error(ex, "query") from None
+        if decode is not None:
+            raw = read_body(req)
+            ctx.body = decode(raw) if raw or route.body_required else None
+        handler(req, resp, **kwargs)
+
+    respond.__name__ = f"{route.handler[0]}.{route.handler[1]}"
+    return respond
+
+
+def mount(app: falcon.App, routes: Iterable[Route], resources: dict[str, Any]) -> None:
+    """Add every route to `app`, its handler taken from `resources`."""
+    endpoints: dict[str, _Endpoint] = {}
+    for route in routes:
+        name, method = route.handler
+        endpoint = endpoints.get(route.path)
+        if endpoint is None:
+            endpoint = endpoints[route.path] = _Endpoint(route.path)
+        endpoint.add(route, getattr(resources[name], method))
+    for path, endpoint in endpoints.items():
+        app.add_route(path, endpoint)
+
+
+def public_paths(routes: Iterable[Route]) -> frozenset[str]:
+    """Paths whose every route needs no credentials."""
+    secured = {r.path for r in routes if r.scope is not None}
+    return frozenset(r.path for r in routes if r.path not in secured)
+
+
+def find(routes: Iterable[Route], method: str, path: str) -> Route:
+    """The route of `method` and `path`."""
+    for route in routes:
+        if route.method == method and route.path == path:
+            return route
+    raise KeyError((method, path))
