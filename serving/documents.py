@@ -77,10 +77,6 @@ class Document:
     updated_at: str | None = None
     stored: bool = True
 
-    @property
-    def etag(self) -> str:
-        return f'"{self.revision}"'
-
 
 @dataclass(frozen=True, slots=True)
 class Legacy:
