@@ -27,7 +27,7 @@ import orjson
 
 from recsys.snapshot import Snapshot, SnapshotError, SnapshotStore, open_snapshot
 from recsys.snapshot.format import CURRENT
-from recsys.tenancy import is_valid_tenant as valid_tenant
+from recsys.tenancy import check_tenant, is_valid_tenant
 from serving import kernels
 from serving.metrics import Metrics
 
@@ -58,8 +58,8 @@ class LiveSnapshot:
         self.brand_id = np.asarray(snap.brand_id)
         # Tag CSR (offsets int64[n_items+1], ids int32[]): the reader exposes tags per item only;
         # the engine's kernels read the whole table.
-        self.tag_offsets = np.asarray(getattr(snap, "item_tags_offsets", snap._tags_off))
-        self.tag_ids = np.asarray(getattr(snap, "item_tags_ids", snap._tags_id))
+        self.tag_offsets = np.asarray(snap.item_tags_offsets)
+        self.tag_ids = np.asarray(snap.item_tags_ids)
         models = snap.manifest.get("models") or {}
         champion = models.get("champion") or next(iter(models.values()), {})
         name, version = champion.get("name"), champion.get("version")
@@ -222,7 +222,7 @@ def _json_fields(snap: Snapshot, ids: list[str] | None) -> list[bytes] | None:
     the id bytes themselves when none holds a byte JSON escapes, else one dumps per id."""
     if ids is None:
         return None
-    data, offsets = bytes(snap._items._data_mv), snap._items._offsets_mv.tolist()
+    data, offsets = snap.item_id_bytes()
     if _NOT_PLAIN.search(data) is None:
         return [data[a:b] for a, b in pairwise(offsets)]
     return [orjson.dumps(i)[1:-1] for i in ids]
@@ -236,11 +236,11 @@ def _kernel_ctx(snap: Snapshot, live: LiveSnapshot) -> tuple[np.ndarray | None, 
         getattr(owner, name, None)
         for owner, name in (
             (snap, "candidate_offsets"),
-            (snap, "_cand_item"),
-            (snap, "_cand_score"),
-            (snap, "_cand_reason"),
-            (snap, "_seen_off"),
-            (snap, "_seen_item"),
+            (snap, "candidate_items"),
+            (snap, "candidate_scores"),
+            (snap, "candidate_reasons"),
+            (snap, "seen_offsets"),
+            (snap, "seen_items"),
             (live, "tag_offsets"),
             (live, "tag_ids"),
             (live, "item_bits"),
@@ -379,7 +379,7 @@ class SnapshotRegistry:
         holder = self._tenants.get(tenant)
         if holder is not None:
             return holder
-        if self._fixed or not valid_tenant(tenant):
+        if self._fixed or not is_valid_tenant(tenant):
             return None
         if not os.path.isdir(os.path.join(self.root, tenant)):
             return None
@@ -416,7 +416,7 @@ class SnapshotRegistry:
         return sorted(
             t
             for t in os.listdir(self.root)
-            if valid_tenant(t) and os.path.isdir(os.path.join(self.root, t))
+            if is_valid_tenant(t) and os.path.isdir(os.path.join(self.root, t))
         )
 
     def status(self) -> dict[str, dict[str, Any]]:
@@ -451,7 +451,7 @@ class SnapshotRegistry:
         with self._lock:
             holder = self._tenants.get(tenant)
             if holder is None:
-                store = SnapshotStore(os.path.join(self.root, tenant))
+                store = SnapshotStore(os.path.join(self.root, check_tenant(tenant)))
                 holder = TenantSnapshots(tenant, store, self._interval, self._metrics)
                 self._tenants[tenant] = holder
             return holder

@@ -62,6 +62,10 @@ class _IdTable:
         self._offsets_mv = memoryview(np.ascontiguousarray(offsets))
         self._table_mv = memoryview(np.ascontiguousarray(table))
 
+    def as_bytes(self) -> tuple[bytes, list[int]]:
+        """(all ids as one UTF-8 bytes object, the n + 1 offsets of each id in it)."""
+        return bytes(self._data_mv), self._offsets_mv.tolist()
+
     def id(self, idx: int) -> str:
         if not 0 <= idx < self.n:
             raise IndexError(f"index {idx} out of range [0, {self.n})")
@@ -186,15 +190,18 @@ class Snapshot:
         #: int64[n_users+1]: the candidate CSR offsets (list lengths = np.diff).
         self.candidate_offsets: np.ndarray = ld("cand.offsets")
         self._cand_off = self.candidate_offsets
-        self._cand_item = ld("cand.item")
-        self._cand_score = ld("cand.score")
-        self._cand_signals = ld("cand.signals")
-        self._cand_reason = ld("cand.reason")
-        self._seen_off = ld("seen.offsets")
-        self._seen_item = ld("seen.item")
+        #: The candidate CSR's values, one row per candidate: item index (int32), score
+        #: (float32), signals (float32[n, len(SIGNALS)]) and reason code.
+        self.candidate_items: np.ndarray = ld("cand.item")
+        self.candidate_scores: np.ndarray = ld("cand.score")
+        self.candidate_signals: np.ndarray = ld("cand.signals")
+        self.candidate_reasons: np.ndarray = ld("cand.reason")
+        #: int64[n_users+1] and int32[]: the items each user has seen (CSR).
+        self.seen_offsets: np.ndarray = ld("seen.offsets")
+        self.seen_items: np.ndarray = ld("seen.item")
         # (memoryviews of the offsets: Python ints per lookup, no NumPy scalars)
         self._cand_off_mv = memoryview(np.ascontiguousarray(self._cand_off))
-        self._seen_off_mv = memoryview(np.ascontiguousarray(self._seen_off))
+        self._seen_off_mv = memoryview(np.ascontiguousarray(self.seen_offsets))
         self._similar = {
             kind: (
                 ld(f"similar_{kind}.offsets"),
@@ -247,19 +254,19 @@ class Snapshot:
 
         expect(self._users.n == nu and self._items.n == ni, "id tables vs counts")
         for name, off, n_rows, values in (
-            ("cand", self._cand_off, nu, self._cand_item),
-            ("seen", self._seen_off, nu, self._seen_item),
+            ("cand", self._cand_off, nu, self.candidate_items),
+            ("seen", self.seen_offsets, nu, self.seen_items),
             ("fallback", self._fb_off, len(self.fallback_names), self._fb_item),
             ("item_tags", self._tags_off, ni, self._tags_id),
         ):
             expect(off.shape == (n_rows + 1,), f"{name}.offsets shape")
             expect(int(off[0]) == 0 and int(off[-1]) == values.shape[0], f"{name}.offsets ends")
         nnz = int(counts["candidates"])
-        expect(self._cand_item.shape == (nnz,), "cand.item length vs counts.candidates")
+        expect(self.candidate_items.shape == (nnz,), "cand.item length vs counts.candidates")
         for arr, shape in (
-            (self._cand_score, (nnz,)),
-            (self._cand_signals, (nnz, len(SIGNALS))),
-            (self._cand_reason, (nnz,)),
+            (self.candidate_scores, (nnz,)),
+            (self.candidate_signals, (nnz, len(SIGNALS))),
+            (self.candidate_reasons, (nnz,)),
             (self._user_segment, (nu,)),
             (self.available, (ni,)),
             (self.category_id, (ni,)),
@@ -308,6 +315,10 @@ class Snapshot:
     def item_id(self, iidx: int) -> str:
         return self._items.id(int(iidx))
 
+    def item_id_bytes(self) -> tuple[bytes, list[int]]:
+        """(every item id as one UTF-8 bytes object, the n_items + 1 offsets of each in it)."""
+        return self._items.as_bytes()
+
     def item_ids(self, iidx: np.ndarray | list[int]) -> list[str]:
         """Ids of many items (e.g. a response page)."""
         return [self._items.id(int(i)) for i in iidx]
@@ -321,16 +332,16 @@ class Snapshot:
         off = self._cand_off_mv
         a, b = off[uidx], off[uidx + 1]
         return (
-            self._cand_item[a:b],
-            self._cand_score[a:b],
-            self._cand_signals[a:b],
-            self._cand_reason[a:b],
+            self.candidate_items[a:b],
+            self.candidate_scores[a:b],
+            self.candidate_signals[a:b],
+            self.candidate_reasons[a:b],
         )
 
     def user_seen(self, uidx: int) -> np.ndarray:
         """int32[]: items the user interacted with in the training data, sorted ascending."""
         off = self._seen_off_mv
-        return self._seen_item[off[uidx] : off[uidx + 1]]
+        return self.seen_items[off[uidx] : off[uidx + 1]]
 
     def user_segment(self, uidx: int) -> str | None:
         s = int(self._user_segment[uidx])

@@ -229,7 +229,7 @@ def _topk_matrix(snap: Any, k: int, item_map: np.ndarray | None = None) -> np.nd
     counts = np.minimum(np.diff(off), k)
     rows = np.repeat(np.arange(snap.n_users), counts)
     pos = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    items = np.asarray(snap._cand_item[off[:-1][rows] + pos], dtype=np.int64)
+    items = np.asarray(snap.candidate_items[off[:-1][rows] + pos], dtype=np.int64)
     if item_map is not None:
         items = item_map[items]
     mat = np.full((snap.n_users, k), -1, dtype=np.int64)

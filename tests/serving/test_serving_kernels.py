@@ -33,11 +33,11 @@ def random_snapshot(rng, n_users=40, n_items=300, n_tags=12, unavailable=True, d
         tag_ids[1:][twice[1:]] = tag_ids[:-1][twice[1:]]
     snap = SimpleNamespace(
         candidate_offsets=cand_off,
-        _cand_item=cand_item,
-        _cand_score=np.sort(rng.random(cand_item.shape[0]).astype(np.float32))[::-1].copy(),
-        _cand_reason=rng.integers(0, 5, cand_item.shape[0]).astype(np.uint8),
-        _seen_off=seen_off,
-        _seen_item=seen_item,
+        candidate_items=cand_item,
+        candidate_scores=np.sort(rng.random(cand_item.shape[0]).astype(np.float32))[::-1].copy(),
+        candidate_reasons=rng.integers(0, 5, cand_item.shape[0]).astype(np.uint8),
+        seen_offsets=seen_off,
+        seen_items=seen_item,
     )
     live = SimpleNamespace(
         tag_offsets=tag_off,
@@ -104,15 +104,16 @@ def test_user_kernel_answers_as_the_array_kernel(seed):
         user = int(rng.integers(0, snap.candidate_offsets.shape[0] - 1))
         plan, blocked_items, blocked_tags = random_plan(rng, n_items, n_tags)
         a, b = snap.candidate_offsets[user : user + 2]
-        sa, sb = snap._seen_off[user : user + 2]
+        sa, sb = snap.seen_offsets[user : user + 2]
         n, n_cand = plan[0], int(b - a)
         expected = np.full(K.answer_size(n, n_cand), -7, dtype=np.int64)
         old_plan = np.array(plan, np.int64)
         K.outcomes_select(
-            snap._cand_item[a:b], live.tag_offsets, live.tag_ids, live.unavailable_or_empty,
-            live.marks, live.roles, snap._seen_item[sa:sb],
+            snap.candidate_items[a:b], live.tag_offsets, live.tag_ids, live.unavailable_or_empty,
+            live.marks, live.roles, snap.seen_items[sa:sb],
             np.array(blocked_items, np.int32), np.array(blocked_tags, np.int32), old_plan,
-            snap._cand_score[a:b], snap._cand_reason[a:b], live.brand_id, live.category_id,
+            snap.candidate_scores[a:b], snap.candidate_reasons[a:b], live.brand_id,
+            live.category_id,
             expected,
         )  # fmt: skip
         got = np.full_like(expected, -7)
@@ -128,7 +129,7 @@ def test_user_kernel_refuses_offsets_past_the_arrays():
     rng = np.random.default_rng(1)
     snap, live = random_snapshot(rng)
     snap.candidate_offsets = snap.candidate_offsets.copy()
-    snap.candidate_offsets[3] = snap._cand_item.shape[0] + 5
+    snap.candidate_offsets[3] = snap.candidate_items.shape[0] + 5
     ctx, _ = _kernel_ctx(snap, live)
     plan = np.array([5, 0, 0, 0, 0, 0, 0, 2, 0, 0], np.int64)  # user 2: rows past the end
     with pytest.raises(IndexError):
