@@ -26,6 +26,7 @@ from serving.recs.rerank import RerankExplainResources
 from serving.recs.runtime import RuntimeResources
 from serving.recs.seeds import SeedResource, SeedStore
 from serving.resources.admin import CacheInvalidateResource, TenantDocumentResource
+from serving.resources.demo import DemoResources
 from serving.resources.docs import DocsResource, OpenApiResource
 from serving.resources.ops import HealthResource, MetricsResource, ReadyResource, VersionResource
 from serving.resources.public import RecommendResource, SimilarResource
@@ -143,6 +144,7 @@ def create_app(
         "seeds": SeedResource(seeds),
         "crr": CrrResources(records, event_logs, service, store),
         "crr_events": CrrEventResources(records, event_logs, service, store),
+        "demo": DemoResources(config, store),
     }
     mount(app, ROUTES, resources)
     app.enable_fast_path(

@@ -28,6 +28,7 @@ serving package that reads `os.environ` (entry points call it; tests build the o
 | RECSYS_EVENTS_FLUSH_S | `30` | an older non-empty event-log segment is closed and landed |
 | RECSYS_EVENTS_SEGMENT_BYTES | `67108864` | an event-log segment is landed at this size |
 | RECSYS_EVENTS_LINGER_MS | `2` | longest a group commit waits for more requests (`0`: never) |
+| RECSYS_DEMO_TENANTS | (none: demo mode off) | tenants the demo page (`/demo`) may mint short-lived tokens for |
 | RECSYS_PROBLEM_BASE | `https://errors.recsys.example/problem/` | prefix of Problem `type` URIs |
 | RECSYS_VERSION / RECSYS_GIT_SHA / RECSYS_BUILT_AT | package version / `unknown` | /version |
 """
@@ -96,6 +97,7 @@ class ServingConfig:
     gzip_min_bytes: int = 1024
     access_log: bool = True
     problem_base: str = "https://errors.recsys.example/problem/"
+    demo_tenants: tuple[str, ...] = ()  # demo mode (serving.resources.demo) when non-empty
     version: str = field(default_factory=lambda: _package_version())
     git_sha: str = "unknown"
     built_at: str = "unknown"
@@ -142,6 +144,7 @@ class ServingConfig:
             gzip_min_bytes=int(get("RECSYS_GZIP_MIN_BYTES", str(d.gzip_min_bytes))),
             access_log=get("RECSYS_ACCESS_LOG", "1").lower() not in ("0", "false", "no", "off"),
             problem_base=get("RECSYS_PROBLEM_BASE", d.problem_base),
+            demo_tenants=_csv(get("RECSYS_DEMO_TENANTS", "")),
             version=get("RECSYS_VERSION", d.version),
             git_sha=get("RECSYS_GIT_SHA", d.git_sha),
             built_at=get("RECSYS_BUILT_AT", d.built_at),

@@ -19,6 +19,7 @@ from serving import schemas as s
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.crr import schemas as crr
 from serving.recs import schemas as recs
+from serving.resources import demo
 from serving.routing import JSON, NDJSON, Route
 
 ADMIN, RECOMMEND = SCOPE_ADMIN, SCOPE_RECOMMEND
@@ -677,5 +678,80 @@ ROUTES: tuple[Route, ...] = (
         RECOMMEND,
         response=Object,
         tags=("crr",),
+    ),
+    # --- the demo storefront and playground (only in demo mode; 404 otherwise) ------------
+    Route(
+        "GET",
+        "/demo",
+        ("demo", "on_get_page"),
+        "The demo storefront and merchandiser playground (HTML)",
+        None,
+        response=str,
+        response_media="text/html",
+        errors=(404,),
+        tags=("demo",),
+    ),
+    *(
+        Route(
+            "GET",
+            f"/demo/{name}",
+            ("demo", method),
+            f"A file of the demo page ({name})",
+            None,
+            response=str,
+            response_media=media,
+            errors=(404,),
+            tags=("demo",),
+        )
+        for name, method, media in (
+            ("app.js", "on_get_app_js", "text/javascript"),
+            ("api.js", "on_get_api_js", "text/javascript"),
+            ("openapi-fetch.js", "on_get_fetch_js", "text/javascript"),
+            ("style.css", "on_get_style", "text/css"),
+        )
+    ),
+    Route(
+        "GET",
+        "/demo/info",
+        ("demo", "on_get_info"),
+        "Whether demo mode is on, and the tenants its login mints tokens for",
+        None,
+        response=demo.DemoInfo,
+        errors=(404,),
+        tags=("demo",),
+    ),
+    Route(
+        "POST",
+        "/demo/login",
+        ("demo", "on_post_login"),
+        "Development login (demo mode only): a short-lived token for one of the demo tenants, "
+        "with the recommend scope or recommend + admin; 403 for any other tenant",
+        None,
+        body=demo.DemoLogin,
+        response=demo.DemoToken,
+        errors=(403, 404),
+        tags=("demo",),
+    ),
+    Route(
+        "GET",
+        "/demo/items",
+        ("demo", "on_get_items"),
+        "Titles, prices and tags of items of the live snapshot (by id, or the first few)",
+        RECOMMEND,
+        query=demo.DemoItemsQuery,
+        response=demo.DemoItems,
+        errors=(404, *_SNAPSHOT),
+        tags=("demo",),
+    ),
+    Route(
+        "GET",
+        "/demo/users",
+        ("demo", "on_get_users"),
+        "A few user ids of the live snapshot to shop as",
+        RECOMMEND,
+        query=demo.DemoUsersQuery,
+        response=demo.DemoUsers,
+        errors=(404, *_SNAPSHOT),
+        tags=("demo",),
     ),
 )
