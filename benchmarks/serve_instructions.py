@@ -146,6 +146,12 @@ def main() -> int:
     ap.add_argument("--data-root", default=os.path.join(REPO, "data", "bench"))
     ap.add_argument("--requests", type=int, default=2000, help="measured requests per endpoint")
     ap.add_argument("--warmup", type=int, default=1000, help="requests before the counting")
+    ap.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the server's JSON access log (default: on, as in production)",
+    )
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -155,6 +161,7 @@ def main() -> int:
     ensure_snapshot(data_root)
     env = server_env(
         data_root,
+        access_log=args.access_log,
         RECSYS_DEADLINE_MS="600000",  # (valgrind runs the worker ~50x slower)
         NUMBA_CPU_NAME="generic",
     )

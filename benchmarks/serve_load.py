@@ -14,6 +14,10 @@ settings (2 sync workers), and prints:
 * memory per worker beyond the shared snapshot mapping, from /proc/<pid>/smaps (goal < 150 MB),
 * a snapshot switch under load with zero failed requests.
 
+Both servers run with the production defaults: the JSON access log on (`--no-access-log` to
+compare; its lines go to a file in the run's temporary folder, and their count is printed),
+and rate limits on, with quotas far above the offered load.
+
 Needs `wrk` (apt-get install -y wrk). Everything stays on 127.0.0.1; every loop is bounded.
 """
 
@@ -70,15 +74,16 @@ end
 """
 
 
-def server_env(data_root: str, **extra: str) -> dict[str, str]:
-    """The environment of the benchmarked server: the bench tenant, no access log, rate limits
-    out of the way, in-process counters (no Redis)."""
+def server_env(data_root: str, access_log: bool = True, **extra: str) -> dict[str, str]:
+    """The environment of the benchmarked server: the bench tenant, the access log on (as by
+    default) or off, rate limits on with quotas out of the way, in-process counters (no
+    Redis)."""
     env = {
         **os.environ,
         "RECSYS_DATA_ROOT": data_root,
         "RECSYS_JWT_SECRET": SECRET,
         "RECSYS_TENANTS": TENANT,
-        "RECSYS_ACCESS_LOG": "0",
+        "RECSYS_ACCESS_LOG": "1" if access_log else "0",
         "RECSYS_RATE_LIMIT": "1000000000/60",
         "RECSYS_TENANT_RATE_LIMIT": "1000000000/60",
         "PYTHONPATH": REPO,
@@ -94,14 +99,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(app: str, port: int, env: dict[str, str]) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        gunicorn_argv(f"127.0.0.1:{port}", 2, app=app),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+def start(app: str, port: int, env: dict[str, str], log_path: str) -> subprocess.Popen:
+    """gunicorn (2 sync workers) serving `app`, its stderr (the access log) into `log_path`."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            gunicorn_argv(f"127.0.0.1:{port}", 2, app=app),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     deadline = time.time() + 120
     path = "/readyz" if app.startswith("serving") else None
     while time.time() < deadline:
@@ -116,7 +123,8 @@ def start(app: str, port: int, env: dict[str, str]) -> subprocess.Popen:
         except OSError:
             time.sleep(0.3)
         if proc.poll() is not None:
-            raise RuntimeError(f"{app} exited: {proc.stderr.read().decode()[-2000:]}")
+            with open(log_path, "rb") as log:
+                raise RuntimeError(f"{app} exited: {log.read().decode()[-2000:]}")
     proc.kill()
     raise RuntimeError(f"{app} did not become ready")
 
@@ -258,6 +266,12 @@ def main() -> int:
         "--rounds", type=int, default=4, help="alternating throughput slices per endpoint"
     )
     ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the servers' JSON access log (default: on, as in production)",
+    )
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
@@ -267,12 +281,13 @@ def main() -> int:
     store = SnapshotStore(os.path.join(data_root, "snapshots", TENANT))
     print(f"snapshot {sid}: {args.users} users x {args.items} items", flush=True)
 
-    env = server_env(data_root)
+    env = server_env(data_root, access_log=args.access_log)
     tmp = tempfile.mkdtemp(prefix="serve_load-")
+    logs = {name: os.path.join(tmp, f"{name}.log") for name in ("recommend", "trivial")}
     full = lua_file(tmp, "full.lua", args.users)
     port_app, port_triv = free_port(), free_port()
-    server = start("serving.wsgi:app", port_app, env)
-    trivial = start("benchmarks.trivial_app:app", port_triv, env)
+    server = start("serving.wsgi:app", port_app, env, logs["recommend"])
+    trivial = start("benchmarks.trivial_app:app", port_triv, env, logs["trivial"])
     results: dict[str, object] = {}
     try:
         url_app = f"http://127.0.0.1:{port_app}/v1/recommend"
@@ -393,6 +408,9 @@ def main() -> int:
     finally:
         stop(server)
         stop(trivial)
+        with open(logs["recommend"], "rb") as f:
+            lines = sum(1 for line in f if line.startswith(b'{"ts":'))
+        print(f"access log: {lines} lines" if args.access_log else "access log: off", flush=True)
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(results))
     return 0

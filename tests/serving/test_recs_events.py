@@ -19,19 +19,11 @@ from recsys.contract import EVENT_SCHEMA
 from recsys.ingest import ingest_events, read_events
 from recsys.storage import Storage
 from recsys.validation import validate_events
-from serving.events_log import (
-    TenantEventLog,
-    event_id_of,
-    flush_events,
-    frame,
-    list_segments,
-    payloads_frame,
-    read_frames,
-    read_tombstones,
-    records_frame,
-    segment_name,
-)
+from serving.event_landing import read_tombstones
+from serving.event_records import event_id_of, payloads_frame, records_frame
+from serving.events_log import TenantEventLog, flush_events
 from serving.recs.events import parse_bulk
+from serving.segment_log import frame, list_segments, read_frames, segment_name
 
 EV = {
     "type": "click",
@@ -241,7 +233,7 @@ def test_two_workers_share_one_log_without_duplicates(tmp_path):
 def test_concurrent_events_share_commits_and_are_fsynced_before_the_answer(tmp_path, monkeypatch):
     import threading
 
-    import serving.events_log as events_log
+    import serving.segment_log as segment_log
 
     root = str(tmp_path)
     w = TenantEventLog(root, "acme", linger_s=0.05)
@@ -253,7 +245,7 @@ def test_concurrent_events_share_commits_and_are_fsynced_before_the_answer(tmp_p
         real_fsync(fd)
         synced["bytes"] = max(synced["bytes"], os.fstat(fd).st_size)
 
-    monkeypatch.setattr(events_log.os, "fsync", fsync)
+    monkeypatch.setattr(segment_log.os, "fsync", fsync)
     answers: dict[str, tuple[str, bool]] = {}
 
     def send(i: int) -> None:

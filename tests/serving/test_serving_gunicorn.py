@@ -140,3 +140,57 @@ def test_the_preload_is_for_this_packages_apps_only():
     assert not serves_this_package("benchmarks.trivial_app:app")
     assert not serves_this_package("servingx.wsgi:app")
     assert not serves_this_package(None)
+
+
+def test_access_lines_of_requests_before_sigterm_are_all_in_the_log(tmp_path):
+    """The access log is written in batches from a thread (serving.accesslog); a SIGTERM right
+    after the last answer still leaves one line per request in the log (workers write what
+    waits as they exit)."""
+    root = str(tmp_path / "data")
+    publish_tiny(root, "acme", "a")
+    port = free_port()
+    env = {
+        **os.environ,
+        "RECSYS_DATA_ROOT": root,
+        "RECSYS_JWT_SECRET": SECRET,
+        "RECSYS_ACCESS_LOG": "1",
+    }
+    log_path = tmp_path / "stderr.log"
+    with open(log_path, "wb") as err:
+        proc = subprocess.Popen(
+            gunicorn_argv(f"127.0.0.1:{port}", 2),
+            env=env,
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready_logged(base, proc, log_path, 60)
+        sent = [f"sigterm-test-{n}" for n in range(300)]
+        for request_id in sent:
+            status, _, _ = request(base + "/healthz", headers={"X-Request-Id": request_id})
+            assert status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    logged = [
+        orjson.loads(line)["request_id"]
+        for line in log_path.read_bytes().splitlines()
+        if line.startswith(b'{"ts":')
+    ]
+    assert sorted(r for r in logged if r.startswith("sigterm-test-")) == sorted(sent)
+
+
+def wait_ready_logged(base: str, proc: subprocess.Popen, log_path, timeout_s: float) -> None:
+    """`wait_ready` for a server whose stderr goes to `log_path`."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if request(base + "/readyz")[0] == 200:
+                return
+        except OSError:
+            pass
+        assert proc.poll() is None, log_path.read_text()[-2000:]
+        assert time.time() < deadline, "the server did not become ready"
+        time.sleep(0.2)
