@@ -166,6 +166,26 @@ def _selection(root: str, tenant: str = "default") -> dict:
     }
 
 
+def reference_baselines(
+    events: pl.DataFrame, items: pl.DataFrame | None, test_fraction: float = 0.2
+) -> dict[str, float]:
+    """NDCG@10 of popularity and EASE (lambda 250) fitted on the same train split, scored on
+    the same test users: the protocol's references."""
+    from recsys.evaluation.evaluate import build_holdout
+    from recsys.models.data import build_dataset
+    from recsys.models.ease import EASERecommender
+    from recsys.models.popularity import PopularityRecommender
+
+    split = temporal_split(events, test_fraction)
+    data = build_dataset(split.train, items, include_catalog_items=False)
+    holdout = build_holdout(data, split.train, split.test)
+    out = {}
+    for name, model in (("popularity", PopularityRecommender()), ("EASE", EASERecommender())):
+        rec, _ = model.fit(data).recommend(holdout.user_idx, 10)
+        out[name] = float(ndcg_at_k(rec, holdout.relevant, 10).mean())
+    return out
+
+
 def summarize(scores: list[ServedScore]) -> str:
     """Mean, standard deviation and range of NDCG@10 over the seeds, for the report."""
     v = np.array([s.ndcg for s in scores])

@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _product_path import evaluate_product_path, summarize  # noqa: E402
+from _product_path import evaluate_product_path, reference_baselines, summarize  # noqa: E402
 
 from recsys.adapters import movielens_100k  # noqa: E402
 
@@ -39,6 +39,8 @@ def main() -> int:
         return 2
     t0 = time.perf_counter()
     events, items, users = movielens_100k(args.data)
+    refs = reference_baselines(events, items)
+    print("references on the same split: " + ", ".join(f"{k} {v:.4f}" for k, v in refs.items()))
     scores = []
     for seed in (int(s) for s in args.seeds.split(",")):
         s = evaluate_product_path(events, items, users, seed, keep=args.keep)

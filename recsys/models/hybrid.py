@@ -119,6 +119,9 @@ class HybridConfig:
     served: str | None = None
     #: validation users below which no choice is made on them: popularity serves
     min_selection_users: int = 20
+    #: the ranker's recency features (days since the user's last event, and since their
+    #: last event in the candidate's category); off: missing, for ablations
+    recency_features: bool = True
     #: LightFM's epoch count is chosen on the validation window: ``lightfm["epochs"]`` is the
     #: maximum, NDCG@10 of up to ``max_users`` validation users is scored every ``eval_every``
     #: epochs, and training stops after ``patience`` scores without improvement. None = off.
@@ -177,6 +180,11 @@ _GENERATOR_CLASSES: dict[str, type[Recommender]] = {
     "ease": EASERecommender,
     "recent": RecentItemsRecommender,
 }
+
+
+def _lightfm_is_chosen(config: HybridConfig) -> bool:
+    """LightFM's configuration needs no choice on validation (no early stopping, no grid)."""
+    return not config.lightfm_early_stopping and not config.tune.get("lightfm")
 
 
 def _uses(config: HybridConfig, name: str) -> bool:
@@ -592,6 +600,8 @@ def fit_eval_and_final(
         # the dataset depends on nothing that is tuned: its build starts at once
         model = HybridRecommender(final_config(config))
         refit = _Refit(model, events, items, users, background=True)
+        if _lightfm_is_chosen(config):
+            refit.fit(final_config(config), ("lightfm",))
 
         def on_config(chosen: HybridConfig) -> None:
             model.config = final_config(chosen)
@@ -626,7 +636,7 @@ def fit_eval_and_final(
             else:
                 data = eval_model._dataset(label.fit, items, users)
                 gens, _, _ = fit_generators(data, final_cfg)
-                side = SideFeatures.from_data(data, gens["popularity"])
+                side = SideFeatures.from_data(data, gens["popularity"], final_cfg)
             holdout = (
                 build_holdout(data, label.fit, label.validation, final_cfg.weights)
                 if label.validation.height
@@ -708,7 +718,9 @@ class SideFeatures:
     user_category_days: np.ndarray  # users x categories: days since the last event there
 
     @classmethod
-    def from_data(cls, data: Dataset, pop: PopularityRecommender) -> SideFeatures:
+    def from_data(
+        cls, data: Dataset, pop: PopularityRecommender, config: HybridConfig | None = None
+    ) -> SideFeatures:
         counts = np.asarray((data.confidence > 0).sum(axis=0)).ravel().astype(np.float64)
         price = data.item_price
         band = np.full(data.n_items, np.nan)
@@ -717,6 +729,8 @@ class SideFeatures:
             band[known] = popularity_percentile(price[known])  # price percentile in the catalog
         activity = np.diff(data.confidence.indptr).astype(np.float64)
         last, cat_days = _recency_arrays(data, pop.user_category_.shape[1])
+        if config is not None and not config.recency_features:  # all missing: never split on
+            last, cat_days = np.full_like(last, np.nan), np.full_like(cat_days, np.nan)
         return cls(
             item_log_pop=np.log1p(counts).astype(np.float32),
             item_pop_pct=popularity_percentile(counts).astype(np.float32),
@@ -1044,6 +1058,8 @@ class HybridRecommender:
         t0 = time.perf_counter()
         with single_threaded_blas():
             refit = _Refit(self, events, items, users)
+            if _lightfm_is_chosen(c):  # nothing to choose for LightFM: its refit starts now
+                refit.fit(c, ("lightfm",))
             split = temporal_split(events, 0.0, c.validation_fraction)
             info: dict[str, Any] = {
                 "ranker_events_fit": split.fit.height,
@@ -1094,7 +1110,7 @@ class HybridRecommender:
                 on_config(c)
             per_user = None
             if gens is not None:
-                side = SideFeatures.from_data(fit_data, gens["popularity"])
+                side = SideFeatures.from_data(fit_data, gens["popularity"], c)
                 ranker, rinfo = train_ranker(
                     gens, side, fit_data, holdout, c, compare=c.served is None
                 )
@@ -1118,7 +1134,7 @@ class HybridRecommender:
         self.data_ = data
         self.generators_ = generators
         self.seen_ = generators["popularity"].seen_
-        self.side_ = SideFeatures.from_data(data, generators["popularity"])
+        self.side_ = SideFeatures.from_data(data, generators["popularity"], self.config)
         self.user_ids_, self.item_ids_ = data.user_ids, data.item_ids
         served = (info.get("selection") or {}).get("served", "popularity")
         info["fallback_order"] = (
