@@ -448,7 +448,9 @@ class Collection:
 
     # --- internals -----------------------------------------------------------------------------
     def _what(self, doc_id: str) -> str:
-        return f"The {self.name}" if self._ids is not None else f"{self.name} '{doc_id}'"
+        """The document as a sentence names it ("The config", "Experiment 'x'")."""
+        what = f"the {self.name}" if self._ids is not None else f"{self.name} '{doc_id}'"
+        return what[0].upper() + what[1:]
 
     def _missing(self, doc_id: str) -> ProblemError:
         return ProblemError(404, f"No {self.name} '{doc_id}'.", code=self._missing_code)
@@ -463,7 +465,7 @@ class Collection:
                 if current is None:
                     raise Conflict(
                         412,
-                        f"If-Match: * but {self._what(doc_id)} does not exist.",
+                        f"If-Match: * but there is no such document ({self._what(doc_id)}).",
                         None,
                         code="RECSYS_PRECONDITION_FAILED",
                     )
