@@ -29,3 +29,6 @@ if [ "$(cat .venv/.recsys-installed 2>/dev/null || true)" != "$stamp" ]; then
   fi
   echo "$stamp" > .venv/.recsys-installed
 fi
+
+# Chromium for the browser tests and web/node_modules for the generated client (quiet, idempotent).
+bash scripts/setup_browser.sh

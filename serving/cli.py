@@ -6,11 +6,15 @@ import argparse
 import os
 import sys
 
+from recsys.tenancy import tenant_arg
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `token` and `serve` sub-commands (each sets `func(args) -> int`)."""
     tok = subparsers.add_parser("token", help="mint a development JWT for the serving API")
-    tok.add_argument("--tenant", required=True, help="tenant the token grants access to")
+    tok.add_argument(
+        "--tenant", required=True, type=tenant_arg, help="tenant the token grants access to"
+    )
     tok.add_argument(
         "--scope",
         action="append",
@@ -44,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flush = ev_sub.add_parser(
         "flush", help="land every acknowledged API event as Parquet for the ingest sensor now"
     )
-    flush.add_argument("--tenant", action="append", help="tenant (repeatable; default: all)")
+    flush.add_argument(
+        "--tenant", action="append", type=tenant_arg, help="tenant (repeatable; default: all)"
+    )
     flush.set_defaults(func=_flush_events)
 
 
@@ -134,8 +140,15 @@ def gunicorn_argv(
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from serving.config import ServingConfig
+
     if args.data_root:
         os.environ["RECSYS_DATA_ROOT"] = args.data_root
+    try:  # a bad setting (an API key of an invalid tenant id, ...) stops here, in one line
+        ServingConfig.from_env()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     argv = gunicorn_argv(args.bind, args.workers, args.timeout, args.reload, threads=args.threads)
     os.execv(argv[0], argv)  # replaces this process; gunicorn handles signals from here on
     return 0  # not reached

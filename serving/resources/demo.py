@@ -10,8 +10,8 @@ by default, and then every route here answers 404. In demo mode:
   `demo_tenants`, so no tenant can be reached that the operator did not name, and nothing at all
   is minted outside demo mode;
 - `GET /demo/items` and `GET /demo/users` give the page what the API does not carry (titles,
-  prices, tags; a few user ids to pick from), read from the live snapshot's Parquet copies of
-  the caller's tenant.
+  prices, tags; a few user ids to pick from), read from the caller's live snapshot (titles from
+  its analyst copy `parquet/items.parquet`, when it was written).
 
 Everything else the page does goes through the public API with the minted token.
 """
@@ -19,7 +19,6 @@ Everything else the page does goes through the public API with the minted token.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from typing import Annotated, Any
 
 import falcon
@@ -44,8 +43,7 @@ STATIC_FILES = {
     "openapi-fetch.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
-_ITEM_COLUMNS = ("item_id", "title", "category", "brand", "price", "tags", "available")
-_CACHED_SNAPSHOTS = 2  # catalogues kept per tenant (the live one and the one it replaced)
+_CACHED_SNAPSHOTS = 2  # title tables kept per tenant (the live one and the one it replaced)
 
 
 # --- bodies ---------------------------------------------------------------------------------
@@ -124,7 +122,7 @@ class DemoResources:
             raise ValueError("demo mode (RECSYS_DEMO_TENANTS) needs RECSYS_JWT_SECRET")
         self._secret = config.jwt_secret
         self._store = store
-        self._catalogues: dict[str, OrderedDict[str, dict[str, Any]]] = {}
+        self._titles_cache: dict[str, dict[str, str]] = {}
         self._files: dict[str, bytes] = {}
 
     @property
@@ -206,15 +204,23 @@ class DemoResources:
     def on_get_items(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = self._tenant(req)
         query: DemoItemsQuery = req.context.query
-        snapshot_id, catalogue = self._catalogue(tenant)
+        live = self._store.require_live(tenant)
+        snap = live.snap
         if query.ids:
             wanted = [i for i in dict.fromkeys(query.ids.split(",")) if i]
-            items = [catalogue[i] for i in wanted if i in catalogue]
-            unknown = [i for i in wanted if i not in catalogue]
         else:
-            items = [row for row, _ in zip(catalogue.values(), range(query.limit), strict=False)]
-            unknown = []
-        resp.data = orjson.dumps({"snapshot_id": snapshot_id, "items": items, "unknown": unknown})
+            wanted = snap.item_ids(list(range(min(query.limit, snap.n_items))))
+        titles = self._titles(tenant, live.snapshot_id, snap.path)
+        items, unknown = [], []
+        for item_id in wanted:
+            index = snap.item_index(item_id)
+            if index is None:
+                unknown.append(item_id)
+            else:
+                items.append(_describe(snap, index, item_id, titles.get(item_id)))
+        resp.data = orjson.dumps(
+            {"snapshot_id": live.snapshot_id, "items": items, "unknown": unknown}
+        )
         resp.content_type = falcon.MEDIA_JSON
 
     # GET /demo/users
@@ -222,11 +228,8 @@ class DemoResources:
         tenant = self._tenant(req)
         query: DemoUsersQuery = req.context.query
         live = self._store.require_live(tenant)
-        path = os.path.join(live.snap.path, "parquet", "users.parquet")
-        users = pl.read_parquet(path, columns=["user_id"], n_rows=query.limit)
-        resp.data = orjson.dumps(
-            {"snapshot_id": live.snapshot_id, "users": users["user_id"].to_list()}
-        )
+        users = [live.snap.user_id(u) for u in range(min(query.limit, live.snap.n_users))]
+        resp.data = orjson.dumps({"snapshot_id": live.snapshot_id, "users": users})
         resp.content_type = falcon.MEDIA_JSON
 
     def _tenant(self, req: falcon.Request) -> str:
@@ -235,24 +238,41 @@ class DemoResources:
             raise _demo_off()
         return tenant
 
-    def _catalogue(self, tenant: str) -> tuple[str, OrderedDict[str, dict[str, Any]]]:
-        """Item rows of the tenant's live snapshot by id (read once per snapshot)."""
-        live = self._store.require_live(tenant)
-        key = f"{tenant}/{live.snapshot_id}"
-        found = self._catalogues.get(key)
+    def _titles(self, tenant: str, snapshot_id: str, path: str) -> dict[str, str]:
+        """Item titles of a snapshot (its analyst copy `parquet/items.parquet`; none when the
+        snapshot was written without it), read once per snapshot."""
+        key = f"{tenant}/{snapshot_id}"
+        found = self._titles_cache.get(key)
         if found is None:
-            path = os.path.join(live.snap.path, "parquet", "items.parquet")
-            frame = pl.read_parquet(path)
-            columns = [c for c in _ITEM_COLUMNS if c in frame.columns]
-            found = OrderedDict(
-                (row["item_id"], {k: v for k, v in row.items() if v is not None})
-                for row in frame.select(columns).iter_rows(named=True)
-            )
-            stale = [k for k in self._catalogues if k.startswith(f"{tenant}/")]
+            found = {}
+            file = os.path.join(path, "parquet", "items.parquet")
+            if os.path.exists(file):
+                frame = pl.read_parquet(file, columns=["item_id", "title"])
+                found = dict(frame.drop_nulls().iter_rows())
+            stale = [k for k in self._titles_cache if k.startswith(f"{tenant}/")]
             for old in stale[: max(0, len(stale) - _CACHED_SNAPSHOTS + 1)]:
-                del self._catalogues[old]
-            self._catalogues[key] = found
-        return live.snapshot_id, found
+                del self._titles_cache[old]
+            self._titles_cache[key] = found
+        return found
+
+
+def _describe(snap: Any, index: int, item_id: str, title: str | None) -> dict[str, Any]:
+    """What the page shows of an item, from the snapshot's arrays (and its title)."""
+    out: dict[str, Any] = {"item_id": item_id}
+    if title is not None:
+        out["title"] = title
+    category = snap.category_name(int(snap.category_id[index]))
+    brand = snap.brand_name(int(snap.brand_id[index]))
+    if category is not None:
+        out["category"] = category
+    if brand is not None:
+        out["brand"] = brand
+    price = float(snap.price[index])
+    if price == price:  # (NaN: unknown)
+        out["price"] = round(price, 2)
+    out["tags"] = [snap.tag_name(int(t)) for t in snap.item_tags(index)]
+    out["available"] = bool(snap.available[index])
+    return out
 
 
 def dump_openapi(path: str) -> None:

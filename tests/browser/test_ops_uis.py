@@ -1,0 +1,90 @@
+"""What the data team sees: real `dagster dev` and `mlflow ui` on the demo's Dagster instance and
+MLflow store (after one successful `recsys_pipeline` run), in headless chromium."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from browser_helpers import BIN, REPO, free_port, stop, wait_http
+
+pytestmark = pytest.mark.slow
+GROUPS = ("ingest", "training", "evaluation", "publish")
+
+
+def _text(browser) -> str:
+    return browser.execute_script("return document.body ? document.body.innerText : ''")
+
+
+def _wait_text(browser, needles, timeout: float = 120.0, what: str = "") -> str:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, timeout, poll_frequency=0.5).until(
+        lambda d: all(n in _text(d) for n in needles),
+        message=f"the page never showed {needles} ({what}): {_text(browser)[:500]!r}",
+    )
+    return _text(browser)
+
+
+def test_dagster_shows_the_asset_groups_and_the_last_successful_run(
+    browser, demo_instance, screenshot
+):
+    port = free_port()
+    log = demo_instance.root / "dagster-dev.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1"]
+            + ["-p", str(port)],
+            cwd=REPO,
+            env=demo_instance.env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/server_info", proc, 240, log)
+        browser.get(url + "/asset-groups")
+        _wait_text(browser, GROUPS, what="the global asset graph")
+        screenshot("dagster_asset_graph")
+        browser.get(url + "/runs")
+        text = _wait_text(browser, ("recsys_pipeline", "Success"), what="the runs list")
+        assert "Failure" not in text
+        screenshot("dagster_runs")
+    finally:
+        stop(proc)
+
+
+def test_mlflow_registry_shows_the_champion(browser, demo_instance, screenshot):
+    port = free_port()
+    log = demo_instance.root / "mlflow-ui.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "ui",
+                "--backend-store-uri",
+                f"sqlite:///{demo_instance.mlflow_db}",
+                "--default-artifact-root",
+                str(demo_instance.data_root / "mlflow" / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=demo_instance.root,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", proc, 240, log)
+        browser.get(url + "/#/models")
+        _wait_text(browser, ("recsys-default",), what="the registered models")
+        screenshot("mlflow_models")
+        browser.get(url + "/#/models/recsys-default")
+        _wait_text(browser, ("recsys-default", "champion"), what="the model's versions")
+        screenshot("mlflow_champion")
+    finally:
+        stop(proc)
