@@ -16,6 +16,7 @@ from collections.abc import Callable
 from recsys.contract import DEFAULT_TENANT
 from recsys.errors import EmptyInputError, RecsysError
 from recsys.storage import Storage, default_root
+from recsys.tenancy import tenant_arg
 
 #: Modules that add their own sub-commands through `register(subparsers)`.
 COMMAND_MODULES: tuple[str, ...] = ("recsys.snapshot.cli", "serving.cli")
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="land a CSV/TSV/NDJSON/Parquet file for ingest")
     p.add_argument("kind", choices=["events", "items", "users"])
     p.add_argument("file")
-    p.add_argument("--tenant", default=DEFAULT_TENANT)
+    p.add_argument("--tenant", default=DEFAULT_TENANT, type=tenant_arg)
     from recsys.adapters import ADAPTER_NAMES
 
     p.add_argument(
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int)
     p.add_argument("--days", type=int, default=60)
     p.add_argument("--end-date", help="last day of the data (YYYY-MM-DD, default today)")
-    p.add_argument("--tenant", default=DEFAULT_TENANT)
+    p.add_argument("--tenant", default=DEFAULT_TENANT, type=tenant_arg)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo_data)

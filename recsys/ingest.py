@@ -33,6 +33,7 @@ from recsys.durable import write_parquet_atomic
 from recsys.errors import RecsysError
 from recsys.readers import TextLayout
 from recsys.storage import Storage
+from recsys.tenancy import is_valid_tenant
 from recsys.validation import validate_events, validate_items, validate_users
 
 REJECTED_SUFFIX = ".rejected.parquet"
@@ -122,7 +123,9 @@ def tenants_with_landing(storage: Storage) -> list[str]:
     return sorted(
         posixpath.basename(p.rstrip("/"))
         for p in storage.fs.ls(root, detail=False)
-        if storage.fs.isdir(p) and not posixpath.basename(p).startswith(".")
+        if storage.fs.isdir(p)
+        and not posixpath.basename(p).startswith(".")
+        and is_valid_tenant(posixpath.basename(p.rstrip("/")))
     )
 
 

@@ -1,7 +1,9 @@
 """Where every piece of data lives, relative to one configured root.
 
 The root is a local folder (``./data`` by default) or any fsspec URI (``s3://bucket/recsys``);
-callers ask this class for paths and a filesystem instead of building paths themselves.
+callers ask this class for paths and a filesystem instead of building paths themselves. A
+tenant's paths are built only for a valid tenant id (`recsys.tenancy.check_tenant`: ValueError
+otherwise), so no id can name a folder outside its tenant's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from recsys.tenancy import check_tenant
 
 LANDING_KINDS = ("events", "items", "users")
 
@@ -47,7 +51,7 @@ class Storage:
     def landing_dir(self, tenant: str, kind: str) -> str:
         if kind not in LANDING_KINDS:
             raise ValueError(f"unknown landing kind {kind!r}; expected one of {LANDING_KINDS}")
-        return self.path("landing", tenant, kind)
+        return self.path("landing", check_tenant(tenant), kind)
 
     def landing_files(self, tenant: str, kind: str) -> list[str]:
         """Landing files of one kind, sorted by name (names start with a UTC timestamp)."""
@@ -61,27 +65,27 @@ class Storage:
 
     # --- warehouse -----------------------------------------------------------------------
     def events_dir(self, tenant: str) -> str:
-        return self.path("warehouse", tenant, "events")
+        return self.path("warehouse", check_tenant(tenant), "events")
 
     def rejected_dir(self, tenant: str) -> str:
-        return self.path("warehouse", tenant, "rejected_events")
+        return self.path("warehouse", check_tenant(tenant), "rejected_events")
 
     def table_path(self, tenant: str, name: str) -> str:
         """A single-file warehouse table: items, users, interactions, ..."""
-        return self.path("warehouse", tenant, f"{name}.parquet")
+        return self.path("warehouse", check_tenant(tenant), f"{name}.parquet")
 
     def ingest_state_path(self, tenant: str) -> str:
-        return self.path("warehouse", tenant, "_ingest_state.json")
+        return self.path("warehouse", check_tenant(tenant), "_ingest_state.json")
 
     # --- downstream ------------------------------------------------------------------------
     def models_dir(self, tenant: str) -> str:
-        return self.path("models", tenant)
+        return self.path("models", check_tenant(tenant))
 
     def evaluation_dir(self, tenant: str) -> str:
-        return self.path("evaluation", tenant)
+        return self.path("evaluation", check_tenant(tenant))
 
     def snapshots_dir(self, tenant: str) -> str:
-        return self.path("snapshots", tenant)
+        return self.path("snapshots", check_tenant(tenant))
 
     def serving_dir(self) -> str:
         return self.path("serving")
@@ -89,7 +93,7 @@ class Storage:
     def tombstones_dir(self, tenant: str) -> str:
         """Ids of events deleted through the API (Parquet: event_id, deleted_at), written by the
         server's event log and applied to the warehouse by ingest."""
-        return self.path("serving", "events", tenant, "tombstones")
+        return self.path("serving", "events", check_tenant(tenant), "tombstones")
 
     def mlflow_uri(self) -> str:
         """Default MLflow tracking URI: a SQLite database under the root (local roots only)."""

@@ -1,7 +1,9 @@
 """Who is calling: Bearer JWTs (HS256 secret or RS256 public key) and static API keys.
 
 A verified caller becomes a `Principal` (tenant, scopes, rate-limit key). Everything a request
-touches is scoped to `Principal.tenant`; no resource reads a tenant from the request body.
+touches is scoped to `Principal.tenant`; no resource reads a tenant from the request body. A
+token whose tenant claim is not a valid tenant id (`recsys.tenancy`) is refused (401), and
+API keys are checked when the configuration is built, so `Principal.tenant` is always one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import jwt
 
+from recsys.tenancy import TENANT_ID_RULE, is_valid_tenant
 from serving.config import ServingConfig
 from serving.errors import ProblemError
 
@@ -126,9 +129,14 @@ class Authenticator:
         if claims is None:
             reason = str(last_error) if last_error else f"algorithm {header_alg!r} not accepted"
             raise _unauthorized(f"Invalid token: {reason}")
-        tenant = next((claims[c] for c in self._tenant_claims if claims.get(c)), None)
-        if not isinstance(tenant, str) or not tenant:
+        name = next((c for c in self._tenant_claims if claims.get(c)), None)
+        if name is None:  # (an empty claim carries no tenant either)
             raise ProblemError(403, "The token carries no tenant claim.", code="RECSYS_NO_TENANT")
+        tenant = claims[name]
+        if not is_valid_tenant(tenant):  # never let a hostile id near a path
+            raise _unauthorized(
+                f"Invalid token: its {name!r} claim is not a tenant id ({TENANT_ID_RULE})."
+            )
         scopes = claims.get("scope", claims.get("scp", ""))
         scope_set = frozenset(scopes.split() if isinstance(scopes, str) else scopes)
         subject = "jwt:" + str(claims.get("sub") or tenant)

@@ -40,16 +40,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from recsys.tenancy import TENANT_ID_RULE, describe, is_valid_tenant
+
 ALL_SCOPES = ("recommend", "admin")
 
 
 @dataclass(frozen=True)
 class ApiKey:
-    """One static API key: the tenant it belongs to and the scopes it grants."""
+    """One static API key: the tenant it belongs to and the scopes it grants (`ValueError`
+    when the tenant is not a valid tenant id: the server refuses to start)."""
 
     key: str
     tenant: str
     scopes: frozenset[str]
+
+    def __post_init__(self) -> None:
+        if not is_valid_tenant(self.tenant):
+            raise ValueError(
+                f"API key {self.key[:4]}...: tenant {describe(self.tenant)} is not a tenant id "
+                f"({TENANT_ID_RULE})"
+            )
 
 
 @dataclass(frozen=True)
@@ -118,7 +128,7 @@ class ServingConfig:
                 public_key = f.read()
         return cls(
             data_root=get("RECSYS_DATA_ROOT", d.data_root),
-            tenants=_csv(get("RECSYS_TENANTS", "")),
+            tenants=_tenants(get("RECSYS_TENANTS", "")),
             jwt_secret=get("RECSYS_JWT_SECRET"),
             jwt_public_key=public_key,
             jwt_issuer=get("RECSYS_JWT_ISSUER"),
@@ -152,16 +162,30 @@ class ServingConfig:
 
 
 def parse_api_keys(text: str) -> tuple[ApiKey, ...]:
-    """Parse ``key=tenant:scope+scope,...`` (scopes default to ``recommend``)."""
+    """Parse ``key=tenant:scope+scope,...`` (scopes default to ``recommend``); `ValueError`
+    for an entry that is malformed or names an invalid tenant id."""
     keys = []
     for entry in _csv(text):
         key, sep, rest = entry.partition("=")
         tenant, _, scopes = rest.partition(":")
         if not sep or not key or not tenant:
-            raise ValueError(f"bad RECSYS_API_KEYS entry {entry!r}; expected key=tenant:scopes")
+            raise ValueError(
+                f"bad RECSYS_API_KEYS entry {entry[:4]!r}...; expected key=tenant:scopes"
+            )
         scope_set = frozenset(s for s in (scopes or "recommend").split("+") if s)
-        keys.append(ApiKey(key=key, tenant=tenant, scopes=scope_set))
+        try:
+            keys.append(ApiKey(key=key, tenant=tenant, scopes=scope_set))
+        except ValueError as e:
+            raise ValueError(f"RECSYS_API_KEYS: {e}") from None
     return tuple(keys)
+
+
+def _tenants(text: str | None) -> tuple[str, ...]:
+    tenants = _csv(text)
+    for t in tenants:
+        if not is_valid_tenant(t):
+            raise ValueError(f"RECSYS_TENANTS: {describe(t)} is not a tenant id ({TENANT_ID_RULE})")
+    return tenants
 
 
 def _csv(text: str | None) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ from recsys.models.hybrid import (
     popularity_only,
 )
 from recsys.storage import Storage
+from recsys.tenancy import is_valid_tenant
 
 GROUP = "training"
 VARIANTS = ("eval", "final")  # fitted on the train part / on all events
@@ -51,7 +52,7 @@ def tenants(store: Storage, wanted: list[str]) -> list[str]:
     if not store.exists(root):
         return []
     found = [posixpath.basename(p.rstrip("/")) for p in store.fs.ls(root, detail=False)]
-    return sorted(t for t in found if store.exists(store.events_dir(t)))
+    return sorted(t for t in found if is_valid_tenant(t) and store.exists(store.events_dir(t)))
 
 
 def read_inputs(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -18,6 +17,7 @@ from recsys.contract import DEFAULT_TENANT
 from recsys.snapshot.reader import SnapshotError
 from recsys.snapshot.store import SnapshotStore
 from recsys.storage import Storage, default_root
+from recsys.tenancy import tenant_arg
 
 
 def register(
@@ -30,7 +30,9 @@ def register(
         default=default_data_root,
         help="data root (default: $RECSYS_DATA_ROOT or ./data)",
     )
-    parent.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant (default: %(default)s)")
+    parent.add_argument(
+        "--tenant", default=DEFAULT_TENANT, type=tenant_arg, help="tenant (default: %(default)s)"
+    )
     parent.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     snap = subparsers.add_parser("snapshot", help="list, roll back or compare serving snapshots")
@@ -73,8 +75,6 @@ def _friendly(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpars
 
 
 def _store(args: argparse.Namespace) -> SnapshotStore:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.tenant or ""):
-        raise ValueError(f"invalid tenant name {args.tenant!r}")
     storage = Storage(args.data_root or default_root())
     return SnapshotStore(storage.snapshots_dir(args.tenant))
 
