@@ -55,8 +55,8 @@ class Route:
     def statuses(self) -> tuple[int, ...]:
         """Every error status the route can answer: its own plus what its shape implies."""
         out = set(self.errors) | {500}
-        if self.scope is not None:
-            out |= {401, 403, 429}
+        if self.scope is not None:  # (400: an X-Org-Id that is not a tenant id)
+            out |= {400, 401, 403, 429}
         if self.body is not None:
             out |= {400, 411, 413, 415}
         if self.query is not None or self.params:
