@@ -30,8 +30,9 @@ from recsys.contract import ITEM_SCHEMA, USER_SCHEMA
 from recsys.durable import write_parquet_atomic
 from recsys.storage import Storage
 from recsys.validation import validate_items, validate_users
+from serving.crr.schemas import CrrItemRecord, CrrUserRecord, given
 from serving.documents import NONE, Collection, Document, Legacy, Preconditions
-from serving.errors import ProblemError, bad_request
+from serving.errors import ProblemError
 
 KINDS = ("users", "items")
 ID_FIELD = {"users": "uid", "items": "iid"}
@@ -77,42 +78,19 @@ def check_record(kind: str, record_id: str, record: dict[str, Any]) -> pl.DataFr
     return raw
 
 
-def parse_record(kind: str, body: Any) -> tuple[str | None, str | None, dict[str, Any], list]:
-    """(id, rid, record fields, events) of a request body; 400 on unknown fields."""
-    if not isinstance(body, dict):
-        raise bad_request("The body must be a JSON object.")
+def parse_record(
+    kind: str, body: CrrUserRecord | CrrItemRecord
+) -> tuple[str | None, str | None, dict[str, Any]]:
+    """(id, rid, record fields sent) of a decoded body (`serving.crr.schemas`); 422 when it
+    names its id twice, differently."""
     id_field, contract_id = ID_FIELD[kind], CONTRACT_ID[kind]
-    allowed = {id_field, contract_id, "rid", *FIELDS[kind]}
-    if kind == "users":
-        allowed.add("events")
-    unknown = set(body) - allowed
-    if unknown:
-        raise bad_request(
-            f"Unknown field(s): {', '.join(sorted(unknown))}; a {kind[:-1]} has "
-            f"{', '.join(sorted(allowed))}."
+    ids = given(body, (id_field, contract_id))
+    if len(set(ids.values())) > 1:
+        raise ProblemError(
+            422, f"'{id_field}' and '{contract_id}' differ.", code="RECSYS_INVALID_RECORD"
         )
-    rid = body.get("rid")
-    if rid is not None and not isinstance(rid, str):
-        raise bad_request("Field 'rid' must be a string.")
-    rec_id = body.get(id_field, body.get(contract_id))
-    if rec_id is not None and (not isinstance(rec_id, str) or not rec_id):
-        raise bad_request(f"Field '{id_field}' must be a non-empty string.")
-    events = body.get("events") or []
-    if not isinstance(events, list):
-        raise bad_request("Field 'events' must be an array of events.")
-    record = {f: body[f] for f in FIELDS[kind] if f in body}
-    for f in ("attributes",):
-        if f in record and record[f] is not None and not isinstance(record[f], dict):
-            raise bad_request(f"Field '{f}' must be an object.")
-    if (
-        "tags" in record
-        and record["tags"] is not None
-        and not (
-            isinstance(record["tags"], list) and all(isinstance(t, str) for t in record["tags"])
-        )
-    ):
-        raise bad_request("Field 'tags' must be an array of strings.")
-    return rec_id, rid, record, events
+    rec_id = next(iter(ids.values()), None)
+    return rec_id, body.rid, given(body, FIELDS[kind])
 
 
 def _legacy_record(raw: dict[str, Any]) -> tuple[str, dict[str, Any], str, str]:

@@ -3,6 +3,11 @@
 Users (uid), items (iid) and events (eid); user and item records carry a revision id (rid).
 Record writes need the `admin` scope, everything else `recommend`; the tenant is the caller's.
 
+Bodies, queries and replies are the types of `serving.crr.schemas`: the route table
+(`serving.routes`) decodes and checks them before a handler runs (400 naming the field), so a
+handler reads `req.context.body` / `req.context.query` and checks only what a schema cannot
+state (422: the contract's checks of a record or an event, an id differing from the URL's).
+
 Events are read from everything the server knows (`serving.events_log.scan_all_events`: the
 validated warehouse, the API's landed files and the durable event log) and written to the
 durable event log. Event list filters: ``item`` / ``user`` (repeatable), ``history`` (``all``,
@@ -25,19 +30,19 @@ from typing import Any
 
 import falcon
 import numpy as np
+import orjson
 import polars as pl
 
 from recsys.contract import BUILTIN_EVENT_TYPES
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.crr.records import ID_FIELD, RecordStore, parse_record
+from serving.crr.schemas import CrrNewEvent, CrrUserEvent, CrrUserRecord, EventsQuery
 from serving.documents import Preconditions, set_etag
 from serving.errors import ProblemError
 from serving.events_log import EventLogs, scan_all_events
 from serving.service import RecommendService
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
 
-MAX_EVENTS_PAGE = 10_000
-MAX_PREDICTIONS = 10_000
 _HISTORY = re.compile(r"^(\d{1,6})(s|min|h|d|w|m|y)$")
 _UNIT_S = {
     "s": 1,
@@ -51,21 +56,24 @@ _UNIT_S = {
 
 
 def event_type_of(name: str) -> str:
-    """`purchases` -> purchase; known types only (404 otherwise)."""
-    low = name.lower()
-    for cand in (low, low[:-1] if low.endswith("s") else None):
-        if cand in BUILTIN_EVENT_TYPES:
-            return cand
-    raise ProblemError(
-        404,
-        f"Unknown event type '{name}'; known: {', '.join(BUILTIN_EVENT_TYPES)} (or plurals).",
-        code="RECSYS_UNKNOWN_EVENT_TYPE",
-    )
+    """The event type a path or body names (`EventTypeName`): `purchases` -> purchase."""
+    return name if name in BUILTIN_EVENT_TYPES else name[:-1]
+
+
+def _context(text: str | None) -> dict[str, Any] | str | None:
+    """An event's context: the object it holds, or an imported event's text when that is
+    not a JSON object (the import keeps context as text)."""
+    if not text:
+        return None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 def event_json(row: dict[str, Any]) -> dict[str, Any]:
-    import orjson
-
+    """An event row (EVENT_SCHEMA) as the API shows it (`serving.crr.schemas.CrrEvent`)."""
     ts: dt.datetime = row["timestamp"]
     secs = ts.timestamp()
     return {
@@ -77,8 +85,15 @@ def event_json(row: dict[str, Any]) -> dict[str, Any]:
         "time": ts.isoformat().replace("+00:00", "Z"),
         "value": row["value"],
         "session_id": row["session_id"],
-        "context": orjson.loads(row["context"]) if row["context"] else None,
+        "context": _context(row["context"]),
     }
+
+
+def _as_list(value: list[str] | str | None) -> list[str]:
+    """A repeatable query parameter's values (one value decodes as a string)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else value
 
 
 class CrrResources:
@@ -113,22 +128,17 @@ class CrrResources:
         lf = self._events(tenant).filter(pl.col(by) == key)
         if event_type is not None:
             lf = lf.filter(pl.col("event_type") == event_type)
+        query: EventsQuery = req.context.query
         other = "item" if by == "user_id" else "user"
-        wanted = req.get_param_as_list(other)
+        wanted = _as_list(getattr(query, other))
         if wanted:
             lf = lf.filter(pl.col("item_id" if other == "item" else "user_id").is_in(wanted))
-        if req.get_param_as_bool("null", default=True) is False:
+        if not query.null:
             lf = lf.filter(pl.col("value").is_not_null())
-        history = req.get_param("history", default="all")
-        if history == "current":
+        if query.history == "current":
             lf = lf.sort("timestamp").group_by(["user_id", "item_id", "event_type"]).last()
-        elif history != "all":
-            m = _HISTORY.match(history)
-            if m is None:
-                raise ProblemError(
-                    400,
-                    "history is all, current or <n><unit> (unit s, min, h, d, w, m, y).",
-                )
+        elif query.history != "all":
+            m = _HISTORY.match(query.history)  # (the schema's pattern: it matches)
             since = dt.datetime.now(dt.UTC) - dt.timedelta(
                 seconds=int(m.group(1)) * _UNIT_S[m.group(2)]
             )
@@ -136,8 +146,8 @@ class CrrResources:
         return lf.sort(["timestamp", "event_id"]).collect()
 
     def _page(self, req: falcon.Request, resp: falcon.Response, df: pl.DataFrame) -> None:
-        limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_EVENTS_PAGE, default=1000)
-        offset = req.get_param_as_int("cursor", min_value=0, default=0)
+        query: EventsQuery = req.context.query
+        limit, offset = query.limit, query.cursor
         page = df.slice(offset, limit)
         nxt = offset + limit if offset + limit < df.height else None
         resp.media = {
@@ -164,7 +174,9 @@ class CrrResources:
 
     def _create(self, req, resp, kind: str) -> None:
         tenant = req.context.principal.tenant
-        rec_id, _, record, events = parse_record(kind, req.context.body)
+        body = req.context.body
+        rec_id, _, record = parse_record(kind, body)
+        events = body.events if isinstance(body, CrrUserRecord) else []
         generated = rec_id is None
         rec_id = rec_id or f"{kind[0]}-{time.time_ns():x}"
         doc, _ = self._records.put(tenant, kind, rec_id, record, create_only=True)
@@ -176,7 +188,9 @@ class CrrResources:
             resp.media["events"] = self._add_events(tenant, rec_id, None, events)
 
     def _put(self, req, resp, kind: str, rec_id: str) -> None:
-        body_id, rid, record, events = parse_record(kind, req.context.body)
+        body = req.context.body
+        body_id, rid, record = parse_record(kind, body)
+        events = body.events if isinstance(body, CrrUserRecord) else []
         if body_id is not None and body_id != rec_id:
             raise ProblemError(422, f"{ID_FIELD[kind]} in the body differs from the URL.")
         pre = Preconditions.of(req).matching(rid)  # (the body's rid, else If-Match)
@@ -200,37 +214,26 @@ class CrrResources:
         resp.media = {ID_FIELD[kind]: rec_id, "rid": doc["rid"], "status": "deleted"}
 
     def _add_events(
-        self, tenant: str, user_id: str, event_type: str | None, events: list
+        self,
+        tenant: str,
+        user_id: str,
+        event_type: str | None,
+        events: list[CrrNewEvent] | list[CrrUserEvent],
     ) -> list[dict[str, Any]]:
+        """Submit a user's events (of `event_type`, else each its own) to the event log; one
+        outcome per event, in order (`serving.crr.schemas.CrrEventOutcome`)."""
         bodies = []
         for e in events:
-            if not isinstance(e, dict) or set(e) - {
-                "eid",
-                "iid",
-                "type",
-                "timestamp",
-                "value",
-                "session_id",
-                "context",
-            }:
-                raise ProblemError(
-                    400,
-                    "An event is {eid?, iid, type?, timestamp?, value?, session_id?, context?}.",
-                )
-            etype = event_type or e.get("type")
-            if not isinstance(etype, str):
-                raise ProblemError(422, "Each event needs a 'type'.")
             body = {
                 "user_id": user_id,
-                "item_id": e.get("iid"),
-                "event_type": event_type_of(etype),
-                "timestamp": e.get("timestamp"),
-                "value": e.get("value"),
-                "session_id": e.get("session_id"),
-                "context": e.get("context"),
+                "item_id": e.iid,
+                "event_type": event_type_of(event_type or e.type),  # type: ignore[union-attr]
+                "timestamp": e.timestamp,
+                "value": e.value,
+                "session_id": e.session_id,
+                "context": e.context,
+                "event_id": e.eid,
             }
-            if e.get("eid") is not None:
-                body["event_id"] = e["eid"]
             bodies.append({k: v for k, v in body.items() if v is not None})
         results = self._logs.tenant(tenant).submit(bodies)
         return [
@@ -348,12 +351,10 @@ class CrrResources:
         live = self._store.require_live(tenant)
         snap = live.snap
         uidx = snap.user_index(uid)
-        wanted = req.get_param_as_list("item")
-        limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_PREDICTIONS, default=100)
+        query = req.context.query
+        wanted, limit = _as_list(query.item), query.limit
         stored = {}
-        if req.get_param_as_bool("useStoredRatings", default=False) or req.get_param_as_bool(
-            "usedStoredRatings", default=False
-        ):
+        if query.useStoredRatings or query.usedStoredRatings:
             df = (
                 self._events(tenant)
                 .filter((pl.col("user_id") == uid) & (pl.col("event_type") == "rating"))
@@ -440,16 +441,12 @@ class CrrResources:
 
     def on_get_recommendations(self, req, resp, uid: str) -> None:
         tenant = req.context.principal.tenant
-        tconf, _ = self._service.tenant_config(tenant)
-        cfg = self._service._config
-        max_k = min(cfg.max_k, (tconf.get("limits") or {}).get("max_k", cfg.max_k))
-        count = req.get_param_as_int("count", min_value=1)
+        query = req.context.query
         body: dict[str, Any] = {"user": {"user_id": uid}}
-        if count is not None:
-            body["k"] = min(count, max_k)  # "as many as possible" up to the limit
-        surface = req.get_param("surface")
-        if surface:
-            body["surface"] = surface
+        if query.count is not None:  # "as many as possible" up to the tenant's limit
+            body["k"] = min(query.count, self._service.limits(tenant).max_k)
+        if query.surface is not None:
+            body["surface"] = query.surface
         result = self._service.recommend(tenant, body, req.context.started)
         result["meta"]["request_id"] = req.context.request_id
         resp.media = {
