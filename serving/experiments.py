@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
-import re
 import uuid
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -29,11 +28,10 @@ import polars as pl
 
 from serving.documents import NONE, Collection, Document, Legacy, Preconditions, now_iso
 from serving.errors import ProblemError, bad_request, unprocessable
+from serving.recs.schemas import ExperimentSpec
+from serving.routing import check
 from serving.rules import assign_variant
 
-STATUSES = ("draft", "running", "paused", "stopped")
-METRICS = ("ctr", "conversion")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FIELDS = frozenset(
     {
         "id",
@@ -49,104 +47,59 @@ _FIELDS = frozenset(
         "description",
     }
 )
-_VARIANT_FIELDS = frozenset({"id", "name", "snapshot", "model", "traffic", "weight"})
-MAX_VARIANTS = 10
 MAX_FORCED = 10_000
 
 
 # --- validation ----------------------------------------------------------------------------------
-def _parse_time(value: Any, field: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise bad_request(f"Field '{field}' must be an ISO-8601 date-time string or null.")
-    try:
-        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise bad_request(f"Field '{field}' is not an ISO-8601 date-time: {value!r}.") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return t.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+def _utc(t: dt.datetime | None) -> str | None:
+    return None if t is None else t.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def validate_experiment(body: Any) -> dict[str, Any]:
-    """The user-settable part of an experiment, normalised; raises 400/422 Problems.
+    """The user-settable part of an experiment, normalised. `body` is an `ExperimentSpec`
+    (`serving.recs.schemas`), or plain JSON values checked against it (400 naming the field);
+    then what the schema cannot state (422): a variant id used twice, a variant naming both a
+    snapshot and a model, a primary metric not among `metrics`, an end not after the start.
 
     Variants: ``{"id", "traffic", "snapshot" | "model"}`` (``name`` / ``weight`` are accepted
     as the admin config's spellings). ``snapshot`` is ``current`` or a snapshot id; ``model``
     is ``<name>@<version>`` as reported in ``meta.algo_version`` and resolves to the newest
     published snapshot built from that model.
     """
-    if not isinstance(body, dict):
-        raise bad_request("An experiment is a JSON object.")
-    unknown = set(body) - _FIELDS - {"version", "assignments", "created_at", "updated_at"}
-    if unknown:
-        raise bad_request(f"Unknown field(s): {', '.join(sorted(unknown))}.")
-    out: dict[str, Any] = {}
-    name = body.get("name")
-    if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 256):
-        raise bad_request("Field 'name' must be a string of 1..256 characters.")
-    out["name"] = name
-    desc = body.get("description")
-    if desc is not None and (not isinstance(desc, str) or len(desc) > 4096):
-        raise bad_request("Field 'description' must be a string of at most 4096 characters.")
-    out["description"] = desc
-    surface = body.get("surface", "home")
-    if not isinstance(surface, str) or not 0 < len(surface) <= 256:
-        raise bad_request("Field 'surface' must be a non-empty string.")
-    out["surface"] = surface
-    status = body.get("status", "draft")
-    if status not in STATUSES:
-        raise bad_request(f"Field 'status' must be one of {', '.join(STATUSES)}.")
-    out["status"] = status
-    variants = body.get("variants")
-    if not isinstance(variants, list) or not 2 <= len(variants) <= MAX_VARIANTS:
-        raise bad_request(f"Field 'variants' must be an array of 2..{MAX_VARIANTS} variants.")
+    spec = body if type(body) is ExperimentSpec else check(body, ExperimentSpec, "body")
+    out: dict[str, Any] = {
+        "name": spec.name,
+        "description": spec.description,
+        "surface": spec.surface,
+        "status": spec.status,
+    }
     seen: set[str] = set()
     norm = []
-    for i, v in enumerate(variants):
-        where = f"variants[{i}]"
-        if not isinstance(v, dict) or set(v) - _VARIANT_FIELDS:
-            raise bad_request(f"{where} must be an object of {', '.join(sorted(_VARIANT_FIELDS))}.")
-        vid = v.get("id", v.get("name"))
-        if not isinstance(vid, str) or not _ID.match(vid):
-            raise bad_request(f"{where}.id must match {_ID.pattern}.")
+    for i, v in enumerate(spec.variants):
+        vid = v.id if v.id is not None else v.name
+        if vid is None:
+            raise bad_request(f"variants[{i}] needs an id.")
         if vid in seen:
             raise unprocessable(f"Variant id '{vid}' is used twice.")
         seen.add(vid)
-        traffic = v.get("traffic", v.get("weight", 1))
-        if isinstance(traffic, bool) or not isinstance(traffic, int | float) or traffic <= 0:
-            raise unprocessable(f"{where}.traffic must be a positive number (a share).")
-        snapshot, model = v.get("snapshot"), v.get("model")
-        if snapshot is not None and model is not None:
-            raise unprocessable(f"{where} names both a snapshot and a model; pick one.")
-        for key, value in (("snapshot", snapshot), ("model", model)):
-            if value is not None and (not isinstance(value, str) or not value):
-                raise bad_request(f"{where}.{key} must be a non-empty string.")
-        if model is not None and "@" not in model:
-            raise unprocessable(f"{where}.model must be <name>@<version> (see meta.algo_version).")
-        entry: dict[str, Any] = {"id": vid, "traffic": float(traffic)}
-        if model is not None:
-            entry["model"] = model
+        if v.snapshot is not None and v.model is not None:
+            raise unprocessable(f"variants[{i}] names both a snapshot and a model; pick one.")
+        traffic = v.traffic if v.traffic is not None else v.weight
+        entry: dict[str, Any] = {"id": vid, "traffic": float(traffic or 1.0)}
+        if v.model is not None:
+            entry["model"] = v.model
         else:
-            entry["snapshot"] = snapshot or "current"
+            entry["snapshot"] = v.snapshot or "current"
         norm.append(entry)
     out["variants"] = norm
-    metrics = body.get("metrics", list(METRICS))
-    if not isinstance(metrics, list) or not metrics or any(m not in METRICS for m in metrics):
-        raise bad_request(f"Field 'metrics' must be a non-empty subset of {', '.join(METRICS)}.")
-    out["metrics"] = list(dict.fromkeys(metrics))
-    primary = body.get("primary_metric", out["metrics"][-1])
+    out["metrics"] = list(dict.fromkeys(spec.metrics))
+    primary = spec.primary_metric or out["metrics"][-1]
     if primary not in out["metrics"]:
         raise unprocessable("Field 'primary_metric' must be one of 'metrics'.")
     out["primary_metric"] = primary
-    alpha = body.get("alpha", 0.05)
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 0.5:
-        raise unprocessable("Field 'alpha' must be a number in (0, 0.5).")
-    out["alpha"] = float(alpha)
-    out["start"] = _parse_time(body.get("start"), "start")
-    out["end"] = _parse_time(body.get("end"), "end")
-    if out["start"] and out["end"] and out["end"] <= out["start"]:
+    out["alpha"] = float(spec.alpha)
+    out["start"], out["end"] = _utc(spec.start), _utc(spec.end)
+    if spec.start and spec.end and spec.end <= spec.start:
         raise unprocessable("Field 'end' must be after 'start'.")
     return out
 
@@ -234,10 +187,9 @@ class ExperimentStore:
     # -- use cases
     def create(self, tenant: str, body: Any) -> dict[str, Any]:
         spec = validate_experiment(body)
-        exp_id = body.get("id") if isinstance(body, dict) else None
-        if exp_id is not None and (not isinstance(exp_id, str) or not _ID.match(exp_id)):
-            raise bad_request(f"Field 'id' must match {_ID.pattern}.")
-        exp_id = exp_id or f"exp-{uuid.uuid4().hex[:12]}"
+        exp_id = (body.id if type(body) is ExperimentSpec else body.get("id")) or (
+            f"exp-{uuid.uuid4().hex[:12]}"
+        )
 
         def new(_: None) -> dict[str, Any]:
             self._check_surface(tenant, exp_id, spec)

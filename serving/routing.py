@@ -43,6 +43,7 @@ class Route:
     body: Any = None  # the JSON body's type (None: no body)
     body_required: bool = True
     media: tuple[str, ...] = (JSON,)  # accepted body media types (NDJSON: parsed by the handler)
+    body_by_handler: bool = False  # the handler decodes the body itself (its own error answers)
     status: int = 200
     also: tuple[int, ...] = ()  # other success statuses with the same body (200 + 201 ...)
     response: Any = None  # the success body's type (None: no body)
@@ -146,7 +147,8 @@ def _responder(route: Route, handler: Callable) -> Callable:
     params = tuple(route.params.items())
     query_type = route.query
     # (an NDJSON body is split into lines and checked by its handler)
-    decode = decoder(route.body) if route.body is not None and route.media == (JSON,) else None
+    checked = route.body is not None and route.media == (JSON,) and not route.body_by_handler
+    decode = decoder(route.body) if checked else None
 
     def respond(req: falcon.Request, resp: falcon.Response, **kwargs: str) -> None:
         ctx = req.context

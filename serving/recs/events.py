@@ -3,29 +3,71 @@ POST/GET /v1/recs/feedback and GET /v1/recs/feedback/{feedback_id}.
 
 The tenant is always the caller's (`req.context.principal.tenant`); a body naming another
 tenant is rejected by the contract validation (`wrong_tenant`).
+
+An event (the single body, and each line of a bulk body) is decoded as `schemas.Event` by
+`check_event`: one that does not conform is rejected with the data contract's reason, like
+the faults only the contract's validation can see (422 for a single event, by line in bulk).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import uuid
 from typing import Any
 
 import falcon
+import msgspec
 import orjson
 
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.errors import ProblemError
 from serving.event_records import ItemResult
 from serving.events_log import EventLogs
-from serving.feedback_log import FEEDBACK_LABELS, FeedbackLog
-from serving.routing import read_body
+from serving.feedback_log import FeedbackLog
+from serving.recs.schemas import Event, FeedbackRequest, event_reason
+from serving.routing import MALFORMED, read_body
 
 #: Lines (events) accepted in one bulk request; the body size limit applies as well.
 MAX_BULK_EVENTS = 10_000
-_FEEDBACK_FIELDS = frozenset(
-    {"feedback_id", "user_id", "item_id", "label", "source", "confidence", "note"}
-)
+_decode_event = msgspec.json.Decoder(Event).decode
+
+
+def check_event(value: Any) -> dict[str, Any] | ItemResult:
+    """A bulk line's JSON value as an API event object (the fields it gives), or its
+    rejection with the contract's reason when it is not an `Event`."""
+    try:
+        return msgspec.to_builtins(msgspec.convert(value, Event))
+    except msgspec.ValidationError as e:
+        reason, detail = event_reason(e)
+        return ItemResult("rejected", reason=reason, detail=detail)
+
+
+def decode_event(raw: bytes) -> dict[str, Any]:
+    """A single event body as an API event object; 400 when it is not a JSON object, 422
+    with the contract's reason when it is not an `Event`."""
+    if not raw:
+        raise ProblemError(400, "The request needs a JSON body.")
+    try:
+        return msgspec.to_builtins(_decode_event(raw))
+    except msgspec.ValidationError as e:
+        if str(e).startswith("Expected `object`"):
+            raise ProblemError(
+                400, "An event is a JSON object; use /v1/recs/events/bulk for many."
+            ) from None
+        reason, detail = event_reason(e)
+        raise _invalid_event(reason, detail) from None
+    except msgspec.DecodeError:
+        raise ProblemError(400, "The body is not valid JSON.", code=MALFORMED) from None
+
+
+def _invalid_event(reason: str | None, detail: str | None) -> ProblemError:
+    return ProblemError(
+        422,
+        f"The event is invalid ({reason}): {detail}",
+        code="RECSYS_INVALID_EVENT",
+        extra={"reason": reason},
+    )
 
 
 def _bulk_body(req: falcon.Request) -> bytes:
@@ -87,17 +129,10 @@ class EventsResource:
         self._logs = logs
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = req.context.body
-        if not isinstance(body, dict):
-            raise ProblemError(400, "An event is a JSON object; use /v1/recs/events/bulk for many.")
-        result = self._logs.tenant(req.context.principal.tenant).submit([body])[0]
+        event = decode_event(read_body(req))
+        result = self._logs.tenant(req.context.principal.tenant).submit([event])[0]
         if result.status == "rejected":
-            raise ProblemError(
-                422,
-                f"The event is invalid ({result.reason}): {result.detail}",
-                code="RECSYS_INVALID_EVENT",
-                extra={"reason": result.reason},
-            )
+            raise _invalid_event(result.reason, result.detail)
         resp.status = falcon.HTTP_201 if result.status == "accepted" else falcon.HTTP_200
         resp.data = orjson.dumps(_result_json(result))  # JSON, without the media handler
         resp.cache_control = ["no-store"]
@@ -110,6 +145,13 @@ class EventsResource:
             raise ProblemError(
                 413, f"{len(items)} events in one request; the limit is {MAX_BULK_EVENTS}."
             )
+        for i, item in enumerate(items):
+            if i not in broken:
+                checked = check_event(item)
+                if type(checked) is ItemResult:
+                    broken[i] = checked
+                else:
+                    items[i] = checked
         todo = [i for i in range(len(items)) if i not in broken]
         results: list[ItemResult | None] = [broken.get(i) for i in range(len(items))]
         if todo:
@@ -186,46 +228,28 @@ class FeedbackResource:
             return flog
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = req.context.body
-        if not isinstance(body, dict):
-            raise ProblemError(400, "The body must be an object.")
-        unknown = set(body) - _FEEDBACK_FIELDS
-        if unknown:
-            raise ProblemError(400, f"Unknown field(s): {', '.join(sorted(unknown))}.")
-        label: dict[str, Any] = {}
-        for name in ("feedback_id", "user_id", "item_id", "source", "note"):
-            value = body.get(name)
-            if value is None:
-                if name in ("user_id", "item_id"):
-                    raise ProblemError(422, f"Field '{name}' is required.")
-                continue
-            if not isinstance(value, str) or not value or len(value.encode()) > 256:
-                raise ProblemError(422, f"Field '{name}' must be a string of 1..256 bytes.")
-            label[name] = value
-        if body.get("label") not in FEEDBACK_LABELS:
-            raise ProblemError(422, f"Field 'label' must be one of {', '.join(FEEDBACK_LABELS)}.")
-        label["label"] = body["label"]
-        conf = body.get("confidence")
-        if conf is not None:
-            if isinstance(conf, bool) or not isinstance(conf, int | float) or not 0 <= conf <= 1:
-                raise ProblemError(422, "Field 'confidence' must be a number in [0, 1].")
-            label["confidence"] = float(conf)
-        label["id"] = label.pop("feedback_id", None) or uuid.uuid4().hex
-        import datetime as dt
-
+        body: FeedbackRequest = req.context.body
+        label: dict[str, Any] = {"user_id": body.user_id, "item_id": body.item_id}
+        for name in ("source", "note"):
+            if (value := getattr(body, name)) is not None:
+                label[name] = value
+        label["label"] = body.label
+        if body.confidence is not None:
+            label["confidence"] = body.confidence
+        label["id"] = body.feedback_id or uuid.uuid4().hex
         label["created_at"] = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
         rec, created = self._log(req.context.principal.tenant).add(label)
         resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
         resp.media = _label_json(rec)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        query = req.context.query
         labels = self._log(req.context.principal.tenant).all()
         for name in ("user_id", "item_id", "label", "source"):
-            value = req.get_param(name)
+            value = getattr(query, name)
             if value is not None:
                 labels = [r for r in labels if r.get(name) == value]
-        limit = req.get_param_as_int("limit", min_value=1, max_value=1000, default=100)
-        offset = req.get_param_as_int("cursor", min_value=0, default=0)
+        limit, offset = query.limit, query.cursor
         page = labels[offset : offset + limit]
         nxt = offset + limit if offset + limit < len(labels) else None
         resp.media = {

@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 import falcon
+import msgspec
 
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.documents import Preconditions, set_etag
 from serving.errors import ProblemError
 from serving.events_log import EventLogs, scan_all_events
 from serving.experiments import ExperimentStore, compute_results
+from serving.recs.schemas import AssignRequest
 
 
 def _public(doc: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +51,7 @@ class ExperimentsResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         docs = self._store.list(req.context.principal.tenant)
         for name in ("status", "surface"):
-            value = req.get_param(name)
+            value = getattr(req.context.query, name)
             if value is not None:
                 docs = [d for d in docs if d[name] == value]
         resp.media = {"items": [_public(d) for d in docs], "total": len(docs)}
@@ -67,8 +69,9 @@ class ExperimentsResource:
         _send(resp, self._get(req.context.principal.tenant, experiment_id))
 
     def on_patch_one(self, req: falcon.Request, resp: falcon.Response, experiment_id: str) -> None:
+        patch = msgspec.to_builtins(req.context.body)  # (fields not sent are left out)
         doc = self._store.update(
-            req.context.principal.tenant, experiment_id, req.context.body, Preconditions.of(req)
+            req.context.principal.tenant, experiment_id, patch, Preconditions.of(req)
         )
         _send(resp, doc)
 
@@ -80,14 +83,8 @@ class ExperimentsResource:
         self, req: falcon.Request, resp: falcon.Response, experiment_id: str
     ) -> None:
         """Body ``{"user_id": "...", "variant": "B" | null}``: pin (or un-pin) a user."""
-        body = req.context.body
-        if not isinstance(body, dict) or set(body) - {"user_id", "variant"}:
-            raise ProblemError(400, 'The body is {"user_id": "...", "variant": "<id>" | null}.')
-        unit, variant = body.get("user_id"), body.get("variant")
-        if not isinstance(unit, str) or not unit or len(unit.encode()) > 256:
-            raise ProblemError(422, "Field 'user_id' must be a string of 1..256 bytes.")
-        if "variant" not in body or (variant is not None and not isinstance(variant, str)):
-            raise ProblemError(422, "Field 'variant' must be a variant id, or null to un-pin.")
+        body: AssignRequest = req.context.body
+        unit, variant = body.user_id, body.variant
         tenant = req.context.principal.tenant
         doc = self._store.force_assign(tenant, experiment_id, unit, variant, Preconditions.of(req))
         chosen, forced = self._store.assign(tenant, doc, unit)
@@ -104,7 +101,7 @@ class ExperimentsResource:
         self, req: falcon.Request, resp: falcon.Response, experiment_id: str
     ) -> None:
         """?user_id=...: the variant the user gets (hashed or forced)."""
-        unit = req.get_param("user_id", required=True)
+        unit = req.context.query.user_id
         doc = self._get(req.context.principal.tenant, experiment_id)
         chosen, forced = self._store.assign(req.context.principal.tenant, doc, unit)
         resp.media = {
@@ -121,9 +118,7 @@ class ExperimentsResource:
     ) -> None:
         tenant = req.context.principal.tenant
         doc = self._get(tenant, experiment_id)
-        alpha = req.get_param_as_float("alpha")
-        if alpha is not None and not 0 < alpha < 0.5:
-            raise ProblemError(400, "alpha must be in (0, 0.5).")
+        alpha = req.context.query.alpha
         events = scan_all_events(self._logs.data_root, tenant, self._logs.tenant(tenant))
         resp.media = compute_results(events, doc, alpha)
         resp.cache_control = ["no-store"]

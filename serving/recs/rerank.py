@@ -23,29 +23,16 @@ import falcon
 import numpy as np
 
 from recsys.snapshot.format import REASONS, SIGNALS
+from serving import schemas
 from serving.auth import SCOPE_RECOMMEND
 from serving.documents import TenantDocuments
 from serving.errors import ProblemError
+from serving.recs.runtime import candidate_ids
+from serving.recs.schemas import ExplainRequest, RerankRequest
 from serving.rules import CompiledRules, Engine, Pool, compile_rules
 from serving.service import RecommendService
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
 from serving.validation import DEFAULT_SEGMENT
-
-MAX_RERANK = 1000
-_RERANK_KEYS = frozenset(
-    {
-        "user_id",
-        "candidates",
-        "surface",
-        "segment",
-        "limit",
-        "weights",
-        "business_rules",
-        "filters",
-        "exclude_seen",
-        "explain",
-    }
-)
 
 
 class RerankExplainResources:
@@ -66,50 +53,25 @@ class RerankExplainResources:
     # -- rerank
     def on_post_rerank(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = req.context.principal.tenant
-        p = req.context.body
-        if not isinstance(p, dict):
-            raise ProblemError(400, "The body must be an object.")
-        unknown = set(p) - _RERANK_KEYS
-        if unknown:
-            raise ProblemError(
-                422,
-                f"Unsupported field(s): {', '.join(sorted(unknown))}.",
-                code="RECSYS_UNSUPPORTED_OPTION",
+        p: RerankRequest = req.context.body
+        ids = list(dict.fromkeys(candidate_ids(p.candidates)))
+        user_id = p.user_id
+        filters = p.filters
+        body = schemas.RecommendRequest(
+            user=schemas.User(user_id=user_id)
+            if user_id is not None
+            else schemas.User(anonymous_id="rerank"),
+            surface=p.surface,
+            segment=p.segment,
+            weights=p.weights,
+            k=p.limit if p.limit is not None else min(len(ids), self._service.limits(tenant).max_k),
+            constraints=schemas.Constraints(
+                required_tags=filters.tags, forbidden_tags=filters.exclude_tags
             )
-        cands = p.get("candidates")
-        if not isinstance(cands, list) or not 1 <= len(cands) <= MAX_RERANK:
-            raise ProblemError(400, f"Field 'candidates' must hold 1..{MAX_RERANK} item ids.")
-        ids = [c.get("item_id") if isinstance(c, dict) else c for c in cands]
-        if not all(isinstance(i, str) and i for i in ids):
-            raise ProblemError(400, 'Each candidate is an item id or {"item_id": ...}.')
-        ids = list(dict.fromkeys(ids))
-        user_id = p.get("user_id")
-        filters = p.get("filters") or {}
-        if not isinstance(filters, dict) or set(filters) - {"tags", "exclude_tags"}:
-            raise ProblemError(
-                422, "filters supports tags and exclude_tags.", code="RECSYS_UNSUPPORTED_OPTION"
-            )
-        body: dict[str, Any] = {
-            "user": {"user_id": user_id} if user_id is not None else {"anonymous_id": "rerank"},
-            "options": {"include_reasons": True, "explain": "full", "include_trace": True},
-        }
-        for key in ("surface", "segment", "weights"):
-            if p.get(key) is not None:
-                body[key] = p[key]
-        constraints = {}
-        if "tags" in filters:
-            constraints["required_tags"] = filters["tags"]
-        if "exclude_tags" in filters:
-            constraints["forbidden_tags"] = filters["exclude_tags"]
-        if constraints:
-            body["constraints"] = constraints
-        tconf, _ = self._service.tenant_config(tenant)
-        max_k = min(
-            self._service._config.max_k,
-            (tconf.get("limits") or {}).get("max_k", self._service._config.max_k),
+            if filters is not None
+            else None,
+            options=schemas.Options(include_reasons=True, explain="full", include_trace=True),
         )
-        limit = p.get("limit", min(len(ids), max_k))
-        body["k"] = limit
         rq, warnings, tconf, _ = self._service.parse(tenant, body)
         live = self._store.require_live(tenant)
         snap = live.snap
@@ -124,7 +86,7 @@ class RerankExplainResources:
         segment = rq.segment or (
             (snap.user_segment(uidx) if uidx is not None else None) or DEFAULT_SEGMENT
         )
-        if p.get("business_rules", True):
+        if p.business_rules:
             body, version = self._tenants.current(tenant, "rules")
             rules = compile_rules(live, body.get("rules", ()), version, rq.surface, segment)
             in_list = set(items.tolist())
@@ -133,7 +95,7 @@ class RerankExplainResources:
             rules = CompiledRules()
         seen = (
             np.asarray(snap.user_seen(uidx))
-            if uidx is not None and p.get("exclude_seen", False)
+            if uidx is not None and p.exclude_seen
             else np.zeros(0, dtype=np.int32)
         )
         started = req.context.started
@@ -145,7 +107,7 @@ class RerankExplainResources:
             zip(live.item_ids(ranked.items), ranked.scores, strict=True), start=1
         ):
             entry: dict[str, Any] = {"item_id": item_id, "rank": rank, "score": score}
-            if p.get("explain"):
+            if p.explain:
                 entry["explain"] = ranked.explanation(rank - 1)
             out_items.append(entry)
         excluded = [
@@ -211,28 +173,14 @@ class RerankExplainResources:
     # -- explain
     def on_post_explain(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = req.context.principal.tenant
-        p = req.context.body
-        if not isinstance(p, dict) or set(p) - {
-            "user_id",
-            "item_id",
-            "surface",
-            "segment",
-            "model",
-            "context",
-        }:
-            raise ProblemError(
-                400, "The body is {user_id, item_id, surface?, segment?, model?, context?}."
-            )
-        user_id, item_id = p.get("user_id"), p.get("item_id")
-        if not isinstance(user_id, str) or not isinstance(item_id, str):
-            raise ProblemError(400, "Fields 'user_id' and 'item_id' (strings) are required.")
+        p: ExplainRequest = req.context.body
+        user_id, item_id = p.user_id, p.item_id
         live = self._store.require_live(tenant)
         snap = live.snap
-        if p.get("model") is not None and p["model"] != live.algo_version:
+        if p.model is not None and p.model != live.algo_version:
             raise ProblemError(
                 422,
-                f"model '{p['model']}' is not loaded; the live snapshot serves "
-                f"'{live.algo_version}'.",
+                f"model '{p.model}' is not loaded; the live snapshot serves '{live.algo_version}'.",
                 code="RECSYS_UNSUPPORTED_OPTION",
             )
         iidx = live.item_index(item_id)
@@ -290,18 +238,14 @@ class RerankExplainResources:
                 }
         out["candidate"] = candidate
         # What the whole /v1/recommend pipeline does with the item, for this user and surface.
-        max_k = min(
-            self._service._config.max_k,
-            (tconf.get("limits") or {}).get("max_k", self._service._config.max_k),
+        body = schemas.RecommendRequest(
+            user=schemas.User(user_id=user_id),
+            k=self._service.limits(tenant).max_k,
+            surface=p.surface,
+            segment=p.segment,
+            context=p.context,
+            options=schemas.Options(explain="full", include_trace=True, include_reasons=True),
         )
-        body: dict[str, Any] = {
-            "user": {"user_id": user_id},
-            "k": max_k,
-            "options": {"explain": "full", "include_trace": True, "include_reasons": True},
-        }
-        for key in ("surface", "segment", "context"):
-            if p.get(key) is not None:
-                body[key] = p[key]
         result = self._service.recommend(tenant, body, time.perf_counter())
         pipeline: dict[str, Any] = {"outcome": "not_a_candidate", "rank": None, "rules": []}
         for it in result["items"]:

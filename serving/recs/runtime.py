@@ -14,128 +14,73 @@ import datetime as dt
 from typing import Any
 
 import falcon
+import msgspec
 import numpy as np
 
+from serving import schemas as s
 from serving.auth import SCOPE_RECOMMEND
 from serving.errors import ProblemError
+from serving.recs.schemas import (
+    Candidate,
+    PredictFilters,
+    PredictRequest,
+    RelatedQuery,
+    ScoreRequest,
+    SearchFilters,
+    SearchRequest,
+    UserQuery,
+)
+from serving.routing import check
 from serving.service import RecommendService
 from serving.snapshot import SnapshotRegistry
 
-_PREDICT_KEYS = frozenset(
-    {
-        "user_id",
-        "context",
-        "candidate_ids",
-        "filters",
-        "exclude_ids",
-        "limit",
-        "strategy",
-        "model",
-        "return_scores",
-        "explain",
-        "seed",
-        "diversity",
-        "timeout_ms",
-        "surface",
-        "anchor_ids",
-        "experiment",
-    }
-)
-_UNSUPPORTED = frozenset({"novelty", "freshness", "serendipity_score_threshold", "filter_query"})
-_FILTER_KEYS = {"tags": "required_tags", "exclude_tags": "forbidden_tags"}
 _RELATED = {"co_view": "cooc", "co_buy": "cooc", "content": "emb", "blend": "blend"}
-MAX_BATCH = 100
-MAX_SCORE_CANDIDATES = 1000
 
 
 def _unsupported(detail: str) -> ProblemError:
     return ProblemError(422, detail, code="RECSYS_UNSUPPORTED_OPTION")
 
 
-def to_recommend_body(p: Any, deadline_ms: float) -> tuple[dict[str, Any], float, dict]:
-    """A /v1/recs predict body as a /v1/recommend body; also (deadline shift s, output flags)."""
-    if not isinstance(p, dict):
-        raise ProblemError(400, "The body must be an object.")
-    refused = sorted(set(p) & _UNSUPPORTED)
+def to_recommend_request(p: PredictRequest) -> s.RecommendRequest:
+    """A /v1/recs predict body as the /v1/recommend request it stands for; 422 for the
+    options the engine cannot honour."""
+    refused = p.refused()
     if refused:
         raise _unsupported(
             f"Option(s) {', '.join(refused)} cannot be honoured: recommendations "
             "come from a precomputed snapshot without those signals."
         )
-    unknown = sorted(set(p) - _PREDICT_KEYS - _UNSUPPORTED)
-    if unknown:
-        raise ProblemError(400, f"Unknown field(s): {', '.join(unknown)}.")
-    strategy = p.get("strategy", "hybrid")
-    if strategy != "hybrid":
+    if p.strategy != "hybrid":
         raise _unsupported(
-            f"strategy '{strategy}' is not served; predictions are the snapshot's "
+            f"strategy '{p.strategy}' is not served; predictions are the snapshot's "
             "hybrid ranking (use /item/{id}/related for content or co-occurrence)."
         )
-    context = p.get("context") or {}
-    if not isinstance(context, dict):
-        raise ProblemError(400, "Field 'context' must be an object.")
-    user: dict[str, Any] = {}
-    if p.get("user_id") is not None:
-        user["user_id"] = p["user_id"]
-    if context.get("session_id") is not None:
-        user["session_id"] = context["session_id"]
-    body: dict[str, Any] = {"user": user, "context": context}
-    for src, dst in (("limit", "k"), ("surface", "surface"), ("experiment", "experiment")):
-        if src in p:
-            body[dst] = p[src]
-    cands = {}
-    if p.get("candidate_ids") is not None:
-        cands["include_ids"] = p["candidate_ids"]
-    if p.get("exclude_ids") is not None:
-        cands["exclude_ids"] = p["exclude_ids"]
-    if cands:
-        body["candidates"] = cands
-    if p.get("anchor_ids") is not None:
-        body["anchors"] = {"item_ids": p["anchor_ids"]}
-    constraints: dict[str, Any] = {}
-    filters = p.get("filters") or {}
-    if not isinstance(filters, dict):
-        raise ProblemError(400, "Field 'filters' must be an object.")
-    bad = sorted(set(filters) - set(_FILTER_KEYS))
-    if bad:
-        raise _unsupported(
-            f"Filter(s) {', '.join(bad)} are not supported; use tags / "
-            "exclude_tags (a tenant's catalogue tags such as category:shoes)."
+    context = p.context or {}
+    session_id = check(context.get("session_id"), s.Id | None, "body field 'context.session_id'")
+    cands = None
+    if p.candidate_ids is not None or p.exclude_ids is not None:
+        cands = s.Candidates(include_ids=p.candidate_ids, exclude_ids=p.exclude_ids or [])
+    constraints = None
+    if p.filters is not None or p.diversity is not None:
+        f = p.filters or PredictFilters()
+        constraints = s.Constraints(
+            required_tags=f.tags,
+            forbidden_tags=f.exclude_tags,
+            max_per_tag=p.diversity.max_per_tag if p.diversity is not None else {},
         )
-    for key, dst in _FILTER_KEYS.items():
-        if key in filters:
-            constraints[dst] = filters[key]
-    div = p.get("diversity")
-    if div is not None:
-        if not isinstance(div, dict) or set(div) != {"max_per_tag"}:
-            raise _unsupported(
-                'diversity is supported as {"max_per_tag": {tag: cap}} (keys may '
-                "be tags, brand:<b> or category:<c>)."
-            )
-        constraints["max_per_tag"] = div["max_per_tag"]
-    if constraints:
-        body["constraints"] = constraints
-    options: dict[str, Any] = {"include_reasons": True}
-    explain = p.get("explain", False)
-    if not isinstance(explain, bool):
-        raise ProblemError(400, "Field 'explain' must be a boolean.")
-    if explain:
-        options["explain"] = "full"
-    if p.get("seed") is not None:
-        options["seed"] = p["seed"]
-    body["options"] = options
-    shift = 0.0
-    timeout = p.get("timeout_ms")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ProblemError(400, "Field 'timeout_ms' must be a positive number.")
-        shift = max(0.0, deadline_ms - float(timeout)) / 1000.0  # only ever tightens
-    flags = {
-        "return_scores": p.get("return_scores", True),
-        "explain": explain,
-        "model": p.get("model"),
-    }
-    return body, shift, flags
+    return s.RecommendRequest(
+        user=s.User(user_id=p.user_id, session_id=session_id),
+        context=context,
+        k=p.limit,
+        surface=p.surface,
+        experiment=p.experiment,
+        candidates=cands,
+        anchors=s.Anchors(item_ids=p.anchor_ids) if p.anchor_ids is not None else None,
+        constraints=constraints,
+        options=s.Options(
+            include_reasons=True, explain="full" if p.explain else "none", seed=p.seed
+        ),
+    )
 
 
 class RuntimeResources:
@@ -151,26 +96,29 @@ class RuntimeResources:
         self._deadline_ms = deadline_ms
 
     # -- helpers
-    def predict(self, req: falcon.Request, payload: Any) -> dict[str, Any]:
-        body, shift, flags = to_recommend_body(payload, self._deadline_ms)
+    def predict(self, req: falcon.Request, p: PredictRequest) -> dict[str, Any]:
+        body = to_recommend_request(p)
+        shift = 0.0
+        if p.timeout_ms is not None:  # only ever tightens the deadline
+            shift = max(0.0, self._deadline_ms - p.timeout_ms) / 1000.0
         result = self._service.recommend(
             req.context.principal.tenant, body, req.context.started - shift
         )
         meta = result["meta"]
         if shift:
             meta["timings_ms"]["total"] = round(meta["timings_ms"]["total"] - shift * 1000, 3)
-        if flags["model"] is not None and flags["model"] != meta["algo_version"]:
+        if p.model is not None and p.model != meta["algo_version"]:
             raise _unsupported(
-                f"model '{flags['model']}' is not loaded; the live snapshot serves "
+                f"model '{p.model}' is not loaded; the live snapshot serves "
                 f"'{meta['algo_version']}' (compare models with an experiment)."
             )
         items = []
         for it in result["items"]:
             out: dict[str, Any] = {"item_id": it["item_id"], "rank": it["rank"]}
-            if flags["return_scores"]:
+            if p.return_scores:
                 out["score"] = it["score"]
             out["reason"] = (it.get("reasons") or [None])[0]
-            if flags["explain"]:
+            if p.explain:
                 out["explain"] = it["explain"]
             items.append(out)
         return {
@@ -188,38 +136,30 @@ class RuntimeResources:
         resp.cache_control = ["no-store"]
 
     def on_get_user(self, req: falcon.Request, resp: falcon.Response, user_id: str) -> None:
-        if req.get_param_as_bool("fresh", default=False):
+        query: UserQuery = req.context.query
+        if query.fresh:
             raise _unsupported(
                 "fresh=true cannot be honoured: top-N lists are precomputed per "
                 "snapshot; a new snapshot is published by the pipeline."
             )
-        payload: dict[str, Any] = {"user_id": user_id}
-        limit = req.get_param_as_int("limit", min_value=1)
-        if limit is not None:
-            payload["limit"] = limit
-        for name in ("strategy", "model"):
-            if req.get_param(name) is not None:
-                payload[name] = req.get_param(name)
+        payload = PredictRequest(
+            user_id=user_id,
+            limit=query.limit,
+            strategy=query.strategy or "hybrid",
+            model=query.model,
+        )
         resp.media = self.predict(req, payload)
 
     def on_post_realtime(self, req: falcon.Request, resp: falcon.Response, user_id: str) -> None:
-        payload = req.context.body
-        if not isinstance(payload, dict):
-            raise ProblemError(400, "The body must be an object.")
-        if payload.get("user_id", user_id) != user_id:
+        payload: PredictRequest = req.context.body
+        if payload.user_id is not None and payload.user_id != user_id:
             raise ProblemError(422, "user_id in the body differs from the URL.")
-        resp.media = self.predict(req, {**payload, "user_id": user_id})
+        resp.media = self.predict(req, msgspec.structs.replace(payload, user_id=user_id))
         resp.cache_control = ["no-store"]
 
     def on_post_batch(self, req: falcon.Request, resp: falcon.Response) -> None:
-        payload = req.context.body
-        reqs = payload.get("requests") if isinstance(payload, dict) else None
-        if not isinstance(reqs, list) or not reqs:
-            raise ProblemError(400, "Field 'requests' must be a non-empty array.")
-        if len(reqs) > MAX_BATCH:
-            raise ProblemError(413, f"{len(reqs)} requests; the limit is {MAX_BATCH}.")
         results = []
-        for one in reqs:
+        for one in req.context.body.requests:
             try:
                 results.append({"status": 200, "result": self.predict(req, one)})
             except ProblemError as e:
@@ -236,17 +176,14 @@ class RuntimeResources:
         resp.media = {"request_id": req.context.request_id, "results": results}
 
     def on_get_related(self, req: falcon.Request, resp: falcon.Response, item_id: str) -> None:
-        strategy = req.get_param("strategy", default="blend")
-        if strategy not in _RELATED:
-            raise ProblemError(400, f"strategy must be one of {', '.join(_RELATED)}.")
-        body: dict[str, Any] = {
-            "item_id": item_id,
-            "kind": _RELATED[strategy],
-            "options": {"include_reasons": True},
-        }
-        limit = req.get_param_as_int("limit", min_value=1)
-        if limit is not None:
-            body["k"] = limit
+        query: RelatedQuery = req.context.query
+        strategy = query.strategy
+        body = s.SimilarRequest(
+            item_id=item_id,
+            kind=_RELATED[strategy],
+            k=query.limit,
+            options=s.Options(include_reasons=True),
+        )
         result = self._service.similar(req.context.principal.tenant, body, req.context.started)
         if strategy in ("co_view", "co_buy"):
             result["warnings"].append(
@@ -270,24 +207,22 @@ class RuntimeResources:
     def on_post_score(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Score a caller's candidates for a user with the snapshot's factors (dot product plus
         item bias); the user's precomputed signals are returned where the item is a candidate."""
-        payload = req.context.body
-        if not isinstance(payload, dict) or not isinstance(payload.get("user_id"), str):
-            raise ProblemError(400, "Field 'user_id' (a string) is required.")
-        cands = payload.get("candidates")
-        if not isinstance(cands, list) or not cands or len(cands) > MAX_SCORE_CANDIDATES:
-            raise ProblemError(400, f"Field 'candidates' must hold 1..{MAX_SCORE_CANDIDATES} ids.")
-        ids = [c.get("item_id") if isinstance(c, dict) else c for c in cands]
-        if not all(isinstance(i, str) for i in ids):
-            raise ProblemError(400, 'Each candidate is an item id or {"item_id": ...}.')
+        payload: ScoreRequest = req.context.body
+        ids = candidate_ids(payload.candidates)
         live = self._store.require_live(req.context.principal.tenant)
         snap = live.snap
+        if payload.model is not None and payload.model != live.algo_version:
+            raise _unsupported(
+                f"model '{payload.model}' is not loaded; the live snapshot serves "
+                f"'{live.algo_version}'."
+            )
         if not snap.has_factors:
             raise _unsupported("This snapshot stores no factors to score with.")
-        uidx = snap.user_index(payload["user_id"])
+        uidx = snap.user_index(payload.user_id)
         if uidx is None:
             raise ProblemError(
                 404,
-                f"User '{payload['user_id']}' is not in the snapshot.",
+                f"User '{payload.user_id}' is not in the snapshot.",
                 code="RECSYS_UNKNOWN_USER",
             )
         uf = np.asarray(snap.user_factors(uidx), dtype=np.float32)
@@ -308,10 +243,10 @@ class RuntimeResources:
             }
             for i, x in zip(ids, idx, strict=True)
         ]
-        if payload.get("return_sorted", True):
+        if payload.return_sorted:
             out.sort(key=lambda r: (r["score"] is None, -(r["score"] or 0.0)))
         resp.media = {
-            "user_id": payload["user_id"],
+            "user_id": payload.user_id,
             "items": out,
             "model": live.algo_version,
             "snapshot_id": live.snapshot_id,
@@ -319,52 +254,39 @@ class RuntimeResources:
 
     def on_post_search(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Exact k-NN over the item factors (cosine or dot), with category/availability filters."""
-        payload = req.context.body
-        if not isinstance(payload, dict):
-            raise ProblemError(400, "The body must be an object.")
+        payload: SearchRequest = req.context.body
         live = self._store.require_live(req.context.principal.tenant)
         snap = live.snap
         if not snap.has_factors:
             raise _unsupported("This snapshot stores no item factors to search.")
         factors = np.asarray(snap.item_factors, dtype=np.float32)
         exclude = None
-        if payload.get("item_id") is not None:
-            i = snap.item_index(payload["item_id"])
+        if payload.item_id is not None:
+            i = snap.item_index(payload.item_id)
             if i is None:
                 raise ProblemError(
-                    404, f"Item '{payload['item_id']}' is unknown.", code="RECSYS_UNKNOWN_ITEM"
+                    404, f"Item '{payload.item_id}' is unknown.", code="RECSYS_UNKNOWN_ITEM"
                 )
             query, exclude = factors[i], i
         else:
-            vec = payload.get("vector")
-            if (
-                not isinstance(vec, list)
-                or len(vec) != factors.shape[1]
-                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in vec)
-            ):
+            vec = payload.vector
+            if vec is None or len(vec) != factors.shape[1]:
                 raise ProblemError(
                     422, f"Give 'item_id' or a 'vector' of {factors.shape[1]} numbers."
                 )
             query = np.asarray(vec, dtype=np.float32)
-        k = payload.get("k", 10)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
-            raise ProblemError(400, "Field 'k' must be an integer in 1..1000.")
-        metric = payload.get("metric", "cosine")
-        if metric not in ("cosine", "dot"):
-            raise ProblemError(400, "Field 'metric' must be cosine or dot.")
+        k, metric = payload.k, payload.metric
         scores = factors @ query
         if metric == "cosine":
             norms = np.linalg.norm(factors, axis=1) * (np.linalg.norm(query) or 1.0)
             scores = np.divide(scores, norms, out=np.zeros_like(scores), where=norms > 0)
         mask = np.ones(len(scores), dtype=bool)
-        filters = payload.get("filters") or {}
-        if not isinstance(filters, dict) or set(filters) - {"category", "available"}:
-            raise _unsupported("filters supports 'category' and 'available'.")
-        if "category" in filters:
-            cid = snap.category_index(filters["category"])
+        filters = payload.filters or SearchFilters()
+        if filters.category is not None:
+            cid = snap.category_index(filters.category)
             mask &= live.category_id == (cid if cid is not None else -2)
-        if filters.get("available") is not None:
-            mask &= live.available == bool(filters["available"])
+        if filters.available is not None:
+            mask &= live.available == filters.available
         if exclude is not None:
             mask[exclude] = False
         cand = np.flatnonzero(mask)
@@ -381,9 +303,7 @@ class RuntimeResources:
     def on_get_embedding(
         self, req: falcon.Request, resp: falcon.Response, embedding_id: str
     ) -> None:
-        kind, _, key = embedding_id.partition(":")
-        if kind not in ("item", "user") or not key:
-            raise ProblemError(400, "An embedding id is item:<item_id> or user:<user_id>.")
+        kind, _, key = embedding_id.partition(":")  # (the route's pattern: item:... / user:...)
         live = self._store.require_live(req.context.principal.tenant)
         snap = live.snap
         if not snap.has_factors:
@@ -398,6 +318,11 @@ class RuntimeResources:
             "vector": [round(float(v), 7) for v in vec],
             "snapshot_id": live.snapshot_id,
         }
+
+
+def candidate_ids(candidates: list[str | Candidate]) -> list[str]:
+    """The item ids of a candidate list (ids, or {item_id} objects)."""
+    return [c if type(c) is str else c.item_id for c in candidates]
 
 
 def _now() -> str:

@@ -24,37 +24,24 @@ import numpy as np
 from recsys.snapshot.format import REASON_CODES
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.documents import NONE, Collection, Document, Legacy, Preconditions, now_iso, set_etag
-from serving.errors import ProblemError, bad_request, unprocessable
+from serving.errors import ProblemError, unprocessable
+from serving.recs.schemas import SeedRequest
 from serving.rules import Pool
 from serving.snapshot import LiveSnapshot
 
-MAX_SEED_ITEMS = 1000
 ANY_SURFACE = "*"
-_FALLBACK_PREFIXES = ("category:", "tag:", "segment:")
 
 
-def validate_seed(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict) or set(body) - {"surface", "item_ids", "strategy"}:
-        raise bad_request('A seed is {"surface", "item_ids": [...], "strategy": "<fallback>"}.')
-    surface = body.get("surface", ANY_SURFACE)
-    if not isinstance(surface, str) or not 0 < len(surface) <= 256:
-        raise bad_request("Field 'surface' must be a non-empty string ('*': every surface).")
-    items = body.get("item_ids", [])
-    if not isinstance(items, list) or len(items) > MAX_SEED_ITEMS:
-        raise bad_request(f"Field 'item_ids' must be an array of at most {MAX_SEED_ITEMS} ids.")
-    if not all(isinstance(i, str) and 0 < len(i.encode()) <= 256 for i in items):
-        raise bad_request("Every item id must be a string of 1..256 bytes.")
-    strategy = body.get("strategy")
-    if strategy is not None and (
-        not isinstance(strategy, str)
-        or not (strategy in ("popular", "trending") or strategy.startswith(_FALLBACK_PREFIXES))
-    ):
-        raise unprocessable(
-            "Field 'strategy' must be popular, trending, category:<c>, tag:<t> or segment:<s>."
-        )
-    if not items and strategy is None:
+def validate_seed(body: SeedRequest) -> dict[str, Any]:
+    """A seed as stored (item ids deduplicated); 422 when it names neither items nor a
+    strategy (the schema checks the rest)."""
+    if not body.item_ids and body.strategy is None:
         raise unprocessable("A seed needs item_ids, a strategy, or both.")
-    return {"surface": surface, "item_ids": list(dict.fromkeys(items)), "strategy": strategy}
+    return {
+        "surface": body.surface,
+        "item_ids": list(dict.fromkeys(body.item_ids)),
+        "strategy": body.strategy,
+    }
 
 
 def _legacy_seeds(raw: dict[str, Any]) -> tuple[str, dict[str, Any], None, None]:

@@ -80,11 +80,14 @@ def test_crud_with_etag_and_if_match(client):
     [
         ({**EXP, "variants": [{"id": "A"}]}, 400),
         ({**EXP, "variants": [{"id": "A"}, {"id": "A"}]}, 422),
-        ({**EXP, "variants": [{"id": "A", "traffic": 0}, {"id": "B"}]}, 422),
-        ({**EXP, "variants": [{"id": "A", "model": "tiny"}, {"id": "B"}]}, 422),
-        ({**EXP, "alpha": 0.7}, 422),
-        ({**EXP, "primary_metric": "revenue"}, 422),
+        ({**EXP, "variants": [{"id": "A", "traffic": 0}, {"id": "B"}]}, 400),
+        ({**EXP, "variants": [{"id": "A", "model": "tiny"}, {"id": "B"}]}, 400),
+        ({**EXP, "variants": [{"id": "A", "model": "t@1", "snapshot": "s"}, {"id": "B"}]}, 422),
+        ({**EXP, "alpha": 0.7}, 400),
+        ({**EXP, "primary_metric": "revenue"}, 400),
+        ({**EXP, "metrics": ["ctr"], "primary_metric": "conversion"}, 422),
         ({**EXP, "start": "2025-02-01T00:00:00Z", "end": "2025-01-01T00:00:00Z"}, 422),
+        ({**EXP, "start": "2025-02-01T00:00:00"}, 400),  # no offset
         ({**EXP, "colour": "red"}, 400),
     ],
 )
@@ -307,7 +310,7 @@ def test_seed_crud_and_validation(client):
         client.simulate_post(
             "/v1/recs/seed", json={"surface": "home", "strategy": "x"}, headers=ADMIN
         ).status_code
-        == 422
+        == 400
     )
     assert (
         client.simulate_post("/v1/recs/seed", json={"surface": "home"}, headers=ADMIN).status_code

@@ -41,15 +41,29 @@ def test_predict_maps_onto_the_engine(client):
     [
         {"user_id": "u1", "novelty": 0.5},
         {"user_id": "u1", "filter_query": "price < 10"},
+        {"user_id": "u1", "novelty": None},
         {"user_id": "u1", "strategy": "graph"},
-        {"user_id": "u1", "filters": {"price_max": 150}},
-        {"user_id": "u1", "diversity": 0.3},
         {"user_id": "u1", "model": "other@9"},
     ],
 )
 def test_options_the_engine_cannot_honour_are_422(client, body):
     resp = client.simulate_post("/v1/recs/predict", headers=auth(), json=body)
     assert resp.status_code == 422 and resp.json["code"] == "RECSYS_UNSUPPORTED_OPTION"
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"user_id": "u1", "filters": {"price_max": 150}}, "unknown field `price_max`"),
+        ({"user_id": "u1", "diversity": 0.3}, "`body.diversity`"),
+        ({"user_id": "u1", "strategy": "psychic"}, "`body.strategy`"),
+        ({"user_id": "u1", "limit": 0}, "`body.limit`"),
+        ({"user_id": "u1", "context": {"session_id": 7}}, "context.session_id"),
+    ],
+)
+def test_bodies_outside_the_schema_are_400_naming_the_field(client, body, field):
+    resp = client.simulate_post("/v1/recs/predict", headers=auth(), json=body)
+    assert resp.status_code == 400 and field in resp.json["detail"], resp.json
 
 
 def test_users_route_realtime_and_batch(client):
