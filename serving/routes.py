@@ -18,6 +18,7 @@ from msgspec import Meta
 from serving import schemas as s
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.crr import schemas as crr
+from serving.documents import DOCUMENT_ID
 from serving.recs import schemas as recs
 from serving.resources import demo
 from serving.routing import JSON, NDJSON, Route
@@ -33,6 +34,10 @@ TenantId = Annotated[
     ),
 ]
 Id = s.Id
+DocId = Annotated[
+    str,
+    Meta(pattern=DOCUMENT_ID.pattern, description="a document id (experiments, pipelines, ...)"),
+]
 Object = dict[str, Any]
 
 _TENANT = {"tenant_id": TenantId}
@@ -355,7 +360,7 @@ ROUTES: tuple[Route, ...] = (
         ("experiments", "on_get_one"),
         "One experiment (ETag = version)",
         RECOMMEND,
-        params={"experiment_id": Id},
+        params={"experiment_id": DocId},
         response=recs.Experiment,
         tags=("experiments",),
     ),
@@ -365,7 +370,7 @@ ROUTES: tuple[Route, ...] = (
         ("experiments", "on_patch_one"),
         "Change an experiment with a JSON merge patch (If-Match)",
         ADMIN,
-        params={"experiment_id": Id},
+        params={"experiment_id": DocId},
         body=recs.ExperimentPatch,
         response=recs.Experiment,
         errors=(409, 412, 422, 428),
@@ -378,7 +383,7 @@ ROUTES: tuple[Route, ...] = (
         ("experiments", "on_delete_one"),
         "Delete an experiment (If-Match)",
         ADMIN,
-        params={"experiment_id": Id},
+        params={"experiment_id": DocId},
         status=204,
         errors=(409, 412, 428),
         headers=_DOC_HEADERS,
@@ -390,7 +395,7 @@ ROUTES: tuple[Route, ...] = (
         ("experiments", "on_post_assign"),
         "Force-assign a user to a variant for debugging (variant null: back to the hashed one)",
         ADMIN,
-        params={"experiment_id": Id},
+        params={"experiment_id": DocId},
         body=recs.AssignRequest,
         response=recs.Assignment,
         errors=(409, 412, 422),
@@ -403,7 +408,7 @@ ROUTES: tuple[Route, ...] = (
         ("experiments", "on_get_assignment"),
         "The variant a user gets (hashed or forced)",
         RECOMMEND,
-        params={"experiment_id": Id},
+        params={"experiment_id": DocId},
         query=recs.AssignmentQuery,
         response=recs.Assignment,
         tags=("experiments",),
@@ -414,7 +419,7 @@ ROUTES: tuple[Route, ...] = (
         ("experiments", "on_get_results"),
         "CTR and conversion per variant with Wilson intervals, z-tests, winner at alpha",
         RECOMMEND,
-        params={"experiment_id": Id},
+        params={"experiment_id": DocId},
         query=recs.ResultsQuery,
         response=recs.ExperimentResults,
         tags=("experiments",),

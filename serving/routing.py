@@ -113,11 +113,25 @@ def decoder(type_: Any) -> Callable[[bytes], Any]:
         try:
             return decode(raw)
         except msgspec.ValidationError as ex:
-            raise _decode_error(ex, "body") from None
+            if "got `float`" not in str(ex):
+                raise _decode_error(ex, "body") from None
+            # JSON has one number type: 5.0 is the integer 5 (as JSON Schema's "integer" says),
+            # which msgspec's strict decoding refuses; checked again with such numbers as ints
+            return check(_integral_floats_as_ints(orjson.loads(raw)), type_, "body")
         except msgspec.DecodeError:
             raise ProblemError(400, "The body is not valid JSON.", code=MALFORMED) from None
 
     return decode_body
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    if type(value) is float:
+        return int(value) if value.is_integer() else value
+    if type(value) is list:
+        return [_integral_floats_as_ints(v) for v in value]
+    if type(value) is dict:
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    return value
 
 
 def check(value: Any, type_: Any, where: str) -> Any:
@@ -125,6 +139,11 @@ def check(value: Any, type_: Any, where: str) -> Any:
     try:
         return msgspec.convert(value, type_)
     except msgspec.ValidationError as ex:
+        if "got `float`" in str(ex):  # (5.0 is the integer 5: see `decoder`)
+            try:
+                return msgspec.convert(_integral_floats_as_ints(value), type_)
+            except msgspec.ValidationError as again:
+                ex = again
         raise _decode_error(ex, where) from None
 
 

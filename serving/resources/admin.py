@@ -94,7 +94,7 @@ class TenantDocumentResource:
         except falcon.MediaMalformedError:
             raise ProblemError(400, "The body is not valid JSON.") from None
         body = self._validate(raw, self._config)
-        if isinstance(raw, dict) and raw.get("tenant_id", tenant_id) != tenant_id:
+        if isinstance(raw, dict) and raw.get("tenant_id") not in (None, tenant_id):
             raise ProblemError(422, "tenant_id in the body differs from the URL.")
         doc, _ = self._documents.put(
             tenant_id, self._kind, body, Preconditions.of(req), default=self._default
