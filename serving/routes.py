@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 from msgspec import Meta
 
+from recsys.tenancy import TENANT_ID_PATTERN
 from serving import schemas as s
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.crr import schemas as crr
@@ -27,10 +28,8 @@ ADMIN, RECOMMEND = SCOPE_ADMIN, SCOPE_RECOMMEND
 TenantId = Annotated[
     str,
     Meta(
-        min_length=1,
-        max_length=64,
-        pattern=r"^(?!\.{1,2}$)[A-Za-z0-9_.\-]+$",
-        description="a tenant id: letters, digits, '_', '-', '.' (not '.' or '..'), <= 64",
+        pattern=TENANT_ID_PATTERN,
+        description="a tenant id: 1-64 ASCII letters, digits, '_', '-', '.' (never '..')",
     ),
 ]
 Id = s.Id
