@@ -137,7 +137,9 @@ def build_client(config: ServingConfig) -> testing.TestClient:
     return testing.TestClient(create_app(config, registry, limiter=InProcessLimiter()))
 
 
-def token(tenant: str = "acme", scopes=("recommend",), ttl: int = 600) -> str:
+def token(tenant: str = "acme", scopes=("recommend",), ttl: int = 86400) -> str:
+    # (a day: modules mint their headers at collection, and a full run on a loaded machine
+    # outlasted the 10 minutes this used to be)
     return mint_token(SECRET, tenant, scopes, ttl)
 
 
