@@ -78,7 +78,7 @@ def validate_experiment(body: Any) -> dict[str, Any]:
     for i, v in enumerate(spec.variants):
         vid = v.id if v.id is not None else v.name
         if vid is None:
-            raise bad_request(f"variants[{i}] needs an id.")
+            raise unprocessable(f"variants[{i}] needs an id (or its spelling 'name').")
         if vid in seen:
             raise unprocessable(f"Variant id '{vid}' is used twice.")
         seen.add(vid)

@@ -107,6 +107,10 @@ def parse_bulk(data: bytes) -> tuple[list[Any], dict[int, ItemResult]]:
                 "rejected", reason="unparsable", detail=f"not JSON: {e}"
             )
             items.append(None)
+    if items and len(broken) == len(items):
+        raise ProblemError(
+            400, "The body is neither JSON nor NDJSON: no line of it is JSON.", code=MALFORMED
+        )
     return items, broken
 
 

@@ -105,6 +105,7 @@ class RuntimeResources:
             req.context.principal.tenant, body, req.context.started - shift
         )
         meta = result["meta"]
+        meta["request_id"] = req.context.request_id
         if shift:
             meta["timings_ms"]["total"] = round(meta["timings_ms"]["total"] - shift * 1000, 3)
         if p.model is not None and p.model != meta["algo_version"]:
@@ -185,6 +186,7 @@ class RuntimeResources:
             options=s.Options(include_reasons=True),
         )
         result = self._service.similar(req.context.principal.tenant, body, req.context.started)
+        result["meta"]["request_id"] = req.context.request_id
         if strategy in ("co_view", "co_buy"):
             result["warnings"].append(
                 {
