@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime, timedelta
 import numpy as np
 import polars as pl
 
-from recsys.durable import write_parquet_atomic
+from recsys.durable import write_atomic, write_parquet_atomic
 from recsys.storage import Storage
 
 CATEGORIES = (
@@ -362,8 +362,8 @@ def generate(
         if progress:
             progress(written, spec.events)
     summary.events_written = written + summary.duplicates
-    storage.fs.pipe_file(
-        marker, json.dumps({"spec": asdict(spec), "summary": asdict(summary)}).encode()
+    write_atomic(
+        marker, json.dumps({"spec": asdict(spec), "summary": asdict(summary)}).encode(), storage.fs
     )
     return summary
 

@@ -1,18 +1,22 @@
 """Crash-safe writes: write a temporary file in the target's folder, fsync it, rename it over
 the target (atomic on POSIX), fsync the folder so the rename itself survives a crash.
 
-Every durable JSON document of the project (tenant config and rules, experiments, seeds, record
-stores, the snapshot `CURRENT` pointer and manifest) is written by `write_atomic`, and every
-Parquet file another process may pick up (landing files from imports, the demo and the API's
-event log, tombstones, staged shards) by `write_parquet_atomic`; `fsync_dir` makes a new or
-removed name in a folder durable.
+Every durable document of the project (tenant config and rules, experiments, seeds, record
+stores, the snapshot `CURRENT` pointer and manifest, ingest state, training metadata) is
+written by `write_atomic`, and every Parquet file another process may pick up (landing files
+of imports, the demo, the API's event log and CRR records, tombstones, warehouse parts, staged
+shards) by `write_parquet_atomic`; `fsync_dir` makes a new or removed name in a folder
+durable. Both writers take the fsspec filesystem of a `recsys.storage.Storage` root: on an
+object store the temporary object is moved into place (an object appears whole; there is
+nothing to fsync).
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 
 def fsync_dir(path: str) -> None:
@@ -24,48 +28,36 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes, fs: Any = None) -> None:
     """Replace `path` with `data` so a reader (or a crash) sees the old or the new content,
     never a mix; returns once both the content and the rename are on disk."""
-    folder = os.path.dirname(path) or "."
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(folder)
+    _replace(path, fs, lambda f: f.write(data))
 
 
 def write_parquet_atomic(df: Any, path: str, fs: Any = None, **options: Any) -> None:
     """Write the Polars DataFrame `df` as Parquet at `path` so that a reader (a sensor, another
     process, a restart after a crash) finds no file or the whole file, never part of one.
-
-    `options` go to `DataFrame.write_parquet` (compression defaults to zstd). `fs` is the
-    fsspec filesystem of a `recsys.storage.Storage` root: on a local one (or without `fs`) the
-    file is fsync'd and renamed as `write_atomic` does; on an object store the temporary
-    object is moved into place (an object appears whole; there is nothing to fsync).
-    """
+    `options` go to `DataFrame.write_parquet` (compression defaults to zstd)."""
     options.setdefault("compression", "zstd")
+    _replace(path, fs, lambda f: df.write_parquet(f, **options))
+
+
+def _replace(path: str, fs: Any, write: Callable[[IO[bytes]], Any]) -> None:
+    """`write` into a temporary file beside `path`, then move it over `path` durably."""
     if path.startswith("file://"):
         path = path[len("file://") :]
     elif fs is not None and "file" not in _protocols(fs):
         folder, name = path.rsplit("/", 1)
         tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
-        with fs.open(tmp, "wb") as fh:
-            df.write_parquet(fh, **options)
+        with fs.open(tmp, "wb") as f:
+            write(f)
         fs.mv(tmp, path)
         return
     folder = os.path.dirname(path) or "."
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as f:
-            df.write_parquet(f, **options)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

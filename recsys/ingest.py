@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from recsys.adapters import read_source
 from recsys.contract import DEFAULT_TENANT, EVENT_SCHEMA, REJECTED_SCHEMA, empty_frame
-from recsys.durable import write_parquet_atomic
+from recsys.durable import write_atomic, write_parquet_atomic
 from recsys.errors import RecsysError
 from recsys.readers import TextLayout
 from recsys.storage import Storage
@@ -156,9 +156,7 @@ def load_state(storage: Storage, tenant: str) -> dict:
 def save_state(storage: Storage, tenant: str, state: dict) -> None:
     p = storage.ingest_state_path(tenant)
     storage.makedirs(posixpath.dirname(p))
-    tmp = p + f".{uuid.uuid4().hex}.tmp"
-    storage.fs.pipe_file(tmp, json.dumps(state, indent=1, sort_keys=True).encode())
-    storage.fs.mv(tmp, p)
+    write_atomic(p, json.dumps(state, indent=1, sort_keys=True).encode(), storage.fs)
 
 
 # --- events -------------------------------------------------------------------------------------

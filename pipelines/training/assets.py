@@ -22,6 +22,7 @@ from pipelines.resources import StorageResource
 from pipelines.training.config import InteractionsConfig, SplitConfig, TrainingConfig
 from recsys import ingest
 from recsys.contract import DEFAULT_EVENT_WEIGHTS
+from recsys.durable import write_atomic, write_parquet_atomic
 from recsys.models.data import interactions as fold_interactions
 from recsys.models.data import temporal_split
 from recsys.models.hybrid import (
@@ -68,13 +69,12 @@ def read_inputs(
 
 
 def model_path(store: Storage, tenant: str, *parts: str) -> str:
-    return store.path("models", tenant, *parts)
+    return posixpath.join(store.models_dir(tenant), *parts)
 
 
 def write_json(store: Storage, path: str, obj) -> None:
     store.makedirs(posixpath.dirname(path))
-    with store.fs.open(path, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
+    write_atomic(path, json.dumps(obj, indent=2, default=str).encode(), store.fs)
 
 
 def read_json(store: Storage, path: str):
@@ -164,8 +164,7 @@ def interactions(
         events, _, _ = read_inputs(store, tenant)
         inter = fold_interactions(events, weights, config.half_life_days)
         path = store.table_path(tenant, "interactions")
-        with store.fs.open(path, "wb") as f:
-            inter.frame.write_parquet(f)
+        write_parquet_atomic(inter.frame, path, store.fs)
         write_json(
             store,
             model_path(store, tenant, "interactions.json"),
