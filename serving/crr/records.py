@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 import polars as pl
+from msgspec import UNSET
 
 from recsys.contract import ITEM_SCHEMA, USER_SCHEMA
 from recsys.durable import write_parquet_atomic
@@ -81,16 +82,28 @@ def check_record(kind: str, record_id: str, record: dict[str, Any]) -> pl.DataFr
 def parse_record(
     kind: str, body: CrrUserRecord | CrrItemRecord
 ) -> tuple[str | None, str | None, dict[str, Any]]:
-    """(id, rid, record fields sent) of a decoded body (`serving.crr.schemas`); 422 when it
-    names its id twice, differently."""
-    id_field, contract_id = ID_FIELD[kind], CONTRACT_ID[kind]
-    ids = given(body, (id_field, contract_id))
-    if len(set(ids.values())) > 1:
+    """(id, rid, record fields sent) of a decoded body (`serving.crr.schemas`); 422 when its
+    attributes hold what JSON text of the contract cannot (an integer beyond 64 bits, nesting
+    deeper than 254 levels)."""
+    record = given(body, FIELDS[kind])
+    if not encodable(record.get("attributes")):
         raise ProblemError(
-            422, f"'{id_field}' and '{contract_id}' differ.", code="RECSYS_INVALID_RECORD"
+            422,
+            f"The {kind[:-1]}'s attributes hold an integer beyond 64 bits or nest too deep.",
+            code="RECSYS_INVALID_RECORD",
+            extra={"reason": "bad_value"},
         )
-    rec_id = next(iter(ids.values()), None)
-    return rec_id, body.rid, given(body, FIELDS[kind])
+    rec_id = getattr(body, ID_FIELD[kind])
+    return (None if rec_id is UNSET else rec_id), body.rid, record
+
+
+def encodable(value: Any) -> bool:
+    """Whether a free-form JSON value can be stored as the contract's JSON text."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def _legacy_record(raw: dict[str, Any]) -> tuple[str, dict[str, Any], str, str]:

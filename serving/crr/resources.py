@@ -34,8 +34,7 @@ import orjson
 import polars as pl
 
 from recsys.contract import BUILTIN_EVENT_TYPES
-from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
-from serving.crr.records import ID_FIELD, RecordStore, parse_record
+from serving.crr.records import ID_FIELD, RecordStore, encodable, parse_record
 from serving.crr.schemas import CrrNewEvent, CrrUserEvent, CrrUserRecord, EventsQuery
 from serving.documents import Preconditions, set_etag
 from serving.errors import ProblemError
@@ -97,14 +96,7 @@ def _as_list(value: list[str] | str | None) -> list[str]:
 
 
 class CrrResources:
-    """Every /v1/crr route (one class; `suffix=` per route)."""
-
-    required_scope = {
-        "GET": SCOPE_RECOMMEND,
-        "POST": SCOPE_ADMIN,
-        "PUT": SCOPE_ADMIN,
-        "DELETE": SCOPE_ADMIN,
-    }
+    """The handlers of the /v1/crr routes (their paths, scopes and types: `serving.routes`)."""
 
     def __init__(
         self,
@@ -143,7 +135,29 @@ class CrrResources:
                 seconds=int(m.group(1)) * _UNIT_S[m.group(2)]
             )
             lf = lf.filter(pl.col("timestamp") >= since)
-        return lf.sort(["timestamp", "event_id"]).collect()
+        df = lf.sort(["timestamp", "event_id"]).collect()
+        if not df.height:
+            self._require(tenant, "users" if by == "user_id" else "items", key)
+        return df
+
+    def _require(self, tenant: str, kind: str, key: str) -> None:
+        """404 for a user or item id with no record, no place in the live snapshot and no
+        events: an empty answer would hide a mistyped id or one that is gone."""
+        if self._records.get(tenant, kind, key) is not None:
+            return
+        live = self._store.live(tenant)
+        if live is not None:
+            idx = live.snap.user_index(key) if kind == "users" else live.item_index(key)
+            if idx is not None:
+                return
+        column = "user_id" if kind == "users" else "item_id"
+        if self._events(tenant).filter(pl.col(column) == key).head(1).collect().height:
+            return
+        raise ProblemError(
+            404,
+            f"No {kind[:-1]} '{key}': no record, events or snapshot entry.",
+            code="RECSYS_UNKNOWN_USER" if kind == "users" else "RECSYS_UNKNOWN_ITEM",
+        )
 
     def _page(self, req: falcon.Request, resp: falcon.Response, df: pl.DataFrame) -> None:
         query: EventsQuery = req.context.query
@@ -222,8 +236,16 @@ class CrrResources:
     ) -> list[dict[str, Any]]:
         """Submit a user's events (of `event_type`, else each its own) to the event log; one
         outcome per event, in order (`serving.crr.schemas.CrrEventOutcome`)."""
-        bodies = []
-        for e in events:
+        bodies, refused = [], {}
+        for n, e in enumerate(events):
+            if not encodable(e.context):
+                refused[n] = {
+                    "eid": None,
+                    "status": "rejected",
+                    "reason": "unparsable",
+                    "detail": "context holds an integer beyond 64 bits or nests too deep",
+                }
+                continue
             body = {
                 "user_id": user_id,
                 "item_id": e.iid,
@@ -235,11 +257,17 @@ class CrrResources:
                 "event_id": e.eid,
             }
             bodies.append({k: v for k, v in body.items() if v is not None})
-        results = self._logs.tenant(tenant).submit(bodies)
-        return [
-            {"eid": r.event_id, "status": r.status, "reason": r.reason, "detail": r.detail}
-            for r in results
-        ]
+        results = iter(self._logs.tenant(tenant).submit(bodies) if bodies else ())
+        out = []
+        for n in range(len(events)):
+            if n in refused:
+                out.append(refused[n])
+            else:
+                r = next(results)
+                out.append(
+                    {"eid": r.event_id, "status": r.status, "reason": r.reason, "detail": r.detail}
+                )
+        return out
 
     # users
     def on_post_users(self, req, resp) -> None:
@@ -302,8 +330,9 @@ class CrrResources:
             resp.media = {"events": results}
 
     def on_get_current_ratings(self, req, resp, uid: str) -> None:
+        tenant = req.context.principal.tenant
         df = (
-            self._events(req.context.principal.tenant)
+            self._events(tenant)
             .filter((pl.col("user_id") == uid) & (pl.col("event_type") == "rating"))
             .filter(pl.col("value").is_not_null())
             .sort(["timestamp", "event_id"])
@@ -312,6 +341,8 @@ class CrrResources:
             .sort("item_id")
             .collect()
         )
+        if not df.height:
+            self._require(tenant, "users", uid)
         resp.media = {
             "uid": uid,
             "ratings": {i: v for i, v in zip(df["item_id"], df["value"], strict=True)},
@@ -484,6 +515,8 @@ class CrrResources:
         df = self._events(tenant).filter(pl.col("user_id") == uid).collect()
         live = self._store.require_live(tenant)
         uidx = live.snap.user_index(uid)
+        if not df.height:
+            self._require(tenant, "users", uid)
         resp.media = {
             "uid": uid,
             "has_record": self._records.get(tenant, "users", uid) is not None,
@@ -503,6 +536,8 @@ class CrrResources:
         df = self._events(tenant).filter(pl.col("item_id") == iid).collect()
         live = self._store.require_live(tenant)
         iidx = live.item_index(iid)
+        if not df.height:
+            self._require(tenant, "items", iid)
         resp.media = {
             "iid": iid,
             "has_record": self._records.get(tenant, "items", iid) is not None,
@@ -531,7 +566,5 @@ class CrrResources:
 
 
 class CrrEventResources(CrrResources):
-    """The event routes: adding events needs only `recommend` (as /v1/recs/events); deleting
-    one needs `admin`."""
-
-    required_scope = {"GET": SCOPE_RECOMMEND, "POST": SCOPE_RECOMMEND, "DELETE": SCOPE_ADMIN}
+    """The event routes' handlers (adding events needs only `recommend`, as /v1/recs/events;
+    deleting one needs `admin`: their route table entries say so)."""

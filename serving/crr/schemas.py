@@ -21,7 +21,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from recsys.contract import BUILTIN_EVENT_TYPES, MAX_TITLE_LENGTH
-from serving.recs.schemas import Cursor, Query
+from serving.recs.schemas import Query
 from serving.schemas import Body, Id, Reply, ResponseMeta, TagList, Warning
 
 __all__ = [
@@ -63,18 +63,27 @@ MAX_EVENTS_PER_REQUEST = 1000
 EventTypeName = Literal[
     tuple(t for base in BUILTIN_EVENT_TYPES for t in (base, base + "s"))  # type: ignore[misc]
 ]
-Rfc3339 = Annotated[
-    str,
-    Meta(
-        pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
-        r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})$",
-        description="RFC 3339 date-time",
-    ),
-]
+_TIME = (
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
+    r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+_DATE = r"-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+#: Epoch numbers: seconds, milliseconds or microseconds, told apart by size (as imports are).
+_EPOCH = "seconds since the Unix epoch (milliseconds and microseconds told apart by size)"
 EventTime = Annotated[
-    float | Rfc3339,
-    Meta(description="seconds since the Unix epoch (ms and us told apart by size), or RFC 3339"),
+    Annotated[float, Meta(ge=631_152_000, lt=1e17, description=_EPOCH + ", from 1990")]
+    | Annotated[
+        str,
+        Meta(pattern=f"^(199[0-9]|20[0-9]{{2}}){_DATE}{_TIME}", description="RFC 3339, from 1990"),
+    ],
+    Meta(description="events before 1990 or more than a day ahead are refused (422)"),
 ]
+CatalogueTime = (
+    Annotated[float, Meta(ge=0, lt=1e17, description=_EPOCH)]
+    | Annotated[str, Meta(pattern=f"^[1-9][0-9]{{3}}{_DATE}{_TIME}", description="RFC 3339")]
+)
+#: A page offset (bounded so that it stays a machine integer).
+EventCursor = Annotated[int, Meta(ge=0, le=2**31 - 1, description="offset of the next page")]
 Attributes = Annotated[dict[str, Any], Meta(description="free-form attributes (<= 16 KiB)")]
 Context = Annotated[dict[str, Any], Meta(description="free-form context (<= 16 KiB)")]
 
@@ -91,7 +100,7 @@ class EventsQuery(Query):
     ] = "all"
     null: Annotated[bool, Meta(description="false drops events without a value")] = True
     limit: PageLimit = 1000
-    cursor: Cursor = 0
+    cursor: EventCursor = 0
 
 
 class UserEventsQuery(EventsQuery):
@@ -144,7 +153,6 @@ class CrrUserRecord(Body):
     URL's). `rid` names the revision an update replaces (or send If-Match)."""
 
     uid: Id | UnsetType = UNSET
-    user_id: Annotated[Id, Meta(description="the same as uid")] | UnsetType = UNSET
     rid: Id | None = None
     segment: Id | None | UnsetType = UNSET
     country: Id | None | UnsetType = UNSET
@@ -157,7 +165,6 @@ class CrrItemRecord(Body):
     URL's). `rid` names the revision an update replaces (or send If-Match)."""
 
     iid: Id | UnsetType = UNSET
-    item_id: Annotated[Id, Meta(description="the same as iid")] | UnsetType = UNSET
     rid: Id | None = None
     title: Annotated[str, Meta(max_length=MAX_TITLE_LENGTH)] | None | UnsetType = UNSET
     category: Id | None | UnsetType = UNSET
@@ -166,7 +173,7 @@ class CrrItemRecord(Body):
     tags: TagList | None | UnsetType = UNSET
     available: bool | None | UnsetType = UNSET
     created_at: (
-        Annotated[EventTime, Meta(description="when the item was added to the catalogue")]
+        Annotated[CatalogueTime, Meta(description="when the item joined the catalogue")]
         | None
         | UnsetType
     ) = UNSET

@@ -348,7 +348,7 @@ def test_every_crr_operation_answers_as_its_schema_says(client, spec):
             "events": [
                 {"iid": "a1", "type": "ratings", "value": 4.5, "timestamp": "2025-01-02T03:04:05Z"},
                 {"iid": "a3", "type": "purchase", "timestamp": 1735725600, "context": {"p": 1}},
-                {"iid": "a4", "type": "view", "timestamp": "2999-01-01T00:00:00Z"},
+                {"iid": "a4", "type": "view", "timestamp": "2099-01-01T00:00:00Z"},
             ],
         },
     ).json
@@ -363,8 +363,9 @@ def test_every_crr_operation_answers_as_its_schema_says(client, spec):
         "updated_at",
         "generated_id",
     }
-    send("POST", users, 409, body={"user_id": "alice"})
-    send("POST", users, 422, body={"uid": "x", "user_id": "y"})
+    send("POST", users, 409, body={"uid": "alice"})
+    huge = send("POST", users, 422, body={"uid": "x", "attributes": {"n": 2**70}})
+    assert huge.json["reason"] == "bad_value"  # (JSON allows it; the contract's text cannot)
     path = "/v1/crr/users/alice"
     send("PUT", user, 428, path, body={"segment": "gold"})
     send("PUT", user, 409, path, body={"segment": "gold", "rid": "stale"})
@@ -375,6 +376,7 @@ def test_every_crr_operation_answers_as_its_schema_says(client, spec):
     assert send("GET", user, 200, path, headers=auth()).json["rid"] == gold["rid"]
     send("GET", user, 404, "/v1/crr/users/nobody", headers=auth())
     send("GET", "/v1/crr/users/{uid}/statistics", 200, "/v1/crr/users/u1/statistics")
+    send("GET", "/v1/crr/users/{uid}/statistics", 404, "/v1/crr/users/nobody/statistics")
     send("DELETE", user, 409, path, headers={**ADMIN, "If-Match": '"stale"'})
     gone = send("DELETE", user, 200, path, headers={**ADMIN, "If-Match": f'"{gold["rid"]}"'})
     assert gone.json == {"uid": "alice", "rid": gold["rid"], "status": "deleted"}
@@ -390,6 +392,7 @@ def test_every_crr_operation_answers_as_its_schema_says(client, spec):
     send("PUT", item, 422, "/v1/crr/items/boot-2", body={"category": "é" * 200})
     send("GET", item, 200, ipath, headers=auth())
     send("GET", "/v1/crr/items/{iid}/statistics", 200, "/v1/crr/items/a1/statistics")
+    send("GET", "/v1/crr/items/{iid}/statistics", 404, "/v1/crr/items/nothing/statistics")
     send("DELETE", item, 412, ipath, headers={**ADMIN, "If-None-Match": "*"})
     send("DELETE", item, 200, ipath)  # (If-Match is optional for a delete)
 
@@ -399,7 +402,7 @@ def test_every_crr_operation_answers_as_its_schema_says(client, spec):
     assert first.json == {"eid": "e-1", "status": "accepted"}
     again = send("POST", of_type, 200, "/v1/crr/users/u1/events/rating", body=one, headers=auth())
     assert again.json == {"eid": "e-1", "status": "duplicate"}
-    late = {"iid": "a1", "timestamp": "2999-01-01T00:00:00Z"}
+    late = {"iid": "a1", "timestamp": "2099-01-01T00:00:00Z"}
     refused = send("POST", of_type, 422, "/v1/crr/users/u1/events/ratings", body=late)
     assert refused.json["reason"] == "bad_timestamp"
     batch = send(
@@ -407,10 +410,21 @@ def test_every_crr_operation_answers_as_its_schema_says(client, spec):
         of_type,
         200,
         "/v1/crr/users/u1/events/views",
-        body=[{"iid": "a2"}, late, {"iid": "a5", "session_id": "s", "context": {"page": "home"}}],
+        body=[
+            {"iid": "a2"},
+            late,
+            {"iid": "a5", "session_id": "s", "context": {"page": "home"}},
+            {"iid": "a6", "context": {"n": 2**64}},
+        ],
         headers=auth(),
     ).json
-    assert [e["status"] for e in batch["events"]] == ["accepted", "rejected", "accepted"]
+    outcomes = [(e["status"], e["reason"]) for e in batch["events"]]
+    assert outcomes == [
+        ("accepted", None),
+        ("rejected", "bad_timestamp"),
+        ("accepted", None),
+        ("rejected", "unparsable"),
+    ]
 
     u1 = "/v1/crr/users/u1"
     listed = send("GET", "/v1/crr/users/{uid}/events", 200, f"{u1}/events", headers=auth()).json
@@ -440,6 +454,16 @@ def test_every_crr_operation_answers_as_its_schema_says(client, spec):
     )
     current = send("GET", "/v1/crr/users/{uid}/currentRatings", 200, f"{u1}/currentRatings")
     assert current.json == {"uid": "u1", "ratings": {"a1": 2.0}}
+    # an id known nowhere (no record, events or snapshot entry) is 404; a known one without
+    # events (u3 is in the snapshot) is an empty answer
+    send("GET", "/v1/crr/users/{uid}/events", 404, "/v1/crr/users/nobody/events")
+    send("GET", "/v1/crr/items/{iid}/events", 404, "/v1/crr/items/boot-9/events")
+    send("GET", "/v1/crr/users/{uid}/currentRatings", 404, "/v1/crr/users/nobody/currentRatings")
+    send("GET", of_type, 200, "/v1/crr/users/u3/events/ratings")
+    empty = send(
+        "GET", "/v1/crr/users/{uid}/currentRatings", 200, "/v1/crr/users/u3/currentRatings"
+    )
+    assert empty.json == {"uid": "u3", "ratings": {}}
 
     event = "/v1/crr/events/{eid}"
     assert send("GET", event, 200, "/v1/crr/events/e-1", headers=auth()).json["type"] == "rating"
@@ -488,6 +512,8 @@ REFUSED = [
     ("POST", "/v1/crr/items", None, {"tags": "a,b"}, "`body.tags`"),
     ("POST", "/v1/crr/items", None, {"price": "9.5"}, "`body.price`"),
     ("POST", "/v1/crr/items", None, {"events": []}, "unknown field `events`"),
+    ("POST", "/v1/crr/items", None, {"item_id": "x"}, "unknown field `item_id`"),
+    ("POST", "/v1/crr/items", None, {"created_at": "0000-01-01T00:00:00Z"}, "`body.created_at`"),
     ("PUT", "/v1/crr/items/{iid}", "/v1/crr/items/x", {"available": "yes"}, "`body.available`"),
     ("PUT", "/v1/crr/items/{iid}", "/v1/crr/items/x", {"title": "t" * 1025}, "`body.title`"),
     ("PUT", "/v1/crr/users/{uid}", "/v1/crr/users/x", {"rid": 7}, "`body.rid`"),
@@ -502,6 +528,8 @@ REFUSED += [
         ({"iid": "a1", "value": "3"}, "`body.value`"),
         ({"iid": "a1", "timestamp": "yesterday"}, "`body.timestamp`"),
         ({"iid": "a1", "timestamp": "2025-13-01T00:00:00Z"}, "`body.timestamp`"),
+        ({"iid": "a1", "timestamp": "1989-12-31T23:59:59Z"}, "`body.timestamp`"),
+        ({"iid": "a1", "timestamp": 1e300}, "`body.timestamp`"),
         ({"iid": "a1", "context": "home"}, "`body.context`"),
         ([{"iid": "a1"}] * 1001, "length <= 1000"),
         ("a1", "Expected `object | array`"),
@@ -529,6 +557,7 @@ def test_bodies_the_schema_forbids_are_400_naming_the_field(
         ("/v1/crr/users/u1/events", {"history": "soon"}, "`query.history`"),
         ("/v1/crr/users/u1/events", {"limit": "0"}, "`query.limit`"),
         ("/v1/crr/items/a1/events", {"cursor": "-1"}, "`query.cursor`"),
+        ("/v1/crr/items/a1/events", {"cursor": str(2**63)}, "`query.cursor`"),
         ("/v1/crr/items/a1/events", {"null": "maybe"}, "`query.null`"),
         ("/v1/crr/users/u1/predictions", {"item": "x" * 257}, "`query.item`"),
         ("/v1/crr/users/u1/predictions", {"useStoredRatings": "2"}, "`query.useStoredRatings`"),
