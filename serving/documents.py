@@ -34,6 +34,14 @@ revision field) fail with one exception type, `Conflict`, a Problem Details erro
 A document that is not stored may stand for defaults (`get`/`put` with ``default=``): it then
 has the revision `default_revision` of its body, so a client can GET the defaults and PUT its
 first version with ``If-Match`` of that ETag (or ``If-None-Match: *``).
+
+A new kind of document is one collection and a few lines in its resource::
+
+    hooks = DocumentStore(f"{data_root}/serving").collection("webhooks", prefix="hook")
+    doc = hooks.create(tenant, hook_id, body)                    # 409 if the id exists
+    doc, created = hooks.put(tenant, hook_id, body, Preconditions.of(req))
+    set_etag(resp, doc.revision)
+    hooks.delete(tenant, hook_id, Preconditions.of(req))         # 404 / 409 / 412
 """
 
 from __future__ import annotations
