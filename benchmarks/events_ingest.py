@@ -1,10 +1,12 @@
-"""Event ingestion over HTTP against real gunicorn on loopback, then kill -9 under load.
+"""Event ingestion over HTTP against the real server on loopback, then kill -9 under load.
 
     python benchmarks/events_ingest.py [--seconds 8] [--workers 2] [--threads 64]
-        [--connections 64] [--repeat 1] [--worker-class gthread ...]
+        [--connections 64] [--repeat 1] [--server granian --server gthread ...]
 
-Starts gunicorn as `recsys serve --threads` does (or with `--worker-class`, repeatable for an
-A/B: the runs alternate) on a fresh data root and prints, with the load average:
+Starts the server as `recsys serve --threads` does (granian's WSGI server, `--server granian`,
+the default) or gunicorn with another worker class (`--server gthread`, `--server sync`; the
+option is repeatable for an A/B: the runs alternate) on a fresh data root and prints, with the
+load average:
 
 * single events/s: POST /v1/recs/events from wrk (`benchmarks/events_wrk.lua`: unique valid
   events) over `--connections` keep-alive connections, and the workers' CPU per request
@@ -42,7 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from serving.auth import mint_token  # noqa: E402
-from serving.cli import gunicorn_argv  # noqa: E402
+from serving.cli import granian_argv, gunicorn_argv  # noqa: E402
 
 SECRET = "benchmark-secret-0123456789abcdef0123456789"
 TENANT = "bench"
@@ -60,13 +62,17 @@ def start_server(
     workers: int,
     threads: int,
     extra_env: dict[str, str] | None = None,
-    worker_class: str | None = None,
+    server: str = "granian",
 ) -> subprocess.Popen:
-    """gunicorn (`recsys serve --threads` workers unless `worker_class` names others) on
-    127.0.0.1:`port`; returns when /healthz answers."""
-    argv = gunicorn_argv(
-        f"127.0.0.1:{port}", workers, threads=threads, worker_class=worker_class
-    ) + ["--backlog", "2048"]
+    """`recsys serve --threads` (granian) or gunicorn with the worker class `server` (sync
+    workers get one thread each) on 127.0.0.1:`port`; returns when /healthz answers."""
+    bind = f"127.0.0.1:{port}"
+    if server == "granian":
+        argv = granian_argv(bind, workers, threads)  # (backlog 2048, as below)
+    else:
+        threads = 1 if server == "sync" else threads
+        argv = gunicorn_argv(bind, workers, threads=threads, worker_class=server)
+        argv += ["--backlog", "2048"]
     env = {
         **os.environ,
         "RECSYS_DATA_ROOT": root,
@@ -96,10 +102,10 @@ def start_server(
         except OSError:
             pass
         if proc.poll() is not None:
-            raise RuntimeError("gunicorn exited: " + proc.stderr.read().decode()[-2000:])
+            raise RuntimeError(f"{server} exited: " + proc.stderr.read().decode()[-2000:])
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("gunicorn did not become ready in 60 s")
+    raise RuntimeError(f"{server} did not become ready in 60 s")
 
 
 def all_booted(master: int, workers: int) -> bool:
@@ -336,13 +342,13 @@ def wrk_load(
     }
 
 
-def throughput(args: argparse.Namespace, worker_class: str | None, run: int) -> None:
+def throughput(args: argparse.Namespace, server: str, run: int) -> None:
     """Single and bulk events/s of one fresh server; checks every acknowledged event landed."""
     root = tempfile.mkdtemp(prefix="events-bench-")
     port = free_port()
-    proc = start_server(root, port, args.workers, args.threads, SERVER_ENV, worker_class)
+    proc = start_server(root, port, args.workers, args.threads, SERVER_ENV, server)
     acked = 0
-    label = worker_class or "default"
+    label = server
     try:
         for name, bulk, conns in (
             ("single events  ", 0, args.connections),
@@ -377,24 +383,24 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=64, help="wrk connections, single events")
     ap.add_argument("--repeat", type=int, default=1, help="throughput runs (kill test once)")
     ap.add_argument(
-        "--worker-class",
+        "--server",
         action="append",
-        help="gunicorn worker class to measure (repeatable: runs alternate; default: that of "
-        "recsys serve --threads)",
+        help="granian (recsys serve --threads, the default) or a gunicorn worker class "
+        "(gthread, sync); repeatable: the runs alternate",
     )
     args = ap.parse_args()
-    classes = args.worker_class or [None]
+    servers = args.server or ["granian"]
     print(
-        f"gunicorn {args.workers} workers x {args.threads} threads; wrk 2 threads x "
+        f"{args.workers} workers x {args.threads} threads; wrk 2 threads x "
         f"{args.connections} connections; {os.cpu_count()} cores"
     )
     for run in range(args.repeat):
-        for worker_class in classes:
-            throughput(args, worker_class, run)
+        for server in servers:
+            throughput(args, server, run)
 
     root = tempfile.mkdtemp(prefix="events-kill-")
     port = free_port()
-    proc = start_server(root, port, args.workers, args.threads, SERVER_ENV, classes[0])
+    proc = start_server(root, port, args.workers, args.threads, SERVER_ENV, servers[0])
     t0 = time.time()
     acked_single, *_ = load(
         port, "single", 4.0, 2, 16, prefix="ks", during=(2.0, lambda: kill9(proc))

@@ -27,20 +27,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tok.add_argument("--private-key", help="PEM file of an RS256 private key (instead of a secret)")
     tok.set_defaults(func=_token)
 
-    srv = subparsers.add_parser("serve", help="run the Falcon API under gunicorn")
+    srv = subparsers.add_parser(
+        "serve", help="run the Falcon API under gunicorn (or granian, with --threads)"
+    )
     srv.add_argument("--bind", default="127.0.0.1:8000", help="host:port (default 127.0.0.1:8000)")
-    srv.add_argument("--workers", type=int, default=2, help="gunicorn sync workers (default 2)")
-    srv.add_argument("--timeout", type=int, default=30, help="worker timeout in seconds")
+    srv.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    srv.add_argument("--timeout", type=int, default=30, help="gunicorn's worker timeout in seconds")
     srv.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="threads per worker; >1 uses serving.workers.ConnectionThreadWorker (one thread "
-        "per keep-alive connection: better for event collection, whose validation and fsync "
-        "are then shared by concurrent requests; a worker holds at most this many connections)",
+        help="app threads per worker; 1: gunicorn's sync workers (for /v1/recommend); >1: "
+        "granian's WSGI server (serving.granian_server: better for event collection, whose "
+        "validation and fsync are then shared by concurrent requests)",
     )
     srv.add_argument("--data-root", help="sets RECSYS_DATA_ROOT for the server")
-    srv.add_argument("--reload", action="store_true", help="restart on code changes (development)")
+    srv.add_argument(
+        "--reload", action="store_true", help="restart on code changes (development; gunicorn)"
+    )
     srv.set_defaults(func=_serve)
 
     ev = subparsers.add_parser("events", help="the API's durable event log")
@@ -86,9 +90,6 @@ def _flush_events(args: argparse.Namespace) -> int:
     return 0
 
 
-#: One thread per keep-alive connection (serving/workers.py); the default when threads > 1.
-CONNECTION_THREAD_WORKER = "serving.workers.ConnectionThreadWorker"
-
 #: The gunicorn settings module (serving/gunicorn_conf.py: the master imports and compiles what
 #: the workers share before forking them).
 GUNICORN_CONFIG = "python:serving.gunicorn_conf"
@@ -103,13 +104,12 @@ def gunicorn_argv(
     threads: int = 1,
     worker_class: str | None = None,
 ) -> list[str]:
-    """The gunicorn command line the server runs with (also used by the benchmarks).
-
-    threads > 1 selects `CONNECTION_THREAD_WORKER` (unless `worker_class` names another):
-    concurrent event posts to one worker then share one validation pass and one fsync (the
-    event log's group commit). The settings module `GUNICORN_CONFIG` preloads the serving
-    modules (and the compiled kernels) in the master when `app` is one of this package's."""
-    worker_class = worker_class or (CONNECTION_THREAD_WORKER if threads > 1 else "sync")
+    """The gunicorn command line `recsys serve` runs (also used by the benchmarks): sync
+    workers, or gunicorn's gthread worker when threads > 1 (unless `worker_class` names
+    another; `recsys serve --threads` runs `granian_argv` instead: less CPU per event). The
+    settings module `GUNICORN_CONFIG` preloads the serving modules (and the compiled kernels)
+    in the master when `app` is one of this package's."""
+    worker_class = worker_class or ("gthread" if threads > 1 else "sync")
     argv = [
         sys.executable,
         "-m",
@@ -139,6 +139,24 @@ def gunicorn_argv(
     return argv
 
 
+def granian_argv(bind: str, workers: int, threads: int, app: str = "serving.wsgi:app") -> list[str]:
+    """The command line of `recsys serve --threads N` (N > 1): granian's WSGI server with N app
+    threads per worker, the serving modules preloaded (`serving.granian_server`)."""
+    return [
+        sys.executable,
+        "-m",
+        "serving.granian_server",
+        "--bind",
+        bind,
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--app",
+        app,
+    ]
+
+
 def _serve(args: argparse.Namespace) -> int:
     from serving.config import ServingConfig
 
@@ -149,8 +167,14 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    argv = gunicorn_argv(args.bind, args.workers, args.timeout, args.reload, threads=args.threads)
-    os.execv(argv[0], argv)  # replaces this process; gunicorn handles signals from here on
+    if args.threads > 1:
+        if args.reload:
+            print("error: --reload needs the gunicorn server (--threads 1)", file=sys.stderr)
+            return 2
+        argv = granian_argv(args.bind, args.workers, args.threads)
+    else:
+        argv = gunicorn_argv(args.bind, args.workers, args.timeout, args.reload)
+    os.execv(argv[0], argv)  # replaces this process; the server handles signals from here on
     return 0  # not reached
 
 

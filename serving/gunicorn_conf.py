@@ -20,6 +20,9 @@ settings (the benchmarks' trivial endpoint) is left as it is. With ``--reload`` 
 third-party modules are preloaded, so that a worker restarted after a code change imports the
 changed `serving` modules. (Likewise a ``HUP`` keeps the master's `serving` modules: deploy new
 code by restarting, or with ``USR2``, which starts a new master.)
+
+`preload` is also what `serving.granian_server` (``recsys serve --threads``) runs before
+granian forks its workers.
 """
 
 from __future__ import annotations

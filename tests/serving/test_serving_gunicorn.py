@@ -76,7 +76,7 @@ def test_gunicorn_serves_requests(tmp_path):
     proc = start_gunicorn(port, env)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_ready(base, proc, 20)
+        wait_ready(base, proc, 90)  # (the master preloads NumPy, Numba and the app)
         status, headers, body = request(
             base + "/v1/recommend",
             {"k": 2, "user": {"user_id": "u1"}},

@@ -1,7 +1,8 @@
-"""serving.workers.ConnectionThreadWorker under real gunicorn: keep-alive connections served
-by their own thread (an unread body drained, not taken for the next request), a bounded
-number of connections per worker with idle ones let go after --keep-alive, event posts
-sharing commits, and a prompt graceful stop."""
+"""`recsys serve --threads N`: the app under granian's WSGI server (serving.granian_server), for
+real: keep-alive connections (an unread body not taken for the next request), concurrent event
+posts all acknowledged and stored once, the kernels compiled once by the parent process and
+inherited by the workers, the access lines of every request in the log after a SIGTERM, and a
+prompt graceful stop."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import time
 
 import orjson
 import pytest
-from serving_helpers import SECRET, token
+from serving_helpers import SECRET, publish_tiny, token
 
-from serving.cli import CONNECTION_THREAD_WORKER, gunicorn_argv
+from serving.cli import granian_argv
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
@@ -29,37 +30,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
-    """gunicorn: 1 worker x 2 connection threads, 1 s keep-alive; yields (port, process)."""
-    port = free_port()
-    argv = gunicorn_argv(f"127.0.0.1:{port}", 1, threads=2)
-    assert argv[argv.index("--worker-class") + 1] == CONNECTION_THREAD_WORKER
-    argv[argv.index("--keep-alive") + 1] = "1"
-    env = {**os.environ, "RECSYS_DATA_ROOT": str(tmp_path), "RECSYS_JWT_SECRET": SECRET}
-    proc = subprocess.Popen(argv, env=env, cwd=REPO, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while True:  # the port is bound before the worker has booted: wait for an answer
+def start(root: str, port: int, log_path, workers: int = 1, threads: int = 8, **env):
+    """`recsys serve --threads` on `port`, its stdout and stderr into `log_path`; returns
+    once /healthz answers."""
+    argv = granian_argv(f"127.0.0.1:{port}", workers, threads)
+    env = {**os.environ, "RECSYS_DATA_ROOT": root, "RECSYS_JWT_SECRET": SECRET, **env}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=log)
+    deadline = time.time() + 300  # (a cold Numba cache: the parent compiles the kernels)
+    while True:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             conn.request("GET", "/healthz")
             if conn.getresponse().status == 200:
                 conn.close()
-                break
+                return proc
         except OSError:
             pass
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "gunicorn did not start"
+        assert proc.poll() is None, log_path.read_text()[-2000:]
+        assert time.time() < deadline, "granian did not start"
         time.sleep(0.2)
-    yield port, proc
+
+
+@pytest.fixture
+def server(tmp_path):
+    """One worker x 8 threads; yields (port, process, log path)."""
+    port, log_path = free_port(), tmp_path / "server.log"
+    proc = start(str(tmp_path / "data"), port, log_path)
+    yield port, proc, log_path
     if proc.poll() is None:
         proc.kill()
         proc.wait(10)
 
 
-def test_keep_alive_requests_share_a_connection_and_unread_bodies_are_drained(server):
-    port, _ = server
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+def _event(n: int) -> dict:
+    return {
+        "event_id": f"ev-{n}",
+        "type": "click",
+        "user_id": f"u{n}",
+        "item_id": "a1",
+        "timestamp": 1_735_689_600 + n,
+    }
+
+
+def test_keep_alive_requests_share_a_connection_and_unread_bodies_are_skipped(server):
+    port, _, _ = server
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/healthz")
     first = conn.getresponse()
     assert first.status == 200 and first.getheader("Connection") != "close"
@@ -72,68 +88,87 @@ def test_keep_alive_requests_share_a_connection_and_unread_bodies_are_drained(se
     second.read()
     assert second.status == 405
     headers = {"Authorization": f"Bearer {token()}", "Content-Type": "application/json"}
-    body = {"type": "click", "user_id": "u1", "item_id": "a1", "timestamp": 1_735_689_600}
-    conn.request("POST", "/v1/recs/events", orjson.dumps(body), headers)
+    conn.request("POST", "/v1/recs/events", orjson.dumps(_event(0)), headers)
     third = conn.getresponse()
     assert third.status == 201 and orjson.loads(third.read())["status"] == "accepted"
     assert conn.sock is sock  # all three on one connection
     conn.close()
 
 
-def test_idle_connections_are_let_go_so_a_waiting_one_is_served(server):
-    port, _ = server
-    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
-    time.sleep(0.3)  # both threads now hold an idle connection
-    started = time.monotonic()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/healthz")
-    assert conn.getresponse().status == 200  # after an idle one timed out (--keep-alive 1)
-    assert time.monotonic() - started > 0.5
-    assert [s.recv(1) for s in idle] == [b"", b""]  # closed by the server, not answered
-    for s in idle:
-        s.close()
+def test_concurrent_event_posts_are_each_acknowledged_once(server):
+    port, _, _ = server
+    headers = {"Authorization": f"Bearer {token()}", "Content-Type": "application/json"}
+    answers: dict[int, tuple[int, dict]] = {}
+
+    def post(first: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for n in range(first, first + 25):
+            conn.request("POST", "/v1/recs/events", orjson.dumps(_event(n)), headers)
+            resp = conn.getresponse()
+            answers[n] = (resp.status, orjson.loads(resp.read()))
+        conn.close()
+
+    clients = [threading.Thread(target=post, args=(c * 25,)) for c in range(8)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    assert sorted(answers) == list(range(200))
+    assert {status for status, _ in answers.values()} == {201}
+    # the same events again: each is known (stored once), none accepted twice
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for n in (0, 77, 199):
+        conn.request("POST", "/v1/recs/events", orjson.dumps(_event(n)), headers)
+        resp = conn.getresponse()
+        assert orjson.loads(resp.read())["status"] == "duplicate", n
     conn.close()
 
 
-def test_sigterm_stops_the_worker_promptly_with_a_connection_open(server):
-    port, proc = server
+def test_sigterm_stops_promptly_with_a_connection_open(server):
+    port, proc, _ = server
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     conn.request("GET", "/healthz")
     assert conn.getresponse().status == 200
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
-    assert time.monotonic() - started < 12  # within --graceful-timeout (10 s)
+    assert time.monotonic() - started < 12  # within the graceful period (10 s)
     conn.close()
 
 
-def test_busy_keep_alive_connections_make_room_for_a_waiting_one(server):
-    port, _ = server
-    stop = threading.Event()
-    closed: list[bool] = []
-
-    def busy() -> None:  # never idle long enough for --keep-alive to let it go
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        while not stop.is_set():
-            conn.request("GET", "/healthz")
+def test_workers_share_the_kernels_and_log_every_request_before_sigterm(tmp_path):
+    """With an empty Numba cache the parent process compiles the kernels once before forking
+    the two workers, which neither compile nor load them; and the access lines of requests
+    answered just before a SIGTERM are all written (serving.accesslog) as the workers exit."""
+    root = str(tmp_path / "data")
+    publish_tiny(root, "acme", "a")
+    port, log_path = free_port(), tmp_path / "server.log"
+    proc = start(
+        root,
+        port,
+        log_path,
+        workers=2,
+        NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),
+        NUMBA_DEBUG_CACHE="1",  # one stdout line per cache file saved or loaded
+        RECSYS_ACCESS_LOG="1",
+    )
+    sent = [f"granian-{n}" for n in range(200)]
+    try:
+        headers = {"Authorization": f"Bearer {token()}", "Content-Type": "application/json"}
+        body = orjson.dumps({"k": 2, "user": {"user_id": "u1"}})
+        for n, request_id in enumerate(sent):
+            if n % 20 == 0:  # new connections now and then, so both workers answer some
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/v1/recommend", body, {**headers, "X-Request-Id": request_id})
             resp = conn.getresponse()
-            resp.read()
-            closed.append(resp.getheader("Connection") == "close")  # then it reconnects
-            time.sleep(0.05)
-        conn.close()
-
-    clients = [threading.Thread(target=busy) for _ in range(2)]
-    for t in clients:
-        t.start()
-    time.sleep(0.5)  # both threads of the worker now serve a busy connection
-    started = time.monotonic()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/healthz")
-    status = conn.getresponse().status
-    waited = time.monotonic() - started
-    stop.set()
-    for t in clients:
-        t.join()
-    conn.close()
-    assert status == 200 and waited < 5  # without room made it waits for the busy ones to end
-    assert any(closed) and not all(closed)  # kept alive, closed only to let the third in
+            items = [i["item_id"] for i in orjson.loads(resp.read())["items"]]
+            assert resp.status == 200 and items == ["a0", "a1"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    lines = log_path.read_bytes().splitlines()
+    fused = [x for x in lines if b"kernels.outcomes_select-" in x and b"data " in x]
+    assert len(fused) == 1 and b"data saved" in fused[0], lines[-20:]
+    assert not [x for x in lines if b"data loaded" in x], lines[-20:]
+    logged = [orjson.loads(x)["request_id"] for x in lines if x.startswith(b'{"ts":')]
+    assert sorted(r for r in logged if r.startswith("granian-")) == sorted(sent)
