@@ -43,6 +43,7 @@ from serving.service import RecommendService
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
 
 _HISTORY = re.compile(r"^(\d{1,6})(s|min|h|d|w|m|y)$")
+_EARLIEST = dt.datetime.min.replace(tzinfo=dt.UTC)
 _UNIT_S = {
     "s": 1,
     "min": 60,
@@ -131,10 +132,10 @@ class CrrResources:
             lf = lf.sort("timestamp").group_by(["user_id", "item_id", "event_type"]).last()
         elif query.history != "all":
             m = _HISTORY.match(query.history)  # (the schema's pattern: it matches)
-            since = dt.datetime.now(dt.UTC) - dt.timedelta(
-                seconds=int(m.group(1)) * _UNIT_S[m.group(2)]
-            )
-            lf = lf.filter(pl.col("timestamp") >= since)
+            now = dt.datetime.now(dt.UTC)
+            window = dt.timedelta(seconds=int(m.group(1)) * _UNIT_S[m.group(2)])
+            if window < now - _EARLIEST:  # (a longer window holds every event)
+                lf = lf.filter(pl.col("timestamp") >= now - window)
         df = lf.sort(["timestamp", "event_id"]).collect()
         if not df.height:
             self._require(tenant, "users" if by == "user_id" else "items", key)

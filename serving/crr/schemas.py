@@ -67,7 +67,11 @@ _TIME = (
     r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
     r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
 )
-_DATE = r"-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+#: Month and day (February up to the 29th: a 29th of a common year is the contract's 422).
+_DATE = (
+    r"-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+    r"|02-(0[1-9]|[12][0-9]))"
+)
 #: Epoch numbers: seconds, milliseconds or microseconds, told apart by size (as imports are).
 _EPOCH = "seconds since the Unix epoch (milliseconds and microseconds told apart by size)"
 EventTime = Annotated[

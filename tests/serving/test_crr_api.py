@@ -137,6 +137,10 @@ def test_event_queries_and_filters(client, history):
         "/v1/crr/users/u1/events", params={"history": "1m"}, headers=auth()
     ).json
     assert recent["total"] == 0  # all of it is older than a month
+    ages = client.simulate_get(
+        "/v1/crr/users/u1/events", params={"history": "999999y"}, headers=auth()
+    )  # (a window reaching before year 1 holds every event)
+    assert ages.status_code == 200 and ages.json["total"] == 4
     by_item = client.simulate_get(
         "/v1/crr/items/a1/events/ratings", params={"user": "u2"}, headers=auth()
     ).json
@@ -528,6 +532,8 @@ REFUSED += [
         ({"iid": "a1", "value": "3"}, "`body.value`"),
         ({"iid": "a1", "timestamp": "yesterday"}, "`body.timestamp`"),
         ({"iid": "a1", "timestamp": "2025-13-01T00:00:00Z"}, "`body.timestamp`"),
+        ({"iid": "a1", "timestamp": "2025-06-31T00:00:00Z"}, "`body.timestamp`"),
+        ({"iid": "a1", "timestamp": "2025-01-01T00:00:00+13:79"}, "`body.timestamp`"),
         ({"iid": "a1", "timestamp": "1989-12-31T23:59:59Z"}, "`body.timestamp`"),
         ({"iid": "a1", "timestamp": 1e300}, "`body.timestamp`"),
         ({"iid": "a1", "context": "home"}, "`body.context`"),
