@@ -110,7 +110,10 @@ async function refresh(expectRules) {
         const done = performance.now();
         state.lastRender = { serverMs: serverDone - started, renderMs: done - serverDone };
         performance.mark("recsys:home-rendered");
-        const warnings = answer.warnings.map((w) => `${w.code}: ${w.detail}`);
+        // (a defaulted surface or k is what this page expects; other warnings are worth showing)
+        const warnings = answer.warnings
+            .filter((w) => w.code !== "DEFAULT_APPLIED")
+            .map((w) => `${w.code}: ${w.detail}`);
         say("home-status", warnings.length
             ? `Served with warnings: ${warnings.join("; ")}`
             : `${answer.items.length} items from snapshot ${answer.meta.snapshot_id} (${answer.meta.algo_version})`, warnings.length ? "warn" : "info");

@@ -52,23 +52,30 @@ class DemoInstance:
 
 @pytest.fixture(scope="session")
 def demo_instance() -> DemoInstance:
-    root = Path(tempfile.mkdtemp(prefix="recsys-browser-"))
+    """A fresh instance per session; RECSYS_BROWSER_INSTANCE=<folder> keeps it there and reuses
+    it on the next session when its run finished (for iterating on the page)."""
+    keep = os.environ.get("RECSYS_BROWSER_INSTANCE")
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="recsys-browser-"))
     data_root, home = root / "data", root / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "RECSYS_DATA_ROOT": str(data_root)}
-    log = root / "pipeline.log"
-    with open(log, "wb") as out:
-        for args in (
-            ["demo-data", "--events", str(DEMO_EVENTS), "--seed", str(DEMO_SEED), "--quiet"],
-            ["run", "--job", "recsys_pipeline"],
-        ):
-            done = subprocess.run(
-                [str(BIN / "recsys"), *args], cwd=REPO, env=env, stdout=out, stderr=out
-            )
-            assert done.returncode == 0, f"recsys {' '.join(args)} failed:\n{tail(log)}"
+    done_marker = root / "pipeline.done"
+    if not done_marker.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+        log = root / "pipeline.log"
+        with open(log, "wb") as out:
+            for args in (
+                ["demo-data", "--events", str(DEMO_EVENTS), "--seed", str(DEMO_SEED), "--quiet"],
+                ["run", "--job", "recsys_pipeline"],
+            ):
+                done = subprocess.run(
+                    [str(BIN / "recsys"), *args], cwd=REPO, env=env, stdout=out, stderr=out
+                )
+                assert done.returncode == 0, f"recsys {' '.join(args)} failed:\n{tail(log)}"
+        done_marker.touch()
     yield DemoInstance(root, data_root, home, env)
-    shutil.rmtree(root, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ MLflow store (after one successful `recsys_pipeline` run), in headless chromium.
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 from browser_helpers import BIN, REPO, free_port, stop, wait_http
@@ -26,6 +27,20 @@ def _wait_text(browser, needles, timeout: float = 120.0, what: str = "") -> str:
     return _text(browser)
 
 
+def _skip_the_welcome(browser) -> None:
+    """Close Dagster's first-visit "Join the community" dialog (once per browser profile; it
+    opens a moment after the page, and not at all in versions without it)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        clicked = browser.execute_script(
+            "const b = [...document.querySelectorAll('button')].find(b => b.textContent.trim()"
+            " === 'Skip'); if (b) b.click(); return !!b;"
+        )
+        if clicked:
+            return
+        time.sleep(0.5)
+
+
 def test_dagster_shows_the_asset_groups_and_the_last_successful_run(
     browser, demo_instance, screenshot
 ):
@@ -46,10 +61,11 @@ def test_dagster_shows_the_asset_groups_and_the_last_successful_run(
         wait_http(url + "/server_info", proc, 240, log)
         browser.get(url + "/asset-groups")
         _wait_text(browser, GROUPS, what="the global asset graph")
+        _skip_the_welcome(browser)
         screenshot("dagster_asset_graph")
         browser.get(url + "/runs")
-        text = _wait_text(browser, ("recsys_pipeline", "Success"), what="the runs list")
-        assert "Failure" not in text
+        # (the daemon's landing sensor may add ingest runs of its own beside it)
+        _wait_text(browser, ("recsys_pipeline", "Success"), what="the runs list")
         screenshot("dagster_runs")
     finally:
         stop(proc)
@@ -71,6 +87,10 @@ def test_mlflow_registry_shows_the_champion(browser, demo_instance, screenshot):
                 "127.0.0.1",
                 "--port",
                 str(port),
+                # one process: uvicorn's supervisor restarts workers whose start outlasts its
+                # health check (seconds on a loaded machine), again and again
+                "--workers",
+                "1",
             ],
             cwd=demo_instance.root,
             stdout=out,

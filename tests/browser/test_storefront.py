@@ -50,6 +50,14 @@ def _submit(browser, form: str, **fields) -> None:
     browser.execute_script(f"document.getElementById('{form}').requestSubmit()")
 
 
+def _tags_of(demo_server, ids: list[str]) -> dict[str, list[str]]:
+    status, _, body = demo_server.call(
+        "GET", "/demo/items?ids=" + ",".join(ids), token=demo_server.token()
+    )
+    assert status == 200
+    return {i["item_id"]: i["tags"] for i in body["items"]}
+
+
 @pytest.fixture
 def clean_rules(demo_server):
     """The tenant's rules are empty before and after the test."""
@@ -149,6 +157,24 @@ def test_a_pin_appears_at_its_slot_and_a_block_removes_the_item(
     assert cards[2] == outsider and len(cards) == K
     screenshot("playground")
 
+    # a diversity cap of 1 on the most frequent tag of the list
+    tags = _tags_of(demo_server, cards)
+    top_tag = max(
+        sorted({t for ts in tags.values() for t in ts}),
+        key=lambda t: sum(t in ts for ts in tags.values()),
+    )
+    assert sum(top_tag in ts for ts in tags.values()) > 1
+    _submit(browser, "cap-form", **{"cap-tag": top_tag, "cap-n": 1})
+
+    def capped(d):
+        shown = [c["id"] for c in _cards(d)]
+        return (
+            len(shown) == K
+            and sum(top_tag in t for t in _tags_of(demo_server, shown).values()) <= 1
+        )
+
+    _wait(browser, capped, what="the cap")
+
     # the why toggle: the trace lists the blocked candidate with its rule, and the pin
     browser.execute_script("document.getElementById('why').click()")
     _wait(browser, lambda d: d.find_elements("css selector", "#trace-table tr[data-item-id]"))
@@ -163,11 +189,13 @@ def test_a_pin_appears_at_its_slot_and_a_block_removes_the_item(
     assert any(r["id"] == outsider and r["outcome"] == "pinned" for r in rows)
     excluded = [r for r in rows if r["outcome"] == "excluded"]
     assert all(r["rule"] for r in excluded)
+    assert {r["rule"] for r in rows if r["outcome"] == "capped"} == {f"max_per_tag:{top_tag}"}
     # the explanation signals show on the cards
     assert browser.find_elements("css selector", "#home .card .signals")
     browser.execute_script("document.getElementById('trace').scrollIntoView()")
     screenshot("trace")
     browser.execute_script("document.getElementById('why').click()")
+    _submit(browser, "cap-form", **{"cap-tag": top_tag, "cap-n": 0})
 
 
 def test_a_stale_edit_shows_the_409(browser, demo_server, clean_rules):
@@ -198,7 +226,8 @@ def test_unknown_user_is_cold_start_with_the_warning(browser, demo_server, clean
         "const s = document.getElementById('user'); s.value = 'u-not-a-customer';"
         "s.dispatchEvent(new Event('change'))"
     )
-    _wait(browser, lambda d: "UNKNOWN_USER" in _status(d, "home-status"), what="the warning")
+    _wait(browser, lambda d: "COLD_START" in _status(d, "home-status"), what="the warning")
+    assert "unknown user" in _status(browser, "home-status")
     assert "warn" in browser.find_element("id", "home-status").get_attribute("class")
     assert len(_cards(browser)) == K  # served from the fallbacks
 
@@ -209,8 +238,7 @@ def test_anonymous_anchors_change_the_list(browser, demo_server, clean_rules):
         "const s = document.getElementById('user'); s.value = '';"
         "s.dispatchEvent(new Event('change'))"
     )
-    _wait(browser, lambda d: d.execute_script("return window.recsysDemo.state.user") == "")
-    _wait(browser, lambda d: "items from snapshot" in _status(d, "home-status"))
+    _wait(browser, lambda d: "anonymous user" in _status(d, "home-status"), what="cold start")
     before = [c["id"] for c in _cards(browser)]
     anchor = before[-1]
     browser.execute_script(

@@ -1124,12 +1124,302 @@ export interface components {
             /** @default [] */
             required_tags?: string[];
         };
-        /** CurrentRatings */
-        CurrentRatings: {
+        /** CrrCurrentRatings */
+        CrrCurrentRatings: {
             /** @description item id -> its latest rating */
             ratings: {
                 [key: string]: number;
             };
+            uid: string;
+        };
+        /** CrrEvent */
+        CrrEvent: {
+            context: (Record<string, unknown> | string) | null;
+            eid: string;
+            iid: string;
+            session_id: string | null;
+            /** @description the same instant in RFC 3339 (UTC) */
+            time: string;
+            /** @description seconds since the Unix epoch */
+            timestamp: number;
+            type: string;
+            uid: string;
+            value: number | null;
+        };
+        /** CrrEventDeleted */
+        CrrEventDeleted: {
+            eid: string;
+            /** @enum {unknown} */
+            status: "already_deleted" | "deleted";
+        };
+        /**
+         * CrrEventOutcome
+         * @description What became of one submitted event (its `eid` is null when it was rejected unread).
+         */
+        CrrEventOutcome: {
+            detail: string | null;
+            eid: string | null;
+            reason: string | null;
+            /** @enum {unknown} */
+            status: "accepted" | "duplicate" | "rejected";
+        };
+        /** CrrEventPage */
+        CrrEventPage: {
+            events: components["schemas"]["CrrEvent"][];
+            next_cursor: string | null;
+            /** @description events matching the filters */
+            total: number;
+        };
+        /**
+         * CrrEventsAdded
+         * @description One event sent: its `eid` and `status` (201 accepted, 200 duplicate; a rejected one is
+         *     422). An array sent (200): `events`, one outcome per event, in order.
+         */
+        CrrEventsAdded: {
+            eid?: string;
+            events?: components["schemas"]["CrrEventOutcome"][];
+            /** @enum {unknown} */
+            status?: "accepted" | "duplicate";
+        };
+        /** CrrItemDeleted */
+        CrrItemDeleted: {
+            iid: string;
+            /** @description the revision that was deleted */
+            rid: string;
+            /** @enum {unknown} */
+            status: "deleted";
+        };
+        /**
+         * CrrItemRecord
+         * @description An item (POST /items: `iid` optional, generated when absent; PUT: it must equal the
+         *     URL's). `rid` names the revision an update replaces (or send If-Match).
+         */
+        CrrItemRecord: {
+            attributes?: Record<string, unknown> | null;
+            available?: boolean | null;
+            brand?: string | null;
+            category?: string | null;
+            created_at?: (number | string) | null;
+            /** @description an id */
+            iid?: string;
+            /** @description the same as iid */
+            item_id?: string;
+            price?: number | null;
+            /** @default null */
+            rid?: string | null;
+            tags?: string[] | null;
+            title?: string | null;
+        };
+        /**
+         * CrrItemReply
+         * @description An item record (fields the item was stored without are absent).
+         */
+        CrrItemReply: {
+            attributes?: Record<string, unknown> | null;
+            available?: boolean | null;
+            brand?: string | null;
+            category?: string | null;
+            /** @description when the record was created (RFC 3339) */
+            created_at: string;
+            /**
+             * @description outcomes of the body's events, in order
+             * @default []
+             */
+            events?: components["schemas"]["CrrEventOutcome"][];
+            /**
+             * @description true when the server chose the id
+             * @default false
+             */
+            generated_id?: boolean;
+            iid: string;
+            price?: number | null;
+            rid: string;
+            tags?: string[] | null;
+            title?: string | null;
+            /** @description its last change (RFC 3339) */
+            updated_at: string;
+        };
+        /** CrrItemStatistics */
+        CrrItemStatistics: {
+            available: boolean | null;
+            distinct_users: number;
+            events: number;
+            events_by_type: {
+                [key: string]: number;
+            };
+            first_event: string | null;
+            has_record: boolean;
+            iid: string;
+            in_catalogue: boolean;
+            last_event: string | null;
+            mean_rating: number | null;
+            /** @description rating events with a value */
+            ratings: number;
+        };
+        /**
+         * CrrNewEvent
+         * @description An event of the type the path names (POST /users/{uid}/events/{event_type}).
+         */
+        CrrNewEvent: {
+            /** @default null */
+            context?: Record<string, unknown> | null;
+            /** @default null */
+            eid?: string | null;
+            /** @description an id */
+            iid: string;
+            /** @default null */
+            session_id?: string | null;
+            /** @default null */
+            timestamp?: (number | string) | null;
+            /** @default null */
+            value?: number | null;
+        };
+        /** CrrPrediction */
+        CrrPrediction: {
+            iid: string;
+            /** @description for an asked-for item: whether the snapshot has it */
+            known?: boolean;
+            source: ("candidates" | "factors" | "rating") | null;
+            value: number | null;
+        };
+        /** CrrPredictions */
+        CrrPredictions: {
+            model: string;
+            predictions: components["schemas"]["CrrPrediction"][];
+            snapshot_id: string;
+            truncated: boolean;
+            uid: string;
+        };
+        /** CrrRecommendation */
+        CrrRecommendation: {
+            iid: string;
+            rank: number;
+            score: number;
+        };
+        /** CrrRecommendations */
+        CrrRecommendations: {
+            meta: components["schemas"]["ResponseMeta"];
+            recommendations: components["schemas"]["CrrRecommendation"][];
+            uid: string;
+            warnings: components["schemas"]["Warning"][];
+        };
+        /** CrrRecordCounts */
+        CrrRecordCounts: {
+            items: number;
+            users: number;
+        };
+        /** CrrSnapshotSummary */
+        CrrSnapshotSummary: {
+            items: number;
+            model: string;
+            snapshot_id: string;
+            users: number;
+        };
+        /** CrrSystemStatistics */
+        CrrSystemStatistics: {
+            distinct_items: number;
+            distinct_users: number;
+            events: number;
+            events_by_type: {
+                [key: string]: number;
+            };
+            first_event: string | null;
+            last_event: string | null;
+            mean_rating: number | null;
+            /** @description rating events with a value */
+            ratings: number;
+            records: components["schemas"]["CrrRecordCounts"];
+            snapshot: components["schemas"]["CrrSnapshotSummary"];
+            tenant_id: string;
+        };
+        /** CrrUserDeleted */
+        CrrUserDeleted: {
+            /** @description the revision that was deleted */
+            rid: string;
+            /** @enum {unknown} */
+            status: "deleted";
+            uid: string;
+        };
+        /**
+         * CrrUserEvent
+         * @description An event in a user's body (POST/PUT /users): it names its type.
+         */
+        CrrUserEvent: {
+            /** @default null */
+            context?: Record<string, unknown> | null;
+            /** @default null */
+            eid?: string | null;
+            /** @description an id */
+            iid: string;
+            /** @default null */
+            session_id?: string | null;
+            /** @default null */
+            timestamp?: (number | string) | null;
+            /** @enum {unknown} */
+            type: "add_to_cart" | "add_to_carts" | "click" | "clicks" | "dislike" | "dislikes" | "impression" | "impressions" | "like" | "likes" | "purchase" | "purchases" | "rating" | "ratings" | "return" | "returns" | "view" | "views";
+            /** @default null */
+            value?: number | null;
+        };
+        /**
+         * CrrUserRecord
+         * @description A user (POST /users: `uid` optional, generated when absent; PUT: it must equal the
+         *     URL's). `rid` names the revision an update replaces (or send If-Match).
+         */
+        CrrUserRecord: {
+            attributes?: Record<string, unknown> | null;
+            country?: string | null;
+            /** @default [] */
+            events?: components["schemas"]["CrrUserEvent"][];
+            /** @default null */
+            rid?: string | null;
+            segment?: string | null;
+            /** @description an id */
+            uid?: string;
+            /** @description the same as uid */
+            user_id?: string;
+        };
+        /**
+         * CrrUserReply
+         * @description A user record (fields the user was stored without are absent).
+         */
+        CrrUserReply: {
+            attributes?: Record<string, unknown> | null;
+            country?: string | null;
+            /** @description when the record was created (RFC 3339) */
+            created_at: string;
+            /**
+             * @description outcomes of the body's events, in order
+             * @default []
+             */
+            events?: components["schemas"]["CrrEventOutcome"][];
+            /**
+             * @description true when the server chose the id
+             * @default false
+             */
+            generated_id?: boolean;
+            rid: string;
+            segment?: string | null;
+            uid: string;
+            /** @description its last change (RFC 3339) */
+            updated_at: string;
+        };
+        /** CrrUserStatistics */
+        CrrUserStatistics: {
+            candidates: number;
+            distinct_items: number;
+            events: number;
+            events_by_type: {
+                [key: string]: number;
+            };
+            first_event: string | null;
+            has_record: boolean;
+            in_snapshot: boolean;
+            last_event: string | null;
+            mean_rating: number | null;
+            /** @description rating events with a value */
+            ratings: number;
+            seen_in_training: number;
+            segment: string | null;
             uid: string;
         };
         /** DemoInfo */
@@ -1195,11 +1485,34 @@ export interface components {
             snapshot_id: string;
             vector: number[];
         };
-        /** EventDeleted */
-        EventDeleted: {
-            eid: string;
-            /** @enum {unknown} */
-            status: "already_deleted" | "deleted";
+        /**
+         * Event
+         * @description One interaction. `type` / `event_type` and `metadata` / `context` are two spellings of
+         *     one field (give one). The data contract decides the rest (422 with its `reason`): a
+         *     declared event type, a timestamp from 1990 to a day ahead, ids of at most 256 bytes, a
+         *     context of at most 16 KiB, the caller's tenant.
+         */
+        Event: {
+            /** @default null */
+            context?: Record<string, unknown> | null;
+            /** @default null */
+            event_id?: string | null;
+            /** @default null */
+            event_type?: string | null;
+            item_id: string;
+            /** @default null */
+            metadata?: Record<string, unknown> | null;
+            /** @default null */
+            session_id?: string | null;
+            /** @default null */
+            tenant?: string | null;
+            /** @default null */
+            timestamp?: (string | number) | null;
+            /** @default null */
+            type?: string | null;
+            user_id: string;
+            /** @default null */
+            value?: number | null;
         };
         /** EventDeletion */
         EventDeletion: {
@@ -1208,40 +1521,11 @@ export interface components {
             /** @enum {unknown} */
             status: "already_deleted" | "deleted";
         };
-        /**
-         * EventOutcome
-         * @description What became of one submitted event (its `eid` is null when it was rejected unread).
-         */
-        EventOutcome: {
-            detail: string | null;
-            eid: string | null;
-            reason: string | null;
-            /** @enum {unknown} */
-            status: "accepted" | "duplicate" | "rejected";
-        };
-        /** EventPage */
-        EventPage: {
-            events: components["schemas"]["serving.crr.schemas.Event"][];
-            next_cursor: string | null;
-            /** @description events matching the filters */
-            total: number;
-        };
         /** EventReceipt */
         EventReceipt: {
             event_id: string;
             /** @enum {unknown} */
             status: "accepted" | "duplicate";
-        };
-        /**
-         * EventsAdded
-         * @description One event sent: its `eid` and `status` (201 accepted, 200 duplicate; a rejected one is
-         *     422). An array sent (200): `events`, one outcome per event, in order.
-         */
-        EventsAdded: {
-            eid?: string;
-            events?: components["schemas"]["EventOutcome"][];
-            /** @enum {unknown} */
-            status?: "accepted" | "duplicate";
         };
         /** Excluded */
         Excluded: {
@@ -1480,69 +1764,11 @@ export interface components {
             reasons?: string[] | null;
             score: number;
         };
-        /** ItemDeleted */
-        ItemDeleted: {
-            iid: string;
-            /** @description the revision that was deleted */
-            rid: string;
-            /** @enum {unknown} */
-            status: "deleted";
-        };
         /** ItemFacts */
         ItemFacts: {
             available: boolean;
             category: string | null;
             tags: string[];
-        };
-        /**
-         * ItemRecord
-         * @description An item (POST /items: `iid` optional, generated when absent; PUT: it must equal the
-         *     URL's). `rid` names the revision an update replaces (or send If-Match).
-         */
-        ItemRecord: {
-            attributes?: Record<string, unknown> | null;
-            available?: boolean | null;
-            brand?: string | null;
-            category?: string | null;
-            created_at?: (number | string) | null;
-            /** @description an id */
-            iid?: string;
-            /** @description the same as iid */
-            item_id?: string;
-            price?: number | null;
-            /** @default null */
-            rid?: string | null;
-            tags?: string[] | null;
-            title?: string | null;
-        };
-        /**
-         * ItemReply
-         * @description An item record (fields the item was stored without are absent).
-         */
-        ItemReply: {
-            attributes?: Record<string, unknown> | null;
-            available?: boolean | null;
-            brand?: string | null;
-            category?: string | null;
-            /** @description when the record was created (RFC 3339) */
-            created_at: string;
-            /**
-             * @description outcomes of the body's events, in order
-             * @default []
-             */
-            events?: components["schemas"]["EventOutcome"][];
-            /**
-             * @description true when the server chose the id
-             * @default false
-             */
-            generated_id?: boolean;
-            iid: string;
-            price?: number | null;
-            rid: string;
-            tags?: string[] | null;
-            title?: string | null;
-            /** @description its last change (RFC 3339) */
-            updated_at: string;
         };
         /** ItemScore */
         ItemScore: {
@@ -1550,23 +1776,6 @@ export interface components {
             item_id: string;
             known: boolean;
             score: number | null;
-        };
-        /** ItemStatistics */
-        ItemStatistics: {
-            available: boolean | null;
-            distinct_users: number;
-            events: number;
-            events_by_type: {
-                [key: string]: number;
-            };
-            first_event: string | null;
-            has_record: boolean;
-            iid: string;
-            in_catalogue: boolean;
-            last_event: string | null;
-            mean_rating: number | null;
-            /** @description rating events with a value */
-            ratings: number;
         };
         /** LineError */
         LineError: {
@@ -1581,24 +1790,6 @@ export interface components {
             id: string;
             item_id: string;
             score: number;
-        };
-        /**
-         * NewEvent
-         * @description An event of the type the path names (POST /users/{uid}/events/{event_type}).
-         */
-        NewEvent: {
-            /** @default null */
-            context?: Record<string, unknown> | null;
-            /** @default null */
-            eid?: string | null;
-            /** @description an id */
-            iid: string;
-            /** @default null */
-            session_id?: string | null;
-            /** @default null */
-            timestamp?: (number | string) | null;
-            /** @default null */
-            value?: number | null;
         };
         /** OneSeed */
         OneSeed: {
@@ -1646,22 +1837,6 @@ export interface components {
              * @default []
              */
             tags?: string[];
-        };
-        /** Prediction */
-        Prediction: {
-            iid: string;
-            /** @description for an asked-for item: whether the snapshot has it */
-            known?: boolean;
-            source: ("candidates" | "factors" | "rating") | null;
-            value: number | null;
-        };
-        /** Predictions */
-        Predictions: {
-            model: string;
-            predictions: components["schemas"]["Prediction"][];
-            snapshot_id: string;
-            truncated: boolean;
-            uid: string;
         };
         /** PredictItem */
         PredictItem: {
@@ -1762,19 +1937,6 @@ export interface components {
                 [key: string]: components["schemas"]["TenantReadiness"];
             };
         };
-        /** Recommendation */
-        Recommendation: {
-            iid: string;
-            rank: number;
-            score: number;
-        };
-        /** Recommendations */
-        Recommendations: {
-            meta: components["schemas"]["ResponseMeta"];
-            recommendations: components["schemas"]["Recommendation"][];
-            uid: string;
-            warnings: components["schemas"]["Warning"][];
-        };
         /** RecommendRequest */
         RecommendRequest: {
             /** @default null */
@@ -1806,11 +1968,6 @@ export interface components {
             /** @default null */
             trace?: components["schemas"]["TraceEntry"][] | null;
             warnings: components["schemas"]["Warning"][];
-        };
-        /** RecordCounts */
-        RecordCounts: {
-            items: number;
-            users: number;
         };
         /** RelatedResponse */
         RelatedResponse: {
@@ -2026,49 +2183,6 @@ export interface components {
             snapshot_id: string;
             variant: string;
         };
-        /** Event */
-        "serving.crr.schemas.Event": {
-            context: (Record<string, unknown> | string) | null;
-            eid: string;
-            iid: string;
-            session_id: string | null;
-            /** @description the same instant in RFC 3339 (UTC) */
-            time: string;
-            /** @description seconds since the Unix epoch */
-            timestamp: number;
-            type: string;
-            uid: string;
-            value: number | null;
-        };
-        /**
-         * Event
-         * @description One interaction. `type` / `event_type` and `metadata` / `context` are two spellings of
-         *     one field (give one). The data contract decides the rest (422 with its `reason`): a
-         *     declared event type, a timestamp from 1990 to a day ahead, ids of at most 256 bytes, a
-         *     context of at most 16 KiB, the caller's tenant.
-         */
-        "serving.recs.schemas.Event": {
-            /** @default null */
-            context?: Record<string, unknown> | null;
-            /** @default null */
-            event_id?: string | null;
-            /** @default null */
-            event_type?: string | null;
-            item_id: string;
-            /** @default null */
-            metadata?: Record<string, unknown> | null;
-            /** @default null */
-            session_id?: string | null;
-            /** @default null */
-            tenant?: string | null;
-            /** @default null */
-            timestamp?: (string | number) | null;
-            /** @default null */
-            type?: string | null;
-            user_id: string;
-            /** @default null */
-            value?: number | null;
-        };
         /** SimilarRequest */
         SimilarRequest: {
             /** @default null */
@@ -2093,13 +2207,6 @@ export interface components {
             /** @default null */
             surface?: string | null;
         };
-        /** SnapshotSummary */
-        SnapshotSummary: {
-            items: number;
-            model: string;
-            snapshot_id: string;
-            users: number;
-        };
         /** StoredEvent */
         StoredEvent: {
             context: Record<string, unknown> | null;
@@ -2111,23 +2218,6 @@ export interface components {
             timestamp: string;
             user_id: string;
             value: number | null;
-        };
-        /** SystemStatistics */
-        SystemStatistics: {
-            distinct_items: number;
-            distinct_users: number;
-            events: number;
-            events_by_type: {
-                [key: string]: number;
-            };
-            first_event: string | null;
-            last_event: string | null;
-            mean_rating: number | null;
-            /** @description rating events with a value */
-            ratings: number;
-            records: components["schemas"]["RecordCounts"];
-            snapshot: components["schemas"]["SnapshotSummary"];
-            tenant_id: string;
         };
         /**
          * TenantConfig
@@ -2212,96 +2302,6 @@ export interface components {
             session_id?: string | null;
             /** @default null */
             user_id?: string | null;
-        };
-        /** UserDeleted */
-        UserDeleted: {
-            /** @description the revision that was deleted */
-            rid: string;
-            /** @enum {unknown} */
-            status: "deleted";
-            uid: string;
-        };
-        /**
-         * UserEvent
-         * @description An event in a user's body (POST/PUT /users): it names its type.
-         */
-        UserEvent: {
-            /** @default null */
-            context?: Record<string, unknown> | null;
-            /** @default null */
-            eid?: string | null;
-            /** @description an id */
-            iid: string;
-            /** @default null */
-            session_id?: string | null;
-            /** @default null */
-            timestamp?: (number | string) | null;
-            /** @enum {unknown} */
-            type: "add_to_cart" | "add_to_carts" | "click" | "clicks" | "dislike" | "dislikes" | "impression" | "impressions" | "like" | "likes" | "purchase" | "purchases" | "rating" | "ratings" | "return" | "returns" | "view" | "views";
-            /** @default null */
-            value?: number | null;
-        };
-        /**
-         * UserRecord
-         * @description A user (POST /users: `uid` optional, generated when absent; PUT: it must equal the
-         *     URL's). `rid` names the revision an update replaces (or send If-Match).
-         */
-        UserRecord: {
-            attributes?: Record<string, unknown> | null;
-            country?: string | null;
-            /** @default [] */
-            events?: components["schemas"]["UserEvent"][];
-            /** @default null */
-            rid?: string | null;
-            segment?: string | null;
-            /** @description an id */
-            uid?: string;
-            /** @description the same as uid */
-            user_id?: string;
-        };
-        /**
-         * UserReply
-         * @description A user record (fields the user was stored without are absent).
-         */
-        UserReply: {
-            attributes?: Record<string, unknown> | null;
-            country?: string | null;
-            /** @description when the record was created (RFC 3339) */
-            created_at: string;
-            /**
-             * @description outcomes of the body's events, in order
-             * @default []
-             */
-            events?: components["schemas"]["EventOutcome"][];
-            /**
-             * @description true when the server chose the id
-             * @default false
-             */
-            generated_id?: boolean;
-            rid: string;
-            segment?: string | null;
-            uid: string;
-            /** @description its last change (RFC 3339) */
-            updated_at: string;
-        };
-        /** UserStatistics */
-        UserStatistics: {
-            candidates: number;
-            distinct_items: number;
-            events: number;
-            events_by_type: {
-                [key: string]: number;
-            };
-            first_event: string | null;
-            has_record: boolean;
-            in_snapshot: boolean;
-            last_event: string | null;
-            mean_rating: number | null;
-            /** @description rating events with a value */
-            ratings: number;
-            seen_in_training: number;
-            segment: string | null;
-            uid: string;
         };
         /** ValidateMeta */
         ValidateMeta: {
@@ -3620,7 +3620,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["serving.crr.schemas.Event"];
+                    "application/json": components["schemas"]["CrrEvent"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -3705,7 +3705,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["EventDeleted"];
+                    "application/json": components["schemas"]["CrrEventDeleted"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -3773,7 +3773,7 @@ export interface operations {
         };
         requestBody: {
             content: {
-                "application/json": components["schemas"]["ItemRecord"];
+                "application/json": components["schemas"]["CrrItemRecord"];
             };
         };
         responses: {
@@ -3783,7 +3783,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ItemReply"];
+                    "application/json": components["schemas"]["CrrItemReply"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -3895,7 +3895,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ItemReply"];
+                    "application/json": components["schemas"]["CrrItemReply"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -3967,7 +3967,7 @@ export interface operations {
         };
         requestBody: {
             content: {
-                "application/json": components["schemas"]["ItemRecord"];
+                "application/json": components["schemas"]["CrrItemRecord"];
             };
         };
         responses: {
@@ -3977,7 +3977,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ItemReply"];
+                    "application/json": components["schemas"]["CrrItemReply"];
                 };
             };
             /** @description Created */
@@ -3986,7 +3986,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ItemReply"];
+                    "application/json": components["schemas"]["CrrItemReply"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -4127,7 +4127,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ItemDeleted"];
+                    "application/json": components["schemas"]["CrrItemDeleted"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -4236,7 +4236,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["EventPage"];
+                    "application/json": components["schemas"]["CrrEventPage"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -4319,7 +4319,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["EventPage"];
+                    "application/json": components["schemas"]["CrrEventPage"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -4395,7 +4395,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ItemStatistics"];
+                    "application/json": components["schemas"]["CrrItemStatistics"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -4487,7 +4487,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["SystemStatistics"];
+                    "application/json": components["schemas"]["CrrSystemStatistics"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -4564,7 +4564,7 @@ export interface operations {
         };
         requestBody: {
             content: {
-                "application/json": components["schemas"]["UserRecord"];
+                "application/json": components["schemas"]["CrrUserRecord"];
             };
         };
         responses: {
@@ -4574,7 +4574,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["UserReply"];
+                    "application/json": components["schemas"]["CrrUserReply"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -4686,7 +4686,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["UserReply"];
+                    "application/json": components["schemas"]["CrrUserReply"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -4758,7 +4758,7 @@ export interface operations {
         };
         requestBody: {
             content: {
-                "application/json": components["schemas"]["UserRecord"];
+                "application/json": components["schemas"]["CrrUserRecord"];
             };
         };
         responses: {
@@ -4768,7 +4768,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["UserReply"];
+                    "application/json": components["schemas"]["CrrUserReply"];
                 };
             };
             /** @description Created */
@@ -4777,7 +4777,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["UserReply"];
+                    "application/json": components["schemas"]["CrrUserReply"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -4918,7 +4918,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["UserDeleted"];
+                    "application/json": components["schemas"]["CrrUserDeleted"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -5021,7 +5021,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["CurrentRatings"];
+                    "application/json": components["schemas"]["CrrCurrentRatings"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -5103,7 +5103,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["EventPage"];
+                    "application/json": components["schemas"]["CrrEventPage"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -5186,7 +5186,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["EventPage"];
+                    "application/json": components["schemas"]["CrrEventPage"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -5257,7 +5257,7 @@ export interface operations {
         };
         requestBody: {
             content: {
-                "application/json": components["schemas"]["NewEvent"][] | components["schemas"]["NewEvent"];
+                "application/json": components["schemas"]["CrrNewEvent"][] | components["schemas"]["CrrNewEvent"];
             };
         };
         responses: {
@@ -5267,7 +5267,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["EventsAdded"];
+                    "application/json": components["schemas"]["CrrEventsAdded"];
                 };
             };
             /** @description Created */
@@ -5276,7 +5276,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["EventsAdded"];
+                    "application/json": components["schemas"]["CrrEventsAdded"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -5393,7 +5393,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Predictions"];
+                    "application/json": components["schemas"]["CrrPredictions"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -5499,7 +5499,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Recommendations"];
+                    "application/json": components["schemas"]["CrrRecommendations"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -5602,7 +5602,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["UserStatistics"];
+                    "application/json": components["schemas"]["CrrUserStatistics"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
@@ -6256,7 +6256,7 @@ export interface operations {
         };
         requestBody: {
             content: {
-                "application/json": components["schemas"]["serving.recs.schemas.Event"];
+                "application/json": components["schemas"]["Event"];
             };
         };
         responses: {
