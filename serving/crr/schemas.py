@@ -22,7 +22,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from recsys.contract import BUILTIN_EVENT_TYPES, MAX_TITLE_LENGTH
 from serving.recs.schemas import Query
-from serving.schemas import Body, Id, Reply, ResponseMeta, TagList, Warning
+from serving.schemas import MAX_ID_LENGTH, Body, Id, Reply, ResponseMeta, TagList, Warning
 
 __all__ = [
     "EventsQuery",
@@ -56,6 +56,17 @@ __all__ = [
 ]
 
 PageLimit = Annotated[int, Meta(ge=1, le=10_000)]
+#: A user, item or event id a client names: no blank at either end (the contract trims ids,
+#: so " a " would be stored under one id and landed under another).
+RecordId = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_ID_LENGTH,
+        pattern=r"^\S(.*\S)?$",
+        description="an id (no blank at either end)",
+    ),
+]
 #: Events in one request (an array POST, a user's `events`).
 MAX_EVENTS_PER_REQUEST = 1000
 
@@ -133,10 +144,11 @@ class RecommendationsQuery(Query):
 class CrrNewEvent(Body):
     """An event of the type the path names (POST /users/{uid}/events/{event_type})."""
 
-    iid: Id
-    eid: Annotated[Id, Meta(description="generated from the event's fields when absent")] | None = (
-        None
-    )
+    iid: RecordId
+    eid: (
+        Annotated[RecordId, Meta(description="generated from the event's fields when absent")]
+        | None
+    ) = None
     timestamp: Annotated[EventTime, Meta(description="the receipt time when absent")] | None = None
     value: float | None = None
     session_id: Id | None = None
@@ -156,7 +168,7 @@ class CrrUserRecord(Body):
     """A user (POST /users: `uid` optional, generated when absent; PUT: it must equal the
     URL's). `rid` names the revision an update replaces (or send If-Match)."""
 
-    uid: Id | UnsetType = UNSET
+    uid: RecordId | UnsetType = UNSET
     rid: Id | None = None
     segment: Id | None | UnsetType = UNSET
     country: Id | None | UnsetType = UNSET
@@ -168,7 +180,7 @@ class CrrItemRecord(Body):
     """An item (POST /items: `iid` optional, generated when absent; PUT: it must equal the
     URL's). `rid` names the revision an update replaces (or send If-Match)."""
 
-    iid: Id | UnsetType = UNSET
+    iid: RecordId | UnsetType = UNSET
     rid: Id | None = None
     title: Annotated[str, Meta(max_length=MAX_TITLE_LENGTH)] | None | UnsetType = UNSET
     category: Id | None | UnsetType = UNSET

@@ -377,6 +377,8 @@ def test_every_crr_operation_answers_as_its_schema_says(client, spec):
     assert gold["segment"] == "gold" and "country" not in gold  # a PUT replaces the record
     send("PUT", user, 422, path, body={"uid": "bob"})
     send("PUT", user, 201, "/v1/crr/users/bob", body={"country": None})
+    padded = send("PUT", user, 400, "/v1/crr/users/bob%20", body={})  # (ids are trimmed)
+    assert "path parameter 'uid'" in padded.json["detail"]
     assert send("GET", user, 200, path, headers=auth()).json["rid"] == gold["rid"]
     send("GET", user, 404, "/v1/crr/users/nobody", headers=auth())
     send("GET", "/v1/crr/users/{uid}/statistics", 200, "/v1/crr/users/u1/statistics")
@@ -509,6 +511,7 @@ def test_every_crr_operation_answers_as_its_schema_says(client, spec):
 
 REFUSED = [
     ("POST", "/v1/crr/users", None, {"uid": ""}, "`body.uid`"),
+    ("POST", "/v1/crr/users", None, {"uid": " alice"}, "`body.uid`"),
     ("POST", "/v1/crr/users", None, {"nickname": "x"}, "unknown field `nickname`"),
     ("POST", "/v1/crr/users", None, {"attributes": [1]}, "`body.attributes`"),
     ("POST", "/v1/crr/users", None, {"events": [{"iid": "a1"}]}, "`type` - at `body.events[0]`"),
