@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from recsys.adapters import read_source
 from recsys.contract import DEFAULT_TENANT, EVENT_SCHEMA, REJECTED_SCHEMA, empty_frame
-from recsys.durable import write_atomic, write_parquet_atomic
+from recsys.durable import sync_all, write_atomic, write_parquet_atomic
 from recsys.errors import RecsysError
 from recsys.readers import TextLayout
 from recsys.storage import Storage
@@ -154,8 +154,11 @@ def load_state(storage: Storage, tenant: str) -> dict:
 
 
 def save_state(storage: Storage, tenant: str, state: dict) -> None:
+    """Record the ingest state durably, after every warehouse file written before it (they are
+    written with `sync=False` and flushed here at once: the state points at them)."""
     p = storage.ingest_state_path(tenant)
     storage.makedirs(posixpath.dirname(p))
+    sync_all(storage.fs)
     write_atomic(p, json.dumps(state, indent=1, sort_keys=True).encode(), storage.fs)
 
 
@@ -360,7 +363,7 @@ def _drop_deleted(
         dropped += rows.height - kept.height
         if kept.height:
             write_parquet_atomic(
-                kept, posixpath.join(day_dir, f"part-{run_id}-c.parquet"), storage.fs
+                kept, posixpath.join(day_dir, f"part-{run_id}-c.parquet"), storage.fs, sync=False
             )
         state.setdefault("events", {})["compacting"] = old
         save_state(storage, tenant, state)
@@ -397,14 +400,16 @@ def _merge_day(storage: Storage, events_dir: str, staged_dir: str, day: str, run
     if staged.height == 0:
         return 0
     storage.makedirs(day_dir)
-    write_parquet_atomic(staged, posixpath.join(day_dir, f"part-{run_id}.parquet"), storage.fs)
+    part = posixpath.join(day_dir, f"part-{run_id}.parquet")
+    write_parquet_atomic(staged, part, storage.fs, sync=False)  # durable by save_state
     return staged.height
 
 
 def _append_rejects(storage: Storage, rejected_dir: str, rejects: pl.DataFrame, name: str) -> None:
     rejects = rejects.select([pl.col(c).cast(t) for c, t in REJECTED_SCHEMA.items()])
     rejects = rejects.with_columns(pl.lit(datetime.now(UTC)).alias("rejected_at"))
-    write_parquet_atomic(rejects, posixpath.join(rejected_dir, f"{name}.parquet"), storage.fs)
+    path = posixpath.join(rejected_dir, f"{name}.parquet")
+    write_parquet_atomic(rejects, path, storage.fs, sync=False)  # durable by save_state
 
 
 def scan_events(storage: Storage, tenant: str) -> pl.LazyFrame:
@@ -484,8 +489,9 @@ def build_table(storage: Storage, tenant: str, kind: str) -> tuple[pl.DataFrame,
     report.rejected = rejected.height
     report.rejected_by_reason = dict(Counter(rejected["reason"].to_list()))
     storage.makedirs(posixpath.dirname(report.path))
-    write_parquet_atomic(table, report.path, storage.fs)
-    write_parquet_atomic(rejected, storage.table_path(tenant, f"rejected_{kind}"), storage.fs)
+    write_parquet_atomic(table, report.path, storage.fs, sync=False)  # durable by save_state
+    rejected_path = storage.table_path(tenant, f"rejected_{kind}")
+    write_parquet_atomic(rejected, rejected_path, storage.fs, sync=False)
     state = load_state(storage, tenant)
     state[kind] = {"files": [_file_key(storage, f) for f in files]}
     save_state(storage, tenant, state)

@@ -74,7 +74,8 @@ def model_path(store: Storage, tenant: str, *parts: str) -> str:
 
 def write_json(store: Storage, path: str, obj) -> None:
     store.makedirs(posixpath.dirname(path))
-    write_atomic(path, json.dumps(obj, indent=2, default=str).encode(), store.fs)
+    # whole for readers; derived from the warehouse, so not fsync'd (a run recomputes it)
+    write_atomic(path, json.dumps(obj, indent=2, default=str).encode(), store.fs, sync=False)
 
 
 def read_json(store: Storage, path: str):
@@ -164,7 +165,7 @@ def interactions(
         events, _, _ = read_inputs(store, tenant)
         inter = fold_interactions(events, weights, config.half_life_days)
         path = store.table_path(tenant, "interactions")
-        write_parquet_atomic(inter.frame, path, store.fs)
+        write_parquet_atomic(inter.frame, path, store.fs, sync=False)  # as write_json
         write_json(
             store,
             model_path(store, tenant, "interactions.json"),

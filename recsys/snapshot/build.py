@@ -99,7 +99,9 @@ def compute_shard(
     frame = shard_candidates(model, start, stop, k, workers=workers)
     path = shard_path(snapshots_dir, model_key, shard, n_shards)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_parquet_atomic(frame, path)
+    # staging, read back by this run only (a lost shard is scored again): whole for readers,
+    # no fsync (the published snapshot is what is made durable and verified)
+    write_parquet_atomic(frame, path, sync=False)
     return path, frame.height
 
 
@@ -263,7 +265,7 @@ def write_item_lists(
     paths = []
     for name, frame in frames.items():
         path = os.path.join(d, f"{name}.parquet")
-        write_parquet_atomic(frame, path)
+        write_parquet_atomic(frame, path, sync=False)  # staging, as the shards
         paths.append(path)
     return paths
 

@@ -61,3 +61,15 @@ def test_object_store_writes_move_a_whole_temporary_object_into_place():
         "state.json",
         "x.parquet",
     ]
+
+
+def test_a_batch_written_without_fsync_is_whole_for_readers_and_synced_at_once(tmp_path):
+    from recsys.durable import sync_all
+
+    paths = [str(tmp_path / f"part-{i}.parquet") for i in range(3)]
+    for i, path in enumerate(paths):
+        write_parquet_atomic(FRAME.head(i + 1), path, sync=False)
+    sync_all()
+    sync_all(fsspec.filesystem("memory"))  # nothing to flush on an object store
+    assert [pl.read_parquet(p).height for p in paths] == [1, 2, 3]
+    assert sorted(os.listdir(tmp_path)) == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
