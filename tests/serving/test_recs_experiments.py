@@ -330,6 +330,33 @@ def test_seed_crud_and_validation(client):
     assert client.simulate_get("/v1/recs/seed/home", headers=auth()).status_code == 404
 
 
+def test_seed_preconditions_answer_412_and_409(client):
+    seed = {"surface": "home", "item_ids": ["a1"]}
+    none_yet = client.simulate_post("/v1/recs/seed", json=seed, headers={**ADMIN, "If-Match": "*"})
+    assert none_yet.status_code == 412 and none_yet.json["current_version"] is None
+    assert none_yet.json["code"] == "RECSYS_PRECONDITION_FAILED"
+    first = client.simulate_post(
+        "/v1/recs/seed", json=seed, headers={**ADMIN, "If-None-Match": "*"}
+    )
+    assert first.status_code == 200 and first.headers["ETag"] == f'"{first.json["version"]}"'
+    again = client.simulate_post(
+        "/v1/recs/seed", json=seed, headers={**ADMIN, "If-None-Match": "*"}
+    )
+    assert again.status_code == 412 and again.json["current_version"] == first.json["version"]
+    one = client.simulate_get("/v1/recs/seed/home", headers=auth())
+    assert one.headers["ETag"] == first.headers["ETag"]
+    pdp = {"surface": "pdp", "item_ids": ["a2"]}
+    both = client.simulate_post(
+        "/v1/recs/seed", json=pdp, headers={**ADMIN, "If-Match": first.headers["ETag"]}
+    )
+    assert both.status_code == 200 and set(both.json["surfaces"]) == {"home", "pdp"}
+    stale = client.simulate_post(
+        "/v1/recs/seed", json=pdp, headers={**ADMIN, "If-Match": first.headers["ETag"]}
+    )
+    assert stale.status_code == 409 and stale.json["current_version"] == both.json["version"]
+    assert stale.json["code"] == "RECSYS_VERSION_CONFLICT"
+
+
 @needs_hook
 def test_unknown_users_start_from_the_seed_of_their_surface(client):
     client.simulate_post(
