@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import falcon
 import msgspec
 
 from recsys.snapshot.format import SIGNALS
@@ -321,16 +320,3 @@ _RULE_FIELDS = {
     "bury": frozenset({"tag", "factor"}),
     "block": frozenset({"item_ids", "tags"}),
 }
-
-
-def if_match(req: falcon.Request) -> str | None:
-    """The If-Match header as a bare version ('*' kept; weak prefix and quotes removed)."""
-    value = req.get_header("If-Match")
-    if value is None:
-        return None
-    value = value.strip()
-    if value == "*":
-        return "*"
-    if value.startswith("W/"):
-        value = value[2:]
-    return value.strip('"')
