@@ -9,15 +9,10 @@ where they are absent the tests skip and say so. Screenshots go to `test-artifac
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import shutil
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,25 +24,11 @@ from browser_helpers import (
     DEMO_EVENTS,
     DEMO_SEED,
     REPO,
-    free_port,
-    stop,
+    DemoInstance,
+    DemoServer,
+    serve_demo,
     tail,
-    wait_http,
 )
-
-
-@dataclass(frozen=True)
-class DemoInstance:
-    """A data root, Dagster home and MLflow store after one successful `recsys_pipeline` run."""
-
-    root: Path
-    data_root: Path
-    dagster_home: Path
-    env: dict[str, str]
-
-    @property
-    def mlflow_db(self) -> Path:
-        return self.data_root / "mlflow" / "mlflow.db"
 
 
 @pytest.fixture(scope="session")
@@ -78,61 +59,11 @@ def demo_instance() -> DemoInstance:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@dataclass(frozen=True)
-class DemoServer:
-    url: str
-    secret: str
-    tenant: str
-
-    def token(self, *scopes: str) -> str:
-        from serving.auth import mint_token
-
-        return mint_token(self.secret, self.tenant, scopes or ("recommend",), 600)
-
-    def call(self, method: str, path: str, body=None, token: str | None = None, headers=None):
-        """(status, headers, JSON body) of one request to the server."""
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
-        for k, v in (headers or {}).items():
-            req.add_header(k, v)
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status, resp.headers, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as err:
-            return err.code, err.headers, json.loads(err.read() or b"null")
-
-
 @pytest.fixture(scope="session")
 def demo_server(demo_instance: DemoInstance) -> DemoServer:
     """`recsys serve` (gunicorn, 2 workers) in demo mode on the demo instance's snapshot."""
-    port = free_port()
-    secret = secrets.token_hex(32)
-    env = {
-        **demo_instance.env,
-        "RECSYS_JWT_SECRET": secret,
-        "RECSYS_DEMO_TENANTS": "default",
-        "RECSYS_SNAPSHOT_CHECK_S": "0.2",
-        "RECSYS_ACCESS_LOG": "0",
-    }
-    log = demo_instance.root / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "recsys"), "serve", "--bind", f"127.0.0.1:{port}", "--workers", "2"],
-            cwd=demo_instance.root,
-            env=env,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/readyz", proc, 120, log)
-        yield DemoServer(url, secret, "default")
-    finally:
-        stop(proc)
+    with serve_demo(demo_instance) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ def test_the_checked_in_spec_is_the_apps(tmp_path):
     assert current == (REPO / "web" / "client" / "openapi.json").read_bytes(), STALE
 
 
+@pytest.mark.slow  # (a minute on a loaded machine: the spec dump and openapi-typescript)
 def test_the_generated_types_are_current():
     tool = REPO / "web" / "node_modules" / ".bin" / "openapi-typescript"
     if not tool.exists() or shutil.which("node") is None:

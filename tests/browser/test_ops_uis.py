@@ -104,7 +104,14 @@ def test_mlflow_registry_shows_the_champion(browser, demo_instance, screenshot):
         _wait_text(browser, ("recsys-default",), what="the registered models")
         screenshot("mlflow_models")
         browser.get(url + "/#/models/recsys-default")
-        _wait_text(browser, ("recsys-default", "champion"), what="the model's versions")
+        _wait_text(browser, ("recsys-default", "Aliases"), what="the model's versions")
+        # the alias tag of a version ("@ champion"), not a tag that merely mentions it
+        aliases = browser.execute_script(
+            "return [...document.querySelectorAll('*')].filter(e => e.children.length === 0"
+            " || e.childElementCount === 1).map(e => e.textContent.trim())"
+            ".filter(t => /^@\\s*champion$/.test(t))"
+        )
+        assert aliases, "no version carries the champion alias"
         screenshot("mlflow_champion")
     finally:
         stop(proc)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from browser_helpers import serve_demo
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
@@ -273,3 +274,18 @@ def test_problems_and_network_errors_show_as_messages(browser, demo_server, clea
         lambda d: d.find_elements("css selector", "#events li.event[data-event-type=purchase]"),
         what="the purchase after the network came back",
     )
+
+
+def test_a_rate_limited_page_says_when_to_retry(browser, demo_instance):
+    """A server allowing 6 requests a minute per token (one worker: one counter)."""
+    with serve_demo(demo_instance, workers=1, RECSYS_RATE_LIMIT="6/60") as server:
+        _open(browser, server)
+        for _ in range(6):  # each toggle asks for the list again
+            browser.execute_script("document.getElementById('why').click()")
+            if "429" in _status(browser, "home-status"):
+                break
+            _wait(browser, lambda d: "loading" not in _status(d, "home-status"))
+        _wait(browser, lambda d: "429" in _status(d, "home-status"), what="the 429 message")
+        text = _status(browser, "home-status")
+        assert "Too many requests" in text and "retry in" in text
+        assert len(_cards(browser)) == K  # the last list stays

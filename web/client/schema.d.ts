@@ -1200,10 +1200,8 @@ export interface components {
             brand?: string | null;
             category?: string | null;
             created_at?: (number | string) | null;
-            /** @description an id */
+            /** @description an id (no blank at either end) */
             iid?: string;
-            /** @description the same as iid */
-            item_id?: string;
             price?: number | null;
             /** @default null */
             rid?: string | null;
@@ -1265,7 +1263,7 @@ export interface components {
             context?: Record<string, unknown> | null;
             /** @default null */
             eid?: string | null;
-            /** @description an id */
+            /** @description an id (no blank at either end) */
             iid: string;
             /** @default null */
             session_id?: string | null;
@@ -1349,7 +1347,7 @@ export interface components {
             context?: Record<string, unknown> | null;
             /** @default null */
             eid?: string | null;
-            /** @description an id */
+            /** @description an id (no blank at either end) */
             iid: string;
             /** @default null */
             session_id?: string | null;
@@ -1373,10 +1371,8 @@ export interface components {
             /** @default null */
             rid?: string | null;
             segment?: string | null;
-            /** @description an id */
+            /** @description an id (no blank at either end) */
             uid?: string;
-            /** @description the same as uid */
-            user_id?: string;
         };
         /**
          * CrrUserReply
