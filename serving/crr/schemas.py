@@ -56,6 +56,12 @@ __all__ = [
 ]
 
 PageLimit = Annotated[int, Meta(ge=1, le=10_000)]
+#: The end of the text in both Python's re (which msgspec checks with) and ECMA-262 (what
+#: clients check with): `$` also matches before a final newline in Python.
+_END = r"(?![\s\S])"
+#: Blanks: Unicode White_Space plus what Python's or ECMA-262's \s adds (not left to \S,
+#: which differs between the two).
+_BLANKS = r" \t\n\x0b\x0c\r\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
 #: A user, item or event id a client names: no blank at either end (the contract trims ids,
 #: so " a " would be stored under one id and landed under another).
 RecordId = Annotated[
@@ -63,7 +69,7 @@ RecordId = Annotated[
     Meta(
         min_length=1,
         max_length=MAX_ID_LENGTH,
-        pattern=r"^\S(.*\S)?$",
+        pattern=f"^[^{_BLANKS}]([\\s\\S]*[^{_BLANKS}])?{_END}",
         description="an id (no blank at either end)",
     ),
 ]
@@ -76,7 +82,7 @@ EventTypeName = Literal[
 ]
 _TIME = (
     r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
-    r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+    r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])(?![\s\S])"
 )
 #: Month and day (February up to the 29th: a 29th of a common year is the contract's 422).
 _DATE = (
@@ -108,7 +114,7 @@ class EventsQuery(Query):
     history: Annotated[
         str,
         Meta(
-            pattern=r"^(all|current|[0-9]{1,6}(s|min|h|d|w|m|y))$",
+            pattern=r"^(all|current|[0-9]{1,6}(s|min|h|d|w|m|y))" + _END,
             description="all, current (the latest event per user, item and type), or a window "
             "<n><unit> back from now (unit s, min, h, d, w, m = 30 days, y = 365 days)",
         ),

@@ -512,6 +512,8 @@ def test_every_crr_operation_answers_as_its_schema_says(client, spec):
 REFUSED = [
     ("POST", "/v1/crr/users", None, {"uid": ""}, "`body.uid`"),
     ("POST", "/v1/crr/users", None, {"uid": " alice"}, "`body.uid`"),
+    ("POST", "/v1/crr/users", None, {"uid": "alice\n"}, "`body.uid`"),
+    ("POST", "/v1/crr/users", None, {"uid": "\x85alice"}, "`body.uid`"),  # (NEL: a blank)
     ("POST", "/v1/crr/users", None, {"nickname": "x"}, "unknown field `nickname`"),
     ("POST", "/v1/crr/users", None, {"attributes": [1]}, "`body.attributes`"),
     ("POST", "/v1/crr/users", None, {"events": [{"iid": "a1"}]}, "`type` - at `body.events[0]`"),
@@ -564,6 +566,7 @@ def test_bodies_the_schema_forbids_are_400_naming_the_field(
     "path,params,field",
     [
         ("/v1/crr/users/u1/events", {"history": "soon"}, "`query.history`"),
+        ("/v1/crr/users/u1/events", {"history": "all\n"}, "`query.history`"),
         ("/v1/crr/users/u1/events", {"limit": "0"}, "`query.limit`"),
         ("/v1/crr/items/a1/events", {"cursor": "-1"}, "`query.cursor`"),
         ("/v1/crr/items/a1/events", {"cursor": str(2**63)}, "`query.cursor`"),
