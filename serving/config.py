@@ -28,7 +28,7 @@ serving package that reads `os.environ` (entry points call it; tests build the o
 | RECSYS_EVENTS_FLUSH_S | `30` | an older non-empty event-log segment is closed and landed |
 | RECSYS_EVENTS_SEGMENT_BYTES | `67108864` | an event-log segment is landed at this size |
 | RECSYS_EVENTS_LINGER_MS | `2` | longest a group commit waits for more requests (`0`: never) |
-| RECSYS_DEMO_TENANTS | (none: demo mode off) | tenants the demo page (`/demo`) may mint short-lived tokens for |
+| RECSYS_DEMO_TENANTS | (none: off) | tenants `/demo` may mint short-lived tokens for |
 | RECSYS_PROBLEM_BASE | `https://errors.recsys.example/problem/` | prefix of Problem `type` URIs |
 | RECSYS_VERSION / RECSYS_GIT_SHA / RECSYS_BUILT_AT | package version / `unknown` | /version |
 """
