@@ -24,10 +24,9 @@ from typing import Annotated, Any
 import falcon
 import msgspec
 import orjson
-import polars as pl
 from msgspec import Meta
 
-from recsys.tenancy import is_valid_tenant
+from recsys.tenancy import TENANT_ID_PATTERN, TENANT_ID_RULE, is_valid_tenant
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND, mint_token
 from serving.config import ServingConfig
 from serving.errors import ProblemError
@@ -50,9 +49,7 @@ _CACHED_SNAPSHOTS = 2  # title tables kept per tenant (the live one and the one 
 class DemoLogin(msgspec.Struct, forbid_unknown_fields=True):
     """Who the demo page acts as: one of the server's demo tenants, optionally as its admin."""
 
-    tenant: Annotated[
-        str, Meta(min_length=1, max_length=64, pattern=r"^(?!\.{1,2}$)[A-Za-z0-9_.\-]+$")
-    ]
+    tenant: Annotated[str, Meta(pattern=TENANT_ID_PATTERN, description=TENANT_ID_RULE)]
     admin: bool = False
 
 
@@ -124,10 +121,6 @@ class DemoResources:
         self._store = store
         self._titles_cache: dict[str, dict[str, str]] = {}
         self._files: dict[str, bytes] = {}
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._tenants)
 
     def _file(self, name: str) -> bytes:
         if not self._tenants:
@@ -247,6 +240,8 @@ class DemoResources:
             found = {}
             file = os.path.join(path, "parquet", "items.parquet")
             if os.path.exists(file):
+                import polars as pl  # (only a demo server pays for the import)
+
                 frame = pl.read_parquet(file, columns=["item_id", "title"])
                 found = dict(frame.drop_nulls().iter_rows())
             stale = [k for k in self._titles_cache if k.startswith(f"{tenant}/")]

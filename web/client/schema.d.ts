@@ -1452,6 +1452,7 @@ export interface components {
         DemoLogin: {
             /** @default false */
             admin?: boolean;
+            /** @description 1 to 64 ASCII letters, digits, '_', '-' or '.', without '..' and not '.' alone */
             tenant: string;
         };
         /** DemoToken */
