@@ -70,6 +70,12 @@ def model_evaluation(
             plot_table(table, os.path.join(out_dir, "evaluation.png"))
             served = table.filter(table["model"] == "served").row(0, named=True)
             record["served_ndcg@10"] = round(served["NDCG@10"], 4)
+            # reported, never used for a choice: the best baseline on this test window
+            base = table.filter(table["model"] != "served").sort("NDCG@10", descending=True)
+            if base.height:
+                best = base.row(0, named=True)
+                record["best_baseline"] = best["model"]
+                record["best_baseline_ndcg@10"] = round(best["NDCG@10"], 4)
             record["skipped"] = ""
             metadata[f"{tenant}/table"] = _md_table(format_table(table).to_dicts())
             metadata[f"{tenant}/metrics"] = _table_metadata(table)

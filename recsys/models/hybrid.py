@@ -12,8 +12,12 @@ ranker learns on that, then every generator is REFIT on all the events given, so
 model sees the newest data and the ranker's labels come from the latest window. Tuning grids and
 LightFM's epoch count (early stopping) are chosen on that same label window.
 
-A pipeline run needs an evaluated model and a published one: :func:`fit_eval_and_final` fits
-both with three generator sets (fit window, train, all events) instead of four, see there.
+What serves is chosen on the label window too (:func:`choose_served`): the ranked list, unless
+a single generator's own list (popularity, EASE, ...) beats it there beyond its interval.
+
+A pipeline run needs an evaluated model and a published one, fitted by the same procedure:
+:func:`fit_eval_and_final` fits both with three generator sets (fit window, train, all events)
+instead of four, see there.
 """
 
 from __future__ import annotations
@@ -307,10 +311,19 @@ class _Refit:
 
 def _sample_holdout(holdout: Holdout, max_users: int, seed: int) -> Holdout:
     """At most `max_users` users of `holdout` (a seeded sample, kept in index order)."""
+    return _split_holdout(holdout, max_users, seed)[0]
+
+
+def _split_holdout(holdout: Holdout, max_users: int, seed: int) -> tuple[Holdout, Holdout]:
+    """(:func:`_sample_holdout`'s sample, the users it left out), both in index order."""
     if max_users <= 0 or holdout.n_users <= max_users:
-        return holdout
+        return holdout, Holdout(np.zeros(0, np.int64), [])
     pick = np.sort(np.random.default_rng(seed).choice(holdout.n_users, max_users, replace=False))
-    return Holdout(holdout.user_idx[pick], [holdout.relevant[i] for i in pick])
+    rest = np.setdiff1d(np.arange(holdout.n_users), pick)
+    return (
+        Holdout(holdout.user_idx[pick], [holdout.relevant[i] for i in pick]),
+        Holdout(holdout.user_idx[rest], [holdout.relevant[i] for i in rest]),
+    )
 
 
 def fit_window_generators(
@@ -438,18 +451,20 @@ def train_ranker(
     sample of) the holdout users, positives = their holdout items. None when too few.
 
     With `compare`, the validation NDCG@10 of every generator's own list and of the ranked
-    list is measured on the same users (``info["validation_per_user"]``, name -> per-user
-    values): the ranked list by 2-fold cross-fitting over users (each half ranked by trees
-    that never saw its labels), so it is as honest as the generators' figures."""
+    list is measured on the same held-out users (``info["validation_per_user"]``, name ->
+    per-user values), ranked by trees that never saw their labels, so the ranked list's
+    figure is as honest as the generators': the holdout users the ranker's sample left out
+    when there are enough (no extra fit), else half of the sample, ranked by trees fitted
+    on the other half (one extra fit on small tenants)."""
     c = config
-    sample = _sample_holdout(holdout, c.max_ranker_users, c.seed)
+    sample, rest = _split_holdout(holdout, c.max_ranker_users, c.seed)
 
-    def labelled(start: int):
-        users = sample.user_idx[start : start + batch_size]
+    def labelled(users: Holdout, start: int):
+        batch = users.user_idx[start : start + batch_size]
         cand = build_candidates(
-            gens, side, gens["popularity"].seen_, users, c.candidates_per_generator
+            gens, side, gens["popularity"].seen_, batch, c.candidates_per_generator
         )
-        rel = sample.relevant[start : start + batch_size]
+        rel = users.relevant[start : start + batch_size]
         rel_codes = np.concatenate(
             [np.full(len(r), p, np.int64) * data.n_items + r for p, r in enumerate(rel)]
         )
@@ -457,50 +472,54 @@ def train_ranker(
         tops = {g: top[:, :10] for g, top in cand.tops.items()} if compare else {}
         return cand.features, y, cand.user_pos + start, cand.item_idx, tops
 
-    # two batches at a time (threads, in batch order: the rows do not depend on the timing)
-    parts = map_in_threads(labelled, range(0, sample.n_users, batch_size))
-    y = np.concatenate([p[1] for p in parts]).astype(np.int8) if parts else np.zeros(0, np.int8)
-    x = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, len(FEATURE_NAMES)))
+    def rows(users: Holdout):
+        # two batches at a time (threads, in batch order: the rows do not depend on timing)
+        parts = map_in_threads(partial(labelled, users), range(0, users.n_users, batch_size))
+        if not parts:
+            return np.zeros((0, len(FEATURE_NAMES))), np.zeros(0, np.int8), [], [], {}
+        x = np.concatenate([p[0] for p in parts])
+        # an all-missing column (e.g. no prices at all) is constant: never split on
+        x[:, np.isnan(x).all(axis=0)] = 0.0
+        y = np.concatenate([p[1] for p in parts]).astype(np.int8)
+        tops = {g: np.concatenate([p[4][g] for p in parts]) for g in parts[0][4]}
+        pos = np.concatenate([p[2] for p in parts])
+        return x, y, pos, np.concatenate([p[3] for p in parts]), tops
+
+    x, y, pos, items, tops = rows(sample)
     info: dict[str, Any] = {
         "ranker_users": sample.n_users,
         "ranker_rows": int(len(y)),
         "ranker_positives": int(y.sum()),
         "candidate_recall": float(y.sum() / max(sample.n_pairs, 1)),
     }
-    # an all-missing column (e.g. no prices at all) is constant: the trees never split on it
-    x[:, np.isnan(x).all(axis=0)] = 0.0
-    if compare and parts:
-        per_user = {
-            g: ndcg_at_k(np.concatenate([p[4][g] for p in parts]), sample.relevant, 10)
-            for g in parts[0][4]
-        }
-        pos = np.concatenate([p[2] for p in parts])
-        items = np.concatenate([p[3] for p in parts])
-        crossed = _cross_fitted(x, y, pos, items, sample, c)
-        if crossed is not None:
-            per_user[HYBRID] = crossed
-        info["validation_per_user"] = per_user
     clf, why = _fit_trees(x, y, c)
-    if clf is None:
+    ranker = None if clf is None else TreeEnsemble.from_sklearn(clf)
+    if compare and sample.n_users:
+        if rest.n_users >= c.min_selection_users:  # users the ranker never saw
+            held = _sample_holdout(rest, max(c.max_ranker_users // 3, 1), c.seed + 1)
+            hx, _, hpos, hitems, htops = rows(held)
+            per_user = {g: ndcg_at_k(t, held.relevant, 10) for g, t in htops.items()}
+            if ranker is not None and len(hx):
+                lists, _ = _rank_lists(hpos, hitems, ranker.predict_proba(hx), held.n_users, 10)
+                per_user[HYBRID] = ndcg_at_k(lists, held.relevant, 10)
+        else:  # half of the sample, ranked by trees fitted on the other half
+            half = np.random.default_rng(c.seed + 1).permutation(sample.n_users) % 2 == 1
+            mine = half[pos]
+            keep = np.flatnonzero(half)
+            relevant = [sample.relevant[i] for i in keep]
+            per_user = {g: ndcg_at_k(t[keep], relevant, 10) for g, t in tops.items()}
+            other, _ = _fit_trees(x[~mine], y[~mine], c)
+            if other is not None and mine.any():
+                score = TreeEnsemble.from_sklearn(other).predict_proba(x[mine])
+                at = np.searchsorted(keep, pos[mine])
+                lists, _ = _rank_lists(at, items[mine], score, len(keep), 10)
+                per_user[HYBRID] = ndcg_at_k(lists, relevant, 10)
+        info["validation_per_user"] = per_user
+    if ranker is None:
         info["ranker_skipped"] = why
         return None, info
     info["ranker_trees"] = int(clf.n_iter_)
-    return TreeEnsemble.from_sklearn(clf), info
-
-
-def _cross_fitted(x, y, pos, items, sample: Holdout, c: HybridConfig) -> np.ndarray | None:
-    """Per-user NDCG@10 of the ranked lists, each half of the users ranked by trees fitted on
-    the other half (seeded halves); None when a half has too few positives to fit."""
-    half = np.random.default_rng(c.seed + 1).permutation(sample.n_users) % 2
-    score = np.zeros(len(y))
-    for fold in (0, 1):
-        mine = half[pos] == fold
-        clf, _ = _fit_trees(x[~mine], y[~mine], c)
-        if clf is None:
-            return None
-        score[mine] = TreeEnsemble.from_sklearn(clf).predict_proba(x[mine])
-    lists, _ = _rank_lists(pos, items, score, sample.n_users, 10)
-    return ndcg_at_k(lists, sample.relevant, 10)
+    return ranker, info
 
 
 def choose_served(
@@ -544,8 +563,8 @@ def choose_served(
             )
     if not reason:
         reason = f"{ref} is within the interval of the best single generator ({best})"
-        if ref != HYBRID and why_not:
-            reason = f"{why_not}; {reason}"
+    if ref != HYBRID and why_not:
+        reason = f"{why_not}; {reason}"
     return {
         "served": served,
         "reason": reason,
@@ -1119,7 +1138,11 @@ class HybridRecommender:
                 self.ranker_ = ranker
                 if ranker is None:
                     skip = rinfo.get("ranker_skipped")
-            info["selection"] = choose_served(per_user, c, skip)
+            why_not = skip
+            if why_not is None and per_user is not None and HYBRID not in per_user:
+                why_not = "the ranked list has no validation figure (too few positives to "
+                why_not += "fit trees without the users it is compared on)"
+            info["selection"] = choose_served(per_user, c, why_not)
             if info["selection"]["served"] != HYBRID:
                 self.ranker_ = None  # a single generator's list serves: no ranker
             info["ranker_skipped"] = skip

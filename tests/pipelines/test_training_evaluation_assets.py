@@ -76,3 +76,14 @@ def test_pipeline_trains_evaluates_and_gates(storage):
     ranker_md = mats["ranker_model"].materialization.metadata
     assert "chosen_on_validation" in ranker_md and "shop" in ranker_md["ranker"].value
     assert os.path.exists(storage.path("evaluation", "shop", "evaluation.png"))
+    # what serves was chosen on validation and is recorded with its reason everywhere
+    with open(storage.path("evaluation", "shop", "evaluation.json")) as f:
+        record = json.load(f)
+    assert record["served_by"] and record["selection"]
+    assert gate["served_by"] == record["served_by"] and gate["served_because"]
+    chosen = ranker_md["chosen_on_validation"].value["shop"]
+    assert set(chosen) >= {"tuning", "selection"}  # the grids reach the pipeline
+    with open(storage.path("models", "tiny", "gate.json")) as f:
+        tiny_gate = json.load(f)
+    assert tiny_gate["served_by"] == "popularity"
+    assert "popularity only" in tiny_gate["served_because"]
