@@ -350,8 +350,7 @@ async function start() {
         const { data } = await unwrap(shop.GET("/demo/info"));
         const tenant = new URLSearchParams(location.search).get("tenant") ?? data.tenants[0];
         await login(tenant);
-        await loadUsers();
-        await loadRules();
+        await Promise.all([loadUsers(), loadRules()]);
         renderAnchors();
         await refresh();
     }

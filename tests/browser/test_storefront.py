@@ -199,6 +199,40 @@ def test_a_pin_appears_at_its_slot_and_a_block_removes_the_item(
     _submit(browser, "cap-form", **{"cap-tag": top_tag, "cap-n": 0})
 
 
+def test_burying_and_boosting_a_tag_reorders_the_list(browser, demo_server, clean_rules):
+    _open(browser, demo_server)
+    shown = [c["id"] for c in _cards(browser)]
+    tags = _tags_of(demo_server, shown)
+    # a tag of the first item that the second does not carry
+    tag = next(t for t in tags[shown[0]] if t not in tags[shown[1]])
+    browser.execute_script("document.getElementById('tag-kind').value = 'bury'")
+    _submit(browser, "tag-form", **{"tag-name": tag, "tag-factor": 0.1})
+    _wait(browser, lambda d: _cards(d)[0]["id"] != shown[0], what="the bury")
+    # a boost of a tag no shown item carries, but a candidate below k does, brings it to the top
+    user = browser.execute_script("return window.recsysDemo.state.user")
+    body = {"user": {"user_id": user}, "k": K, "options": {"include_trace": True}}
+    _, _, answer = demo_server.call("POST", "/v1/recommend", body, demo_server.token())
+    below = [t["item_id"] for t in answer["trace"] if t["outcome"] == "below_k"]
+    now = [c["id"] for c in _cards(browser)]
+    carried = {t for ts in _tags_of(demo_server, now).values() for t in ts}
+    boosted = next(
+        t for ts in _tags_of(demo_server, below[:50]).values() for t in ts if t not in carried
+    )
+    browser.execute_script("document.getElementById('tag-kind').value = 'boost'")
+    _submit(browser, "tag-form", **{"tag-name": boosted, "tag-factor": 50})
+
+    def boosted_first(d):
+        first = _cards(d)[0]["id"]
+        return boosted in _tags_of(demo_server, [first])[first]
+
+    _wait(browser, boosted_first, what="the boost")
+    types = browser.execute_script(
+        "return [...document.querySelectorAll('#rules li[data-rule-id]')]"
+        ".map(li => li.dataset.ruleType)"
+    )
+    assert types == ["bury", "boost"]
+
+
 def test_a_stale_edit_shows_the_409(browser, demo_server, clean_rules):
     _open(browser, demo_server)
     # another merchandiser saves first, behind the page's back
