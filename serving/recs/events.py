@@ -5,12 +5,13 @@ The tenant is always the caller's (`req.context.principal.tenant`); a body namin
 tenant is rejected by the contract validation (`wrong_tenant`).
 
 An event (the single body, and each line of a bulk body) is decoded as `schemas.Event` by
-`check_event`: one that does not conform is rejected with the data contract's reason, like
+`parse_bulk`: one that does not conform is rejected with the data contract's reason, like
 the faults only the contract's validation can see (422 for a single event, by line in bulk).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
 import uuid
@@ -31,16 +32,6 @@ from serving.routing import MALFORMED, read_body
 #: Lines (events) accepted in one bulk request; the body size limit applies as well.
 MAX_BULK_EVENTS = 10_000
 _decode_event = msgspec.json.Decoder(Event).decode
-
-
-def check_event(value: Any) -> dict[str, Any] | ItemResult:
-    """A bulk line's JSON value as an API event object (the fields it gives), or its
-    rejection with the contract's reason when it is not an `Event`."""
-    try:
-        return msgspec.to_builtins(msgspec.convert(value, Event))
-    except msgspec.ValidationError as e:
-        reason, detail = event_reason(e)
-        return ItemResult("rejected", reason=reason, detail=detail)
 
 
 def decode_event(raw: bytes) -> dict[str, Any]:
@@ -70,48 +61,59 @@ def _invalid_event(reason: str | None, detail: str | None) -> ProblemError:
     )
 
 
-def _bulk_body(req: falcon.Request) -> bytes:
-    raw = read_body(req)
-    if not raw:
-        raise ProblemError(400, "The request needs a body.")
-    return raw
+_decode_array = msgspec.json.Decoder(list[msgspec.Raw]).decode
 
 
-def parse_bulk(data: bytes) -> tuple[list[Any], dict[int, ItemResult]]:
-    """Events of a bulk body (a JSON array, or NDJSON: one object per line, blank lines
-    ignored) and the lines that are not JSON. Line numbers are 1-based positions."""
+def _event_of(raw: Any) -> dict[str, Any] | ItemResult:
+    """One bulk line's event object (the fields it gives), or its rejection: not JSON, or
+    not an `Event` (with the contract's reason)."""
     try:
-        whole = orjson.loads(data)
+        return msgspec.to_builtins(_decode_event(raw))
+    except msgspec.ValidationError as e:
+        reason, detail = event_reason(e)
+        return ItemResult("rejected", reason=reason, detail=detail)
+    except msgspec.DecodeError as e:
+        return ItemResult("rejected", reason="unparsable", detail=f"not JSON: {e}")
+
+
+def _is_one_json(body: bytes) -> bool:
+    try:
+        orjson.loads(body)  # (an NDJSON body fails at the end of its first line)
     except orjson.JSONDecodeError:
-        whole = None
-    else:
-        if isinstance(whole, list):
-            return whole, {}
-        if isinstance(whole, dict):
-            return [whole], {}
-        raise ProblemError(400, "A bulk body is a JSON array of events or NDJSON.")
-    lines = data.rstrip().split(b"\n")
-    try:  # no blank or broken line (the usual NDJSON): one pass, what the loop below gives
-        return list(map(orjson.loads, lines)), {}
-    except orjson.JSONDecodeError:
-        pass
-    items = []
-    broken: dict[int, ItemResult] = {}
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            items.append(orjson.loads(line))
-        except orjson.JSONDecodeError as e:
-            broken[len(items)] = ItemResult(
-                "rejected", reason="unparsable", detail=f"not JSON: {e}"
-            )
-            items.append(None)
-    if items and len(broken) == len(items):
+        return False
+    return True
+
+
+def parse_bulk(data: bytes) -> list[dict[str, Any] | ItemResult]:
+    """Per event of a bulk body (a JSON array of events, one event, or NDJSON: one event per
+    line, blank lines ignored), its event object or its rejection (`_event_of`). 400 for an
+    empty body, a JSON value that is neither an array nor an object, or a body none of whose
+    lines is JSON; 413 beyond MAX_BULK_EVENTS."""
+    body = data.strip()
+    if not body:
+        raise ProblemError(400, "The bulk body holds no events.")
+    chunks: list[Any] | None = None
+    if body[:1] == b"[":
+        with contextlib.suppress(msgspec.DecodeError):  # (not one array: read as NDJSON)
+            chunks = _decode_array(body)
+    elif body[:1] == b"{" and (b"\n" not in body or _is_one_json(body)):
+        chunks = [body]  # one event, on one line or several
+    if chunks is None:
+        chunks = [line for line in body.split(b"\n") if line.strip()]
+        if len(chunks) == 1 and _is_one_json(body):
+            raise ProblemError(400, "A bulk body is a JSON array of events, an event, or NDJSON.")
+    if not chunks:
+        raise ProblemError(400, "The bulk body holds no events.")
+    if len(chunks) > MAX_BULK_EVENTS:
+        raise ProblemError(
+            413, f"{len(chunks)} events in one request; the limit is {MAX_BULK_EVENTS}."
+        )
+    events = list(map(_event_of, chunks))
+    if all(type(e) is ItemResult and e.detail.startswith("not JSON") for e in events):
         raise ProblemError(
             400, "The body is neither JSON nor NDJSON: no line of it is JSON.", code=MALFORMED
         )
-    return items, broken
+    return events
 
 
 def _result_json(r: ItemResult) -> dict[str, Any]:
@@ -142,22 +144,9 @@ class EventsResource:
         resp.cache_control = ["no-store"]
 
     def on_post_bulk(self, req: falcon.Request, resp: falcon.Response) -> None:
-        items, broken = parse_bulk(_bulk_body(req))
-        if not items:
-            raise ProblemError(400, "The bulk body holds no events.")
-        if len(items) > MAX_BULK_EVENTS:
-            raise ProblemError(
-                413, f"{len(items)} events in one request; the limit is {MAX_BULK_EVENTS}."
-            )
-        for i, item in enumerate(items):
-            if i not in broken:
-                checked = check_event(item)
-                if type(checked) is ItemResult:
-                    broken[i] = checked
-                else:
-                    items[i] = checked
-        todo = [i for i in range(len(items)) if i not in broken]
-        results: list[ItemResult | None] = [broken.get(i) for i in range(len(items))]
+        items = parse_bulk(read_body(req))
+        todo = [i for i, item in enumerate(items) if type(item) is not ItemResult]
+        results: list[Any] = list(items)
         if todo:
             done = self._logs.tenant(req.context.principal.tenant).submit([items[i] for i in todo])
             for i, r in zip(todo, done, strict=True):
@@ -165,7 +154,6 @@ class EventsResource:
         counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
         errors = []
         for line, r in enumerate(results, start=1):
-            assert r is not None
             counts[r.status] += 1
             if r.status == "rejected":
                 errors.append({"line": line, "reason": r.reason, "detail": r.detail})
@@ -175,7 +163,7 @@ class EventsResource:
             "duplicates": counts["duplicate"],
             "rejected": counts["rejected"],
             "errors": errors,
-            "event_ids": [r.event_id for r in results if r is not None],
+            "event_ids": [r.event_id for r in results],
         }
         resp.cache_control = ["no-store"]
 

@@ -19,8 +19,9 @@ from recsys.contract import EVENT_SCHEMA
 from recsys.ingest import ingest_events, read_events
 from recsys.storage import Storage
 from recsys.validation import validate_events
+from serving.errors import ProblemError
 from serving.event_landing import read_tombstones
-from serving.event_records import event_id_of, payloads_frame, records_frame
+from serving.event_records import ItemResult, event_id_of, payloads_frame, records_frame
 from serving.events_log import TenantEventLog, flush_events
 from serving.recs.events import parse_bulk
 from serving.segment_log import frame, list_segments, read_frames, segment_name
@@ -121,25 +122,39 @@ def test_bulk_ndjson_and_array_keep_valid_lines_and_report_bad_ones(client):
     assert got["event_type"] == "purchase" and got["value"] == 2.0
 
 
-def test_bulk_parsing_of_clean_ndjson_matches_the_line_by_line_reading():
-    events = [orjson.dumps({**EV, "event_id": f"n{i}"}) for i in range(5)]
+def test_bulk_bodies_are_read_line_by_line_as_events():
+    events = [{**EV, "event_id": f"n{i}"} for i in range(5)]
+    lines = [orjson.dumps(e) for e in events]
     for body in (
-        b"\n".join(events),
-        b"\n".join(events) + b"\n",
-        b"\r\n".join(events) + b"\r\n  \n",
-        b"\n".join([events[0], b"", events[1]]),
-        b"\n".join([events[0], b"7", b"{nope", events[1]]),
+        b"\n".join(lines),
+        b"\n".join(lines) + b"\n",
+        b"\r\n".join(lines) + b"\r\n  \n",
+        b"\n".join([lines[0], b"", lines[1]]),
+        b"\n".join([lines[0], b"7", b"{nope", lines[1]]),
+        orjson.dumps(events, option=orjson.OPT_INDENT_2),  # one array over many lines
     ):
-        items, broken = parse_bulk(body)
         expected = []
-        for line in body.split(b"\n"):
+        if body.startswith(b"["):
+            expected = events
+        for line in body.split(b"\n") if not expected else ():
             if line.strip():
                 try:
                     expected.append(orjson.loads(line))
                 except orjson.JSONDecodeError:
                     expected.append(None)
-        assert items == expected
-        assert sorted(broken) == [i for i, e in enumerate(expected) if e is None]
+        got = parse_bulk(body)
+        assert [None if isinstance(g, ItemResult) else g for g in got] == [
+            e if isinstance(e, dict) else None for e in expected
+        ]
+        assert [g.reason for g in got if isinstance(g, ItemResult)] == [
+            "unparsable" for e in expected if not isinstance(e, dict)
+        ]
+    pretty = orjson.dumps(events[0], option=orjson.OPT_INDENT_2)  # one event over many lines
+    assert parse_bulk(pretty) == [events[0]]
+    for hopeless in (b"", b"  \n", b"[]", b"7", b'"x"', b"\x00", b"{nope\n{oops"):
+        with pytest.raises(ProblemError) as e:
+            parse_bulk(hopeless)
+        assert e.value.status_code == 400, hopeless
 
 
 RECORDS = [
