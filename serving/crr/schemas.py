@@ -22,7 +22,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from recsys.contract import BUILTIN_EVENT_TYPES, MAX_TITLE_LENGTH
 from serving.recs.schemas import Query
-from serving.schemas import MAX_ID_LENGTH, Body, Id, Reply, ResponseMeta, TagList, Warning
+from serving.schemas import MAX_ID_LENGTH, Body, Id, IdList, Reply, ResponseMeta, TagList, Warning
 
 __all__ = [
     "EventsQuery",
@@ -125,15 +125,15 @@ class EventsQuery(Query):
 
 
 class UserEventsQuery(EventsQuery):
-    item: list[Id] | Id | None = None
+    item: IdList | Id | None = None
 
 
 class ItemEventsQuery(EventsQuery):
-    user: list[Id] | Id | None = None
+    user: IdList | Id | None = None
 
 
 class PredictionsQuery(Query):
-    item: list[Id] | Id | None = None
+    item: IdList | Id | None = None
     useStoredRatings: bool = False  # noqa: N815 (the CRR's own parameter name)
     usedStoredRatings: Annotated[  # noqa: N815 (the spelling of the CRR's own example)
         bool, Meta(description="the same as useStoredRatings")
