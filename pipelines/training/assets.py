@@ -368,7 +368,8 @@ def train_models(
             metadata={
                 "models": _md_table(gen_rows[asset]),
                 "params": dg.MetadataValue.json(params.get(key, {})),
-                "path": model_path(store, "<tenant>", "<eval|final>", "hybrid"),
+                # a pattern, not a tenant's path (model_path checks the tenant id)
+                "path": posixpath.join(store.path("models"), "<tenant>", "<eval|final>", "hybrid"),
             },
         )
     yield dg.MaterializeResult(
