@@ -40,23 +40,26 @@ def demo_instance() -> DemoInstance:
     data_root, home = root / "data", root / "dagster_home"
     env = {**os.environ, "DAGSTER_HOME": str(home), "RECSYS_DATA_ROOT": str(data_root)}
     done_marker = root / "pipeline.done"
-    if not done_marker.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-        log = root / "pipeline.log"
-        with open(log, "wb") as out:
-            for args in (
-                ["demo-data", "--events", str(DEMO_EVENTS), "--seed", str(DEMO_SEED), "--quiet"],
-                ["run", "--job", "recsys_pipeline"],
-            ):
-                done = subprocess.run(
-                    [str(BIN / "recsys"), *args], cwd=REPO, env=env, stdout=out, stderr=out
-                )
-                assert done.returncode == 0, f"recsys {' '.join(args)} failed:\n{tail(log)}"
-        done_marker.touch()
-    yield DemoInstance(root, data_root, home, env)
-    if not keep:
-        shutil.rmtree(root, ignore_errors=True)
+    try:
+        if not done_marker.exists():
+            home.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+            log = root / "pipeline.log"
+            with open(log, "wb") as out:
+                for args in (
+                    ["demo-data", "--events", str(DEMO_EVENTS), "--seed", str(DEMO_SEED)]
+                    + ["--quiet"],
+                    ["run", "--job", "recsys_pipeline"],
+                ):
+                    done = subprocess.run(
+                        [str(BIN / "recsys"), *args], cwd=REPO, env=env, stdout=out, stderr=out
+                    )
+                    assert done.returncode == 0, f"recsys {' '.join(args)} failed:\n{tail(log)}"
+            done_marker.touch()
+        yield DemoInstance(root, data_root, home, env)
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
