@@ -4,7 +4,9 @@
 
 Each phase runs in two processes under `valgrind --tool=callgrind` (N and 2N events, fresh
 data roots in /dev/shm); the difference of the two totals divided by N is the cost of one
-event without the fixed costs (imports, start-up). Counted in user space only, so the figure
+event without the fixed costs (imports, start-up; the start-up heap is frozen as
+`serving/wsgi.py` freezes it, so a full garbage collection falling in one run but not the
+other does not weigh on the figure). Counted in user space only, so the figure
 repeats on a busy machine where wall-clock figures do not (each process takes a minute or two
 under valgrind):
 
@@ -21,6 +23,7 @@ older checkouts too (run it with `--repo` pointing at one for an A/B).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import shutil
@@ -49,6 +52,8 @@ def run_phase(phase: str, n: int, root: str) -> None:
     from serving.events_log import TenantEventLog, flush_events
 
     writer = TenantEventLog(root, TENANT, linger_s=0.0)
+    gc.collect()
+    gc.freeze()  # as serving/wsgi.py does: no full collection over the start-up heap mid-run
     if phase in ("catchup", "flush"):  # set-up: the records to read back or land
         for start in range(0, n, 1000):
             writer.submit([event(i) for i in range(start, min(n, start + 1000))])
