@@ -38,6 +38,12 @@ SERVING = ("serving.kernels", "serving.app")
 
 log = logging.getLogger("recsys.serving")
 
+#: No request-line bound of gunicorn's own (its default, 4094 bytes, answers longer lines with an
+#: HTML 400 before the app runs): the API's schemas bound every path and query parameter (ids
+#: of <= 256 characters, which percent-encode to ~3 KB each; id lists), so any request the spec
+#: allows gets the app's answer. A proxy in front bounds URIs for the deployment as a whole.
+limit_request_line = 0
+
 
 def serves_this_package(app_uri: str | None) -> bool:
     """Is the gunicorn app (``module:attribute``) one of this package's?"""

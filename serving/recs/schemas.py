@@ -40,7 +40,7 @@ Object = dict[str, Any]
 
 Limit = Annotated[int, Meta(ge=1, le=1000)]
 Count = Annotated[int, Meta(ge=0)]
-Cursor = Annotated[int, Meta(ge=0, description="offset of the next page")]
+Cursor = Annotated[int, Meta(ge=0, le=2**31 - 1, description="offset of the next page")]
 #: Ends a pattern at the end of the text under both Python's `re` and ECMA-262 (Python's `$`
 #: also matches before a final newline).
 _END = r"$(?!\n)"
