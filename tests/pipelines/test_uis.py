@@ -99,6 +99,8 @@ def test_mlflow_ui_opens_on_the_default_store(tmp_path):
             "127.0.0.1",
             "--port",
             str(port),
+            "--workers",  # (one: uvicorn's supervisor restarts workers slow to start on a busy box)
+            "1",
         ],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
