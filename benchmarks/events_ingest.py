@@ -136,7 +136,11 @@ def server_pids(master: int) -> list[int]:
 
 
 def kill9(proc: subprocess.Popen) -> None:
-    """SIGKILL the workers and the master by pid (no graceful shutdown of anything)."""
+    """SIGKILL the master and its workers at once (no graceful shutdown of anything): the whole
+    process group the server was started in, so no worker the master restarts meanwhile is left
+    running without it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     for pid in reversed(server_pids(proc.pid)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

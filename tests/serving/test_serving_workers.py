@@ -6,6 +6,7 @@ prompt graceful stop."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -36,7 +37,10 @@ def start(root: str, port: int, log_path, workers: int = 1, threads: int = 8, **
     argv = granian_argv(f"127.0.0.1:{port}", workers, threads)
     env = {**os.environ, "RECSYS_DATA_ROOT": root, "RECSYS_JWT_SECRET": SECRET, **env}
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=log)
+        # (a session of its own: teardown kills the whole group, workers included)
+        proc = subprocess.Popen(
+            argv, env=env, cwd=REPO, stdout=log, stderr=log, start_new_session=True
+        )
     deadline = time.time() + 300  # (a cold Numba cache: the parent compiles the kernels)
     while True:
         try:
@@ -58,9 +62,14 @@ def server(tmp_path):
     port, log_path = free_port(), tmp_path / "server.log"
     proc = start(str(tmp_path / "data"), port, log_path)
     yield port, proc, log_path
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the server's process group (granian's workers outlive a killed parent)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
 
 
 def _event(n: int) -> dict:
@@ -165,7 +174,9 @@ def test_workers_share_the_kernels_and_log_every_request_before_sigterm(tmp_path
             assert resp.status == 200 and items == ["a0", "a1"]
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        code = proc.wait(30)
+        stop_group(proc)  # (anything of it still running)
+    assert code == 0
     lines = log_path.read_bytes().splitlines()
     fused = [x for x in lines if b"kernels.outcomes_select-" in x and b"data " in x]
     assert len(fused) == 1 and b"data saved" in fused[0], lines[-20:]
