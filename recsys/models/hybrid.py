@@ -261,7 +261,7 @@ class _Refit:
         self, model: HybridRecommender, events, items, users, background: bool = False
     ) -> None:
         self._background = background
-        self._data = self._start(model._dataset, events, items, users)
+        self._data = self._start(model.dataset, events, items, users)
         self._parts: list = []
         self._started: set[str] = set()
 
@@ -653,7 +653,7 @@ def fit_eval_and_final(
             if label.fit.height == split.train.height:  # R2's fit window is train: S2
                 gens, side, data = eval_model.generators_, eval_model.side_, eval_model.data_
             else:
-                data = eval_model._dataset(label.fit, items, users)
+                data = eval_model.dataset(label.fit, items, users)
                 gens, _, _ = fit_generators(data, final_cfg)
                 side = SideFeatures.from_data(data, gens["popularity"], final_cfg)
             holdout = (
@@ -702,7 +702,7 @@ def popularity_only(
     cfg = HybridConfig.from_dict(config.to_dict())
     cfg.include_catalog_items = include_catalog_items
     model = HybridRecommender(cfg)
-    data = model._dataset(events, items, users)
+    data = model.dataset(events, items, users)
     gens, _, seconds = fit_generators(data, cfg, ("popularity", "category"))
     skipped = {g: reason for g in GENERATORS if g not in gens}
     info = {
@@ -1038,7 +1038,8 @@ class HybridRecommender:
         self.info: dict[str, Any] = {}
 
     # -- training --
-    def _dataset(self, events, items, users, include_catalog: bool | None = None) -> Dataset:
+    def dataset(self, events, items, users, include_catalog: bool | None = None) -> Dataset:
+        """The model's Dataset of these events (its weights, half-life and catalogue choice)."""
         c = self.config
         return build_dataset(
             events,
@@ -1084,7 +1085,7 @@ class HybridRecommender:
                 "ranker_events_fit": split.fit.height,
                 "ranker_events_label": split.validation.height,
             }
-            fit_data = self._dataset(split.fit, items, users)
+            fit_data = self.dataset(split.fit, items, users)
             holdout = (
                 build_holdout(fit_data, split.fit, split.validation, c.weights)
                 if split.validation.height

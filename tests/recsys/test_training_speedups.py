@@ -280,7 +280,7 @@ def test_refits_started_at_each_choice_equal_fits_with_the_chosen_configuration(
     split = temporal_split(events, 0.2)
     with single_threaded_blas():
         for model, rows in ((ev, split.train), (final, events)):
-            data = model._dataset(rows, items, None)
+            data = model.dataset(rows, items, None)
             sequential, _, _ = fit_generators(data, model.config)
             assert list(model.generators_) == list(sequential)
             for name, gen in model.generators_.items():
