@@ -9,10 +9,11 @@ import orjson
 
 from serving import errors
 from serving.auth import Authenticator
+from serving import control
 from serving.config import ServingConfig
 from serving.crr.records import RecordStore
 from serving.crr.resources import CrrEventResources, CrrResources
-from serving.documents import TenantDocuments
+from serving.documents import DocumentStore, TenantDocuments
 from serving.events_log import EventLogs
 from serving.experiments import ExperimentStore
 from serving.fastpath import ServingApp
@@ -146,6 +147,19 @@ def create_app(
         "crr_events": CrrEventResources(records, event_logs, service, store),
         "demo": DemoResources(config, store),
     }
+    resources |= control.resources(
+        control.ControlContext(
+            config=config,
+            store=store,
+            tenant_store=tenant_store,
+            documents=DocumentStore(serving_dir, config.snapshot_check_s),
+            metrics=metrics,
+            event_logs=event_logs,
+            service=service,
+            experiments=experiments,
+            limiter=limiter,
+        )
+    )
     mount(app, ROUTES, resources)
     app.enable_fast_path(
         serving,

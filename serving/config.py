@@ -29,6 +29,9 @@ serving package that reads `os.environ` (entry points call it; tests build the o
 | RECSYS_EVENTS_SEGMENT_BYTES | `67108864` | an event-log segment is landed at this size |
 | RECSYS_EVENTS_LINGER_MS | `2` | longest a group commit waits for more requests (`0`: never) |
 | RECSYS_DEMO_TENANTS | (none: off) | tenants `/demo` may mint short-lived tokens for |
+| RECSYS_DAGSTER_URL | (unset: job routes answer 503) | a running Dagster webserver (`dagster dev`), e.g. `http://127.0.0.1:3000` |
+| RECSYS_MLFLOW_URI / MLFLOW_TRACKING_URI | `sqlite:///<data root>/mlflow/mlflow.db` | the MLflow tracking and registry store |
+| RECSYS_SERVER_SECRET | (unset: a per-data-root secret file) | server-side secret for keyed hashes (API keys) and webhook secrets |
 | RECSYS_PROBLEM_BASE | `https://errors.recsys.example/problem/` | prefix of Problem `type` URIs |
 | RECSYS_VERSION / RECSYS_GIT_SHA / RECSYS_BUILT_AT | package version / `unknown` | /version |
 """
@@ -108,6 +111,9 @@ class ServingConfig:
     access_log: bool = True
     problem_base: str = "https://errors.recsys.example/problem/"
     demo_tenants: tuple[str, ...] = ()  # demo mode (serving.resources.demo) when non-empty
+    dagster_url: str | None = None
+    mlflow_uri: str | None = None  # None: recsys.storage.Storage(data_root).mlflow_uri()
+    server_secret: str | None = None
     version: str = field(default_factory=lambda: _package_version())
     git_sha: str = "unknown"
     built_at: str = "unknown"
@@ -155,6 +161,9 @@ class ServingConfig:
             access_log=get("RECSYS_ACCESS_LOG", "1").lower() not in ("0", "false", "no", "off"),
             problem_base=get("RECSYS_PROBLEM_BASE", d.problem_base),
             demo_tenants=_csv(get("RECSYS_DEMO_TENANTS", "")),
+            dagster_url=get("RECSYS_DAGSTER_URL"),
+            mlflow_uri=get("RECSYS_MLFLOW_URI", get("MLFLOW_TRACKING_URI")),
+            server_secret=get("RECSYS_SERVER_SECRET"),
             version=get("RECSYS_VERSION", d.version),
             git_sha=get("RECSYS_GIT_SHA", d.git_sha),
             built_at=get("RECSYS_BUILT_AT", d.built_at),

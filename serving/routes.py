@@ -7,6 +7,9 @@ named as (resource, method): the resources are the objects `create_app` builds.
 Each route states its own extra error statuses; what its shape implies (401/403/429 for a
 secured route, 400/411/413/415 for a body, 400/404 for path parameters, 500) is added by
 `Route.statuses`.
+
+The control plane's sections (models, jobs, webhooks, keys and quotas, monitoring, features,
+pipelines) are declared in their area modules under `serving.control` and joined at the end.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from msgspec import Meta
 
 from recsys.tenancy import TENANT_ID_PATTERN
 from serving import schemas as s
+from serving import control
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.crr import schemas as crr
 from serving.documents import DOCUMENT_ID
@@ -775,4 +779,6 @@ ROUTES: tuple[Route, ...] = (
         errors=(404, *_SNAPSHOT),
         tags=("demo",),
     ),
+    # --- the control plane: one section per area, declared beside its handlers ------------
+    *control.routes(),
 )
