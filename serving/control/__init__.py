@@ -51,9 +51,18 @@ class ControlContext:
 
 def areas() -> tuple[Any, ...]:
     """The area modules, in the order their routes appear in the table."""
-    from serving.control import access, features, jobs, models, monitoring, pipelines, webhooks
+    from serving.control import (
+        access,
+        connectors,
+        features,
+        jobs,
+        models,
+        monitoring,
+        pipelines,
+        webhooks,
+    )
 
-    return (models, jobs, webhooks, access, monitoring, features, pipelines)
+    return (models, jobs, webhooks, access, monitoring, connectors, features, pipelines)
 
 
 def routes() -> tuple[Any, ...]:
