@@ -71,6 +71,13 @@ class Recommender(ABC):
         users, row = np.unique(np.asarray(user_idx, dtype=np.int64), return_inverse=True)
         return self.score(users)[row, items] if len(users) else np.zeros(0, np.float32)
 
+    def sparse_scores(self, user_idx: np.ndarray) -> sp.csr_matrix | None:
+        """``score(user_idx)`` as a CSR matrix of non-negative scores, zero where nothing is
+        stored, for models whose scores are mostly zero; None (the default) for the others.
+        Candidate generation then selects the top without the dense block
+        (`recsys.models.topk.sparse_top_k`)."""
+        return None
+
     def candidate_columns(
         self, n_candidates: int, seen: sp.csr_matrix, unavailable: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray] | None:

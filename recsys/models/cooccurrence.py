@@ -60,8 +60,11 @@ class HistoryTimesSimilarity(Recommender):
     sim_: sp.csr_matrix
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
+        return self.sparse_scores(user_idx).toarray()
+
+    def sparse_scores(self, user_idx: np.ndarray) -> sp.csr_matrix:
         user_idx = np.asarray(user_idx, dtype=np.int64)
-        return np.asarray((self.history_[user_idx] @ self.sim_).todense(), dtype=np.float32)
+        return (self.history_[user_idx] @ self.sim_).astype(np.float32)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {

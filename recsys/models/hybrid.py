@@ -48,7 +48,7 @@ from recsys.models.threads import (
     map_in_threads,
     single_threaded_blas,
 )
-from recsys.models.topk import top_k
+from recsys.models.topk import csr_values, sparse_top_k, top_k
 from recsys.models.trees import TreeEnsemble
 
 #: Candidate generators, in feature order. "category" is popularity by category affinity,
@@ -902,7 +902,11 @@ def build_candidates(
     codes = []
     for name, model in generators.items():
         found = model.candidate_columns(n_candidates, seen_rows, unavailable)
-        if found is None:
+        sparse = None if found is not None else model.sparse_scores(user_idx)
+        if sparse is not None:  # mostly zero: select without the dense block (same answer)
+            idx, val = sparse_top_k(sparse, n_candidates, seen_rows, unavailable)
+            lookups[name] = partial(csr_values, sparse)
+        elif found is None:
             s = model.score(user_idx)
             s[seen_user, seen_rows.indices] = -np.inf
             s[:, unavailable_idx] = -np.inf

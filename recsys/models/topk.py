@@ -9,6 +9,7 @@ releases the GIL, so the threaded batches of the snapshot builder use both cores
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 from numba import njit
 
 _BLOCK = 32  # columns per block maximum
@@ -121,3 +122,116 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if k > 0 and n_rows:
         top_k_rows(np.ascontiguousarray(scores, dtype=dtype), k, idx, val)
     return idx, val
+
+
+@njit(cache=True, nogil=True)
+def _sparse_top_k_rows(indptr, indices, data, seen_indptr, seen_indices, masked, k, out_idx, out_val):
+    """`top_k_rows` of the dense rows a CSR matrix of non-negative scores stands for (zero
+    where nothing is stored), with each row's `seen` columns and the `masked` columns at -inf:
+    the stored positive scores best first (ties by the lower column), then zeros in column
+    order, then -inf columns in column order."""
+    n_rows = len(indptr) - 1
+    n_cols = len(masked)
+    taken = np.zeros(n_cols, np.bool_)
+    blocked = masked.copy()
+    longest = 0
+    for r in range(n_rows):
+        longest = max(longest, indptr[r + 1] - indptr[r])
+    vals = np.empty(longest, data.dtype)
+    cols = np.empty(longest, np.int64)
+    for r in range(n_rows):
+        for p in range(seen_indptr[r], seen_indptr[r + 1]):
+            blocked[seen_indices[p]] = True
+        n = 0
+        for p in range(indptr[r], indptr[r + 1]):  # columns ascending
+            j = indices[p]
+            if data[p] > 0 and not blocked[j]:
+                vals[n], cols[n] = data[p], j
+                n += 1
+        if n > 2 * k:  # keep the entries reaching the k-th best (ties too), in column order
+            kth = np.partition(vals[:n], n - k)[n - k]
+            m = 0
+            for q in range(n):
+                if vals[q] >= kth:
+                    vals[m], cols[m] = vals[q], cols[q]
+                    m += 1
+            n = m
+        order = np.argsort(-vals[:n], kind="mergesort")  # stable: ties by the lower column
+        m = min(n, k)
+        for q in range(m):
+            out_val[r, q], out_idx[r, q] = vals[order[q]], cols[order[q]]
+            taken[cols[order[q]]] = True
+        j = 0
+        while m < k and j < n_cols:  # then the zeros, lowest columns first
+            if not blocked[j] and not taken[j]:
+                out_val[r, m], out_idx[r, m] = 0, j
+                m += 1
+            j += 1
+        j = 0
+        while m < k:  # then the -inf columns
+            if blocked[j]:
+                out_val[r, m], out_idx[r, m] = -np.inf, j
+                m += 1
+            j += 1
+        for q in range(min(n, k)):
+            taken[out_idx[r, q]] = False
+        for p in range(seen_indptr[r], seen_indptr[r + 1]):
+            blocked[seen_indices[p]] = masked[seen_indices[p]]
+
+
+def sparse_top_k(
+    scores: sp.csr_matrix, k: int, seen: sp.csr_matrix, masked: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k` of ``scores.toarray()`` with ``seen``'s stored entries (row by row) and the
+    ``masked`` columns (all rows) set to -inf, without building the dense block.
+
+    `scores` must be non-negative (a history times a similarity, say): what is not stored is
+    a score of 0. The answer is the same as the dense path's, ties included.
+    """
+    scores = scores.tocsr()
+    scores.sort_indices()
+    if scores.nnz and scores.data.min() < 0:
+        raise ValueError("sparse_top_k needs non-negative scores")
+    n_rows, n_cols = scores.shape
+    k = min(k, n_cols)
+    dtype = scores.dtype if scores.dtype in (np.float32, np.float64) else np.float64
+    idx = np.empty((n_rows, max(k, 0)), np.int64)
+    val = np.empty((n_rows, max(k, 0)), dtype)
+    if k > 0 and n_rows:
+        seen = seen.tocsr()
+        _sparse_top_k_rows(
+            scores.indptr.astype(np.int64),
+            scores.indices.astype(np.int64),
+            scores.data.astype(dtype),
+            seen.indptr.astype(np.int64),
+            seen.indices.astype(np.int64),
+            np.asarray(masked, dtype=np.bool_),
+            k,
+            idx,
+            val,
+        )
+    return idx, val
+
+
+@njit(cache=True, nogil=True)
+def _csr_lookup(indptr, indices, data, rows, cols, out):
+    for i in range(len(rows)):
+        lo, hi = indptr[rows[i]], indptr[rows[i] + 1]
+        p = lo + np.searchsorted(indices[lo:hi], cols[i])
+        out[i] = data[p] if p < hi and indices[p] == cols[i] else 0
+
+
+def csr_values(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``m.toarray()[rows, cols]`` (aligned arrays) by binary search in sorted rows."""
+    m = m.tocsr()
+    m.sort_indices()
+    out = np.empty(len(rows), m.dtype)
+    _csr_lookup(
+        m.indptr.astype(np.int64),
+        m.indices.astype(np.int64),
+        m.data,
+        np.asarray(rows, np.int64),
+        np.asarray(cols, np.int64),
+        out,
+    )
+    return out

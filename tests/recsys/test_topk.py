@@ -47,3 +47,37 @@ def test_sorted_input_and_degenerate_shapes():
     idx, val = top_k(np.array([[1, 3, 3, 0]]), 2)
     np.testing.assert_array_equal(idx, [[1, 2]])
     assert val.dtype == np.float64
+
+
+def test_sparse_top_k_answers_like_the_dense_block():
+    """Non-negative sparse scores (zero where unstored, explicit zeros too) with per-row seen
+    and global masks: the same indices and values as `top_k` of the masked dense block."""
+    import scipy.sparse as sp
+
+    from recsys.models.topk import csr_values, sparse_top_k
+
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        n_rows, n_cols = int(rng.integers(1, 25)), int(rng.integers(1, 400))
+        k = int(rng.integers(1, n_cols + 5))
+        density = rng.choice([0.0, 0.01, 0.1, 0.6])
+        dense = np.where(rng.random((n_rows, n_cols)) < density, 0, 1.0)
+        values = rng.integers(0, 4, dense.shape) if trial % 2 else rng.random(dense.shape)
+        dense = (dense == 0) * values.astype(np.float32)  # ties and explicit zeros
+        scores = sp.csr_matrix(dense.astype(np.float32))
+        if trial % 5 == 0:
+            scores.data[: scores.nnz // 2] = 0  # stored zeros count as zeros
+        seen = sp.csr_matrix(rng.random((n_rows, n_cols)) < rng.choice([0.0, 0.2, 0.9]))
+        masked = rng.random(n_cols) < rng.choice([0.0, 0.1, 0.95])
+        block = scores.toarray()
+        block[seen.toarray()] = -np.inf
+        block[:, masked] = -np.inf
+        idx, val = sparse_top_k(scores, k, seen, masked)
+        want_idx, want_val = top_k(block, k)
+        np.testing.assert_array_equal(idx, want_idx)
+        np.testing.assert_array_equal(val, want_val)
+        rows = rng.integers(0, n_rows, 50)
+        cols = rng.integers(0, n_cols, 50)
+        np.testing.assert_array_equal(csr_values(scores, rows, cols), scores.toarray()[rows, cols])
+    with pytest.raises(ValueError, match="non-negative"):
+        sparse_top_k(sp.csr_matrix(-np.ones((1, 2))), 1, sp.csr_matrix((1, 2)), np.zeros(2, bool))

@@ -22,6 +22,7 @@ from recsys.models.hybrid import (
 )
 from recsys.models.lightfm_model import EpochChoice, LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
+from recsys.models.recent import RecentItemsRecommender
 from recsys.models.serve import serve_top_n
 from recsys.models.similarity import shrunk_cosine_neighbours
 from recsys.models.threads import in_thread, lower_thread_priority, single_threaded_blas
@@ -347,6 +348,8 @@ def test_candidate_columns_give_the_whole_catalogs_top():
         "popularity": PopularityRecommender("global").fit(data),
         "category": PopularityRecommender("category").fit(data),
         "ease": EASERecommender(l2=5.0, max_items=80).fit(data),
+        "cooccurrence": CooccurrenceRecommender(shrink=2.0, neighbors=20).fit(data),
+        "recent": RecentItemsRecommender(n_recent=3, neighbors=10).fit(data),
     }
     side = SideFeatures.from_data(data, gens["popularity"])
     # the column and pair scores are the whole block's values
@@ -371,6 +374,9 @@ def test_candidate_columns_give_the_whole_catalogs_top():
             return self.model.score(user_idx)
 
         def candidate_columns(self, *args):
+            return None
+
+        def sparse_scores(self, user_idx):
             return None
 
     plain = {name: WholeCatalog(m) for name, m in gens.items()}
