@@ -57,8 +57,8 @@ def new_request_id(_bits=random.getrandbits) -> str:
 class ServingMiddleware:
     """The serving stack (see the module docstring); a step given `None` is skipped.
 
-    metrics / access_log: request counts and latency per route template, method and status,
-        and one JSON access line per request (when the `recsys.access` logger is at INFO).
+    metrics / access_log: request counts and latency per route template, method, status and
+        tenant (the caller's; "" before authentication), and one JSON access line per request (when the `recsys.access` logger is at INFO).
     max_body_bytes: 413 above it, 411 for chunked bodies, 415 for non-JSON bodies (a resource
         may accept more media types through `accepted_media`).
     authenticator: every route but `PUBLIC_PATHS` (and OPTIONS) needs credentials; a resource
@@ -105,6 +105,12 @@ class ServingMiddleware:
             )
         self._gzip_min = gzip_min_bytes
         self._gzip_level = gzip_level
+        # the audit log of admin writes (`serving.control.audit`), in an app with credentials
+        self._audit = None
+        if authenticator is not None and config is not None:
+            from serving.control.audit import AuditHook, AuditLog
+
+            self._audit = AuditHook(AuditLog(os.path.join(config.data_root, "serving", "audit")))
 
     @property
     def complete(self) -> bool:
@@ -166,6 +172,7 @@ class ServingMiddleware:
         principal = self._auth.authenticate(
             env.get("HTTP_AUTHORIZATION"), env.get("HTTP_X_API_KEY")
         )
+        ctx.principal = principal  # (known to the audit log even when X-Org-Id refuses it)
         org = env.get("HTTP_X_ORG_ID")
         if org is not None and org != principal.tenant:
             if not is_valid_tenant(org):
@@ -179,7 +186,6 @@ class ServingMiddleware:
                 "X-Org-Id does not match the tenant of the credentials.",
                 code="RECSYS_TENANT_MISMATCH",
             )
-        ctx.principal = principal
         if self._limiter is not None:
             ctx.ratelimit_state = self._rate_limit(principal)
 
@@ -252,6 +258,8 @@ class ServingMiddleware:
             resp.set_header(name, value)
         if self._gzip_min is not None:
             self._gzip(req, resp)
+        if self._audit is not None and req.method in _BODY_METHODS_AND_DELETE:
+            self._audit.after(req, resp, resource)
         if self._metrics is not None and hasattr(ctx, "started"):
             self.observe(ctx, req.uri_template, req.method, resp.status_code, req.path, req.env)
 
@@ -297,10 +305,11 @@ class ServingMiddleware:
         """Request count and latency of the route, and the access log line."""
         elapsed = time.perf_counter() - ctx.started
         route = route or "unmatched"
-        key = (route, method, _STATUS_TEXT.get(status) or str(status))
+        principal = getattr(ctx, "principal", None)
+        tenant = principal.tenant if principal else ""
+        key = (route, method, _STATUS_TEXT.get(status) or str(status), tenant)
         self._metrics.observe_request(key, elapsed)
         if self._log and (sink := accesslog.sink()) is not None:
-            principal = getattr(ctx, "principal", None)
             sink.write(
                 {
                     "ts": time.time(),
@@ -310,7 +319,7 @@ class ServingMiddleware:
                     "route": route,
                     "status": status,
                     "duration_ms": round(elapsed * 1000, 3),
-                    "tenant": principal.tenant if principal else None,
+                    "tenant": tenant or None,
                     "remote": env.get("REMOTE_ADDR", "127.0.0.1"),
                     "user_agent": env.get("HTTP_USER_AGENT"),
                 }
@@ -335,6 +344,7 @@ def check_scope(principal: Principal, scope: str) -> None:
 
 DEFAULT_MEDIA: tuple[str, ...] = ("application/json",)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_BODY_METHODS_AND_DELETE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _STATUS_TEXT = {code: str(code) for code in range(100, 600)}
 
 
