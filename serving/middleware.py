@@ -58,7 +58,8 @@ class ServingMiddleware:
     """The serving stack (see the module docstring); a step given `None` is skipped.
 
     metrics / access_log: request counts and latency per route template, method, status and
-        tenant (the caller's; "" before authentication), and one JSON access line per request (when the `recsys.access` logger is at INFO).
+        tenant (the caller's; "" before authentication), and one JSON access line per request
+        (when the `recsys.access` logger is at INFO).
     max_body_bytes: 413 above it, 411 for chunked bodies, 415 for non-JSON bodies (a resource
         may accept more media types through `accepted_media`).
     authenticator: every route but `PUBLIC_PATHS` (and OPTIONS) needs credentials; a resource
