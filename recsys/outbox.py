@@ -399,23 +399,22 @@ class Deliverer:
         return self._start_due()
 
     def drain(self, timeout_s: float = 30.0) -> None:
-        """Run ticks until nothing is due or in flight (tests and one-shot runs)."""
+        """Run ticks until no message waits for fan-out, no delivery is pending (due or
+        waiting for its retry) and none is in flight, or `timeout_s` passed (tests, one-shot
+        runs)."""
         deadline = time.monotonic() + timeout_s
+        db = self.outbox._db()
         while time.monotonic() < deadline:
             self.tick()
             with self._mutex:
                 busy = any(self._inflight.values())
-            due = (
-                self.outbox._db()
-                .execute(
-                    "SELECT count(*) FROM deliveries WHERE state = 'pending' AND next_at <= ?",
-                    (time.time(),),
-                )
-                .fetchone()[0]
-            )
-            if not busy and not due:
+            waiting = db.execute(
+                "SELECT (SELECT count(*) FROM deliveries WHERE state = 'pending')"
+                " + (SELECT count(*) FROM messages WHERE fanned_out = 0)"
+            ).fetchone()[0]
+            if not busy and not waiting:
                 return
-            time.sleep(0.01)
+            time.sleep(0.005)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
