@@ -26,7 +26,11 @@ from serving.recs.experiments import ExperimentsResource
 from serving.recs.rerank import RerankExplainResources
 from serving.recs.runtime import RuntimeResources
 from serving.recs.seeds import SeedResource, SeedStore
-from serving.resources.admin import CacheInvalidateResource, TenantDocumentResource
+from serving.resources.admin import (
+    CacheInvalidateResource,
+    TenantDocumentResource,
+    effective_config,
+)
 from serving.resources.demo import DemoResources
 from serving.resources.docs import DocsResource, OpenApiResource
 from serving.resources.ops import HealthResource, MetricsResource, ReadyResource, VersionResource
@@ -72,7 +76,11 @@ def create_app(
     metrics.add_gauge_source(store.gauges)
     store.warm()
     serving_dir = os.path.join(config.data_root, "serving")
-    tenant_store = tenant_store or TenantDocuments(serving_dir, config.snapshot_check_s)
+    tenant_store = tenant_store or TenantDocuments(
+        serving_dir,
+        config.snapshot_check_s,
+        defaults={"config": effective_config(config), "rules": {"rules": []}},
+    )
     if limiter is None:
         limiter = RedisLimiter(config.redis_url) if config.redis_url else InProcessLimiter()
     if event_logs is None:

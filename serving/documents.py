@@ -603,8 +603,20 @@ class TenantDocuments:
     _PREFIX = {"config": "cfg", "rules": "rules"}
     _NOTHING: dict[str, Any] = {}  # the body of a document never stored (read-only)
 
-    def __init__(self, root: str, check_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        root: str,
+        check_interval_s: float = 1.0,
+        defaults: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """`defaults`: the body each kind stands for while a tenant has stored none (the
+        effective config a GET shows, with its `default_revision`)."""
         self.store = DocumentStore(root, check_interval_s)
+        self.defaults = {kind: (defaults or {}).get(kind, {}) for kind in self.KINDS}
+        self._default_revisions = {
+            kind: default_revision(self._PREFIX[kind], body) if body else None
+            for kind, body in self.defaults.items()
+        }
         self._kinds = {
             kind: self.store.collection(
                 kind,
@@ -625,11 +637,12 @@ class TenantDocuments:
         return os.path.isdir(os.path.join(self.store.root, "tenants", check_tenant(tenant)))
 
     def current(self, tenant: str, kind: str) -> tuple[dict[str, Any], str | None]:
-        """(body, revision) of the tenant's stored `kind` document, ({}, None) when none: the
-        hot path's read (cached; the same body object while the file is unchanged)."""
+        """(body, revision) of the tenant's stored `kind` document; ({}, the defaults'
+        revision) when none (the server's defaults apply): the hot path's read (cached; the
+        same body object while the file is unchanged)."""
         doc = self._kinds[kind].cached(tenant, kind)
         if doc is None:
-            return self._NOTHING, None
+            return self._NOTHING, self._default_revisions[kind]
         return doc.body, doc.revision
 
     def invalidate(self, tenant: str, kinds: tuple[str, ...] = KINDS) -> None:

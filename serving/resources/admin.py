@@ -71,7 +71,7 @@ class TenantDocumentResource:
             validate_config if kind == "config" else validate_rules
         )
         self._config = config
-        self._default = effective_config(config) if kind == "config" else {"rules": []}
+        self._default = store.defaults[kind]
 
     def _known(self, tenant: str) -> None:
         if not (self._store.exists(tenant) or self._registry.tenant(tenant) is not None):

@@ -79,8 +79,10 @@ def test_a_tenant_never_configured_gets_its_effective_defaults(client, config):
         client.simulate_get("/v1/admin/tenants/acme/config", headers=ADMIN).headers["ETag"] == etag
     )
     # the defaults are what a request gets: k = 20, of which u1 can have 18 (a2 is
-    # unavailable, a8 seen)
-    assert len(recommend(client, {"user": {"user_id": "u1"}}).json["items"]) == 18
+    # unavailable, a8 seen), and its meta names the defaults' revision
+    served = recommend(client, {"user": {"user_id": "u1"}}).json
+    assert len(served["items"]) == 18
+    assert served["meta"]["config_version"] == got.json["config_version"]
     # a stale guess is refused and names the defaults' revision
     stale = client.simulate_put(
         "/v1/admin/tenants/acme/config",
