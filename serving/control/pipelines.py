@@ -1,5 +1,16 @@
-"""Control plane: exploration bandits (and, next, candidate generators, declared pipelines,
+"""Control plane: candidate generators, declared pipelines, exploration bandits (and, next,
 simulation and model checks).
+
+``POST /v1/recs/candidates/generate`` asks one generator of the live snapshot for a user's (or
+anchors') candidates; ``GET /v1/recs/candidates/{generator}/status`` says how much of the
+catalogue and of the users it covers, and how old it is. What each generator maps to in the
+snapshot, the stages of a pipeline and how they chain: `serving.pipelines_engine`.
+
+``/v1/recs/pipelines`` (POST, GET) and ``/v1/recs/pipelines/{pipeline_id}`` (GET, PATCH,
+DELETE) hold declared pipelines, a versioned document each (collection ``pipelines`` of
+``ctx.documents``; ETag = revision, If-Match on changes), checked at write time (422 naming the
+stage that is wrong). ``POST /v1/recs/pipelines/{pipeline_id}/run`` runs one for a user and
+context and returns every stage's output.
 
 ``POST /v1/recs/exploration/bandit`` configures a bandit (a versioned document of
 ``ctx.documents``, collection ``bandits``) and/or asks it which arm a unit gets;
@@ -13,6 +24,8 @@ to them by request id and item), so every worker answers alike; the policy math 
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Annotated, Any, Literal
 
 import falcon
@@ -21,11 +34,13 @@ import numpy as np
 from msgspec import Meta
 
 from recsys import bandits
+from serving import pipelines_engine as engine
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.documents import DOCUMENT_ID, Preconditions, set_etag
 from serving.errors import ProblemError
 from serving.events_log import scan_all_events
 from serving.routing import Route
+from serving.schemas import Id, IdList
 
 DocId = Annotated[str, Meta(pattern=DOCUMENT_ID.pattern, description="a document id")]
 ArmName = Annotated[str, Meta(pattern=DOCUMENT_ID.pattern, description="an arm name")]
@@ -256,8 +271,491 @@ class BanditsResource:
         return state
 
 
-ROUTES: tuple[Route, ...] = (*BANDIT_ROUTES,)
+# --- candidates and pipelines: schemas --------------------------------------------------------
+Object = dict[str, Any]
+Limit = Annotated[int, Meta(ge=1, le=engine.MAX_LIMIT)]
+
+
+class RunContext(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Request-time context: items the visitor is looking at, a segment."""
+
+    anchors: IdList | None = None
+    segment: Id | None = None
+
+
+class CandidateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    generator: Annotated[str, Meta(min_length=1, max_length=64)]
+    user_id: Id | None = None
+    context: RunContext | None = None
+    limit: Limit = 100
+    list: Annotated[str, Meta(min_length=1, max_length=300)] | None = None
+    filters: Object | None = None
+
+
+class CandidateItem(msgspec.Struct):
+    item_id: str
+    rank: int
+    score: float | None
+    category: str | None
+    brand: str | None
+    price: float | None
+    tags: list[str]
+    available: bool
+    sources: list[str] | None = None
+
+
+class CandidateResponse(msgspec.Struct):
+    generator: str
+    source: str
+    candidates: list[CandidateItem]
+    count: int
+    meta: Object
+
+
+class GeneratorStatus(msgspec.Struct):
+    generator: str
+    source: str
+    available: bool
+    size: int
+    items_covered: int
+    coverage: float
+    users_covered: int | None
+    user_coverage: float | None
+    last_fit: str
+    model: str
+    snapshot_id: str
+    freshness_s: float
+    detail: str | None = None
+
+
+class PipelineBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    stages: Annotated[list[Object], Meta(min_length=1, max_length=50)]
+    pipeline_id: DocId | None = None
+    description: Annotated[str, Meta(max_length=2000)] | None = None
+
+
+class PipelinePatch(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    stages: Annotated[list[Object], Meta(min_length=1, max_length=50)] | None = None
+    description: Annotated[str, Meta(max_length=2000)] | None = None
+
+
+class Pipeline(msgspec.Struct):
+    id: str
+    name: str
+    stages: list[Object]
+    revision: str
+    description: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+class PipelineList(msgspec.Struct):
+    items: list[Pipeline]
+    total: int
+
+
+class RunRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    user_id: Id | None = None
+    context: RunContext | None = None
+    show: Annotated[int, Meta(ge=1, le=engine.MAX_LIMIT)] = 50
+
+
+class StageResult(msgspec.Struct):
+    index: int
+    type: str
+    stage: Object
+    count: int
+    ms: float
+    items: list[CandidateItem]
+
+
+class RunResult(msgspec.Struct):
+    pipeline_id: str
+    revision: str
+    stages: list[StageResult]
+    items: list[CandidateItem]
+    meta: Object
+
+
+_PID = {"pipeline_id": DocId}
+_DOC_HEADERS = ("If-Match", "If-None-Match")
+_SNAP = (503,)
+
+CANDIDATE_ROUTES: tuple[Route, ...] = (
+    Route(
+        "POST",
+        "/v1/recs/candidates/generate",
+        ("candidates", "on_post_generate"),
+        "Candidates of one generator (popularity | collab | content | graph | embedding) for a "
+        "user and context, with scores and item metadata",
+        SCOPE_RECOMMEND,
+        body=CandidateRequest,
+        response=CandidateResponse,
+        errors=(422, *_SNAP),
+        tags=("pipelines",),
+    ),
+    Route(
+        "GET",
+        "/v1/recs/candidates/{generator_name}/status",
+        ("candidates", "on_get_status"),
+        "A generator's coverage, size, last fit and freshness in the live snapshot",
+        SCOPE_RECOMMEND,
+        params={"generator_name": Annotated[str, Meta(min_length=1, max_length=64)]},
+        response=GeneratorStatus,
+        errors=_SNAP,
+        tags=("pipelines",),
+    ),
+    Route(
+        "POST",
+        "/v1/recs/pipelines",
+        ("pipelines", "on_post"),
+        "Declare a pipeline (candidate, filter, ranker, postprocess stages), checked at write",
+        SCOPE_ADMIN,
+        body=PipelineBody,
+        status=201,
+        response=Pipeline,
+        errors=(409, 422),
+        tags=("pipelines",),
+    ),
+    Route(
+        "GET",
+        "/v1/recs/pipelines",
+        ("pipelines", "on_get"),
+        "List the declared pipelines",
+        SCOPE_RECOMMEND,
+        response=PipelineList,
+        tags=("pipelines",),
+    ),
+    Route(
+        "GET",
+        "/v1/recs/pipelines/{pipeline_id}",
+        ("pipelines", "on_get_one"),
+        "One pipeline (ETag = revision)",
+        SCOPE_RECOMMEND,
+        params=_PID,
+        response=Pipeline,
+        tags=("pipelines",),
+    ),
+    Route(
+        "PATCH",
+        "/v1/recs/pipelines/{pipeline_id}",
+        ("pipelines", "on_patch_one"),
+        "Change a pipeline's name, description or stages (If-Match), checked again",
+        SCOPE_ADMIN,
+        params=_PID,
+        body=PipelinePatch,
+        response=Pipeline,
+        errors=(409, 412, 422),
+        headers=_DOC_HEADERS,
+        tags=("pipelines",),
+    ),
+    Route(
+        "DELETE",
+        "/v1/recs/pipelines/{pipeline_id}",
+        ("pipelines", "on_delete_one"),
+        "Delete a pipeline (If-Match)",
+        SCOPE_ADMIN,
+        params=_PID,
+        status=204,
+        errors=(409, 412),
+        headers=_DOC_HEADERS,
+        tags=("pipelines",),
+    ),
+    Route(
+        "POST",
+        "/v1/recs/pipelines/{pipeline_id}/run",
+        ("pipelines", "on_post_run"),
+        "Run a pipeline for a user and context: every stage's output",
+        SCOPE_RECOMMEND,
+        params=_PID,
+        body=RunRequest,
+        body_required=False,
+        response=RunResult,
+        errors=(422, *_SNAP),
+        tags=("pipelines",),
+    ),
+)
+
+
+# --- candidates and pipelines: resources --------------------------------------------------------
+def _request(
+    live, user_id: str | None, context: RunContext | None
+) -> tuple[engine.Request, Object]:
+    """The engine's request (snapshot rows) and what the answer's meta says about it."""
+    snap = live.snap
+    uidx = snap.user_index(user_id) if user_id else None
+    anchors_in = (context.anchors if context and context.anchors else []) or []
+    anchors = (
+        np.asarray(sorted({i for i in live.item_indices(anchors_in)}), dtype=np.int32)
+        if anchors_in
+        else np.zeros(0, np.int32)
+    )
+    segment = context.segment if context and context.segment else None
+    if segment is None and uidx is not None:
+        segment = live.user_segment(uidx)
+    meta = {
+        "snapshot_id": live.snapshot_id,
+        "algo_version": live.algo_version,
+        "user_known": uidx is not None,
+        "anchors_known": int(anchors.shape[0]),
+        "segment": segment,
+    }
+    return engine.Request(uidx, anchors, segment), meta
+
+
+def _items(live, cands: engine.Candidates, n: int, sources: bool = False) -> list[Object]:
+    snap = live.snap
+    items = cands.items[:n].tolist()
+    ids = live.item_ids(items)
+    price = np.asarray(snap.price)
+    out = []
+    for rank, (item, item_id) in enumerate(zip(items, ids, strict=True), start=1):
+        score = float(cands.scores[rank - 1])
+        p = float(price[item])
+        entry: Object = {
+            "item_id": item_id,
+            "rank": rank,
+            "score": None if np.isnan(score) else round(score, 6),
+            "category": snap.category_name(int(live.category_id[item])),
+            "brand": snap.brand_name(int(live.brand_id[item])),
+            "price": None if np.isnan(p) else round(p, 4),
+            "tags": [snap.tag_name(int(t)) for t in snap.item_tags(item)],
+            "available": bool(live.available[item]),
+        }
+        if sources:
+            entry["sources"] = cands.sources[rank - 1]
+        out.append(entry)
+    return out
+
+
+class CandidatesResource:
+    def __init__(self, ctx: Any) -> None:
+        self._ctx = ctx
+        self._status: dict[tuple[str, str], Object] = {}  # (snapshot id, generator) -> figures
+
+    def on_post_generate(self, req: falcon.Request, resp: falcon.Response) -> None:
+        tenant = req.context.principal.tenant
+        body: CandidateRequest = req.context.body
+        gen = engine.ALIASES.get(body.generator, body.generator)
+        stage: Object = {"type": "candidate", "generator": gen, "limit": body.limit}
+        if body.list is not None:
+            stage["list"] = body.list
+        stages = [stage]
+        if body.filters:
+            stages.append({"type": "filter", "rules": body.filters})
+        spec = engine.validate_spec({"stages": stages})  # (422 for a bad generator or rule)
+        live = self._ctx.store.require_live(tenant)
+        run_req, meta = _request(live, body.user_id, body.context)
+        t0 = time.perf_counter()
+        items, scores = engine.generate(live.snap, gen, run_req, body.limit, spec["stages"][0])
+        final = engine.Candidates(items, scores, [[gen]] * items.shape[0])
+        if body.filters:
+            final = engine.apply_filter(live.snap, live, final, body.filters, run_req)
+        meta["timings_ms"] = {"total": round((time.perf_counter() - t0) * 1e3, 3)}
+        resp.media = {
+            "generator": gen,
+            "source": engine.GENERATORS[gen],
+            "candidates": _items(live, final, body.limit),
+            "count": int(final.items.shape[0]),
+            "meta": meta,
+        }
+
+    def on_get_status(
+        self, req: falcon.Request, resp: falcon.Response, generator_name: str
+    ) -> None:
+        tenant = req.context.principal.tenant
+        gen = engine.ALIASES.get(generator_name, generator_name)
+        if gen not in engine.GENERATORS:
+            raise ProblemError(
+                404,
+                f"No generator '{generator_name}' ({', '.join(engine.GENERATORS)}).",
+                code="RECSYS_UNKNOWN_GENERATOR",
+            )
+        live = self._ctx.store.require_live(tenant)
+        key = (live.snapshot_id, gen)
+        figures = self._status.get(key)
+        if figures is None:
+            figures = self._status[key] = _coverage(live.snap, gen)
+            if len(self._status) > 64:
+                self._status.pop(next(iter(self._status)))
+        snap = live.snap
+        created = snap.created_at
+        resp.media = {
+            "generator": gen,
+            "source": engine.GENERATORS[gen],
+            **figures,
+            "last_fit": created.isoformat(),
+            "model": live.algo_version,
+            "snapshot_id": live.snapshot_id,
+            "freshness_s": round(time.time() - created.timestamp(), 3),
+        }
+        resp.cache_control = ["no-store"]
+
+
+def _coverage(snap, gen: str) -> Object:
+    """Size (entries), items covered (and share of the catalogue), users covered."""
+    n_items, n_users = max(snap.n_items, 1), max(snap.n_users, 1)
+    users = None
+    if gen == "popularity":
+        lists = [snap.fallback(n) for n in snap.fallback_names]
+        items = [np.asarray(fb[0]) for fb in lists if fb is not None]
+        flat = np.concatenate(items) if items else np.zeros(0, np.int32)
+        size, covered = int(flat.shape[0]), int(np.unique(flat).shape[0])
+        users = n_users if snap.fallback("popular") is not None else 0
+        available, detail = True, f"{len(items)} lists"
+    elif gen == "collab":
+        size = int(snap.candidate_items.shape[0])
+        covered = int(np.unique(np.asarray(snap.candidate_items)).shape[0])
+        users = int((np.diff(np.asarray(snap.candidate_offsets)) > 0).sum())
+        available, detail = True, None
+    elif gen in ("graph", "content"):
+        kind = "cooc" if gen == "graph" else "content"
+        available = gen == "graph" or engine.has_content(snap)
+        size = covered = 0
+        detail = None
+        if available:
+            off, _, _ = snap._similar[kind]  # (the reader's CSR of that list)
+            lengths = np.diff(np.asarray(off))
+            size, covered = int(lengths.sum()), int((lengths > 0).sum())
+        else:
+            detail = "not available for this snapshot (no text-embedding model)"
+    else:  # embedding
+        available = bool(snap.has_factors)
+        size = covered = snap.n_items if available else 0
+        users = snap.n_users if available else 0
+        detail = (
+            f"{snap.manifest['factors']['dim']} dimensions"
+            if available
+            else "not available for this snapshot (no factors)"
+        )
+    return {
+        "available": available,
+        "size": size,
+        "items_covered": covered,
+        "coverage": round(covered / n_items, 6),
+        "users_covered": users,
+        "user_coverage": None if users is None else round(users / n_users, 6),
+        "detail": detail,
+    }
+
+
+def _pipeline_json(doc) -> Object:
+    body = doc.body
+    out: Object = {
+        "id": doc.id,
+        "name": body["name"],
+        "stages": body["stages"],
+        "revision": doc.revision,
+        "created_at": doc.created_at,
+        "updated_at": doc.updated_at,
+    }
+    if body.get("description") is not None:
+        out["description"] = body["description"]
+    return out
+
+
+class PipelinesResource:
+    def __init__(self, ctx: Any) -> None:
+        self._ctx = ctx
+        self._docs = ctx.documents.collection(
+            "pipelines", prefix="pipeline", missing_code="RECSYS_UNKNOWN_PIPELINE"
+        )
+
+    @property
+    def collection(self):
+        return self._docs
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        tenant = req.context.principal.tenant
+        body: PipelineBody = req.context.body
+        spec = engine.validate_spec(
+            {"name": body.name, "description": body.description, "stages": body.stages}
+        )
+        pid = body.pipeline_id or f"pl-{uuid.uuid4().hex[:12]}"
+        doc = self._docs.create(tenant, pid, {k: v for k, v in spec.items() if v is not None})
+        req.context.audit = {"target": f"pipeline/{pid}", "before": None, "after": doc.revision}
+        resp.status = falcon.HTTP_201
+        resp.location = f"/v1/recs/pipelines/{pid}"
+        resp.media = _pipeline_json(doc)
+        set_etag(resp, doc.revision)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        docs = sorted(self._docs.list(req.context.principal.tenant), key=lambda d: d.id)
+        resp.media = {"items": [_pipeline_json(d) for d in docs], "total": len(docs)}
+        resp.cache_control = ["no-store"]
+
+    def on_get_one(self, req: falcon.Request, resp: falcon.Response, pipeline_id: str) -> None:
+        doc = self._docs.require(req.context.principal.tenant, pipeline_id)
+        resp.media = _pipeline_json(doc)
+        set_etag(resp, doc.revision)
+
+    def on_patch_one(self, req: falcon.Request, resp: falcon.Response, pipeline_id: str) -> None:
+        tenant = req.context.principal.tenant
+        patch = msgspec.to_builtins(req.context.body)
+        before: list[str | None] = [None]
+
+        def change(current) -> Object:
+            before[0] = current.revision
+            merged = {**current.body, **patch}
+            return {k: v for k, v in engine.validate_spec(merged).items() if v is not None}
+
+        doc = self._docs.patch(tenant, pipeline_id, change, Preconditions.of(req))
+        req.context.audit = {
+            "target": f"pipeline/{pipeline_id}",
+            "before": before[0],
+            "after": doc.revision,
+        }
+        resp.media = _pipeline_json(doc)
+        set_etag(resp, doc.revision)
+
+    def on_delete_one(self, req: falcon.Request, resp: falcon.Response, pipeline_id: str) -> None:
+        doc = self._docs.delete(req.context.principal.tenant, pipeline_id, Preconditions.of(req))
+        req.context.audit = {
+            "target": f"pipeline/{pipeline_id}",
+            "before": doc.revision,
+            "after": None,
+        }
+        resp.status = falcon.HTTP_204
+
+    def on_post_run(self, req: falcon.Request, resp: falcon.Response, pipeline_id: str) -> None:
+        tenant = req.context.principal.tenant
+        body: RunRequest = req.context.body or RunRequest()
+        doc = self._docs.require(tenant, pipeline_id)
+        live = self._ctx.store.require_live(tenant)
+        run_req, meta = _request(live, body.user_id, body.context)
+        t0 = time.perf_counter()
+        outputs = engine.run(live.snap, live, doc.body, run_req)
+        meta["timings_ms"] = {"total": round((time.perf_counter() - t0) * 1e3, 3)}
+        meta["run_id"] = uuid.uuid4().hex
+        stages = [
+            {
+                "index": o.index,
+                "type": o.stage["type"],
+                "stage": o.stage,
+                "count": int(o.output.items.shape[0]),
+                "ms": round(o.ms, 3),
+                "items": _items(live, o.output, body.show, sources=True),
+            }
+            for o in outputs
+        ]
+        resp.media = {
+            "pipeline_id": pipeline_id,
+            "revision": doc.revision,
+            "stages": stages,
+            "items": stages[-1]["items"],
+            "meta": meta,
+        }
+        resp.cache_control = ["no-store"]
+
+
+ROUTES: tuple[Route, ...] = (*CANDIDATE_ROUTES, *BANDIT_ROUTES)
 
 
 def resources(ctx: Any) -> dict[str, Any]:
-    return {"bandits": BanditsResource(ctx)}
+    return {
+        "candidates": CandidatesResource(ctx),
+        "pipelines": PipelinesResource(ctx),
+        "bandits": BanditsResource(ctx),
+    }
