@@ -29,6 +29,8 @@ from recsys.snapshot import Snapshot, SnapshotError, SnapshotStore, open_snapsho
 from recsys.snapshot.format import CURRENT
 from recsys.tenancy import check_tenant, is_valid_tenant
 from serving import kernels
+from serving.crr import overlay as item_overlay
+from serving.crr.overlay import OVERLAY_CHECK_S
 from serving.metrics import Metrics
 
 log = logging.getLogger("recsys.serving")
@@ -286,12 +288,46 @@ class TenantSnapshots:
         self._lock = threading.Lock()
         self._variants: OrderedDict[str, LiveSnapshot] = OrderedDict()
         self.last_error: str | None = None
+        # Changes since the snapshot (`serving.crr.overlay.ItemOverlays`), when installed:
+        # `_live` is then `_base` overlaid with them.
+        self.overlay: Any = None
+        self._base: LiveSnapshot | None = None
+        self._overlay_checked = -1e18
+        self._writes_seen = 0
 
     def live(self) -> LiveSnapshot | None:
-        """The current snapshot; re-checks CURRENT at most once per interval."""
-        if time.monotonic() - self._checked_at >= self._interval:
+        """The current snapshot (overlaid with the item changes since, when an overlay is
+        installed); re-checks CURRENT at most once per interval, the changes at most once per
+        `serving.crr.overlay.OVERLAY_CHECK_S`."""
+        now = time.monotonic()
+        if now - self._checked_at >= self._interval:
             self.refresh()
+        if self.overlay is not None and (
+            now - self._overlay_checked >= OVERLAY_CHECK_S
+            or self._writes_seen != item_overlay.WRITES
+        ):
+            self.refresh_overlay()
         return self._live
+
+    def base(self) -> LiveSnapshot | None:
+        """The live snapshot as published (without the overlay)."""
+        self.live()
+        return self._base if self._base is not None else self._live
+
+    def refresh_overlay(self, force: bool = False) -> None:
+        """Read the changes appended since the last look; re-overlay when there were any."""
+        with self._lock:
+            self._overlay_checked = time.monotonic()
+            self._writes_seen = item_overlay.WRITES
+            if self.overlay.poll(self.tenant) or force:
+                self._overlay_base()
+
+    def _overlay_base(self) -> None:
+        # (under the lock) `_live` = the base snapshot with the changes applied
+        if self._base is None:
+            self._base = self._live
+        if self._base is not None:
+            self._live = self.overlay.apply(self.tenant, self._base)
 
     def refresh(self, force: bool = False) -> None:
         """Stat CURRENT; open and swap in the snapshot it names if it changed."""
@@ -310,6 +346,11 @@ class TenantSnapshots:
                 return
             loaded = self._load(sid)
             if loaded is not None:
+                if self.overlay is not None:
+                    self._base = loaded
+                    self.overlay.poll(self.tenant)
+                    self._overlay_checked = time.monotonic()
+                    loaded = self.overlay.apply(self.tenant, loaded)
                 self._live = loaded  # the swap: one reference assignment
 
     def variant(self, snapshot_id: str) -> LiveSnapshot | None:
@@ -366,8 +407,17 @@ class SnapshotRegistry:
         self._fixed = tuple(tenants)
         self._tenants: dict[str, TenantSnapshots] = {}
         self._lock = threading.Lock()
+        self._overlay: Any = None
         for t in self._fixed:
             self._holder(t)
+
+    def install_overlay(self, overlay: Any) -> None:
+        """Serve every tenant's snapshot overlaid with `overlay`'s changes (an
+        `serving.crr.overlay.ItemOverlays`: poll(tenant) -> changed?, apply(tenant, live))."""
+        self._overlay = overlay
+        for holder in list(self._tenants.values()):
+            holder.overlay = overlay
+            holder._overlay_checked = -1e18
 
     def bind_metrics(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -453,5 +503,6 @@ class SnapshotRegistry:
             if holder is None:
                 store = SnapshotStore(os.path.join(self.root, check_tenant(tenant)))
                 holder = TenantSnapshots(tenant, store, self._interval, self._metrics)
+                holder.overlay = self._overlay
                 self._tenants[tenant] = holder
             return holder
