@@ -1,13 +1,522 @@
-"""Control plane: features (being built; see serving/control/__init__.py for the shape of an area)."""
+"""Control plane: the feature store - entities' features, their schema, health and ingestion.
+
+Routes (all tenant-scoped; writes need `admin`):
+
+* ``GET /v1/recs/features/entities/{entityType}/{entityId}`` (user | item): the entity's one
+  view (`serving.crr.entities.EntityView`: the live snapshot's catalogue row or profile,
+  overlaid with its record and every upsert since), with a revision id and, per feature, the
+  event time its value holds for and whether it is stale against its TTL;
+* ``POST`` to the same path upserts features of one entity; ``POST /v1/recs/features/bulk``
+  many (a JSON array or NDJSON, one upsert a line; each line is answered on its own, a bad line
+  never refuses the good ones). An upsert is on disk (record, landing row for the pipeline's
+  items/users tables, the feature log, the change log) before the answer; items' availability,
+  tags, category and brand reach /v1/recommend on every worker within a quarter second
+  (`serving.crr.overlay`);
+* ``GET /v1/recs/features/schema`` lists the built-in and declared features (name, entity,
+  type, source, TTL, description); ``PUT`` replaces the tenant's declarations (a versioned
+  document: If-Match). Upserts of an unknown feature or of a wrong type are 422 unless the
+  tenant allows free attributes;
+* ``GET /v1/recs/features/health``: per declared feature with a TTL, how many values are stale;
+  the last upsert, the live snapshot and its age, counts.
+
+Data flow: request -> schema check (`recsys.features`) -> `EntityView.upsert` (record document
+under its lock -> landing files -> change log) -> answer; readers rebuild the view from disk.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Annotated, Any, Literal
 
-from serving.routing import Route
+import falcon
+import msgspec
+import orjson
+from msgspec import Meta
 
-ROUTES: tuple[Route, ...] = ()
+from recsys.features import (
+    ENTITY_TYPES,
+    FEATURE_NAME,
+    FEATURE_TYPES,
+    FeatureSchema,
+    declared_errors,
+    iso,
+    parse_time,
+)
+from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
+from serving.crr.entities import KIND, EntityView
+from serving.crr.overlay import ItemOverlays
+from serving.crr.records import RecordStore
+from serving.crr.schemas import RecordId
+from serving.documents import Collection, Preconditions, set_etag
+from serving.errors import ProblemError
+from serving.routing import JSON, NDJSON, Route, read_body
+from serving.schemas import Body, Reply
+
+EntityType = Literal[ENTITY_TYPES]  # type: ignore[valid-type]
+FeatureType = Literal[FEATURE_TYPES]  # type: ignore[valid-type]
+FeatureName = Annotated[str, Meta(pattern=FEATURE_NAME.pattern, description="a feature name")]
+#: Upserts in one bulk request.
+MAX_BULK = 10_000
+MAX_FEATURES = 256
+EventTime = Annotated[
+    str,
+    Meta(
+        max_length=64,
+        description="when the values hold (ISO-8601 with an offset); the receipt time if absent",
+    ),
+]
+
+
+# --- bodies and replies ----------------------------------------------------------------------
+class FeatureUpsert(Body):
+    """Features of one entity: catalogue columns (category, tags, available, ...) or declared
+    features; null removes a value."""
+
+    features: Annotated[dict[str, Any], Meta(max_length=MAX_FEATURES)]
+    event_timestamp: EventTime | None = None
+
+
+class FeatureBulkLine(Body):
+    entity_type: EntityType  # type: ignore[valid-type]
+    entity_id: RecordId
+    features: Annotated[dict[str, Any], Meta(max_length=MAX_FEATURES)]
+    event_timestamp: EventTime | None = None
+
+
+class FeatureValue(Reply, forbid_unknown_fields=True):
+    value: Any
+    event_timestamp: str | None
+    stale: bool
+
+
+class FeatureEntity(Reply, forbid_unknown_fields=True):
+    """One entity's view: catalogue fields and features, with where it came from."""
+
+    entity_type: str
+    entity_id: str
+    revision: str
+    fields: dict[str, Any]
+    features: dict[str, FeatureValue]
+    sources: list[str]
+    snapshot_id: str | None
+    updated_at: str | None
+
+
+class FeatureLineResult(Reply, forbid_unknown_fields=True):
+    line: int
+    status: Literal["upserted", "rejected"]
+    entity_type: str | None = None
+    entity_id: str | None = None
+    revision: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+class FeatureBulkReceipt(Reply, forbid_unknown_fields=True):
+    upserted: int
+    rejected: int
+    results: list[FeatureLineResult]
+
+
+class FeatureDeclaration(Body):
+    name: FeatureName
+    entity: EntityType  # type: ignore[valid-type]
+    type: FeatureType  # type: ignore[valid-type]
+    source: Literal["api", "pipeline"] = "api"
+    ttl_s: Annotated[int, Meta(ge=1, le=10 * 365 * 86400)] | None = None
+    description: Annotated[str, Meta(max_length=1000)] = ""
+
+
+class FeatureSchemaBody(Body):
+    allow_free_attributes: bool = False
+    features: Annotated[list[FeatureDeclaration], Meta(max_length=1000)] = []
+
+
+class FeatureDefinition(Reply, forbid_unknown_fields=True):
+    name: str
+    entity: str
+    type: str
+    source: str
+    ttl_s: int | None
+    description: str
+
+
+class FeatureSchemaReply(Reply, forbid_unknown_fields=True):
+    revision: str
+    allow_free_attributes: bool
+    features: list[FeatureDefinition]
+
+
+class FeatureStaleness(Reply, forbid_unknown_fields=True):
+    name: str
+    entity: str
+    ttl_s: int | None
+    values: int
+    stale: int
+    oldest_event_timestamp: str | None
+    newest_event_timestamp: str | None
+
+
+class FeatureHealth(Reply, forbid_unknown_fields=True):
+    status: Literal["ok", "stale", "no_snapshot"]
+    snapshot_id: str | None
+    snapshot_created_at: str | None
+    snapshot_age_s: float | None
+    last_upsert: str | None
+    counts: dict[str, int]
+    features: list[FeatureStaleness]
+
+
+ENTITY_PARAMS = {"entityType": EntityType, "entityId": RecordId}
+_TAGS = ("features",)
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET",
+        "/v1/recs/features/entities/{entityType}/{entityId}",
+        ("features", "on_get_entity"),
+        "An entity's features: the live snapshot's catalogue row or profile overlaid with its "
+        "record and every upsert since, with a revision id and staleness per feature",
+        SCOPE_RECOMMEND,
+        params=ENTITY_PARAMS,
+        response=FeatureEntity,
+        tags=_TAGS,
+    ),
+    Route(
+        "POST",
+        "/v1/recs/features/entities/{entityType}/{entityId}",
+        ("features", "on_post_entity"),
+        "Upsert features of one entity: durable before the answer, visible to the next read "
+        "and, for items, to /v1/recommend's filters within a quarter second; landed for the "
+        "pipeline (422: unknown feature or wrong type)",
+        SCOPE_ADMIN,
+        params=ENTITY_PARAMS,
+        body=FeatureUpsert,
+        response=FeatureEntity,
+        errors=(422,),
+        tags=_TAGS,
+    ),
+    Route(
+        "POST",
+        "/v1/recs/features/bulk",
+        ("features", "on_post_bulk"),
+        "Upsert features of many entities: a JSON array or NDJSON (one upsert a line); each "
+        "line is answered on its own, a bad line never refuses the good ones",
+        SCOPE_ADMIN,
+        body=list[FeatureBulkLine],
+        media=(JSON, NDJSON),
+        body_by_handler=True,
+        response=FeatureBulkReceipt,
+        errors=(413,),
+        tags=_TAGS,
+    ),
+    Route(
+        "GET",
+        "/v1/recs/features/schema",
+        ("features", "on_get_schema"),
+        "Feature definitions: name, entity, type, source, TTL, description (built-in catalogue "
+        "columns plus the tenant's declarations); ETag is the declarations' revision",
+        SCOPE_RECOMMEND,
+        response=FeatureSchemaReply,
+        tags=_TAGS,
+    ),
+    Route(
+        "PUT",
+        "/v1/recs/features/schema",
+        ("features", "on_put_schema"),
+        "Replace the tenant's feature declarations (a versioned document: If-Match of the "
+        "current revision); 422 for a built-in or repeated name",
+        SCOPE_ADMIN,
+        body=FeatureSchemaBody,
+        response=FeatureSchemaReply,
+        errors=(409, 412, 422),
+        headers=("If-Match", "If-None-Match"),
+        tags=_TAGS,
+    ),
+    Route(
+        "GET",
+        "/v1/recs/features/health",
+        ("features", "on_get_health"),
+        "Feature store health: stale values per feature against its TTL, the last upsert, the "
+        "live snapshot and its age, counts",
+        SCOPE_RECOMMEND,
+        response=FeatureHealth,
+        tags=_TAGS,
+    ),
+)
+
+_DEFAULT_SCHEMA: dict[str, Any] = {"allow_free_attributes": False, "features": []}
+
+
+class FeatureResources:
+    """The handlers of the feature routes."""
+
+    def __init__(self, view: EntityView, schemas: Collection) -> None:
+        self.view = view
+        self.schemas = schemas
+
+    # --- schema ------------------------------------------------------------------------------
+    def schema(self, tenant: str) -> tuple[FeatureSchema, str]:
+        doc = self.schemas.get(tenant, "schema", default=_DEFAULT_SCHEMA)
+        return FeatureSchema.of(doc.body), doc.revision
+
+    def _schema_json(self, tenant: str) -> dict[str, Any]:
+        schema, revision = self.schema(tenant)
+        return {
+            "revision": revision,
+            "allow_free_attributes": schema.allow_free_attributes,
+            "features": [f.as_json() for f in schema.features],
+        }
+
+    def on_get_schema(self, req: falcon.Request, resp: falcon.Response) -> None:
+        out = self._schema_json(req.context.principal.tenant)
+        resp.media = out
+        set_etag(resp, out["revision"])
+
+    def on_put_schema(self, req: falcon.Request, resp: falcon.Response) -> None:
+        tenant = req.context.principal.tenant
+        body = msgspec.to_builtins(req.context.body)
+        body.setdefault("features", [])
+        body.setdefault("allow_free_attributes", False)
+        errors = declared_errors(body)
+        if errors:
+            raise ProblemError(422, "; ".join(errors), code="RECSYS_INVALID_SCHEMA")
+        before = self.schemas.get(tenant, "schema")
+        doc, _ = self.schemas.put(
+            tenant, "schema", body, Preconditions.of(req), default=_DEFAULT_SCHEMA
+        )
+        req.context.audit = {
+            "target": "features/schema",
+            "before": before.revision if before is not None else None,
+            "after": doc.revision,
+        }
+        out = self._schema_json(tenant)
+        resp.media = out
+        set_etag(resp, out["revision"])
+
+    # --- entities ----------------------------------------------------------------------------
+    def _entity_json(
+        self, tenant: str, entity_type: str, entity_id: str, schema: FeatureSchema | None = None
+    ) -> dict[str, Any]:
+        view = self.view.view(tenant, KIND[entity_type], entity_id)
+        if view is None:
+            raise ProblemError(
+                404,
+                f"No {entity_type} '{entity_id}': not in the live snapshot and no record.",
+                code=f"RECSYS_UNKNOWN_{entity_type.upper()}",
+            )
+        schema = schema or self.schema(tenant)[0]
+        now = time.time()
+        features = {}
+        for name, value in view["features"].items():
+            stamp = view["feature_times"].get(name)
+            features[name] = {
+                "value": value,
+                "event_timestamp": stamp,
+                "stale": _stale(schema, entity_type, name, stamp, now),
+            }
+        return {
+            "entity_type": entity_type,
+            "entity_id": entity_id,
+            "revision": view["rid"],
+            "fields": view["fields"],
+            "features": features,
+            "sources": view["sources"],
+            "snapshot_id": view["snapshot_id"],
+            "updated_at": view["updated_at"],
+        }
+
+    def on_get_entity(
+        self, req: falcon.Request, resp: falcon.Response, entityType: str, entityId: str
+    ) -> None:
+        out = self._entity_json(req.context.principal.tenant, entityType, entityId)
+        resp.media = out
+        set_etag(resp, out["revision"])
+        resp.cache_control = ["no-store"]
+
+    def _upsert(
+        self,
+        tenant: str,
+        schema: FeatureSchema,
+        entity_type: str,
+        entity_id: str,
+        values: dict[str, Any],
+        stamp: str | None,
+    ) -> dict[str, Any]:
+        when = None
+        if stamp is not None:
+            when = parse_time(stamp)
+            if when is None:
+                raise ProblemError(
+                    422,
+                    "event_timestamp is not an ISO-8601 time with an offset.",
+                    code="RECSYS_INVALID_FEATURE",
+                    extra={"reason": "bad_timestamp"},
+                )
+        checked = self.view.check(schema, entity_type, values)
+        return self.view.upsert(tenant, entity_type, entity_id, checked, when)
+
+    def on_post_entity(
+        self, req: falcon.Request, resp: falcon.Response, entityType: str, entityId: str
+    ) -> None:
+        tenant = req.context.principal.tenant
+        body: FeatureUpsert = req.context.body
+        schema, _ = self.schema(tenant)
+        before = self.view.view(tenant, KIND[entityType], entityId)
+        view = self._upsert(
+            tenant, schema, entityType, entityId, body.features, body.event_timestamp
+        )
+        req.context.audit = {
+            "target": f"features/{entityType}/{entityId}",
+            "before": before["rid"] if before is not None else None,
+            "after": view["rid"],
+        }
+        out = self._entity_json(tenant, entityType, entityId, schema)
+        resp.media = out
+        set_etag(resp, out["revision"])
+
+    def on_post_bulk(self, req: falcon.Request, resp: falcon.Response) -> None:
+        tenant = req.context.principal.tenant
+        lines = _bulk_lines(read_body(req))
+        schema, _ = self.schema(tenant)
+        results: list[dict[str, Any]] = []
+        for n, chunk in enumerate(lines, start=1):
+            results.append(self._bulk_line(tenant, schema, n, chunk))
+        upserted = sum(1 for r in results if r["status"] == "upserted")
+        req.context.audit = {"target": f"features/bulk ({upserted} upserted)", "before": None}
+        resp.media = {
+            "upserted": upserted,
+            "rejected": len(results) - upserted,
+            "results": results,
+        }
+
+    def _bulk_line(self, tenant: str, schema: FeatureSchema, n: int, chunk: Any) -> dict:
+        if isinstance(chunk, _Unparsable):
+            return {"line": n, "status": "rejected", "reason": "unparsable", "detail": chunk}
+        try:
+            line = msgspec.convert(chunk, FeatureBulkLine)
+        except msgspec.ValidationError as e:
+            return {"line": n, "status": "rejected", "reason": "invalid", "detail": str(e)}
+        out: dict[str, Any] = {
+            "line": n,
+            "entity_type": line.entity_type,
+            "entity_id": line.entity_id,
+        }
+        try:
+            view = self._upsert(
+                tenant, schema, line.entity_type, line.entity_id, line.features,
+                line.event_timestamp,
+            )  # fmt: skip
+        except ProblemError as e:
+            reason = e.extra.get("reason") or {404: "unknown_entity"}.get(e.status_code, "invalid")
+            return {**out, "status": "rejected", "reason": reason, "detail": e.description}
+        return {**out, "status": "upserted", "revision": view["rid"]}
+
+    # --- health ------------------------------------------------------------------------------
+    def on_get_health(self, req: falcon.Request, resp: falcon.Response) -> None:
+        tenant = req.context.principal.tenant
+        schema, _ = self.schema(tenant)
+        now = time.time()
+        live = self.view.store.live(tenant)
+        per: dict[tuple[str, str], dict[str, Any]] = {
+            (f.entity, f.name): {
+                "name": f.name,
+                "entity": f.entity,
+                "ttl_s": f.ttl_s,
+                "values": 0,
+                "stale": 0,
+                "oldest_event_timestamp": None,
+                "newest_event_timestamp": None,
+            }
+            for f in schema.features
+            if f.source != "catalogue"
+        }
+        last = None
+        counts = {"item_records": 0, "user_records": 0, "feature_values": 0}
+        for entity_type, kind in KIND.items():
+            documents = self.view.records._kinds[kind].list(tenant)
+            counts[f"{entity_type}_records"] = len(documents)
+            for doc in documents:
+                times = doc.body.get("feature_times") or {}
+                for name, stamp in times.items():
+                    last = stamp if last is None or stamp > last else last
+                    if name not in (doc.body.get("features") or {}):
+                        continue
+                    counts["feature_values"] += 1
+                    row = per.get((entity_type, name))
+                    if row is None:
+                        continue
+                    row["values"] += 1
+                    row["stale"] += _stale(schema, entity_type, name, stamp, now)
+                    old, new = row["oldest_event_timestamp"], row["newest_event_timestamp"]
+                    row["oldest_event_timestamp"] = stamp if old is None or stamp < old else old
+                    row["newest_event_timestamp"] = stamp if new is None or stamp > new else new
+        if live is not None:
+            counts["snapshot_items"] = live.snap.n_items
+            counts["snapshot_users"] = live.snap.n_users
+        stale = any(r["stale"] for r in per.values())
+        resp.media = {
+            "status": "no_snapshot" if live is None else ("stale" if stale else "ok"),
+            "snapshot_id": live.snapshot_id if live else None,
+            "snapshot_created_at": iso(live.snap.created_at) if live else None,
+            "snapshot_age_s": round(now - live.created_ts, 1) if live else None,
+            "last_upsert": last,
+            "counts": counts,
+            "features": sorted(per.values(), key=lambda r: (r["entity"], r["name"])),
+        }
+        resp.cache_control = ["no-store"]
+
+
+def _stale(schema: FeatureSchema, entity: str, name: str, stamp: str | None, now: float) -> bool:
+    defn = schema.get(entity, name)
+    if defn is None or defn.ttl_s is None or stamp is None:
+        return False
+    when = parse_time(stamp)
+    return when is not None and now - when.timestamp() > defn.ttl_s
+
+
+def _bulk_lines(raw: bytes) -> list[Any]:
+    """The upserts of a bulk body: a JSON array, or NDJSON (blank lines ignored); a line that
+    is not JSON stays in as its text (answered as rejected)."""
+    body = raw.strip()
+    if not body:
+        raise ProblemError(400, "The bulk body holds no upserts.")
+    chunks: list[Any]
+    if body[:1] == b"[":
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        chunks = parsed if isinstance(parsed, list) else _ndjson(body)
+    else:
+        chunks = _ndjson(body)
+    if not chunks:
+        raise ProblemError(400, "The bulk body holds no upserts.")
+    if len(chunks) > MAX_BULK:
+        raise ProblemError(413, f"{len(chunks)} upserts in one request; the limit is {MAX_BULK}.")
+    return chunks
+
+
+class _Unparsable(str):
+    pass
+
+
+def _ndjson(body: bytes) -> list[Any]:
+    out: list[Any] = []
+    for line in body.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            out.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            out.append(_Unparsable(line[:200].decode("utf-8", "replace")))
+    return out
 
 
 def resources(ctx: Any) -> dict[str, Any]:
-    return {}
+    records = RecordStore(ctx.config.data_root)
+    ctx.store.install_overlay(ItemOverlays(ctx.serving_dir))
+    schemas = ctx.documents.collection(
+        "feature_schema", folder="features/{tenant}", ids=("schema",), prefix="fs"
+    )
+    return {"features": FeatureResources(EntityView(records, ctx.store), schemas)}

@@ -21,6 +21,7 @@ import datetime as dt
 import os
 import posixpath
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -31,8 +32,9 @@ from recsys.contract import ITEM_SCHEMA, USER_SCHEMA
 from recsys.durable import write_parquet_atomic
 from recsys.storage import Storage
 from recsys.validation import validate_items, validate_users
+from serving.crr.overlay import append_changes, rule_fields
 from serving.crr.schemas import CrrItemRecord, CrrUserRecord, given
-from serving.documents import NONE, Collection, Document, Legacy, Preconditions
+from serving.documents import NONE, Collection, Conflict, Document, Legacy, Preconditions
 from serving.errors import ProblemError
 
 KINDS = ("users", "items")
@@ -111,6 +113,13 @@ def _legacy_record(raw: dict[str, Any]) -> tuple[str, dict[str, Any], str, str]:
     return raw["rid"], raw["record"], raw["created_at"], raw["updated_at"]
 
 
+def _features_of(current: Document | None) -> dict[str, Any]:
+    """The feature-store part of a record's body (kept when the CRR routes replace it)."""
+    if current is None:
+        return {}
+    return {k: current.body[k] for k in ("features", "feature_times") if k in current.body}
+
+
 def _flat(doc: Document) -> dict[str, Any]:
     return {
         "id": doc.id,
@@ -128,6 +137,7 @@ class RecordStore:
     def __init__(self, data_root: str) -> None:
         self.data_root = data_root
         self.root = os.path.join(data_root, "serving", "crr")
+        self.serving_dir = os.path.join(data_root, "serving")
         self._storage = Storage(data_root)
         self._kinds = {
             kind: Collection(
@@ -164,9 +174,10 @@ class RecordStore:
         current rid, else 409 / 428) and land it; (stored document, created?)."""
         raw = check_record(kind, rec_id, record)
 
-        def land(_: Document | None) -> dict[str, Any]:
+        def land(current: Document | None) -> dict[str, Any]:
             self._land(tenant, kind, raw, uuid.uuid4().hex)
-            return record
+            self._changed(tenant, kind, rec_id, record)
+            return {**record, **_features_of(current)}
 
         documents = self._kinds[kind]
         if create_only:
@@ -183,8 +194,55 @@ class RecordStore:
             if kind == "items":
                 gone = {**current.body, "available": False}
                 self._land(tenant, kind, landing_row(kind, rec_id, gone), uuid.uuid4().hex)
+                self._changed(tenant, kind, rec_id, {"available": False})
 
         return _flat(self._kinds[kind].delete(tenant, rec_id, pre, before=land))
+
+    def merge(
+        self,
+        tenant: str,
+        kind: str,
+        rec_id: str,
+        change: Callable[[dict[str, Any] | None], dict[str, Any]],
+        *,
+        land_contract: bool = True,
+        after: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Create or change a record without a revision precondition (feature upserts):
+        ``change(current body or None)`` gives the new body, checked by the contract and landed
+        (`land_contract`), then `after(new body)` runs, all under the record's lock."""
+        documents = self._kinds[kind]
+
+        def body(current: Document | None) -> dict[str, Any]:
+            new = change(current.body if current is not None else None)
+            contract = {k: v for k, v in new.items() if k in FIELDS[kind]}
+            raw = check_record(kind, rec_id, contract)
+            if land_contract:
+                self._land(tenant, kind, raw, uuid.uuid4().hex)
+            if after is not None:
+                after(new)
+            return new
+
+        for _ in range(3):  # (a create racing another one: change what it created)
+            if documents.get(tenant, rec_id) is not None:
+                try:
+                    return _flat(documents.patch(tenant, rec_id, body))
+                except ProblemError as e:
+                    if e.status_code != 404:  # (deleted meanwhile: create it)
+                        raise
+            try:
+                return _flat(documents.create(tenant, rec_id, body))
+            except Conflict as e:
+                if e.status_code != 409:
+                    raise
+        raise ProblemError(409, f"The {kind[:-1]} '{rec_id}' changed too often; retry.")
+
+    def _changed(self, tenant: str, kind: str, rec_id: str, record: dict[str, Any]) -> None:
+        """Items: append the fields rules read to the change log (`serving.crr.overlay`)."""
+        fields = rule_fields(record)
+        if kind == "items" and fields:
+            stamp = dt.datetime.now(dt.UTC).isoformat()
+            append_changes(self.serving_dir, tenant, [{"id": rec_id, "ts": stamp, **fields}])
 
     def _land(self, tenant: str, kind: str, raw: pl.DataFrame, token: str) -> str:
         landing = self._storage.landing_dir(tenant, kind)

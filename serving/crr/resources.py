@@ -34,7 +34,8 @@ import orjson
 import polars as pl
 
 from recsys.contract import BUILTIN_EVENT_TYPES
-from serving.crr.records import ID_FIELD, RecordStore, encodable, parse_record
+from serving.crr.entities import SNAPSHOT_REVISION, EntityView
+from serving.crr.records import FIELDS, ID_FIELD, RecordStore, encodable, parse_record
 from serving.crr.schemas import CrrNewEvent, CrrUserEvent, CrrUserRecord, EventsQuery
 from serving.documents import Preconditions, set_etag
 from serving.errors import ProblemError
@@ -110,6 +111,7 @@ class CrrResources:
         self._logs = logs
         self._service = service
         self._store = store
+        self._view = EntityView(records, store)
 
     # --- events helpers ------------------------------------------------------------------
     def _events(self, tenant: str) -> pl.LazyFrame:
@@ -174,13 +176,17 @@ class CrrResources:
 
     # --- records -----------------------------------------------------------------------------
     def _record_json(self, kind: str, doc: dict[str, Any]) -> dict[str, Any]:
-        return {
+        record = doc["record"]
+        out = {
             ID_FIELD[kind]: doc["id"],
             "rid": doc["rid"],
-            **doc["record"],
+            **{k: v for k, v in record.items() if k in FIELDS[kind]},
             "created_at": doc["created_at"],
             "updated_at": doc["updated_at"],
         }
+        if record.get("features"):
+            out["features"] = record["features"]
+        return out
 
     def _send_record(self, resp, kind, doc, created: bool) -> None:
         resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
@@ -209,7 +215,14 @@ class CrrResources:
         if body_id is not None and body_id != rec_id:
             raise ProblemError(422, f"{ID_FIELD[kind]} in the body differs from the URL.")
         pre = Preconditions.of(req).matching(rid)  # (the body's rid, else If-Match)
-        doc, created = self._records.put(req.context.principal.tenant, kind, rec_id, record, pre)
+        tenant = req.context.principal.tenant
+        if (
+            pre.if_match
+            and all(t.startswith(SNAPSHOT_REVISION) for t in pre.if_match)
+            and self._records.get(tenant, kind, rec_id) is None
+        ):  # (the rid of a view only the snapshot holds: the first record replaces it)
+            pre = Preconditions(None, pre.if_none_match)
+        doc, created = self._records.put(tenant, kind, rec_id, record, pre)
         self._send_record(resp, kind, doc, created)
         if events:
             resp.media["events"] = self._add_events(
@@ -217,10 +230,23 @@ class CrrResources:
             )
 
     def _get(self, req, resp, kind: str, rec_id: str) -> None:
-        doc = self._records.get(req.context.principal.tenant, kind, rec_id)
-        if doc is None:
+        """The entity's one view (`serving.crr.entities`): the snapshot's catalogue row or
+        profile overlaid with its record and features."""
+        view = self._view.view(req.context.principal.tenant, kind, rec_id)
+        if view is None:
             raise ProblemError(404, f"No {kind[:-1]} '{rec_id}'.", code="RECSYS_UNKNOWN_RECORD")
-        self._send_record(resp, kind, doc, False)
+        fields = {k: v for k, v in view["fields"].items() if k != "created_at"}
+        resp.media = {
+            ID_FIELD[kind]: rec_id,
+            "rid": view["rid"],
+            **fields,
+            "created_at": view["created_at"],
+            "updated_at": view["updated_at"],
+            "sources": view["sources"],
+        }
+        if view["features"]:
+            resp.media["features"] = view["features"]
+        set_etag(resp, view["rid"])
 
     def _delete(self, req, resp, kind: str, rec_id: str) -> None:
         doc = self._records.delete(

@@ -230,6 +230,20 @@ class _CrrRecord(Reply, forbid_unknown_fields=True, kw_only=True):
         list[CrrEventOutcome], Meta(description="outcomes of the body's events, in order")
     ] = []
     attributes: dict[str, Any] | None | UnsetType = UNSET
+    features: (
+        Annotated[
+            dict[str, Any],
+            Meta(description="feature-store values beyond the catalogue's columns"),
+        ]
+        | UnsetType
+    ) = UNSET
+    sources: (
+        Annotated[
+            list[Literal["snapshot", "record", "features"]],
+            Meta(description="what the view was built from (GET): the live snapshot, the record"),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class CrrUserReply(_CrrRecord, kw_only=True):

@@ -1,0 +1,245 @@
+"""Feature definitions and value checks of the feature store (no Falcon, no Dagster).
+
+A feature is a named, typed value of a `user` or an `item`. The built-in ones are the
+catalogue's columns (`recsys.contract`: title, category, brand, price, tags, available,
+created_at, attributes; segment, country, attributes): their source is the catalogue (the
+snapshot's items/users, overlaid with upserts). A tenant declares more (source `api`: written by
+upserts; `pipeline`: computed by an ingestion) with a type, a TTL and a description; with
+``allow_free_attributes`` it may also upsert undeclared names (source `free`, type as sent).
+
+Data flow: an upsert's values are checked here (`check_features`: unknown name or wrong type ->
+a reason per feature) and stored by the serving side (`serving.crr.entities`); every upsert is
+also landed as rows ``(entity_type, entity_id, feature, value (JSON text), event_timestamp)``
+for the pipeline, and `as_of` gives each entity's features as they were at a cut-off (the
+point-in-time join a training run needs: no value written after the cut-off leaks in).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+ENTITY_TYPES = ("user", "item")
+FEATURE_TYPES = ("string", "number", "integer", "boolean", "string_list", "timestamp", "object")
+SOURCES = ("catalogue", "api", "pipeline", "free")
+FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+MAX_STRING = 4096
+MAX_LIST = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Feature:
+    """One feature definition (what GET /v1/recs/features/schema lists)."""
+
+    name: str
+    entity: str  # user | item
+    type: str  # FEATURE_TYPES
+    source: str  # SOURCES
+    ttl_s: int | None = None  # a value older than this is stale (None: never)
+    description: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "entity": self.entity,
+            "type": self.type,
+            "source": self.source,
+            "ttl_s": self.ttl_s,
+            "description": self.description,
+        }
+
+
+#: The catalogue's columns (the contract's items and users tables) as features.
+BUILTIN: tuple[Feature, ...] = (
+    Feature("title", "item", "string", "catalogue", None, "the item's title"),
+    Feature("category", "item", "string", "catalogue", None, "its category"),
+    Feature("brand", "item", "string", "catalogue", None, "its brand"),
+    Feature("price", "item", "number", "catalogue", None, "its price (>= 0)"),
+    Feature("tags", "item", "string_list", "catalogue", None, "tags (brand:x, category:y, ...)"),
+    Feature("available", "item", "boolean", "catalogue", None, "whether it can be sold"),
+    Feature("created_at", "item", "timestamp", "catalogue", None, "when it joined"),
+    Feature("attributes", "item", "object", "catalogue", None, "free JSON attributes"),
+    Feature("segment", "user", "string", "catalogue", None, "the user's segment"),
+    Feature("country", "user", "string", "catalogue", None, "the user's country"),
+    Feature("attributes", "user", "object", "catalogue", None, "free JSON attributes"),
+)
+#: Built-in names per entity type (they are the contract's columns: stored as record fields).
+CATALOGUE_FIELDS = {e: frozenset(f.name for f in BUILTIN if f.entity == e) for e in ENTITY_TYPES}
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSchema:
+    """The built-in features plus a tenant's declared ones."""
+
+    features: tuple[Feature, ...]
+    allow_free_attributes: bool = False
+
+    @classmethod
+    def of(cls, body: dict[str, Any] | None) -> FeatureSchema:
+        """The schema of a tenant's schema document body (`{"allow_free_attributes",
+        "features": [{name, entity, type, ttl_s, description, source}]}`)."""
+        body = body or {}
+        declared = tuple(
+            Feature(
+                f["name"],
+                f["entity"],
+                f["type"],
+                f.get("source", "api"),
+                f.get("ttl_s"),
+                f.get("description", ""),
+            )
+            for f in body.get("features", ())
+        )
+        return cls(BUILTIN + declared, bool(body.get("allow_free_attributes", False)))
+
+    def get(self, entity: str, name: str) -> Feature | None:
+        for f in self.features:
+            if f.entity == entity and f.name == name:
+                return f
+        return None
+
+
+def declared_errors(body: dict[str, Any]) -> list[str]:
+    """What is wrong with a tenant's declared features (empty when none): a built-in name, a
+    name declared twice for one entity."""
+    errors, seen = [], set()
+    for f in body.get("features", ()):
+        key = (f["entity"], f["name"])
+        if f["name"] in CATALOGUE_FIELDS[f["entity"]]:
+            errors.append(f"{f['entity']} feature '{f['name']}' is built in")
+        if key in seen:
+            errors.append(f"{f['entity']} feature '{f['name']}' is declared twice")
+        seen.add(key)
+    return errors
+
+
+def type_of(value: Any) -> str:
+    """The feature type a JSON value has (for free attributes)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, list):
+        return "string_list"
+    if isinstance(value, dict):
+        return "object"
+    return "string"
+
+
+def check_value(kind: str, value: Any) -> tuple[Any, str | None]:
+    """(the value as stored, None) when `value` is of feature type `kind`, else (None, why).
+    None (JSON null) is every type's "no value"."""
+    if value is None:
+        return None, None
+    if kind == "string":
+        if not isinstance(value, str):
+            return None, f"expected a string, got {type(value).__name__}"
+        if len(value) > MAX_STRING:
+            return None, f"a string of at most {MAX_STRING} characters"
+        return value, None
+    if kind in ("number", "integer"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None, f"expected a {kind}, got {type(value).__name__}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return None, "expected a finite number"
+        if kind == "integer":
+            if isinstance(value, float) and not value.is_integer():
+                return None, "expected an integer"
+            return int(value), None
+        return float(value), None
+    if kind == "boolean":
+        if not isinstance(value, bool):
+            return None, f"expected a boolean, got {type(value).__name__}"
+        return value, None
+    if kind == "string_list":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return None, "expected a list of strings"
+        if len(value) > MAX_LIST:
+            return None, f"a list of at most {MAX_LIST} strings"
+        return value, None
+    if kind == "timestamp":
+        when = parse_time(value)
+        if when is None:
+            return None, "expected an ISO-8601 time with an offset"
+        return iso(when), None
+    if kind == "object":
+        if not isinstance(value, dict):
+            return None, f"expected an object, got {type(value).__name__}"
+        return value, None
+    return None, f"unknown feature type {kind!r}"
+
+
+def check_features(
+    schema: FeatureSchema, entity: str, values: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
+    """({name: value as stored}, {name: (reason, detail)}) of an upsert's values: reasons
+    ``unknown_feature`` (not declared, free attributes not allowed), ``bad_name``,
+    ``wrong_type``."""
+    ok: dict[str, Any] = {}
+    bad: dict[str, tuple[str, str]] = {}
+    for name, value in values.items():
+        defn = schema.get(entity, name)
+        if defn is None:
+            if not FEATURE_NAME.match(name):
+                bad[name] = ("bad_name", f"feature names match {FEATURE_NAME.pattern}")
+                continue
+            if not schema.allow_free_attributes:
+                bad[name] = ("unknown_feature", f"no {entity} feature '{name}' is declared")
+                continue
+            defn = Feature(name, entity, type_of(value), "free")
+        stored, why = check_value(defn.type, value)
+        if why is not None:
+            bad[name] = ("wrong_type", f"{name}: {why}")
+        else:
+            ok[name] = stored
+    return ok, bad
+
+
+def parse_time(value: Any) -> dt.datetime | None:
+    """An aware UTC datetime of ISO-8601 text with an offset (or Z), else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None
+    return when.astimezone(dt.UTC)
+
+
+def iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+#: The columns of the landed feature rows (the offline store's log).
+LOG_SCHEMA = {
+    "entity_type": pl.String,
+    "entity_id": pl.String,
+    "feature": pl.String,
+    "value": pl.String,  # JSON text
+    "event_timestamp": pl.Datetime("us", "UTC"),
+    "created_timestamp": pl.Datetime("us", "UTC"),
+}
+
+
+def as_of(log: pl.DataFrame | pl.LazyFrame, cutoff: dt.datetime) -> pl.DataFrame:
+    """Each (entity_type, entity_id, feature)'s value as of `cutoff`: the row with the latest
+    event_timestamp not after it (ties: the latest written), as Feast's point-in-time join.
+    Values written with a later event time are not seen, however early they were stored."""
+    lf = log.lazy() if isinstance(log, pl.DataFrame) else log
+    return (
+        lf.filter(pl.col("event_timestamp") <= cutoff)
+        .sort(["event_timestamp", "created_timestamp"])
+        .group_by(["entity_type", "entity_id", "feature"], maintain_order=True)
+        .last()
+        .sort(["entity_type", "entity_id", "feature"])
+        .collect()
+    )

@@ -1,0 +1,312 @@
+"""The feature store and the one entity view (issue 15, section 5): known answers on the tiny
+snapshots of tests/serving (acme items a0..a19, users u1..u3; see serving_helpers.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import time
+
+import orjson
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serving"))
+from serving_helpers import auth, build_client, make_config, publish_tiny  # noqa: E402
+
+from recsys.features import as_of  # noqa: E402
+from recsys.ingest import build_table  # noqa: E402
+from recsys.storage import Storage  # noqa: E402
+from serving.crr.entities import feature_log  # noqa: E402
+
+ADMIN = auth("acme", ("admin",))
+READ = auth("acme")
+ENTITY = "/v1/recs/features/entities"
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("features"))
+    publish_tiny(root, "acme", "a")
+    publish_tiny(root, "globex", "g")
+    return root
+
+
+@pytest.fixture()
+def data_root(snapshots, tmp_path) -> str:
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(os.path.join(snapshots, "snapshots"), root / "snapshots")
+    return str(root)
+
+
+@pytest.fixture()
+def client(data_root):
+    return build_client(make_config(data_root))
+
+
+def _recommend(client, **extra) -> list[str]:
+    body = {"user": {"user_id": "u1"}, "k": 5, **extra}
+    resp = client.simulate_post("/v1/recommend", json=body, headers=READ)
+    assert resp.status_code == 200, resp.text
+    return [it["item_id"] for it in resp.json["items"]]
+
+
+def test_catalogue_entities_are_one_view_for_crr_and_features(client):
+    got = client.simulate_get(f"{ENTITY}/item/a0", headers=READ)
+    assert got.status_code == 200, got.text
+    assert got.json["fields"] == {
+        "category": "c1",
+        "brand": "nike",
+        "price": 10.0,
+        "tags": ["shoes", "nike"],
+        "available": True,
+    }
+    assert got.json["sources"] == ["snapshot"] and got.json["revision"].startswith("snap-")
+    crr = client.simulate_get("/v1/crr/items/a0", headers=READ)
+    assert crr.status_code == 200 and crr.json["category"] == "c1"
+    assert crr.json["rid"] == got.json["revision"] and crr.headers["ETag"]
+    user = client.simulate_get("/v1/crr/users/u1", headers=READ)
+    assert user.status_code == 200 and user.json["segment"] == "s1"
+    assert client.simulate_get(f"{ENTITY}/user/u1", headers=READ).json["fields"] == {
+        "segment": "s1"
+    }
+    # unknown ids and entity types are Problem Details
+    assert client.simulate_get(f"{ENTITY}/item/nope", headers=READ).status_code == 404
+    assert client.simulate_get("/v1/crr/items/nope", headers=READ).status_code == 404
+    bad = client.simulate_get(f"{ENTITY}/shop/a0", headers=READ)
+    assert bad.status_code == 400 and bad.headers["content-type"] == "application/problem+json"
+
+
+def test_upsert_is_durable_visible_and_changes_recommend_at_once(client, data_root):
+    before = _recommend(client)
+    assert before[0] == "a0"
+    up = client.simulate_post(
+        f"{ENTITY}/item/a0", json={"features": {"available": False}}, headers=ADMIN
+    )
+    assert up.status_code == 200, up.text
+    assert up.json["fields"]["available"] is False and up.json["fields"]["category"] == "c1"
+    assert up.json["sources"] == ["snapshot", "record"]
+    assert "a0" not in _recommend(client)
+    # re-tagging, with a tag the snapshot never saw, reaches request-time tag filters
+    client.simulate_post(
+        f"{ENTITY}/item/a4", json={"features": {"tags": ["clearance"]}}, headers=ADMIN
+    )
+    assert _recommend(client, constraints={"required_tags": ["clearance"]}) == ["a4"]
+    assert "a4" not in _recommend(client, constraints={"forbidden_tags": ["clearance"]})
+    assert "a3" in _recommend(client, constraints={"required_tags": ["winter"]})
+    assert "a4" not in _recommend(client, constraints={"required_tags": ["winter"]})
+    # another worker (a second app on the same data root, nothing shared in memory) sees it
+    other = build_client(make_config(data_root))
+    assert "a0" not in _recommend(other)
+    assert other.simulate_get("/v1/crr/items/a0", headers=READ).json["available"] is False
+    # landed for the pipeline's items table: the whole merged row, not just the change
+    table, report = build_table(Storage(data_root), "acme", "items")
+    rows = {r["item_id"]: r for r in table.iter_rows(named=True)}
+    assert rows["a0"]["available"] is False and rows["a0"]["category"] == "c1"
+    assert rows["a0"]["tags"] == ["shoes", "nike"] and rows["a4"]["tags"] == ["clearance"]
+    assert report.rejected == 0
+    # made available again: recommended again
+    client.simulate_post(f"{ENTITY}/item/a0", json={"features": {"available": True}}, headers=ADMIN)
+    assert _recommend(client)[0] == "a0"
+
+
+def test_a_crr_record_write_reaches_the_rules_too(client):
+    rid = client.simulate_get("/v1/crr/items/a1", headers=READ).json["rid"]
+    put = client.simulate_put(
+        "/v1/crr/items/a1",
+        json={"rid": rid, "title": "Item 1", "category": "c1", "available": False},
+        headers=ADMIN,
+    )
+    assert put.status_code == 201, put.text
+    assert "a1" not in _recommend(client)
+
+
+def test_other_workers_see_an_upsert_within_a_second(data_root):
+    a, b = build_client(make_config(data_root)), build_client(make_config(data_root))
+    assert "a3" in _recommend(b)
+    t0 = time.monotonic()
+    a.simulate_post(f"{ENTITY}/item/a3", json={"features": {"available": False}}, headers=ADMIN)
+    while "a3" in _recommend(b):
+        assert time.monotonic() - t0 < 1.0
+        time.sleep(0.02)
+    assert b.simulate_get(f"{ENTITY}/item/a3", headers=READ).json["fields"]["available"] is False
+
+
+def test_schema_types_ttl_and_free_attributes(client):
+    schema = client.simulate_get("/v1/recs/features/schema", headers=READ)
+    assert schema.status_code == 200
+    names = {(f["entity"], f["name"]): f for f in schema.json["features"]}
+    assert names[("item", "price")]["type"] == "number"
+    assert names[("item", "price")]["source"] == "catalogue"
+    unknown = client.simulate_post(
+        f"{ENTITY}/user/u1", json={"features": {"avg_session_value": 12.3}}, headers=ADMIN
+    )
+    assert unknown.status_code == 422 and unknown.json["reason"] == "unknown_feature"
+    wrong = client.simulate_post(
+        f"{ENTITY}/item/a0", json={"features": {"price": "cheap"}}, headers=ADMIN
+    )
+    assert wrong.status_code == 422 and wrong.json["features"]["price"]["reason"] == "wrong_type"
+    declared = {
+        "features": [
+            {
+                "name": "avg_session_value",
+                "entity": "user",
+                "type": "number",
+                "ttl_s": 3600,
+                "description": "mean basket value per session",
+            }
+        ]
+    }
+    no_match = client.simulate_put("/v1/recs/features/schema", json=declared, headers=ADMIN)
+    put = client.simulate_put(
+        "/v1/recs/features/schema",
+        json=declared,
+        headers={**ADMIN, "If-Match": schema.headers["ETag"]},
+    )
+    assert no_match.status_code in (200, 428) and put.status_code in (200, 409), put.text
+    current = client.simulate_get("/v1/recs/features/schema", headers=READ)
+    assert any(f["name"] == "avg_session_value" for f in current.json["features"])
+    old = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)).isoformat()
+    ok = client.simulate_post(
+        f"{ENTITY}/user/u1",
+        json={"features": {"avg_session_value": 12.3}, "event_timestamp": old},
+        headers=ADMIN,
+    )
+    assert ok.status_code == 200, ok.text
+    value = ok.json["features"]["avg_session_value"]
+    assert value["value"] == 12.3 and value["stale"] is True  # two hours > TTL of one
+    bad = client.simulate_post(
+        f"{ENTITY}/user/u1", json={"features": {"avg_session_value": True}}, headers=ADMIN
+    )
+    assert bad.status_code == 422
+    assert (
+        client.simulate_put(
+            "/v1/recs/features/schema",
+            json={"features": [{"name": "price", "entity": "item", "type": "number"}]},
+            headers={**ADMIN, "If-Match": current.headers["ETag"]},
+        ).status_code
+        == 422
+    )
+    health = client.simulate_get("/v1/recs/features/health", headers=READ).json
+    row = next(f for f in health["features"] if f["name"] == "avg_session_value")
+    assert row["values"] == 1 and row["stale"] == 1 and health["status"] == "stale"
+    assert health["counts"]["user_records"] == 1 and health["snapshot_id"]
+    # free attributes: an undeclared name is taken as sent
+    free = client.simulate_put(
+        "/v1/recs/features/schema",
+        json={**declared, "allow_free_attributes": True},
+        headers={**ADMIN, "If-Match": current.headers["ETag"]},
+    )
+    assert free.status_code == 200
+    ok = client.simulate_post(
+        f"{ENTITY}/item/a5", json={"features": {"colour": "red"}}, headers=ADMIN
+    )
+    assert ok.status_code == 200 and ok.json["features"]["colour"]["value"] == "red"
+    assert client.simulate_get("/v1/crr/items/a5", headers=READ).json["features"] == {
+        "colour": "red"
+    }
+
+
+def test_bulk_keeps_good_lines_around_bad_ones(client):
+    lines = [
+        {"entity_type": "item", "entity_id": "a6", "features": {"available": False}},
+        "this is not json",
+        {"entity_type": "item", "entity_id": "zzz", "features": {"available": False}},
+        {"entity_type": "item", "entity_id": "a7", "features": {"price": -1}},
+        {"entity_type": "item", "entity_id": "a7", "features": {"price": "x"}},
+        {"entity_type": "shop", "entity_id": "a7", "features": {}},
+        {"entity_type": "item", "entity_id": "a5", "features": {"tags": ["promo"]}},
+    ]
+    body = b"\n".join(
+        line.encode() if isinstance(line, str) else orjson.dumps(line) for line in lines
+    )
+    resp = client.simulate_post(
+        "/v1/recs/features/bulk",
+        body=body,
+        headers={**ADMIN, "Content-Type": "application/x-ndjson"},
+    )
+    assert resp.status_code == 200, resp.text
+    out = resp.json
+    assert [r["status"] for r in out["results"]] == [
+        "upserted",
+        "rejected",
+        "rejected",
+        "rejected",
+        "rejected",
+        "rejected",
+        "upserted",
+    ]
+    reasons = [r.get("reason") for r in out["results"]]
+    assert reasons[1:6] == ["unparsable", "unknown_entity", "bad_value", "wrong_type", "invalid"]
+    assert out["upserted"] == 2 and out["rejected"] == 5
+    assert "a6" not in _recommend(client, k=10)
+    got = client.simulate_get(f"{ENTITY}/item/a5", headers=READ).json
+    assert got["fields"]["tags"] == ["promo"]
+    as_array = client.simulate_post(
+        "/v1/recs/features/bulk",
+        json=[{"entity_type": "item", "entity_id": "a6", "features": {"available": True}}],
+        headers=ADMIN,
+    )
+    assert as_array.json["upserted"] == 1
+    for empty in (b"", b"   "):
+        r = client.simulate_post(
+            "/v1/recs/features/bulk",
+            body=empty,
+            headers={**ADMIN, "Content-Type": "application/json"},
+        )
+        assert 400 <= r.status_code < 500
+
+
+def test_training_reads_features_as_of_the_cutoff(client, data_root):
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    client.simulate_put(
+        "/v1/recs/features/schema",
+        json={"features": [{"name": "orders_30d", "entity": "user", "type": "integer"}]},
+        headers={**ADMIN, "If-None-Match": "*"},
+    )
+    for days, value in ((0, 1), (10, 5), (20, 9)):
+        r = client.simulate_post(
+            f"{ENTITY}/user/u2",
+            json={
+                "features": {"orders_30d": value},
+                "event_timestamp": (t + dt.timedelta(days=days)).isoformat(),
+            },
+            headers=ADMIN,
+        )
+        assert r.status_code == 200, r.text
+    log = feature_log(Storage(data_root), "acme")
+    assert log.height == 3
+    at = as_of(log, t + dt.timedelta(days=15))
+    assert at.filter(at["feature"] == "orders_30d")["value"].to_list() == ["5"]
+    assert as_of(log, t - dt.timedelta(days=1)).height == 0
+    live = client.simulate_get(f"{ENTITY}/user/u2", headers=READ).json
+    assert live["features"]["orders_30d"]["value"] == 9
+
+
+def test_no_tenant_reaches_another_tenants_features(client):
+    client.simulate_post(
+        f"{ENTITY}/item/a0", json={"features": {"available": False}}, headers=ADMIN
+    )
+    spy = client.simulate_get(f"{ENTITY}/item/a0", headers=auth("globex"))
+    assert spy.status_code == 404  # globex's snapshot has g0.., and no record a0
+    assert '"c1"' not in spy.text and '"nike"' not in spy.text
+    mine = client.simulate_get(f"{ENTITY}/item/g0", headers=auth("globex"))
+    assert mine.json["fields"]["available"] is True  # acme's change is not globex's
+    for method, path, body in (
+        ("GET", f"{ENTITY}/item/a0", None),
+        ("POST", f"{ENTITY}/item/a0", {"features": {"available": True}}),
+        (
+            "POST",
+            "/v1/recs/features/bulk",
+            [{"entity_type": "item", "entity_id": "a0", "features": {}}],
+        ),
+        ("GET", "/v1/recs/features/schema", None),
+        ("GET", "/v1/recs/features/health", None),
+    ):
+        assert client.simulate_request(method, path, json=body, headers={}).status_code == 401
+        org = auth("acme", ("admin",), **{"X-Org-Id": "globex"})
+        assert client.simulate_request(method, path, json=body, headers=org).status_code == 403
+    assert (
+        client.simulate_get(f"{ENTITY}/item/a0", headers=READ).json["fields"]["available"] is False
+    )
