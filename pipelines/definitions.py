@@ -5,7 +5,7 @@ import os
 
 import dagster as dg
 
-from pipelines import evaluation, ingest, publish, training
+from pipelines import evaluation, ingest, publish, training, webhook_sensors
 from pipelines.resources import IngestPolicy, MlflowResource, StorageResource
 
 recsys_pipeline = dg.define_asset_job(
@@ -48,7 +48,7 @@ defs = dg.Definitions(
         *publish.asset_checks,
     ],
     jobs=[recsys_pipeline, user_shards_job, *ingest.jobs],
-    sensors=[*ingest.sensors],
+    sensors=[*ingest.sensors, *webhook_sensors.sensors],
     schedules=[daily_retrain],
     resources={
         # The data root is configuration: RECSYS_DATA_ROOT, else ./data beside workspace.yaml.

@@ -47,7 +47,7 @@ from typing import Any
 import orjson
 import urllib3
 
-from recsys.tenancy import check_tenant
+from recsys.tenancy import check_tenant, is_valid_tenant
 
 #: The event types an endpoint can subscribe to.
 EVENT_TYPES: tuple[str, ...] = (
@@ -312,6 +312,21 @@ def stored_endpoints(data_root: str, tenant: str) -> dict[str, Endpoint]:
             raw["id"], tenant, body["url"], body["secret"], tuple(body["events"])
         )
     return out
+
+
+def subscribed_tenants(data_root: str) -> list[str]:
+    """The tenants that have at least one webhook endpoint document."""
+    folder = os.path.join(os.path.dirname(outbox_path(data_root)), ENDPOINTS_FOLDER)
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return []
+    return [
+        t
+        for t in names
+        if is_valid_tenant(t)
+        and any(n.endswith(".json") for n in os.listdir(os.path.join(folder, t)))
+    ]
 
 
 # --- delivery ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from msgspec import Meta
 
 from recsys.outbox import EVENT_TYPES, SECRET_PREFIX, Outbox, new_secret
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
+from serving.control.access import require_quota
 from serving.documents import Collection, DocumentStore, Preconditions, set_etag
 from serving.errors import ProblemError
 from serving.routing import Route
@@ -197,6 +198,7 @@ class WebhooksResource:
         spec: WebhookSpec = req.context.body
         _check_url(spec.url)
         secret = _check_secret(spec.secret)
+        require_quota(self._ctx, tenant, "webhooks", used=self._docs.count(tenant))
         body = {
             "url": spec.url,
             "events": sorted(set(spec.events), key=EVENT_TYPES.index),

@@ -363,3 +363,88 @@ def test_kill9_of_the_deliverer_loses_nothing(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         receiver.close()
+
+
+# --- the Dagster run-status sensors --------------------------------------------------------------
+def _finished_run(instance, succeed: bool, tags: dict[str, str]):
+    import dagster as dg
+
+    @dg.op
+    def work() -> None:
+        if not succeed:
+            raise RuntimeError("the model did not converge")
+
+    @dg.job(name="tiny_job")
+    def tiny_job() -> None:
+        work()
+
+    result = tiny_job.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+    run = instance.get_run_by_id(result.run_id)
+    kind = "PIPELINE_SUCCESS" if succeed else "PIPELINE_FAILURE"
+    event = next(
+        r.dagster_event
+        for r in instance.all_logs(result.run_id)
+        if r.dagster_event and r.dagster_event.event_type_value == kind
+    )
+    return run, event
+
+
+def test_run_status_sensors_emit_job_events(client, tmp_path):
+    import dagster as dg
+
+    from pipelines.definitions import defs
+    from pipelines.resources import StorageResource
+    from pipelines.webhook_sensors import job_completed_sensor, job_failed_sensor
+
+    root = str(tmp_path)
+    names = {s.name for s in defs.get_repository_def().sensor_defs}
+    assert {"webhook_job_completed", "webhook_job_failed", "webhook_job_canceled"} <= names
+    subscribe(client, "http://a.example/", tenant="acme", events=["job.completed", "job.failed"])
+    subscribe(client, "http://g.example/", tenant="globex", events=["job.completed"])
+    outbox = Outbox.of(root)
+    with dg.DagsterInstance.ephemeral() as instance:
+        resources = {"storage": StorageResource(root=root)}
+        # a tagged run tells its tenant only; evaluating the tick twice emits once
+        run, event = _finished_run(instance, False, {"recsys/tenant": "acme"})
+        for _ in range(2):
+            ctx = dg.build_run_status_sensor_context(
+                "webhook_job_failed", event, instance, run, resources=resources
+            )
+            job_failed_sensor(ctx)
+        # an untagged run (the nightly schedule) tells every tenant with an endpoint
+        run2, event2 = _finished_run(instance, True, {})
+        ctx = dg.build_run_status_sensor_context(
+            "webhook_job_completed", event2, instance, run2, resources=resources
+        )
+        job_completed_sensor(ctx)
+    rows = outbox._db().execute("SELECT tenant, type, body FROM messages ORDER BY seq").fetchall()
+    assert [(t, k) for t, k, _ in rows] == [
+        ("acme", "job.failed"),
+        ("acme", "job.completed"),
+        ("globex", "job.completed"),
+    ]
+    failed = orjson.loads(rows[0][2])["data"]
+    assert failed["job_id"] == run.run_id and failed["status"] == "FAILURE"
+    assert failed["job_name"] == "tiny_job" and "failed" in failed["error"]
+    assert failed["failed_steps"] == [
+        {"step": "work", "error": "RuntimeError: the model did not converge"}
+    ]
+    assert orjson.loads(rows[1][2])["data"]["job_id"] == run2.run_id
+
+
+def test_webhooks_quota_is_enforced(client, tmp_path):
+    from serving.documents import DocumentStore
+
+    quotas = DocumentStore(str(tmp_path / "serving")).collection(
+        "quotas", ids=("quotas",), prefix="quota"
+    )
+    quotas.create("acme", "quotas", {"webhooks": 1})
+    subscribe(client, "https://a.example/1")
+    resp = client.simulate_post(
+        "/v1/recs/webhooks",
+        json={"url": "https://a.example/2", "events": ["job.failed"]},
+        headers=auth("acme", ADMIN),
+    )
+    assert resp.status_code == 403 and resp.json["code"] == "RECSYS_QUOTA_EXCEEDED"
+    assert client.simulate_get("/v1/recs/webhooks", headers=auth("acme")).json["total"] == 1
+    subscribe(client, "https://g.example/1", tenant="globex")  # another tenant's own quota
