@@ -6,11 +6,13 @@ Reads need the `recommend` scope, writes `admin`. The tenant is always the calle
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import falcon
 import msgspec
 
+from recsys.outbox import Outbox
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.documents import Preconditions, set_etag
 from serving.errors import ProblemError
@@ -21,6 +23,21 @@ from serving.recs.schemas import AssignRequest
 
 def _public(doc: dict[str, Any]) -> dict[str, Any]:
     return dict(doc)
+
+
+def _experiment_completed(data_root: str, tenant: str, doc: dict[str, Any]) -> None:
+    """The webhook event of an experiment that was stopped (`recsys.outbox`); its id is the
+    stopped version's, so a retried request does not emit twice."""
+    digest = hashlib.sha256(f"{tenant}\0{doc['id']}\0{doc['version']}".encode()).hexdigest()
+    payload = {
+        "experiment_id": doc["id"],
+        "surface": doc.get("surface"),
+        "variants": [v.get("id") or v.get("name") for v in doc.get("variants", [])],
+        "stopped_at": doc["updated_at"],
+        "version": doc["version"],
+        "results": f"/v1/recs/experiments/{doc['id']}/results",
+    }
+    Outbox.of(data_root).emit(tenant, "experiment.completed", payload, f"msg_exp_{digest[:32]}")
 
 
 def _send(resp: falcon.Response, doc: dict[str, Any]) -> None:
@@ -70,9 +87,11 @@ class ExperimentsResource:
 
     def on_patch_one(self, req: falcon.Request, resp: falcon.Response, experiment_id: str) -> None:
         patch = msgspec.to_builtins(req.context.body)  # (fields not sent are left out)
-        doc = self._store.update(
-            req.context.principal.tenant, experiment_id, patch, Preconditions.of(req)
-        )
+        tenant = req.context.principal.tenant
+        before = self._store.read(tenant, experiment_id)
+        doc = self._store.update(tenant, experiment_id, patch, Preconditions.of(req))
+        if doc["status"] == "stopped" and before is not None and before["status"] != "stopped":
+            _experiment_completed(self._logs.data_root, tenant, doc)
         _send(resp, doc)
 
     def on_delete_one(self, req: falcon.Request, resp: falcon.Response, experiment_id: str) -> None:

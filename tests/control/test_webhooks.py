@@ -448,3 +448,28 @@ def test_webhooks_quota_is_enforced(client, tmp_path):
     assert resp.status_code == 403 and resp.json["code"] == "RECSYS_QUOTA_EXCEEDED"
     assert client.simulate_get("/v1/recs/webhooks", headers=auth("acme")).json["total"] == 1
     subscribe(client, "https://g.example/1", tenant="globex")  # another tenant's own quota
+
+
+def test_stopping_an_experiment_emits_experiment_completed(client, tmp_path, receiver):
+    created = subscribe(client, receiver.url, events=["experiment.completed"])
+    receiver.secret = created["secret"]
+    admin = auth("acme", ADMIN)
+    exp = {
+        "id": "home-ab",
+        "surface": "home",
+        "variants": [{"id": "A", "traffic": 50}, {"id": "B", "traffic": 50}],
+    }
+    assert client.simulate_post("/v1/recs/experiments", json=exp, headers=admin).status_code == 201
+    for status in ("running", "stopped", "stopped"):  # stopping twice completes it once
+        resp = client.simulate_patch(
+            "/v1/recs/experiments/home-ab", json={"status": status}, headers=admin
+        )
+        assert resp.status_code == 200, resp.text
+    deliverer = Deliverer(str(tmp_path), FAST)
+    deliverer.drain(timeout_s=20)
+    deliverer.close()
+    assert len(receiver.ids()) == 1
+    body = orjson.loads(receiver.received[-1][1])
+    assert body["type"] == "experiment.completed"
+    assert body["data"]["experiment_id"] == "home-ab" and body["data"]["variants"] == ["A", "B"]
+    assert body["data"]["results"] == "/v1/recs/experiments/home-ab/results"
