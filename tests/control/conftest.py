@@ -1,0 +1,197 @@
+"""Fixtures of the control-plane tests: a real Dagster webserver and daemon, and an API client
+whose config points at it.
+
+`dagster_server` (session) generates a small demo data set (tenant `acme`, 20k events) in its
+own data root, starts `dagster dev` on a free port with its own DAGSTER_HOME (the project's
+dagster.yaml: SQLite storage, queued run coordinator) and the project's workspace, waits until
+the code location has loaded, stops the landing sensor (its ingest runs would race the
+tests' runs; tests launch ingest themselves) and waits for its runs, yields a
+`DagsterServer` (url, data root, home, MLflow URI) and kills the whole process group at the
+end. Runs it launches write into that data root and that
+MLflow store (MLFLOW_TRACKING_URI), never into the checkout's `data/`.
+
+`control_client(dagster_server)` builds a Falcon test client (`serving_helpers.build_client`)
+on the same data root, with `dagster_url` and `mlflow_uri` set; `serving_helpers.auth("acme",
+("recommend", "admin"))` gives headers. Helpers to start and stop servers (`free_port`,
+`wait_json`, `stop_group`, `start_dagster_dev`) are plain functions other tests import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO / "tests" / "serving"))  # serving_helpers
+
+TENANT = "acme"
+OTHER = "globex"
+LOCATION_READY = b'{"query": "{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name location { name } pipelines { name } } } } }"}'  # noqa: E501
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_json(url: str, body: bytes | None = None, timeout: float = 120.0, until=None):
+    """The JSON answer of `url` once it answers (and `until(answer)` holds), else an error."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(
+                url, data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                doc = json.loads(resp.read())
+            if until is None or until(doc):
+                return doc
+            last = doc
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {timeout}s: {last}")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group `proc` leads, SIGKILL it if it outlives 30 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):  # children that outlived their parent
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def start_dagster_dev(home: Path, env: dict[str, str], log: Path | None = None):
+    """`dagster dev` (webserver + daemon) on a free port, in its own session; (process, url)."""
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    port = free_port()
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO,
+        env={**os.environ, **env, "DAGSTER_HOME": str(home)},
+        stdout=out,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def location_loaded(doc) -> bool:
+    repos = (doc.get("data") or {}).get("repositoriesOrError") or {}
+    return any(n["location"]["name"] == "recsys" for n in repos.get("nodes") or ())
+
+
+def _graphql(url: str, query: str, variables: dict | None = None) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    return wait_json(f"{url}/graphql", body, timeout=60)["data"]
+
+
+def stop_landing_sensor(url: str, timeout: float = 300.0) -> None:
+    """Stop the landing sensor (its ingest runs would race the tests' runs over the same
+    files) and wait until the runs it already started have finished."""
+    selector = {
+        "repositoryName": "__repository__",
+        "repositoryLocationName": "recsys",
+        "sensorName": "landing_sensor",
+    }
+    found = _graphql(
+        url,
+        "query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) {"
+        " ... on Sensor { sensorState { id } } } }",
+        {"s": selector},
+    )
+    state_id = found["sensorOrError"]["sensorState"]["id"]
+    _graphql(
+        url,
+        "mutation($id: String) { stopSensor(id: $id) { __typename } }",
+        {"id": state_id},
+    )
+    active = ["QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = _graphql(
+            url,
+            "query($f: RunsFilter) { runsOrError(filter: $f) { ... on Runs { count } } }",
+            {"f": {"statuses": active}},
+        )
+        if runs["runsOrError"]["count"] == 0:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the landing sensor's runs did not finish within {timeout}s")
+
+
+@dataclasses.dataclass(frozen=True)
+class DagsterServer:
+    url: str
+    data_root: str
+    home: str
+    mlflow_uri: str
+    log: str
+    proc: subprocess.Popen
+
+
+@pytest.fixture(scope="session")
+def dagster_data_root(tmp_path_factory) -> str:
+    """A data root with landed demo data of tenant `acme` (20k events, seed 11)."""
+    from recsys.demo import DemoSpec, generate
+    from recsys.storage import Storage
+
+    root = tmp_path_factory.mktemp("control") / "data"
+    spec = DemoSpec(
+        events=20_000, seed=11, end_date="2026-11-01", chunk_events=10_000, tenant=TENANT
+    )
+    generate(spec, Storage(str(root)))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def dagster_server(dagster_data_root, tmp_path_factory):
+    base = tmp_path_factory.mktemp("dagster")
+    mlflow_uri = f"sqlite:///{dagster_data_root}/mlflow/mlflow.db"
+    os.makedirs(f"{dagster_data_root}/mlflow", exist_ok=True)
+    env = {"RECSYS_DATA_ROOT": dagster_data_root, "MLFLOW_TRACKING_URI": mlflow_uri}
+    log = base / "dagster.log"
+    proc, url = start_dagster_dev(base / "home", env, log)
+    try:
+        wait_json(f"{url}/graphql", LOCATION_READY, timeout=300, until=location_loaded)
+        stop_landing_sensor(url)
+        yield DagsterServer(url, dagster_data_root, str(base / "home"), mlflow_uri, str(log), proc)
+    finally:
+        stop_group(proc)
+
+
+@pytest.fixture(scope="session")
+def control_client(dagster_server):
+    """A Falcon test client on the Dagster server's data root, pointed at it and its MLflow."""
+    from serving_helpers import build_client, make_config
+
+    config = make_config(
+        dagster_server.data_root,
+        dagster_url=dagster_server.url,
+        mlflow_uri=dagster_server.mlflow_uri,
+    )
+    return build_client(config)
