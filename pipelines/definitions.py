@@ -6,7 +6,10 @@ import os
 import dagster as dg
 
 from pipelines import evaluation, ingest, publish, training, webhook_sensors
+from pipelines.distributed import StorageIOManager, executor_name, job_executor
 from pipelines.resources import IngestPolicy, MlflowResource, StorageResource
+
+DATA_ROOT = os.environ.get("RECSYS_DATA_ROOT", "data")
 
 recsys_pipeline = dg.define_asset_job(
     "recsys_pipeline",
@@ -16,14 +19,26 @@ recsys_pipeline = dg.define_asset_job(
     # (importing dagster, polars, scikit-learn, loading models again) cost more than the
     # little they could overlap on a small machine. Sharded backfills of
     # user_recommendations still run through the default (multiprocess) executor.
-    executor_def=dg.in_process_executor,
+    # RECSYS_EXECUTOR=celery: every step, each user shard its own, is a task on Celery workers
+    # (pipelines/distributed.py).
+    executor_def=job_executor(dg.in_process_executor),
+)
+
+publish_job = dg.define_asset_job(
+    "publish_job",
+    selection=dg.AssetSelection.assets(
+        "user_recommendations", "item_similarities", "fallback_lists", "serving_snapshot"
+    ),
+    executor_def=job_executor(dg.in_process_executor),
+    description="Publish again from the current champion: every user shard (one step each), "
+    "the item lists and the snapshot. Under RECSYS_EXECUTOR=celery each shard is a Celery task.",
 )
 
 user_shards_job = dg.define_asset_job(
     "user_shards_job",
     selection=dg.AssetSelection.assets("user_recommendations"),
     partitions_def=publish.user_shards,
-    executor_def=dg.multiprocess_executor,
+    executor_def=job_executor(dg.multiprocess_executor),
     description="Recompute user-shard top-N lists; backfill several shards to run them as "
     "separate processes (or pods, under a Kubernetes/Celery/Docker executor), then "
     "materialise serving_snapshot to publish.",
@@ -47,12 +62,14 @@ defs = dg.Definitions(
         *evaluation.asset_checks,
         *publish.asset_checks,
     ],
-    jobs=[recsys_pipeline, user_shards_job, *ingest.jobs],
+    jobs=[recsys_pipeline, publish_job, user_shards_job, *ingest.jobs],
     sensors=[*ingest.sensors, *webhook_sensors.sensors],
     schedules=[daily_retrain],
     resources={
         # The data root is configuration: RECSYS_DATA_ROOT, else ./data beside workspace.yaml.
-        "storage": StorageResource(root=os.environ.get("RECSYS_DATA_ROOT", "data")),
+        "storage": StorageResource(root=DATA_ROOT, require_reachable=executor_name() == "celery"),
+        # step outputs (the user-shard tasks) through the storage URI, not the local disk
+        "io_manager": StorageIOManager(root=DATA_ROOT),
         "mlflow": MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None),
         "policy": IngestPolicy(),
     },

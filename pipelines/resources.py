@@ -10,6 +10,16 @@ class StorageResource(dg.ConfigurableResource):
     fsspec URI such as `s3://bucket/recsys`. Every path an asset touches comes from here."""
 
     root: str = "data"
+    #: check at each step's start that the root exists and answers (distributed runs: a
+    #: worker without the shared volume fails at once instead of writing to its own disk)
+    require_reachable: bool = False
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if self.require_reachable:
+            try:
+                Storage(self.root).check_reachable()
+            except OSError as exc:
+                raise dg.Failure(str(exc)) from exc
 
     def storage(self) -> Storage:
         return Storage(self.root)

@@ -108,6 +108,24 @@ class Storage:
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
 
+    def check_reachable(self) -> None:
+        """Raise OSError naming the root unless it exists and can be listed from here: a
+        worker whose shared volume is not mounted (or whose object-store credentials are
+        missing) fails before any work, instead of writing to its own disk."""
+        try:
+            found = self.fs.isdir(self.root)
+            if found:
+                self.fs.ls(self.root, detail=False)
+        except Exception as exc:
+            raise OSError(
+                f"data root {self.root} is unreachable: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not found:
+            raise OSError(
+                f"data root {self.root} does not exist here (is the shared volume mounted, "
+                "or RECSYS_DATA_ROOT the same URI as the run's?)"
+            )
+
     def _qualify(self, p: str) -> str:
         # fsspec drops the protocol from listings; put it back so paths stay usable URIs.
         if "://" in self.root and "://" not in p:

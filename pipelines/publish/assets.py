@@ -5,6 +5,7 @@ the shard and the paths, and report metadata. Nothing runs unless the champion g
 every asset depends on `champion_model`, whose `champion_not_regressed` check is blocking.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -25,11 +26,11 @@ GROUP = "publish"
 
 
 class _Champion:
-    """The model a tenant publishes: the final fit, as admitted by the champion gate."""
+    """The model a tenant publishes: the final fit, as admitted by the champion gate. The gate
+    is read at once (cheap: it names the model version); the model itself on first use, through
+    a per-process cache, so the shard steps a worker process runs load it once."""
 
     def __init__(self, store: Storage, tenant: str) -> None:
-        from recsys.models.hybrid import HybridRecommender
-
         gate_path = model_path(store, tenant, "gate.json")
         if not store.exists(gate_path):
             raise dg.Failure(
@@ -42,7 +43,8 @@ class _Champion:
                 f"{tenant}: the new model was not promoted ({self.gate.get('reason')}); "
                 "nothing to publish"
             )
-        self.model = HybridRecommender.load(model_path(store, tenant, "final", "hybrid"))
+        self.path = model_path(store, tenant, "final", "hybrid")
+        self._store = store
         run_id = str(self.gate.get("run_id") or "")
         self.key = (
             f"{self.gate.get('model', 'model')}-v{self.gate.get('version', '0')}-{run_id[:12]}"
@@ -54,56 +56,120 @@ class _Champion:
                 "run_id": self.gate.get("run_id"),
             }
         }
+
+    @property
+    def model(self) -> Any:
+        return _load_model(self.path, _folder_stamp(self._store, self.path))
+
+    @property
+    def config_version(self) -> str:
         cfg = asdict(self.model.config)  # the configuration the served model was fitted with
-        self.config_version = hashlib.sha256(
-            json.dumps(cfg, sort_keys=True, default=str).encode()
-        ).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[
+            :12
+        ]
+
+
+def _folder_stamp(store: Storage, path: str) -> str:
+    """Names, sizes and modification times of a model folder's files: a new fit at the same
+    path gives another stamp, so the cache below never serves a stale model."""
+    if not store.exists(path):
+        raise dg.Failure(f"no final model at {path}; materialize train_models first")
+    files = store.fs.find(path, detail=True)
+    return json.dumps(
+        sorted(
+            (k, v.get("size"), str(v.get("mtime") or v.get("LastModified")))
+            for k, v in files.items()
+        )
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _load_model(path: str, stamp: str) -> Any:
+    from recsys.models.hybrid import HybridRecommender
+
+    return HybridRecommender.load(path)
 
 
 def _snapshots(store: Storage, tenant: str, keep: int = 5) -> SnapshotStore:
     return SnapshotStore(store.snapshots_dir(tenant), keep=keep)
 
 
-@dg.asset(
-    group_name=GROUP,
-    partitions_def=user_shards,
-    deps=["champion_model"],
-    kinds={"numpy", "parquet"},
-)
-def user_recommendations(
-    context: dg.AssetExecutionContext, config: PublishConfig, storage: StorageResource
-) -> dg.MaterializeResult:
-    """Final top-N per user with per-signal parts and reasons, by contiguous user shards
-    (staged under snapshots/<tenant>/.staging/<model>/). Run without a partition (the
-    end-to-end job) it computes every shard, two side by side; memory stays bounded by two
-    shards."""
+@dg.op(out=dg.DynamicOut(dict), ins={"champion_model": dg.In(dg.Nothing)})
+def plan_user_shards(
+    context: dg.OpExecutionContext, config: PublishConfig, storage: StorageResource
+):
+    """One task per (tenant, shard): the shard of the run's partition, else all of them. Reads
+    only the gate decisions (the model key each shard must be scored with)."""
     store = storage.storage()
     shards = (
         [shard_number(context.partition_key)]
         if context.has_partition_key
         else list(range(N_USER_SHARDS))
     )
-    rows, summary = 0, []
     for tenant in tenants(store, config.tenants):
         champ = _Champion(store, tenant)
-        snaps = _snapshots(store, tenant)
-        done = snapbuild.compute_shards(
-            champ.model, snaps.root, champ.key, shards, N_USER_SHARDS, config.n_per_user
-        )
-        for shard, (path, n) in zip(shards, done, strict=True):
-            start, stop = snapbuild.shard_bounds(len(champ.model.user_ids_), shard, N_USER_SHARDS)
-            rows += n
-            summary.append(
-                {"tenant": tenant, "shard": shard, "users": stop - start, "rows": n, "path": path}
+        for shard in shards:
+            yield dg.DynamicOutput(
+                {"tenant": tenant, "shard": shard, "model_key": champ.key, "k": config.n_per_user},
+                mapping_key=f"{tenant}_{shard:02d}".replace("-", "_"),
             )
-        context.log.info(f"{tenant}: shards {shards} staged for model {champ.key}")
-    return dg.MaterializeResult(
+
+
+@dg.op
+def score_user_shard(context: dg.OpExecutionContext, storage: StorageResource, task: dict) -> dict:
+    """Scores one user shard of one tenant and stages it (an atomic file per shard: a step
+    that dies leaves nothing half-written, and running it again gives the same file)."""
+    store = storage.storage()
+    champ = _Champion(store, task["tenant"])
+    if champ.key != task["model_key"]:
+        raise dg.Failure(
+            f"{task['tenant']}: the champion changed during the run "
+            f"({task['model_key']} -> {champ.key}); run the job again"
+        )
+    model = champ.model
+    path, rows = snapbuild.compute_shard(
+        model, _snapshots(store, task["tenant"]).root, champ.key, task["shard"],
+        N_USER_SHARDS, task["k"],
+    )  # fmt: skip
+    start, stop = snapbuild.shard_bounds(len(model.user_ids_), task["shard"], N_USER_SHARDS)
+    context.log.info(f"{task['tenant']}: shard {task['shard']} staged ({rows} rows, {path})")
+    return {**task, "users": stop - start, "rows": rows, "path": path}
+
+
+@dg.op
+def user_shards_staged(context: dg.OpExecutionContext, done: list[dict]) -> dg.Output:
+    done = sorted(done, key=lambda d: (d["tenant"], d["shard"]))
+    return dg.Output(
+        done,
         metadata={
-            "rows": rows,
-            "shards": dg.MetadataValue.json(summary),
-            "n_per_user": config.n_per_user,
-        }
+            "rows": sum(d["rows"] for d in done),
+            "shards": dg.MetadataValue.json(
+                [{k: d[k] for k in ("tenant", "shard", "users", "rows", "path")} for d in done]
+            ),
+            "n_per_user": done[0]["k"] if done else None,
+        },
     )
+
+
+def _publish_config(config: PublishConfig) -> dict:
+    return {"plan_user_shards": {"config": dict(config)}}  # the launchpad shape is unchanged
+
+
+@dg.graph_asset(
+    group_name=GROUP,
+    partitions_def=user_shards,
+    ins={"champion_model": dg.AssetIn(dagster_type=dg.Nothing)},
+    kinds={"numpy", "parquet"},
+    config=dg.ConfigMapping(config_fn=_publish_config),
+)
+def user_recommendations(champion_model) -> list:
+    """Final top-N per user with per-signal parts and reasons, by contiguous user shards
+    (staged under snapshots/<tenant>/.staging/<model>/). Each shard is its own step
+    (`score_user_shard`, a dynamic fan-out): run without a partition (the end-to-end job) it
+    scores every shard; under the Celery executor each shard is a task on the workers. Memory
+    stays bounded by one shard per step."""
+    tasks = plan_user_shards(champion_model)
+    return user_shards_staged(tasks.map(score_user_shard).collect())
 
 
 @dg.asset(group_name=GROUP, deps=["champion_model"], kinds={"numpy", "parquet"})
