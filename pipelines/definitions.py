@@ -5,7 +5,7 @@ import os
 
 import dagster as dg
 
-from pipelines import evaluation, ingest, publish, training, webhook_sensors
+from pipelines import control_jobs, evaluation, ingest, publish, training, webhook_sensors
 from pipelines.distributed import StorageIOManager, executor_name, job_executor
 from pipelines.resources import IngestPolicy, MlflowResource, StorageResource
 
@@ -55,16 +55,23 @@ daily_retrain = dg.ScheduleDefinition(
 )
 
 defs = dg.Definitions(
-    assets=[*ingest.assets, *training.assets, *evaluation.assets, *publish.assets],
+    assets=[
+        *ingest.assets,
+        *training.assets,
+        *evaluation.assets,
+        *publish.assets,
+        *control_jobs.assets,
+    ],
     asset_checks=[
         *ingest.asset_checks,
         *training.asset_checks,
         *evaluation.asset_checks,
         *publish.asset_checks,
     ],
-    jobs=[recsys_pipeline, publish_job, user_shards_job, *ingest.jobs],
+    jobs=[recsys_pipeline, publish_job, user_shards_job, *ingest.jobs, *control_jobs.jobs],
     sensors=[*ingest.sensors, *webhook_sensors.sensors],
-    schedules=[daily_retrain],
+    # precompute schedules the API wrote (<data root>/serving/schedules/*.json)
+    schedules=[daily_retrain, *control_jobs.precompute_schedules()],
     resources={
         # The data root is configuration: RECSYS_DATA_ROOT, else ./data beside workspace.yaml.
         "storage": StorageResource(root=DATA_ROOT, require_reachable=executor_name() == "celery"),
