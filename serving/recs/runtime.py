@@ -255,8 +255,13 @@ class RuntimeResources:
         }
 
     def on_post_search(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """Exact k-NN over the item factors (cosine or dot), with category/availability filters."""
+        """k-NN over the item factors (cosine or dot; exact), with category, brand, availability
+        and tag filters (the overlaid snapshot's: upserts count); or over a client index
+        (`index`: serving.control.embeddings, exact up to 50k vectors, faiss IVF beyond)."""
         payload: SearchRequest = req.context.body
+        if payload.index not in (None, "items"):
+            self._search_index(req, resp, payload)
+            return
         live = self._store.require_live(req.context.principal.tenant)
         snap = live.snap
         if not snap.has_factors:
@@ -287,8 +292,26 @@ class RuntimeResources:
         if filters.category is not None:
             cid = snap.category_index(filters.category)
             mask &= live.category_id == (cid if cid is not None else -2)
+        if filters.brand is not None:
+            bid = snap.brand_index(filters.brand)
+            mask &= live.brand_id == (bid if bid is not None else -2)
         if filters.available is not None:
             mask &= live.available == filters.available
+        all_items = None
+        for tag in filters.tags or ():
+            tid = snap.tag_id(tag)
+            if tid is None:
+                mask[:] = False
+                break
+            if all_items is None:
+                all_items = np.arange(len(mask), dtype=np.int32)
+            mask &= live.tag_hits(all_items, tid)
+        if filters.metadata:
+            raise ProblemError(
+                422,
+                "Metadata filters apply to client indexes; filter item factors by category, "
+                "brand, available or tags.",
+            )
         if exclude is not None:
             mask[exclude] = False
         cand = np.flatnonzero(mask)
@@ -300,6 +323,94 @@ class RuntimeResources:
                 for j, iid in zip(top.tolist(), live.item_ids(top.tolist()), strict=True)
             ],
             "snapshot_id": live.snapshot_id,
+        }
+
+    def _search_index(self, req: falcon.Request, resp: falcon.Response, payload) -> None:
+        """Search the snapshot's user factors (`index: users`) or a client index."""
+        tenant = req.context.principal.tenant
+        filters = payload.filters or SearchFilters()
+        if payload.index == "users":
+            live = self._store.require_live(tenant)
+            snap = live.snap
+            if not snap.has_factors or payload.vector is None:
+                raise ProblemError(422, "Search users with a 'vector' of the factors' dimension.")
+            factors = np.asarray(snap._user_factors, dtype=np.float32)
+            if len(payload.vector) != factors.shape[1]:
+                raise ProblemError(422, f"The user factors have {factors.shape[1]} numbers.")
+            q = np.asarray(payload.vector, dtype=np.float32)
+            scores = factors @ q
+            if payload.metric == "cosine":
+                norms = np.linalg.norm(factors, axis=1) * (np.linalg.norm(q) or 1.0)
+                scores = np.divide(scores, norms, out=np.zeros_like(scores), where=norms > 0)
+            top = np.argsort(-scores, kind="stable")[: payload.k]
+            resp.media = {
+                "metric": payload.metric,
+                "index": "users",
+                "items": [
+                    {"id": f"user:{u}", "item_id": u, "score": round(float(scores[j]), 6)}
+                    for j, u in zip(top.tolist(), map(snap.user_id, top.tolist()), strict=True)
+                ],
+                "snapshot_id": live.snapshot_id,
+            }
+            return
+        vectors = getattr(self._store, "vectors", None)
+        loaded = vectors.loaded(tenant, payload.index) if vectors is not None else None
+        index = loaded.index if loaded is not None else None
+        if index is None:
+            raise ProblemError(404, f"No index '{payload.index}'.", code="RECSYS_UNKNOWN_INDEX")
+        exclude = None
+        if payload.item_id is not None:
+            found = index.get(payload.item_id) or index.get(f"item:{payload.item_id}")
+            if found is None:
+                raise ProblemError(
+                    404,
+                    f"No vector '{payload.item_id}' in index '{payload.index}'.",
+                    code="RECSYS_NOT_FOUND",
+                )
+            query = found[0]
+            exclude = index.row_of.get(payload.item_id, index.row_of.get(f"item:{payload.item_id}"))
+        elif payload.vector is None or len(payload.vector) != index.dim:
+            raise ProblemError(
+                422,
+                f"Give 'item_id' or a 'vector' of {index.dim} numbers (index '{payload.index}').",
+                code="RECSYS_INVALID_VECTOR",
+                extra={"reason": "wrong_dimension"},
+            )
+        else:
+            query = np.asarray(payload.vector, dtype=np.float32)
+        wanted: dict[str, Any] = dict(filters.metadata or {})
+        for key in ("category", "brand", "available"):
+            if getattr(filters, key) is not None:
+                wanted[key] = getattr(filters, key)
+        if filters.tags:
+            wanted["tags"] = list(filters.tags)
+        allow = loaded.allow(wanted)
+        if exclude is not None:
+            allow = np.ones(index.rows, dtype=bool) if allow is None else allow.copy()
+            allow[exclude] = False
+        try:
+            rows, scores = index.search(query, payload.k, allow)
+        except ValueError as e:
+            raise ProblemError(
+                422, str(e), code="RECSYS_INVALID_VECTOR", extra={"reason": "bad_vector"}
+            ) from None
+        items = []
+        for r, sc in zip(rows.tolist(), scores.tolist(), strict=True):
+            key = index.ids[r]
+            items.append(
+                {
+                    "id": key,
+                    "item_id": key.split(":", 1)[1] if key.startswith(("item:", "user:")) else key,
+                    "score": round(float(sc), 6),
+                    "metadata": index.metadata[r],
+                }
+            )
+        resp.media = {
+            "metric": index.metric,
+            "index": payload.index,
+            "items": items,
+            "snapshot_id": None,
+            "approximate": index._ivf is not None,
         }
 
     def on_get_embedding(

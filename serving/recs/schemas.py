@@ -359,8 +359,15 @@ class ScoreResponse(Reply):
 
 
 class SearchFilters(Body):
+    """Item factors: category, brand, availability, tags (every one). A client index: each
+    (key, value) of `metadata` and every tag of `tags` (its metadata's ``tags`` list);
+    category / brand / available are metadata keys there too."""
+
     category: Id | None = None
+    brand: Id | None = None
     available: bool | None = None
+    tags: TagList | None = None
+    metadata: Annotated[dict[str, str | int | float | bool], Meta(max_length=64)] | None = None
 
 
 #: Vector components: bounded so that products and norms stay finite in float32.
@@ -376,18 +383,32 @@ class SearchRequest(Body):
     k: Annotated[int, Meta(ge=1, le=1000)] = 10
     metric: Literal["cosine", "dot"] = "cosine"
     filters: SearchFilters | None = None
+    index: (
+        Annotated[
+            str,
+            Meta(
+                pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+                description="items (default) or users: the live snapshot's factors; any other "
+                "name: a client index (POST /v1/recs/embeddings/index; its own metric)",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class Neighbour(Reply):
-    id: Annotated[str, Meta(description="item:<item_id>")]
-    item_id: str
+    id: Annotated[str, Meta(description="item:<item_id> (a client index: the vector's id)")]
+    item_id: Annotated[str, Meta(description="the id without an item:/user: prefix")]
     score: float
+    metadata: dict[str, Any] | None | UnsetType = UNSET
 
 
 class SearchResponse(Reply):
     metric: Literal["cosine", "dot"]
     items: list[Neighbour]
-    snapshot_id: str
+    snapshot_id: str | None
+    index: str | UnsetType = UNSET
+    approximate: bool | UnsetType = UNSET
 
 
 EmbeddingId = Annotated[
