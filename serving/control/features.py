@@ -43,6 +43,7 @@ from recsys.features import (
     parse_time,
 )
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
+from serving.control import embeddings
 from serving.crr.entities import KIND, EntityView
 from serving.crr.overlay import ItemOverlays
 from serving.crr.records import RecordStore
@@ -513,10 +514,17 @@ def _ndjson(body: bytes) -> list[Any]:
     return out
 
 
+#: The embeddings area's routes are mounted through this one (serving.control.embeddings).
+ROUTES = ROUTES + embeddings.ROUTES
+
+
 def resources(ctx: Any) -> dict[str, Any]:
     records = RecordStore(ctx.config.data_root)
     ctx.store.install_overlay(ItemOverlays(ctx.serving_dir))
     schemas = ctx.documents.collection(
         "feature_schema", folder="features/{tenant}", ids=("schema",), prefix="fs"
     )
-    return {"features": FeatureResources(EntityView(records, ctx.store), schemas)}
+    return {
+        "features": FeatureResources(EntityView(records, ctx.store), schemas),
+        **embeddings.resources(ctx),
+    }

@@ -1,0 +1,450 @@
+"""Control plane: named vector indexes clients write, searched beside the snapshot's factors.
+
+Routes (tenant-scoped; writes need `admin`):
+
+* ``POST /v1/recs/embeddings/index``: add or replace one vector (``id``, ``vector``,
+  ``metadata``) in a named index (``index``, default ``default``; created by its first vector,
+  whose length fixes its dimension); ``POST /v1/recs/embeddings/bulk``: many (a JSON array or
+  NDJSON, one answer per line; a bad line never refuses the good ones);
+* ``DELETE /v1/recs/embeddings/{id}?index=``: remove one;
+* search is ``POST /v1/recs/embeddings/search`` (`serving.recs.runtime`): ``index`` names a
+  client index, or ``items`` / ``users`` (the default ``items``) for the live snapshot's
+  factors, which are one read-only index; filters on metadata values and tags.
+
+Storage: ``<data root>/serving/vectors/<tenant>/<index>.log``, an append-only NDJSON log (its
+first line ``{"op": "init", "dim", "metric"}``, then ``put`` / ``del`` lines), appended under
+an ``flock`` and fsync'd before the answer: durable across restarts and shared by every worker.
+Each worker keeps the index in memory (`recsys.vectors.VectorIndex`: exact search up to 50k
+rows, faiss IVF beyond) and reads only the lines appended since its last look (at most every
+0.25 s, at once after its own write). Metadata filters use per-index postings
+((key, value) -> rows), so a filter costs what it admits, not the index size.
+
+Bad input is Problem Details: a vector of another dimension than its index, a zero vector
+(cosine), non-finite values (JSON cannot carry NaN; 400), writes to ``items`` / ``users`` (422).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import threading
+import time
+from typing import Annotated, Any, Literal
+
+import falcon
+import msgspec
+import numpy as np
+import orjson
+from msgspec import Meta
+
+from recsys.durable import fsync_dir
+from recsys.tenancy import check_tenant
+from recsys.vectors import VectorIndex
+from serving.auth import SCOPE_ADMIN
+from serving.errors import ProblemError
+from serving.recs.schemas import Query
+from serving.routing import JSON, NDJSON, Route, read_body
+from serving.schemas import MAX_ID_LENGTH, Body, Reply
+
+SNAPSHOT_INDEXES = ("items", "users")
+INDEX_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+IndexName = Annotated[str, Meta(pattern=INDEX_NAME.pattern, description="an index name")]
+VectorKey = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH + 5)]
+Component = Annotated[float, Meta(ge=-1e12, le=1e12)]
+Vector = Annotated[list[Component], Meta(min_length=1, max_length=4096)]
+MetaValue = str | int | float | bool | None | list[str]
+Metadata = Annotated[dict[str, MetaValue], Meta(max_length=64)]
+CHECK_S = 0.25
+MAX_BULK = 10_000
+
+
+class VectorUpsert(Body):
+    """One vector: its id (e.g. ``item:123``), components and metadata (scalars, or a list of
+    tags under ``tags``)."""
+
+    id: VectorKey
+    vector: Vector
+    metadata: Metadata | None = None
+    index: IndexName = "default"
+    metric: Literal["cosine", "dot"] | None = None
+
+
+class VectorStored(Reply, forbid_unknown_fields=True):
+    id: str
+    index: str
+    dim: int
+    metric: str
+    replaced: bool
+    size: int
+
+
+class VectorLineResult(Reply, forbid_unknown_fields=True):
+    line: int
+    status: Literal["indexed", "rejected"]
+    id: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+class VectorBulkReceipt(Reply, forbid_unknown_fields=True):
+    indexed: int
+    rejected: int
+    results: list[VectorLineResult]
+
+
+class VectorDeleteQuery(Query):
+    index: IndexName = "default"
+
+
+class VectorDeleted(Reply, forbid_unknown_fields=True):
+    id: str
+    index: str
+    status: Literal["deleted"]
+
+
+class _Loaded:
+    """One index as this worker holds it, with how far into its log it has read."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.offset = 0
+        self.inode: int | None = None
+        self.index: VectorIndex | None = None
+        self.postings: dict[tuple[str, str], list[int]] = {}
+        self.checked = -1e18
+        self.writes_seen = -1
+        self.lock = threading.Lock()
+
+    def poll(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self.index, self.offset, self.inode, self.postings = None, 0, None, {}
+            return
+        if st.st_ino != self.inode:
+            self.index, self.offset, self.inode, self.postings = None, 0, st.st_ino, {}
+        if st.st_size == self.offset:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(st.st_size - self.offset)
+        end = data.rfind(b"\n") + 1
+        ids: list[str] = []
+        vectors: list[list[float]] = []
+        metas: list[dict | None] = []
+
+        def flush() -> None:
+            if ids and self.index is not None:
+                start = self.index.rows
+                self.index.upsert(ids, np.asarray(vectors, dtype=np.float32), metas)
+                for j, meta in enumerate(metas):
+                    self._post(start + j, meta)
+                ids.clear(), vectors.clear(), metas.clear()
+
+        for line in data[:end].splitlines():
+            op = orjson.loads(line)
+            kind = op["op"]
+            if kind == "init":
+                self.index = VectorIndex(op["dim"], op["metric"])
+            elif kind == "put":
+                if op["id"] in ids:  # (a replacement within one batch: apply in order)
+                    flush()
+                ids.append(op["id"])
+                vectors.append(op["v"])
+                metas.append(op.get("m"))
+            elif kind == "del":
+                flush()
+                if self.index is not None:
+                    self.index.delete(op["id"])
+        flush()
+        self.offset += end
+
+    def _post(self, row: int, meta: dict | None) -> None:
+        for key, value in (meta or {}).items():
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                self.postings.setdefault((key, _value_key(v)), []).append(row)
+
+    def allow(self, wanted: dict[str, Any]) -> np.ndarray | None:
+        """bool per row: metadata holds every (key, value) of `wanted` (a list value: all of
+        its items); None when nothing is asked."""
+        if not wanted or self.index is None:
+            return None
+        mask = np.ones(self.index.rows, dtype=bool)
+        for key, value in wanted.items():
+            for v in value if isinstance(value, list) else [value]:
+                rows = self.postings.get((key, _value_key(v)), [])
+                hit = np.zeros(self.index.rows, dtype=bool)
+                hit[rows] = True
+                mask &= hit
+        return mask
+
+
+def _value_key(v: Any) -> str:
+    return orjson.dumps(v).decode()
+
+
+#: Appends by this process (a worker re-reads an index at once after its own write).
+_WRITES = [0]
+
+
+class VectorStore:
+    """Every tenant's client indexes (see the module docstring)."""
+
+    def __init__(self, serving_dir: str) -> None:
+        self.root = os.path.join(serving_dir, "vectors")
+        self._loaded: dict[tuple[str, str], _Loaded] = {}
+        self._lock = threading.Lock()
+
+    def path(self, tenant: str, name: str) -> str:
+        if not INDEX_NAME.match(name):
+            raise ValueError(f"bad index name {name!r}")
+        return os.path.join(self.root, check_tenant(tenant), f"{name}.log")
+
+    def loaded(self, tenant: str, name: str) -> _Loaded:
+        key = (tenant, name)
+        with self._lock:
+            found = self._loaded.get(key)
+            if found is None:
+                found = self._loaded[key] = _Loaded(self.path(tenant, name))
+        now = time.monotonic()
+        if now - found.checked >= CHECK_S or found.writes_seen != _WRITES[0]:
+            with found.lock:
+                found.checked, found.writes_seen = now, _WRITES[0]
+                found.poll()
+        return found
+
+    def index(self, tenant: str, name: str) -> VectorIndex | None:
+        return self.loaded(tenant, name).index
+
+    def names(self, tenant: str) -> list[str]:
+        folder = os.path.join(self.root, check_tenant(tenant))
+        if not os.path.isdir(folder):
+            return []
+        return sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".log"))
+
+    def write(
+        self, tenant: str, name: str, puts: list[VectorUpsert], dels: list[str] = ()
+    ) -> list[tuple[str, str] | None]:
+        """Append puts (each checked: None, or (reason, detail) when refused) and deletes;
+        durable on return. The index is created by its first put."""
+        if name in SNAPSHOT_INDEXES:
+            raise ProblemError(
+                422,
+                f"Index '{name}' is the live snapshot's factors: it is read-only. "
+                "Write to another index name.",
+                code="RECSYS_READ_ONLY_INDEX",
+            )
+        path = self.path(tenant, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            head = os.pread(fd, 4096, 0).split(b"\n", 1)[0]
+            lines: list[bytes] = []
+            if head:
+                init = orjson.loads(head)
+                dim, metric = init["dim"], init["metric"]
+            elif puts:
+                dim, metric = len(puts[0].vector), puts[0].metric or "cosine"
+                lines.append(orjson.dumps({"op": "init", "dim": dim, "metric": metric}))
+            else:
+                dim, metric = None, None
+            checker = VectorIndex(dim, metric) if dim is not None else None
+            outcomes: list[tuple[str, str] | None] = []
+            for p in puts:
+                why = _refused(p, checker, metric)
+                outcomes.append(why)
+                if why is None:
+                    op = {"op": "put", "id": p.id, "v": p.vector}
+                    if p.metadata:
+                        op["m"] = p.metadata
+                    lines.append(orjson.dumps(op))
+            lines += [orjson.dumps({"op": "del", "id": d}) for d in dels]
+            if lines:
+                os.write(fd, b"\n".join(lines) + b"\n")
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(os.path.dirname(path))
+        _WRITES[0] += 1
+        return outcomes
+
+
+def _refused(p: VectorUpsert, checker: VectorIndex | None, metric: str) -> tuple[str, str] | None:
+    if checker is None:
+        return None
+    if p.metric is not None and p.metric != metric:
+        return "wrong_metric", f"the index's metric is {metric}"
+    if len(p.vector) != checker.dim:
+        return (
+            "wrong_dimension",
+            f"the index holds vectors of {checker.dim} numbers, not {len(p.vector)}",
+        )
+    try:
+        checker.prepare(np.asarray(p.vector, dtype=np.float32))
+    except ValueError as e:
+        return "bad_vector", str(e)
+    return None
+
+
+_TAGS = ("embeddings",)
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "POST",
+        "/v1/recs/embeddings/index",
+        ("embeddings", "on_post_index"),
+        "Add or replace one vector with metadata in a named index (created by its first "
+        "vector); durable before the answer, searchable on every worker",
+        SCOPE_ADMIN,
+        body=VectorUpsert,
+        status=201,
+        also=(200,),
+        response=VectorStored,
+        errors=(422,),
+        tags=_TAGS,
+    ),
+    Route(
+        "POST",
+        "/v1/recs/embeddings/bulk",
+        ("embeddings", "on_post_bulk"),
+        "Add or replace many vectors: a JSON array or NDJSON (one vector a line); each line is "
+        "answered on its own",
+        SCOPE_ADMIN,
+        body=list[VectorUpsert],
+        media=(JSON, NDJSON),
+        body_by_handler=True,
+        response=VectorBulkReceipt,
+        errors=(413, 422),
+        tags=_TAGS,
+    ),
+    Route(
+        "DELETE",
+        "/v1/recs/embeddings/{embedding_id}",
+        ("embeddings", "on_delete"),
+        "Remove a vector from a client index (?index=, default 'default')",
+        SCOPE_ADMIN,
+        params={"embedding_id": VectorKey},
+        query=VectorDeleteQuery,
+        response=VectorDeleted,
+        errors=(422,),
+        tags=_TAGS,
+    ),
+)
+
+
+class EmbeddingResources:
+    def __init__(self, vectors: VectorStore) -> None:
+        self.vectors = vectors
+
+    def on_post_index(self, req: falcon.Request, resp: falcon.Response) -> None:
+        tenant = req.context.principal.tenant
+        body: VectorUpsert = req.context.body
+        before = self.vectors.index(tenant, body.index)
+        replaced = before is not None and body.id in before.row_of
+        (why,) = self.vectors.write(tenant, body.index, [body])
+        if why is not None:
+            raise ProblemError(422, why[1], code="RECSYS_INVALID_VECTOR", extra={"reason": why[0]})
+        index = self.vectors.index(tenant, body.index)
+        req.context.audit = {"target": f"embeddings/{body.index}/{body.id}", "before": None}
+        resp.status = falcon.HTTP_200 if replaced else falcon.HTTP_201
+        resp.media = {
+            "id": body.id,
+            "index": body.index,
+            "dim": index.dim,
+            "metric": index.metric,
+            "replaced": replaced,
+            "size": len(index),
+        }
+
+    def on_post_bulk(self, req: falcon.Request, resp: falcon.Response) -> None:
+        tenant = req.context.principal.tenant
+        chunks = _lines(read_body(req))
+        results: list[dict[str, Any] | None] = [None] * len(chunks)
+        by_index: dict[str, list[tuple[int, VectorUpsert]]] = {}
+        for n, chunk in enumerate(chunks):
+            if isinstance(chunk, bytes):
+                results[n] = {"line": n + 1, "status": "rejected", "reason": "unparsable",
+                              "detail": "not JSON"}  # fmt: skip
+                continue
+            try:
+                line = msgspec.convert(chunk, VectorUpsert)
+            except msgspec.ValidationError as e:
+                results[n] = {"line": n + 1, "status": "rejected", "reason": "invalid",
+                              "detail": str(e)}  # fmt: skip
+                continue
+            by_index.setdefault(line.index, []).append((n, line))
+        for name, lines in by_index.items():
+            try:
+                outcomes = self.vectors.write(tenant, name, [p for _, p in lines])
+            except ProblemError as e:
+                outcomes = [("read_only_index", e.description)] * len(lines)
+            for (n, p), why in zip(lines, outcomes, strict=True):
+                results[n] = (
+                    {"line": n + 1, "status": "indexed", "id": p.id}
+                    if why is None
+                    else {
+                        "line": n + 1,
+                        "status": "rejected",
+                        "id": p.id,
+                        "reason": why[0],
+                        "detail": why[1],
+                    }  # fmt: skip
+                )
+        done = [r for r in results if r is not None]
+        indexed = sum(1 for r in done if r["status"] == "indexed")
+        req.context.audit = {"target": f"embeddings/bulk ({indexed} indexed)", "before": None}
+        resp.media = {"indexed": indexed, "rejected": len(done) - indexed, "results": done}
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, embedding_id: str) -> None:
+        tenant = req.context.principal.tenant
+        name = req.context.query.index
+        if name in SNAPSHOT_INDEXES:
+            raise ProblemError(
+                422, f"Index '{name}' is the live snapshot's factors: it is read-only.",
+                code="RECSYS_READ_ONLY_INDEX",
+            )  # fmt: skip
+        index = self.vectors.index(tenant, name)
+        if index is None or embedding_id not in index.row_of:
+            raise ProblemError(
+                404, f"No vector '{embedding_id}' in index '{name}'.", code="RECSYS_NOT_FOUND"
+            )
+        self.vectors.write(tenant, name, [], [embedding_id])
+        req.context.audit = {"target": f"embeddings/{name}/{embedding_id}", "before": None}
+        resp.media = {"id": embedding_id, "index": name, "status": "deleted"}
+
+
+def _lines(raw: bytes) -> list[Any]:
+    """A bulk body's entries: a JSON array, or NDJSON lines (a line that is not JSON stays as
+    its bytes, answered as rejected)."""
+    body = raw.strip()
+    if not body:
+        raise ProblemError(400, "The bulk body holds no vectors.")
+    out: list[Any] | None = None
+    if body[:1] == b"[":
+        try:
+            parsed = orjson.loads(body)
+            out = parsed if isinstance(parsed, list) else None
+        except orjson.JSONDecodeError:
+            out = None
+    if out is None:
+        out = []
+        for line in body.split(b"\n"):
+            if line.strip():
+                try:
+                    out.append(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    out.append(bytes(line[:100]))
+    if not out:
+        raise ProblemError(400, "The bulk body holds no vectors.")
+    if len(out) > MAX_BULK:
+        raise ProblemError(413, f"{len(out)} vectors in one request; the limit is {MAX_BULK}.")
+    return out
+
+
+def resources(ctx: Any) -> dict[str, Any]:
+    vectors = VectorStore(ctx.serving_dir)
+    # (the search route's handler, serving.recs.runtime, finds the client indexes here)
+    ctx.store.vectors = vectors
+    return {"embeddings": EmbeddingResources(vectors)}

@@ -1,0 +1,258 @@
+"""Writable vector indexes (issue 15, section 8): client vectors with metadata in named indexes,
+durable and shared by workers; search with index, metadata and tag filters; the snapshot's
+factors as the read-only `items` / `users` indexes; bad input as Problem Details; and the
+approximate path (faiss IVF) against exact search."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import orjson
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serving"))
+from serving_helpers import auth, build_client, items_frame, make_config  # noqa: E402
+
+from recsys.snapshot import SnapshotStore  # noqa: E402
+from recsys.snapshot.writer import write_snapshot  # noqa: E402
+from recsys.vectors import VectorIndex  # noqa: E402
+
+ADMIN = auth("acme", ("admin",))
+READ = auth("acme")
+SEARCH = "/v1/recs/embeddings/search"
+
+
+def _publish(root: str, tenant: str, prefix: str) -> None:
+    """A tiny snapshot with 2-d item factors: item i points at angle i * 9 degrees."""
+    store = SnapshotStore(os.path.join(root, "snapshots", tenant))
+    tmp = store.new_tmp_dir()
+    angles = np.deg2rad(np.arange(20) * 9.0)
+    item_f = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    write_snapshot(
+        tmp,
+        tenant=tenant,
+        user_ids=["u1", "u2"],
+        items=items_frame(prefix),
+        candidates={
+            "user_idx": [0, 1],
+            "item_idx": [0, 1],
+            "score": [0.9, 0.8],
+            "pop": [0.5, 0.5],
+            "cooc": [0.0, 0.0],
+            "emb": [0.1, 0.2],
+            "ranker": [0.9, 0.8],
+            "reason": [0, 0],
+        },
+        factors=(np.eye(2, dtype=np.float32), item_f, np.zeros(20, dtype=np.float32)),
+        write_parquet=False,
+    )
+    store.publish(tmp, checksums=False, prune=False)
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("vectors"))
+    _publish(root, "acme", "a")
+    _publish(root, "globex", "g")
+    return root
+
+
+@pytest.fixture()
+def data_root(snapshots, tmp_path) -> str:
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(os.path.join(snapshots, "snapshots"), root / "snapshots")
+    return str(root)
+
+
+@pytest.fixture()
+def client(data_root):
+    return build_client(make_config(data_root))
+
+
+def _put(client, vid, vector, metadata=None, index="products", headers=ADMIN):
+    body = {"id": vid, "vector": vector, "index": index}
+    if metadata is not None:
+        body["metadata"] = metadata
+    return client.simulate_post("/v1/recs/embeddings/index", json=body, headers=headers)
+
+
+def _ids(resp) -> list[str]:
+    assert resp.status_code == 200, resp.text
+    return [it["id"] for it in resp.json["items"]]
+
+
+def test_client_vectors_are_indexed_searched_filtered_and_deleted(client, data_root):
+    made = _put(client, "item:1", [1, 0, 0], {"category": "phones", "tags": ["5g", "sale"]})
+    assert made.status_code == 201 and made.json["dim"] == 3 and made.json["size"] == 1
+    _put(client, "item:2", [0.9, 0.1, 0], {"category": "phones", "tags": ["5g"]})
+    _put(client, "item:3", [0, 1, 0], {"category": "tv", "tags": ["sale"]})
+    _put(client, "item:4", [0, 0, 1], {"category": "tv"})
+    q = {"vector": [1, 0.05, 0], "k": 3, "index": "products"}
+    got = client.simulate_post(SEARCH, json=q, headers=READ)
+    assert _ids(got) == ["item:1", "item:2", "item:3"]
+    assert got.json["items"][0]["metadata"] == {"category": "phones", "tags": ["5g", "sale"]}
+    assert got.json["items"][0]["item_id"] == "1"
+    tv = client.simulate_post(SEARCH, json={**q, "filters": {"category": "tv"}}, headers=READ)
+    assert _ids(tv) == ["item:3", "item:4"]
+    sale = client.simulate_post(SEARCH, json={**q, "filters": {"tags": ["sale"]}}, headers=READ)
+    assert _ids(sale) == ["item:1", "item:3"]
+    both = {"tags": ["sale"], "metadata": {"category": "tv"}}
+    assert _ids(client.simulate_post(SEARCH, json={**q, "filters": both}, headers=READ)) == [
+        "item:3"
+    ]
+    by_id = client.simulate_post(SEARCH, json={"item_id": "1", "k": 1, "index": "products"},
+                                 headers=READ)  # fmt: skip
+    assert _ids(by_id) == ["item:2"]  # (the item itself is left out)
+    # replace: item:1 now points elsewhere
+    again = _put(client, "item:1", [0, 0, 1], {"category": "tv"})
+    assert again.status_code == 200 and again.json["replaced"] and again.json["size"] == 4
+    assert _ids(client.simulate_post(SEARCH, json=q, headers=READ))[0] == "item:2"
+    # another worker, and a restart: the log on disk is the index
+    other = build_client(make_config(data_root))
+    assert _ids(other.simulate_post(SEARCH, json=q, headers=READ))[0] == "item:2"
+    gone = client.simulate_delete("/v1/recs/embeddings/item:2?index=products", headers=ADMIN)
+    assert gone.status_code == 200 and gone.json["status"] == "deleted"
+    assert "item:2" not in _ids(other.simulate_post(SEARCH, json=q, headers=READ))
+    missing = client.simulate_delete("/v1/recs/embeddings/item:2?index=products", headers=ADMIN)
+    assert missing.status_code == 404
+
+
+def test_bad_vectors_are_problem_details(client):
+    _put(client, "a", [1, 2, 3])
+    cases = [
+        (_put(client, "b", [1, 2]), 422, "wrong_dimension"),
+        (_put(client, "c", [0, 0, 0]), 422, "bad_vector"),
+        (_put(client, "d", [1, 2, 3], index="items"), 422, None),
+        (_put(client, "e", [1e13, 0, 0]), 400, None),
+        (_put(client, "f", []), 400, None),
+    ]
+    for resp, status, reason in cases:
+        assert resp.status_code == status, resp.text
+        assert resp.headers["content-type"] == "application/problem+json"
+        if reason:
+            assert resp.json["reason"] == reason
+    nan = client.simulate_post(
+        "/v1/recs/embeddings/index",
+        body=b'{"id": "n", "vector": [NaN, 1, 2], "index": "products"}',
+        headers={**ADMIN, "Content-Type": "application/json"},
+    )
+    assert nan.status_code == 400
+    for body, status in (
+        ({"vector": [1, 2], "index": "products"}, 422),
+        ({"vector": [1, 2, 3], "index": "nope"}, 404),
+        ({"vector": [0, 0, 0], "index": "products"}, 422),
+        ({"item_id": "zz", "index": "products"}, 404),
+    ):
+        resp = client.simulate_post(SEARCH, json=body, headers=READ)
+        assert resp.status_code == status, (body, resp.text)
+
+
+def test_bulk_keeps_good_lines(client):
+    lines = [
+        orjson.dumps({"id": "x1", "vector": [1, 0], "index": "bulk"}),
+        b"not json",
+        orjson.dumps({"id": "x2", "vector": [1, 0, 0], "index": "bulk"}),
+        orjson.dumps({"id": "x3", "vector": "no", "index": "bulk"}),
+        orjson.dumps({"id": "x4", "vector": [0, 1], "index": "bulk", "metadata": {"k": 1}}),
+        orjson.dumps({"id": "x5", "vector": [0, 1], "index": "users"}),
+    ]
+    resp = client.simulate_post(
+        "/v1/recs/embeddings/bulk",
+        body=b"\n".join(lines),
+        headers={**ADMIN, "Content-Type": "application/x-ndjson"},
+    )
+    assert resp.status_code == 200, resp.text
+    got = [(r["status"], r.get("reason")) for r in resp.json["results"]]
+    assert got == [
+        ("indexed", None),
+        ("rejected", "unparsable"),
+        ("rejected", "wrong_dimension"),
+        ("rejected", "invalid"),
+        ("indexed", None),
+        ("rejected", "read_only_index"),
+    ]
+    q = {"vector": [0.1, 1], "k": 5, "index": "bulk", "filters": {"metadata": {"k": 1}}}
+    assert _ids(client.simulate_post(SEARCH, json=q, headers=READ)) == ["x4"]
+
+
+def test_snapshot_factors_are_the_items_index_with_tag_filters(client):
+    # item i points at angle 9i degrees: the query at 40 degrees is nearest a4, a5, a3, ...
+    vec = [float(np.cos(np.deg2rad(40))), float(np.sin(np.deg2rad(40)))]
+    plain = client.simulate_post(SEARCH, json={"vector": vec, "k": 3}, headers=READ)
+    assert _ids(plain) == ["item:a4", "item:a5", "item:a3"]
+    winter = client.simulate_post(
+        SEARCH, json={"vector": vec, "k": 3, "filters": {"tags": ["winter"]}}, headers=READ
+    )
+    assert _ids(winter) == ["item:a4", "item:a3", "item:a7"]
+    nike = client.simulate_post(
+        SEARCH, json={"vector": vec, "k": 3, "filters": {"brand": "nike"}}, headers=READ
+    )
+    assert _ids(nike) == ["item:a5", "item:a3", "item:a0"]
+    # an upsert re-tagging a5 counts at once (the overlaid snapshot)
+    client.simulate_post(
+        "/v1/recs/features/entities/item/a5",
+        json={"features": {"tags": ["winter"]}},
+        headers=ADMIN,
+    )
+    winter = client.simulate_post(
+        SEARCH, json={"vector": vec, "k": 3, "filters": {"tags": ["winter"]}}, headers=READ
+    )
+    assert _ids(winter) == ["item:a4", "item:a5", "item:a3"]
+    users = client.simulate_post(
+        SEARCH, json={"vector": [0, 1], "k": 1, "index": "users"}, headers=READ
+    )
+    assert _ids(users) == ["user:u2"]
+
+
+def test_approximate_search_matches_exact_and_honours_filters_and_deletes():
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((200, 16)).astype(np.float32)
+    data = centres[rng.integers(0, 200, 60_000)] + 0.3 * rng.standard_normal((60_000, 16))
+    index = VectorIndex(16, "cosine", exact_below=10_000, nprobe=16)
+    index.upsert([f"v{i}" for i in range(len(data))], data)
+    queries = data[:50] + 0.05
+    hits = 0
+    for q in queries:
+        want = set(index.search(q, 10, exact=True)[0].tolist())
+        hits += len(want & set(index.search(q, 10)[0].tolist()))
+    assert index._ivf is not None and hits / 500 >= 0.95
+    allow = np.zeros(index.rows, dtype=bool)
+    allow[::3] = True
+    allow[:15_000] = True  # (more than exact_below admitted: the IVF with a selector)
+    rows, _ = index.search(queries[0], 10, allow=allow)
+    assert len(rows) == 10 and allow[rows].all()
+    best = index.search(queries[0], 1)[0][0]
+    assert index.delete(index.ids[best])
+    assert best not in index.search(queries[0], 10)[0]
+    index.upsert(["new"], queries[0][None, :])
+    assert index.ids[index.search(queries[0], 1)[0][0]] == "new"
+
+
+def test_no_tenant_reaches_another_tenants_vectors(client):
+    _put(client, "secret", [1, 0, 0], {"owner": "acme-marker"})
+    spy = client.simulate_post(
+        SEARCH, json={"vector": [1, 0, 0], "index": "products"}, headers=auth("globex")
+    )
+    assert spy.status_code == 404 and "acme-marker" not in spy.text
+    assert (
+        client.simulate_delete(
+            "/v1/recs/embeddings/secret?index=products", headers=auth("globex", ("admin",))
+        ).status_code
+        == 404
+    )
+    org = auth("acme", ("admin",), **{"X-Org-Id": "globex"})
+    for method, path, body in (
+        ("POST", "/v1/recs/embeddings/index", {"id": "x", "vector": [1], "index": "products"}),
+        ("POST", "/v1/recs/embeddings/bulk", [{"id": "x", "vector": [1]}]),
+        ("DELETE", "/v1/recs/embeddings/secret?index=products", None),
+        ("POST", SEARCH, {"vector": [1, 0, 0], "index": "products"}),
+    ):
+        assert client.simulate_request(method, path, json=body, headers={}).status_code == 401
+        assert client.simulate_request(method, path, json=body, headers=org).status_code == 403
+    mine = client.simulate_post(
+        SEARCH, json={"vector": [1, 0, 0], "index": "products"}, headers=READ
+    )
+    assert _ids(mine) == ["secret"]
