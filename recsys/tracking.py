@@ -146,9 +146,10 @@ def log_training_run(
     if isinstance(model, str):
         model_dir = model
         with open(os.path.join(model_dir, "hybrid.json")) as f:
-            config = json.load(f)["config"]
+            saved = json.load(f)
+        config, info = saved["config"], saved.get("info") or {}
     else:
-        model_dir, config = None, model.config.to_dict()
+        model_dir, config, info = None, model.config.to_dict(), model.info
     client = _client(uri)
     exp_id = ensure_experiment(client, tenant, artifact_root)
     params = {"tenant": tenant, **_flatten(config, "config.")}
@@ -168,6 +169,11 @@ def log_training_run(
                 run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]]
             )
         metrics: dict[str, float] = dict(extra_metrics or {})
+        fit_seconds = [*(info.get("generator_seconds") or {}).values(), info.get("ranker_seconds")]
+        if any(isinstance(v, (int, float)) for v in fit_seconds):
+            metrics["training_seconds"] = float(
+                sum(v for v in fit_seconds if isinstance(v, (int, float)))
+            )
         for k, v in fingerprint.items():
             if isinstance(v, int):
                 metrics[k] = float(v)
@@ -197,6 +203,13 @@ def log_training_run(
                 model_dir = os.path.join(tmp, "model")
                 model.save(model_dir)
             client.log_artifacts(run_id, model_dir, "model")
+            if info.get("ranker_gain"):  # the ranker's importances (served by the API)
+                from recsys.models.importance import FILE, feature_importance
+
+                doc = feature_importance(info["ranker_gain"], info.get("permutation_importance"))
+                with open(os.path.join(tmp, FILE), "w") as f:
+                    json.dump(doc, f)
+                client.log_artifact(run_id, os.path.join(tmp, FILE), "model")
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")

@@ -30,6 +30,7 @@ from recsys.models.hybrid import (
     fit_eval_and_final,
     popularity_only,
 )
+from recsys.models.importance import permutation_importance
 from recsys.storage import Storage
 from recsys.tenancy import is_valid_tenant
 
@@ -305,6 +306,11 @@ def train_models(
                     fit_eval_and_final(events, items, users, cfg, split["test_fraction"]),
                     strict=True,
                 )
+            )
+        if not split["skip"]:  # the evaluated ranker on the evaluation window (logged to MLflow)
+            parts = temporal_split(events, split["test_fraction"])
+            models["final"].info["permutation_importance"] = permutation_importance(
+                models["eval"], parts.train, parts.test, seed=cfg.seed
             )
         for variant, model in models.items():
             model.save(model_path(store, tenant, variant, "hybrid"))

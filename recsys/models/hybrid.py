@@ -494,6 +494,10 @@ def train_ranker(
     }
     clf, why = _fit_trees(x, y, c)
     ranker = None if clf is None else TreeEnsemble.from_sklearn(clf)
+    if clf is not None:  # (the exported trees keep no gains: taken now)
+        from recsys.models.importance import gain_importance
+
+        info["ranker_gain"] = gain_importance(clf, FEATURE_NAMES)
     if compare and sample.n_users:
         if rest.n_users >= c.min_selection_users:  # users the ranker never saw
             held = _sample_holdout(rest, max(c.max_ranker_users // 3, 1), c.seed + 1)
