@@ -1,5 +1,5 @@
-"""Control plane: candidate generators, declared pipelines, exploration bandits (and, next,
-simulation and model checks).
+"""Control plane: candidate generators, declared pipelines, simulation before deploy, model
+checks and exploration bandits.
 
 ``POST /v1/recs/candidates/generate`` asks one generator of the live snapshot for a user's (or
 anchors') candidates; ``GET /v1/recs/candidates/{generator}/status`` says how much of the
@@ -11,6 +11,10 @@ DELETE) hold declared pipelines, a versioned document each (collection ``pipelin
 ``ctx.documents``; ETag = revision, If-Match on changes), checked at write time (422 naming the
 stage that is wrong). ``POST /v1/recs/pipelines/{pipeline_id}/run`` runs one for a user and
 context and returns every stage's output.
+
+``POST /v1/recs/simulate`` replays rules, a pipeline or an experiment's variants over the last
+evaluation's holdout and ``POST /v1/recs/health/check-model`` checks the live model, a model
+version or a pipeline on sample payloads: both in `serving.simulation` (over `recsys.simulate`).
 
 ``POST /v1/recs/exploration/bandit`` configures a bandit (a versioned document of
 ``ctx.documents``, collection ``bandits``) and/or asks it which arm a unit gets;
@@ -24,6 +28,7 @@ to them by request id and item), so every worker answers alike; the policy math 
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -41,6 +46,8 @@ from serving.errors import ProblemError
 from serving.events_log import scan_all_events
 from serving.routing import Route
 from serving.schemas import Id, IdList
+from serving.simulation import Simulator, check_model
+from serving.validation import DEFAULT_SURFACE
 
 DocId = Annotated[str, Meta(pattern=DOCUMENT_ID.pattern, description="a document id")]
 ArmName = Annotated[str, Meta(pattern=DOCUMENT_ID.pattern, description="an arm name")]
@@ -750,12 +757,167 @@ class PipelinesResource:
         resp.cache_control = ["no-store"]
 
 
-ROUTES: tuple[Route, ...] = (*CANDIDATE_ROUTES, *BANDIT_ROUTES)
+# --- simulation and model check -----------------------------------------------------------------
+class SimulateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One of `rules` (a rules config: the rules document's list), `pipeline` (inline stages),
+    `pipeline_id` or `experiment` (``{"variants": [{"id", "rules"?, "pipeline"?,
+    "pipeline_id"?}]}``), replayed over the last evaluation's holdout (or `dataset`: events
+    of a sample dataset under the data root, .parquet/.csv/.ndjson)."""
+
+    rules: Annotated[list[Object], Meta(max_length=1000)] | None = None
+    pipeline: Object | None = None
+    pipeline_id: DocId | None = None
+    experiment: Object | None = None
+    dataset: Annotated[str, Meta(min_length=1, max_length=1000)] | None = None
+    k: Annotated[int, Meta(ge=1, le=100)] = 10
+    surface: Id = DEFAULT_SURFACE
+    max_users: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
+    n_resamples: Annotated[int, Meta(ge=50, le=5000)] = 1000
+    seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
+
+
+class SimulateResult(msgspec.Struct):
+    tenant_id: str
+    source: str
+    users: int
+    pairs: int
+    k: int
+    surface: str
+    evaluated: Object
+    live: Object
+    configurations: list[Object]
+    timings_s: Object
+    replay_built_s: float
+
+
+class Sample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    user_id: Id | None = None
+    context: RunContext | None = None
+
+
+class CheckModelRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Check the live model (default), a model version (``name@version`` of a published
+    snapshot) or a pipeline (`pipeline_id` or inline `pipeline`) on sample payloads (or
+    `n_samples` users drawn with `seed`)."""
+
+    model_version: Annotated[str, Meta(min_length=1, max_length=300)] | None = None
+    pipeline_id: DocId | None = None
+    pipeline: Object | None = None
+    samples: Annotated[list[Sample], Meta(max_length=100)] | None = None
+    n_samples: Annotated[int, Meta(ge=1, le=200)] = 20
+    repeat: Annotated[int, Meta(ge=1, le=20)] = 3
+    k: Annotated[int, Meta(ge=1, le=100)] = 10
+    seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
+
+
+class CheckModelResult(msgspec.Struct):
+    target: str
+    model: str
+    snapshot_id: str
+    samples: int
+    passed: int
+    ok: bool
+    latency_ms: Object
+    results: list[Object]
+
+
+SIMULATE_ROUTES: tuple[Route, ...] = (
+    Route(
+        "POST",
+        "/v1/recs/simulate",
+        ("simulate", "on_post"),
+        "Replay rules, a pipeline or an experiment's variants over the last evaluation's holdout "
+        "(or a sample dataset): NDCG@k, recall@k, coverage, exposure per category/brand/tag, "
+        "revenue proxy, each with a CI and its difference from the live configuration",
+        SCOPE_ADMIN,
+        body=SimulateRequest,
+        response=SimulateResult,
+        errors=(422, *_SNAP),
+        tags=("pipelines",),
+    ),
+    Route(
+        "POST",
+        "/v1/recs/health/check-model",
+        ("check_model", "on_post"),
+        "Latency and correctness of the live model, a model version or a pipeline on sample "
+        "payloads: answers compared with the snapshot, timings",
+        SCOPE_ADMIN,
+        body=CheckModelRequest,
+        body_required=False,
+        response=CheckModelResult,
+        errors=(422, *_SNAP),
+        tags=("pipelines",),
+    ),
+)
+
+
+class SimulateResource:
+    def __init__(self, ctx: Any, simulator: Simulator) -> None:
+        self._ctx = ctx
+        self._sim = simulator
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        tenant = req.context.principal.tenant
+        body: SimulateRequest = req.context.body
+        if body.dataset is not None:
+            body = msgspec.structs.replace(body, dataset=self._dataset(body.dataset))
+        resp.media = self._sim.run(tenant, body)
+        resp.cache_control = ["no-store"]
+
+    def _dataset(self, uri: str) -> str:
+        """A dataset path under the data root (no other file of the host is read)."""
+        path = uri.removeprefix("file://")
+        root = os.path.realpath(self._ctx.config.data_root)
+        full = os.path.realpath(path if os.path.isabs(path) else os.path.join(root, path))
+        if os.path.commonpath([full, root]) != root:
+            raise ProblemError(
+                422,
+                "A sample dataset is a file under the server's data root.",
+                code="RECSYS_CANNOT_SIMULATE",
+            )
+        if not os.path.isfile(full):
+            raise ProblemError(422, f"No dataset '{uri}'.", code="RECSYS_CANNOT_SIMULATE")
+        return full
+
+
+class CheckModelResource:
+    def __init__(self, ctx: Any, pipelines: PipelinesResource) -> None:
+        self._ctx = ctx
+        self._pipelines = pipelines
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        tenant = req.context.principal.tenant
+        body: CheckModelRequest = req.context.body or CheckModelRequest()
+        given = [n for n in ("model_version", "pipeline_id", "pipeline") if getattr(body, n)]
+        if len(given) > 1:
+            raise ProblemError(
+                422,
+                f"Check one target: {', '.join(given)} were given.",
+                code="RECSYS_INVALID_CHECK",
+            )
+        spec = None
+        if body.pipeline_id is not None:
+            doc = self._pipelines.collection.get(tenant, body.pipeline_id)
+            if doc is None:
+                raise ProblemError(
+                    422, f"No pipeline '{body.pipeline_id}'.", code="RECSYS_UNKNOWN_PIPELINE"
+                )
+            spec = doc.body
+        elif body.pipeline is not None:
+            spec = engine.validate_spec(body.pipeline)
+        resp.media = check_model(self._ctx, tenant, body, spec)
+        resp.cache_control = ["no-store"]
+
+
+ROUTES: tuple[Route, ...] = (*CANDIDATE_ROUTES, *SIMULATE_ROUTES, *BANDIT_ROUTES)
 
 
 def resources(ctx: Any) -> dict[str, Any]:
+    pipelines = PipelinesResource(ctx)
     return {
         "candidates": CandidatesResource(ctx),
-        "pipelines": PipelinesResource(ctx),
+        "pipelines": pipelines,
+        "simulate": SimulateResource(ctx, Simulator(ctx)),
+        "check_model": CheckModelResource(ctx, pipelines),
         "bandits": BanditsResource(ctx),
     }
