@@ -11,6 +11,7 @@ Options the engine cannot honour are refused with 422 RECSYS_UNSUPPORTED_OPTION 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 import falcon
@@ -179,6 +180,11 @@ class RuntimeResources:
     def on_get_related(self, req: falcon.Request, resp: falcon.Response, item_id: str) -> None:
         query: RelatedQuery = req.context.query
         strategy = query.strategy
+        models = getattr(self._store, "content", None)
+        model = models.get(req.context.principal.tenant) if models is not None else None
+        if strategy == "content" and model is not None:
+            self._content_related(req, resp, item_id, model)
+            return
         body = s.SimilarRequest(
             item_id=item_id,
             kind=_RELATED[strategy],
@@ -204,6 +210,50 @@ class RuntimeResources:
             ],
             "meta": result["meta"],
             "warnings": result["warnings"],
+        }
+
+    def _content_related(self, req, resp, item_id: str, model) -> None:
+        """Content neighbours (`recsys.content`: TF-IDF + SVD of the item texts, fitted by the
+        pipeline): any catalogue item, one with no events too; unavailable items (the
+        overlaid snapshot's) are left out."""
+        from recsys.content import neighbours
+
+        tenant = req.context.principal.tenant
+        started = req.context.started
+        row = model.row_of.get(item_id)
+        if row is None:
+            raise ProblemError(
+                404, f"No item '{item_id}' in the content model.", code="RECSYS_UNKNOWN_ITEM"
+            )
+        live = self._store.require_live(tenant)
+        k = req.context.query.limit or 10
+        rows, scores = neighbours(model, model.item_vectors[row], k + 50, exclude=row)
+        items = []
+        for r, sc in zip(rows.tolist(), scores.tolist(), strict=True):
+            other = model.item_ids[r]
+            idx = live.item_index(other)
+            if idx is not None and not live.available[idx]:
+                continue
+            items.append({"item_id": other, "rank": len(items) + 1, "score": round(sc, 6)})
+            if len(items) == k:
+                break
+        resp.media = {
+            "item_id": item_id,
+            "strategy": "content",
+            "items": items,
+            "meta": {
+                "tenant_id": tenant,
+                "surface": "related",
+                "segment": "default",
+                "algo_version": f"content@{model.version}",
+                "snapshot_id": live.snapshot_id,
+                "config_version": None,
+                "rules_version": None,
+                "request_id": req.context.request_id,
+                "timings_ms": {"total": round((time.perf_counter() - started) * 1e3, 3)},
+                "counts": {"candidates": len(rows), "returned": len(items)},
+            },
+            "warnings": [],
         }
 
     def on_post_score(self, req: falcon.Request, resp: falcon.Response) -> None:
