@@ -2,6 +2,12 @@
 
 from pipelines.training import assets as _assets
 from pipelines.training import checks as _checks
+from pipelines.training import content as _content
 
-assets = [_assets.interactions, _assets.data_split, _assets.train_models]
+assets = [
+    _assets.interactions,
+    _assets.data_split,
+    _assets.train_models,
+    _content.content_embeddings,
+]
 asset_checks = [_checks.split_is_temporal, _checks.hybrid_model_saved]
