@@ -36,12 +36,14 @@ import falcon
 import msgspec
 import numpy as np
 import orjson
+import polars as pl
 from msgspec import Meta
 
+from recsys import content
 from recsys.durable import fsync_dir
 from recsys.tenancy import check_tenant
 from recsys.vectors import VectorIndex
-from serving.auth import SCOPE_ADMIN
+from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.errors import ProblemError
 from serving.recs.schemas import Query
 from serving.routing import JSON, NDJSON, Route, read_body
@@ -91,6 +93,31 @@ class VectorBulkReceipt(Reply, forbid_unknown_fields=True):
     indexed: int
     rejected: int
     results: list[VectorLineResult]
+
+
+class ItemText(Body):
+    """An item payload to embed (its text is built as the pipeline builds it)."""
+
+    title: Annotated[str, Meta(max_length=10_000)] | None = None
+    category: Annotated[str, Meta(max_length=256)] | None = None
+    brand: Annotated[str, Meta(max_length=256)] | None = None
+    tags: Annotated[list[Annotated[str, Meta(max_length=256)]], Meta(max_length=256)] = []
+
+
+class GenerateRequest(Body):
+    """Give `input` (a text), `item` (an item payload) or `item_id` (a catalogue item)."""
+
+    input: Annotated[str, Meta(max_length=10_000)] | None = None
+    item: ItemText | None = None
+    item_id: VectorKey | None = None
+    model: Literal["content"] = "content"
+
+
+class GeneratedVector(Reply, forbid_unknown_fields=True):
+    model: str
+    dim: int
+    vector: list[float]
+    text: str
 
 
 class VectorDeleteQuery(Query):
@@ -335,8 +362,12 @@ ROUTES: tuple[Route, ...] = (
 
 
 class EmbeddingResources:
-    def __init__(self, vectors: VectorStore) -> None:
+    def __init__(self, vectors: VectorStore, models: ContentModels) -> None:
         self.vectors = vectors
+        self.models = models
+
+    def on_post_generate(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = generate(self.models, req.context.principal.tenant, req.context.body)
 
     def on_post_index(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = req.context.principal.tenant
@@ -443,8 +474,120 @@ def _lines(raw: bytes) -> list[Any]:
     return out
 
 
+class ContentModels:
+    """Each tenant's content model (`recsys.content`, written by the pipeline's
+    `content_embeddings` asset to ``warehouse/<tenant>/content/``), re-read when its file
+    changes (checked at most every few seconds)."""
+
+    CHECK_S = 5.0
+
+    def __init__(self, data_root: str) -> None:
+        self.data_root = data_root
+        self._models: dict[str, tuple[float, tuple, Any]] = {}
+        self._lock = threading.Lock()
+
+    def folder(self, tenant: str) -> str:
+        return os.path.join(self.data_root, "warehouse", check_tenant(tenant), "content")
+
+    def get(self, tenant: str) -> Any:
+        """The tenant's `ContentModel` (with `.row_of` and `.version`), or None."""
+        now = time.monotonic()
+        entry = self._models.get(tenant)
+        if entry is not None and now - entry[0] < self.CHECK_S:
+            return entry[2]
+        folder = self.folder(tenant)
+        try:
+            st = os.stat(os.path.join(folder, content.MODEL_FILE))
+            st2 = os.stat(os.path.join(folder, content.ITEMS_FILE))
+            sig = (st.st_ino, st.st_mtime_ns, st2.st_ino, st2.st_mtime_ns)
+        except FileNotFoundError:
+            sig = ()
+        if entry is not None and entry[1] == sig:
+            self._models[tenant] = (now, sig, entry[2])
+            return entry[2]
+        model = None
+        if sig:
+            with self._lock:
+                model = content.ContentModel.load(folder)
+                model.row_of = {i: r for r, i in enumerate(model.item_ids)}
+                model.version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(st.st_mtime))
+        self._models[tenant] = (now, sig, model)
+        return model
+
+    def require(self, tenant: str) -> Any:
+        model = self.get(tenant)
+        if model is None:
+            raise ProblemError(
+                503,
+                "No content model for this tenant yet: the pipeline's content_embeddings asset "
+                "has not run (recommendations keep serving).",
+                code="RECSYS_NO_CONTENT_MODEL",
+                headers={"Retry-After": "60"},
+            )
+        return model
+
+
+ROUTES = (
+    *ROUTES,
+    Route(
+        "POST",
+        "/v1/recs/embeddings/generate",
+        ("embeddings", "on_post_generate"),
+        "Embed a text, an item payload or a catalogue item with the tenant's content model "
+        "(TF-IDF + SVD fitted by the pipeline on its item texts; nothing is downloaded); 422 "
+        "for an empty text or one with no word the model knows, 503 before the model exists",
+        SCOPE_RECOMMEND,
+        body=GenerateRequest,
+        response=GeneratedVector,
+        errors=(404, 422, 503),
+        tags=_TAGS,
+    ),
+)
+
+
+def generate(models: ContentModels, tenant: str, body: GenerateRequest) -> dict[str, Any]:
+    """The answer of POST /v1/recs/embeddings/generate (see its route)."""
+    given = [x for x in (body.input, body.item, body.item_id) if x is not None]
+    if len(given) != 1:
+        raise ProblemError(422, "Give exactly one of 'input', 'item' and 'item_id'.")
+    model = models.require(tenant)
+    if body.item_id is not None:
+        row = model.row_of.get(body.item_id)
+        if row is None:
+            raise ProblemError(
+                404, f"No item '{body.item_id}' in the content model.", code="RECSYS_UNKNOWN_ITEM"
+            )
+        vector, text = model.item_vectors[row], body.item_id
+    else:
+        if body.item is not None:
+            frame = {k: [v] for k, v in msgspec.to_builtins(body.item).items()}
+            text = content.item_texts(pl.DataFrame(frame))[0]
+        else:
+            text = body.input or ""
+        if not text.strip():
+            raise ProblemError(
+                422, "The text is empty.", code="RECSYS_EMPTY_TEXT", extra={"reason": "empty"}
+            )
+        vector = model.embed([text])[0]
+        if not vector.any():
+            raise ProblemError(
+                422,
+                "No word or character sequence of the text is known to the content model.",
+                code="RECSYS_EMPTY_TEXT",
+                extra={"reason": "no_known_terms"},
+            )
+    return {
+        "model": f"content@{model.version}",
+        "dim": int(vector.shape[0]),
+        "vector": [round(float(x), 7) for x in vector],
+        "text": text,
+    }
+
+
 def resources(ctx: Any) -> dict[str, Any]:
     vectors = VectorStore(ctx.serving_dir)
-    # (the search route's handler, serving.recs.runtime, finds the client indexes here)
+    models = ContentModels(ctx.config.data_root)
+    # (the search and related routes' handler, serving.recs.runtime, finds them here)
     ctx.store.vectors = vectors
-    return {"embeddings": EmbeddingResources(vectors)}
+    ctx.store.content = models
+    return {"embeddings": EmbeddingResources(vectors, models)}

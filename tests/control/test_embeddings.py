@@ -256,3 +256,125 @@ def test_no_tenant_reaches_another_tenants_vectors(client):
         SEARCH, json={"vector": [1, 0, 0], "index": "products"}, headers=READ
     )
     assert _ids(mine) == ["secret"]
+
+
+# --- content embeddings (TF-IDF + SVD fitted by the pipeline) ---------------------------------
+RETAIL = [
+    "WHITE HANGING HEART T-LIGHT HOLDER",
+    "GLASS STAR FROSTED T-LIGHT HOLDER",
+    "RED WOOLLY HOTTIE WHITE HEART",
+    "KNITTED UNION FLAG HOT WATER BOTTLE",
+    "HAND WARMER UNION JACK",
+    "HAND WARMER RED POLKA DOT",
+    "SET 7 BABUSHKA NESTING BOXES",
+    "ASSORTED COLOUR BIRD ORNAMENT",
+    "POPPY'S PLAYHOUSE BEDROOM",
+    "POPPY'S PLAYHOUSE KITCHEN",
+    "FELTCRAFT PRINCESS CHARLOTTE DOLL",
+    "IVORY KNITTED MUG COSY",
+    "BOX OF 6 ASSORTED COLOUR TEASPOONS",
+    "BOX OF VINTAGE JIGSAW BLOCKS",
+    "BOX OF VINTAGE ALPHABET BLOCKS",
+    "HOME BUILDING BLOCK WORD",
+    "LOVE BUILDING BLOCK WORD",
+    "RECIPE BOX WITH METAL HEART",
+    "DOORMAT NEW ENGLAND",
+    "JAM MAKING SET WITH JARS",
+    "RED COAT RACK PARIS FASHION",
+    "YELLOW COAT RACK PARIS FASHION",
+    "BLUE COAT RACK PARIS FASHION",
+    "ALARM CLOCK BAKELIKE PINK",
+    "ALARM CLOCK BAKELIKE RED",
+    "ALARM CLOCK BAKELIKE GREEN",
+    "PANDA AND BUNNIES STICKER SHEET",
+    "STARS GIFT TAPE",
+    "INFLATABLE POLITICAL GLOBE",
+    "VINTAGE HEADS AND TAILS CARD GAME",
+]
+
+
+@pytest.fixture()
+def retail_root(data_root) -> str:
+    """acme's warehouse items: an online-retail catalogue, titles only, ids r0..r29 (none in
+    the snapshot: items with zero events); the pipeline's content asset materialised on it."""
+    import dagster as dg
+    import polars as pl
+
+    from pipelines.resources import StorageResource
+    from pipelines.training.content import content_embeddings
+    from recsys.storage import Storage
+
+    store = Storage(data_root)
+    items = pl.DataFrame({"item_id": [f"r{i}" for i in range(len(RETAIL))], "title": RETAIL})
+    os.makedirs(os.path.dirname(store.table_path("acme", "items")), exist_ok=True)
+    items.write_parquet(store.table_path("acme", "items"))
+    result = dg.materialize(
+        [content_embeddings],
+        resources={"storage": StorageResource(root=data_root)},
+        run_config={"ops": {"content_embeddings": {"config": {"tenants": ["acme"], "dim": 24}}}},
+    )
+    assert result.success
+    return data_root
+
+
+def _words(text: str) -> set[str]:
+    return set(text.replace("'", " ").split())
+
+
+def test_cold_items_get_content_neighbours_sharing_words(retail_root):
+    client = build_client(make_config(retail_root))
+    shared = 0
+    for i, title in enumerate(RETAIL):
+        resp = client.simulate_get(
+            f"/v1/recs/item/r{i}/related?strategy=content&limit=3", headers=READ
+        )
+        assert resp.status_code == 200, resp.text
+        assert resp.json["meta"]["algo_version"].startswith("content@")
+        top = resp.json["items"]
+        others = [RETAIL[int(it["item_id"][1:])] for it in top]
+        has_kin = any(_words(title) & _words(t) for j, t in enumerate(RETAIL) if j != i)
+        if has_kin and top:
+            assert _words(title) & _words(others[0]), (title, others)
+            shared += 1
+    assert shared >= 25  # (the few titles sharing no word with any other have none to share)
+    unknown = client.simulate_get("/v1/recs/item/zz/related?strategy=content", headers=READ)
+    assert unknown.status_code == 404
+
+
+def test_generate_embeds_texts_and_items_with_the_content_model(retail_root):
+    client = build_client(make_config(retail_root))
+    gen = "/v1/recs/embeddings/generate"
+    got = client.simulate_post(gen, json={"input": "hand warmer"}, headers=READ)
+    assert got.status_code == 200, got.text
+    assert got.json["dim"] == 24 and got.json["model"].startswith("content@")
+    vec = np.asarray(got.json["vector"])
+    assert abs(np.linalg.norm(vec) - 1) < 1e-4
+    # the vector finds the hand warmers among the catalogue's content vectors
+    client.simulate_post(
+        "/v1/recs/embeddings/bulk",
+        json=[
+            {"id": f"item:r{i}", "vector": client.simulate_post(
+                gen, json={"item_id": f"r{i}"}, headers=READ).json["vector"], "index": "content"}
+            for i in range(len(RETAIL))
+        ],
+        headers=ADMIN,
+    )  # fmt: skip
+    near = client.simulate_post(
+        SEARCH, json={"vector": vec.tolist(), "k": 2, "index": "content"}, headers=READ
+    )
+    assert sorted(_ids(near)) == ["item:r4", "item:r5"]
+    item = client.simulate_post(
+        gen, json={"item": {"title": "PINK ALARM CLOCK", "tags": ["clock"]}}, headers=READ
+    )
+    assert item.status_code == 200 and "ALARM" in item.json["text"]
+    for body, reason in (
+        ({"input": ""}, "empty"),
+        ({"input": "   "}, "empty"),
+        ({"input": "qqqqq"}, "no_known_terms"),
+    ):
+        bad = client.simulate_post(gen, json=body, headers=READ)
+        assert bad.status_code == 422 and bad.json["reason"] == reason, bad.text
+    assert client.simulate_post(gen, json={}, headers=READ).status_code == 422
+    assert client.simulate_post(gen, json={"item_id": "zz"}, headers=READ).status_code == 404
+    none_yet = client.simulate_post(gen, json={"input": "hand"}, headers=auth("globex"))
+    assert none_yet.status_code == 503 and none_yet.json["code"] == "RECSYS_NO_CONTENT_MODEL"
