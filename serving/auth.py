@@ -1,4 +1,5 @@
-"""Who is calling: Bearer JWTs (HS256 secret or RS256 public key) and static API keys.
+"""Who is calling: Bearer JWTs (HS256 secret or RS256 public key), static API keys
+(``RECSYS_API_KEYS``) and stored keys (``rsk_...``, made by ``POST /v1/recs/keys``).
 
 A verified caller becomes a `Principal` (tenant, scopes, rate-limit key). Everything a request
 touches is scoped to `Principal.tenant`; no resource reads a tenant from the request body. A
@@ -67,6 +68,11 @@ class Authenticator:
         self._api_keys = {k.key: k for k in config.api_keys}
         self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
         self._cache_size = cache_size
+        # keys made through POST /v1/recs/keys (`serving.control.access`): looked up by their
+        # keyed hash in a map every worker rebuilds when a key is added or revoked
+        from serving.control.access import KeyRing, server_secret
+
+        self._stored = KeyRing(config.data_root, lambda: server_secret(config))
 
     @property
     def enabled(self) -> bool:
@@ -98,6 +104,13 @@ class Authenticator:
         for key, entry in self._api_keys.items():
             if hmac.compare_digest(key.encode(), presented.encode()):
                 return Principal(entry.tenant, entry.scopes, "key:" + key[:8])
+        if presented.startswith("rsk_"):
+            stored = self._stored.find(presented)
+            if stored is not None:
+                if stored.expires_at is not None and time.time() >= stored.expires_at:
+                    raise _unauthorized("The API key has expired.")
+                self._stored.touch(stored)
+                return stored.principal
         raise _unauthorized("Unknown API key.")
 
     def _verify(self, token: str) -> tuple[Principal, float]:

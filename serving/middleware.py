@@ -104,6 +104,13 @@ class ServingMiddleware:
                 f'"key";q={self._key_spec.limit};w={self._key_spec.window_s}, '
                 f'"tenant";q={self._tenant_spec.limit};w={self._tenant_spec.window_s}'
             )
+            # each tenant's own windows and inference quota (`serving.control.access`)
+            from serving.control.access import quota_exceeded
+            from serving.ratelimit import INFERENCE_PATHS, LimitTable
+
+            self._limits = LimitTable(config)
+            self._inference_paths = INFERENCE_PATHS
+            self._quota_exceeded = quota_exceeded
         self._gzip_min = gzip_min_bytes
         self._gzip_level = gzip_level
         # the audit log of admin writes (`serving.control.audit`), in an app with credentials
@@ -188,14 +195,17 @@ class ServingMiddleware:
                 code="RECSYS_TENANT_MISMATCH",
             )
         if self._limiter is not None:
-            ctx.ratelimit_state = self._rate_limit(principal)
+            ctx.ratelimit_state = self._rate_limit(principal, env.get("PATH_INFO"))
 
-    def _rate_limit(self, principal: Principal) -> str:
-        """The `RateLimit` header value of an allowed request; 429 otherwise."""
+    def _rate_limit(self, principal: Principal, path: str | None) -> tuple[str, str]:
+        """The `RateLimit-Policy` and `RateLimit` header values of an allowed request; 429
+        otherwise (the tenant's windows and inference quota: `serving.ratelimit.LimitTable`)."""
+        limits = self._limits.limits(principal.tenant)
+        subject = principal.subject
+        key_spec = limits.per_key.get(subject, limits.key) if limits.per_key else limits.key
+        policy = limits.policies.get(subject) or limits.policies[""]
         key, tenant_key = principal.limit_keys
-        by_key, by_tenant = self._limiter.hit_pair(
-            key, self._key_spec, tenant_key, self._tenant_spec
-        )
+        by_key, by_tenant = self._limiter.hit_pair(key, key_spec, tenant_key, limits.tenant)
         if not by_key.allowed:
             name, tight = "key", by_key
         elif not by_tenant.allowed:
@@ -210,12 +220,22 @@ class ServingMiddleware:
                 429,
                 f"Rate limit of the {name} exceeded; retry in {tight.reset_s} s.",
                 headers={
-                    "RateLimit-Policy": self._policy,
+                    "RateLimit-Policy": policy,
                     "RateLimit": state,
                     "Retry-After": str(tight.reset_s),
                 },
             )
-        return state
+        if path in self._inference_paths:
+            qps = self._limiter.hit("q:" + principal.tenant, limits.inference)
+            if not qps.allowed:
+                raise self._quota_exceeded(
+                    "inference_qps",
+                    qps.limit,
+                    qps.limit + 1,
+                    429,
+                    {"Retry-After": str(qps.reset_s)},
+                )
+        return policy, state
 
     # --- resource ------------------------------------------------------------------------
     def process_resource(
@@ -271,8 +291,8 @@ class ServingMiddleware:
         # (getattr: Falcon runs process_response even when process_request did not run)
         state = getattr(ctx, "ratelimit_state", None) if self._limiter is not None else None
         if state:
-            out.append(("ratelimit-policy", self._policy))
-            out.append(("ratelimit", state))
+            out.append(("ratelimit-policy", state[0]))
+            out.append(("ratelimit", state[1]))
         if self._request_ids and hasattr(ctx, "request_id"):
             out.append(("x-request-id", ctx.request_id))
             if ctx.traceparent:

@@ -1,10 +1,11 @@
 """Fixed-window request counters: in-process by default, shared through Redis when configured.
 
-`hit(key, spec)` counts one request and answers whether it is allowed, how many remain and
-when the window resets; `hit_pair` counts two at once (a request's credential and tenant: one
-lock, or one Redis round trip). With Redis every worker and host share one counter per key;
-without it each worker counts alone (so the effective limit is workers x limit; documented in
-the README).
+`LimitTable` gives each tenant's windows (its rate-limit and quota documents over the server's
+configuration), re-read without a restart. `hit(key, spec)` counts one request and answers
+whether it is allowed, how many remain and when the window resets; `hit_pair` counts two at
+once (a request's credential and tenant: one lock, or one Redis round trip). With Redis every
+worker and host share one counter per key; without it each worker counts alone (so the
+effective limit is workers x limit; documented in the README).
 """
 
 from __future__ import annotations
@@ -14,9 +15,82 @@ import threading
 import time
 from typing import NamedTuple
 
-from serving.config import RateLimitSpec
+from serving.config import RateLimitSpec, ServingConfig
 
 log = logging.getLogger("recsys.serving")
+
+#: The routes an ``inference_qps`` quota counts (each answers recommendations).
+INFERENCE_PATHS = frozenset(
+    {
+        "/v1/recommend",
+        "/v1/similar",
+        "/v1/recs/predict",
+        "/v1/recs/batch/predict",
+        "/v1/recs/rerank",
+    }
+)
+
+
+class TenantLimits(NamedTuple):
+    """What a tenant's documents say about its requests (`LimitTable.limits`)."""
+
+    key: RateLimitSpec  # per credential (unless `per_key` names it)
+    tenant: RateLimitSpec  # all of the tenant's credentials together
+    per_key: dict[str, RateLimitSpec]  # subject ("key:<id>", "jwt:<sub>") -> its own window
+    inference: RateLimitSpec  # the inference_qps quota: a one-second window
+    policies: dict[str, str]  # subject -> RateLimit-Policy header ("" for the default one)
+
+
+class LimitTable:
+    """Each tenant's rate limits and inference quota, from its documents (``rate_limits`` and
+    ``quotas`` of `serving.control.access`) over the server's configuration; a tenant's entry
+    is re-checked at most every `check_s` seconds, so a change made by any worker applies on
+    every worker within that (plus a stat of each document)."""
+
+    def __init__(self, config: ServingConfig, check_s: float | None = None) -> None:
+        from serving.control import access
+
+        self._docs = access.store_collections(config.data_root)
+        self._quota_defaults = access.QUOTA_DEFAULTS
+        self._check_s = access.LIMIT_CHECK_S if check_s is None else check_s
+        self._config = config
+        self._tenants: dict[str, tuple[float, tuple, TenantLimits]] = {}
+
+    def limits(self, tenant: str) -> TenantLimits:
+        now = time.monotonic()
+        entry = self._tenants.get(tenant)
+        if entry is not None and now - entry[0] < self._check_s:
+            return entry[2]
+        rl = self._docs["rate_limits"].cached(tenant, "rate_limits")
+        qd = self._docs["quotas"].cached(tenant, "quotas")
+        sources = (rl, qd)
+        if entry is not None and entry[1][0] is rl and entry[1][1] is qd:
+            limits = entry[2]
+        else:
+            limits = self._resolve(rl.body if rl else {}, qd.body if qd else {})
+        if len(self._tenants) > 10_000:
+            self._tenants.clear()
+        self._tenants[tenant] = (now, sources, limits)
+        return limits
+
+    def _resolve(self, rl: dict, quotas: dict) -> TenantLimits:
+        def spec(value: dict | None, default: RateLimitSpec) -> RateLimitSpec:
+            return RateLimitSpec(value["limit"], value["window_s"]) if value else default
+
+        key = spec(rl.get("key"), self._config.rate_limit)
+        tenant = spec(rl.get("tenant"), self._config.tenant_rate_limit)
+        per_key = {}
+        for name, value in (rl.get("keys") or {}).items():
+            subject = name if ":" in name else "key:" + name  # a stored key's id
+            per_key[subject] = spec(value, key)
+        qps = quotas.get("inference_qps", self._quota_defaults["inference_qps"])
+        policies = {s: _policy(k, tenant) for s, k in per_key.items()}
+        policies[""] = _policy(key, tenant)
+        return TenantLimits(key, tenant, per_key, RateLimitSpec(max(qps, 0), 1), policies)
+
+
+def _policy(key: RateLimitSpec, tenant: RateLimitSpec) -> str:
+    return f'"key";q={key.limit};w={key.window_s}, "tenant";q={tenant.limit};w={tenant.window_s}'
 
 
 class RateDecision(NamedTuple):  # (a tuple: built twice per request, cheaply)

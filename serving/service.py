@@ -15,6 +15,7 @@ import orjson
 
 from recsys.snapshot.format import SIGNALS
 from serving.config import ServingConfig
+from serving.control.access import effective_rules
 from serving.documents import TenantDocuments
 from serving.errors import ProblemError
 from serving.metrics import Metrics
@@ -140,7 +141,11 @@ class RecommendService:
 
     def _rules(self, tenant: str, live: LiveSnapshot, surface: str, segment: str):
         body, version = self._tenants.current(tenant, "rules")
-        return compile_rules(live, body.get("rules", ()), version, surface, segment), version
+        # (+ the rules of the tenant's enabled policies: serving.control.access)
+        rules, version = effective_rules(
+            self._config.data_root, tenant, body.get("rules", ()), version
+        )
+        return compile_rules(live, rules, version, surface, segment), version
 
     # --- use cases ---------------------------------------------------------------------------
     def validate(self, tenant: str, body: Any) -> dict[str, Any]:

@@ -1,0 +1,327 @@
+"""Keys, rate limits, quotas and policies (serving/control/access.py) through the real app:
+keys shown once and stored only as keyed hashes, revoked and expired keys refused, limits and
+quotas applied without a restart, policies applied by the engine, and no tenant reaching
+another's. The multi-worker figures are in test_access_gunicorn below (a real gunicorn)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serving"))
+from serving_helpers import auth, build_client, make_config, publish_tiny  # noqa: E402
+
+from serving.control import access  # noqa: E402
+from serving.control.audit import AuditLog, verify_file  # noqa: E402
+
+ADMIN = auth("acme", ("admin",))
+GLOBEX = auth("globex", ("admin",))
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("snap"))
+    publish_tiny(root, "acme", "a")
+    publish_tiny(root, "globex", "g")
+    return os.path.join(root, "snapshots")
+
+
+@pytest.fixture()
+def data_root(snapshots, tmp_path) -> str:
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(snapshots, root / "snapshots")
+    return str(root)
+
+
+@pytest.fixture()
+def client(data_root):
+    return build_client(make_config(data_root))
+
+
+def recommend(client, headers, user="u1"):
+    return client.simulate_post("/v1/recommend", json={"user": {"user_id": user}}, headers=headers)
+
+
+def new_key(client, scopes=("recommend",), headers=ADMIN, **extra):
+    made = client.simulate_post(
+        "/v1/recs/keys", json={"name": "shop", "scopes": list(scopes), **extra}, headers=headers
+    )
+    assert made.status_code == 201, made.json
+    return made
+
+
+def wait_for(check, timeout_s: float = 3.0) -> float:
+    """Seconds until check() holds (fails after timeout_s)."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < timeout_s, "not within the time"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+# --- keys --------------------------------------------------------------------------------------
+def test_a_key_is_shown_once_and_stored_as_a_keyed_hash(client, data_root):
+    made = new_key(client)
+    key = made.json["key"]
+    assert key.startswith("rsk_") and made.json["prefix"] == key[:20]
+    assert made.json["id"] == "key_" + key[4:20] and made.headers["ETag"]
+    # the key works, as X-Api-Key and as "Authorization: ApiKey"
+    assert recommend(client, {"X-Api-Key": key}).status_code == 200
+    assert recommend(client, {"Authorization": f"ApiKey {key}"}).status_code == 200
+    # its scopes hold: a recommend key is no admin
+    assert client.simulate_get("/v1/recs/keys", headers={"X-Api-Key": key}).status_code == 403
+    listed = client.simulate_get("/v1/recs/keys", headers=ADMIN)
+    assert listed.status_code == 200 and listed.json["total"] == 1
+    (info,) = listed.json["items"]
+    assert info["prefix"] == key[:20] and info["scopes"] == ["recommend"]
+    assert info["last_used_at"] is not None and info["expires_at"] is None
+    # never shown again: not in the list, not in any file under the data root
+    assert key not in listed.text and key[20:] not in listed.text and "hash" not in info
+    for folder, _, files in os.walk(data_root, followlinks=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                assert key[20:].encode() not in f.read(), name
+    secret = os.path.join(data_root, "serving", "server_secret")
+    assert os.stat(secret).st_mode & 0o777 == 0o600
+    # a key that differs in one character is unknown
+    wrong = key[:-1] + ("A" if key[-1] != "A" else "B")
+    assert recommend(client, {"X-Api-Key": wrong}).status_code == 401
+
+
+def test_revoked_and_expired_keys_are_refused_environment_keys_keep_working(client, data_root):
+    key = new_key(client, expires_in=3600).json
+    assert key["expires_at"] is not None
+    headers = {"X-Api-Key": key["key"]}
+    assert recommend(client, headers).status_code == 200
+    gone = client.simulate_delete(f"/v1/recs/keys/{key['id']}", headers=ADMIN)
+    assert gone.status_code == 204
+    took = wait_for(lambda: recommend(client, headers).status_code == 401)
+    assert took < 1.0
+    assert client.simulate_delete(f"/v1/recs/keys/{key['id']}", headers=ADMIN).status_code == 404
+    # expiry: the stored time is past (as it will be an hour from now)
+    other = new_key(client, expires_in=60).json
+    keys = access.store_collections(data_root)["keys"]
+    keys.patch("acme", other["id"], lambda d: {**d.body, "expires_at": "2020-01-01T00:00:00Z"})
+    expired = {"X-Api-Key": other["key"]}
+    wait_for(lambda: recommend(client, expired).status_code == 401)
+    assert "expired" in recommend(client, expired).json["detail"]
+    assert recommend(client, {"X-Api-Key": "acme-key-0123456789"}).status_code == 200
+
+
+def test_admin_keys_and_the_keys_quota(client):
+    admin_key = new_key(client, scopes=("admin",)).json["key"]
+    as_key = {"X-Api-Key": admin_key}
+    assert client.simulate_get("/v1/recs/keys", headers=as_key).status_code == 200
+    assert recommend(client, as_key).status_code == 200  # admin implies recommend
+    patched = client.simulate_patch("/v1/recs/quotas", json={"keys": 2}, headers=as_key)
+    assert patched.status_code == 200 and patched.json["quotas"]["keys"] == 2
+    new_key(client)
+    refused = client.simulate_post("/v1/recs/keys", json={"name": "third"}, headers=ADMIN)
+    assert refused.status_code == 403 and refused.json["quota"] == "keys"
+    assert refused.json["code"] == "RECSYS_QUOTA_EXCEEDED"
+    assert client.simulate_get("/v1/recs/keys", headers=ADMIN).json["total"] == 2
+    # the audit log names the key by id as actor, and the refused write too
+    page = client.simulate_get(
+        "/v1/recs/audit/logs", params={"route": "/v1/recs/keys"}, headers=ADMIN
+    ).json
+    statuses = [e["status"] for e in page["items"]]
+    assert statuses == [201, 201, 403], statuses
+    quota_writes = client.simulate_get(
+        "/v1/recs/audit/logs", params={"route": "/v1/recs/quotas"}, headers=ADMIN
+    ).json["items"]
+    assert quota_writes[0]["actor"].startswith("key:key_")
+    assert quota_writes[0]["target"] == "quotas/quotas" and quota_writes[0]["after"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": ""},
+        {"name": "x", "scopes": ["root"]},
+        {"name": "x", "scopes": []},
+        {"name": "x", "expires_in": 5},
+        {"name": "x", "extra": 1},
+    ],
+)
+def test_bad_key_requests_are_400(client, body):
+    assert client.simulate_post("/v1/recs/keys", json=body, headers=ADMIN).status_code == 400
+
+
+# --- rate limits and quotas ---------------------------------------------------------------------
+def test_rate_limits_apply_without_a_restart(client):
+    got = client.simulate_get("/v1/recs/rate-limits", headers=ADMIN)
+    assert got.status_code == 200
+    assert got.json["key"] == {"limit": 100_000, "window_s": 60} and got.json["keys"] == {}
+    too_high = client.simulate_put(
+        "/v1/recs/rate-limits", json={"key": {"limit": 200_000, "window_s": 60}}, headers=ADMIN
+    )
+    assert too_high.status_code == 422
+    key = new_key(client).json
+    put = client.simulate_put(
+        "/v1/recs/rate-limits",
+        json={"keys": {key["id"]: {"limit": 3, "window_s": 3600}}},
+        headers={**ADMIN, "If-Match": got.headers["ETag"]},
+    )
+    assert put.status_code == 200, put.json
+    headers = {"X-Api-Key": key["key"]}
+    time.sleep(access.LIMIT_CHECK_S + 0.05)
+    answers = [recommend(client, headers) for _ in range(5)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429, 429]
+    assert answers[0].headers["RateLimit-Policy"].startswith('"key";q=3;w=3600')
+    assert "Retry-After" in answers[3].headers
+    assert recommend(client, auth()).status_code == 200  # the tenant's other callers are not
+    stale = client.simulate_put(
+        "/v1/recs/rate-limits", json={}, headers={**ADMIN, "If-Match": got.headers["ETag"]}
+    )
+    assert stale.status_code == 409
+
+
+def test_the_inference_quota_is_a_429_naming_it(client):
+    assert (
+        client.simulate_patch(
+            "/v1/recs/quotas", json={"inference_qps": 0}, headers=ADMIN
+        ).status_code
+        == 200
+    )
+    time.sleep(access.LIMIT_CHECK_S + 0.05)
+    refused = recommend(client, auth())
+    assert refused.status_code == 429 and refused.json["quota"] == "inference_qps"
+    assert refused.json["code"] == "RECSYS_QUOTA_EXCEEDED"
+    assert recommend(client, auth("globex")).status_code == 200  # another tenant's quota
+    # admin routes are no inference: still answered
+    assert client.simulate_get("/v1/recs/quotas", headers=ADMIN).status_code == 200
+    above = client.simulate_patch("/v1/recs/quotas", json={"models": 10**6}, headers=ADMIN)
+    assert above.status_code == 422 and above.json["quota"] == "models"
+
+
+def test_quota_report_and_require_quota(client, data_root):
+    new_key(client)
+    report = client.simulate_get("/v1/recs/quotas", headers=ADMIN).json
+    assert report["quotas"] == access.QUOTA_DEFAULTS
+    assert report["usage"]["keys"] == {"limit": 100, "used": 1}
+    assert report["usage"]["storage_bytes"]["used"] > 0  # at least the key's own file
+    assert set(report["usage"]) == set(access.QUOTA_NAMES)
+
+
+# --- policies -----------------------------------------------------------------------------------
+def test_policies_are_applied_by_the_engine(client):
+    first = recommend(client, auth()).json["items"][0]["item_id"]
+    assert first == "a0"
+    block = {"id": "no-a0", "type": "block", "item_ids": ["a0"]}
+    made = client.simulate_post(
+        "/v1/recs/policies",
+        json={"id": "competitor", "name": "No competitor items", "rules": [block]},
+        headers=ADMIN,
+    )
+    assert made.status_code == 201, made.json
+    wait_for(lambda: recommend(client, auth()).json["items"][0]["item_id"] != "a0")
+    answer = recommend(client, auth()).json
+    assert "a0" not in [i["item_id"] for i in answer["items"]]
+    assert recommend(client, auth("globex")).json["items"][0]["item_id"] == "g0"  # acme's only
+    listed = client.simulate_get("/v1/recs/policies", headers=ADMIN).json
+    assert [p["id"] for p in listed["items"]] == ["tenant-rules", "competitor"]
+    # disabled: no longer applied
+    etag = made.headers["ETag"]
+    off = client.simulate_put(
+        "/v1/recs/policies/competitor",
+        json={"name": "No competitor items", "rules": [block], "enabled": False},
+        headers={**ADMIN, "If-Match": etag},
+    )
+    assert off.status_code == 200 and off.json["enabled"] is False
+    wait_for(lambda: recommend(client, auth()).json["items"][0]["item_id"] == "a0")
+    # the tenant rules document is the policy 'tenant-rules': its rules apply as before
+    rules = client.simulate_put(
+        "/v1/admin/tenants/acme/rules", json={"rules": [block]}, headers=ADMIN
+    )
+    assert rules.status_code in (200, 201), rules.json
+    view = client.simulate_get("/v1/recs/policies/tenant-rules", headers=ADMIN).json
+    assert view["rules"][0]["id"] == "no-a0" and view["view"] == "tenant-rules"
+    assert (
+        client.simulate_delete("/v1/recs/policies/tenant-rules", headers=ADMIN).status_code == 409
+    )
+    bad = client.simulate_post(
+        "/v1/recs/policies",
+        json={"name": "x", "rules": [{"id": "p", "type": "pin", "item_id": "a1"}]},
+        headers=ADMIN,
+    )
+    assert bad.status_code == 422  # a pin without a position
+    assert client.simulate_delete("/v1/recs/policies/competitor", headers=ADMIN).status_code == 204
+
+
+# --- audit route --------------------------------------------------------------------------------
+def test_audit_route_pages_and_filters(client, data_root):
+    for _ in range(5):
+        new_key(client)
+    first = client.simulate_get("/v1/recs/audit/logs", params={"limit": 2}, headers=ADMIN).json
+    assert len(first["items"]) == 2 and first["next_cursor"] == str(first["items"][-1]["seq"])
+    second = client.simulate_get(
+        "/v1/recs/audit/logs", params={"limit": 2, "cursor": first["next_cursor"]}, headers=ADMIN
+    ).json
+    assert [e["seq"] for e in second["items"]] == [3, 4]
+    rest = client.simulate_get("/v1/recs/audit/logs", params={"cursor": "4"}, headers=ADMIN).json
+    assert [e["seq"] for e in rest["items"]] == [5] and rest["next_cursor"] is None
+    none = client.simulate_get(
+        "/v1/recs/audit/logs", params={"actor": "jwt:nobody"}, headers=ADMIN
+    ).json
+    assert none["items"] == []
+    future = client.simulate_get(
+        "/v1/recs/audit/logs", params={"since": "2999-01-01T00:00:00+00:00"}, headers=ADMIN
+    ).json
+    assert future["items"] == []
+    assert (
+        client.simulate_get(
+            "/v1/recs/audit/logs", params={"since": "yesterday"}, headers=ADMIN
+        ).status_code
+        == 400
+    )
+    path = AuditLog(os.path.join(data_root, "serving", "audit")).path("acme")
+    assert verify_file(path).ok
+
+
+# --- tenants ------------------------------------------------------------------------------------
+def test_no_tenant_reaches_another_tenants_keys_limits_quotas_policies_or_audit(client):
+    key = new_key(client).json
+    client.simulate_post(
+        "/v1/recs/policies",
+        json={"id": "acme-pol", "name": "marker-policy", "rules": []},
+        headers=ADMIN,
+    )
+    client.simulate_patch("/v1/recs/quotas", json={"webhooks": 7}, headers=ADMIN)
+    routes = [
+        ("GET", "/v1/recs/audit/logs", None),  # (first: globex's own writes follow)
+        ("GET", "/v1/recs/keys", None),
+        ("DELETE", f"/v1/recs/keys/{key['id']}", None),
+        ("GET", "/v1/recs/rate-limits", None),
+        ("GET", "/v1/recs/quotas", None),
+        ("GET", "/v1/recs/policies", None),
+        ("GET", "/v1/recs/policies/acme-pol", None),
+        ("DELETE", "/v1/recs/policies/acme-pol", None),
+        ("PUT", "/v1/recs/policies/acme-pol", {"name": "globex-own", "rules": []}),
+    ]
+    for method, path, body in routes:
+        spy = client.simulate_request(method, path, json=body, headers=GLOBEX)
+        # (a 404 echoes the id the caller sent, which leaks nothing)
+        text = spy.text.replace(path, "").replace(f"'{key['id']}'", "")
+        assert key["id"] not in text and "marker-policy" not in text, (path, text)
+        assert '"webhooks":7' not in text.replace(" ", ""), (path, text)
+        if method == "DELETE" or path.endswith("acme-pol") and method == "GET":
+            assert spy.status_code == 404, (path, spy.status_code)
+        assert client.simulate_request(method, path, json=body).status_code == 401
+        org = {**ADMIN, "X-Org-Id": "globex"}
+        assert client.simulate_request(method, path, json=body, headers=org).status_code == 403
+    # globex's audit log holds globex's requests only
+    log = client.simulate_get("/v1/recs/audit/logs", headers=GLOBEX).json["items"]
+    assert log and {e["tenant"] for e in log} == {"globex"}
+    # acme's objects are intact; globex's PUT made globex's own policy
+    assert client.simulate_get("/v1/recs/keys", headers=ADMIN).json["total"] == 1
+    mine = client.simulate_get("/v1/recs/policies/acme-pol", headers=ADMIN).json
+    assert mine["name"] == "marker-policy"
+    # globex's key authenticates as globex only
+    gkey = new_key(client, headers=GLOBEX).json["key"]
+    answer = recommend(client, {"X-Api-Key": gkey})
+    assert answer.status_code == 200 and answer.json["items"][0]["item_id"].startswith("g")
+    assert recommend(client, {"X-Api-Key": gkey, "X-Org-Id": "acme"}).status_code == 403
