@@ -19,7 +19,12 @@ from recsys.storage import Storage, default_root
 from recsys.tenancy import tenant_arg
 
 #: Modules that add their own sub-commands through `register(subparsers)`.
-COMMAND_MODULES: tuple[str, ...] = ("recsys.snapshot.cli", "serving.cli", "recsys.outbox")
+COMMAND_MODULES: tuple[str, ...] = (
+    "recsys.snapshot.cli",
+    "serving.cli",
+    "recsys.outbox",
+    "serving.control.audit",
+)
 
 
 def _progress(label: str, quiet: bool) -> Callable[[int, int], None]:

@@ -329,3 +329,39 @@ class AuditHook:
 @dataclass(frozen=True, slots=True)
 class _Scopes:
     required_scope: dict[str, str | None]
+
+
+# --- `recsys audit verify` -----------------------------------------------------------------------
+def register(subparsers) -> None:
+    """Add ``recsys audit verify [--tenant T]`` (exit 1 when a chain is broken)."""
+    audit = subparsers.add_parser("audit", help="the audit log of admin writes")
+    sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = sub.add_parser("verify", help="verify each tenant's hash chain")
+    verify.add_argument("--tenant", help="one tenant (default: every tenant with a log)")
+    verify.add_argument("--data-root", dest="data_root", default=None)
+    verify.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args) -> int:
+    log_ = AuditLog(os.path.join(args.data_root, "serving", "audit"))
+    tenants = [args.tenant] if args.tenant else log_.tenants()
+    if not tenants:
+        print("no audit logs")
+        return 0
+    bad = 0
+    for tenant in tenants:
+        if not os.path.exists(log_.path(tenant)):
+            print(f"{tenant}: no audit log")
+            bad += 1
+            continue
+        result = log_.verify(tenant)
+        if result.ok:
+            print(f"{tenant}: ok, {result.entries} entries, last hash {result.last_hash}")
+        else:
+            broken = result.broken
+            print(
+                f"{tenant}: BROKEN at entry {broken.seq}: {broken.reason} "
+                f"({result.entries} entries verified before it)"
+            )
+            bad += 1
+    return 1 if bad else 0
