@@ -28,9 +28,17 @@ GROUP = "publish"
 class _Champion:
     """The model a tenant publishes: the final fit, as admitted by the champion gate. The gate
     is read at once (cheap: it names the model version); the model itself on first use, through
-    a per-process cache, so the shard steps a worker process runs load it once."""
+    a per-process cache, so the shard steps a worker process runs load it once.
 
-    def __init__(self, store: Storage, tenant: str) -> None:
+    With `version` (PublishConfig.model_version): that registered version of recsys-<tenant>
+    instead, its artifacts downloaded from MLflow once under models/<tenant>/versions/."""
+
+    def __init__(
+        self, store: Storage, tenant: str, version: str = "", mlflow_uri: str | None = None
+    ) -> None:
+        if version:
+            self._from_registry(store, tenant, version, mlflow_uri or store.mlflow_uri())
+            return
         gate_path = model_path(store, tenant, "gate.json")
         if not store.exists(gate_path):
             raise dg.Failure(
@@ -57,6 +65,24 @@ class _Champion:
             }
         }
 
+    def _from_registry(self, store: Storage, tenant: str, version: str, uri: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        from recsys import tracking
+
+        name = tracking.registered_model_name(tenant)
+        try:
+            mv = tracking._client(uri).get_model_version(name, version)
+        except MlflowException as ex:
+            raise dg.Failure(f"{tenant}: no version {version} of {name} in MLflow ({ex})") from None
+        self.gate = {"model": name, "version": str(mv.version), "run_id": mv.run_id}
+        self.path = model_path(store, tenant, "versions", f"v{mv.version}", "hybrid")
+        self._store = store
+        if not store.exists(os.path.join(self.path, "hybrid.json")):
+            _download_version(mv.source, self.path, uri)
+        self.key = f"{name}-v{mv.version}-{str(mv.run_id or '')[:12]}"
+        self.info = {"champion": {"name": name, "version": str(mv.version), "run_id": mv.run_id}}
+
     @property
     def model(self) -> Any:
         return _load_model(self.path, _folder_stamp(self._store, self.path))
@@ -67,6 +93,36 @@ class _Champion:
         return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[
             :12
         ]
+
+
+def _download_version(source: str, path: str, uri: str) -> None:
+    """A registered version's model folder, downloaded to `path` (a local folder: renamed into
+    place whole, so a concurrent step never reads half a model)."""
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".download-", dir=parent)
+    try:
+        got = mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=tmp, tracking_uri=uri
+        )
+        try:
+            os.rename(got, path)
+        except OSError:
+            if not os.path.exists(os.path.join(path, "hybrid.json")):  # (not another step's)
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _champion(store: Storage, tenant: str, config: PublishConfig):
+    """The model this run publishes for `tenant` (the gate's champion or config.model_version,
+    from the MLflow store at config.mlflow_uri, default the data root's)."""
+    return _Champion(store, tenant, config.model_version, config.mlflow_uri or None)
 
 
 def _folder_stamp(store: Storage, path: str) -> str:
@@ -107,10 +163,17 @@ def plan_user_shards(
         else list(range(N_USER_SHARDS))
     )
     for tenant in tenants(store, config.tenants):
-        champ = _Champion(store, tenant)
+        champ = _champion(store, tenant, config)
         for shard in shards:
             yield dg.DynamicOutput(
-                {"tenant": tenant, "shard": shard, "model_key": champ.key, "k": config.n_per_user},
+                {
+                    "tenant": tenant,
+                    "shard": shard,
+                    "model_key": champ.key,
+                    "k": config.n_per_user,
+                    "model_version": config.model_version,
+                    "mlflow_uri": config.mlflow_uri,
+                },
                 mapping_key=f"{tenant}_{shard:02d}".replace("-", "_"),
             )
 
@@ -120,7 +183,8 @@ def score_user_shard(context: dg.OpExecutionContext, storage: StorageResource, t
     """Scores one user shard of one tenant and stages it (an atomic file per shard: a step
     that dies leaves nothing half-written, and running it again gives the same file)."""
     store = storage.storage()
-    champ = _Champion(store, task["tenant"])
+    version, uri = task.get("model_version", ""), task.get("mlflow_uri") or None
+    champ = _Champion(store, task["tenant"], version, uri)
     if champ.key != task["model_key"]:
         raise dg.Failure(
             f"{task['tenant']}: the champion changed during the run "
@@ -180,7 +244,7 @@ def item_similarities(
     store = storage.storage()
     meta: dict[str, Any] = {}
     for tenant in tenants(store, config.tenants):
-        champ = _Champion(store, tenant)
+        champ = _champion(store, tenant, config)
         lists = snapbuild.similar_lists(champ.model, config.n_similar)
         snapbuild.write_item_lists(_snapshots(store, tenant).root, champ.key, similar=lists)
         meta[f"{tenant}/pairs"] = dg.MetadataValue.json({k: f.height for k, f in lists.items()})
@@ -197,7 +261,7 @@ def fallback_lists(
     store = storage.storage()
     meta: dict[str, Any] = {}
     for tenant in tenants(store, config.tenants):
-        champ = _Champion(store, tenant)
+        champ = _champion(store, tenant, config)
         events, items, users = read_inputs(store, tenant)
         table = snapbuild.aligned_items([str(i) for i in champ.model.item_ids_], items)
         lists = snapbuild.fallback_lists(champ.model, table, users, events, k=config.n_fallback)
@@ -225,7 +289,7 @@ def serving_snapshot(
     meta: dict[str, Any] = {}
     rows = []
     for tenant in tenants(store, config.tenants):
-        champ = _Champion(store, tenant)
+        champ = _champion(store, tenant, config)
         snaps = _snapshots(store, tenant, config.keep)
         previous = snaps.current_id()
         events, items, users = read_inputs(store, tenant)
@@ -243,6 +307,7 @@ def serving_snapshot(
             config_version=champ.config_version,
             n_similar=config.n_similar,
             log=context.log,
+            make_live=config.make_live,
         )
         row: dict[str, Any] = {
             "tenant": tenant,
@@ -256,6 +321,7 @@ def serving_snapshot(
         rows.append(row)
         meta[f"{tenant}/path"] = dg.MetadataValue.path(os.path.join(snaps.root, sid))
         meta[f"{tenant}/bytes"] = sum(f["bytes"] for f in manifest["files"].values())
-        context.log.info(f"{tenant}: published {sid} (was {previous})")
+        live = "" if config.make_live else " (not live: CURRENT unchanged)"
+        context.log.info(f"{tenant}: published {sid}{live} (was {previous})")
     meta["published"] = dg.MetadataValue.json(rows)
     return dg.MaterializeResult(metadata=meta)

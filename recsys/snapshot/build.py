@@ -318,8 +318,10 @@ def assemble_snapshot(
     n_similar: int = 20,
     compute_missing: bool = True,
     log: Any = None,
+    make_live: bool = True,
 ) -> tuple[str, dict[str, Any]]:
-    """Write the snapshot from the staged shards (computing missing ones), verify and publish.
+    """Write the snapshot from the staged shards (computing missing ones), verify and publish
+    (`make_live`: and switch CURRENT to it).
 
     Returns (snapshot_id, manifest). CURRENT changes only if everything succeeded.
     """
@@ -372,6 +374,6 @@ def assemble_snapshot(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    sid = store.publish(tmp)
+    sid = store.publish(tmp, switch=make_live)
     shutil.rmtree(staging_dir(store.root, model_key), ignore_errors=True)
     return sid, manifest

@@ -119,8 +119,11 @@ class SnapshotStore:
         os.makedirs(path)
         return path
 
-    def publish(self, tmp_dir: str, *, checksums: bool = True, prune: bool = True) -> str:
-        """Verify the snapshot in `tmp_dir`, move it to its id, switch CURRENT to it, prune.
+    def publish(
+        self, tmp_dir: str, *, checksums: bool = True, prune: bool = True, switch: bool = True
+    ) -> str:
+        """Verify the snapshot in `tmp_dir`, move it to its id, switch CURRENT to it (unless
+        not `switch`: kept beside the live one, e.g. for a deployment to make live), prune.
 
         Raises SnapshotError (and leaves CURRENT untouched) when verification fails; the
         temporary folder is then removed. Returns the published snapshot id.
@@ -144,7 +147,8 @@ class SnapshotStore:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
         fsync_dir(self.root)
-        self._switch(sid)
+        if switch:
+            self._switch(sid)
         if prune:
             self.prune()
         return sid

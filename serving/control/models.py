@@ -177,6 +177,7 @@ class Deployment(Reply):
     by: str | None = None
     seconds: float | None = None
     event_id: str | None = None
+    job: dict[str, Any] | None = None
 
 
 class MetricsQuery(Query):
@@ -573,7 +574,16 @@ class ModelsResource:
                 pass
             snapshot = self._snapshot_of(tenant, model_id, version_id)
             if snapshot is None:
-                raise self._not_kept(model_id, version_id)
+                out = self._rebuild(req, tenant, version, body)
+                req.context.audit = {
+                    "target": f"model/{model_id}/versions/{version_id}",
+                    "before": None,
+                    "after": f"rebuild:{out['job']['run_id']}",
+                }
+                resp.status = falcon.HTTP_202
+                resp.location = f"/v1/recs/jobs/{out['job']['run_id']}"
+                resp.media = out
+                return
             if body.env == "prod" and body.traffic_pct >= 100:
                 out = self._deploy_prod(req, tenant, version, snapshot)
             else:
@@ -586,6 +596,51 @@ class ModelsResource:
             "after": f"{out['env']}:{version_id}",
         }
         resp.media = out
+
+    def _rebuild(self, req, tenant: str, version: Any, body: DeployRequest) -> dict[str, Any]:
+        """No kept snapshot of the version: a Dagster run of `publish_job` rebuilds one from the
+        version's MLflow artifacts, without making it live; the answer (202) names the run.
+        Deploying again once it has finished makes it live. While it runs, deploys are 409."""
+        from serving.control.dagster import ACTIVE, client_for
+
+        name, number = version.name, str(version.version)
+        if name != reg.pipeline_model(tenant):
+            raise self._not_kept(name, number)  # (the pipeline publishes its own model only)
+        dagster = client_for(self._ctx.config.dagster_url)
+        pending = (version.tags or {}).get("deploy.rebuild_run")
+        if pending:
+            run = dagster.run(pending)
+            if run is not None and run.status in ACTIVE:
+                raise ProblemError(
+                    409,
+                    f"The snapshot of version {number} is being rebuilt (Dagster run {pending}); "
+                    "deploy again when it has finished.",
+                    code="RECSYS_DEPLOYMENT_RUNNING",
+                    headers={"Retry-After": "30"},
+                    extra={"job": {"run_id": pending, "status": run.status}},
+                )
+        cfg = {
+            "tenants": [tenant],
+            "model_version": number,
+            "make_live": False,
+            "mlflow_uri": self._reg.uri,
+        }
+        assets = ("user_recommendations", "item_similarities", "fallback_lists", "serving_snapshot")
+        run_id = dagster.launch(
+            "publish_job",
+            {"ops": {a: {"config": cfg} for a in assets}},
+            {
+                "recsys/tenant": tenant,
+                "recsys/kind": "rebuild",
+                "recsys/model_version": f"{name}@{number}",
+            },
+        )
+        self._reg.call(
+            lambda c: c.set_model_version_tag(name, number, "deploy.rebuild_run", run_id)
+        )
+        out = self._deployment(req, version, body.env, body.traffic_pct, "rebuilding")
+        out["job"] = {"run_id": run_id, "job": "publish_job", "ui": dagster.ui_link(run_id)}
+        return out
 
     def _deployment(self, req, version, env, pct, status, **extra) -> dict[str, Any]:
         return {
@@ -1061,6 +1116,7 @@ ROUTES: tuple[Route, ...] = (
         SCOPE_ADMIN,
         params=_MV,
         body=DeployRequest,
+        also=(202,),
         response=Deployment,
         errors=(409, 422, _MLFLOW),
         tags=_TAGS,

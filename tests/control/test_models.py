@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import sqlite3
 import sys
 import time
@@ -414,16 +415,118 @@ def test_a_second_deploy_while_one_runs_is_409(api, world):
     assert first_item(api) == "a0"
 
 
-def test_a_version_without_a_kept_snapshot_is_not_deployed(api, world):
+def test_a_version_without_a_kept_snapshot_needs_a_rebuild(api, world):
     run = world["runs"][("acme", 1)]
     made = api.simulate_post(
         f"{BASE}/versions", json={"artifact_url": f"runs:/{run}/model"}, headers=ADMIN
     )
     assert made.status_code == 201
+    # the rebuild is a Dagster run: none is configured here -> 503 naming Dagster
     resp = api.simulate_post(f"{BASE}/versions/{made.json['id']}/deploy", json={}, headers=ADMIN)
-    assert resp.status_code == 409 and resp.json["code"] == "RECSYS_SNAPSHOT_NOT_KEPT"
+    assert resp.status_code == 503 and resp.json["dependency"] == "dagster", resp.json
     assert first_item(api) == "a0"
-    mlflow(world).delete_model_version(MODEL, made.json["id"])
+    # a model the pipeline does not publish has no way to a snapshot: 409
+    other = api.simulate_post("/v1/recs/models", json={"name": "side"}, headers=ADMIN)
+    assert other.status_code == 201
+    side = "/v1/recs/models/recsys-acme~side"
+    v = api.simulate_post(
+        f"{side}/versions", json={"artifact_url": f"runs:/{run}/model"}, headers=ADMIN
+    )
+    assert v.status_code == 201, v.json
+    resp = api.simulate_post(f"{side}/versions/1/deploy", json={}, headers=ADMIN)
+    assert resp.status_code == 409 and resp.json["code"] == "RECSYS_SNAPSHOT_NOT_KEPT"
+    mlflow(world).delete_registered_model("recsys-acme~side")
+
+
+@pytest.mark.slow
+def test_publish_job_rebuilds_a_versions_snapshot_without_making_it_live(api, world):
+    """What the rebuild run does (the publish assets with model_version and make_live false),
+    in process; then deploy finds the rebuilt snapshot and makes it live."""
+    import dagster as dg
+
+    from pipelines import publish
+    from pipelines.resources import StorageResource
+
+    storage = Storage(world["root"])
+    d = storage.path("warehouse", "acme", "events", "date=2024-01-01")
+    if not os.path.isdir(d):
+        os.makedirs(d)
+        events = cluster_events(np.random.default_rng(2), n_users=60, n_items=20, per_user=8)
+        events.write_parquet(os.path.join(d, "part-0.parquet"))
+    run = world["runs"][("acme", 1)]
+    made = api.simulate_post(
+        f"{BASE}/versions", json={"artifact_url": f"runs:/{run}/model"}, headers=ADMIN
+    )
+    number = made.json["id"]
+    cfg = {"tenants": ["acme"], "n_per_user": 8, "model_version": number, "make_live": False}
+    cfg["mlflow_uri"] = world["uri"]
+    names = ("user_recommendations", "item_similarities", "fallback_lists", "serving_snapshot")
+    store = SnapshotStore(storage.snapshots_dir("acme"))
+    before = store.current_id()
+    result = dg.materialize(
+        [dg.AssetSpec("champion_model"), *publish.assets],
+        resources={"storage": StorageResource(root=world["root"])},
+        run_config={"ops": {n: {"config": cfg} for n in names}},
+    )
+    assert result.success
+    assert store.current_id() == before  # published beside the live one
+    rebuilt = max(store.ids())
+    with open(os.path.join(store.path_of(rebuilt), "manifest.json"), "rb") as f:
+        champion = orjson.loads(f.read())["models"]["champion"]
+    assert champion["name"] == MODEL and champion["version"] == number
+    try:
+        dep = api.simulate_post(f"{BASE}/versions/{number}/deploy", json={}, headers=ADMIN)
+        assert dep.status_code == 200, dep.json
+        assert dep.json["snapshot_id"] == rebuilt and store.current_id() == rebuilt
+        resp = api.simulate_post(
+            "/v1/recommend", json={"k": 3, "user": {"user_id": "u1"}}, headers=READ
+        )
+        assert resp.json["meta"]["algo_version"] == f"{MODEL}@{number}"
+    finally:
+        reset(world)
+        shutil.rmtree(store.path_of(rebuilt))
+
+
+@pytest.mark.slow
+def test_deploy_launches_the_rebuild_as_a_dagster_run(world, dagster_server):
+    from serving.control.dagster import ACTIVE, DagsterClient
+
+    client = build_client(
+        make_config(world["root"], mlflow_uri=world["uri"], dagster_url=dagster_server.url)
+    )
+    reset(world)
+    run = world["runs"][("acme", 1)]
+    made = client.simulate_post(
+        f"{BASE}/versions", json={"artifact_url": f"runs:/{run}/model"}, headers=ADMIN
+    )
+    number = made.json["id"]
+    dagster = DagsterClient(dagster_server.url)
+    launched = []
+    try:
+        dep = client.simulate_post(f"{BASE}/versions/{number}/deploy", json={}, headers=ADMIN)
+        assert dep.status_code == 202, dep.json
+        job = dep.json["job"]
+        launched.append(job["run_id"])
+        assert dep.json["status"] == "rebuilding" and job["job"] == "publish_job"
+        assert dep.headers["Location"] == f"/v1/recs/jobs/{job['run_id']}"
+        got = dagster.run(job["run_id"])
+        assert got.job == "publish_job" and got.tags["recsys/model_version"] == f"{MODEL}@{number}"
+        assert f"model_version: '{number}'" in got.run_config_yaml or (
+            f'model_version: "{number}"' in got.run_config_yaml
+        )
+        assert "make_live: false" in got.run_config_yaml
+        # while it runs, another deploy of the tenant is refused
+        if dagster.run(job["run_id"]).status in ACTIVE:
+            again = client.simulate_post(f"{BASE}/versions/{number}/deploy", json={}, headers=ADMIN)
+            if again.status_code == 202:  # (it finished in between)
+                launched.append(again.json["job"]["run_id"])
+            else:
+                assert again.status_code == 409, again.json
+        assert first_item(client) == "a0"  # nothing live changed
+    finally:
+        for run_id in launched:  # (the run belongs to this test's world, not the server's)
+            dagster.terminate(run_id)
+        reset(world)
 
 
 # --- metrics and explanations -----------------------------------------------------------------
