@@ -6,14 +6,22 @@ another's. The multi-worker figures are in test_access_gunicorn below (a real gu
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
+import orjson
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serving"))
-from serving_helpers import auth, build_client, make_config, publish_tiny  # noqa: E402
+from serving_helpers import SECRET, auth, build_client, make_config, publish_tiny  # noqa: E402
+from test_serving_gunicorn import free_port, request, wait_ready  # noqa: E402
 
+from serving.auth import mint_token  # noqa: E402
+from serving.cli import gunicorn_argv  # noqa: E402
 from serving.control import access  # noqa: E402
 from serving.control.audit import AuditLog, verify_file  # noqa: E402
 
@@ -325,3 +333,103 @@ def test_no_tenant_reaches_another_tenants_keys_limits_quotas_policies_or_audit(
     answer = recommend(client, {"X-Api-Key": gkey})
     assert answer.status_code == 200 and answer.json["items"][0]["item_id"].startswith("g")
     assert recommend(client, {"X-Api-Key": gkey, "X-Org-Id": "acme"}).status_code == 403
+
+
+# --- every worker: a real gunicorn with two workers ------------------------------------------
+def _until_refused(call, refused: int, streak: int = 20, timeout_s: float = 10.0):
+    """Call until `streak` answers in a row have status `refused`; (seconds from the start to
+    the first answer of that streak, requests sent). Each call is a new connection, which
+    gunicorn hands to either worker: 20 in a row reach both (all but 2^-19 of the time)."""
+    start = time.monotonic()
+    run_start, run, sent = None, 0, 0
+    while run < streak:
+        assert time.monotonic() - start < timeout_s, f"not refused within {timeout_s} s"
+        at = time.monotonic()
+        status = call()
+        sent += 1
+        if status == refused:
+            run_start = at if run == 0 else run_start
+            run += 1
+        else:
+            run = 0
+    return run_start - start, sent
+
+
+@pytest.mark.slow
+def test_revocation_limits_and_quotas_reach_every_worker(tmp_path):
+    """A revoked key, a changed rate limit and a changed quota, each applied by both workers of
+    a real gunicorn: the time from the change's answer until every request is refused."""
+    root = str(tmp_path / "data")
+    publish_tiny(root, "acme", "a")
+    port = free_port()
+    env = {**os.environ, "RECSYS_DATA_ROOT": root, "RECSYS_JWT_SECRET": SECRET}
+    env["RECSYS_ACCESS_LOG"] = "0"
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen(
+        gunicorn_argv(f"127.0.0.1:{port}", 2),
+        env=env,
+        cwd=repo,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # (its own process group: killed whole at the end)
+    )
+    base = f"http://127.0.0.1:{port}"
+    figures = {}
+    try:
+        wait_ready(base, proc, 300)
+
+        def call(method, path, body=None, headers=None):
+            req_headers = {**ADMIN, **(headers or {})}
+            if method == "GET":
+                return request(base + path, None, req_headers)
+            data = orjson.dumps(body) if body is not None else None
+            req = urllib.request.Request(
+                base + path,
+                data=data,
+                method=method,
+                headers={"Content-Type": "application/json", **req_headers},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    return resp.status, resp.headers, resp.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers, e.read()
+
+        def recommend_as(headers):
+            return request(base + "/v1/recommend", {"user": {"user_id": "u1"}}, headers)[0]
+
+        # a revoked key
+        status, _, body = call("POST", "/v1/recs/keys", {"name": "shop"})
+        assert status == 201
+        key = orjson.loads(body)
+        as_key = {"X-Api-Key": key["key"]}
+        assert all(recommend_as(as_key) == 200 for _ in range(10))
+        assert call("DELETE", f"/v1/recs/keys/{key['id']}")[0] == 204
+        figures["revoked key"] = _until_refused(lambda: recommend_as(as_key), 401)
+
+        # a changed rate limit (the caller has used more than the new limit this minute)
+        jwt = {"Authorization": "Bearer " + mint_token(SECRET, "acme", subject="limited")}
+        assert all(recommend_as(jwt) == 200 for _ in range(10))
+        body = {"keys": {"jwt:limited": {"limit": 1, "window_s": 60}}}
+        assert call("PUT", "/v1/recs/rate-limits", body)[0] == 200
+        figures["rate limit"] = _until_refused(lambda: recommend_as(jwt), 429)
+
+        # a changed quota (another caller of the tenant: its inference rate drops to 0)
+        status, _, body = call("POST", "/v1/recs/keys", {"name": "other"})
+        other = {"X-Api-Key": orjson.loads(body)["key"]}
+        assert recommend_as(other) == 200
+        assert call("PATCH", "/v1/recs/quotas", {"inference_qps": 0})[0] == 200
+        figures["quota"] = _until_refused(lambda: recommend_as(other), 429)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    print(
+        "\nevery worker refuses (s after the change's answer, requests sent): "
+        + ", ".join(f"{name} {s:.3f} ({n})" for name, (s, n) in figures.items())
+    )
+    for name, (seconds, _) in figures.items():
+        assert seconds < 1.5, (name, seconds)
