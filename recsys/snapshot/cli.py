@@ -1,4 +1,4 @@
-"""`recsys snapshot list|rollback|diff`: inspect and switch the published serving snapshots.
+"""`recsys snapshot list|rollback|diff|fetch`: inspect and switch the published serving snapshots.
 
 The main CLI wires it with ``recsys.snapshot.cli.register(subparsers, default_data_root=...)``;
 every sub-command sets ``args.func(args) -> int`` (the exit code). Runnable alone as
@@ -36,7 +36,7 @@ def register(
     parent.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     snap = subparsers.add_parser("snapshot", help="list, roll back or compare serving snapshots")
-    sub = snap.add_subparsers(dest="snapshot_command", metavar="{list,rollback,diff}")
+    sub = snap.add_subparsers(dest="snapshot_command", metavar="{list,rollback,diff,fetch}")
     sub.required = True
 
     p = sub.add_parser("list", parents=[parent], help="published snapshots, newest first")
@@ -57,7 +57,30 @@ def register(
     p.add_argument("b", nargs="?", help="second snapshot (default: the current one)")
     p.add_argument("-k", type=int, default=10, help="list length compared (default: %(default)s)")
     p.set_defaults(func=_friendly(_diff))
+
+    p = sub.add_parser(
+        "fetch",
+        parents=[parent],
+        help="copy the live snapshot from another data root (any fsspec URI) to this one, "
+        "verified by its checksums, and make it live here",
+    )
+    p.add_argument("--from", dest="source", required=True, help="the pipeline's data root URI")
+    p.add_argument("--snapshot", help="snapshot id (default: the source's CURRENT)")
+    p.set_defaults(func=_friendly(_fetch))
     return snap
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from recsys.snapshot.fetch import fetch_snapshot
+
+    res = fetch_snapshot(Storage(args.source), args.tenant, _store(args), args.snapshot)
+    if args.json:
+        print(json.dumps(res.__dict__))
+    elif res.copied_bytes:
+        print(f"{res.snapshot_id}: fetched {res.copied_bytes:,} bytes, verified, live")
+    else:
+        print(f"{res.snapshot_id}: already here, verified, live")
+    return 0
 
 
 def _friendly(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
