@@ -182,6 +182,7 @@ class ResponseMeta(Reply):
     counts: dict[str, int]
     experiment: ServedExperiment | None = None
     weights: dict[str, float] | None = None
+    pipeline: dict[str, str] | None = None  # the surface's pipeline: id and revision
 
 
 class RecommendResponse(Reply):
@@ -235,6 +236,8 @@ class TenantConfig(Body):
     surfaces: Annotated[list[Id], Meta(max_length=1000)] | None = None
     experiments: dict[Id, ConfigExperiment] | None = None
     strict_similar: bool | None = None
+    #: surface -> the id of the declared pipeline (/v1/recs/pipelines) that answers it
+    pipelines: dict[Id, Id] | None = None
 
 
 class Rule(Body):
