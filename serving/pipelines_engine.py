@@ -494,3 +494,37 @@ def run(snap, live, spec: dict[str, Any], req: Request) -> list[StageOutput]:
         current = merge(parts)
         outputs.append(StageOutput(0, {"type": "merge"}, current, 0.0))
     return outputs
+
+
+# --- a surface's pipeline in /v1/recommend -------------------------------------------------------
+_REASON_OF = {"popularity": 1, "collab": 0, "graph": 2, "embedding": 3, "content": 3}
+
+
+def surface_pool(
+    docs, tenant: str, pipeline_id: str, live, uidx: int | None, anchors: np.ndarray, segment
+):
+    """(the request-time engine's Pool of the pipeline's output, its revision) for a surface
+    whose tenant config names `pipeline_id`; raises ProblemError when the pipeline is missing
+    or cannot run on this snapshot (the caller answers with today's pool and a warning).
+
+    `docs`: the `pipelines` collection (`Collection.cached`: a change shows on every worker
+    within its check interval). Reason codes: the generator that proposed the item first."""
+    from serving.rules import Pool  # (serving.rules imports the snapshot layer; keep it local)
+
+    doc = docs.cached(tenant, pipeline_id)
+    if doc is None:
+        raise ProblemError(422, f"No pipeline '{pipeline_id}'.", code="RECSYS_UNKNOWN_PIPELINE")
+    out = run(live.snap, live, doc.body, Request(uidx, anchors, segment))[-1].output
+    reasons = np.fromiter(
+        (_REASON_OF.get(s[0], 0) if s else 0 for s in out.sources),
+        dtype=np.uint8,
+        count=out.items.shape[0],
+    )
+    scores = out.scores.astype(np.float32)
+    unscored = ~np.isfinite(scores)  # (the ranker's unscored items: last, in their order)
+    if unscored.any():
+        floor = float(scores[~unscored].min()) if (~unscored).any() else 0.0
+        scores[unscored] = floor - 1.0 - np.arange(int(unscored.sum())) * 1e-6
+    return Pool(out.items, scores, None, reasons, f"pipeline:{pipeline_id}", sorted=True), (
+        doc.revision
+    )

@@ -6,6 +6,7 @@ rules, snapshots and experiments, and turns an engine result into the contract's
 
 from __future__ import annotations
 
+import os
 import time
 from functools import partial
 from typing import Any
@@ -16,7 +17,7 @@ import orjson
 from recsys.snapshot.format import SIGNALS
 from serving.config import ServingConfig
 from serving.control.access import effective_rules
-from serving.documents import TenantDocuments
+from serving.documents import DocumentStore, TenantDocuments
 from serving.errors import ProblemError
 from serving.metrics import Metrics
 from serving.rules import Engine, Ranked, assign_variant, backfill_sources, compile_rules
@@ -45,6 +46,7 @@ class RecommendService:
         self.experiments = experiments
         self.seeds = seeds
         self._limits: dict[tuple[str, str | None], Limits] = {}  # per tenant config version
+        self._pipeline_docs = None  # the `pipelines` documents, opened when a surface names one
 
     # --- shared ------------------------------------------------------------------------------
     def tenant_config(self, tenant: str) -> tuple[dict[str, Any], str | None]:
@@ -237,6 +239,20 @@ class RecommendService:
                     "detail": f"{len(req.anchors) - anchors.size} anchor id(s) unknown",
                 }
             )
+        surface_pipelines = tconf.get("pipelines")  # (surface -> pipeline id; usually none)
+        if surface_pipelines and req.surface in surface_pipelines:
+            pool, seen = self._surface_pipeline(
+                tenant,
+                surface_pipelines[req.surface],
+                live,
+                uidx,
+                anchors,
+                segment,
+                pool,
+                seen,
+                warnings,
+                meta,
+            )
         weights = (
             req.weights if req.weights is not None else (tconf.get("defaults") or {}).get("weights")
         )
@@ -251,6 +267,35 @@ class RecommendService:
             meta["weights"] = {s: float(weights.get(s, 0.0)) for s in SIGNALS}
         self._count(tenant, ranked)
         return live, req, ranked, meta, warnings
+
+    def _surface_pipeline(
+        self, tenant, pipeline_id, live, uidx, anchors, segment, pool, seen, warnings, meta
+    ):
+        """(pool, seen) from the declared pipeline the request's surface names in the tenant
+        config (`serving.pipelines_engine`); today's, with a warning, when it cannot run."""
+        from serving import pipelines_engine
+
+        if self._pipeline_docs is None:
+            serving_dir = os.path.join(self._config.data_root, "serving")
+            self._pipeline_docs = DocumentStore(
+                serving_dir, self._config.snapshot_check_s
+            ).collection("pipelines", prefix="pipeline")
+        try:
+            new_pool, revision = pipelines_engine.surface_pool(
+                self._pipeline_docs, tenant, pipeline_id, live, uidx, anchors, segment
+            )
+        except ProblemError as ex:
+            warnings.append(
+                {
+                    "code": "PIPELINE_UNAVAILABLE",
+                    "detail": f"pipeline '{pipeline_id}': {ex.description} Answered without it.",
+                }
+            )
+            return pool, seen
+        meta["pipeline"] = {"id": pipeline_id, "revision": revision}
+        if not isinstance(seen, np.ndarray):  # (a UserPool stands for its seen items)
+            seen = seen.seen
+        return new_pool, seen
 
     def similar(self, tenant: str, body: Any, started: float) -> dict[str, Any]:
         deadline = started + self._config.deadline_ms / 1000.0

@@ -245,3 +245,45 @@ def test_no_tenant_reaches_another_tenants_pipeline(client):
     ).json
     assert all(c["item_id"].startswith("g") for c in cands["candidates"])
     assert client.simulate_get("/v1/recs/pipelines/secret", headers=ADMIN).status_code == 200
+
+
+def test_a_surface_runs_the_pipeline_its_tenant_config_names(tmp_path):
+    root = str(tmp_path)
+    publish_tiny(root, "acme", "a")
+    client = build_client(make_config(root))
+    pop = {
+        "pipeline_id": "pop5",
+        "name": "popular",
+        "stages": [{"type": "candidate", "generator": "popularity", "limit": 5}],
+    }
+    assert client.simulate_post("/v1/recs/pipelines", json=pop, headers=ADMIN).status_code == 201
+    got = client.simulate_get("/v1/admin/tenants/acme/config", headers=ADMIN)
+    config = {**got.json, "surfaces": [got.json["defaults"]["surface"], "home", "pdp", "cart"]}
+    config["pipelines"] = {"pdp": "pop5", "cart": "missing"}
+    put = client.simulate_put(
+        "/v1/admin/tenants/acme/config",
+        json=config,
+        headers={**ADMIN, "If-Match": got.headers["ETag"]},
+    )
+    assert put.status_code == 200, put.json
+
+    def answer(surface: str):
+        resp = client.simulate_post(
+            "/v1/recommend",
+            json={"user": {"user_id": "u1"}, "k": 3, "surface": surface},
+            headers=auth(),
+        )
+        assert resp.status_code == 200, resp.json
+        return resp.json
+
+    # the pipeline's popular list, u1's seen a8 left out by the request-time engine
+    pdp = answer("pdp")
+    assert ids(pdp["items"]) == ["a9", "a10", "a11"]
+    assert pdp["meta"]["pipeline"]["id"] == "pop5"
+    # a surface without a pipeline answers as before
+    home = answer("home")
+    assert ids(home["items"]) == ["a0", "a1", "a3"] and "pipeline" not in home["meta"]
+    # a pipeline that is not there: today's answer, and a warning
+    cart = answer("cart")
+    assert ids(cart["items"]) == ["a0", "a1", "a3"]
+    assert [w["code"] for w in cart["warnings"]] == ["PIPELINE_UNAVAILABLE"]
