@@ -343,6 +343,7 @@ class FeatureResources:
         entity_id: str,
         values: dict[str, Any],
         stamp: str | None,
+        full: bool = True,
     ) -> dict[str, Any]:
         when = None
         if stamp is not None:
@@ -355,7 +356,7 @@ class FeatureResources:
                     extra={"reason": "bad_timestamp"},
                 )
         checked = self.view.check(schema, entity_type, values)
-        return self.view.upsert(tenant, entity_type, entity_id, checked, when)
+        return self.view.upsert(tenant, entity_type, entity_id, checked, when, full)
 
     def on_post_entity(
         self, req: falcon.Request, resp: falcon.Response, entityType: str, entityId: str
@@ -378,11 +379,25 @@ class FeatureResources:
 
     def on_post_bulk(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = req.context.principal.tenant
-        lines = _bulk_lines(read_body(req))
+        chunks = _bulk_lines(read_body(req))
         schema, _ = self.schema(tenant)
         results: list[dict[str, Any]] = []
-        for n, chunk in enumerate(lines, start=1):
-            results.append(self._bulk_line(tenant, schema, n, chunk))
+        batch = []
+        for n, chunk in enumerate(chunks, start=1):
+            line, refused = self._bulk_line(schema, n, chunk)
+            results.append(refused or line)
+            if refused is None:
+                batch.append(line["_upsert"])
+        done = self.view.upsert_many(tenant, batch) if batch else {}
+        for r in results:
+            upsert = r.pop("_upsert", None)
+            if upsert is None:
+                continue
+            outcome = done[r["line"]]
+            if "rid" in outcome:
+                r.update(status="upserted", revision=outcome["rid"])
+            else:
+                r.update(status="rejected", reason=outcome["reason"], detail=outcome["detail"])
         upserted = sum(1 for r in results if r["status"] == "upserted")
         req.context.audit = {"target": f"features/bulk ({upserted} upserted)", "before": None}
         resp.media = {
@@ -391,27 +406,35 @@ class FeatureResources:
             "results": results,
         }
 
-    def _bulk_line(self, tenant: str, schema: FeatureSchema, n: int, chunk: Any) -> dict:
+    def _bulk_line(
+        self, schema: FeatureSchema, n: int, chunk: Any
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(the line's result so far, with its checked upsert under ``_upsert``; or None and
+        its rejection)."""
         if isinstance(chunk, _Unparsable):
-            return {"line": n, "status": "rejected", "reason": "unparsable", "detail": chunk}
+            return {}, {"line": n, "status": "rejected", "reason": "unparsable", "detail": chunk}
         try:
             line = msgspec.convert(chunk, FeatureBulkLine)
         except msgspec.ValidationError as e:
-            return {"line": n, "status": "rejected", "reason": "invalid", "detail": str(e)}
+            return {}, {"line": n, "status": "rejected", "reason": "invalid", "detail": str(e)}
         out: dict[str, Any] = {
             "line": n,
             "entity_type": line.entity_type,
             "entity_id": line.entity_id,
         }
+        when = None
+        if line.event_timestamp is not None:
+            when = parse_time(line.event_timestamp)
+            if when is None:
+                return {}, {**out, "status": "rejected", "reason": "bad_timestamp",
+                            "detail": "event_timestamp is not ISO-8601 with an offset"}  # fmt: skip
         try:
-            view = self._upsert(
-                tenant, schema, line.entity_type, line.entity_id, line.features,
-                line.event_timestamp,
-            )  # fmt: skip
+            checked = self.view.check(schema, line.entity_type, line.features)
         except ProblemError as e:
-            reason = e.extra.get("reason") or {404: "unknown_entity"}.get(e.status_code, "invalid")
-            return {**out, "status": "rejected", "reason": reason, "detail": e.description}
-        return {**out, "status": "upserted", "revision": view["rid"]}
+            return {}, {**out, "status": "rejected", "reason": e.extra.get("reason", "invalid"),
+                        "detail": e.description}  # fmt: skip
+        out["_upsert"] = (n, line.entity_type, line.entity_id, checked, when)
+        return out, None
 
     # --- health ------------------------------------------------------------------------------
     def on_get_health(self, req: falcon.Request, resp: falcon.Response) -> None:

@@ -34,11 +34,14 @@ import polars as pl
 from recsys.durable import write_parquet_atomic
 from recsys.features import CATALOGUE_FIELDS, LOG_SCHEMA, FeatureSchema, check_features, iso
 from recsys.storage import Storage
+from recsys.validation import validate_items, validate_users
 from serving.crr.overlay import append_changes, rule_fields
-from serving.crr.records import FIELDS, RecordStore
+from serving.crr.records import FIELDS, RecordStore, landing_row
 from serving.errors import ProblemError
 
 KIND = {"user": "users", "item": "items"}
+#: Catalogue tables of at most this many rows are kept in memory for lookups.
+CACHED_ROWS = 200_000
 SNAPSHOT_REVISION = "snap-"
 
 
@@ -67,6 +70,7 @@ class EntityView:
         self.data_root = records.data_root
         self.serving_dir = os.path.join(records.data_root, "serving")
         self._storage = Storage(records.data_root)
+        self._tables: dict[str, tuple[tuple, pl.DataFrame | None]] = {}
 
     # --- reading ---------------------------------------------------------------------------
     def snapshot_row(self, tenant: str, kind: str, entity_id: str) -> tuple[dict, str] | None:
@@ -101,14 +105,39 @@ class EntityView:
             row = {**{k: v for k, v in found.items() if v is not None}, **row}
         return row, live.snapshot_id
 
+    def _table(self, file: str) -> pl.DataFrame | None:
+        """A catalogue table read whole and kept while its file is unchanged (tables of up to
+        CACHED_ROWS rows; None for larger ones, which are scanned per lookup)."""
+        try:
+            st = os.stat(file)
+        except FileNotFoundError:
+            return None
+        sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+        found = self._tables.get(file)
+        if found is not None and found[0] == sig:
+            return found[1]
+        try:
+            rows = pl.scan_parquet(file).select(pl.len()).collect().item()
+            df = pl.read_parquet(file) if rows <= CACHED_ROWS else None
+        except (OSError, pl.exceptions.PolarsError):
+            return None
+        if len(self._tables) > 8:
+            self._tables.clear()
+        self._tables[file] = (sig, df)
+        return df
+
     def _parquet_row(
         self, snap_path: str | None, table: str, key: str, entity_id: str, file: str | None = None
     ) -> dict[str, Any] | None:
         file = file or os.path.join(snap_path, "parquet", f"{table}.parquet")
         if not os.path.exists(file):
             return None
+        df = self._table(file)
         try:
-            df = pl.scan_parquet(file).filter(pl.col(key) == entity_id).head(1).collect()
+            if df is not None:
+                df = df.filter(pl.col(key) == entity_id).head(1)
+            else:
+                df = pl.scan_parquet(file).filter(pl.col(key) == entity_id).head(1).collect()
         except (OSError, pl.exceptions.PolarsError):
             return None
         if not df.height:
@@ -185,32 +214,18 @@ class EntityView:
         entity_id: str,
         values: dict[str, Any],
         when: dt.datetime | None = None,
+        full: bool = True,
     ) -> dict[str, Any]:
-        """Merge checked `values` into the entity (see the module docstring); its new view.
-        404 when neither the snapshot nor a record holds the entity."""
+        """Merge checked `values` into the entity (see the module docstring); its new view
+        (`full`), else only its new revision (``{"rid"}``). 404 when neither the snapshot nor
+        a record holds the entity."""
         kind = KIND[entity_type]
         now = dt.datetime.now(dt.UTC)
         when = when or now
         catalogue = {k: v for k, v in values.items() if k in CATALOGUE_FIELDS[entity_type]}
-        extra = {k: v for k, v in values.items() if k not in CATALOGUE_FIELDS[entity_type]}
         base = self.snapshot_row(tenant, kind, entity_id)
 
-        def merge(current: dict[str, Any] | None) -> dict[str, Any]:
-            if current is None and base is None:
-                raise ProblemError(
-                    404,
-                    f"No {entity_type} '{entity_id}': not in the snapshot and no record.",
-                    code=f"RECSYS_UNKNOWN_{entity_type.upper()}",
-                )
-            record = dict(current) if current is not None else dict(base[0])
-            record.update(catalogue)
-            stamp = iso(when)
-            record["features"] = {**(record.get("features") or {}), **extra}
-            record["feature_times"] = {
-                **(record.get("feature_times") or {}),
-                **dict.fromkeys(values, stamp),
-            }
-            return record
+        merge = _merger(entity_type, entity_id, values, when, base[0] if base else None)
 
         def landed(record: dict[str, Any]) -> None:
             if kind == "items" and catalogue.keys() & {"available", "tags", "category", "brand"}:
@@ -222,8 +237,69 @@ class EntityView:
             self._land_features(tenant, entity_type, entity_id, values, when, now)
 
         doc = self.records.merge(tenant, kind, entity_id, merge, land_contract=True, after=landed)
+        if not full:
+            return {"rid": doc["rid"]}
         out = self.view(tenant, kind, entity_id)
-        assert out is not None and doc is not None
+        assert out is not None
+        return out
+
+    def upsert_many(
+        self, tenant: str, lines: list[tuple[int, str, str, dict[str, Any], dt.datetime | None]]
+    ) -> dict[int, dict[str, Any]]:
+        """Bulk upserts: ``(line, entity_type, entity_id, checked values, event time)`` each ->
+        ``{line: {"rid"}}`` or ``{line: {"reason", "detail"}}``. The merged catalogue rows are
+        checked by the contract in one pass per kind; each record is then written under its
+        lock, and the landing rows, feature values and item changes of the whole batch are
+        written as one file each (one fsync each) before this returns."""
+        now = dt.datetime.now(dt.UTC)
+        out: dict[int, dict[str, Any]] = {}
+        planned: dict[str, list[tuple]] = {
+            "items": [],
+            "users": [],
+        }
+        for line, entity_type, entity_id, values, when in lines:
+            kind = KIND[entity_type]
+            doc = self.records.get(tenant, kind, entity_id)
+            base = self.snapshot_row(tenant, kind, entity_id) if doc is None else None
+            if doc is None and base is None:
+                out[line] = {
+                    "reason": "unknown_entity",
+                    "detail": f"No {entity_type} '{entity_id}': not in the snapshot, no record.",
+                }
+                continue
+            current = doc["record"] if doc is not None else base[0]
+            catalogue = {k: v for k, v in values.items() if k in CATALOGUE_FIELDS[entity_type]}
+            merged = {k: v for k, v in {**current, **catalogue}.items() if k in FIELDS[kind]}
+            start = None if doc is not None else base[0]
+            planned[kind].append((line, entity_id, values, merged, when or now, start))
+        for kind, rows in planned.items():
+            if not rows:
+                continue
+            raw = pl.concat([landing_row(kind, r[1], r[3]) for r in rows])
+            validate = validate_items if kind == "items" else validate_users
+            _, rejects = validate(raw, source="api")
+            refused = {
+                r["row_number"] - 1: (r["reason"], r["detail"])
+                for r in rejects.iter_rows(named=True)
+            }
+            kept, changes, logged = [], [], []
+            for j, (line, entity_id, values, _, when, start) in enumerate(rows):
+                if j in refused:
+                    out[line] = {"reason": refused[j][0], "detail": refused[j][1]}
+                    continue
+                entity_type = kind[:-1]
+                change = _merger(entity_type, entity_id, values, when, start)
+                doc = self.records.merge(tenant, kind, entity_id, change, land_contract=False)
+                record = doc["record"]
+                kept.append(landing_row(kind, entity_id, {k: record.get(k) for k in FIELDS[kind]}))
+                if kind == "items" and values.keys() & {"available", "tags", "category", "brand"}:
+                    changes.append({"id": entity_id, "ts": iso(now), **rule_fields(record)})
+                logged.append((entity_type, entity_id, values, when))
+                out[line] = {"rid": doc["rid"]}
+            if kept:
+                self.records.land(tenant, kind, pl.concat(kept))
+            append_changes(self.serving_dir, tenant, changes)
+            self._write_log(tenant, _log_frame(logged, now))
         return out
 
     def _land_features(
@@ -235,25 +311,65 @@ class EntityView:
         when: dt.datetime,
         now: dt.datetime,
     ) -> None:
-        if not values:
+        if values:
+            self._write_log(tenant, _log_frame([(entity_type, entity_id, values, when)], now))
+
+    def _write_log(self, tenant: str, frame: pl.DataFrame) -> None:
+        if not frame.height:
             return
-        n = len(values)
-        frame = pl.DataFrame(
-            {
-                "entity_type": [entity_type] * n,
-                "entity_id": [entity_id] * n,
-                "feature": list(values),
-                "value": [orjson.dumps(v).decode() for v in values.values()],
-                "event_timestamp": [when] * n,
-                "created_timestamp": [now] * n,
-            },
-            schema=LOG_SCHEMA,
-        )
         folder = features_landing(self._storage, tenant)
         self._storage.makedirs(folder)
-        stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
         target = posixpath.join(folder, f"api-features-{stamp}-{uuid.uuid4().hex[:12]}.parquet")
         write_parquet_atomic(frame, target, self._storage.fs)
+
+
+def _merger(
+    entity_type: str,
+    entity_id: str,
+    values: dict[str, Any],
+    when: dt.datetime,
+    base: dict[str, Any] | None,
+):
+    """The change of a record an upsert makes: catalogue values replace its fields, other
+    values go to its ``features`` with their event time (a new record starts from `base`)."""
+    catalogue = {k: v for k, v in values.items() if k in CATALOGUE_FIELDS[entity_type]}
+    extra = {k: v for k, v in values.items() if k not in CATALOGUE_FIELDS[entity_type]}
+
+    def merge(current: dict[str, Any] | None) -> dict[str, Any]:
+        if current is None and base is None:
+            raise ProblemError(
+                404,
+                f"No {entity_type} '{entity_id}': not in the snapshot and no record.",
+                code=f"RECSYS_UNKNOWN_{entity_type.upper()}",
+            )
+        record = dict(current) if current is not None else dict(base)
+        record.update(catalogue)
+        stamp = iso(when)
+        record["features"] = {**(record.get("features") or {}), **extra}
+        record["feature_times"] = {
+            **(record.get("feature_times") or {}),
+            **dict.fromkeys(values, stamp),
+        }
+        return record
+
+    return merge
+
+
+def _log_frame(
+    rows: list[tuple[str, str, dict[str, Any], dt.datetime]], now: dt.datetime
+) -> pl.DataFrame:
+    """Feature-log rows (`recsys.features.LOG_SCHEMA`) of upserts."""
+    cols: dict[str, list] = {c: [] for c in LOG_SCHEMA}
+    for entity_type, entity_id, values, when in rows:
+        for name, value in values.items():
+            cols["entity_type"].append(entity_type)
+            cols["entity_id"].append(entity_id)
+            cols["feature"].append(name)
+            cols["value"].append(orjson.dumps(value).decode())
+            cols["event_timestamp"].append(when)
+            cols["created_timestamp"].append(now)
+    return pl.DataFrame(cols, schema=LOG_SCHEMA)
 
 
 def features_landing(storage: Storage, tenant: str) -> str:

@@ -210,14 +210,15 @@ class RecordStore:
     ) -> dict[str, Any]:
         """Create or change a record without a revision precondition (feature upserts):
         ``change(current body or None)`` gives the new body, checked by the contract and landed
-        (`land_contract`), then `after(new body)` runs, all under the record's lock."""
+        (`land_contract`; else the caller checked and lands it), then `after(new body)` runs,
+        all under the record's lock."""
         documents = self._kinds[kind]
 
         def body(current: Document | None) -> dict[str, Any]:
             new = change(current.body if current is not None else None)
-            contract = {k: v for k, v in new.items() if k in FIELDS[kind]}
-            raw = check_record(kind, rec_id, contract)
             if land_contract:
+                contract = {k: v for k, v in new.items() if k in FIELDS[kind]}
+                raw = check_record(kind, rec_id, contract)
                 self._land(tenant, kind, raw, uuid.uuid4().hex)
             if after is not None:
                 after(new)
@@ -243,6 +244,10 @@ class RecordStore:
         if kind == "items" and fields:
             stamp = dt.datetime.now(dt.UTC).isoformat()
             append_changes(self.serving_dir, tenant, [{"id": rec_id, "ts": stamp, **fields}])
+
+    def land(self, tenant: str, kind: str, raw: pl.DataFrame) -> str:
+        """Land raw contract rows (`landing_row`s) for the pipeline, as one file."""
+        return self._land(tenant, kind, raw, uuid.uuid4().hex)
 
     def _land(self, tenant: str, kind: str, raw: pl.DataFrame, token: str) -> str:
         landing = self._storage.landing_dir(tenant, kind)
