@@ -310,8 +310,9 @@ class TenantSnapshots:
         return self._live
 
     def base(self) -> LiveSnapshot | None:
-        """The live snapshot as published (without the overlay)."""
-        self.live()
+        """The live snapshot as published (without the overlay; its changes are not read)."""
+        if time.monotonic() - self._checked_at >= self._interval:
+            self.refresh()
         return self._base if self._base is not None else self._live
 
     def refresh_overlay(self, force: bool = False) -> None:
