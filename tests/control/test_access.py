@@ -433,3 +433,66 @@ def test_revocation_limits_and_quotas_reach_every_worker(tmp_path):
     )
     for name, (seconds, _) in figures.items():
         assert seconds < 1.5, (name, seconds)
+
+
+# --- the generated spec -------------------------------------------------------------------------
+def test_every_access_operation_conforms_to_the_spec(client):
+    """Real requests and answers (successes and problems) of every operation of this area
+    validate against /openapi.json."""
+    from test_recs_openapi import Conformance
+
+    call = Conformance(client)
+    made = call("POST", "/v1/recs/keys", 201, body={"name": "k", "scopes": ["admin"]}).json
+    call("POST", "/v1/recs/keys", 400, body={"name": "k", "scopes": ["root"]})
+    call("GET", "/v1/recs/keys", 200)
+    call("DELETE", "/v1/recs/keys/{key_id}", 204, f"/v1/recs/keys/{made['id']}")
+    call("DELETE", "/v1/recs/keys/{key_id}", 404, f"/v1/recs/keys/{made['id']}")
+    limits = call("GET", "/v1/recs/rate-limits", 200)
+    body = {"tenant": {"limit": 50, "window_s": 1}}
+    call("PUT", "/v1/recs/rate-limits", 200, body=body)
+    stale = {**body, "version": limits.json["version"]}
+    call("PUT", "/v1/recs/rate-limits", 409, body=stale)
+    call("PUT", "/v1/recs/rate-limits", 422, body={"tenant": {"limit": 10**6, "window_s": 1}})
+    call("GET", "/v1/recs/quotas", 200)
+    call("PATCH", "/v1/recs/quotas", 200, body={"keys": 0})
+    call("PATCH", "/v1/recs/quotas", 422, body={"keys": 10**6})
+    call("POST", "/v1/recs/keys", 403, body={"name": "over"})
+    rule = {"id": "b", "type": "block", "item_ids": ["a3"]}
+    call("POST", "/v1/recs/policies", 201, body={"id": "p1", "name": "P", "rules": [rule]})
+    call("POST", "/v1/recs/policies", 409, body={"id": "p1", "name": "P", "rules": []})
+    call(
+        "POST", "/v1/recs/policies", 422, body={"name": "P", "rules": [{"id": "x", "type": "pin"}]}
+    )
+    call("GET", "/v1/recs/policies", 200)
+    call("GET", "/v1/recs/policies/{policy_id}", 200, "/v1/recs/policies/p1")
+    call("GET", "/v1/recs/policies/{policy_id}", 200, "/v1/recs/policies/tenant-rules")
+    call("GET", "/v1/recs/policies/{policy_id}", 404, "/v1/recs/policies/nope")
+    call(
+        "PUT",
+        "/v1/recs/policies/{policy_id}",
+        200,
+        "/v1/recs/policies/p1",
+        body={"name": "Q", "rules": []},
+    )
+    call(
+        "PUT",
+        "/v1/recs/policies/{policy_id}",
+        201,
+        "/v1/recs/policies/p2",
+        body={"name": "R", "rules": []},
+    )
+    call(
+        "PUT",
+        "/v1/recs/policies/{policy_id}",
+        412,
+        "/v1/recs/policies/p2",
+        body={"name": "R", "rules": []},
+        headers={**ADMIN, "If-None-Match": "*"},
+    )
+    call("DELETE", "/v1/recs/policies/{policy_id}", 204, "/v1/recs/policies/p2")
+    call("DELETE", "/v1/recs/policies/{policy_id}", 409, "/v1/recs/policies/tenant-rules")
+    page = call("GET", "/v1/recs/audit/logs", 200, query_string="limit=3")
+    assert page.json["next_cursor"] is not None
+    call("GET", "/v1/recs/audit/logs", 400, query_string="limit=0")
+    mine = {(r.method, r.path) for r in access.ROUTES}
+    assert mine - call.seen == set()
