@@ -623,8 +623,11 @@ def _coverage(snap, gen: str) -> Object:
         size = covered = 0
         detail = None
         if available:
-            off, _, _ = snap._similar[kind]  # (the reader's CSR of that list)
-            lengths = np.diff(np.asarray(off))
+            lengths = np.fromiter(
+                (snap.similar(i, kind)[0].shape[0] for i in range(snap.n_items)),
+                dtype=np.int64,
+                count=snap.n_items,
+            )
             size, covered = int(lengths.sum()), int((lengths > 0).sum())
         else:
             detail = "not available for this snapshot (no text-embedding model)"
