@@ -5,7 +5,15 @@ import os
 
 import dagster as dg
 
-from pipelines import control_jobs, evaluation, ingest, publish, training, webhook_sensors
+from pipelines import (
+    connector_sensors,
+    control_jobs,
+    evaluation,
+    ingest,
+    publish,
+    training,
+    webhook_sensors,
+)
 from pipelines.distributed import StorageIOManager, executor_name, job_executor
 from pipelines.resources import IngestPolicy, MlflowResource, StorageResource
 
@@ -68,8 +76,15 @@ defs = dg.Definitions(
         *evaluation.asset_checks,
         *publish.asset_checks,
     ],
-    jobs=[recsys_pipeline, publish_job, user_shards_job, *ingest.jobs, *control_jobs.jobs],
-    sensors=[*ingest.sensors, *webhook_sensors.sensors],
+    jobs=[
+        recsys_pipeline,
+        publish_job,
+        user_shards_job,
+        *ingest.jobs,
+        *control_jobs.jobs,
+        *connector_sensors.jobs,
+    ],
+    sensors=[*ingest.sensors, *webhook_sensors.sensors, *connector_sensors.sensors],
     # precompute schedules the API wrote (<data root>/serving/schedules/*.json)
     schedules=[daily_retrain, *control_jobs.precompute_schedules()],
     resources={

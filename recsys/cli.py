@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "recsys.snapshot.cli",
     "serving.cli",
     "recsys.outbox",
+    "recsys.connectors",
     "serving.control.audit",
 )
 

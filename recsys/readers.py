@@ -125,14 +125,15 @@ def read_bytes(
 
 
 def read_messages(
-    messages: list[bytes], source: str = "stream", first_number: int = 1
+    messages: list[bytes], source: str = "stream", numbers: list[int] | None = None
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Stream messages (each one JSON object, as bytes) as (rows, rejects) like NDJSON lines:
-    `_row` is the message's position from `first_number`; a message that is not UTF-8 or not
-    a JSON object becomes a reject with its reason, and the good messages around it are kept."""
+    `_row` is the message's number (`numbers`, e.g. stream sequence numbers; else its position
+    from 1); a message that is not UTF-8 or not a JSON object becomes a reject with its reason,
+    and the good messages around it are kept."""
     lines: list[tuple[int, str]] = []
     rejects: list[dict] = []
-    for n, raw in enumerate(messages, start=first_number):
+    for n, raw in zip(numbers or range(1, len(messages) + 1), messages, strict=True):
         try:
             lines.append((n, bytes(raw).decode("utf-8")))
         except UnicodeDecodeError as exc:
