@@ -56,6 +56,14 @@ def server(tmp_path_factory):
     tmp = store.new_tmp_dir()
     build_synthetic_snapshot(tmp, 300, 120, n=40, tenant="default", write_parquet=False)
     store.publish(tmp, checksums=False)
+    # an MLflow store that exists, as the pipeline leaves one (creating its tables takes
+    # seconds: not for the first request of the run to pay)
+    from mlflow import MlflowClient
+
+    from recsys.storage import Storage
+
+    os.makedirs(os.path.join(root, "mlflow"), exist_ok=True)
+    MlflowClient(tracking_uri=Storage(root).mlflow_uri()).search_experiments()
     port = _free_port()
     env = {
         **os.environ,
