@@ -17,7 +17,7 @@ import dagster as dg
 from pipelines.publish.config import PublishConfig
 from pipelines.publish.partitions import N_USER_SHARDS, shard_number, user_shards
 from pipelines.resources import StorageResource
-from pipelines.training.assets import model_path, read_inputs, read_json, tenants
+from pipelines.training.assets import model_path, read_json, tenants
 from recsys.snapshot import SnapshotStore
 from recsys.snapshot import build as snapbuild
 from recsys.storage import Storage
@@ -150,6 +150,26 @@ def _snapshots(store: Storage, tenant: str, keep: int = 5) -> SnapshotStore:
     return SnapshotStore(store.snapshots_dir(tenant), keep=keep)
 
 
+def _items_users(store: Storage, tenant: str) -> tuple[Any, Any]:
+    """The items and users tables (None when absent): small, read whole."""
+    import polars as pl
+
+    out = []
+    for name in ("items", "users"):
+        path = store.table_path(tenant, name)
+        out.append(pl.read_parquet(path) if store.exists(path) else None)
+    return out[0], out[1]
+
+
+def _segment_events(store: Storage, tenant: str) -> Any:
+    """The three event columns the per-segment fallback lists use. Not every column of every
+    event (the context JSON alone is most of the bytes): at 10M events the whole table held
+    gigabytes in these steps for lists that need user, item and type."""
+    from recsys import ingest
+
+    return ingest.scan_events(store, tenant).select("user_id", "item_id", "event_type").collect()
+
+
 @dg.op(out=dg.DynamicOut(dict), ins={"champion_model": dg.In(dg.Nothing)})
 def plan_user_shards(
     context: dg.OpExecutionContext, config: PublishConfig, storage: StorageResource
@@ -262,9 +282,11 @@ def fallback_lists(
     meta: dict[str, Any] = {}
     for tenant in tenants(store, config.tenants):
         champ = _champion(store, tenant, config)
-        events, items, users = read_inputs(store, tenant)
+        items, users = _items_users(store, tenant)
         table = snapbuild.aligned_items([str(i) for i in champ.model.item_ids_], items)
-        lists = snapbuild.fallback_lists(champ.model, table, users, events, k=config.n_fallback)
+        lists = snapbuild.fallback_lists(
+            champ.model, table, users, _segment_events(store, tenant), k=config.n_fallback
+        )
         snapbuild.write_item_lists(_snapshots(store, tenant).root, champ.key, fallbacks=lists)
         meta[f"{tenant}/lists"] = len(lists)
         meta[f"{tenant}/popular_top10"] = dg.MetadataValue.json(
@@ -292,7 +314,10 @@ def serving_snapshot(
         champ = _champion(store, tenant, config)
         snaps = _snapshots(store, tenant, config.keep)
         previous = snaps.current_id()
-        events, items, users = read_inputs(store, tenant)
+        items, users = _items_users(store, tenant)
+        # the events only feed the fallback lists, read only when fallback_lists staged none
+        staged = snapbuild.read_fallback_lists(snaps.root, champ.key) is not None
+        events = None if staged else _segment_events(store, tenant)
         sid, manifest = snapbuild.assemble_snapshot(
             snaps,
             tenant=tenant,
