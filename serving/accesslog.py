@@ -21,15 +21,23 @@ per-request logging handler wrote them; a regular file (O_APPEND) takes a batch 
 the server); `sink` is what the middleware writes to: the installed log, else the
 ``recsys.access`` logger when it is enabled for INFO (tests, an app embedded elsewhere), else
 None.
+
+Files (what `/v1/recs/logs` queries): `log_to_files(folder)` adds a `RotatingFiles` output to
+the installed log (now, or when one is installed later): the same batches also go to
+``<folder>/access-<YYYYMMDDHH>-<pid>.jsonl``, one file per worker and hour (a worker never
+shares a file, so no lock), a new one after `max_bytes`; files older than `keep_hours` are
+removed when a new one is opened.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import select
 import stat
 import threading
+import time
 import weakref
 from collections import deque
 
@@ -48,16 +56,17 @@ MAX_PENDING = 65536
 
 
 class AccessLog:
-    """Access lines (dicts, written as JSON lines) to the file descriptor `fd`, from a writer
-    thread started by the first line (so that an instance made before a fork is usable in the
-    child)."""
+    """Access lines (dicts, written as JSON lines) to the file descriptor `fd` (None: none)
+    and to each of `outputs` (`RotatingFiles`), from a writer thread started by the first line
+    (so that an instance made before a fork is usable in the child)."""
 
     def __init__(
         self,
-        fd: int,
+        fd: int | None,
         flush_s: float = FLUSH_S,
         batch: int = BATCH,
         max_pending: int = MAX_PENDING,
+        outputs: tuple[RotatingFiles, ...] = (),
     ) -> None:
         if flush_s <= 0 or batch < 1 or max_pending < batch:
             raise ValueError("need flush_s > 0 and 1 <= batch <= max_pending")
@@ -65,7 +74,8 @@ class AccessLog:
         self._flush_s = flush_s
         self._batch = batch
         self._max_pending = max_pending
-        mode = os.fstat(fd).st_mode
+        self.outputs: list[RotatingFiles] = list(outputs)
+        mode = os.fstat(fd).st_mode if fd is not None else stat.S_IFREG
         self._chunk = 1 << 20 if stat.S_ISREG(mode) else select.PIPE_BUF
         self._pending: deque[dict] = deque()
         self._write_lock = threading.Lock()  # one flush at a time: lines stay in order
@@ -95,7 +105,10 @@ class AccessLog:
             dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
             lines = [dumps(pending.popleft(), option=newline) for _ in range(len(pending))]
             if lines:
-                self._write_lines(lines)
+                if self._fd is not None:
+                    self._write_lines(lines)
+                for output in self.outputs:
+                    output.write(lines)
 
     def close(self) -> None:
         """Write what waits and stop the writer thread (later lines are written by the
@@ -161,6 +174,56 @@ class AccessLog:
         self._wake = threading.Event()
 
 
+class RotatingFiles:
+    """JSON lines appended to ``<folder>/access-<YYYYMMDDHH>-<pid>[-<n>].jsonl`` (see the
+    module docstring); `write` is called by one thread at a time (the log's write lock)."""
+
+    def __init__(self, folder: str, max_bytes: int = 64 << 20, keep_hours: float = 72.0) -> None:
+        self.folder = folder
+        self._max_bytes = max_bytes
+        self._keep_s = keep_hours * 3600
+        self._fd: int | None = None
+        self._name = ""
+        self._hour = ""
+        self._size = 0
+        self._pid = 0
+        self._part = 0
+
+    def write(self, lines: list[bytes]) -> None:
+        data = b"".join(lines)
+        hour = time.strftime("%Y%m%d%H", time.gmtime())
+        if (
+            self._fd is None
+            or self._pid != os.getpid()
+            or hour != self._hour
+            or (self._size + len(data) > self._max_bytes and self._size)
+        ):
+            self._open(hour)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]  # type: ignore[arg-type]
+        self._size += len(data)
+
+    def _open(self, hour: str) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        pid = os.getpid()
+        self._part = self._part + 1 if (hour, pid) == (self._hour, self._pid) else 0
+        self._hour, self._pid = hour, pid
+        os.makedirs(self.folder, exist_ok=True)
+        suffix = f"-{self._part}" if self._part else ""
+        self._name = os.path.join(self.folder, f"access-{hour}-{pid}{suffix}.jsonl")
+        self._fd = os.open(self._name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self._size = os.fstat(self._fd).st_size
+        cutoff = time.time() - self._keep_s
+        for path in glob.glob(os.path.join(self.folder, "access-*.jsonl")):
+            try:
+                if os.path.getmtime(path) < cutoff:
+                    os.remove(path)
+            except OSError:
+                continue
+
+
 class LoggerSink:
     """Access lines as messages of the ``recsys.access`` logger (when no `AccessLog` is
     installed)."""
@@ -171,15 +234,43 @@ class LoggerSink:
 
 _installed: AccessLog | None = None
 _logger_sink = LoggerSink()
+_files: RotatingFiles | None = None  # `log_to_files`
 
 
 def install(log: AccessLog | None) -> None:
     """Make `log` the process's access log (None: back to the logger); a replaced log is
-    closed (its lines written)."""
+    closed (its lines written). The files of `log_to_files` follow it."""
     global _installed
     previous, _installed = _installed, log
     if previous is not None and previous is not log:
         previous.close()
+    if log is not None and _files is not None and _files not in log.outputs:
+        log.outputs.append(_files)
+
+
+def log_to_files(folder: str, **options) -> RotatingFiles:
+    """Also write the installed log's lines (now, or once one is installed) to rotated files
+    under `folder` (a second call with another folder moves them). Returns the output."""
+    global _files
+    folder = os.path.abspath(folder)
+    if _files is not None and _files.folder == folder:
+        return _files
+    flush()  # (lines waiting now go where they went so far)
+    old, _files = _files, RotatingFiles(folder, **options)
+    if _installed is not None:
+        _installed.outputs = [o for o in _installed.outputs if o is not old] + [_files]
+    return _files
+
+
+def files_folder() -> str | None:
+    """The folder of `log_to_files`, or None."""
+    return _files.folder if _files is not None else None
+
+
+def flush() -> None:
+    """Write the installed log's waiting lines now."""
+    if _installed is not None:
+        _installed.flush()
 
 
 def sink() -> AccessLog | LoggerSink | None:

@@ -29,6 +29,7 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -134,7 +135,7 @@ def quantile(buckets: tuple[float, ...], row: list[float], q: float) -> float | 
 
 
 #: The counters besides the requests, by their name in a shared state.
-_COUNTERS = ("filtered", "backfilled", "snapshot_loads")
+_COUNTERS = ("filtered", "backfilled", "snapshot_loads", "answers")
 
 
 class Metrics:
@@ -165,6 +166,12 @@ class Metrics:
             "recsys_snapshot_loads_total",
             "Snapshot load attempts by tenant and outcome.",
             ("tenant", "outcome"),
+        )
+        self.answers = Counter(
+            "recsys_cache_answers_total",
+            "Recommend answers by tenant, surface and source: a user's precomputed list (a cache "
+            "hit), anchors' similar items, fallback lists.",
+            ("tenant", "surface", "source"),
         )
         self._gauges: list[Callable[[], Iterable[str]]] = []
         self._share: _Share | None = None
@@ -292,10 +299,13 @@ def _start_ticks(pid: int) -> str:
 
 
 class _Share:
-    """A worker's side of the shared view: the writer thread and the reader of the folder."""
+    """A worker's side of the shared view: the writer thread and the reader of the folder.
+
+    The thread and the exit hook hold it weakly: an app that is dropped (tests build many)
+    stops its thread at the next tick."""
 
     def __init__(self, metrics: Metrics, folder: str, interval_s: float) -> None:
-        self.metrics = metrics
+        self._metrics = weakref.ref(metrics)
         self.root = os.path.abspath(folder)
         self.interval_s = interval_s
         self.callbacks: list[Callable[[dict[str, Any]], None]] = []
@@ -312,16 +322,16 @@ class _Share:
             os.makedirs(self.dir, exist_ok=True)
             _remove_gone_servers(self.root)
             self.write()
-            threading.Thread(target=self._run, name="metrics-share", daemon=True).start()
-            atexit.register(self._at_exit, os.getpid())
-
-    def _at_exit(self, pid: int) -> None:
-        if os.getpid() == pid:
-            self.write()
+            ref = weakref.ref(self)
+            threading.Thread(
+                target=_share_loop, args=(ref, self.interval_s), name="metrics-share", daemon=True
+            ).start()
+            atexit.register(_share_at_exit, ref, os.getpid())
 
     def write(self) -> dict[str, Any]:
         """Write this worker's state now (also called by a scrape); returns it."""
-        state = self.metrics.state()
+        metrics = self._metrics()
+        state = metrics.state() if metrics is not None else {"pid": os.getpid(), "requests": []}
         path = os.path.join(self.dir, f"{state['pid']}.json")
         tmp = f"{path}.{threading.get_ident()}.tmp"
         with open(tmp, "wb") as f:
@@ -329,20 +339,17 @@ class _Share:
         os.replace(tmp, path)
         return state
 
-    def _run(self) -> None:
-        pid = os.getpid()
-        while os.getpid() == pid:
-            time.sleep(self.interval_s)
+    def tick(self) -> None:
+        try:
+            state = self.write()
+        except OSError:
+            log.exception("writing the shared metrics failed; retried")
+            return
+        for callback in list(self.callbacks):
             try:
-                state = self.write()
-            except OSError:
-                log.exception("writing the shared metrics failed; retried")
-                continue
-            for callback in list(self.callbacks):
-                try:
-                    callback(state)
-                except Exception:  # noqa: BLE001 (a failing consumer must not stop the writer)
-                    log.exception("a metrics consumer failed; retried on the next tick")
+                callback(state)
+            except Exception:  # noqa: BLE001 (a failing consumer must not stop the writer)
+                log.exception("a metrics consumer failed; retried on the next tick")
 
     def all_states(self) -> list[dict[str, Any]]:
         """Every worker's state of this server (this worker's written first)."""
@@ -357,6 +364,23 @@ class _Share:
             except (OSError, orjson.JSONDecodeError):
                 continue  # (removed meanwhile)
         return states
+
+
+def _share_loop(ref: weakref.ref, interval_s: float) -> None:
+    pid = os.getpid()
+    while os.getpid() == pid:
+        time.sleep(interval_s)
+        share = ref()
+        if share is None or share._metrics() is None:
+            return
+        share.tick()
+        del share
+
+
+def _share_at_exit(ref: weakref.ref, pid: int) -> None:
+    share = ref()
+    if share is not None and os.getpid() == pid and share._metrics() is not None:
+        share.write()
 
 
 def _remove_gone_servers(root: str) -> None:

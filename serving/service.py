@@ -45,6 +45,9 @@ class RecommendService:
         self._metrics = metrics
         self.experiments = experiments
         self.seeds = seeds
+        #: The cache-control state (`serving.control.cache.CacheState`: invalidated items and
+        #: users, the answer counter), set by the monitoring area; None: not consulted.
+        self.cache = None
         self._limits: dict[tuple[str, str | None], Limits] = {}  # per tenant config version
         self._pipeline_docs = None  # the `pipelines` documents, opened when a surface names one
 
@@ -147,7 +150,10 @@ class RecommendService:
         rules, version = effective_rules(
             self._config.data_root, tenant, body.get("rules", ()), version
         )
-        return compile_rules(live, rules, version, surface, segment), version
+        key = version
+        if self.cache is not None:  # (+ a block rule of the items invalidated: control.cache)
+            rules, key = self.cache.rules(tenant, rules, version)
+        return compile_rules(live, rules, key, surface, segment), version
 
     # --- use cases ---------------------------------------------------------------------------
     def validate(self, tenant: str, body: Any) -> dict[str, Any]:
@@ -190,15 +196,24 @@ class RecommendService:
             segment = (live.user_segment(uidx) if uidx is not None else None) or DEFAULT_SEGMENT
         rules, rversion = self._rules(tenant, live, req.surface, segment)
         engine = Engine(live, req, rules, deadline, warnings)
+        cache = self.cache
+        if (
+            uidx is not None
+            and cache is not None
+            and cache.user_invalidated(tenant, req.user_id, req.surface, live, uidx)
+        ):
+            uidx = None  # (its precomputed list was invalidated: answered as an unknown user)
 
         anchors = _item_indices(live, req.anchors)
         if uidx is not None:
+            source = "precomputed"
             pool = engine.user_pool(uidx)
             seen = pool  # (the user's seen items: UserPool.seen, read when needed)
             if anchors.size:  # anchors the user just looked at are not recommended back
                 seen = np.union1d(pool.seen, anchors)
             category_of = pool  # back-fill by the category of the top candidate
         elif anchors.size:
+            source = "anchors"
             pool, seen = engine.anchor_pool(anchors), anchors
             category_of = anchors
             if req.user_id:
@@ -209,6 +224,7 @@ class RecommendService:
                     }
                 )
         else:
+            source = "fallback"
             name = (
                 f"segment:{segment}" if f"segment:{segment}" in snap.fallback_names else "popular"
             )
@@ -266,6 +282,8 @@ class RecommendService:
         if weights and req.explain == "full":
             meta["weights"] = {s: float(weights.get(s, 0.0)) for s in SIGNALS}
         self._count(tenant, ranked)
+        if cache is not None:
+            cache.count(tenant, req.surface, source)
         return live, req, ranked, meta, warnings
 
     def _surface_pipeline(

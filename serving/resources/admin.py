@@ -113,13 +113,9 @@ class CacheInvalidateResource:
         self._store = store
         self._registry = registry
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response, tenant_id: str) -> None:
-        raw = json_body(req) if req.content_length else {}
-        if not isinstance(raw, dict):
-            raise ProblemError(400, "The body must be an object.")
-        targets = raw.get("targets") or list(self.TARGETS)
-        if not isinstance(targets, list) or any(t not in self.TARGETS for t in targets):
-            raise ProblemError(400, f"targets must be a list of {', '.join(self.TARGETS)}.")
+    def invalidate(self, tenant_id: str, targets: list[str]) -> None:
+        """Drop this worker's cached `targets` of the tenant (also POST /v1/recs/cache/invalidate's
+        `pipeline`: `serving.control.cache`)."""
         kinds = tuple(t for t in targets if t in TenantDocuments.KINDS)
         self._store.invalidate(tenant_id, kinds)
         holder = self._registry.tenant(tenant_id)
@@ -128,6 +124,15 @@ class CacheInvalidateResource:
             live = holder.live()
             if live is not None:
                 live.compiled.clear()
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, tenant_id: str) -> None:
+        raw = json_body(req) if req.content_length else {}
+        if not isinstance(raw, dict):
+            raise ProblemError(400, "The body must be an object.")
+        targets = raw.get("targets") or list(self.TARGETS)
+        if not isinstance(targets, list) or any(t not in self.TARGETS for t in targets):
+            raise ProblemError(400, f"targets must be a list of {', '.join(self.TARGETS)}.")
+        self.invalidate(tenant_id, targets)
         resp.status = falcon.HTTP_202
         resp.media = {
             "tenant_id": tenant_id,
