@@ -225,7 +225,7 @@ class ServingMiddleware:
                     "Retry-After": str(tight.reset_s),
                 },
             )
-        if path in self._inference_paths:
+        if limits.inference is not None and path in self._inference_paths:
             qps = self._limiter.hit("q:" + principal.tenant, limits.inference)
             if not qps.allowed:
                 raise self._quota_exceeded(

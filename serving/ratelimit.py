@@ -37,7 +37,7 @@ class TenantLimits(NamedTuple):
     key: RateLimitSpec  # per credential (unless `per_key` names it)
     tenant: RateLimitSpec  # all of the tenant's credentials together
     per_key: dict[str, RateLimitSpec]  # subject ("key:<id>", "jwt:<sub>") -> its own window
-    inference: RateLimitSpec  # the inference_qps quota: a one-second window
+    inference: RateLimitSpec | None  # the inference_qps quota (a 1 s window; None: not set)
     policies: dict[str, str]  # subject -> RateLimit-Policy header ("" for the default one)
 
 
@@ -83,10 +83,14 @@ class LimitTable:
         for name, value in (rl.get("keys") or {}).items():
             subject = name if ":" in name else "key:" + name  # a stored key's id
             per_key[subject] = spec(value, key)
-        qps = quotas.get("inference_qps", self._quota_defaults["inference_qps"])
+        # (a tenant that did not lower its inference quota is not counted: no cost per request)
+        qps = quotas.get("inference_qps")
+        inference = None
+        if qps is not None and qps < self._quota_defaults["inference_qps"]:
+            inference = RateLimitSpec(max(qps, 0), 1)
         policies = {s: _policy(k, tenant) for s, k in per_key.items()}
         policies[""] = _policy(key, tenant)
-        return TenantLimits(key, tenant, per_key, RateLimitSpec(max(qps, 0), 1), policies)
+        return TenantLimits(key, tenant, per_key, inference, policies)
 
 
 def _policy(key: RateLimitSpec, tenant: RateLimitSpec) -> str:

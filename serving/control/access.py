@@ -64,7 +64,7 @@ log = logging.getLogger("recsys.serving")
 
 #: The quotas of a tenant that never set its own; also the most a tenant may set.
 QUOTA_DEFAULTS: dict[str, int] = {
-    "inference_qps": 1000,  # inference requests per second, per worker (429 above)
+    "inference_qps": 100_000,  # inference requests per second, per worker (429 above)
     "events_per_day": 10_000_000,  # events accepted per UTC day (reported, see docs/access.md)
     "storage_bytes": 50 * 1024**3,  # bytes under the tenant's data folders (reported)
     "models": 50,  # registered model versions (403 on the next)
