@@ -54,6 +54,7 @@ from serving.documents import (
     Document,
     DocumentStore,
     Preconditions,
+    default_revision,
     set_etag,
 )
 from serving.errors import ProblemError
@@ -453,6 +454,29 @@ def _iso(ts: float) -> str:
 
 
 # --- resources -------------------------------------------------------------------------------
+def _put(
+    docs: Collection,
+    tenant: str,
+    doc_id: str,
+    body: dict[str, Any] | Callable[[Document | None], dict[str, Any]],
+    pre: Preconditions,
+    default: dict[str, Any] | None = None,
+) -> tuple[Document, bool, str | None]:
+    """`Collection.put`, and the revision it replaced (read under the lock, for the audit log;
+    the defaults' revision when nothing was stored)."""
+    replaced: list[str | None] = [None]
+
+    def make(current: Document | None) -> dict[str, Any]:
+        if current is not None:
+            replaced[0] = current.revision
+        elif default is not None:
+            replaced[0] = default_revision(docs.prefix, default)
+        return body(current) if callable(body) else body
+
+    doc, created = docs.put(tenant, doc_id, make, pre, default=default)
+    return doc, created, replaced[0]
+
+
 class KeysResource:
     def __init__(self, ctx: Any) -> None:
         self._ctx = ctx
@@ -504,7 +528,8 @@ class KeysResource:
     def on_delete_one(self, req: falcon.Request, resp: falcon.Response, key_id: str) -> None:
         tenant = req.context.principal.tenant
         before = self._docs.delete(tenant, key_id, Preconditions.of(req)).revision
-        self._usage.delete(tenant, key_id) if self._usage.get(tenant, key_id) else None
+        if self._usage.get(tenant, key_id) is not None:
+            self._usage.delete(tenant, key_id)
         req.context.audit = {"target": f"key/{key_id}", "before": before, "after": None}
         resp.status = falcon.HTTP_204
 
@@ -561,11 +586,10 @@ class RateLimitsResource:
             },
         }
         pre = Preconditions.of(req).matching(spec.version)
-        before = self._docs.get(tenant, "rate_limits", defaults)
-        doc, _ = self._docs.put(tenant, "rate_limits", body, pre, default=defaults)
+        doc, _, before = _put(self._docs, tenant, "rate_limits", body, pre, defaults)
         req.context.audit = {
             "target": "rate-limits/rate_limits",
-            "before": before.revision,
+            "before": before,
             "after": doc.revision,
         }
         self._send(resp, tenant, doc)
@@ -603,19 +627,15 @@ class QuotasResource:
                     extra={"quota": name},
                 )
         pre = Preconditions.of(req).matching(spec.version)
-        before = self._docs.get(tenant, "quotas", QUOTA_DEFAULTS)
-        doc, _ = self._docs.put(
+        doc, _, before = _put(
+            self._docs,
             tenant,
             "quotas",
             lambda current: {**(current.body if current else QUOTA_DEFAULTS), **change},
             pre,
-            default=QUOTA_DEFAULTS,
+            QUOTA_DEFAULTS,
         )
-        req.context.audit = {
-            "target": "quotas/quotas",
-            "before": before.revision,
-            "after": doc.revision,
-        }
+        req.context.audit = {"target": "quotas/quotas", "before": before, "after": doc.revision}
         self._send(resp, tenant, doc)
 
 
@@ -714,11 +734,10 @@ class PoliciesResource:
         tenant = req.context.principal.tenant
         spec: PolicyBody = req.context.body
         body = self._body(spec)
-        before = self._docs.get(tenant, policy_id)
-        doc, created = self._docs.put(tenant, policy_id, body, Preconditions.of(req))
+        doc, created, before = _put(self._docs, tenant, policy_id, body, Preconditions.of(req))
         req.context.audit = {
             "target": f"policy/{policy_id}",
-            "before": before.revision if before else None,
+            "before": before,
             "after": doc.revision,
         }
         if created:

@@ -186,3 +186,30 @@ def test_ten_thousand_writes_verify_and_an_edit_is_found(tmp_path, capsys):
             f"\naudit: 10,000 appends {write_s:.1f} s wall ({write_cpu:.1f} s CPU), "
             f"verify {verify_s:.2f} s wall"
         )
+
+
+def test_a_rate_limited_write_is_recorded_with_its_route(client, data_root):
+    """A write refused by the rate limiter (before routing: the hook finds its route in the
+    table) is recorded, and a document change carries the revisions before and after."""
+    import time
+
+    from serving.control.access import LIMIT_CHECK_S
+
+    put = client.simulate_put(
+        "/v1/recs/rate-limits", json={"tenant": {"limit": 3, "window_s": 3600}}, headers=ADMIN
+    )
+    assert put.status_code == 200
+    time.sleep(LIMIT_CHECK_S + 0.05)
+    statuses = [
+        client.simulate_patch("/v1/recs/quotas", json={"keys": 5}, headers=ADMIN).status_code
+        for _ in range(5)
+    ]
+    assert 429 in statuses
+    got = entries(data_root)
+    first = got[0]
+    assert first["route"] == "/v1/recs/rate-limits" and first["target"] == "rate-limits/rate_limits"
+    assert first["before"].startswith("rl_defaults_") and first["after"] == put.json["version"]
+    refused = [e for e in got if e["status"] == 429]
+    assert len(refused) == statuses.count(429)
+    assert {e["route"] for e in refused} == {"/v1/recs/quotas"}
+    assert {e["method"] for e in refused} == {"PATCH"}
