@@ -6,9 +6,11 @@ Routes (every one the caller's tenant only):
   snapshot, its event log, the MLflow store, the Dagster webserver, Redis and PostgreSQL where
   configured; 503 when the tenant cannot be served (no snapshot), else 200 (``degraded`` when an
   optional dependency is down: recommendations keep serving).
-* ``GET /v1/recs/metrics?from=&to=&route=&step=``: QPS, error rate and p50/p95/p99 latency per
-  route and model over a time range, from the server's per-minute time series
-  (`serving.control.timeseries`, written by each worker's metrics thread).
+* ``GET /v1/recs/metrics?from=&to=&route=&step=&online=``: QPS, error rate and p50/p95/p99
+  latency per route and model over a time range, from the server's per-minute time series
+  (`serving.control.timeseries`, written by each worker's metrics thread); with ``online=true``
+  also CTR, conversion and revenue per impression per model, surface and experiment variant
+  (`serving.control.online`, from the event log).
 * ``GET /v1/recs/usage``: requests and inferences over a range, events, storage bytes, index
   sizes and quota use.
 * ``GET /v1/recs/logs``: the tenant's access log lines by time, route, method, status and request
@@ -69,6 +71,10 @@ class RangeQuery(msgspec.Struct, omit_defaults=True):
 
 class MetricsQuery(RangeQuery):
     route: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    online: Annotated[
+        bool,
+        Meta(description="also the online evaluation (CTR, conversion, revenue per impression)"),
+    ] = False
     step: Annotated[int, Meta(ge=60, le=86400, description="seconds per series point")] | None = (
         None
     )
@@ -121,6 +127,21 @@ class SeriesPoint(Figures):
     start: str
 
 
+class OnlineFigures(Reply):
+    day: str
+    model: str | None
+    surface: str | None
+    variant: str | None
+    impressions: int
+    requests: int
+    clicks: int
+    purchases: int
+    revenue: float
+    ctr: float
+    conversion: float
+    revenue_per_impression: float
+
+
 class MetricsReport(Reply):
     tenant_id: str
     from_: str = msgspec.field(name="from")
@@ -128,6 +149,7 @@ class MetricsReport(Reply):
     routes: list[RouteFigures]
     series: list[SeriesPoint]
     source: str
+    online: list[OnlineFigures] | None = None
 
 
 class StorageUse(Reply):
@@ -420,14 +442,20 @@ class MonitoringResource:
         figures = timeseries.query(
             timeseries_path(self._ctx), tenant, start, end, query.route, query.step
         )
-        resp.cache_control = ["no-store"]
-        resp.media = {
+        body = {
             "tenant_id": tenant,
             "from": iso(start),
             "to": iso(end),
             **figures,
             "source": "server time series (per minute, every worker)",
         }
+        if query.online:
+            from serving.control.online import online_figures
+
+            tlog = self._ctx.event_logs.tenant(tenant)
+            body["online"] = online_figures(self._ctx.config.data_root, tenant, start, end, tlog)
+        resp.cache_control = ["no-store"]
+        resp.media = body
 
     def _record_now(self) -> None:
         """Write this worker's current minute now (other workers' rows are <= 5 s old)."""

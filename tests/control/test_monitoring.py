@@ -387,3 +387,55 @@ def test_metrics_total_equals_requests_sent_across_4_gunicorn_workers(data_root)
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+# --- online evaluation -------------------------------------------------------------------------
+def test_online_evaluation_attributes_clicks_and_purchases_by_request_id(client, data_root):
+    from serving_helpers import items_frame
+
+    os.makedirs(os.path.join(data_root, "warehouse", "acme"))
+    items_frame("a").write_parquet(os.path.join(data_root, "warehouse", "acme", "items.parquet"))
+
+    def event(n, type_, item, req, value=None, **ctx):
+        body = {"user_id": "u1", "item_id": item, "type": type_, "event_id": f"e{n}"}
+        body["context"] = {"request_id": req, **ctx}
+        if value is not None:
+            body["value"] = value
+        resp = client.simulate_post("/v1/recs/events", json=body, headers=auth("acme"))
+        assert resp.status_code == 201, resp.text
+
+    a = {"model": "tiny@1", "surface": "home", "experiment": {"id": "x", "variant": "A"}}
+    b = {"model": "tiny@1", "surface": "home", "experiment": {"id": "x", "variant": "B"}}
+    for n, item in enumerate(["a1", "a2", "a3"]):
+        event(n, "impression", item, "r1", **a)
+    event(10, "impression", "a4", "r2", **b)
+    event(11, "impression", "a5", "r2", **b)
+    event(12, "impression", "a6", "r3", model="tiny@2", surface="pdp")
+    event(20, "click", "a1", "r1")
+    event(21, "click", "a1", "r1")  # (a second click on the same shown item: one click)
+    event(22, "purchase", "a1", "r1", value=2)  # 2 x a1's price 11.0
+    event(23, "click", "a5", "r2")
+    event(24, "purchase", "a5", "r2", revenue=99.5)
+    event(25, "click", "a9", "r1")  # not shown by r1: not attributed
+    event(26, "click", "a1", "r9")  # no such request: not attributed
+    resp = client.simulate_get(
+        "/v1/recs/metrics", params={"online": "true"}, headers=auth("acme", ADMIN)
+    )
+    assert resp.status_code == 200, resp.text
+    rows = {(r["model"], r["surface"], r["variant"]): r for r in resp.json["online"]}
+    ra, rb, rc = (
+        rows["tiny@1", "home", "A"],
+        rows["tiny@1", "home", "B"],
+        rows["tiny@2", "pdp", None],
+    )
+    assert (ra["impressions"], ra["requests"], ra["clicks"], ra["purchases"]) == (3, 1, 1, 1)
+    assert ra["revenue"] == 22.0 and ra["revenue_per_impression"] == pytest.approx(22 / 3)
+    assert ra["ctr"] == pytest.approx(1 / 3) and ra["conversion"] == pytest.approx(1 / 3)
+    assert (rb["impressions"], rb["clicks"], rb["purchases"], rb["revenue"]) == (2, 1, 1, 99.5)
+    assert rb["ctr"] == 0.5
+    assert (rc["impressions"], rc["clicks"], rc["revenue"], rc["ctr"]) == (1, 0, 0.0, 0.0)
+    assert len(rows) == 3
+    other = client.simulate_get(
+        "/v1/recs/metrics", params={"online": "true"}, headers=auth("globex", ADMIN)
+    )
+    assert other.json["online"] == []
