@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 
@@ -245,6 +246,7 @@ class Simulator:
 def check_model(ctx: Any, tenant: str, body: Any, pipeline: dict[str, Any] | None) -> dict:
     """Answer each sample payload `body.repeat` times, timed; compare with the snapshot."""
     live = ctx.store.require_live(tenant)
+    target = None
     if body.model_version is not None and body.model_version != live.algo_version:
         sid = ctx.experiments.snapshot_of_model(tenant, body.model_version)
         holder = ctx.store.tenant(tenant)
@@ -257,8 +259,13 @@ def check_model(ctx: Any, tenant: str, body: Any, pipeline: dict[str, Any] | Non
                 code="RECSYS_UNKNOWN_MODEL",
             )
         live = variant
+        if pipeline is None:  # (the service answers from the live snapshot only)
+            target = "model version (its stored lists, as /v1/recommend without rules)"
+            pipeline = STORED_LISTS
     snap = live.snap
-    samples = [dict(s) for s in body.samples or ()]
+    if target is None:
+        target = "pipeline" if pipeline is not None else "model"
+    samples = msgspec.to_builtins(body.samples or [])
     if not samples:  # users drawn with the seed
         rng = np.random.default_rng(body.seed)
         rows = rng.choice(snap.n_users, size=min(body.n_samples, snap.n_users), replace=False)
@@ -293,7 +300,7 @@ def check_model(ctx: Any, tenant: str, body: Any, pipeline: dict[str, Any] | Non
     all_ms = np.asarray(timings)
     checks = [r["consistent"] for r in results]
     return {
-        "target": ("pipeline" if pipeline is not None else "model"),
+        "target": target,
         "model": live.algo_version,
         "snapshot_id": live.snapshot_id,
         "samples": len(results),
@@ -307,6 +314,17 @@ def check_model(ctx: Any, tenant: str, body: Any, pipeline: dict[str, Any] | Non
         },
         "results": results,
     }
+
+
+#: What /v1/recommend answers without rules: the stored list, available and unseen items.
+STORED_LISTS = engine.validate_spec(
+    {
+        "stages": [
+            {"type": "candidate", "generator": "collab", "limit": engine.MAX_LIMIT},
+            {"type": "filter", "rules": {"available": True, "exclude_seen": True}},
+        ]
+    }
+)
 
 
 def _recommend(ctx, tenant, live, user_id, anchors, k) -> list[str]:

@@ -287,3 +287,28 @@ def test_a_surface_runs_the_pipeline_its_tenant_config_names(tmp_path):
     cart = answer("cart")
     assert ids(cart["items"]) == ["a0", "a1", "a3"]
     assert [w["code"] for w in cart["warnings"]] == ["PIPELINE_UNAVAILABLE"]
+
+
+def test_check_model_compares_a_model_version_with_its_snapshot(tmp_path):
+    root = str(tmp_path)
+    publish_tiny(root, "acme", "a")  # tiny@1
+    publish_tiny(root, "acme", "a", variant=1)  # tiny@2, live: u1's scores reversed
+    client = build_client(make_config(root))
+    path = "/v1/recs/health/check-model"
+    sample = {"samples": [{"user_id": "u1"}], "k": 3, "repeat": 2}
+    live = client.simulate_post(path, json=sample, headers=ADMIN)
+    assert live.status_code == 200, live.json
+    assert live.json["model"] == "tiny@2" and live.json["ok"]
+    result = live.json["results"][0]
+    assert result["items"] == ["a7", "a6", "a5"] and result["overlap_at_k"] == 1.0
+    old = client.simulate_post(path, json={**sample, "model_version": "tiny@1"}, headers=ADMIN)
+    assert old.status_code == 200, old.json
+    assert old.json["model"] == "tiny@1" and old.json["target"].startswith("model version")
+    assert old.json["results"][0]["items"] == ["a0", "a1", "a3"]  # (a2 is unavailable)
+    assert old.json["latency_ms"]["calls"] == 2
+    assert (
+        client.simulate_post(
+            path, json={**sample, "model_version": "tiny@7"}, headers=ADMIN
+        ).status_code
+        == 422
+    )
