@@ -40,11 +40,14 @@ def permutation_importance(
     train: pl.DataFrame,
     test: pl.DataFrame,
     seed: int = 0,
-    max_users: int = 1000,
-    repeats: int = 3,
+    max_users: int = 500,
+    repeats: int = 2,
 ) -> dict[str, Any] | None:
     """NDCG@10 drop per shuffled feature for `model`'s ranker on the test window's users (at most
-    `max_users`, a seeded sample); None when the model has no ranker or no such users."""
+    `max_users`, a seeded sample); None when the model has no ranker or no such users.
+
+    Cost on the 200k-event demo (1,000 users, 340k candidate rows, 27 features x 3 repeats):
+    44.6 s CPU; the defaults (500 users, 2 repeats) do about a third of that work (estimated)."""
     from recsys.evaluation.evaluate import build_holdout
     from recsys.evaluation.metrics import ndcg_at_k
     from recsys.models.hybrid import FEATURE_NAMES, _rank_lists, build_candidates
