@@ -417,8 +417,8 @@ class PolicyList(msgspec.Struct):
 
 
 class AuditQuery(msgspec.Struct, omit_defaults=True):
-    since: Annotated[str, Meta(description="ISO-8601 UTC time, inclusive")] | None = None
-    until: Annotated[str, Meta(description="ISO-8601 UTC time, exclusive")] | None = None
+    since: Annotated[dt.datetime, Meta(tz=True, description="RFC 3339, inclusive")] | None = None
+    until: Annotated[dt.datetime, Meta(tz=True, description="RFC 3339, exclusive")] | None = None
     actor: Annotated[str, Meta(max_length=300)] | None = None
     route: Annotated[str, Meta(max_length=300)] | None = None
     limit: Annotated[int, Meta(ge=1, le=1000)] = 100
@@ -753,6 +753,16 @@ class PoliciesResource:
         resp.status = falcon.HTTP_204
 
 
+def _entry_time(value: dt.datetime | None) -> str | None:
+    """A time as the audit entries write theirs (UTC, microseconds, Z): they compare as text."""
+    if value is None:
+        return None
+    if value.tzinfo is None:  # (the query type requires an offset; UTC all the same)
+        value = value.replace(tzinfo=dt.UTC)
+    stamp = value.astimezone(dt.UTC).isoformat(timespec="microseconds")
+    return stamp.replace("+00:00", "Z")
+
+
 class AuditResource:
     def __init__(self, ctx: Any) -> None:
         self._log = AuditLog(os.path.join(ctx.serving_dir, "audit"))
@@ -760,23 +770,10 @@ class AuditResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = req.context.principal.tenant
         q: AuditQuery = req.context.query
-        for name in ("since", "until"):
-            value = getattr(q, name)
-            if value is not None:
-                try:
-                    parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-                except ValueError:
-                    raise ProblemError(
-                        400, f"Invalid query: {name} is not an ISO-8601 time."
-                    ) from None
-                if parsed.tzinfo is None:
-                    parsed = parsed.replace(tzinfo=dt.UTC)
-                stamp = parsed.astimezone(dt.UTC).isoformat(timespec="microseconds")
-                setattr(q, name, stamp.replace("+00:00", "Z"))
         rows = self._log.query(
             tenant,
-            since=q.since,
-            until=q.until,
+            since=_entry_time(q.since),
+            until=_entry_time(q.until),
             actor=q.actor,
             route=q.route,
             after_seq=q.cursor,

@@ -280,12 +280,20 @@ def test_audit_route_pages_and_filters(client, data_root):
         "/v1/recs/audit/logs", params={"since": "2999-01-01T00:00:00+00:00"}, headers=ADMIN
     ).json
     assert future["items"] == []
-    assert (
-        client.simulate_get(
-            "/v1/recs/audit/logs", params={"since": "yesterday"}, headers=ADMIN
-        ).status_code
-        == 400
+    bad = client.simulate_get("/v1/recs/audit/logs", params={"since": "yesterday"}, headers=ADMIN)
+    assert bad.status_code == 400
+    naive = client.simulate_get(  # (a time needs its offset)
+        "/v1/recs/audit/logs", params={"since": "2026-01-01T00:00:00"}, headers=ADMIN
     )
+    assert naive.status_code == 400
+    # a window around the writes, with an offset other than UTC: all five
+    now = time.time()
+    window = {
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S+02:00", time.gmtime(now - 600 + 7200)),
+        "until": time.strftime("%Y-%m-%dT%H:%M:%S+02:00", time.gmtime(now + 600 + 7200)),
+    }
+    inside = client.simulate_get("/v1/recs/audit/logs", params=window, headers=ADMIN).json
+    assert [e["seq"] for e in inside["items"]] == [1, 2, 3, 4, 5]
     path = AuditLog(os.path.join(data_root, "serving", "audit")).path("acme")
     assert verify_file(path).ok
 
