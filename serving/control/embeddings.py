@@ -9,7 +9,10 @@ Routes (tenant-scoped; writes need `admin`):
 * ``DELETE /v1/recs/embeddings/{id}?index=``: remove one;
 * search is ``POST /v1/recs/embeddings/search`` (`serving.recs.runtime`): ``index`` names a
   client index, or ``items`` / ``users`` (the default ``items``) for the live snapshot's
-  factors, which are one read-only index; filters on metadata values and tags.
+  factors, which are one read-only index; filters on metadata values and tags;
+* ``POST /v1/recs/embeddings/generate``: a text, an item payload or a catalogue item id ->
+  the vector of the tenant's content model (`recsys.content`: TF-IDF + SVD the pipeline fitted
+  on its item texts, `ContentModels`; nothing is downloaded).
 
 Storage: ``<data root>/serving/vectors/<tenant>/<index>.log``, an append-only NDJSON log (its
 first line ``{"op": "init", "dim", "metric"}``, then ``put`` / ``del`` lines), appended under

@@ -43,7 +43,7 @@ from recsys.features import (
     parse_time,
 )
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
-from serving.control import embeddings
+from serving.control import dagster, embeddings
 from serving.crr.entities import KIND, EntityView
 from serving.crr.overlay import ItemOverlays
 from serving.crr.records import RecordStore
@@ -168,7 +168,42 @@ class FeatureHealth(Reply, forbid_unknown_fields=True):
     features: list[FeatureStaleness]
 
 
+IngestName = Annotated[
+    str,
+    Meta(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$", description="the computed feature's name"),
+]
+
+
+class FeatureIngest(Body):
+    """A feature ingestion: from events (the pipeline aggregates each user's or item's events
+    of `event_types` over the last `window_days`: count, sum of values, mean value, distinct
+    counterparts) or from a connector (not served yet: 422)."""
+
+    name: IngestName
+    source: Literal["events", "connector"] = "events"
+    entity: EntityType = "user"  # type: ignore[valid-type]
+    aggregation: Literal["count", "sum", "mean", "distinct"] = "count"
+    event_types: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=32)] = []
+    window_days: Annotated[int, Meta(ge=1, le=3650)] = 30
+    ttl_s: Annotated[int, Meta(ge=1, le=10 * 365 * 86400)] | None = None
+    connector: Annotated[str, Meta(max_length=64)] | None = None
+    description: Annotated[str, Meta(max_length=1000)] = ""
+
+
+class FeatureIngestion(Reply, forbid_unknown_fields=True):
+    name: str
+    revision: str
+    declaration: dict[str, Any]
+    run_id: str
+    run_url: str
+    status: str
+
+
 ENTITY_PARAMS = {"entityType": EntityType, "entityId": RecordId}
+#: The assets an ingestion runs, as a selection of `recsys_pipeline` (pipelines/training/
+#: features.py: ingest what landed, then the feature).
+INGEST_JOB = "recsys_pipeline"
+INGEST_SELECTION = ("events", "rejected_events", "feature_aggregates")
 _TAGS = ("features",)
 
 ROUTES: tuple[Route, ...] = (
@@ -235,6 +270,20 @@ ROUTES: tuple[Route, ...] = (
         tags=_TAGS,
     ),
     Route(
+        "POST",
+        "/v1/recs/features/ingest",
+        ("features", "on_post_ingest"),
+        "Declare a feature computed from events (count / sum / mean / distinct over a window) "
+        "and trigger its computation as a Dagster run (202 with the run id; 503 naming Dagster "
+        "when it is down); the nightly pipeline refreshes every declared feature",
+        SCOPE_ADMIN,
+        body=FeatureIngest,
+        status=202,
+        response=FeatureIngestion,
+        errors=(409, 422, 503),
+        tags=_TAGS,
+    ),
+    Route(
         "GET",
         "/v1/recs/features/health",
         ("features", "on_get_health"),
@@ -252,9 +301,106 @@ _DEFAULT_SCHEMA: dict[str, Any] = {"allow_free_attributes": False, "features": [
 class FeatureResources:
     """The handlers of the feature routes."""
 
-    def __init__(self, view: EntityView, schemas: Collection) -> None:
+    def __init__(
+        self,
+        view: EntityView,
+        schemas: Collection,
+        ingestions: Collection,
+        dagster_url: str | None,
+    ) -> None:
         self.view = view
         self.schemas = schemas
+        self.ingestions = ingestions
+        self.dagster_url = dagster_url
+
+    # --- ingestion ---------------------------------------------------------------------------
+    def on_post_ingest(self, req: falcon.Request, resp: falcon.Response) -> None:
+        tenant = req.context.principal.tenant
+        body: FeatureIngest = req.context.body
+        if body.source == "connector":
+            raise ProblemError(
+                422,
+                "Feature ingestion from a connector is not served yet; declare one from "
+                "events (source 'events'), or upsert values (POST .../features/bulk).",
+                code="RECSYS_UNSUPPORTED_OPTION",
+            )
+        schema, _ = self.schema(tenant)
+        existing = schema.get(body.entity, body.name)
+        if existing is not None and existing.source not in ("pipeline",):
+            raise ProblemError(
+                422,
+                f"{body.entity} feature '{body.name}' exists with source {existing.source}; "
+                "a computed feature needs a name of its own.",
+                code="RECSYS_INVALID_SCHEMA",
+            )
+        client = dagster.client_for(self.dagster_url)  # (503 naming Dagster before any write)
+        declaration = {
+            f: getattr(body, f)
+            for f in (
+                "name", "source", "entity", "aggregation", "event_types", "window_days",
+                "ttl_s", "connector", "description",
+            )
+        }  # fmt: skip
+        declaration["event_types"] = list(body.event_types)
+        doc, _ = self.ingestions.put(tenant, body.name, declaration)
+        if existing is None:  # declared in the tenant's schema (source pipeline)
+            current = self.schemas.get(tenant, "schema", default=_DEFAULT_SCHEMA)
+            new = dict(current.body)
+            new["features"] = [
+                *new.get("features", []),
+                {
+                    "name": body.name,
+                    "entity": body.entity,
+                    "type": "number",
+                    "source": "pipeline",
+                    "ttl_s": body.ttl_s,
+                    "description": body.description
+                    or f"{body.aggregation} of {', '.join(body.event_types) or 'all'} events "
+                    f"over {body.window_days} days",
+                },
+            ]
+            self.schemas.put(
+                tenant,
+                "schema",
+                new,
+                Preconditions((current.revision,)),
+                default=_DEFAULT_SCHEMA,
+            )
+        run_config = {
+            "ops": {
+                "events_and_rejects": {"config": {"tenants": [tenant]}},
+                "feature_aggregates": {
+                    "config": {
+                        "tenant": tenant,
+                        "name": body.name,
+                        "entity": body.entity,
+                        "aggregation": body.aggregation,
+                        "event_types": list(body.event_types),
+                        "window_days": body.window_days,
+                    }
+                },
+            }
+        }
+        run_id = client.launch(
+            INGEST_JOB,
+            run_config,
+            {"recsys/tenant": tenant, "recsys/feature": body.name},
+            asset_selection=INGEST_SELECTION,
+        )
+        req.context.audit = {
+            "target": f"features/ingest/{body.name}",
+            "before": None,
+            "after": doc.revision,
+        }
+        resp.status = falcon.HTTP_202
+        resp.media = {
+            "name": body.name,
+            "revision": doc.revision,
+            "declaration": declaration,
+            "run_id": run_id,
+            "run_url": client.ui_link(run_id),
+            "status": "QUEUED",
+        }
 
     # --- schema ------------------------------------------------------------------------------
     def schema(self, tenant: str) -> tuple[FeatureSchema, str]:
@@ -547,7 +693,12 @@ def resources(ctx: Any) -> dict[str, Any]:
     schemas = ctx.documents.collection(
         "feature_schema", folder="features/{tenant}", ids=("schema",), prefix="fs"
     )
+    ingestions = ctx.documents.collection(
+        "feature_ingestions", folder="feature_ingestions/{tenant}", prefix="fi"
+    )
     return {
-        "features": FeatureResources(EntityView(records, ctx.store), schemas),
+        "features": FeatureResources(
+            EntityView(records, ctx.store), schemas, ingestions, ctx.config.dagster_url
+        ),
         **embeddings.resources(ctx),
     }

@@ -143,6 +143,8 @@ class EntityView:
         if not df.height:
             return None
         row = df.row(0, named=True)
+        if key == "entity_id":
+            return row
         out = {k: v for k, v in row.items() if k in FIELDS[table]}
         if isinstance(out.get("created_at"), dt.datetime):
             out["created_at"] = iso(out["created_at"])
@@ -157,7 +159,8 @@ class EntityView:
         "created_at", "updated_at"}``."""
         base = self.snapshot_row(tenant, kind, entity_id)
         doc = self.records.get(tenant, kind, entity_id)
-        if base is None and doc is None:
+        features, times = self._pipeline_features(tenant, kind, entity_id)
+        if base is None and doc is None and not features:
             return None
         fields: dict[str, Any] = {}
         sources = []
@@ -166,21 +169,28 @@ class EntityView:
             fields.update(base[0])
             snapshot_id = base[1]
             sources.append("snapshot")
-        features: dict[str, Any] = {}
-        times: dict[str, str] = {}
+        if features:
+            sources.append("pipeline")
         if doc is not None:
             record = doc["record"]
             fields.update({k: v for k, v in record.items() if k in FIELDS[kind]})
-            features = dict(record.get("features") or {})
-            times = dict(record.get("feature_times") or {})
+            upserted = record.get("features") or {}
+            upserted_at = record.get("feature_times") or {}
+            for name, value in upserted.items():  # (the newer value of a name wins)
+                stamp = upserted_at.get(name)
+                if name not in times or (stamp is not None and stamp >= times[name]):
+                    features[name], times[name] = value, stamp
             sources.append("record")
-            if features:
+            if upserted:
                 sources.append("features")
             rid, created, updated = doc["rid"], doc["created_at"], doc["updated_at"]
-        else:
+        elif base is not None:
             live = self.store.live(tenant)
             rid = SNAPSHOT_REVISION + snapshot_id
             created = updated = iso(live.snap.created_at) if live is not None else None
+        else:  # (only the pipeline's features know it)
+            stamp = max(times.values())
+            rid, created, updated = f"pipeline-{stamp}", stamp, stamp
         return {
             "id": entity_id,
             "rid": rid,
@@ -192,6 +202,39 @@ class EntityView:
             "created_at": created,
             "updated_at": updated,
         }
+
+    def _pipeline_features(
+        self, tenant: str, kind: str, entity_id: str
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """Features the pipeline computed for the entity (``warehouse/<tenant>/features/
+        <name>.parquet``: entity_id, value, event_timestamp), with their event times."""
+        folder = pipeline_features_dir(self.data_root, tenant)
+        values: dict[str, Any] = {}
+        times: dict[str, str] = {}
+        try:
+            names = sorted(n for n in os.listdir(folder) if n.endswith(".parquet"))
+        except FileNotFoundError:
+            return values, times
+        entity = kind[:-1]
+        for file in names:
+            name = file[: -len(".parquet")]
+            declared = self._declared_entity(tenant, name)
+            if declared is not None and declared != entity:
+                continue
+            row = self._parquet_row(None, kind, "entity_id", entity_id, os.path.join(folder, file))
+            if row is not None:
+                values[name] = row["value"]
+                stamp = row["event_timestamp"]
+                times[name] = iso(stamp) if isinstance(stamp, dt.datetime) else stamp
+        return values, times
+
+    def _declared_entity(self, tenant: str, name: str) -> str | None:
+        path = os.path.join(self.serving_dir, "feature_ingestions", tenant, f"{name}.json")
+        try:
+            with open(path, "rb") as f:
+                return (orjson.loads(f.read()).get("body") or {}).get("entity")
+        except (OSError, orjson.JSONDecodeError):
+            return None
 
     # --- writing ---------------------------------------------------------------------------
     def check(
@@ -370,6 +413,11 @@ def _log_frame(
             cols["event_timestamp"].append(when)
             cols["created_timestamp"].append(now)
     return pl.DataFrame(cols, schema=LOG_SCHEMA)
+
+
+def pipeline_features_dir(data_root: str, tenant: str) -> str:
+    """``warehouse/<tenant>/features/``: the features the pipeline computed (one table each)."""
+    return os.path.join(data_root, "warehouse", tenant, "features")
 
 
 def features_landing(storage: Storage, tenant: str) -> str:

@@ -239,7 +239,7 @@ class _CrrRecord(Reply, forbid_unknown_fields=True, kw_only=True):
     ) = UNSET
     sources: (
         Annotated[
-            list[Literal["snapshot", "record", "features"]],
+            list[Literal["snapshot", "pipeline", "record", "features"]],
             Meta(description="what the view was built from (GET): the live snapshot, the record"),
         ]
         | UnsetType
