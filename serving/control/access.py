@@ -34,6 +34,7 @@ import hmac
 import logging
 import os
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -178,22 +179,125 @@ def _model_versions(ctx: Any, tenant: str) -> int | None:
 
 
 def quota_usage(ctx: Any, tenant: str) -> dict[str, dict[str, int | None]]:
-    """{quota: {"limit", "used"}} of the tenant (for /v1/recs/usage). ``used`` is None where it
-    is not counted here: events per day (the event intake counts them) and models when MLflow
-    cannot be read."""
+    """{quota: {"limit", "used"}} of the tenant (for /v1/recs/usage). ``used`` is None for the
+    inference rate (a per-second window) and for models when MLflow cannot be read; events per
+    day are those `charge_events` counted (as of the last merge, within `EVENTS_SYNC_S`)."""
     from serving.control import webhooks
 
     limits = quotas(ctx, tenant)
     docs = collections(ctx)
     used: dict[str, int | None] = {
         "inference_qps": None,
-        "events_per_day": None,
+        "events_per_day": _event_counter(ctx.config.data_root).used(tenant),
         "storage_bytes": _tenant_bytes(ctx.config.data_root, tenant),
         "models": _model_versions(ctx, tenant),
         "keys": docs["keys"].count(tenant),
         "webhooks": webhooks.collection(ctx).count(tenant),
     }
     return {name: {"limit": limits[name], "used": used[name]} for name in QUOTA_NAMES}
+
+
+# --- events per day ---------------------------------------------------------------------------
+EVENTS_SYNC_S = 1.0  # a worker merges its count into the shared one at most this often
+
+
+class EventDayCounter:
+    """Events accepted per tenant and UTC day, shared by the workers of a data root.
+
+    Each worker counts in memory and merges its count into ``<data root>/serving/
+    event_counts.sqlite`` (one ``BEGIN IMMEDIATE`` transaction: the workers' lock) at most every
+    `EVENTS_SYNC_S`, reading the total back; `charge` refuses (429 naming ``events_per_day``)
+    when the last total seen plus what this worker has not merged plus the request's events
+    would pass the quota. So the cost per request is a few dict operations, and a quota can be
+    overrun by at most what the other workers accept within `EVENTS_SYNC_S`."""
+
+    def __init__(self, data_root: str) -> None:
+        self._path = os.path.join(data_root, "serving", "event_counts.sqlite")
+        self._local = threading.Lock()
+        self._pending: dict[tuple[str, str], int] = {}  # counted here, not merged yet
+        self._total: dict[tuple[str, str], int] = {}  # the shared total last read
+        self._synced = 0.0
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():  # (never a parent's connection)
+            os.makedirs(os.path.dirname(self._path), exist_ok=True)
+            conn = sqlite3.connect(
+                self._path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # (a count: no fsync per merge)
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS counts (tenant TEXT, day TEXT, n INTEGER, "
+                "PRIMARY KEY (tenant, day))"
+            )
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def sync(self) -> None:
+        """Merge this worker's counts and read every total of today back."""
+        with self._local:
+            pending, self._pending = self._pending, {}
+            conn = self._connection()
+            day = _today()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for (tenant, d), n in pending.items():
+                    conn.execute(
+                        "INSERT INTO counts VALUES (?, ?, ?) "
+                        "ON CONFLICT (tenant, day) DO UPDATE SET n = n + excluded.n",
+                        (tenant, d, n),
+                    )
+                rows = conn.execute("SELECT tenant, n FROM counts WHERE day = ?", (day,))
+                self._total = {(tenant, day): n for tenant, n in rows}
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                for key, n in pending.items():  # counted again at the next merge
+                    self._pending[key] = self._pending.get(key, 0) + n
+                raise
+            self._synced = time.monotonic()
+
+    def used(self, tenant: str) -> int:
+        """Today's events of the tenant: the shared total plus this worker's unmerged ones."""
+        if time.monotonic() - self._synced >= EVENTS_SYNC_S:
+            self.sync()
+        key = (tenant, _today())
+        return self._total.get(key, 0) + self._pending.get(key, 0)
+
+    def charge(self, tenant: str, n: int, limit: int) -> None:
+        """Count `n` accepted events of `tenant`, or refuse them all (429) if they would pass
+        `limit` today."""
+        used = self.used(tenant)
+        if used + n > limit:
+            raise quota_exceeded(
+                "events_per_day", limit, used, 429, {"Retry-After": str(_seconds_to_midnight())}
+            )
+        key = (tenant, _today())
+        with self._local:
+            self._pending[key] = self._pending.get(key, 0) + n
+
+
+def _today() -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def _seconds_to_midnight() -> int:
+    return 86400 - int(time.time()) % 86400
+
+
+@functools.cache
+def _event_counter(data_root: str) -> EventDayCounter:
+    return EventDayCounter(data_root)
+
+
+def charge_events(ctx: Any, tenant: str, n: int) -> None:
+    """Before events are accepted for `tenant`: count `n` more today, or a 429 Problem naming
+    the ``events_per_day`` quota when they would pass it (none of them is then accepted)."""
+    if n > 0:
+        limit = quotas(ctx, tenant)["events_per_day"]
+        _event_counter(ctx.config.data_root).charge(tenant, n, limit)
 
 
 # --- the server secret and stored keys -------------------------------------------------------

@@ -504,3 +504,66 @@ def test_every_access_operation_conforms_to_the_spec(client):
     call("GET", "/v1/recs/audit/logs", 400, query_string="limit=0")
     mine = {(r.method, r.path) for r in access.ROUTES}
     assert mine - call.seen == set()
+
+
+# --- events per day ------------------------------------------------------------------------------
+def _charge_many(data_root: str, n: int, limit: int, out) -> None:
+    counter = access.EventDayCounter(data_root)
+    accepted = 0
+    for _ in range(n):
+        try:
+            counter.charge("acme", 10, limit)
+            accepted += 10
+        except Exception as e:  # noqa: BLE001 (the quota's 429 Problem, counted below)
+            assert getattr(e, "problem_code", "") == "RECSYS_QUOTA_EXCEEDED", e
+        counter.used("acme")  # (merges once a second, as a worker does)
+    counter.sync()
+    out.put(accepted)
+
+
+def test_events_per_day_are_counted_across_workers_and_refused_past_the_quota(
+    client, data_root, capsys
+):
+    """charge_events (what the event intake calls before accepting events): a 429 naming the
+    quota past it; two processes counting at once agree on one total, overrunning the quota by
+    at most what the other accepted within a merge interval."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    from serving.documents import DocumentStore
+
+    assert (
+        client.simulate_patch(
+            "/v1/recs/quotas", json={"events_per_day": 25}, headers=ADMIN
+        ).status_code
+        == 200
+    )
+    ctx = SimpleNamespace(
+        config=make_config(data_root),
+        documents=DocumentStore(os.path.join(data_root, "serving")),
+        mlflow_uri="sqlite:///" + os.path.join(data_root, "no-mlflow.db"),
+    )
+    access.charge_events(ctx, "acme", 20)
+    with pytest.raises(Exception) as refused:
+        access.charge_events(ctx, "acme", 10)
+    assert refused.value.status_code == 429 and refused.value.extra["quota"] == "events_per_day"
+    access.charge_events(ctx, "acme", 5)  # exactly the quota
+    access.charge_events(ctx, "globex", 20)  # another tenant's own count
+    access._event_counter(data_root).sync()
+    assert access.quota_usage(ctx, "acme")["events_per_day"] == {"limit": 25, "used": 25}
+
+    root = str(data_root) + "-procs"
+    mp = multiprocessing.get_context("fork")
+    out = mp.Queue()
+    procs = [mp.Process(target=_charge_many, args=(root, 200, 1000, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    accepted = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    total = access.EventDayCounter(root).used("acme")
+    assert total == sum(accepted)  # every accepted event counted once
+    assert 1000 <= total <= 2000  # (two workers: the other's second at most, here its quota)
+    with capsys.disabled():
+        print(f"\nevents_per_day 1000, two processes charging 10 at a time: {total} accepted")
