@@ -21,6 +21,9 @@ from recsys.snapshot.reader import SnapshotError, _read_manifest, open_snapshot
 
 #: Unfinished `.tmp-*` folders older than this are removed by `prune` (a crashed writer's).
 STALE_TMP_SECONDS = 6 * 3600
+#: Snapshot ids `prune` must keep beyond the newest `keep` (one per line): the ones deployments
+#: refer to (a canary's, the one a rollback returns to), written by the control plane.
+PINNED = "PINNED"
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,21 @@ class SnapshotStore:
             )
         return out
 
+    def pinned(self) -> set[str]:
+        """Ids `prune` keeps whatever their age (the PINNED file)."""
+        try:
+            with open(os.path.join(self.root, PINNED), encoding="utf-8") as f:
+                return {line.strip() for line in f if line.strip()}
+        except FileNotFoundError:
+            return set()
+
     # --- writing -------------------------------------------------------------------------
+    def pin(self, snapshot_ids: set[str]) -> None:
+        """Replace the pinned ids (atomically)."""
+        os.makedirs(self.root, exist_ok=True)
+        body = "".join(f"{sid}\n" for sid in sorted(snapshot_ids))
+        write_atomic(os.path.join(self.root, PINNED), body.encode())
+
     def new_tmp_dir(self) -> str:
         """A fresh, empty folder inside the tenant's snapshots folder to write a snapshot into."""
         os.makedirs(self.root, exist_ok=True)
@@ -174,7 +191,8 @@ class SnapshotStore:
         return snapshot_id
 
     def prune(self, keep: int | None = None) -> list[str]:
-        """Remove all but the newest `keep` snapshots (never the current one) and stale temp dirs.
+        """Remove all but the newest `keep` snapshots (never the current one nor a pinned one)
+        and stale temp dirs.
 
         Returns the removed ids.
         """
@@ -183,7 +201,8 @@ class SnapshotStore:
             raise ValueError("keep must be >= 1")
         current = self.current_id()
         ids = self.ids()
-        doomed = [s for s in ids[: max(0, len(ids) - keep)] if s != current]
+        spared = self.pinned() | {current}
+        doomed = [s for s in ids[: max(0, len(ids) - keep)] if s not in spared]
         for sid in doomed:
             # Rename first so a half-deleted folder is never listed as a snapshot.
             trash = os.path.join(self.root, f"{TMP_PREFIX}del-{sid}")

@@ -588,6 +588,7 @@ class ModelsResource:
                 out = self._deploy_prod(req, tenant, version, snapshot)
             else:
                 out = self._deploy_split(req, tenant, version, snapshot, body)
+            self._pin(tenant)
         out["seconds"] = round(time.perf_counter() - started, 3)
         out["event_id"] = self._emit(tenant, "model.deployed", out)
         req.context.audit = {
@@ -784,6 +785,7 @@ class ModelsResource:
                     f"{reg.version_status(version)}): nothing to roll back.",
                     code="RECSYS_NOT_DEPLOYED",
                 )
+            self._pin(tenant)
         out["seconds"] = round(time.perf_counter() - started, 3)
         out["event_id"] = self._emit(tenant, "model.rolled_back", out)
         req.context.audit = {
@@ -832,6 +834,26 @@ class ModelsResource:
             previous_version=target,
             previous_snapshot_id=previous_snapshot,
         )
+
+    def _pin(self, tenant: str) -> None:
+        """Pin the snapshots the tenant's deployments refer to (each aliased version's snapshot
+        and the one its rollback returns to), so the publish's pruning keeps them."""
+        holder = self._snapshots(tenant)
+        if holder is None:
+            return
+        ids: set[str] = set()
+        for model in self._reg.models(tenant):
+            for alias, number in (model.aliases or {}).items():
+                if alias not in reg.ALIAS_STATUS:
+                    continue
+                v = self._reg.find(lambda c, n=number, m=model.name: c.get_model_version(m, str(n)))
+                tags = {} if v is None else (v.tags or {})
+                ids.update(
+                    tags[k]
+                    for k in ("deploy.snapshot_id", "deploy.previous_snapshot_id")
+                    if k in tags
+                )
+        holder.store.pin(ids & set(holder.store.ids()))
 
     def _emit(self, tenant: str, event: str, payload: dict[str, Any]) -> str:
         """Record the webhook event in the outbox; its message id (`webhook-id`)."""

@@ -305,6 +305,11 @@ def test_deploy_at_100_serves_the_version_and_rollback_brings_the_old_lists_back
     assert versions["2"]["status"] == "deployed" and versions["1"]["status"] == "registered"
     assert versions["2"]["deployment"]["env"] == "prod"
 
+    # the snapshot a rollback returns to is pinned: the publish's pruning keeps it
+    store = SnapshotStore(os.path.join(world["root"], "snapshots", "acme"))
+    assert store.pinned() == {world["snaps"][("acme", 1)], world["snaps"][("acme", 2)]}
+    assert store.prune(keep=1) == [] and world["snaps"][("acme", 1)] in store.ids()
+
     back = api.simulate_post(f"{BASE}/versions/2/rollback", headers=ADMIN)
     assert back.status_code == 200, back.json
     assert back.json["previous_version"] == "1" and back.json["status"] == "rolled_back"
