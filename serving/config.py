@@ -31,6 +31,7 @@ serving package that reads `os.environ` (entry points call it; tests build the o
 | RECSYS_DEMO_TENANTS | (none: off) | tenants `/demo` may mint short-lived tokens for |
 | RECSYS_DAGSTER_URL | (unset: job routes answer 503) | a running Dagster webserver (`dagster dev`), e.g. `http://127.0.0.1:3000` |
 | RECSYS_MLFLOW_URI / MLFLOW_TRACKING_URI | `sqlite:///<data root>/mlflow/mlflow.db` | the MLflow tracking and registry store |
+| RECSYS_PG_URL | (unset) | the deployment's PostgreSQL (Dagster's), checked by /v1/recs/health |
 | RECSYS_SERVER_SECRET | (unset: a per-data-root secret file) | server-side secret for keyed hashes (API keys) and webhook secrets |
 | RECSYS_PROBLEM_BASE | `https://errors.recsys.example/problem/` | prefix of Problem `type` URIs |
 | RECSYS_VERSION / RECSYS_GIT_SHA / RECSYS_BUILT_AT | package version / `unknown` | /version |
@@ -114,6 +115,7 @@ class ServingConfig:
     dagster_url: str | None = None
     mlflow_uri: str | None = None  # None: recsys.storage.Storage(data_root).mlflow_uri()
     server_secret: str | None = None
+    postgres_url: str | None = None  # RECSYS_PG_URL (SQLAlchemy or libpq URL)
     version: str = field(default_factory=lambda: _package_version())
     git_sha: str = "unknown"
     built_at: str = "unknown"
@@ -164,6 +166,7 @@ class ServingConfig:
             dagster_url=get("RECSYS_DAGSTER_URL"),
             mlflow_uri=get("RECSYS_MLFLOW_URI", get("MLFLOW_TRACKING_URI")),
             server_secret=get("RECSYS_SERVER_SECRET"),
+            postgres_url=get("RECSYS_PG_URL"),
             version=get("RECSYS_VERSION", d.version),
             git_sha=get("RECSYS_GIT_SHA", d.git_sha),
             built_at=get("RECSYS_BUILT_AT", d.built_at),
