@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import glob
 import os
+import re
 import sqlite3
 import time
 import urllib.error
@@ -424,11 +425,12 @@ class MonitoringResource:
         return "PING answered"
 
     def _postgres(self) -> str:
-        url = getattr(self._ctx.config, "postgres_url", None)
+        url = self._ctx.config.postgres_url
         if not url:
-            raise _NotConfigured("no PostgreSQL is configured (RECSYS_POSTGRES_URL)")
+            raise _NotConfigured("RECSYS_PG_URL is not set")
         import psycopg
 
+        url = re.sub(r"^postgresql\+\w+://", "postgresql://", url)  # (SQLAlchemy's form)
         with psycopg.connect(url, connect_timeout=int(CHECK_TIMEOUT_S)) as conn:
             conn.execute("SELECT 1")
         return "SELECT 1 answered"

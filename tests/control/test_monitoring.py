@@ -119,6 +119,21 @@ def test_health_names_a_dependency_that_is_down_and_keeps_serving(data_root):
     assert rec.status_code == 200  # recommendations keep serving
 
 
+@pytest.mark.services
+def test_health_of_a_real_redis_and_postgresql(data_root, pg_database_url):
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 6379)) != 0:
+            pytest.skip("Redis not reachable at 127.0.0.1:6379")
+    client = build_client(
+        make_config(data_root, redis_url="redis://127.0.0.1:6379/15", postgres_url=pg_database_url)
+    )
+    resp = client.simulate_get("/v1/recs/health", headers=auth("acme"))
+    deps = {d["name"]: d for d in resp.json["dependencies"]}
+    assert deps["redis"]["state"] == "ok" and deps["redis"]["detail"] == "PING answered"
+    assert deps["postgres"]["state"] == "ok", deps["postgres"]
+    assert deps["postgres"]["latency_ms"] > 0
+
+
 def test_health_is_503_for_a_tenant_without_snapshot(client):
     resp = client.simulate_get("/v1/recs/health", headers=auth("initech"))
     assert resp.status_code == 503
