@@ -207,6 +207,20 @@ class TenantDefaults(Body):
     weights: Weights | None = None  # type: ignore[valid-type]
     k: K | None = None
     surface: Id | None = None
+    anchor_half_life: (
+        Annotated[
+            float,
+            Meta(
+                ge=0,
+                le=1000,
+                description="anchors are listed in the order they happened, the newest last; "
+                "in an anonymous session's list the anchor r places before the newest weighs "
+                "0.5 ** (r / anchor_half_life); 0: all anchors alike; null: the server's "
+                "default (1)",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class TenantLimits(Body):

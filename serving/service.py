@@ -20,7 +20,14 @@ from serving.control.access import effective_rules
 from serving.documents import DocumentStore, TenantDocuments
 from serving.errors import ProblemError
 from serving.metrics import Metrics
-from serving.rules import Engine, Ranked, assign_variant, backfill_sources, compile_rules
+from serving.rules import (
+    DEFAULT_ANCHOR_HALF_LIFE,
+    Engine,
+    Ranked,
+    assign_variant,
+    backfill_sources,
+    compile_rules,
+)
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
 from serving.validation import DEFAULT_SEGMENT, Limits, RecommendRequest, parse_recommend
 
@@ -214,7 +221,10 @@ class RecommendService:
             category_of = pool  # back-fill by the category of the top candidate
         elif anchors.size:
             source = "anchors"
-            pool, seen = engine.anchor_pool(anchors), anchors
+            half_life = (tconf.get("defaults") or {}).get("anchor_half_life")
+            if half_life is None:
+                half_life = DEFAULT_ANCHOR_HALF_LIFE
+            pool, seen = engine.anchor_pool(anchors, half_life=half_life), anchors
             category_of = anchors
             if req.user_id:
                 warnings.append(
@@ -405,7 +415,8 @@ def _backfill_sources(live: LiveSnapshot, req, segment: str, category_of, pool) 
 def _item_indices(live: LiveSnapshot, ids: list[str]) -> np.ndarray:
     if not ids:
         return _NO_ITEMS
-    return np.asarray(list(dict.fromkeys(live.item_indices(ids))), dtype=np.int32)
+    # (a repeated id keeps its last place: anchors are in the order they happened)
+    return np.asarray(list(dict.fromkeys(live.item_indices(ids[::-1])))[::-1], dtype=np.int32)
 
 
 #: The constant parts of an items array of n items, for n up to 256 (~0.5 MB if all): [b'[{

@@ -20,6 +20,7 @@ from serving.config import ServingConfig
 from serving.documents import Preconditions, TenantDocuments, set_etag
 from serving.errors import ProblemError
 from serving.routing import json_body
+from serving.rules import DEFAULT_ANCHOR_HALF_LIFE
 from serving.snapshot import SnapshotRegistry
 from serving.validation import (
     DEFAULT_K,
@@ -42,6 +43,7 @@ def effective_config(config: ServingConfig) -> dict[str, Any]:
             "weights": None,
             "k": min(DEFAULT_K, limits.max_k),
             "surface": DEFAULT_SURFACE,
+            "anchor_half_life": DEFAULT_ANCHOR_HALF_LIFE,
         },
         "limits": {
             "max_k": limits.max_k,

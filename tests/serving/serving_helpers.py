@@ -80,7 +80,11 @@ def write_tiny_snapshot(out_dir: str, tenant: str, prefix: str, variant: int = 0
         "reason": [0] * 9,
     }
     similar = {
-        "emb": {"item_idx": [0, 0, 0], "similar_idx": [3, 4, 5], "score": [0.9, 0.8, 0.7]},
+        "emb": {
+            "item_idx": [0, 0, 0, 13, 13],
+            "similar_idx": [3, 4, 5, 14, 15],
+            "score": [0.9, 0.8, 0.7, 0.9, 0.6],
+        },
         "cooc": {"item_idx": [0, 0, 5], "similar_idx": [5, 6, 0], "score": [0.9, 0.5, 0.4]},
     }
     popular = (np.arange(8, 20), np.linspace(1.0, 0.1, 12))

@@ -64,7 +64,12 @@ def test_config_is_durable(client, data_root):
 def test_a_tenant_never_configured_gets_its_effective_defaults(client, config):
     got = client.simulate_get("/v1/admin/tenants/acme/config", headers=ADMIN)
     assert got.status_code == 200
-    assert got.json["defaults"] == {"weights": None, "k": 20, "surface": "default"}
+    assert got.json["defaults"] == {
+        "weights": None,
+        "k": 20,
+        "surface": "default",
+        "anchor_half_life": 1.0,
+    }
     assert got.json["limits"] == {
         "max_k": config.max_k,
         "max_include_ids": config.max_list_ids,

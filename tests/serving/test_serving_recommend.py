@@ -287,3 +287,36 @@ def test_experiment_assignment_is_deterministic_and_selects_snapshot(client, dat
         import shutil
 
         shutil.rmtree(store.path_of(challenger))
+
+
+def test_anchor_half_life_weighs_the_newest_anchors_of_a_session(client):
+    """Anchors are listed in the order they happened (the newest last). With a half-life of 0
+    their order does not matter; with a tiny one the newest anchor's neighbours come first;
+    the default (1) weighs the newest twice the one before. (a0's neighbours: a5 1.78, a3 1,
+    a4 .89, a6 .56 in its emb + cooc lists scaled by their best; a13's: a14 1, a15 .67.)"""
+
+    def session(anchors, k=6):
+        body = {"k": k, "user": {"session_id": "s-1"}, "anchors": {"item_ids": anchors}}
+        return ids(recommend(client, body))
+
+    # a0 weighs 2/3, a13 4/3 (and the other way round)
+    assert session(["a0", "a13"]) == ["a14", "a5", "a15", "a3", "a4", "a6"]
+    assert session(["a13", "a0"]) == ["a5", "a3", "a4", "a6", "a14", "a15"]
+    admin = auth("acme", ("admin",))
+
+    def half_life(value):
+        current = client.simulate_get("/v1/admin/tenants/acme/config", headers=admin)
+        put = client.simulate_put(
+            "/v1/admin/tenants/acme/config",
+            json={"defaults": {"anchor_half_life": value}},
+            headers={**admin, "If-Match": current.headers["ETag"]},
+        )
+        assert put.status_code == 200, put.text
+
+    half_life(0)
+    alike = session(["a0", "a13"])
+    assert alike == session(["a13", "a0"]) == ["a5", "a3", "a14", "a4", "a15", "a6"]
+    half_life(0.01)
+    assert session(["a0", "a13"]) == ["a14", "a15", "a5", "a3", "a4", "a6"]
+    assert session(["a13", "a0"]) == ["a5", "a3", "a4", "a6", "a14", "a15"]
+    assert session(["a0", "a13", "a0"]) == session(["a13", "a0"])  # a repeat counts where last
