@@ -62,7 +62,7 @@ def new_key(client, scopes=("recommend",), headers=ADMIN, **extra):
     return made
 
 
-def wait_for(check, timeout_s: float = 3.0) -> float:
+def wait_for(check, timeout_s: float = 10.0) -> float:
     """Seconds until check() holds (fails after timeout_s)."""
     start = time.monotonic()
     while not check():
