@@ -22,9 +22,9 @@ client reconnects with its Last-Event-ID; EventSource does so by itself after ``
 Connections: each open stream holds one request thread of its worker for its whole life, so the
 server must run threaded workers - gunicorn ``--worker-class gthread --threads N`` or granian
 (``recsys serve --threads N``) - and a worker takes at most `MAX_STREAMS_PER_WORKER` streams
-(503 with Retry-After beyond), leaving its other threads to the API. Under gunicorn's sync
-workers (``recsys serve`` with one thread) a stream would hold the worker's only thread: do not
-expose the route there.
+(503 with Retry-After beyond), leaving its other threads to the API. A worker with one thread
+(gunicorn's sync workers: ``recsys serve`` without ``--threads``; ``wsgi.multithread`` false)
+answers 503: a stream would hold its only thread.
 """
 
 from __future__ import annotations
@@ -99,6 +99,13 @@ class EventStreamResource:
                     code="RECSYS_BAD_EVENT_ID",
                 )
             position = (int(match.group(1)), int(match.group(2)))
+        if not req.env.get("wsgi.multithread"):
+            raise ProblemError(
+                503,
+                "The event stream needs a threaded worker (gunicorn gthread or granian); this "
+                "worker has one thread, which a stream would hold for its whole life.",
+                code="RECSYS_STREAMS_NEED_THREADS",
+            )
         with self._lock:
             if self._open >= MAX_STREAMS_PER_WORKER:
                 raise ProblemError(

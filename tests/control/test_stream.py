@@ -225,3 +225,6 @@ def test_stream_refuses_a_malformed_last_event_id_and_other_tenants(tmp_path):
     org = auth("acme", ADMIN, **{"X-Org-Id": "globex"})
     assert client.simulate_get("/v1/recs/events/stream", headers=org).status_code == 403
     assert client.simulate_get("/v1/recs/events/stream", headers=auth("acme")).status_code == 403
+    # (the test client's environ says one thread, as gunicorn's sync worker does)
+    single = client.simulate_get("/v1/recs/events/stream", headers=auth("acme", ADMIN))
+    assert single.status_code == 503 and single.json["code"] == "RECSYS_STREAMS_NEED_THREADS"
