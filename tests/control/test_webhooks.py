@@ -473,3 +473,54 @@ def test_stopping_an_experiment_emits_experiment_completed(client, tmp_path, rec
     assert body["type"] == "experiment.completed"
     assert body["data"]["experiment_id"] == "home-ab" and body["data"]["variants"] == ["A", "B"]
     assert body["data"]["results"] == "/v1/recs/experiments/home-ab/results"
+
+
+@pytest.mark.slow
+def test_run_end_to_delivery_latency_through_dagster(dagster_server, control_client):
+    """Real dagster dev + daemon: runs of connector_run (a one-op job) tagged with the tenant,
+    the run-status sensor emits job.completed / job.failed, a deliverer delivers them to the
+    receiver. Prints the latency from each run's end (Dagster's endTime) to receipt."""
+    from serving.control.dagster import DagsterClient
+
+    receiver = Receiver()
+    receiver.secret = subscribe(
+        control_client, receiver.url, events=["job.completed", "job.failed"]
+    )["secret"]
+    deliverer = Deliverer(dagster_server.data_root, FAST)
+    stop = threading.Event()
+    thread = threading.Thread(target=deliverer.run, args=(stop,), daemon=True)
+    thread.start()
+    dagster = DagsterClient(dagster_server.url)
+    latencies = []
+    try:
+        for i in range(5):
+            config = {"tenant": "acme", "connector_id": f"missing-{i}"}  # fails fast: job.failed
+            run_id = dagster.launch(
+                "connector_run",
+                {"ops": {"sync_connector": {"config": config}}},
+                {"recsys/tenant": "acme"},
+            )
+            deadline = time.time() + 180
+            body = None
+            while time.time() < deadline and body is None:
+                for _, raw, at in list(receiver.received):
+                    doc = orjson.loads(raw)
+                    if doc["data"].get("job_id") == run_id:
+                        body, received_at = doc, at
+                time.sleep(0.05)
+            assert body is not None, f"no webhook for run {run_id}"
+            assert body["type"] == "job.failed" and body["data"]["status"] == "FAILURE"
+            assert "no connector 'missing-" in body["data"]["failed_steps"][0]["error"]
+            run = dagster.run(run_id)
+            latencies.append(received_at - run.ended)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        receiver.close()
+    latencies.sort()
+    print(
+        f"\nwebhooks: run end -> delivery over {len(latencies)} runs: p50 "
+        f"{latencies[len(latencies) // 2]:.2f} s, max (p99) {latencies[-1]:.2f} s "
+        f"(sensor interval 5 s; load {os.getloadavg()[0]:.1f})"
+    )
+    assert receiver.refused == []
