@@ -134,6 +134,14 @@ class VersionCreate(Body):
     training_job_id: Id | None = None
 
 
+class VersionPatch(Body):
+    """Fields to change (absent: unchanged; null: removed)."""
+
+    archived: bool | UnsetType = UNSET
+    description: Text | None | UnsetType = UNSET
+    metadata: dict[str, Any] | None | UnsetType = UNSET
+
+
 class ModelVersion(Reply):
     id: str
     model_id: str
@@ -404,6 +412,47 @@ class ModelsResource:
     ) -> None:
         resp.media = version_view(self._reg.version(_tenant(req), model_id, version_id))
         resp.cache_control = ["no-store"]
+
+    def on_patch_version(
+        self, req: falcon.Request, resp: falcon.Response, model_id: str, version_id: str
+    ) -> None:
+        tenant = _tenant(req)
+        before = self._reg.version(tenant, model_id, version_id)
+        patch: VersionPatch = req.context.body
+        if patch.archived is True and before._aliases:
+            raise ProblemError(
+                409,
+                f"Version {version_id} is {reg.version_status(before)}; roll it back before "
+                "archiving it.",
+                code="RECSYS_MODEL_IN_USE",
+            )
+
+        def change(client: Any) -> None:
+            if patch.description is not UNSET:
+                client.update_model_version(
+                    model_id, version_id, description=patch.description or ""
+                )
+            if patch.archived is not UNSET:
+                if patch.archived:
+                    client.set_model_version_tag(model_id, version_id, reg.ARCHIVED_TAG, "true")
+                elif reg.ARCHIVED_TAG in (before.tags or {}):
+                    client.delete_model_version_tag(model_id, version_id, reg.ARCHIVED_TAG)
+            if patch.metadata is not UNSET:
+                if patch.metadata is None:
+                    if "recsys.metadata" in (before.tags or {}):
+                        client.delete_model_version_tag(model_id, version_id, "recsys.metadata")
+                else:
+                    value = reg.dump_tag(patch.metadata, "metadata")
+                    client.set_model_version_tag(model_id, version_id, "recsys.metadata", value)
+
+        self._reg.call(change)
+        after = self._reg.version(tenant, model_id, version_id)
+        req.context.audit = {
+            "target": f"model/{model_id}/versions/{version_id}",
+            "before": reg.version_status(before),
+            "after": reg.version_status(after),
+        }
+        resp.media = version_view(after)
 
     def on_post_versions(self, req: falcon.Request, resp: falcon.Response, model_id: str) -> None:
         tenant = _tenant(req)
@@ -1127,6 +1176,18 @@ ROUTES: tuple[Route, ...] = (
         params=_MV,
         response=ModelVersion,
         errors=(_MLFLOW,),
+        tags=_TAGS,
+    ),
+    Route(
+        "PATCH",
+        "/v1/recs/models/{model_id}/versions/{version_id}",
+        ("models", "on_patch_version"),
+        "Archive (or un-archive) a version, change its description or metadata",
+        SCOPE_ADMIN,
+        params=_MV,
+        body=VersionPatch,
+        response=ModelVersion,
+        errors=(409, 422, _MLFLOW),
         tags=_TAGS,
     ),
     Route(

@@ -279,6 +279,17 @@ def test_versions_show_their_status_and_register_only_loadable_artifacts(api, wo
     assert folder.json["source"].endswith("/model")
     listed = api.simulate_get(f"{BASE}/versions", headers=READ).json
     assert [v["id"] for v in listed["items"]] == ["4", "3", "2", "1"]
+    # archiving: a tag; the deployed version cannot be archived
+    arch = api.simulate_patch(
+        f"{BASE}/versions/3", json={"archived": True, "description": "old"}, headers=ADMIN
+    )
+    assert arch.status_code == 200, arch.json
+    assert arch.json["status"] == "archived" and arch.json["description"] == "old"
+    assert mlflow(world).get_model_version(MODEL, "3").tags["recsys.archived"] == "true"
+    live = api.simulate_patch(f"{BASE}/versions/1", json={"archived": True}, headers=ADMIN)
+    assert live.status_code == 409
+    back = api.simulate_patch(f"{BASE}/versions/3", json={"archived": False}, headers=ADMIN)
+    assert back.json["status"] == "registered"
     assert api.simulate_get(f"{BASE}/versions/9", headers=READ).status_code == 404
     assert api.simulate_get("/v1/recs/models/nope/versions", headers=READ).status_code == 404
     c = mlflow(world)
@@ -587,6 +598,7 @@ ROUTES = [
     ("GET", f"{BASE}/versions", None),
     ("POST", f"{BASE}/versions", {"artifact_url": "runs:/x/model"}),
     ("GET", f"{BASE}/versions/1", None),
+    ("PATCH", f"{BASE}/versions/1", {"archived": False}),
     ("POST", f"{BASE}/versions/1/deploy", {}),
     ("POST", f"{BASE}/versions/1/rollback", None),
     ("GET", f"{BASE}/metrics", None),
