@@ -49,7 +49,7 @@ from recsys.vectors import VectorIndex
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.errors import ProblemError
 from serving.recs.schemas import Query
-from serving.routing import JSON, NDJSON, Route, read_body
+from serving.routing import JSON, MALFORMED, NDJSON, Route, read_body
 from serving.schemas import MAX_ID_LENGTH, Body, Reply
 
 SNAPSHOT_INDEXES = ("items", "users")
@@ -73,6 +73,22 @@ class VectorUpsert(Body):
     metadata: Metadata | None = None
     index: IndexName = "default"
     metric: Literal["cosine", "dot"] | None = None
+
+
+#: A bulk body as the schema states it: any lines (each is checked on its own and answered in
+#: the results), at least one.
+BulkVectors = Annotated[
+    list[
+        Annotated[
+            Any,
+            Meta(
+                description="a VectorUpsert ({id, vector, metadata?, index?, metric?}); a line "
+                "that is not one is rejected in the answer"
+            ),
+        ]
+    ],
+    Meta(min_length=1),
+]
 
 
 class VectorStored(Reply, forbid_unknown_fields=True):
@@ -342,7 +358,7 @@ ROUTES: tuple[Route, ...] = (
         "Add or replace many vectors: a JSON array or NDJSON (one vector a line); each line is "
         "answered on its own",
         SCOPE_ADMIN,
-        body=list[VectorUpsert],
+        body=BulkVectors,
         media=(JSON, NDJSON),
         body_by_handler=True,
         response=VectorBulkReceipt,
@@ -394,7 +410,8 @@ class EmbeddingResources:
 
     def on_post_bulk(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = req.context.principal.tenant
-        chunks = _lines(read_body(req))
+        ndjson = (req.content_type or "").split(";")[0].strip().lower() == NDJSON
+        chunks = _lines(read_body(req), ndjson)
         results: list[dict[str, Any] | None] = [None] * len(chunks)
         by_index: dict[str, list[tuple[int, VectorUpsert]]] = {}
         for n, chunk in enumerate(chunks):
@@ -449,27 +466,32 @@ class EmbeddingResources:
         resp.media = {"id": embedding_id, "index": name, "status": "deleted"}
 
 
-def _lines(raw: bytes) -> list[Any]:
-    """A bulk body's entries: a JSON array, or NDJSON lines (a line that is not JSON stays as
-    its bytes, answered as rejected)."""
+def _lines(raw: bytes, ndjson: bool) -> list[Any]:
+    """A bulk body's entries: a JSON array (application/json), or NDJSON lines
+    (application/x-ndjson: a line that is not JSON stays as its bytes, answered as rejected;
+    a body no line of which is JSON is 400)."""
     body = raw.strip()
     if not body:
         raise ProblemError(400, "The bulk body holds no vectors.")
-    out: list[Any] | None = None
-    if body[:1] == b"[":
-        try:
-            parsed = orjson.loads(body)
-            out = parsed if isinstance(parsed, list) else None
-        except orjson.JSONDecodeError:
-            out = None
-    if out is None:
-        out = []
+    if ndjson:
+        out: list[Any] = []
         for line in body.split(b"\n"):
             if line.strip():
                 try:
                     out.append(orjson.loads(line))
                 except orjson.JSONDecodeError:
                     out.append(bytes(line[:100]))
+        if out and all(isinstance(x, bytes) for x in out):
+            raise ProblemError(400, "No line of the NDJSON body is JSON.", code=MALFORMED)
+    else:
+        try:
+            out = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise ProblemError(400, "The body is not valid JSON.", code=MALFORMED) from None
+        if not isinstance(out, list):
+            raise ProblemError(
+                400, "A bulk body is a JSON array of vectors (or NDJSON: application/x-ndjson)."
+            )
     if not out:
         raise ProblemError(400, "The bulk body holds no vectors.")
     if len(out) > MAX_BULK:

@@ -50,7 +50,7 @@ from serving.crr.records import RecordStore
 from serving.crr.schemas import RecordId
 from serving.documents import Collection, Preconditions, set_etag
 from serving.errors import ProblemError
-from serving.routing import JSON, NDJSON, Route, read_body
+from serving.routing import JSON, MALFORMED, NDJSON, Route, read_body
 from serving.schemas import Body, Reply
 
 EntityType = Literal[ENTITY_TYPES]  # type: ignore[valid-type]
@@ -82,6 +82,22 @@ class FeatureBulkLine(Body):
     entity_id: RecordId
     features: Annotated[dict[str, Any], Meta(max_length=MAX_FEATURES)]
     event_timestamp: EventTime | None = None
+
+
+#: A bulk body as the schema states it: any lines (each is checked on its own and answered in
+#: the results with its reason, never refusing the request), at least one.
+BulkLines = Annotated[
+    list[
+        Annotated[
+            Any,
+            Meta(
+                description="a FeatureBulkLine ({entity_type, entity_id, features, "
+                "event_timestamp?}); a line that is not one is rejected in the answer"
+            ),
+        ]
+    ],
+    Meta(min_length=1),
+]
 
 
 class FeatureValue(Reply, forbid_unknown_fields=True):
@@ -239,7 +255,7 @@ ROUTES: tuple[Route, ...] = (
         "Upsert features of many entities: a JSON array or NDJSON (one upsert a line); each "
         "line is answered on its own, a bad line never refuses the good ones",
         SCOPE_ADMIN,
-        body=list[FeatureBulkLine],
+        body=BulkLines,
         media=(JSON, NDJSON),
         body_by_handler=True,
         response=FeatureBulkReceipt,
@@ -525,7 +541,7 @@ class FeatureResources:
 
     def on_post_bulk(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = req.context.principal.tenant
-        chunks = _bulk_lines(read_body(req))
+        chunks = _bulk_lines(read_body(req), is_ndjson(req))
         schema, _ = self.schema(tenant)
         results: list[dict[str, Any]] = []
         batch = []
@@ -645,21 +661,27 @@ def _stale(schema: FeatureSchema, entity: str, name: str, stamp: str | None, now
     return when is not None and now - when.timestamp() > defn.ttl_s
 
 
-def _bulk_lines(raw: bytes) -> list[Any]:
-    """The upserts of a bulk body: a JSON array, or NDJSON (blank lines ignored); a line that
-    is not JSON stays in as its text (answered as rejected)."""
+def _bulk_lines(raw: bytes, ndjson: bool) -> list[Any]:
+    """The upserts of a bulk body: a JSON array (Content-Type application/json; anything else
+    is 400), or NDJSON (application/x-ndjson; blank lines ignored, a line that is not JSON
+    stays in as its text and is answered as rejected, a body no line of which is JSON is
+    400)."""
     body = raw.strip()
     if not body:
         raise ProblemError(400, "The bulk body holds no upserts.")
-    chunks: list[Any]
-    if body[:1] == b"[":
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            parsed = None
-        chunks = parsed if isinstance(parsed, list) else _ndjson(body)
-    else:
+    if ndjson:
         chunks = _ndjson(body)
+        if chunks and all(isinstance(c, _Unparsable) for c in chunks):
+            raise ProblemError(400, "No line of the NDJSON body is JSON.", code=MALFORMED)
+    else:
+        try:
+            chunks = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise ProblemError(400, "The body is not valid JSON.", code=MALFORMED) from None
+        if not isinstance(chunks, list):
+            raise ProblemError(
+                400, "A bulk body is a JSON array of upserts (or NDJSON: application/x-ndjson)."
+            )
     if not chunks:
         raise ProblemError(400, "The bulk body holds no upserts.")
     if len(chunks) > MAX_BULK:
@@ -669,6 +691,11 @@ def _bulk_lines(raw: bytes) -> list[Any]:
 
 class _Unparsable(str):
     pass
+
+
+def is_ndjson(req: falcon.Request) -> bool:
+    """Whether the request says its body is NDJSON."""
+    return (req.content_type or "").split(";")[0].strip().lower() == NDJSON
 
 
 def _ndjson(body: bytes) -> list[Any]:
