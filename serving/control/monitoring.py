@@ -257,22 +257,34 @@ def resources(ctx: Any) -> dict[str, Any]:
 
 # --- time ranges -------------------------------------------------------------------------------
 def parse_time(text: str | None, default: float) -> float:
-    """Epoch seconds of an RFC 3339 time or a number of epoch seconds (422 otherwise)."""
+    """Epoch seconds of an RFC 3339 time or a number of epoch seconds, from 1970 to 9999 (422
+    otherwise)."""
     if text is None:
         return default
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        pass
-    try:
-        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ProblemError(
-            422, f"'{text}' is not an RFC 3339 time or epoch seconds.", code="RECSYS_BAD_TIME"
-        ) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return value.timestamp()
+        try:
+            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise _bad_time(text) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        value = when.timestamp()
+    if not 0 <= value <= _MAX_TIME:  # (also NaN)
+        raise _bad_time(text)
+    return value
+
+
+_MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z
+
+
+def _bad_time(text: str) -> ProblemError:
+    return ProblemError(
+        422,
+        f"'{text}' is not an RFC 3339 time or epoch seconds between 1970 and 9999.",
+        code="RECSYS_BAD_TIME",
+    )
 
 
 def time_range(query: RangeQuery) -> tuple[float, float]:

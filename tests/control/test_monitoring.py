@@ -206,10 +206,10 @@ def test_metrics_route_reports_this_servers_requests(client):
     # another tenant sees none of it
     other = client.simulate_get("/v1/recs/metrics", headers=auth("globex", ADMIN))
     assert all(r["route"] != "/v1/recommend" for r in other.json["routes"])
-    bad = client.simulate_get(
-        "/v1/recs/metrics", params={"from": "yesterday"}, headers=auth("acme", ADMIN)
-    )
-    assert bad.status_code == 422
+    for wrong in ("yesterday", "nan", "1e308", "-5", "inf"):
+        for path in ("/v1/recs/metrics", "/v1/recs/usage", "/v1/recs/logs"):
+            bad = client.simulate_get(path, params={"from": wrong}, headers=auth("acme", ADMIN))
+            assert bad.status_code == 422, (path, wrong, bad.text)
     backwards = client.simulate_get(
         "/v1/recs/metrics", params={"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"},
         headers=auth("acme", ADMIN),
