@@ -443,6 +443,17 @@ def test_revocation_limits_and_quotas_reach_every_worker(tmp_path):
     )
     for name, (seconds, _) in figures.items():
         assert seconds < 1.5, (name, seconds)
+    # both workers appended to one audit chain: the five writes, in order
+    log = AuditLog(os.path.join(root, "serving", "audit"))
+    assert log.verify("acme").ok
+    got = [(e["method"], e["route"], e["status"]) for e in log.query("acme")]
+    assert got == [
+        ("POST", "/v1/recs/keys", 201),
+        ("DELETE", "/v1/recs/keys/{key_id}", 204),
+        ("PUT", "/v1/recs/rate-limits", 200),
+        ("POST", "/v1/recs/keys", 201),
+        ("PATCH", "/v1/recs/quotas", 200),
+    ]
 
 
 # --- the generated spec -------------------------------------------------------------------------
