@@ -7,8 +7,9 @@ tenant; the tenant is always the caller's (`req.context.principal.tenant`).
   ``rsk_<key id>_<secret>`` and answers it once; only ``HMAC-SHA256(server secret, key)`` is
   stored (`server_secret`: ``RECSYS_SERVER_SECRET`` or a 0600 file under the data root).
   `KeyRing` is what `serving.auth.Authenticator` asks about a presented ``rsk_`` key: a map
-  digest -> key of every tenant, rebuilt when a keys folder changed (checked at most every
-  `KEY_CHECK_S`), so a revoked (deleted) key stops working on every worker within that. Its
+  digest -> key of every tenant, rebuilt when the change marker ``serving/keys.changed`` that
+  every create and revoke rewrites has changed (one stat, at most every `KEY_CHECK_S` and on an
+  unknown key), so a revoked (deleted) key stops working on every worker within that. Its
   last use is written at most once a minute per key and worker (``key_usage/<tenant>/``).
 * Rate limits (``rate_limits/<tenant>/rate_limits.json``): per-key and per-tenant windows that
   `serving.ratelimit.LimitTable` reads for the middleware (re-read within `LIMIT_CHECK_S`).
@@ -45,7 +46,7 @@ import falcon
 import msgspec
 from msgspec import Meta
 
-from recsys.durable import fsync_dir
+from recsys.durable import fsync_dir, write_atomic
 from recsys.tenancy import is_valid_tenant
 from serving.auth import SCOPE_ADMIN, Principal
 from serving.control.audit import AuditLog
@@ -77,7 +78,8 @@ QUOTA_NAMES = tuple(QUOTA_DEFAULTS)
 KEY_PREFIX = "rsk_"
 KEY_CHECK_S = 0.5  # a revoked key is refused on every worker within this (plus a stat)
 LIMIT_CHECK_S = 0.5  # a changed rate limit or quota is applied within this
-KEY_MISS_CHECK_S = 0.0  # an unknown key re-scans the keys folders (a listdir and a stat)
+KEY_MISS_CHECK_S = 0.0  # an unknown key re-checks the change marker (one stat)
+KEY_SCAN_S = 5.0  # the keys folders are re-listed at least this often, marker or not
 LAST_USED_EVERY_S = 60.0  # a key's last use is written at most this often per worker
 _POLICY_VIEW = "tenant-rules"  # the tenant's rules document, seen as a policy
 
@@ -345,8 +347,33 @@ def _expires_ts(text: str | None) -> float | None:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else None
 
 
+def keys_marker(data_root: str) -> str:
+    """The file every key change through the API rewrites (`mark_keys_changed`): one stat of
+    it tells a worker whether to re-list the keys folders."""
+    return os.path.join(data_root, "serving", "keys.changed")
+
+
+def mark_keys_changed(data_root: str) -> None:
+    path = keys_marker(data_root)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomic(path, secrets.token_hex(8).encode())  # (a new inode: seen whatever the mtime)
+
+
+def _signature(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class KeyRing:
-    """The stored keys of every tenant by HMAC digest (see the module docstring)."""
+    """The stored keys of every tenant by HMAC digest (see the module docstring).
+
+    Every `KEY_CHECK_S` (and on a presented key it does not know) it stats the change marker
+    (`keys_marker`); when the marker changed, or `KEY_SCAN_S` passed, it re-lists the keys
+    folders and rebuilds the map if any folder changed. So neither a revocation check nor an
+    unknown key costs more than a stat, however many tenants there are."""
 
     def __init__(self, data_root: str, secret: Callable[[], bytes]) -> None:
         docs = store_collections(data_root)
@@ -357,6 +384,9 @@ class KeyRing:
         self._secret_of = secret
         self._secret: bytes | None = None
         self._checked = float("-inf")
+        self._marker_path = keys_marker(data_root)
+        self._marker: tuple = ()
+        self._scanned = float("-inf")
         self._seen: tuple = ()
         self._by_digest: dict[str, StoredKey] = {}
         self._touched: dict[str, float] = {}
@@ -385,6 +415,10 @@ class KeyRing:
             return
         with self._lock:
             self._checked = now
+            marker = _signature(self._marker_path)
+            if marker == self._marker and now - self._scanned < KEY_SCAN_S:
+                return
+            self._marker, self._scanned = marker, now
             try:
                 tenants = sorted(t for t in os.listdir(self._root) if is_valid_tenant(t))
             except FileNotFoundError:
@@ -623,6 +657,7 @@ class KeysResource:
             "hash": self._ring.digest(plaintext),
         }
         doc = self._docs.create(tenant, key_id, body)
+        mark_keys_changed(self._ctx.config.data_root)
         req.context.audit = {"target": f"key/{key_id}", "before": None, "after": doc.revision}
         resp.status = falcon.HTTP_201
         resp.location = f"/v1/recs/keys/{key_id}"
@@ -632,6 +667,7 @@ class KeysResource:
     def on_delete_one(self, req: falcon.Request, resp: falcon.Response, key_id: str) -> None:
         tenant = req.context.principal.tenant
         before = self._docs.delete(tenant, key_id, Preconditions.of(req)).revision
+        mark_keys_changed(self._ctx.config.data_root)
         if self._usage.get(tenant, key_id) is not None:
             self._usage.delete(tenant, key_id)
         req.context.audit = {"target": f"key/{key_id}", "before": before, "after": None}

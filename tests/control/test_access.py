@@ -116,6 +116,7 @@ def test_revoked_and_expired_keys_are_refused_environment_keys_keep_working(clie
     other = new_key(client, expires_in=60).json
     keys = access.store_collections(data_root)["keys"]
     keys.patch("acme", other["id"], lambda d: {**d.body, "expires_at": "2020-01-01T00:00:00Z"})
+    access.mark_keys_changed(data_root)  # (as a change through the API does)
     expired = {"X-Api-Key": other["key"]}
     wait_for(lambda: recommend(client, expired).status_code == 401)
     assert "expired" in recommend(client, expired).json["detail"]
