@@ -204,6 +204,23 @@ class Outbox:
                 (tenant, endpoint_id),
             )
 
+    def prune(self, keep_days: float) -> int:
+        """Forget messages older than `keep_days` whose deliveries are all finished (and
+        attempts that old); returns how many messages went."""
+        cutoff = time.time() - keep_days * 86400
+        with self.transaction() as db:
+            gone = db.execute(
+                "DELETE FROM messages WHERE created_at < ? AND fanned_out = 1 AND id NOT IN"
+                " (SELECT message_id FROM deliveries WHERE state = 'pending')",
+                (cutoff,),
+            ).rowcount
+            db.execute(
+                "DELETE FROM deliveries WHERE state != 'pending' AND message_id NOT IN"
+                " (SELECT id FROM messages)"
+            )
+            db.execute("DELETE FROM attempts WHERE at < ?", (cutoff,))
+        return gone
+
     # --- reading (the API's delivery log) ------------------------------------------------------
     def endpoint_log(self, tenant: str, endpoint_id: str, recent: int = 10) -> dict[str, Any]:
         """The delivery log of one endpoint: counts, last status and error, whether it is
@@ -305,12 +322,16 @@ def stored_endpoints(data_root: str, tenant: str) -> dict[str, Endpoint]:
         try:
             with open(os.path.join(folder, name), "rb") as f:
                 raw = orjson.loads(f.read())
+            body = raw["body"]
+            endpoint = Endpoint(
+                raw["id"], tenant, body["url"], body["secret"], tuple(body["events"])
+            )
         except FileNotFoundError:  # deleted between listdir and open
             continue
-        body = raw["body"]
-        out[raw["id"]] = Endpoint(
-            raw["id"], tenant, body["url"], body["secret"], tuple(body["events"])
-        )
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:  # not an endpoint document
+            _log(f"webhooks/{tenant}/{name}: not an endpoint document ({exc!r}); skipped")
+            continue
+        out[endpoint.id] = endpoint
     return out
 
 
@@ -348,6 +369,7 @@ class DeliveryPolicy:
     workers: int = 8
     per_endpoint: int = 2
     poll_s: float = 0.05
+    keep_days: float = 7.0  # finished deliveries and their messages are kept this long
 
     def delay(self, attempts: int, rng: random.Random) -> float:
         base = min(self.max_backoff_s, self.backoff_s * 2 ** max(attempts - 1, 0))
@@ -398,8 +420,17 @@ class Deliverer:
         lock = open(self.outbox.path + ".lock", "a+b")  # noqa: SIM115 (held while running)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # a second deliverer waits here
+            pruned_at = 0.0
             while not stop.is_set():
-                started = self.tick()
+                try:
+                    started = self.tick()
+                    if time.monotonic() - pruned_at > 3600:
+                        pruned_at = time.monotonic()
+                        self.outbox.prune(self.policy.keep_days)
+                except sqlite3.Error as exc:  # a busy or full disk: said, and tried again
+                    _log(f"webhook deliverer: {type(exc).__name__}: {exc}; retrying in 1 s")
+                    stop.wait(1.0)
+                    continue
                 if not started:
                     self._wake.wait(self.policy.poll_s)
                     self._wake.clear()
@@ -504,6 +535,8 @@ class Deliverer:
         try:
             status, error, took = self._post(ep, due)
             self._record(ep, due, status, error, took)
+        except sqlite3.Error as exc:  # not recorded: the delivery stays due and is sent again
+            _log(f"webhook {due.message_id} -> {ep.id}: outcome not recorded: {exc}")
         finally:
             with self._mutex:
                 self._inflight[(due.tenant, due.endpoint_id)].discard(due.message_id)
@@ -582,8 +615,12 @@ class Deliverer:
                 "SELECT failures_in_a_row FROM endpoints WHERE tenant = ? AND endpoint_id = ?",
                 key,
             ).fetchone()[0]
-            if in_a_row >= policy.disable_after:
-                reason = f"{in_a_row} failed attempts in a row; last: {error}"
+            if in_a_row >= policy.disable_after or status == 410:
+                reason = (
+                    "the endpoint answered 410 Gone"
+                    if status == 410
+                    else f"{in_a_row} failed attempts in a row; last: {error}"
+                )
                 db.execute(
                     "UPDATE endpoints SET disabled_at = ?, disabled_reason = ?"
                     " WHERE tenant = ? AND endpoint_id = ? AND disabled_at IS NULL",
@@ -594,6 +631,10 @@ class Deliverer:
                     " WHERE tenant = ? AND endpoint_id = ? AND state = 'pending'",
                     key,
                 )
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _ms(started: float) -> float:

@@ -524,3 +524,41 @@ def test_run_end_to_delivery_latency_through_dagster(dagster_server, control_cli
         f"(sensor interval 5 s; load {os.getloadavg()[0]:.1f})"
     )
     assert receiver.refused == []
+
+
+def test_410_disables_at_once_and_a_broken_document_is_skipped(client, tmp_path, receiver):
+    receiver.fail_first = False
+    good = subscribe(client, receiver.url)
+    receiver.secret = good["secret"]
+    gone = Receiver(status=410)
+    hook = subscribe(client, gone.url)
+    gone.secret = hook["secret"]
+    broken = tmp_path / "serving" / "webhooks" / "acme" / "wh_0000000000000000.json"
+    broken.write_text('{"id": "wh_0000000000000000", "body": {"url": 1}}')
+    root = str(tmp_path)
+    msg = emit(root, "acme", "job.completed", {"n": 1})
+    deliverer = Deliverer(root, FAST)
+    deliverer.drain(timeout_s=10)
+    deliverer.close()
+    gone.close()
+    assert receiver.ids() == {msg}
+    log = Outbox.of(root).endpoint_log("acme", hook["id"])
+    assert log["disabled"] and log["attempts"] == 1
+    assert log["disabled_reason"] == "the endpoint answered 410 Gone"
+
+
+def test_prune_forgets_finished_old_messages_only(client, tmp_path, receiver):
+    receiver.fail_first = False
+    receiver.secret = subscribe(client, receiver.url)["secret"]
+    root = str(tmp_path)
+    outbox = Outbox.of(root)
+    old, kept = emit(root, "acme", "job.completed", {"n": 1}), None
+    deliverer = Deliverer(root, FAST)
+    deliverer.drain(timeout_s=10)
+    kept = emit(root, "acme", "job.completed", {"n": 2})  # not delivered yet
+    outbox._db().execute("UPDATE messages SET created_at = created_at - 30 * 86400")
+    assert outbox.prune(keep_days=7) == 1
+    assert outbox.message(old) is None and outbox.message(kept) is not None
+    deliverer.drain(timeout_s=10)
+    deliverer.close()
+    assert receiver.ids() == {old, kept}
