@@ -294,6 +294,7 @@ class TenantSnapshots:
         self._base: LiveSnapshot | None = None
         self._overlay_checked = -1e18
         self._writes_seen = 0
+        self._variants_overlaid: dict[str, tuple[int, LiveSnapshot, LiveSnapshot]] = {}
 
     def live(self) -> LiveSnapshot | None:
         """The current snapshot (overlaid with the item changes since, when an overlay is
@@ -360,15 +361,26 @@ class TenantSnapshots:
         if live is not None and live.snapshot_id == snapshot_id:
             return live
         cached = self._variants.get(snapshot_id)
-        if cached is not None:
-            return cached
-        with self._lock:
-            loaded = self._load(snapshot_id)
-            if loaded is not None:
-                self._variants[snapshot_id] = loaded
+        if cached is None:
+            with self._lock:
+                cached = self._load(snapshot_id)
+                if cached is None:
+                    return None
+                self._variants[snapshot_id] = cached
                 while len(self._variants) > 4:
                     self._variants.popitem(last=False)
-            return loaded
+        if self.overlay is None:
+            return cached
+        # (a variant is overlaid with the same changes as the live snapshot, rebuilt when they
+        # change: an item made unavailable is filtered in every arm of an experiment)
+        version = self.overlay.changes(self.tenant).version
+        found = self._variants_overlaid.get(snapshot_id)
+        if found is None or found[0] != version or found[1] is not cached:
+            found = (version, cached, self.overlay.apply(self.tenant, cached))
+            self._variants_overlaid[snapshot_id] = found
+            for old in [k for k in self._variants_overlaid if k not in self._variants]:
+                del self._variants_overlaid[old]
+        return found[2]
 
     def _load(self, sid: str) -> LiveSnapshot | None:
         try:
