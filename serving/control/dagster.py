@@ -282,7 +282,12 @@ class DagsterClient:
             extra={"dependency": "dagster"},
         )
 
-    def query(self, text: str, variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def query(
+        self,
+        text: str,
+        variables: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
         """The `data` of one GraphQL request; 503 naming Dagster on any transport failure."""
         body = orjson.dumps({"query": text, "variables": dict(variables or {})})
         try:
@@ -291,7 +296,9 @@ class DagsterClient:
                 f"{self.url}/graphql",
                 body=body,
                 headers={"Content-Type": "application/json", "Accept": "application/json"},
-                timeout=self._timeout,
+                timeout=self._timeout
+                if timeout_s is None
+                else urllib3.Timeout(connect=3.0, read=timeout_s),
                 retries=urllib3.Retry(total=1, connect=1, read=0, redirect=0),
             )
         except urllib3.exceptions.HTTPError as ex:
@@ -441,7 +448,9 @@ class DagsterClient:
 
     def reload(self) -> None:
         """Reload the code location (definitions read from files at load time change)."""
-        result = self.query(_RELOAD, {"name": self.location})["reloadRepositoryLocation"]
+        # (a reload re-imports the code location: slow on a busy machine)
+        result = self.query(_RELOAD, {"name": self.location}, timeout_s=180.0)
+        result = result["reloadRepositoryLocation"]
         if result["__typename"] != "WorkspaceLocationEntry":
             raise self._failed(result, f"reload code location '{self.location}'")
         loaded = result.get("locationOrLoadError") or {}

@@ -14,6 +14,7 @@ MLflow store (MLFLOW_TRACKING_URI), never into the checkout's `data/`.
 on the same data root, with `dagster_url` and `mlflow_uri` set; `serving_helpers.auth("acme",
 ("recommend", "admin"))` gives headers. Helpers to start and stop servers (`free_port`,
 `wait_json`, `stop_group`, `start_dagster_dev`) are plain functions other tests import.
+RECSYS_TEST_DAGSTER="<url>,<data root>" reuses a server already running (while developing).
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ class DagsterServer:
 @pytest.fixture(scope="session")
 def dagster_data_root(tmp_path_factory) -> str:
     """A data root with landed demo data of tenant `acme` (20k events, seed 11)."""
+    if os.environ.get("RECSYS_TEST_DAGSTER"):
+        return os.environ["RECSYS_TEST_DAGSTER"].split(",", 1)[1]
     from recsys.demo import DemoSpec, generate
     from recsys.storage import Storage
 
@@ -170,6 +173,11 @@ def dagster_data_root(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def dagster_server(dagster_data_root, tmp_path_factory):
+    reuse = os.environ.get("RECSYS_TEST_DAGSTER")  # "<url>,<data root>" of a running one
+    if reuse:  # (developing: a server started by hand with this conftest's helpers)
+        url, root = reuse.split(",", 1)
+        yield DagsterServer(url, root, "", f"sqlite:///{root}/mlflow/mlflow.db", "", None)
+        return
     base = tmp_path_factory.mktemp("dagster")
     mlflow_uri = f"sqlite:///{dagster_data_root}/mlflow/mlflow.db"
     os.makedirs(f"{dagster_data_root}/mlflow", exist_ok=True)
