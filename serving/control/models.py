@@ -834,6 +834,11 @@ class ModelsResource:
                     f"{reg.version_status(version)}): nothing to roll back.",
                     code="RECSYS_NOT_DEPLOYED",
                 )
+            if out["status"] == "rebuilding":  # (nothing changed yet: 202 with the run)
+                resp.status = falcon.HTTP_202
+                resp.location = f"/v1/recs/jobs/{out['job']['run_id']}"
+                resp.media = out
+                return
             self._pin(tenant)
         out["seconds"] = round(time.perf_counter() - started, 3)
         out["event_id"] = self._emit(tenant, "model.rolled_back", out)
@@ -859,8 +864,10 @@ class ModelsResource:
         kept = self._snapshots(tenant)
         if snapshot is None or kept is None or snapshot not in kept.store.ids():
             snapshot = self._snapshot_of(tenant, name, target)
-        if snapshot is None:
-            raise self._not_kept(name, target)
+        if snapshot is None:  # rebuilt from the previous version's artifacts: roll back again then
+            previous = self._reg.version(tenant, name, target)
+            out = self._rebuild(req, tenant, previous, DeployRequest())
+            return {**out, "previous_version": target}
         previous_snapshot = self._switch(tenant, snapshot)
 
         def record(client: Any) -> None:
@@ -1212,6 +1219,7 @@ ROUTES: tuple[Route, ...] = (
         "the split ends)",
         SCOPE_ADMIN,
         params=_MV,
+        also=(202,),
         response=Deployment,
         errors=(409, _MLFLOW),
         tags=_TAGS,

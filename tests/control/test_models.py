@@ -334,11 +334,25 @@ def test_deploy_at_100_serves_the_version_and_rollback_brings_the_old_lists_back
     again = api.simulate_post(f"{BASE}/versions/1/rollback", headers=ADMIN)
     assert again.status_code == 409, again.json
     assert api.simulate_post(f"{BASE}/versions/2/rollback", headers=ADMIN).status_code == 409
+    # a previous version whose snapshot is gone is rebuilt first: a Dagster run (none is
+    # configured here: 503 naming Dagster), and nothing changes
+    dep = api.simulate_post(f"{BASE}/versions/2/deploy", json={}, headers=ADMIN)
+    assert dep.status_code == 200, dep.json
+    v1_snapshot = store.path_of(world["snaps"][("acme", 1)])
+    away = os.path.join(world["root"], "away")
+    os.rename(v1_snapshot, away)
+    try:
+        gone = api.simulate_post(f"{BASE}/versions/2/rollback", headers=ADMIN)
+        assert gone.status_code == 503 and gone.json["dependency"] == "dagster", gone.json
+        assert first_item(api) == "a7"
+    finally:
+        os.rename(away, v1_snapshot)
+    assert api.simulate_post(f"{BASE}/versions/2/rollback", headers=ADMIN).status_code == 200
     # the webhook events are in the outbox, with the deployment
     events = outbox_events(world)
-    kinds = [(t, b["data"]["version"]) for t, b in events[-2:]]
-    assert kinds == [("model.deployed", "2"), ("model.rolled_back", "2")]
-    assert events[-1][1]["data"]["id"] == back.json["id"]
+    kinds = [(t, b["data"]["version"]) for t, b in events[-4:]]
+    assert kinds == [("model.deployed", "2"), ("model.rolled_back", "2")] * 2
+    assert events[-3][1]["data"]["id"] == back.json["id"]
 
 
 def test_canary_splits_users_deterministically(api, world):
