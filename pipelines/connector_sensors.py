@@ -8,9 +8,9 @@ says why. The API's ``POST /v1/recs/connectors/{id}/run`` launches it through th
 
 `connector_sensor` starts runs by itself: for a ``files`` connector when the listing of its
 folder changed (the run key is a hash of names, sizes and times), for ``http`` once per
-``interval_s``, for ``nats`` once a minute (each run drains what is new, then ends). A connector
-with a run queued or in progress is skipped; one whose folder cannot be listed is logged and
-skipped: a broken source never keeps the others from running.
+``interval_s``, for ``nats`` and ``redis`` once a minute (each run drains what is new, then
+ends). A connector with a run queued or in progress is skipped; one whose folder cannot be
+listed is logged and skipped: a broken source never keeps the others from running.
 """
 
 import hashlib
@@ -51,7 +51,7 @@ def sync_connector(
         raise dg.Failure(description=f"{config.tenant!r} is not a tenant id")
     try:
         spec = read_connector(storage.root, config.tenant, config.connector_id)
-        options = {"idle_s": config.idle_s} if spec["type"] == "nats" else {}
+        options = {"idle_s": config.idle_s} if spec["type"] in ("nats", "redis") else {}
         summary = run_connector(
             storage.root, config.tenant, config.connector_id, context.log.info, **options
         )

@@ -9,6 +9,7 @@ A connector is a document of the serving layer's store (``POST /v1/recs/connecto
   (`recsys.connectors.files`); a Dagster sensor watches the folder.
 * ``nats``   -- a NATS JetStream stream, read by a durable pull consumer; a batch is acked only
   after it is fsync'd in landing (`recsys.connectors.stream`).
+* ``redis``  -- a Redis stream read through a consumer group, the same way (XACK after fsync).
 * ``http``   -- an HTTP JSON service polled (``GET url``; the records at ``records_path``)
   (`recsys.connectors.http`).
 
@@ -35,7 +36,7 @@ from recsys.durable import write_atomic
 from recsys.errors import RecsysError
 from recsys.tenancy import check_tenant
 
-TYPES = ("files", "nats", "http")
+TYPES = ("files", "nats", "redis", "http")
 TARGETS = ("events", "items", "users", "features")
 COLLECTION = "connectors"  # the document store's folder (<data root>/serving/connectors/...)
 Log = Callable[[str], None]
@@ -102,6 +103,17 @@ def check_spec(kind: str, target: str, config: dict[str, Any]) -> dict[str, Any]
                 raise ValueError("config.servers are nats:// or tls:// URLs, comma-separated")
         _need_name(cfg, "stream")
         _need_str(cfg, "subject")
+        cfg.setdefault("batch", 1000)
+        if not isinstance(cfg["batch"], int) or not 1 <= cfg["batch"] <= 10_000:
+            raise ValueError("config.batch is an integer from 1 to 10000")
+    elif kind == "redis":
+        if urlparse(_need_str(cfg, "url")).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("config.url is a redis://, rediss:// or unix:// URL")
+        _need_str(cfg, "stream")
+        cfg.setdefault("group", "recsys")
+        _need_name(cfg, "group")
+        cfg.setdefault("field", "data")  # the entry field holding the JSON message
+        _need_str(cfg, "field")
         cfg.setdefault("batch", 1000)
         if not isinstance(cfg["batch"], int) or not 1 <= cfg["batch"] <= 10_000:
             raise ValueError("config.batch is an integer from 1 to 10000")
@@ -183,6 +195,10 @@ def run_connector(
         from recsys.connectors.stream import run_nats
 
         summary = run_nats(data_root, tenant, connector_id, target, cfg, log, **options)
+    elif kind == "redis":
+        from recsys.connectors.stream import run_redis
+
+        summary = run_redis(data_root, tenant, connector_id, target, cfg, log, **options)
     elif kind == "http":
         from recsys.connectors.http import run_http
 
@@ -257,11 +273,8 @@ def register(sub: Any) -> None:
         from recsys.storage import default_root
 
         root = args.data_root or default_root()
-        options = (
-            {"idle_s": args.idle}
-            if read_connector(root, args.tenant, args.connector_id)["type"] == "nats"
-            else {}
-        )
+        kind = read_connector(root, args.tenant, args.connector_id)["type"]
+        options = {"idle_s": args.idle} if kind in ("nats", "redis") else {}
 
         def log(line: str) -> None:
             print(line, file=sys.stderr, flush=True)

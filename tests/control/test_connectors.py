@@ -457,3 +457,90 @@ def test_api_run_and_logs_through_dagster(dagster_server, control_client, tmp_pa
     assert any("a.csv: 1 rows" in line["message"] for line in final[good]["logs"])
     assert final[gone]["status"] == "FAILURE"
     assert any("no such folder" in line["message"] for line in final[gone]["logs"])
+
+
+# --- Redis Streams -------------------------------------------------------------------------------
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _redis_up() -> bool:
+    try:
+        import redis
+
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
+    except Exception:
+        return False
+
+
+needs_redis = pytest.mark.skipif(not _redis_up(), reason="needs Redis on 127.0.0.1:6379")
+
+
+@pytest.fixture
+def redis_stream():
+    """A fresh Redis stream of N_EVENTS events (field `data`) with BAD among them; deleted
+    afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    key = f"recsys-test-{uuid.uuid4().hex[:8]}"
+    bad_at = {(k + 1) * N_EVENTS // (len(BAD) + 1): bad for k, bad in enumerate(BAD)}
+    pipe = client.pipeline(transaction=False)
+    for i in range(N_EVENTS):
+        if i in bad_at:
+            pipe.xadd(key, {"data": bad_at[i]})
+        pipe.xadd(
+            key,
+            {"data": json.dumps({"event_id": f"e{i:06d}", "user_id": f"u{i % 997}",
+                                 "item_id": f"i{i % 401}", "event_type": "view",
+                                 "timestamp": "2026-11-30T10:00:00Z"})},
+        )  # fmt: skip
+        if i % 5000 == 4999:
+            pipe.execute()
+    pipe.execute()
+    assert client.xlen(key) == N_EVENTS + len(BAD)
+    yield key
+    client.delete(key)
+    client.close()
+
+
+@pytest.mark.services
+@pytest.mark.slow
+@needs_redis
+def test_redis_stream_exactly_once_with_throughput_and_across_kill9(tmp_path, redis_stream):
+    root = str(tmp_path)
+    store_connector(
+        root, "acme", "rclicks", "redis", "events",
+        {"url": REDIS_URL, "stream": redis_stream, "batch": 2000},
+    )  # fmt: skip
+    cmd = [sys.executable, "-m", "recsys.cli", "connectors", "run", "rclicks"]
+    cmd += ["--tenant", "acme", "--data-root", root, "--idle", "1"]
+    folder = os.path.join(root, "landing", "acme", "events")
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(folder) and len(os.listdir(folder)) >= 8:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    took = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr
+    check_exactly_once(root, "acme")
+    summary = json.loads(done.stdout)
+    print(
+        f"\nredis stream connector: {N_EVENTS:,} events exactly once across a kill -9; the "
+        f"restarted run landed {summary['rows']:,} at {summary['messages_per_s']:,}/s, "
+        f"skipped {summary['skipped']} already landed ({took:.1f} s wall, load "
+        f"{os.getloadavg()[0]:.1f})"
+    )
+
+
+def test_unreachable_redis_fails_clearly(tmp_path):
+    root = str(tmp_path)
+    url = f"redis://127.0.0.1:{closed_port()}/0"
+    store_connector(root, "acme", "r", "redis", "events", {"url": url, "stream": "s"})
+    with pytest.raises(ConnectorError, match="Redis at .* is unreachable"):
+        run_connector(root, "acme", "r", lambda line: None, connect_timeout_s=1.0)
