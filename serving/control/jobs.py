@@ -80,6 +80,8 @@ DAGSTER_STATUSES = {
     s: [d for d, ours in STATUS_OF.items() if ours == s]
     for s in ("queued", "running", "succeeded", "failed", "canceling", "canceled")
 }
+#: the remote schemes a tenant may name (object stores; `memory` is process-local, for tests)
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory"})
 SHARD_STEPS = ("precompute_shard[", "user_recommendations.score_user_shard[")
 
 
@@ -440,7 +442,7 @@ def _shards(run: Run) -> tuple[int, int]:
 
 
 def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
+    return uri.startswith("file://")  # (what check_uri answers for every local path)
 
 
 def _local_path(uri: str) -> str:
@@ -470,21 +472,39 @@ class JobsResource:
         )
 
     def check_uri(self, tenant: str, uri: str, field: str, write: bool) -> str:
-        """The URI, if the tenant may use it; local paths only inside the tenant's folders."""
-        if not _is_local(uri):
-            if not re.match(r"^[a-z][a-z0-9+.-]*://", uri):
-                raise ProblemError(422, f"{field}: '{uri}' is not a URI.", code="RECSYS_BAD_URI")
+        """The URI as fsspec will open it, if the tenant may use it: a local path (no scheme,
+        file://) only inside the tenant's folders; otherwise an object store (`OBJECT_STORES`:
+        never http/ftp/ssh, which would make the server fetch what a tenant names), and no
+        chained URLs (`a::b`)."""
+        from fsspec.core import split_protocol
+        from fsspec.registry import known_implementations
+
+        protocol, path = split_protocol(uri)
+        if protocol not in (None, "file", "local"):
+            if "::" in uri or protocol not in known_implementations:
+                raise ProblemError(
+                    422,
+                    f"{field}: unknown or chained URI scheme in '{uri}'.",
+                    code="RECSYS_BAD_URI",
+                )
+            if protocol not in OBJECT_STORES:  # (no http/ftp/ssh...: the server would fetch it)
+                raise ProblemError(
+                    422,
+                    f"{field}: scheme '{protocol}' is not an object store this API writes or "
+                    f"reads ({', '.join(sorted(OBJECT_STORES))}).",
+                    code="RECSYS_BAD_URI",
+                )
             return uri
-        path = _local_path(uri)
+        real = os.path.realpath(path)
         allowed = self.tenant_dirs(tenant)[:1] if write else self.tenant_dirs(tenant)
-        if not any(path == d or path.startswith(d + os.sep) for d in allowed):
+        if not any(real == d or real.startswith(d + os.sep) for d in allowed):
             raise ProblemError(
                 422,
                 f"{field}: a local path must be inside {' or '.join(allowed)} "
                 "(the tenant's folders under the data root); or use an object-store URI.",
                 code="RECSYS_BAD_URI",
             )
-        return "file://" + path
+        return "file://" + real
 
     def owned_run(self, tenant: str, job_id: str) -> Run:
         run = self.dagster().run(job_id)
@@ -843,8 +863,8 @@ class JobsResource:
         os.makedirs(folder, exist_ok=True)
         spec = {"name": name, "cron": cron, "job": job, "run_config": run_config, "tags": tags}
         path = os.path.join(folder, f"{name}.json")
+        client = self.dagster()  # (503 before anything is written when none is configured)
         write_atomic(path, json.dumps(spec).encode())
-        client = self.dagster()
         try:
             client.reload()
             found = client.schedule(name)
@@ -929,7 +949,12 @@ class JobsResource:
                 404, f"Tenant '{tenant}' has no published snapshot.", code="RECSYS_NO_SNAPSHOT"
             )
         frame = export_frame(snaps.path_of(sid), body.kind, body.k)
-        size = write_frame(frame, uri, body.format)
+        try:
+            size = write_frame(frame, uri, body.format)
+        except (ValueError, ImportError, OSError) as ex:  # unknown scheme, no driver, refused
+            raise ProblemError(
+                422, f"uri: cannot write {uri}: {type(ex).__name__}: {ex}", code="RECSYS_BAD_URI"
+            ) from None
         req.context.audit = {"target": f"exports/{body.kind}", "before": None, "after": uri}
         resp.media = msgspec.to_builtins(
             ExportReply(body.kind, uri, body.format, frame.height, size, sid)
@@ -943,6 +968,12 @@ def export_frame(snapshot_dir: str, kind: str, k: int):
     import polars as pl
 
     pq = os.path.join(snapshot_dir, "parquet")
+    if not os.path.exists(os.path.join(pq, "items.parquet")):
+        raise ProblemError(
+            422,
+            "The live snapshot was published without its Parquet tables; nothing to export.",
+            code="RECSYS_NO_PARQUET",
+        )
     items = pl.read_parquet(os.path.join(pq, "items.parquet"))
     if kind == "item_features":
         return items.sort("item_idx").drop("item_idx")

@@ -448,3 +448,62 @@ def test_dagster_down_answers_503_while_recommendations_serve(tmp_path):
         assert resp.json["dependency"] == "dagster" and "Dagster" in resp.json["detail"]
     rec = client.simulate_post("/v1/recommend", json={"user": {"user_id": "u1"}}, headers=hdr())
     assert rec.status_code == 200 and rec.json["items"]
+
+
+def test_export_uris_stay_in_the_tenants_folders_or_object_stores(tmp_path):
+    import inspect
+
+    import polars as pl
+    import serving_helpers as sh
+
+    from recsys.snapshot import SnapshotStore
+
+    root = str(tmp_path)
+    store = SnapshotStore(os.path.join(root, "snapshots", "acme"))
+    tmp = store.new_tmp_dir()
+    # the tiny snapshot of the serving tests, with its Parquet tables this time
+    src = inspect.getsource(sh.write_tiny_snapshot).replace(
+        "write_parquet=False", "write_parquet=True"
+    )  # noqa: E501
+    names = dict(vars(sh))
+    exec(src, names)
+    names["write_tiny_snapshot"](tmp, "acme", "a")
+    store.publish(tmp, checksums=False, prune=False)
+    client = sh.build_client(sh.make_config(root, dagster_url=None))
+    refused = [
+        "a://b/x.csv",  # (fsspec reads a one-letter scheme as a drive: a local path)
+        "zz://x.csv",
+        "http://169.254.169.254/latest",
+        "simplecache::memory://x.csv",
+        f"{root}/exports/acme/../../escape.csv",
+        f"{root}/exports/globex/x.csv",
+        "relative.csv",
+    ]
+    for uri in refused:
+        resp = client.simulate_post(
+            "/v1/recs/exports", json={"kind": "item_features", "uri": uri}, headers=hdr()
+        )
+        assert resp.status_code == 422, (uri, resp.text)
+    assert not os.path.exists("a:") and not os.path.exists(f"{root}/escape.csv")
+    uri = f"{root}/exports/acme/items.csv"
+    resp = client.simulate_post(
+        "/v1/recs/exports",
+        json={"kind": "item_features", "uri": uri, "format": "csv"},
+        headers=hdr(),
+    )
+    assert resp.status_code == 201, resp.text
+    items = pl.read_csv(uri)
+    assert items.height == 20 and items["item_id"].to_list() == [f"a{i}" for i in range(20)]
+    assert items.filter(pl.col("item_id") == "a0")["tags"][0] == '["shoes", "nike"]'
+    resp = client.simulate_post(
+        "/v1/recs/exports",
+        json={"kind": "recommendations", "uri": "memory://acme/r.ndjson", "format": "ndjson"},
+        headers=hdr(),
+    )
+    assert resp.status_code == 201 and resp.json["rows"] == 9  # u1: 8 candidates, u2: 1
+    import fsspec
+
+    with fsspec.open("memory://acme/r.ndjson", "rb") as f:
+        recs = pl.read_ndjson(f.read())
+    u1 = recs.filter(pl.col("user_id") == "u1").sort("rank")["item_id"].to_list()
+    assert u1 == [f"a{i}" for i in range(8)]  # the snapshot's order, best first
