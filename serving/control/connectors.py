@@ -1,4 +1,4 @@
-"""Control plane: connectors - sources that feed landing (files/buckets, NATS JetStream, HTTP).
+"""Control plane: connectors - sources that feed landing (files, NATS, Redis Streams, HTTP).
 
 ``POST /v1/recs/connectors`` stores a connector document (``type``, ``target``, ``config``,
 ``name``) in the versioned store, collection ``connectors``
@@ -45,8 +45,9 @@ Target = Literal[TARGETS]  # type: ignore[valid-type]
 
 class ConnectorSpec(Body):
     """A new connector. config by type -- files: url (absolute path or fsspec URL), pattern,
-    format; nats: servers, stream, subject, batch; http: url, records_path, interval_s,
-    headers. Every type: map (source field -> contract column)."""
+    format; nats: servers, stream, subject, batch; redis: url, stream, group, field, batch;
+    http: url, records_path, interval_s, headers. Every type: map (source field -> contract
+    column)."""
 
     type: ConnectorType
     target: Target
