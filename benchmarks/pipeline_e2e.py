@@ -10,6 +10,13 @@ The load average is printed with the figures (a shared 2-core machine: they are 
 so is the CPU time the run used (user + system, of the command and its children): at a high
 load the wall times stretch with the neighbours' work, the CPU time much less, so compare
 CPU times when the loads differ (the run uses two threads in places: wall < CPU at low load).
+
+Memory: the resident set of the command and its children is sampled every 0.2 s (from
+/proc), and each step's peak is the highest sample taken while it ran, so the table shows
+where memory grows with the number of events; the run's peak RSS (getrusage of the children,
+as /usr/bin/time -v reports it) is printed too. ``--executor celery`` runs the job with
+RECSYS_EXECUTOR=celery (start the workers first: scripts/celery_workers.sh, with the same
+RECSYS_DATA_ROOT and DAGSTER_HOME; then the workers' memory is theirs, not the command's).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,18 +43,72 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of `pid` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo.extend(children.get(p, []))
+    return total
+
+
+class RssSampler(threading.Thread):
+    """(time, resident bytes of a process tree) every `interval` seconds until stopped."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.samples: list[tuple[float, int]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            self.samples.append((time.time(), _tree_rss(self.pid)))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+    def peak(self, start: float | None = None, end: float | None = None) -> int:
+        return max(
+            (
+                b
+                for t, b in self.samples
+                if (start is None or t >= start) and (end is None or t <= end)
+            ),
+            default=0,
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--executor", choices=("default", "celery"), default="default")
+    ap.add_argument("--data-root", help="use (and keep) this data root instead of a temporary one")
     args = ap.parse_args()
     recsys = os.path.join(os.path.dirname(sys.executable), "recsys")
     work = tempfile.mkdtemp(prefix="recsys-e2e-")
-    data, home = os.path.join(work, "data"), os.path.join(work, "dagster_home")
+    data, home = args.data_root or os.path.join(work, "data"), os.path.join(work, "dagster_home")
     os.makedirs(home)
     shutil.copy(os.path.join(ROOT, "dagster_home", "dagster.yaml"), home)
-    env = {**os.environ, "DAGSTER_HOME": home}
+    env = {**os.environ, "DAGSTER_HOME": home, "RECSYS_DATA_ROOT": data}
+    if args.executor == "celery":
+        env["RECSYS_EXECUTOR"] = "celery"
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store under the fresh data root
     try:
         t = time.perf_counter()
@@ -59,10 +121,17 @@ def main() -> int:
 
         print(f"before the run: {load_avg()}")
         t, cpu0 = time.perf_counter(), _children_cpu()
-        done = subprocess.run(
-            [recsys, "--data-root", data, "run"], env=env, cwd=ROOT, capture_output=True, text=True
-        )
+        proc = subprocess.Popen(
+            [recsys, "--data-root", data, "run"], env=env, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        sampler = RssSampler(proc.pid)
+        sampler.start()
+        out, err = proc.communicate()
+        sampler.stop()
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         wall, cpu = time.perf_counter() - t, _children_cpu() - cpu0
+        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         after = load_avg()
         if done.returncode != 0:
             print(done.stdout[-3000:], done.stderr[-3000:], sep="\n", file=sys.stderr)
@@ -75,21 +144,26 @@ def main() -> int:
         instance = dg.DagsterInstance.get()
         run = instance.get_runs(limit=1)[0]
         stats = sorted(instance.get_run_step_stats(run.run_id), key=lambda s: s.start_time or 0)
-        print(f"\n{'step':<46} {'seconds':>8}")
+        print(f"\n{'step':<52} {'seconds':>8} {'peak RSS MiB':>12}")
         for s in stats:
             seconds = (s.end_time or 0) - (s.start_time or 0)
-            print(f"{s.step_key:<46} {seconds:8.1f}")
+            mib = sampler.peak(s.start_time, s.end_time) / 2**20
+            print(f"{s.step_key:<52} {seconds:8.1f} {mib:12.0f}")
         run_stats = instance.get_run_stats(run.run_id)
         in_run = (run_stats.end_time or 0) - (run_stats.start_time or 0)
         with open(os.path.join(data, "snapshots", "default", "CURRENT")) as f:
             snapshot = f.read().strip()
         print(f"\nrecsys run wall time: {wall:.1f}s (run start to end in Dagster: {in_run:.1f}s)")
         print(f"recsys run CPU time: {cpu:.1f}s (user + system)")
+        print(
+            f"peak RSS: {peak_rss / 2**20:.0f} MiB (largest child, as /usr/bin/time -v); "
+            f"sampled tree peak {sampler.peak() / 2**20:.0f} MiB"
+        )
         print(f"published snapshot: {snapshot}")
         print(f"after the run: {after} (2 cores shared with other work: figures are noisy)")
         return 0
     finally:
-        if args.keep:
+        if args.keep or args.data_root:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
