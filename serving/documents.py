@@ -400,6 +400,29 @@ class Collection:
             new = body(current) if callable(body) else body
             return self._store(tenant, doc_id, new, current), current is None
 
+    def put_replacing(
+        self,
+        tenant: str,
+        doc_id: str,
+        body: dict[str, Any] | Callable[[Document | None], dict[str, Any]],
+        pre: Preconditions = NONE,
+        *,
+        default: dict[str, Any] | None = None,
+    ) -> tuple[Document, bool, str | None]:
+        """`put`, and the revision it replaced, read under the lock (for the audit log): the
+        defaults' revision when nothing was stored but `default` stood for it, else None."""
+        replaced: list[str | None] = [None]
+
+        def make(current: Document | None) -> dict[str, Any]:
+            if current is not None:
+                replaced[0] = current.revision
+            elif default is not None:
+                replaced[0] = default_revision(self.prefix, default)
+            return body(current) if callable(body) else body
+
+        doc, created = self.put(tenant, doc_id, make, pre, default=default)
+        return doc, created, replaced[0]
+
     def patch(
         self,
         tenant: str,

@@ -56,7 +56,6 @@ from serving.documents import (
     Document,
     DocumentStore,
     Preconditions,
-    default_revision,
     set_etag,
 )
 from serving.errors import ProblemError
@@ -592,29 +591,6 @@ def _iso(ts: float) -> str:
 
 
 # --- resources -------------------------------------------------------------------------------
-def _put(
-    docs: Collection,
-    tenant: str,
-    doc_id: str,
-    body: dict[str, Any] | Callable[[Document | None], dict[str, Any]],
-    pre: Preconditions,
-    default: dict[str, Any] | None = None,
-) -> tuple[Document, bool, str | None]:
-    """`Collection.put`, and the revision it replaced (read under the lock, for the audit log;
-    the defaults' revision when nothing was stored)."""
-    replaced: list[str | None] = [None]
-
-    def make(current: Document | None) -> dict[str, Any]:
-        if current is not None:
-            replaced[0] = current.revision
-        elif default is not None:
-            replaced[0] = default_revision(docs.prefix, default)
-        return body(current) if callable(body) else body
-
-    doc, created = docs.put(tenant, doc_id, make, pre, default=default)
-    return doc, created, replaced[0]
-
-
 class KeysResource:
     def __init__(self, ctx: Any) -> None:
         self._ctx = ctx
@@ -726,7 +702,9 @@ class RateLimitsResource:
             },
         }
         pre = Preconditions.of(req).matching(spec.version)
-        doc, _, before = _put(self._docs, tenant, "rate_limits", body, pre, defaults)
+        doc, _, before = self._docs.put_replacing(
+            tenant, "rate_limits", body, pre, default=defaults
+        )
         req.context.audit = {
             "target": "rate-limits/rate_limits",
             "before": before,
@@ -767,13 +745,12 @@ class QuotasResource:
                     extra={"quota": name},
                 )
         pre = Preconditions.of(req).matching(spec.version)
-        doc, _, before = _put(
-            self._docs,
+        doc, _, before = self._docs.put_replacing(
             tenant,
             "quotas",
             lambda current: {**(current.body if current else QUOTA_DEFAULTS), **change},
             pre,
-            QUOTA_DEFAULTS,
+            default=QUOTA_DEFAULTS,
         )
         req.context.audit = {"target": "quotas/quotas", "before": before, "after": doc.revision}
         self._send(resp, tenant, doc)
@@ -874,7 +851,9 @@ class PoliciesResource:
         tenant = req.context.principal.tenant
         spec: PolicyBody = req.context.body
         body = self._body(spec)
-        doc, created, before = _put(self._docs, tenant, policy_id, body, Preconditions.of(req))
+        doc, created, before = self._docs.put_replacing(
+            tenant, policy_id, body, Preconditions.of(req)
+        )
         req.context.audit = {
             "target": f"policy/{policy_id}",
             "before": before,

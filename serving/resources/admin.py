@@ -98,9 +98,10 @@ class TenantDocumentResource:
         body = self._validate(raw, self._config)
         if isinstance(raw, dict) and raw.get("tenant_id") not in (None, tenant_id):
             raise ProblemError(422, "tenant_id in the body differs from the URL.")
-        doc, _ = self._documents.put(
+        doc, _, before = self._documents.put_replacing(
             tenant_id, self._kind, body, Preconditions.of(req), default=self._default
         )
+        req.context.audit = {"target": self._kind, "before": before, "after": doc.revision}
         self._send(resp, tenant_id, doc)
 
 

@@ -73,6 +73,9 @@ def test_every_admin_write_is_recorded_refused_ones_too(client, data_root):
     ]
     assert {e["route"] for e in got} == {"/v1/admin/tenants/{tenant_id}/config"}
     assert got[0]["actor"] == "jwt:dev-acme" and got[0]["tenant"] == "acme"
+    # the accepted write names what it changed: the config, from the defaults' revision
+    assert got[0]["target"] == "config" and got[0]["before"].startswith("cfg_defaults_")
+    assert got[0]["after"] == ok.json["config_version"]
     assert got[0]["request_id"] == ok.headers["X-Request-Id"]
     assert got[-1]["request_id"] == "rid-bad-1"
     assert entries(data_root, "globex") == []
