@@ -27,8 +27,10 @@ What each generator is in the snapshot (the pipeline's models, precomputed at pu
   (``similar_cooc``) of the user's interacted items and of the request's anchors, summed;
 * ``embedding``: factor dot products - LightFM user factors . item factors + item bias over the
   whole catalogue (anonymous: the mean factors of the anchors);
-* ``content``: text-embedding neighbours of the user's items and anchors, when the snapshot
-  carries a ``content`` similarity list; otherwise 422 "not available for this snapshot".
+* ``content``: text-embedding neighbours of the user's items and anchors - the items nearest
+  their mean vector in the tenant's content model (`recsys.content`: TF-IDF + SVD of the item
+  texts, fitted by the pipeline), so items without events are found too; without a content
+  model, 422 "not available for this snapshot".
 
 Rankers: ``stored`` (the hybrid's learned ranker score of the user's stored candidates; the
 others follow in blend order), ``factors`` (user . item factors + bias), ``blend`` (the merged
@@ -51,7 +53,8 @@ GENERATORS: dict[str, str] = {
     "generators of the published hybrid, scored by its ranker)",
     "graph": "item-item co-occurrence neighbours (similar_cooc) of the user's items and anchors",
     "embedding": "LightFM factor dot products (user . item + item bias) over the catalogue",
-    "content": "text-embedding neighbours (similar_content) of the user's items and anchors",
+    "content": "text-embedding neighbours (the content model: TF-IDF + SVD of item texts) of "
+    "the user's items and anchors",
 }
 ALIASES = {"co_view": "graph", "co_buy": "graph", "cooc": "graph", "cf": "collab"}
 RANKERS: dict[str, str] = {
@@ -186,6 +189,7 @@ class Request:
     user: int | None
     anchors: np.ndarray  # int32 item indices
     segment: str | None = None
+    content: Any = None  # the tenant's content model (`recsys.content.ContentModel`), if any
 
 
 @dataclass
@@ -228,6 +232,32 @@ def _neighbours(snap, anchors: np.ndarray, kind: str, limit: int):
     summed = np.bincount(inv, weights=np.concatenate(parts_s), minlength=uniq.shape[0])
     mine = np.isin(uniq, anchors)  # (an anchor is not its own neighbour)
     return _top(uniq[~mine], summed[~mine], limit)
+
+
+def _content_neighbours(snap, model, anchors: np.ndarray, limit: int):
+    """Items nearest the mean text embedding of the anchors (the tenant's content model:
+    TF-IDF + SVD of item texts, `recsys.content`), anchors left out; cosine scores."""
+    from recsys.content import neighbours
+
+    rows = [model.row_of.get(snap.item_id(int(a))) for a in anchors.tolist()]
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        return np.zeros(0, np.int32), np.zeros(0)
+    vec = np.asarray(model.item_vectors[rows], dtype=np.float64).mean(axis=0)
+    norm = float(np.linalg.norm(vec))
+    if norm == 0.0:
+        return np.zeros(0, np.int32), np.zeros(0)
+    found, scores = neighbours(model, (vec / norm).astype(np.float32), limit + len(rows))
+    mine = set(rows)
+    items, kept = [], []
+    for r, sc in zip(found.tolist(), scores.tolist(), strict=True):
+        if r in mine:
+            continue
+        idx = snap.item_index(model.item_ids[r])
+        if idx is not None:
+            items.append(idx)
+            kept.append(sc)
+    return _top(np.asarray(items, np.int32), np.asarray(kept, np.float64), limit)
 
 
 def has_content(snap) -> bool:
@@ -283,6 +313,8 @@ def generate(snap, gen: str, req: Request, limit: int, stage: dict[str, Any] | N
     if gen == "graph":
         return _neighbours(snap, _anchors_of(snap, req), "cooc", limit)
     if gen == "content":
+        if req.content is not None:
+            return _content_neighbours(snap, req.content, _anchors_of(snap, req), limit)
         if not has_content(snap):
             raise not_available("The content generator (text embeddings)")
         return _neighbours(snap, _anchors_of(snap, req), "content", limit)
@@ -501,7 +533,14 @@ _REASON_OF = {"popularity": 1, "collab": 0, "graph": 2, "embedding": 3, "content
 
 
 def surface_pool(
-    docs, tenant: str, pipeline_id: str, live, uidx: int | None, anchors: np.ndarray, segment
+    docs,
+    tenant: str,
+    pipeline_id: str,
+    live,
+    uidx: int | None,
+    anchors: np.ndarray,
+    segment,
+    content: Any = None,
 ):
     """(the request-time engine's Pool of the pipeline's output, its revision) for a surface
     whose tenant config names `pipeline_id`; raises ProblemError when the pipeline is missing
@@ -514,7 +553,7 @@ def surface_pool(
     doc = docs.cached(tenant, pipeline_id)
     if doc is None:
         raise ProblemError(422, f"No pipeline '{pipeline_id}'.", code="RECSYS_UNKNOWN_PIPELINE")
-    out = run(live.snap, live, doc.body, Request(uidx, anchors, segment))[-1].output
+    out = run(live.snap, live, doc.body, Request(uidx, anchors, segment, content))[-1].output
     reasons = np.fromiter(
         (_REASON_OF.get(s[0], 0) if s else 0 for s in out.sources),
         dtype=np.uint8,

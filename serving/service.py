@@ -309,8 +309,16 @@ class RecommendService:
                 serving_dir, self._config.snapshot_check_s
             ).collection("pipelines", prefix="pipeline")
         try:
+            models = getattr(self._registry, "content", None)  # (the embeddings area's)
             new_pool, revision = pipelines_engine.surface_pool(
-                self._pipeline_docs, tenant, pipeline_id, live, uidx, anchors, segment
+                self._pipeline_docs,
+                tenant,
+                pipeline_id,
+                live,
+                uidx,
+                anchors,
+                segment,
+                models.get(tenant) if models is not None else None,
             )
         except ProblemError as ex:
             warnings.append(

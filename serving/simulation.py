@@ -96,6 +96,7 @@ class Simulator:
         rules: list[dict[str, Any]],
         rules_version: str,
         pipeline: dict[str, Any] | None,
+        content: Any = None,
     ) -> np.ndarray:
         """(n_users, k) eval item indices the configuration answers (-1 padded)."""
         req = RecommendRequest(surface=surface, k=k)
@@ -105,7 +106,8 @@ class Simulator:
             if pipeline is None:
                 items, scores, signals, reasons = rsnap.user_candidates(p)
             else:
-                stages = engine.run(rsnap, live, pipeline, engine.Request(p, _NO_ITEMS))
+                req_p = engine.Request(p, _NO_ITEMS, None, content)
+                stages = engine.run(rsnap, live, pipeline, req_p)
                 final = stages[-1].output
                 items, scores, signals = final.items, final.scores.astype(np.float32), None
                 reasons = np.zeros(items.shape[0], np.uint8)
@@ -145,7 +147,17 @@ class Simulator:
                     orjson.dumps(rules, option=orjson.OPT_SORT_KEYS), digest_size=8
                 ).hexdigest()
             )
-            lists = self.lists(replay, rsnap, live, k, surface, rules, version, pipeline)
+            lists = self.lists(
+                replay,
+                rsnap,
+                live,
+                k,
+                surface,
+                rules,
+                version,
+                pipeline,
+                _content(self._ctx, tenant),
+            )
             f = figures(lists)
             configs.append(
                 {
@@ -242,6 +254,12 @@ class Simulator:
         return engine.validate_spec(inline)
 
 
+def _content(ctx: Any, tenant: str) -> Any:
+    """The tenant's content model (the embeddings area's, on the registry), or None."""
+    models = getattr(ctx.store, "content", None)
+    return models.get(tenant) if models is not None else None
+
+
 # --- model check ---------------------------------------------------------------------------------
 def check_model(ctx: Any, tenant: str, body: Any, pipeline: dict[str, Any] | None) -> dict:
     """Answer each sample payload `body.repeat` times, timed; compare with the snapshot."""
@@ -285,6 +303,7 @@ def check_model(ctx: Any, tenant: str, body: Any, pipeline: dict[str, Any] | Non
                     uidx,
                     np.asarray(sorted(set(live.item_indices(list(anchors)))), np.int32),
                     live.user_segment(uidx) if uidx is not None else None,
+                    _content(ctx, tenant),
                 )
                 out = engine.run(snap, live, pipeline, req)[-1].output
                 answer = live.item_ids(out.items[: body.k].tolist())

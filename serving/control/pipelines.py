@@ -487,8 +487,15 @@ CANDIDATE_ROUTES: tuple[Route, ...] = (
 
 
 # --- candidates and pipelines: resources --------------------------------------------------------
+def content_model(ctx: Any, tenant: str) -> Any:
+    """The tenant's content model (`ContentModels` of the embeddings area, on the registry),
+    or None."""
+    models = getattr(ctx.store, "content", None)
+    return models.get(tenant) if models is not None else None
+
+
 def _request(
-    live, user_id: str | None, context: RunContext | None
+    live, user_id: str | None, context: RunContext | None, content: Any = None
 ) -> tuple[engine.Request, Object]:
     """The engine's request (snapshot rows) and what the answer's meta says about it."""
     snap = live.snap
@@ -509,7 +516,7 @@ def _request(
         "anchors_known": int(anchors.shape[0]),
         "segment": segment,
     }
-    return engine.Request(uidx, anchors, segment), meta
+    return engine.Request(uidx, anchors, segment, content), meta
 
 
 def _items(live, cands: engine.Candidates, n: int, sources: bool = False) -> list[Object]:
@@ -554,7 +561,7 @@ class CandidatesResource:
             stages.append({"type": "filter", "rules": body.filters})
         spec = engine.validate_spec({"stages": stages})  # (422 for a bad generator or rule)
         live = self._ctx.store.require_live(tenant)
-        run_req, meta = _request(live, body.user_id, body.context)
+        run_req, meta = _request(live, body.user_id, body.context, content_model(self._ctx, tenant))
         t0 = time.perf_counter()
         items, scores = engine.generate(live.snap, gen, run_req, body.limit, spec["stages"][0])
         final = engine.Candidates(items, scores, [[gen]] * items.shape[0])
@@ -584,7 +591,9 @@ class CandidatesResource:
         key = (live.snapshot_id, gen)
         figures = self._status.get(key)
         if figures is None:
-            figures = self._status[key] = _coverage(live.snap, gen)
+            figures = self._status[key] = _coverage(
+                live.snap, gen, content_model(self._ctx, tenant)
+            )
             if len(self._status) > 64:
                 self._status.pop(next(iter(self._status)))
         snap = live.snap
@@ -601,7 +610,7 @@ class CandidatesResource:
         resp.cache_control = ["no-store"]
 
 
-def _coverage(snap, gen: str) -> Object:
+def _coverage(snap, gen: str, content: Any = None) -> Object:
     """Size (entries), items covered (and share of the catalogue), users covered."""
     n_items, n_users = max(snap.n_items, 1), max(snap.n_users, 1)
     users = None
@@ -617,6 +626,14 @@ def _coverage(snap, gen: str) -> Object:
         covered = int(np.unique(np.asarray(snap.candidate_items)).shape[0])
         users = int((np.diff(np.asarray(snap.candidate_offsets)) > 0).sum())
         available, detail = True, None
+    elif gen == "content" and content is not None:
+        known = [snap.item_index(i) for i in content.item_ids]
+        with_text = np.linalg.norm(np.asarray(content.item_vectors), axis=1) > 0
+        covered = sum(
+            1 for r, t in zip(known, with_text.tolist(), strict=True) if r is not None and t
+        )
+        size, available = int(with_text.sum()), True
+        detail = f"content model {getattr(content, 'version', '')}, {content.dim} dimensions"
     elif gen in ("graph", "content"):
         kind = "cooc" if gen == "graph" else "content"
         available = gen == "graph" or engine.has_content(snap)
@@ -734,7 +751,7 @@ class PipelinesResource:
         body: RunRequest = req.context.body or RunRequest()
         doc = self._docs.require(tenant, pipeline_id)
         live = self._ctx.store.require_live(tenant)
-        run_req, meta = _request(live, body.user_id, body.context)
+        run_req, meta = _request(live, body.user_id, body.context, content_model(self._ctx, tenant))
         t0 = time.perf_counter()
         outputs = engine.run(live.snap, live, doc.body, run_req)
         meta["timings_ms"] = {"total": round((time.perf_counter() - t0) * 1e3, 3)}

@@ -312,3 +312,26 @@ def test_check_model_compares_a_model_version_with_its_snapshot(tmp_path):
         ).status_code
         == 422
     )
+
+
+def test_the_content_generator_reads_the_tenants_content_model(tmp_path):
+    from serving_helpers import items_frame
+
+    from recsys import content
+
+    root = str(tmp_path)
+    publish_tiny(root, "acme", "a")
+    content.fit(items_frame("a"), dim=8).save(os.path.join(root, "warehouse", "acme", "content"))
+    client = build_client(make_config(root))
+    resp = client.simulate_post(
+        GEN,
+        json={"generator": "content", "context": {"anchors": ["a3"]}, "limit": 4},
+        headers=auth(),
+    )
+    assert resp.status_code == 200, resp.json
+    found = resp.json["candidates"]
+    assert "a3" not in ids(found) and len(found) == 4
+    # a3 is tagged winter and nike (brand nike): its nearest texts share those words
+    assert all({"winter", "nike"} & set(c["tags"]) for c in found[:3]), found
+    status = client.simulate_get("/v1/recs/candidates/content/status", headers=auth()).json
+    assert status["available"] and status["items_covered"] == 20
