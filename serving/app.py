@@ -7,9 +7,8 @@ import os
 import falcon
 import orjson
 
-from serving import errors
+from serving import control, errors
 from serving.auth import Authenticator
-from serving import control
 from serving.config import ServingConfig
 from serving.crr.records import RecordStore
 from serving.crr.resources import CrrEventResources, CrrResources

@@ -29,10 +29,10 @@ serving package that reads `os.environ` (entry points call it; tests build the o
 | RECSYS_EVENTS_SEGMENT_BYTES | `67108864` | an event-log segment is landed at this size |
 | RECSYS_EVENTS_LINGER_MS | `2` | longest a group commit waits for more requests (`0`: never) |
 | RECSYS_DEMO_TENANTS | (none: off) | tenants `/demo` may mint short-lived tokens for |
-| RECSYS_DAGSTER_URL | (unset: job routes answer 503) | a running Dagster webserver (`dagster dev`), e.g. `http://127.0.0.1:3000` |
-| RECSYS_MLFLOW_URI / MLFLOW_TRACKING_URI | `sqlite:///<data root>/mlflow/mlflow.db` | the MLflow tracking and registry store |
+| RECSYS_DAGSTER_URL | (unset: job routes 503) | a Dagster webserver, e.g. `http://127.0.0.1:3000` |
+| RECSYS_MLFLOW_URI / MLFLOW_TRACKING_URI | `<data root>/mlflow/mlflow.db` | the MLflow store |
 | RECSYS_PG_URL | (unset) | the deployment's PostgreSQL (Dagster's), checked by /v1/recs/health |
-| RECSYS_SERVER_SECRET | (unset: a per-data-root secret file) | server-side secret for keyed hashes (API keys) and webhook secrets |
+| RECSYS_SERVER_SECRET | (a 0600 file under the data root) | secret of the stored keys' HMAC |
 | RECSYS_PROBLEM_BASE | `https://errors.recsys.example/problem/` | prefix of Problem `type` URIs |
 | RECSYS_VERSION / RECSYS_GIT_SHA / RECSYS_BUILT_AT | package version / `unknown` | /version |
 """

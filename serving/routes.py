@@ -19,8 +19,8 @@ from typing import Annotated, Any
 from msgspec import Meta
 
 from recsys.tenancy import TENANT_ID_PATTERN
-from serving import schemas as s
 from serving import control
+from serving import schemas as s
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.crr import schemas as crr
 from serving.documents import DOCUMENT_ID

@@ -125,7 +125,9 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, nogil=True)
-def _sparse_top_k_rows(indptr, indices, data, seen_indptr, seen_indices, masked, k, out_idx, out_val):
+def _sparse_top_k_rows(
+    indptr, indices, data, seen_indptr, seen_indices, masked, k, out_idx, out_val
+):
     """`top_k_rows` of the dense rows a CSR matrix of non-negative scores stands for (zero
     where nothing is stored), with each row's `seen` columns and the `masked` columns at -inf:
     the stored positive scores best first (ties by the lower column), then zeros in column
