@@ -119,7 +119,7 @@ def test_schemathesis_finds_no_nonconformance(server, tmp_path):
             "--suppress-health-check",
             "all",
             "--request-timeout",
-            "10",
+            "60",  # (a worker's first control-plane call imports MLflow: ~15 s at a high load)
             "--header",
             f"Authorization: Bearer {token('default', ('admin',), ttl=3600)}",
             "--report",
