@@ -29,6 +29,7 @@ from msgspec import Meta
 from recsys.tenancy import TENANT_ID_PATTERN, TENANT_ID_RULE, is_valid_tenant
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND, mint_token
 from serving.config import ServingConfig
+from serving.crr.records import RecordStore
 from serving.errors import ProblemError
 from serving.snapshot import SnapshotRegistry
 
@@ -119,6 +120,9 @@ class DemoResources:
             raise ValueError("demo mode (RECSYS_DEMO_TENANTS) needs RECSYS_JWT_SECRET")
         self._secret = config.jwt_secret
         self._store = store
+        # (the item pages read the one entity view: the live snapshot, already overlaid with
+        # the rule fields of upserts, plus the fields of the items' records)
+        self._records = RecordStore(config.data_root)
         self._titles_cache: dict[str, dict[str, str]] = {}
         self._files: dict[str, bytes] = {}
 
@@ -210,7 +214,12 @@ class DemoResources:
             if index is None:
                 unknown.append(item_id)
             else:
-                items.append(_describe(snap, index, item_id, titles.get(item_id)))
+                item = _describe(snap, index, item_id, titles.get(item_id))
+                record = self._records.get(tenant, "items", item_id)
+                if record is not None:
+                    body = record["record"]
+                    item.update({k: body[k] for k in _SHOWN if body.get(k) is not None})
+                items.append(item)
         resp.data = orjson.dumps(
             {"snapshot_id": live.snapshot_id, "items": items, "unknown": unknown}
         )
@@ -249,6 +258,10 @@ class DemoResources:
                 del self._titles_cache[old]
             self._titles_cache[key] = found
         return found
+
+
+#: The item fields the page shows (a record's values replace the snapshot's).
+_SHOWN = ("title", "category", "brand", "price", "tags", "available")
 
 
 def _describe(snap: Any, index: int, item_id: str, title: str | None) -> dict[str, Any]:
