@@ -523,3 +523,18 @@ def test_experiment_variant_snapshots_are_overlaid_too(tmp_path):
     registry.live("acme")  # (the overlay re-reads its log)
     again = registry.tenant("acme").variant(older)
     assert again.available[again.item_index("a0")]
+
+
+def test_the_storefront_reads_the_same_view(data_root):
+    """The demo storefront's item lookups show upserted values (the page is the storefront)."""
+    demo = build_client(make_config(data_root, demo_tenants=("acme",)))
+    demo.simulate_post(
+        f"{ENTITY}/item/a3",
+        json={"features": {"title": "Winter boot", "price": 42.5, "available": False}},
+        headers=ADMIN,
+    )
+    got = demo.simulate_get("/demo/items", params={"ids": "a3,a4"}, headers=READ).json
+    items = {i["item_id"]: i for i in got["items"]}
+    assert items["a3"]["title"] == "Winter boot" and items["a3"]["price"] == 42.5
+    assert items["a3"]["available"] is False and items["a3"]["category"] == "c1"
+    assert items["a4"]["available"] is True and "title" not in items["a4"]
