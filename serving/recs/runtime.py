@@ -403,8 +403,12 @@ class RuntimeResources:
                 "snapshot_id": live.snapshot_id,
             }
             return
-        vectors = getattr(self._store, "vectors", None)
-        loaded = vectors.loaded(tenant, payload.index) if vectors is not None else None
+        if payload.index == "content":  # (the content model's item vectors, read-only)
+            models = getattr(self._store, "content", None)
+            loaded = models.loaded(tenant) if models is not None else None
+        else:
+            vectors = getattr(self._store, "vectors", None)
+            loaded = vectors.loaded(tenant, payload.index) if vectors is not None else None
         index = loaded.index if loaded is not None else None
         if index is None:
             raise ProblemError(404, f"No index '{payload.index}'.", code="RECSYS_UNKNOWN_INDEX")
