@@ -12,7 +12,8 @@ Routes (tenant-scoped; writes need `admin`):
   factors, which are one read-only index; filters on metadata values and tags;
 * ``POST /v1/recs/embeddings/generate``: a text, an item payload or a catalogue item id ->
   the vector of the tenant's content model (`recsys.content`: TF-IDF + SVD the pipeline fitted
-  on its item texts, `ContentModels`; nothing is downloaded).
+  on its item texts, `ContentModels`; nothing is downloaded); its item vectors are the
+  read-only index ``content``, so generate + search is a text search over the catalogue.
 
 Storage: ``<data root>/serving/vectors/<tenant>/<index>.log``, an append-only NDJSON log (its
 first line ``{"op": "init", "dim", "metric"}``, then ``put`` / ``del`` lines), appended under
@@ -52,7 +53,8 @@ from serving.recs.schemas import Query
 from serving.routing import JSON, MALFORMED, NDJSON, Route, read_body
 from serving.schemas import MAX_ID_LENGTH, Body, Reply
 
-SNAPSHOT_INDEXES = ("items", "users")
+#: Read-only indexes: the live snapshot's factors and the content model's item vectors.
+SNAPSHOT_INDEXES = ("items", "users", "content")
 INDEX_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 IndexName = Annotated[str, Meta(pattern=INDEX_NAME.pattern, description="an index name")]
 VectorKey = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH + 5)]
@@ -278,8 +280,8 @@ class VectorStore:
         if name in SNAPSHOT_INDEXES:
             raise ProblemError(
                 422,
-                f"Index '{name}' is the live snapshot's factors: it is read-only. "
-                "Write to another index name.",
+                f"Index '{name}' is read-only (items / users: the live snapshot's factors; "
+                "content: the content model's item vectors). Write to another index name.",
                 code="RECSYS_READ_ONLY_INDEX",
             )
         path = self.path(tenant, name)
@@ -453,7 +455,7 @@ class EmbeddingResources:
         name = req.context.query.index
         if name in SNAPSHOT_INDEXES:
             raise ProblemError(
-                422, f"Index '{name}' is the live snapshot's factors: it is read-only.",
+                422, f"Index '{name}' is read-only (the snapshot's factors or the content model).",
                 code="RECSYS_READ_ONLY_INDEX",
             )  # fmt: skip
         index = self.vectors.index(tenant, name)
@@ -499,6 +501,29 @@ def _lines(raw: bytes, ndjson: bool) -> list[Any]:
     return out
 
 
+class _ContentIndex:
+    """A content model's item vectors as a search index (what `VectorStore.loaded` gives for
+    client indexes): items without any known term (zero vectors) are left out."""
+
+    def __init__(self, model: Any) -> None:
+        keep = np.flatnonzero(np.abs(model.item_vectors).sum(axis=1) > 0)
+        self.index = VectorIndex(model.dim, "cosine")
+        self.index.upsert(
+            [f"item:{model.item_ids[r]}" for r in keep.tolist()],
+            model.item_vectors[keep],
+            prepared=True,
+        )
+
+    def allow(self, wanted: dict[str, Any]) -> np.ndarray | None:
+        if wanted:
+            raise ProblemError(
+                422,
+                "The content index has no metadata to filter on; filter item factors "
+                "(index 'items') or a client index.",
+            )
+        return None
+
+
 class ContentModels:
     """Each tenant's content model (`recsys.content`, written by the pipeline's
     `content_embeddings` asset to ``warehouse/<tenant>/content/``), re-read when its file
@@ -538,6 +563,15 @@ class ContentModels:
                 model.version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(st.st_mtime))
         self._models[tenant] = (now, sig, model)
         return model
+
+    def loaded(self, tenant: str) -> _ContentIndex:
+        """The content model's item vectors as the read-only index ``content`` (ids
+        ``item:<id>``; 503 before the pipeline fitted a model)."""
+        model = self.require(tenant)
+        found = getattr(model, "search_index", None)
+        if found is None:
+            found = model.search_index = _ContentIndex(model)
+        return found
 
     def require(self, tenant: str) -> Any:
         model = self.get(tenant)

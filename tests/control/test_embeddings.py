@@ -354,15 +354,24 @@ def test_generate_embeds_texts_and_items_with_the_content_model(retail_root):
         "/v1/recs/embeddings/bulk",
         json=[
             {"id": f"item:r{i}", "vector": client.simulate_post(
-                gen, json={"item_id": f"r{i}"}, headers=READ).json["vector"], "index": "content"}
+                gen, json={"item_id": f"r{i}"}, headers=READ).json["vector"], "index": "texts"}
             for i in range(len(RETAIL))
         ],
         headers=ADMIN,
     )  # fmt: skip
     near = client.simulate_post(
-        SEARCH, json={"vector": vec.tolist(), "k": 2, "index": "content"}, headers=READ
+        SEARCH, json={"vector": vec.tolist(), "k": 2, "index": "texts"}, headers=READ
     )
     assert sorted(_ids(near)) == ["item:r4", "item:r5"]
+    # the content model's vectors are the read-only index `content`: generate + search is a
+    # text search over the catalogue
+    text = client.simulate_post(
+        SEARCH, json={"vector": vec.tolist(), "k": 2, "index": "content"}, headers=READ
+    )
+    assert sorted(_ids(text)) == ["item:r4", "item:r5"]
+    clocks = client.simulate_post(SEARCH, json={"item_id": "r23", "k": 2, "index": "content"},
+                                  headers=READ)  # fmt: skip
+    assert sorted(_ids(clocks)) == ["item:r24", "item:r25"]
     item = client.simulate_post(
         gen, json={"item": {"title": "PINK ALARM CLOCK", "tags": ["clock"]}}, headers=READ
     )
