@@ -90,6 +90,11 @@ def _limit(stage: dict[str, Any], where: str, default: int) -> int:
     return limit
 
 
+def _name(value: Any) -> str | None:
+    """A name field as a string (None for any other JSON value: never a lookup key)."""
+    return value if isinstance(value, str) else None
+
+
 def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """The pipeline with generator aliases resolved, or a 422 naming the first problem: an
     unknown stage type, generator, ranker, filter rule or diversity key, or stages that cannot
@@ -105,7 +110,7 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(raw, dict):
             raise _invalid(f"{where} is not an object.")
         stage = dict(raw)
-        kind = stage.get("type")
+        kind = _name(stage.get("type"))
         if kind not in _STAGE_ORDER:
             raise _invalid(
                 f"{where}: unknown stage type {kind!r} (candidate, filter, ranker, postprocess)."
@@ -124,7 +129,8 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
             )
         last_order = order
         if kind == "candidate":
-            gen = ALIASES.get(stage.get("generator"), stage.get("generator"))
+            gen = _name(stage.get("generator"))
+            gen = ALIASES.get(gen, gen)
             if gen not in GENERATORS:
                 raise _invalid(
                     f"{where}: unknown generator {stage.get('generator')!r} "
@@ -164,13 +170,13 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
             rank_seen += 1
             if rank_seen > 1:
                 raise _invalid(f"{where}: a pipeline has at most one ranker stage.")
-            if stage.get("model") not in RANKERS:
+            if _name(stage.get("model")) not in RANKERS:
                 raise _invalid(
                     f"{where}: unknown ranker {stage.get('model')!r} ({', '.join(RANKERS)})."
                 )
         else:
             div = stage.get("diversity")
-            if div is not None and div not in DIVERSITY:
+            if div is not None and _name(div) not in DIVERSITY:
                 raise _invalid(f"{where}: diversity is one of {', '.join(DIVERSITY)}.")
             mpg = stage.get("max_per_group", 2)
             if type(mpg) is not int or mpg < 1:

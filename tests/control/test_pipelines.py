@@ -335,3 +335,25 @@ def test_the_content_generator_reads_the_tenants_content_model(tmp_path):
     assert all({"winter", "nike"} & set(c["tags"]) for c in found[:3]), found
     status = client.simulate_get("/v1/recs/candidates/content/status", headers=auth()).json
     assert status["available"] and status["items_covered"] == 20
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [{"type": ["candidate"]}],
+        [{"type": "candidate", "generator": {"name": "collab"}}],
+        [{"type": "candidate", "generator": "collab"}, {"type": "ranker", "model": [1]}],
+        [{"type": "candidate", "generator": "collab"}, {"type": "postprocess", "diversity": {}}],
+        [{"type": "candidate", "generator": "collab", "limit": 5.5}],
+        [
+            {"type": "candidate", "generator": "collab"},
+            {"type": "filter", "rules": {"brands": [1]}},
+        ],
+        ["candidate"],
+    ],
+)
+def test_stage_fields_of_any_json_type_are_422_not_500(client, stages):
+    resp = client.simulate_post(
+        "/v1/recs/pipelines", json={"name": "odd", "stages": stages}, headers=ADMIN
+    )
+    assert resp.status_code in (400, 422), resp.json
