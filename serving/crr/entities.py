@@ -94,6 +94,12 @@ class EntityView:
                     "tags": [snap.tag_name(int(t)) for t in snap.item_tags(idx)],
                     "available": bool(snap.available[idx]),
                 }
+            overlay = getattr(holder, "overlay", None)
+            if overlay is not None:  # (changes since: an item whose record was deleted, ...)
+                holder.live()  # (reads what was appended since the last look)
+                changed = overlay.changes(tenant).items.get(entity_id)
+                if changed:
+                    row = {**row, **changed}
             return row, live.snapshot_id
         idx = snap.user_index(entity_id)
         if idx is None:

@@ -538,3 +538,12 @@ def test_the_storefront_reads_the_same_view(data_root):
     assert items["a3"]["title"] == "Winter boot" and items["a3"]["price"] == 42.5
     assert items["a3"]["available"] is False and items["a3"]["category"] == "c1"
     assert items["a4"]["available"] is True and "title" not in items["a4"]
+
+
+def test_a_deleted_record_leaves_the_item_unavailable_in_every_view(client):
+    client.simulate_post(f"{ENTITY}/item/a6", json={"features": {"price": 1.0}}, headers=ADMIN)
+    assert client.simulate_delete("/v1/crr/items/a6", headers=ADMIN).status_code == 200
+    crr = client.simulate_get("/v1/crr/items/a6", headers=READ).json
+    assert crr["sources"] == ["snapshot"] and crr["available"] is False
+    assert crr["price"] == 16.0  # (the snapshot's again: the record is gone)
+    assert "a6" not in _recommend(client, k=10)
