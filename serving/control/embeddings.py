@@ -44,7 +44,7 @@ import polars as pl
 from msgspec import Meta
 
 from recsys import content
-from recsys.durable import fsync_dir
+from recsys.durable import fsync_dir, write_atomic
 from recsys.tenancy import check_tenant
 from recsys.vectors import VectorIndex
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
@@ -64,6 +64,9 @@ MetaValue = str | int | float | bool | None | list[str]
 Metadata = Annotated[dict[str, MetaValue], Meta(max_length=64)]
 CHECK_S = 0.25
 MAX_BULK = 10_000
+#: A log of at least this size is compacted when most of its rows are dead (replaced or
+#: deleted vectors).
+COMPACT_BYTES = 64 << 20
 
 
 class VectorUpsert(Body):
@@ -286,9 +289,19 @@ class VectorStore:
             )
         path = self.path(tenant, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        # (the lock is a file of its own: compaction replaces the log's inode)
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return self._append(tenant, name, path, puts, dels)
+        finally:
+            os.close(lock)
+
+    def _append(
+        self, tenant: str, name: str, path: str, puts: list[VectorUpsert], dels: list[str]
+    ) -> list[tuple[str, str] | None]:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             head = os.pread(fd, 4096, 0).split(b"\n", 1)[0]
             lines: list[bytes] = []
             if head:
@@ -313,11 +326,32 @@ class VectorStore:
             if lines:
                 os.write(fd, b"\n".join(lines) + b"\n")
                 os.fsync(fd)
+            size = os.fstat(fd).st_size
         finally:
             os.close(fd)
         fsync_dir(os.path.dirname(path))
         _WRITES[0] += 1
+        if size >= COMPACT_BYTES:
+            self._compact(tenant, name, path)
         return outcomes
+
+    def _compact(self, tenant: str, name: str, path: str) -> None:
+        """(under the index's lock) When most of the log's rows are replaced or deleted ones,
+        rewrite it as the live vectors only (a new file renamed over it: readers see another
+        inode and read it afresh)."""
+        found = self.loaded(tenant, name)
+        with found.lock:
+            found.poll()
+            index = found.index
+            if index is None or index.rows <= 2 * len(index):
+                return
+            out = [orjson.dumps({"op": "init", "dim": index.dim, "metric": index.metric})]
+            for key, row in sorted(index.row_of.items(), key=lambda kv: kv[1]):
+                op: dict[str, Any] = {"op": "put", "id": key, "v": index.vectors[row].tolist()}
+                if index.metadata[row]:
+                    op["m"] = index.metadata[row]
+                out.append(orjson.dumps(op))
+        write_atomic(path, b"\n".join(out) + b"\n")
 
 
 def _refused(p: VectorUpsert, checker: VectorIndex | None, metric: str) -> tuple[str, str] | None:

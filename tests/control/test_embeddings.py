@@ -387,3 +387,24 @@ def test_generate_embeds_texts_and_items_with_the_content_model(retail_root):
     assert client.simulate_post(gen, json={"item_id": "zz"}, headers=READ).status_code == 404
     none_yet = client.simulate_post(gen, json={"input": "hand"}, headers=auth("globex"))
     assert none_yet.status_code == 503 and none_yet.json["code"] == "RECSYS_NO_CONTENT_MODEL"
+
+
+def test_a_log_of_mostly_replaced_vectors_is_compacted(client, data_root, monkeypatch):
+    from serving.control import embeddings
+
+    monkeypatch.setattr(embeddings, "COMPACT_BYTES", 1)
+    other = build_client(make_config(data_root))  # (another worker, reading before and after)
+    _put(client, "keep", [0, 1], {"tag": "k"}, index="churn")
+    for n in range(30):
+        _put(client, "x", [1, n / 100], index="churn")
+    q = {"vector": [1, 0.3], "k": 2, "index": "churn"}
+    assert _ids(other.simulate_post(SEARCH, json=q, headers=READ)) == ["x", "keep"]
+    log = os.path.join(data_root, "serving", "vectors", "acme", "churn.log")
+    with open(log, "rb") as f:
+        lines = f.read().splitlines()
+    assert len(lines) <= 6  # (init, keep, x, and at most as many dead rows as live ones)
+    assert client.simulate_delete("/v1/recs/embeddings/x?index=churn", headers=ADMIN).json
+    assert _ids(other.simulate_post(SEARCH, json=q, headers=READ)) == ["keep"]
+    got = other.simulate_post(SEARCH, json={**q, "filters": {"metadata": {"tag": "k"}}},
+                              headers=READ)  # fmt: skip
+    assert _ids(got) == ["keep"] and got.json["items"][0]["metadata"] == {"tag": "k"}
