@@ -162,9 +162,43 @@ class _Endpoint:
         setattr(self, "on_" + route.method.lower(), _responder(route, handler))
 
 
+def _query_decoder(query: type) -> Callable[[dict[str, Any]], Any]:
+    """The query Struct of a request's parameters (strings converted to the field types).
+
+    An empty value of an optional field is no value (``since=`` as a client library writes a
+    null), and a date-time must be RFC 3339 text (msgspec's lax conversion would otherwise
+    read ``0.5`` as a Unix time the schema does not allow)."""
+    info = msgspec.inspect.type_info(query)
+    optional, times = set(), set()
+
+    def kinds(t: Any) -> list[Any]:
+        if isinstance(t, msgspec.inspect.Metadata):  # (Annotated with constraints)
+            return kinds(t.type)
+        if isinstance(t, msgspec.inspect.UnionType):
+            return [k for member in t.types for k in kinds(member)]
+        return [t]
+
+    for field in info.fields:
+        if not field.required and field.default is None:
+            optional.add(field.encode_name)
+        if any(isinstance(t, msgspec.inspect.DateTimeType) for t in kinds(field.type)):
+            times.add(field.encode_name)
+
+    def decode(params: dict[str, Any]) -> Any:
+        values = {k: v for k, v in params.items() if v != "" or k not in optional}
+        for name in times & values.keys():
+            value = values[name]
+            if isinstance(value, str) and value.lstrip("+-").replace(".", "", 1).isdigit():
+                raise msgspec.ValidationError(f"Invalid RFC3339 encoded datetime - at `$.{name}`")
+        return msgspec.convert(values, query, strict=False)
+
+    return decode
+
+
 def _responder(route: Route, handler: Callable) -> Callable:
     params = tuple(route.params.items())
     query_type = route.query
+    decode_query = _query_decoder(query_type) if query_type is not None else None
     # (an NDJSON body is split into lines and checked by its handler)
     checked = route.body is not None and route.media == (JSON,) and not route.body_by_handler
     decode = decoder(route.body) if checked else None
@@ -175,7 +209,7 @@ def _responder(route: Route, handler: Callable) -> Callable:
             kwargs[name] = check(kwargs[name], type_, f"path parameter '{name}'")
         if query_type is not None:
             try:
-                ctx.query = msgspec.convert(req.params, query_type, strict=False)
+                ctx.query = decode_query(req.params)
             except msgspec.ValidationError as ex:
                 raise _decode_error(ex, "query") from None
         if decode is not None:

@@ -216,3 +216,15 @@ def test_a_rate_limited_write_is_recorded_with_its_route(client, data_root):
     assert len(refused) == statuses.count(429)
     assert {e["route"] for e in refused} == {"/v1/recs/quotas"}
     assert {e["method"] for e in refused} == {"PATCH"}
+
+
+def test_query_times_are_rfc3339_text_and_an_empty_optional_is_absent(client):
+    """(serving.routing's query decoding, through the audit route's since/until.)"""
+    path = "/v1/recs/audit/logs"
+    for bad in ("0.5", "1700000000", "-3", "yesterday"):
+        got = client.simulate_get(path, params={"until": bad}, headers=ADMIN)
+        assert got.status_code == 400 and "until" in got.json["detail"], (bad, got.json)
+    got = client.simulate_get(path, query_string="since=&until=", headers=ADMIN)
+    assert got.status_code == 200 and got.json["items"] == []
+    ok = client.simulate_get(path, params={"since": "2026-01-01T00:00:00Z"}, headers=ADMIN)
+    assert ok.status_code == 200
