@@ -213,3 +213,39 @@ def test_a_data_root_that_is_not_there_fails_before_any_work(site, tmp_path):
     assert proc.returncode != 0
     assert f"data root {missing} does not exist here" in out
     assert not os.path.exists(missing)
+
+
+def test_user_shards_job_partition_runs_its_shard_on_a_worker(site, workers):
+    """One partition of user_shards_job (what a backfill launches per shard) under Celery:
+    the shard step runs on a worker and stages the same rows as scoring in process."""
+    import dagster as dg
+
+    from recsys.models.hybrid import HybridRecommender
+    from recsys.snapshot import build as snapbuild
+
+    os.environ["DAGSTER_HOME"] = site["home"]
+    instance = dg.DagsterInstance.get()
+    before = {r.run_id for r in instance.get_runs()}
+    proc = subprocess.Popen(
+        [os.path.join(BIN, "dagster"), "job", "execute", "-m", "pipelines.definitions",
+         "-j", "user_shards_job", "--tags", '{"dagster/partition": "shard-03"}'],
+        env={**site["env"], "RECSYS_EXECUTOR": "celery"}, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-4000:]
+    run = next(r for r in instance.get_runs(limit=5) if r.run_id not in before)
+    started = _score_step_workers(instance, run.run_id)
+    assert list(started) == ["user_recommendations.score_user_shard[default_03]"]
+    staged = glob.glob(
+        os.path.join(
+            site["data"], "snapshots", "default", ".staging", "*", "shard-03-of-16.parquet"
+        )
+    )
+    assert len(staged) == 1
+    model = HybridRecommender.load(
+        os.path.join(site["data"], "models", "default", "final", "hybrid")
+    )
+    start, stop = snapbuild.shard_bounds(len(model.user_ids_), 3, 16)
+    expected = snapbuild.shard_candidates(model, start, stop, k=200)
+    assert pl.read_parquet(staged[0]).equals(expected)
