@@ -26,6 +26,8 @@ import hashlib
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import msgspec
@@ -47,11 +49,17 @@ class Simulator:
     """Replays per tenant (cached while the evaluation files are unchanged) and runs
     configurations over them."""
 
-    def __init__(self, ctx: Any, n_candidates: int = 100) -> None:
+    def __init__(self, ctx: Any, n_candidates: int = 100, wait_s: float = 15.0) -> None:
+        """wait_s: how long a request waits for a replay being built before it answers 503
+        with Retry-After (the build goes on in the background; gunicorn's worker timeout is
+        30 s by default, and the 1M-event demo's replay takes 16 s of CPU)."""
         self._ctx = ctx
         self._n_candidates = n_candidates
+        self.wait_s = wait_s
         self._lock = threading.Lock()
         self._cache: dict[tuple, tuple[tuple, sim.Replay]] = {}
+        self._builds: dict[tuple, tuple[tuple, Future]] = {}
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="simulate-replay")
 
     def _signature(self, storage: Storage, tenant: str) -> tuple:
         out = []
@@ -70,20 +78,46 @@ class Simulator:
         storage = Storage(self._ctx.config.data_root)
         key = (tenant, dataset, max_users)
         sig = self._signature(storage, tenant)
-        with self._lock:  # (one build at a time: a replay costs seconds of CPU)
+        with self._lock:
             hit = self._cache.get(key)
             if hit is not None and hit[0] == sig:
                 return hit[1]
-            try:
-                replay = sim.load_replay(
-                    storage, tenant, self._n_candidates, dataset=dataset, max_users=max_users
+            building = self._builds.get(key)
+            if building is None or building[0] != sig:  # (one build at a time: one thread)
+                future = self._builder.submit(
+                    sim.load_replay,
+                    storage,
+                    tenant,
+                    self._n_candidates,
+                    dataset=dataset,
+                    max_users=max_users,
                 )
-            except sim.SimulationError as ex:
-                raise ProblemError(422, str(ex), code="RECSYS_CANNOT_SIMULATE") from None
-            if len(self._cache) >= 4:
+                building = self._builds[key] = (sig, future)
+        try:
+            replay = building[1].result(timeout=self.wait_s)
+        except FutureTimeout:
+            raise ProblemError(
+                503,
+                "The replay of the last evaluation's holdout is being built (seconds of CPU on "
+                "a large tenant); ask again shortly.",
+                code="RECSYS_SIMULATION_PREPARING",
+                headers={"Retry-After": "10"},
+            ) from None
+        except sim.SimulationError as ex:
+            with self._lock:
+                self._builds.pop(key, None)  # (a later call tries again)
+            raise ProblemError(422, str(ex), code="RECSYS_CANNOT_SIMULATE") from None
+        except Exception:
+            with self._lock:
+                self._builds.pop(key, None)
+            raise
+        with self._lock:
+            if self._builds.get(key) is building:
+                del self._builds[key]
+            if len(self._cache) >= 4 and key not in self._cache:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = (sig, replay)
-            return replay
+        return replay
 
     # --- one configuration -----------------------------------------------------------------
     def lists(

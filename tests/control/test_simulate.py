@@ -156,6 +156,25 @@ def test_a_sample_dataset_is_replayed_and_checked_for_its_columns(client, root):
     assert bad.status_code == 422 and "event_type" in bad.json["detail"]
 
 
+def test_a_replay_being_built_answers_503_with_retry_after(root):
+    """A request waits at most `wait_s` for the replay; the build goes on, the next call
+    gets it."""
+    from types import SimpleNamespace
+
+    from serving.errors import ProblemError
+    from serving.simulation import Simulator
+
+    simulator = Simulator(SimpleNamespace(config=SimpleNamespace(data_root=root)), wait_s=0.0)
+    with pytest.raises(ProblemError) as refused:
+        simulator.replay("acme", None, None)
+    assert refused.value.status_code == 503
+    assert refused.value.headers["Retry-After"] == "10"
+    simulator.wait_s = 300.0
+    replay = simulator.replay("acme", None, None)
+    assert replay.n_users > 20
+    assert simulator.replay("acme", None, None) is replay  # (cached)
+
+
 @pytest.mark.parametrize(
     "body",
     [
