@@ -84,8 +84,8 @@ mutation Launch($executionParams: ExecutionParams!) {
 """
 
 _TERMINATE = """
-mutation Terminate($runId: String!) {
-  terminateRun(runId: $runId) {
+mutation Terminate($runId: String!, $policy: TerminateRunPolicy) {
+  terminateRun(runId: $runId, terminatePolicy: $policy) {
     __typename
     ... on TerminateRunSuccess { run { runId status } }
     ... on TerminateRunFailure { message run { runId status } }
@@ -402,11 +402,15 @@ class DagsterClient:
             raise self._failed(result, "list runs")
         return [_run(node) for node in result["results"]]
 
-    def terminate(self, run_id: str) -> str | None:
+    def terminate(self, run_id: str, *, force: bool = False) -> str | None:
         """Ask Dagster to terminate the run: its status after the request (CANCELING /
-        CANCELED), the status it already had when it could not be terminated (it finished),
-        or None when there is no such run."""
-        result = self.query(_TERMINATE, {"runId": run_id})["terminateRun"]
+        CANCELED), the status it already had when it could not be terminated (it finished, or
+        is still STARTING), or None when there is no such run. `force` marks the run canceled
+        at once (MARK_AS_CANCELED_IMMEDIATELY: for a run whose worker has not started, which
+        then never executes; a worker that is running is not waited for)."""
+        policy = "MARK_AS_CANCELED_IMMEDIATELY" if force else "SAFE_TERMINATE"
+        variables = {"runId": run_id, "policy": policy}
+        result = self.query(_TERMINATE, variables)["terminateRun"]
         kind = result["__typename"]
         if kind == "TerminateRunSuccess":  # (the run in the answer can predate the change)
             fresh = self.run(run_id)
