@@ -280,6 +280,14 @@ def test_a_surface_runs_the_pipeline_its_tenant_config_names(tmp_path):
     pdp = answer("pdp")
     assert ids(pdp["items"]) == ["a9", "a10", "a11"]
     assert pdp["meta"]["pipeline"]["id"] == "pop5"
+    # /v1/recs/predict goes through the same service
+    predicted = client.simulate_post(
+        "/v1/recs/predict",
+        json={"user_id": "u1", "limit": 3, "surface": "pdp"},
+        headers=auth(),
+    )
+    assert predicted.status_code == 200, predicted.json
+    assert ids(predicted.json["items"]) == ["a9", "a10", "a11"]
     # a surface without a pipeline answers as before
     home = answer("home")
     assert ids(home["items"]) == ["a0", "a1", "a3"] and "pipeline" not in home["meta"]
