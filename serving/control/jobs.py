@@ -606,7 +606,8 @@ class JobsResource:
                 else client.get_model_version_by_alias(name, version)
             )
         except MlflowException as ex:
-            if "RESOURCE_DOES_NOT_EXIST" in str(ex.error_code) or "not found" in str(ex).lower():
+            # (no such model, version or alias; an alias that cannot exist: both unknown here)
+            if ex.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise ProblemError(
                     404,
                     f"Model '{name}' has no version or alias '{version}'.",

@@ -465,6 +465,13 @@ def test_dagster_down_answers_503_while_recommendations_serve(tmp_path):
         resp = client.simulate_request(method, path, json=body, headers=hdr())
         assert resp.status_code == 503, resp.text
         assert resp.json["dependency"] == "dagster" and "Dagster" in resp.json["detail"]
+    for version in ("999", "no-such-alias", "1e5"):  # MLflow answers before Dagster is asked
+        resp = client.simulate_post(
+            "/v1/recs/jobs/evaluate",
+            json={"model_version": version, "holdout_uri": "memory://acme/h.parquet"},
+            headers=hdr(),
+        )
+        assert resp.status_code == 404, (version, resp.text)
     rec = client.simulate_post("/v1/recommend", json={"user": {"user_id": "u1"}}, headers=hdr())
     assert rec.status_code == 200 and rec.json["items"]
 
