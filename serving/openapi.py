@@ -67,10 +67,21 @@ def _query_parameters(query: type, schema_of) -> list[dict[str, Any]]:
                 "name": field.encode_name,
                 "in": "query",
                 "required": field.required,
-                "schema": schema_of(field_type(query, field.name)),
+                "schema": _not_null(schema_of(field_type(query, field.name))),
             }
         )
     return out
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter's schema without its ``null`` alternative: a query has no null (an
+    optional parameter is left out), and ``?since=`` is the empty string, not a null."""
+    options = schema.get("anyOf")
+    if not options or {"type": "null"} not in options:
+        return schema
+    rest = [o for o in options if o != {"type": "null"}]
+    others = {k: v for k, v in schema.items() if k != "anyOf"}
+    return {**rest[0], **others} if len(rest) == 1 else {**others, "anyOf": rest}
 
 
 def field_type(struct: type, name: str) -> Any:

@@ -165,11 +165,10 @@ class _Endpoint:
 def _query_decoder(query: type) -> Callable[[dict[str, Any]], Any]:
     """The query Struct of a request's parameters (strings converted to the field types).
 
-    An empty value of an optional field is no value (``since=`` as a client library writes a
-    null), and a date-time must be RFC 3339 text (msgspec's lax conversion would otherwise
-    read ``0.5`` as a Unix time the schema does not allow)."""
+    A date-time must be RFC 3339 text: msgspec's lax conversion would otherwise read ``0.5`` as
+    a Unix time the schema does not allow."""
     info = msgspec.inspect.type_info(query)
-    optional, times = set(), set()
+    times = set()
 
     def kinds(t: Any) -> list[Any]:
         if isinstance(t, msgspec.inspect.Metadata):  # (Annotated with constraints)
@@ -179,18 +178,15 @@ def _query_decoder(query: type) -> Callable[[dict[str, Any]], Any]:
         return [t]
 
     for field in info.fields:
-        if not field.required and field.default is None:
-            optional.add(field.encode_name)
         if any(isinstance(t, msgspec.inspect.DateTimeType) for t in kinds(field.type)):
             times.add(field.encode_name)
 
     def decode(params: dict[str, Any]) -> Any:
-        values = {k: v for k, v in params.items() if v != "" or k not in optional}
-        for name in times & values.keys():
-            value = values[name]
+        for name in times & params.keys():
+            value = params[name]
             if isinstance(value, str) and value.lstrip("+-").replace(".", "", 1).isdigit():
                 raise msgspec.ValidationError(f"Invalid RFC3339 encoded datetime - at `$.{name}`")
-        return msgspec.convert(values, query, strict=False)
+        return msgspec.convert(params, query, strict=False)
 
     return decode
 
