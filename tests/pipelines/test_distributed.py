@@ -249,3 +249,41 @@ def test_user_shards_job_partition_runs_its_shard_on_a_worker(site, workers):
     start, stop = snapbuild.shard_bounds(len(model.user_ids_), 3, 16)
     expected = snapbuild.shard_candidates(model, start, stop, k=200)
     assert pl.read_parquet(staged[0]).equals(expected)
+
+
+def test_the_whole_pipeline_on_workers_publishes_the_in_process_snapshot(site, workers):
+    """`RECSYS_EXECUTOR=celery recsys run`: every step of recsys_pipeline (ingest, training,
+    evaluation, the gate, each user shard, the snapshot) is a task on the workers, and the
+    retrained, republished snapshot equals the in-process run's array for array."""
+    import dagster as dg
+
+    first = sorted(
+        d for d in os.listdir(os.path.join(site["data"], "snapshots", "default")) if d[0].isdigit()
+    )[0]
+    snapshot_a = os.path.join(site["data"], "snapshots", "default", first)
+    os.environ["DAGSTER_HOME"] = site["home"]
+    instance = dg.DagsterInstance.get()
+    before = {r.run_id for r in instance.get_runs()}
+    done = subprocess.run(
+        [os.path.join(BIN, "recsys"), "--data-root", site["data"], "run", "--quiet"],
+        env={**site["env"], "RECSYS_EXECUTOR": "celery"}, cwd=ROOT,
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    run = next(r for r in instance.get_runs(limit=5) if r.run_id not in before)
+    on_workers = set()
+    for rec in instance.all_logs(run.run_id):
+        ev = rec.dagster_event
+        if ev is None or ev.event_type_value != "ENGINE_EVENT" or not ev.engine_event_data:
+            continue
+        if "Celery worker" in (ev.engine_event_data.metadata or {}):
+            on_workers.add(ev.step_key)
+    assert {"events_and_rejects", "train_models", "serving_snapshot"} <= on_workers
+    assert sum(k.startswith("user_recommendations.score_user_shard") for k in on_workers) == 16
+    a, c = _snapshot_arrays(snapshot_a), _snapshot_arrays(_current(site))
+    assert _current(site) != snapshot_a and a.keys() == c.keys()
+    for name in a:
+        if isinstance(a[name], np.ndarray):
+            np.testing.assert_array_equal(a[name], c[name], err_msg=name)
+        else:
+            assert a[name].equals(c[name]), name
