@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import falcon
 import orjson
@@ -10,6 +11,7 @@ import orjson
 from serving import control, errors
 from serving.auth import Authenticator
 from serving.config import ServingConfig
+from serving.control.access import charge_events
 from serving.crr.records import RecordStore
 from serving.crr.resources import CrrEventResources, CrrResources
 from serving.documents import DocumentStore, TenantDocuments
@@ -154,19 +156,19 @@ def create_app(
         "crr_events": CrrEventResources(records, event_logs, service, store),
         "demo": DemoResources(config, store),
     }
-    resources |= control.resources(
-        control.ControlContext(
-            config=config,
-            store=store,
-            tenant_store=tenant_store,
-            documents=DocumentStore(serving_dir, config.snapshot_check_s),
-            metrics=metrics,
-            event_logs=event_logs,
-            service=service,
-            experiments=experiments,
-            limiter=limiter,
-        )
+    control_ctx = control.ControlContext(
+        config=config,
+        store=store,
+        tenant_store=tenant_store,
+        documents=DocumentStore(serving_dir, config.snapshot_check_s),
+        metrics=metrics,
+        event_logs=event_logs,
+        service=service,
+        experiments=experiments,
+        limiter=limiter,
     )
+    resources |= control.resources(control_ctx)
+    event_logs.admit = partial(charge_events, control_ctx)  # the events-per-day quota
     mount(app, ROUTES, resources)
     app.enable_fast_path(
         serving,

@@ -43,7 +43,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,9 +86,11 @@ class TenantEventLog:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         max_batch_rows: int = 20_000,
         linger_s: float = DEFAULT_LINGER_S,
+        admit: Callable[[str, int], None] | None = None,
     ) -> None:
         self.tenant = tenant
         self.data_root = data_root
+        self._admit = admit
         self.dir = log_dir(data_root, tenant)
         self._index: dict[str, tuple[int, int]] = {}  # event_id -> (segment, offset)
         self._by_segment: dict[int, list[str]] = {}
@@ -135,7 +137,10 @@ class TenantEventLog:
     # -- group commit
     def submit(self, bodies: list[Any], timeout_s: float = 30.0) -> list[ItemResult]:
         """Validate and durably append `bodies` (API event objects); one result per body, in
-        order. Returns after the accepted ones are fsync'd."""
+        order. Returns after the accepted ones are fsync'd. The log's `admit` (the tenant's
+        events-per-day quota) may refuse them all first, with a Problem."""
+        if self._admit is not None and bodies:
+            self._admit(self.tenant, len(bodies))
         received: list[str] = []
 
         def now() -> str:  # one receipt time per request, taken only when an event needs it
@@ -304,7 +309,13 @@ def flush_events(
 
 
 class EventLogs:
-    """The event logs of every tenant in this process, plus the timer that flushes them."""
+    """The event logs of every tenant in this process, plus the timer that flushes them.
+
+    `admit(tenant, n)`, when set (by `serving.app.create_app`, before the first request), is
+    asked before `n` events of a tenant are written: the events-per-day quota
+    (`serving.control.access.charge_events`)."""
+
+    admit: Callable[[str, int], None] | None = None
 
     def __init__(
         self,
@@ -328,7 +339,11 @@ class EventLogs:
                 tlog = self._logs.get(tenant)
                 if tlog is None:
                     tlog = self._logs[tenant] = TenantEventLog(
-                        self.data_root, tenant, self._segment_bytes, linger_s=self._linger_s
+                        self.data_root,
+                        tenant,
+                        self._segment_bytes,
+                        linger_s=self._linger_s,
+                        admit=self.admit,
                     )
         if self._interval > 0 and self._timer_pid != os.getpid():
             self._start_timer()

@@ -565,6 +565,24 @@ def test_events_per_day_are_counted_across_workers_and_refused_past_the_quota(
     access.charge_events(ctx, "globex", 20)  # another tenant's own count
     access._event_counter(data_root).sync()
     assert access.quota_usage(ctx, "acme")["events_per_day"] == {"limit": 25, "used": 25}
+    # the event intake asks before it writes: one more event is refused, and not written
+    event = {"user_id": "u1", "item_id": "a1", "event_type": "click"}
+    event["timestamp"] = "2026-12-01T10:00:00Z"
+    over = client.simulate_post("/v1/recs/events", json=event, headers=auth("acme"))
+    assert over.status_code == 429 and over.json["quota"] == "events_per_day", over.json
+    lines = "\n".join(orjson.dumps({**event, "item_id": f"a{i}"}).decode() for i in range(2))
+    bulk = client.simulate_post(
+        "/v1/recs/events/bulk",
+        body=lines,
+        headers={**auth("acme"), "Content-Type": "application/x-ndjson"},
+    )
+    assert bulk.status_code == 429
+    assert client.simulate_post(
+        "/v1/recs/events", json=event, headers=auth("globex")
+    ).status_code in (
+        200,
+        201,
+    )
 
     root = str(data_root) + "-procs"
     mp = multiprocessing.get_context("fork")
