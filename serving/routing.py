@@ -165,10 +165,12 @@ class _Endpoint:
 def _query_decoder(query: type) -> Callable[[dict[str, Any]], Any]:
     """The query Struct of a request's parameters (strings converted to the field types).
 
-    A date-time must be RFC 3339 text: msgspec's lax conversion would otherwise read ``0.5`` as
-    a Unix time the schema does not allow."""
+    msgspec's lax conversion (strings to the field types) reads more than the spec allows; two
+    such readings are refused: ``0.5`` as a Unix time where a date-time must be RFC 3339 text,
+    and ``null`` as no value where a parameter is not a string (a query has no null: an
+    optional parameter is left out)."""
     info = msgspec.inspect.type_info(query)
-    times = set()
+    times, not_text = set(), set()
 
     def kinds(t: Any) -> list[Any]:
         if isinstance(t, msgspec.inspect.Metadata):  # (Annotated with constraints)
@@ -178,10 +180,16 @@ def _query_decoder(query: type) -> Callable[[dict[str, Any]], Any]:
         return [t]
 
     for field in info.fields:
-        if any(isinstance(t, msgspec.inspect.DateTimeType) for t in kinds(field.type)):
+        types = kinds(field.type)
+        if any(isinstance(t, msgspec.inspect.DateTimeType) for t in types):
             times.add(field.encode_name)
+        if not any(isinstance(t, msgspec.inspect.StrType) for t in types):
+            not_text.add(field.encode_name)
 
     def decode(params: dict[str, Any]) -> Any:
+        for name in not_text & params.keys():
+            if params[name] == "null":
+                raise msgspec.ValidationError(f"Expected a value, got `null` - at `$.{name}`")
         for name in times & params.keys():
             value = params[name]
             if isinstance(value, str) and value.lstrip("+-").replace(".", "", 1).isdigit():

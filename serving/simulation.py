@@ -382,11 +382,11 @@ STORED_LISTS = engine.validate_spec(
 
 def _recommend(ctx, tenant, live, user_id, anchors, k) -> list[str]:
     """The items /v1/recommend answers (the same service, in process), on `live`."""
-    body: dict[str, Any] = {"k": k}
-    if user_id:
-        body["user"] = {"user_id": user_id}
+    # (a sample without a user is an anonymous session: its anchors, or the cold start)
+    user = {"user_id": user_id} if user_id else {"session_id": "check-model"}
+    body: dict[str, Any] = {"k": k, "user": user}
     if anchors:
-        body["context"] = {"anchors": list(anchors)}
+        body["anchors"] = {"item_ids": list(anchors)}
     if live.snapshot_id != ctx.store.require_live(tenant).snapshot_id:
         raise ProblemError(
             422,

@@ -190,8 +190,8 @@ class Deployment(Reply):
 
 class MetricsQuery(Query):
     version: VersionId | None = None
-    since: dt.datetime | None = None
-    until: dt.datetime | None = None
+    since: Annotated[dt.datetime, Meta(tz=True, description="RFC 3339, inclusive")] | None = None
+    until: Annotated[dt.datetime, Meta(tz=True, description="RFC 3339, exclusive")] | None = None
 
 
 class Interval(Reply):

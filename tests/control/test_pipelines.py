@@ -314,6 +314,12 @@ def test_check_model_compares_a_model_version_with_its_snapshot(tmp_path):
     assert old.json["model"] == "tiny@1" and old.json["target"].startswith("model version")
     assert old.json["results"][0]["items"] == ["a0", "a1", "a3"]  # (a2 is unavailable)
     assert old.json["latency_ms"]["calls"] == 2
+    # a sample without a user is an anonymous session: from its anchors (a0's neighbours)
+    anonymous = {"samples": [{"context": {"anchors": ["a0"]}}, {}], "k": 3, "repeat": 1}
+    got = client.simulate_post(path, json=anonymous, headers=ADMIN)
+    assert got.status_code == 200, got.json
+    assert got.json["results"][0]["items"] == ["a5", "a3", "a4"]
+    assert got.json["results"][1]["items"] == ["a8", "a9", "a10"]  # the cold start
     assert (
         client.simulate_post(
             path, json={**sample, "model_version": "tiny@7"}, headers=ADMIN
