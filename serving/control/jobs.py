@@ -380,7 +380,7 @@ ROUTES: tuple[Route, ...] = (
         body=AsyncBatchRequest,
         status=202,
         response=BatchJob,
-        errors=(503,),
+        errors=(404, 422, 503),  # an unknown model version; a bad request; Dagster down
         tags=_TAGS,
     ),
     Route(
