@@ -380,7 +380,10 @@ def _share_loop(ref: weakref.ref, interval_s: float) -> None:
 def _share_at_exit(ref: weakref.ref, pid: int) -> None:
     share = ref()
     if share is not None and os.getpid() == pid and share._metrics() is not None:
-        share.write()
+        try:
+            share.write()
+        except FileNotFoundError:  # the data root is gone (a temporary app's): nothing to share
+            return
 
 
 def _remove_gone_servers(root: str) -> None:
