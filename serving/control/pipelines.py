@@ -45,7 +45,7 @@ from serving.documents import DOCUMENT_ID, Preconditions, set_etag
 from serving.errors import ProblemError
 from serving.events_log import scan_all_events
 from serving.routing import Route
-from serving.schemas import Id, IdList
+from serving.schemas import MAX_ANCHORS, Id, IdList
 from serving.simulation import Simulator, check_model
 from serving.validation import DEFAULT_SURFACE
 
@@ -810,9 +810,16 @@ class SimulateResult(msgspec.Struct):
     replay_built_s: float
 
 
+class SampleContext(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A sample's context: at most as many anchors as /v1/recommend takes."""
+
+    anchors: Annotated[list[Id], Meta(max_length=MAX_ANCHORS)] | None = None
+    segment: Id | None = None
+
+
 class Sample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     user_id: Id | None = None
-    context: RunContext | None = None
+    context: SampleContext | None = None
 
 
 class CheckModelRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

@@ -4206,9 +4206,19 @@ export interface components {
         /** Sample */
         Sample: {
             /** @default null */
-            context?: components["schemas"]["RunContext"] | null;
+            context?: components["schemas"]["SampleContext"] | null;
             /** @default null */
             user_id?: string | null;
+        };
+        /**
+         * SampleContext
+         * @description A sample's context: at most as many anchors as /v1/recommend takes.
+         */
+        SampleContext: {
+            /** @default null */
+            anchors?: string[] | null;
+            /** @default null */
+            segment?: string | null;
         };
         /** Schedule */
         Schedule: {
