@@ -15,6 +15,11 @@ on the same data root, with `dagster_url` and `mlflow_uri` set; `serving_helpers
 ("recommend", "admin"))` gives headers. Helpers to start and stop servers (`free_port`,
 `wait_json`, `stop_group`, `start_dagster_dev`) are plain functions other tests import.
 RECSYS_TEST_DAGSTER="<url>,<data root>" reuses a server already running (while developing).
+
+The in-process tests use the tiny two-tenant snapshots of `tests/serving/serving_helpers.py`:
+`snapshot_root` (per module: a module that deploys or overlays changes only its own copy; a
+module may override it), `data_root` (per test: those snapshots symlinked plus an empty admin
+state) and `client` (a Falcon test client on it).
 """
 
 from __future__ import annotations
@@ -203,3 +208,29 @@ def control_client(dagster_server):
         mlflow_uri=dagster_server.mlflow_uri,
     )
     return build_client(config)
+
+
+@pytest.fixture(scope="module")
+def snapshot_root(tmp_path_factory) -> str:
+    """A data root with published snapshots of acme (a*) and globex (g*)."""
+    from serving_helpers import publish_tiny
+
+    root = str(tmp_path_factory.mktemp("snapshots"))
+    publish_tiny(root, "acme", "a")
+    publish_tiny(root, "globex", "g")
+    return root
+
+
+@pytest.fixture()
+def data_root(snapshot_root, tmp_path) -> str:
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(os.path.join(snapshot_root, "snapshots"), root / "snapshots")
+    return str(root)
+
+
+@pytest.fixture()
+def client(data_root):
+    from serving_helpers import build_client, make_config
+
+    return build_client(make_config(data_root))

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serving"))
-from serving_helpers import SECRET, auth, build_client, make_config, publish_tiny  # noqa: E402
+from serving_helpers import SECRET, auth, make_config, publish_tiny  # noqa: E402
 from test_serving_gunicorn import free_port, request, wait_ready  # noqa: E402
 
 from serving.auth import mint_token  # noqa: E402
@@ -27,27 +27,6 @@ from serving.control.audit import AuditLog, verify_file  # noqa: E402
 
 ADMIN = auth("acme", ("admin",))
 GLOBEX = auth("globex", ("admin",))
-
-
-@pytest.fixture(scope="module")
-def snapshots(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("snap"))
-    publish_tiny(root, "acme", "a")
-    publish_tiny(root, "globex", "g")
-    return os.path.join(root, "snapshots")
-
-
-@pytest.fixture()
-def data_root(snapshots, tmp_path) -> str:
-    root = tmp_path / "root"
-    root.mkdir()
-    os.symlink(snapshots, root / "snapshots")
-    return str(root)
-
-
-@pytest.fixture()
-def client(data_root):
-    return build_client(make_config(data_root))
 
 
 def recommend(client, headers, user="u1"):
@@ -565,25 +544,6 @@ def test_events_per_day_are_counted_across_workers_and_refused_past_the_quota(
     access.charge_events(ctx, "globex", 20)  # another tenant's own count
     access._event_counter(data_root).sync()
     assert access.quota_usage(ctx, "acme")["events_per_day"] == {"limit": 25, "used": 25}
-    # the event intake asks before it writes: one more event is refused, and not written
-    event = {"user_id": "u1", "item_id": "a1", "event_type": "click"}
-    event["timestamp"] = "2026-12-01T10:00:00Z"
-    over = client.simulate_post("/v1/recs/events", json=event, headers=auth("acme"))
-    assert over.status_code == 429 and over.json["quota"] == "events_per_day", over.json
-    lines = "\n".join(orjson.dumps({**event, "item_id": f"a{i}"}).decode() for i in range(2))
-    bulk = client.simulate_post(
-        "/v1/recs/events/bulk",
-        body=lines,
-        headers={**auth("acme"), "Content-Type": "application/x-ndjson"},
-    )
-    assert bulk.status_code == 429
-    assert client.simulate_post(
-        "/v1/recs/events", json=event, headers=auth("globex")
-    ).status_code in (
-        200,
-        201,
-    )
-
     root = str(data_root) + "-procs"
     mp = multiprocessing.get_context("fork")
     out = mp.Queue()
@@ -599,3 +559,36 @@ def test_events_per_day_are_counted_across_workers_and_refused_past_the_quota(
     assert 1000 <= total <= 2000  # (two workers: the other's second at most, here its quota)
     with capsys.disabled():
         print(f"\nevents_per_day 1000, two processes charging 10 at a time: {total} accepted")
+
+
+def test_the_event_intake_asks_the_events_per_day_quota_before_it_writes(client):
+    """(Its own test: the forking test above must not start the event log's threads first.)"""
+    patched = client.simulate_patch("/v1/recs/quotas", json={"events_per_day": 2}, headers=ADMIN)
+    assert patched.status_code == 200
+    event = {"user_id": "u1", "item_id": "a1", "event_type": "click"}
+    event["timestamp"] = "2026-12-01T10:00:00Z"
+    first = client.simulate_post("/v1/recs/events", json=event, headers=auth("acme"))
+    assert first.status_code in (200, 201), first.json
+    lines = "\n".join(orjson.dumps({**event, "item_id": f"a{i}"}).decode() for i in range(2))
+    bulk = client.simulate_post(
+        "/v1/recs/events/bulk",
+        body=lines,
+        headers={**auth("acme"), "Content-Type": "application/x-ndjson"},
+    )
+    assert bulk.status_code == 429 and bulk.json["quota"] == "events_per_day", bulk.json
+    second = client.simulate_post(
+        "/v1/recs/events", json={**event, "item_id": "a2"}, headers=auth("acme")
+    )
+    assert second.status_code in (200, 201)  # the quota's last event
+    over = client.simulate_post(
+        "/v1/recs/events", json={**event, "item_id": "a3"}, headers=auth("acme")
+    )
+    assert over.status_code == 429 and over.json["quota"] == "events_per_day", over.json
+    assert (
+        client.simulate_get(
+            "/v1/recs/events/" + first.json["event_id"], headers=auth("acme")
+        ).status_code
+        == 200
+    )
+    other = client.simulate_post("/v1/recs/events", json=event, headers=auth("globex"))
+    assert other.status_code in (200, 201)  # another tenant's own count

@@ -10,32 +10,11 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serving"))
-from serving_helpers import auth, build_client, make_config, publish_tiny  # noqa: E402
+from serving_helpers import auth  # noqa: E402
 
 from serving.control.audit import AuditLog, verify_file  # noqa: E402
 
 ADMIN = auth("acme", ("admin",))
-
-
-@pytest.fixture(scope="module")
-def snapshots(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("snap"))
-    publish_tiny(root, "acme", "a")
-    publish_tiny(root, "globex", "g")
-    return os.path.join(root, "snapshots")
-
-
-@pytest.fixture()
-def data_root(snapshots, tmp_path) -> str:
-    root = tmp_path / "root"
-    root.mkdir()
-    os.symlink(snapshots, root / "snapshots")
-    return str(root)
-
-
-@pytest.fixture()
-def client(data_root):
-    return build_client(make_config(data_root))
 
 
 def entries(data_root: str, tenant: str = "acme") -> list[dict]:

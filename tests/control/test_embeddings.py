@@ -52,24 +52,11 @@ def _publish(root: str, tenant: str, prefix: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def snapshots(tmp_path_factory) -> str:
+def snapshot_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("vectors"))
     _publish(root, "acme", "a")
     _publish(root, "globex", "g")
     return root
-
-
-@pytest.fixture()
-def data_root(snapshots, tmp_path) -> str:
-    root = tmp_path / "root"
-    root.mkdir()
-    os.symlink(os.path.join(snapshots, "snapshots"), root / "snapshots")
-    return str(root)
-
-
-@pytest.fixture()
-def client(data_root):
-    return build_client(make_config(data_root))
 
 
 def _put(client, vid, vector, metadata=None, index="products", headers=ADMIN):

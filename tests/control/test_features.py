@@ -24,27 +24,6 @@ READ = auth("acme")
 ENTITY = "/v1/recs/features/entities"
 
 
-@pytest.fixture(scope="module")
-def snapshots(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("features"))
-    publish_tiny(root, "acme", "a")
-    publish_tiny(root, "globex", "g")
-    return root
-
-
-@pytest.fixture()
-def data_root(snapshots, tmp_path) -> str:
-    root = tmp_path / "root"
-    root.mkdir()
-    os.symlink(os.path.join(snapshots, "snapshots"), root / "snapshots")
-    return str(root)
-
-
-@pytest.fixture()
-def client(data_root):
-    return build_client(make_config(data_root))
-
-
 def _recommend(client, **extra) -> list[str]:
     body = {"user": {"user_id": "u1"}, "k": 5, **extra}
     resp = client.simulate_post("/v1/recommend", json=body, headers=READ)

@@ -28,7 +28,6 @@ from serving_helpers import (  # noqa: E402
     auth,
     build_client,
     make_config,
-    publish_tiny,
     token,
 )
 
@@ -37,22 +36,6 @@ from serving.control import timeseries  # noqa: E402
 from serving.metrics import LATENCY_BUCKETS, Metrics, quantile  # noqa: E402
 
 ADMIN = ("recommend", "admin")
-
-
-@pytest.fixture(scope="module")
-def snapshot_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("snapshots"))
-    publish_tiny(root, "acme", "a")
-    publish_tiny(root, "globex", "g")
-    return root
-
-
-@pytest.fixture()
-def data_root(snapshot_root, tmp_path) -> str:
-    root = tmp_path / "root"
-    root.mkdir()
-    os.symlink(os.path.join(snapshot_root, "snapshots"), root / "snapshots")
-    return str(root)
 
 
 @pytest.fixture()
