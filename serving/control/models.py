@@ -514,8 +514,14 @@ class ModelsResource:
             )
         load_model_dir(path)
 
+        # a local store (SQLite, files) keeps artifacts beside the pipeline's, never in the
+        # server's working directory (MLflow's default); a tracking server decides its own
+        uri = self._ctx.mlflow_uri
+        local = not uri.startswith(("http://", "https://", "databricks"))
+        root = Storage(self._ctx.config.data_root).mlflow_artifacts() if local else None
+
         def log(client: Any) -> tuple[str, str]:
-            exp = ensure_experiment(client, tenant, None)
+            exp = ensure_experiment(client, tenant, root)
             run = client.create_run(exp, tags={"tenant": tenant}, run_name=f"register-{tenant}")
             client.log_artifacts(run.info.run_id, path, "model")
             client.set_terminated(run.info.run_id, "FINISHED")
