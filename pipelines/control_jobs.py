@@ -211,9 +211,7 @@ def evaluate_version(
             if wanted and col not in wanted and base not in wanted:
                 continue
             metrics[f"{row['model']}.{tracking._metric_key(col)}"] = v
-    exp = tracking.ensure_experiment(
-        client, config.tenant, store.mlflow_artifacts() if not mlflow.tracking_uri else None
-    )
+    exp = tracking.ensure_experiment(client, config.tenant, mlflow.artifact_root(store))
     tags = {
         "tenant": config.tenant,
         RUN_TAG: context.run_id,

@@ -34,6 +34,14 @@ class MlflowResource(dg.ConfigurableResource):
     def resolve_tracking_uri(self, storage: Storage) -> str:
         return self.tracking_uri or storage.mlflow_uri()
 
+    def artifact_root(self, storage: Storage) -> str | None:
+        """Where new experiments keep their artifacts: beside the data root for a local store
+        (SQLite, files; MLflow's default would be ./mlruns in the process's working
+        directory), None for a tracking server (it decides)."""
+        uri = self.resolve_tracking_uri(storage)
+        remote = uri.startswith(("http://", "https://", "databricks"))
+        return None if remote else storage.mlflow_artifacts()
+
 
 class IngestPolicy(dg.ConfigurableResource):
     """Thresholds of the ingest asset checks."""

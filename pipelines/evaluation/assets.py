@@ -120,7 +120,7 @@ def champion_model(
             model=model_path(store, tenant, "final", "hybrid"),  # logged as saved
             events=events,
             uri=uri,
-            artifact_root=store.mlflow_artifacts() if not mlflow.tracking_uri else None,
+            artifact_root=mlflow.artifact_root(store),
             table=table,
             plot_path=png if os.path.exists(png) else None,
             extra_params={
