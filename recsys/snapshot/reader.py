@@ -343,6 +343,10 @@ class Snapshot:
         off = self._seen_off_mv
         return self.seen_items[off[uidx] : off[uidx + 1]]
 
+    def users_in_segments(self, codes: list[int]) -> np.ndarray:
+        """The user indices whose segment code is one of `codes` (indices of `segments`)."""
+        return np.flatnonzero(np.isin(np.asarray(self._user_segment), codes))
+
     def user_segment(self, uidx: int) -> str | None:
         s = int(self._user_segment[uidx])
         return None if s < 0 else self.segments[s]

@@ -358,8 +358,7 @@ class CacheResource:
                     f"Unknown segment(s): {', '.join(sorted(missing))}.",
                     code="RECSYS_UNKNOWN_SEGMENT",
                 )
-            seg = np.asarray(snap._user_segment)
-            rows.extend(np.flatnonzero(np.isin(seg, codes)).tolist())
+            rows.extend(snap.users_in_segments(codes).tolist())
         if len(rows) > MAX_PREWARM_USERS:
             raise ProblemError(
                 422,
