@@ -13,12 +13,25 @@ tag arrays copied with the changed items' values (tags or categories the snapsho
 added to a per-overlay vocabulary). Requests then read that object exactly as they read a
 snapshot, so the compiled kernels and the rules engine are unchanged and a tenant without
 changes serves the snapshot itself (no cost on the hot path beyond one clock comparison).
+
+Compaction (`compact_changes`): the log would grow by one line per upsert forever. It is
+rewritten, under the same ``flock`` the writers take, keeping one line per item (its fields
+merged in order, as a reader folds them: superseded values go) and dropping the items every
+retained published snapshot of the tenant already holds (the change is folded into the
+snapshots: overlaying it changes nothing any snapshot serves, live or an experiment's arm).
+The new file replaces the old by rename, so readers see a new inode and re-read it whole,
+getting the same items; writers check, once they hold the lock, that their descriptor is still
+the file at the path (else they reopen), so an append racing a compaction is never lost.
+Triggers: a writer whose append takes the log past `COMPACT_BYTES` (and past twice its size
+after the last compaction this process made), and each worker once it overlays a snapshot
+newer than the one it started with (a publication).
 """
 
 from __future__ import annotations
 
 import copy
 import fcntl
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -35,6 +48,7 @@ from serving import kernels
 #: worker within this (plus one rebuild).
 OVERLAY_CHECK_S = 0.25
 RULE_FIELDS = ("available", "tags", "category", "brand")
+log = logging.getLogger(__name__)
 #: Changes this process appended (the registry re-reads the log at once when it moved: the
 #: writing worker's next request sees its own write).
 WRITES = 0
@@ -44,8 +58,26 @@ def changes_path(serving_dir: str, tenant: str) -> str:
     return os.path.join(serving_dir, "entities", check_tenant(tenant), "items.changes")
 
 
+def _locked(path: str) -> int:
+    """A descriptor of the log at `path` (created when missing) holding its exclusive lock; it
+    is the file the path names once locked (a compaction may have replaced it meanwhile)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:  # (renamed over between the open and the stat)
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
 def append_changes(serving_dir: str, tenant: str, entries: list[dict[str, Any]]) -> None:
-    """Append item changes (each ``{"id", "ts", <RULE_FIELDS present>}``), durable on return."""
+    """Append item changes (each ``{"id", "ts", <RULE_FIELDS present>}``), durable on return;
+    compacts the log when it has grown past `COMPACT_BYTES` (see the module docstring)."""
     if not entries:
         return
     path = changes_path(serving_dir, tenant)
@@ -53,17 +85,125 @@ def append_changes(serving_dir: str, tenant: str, entries: list[dict[str, Any]])
     new = not os.path.exists(path)
     os.makedirs(folder, exist_ok=True)
     data = b"".join(orjson.dumps(e) + b"\n" for e in entries)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = _locked(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, data)
         os.fsync(fd)
+        size = os.fstat(fd).st_size
+        if size > max(COMPACT_BYTES, 2 * _compacted_size.get(path, 0)):
+            try:  # (the append is durable already: a failed compaction must not refuse it)
+                _compact_locked(fd, path, _snapshots_of(serving_dir, tenant))
+            except OSError:
+                log.exception("compacting %s failed; the log is left as it was", path)
     finally:
         os.close(fd)
     if new:
         fsync_dir(folder)
     global WRITES
     WRITES += 1
+
+
+#: A log past this size is compacted by the writer that took it there.
+COMPACT_BYTES = 1 << 20
+#: {log path: its size after the last compaction this process made} (a log that stays large
+#: after compaction - many distinct items changed - is compacted again only once it doubled)
+_compacted_size: dict[str, int] = {}
+
+
+def _snapshots_of(serving_dir: str, tenant: str) -> list[Any]:
+    """Every retained published snapshot of the tenant (the ones an experiment may serve),
+    current one last; [] when it has none."""
+    from recsys.snapshot import SnapshotError, SnapshotStore, open_snapshot
+
+    store = SnapshotStore(os.path.join(os.path.dirname(serving_dir), "snapshots", tenant))
+    current = store.current_id()
+    out = []
+    for sid in [s for s in store.ids() if s != current] + ([current] if current else []):
+        try:
+            out.append(open_snapshot(store.path_of(sid), verify=False))
+        except (SnapshotError, OSError, ValueError, KeyError):  # (refused by the server too)
+            continue
+    return out
+
+
+def fold(data: bytes) -> OrderedDict[str, dict[str, Any]]:
+    """{item id: its merged fields, with the newest "ts"} of whole log lines, in the order the
+    items first appear (what a reader builds, plus the time of each item's last change)."""
+    items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    for line in data.splitlines():
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        item = entry.pop("id", None) if isinstance(entry, dict) else None
+        if isinstance(item, str):
+            items[item] = {**items.get(item, {}), **entry}
+    return items
+
+
+def holds(snap: Any, item: str, fields: dict[str, Any]) -> bool:
+    """Whether overlaying `fields` on `item` changes nothing `snap` serves (the item is not
+    in it, or it holds the same values - as `overlaid` would set them)."""
+    row = snap.item_index(item)
+    if row is None:
+        return True
+    if "available" in fields and bool(snap.available[row]) != (fields["available"] is not False):
+        return False
+    if "category" in fields and fields["category"] != snap.category_name(
+        int(snap.category_id[row])
+    ):
+        return False
+    if "brand" in fields and fields["brand"] != snap.brand_name(int(snap.brand_id[row])):
+        return False
+    if "tags" in fields:
+        have = {snap.tag_name(int(t)) for t in snap.item_tags(row)}
+        if have != set(fields["tags"] or []):
+            return False
+    return True
+
+
+def compact_changes(serving_dir: str, tenant: str) -> tuple[int, int]:
+    """Compact the tenant's change log now (see the module docstring); (lines before, after).
+    Nothing is written when that would not shorten it."""
+    path = changes_path(serving_dir, tenant)
+    if not os.path.exists(path):
+        return 0, 0
+    snapshots = _snapshots_of(serving_dir, tenant)
+    fd = _locked(path)
+    try:
+        return _compact_locked(fd, path, snapshots)
+    finally:
+        os.close(fd)
+
+
+def _compact_locked(fd: int, path: str, snapshots: list[Any]) -> tuple[int, int]:
+    """(under the log's lock, `fd` its descriptor) rewrite it; (lines before, after)."""
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size, 0)
+    data = data[: data.rfind(b"\n") + 1]
+    before = data.count(b"\n")
+    items = fold(data)
+    live = snapshots[-1] if snapshots else None
+    keep = [
+        (item, fields)
+        for item, fields in items.items()
+        if live is None
+        or live.item_index(item) is None
+        or not all(holds(s, item, fields) for s in snapshots)
+    ]
+    if len(keep) >= before:
+        _compacted_size[path] = size
+        return before, before
+    out = b"".join(orjson.dumps({"id": item, **fields}) + b"\n" for item, fields in keep)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(out)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+    _compacted_size[path] = len(out)
+    return before, len(keep)
 
 
 def rule_fields(record: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +224,7 @@ class _TenantChanges:
     def poll(self) -> bool:
         """Read what was appended since the last call; True when anything changed."""
         try:
-            st = os.stat(self.path)
+            f = open(self.path, "rb")  # noqa: SIM115 (closed below)
         except FileNotFoundError:
             if self.items:
                 self.items.clear()
@@ -92,24 +232,30 @@ class _TenantChanges:
                 self.version += 1
                 return True
             return False
-        if st.st_ino != self.inode or st.st_size < self.offset:  # (replaced: read it all)
-            self.items.clear()
-            self.offset, self.inode = 0, st.st_ino
-        if st.st_size == self.offset:
-            return False
-        with open(self.path, "rb") as f:
+        with f:
+            st = os.fstat(f.fileno())  # (the file read, even if a compaction replaced it)
+            replaced = st.st_ino != self.inode or st.st_size < self.offset
+            if replaced:  # (read it all)
+                self.offset, self.inode = 0, st.st_ino
+            if st.st_size == self.offset:
+                return False
             f.seek(self.offset)
             data = f.read(st.st_size - self.offset)
         end = data.rfind(b"\n") + 1  # (a line being appended is read next time)
-        for line in data[:end].splitlines():
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue  # (cannot happen with whole appends; never stops the reader)
-            item = entry.pop("id", None)
-            entry.pop("ts", None)
-            if isinstance(item, str):
-                self.items[item] = {**self.items.get(item, {}), **entry}
+        if replaced:
+            fresh = OrderedDict(
+                (item, {k: v for k, v in fields.items() if k != "ts"})
+                for item, fields in fold(data[:end]).items()
+            )
+            changed = fresh != self.items
+            self.items = fresh
+            self.offset = end
+            if changed:
+                self.version += 1
+            return changed
+        for item, fields in fold(data[:end]).items():
+            fields.pop("ts", None)
+            self.items[item] = {**self.items.get(item, {}), **fields}
         self.offset += end
         if end:
             self.version += 1
@@ -123,6 +269,7 @@ class ItemOverlays:
         self.serving_dir = serving_dir
         self._tenants: dict[str, _TenantChanges] = {}
         self._lock = threading.Lock()
+        self._newest: dict[str, str] = {}  # the newest snapshot id overlaid, per tenant
 
     def changes(self, tenant: str) -> _TenantChanges:
         found = self._tenants.get(tenant)
@@ -137,8 +284,20 @@ class ItemOverlays:
         return self.changes(tenant).poll()
 
     def apply(self, tenant: str, live: Any) -> Any:
-        """`live` overlaid with the tenant's changes (`live` itself when there are none)."""
+        """`live` overlaid with the tenant's changes (`live` itself when there are none). When
+        it is a snapshot newer than any this process overlaid before (a publication), the log
+        is compacted against the snapshots first (the overlay read here is the same either
+        way)."""
         changes = self.changes(tenant)
+        sid = getattr(live, "snapshot_id", None)
+        newest = self._newest.get(tenant)
+        if sid is not None and (newest is None or sid > newest):  # (ids sort by creation)
+            self._newest[tenant] = sid
+            if newest is not None and changes.items:  # a publication since this process began
+                try:
+                    compact_changes(self.serving_dir, tenant)
+                except OSError:  # (serving goes on from the log as it is)
+                    log.exception("compacting the change log of %s failed", tenant)
         return overlaid(live, changes.items) if changes.items else live
 
 
