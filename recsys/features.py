@@ -4,7 +4,8 @@ A feature is a named, typed value of a `user` or an `item`. The built-in ones ar
 catalogue's columns (`recsys.contract`: title, category, brand, price, tags, available,
 created_at, attributes; segment, country, attributes): their source is the catalogue (the
 snapshot's items/users, overlaid with upserts). A tenant declares more (source `api`: written by
-upserts; `pipeline`: computed by an ingestion) with a type, a TTL and a description; with
+upserts; `pipeline`: computed from events by an ingestion; `connector`: read from a connector
+by an ingestion, `recsys.feature_ingest`) with a type, a TTL and a description; with
 ``allow_free_attributes`` it may also upsert undeclared names (source `free`, type as sent).
 
 Data flow: an upsert's values are checked here (`check_features`: unknown name or wrong type ->
@@ -12,21 +13,29 @@ a reason per feature) and stored by the serving side (`serving.crr.entities`); e
 also landed as rows ``(entity_type, entity_id, feature, value (JSON text), event_timestamp)``
 for the pipeline, and `as_of` gives each entity's features as they were at a cut-off (the
 point-in-time join a training run needs: no value written after the cut-off leaks in).
+
+`catalogue_as_of` is that join for the catalogue itself (the items and users tables a training
+run reads): a catalogue column an upsert changed with an event time after the cut-off takes the
+value it had at the cut-off instead - the newest logged value not after it, else the value the
+landing zone held just before the first such upsert was written. Catalogue rows without an
+event time (imports, CRR record writes) are taken as they are: only upserts carry one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import polars as pl
 
 ENTITY_TYPES = ("user", "item")
 FEATURE_TYPES = ("string", "number", "integer", "boolean", "string_list", "timestamp", "object")
-SOURCES = ("catalogue", "api", "pipeline", "free")
+SOURCES = ("catalogue", "api", "pipeline", "connector", "free")
 FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 MAX_STRING = 4096
 MAX_LIST = 256
@@ -243,3 +252,151 @@ def as_of(log: pl.DataFrame | pl.LazyFrame, cutoff: dt.datetime) -> pl.DataFrame
         .sort(["entity_type", "entity_id", "feature"])
         .collect()
     )
+
+
+def features_landing(storage: Any, tenant: str) -> str:
+    """``landing/<tenant>/features/``: every upsert's values with their event times (and the
+    rows of feature ingestions)."""
+    return storage.path("landing", tenant, "features")
+
+
+def read_log(storage: Any, tenant: str) -> pl.DataFrame:
+    """Every landed feature value of the tenant (`LOG_SCHEMA`); the rejects files beside them
+    (``*.rejected.parquet``) are not values."""
+    folder = features_landing(storage, tenant)
+    if not storage.exists(folder):
+        return pl.DataFrame(schema=LOG_SCHEMA)
+    files = sorted(
+        f
+        for f in storage.fs.ls(folder, detail=False)
+        if f.endswith(".parquet")
+        and not f.endswith(REJECTED_SUFFIX)
+        and not posixpath.basename(f).startswith(".")
+    )
+    if not files:
+        return pl.DataFrame(schema=LOG_SCHEMA)
+    return pl.concat([pl.read_parquet(storage.fs.open(f, "rb")) for f in files]).cast(LOG_SCHEMA)
+
+
+REJECTED_SUFFIX = ".rejected.parquet"  # (recsys.ingest's name for a landing file's rejects)
+
+
+def landing_text(value: Any) -> str | None:
+    """A field value as the text a landing file holds (what validation parses)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return orjson.dumps(value).decode()
+    if isinstance(value, dt.datetime):
+        return iso(value) if value.tzinfo else value.isoformat()
+    return str(value)
+
+
+@dataclass
+class AsOfReport:
+    """What `catalogue_as_of` changed in one table."""
+
+    kind: str
+    cutoff: str | None
+    late_values: int = 0  # (entity, column) pairs upserted for after the cut-off
+    from_log: int = 0  # of those, set from a value logged for before the cut-off
+    from_landing: int = 0  # set from the landing rows written before the first late upsert
+    rows_changed: int = 0
+    rows_refused: int = 0  # as-of rows the contract refused (the table's row is kept)
+    ids: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "ids"}
+        out["ids"] = self.ids[:20]
+        return out
+
+
+def catalogue_as_of(
+    storage: Any,
+    tenant: str,
+    kind: str,
+    table: pl.DataFrame | None,
+    cutoff: dt.datetime | None,
+    log: pl.DataFrame | None = None,
+) -> tuple[pl.DataFrame | None, AsOfReport]:
+    """The items or users `table` (validated, as the warehouse holds it now) as it was at
+    `cutoff` (see the module docstring), and what changed."""
+    from recsys.ingest import landing_data_files
+    from recsys.validation import validate_items, validate_users
+
+    entity = kind[:-1]
+    key = f"{entity}_id"
+    report = AsOfReport(kind, iso(cutoff) if cutoff is not None else None)
+    if table is None or cutoff is None or not table.height:
+        return table, report
+    log = read_log(storage, tenant) if log is None else log
+    columns = sorted(CATALOGUE_FIELDS[entity] & set(table.columns))
+    mine = log.filter((pl.col("entity_type") == entity) & pl.col("feature").is_in(columns))
+    late = (
+        mine.filter(pl.col("event_timestamp") > cutoff)
+        .group_by("entity_id", "feature")
+        .agg(pl.col("created_timestamp").min().alias("first_late"))
+        .filter(pl.col("entity_id").is_in(table[key]))
+    )
+    if not late.height:
+        return table, report
+    report.late_values = late.height
+    earlier = {
+        (r["entity_id"], r["feature"]): r["value"]
+        for r in as_of(
+            mine.join(late.select("entity_id", "feature"), on=["entity_id", "feature"]), cutoff
+        ).iter_rows(named=True)
+    }
+    ids = set(late["entity_id"].to_list())
+    first_late = dict(late.group_by("entity_id").agg(pl.col("first_late").min()).iter_rows())
+    # the landing rows of those entities, in the order build_table folds them
+    files = landing_data_files(storage, tenant, kind)
+    stamped = sorted((storage.fs.info(f).get("mtime") or 0.0, f) for f in files)
+    current: dict[str, dict[str, Any]] = {}
+    before: dict[str, dict[str, Any]] = {}
+    for mtime, path in stamped:
+        frame = pl.read_parquet(storage.fs.open(path, "rb"))
+        if key not in frame.columns:
+            continue
+        frame = frame.filter(pl.col(key).cast(pl.String).is_in(list(ids)))
+        for row in frame.iter_rows(named=True):
+            rid = str(row[key])
+            text = {c: landing_text(v) for c, v in row.items() if c != "_row"}
+            current[rid] = {**current.get(rid, {}), **text}
+            if _epoch(mtime) < first_late[rid].timestamp():
+                before[rid] = {**before.get(rid, {}), **text}
+    rows = []
+    for rid in sorted(ids):
+        if rid not in current:
+            continue
+        row = dict(current[rid])
+        for name in late.filter(pl.col("entity_id") == rid)["feature"].to_list():
+            if (rid, name) in earlier:
+                row[name] = landing_text(orjson.loads(earlier[(rid, name)]))
+                report.from_log += 1
+            else:
+                row[name] = before.get(rid, {}).get(name)
+                report.from_landing += 1
+        rows.append(row)
+    if not rows:
+        return table, report
+    names = sorted({c for r in rows for c in r})
+    raw = pl.DataFrame(
+        {c: [r.get(c) for r in rows] for c in names}, schema={c: pl.String for c in names}
+    )
+    validate = validate_items if kind == "items" else validate_users
+    good, refused = validate(raw, source=f"as_of {report.cutoff}")
+    report.rows_refused = refused.height
+    good = good.select(table.columns).cast(table.schema)
+    report.rows_changed = good.height
+    report.ids = good[key].to_list()
+    return table.update(good, on=key, how="left", include_nulls=True), report
+
+
+def _epoch(mtime: Any) -> float:
+    """A file's modification time (fsspec gives a number or a datetime) as POSIX seconds."""
+    if isinstance(mtime, dt.datetime):
+        return mtime.timestamp()
+    return float(mtime)

@@ -11,5 +11,6 @@ assets = [
     _assets.train_models,
     _content.content_embeddings,
     _features.feature_aggregates,
+    _features.connector_features,
 ]
 asset_checks = [_checks.split_is_temporal, _checks.hybrid_model_saved]

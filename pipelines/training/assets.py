@@ -20,6 +20,7 @@ import polars as pl
 
 from pipelines.resources import StorageResource
 from pipelines.training.config import InteractionsConfig, SplitConfig, TrainingConfig
+from pipelines.training.features import catalogue_at_cutoff
 from recsys import ingest
 from recsys.contract import DEFAULT_EVENT_WEIGHTS
 from recsys.durable import write_atomic, write_parquet_atomic
@@ -285,6 +286,10 @@ def train_models(
     for tenant in tenants(store, config.tenants):
         t0 = time.perf_counter()
         events, items, users = read_inputs(store, tenant)
+        # item/user features as of the newest event fitted, not as upserted since
+        items, users, as_of = catalogue_at_cutoff(store, tenant, events, items, users)
+        if as_of["items"]["rows_changed"] or as_of["users"]["rows_changed"]:
+            context.log.info(f"{tenant}: catalogue as of the cut-off: {as_of}")
         split = read_json(store, model_path(store, tenant, "split.json"))
         cfg = hybrid_config(store, tenant, config)
         if split["skip"]:

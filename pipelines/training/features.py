@@ -1,5 +1,7 @@
-"""Features computed by the pipeline from events (`POST /v1/recs/features/ingest`, source
-`events`): for each user (or item), an aggregate of its events of some types over a window.
+"""Features computed by the pipeline (`POST /v1/recs/features/ingest`): from events (source
+`events`: for each user or item, an aggregate of its events of some types over a window), or
+read from a connector (source `connector`: `connector_features`, `recsys.feature_ingest`);
+and the catalogue as of a training run's cut-off (`catalogue_at_cutoff`).
 
 `feature_aggregates` reads the validated events of one tenant (after `events`: the job ingests
 what landed first), computes ``count`` / ``sum`` / ``mean`` of ``value`` / ``distinct`` items
@@ -26,7 +28,7 @@ import polars as pl
 from pipelines.resources import StorageResource
 from recsys import ingest
 from recsys.durable import write_parquet_atomic
-from recsys.features import LOG_SCHEMA, parse_time
+from recsys.features import LOG_SCHEMA, catalogue_as_of, parse_time, read_log
 
 
 class FeatureAggregateConfig(dg.Config):
@@ -138,6 +140,74 @@ def materialise(store, config: FeatureAggregateConfig, as_of: dt.datetime) -> in
     return table.height
 
 
+class ConnectorFeatureConfig(dg.Config):
+    """One feature declared from a connector (`recsys.feature_ingest`); with no `name`, every
+    connector declaration the API stored."""
+
+    tenant: str = ""
+    name: str = ""
+    entity: str = "item"  # user | item
+    connector: str = ""
+    value_type: str = "number"
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"polars"},
+    description="Features declared from a connector (files, http): the source's new rows "
+    "checked and landed in landing/<tenant>/features/ with per-row rejects, and each "
+    "feature's serving table (warehouse/<tenant>/features/<name>.parquet) rebuilt.",
+)
+def connector_features(
+    context: dg.AssetExecutionContext, config: ConnectorFeatureConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    from recsys.connectors import ConnectorError
+    from recsys.feature_ingest import ingest_from_connector
+
+    store = storage.storage()
+    if config.name:
+        fields = ("name", "entity", "connector", "value_type")
+        wanted = [(config.tenant, {f: getattr(config, f) for f in fields})]
+    else:
+        wanted = declared_from_connectors(store)
+    meta: dict[str, object] = {}
+    for tenant, declaration in wanted:
+        try:
+            summary = ingest_from_connector(storage.root, tenant, declaration, context.log.info)
+        except ConnectorError as exc:
+            raise dg.Failure(f"{tenant}/{declaration['name']}: {exc}") from exc
+        meta[f"{tenant}/{declaration['name']}"] = dg.MetadataValue.json(summary)
+    return dg.MaterializeResult(metadata=meta or {"declarations": 0})
+
+
+def declared_from_connectors(store) -> list[tuple[str, dict]]:
+    """(tenant, declaration) of every feature ingestion from a connector the API stored."""
+    root = store.path("serving", "feature_ingestions")
+    out: list[tuple[str, dict]] = []
+    if not store.exists(root):
+        return out
+    for path in sorted(store.fs.glob(posixpath.join(root, "*", "*.json"))):
+        with store.fs.open(path, "rb") as f:
+            body = orjson.loads(f.read()).get("body") or {}
+        if body.get("source") == "connector":
+            out.append((posixpath.basename(posixpath.dirname(path)), body))
+    return out
+
+
 #: The assets a feature ingestion runs (launched as a selection of `recsys_pipeline`): ingest
 #: what landed, then the feature.
 INGEST_SELECTION = ("events", "rejected_events", "feature_aggregates")
+#: ... and a feature ingestion from a connector.
+CONNECTOR_SELECTION = ("connector_features",)
+
+
+def catalogue_at_cutoff(store, tenant: str, events: pl.DataFrame, items, users, log=None):
+    """(items, users, {kind: `recsys.features.AsOfReport` as a dict}) as they were at the
+    training cut-off, the newest event the fit reads: an upsert with a later event time does
+    not reach the model (Feast's point-in-time correctness; `recsys.features.catalogue_as_of`).
+    """
+    cutoff = events["timestamp"].max() if events.height else None
+    log = read_log(store, tenant) if log is None else log
+    items, item_report = catalogue_as_of(store, tenant, "items", items, cutoff, log)
+    users, user_report = catalogue_as_of(store, tenant, "users", users, cutoff, log)
+    return items, users, {"items": item_report.as_dict(), "users": user_report.as_dict()}

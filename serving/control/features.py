@@ -17,7 +17,10 @@ Routes (all tenant-scoped; writes need `admin`):
   document: If-Match). Upserts of an unknown feature or of a wrong type are 422 unless the
   tenant allows free attributes;
 * ``GET /v1/recs/features/health``: per declared feature with a TTL, how many values are stale;
-  the last upsert, the live snapshot and its age, counts.
+  the last upsert, the live snapshot and its age, counts;
+* ``POST /v1/recs/features/ingest`` declares a feature computed from events
+  (`pipelines/training/features.py`, `feature_aggregates`) or read from a files/http connector
+  (`recsys.feature_ingest`, `connector_features`) and launches it as a Dagster run.
 
 Data flow: request -> schema check (`recsys.features`) -> `EntityView.upsert` (record document
 under its lock -> landing files -> change log) -> answer; readers rebuild the view from disk.
@@ -33,6 +36,7 @@ import msgspec
 import orjson
 from msgspec import Meta
 
+from recsys.feature_ingest import READABLE_TYPES
 from recsys.features import (
     ENTITY_TYPES,
     FEATURE_NAME,
@@ -43,7 +47,7 @@ from recsys.features import (
     parse_time,
 )
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
-from serving.control import dagster, embeddings
+from serving.control import connectors, dagster, embeddings
 from serving.crr.entities import KIND, EntityView
 from serving.crr.overlay import ItemOverlays
 from serving.crr.records import RecordStore
@@ -139,7 +143,7 @@ class FeatureDeclaration(Body):
     name: FeatureName
     entity: EntityType  # type: ignore[valid-type]
     type: FeatureType  # type: ignore[valid-type]
-    source: Literal["api", "pipeline"] = "api"
+    source: Literal["api", "pipeline", "connector"] = "api"
     ttl_s: Annotated[int, Meta(ge=1, le=10 * 365 * 86400)] | None = None
     description: Annotated[str, Meta(max_length=1000)] = ""
 
@@ -190,10 +194,15 @@ IngestName = Annotated[
 ]
 
 
+IngestType = Literal["number", "integer", "boolean", "string", "timestamp", "string_list"]
+
+
 class FeatureIngest(Body):
     """A feature ingestion: from events (the pipeline aggregates each user's or item's events
     of `event_types` over the last `window_days`: count, sum of values, mean value, distinct
-    counterparts) or from a connector (not served yet: 422)."""
+    counterparts), or from a `connector` (files or http): its rows give each entity's value
+    of `name` (an id column, a column named like the feature or `value`, optionally
+    `event_timestamp`), of type `value_type`, landed with per-row rejects."""
 
     name: IngestName
     source: Literal["events", "connector"] = "events"
@@ -203,6 +212,7 @@ class FeatureIngest(Body):
     window_days: Annotated[int, Meta(ge=1, le=3650)] = 30
     ttl_s: Annotated[int, Meta(ge=1, le=10 * 365 * 86400)] | None = None
     connector: Annotated[str, Meta(max_length=64)] | None = None
+    value_type: IngestType | None = None  # (connector: default number; events: number)
     description: Annotated[str, Meta(max_length=1000)] = ""
 
 
@@ -220,6 +230,7 @@ ENTITY_PARAMS = {"entityType": EntityType, "entityId": RecordId}
 #: features.py: ingest what landed, then the feature).
 INGEST_JOB = "recsys_pipeline"
 INGEST_SELECTION = ("events", "rejected_events", "feature_aggregates")
+CONNECTOR_SELECTION = ("connector_features",)
 _TAGS = ("features",)
 
 ROUTES: tuple[Route, ...] = (
@@ -290,8 +301,9 @@ ROUTES: tuple[Route, ...] = (
         "/v1/recs/features/ingest",
         ("features", "on_post_ingest"),
         "Declare a feature computed from events (count / sum / mean / distinct over a window) "
-        "and trigger its computation as a Dagster run (202 with the run id; 503 naming Dagster "
-        "when it is down); the nightly pipeline refreshes every declared feature",
+        "or read from a files/http connector (rows landed with per-row rejects), and trigger "
+        "it as a Dagster run (202 with the run id; 503 naming Dagster when it is down); the "
+        "nightly pipeline refreshes every declared feature",
         SCOPE_ADMIN,
         body=FeatureIngest,
         status=202,
@@ -323,30 +335,42 @@ class FeatureResources:
         schemas: Collection,
         ingestions: Collection,
         dagster_url: str | None,
+        connectors: Collection,
     ) -> None:
         self.view = view
         self.schemas = schemas
         self.ingestions = ingestions
         self.dagster_url = dagster_url
+        self.connectors = connectors
 
     # --- ingestion ---------------------------------------------------------------------------
     def on_post_ingest(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = req.context.principal.tenant
         body: FeatureIngest = req.context.body
-        if body.source == "connector":
+        computed = "pipeline" if body.source == "events" else "connector"
+        if body.source == "events" and body.value_type not in (None, "number"):
             raise ProblemError(
                 422,
-                "Feature ingestion from a connector is not served yet; declare one from "
-                "events (source 'events'), or upsert values (POST .../features/bulk).",
-                code="RECSYS_UNSUPPORTED_OPTION",
+                "A feature computed from events is a number (value_type).",
+                code="RECSYS_INVALID_SCHEMA",
             )
+        kind = body.value_type or "number"
+        if body.source == "connector":
+            self._check_connector(tenant, body)
         schema, _ = self.schema(tenant)
         existing = schema.get(body.entity, body.name)
-        if existing is not None and existing.source not in ("pipeline",):
+        if existing is not None and existing.source != computed:
             raise ProblemError(
                 422,
                 f"{body.entity} feature '{body.name}' exists with source {existing.source}; "
-                "a computed feature needs a name of its own.",
+                f"a feature ingested from {body.source} needs a name of its own.",
+                code="RECSYS_INVALID_SCHEMA",
+            )
+        if existing is not None and existing.type != kind:
+            raise ProblemError(
+                422,
+                f"{body.entity} feature '{body.name}' is declared of type {existing.type}, "
+                f"not {kind}.",
                 code="RECSYS_INVALID_SCHEMA",
             )
         client = dagster.client_for(self.dagster_url)  # (503 naming Dagster before any write)
@@ -358,8 +382,9 @@ class FeatureResources:
             )
         }  # fmt: skip
         declaration["event_types"] = list(body.event_types)
+        declaration["value_type"] = kind
         doc, _ = self.ingestions.put(tenant, body.name, declaration)
-        if existing is None:  # declared in the tenant's schema (source pipeline)
+        if existing is None:  # declared in the tenant's schema (source pipeline / connector)
             current = self.schemas.get(tenant, "schema", default=_DEFAULT_SCHEMA)
             new = dict(current.body)
             new["features"] = [
@@ -367,12 +392,16 @@ class FeatureResources:
                 {
                     "name": body.name,
                     "entity": body.entity,
-                    "type": "number",
-                    "source": "pipeline",
+                    "type": kind,
+                    "source": computed,
                     "ttl_s": body.ttl_s,
                     "description": body.description
-                    or f"{body.aggregation} of {', '.join(body.event_types) or 'all'} events "
-                    f"over {body.window_days} days",
+                    or (
+                        f"{body.aggregation} of {', '.join(body.event_types) or 'all'} events "
+                        f"over {body.window_days} days"
+                        if body.source == "events"
+                        else f"read from connector {body.connector}"
+                    ),
                 },
             ]
             self.schemas.put(
@@ -382,6 +411,22 @@ class FeatureResources:
                 Preconditions((current.revision,)),
                 default=_DEFAULT_SCHEMA,
             )
+        if body.source == "connector":
+            config = {
+                "tenant": tenant,
+                "name": body.name,
+                "entity": body.entity,
+                "connector": body.connector,
+                "value_type": kind,
+            }
+            run_id = client.launch(
+                INGEST_JOB,
+                {"ops": {"connector_features": {"config": config}}},
+                {"recsys/tenant": tenant, "recsys/feature": body.name},
+                asset_selection=CONNECTOR_SELECTION,
+            )
+            self._launched(req, resp, client, body, doc, declaration, run_id)
+            return
         run_config = {
             "ops": {
                 "events_and_rejects": {"config": {"tenants": [tenant]}},
@@ -403,6 +448,9 @@ class FeatureResources:
             {"recsys/tenant": tenant, "recsys/feature": body.name},
             asset_selection=INGEST_SELECTION,
         )
+        self._launched(req, resp, client, body, doc, declaration, run_id)
+
+    def _launched(self, req, resp, client, body, doc, declaration, run_id: str) -> None:
         req.context.audit = {
             "target": f"features/ingest/{body.name}",
             "before": None,
@@ -417,6 +465,25 @@ class FeatureResources:
             "run_url": client.ui_link(run_id),
             "status": "QUEUED",
         }
+
+    def _check_connector(self, tenant: str, body: FeatureIngest) -> None:
+        """422 unless `body.connector` is one of the tenant's connectors of a readable type."""
+        doc = self.connectors.get(tenant, body.connector) if body.connector else None
+        if doc is None:
+            raise ProblemError(
+                422,
+                f"No connector '{body.connector}' (a feature ingestion from a connector names "
+                "one of yours: GET /v1/recs/connectors).",
+                code="RECSYS_UNKNOWN_CONNECTOR",
+            )
+        if doc.body["type"] not in READABLE_TYPES:
+            raise ProblemError(
+                422,
+                f"Connector '{body.connector}' is a {doc.body['type']} stream: its own runs "
+                f"drain it into {doc.body['target']}; a feature ingestion reads "
+                f"{' or '.join(READABLE_TYPES)} connectors.",
+                code="RECSYS_UNSUPPORTED_OPTION",
+            )
 
     # --- schema ------------------------------------------------------------------------------
     def schema(self, tenant: str) -> tuple[FeatureSchema, str]:
@@ -725,7 +792,11 @@ def resources(ctx: Any) -> dict[str, Any]:
     )
     return {
         "features": FeatureResources(
-            EntityView(records, ctx.store), schemas, ingestions, ctx.config.dagster_url
+            EntityView(records, ctx.store),
+            schemas,
+            ingestions,
+            ctx.config.dagster_url,
+            connectors.collection(ctx),
         ),
         **embeddings.resources(ctx),
     }

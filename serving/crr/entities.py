@@ -32,7 +32,14 @@ import orjson
 import polars as pl
 
 from recsys.durable import write_parquet_atomic
-from recsys.features import CATALOGUE_FIELDS, LOG_SCHEMA, FeatureSchema, check_features, iso
+from recsys.features import (
+    CATALOGUE_FIELDS,
+    LOG_SCHEMA,
+    FeatureSchema,
+    check_features,
+    features_landing,
+    iso,
+)
 from recsys.storage import Storage
 from recsys.validation import validate_items, validate_users
 from serving.crr.overlay import append_changes, rule_fields
@@ -424,23 +431,3 @@ def _log_frame(
 def pipeline_features_dir(data_root: str, tenant: str) -> str:
     """``warehouse/<tenant>/features/``: the features the pipeline computed (one table each)."""
     return os.path.join(data_root, "warehouse", tenant, "features")
-
-
-def features_landing(storage: Storage, tenant: str) -> str:
-    """``landing/<tenant>/features/``: every upsert's values with their event times."""
-    return storage.path("landing", tenant, "features")
-
-
-def feature_log(storage: Storage, tenant: str) -> pl.DataFrame:
-    """Every landed feature value of the tenant (`recsys.features.LOG_SCHEMA`)."""
-    folder = features_landing(storage, tenant)
-    if not os.path.isdir(folder):
-        return pl.DataFrame(schema=LOG_SCHEMA)
-    files = sorted(
-        os.path.join(folder, f)
-        for f in os.listdir(folder)
-        if f.endswith(".parquet") and not f.startswith(".")
-    )
-    if not files:
-        return pl.DataFrame(schema=LOG_SCHEMA)
-    return pl.read_parquet(files)

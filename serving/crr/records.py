@@ -30,6 +30,7 @@ from msgspec import UNSET
 
 from recsys.contract import ITEM_SCHEMA, USER_SCHEMA
 from recsys.durable import write_parquet_atomic
+from recsys.features import landing_text as _text
 from recsys.storage import Storage
 from recsys.validation import validate_items, validate_users
 from serving.crr.overlay import append_changes, rule_fields
@@ -45,17 +46,6 @@ FIELDS = {
     "users": tuple(c for c in USER_SCHEMA if c != "user_id"),
     "items": tuple(c for c in ITEM_SCHEMA if c != "item_id"),
 }
-
-
-def _text(value: Any) -> str | None:
-    """A field value as the text a landing file holds (what validation parses)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict | list):
-        return orjson.dumps(value).decode()
-    return str(value)
 
 
 def landing_row(kind: str, record_id: str, record: dict[str, Any]) -> pl.DataFrame:

@@ -15,9 +15,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serving"))
 from serving_helpers import auth, build_client, make_config, publish_tiny  # noqa: E402
 
 from recsys.features import as_of  # noqa: E402
+from recsys.features import read_log as feature_log  # noqa: E402
 from recsys.ingest import build_table  # noqa: E402
 from recsys.storage import Storage  # noqa: E402
-from serving.crr.entities import feature_log  # noqa: E402
 
 ADMIN = auth("acme", ("admin",))
 READ = auth("acme")
@@ -263,6 +263,72 @@ def test_training_reads_features_as_of_the_cutoff(client, data_root):
     assert live["features"]["orders_30d"]["value"] == 9
 
 
+def test_training_reads_the_catalogue_as_of_its_cutoff(client, data_root, tmp_path):
+    """a1's category upserted for after the newest training event does not reach the trained
+    model; a2's, upserted for before it, does (Feast's point-in-time correctness)."""
+    import dagster as dg
+    import polars as pl
+    from synthetic_events import make_events
+
+    from pipelines import training
+    from pipelines.resources import StorageResource
+    from recsys.ingest import import_file
+    from recsys.models.hybrid import HybridRecommender
+
+    storage = Storage(data_root)
+    catalogue = tmp_path / "items.csv"
+    pl.DataFrame(
+        {
+            "item_id": [f"a{i}" for i in range(20)],
+            "category": ["c1" if i < 8 else "c2" for i in range(20)],
+        }
+    ).write_csv(catalogue)
+    import_file(storage, "items", str(catalogue), tenant="acme")
+    rows = [(f"u{u}", f"a{j}", "view", 60 * u + j) for u in range(1, 4) for j in range(10)]
+    events = make_events(rows).with_columns(pl.lit("acme").alias("tenant"))
+    folder = storage.path("warehouse", "acme", "events", "date=2024-01-01")
+    os.makedirs(folder)
+    events.write_parquet(os.path.join(folder, "part-0.parquet"))
+    cutoff = events["timestamp"].max()
+    for item, when in (
+        ("a1", cutoff + dt.timedelta(days=1)),
+        ("a2", cutoff - dt.timedelta(days=1)),
+    ):
+        r = client.simulate_post(
+            f"{ENTITY}/item/{item}",
+            json={"features": {"category": "c9"}, "event_timestamp": when.isoformat()},
+            headers=ADMIN,
+        )
+        assert r.status_code == 200, r.text
+    table, _ = build_table(storage, "acme", "items")  # (what the items asset does)
+    today = dict(table.select("item_id", "category").iter_rows())
+    assert today["a1"] == today["a2"] == "c9"  # the warehouse holds today's values
+    result = dg.materialize(
+        [*(dg.AssetSpec(k) for k in ("events", "items", "users")), *training.assets[:3]],
+        resources={"storage": StorageResource(root=data_root)},
+    )
+    assert result.success
+    for variant in ("eval", "final"):
+        model = HybridRecommender.load(storage.path("models", "acme", variant, "hybrid"))
+        code = dict(
+            zip(
+                model.item_ids_.tolist(),
+                model.generators_["popularity"].item_category_.tolist(),
+                strict=True,
+            )
+        )
+        # codes index the sorted categories c1, c2, c9
+        assert code["a1"] == code["a0"] == 0  # c1, as at the cut-off
+        assert code["a8"] == 1 and code["a2"] == 2  # c9: upserted for before the cut-off
+    # the catalogue the run read at its cut-off: a1 back in c1, a2 in c9
+    from pipelines.training.features import catalogue_at_cutoff
+
+    items, _, report = catalogue_at_cutoff(storage, "acme", events, table, None)
+    at = dict(items.select("item_id", "category").iter_rows())
+    assert at["a1"] == "c1" and at["a2"] == "c9" and at["a0"] == "c1"
+    assert report["items"]["late_values"] == 1 and report["items"]["from_landing"] == 1
+
+
 def test_no_tenant_reaches_another_tenants_features(client):
     client.simulate_post(
         f"{ENTITY}/item/a0", json={"features": {"available": False}}, headers=ADMIN
@@ -315,7 +381,22 @@ def test_ingest_without_dagster_is_503_naming_it(data_root):
     conn = c.simulate_post(
         "/v1/recs/features/ingest", json={**body, "source": "connector"}, headers=ADMIN
     )
-    assert conn.status_code == 422
+    assert conn.status_code == 422 and conn.json["code"] == "RECSYS_UNKNOWN_CONNECTOR"
+    stream = c.simulate_post(
+        "/v1/recs/connectors",
+        json={
+            "type": "nats",
+            "target": "events",
+            "config": {"servers": "nats://127.0.0.1:9", "stream": "s", "subject": "x"},
+        },
+        headers=ADMIN,
+    ).json["id"]
+    drained = c.simulate_post(
+        "/v1/recs/features/ingest",
+        json={**body, "source": "connector", "connector": stream},
+        headers=ADMIN,
+    )
+    assert drained.status_code == 422 and "stream" in drained.json["detail"]
     bad = c.simulate_post("/v1/recs/features/ingest", json={"name": "_x"}, headers=ADMIN)
     assert bad.status_code == 400
 
@@ -362,6 +443,127 @@ def test_the_pipeline_computes_declared_features_point_in_time(tmp_path):
 
 def as_of_rows(log, when) -> int:
     return as_of(log, when).height
+
+
+RATINGS = (
+    "item_id,rating,event_timestamp\n"
+    "a0,4.5,2026-01-01T00:00:00Z\n"
+    "a1,not-a-number,\n"
+    ",3.0,\n"
+    "a2,2,2026-01-02T00:00:00+00:00\n"
+    "a3,5,yesterday\n"
+)
+
+
+def _connector_run(root: str, config: dict) -> dict:
+    """The `connector_features` asset in process (what the launched Dagster run does)."""
+    import dagster as dg
+
+    from pipelines.resources import StorageResource
+    from pipelines.training.features import connector_features
+
+    result = dg.materialize(
+        [connector_features],
+        resources={"storage": StorageResource(root=root)},
+        run_config={"ops": {"connector_features": {"config": config}}},
+    )
+    assert result.success
+    mat = result.get_asset_materialization_events()[0].materialization
+    return mat.metadata[f"{config['tenant']}/{config['name']}"].value
+
+
+def test_a_connector_feeds_a_declared_feature_with_per_row_rejects(client, data_root, tmp_path):
+    import polars as pl
+
+    feed = tmp_path / "feed"
+    feed.mkdir()
+    (feed / "ratings-1.csv").write_text(RATINGS)
+    made = client.simulate_post(
+        "/v1/recs/connectors",
+        json={"type": "files", "target": "items", "config": {"url": str(feed), "pattern": "*.csv"}},
+        headers=ADMIN,
+    )
+    assert made.status_code == 201, made.text
+    config = {
+        "tenant": "acme",
+        "name": "rating",
+        "entity": "item",
+        "connector": made.json["id"],
+        "value_type": "number",
+    }
+    summary = _connector_run(data_root, config)
+    assert summary["landed"] == 2 and summary["rejects"] == 3 and summary["entities"] == 2
+    assert summary["rejected_by_reason"] == {"wrong_type": 1, "missing_id": 1, "bad_timestamp": 1}
+    landing = Storage(data_root).path("landing", "acme", "features")
+    names = sorted(os.listdir(landing))
+    assert len(names) == 2 and names[1].endswith(".rejected.parquet")
+    rejects = pl.read_parquet(os.path.join(landing, names[1]))
+    assert sorted(rejects["row_number"].to_list()) == [3, 4, 6]  # (file lines: header 1)
+    log = feature_log(Storage(data_root), "acme")  # the values file, not its rejects
+    assert sorted(log["entity_id"].to_list()) == ["a0", "a2"]
+    got = client.simulate_get(f"{ENTITY}/item/a0", headers=READ).json
+    assert got["features"]["rating"]["value"] == 4.5
+    assert got["features"]["rating"]["event_timestamp"].startswith("2026-01-01")
+    assert "pipeline" in got["sources"] and got["fields"]["category"] == "c1"  # (untouched)
+    # a second run reads nothing new; a new file lands its rows and updates the table
+    assert _connector_run(data_root, config)["batches"] == 0
+    assert len(os.listdir(landing)) == 2
+    (feed / "ratings-2.csv").write_text(
+        "item_id,value,event_timestamp\na0,1.5,2026-02-01T00:00:00Z\n"
+    )
+    assert _connector_run(data_root, config)["landed"] == 1
+    got = client.simulate_get(f"{ENTITY}/item/a0", headers=READ).json
+    assert got["features"]["rating"]["value"] == 1.5
+    assert (
+        client.simulate_get(f"{ENTITY}/item/a2", headers=READ).json["features"]["rating"]["value"]
+        == 2.0
+    )
+
+
+@pytest.mark.slow
+def test_connector_ingestion_is_declared_and_runs_through_dagster(
+    control_client, dagster_server, tmp_path
+):
+    """The real thing: POST .../features/ingest from a files connector launches a Dagster run
+    that lands the rows and serves the feature (users the catalogue does not hold: the
+    connector's own sensor runs land these rows in the users table too)."""
+    from serving.control.dagster import DagsterClient
+
+    feed = tmp_path / "feed"
+    feed.mkdir()
+    (feed / "tiers.csv").write_text("user_id,tier\nfeat-u1,gold\nfeat-u2,\nfeat-u3,silver\n")
+    made = control_client.simulate_post(
+        "/v1/recs/connectors",
+        json={"type": "files", "target": "users", "config": {"url": str(feed)}},
+        headers=ADMIN,
+    )
+    assert made.status_code == 201, made.text
+    body = {
+        "name": "tier",
+        "source": "connector",
+        "connector": made.json["id"],
+        "entity": "user",
+        "value_type": "string",
+    }
+    resp = control_client.simulate_post("/v1/recs/features/ingest", json=body, headers=ADMIN)
+    assert resp.status_code == 202, resp.text
+    dagster = DagsterClient(dagster_server.url)
+    deadline = time.monotonic() + 600
+    while True:
+        run = dagster.run(resp.json["run_id"])
+        if run is not None and run.finished:
+            break
+        assert time.monotonic() < deadline, "the feature run did not finish"
+        time.sleep(2)
+    assert run.status == "SUCCESS", run
+    schema = control_client.simulate_get("/v1/recs/features/schema", headers=READ).json
+    tier = next(f for f in schema["features"] if f["name"] == "tier")
+    assert tier["source"] == "connector" and tier["type"] == "string"
+    got = control_client.simulate_get(f"{ENTITY}/user/feat-u1", headers=READ)
+    assert got.status_code == 200, got.text
+    assert got.json["features"]["tier"]["value"] == "gold"
+    missing = control_client.simulate_get(f"{ENTITY}/user/feat-u2", headers=READ)
+    assert missing.status_code == 404  # (its row was rejected: missing_value)
 
 
 @pytest.mark.slow
