@@ -72,10 +72,11 @@ def choose(
     policy: str,
     pulls,
     rewards,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
     epsilon: float = 0.1,
 ) -> int:
-    """The arm `policy` picks given the state, drawing from `rng`. Ties go to the lowest index."""
+    """The arm `policy` picks given the state, drawing from `rng` (None for UCB1, which draws
+    nothing). Ties go to the lowest index."""
     p, r = _state(pulls, rewards)
     if policy == "epsilon_greedy":
         if not 0.0 <= epsilon <= 1.0:
@@ -97,8 +98,10 @@ def choose(
 
 
 def choose_for(policy: str, pulls, rewards, seed: int, unit: str, epsilon: float = 0.1) -> int:
-    """`choose` with the unit's own seeded stream: deterministic given (state, seed, unit)."""
-    return choose(policy, pulls, rewards, unit_rng(seed, unit), epsilon)
+    """`choose` with the unit's own seeded stream: deterministic given (state, seed, unit).
+    (UCB1 draws nothing: no stream is built for it.)"""
+    rng = None if policy == "ucb1" else unit_rng(seed, unit)
+    return choose(policy, pulls, rewards, rng, epsilon)
 
 
 def prob_best(pulls, rewards, seed: int = 0, draws: int = 20_000) -> np.ndarray:

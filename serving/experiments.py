@@ -8,7 +8,9 @@ refused (409), as for the admin config.
 
 Assignment: a user (or anonymous/session id) is placed by `serving.rules.assign_variant`, a
 blake2b hash of ``"<experiment id>:<unit>"`` over the variants' traffic shares, unless the user
-was force-assigned (`assignments`). At most one experiment per surface is `running` at a time.
+was force-assigned (`assignments`). When a bandit names the experiment
+(`serving.bandit_routing`), the bandit's policy places the unit instead (forced assignments
+still win). At most one experiment per surface is `running` at a time.
 
 Attribution (how `results` counts): see `compute_results`.
 """
@@ -167,6 +169,9 @@ class ExperimentStore:
         # tenant -> (the collection's cached {id: Document}, {id: flat experiment} of it)
         self._flat: dict[str, tuple[dict[str, Document], dict[str, dict[str, Any]]]] = {}
         self._models: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+        #: The bandits' router (`serving.bandit_routing.BanditRouter`), set by the bandits
+        #: area; None: assignment is the hash's.
+        self.bandits = None
 
     def read(self, tenant: str, exp_id: str) -> dict[str, Any] | None:
         doc = self.documents.get(tenant, exp_id)
@@ -263,10 +268,19 @@ class ExperimentStore:
 
     # -- assignment (the /v1/recommend hook)
     def assign(self, tenant: str, exp: dict[str, Any], unit: str) -> tuple[dict[str, Any], bool]:
-        """(variant, forced?) of `unit` in `exp`."""
+        """(variant, forced?) of `unit` in `exp`: forced, else the arm of the bandit that routes
+        the experiment (the variant then carries ``"bandit": <bandit id>``), else hashed."""
         forced = exp["assignments"].get(unit)
         if forced is not None:
             return next(v for v in exp["variants"] if v["id"] == forced), True
+        if self.bandits is not None:
+            bandit = self.bandits.for_experiment(tenant, exp["id"])
+            if bandit is not None:
+                ids = {v["id"] for v in exp["variants"]}
+                arm = self.bandits.choose(tenant, bandit, unit, ids)
+                if arm is not None:
+                    chosen = next(v for v in exp["variants"] if v["id"] == arm)
+                    return {**chosen, "bandit": bandit.id}, False
         weighted = [{**v, "weight": v["traffic"]} for v in exp["variants"]]
         return assign_variant(exp["id"], unit, weighted), False
 
@@ -307,7 +321,10 @@ class ExperimentStore:
                     f"'{variant['id']}').",
                     code="RECSYS_NO_SNAPSHOT",
                 )
-        return {"name": variant["id"], "weight": variant["traffic"], "snapshot": snapshot}
+        out = {"name": variant["id"], "weight": variant["traffic"], "snapshot": snapshot}
+        if "bandit" in variant:
+            out["bandit"] = variant["bandit"]
+        return out
 
     def snapshot_of_model(self, tenant: str, model: str) -> str | None:
         """The newest published snapshot whose champion is `model` (``name@version``);
@@ -380,8 +397,8 @@ def attributed_events(events: pl.LazyFrame, exp: dict[str, Any]) -> tuple[pl.Dat
        echoed in ``meta.experiment`` of /v1/recommend, or flat ``experiment_id`` + ``variant``)
        counts for that variant. A variant the experiment does not have is `unknown_variant`.
     2. A user is *exposed* to a variant by an impression attributed to it. Users exposed to more
-       than one variant (a forced re-assignment, changed traffic shares) are dropped entirely
-       (`mixed_users`).
+       than one variant (a forced re-assignment, changed traffic shares, a bandit whose choice
+       for the unit changed with its counts) are dropped entirely (`mixed_users`).
     3. A click or purchase without experiment context counts for the variant its user was
        exposed to, when it happened at or after the user's first exposure (last-touch is not
        needed: an exposed user has exactly one variant).
@@ -389,20 +406,31 @@ def attributed_events(events: pl.LazyFrame, exp: dict[str, Any]) -> tuple[pl.Dat
     count; tagged clicks and purchases of users not exposed to that variant are ignored
     (`not_exposed`).
     """
+    return _attribute(_window_events(events, exp), exp)
+
+
+def _window_events(events: pl.LazyFrame, exp: dict[str, Any]) -> pl.DataFrame:
+    """The impressions, clicks and purchases inside the experiment's window, with the
+    experiment (`_exp`), variant (`_var`) and request id (`_req`) their context names."""
     ctx = pl.col("context")
     lf = events.filter(pl.col("event_type").is_in(["impression", "click", "purchase"]))
     if exp.get("start"):
         lf = lf.filter(pl.col("timestamp") >= _ts(exp["start"]))
     if exp.get("end"):
         lf = lf.filter(pl.col("timestamp") < _ts(exp["end"]))
-    df = lf.with_columns(
+    return lf.with_columns(
         pl.coalesce(
             ctx.str.json_path_match("$.experiment.id"), ctx.str.json_path_match("$.experiment_id")
         ).alias("_exp"),
         pl.coalesce(
             ctx.str.json_path_match("$.experiment.variant"), ctx.str.json_path_match("$.variant")
         ).alias("_var"),
+        ctx.str.json_path_match("$.request_id").alias("_req"),
     ).collect()
+
+
+def _attribute(df: pl.DataFrame, exp: dict[str, Any]) -> tuple[pl.DataFrame, dict]:
+    """`attributed_events` of the window's events."""
     ids = [v["id"] for v in exp["variants"]]
     mine = df.filter(pl.col("_exp") == exp["id"])
     unknown = mine.filter(~pl.col("_var").is_in(ids)).height
@@ -439,16 +467,59 @@ def attributed_events(events: pl.LazyFrame, exp: dict[str, Any]) -> tuple[pl.Dat
     return exposed_counted.drop("_exposed"), left_out
 
 
+BUCKETS = {"hour": "1h", "day": "1d"}
+
+
+def allocation(df: pl.DataFrame, exp: dict[str, Any], bucket: str = "day") -> dict[str, Any]:
+    """How the traffic was split over time: per UTC `bucket` (hour or day) and variant, the
+    impressions tagged with the experiment and that variant, the requests they came from
+    (``context.request_id``; an impression without one counts alone) and the units (distinct
+    users) they reached. Every tagged impression of a known variant in the window counts, also
+    those of users the results leave out as mixed (a bandit moves units between arms)."""
+    ids = [v["id"] for v in exp["variants"]]
+    shown = df.filter(
+        (pl.col("event_type") == "impression")
+        & (pl.col("_exp") == exp["id"])
+        & pl.col("_var").is_in(ids)
+    )
+    series: list[dict[str, Any]] = []
+    if shown.height:
+        per = (
+            shown.with_columns(
+                pl.col("timestamp").dt.truncate(BUCKETS[bucket]).alias("_b"),
+                pl.coalesce("_req", pl.lit("event:") + pl.col("event_id")).alias("_r"),
+            )
+            .group_by("_b", "_var")
+            .agg(
+                pl.len().alias("impressions"),
+                pl.col("_r").n_unique().alias("requests"),
+                pl.col("user_id").n_unique().alias("units"),
+            )
+            .sort("_b", "_var")
+        )
+        by_bucket: dict[Any, dict[str, Any]] = {}
+        for b, var, n_imp, n_req, n_units in per.iter_rows():
+            by_bucket.setdefault(b, {})[var] = {
+                "impressions": n_imp,
+                "requests": n_req,
+                "units": n_units,
+            }
+        series = [{"start": _utc(b), "variants": by_bucket[b]} for b in sorted(by_bucket)]
+    return {"bucket": bucket, "series": series}
+
+
 def compute_results(
-    events: pl.LazyFrame, exp: dict[str, Any], alpha: float | None = None
+    events: pl.LazyFrame, exp: dict[str, Any], alpha: float | None = None, bucket: str = "day"
 ) -> dict[str, Any]:
     """Per variant: exposed users, impressions, clicks, purchases; CTR = clicks / impressions
     and conversion = users with a purchase / exposed users, each with a Wilson interval at
     1 - alpha. Pairwise two-proportion z-tests per metric; the `winner` is the variant with the
     best primary-metric rate when it beats every other variant with p < alpha / (k - 1)
-    (Bonferroni over its k - 1 comparisons); otherwise null."""
+    (Bonferroni over its k - 1 comparisons); otherwise null. `allocation`: the traffic each
+    variant got per hour or day (`allocation`)."""
     alpha = exp["alpha"] if alpha is None else alpha
-    counted, left_out = attributed_events(events, exp)
+    window = _window_events(events, exp)
+    counted, left_out = _attribute(window, exp)
     arms = {v["id"]: _Arm() for v in exp["variants"]}
     if counted.height:
         per_var = counted.group_by("_var").agg(
@@ -542,6 +613,7 @@ def compute_results(
         "comparisons": comparisons,
         "winner": winner,
         "left_out": left_out,
+        "allocation": allocation(window, exp, bucket),
         "computed_at": now_iso(),
     }
 

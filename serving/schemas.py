@@ -132,7 +132,13 @@ class SimilarRequest(Body):
     surface: Id | None = None
     segment: Id | None = None
     k: K | None = None
-    kind: Literal["emb", "cooc", "blend"] = "blend"
+    kind: Annotated[
+        Literal["emb", "cooc", "blend", "content"],
+        Meta(
+            description="blend: emb + cooc neighbours, content neighbours for an item without "
+            "any (a cold item); content: the content model's neighbours only"
+        ),
+    ] = "blend"
     candidates: Candidates | None = None
     constraints: Constraints | None = None
     options: Options | None = None
@@ -167,6 +173,17 @@ class ServedExperiment(Reply):
     variant: str
     snapshot_id: str
     assigned: bool | None = None
+    bandit: Annotated[str, Meta(description="the bandit that chose the variant")] | None = None
+
+
+class ServedBandit(Reply):
+    """The exploration slot a bandit filled: tag the impressions with ``{"bandit": {"id",
+    "arm"}}`` and the request id so its rewards are counted."""
+
+    id: str
+    arm: str
+    slot: Annotated[int, Meta(ge=1)]
+    item_id: str
 
 
 class ResponseMeta(Reply):
@@ -181,6 +198,7 @@ class ResponseMeta(Reply):
     timings_ms: dict[str, float]
     counts: dict[str, int]
     experiment: ServedExperiment | None = None
+    bandit: ServedBandit | None = None
     weights: dict[str, float] | None = None
     pipeline: dict[str, str] | None = None  # the surface's pipeline: id and revision
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from recsys.snapshot.format import SIGNALS
+from recsys.snapshot.format import REASON_CODES, SIGNALS
 from serving.config import ServingConfig
 from serving.control.access import effective_rules
 from serving.documents import DocumentStore, TenantDocuments
@@ -55,6 +55,10 @@ class RecommendService:
         #: The cache-control state (`serving.control.cache.CacheState`: invalidated items and
         #: users, the answer counter), set by the monitoring area; None: not consulted.
         self.cache = None
+        #: The bandits' router (`serving.bandit_routing.BanditRouter`: which exploration-slot
+        #: bandit fills a slot of a surface's lists), set by the bandits area; None: not
+        #: consulted.
+        self.bandits = None
         self._limits: dict[tuple[str, str | None], Limits] = {}  # per tenant config version
         self._pipeline_docs = None  # the `pipelines` documents, opened when a surface names one
 
@@ -111,6 +115,8 @@ class RecommendService:
             "assigned": assigned,
             "snapshot_id": live.snapshot_id,
         }
+        if "bandit" in chosen:  # (the variant is the arm a bandit chose: serving.bandit_routing)
+            meta["experiment"]["bandit"] = chosen["bandit"]
         return live
 
     def _named_variant(self, tenant: str, req: RecommendRequest, tconf: dict[str, Any], unit: str):
@@ -285,6 +291,20 @@ class RecommendService:
         # (the back-fill sources are computed only when back-fill is needed)
         sources = partial(_backfill_sources, live, req, segment, category_of, pool)
         ranked = engine.run(pool, seen, weights, sources)
+        bandits = self.bandits  # (one dict lookup per request while the bandits are unchanged)
+        slot_bandit = bandits.for_surface(tenant, req.surface) if bandits is not None else None
+        if slot_bandit is not None:
+            placed = self._fill_slot(
+                tenant, slot_bandit, live, req, ranked, uidx, anchors, segment, meta
+            )
+            if placed is not None and placed[0] is None:
+                warnings.append(
+                    {
+                        "code": "BANDIT_SLOT_EMPTY",
+                        "detail": f"bandit '{slot_bandit.id}': arm '{placed[1]}' has no "
+                        "available item to show",
+                    }
+                )
         if meta:  # (the experiment first)
             meta.update(self._meta(tenant, req, segment, live, cversion, rversion, ranked, started))
         else:
@@ -295,6 +315,73 @@ class RecommendService:
         if cache is not None:
             cache.count(tenant, req.surface, source)
         return live, req, ranked, meta, warnings
+
+    def _fill_slot(self, tenant, doc, live, req, ranked: Ranked, uidx, anchors, segment, meta):
+        """Put the item of the arm that the surface's exploration-slot bandit chooses for the
+        unit at the bandit's slot, as a pin goes (an item the list holds moves there; the list
+        keeps at most k items), and say so in ``meta.bandit``. The arm's fill is an item, or
+        the best candidate of a generator that the list does not hold; an unavailable item is
+        never placed. (item placed or None, arm), or None for a slot past k: an arm with
+        nothing to show places nothing (the caller warns), so no pull is shown."""
+        from serving import pipelines_engine
+
+        slot = doc.body["over"]["slot"]
+        if slot > req.k:
+            return
+        unit = req.user_id or req.anonymous_id or req.session_id or ""
+        arm = self.bandits.choose(tenant, doc, unit)
+        fill = doc.body["fill"][arm]
+        available = live.available
+        item = None
+        if fill.get("item_id") is not None:
+            idx = live.item_index(fill["item_id"])
+            if idx is not None and available[idx]:
+                item = idx
+        else:
+            have = set(ranked.items)
+            models = getattr(self._registry, "content", None)
+            request = pipelines_engine.Request(
+                uidx, anchors, segment, models.get(tenant) if models is not None else None
+            )
+            try:
+                found, _ = pipelines_engine.generate(
+                    live.snap, fill["generator"], request, len(have) + 50
+                )
+            except ProblemError:  # (nothing behind this generator on this snapshot)
+                found = _NO_ITEMS
+            item = next((i for i in found.tolist() if i not in have and available[i]), None)
+        if item is None:
+            return item, arm
+        rule = f"bandit:{doc.id}"
+        # (the parallel columns of the answer; reasons are filled only when asked for)
+        columns = [ranked.items, ranked.scores, ranked.signals, ranked.rules]
+        extra = [item, None, None, [rule]]
+        if len(ranked.reasons) == len(ranked.items):
+            columns.append(ranked.reasons)
+            extra.append([EXPLORATION_TEXT])
+        if item in ranked.items:
+            at = ranked.items.index(item)
+            for column in columns:
+                column.pop(at)
+        pos = min(slot - 1, len(ranked.items))
+        scores = ranked.scores
+        extra[1] = scores[pos] if pos < len(scores) else (scores[-1] if scores else 0.0)
+        for column, value in zip(columns, extra, strict=True):
+            column.insert(pos, value)
+            del column[req.k :]
+        item_id = live.item_ids([item])[0]
+        if ranked.trace is not None:
+            ranked.trace.append(
+                {
+                    "item_id": item_id,
+                    "source": rule,
+                    "outcome": "pinned",
+                    "rule": rule,
+                    "detail": f"arm '{arm}' at slot {pos + 1}",
+                }
+            )
+        meta["bandit"] = {"id": doc.id, "arm": arm, "slot": pos + 1, "item_id": item_id}
+        return item, arm
 
     def _surface_pipeline(
         self, tenant, pipeline_id, live, uidx, anchors, segment, pool, seen, warnings, meta
@@ -351,8 +438,26 @@ class RecommendService:
         rules, rversion = self._rules(tenant, live, req.surface, segment)
         engine = Engine(live, req, rules, deadline, warnings)
         anchor = np.asarray([iidx] if iidx is not None else [], dtype=np.int32)
-        kinds = ("emb", "cooc") if req.kind == "blend" else (req.kind,)
-        pool = engine.anchor_pool(anchor, kinds)
+        if req.kind == "content":
+            pool = self._content_pool(tenant, live, anchor, segment, req.k)
+        else:
+            kinds = ("emb", "cooc") if req.kind == "blend" else (req.kind,)
+            pool = engine.anchor_pool(anchor, kinds)
+            if req.kind == "blend" and not pool.n_candidates and iidx is not None:
+                # a cold item (no events, so no emb or cooc neighbours): its content neighbours
+                try:
+                    pool = self._content_pool(tenant, live, anchor, segment, req.k)
+                except ProblemError:  # (no content model, nor content lists in the snapshot)
+                    pass
+                else:
+                    if pool.n_candidates:
+                        warnings.append(
+                            {
+                                "code": "CONTENT_NEIGHBOURS",
+                                "detail": "the item has no behavioural neighbours; answered "
+                                "from its text embedding (the content model)",
+                            }
+                        )
         category_hint = int(live.category_id[iidx]) if iidx is not None else None
         ranked = engine.run(
             pool,
@@ -363,6 +468,22 @@ class RecommendService:
         meta.update(self._meta(tenant, req, segment, live, cversion, rversion, ranked, started))
         self._count(tenant, ranked)
         return self._response(live, req, ranked, meta, warnings)
+
+    def _content_pool(self, tenant: str, live: LiveSnapshot, anchor, segment: str, k: int):
+        """The content generator's neighbours of `anchor` (the tenant's content model:
+        TF-IDF + SVD of item texts, fitted by the pipeline; `serving.pipelines_engine`) as a
+        pool; 422 when neither a content model nor the snapshot's content lists exist."""
+        from serving import pipelines_engine
+        from serving.rules import Pool
+
+        models = getattr(self._registry, "content", None)  # (the embeddings area's)
+        request = pipelines_engine.Request(
+            None, anchor, segment, models.get(tenant) if models is not None else None
+        )
+        # (more than k: the request-time rules may filter some)
+        items, scores = pipelines_engine.generate(live.snap, "content", request, 4 * k + 20)
+        reasons = np.full(items.shape[0], REASON_CODES["emb"], dtype=np.uint8)
+        return Pool(items, scores.astype(np.float32), None, reasons, "content", sorted=True)
 
     # --- output ------------------------------------------------------------------------------
     def _meta(self, tenant, req, segment, live, cversion, rversion, ranked: Ranked, started):
@@ -410,6 +531,7 @@ class RecommendService:
 
 _NO_ITEMS = np.zeros(0, dtype=np.int32)
 _NO_ITEMS.flags.writeable = False
+EXPLORATION_TEXT = "something new to discover"  # (the reason of an exploration slot's item)
 
 
 def _backfill_sources(live: LiveSnapshot, req, segment: str, category_of, pool) -> list[str]:

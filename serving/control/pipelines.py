@@ -20,10 +20,13 @@ version or a pipeline on sample payloads: both in `serving.simulation` (over `re
 ``ctx.documents``, collection ``bandits``) and/or asks it which arm a unit gets;
 ``GET /v1/recs/exploration/bandit?bandit_id=`` shows its state. A bandit's arms are the
 variants of an experiment (``experiment_id``) or free names competing for an exploration slot
-of the list (``slot``). Its state is counted from the event log on each call
-(`recsys.bandits.count_arms`: impressions tagged with the arm, clicks and purchases attributed
-to them by request id and item), so every worker answers alike; the policy math is
-`recsys.bandits` (numpy, no Falcon).
+of a surface's lists (``slot``, ``surface``, and a ``fill`` per arm: an item or a generator).
+The state these routes show is counted from the event log on each call
+(`serving.bandit_routing.count_bandit`: impressions tagged with the arm, clicks and purchases
+attributed to them by request id and item), so every worker answers alike; the policy math is
+`recsys.bandits` (numpy, no Falcon). A bandit also routes /v1/recommend traffic (unless
+``route`` is false): `serving.bandit_routing.BanditRouter`, installed here on the experiments
+store and the recommend service, reads counts cached on the bandit's ``refresh_s``.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ from msgspec import Meta
 from recsys import bandits
 from serving import pipelines_engine as engine
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
+from serving.bandit_routing import DEFAULT_REFRESH_S, BanditRouter, count_bandit
 from serving.documents import DOCUMENT_ID, Preconditions, set_etag
 from serving.errors import ProblemError
-from serving.events_log import scan_all_events
 from serving.routing import Route
 from serving.schemas import MAX_ANCHORS, Id, IdList
 from serving.simulation import Simulator, check_model
@@ -55,6 +58,14 @@ Unit = Annotated[str, Meta(min_length=1, max_length=256)]
 
 
 # --- bandits: schemas ---------------------------------------------------------------------------
+class SlotFill(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What an arm of a slot bandit puts in the slot: one item, or the best candidate of a
+    generator that the list does not hold yet (give exactly one)."""
+
+    item_id: Id | None = None
+    generator: Literal["popularity", "collab", "content", "graph", "embedding"] | None = None
+
+
 class BanditRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Configure a bandit (when `policy` is given: creates it, or replaces it with If-Match)
     and/or choose an arm for `unit` (when given)."""
@@ -64,6 +75,21 @@ class BanditRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     arms: Annotated[list[ArmName], Meta(min_length=2, max_length=50)] | None = None
     experiment_id: DocId | None = None
     slot: Annotated[int, Meta(ge=1, le=500)] | None = None
+    surface: Annotated[Id, Meta(description="the slot's surface (default: default)")] | None = None
+    fill: (
+        Annotated[
+            dict[ArmName, SlotFill],
+            Meta(description="what each arm puts in the slot (a slot bandit routes with it)"),
+        ]
+        | None
+    ) = None
+    route: Annotated[
+        bool, Meta(description="route /v1/recommend traffic (false: query it only)")
+    ] = True
+    refresh_s: Annotated[
+        float,
+        Meta(ge=0.1, le=3600.0, description="how often routing re-counts the arms (seconds)"),
+    ] = DEFAULT_REFRESH_S
     epsilon: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.1
     seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
     reward_events: Annotated[
@@ -100,6 +126,9 @@ class BanditState(msgspec.Struct):
     seed: int
     epsilon: float
     reward_events: list[str]
+    route: bool
+    refresh_s: float
+    fill: dict[str, SlotFill] | None
     revision: str
     arms: list[ArmState]
     total_pulls: int
@@ -145,6 +174,11 @@ class BanditsResource:
         self._docs = ctx.documents.collection(
             "bandits", prefix="bandit", missing_code="RECSYS_UNKNOWN_BANDIT"
         )
+        # (the hot path's view of the bandits: the experiments store and the recommend service
+        # ask it which bandit routes a request; serving.bandit_routing)
+        self.router = BanditRouter(self._docs, ctx.event_logs, ctx.config.data_root)
+        ctx.experiments.bandits = self.router
+        ctx.service.bandits = self.router
 
     def _spec(self, tenant: str, body: BanditRequest) -> dict[str, Any]:
         if (body.experiment_id is None) == (body.slot is None):
@@ -152,6 +186,13 @@ class BanditsResource:
                 422,
                 "A bandit runs over an experiment's variants (experiment_id) or an "
                 "exploration slot (slot): give exactly one.",
+                code="RECSYS_INVALID_BANDIT",
+            )
+        if body.experiment_id is not None and (body.surface or body.fill):
+            raise ProblemError(
+                422,
+                "surface and fill belong to a slot bandit; a bandit over an experiment serves "
+                "the experiment's surface and variants.",
                 code="RECSYS_INVALID_BANDIT",
             )
         arms = body.arms
@@ -179,19 +220,70 @@ class BanditsResource:
             )
         if len(set(arms)) != len(arms):
             raise ProblemError(422, "Arm names repeat.", code="RECSYS_INVALID_BANDIT")
+        fill = None
+        if body.fill is not None:
+            if set(body.fill) != set(arms):
+                raise ProblemError(
+                    422,
+                    f"fill needs exactly one entry per arm ({', '.join(arms)}).",
+                    code="RECSYS_INVALID_BANDIT",
+                )
+            for arm, f in body.fill.items():
+                if (f.item_id is None) == (f.generator is None):
+                    raise ProblemError(
+                        422,
+                        f"fill of arm '{arm}' names an item_id or a generator: exactly one.",
+                        code="RECSYS_INVALID_BANDIT",
+                    )
+            fill = {arm: msgspec.to_builtins(body.fill[arm]) for arm in arms}
         over = (
             {"experiment_id": body.experiment_id}
             if body.experiment_id is not None
-            else {"slot": body.slot}
+            else {"slot": body.slot, "surface": body.surface or DEFAULT_SURFACE}
         )
         return {
             "policy": body.policy,
             "arms": list(arms),
             "over": over,
+            "fill": fill,
+            "route": body.route,
+            "refresh_s": body.refresh_s,
             "epsilon": body.epsilon,
             "seed": body.seed,
             "reward_events": list(dict.fromkeys(body.reward_events)),
         }
+
+    def _unique_route(self, tenant: str, bandit_id: str, spec: dict[str, Any]) -> None:
+        """At most one routing bandit per experiment and per slot surface (read from disk:
+        called under the collection's lock)."""
+        if not spec["route"]:
+            return
+        over = spec["over"]
+        for other in self._docs.list(tenant):
+            theirs = other.body
+            if other.id == bandit_id or not theirs.get("route", True):
+                continue
+            same_exp = (
+                "experiment_id" in over
+                and theirs["over"].get("experiment_id") == over["experiment_id"]
+            )
+            same_slot = (
+                spec["fill"] is not None
+                and theirs.get("fill") is not None
+                and theirs["over"].get("surface") == over.get("surface")
+            )
+            if same_exp or same_slot:
+                what = (
+                    f"experiment '{over['experiment_id']}'"
+                    if same_exp
+                    else f"the exploration slot of surface '{over['surface']}'"
+                )
+                raise ProblemError(
+                    409,
+                    f"Bandit '{other.id}' already routes {what}; set its route to false or "
+                    "configure that bandit instead.",
+                    code="RECSYS_BANDIT_CONFLICT",
+                )
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         tenant = req.context.principal.tenant
@@ -199,7 +291,12 @@ class BanditsResource:
         if body.policy is not None:
             spec = self._spec(tenant, body)
             before = self._docs.get(tenant, body.bandit_id)
-            doc, created = self._docs.put(tenant, body.bandit_id, spec, Preconditions.of(req))
+
+            def checked(_current) -> dict[str, Any]:
+                self._unique_route(tenant, body.bandit_id, spec)
+                return spec
+
+            doc, created = self._docs.put(tenant, body.bandit_id, checked, Preconditions.of(req))
             req.context.audit = {
                 "target": f"bandit/{body.bandit_id}",
                 "before": before.revision if before else None,
@@ -227,17 +324,7 @@ class BanditsResource:
     def _state(self, tenant: str, doc, unit: str | None) -> dict[str, Any]:
         spec = doc.body
         arms = tuple(spec["arms"])
-        events = scan_all_events(
-            self._ctx.event_logs.data_root, tenant, self._ctx.event_logs.tenant(tenant)
-        )
-        over = spec["over"]
-        counts = bandits.count_arms(
-            events,
-            arms,
-            bandit_id=None if "experiment_id" in over else doc.id,
-            experiment_id=over.get("experiment_id"),
-            reward_types=tuple(spec["reward_events"]),
-        )
+        counts = count_bandit(self._ctx.event_logs, tenant, doc)
         p, r = counts.pulls, counts.rewards
         mean = bandits.means(p, r)
         ucb = bandits.ucb1_bounds(p, r)
@@ -261,10 +348,13 @@ class BanditsResource:
         state: dict[str, Any] = {
             "bandit_id": doc.id,
             "policy": spec["policy"],
-            "over": over,
+            "over": spec["over"],
             "seed": spec["seed"],
             "epsilon": spec["epsilon"],
             "reward_events": spec["reward_events"],
+            "route": spec.get("route", True),
+            "refresh_s": spec.get("refresh_s", DEFAULT_REFRESH_S),
+            "fill": spec.get("fill"),
             "revision": doc.revision,
             "arms": out_arms,
             "total_pulls": total,

@@ -137,7 +137,7 @@ class ExperimentsResource:
     ) -> None:
         tenant = req.context.principal.tenant
         doc = self._get(tenant, experiment_id)
-        alpha = req.context.query.alpha
+        query = req.context.query
         events = scan_all_events(self._logs.data_root, tenant, self._logs.tenant(tenant))
-        resp.media = compute_results(events, doc, alpha)
+        resp.media = compute_results(events, doc, query.alpha, query.bucket)
         resp.cache_control = ["no-store"]

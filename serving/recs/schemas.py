@@ -554,6 +554,9 @@ class AssignmentQuery(Query):
 
 class ResultsQuery(Query):
     alpha: Annotated[float, Meta(gt=0, lt=0.5)] | None = None
+    bucket: Annotated[
+        Literal["hour", "day"], Meta(description="the allocation's time bucket (UTC)")
+    ] = "day"
 
 
 class Rate(Reply):
@@ -592,6 +595,25 @@ class Winner(Reply):
     p_value: float
 
 
+class ArmTraffic(Reply):
+    impressions: Count
+    requests: Count
+    units: Count  # (distinct users reached)
+
+
+class AllocationBucket(Reply):
+    start: Annotated[str, Meta(description="the bucket's start (UTC)")]
+    variants: dict[str, ArmTraffic]
+
+
+class Allocation(Reply):
+    """The traffic each variant got per time bucket: tagged impressions, their requests and
+    the users they reached (a bandit's shifting split shows here)."""
+
+    bucket: Literal["hour", "day"]
+    series: list[AllocationBucket]
+
+
 class ExperimentResults(Reply):
     experiment_id: str
     status: Status
@@ -602,6 +624,7 @@ class ExperimentResults(Reply):
     comparisons: list[Comparison]
     winner: Winner | None
     left_out: dict[str, Count]
+    allocation: Allocation
     computed_at: str
 
 

@@ -1185,7 +1185,7 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Declare a feature computed from events (count / sum / mean / distinct over a window) and trigger its computation as a Dagster run (202 with the run id; 503 naming Dagster when it is down); the nightly pipeline refreshes every declared feature */
+        /** Declare a feature computed from events (count / sum / mean / distinct over a window) or read from a files/http connector (rows landed with per-row rejects), and trigger it as a Dagster run (202 with the run id; 503 naming Dagster when it is down); the nightly pipeline refreshes every declared feature */
         post: operations["post_v1_recs_features_ingest"];
         delete?: never;
         options?: never;
@@ -1998,6 +1998,24 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /**
+         * Allocation
+         * @description The traffic each variant got per time bucket: tagged impressions, their requests and
+         *     the users they reached (a bandit's shifting split shows here).
+         */
+        Allocation: {
+            /** @enum {unknown} */
+            bucket: "day" | "hour";
+            series: components["schemas"]["AllocationBucket"][];
+        };
+        /** AllocationBucket */
+        AllocationBucket: {
+            /** @description the bucket's start (UTC) */
+            start: string;
+            variants: {
+                [key: string]: components["schemas"]["ArmTraffic"];
+            };
+        };
         /** Anchors */
         Anchors: {
             /** @default [] */
@@ -2016,6 +2034,12 @@ export interface components {
             rewards: number;
             share: number;
             ucb1: number | null;
+        };
+        /** ArmTraffic */
+        ArmTraffic: {
+            impressions: number;
+            requests: number;
+            units: number;
         };
         /** Assignment */
         Assignment: {
@@ -2086,12 +2110,28 @@ export interface components {
             /** @default null */
             experiment_id?: string | null;
             /** @default null */
+            fill?: {
+                [key: string]: components["schemas"]["SlotFill"];
+            } | null;
+            /** @default null */
             policy?: ("epsilon_greedy" | "thompson" | "ucb1") | null;
+            /**
+             * @description how often routing re-counts the arms (seconds)
+             * @default 10
+             */
+            refresh_s?: number;
             reward_events?: ("add_to_cart" | "click" | "like" | "purchase")[];
+            /**
+             * @description route /v1/recommend traffic (false: query it only)
+             * @default true
+             */
+            route?: boolean;
             /** @default 0 */
             seed?: number;
             /** @default null */
             slot?: number | null;
+            /** @default null */
+            surface?: string | null;
             /** @default null */
             unit?: string | null;
         };
@@ -2104,13 +2144,18 @@ export interface components {
             /** @default null */
             chosen?: components["schemas"]["Chosen"] | null;
             epsilon: number;
+            fill: {
+                [key: string]: components["schemas"]["SlotFill"];
+            } | null;
             left_out: {
                 [key: string]: number;
             };
             over: Record<string, unknown>;
             policy: string;
+            refresh_s: number;
             revision: string;
             reward_events: string[];
+            route: boolean;
             seed: number;
             total_pulls: number;
         };
@@ -2951,6 +2996,7 @@ export interface components {
         };
         /** ExperimentResults */
         ExperimentResults: {
+            allocation: components["schemas"]["Allocation"];
             alpha: number;
             comparisons: components["schemas"]["Comparison"][];
             computed_at: string;
@@ -3106,7 +3152,7 @@ export interface components {
              * @default api
              * @enum {unknown}
              */
-            source?: "api" | "pipeline";
+            source?: "api" | "connector" | "pipeline";
             /** @default null */
             ttl_s?: number | null;
             /** @enum {unknown} */
@@ -3163,7 +3209,9 @@ export interface components {
          * FeatureIngest
          * @description A feature ingestion: from events (the pipeline aggregates each user's or item's events
          *     of `event_types` over the last `window_days`: count, sum of values, mean value, distinct
-         *     counterparts) or from a connector (not served yet: 422).
+         *     counterparts), or from a `connector` (files or http): its rows give each entity's value
+         *     of `name` (an id column, a column named like the feature or `value`, optionally
+         *     `event_timestamp`), of type `value_type`, landed with per-row rejects.
          */
         FeatureIngest: {
             /**
@@ -3191,6 +3239,8 @@ export interface components {
             source?: "connector" | "events";
             /** @default null */
             ttl_s?: number | null;
+            /** @default null */
+            value_type?: ("boolean" | "integer" | "number" | "string" | "string_list" | "timestamp") | null;
             /** @default 30 */
             window_days?: number;
         };
@@ -4104,6 +4154,8 @@ export interface components {
         /** ResponseMeta */
         ResponseMeta: {
             algo_version: string;
+            /** @default null */
+            bandit?: components["schemas"]["ServedBandit"] | null;
             config_version: string | null;
             counts: {
                 [key: string]: number;
@@ -4342,10 +4394,23 @@ export interface components {
             requests: number;
             start: string;
         };
+        /**
+         * ServedBandit
+         * @description The exploration slot a bandit filled: tag the impressions with ``{"bandit": {"id",
+         *     "arm"}}`` and the request id so its rewards are counted.
+         */
+        ServedBandit: {
+            arm: string;
+            id: string;
+            item_id: string;
+            slot: number;
+        };
         /** ServedExperiment */
         ServedExperiment: {
             /** @default null */
             assigned?: boolean | null;
+            /** @default null */
+            bandit?: string | null;
             id: string;
             snapshot_id: string;
             variant: string;
@@ -4383,10 +4448,11 @@ export interface components {
             /** @default null */
             k?: number | null;
             /**
+             * @description blend: emb + cooc neighbours, content neighbours for an item without any (a cold item); content: the content model's neighbours only
              * @default blend
              * @enum {unknown}
              */
-            kind?: "blend" | "cooc" | "emb";
+            kind?: "blend" | "content" | "cooc" | "emb";
             /** @default null */
             options?: components["schemas"]["Options"] | null;
             /** @default null */
@@ -4439,6 +4505,17 @@ export interface components {
             tenant_id: string;
             timings_s: Record<string, unknown>;
             users: number;
+        };
+        /**
+         * SlotFill
+         * @description What an arm of a slot bandit puts in the slot: one item, or the best candidate of a
+         *     generator that the list does not hold yet (give exactly one).
+         */
+        SlotFill: {
+            /** @default null */
+            generator?: ("collab" | "content" | "embedding" | "graph" | "popularity") | null;
+            /** @default null */
+            item_id?: string | null;
         };
         /** SnapshotState */
         SnapshotState: {
@@ -11715,6 +11792,7 @@ export interface operations {
         parameters: {
             query?: {
                 alpha?: number;
+                bucket?: "day" | "hour";
             };
             header?: never;
             path: {
