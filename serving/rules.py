@@ -886,6 +886,14 @@ class Engine:
             order = keep.take(np.argsort(-adj, kind="stable"))
         return row_scores, order, applied
 
+    def admissible(self, items: np.ndarray, seen: np.ndarray | UserPool) -> np.ndarray:
+        """Which of `items` (int32 snapshot rows) pass this request's filters - availability,
+        seen, the request's constraints and the rules' blocks: what a pin is checked against
+        (for an item placed after `run`, such as an exploration slot's)."""
+        filters = Filters.build(self.live, self.req, self.rules, seen, [])
+        code, _, _ = filters.outcomes(self.live, np.asarray(items, dtype=np.int32))
+        return code == KEPT
+
     def _valid_pins(self, filters: Filters) -> list[Pin]:
         if not self.rules.pins:
             return []

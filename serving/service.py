@@ -295,7 +295,7 @@ class RecommendService:
         slot_bandit = bandits.for_surface(tenant, req.surface) if bandits is not None else None
         if slot_bandit is not None:
             placed = self._fill_slot(
-                tenant, slot_bandit, live, req, ranked, uidx, anchors, segment, meta
+                tenant, slot_bandit, live, req, engine, ranked, seen, uidx, anchors, segment, meta
             )
             if placed is not None and placed[0] is None:
                 warnings.append(
@@ -316,13 +316,16 @@ class RecommendService:
             cache.count(tenant, req.surface, source)
         return live, req, ranked, meta, warnings
 
-    def _fill_slot(self, tenant, doc, live, req, ranked: Ranked, uidx, anchors, segment, meta):
+    def _fill_slot(
+        self, tenant, doc, live, req, engine, ranked: Ranked, seen, uidx, anchors, segment, meta
+    ):
         """Put the item of the arm that the surface's exploration-slot bandit chooses for the
-        unit at the bandit's slot, as a pin goes (an item the list holds moves there; the list
-        keeps at most k items), and say so in ``meta.bandit``. The arm's fill is an item, or
-        the best candidate of a generator that the list does not hold; an unavailable item is
-        never placed. (item placed or None, arm), or None for a slot past k: an arm with
-        nothing to show places nothing (the caller warns), so no pull is shown."""
+        unit at the bandit's slot, as a pin goes (checked against the request's filters and
+        the rules' blocks; an item the list holds moves there; the list keeps at most k
+        items), and say so in ``meta.bandit``. The arm's fill is an item, or the best
+        candidate of a generator that the list does not hold. (item placed or None, arm), or
+        None for a slot past k: an arm with nothing admissible places nothing (the caller
+        warns), so no pull is shown."""
         from serving import pipelines_engine
 
         slot = doc.body["over"]["slot"]
@@ -331,25 +334,23 @@ class RecommendService:
         unit = req.user_id or req.anonymous_id or req.session_id or ""
         arm = self.bandits.choose(tenant, doc, unit)
         fill = doc.body["fill"][arm]
-        available = live.available
-        item = None
         if fill.get("item_id") is not None:
             idx = live.item_index(fill["item_id"])
-            if idx is not None and available[idx]:
-                item = idx
+            found = np.asarray([idx] if idx is not None else [], dtype=np.int32)
         else:
-            have = set(ranked.items)
             models = getattr(self._registry, "content", None)
             request = pipelines_engine.Request(
                 uidx, anchors, segment, models.get(tenant) if models is not None else None
             )
             try:
                 found, _ = pipelines_engine.generate(
-                    live.snap, fill["generator"], request, len(have) + 50
+                    live.snap, fill["generator"], request, len(ranked.items) + 50
                 )
             except ProblemError:  # (nothing behind this generator on this snapshot)
                 found = _NO_ITEMS
-            item = next((i for i in found.tolist() if i not in have and available[i]), None)
+            found = found[~np.isin(found, ranked.items)] if ranked.items else found
+        ok = np.flatnonzero(engine.admissible(found, seen)) if found.shape[0] else _NO_ITEMS
+        item = int(found[ok[0]]) if ok.shape[0] else None
         if item is None:
             return item, arm
         rule = f"bandit:{doc.id}"

@@ -387,3 +387,52 @@ def test_the_counts_are_shared_between_workers_and_refreshed_on_the_interval(tmp
     # a changed bandit (new revision) is counted again at once
     changed, _ = docs.put("acme", "b", {**spec, "policy": "thompson"})
     assert list(second.get("acme", changed).pulls) == [3, 2]
+
+
+def test_a_slot_item_is_checked_like_a_pin_and_a_generator_fills_with_a_new_candidate(client):
+    _post(
+        client,
+        BANDIT,
+        {
+            "bandit_id": "slot1",
+            "policy": "ucb1",  # (no pulls: the first arm, for every unit)
+            "arms": ["blocked", "fresh"],
+            "slot": 1,
+            "surface": "home",
+            "fill": {"blocked": {"item_id": "a5"}, "fresh": {"generator": "popularity"}},
+        },
+    )
+    body = {"user": {"user_id": "u1"}, "k": 3, "surface": "home"}
+    one = client.simulate_post("/v1/recommend", json=body, headers=ADMIN).json
+    assert one["meta"]["bandit"]["arm"] == "blocked" and one["items"][0]["item_id"] == "a5"
+    # a block rule on the arm's item: nothing is placed (and no pull shown), a warning says so
+    rules = {"rules": [{"id": "no-a5", "type": "block", "item_ids": ["a5"]}]}
+    put = client.simulate_put("/v1/admin/tenants/acme/rules", json=rules, headers=ADMIN)
+    assert put.status_code == 200, put.json
+    blocked = client.simulate_post("/v1/recommend", json=body, headers=ADMIN).json
+    assert "bandit" not in blocked["meta"]
+    assert "BANDIT_SLOT_EMPTY" in [w["code"] for w in blocked["warnings"]]
+    assert [it["item_id"] for it in blocked["items"]] == ["a0", "a1", "a3"]
+    # the generator arm: popular's best item that the list lacks and u1 has not seen (a8 is
+    # u1's seen item), at position 1
+    _post(
+        client,
+        BANDIT,
+        {
+            "bandit_id": "slot1",
+            "policy": "ucb1",
+            "arms": ["fresh", "blocked"],
+            "slot": 1,
+            "surface": "home",
+            "fill": {"blocked": {"item_id": "a5"}, "fresh": {"generator": "popularity"}},
+        },
+        headers={
+            **ADMIN,
+            "If-Match": client.simulate_get(
+                BANDIT, params={"bandit_id": "slot1"}, headers=ADMIN
+            ).headers["ETag"],
+        },
+    )
+    fresh = client.simulate_post("/v1/recommend", json=body, headers=ADMIN).json
+    assert fresh["meta"]["bandit"] == {"id": "slot1", "arm": "fresh", "slot": 1, "item_id": "a9"}
+    assert [it["item_id"] for it in fresh["items"]] == ["a9", "a0", "a1"]
