@@ -21,6 +21,9 @@ Dagster UI like any other; the serving process only launches them and reads them
 * A precompute whose destination is a new snapshot runs the location's `publish_job`
   (user_recommendations in 16 shard steps, the item lists, serving_snapshot) with every step's
   `tenants` set to the one tenant (the serving side builds that run config).
+* `simulate_job`: a simulation too large for a request (`serving.simulation`): the plan the API
+  resolved, replayed on the live snapshot; the figures are written to `dest_uri`'s
+  `_manifest.json`, which the jobs API returns as the job's results.
 * Precompute schedules: `precompute_schedules()` builds one `ScheduleDefinition` of
   `precompute_job` / `publish_job` per file in `<data root>/serving/schedules/*.json`
   (written by the API); the API reloads the code location and starts the schedule.
@@ -377,6 +380,66 @@ def precompute_job():
     precompute_manifest(plan_precompute().map(precompute_shard).collect())
 
 
+# -- simulate (a large POST /v1/recs/simulate) --------------------------------------------
+
+
+class SimulateJobConfig(dg.Config):
+    """What the API resolved (`serving.simulation.Simulator.plan`, as JSON text: its rules and
+    pipelines were checked at request time) and where the figures go."""
+
+    tenant: str
+    plan: str
+    dest_uri: str
+
+
+@dg.op
+def simulate_configurations(
+    context: dg.OpExecutionContext, config: SimulateJobConfig, storage: StorageResource
+) -> dg.Output[dict]:
+    """Replay the plan's configurations over the last evaluation's holdout (or its dataset) on
+    the tenant's live snapshot - the request path's own code (`serving.simulation.run_plan`) -
+    and write the figures as the job's results (``<dest_uri>/_manifest.json``: {"kind",
+    "run_id", "result"})."""
+    import fsspec
+
+    from recsys.simulate import SimulationError
+    from serving.errors import ProblemError
+    from serving.simulation import simulate_offline
+
+    plan = json.loads(config.plan)
+    if plan.get("tenant") != config.tenant:
+        raise dg.Failure(f"the plan is of tenant {plan.get('tenant')!r}, not {config.tenant!r}")
+    try:
+        result = simulate_offline(storage.root, plan)
+    except (SimulationError, ProblemError) as ex:
+        raise dg.Failure(f"cannot simulate for {config.tenant}: {ex}") from ex
+    manifest = {"kind": "simulation", "run_id": context.run_id, "result": result}
+    with fsspec.open(f"{config.dest_uri.rstrip('/')}/_manifest.json", "w", auto_mkdir=True) as f:
+        json.dump(manifest, f)
+    context.log.info(
+        f"{config.tenant}: {result['users']} users, {len(result['configurations'])} "
+        f"configuration(s) in {result['timings_s']['total']} s"
+    )
+    return dg.Output(
+        manifest,
+        metadata={
+            "users": result["users"],
+            "configurations": len(result["configurations"]),
+            "seconds": result["timings_s"]["total"],
+            "live_ndcg@10": result["live"]["metrics"]["NDCG@10"]["value"],
+        },
+    )
+
+
+@dg.job(
+    description="A large simulation (POST /v1/recs/simulate): rules, pipelines or an "
+    "experiment's variants replayed over the last evaluation's holdout.",
+    executor_def=dg.in_process_executor,
+)
+def simulate_job():
+    simulate_configurations()
+
+
 # -- schedules written by the API -----------------------------------------------------------
 
 
@@ -419,4 +482,4 @@ def precompute_schedules(root: str | None = None) -> list[dg.ScheduleDefinition]
 
 
 assets = [mlflow_job_link]
-jobs = [train_job, evaluate_version_job, precompute_job]
+jobs = [train_job, evaluate_version_job, precompute_job, simulate_job]

@@ -109,6 +109,24 @@ def read_dataset(uri: str) -> pl.DataFrame:
     return df
 
 
+def count_rows(uri: str) -> int:
+    """The rows of a sample dataset (an upper bound on the users it replays), read from the
+    file's metadata or by one scan; SimulationError when it cannot be read."""
+    lower = uri.lower()
+    try:
+        if lower.endswith(".parquet"):
+            lf = pl.scan_parquet(uri)
+        elif lower.endswith((".ndjson", ".jsonl")):
+            lf = pl.scan_ndjson(uri)
+        elif lower.endswith((".csv", ".tsv")):
+            lf = pl.scan_csv(uri, separator="\t" if lower.endswith(".tsv") else ",")
+        else:
+            raise SimulationError(f"{uri}: a dataset is .parquet, .csv, .tsv or .ndjson")
+        return int(lf.select(pl.len()).collect().item())
+    except (OSError, pl.exceptions.PolarsError) as ex:
+        raise SimulationError(f"{uri}: cannot be read ({type(ex).__name__}: {ex})") from None
+
+
 def load_replay(
     storage: Storage,
     tenant: str,

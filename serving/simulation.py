@@ -16,6 +16,12 @@ The *live configuration* is the model's pool with the tenant's current rules; ev
 configuration's figures come with their difference from it. ``evaluated`` scores the model's
 pool as is, which is what `model_evaluation` scored: its NDCG@10 is the evaluation's.
 
+Small simulations run in the request (`Simulator.run`). A large one (`Simulator.size` above
+`ASYNC_ABOVE`), or one asked with ``async: true``, is resolved to a plan here (rules checked,
+pipelines resolved, the live rules fixed) and run by the Dagster job `simulate_job`
+(`simulate_offline`: the same `run_plan` on the same live snapshot and replay), whose figures
+are the job's results.
+
 Model check: sample payloads (or users drawn with a seed) are answered through the recommend
 service in process, timed, and compared with what the snapshot stores for them.
 """
@@ -43,19 +49,32 @@ from serving.validation import RecommendRequest, validate_rules
 
 _NO_ITEMS = np.zeros(0, dtype=np.int32)
 _FAR = 1e18  # (no deadline for a simulated request)
+#: Above this many replayed user lists (holdout users x (1 + configurations)) a simulation runs
+#: as a Dagster job instead of in the request (each list is one pass of the rules engine, and
+#: a worker's request should end in seconds, well within gunicorn's timeout).
+ASYNC_ABOVE = 100_000
 
 
 class Simulator:
     """Replays per tenant (cached while the evaluation files are unchanged) and runs
     configurations over them."""
 
-    def __init__(self, ctx: Any, n_candidates: int = 100, wait_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        ctx: Any,
+        n_candidates: int = 100,
+        wait_s: float = 15.0,
+        async_above: int | None = None,
+    ) -> None:
         """wait_s: how long a request waits for a replay being built before it answers 503
         with Retry-After (the build goes on in the background; gunicorn's worker timeout is
-        30 s by default, and the 1M-event demo's replay takes 16 s of CPU)."""
+        30 s by default, and the 1M-event demo's replay takes 16 s of CPU).
+        async_above: a simulation larger than this (`size`) runs as a Dagster job (default
+        `ASYNC_ABOVE`)."""
         self._ctx = ctx
         self._n_candidates = n_candidates
         self.wait_s = wait_s
+        self.async_above = ASYNC_ABOVE if async_above is None else async_above
         self._lock = threading.Lock()
         self._cache: dict[tuple, tuple[tuple, sim.Replay]] = {}
         self._builds: dict[tuple, tuple[tuple, Future]] = {}
@@ -119,113 +138,64 @@ class Simulator:
             self._cache[key] = (sig, replay)
         return replay
 
-    # --- one configuration -----------------------------------------------------------------
-    def lists(
-        self,
-        replay: sim.Replay,
-        rsnap: sim.ReplaySnapshot,
-        live,
-        k: int,
-        surface: str,
-        rules: list[dict[str, Any]],
-        rules_version: str,
-        pipeline: dict[str, Any] | None,
-        content: Any = None,
-    ) -> np.ndarray:
-        """(n_users, k) eval item indices the configuration answers (-1 padded)."""
-        req = RecommendRequest(surface=surface, k=k)
-        compiled = compile_rules(live, rules, rules_version, surface, "default")
-        out = np.full((replay.n_users, k), -1, np.int64)
-        for p in range(replay.n_users):
-            if pipeline is None:
-                items, scores, signals, reasons = rsnap.user_candidates(p)
-            else:
-                req_p = engine.Request(p, _NO_ITEMS, None, content)
-                stages = engine.run(rsnap, live, pipeline, req_p)
-                final = stages[-1].output
-                items, scores, signals = final.items, final.scores.astype(np.float32), None
-                reasons = np.zeros(items.shape[0], np.uint8)
-                scores = np.nan_to_num(scores, nan=-np.inf)
-            pool = Pool(items, scores, signals, reasons, "simulated", sorted=True)
-            ranked = Engine(live, req, compiled, _FAR, []).run(pool, _NO_ITEMS, None, [])
-            got = rsnap.to_eval[np.asarray(ranked.items, np.int64)] if ranked.items else []
-            out[p, : len(got)] = got
-        return out
-
-    def run(self, tenant: str, body: Any) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        live = self._ctx.store.require_live(tenant)
-        replay = self.replay(tenant, body.dataset, body.max_users)
-        t_replay = time.perf_counter() - t0
-        rsnap = sim.ReplaySnapshot(replay, live.snap)
-        k = body.k
-        surface = body.surface
+    def plan(self, tenant: str, body: Any) -> dict[str, Any]:
+        """What a simulation runs, resolved at request time (JSON values): the rules and
+        pipelines of each configuration checked (422 here, before anything runs), the
+        tenant's live rules and their version, and the replay's parameters. The synchronous
+        path and the Dagster job (`simulate_offline`) both run a plan."""
         rules_doc, rversion = self._ctx.tenant_store.current(tenant, "rules")
         live_rules = list(rules_doc.get("rules", ()))
-        groups = sim.item_groups(replay, live.snap)
-        price = sim.item_prices(replay, live.snap)
-
-        def figures(lists: np.ndarray) -> sim.Figures:
-            return sim.score_lists(replay, lists, k, price, groups, body.n_resamples, body.seed)
-
-        evaluated = figures(replay.pool_items)
-        base_lists = self.lists(
-            replay, rsnap, live, k, surface, live_rules, f"live:{rversion}", None
-        )
-        base = figures(base_lists)
-        configs = []
-        for name, rules, pipeline in self._configurations(tenant, body, live_rules):
-            version = (
-                "sim:"
+        configurations = [
+            {
+                "id": name,
+                "rules": rules,
+                "rules_version": "sim:"
                 + hashlib.blake2b(
                     orjson.dumps(rules, option=orjson.OPT_SORT_KEYS), digest_size=8
-                ).hexdigest()
-            )
-            lists = self.lists(
-                replay,
-                rsnap,
-                live,
-                k,
-                surface,
-                rules,
-                version,
-                pipeline,
-                _content(self._ctx, tenant),
-            )
-            f = figures(lists)
-            configs.append(
-                {
-                    "id": name,
-                    "metrics": f.metrics,
-                    "exposure": f.exposure,
-                    "difference": sim.differences(f, base, body.n_resamples, body.seed),
-                    "exposure_difference": sim.exposure_differences(f, base),
-                    "lists_changed": int((lists != base_lists).any(axis=1).sum()),
-                }
-            )
+                ).hexdigest(),
+                "pipeline": pipeline,
+            }
+            for name, rules, pipeline in self._configurations(tenant, body, live_rules)
+        ]
         return {
-            "tenant_id": tenant,
-            "source": replay.source,
-            "users": replay.n_users,
-            "pairs": replay.holdout.n_pairs,
-            "k": k,
-            "surface": surface,
-            "evaluated": {
-                "metrics": evaluated.metrics,
-                "evaluation_ndcg@10": replay.evaluated.get("served_ndcg@10"),
-            },
-            "live": {
-                "rules_version": rversion,
-                "metrics": base.metrics,
-                "exposure": base.exposure,
-            },
-            "configurations": configs,
-            "timings_s": {
-                "replay": round(t_replay, 3),
-                "total": round(time.perf_counter() - t0, 3),
-            },
-            "replay_built_s": round(replay.seconds, 3),
+            "tenant": tenant,
+            "dataset": body.dataset,
+            "max_users": body.max_users,
+            "k": body.k,
+            "surface": body.surface,
+            "n_resamples": body.n_resamples,
+            "seed": body.seed,
+            "n_candidates": self._n_candidates,
+            "live_rules": live_rules,
+            "live_rules_version": rversion,
+            "configurations": configurations,
         }
+
+    def size(self, tenant: str, plan: dict[str, Any]) -> int:
+        """The simulation's size: the users it replays (the last evaluation's holdout users,
+        or the rows of a dataset, at most `max_users`) times the lists per user (the live
+        configuration's plus each configuration's)."""
+        storage = Storage(self._ctx.config.data_root)
+        if plan["dataset"] is not None:
+            users = sim.count_rows(plan["dataset"])
+        else:
+            path = os.path.join(storage.evaluation_dir(tenant), "evaluation.json")
+            try:
+                with open(path, "rb") as f:
+                    users = int(orjson.loads(f.read()).get("users") or 0)
+            except FileNotFoundError:
+                users = 0  # (no evaluation: the replay answers 422 at once)
+        if plan["max_users"] is not None:
+            users = min(users, plan["max_users"])
+        return users * (1 + len(plan["configurations"]))
+
+    def run(self, tenant: str, body: Any) -> dict[str, Any]:
+        """The simulation of `body`, here and now (the synchronous path)."""
+        t0 = time.perf_counter()
+        live = self._ctx.store.require_live(tenant)
+        plan = self.plan(tenant, body)
+        replay = self.replay(tenant, body.dataset, body.max_users)
+        return run_plan(replay, live, _content(self._ctx, tenant), plan, t0)
 
     def _configurations(self, tenant: str, body: Any, live_rules: list):
         """(name, rules, pipeline spec or None) of each configuration the body asks about."""
@@ -286,6 +256,143 @@ class Simulator:
                 422, "A pipeline is an object with stages.", code="RECSYS_INVALID_PIPELINE"
             )
         return engine.validate_spec(inline)
+
+
+# --- running a plan ------------------------------------------------------------------------------
+def lists(
+    replay: sim.Replay,
+    rsnap: sim.ReplaySnapshot,
+    live,
+    k: int,
+    surface: str,
+    rules: list[dict[str, Any]],
+    rules_version: str,
+    pipeline: dict[str, Any] | None,
+    content: Any = None,
+) -> np.ndarray:
+    """(n_users, k) eval item indices the configuration answers (-1 padded)."""
+    req = RecommendRequest(surface=surface, k=k)
+    compiled = compile_rules(live, rules, rules_version, surface, "default")
+    out = np.full((replay.n_users, k), -1, np.int64)
+    for p in range(replay.n_users):
+        if pipeline is None:
+            items, scores, signals, reasons = rsnap.user_candidates(p)
+        else:
+            req_p = engine.Request(p, _NO_ITEMS, None, content)
+            stages = engine.run(rsnap, live, pipeline, req_p)
+            final = stages[-1].output
+            items, scores, signals = final.items, final.scores.astype(np.float32), None
+            reasons = np.zeros(items.shape[0], np.uint8)
+            scores = np.nan_to_num(scores, nan=-np.inf)
+        pool = Pool(items, scores, signals, reasons, "simulated", sorted=True)
+        ranked = Engine(live, req, compiled, _FAR, []).run(pool, _NO_ITEMS, None, [])
+        got = rsnap.to_eval[np.asarray(ranked.items, np.int64)] if ranked.items else []
+        out[p, : len(got)] = got
+    return out
+
+
+def run_plan(
+    replay: sim.Replay, live: Any, content: Any, plan: dict[str, Any], t0: float | None = None
+) -> dict[str, Any]:
+    """The figures of a plan (`Simulator.plan`) over `replay`, on the live snapshot `live`."""
+    t0 = time.perf_counter() if t0 is None else t0
+    t_replay = time.perf_counter() - t0
+    rsnap = sim.ReplaySnapshot(replay, live.snap)
+    k, surface = plan["k"], plan["surface"]
+    groups = sim.item_groups(replay, live.snap)
+    price = sim.item_prices(replay, live.snap)
+
+    def figures(top: np.ndarray) -> sim.Figures:
+        return sim.score_lists(replay, top, k, price, groups, plan["n_resamples"], plan["seed"])
+
+    evaluated = figures(replay.pool_items)
+    base_lists = lists(
+        replay,
+        rsnap,
+        live,
+        k,
+        surface,
+        plan["live_rules"],
+        f"live:{plan['live_rules_version']}",
+        None,
+    )
+    base = figures(base_lists)
+    configs = []
+    for conf in plan["configurations"]:
+        top = lists(
+            replay,
+            rsnap,
+            live,
+            k,
+            surface,
+            conf["rules"],
+            conf["rules_version"],
+            conf["pipeline"],
+            content,
+        )
+        f = figures(top)
+        configs.append(
+            {
+                "id": conf["id"],
+                "metrics": f.metrics,
+                "exposure": f.exposure,
+                "difference": sim.differences(f, base, plan["n_resamples"], plan["seed"]),
+                "exposure_difference": sim.exposure_differences(f, base),
+                "lists_changed": int((top != base_lists).any(axis=1).sum()),
+            }
+        )
+    return {
+        "mode": "sync",
+        "tenant_id": plan["tenant"],
+        "source": replay.source,
+        "users": replay.n_users,
+        "pairs": replay.holdout.n_pairs,
+        "k": k,
+        "surface": surface,
+        "evaluated": {
+            "metrics": evaluated.metrics,
+            "evaluation_ndcg@10": replay.evaluated.get("served_ndcg@10"),
+        },
+        "live": {
+            "rules_version": plan["live_rules_version"],
+            "metrics": base.metrics,
+            "exposure": base.exposure,
+        },
+        "configurations": configs,
+        "timings_s": {
+            "replay": round(t_replay, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },
+        "replay_built_s": round(replay.seconds, 3),
+    }
+
+
+def simulate_offline(data_root: str, plan: dict[str, Any]) -> dict[str, Any]:
+    """A plan run outside the server (the Dagster job `simulate_job`): the replay built here,
+    the tenant's live snapshot overlaid with the item changes since (as the server serves
+    it), its content model; the same figures as `Simulator.run`. Raises
+    `recsys.simulate.SimulationError` when the replay cannot be built, ProblemError (503)
+    when the tenant has no snapshot."""
+    from serving.control.embeddings import ContentModels
+    from serving.crr.overlay import ItemOverlays
+    from serving.snapshot import SnapshotRegistry
+
+    t0 = time.perf_counter()
+    tenant = plan["tenant"]
+    registry = SnapshotRegistry(os.path.join(data_root, "snapshots"), check_interval_s=0.0)
+    registry.install_overlay(ItemOverlays(os.path.join(data_root, "serving")))
+    live = registry.require_live(tenant)
+    replay = sim.load_replay(
+        Storage(data_root),
+        tenant,
+        plan["n_candidates"],
+        dataset=plan["dataset"],
+        max_users=plan["max_users"],
+    )
+    out = run_plan(replay, live, ContentModels(data_root).get(tenant), plan, t0)
+    out["mode"] = "job"
+    out["snapshot_id"] = live.snapshot_id
+    return out
 
 
 def _content(ctx: Any, tenant: str) -> Any:

@@ -56,7 +56,7 @@ NOTIFY_TAG = "recsys/notify-webhook"
 DEST_TAG = "recsys/dest-uri"
 MLFLOW_RUN_TAG = "dagster.run_id"
 
-JobType = Literal["train", "evaluate", "precompute", "snapshot", "async_batch"]
+JobType = Literal["train", "evaluate", "precompute", "snapshot", "async_batch", "simulate"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceling", "canceled"]
 Format = Literal["parquet", "csv", "ndjson"]
 Uri = Annotated[str, Meta(min_length=1, max_length=2048)]

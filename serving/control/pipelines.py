@@ -39,12 +39,16 @@ from typing import Annotated, Any, Literal
 import falcon
 import msgspec
 import numpy as np
+import orjson
 from msgspec import Meta
 
 from recsys import bandits
+from recsys.simulate import SimulationError
 from serving import pipelines_engine as engine
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.bandit_routing import DEFAULT_REFRESH_S, BanditRouter, count_bandit
+from serving.control.dagster import client_for
+from serving.control.jobs import BY_TAG, DEST_TAG, TENANT_TAG, TYPE_TAG
 from serving.documents import DOCUMENT_ID, Preconditions, set_etag
 from serving.errors import ProblemError
 from serving.routing import Route
@@ -884,9 +888,17 @@ class SimulateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     max_users: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
     n_resamples: Annotated[int, Meta(ge=50, le=5000)] = 1000
     seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
+    #: run as a Dagster job (202) whatever its size; a large one always does
+    run_async: bool = msgspec.field(default=False, name="async")
 
 
-class SimulateResult(msgspec.Struct):
+#: The job a large simulation runs as (pipelines/control_jobs.py).
+SIMULATE_JOB = "simulate_job"
+
+
+class SimulateResult(msgspec.Struct, tag_field="mode", tag="sync"):
+    """The figures, computed during the request (200)."""
+
     tenant_id: str
     source: str
     users: int
@@ -898,6 +910,20 @@ class SimulateResult(msgspec.Struct):
     configurations: list[Object]
     timings_s: Object
     replay_built_s: float
+
+
+class SimulateJob(msgspec.Struct, tag_field="mode", tag="job"):
+    """A simulation running as a Dagster job (202): its state at `job_url`, and once it has
+    succeeded the figures (the same document as a 200's, with ``"mode": "job"``) at
+    `results_url`, under ``manifest.result``."""
+
+    job_id: str
+    status: str
+    dagster_url: str
+    job_url: str
+    results_url: str
+    size: int
+    reason: str
 
 
 class SampleContext(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -945,10 +971,13 @@ SIMULATE_ROUTES: tuple[Route, ...] = (
         ("simulate", "on_post"),
         "Replay rules, a pipeline or an experiment's variants over the last evaluation's holdout "
         "(or a sample dataset): NDCG@k, recall@k, coverage, exposure per category/brand/tag, "
-        "revenue proxy, each with a CI and its difference from the live configuration",
+        "revenue proxy, each with a CI and its difference from the live configuration. A "
+        "large simulation (or async: true) runs as a Dagster job: 202 with the job, whose "
+        "results are read at /v1/recs/jobs/{jobId}/results",
         SCOPE_ADMIN,
         body=SimulateRequest,
-        response=SimulateResult,
+        response=SimulateResult | SimulateJob,
+        also=(202,),
         errors=(422, *_SNAP),
         tags=("pipelines",),
     ),
@@ -978,8 +1007,59 @@ class SimulateResource:
         body: SimulateRequest = req.context.body
         if body.dataset is not None:
             body = msgspec.structs.replace(body, dataset=self._dataset(body.dataset))
-        resp.media = self._sim.run(tenant, body)
+        plan = self._sim.plan(tenant, body)
+        try:
+            size = self._sim.size(tenant, plan)
+        except SimulationError as ex:
+            raise ProblemError(422, str(ex), code="RECSYS_CANNOT_SIMULATE") from None
+        if body.run_async or size > self._sim.async_above:
+            reason = (
+                "async requested"
+                if body.run_async
+                else (f"{size:,} user lists > {self._sim.async_above:,}: runs as a job")
+            )
+            resp.media = self._launch(req, tenant, plan, size, reason)
+            resp.status = falcon.HTTP_202
+            resp.location = resp.media["job_url"]
+        else:
+            resp.media = self._sim.run(tenant, body)
         resp.cache_control = ["no-store"]
+
+    def _launch(
+        self, req: falcon.Request, tenant: str, plan: dict[str, Any], size: int, reason: str
+    ) -> dict[str, Any]:
+        """Start `simulate_job` (pipelines/control_jobs.py) with the resolved plan; its figures
+        go to `exports/<tenant>/simulations/<id>/_manifest.json` (a job's results)."""
+        self._ctx.store.require_live(tenant)  # (503 now rather than a failed run)
+        client = client_for(self._ctx.config.dagster_url)
+        dest = "file://" + os.path.join(
+            os.path.realpath(self._ctx.config.data_root),
+            "exports",
+            tenant,
+            "simulations",
+            uuid.uuid4().hex,
+        )
+        config = {"tenant": tenant, "plan": orjson.dumps(plan).decode(), "dest_uri": dest}
+        tags = {
+            TENANT_TAG: tenant,
+            TYPE_TAG: "simulate",
+            BY_TAG: req.context.principal.subject,
+            DEST_TAG: dest,
+        }
+        run_id = client.launch(
+            SIMULATE_JOB, {"ops": {"simulate_configurations": {"config": config}}}, tags
+        )
+        req.context.audit = {"target": f"jobs/{run_id}", "before": None, "after": run_id}
+        return {
+            "mode": "job",
+            "job_id": run_id,
+            "status": "queued",
+            "dagster_url": client.ui_link(run_id),
+            "job_url": f"/v1/recs/jobs/{run_id}",
+            "results_url": f"/v1/recs/jobs/{run_id}/results",
+            "size": size,
+            "reason": reason,
+        }
 
     def _dataset(self, uri: str) -> str:
         """A dataset path under the data root (no other file of the host is read)."""

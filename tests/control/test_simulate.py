@@ -240,3 +240,68 @@ def test_no_tenant_reaches_another_tenants_simulation(client):
         assert client.simulate_post(path, json=body).status_code == 401
         org = auth("acme", ("recommend", "admin"), **{"X-Org-Id": "globex"})
         assert client.simulate_post(path, json=body, headers=org).status_code == 403
+
+
+# --- a large simulation is a Dagster job ----------------------------------------------------------
+def test_the_simulation_job_gives_the_requests_figures(root, live_run):
+    """`simulate_job` in process, on the plan the API would send for `{"rules": []}`: the
+    figures of the synchronous answer, written as the job's results."""
+    import json
+
+    from pipelines.control_jobs import simulate_job
+    from pipelines.resources import StorageResource
+    from serving.validation import DEFAULT_SURFACE
+
+    plan = {
+        "tenant": "acme",
+        "dataset": None,
+        "max_users": None,
+        "k": 10,
+        "surface": DEFAULT_SURFACE,
+        "n_resamples": 200,
+        "seed": 0,
+        "n_candidates": 100,
+        "live_rules": [],
+        "live_rules_version": live_run["live"]["rules_version"],
+        "configurations": [
+            {"id": "rules", "rules": [], "rules_version": "sim:test", "pipeline": None}
+        ],
+    }
+    dest = f"file://{root}/exports/acme/simulations/in-process"
+    config = {"tenant": "acme", "plan": json.dumps(plan), "dest_uri": dest}
+    result = simulate_job.execute_in_process(
+        run_config={"ops": {"simulate_configurations": {"config": config}}},
+        resources={"storage": StorageResource(root=root)},
+    )
+    assert result.success
+    with open(f"{root}/exports/acme/simulations/in-process/_manifest.json") as f:
+        manifest = json.load(f)
+    got = manifest["result"]
+    assert manifest["kind"] == "simulation" and got["mode"] == "job"
+    assert got["users"] == live_run["users"] and got["pairs"] == live_run["pairs"]
+    assert got["evaluated"]["metrics"] == live_run["evaluated"]["metrics"]
+    assert got["live"]["metrics"] == live_run["live"]["metrics"]
+    assert got["configurations"][0]["metrics"] == live_run["configurations"][0]["metrics"]
+    assert got["live"]["exposure"] == live_run["live"]["exposure"]
+
+
+def test_async_or_large_simulations_go_to_dagster(root, monkeypatch):
+    """Past the size threshold (or with async: true) the request launches a job: without a
+    Dagster configured that is a 503 naming it; a bad configuration is still a 422 first."""
+    from serving import simulation
+
+    client = build_client(make_config(root))
+    small = client.simulate_post(SIM, json={"rules": [], "n_resamples": 200}, headers=ADMIN)
+    assert small.status_code == 200 and small.json["mode"] == "sync"
+    job = client.simulate_post(SIM, json={"rules": [], "async": True}, headers=ADMIN)
+    assert job.status_code == 503 and job.json["code"] == "RECSYS_DAGSTER_UNAVAILABLE"
+    bad = client.simulate_post(
+        SIM,
+        json={"rules": [{"id": "p", "type": "pin", "item_id": "i1"}], "async": True},
+        headers=ADMIN,
+    )
+    assert bad.status_code == 422
+    monkeypatch.setattr(simulation, "ASYNC_ABOVE", small.json["users"] * 2 - 1)
+    large = build_client(make_config(root))  # (its simulator reads the threshold)
+    resp = large.simulate_post(SIM, json={"rules": []}, headers=ADMIN)  # users x 2 lists
+    assert resp.status_code == 503 and resp.json["code"] == "RECSYS_DAGSTER_UNAVAILABLE"
