@@ -389,27 +389,7 @@ class _Arm:
     purchase_value: float = 0.0
 
 
-def attributed_events(events: pl.LazyFrame, exp: dict[str, Any]) -> tuple[pl.DataFrame, dict]:
-    """Events of `exp` with the variant they count for, and counters of what was left out.
-
-    Attribution:
-    1. An event whose context names the experiment (``{"experiment": {"id", "variant"}}`` as
-       echoed in ``meta.experiment`` of /v1/recommend, or flat ``experiment_id`` + ``variant``)
-       counts for that variant. A variant the experiment does not have is `unknown_variant`.
-    2. A user is *exposed* to a variant by an impression attributed to it. Users exposed to more
-       than one variant (a forced re-assignment, changed traffic shares, a bandit whose choice
-       for the unit changed with its counts) are dropped entirely (`mixed_users`).
-    3. A click or purchase without experiment context counts for the variant its user was
-       exposed to, when it happened at or after the user's first exposure (last-touch is not
-       needed: an exposed user has exactly one variant).
-    Only impression, click and purchase events inside the experiment's [start, end) window
-    count; tagged clicks and purchases of users not exposed to that variant are ignored
-    (`not_exposed`).
-    """
-    return _attribute(_window_events(events, exp), exp)
-
-
-def _window_events(events: pl.LazyFrame, exp: dict[str, Any]) -> pl.DataFrame:
+def window_events(events: pl.LazyFrame, exp: dict[str, Any]) -> pl.DataFrame:
     """The impressions, clicks and purchases inside the experiment's window, with the
     experiment (`_exp`), variant (`_var`) and request id (`_req`) their context names."""
     ctx = pl.col("context")
@@ -429,8 +409,24 @@ def _window_events(events: pl.LazyFrame, exp: dict[str, Any]) -> pl.DataFrame:
     ).collect()
 
 
-def _attribute(df: pl.DataFrame, exp: dict[str, Any]) -> tuple[pl.DataFrame, dict]:
-    """`attributed_events` of the window's events."""
+def attributed_events(df: pl.DataFrame, exp: dict[str, Any]) -> tuple[pl.DataFrame, dict]:
+    """Events of `exp` (`df`: `window_events`) with the variant they count for, and counters
+    of what was left out.
+
+    Attribution:
+    1. An event whose context names the experiment (``{"experiment": {"id", "variant"}}`` as
+       echoed in ``meta.experiment`` of /v1/recommend, or flat ``experiment_id`` + ``variant``)
+       counts for that variant. A variant the experiment does not have is `unknown_variant`.
+    2. A user is *exposed* to a variant by an impression attributed to it. Users exposed to more
+       than one variant (a forced re-assignment, changed traffic shares, a bandit whose choice
+       for the unit changed with its counts) are dropped entirely (`mixed_users`).
+    3. A click or purchase without experiment context counts for the variant its user was
+       exposed to, when it happened at or after the user's first exposure (last-touch is not
+       needed: an exposed user has exactly one variant).
+    Only impression, click and purchase events inside the experiment's [start, end) window
+    count; tagged clicks and purchases of users not exposed to that variant are ignored
+    (`not_exposed`).
+    """
     ids = [v["id"] for v in exp["variants"]]
     mine = df.filter(pl.col("_exp") == exp["id"])
     unknown = mine.filter(~pl.col("_var").is_in(ids)).height
@@ -471,11 +467,12 @@ BUCKETS = {"hour": "1h", "day": "1d"}
 
 
 def allocation(df: pl.DataFrame, exp: dict[str, Any], bucket: str = "day") -> dict[str, Any]:
-    """How the traffic was split over time: per UTC `bucket` (hour or day) and variant, the
-    impressions tagged with the experiment and that variant, the requests they came from
-    (``context.request_id``; an impression without one counts alone) and the units (distinct
-    users) they reached. Every tagged impression of a known variant in the window counts, also
-    those of users the results leave out as mixed (a bandit moves units between arms)."""
+    """How the traffic was split over time (`df`: `window_events`): per UTC `bucket` (hour or
+    day) and variant, the impressions tagged with the experiment and that variant, the requests
+    they came from (``context.request_id``; an impression without one counts alone) and the
+    units (distinct users) they reached. Every tagged impression of a known variant in the
+    window counts, also those of users the results leave out as mixed (a bandit moves units
+    between arms)."""
     ids = [v["id"] for v in exp["variants"]]
     shown = df.filter(
         (pl.col("event_type") == "impression")
@@ -518,8 +515,8 @@ def compute_results(
     (Bonferroni over its k - 1 comparisons); otherwise null. `allocation`: the traffic each
     variant got per hour or day (`allocation`)."""
     alpha = exp["alpha"] if alpha is None else alpha
-    window = _window_events(events, exp)
-    counted, left_out = _attribute(window, exp)
+    window = window_events(events, exp)
+    counted, left_out = attributed_events(window, exp)
     arms = {v["id"]: _Arm() for v in exp["variants"]}
     if counted.height:
         per_var = counted.group_by("_var").agg(
