@@ -1866,7 +1866,7 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Replay rules, a pipeline or an experiment's variants over the last evaluation's holdout (or a sample dataset): NDCG@k, recall@k, coverage, exposure per category/brand/tag, revenue proxy, each with a CI and its difference from the live configuration */
+        /** Replay rules, a pipeline or an experiment's variants over the last evaluation's holdout (or a sample dataset): NDCG@k, recall@k, coverage, exposure per category/brand/tag, revenue proxy, each with a CI and its difference from the live configuration. A large simulation (or async: true) runs as a Dagster job: 202 with the job, whose results are read at /v1/recs/jobs/{jobId}/results */
         post: operations["post_v1_recs_simulate"];
         delete?: never;
         options?: never;
@@ -4461,6 +4461,23 @@ export interface components {
             surface?: string | null;
         };
         /**
+         * SimulateJob
+         * @description A simulation running as a Dagster job (202): its state at `job_url`, and once it has
+         *     succeeded the figures (the same document as a 200's, with ``"mode": "job"``) at
+         *     `results_url`, under ``manifest.result``.
+         */
+        SimulateJob: {
+            dagster_url: string;
+            job_id: string;
+            job_url: string;
+            /** @enum {unknown} */
+            mode: "job";
+            reason: string;
+            results_url: string;
+            size: number;
+            status: string;
+        };
+        /**
          * SimulateRequest
          * @description One of `rules` (a rules config: the rules document's list), `pipeline` (inline stages),
          *     `pipeline_id` or `experiment` (``{"variants": [{"id", "rules"?, "pipeline"?,
@@ -4468,6 +4485,8 @@ export interface components {
          *     of a sample dataset under the data root, .parquet/.csv/.ndjson).
          */
         SimulateRequest: {
+            /** @default false */
+            async?: boolean;
             /** @default null */
             dataset?: string | null;
             /** @default null */
@@ -4492,12 +4511,17 @@ export interface components {
              */
             surface?: string;
         };
-        /** SimulateResult */
+        /**
+         * SimulateResult
+         * @description The figures, computed during the request (200).
+         */
         SimulateResult: {
             configurations: Record<string, unknown>[];
             evaluated: Record<string, unknown>;
             k: number;
             live: Record<string, unknown>;
+            /** @enum {unknown} */
+            mode: "sync";
             pairs: number;
             replay_built_s: number;
             source: string;
@@ -13556,7 +13580,7 @@ export interface operations {
                 created_before?: number;
                 limit?: number;
                 status?: "canceled" | "canceling" | "failed" | "queued" | "running" | "succeeded";
-                type?: "async_batch" | "evaluate" | "precompute" | "snapshot" | "train";
+                type?: "async_batch" | "evaluate" | "precompute" | "simulate" | "snapshot" | "train";
             };
             header?: never;
             path?: never;
@@ -18432,7 +18456,16 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["SimulateResult"];
+                    "application/json": components["schemas"]["SimulateResult"] | components["schemas"]["SimulateJob"];
+                };
+            };
+            /** @description Accepted */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SimulateResult"] | components["schemas"]["SimulateJob"];
                 };
             };
             /** @description Malformed request: a field has the wrong type, is out of range or unknown */
