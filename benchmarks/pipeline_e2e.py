@@ -13,8 +13,10 @@ CPU times when the loads differ (the run uses two threads in places: wall < CPU 
 
 Memory: the resident set of the command and its children is sampled every 0.2 s (from
 /proc), and each step's peak is the highest sample taken while it ran, so the table shows
-where memory grows with the number of events; the run's peak RSS (getrusage of the children,
-as /usr/bin/time -v reports it) is printed too. ``--executor celery`` runs the job with
+where memory grows with the number of events; so is their CPU time (a step's CPU is the
+difference of the samples at its start and end: in process the steps run one at a time, a
+few steps in parallel under another executor overlap); the run's peak RSS (getrusage of the
+children, as /usr/bin/time -v reports it) is printed too. ``--executor celery`` runs the job with
 RECSYS_EXECUTOR=celery (start the workers first: scripts/celery_workers.sh, with the same
 RECSYS_DATA_ROOT and DAGSTER_HOME; then the workers' memory is theirs, not the command's).
 """
@@ -43,10 +45,12 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of `pid` and all its descendants (Linux /proc)."""
+def _tree_usage(pid: int) -> tuple[int, float]:
+    """(resident bytes, CPU seconds) of `pid` and all its descendants (Linux /proc): the CPU
+    of live processes plus what `pid` and they collected from their exited children."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
+    cpu: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -55,28 +59,40 @@ def _tree_rss(pid: int) -> int:
                 fields = f.read().rsplit(")", 1)[1].split()
             children.setdefault(int(fields[1]), []).append(int(entry))
             rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            cpu[int(entry)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
         except (OSError, IndexError, ValueError):
             continue
-    total, todo = 0, [pid]
+    total, ticks, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         total += rss.get(p, 0)
+        ticks += cpu.get(p, 0)
         todo.extend(children.get(p, []))
-    return total
+    return total, ticks / os.sysconf("SC_CLK_TCK")
 
 
 class RssSampler(threading.Thread):
-    """(time, resident bytes of a process tree) every `interval` seconds until stopped."""
+    """(time, resident bytes, CPU seconds of a process tree) every `interval` seconds until
+    stopped."""
 
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
+    def __init__(self, pid: int, interval: float = 0.2, log: str | None = None) -> None:
         super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.samples: list[tuple[float, int]] = []
+        self.pid, self.interval, self.log = pid, interval, log
+        self.samples: list[tuple[float, int, float]] = []
         self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._halt.wait(self.interval):
-            self.samples.append((time.time(), _tree_rss(self.pid)))
+        out = open(self.log, "a") if self.log else None  # noqa: SIM115 (closed below)
+        try:
+            while not self._halt.wait(self.interval):
+                sample = (time.time(), *_tree_usage(self.pid))
+                self.samples.append(sample)
+                if out is not None:  # a run cut short keeps its figures so far
+                    out.write(f"{sample[0]:.2f} {sample[1]} {sample[2]:.2f}\n")
+                    out.flush()
+        finally:
+            if out is not None:
+                out.close()
 
     def stop(self) -> None:
         self._halt.set()
@@ -86,11 +102,20 @@ class RssSampler(threading.Thread):
         return max(
             (
                 b
-                for t, b in self.samples
+                for t, b, _ in self.samples
                 if (start is None or t >= start) and (end is None or t <= end)
             ),
             default=0,
         )
+
+    def cpu(self, start: float, end: float) -> float:
+        """CPU seconds the tree used between the samples nearest `start` and `end` (a step's
+        CPU, to the sampling interval: steps run one at a time in process)."""
+        if not self.samples:
+            return 0.0
+        times = [t for t, _, _ in self.samples]
+        at = [min(range(len(times)), key=lambda i: abs(times[i] - x)) for x in (start, end)]
+        return self.samples[at[1]][2] - self.samples[at[0]][2]
 
 
 def main() -> int:
@@ -100,6 +125,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--executor", choices=("default", "celery"), default="default")
     ap.add_argument("--data-root", help="use (and keep) this data root instead of a temporary one")
+    ap.add_argument("--samples", help="append each sample (unix time, RSS bytes, CPU s) here")
     args = ap.parse_args()
     recsys = os.path.join(os.path.dirname(sys.executable), "recsys")
     work = tempfile.mkdtemp(prefix="recsys-e2e-")
@@ -125,7 +151,7 @@ def main() -> int:
             [recsys, "--data-root", data, "run"], env=env, cwd=ROOT,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        sampler = RssSampler(proc.pid)
+        sampler = RssSampler(proc.pid, log=args.samples)
         sampler.start()
         out, err = proc.communicate()
         sampler.stop()
@@ -144,11 +170,12 @@ def main() -> int:
         instance = dg.DagsterInstance.get()
         run = instance.get_runs(limit=1)[0]
         stats = sorted(instance.get_run_step_stats(run.run_id), key=lambda s: s.start_time or 0)
-        print(f"\n{'step':<52} {'seconds':>8} {'peak RSS MiB':>12}")
+        print(f"\n{'step':<52} {'seconds':>8} {'CPU s':>7} {'peak RSS MiB':>12}")
         for s in stats:
             seconds = (s.end_time or 0) - (s.start_time or 0)
             mib = sampler.peak(s.start_time, s.end_time) / 2**20
-            print(f"{s.step_key:<52} {seconds:8.1f} {mib:12.0f}")
+            step_cpu = sampler.cpu(s.start_time or 0, s.end_time or 0)
+            print(f"{s.step_key:<52} {seconds:8.1f} {step_cpu:7.1f} {mib:12.0f}")
         run_stats = instance.get_run_stats(run.run_id)
         in_run = (run_stats.end_time or 0) - (run_stats.start_time or 0)
         with open(os.path.join(data, "snapshots", "default", "CURRENT")) as f:

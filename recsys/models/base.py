@@ -126,9 +126,7 @@ class Recommender(ABC):
         raise NotImplementedError
 
     def _remember_seen(self, data: Dataset) -> None:
-        seen = data.confidence.copy()
-        seen.data[:] = 1
-        self.seen_ = seen.astype(np.float32).tocsr()
+        self.seen_ = data.seen()  # one matrix for every model fitted on `data` (read-only)
         self.n_items_ = data.n_items
 
     def recommend(
@@ -186,3 +184,16 @@ class Recommender(ABC):
         model.n_items_ = shape[1]
         model._set_arrays(arrays)
         return model
+
+    def share_seen(self, other: Recommender) -> None:
+        """Use `other`'s seen matrix when it is the same (generators of one hybrid saved each
+        a copy): one in memory instead of one per generator."""
+        a, b = self.seen_, other.seen_
+        same = a is b or (
+            a.shape == b.shape
+            and a.nnz == b.nnz
+            and np.array_equal(a.indptr, b.indptr)
+            and np.array_equal(a.indices, b.indices)
+        )
+        if same:
+            self.seen_ = b

@@ -187,7 +187,12 @@ def temporal_split(
     """
     if not (0 <= test_fraction < 1 and 0 <= validation_fraction < 1):
         raise ValueError("fractions must be in [0, 1)")
-    ordered = events.sort("timestamp", "event_id", maintain_order=True)
+    order = events.select(pl.arg_sort_by("timestamp", "event_id", maintain_order=True))
+    order = order.to_series().to_numpy()
+    # already in order (a part of an earlier split): slices of it, no copy of the events
+    in_order = bool((order == np.arange(len(order), dtype=order.dtype)).all())
+    ordered = events if in_order else events[order]
+    del order
     n = ordered.height
     n_train = n - int(round(n * test_fraction))
     n_fit = n_train - int(round(n_train * validation_fraction))
@@ -249,10 +254,12 @@ def sequence_transitions(
     user_ids: np.ndarray,
     item_ids: np.ndarray,
     window: int = SEQUENCE_WINDOW,
+    block: int = 4_000_000,
 ) -> sp.csr_matrix:
     """Items x items: for each user's positive events in time order (repeats of the same
     item in a row collapsed), every pair of different items at most `window` events apart
-    adds 1 / distance, in both directions. What a user touches next after an item."""
+    adds 1 / distance, in both directions. What a user touches next after an item.
+    Built `block` transitions at a time (the matrix does not depend on it)."""
     weights = DEFAULT_EVENT_WEIGHTS if weights is None else weights
     n = len(item_ids)
     uidx = pl.DataFrame(
@@ -269,25 +276,51 @@ def sequence_transitions(
         .join(uidx, on="user_id", how="inner")
         .join(iidx, on="item_id", how="inner")
         .sort("u", "timestamp", "event_id")
+        .select(pl.col("u").cast(pl.Int32), pl.col("i").cast(pl.Int32))
     )
     u, i = seq["u"].to_numpy(), seq["i"].to_numpy()
+    del seq
     keep = np.ones(len(u), bool)
     keep[1:] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
     u, i = u[keep], i[keep]
-    rows, cols, vals = [], [], []
+    del keep
+    # (a, b) item pairs d events apart, for each d; each pair adds 1/d at (a, b) and (b, a)
+    pairs = []
     for d in range(1, max(window, 0) + 1):
         ok = (u[d:] == u[:-d]) & (i[d:] != i[:-d])
-        a, b = i[:-d][ok], i[d:][ok]
-        rows += [a, b]
-        cols += [b, a]
-        vals.append(np.full(2 * len(a), 1.0 / d, np.float32))
-    if not vals:
+        pairs.append((i[:-d][ok], i[d:][ok], np.float32(1.0 / d)))
+    del u, i
+    if not pairs or n == 0:
         return sp.csr_matrix((n, n), dtype=np.float32)
-    m = sp.csr_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-        shape=(n, n),
-        dtype=np.float32,
-    )
+    # Built in blocks of rows, each at most `block` entries before duplicates are summed: the
+    # entries of one row reach the block in the order they had in one whole build (all d=1
+    # forward, d=1 backward, d=2 forward, ...), so each row's sums are the same, bit for bit,
+    # while memory holds one block rather than every transition (six per event).
+    per_row = np.zeros(n, np.int64)
+    for a, b, _ in pairs:
+        per_row += np.bincount(a, minlength=n) + np.bincount(b, minlength=n)
+    blocks, start, total = [], 0, np.cumsum(per_row)
+    while start < n:
+        done = total[start - 1] if start else 0
+        stop = max(int(np.searchsorted(total, done + block, side="right")), start + 1)
+        stop = min(stop, n)
+        rows, cols, vals = [], [], []
+        for a, b, w in pairs:
+            for x, y in ((a, b), (b, a)):
+                sel = (x >= start) & (x < stop)
+                rows.append(x[sel] - start)
+                cols.append(y[sel])
+                vals.append(np.full(int(sel.sum()), w, np.float32))
+        m = sp.csr_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(stop - start, n),
+            dtype=np.float32,
+        )
+        m.sum_duplicates()
+        m.sort_indices()
+        blocks.append(m)
+        start = stop
+    m = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr", dtype=np.float32)
     m.sum_duplicates()
     m.sort_indices()
     return m
@@ -332,6 +365,17 @@ class Dataset:
     #: items x items CSR: how often j came within ``SEQUENCE_WINDOW`` events of i in a user's
     #: time-ordered events (weight 1 / distance, both directions); None as above
     transitions: sp.csr_matrix | None = None
+    _seen: sp.csr_matrix | None = field(default=None, repr=False, compare=False)
+
+    def seen(self) -> sp.csr_matrix:
+        """Users x items float32 CSR, 1 where the user has a positive interaction (the pattern
+        of ``confidence``): built once and shared, read-only, by every model fitted on this
+        dataset (each generator kept its own copy: six per dataset)."""
+        if self._seen is None:
+            seen = self.confidence.copy()
+            seen.data[:] = 1
+            self._seen = seen.astype(np.float32).tocsr()
+        return self._seen
 
     @property
     def n_users(self) -> int:

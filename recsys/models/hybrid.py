@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -248,9 +249,12 @@ def fit_generators(
     return models, skipped, {n: done[n][1] for n in fitted}
 
 
+_ONE_DATASET_BUILD = threading.Lock()
+
+
 class _Refit:
     """Every generator refit on `events` with the chosen configuration, each part started as
-    soon as what it needs is known: the dataset at once (it needs no choice), LightFM when
+    soon as what it needs is known: the dataset with the first part, LightFM when
     its early stopping starts (it runs beside it, for the count being chosen), the other
     generators once the grids are decided. On two cores the refits then fill the time the
     fit window's work leaves free; the models are the same as fitted one after another.
@@ -261,7 +265,8 @@ class _Refit:
         self, model: HybridRecommender, events, items, users, background: bool = False
     ) -> None:
         self._background = background
-        self._data = self._start(model.dataset, events, items, users)
+        self._inputs = (model.dataset, events, items, users)
+        self._data = None  # started with the first part (see _dataset)
         self._parts: list = []
         self._started: set[str] = set()
 
@@ -272,6 +277,14 @@ class _Refit:
             return fn(*args)
 
         return in_thread(run)
+
+    def _dataset(self):
+        """The refit's dataset, its build started on first use: the first part starts once a
+        choice is made, after the fit window's own dataset was built (one build at a time:
+        `HybridRecommender.dataset`), so the window's work is not queued behind refits."""
+        if self._data is None:
+            self._data = self._start(*self._inputs)
+        return self._data
 
     def fit(
         self,
@@ -286,8 +299,9 @@ class _Refit:
             return
         self._started.update(names)
         cfg = HybridConfig.from_dict(config.to_dict())
+        data = self._dataset()
         self._parts.append(
-            self._start(lambda: fit_generators(self._data.result(), cfg, names, lightfm_epochs))
+            self._start(lambda: fit_generators(data.result(), cfg, names, lightfm_epochs))
         )
 
     def result(self) -> tuple[Dataset, dict[str, Recommender], dict[str, str], dict[str, float]]:
@@ -302,7 +316,7 @@ class _Refit:
             seconds.update(sec)
         order = {g: i for i, g in enumerate(GENERATORS)}
         return (
-            self._data.result(),
+            self._dataset().result(),
             {g: models[g] for g in sorted(models, key=order.__getitem__)},
             {g: skipped[g] for g in sorted(skipped, key=order.__getitem__)},
             seconds,
@@ -620,7 +634,7 @@ def fit_eval_and_final(
         return cfg
 
     with single_threaded_blas():
-        # the dataset depends on nothing that is tuned: its build starts at once
+        # the refit on all events: its dataset is built with its first part (_Refit._dataset)
         model = HybridRecommender(final_config(config))
         refit = _Refit(model, events, items, users, background=True)
         if _lightfm_is_chosen(config):
@@ -653,7 +667,10 @@ def fit_eval_and_final(
         }
         ranker = None
         if final_cfg.served == HYBRID:
-            label = temporal_split(events, 0.0, final_cfg.validation_fraction)
+            # the events in order are the split's parts: cut again without sorting a copy
+            label = temporal_split(
+                pl.concat([split.train, split.test]), 0.0, final_cfg.validation_fraction
+            )
             if label.fit.height == split.train.height:  # R2's fit window is train: S2
                 gens, side, data = eval_model.generators_, eval_model.side_, eval_model.data_
             else:
@@ -1047,18 +1064,24 @@ class HybridRecommender:
 
     # -- training --
     def dataset(self, events, items, users, include_catalog: bool | None = None) -> Dataset:
-        """The model's Dataset of these events (its weights, half-life and catalogue choice)."""
+        """The model's Dataset of these events (its weights, half-life and catalogue choice).
+
+        One build at a time in a process: a fit builds up to three (the ranker's fit window,
+        the refits on train and on all events), in threads; each holds per-event work
+        arrays while it runs, so side by side they multiplied the peak with the events, where
+        one after the other only the finished datasets (per pair) add up."""
         c = self.config
-        return build_dataset(
-            events,
-            items,
-            users,
-            weights=c.weights,
-            half_life_days=c.half_life_days,
-            include_catalog_items=c.include_catalog_items
-            if include_catalog is None
-            else include_catalog,
-        )
+        with _ONE_DATASET_BUILD:
+            return build_dataset(
+                events,
+                items,
+                users,
+                weights=c.weights,
+                half_life_days=c.half_life_days,
+                include_catalog_items=c.include_catalog_items
+                if include_catalog is None
+                else include_catalog,
+            )
 
     def fit(
         self,
@@ -1075,8 +1098,8 @@ class HybridRecommender:
         ``validation_fraction`` (the label window); tuning grids and LightFM's epoch count are
         chosen there too. The refit on all events needs nothing more from the window than
         those choices, so it runs in threads beside the fit window's work (see
-        :class:`_Refit`: its dataset from the start, LightFM beside its early stopping, the
-        other generators once the grids are decided) and the ranker's training (LightFM, the
+        :class:`_Refit`: its dataset with the first choice, LightFM beside its early stopping,
+        the other generators once the grids are decided) and the ranker's training (LightFM, the
         sparse products and the tree fit release the GIL: two cores are used; the models are
         the same as one after the other). `on_early_stopping`, `on_grids` and `on_config`
         are called at those points (see :func:`fit_window_generators`; `on_config` once all
@@ -1228,7 +1251,12 @@ class HybridRecommender:
             meta = json.load(f)
         model = cls(HybridConfig.from_dict(meta["config"]))
         model.info = meta["info"]
-        model.generators_ = {g: Recommender.load(os.path.join(path, g)) for g in meta["generators"]}
+        model.generators_ = {}
+        for g in meta["generators"]:  # one seen matrix for all, each copy dropped as it loads
+            gen = Recommender.load(os.path.join(path, g))
+            if model.generators_:
+                gen.share_seen(next(iter(model.generators_.values())))
+            model.generators_[g] = gen
         with np.load(os.path.join(path, "hybrid.npz"), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         model.side_ = SideFeatures.from_arrays(arrays)
