@@ -18,6 +18,10 @@ from pipelines.distributed import StorageIOManager, executor_name, job_executor
 from pipelines.resources import IngestPolicy, MlflowResource, StorageResource
 
 DATA_ROOT = os.environ.get("RECSYS_DATA_ROOT", "data")
+#: user shards of user_recommendations (one step, partition and Celery task each)
+PUBLISH_ASSETS = publish.build_assets(
+    publish.user_shard_count(os.environ.get("RECSYS_USER_SHARDS"))
+)
 
 recsys_pipeline = dg.define_asset_job(
     "recsys_pipeline",
@@ -45,7 +49,7 @@ publish_job = dg.define_asset_job(
 user_shards_job = dg.define_asset_job(
     "user_shards_job",
     selection=dg.AssetSelection.assets("user_recommendations"),
-    partitions_def=publish.user_shards,
+    partitions_def=PUBLISH_ASSETS[0].partitions_def,
     executor_def=job_executor(dg.multiprocess_executor),
     description="Recompute user-shard top-N lists; backfill several shards to run them as "
     "separate processes (or pods, under a Kubernetes/Celery/Docker executor), then "
@@ -67,7 +71,7 @@ defs = dg.Definitions(
         *ingest.assets,
         *training.assets,
         *evaluation.assets,
-        *publish.assets,
+        *PUBLISH_ASSETS,
         *control_jobs.assets,
     ],
     asset_checks=[

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import strip_protocol, url_to_fs
 
 from recsys.tenancy import check_tenant
 
@@ -107,6 +107,29 @@ class Storage:
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
+
+    def put_dir(self, local: str, path: str) -> None:
+        """Copy the files of the local folder `local` into folder `path` of this root (a model
+        folder written to a worker's own disk, then uploaded: no disk shared with others)."""
+        for folder, _, names in os.walk(local):
+            rel = os.path.relpath(folder, local)
+            dest = path if rel == "." else posixpath.join(path, *rel.split(os.sep))
+            self.fs.makedirs(dest, exist_ok=True)
+            for name in sorted(names):
+                self.fs.put_file(os.path.join(folder, name), posixpath.join(dest, name))
+
+    def get_dir(self, path: str, local: str) -> None:
+        """Copy every file under folder `path` of this root into the local folder `local`
+        (FileNotFoundError when `path` holds none)."""
+        base = strip_protocol(path).rstrip("/")
+        found = self.fs.find(path)
+        if not found:
+            raise FileNotFoundError(f"{path}: no files")
+        for remote in found:
+            rel = posixpath.relpath(strip_protocol(remote), base)
+            target = os.path.join(local, *rel.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            self.fs.get_file(remote, target)
 
     def check_reachable(self) -> None:
         """Raise OSError naming the root unless it exists and can be listed from here: a

@@ -8,6 +8,7 @@ from pipelines.evaluation.config import ChampionConfig, EvaluationConfig
 from pipelines.resources import MlflowResource, StorageResource
 from pipelines.training.assets import (
     _md_table,
+    load_hybrid,
     model_path,
     read_inputs,
     read_json,
@@ -18,7 +19,6 @@ from recsys import tracking
 from recsys.evaluation.evaluate import format_table, plot_table
 from recsys.evaluation.offline import evaluate_fitted
 from recsys.models.data import temporal_split
-from recsys.models.hybrid import HybridRecommender
 
 GROUP = "evaluation"
 
@@ -48,7 +48,7 @@ def model_evaluation(
         events, _, _ = read_inputs(store, tenant)
         split = read_json(store, model_path(store, tenant, "split.json"))
         s = temporal_split(events, split["test_fraction"])
-        model = HybridRecommender.load(model_path(store, tenant, "eval", "hybrid"))
+        model = load_hybrid(store, model_path(store, tenant, "eval", "hybrid"))
         table, holdout, _ = evaluate_fitted(
             model, s.train, s.test, config.bootstrap_resamples, config.seed
         )

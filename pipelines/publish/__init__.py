@@ -1,15 +1,12 @@
 """Publish: per-user top-N (sharded), item similarities, fallbacks -> the serving snapshot."""
 
-from pipelines.publish import assets as _assets
 from pipelines.publish import checks as _checks
-from pipelines.publish.partitions import user_shards
+from pipelines.publish.assets import build_assets
+from pipelines.publish.partitions import DEFAULT_USER_SHARDS, user_shard_count
 
-assets = [
-    _assets.user_recommendations,
-    _assets.item_similarities,
-    _assets.fallback_lists,
-    _assets.serving_snapshot,
-]
+#: the publish assets with the default shard count (`pipelines.definitions` builds them with
+#: the code location's setting, RECSYS_USER_SHARDS)
+assets = build_assets(DEFAULT_USER_SHARDS)
 asset_checks = [_checks.snapshot_live_and_verified, _checks.snapshot_user_coverage]
 
-__all__ = ["asset_checks", "assets", "user_shards"]
+__all__ = ["asset_checks", "assets", "build_assets", "user_shard_count"]

@@ -9,17 +9,26 @@ import functools
 import hashlib
 import json
 import os
+import posixpath
+import tempfile
 from dataclasses import asdict
 from typing import Any
 
 import dagster as dg
 
 from pipelines.publish.config import PublishConfig
-from pipelines.publish.partitions import N_USER_SHARDS, shard_number, user_shards
+from pipelines.publish.partitions import (
+    DEFAULT_USER_SHARDS,
+    shard_key,
+    shard_number,
+    user_shards_partitions,
+)
 from pipelines.resources import StorageResource
-from pipelines.training.assets import model_path, read_json, tenants
+from pipelines.training.assets import load_hybrid, model_path, read_json, tenants
+from recsys.durable import write_atomic
 from recsys.snapshot import SnapshotStore
 from recsys.snapshot import build as snapbuild
+from recsys.snapshot.format import CURRENT
 from recsys.storage import Storage
 
 GROUP = "publish"
@@ -85,7 +94,7 @@ class _Champion:
 
     @property
     def model(self) -> Any:
-        return _load_model(self.path, _folder_stamp(self._store, self.path))
+        return _load_model(self._store.root, self.path, _folder_stamp(self._store, self.path))
 
     @property
     def config_version(self) -> str:
@@ -140,14 +149,41 @@ def _folder_stamp(store: Storage, path: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _load_model(path: str, stamp: str) -> Any:
-    from recsys.models.hybrid import HybridRecommender
-
-    return HybridRecommender.load(path)
+def _load_model(root: str, path: str, stamp: str) -> Any:
+    return load_hybrid(Storage(root), path)
 
 
-def _snapshots(store: Storage, tenant: str, keep: int = 5) -> SnapshotStore:
-    return SnapshotStore(store.snapshots_dir(tenant), keep=keep)
+def snapshot_store(store: Storage, tenant: str, keep: int = 5) -> SnapshotStore:
+    """The tenant's snapshot store: under the data root when that is a folder (plain or
+    ``file://``); on an object store, a working copy on this host's disk (a snapshot is
+    memory-mapped, so it is assembled and verified locally, then uploaded under the root by
+    `_upload_snapshot` for serving hosts' ``recsys snapshot fetch``)."""
+    if _is_folder(store):
+        return SnapshotStore(store.snapshots_dir(tenant), keep=keep)
+    key = hashlib.sha256(store.root.encode()).hexdigest()[:12]
+    local = os.path.join(tempfile.gettempdir(), "recsys-snapshots", key, tenant)
+    return SnapshotStore(local, keep=keep)
+
+
+def _is_folder(store: Storage) -> bool:
+    return "://" not in store.root or store.root.startswith("file://")
+
+
+def _upload_snapshot(store: Storage, tenant: str, snaps: SnapshotStore, sid: str, live: bool):
+    """Snapshot `sid` of the working copy `snaps` copied under the object-store root, then
+    (`live`) the root's CURRENT replaced to name it: fetchers never see a partial one."""
+    remote = store.snapshots_dir(tenant)
+    store.put_dir(snaps.path_of(sid), posixpath.join(remote, sid))
+    if live:
+        write_atomic(posixpath.join(remote, CURRENT), f"{sid}\n".encode(), store.fs)
+
+
+def _remote_current(store: Storage, tenant: str) -> str | None:
+    try:
+        raw = store.fs.cat_file(posixpath.join(store.snapshots_dir(tenant), CURRENT))
+    except FileNotFoundError:
+        return None
+    return raw.decode().strip() or None
 
 
 def _items_users(store: Storage, tenant: str) -> tuple[Any, Any]:
@@ -162,40 +198,48 @@ def _items_users(store: Storage, tenant: str) -> tuple[Any, Any]:
 
 
 def _segment_events(store: Storage, tenant: str) -> Any:
-    """The three event columns the per-segment fallback lists use. Not every column of every
-    event (the context JSON alone is most of the bytes): at 10M events the whole table held
-    gigabytes in these steps for lists that need user, item and type."""
+    """The three event columns the per-segment fallback lists use, as a lazy scan: the lists
+    fold it into (segment, item) sums streamed, never holding every event (at 10M events the
+    whole table held gigabytes in these steps, the three columns 0.5 GB)."""
     from recsys import ingest
 
-    return ingest.scan_events(store, tenant).select("user_id", "item_id", "event_type").collect()
+    return ingest.scan_events(store, tenant).select("user_id", "item_id", "event_type")
 
 
-@dg.op(out=dg.DynamicOut(dict), ins={"champion_model": dg.In(dg.Nothing)})
-def plan_user_shards(
-    context: dg.OpExecutionContext, config: PublishConfig, storage: StorageResource
-):
-    """One task per (tenant, shard): the shard of the run's partition, else all of them. Reads
-    only the gate decisions (the model key each shard must be scored with)."""
-    store = storage.storage()
-    shards = (
-        [shard_number(context.partition_key)]
-        if context.has_partition_key
-        else list(range(N_USER_SHARDS))
+def _plan_user_shards_op(n_shards: int) -> dg.OpDefinition:
+    @dg.op(
+        name="plan_user_shards",
+        out=dg.DynamicOut(dict),
+        ins={"champion_model": dg.In(dg.Nothing)},
     )
-    for tenant in tenants(store, config.tenants):
-        champ = _champion(store, tenant, config)
-        for shard in shards:
-            yield dg.DynamicOutput(
-                {
-                    "tenant": tenant,
-                    "shard": shard,
-                    "model_key": champ.key,
-                    "k": config.n_per_user,
-                    "model_version": config.model_version,
-                    "mlflow_uri": config.mlflow_uri,
-                },
-                mapping_key=f"{tenant}_{shard:02d}".replace("-", "_"),
-            )
+    def plan_user_shards(
+        context: dg.OpExecutionContext, config: PublishConfig, storage: StorageResource
+    ):
+        """One task per (tenant, shard): the shard of the run's partition, else all of them.
+        Reads only the gate decisions (the model key each shard must be scored with)."""
+        store = storage.storage()
+        shards = (
+            [shard_number(context.partition_key)]
+            if context.has_partition_key
+            else list(range(n_shards))
+        )
+        for tenant in tenants(store, config.tenants):
+            champ = _champion(store, tenant, config)
+            for shard in shards:
+                yield dg.DynamicOutput(
+                    {
+                        "tenant": tenant,
+                        "shard": shard,
+                        "n_shards": n_shards,
+                        "model_key": champ.key,
+                        "k": config.n_per_user,
+                        "model_version": config.model_version,
+                        "mlflow_uri": config.mlflow_uri,
+                    },
+                    mapping_key=f"{tenant}_{shard_key(shard, n_shards)[6:]}".replace("-", "_"),
+                )
+
+    return plan_user_shards
 
 
 @dg.op
@@ -211,11 +255,12 @@ def score_user_shard(context: dg.OpExecutionContext, storage: StorageResource, t
             f"({task['model_key']} -> {champ.key}); run the job again"
         )
     model = champ.model
+    n_shards = task["n_shards"]
     path, rows = snapbuild.compute_shard(
-        model, _snapshots(store, task["tenant"]).root, champ.key, task["shard"],
-        N_USER_SHARDS, task["k"],
+        model, store.snapshots_dir(task["tenant"]), champ.key, task["shard"],
+        n_shards, task["k"], fs=store.fs,
     )  # fmt: skip
-    start, stop = snapbuild.shard_bounds(len(model.user_ids_), task["shard"], N_USER_SHARDS)
+    start, stop = snapbuild.shard_bounds(len(model.user_ids_), task["shard"], n_shards)
     context.log.info(f"{task['tenant']}: shard {task['shard']} staged ({rows} rows, {path})")
     return {**task, "users": stop - start, "rows": rows, "path": path}
 
@@ -239,21 +284,27 @@ def _publish_config(config: PublishConfig) -> dict:
     return {"plan_user_shards": {"config": dict(config)}}  # the launchpad shape is unchanged
 
 
-@dg.graph_asset(
-    group_name=GROUP,
-    partitions_def=user_shards,
-    ins={"champion_model": dg.AssetIn(dagster_type=dg.Nothing)},
-    kinds={"numpy", "parquet"},
-    config=dg.ConfigMapping(config_fn=_publish_config),
-)
-def user_recommendations(champion_model) -> list:
-    """Final top-N per user with per-signal parts and reasons, by contiguous user shards
-    (staged under snapshots/<tenant>/.staging/<model>/). Each shard is its own step
-    (`score_user_shard`, a dynamic fan-out): run without a partition (the end-to-end job) it
-    scores every shard; under the Celery executor each shard is a task on the workers. Memory
-    stays bounded by one shard per step."""
-    tasks = plan_user_shards(champion_model)
-    return user_shards_staged(tasks.map(score_user_shard).collect())
+def _user_recommendations(n_shards: int) -> dg.AssetsDefinition:
+    plan_user_shards = _plan_user_shards_op(n_shards)
+
+    @dg.graph_asset(
+        name="user_recommendations",
+        group_name=GROUP,
+        partitions_def=user_shards_partitions(n_shards),
+        ins={"champion_model": dg.AssetIn(dagster_type=dg.Nothing)},
+        kinds={"numpy", "parquet"},
+        config=dg.ConfigMapping(config_fn=_publish_config),
+    )
+    def user_recommendations(champion_model) -> list:
+        """Final top-N per user with per-signal parts and reasons, by contiguous user shards
+        (staged under snapshots/<tenant>/.staging/<model>/). Each shard is its own step
+        (`score_user_shard`, a dynamic fan-out): run without a partition (the end-to-end job)
+        it scores every shard; under the Celery executor each shard is a task on the workers.
+        Memory stays bounded by one shard per step."""
+        tasks = plan_user_shards(champion_model)
+        return user_shards_staged(tasks.map(score_user_shard).collect())
+
+    return user_recommendations
 
 
 @dg.asset(group_name=GROUP, deps=["champion_model"], kinds={"numpy", "parquet"})
@@ -266,7 +317,9 @@ def item_similarities(
     for tenant in tenants(store, config.tenants):
         champ = _champion(store, tenant, config)
         lists = snapbuild.similar_lists(champ.model, config.n_similar)
-        snapbuild.write_item_lists(_snapshots(store, tenant).root, champ.key, similar=lists)
+        snapbuild.write_item_lists(
+            store.snapshots_dir(tenant), champ.key, similar=lists, fs=store.fs
+        )
         meta[f"{tenant}/pairs"] = dg.MetadataValue.json({k: f.height for k, f in lists.items()})
         if not lists:
             context.log.warning(f"{tenant}: the model has neither LightFM nor co-occurrence lists")
@@ -287,7 +340,9 @@ def fallback_lists(
         lists = snapbuild.fallback_lists(
             champ.model, table, users, _segment_events(store, tenant), k=config.n_fallback
         )
-        snapbuild.write_item_lists(_snapshots(store, tenant).root, champ.key, fallbacks=lists)
+        snapbuild.write_item_lists(
+            store.snapshots_dir(tenant), champ.key, fallbacks=lists, fs=store.fs
+        )
         meta[f"{tenant}/lists"] = len(lists)
         meta[f"{tenant}/popular_top10"] = dg.MetadataValue.json(
             [str(champ.model.item_ids_[i]) for i in lists["popular"][0][:10]]
@@ -296,57 +351,80 @@ def fallback_lists(
     return dg.MaterializeResult(metadata=meta)
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=["champion_model", user_recommendations, item_similarities, fallback_lists],
-    kinds={"numpy", "duckdb"},
-)
-def serving_snapshot(
-    context: dg.AssetExecutionContext, config: PublishConfig, storage: StorageResource
-) -> dg.MaterializeResult:
-    """Assembles the staged shards and lists into a versioned snapshot, verifies it (checksums,
-    schema, counts, a full open) and makes it live by replacing snapshots/<tenant>/CURRENT.
-    A failure anywhere leaves the live snapshot untouched."""
-    store = storage.storage()
-    meta: dict[str, Any] = {}
-    rows = []
-    for tenant in tenants(store, config.tenants):
-        champ = _champion(store, tenant, config)
-        snaps = _snapshots(store, tenant, config.keep)
-        previous = snaps.current_id()
-        items, users = _items_users(store, tenant)
-        # the events only feed the fallback lists, read only when fallback_lists staged none
-        staged = snapbuild.read_fallback_lists(snaps.root, champ.key) is not None
-        events = None if staged else _segment_events(store, tenant)
-        sid, manifest = snapbuild.assemble_snapshot(
-            snaps,
-            tenant=tenant,
-            model=champ.model,
-            model_key=champ.key,
-            n_shards=N_USER_SHARDS,
-            k=config.n_per_user,
-            items=items,
-            users=users,
-            events=events,
-            models_info=champ.info,
-            config_version=champ.config_version,
-            n_similar=config.n_similar,
-            log=context.log,
-            make_live=config.make_live,
-        )
-        row: dict[str, Any] = {
-            "tenant": tenant,
-            "snapshot": sid,
-            "previous": previous,
-            **{k: manifest["counts"][k] for k in ("users", "items", "candidates")},
-        }
-        if previous and config.diff_k and previous in snaps.ids():
-            d = snaps.diff(previous, sid, k=config.diff_k)
-            row[f"top{config.diff_k}_changed"] = f"{d.users_changed} ({d.changed_fraction:.1%})"
-        rows.append(row)
-        meta[f"{tenant}/path"] = dg.MetadataValue.path(os.path.join(snaps.root, sid))
-        meta[f"{tenant}/bytes"] = sum(f["bytes"] for f in manifest["files"].values())
-        live = "" if config.make_live else " (not live: CURRENT unchanged)"
-        context.log.info(f"{tenant}: published {sid}{live} (was {previous})")
-    meta["published"] = dg.MetadataValue.json(rows)
-    return dg.MaterializeResult(metadata=meta)
+def _serving_snapshot(n_shards: int) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="serving_snapshot",
+        group_name=GROUP,
+        deps=["champion_model", "user_recommendations", item_similarities, fallback_lists],
+        kinds={"numpy", "duckdb"},
+    )
+    def serving_snapshot(
+        context: dg.AssetExecutionContext, config: PublishConfig, storage: StorageResource
+    ) -> dg.MaterializeResult:
+        """Assembles the staged shards and lists into a versioned snapshot, verifies it
+        (checksums, schema, counts, a full open) and makes it live by replacing
+        snapshots/<tenant>/CURRENT. A failure anywhere leaves the live snapshot untouched."""
+        store = storage.storage()
+        meta: dict[str, Any] = {}
+        rows = []
+        for tenant in tenants(store, config.tenants):
+            champ = _champion(store, tenant, config)
+            snaps = snapshot_store(store, tenant, config.keep)
+            previous = snaps.current_id() if _is_folder(store) else _remote_current(store, tenant)
+            items, users = _items_users(store, tenant)
+            # the events only feed the fallback lists: read when fallback_lists staged none
+            staging = store.snapshots_dir(tenant)
+            staged = snapbuild.read_fallback_lists(staging, champ.key, store.fs) is not None
+            events = None if staged else _segment_events(store, tenant)
+            sid, manifest = snapbuild.assemble_snapshot(
+                snaps,
+                tenant=tenant,
+                model=champ.model,
+                model_key=champ.key,
+                n_shards=n_shards,
+                k=config.n_per_user,
+                items=items,
+                users=users,
+                events=events,
+                models_info=champ.info,
+                config_version=champ.config_version,
+                n_similar=config.n_similar,
+                log=context.log,
+                make_live=config.make_live,
+                staging_root=staging,
+                fs=store.fs,
+            )
+            if not _is_folder(store):
+                _upload_snapshot(store, tenant, snaps, sid, config.make_live)
+            row: dict[str, Any] = {
+                "tenant": tenant,
+                "snapshot": sid,
+                "previous": previous,
+                **{k: manifest["counts"][k] for k in ("users", "items", "candidates")},
+            }
+            if previous and config.diff_k and previous in snaps.ids():
+                d = snaps.diff(previous, sid, k=config.diff_k)
+                changed = f"{d.users_changed} ({d.changed_fraction:.1%})"
+                row[f"top{config.diff_k}_changed"] = changed
+            rows.append(row)
+            where = snaps.root if _is_folder(store) else store.snapshots_dir(tenant)
+            meta[f"{tenant}/path"] = dg.MetadataValue.path(posixpath.join(where, sid))
+            meta[f"{tenant}/bytes"] = sum(f["bytes"] for f in manifest["files"].values())
+            live = "" if config.make_live else " (not live: CURRENT unchanged)"
+            context.log.info(f"{tenant}: published {sid}{live} (was {previous})")
+        meta["published"] = dg.MetadataValue.json(rows)
+        return dg.MaterializeResult(metadata=meta)
+
+    return serving_snapshot
+
+
+def build_assets(n_user_shards: int = DEFAULT_USER_SHARDS) -> list[dg.AssetsDefinition]:
+    """The publish assets with user work in `n_user_shards` shards (the code location's
+    setting, `pipelines.publish.partitions.user_shard_count`): `user_recommendations`
+    (partitioned by shard), the item lists and `serving_snapshot`."""
+    return [
+        _user_recommendations(n_user_shards),
+        item_similarities,
+        fallback_lists,
+        _serving_snapshot(n_user_shards),
+    ]

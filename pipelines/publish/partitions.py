@@ -1,12 +1,44 @@
 """Static user shards for the per-user precompute: each shard is a contiguous range of a
 tenant's users (`recsys.snapshot.build.shard_bounds`), so any shard can be re-run alone and a
-backfill can run them in parallel."""
+backfill can run them in parallel.
+
+How many shards is a setting of the code location (``RECSYS_USER_SHARDS``, read by
+`pipelines.definitions` like the data root; default 16): a few for a small tenant, thousands
+when 100M users are spread over many workers. The snapshot does not depend on it (tested on 4
+and 16): shards are contiguous user ranges assembled in order.
+"""
 
 import dagster as dg
 
-N_USER_SHARDS = 16
+DEFAULT_USER_SHARDS = 16
+#: a partition key per shard: Dagster's UI and the run queue stay usable up to this many
+MAX_USER_SHARDS = 10_000
 
-user_shards = dg.StaticPartitionsDefinition([f"shard-{i:02d}" for i in range(N_USER_SHARDS)])
+
+def user_shard_count(value: str | None) -> int:
+    """The shard count from a setting's text (None or empty: the default); ValueError naming
+    the setting when it is not an integer in [1, MAX_USER_SHARDS]."""
+    if value is None or not value.strip():
+        return DEFAULT_USER_SHARDS
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_USER_SHARDS:
+        raise ValueError(
+            f"RECSYS_USER_SHARDS={value!r}: expected an integer from 1 to {MAX_USER_SHARDS}"
+        )
+    return n
+
+
+def shard_key(shard: int, n_shards: int) -> str:
+    """The partition key of shard `shard` of `n_shards`: 'shard-03' (zero-padded to the width
+    of the largest number, at least two digits, so keys sort in shard order)."""
+    return f"shard-{shard:0{max(2, len(str(n_shards - 1)))}d}"
+
+
+def user_shards_partitions(n_shards: int = DEFAULT_USER_SHARDS) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition([shard_key(i, n_shards) for i in range(n_shards)])
 
 
 def shard_number(partition_key: str) -> int:

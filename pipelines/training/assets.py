@@ -13,6 +13,7 @@ where separate steps re-read the events, rebuilt the datasets and re-loaded ever
 
 import json
 import posixpath
+import tempfile
 import time
 
 import dagster as dg
@@ -58,11 +59,17 @@ def tenants(store: Storage, wanted: list[str]) -> list[str]:
     return sorted(t for t in found if is_valid_tenant(t) and store.exists(store.events_dir(t)))
 
 
+#: the event columns the models and the evaluation read (not the value, session or context:
+#: the context JSON alone was most of the bytes of every copy of the events a fit holds)
+MODEL_EVENT_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "timestamp")
+
+
 def read_inputs(
     store: Storage, tenant: str
 ) -> tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame | None]:
-    """Validated events, items and users (None when the table does not exist) of a tenant."""
-    events = ingest.read_events(store, tenant)
+    """Validated events (`MODEL_EVENT_COLUMNS`), items and users (None when the table does
+    not exist) of a tenant."""
+    events = ingest.scan_events(store, tenant).select(MODEL_EVENT_COLUMNS).collect()
     tables = []
     for name in ("items", "users"):
         path = store.table_path(tenant, name)
@@ -72,6 +79,29 @@ def read_inputs(
 
 def model_path(store: Storage, tenant: str, *parts: str) -> str:
     return posixpath.join(store.models_dir(tenant), *parts)
+
+
+def save_model(store: Storage, model, path: str) -> None:
+    """`model.save` into folder `path` of the storage: in place on a local root, else into a
+    local temporary folder uploaded file by file (a worker needs no disk shared with others:
+    the data root's URI is enough)."""
+    if "://" not in store.root:
+        model.save(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
+        model.save(tmp)
+        store.put_dir(tmp, path)
+
+
+def load_hybrid(store: Storage, path: str):
+    """The hybrid model saved in folder `path` of the storage (see `save_model`)."""
+    from recsys.models.hybrid import HybridRecommender
+
+    if "://" not in store.root:
+        return HybridRecommender.load(path)
+    with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
+        store.get_dir(path, tmp)
+        return HybridRecommender.load(tmp)  # (read whole: the folder can go)
 
 
 def write_json(store: Storage, path: str, obj) -> None:
@@ -318,7 +348,7 @@ def train_models(
                 models["eval"], parts.train, parts.test, seed=cfg.seed
             )
         for variant, model in models.items():
-            model.save(model_path(store, tenant, variant, "hybrid"))
+            save_model(store, model, model_path(store, tenant, variant, "hybrid"))
         seconds = round(time.perf_counter() - t0, 2)
         chosen[tenant] = {
             k: models["eval"].info[k]

@@ -15,6 +15,7 @@ model version are never mixed into a snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -41,11 +42,25 @@ MODEL_REASON_TO_SNAPSHOT: dict[int, int] = {
 }
 
 
+#: users scored together (`shard_candidates`): shard bounds fall on multiples of it, so each
+#: user is scored in the same batch whatever the shard count, and its scores are the same to
+#: the last bit (a BLAS product's rounding depends on the shape of the batch it is part of)
+SCORING_BATCH = 256
+
+
 def shard_bounds(n_users: int, shard: int, n_shards: int) -> tuple[int, int]:
-    """Users [start, stop) of shard `shard` of `n_shards` contiguous, near-equal ranges."""
+    """Users [start, stop) of shard `shard` of `n_shards` contiguous, near-equal ranges whose
+    bounds are multiples of `SCORING_BATCH` (a shard may be empty when there are fewer than
+    that many users per shard)."""
     if not 0 <= shard < n_shards:
         raise ValueError(f"shard {shard} out of range [0, {n_shards})")
-    return shard * n_users // n_shards, (shard + 1) * n_users // n_shards
+
+    def edge(s: int) -> int:
+        if s >= n_shards:
+            return n_users
+        return s * n_users // n_shards // SCORING_BATCH * SCORING_BATCH
+
+    return edge(shard), edge(shard + 1)
 
 
 def staging_dir(snapshots_dir: str, model_key: str) -> str:
@@ -60,7 +75,7 @@ def shard_path(snapshots_dir: str, model_key: str, shard: int, n_shards: int) ->
 
 
 def shard_candidates(
-    model: Any, start: int, stop: int, k: int, batch_size: int = 256, workers: int = 2
+    model: Any, start: int, stop: int, k: int, batch_size: int = SCORING_BATCH, workers: int = 2
 ) -> pl.DataFrame:
     """Final top-k of users [start, stop) as a frame with `CANDIDATE_COLUMNS` (scored
     `workers` batches at a time; the frame does not depend on it)."""
@@ -93,16 +108,35 @@ def compute_shard(
     n_shards: int,
     k: int,
     workers: int = 2,
+    fs: Any = None,
 ) -> tuple[str, int]:
-    """Score one shard and write it atomically to staging. Returns (path, rows)."""
+    """Score one shard and write it atomically to staging. Returns (path, rows).
+    `snapshots_dir` is a local folder, or a folder of the fsspec filesystem `fs` (a worker
+    stages its shard through the data root's URI, no shared disk needed)."""
     start, stop = shard_bounds(len(model.user_ids_), shard, n_shards)
     frame = shard_candidates(model, start, stop, k, workers=workers)
     path = shard_path(snapshots_dir, model_key, shard, n_shards)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _fs(fs).makedirs(os.path.dirname(path), exist_ok=True)
     # staging, read back by this run only (a lost shard is scored again): whole for readers,
     # no fsync (the published snapshot is what is made durable and verified)
-    write_parquet_atomic(frame, path, sync=False)
+    write_parquet_atomic(frame, path, fs, sync=False)
     return path, frame.height
+
+
+def _fs(fs: Any) -> Any:
+    """`fs`, or the local filesystem."""
+    if fs is not None:
+        return fs
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem()
+
+
+def _read_parquet(path: str, fs: Any) -> pl.DataFrame:
+    if fs is None:
+        return pl.read_parquet(path)
+    with fs.open(path, "rb") as f:
+        return pl.read_parquet(f)
 
 
 def compute_shards(
@@ -182,7 +216,7 @@ def fallback_lists(
     model: Any,
     items: pl.DataFrame,
     users: pl.DataFrame | None,
-    events: pl.DataFrame | None,
+    events: pl.DataFrame | pl.LazyFrame | None,
     k: int = 200,
     weights: Mapping[str, float] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -214,12 +248,15 @@ def fallback_lists(
         mask = np.zeros(len(items), dtype=bool)
         mask[group["i"].to_numpy()] = True
         out[f"tag:{tag}"] = top(mask, pop)
-    if users is not None and events is not None and "segment" in users.columns and events.height:
+    if users is not None and events is not None and "segment" in users.columns:
         w = dict(DEFAULT_EVENT_WEIGHTS, **(weights or {}))
         item_pos = indexed.select("item_id", "i")
+        # lazy and streamed: a scan of the events is folded to (segment, item) sums without
+        # holding every event (exact in any order: positive multiples of 0.5 by default)
         seg = (
-            events.select("user_id", "item_id", "event_type")
-            .join(users.select("user_id", "segment").drop_nulls(), on="user_id")
+            events.lazy()
+            .select("user_id", "item_id", "event_type")
+            .join(users.lazy().select("user_id", "segment").drop_nulls(), on="user_id")
             .with_columns(
                 pl.col("event_type")
                 .replace_strict(w, default=0.0, return_dtype=pl.Float64)
@@ -228,7 +265,8 @@ def fallback_lists(
             .filter(pl.col("w") > 0)
             .group_by("segment", "item_id")
             .agg(pl.col("w").sum())
-            .join(item_pos, on="item_id")
+            .join(item_pos.lazy(), on="item_id")
+            .collect(engine="streaming")
         )
         for (name,), group in seg.group_by("segment"):
             score = np.zeros(len(items), dtype=np.float32)
@@ -242,10 +280,11 @@ def write_item_lists(
     model_key: str,
     similar: Mapping[str, pl.DataFrame] | None = None,
     fallbacks: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    fs: Any = None,
 ) -> list[str]:
     """Stage similar lists (similar-<kind>.parquet) and/or fallbacks (fallbacks.parquet)."""
     d = staging_dir(snapshots_dir, model_key)
-    os.makedirs(d, exist_ok=True)
+    _fs(fs).makedirs(d, exist_ok=True)
     frames: dict[str, pl.DataFrame] = {f"similar-{kind}": f for kind, f in (similar or {}).items()}
     if similar is not None:
         frames["similar-kinds"] = pl.DataFrame({"kind": list(similar)}, schema={"kind": pl.String})
@@ -265,27 +304,29 @@ def write_item_lists(
     paths = []
     for name, frame in frames.items():
         path = os.path.join(d, f"{name}.parquet")
-        write_parquet_atomic(frame, path, sync=False)  # staging, as the shards
+        write_parquet_atomic(frame, path, fs, sync=False)  # staging, as the shards
         paths.append(path)
     return paths
 
 
-def read_similar_lists(snapshots_dir: str, model_key: str) -> dict[str, pl.DataFrame] | None:
+def read_similar_lists(
+    snapshots_dir: str, model_key: str, fs: Any = None
+) -> dict[str, pl.DataFrame] | None:
     d = staging_dir(snapshots_dir, model_key)
     kinds_path = os.path.join(d, "similar-kinds.parquet")
-    if not os.path.exists(kinds_path):
+    if not _fs(fs).exists(kinds_path):
         return None
-    kinds = pl.read_parquet(kinds_path)["kind"].to_list()
-    return {k: pl.read_parquet(os.path.join(d, f"similar-{k}.parquet")) for k in kinds}
+    kinds = _read_parquet(kinds_path, fs)["kind"].to_list()
+    return {k: _read_parquet(os.path.join(d, f"similar-{k}.parquet"), fs) for k in kinds}
 
 
 def read_fallback_lists(
-    snapshots_dir: str, model_key: str
+    snapshots_dir: str, model_key: str, fs: Any = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     path = os.path.join(staging_dir(snapshots_dir, model_key), "fallbacks.parquet")
-    if not os.path.exists(path):
+    if not _fs(fs).exists(path):
         return None
-    frame = pl.read_parquet(path)
+    frame = _read_parquet(path, fs)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for (name,), group in frame.group_by("name", maintain_order=True):
         out[name] = (group["item_idx"].to_numpy(), group["score"].to_numpy())
@@ -319,12 +360,16 @@ def assemble_snapshot(
     compute_missing: bool = True,
     log: Any = None,
     make_live: bool = True,
+    staging_root: str | None = None,
+    fs: Any = None,
 ) -> tuple[str, dict[str, Any]]:
     """Write the snapshot from the staged shards (computing missing ones), verify and publish
-    (`make_live`: and switch CURRENT to it).
+    (`make_live`: and switch CURRENT to it). The shards and lists are staged under
+    `staging_root` (default: the store's folder), on the fsspec filesystem `fs` when given.
 
     Returns (snapshot_id, manifest). CURRENT changes only if everything succeeded.
     """
+    staging_root = store.root if staging_root is None else staging_root
     user_ids = [str(u) for u in model.user_ids_]
     item_table = aligned_items([str(i) for i in model.item_ids_], items)
     tmp = store.new_tmp_dir()
@@ -340,23 +385,24 @@ def assemble_snapshot(
             n_per_user=k,
         )
         for shard in range(n_shards):
-            path = shard_path(store.root, model_key, shard, n_shards)
-            if not os.path.exists(path):
+            path = shard_path(staging_root, model_key, shard, n_shards)
+            if not _fs(fs).exists(path):
                 if not compute_missing:
                     raise FileNotFoundError(
                         f"shard {shard} of {n_shards} not computed for model {model_key}"
                     )
                 if log is not None:
                     log.info(f"{tenant}: computing missing shard {shard}/{n_shards}")
-                compute_shard(model, store.root, model_key, shard, n_shards, k)
+                compute_shard(model, staging_root, model_key, shard, n_shards, k, fs=fs)
             start, stop = shard_bounds(len(user_ids), shard, n_shards)
-            writer.add_shard(start, stop, pl.read_parquet(path), seen_pairs(model, start, stop))
-        similar = read_similar_lists(store.root, model_key)
+            frame = _read_parquet(path, fs)
+            writer.add_shard(start, stop, frame, seen_pairs(model, start, stop))
+        similar = read_similar_lists(staging_root, model_key, fs)
         for kind, frame in (
             similar if similar is not None else similar_lists(model, n_similar)
         ).items():
             writer.set_similar(kind, frame)
-        fallbacks = read_fallback_lists(store.root, model_key)
+        fallbacks = read_fallback_lists(staging_root, model_key, fs)
         writer.set_fallbacks(
             fallbacks
             if fallbacks is not None
@@ -375,5 +421,6 @@ def assemble_snapshot(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     sid = store.publish(tmp, switch=make_live)
-    shutil.rmtree(staging_dir(store.root, model_key), ignore_errors=True)
+    with contextlib.suppress(OSError):  # (left-over staging is harmless)
+        _fs(fs).rm(staging_dir(staging_root, model_key), recursive=True)
     return sid, manifest

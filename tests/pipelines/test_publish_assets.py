@@ -101,3 +101,99 @@ def test_publish_refuses_a_regressed_model(champion_root):
     )
     assert not result.success
     assert SnapshotStore(storage.snapshots_dir("shop")).current() is None
+
+
+def _snapshot_arrays(path: str) -> dict[str, object]:
+    import glob
+
+    import polars as pl
+
+    out: dict[str, object] = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.npy"))):
+        out[os.path.basename(f)] = np.load(f, allow_pickle=False)
+    # a table's rows whatever its part files (the candidates are written a part per shard)
+    tables: dict[str, list[str]] = {}
+    for f in sorted(glob.glob(os.path.join(path, "parquet", "**", "*.parquet"), recursive=True)):
+        rel = os.path.relpath(f, path)
+        tables.setdefault(os.path.dirname(rel) if "part-" in rel else rel, []).append(f)
+    for name, files in tables.items():
+        out[name] = pl.concat([pl.read_parquet(f) for f in files])
+    return out
+
+
+@pytest.fixture
+def many_users_root(storage):
+    """A champion over 1,100 users: more than four scoring batches, so 4 and 16 shards cut
+    them differently."""
+    from recsys.models.hybrid import HybridConfig, HybridRecommender
+
+    events = cluster_events(np.random.default_rng(4), n_users=1100, n_items=40, per_user=6)
+    d = storage.path("warehouse", "shop", "events", "date=2024-01-01")
+    os.makedirs(d, exist_ok=True)
+    events.write_parquet(os.path.join(d, "part-0.parquet"))
+    HybridRecommender(HybridConfig()).fit(events).save(
+        storage.path("models", "shop", "final", "hybrid")
+    )
+    with open(storage.path("models", "shop", "gate.json"), "w") as f:
+        json.dump({"promoted": True, "candidate_ndcg_at_10": 0.3, "version": "1",
+                   "run_id": "many", "model": "recsys-shop", "reason": "first"}, f)  # fmt: skip
+    return storage
+
+
+def test_the_shard_count_is_a_setting_and_the_snapshot_does_not_depend_on_it(many_users_root):
+    """RECSYS_USER_SHARDS (default 16) decides the partitions and the shard steps; 4 and 16
+    shards publish the same snapshot, array for array and table for table (the candidates
+    table is written a part file per shard: its rows are the same). Shard bounds fall on the
+    scoring batches, so every user is scored in the same batch either way."""
+    from recsys.snapshot import build as snapbuild
+
+    storage = many_users_root
+    for n in (4, 16):
+        bounds = [snapbuild.shard_bounds(1100, s, n) for s in range(n)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == 1100
+        inner = [a[1] for a in bounds[:-1]]
+        assert inner == [b[0] for b in bounds[1:]]
+        assert all(x % snapbuild.SCORING_BATCH == 0 for x in inner)
+        assert sum(b > a for a, b in bounds) >= 4  # the users are cut in several shards
+    resources = {"storage": StorageResource(root=storage.root)}
+    snaps = SnapshotStore(storage.snapshots_dir("shop"))
+    assert publish.user_shard_count(None) == 16 and publish.user_shard_count("4") == 4
+    for bad in ("0", "-3", "many", "10001"):
+        with pytest.raises(ValueError, match="RECSYS_USER_SHARDS"):
+            publish.user_shard_count(bad)
+    published, steps = {}, {}
+    for n in (4, 16):
+        assets = publish.build_assets(n)
+        assert assets[0].partitions_def.get_partition_keys() == [f"shard-{i:02d}" for i in range(n)]
+        config = {"ops": {"user_recommendations": {"config": {"n_per_user": 8}}}}
+        result = dg.materialize(
+            [dg.AssetSpec("champion_model"), *assets], resources=resources, run_config=config
+        )
+        assert result.success
+        steps[n] = sorted(
+            e.step_key
+            for e in result.all_events
+            if e.event_type_value == "STEP_SUCCESS" and "score_user_shard" in e.step_key
+        )
+        published[n] = snaps.current()
+    assert len(steps[4]) == 4 and len(steps[16]) == 16
+    assert published[4] != published[16]
+    a, b = _snapshot_arrays(published[4]), _snapshot_arrays(published[16])
+    assert a.keys() == b.keys() and "cand.item.npy" in a
+    for name in a:
+        if isinstance(a[name], np.ndarray):
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        else:
+            assert a[name].equals(b[name]), name
+    # one shard of 4 alone, as a backfill's partition: the 4-shard file of that range
+    one = dg.materialize(
+        [dg.AssetSpec("champion_model"), *publish.build_assets(4)],
+        resources=resources,
+        run_config={"ops": {"user_recommendations": {"config": {"n_per_user": 8}}}},
+        partition_key="shard-02",
+        selection=["user_recommendations"],
+    )
+    assert one.success
+    staging = os.path.join(snaps.root, ".staging")
+    staged = [f for _, _, fs in os.walk(staging) for f in fs if f.endswith(".parquet")]
+    assert staged == ["shard-02-of-04.parquet"]
