@@ -25,6 +25,7 @@ from pipelines.training.features import catalogue_at_cutoff
 from recsys import ingest
 from recsys.contract import DEFAULT_EVENT_WEIGHTS
 from recsys.durable import write_atomic, write_parquet_atomic
+from recsys.features import read_log
 from recsys.models.data import interactions as fold_interactions
 from recsys.models.data import temporal_split
 from recsys.models.hybrid import (
@@ -315,33 +316,38 @@ def train_models(
     chosen: dict[str, dict] = {}
     for tenant in tenants(store, config.tenants):
         t0 = time.perf_counter()
-        events, items, users = read_inputs(store, tenant)
-        # item/user features as of the newest event fitted, not as upserted since
-        items, users, as_of = catalogue_at_cutoff(store, tenant, events, items, users)
-        if as_of["items"]["rows_changed"] or as_of["users"]["rows_changed"]:
-            context.log.info(f"{tenant}: catalogue as of the cut-off: {as_of}")
+        events, items_now, users_now = read_inputs(store, tenant)
         split = read_json(store, model_path(store, tenant, "split.json"))
+        train = _train_part(events, split)
+        # item/user features as of the newest event each model fits (the published one: all
+        # events; the evaluated one: the train part), not as upserted since
+        log = read_log(store, tenant)
+        items, users, as_of = catalogue_at_cutoff(store, tenant, events, items_now, users_now, log)
+        eval_items, eval_users, eval_as_of = catalogue_at_cutoff(
+            store, tenant, train, items_now, users_now, log
+        )
+        for name, report in (("final", as_of), ("eval", eval_as_of)):
+            if report["items"]["rows_changed"] or report["users"]["rows_changed"]:
+                context.log.info(f"{tenant}/{name}: catalogue as of its cut-off: {report}")
         cfg = hybrid_config(store, tenant, config)
         if split["skip"]:
             models = {
-                v: popularity_only(
-                    events if v == "final" else _train_part(events, split),
-                    items,
-                    users,
-                    cfg,
-                    split["skip"],
-                    v == "final",
-                )
-                for v in VARIANTS
+                "eval": popularity_only(
+                    train, eval_items, eval_users, cfg, split["skip"], False
+                ),
+                "final": popularity_only(events, items, users, cfg, split["skip"], True),
             }
         else:
             models = dict(
                 zip(
                     VARIANTS,
-                    fit_eval_and_final(events, items, users, cfg, split["test_fraction"]),
+                    fit_eval_and_final(
+                        events, items, users, cfg, split["test_fraction"],
+                        eval_catalogue=(eval_items, eval_users),
+                    ),
                     strict=True,
                 )
-            )
+            )  # fmt: skip
         if not split["skip"]:  # the evaluated ranker on the evaluation window (logged to MLflow)
             parts = temporal_split(events, split["test_fraction"])
             models["final"].info["permutation_importance"] = permutation_importance(

@@ -599,9 +599,14 @@ def fit_eval_and_final(
     users: pl.DataFrame | None,
     config: HybridConfig,
     test_fraction: float,
+    eval_catalogue: tuple[pl.DataFrame | None, pl.DataFrame | None] | None = None,
 ) -> tuple[HybridRecommender, HybridRecommender]:
     """The two models a pipeline run needs: the evaluated one and the published one, fitted
     by the same procedure (:meth:`HybridRecommender.fit`) one window apart.
+
+    `items` and `users` are the catalogue the published model reads; `eval_catalogue`, when
+    given, the (items, users) the evaluated one reads instead (the catalogue as of its own,
+    earlier cut-off: `pipelines.training.features.catalogue_at_cutoff`).
 
     * ``eval``: :meth:`HybridRecommender.fit` on the train part (all but the newest
       `test_fraction`): generators on the fit window choose the hyperparameters, ranker R1
@@ -644,10 +649,11 @@ def fit_eval_and_final(
             model.config = final_config(chosen)
             refit.fit(model.config)
 
+        eval_items, eval_users = eval_catalogue or (items, users)
         eval_model = HybridRecommender(eval_cfg).fit(
             split.train,
-            items,
-            users,
+            eval_items,
+            eval_users,
             on_config=on_config,
             on_grids=lambda chosen: refit.fit(
                 final_config(chosen), tuple(g for g in GENERATORS if g != "lightfm")

@@ -4,6 +4,7 @@ snapshots of tests/serving (acme items a0..a19, users u1..u3; see serving_helper
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import sys
 import time
@@ -265,7 +266,9 @@ def test_training_reads_features_as_of_the_cutoff(client, data_root):
 
 def test_training_reads_the_catalogue_as_of_its_cutoff(client, data_root, tmp_path):
     """a1's category upserted for after the newest training event does not reach the trained
-    model; a2's, upserted for before it, does (Feast's point-in-time correctness)."""
+    model; a2's, upserted for before it, does (Feast's point-in-time correctness). a3's,
+    upserted for between the evaluated model's cut-off (its train part's newest event) and the
+    published one's, reaches only the published model."""
     import dagster as dg
     import polars as pl
     from synthetic_events import make_events
@@ -290,9 +293,11 @@ def test_training_reads_the_catalogue_as_of_its_cutoff(client, data_root, tmp_pa
     os.makedirs(folder)
     events.write_parquet(os.path.join(folder, "part-0.parquet"))
     cutoff = events["timestamp"].max()
+    late = cutoff - dt.timedelta(seconds=2)  # inside the newest 20 %: after train's end
     for item, when in (
         ("a1", cutoff + dt.timedelta(days=1)),
         ("a2", cutoff - dt.timedelta(days=1)),
+        ("a3", late),
     ):
         r = client.simulate_post(
             f"{ENTITY}/item/{item}",
@@ -308,6 +313,12 @@ def test_training_reads_the_catalogue_as_of_its_cutoff(client, data_root, tmp_pa
         resources={"storage": StorageResource(root=data_root)},
     )
     assert result.success
+    split = json.loads(open(storage.path("models", "acme", "split.json")).read())
+    assert split["skip"] or split["test_fraction"] > 0
+    from recsys.models.data import temporal_split
+
+    train_end = temporal_split(events, split["test_fraction"]).train["timestamp"].max()
+    assert train_end < late <= cutoff
     for variant in ("eval", "final"):
         model = HybridRecommender.load(storage.path("models", "acme", variant, "hybrid"))
         code = dict(
@@ -320,6 +331,7 @@ def test_training_reads_the_catalogue_as_of_its_cutoff(client, data_root, tmp_pa
         # codes index the sorted categories c1, c2, c9
         assert code["a1"] == code["a0"] == 0  # c1, as at the cut-off
         assert code["a8"] == 1 and code["a2"] == 2  # c9: upserted for before the cut-off
+        assert code["a3"] == (2 if variant == "final" else 0)  # c9 only after train's end
     # the catalogue the run read at its cut-off: a1 back in c1, a2 in c9
     from pipelines.training.features import catalogue_at_cutoff
 
@@ -327,6 +339,7 @@ def test_training_reads_the_catalogue_as_of_its_cutoff(client, data_root, tmp_pa
     at = dict(items.select("item_id", "category").iter_rows())
     assert at["a1"] == "c1" and at["a2"] == "c9" and at["a0"] == "c1"
     assert report["items"]["late_values"] == 1 and report["items"]["from_landing"] == 1
+    assert at["a3"] == "c9"
 
 
 def test_no_tenant_reaches_another_tenants_features(client):
