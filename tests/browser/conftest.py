@@ -18,17 +18,15 @@ from pathlib import Path
 import pytest
 from browser_helpers import (
     ARTIFACTS,
-    BIN,
     CHROMEDRIVER,
     CHROMIUM,
     DEMO_EVENTS,
     DEMO_SEED,
-    REPO,
     DemoInstance,
     DemoServer,
     serve_demo,
-    tail,
 )
+from servers import BIN, REPO, tail
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,10 @@ MLflow store (after one successful `recsys_pipeline` run), in headless chromium.
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
-from browser_helpers import BIN, REPO, free_port, stop, wait_http
+from servers import dagster_dev, mlflow_ui, serving
 
 pytestmark = pytest.mark.slow
 GROUPS = ("ingest", "training", "evaluation", "publish")
@@ -44,21 +43,9 @@ def _skip_the_welcome(browser) -> None:
 def test_dagster_shows_the_asset_groups_and_the_last_successful_run(
     browser, demo_instance, screenshot
 ):
-    port = free_port()
     log = demo_instance.root / "dagster-dev.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1"]
-            + ["-p", str(port)],
-            cwd=REPO,
-            env=demo_instance.env,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/server_info", proc, 240, log)
+    proc, url = dagster_dev(demo_instance.dagster_home, demo_instance.env, log)
+    with serving(proc, url, "/server_info", timeout=240, log=log):
         browser.get(url + "/asset-groups")
         _wait_text(browser, GROUPS, what="the global asset graph")
         _skip_the_welcome(browser)
@@ -67,39 +54,17 @@ def test_dagster_shows_the_asset_groups_and_the_last_successful_run(
         # (the daemon's landing sensor may add ingest runs of its own beside it)
         _wait_text(browser, ("recsys_pipeline", "Success"), what="the runs list")
         screenshot("dagster_runs")
-    finally:
-        stop(proc)
 
 
 def test_mlflow_registry_shows_the_champion(browser, demo_instance, screenshot):
-    port = free_port()
     log = demo_instance.root / "mlflow-ui.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "mlflow"),
-                "ui",
-                "--backend-store-uri",
-                f"sqlite:///{demo_instance.mlflow_db}",
-                "--default-artifact-root",
-                str(demo_instance.data_root / "mlflow" / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                # one process: uvicorn's supervisor restarts workers whose start outlasts its
-                # health check (seconds on a loaded machine), again and again
-                "--workers",
-                "1",
-            ],
-            cwd=demo_instance.root,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/health", proc, 240, log)
+    proc, url = mlflow_ui(
+        f"sqlite:///{demo_instance.mlflow_db}",
+        demo_instance.data_root / "mlflow" / "artifacts",
+        cwd=demo_instance.root,
+        log=log,
+    )
+    with serving(proc, url, "/health", timeout=240, log=log):
         browser.get(url + "/#/models")
         _wait_text(browser, ("recsys-default",), what="the registered models")
         screenshot("mlflow_models")
@@ -113,5 +78,3 @@ def test_mlflow_registry_shows_the_champion(browser, demo_instance, screenshot):
         )
         assert aliases, "no version carries the champion alias"
         screenshot("mlflow_champion")
-    finally:
-        stop(proc)

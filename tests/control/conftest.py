@@ -12,8 +12,9 @@ MLflow store (MLFLOW_TRACKING_URI), never into the checkout's `data/`.
 
 `control_client(dagster_server)` builds a Falcon test client (`serving_helpers.build_client`)
 on the same data root, with `dagster_url` and `mlflow_uri` set; `serving_helpers.auth("acme",
-("recommend", "admin"))` gives headers. Helpers to start and stop servers (`free_port`,
-`wait_json`, `stop_group`, `start_dagster_dev`) are plain functions other tests import.
+("recommend", "admin"))` gives headers. The helpers to start and stop servers are those of
+`tests/servers.py` (`free_port`, `wait_json`, `stop_group`, and `start_dagster_dev`, which is
+`servers.dagster_dev`), also importable from here under those names.
 RECSYS_TEST_DAGSTER="<url>,<data root>" reuses a server already running (while developing).
 
 The in-process tests use the tiny two-tenant snapshots of `tests/serving/serving_helpers.py`:
@@ -24,86 +25,22 @@ state) and `client` (a Falcon test client on it).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
+from servers import BIN, REPO, free_port, stop_group, wait_json  # noqa: F401 (re-exported)
+from servers import dagster_dev as start_dagster_dev
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "tests" / "serving"))  # serving_helpers
 
 TENANT = "acme"
 OTHER = "globex"
 LOCATION_READY = b'{"query": "{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name location { name } pipelines { name } } } } }"}'  # noqa: E501
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_json(url: str, body: bytes | None = None, timeout: float = 120.0, until=None):
-    """The JSON answer of `url` once it answers (and `until(answer)` holds), else an error."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            req = urllib.request.Request(
-                url, data=body, headers={"Content-Type": "application/json"}
-            )
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                doc = json.loads(resp.read())
-            if until is None or until(doc):
-                return doc
-            last = doc
-        except Exception as exc:  # not up yet
-            last = exc
-        time.sleep(1)
-    raise AssertionError(f"{url} did not answer within {timeout}s: {last}")
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group `proc` leads, SIGKILL it if it outlives 30 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    with contextlib.suppress(ProcessLookupError):  # children that outlived their parent
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def start_dagster_dev(home: Path, env: dict[str, str], log: Path | None = None):
-    """`dagster dev` (webserver + daemon) on a free port, in its own session; (process, url)."""
-    home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    port = free_port()
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(
-        [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO,
-        env={**os.environ, **env, "DAGSTER_HOME": str(home)},
-        stdout=out,
-        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    return proc, f"http://127.0.0.1:{port}"
 
 
 def location_loaded(doc) -> bool:
@@ -190,7 +127,7 @@ def dagster_server(dagster_data_root, tmp_path_factory):
     log = base / "dagster.log"
     proc, url = start_dagster_dev(base / "home", env, log)
     try:
-        wait_json(f"{url}/graphql", LOCATION_READY, timeout=300, until=location_loaded)
+        wait_json(f"{url}/graphql", LOCATION_READY, 300, location_loaded, proc=proc, log=log)
         stop_landing_sensor(url)
         yield DagsterServer(url, dagster_data_root, str(base / "home"), mlflow_uri, str(log), proc)
     finally:

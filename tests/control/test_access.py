@@ -6,8 +6,6 @@ another's. The multi-worker figures are in test_access_gunicorn below (a real gu
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -17,11 +15,11 @@ import orjson
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serving"))
+from servers import gunicorn, stop_group, wait_http  # noqa: E402
 from serving_helpers import SECRET, auth, make_config, publish_tiny  # noqa: E402
-from test_serving_gunicorn import free_port, request, wait_ready  # noqa: E402
+from test_serving_gunicorn import request  # noqa: E402
 
 from serving.auth import mint_token  # noqa: E402
-from serving.cli import gunicorn_argv  # noqa: E402
 from serving.control import access  # noqa: E402
 from serving.control.audit import AuditLog, verify_file  # noqa: E402
 
@@ -351,22 +349,13 @@ def test_revocation_limits_and_quotas_reach_every_worker(tmp_path):
     a real gunicorn: the time from the change's answer until every request is refused."""
     root = str(tmp_path / "data")
     publish_tiny(root, "acme", "a")
-    port = free_port()
     env = {**os.environ, "RECSYS_DATA_ROOT": root, "RECSYS_JWT_SECRET": SECRET}
     env["RECSYS_ACCESS_LOG"] = "0"
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.Popen(
-        gunicorn_argv(f"127.0.0.1:{port}", 2),
-        env=env,
-        cwd=repo,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # (its own process group: killed whole at the end)
-    )
-    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    proc, base = gunicorn(env, log=log)
     figures = {}
     try:
-        wait_ready(base, proc, 300)
+        wait_http(base + "/readyz", proc, timeout=300, log=log)
 
         def call(method, path, body=None, headers=None):
             req_headers = {**ADMIN, **(headers or {})}
@@ -411,12 +400,7 @@ def test_revocation_limits_and_quotas_reach_every_worker(tmp_path):
         assert call("PATCH", "/v1/recs/quotas", {"inference_qps": 0})[0] == 200
         figures["quota"] = _until_refused(lambda: recommend_as(other), 429)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        stop_group(proc)
     print(
         "\nevery worker refuses (s after the change's answer, requests sent): "
         + ", ".join(f"{name} {s:.3f} ({n})" for name, (s, n) in figures.items())

@@ -5,9 +5,6 @@ a0..a7 best first (a2 unavailable), u1 is in segment s1, unknown users get `popu
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -19,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "serving"))
 
+from servers import gunicorn, serving  # noqa: E402
 from serving_helpers import (  # noqa: E402
     SECRET,
     auth,
@@ -188,12 +186,6 @@ def test_no_tenant_reaches_another_tenants_data(client, method, path, body):
 
 
 # --- every worker, at once -------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict, headers: dict) -> tuple[int, dict]:
     req = urllib.request.Request(
         url, data=orjson.dumps(body), headers={"Content-Type": "application/json", **headers}
@@ -208,7 +200,6 @@ def _post(url: str, body: dict, headers: dict) -> tuple[int, dict]:
 @pytest.mark.slow
 def test_an_invalidated_item_leaves_every_workers_lists(data_root):
     """4 gunicorn workers: after the invalidation, how long until no answer holds the item."""
-    port = _free_port()
     env = {
         **os.environ,
         "RECSYS_DATA_ROOT": data_root,
@@ -217,25 +208,10 @@ def test_an_invalidated_item_leaves_every_workers_lists(data_root):
         "RECSYS_RATE_LIMIT": "1000000/60",
         "RECSYS_TENANT_RATE_LIMIT": "1000000/60",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "serving.wsgi:app", "-c", "python:serving.gunicorn_conf",
-         "--bind", f"127.0.0.1:{port}", "--workers", "4", "--worker-class", "sync",
-         "--log-level", "warning"],
-        cwd=REPO, env=env, start_new_session=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    proc, url = gunicorn(env, workers=4)
     headers = {"Authorization": f"Bearer {token('acme')}"}
     body = {"user": {"user_id": "u1"}, "k": 5}
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if _post(base + "/v1/recommend", body, headers)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.5)
+    with serving(proc, url, "/readyz", timeout=180) as base:
         for _ in range(40):  # every worker has served u1 with a0 first
             assert _post(base + "/v1/recommend", body, headers)[1]["items"][0]["item_id"] == "a0"
         admin = {"Authorization": f"Bearer {token('acme', ADMIN)}"}
@@ -252,9 +228,3 @@ def test_an_invalidated_item_leaves_every_workers_lists(data_root):
         print(f"\ninvalidate answered in {(acked - t0) * 1000:.0f} ms; a0 last served "
               f"{took * 1000:.0f} ms after the acknowledgement")  # fmt: skip
         assert took <= 1.5  # (the document check interval is 1 s)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)

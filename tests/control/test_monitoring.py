@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -23,6 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "serving"))
 
+from servers import free_port, gunicorn, serving  # noqa: E402
 from serving_helpers import (  # noqa: E402
     SECRET,
     auth,
@@ -51,12 +50,6 @@ def client(data_root):
         os.close(devnull)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- health ------------------------------------------------------------------------------------
 def test_health_reports_each_dependency(client):
     resp = client.simulate_get("/v1/recs/health", headers=auth("acme"))
@@ -81,7 +74,7 @@ def test_health_names_a_dependency_that_is_down_and_keeps_serving(data_root):
     with sqlite3.connect(os.path.join(data_root, "mlflow", "mlflow.db")) as conn:
         conn.execute("CREATE TABLE experiments (experiment_id INTEGER)")
         conn.execute("INSERT INTO experiments VALUES (0)")
-    port = _free_port()  # (nothing listens there)
+    port = free_port()  # (nothing listens there)
     client = build_client(
         make_config(
             data_root, dagster_url=f"http://127.0.0.1:{port}", redis_url=f"redis://127.0.0.1:{port}"
@@ -315,7 +308,6 @@ def _requests_total(text: str, route: str, status: str) -> float:
 
 @pytest.mark.slow
 def test_metrics_total_equals_requests_sent_across_4_gunicorn_workers(data_root):
-    port = _free_port()
     env = {
         **os.environ,
         "RECSYS_DATA_ROOT": data_root,
@@ -324,23 +316,8 @@ def test_metrics_total_equals_requests_sent_across_4_gunicorn_workers(data_root)
         "RECSYS_RATE_LIMIT": "1000000/60",
         "RECSYS_TENANT_RATE_LIMIT": "1000000/60",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "serving.wsgi:app", "-c", "python:serving.gunicorn_conf",
-         "--bind", f"127.0.0.1:{port}", "--workers", "4", "--worker-class", "sync",
-         "--log-level", "warning"],
-        cwd=REPO, env=env, start_new_session=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if _get(base + "/healthz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("gunicorn did not start")
+    proc, url = gunicorn(env, workers=4)
+    with serving(proc, url, "/healthz", timeout=180) as base:
         headers = {"Authorization": f"Bearer {token('acme')}"}
         sent_ok, sent_bad = 300, 37
         for i in range(sent_ok):
@@ -379,12 +356,6 @@ def test_metrics_total_equals_requests_sent_across_4_gunicorn_workers(data_root)
             time.sleep(0.5)
         assert counted == sent_ok + sent_bad
         print(f"\n/metrics answered by {len(pids)} worker(s); totals {sent_ok}+{sent_bad} each")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 # --- online evaluation -------------------------------------------------------------------------

@@ -10,9 +10,6 @@ to delivery is printed (p50 / p99).
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,17 +22,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "serving"))
 
+from servers import gunicorn, serving  # noqa: E402
 from serving_helpers import SECRET, auth, build_client, make_config, publish_tiny, token  # noqa: E402
 
 from serving.control import eventstream  # noqa: E402
 
 ADMIN = ("recommend", "admin")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SSE:
@@ -91,7 +83,6 @@ def server(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("stream"))
     publish_tiny(root, "acme", "a")
     publish_tiny(root, "globex", "g")
-    port = _free_port()
     env = {
         **os.environ,
         "RECSYS_DATA_ROOT": root,
@@ -101,27 +92,9 @@ def server(tmp_path_factory):
         "RECSYS_RATE_LIMIT": "1000000/60",
         "RECSYS_TENANT_RATE_LIMIT": "1000000/60",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "serving.wsgi:app", "-c", "python:serving.gunicorn_conf",
-         "--bind", f"127.0.0.1:{port}", "--workers", "2", "--worker-class", "gthread",
-         "--threads", "12", "--log-level", "warning"],
-        cwd=REPO, env=env, start_new_session=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/healthz", timeout=5):
-                break
-        except OSError:
-            assert time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.5)
-    yield base
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    proc, url = gunicorn(env, workers=2, threads=12)  # (gthread: a stream holds a thread)
+    with serving(proc, url, "/healthz", timeout=180) as base:
+        yield base
 
 
 def post_event(base: str, tenant: str, n: int) -> float:

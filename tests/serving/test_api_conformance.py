@@ -10,43 +10,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
+from servers import gunicorn, serving
 from serving_helpers import SECRET, token
 
 from recsys.snapshot import SnapshotStore
 from recsys.snapshot.synthetic import build_synthetic_snapshot
-from serving.cli import gunicorn_argv
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = int(os.environ.get("RECSYS_CONFORMANCE_EXAMPLES", "12"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(base: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        try:
-            with urllib.request.urlopen(base + "/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError("the server did not become ready")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +40,6 @@ def server(tmp_path_factory):
 
     os.makedirs(os.path.join(root, "mlflow"), exist_ok=True)
     MlflowClient(tracking_uri=Storage(root).mlflow_uri()).search_experiments()
-    port = _free_port()
     env = {
         **os.environ,
         "RECSYS_DATA_ROOT": root,
@@ -73,25 +48,10 @@ def server(tmp_path_factory):
         "RECSYS_TENANT_RATE_LIMIT": "1000000/60",
         "RECSYS_ACCESS_LOG": "0",
     }
-    proc = subprocess.Popen(
-        gunicorn_argv(f"127.0.0.1:{port}", 2),
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(base, proc)
+    log = tmp_path_factory.mktemp("conformance-log") / "gunicorn.log"
+    proc, url = gunicorn(env, workers=2, log=log)
+    with serving(proc, url, "/readyz", timeout=60, log=log) as base:
         yield base, root
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 #: Operations that lower the caller's own limits: run after the others, which they would

@@ -8,35 +8,24 @@ replicas with no failed request; an admin write made on one is read on the other
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import itertools
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
 
 import pytest
+from servers import BIN, free_port, start, stop_group, wait_http
 from serving_helpers import SECRET, publish_tiny
 
 from serving.auth import mint_token
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REDIS_URL = os.environ.get("RECSYS_TEST_REDIS", "redis://127.0.0.1:6379/13")
 LIMIT = 30  # requests per subject per minute, across all replicas
 SWITCH_BOUND_S = 3.0  # snapshot check every 0.2 s; documented bound with margin
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _request(port: int, method: str, path: str, body=None, headers=None):
@@ -75,39 +64,20 @@ def replicas(tmp_path_factory):
         "RECSYS_SNAPSHOT_CHECK_S": "0.2",
         "RECSYS_ACCESS_LOG": "0",
     }
-    recsys = os.path.join(os.path.dirname(sys.executable), "recsys")
     procs, ports = [], []
     try:
         for i in range(2):
-            port = _free_port()
-            log = open(os.path.join(os.path.dirname(root), f"replica-{i}.log"), "wb")  # noqa: SIM115
-            procs.append(
-                subprocess.Popen(
-                    [recsys, "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
-                    env=env,
-                    cwd=REPO,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,
-                )  # fmt: skip
-            )
-            log.close()
+            port = free_port()
+            log = os.path.join(os.path.dirname(root), f"replica-{i}.log")
+            argv = [BIN / "recsys", "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1"]
+            procs.append(start(argv, env=env, log=log))
             ports.append(port)
         for port, proc in zip(ports, procs, strict=True):
-            deadline = time.monotonic() + 240
-            while True:
-                with contextlib.suppress(OSError):
-                    if _request(port, "GET", "/healthz")[0] == 200:
-                        break
-                assert proc.poll() is None, f"replica on {port} exited"
-                assert time.monotonic() < deadline, f"replica on {port} did not start"
-                time.sleep(0.2)
+            wait_http(f"http://127.0.0.1:{port}/healthz", proc, timeout=240, interval=0.2)
         yield {"root": root, "ports": ports}
     finally:
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            stop_group(proc)
 
 
 class RoundRobin:

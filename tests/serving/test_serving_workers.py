@@ -6,70 +6,43 @@ prompt graceful stop."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import os
 import signal
-import socket
-import subprocess
 import threading
 import time
 
 import orjson
 import pytest
+from servers import free_port, start, stop_group, wait_http
 from serving_helpers import SECRET, publish_tiny, token
 
 from serving.cli import granian_argv
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(root: str, port: int, log_path, workers: int = 1, threads: int = 8, **env):
+def start_granian(root: str, port: int, log_path, workers: int = 1, threads: int = 8, **env):
     """`recsys serve --threads` on `port`, its stdout and stderr into `log_path`; returns
     once /healthz answers."""
     argv = granian_argv(f"127.0.0.1:{port}", workers, threads)
     env = {**os.environ, "RECSYS_DATA_ROOT": root, "RECSYS_JWT_SECRET": SECRET, **env}
-    with open(log_path, "ab") as log:
-        # (a session of its own: teardown kills the whole group, workers included)
-        proc = subprocess.Popen(
-            argv, env=env, cwd=REPO, stdout=log, stderr=log, start_new_session=True
-        )
-    deadline = time.time() + 300  # (a cold Numba cache: the parent compiles the kernels)
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                conn.close()
-                return proc
-        except OSError:
-            pass
-        assert proc.poll() is None, log_path.read_text()[-2000:]
-        assert time.time() < deadline, "granian did not start"
-        time.sleep(0.2)
+    proc = start(argv, env=env, log=log_path)
+    try:  # (a cold Numba cache: the parent compiles the kernels)
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc, timeout=300, log=log_path)
+    except BaseException:
+        stop_group(proc)
+        raise
+    return proc
 
 
 @pytest.fixture
 def server(tmp_path):
     """One worker x 8 threads; yields (port, process, log path)."""
     port, log_path = free_port(), tmp_path / "server.log"
-    proc = start(str(tmp_path / "data"), port, log_path)
+    proc = start_granian(str(tmp_path / "data"), port, log_path)
     yield port, proc, log_path
     stop_group(proc)
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the server's process group (granian's workers outlive a killed parent)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
 
 
 def _event(n: int) -> dict:
@@ -152,7 +125,7 @@ def test_workers_share_the_kernels_and_log_every_request_before_sigterm(tmp_path
     root = str(tmp_path / "data")
     publish_tiny(root, "acme", "a")
     port, log_path = free_port(), tmp_path / "server.log"
-    proc = start(
+    proc = start_granian(
         root,
         port,
         log_path,
