@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from serving.routing import JSON, NDJSON, Route
+from serving.routing import JSON, NDJSON, ORG_HEADER, Route, TenantId
 from serving.schemas import Problem
 
 PROBLEM_JSON = "application/problem+json"
@@ -45,7 +45,7 @@ _STATUS_TEXT = {
 
 
 def _types(routes: Iterable[Route]) -> list[Any]:
-    out: list[Any] = [Problem]
+    out: list[Any] = [Problem, TenantId]
     for r in routes:
         for t in (r.body, r.response, *r.params.values()):
             if t is not None and t not in out:
@@ -105,6 +105,14 @@ def build_spec(version: str, routes: Iterable[Route]) -> dict[str, Any]:
         return schema_of(_key(t))
 
     problem = {"content": {PROBLEM_JSON: {"schema": schema(Problem)}}}
+    org_header = {
+        "name": ORG_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "The tenant the call is for: the credentials' own (400 when it is not "
+        "a tenant id, 403 when it is another tenant).",
+        "schema": schema(TenantId),
+    }
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
         op: dict[str, Any] = {
@@ -126,6 +134,8 @@ def build_spec(version: str, routes: Iterable[Route]) -> dict[str, Any]:
             {"name": h, "in": "header", "required": False, "schema": {"type": "string"}}
             for h in r.headers
         ]
+        if r.scope is not None:
+            parameters.append(org_header)
         if parameters:
             op["parameters"] = parameters
         if r.body is not None:

@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 from msgspec import Meta
 
-from recsys.tenancy import TENANT_ID_PATTERN
 from serving import control
 from serving import schemas as s
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
@@ -26,16 +25,9 @@ from serving.crr import schemas as crr
 from serving.documents import DOCUMENT_ID
 from serving.recs import schemas as recs
 from serving.resources import demo
-from serving.routing import JSON, NDJSON, Route
+from serving.routing import JSON, NDJSON, Route, TenantId
 
 ADMIN, RECOMMEND = SCOPE_ADMIN, SCOPE_RECOMMEND
-TenantId = Annotated[
-    str,
-    Meta(
-        pattern=TENANT_ID_PATTERN,
-        description="a tenant id: 1-64 ASCII letters, digits, '_', '-', '.' (never '..')",
-    ),
-]
 Id = s.Id
 DocId = Annotated[
     str,

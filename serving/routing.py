@@ -17,16 +17,28 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Annotated, Any
 
 import falcon
 import msgspec
 import orjson
 
+from recsys.tenancy import TENANT_ID_PATTERN
 from serving.errors import ProblemError
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
+
+TenantId = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=TENANT_ID_PATTERN,
+        description="a tenant id: 1-64 ASCII letters, digits, '_', '-', '.' (never '..')",
+    ),
+]
+#: The header a caller may send on every secured route to name the tenant the call is for: it
+#: must be the credentials' own tenant (400 when it is not a tenant id, 403 when it is another).
+ORG_HEADER = "X-Org-Id"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,7 +68,7 @@ class Route:
     def statuses(self) -> tuple[int, ...]:
         """Every error status the route can answer: its own plus what its shape implies."""
         out = set(self.errors) | {500}
-        if self.scope is not None:  # (400: an X-Org-Id that is not a tenant id)
+        if self.scope is not None:  # (400: an `ORG_HEADER` that is not a tenant id)
             out |= {400, 401, 403, 429}
         if self.body is not None:
             out |= {400, 411, 413, 415}

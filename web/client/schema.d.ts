@@ -5137,7 +5137,10 @@ export interface operations {
                 ids?: string;
                 limit?: number;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -5394,7 +5397,10 @@ export interface operations {
             query?: {
                 limit?: number;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -5640,7 +5646,10 @@ export interface operations {
     post_v1_admin_tenants_tenant_id_cache_invalidate: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 tenant_id: string;
             };
@@ -5747,7 +5756,10 @@ export interface operations {
     get_v1_admin_tenants_tenant_id_config: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 tenant_id: string;
             };
@@ -5826,6 +5838,8 @@ export interface operations {
             header?: {
                 "If-Match"?: string;
                 "If-None-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 tenant_id: string;
@@ -5969,7 +5983,10 @@ export interface operations {
     get_v1_admin_tenants_tenant_id_rules: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 tenant_id: string;
             };
@@ -6048,6 +6065,8 @@ export interface operations {
             header?: {
                 "If-Match"?: string;
                 "If-None-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 tenant_id: string;
@@ -6191,7 +6210,10 @@ export interface operations {
     get_v1_crr_events_eid: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 eid: string;
             };
@@ -6276,7 +6298,10 @@ export interface operations {
     delete_v1_crr_events_eid: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 eid: string;
             };
@@ -6352,7 +6377,10 @@ export interface operations {
     post_v1_crr_items: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -6466,7 +6494,10 @@ export interface operations {
     get_v1_crr_items_iid: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 iid: string;
             };
@@ -6544,6 +6575,8 @@ export interface operations {
             query?: never;
             header?: {
                 "If-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 iid: string;
@@ -6698,6 +6731,8 @@ export interface operations {
             query?: never;
             header?: {
                 "If-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 iid: string;
@@ -6807,7 +6842,10 @@ export interface operations {
                 null?: boolean;
                 user?: string[] | string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 iid: string;
             };
@@ -6889,7 +6927,10 @@ export interface operations {
                 null?: boolean;
                 user?: string[] | string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 event_type: "add_to_cart" | "add_to_carts" | "click" | "clicks" | "dislike" | "dislikes" | "impression" | "impressions" | "like" | "likes" | "purchase" | "purchases" | "rating" | "ratings" | "return" | "returns" | "view" | "views";
                 iid: string;
@@ -6966,7 +7007,10 @@ export interface operations {
     get_v1_crr_items_iid_statistics: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 iid: string;
             };
@@ -7060,7 +7104,10 @@ export interface operations {
     get_v1_crr_statistics: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -7143,7 +7190,10 @@ export interface operations {
     post_v1_crr_users: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -7257,7 +7307,10 @@ export interface operations {
     get_v1_crr_users_uid: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 uid: string;
             };
@@ -7335,6 +7388,8 @@ export interface operations {
             query?: never;
             header?: {
                 "If-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 uid: string;
@@ -7489,6 +7544,8 @@ export interface operations {
             query?: never;
             header?: {
                 "If-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 uid: string;
@@ -7592,7 +7649,10 @@ export interface operations {
     get_v1_crr_users_uid_currentRatings: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 uid: string;
             };
@@ -7674,7 +7734,10 @@ export interface operations {
                 limit?: number;
                 null?: boolean;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 uid: string;
             };
@@ -7756,7 +7819,10 @@ export interface operations {
                 limit?: number;
                 null?: boolean;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 event_type: "add_to_cart" | "add_to_carts" | "click" | "clicks" | "dislike" | "dislikes" | "impression" | "impressions" | "like" | "likes" | "purchase" | "purchases" | "rating" | "ratings" | "return" | "returns" | "view" | "views";
                 uid: string;
@@ -7833,7 +7899,10 @@ export interface operations {
     post_v1_crr_users_uid_events_event_type: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 event_type: "add_to_cart" | "add_to_carts" | "click" | "clicks" | "dislike" | "dislikes" | "impression" | "impressions" | "like" | "likes" | "purchase" | "purchases" | "rating" | "ratings" | "return" | "returns" | "view" | "views";
                 uid: string;
@@ -7964,7 +8033,10 @@ export interface operations {
                 usedStoredRatings?: boolean;
                 useStoredRatings?: boolean;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 uid: string;
             };
@@ -8070,7 +8142,10 @@ export interface operations {
                 count?: number;
                 surface?: string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 uid: string;
             };
@@ -8173,7 +8248,10 @@ export interface operations {
     get_v1_crr_users_uid_statistics: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 uid: string;
             };
@@ -8267,7 +8345,10 @@ export interface operations {
     post_v1_recommend: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -8390,7 +8471,10 @@ export interface operations {
     post_v1_recommend_validate: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -8513,7 +8597,10 @@ export interface operations {
     post_v1_recs_async_batch: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -8636,7 +8723,10 @@ export interface operations {
     get_v1_recs_async_batch_jobId_results: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 jobId: string;
             };
@@ -8735,7 +8825,10 @@ export interface operations {
                 since?: string;
                 until?: string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -8800,7 +8893,10 @@ export interface operations {
     get_v1_recs_batch_jobs_jobId: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 jobId: string;
             };
@@ -8885,7 +8981,10 @@ export interface operations {
     post_v1_recs_batch_precompute: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -9008,7 +9107,10 @@ export interface operations {
     post_v1_recs_batch_predict: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -9104,7 +9206,10 @@ export interface operations {
     post_v1_recs_cache_invalidate: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -9227,7 +9332,10 @@ export interface operations {
     post_v1_recs_cache_prewarm: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -9341,7 +9449,10 @@ export interface operations {
     get_v1_recs_cache_status: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -9406,7 +9517,10 @@ export interface operations {
     get_v1_recs_candidates_generator_name_status: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 generator_name: string;
             };
@@ -9491,7 +9605,10 @@ export interface operations {
     post_v1_recs_candidates_generate: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -9605,7 +9722,10 @@ export interface operations {
     get_v1_recs_connectors: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -9670,7 +9790,10 @@ export interface operations {
     post_v1_recs_connectors: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -9786,7 +9909,10 @@ export interface operations {
             query?: {
                 runs?: number;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 connector_id: string;
             };
@@ -9871,7 +9997,10 @@ export interface operations {
     post_v1_recs_connectors_connector_id_run: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 connector_id: string;
             };
@@ -9974,7 +10103,10 @@ export interface operations {
     get_v1_recs_embeddings_embedding_id: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 embedding_id: string;
             };
@@ -10070,7 +10202,10 @@ export interface operations {
             query?: {
                 index?: string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 embedding_id: string;
             };
@@ -10155,7 +10290,10 @@ export interface operations {
     post_v1_recs_embeddings_bulk: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -10261,7 +10399,10 @@ export interface operations {
     post_v1_recs_embeddings_generate: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -10384,7 +10525,10 @@ export interface operations {
     post_v1_recs_embeddings_index: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -10498,7 +10642,10 @@ export interface operations {
     post_v1_recs_embeddings_search: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -10630,7 +10777,10 @@ export interface operations {
     post_v1_recs_events: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -10744,7 +10894,10 @@ export interface operations {
     get_v1_recs_events_event_id: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 event_id: string;
             };
@@ -10829,7 +10982,10 @@ export interface operations {
     delete_v1_recs_events_event_id: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 event_id: string;
             };
@@ -10905,7 +11061,10 @@ export interface operations {
     post_v1_recs_events_bulk: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -11009,6 +11168,8 @@ export interface operations {
             };
             header?: {
                 "Last-Event-ID"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path?: never;
             cookie?: never;
@@ -11095,7 +11256,10 @@ export interface operations {
                 status?: "draft" | "paused" | "running" | "stopped";
                 surface?: string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -11160,7 +11324,10 @@ export interface operations {
     post_v1_recs_experiments: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -11274,7 +11441,10 @@ export interface operations {
     get_v1_recs_experiments_experiment_id: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 experiment_id: string;
             };
@@ -11353,6 +11523,8 @@ export interface operations {
             header?: {
                 "If-Match"?: string;
                 "If-None-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 experiment_id: string;
@@ -11457,6 +11629,8 @@ export interface operations {
             header?: {
                 "If-Match"?: string;
                 "If-None-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 experiment_id: string;
@@ -11603,6 +11777,8 @@ export interface operations {
             header?: {
                 "If-Match"?: string;
                 "If-None-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 experiment_id: string;
@@ -11739,7 +11915,10 @@ export interface operations {
             query: {
                 user_id: string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 experiment_id: string;
             };
@@ -11818,7 +11997,10 @@ export interface operations {
                 alpha?: number;
                 bucket?: "day" | "hour";
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 experiment_id: string;
             };
@@ -11894,7 +12076,10 @@ export interface operations {
     post_v1_recs_explain: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -12028,7 +12213,10 @@ export interface operations {
             query: {
                 bandit_id: string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -12104,6 +12292,8 @@ export interface operations {
             query?: never;
             header?: {
                 "If-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path?: never;
             cookie?: never;
@@ -12245,7 +12435,10 @@ export interface operations {
     post_v1_recs_exports: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -12359,7 +12552,10 @@ export interface operations {
     post_v1_recs_features_bulk: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -12456,7 +12652,10 @@ export interface operations {
     get_v1_recs_features_entities_entityType_entityId: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 entityId: string;
                 entityType: "item" | "user";
@@ -12533,7 +12732,10 @@ export interface operations {
     post_v1_recs_features_entities_entityType_entityId: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 entityId: string;
                 entityType: "item" | "user";
@@ -12650,7 +12852,10 @@ export interface operations {
     get_v1_recs_features_health: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -12715,7 +12920,10 @@ export interface operations {
     post_v1_recs_features_ingest: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -12838,7 +13046,10 @@ export interface operations {
     get_v1_recs_features_schema: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -12906,6 +13117,8 @@ export interface operations {
             header?: {
                 "If-Match"?: string;
                 "If-None-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path?: never;
             cookie?: never;
@@ -13036,7 +13249,10 @@ export interface operations {
                 source?: string;
                 user_id?: string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -13101,7 +13317,10 @@ export interface operations {
     post_v1_recs_feedback: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -13206,7 +13425,10 @@ export interface operations {
     get_v1_recs_feedback_feedback_id: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 feedback_id: string;
             };
@@ -13282,7 +13504,10 @@ export interface operations {
     get_v1_recs_health: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -13356,7 +13581,10 @@ export interface operations {
     post_v1_recs_health_check_model: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -13473,7 +13701,10 @@ export interface operations {
                 limit?: number;
                 strategy?: "blend" | "co_buy" | "co_view" | "content";
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 item_id: string;
             };
@@ -13582,7 +13813,10 @@ export interface operations {
                 status?: "canceled" | "canceling" | "failed" | "queued" | "running" | "succeeded";
                 type?: "async_batch" | "evaluate" | "precompute" | "simulate" | "snapshot" | "train";
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -13656,7 +13890,10 @@ export interface operations {
     get_v1_recs_jobs_jobId: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 jobId: string;
             };
@@ -13741,7 +13978,10 @@ export interface operations {
     delete_v1_recs_jobs_jobId_cancel: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 jobId: string;
             };
@@ -13835,7 +14075,10 @@ export interface operations {
     get_v1_recs_jobs_jobId_results: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 jobId: string;
             };
@@ -13929,7 +14172,10 @@ export interface operations {
     post_v1_recs_jobs_evaluate: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -14052,7 +14298,10 @@ export interface operations {
     post_v1_recs_jobs_stop: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -14175,7 +14424,10 @@ export interface operations {
     post_v1_recs_jobs_train: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -14298,7 +14550,10 @@ export interface operations {
     get_v1_recs_keys: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -14363,7 +14618,10 @@ export interface operations {
     post_v1_recs_keys: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -14470,6 +14728,8 @@ export interface operations {
             query?: never;
             header?: {
                 "If-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 key_id: string;
@@ -14580,7 +14840,10 @@ export interface operations {
                 status?: number;
                 to?: string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -14660,7 +14923,10 @@ export interface operations {
                 step?: number;
                 to?: string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -14734,7 +15000,10 @@ export interface operations {
     get_v1_recs_models: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -14808,7 +15077,10 @@ export interface operations {
     post_v1_recs_models: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -14931,7 +15203,10 @@ export interface operations {
     get_v1_recs_models_model_id: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 model_id: string;
             };
@@ -15016,7 +15291,10 @@ export interface operations {
     delete_v1_recs_models_model_id: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 model_id: string;
             };
@@ -15108,7 +15386,10 @@ export interface operations {
     patch_v1_recs_models_model_id: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 model_id: string;
             };
@@ -15235,7 +15516,10 @@ export interface operations {
             query?: {
                 version?: string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 model_id: string;
             };
@@ -15324,7 +15608,10 @@ export interface operations {
                 until?: string;
                 version?: string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 model_id: string;
             };
@@ -15409,7 +15696,10 @@ export interface operations {
     get_v1_recs_models_model_id_versions: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 model_id: string;
             };
@@ -15494,7 +15784,10 @@ export interface operations {
     post_v1_recs_models_model_id_versions: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 model_id: string;
             };
@@ -15619,7 +15912,10 @@ export interface operations {
     get_v1_recs_models_model_id_versions_version_id: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 model_id: string;
                 version_id: string;
@@ -15705,7 +16001,10 @@ export interface operations {
     patch_v1_recs_models_model_id_versions_version_id: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 model_id: string;
                 version_id: string;
@@ -15840,7 +16139,10 @@ export interface operations {
     post_v1_recs_models_model_id_versions_version_id_deploy: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 model_id: string;
                 version_id: string;
@@ -15984,7 +16286,10 @@ export interface operations {
     get_v1_recs_models_model_id_versions_version_id_feature_importance: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 model_id: string;
                 version_id: string;
@@ -16070,7 +16375,10 @@ export interface operations {
     post_v1_recs_models_model_id_versions_version_id_rollback: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 model_id: string;
                 version_id: string;
@@ -16174,7 +16482,10 @@ export interface operations {
     get_v1_recs_pipelines: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -16239,7 +16550,10 @@ export interface operations {
     post_v1_recs_pipelines: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -16353,7 +16667,10 @@ export interface operations {
     get_v1_recs_pipelines_pipeline_id: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 pipeline_id: string;
             };
@@ -16432,6 +16749,8 @@ export interface operations {
             header?: {
                 "If-Match"?: string;
                 "If-None-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 pipeline_id: string;
@@ -16527,6 +16846,8 @@ export interface operations {
             header?: {
                 "If-Match"?: string;
                 "If-None-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 pipeline_id: string;
@@ -16661,7 +16982,10 @@ export interface operations {
     post_v1_recs_pipelines_pipeline_id_run: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 pipeline_id: string;
             };
@@ -16786,7 +17110,10 @@ export interface operations {
     get_v1_recs_policies: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -16851,7 +17178,10 @@ export interface operations {
     post_v1_recs_policies: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -16965,7 +17295,10 @@ export interface operations {
     get_v1_recs_policies_policy_id: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 policy_id: string;
             };
@@ -17044,6 +17377,8 @@ export interface operations {
             header?: {
                 "If-Match"?: string;
                 "If-None-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 policy_id: string;
@@ -17198,6 +17533,8 @@ export interface operations {
             query?: never;
             header?: {
                 "If-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 policy_id: string;
@@ -17299,7 +17636,10 @@ export interface operations {
     post_v1_recs_predict: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -17422,7 +17762,10 @@ export interface operations {
     get_v1_recs_quotas: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -17489,6 +17832,8 @@ export interface operations {
             query?: never;
             header?: {
                 "If-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path?: never;
             cookie?: never;
@@ -17621,7 +17966,10 @@ export interface operations {
     get_v1_recs_rate_limits: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -17689,6 +18037,8 @@ export interface operations {
             header?: {
                 "If-Match"?: string;
                 "If-None-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path?: never;
             cookie?: never;
@@ -17821,7 +18171,10 @@ export interface operations {
     post_v1_recs_rerank: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -17944,7 +18297,10 @@ export interface operations {
     post_v1_recs_score: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -18076,7 +18432,10 @@ export interface operations {
     get_v1_recs_seed: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -18144,6 +18503,8 @@ export interface operations {
             header?: {
                 "If-Match"?: string;
                 "If-None-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path?: never;
             cookie?: never;
@@ -18267,7 +18628,10 @@ export interface operations {
     get_v1_recs_seed_surface: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 surface: string;
             };
@@ -18346,6 +18710,8 @@ export interface operations {
             header?: {
                 "If-Match"?: string;
                 "If-None-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 surface: string;
@@ -18440,7 +18806,10 @@ export interface operations {
     post_v1_recs_simulate: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -18566,7 +18935,10 @@ export interface operations {
                 from?: string;
                 to?: string;
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -18645,7 +19017,10 @@ export interface operations {
                 model?: string;
                 strategy?: "collab" | "content" | "graph" | "hybrid";
             };
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 user_id: string;
             };
@@ -18748,7 +19123,10 @@ export interface operations {
     post_v1_recs_users_user_id_realtime: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path: {
                 user_id: string;
             };
@@ -18882,7 +19260,10 @@ export interface operations {
     get_v1_recs_webhooks: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -18947,7 +19328,10 @@ export interface operations {
     post_v1_recs_webhooks: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -19063,6 +19447,8 @@ export interface operations {
             query?: never;
             header?: {
                 "If-Match"?: string;
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
             };
             path: {
                 webhook_id: string;
@@ -19155,7 +19541,10 @@ export interface operations {
     post_v1_similar: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The tenant the call is for: the credentials' own (400 when it is not a tenant id, 403 when it is another tenant). */
+                "X-Org-Id"?: string;
+            };
             path?: never;
             cookie?: never;
         };
