@@ -7,17 +7,17 @@ nothing else on the request path). Requests are counted per route, method, statu
 
 One view across workers (the equivalent of prometheus_client's multiprocess mode, without a
 per-increment mmap write): once `Metrics.share(folder)` is called (the monitoring area does it
-for the server), a daemon thread of each worker writes its counters every `interval_s` to
-``<folder>/<server>/<pid>.json`` (a whole file, renamed into place), where ``<server>`` names
-the worker's parent process and its start time, so one gunicorn (or granian) master's workers
-share a folder and a restarted server starts from zero. /metrics, answered by any worker, first
-writes that worker's own file, then sums every file of the folder: the counts of the other
-workers are at most `interval_s` old, and those of workers that exited (gunicorn's max_requests,
-a crash) stay in the sum, so counters never go down. Folders of servers that are gone are
-removed when a worker starts. Gauges (the snapshot lines) are the answering worker's.
+for the server), a daemon thread of each worker writes its counters every `interval_s`, when
+they changed, to ``<folder>/<server>/<pid>.json`` (a whole file, renamed into place), where
+``<server>`` names the worker's parent process and its start time, so one gunicorn (or granian)
+master's workers share a folder and a restarted server starts from zero. /metrics, answered by
+any worker, first writes that worker's own file, then sums every file of the folder: the counts
+of the other workers are at most `interval_s` old, and those of workers that exited (gunicorn's
+max_requests, a crash) stay in the sum, so counters never go down. Folders of servers that are
+gone are removed when a worker starts. Gauges (the snapshot lines) are the answering worker's.
 
-The same thread calls the `on_tick` callbacks with each state it writes (the per-minute time
-series of `serving.control.timeseries` is one).
+The same thread calls the `on_tick` callbacks with the state every `interval_s` (the
+per-minute time series of `serving.control.timeseries` is one).
 """
 
 from __future__ import annotations
@@ -312,6 +312,7 @@ class _Share:
         self._pid = 0
         self._lock = threading.Lock()
         self.dir = ""
+        self._written: tuple = ()  # the counts of the last state written (`_counts`)
 
     def start(self) -> None:
         with self._lock:
@@ -328,20 +329,36 @@ class _Share:
             ).start()
             atexit.register(_share_at_exit, ref, os.getpid())
 
-    def write(self) -> dict[str, Any]:
-        """Write this worker's state now (also called by a scrape); returns it."""
+    def _state(self) -> dict[str, Any]:
         metrics = self._metrics()
-        state = metrics.state() if metrics is not None else {"pid": os.getpid(), "requests": []}
+        return metrics.state() if metrics is not None else {"pid": os.getpid(), "requests": []}
+
+    def write(self, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write this worker's state (now, or `state`) to its file (also called by a scrape);
+        returns it. Plain os calls: this runs every `interval_s` in every worker."""
+        if state is None:
+            state = self._state()
+        data = orjson.dumps(state)
         path = os.path.join(self.dir, f"{state['pid']}.json")
         tmp = f"{path}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(orjson.dumps(state))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        self._written = _counts(state)
         return state
 
     def tick(self) -> None:
+        """Write the state when it changed since the last write (an idle worker writes
+        nothing), then hand it to the `callbacks`."""
+        state = self._state()
         try:
-            state = self.write()
+            if _counts(state) != self._written:
+                self.write(state)
         except OSError:
             log.exception("writing the shared metrics failed; retried")
             return
@@ -364,6 +381,11 @@ class _Share:
             except (OSError, orjson.JSONDecodeError):
                 continue  # (removed meanwhile)
         return states
+
+
+def _counts(state: dict[str, Any]) -> tuple:
+    """What a state counts (without its pid and time): equal for two states of an idle worker."""
+    return (state["requests"], *(state.get(name) for name in _COUNTERS))
 
 
 def _share_loop(ref: weakref.ref, interval_s: float) -> None:

@@ -1,13 +1,13 @@
 """The server's own small time series of requests: per minute, worker, tenant, route, method,
 status and model, in one SQLite file (``<data root>/serving/metrics/timeseries.sqlite``).
 
-Data flow: a request is counted in its worker's memory (`serving.metrics.Metrics`); the
-worker's metrics thread (`Metrics.share`) hands each state it writes (every 0.5 s) to
-`MinuteRecorder.tick`, which every `every_s` seconds (5) writes the current minute's counts -
-the worker's totals now minus its totals when the minute began - as upserts of that minute's
-rows. Nothing touches the file on the request path. The rows of a minute are final once the
-next minute has begun (the last tick of a minute is written on the first tick of the next);
-rows older than `keep_days` are deleted once an hour.
+Data flow: a request is counted in its worker's memory (`serving.metrics.Metrics`); the worker's
+metrics thread (`Metrics.share`) hands its state (every 0.5 s) to `MinuteRecorder.tick`, which
+every `every_s` seconds (5) writes the current minute's counts - the worker's totals now minus
+its totals when the minute began - as upserts of that minute's rows, unless they are the rows it
+wrote last (an idle worker writes nothing). Nothing touches the file on the request path. The
+rows of a minute are final once the next minute has begun (the last tick of a minute is written
+on the first tick of the next); rows older than `keep_days` are deleted once an hour.
 
 `query` reads them back for `/v1/recs/metrics`: per route and model over a time range, QPS,
 error rate and p50/p95/p99 latency, the quantiles interpolated inside the latency histogram's
@@ -101,6 +101,7 @@ class MinuteRecorder:
         self._base: dict[tuple, list[float]] = {}  # totals when the current minute began
         self._last: dict[tuple, list[float]] = {}  # totals at the last tick
         self._written_at = 0.0
+        self._written: tuple | None = None  # (minute, totals) of the last regular write
         self._pruned_at = 0.0
         self._lock = threading.Lock()
 
@@ -119,7 +120,9 @@ class MinuteRecorder:
                 self._written_at = now
             self._last = totals
             if force or now - self._written_at >= self._every:
-                self._write(minute, totals)
+                if force or self._written != (minute, totals):  # (else the same rows again)
+                    self._write(minute, totals)
+                    self._written = (minute, totals)
                 self._written_at = now
             if now - self._pruned_at >= 3600:
                 self._prune(now)
