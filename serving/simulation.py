@@ -239,7 +239,18 @@ class Simulator:
         return [("pipeline", live_rules, self._pipeline(tenant, body.pipeline, body.pipeline_id))]
 
     def _rules(self, rules: Any) -> list[dict[str, Any]]:
-        return list(validate_rules({"rules": rules}, self._ctx.config)["rules"])
+        """The rules to simulate, checked as a rules document is; the body that holds them
+        was valid, so rules that are not (400 for a rules document) are its semantic 422."""
+        try:
+            return list(validate_rules({"rules": rules}, self._ctx.config)["rules"])
+        except ProblemError as ex:
+            if ex.status_code != 400:
+                raise
+            raise ProblemError(
+                422,
+                f"The rules to simulate are not valid rules: {ex.description}",
+                code="RECSYS_INVALID_SIMULATION",
+            ) from None
 
     def _pipeline(self, tenant: str, inline: Any, pid: str | None) -> dict[str, Any] | None:
         if inline is None and pid is None:
