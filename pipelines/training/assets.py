@@ -332,9 +332,7 @@ def train_models(
         cfg = hybrid_config(store, tenant, config)
         if split["skip"]:
             models = {
-                "eval": popularity_only(
-                    train, eval_items, eval_users, cfg, split["skip"], False
-                ),
+                "eval": popularity_only(train, eval_items, eval_users, cfg, split["skip"], False),
                 "final": popularity_only(events, items, users, cfg, split["skip"], True),
             }
         else:

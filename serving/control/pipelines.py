@@ -1065,7 +1065,9 @@ class SimulateResource:
         """A dataset path under the data root (no other file of the host is read)."""
         path = uri.removeprefix("file://")
         if "\x00" in path:  # (no file name holds one: os.path would raise)
-            raise ProblemError(422, "A dataset path has no NUL byte.", code="RECSYS_CANNOT_SIMULATE")
+            raise ProblemError(
+                422, "A dataset path has no NUL byte.", code="RECSYS_CANNOT_SIMULATE"
+            )
         root = os.path.realpath(self._ctx.config.data_root)
         full = os.path.realpath(path if os.path.isabs(path) else os.path.join(root, path))
         if os.path.commonpath([full, root]) != root:

@@ -313,7 +313,8 @@ def test_training_reads_the_catalogue_as_of_its_cutoff(client, data_root, tmp_pa
         resources={"storage": StorageResource(root=data_root)},
     )
     assert result.success
-    split = json.loads(open(storage.path("models", "acme", "split.json")).read())
+    with open(storage.path("models", "acme", "split.json")) as f:
+        split = json.load(f)
     assert split["skip"] or split["test_fraction"] > 0
     from recsys.models.data import temporal_split
 
