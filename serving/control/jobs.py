@@ -14,7 +14,8 @@ writes need `admin`):
   MLflow run's metrics, params, artifacts, the baseline comparison; an export's manifest),
   ``POST .../jobs/stop`` and ``DELETE .../jobs/{id}/cancel`` (terminate the run).
 * ``POST /v1/recs/batch/precompute``: users (all / a segment / ids) x a version -> an export URI
-  (`precompute_job`, one step per shard) or a new snapshot (`publish_job`, 16 shard steps);
+  (`precompute_job`, one step per shard) or a new snapshot (`publish_job`, one step per user
+  shard: RECSYS_USER_SHARDS of the code location, 16 by default);
   ``schedule`` a cron -> a Dagster schedule (a file the code location reads, then reload and
   start through GraphQL). ``GET /v1/recs/batch/jobs/{id}``: shards done / total, errors.
 * ``POST /v1/recs/exports``: recommendations, item features or embeddings of the live snapshot
@@ -435,10 +436,9 @@ def _shards(run: Run) -> tuple[int, int]:
         s for s in run.steps if s.key.startswith(SHARD_STEPS) and not s.key.endswith("[?]")
     ]
     done = sum(1 for s in shard_steps if s.status == "SUCCESS")
-    total = len(shard_steps)
-    if run.job == "publish_job" and total == 0:
-        total = 16  # (planned at run time: the 16 user shards)
-    return done, total
+    # 0 until the run has planned its shards (their count is the code location's setting,
+    # RECSYS_USER_SHARDS, which the server does not read: it would guess)
+    return done, len(shard_steps)
 
 
 def _is_local(uri: str) -> bool:
