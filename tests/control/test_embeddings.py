@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serving"))
 from serving_helpers import auth, build_client, items_frame, make_config  # noqa: E402
+from synthetic_events import RETAIL  # noqa: E402
 
 from recsys.snapshot import SnapshotStore  # noqa: E402
 from recsys.snapshot.writer import write_snapshot  # noqa: E402
@@ -246,38 +247,6 @@ def test_no_tenant_reaches_another_tenants_vectors(client):
 
 
 # --- content embeddings (TF-IDF + SVD fitted by the pipeline) ---------------------------------
-RETAIL = [
-    "WHITE HANGING HEART T-LIGHT HOLDER",
-    "GLASS STAR FROSTED T-LIGHT HOLDER",
-    "RED WOOLLY HOTTIE WHITE HEART",
-    "KNITTED UNION FLAG HOT WATER BOTTLE",
-    "HAND WARMER UNION JACK",
-    "HAND WARMER RED POLKA DOT",
-    "SET 7 BABUSHKA NESTING BOXES",
-    "ASSORTED COLOUR BIRD ORNAMENT",
-    "POPPY'S PLAYHOUSE BEDROOM",
-    "POPPY'S PLAYHOUSE KITCHEN",
-    "FELTCRAFT PRINCESS CHARLOTTE DOLL",
-    "IVORY KNITTED MUG COSY",
-    "BOX OF 6 ASSORTED COLOUR TEASPOONS",
-    "BOX OF VINTAGE JIGSAW BLOCKS",
-    "BOX OF VINTAGE ALPHABET BLOCKS",
-    "HOME BUILDING BLOCK WORD",
-    "LOVE BUILDING BLOCK WORD",
-    "RECIPE BOX WITH METAL HEART",
-    "DOORMAT NEW ENGLAND",
-    "JAM MAKING SET WITH JARS",
-    "RED COAT RACK PARIS FASHION",
-    "YELLOW COAT RACK PARIS FASHION",
-    "BLUE COAT RACK PARIS FASHION",
-    "ALARM CLOCK BAKELIKE PINK",
-    "ALARM CLOCK BAKELIKE RED",
-    "ALARM CLOCK BAKELIKE GREEN",
-    "PANDA AND BUNNIES STICKER SHEET",
-    "STARS GIFT TAPE",
-    "INFLATABLE POLITICAL GLOBE",
-    "VINTAGE HEADS AND TAILS CARD GAME",
-]
 
 
 @pytest.fixture()

@@ -17,42 +17,11 @@ import numpy as np
 import polars as pl
 import pytest
 from serving_helpers import auth, build_client, make_config
+from synthetic_events import RETAIL
 
 from recsys.snapshot import SnapshotStore
 from recsys.snapshot.writer import write_snapshot
 
-RETAIL = [
-    "WHITE HANGING HEART T-LIGHT HOLDER",
-    "GLASS STAR FROSTED T-LIGHT HOLDER",
-    "RED WOOLLY HOTTIE WHITE HEART",
-    "KNITTED UNION FLAG HOT WATER BOTTLE",
-    "HAND WARMER UNION JACK",
-    "HAND WARMER RED POLKA DOT",
-    "SET 7 BABUSHKA NESTING BOXES",
-    "ASSORTED COLOUR BIRD ORNAMENT",
-    "POPPY'S PLAYHOUSE BEDROOM",
-    "POPPY'S PLAYHOUSE KITCHEN",
-    "FELTCRAFT PRINCESS CHARLOTTE DOLL",
-    "IVORY KNITTED MUG COSY",
-    "BOX OF 6 ASSORTED COLOUR TEASPOONS",
-    "BOX OF VINTAGE JIGSAW BLOCKS",
-    "BOX OF VINTAGE ALPHABET BLOCKS",
-    "HOME BUILDING BLOCK WORD",
-    "LOVE BUILDING BLOCK WORD",
-    "RECIPE BOX WITH METAL HEART",
-    "DOORMAT NEW ENGLAND",
-    "JAM MAKING SET WITH JARS",
-    "RED COAT RACK PARIS FASHION",
-    "YELLOW COAT RACK PARIS FASHION",
-    "BLUE COAT RACK PARIS FASHION",
-    "ALARM CLOCK BAKELIKE PINK",
-    "ALARM CLOCK BAKELIKE RED",
-    "ALARM CLOCK BAKELIKE GREEN",
-    "PANDA AND BUNNIES STICKER SHEET",
-    "STARS GIFT TAPE",
-    "INFLATABLE POLITICAL GLOBE",
-    "VINTAGE HEADS AND TAILS CARD GAME",
-]
 WARM = 5  # items 0..4 of the demo catalogue have emb neighbours in the snapshot
 ACME = auth("acme")
 GLOBEX = auth("globex")
