@@ -33,6 +33,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +116,22 @@ class Verified:
         return self.broken is None
 
 
+def _set_wal(conn: sqlite3.Connection, deadline: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another process holds the file: SQLite
+    answers that pragma "database is locked" at once, without its busy timeout, when two
+    workers open a new log together (seen in CI). Once one has set it, it is a no-op."""
+    pause = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as ex:
+            if "locked" not in str(ex) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 class AuditLog:
     """The audit files under ``<root>`` (``<data root>/serving/audit``): one per tenant."""
 
@@ -135,7 +152,7 @@ class AuditLog:
         if conn is None:
             os.makedirs(self.root, exist_ok=True)
             conn = sqlite3.connect(self.path(tenant), timeout=30.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _set_wal(conn, deadline=time.monotonic() + 30.0)
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
             conns[tenant] = conn

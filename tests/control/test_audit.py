@@ -121,18 +121,28 @@ def _append_many(root: str, tenant: str, actor: str, n: int) -> None:
         log.append(tenant, actor, "POST", "/v1/recs/keys", "/v1/recs/keys", 201, f"{actor}-{i}")
 
 
+APPEND_MANY = """
+import sys
+from serving.control.audit import AuditLog
+root, actor, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+log = AuditLog(root)
+for i in range(n):
+    log.append("acme", actor, "POST", "/v1/recs/keys", "/v1/recs/keys", 201, f"{actor}-{i}")
+"""
+
+
 def test_concurrent_writers_keep_one_chain(tmp_path):
-    """Two processes (as two gunicorn workers) appending at once: one unbroken chain."""
-    import multiprocessing
+    """Two processes (as two gunicorn workers) appending at once: one unbroken chain. (New
+    interpreters, not forks of this one: a fork inherits the locks the test process's other
+    threads hold at that moment, and one such child hung in a CI run.)"""
+    import subprocess
 
     root = str(tmp_path / "audit")
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_append_many, args=(root, "acme", f"w{p}", 150)) for p in (1, 2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", APPEND_MANY, root, f"w{p}", "150"]) for p in (1, 2)
+    ]
     for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+        assert p.wait(timeout=120) == 0
     result = AuditLog(root).verify("acme")
     assert result.ok and result.entries == 300
     actors = [e["actor"] for e in AuditLog(root).query("acme", limit=1000)]
