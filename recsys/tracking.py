@@ -59,20 +59,40 @@ def ensure_experiment(client, tenant: str, artifact_root: str | None) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def data_fingerprint(events: pl.DataFrame) -> dict[str, Any]:
+#: rows of the sorted events turned into CSV and hashed at a time by `data_fingerprint`
+FINGERPRINT_ROWS = 1_000_000
+
+
+def data_fingerprint(events: pl.DataFrame | pl.LazyFrame) -> dict[str, Any]:
     """Row count, users, items, time range and a SHA-256 of the sorted (event_id, user, item,
-    type, timestamp) rows: two runs on the same data carry the same hash."""
+    type, timestamp) rows: two runs on the same data carry the same hash.
+
+    `events` may be a lazy scan (read by Polars' streaming engine). The rows are hashed as
+    CSV `FINGERPRINT_ROWS` at a time (the same bytes as one CSV of them all, without holding
+    it: it was larger than the events)."""
     cols = ["event_id", "user_id", "item_id", "event_type", "timestamp"]
+    lazy = events.lazy().select(cols)
+    engine = "streaming" if isinstance(events, pl.LazyFrame) else "in-memory"
+    stats = lazy.select(
+        pl.len().alias("rows"),
+        pl.col("user_id").n_unique().alias("users"),
+        pl.col("item_id").n_unique().alias("items"),
+        pl.col("timestamp").min().alias("lo"),
+        pl.col("timestamp").max().alias("hi"),
+    ).collect(engine=engine)
+    rows = int(stats["rows"][0])
     h = hashlib.sha256()
-    if events.height:
-        body = events.select(cols).sort(cols).write_csv(include_header=False)
-        h.update(body.encode())
+    if rows:
+        ordered = lazy.sort(cols).collect(engine=engine)
+        for part in ordered.iter_slices(FINGERPRINT_ROWS):
+            h.update(part.write_csv(include_header=False).encode())
+        del ordered
     return {
-        "data_rows": events.height,
-        "data_users": events["user_id"].n_unique() if events.height else 0,
-        "data_items": events["item_id"].n_unique() if events.height else 0,
-        "data_min_ts": str(events["timestamp"].min()) if events.height else "",
-        "data_max_ts": str(events["timestamp"].max()) if events.height else "",
+        "data_rows": rows,
+        "data_users": int(stats["users"][0]) if rows else 0,
+        "data_items": int(stats["items"][0]) if rows else 0,
+        "data_min_ts": str(stats["lo"][0]) if rows else "",
+        "data_max_ts": str(stats["hi"][0]) if rows else "",
         "data_sha256": h.hexdigest(),
     }
 
@@ -125,7 +145,7 @@ def log_training_run(
     *,
     tenant: str,
     model,
-    events: pl.DataFrame,
+    events: pl.DataFrame | pl.LazyFrame,
     uri: str,
     artifact_root: str | None,
     table: pl.DataFrame | None = None,

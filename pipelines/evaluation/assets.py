@@ -7,18 +7,18 @@ import dagster as dg
 from pipelines.evaluation.config import ChampionConfig, EvaluationConfig
 from pipelines.resources import MlflowResource, StorageResource
 from pipelines.training.assets import (
+    MODEL_EVENT_COLUMNS,
     _md_table,
     load_hybrid,
     model_path,
-    read_inputs,
     read_json,
     tenants,
     write_json,
 )
-from recsys import tracking
+from recsys import ingest, tracking
 from recsys.evaluation.evaluate import format_table, plot_table
 from recsys.evaluation.offline import evaluate_fitted
-from recsys.models.data import temporal_split
+from recsys.models.data import temporal_split_scan
 
 GROUP = "evaluation"
 
@@ -40,14 +40,18 @@ def model_evaluation(
     context: dg.AssetExecutionContext, config: EvaluationConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Scores of popularity, EASE, co-occurrence, LightFM and the served list on the test
-    period (evaluation/<tenant>/evaluation.csv + .png), with bootstrap CIs."""
+    period (evaluation/<tenant>/evaluation.csv + .png), with bootstrap CIs.
+
+    The events are never held: the split is cut on a streamed scan and the held-out pairs
+    are folded from it (`temporal_split_scan`, `holdout_pairs`), so memory is the model's
+    plus the test window's pairs."""
     store = storage.storage()
     metadata: dict = {}
     summary = []
     for tenant in tenants(store, config.tenants):
-        events, _, _ = read_inputs(store, tenant)
         split = read_json(store, model_path(store, tenant, "split.json"))
-        s = temporal_split(events, split["test_fraction"])
+        scan = ingest.scan_events(store, tenant).select(MODEL_EVENT_COLUMNS)
+        s = temporal_split_scan(scan, split["test_fraction"])
         model = load_hybrid(store, model_path(store, tenant, "eval", "hybrid"))
         table, holdout, _ = evaluate_fitted(
             model, s.train, s.test, config.bootstrap_resamples, config.seed
@@ -107,7 +111,8 @@ def champion_model(
     uri = mlflow.resolve_tracking_uri(store)
     rows = []
     for tenant in tenants(store, config.tenants):
-        events, _, _ = read_inputs(store, tenant)
+        # streamed: the fingerprint sorts them, nothing else reads the events here
+        events = ingest.scan_events(store, tenant).select(MODEL_EVENT_COLUMNS)
         ev_dir = store.evaluation_dir(tenant)
         csv = os.path.join(ev_dir, "evaluation.csv")
         table = pl.read_csv(csv) if os.path.exists(csv) else None

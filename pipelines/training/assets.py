@@ -27,7 +27,7 @@ from recsys.contract import DEFAULT_EVENT_WEIGHTS
 from recsys.durable import write_atomic, write_parquet_atomic
 from recsys.features import read_log
 from recsys.models.data import interactions as fold_interactions
-from recsys.models.data import temporal_split
+from recsys.models.data import temporal_split, temporal_split_scan
 from recsys.models.hybrid import (
     HybridConfig,
     fit_eval_and_final,
@@ -195,8 +195,10 @@ def interactions(
     weights = {**DEFAULT_EVENT_WEIGHTS, **config.event_weights}
     rows = []
     for tenant in tenants(store, config.tenants):
-        events, _, _ = read_inputs(store, tenant)
-        inter = fold_interactions(events, weights, config.half_life_days)
+        # folded from a streamed scan: memory holds the distinct pairs, not the events
+        scan = ingest.scan_events(store, tenant).select(MODEL_EVENT_COLUMNS)
+        n_events = scan.select(pl.len()).collect(engine="streaming").item()
+        inter = fold_interactions(scan, weights, config.half_life_days)
         path = store.table_path(tenant, "interactions")
         write_parquet_atomic(inter.frame, path, store.fs, sync=False)  # as write_json
         write_json(
@@ -207,14 +209,14 @@ def interactions(
         rows.append(
             {
                 "tenant": tenant,
-                "events": events.height,
+                "events": n_events,
                 "pairs": inter.frame.height,
                 "users": inter.n_users,
                 "items": inter.n_items,
                 "path": path,
             }
         )
-        context.log.info(f"{tenant}: {events.height:,} events -> {inter.frame.height:,} pairs")
+        context.log.info(f"{tenant}: {n_events:,} events -> {inter.frame.height:,} pairs")
     return dg.MaterializeResult(
         metadata={
             "tenants": _md_table(rows),
@@ -234,20 +236,23 @@ def data_split(
     store = storage.storage()
     rows = []
     for tenant in tenants(store, config.tenants):
-        events, _, _ = read_inputs(store, tenant)
-        s = temporal_split(events, config.test_fraction, config.validation_fraction)
+        # cut on a streamed scan (temporal_split's parts, without holding the events)
+        scan = ingest.scan_events(store, tenant).select(MODEL_EVENT_COLUMNS)
+        s = temporal_split_scan(scan, config.test_fraction)
+        v = temporal_split_scan(s.train, config.validation_fraction)
+        n_events = s.n_train + s.n_test
         skip = (
             None
-            if events.height >= config.min_events
-            else (f"{events.height} events < min_events={config.min_events}: popularity only")
+            if n_events >= config.min_events
+            else (f"{n_events} events < min_events={config.min_events}: popularity only")
         )
         record = {
             "test_fraction": config.test_fraction,
             "validation_fraction": config.validation_fraction,
-            "fit_events": s.fit.height,
-            "validation_events": s.validation.height,
-            "test_events": s.test.height,
-            "validation_start": s.validation_start,
+            "fit_events": v.n_train,
+            "validation_events": v.n_test,
+            "test_events": s.n_test,
+            "validation_start": v.test_start,
             "test_start": s.test_start,
             "skip": skip,
         }

@@ -50,8 +50,8 @@ class Holdout:
 
 def build_holdout(
     data: Dataset | HasIndex,
-    train_events: pl.DataFrame,
-    holdout_events: pl.DataFrame,
+    train_events: pl.DataFrame | pl.LazyFrame,
+    holdout_events: pl.DataFrame | pl.LazyFrame,
     weights: dict[str, float] | None = None,
 ) -> Holdout:
     """Positives of `holdout_events` per the protocol, mapped onto `data`'s index (anything

@@ -61,14 +61,16 @@ def evaluate_offline(
 
 def evaluate_fitted(
     model: HybridRecommender,
-    train: pl.DataFrame,
-    test: pl.DataFrame,
+    train: pl.DataFrame | pl.LazyFrame,
+    test: pl.DataFrame | pl.LazyFrame,
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> tuple[pl.DataFrame, Holdout, dict[str, np.ndarray]]:
     """The table for a hybrid already fitted on `train`: one row per generator plus ``served``.
 
     The table is empty when the test period has no usable positives (too little data).
+    `train` and `test` may be lazy scans (`recsys.models.data.temporal_split_scan`): only the
+    held-out pairs are read from them (`recsys.models.data.holdout_pairs`).
     """
     holdout = build_holdout(model, train, test, model.config.weights)
     lists: dict[str, np.ndarray] = {}

@@ -73,6 +73,20 @@ def event_weight_expr(weights: dict[str, float]) -> pl.Expr:
     )
 
 
+def _weight_expr(
+    weights: dict[str, float], half_life_days: float | None, now_ts: datetime | None
+) -> pl.Expr:
+    """The column ``w`` of `decayed_weights` (no decay when `now_ts` is None)."""
+    w = event_weight_expr(weights)
+    if half_life_days is not None and half_life_days > 0 and now_ts is not None:
+        age_days = (
+            pl.lit(now_ts).cast(EVENT_SCHEMA["timestamp"]) - pl.col("timestamp")
+        ).dt.total_microseconds() / _DAY_US
+        # Events after `now` (clock skew) count as fresh, never as amplified.
+        w = w * pl.lit(0.5).pow(age_days.clip(lower_bound=0.0) / half_life_days)
+    return w.alias("w")
+
+
 def decayed_weights(
     events: pl.DataFrame,
     weights: dict[str, float] | None = None,
@@ -81,19 +95,77 @@ def decayed_weights(
 ) -> pl.DataFrame:
     """`events` with a column ``w``: type weight x 0.5 ** (age_days / half_life_days)."""
     weights = DEFAULT_EVENT_WEIGHTS if weights is None else weights
-    w = event_weight_expr(weights)
+    now_ts = None
     if half_life_days is not None and half_life_days > 0 and events.height:
         now_ts = events["timestamp"].max() if now is None else now
-        age_days = (
-            pl.lit(now_ts).cast(EVENT_SCHEMA["timestamp"]) - pl.col("timestamp")
-        ).dt.total_microseconds() / _DAY_US
-        # Events after `now` (clock skew) count as fresh, never as amplified.
-        w = w * pl.lit(0.5).pow(age_days.clip(lower_bound=0.0) / half_life_days)
-    return events.with_columns(w.alias("w"))
+    return events.with_columns(_weight_expr(weights, half_life_days, now_ts))
+
+
+#: events a pass of `interactions` over a lazy scan holds when its sums are not exact
+FOLD_EVENTS = 4_000_000
+
+
+def _exact_sums(weights: dict[str, float], half_life_days: float | None) -> bool:
+    """Whether every pair's sum is exact in floating point whatever the order of its events:
+    no decay, and each weight a multiple of 1/1024 under 2**20 in size (the contract's are
+    multiples of 1/2), so every partial sum is an exact binary fraction."""
+    if half_life_days is not None and half_life_days > 0:
+        return False
+    return all(
+        abs(w) < 2**20 and float(w) * 1024 == round(float(w) * 1024) for w in weights.values()
+    )
+
+
+def _pairs(
+    events: pl.DataFrame | pl.LazyFrame,
+    weights: dict[str, float],
+    half_life_days: float | None,
+    now: datetime | None,
+) -> pl.DataFrame:
+    """The positive (user_id, item_id) sums of `interactions`, unsorted.
+
+    A lazy scan is never collected whole. With exact sums it is one group-by of Polars'
+    streaming engine (memory: the distinct pairs). Otherwise the order of a pair's additions
+    shows in the last bits, and the streaming engine's order varies from run to run, so the
+    users are cut into ``ceil(events / FOLD_EVENTS)`` groups by a hash of their id and each
+    group's events (in the scan's order) are folded in memory as a frame is: the same sums,
+    bit for bit, as the fold of all the events at once."""
+    aggs = (
+        pl.col("w").sum().alias("confidence"),
+        pl.len().alias("n_events"),
+        pl.col("timestamp").min().alias("first_ts"),
+        pl.col("timestamp").max().alias("last_ts"),
+    )
+    if isinstance(events, pl.DataFrame):
+        return (
+            decayed_weights(events, weights, half_life_days, now)
+            .group_by("user_id", "item_id")
+            .agg(*aggs)
+            .filter(pl.col("confidence") > 0)
+        )
+    events = events.select("user_id", "item_id", "event_type", "timestamp")
+    if _exact_sums(weights, half_life_days):
+        return (
+            events.with_columns(_weight_expr(weights, None, None))
+            .group_by("user_id", "item_id")
+            .agg(*aggs)
+            .filter(pl.col("confidence") > 0)
+            .collect(engine="streaming")
+        )
+    if half_life_days is not None and half_life_days > 0 and now is None:
+        now = events.select(pl.col("timestamp").max()).collect(engine="streaming").item()
+    n = events.select(pl.len()).collect(engine="streaming").item()
+    k = max(1, -(-n // FOLD_EVENTS))
+    group = pl.col("user_id").hash(seed=0) % k
+    parts = [
+        _pairs(events.filter(group == g).collect(engine="streaming"), weights, half_life_days, now)
+        for g in range(k)
+    ]
+    return pl.concat(parts)
 
 
 def interactions(
-    events: pl.DataFrame,
+    events: pl.DataFrame | pl.LazyFrame,
     weights: dict[str, float] | None = None,
     half_life_days: float | None = None,
     now: datetime | None = None,
@@ -110,17 +182,13 @@ def interactions(
 
     ``user_ids`` / ``item_ids`` fix the index maps (e.g. a catalog with items nobody touched
     yet); pairs outside them are dropped. By default the maps are the sorted ids that remain.
+
+    `events` may be a lazy scan (e.g. ``recsys.ingest.scan_events``): it is then never held
+    whole (see `_pairs`; with the contract's weights and no decay memory holds the distinct
+    pairs) and the result is the same, bit for bit, as the fold of the collected events.
     """
-    pairs = (
-        decayed_weights(events, weights, half_life_days, now)
-        .group_by("user_id", "item_id")
-        .agg(
-            pl.col("w").sum().alias("confidence"),
-            pl.len().alias("n_events"),
-            pl.col("timestamp").min().alias("first_ts"),
-            pl.col("timestamp").max().alias("last_ts"),
-        )
-        .filter(pl.col("confidence") > 0)
+    pairs = _pairs(
+        events, DEFAULT_EVENT_WEIGHTS if weights is None else weights, half_life_days, now
     )
     uids = (
         np.array(sorted(pairs["user_id"].unique().to_list()), dtype=object)
@@ -206,23 +274,78 @@ def temporal_split(
     )
 
 
+@dataclass(frozen=True)
+class ScanSplit:
+    """`temporal_split` of a lazy scan of the events: its train and test parts are filters of
+    the scan (the same events as the in-memory split's parts, in the scan's order)."""
+
+    train: pl.LazyFrame
+    test: pl.LazyFrame
+    n_train: int
+    n_test: int
+    test_start: datetime | None
+
+
+def temporal_split_scan(scan: pl.LazyFrame, test_fraction: float = 0.2) -> ScanSplit:
+    """The train / test cut of ``temporal_split(events, test_fraction)`` without holding the
+    events: a streamed count of events per UTC day, then the (timestamp, event_id) of the
+    events of the one day the cut falls in, sorted as `temporal_split` orders them. The test
+    part is every event at or after the first test event in (timestamp, event_id) order, so
+    event ids must be unique (the warehouse's are: the blocking ``events_unique`` check).
+    Memory: one row per day, plus that day's timestamps and ids."""
+    if not 0 <= test_fraction < 1:
+        raise ValueError("fractions must be in [0, 1)")
+    day = (pl.col("timestamp").dt.epoch("us") // _DAY_US).alias("day")
+    counts = scan.select(day).group_by("day").agg(pl.len()).collect(engine="streaming")
+    counts = counts.sort("day")
+    n = int(counts["len"].sum())
+    n_train = n - int(round(n * test_fraction))
+    if n_train >= n:
+        return ScanSplit(scan, scan.filter(pl.lit(False)), n, 0, None)
+    ends = counts["len"].cum_sum().to_numpy()
+    at = int(np.searchsorted(ends, n_train, side="right"))  # the day holding event n_train
+    before = int(ends[at - 1]) if at else 0
+    cut_day = int(counts["day"][at])
+    that_day = (
+        scan.filter(day == cut_day)
+        .select("timestamp", "event_id")
+        .collect(engine="streaming")
+        .sort("timestamp", "event_id", maintain_order=True)
+    )
+    first_test = that_day.row(n_train - before, named=True)
+    t, e = first_test["timestamp"], first_test["event_id"]
+    ts = pl.col("timestamp")
+    t_lit = pl.lit(t).cast(EVENT_SCHEMA["timestamp"])
+    is_test = (ts > t_lit) | ((ts == t_lit) & (pl.col("event_id") >= e))
+    return ScanSplit(scan.filter(~is_test), scan.filter(is_test), n_train, n - n_train, t)
+
+
 def holdout_pairs(
-    train_events: pl.DataFrame,
-    holdout_events: pl.DataFrame,
+    train_events: pl.DataFrame | pl.LazyFrame,
+    holdout_events: pl.DataFrame | pl.LazyFrame,
     weights: dict[str, float] | None = None,
 ) -> pl.DataFrame:
     """The positive (user_id, item_id) pairs of a later window, per the evaluation protocol.
 
     Keeps pairs with a positive total weight whose user and item both appear in train, and
     drops pairs the user already had in train.
+
+    Lazy scans are read by Polars' streaming engine: memory holds the later window's pairs
+    (and the train users, items and pairs among them), not the events of either part.
     """
-    train_pairs = train_events.select("user_id", "item_id").unique()
-    pos = interactions(holdout_events, weights).frame.select("user_id", "item_id")
+    lazy = isinstance(train_events, pl.LazyFrame) or isinstance(holdout_events, pl.LazyFrame)
+    pos = interactions(holdout_events, weights).frame.select("user_id", "item_id").lazy()
+    train = train_events.lazy().select("user_id", "item_id")
+    # train's users, items and pairs, only those the later window's pairs could match
+    seen = train.join(pos, on=["user_id", "item_id"], how="semi").unique()
+    users = train.select("user_id").join(pos.select("user_id").unique(), on="user_id", how="semi")
+    items = train.select("item_id").join(pos.select("item_id").unique(), on="item_id", how="semi")
     return (
-        pos.join(train_pairs.select("user_id").unique(), on="user_id", how="semi")
-        .join(train_pairs.select("item_id").unique(), on="item_id", how="semi")
-        .join(train_pairs, on=["user_id", "item_id"], how="anti")
+        pos.join(users.unique(), on="user_id", how="semi")
+        .join(items.unique(), on="item_id", how="semi")
+        .join(seen, on=["user_id", "item_id"], how="anti")
         .sort("user_id", "item_id")
+        .collect(engine="streaming" if lazy else "in-memory")
     )
 
 

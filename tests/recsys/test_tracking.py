@@ -144,3 +144,23 @@ def test_postgres_tracking_store_round_trip(model, pg_database_url, storage, tmp
     assert_serves_alike(hybrid, loaded)
     client = tracking._client(uri)
     assert client.get_run(run.run_id).data.metrics["served.NDCG_at_10"] == pytest.approx(0.2)
+
+
+def test_fingerprint_of_a_scan_hashed_in_slices_is_the_one_csv_hash(model, tmp_path, monkeypatch):
+    """The hash is the SHA-256 of one CSV of the sorted rows, whether they are hashed whole or
+    7 rows at a time, from a frame or from a lazy scan of Parquet files."""
+    import hashlib
+
+    _, events = model
+    cols = ["event_id", "user_id", "item_id", "event_type", "timestamp"]
+    one_csv = events.select(cols).sort(cols).write_csv(include_header=False).encode()
+    whole = tracking.data_fingerprint(events)
+    assert whole["data_sha256"] == hashlib.sha256(one_csv).hexdigest()
+    assert whole["data_rows"] == events.height > 7
+    assert whole["data_users"] == events["user_id"].n_unique()
+    assert whole["data_max_ts"] == str(events["timestamp"].max())
+    monkeypatch.setattr(tracking, "FINGERPRINT_ROWS", 7)
+    for k, part in enumerate(events.sample(fraction=1.0, shuffle=True, seed=5).iter_slices(40)):
+        part.write_parquet(tmp_path / f"part-{k}.parquet")
+    assert tracking.data_fingerprint(pl.scan_parquet(tmp_path / "part-*.parquet")) == whole
+    assert tracking.data_fingerprint(events) == whole
