@@ -1053,8 +1053,17 @@ def build_candidates(
 def _rank_lists(
     user_pos: np.ndarray, items: np.ndarray, score: np.ndarray, n_users: int, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(n_users, k) item indices (-1 padded) and scores ordered by `score` within each user."""
-    order = np.lexsort((items, -score, user_pos))
+    """(n_users, k) item indices (-1 padded) and scores ordered by `score` within each user
+    (ties: the lower item first)."""
+    codes = user_pos.astype(np.int64) * (int(items.max(initial=0)) + 1) + items
+    if len(codes) < 2 or bool(np.all(codes[1:] > codes[:-1])):
+        # rows sorted by user then item (candidates as built): the same order as the
+        # lexsort below, in two stable sorts (about half the time)
+        from recsys.models.serve import _by_user_then_score
+
+        order = _by_user_then_score(user_pos, score, n_users)
+    else:
+        order = np.lexsort((items, -score, user_pos))
     up, it, sc = user_pos[order], items[order], score[order]
     starts = np.searchsorted(up, np.arange(n_users))
     rank = np.arange(len(up)) - starts[up]

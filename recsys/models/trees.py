@@ -104,6 +104,12 @@ class TreeEnsemble:
         """Probability of the positive class per row."""
         return 1.0 / (1.0 + np.exp(-self.decision_function(x)))
 
+    def column_permutations(self, x: np.ndarray) -> ColumnPermutations:
+        """A scorer of `x` with one column permuted at a time (permutation importance):
+        ``.margins(j, perm)`` is ``decision_function(x')`` bit for bit, where ``x'`` is `x`
+        with column j replaced by ``x[perm, j]``, computed from what the rows of `x` share."""
+        return ColumnPermutations(self, x)
+
     def to_arrays(self, prefix: str = "tree_") -> dict[str, np.ndarray]:
         d = {
             k: getattr(self, k)
@@ -126,6 +132,64 @@ class TreeEnsemble:
         a = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
         meta = a.pop("meta")
         return cls(**a, max_depth=int(meta[0]), baseline=float(meta[1]))
+
+
+class ColumnPermutations:
+    """`x`'s margins with one column permuted (see :meth:`TreeEnsemble.column_permutations`).
+
+    With bitmask tables (:class:`_LeafMasks`), each row's table row per used feature (its
+    value's bin) and exit leaf per tree are found once; permuting column j then moves only
+    that feature's bins between rows, and only the trees that split on it can exit at another
+    leaf: those are recomputed, the others keep theirs, and each row's leaf values are summed
+    in tree order as :func:`_exit_leaf_sums` sums them (the same bits). A feature no tree
+    splits on leaves every margin as it is. Without tables: the plain evaluation of the
+    permuted copy."""
+
+    def __init__(self, ensemble: TreeEnsemble, x: np.ndarray) -> None:
+        self._ens = ensemble
+        self._x = np.ascontiguousarray(x, dtype=np.float64)
+        self.base = ensemble.decision_function(self._x)
+        self._masks = ensemble._leaf_masks()
+        m = self._masks
+        if m is None or not len(m.features) or not len(self._x):
+            return
+        n = len(self._x)
+        self._rows = np.empty((n, len(m.features)), np.int64)
+        _table_rows(self._x, m.features, m.thresholds, m.th_off, m.tab_off, self._rows)
+        self._leaves = np.empty((n, m.tables.shape[1]), np.uint8)
+        _exit_leaves(self._rows, m.tables, self._leaves)
+        ones = np.iinfo(m.tables.dtype).max
+        #: per used feature, the trees whose masks depend on it (some table entry not all ones)
+        self._trees = [
+            np.flatnonzero((m.tables[m.tab_off[k] : m.tab_off[k + 1]] != ones).any(axis=0))
+            for k in range(len(m.features))
+        ]
+
+    def margins(self, column: int, perm: np.ndarray) -> np.ndarray:
+        """Raw margins of `x` with column `column` replaced by ``x[perm, column]``."""
+        m = self._masks
+        if m is None:
+            x = self._x.copy()
+            x[:, column] = self._x[perm, column]
+            return self._ens.decision_function(x)
+        used = np.flatnonzero(m.features == column)
+        if not len(used) or not len(self._x):
+            return self.base.copy()  # no split reads the column: nothing moves
+        k = int(used[0])
+        out = np.empty(len(self._x))
+        _permuted_sums(
+            self._rows,
+            k,
+            np.asarray(perm, np.int64),
+            self._trees[k],
+            np.ascontiguousarray(m.tables[:, self._trees[k]]),
+            self._leaves,
+            m.leaf_value,
+            m.width,
+            float(self._ens.baseline),
+            out,
+        )
+        return out
 
 
 _MAX_MASK_LEAVES = 64
@@ -288,4 +352,84 @@ def _exit_leaf_sums(x, features, thresholds, th_off, tables, tab_off, leaf_value
                 m >>= sixteen
                 bit += 16
             total += leaf_value[t * width + bit + _LOWEST_BIT_16[m & ffff]]
+        out[r] = base + total
+
+
+@njit(cache=True, nogil=True)
+def _table_rows(x, features, thresholds, th_off, tab_off, out):
+    """``out[r, k]``: the table row of row r's value of used feature k (its bin, found as in
+    :func:`_exit_leaf_sums`)."""
+    for r in range(x.shape[0]):
+        for k in range(len(features)):
+            v = x[r, features[k]]
+            lo, hi = th_off[k], th_off[k + 1]
+            if v != v:
+                b = hi - lo
+            else:
+                at, n = lo, hi - lo
+                while n > 1:
+                    half = n >> 1
+                    at = at + half if thresholds[at + half] < v else at
+                    n -= half
+                b = at - lo + (thresholds[at] < v)
+            out[r, k] = tab_off[k] + b
+
+
+@njit(cache=True, nogil=True)
+def _lowest_bit(m):
+    """Index of the lowest set bit of a non-zero mask."""
+    m = np.uint64(m)
+    ffff, sixteen = np.uint64(0xFFFF), np.uint64(16)
+    bit = 0
+    while (m & ffff) == 0:
+        m >>= sixteen
+        bit += 16
+    return bit + _LOWEST_BIT_16[m & ffff]
+
+
+@njit(cache=True, nogil=True)
+def _exit_leaves(rows, tables, out):
+    """``out[r, t]``: the exit leaf (its bit) of row r in tree t, from its table rows."""
+    n_trees = tables.shape[1]
+    mask = np.empty(n_trees, tables.dtype)
+    for r in range(rows.shape[0]):
+        for t in range(n_trees):
+            mask[t] = tables[rows[r, 0], t]
+        for k in range(1, rows.shape[1]):
+            row = rows[r, k]
+            for t in range(n_trees):
+                mask[t] &= tables[row, t]
+        for t in range(n_trees):
+            out[r, t] = _lowest_bit(mask[t])
+
+
+@njit(cache=True, nogil=True)
+def _permuted_sums(rows, k, perm, trees, sub, leaves, leaf_value, width, base, out):
+    """Margins with used feature k's bins permuted (row r takes row perm[r]'s): the trees in
+    `trees` (sorted: those splitting on it; `sub` their columns of the tables) find their
+    exit leaf again, the others keep `leaves`; the leaf values are summed in tree order, as
+    :func:`_exit_leaf_sums` sums them."""
+    n_trees, n_sub, n_feat = leaves.shape[1], len(trees), rows.shape[1]
+    mask = np.empty(n_sub, sub.dtype)
+    for r in range(rows.shape[0]):
+        own = rows[perm[r], k]
+        for i in range(n_sub):
+            mask[i] = sub[own, i]
+        for kk in range(k):
+            row = rows[r, kk]
+            for i in range(n_sub):
+                mask[i] &= sub[row, i]
+        for kk in range(k + 1, n_feat):
+            row = rows[r, kk]
+            for i in range(n_sub):
+                mask[i] &= sub[row, i]
+        total = 0.0
+        i = 0
+        for t in range(n_trees):
+            if i < n_sub and trees[i] == t:
+                bit = _lowest_bit(mask[i])
+                i += 1
+            else:
+                bit = leaves[r, t]
+            total += leaf_value[t * width + bit]
         out[r] = base + total

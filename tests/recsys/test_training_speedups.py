@@ -155,6 +155,96 @@ def test_tree_predictor_matches_sklearn_and_the_traversal(rng, max_leaf_nodes):
     )
 
 
+@pytest.mark.parametrize("max_leaf_nodes", [2, 15, 63, 100])
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # binning the infinities
+def test_column_permutations_give_the_margins_of_the_permuted_copy(rng, max_leaf_nodes):
+    # every column, a column no tree splits on (5) and NaN / infinite values: the margins
+    # of the shortcut are the plain evaluation's, bit for bit (100 leaves: no tables)
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    x = rng.normal(size=(2000, 6))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    x[:40, 2] = np.inf
+    x[:, 5] = 0.0
+    y = (np.nan_to_num(x[:, 0]) + np.nan_to_num(x[:, 1]) * x[:, 4] > 0).astype(int)
+    clf = HistGradientBoostingClassifier(
+        max_iter=25, max_leaf_nodes=max_leaf_nodes, min_samples_leaf=5, random_state=0
+    ).fit(x, y)
+    ens = TreeEnsemble.from_sklearn(clf)
+    rows = rng.normal(size=(3000, 6)) * 2
+    rows[rng.random(rows.shape) < 0.2] = np.nan
+    rows[:100] = x[:100]
+    scorer = ens.column_permutations(rows)
+    np.testing.assert_array_equal(scorer.base, ens.decision_function(rows))
+    for j in range(6):
+        perm = rng.permutation(len(rows))
+        copy = rows.copy()
+        copy[:, j] = rows[perm, j]
+        np.testing.assert_array_equal(scorer.margins(j, perm), ens.decision_function(copy))
+
+
+def test_rank_lists_order_is_the_lexsort_order(rng):
+    # rows sorted by (user, item), as candidates are built, take the two-sort path; shuffled
+    # rows the lexsort; both give the lists of the plain lexsort, ties by the lower item
+    from recsys.models.hybrid import _rank_lists
+
+    pos = np.repeat(np.arange(50), rng.integers(0, 30, 50))
+    items = np.concatenate(
+        [np.sort(rng.choice(200, (pos == u).sum(), replace=False)) for u in range(50)]
+    )
+    score = rng.integers(0, 4, len(pos)).astype(float)  # many ties
+    score[rng.random(len(pos)) < 0.05] = np.nan
+    for order in (np.arange(len(pos)), rng.permutation(len(pos))):
+        p, i, sc = pos[order], items[order], score[order]
+        want = np.lexsort((i, -sc, p))
+        up, it = p[want], i[want]
+        rank = np.arange(len(up)) - np.searchsorted(up, np.arange(50))[up]
+        expected = np.full((50, 10), -1)
+        keep = rank < 10
+        expected[up[keep], rank[keep]] = it[keep]
+        np.testing.assert_array_equal(_rank_lists(p, i, sc, 50, 10)[0], expected)
+
+
+def test_permutation_importance_is_the_plain_shuffle_loop(cluster_data, eval_and_final):
+    # the reference: shuffle a copy of the rows per feature and repeat, score it whole
+    from recsys.evaluation.evaluate import build_holdout
+    from recsys.evaluation.metrics import ndcg_at_k
+    from recsys.models.hybrid import FEATURE_NAMES, _rank_lists
+    from recsys.models.importance import permutation_importance
+
+    events, _ = cluster_data
+    model, _ = eval_and_final
+    parts = temporal_split(events, 0.2)
+    got = permutation_importance(model, parts.train, parts.test, seed=3, repeats=2)
+    holdout = build_holdout(model, parts.train, parts.test, model.config.weights)
+    rng = np.random.default_rng(3)
+    pick = np.sort(rng.permutation(holdout.n_users)[:500])
+    users = holdout.user_idx[pick]
+    relevant = [holdout.relevant[i] for i in pick]
+    cand = build_candidates(
+        model.generators_, model.side_, model.seen_, users, model.config.candidates_per_generator
+    )
+    rows = cand.feature_rows if cand.feature_rows is not None else slice(None)
+    x, pos, items = cand.features, cand.user_pos[rows], cand.item_idx[rows]
+    x[:, np.isnan(x).all(axis=0)] = 0.0
+
+    def score(r):
+        lists, _ = _rank_lists(pos, items, model.ranker_.predict_proba(r), len(users), 10)
+        return float(np.mean(ndcg_at_k(lists, relevant, 10)))
+
+    base = score(x)
+    assert got["baseline"] == base and got["rows"] == len(x)
+    for j, name in enumerate(FEATURE_NAMES):
+        drops = []
+        for _ in range(2):
+            shuffled = x.copy()
+            shuffled[:, j] = rng.permutation(shuffled[:, j])
+            drops.append(base - score(shuffled))
+        assert got["drop"][name] == np.mean(drops), name
+        assert got["drop_sd"][name] == np.std(drops), name
+    assert any(got["drop"].values())  # (some feature matters on these clusters)
+
+
 def test_ease_float32_cholesky_matches_float64_inverse(rng):
     data = build_dataset(cluster_events(rng), cluster_items())
     model = EASERecommender(l2=10.0).fit(data)
