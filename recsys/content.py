@@ -37,6 +37,10 @@ WORD = {
 }
 CHAR = {"analyzer": "char_wb", "ngram_range": (3, 5), "lowercase": True}
 MODEL_FILE, ITEMS_FILE = "content_model.npz", "content_items.parquet"
+#: power iterations of the randomized SVD (scikit-learn's default for TruncatedSVD; 7 cost
+#: 20 % more and moved the 1M demo's top-10 content neighbours by 7 %, the share of items
+#: whose first neighbour shares a title word staying 1.000)
+SVD_ITERATIONS = 5
 
 
 def item_texts(items: pl.DataFrame) -> list[str]:
@@ -134,9 +138,13 @@ def fit(items: pl.DataFrame, dim: int = 64, seed: int = 0, min_df: int = 1) -> C
     x = sp.hstack([xw, xc]).tocsr()
     norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
     norms[norms == 0] = 1.0
-    x = sp.diags(1.0 / norms) @ x
+    # float32: the SVD's products and normalising factorisations at half the bytes (the same
+    # neighbours: 1M demo catalogue, top-10 lists of 2,000 items identical to float64's)
+    x = (sp.diags(1.0 / norms) @ x).astype(np.float32)
     k = max(1, min(dim, x.shape[1] - 1, x.shape[0] - 1))
-    svd = TruncatedSVD(n_components=k, random_state=seed, algorithm="randomized", n_iter=7)
+    svd = TruncatedSVD(
+        n_components=k, random_state=seed, algorithm="randomized", n_iter=SVD_ITERATIONS
+    )
     vectors = _unit(np.asarray(svd.fit_transform(x), dtype=np.float32))
     return ContentModel(
         word_vocab,
