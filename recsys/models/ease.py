@@ -9,6 +9,7 @@ import scipy.sparse as sp
 
 from recsys.models.base import Recommender
 from recsys.models.data import Dataset
+from recsys.models.topk import top_k
 
 
 def _ease_weights(gram: np.ndarray) -> np.ndarray:
@@ -107,6 +108,43 @@ class EASERecommender(Recommender):
                 np.asarray(user_idx)[modelled], np.asarray(items)[modelled]
             )
         return out
+
+    def recommend(
+        self,
+        user_idx: np.ndarray,
+        k: int = 10,
+        exclude_seen: bool = True,
+        batch_size: int = 1024,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`Recommender.recommend`'s lists, selected among the modelled items' columns (every
+        other item scores -inf) instead of the whole catalogue's: the same scores (the same
+        product, row by row) and the same ties (the columns in catalogue order). A user with
+        fewer than k finite scores there is completed like the plain path (the lowest -inf
+        columns of the whole row), by scoring the whole row."""
+        user_idx = np.asarray(user_idx, dtype=np.int64)
+        if not len(self.items_) or k > len(self.items_):
+            return super().recommend(user_idx, k, exclude_seen, batch_size)
+        out_i, out_s = [], []
+        for start in range(0, len(user_idx), batch_size):
+            batch = user_idx[start : start + batch_size]
+            s = self.score_columns(batch, self.items_)
+            if exclude_seen:
+                seen = self.seen_[batch]
+                col = np.full(self.n_items_, -1, np.int64)
+                col[self.items_] = np.arange(len(self.items_))
+                c = col[seen.indices]
+                r = np.repeat(np.arange(len(batch)), np.diff(seen.indptr))
+                s[r[c >= 0], c[c >= 0]] = -np.inf
+            at, v = top_k(s, k)
+            i = self.items_[at]
+            short = np.flatnonzero(~np.isfinite(v[:, -1]))
+            if len(short):  # (fewer than k finite: the plain path's padding)
+                i[short], v[short] = super().recommend(batch[short], k, exclude_seen)
+            out_i.append(i)
+            out_s.append(v)
+        if not out_i:
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        return np.concatenate(out_i), np.concatenate(out_s)
 
     def candidate_columns(self, n_candidates, seen, unavailable):
         """Only the modelled items score above -inf."""

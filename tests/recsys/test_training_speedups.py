@@ -245,6 +245,26 @@ def test_permutation_importance_is_the_plain_shuffle_loop(cluster_data, eval_and
     assert any(got["drop"].values())  # (some feature matters on these clusters)
 
 
+@pytest.mark.parametrize("max_items", [12, 30])
+def test_ease_lists_over_its_columns_are_the_whole_catalogues(rng, max_items):
+    # 12 modelled items of 40: some users have seen all but a few of them, so their lists
+    # are completed with -inf columns like the plain path's (the lowest ones)
+    from recsys.models.base import Recommender
+
+    data = build_dataset(
+        cluster_events(rng, n_users=120, n_items=40, per_user=12), cluster_items(40)
+    )
+    model = EASERecommender(l2=10.0, max_items=max_items).fit(data)
+    users = np.arange(data.n_users)
+    for k in (5, 10):
+        got = model.recommend(users, k, batch_size=50)
+        want = Recommender.recommend(model, users, k, batch_size=50)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        if max_items == 12 and k == 10:
+            assert (~np.isfinite(want[1][:, -1])).any()  # the padded case is exercised
+
+
 def test_ease_float32_cholesky_matches_float64_inverse(rng):
     data = build_dataset(cluster_events(rng), cluster_items())
     model = EASERecommender(l2=10.0).fit(data)
