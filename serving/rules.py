@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from itertools import compress
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from recsys.snapshot.format import REASON_CODES, REASONS, SIGNALS
@@ -149,8 +150,7 @@ def compile_rules(
 
 
 # --- the per-request filter context ----------------------------------------------------------
-@dataclass(slots=True)
-class Filters:
+class Filters(msgspec.Struct):
     """Hard filters of one request, resolved to item and tag indices (plain lists: they go
     into the kernels' `plan`)."""
 
@@ -386,20 +386,20 @@ class Caps:
 
 
 # --- result ----------------------------------------------------------------------------------
-@dataclass(slots=True)
-class Ranked:
+class Ranked(msgspec.Struct):
     """The answer before JSON: parallel lists of the k returned items."""
 
-    items: list[int] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    reasons: list[list[str]] = field(default_factory=list)  # only with reasons or explain asked
-    signals: list[list[float] | None] = field(default_factory=list)
-    rules: list[Sequence[str]] = field(default_factory=list)
+    items: list[int] = msgspec.field(default_factory=list)
+    scores: list[float] = msgspec.field(default_factory=list)
+    # (reasons: only with reasons or explain asked)
+    reasons: list[list[str]] = msgspec.field(default_factory=list)
+    signals: list[list[float] | None] = msgspec.field(default_factory=list)
+    rules: list[Sequence[str]] = msgspec.field(default_factory=list)
     trace: list[dict[str, Any]] | None = None
-    counts: dict[str, int] = field(default_factory=dict)
-    filtered_by: dict[str, int] = field(default_factory=dict)
-    backfilled_from: dict[str, int] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)  # ms, rounded to microseconds
+    counts: dict[str, int] = msgspec.field(default_factory=dict)
+    filtered_by: dict[str, int] = msgspec.field(default_factory=dict)
+    backfilled_from: dict[str, int] = msgspec.field(default_factory=dict)
+    timings: dict[str, float] = msgspec.field(default_factory=dict)  # ms, rounded to microseconds
 
     def explanation(self, i: int) -> dict[str, Any]:
         """The `explain` object of returned item `i`: stored signals and the rules that fired."""

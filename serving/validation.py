@@ -7,7 +7,7 @@ weight, ...), each a 422 Problem that the spec lists for the route.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -62,8 +62,7 @@ def _given(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
-@dataclass(slots=True)
-class RecommendRequest:
+class RecommendRequest(msgspec.Struct):
     """A recommend (or similar) request as the engine executes it: the body's fields with the
     tenant's defaults applied."""
 
@@ -73,13 +72,13 @@ class RecommendRequest:
     user_id: str | None = None
     anonymous_id: str | None = None
     session_id: str | None = None
-    context: dict[str, Any] = field(default_factory=dict)
-    anchors: list[str] = field(default_factory=list)
+    context: dict[str, Any] = msgspec.field(default_factory=dict)
+    anchors: list[str] = msgspec.field(default_factory=list)
     include_ids: list[str] | None = None
-    exclude_ids: list[str] = field(default_factory=list)
-    required_tags: list[str] = field(default_factory=list)
-    forbidden_tags: list[str] = field(default_factory=list)
-    max_per_tag: dict[str, int] = field(default_factory=dict)
+    exclude_ids: list[str] = msgspec.field(default_factory=list)
+    required_tags: list[str] = msgspec.field(default_factory=list)
+    forbidden_tags: list[str] = msgspec.field(default_factory=list)
+    max_per_tag: dict[str, int] = msgspec.field(default_factory=dict)
     weights: dict[str, float] | None = None
     include_reasons: bool = False
     explain: str = "none"
@@ -207,13 +206,16 @@ def parse_recommend(
         if cands.include_ids is not None:
             _limit(len(cands.include_ids), limits.max_include_ids, "candidates.include_ids")
             r.include_ids = cands.include_ids or None  # [] means "no allow-list" (contract)
-        _limit(len(cands.exclude_ids), limits.max_exclude_ids, "candidates.exclude_ids")
+        if len(cands.exclude_ids) > limits.max_exclude_ids:
+            _limit(len(cands.exclude_ids), limits.max_exclude_ids, "candidates.exclude_ids")
         r.exclude_ids = cands.exclude_ids
 
     if (cons := body.constraints) is not None:
-        _limit(len(cons.required_tags), limits.max_tags, "constraints.required_tags")
-        _limit(len(cons.forbidden_tags), limits.max_tags, "constraints.forbidden_tags")
-        _limit(len(cons.max_per_tag), limits.max_tags, "constraints.max_per_tag")
+        max_tags = limits.max_tags
+        if max(len(cons.required_tags), len(cons.forbidden_tags), len(cons.max_per_tag)) > max_tags:
+            _limit(len(cons.required_tags), max_tags, "constraints.required_tags")
+            _limit(len(cons.forbidden_tags), max_tags, "constraints.forbidden_tags")
+            _limit(len(cons.max_per_tag), max_tags, "constraints.max_per_tag")
         r.required_tags, r.forbidden_tags = cons.required_tags, cons.forbidden_tags
         for tag, cap in cons.max_per_tag.items():
             if cap > limits.max_k:
