@@ -73,19 +73,23 @@ def _read_json(storage: Storage, path: str) -> Any:
         return json.load(f)
 
 
+def _scan(uri: str) -> pl.LazyFrame:
+    """A lazy scan of a sample dataset by its extension (Parquet, CSV, TSV or NDJSON)."""
+    lower = uri.lower()
+    if lower.endswith(".parquet"):
+        return pl.scan_parquet(uri)
+    if lower.endswith((".ndjson", ".jsonl")):
+        return pl.scan_ndjson(uri)
+    if lower.endswith((".csv", ".tsv")):
+        return pl.scan_csv(uri, separator="\t" if lower.endswith(".tsv") else ",")
+    raise SimulationError(f"{uri}: a dataset is .parquet, .csv, .tsv or .ndjson")
+
+
 def read_dataset(uri: str) -> pl.DataFrame:
     """Events of a sample dataset (Parquet, CSV or NDJSON by extension) with the needed
     columns; SimulationError naming the missing ones."""
-    lower = uri.lower()
     try:
-        if lower.endswith(".parquet"):
-            df = pl.read_parquet(uri)
-        elif lower.endswith((".ndjson", ".jsonl")):
-            df = pl.read_ndjson(uri)
-        elif lower.endswith((".csv", ".tsv")):
-            df = pl.read_csv(uri, separator="\t" if lower.endswith(".tsv") else ",")
-        else:
-            raise SimulationError(f"{uri}: a dataset is .parquet, .csv, .tsv or .ndjson")
+        df = _scan(uri).collect()
     except (OSError, pl.exceptions.PolarsError) as ex:
         raise SimulationError(f"{uri}: cannot be read ({type(ex).__name__}: {ex})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -112,17 +116,8 @@ def read_dataset(uri: str) -> pl.DataFrame:
 def count_rows(uri: str) -> int:
     """The rows of a sample dataset (an upper bound on the users it replays), read from the
     file's metadata or by one scan; SimulationError when it cannot be read."""
-    lower = uri.lower()
     try:
-        if lower.endswith(".parquet"):
-            lf = pl.scan_parquet(uri)
-        elif lower.endswith((".ndjson", ".jsonl")):
-            lf = pl.scan_ndjson(uri)
-        elif lower.endswith((".csv", ".tsv")):
-            lf = pl.scan_csv(uri, separator="\t" if lower.endswith(".tsv") else ",")
-        else:
-            raise SimulationError(f"{uri}: a dataset is .parquet, .csv, .tsv or .ndjson")
-        return int(lf.select(pl.len()).collect().item())
+        return int(_scan(uri).select(pl.len()).collect().item())
     except (OSError, pl.exceptions.PolarsError) as ex:
         raise SimulationError(f"{uri}: cannot be read ({type(ex).__name__}: {ex})") from None
 
