@@ -54,19 +54,26 @@ from serving.auth import mint_token  # noqa: E402
 from serving.cli import GUNICORN_CONFIG  # noqa: E402
 
 
+def recommend_bodies(n: int, seed: int, n_users: int = 1_000_000) -> list[bytes]:
+    """`n` bodies of serve_load.py's recommend request (k=20, 5 excluded ids, a forbidden tag,
+    max_per_tag) for seeded random users."""
+    rng = random.Random(seed)
+    return [
+        (
+            f'{{"surface":"home","k":20,"user":{{"user_id":"u{rng.randrange(n_users):07d}"}},'
+            '"candidates":{"exclude_ids":["i0000001","i0000002","i0000003","i0000004",'
+            '"i0000005"]},"constraints":{"forbidden_tags":["tag007"],"max_per_tag":{"tag001":2}}}'
+        ).encode()
+        for _ in range(n)
+    ]
+
+
 def requests_for(port: int, n: int, seed: int, n_users: int = 1_000_000) -> list[bytes]:
     """`n` POST /v1/recommend requests as wrk writes them for serve_load.py's script (k=20,
     5 excluded ids, a forbidden tag, max_per_tag), for seeded random users."""
     token = mint_token(SECRET, TENANT, ["recommend"], 7200)
-    rng = random.Random(seed)
     out = []
-    for _ in range(n):
-        user = f"u{rng.randrange(n_users):07d}"
-        body = (
-            '{"surface":"home","k":20,"user":{"user_id":"' + user + '"},'
-            '"candidates":{"exclude_ids":["i0000001","i0000002","i0000003","i0000004",'
-            '"i0000005"]},"constraints":{"forbidden_tags":["tag007"],"max_per_tag":{"tag001":2}}}'
-        ).encode()
+    for body in recommend_bodies(n, seed, n_users):
         head = (
             f"POST /v1/recommend HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
             f"Content-Length: {len(body)}\r\nContent-Type: application/json\r\n"
