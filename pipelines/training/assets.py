@@ -11,10 +11,12 @@ each model as its own asset): they share the datasets and the fitted generators 
 where separate steps re-read the events, rebuilt the datasets and re-loaded every model.
 """
 
+import functools
 import json
 import posixpath
 import tempfile
 import time
+from typing import Any
 
 import dagster as dg
 import polars as pl
@@ -335,6 +337,7 @@ def train_models(
             if report["items"]["rows_changed"] or report["users"]["rows_changed"]:
                 context.log.info(f"{tenant}/{name}: catalogue as of its cut-off: {report}")
         cfg = hybrid_config(store, tenant, config)
+        importance: dict[str, Any] = {}  # the evaluated ranker's, beside the published fit
         if split["skip"]:
             models = {
                 "eval": popularity_only(train, eval_items, eval_users, cfg, split["skip"], False),
@@ -347,15 +350,15 @@ def train_models(
                     fit_eval_and_final(
                         events, items, users, cfg, split["test_fraction"],
                         eval_catalogue=(eval_items, eval_users),
+                        beside_eval=functools.partial(
+                            _ranker_importance, importance, events, split["test_fraction"], cfg.seed
+                        ),
                     ),
                     strict=True,
                 )
             )  # fmt: skip
-        if not split["skip"]:  # the evaluated ranker on the evaluation window (logged to MLflow)
-            parts = temporal_split(events, split["test_fraction"])
-            models["final"].info["permutation_importance"] = permutation_importance(
-                models["eval"], parts.train, parts.test, seed=cfg.seed
-            )
+        if "value" in importance:
+            models["final"].info["permutation_importance"] = importance["value"]
         for variant, model in models.items():
             save_model(store, model, model_path(store, tenant, variant, "hybrid"))
         seconds = round(time.perf_counter() - t0, 2)
@@ -430,6 +433,13 @@ def train_models(
             "chosen_on_validation": dg.MetadataValue.json(chosen),
         },
     )
+
+
+def _ranker_importance(out: dict, events, test_fraction: float, seed: int, eval_model) -> None:
+    """``out["value"]``: the permutation importance of `eval_model`'s ranker on the evaluation
+    window (logged to MLflow)."""
+    parts = temporal_split(events, test_fraction)
+    out["value"] = permutation_importance(eval_model, parts.train, parts.test, seed=seed)
 
 
 def _train_part(events, split: dict):

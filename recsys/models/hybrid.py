@@ -611,9 +611,15 @@ def fit_eval_and_final(
     config: HybridConfig,
     test_fraction: float,
     eval_catalogue: tuple[pl.DataFrame | None, pl.DataFrame | None] | None = None,
+    beside_eval: Callable[[HybridRecommender], None] | None = None,
 ) -> tuple[HybridRecommender, HybridRecommender]:
     """The two models a pipeline run needs: the evaluated one and the published one, fitted
     by the same procedure (:meth:`HybridRecommender.fit`) one window apart.
+
+    `beside_eval`, when given, is called with the evaluated model as soon as it is fitted, in
+    a thread beside the published model's ranker and refits (work on the evaluated model
+    alone, e.g. its permutation importance, then uses the core those leave); it has returned
+    when this function returns.
 
     `items` and `users` are the catalogue the published model reads; `eval_catalogue`, when
     given, the (items, users) the evaluated one reads instead (the catalogue as of its own,
@@ -673,6 +679,7 @@ def fit_eval_and_final(
                 final_config(chosen), ("lightfm",), choice
             ),
         )
+        beside = None if beside_eval is None else in_thread(beside_eval, eval_model)
         final_cfg = model.config
         final_cfg.served = eval_model.info["selection"]["served"]
         t0 = time.perf_counter()
@@ -720,6 +727,8 @@ def fit_eval_and_final(
         model.ranker_ = ranker
         info["ranker_seconds"] = time.perf_counter() - t0
         data, generators, skipped, seconds = refit.result()
+        if beside is not None:
+            beside.result()  # (inside the one-BLAS-thread context it ran under)
     info["generators_skipped"], info["generator_seconds"] = skipped, seconds
     for k in ("tuning", "lightfm_early_stopping"):
         if k in eval_model.info:

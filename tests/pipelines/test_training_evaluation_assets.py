@@ -87,3 +87,17 @@ def test_pipeline_trains_evaluates_and_gates(storage):
         tiny_gate = json.load(f)
     assert tiny_gate["served_by"] == "popularity"
     assert "popularity only" in tiny_gate["served_because"]
+    # the evaluated ranker's permutation importance, computed beside the published fit, is
+    # what the saved evaluated model gives on the evaluation window
+    from pipelines.training.assets import read_inputs
+    from recsys.models.data import temporal_split
+    from recsys.models.hybrid import HybridRecommender
+    from recsys.models.importance import permutation_importance
+
+    with open(storage.path("models", "shop", "final", "hybrid", "hybrid.json")) as f:
+        logged = json.load(f)["info"]["permutation_importance"]
+    evaluated = HybridRecommender.load(storage.path("models", "shop", "eval", "hybrid"))
+    with open(storage.path("models", "shop", "split.json")) as f:
+        parts = temporal_split(read_inputs(storage, "shop")[0], json.load(f)["test_fraction"])
+    again = permutation_importance(evaluated, parts.train, parts.test, seed=evaluated.config.seed)
+    assert logged is not None and logged == json.loads(json.dumps(again))
