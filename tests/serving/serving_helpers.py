@@ -129,6 +129,9 @@ def make_config(root: str, **overrides) -> ServingConfig:
         rate_limit=RateLimitSpec(100_000, 60),
         tenant_rate_limit=RateLimitSpec(100_000, 60),
         cors_origins=("https://shop.example",),
+        # (not the server's 250 ms: on a loaded test machine a first request that loads a
+        # model took longer; the deadline tests set their own)
+        deadline_ms=10_000.0,
     )
     base.update(overrides)
     return ServingConfig(**base)

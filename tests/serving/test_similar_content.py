@@ -116,9 +116,7 @@ def content_root(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def client(content_root):
-    # (a generous deadline: the first cold item loads the content model inside the request,
-    # which took over the default 250 ms at load 16; deadlines have tests of their own)
-    return build_client(make_config(content_root, deadline_ms=10_000.0))
+    return build_client(make_config(content_root))
 
 
 def _words(title: str) -> set[str]:
