@@ -1068,9 +1068,9 @@ def _rank_lists(
     if len(codes) < 2 or bool(np.all(codes[1:] > codes[:-1])):
         # rows sorted by user then item (candidates as built): the same order as the
         # lexsort below, in two stable sorts (about half the time)
-        from recsys.models.serve import _by_user_then_score
+        from recsys.models.serve import by_user_then_score
 
-        order = _by_user_then_score(user_pos, score, n_users)
+        order = by_user_then_score(user_pos, score, n_users)
     else:
         order = np.lexsort((items, -score, user_pos))
     up, it, sc = user_pos[order], items[order], score[order]

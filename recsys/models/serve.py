@@ -107,7 +107,7 @@ def _ranker_scores(model: HybridRecommender, cand, n_users: int, n_cand: int):
     return ranker, final
 
 
-def _by_user_then_score(user_pos: np.ndarray, score: np.ndarray, n_users: int) -> np.ndarray:
+def by_user_then_score(user_pos: np.ndarray, score: np.ndarray, n_users: int) -> np.ndarray:
     """The order of candidate rows (sorted by user, then item) by user, then score
     descending, then item: ``np.lexsort((item, -score, user_pos))`` as two stable sorts, the
     second a radix sort of small integers (about half the time)."""
@@ -154,7 +154,7 @@ def serve_top_n(
             ranker = np.zeros(len(cand.item_idx))
             fb = model.info.get("fallback_order") or "popularity"
             final = np.nan_to_num(cand.scores[fb], nan=-np.inf)
-        order = _by_user_then_score(cand.user_pos, final, len(batch))
+        order = by_user_then_score(cand.user_pos, final, len(batch))
         up = cand.user_pos[order]
         starts = np.searchsorted(up, np.arange(len(batch)))
         rank = np.arange(len(up)) - starts[up]
