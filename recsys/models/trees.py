@@ -313,6 +313,20 @@ class _LeafMasks:
         return out
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _bin(v, thresholds, lo, hi):
+    """The bin of value `v` among the sorted thresholds[lo:hi]: the number of them below v
+    (a branch-free binary search); NaN goes after every threshold, +inf included."""
+    if v != v:
+        return hi - lo
+    at, n = lo, hi - lo
+    while n > 1:
+        half = n >> 1
+        at = at + half if thresholds[at + half] < v else at
+        n -= half
+    return at - lo + (thresholds[at] < v)
+
+
 @njit(cache=True, nogil=True)
 def _exit_leaf_sums(x, features, thresholds, th_off, tables, tab_off, leaf_value, width, base, out):
     """``out[r] = base + the sum of row r's exit-leaf values`` (see :class:`_LeafMasks`).
@@ -326,18 +340,7 @@ def _exit_leaf_sums(x, features, thresholds, th_off, tables, tab_off, leaf_value
     ffff, sixteen = np.uint64(0xFFFF), np.uint64(16)
     for r in range(x.shape[0]):
         for k in range(len(features)):
-            v = x[r, features[k]]
-            lo, hi = th_off[k], th_off[k + 1]
-            if v != v:
-                b = hi - lo  # NaN: after every threshold, +inf included
-            else:  # the number of thresholds below v (a branch-free binary search)
-                at, n = lo, hi - lo
-                while n > 1:
-                    half = n >> 1
-                    at = at + half if thresholds[at + half] < v else at
-                    n -= half
-                b = at - lo + (thresholds[at] < v)
-            row = tab_off[k] + b
+            row = tab_off[k] + _bin(x[r, features[k]], thresholds, th_off[k], th_off[k + 1])
             if k == 0:
                 for t in range(n_trees):
                     mask[t] = tables[row, t]
@@ -357,22 +360,10 @@ def _exit_leaf_sums(x, features, thresholds, th_off, tables, tab_off, leaf_value
 
 @njit(cache=True, nogil=True)
 def _table_rows(x, features, thresholds, th_off, tab_off, out):
-    """``out[r, k]``: the table row of row r's value of used feature k (its bin, found as in
-    :func:`_exit_leaf_sums`)."""
+    """``out[r, k]``: the table row of row r's value of used feature k (its bin: `_bin`)."""
     for r in range(x.shape[0]):
         for k in range(len(features)):
-            v = x[r, features[k]]
-            lo, hi = th_off[k], th_off[k + 1]
-            if v != v:
-                b = hi - lo
-            else:
-                at, n = lo, hi - lo
-                while n > 1:
-                    half = n >> 1
-                    at = at + half if thresholds[at + half] < v else at
-                    n -= half
-                b = at - lo + (thresholds[at] < v)
-            out[r, k] = tab_off[k] + b
+            out[r, k] = tab_off[k] + _bin(x[r, features[k]], thresholds, th_off[k], th_off[k + 1])
 
 
 @njit(cache=True, nogil=True)
