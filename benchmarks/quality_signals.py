@@ -9,7 +9,9 @@ library calls: the tuning grids, early stopping, the ranker), once per variant:
 * ``full``: every generator and feature;
 * ``-recent``: without the recent-items generator;
 * ``-recency features``: without the ranker's recency features;
-* ``-early stopping``: LightFM runs its maximum epoch count.
+* ``-early stopping``: LightFM runs its maximum epoch count;
+* ``candidates 50`` / ``candidates 30``: each generator proposes its top 50 / 30 to the
+  ranker instead of 100 (the rows the ranker learns on and scores per user).
 
 Each fit measures, on ITS validation window (the newest 20 % of train), the NDCG@10 of
 every generator's own list and of the ranked list (cross-fitted over users, see
@@ -60,6 +62,9 @@ VARIANTS = {
     "-recent": {"generators": [g for g in GENERATORS if g != "recent"]},
     "-recency features": {"recency_features": False},
     "-early stopping": {"lightfm_early_stopping": None},
+    # the ranker's candidate set (each generator's top n): its cost per served user grows with n
+    "candidates 50": {"candidates_per_generator": 50},
+    "candidates 30": {"candidates_per_generator": 30},
 }
 
 

@@ -19,7 +19,7 @@ Dagster UI like any other; the serving process only launches them and reads them
   champion), in shards (one step per shard, a dynamic fan-out), each shard written as a part
   file under `dest_uri` (Parquet / CSV / NDJSON through fsspec), then `_manifest.json`.
 * A precompute whose destination is a new snapshot runs the location's `publish_job`
-  (user_recommendations in 16 shard steps, the item lists, serving_snapshot) with every step's
+  (user_recommendations' 16 shards, the item lists, serving_snapshot) with every step's
   `tenants` set to the one tenant (the serving side builds that run config).
 * `simulate_job`: a simulation too large for a request (`serving.simulation`): the plan the API
   resolved, replayed on the live snapshot; the figures are written to `dest_uri`'s

@@ -15,6 +15,7 @@ from pipelines import (
     webhook_sensors,
 )
 from pipelines.distributed import StorageIOManager, executor_name, job_executor
+from pipelines.publish.partitions import SHARD_STEPS_TAG
 from pipelines.resources import IngestPolicy, MlflowResource, StorageResource
 
 DATA_ROOT = os.environ.get("RECSYS_DATA_ROOT", "data")
@@ -22,6 +23,9 @@ DATA_ROOT = os.environ.get("RECSYS_DATA_ROOT", "data")
 PUBLISH_ASSETS = publish.build_assets(
     publish.user_shard_count(os.environ.get("RECSYS_USER_SHARDS"))
 )
+#: in process, the steps run one after another: all of a tenant's user shards in one step
+#: (two side by side), not a step each; on Celery each shard stays a task of its own
+IN_PROCESS_TAGS = {} if executor_name() == "celery" else {SHARD_STEPS_TAG: "one_step"}
 
 recsys_pipeline = dg.define_asset_job(
     "recsys_pipeline",
@@ -34,6 +38,7 @@ recsys_pipeline = dg.define_asset_job(
     # RECSYS_EXECUTOR=celery: every step, each user shard its own, is a task on Celery workers
     # (pipelines/distributed.py).
     executor_def=job_executor(dg.in_process_executor),
+    tags=IN_PROCESS_TAGS,
 )
 
 publish_job = dg.define_asset_job(
@@ -42,8 +47,10 @@ publish_job = dg.define_asset_job(
         "user_recommendations", "item_similarities", "fallback_lists", "serving_snapshot"
     ),
     executor_def=job_executor(dg.in_process_executor),
-    description="Publish again from the current champion: every user shard (one step each), "
-    "the item lists and the snapshot. Under RECSYS_EXECUTOR=celery each shard is a Celery task.",
+    tags=IN_PROCESS_TAGS,
+    description="Publish again from the current champion: every user shard (in one step in "
+    "process), the item lists and the snapshot. Under RECSYS_EXECUTOR=celery each shard is a "
+    "Celery task.",
 )
 
 user_shards_job = dg.define_asset_job(

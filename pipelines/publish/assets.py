@@ -19,8 +19,9 @@ import dagster as dg
 from pipelines.publish.config import PublishConfig
 from pipelines.publish.partitions import (
     DEFAULT_USER_SHARDS,
-    shard_key,
+    SHARD_STEPS_TAG,
     shard_number,
+    shard_step_key,
     user_shards_partitions,
 )
 from pipelines.resources import StorageResource
@@ -215,28 +216,32 @@ def _plan_user_shards_op(n_shards: int) -> dg.OpDefinition:
     def plan_user_shards(
         context: dg.OpExecutionContext, config: PublishConfig, storage: StorageResource
     ):
-        """One task per (tenant, shard): the shard of the run's partition, else all of them.
-        Reads only the gate decisions (the model key each shard must be scored with)."""
+        """The scoring tasks: the shard of the run's partition, else all of them, for each
+        tenant; a task per shard, or one per tenant when the run's job is tagged
+        SHARD_STEPS_TAG=one_step. Reads only the gate decisions (the model key each shard
+        must be scored with)."""
         store = storage.storage()
         shards = (
             [shard_number(context.partition_key)]
             if context.has_partition_key
             else list(range(n_shards))
         )
+        one_step = context.run.tags.get(SHARD_STEPS_TAG) == "one_step"
+        groups = [shards] if one_step else [[s] for s in shards]
         for tenant in tenants(store, config.tenants):
             champ = _champion(store, tenant, config)
-            for shard in shards:
+            for group in groups:
                 yield dg.DynamicOutput(
                     {
                         "tenant": tenant,
-                        "shard": shard,
+                        "shards": group,
                         "n_shards": n_shards,
                         "model_key": champ.key,
                         "k": config.n_per_user,
                         "model_version": config.model_version,
                         "mlflow_uri": config.mlflow_uri,
                     },
-                    mapping_key=f"{tenant}_{shard_key(shard, n_shards)[6:]}".replace("-", "_"),
+                    mapping_key=shard_step_key(tenant, group, n_shards),
                 )
 
     return plan_user_shards
@@ -244,8 +249,9 @@ def _plan_user_shards_op(n_shards: int) -> dg.OpDefinition:
 
 @dg.op
 def score_user_shard(context: dg.OpExecutionContext, storage: StorageResource, task: dict) -> dict:
-    """Scores one user shard of one tenant and stages it (an atomic file per shard: a step
-    that dies leaves nothing half-written, and running it again gives the same file)."""
+    """Scores the task's user shards of one tenant and stages them (an atomic file per shard:
+    a step that dies leaves nothing half-written, and running it again gives the same files;
+    several shards are scored two side by side, `snapbuild.compute_shards`)."""
     store = storage.storage()
     version, uri = task.get("model_version", ""), task.get("mlflow_uri") or None
     champ = _Champion(store, task["tenant"], version, uri)
@@ -256,25 +262,29 @@ def score_user_shard(context: dg.OpExecutionContext, storage: StorageResource, t
         )
     model = champ.model
     n_shards = task["n_shards"]
-    path, rows = snapbuild.compute_shard(
-        model, store.snapshots_dir(task["tenant"]), champ.key, task["shard"],
+    staged = []
+    done = snapbuild.compute_shards(
+        model, store.snapshots_dir(task["tenant"]), champ.key, task["shards"],
         n_shards, task["k"], fs=store.fs,
     )  # fmt: skip
-    start, stop = snapbuild.shard_bounds(len(model.user_ids_), task["shard"], n_shards)
-    context.log.info(f"{task['tenant']}: shard {task['shard']} staged ({rows} rows, {path})")
-    return {**task, "users": stop - start, "rows": rows, "path": path}
+    for shard, (path, rows) in zip(task["shards"], done, strict=True):
+        start, stop = snapbuild.shard_bounds(len(model.user_ids_), shard, n_shards)
+        context.log.info(f"{task['tenant']}: shard {shard} staged ({rows} rows, {path})")
+        staged.append({"shard": shard, "users": stop - start, "rows": rows, "path": path})
+    return {**task, "staged": staged}
 
 
 @dg.op
 def user_shards_staged(context: dg.OpExecutionContext, done: list[dict]) -> dg.Output:
-    done = sorted(done, key=lambda d: (d["tenant"], d["shard"]))
+    shards = sorted(
+        ({"tenant": d["tenant"], **s} for d in done for s in d["staged"]),
+        key=lambda s: (s["tenant"], s["shard"]),
+    )
     return dg.Output(
-        done,
+        shards,
         metadata={
-            "rows": sum(d["rows"] for d in done),
-            "shards": dg.MetadataValue.json(
-                [{k: d[k] for k in ("tenant", "shard", "users", "rows", "path")} for d in done]
-            ),
+            "rows": sum(s["rows"] for s in shards),
+            "shards": dg.MetadataValue.json(shards),
             "n_per_user": done[0]["k"] if done else None,
         },
     )
@@ -297,10 +307,11 @@ def _user_recommendations(n_shards: int) -> dg.AssetsDefinition:
     )
     def user_recommendations(champion_model) -> list:
         """Final top-N per user with per-signal parts and reasons, by contiguous user shards
-        (staged under snapshots/<tenant>/.staging/<model>/). Each shard is its own step
-        (`score_user_shard`, a dynamic fan-out): run without a partition (the end-to-end job)
-        it scores every shard; under the Celery executor each shard is a task on the workers.
-        Memory stays bounded by one shard per step."""
+        (staged under snapshots/<tenant>/.staging/<model>/), by `score_user_shard` steps (a
+        dynamic fan-out): run without a partition it scores every shard. Under the Celery
+        executor each shard is its own step, a task on the workers; the in-process jobs
+        (tagged SHARD_STEPS_TAG) score a tenant's shards in one step, two side by side.
+        Memory stays bounded by two shards at a time."""
         tasks = plan_user_shards(champion_model)
         return user_shards_staged(tasks.map(score_user_shard).collect())
 

@@ -11,6 +11,10 @@ and 16): shards are contiguous user ranges assembled in order.
 import dagster as dg
 
 DEFAULT_USER_SHARDS = 16
+#: a job tag: "one_step" scores all of a tenant's shards in one step (the in-process jobs,
+#: whose steps run one after another anyway: a step per shard only added Dagster's per-step
+#: work, ~0.5 s each). Without it (Celery, multiprocess backfills) each shard is its own step.
+SHARD_STEPS_TAG = "recsys/user_shard_steps"
 #: a partition key per shard: Dagster's UI and the run queue stay usable up to this many
 MAX_USER_SHARDS = 10_000
 
@@ -39,6 +43,14 @@ def shard_key(shard: int, n_shards: int) -> str:
 
 def user_shards_partitions(n_shards: int = DEFAULT_USER_SHARDS) -> dg.StaticPartitionsDefinition:
     return dg.StaticPartitionsDefinition([shard_key(i, n_shards) for i in range(n_shards)])
+
+
+def shard_step_key(tenant: str, shards: list[int], n_shards: int) -> str:
+    """The mapping key of the step scoring `shards` of `tenant`: 'default_03' for one shard,
+    'default_00_to_15' for a range (`recsys.snapshot.build.shard_step_count` reads it back)."""
+    first, last = (shard_key(s, n_shards)[6:] for s in (shards[0], shards[-1]))
+    key = first if len(shards) == 1 else f"{first}_to_{last}"
+    return f"{tenant}_{key}".replace("-", "_")
 
 
 def shard_number(partition_key: str) -> int:

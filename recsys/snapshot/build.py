@@ -63,6 +63,16 @@ def shard_bounds(n_users: int, shard: int, n_shards: int) -> tuple[int, int]:
     return edge(shard), edge(shard + 1)
 
 
+def shard_step_count(step_key: str) -> int:
+    """How many shards a pipeline step scores, from its Dagster step key: 16 for
+    '...score_user_shard[default_00_to_15]', 1 for '...[default_03]' (the mapping keys of
+    `pipelines.publish.partitions.shard_step_key`)."""
+    head, sep, last = step_key.rstrip("]").rpartition("_to_")
+    if not sep or not last.isdigit():
+        return 1
+    return int(last) - int(head.rsplit("_", 1)[1]) + 1
+
+
 def staging_dir(snapshots_dir: str, model_key: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key) or "model"
     return os.path.join(snapshots_dir, STAGING, safe)
@@ -147,19 +157,21 @@ def compute_shards(
     n_shards: int,
     k: int,
     workers: int = 2,
+    fs: Any = None,
 ) -> list[tuple[str, int]]:
-    """`compute_shard` for each of `shards`, in their order. Several shards are scored
-    `workers` at a time, one thread each (a shard's batches, scored two at a time, leave a
-    core idle while its last batch finishes; whole shards side by side do not), so memory
-    holds `workers` shards at most. The files do not depend on `workers`."""
+    """`compute_shard` for each of `shards`, in their order (staged through `fs` as there).
+    Several shards are scored `workers` at a time, one thread each (a shard's batches, scored
+    two at a time, leave a core idle while its last batch finishes; whole shards side by side
+    do not), so memory holds `workers` shards at most. The files do not depend on `workers`."""
     from recsys.models.threads import map_in_threads
 
     if len(shards) < 2 or workers < 2:
         return [
-            compute_shard(model, snapshots_dir, model_key, s, n_shards, k, workers) for s in shards
+            compute_shard(model, snapshots_dir, model_key, s, n_shards, k, workers, fs)
+            for s in shards
         ]
     return map_in_threads(
-        lambda s: compute_shard(model, snapshots_dir, model_key, s, n_shards, k, workers=1),
+        lambda s: compute_shard(model, snapshots_dir, model_key, s, n_shards, k, 1, fs),
         shards,
         workers,
     )

@@ -14,8 +14,9 @@ writes need `admin`):
   MLflow run's metrics, params, artifacts, the baseline comparison; an export's manifest),
   ``POST .../jobs/stop`` and ``DELETE .../jobs/{id}/cancel`` (terminate the run).
 * ``POST /v1/recs/batch/precompute``: users (all / a segment / ids) x a version -> an export URI
-  (`precompute_job`, one step per shard) or a new snapshot (`publish_job`, one step per user
-  shard: RECSYS_USER_SHARDS of the code location, 16 by default);
+  (`precompute_job`, one step per shard) or a new snapshot (`publish_job`: RECSYS_USER_SHARDS
+  user shards of the code location, 16 by default, in one step in process, a step each on
+  Celery; a step's key says how many it scores: `shard_step_count`);
   ``schedule`` a cron -> a Dagster schedule (a file the code location reads, then reload and
   start through GraphQL). ``GET /v1/recs/batch/jobs/{id}``: shards done / total, errors.
 * ``POST /v1/recs/exports``: recommendations, item features or embeddings of the live snapshot
@@ -43,6 +44,7 @@ import msgspec
 from msgspec import Meta
 
 from recsys.durable import write_atomic
+from recsys.snapshot.build import shard_step_count
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.control.dagster import DagsterClient, Run, client_for
 from serving.errors import ProblemError
@@ -435,10 +437,11 @@ def _shards(run: Run) -> tuple[int, int]:
     shard_steps = [
         s for s in run.steps if s.key.startswith(SHARD_STEPS) and not s.key.endswith("[?]")
     ]
-    done = sum(1 for s in shard_steps if s.status == "SUCCESS")
+    # (a step may score several shards: in process, one step scores all of them)
+    done = sum(shard_step_count(s.key) for s in shard_steps if s.status == "SUCCESS")
     # 0 until the run has planned its shards (their count is the code location's setting,
     # RECSYS_USER_SHARDS, which the server does not read: it would guess)
-    return done, len(shard_steps)
+    return done, sum(shard_step_count(s.key) for s in shard_steps)
 
 
 def _is_local(uri: str) -> bool:

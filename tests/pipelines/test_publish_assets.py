@@ -9,6 +9,7 @@ import pytest
 from synthetic_events import cluster_events
 
 from pipelines import publish
+from pipelines.publish.partitions import SHARD_STEPS_TAG
 from pipelines.resources import StorageResource
 from recsys.snapshot import SnapshotStore, open_snapshot
 
@@ -162,12 +163,18 @@ def test_the_shard_count_is_a_setting_and_the_snapshot_does_not_depend_on_it(man
         with pytest.raises(ValueError, match="RECSYS_USER_SHARDS"):
             publish.user_shard_count(bad)
     published, steps = {}, {}
-    for n in (4, 16):
-        assets = publish.build_assets(n)
-        assert assets[0].partitions_def.get_partition_keys() == [f"shard-{i:02d}" for i in range(n)]
+    # (the in-process jobs' tag: every shard of a tenant in one step, two side by side)
+    for n, tags in ((4, {}), (16, {}), ("16 in one step", {SHARD_STEPS_TAG: "one_step"})):
+        assets = publish.build_assets(16 if tags else n)
+        if not tags:
+            keys = [f"shard-{i:02d}" for i in range(n)]
+            assert assets[0].partitions_def.get_partition_keys() == keys
         config = {"ops": {"user_recommendations": {"config": {"n_per_user": 8}}}}
         result = dg.materialize(
-            [dg.AssetSpec("champion_model"), *assets], resources=resources, run_config=config
+            [dg.AssetSpec("champion_model"), *assets],
+            resources=resources,
+            run_config=config,
+            tags=tags,
         )
         assert result.success
         steps[n] = sorted(
@@ -177,14 +184,20 @@ def test_the_shard_count_is_a_setting_and_the_snapshot_does_not_depend_on_it(man
         )
         published[n] = snaps.current()
     assert len(steps[4]) == 4 and len(steps[16]) == 16
-    assert published[4] != published[16]
-    a, b = _snapshot_arrays(published[4]), _snapshot_arrays(published[16])
-    assert a.keys() == b.keys() and "cand.item.npy" in a
-    for name in a:
-        if isinstance(a[name], np.ndarray):
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-        else:
-            assert a[name].equals(b[name]), name
+    assert steps["16 in one step"] == ["user_recommendations.score_user_shard[shop_00_to_15]"]
+    assert snapbuild.shard_step_count(steps["16 in one step"][0]) == 16
+    assert {snapbuild.shard_step_count(k) for k in steps[16]} == {1}
+    assert len(set(published.values())) == 3
+    a = _snapshot_arrays(published[4])
+    assert "cand.item.npy" in a
+    for other in (16, "16 in one step"):
+        b = _snapshot_arrays(published[other])
+        assert a.keys() == b.keys()
+        for name in a:
+            if isinstance(a[name], np.ndarray):
+                np.testing.assert_array_equal(a[name], b[name], err_msg=f"{other}: {name}")
+            else:
+                assert a[name].equals(b[name]), f"{other}: {name}"
     # one shard of 4 alone, as a backfill's partition: the 4-shard file of that range
     one = dg.materialize(
         [dg.AssetSpec("champion_model"), *publish.build_assets(4)],
