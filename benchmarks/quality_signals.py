@@ -47,6 +47,7 @@ def pipeline_config() -> HybridConfig:
             "ease": [{"l2": v} for v in t.tune.ease_l2],
             "cooccurrence": [{"shrink": v} for v in t.tune.cooccurrence_shrink],
         },
+        tune_max_users=t.tune.max_users,
         recent=t.recent.model_dump(),
         lightfm=t.lightfm.model_dump(exclude={"early_stopping", "eval_every", "patience"}),
         lightfm_early_stopping={

@@ -132,6 +132,7 @@ def hybrid_config(store: Storage, tenant: str, config: TrainingConfig) -> Hybrid
             "ease": [{"l2": v} for v in config.tune.ease_l2],
             "cooccurrence": [{"shrink": v} for v in config.tune.cooccurrence_shrink],
         },
+        tune_max_users=config.tune.max_users,
         candidates_per_generator=rk.candidates_per_generator,
         cooccurrence={
             "shrink": config.cooccurrence.shrink,

@@ -79,6 +79,8 @@ class TuneConfig(dg.Config):
 
     ease_l2: list[float] = [100.0, 250.0, 500.0]
     cooccurrence_shrink: list[float] = [5.0, 20.0, 50.0]
+    #: validation users the grids are scored on (a seeded sample when there are more; 0 = all)
+    max_users: int = 2000
 
 
 class SelectionConfig(dg.Config):

@@ -525,3 +525,38 @@ def test_a_background_thread_lowers_its_own_priority_only():
     lowered = in_thread(lambda: (lower_thread_priority(5), nice_of_this_thread())[1]).result()
     assert lowered == min(before + 5, 19)
     assert nice_of_this_thread() == before
+
+
+def test_the_grids_are_scored_on_a_seeded_sample_of_the_validation_users(cluster_data):
+    """`tune_max_users`: every value of a grid is scored on the same seeded sample of the
+    validation users (a paired comparison), and the figures are those of separately fitted
+    models on exactly that sample; 0 scores every user, as before."""
+    from recsys.evaluation.evaluate import build_holdout
+    from recsys.evaluation.metrics import ndcg_at_k
+    from recsys.models.hybrid import HybridRecommender, _sample_holdout, fit_window_generators
+
+    events, items = cluster_data
+    grid = {"ease": [{"l2": 5.0}, {"l2": 200.0}], "cooccurrence": [{"shrink": 0.0}]}
+    split = temporal_split(events, 0.0, 0.2)
+    for max_users in (0, 25):
+        cfg = HybridConfig(**{**FAST, "tune": grid, "tune_max_users": max_users})
+        cfg.lightfm_early_stopping = None
+        data = HybridRecommender(cfg).dataset(split.fit, items, None)
+        holdout = build_holdout(data, split.fit, split.validation, cfg.weights)
+        assert holdout.n_users > 25
+        with single_threaded_blas():
+            _, chosen = fit_window_generators(data, holdout, cfg)
+        scored = holdout if max_users == 0 else _sample_holdout(holdout, max_users, cfg.seed)
+        assert scored.n_users == (holdout.n_users if max_users == 0 else 25)
+        for name, overrides in grid.items():
+            tuning = chosen["tuning"][name]
+            assert tuning["validation_users"] == scored.n_users
+            base = HybridConfig().generator_params(name)
+            cls = EASERecommender if name == "ease" else CooccurrenceRecommender
+            want = []
+            for override in overrides:
+                rec, _ = cls(**{**base, **override}).fit(data).recommend(scored.user_idx, 10)
+                want.append(float(ndcg_at_k(rec, scored.relevant, 10).mean()))
+            assert tuning["validation_ndcg@10"] == want
+            best = overrides[int(np.argmax(want))]
+            assert tuning["chosen"] == best and getattr(cfg, name).items() >= best.items()

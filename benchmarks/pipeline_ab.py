@@ -1,0 +1,89 @@
+"""The end-to-end pipeline time of two trees, interleaved: is HEAD slower than a base commit?
+
+    .venv/bin/python benchmarks/pipeline_ab.py BASE_REF [--events 1000000] [--rounds 3]
+
+On this shared 2-core machine one tree's 1M-event run took 82 to 115 s in Dagster within an
+hour (2026-12-03), so a single pair of runs cannot tell two trees apart. This runs
+`pipeline_e2e.py` for the base commit (a temporary git worktree, imported through
+PYTHONPATH with this checkout's virtualenv) and for this checkout alternately, base first in
+odd rounds and HEAD first in even ones (ABBA...), each on freshly generated events, and prints
+every run's time in Dagster, wall and CPU, then the median of each and the per-round ratios
+HEAD / base (the machine's speed drifts between rounds, less within one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGURES = re.compile(
+    r"recsys run wall time: (?P<wall>[\d.]+)s \(run start to end in Dagster: (?P<dagster>[\d.]+)s\)"
+    r"\nrecsys run CPU time: (?P<cpu>[\d.]+)s"
+)
+
+
+def run_e2e(tree: str, events: int) -> dict[str, float]:
+    """One `pipeline_e2e.py` run of the code in `tree`: {dagster, wall, cpu} seconds."""
+    env = {**os.environ, "PYTHONPATH": tree}
+    done = subprocess.run(
+        [sys.executable, os.path.join(tree, "benchmarks", "pipeline_e2e.py"),
+         "--events", str(events)],
+        cwd=tree, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    found = FIGURES.search(done.stdout)
+    if done.returncode != 0 or found is None:
+        raise SystemExit(
+            f"pipeline_e2e.py failed in {tree}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
+    return {k: float(v) for k, v in found.groupdict().items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("base", help="the base commit (any git ref of this repository)")
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="recsys-ab-")
+    base_tree = os.path.join(work, "base")
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", "-f", base_tree, args.base],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    runs: dict[str, list[dict[str, float]]] = {"base": [], "HEAD": []}
+    try:
+        for r in range(args.rounds):
+            order = [("base", base_tree), ("HEAD", ROOT)]
+            for name, tree in order if r % 2 == 0 else order[::-1]:
+                figures = run_e2e(tree, args.events)
+                runs[name].append(figures)
+                print(
+                    f"round {r + 1} {name:<4}: {figures['dagster']:6.1f} s in Dagster, "
+                    f"{figures['wall']:6.1f} s wall, {figures['cpu']:6.1f} s CPU "
+                    f"(load {os.getloadavg()[0]:.2f})",
+                    flush=True,
+                )
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", base_tree], cwd=ROOT)
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{args.events:,} events, {args.rounds} round(s), base {args.base}:")
+    for key in ("dagster", "wall", "cpu"):
+        base = [f[key] for f in runs["base"]]
+        head = [f[key] for f in runs["HEAD"]]
+        ratios = ", ".join(f"{h / b:.2f}" for b, h in zip(base, head, strict=True))
+        print(
+            f"  {key:<7} median base {statistics.median(base):6.1f} s, "
+            f"HEAD {statistics.median(head):6.1f} s; HEAD / base per round: {ratios}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
