@@ -2,11 +2,13 @@
 
     .venv/bin/python benchmarks/pipeline_ab.py BASE_REF [--events 1000000] [--rounds 3]
 
-On this shared 2-core machine one tree's 1M-event run took 82 to 115 s in Dagster within an
-hour (2026-12-03), so a single pair of runs cannot tell two trees apart. This runs
+On this shared 2-core machine one tree's 1M-event run took 82 and 102 s in Dagster within an
+hour (2026-12-03; 115 s on its first run in a new worktree, which compiled its Numba kernels),
+so a single pair of runs cannot tell two trees apart. This runs
 `pipeline_e2e.py` for the base commit (a temporary git worktree, imported through
 PYTHONPATH with this checkout's virtualenv) and for this checkout alternately, base first in
-odd rounds and HEAD first in even ones (ABBA...), each on freshly generated events, and prints
+odd rounds and HEAD first in even ones (ABBA...), each on freshly generated events, after one
+small untimed run of each (a new worktree compiles its Numba kernels first), and prints
 every run's time in Dagster, wall and CPU, then the median of each and the per-round ratios
 HEAD / base (the machine's speed drifts between rounds, less within one).
 """
@@ -50,6 +52,7 @@ def main() -> int:
     ap.add_argument("base", help="the base commit (any git ref of this repository)")
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup-events", type=int, default=20_000, help="an untimed run first")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="recsys-ab-")
     base_tree = os.path.join(work, "base")
@@ -59,6 +62,10 @@ def main() -> int:
     )  # fmt: skip
     runs: dict[str, list[dict[str, float]]] = {"base": [], "HEAD": []}
     try:
+        # untimed: a new worktree compiles its Numba kernels on its first run (~30 s, then
+        # cached beside the sources), which would count against the base
+        for tree in (base_tree, ROOT):
+            run_e2e(tree, args.warmup_events)
         for r in range(args.rounds):
             order = [("base", base_tree), ("HEAD", ROOT)]
             for name, tree in order if r % 2 == 0 else order[::-1]:
