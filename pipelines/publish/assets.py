@@ -21,7 +21,6 @@ from pipelines.publish.partitions import (
     DEFAULT_USER_SHARDS,
     SHARD_STEPS_TAG,
     shard_number,
-    shard_step_key,
     user_shards_partitions,
 )
 from pipelines.resources import StorageResource
@@ -241,7 +240,7 @@ def _plan_user_shards_op(n_shards: int) -> dg.OpDefinition:
                         "model_version": config.model_version,
                         "mlflow_uri": config.mlflow_uri,
                     },
-                    mapping_key=shard_step_key(tenant, group, n_shards),
+                    mapping_key=snapbuild.shard_step_key(tenant, group, n_shards),
                 )
 
     return plan_user_shards

@@ -10,6 +10,8 @@ and 16): shards are contiguous user ranges assembled in order.
 
 import dagster as dg
 
+from recsys.snapshot.build import shard_key
+
 DEFAULT_USER_SHARDS = 16
 #: a job tag: "one_step" scores all of a tenant's shards in one step (the in-process jobs,
 #: whose steps run one after another anyway: a step per shard only added Dagster's per-step
@@ -35,22 +37,8 @@ def user_shard_count(value: str | None) -> int:
     return n
 
 
-def shard_key(shard: int, n_shards: int) -> str:
-    """The partition key of shard `shard` of `n_shards`: 'shard-03' (zero-padded to the width
-    of the largest number, at least two digits, so keys sort in shard order)."""
-    return f"shard-{shard:0{max(2, len(str(n_shards - 1)))}d}"
-
-
 def user_shards_partitions(n_shards: int = DEFAULT_USER_SHARDS) -> dg.StaticPartitionsDefinition:
     return dg.StaticPartitionsDefinition([shard_key(i, n_shards) for i in range(n_shards)])
-
-
-def shard_step_key(tenant: str, shards: list[int], n_shards: int) -> str:
-    """The mapping key of the step scoring `shards` of `tenant`: 'default_03' for one shard,
-    'default_00_to_15' for a range (`recsys.snapshot.build.shard_step_count` reads it back)."""
-    first, last = (shard_key(s, n_shards)[6:] for s in (shards[0], shards[-1]))
-    key = first if len(shards) == 1 else f"{first}_to_{last}"
-    return f"{tenant}_{key}".replace("-", "_")
 
 
 def shard_number(partition_key: str) -> int:

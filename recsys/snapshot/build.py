@@ -63,10 +63,26 @@ def shard_bounds(n_users: int, shard: int, n_shards: int) -> tuple[int, int]:
     return edge(shard), edge(shard + 1)
 
 
+def shard_key(shard: int, n_shards: int) -> str:
+    """The partition key of shard `shard` of `n_shards`: 'shard-03' (zero-padded to the width
+    of the largest number, at least two digits, so keys sort in shard order)."""
+    return f"shard-{shard:0{max(2, len(str(n_shards - 1)))}d}"
+
+
+def shard_step_key(tenant: str, shards: Sequence[int], n_shards: int) -> str:
+    """The mapping key of the pipeline step scoring `shards` (a contiguous run) of `tenant`:
+    'default_03' for one shard, 'default_00_to_15' for several. Dagster allows only letters,
+    digits and '_' in it: every other character of the tenant id, and '_' itself, is written
+    '_' + its hex code ('acme.eu' -> 'acme_2eeu'), so two tenants never share a key and the
+    tenant part never holds '_to_' (`shard_step_count` reads the key back)."""
+    safe = "".join(c if c.isascii() and c.isalnum() else f"_{ord(c):02x}" for c in tenant)
+    first, last = (shard_key(s, n_shards)[6:] for s in (shards[0], shards[-1]))
+    return f"{safe}_{first}" if len(shards) == 1 else f"{safe}_{first}_to_{last}"
+
+
 def shard_step_count(step_key: str) -> int:
     """How many shards a pipeline step scores, from its Dagster step key: 16 for
-    '...score_user_shard[default_00_to_15]', 1 for '...[default_03]' (the mapping keys of
-    `pipelines.publish.partitions.shard_step_key`)."""
+    '...score_user_shard[default_00_to_15]', 1 for '...[default_03]' (`shard_step_key`)."""
     head, sep, last = step_key.rstrip("]").rpartition("_to_")
     if not sep or not last.isdigit():
         return 1

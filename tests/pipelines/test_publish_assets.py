@@ -210,3 +210,21 @@ def test_the_shard_count_is_a_setting_and_the_snapshot_does_not_depend_on_it(man
     staging = os.path.join(snaps.root, ".staging")
     staged = [f for _, _, fs in os.walk(staging) for f in fs if f.endswith(".parquet")]
     assert staged == ["shard-02-of-04.parquet"]
+
+
+def test_shard_step_keys_are_dagster_names_for_every_valid_tenant_and_count_back():
+    """Tenant ids may hold '-' and '.', which Dagster names may not: the step keys escape them
+    (and '_'), stay distinct per tenant, and `shard_step_count` reads the count back."""
+    from recsys.snapshot.build import shard_step_count, shard_step_key
+
+    tenants = ["default", "acme.eu", "a-b", "a_b", "a_2db", "x_to_5", "my_to_shop"]
+    keys = set()
+    for tenant in tenants:
+        for shards, n in (([3], 1), (list(range(16)), 16), ([0, 1, 2], 3)):
+            key = shard_step_key(tenant, shards, 1000 if n == 3 else 16)
+            dg.DynamicOutput(0, mapping_key=key)  # a valid Dagster name, or it raises
+            assert shard_step_count(f"user_recommendations.score_user_shard[{key}]") == n
+            keys.add(key)
+    assert len(keys) == 3 * len(tenants)
+    assert shard_step_key("default", [3], 16) == "default_03"
+    assert shard_step_key("acme.eu", list(range(16)), 16) == "acme_2eeu_00_to_15"
