@@ -438,25 +438,38 @@ def test_api_run_and_logs_through_dagster(dagster_server, control_client, tmp_pa
         if resp.status_code == 202:
             started[cid] = resp.json["job_id"]
     assert gone in started
-    final = {}
+    # The connector sensor may also run the good connector, before or after the API's run:
+    # a.csv is imported by whichever run sees it first, and the other skips it as seen.
+    final, good_runs = {}, []
     deadline = time.time() + 240
-    while time.time() < deadline and len(final) < 2:
+    while time.time() < deadline:
         for cid in (gone, good):
             logs = control_client.simulate_get(
                 f"/v1/recs/connectors/{cid}/logs", headers=auth("acme")
             ).json
             for run in logs["runs"]:
                 assert run["job_id"] != started.get(gone if cid == good else good)
-                if run["job_id"] == started.get(cid, run["job_id"]) and run["status"] in (
-                    "SUCCESS", "FAILURE", "CANCELED",
-                ):  # fmt: skip
-                    final[cid] = run
+            done = [r for r in logs["runs"] if r["status"] in ("SUCCESS", "FAILURE", "CANCELED")]
+            if cid == good:
+                good_runs = done
+            for r in done:
+                if r["job_id"] == started.get(cid, r["job_id"]):
+                    final[cid] = r
+        imported = [
+            r for r in good_runs if any("a.csv: 1 rows" in ln["message"] for ln in r["logs"])
+        ]
+        if gone in final and (good in final or not started.get(good)) and imported:
+            break
         time.sleep(2)
-    assert final[good]["status"] == "SUCCESS"
-    assert final[good]["trigger"] == ("api" if good in started else "sensor")
-    assert any("a.csv: 1 rows" in line["message"] for line in final[good]["logs"])
     assert final[gone]["status"] == "FAILURE"
     assert any("no such folder" in line["message"] for line in final[gone]["logs"])
+    assert imported, good_runs
+    assert all(r["status"] == "SUCCESS" for r in good_runs), good_runs
+    if good in started:
+        assert final[good]["status"] == "SUCCESS"
+        assert final[good]["trigger"] == "api"
+    else:
+        assert imported[0]["trigger"] == "sensor"
 
 
 # --- Redis Streams -------------------------------------------------------------------------------
