@@ -19,6 +19,10 @@ read again, the caller's preconditions are checked against it, and the file is r
 atomically (`recsys.durable.write_atomic`: temporary file, fsync, rename, fsync of the folder).
 Hot-path readers use `Collection.cached` / `cached_list`, which re-stat the file (or folder) at
 most once per `check_interval_s`: another worker's write is visible within that interval.
+`Collection.local_changes` counts this process's writes and invalidations (of any collection):
+a reader that keeps what it derived from several documents (the recommend service's tenant
+view) re-reads them when the count moved, so a write is seen at once by the worker that made
+it.
 
 Preconditions (`Preconditions`, read from a request's If-Match / If-None-Match, or a body's
 revision field) fail with one exception type, `Conflict`, a Problem Details error:
@@ -209,6 +213,10 @@ class Collection:
     legacy:      how an earlier release stored these documents (`Legacy`).
     """
 
+    #: Writes and invalidations of any collection in this process so far (see the module
+    #: docstring): what derived state compares to tell that a document may have changed.
+    local_changes = 0
+
     def __init__(
         self,
         root: str,
@@ -344,6 +352,7 @@ class Collection:
 
     def invalidate(self, tenant: str) -> None:
         """Forget this process's cached documents of `tenant`: the next read goes to disk."""
+        Collection.local_changes += 1
         for key in [k for k in self._docs if k[0] == tenant]:
             self._docs.pop(key, None)
         self._lists.pop(tenant, None)

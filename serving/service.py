@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -17,7 +17,7 @@ import orjson
 from recsys.snapshot.format import REASON_CODES, SIGNALS
 from serving.config import ServingConfig
 from serving.control.access import effective_rules
-from serving.documents import DocumentStore, TenantDocuments
+from serving.documents import Collection, Document, DocumentStore, TenantDocuments
 from serving.errors import ProblemError
 from serving.metrics import Metrics
 from serving.rules import (
@@ -30,6 +30,21 @@ from serving.rules import (
 )
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
 from serving.validation import DEFAULT_SEGMENT, Limits, RecommendRequest, parse_recommend
+
+
+class TenantView(NamedTuple):
+    """What a tenant's documents say about its requests, derived once while they are unchanged
+    (`RecommendService.view`)."""
+
+    expires: float  # (time.monotonic) re-read after this
+    changes: int  # `Collection.local_changes` when read
+    config: dict[str, Any]  # the tenant's config document ({} when none: the defaults apply)
+    cversion: str | None
+    limits: Limits  # the server's limits, lowered by the config
+    rules: list[dict[str, Any]]  # its rules, its policies' and the invalidated items' block
+    rules_key: Any  # the compile key of `rules` (`serving.rules.compile_rules`)
+    rversion: str | None  # the rules' version (meta.rules_version)
+    invalidations: Document | None  # the cache-control document (`serving.control.cache`)
 
 
 class RecommendService:
@@ -59,33 +74,76 @@ class RecommendService:
         #: bandit fills a slot of a surface's lists), set by the bandits area; None: not
         #: consulted.
         self.bandits = None
-        self._limits: dict[tuple[str, str | None], Limits] = {}  # per tenant config version
+        self._views: dict[str, TenantView] = {}
+        self._view_s = tenants.store.check_interval_s
         self._pipeline_docs = None  # the `pipelines` documents, opened when a surface names one
 
     # --- shared ------------------------------------------------------------------------------
+    def view(self, tenant: str) -> TenantView:
+        """What the tenant's documents say about its requests (`TenantView`), derived once and
+        kept while they are unchanged: re-read when this process changed a document, and at
+        least every `check_interval_s`. The documents it reads were checked no later than it
+        was built, so on its re-read each is re-stat'ed: another worker's change is seen within
+        the interval (within twice it when another reader re-checked a document in between)."""
+        view = self._views.get(tenant)
+        if (
+            view is not None
+            and view.changes == Collection.local_changes
+            and time.monotonic() < view.expires
+        ):
+            return view
+        return self._new_view(tenant)
+
+    def _new_view(self, tenant: str) -> TenantView:
+        changes = Collection.local_changes  # (before the reads: a write during them is seen)
+        tconf, cversion = self._tenants.current(tenant, "config")
+        body, rversion = self._tenants.current(tenant, "rules")
+        # (+ the rules of the tenant's enabled policies: serving.control.access)
+        rules, rversion = effective_rules(
+            self._config.data_root, tenant, body.get("rules", ()), rversion
+        )
+        invalidations, rules_key = None, rversion
+        if self.cache is not None:  # (+ a block rule of the items invalidated: control.cache)
+            invalidations = self.cache.current(tenant)
+            rules, rules_key = self.cache.rules(invalidations, rules, rversion)
+        old = self._views.get(tenant)
+        limits = (
+            old.limits
+            if old is not None and old.cversion == cversion
+            else Limits.for_tenant(self._config, tconf)
+        )
+        view = TenantView(
+            time.monotonic() + self._view_s,
+            changes,
+            tconf,
+            cversion,
+            limits,
+            rules,
+            rules_key,
+            rversion,
+            invalidations,
+        )
+        if len(self._views) > 10_000:
+            self._views.clear()
+        self._views[tenant] = view
+        return view
+
     def tenant_config(self, tenant: str) -> tuple[dict[str, Any], str | None]:
-        return self._tenants.current(tenant, "config")
+        view = self.view(tenant)
+        return view.config, view.cversion
 
     def limits(self, tenant: str) -> Limits:
         """The tenant's effective limits (the server's, lowered by its config)."""
-        tconf, cversion = self.tenant_config(tenant)
-        return self._tenant_limits(tenant, tconf, cversion)
+        return self.view(tenant).limits
 
-    def _tenant_limits(self, tenant: str, tconf: dict[str, Any], cversion: str | None) -> Limits:
-        limits = self._limits.get((tenant, cversion))
-        if limits is None:
-            if len(self._limits) > 1024:
-                self._limits.clear()
-            limits = self._limits[(tenant, cversion)] = Limits.for_tenant(self._config, tconf)
-        return limits
-
-    def parse(self, tenant: str, body: Any, similar: bool = False):
+    def parse(self, tenant: str, body: Any, similar: bool = False, view: TenantView | None = None):
         """(request, warnings, tenant config, its version) of a body: its schema type
         (`serving.schemas`), or plain JSON values checked against it."""
-        tconf, cversion = self.tenant_config(tenant)
-        limits = self._tenant_limits(tenant, tconf, cversion)
-        req, warnings = parse_recommend(body, limits, tconf, similar=similar)
-        return req, warnings, tconf, cversion
+        if view is None:
+            view = self.view(tenant)
+        tconf = view.config
+        req, warnings = parse_recommend(body, view.limits, tconf, similar=similar)
+        return req, warnings, tconf, view.cversion
 
     def _live(
         self, tenant: str, req: RecommendRequest, tconf: dict[str, Any], meta: dict[str, Any]
@@ -158,15 +216,8 @@ class RecommendService:
         return req.experiment_id, assign_variant(req.experiment_id, unit, variants), True
 
     def _rules(self, tenant: str, live: LiveSnapshot, surface: str, segment: str):
-        body, version = self._tenants.current(tenant, "rules")
-        # (+ the rules of the tenant's enabled policies: serving.control.access)
-        rules, version = effective_rules(
-            self._config.data_root, tenant, body.get("rules", ()), version
-        )
-        key = version
-        if self.cache is not None:  # (+ a block rule of the items invalidated: control.cache)
-            rules, key = self.cache.rules(tenant, rules, version)
-        return compile_rules(live, rules, key, surface, segment), version
+        view = self.view(tenant)
+        return compile_rules(live, view.rules, view.rules_key, surface, segment), view.rversion
 
     # --- use cases ---------------------------------------------------------------------------
     def validate(self, tenant: str, body: Any) -> dict[str, Any]:
@@ -198,7 +249,8 @@ class RecommendService:
     def _recommend(self, tenant: str, body: Any, started: float):
         """(live snapshot, request, ranked answer, meta, warnings) of a recommend request."""
         deadline = started + self._config.deadline_ms / 1000.0
-        req, warnings, tconf, cversion = self.parse(tenant, body)
+        view = self.view(tenant)
+        req, warnings, tconf, cversion = self.parse(tenant, body, view=view)
         meta: dict[str, Any] = {}
         live = self._live(tenant, req, tconf, meta)
         snap = live.snap
@@ -207,13 +259,14 @@ class RecommendService:
         segment = req.segment
         if segment is None:
             segment = (live.user_segment(uidx) if uidx is not None else None) or DEFAULT_SEGMENT
-        rules, rversion = self._rules(tenant, live, req.surface, segment)
+        rules = compile_rules(live, view.rules, view.rules_key, req.surface, segment)
+        rversion = view.rversion
         engine = Engine(live, req, rules, deadline, warnings)
         cache = self.cache
         if (
             uidx is not None
-            and cache is not None
-            and cache.user_invalidated(tenant, req.user_id, req.surface, live, uidx)
+            and view.invalidations is not None
+            and cache.user_invalidated(view.invalidations, req.user_id, req.surface, live, uidx)
         ):
             uidx = None  # (its precomputed list was invalidated: answered as an unknown user)
 

@@ -38,7 +38,7 @@ import numpy as np
 from msgspec import Meta
 
 from serving.auth import SCOPE_ADMIN
-from serving.documents import Preconditions
+from serving.documents import Document, Preconditions
 from serving.errors import ProblemError
 from serving.metrics import merge_states
 from serving.resources.admin import CacheInvalidateResource
@@ -169,10 +169,15 @@ class CacheState:
         self.docs = documents.collection("cache", ids=("current",), prefix="inv")
         self._answers = metrics.answers
 
-    def rules(self, tenant: str, rules: Any, version: str | None) -> tuple[Any, Any]:
-        """(rules, compile key): the tenant's rules plus a block rule of its invalidated items,
-        keyed by both revisions (compiled once per pair and snapshot)."""
-        doc = self.docs.cached(tenant, "current")
+    def current(self, tenant: str) -> Document | None:
+        """The tenant's invalidations document (cached: re-read when its file changed), or
+        None when nothing was invalidated."""
+        return self.docs.cached(tenant, "current")
+
+    def rules(self, doc: Document | None, rules: Any, version: str | None) -> tuple[Any, Any]:
+        """(rules, compile key): the tenant's rules plus a block rule of the items its
+        invalidations document `doc` names, keyed by both revisions (compiled once per pair and
+        snapshot)."""
         if doc is None or not doc.body.get("items"):
             return rules, version
         block = doc.body.get("_rule")
@@ -185,11 +190,9 @@ class CacheState:
             doc.body["_rule"] = block
         return [*rules, block], (version, doc.revision)
 
-    def user_invalidated(self, tenant: str, user_id: str, surface: str, live: Any, uidx: int):
-        """Is the user's precomputed list invalidated (for this surface, this snapshot)?"""
-        doc = self.docs.cached(tenant, "current")
-        if doc is None:
-            return False
+    def user_invalidated(self, doc: Document, user_id: str, surface: str, live: Any, uidx: int):
+        """Does the invalidations document `doc` name the user's precomputed list (for this
+        surface, this snapshot)?"""
         body = doc.body
         sid = live.snapshot_id
         entry = body.get("users", {}).get(user_id)

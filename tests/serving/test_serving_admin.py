@@ -61,6 +61,50 @@ def test_config_is_durable(client, data_root):
     assert again.json["rules_version"] == doc.revision
 
 
+def test_a_worker_sees_its_own_writes_at_once_and_another_workers_within_the_interval(
+    data_root,
+):
+    """The recommend service keeps what the tenant's documents say (`TenantView`) between
+    requests: a config or rules write is served at once by the worker that made it, and by
+    another worker once the document check interval has passed."""
+    import time
+
+    interval = 0.3
+    a = build_client(make_config(data_root, snapshot_check_s=interval))
+    b = build_client(make_config(data_root, snapshot_check_s=interval))
+    first = recommend(a, {"user": {"user_id": "u1"}, "k": 3}).json
+    assert first["meta"]["config_version"].startswith("cfg_defaults_")
+    # a write on worker b: a sees it once its view and the document's check have expired
+    put = b.simulate_put(
+        "/v1/admin/tenants/acme/config", json={"defaults": {"k": 2}}, headers=ADMIN
+    )
+    assert put.status_code == 200, put.text
+    time.sleep(2 * interval)
+    seen = recommend(a, {"user": {"user_id": "u1"}})
+    assert seen.json["meta"]["config_version"] == put.json["config_version"]
+    assert len(seen.json["items"]) == 2
+    # a write on worker a (config, then rules): its next request uses it, with no wait
+    again = a.simulate_put(
+        "/v1/admin/tenants/acme/config",
+        json={"defaults": {"k": 4}},
+        headers={**ADMIN, "If-Match": put.headers["ETag"]},
+    )
+    assert again.status_code == 200, again.text
+    now = recommend(a, {"user": {"user_id": "u1"}})
+    assert now.json["meta"]["config_version"] == again.json["config_version"]
+    assert len(now.json["items"]) == 4
+    top = now.json["items"][0]["item_id"]
+    rules = a.simulate_put(
+        "/v1/admin/tenants/acme/rules",
+        json={"rules": [{"id": "no-top", "type": "block", "item_ids": [top]}]},
+        headers=ADMIN,
+    )
+    assert rules.status_code == 200, rules.text
+    blocked = recommend(a, {"user": {"user_id": "u1"}})
+    assert blocked.json["meta"]["rules_version"] == rules.json["rules_version"]
+    assert top not in [it["item_id"] for it in blocked.json["items"]]
+
+
 def test_a_tenant_never_configured_gets_its_effective_defaults(client, config):
     got = client.simulate_get("/v1/admin/tenants/acme/config", headers=ADMIN)
     assert got.status_code == 200
