@@ -231,10 +231,10 @@ class BanditRouter:
         tenant's bandits are unchanged)."""
         return self._routes(tenant)[1].get(exp_id)
 
-    def for_surface(self, tenant: str, surface: str) -> Document | None:
-        """The exploration-slot bandit of `surface`, if any."""
-        routes = self._routes(tenant)[2]
-        return routes.get(surface) if routes else None
+    def slot_bandits(self, tenant: str) -> dict[str, Document]:
+        """{surface: its exploration-slot bandit} (the same dict while the tenant's bandits are
+        unchanged; do not modify it)."""
+        return self._routes(tenant)[2]
 
     def choose(self, tenant: str, doc: Document, unit: str, allowed: set[str] | None = None):
         """The arm `unit` gets (None when no arm is `allowed`): the policy over the cached

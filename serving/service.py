@@ -45,6 +45,8 @@ class TenantView(NamedTuple):
     rules_key: Any  # the compile key of `rules` (`serving.rules.compile_rules`)
     rversion: str | None  # the rules' version (meta.rules_version)
     invalidations: Document | None  # the cache-control document (`serving.control.cache`)
+    experiments: bool  # does the tenant have experiments (running or not)
+    slot_bandits: dict[str, Document]  # surface -> its exploration-slot bandit
 
 
 class RecommendService:
@@ -112,6 +114,7 @@ class RecommendService:
             if old is not None and old.cversion == cversion
             else Limits.for_tenant(self._config, tconf)
         )
+        experiments = self.experiments
         view = TenantView(
             time.monotonic() + self._view_s,
             changes,
@@ -122,6 +125,8 @@ class RecommendService:
             rules_key,
             rversion,
             invalidations,
+            experiments is not None and bool(experiments.documents.cached_list(tenant)),
+            self.bandits.slot_bandits(tenant) if self.bandits is not None else {},
         )
         if len(self._views) > 10_000:
             self._views.clear()
@@ -146,17 +151,19 @@ class RecommendService:
         return req, warnings, tconf, view.cversion
 
     def _live(
-        self, tenant: str, req: RecommendRequest, tconf: dict[str, Any], meta: dict[str, Any]
+        self, tenant: str, req: RecommendRequest, view: TenantView, meta: dict[str, Any]
     ) -> LiveSnapshot:
         live = self._registry.require_live(tenant)
+        if req.experiment_id is None and not view.experiments:
+            return live
         unit = req.user_id or req.anonymous_id or req.session_id or ""
         if req.experiment_id is None:
-            picked = self.experiments.pick(tenant, req.surface, unit) if self.experiments else None
+            picked = self.experiments.pick(tenant, req.surface, unit)
             if picked is None:
                 return live
             exp_id, chosen, assigned = picked
         else:
-            exp_id, chosen, assigned = self._named_variant(tenant, req, tconf, unit)
+            exp_id, chosen, assigned = self._named_variant(tenant, req, view.config, unit)
         target = chosen.get("snapshot") or "current"
         if target not in ("current", "champion"):
             variant_live = self._registry.tenant(tenant).variant(target)
@@ -252,7 +259,7 @@ class RecommendService:
         view = self.view(tenant)
         req, warnings, tconf, cversion = self.parse(tenant, body, view=view)
         meta: dict[str, Any] = {}
-        live = self._live(tenant, req, tconf, meta)
+        live = self._live(tenant, req, view, meta)
         snap = live.snap
 
         uidx = snap.user_index(req.user_id) if req.user_id else None
@@ -344,8 +351,7 @@ class RecommendService:
         # (the back-fill sources are computed only when back-fill is needed)
         sources = partial(_backfill_sources, live, req, segment, category_of, pool)
         ranked = engine.run(pool, seen, weights, sources)
-        bandits = self.bandits  # (one dict lookup per request while the bandits are unchanged)
-        slot_bandit = bandits.for_surface(tenant, req.surface) if bandits is not None else None
+        slot_bandit = view.slot_bandits.get(req.surface) if view.slot_bandits else None
         if slot_bandit is not None:
             placed = self._fill_slot(
                 tenant, slot_bandit, live, req, engine, ranked, seen, uidx, anchors, segment, meta
@@ -476,9 +482,10 @@ class RecommendService:
 
     def similar(self, tenant: str, body: Any, started: float) -> dict[str, Any]:
         deadline = started + self._config.deadline_ms / 1000.0
-        req, warnings, tconf, cversion = self.parse(tenant, body, similar=True)
+        view = self.view(tenant)
+        req, warnings, tconf, cversion = self.parse(tenant, body, similar=True, view=view)
         meta: dict[str, Any] = {}
-        live = self._live(tenant, req, tconf, meta)
+        live = self._live(tenant, req, view, meta)
         segment = req.segment or DEFAULT_SEGMENT
         iidx = live.item_index(req.item_id)
         if iidx is None:
