@@ -82,6 +82,11 @@ class Authenticator:
         """The caller of a request with these `Authorization` / `X-Api-Key` headers, or 401."""
         if api_key:
             return self._from_api_key(api_key)
+        # (verified bearer tokens are cached by the whole header value, which names the token)
+        cached = self._cache.get(authorization) if authorization else None
+        now = time.time()
+        if cached is not None and cached[1] > now:
+            return cached[0]
         if not authorization:
             raise _unauthorized("Missing credentials: send 'Authorization: Bearer <token>'.")
         scheme, _, token = authorization.partition(" ")
@@ -90,12 +95,8 @@ class Authenticator:
             return self._from_api_key(token)
         if scheme.lower() != "bearer" or not token:
             raise _unauthorized("The Authorization header must be 'Bearer <token>'.")
-        cached = self._cache.get(token)
-        now = time.time()
-        if cached is not None and cached[1] > now:
-            return cached[0]
         principal, expires = self._verify(token)
-        self._cache[token] = (principal, min(expires, now + 300.0))
+        self._cache[authorization] = (principal, min(expires, now + 300.0))
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return principal
