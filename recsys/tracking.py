@@ -61,16 +61,26 @@ def ensure_experiment(client, tenant: str, artifact_root: str | None) -> str:
 
 #: rows of the sorted events turned into CSV and hashed at a time by `data_fingerprint`
 FINGERPRINT_ROWS = 1_000_000
+#: at most this many events are sorted at once by `data_fingerprint` (key ranges of event ids)
+FINGERPRINT_SORT_ROWS = 4_000_000
+#: ... and at most this share of them, down to `FINGERPRINT_MIN_RANGE` events a range
+FINGERPRINT_SORT_SHARE = 8
+FINGERPRINT_MIN_RANGE = 250_000
+FINGERPRINT_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "timestamp")
 
 
 def data_fingerprint(events: pl.DataFrame | pl.LazyFrame) -> dict[str, Any]:
     """Row count, users, items, time range and a SHA-256 of the sorted (event_id, user, item,
     type, timestamp) rows: two runs on the same data carry the same hash.
 
-    `events` may be a lazy scan (read by Polars' streaming engine). The rows are hashed as
-    CSV `FINGERPRINT_ROWS` at a time (the same bytes as one CSV of them all, without holding
-    it: it was larger than the events)."""
-    cols = ["event_id", "user_id", "item_id", "event_type", "timestamp"]
+    `events` may be a lazy scan (read by Polars' streaming engine). The hash is that of one
+    CSV of all the rows sorted, computed without holding them sorted: the rows are cut into
+    consecutive ranges of event ids (null ids first, as the sort puts them), each range
+    collected, sorted and hashed as CSV `FINGERPRINT_ROWS` at a time, in order. A range holds
+    at most about `FINGERPRINT_SORT_ROWS` events and an eighth of them (but for an id
+    repeated more often than that: its rows are one range); the bounds are read from a
+    sample of the ids hashed apart, so a range costs one more streamed read of the events."""
+    cols = list(FINGERPRINT_COLUMNS)
     lazy = events.lazy().select(cols)
     engine = "streaming" if isinstance(events, pl.LazyFrame) else "in-memory"
     stats = lazy.select(
@@ -79,13 +89,14 @@ def data_fingerprint(events: pl.DataFrame | pl.LazyFrame) -> dict[str, Any]:
         pl.col("item_id").n_unique().alias("items"),
         pl.col("timestamp").min().alias("lo"),
         pl.col("timestamp").max().alias("hi"),
+        pl.col("event_id").null_count().alias("null_ids"),
     ).collect(engine=engine)
     rows = int(stats["rows"][0])
     h = hashlib.sha256()
-    if rows:
-        ordered = lazy.sort(cols).collect(engine=engine)
-        for part in ordered.iter_slices(FINGERPRINT_ROWS):
-            h.update(part.write_csv(include_header=False).encode())
+    for part in _id_ranges(lazy, rows, int(stats["null_ids"][0]), engine) if rows else []:
+        ordered = lazy.filter(part).sort(cols).collect(engine=engine)
+        for chunk in ordered.iter_slices(FINGERPRINT_ROWS):
+            h.update(chunk.write_csv(include_header=False).encode())
         del ordered
     return {
         "data_rows": rows,
@@ -95,6 +106,44 @@ def data_fingerprint(events: pl.DataFrame | pl.LazyFrame) -> dict[str, Any]:
         "data_max_ts": str(stats["hi"][0]) if rows else "",
         "data_sha256": h.hexdigest(),
     }
+
+
+def _id_ranges(lazy: pl.LazyFrame, rows: int, null_ids: int, engine: str) -> list[pl.Expr]:
+    """Filters cutting the rows into consecutive ranges of the sort order by event id: the
+    null ids (first in the sort), then ids below the first bound, between bounds, ... Only
+    the balance of the ranges depends on the sample of ids the bounds come from, not which
+    rows the ranges hold together (every row is in exactly one, in sort order)."""
+    eid = pl.col("event_id")
+    per_range = min(
+        FINGERPRINT_SORT_ROWS, max(FINGERPRINT_MIN_RANGE, -(-rows // FINGERPRINT_SORT_SHARE))
+    )
+    k = -(-(rows - null_ids) // per_range)
+    bounds: list[str] = []
+    if k > 1:
+        # ~64 ids a range, chosen by a hash of the id (an id's repeats are in or out together)
+        every = max(1, (rows - null_ids) // (64 * k))
+        sample = (
+            lazy.select(eid)
+            .filter(eid.is_not_null() & (eid.hash(seed=0) % every == 0))
+            .collect(engine=engine)
+            .to_series()
+            .sort()
+        )
+        picked = [sample[len(sample) * j // k] for j in range(1, k)] if len(sample) else []
+        bounds = sorted(set(picked))
+    ranges = [eid.is_null()] if null_ids else []
+    lower = None
+    for b in [*bounds, None]:
+        if lower is None and b is None:
+            ranges.append(eid.is_not_null())
+        elif lower is None:
+            ranges.append(eid < b)
+        elif b is None:
+            ranges.append(eid >= lower)
+        else:
+            ranges.append((eid >= lower) & (eid < b))
+        lower = b
+    return ranges
 
 
 def code_version(repo_dir: str | None = None) -> str:

@@ -28,8 +28,8 @@ from recsys import ingest
 from recsys.contract import DEFAULT_EVENT_WEIGHTS
 from recsys.durable import write_atomic, write_parquet_atomic
 from recsys.features import read_log
+from recsys.models.data import collect_in_time_order, temporal_split, temporal_split_scan
 from recsys.models.data import interactions as fold_interactions
-from recsys.models.data import temporal_split, temporal_split_scan
 from recsys.models.hybrid import (
     HybridConfig,
     fit_eval_and_final,
@@ -70,9 +70,14 @@ MODEL_EVENT_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "timestam
 def read_inputs(
     store: Storage, tenant: str
 ) -> tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame | None]:
-    """Validated events (`MODEL_EVENT_COLUMNS`), items and users (None when the table does
-    not exist) of a tenant."""
-    events = ingest.scan_events(store, tenant).select(MODEL_EVENT_COLUMNS).collect()
+    """Validated events (`MODEL_EVENT_COLUMNS`) in time order, items and users (None when the
+    table does not exist) of a tenant.
+
+    The events are held once: read already in `temporal_split`'s order, every split of them
+    (the train part, the fit's windows, the permutation importance's parts) is slices of this
+    frame, not a sorted copy beside it (three were held beside the frame as read)."""
+    scan = ingest.scan_events(store, tenant).select(MODEL_EVENT_COLUMNS)
+    events = collect_in_time_order(scan)
     tables = []
     for name in ("items", "users"):
         path = store.table_path(tenant, name)

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import numpy as np
 import polars as pl
@@ -318,6 +318,52 @@ def temporal_split_scan(scan: pl.LazyFrame, test_fraction: float = 0.2) -> ScanS
     t_lit = pl.lit(t).cast(EVENT_SCHEMA["timestamp"])
     is_test = (ts > t_lit) | ((ts == t_lit) & (pl.col("event_id") >= e))
     return ScanSplit(scan.filter(~is_test), scan.filter(is_test), n_train, n - n_train, t)
+
+
+def collect_in_time_order(scan: pl.LazyFrame, max_events: int = FOLD_EVENTS) -> pl.DataFrame:
+    """The events of `scan` collected in `temporal_split`'s order: by (timestamp, event_id),
+    ties in the scan's order (the frame ``events[arg_sort_by(timestamp, event_id,
+    maintain_order=True)]`` of the collected scan, equal row for row), so every split of it
+    is cut in slices, without a sorted copy.
+
+    Never holds the scan unsorted beside its sorted copy: a streamed count of events per UTC
+    day, then runs of whole days of at most `max_events` events (a bigger day alone) are
+    each collected and sorted, in order, and the sorted runs are the frame's chunks. Memory:
+    the events once, plus one run twice while it is sorted."""
+    ts = pl.col("timestamp")
+    day = (ts.dt.epoch("us") // _DAY_US).alias("day")
+    counts = scan.select(day).group_by("day").agg(pl.len()).collect(engine="streaming")
+    counts = counts.sort("day", nulls_last=False)  # no timestamp first, as arg_sort_by puts it
+    runs: list[pl.Expr] = []
+    first = last = None  # the days of the run being gathered
+    size = 0
+    for d, n in counts.iter_rows():
+        if d is None:
+            runs.append(ts.is_null())
+            continue
+        if first is not None and size + n > max_events:
+            runs.append(_days(first, last))
+            first, size = None, 0
+        first = d if first is None else first
+        last, size = d, size + n
+    if first is not None:
+        runs.append(_days(first, last))
+    if not runs:
+        return scan.collect()
+    parts = [
+        scan.filter(run).collect().sort("timestamp", "event_id", maintain_order=True)
+        for run in runs
+    ]
+    return pl.concat(parts, rechunk=False) if len(parts) > 1 else parts[0]
+
+
+def _days(first: int, last: int) -> pl.Expr:
+    """The events of the UTC days `first` to `last` (days since the epoch), as bounds on the
+    timestamp that Parquet's statistics can use to skip other days' row groups."""
+    dtype = EVENT_SCHEMA["timestamp"]
+    lo = pl.lit(datetime.fromtimestamp(first * 86_400, tz=UTC)).cast(dtype)
+    hi = pl.lit(datetime.fromtimestamp((last + 1) * 86_400, tz=UTC)).cast(dtype)
+    return (pl.col("timestamp") >= lo) & (pl.col("timestamp") < hi)
 
 
 def holdout_pairs(

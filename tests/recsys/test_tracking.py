@@ -164,3 +164,83 @@ def test_fingerprint_of_a_scan_hashed_in_slices_is_the_one_csv_hash(model, tmp_p
         part.write_parquet(tmp_path / f"part-{k}.parquet")
     assert tracking.data_fingerprint(pl.scan_parquet(tmp_path / "part-*.parquet")) == whole
     assert tracking.data_fingerprint(events) == whole
+
+
+def _fingerprint_of_one_sorted_copy(events: pl.DataFrame) -> str:
+    """The reference (what `data_fingerprint` did before it sorted in ranges of ids): the
+    SHA-256 of one CSV of every row, sorted whole."""
+    import hashlib
+
+    cols = ["event_id", "user_id", "item_id", "event_type", "timestamp"]
+    one_csv = events.select(cols).sort(cols).write_csv(include_header=False)
+    return hashlib.sha256(one_csv.encode()).hexdigest()
+
+
+def _events_with_repeated_keys(rng: np.random.Generator, n: int) -> pl.DataFrame:
+    """Few distinct ids in every column (so the sort's ties run over several keys), null ids,
+    ids that sort by bytes differently than by length, and non-ASCII ids."""
+    ids = np.array(["", "a", "a0", "ab", "b", "z", "é", "évt-1", "ü", "A", "10", "9", "中"])
+    eid = rng.choice(ids, n).astype(object)
+    eid[rng.random(n) < 0.05] = None
+    return pl.DataFrame(
+        {
+            "event_id": eid.tolist(),
+            "user_id": rng.choice(["u1", "u2", "ü3"], n).tolist(),
+            "item_id": [None if x == 0 else f"i{x}" for x in rng.integers(0, 4, n)],
+            "event_type": rng.choice(["view", "purchase"], n).tolist(),
+            "timestamp": pl.Series(1_700_000_000_000_000 + rng.integers(0, 5, n) * 60_000_000)
+            .cast(pl.Datetime("us"))
+            .dt.replace_time_zone("UTC"),
+        }
+    )
+
+
+@pytest.mark.parametrize("range_rows", [1, 50, 333, 10**9])
+def test_fingerprint_sorted_in_ranges_of_ids_is_the_one_sorted_copy_hash(
+    tmp_path, monkeypatch, range_rows
+):
+    """Random events with many duplicates of every sort key (and of whole rows): hashed in
+    ranges of event ids as small as one row, from a frame and from a scan of Parquet files,
+    the hash is the one of the whole sorted copy, byte for byte."""
+    rng = np.random.default_rng(range_rows)
+    events = _events_with_repeated_keys(rng, 2000)
+    want = _fingerprint_of_one_sorted_copy(events)
+    monkeypatch.setattr(tracking, "FINGERPRINT_SORT_ROWS", range_rows)
+    monkeypatch.setattr(tracking, "FINGERPRINT_MIN_RANGE", 1)
+    monkeypatch.setattr(tracking, "FINGERPRINT_ROWS", 7)
+    for k, part in enumerate(events.iter_slices(300)):
+        part.write_parquet(tmp_path / f"part-{k}.parquet")
+    scan = pl.scan_parquet(tmp_path / "part-*.parquet")
+    got = tracking.data_fingerprint(events)
+    assert got["data_sha256"] == want
+    assert tracking.data_fingerprint(scan) == got
+    assert tracking.data_fingerprint(events[rng.permutation(events.height)]) == got
+    assert got["data_rows"] == 2000 and got["data_users"] == 3 and got["data_items"] == 4
+
+
+def test_fingerprint_ranges_hold_a_share_of_the_events(monkeypatch):
+    """Each range sorted holds about an eighth of the events, and an empty frame hashes to the
+    hash of nothing."""
+    import hashlib
+
+    rng = np.random.default_rng(3)
+    n = 40_000
+    events = _events_with_repeated_keys(rng, n).with_columns(
+        pl.Series("event_id", [f"e{x:06d}" for x in rng.permutation(n)])
+    )
+    monkeypatch.setattr(tracking, "FINGERPRINT_MIN_RANGE", 1000)
+    sizes = []
+    real_sort = pl.LazyFrame.sort
+
+    def counting_sort(self, *args, **kwargs):
+        sizes.append(self.select(pl.len()).collect().item())
+        return real_sort(self, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LazyFrame, "sort", counting_sort)
+    got = tracking.data_fingerprint(events)
+    monkeypatch.setattr(pl.LazyFrame, "sort", real_sort)
+    assert got["data_sha256"] == _fingerprint_of_one_sorted_copy(events)
+    assert sum(sizes) == n and len(sizes) == 8
+    assert max(sizes) < n / 8 * 1.5
+    empty = tracking.data_fingerprint(events.clear())
+    assert empty["data_rows"] == 0 and empty["data_sha256"] == hashlib.sha256().hexdigest()

@@ -97,3 +97,111 @@ def test_a_split_of_events_already_in_order_is_the_split_of_them_shuffled():
     whole = temporal_split(events, 0.2, 0.0)
     assert first.train.equals(whole.train) and first.test.equals(whole.test)
     assert first.test_start == whole.test_start
+
+
+def _shuffled_events_in_parquet(tmp_path, events, rng, rows_per_file=400):
+    """`events` shuffled and written as several Parquet files: a lazy scan of them (in the
+    scan's order, not in time order, as the warehouse's day partitions are)."""
+    import polars as pl
+
+    events = events[rng.permutation(events.height)]
+    for k, part in enumerate(events.iter_slices(rows_per_file)):
+        part.write_parquet(tmp_path / f"part-{k:03d}.parquet")
+    cols = ["event_id", "user_id", "item_id", "event_type", "timestamp"]
+    return pl.scan_parquet(tmp_path / "part-*.parquet").select(cols)
+
+
+@pytest.mark.parametrize("max_events", [1, 150, 1000, 4_000_000])
+def test_events_collected_in_time_order_are_the_sorted_frame(tmp_path, max_events):
+    """`collect_in_time_order` (runs of days sorted one at a time) gives the collected scan
+    gathered by `temporal_split`'s order, row for row, ties in time and repeated event ids
+    (kept in the scan's order) included; its splits are those of the scan collected."""
+    import polars as pl
+
+    from recsys.models.data import collect_in_time_order, temporal_split
+
+    rng = np.random.default_rng(max_events)
+    n = 3000
+    rows = [
+        (f"u{rng.integers(50)}", f"i{rng.integers(40)}", "view", int(m))
+        for m in rng.integers(0, 6 * 1440, n)  # six days, many events a minute
+    ]
+    events = make_events(rows).with_columns(  # repeated ids, tied in time with others
+        pl.when(pl.int_range(pl.len()) % 7 == 0).then(pl.lit("e1")).otherwise("event_id")
+    )
+    scan = _shuffled_events_in_parquet(tmp_path, events, rng)
+    as_read = scan.collect()
+    order = as_read.select(pl.arg_sort_by("timestamp", "event_id", maintain_order=True))
+    want = as_read[order.to_series()]
+    got = collect_in_time_order(scan, max_events)
+    assert got.equals(want)
+    # one run of the six days (~500 events each), one a day, or runs of two days or so
+    runs = got.n_chunks()
+    assert runs == {1: 6, 150: 6, 4_000_000: 1}.get(max_events, runs) and 1 <= runs <= 6
+    assert max_events != 1000 or 1 < runs < 6
+    for a, b in zip(
+        (temporal_split(got, 0.2, 0.1), temporal_split(got, 0.0, 0.15)),
+        (temporal_split(as_read, 0.2, 0.1), temporal_split(as_read, 0.0, 0.15)),
+        strict=True,
+    ):
+        for part in ("fit", "validation", "test"):
+            assert getattr(a, part).equals(getattr(b, part)), part
+        assert (a.validation_start, a.test_start) == (b.validation_start, b.test_start)
+
+
+def _saved_folder(model, path) -> dict[str, object]:
+    """Every file of a saved model: bytes, and hybrid.json without its timings."""
+    import json
+    import os
+
+    def untimed(x):
+        if isinstance(x, dict):
+            return {k: untimed(v) for k, v in x.items() if "seconds" not in k}
+        return [untimed(v) for v in x] if isinstance(x, list) else x
+
+    model.save(str(path))
+    out = {}
+    for folder, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(folder, name)
+            with open(full, "rb") as f:
+                data = f.read()
+            out[os.path.relpath(full, path)] = (
+                untimed(json.loads(data)) if name.endswith(".json") else data
+            )
+    return out
+
+
+def test_models_fitted_on_the_events_in_time_order_are_those_of_the_scan_order(tmp_path):
+    """`train_models` reads the events in time order (held once) where it read them in the
+    scan's order (then held a sorted copy beside them): the evaluated and the published models
+    are the same, file for file (the published refit's dataset sums the trending weights in
+    the other order: the same float32 figures)."""
+    from synthetic_events import cluster_events, cluster_items
+
+    from recsys.models.data import collect_in_time_order
+    from recsys.models.hybrid import HybridConfig, fit_eval_and_final
+
+    fast = dict(
+        lightfm={"no_components": 8, "epochs": 6, "seed": 1, "num_threads": 1},
+        lightfm_early_stopping={"eval_every": 2, "patience": 1, "max_users": 50},
+        ranker={"max_iter": 20, "max_leaf_nodes": 7, "min_samples_leaf": 5},
+        tune={},
+        candidates_per_generator=8,
+        min_ranker_positives=5,
+        served="hybrid",
+    )
+    rng = np.random.default_rng(5)
+    events = cluster_events(rng, n_users=120, n_items=40, per_user=12)
+    items = cluster_items(40)
+    scan = _shuffled_events_in_parquet(tmp_path, events, rng, rows_per_file=100)
+    as_read, in_order = scan.collect(), collect_in_time_order(scan, 500)
+    assert not as_read.equals(in_order)
+    before = fit_eval_and_final(as_read, items, None, HybridConfig(**fast), 0.2)
+    after = fit_eval_and_final(in_order, items, None, HybridConfig(**fast), 0.2)
+    for variant, a, b in zip(("eval", "final"), before, after, strict=True):
+        want = _saved_folder(a, tmp_path / "before" / variant)
+        got = _saved_folder(b, tmp_path / "after" / variant)
+        assert sorted(got) == sorted(want) and len(want) > 10
+        for name in want:
+            assert got[name] == want[name], f"{variant}/{name}"
