@@ -24,6 +24,7 @@ Needs `wrk` (apt-get install -y wrk). Everything stays on 127.0.0.1; every loop 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -408,9 +409,20 @@ def main() -> int:
     finally:
         stop(server)
         stop(trivial)
+        lines, failed = 0, collections.Counter()
         with open(logs["recommend"], "rb") as f:
-            lines = sum(1 for line in f if line.startswith(b'{"ts":'))
+            for line in f:
+                if line.startswith(b'{"ts":'):
+                    lines += 1
+                    status = json.loads(line)["status"]
+                    if status >= 300:
+                        failed[status] += 1
         print(f"access log: {lines} lines" if args.access_log else "access log: off", flush=True)
+        if failed:  # (the server's side of wrk's non-2xx: which statuses)
+            print(f"non-2xx answers in the access log, by status: {dict(failed)}", flush=True)
+            with open(logs["recommend"], "rb") as f:  # (and the server's last other lines)
+                tail = [ln for ln in f if not ln.startswith(b'{"ts":')][-20:]
+            print(b"".join(tail).decode(errors="replace"), flush=True)
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(results))
     return 0

@@ -71,6 +71,7 @@ def create_app(
             config.tenants,
             config.snapshot_check_s,
             metrics,
+            background=True,  # (a deploy: the old snapshot answers while the new one opens)
         )
     else:
         store.bind_metrics(metrics)

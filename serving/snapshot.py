@@ -2,9 +2,16 @@
 
 `SnapshotRegistry.live(tenant)` is called on every request. At most once per
 `check_interval_s` it stats ``snapshots/<tenant>/CURRENT``; when the file changed and names
-another snapshot, the new one is opened (memory-mapped, structurally verified) and the reference
-is swapped. Requests in flight keep the object they already hold. A snapshot that fails to open
-is refused: the last good one keeps serving and the failure is logged and counted.
+another snapshot, the new one is opened (memory-mapped, structurally verified, its ids decoded)
+and the reference is swapped. Requests in flight keep the object they already hold. A snapshot
+that fails to open is refused: the last good one keeps serving and the failure is logged and
+counted.
+
+With ``background=True`` (the server's registry) a tenant that already serves a snapshot opens
+the next one in a thread while the old one keeps answering, so no request waits for the load
+(under load that wait exceeded the request deadline: a 504 at each deploy); the first snapshot
+of a tenant, and every load of a registry without it (tests, tools), is opened in the request
+that found it.
 
 Arrays are memory-mapped read-only, so gunicorn workers share them through the page cache; the
 only per-process state is a handful of small Python objects per snapshot.
@@ -276,12 +283,15 @@ class TenantSnapshots:
         check_interval_s: float,
         metrics: Metrics | None = None,
         opener: Callable[[str], Snapshot] = open_snapshot,
+        background: bool = False,
     ) -> None:
         self.tenant = tenant
         self.store = store
         self._interval = check_interval_s
         self._metrics = metrics
         self._open = opener
+        self._background = background
+        self._wanted: str | None = None  # the snapshot a background load is opening
         self._live: LiveSnapshot | None = None
         self._checked_at = -1e18
         self._signature: tuple = ()
@@ -345,15 +355,39 @@ class TenantSnapshots:
             self._signature = signature
             sid = self.store.current_id()
             if sid is None or (self._live is not None and sid == self._live.snapshot_id):
+                self._wanted = None  # (a background load of another one is not swapped in)
                 return
-            loaded = self._load(sid)
-            if loaded is not None:
-                if self.overlay is not None:
-                    self._base = loaded
-                    self.overlay.poll(self.tenant)
-                    self._overlay_checked = time.monotonic()
-                    loaded = self.overlay.apply(self.tenant, loaded)
-                self._live = loaded  # the swap: one reference assignment
+            if self._background and self._live is not None and not force:
+                if self._wanted != sid:
+                    self._wanted = sid
+                    threading.Thread(
+                        target=self._load_in_background,
+                        args=(sid,),
+                        name=f"snapshot-load-{self.tenant}",
+                        daemon=True,
+                    ).start()
+                return
+            self._wanted = None
+            self._swap(self._load(sid))
+
+    def _load_in_background(self, sid: str) -> None:
+        """Open `sid` while the live snapshot keeps serving; swap it in unless CURRENT has
+        named another since (a newer load then does it)."""
+        loaded = self._load(sid)
+        with self._lock:
+            if self._wanted == sid:
+                self._wanted = None
+                self._swap(loaded)
+
+    def _swap(self, loaded: LiveSnapshot | None) -> None:
+        # (under the lock) a snapshot that failed to open (None) leaves the live one serving
+        if loaded is not None:
+            if self.overlay is not None:
+                self._base = loaded
+                self.overlay.poll(self.tenant)
+                self._overlay_checked = time.monotonic()
+                loaded = self.overlay.apply(self.tenant, loaded)
+            self._live = loaded  # the swap: one reference assignment
 
     def variant(self, snapshot_id: str) -> LiveSnapshot | None:
         """A snapshot by id (experiment variants); cached, a few at most."""
@@ -413,9 +447,11 @@ class SnapshotRegistry:
         tenants: Iterable[str] = (),
         check_interval_s: float = 1.0,
         metrics: Metrics | None = None,
+        background: bool = False,
     ) -> None:
         self.root = os.path.abspath(snapshots_root)
         self._interval = check_interval_s
+        self._background = background
         self._metrics = metrics
         self._fixed = tuple(tenants)
         self._tenants: dict[str, TenantSnapshots] = {}
@@ -515,7 +551,9 @@ class SnapshotRegistry:
             holder = self._tenants.get(tenant)
             if holder is None:
                 store = SnapshotStore(os.path.join(self.root, check_tenant(tenant)))
-                holder = TenantSnapshots(tenant, store, self._interval, self._metrics)
+                holder = TenantSnapshots(
+                    tenant, store, self._interval, self._metrics, background=self._background
+                )
                 holder.overlay = self._overlay
                 self._tenants[tenant] = holder
             return holder

@@ -102,3 +102,54 @@ def test_out_of_range_index_in_a_live_snapshot_fails_one_request_and_leaves_no_m
     # and requests that do not read the damaged entry are answered as before
     resp = recommend(client, {"k": 2, "user": {"user_id": "u1"}})
     assert resp.status_code == 200 and ids(resp) == ["a0", "a1"]
+
+
+def test_a_background_registry_serves_the_old_snapshot_while_the_new_one_opens(tmp_path):
+    """The server's registry (background=True): after a publish, requests keep getting the live
+    snapshot without waiting while the new one is opened in a thread, which is then swapped in;
+    one that fails to open leaves the old one serving. The first snapshot is opened at once."""
+    import threading
+    import time
+
+    from recsys.snapshot import open_snapshot
+    from serving.snapshot import TenantSnapshots
+
+    root = str(tmp_path)
+    first = publish_tiny(root, "acme", "a")
+    gate = threading.Event()
+    opened: list[str] = []
+
+    def slow_open(path: str):
+        if opened:  # (the first snapshot opens at once; later ones wait for the gate)
+            assert gate.wait(10)
+        opened.append(os.path.basename(path))
+        return open_snapshot(path)
+
+    store = SnapshotStore(os.path.join(root, "snapshots", "acme"))
+    holder = TenantSnapshots("acme", store, 0.0, opener=slow_open, background=True)
+    assert holder.live().snapshot_id == first
+    second = publish_tiny(root, "acme", "a", variant=1)
+    t = time.perf_counter()
+    for _ in range(20):  # the opener is blocked: every call answers at once, from the old one
+        assert holder.live().snapshot_id == first
+    assert time.perf_counter() - t < 2.0
+    assert [th.name for th in threading.enumerate()].count("snapshot-load-acme") == 1
+    gate.set()
+    deadline = time.time() + 10
+    while holder.live().snapshot_id != second and time.time() < deadline:
+        time.sleep(0.01)
+    assert holder.live().snapshot_id == second
+    assert opened == [first, second]
+
+    # a broken snapshot: refused in the background, the live one keeps serving
+    broken = "29990101T000000.000000Z-broken"
+    shutil.copytree(store.path_of(second), store.path_of(broken))
+    with open(os.path.join(store.path_of(broken), "cand.item.npy"), "r+b") as f:
+        f.truncate(10)
+    store._switch(broken)
+    deadline = time.time() + 10
+    while holder.last_error is None and time.time() < deadline:
+        assert holder.live().snapshot_id == second
+        time.sleep(0.01)
+    assert broken in holder.last_error
+    assert holder.live().snapshot_id == second
