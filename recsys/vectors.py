@@ -68,6 +68,11 @@ class VectorIndex:
         return len(self.ids)
 
     @property
+    def approximate(self) -> bool:
+        """Does `search` go through the trained IVF index (rather than exact scoring)?"""
+        return self._ivf is not None
+
+    @property
     def vectors(self) -> np.ndarray:
         return self._vectors[: self.rows]
 

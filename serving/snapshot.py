@@ -81,11 +81,14 @@ class LiveSnapshot:
         # plus the strings decoded so far, at most ID_CACHE_SIZE of them). A catalogue of at
         # most ID_CACHE_SIZE items is decoded whole now (~10 ms per 100k ids, before the swap):
         # a worker that just loaded a snapshot answers without decoding ids one by one.
-        decoded = _all_item_ids(snap) if snap.n_items <= ID_CACHE_SIZE else None
+        decoded = encoded = None
+        if snap.n_items <= ID_CACHE_SIZE:
+            data, offsets = snap.item_id_bytes()
+            decoded = _decoded_ids(data, offsets)
+            # The same ids as orjson writes them inside their quotes (bytes; memoized alike).
+            encoded = _json_fields(data, offsets, decoded)
         self._id_cache: list[str | None] = decoded or [None] * snap.n_items
         self._id_cached = snap.n_items if decoded else 0
-        # The same ids as orjson writes them inside their quotes (bytes; memoized alike).
-        encoded = _json_fields(snap, decoded)
         self._idj_cache: list[bytes | None] = encoded or [None] * snap.n_items
         self._idj_cached = snap.n_items if encoded else 0
         self._index_cache: dict[str, int] = {}  # (-1: not in the snapshot)
@@ -99,10 +102,7 @@ class LiveSnapshot:
         self.roles = np.zeros(max(1, self.n_tags), dtype=np.uint8)
         # Per-user candidate counts and segments (Python ints, no NumPy scalars).
         self._cand_off_mv = memoryview(np.ascontiguousarray(snap.candidate_offsets))
-        user_segment = getattr(snap, "_user_segment", None)
-        self._segment_mv = (
-            memoryview(np.ascontiguousarray(user_segment)) if user_segment is not None else None
-        )
+        self._segment_mv = memoryview(np.ascontiguousarray(snap.user_segment_codes))
         # One int64 word per item (kernels.item_bits_into: its tags below 61 and whether it is
         # unavailable, as bits; 8 bytes per item): the common request's kernel reads it
         # instead of the tag table.
@@ -110,14 +110,18 @@ class LiveSnapshot:
         kernels.item_bits_into(
             self.tag_offsets, self.tag_ids, self.unavailable_or_empty, self.n_tags, self.item_bits
         )
-        #: The arrays `kernels.outcomes_select_user` reads, as (address, length) pairs, or
-        #: None when a snapshot's arrays are not laid out as that kernel reads them.
+        self.bind_kernels(snap)
+
+    def bind_kernels(self, snap: Snapshot) -> None:
+        """Capture the arrays `kernels.outcomes_select_user` reads: `snap`'s candidate and seen
+        rows and this object's item arrays (again after a copy replaced them: the item
+        overlays of `serving.crr.overlay`)."""
+        #: The arrays the kernel reads, as (address, length) pairs, or None when a snapshot's
+        #: arrays are not laid out as that kernel reads them.
         self.kernel_ctx, self._ctx_arrays = _kernel_ctx(snap, self)
 
     def user_segment(self, uidx: int) -> str | None:
         """`snap.user_segment(uidx)`: the user's segment name, or None."""
-        if self._segment_mv is None:
-            return self.snap.user_segment(uidx)
         s = self._segment_mv[uidx]
         return None if s < 0 else self.snap.segments[s]
 
@@ -205,14 +209,9 @@ class LiveSnapshot:
         return f"LiveSnapshot({self.snapshot_id!r})"
 
 
-def _all_item_ids(snap: Snapshot) -> list[str] | None:
-    """Every item id of the snapshot (as `snap.item_id` gives each), decoded in one pass over
-    the id table's bytes; None when the table is not the reader's or its bytes do not decode."""
-    table = getattr(snap, "_items", None)
-    data_mv, offsets_mv = getattr(table, "_data_mv", None), getattr(table, "_offsets_mv", None)
-    if data_mv is None or offsets_mv is None or len(offsets_mv) != snap.n_items + 1:
-        return None
-    data, offsets = bytes(data_mv), offsets_mv.tolist()
+def _decoded_ids(data: bytes, offsets: list[int]) -> list[str] | None:
+    """Every item id of a snapshot (as `snap.item_id` gives each) from its id bytes and
+    offsets (`Snapshot.item_id_bytes`), decoded in one pass; None when they do not decode."""
     try:
         if data.isascii():  # (byte offsets are character offsets)
             text = data.decode("ascii")
@@ -226,12 +225,11 @@ def _all_item_ids(snap: Snapshot) -> list[str] | None:
 _NOT_PLAIN = re.compile(rb'[\x00-\x1f"\\\x7f-\xff]')
 
 
-def _json_fields(snap: Snapshot, ids: list[str] | None) -> list[bytes] | None:
+def _json_fields(data: bytes, offsets: list[int], ids: list[str] | None) -> list[bytes] | None:
     """Every item id as orjson writes it between quotes, when every id was decoded (`ids`):
     the id bytes themselves when none holds a byte JSON escapes, else one dumps per id."""
     if ids is None:
         return None
-    data, offsets = snap.item_id_bytes()
     if _NOT_PLAIN.search(data) is None:
         return [data[a:b] for a, b in pairwise(offsets)]
     return [orjson.dumps(i)[1:-1] for i in ids]

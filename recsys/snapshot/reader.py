@@ -213,7 +213,8 @@ class Snapshot:
         self._fb_off = ld("fallback.offsets")
         self._fb_item = ld("fallback.item")
         self._fb_score = ld("fallback.score")
-        self._user_segment = ld("user_segment")
+        #: int32[n_users]: the user's segment, an index into `segments` (-1: none).
+        self.user_segment_codes: np.ndarray = ld("user_segment")
         #: bool[n_items]: the item could be sold when the snapshot was built.
         self.available: np.ndarray = ld("item_available")
         #: int32[n_items]: index into `categories`, -1 when unknown.
@@ -229,7 +230,8 @@ class Snapshot:
         self._tags_off, self._tags_id = self.item_tags_offsets, self.item_tags_ids
         self.has_factors: bool = bool(manifest.get("factors"))
         if self.has_factors:
-            self._user_factors = ld("user_factors")
+            #: float32[n_users, d] (memory-mapped); only when `has_factors`.
+            self.user_factor_matrix: np.ndarray = ld("user_factors")
             #: float32[n_items, d] (memory-mapped); only when `has_factors`.
             self.item_factors: np.ndarray = ld("item_factors")
             #: float32[n_items]; only when `has_factors`.
@@ -267,7 +269,7 @@ class Snapshot:
             (self.candidate_scores, (nnz,)),
             (self.candidate_signals, (nnz, len(SIGNALS))),
             (self.candidate_reasons, (nnz,)),
-            (self._user_segment, (nu,)),
+            (self.user_segment_codes, (nu,)),
             (self.available, (ni,)),
             (self.category_id, (ni,)),
             (self.brand_id, (ni,)),
@@ -277,8 +279,8 @@ class Snapshot:
         for kind, (off, item, score) in self._similar.items():
             expect(off.shape == (ni + 1,) and item.shape == score.shape, f"similar_{kind}")
         if self.has_factors:
-            d = self._user_factors.shape[1]
-            expect(self._user_factors.shape == (nu, d), "user_factors shape")
+            d = self.user_factor_matrix.shape[1]
+            expect(self.user_factor_matrix.shape == (nu, d), "user_factors shape")
             expect(self.item_factors.shape == (ni, d), "item_factors shape")
             expect(self.item_bias.shape == (ni,), "item_bias shape")
 
@@ -345,17 +347,17 @@ class Snapshot:
 
     def users_in_segments(self, codes: list[int]) -> np.ndarray:
         """The user indices whose segment code is one of `codes` (indices of `segments`)."""
-        return np.flatnonzero(np.isin(np.asarray(self._user_segment), codes))
+        return np.flatnonzero(np.isin(np.asarray(self.user_segment_codes), codes))
 
     def user_segment(self, uidx: int) -> str | None:
-        s = int(self._user_segment[uidx])
+        s = int(self.user_segment_codes[uidx])
         return None if s < 0 else self.segments[s]
 
     def user_factors(self, uidx: int) -> np.ndarray:
         """float32[d] latent factors of the user (only when `has_factors`)."""
         if not self.has_factors:
             raise SnapshotError(f"snapshot {self.snapshot_id} carries no factors")
-        return self._user_factors[uidx]
+        return self.user_factor_matrix[uidx]
 
     # --- per-item -------------------------------------------------------------------------
     def similar(self, iidx: int, kind: str = "emb") -> tuple[np.ndarray, np.ndarray]:

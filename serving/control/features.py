@@ -687,7 +687,7 @@ class FeatureResources:
         last = None
         counts = {"item_records": 0, "user_records": 0, "feature_values": 0}
         for entity_type, kind in KIND.items():
-            documents = self.view.records._kinds[kind].list(tenant)
+            documents = self.view.records.documents(tenant, kind)
             counts[f"{entity_type}_records"] = len(documents)
             for doc in documents:
                 times = doc.body.get("feature_times") or {}

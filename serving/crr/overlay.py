@@ -359,8 +359,6 @@ class OverlaidSnapshot:
 def overlaid(live: Any, items: dict[str, dict[str, Any]]) -> Any:
     """A copy of `live` (a `serving.snapshot.LiveSnapshot`) whose items carry `items`' fields;
     ids the snapshot does not hold are skipped (they have no row to filter)."""
-    from serving.snapshot import _kernel_ctx
-
     base = live.snap
     rows = [(live.item_index(i), fields) for i, fields in items.items()]
     rows = [(r, f) for r, f in rows if r is not None]
@@ -402,7 +400,7 @@ def overlaid(live: Any, items: dict[str, dict[str, Any]]) -> Any:
     out.roles = np.zeros(max(1, out.n_tags), dtype=np.uint8)
     out.item_bits = np.zeros(base.n_items, dtype=np.int64)
     kernels.item_bits_into(offsets, ids, out.unavailable_or_empty, out.n_tags, out.item_bits)
-    out.kernel_ctx, out._ctx_arrays = _kernel_ctx(base, out)
+    out.bind_kernels(base)
     return out
 
 

@@ -151,6 +151,10 @@ class RecordStore:
     def count(self, tenant: str, kind: str) -> int:
         return self._kinds[kind].count(tenant)
 
+    def documents(self, tenant: str, kind: str) -> list[Document]:
+        """Every stored record of the kind, as documents (read from disk now), by id."""
+        return self._kinds[kind].list(tenant)
+
     def put(
         self,
         tenant: str,

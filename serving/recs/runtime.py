@@ -384,7 +384,7 @@ class RuntimeResources:
             snap = live.snap
             if not snap.has_factors or payload.vector is None:
                 raise ProblemError(422, "Search users with a 'vector' of the factors' dimension.")
-            factors = np.asarray(snap._user_factors, dtype=np.float32)
+            factors = np.asarray(snap.user_factor_matrix, dtype=np.float32)
             if len(payload.vector) != factors.shape[1]:
                 raise ProblemError(422, f"The user factors have {factors.shape[1]} numbers.")
             q = np.asarray(payload.vector, dtype=np.float32)
@@ -464,7 +464,7 @@ class RuntimeResources:
             "index": payload.index,
             "items": items,
             "snapshot_id": None,
-            "approximate": index._ivf is not None,
+            "approximate": index.approximate,
         }
 
     def on_get_embedding(

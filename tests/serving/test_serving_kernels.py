@@ -147,14 +147,12 @@ def test_no_ctx_for_arrays_the_kernel_cannot_read():
 
 
 def test_all_item_ids_decode_as_one_by_one():
-    from serving.snapshot import _all_item_ids
+    """`_decoded_ids` of a snapshot's id bytes and offsets (`Snapshot.item_id_bytes`) gives
+    each id as decoding it alone does; bytes that do not decode give None."""
+    from serving.snapshot import _decoded_ids
 
     for ids in (["a0", "a1", "b"], ["a", "é", "x", "日本", "", "z"]):
         data = b"".join(i.encode() for i in ids)
-        offsets = np.cumsum([0] + [len(i.encode()) for i in ids]).astype(np.int64)
-        table = SimpleNamespace(_data_mv=memoryview(data), _offsets_mv=memoryview(offsets))
-        snap = SimpleNamespace(_items=table, n_items=len(ids))
-        assert _all_item_ids(snap) == ids
-    bad = SimpleNamespace(_data_mv=memoryview(b"\xff"), _offsets_mv=memoryview(np.array([0, 1])))
-    assert _all_item_ids(SimpleNamespace(_items=bad, n_items=1)) is None
-    assert _all_item_ids(SimpleNamespace(n_items=1)) is None
+        offsets = np.cumsum([0] + [len(i.encode()) for i in ids]).tolist()
+        assert _decoded_ids(data, offsets) == ids
+    assert _decoded_ids(b"\xff", [0, 1]) is None
