@@ -31,7 +31,7 @@ def _vm_hwm_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _du(path: str) -> int:
+def disk_usage(path: str) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
         total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
@@ -76,7 +76,7 @@ def main() -> None:
     t_publish = time.perf_counter() - t0
     path = store.current()
     assert path is not None
-    size = _du(path)
+    size = disk_usage(path)
     npy = sum(f["bytes"] for rel, f in manifest["files"].items() if rel.endswith(".npy"))
 
     t0 = time.perf_counter()

@@ -132,7 +132,7 @@ def load_replay(
     """The replay of `tenant`'s last evaluation (or of `dataset`'s events as the holdout)."""
     from recsys import ingest
     from recsys.models.data import temporal_split
-    from recsys.models.hybrid import HybridRecommender, _rank_lists
+    from recsys.models.hybrid import HybridRecommender, rank_lists
     from recsys.models.serve import serve_top_n
 
     t0 = time.perf_counter()
@@ -161,7 +161,7 @@ def load_replay(
             "training (too little data, or a dataset of other users and items)"
         )
     served = serve_top_n(model, holdout.user_idx, n_candidates)
-    items, scores = _rank_lists(
+    items, scores = rank_lists(
         served.user_pos, served.item_idx, served.final_score, n, n_candidates
     )
     signals = np.zeros((n, n_candidates, 4), np.float32)

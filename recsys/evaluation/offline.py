@@ -76,7 +76,7 @@ def evaluate_fitted(
     lists: dict[str, np.ndarray] = {}
     if holdout.n_users == 0:
         return pl.DataFrame(), holdout, lists
-    from recsys.models.hybrid import _rank_lists
+    from recsys.models.hybrid import rank_lists
     from recsys.models.serve import serve_top_n
 
     # one scoring pass gives the served lists and every generator's own list, with the same
@@ -86,7 +86,7 @@ def evaluate_fitted(
     for gen, label in TABLE_ROWS.items():
         if gen in per_generator:
             lists[label] = per_generator[gen]
-    lists[SERVED], _ = _rank_lists(
+    lists[SERVED], _ = rank_lists(
         served.user_pos, served.item_idx, served.final_score, holdout.n_users, 20
     )
     pop = model.generators_["popularity"].pop_

@@ -556,14 +556,14 @@ class Dataset:
 
     def user_index(self, user_ids) -> np.ndarray:
         """Index of each user id, -1 for unknown users."""
-        return _lookup(self.user_ids, user_ids)
+        return index_lookup(self.user_ids, user_ids)
 
     def item_index(self, item_ids) -> np.ndarray:
         """Index of each item id, -1 for unknown items."""
-        return _lookup(self.item_ids, item_ids)
+        return index_lookup(self.item_ids, item_ids)
 
 
-def _lookup(ids: np.ndarray, query) -> np.ndarray:
+def index_lookup(ids: np.ndarray, query) -> np.ndarray:
     table = pl.DataFrame(
         {"id": list(ids), "idx": np.arange(len(ids), dtype=np.int64)},
         schema={"id": pl.String, "idx": pl.Int64},
@@ -623,7 +623,7 @@ def build_dataset(
         .agg(pl.col("w").sum())
     )
     trending = np.zeros(len(item_ids), dtype=np.float32)
-    tr_idx = _lookup(item_ids, tr["item_id"].to_list())
+    tr_idx = index_lookup(item_ids, tr["item_id"].to_list())
     ok = tr_idx >= 0
     trending[tr_idx[ok]] = np.maximum(tr["w"].to_numpy()[ok], 0)
 

@@ -38,7 +38,7 @@ from recsys.evaluation.evaluate import Holdout, build_holdout
 from recsys.evaluation.metrics import bootstrap_ci, ndcg_at_k, popularity_percentile
 from recsys.models.base import Recommender, mask_rows
 from recsys.models.cooccurrence import CooccurrenceRecommender
-from recsys.models.data import Dataset, _lookup, build_dataset, temporal_split
+from recsys.models.data import Dataset, build_dataset, index_lookup, temporal_split
 from recsys.models.ease import EASERecommender
 from recsys.models.lightfm_model import EpochChoice, LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
@@ -536,7 +536,7 @@ def train_ranker(
             hx, _, hpos, hitems, htops = rows(held)
             per_user = {g: ndcg_at_k(t, held.relevant, 10) for g, t in htops.items()}
             if ranker is not None and len(hx):
-                lists, _ = _rank_lists(hpos, hitems, ranker.predict_proba(hx), held.n_users, 10)
+                lists, _ = rank_lists(hpos, hitems, ranker.predict_proba(hx), held.n_users, 10)
                 per_user[HYBRID] = ndcg_at_k(lists, held.relevant, 10)
         else:  # half of the sample, ranked by trees fitted on the other half
             half = np.random.default_rng(c.seed + 1).permutation(sample.n_users) % 2 == 1
@@ -548,7 +548,7 @@ def train_ranker(
             if other is not None and mine.any():
                 score = TreeEnsemble.from_sklearn(other).predict_proba(x[mine])
                 at = np.searchsorted(keep, pos[mine])
-                lists, _ = _rank_lists(at, items[mine], score, len(keep), 10)
+                lists, _ = rank_lists(at, items[mine], score, len(keep), 10)
                 per_user[HYBRID] = ndcg_at_k(lists, relevant, 10)
         info["validation_per_user"] = per_user
     if ranker is None:
@@ -1066,7 +1066,7 @@ def build_candidates(
     return Candidates(pos, items, features, scores, ranks, tops, rows)
 
 
-def _rank_lists(
+def rank_lists(
     user_pos: np.ndarray, items: np.ndarray, score: np.ndarray, n_users: int, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(n_users, k) item indices (-1 padded) and scores ordered by `score` within each user
@@ -1244,11 +1244,11 @@ class HybridRecommender:
     # -- inference --
     def user_index(self, user_ids) -> np.ndarray:
         """Index of each user id in ``user_ids_``, -1 for unknown users."""
-        return _lookup(self.user_ids_, user_ids)
+        return index_lookup(self.user_ids_, user_ids)
 
     def item_index(self, item_ids) -> np.ndarray:
         """Index of each item id in ``item_ids_``, -1 for unknown items."""
-        return _lookup(self.item_ids_, item_ids)
+        return index_lookup(self.item_ids_, item_ids)
 
     def rank(self, user_idx: np.ndarray, k: int = 10, batch_size: int = 256):
         """Final top-`k` lists for a batch of users (:func:`recsys.models.serve.serve_top_n`)."""
@@ -1259,7 +1259,7 @@ class HybridRecommender:
     def recommend(self, user_idx: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(n_users, k) item indices (-1 padded) and final scores, like Recommender.recommend."""
         s = self.rank(user_idx, k)
-        return _rank_lists(s.user_pos, s.item_idx, s.final_score, len(user_idx), k)
+        return rank_lists(s.user_pos, s.item_idx, s.final_score, len(user_idx), k)
 
     # -- persistence --
     def save(self, path: str) -> None:

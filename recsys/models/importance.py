@@ -52,7 +52,7 @@ def permutation_importance(
     188k candidate rows, 30 features x 2 repeats): 16.5-19.0 s CPU that way, 10.7-12.2 s so."""
     from recsys.evaluation.evaluate import build_holdout
     from recsys.evaluation.metrics import ndcg_at_k
-    from recsys.models.hybrid import FEATURE_NAMES, _rank_lists, build_candidates
+    from recsys.models.hybrid import FEATURE_NAMES, build_candidates, rank_lists
     from recsys.models.threads import map_in_threads
 
     ranker = getattr(model, "ranker_", None)
@@ -83,7 +83,7 @@ def permutation_importance(
 
     def score(margins: np.ndarray) -> float:
         proba = 1.0 / (1.0 + np.exp(-margins))  # (TreeEnsemble.predict_proba)
-        lists, _ = _rank_lists(pos, items, proba, len(users), 10)
+        lists, _ = rank_lists(pos, items, proba, len(users), 10)
         return float(np.mean(ndcg_at_k(lists, relevant, 10)))
 
     # the shuffles drawn in the plain loop's order (rng.permutation(column) moves the values

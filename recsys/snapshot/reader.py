@@ -92,7 +92,7 @@ def verify_checksums(path: str) -> None:
 
     Reads every byte (seconds for a multi-GB snapshot); publication runs it once, servers don't.
     """
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     for rel, info in manifest["files"].items():
         full = os.path.join(path, rel)
         if not os.path.isfile(full):
@@ -105,7 +105,7 @@ def verify_checksums(path: str) -> None:
             raise SnapshotError(f"{rel}: sha256 mismatch (file changed or corrupted)")
 
 
-def _read_manifest(path: str) -> dict[str, Any]:
+def read_manifest(path: str) -> dict[str, Any]:
     mpath = os.path.join(path, MANIFEST)
     try:
         with open(mpath, "rb") as f:
@@ -136,7 +136,7 @@ def open_snapshot(path: str, verify: bool = True, checksums: bool = False) -> Sn
     Raises SnapshotError when a check fails.
     """
     path = os.path.abspath(path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     if verify:
         for rel, info in manifest["files"].items():
             full = os.path.join(path, rel)

@@ -17,7 +17,7 @@ import numpy as np
 
 from recsys.durable import fsync_dir, write_atomic
 from recsys.snapshot.format import CURRENT, MANIFEST, TMP_PREFIX
-from recsys.snapshot.reader import SnapshotError, _read_manifest, open_snapshot
+from recsys.snapshot.reader import SnapshotError, open_snapshot, read_manifest
 
 #: Unfinished `.tmp-*` folders older than this are removed by `prune` (a crashed writer's).
 STALE_TMP_SECONDS = 6 * 3600
@@ -99,7 +99,7 @@ class SnapshotStore:
         for sid in reversed(self.ids()):
             path = self.path_of(sid)
             try:
-                manifest = _read_manifest(path)
+                manifest = read_manifest(path)
             except SnapshotError:
                 continue  # a foreign or other-version folder: not ours to list
             out.append(

@@ -446,7 +446,7 @@ def _answers(surface: str, counts: dict[str, int]) -> dict[str, Any]:
 
 
 def _snapshot_state(live: Any) -> dict[str, Any]:
-    from serving.control.monitoring import _du
+    from serving.control.monitoring import disk_usage
 
     if live is None:
         return {
@@ -468,7 +468,7 @@ def _snapshot_state(live: Any) -> dict[str, Any]:
         "stale": age > SNAPSHOT_TTL_S,
         "users": int(live.snap.n_users),
         "items": int(live.snap.n_items),
-        "bytes": _du(live.snap.path),
+        "bytes": disk_usage(live.snap.path),
     }
 
 

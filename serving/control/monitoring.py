@@ -513,7 +513,7 @@ class MonitoringResource:
         for path in glob.glob(os.path.join(root, "landing", tenant, "events", "api-*.parquet")):
             out["landed_from_api"] += pq.ParquetFile(path).metadata.num_rows
         wal = os.path.join(root, "serving", "events", tenant, "wal")
-        out["in_log_bytes"] = _du(wal)
+        out["in_log_bytes"] = disk_usage(wal)
         return out
 
     def _storage(self, tenant: str) -> dict[str, Any]:
@@ -526,7 +526,7 @@ class MonitoringResource:
             "feedback_log": os.path.join(root, "serving", "feedback", tenant),
             "evaluation": os.path.join(root, "evaluation", tenant),
         }
-        by_area = {name: _du(path) for name, path in areas.items()}
+        by_area = {name: disk_usage(path) for name, path in areas.items()}
         return {"total_bytes": sum(by_area.values()), "by_area": by_area}
 
     def _index(self, tenant: str) -> dict[str, Any]:
@@ -539,7 +539,7 @@ class MonitoringResource:
             "users": int(snap.n_users),
             "items": int(snap.n_items),
             "candidates": int(snap.candidate_offsets[-1]),
-            "bytes": _du(snap.path),
+            "bytes": disk_usage(snap.path),
         }
 
     def _quotas(self, tenant: str) -> dict[str, Any]:
@@ -577,7 +577,7 @@ def _http_get(url: str) -> bytes:
         raise RuntimeError(f"GET {url} answered {e.code}") from None
 
 
-def _du(path: str) -> int:
+def disk_usage(path: str) -> int:
     """Bytes of the files under `path` (0 when absent)."""
     total = 0
     for folder, _, names in os.walk(path):

@@ -186,7 +186,7 @@ def test_column_permutations_give_the_margins_of_the_permuted_copy(rng, max_leaf
 def test_rank_lists_order_is_the_lexsort_order(rng):
     # rows sorted by (user, item), as candidates are built, take the two-sort path; shuffled
     # rows the lexsort; both give the lists of the plain lexsort, ties by the lower item
-    from recsys.models.hybrid import _rank_lists
+    from recsys.models.hybrid import rank_lists
 
     pos = np.repeat(np.arange(50), rng.integers(0, 30, 50))
     items = np.concatenate(
@@ -202,14 +202,14 @@ def test_rank_lists_order_is_the_lexsort_order(rng):
         expected = np.full((50, 10), -1)
         keep = rank < 10
         expected[up[keep], rank[keep]] = it[keep]
-        np.testing.assert_array_equal(_rank_lists(p, i, sc, 50, 10)[0], expected)
+        np.testing.assert_array_equal(rank_lists(p, i, sc, 50, 10)[0], expected)
 
 
 def test_permutation_importance_is_the_plain_shuffle_loop(cluster_data, eval_and_final):
     # the reference: shuffle a copy of the rows per feature and repeat, score it whole
     from recsys.evaluation.evaluate import build_holdout
     from recsys.evaluation.metrics import ndcg_at_k
-    from recsys.models.hybrid import FEATURE_NAMES, _rank_lists
+    from recsys.models.hybrid import FEATURE_NAMES, rank_lists
     from recsys.models.importance import permutation_importance
 
     events, _ = cluster_data
@@ -229,7 +229,7 @@ def test_permutation_importance_is_the_plain_shuffle_loop(cluster_data, eval_and
     x[:, np.isnan(x).all(axis=0)] = 0.0
 
     def score(r):
-        lists, _ = _rank_lists(pos, items, model.ranker_.predict_proba(r), len(users), 10)
+        lists, _ = rank_lists(pos, items, model.ranker_.predict_proba(r), len(users), 10)
         return float(np.mean(ndcg_at_k(lists, relevant, 10)))
 
     base = score(x)
