@@ -279,7 +279,7 @@ def version_view(v: Any) -> dict[str, Any]:
         "id": str(v.version),
         "model_id": v.name,
         "status": reg.version_status(v),
-        "aliases": list(getattr(v, "_aliases", None) or v.aliases or ()),
+        "aliases": list(v.aliases or ()),
         "label": tags.get("recsys.label"),
         "run_id": v.run_id or None,
         "source": v.source,
@@ -419,7 +419,7 @@ class ModelsResource:
         tenant = _tenant(req)
         before = self._reg.version(tenant, model_id, version_id)
         patch: VersionPatch = req.context.body
-        if patch.archived is True and before._aliases:
+        if patch.archived is True and before.aliases:
             raise ProblemError(
                 409,
                 f"Version {version_id} is {reg.version_status(before)}; roll it back before "
@@ -819,7 +819,7 @@ class ModelsResource:
         started = time.perf_counter()
         with self._deploying(tenant):
             version = self._reg.version(tenant, model_id, version_id)
-            aliases = set(version._aliases)
+            aliases = set(version.aliases)
             if reg.CHAMPION in aliases:
                 out = self._rollback_prod(req, tenant, version)
             elif aliases & {"canary", "staging"}:

@@ -197,7 +197,7 @@ class Registry:
 
         found = self.call(search)
         for v in found:
-            v._aliases = aliases_of(model, v.version)
+            v.aliases = aliases_of(model, v.version)
         return found
 
     def version(self, tenant: str, name: str, version: str) -> Any:
@@ -208,7 +208,7 @@ class Registry:
         found = self.find(lambda c: c.get_model_version(name, version))
         if found is None:
             raise ProblemError(404, f"No version '{version}' of model '{name}'.", code=_NO_VERSION)
-        found._aliases = aliases_of(model, found.version)
+        found.aliases = aliases_of(model, found.version)
         return found
 
     def alias_version(self, name: str, alias: str) -> Any | None:
@@ -219,7 +219,7 @@ class Registry:
             return None
         found = self.find(lambda c: c.get_model_version(name, str(number)))
         if found is not None:
-            found._aliases = aliases_of(model, found.version)
+            found.aliases = aliases_of(model, found.version)
         return found
 
 
@@ -233,7 +233,7 @@ _NO_VERSION = "RECSYS_UNKNOWN_MODEL_VERSION"
 
 def version_status(version: Any) -> str:
     """deployed / canary / staging (aliases, in that order), archived (tag), else registered."""
-    aliases = set(getattr(version, "_aliases", None) or version.aliases or ())
+    aliases = set(version.aliases or ())
     for alias, status in ALIAS_STATUS.items():
         if alias in aliases:
             return status
