@@ -11,6 +11,18 @@ from recsys.contract import EVENT_SCHEMA, ITEM_SCHEMA
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
 
+#: A `HybridConfig` small enough for tests: few factors and epochs, a small ranker, no grids,
+#: and the ranked list served whatever validation says (tests of the ranker).
+FAST_HYBRID = dict(
+    lightfm={"no_components": 8, "epochs": 6, "seed": 1, "num_threads": 1},
+    lightfm_early_stopping={"eval_every": 2, "patience": 1, "max_users": 50},
+    ranker={"max_iter": 20, "max_leaf_nodes": 7, "min_samples_leaf": 5},
+    tune={},
+    candidates_per_generator=8,
+    min_ranker_positives=5,
+    served="hybrid",
+)
+
 
 def cluster_events(
     rng: np.random.Generator, n_users: int = 40, n_items: int = 20, per_user: int = 6

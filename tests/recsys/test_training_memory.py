@@ -177,28 +177,19 @@ def test_models_fitted_on_the_events_in_time_order_are_those_of_the_scan_order(t
     scan's order (then held a sorted copy beside them): the evaluated and the published models
     are the same, file for file (the published refit's dataset sums the trending weights in
     the other order: the same float32 figures)."""
-    from synthetic_events import cluster_events, cluster_items
+    from synthetic_events import FAST_HYBRID, cluster_events, cluster_items
 
     from recsys.models.data import collect_in_time_order
     from recsys.models.hybrid import HybridConfig, fit_eval_and_final
 
-    fast = dict(
-        lightfm={"no_components": 8, "epochs": 6, "seed": 1, "num_threads": 1},
-        lightfm_early_stopping={"eval_every": 2, "patience": 1, "max_users": 50},
-        ranker={"max_iter": 20, "max_leaf_nodes": 7, "min_samples_leaf": 5},
-        tune={},
-        candidates_per_generator=8,
-        min_ranker_positives=5,
-        served="hybrid",
-    )
     rng = np.random.default_rng(5)
     events = cluster_events(rng, n_users=120, n_items=40, per_user=12)
     items = cluster_items(40)
     scan = _shuffled_events_in_parquet(tmp_path, events, rng, rows_per_file=100)
     as_read, in_order = scan.collect(), collect_in_time_order(scan, 500)
     assert not as_read.equals(in_order)
-    before = fit_eval_and_final(as_read, items, None, HybridConfig(**fast), 0.2)
-    after = fit_eval_and_final(in_order, items, None, HybridConfig(**fast), 0.2)
+    before = fit_eval_and_final(as_read, items, None, HybridConfig(**FAST_HYBRID), 0.2)
+    after = fit_eval_and_final(in_order, items, None, HybridConfig(**FAST_HYBRID), 0.2)
     for variant, a, b in zip(("eval", "final"), before, after, strict=True):
         want = _saved_folder(a, tmp_path / "before" / variant)
         got = _saved_folder(b, tmp_path / "after" / variant)

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
-from synthetic_events import cluster_events, cluster_items, make_events
+from synthetic_events import FAST_HYBRID, cluster_events, cluster_items, make_events
 
 from recsys.models.cooccurrence import CooccurrenceRecommender, cap_user_history, prune_rows
 from recsys.models.data import build_dataset, temporal_split
@@ -29,15 +29,7 @@ from recsys.models.threads import in_thread, lower_thread_priority, single_threa
 from recsys.models.topk import top_k
 from recsys.models.trees import TreeEnsemble
 
-FAST = dict(
-    lightfm={"no_components": 8, "epochs": 6, "seed": 1, "num_threads": 1},
-    lightfm_early_stopping={"eval_every": 2, "patience": 1, "max_users": 50},
-    ranker={"max_iter": 20, "max_leaf_nodes": 7, "min_samples_leaf": 5},
-    tune={},
-    candidates_per_generator=8,
-    min_ranker_positives=5,
-    served="hybrid",  # the ranked list, whatever validation says (tests of the ranker)
-)
+FAST = FAST_HYBRID
 
 
 def _prune_by_sorting(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
