@@ -120,14 +120,12 @@ def coverage_ci(
         return Estimate(value, float("nan"), float("nan"))
     import scipy.sparse as sp
 
-    draws = _resample_index(seed, n, n_resamples)
     users, ranks = np.nonzero(top >= 0)
     # item x user: in that user's top k (a repeated item sums; only > 0 is read)
     shown = sp.csr_matrix((np.ones(len(users)), (top[users, ranks], users)), shape=(n_items, n))
     boots = np.empty(n_resamples)
-    step = max(1, 2_000_000 // max(n, n_items))  # resamples per block: ~16 MB at a time
-    for start in range(0, n_resamples, step):
-        block = draws[start : start + step]
+    step = max(1, BLOCK_VALUES // max(n, n_items))  # resamples per block: ~16 MB at a time
+    for start, block in _resample_blocks(seed, n, n_resamples, step):
         picked = np.zeros((n, len(block)))  # user x resample: drawn at least once
         picked[block.ravel(), np.repeat(np.arange(len(block)), n)] = 1.0
         boots[start : start + len(block)] = ((shown @ picked) > 0).sum(axis=0) / n_items
@@ -167,22 +165,20 @@ class Estimate:
     high: float
 
 
-_RESAMPLES: dict[tuple[int, int], np.ndarray] = {}
+#: Values (resamples x users) a bootstrap holds at a time: its draws, counts and products are
+#: made one block of resamples at a time, so their memory does not grow with the users.
+BLOCK_VALUES = 2_000_000
 
 
-def _resample_index(seed: int, size: int, n_resamples: int) -> np.ndarray:
-    """The seeded (n_resamples, size) resample indices. An evaluation table asks for the same
-    ones for every metric and model, so the last draw is kept (when it is not huge); fewer
-    resamples of the same seed and size are its first rows (the generator draws them first)."""
-    idx = _RESAMPLES.get((seed, size))
-    if idx is not None and len(idx) >= n_resamples:
-        return idx[:n_resamples]
-    idx = np.random.default_rng(seed).integers(0, size, size=(n_resamples, size))
-    _RESAMPLES.clear()
-    if idx.size <= 20_000_000:  # at most 160 MB kept
-        idx.setflags(write=False)
-        _RESAMPLES[(seed, size)] = idx
-    return idx
+def _resample_blocks(seed: int, size: int, n_resamples: int, rows: int):
+    """The seeded (n_resamples, size) resample indices, `rows` resamples at a time: yields
+    (first resample, its block). The generator draws them row after row, so the blocks are
+    the rows of one whole ``default_rng(seed).integers(0, size, (n_resamples, size))`` (and
+    fewer resamples of the same seed and size are its first rows); memory holds one block,
+    not the whole draw, which is 8 bytes per user and resample (312 MB for 39k test users)."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_resamples, rows):
+        yield start, rng.integers(0, size, size=(min(rows, n_resamples - start), size))
 
 
 def bootstrap_ci(
@@ -217,12 +213,10 @@ def bootstrap_cis(
         from threadpoolctl import threadpool_limits
 
         n = len(x)
-        draws = _resample_index(seed, n, n_resamples)
         means = np.empty((n_resamples, len(full)))
-        step = max(1, 2_000_000 // n)  # resamples per block: counts of ~16 MB at a time
+        step = max(1, BLOCK_VALUES // n)  # resamples per block: counts of ~16 MB at a time
         with threadpool_limits(limits=1, user_api="blas"):  # the same sums whatever the host
-            for start in range(0, n_resamples, step):
-                block = draws[start : start + step]
+            for start, block in _resample_blocks(seed, n, n_resamples, step):
                 rows = np.repeat(np.arange(len(block)), n) * n
                 counts = np.bincount(rows + block.ravel(), minlength=len(block) * n)
                 means[start : start + len(block)] = counts.reshape(len(block), n) @ x[:, full]

@@ -87,3 +87,50 @@ def test_coverage_ci_matches_covering_each_resample(rng):
     assert got.value == m.catalog_coverage(rec, 60, 10)
     assert got.low == pytest.approx(np.quantile(boots, 0.025) + shift, abs=1e-12)
     assert got.high == pytest.approx(np.quantile(boots, 0.975) + shift, abs=1e-12)
+
+
+@pytest.mark.parametrize("size", [1, 7, 300, 1001])
+def test_resample_blocks_are_the_rows_of_one_draw(size):
+    whole = np.random.default_rng(5).integers(0, size, size=(50, size))
+    for rows in (1, 3, 7, 50, 64):
+        blocks = list(m._resample_blocks(5, size, 50, rows))
+        assert [start for start, _ in blocks] == list(range(0, 50, rows))
+        assert all(len(b) <= rows for _, b in blocks)
+        assert np.array_equal(np.concatenate([b for _, b in blocks]), whole)
+
+
+def test_evaluation_table_in_small_bootstrap_blocks_is_the_plain_one(rng, monkeypatch):
+    """The bootstraps draw their resamples a block at a time (memory: one block, not
+    resamples x users); with blocks of 1-3 resamples the table is the one of a single block
+    and the plain whole-draw computation."""
+    from recsys.evaluation.evaluate import Holdout, evaluation_table
+
+    n_users, n_items = 300, 60
+    relevant = [rng.choice(n_items, size=rng.integers(1, 6), replace=False) for _ in range(n_users)]
+    holdout = Holdout(user_idx=np.arange(n_users), relevant=relevant)
+    lists = {name: rng.integers(-1, n_items, size=(n_users, 20)) for name in ("a", "b")}
+    pop = rng.random(n_items)
+    plain = evaluation_table(lists, holdout, n_items, pop, n_resamples=400, seed=3)
+    monkeypatch.setattr(m, "BLOCK_VALUES", 1000)  # 3 resamples of 300 users a block, 1 of 60 items
+    blocked = evaluation_table(lists, holdout, n_items, pop, n_resamples=400, seed=3)
+    assert blocked["model"].to_list() == plain["model"].to_list()
+    for col in plain.columns[1:]:
+        assert blocked[col].to_list() == pytest.approx(plain[col].to_list(), rel=1e-12, abs=1e-15)
+    # and both are the textbook bootstrap over the whole (resamples x users) draw
+    draws = np.random.default_rng(3).integers(0, n_users, size=(400, n_users))
+    for name, rec in lists.items():
+        row = plain.filter(plain["model"] == name).row(0, named=True)
+        for label, fn in m.PER_USER_METRICS.items():
+            x = fn(rec, relevant)
+            means = x[draws].mean(axis=1)
+            assert row[label] == pytest.approx(x.mean(), abs=1e-15)
+            assert row[f"{label}_low"] == pytest.approx(np.quantile(means, 0.025), abs=1e-12)
+            assert row[f"{label}_high"] == pytest.approx(np.quantile(means, 0.975), abs=1e-12)
+        covered = [m.catalog_coverage(rec[d], n_items, 10) for d in draws[:200]]
+        shift = m.catalog_coverage(rec, n_items, 10) - np.mean(covered)
+        assert row["Coverage@10_low"] == pytest.approx(
+            np.quantile(covered, 0.025) + shift, abs=1e-12
+        )
+        assert row["Coverage@10_high"] == pytest.approx(
+            np.quantile(covered, 0.975) + shift, abs=1e-12
+        )
