@@ -333,11 +333,14 @@ def test_precompute_schedule_becomes_a_dagster_schedule(control_client, dagster_
 
 
 def test_cancel_and_stop_terminate_the_run(control_client, dagster_server):
+    # (runs long enough that the termination lands while they work: with TRAIN_HP a quiet
+    # machine finished a run between the CANCELING answer and the kill)
+    slow = {"lightfm": {"epochs": 200}, "ranker": {"max_iter": 300}}
     ids = []
     for _ in range(2):
         resp = control_client.simulate_post(
             "/v1/recs/jobs/train",
-            json={"model_id": "recsys-acme", "hyperparameters": TRAIN_HP},
+            json={"model_id": "recsys-acme", "hyperparameters": slow},
             headers=hdr(),
         )
         assert resp.status_code == 202, resp.text
