@@ -47,6 +47,10 @@ def server(tmp_path_factory):
         "RECSYS_RATE_LIMIT": "1000000/60",
         "RECSYS_TENANT_RATE_LIMIT": "1000000/60",
         "RECSYS_ACCESS_LOG": "0",
+        # (schemathesis counts every 5xx as a server error, and the 504 of the request deadline
+        # is load shedding, listed in the spec: a rerank of 10,000 generated candidates on a
+        # busy CI machine passed 250 ms once. This run checks the contract, not latency.)
+        "RECSYS_DEADLINE_MS": "10000",
     }
     log = tmp_path_factory.mktemp("conformance-log") / "gunicorn.log"
     proc, url = gunicorn(env, workers=2, log=log)
