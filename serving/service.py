@@ -108,19 +108,13 @@ class RecommendService:
         if self.cache is not None:  # (+ a block rule of the items invalidated: control.cache)
             invalidations = self.cache.current(tenant)
             rules, rules_key = self.cache.rules(invalidations, rules, rversion)
-        old = self._views.get(tenant)
-        limits = (
-            old.limits
-            if old is not None and old.cversion == cversion
-            else Limits.for_tenant(self._config, tconf)
-        )
         experiments = self.experiments
         view = TenantView(
             time.monotonic() + self._view_s,
             changes,
             tconf,
             cversion,
-            limits,
+            Limits.for_tenant(self._config, tconf),
             rules,
             rules_key,
             rversion,
