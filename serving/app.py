@@ -151,7 +151,7 @@ def create_app(
         "feedback": FeedbackResource(config.data_root),
         "runtime": RuntimeResources(service, store, config.deadline_ms),
         "experiments": ExperimentsResource(experiments, event_logs),
-        "rerank": RerankExplainResources(service, store, tenant_store, config.deadline_ms),
+        "rerank": RerankExplainResources(service, store, config.deadline_ms),
         "seeds": SeedResource(seeds),
         "crr": CrrResources(records, event_logs, service, store),
         "crr_events": CrrEventResources(records, event_logs, service, store),

@@ -216,7 +216,9 @@ class RecommendService:
             return req.experiment_id, chosen, False
         return req.experiment_id, assign_variant(req.experiment_id, unit, variants), True
 
-    def _rules(self, tenant: str, live: LiveSnapshot, surface: str, segment: str):
+    def rules(self, tenant: str, live: LiveSnapshot, surface: str, segment: str):
+        """(compiled rules, rules version) the tenant's requests on `surface` x `segment` run:
+        its rules, its enabled policies' and the block of its invalidated items (`view`)."""
         view = self.view(tenant)
         return compile_rules(live, view.rules, view.rules_key, surface, segment), view.rversion
 
@@ -490,7 +492,7 @@ class RecommendService:
                     code="RECSYS_UNKNOWN_ITEM",
                 )
             warnings.append({"code": "UNKNOWN_ITEM", "detail": f"item '{req.item_id}' is unknown"})
-        rules, rversion = self._rules(tenant, live, req.surface, segment)
+        rules, rversion = self.rules(tenant, live, req.surface, segment)
         engine = Engine(live, req, rules, deadline, warnings)
         anchor = np.asarray([iidx] if iidx is not None else [], dtype=np.int32)
         if req.kind == "content":

@@ -25,11 +25,10 @@ import numpy as np
 from recsys.snapshot.format import REASONS, SIGNALS
 from serving import schemas
 from serving.auth import SCOPE_RECOMMEND
-from serving.documents import TenantDocuments
 from serving.errors import ProblemError
 from serving.recs.runtime import candidate_ids
 from serving.recs.schemas import ExplainRequest, RerankRequest
-from serving.rules import CompiledRules, Engine, Pool, compile_rules
+from serving.rules import CompiledRules, Engine, Pool
 from serving.service import RecommendService
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
 from serving.validation import DEFAULT_SEGMENT
@@ -42,12 +41,10 @@ class RerankExplainResources:
         self,
         service: RecommendService,
         store: SnapshotRegistry,
-        tenant_store: TenantDocuments,
         deadline_ms: float,
     ) -> None:
         self._service = service
         self._store = store
-        self._tenants = tenant_store
         self._deadline_s = deadline_ms / 1000.0
 
     # -- rerank
@@ -87,8 +84,8 @@ class RerankExplainResources:
             (snap.user_segment(uidx) if uidx is not None else None) or DEFAULT_SEGMENT
         )
         if p.business_rules:
-            body, version = self._tenants.current(tenant, "rules")
-            rules = compile_rules(live, body.get("rules", ()), version, rq.surface, segment)
+            # the same rules as /v1/recommend: the tenant's, its policies', invalidated items
+            rules, _ = self._service.rules(tenant, live, rq.surface, segment)
             in_list = set(items.tolist())
             rules = dataclasses.replace(rules, pins=[x for x in rules.pins if x.item in in_list])
         else:

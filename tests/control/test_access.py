@@ -210,6 +210,14 @@ def test_policies_are_applied_by_the_engine(client):
     answer = recommend(client, auth()).json
     assert "a0" not in [i["item_id"] for i in answer["items"]]
     assert recommend(client, auth("globex")).json["items"][0]["item_id"] == "g0"  # acme's only
+    # rerank runs the same rules as recommend: the policy's block too
+    reranked = client.simulate_post(
+        "/v1/recs/rerank", json={"user_id": "u1", "candidates": ["a0", "a3"]}, headers=auth()
+    ).json
+    assert [i["item_id"] for i in reranked["items"]] == ["a3"]
+    assert reranked["excluded"] == [
+        {"item_id": "a0", "outcome": "excluded", "rule": "block:competitor:no-a0"}
+    ]
     listed = client.simulate_get("/v1/recs/policies", headers=ADMIN).json
     assert [p["id"] for p in listed["items"]] == ["tenant-rules", "competitor"]
     # disabled: no longer applied
