@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 
@@ -47,6 +47,31 @@ def write_parquet_atomic(
     `write_atomic`."""
     options.setdefault("compression", "zstd")
     _replace(path, fs, lambda f: df.write_parquet(f, **options), sync)
+
+
+def write_parquet_parts_atomic(
+    parts: Iterable[Any], path: str, fs: Any = None, *, sync: bool = True
+) -> None:
+    """`write_parquet_atomic` of the Polars DataFrames `parts` one after another (each a row
+    group or more; the same schema), holding one part at a time: the file holds their rows
+    in order, as one frame of them all would. At least one part (empty, for its schema)."""
+    import pyarrow.parquet as pq
+
+    def write(f: IO[bytes]) -> None:
+        writer = None
+        try:
+            for part in parts:
+                table = part.to_arrow()
+                if writer is None:
+                    writer = pq.ParquetWriter(f, table.schema, compression="zstd")
+                writer.write_table(table)
+            if writer is None:
+                raise ValueError("write_parquet_parts_atomic needs at least one part")
+        finally:
+            if writer is not None:
+                writer.close()
+
+    _replace(path, fs, write, sync)
 
 
 def sync_all(fs: Any = None) -> None:

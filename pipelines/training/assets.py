@@ -26,10 +26,14 @@ from pipelines.training.config import InteractionsConfig, SplitConfig, TrainingC
 from pipelines.training.features import catalogue_at_cutoff
 from recsys import ingest
 from recsys.contract import DEFAULT_EVENT_WEIGHTS
-from recsys.durable import write_atomic, write_parquet_atomic
+from recsys.durable import write_atomic
 from recsys.features import read_log
-from recsys.models.data import collect_in_time_order, temporal_split, temporal_split_scan
-from recsys.models.data import interactions as fold_interactions
+from recsys.models.data import (
+    collect_in_time_order,
+    temporal_split,
+    temporal_split_scan,
+    write_interactions,
+)
 from recsys.models.hybrid import (
     HybridConfig,
     fit_eval_and_final,
@@ -203,12 +207,13 @@ def interactions(
     weights = {**DEFAULT_EVENT_WEIGHTS, **config.event_weights}
     rows = []
     for tenant in tenants(store, config.tenants):
-        # folded from a streamed scan: memory holds the distinct pairs, not the events
+        # folded from a streamed scan a range of users at a time: memory holds neither all
+        # the events nor all the pairs
         scan = ingest.scan_events(store, tenant).select(MODEL_EVENT_COLUMNS)
-        n_events = scan.select(pl.len()).collect(engine="streaming").item()
-        inter = fold_interactions(scan, weights, config.half_life_days)
         path = store.table_path(tenant, "interactions")
-        write_parquet_atomic(inter.frame, path, store.fs, sync=False)  # as write_json
+        counts = write_interactions(
+            scan, path, store.fs, weights, config.half_life_days, sync=False
+        )  # (sync as write_json)
         write_json(
             store,
             model_path(store, tenant, "interactions.json"),
@@ -217,14 +222,14 @@ def interactions(
         rows.append(
             {
                 "tenant": tenant,
-                "events": n_events,
-                "pairs": inter.frame.height,
-                "users": inter.n_users,
-                "items": inter.n_items,
+                "events": counts.events,
+                "pairs": counts.pairs,
+                "users": counts.users,
+                "items": counts.items,
                 "path": path,
             }
         )
-        context.log.info(f"{tenant}: {n_events:,} events -> {inter.frame.height:,} pairs")
+        context.log.info(f"{tenant}: {counts.events:,} events -> {counts.pairs:,} pairs")
     return dg.MaterializeResult(
         metadata={
             "tenants": _md_table(rows),

@@ -8,8 +8,11 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -101,8 +104,55 @@ def decayed_weights(
     return events.with_columns(_weight_expr(weights, half_life_days, now_ts))
 
 
-#: events a pass of `interactions` over a lazy scan holds when its sums are not exact
+#: events a pass over a lazy scan holds at a time (`write_interactions`, `collect_in_time_order`)
 FOLD_EVENTS = 4_000_000
+
+_PAIR_ID_SCHEMA = {"user_id": pl.String, "item_id": pl.String}
+_PAIR_AGGS = (
+    pl.col("w").sum().alias("confidence"),
+    pl.len().alias("n_events"),
+    pl.col("timestamp").min().alias("first_ts"),
+    pl.col("timestamp").max().alias("last_ts"),
+)
+
+
+def _pairs(
+    events: pl.DataFrame,
+    weights: dict[str, float],
+    half_life_days: float | None,
+    now: datetime | None,
+) -> pl.DataFrame:
+    """The positive (user_id, item_id) sums of `interactions`, unsorted."""
+    return _fold(decayed_weights(events, weights, half_life_days, now))
+
+
+def _fold(weighted: pl.DataFrame) -> pl.DataFrame:
+    """`_pairs` of events with their weights ``w`` (user_id, item_id, w, timestamp)."""
+    return weighted.group_by("user_id", "item_id").agg(*_PAIR_AGGS).filter(pl.col("confidence") > 0)
+
+
+def _fold_in_order(weighted: pl.DataFrame) -> pl.DataFrame:
+    """`_fold`, with each pair's weights summed the same way whatever the frame's size and
+    the threads: a stable sort by pair, then NumPy's sum of each run of the pair's weights
+    in the frame's order. (Polars' group-by adds a group's floats in an order that varies
+    from run to run; the same sums when every one is exact: `_exact_sums`.)"""
+    s = weighted.sort("user_id", "item_id", maintain_order=True)
+    new = (s["user_id"] != s["user_id"].shift(1)) | (s["item_id"] != s["item_id"].shift(1))
+    starts = np.flatnonzero(new.fill_null(True).to_numpy())
+    w, ts = s["w"].to_numpy(), s["timestamp"].to_physical().to_numpy()
+    if not len(starts):
+        return _fold(weighted)  # (empty: the schema)
+    return (
+        s[starts]
+        .select("user_id", "item_id")
+        .with_columns(
+            pl.Series("confidence", np.add.reduceat(w, starts), dtype=pl.Float64),
+            pl.Series("n_events", np.diff(np.append(starts, len(w))), dtype=pl.UInt32),
+            pl.Series("first_ts", np.minimum.reduceat(ts, starts)).cast(s["timestamp"].dtype),
+            pl.Series("last_ts", np.maximum.reduceat(ts, starts)).cast(s["timestamp"].dtype),
+        )
+        .filter(pl.col("confidence") > 0)
+    )
 
 
 def _exact_sums(weights: dict[str, float], half_life_days: float | None) -> bool:
@@ -116,56 +166,37 @@ def _exact_sums(weights: dict[str, float], half_life_days: float | None) -> bool
     )
 
 
-def _pairs(
-    events: pl.DataFrame | pl.LazyFrame,
-    weights: dict[str, float],
-    half_life_days: float | None,
-    now: datetime | None,
-) -> pl.DataFrame:
-    """The positive (user_id, item_id) sums of `interactions`, unsorted.
-
-    A lazy scan is never collected whole. With exact sums it is one group-by of Polars'
-    streaming engine (memory: the distinct pairs). Otherwise the order of a pair's additions
-    shows in the last bits, and the streaming engine's order varies from run to run, so the
-    users are cut into ``ceil(events / FOLD_EVENTS)`` groups by a hash of their id and each
-    group's events (in the scan's order) are folded in memory as a frame is: the same sums,
-    bit for bit, as the fold of all the events at once."""
-    aggs = (
-        pl.col("w").sum().alias("confidence"),
-        pl.len().alias("n_events"),
-        pl.col("timestamp").min().alias("first_ts"),
-        pl.col("timestamp").max().alias("last_ts"),
+def _numbered(pairs: pl.DataFrame, umap: pl.DataFrame, imap: pl.DataFrame) -> pl.DataFrame:
+    """`pairs` with their indices, as `Interactions.frame` (pairs outside the maps dropped)."""
+    return (
+        pairs.join(umap, on="user_id", how="inner")
+        .join(imap, on="item_id", how="inner")
+        .sort("user_idx", "item_idx")
+        .select(
+            "user_id",
+            "item_id",
+            "user_idx",
+            "item_idx",
+            "confidence",
+            "n_events",
+            "first_ts",
+            "last_ts",
+        )
     )
-    if isinstance(events, pl.DataFrame):
-        return (
-            decayed_weights(events, weights, half_life_days, now)
-            .group_by("user_id", "item_id")
-            .agg(*aggs)
-            .filter(pl.col("confidence") > 0)
-        )
-    events = events.select("user_id", "item_id", "event_type", "timestamp")
-    if _exact_sums(weights, half_life_days):
-        return (
-            events.with_columns(_weight_expr(weights, None, None))
-            .group_by("user_id", "item_id")
-            .agg(*aggs)
-            .filter(pl.col("confidence") > 0)
-            .collect(engine="streaming")
-        )
-    if half_life_days is not None and half_life_days > 0 and now is None:
-        now = events.select(pl.col("timestamp").max()).collect(engine="streaming").item()
-    n = events.select(pl.len()).collect(engine="streaming").item()
-    k = max(1, -(-n // FOLD_EVENTS))
-    group = pl.col("user_id").hash(seed=0) % k
-    parts = [
-        _pairs(events.filter(group == g).collect(engine="streaming"), weights, half_life_days, now)
-        for g in range(k)
-    ]
-    return pl.concat(parts)
+
+
+def _index_map(ids, name: str, first: int = 0) -> pl.DataFrame:
+    """(<name>_id, <name>_idx): `ids` numbered from `first`."""
+    return pl.DataFrame(
+        [
+            pl.Series(f"{name}_id", ids, dtype=pl.String),
+            pl.Series(f"{name}_idx", np.arange(first, first + len(ids)), dtype=pl.Int32),
+        ]
+    )
 
 
 def interactions(
-    events: pl.DataFrame | pl.LazyFrame,
+    events: pl.DataFrame,
     weights: dict[str, float] | None = None,
     half_life_days: float | None = None,
     now: datetime | None = None,
@@ -182,10 +213,7 @@ def interactions(
 
     ``user_ids`` / ``item_ids`` fix the index maps (e.g. a catalog with items nobody touched
     yet); pairs outside them are dropped. By default the maps are the sorted ids that remain.
-
-    `events` may be a lazy scan (e.g. ``recsys.ingest.scan_events``): it is then never held
-    whole (see `_pairs`; with the contract's weights and no decay memory holds the distinct
-    pairs) and the result is the same, bit for bit, as the fold of the collected events.
+    (`write_interactions` folds a lazy scan of any size into the same frame, on disk.)
     """
     pairs = _pairs(
         events, DEFAULT_EVENT_WEIGHTS if weights is None else weights, half_life_days, now
@@ -200,30 +228,124 @@ def interactions(
         if item_ids is None
         else np.asarray(item_ids, dtype=object)
     )
-    umap = pl.DataFrame(
-        {"user_id": uids.tolist(), "user_idx": np.arange(len(uids), dtype=np.int32)},
-        schema={"user_id": pl.String, "user_idx": pl.Int32},
-    )
-    imap = pl.DataFrame(
-        {"item_id": iids.tolist(), "item_idx": np.arange(len(iids), dtype=np.int32)},
-        schema={"item_id": pl.String, "item_idx": pl.Int32},
-    )
-    frame = (
-        pairs.join(umap, on="user_id", how="inner")
-        .join(imap, on="item_id", how="inner")
-        .sort("user_idx", "item_idx")
-        .select(
-            "user_id",
-            "item_id",
-            "user_idx",
-            "item_idx",
-            "confidence",
-            "n_events",
-            "first_ts",
-            "last_ts",
-        )
-    )
+    frame = _numbered(pairs, _index_map(uids, "user"), _index_map(iids, "item"))
     return Interactions(frame=frame, user_ids=uids, item_ids=iids)
+
+
+def _range_pairs(
+    scan: pl.LazyFrame,
+    weights: dict[str, float] | None,
+    half_life_days: float | None,
+    now: datetime | None,
+    max_events: int,
+):
+    """(number of events, `_pairs` of them) per range of users of the lazy `scan`, in user
+    order (see `write_interactions`). The weights are computed as the events are read (as
+    `decayed_weights` computes them). With exact sums a range's pairs are one group-by of
+    Polars' streaming engine (memory: the range's pairs); otherwise the range's events (ids,
+    times, weights) are held and folded by `_fold_in_order`."""
+    weights = DEFAULT_EVENT_WEIGHTS if weights is None else weights
+    scan = scan.select("user_id", "item_id", "event_type", "timestamp")
+    if half_life_days is not None and half_life_days > 0 and now is None:
+        now = scan.select(pl.col("timestamp").max()).collect(engine="streaming").item()
+    weighted = scan.select(
+        "user_id", "item_id", _weight_expr(weights, half_life_days, now), "timestamp"
+    )
+    per_user = (
+        scan.group_by("user_id")
+        .agg(pl.len().alias("n"))
+        .collect(engine="streaming")
+        .sort("user_id")
+    )
+    if not per_user.height:
+        return
+    counts = per_user["n"].to_numpy().astype(np.int64)
+    starts = np.cumsum(counts) - counts
+    cut = np.flatnonzero(np.diff(starts // max_events)) + 1  # the first user of each new range
+    first, last = np.concatenate(([0], cut)), np.concatenate((cut - 1, [len(counts) - 1]))
+    ids = per_user["user_id"]
+    exact = _exact_sums(weights, half_life_days)
+    for lo, hi in zip(first.tolist(), last.tolist(), strict=True):
+        events = weighted.filter(pl.col("user_id").is_between(pl.lit(ids[lo]), pl.lit(ids[hi])))
+        if exact:  # any order gives the same sums: Polars' streaming engine holds the pairs only
+            pairs = events.group_by("user_id", "item_id").agg(*_PAIR_AGGS)
+            pairs = pairs.filter(pl.col("confidence") > 0).collect(engine="streaming")
+        else:
+            pairs = _fold_in_order(events.collect(engine="streaming"))
+        yield int(counts[lo : hi + 1].sum()), pairs
+
+
+@dataclass(frozen=True)
+class InteractionCounts:
+    """What `write_interactions` wrote: events read, pairs, users and items that remain."""
+
+    events: int
+    pairs: int
+    users: int
+    items: int
+
+
+def write_interactions(
+    scan: pl.LazyFrame,
+    path: str,
+    fs: Any = None,
+    weights: dict[str, float] | None = None,
+    half_life_days: float | None = None,
+    now: datetime | None = None,
+    *,
+    max_events: int = FOLD_EVENTS,
+    sync: bool = True,
+) -> InteractionCounts:
+    """Write `interactions(events, weights, half_life_days, now).frame` of the events of the
+    lazy `scan` as Parquet at `path` (`write_parquet_parts_atomic`, with `fs` and `sync`),
+    holding about `max_events` events and their pairs at a time, never all the events nor
+    all the pairs. The same rows; the same bits where every sum is exact in any order (no
+    decay, weights that are binary fractions: the contract's), else sums within rounding of
+    `interactions`' (whose Polars group-by adds in an order of its own), the same bits from
+    run to run (`_fold_in_order`).
+
+    A streamed count per user cuts the users, in sorted order, into ranges of consecutive ids
+    whose events start within the same `max_events` (a range holds at most `max_events` plus
+    its last user's events). Each range's events are collected in the scan's order and folded
+    in memory, and its positive pairs go to a scratch file. The index maps are the sorted ids
+    that remain, so a second pass numbers
+    each range's pairs (its users continue the previous range's indices) and writes them in
+    order: sorted by (user_idx, item_idx), as one frame of all of them would be.
+    """
+    from recsys.durable import write_parquet_parts_atomic
+
+    with tempfile.TemporaryDirectory(prefix="interactions-") as scratch:
+        ranges: list[tuple[str, pl.Series]] = []  # (scratch file, the range's users that remain)
+        item_ids: list[pl.Series] = []
+        n_events = 0
+        for r, (events, pairs) in enumerate(
+            _range_pairs(scan, weights, half_life_days, now, max_events)
+        ):
+            n_events += events
+            part = os.path.join(scratch, f"{r}.parquet")
+            pairs.write_parquet(part, compression="lz4")
+            ranges.append((part, pairs["user_id"].unique().sort()))
+            item_ids.append(pairs["item_id"].unique())
+            del pairs
+        imap = _index_map(
+            pl.concat(item_ids).unique().sort() if item_ids else pl.Series([], dtype=pl.String),
+            "item",
+        )
+        n_users, n_pairs = sum(len(users) for _, users in ranges), 0
+
+        def numbered():
+            nonlocal n_pairs
+            offset = 0
+            for part, users in ranges:
+                frame = _numbered(pl.read_parquet(part), _index_map(users, "user", offset), imap)
+                offset += len(users)
+                n_pairs += frame.height
+                yield frame
+            if not ranges:  # no events: the empty frame, for its schema
+                yield interactions(pl.DataFrame(schema=EVENT_SCHEMA), weights).frame
+
+        write_parquet_parts_atomic(numbered(), path, fs, sync=sync)
+    return InteractionCounts(n_events, n_pairs, n_users, imap.height)
 
 
 # --- temporal split -----------------------------------------------------------------------
@@ -380,7 +502,15 @@ def holdout_pairs(
     (and the train users, items and pairs among them), not the events of either part.
     """
     lazy = isinstance(train_events, pl.LazyFrame) or isinstance(holdout_events, pl.LazyFrame)
-    pos = interactions(holdout_events, weights).frame.select("user_id", "item_id").lazy()
+    if isinstance(holdout_events, pl.LazyFrame):  # folded a range of users at a time
+        parts = [
+            p.select("user_id", "item_id")
+            for _, p in _range_pairs(holdout_events, weights, None, None, FOLD_EVENTS)
+        ]
+        pos = pl.concat(parts).lazy() if parts else pl.LazyFrame(schema=_PAIR_ID_SCHEMA)
+    else:
+        pos = _pairs(holdout_events, weights or DEFAULT_EVENT_WEIGHTS, None, None).lazy()
+    pos = pos.select("user_id", "item_id")
     train = train_events.lazy().select("user_id", "item_id")
     # train's users, items and pairs, only those the later window's pairs could match
     seen = train.join(pos, on=["user_id", "item_id"], how="semi").unique()
