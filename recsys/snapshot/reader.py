@@ -66,6 +66,16 @@ class _IdTable:
         """(all ids as one UTF-8 bytes object, the n + 1 offsets of each id in it)."""
         return bytes(self._data_mv), self._offsets_mv.tolist()
 
+    def as_arrow(self) -> Any:
+        """The ids as a pyarrow large_string array, zero-copy over the memory map."""
+        import pyarrow as pa
+
+        return pa.LargeStringArray.from_buffers(
+            self.n,
+            pa.py_buffer(np.ascontiguousarray(self._offsets)),
+            pa.py_buffer(np.ascontiguousarray(self._data)),
+        )
+
     def id(self, idx: int) -> str:
         if not 0 <= idx < self.n:
             raise IndexError(f"index {idx} out of range [0, {self.n})")
@@ -316,6 +326,14 @@ class Snapshot:
 
     def item_id(self, iidx: int) -> str:
         return self._items.id(int(iidx))
+
+    def user_ids_arrow(self) -> Any:
+        """Every user id, by user index, as a pyarrow large_string array (zero-copy)."""
+        return self._users.as_arrow()
+
+    def item_ids_arrow(self) -> Any:
+        """Every item id, by item index, as a pyarrow large_string array (zero-copy)."""
+        return self._items.as_arrow()
 
     def item_id_bytes(self) -> tuple[bytes, list[int]]:
         """(every item id as one UTF-8 bytes object, the n_items + 1 offsets of each in it)."""

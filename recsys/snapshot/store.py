@@ -234,21 +234,10 @@ class SnapshotStore:
         write_atomic(os.path.join(self.root, CURRENT), (snapshot_id + "\n").encode())
 
 
-def _ids_arrow(table: Any) -> Any:
-    """The ids of an id table as a pyarrow large_string array, zero-copy over the memory map."""
-    import pyarrow as pa
-
-    return pa.LargeStringArray.from_buffers(
-        table.n,
-        pa.py_buffer(np.ascontiguousarray(table._offsets)),
-        pa.py_buffer(np.ascontiguousarray(table._data)),
-    )
-
-
 def _topk_matrix(snap: Any, k: int, item_map: np.ndarray | None = None) -> np.ndarray:
     """int64[n_users, k]: each user's top-k item indices (mapped through `item_map`), sorted
     ascending, padded with -1."""
-    off = np.asarray(snap._cand_off)
+    off = np.asarray(snap.candidate_offsets)
     counts = np.minimum(np.diff(off), k)
     rows = np.repeat(np.arange(snap.n_users), counts)
     pos = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -274,15 +263,15 @@ def diff_snapshots(path_a: str, path_b: str, k: int = 10) -> DiffReport:
     if k < 1:
         raise ValueError("k must be >= 1")
     with open_snapshot(path_a) as sa, open_snapshot(path_b) as sb:
-        items_a = pl.DataFrame({"id": _ids_arrow(sa._items)}).with_row_index("a")
-        items_b = pl.DataFrame({"id": _ids_arrow(sb._items)}).with_row_index("b")
+        items_a = pl.DataFrame({"id": sa.item_ids_arrow()}).with_row_index("a")
+        items_b = pl.DataFrame({"id": sb.item_ids_arrow()}).with_row_index("b")
         joined = items_b.join(items_a, on="id", how="left").sort("b")
         # items only in b get distinct values below -1, so they never match a's items or pads
         b_to_a = joined["a"].cast(pl.Int64).fill_null(-1).to_numpy().copy()
         only_b = b_to_a < 0
         b_to_a[only_b] = -2 - np.flatnonzero(only_b)
-        users_a = pl.DataFrame({"id": _ids_arrow(sa._users)}).with_row_index("a")
-        users_b = pl.DataFrame({"id": _ids_arrow(sb._users)}).with_row_index("b")
+        users_a = pl.DataFrame({"id": sa.user_ids_arrow()}).with_row_index("a")
+        users_b = pl.DataFrame({"id": sb.user_ids_arrow()}).with_row_index("b")
         pairs = users_a.join(users_b, on="id", how="inner")
         ia = pairs["a"].to_numpy().astype(np.int64)
         ib = pairs["b"].to_numpy().astype(np.int64)
