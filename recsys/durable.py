@@ -52,9 +52,9 @@ def write_parquet_atomic(
 def write_parquet_parts_atomic(
     parts: Iterable[Any], path: str, fs: Any = None, *, sync: bool = True
 ) -> None:
-    """`write_parquet_atomic` of the Polars DataFrames `parts` one after another (each a row
-    group or more; the same schema), holding one part at a time: the file holds their rows
-    in order, as one frame of them all would. At least one part (empty, for its schema)."""
+    """`write_parquet_atomic` of the Polars DataFrames `parts` one after another (the same
+    schema), holding one part at a time: the file holds their rows in order, as one frame of
+    them all would, each part one row group (an empty part too). At least one part."""
     import pyarrow.parquet as pq
 
     def write(f: IO[bytes]) -> None:
@@ -64,7 +64,7 @@ def write_parquet_parts_atomic(
                 table = part.to_arrow()
                 if writer is None:
                     writer = pq.ParquetWriter(f, table.schema, compression="zstd")
-                writer.write_table(table)
+                writer.write_table(table, row_group_size=max(1, table.num_rows))
             if writer is None:
                 raise ValueError("write_parquet_parts_atomic needs at least one part")
         finally:

@@ -3,11 +3,13 @@
 The publish assets (pipelines/publish/) are thin wrappers around these functions:
 
 * `compute_shard` scores one contiguous range of users with `recsys.models.serve.serve_top_n`
-  and writes it to a staging Parquet file; `compute_shards` runs several, two side by side
-  (bounded memory: two shards at a time);
+  and writes it to a staging Parquet file, a chunk of users (a row group) at a time;
+  `compute_shards` runs several, two side by side (bounded memory: two chunks at a time, however
+  large a shard is);
 * `similar_lists` and `fallback_lists` build the item-level lists;
-* `assemble_snapshot` streams the shard files into a `SnapshotWriter` inside a temporary folder
-  and publishes it through `SnapshotStore.publish` (verify, then switch CURRENT atomically).
+* `assemble_snapshot` streams the shard files, a chunk at a time, into a `SnapshotWriter` inside
+  a temporary folder and publishes it through `SnapshotStore.publish` (verify, then switch
+  CURRENT atomically).
 
 Staging files live in ``<snapshots_dir>/.staging/<model_key>/`` so shards computed for another
 model version are never mixed into a snapshot.
@@ -25,7 +27,7 @@ import numpy as np
 import polars as pl
 
 from recsys.contract import DEFAULT_EVENT_WEIGHTS, ITEM_SCHEMA
-from recsys.durable import write_parquet_atomic
+from recsys.durable import write_parquet_atomic, write_parquet_parts_atomic
 from recsys.snapshot.format import REASON_CODES
 from recsys.snapshot.store import SnapshotStore
 from recsys.snapshot.writer import CANDIDATE_COLUMNS, SnapshotWriter
@@ -46,6 +48,19 @@ MODEL_REASON_TO_SNAPSHOT: dict[int, int] = {
 #: user is scored in the same batch whatever the shard count, and its scores are the same to
 #: the last bit (a BLAS product's rounding depends on the shape of the batch it is part of)
 SCORING_BATCH = 256
+
+
+#: users of a shard scored, staged and assembled together (one row group of its staged file):
+#: memory holds a chunk's lists, not a shard's, however many users a shard has. A multiple of
+#: `SCORING_BATCH`, so a user's batch does not depend on it.
+SHARD_CHUNK_USERS = 16 * SCORING_BATCH
+
+
+def shard_chunks(start: int, stop: int) -> list[tuple[int, int]]:
+    """The chunks [lo, hi) of users [start, stop) (one, empty, for an empty shard)."""
+    return [
+        (lo, min(lo + SHARD_CHUNK_USERS, stop)) for lo in range(start, stop, SHARD_CHUNK_USERS)
+    ] or [(start, stop)]
 
 
 def shard_bounds(n_users: int, shard: int, n_shards: int) -> tuple[int, int]:
@@ -136,17 +151,26 @@ def compute_shard(
     workers: int = 2,
     fs: Any = None,
 ) -> tuple[str, int]:
-    """Score one shard and write it atomically to staging. Returns (path, rows).
-    `snapshots_dir` is a local folder, or a folder of the fsspec filesystem `fs` (a worker
-    stages its shard through the data root's URI, no shared disk needed)."""
+    """Score one shard and write it atomically to staging, a chunk of users at a time (one
+    row group each: `shard_chunks`). Returns (path, rows). `snapshots_dir` is a local folder,
+    or a folder of the fsspec filesystem `fs` (a worker stages its shard through the data
+    root's URI, no shared disk needed)."""
     start, stop = shard_bounds(len(model.user_ids_), shard, n_shards)
-    frame = shard_candidates(model, start, stop, k, workers=workers)
     path = shard_path(snapshots_dir, model_key, shard, n_shards)
     _fs(fs).makedirs(os.path.dirname(path), exist_ok=True)
+    rows = 0
+
+    def chunks():
+        nonlocal rows
+        for lo, hi in shard_chunks(start, stop):
+            frame = shard_candidates(model, lo, hi, k, workers=workers)
+            rows += frame.height
+            yield frame
+
     # staging, read back by this run only (a lost shard is scored again): whole for readers,
     # no fsync (the published snapshot is what is made durable and verified)
-    write_parquet_atomic(frame, path, fs, sync=False)
-    return path, frame.height
+    write_parquet_parts_atomic(chunks(), path, fs, sync=False)
+    return path, rows
 
 
 def _fs(fs: Any) -> Any:
@@ -156,6 +180,22 @@ def _fs(fs: Any) -> Any:
     from fsspec.implementations.local import LocalFileSystem
 
     return LocalFileSystem()
+
+
+def read_shard(path: str, start: int, stop: int, fs: Any = None):
+    """((lo, hi), the frame of users [lo, hi)) for each chunk of a staged shard of users
+    [start, stop), read one row group at a time."""
+    import pyarrow.parquet as pq
+
+    with _fs(fs).open(path, "rb") as f:
+        staged = pq.ParquetFile(f)
+        groups = (pl.from_arrow(staged.read_row_group(g)) for g in range(staged.num_row_groups))
+        if staged.num_row_groups != len(shard_chunks(start, stop)):
+            raise ValueError(
+                f"{path}: {staged.num_row_groups} row groups for "
+                f"{len(shard_chunks(start, stop))} chunks of users [{start}, {stop})"
+            )
+        yield from zip(shard_chunks(start, stop), groups, strict=True)
 
 
 def _read_parquet(path: str, fs: Any) -> pl.DataFrame:
@@ -423,8 +463,8 @@ def assemble_snapshot(
                     log.info(f"{tenant}: computing missing shard {shard}/{n_shards}")
                 compute_shard(model, staging_root, model_key, shard, n_shards, k, fs=fs)
             start, stop = shard_bounds(len(user_ids), shard, n_shards)
-            frame = _read_parquet(path, fs)
-            writer.add_shard(start, stop, frame, seen_pairs(model, start, stop))
+            for (lo, hi), frame in read_shard(path, start, stop, fs):
+                writer.add_shard(lo, hi, frame, seen_pairs(model, lo, hi))
         similar = read_similar_lists(staging_root, model_key, fs)
         for kind, frame in (
             similar if similar is not None else similar_lists(model, n_similar)

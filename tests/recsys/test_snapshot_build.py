@@ -68,3 +68,46 @@ def test_assemble_publishes_the_models_lists(fitted, tmp_path) -> None:
     assert {"popular", "trending", "segment:a", "segment:b"} <= set(snap.fallback_names)
     assert snap.fallback("popular")[0].size > 0
     assert not (tmp_path / "snapshots" / "t" / ".staging" / "m1").exists()  # staging cleaned
+
+
+@pytest.mark.slow  # fits a hybrid model (~10 s)
+def test_a_shard_is_staged_and_assembled_a_chunk_of_users_at_a_time(
+    fitted, tmp_path, monkeypatch
+) -> None:
+    """Chunks of 16 users: the staged file holds one row group per chunk, the lists of each
+    chunk scored alone, and the snapshot assembled from them holds every user's list."""
+    _, model = fitted
+    monkeypatch.setattr(snapbuild, "SHARD_CHUNK_USERS", 16)
+    assert snapbuild.shard_chunks(0, 60) == [(0, 16), (16, 32), (32, 48), (48, 60)]
+    assert snapbuild.shard_chunks(7, 7) == [(7, 7)]
+    store = SnapshotStore(str(tmp_path / "snapshots" / "t"))
+    path, rows = snapbuild.compute_shard(model, store.root, "m1", 0, 1, 10)
+    chunks = [snapbuild.shard_candidates(model, lo, hi, 10) for lo, hi in [(0, 16), (16, 32)]]
+    chunks += [snapbuild.shard_candidates(model, lo, hi, 10) for lo, hi in [(32, 48), (48, 60)]]
+    staged = list(snapbuild.read_shard(path, 0, 60))
+    assert [bounds for bounds, _ in staged] == snapbuild.shard_chunks(0, 60)
+    for (lo, hi), frame in staged:
+        assert frame["user_idx"].is_between(lo, hi - 1).all() and frame.height > 0
+    assert pl.concat([f for _, f in staged]).equals(pl.concat(chunks))
+    assert rows == sum(c.height for c in chunks) == pl.read_parquet(path).height
+    with pytest.raises(ValueError, match="row groups"):
+        list(snapbuild.read_shard(path, 0, 100))
+    sid, manifest = snapbuild.assemble_snapshot(
+        store,
+        tenant="t",
+        model=model,
+        model_key="m1",
+        n_shards=1,
+        k=10,
+        items=None,
+        users=None,
+        events=None,
+        models_info={"champion": {"name": "hybrid", "version": "1", "run_id": "r"}},
+        config_version="c1",
+    )
+    assert manifest["counts"]["candidates"] == rows
+    snap = open_snapshot(store.current(), checksums=True)
+    whole = pl.concat(chunks)
+    for u in (0, 15, 16, 59):
+        items, *_ = snap.user_candidates(u)
+        assert items.tolist() == whole.filter(pl.col("user_idx") == u)["item_idx"].to_list()
