@@ -99,7 +99,12 @@ def test_rollback(tmp_path: Path) -> None:
     assert set(removed) == {b} and set(store.ids()) == {a, c} and store.current_id() == a
 
 
-def test_diff_on_a_known_case(tmp_path: Path) -> None:
+@pytest.mark.parametrize("block", [65536, 7, 1])
+def test_diff_on_a_known_case(tmp_path: Path, monkeypatch, block: int) -> None:
+    """The same report whether the users are compared all at once or in blocks."""
+    import recsys.snapshot.store as store_module
+
+    monkeypatch.setattr(store_module, "DIFF_BLOCK", block)
     store = SnapshotStore(str(tmp_path / "s"), keep=5)
     a = _publish(store, 0)
     same = _publish(store, 0)  # same seed: identical recommendations
