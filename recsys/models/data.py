@@ -106,6 +106,11 @@ def decayed_weights(
 
 #: events a pass over a lazy scan holds at a time (`write_interactions`, `collect_in_time_order`)
 FOLD_EVENTS = 4_000_000
+#: events `collect_in_time_order` sorts at a time: reading and sorting a run holds ~200 bytes
+#: an event beside the frame (Parquet decoding, the unsorted run, the sort), kept afterwards
+#: by Polars' allocator (3M demo events, a 113 MiB frame: +670 MiB of RSS in one run of
+#: 4M, +390 in runs of 1M, +305 in runs of 250k)
+SORT_EVENTS = 1_000_000
 
 _PAIR_ID_SCHEMA = {"user_id": pl.String, "item_id": pl.String}
 _PAIR_AGGS = (
@@ -442,7 +447,7 @@ def temporal_split_scan(scan: pl.LazyFrame, test_fraction: float = 0.2) -> ScanS
     return ScanSplit(scan.filter(~is_test), scan.filter(is_test), n_train, n - n_train, t)
 
 
-def collect_in_time_order(scan: pl.LazyFrame, max_events: int = FOLD_EVENTS) -> pl.DataFrame:
+def collect_in_time_order(scan: pl.LazyFrame, max_events: int = SORT_EVENTS) -> pl.DataFrame:
     """The events of `scan` collected in `temporal_split`'s order: by (timestamp, event_id),
     ties in the scan's order (the frame ``events[arg_sort_by(timestamp, event_id,
     maintain_order=True)]`` of the collected scan, equal row for row), so every split of it
@@ -569,13 +574,18 @@ def sequence_transitions(
         {"item_id": list(item_ids), "i": np.arange(n, dtype=np.int64)},
         schema={"item_id": pl.String, "i": pl.Int64},
     )
+    # the ids' strings dropped before the sort (it gathered them too): the same keys, the
+    # same order
     seq = (
-        events.filter(event_weight_expr(weights) > 0)
+        events.lazy()
+        .filter(event_weight_expr(weights) > 0)
         .select("user_id", "item_id", "timestamp", "event_id")
-        .join(uidx, on="user_id", how="inner")
-        .join(iidx, on="item_id", how="inner")
+        .join(uidx.lazy(), on="user_id", how="inner")
+        .join(iidx.lazy(), on="item_id", how="inner")
+        .select("u", "i", "timestamp", "event_id")
         .sort("u", "timestamp", "event_id")
         .select(pl.col("u").cast(pl.Int32), pl.col("i").cast(pl.Int32))
+        .collect()
     )
     u, i = seq["u"].to_numpy(), seq["i"].to_numpy()
     del seq
@@ -730,15 +740,20 @@ def build_dataset(
     items = pl.DataFrame(schema=ITEM_SCHEMA) if items is None else items
     users = pl.DataFrame(schema=USER_SCHEMA) if users is None else users
     now = (events["timestamp"].max() if events.height else None) if now is None else now
-    inter = interactions(events, weights, half_life_days, now)
-    item_ids = inter.item_ids
+    # the pairs folded once (`interactions` with fixed maps folded them again: a second
+    # group-by over every event, with the first one's pairs held beside it)
+    pairs = _pairs(
+        events, DEFAULT_EVENT_WEIGHTS if weights is None else weights, half_life_days, now
+    )
+    user_ids = np.array(sorted(pairs["user_id"].unique().to_list()), dtype=object)
+    item_ids = np.array(sorted(pairs["item_id"].unique().to_list()), dtype=object)
     if include_catalog_items and items.height:
         item_ids = np.array(
             sorted(set(item_ids.tolist()) | set(items["item_id"].to_list())), dtype=object
         )
-    inter = interactions(
-        events, weights, half_life_days, now, user_ids=inter.user_ids, item_ids=item_ids
-    )
+    frame = _numbered(pairs, _index_map(user_ids, "user"), _index_map(item_ids, "item"))
+    del pairs
+    inter = Interactions(frame=frame, user_ids=user_ids, item_ids=item_ids)
     confidence = inter.matrix()
 
     buy_events = events.filter(pl.col("event_type").is_in(list(BUY_EVENT_TYPES)))

@@ -196,3 +196,91 @@ def test_models_fitted_on_the_events_in_time_order_are_those_of_the_scan_order(t
         assert sorted(got) == sorted(want) and len(want) > 10
         for name in want:
             assert got[name] == want[name], f"{variant}/{name}"
+
+
+def test_a_dataset_folds_its_pairs_once_with_the_known_confidences():
+    """`build_dataset` folds the events into pairs once (it folded them twice: once for the
+    index maps, once more onto them): the confidences of a hand-counted history, a catalogue
+    item nobody touched kept, negative and zero totals dropped."""
+    import polars as pl
+
+    from recsys.contract import ITEM_SCHEMA
+    from recsys.models.data import build_dataset
+
+    events = make_events(
+        [
+            ("ua", "i1", "view", 0),  # ua: i1 = 1 + 8, i2 = 1, i3 = -4 (dropped)
+            ("ua", "i1", "purchase", 1),
+            ("ua", "i2", "view", 2),
+            ("ua", "i3", "dislike", 3),
+            ("ub", "i2", "click", 4),  # ub: i2 = 1.5, i3 = 4 - 8 (dropped)
+            ("ub", "i3", "add_to_cart", 5),
+            ("ub", "i3", "return", 6),
+            ("uc", "i1", "impression", 7),  # weighs 0: uc is no user
+        ]
+    )
+    items = pl.DataFrame({"item_id": ["i1", "i2", "i3", "i4"]}).with_columns(
+        pl.lit(None).cast(dtype).alias(name)
+        for name, dtype in ITEM_SCHEMA.items()
+        if name != "item_id"
+    )
+    data = build_dataset(events, items)
+    assert list(data.user_ids) == ["ua", "ub"]
+    assert list(data.item_ids) == ["i1", "i2", "i3", "i4"]
+    np.testing.assert_array_equal(
+        data.confidence.toarray(), np.array([[9, 1, 0, 0], [0, 1.5, 0, 0]], np.float32)
+    )
+    np.testing.assert_array_equal(  # add_to_cart / purchase only (a return is not one)
+        data.buy.toarray(), np.array([[8, 0, 0, 0], [0, 0, 4, 0]], np.float32)
+    )
+    assert data.info["n_pairs"] == 3
+    # ua's last events: i1 at minute 1, i2 at 2; ub's i2 at 4; "now" is minute 7
+    np.testing.assert_allclose(
+        data.last_days.toarray() * 1440, [[6, 5, 0, 0], [0, 3, 0, 0]], rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("half_life_days", [None, 0.7])
+def test_a_dataset_is_the_plain_fold_onto_its_maps_whatever_the_frames_chunks(half_life_days):
+    """The dataset's matrices are the plain path's bit for bit: `interactions` onto the
+    dataset's index maps (what `build_dataset` called, after a first fold for the maps), and
+    the same from the events as one chunk or as the sorted runs `collect_in_time_order`
+    leaves (runs of `SORT_EVENTS`; one run of 4M before). With a half-life the sums are not
+    exact, so the order of the additions would show."""
+    import polars as pl
+    from synthetic_events import cluster_items
+
+    from recsys.models.data import build_dataset, interactions, temporal_split
+
+    rng = np.random.default_rng(3)
+    n = 4000
+    kinds = rng.choice(["view", "click", "add_to_cart", "purchase", "dislike"], n)
+    rows = [
+        (f"u{u}", f"i{i}", str(t), int(m))
+        for u, i, t, m in zip(
+            rng.integers(0, 80, n), rng.integers(0, 30, n), kinds, rng.integers(0, 20_000, n),
+            strict=True,
+        )
+    ]  # fmt: skip
+    whole = temporal_split(make_events(rows), 0.0).train.rechunk()
+    chunked = pl.concat([whole[k : k + 700] for k in range(0, n, 700)], rechunk=False)
+    assert chunked.n_chunks() == 6 and chunked.equals(whole)
+    items = cluster_items(40)  # ten catalogue items nobody touched
+    a = build_dataset(whole, items, half_life_days=half_life_days)
+    b = build_dataset(chunked, items, half_life_days=half_life_days)
+    plain = interactions(
+        whole, None, half_life_days, whole["timestamp"].max(),
+        user_ids=a.user_ids, item_ids=a.item_ids,
+    )  # fmt: skip
+    assert a.n_items == 40 and a.n_users == 80 and a.confidence.nnz > 1000
+    want = plain.matrix()
+    for data in (a, b):
+        for got, ref in ((data.confidence, want), (data.transitions, a.transitions)):
+            np.testing.assert_array_equal(got.indptr, ref.indptr)
+            np.testing.assert_array_equal(got.indices, ref.indices)
+            np.testing.assert_array_equal(got.data, ref.data)
+        assert data.confidence.dtype == np.float32
+        np.testing.assert_array_equal(data.trending, a.trending)
+        np.testing.assert_array_equal(data.last_days.data, a.last_days.data)
+        np.testing.assert_array_equal(data.buy.data, a.buy.data)
+    assert list(a.user_ids) == sorted(plain.frame["user_id"].unique().to_list())
