@@ -149,9 +149,15 @@ def mean_popularity_percentile(
     recommended: np.ndarray, item_popularity: np.ndarray, k: int = 10
 ) -> np.ndarray:
     """Popularity bias: per user, the mean popularity percentile of the recommended items."""
+    return mean_percentile(recommended, popularity_percentile(item_popularity), k)
+
+
+def mean_percentile(recommended: np.ndarray, percentile: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per user, the mean of `percentile` (one value per item, e.g.
+    :func:`popularity_percentile`) over the recommended items of the top k: NaN for a user
+    with none. Each user's value depends on that user's row alone."""
     top = np.asarray(recommended)[:, :k]
-    pct = popularity_percentile(item_popularity)
-    vals = np.where(top >= 0, pct[np.maximum(top, 0)], np.nan)
+    vals = np.where(top >= 0, percentile[np.maximum(top, 0)], np.nan)
     with np.errstate(invalid="ignore"):
         return np.nanmean(vals, axis=1) if vals.size else np.zeros(len(top))
 
@@ -214,12 +220,15 @@ def bootstrap_cis(
 
         n = len(x)
         means = np.empty((n_resamples, len(full)))
+        # gathered once, not once per block; with no NaN column it is `x` itself when
+        # C-ordered (the layout and values of the gathered copy: the same products)
+        values = np.ascontiguousarray(x) if len(full) == x.shape[1] else x[:, full]
         step = max(1, BLOCK_VALUES // n)  # resamples per block: counts of ~16 MB at a time
         with threadpool_limits(limits=1, user_api="blas"):  # the same sums whatever the host
             for start, block in _resample_blocks(seed, n, n_resamples, step):
                 rows = np.repeat(np.arange(len(block)), n) * n
                 counts = np.bincount(rows + block.ravel(), minlength=len(block) * n)
-                means[start : start + len(block)] = counts.reshape(len(block), n) @ x[:, full]
+                means[start : start + len(block)] = counts.reshape(len(block), n) @ values
         means /= n
         alpha = (1 - confidence) / 2
         low, high = np.quantile(means, [alpha, 1 - alpha], axis=0)

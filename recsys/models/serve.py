@@ -18,7 +18,9 @@ Index spaces: ``user_idx`` indexes ``model.user_ids_`` and ``item_idx`` ``model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -32,10 +34,13 @@ from recsys.models.hybrid import (
 from recsys.models.threads import map_in_threads
 from recsys.models.topk import top_k
 
+T = TypeVar("T")
+
 __all__ = [
     "REASON_CODES",
     "ServedLists",
     "item_factors",
+    "map_served_batches",
     "popular_items",
     "serve_top_n",
     "similar_items_cooccurrence",
@@ -118,6 +123,73 @@ def by_user_then_score(user_pos: np.ndarray, score: np.ndarray, n_users: int) ->
     return by_score[np.argsort(users, kind="stable")]
 
 
+def map_served_batches(
+    model: HybridRecommender,
+    user_idx: np.ndarray,
+    fn: Callable[[int, ServedLists, dict[str, np.ndarray]], T],
+    k: int = 10,
+    batch_size: int = 256,
+    generator_lists: bool = False,
+    workers: int = 2,
+) -> list[T]:
+    """``fn(start, lists, tops)`` for each batch of `batch_size` users of `user_idx` (those
+    from position `start`), in batch order: `lists` are the batch's served top-`k`
+    (:func:`serve_top_n`'s, ``user_pos`` counted from the first user of `user_idx`), and
+    `tops`, with `generator_lists`, each generator's own top-`k` of the batch (-1 padded;
+    else empty). `fn` runs in the scoring thread (`workers` batches at a time), as soon as its
+    batch is scored: a caller that reduces each batch there (the evaluation's per-user
+    metrics) never holds every user's lists, nor leaves them in the threads' heaps."""
+    user_idx = np.asarray(user_idx, dtype=np.int64)
+    n_cand = max(model.config.candidates_per_generator, k)
+
+    def one_batch(start: int) -> T:
+        batch = user_idx[start : start + batch_size]
+        cand = build_candidates(
+            model.generators_,
+            model.side_,
+            model.seen_,
+            batch,
+            n_cand,
+            n_ranked=model.config.candidates_per_generator,
+        )
+        # copies, not views: a view would keep each batch's whole (users x n_cand) tops alive
+        # as long as the caller holds them (5 x 100 int64 a user)
+        tops = {g: top[:, :k].copy() for g, top in cand.tops.items()} if generator_lists else {}
+        if model.ranker_ is not None:
+            ranker, final = _ranker_scores(model, cand, len(batch), n_cand)
+        else:
+            ranker = np.zeros(len(cand.item_idx))
+            fb = model.info.get("fallback_order") or "popularity"
+            final = np.nan_to_num(cand.scores[fb], nan=-np.inf)
+        order = by_user_then_score(cand.user_pos, final, len(batch))
+        up = cand.user_pos[order]
+        starts = np.searchsorted(up, np.arange(len(batch)))
+        rank = np.arange(len(up)) - starts[up]
+        keep = order[rank < k]
+        ranks = np.column_stack([cand.ranks[g][keep] for g in GENERATORS])
+        best = np.argmin(ranks, axis=1)
+        reason = np.array([_REASON_OF_GENERATOR[g] for g in GENERATORS], np.int8)[best]
+        lists = ServedLists(
+            user_idx=batch[cand.user_pos[keep]],
+            user_pos=cand.user_pos[keep] + start,
+            item_idx=cand.item_idx[keep],
+            rank=rank[rank < k].astype(np.int32),
+            final_score=final[keep].astype(np.float32),
+            pop=_zero_nan(cand.scores["popularity"][keep]),
+            cooc=_zero_nan(cand.scores["cooccurrence"][keep]),
+            emb=_zero_nan(cand.scores["lightfm"][keep]),
+            ranker=ranker[keep].astype(np.float32),
+            reason_code=reason,
+        )
+        del cand, order, up, starts, rank, keep, ranks, best, ranker, final
+        return fn(start, lists, tops)
+
+    # numpy, scipy and the tree predictor release the GIL in their heavy loops: two batches
+    # at a time use both cores (one BLAS thread, as in the fit: the same LightFM products as
+    # the ranker learned on)
+    return map_in_threads(one_batch, range(0, len(user_idx), batch_size), workers)
+
+
 def serve_top_n(
     model: HybridRecommender,
     user_idx: np.ndarray,
@@ -133,71 +205,26 @@ def serve_top_n(
     exclusions, -1 padded, aligned with `user_idx`) from the same scoring pass: the evaluation
     compares them with the served lists without scoring every user twice. `workers` batches
     are scored at a time (threads; the output does not depend on it)."""
-    user_idx = np.asarray(user_idx, dtype=np.int64)
-    n_cand = max(model.config.candidates_per_generator, k)
-    per_generator: dict[str, list[np.ndarray]] = {}
-
-    def one_batch(start: int):
-        batch = user_idx[start : start + batch_size]
-        cand = build_candidates(
-            model.generators_,
-            model.side_,
-            model.seen_,
-            batch,
-            n_cand,
-            n_ranked=model.config.candidates_per_generator,
-        )
-        # copies, not views: a view would keep each batch's whole (users x n_cand) tops alive
-        # until the end (5 x 100 int64 a user: 4 KB a test user in the evaluation)
-        tops = (
-            {g: top[:, :k].copy() for g, top in cand.tops.items()}
-            if generator_lists is not None
-            else {}
-        )
-        if model.ranker_ is not None:
-            ranker, final = _ranker_scores(model, cand, len(batch), n_cand)
-        else:
-            ranker = np.zeros(len(cand.item_idx))
-            fb = model.info.get("fallback_order") or "popularity"
-            final = np.nan_to_num(cand.scores[fb], nan=-np.inf)
-        order = by_user_then_score(cand.user_pos, final, len(batch))
-        up = cand.user_pos[order]
-        starts = np.searchsorted(up, np.arange(len(batch)))
-        rank = np.arange(len(up)) - starts[up]
-        keep = order[rank < k]
-        ranks = np.column_stack([cand.ranks[g][keep] for g in GENERATORS])
-        best = np.argmin(ranks, axis=1)
-        reason = np.array([_REASON_OF_GENERATOR[g] for g in GENERATORS], np.int8)[best]
-        part = {
-            "user_idx": batch[cand.user_pos[keep]],
-            "user_pos": cand.user_pos[keep] + start,
-            "item_idx": cand.item_idx[keep],
-            "rank": rank[rank < k].astype(np.int32),
-            "final_score": final[keep].astype(np.float32),
-            "pop": _zero_nan(cand.scores["popularity"][keep]),
-            "cooc": _zero_nan(cand.scores["cooccurrence"][keep]),
-            "emb": _zero_nan(cand.scores["lightfm"][keep]),
-            "ranker": ranker[keep].astype(np.float32),
-            "reason_code": reason,
-        }
-        return part, tops
-
-    # numpy, scipy and the tree predictor release the GIL in their heavy loops: two batches
-    # at a time use both cores (one BLAS thread, as in the fit: the same LightFM products as
-    # the ranker learned on)
-    results = map_in_threads(one_batch, range(0, len(user_idx), batch_size), workers)
-    parts = [p for p, _ in results]
+    results = map_served_batches(
+        model,
+        user_idx,
+        lambda start, lists, tops: (lists, tops),
+        k,
+        batch_size,
+        generator_lists is not None,
+        workers,
+    )
     if generator_lists is not None:
+        per_generator: dict[str, list[np.ndarray]] = {}
         for _, tops in results:
             for g, top in tops.items():
                 per_generator.setdefault(g, []).append(top)
-    if generator_lists is not None:
         for g in model.generators_:
             generator_lists[g] = (
                 np.concatenate(per_generator[g]) if g in per_generator else np.zeros((0, k), int)
             )
     fields = ServedLists.__dataclass_fields__
-    if not parts:
+    if not results:
         ints = {
             "user_idx": np.int64,
             "user_pos": np.int64,
@@ -206,7 +233,9 @@ def serve_top_n(
             "reason_code": np.int8,
         }
         return ServedLists(**{f: np.zeros(0, ints.get(f, np.float32)) for f in fields})
-    return ServedLists(**{f: np.concatenate([p[f] for p in parts]) for f in fields})
+    return ServedLists(
+        **{f: np.concatenate([getattr(lists, f) for lists, _ in results]) for f in fields}
+    )
 
 
 def item_factors(model: HybridRecommender) -> tuple[np.ndarray, np.ndarray]:
