@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from synthetic_events import cluster_events, cluster_items
+from synthetic_events import FAST_HYBRID, cluster_events, cluster_items
 
 import recsys.evaluation.offline as offline
 from recsys.evaluation.evaluate import Holdout, MetricsFold, evaluation_table
@@ -18,15 +18,12 @@ from recsys.models.hybrid import HybridConfig, HybridRecommender, rank_lists
 from recsys.models.serve import map_served_batches, serve_top_n
 from recsys.models.threads import map_in_threads
 
-FAST = dict(
-    lightfm={"no_components": 8, "epochs": 5, "seed": 1, "num_threads": 1},
-    ranker={"max_iter": 20, "max_leaf_nodes": 7, "min_samples_leaf": 5},
-    tune={},
-    candidates_per_generator=20,
-    min_ranker_positives=5,
-    served="hybrid",
-    include_catalog_items=False,
-)
+FAST = {  # (longer lists than FAST_HYBRID's, and no catalogue items: the test users' lists)
+    **FAST_HYBRID,
+    "lightfm": {**FAST_HYBRID["lightfm"], "epochs": 5},
+    "candidates_per_generator": 20,
+    "include_catalog_items": False,
+}
 
 
 def fold_in_batches(lists, holdout, n_items, pop, bounds, threads=1):

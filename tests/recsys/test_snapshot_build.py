@@ -20,6 +20,23 @@ def fitted():
     return events, HybridRecommender(HybridConfig()).fit(events)
 
 
+def _assemble(store, model, n_shards: int, users=None, events=None):
+    """Tenant t's snapshot of model m1's lists (k=10) in `n_shards` shards."""
+    return snapbuild.assemble_snapshot(
+        store,
+        tenant="t",
+        model=model,
+        model_key="m1",
+        n_shards=n_shards,
+        k=10,
+        items=None,
+        users=users,
+        events=events,
+        models_info={"champion": {"name": "hybrid", "version": "1", "run_id": "r"}},
+        config_version="c1",
+    )
+
+
 def test_shard_bounds_cover_every_user_once() -> None:
     for n_users in (0, 1, 15, 16, 17, 1000):
         bounds = [snapbuild.shard_bounds(n_users, s, 16) for s in range(16)]
@@ -39,19 +56,7 @@ def test_assemble_publishes_the_models_lists(fitted, tmp_path) -> None:
     store = SnapshotStore(str(tmp_path / "snapshots" / "t"))
     # one shard staged ahead (as the partitioned asset does), the others computed on assembly
     snapbuild.compute_shard(model, store.root, "m1", 2, 4, 10)
-    sid, manifest = snapbuild.assemble_snapshot(
-        store,
-        tenant="t",
-        model=model,
-        model_key="m1",
-        n_shards=4,
-        k=10,
-        items=None,
-        users=users,
-        events=events,
-        models_info={"champion": {"name": "hybrid", "version": "1", "run_id": "r"}},
-        config_version="c1",
-    )
+    sid, manifest = _assemble(store, model, 4, users, events)
     assert store.current_id() == sid and manifest["counts"]["users"] == 60
     snap = open_snapshot(store.current(), checksums=True)
     reference = snapbuild.shard_candidates(model, 0, 60, 10)
@@ -92,19 +97,7 @@ def test_a_shard_is_staged_and_assembled_a_chunk_of_users_at_a_time(
     assert rows == sum(c.height for c in chunks) == pl.read_parquet(path).height
     with pytest.raises(ValueError, match="row groups"):
         list(snapbuild.read_shard(path, 0, 100))
-    sid, manifest = snapbuild.assemble_snapshot(
-        store,
-        tenant="t",
-        model=model,
-        model_key="m1",
-        n_shards=1,
-        k=10,
-        items=None,
-        users=None,
-        events=None,
-        models_info={"champion": {"name": "hybrid", "version": "1", "run_id": "r"}},
-        config_version="c1",
-    )
+    sid, manifest = _assemble(store, model, 1)
     assert manifest["counts"]["candidates"] == rows
     snap = open_snapshot(store.current(), checksums=True)
     whole = pl.concat(chunks)
