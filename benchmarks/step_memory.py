@@ -3,6 +3,9 @@ whole run has filled (``benchmarks/pipeline_e2e.py --data-root DIR`` keeps one).
 
     .venv/bin/python benchmarks/step_memory.py --data-root DIR [interactions model_evaluation]
 
+A step is named as in the run (`train_models`, `user_recommendations`) or by an asset key it
+materialises (`ranker_model` runs `train_models`).
+
 Each step is its asset materialised by itself (``dg.materialize`` with the code location's
 asset definition, its default config and the resources on DIR; an ephemeral instance)
 in a child process, and its peak is the child's peak resident set (``ru_maxrss``): neither
@@ -38,8 +41,9 @@ resources = dict(
     storage=StorageResource(root=root), policy=IngestPolicy(), mlflow=MlflowResource()
 )
 t = time.perf_counter()
-if step != "-":
-    asset = defs.get_assets_def(dg.AssetKey(step))
+if step != "-":  # a step (op) name, or an asset key of it (a multi-asset's: any one)
+    steps = {a.node_def.name: a for a in defs.assets if isinstance(a, dg.AssetsDefinition)}
+    asset = steps.get(step) or defs.get_assets_def(dg.AssetKey(step))
     result = dg.materialize([asset], resources=resources, raise_on_error=True)
     assert result.success
 print(f"{time.perf_counter() - t:.2f}")
