@@ -1,6 +1,7 @@
 """Interactions (weights, decay, dislikes) and the temporal split."""
 
 import numpy as np
+import polars as pl
 import pytest
 from synthetic_events import make_events
 
@@ -67,3 +68,31 @@ def test_holdout_protocol_drops_cold_and_repeat_pairs():
     h = build_holdout(data, train, test)
     assert h.user_idx.tolist() == [0] and [r.tolist() for r in h.relevant] == [[1]]
     assert np.array_equal(data.item_index(["y", "nope"]), [1, -1])
+
+
+@pytest.mark.parametrize("rows_at_a_time", [1_000_000, 3, 1])
+def test_in_time_order_is_whether_the_sort_keeps_every_row(monkeypatch, rows_at_a_time):
+    """Frames with tied times, repeated and null ids, sorted or not: `in_time_order` says
+    whether `temporal_split`'s stable sort by (timestamp, event_id) leaves them as they are,
+    whatever the slices it checks."""
+    import recsys.models.data as data
+
+    monkeypatch.setattr(data, "ORDER_CHECK_ROWS", rows_at_a_time)
+    rng = np.random.default_rng(7)
+    verdicts = set()
+    for trial in range(300):
+        n = int(rng.integers(0, 9))
+        frame = pl.DataFrame(
+            {
+                "timestamp": rng.integers(0, 3, n) * 1_000_000,
+                "event_id": [None if x == 0 else f"e{x}" for x in rng.integers(0, 4, n)],
+            },
+            schema={"timestamp": pl.Int64, "event_id": pl.String},
+        ).with_columns(pl.col("timestamp").cast(pl.Datetime("us", "UTC")))
+        if trial % 2:  # half of them sorted: in order by construction
+            frame = frame.sort("timestamp", "event_id", maintain_order=True)
+        order = frame.select(pl.arg_sort_by("timestamp", "event_id", maintain_order=True))
+        want = bool((order.to_series().to_numpy() == np.arange(n)).all())
+        assert data.in_time_order(frame) == want, frame
+        verdicts.add(want)
+    assert verdicts == {True, False}
