@@ -51,13 +51,17 @@ def write_parquet_atomic(
 
 def write_parquet_parts_atomic(
     parts: Iterable[Any], path: str, fs: Any = None, *, sync: bool = True
-) -> None:
+) -> int:
     """`write_parquet_atomic` of the Polars DataFrames `parts` one after another (the same
     schema), holding one part at a time: the file holds their rows in order, as one frame of
-    them all would, each part one row group (an empty part too). At least one part."""
+    them all would, each part one row group (an empty part too). At least one part. Returns
+    the number of rows written."""
     import pyarrow.parquet as pq
 
+    rows = 0
+
     def write(f: IO[bytes]) -> None:
+        nonlocal rows
         writer = None
         try:
             for part in parts:
@@ -65,6 +69,7 @@ def write_parquet_parts_atomic(
                 if writer is None:
                     writer = pq.ParquetWriter(f, table.schema, compression="zstd")
                 writer.write_table(table, row_group_size=max(1, table.num_rows))
+                rows += table.num_rows
             if writer is None:
                 raise ValueError("write_parquet_parts_atomic needs at least one part")
         finally:
@@ -72,6 +77,7 @@ def write_parquet_parts_atomic(
                 writer.close()
 
     _replace(path, fs, write, sync)
+    return rows
 
 
 def sync_all(fs: Any = None) -> None:

@@ -313,9 +313,9 @@ def write_interactions(
     whose events start within the same `max_events` (a range holds at most `max_events` plus
     its last user's events). Each range's events are collected in the scan's order and folded
     in memory, and its positive pairs go to a scratch file. The index maps are the sorted ids
-    that remain, so a second pass numbers
-    each range's pairs (its users continue the previous range's indices) and writes them in
-    order: sorted by (user_idx, item_idx), as one frame of all of them would be.
+    that remain, so a second pass numbers each range's pairs (its users continue the previous
+    range's indices) and writes them in order: sorted by (user_idx, item_idx), as one frame of
+    all of them would be.
     """
     from recsys.durable import write_parquet_parts_atomic
 
@@ -336,20 +336,17 @@ def write_interactions(
             pl.concat(item_ids).unique().sort() if item_ids else pl.Series([], dtype=pl.String),
             "item",
         )
-        n_users, n_pairs = sum(len(users) for _, users in ranges), 0
+        n_users = sum(len(users) for _, users in ranges)
 
         def numbered():
-            nonlocal n_pairs
             offset = 0
             for part, users in ranges:
-                frame = _numbered(pl.read_parquet(part), _index_map(users, "user", offset), imap)
+                yield _numbered(pl.read_parquet(part), _index_map(users, "user", offset), imap)
                 offset += len(users)
-                n_pairs += frame.height
-                yield frame
             if not ranges:  # no events: the empty frame, for its schema
                 yield interactions(pl.DataFrame(schema=EVENT_SCHEMA), weights).frame
 
-        write_parquet_parts_atomic(numbered(), path, fs, sync=sync)
+        n_pairs = write_parquet_parts_atomic(numbered(), path, fs, sync=sync)
     return InteractionCounts(n_events, n_pairs, n_users, imap.height)
 
 

@@ -158,19 +158,12 @@ def compute_shard(
     start, stop = shard_bounds(len(model.user_ids_), shard, n_shards)
     path = shard_path(snapshots_dir, model_key, shard, n_shards)
     _fs(fs).makedirs(os.path.dirname(path), exist_ok=True)
-    rows = 0
-
-    def chunks():
-        nonlocal rows
-        for lo, hi in shard_chunks(start, stop):
-            frame = shard_candidates(model, lo, hi, k, workers=workers)
-            rows += frame.height
-            yield frame
-
+    chunks = (
+        shard_candidates(model, lo, hi, k, workers=workers) for lo, hi in shard_chunks(start, stop)
+    )
     # staging, read back by this run only (a lost shard is scored again): whole for readers,
     # no fsync (the published snapshot is what is made durable and verified)
-    write_parquet_parts_atomic(chunks(), path, fs, sync=False)
-    return path, rows
+    return path, write_parquet_parts_atomic(chunks, path, fs, sync=False)
 
 
 def _fs(fs: Any) -> Any:
@@ -187,15 +180,16 @@ def read_shard(path: str, start: int, stop: int, fs: Any = None):
     [start, stop), read one row group at a time."""
     import pyarrow.parquet as pq
 
+    chunks = shard_chunks(start, stop)
     with _fs(fs).open(path, "rb") as f:
         staged = pq.ParquetFile(f)
-        groups = (pl.from_arrow(staged.read_row_group(g)) for g in range(staged.num_row_groups))
-        if staged.num_row_groups != len(shard_chunks(start, stop)):
+        if staged.num_row_groups != len(chunks):
             raise ValueError(
                 f"{path}: {staged.num_row_groups} row groups for "
-                f"{len(shard_chunks(start, stop))} chunks of users [{start}, {stop})"
+                f"{len(chunks)} chunks of users [{start}, {stop})"
             )
-        yield from zip(shard_chunks(start, stop), groups, strict=True)
+        for g, bounds in enumerate(chunks):
+            yield bounds, pl.from_arrow(staged.read_row_group(g))
 
 
 def _read_parquet(path: str, fs: Any) -> pl.DataFrame:
