@@ -131,6 +131,7 @@ def map_served_batches(
     batch_size: int = 256,
     generator_lists: bool = False,
     workers: int = 2,
+    fill_only_when_short: bool = True,
 ) -> list[T]:
     """``fn(start, lists, tops)`` for each batch of `batch_size` users of `user_idx` (those
     from position `start`), in batch order: `lists` are the batch's served top-`k`
@@ -138,29 +139,48 @@ def map_served_batches(
     `tops`, with `generator_lists`, each generator's own top-`k` of the batch (-1 padded;
     else empty). `fn` runs in the scoring thread (`workers` batches at a time), as soon as its
     batch is scored: a caller that reduces each batch there (the evaluation's per-user
-    metrics) never holds every user's lists, nor leaves them in the threads' heaps."""
+    metrics) never holds every user's lists, nor leaves them in the threads' heaps.
+
+    Lists longer than the ranked candidates (k above ``candidates_per_generator``, a
+    snapshot's 200) end with filler items scored below every ranked one (`_ranker_scores`),
+    so a user who has at least k ranked candidates, all with a positive ranker score, is
+    served ranked items alone. With `fill_only_when_short` a batch is first built with the
+    ranked candidates only, and built again with the fillers only when one of its users has
+    fewer than k or a score of 0: the same lists (tested against ``False``, which always
+    builds the fillers), for about half the candidate work (on the 1M demo no user has fewer
+    than 278 ranked candidates)."""
     user_idx = np.asarray(user_idx, dtype=np.int64)
-    n_cand = max(model.config.candidates_per_generator, k)
+    n_ranked = model.config.candidates_per_generator
+    n_cand = max(n_ranked, k)
+    ranked_first = (
+        fill_only_when_short and n_cand > n_ranked and model.ranker_ is not None
+    ) and not generator_lists  # (a generator's own top-k needs its k proposals)
+
+    def candidates(batch: np.ndarray, n: int):
+        return build_candidates(
+            model.generators_, model.side_, model.seen_, batch, n, n_ranked=n_ranked
+        )
+
+    def scored(batch: np.ndarray):
+        """(candidates, ranker score, final score) of the batch's users."""
+        if ranked_first:
+            cand = candidates(batch, n_ranked)
+            if np.bincount(cand.user_pos, minlength=len(batch)).min(initial=k) >= k:
+                ranker, final = _ranker_scores(model, cand, len(batch), n_ranked)
+                if ranker.min(initial=1.0) > 0:
+                    return cand, ranker, final
+        cand = candidates(batch, n_cand)
+        if model.ranker_ is not None:
+            return (cand, *_ranker_scores(model, cand, len(batch), n_cand))
+        fb = model.info.get("fallback_order") or "popularity"
+        return cand, np.zeros(len(cand.item_idx)), np.nan_to_num(cand.scores[fb], nan=-np.inf)
 
     def one_batch(start: int) -> T:
         batch = user_idx[start : start + batch_size]
-        cand = build_candidates(
-            model.generators_,
-            model.side_,
-            model.seen_,
-            batch,
-            n_cand,
-            n_ranked=model.config.candidates_per_generator,
-        )
+        cand, ranker, final = scored(batch)
         # copies, not views: a view would keep each batch's whole (users x n_cand) tops alive
         # as long as the caller holds them (5 x 100 int64 a user)
         tops = {g: top[:, :k].copy() for g, top in cand.tops.items()} if generator_lists else {}
-        if model.ranker_ is not None:
-            ranker, final = _ranker_scores(model, cand, len(batch), n_cand)
-        else:
-            ranker = np.zeros(len(cand.item_idx))
-            fb = model.info.get("fallback_order") or "popularity"
-            final = np.nan_to_num(cand.scores[fb], nan=-np.inf)
         order = by_user_then_score(cand.user_pos, final, len(batch))
         up = cand.user_pos[order]
         starts = np.searchsorted(up, np.arange(len(batch)))

@@ -23,7 +23,7 @@ from recsys.models.hybrid import (
 from recsys.models.lightfm_model import EpochChoice, LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
 from recsys.models.recent import RecentItemsRecommender
-from recsys.models.serve import serve_top_n
+from recsys.models.serve import ServedLists, map_served_batches, serve_top_n
 from recsys.models.similarity import shrunk_cosine_neighbours
 from recsys.models.threads import in_thread, lower_thread_priority, single_threaded_blas
 from recsys.models.topk import top_k
@@ -414,6 +414,47 @@ def test_long_lists_rank_scored_candidates_first(eval_and_final):
         # the head of the long list is the short list
         head = lists.item_idx[mine][: int((short.user_pos == u).sum())]
         assert head.tolist() == short.item_idx[short.user_pos == u].tolist()
+
+
+def test_long_lists_built_without_fillers_when_no_user_needs_them(eval_and_final):
+    # k above the ranked candidates: batches of 4 users, some whose users all have k ranked
+    # candidates (built without the fillers) and some with a user short of k (built with them)
+    _, final = eval_and_final
+    n_ranked = final.config.candidates_per_generator
+    users = np.arange(len(final.user_ids_))
+    ranked = build_candidates(final.generators_, final.side_, final.seen_, users, n_ranked)
+    per_user = np.bincount(ranked.user_pos, minlength=len(users))
+    middle = int(np.median(per_user))
+    short = [per_user[s : s + 4].min() < middle for s in range(0, len(users), 4)]
+    assert middle > n_ranked and any(short) and not all(short)  # both ways are taken
+    for k in (n_ranked + 1, middle, 3 * n_ranked):
+        lists = {
+            flag: serve_top_n_batches(final, users, k, fill_only_when_short=flag)
+            for flag in (True, False)
+        }
+        for field in ServedLists.__dataclass_fields__:
+            np.testing.assert_array_equal(
+                getattr(lists[True], field), getattr(lists[False], field), err_msg=field
+            )
+
+
+def serve_top_n_batches(model, users, k, fill_only_when_short):
+    """`serve_top_n`'s lists (batches of 4, one thread), the fillers' shortcut on or off."""
+    parts = map_served_batches(
+        model,
+        users,
+        lambda start, lists, tops: lists,
+        k,
+        batch_size=4,
+        workers=1,
+        fill_only_when_short=fill_only_when_short,
+    )
+    return ServedLists(
+        **{
+            f: np.concatenate([getattr(p, f) for p in parts])
+            for f in ServedLists.__dataclass_fields__
+        }
+    )
 
 
 def test_threaded_scoring_gives_the_same_lists(eval_and_final):
