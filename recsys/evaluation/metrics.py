@@ -157,9 +157,15 @@ def mean_percentile(recommended: np.ndarray, percentile: np.ndarray, k: int = 10
     :func:`popularity_percentile`) over the recommended items of the top k: NaN for a user
     with none. Each user's value depends on that user's row alone."""
     top = np.asarray(recommended)[:, :k]
-    vals = np.where(top >= 0, percentile[np.maximum(top, 0)], np.nan)
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(vals, axis=1) if vals.size else np.zeros(len(top))
+    if not top.size:
+        return np.zeros(len(top))
+    # np.nanmean's own sum and division, without its "Mean of empty slice" warning for a
+    # user with no item (that user's NaN is the answer, not a fault)
+    has = top >= 0
+    sums = np.where(has, percentile[np.maximum(top, 0)], 0.0).sum(axis=1)
+    counts = has.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / counts, np.nan)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Metrics on hand-computed cases."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -49,6 +50,24 @@ def test_coverage_and_popularity_bias():
     assert m.mean_popularity_percentile(np.array([[3, 2]]), np.array([1.0, 2, 3, 4]), 10)[
         0
     ] == pytest.approx(0.625)
+
+
+def test_mean_percentile_is_nanmean_without_its_warning(rng):
+    # users with no item (all -1) get NaN, the rest the mean over their items: np.nanmean's
+    # values bit for bit, and no "Mean of empty slice" warning
+    pct = rng.random(50)
+    rec = rng.integers(-1, 50, size=(300, 12))
+    rec[::7] = -1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = m.mean_percentile(rec, pct, 10)
+    expected = np.where(rec[:, :10] >= 0, pct[np.maximum(rec[:, :10], 0)], np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.nanmean(expected, axis=1)
+    np.testing.assert_array_equal(got, expected)
+    assert np.isnan(got[::7]).all() and not np.isnan(np.delete(got, np.s_[::7])).any()
+    assert m.mean_percentile(np.zeros((3, 0), np.int64), pct).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_bootstrap_ci_is_seeded_and_brackets_mean(rng):
