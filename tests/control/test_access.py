@@ -537,7 +537,9 @@ def test_events_per_day_are_counted_across_workers_and_refused_past_the_quota(
     access._event_counter(data_root).sync()
     assert access.quota_usage(ctx, "acme")["events_per_day"] == {"limit": 25, "used": 25}
     root = str(data_root) + "-procs"
-    mp = multiprocessing.get_context("fork")
+    # new interpreters, not forks: a fork of this threaded test process can inherit a lock
+    # some thread holds and hang (a CI run waited 120 s for a child that never answered)
+    mp = multiprocessing.get_context("spawn")
     out = mp.Queue()
     procs = [mp.Process(target=_charge_many, args=(root, 200, 1000, out)) for _ in range(2)]
     for p in procs:
@@ -554,7 +556,7 @@ def test_events_per_day_are_counted_across_workers_and_refused_past_the_quota(
 
 
 def test_the_event_intake_asks_the_events_per_day_quota_before_it_writes(client):
-    """(Its own test: the forking test above must not start the event log's threads first.)"""
+    """(Its own test: the event log's threads are not started in the quota test above.)"""
     patched = client.simulate_patch("/v1/recs/quotas", json={"events_per_day": 2}, headers=ADMIN)
     assert patched.status_code == 200
     event = {"user_id": "u1", "item_id": "a1", "event_type": "click"}
