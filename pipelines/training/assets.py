@@ -364,6 +364,7 @@ def train_models(
                         beside_eval=functools.partial(
                             _ranker_importance, importance, events, split["test_fraction"], cfg.seed
                         ),
+                        refits_beside=events.height <= config.refits_beside_max_events,
                     ),
                     strict=True,
                 )

@@ -119,3 +119,7 @@ class TrainingConfig(TenantsConfig):
     ranker: RankerConfig = RankerConfig()
     tune: TuneConfig = TuneConfig()
     selection: SelectionConfig = SelectionConfig()
+    #: a tenant with at most this many events has its refits fitted beside the fit window's
+    #: work (both cores busy, the generator sets of three windows held at once); above it,
+    #: one after the other: the same models, a lower peak, a longer step (0: always so)
+    refits_beside_max_events: int = 20_000_000

@@ -263,18 +263,33 @@ class _Refit:
     generators once the grids are decided. On two cores the refits then fill the time the
     fit window's work leaves free; the models are the same as fitted one after another.
     A `background` refit (one needed only at the very end) runs at a lower CPU priority, so
-    that the work others wait for gets the cores first and it takes the time they leave."""
+    that the work others wait for gets the cores first and it takes the time they leave.
+
+    Not `beside` the window's work: every part waits for :meth:`result`, then runs there,
+    one after the other (the same models: tested). Then the refit's dataset and generators
+    are never held beside the fit window's, nor beside the other refit's work in progress:
+    a lower peak for a tenant whose generator sets are large, for a longer wall time."""
 
     def __init__(
-        self, model: HybridRecommender, events, items, users, background: bool = False
+        self,
+        model: HybridRecommender,
+        events,
+        items,
+        users,
+        background: bool = False,
+        beside: bool = True,
     ) -> None:
         self._background = background
+        self._beside = beside
         self._inputs = (model.dataset, events, items, users)
         self._data = None  # started with the first part (see _dataset)
         self._parts: list = []
         self._started: set[str] = set()
 
     def _start(self, fn, *args):
+        if not self._beside:  # run when the result is asked for (see result)
+            return _Deferred(fn, *args)
+
         def run():
             if self._background:
                 lower_thread_priority()  # this thread only: it ends with the part
@@ -325,6 +340,22 @@ class _Refit:
             {g: skipped[g] for g in sorted(skipped, key=order.__getitem__)},
             seconds,
         )
+
+
+class _Deferred:
+    """``fn(*args)`` run by the first :meth:`result` call (a Future's interface, in the
+    caller's thread)."""
+
+    def __init__(self, fn, *args) -> None:
+        self._call: tuple | None = (fn, args)
+        self._value: Any = None
+
+    def result(self):
+        if self._call is not None:
+            fn, args = self._call
+            self._call = None
+            self._value = fn(*args)
+        return self._value
 
 
 def _sample_holdout(holdout: Holdout, max_users: int, seed: int) -> Holdout:
@@ -620,6 +651,7 @@ def fit_eval_and_final(
     test_fraction: float,
     eval_catalogue: tuple[pl.DataFrame | None, pl.DataFrame | None] | None = None,
     beside_eval: Callable[[HybridRecommender], None] | None = None,
+    refits_beside: bool = True,
 ) -> tuple[HybridRecommender, HybridRecommender]:
     """The two models a pipeline run needs: the evaluated one and the published one, fitted
     by the same procedure (:meth:`HybridRecommender.fit`) one window apart.
@@ -651,7 +683,9 @@ def fit_eval_and_final(
     generator sets are fitted instead of four. Otherwise R2's generators are fitted on their
     own. S2 and S3 need only the chosen configuration, and each of their parts starts as soon
     as the choices it needs are made (:class:`_Refit`), in threads beside R1's work (the
-    models are the same as fitted one after another).
+    models are the same as fitted one after another). Without `refits_beside`, each refit
+    runs once the work before it is done, one thing at a time (S2 after R1, S3 after R2 and
+    `beside_eval`): the same models, a lower peak, a longer wall time (:class:`_Refit`).
     """
     eval_cfg = HybridConfig.from_dict(config.to_dict())
     eval_cfg.include_catalog_items = False
@@ -667,7 +701,7 @@ def fit_eval_and_final(
     with single_threaded_blas():
         # the refit on all events: its dataset is built with its first part (_Refit._dataset)
         model = HybridRecommender(final_config(config))
-        refit = _Refit(model, events, items, users, background=True)
+        refit = _Refit(model, events, items, users, background=True, beside=refits_beside)
         if _lightfm_is_chosen(config):
             refit.fit(final_config(config), ("lightfm",))
 
@@ -687,6 +721,7 @@ def fit_eval_and_final(
             on_early_stopping=lambda chosen, choice: refit.fit(
                 final_config(chosen), ("lightfm",), choice
             ),
+            refits_beside=refits_beside,
         )
         final_cfg = model.config
         final_cfg.served = eval_model.info["selection"]["served"]
@@ -736,6 +771,8 @@ def fit_eval_and_final(
         info["ranker_seconds"] = time.perf_counter() - t0
         if beside_eval is not None:  # (after the ranker: its rows and these are not held at once)
             beside_eval(eval_model)
+        if final_cfg.served == HYBRID:  # R2's window (when not S2's): not held beside S3
+            del data, gens, side, holdout
         data, generators, skipped, seconds = refit.result()
     info["generators_skipped"], info["generator_seconds"] = skipped, seconds
     for k in ("tuning", "lightfm_early_stopping"):
@@ -1134,6 +1171,7 @@ class HybridRecommender:
         on_config: Callable[[HybridConfig], None] | None = None,
         on_grids: Callable[[HybridConfig], None] | None = None,
         on_early_stopping: Callable[[HybridConfig, EpochChoice], None] | None = None,
+        refits_beside: bool = True,
     ) -> HybridRecommender:
         """Train the ranker on the newest window, then refit generators on all `events`.
 
@@ -1146,12 +1184,14 @@ class HybridRecommender:
         sparse products and the tree fit release the GIL: two cores are used; the models are
         the same as one after the other). `on_early_stopping`, `on_grids` and `on_config`
         are called at those points (see :func:`fit_window_generators`; `on_config` once all
-        is final), for more work that needs only the choices made by then.
+        is final), for more work that needs only the choices made by then. Without
+        `refits_beside` the refit waits until the window's work is done and its generators are
+        dropped (the same model; a lower peak, a longer fit: see :class:`_Refit`).
         """
         c = self.config
         t0 = time.perf_counter()
         with single_threaded_blas():
-            refit = _Refit(self, events, items, users)
+            refit = _Refit(self, events, items, users, beside=refits_beside)
             if _lightfm_is_chosen(c):  # nothing to choose for LightFM: its refit starts now
                 refit.fit(c, ("lightfm",))
             split = temporal_split(events, 0.0, c.validation_fraction)
@@ -1208,6 +1248,7 @@ class HybridRecommender:
                 ranker, rinfo = train_ranker(
                     gens, side, fit_data, holdout, c, compare=c.served is None
                 )
+                del side
                 per_user = rinfo.pop("validation_per_user", None)
                 info.update(rinfo)
                 self.ranker_ = ranker
@@ -1222,6 +1263,7 @@ class HybridRecommender:
                 self.ranker_ = None  # a single generator's list serves: no ranker
             info["ranker_skipped"] = skip
             info["ranker_seconds"] = time.perf_counter() - t0
+            del fit_data, holdout, gens, per_user  # the window's: not held beside the refit
             data, generators, skipped, seconds = refit.result()
         info["generators_skipped"], info["generator_seconds"] = skipped, seconds
         return self._assemble(generators, data, info)

@@ -34,12 +34,18 @@ def recent_history(last_days: sp.csr_matrix, n_recent: int, half_life: float) ->
 def sequence_similarity(transitions: sp.csr_matrix, shrink: float, neighbors: int):
     """``t_ij / (sqrt(t_i t_j) + shrink)`` of the transition weights (``t_i`` the row sums),
     each row pruned to its `neighbors` best."""
-    t = transitions.tocsr().astype(np.float32)
+    # the dataset's matrix is read, never copied: ``sim`` shares its (canonical) index
+    # arrays, so a fit holds one new float32 per entry beside it rather than two more copies
+    # of the whole matrix and an int64 row index per entry (~6 entries an event)
+    t = transitions.tocsr().astype(np.float32, copy=False)
     deg = np.asarray(t.sum(axis=1)).ravel().astype(np.float32)
-    rows = np.repeat(np.arange(t.shape[0]), np.diff(t.indptr))
-    sim = t.copy()
-    sim.data = t.data / (np.sqrt(deg[rows] * deg[t.indices]) + np.float32(shrink))
-    return prune_rows(sim, neighbors).astype(np.float32)
+    norm = np.repeat(deg, np.diff(t.indptr))  # deg of each entry's row
+    norm *= deg[t.indices]
+    np.sqrt(norm, out=norm)
+    norm += np.float32(shrink)
+    sim = sp.csr_matrix((t.data / norm, t.indices, t.indptr), shape=t.shape)
+    del norm
+    return prune_rows(sim, neighbors).astype(np.float32, copy=False)
 
 
 class RecentItemsRecommender(HistoryTimesSimilarity):

@@ -284,3 +284,72 @@ def test_a_dataset_is_the_plain_fold_onto_its_maps_whatever_the_frames_chunks(ha
         np.testing.assert_array_equal(data.last_days.data, a.last_days.data)
         np.testing.assert_array_equal(data.buy.data, a.buy.data)
     assert list(a.user_ids) == sorted(plain.frame["user_id"].unique().to_list())
+
+
+@pytest.mark.parametrize("validation_fraction", [0.2, 0.1])
+def test_refits_after_the_window_work_are_the_refits_beside_it(tmp_path, validation_fraction):
+    """`refits_beside=False` (a large tenant: `TrainingConfig.refits_beside_max_events`) fits
+    each refit once the work before it is done instead of in threads beside it: the evaluated
+    and the published models are the same, file for file (R2 on S2's window, and on its own)."""
+    from synthetic_events import FAST_HYBRID, cluster_events, cluster_items
+
+    from recsys.models.hybrid import HybridConfig, fit_eval_and_final
+
+    events = cluster_events(np.random.default_rng(5), n_users=120, n_items=40, per_user=12)
+    items = cluster_items(40)
+    cfg = {**FAST_HYBRID, "validation_fraction": validation_fraction}
+    runs = {}
+    for beside in (True, False):
+        importance = []  # `beside_eval` is called in both ways, on the evaluated model
+        models = fit_eval_and_final(
+            events,
+            items,
+            None,
+            HybridConfig(**cfg),
+            0.2,
+            beside_eval=lambda m, seen=importance: seen.append(sorted(m.generators_)),
+            refits_beside=beside,
+        )
+        assert importance == [sorted(models[0].generators_)]
+        runs[beside] = [
+            _saved_folder(m, tmp_path / f"{beside}-{v}")
+            for v, m in zip(("eval", "final"), models, strict=True)
+        ]
+    assert models[1].ranker_ is not None
+    for variant, want, got in zip(("eval", "final"), runs[True], runs[False], strict=True):
+        assert sorted(got) == sorted(want) and len(want) > 10
+        for name in want:
+            assert got[name] == want[name], f"{variant}/{name}"
+
+
+def test_sequence_similarity_reads_the_transitions_without_copies_same_bits():
+    """`sequence_similarity` no longer copies the dataset's transition matrix twice: the same
+    float32 similarities as the copying build (the reference below), and the input is
+    untouched (its index arrays are shared with the unpruned similarities, not written)."""
+    from recsys.models.cooccurrence import prune_rows
+    from recsys.models.recent import sequence_similarity
+
+    rng = np.random.default_rng(7)
+    n = 60
+    t = sp.random(n, n, density=0.3, random_state=rng, dtype=np.float32, format="csr")
+    t = (t + t.T).tocsr()
+    t.data = (t.data * 3).astype(np.float32)
+    t.sum_duplicates()
+    t.sort_indices()
+    before = (t.data.copy(), t.indices.copy(), t.indptr.copy())
+
+    def copying(tr, shrink, neighbors):
+        tr = tr.tocsr().astype(np.float32)
+        deg = np.asarray(tr.sum(axis=1)).ravel().astype(np.float32)
+        rows = np.repeat(np.arange(tr.shape[0]), np.diff(tr.indptr))
+        sim = tr.copy()
+        sim.data = tr.data / (np.sqrt(deg[rows] * deg[tr.indices]) + np.float32(shrink))
+        return prune_rows(sim, neighbors).astype(np.float32)
+
+    for shrink, neighbors in ((5.0, 4), (0.0, 100), (2.5, 1)):
+        got, want = sequence_similarity(t, shrink, neighbors), copying(t, shrink, neighbors)
+        assert got.dtype == np.float32 and got.nnz == want.nnz > 0
+        for a, b in ((got.data, want.data), (got.indices, want.indices), (got.indptr, want.indptr)):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip((t.data, t.indices, t.indptr), before, strict=True):
+        np.testing.assert_array_equal(a, b)
