@@ -44,10 +44,13 @@ def _transitions_in_one_build(events, user_ids, item_ids, window=3):
     return m
 
 
-@pytest.mark.parametrize("block", [1, 7, 100, 4_000_000])
-def test_transitions_built_in_blocks_are_the_one_build_matrix_bit_for_bit(block):
+@pytest.mark.parametrize(
+    ("block", "max_events"), [(1, 6000), (7, 1000), (100, 1), (4_000_000, 4_000_000)]
+)
+def test_transitions_built_in_blocks_are_the_one_build_matrix_bit_for_bit(block, max_events):
     """Users walking over few items, so that each entry sums many 1, 1/2 and 1/3 in float32
-    (where the order of the additions shows in the last bits); impressions weigh 0."""
+    (where the order of the additions shows in the last bits); impressions weigh 0. Built in
+    blocks of rows, from ranges of users' events (6 ranges of 10 users, one range per user)."""
     rng = np.random.default_rng(7)
     n_users, n_items, n = 60, 12, 6000
     users = rng.integers(0, n_users, n)
@@ -63,7 +66,7 @@ def test_transitions_built_in_blocks_are_the_one_build_matrix_bit_for_bit(block)
     user_ids = np.array(sorted({f"u{u}" for u in users}), dtype=object)
     item_ids = np.array(sorted({f"i{i:02d}" for i in items}), dtype=object)
     want = _transitions_in_one_build(events, user_ids, item_ids)
-    got = sequence_transitions(events, None, user_ids, item_ids, block=block)
+    got = sequence_transitions(events, None, user_ids, item_ids, block=block, max_events=max_events)
     assert got.shape == want.shape and got.dtype == want.dtype == np.float32
     assert got.nnz == want.nnz > 50
     np.testing.assert_array_equal(got.indptr, want.indptr)
@@ -241,15 +244,19 @@ def test_a_dataset_folds_its_pairs_once_with_the_known_confidences():
 
 
 @pytest.mark.parametrize("half_life_days", [None, 0.7])
-def test_a_dataset_is_the_plain_fold_onto_its_maps_whatever_the_frames_chunks(half_life_days):
+def test_a_dataset_is_the_plain_fold_onto_its_maps_whatever_the_frames_chunks(
+    half_life_days, monkeypatch
+):
     """The dataset's matrices are the plain path's bit for bit: `interactions` onto the
     dataset's index maps (what `build_dataset` called, after a first fold for the maps), and
     the same from the events as one chunk or as the sorted runs `collect_in_time_order`
-    leaves (runs of `SORT_EVENTS`; one run of 4M before). With a half-life the sums are not
-    exact, so the order of the additions would show."""
+    leaves (runs of `SORT_EVENTS`; one run of 4M before), and folded in ranges of users of
+    at most `FOLD_EVENTS` events (here 500: 8 or more ranges). With a half-life the sums are
+    not exact, so the order of the additions would show."""
     import polars as pl
     from synthetic_events import cluster_items
 
+    import recsys.models.data as data_module
     from recsys.models.data import build_dataset, interactions, temporal_split
 
     rng = np.random.default_rng(3)
@@ -268,13 +275,17 @@ def test_a_dataset_is_the_plain_fold_onto_its_maps_whatever_the_frames_chunks(ha
     items = cluster_items(40)  # ten catalogue items nobody touched
     a = build_dataset(whole, items, half_life_days=half_life_days)
     b = build_dataset(chunked, items, half_life_days=half_life_days)
+    monkeypatch.setattr(data_module, "FOLD_EVENTS", 500)
+    ranged = build_dataset(chunked, items, half_life_days=half_life_days)
+    assert len(list(data_module._range_pairs(whole.lazy(), None, None, None, 500))) >= 8
+    monkeypatch.undo()
     plain = interactions(
         whole, None, half_life_days, whole["timestamp"].max(),
         user_ids=a.user_ids, item_ids=a.item_ids,
     )  # fmt: skip
     assert a.n_items == 40 and a.n_users == 80 and a.confidence.nnz > 1000
     want = plain.matrix()
-    for data in (a, b):
+    for data in (a, b, ranged):
         for got, ref in ((data.confidence, want), (data.transitions, a.transitions)):
             np.testing.assert_array_equal(got.indptr, ref.indptr)
             np.testing.assert_array_equal(got.indices, ref.indices)
