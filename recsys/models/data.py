@@ -177,23 +177,16 @@ def _exact_sums(weights: dict[str, float], half_life_days: float | None) -> bool
     )
 
 
-def _numbered(pairs: pl.DataFrame, umap: pl.DataFrame, imap: pl.DataFrame) -> pl.DataFrame:
-    """`pairs` with their indices, as `Interactions.frame` (pairs outside the maps dropped)."""
-    return (
-        pairs.join(umap, on="user_id", how="inner")
-        .join(imap, on="item_id", how="inner")
-        .sort("user_idx", "item_idx")
-        .select(
-            "user_id",
-            "item_id",
-            "user_idx",
-            "item_idx",
-            "confidence",
-            "n_events",
-            "first_ts",
-            "last_ts",
-        )
-    )
+def _numbered(
+    pairs: pl.DataFrame, umap: pl.DataFrame, imap: pl.DataFrame, ids: bool = True
+) -> pl.DataFrame:
+    """`pairs` with their indices, as `Interactions.frame` (pairs outside the maps dropped);
+    without `ids`, the id columns are dropped before the sort (it gathered them too)."""
+    index = ["user_idx", "item_idx", "confidence", "n_events", "first_ts", "last_ts"]
+    joined = pairs.join(umap, on="user_id", how="inner").join(imap, on="item_id", how="inner")
+    if not ids:
+        return joined.select(index).sort("user_idx", "item_idx")
+    return joined.sort("user_idx", "item_idx").select("user_id", "item_id", *index)
 
 
 def _index_map(ids, name: str, first: int = 0) -> pl.DataFrame:
@@ -555,10 +548,10 @@ def holdout_pairs(
 # --- sequences: what the user did last ---------------------------------------------------
 
 
-def _last_days(inter: Interactions, now: datetime | None) -> sp.csr_matrix:
-    """Users x items: days from each pair's last event to `now`, on the pattern of
-    ``inter.matrix()`` (built from the index arrays, so a pair of age 0 is kept)."""
-    f = inter.frame  # sorted by user_idx, item_idx: one row per stored pair
+def _last_days(f: pl.DataFrame, n_users: int, n_items: int, now: datetime | None) -> sp.csr_matrix:
+    """Users x items: days from each pair's last event to `now`, on the pattern of the
+    confidence matrix of the numbered pairs `f` (`_numbered`: sorted by user_idx, item_idx,
+    one row per stored pair; built from the index arrays, so a pair of age 0 is kept)."""
     if now is None or not f.height:
         days = np.zeros(f.height, np.float32)
     else:
@@ -566,11 +559,11 @@ def _last_days(inter: Interactions, now: datetime | None) -> sp.csr_matrix:
             pl.lit(now).cast(EVENT_SCHEMA["timestamp"]) - f["last_ts"]
         ).dt.total_microseconds() / _DAY_US
         days = f.select(days.clip(lower_bound=0.0))[:, 0].to_numpy().astype(np.float32)
-    indptr = np.zeros(inter.n_users + 1, np.int64)
-    np.cumsum(np.bincount(f["user_idx"].to_numpy(), minlength=inter.n_users), out=indptr[1:])
+    indptr = np.zeros(n_users + 1, np.int64)
+    np.cumsum(np.bincount(f["user_idx"].to_numpy(), minlength=n_users), out=indptr[1:])
     return sp.csr_matrix(
         (days, f["item_idx"].to_numpy().astype(np.int32), indptr),
-        shape=(inter.n_users, inter.n_items),
+        shape=(n_users, n_items),
     )
 
 
@@ -786,14 +779,15 @@ def build_dataset(
         item_ids = np.array(
             sorted(set(item_ids.tolist()) | set(items["item_id"].to_list())), dtype=object
         )
-    frame = _numbered(pairs, _index_map(user_ids, "user"), _index_map(item_ids, "item"))
+    # the pairs by index only: their id strings are not gathered by the sort nor held
+    frame = _numbered(pairs, _index_map(user_ids, "user"), _index_map(item_ids, "item"), False)
     del pairs
-    inter = Interactions(frame=frame, user_ids=user_ids, item_ids=item_ids)
-    confidence = inter.matrix()
+    n_users, n_items = len(user_ids), len(item_ids)
+    confidence = _csr(frame, "confidence", n_users, n_items)
 
     buy_events = events.filter(pl.col("event_type").is_in(list(BUY_EVENT_TYPES)))
     buy = interactions(
-        buy_events, weights, half_life_days, now, user_ids=inter.user_ids, item_ids=item_ids
+        buy_events, weights, half_life_days, now, user_ids=user_ids, item_ids=item_ids
     ).matrix()
 
     # Trending: the same weights with a short half-life, summed per item.
@@ -814,8 +808,12 @@ def build_dataset(
         how="left",
         maintain_order="left",
     )
-    first_seen = inter.frame.group_by("item_id").agg(pl.col("first_ts").min())
-    side = side.join(first_seen, on="item_id", how="left", maintain_order="left")
+    first_seen = frame.group_by("item_idx").agg(pl.col("first_ts").min())
+    side = (
+        side.with_row_index("item_idx")
+        .with_columns(pl.col("item_idx").cast(pl.Int32))
+        .join(first_seen, on="item_idx", how="left", maintain_order="left")
+    )
     item_category, categories = _codes(side["category"].to_list())
     item_brand, brands = _codes(side["brand"].to_list())
     tag_lists = [[t for t in (ts or []) if t is not None] for ts in side["tags"].to_list()]
@@ -837,18 +835,18 @@ def build_dataset(
         item_age = np.full(len(item_ids), np.nan)
     available = side["available"].fill_null(True).to_numpy().astype(bool)
 
-    useg = pl.DataFrame({"user_id": inter.user_ids.tolist()}, schema={"user_id": pl.String}).join(
+    useg = pl.DataFrame({"user_id": user_ids.tolist()}, schema={"user_id": pl.String}).join(
         users.unique("user_id", keep="last", maintain_order=True).select("user_id", "segment"),
         on="user_id",
         how="left",
         maintain_order="left",
     )
     user_segment, segments = _codes(useg["segment"].to_list())
-    last_days = _last_days(inter, now)
-    transitions = sequence_transitions(events, weights, inter.user_ids, item_ids)
+    last_days = _last_days(frame, n_users, n_items, now)
+    transitions = sequence_transitions(events, weights, user_ids, item_ids)
 
     return Dataset(
-        user_ids=inter.user_ids,
+        user_ids=user_ids,
         item_ids=item_ids,
         confidence=confidence,
         buy=buy,
@@ -869,7 +867,7 @@ def build_dataset(
         transitions=transitions,
         info={
             "n_events": events.height,
-            "n_pairs": inter.frame.height,
+            "n_pairs": frame.height,
             "weights": dict(DEFAULT_EVENT_WEIGHTS if weights is None else weights),
             "half_life_days": half_life_days,
         },
