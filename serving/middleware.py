@@ -54,6 +54,11 @@ def new_request_id(_bits=random.getrandbits) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def new_span_id() -> str:
+    """This server's span id in a propagated W3C ``traceparent``: 8 random bytes, hex."""
+    return os.urandom(8).hex()
+
+
 class ServingMiddleware:
     """The serving stack (see the module docstring); a step given `None` is skipped.
 
@@ -160,7 +165,7 @@ class ServingMiddleware:
             if incoming:
                 match = _TRACEPARENT.match(incoming)
                 if match and match.group(2) != "0" * 32 and match.group(1) != "ff":
-                    span = os.urandom(8).hex()
+                    span = new_span_id()
                     ctx.traceparent = f"00-{match.group(2)}-{span}-{match.group(4)}"
                     ctx.tracestate = env.get("HTTP_TRACESTATE")
         ctx.started = time.perf_counter()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import http.client
 import os
+import select
 import signal
+import socket
 import threading
 import time
 
@@ -69,11 +71,20 @@ def test_keep_alive_requests_share_a_connection_and_unread_bodies_are_skipped(se
     second = conn.getresponse()
     second.read()
     assert second.status == 405
+    # Either the server skipped the body and keeps the connection (granian up to 2.8.6), or
+    # it closes the connection (2.8.7 and later, without a "Connection: close"): never are
+    # the junk's 100 requests answered
+    readable, _, _ = select.select([sock], [], [], 0.5)
+    kept = not readable
+    if not kept:
+        assert sock.recv(1, socket.MSG_PEEK) == b"", "the unread body was taken for requests"
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     headers = {"Authorization": f"Bearer {token()}", "Content-Type": "application/json"}
     conn.request("POST", "/v1/recs/events", orjson.dumps(_event(0)), headers)
     third = conn.getresponse()
     assert third.status == 201 and orjson.loads(third.read())["status"] == "accepted"
-    assert conn.sock is sock  # all three on one connection
+    assert not kept or conn.sock is sock  # kept: all three on one connection
     conn.close()
 
 
