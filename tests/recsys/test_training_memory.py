@@ -295,6 +295,10 @@ def test_a_dataset_is_the_plain_fold_onto_its_maps_whatever_the_frames_chunks(
         np.testing.assert_array_equal(data.last_days.data, a.last_days.data)
         np.testing.assert_array_equal(data.buy.data, a.buy.data)
     assert list(a.user_ids) == sorted(plain.frame["user_id"].unique().to_list())
+    for data in (b, ranged):  # (ranged: the maps from the ranges' users, numbered range by range)
+        assert list(data.user_ids) == list(a.user_ids)
+        assert list(data.item_ids) == list(a.item_ids)
+        np.testing.assert_array_equal(data.item_age_days, a.item_age_days)
 
 
 @pytest.mark.parametrize("validation_fraction", [0.2, 0.1])
