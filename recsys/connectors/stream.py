@@ -126,7 +126,7 @@ async def _consume(
         while max_messages is None or summary.rows + summary.rejects < max_messages:
             try:
                 msgs = await psub.fetch(batch, timeout=idle_s)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats.errors.TimeoutError, or (nats-py 2.16) asyncio's own
                 break
             fresh = [m for m in msgs if m.metadata.sequence.stream > landed]
             summary.skipped += len(msgs) - len(fresh)
