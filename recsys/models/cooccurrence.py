@@ -23,8 +23,10 @@ def prune_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
     m.sort_indices()
     lens = np.diff(m.indptr)
     keep = np.ones(m.nnz, dtype=bool)
+    kept = lens.astype(np.int64)  # each row's kept entries (no row index per entry)
     if k <= 0:
         keep[:] = False
+        kept[:] = 0
     else:
         for r in np.flatnonzero(lens > k):
             lo, hi = m.indptr[r], m.indptr[r + 1]
@@ -34,9 +36,9 @@ def prune_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
             ties = np.flatnonzero(d == kth)[: k - int(row_keep.sum())]  # lower columns first
             row_keep[ties] = True
             keep[lo:hi] = row_keep
-    rows = np.repeat(np.arange(m.shape[0]), lens)
+            kept[r] = int(row_keep.sum())
     indptr = np.zeros(m.shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows[keep], minlength=m.shape[0]), out=indptr[1:])
+    np.cumsum(kept, out=indptr[1:])
     return sp.csr_matrix((m.data[keep], m.indices[keep], indptr), shape=m.shape)
 
 
