@@ -198,6 +198,16 @@ def _numbered(
     return joined.sort("user_idx", "item_idx").select("user_id", "item_id", *index)
 
 
+def _numbered_ranges(ranges, imap: pl.DataFrame, ids: bool = True):
+    """`_numbered` of each range of users' pairs, from an iterable of (pairs, the range's
+    users sorted), in user order: each range's users continue the previous range's indices,
+    so the frames in order are the whole frame sorted by (user_idx, item_idx)."""
+    offset = 0
+    for pairs, users in ranges:
+        yield _numbered(pairs, _index_map(users, "user", offset), imap, ids)
+        offset += len(users)
+
+
 def _index_map(ids, name: str, first: int = 0) -> pl.DataFrame:
     """(<name>_id, <name>_idx): `ids` numbered from `first`."""
     return pl.DataFrame(
@@ -347,10 +357,7 @@ def write_interactions(
         n_users = sum(len(users) for _, users in ranges)
 
         def numbered():
-            offset = 0
-            for part, users in ranges:
-                yield _numbered(pl.read_parquet(part), _index_map(users, "user", offset), imap)
-                offset += len(users)
+            yield from _numbered_ranges(((pl.read_parquet(p), u) for p, u in ranges), imap)
             if not ranges:  # no events: the empty frame, for its schema
                 yield interactions(pl.DataFrame(schema=EVENT_SCHEMA), weights).frame
 
@@ -790,16 +797,15 @@ def build_dataset(
     if include_catalog_items and items.height:
         item_ids |= set(items["item_id"].to_list())
     item_ids = np.array(sorted(item_ids), dtype=object)
-    # numbered a range at a time, by index only (their id strings are not gathered by the
-    # sorts nor held): each range sorted by (user_idx, item_idx), in user order, is the
-    # whole frame's sort
-    imap, first, numbered = _index_map(item_ids, "item"), 0, []
-    for k, part_users in enumerate(range_users):
-        umap = _index_map(part_users, "user", first)
-        numbered.append(_numbered(parts[k], umap, imap, False))
-        parts[k], first = None, first + len(part_users)
+    # numbered a range at a time (each range's pairs dropped as it is numbered), by index
+    # only: their id strings are not gathered by the sorts nor held
+    numbered = list(
+        _numbered_ranges(
+            ((parts.pop(0), users) for users in range_users), _index_map(item_ids, "item"), False
+        )
+    )
     frame = pl.concat(numbered) if len(numbered) > 1 else numbered[0]
-    del parts, numbered, range_users
+    del numbered, range_users
     n_users, n_items = len(user_ids), len(item_ids)
     confidence = _csr(frame, "confidence", n_users, n_items)
 
@@ -812,9 +818,7 @@ def build_dataset(
     # engine (the in-memory group-by held the decayed weights of every event and their
     # temporaries, ~+0.5 GiB at 10M; Polars sums a group in an order of its own either way)
     w = _weight_expr(
-        DEFAULT_EVENT_WEIGHTS if weights is None else weights,
-        trending_half_life_days,
-        now if events.height else None,
+        DEFAULT_EVENT_WEIGHTS if weights is None else weights, trending_half_life_days, now
     )
     tr = (
         events.lazy()
