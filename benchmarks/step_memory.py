@@ -1,7 +1,7 @@
 """Peak memory and CPU of pipeline steps, each run alone in a fresh process, on a data root a
 whole run has filled (``benchmarks/pipeline_e2e.py --data-root DIR`` keeps one).
 
-    .venv/bin/python benchmarks/step_memory.py --data-root DIR [interactions model_evaluation]
+    .venv/bin/python benchmarks/step_memory.py --data-root DIR [--config JSON] [step ...]
 
 A step is named as in the run (`train_models`, `user_recommendations`) or by an asset key it
 materialises (`ranker_model` runs `train_models`).
@@ -32,8 +32,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = """
-import os, resource, sys, time
-step, root = sys.argv[1], sys.argv[2]
+import json, os, resource, sys, time
+step, root, config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 import dagster as dg
 from pipelines.definitions import defs
 from pipelines.resources import IngestPolicy, MlflowResource, StorageResource
@@ -44,7 +44,8 @@ t = time.perf_counter()
 if step != "-":  # a step (op) name, or an asset key of it (a multi-asset's: any one)
     steps = {a.node_def.name: a for a in defs.assets if isinstance(a, dg.AssetsDefinition)}
     asset = steps.get(step) or defs.get_assets_def(dg.AssetKey(step))
-    result = dg.materialize([asset], resources=resources, raise_on_error=True)
+    run = {"ops": {asset.node_def.name: {"config": config}}} if config else None
+    result = dg.materialize([asset], resources=resources, raise_on_error=True, run_config=run)
     assert result.success
 print(f"{time.perf_counter() - t:.2f}")
 """
@@ -54,8 +55,9 @@ def load_avg() -> str:
     return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run_step(step: str, root: str) -> tuple[float, float, float]:
-    """(peak RSS MiB, CPU s, wall s of the step itself) of `step` in a fresh child."""
+def run_step(step: str, root: str, config: str = "{}") -> tuple[float, float, float]:
+    """(peak RSS MiB, CPU s, wall s of the step itself) of `step` in a fresh child, its op
+    config `config` (JSON)."""
     env = {**os.environ, "RECSYS_DATA_ROOT": root, "PYTHONPATH": ROOT}
     # one child at a time: RUSAGE_CHILDREN's maxrss is the largest child so far, so each
     # step runs in a fresh grandchild measured by its own wrapper
@@ -66,7 +68,7 @@ def run_step(step: str, root: str) -> tuple[float, float, float]:
         "print(out.strip().splitlines()[-1], u.ru_maxrss, u.ru_utime + u.ru_stime)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", wrapper, sys.executable, "-c", CHILD, step, root],
+        [sys.executable, "-c", wrapper, sys.executable, "-c", CHILD, step, root, config],
         check=True, capture_output=True, text=True, env=env, cwd=ROOT,
     ).stdout  # fmt: skip
     wall, maxrss_kib, cpu = out.split()
@@ -77,12 +79,18 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-root", required=True)
     ap.add_argument("steps", nargs="*", default=["interactions", "model_evaluation"])
+    ap.add_argument(
+        "--config",
+        default="{}",
+        help="the steps' op config as JSON, e.g. '{\"refits_beside_max_events\": 0}' for "
+        "train_models with its refits one after another (default: the step's defaults)",
+    )
     args = ap.parse_args()
     root = os.path.abspath(args.data_root)
-    print(f"code {ROOT}, data root {root} ({load_avg()})")
+    print(f"code {ROOT}, data root {root}, config {args.config} ({load_avg()})")
     print(f"{'step':<24} {'peak RSS MiB':>12} {'CPU s':>8} {'step wall s':>11}")
     for step in ["-", *args.steps]:
-        mib, cpu, wall = run_step(step, root)
+        mib, cpu, wall = run_step(step, root, args.config if step != "-" else "{}")
         name = "(imports only)" if step == "-" else step
         print(f"{name:<24} {mib:12.0f} {cpu:8.1f} {wall:11.1f}", flush=True)
     print(f"after: {load_avg()}")
