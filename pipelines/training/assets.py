@@ -16,7 +16,7 @@ import json
 import posixpath
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import dagster as dg
 import polars as pl
@@ -44,7 +44,6 @@ from recsys.storage import Storage
 from recsys.tenancy import is_valid_tenant
 
 GROUP = "training"
-VARIANTS = ("eval", "final")  # fitted on the train part / on all events
 #: asset name -> the generators it stands for in the hybrid
 GENERATOR_ASSETS: dict[str, tuple[str, ...]] = {
     "popularity_model": ("popularity", "category"),
@@ -349,51 +348,45 @@ def train_models(
                 context.log.info(f"{tenant}/{name}: catalogue as of its cut-off: {report}")
         cfg = hybrid_config(store, tenant, config)
         importance: dict[str, Any] = {}  # the evaluated ranker's, beside the published fit
+        saved: dict[str, _Saved] = {}  # variant -> what the tables below read of it
+        save = functools.partial(_save_fitted, store, tenant, importance, saved)
         if split["skip"]:
-            models = {
-                "eval": popularity_only(train, eval_items, eval_users, cfg, split["skip"], False),
-                "final": popularity_only(events, items, users, cfg, split["skip"], True),
-            }
+            save("eval", popularity_only(train, eval_items, eval_users, cfg, split["skip"], False))
+            save("final", popularity_only(events, items, users, cfg, split["skip"], True))
         else:
-            models = dict(
-                zip(
-                    VARIANTS,
-                    fit_eval_and_final(
-                        events, items, users, cfg, split["test_fraction"],
-                        eval_catalogue=(eval_items, eval_users),
-                        beside_eval=functools.partial(
-                            _ranker_importance, importance, events, split["test_fraction"], cfg.seed
-                        ),
-                        refits_beside=events.height <= config.refits_beside_max_events,
-                    ),
-                    strict=True,
-                )
+            # the evaluated model is saved (and dropped) before the refit on all events ends
+            _, final = fit_eval_and_final(
+                events, items, users, cfg, split["test_fraction"],
+                eval_catalogue=(eval_items, eval_users),
+                beside_eval=functools.partial(
+                    _ranker_importance, importance, events, split["test_fraction"], cfg.seed
+                ),
+                refits_beside=events.height <= config.refits_beside_max_events,
+                on_eval=functools.partial(save, "eval"),
             )  # fmt: skip
-        if "value" in importance:
-            models["final"].info["permutation_importance"] = importance["value"]
-        for variant, model in models.items():
-            save_model(store, model, model_path(store, tenant, variant, "hybrid"))
+            save("final", final)
+            del final
         seconds = round(time.perf_counter() - t0, 2)
         chosen[tenant] = {
-            k: models["eval"].info[k]
+            k: saved["eval"].info[k]
             for k in ("tuning", "lightfm_early_stopping", "selection")
-            if k in models["eval"].info
+            if k in saved["eval"].info
         }
-        for variant, model in models.items():
+        for variant, model in saved.items():
             info = model.info
             gen_seconds = info.get("generator_seconds", {})
             skipped = {**info.get("generators_skipped", {})}
             for asset, names in GENERATOR_ASSETS.items():
                 for name in names:
-                    if name not in model.generators_ and name not in skipped:
+                    if name not in model.generators and name not in skipped:
                         skipped[name] = split["skip"] or "too little data"
                     gen_rows[asset].append(
                         {
                             "tenant": tenant,
                             "variant": variant,
                             "model": name,
-                            "users": len(model.user_ids_),
-                            "items": len(model.item_ids_),
+                            "users": model.n_users,
+                            "items": model.n_items,
                             "seconds": round(gen_seconds.get(name, 0.0), 3),
                             "skipped": skipped.get(name, ""),
                         }
@@ -420,9 +413,9 @@ def train_models(
                     f"order falls back to {info['fallback_order']}"
                 )
         context.log.info(f"{tenant}: eval and final models fitted in {seconds}s")
-        selection = models["final"].info.get("selection") or {}
+        selection = saved["final"].info.get("selection") or {}
         context.log.info(
-            f"{tenant}: serves {models['final'].info.get('served_by')} "
+            f"{tenant}: serves {saved['final'].info.get('served_by')} "
             f"({selection.get('reason', 'no selection recorded')})"
         )
     params = config.model_dump()
@@ -444,6 +437,26 @@ def train_models(
             "params": dg.MetadataValue.json(params["ranker"]),
             "chosen_on_validation": dg.MetadataValue.json(chosen),
         },
+    )
+
+
+class _Saved(NamedTuple):
+    """What the step's tables read of a saved model."""
+
+    info: dict[str, Any]
+    generators: frozenset[str]
+    n_users: int
+    n_items: int
+
+
+def _save_fitted(store, tenant: str, importance: dict, saved: dict, variant: str, model) -> None:
+    """Save a tenant's fitted model (the published one with the evaluated ranker's
+    importance) and keep in ``saved[variant]`` only what the step's tables read of it."""
+    if variant == "final" and "value" in importance:
+        model.info["permutation_importance"] = importance["value"]
+    save_model(store, model, model_path(store, tenant, variant, "hybrid"))
+    saved[variant] = _Saved(
+        model.info, frozenset(model.generators_), len(model.user_ids_), len(model.item_ids_)
     )
 
 

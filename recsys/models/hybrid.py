@@ -652,7 +652,8 @@ def fit_eval_and_final(
     eval_catalogue: tuple[pl.DataFrame | None, pl.DataFrame | None] | None = None,
     beside_eval: Callable[[HybridRecommender], None] | None = None,
     refits_beside: bool = True,
-) -> tuple[HybridRecommender, HybridRecommender]:
+    on_eval: Callable[[HybridRecommender], None] | None = None,
+) -> tuple[HybridRecommender | None, HybridRecommender]:
     """The two models a pipeline run needs: the evaluated one and the published one, fitted
     by the same procedure (:meth:`HybridRecommender.fit`) one window apart.
 
@@ -661,6 +662,12 @@ def fit_eval_and_final(
     e.g. its permutation importance, then uses the core those leave); it has returned when
     this function returns. (Beside the ranker as well, their candidate rows were held at
     once: ~300 MiB more at the step's peak on 3M demo events.)
+
+    `on_eval`, when given, is called with the evaluated model as soon as nothing more is done
+    with it (after `beside_eval`, before the refit on all events is collected), to save it;
+    the function then holds it no longer and returns None in its place. (Held to the end, it
+    and its dataset sat beside the refit on all events: ~1 GiB of the step's peak at 10M
+    demo events, with the refits one after another.)
 
     `items` and `users` are the catalogue the published model reads; `eval_catalogue`, when
     given, the (items, users) the evaluated one reads instead (the catalogue as of its own,
@@ -773,11 +780,15 @@ def fit_eval_and_final(
             beside_eval(eval_model)
         if final_cfg.served == HYBRID:  # R2's window (when not S2's): not held beside S3
             del data, gens, side, holdout
+        eval_info = eval_model.info
+        if on_eval is not None:  # handed over (saved): not held beside S3's refit
+            on_eval(eval_model)
+            eval_model = None
         data, generators, skipped, seconds = refit.result()
     info["generators_skipped"], info["generator_seconds"] = skipped, seconds
     for k in ("tuning", "lightfm_early_stopping"):
-        if k in eval_model.info:
-            info[k] = eval_model.info[k]
+        if k in eval_info:
+            info[k] = eval_info[k]
     model._assemble(generators, data, info)
     return eval_model, model
 

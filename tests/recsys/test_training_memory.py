@@ -305,7 +305,12 @@ def test_a_dataset_is_the_plain_fold_onto_its_maps_whatever_the_frames_chunks(
 def test_refits_after_the_window_work_are_the_refits_beside_it(tmp_path, validation_fraction):
     """`refits_beside=False` (a large tenant: `TrainingConfig.refits_beside_max_events`) fits
     each refit once the work before it is done instead of in threads beside it: the evaluated
-    and the published models are the same, file for file (R2 on S2's window, and on its own)."""
+    and the published models are the same, file for file (R2 on S2's window, and on its own).
+    So are they when the evaluated model is handed to `on_eval` (saved there, as the training
+    step does) and no longer held: the function returns None for it, and nothing keeps it."""
+    import gc
+    import weakref
+
     from synthetic_events import FAST_HYBRID, cluster_events, cluster_items
 
     from recsys.models.hybrid import HybridConfig, fit_eval_and_final
@@ -314,27 +319,40 @@ def test_refits_after_the_window_work_are_the_refits_beside_it(tmp_path, validat
     items = cluster_items(40)
     cfg = {**FAST_HYBRID, "validation_fraction": validation_fraction}
     runs = {}
-    for beside in (True, False):
-        importance = []  # `beside_eval` is called in both ways, on the evaluated model
-        models = fit_eval_and_final(
+    for way in ("beside", "after", "after, handed over", "beside, handed over"):
+        importance = []  # `beside_eval` is called in every way, on the evaluated model
+        handed = []  # (the folder saved by `on_eval`, a weak reference to the model)
+
+        def on_eval(m, way=way, handed=handed):
+            handed.append((_saved_folder(m, tmp_path / f"{way}-eval"), weakref.ref(m)))
+
+        ev, final = fit_eval_and_final(
             events,
             items,
             None,
             HybridConfig(**cfg),
             0.2,
             beside_eval=lambda m, seen=importance: seen.append(sorted(m.generators_)),
-            refits_beside=beside,
+            refits_beside=way.startswith("beside"),
+            on_eval=on_eval if way.endswith("handed over") else None,
         )
-        assert importance == [sorted(models[0].generators_)]
-        runs[beside] = [
-            _saved_folder(m, tmp_path / f"{beside}-{v}")
-            for v, m in zip(("eval", "final"), models, strict=True)
-        ]
-    assert models[1].ranker_ is not None
-    for variant, want, got in zip(("eval", "final"), runs[True], runs[False], strict=True):
-        assert sorted(got) == sorted(want) and len(want) > 10
-        for name in want:
-            assert got[name] == want[name], f"{variant}/{name}"
+        if ev is None:
+            ((eval_files, alive),) = handed
+            gc.collect()
+            assert alive() is None  # dropped once saved
+            assert len(importance) == 1 and len(importance[0]) > 3
+        else:
+            assert not handed and importance == [sorted(ev.generators_)]
+            eval_files = _saved_folder(ev, tmp_path / f"{way}-eval")
+        runs[way] = [eval_files, _saved_folder(final, tmp_path / f"{way}-final")]
+        assert final.ranker_ is not None
+    assert set(runs) == {"beside", "after", "after, handed over", "beside, handed over"}
+    want_runs = runs.pop("beside")
+    for way, got_runs in runs.items():
+        for variant, want, got in zip(("eval", "final"), want_runs, got_runs, strict=True):
+            assert sorted(got) == sorted(want) and len(want) > 10
+            for name in want:
+                assert got[name] == want[name], f"{way}: {variant}/{name}"
 
 
 def test_sequence_similarity_reads_the_transitions_without_copies_same_bits():
