@@ -534,10 +534,11 @@ def holdout_pairs(
     Keeps pairs with a positive total weight whose user and item both appear in train, and
     drops pairs the user already had in train.
 
-    Lazy scans are read by Polars' streaming engine: memory holds the later window's pairs
-    (and the train users, items and pairs among them), not the events of either part.
+    Polars' streaming engine reads the parts, lazy scans or frames: memory holds the later
+    window's pairs (and the train users, items and pairs among them), not the events of
+    either part. (In memory, the joins of the frames held each a copy of the train events'
+    matches: +860 MiB at 10M demo events against +130 MiB streamed, and 4.5 s against 2.6 s.)
     """
-    lazy = isinstance(train_events, pl.LazyFrame) or isinstance(holdout_events, pl.LazyFrame)
     if isinstance(holdout_events, pl.LazyFrame):  # folded a range of users at a time
         parts = [
             p.select("user_id", "item_id")
@@ -557,7 +558,7 @@ def holdout_pairs(
         .join(items.unique(), on="item_id", how="semi")
         .join(seen, on=["user_id", "item_id"], how="anti")
         .sort("user_id", "item_id")
-        .collect(engine="streaming" if lazy else "in-memory")
+        .collect(engine="streaming")
     )
 
 
