@@ -627,7 +627,7 @@ def sequence_transitions(
             .select("u", "i", "timestamp", "event_id")
             .sort("u", "timestamp", "event_id")
             .select(pl.col("u").cast(pl.Int32), pl.col("i").cast(pl.Int32))
-            .collect()
+            .collect(engine="streaming")
         )
         us.append(seq["u"].to_numpy())
         its.append(seq["i"].to_numpy())
