@@ -18,6 +18,9 @@ import scipy.sparse as sp
 from recsys.models.data import Dataset
 from recsys.models.topk import top_k
 
+#: at most this many scores (users x items, float32: 128 MiB) in one batch of `recommend`
+SCORE_CELLS = 1 << 25
+
 MODEL_CLASSES: dict[str, type[Recommender]] = {}
 
 
@@ -136,8 +139,13 @@ class Recommender(ABC):
         exclude_seen: bool = True,
         batch_size: int = 1024,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-`k` item indices and scores per user, best first (k columns, -inf padded)."""
+        """Top-`k` item indices and scores per user, best first (k columns, -inf padded).
+
+        A batch holds at most `SCORE_CELLS` dense scores: fewer users than `batch_size` when
+        the items are many (1,024 users x 100k items were 400 MiB at once; the lists do not
+        depend on the batches)."""
         user_idx = np.asarray(user_idx, dtype=np.int64)
+        batch_size = max(1, min(batch_size, SCORE_CELLS // max(self.n_items_, 1)))
         out_i, out_s = [], []
         for start in range(0, len(user_idx), batch_size):
             batch = user_idx[start : start + batch_size]

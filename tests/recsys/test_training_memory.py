@@ -416,3 +416,29 @@ def test_event_types_held_as_a_categorical_give_the_same_models(tmp_path):
         assert sorted(g) == sorted(w) and len(w) > 10
         for name in w:
             assert g[name] == w[name], f"{variant}/{name}"
+
+
+def test_recommend_batches_bounded_by_score_cells_give_the_same_lists(monkeypatch):
+    """`Recommender.recommend` scores fewer users a batch when the items are many (at most
+    `SCORE_CELLS` dense scores): the same lists and scores as one batch of every user."""
+    from synthetic_events import cluster_events, cluster_items
+
+    from recsys.models import base
+    from recsys.models.cooccurrence import CooccurrenceRecommender
+    from recsys.models.data import build_dataset
+
+    events = cluster_events(np.random.default_rng(3), n_users=90, n_items=40, per_user=10)
+    data = build_dataset(events, cluster_items(40), None)
+    model = CooccurrenceRecommender().fit(data)
+    users = np.arange(data.n_users)
+    want = model.recommend(users, 7, batch_size=1024)
+    score, sizes = model.score, []
+    monkeypatch.setattr(model, "score", lambda batch: sizes.append(len(batch)) or score(batch))
+    for cells, size in ((data.n_items * 7, 7), (data.n_items - 1, 1), (1, 1)):
+        monkeypatch.setattr(base, "SCORE_CELLS", cells)
+        sizes.clear()
+        got = model.recommend(users, 7, batch_size=1024)
+        assert max(sizes) == size and sum(sizes) == len(users)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    assert np.isfinite(want[1][:, 0]).all()
