@@ -814,6 +814,7 @@ def build_dataset(
     buy = interactions(
         buy_events, weights, half_life_days, now, user_ids=user_ids, item_ids=item_ids
     ).matrix()
+    del buy_events
 
     # Trending: the same weights with a short half-life, summed per item by the streaming
     # engine (the in-memory group-by held the decayed weights of every event and their
@@ -875,6 +876,8 @@ def build_dataset(
     )
     user_segment, segments = _codes(useg["segment"].to_list())
     last_days = _last_days(frame, n_users, n_items, now)
+    n_pairs = frame.height
+    del frame, side, useg, first_seen  # (not held beside the transitions' build)
     transitions = sequence_transitions(events, weights, user_ids, item_ids)
 
     return Dataset(
@@ -899,7 +902,7 @@ def build_dataset(
         transitions=transitions,
         info={
             "n_events": events.height,
-            "n_pairs": frame.height,
+            "n_pairs": n_pairs,
             "weights": dict(DEFAULT_EVENT_WEIGHTS if weights is None else weights),
             "half_life_days": half_life_days,
         },
