@@ -442,3 +442,38 @@ def test_recommend_batches_bounded_by_score_cells_give_the_same_lists(monkeypatc
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
     assert np.isfinite(want[1][:, 0]).all()
+
+
+def test_ranker_rows_in_batches_bounded_by_score_cells_are_the_same(monkeypatch):
+    """`train_ranker` builds its candidate rows in batches of at most `SCORE_CELLS` dense
+    scores (each dense generator's block is held until the batch's rows are built): the same
+    trees and the same validation figures as with batches of 512 users."""
+    from synthetic_events import FAST_HYBRID, cluster_events, cluster_items
+
+    from recsys.evaluation.evaluate import build_holdout
+    from recsys.models import hybrid
+    from recsys.models.data import build_dataset, temporal_split
+
+    events = cluster_events(np.random.default_rng(8), n_users=150, n_items=40, per_user=12)
+    cfg = hybrid.HybridConfig(**FAST_HYBRID)
+    split = temporal_split(events, 0.0, 0.2)
+    data = build_dataset(split.fit, cluster_items(40), None)
+    gens, _, _ = hybrid.fit_generators(data, cfg)
+    side = hybrid.SideFeatures.from_data(data, gens["popularity"], cfg)
+    holdout = build_holdout(data, split.fit, split.validation)
+    runs = []
+    for cells in (None, data.n_items * 3):  # 512 users a batch (all), then 3
+        if cells is not None:
+            monkeypatch.setattr(hybrid, "SCORE_CELLS", cells)
+        ranker, info = hybrid.train_ranker(gens, side, data, holdout, cfg, compare=True)
+        runs.append((ranker.to_arrays(), info))
+    (want, want_info), (got, got_info) = runs
+    assert want_info["ranker_rows"] > 100 and sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    assert set(got_info["validation_per_user"]) == set(want_info["validation_per_user"])
+    for name, values in want_info["validation_per_user"].items():
+        np.testing.assert_array_equal(got_info["validation_per_user"][name], values)
+    assert {k: v for k, v in got_info.items() if k != "validation_per_user"} == {
+        k: v for k, v in want_info.items() if k != "validation_per_user"
+    }
