@@ -169,8 +169,8 @@ def load_replay(
     for j, name in enumerate(("pop", "cooc", "emb", "ranker")):
         signals[served.user_pos, rank, j] = getattr(served, name)
     bought = holdout_events.filter(pl.col("event_type") == "purchase").select("user_id", "item_id")
-    u = model.user_index(bought["user_id"].to_list())
-    i = model.item_index(bought["item_id"].to_list())
+    u = model.user_index(bought["user_id"])
+    i = model.item_index(bought["item_id"])
     pos_of = {int(x): p for p, x in enumerate(holdout.user_idx.tolist())}
     per_user: list[list[int]] = [[] for _ in range(n)]
     for uu, ii in zip(u.tolist(), i.tolist(), strict=True):

@@ -59,8 +59,8 @@ def build_holdout(
     """Positives of `holdout_events` per the protocol, mapped onto `data`'s index (anything
     with ``user_index`` / ``item_index``: a Dataset or a fitted HybridRecommender)."""
     pairs = holdout_pairs(train_events, holdout_events, weights)
-    u = data.user_index(pairs["user_id"].to_list())
-    i = data.item_index(pairs["item_id"].to_list())
+    u = data.user_index(pairs["user_id"])
+    i = data.item_index(pairs["item_id"])
     ok = (u >= 0) & (i >= 0)
     u, i = u[ok], i[ok]
     order = np.lexsort((i, u))

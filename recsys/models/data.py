@@ -749,11 +749,17 @@ class Dataset:
 
 
 def index_lookup(ids: np.ndarray, query) -> np.ndarray:
+    """The index of each id of `query` in `ids`, -1 where absent. `query`: a Polars Series of
+    ids (read as it is: no Python string per id), or any iterable of ids (compared as
+    strings)."""
     table = pl.DataFrame(
         {"id": list(ids), "idx": np.arange(len(ids), dtype=np.int64)},
         schema={"id": pl.String, "idx": pl.Int64},
     )
-    q = pl.DataFrame({"id": [str(x) for x in query]}, schema={"id": pl.String})
+    if isinstance(query, pl.Series):
+        q = query.cast(pl.String).alias("id").to_frame()
+    else:
+        q = pl.DataFrame({"id": [str(x) for x in query]}, schema={"id": pl.String})
     return q.join(table, on="id", how="left", maintain_order="left")["idx"].fill_null(-1).to_numpy()
 
 

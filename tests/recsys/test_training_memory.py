@@ -477,3 +477,17 @@ def test_ranker_rows_in_batches_bounded_by_score_cells_are_the_same(monkeypatch)
     assert {k: v for k, v in got_info.items() if k != "validation_per_user"} == {
         k: v for k, v in want_info.items() if k != "validation_per_user"
     }
+
+
+def test_index_lookup_of_a_series_is_that_of_its_strings():
+    """`index_lookup` reads a Polars Series of ids as it is (no Python string per id): the
+    same indices as the same ids given as a list, -1 for unknown ids and nulls."""
+    from recsys.models.data import index_lookup
+
+    ids = np.array(["a", "b", "c", "d"], dtype=object)
+    query = pl.Series("user_id", ["c", "x", None, "a", "d", "c", "b"], dtype=pl.String)
+    want = np.array([2, -1, -1, 0, 3, 2, 1])
+    np.testing.assert_array_equal(index_lookup(ids, query), want)
+    np.testing.assert_array_equal(index_lookup(ids, ["c", "x", "zz", "a", "d", "c", "b"]), want)
+    assert index_lookup(ids, query.cast(pl.Categorical)).tolist() == want.tolist()
+    assert index_lookup(ids, pl.Series([], dtype=pl.String)).shape == (0,)
