@@ -669,8 +669,7 @@ def fit_eval_and_final(
     `on_eval`, when given, is called with the evaluated model as soon as nothing more is done
     with it (after `beside_eval`, before the refit on all events is collected), to save it;
     the function then holds it no longer and returns None in its place. (Held to the end, it
-    and its dataset sat beside the refit on all events: ~1 GiB of the step's peak at 10M
-    demo events, with the refits one after another.)
+    and its dataset sat beside the refit on all events and the published model's saving.)
 
     `items` and `users` are the catalogue the published model reads; `eval_catalogue`, when
     given, the (items, users) the evaluated one reads instead (the catalogue as of its own,
