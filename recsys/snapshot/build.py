@@ -311,6 +311,8 @@ def fallback_lists(
         mask[group["i"].to_numpy()] = True
         out[f"tag:{tag}"] = top(mask, pop)
     if users is not None and events is not None and "segment" in users.columns:
+        from recsys.models.data import event_weight_expr  # (a streamed weight: see there)
+
         w = dict(DEFAULT_EVENT_WEIGHTS, **(weights or {}))
         item_pos = indexed.select("item_id", "i")
         # lazy and streamed: a scan of the events is folded to (segment, item) sums without
@@ -319,11 +321,7 @@ def fallback_lists(
             events.lazy()
             .select("user_id", "item_id", "event_type")
             .join(users.lazy().select("user_id", "segment").drop_nulls(), on="user_id")
-            .with_columns(
-                pl.col("event_type")
-                .replace_strict(w, default=0.0, return_dtype=pl.Float64)
-                .alias("w")
-            )
+            .with_columns(event_weight_expr(w).alias("w"))
             .filter(pl.col("w") > 0)
             .group_by("segment", "item_id")
             .agg(pl.col("w").sum())

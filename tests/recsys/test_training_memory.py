@@ -491,3 +491,36 @@ def test_index_lookup_of_a_series_is_that_of_its_strings():
     np.testing.assert_array_equal(index_lookup(ids, ["c", "x", "zz", "a", "d", "c", "b"]), want)
     assert index_lookup(ids, query.cast(pl.Categorical)).tolist() == want.tolist()
     assert index_lookup(ids, pl.Series([], dtype=pl.String)).shape == (0,)
+
+
+def test_event_weights_without_replace_strict_are_the_same_and_streamed(tmp_path):
+    """`event_weight_expr` weighs events with a chain of `when` (Polars does not stream
+    `replace_strict`: a lazy scan weighed with it was collected whole before its fold): the
+    same Float64 weights as `replace_strict` gave, for every type, an unknown one, a null,
+    a categorical column and no weights at all; and a streamed fold of a scan gives the same
+    sums as the in-memory one."""
+    from recsys.models.data import event_weight_expr
+
+    weights = {"view": 1.0, "add_to_cart": 3.0, "purchase": 5.0, "like": 0.5, "dislike": -1.0}
+    types = ["view", None, "purchase", "zzz", "dislike", "like", "add_to_cart", "", "view"]
+    frame = pl.DataFrame({"event_type": types, "item_id": list("abcabcabc")})
+    for w in (weights, {}, {"view": 2.0}):
+        want = frame.select(
+            pl.col("event_type").replace_strict(
+                list(w), [float(v) for v in w.values()], default=0.0, return_dtype=pl.Float64
+            )
+        ).to_series()
+        for f in (frame, frame.with_columns(pl.col("event_type").cast(pl.Categorical))):
+            got = f.select(event_weight_expr(w)).to_series()
+            assert got.dtype == pl.Float64 and got.to_list() == want.to_list()
+    assert frame.select(event_weight_expr({})).height == frame.height  # a column, not a scalar
+    path = tmp_path / "events.parquet"
+    frame.write_parquet(path)
+    fold = (
+        pl.scan_parquet(path)
+        .group_by("item_id")
+        .agg(event_weight_expr(weights).sum().alias("w"))
+        .sort("item_id")
+    )
+    streamed, in_memory = fold.collect(engine="streaming"), fold.collect(engine="in-memory")
+    assert streamed.equals(in_memory) and streamed["w"].to_list() == [4.0, -1.0, 6.5]
