@@ -18,8 +18,15 @@ import scipy.sparse as sp
 from recsys.models.data import Dataset
 from recsys.models.topk import top_k
 
-#: at most this many scores (users x items, float32: 128 MiB) in one batch of `recommend`
+#: at most this many dense scores (users x items, float32: 128 MiB) in one batch of users
 SCORE_CELLS = 1 << 25
+
+
+def score_batch(batch_size: int, n_items: int) -> int:
+    """`batch_size`, lowered so that a batch's dense scores over `n_items` items stay within
+    `SCORE_CELLS` (at least one user)."""
+    return max(1, min(batch_size, SCORE_CELLS // max(n_items, 1)))
+
 
 MODEL_CLASSES: dict[str, type[Recommender]] = {}
 
@@ -145,7 +152,7 @@ class Recommender(ABC):
         the items are many (1,024 users x 100k items were 400 MiB at once; the lists do not
         depend on the batches)."""
         user_idx = np.asarray(user_idx, dtype=np.int64)
-        batch_size = max(1, min(batch_size, SCORE_CELLS // max(self.n_items_, 1)))
+        batch_size = score_batch(batch_size, self.n_items_)
         out_i, out_s = [], []
         for start in range(0, len(user_idx), batch_size):
             batch = user_idx[start : start + batch_size]

@@ -36,7 +36,7 @@ import polars as pl
 
 from recsys.evaluation.evaluate import Holdout, build_holdout
 from recsys.evaluation.metrics import bootstrap_ci, ndcg_at_k, popularity_percentile
-from recsys.models.base import SCORE_CELLS, Recommender, mask_rows
+from recsys.models.base import Recommender, mask_rows, score_batch
 from recsys.models.cooccurrence import CooccurrenceRecommender
 from recsys.models.data import Dataset, build_dataset, index_lookup, temporal_split
 from recsys.models.ease import EASERecommender
@@ -512,7 +512,7 @@ def train_ranker(
     sample, rest = _split_holdout(holdout, c.max_ranker_users, c.seed)
     # a generator's dense scores of a batch are held until its rows are built: at most
     # `SCORE_CELLS` each (the rows do not depend on the batches)
-    batch_size = max(1, min(batch_size, SCORE_CELLS // max(data.n_items, 1)))
+    batch_size = score_batch(batch_size, data.n_items)
 
     def labelled(users: Holdout, start: int):
         batch = users.user_idx[start : start + batch_size]

@@ -451,7 +451,7 @@ def test_ranker_rows_in_batches_bounded_by_score_cells_are_the_same(monkeypatch)
     from synthetic_events import FAST_HYBRID, cluster_events, cluster_items
 
     from recsys.evaluation.evaluate import build_holdout
-    from recsys.models import hybrid
+    from recsys.models import base, hybrid
     from recsys.models.data import build_dataset, temporal_split
 
     events = cluster_events(np.random.default_rng(8), n_users=150, n_items=40, per_user=12)
@@ -464,7 +464,7 @@ def test_ranker_rows_in_batches_bounded_by_score_cells_are_the_same(monkeypatch)
     runs = []
     for cells in (None, data.n_items * 3):  # 512 users a batch (all), then 3
         if cells is not None:
-            monkeypatch.setattr(hybrid, "SCORE_CELLS", cells)
+            monkeypatch.setattr(base, "SCORE_CELLS", cells)
         ranker, info = hybrid.train_ranker(gens, side, data, holdout, cfg, compare=True)
         runs.append((ranker.to_arrays(), info))
     (want, want_info), (got, got_info) = runs
