@@ -80,9 +80,12 @@ def read_inputs(
     (the train part, the fit's windows, the permutation importance's parts) is slices of this
     frame, not a sorted copy beside it (three were held beside the frame as read). Their type
     is held as a Categorical (a few distinct values: 4 bytes an event instead of a 16-byte
-    string view; 852 -> 713 MiB for 10M demo events; the same models, tested)."""
+    string view; 852 -> 713 MiB for 10M demo events; the same models, tested), and their ids
+    by their ranks in time order (`collect_in_time_order`'s `rank_ids`: all the models read of
+    an id is that order)."""
     scan = ingest.scan_events(store, tenant).select(MODEL_EVENT_COLUMNS)
-    events = collect_in_time_order(scan.with_columns(pl.col("event_type").cast(pl.Categorical)))
+    typed = scan.with_columns(pl.col("event_type").cast(pl.Categorical))
+    events = collect_in_time_order(typed, rank_ids=True)
     tables = []
     for name in ("items", "users"):
         path = store.table_path(tenant, name)

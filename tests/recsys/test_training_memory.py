@@ -524,3 +524,60 @@ def test_event_weights_without_replace_strict_are_the_same_and_streamed(tmp_path
     )
     streamed, in_memory = fold.collect(engine="streaming"), fold.collect(engine="in-memory")
     assert streamed.equals(in_memory) and streamed["w"].to_list() == [4.0, -1.0, 6.5]
+
+
+@pytest.mark.parametrize("max_events", [150, 4_000_000])
+def test_event_ids_held_as_their_ranks_give_the_same_order_and_models(tmp_path, max_events):
+    """`collect_in_time_order(..., rank_ids=True)` (what `read_inputs` holds) is the frame
+    without it, with each event id replaced by its row number: so its splits are the same
+    slices, and every model fitted, evaluated and published from it is the same, file for
+    file, as are the holdout pairs and a user's sequence, on events with many ties in time
+    whose ids sort otherwise as strings than as numbers (e10 < e9), in one run or several."""
+    from synthetic_events import FAST_HYBRID, cluster_events, cluster_items
+
+    from recsys.models.data import (
+        collect_in_time_order,
+        holdout_pairs,
+        sequence_transitions,
+        temporal_split,
+    )
+    from recsys.models.hybrid import HybridConfig, fit_eval_and_final
+
+    rng = np.random.default_rng(13)
+    events = cluster_events(rng, n_users=120, n_items=40, per_user=12).with_columns(
+        pl.col("timestamp").dt.truncate("1h")  # ~60 events an hour share their timestamp
+    )
+    scan = _shuffled_events_in_parquet(tmp_path, events, rng, rows_per_file=100)
+    plain = collect_in_time_order(scan, max_events)
+    ranked = collect_in_time_order(scan, max_events, rank_ids=True)
+    assert ranked.schema["event_id"] == pl.UInt32 and ranked.n_chunks() == plain.n_chunks()
+    assert ranked["event_id"].to_list() == list(range(plain.height))
+    assert ranked.drop("event_id").equals(plain.drop("event_id"))
+    assert plain["timestamp"].n_unique() < plain.height / 20
+    assert plain["event_id"].to_list() != sorted(
+        plain["event_id"].to_list(), key=lambda e: int(e[1:])
+    )
+    split_plain, split_ranked = temporal_split(plain, 0.2, 0.15), temporal_split(ranked, 0.2, 0.15)
+    for part in ("fit", "validation", "test"):
+        a, b = getattr(split_plain, part), getattr(split_ranked, part)
+        assert a.height and a.drop("event_id").equals(b.drop("event_id")), part
+    users = np.array(sorted(plain["user_id"].unique()), dtype=object)
+    items = np.array(sorted(plain["item_id"].unique()), dtype=object)
+    a = sequence_transitions(plain, None, users, items, max_events=500)
+    b = sequence_transitions(ranked, None, users, items, max_events=500)
+    assert a.nnz > 100 and (a != b).nnz == 0
+    got = {}
+    for name, frame in (("plain", plain), ("ranked", ranked)):
+        split = temporal_split(frame, 0.2)
+        got[name] = [holdout_pairs(split.train, split.test).rows()]
+        ev, final = fit_eval_and_final(
+            frame, cluster_items(40), None, HybridConfig(**FAST_HYBRID), 0.2
+        )
+        got[name] += [_saved_folder(m, tmp_path / f"{name}-{v}") for v, m in
+                      (("eval", ev), ("final", final))]  # fmt: skip
+    want, have = got["plain"], got["ranked"]
+    assert len(want[0]) > 10 and have[0] == want[0]
+    for variant, w, g in zip(("eval", "final"), want[1:], have[1:], strict=True):
+        assert sorted(g) == sorted(w) and len(w) > 10
+        for name in w:
+            assert g[name] == w[name], f"{variant}/{name}"
