@@ -106,7 +106,11 @@ def decayed_weights(
     now_ts = None
     if half_life_days is not None and half_life_days > 0 and events.height:
         now_ts = events["timestamp"].max() if now is None else now
-    return events.with_columns(_weight_expr(weights, half_life_days, now_ts))
+    return (
+        string_ids(events.lazy())
+        .with_columns(_weight_expr(weights, half_life_days, now_ts))
+        .collect()
+    )
 
 
 #: events a pass over a lazy scan holds at a time (`write_interactions`, `collect_in_time_order`)
@@ -118,6 +122,17 @@ FOLD_EVENTS = 4_000_000
 SORT_EVENTS = 1_000_000
 
 _PAIR_ID_SCHEMA = {"user_id": pl.String, "item_id": pl.String}
+
+
+def string_ids(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """`frame` with its user and item ids as strings where they are Categoricals (as
+    `read_inputs` holds them): a lazy cast, done chunk by chunk as a streamed pipeline reads
+    them, so that they join the index maps and the other tables, which hold strings."""
+    schema = frame.collect_schema()
+    cats = [c for c in _PAIR_ID_SCHEMA if c in schema and schema[c] == pl.Categorical]
+    return frame.with_columns(pl.col(cats).cast(pl.String)) if cats else frame
+
+
 _PAIR_AGGS = (
     pl.col("w").sum().alias("confidence"),
     pl.len().alias("n_events"),
@@ -273,7 +288,7 @@ def _range_pairs(
     Polars' streaming engine (memory: the range's pairs); otherwise the range's events (ids,
     times, weights) are held and folded by `_fold_in_order`."""
     weights = DEFAULT_EVENT_WEIGHTS if weights is None else weights
-    scan = scan.select("user_id", "item_id", "event_type", "timestamp")
+    scan = string_ids(scan.select("user_id", "item_id", "event_type", "timestamp"))
     if half_life_days is not None and half_life_days > 0 and now is None:
         now = scan.select(pl.col("timestamp").max()).collect(engine="streaming").item()
     weighted = scan.select(
@@ -569,7 +584,7 @@ def holdout_pairs(
     else:
         pos = _pairs(holdout_events, weights or DEFAULT_EVENT_WEIGHTS, None, None).lazy()
     pos = pos.select("user_id", "item_id")
-    train = train_events.lazy().select("user_id", "item_id")
+    train = string_ids(train_events.lazy().select("user_id", "item_id"))
     # train's users, items and pairs, only those the later window's pairs could match
     seen = train.join(pos, on=["user_id", "item_id"], how="semi").unique()
     users = train.select("user_id").join(pos.select("user_id").unique(), on="user_id", how="semi")
@@ -630,7 +645,7 @@ def sequence_transitions(
         {"item_id": list(item_ids), "i": np.arange(n, dtype=np.int64)},
         schema={"item_id": pl.String, "i": pl.Int64},
     )
-    positive = (
+    positive = string_ids(
         events.lazy()
         .filter(event_weight_expr(weights) > 0)
         .select("user_id", "item_id", "timestamp", "event_id")

@@ -389,31 +389,44 @@ def test_sequence_similarity_reads_the_transitions_without_copies_same_bits():
         np.testing.assert_array_equal(a, b)
 
 
-def test_event_types_held_as_a_categorical_give_the_same_models(tmp_path):
-    """`read_inputs` holds the events' type as a Categorical (4 bytes an event, not a string
-    view): every model fitted from such events, evaluated and published, is the same, file for
-    file, as from the same events with the type as a string; so are the evaluation's holdout
-    pairs and the permutation importance's inputs (the parts are slices of the same frame)."""
+def test_event_types_and_ids_held_as_categoricals_give_the_same_models(tmp_path):
+    """`read_inputs` holds the events' type, user id and item id as Categoricals (4 bytes
+    an event each, not a 16-byte string view; a streamed pipeline casts the ids back to
+    strings as it reads them, `string_ids`): every model fitted from such events, evaluated
+    and published, is the same, file for file, as from the same events with strings; so are
+    the popularity-only models of a tenant with too little data, the evaluation's holdout
+    pairs (against a holdout of strings too, as the control plane's evaluation job reads it),
+    a user's sequences and the interactions."""
     from synthetic_events import FAST_HYBRID, cluster_events, cluster_items
 
-    from recsys.models.data import holdout_pairs, temporal_split
-    from recsys.models.hybrid import HybridConfig, fit_eval_and_final
+    from recsys.models.data import holdout_pairs, interactions, sequence_transitions, temporal_split
+    from recsys.models.hybrid import HybridConfig, fit_eval_and_final, popularity_only
 
     events = cluster_events(np.random.default_rng(11), n_users=120, n_items=40, per_user=12)
     assert events.schema["event_type"] == pl.String and events["event_type"].n_unique() > 1
-    typed = events.with_columns(pl.col("event_type").cast(pl.Categorical))
+    typed = events.with_columns(pl.col("event_type", "user_id", "item_id").cast(pl.Categorical))
     items = cluster_items(40)
+    users = np.array(sorted(events["user_id"].unique()), dtype=object)
+    item_ids = np.array(sorted(events["item_id"].unique()), dtype=object)
     files = {}
     for name, frame in (("string", events), ("categorical", typed)):
-        ev, final = fit_eval_and_final(frame, items, None, HybridConfig(**FAST_HYBRID), 0.2)
+        config = HybridConfig(**FAST_HYBRID)
+        models = [*fit_eval_and_final(frame, items, None, config, 0.2)]
+        models.append(popularity_only(frame, items, None, config, "too few events"))
         files[name] = [_saved_folder(m, tmp_path / f"{name}-{v}") for v, m in
-                       (("eval", ev), ("final", final))]  # fmt: skip
+                       zip(("eval", "final", "popularity"), models, strict=True)]  # fmt: skip
         split = temporal_split(frame, 0.2)
         files[name].append(holdout_pairs(split.train, split.test).rows())
+        files[name].append(holdout_pairs(split.train, split.test.cast({"user_id": pl.String,
+                           "item_id": pl.String})).rows())  # fmt: skip
+        t = sequence_transitions(frame, None, users, item_ids, max_events=500)
+        m = interactions(frame).matrix()
+        files[name].append([a.tolist() for a in (t.indptr, t.indices, t.data, m.indptr, m.data)])
     want, got = files["string"], files["categorical"]
-    assert len(want[2]) > 10 and got[2] == want[2]
-    for variant, w, g in zip(("eval", "final"), want, got, strict=False):
-        assert sorted(g) == sorted(w) and len(w) > 10
+    assert len(want[3]) > 10 and got[3:] == want[3:] and want[4] == want[3]
+    assert len(want[5][1]) > 100
+    for variant, w, g in zip(("eval", "final", "popularity"), want, got, strict=False):
+        assert sorted(g) == sorted(w) and len(w) > 3
         for name in w:
             assert g[name] == w[name], f"{variant}/{name}"
 
