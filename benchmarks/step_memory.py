@@ -20,14 +20,22 @@ whole run; ``champion_model`` registers one more MLflow version each time).
 
 To compare code versions on the same data, run the script of each checkout (its folder is
 put first on the child's path).
+
+``--stacks`` names the phase of a step that holds its peak: the step's process is sampled
+every 0.2 s (resident set, from /proc), and at each new high (``--stacks-step`` MiB above the
+last one dumped) `py-spy dump` takes every thread's Python stack; after the step, the highs are
+printed, each with the innermost frames of each busy thread (py-spy: ``pip install py-spy``;
+sampling misses a high shorter than 0.2 s, and a dump pauses the process for a few ms).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,6 +83,75 @@ def run_step(step: str, root: str, config: str = "{}") -> tuple[float, float, fl
     return int(maxrss_kib) / 1024, float(cpu), float(wall)
 
 
+def _descendants(pid: int) -> list[int]:
+    """`pid`'s processes below it, from /proc (children first)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            kids = []
+        found += kids
+        todo += kids
+    return found
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _busy_frames(dump: str, depth: int = 6) -> list[str]:
+    """Per thread of a `py-spy dump`, its innermost `depth` frames (idle threads left out)."""
+    threads, out = [], []
+    for line in dump.splitlines():
+        if line.startswith("Thread "):
+            threads.append([line.split(" (")[0], []])
+        elif line.startswith("    ") and threads:
+            threads[-1][1].append(line.strip())
+    idle = ("wait (threading.py", "_worker (concurrent/futures/thread.py", "select (", "poll (")
+    for name, frames in threads:
+        if frames and not frames[0].startswith(idle):
+            out.append(f"  {name}: " + " <- ".join(frames[:depth]))
+    return out
+
+
+def stacks_at_highs(step: str, root: str, config: str, step_mib: float) -> list[str]:
+    """Run `step` as `run_step` does, dumping its Python stacks at each new high of its
+    resident set (see the module docstring); the report's lines."""
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        raise SystemExit("--stacks needs py-spy: pip install py-spy")
+    env = {**os.environ, "RECSYS_DATA_ROOT": root, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, step, root, config],
+        stdout=subprocess.DEVNULL, env=env, cwd=ROOT,
+    )  # fmt: skip
+    start, high, dumped, report = time.monotonic(), 0.0, 0.0, []
+    while proc.poll() is None:
+        mib = max([_rss_mib(proc.pid)] + [_rss_mib(p) for p in _descendants(proc.pid)])
+        high = max(high, mib)
+        if mib >= dumped + step_mib:
+            dumped = mib
+            dump = subprocess.run(
+                [spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True
+            ).stdout
+            report.append(f"{time.monotonic() - start:7.1f} s {mib:8.0f} MiB")
+            report += _busy_frames(dump)
+        time.sleep(0.2)
+    if proc.returncode:
+        raise SystemExit(f"{step} failed (exit {proc.returncode})")
+    return [*report, f"sampled peak {high:.0f} MiB"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-root", required=True)
@@ -85,6 +162,13 @@ def main() -> int:
         help="the steps' op config as JSON, e.g. '{\"refits_beside_max_events\": 0}' for "
         "train_models with its refits one after another (default: the step's defaults)",
     )
+    ap.add_argument(
+        "--stacks",
+        action="store_true",
+        help="also run each step once more, sampled, and print its Python stacks at each new "
+        "high of its resident set (needs py-spy)",
+    )
+    ap.add_argument("--stacks-step", type=float, default=50.0, help="MiB between dumps")
     args = ap.parse_args()
     root = os.path.abspath(args.data_root)
     print(f"code {ROOT}, data root {root}, config {args.config} ({load_avg()})")
@@ -93,6 +177,9 @@ def main() -> int:
         mib, cpu, wall = run_step(step, root, args.config if step != "-" else "{}")
         name = "(imports only)" if step == "-" else step
         print(f"{name:<24} {mib:12.0f} {cpu:8.1f} {wall:11.1f}", flush=True)
+        if args.stacks and step != "-":
+            print(f"{step}, sampled: new highs and what each busy thread ran")
+            print("\n".join(stacks_at_highs(step, root, args.config, args.stacks_step)))
     print(f"after: {load_avg()}")
     return 0
 
