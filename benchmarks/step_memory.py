@@ -35,6 +35,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,24 +132,27 @@ def stacks_at_highs(step: str, root: str, config: str, step_mib: float) -> list[
     if not os.path.exists(spy):
         raise SystemExit("--stacks needs py-spy: pip install py-spy")
     env = {**os.environ, "RECSYS_DATA_ROOT": root, "PYTHONPATH": ROOT}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, step, root, config],
-        stdout=subprocess.DEVNULL, env=env, cwd=ROOT,
-    )  # fmt: skip
-    start, high, dumped, report = time.monotonic(), 0.0, 0.0, []
-    while proc.poll() is None:
-        mib = max([_rss_mib(proc.pid)] + [_rss_mib(p) for p in _descendants(proc.pid)])
-        high = max(high, mib)
-        if mib >= dumped + step_mib:
-            dumped = mib
-            dump = subprocess.run(
-                [spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True
-            ).stdout
-            report.append(f"{time.monotonic() - start:7.1f} s {mib:8.0f} MiB")
-            report += _busy_frames(dump)
-        time.sleep(0.2)
-    if proc.returncode:
-        raise SystemExit(f"{step} failed (exit {proc.returncode})")
+    with tempfile.TemporaryFile() as log:  # the step's own log, shown if it fails
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, step, root, config],
+            stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=ROOT,
+        )  # fmt: skip
+        start, high, dumped, report = time.monotonic(), 0.0, 0.0, []
+        while proc.poll() is None:
+            mib = max([_rss_mib(proc.pid)] + [_rss_mib(p) for p in _descendants(proc.pid)])
+            high = max(high, mib)
+            if mib >= dumped + step_mib:
+                dumped = mib
+                dump = subprocess.run(
+                    [spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True
+                ).stdout
+                report.append(f"{time.monotonic() - start:7.1f} s {mib:8.0f} MiB")
+                report += _busy_frames(dump)
+            time.sleep(0.2)
+        if proc.returncode:
+            log.seek(0)
+            tail = log.read()[-3000:].decode(errors="replace")
+            raise SystemExit(f"{step} failed (exit {proc.returncode}):\n{tail}")
     return [*report, f"sampled peak {high:.0f} MiB"]
 
 
