@@ -81,8 +81,8 @@ def read_inputs(
     frame, not a sorted copy beside it (three were held beside the frame as read). Held
     small, with the same models (tested):
     * the type, user id and item id as Categoricals: 4 bytes an event each instead of a
-      16-byte string view (plus the bytes of an id longer than 12); the streamed pipelines
-      that join them to the index maps cast them back as they read (`string_ids`);
+      16-byte string view (plus the bytes of an id longer than 12); the tables joined to
+      them are cast to them, and the folded pairs back to strings (`id_types`);
     * the event ids by their ranks in time order (`collect_in_time_order`'s `rank_ids`: all
       the models read of an id is that order).
     10M demo events: 852 MiB as strings; the type alone a Categorical, 713 MiB."""

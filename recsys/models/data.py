@@ -106,11 +106,7 @@ def decayed_weights(
     now_ts = None
     if half_life_days is not None and half_life_days > 0 and events.height:
         now_ts = events["timestamp"].max() if now is None else now
-    return (
-        string_ids(events.lazy())
-        .with_columns(_weight_expr(weights, half_life_days, now_ts))
-        .collect()
-    )
+    return events.with_columns(_weight_expr(weights, half_life_days, now_ts))
 
 
 #: events a pass over a lazy scan holds at a time (`write_interactions`, `collect_in_time_order`)
@@ -124,13 +120,13 @@ SORT_EVENTS = 1_000_000
 _PAIR_ID_SCHEMA = {"user_id": pl.String, "item_id": pl.String}
 
 
-def string_ids(frame: pl.LazyFrame) -> pl.LazyFrame:
-    """`frame` with its user and item ids as strings where they are Categoricals (as
-    `read_inputs` holds them): a lazy cast, done chunk by chunk as a streamed pipeline reads
-    them, so that they join the index maps and the other tables, which hold strings."""
+def id_types(frame: pl.DataFrame | pl.LazyFrame) -> dict[str, pl.DataType]:
+    """The types of `frame`'s user and item ids: strings, or Categoricals as `read_inputs`
+    holds them. A small table joined to the events is cast to them (and a fold's pairs cast
+    to strings), rather than every event's ids to strings: a cast of the events costs ~20 %
+    more time in a fold, and a cast plan read three times is held whole for them."""
     schema = frame.collect_schema()
-    cats = [c for c in _PAIR_ID_SCHEMA if c in schema and schema[c] == pl.Categorical]
-    return frame.with_columns(pl.col(cats).cast(pl.String)) if cats else frame
+    return {c: schema[c] for c in _PAIR_ID_SCHEMA if c in schema}
 
 
 _PAIR_AGGS = (
@@ -163,7 +159,9 @@ def _pair_parts(
 ) -> list[pl.DataFrame]:
     """`_pairs` as the ranges of users it folds, in user order (at least one, maybe empty)."""
     parts = [p for _, p in _range_pairs(events.lazy(), weights, half_life_days, now, FOLD_EVENTS)]
-    return parts or [_fold(decayed_weights(events, weights, half_life_days, now))]
+    if parts:
+        return parts
+    return [_fold(decayed_weights(events, weights, half_life_days, now)).cast(_PAIR_ID_SCHEMA)]
 
 
 def _fold(weighted: pl.DataFrame) -> pl.DataFrame:
@@ -288,7 +286,7 @@ def _range_pairs(
     Polars' streaming engine (memory: the range's pairs); otherwise the range's events (ids,
     times, weights) are held and folded by `_fold_in_order`."""
     weights = DEFAULT_EVENT_WEIGHTS if weights is None else weights
-    scan = string_ids(scan.select("user_id", "item_id", "event_type", "timestamp"))
+    scan = scan.select("user_id", "item_id", "event_type", "timestamp")
     if half_life_days is not None and half_life_days > 0 and now is None:
         now = scan.select(pl.col("timestamp").max()).collect(engine="streaming").item()
     weighted = scan.select(
@@ -315,7 +313,8 @@ def _range_pairs(
             pairs = pairs.filter(pl.col("confidence") > 0).collect(engine="streaming")
         else:
             pairs = _fold_in_order(events.collect(engine="streaming"))
-        yield int(counts[lo : hi + 1].sum()), pairs
+        # (folded on the ids as held, Categoricals or strings: the pairs' ids as strings)
+        yield int(counts[lo : hi + 1].sum()), pairs.cast(_PAIR_ID_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -583,8 +582,11 @@ def holdout_pairs(
         pos = pl.concat(parts).lazy() if parts else pl.LazyFrame(schema=_PAIR_ID_SCHEMA)
     else:
         pos = _pairs(holdout_events, weights or DEFAULT_EVENT_WEIGHTS, None, None).lazy()
-    pos = pos.select("user_id", "item_id")
-    train = string_ids(train_events.lazy().select("user_id", "item_id"))
+    train = train_events.lazy().select("user_id", "item_id")
+    # the later window's pairs (few) cast to the train ids' types (Categoricals as
+    # `read_inputs` holds them), not the train events to strings: the train side is read
+    # three times, and a cast of it was held whole for them (+340 MiB at 10M, not +110)
+    pos = pos.select("user_id", "item_id").cast(id_types(train))
     # train's users, items and pairs, only those the later window's pairs could match
     seen = train.join(pos, on=["user_id", "item_id"], how="semi").unique()
     users = train.select("user_id").join(pos.select("user_id").unique(), on="user_id", how="semi")
@@ -593,6 +595,7 @@ def holdout_pairs(
         pos.join(users.unique(), on="user_id", how="semi")
         .join(items.unique(), on="item_id", how="semi")
         .join(seen, on=["user_id", "item_id"], how="anti")
+        .cast(_PAIR_ID_SCHEMA)
         .sort("user_id", "item_id")
         .collect(engine="streaming")
     )
@@ -645,11 +648,13 @@ def sequence_transitions(
         {"item_id": list(item_ids), "i": np.arange(n, dtype=np.int64)},
         schema={"item_id": pl.String, "i": pl.Int64},
     )
-    positive = string_ids(
+    positive = (
         events.lazy()
         .filter(event_weight_expr(weights) > 0)
         .select("user_id", "item_id", "timestamp", "event_id")
     )
+    held = id_types(events)  # (the maps cast to the events' ids: not every event to strings)
+    uidx, iidx = uidx.cast({"user_id": held["user_id"]}), iidx.cast({"item_id": held["item_id"]})
     # each range of users' events joined and sorted apart (the whole sort held ~100 bytes
     # an event beside the frame), the ids' strings dropped before the sort: concatenated in
     # user order, the same rows in the same order as one sort of every event

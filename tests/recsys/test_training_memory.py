@@ -391,8 +391,8 @@ def test_sequence_similarity_reads_the_transitions_without_copies_same_bits():
 
 def test_event_types_and_ids_held_as_categoricals_give_the_same_models(tmp_path):
     """`read_inputs` holds the events' type, user id and item id as Categoricals (4 bytes
-    an event each, not a 16-byte string view; a streamed pipeline casts the ids back to
-    strings as it reads them, `string_ids`): every model fitted from such events, evaluated
+    an event each, not a 16-byte string view; the tables joined to them are cast to them,
+    `id_types`): every model fitted from such events, evaluated
     and published, is the same, file for file, as from the same events with strings; so are
     the popularity-only models of a tenant with too little data, the evaluation's holdout
     pairs (against a holdout of strings too, as the control plane's evaluation job reads it),
