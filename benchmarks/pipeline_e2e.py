@@ -45,7 +45,7 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _tree_usage(pid: int) -> tuple[int, float]:
+def tree_usage(pid: int) -> tuple[int, float]:
     """(resident bytes, CPU seconds) of `pid` and all its descendants (Linux /proc): the CPU
     of live processes plus what `pid` and they collected from their exited children."""
     children: dict[int, list[int]] = {}
@@ -85,7 +85,7 @@ class RssSampler(threading.Thread):
         out = open(self.log, "a") if self.log else None  # noqa: SIM115 (closed below)
         try:
             while not self._halt.wait(self.interval):
-                sample = (time.time(), *_tree_usage(self.pid))
+                sample = (time.time(), *tree_usage(self.pid))
                 self.samples.append(sample)
                 if out is not None:  # a run cut short keeps its figures so far
                     out.write(f"{sample[0]:.2f} {sample[1]} {sample[2]:.2f}\n")

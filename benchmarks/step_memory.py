@@ -39,6 +39,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.pipeline_e2e import tree_usage  # noqa: E402
 
 CHILD = """
 import json, os, resource, sys, time
@@ -84,32 +87,6 @@ def run_step(step: str, root: str, config: str = "{}") -> tuple[float, float, fl
     return int(maxrss_kib) / 1024, float(cpu), float(wall)
 
 
-def _descendants(pid: int) -> list[int]:
-    """`pid`'s processes below it, from /proc (children first)."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                kids = [int(k) for k in f.read().split()]
-        except OSError:
-            kids = []
-        found += kids
-        todo += kids
-    return found
-
-
-def _rss_mib(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def _busy_frames(dump: str, depth: int = 6) -> list[str]:
     """Per thread of a `py-spy dump`, its innermost `depth` frames (idle threads left out)."""
     threads, out = [], []
@@ -118,9 +95,9 @@ def _busy_frames(dump: str, depth: int = 6) -> list[str]:
             threads.append([line.split(" (")[0], []])
         elif line.startswith("    ") and threads:
             threads[-1][1].append(line.strip())
-    idle = ("wait (threading.py", "_worker (concurrent/futures/thread.py", "select (", "poll (")
+    idle = {"wait", "_worker", "select", "poll", "sleep"}  # (innermost function's name)
     for name, frames in threads:
-        if frames and not frames[0].startswith(idle):
+        if frames and frames[0].split(" (")[0].rsplit(".", 1)[-1] not in idle:
             out.append(f"  {name}: " + " <- ".join(frames[:depth]))
     return out
 
@@ -139,7 +116,7 @@ def stacks_at_highs(step: str, root: str, config: str, step_mib: float) -> list[
         )  # fmt: skip
         start, high, dumped, report = time.monotonic(), 0.0, 0.0, []
         while proc.poll() is None:
-            mib = max([_rss_mib(proc.pid)] + [_rss_mib(p) for p in _descendants(proc.pid)])
+            mib = tree_usage(proc.pid)[0] / 2**20
             high = max(high, mib)
             if mib >= dumped + step_mib:
                 dumped = mib
