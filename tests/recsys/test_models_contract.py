@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 from synthetic_events import cluster_events, cluster_items
 
@@ -10,7 +11,7 @@ from recsys.models.base import Recommender
 from recsys.models.cooccurrence import CooccurrenceRecommender
 from recsys.models.data import build_dataset
 from recsys.models.ease import EASERecommender
-from recsys.models.lightfm_model import LightFMRecommender
+from recsys.models.lightfm_model import LightFMRecommender, item_feature_matrix
 from recsys.models.popularity import PopularityRecommender
 from recsys.models.recent import RecentItemsRecommender
 from recsys.models.topk import top_k
@@ -109,6 +110,37 @@ def test_lightfm_scores_items_nobody_touched(rng):
     s = model.score(np.arange(3))
     new = data.item_index(["i20", "i21"])
     assert np.isfinite(s[:, new]).all() and np.ptp(s[:, new]) > 0
+
+
+def test_lightfm_features_that_repeat_the_category_or_brand_are_read_once(rng):
+    """Tags naming an item's own category or brand (as the demo data and the Taobao adapter
+    give) repeat its category and brand columns: each repeat is added into the column it
+    repeats, so an item's features keep their weights (category twice as heavy) in fewer
+    columns. A tag on a set of items no other column has stays a column of its own."""
+    events = cluster_events(rng)
+    plain = cluster_items(22).with_columns(
+        brand=pl.when(pl.col("price") < 15).then(pl.lit("b1")).otherwise(pl.lit("b2")),
+        tags=pl.when(pl.col("price").is_in([3.0, 12.0])).then(pl.lit(["sale"])),
+    )
+    repeats = plain.with_columns(
+        tags=pl.concat_list(
+            pl.lit("category:") + pl.col("category"),
+            pl.lit("brand:") + pl.col("brand"),
+            pl.col("tags").fill_null(pl.lit([], pl.List(pl.String))),
+        )
+    )
+    a, b = build_dataset(events, plain), build_dataset(events, repeats)
+    assert b.item_tags.shape[1] == a.item_tags.shape[1] + 4  # 2 categories, 2 brands
+    fa, fb = item_feature_matrix(a), item_feature_matrix(b)
+    assert fb.shape == fa.shape == (22, 22 + 2 + 2 + 1)  # identity, category, brand, "sale"
+    assert ((fa != 0) != (fb != 0)).nnz == 0  # the same columns
+    i0, i3 = b.item_index(["i0", "i3"])  # i0: category a, brand b1; i3 the same and "sale"
+    assert sorted(fa[i0].data) == pytest.approx([1 / 3] * 3)
+    assert sorted(fb[i0].data) == pytest.approx([1 / 5, 2 / 5, 2 / 5])
+    assert sorted(fb[i3].data) == pytest.approx([1 / 6, 1 / 6, 2 / 6, 2 / 6])
+    assert fb[i0, i0] == pytest.approx(1 / 5)  # (the identity)
+    other = plain.with_columns(tags=pl.when(pl.col("price") < 5).then(pl.lit(["new"])))
+    assert item_feature_matrix(build_dataset(events, other)).shape[1] == 22 + 2 + 2 + 1
 
 
 def test_top_k_breaks_ties_by_index():
