@@ -120,6 +120,8 @@ def champion_model(
         final = read_json(store, model_path(store, tenant, "final", "hybrid", "hybrid.json"))
         selection = final["info"].get("selection") or {}
         served_by = final["info"].get("served_by")
+        # LightFM weighed on validation (hybrid.weigh_lightfm): kept or not, why, both figures
+        lightfm = selection.get("lightfm") or {}
         run = tracking.log_training_run(
             tenant=tenant,
             model=model_path(store, tenant, "final", "hybrid"),  # logged as saved
@@ -130,11 +132,20 @@ def champion_model(
             plot_path=png if os.path.exists(png) else None,
             extra_params={
                 "split": read_json(store, model_path(store, tenant, "split.json")),
-                "selection": {k: v for k, v in selection.items() if k in ("served", "reason")},
+                "selection": {
+                    **{k: v for k, v in selection.items() if k in ("served", "reason")},
+                    **({"lightfm": {k: lightfm[k] for k in ("kept", "reason")}} if lightfm else {}),
+                },
             },
             extra_metrics={
-                f"validation.{name}.NDCG_at_10": value
-                for name, value in (selection.get("validation_ndcg@10") or {}).items()
+                **{
+                    f"validation.{name}.NDCG_at_10": value
+                    for name, value in (selection.get("validation_ndcg@10") or {}).items()
+                },
+                **{
+                    f"validation.hybrid_{side}_lightfm.NDCG_at_10": value
+                    for side, value in (lightfm.get("validation_ndcg@10") or {}).items()
+                },
             },
             tolerance=config.tolerance,
         )

@@ -177,6 +177,7 @@ def hybrid_config(store: Storage, tenant: str, config: TrainingConfig) -> Hybrid
         generators=list(config.selection.generators) or None,
         served=config.selection.served or None,
         min_selection_users=config.selection.min_selection_users,
+        weigh_lightfm=config.selection.weigh_lightfm,
         ranker={
             "max_iter": rk.max_iter,
             "learning_rate": rk.learning_rate,

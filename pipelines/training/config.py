@@ -92,6 +92,9 @@ class SelectionConfig(dg.Config):
     #: all generators when empty; popularity is always fitted
     generators: list[str] = []
     min_selection_users: int = 20
+    #: LightFM stays only if the ranked list with it beats the one without it on validation
+    #: (recsys.models.hybrid.weigh_lightfm); False: fitted whenever it is in `generators`
+    weigh_lightfm: bool = True
 
 
 class RankerConfig(dg.Config):

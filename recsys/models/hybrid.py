@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -62,6 +63,8 @@ GENERATORS: tuple[str, ...] = (
     "ease",
     "recent",
 )
+#: the sub-folder of a saved model holding LightFM fitted for its embeddings alone
+FACTORS_FOLDER = "lightfm_factors"
 #: What the served list can be: the ranker over every generator's candidates, or one
 #: generator's own list (chosen on the validation window, see :func:`choose_served`).
 HYBRID = "hybrid"
@@ -124,6 +127,16 @@ class HybridConfig:
     served: str | None = None
     #: validation users below which no choice is made on them: popularity serves
     min_selection_users: int = 20
+    #: LightFM, the costliest generator (three fits a run, two thirds of the training's
+    #: CPU on the 1M demo), stays only if the ranked list with it beats the ranked list
+    #: without it on the validation window (:func:`weigh_lightfm`); its refits start once
+    #: that is decided. False: kept as configured (the published model's configuration,
+    #: where it was decided before)
+    weigh_lightfm: bool = True
+    #: LightFM fitted on all events for its embeddings alone (the snapshot's item and user
+    #: factors: similar items, embeddings, reranking any item), not as a generator: set in
+    #: the published configuration when the weighing left LightFM out
+    lightfm_factors: bool = False
     #: the ranker's recency features (days since the user's last event, and since their
     #: last event in the candidate's category); off: missing, for ablations
     recency_features: bool = True
@@ -198,6 +211,11 @@ def _lightfm_is_chosen(config: HybridConfig) -> bool:
 
 def _uses(config: HybridConfig, name: str) -> bool:
     return config.generators is None or name in config.generators or name == "popularity"
+
+
+def _weighs_lightfm(config: HybridConfig) -> bool:
+    """LightFM is weighed on validation (:func:`weigh_lightfm`) in a fit with `config`."""
+    return config.weigh_lightfm and config.served is None and _uses(config, "lightfm")
 
 
 def make_generator(name: str, params: dict[str, Any]) -> Recommender:
@@ -285,6 +303,7 @@ class _Refit:
         self._data = None  # started with the first part (see _dataset)
         self._parts: list = []
         self._started: set[str] = set()
+        self._factors = None  # LightFM for its embeddings alone (see fit_factors)
 
     def _start(self, fn, *args):
         if not self._beside:  # run when the result is asked for (see result)
@@ -322,6 +341,20 @@ class _Refit:
         self._parts.append(
             self._start(lambda: fit_generators(data.result(), cfg, names, lightfm_epochs))
         )
+
+    def fit_factors(self, config: HybridConfig) -> None:
+        """Start fitting LightFM with `config`'s parameters for its embeddings alone
+        (``lightfm_factors``: it is not one of the generators)."""
+        if self._factors is None:
+            params = HybridConfig.from_dict(config.to_dict()).generator_params("lightfm")
+            data = self._dataset()
+            self._factors = self._start(
+                lambda: make_generator("lightfm", params).fit(data.result())
+            )
+
+    def factors(self) -> Recommender | None:
+        """The LightFM fitted by :meth:`fit_factors` (None when it was not asked for)."""
+        return None if self._factors is None else self._factors.result()
 
     def result(self) -> tuple[Dataset, dict[str, Recommender], dict[str, str], dict[str, float]]:
         """(dataset, generators in GENERATORS order, skipped name -> reason, fit seconds)."""
@@ -646,6 +679,45 @@ def choose_served(
     }
 
 
+def weigh_lightfm(
+    with_it: dict[str, np.ndarray] | None,
+    without: dict[str, np.ndarray] | None,
+    config: HybridConfig,
+) -> dict[str, Any]:
+    """Whether LightFM stays, from the validation NDCG@10 per user of the ranked list with
+    its candidates and features (`with_it`) and without them (`without`), on the same users.
+
+    It stays when the ranked list with it is better on average: on a tie or worse, the list
+    without it serves as well and the run saves LightFM's refits (and the scoring of its
+    candidates). Too few users to compare (``min_selection_users``): it stays, as
+    configured. The figures and the reason are returned for the evaluation and MLflow.
+    (:meth:`HybridRecommender.fit` then lets LightFM's own list compete with the ranked
+    list it chose, in :func:`choose_served`: if that list serves, LightFM stays.)"""
+    a = (with_it or {}).get(HYBRID)
+    b = (without or {}).get(HYBRID)
+    if a is None or b is None or len(a) < config.min_selection_users:
+        n = 0 if a is None or b is None else len(a)
+        return {
+            "kept": True,
+            "reason": f"{n} validation user(s) with both ranked lists "
+            f"(min_selection_users={config.min_selection_users}): kept as configured",
+        }
+    est = bootstrap_ci(a - b, 1000, seed=config.seed)
+    kept = bool(est.value > 0)
+    verb = "beats" if kept else "does not beat"
+    return {
+        "kept": kept,
+        "reason": f"the ranked list with LightFM {verb} the one without it on validation "
+        f"({est.value:+.4f} [{est.low:+.4f}, {est.high:+.4f}])",
+        "validation_users": len(a),
+        "validation_ndcg@10": {
+            "with": round(float(a.mean()), 5),
+            "without": round(float(b.mean()), 5),
+        },
+        "difference": {"mean": est.value, "low": est.low, "high": est.high},
+    }
+
+
 def fit_eval_and_final(
     events: pl.DataFrame,
     items: pl.DataFrame | None,
@@ -660,11 +732,11 @@ def fit_eval_and_final(
     """The two models a pipeline run needs: the evaluated one and the published one, fitted
     by the same procedure (:meth:`HybridRecommender.fit`) one window apart.
 
-    `beside_eval`, when given, is called with the evaluated model once the published model's
-    ranker is trained, beside the refits still running (work on the evaluated model alone,
-    e.g. its permutation importance, then uses the core those leave); it has returned when
-    this function returns. (Beside the ranker as well, their candidate rows were held at
-    once: ~300 MiB more at the step's peak on 3M demo events.)
+    `beside_eval`, when given, is called with the evaluated model (work on it alone, e.g.
+    its permutation importance), in a thread beside the published model's ranker when the
+    refits run beside (`refits_beside`), else once that ranker is trained (their candidate
+    rows are then not held at once: ~300 MiB less at the step's peak on 3M demo events);
+    it has returned when this function returns.
 
     `on_eval`, when given, is called with the evaluated model as soon as nothing more is done
     with it (after `beside_eval`, before the refit on all events is collected), to save it;
@@ -698,6 +770,7 @@ def fit_eval_and_final(
     """
     eval_cfg = HybridConfig.from_dict(config.to_dict())
     eval_cfg.include_catalog_items = False
+    eval_cfg.lightfm_factors = False  # (the evaluated model's embeddings are never served)
     split = temporal_split(events, test_fraction)
 
     def final_config(chosen: HybridConfig) -> HybridConfig:
@@ -705,18 +778,24 @@ def fit_eval_and_final(
         cfg.include_catalog_items = config.include_catalog_items
         cfg.tune = {}  # the grids' choices are in the generators' parameters
         cfg.lightfm_early_stopping = None  # the chosen epoch count is lightfm["epochs"]
+        cfg.weigh_lightfm = False  # decided: LightFM is in `generators` or not
+        # left out, it is still fitted for the snapshot's embeddings (not as a generator)
+        cfg.lightfm_factors = _uses(config, "lightfm") and not _uses(chosen, "lightfm")
         return cfg
 
     with single_threaded_blas():
         # the refit on all events: its dataset is built with its first part (_Refit._dataset)
         model = HybridRecommender(final_config(config))
         refit = _Refit(model, events, items, users, background=True, beside=refits_beside)
-        if _lightfm_is_chosen(config):
+        weighed = _weighs_lightfm(config)
+        if _lightfm_is_chosen(config) and not weighed:
             refit.fit(final_config(config), ("lightfm",))
 
         def on_config(chosen: HybridConfig) -> None:
             model.config = final_config(chosen)
             refit.fit(model.config)
+            if model.config.lightfm_factors:
+                refit.fit_factors(model.config)
 
         eval_items, eval_users = eval_catalogue or (items, users)
         eval_model = HybridRecommender(eval_cfg).fit(
@@ -727,9 +806,10 @@ def fit_eval_and_final(
             on_grids=lambda chosen: refit.fit(
                 final_config(chosen), tuple(g for g in GENERATORS if g != "lightfm")
             ),
-            on_early_stopping=lambda chosen, choice: refit.fit(
-                final_config(chosen), ("lightfm",), choice
-            ),
+            # (once LightFM is weighed, its refit starts with the others at on_config)
+            on_early_stopping=None
+            if weighed
+            else lambda chosen, choice: refit.fit(final_config(chosen), ("lightfm",), choice),
             refits_beside=refits_beside,
         )
         final_cfg = model.config
@@ -742,6 +822,9 @@ def fit_eval_and_final(
             },
         }
         ranker = None
+        # work on the evaluated model alone (its importance): beside R2 when the refits run
+        # beside, else after it (their candidate rows are then not held at once)
+        aside = in_thread(beside_eval, eval_model) if beside_eval and refits_beside else None
         if final_cfg.served == HYBRID:
             # the events in order are the split's parts: cut again without sorting a copy
             label = temporal_split(
@@ -778,7 +861,9 @@ def fit_eval_and_final(
         info.setdefault("ranker_skipped", None)
         model.ranker_ = ranker
         info["ranker_seconds"] = time.perf_counter() - t0
-        if beside_eval is not None:  # (after the ranker: its rows and these are not held at once)
+        if aside is not None:
+            aside.result()
+        elif beside_eval is not None:  # (after the ranker: its rows and these are not held at once)
             beside_eval(eval_model)
         if final_cfg.served == HYBRID:  # R2's window (when not S2's): not held beside S3
             del data, gens, side, holdout
@@ -787,11 +872,12 @@ def fit_eval_and_final(
             on_eval(eval_model)
             eval_model = None
         data, generators, skipped, seconds = refit.result()
+        factors = refit.factors()
     info["generators_skipped"], info["generator_seconds"] = skipped, seconds
     for k in ("tuning", "lightfm_early_stopping"):
         if k in eval_info:
             info[k] = eval_info[k]
-    model._assemble(generators, data, info)
+    model._assemble(generators, data, info, factors)
     return eval_model, model
 
 
@@ -1153,6 +1239,7 @@ class HybridRecommender:
     def __init__(self, config: HybridConfig | None = None) -> None:
         self.config = config or HybridConfig()
         self.ranker_: TreeEnsemble | None = None
+        self.factors_: Recommender | None = None
         self.info: dict[str, Any] = {}
 
     # -- training --
@@ -1200,13 +1287,18 @@ class HybridRecommender:
         is final), for more work that needs only the choices made by then. Without
         `refits_beside` the refit waits until the window's work is done and its generators are
         dropped (the same model; a lower peak, a longer fit: see :class:`_Refit`).
+
+        With ``weigh_lightfm``, the ranker is also trained without LightFM's candidates (in a
+        thread beside the first, with `refits_beside`), LightFM is kept or left out on those
+        two ranked lists (:func:`weigh_lightfm`), and its refit, and `on_config`, wait for
+        that verdict: left out, LightFM is never refit and `config.generators` says so.
         """
         c = self.config
         t0 = time.perf_counter()
         with single_threaded_blas():
             refit = _Refit(self, events, items, users, beside=refits_beside)
-            if _lightfm_is_chosen(c):  # nothing to choose for LightFM: its refit starts now
-                refit.fit(c, ("lightfm",))
+            if _lightfm_is_chosen(c) and not _weighs_lightfm(c):  # nothing to choose for
+                refit.fit(c, ("lightfm",))  # LightFM: its refit starts now
             split = temporal_split(events, 0.0, c.validation_fraction)
             info: dict[str, Any] = {
                 "ranker_events_fit": split.fit.height,
@@ -1234,6 +1326,8 @@ class HybridRecommender:
             if skip is None:
 
                 def early_stopping(cfg: HybridConfig, choice: EpochChoice) -> None:
+                    if _weighs_lightfm(cfg):  # its refit waits for the verdict
+                        return
                     refit.fit(cfg, ("lightfm",), choice)
                     if on_early_stopping is not None:
                         on_early_stopping(cfg, choice)
@@ -1251,18 +1345,35 @@ class HybridRecommender:
                     on_early_stopping=early_stopping,
                 )
                 info.update(chosen)
-            # the configuration is final from here on
-            refit.fit(c)
-            if on_config is not None:
-                on_config(c)
+            weighing = gens is not None and "lightfm" in gens and _weighs_lightfm(c)
+            verdict = None
+            if not weighing:  # the configuration is final from here on
+                refit.fit(c)
+                if c.lightfm_factors:
+                    refit.fit_factors(c)
+                if on_config is not None:
+                    on_config(c)
             per_user = None
             if gens is not None:
                 side = SideFeatures.from_data(fit_data, gens["popularity"], c)
+                if weighing:  # the same users ranked without LightFM's candidates, beside
+                    rest = {g: m for g, m in gens.items() if g != "lightfm"}
+                    job = partial(train_ranker, rest, side, fit_data, holdout, c, compare=True)
+                    alt = in_thread(job) if refits_beside else _Deferred(job)
                 ranker, rinfo = train_ranker(
                     gens, side, fit_data, holdout, c, compare=c.served is None
                 )
-                del side
                 per_user = rinfo.pop("validation_per_user", None)
+                if weighing:
+                    alt_ranker, alt_info = alt.result()
+                    alt_per_user = alt_info.pop("validation_per_user", None)
+                    verdict = weigh_lightfm(per_user, alt_per_user, c)
+                    own = (per_user or {}).get("lightfm")
+                    if not verdict["kept"]:  # (LightFM's own list still competes below)
+                        ranker, rinfo = alt_ranker, alt_info
+                        per_user = {**alt_per_user, **({} if own is None else {"lightfm": own})}
+                    del rest, alt, alt_ranker, alt_info, alt_per_user
+                del side
                 info.update(rinfo)
                 self.ranker_ = ranker
                 if ranker is None:
@@ -1272,20 +1383,42 @@ class HybridRecommender:
                 why_not = "the ranked list has no validation figure (too few positives to "
                 why_not += "fit trees without the users it is compared on)"
             info["selection"] = choose_served(per_user, c, why_not)
+            if verdict is not None:
+                if not verdict["kept"] and info["selection"]["served"] == "lightfm":
+                    verdict["kept"] = True  # its own list serves: not without it
+                    verdict["reason"] += "; kept: LightFM's own list serves"
+                if not verdict["kept"]:
+                    c.generators = [g for g in GENERATORS if g != "lightfm" and _uses(c, g)]
+                info["selection"]["lightfm"] = verdict
             if info["selection"]["served"] != HYBRID:
                 self.ranker_ = None  # a single generator's list serves: no ranker
             info["ranker_skipped"] = skip
             info["ranker_seconds"] = time.perf_counter() - t0
+            if weighing:  # the configuration is final from here on
+                refit.fit(c)
+                if c.lightfm_factors:
+                    refit.fit_factors(c)
+                if on_config is not None:
+                    on_config(c)
             del fit_data, holdout, gens, per_user  # the window's: not held beside the refit
             data, generators, skipped, seconds = refit.result()
+            factors = refit.factors()
+            if verdict is not None and not verdict["kept"]:
+                skipped["lightfm"] = f"left out on validation: {verdict['reason']}"
         info["generators_skipped"], info["generator_seconds"] = skipped, seconds
-        return self._assemble(generators, data, info)
+        return self._assemble(generators, data, info, factors)
 
     def _assemble(
-        self, generators: dict[str, Recommender], data: Dataset, info: dict[str, Any]
+        self,
+        generators: dict[str, Recommender],
+        data: Dataset,
+        info: dict[str, Any],
+        factors: Recommender | None = None,
     ) -> HybridRecommender:
         self.data_ = data
         self.generators_ = generators
+        #: LightFM fitted for its embeddings alone (``config.lightfm_factors``), else None
+        self.factors_ = factors
         self.seen_ = generators["popularity"].seen_
         self.side_ = SideFeatures.from_data(data, generators["popularity"], self.config)
         self.user_ids_, self.item_ids_ = data.user_ids, data.item_ids
@@ -1324,6 +1457,11 @@ class HybridRecommender:
         os.makedirs(path, exist_ok=True)
         for name, model in self.generators_.items():
             model.save(os.path.join(path, name))
+        if self.factors_ is not None:
+            self.factors_.save(os.path.join(path, FACTORS_FOLDER))
+        for name in (*GENERATORS, FACTORS_FOLDER):  # a model saved here before had it
+            if name not in self.generators_ and not (name == FACTORS_FOLDER and self.factors_):
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
         arrays = self.side_.arrays()
         arrays["user_ids"] = np.asarray(self.user_ids_, dtype=str)
         arrays["item_ids"] = np.asarray(self.item_ids_, dtype=str)
@@ -1335,6 +1473,7 @@ class HybridRecommender:
                 {
                     "config": self.config.to_dict(),
                     "generators": sorted(self.generators_),
+                    "factors": self.factors_ is not None,
                     "info": self.info,
                     "feature_names": list(FEATURE_NAMES),
                 },
@@ -1355,6 +1494,8 @@ class HybridRecommender:
             if model.generators_:
                 gen.share_seen(next(iter(model.generators_.values())))
             model.generators_[g] = gen
+        if meta.get("factors"):
+            model.factors_ = Recommender.load(os.path.join(path, FACTORS_FOLDER))
         with np.load(os.path.join(path, "hybrid.npz"), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         model.side_ = SideFeatures.from_arrays(arrays)

@@ -258,16 +258,24 @@ def serve_top_n(
     )
 
 
+def _lightfm(model: HybridRecommender):
+    """The LightFM generator, or LightFM fitted for its embeddings alone (``factors_``, when
+    the weighing on validation left it out of the generators). KeyError: neither."""
+    if "lightfm" in model.generators_ or model.factors_ is None:
+        return model.generators_["lightfm"]
+    return model.factors_
+
+
 def item_factors(model: HybridRecommender) -> tuple[np.ndarray, np.ndarray]:
     """LightFM item embeddings (n_items, d) and biases (n_items,), including items known only
     from their features. Raises KeyError when LightFM was skipped for lack of data."""
-    m = model.generators_["lightfm"]
+    m = _lightfm(model)
     return m.item_emb_, m.item_bias_
 
 
 def user_factors(model: HybridRecommender) -> tuple[np.ndarray, np.ndarray]:
     """LightFM user embeddings (n_users, d) and biases; score = u.i + b_u + b_i."""
-    m = model.generators_["lightfm"]
+    m = _lightfm(model)
     return m.user_emb_, m.user_bias_
 
 

@@ -83,6 +83,15 @@ def test_pipeline_trains_evaluates_and_gates(storage):
     assert gate["served_by"] == record["served_by"] and gate["served_because"]
     chosen = ranker_md["chosen_on_validation"].value["shop"]
     assert set(chosen) >= {"tuning", "selection"}  # the grids reach the pipeline
+    # LightFM weighed on validation: the verdict reaches the MLflow run with both figures
+    from mlflow.tracking import MlflowClient
+
+    verdict = chosen["selection"]["lightfm"]
+    run = MlflowClient(storage.mlflow_uri()).get_run(gate["run_id"]).data
+    assert run.params["selection.lightfm.kept"] == str(verdict["kept"])
+    assert run.params["selection.lightfm.reason"] == verdict["reason"]
+    for side, value in verdict["validation_ndcg@10"].items():
+        assert run.metrics[f"validation.hybrid_{side}_lightfm.NDCG_at_10"] == value
     with open(storage.path("models", "tiny", "gate.json")) as f:
         tiny_gate = json.load(f)
     assert tiny_gate["served_by"] == "popularity"

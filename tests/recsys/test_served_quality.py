@@ -9,16 +9,17 @@ import pytest
 from synthetic_events import START, cluster_events, cluster_items, make_events
 
 from recsys.contract import EVENT_SCHEMA
-from recsys.models.data import build_dataset, sequence_transitions
+from recsys.models.data import build_dataset, sequence_transitions, temporal_split
 from recsys.models.hybrid import (
     HYBRID,
     HybridConfig,
     HybridRecommender,
     choose_served,
     fit_eval_and_final,
+    weigh_lightfm,
 )
 from recsys.models.recent import RecentItemsRecommender, recent_history
-from recsys.models.serve import serve_top_n
+from recsys.models.serve import item_factors, serve_top_n
 
 FAST = dict(
     lightfm={"no_components": 8, "epochs": 6, "seed": 1, "num_threads": 1},
@@ -89,7 +90,10 @@ def test_a_generator_that_beats_the_ranked_list_on_validation_serves(cluster_dat
     sel = ev.info["selection"]
     assert sel["served"] == "category" and "beats hybrid" in sel["reason"]
     figures = sel["validation_ndcg@10"]
-    assert set(figures) == {*ev.generators_, HYBRID}
+    # the flat ranker orders the candidates alike with LightFM or without: left out (a
+    # tie), its own list still measured
+    assert not sel["lightfm"]["kept"] and "lightfm" not in ev.generators_
+    assert set(figures) == {*ev.generators_, "lightfm", HYBRID}
     assert figures["category"] == max(figures.values())
     assert sel["difference"]["low"] > 0
     for model in (ev, final):
@@ -100,6 +104,97 @@ def test_a_generator_that_beats_the_ranked_list_on_validation_serves(cluster_dat
     served = serve_top_n(final, users, 5)
     own, _ = final.generators_["category"].recommend(users, 5)
     assert served.item_idx.reshape(-1, 5).tolist() == own.tolist()
+
+
+# LightFM adds no candidate (every generator proposes every item) and, untrained, nothing the
+# shallow trees split on: the ranked lists with and without it are the same
+NOTHING_TO_ADD = dict(
+    candidates_per_generator=40,
+    lightfm={**FAST["lightfm"], "learning_rate": 0.0},
+    ranker={"max_iter": 3, "max_leaf_nodes": 2, "min_samples_leaf": 20},
+)
+
+
+@pytest.mark.parametrize(
+    "overrides, kept", [({}, True), (NOTHING_TO_ADD, False)], ids=["helps", "adds-nothing"]
+)
+def test_lightfm_is_kept_only_when_the_ranked_list_with_it_is_better_on_validation(
+    cluster_data, overrides, kept, tmp_path
+):
+    """LightFM is weighed on the evaluated model's validation window: the ranked list with
+    it against the one without it, on the same held-out users. Left out, both models are
+    those fitted with it switched off from the start (its refits never ran), the published
+    one is still its configuration's fit on all events, and the figures say why."""
+    events, items = cluster_data
+    cfg = HybridConfig(**{**FAST, **overrides, "include_catalog_items": False})
+    ev, final = fit_eval_and_final(events, items, None, cfg, 0.2)
+    verdict = ev.info["selection"]["lightfm"]
+    assert verdict["kept"] is kept and final.info["selection"]["lightfm"] == verdict
+    figures = verdict["validation_ndcg@10"]
+    assert (figures["with"] > figures["without"]) is kept and verdict["validation_users"] >= 20
+    for model in (ev, final):
+        assert ("lightfm" in model.generators_) is kept
+    assert final.config.weigh_lightfm is False
+    again = HybridRecommender(HybridConfig.from_dict(final.config.to_dict())).fit(events, items)
+    _same_model(final, again)
+    if not kept:
+        assert figures["with"] == figures["without"]  # a tie: the cheaper list
+        assert "lightfm" not in final.config.generators
+        # not a generator, but still fitted on all events for the snapshot's embeddings
+        assert final.config.lightfm_factors and ev.factors_ is None
+        emb, bias = item_factors(final)
+        assert emb.shape[0] == len(final.item_ids_) == len(bias)
+        (tmp_path / "final" / "lightfm").mkdir(parents=True)  # as a model saved before left
+        (tmp_path / "final" / "lightfm" / "arrays.npz").write_bytes(b"stale")
+        final.save(str(tmp_path / "final"))
+        assert not (tmp_path / "final" / "lightfm").exists()
+        loaded = HybridRecommender.load(str(tmp_path / "final"))
+        for key, value in final.factors_._arrays().items():
+            np.testing.assert_array_equal(value, again.factors_._arrays()[key])
+            np.testing.assert_array_equal(value, loaded.factors_._arrays()[key])
+        assert ev.info["generators_skipped"]["lightfm"].startswith("left out on validation")
+        off = HybridConfig.from_dict(ev.config.to_dict())  # LightFM off from the start
+        off.weigh_lightfm = False
+        off.served = None
+        train = temporal_split(events, 0.2).train  # (the evaluated model's events)
+        _same_model(ev, HybridRecommender(off).fit(train, items))
+
+
+def test_lightfm_whose_own_list_serves_is_kept_even_when_the_ranked_lists_tie(cluster_data):
+    """A ranker that cannot split orders the same candidates the same way with LightFM or
+    without it (a tie: the cheaper list), but LightFM's own list beats that ranked list
+    beyond its interval and serves: LightFM stays, in both models."""
+    events, items = cluster_data
+    flat = {"max_iter": 2, "max_leaf_nodes": 2, "min_samples_leaf": 100_000}
+    cfg = HybridConfig(
+        **{**FAST, "ranker": flat, "tune": {}, "candidates_per_generator": 40},
+        generators=["popularity", "lightfm"],
+    )
+    ev, final = fit_eval_and_final(events, items, None, cfg, 0.2)
+    sel = ev.info["selection"]
+    assert sel["served"] == "lightfm" and sel["difference"]["low"] > 0
+    assert sel["lightfm"]["kept"] and "own list serves" in sel["lightfm"]["reason"]
+    assert sel["lightfm"]["difference"]["mean"] == 0.0
+    for model in (ev, final):
+        assert list(model.generators_) == ["popularity", "lightfm"]
+        assert model.info["served_by"] == "lightfm"
+
+
+def test_weigh_lightfm_on_known_figures():
+    rng = np.random.default_rng(4)
+    base = rng.random(100)
+    better = weigh_lightfm({HYBRID: base + 0.01}, {HYBRID: base}, HybridConfig())
+    assert better["kept"] and better["difference"]["mean"] == pytest.approx(0.01)
+    tie = weigh_lightfm({HYBRID: base}, {HYBRID: base}, HybridConfig())
+    assert not tie["kept"] and "does not beat" in tie["reason"]
+    worse = weigh_lightfm({HYBRID: base}, {HYBRID: base + 0.02}, HybridConfig())
+    assert (
+        not worse["kept"]
+        and worse["validation_ndcg@10"]["without"] > worse["validation_ndcg@10"]["with"]
+    )
+    few = weigh_lightfm({HYBRID: base[:5]}, {HYBRID: base[:5] + 1}, HybridConfig())
+    assert few["kept"] and "min_selection_users=20" in few["reason"]
+    assert weigh_lightfm({"ease": base}, None, HybridConfig())["kept"]  # no ranked list
 
 
 def test_choose_served_keeps_the_ranked_list_within_the_interval():
