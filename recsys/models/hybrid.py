@@ -335,7 +335,7 @@ class _Refit:
         names = tuple(g for g in (names or GENERATORS) if g not in self._started)
         if not names:
             return
-        self._started.update(names)
+        self._started.update(g for g in names if _uses(config, g))  # (others: skipped)
         cfg = HybridConfig.from_dict(config.to_dict())
         data = self._dataset()
         self._parts.append(
@@ -344,20 +344,22 @@ class _Refit:
 
     def fit_factors(self, config: HybridConfig) -> None:
         """Start fitting LightFM with `config`'s parameters for its embeddings alone
-        (``lightfm_factors``: it is not one of the generators)."""
-        if self._factors is None:
+        (``lightfm_factors``: not one of `config`'s generators), unless its refit started
+        before it was left out: that one gives them (see :meth:`result`)."""
+        if "lightfm" not in self._started:
+            self._started.add("lightfm")
             params = HybridConfig.from_dict(config.to_dict()).generator_params("lightfm")
             data = self._dataset()
             self._factors = self._start(
                 lambda: make_generator("lightfm", params).fit(data.result())
             )
 
-    def factors(self) -> Recommender | None:
-        """The LightFM fitted by :meth:`fit_factors` (None when it was not asked for)."""
-        return None if self._factors is None else self._factors.result()
-
-    def result(self) -> tuple[Dataset, dict[str, Recommender], dict[str, str], dict[str, float]]:
-        """(dataset, generators in GENERATORS order, skipped name -> reason, fit seconds)."""
+    def result(
+        self, config: HybridConfig
+    ) -> tuple[Dataset, dict[str, Recommender], dict[str, str], dict[str, float], Any]:
+        """(dataset, generators in GENERATORS order, skipped name -> reason, fit seconds,
+        LightFM fitted for its embeddings alone or None): a LightFM refit that `config` no
+        longer has among its generators is that LightFM when ``config.lightfm_factors``."""
         models: dict[str, Recommender] = {}
         skipped: dict[str, str] = {}
         seconds: dict[str, float] = {}
@@ -367,11 +369,19 @@ class _Refit:
             skipped.update(sk)
             seconds.update(sec)
         order = {g: i for i, g in enumerate(GENERATORS)}
+        factors = None if self._factors is None else self._factors.result()
+        if "lightfm" in models and not _uses(config, "lightfm"):  # left out after it started
+            left = models.pop("lightfm")
+            factors = left if config.lightfm_factors else factors
+            skipped["lightfm"] = "left out on validation" + (
+                " (fitted for its embeddings alone)" if config.lightfm_factors else ""
+            )
         return (
             self._dataset().result(),
             {g: models[g] for g in sorted(models, key=order.__getitem__)},
             {g: skipped[g] for g in sorted(skipped, key=order.__getitem__)},
             seconds,
+            factors,
         )
 
 
@@ -787,8 +797,7 @@ def fit_eval_and_final(
         # the refit on all events: its dataset is built with its first part (_Refit._dataset)
         model = HybridRecommender(final_config(config))
         refit = _Refit(model, events, items, users, background=True, beside=refits_beside)
-        weighed = _weighs_lightfm(config)
-        if _lightfm_is_chosen(config) and not weighed:
+        if _lightfm_is_chosen(config):
             refit.fit(final_config(config), ("lightfm",))
 
         def on_config(chosen: HybridConfig) -> None:
@@ -806,10 +815,11 @@ def fit_eval_and_final(
             on_grids=lambda chosen: refit.fit(
                 final_config(chosen), tuple(g for g in GENERATORS if g != "lightfm")
             ),
-            # (once LightFM is weighed, its refit starts with the others at on_config)
-            on_early_stopping=None
-            if weighed
-            else lambda chosen, choice: refit.fit(final_config(chosen), ("lightfm",), choice),
+            # (LightFM on all events is needed whatever the weighing says: as a generator,
+            # or for the snapshot's embeddings alone)
+            on_early_stopping=lambda chosen, choice: refit.fit(
+                final_config(chosen), ("lightfm",), choice
+            ),
             refits_beside=refits_beside,
         )
         final_cfg = model.config
@@ -871,8 +881,7 @@ def fit_eval_and_final(
         if on_eval is not None:  # handed over (saved): not held beside S3's refit
             on_eval(eval_model)
             eval_model = None
-        data, generators, skipped, seconds = refit.result()
-        factors = refit.factors()
+        data, generators, skipped, seconds, factors = refit.result(final_cfg)
     info["generators_skipped"], info["generator_seconds"] = skipped, seconds
     for k in ("tuning", "lightfm_early_stopping"):
         if k in eval_info:
@@ -1297,8 +1306,8 @@ class HybridRecommender:
         t0 = time.perf_counter()
         with single_threaded_blas():
             refit = _Refit(self, events, items, users, beside=refits_beside)
-            if _lightfm_is_chosen(c) and not _weighs_lightfm(c):  # nothing to choose for
-                refit.fit(c, ("lightfm",))  # LightFM: its refit starts now
+            if _lightfm_is_chosen(c) and _uses(c, "lightfm") and not _weighs_lightfm(c):
+                refit.fit(c, ("lightfm",))  # nothing to choose for LightFM: it starts now
             split = temporal_split(events, 0.0, c.validation_fraction)
             info: dict[str, Any] = {
                 "ranker_events_fit": split.fit.height,
@@ -1326,9 +1335,8 @@ class HybridRecommender:
             if skip is None:
 
                 def early_stopping(cfg: HybridConfig, choice: EpochChoice) -> None:
-                    if _weighs_lightfm(cfg):  # its refit waits for the verdict
-                        return
-                    refit.fit(cfg, ("lightfm",), choice)
+                    if not _weighs_lightfm(cfg):  # (else its refit waits for the verdict)
+                        refit.fit(cfg, ("lightfm",), choice)
                     if on_early_stopping is not None:
                         on_early_stopping(cfg, choice)
 
@@ -1401,8 +1409,7 @@ class HybridRecommender:
                 if on_config is not None:
                     on_config(c)
             del fit_data, holdout, gens, per_user  # the window's: not held beside the refit
-            data, generators, skipped, seconds = refit.result()
-            factors = refit.factors()
+            data, generators, skipped, seconds, factors = refit.result(c)
             if verdict is not None and not verdict["kept"]:
                 skipped["lightfm"] = f"left out on validation: {verdict['reason']}"
         info["generators_skipped"], info["generator_seconds"] = skipped, seconds
