@@ -129,9 +129,9 @@ class HybridConfig:
     min_selection_users: int = 20
     #: LightFM, the costliest generator (three fits a run, two thirds of the training's
     #: CPU on the 1M demo), stays only if the ranked list with it beats the ranked list
-    #: without it on the validation window (:func:`weigh_lightfm`); its refits start once
-    #: that is decided. False: kept as configured (the published model's configuration,
-    #: where it was decided before)
+    #: without it on the validation window (:func:`weigh_lightfm`); its refit on the fit's
+    #: own events waits for that verdict. False: kept as configured (the published model's
+    #: configuration, where it was decided before)
     weigh_lightfm: bool = True
     #: LightFM fitted on all events for its embeddings alone (the snapshot's item and user
     #: factors: similar items, embeddings, reranking any item), not as a generator: set in
@@ -1300,7 +1300,8 @@ class HybridRecommender:
         With ``weigh_lightfm``, the ranker is also trained without LightFM's candidates (in a
         thread beside the first, with `refits_beside`), LightFM is kept or left out on those
         two ranked lists (:func:`weigh_lightfm`), and its refit, and `on_config`, wait for
-        that verdict: left out, LightFM is never refit and `config.generators` says so.
+        that verdict (`on_early_stopping` does not): left out, LightFM is not refit here and
+        `config.generators` says so.
         """
         c = self.config
         t0 = time.perf_counter()
