@@ -1502,8 +1502,9 @@ class HybridRecommender:
             if model.generators_:
                 gen.share_seen(next(iter(model.generators_.values())))
             model.generators_[g] = gen
-        if meta.get("factors"):
+        if meta.get("factors"):  # (the same seen matrix too)
             model.factors_ = Recommender.load(os.path.join(path, FACTORS_FOLDER))
+            model.factors_.share_seen(model.generators_["popularity"])
         with np.load(os.path.join(path, "hybrid.npz"), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         model.side_ = SideFeatures.from_arrays(arrays)

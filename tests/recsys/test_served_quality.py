@@ -149,6 +149,7 @@ def test_lightfm_is_kept_only_when_the_ranked_list_with_it_is_better_on_validati
         final.save(str(tmp_path / "final"))
         assert not (tmp_path / "final" / "lightfm").exists()
         loaded = HybridRecommender.load(str(tmp_path / "final"))
+        assert loaded.factors_.seen_ is loaded.seen_  # one seen matrix in memory
         for key, value in final.factors_._arrays().items():
             np.testing.assert_array_equal(value, again.factors_._arrays()[key])
             np.testing.assert_array_equal(value, loaded.factors_._arrays()[key])
