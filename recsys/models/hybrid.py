@@ -303,7 +303,7 @@ class _Refit:
         self._data = None  # started with the first part (see _dataset)
         self._parts: list = []
         self._started: set[str] = set()
-        self._factors = None  # LightFM for its embeddings alone (see fit_factors)
+        self._factors = None  # LightFM for its embeddings alone (see _fit_factors)
 
     def _start(self, fn, *args):
         if not self._beside:  # run when the result is asked for (see result)
@@ -331,7 +331,10 @@ class _Refit:
         lightfm_epochs: EpochChoice | None = None,
     ) -> None:
         """Start fitting `names` (default: every generator not started yet) with a copy of
-        `config` as it is now (LightFM for `lightfm_epochs`, when given)."""
+        `config` as it is now (LightFM for `lightfm_epochs`, when given), and LightFM for its
+        embeddings alone when `config` asks for them (:meth:`_fit_factors`)."""
+        if config.lightfm_factors:
+            self._fit_factors(config)
         names = tuple(g for g in (names or GENERATORS) if g not in self._started)
         if not names:
             return
@@ -342,7 +345,7 @@ class _Refit:
             self._start(lambda: fit_generators(data.result(), cfg, names, lightfm_epochs))
         )
 
-    def fit_factors(self, config: HybridConfig) -> None:
+    def _fit_factors(self, config: HybridConfig) -> None:
         """Start fitting LightFM with `config`'s parameters for its embeddings alone
         (``lightfm_factors``: not one of `config`'s generators), unless its refit started
         before it was left out: that one gives them (see :meth:`result`)."""
@@ -373,9 +376,9 @@ class _Refit:
         if "lightfm" in models and not _uses(config, "lightfm"):  # left out after it started
             left = models.pop("lightfm")
             factors = left if config.lightfm_factors else factors
-            skipped["lightfm"] = "left out on validation" + (
-                " (fitted for its embeddings alone)" if config.lightfm_factors else ""
-            )
+            skipped["lightfm"] = "left out on validation"
+        if factors is not None:
+            skipped["lightfm"] = "left out on validation (fitted for its embeddings alone)"
         return (
             self._dataset().result(),
             {g: models[g] for g in sorted(models, key=order.__getitem__)},
@@ -803,8 +806,6 @@ def fit_eval_and_final(
         def on_config(chosen: HybridConfig) -> None:
             model.config = final_config(chosen)
             refit.fit(model.config)
-            if model.config.lightfm_factors:
-                refit.fit_factors(model.config)
 
         eval_items, eval_users = eval_catalogue or (items, users)
         eval_model = HybridRecommender(eval_cfg).fit(
@@ -1358,8 +1359,6 @@ class HybridRecommender:
             verdict = None
             if not weighing:  # the configuration is final from here on
                 refit.fit(c)
-                if c.lightfm_factors:
-                    refit.fit_factors(c)
                 if on_config is not None:
                     on_config(c)
             per_user = None
@@ -1405,8 +1404,6 @@ class HybridRecommender:
             info["ranker_seconds"] = time.perf_counter() - t0
             if weighing:  # the configuration is final from here on
                 refit.fit(c)
-                if c.lightfm_factors:
-                    refit.fit_factors(c)
                 if on_config is not None:
                     on_config(c)
             del fit_data, holdout, gens, per_user  # the window's: not held beside the refit
