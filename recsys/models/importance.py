@@ -87,17 +87,19 @@ def permutation_importance(
         return float(np.mean(ndcg_at_k(lists, relevant, 10)))
 
     # the shuffles drawn in the plain loop's order (rng.permutation(column) moves the values
-    # as rng.permutation(len(column)) orders them), then scored two at a time from what the
-    # rows share (TreeEnsemble.column_permutations: the margins of each shuffled copy)
+    # as rng.permutation(len(column)) orders them), then scored a feature's repeats at a
+    # time, two features at once, from what the rows and the repeats share
+    # (TreeEnsemble.column_permutations: the margins of each shuffled copy)
     permuted = ranker.column_permutations(x)
     base = score(permuted.base)
     tasks = [
-        (j, rng.permutation(len(x))) for j in range(len(FEATURE_NAMES)) for _ in range(repeats)
+        (j, [rng.permutation(len(x)) for _ in range(repeats)]) for j in range(len(FEATURE_NAMES))
     ]
-    scores = map_in_threads(lambda task: score(permuted.margins(*task)), tasks)
-    drops: dict[str, list[float]] = {name: [] for name in FEATURE_NAMES}
-    for (j, _), value in zip(tasks, scores, strict=True):
-        drops[FEATURE_NAMES[j]].append(base - value)
+    scores = map_in_threads(lambda task: [score(m) for m in permuted.margins_of_each(*task)], tasks)
+    drops: dict[str, list[float]] = {
+        FEATURE_NAMES[j]: [base - value for value in values]
+        for (j, _), values in zip(tasks, scores, strict=True)
+    }
     return {
         "metric": "NDCG@10",
         "baseline": base,

@@ -32,7 +32,7 @@ from recsys.models.hybrid import (
     build_candidates,
 )
 from recsys.models.threads import map_in_threads
-from recsys.models.topk import top_k
+from recsys.models.topk import best_rows_per_user, top_k
 
 T = TypeVar("T")
 
@@ -112,17 +112,6 @@ def _ranker_scores(model: HybridRecommender, cand, n_users: int, n_cand: int):
     return ranker, final
 
 
-def by_user_then_score(user_pos: np.ndarray, score: np.ndarray, n_users: int) -> np.ndarray:
-    """The order of candidate rows (sorted by user, then item) by user, then score
-    descending, then item: ``np.lexsort((item, -score, user_pos))`` as two stable sorts, the
-    second a radix sort of small integers (about half the time)."""
-    by_score = np.argsort(-score, kind="stable")
-    users = user_pos[by_score]
-    if n_users < 2**15:
-        users = users.astype(np.int16)
-    return by_score[np.argsort(users, kind="stable")]
-
-
 def map_served_batches(
     model: HybridRecommender,
     user_idx: np.ndarray,
@@ -181,11 +170,7 @@ def map_served_batches(
         # copies, not views: a view would keep each batch's whole (users x n_cand) tops alive
         # as long as the caller holds them (5 x 100 int64 a user)
         tops = {g: top[:, :k].copy() for g, top in cand.tops.items()} if generator_lists else {}
-        order = by_user_then_score(cand.user_pos, final, len(batch))
-        up = cand.user_pos[order]
-        starts = np.searchsorted(up, np.arange(len(batch)))
-        rank = np.arange(len(up)) - starts[up]
-        keep = order[rank < k]
+        keep, rank = best_rows_per_user(cand.user_pos, final, len(batch), k)
         ranks = np.column_stack([cand.ranks[g][keep] for g in GENERATORS])
         best = np.argmin(ranks, axis=1)
         reason = np.array([_REASON_OF_GENERATOR[g] for g in GENERATORS], np.int8)[best]
@@ -193,7 +178,7 @@ def map_served_batches(
             user_idx=batch[cand.user_pos[keep]],
             user_pos=cand.user_pos[keep] + start,
             item_idx=cand.item_idx[keep],
-            rank=rank[rank < k].astype(np.int32),
+            rank=rank.astype(np.int32),
             final_score=final[keep].astype(np.float32),
             pop=_zero_nan(cand.scores["popularity"][keep]),
             cooc=_zero_nan(cand.scores["cooccurrence"][keep]),
@@ -201,7 +186,7 @@ def map_served_batches(
             ranker=ranker[keep].astype(np.float32),
             reason_code=reason,
         )
-        del cand, order, up, starts, rank, keep, ranks, best, ranker, final
+        del cand, rank, keep, ranks, best, ranker, final
         return fn(start, lists, tops)
 
     # numpy, scipy and the tree predictor release the GIL in their heavy loops: two batches

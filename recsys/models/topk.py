@@ -237,3 +237,39 @@ def csr_values(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarr
         out,
     )
     return out
+
+
+@njit(cache=True, nogil=True)
+def _best_rows_per_user(starts, score, k, keep, rank):
+    """Per user segment ``starts[u]:starts[u + 1]``: its rows ordered by score descending,
+    ties in row order (a stable sort of the segment; NaN last), the first `k` written to
+    `keep` / `rank` from the segment's output offset; returns how many were written."""
+    m = 0
+    for u in range(len(starts) - 1):
+        lo, hi = starts[u], starts[u + 1]
+        if hi == lo:
+            continue
+        order = np.argsort(-score[lo:hi], kind="mergesort")
+        for j in range(min(k, hi - lo)):
+            keep[m] = lo + order[j]
+            rank[m] = j
+            m += 1
+    return m
+
+
+def best_rows_per_user(
+    user_pos: np.ndarray, score: np.ndarray, n_users: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, rank): each user's `k` best rows by `score` (ties: the earlier row first, NaN
+    last), ordered by user then rank, of rows sorted by `user_pos` (candidate rows as built,
+    by user then item): the rows at rank < k of ``np.lexsort((rows, -score, user_pos))``
+    (tested), each user's segment sorted alone instead of all rows (1M rows of 3,000 users:
+    0.05 s, against 0.16 s for the two stable sorts of all rows it replaces)."""
+    user_pos = np.asarray(user_pos, dtype=np.int64)
+    starts = np.searchsorted(user_pos, np.arange(n_users + 1)).astype(np.int64)
+    keep = np.empty(min(len(user_pos), max(k, 0) * n_users), np.int64)
+    rank = np.empty(len(keep), np.int64)
+    if len(keep):
+        m = _best_rows_per_user(starts, np.ascontiguousarray(score, np.float64), k, keep, rank)
+        keep, rank = keep[:m], rank[:m]
+    return keep, rank

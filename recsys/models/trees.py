@@ -167,22 +167,32 @@ class ColumnPermutations:
 
     def margins(self, column: int, perm: np.ndarray) -> np.ndarray:
         """Raw margins of `x` with column `column` replaced by ``x[perm, column]``."""
+        return self.margins_of_each(column, [perm])[0]
+
+    def margins_of_each(self, column: int, perms: list[np.ndarray]) -> np.ndarray:
+        """``margins(column, perm)`` for each of `perms` (rows in their order), bit for bit,
+        with what the permutations share done once: per row, the masks of the column's trees
+        under every other feature (two permutations: about 0.6 of two calls' time)."""
         m = self._masks
         if m is None:
-            x = self._x.copy()
-            x[:, column] = self._x[perm, column]
-            return self._ens.decision_function(x)
+            out = np.empty((len(perms), len(self._x)))
+            for p, perm in enumerate(perms):
+                x = self._x.copy()
+                x[:, column] = self._x[perm, column]
+                out[p] = self._ens.decision_function(x)
+            return out
         used = np.flatnonzero(m.features == column)
-        if not len(used) or not len(self._x):
-            return self.base.copy()  # no split reads the column: nothing moves
+        if not len(used) or not len(self._x):  # no split reads the column: nothing moves
+            return np.repeat(self.base[None, :], len(perms), axis=0)
         k = int(used[0])
-        out = np.empty(len(self._x))
+        out = np.empty((len(perms), len(self._x)))
         _permuted_sums(
             self._rows,
             k,
-            np.asarray(perm, np.int64),
+            np.ascontiguousarray(np.array(perms, dtype=np.int64).reshape(len(perms), -1)),
             self._trees[k],
             np.ascontiguousarray(m.tables[:, self._trees[k]]),
+            m.tables.dtype.type(np.iinfo(m.tables.dtype).max),
             self._leaves,
             m.leaf_value,
             m.width,
@@ -395,32 +405,32 @@ def _exit_leaves(rows, tables, out):
 
 
 @njit(cache=True, nogil=True)
-def _permuted_sums(rows, k, perm, trees, sub, leaves, leaf_value, width, base, out):
-    """Margins with used feature k's bins permuted (row r takes row perm[r]'s): the trees in
-    `trees` (sorted: those splitting on it; `sub` their columns of the tables) find their
-    exit leaf again, the others keep `leaves`; the leaf values are summed in tree order, as
-    :func:`_exit_leaf_sums` sums them."""
+def _permuted_sums(rows, k, perms, trees, sub, ones, leaves, leaf_value, width, base, out):
+    """Margins with used feature k's bins permuted, ``out[p, r]`` for each permutation p
+    (row r takes row perms[p, r]'s): the trees in `trees` (sorted: those splitting on it;
+    `sub` their columns of the tables) find their exit leaf again, the others keep `leaves`;
+    the leaf values are summed in tree order, as :func:`_exit_leaf_sums` sums them. The AND
+    of the other features' table rows (`ones`: the mask of every leaf) is taken once per row
+    for every permutation."""
     n_trees, n_sub, n_feat = leaves.shape[1], len(trees), rows.shape[1]
-    mask = np.empty(n_sub, sub.dtype)
+    others = np.empty(n_sub, sub.dtype)
     for r in range(rows.shape[0]):
-        own = rows[perm[r], k]
         for i in range(n_sub):
-            mask[i] = sub[own, i]
-        for kk in range(k):
-            row = rows[r, kk]
-            for i in range(n_sub):
-                mask[i] &= sub[row, i]
-        for kk in range(k + 1, n_feat):
-            row = rows[r, kk]
-            for i in range(n_sub):
-                mask[i] &= sub[row, i]
-        total = 0.0
-        i = 0
-        for t in range(n_trees):
-            if i < n_sub and trees[i] == t:
-                bit = _lowest_bit(mask[i])
-                i += 1
-            else:
-                bit = leaves[r, t]
-            total += leaf_value[t * width + bit]
-        out[r] = base + total
+            others[i] = ones
+        for kk in range(n_feat):
+            if kk != k:
+                row = rows[r, kk]
+                for i in range(n_sub):
+                    others[i] &= sub[row, i]
+        for p in range(perms.shape[0]):
+            own = rows[perms[p, r], k]
+            total = 0.0
+            i = 0
+            for t in range(n_trees):
+                if i < n_sub and trees[i] == t:
+                    bit = _lowest_bit(others[i] & sub[own, i])
+                    i += 1
+                else:
+                    bit = leaves[r, t]
+                total += leaf_value[t * width + bit]
+            out[p, r] = base + total

@@ -81,3 +81,24 @@ def test_sparse_top_k_answers_like_the_dense_block():
         np.testing.assert_array_equal(csr_values(scores, rows, cols), scores.toarray()[rows, cols])
     with pytest.raises(ValueError, match="non-negative"):
         sparse_top_k(sp.csr_matrix(-np.ones((1, 2))), 1, sp.csr_matrix((1, 2)), np.zeros(2, bool))
+
+
+def test_best_rows_per_user_are_the_first_ranks_of_the_lexsort():
+    """Candidate rows sorted by user (as built): each user's k best rows, ties by the earlier
+    row, NaN after -inf, exactly the rows at rank < k of the lexsort of all rows; users with
+    no row, fewer rows than k, and k = 0."""
+    from recsys.models.topk import best_rows_per_user
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n_users, n_rows = int(rng.integers(1, 40)), int(rng.integers(0, 1500))
+        k = int(rng.integers(0, 40))
+        pos = np.sort(rng.integers(0, n_users, n_rows))
+        score = rng.integers(0, 5, n_rows).astype(float)  # many ties
+        score[rng.random(n_rows) < 0.1] = -np.inf
+        score[rng.random(n_rows) < 0.1] = np.nan
+        order = np.lexsort((np.arange(n_rows), -score, pos))
+        rank = np.arange(n_rows) - np.searchsorted(pos[order], np.arange(n_users))[pos[order]]
+        rows, got_rank = best_rows_per_user(pos, score, n_users, k)
+        np.testing.assert_array_equal(rows, order[rank < k])
+        np.testing.assert_array_equal(got_rank, rank[rank < k])

@@ -179,10 +179,16 @@ def test_column_permutations_give_the_margins_of_the_permuted_copy(rng, max_leaf
         copy = rows.copy()
         copy[:, j] = rows[perm, j]
         np.testing.assert_array_equal(scorer.margins(j, perm), ens.decision_function(copy))
+        # several permutations of the column at once (what they share is done once)
+        perms = [rng.permutation(len(rows)) for _ in range(3)]
+        together = scorer.margins_of_each(j, perms)
+        for perm, got in zip(perms, together, strict=True):
+            copy[:, j] = rows[perm, j]
+            np.testing.assert_array_equal(got, ens.decision_function(copy))
 
 
 def test_rank_lists_order_is_the_lexsort_order(rng):
-    # rows sorted by (user, item), as candidates are built, take the two-sort path; shuffled
+    # rows sorted by (user, item), as candidates are built, take the per-user path; shuffled
     # rows the lexsort; both give the lists of the plain lexsort, ties by the lower item
     from recsys.models.hybrid import rank_lists
 
