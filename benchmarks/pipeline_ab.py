@@ -11,6 +11,10 @@ odd rounds and HEAD first in even ones (ABBA...), each on freshly generated even
 small untimed run of each (a new worktree compiles its Numba kernels first), and prints
 every run's time in Dagster, wall and CPU, then the median of each and the per-round ratios
 HEAD / base (the machine's speed drifts between rounds, less within one).
+
+``--exclude-step NAME`` (repeatable) prints the same figures once more with that step's
+seconds (and CPU) taken off in whichever tree runs it: to tell a change's own cost from a step
+another change added to the job since the base (the base never ran it).
 """
 
 from __future__ import annotations
@@ -31,8 +35,12 @@ FIGURES = re.compile(
 )
 
 
+STEP_ROW = re.compile(r"^(?P<step>\S+)\s+(?P<seconds>[\d.]+)\s+(?P<cpu>[\d.]+)\s+\d+$", re.M)
+
+
 def run_e2e(tree: str, events: int) -> dict[str, float]:
-    """One `pipeline_e2e.py` run of the code in `tree`: {dagster, wall, cpu} seconds."""
+    """One `pipeline_e2e.py` run of the code in `tree`: {dagster, wall, cpu} seconds, and
+    each step's {"step:<name>": seconds, "cpu:<name>": CPU seconds} from its step table."""
     env = {**os.environ, "PYTHONPATH": tree}
     done = subprocess.run(
         [sys.executable, os.path.join(tree, "benchmarks", "pipeline_e2e.py"),
@@ -44,7 +52,11 @@ def run_e2e(tree: str, events: int) -> dict[str, float]:
         raise SystemExit(
             f"pipeline_e2e.py failed in {tree}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
         )
-    return {k: float(v) for k, v in found.groupdict().items()}
+    figures = {k: float(v) for k, v in found.groupdict().items()}
+    for row in STEP_ROW.finditer(done.stdout):
+        figures[f"step:{row['step']}"] = float(row["seconds"])
+        figures[f"cpu:{row['step']}"] = float(row["cpu"])
+    return figures
 
 
 def main() -> int:
@@ -53,6 +65,13 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup-events", type=int, default=20_000, help="an untimed run first")
+    ap.add_argument(
+        "--exclude-step",
+        action="append",
+        default=[],
+        help="also print the times without this step (in whichever tree runs it; e.g. a step "
+        "another change added to the job), once per step to leave out",
+    )
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="recsys-ab-")
     base_tree = os.path.join(work, "base")
@@ -89,6 +108,24 @@ def main() -> int:
             f"  {key:<7} median base {statistics.median(base):6.1f} s, "
             f"HEAD {statistics.median(head):6.1f} s; HEAD / base per round: {ratios}"
         )
+    if args.exclude_step:
+        # the step's own seconds (its wall time in the run; CPU from its samples) taken off
+        # the run's Dagster time and CPU time, in each tree that ran it
+        def without(f: dict[str, float], key: str, prefix: str) -> float:
+            return f[key] - sum(f.get(f"{prefix}:{s}", 0.0) for s in args.exclude_step)
+
+        print(f"  without {', '.join(args.exclude_step)}:")
+        for name in ("base", "HEAD"):
+            took = [sum(f.get(f"step:{s}", 0.0) for s in args.exclude_step) for f in runs[name]]
+            print(f"    the step(s) in {name}: " + ", ".join(f"{t:.1f} s" for t in took))
+        for key, prefix in (("dagster", "step"), ("cpu", "cpu")):
+            base = [without(f, key, prefix) for f in runs["base"]]
+            head = [without(f, key, prefix) for f in runs["HEAD"]]
+            ratios = ", ".join(f"{h / b:.2f}" for b, h in zip(base, head, strict=True))
+            print(
+                f"    {key:<7} median base {statistics.median(base):6.1f} s, "
+                f"HEAD {statistics.median(head):6.1f} s; HEAD / base per round: {ratios}"
+            )
     return 0
 
 

@@ -1,8 +1,8 @@
 """Feature importance of the hybrid's second-stage ranker: split gains and permutation importance.
 
-* `gain_importance`: per feature, the summed split gain of a fitted scikit-learn
-  HistGradientBoostingClassifier's trees, as a share of the total (taken at fit time: the
-  exported `TreeEnsemble` keeps no gains).
+* `gain_importance`: per feature, the summed split gain of a trained LightGBM booster's trees
+  (those it predicts with), as a share of the total (taken at fit time: the exported
+  `TreeEnsemble` keeps no gains).
 * `permutation_importance`: per feature, how much the mean NDCG@10 of the ranked lists falls
   when that feature's column is shuffled across the candidate rows of held-out users (seeded),
   the users' held-out items being the relevant ones. Measured on the evaluation window: the
@@ -22,13 +22,16 @@ import polars as pl
 FILE = "feature_importance.json"
 
 
-def gain_importance(clf: Any, feature_names: tuple[str, ...]) -> dict[str, float]:
+def gain_importance(booster: Any, feature_names: tuple[str, ...]) -> dict[str, float]:
     """Share of the total split gain per feature (0 for features never split on)."""
-    total = np.zeros(len(feature_names))
-    for trees in clf._predictors:  # one list per iteration (one tree for a binary problem)
-        for tree in trees:
-            nodes = tree.nodes[~tree.nodes["is_leaf"].astype(bool)]
-            np.add.at(total, nodes["feature_idx"].astype(np.int64), nodes["gain"])
+    total = np.asarray(
+        booster.feature_importance(
+            importance_type="gain", iteration=booster.best_iteration or None
+        ),
+        dtype=np.float64,
+    )
+    if len(total) != len(feature_names):
+        raise ValueError(f"{len(total)} features in the booster, {len(feature_names)} named")
     s = float(total.sum())
     return {
         name: (float(g) / s if s > 0 else 0.0) for name, g in zip(feature_names, total, strict=True)

@@ -122,53 +122,87 @@ def test_a_tuning_grid_fits_the_models_of_separate_fits(rng, cls, grid):
         assert (model.seen_ != alone.seen_).nnz == 0
 
 
-@pytest.mark.parametrize("max_leaf_nodes", [2, 7, 15, 31, 63, 100])
-@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # binning the infinities
-def test_tree_predictor_matches_sklearn_and_the_traversal(rng, max_leaf_nodes):
-    # 2..63 leaves: bitmask tables (uint8 .. uint64 masks); 100: the traversal
-    from sklearn.ensemble import HistGradientBoostingClassifier
+def _booster(x, y, leaves, rounds):
+    import lightgbm as lgb
 
+    params = {
+        "objective": "binary",
+        "num_leaves": leaves,
+        "min_data_in_leaf": 5,
+        "num_threads": 1,
+        "deterministic": True,
+        "force_row_wise": True,
+        "verbose": -1,
+    }
+    return lgb.train(params, lgb.Dataset(x, y), rounds)
+
+
+@pytest.mark.parametrize("max_leaf_nodes", [2, 7, 15, 31, 63, 100])
+def test_tree_predictor_matches_lightgbm_and_the_traversal(rng, max_leaf_nodes):
+    # 2..63 leaves: bitmask tables (uint8 .. uint64 masks); 100: the traversal. Column 5
+    # has no missing value in training (its splits read a NaN as 0.0), the others have some
+    # (a NaN goes each split's default way); infinities on both sides
     x = rng.normal(size=(3000, 6))
-    x[rng.random(x.shape) < 0.1] = np.nan
+    x[:, :5][rng.random((3000, 5)) < 0.1] = np.nan
     x[:50, 2] = np.inf
     x[50:100, 3] = -np.inf
-    y = (np.nan_to_num(x[:, 0]) + np.nan_to_num(x[:, 1]) * x[:, 4] > 0).astype(int)
-    clf = HistGradientBoostingClassifier(
-        max_iter=30, max_leaf_nodes=max_leaf_nodes, min_samples_leaf=5, random_state=0
-    ).fit(x, y)
-    ens = TreeEnsemble.from_sklearn(clf)
+    y = (np.nan_to_num(x[:, 0]) + np.nan_to_num(x[:, 1]) * x[:, 4] + x[:, 5] > 0).astype(int)
+    booster = _booster(x, y, max_leaf_nodes, 30)
+    ens = TreeEnsemble.from_lightgbm(booster)
+    assert len(ens.roots) == 30
     assert (ens._leaf_masks() is None) == (max_leaf_nodes > 64)
     x_new = rng.normal(size=(5000, 6)) * 2
-    x_new[rng.random(x_new.shape) < 0.2] = np.nan
+    x_new[rng.random(x_new.shape) < 0.2] = np.nan  # column 5 too
     x_new[:100] = x[:100]  # infinities
-    want = clf.decision_function(x_new)
+    want = booster.predict(x_new, raw_score=True)
     np.testing.assert_allclose(ens.decision_function(x_new), want, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(ens.decision_function_traversal(x_new), want, rtol=1e-9)
-    # values exactly at a threshold go left, like scikit-learn
+    np.testing.assert_allclose(ens.predict_proba(x_new), booster.predict(x_new), rtol=1e-9)
+    # values exactly at a threshold go left, like LightGBM
     at = np.tile(np.nan_to_num(x_new[:1]), (len(ens.threshold), 1))
     split = ~ens.is_leaf
     at[np.flatnonzero(split), ens.feature[split]] = ens.threshold[split]
     np.testing.assert_allclose(
-        ens.decision_function(at), clf.decision_function(at), rtol=1e-9, atol=1e-12
+        ens.decision_function(at), booster.predict(at, raw_score=True), rtol=1e-9, atol=1e-12
     )
 
 
+def test_the_ranker_stops_at_its_best_round_and_is_the_same_on_a_second_fit(rng):
+    # early stopping on a held-out tenth: the exported trees are those up to the best round,
+    # the gains are those trees', and a second fit gives the same trees (seeded, one thread)
+    from recsys.models.hybrid import FEATURE_NAMES, HybridConfig, _fit_trees
+    from recsys.models.importance import gain_importance
+
+    x = rng.normal(size=(4000, len(FEATURE_NAMES)))
+    y = (x[:, 0] + rng.normal(size=4000) > 1.5).astype(np.int8)
+    config = HybridConfig(ranker={**HybridConfig().ranker, "max_iter": 400})
+    booster, why = _fit_trees(x, y, config)
+    assert why is None and 0 < booster.best_iteration < 400
+    ens = TreeEnsemble.from_lightgbm(booster)
+    assert len(ens.roots) == booster.best_iteration
+    np.testing.assert_allclose(
+        ens.decision_function(x), booster.predict(x, raw_score=True), rtol=1e-9, atol=1e-12
+    )
+    gain = gain_importance(booster, FEATURE_NAMES)
+    assert max(gain, key=gain.get) == FEATURE_NAMES[0]
+    assert sum(gain.values()) == pytest.approx(1.0)
+    again = TreeEnsemble.from_lightgbm(_fit_trees(x, y, config)[0])
+    for key, value in ens.to_arrays().items():
+        np.testing.assert_array_equal(value, again.to_arrays()[key])
+    with pytest.raises(ValueError, match="unknown ranker setting"):
+        _fit_trees(x, y, HybridConfig(ranker={"max_depth": 3}))
+
+
 @pytest.mark.parametrize("max_leaf_nodes", [2, 15, 63, 100])
-@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # binning the infinities
 def test_column_permutations_give_the_margins_of_the_permuted_copy(rng, max_leaf_nodes):
     # every column, a column no tree splits on (5) and NaN / infinite values: the margins
     # of the shortcut are the plain evaluation's, bit for bit (100 leaves: no tables)
-    from sklearn.ensemble import HistGradientBoostingClassifier
-
     x = rng.normal(size=(2000, 6))
     x[rng.random(x.shape) < 0.1] = np.nan
     x[:40, 2] = np.inf
     x[:, 5] = 0.0
     y = (np.nan_to_num(x[:, 0]) + np.nan_to_num(x[:, 1]) * x[:, 4] > 0).astype(int)
-    clf = HistGradientBoostingClassifier(
-        max_iter=25, max_leaf_nodes=max_leaf_nodes, min_samples_leaf=5, random_state=0
-    ).fit(x, y)
-    ens = TreeEnsemble.from_sklearn(clf)
+    ens = TreeEnsemble.from_lightgbm(_booster(x, y, max_leaf_nodes, 25))
     rows = rng.normal(size=(3000, 6)) * 2
     rows[rng.random(rows.shape) < 0.2] = np.nan
     rows[:100] = x[:100]
