@@ -549,7 +549,13 @@ def _fit_trees(x: np.ndarray, y: np.ndarray, c: HybridConfig) -> tuple[Any, str 
         keep_neg = rng.choice(neg, size=max(c.max_ranker_rows - int(y.sum()), 1), replace=False)
         keep = np.sort(np.concatenate([np.flatnonzero(y == 1), keep_neg]))
         x, y = x[keep], y[keep]
-    r = {"early_stopping": False, "max_iter": 100, **c.ranker}
+    r = {
+        "early_stopping": False,
+        "max_iter": 100,
+        "n_iter_no_change": 10,
+        "validation_fraction": 0.1,
+        **c.ranker,
+    }
     params = {
         "objective": "binary",
         **{_LIGHTGBM_PARAMS[k]: v for k, v in r.items() if k in _LIGHTGBM_PARAMS},
@@ -561,15 +567,18 @@ def _fit_trees(x: np.ndarray, y: np.ndarray, c: HybridConfig) -> tuple[Any, str 
     }
     early = r["early_stopping"] and y.sum() >= 20 and len(y) >= 200  # a tenth to hold out
     if early:
-        fit, held = train_test_split(
-            np.arange(len(y)),
-            test_size=r.get("validation_fraction", 0.1),
-            stratify=y,
-            random_state=c.seed,
+        fit, held = (
+            np.sort(rows)
+            for rows in train_test_split(
+                np.arange(len(y)),
+                test_size=r["validation_fraction"],
+                stratify=y,
+                random_state=c.seed,
+            )
         )
-        train = lgb.Dataset(x[np.sort(fit)], y[np.sort(fit)], free_raw_data=True)
-        valid = lgb.Dataset(x[np.sort(held)], y[np.sort(held)], reference=train)
-        stop = lgb.early_stopping(int(r.get("n_iter_no_change", 10)), verbose=False)
+        train = lgb.Dataset(x[fit], y[fit], free_raw_data=True)
+        valid = lgb.Dataset(x[held], y[held], reference=train)
+        stop = lgb.early_stopping(int(r["n_iter_no_change"]), verbose=False)
         booster = lgb.train(params, train, int(r["max_iter"]), valid_sets=[valid], callbacks=[stop])
     else:
         booster = lgb.train(params, lgb.Dataset(x, y, free_raw_data=True), int(r["max_iter"]))

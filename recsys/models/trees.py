@@ -198,7 +198,8 @@ class ColumnPermutations:
     def margins_of_each(self, column: int, perms: list[np.ndarray]) -> np.ndarray:
         """``margins(column, perm)`` for each of `perms` (rows in their order), bit for bit,
         with what the permutations share done once: per row, the masks of the column's trees
-        under every other feature (two permutations: about 0.6 of two calls' time)."""
+        under every other feature (the 1M demo's importance, two permutations a feature: 3.9 ->
+        3.6 s CPU; summing every tree's leaf per row and permutation is most of what is left)."""
         m = self._masks
         if m is None:
             out = np.empty((len(perms), len(self._x)))
