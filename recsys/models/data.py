@@ -148,7 +148,7 @@ def _pairs(
     users of at most `FOLD_EVENTS` events at a time (`_range_pairs`: exact sums in any order,
     else each pair's weights summed in the events' order), as a lazy scan is. One group-by
     over every event held ~160 bytes an event beside the frame (+1.6 GiB at 10M)."""
-    parts = _pair_parts(events, weights, half_life_days, now)
+    parts = list(_pair_parts(events, weights, half_life_days, now))
     return pl.concat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -157,12 +157,15 @@ def _pair_parts(
     weights: dict[str, float],
     half_life_days: float | None,
     now: datetime | None,
-) -> list[pl.DataFrame]:
-    """`_pairs` as the ranges of users it folds, in user order (at least one, maybe empty)."""
-    parts = [p for _, p in _range_pairs(events.lazy(), weights, half_life_days, now, FOLD_EVENTS)]
-    if parts:
-        return parts
-    return [_fold(decayed_weights(events, weights, half_life_days, now)).cast(_PAIR_ID_SCHEMA)]
+):
+    """`_pairs` as the ranges of users it folds, each folded when it is asked for, in user
+    order (at least one, maybe empty)."""
+    folded = False
+    for _, part in _range_pairs(events.lazy(), weights, half_life_days, now, FOLD_EVENTS):
+        folded = True
+        yield part
+    if not folded:
+        yield _fold(decayed_weights(events, weights, half_life_days, now)).cast(_PAIR_ID_SCHEMA)
 
 
 def _fold(weighted: pl.DataFrame) -> pl.DataFrame:
@@ -824,28 +827,36 @@ def build_dataset(
     items = pl.DataFrame(schema=ITEM_SCHEMA) if items is None else items
     users = pl.DataFrame(schema=USER_SCHEMA) if users is None else users
     now = (events["timestamp"].max() if events.height else None) if now is None else now
-    # the pairs folded once (`interactions` with fixed maps folded them again: a second
-    # group-by over every event, with the first one's pairs held beside it)
-    parts = _pair_parts(
-        events, DEFAULT_EVENT_WEIGHTS if weights is None else weights, half_life_days, now
-    )
-    # the parts are ranges of users in order: their users, each range's sorted, are all
-    # users sorted
-    range_users = [sorted(p["user_id"].unique().to_list()) for p in parts]
-    user_ids = np.array([u for part in range_users for u in part], dtype=object)
-    item_ids = {i for p in parts for i in p["item_id"].unique().to_list()}
-    if include_catalog_items and items.height:
-        item_ids |= set(items["item_id"].to_list())
-    item_ids = np.array(sorted(item_ids), dtype=object)
-    # numbered a range at a time (each range's pairs dropped as it is numbered), by index
-    # only: their id strings are not gathered by the sorts nor held
-    numbered = list(
-        _numbered_ranges(
-            ((parts.pop(0), users) for users in range_users), _index_map(item_ids, "item"), False
-        )
-    )
+    # Every item a pair can hold, sorted: each range of users' pairs is numbered as soon as
+    # it is folded (its users continue the previous range's indices), so only one range's
+    # pairs are held at a time (all of them, held to be numbered, were ~60 bytes a pair);
+    # the items without a positive pair (nor in the catalogue) leave the map at the end, a
+    # renumbering that keeps the (user, item) order. The pairs are folded once (`interactions`
+    # with fixed maps folded them again: a second group-by over every event).
+    catalogue = items["item_id"] if include_catalog_items else items["item_id"].clear()
+    candidates = pl.concat([events["item_id"].unique().cast(pl.String), catalogue])
+    candidates = np.array(candidates.unique().sort().to_list(), dtype=object)
+    imap = _index_map(candidates, "item")
+    range_users, numbered, offset = [], [], 0
+    weights_or_default = DEFAULT_EVENT_WEIGHTS if weights is None else weights
+    for part in _pair_parts(events, weights_or_default, half_life_days, now):
+        users_of_range = sorted(part["user_id"].unique().to_list())
+        numbered.append(_numbered(part, _index_map(users_of_range, "user", offset), imap, False))
+        range_users.append(users_of_range)
+        offset += len(users_of_range)
+        del part
     frame = pl.concat(numbered) if len(numbered) > 1 else numbered[0]
-    del numbered, range_users
+    del numbered
+    user_ids = np.array([u for part in range_users for u in part], dtype=object)
+    del range_users
+    kept = np.zeros(len(candidates), bool)
+    kept[frame["item_idx"].to_numpy()] = True
+    in_catalogue = index_lookup(candidates, catalogue)
+    kept[in_catalogue[in_catalogue >= 0]] = True
+    item_ids = candidates[kept]
+    if not kept.all():
+        renumber = (np.cumsum(kept, dtype=np.int32) - 1)[frame["item_idx"].to_numpy()]
+        frame = frame.with_columns(pl.Series("item_idx", renumber, dtype=pl.Int32))
     n_users, n_items = len(user_ids), len(item_ids)
     confidence = _csr(frame, "confidence", n_users, n_items)
 
