@@ -17,6 +17,11 @@ from pipelines import (
 from pipelines.distributed import StorageIOManager, executor_name, job_executor
 from pipelines.publish.partitions import SHARD_STEPS_TAG
 from pipelines.resources import IngestPolicy, MlflowResource, StorageResource
+from recsys.models.allocator import fix_mmap_threshold
+
+# every process that runs the pipeline's steps loads this module first: their large arrays
+# go back to the system when freed (recsys/models/allocator.py)
+fix_mmap_threshold()
 
 DATA_ROOT = os.environ.get("RECSYS_DATA_ROOT", "data")
 #: user shards of user_recommendations (one step, partition and Celery task each)

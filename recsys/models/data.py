@@ -683,6 +683,8 @@ def sequence_transitions(
             counts = counts.astype(np.int64)  # (a sum past int32: never on the demo's data)
         counts = counts + part
         del part
+        if counts.indices.base is not None:  # (a sum's arrays are views of buffers sized for
+            counts = counts.copy()  # both operands: up to twice the entries it holds)
     values = np.empty(counts.nnz, np.float32)  # (divided in float64 a chunk at a time)
     np.divide(counts.data, scale, out=values, casting="unsafe", dtype=np.float64)
     m = sp.csr_matrix((values, counts.indices, counts.indptr), shape=(n, n))
