@@ -226,7 +226,9 @@ def _numbered_ranges(ranges, imap: pl.DataFrame, ids: bool = True):
     so the frames in order are the whole frame sorted by (user_idx, item_idx)."""
     offset = 0
     for pairs, users in ranges:
-        yield _numbered(pairs, _index_map(users, "user", offset), imap, ids)
+        numbered = _numbered(pairs, _index_map(users, "user", offset), imap, ids)
+        del pairs  # (not held while the next range is read or folded)
+        yield numbered
         offset += len(users)
 
 
@@ -839,18 +841,19 @@ def build_dataset(
     candidates = pl.concat([events["item_id"].unique().cast(pl.String), catalogue])
     candidates = np.array(candidates.unique().sort().to_list(), dtype=object)
     imap = _index_map(candidates, "item")
-    range_users, numbered, offset = [], [], 0
-    weights_or_default = DEFAULT_EVENT_WEIGHTS if weights is None else weights
-    for part in _pair_parts(events, weights_or_default, half_life_days, now):
-        users_of_range = sorted(part["user_id"].unique().to_list())
-        numbered.append(_numbered(part, _index_map(users_of_range, "user", offset), imap, False))
-        range_users.append(users_of_range)
-        offset += len(users_of_range)
-        del part
+    range_users: list[list[str]] = []
+
+    def ranges():  # (each range's pairs, its users sorted), folded one at a time
+        w = DEFAULT_EVENT_WEIGHTS if weights is None else weights
+        for part in _pair_parts(events, w, half_life_days, now):
+            range_users.append(sorted(part["user_id"].unique().to_list()))
+            yield part, range_users[-1]
+
+    numbered = list(_numbered_ranges(ranges(), imap, False))
     frame = pl.concat(numbered) if len(numbered) > 1 else numbered[0]
     del numbered
     user_ids = np.array([u for part in range_users for u in part], dtype=object)
-    del range_users
+    range_users.clear()
     kept = np.zeros(len(candidates), bool)
     kept[frame["item_idx"].to_numpy()] = True
     in_catalogue = index_lookup(candidates, catalogue)
