@@ -341,9 +341,14 @@ class _Refit:
         self._started.update(g for g in names if _uses(config, g))  # (others: skipped)
         cfg = HybridConfig.from_dict(config.to_dict())
         data = self._dataset()
-        self._parts.append(
-            self._start(lambda: fit_generators(data.result(), cfg, names, lightfm_epochs))
-        )
+
+        def part():
+            fitted = fit_generators(data.result(), cfg, names, lightfm_epochs)
+            if "recent" in names:  # its only reader, fitted once here: not held to the end
+                data.result().drop_transitions()
+            return fitted
+
+        self._parts.append(self._start(part))
 
     def _fit_factors(self, config: HybridConfig) -> None:
         """Start fitting LightFM with `config`'s parameters for its embeddings alone
@@ -895,6 +900,7 @@ def fit_eval_and_final(
             else:
                 data = eval_model.dataset(label.fit, items, users)
                 gens, _, _ = fit_generators(data, final_cfg)
+                data.drop_transitions()  # (read by the recent items model alone)
                 side = SideFeatures.from_data(data, gens["popularity"], final_cfg)
             holdout = (
                 build_holdout(data, label.fit, label.validation, final_cfg.weights)

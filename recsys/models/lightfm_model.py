@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 from recsys.models.base import Recommender
 from recsys.models.data import Dataset
+from recsys.models.dense import dot_scores
 
 
 def item_feature_matrix(data: Dataset, identity: bool = True) -> sp.csr_matrix:
@@ -303,9 +304,9 @@ class LightFMRecommender(Recommender):
 
     def score(self, user_idx: np.ndarray) -> np.ndarray:
         user_idx = np.asarray(user_idx, dtype=np.int64)
-        # in place: the same sums in the same order as (u @ i.T + b_i) + b_u, without two
-        # more (users x items) temporaries
-        s = np.asarray(self.user_emb_[user_idx] @ self.item_emb_.T, dtype=np.float32)
+        # (u . i + b_i) + b_u in place, without two more (users x items) temporaries; the
+        # products summed in factor order: a user's scores whatever its batch (dot_scores)
+        s = dot_scores(self.user_emb_[user_idx], self.item_emb_)
         s += self.item_bias_[None, :]
         s += self.user_bias_[user_idx, None]
         return s

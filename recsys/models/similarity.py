@@ -108,17 +108,14 @@ def neighbour_rows(
 
 def _structure(x: sp.csr_matrix) -> tuple[np.ndarray, ...]:
     """(user indptr, items, item indptr, users, users per item as float32) of the stored
-    entries of `x` (each one interaction, whatever its value)."""
+    entries of `x` (each one interaction, whatever its value). The items are `x`'s own index
+    array, read in place; the pointers are int64 (a count of entries may pass 2**31), the
+    indices scipy's (int32 below 2**31 rows and columns): a pass over the dataset holds its
+    transpose beside it, not three int64 copies of every entry."""
     x = x.tocsr()
     t = x.tocsc()
     n = np.diff(t.indptr).astype(np.float32)
-    return (
-        x.indptr.astype(np.int64),
-        x.indices.astype(np.int64),
-        t.indptr.astype(np.int64),
-        t.indices.astype(np.int64),
-        n,
-    )
+    return (x.indptr.astype(np.int64), x.indices, t.indptr.astype(np.int64), t.indices, n)
 
 
 def shrunk_cosine_neighbours(
