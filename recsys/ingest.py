@@ -412,16 +412,23 @@ def _append_rejects(storage: Storage, rejected_dir: str, rejects: pl.DataFrame, 
     write_parquet_atomic(rejects, path, storage.fs, sync=False)  # durable by save_state
 
 
-def scan_events(storage: Storage, tenant: str) -> pl.LazyFrame:
-    """The validated events of a tenant as a lazy frame (with the `date` partition column)."""
+def event_parts(storage: Storage, tenant: str) -> list[str]:
+    """The part files of a tenant's validated events as they are now, sorted. Parts are never
+    rewritten (an ingest adds new ones; a deletion writes a compacted part and removes the
+    old ones), so a scan of these files reads the same events again later."""
     d = storage.events_dir(tenant)
-    if not storage.exists(d) or not storage.fs.glob(posixpath.join(d, "date=*", "*.parquet")):
+    if not storage.exists(d):
+        return []
+    return storage.glob(posixpath.join(d, "date=*", "*.parquet"))
+
+
+def scan_events(storage: Storage, tenant: str, parts: list[str] | None = None) -> pl.LazyFrame:
+    """The validated events of a tenant as a lazy frame (with the `date` partition column):
+    every part file, or those of `parts` (:func:`event_parts` taken earlier)."""
+    parts = event_parts(storage, tenant) if parts is None else parts
+    if not parts:
         return pl.LazyFrame(schema={**EVENT_SCHEMA, "date": pl.Date})
-    return pl.scan_parquet(
-        posixpath.join(d, "date=*", "*.parquet"),
-        hive_partitioning=True,
-        hive_schema={"date": pl.Date},
-    )
+    return pl.scan_parquet(parts, hive_partitioning=True, hive_schema={"date": pl.Date})
 
 
 def read_events(storage: Storage, tenant: str) -> pl.DataFrame:

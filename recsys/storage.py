@@ -149,6 +149,11 @@ class Storage:
                 "or RECSYS_DATA_ROOT the same URI as the run's?)"
             )
 
+    def glob(self, pattern: str) -> list[str]:
+        """The paths matching `pattern` (a path of this root with wildcards), sorted, each a
+        usable URI (fsspec drops the protocol from listings)."""
+        return sorted(self._qualify(p) for p in self.fs.glob(pattern))
+
     def _qualify(self, p: str) -> str:
         # fsspec drops the protocol from listings; put it back so paths stay usable URIs.
         if "://" in self.root and "://" not in p:

@@ -29,7 +29,9 @@ from recsys.contract import DEFAULT_EVENT_WEIGHTS
 from recsys.durable import write_atomic
 from recsys.features import read_log
 from recsys.models.data import (
+    EventSource,
     collect_in_time_order,
+    events_of,
     temporal_split,
     temporal_split_scan,
     write_interactions,
@@ -71,7 +73,7 @@ MODEL_EVENT_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "timestam
 
 
 def read_inputs(
-    store: Storage, tenant: str
+    store: Storage, tenant: str, parts: list[str] | None = None
 ) -> tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame | None]:
     """Validated events (`MODEL_EVENT_COLUMNS`) in time order, items and users (None when the
     table does not exist) of a tenant.
@@ -86,14 +88,26 @@ def read_inputs(
     * the event ids by their ranks in time order (`collect_in_time_order`'s `rank_ids`: all
       the models read of an id is that order).
     10M demo events: 852 MiB as strings; the type alone a Categorical, 713 MiB."""
-    scan = ingest.scan_events(store, tenant).select(MODEL_EVENT_COLUMNS)
-    typed = scan.with_columns(pl.col("event_type", "user_id", "item_id").cast(pl.Categorical))
-    events = collect_in_time_order(typed, rank_ids=True)
+    events = read_model_events(store, tenant, parts)
     tables = []
     for name in ("items", "users"):
         path = store.table_path(tenant, name)
         tables.append(pl.read_parquet(path) if store.exists(path) else None)
     return events, tables[0], tables[1]
+
+
+def read_model_events(store: Storage, tenant: str, parts: list[str] | None = None) -> pl.DataFrame:
+    """The events as `read_inputs` holds them: of every part file, or of `parts`
+    (`ingest.event_parts` taken earlier: the same events again, read anew)."""
+    try:
+        scan = ingest.scan_events(store, tenant, parts).select(MODEL_EVENT_COLUMNS)
+        typed = scan.with_columns(pl.col("event_type", "user_id", "item_id").cast(pl.Categorical))
+        return collect_in_time_order(typed, rank_ids=True)
+    except FileNotFoundError as e:  # a deletion compacted a day while the step ran
+        raise RuntimeError(
+            f"{tenant}: the events changed while they were being read again ({e}); "
+            "run the step again"
+        ) from e
 
 
 def model_path(store: Storage, tenant: str, *parts: str) -> str:
@@ -342,7 +356,8 @@ def train_models(
     chosen: dict[str, dict] = {}
     for tenant in tenants(store, config.tenants):
         t0 = time.perf_counter()
-        events, items_now, users_now = read_inputs(store, tenant)
+        parts = ingest.event_parts(store, tenant)  # (what a phase reading them again reads)
+        events, items_now, users_now = read_inputs(store, tenant, parts)
         split = read_json(store, model_path(store, tenant, "split.json"))
         train = _train_part(events, split)
         # item/user features as of the newest event each model fits (the published one: all
@@ -363,14 +378,20 @@ def train_models(
             save("eval", popularity_only(train, eval_items, eval_users, cfg, split["skip"], False))
             save("final", popularity_only(events, items, users, cfg, split["skip"], True))
         else:
+            # a tenant small enough for the refits to run beside the window's work holds its
+            # events throughout; a larger one reads them again in each phase that needs them
+            # (fit_eval_and_final), so they are not held beside the generators' fits
+            beside = events.height <= config.refits_beside_max_events
+            read = events if beside else functools.partial(read_model_events, store, tenant, parts)
+            del events, train
             # the evaluated model is saved (and dropped) before the refit on all events ends
             _, final = fit_eval_and_final(
-                events, items, users, cfg, split["test_fraction"],
+                read, items, users, cfg, split["test_fraction"],
                 eval_catalogue=(eval_items, eval_users),
                 beside_eval=functools.partial(
-                    _ranker_importance, importance, events, split["test_fraction"], cfg.seed
+                    _ranker_importance, importance, read, split["test_fraction"], cfg.seed
                 ),
-                refits_beside=events.height <= config.refits_beside_max_events,
+                refits_beside=beside,
                 on_eval=functools.partial(save, "eval"),
             )  # fmt: skip
             save("final", final)
@@ -469,10 +490,12 @@ def _save_fitted(store, tenant: str, importance: dict, saved: dict, variant: str
     )
 
 
-def _ranker_importance(out: dict, events, test_fraction: float, seed: int, eval_model) -> None:
+def _ranker_importance(
+    out: dict, events: EventSource, test_fraction: float, seed: int, eval_model
+) -> None:
     """``out["value"]``: the permutation importance of `eval_model`'s ranker on the evaluation
     window (logged to MLflow)."""
-    parts = temporal_split(events, test_fraction)
+    parts = temporal_split(events_of(events), test_fraction)
     out["value"] = permutation_importance(eval_model, parts.train, parts.test, seed=seed)
 
 

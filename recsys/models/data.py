@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -455,6 +456,16 @@ def temporal_split(
         validation_start=ts[n_fit] if n_fit < n_train else None,
         test_start=ts[n_train] if n_train < n else None,
     )
+
+
+#: The events a fit reads: a frame, or a function that reads them, anew at each call, so
+#: that nobody holds them between the phases that read them (see `fit_eval_and_final`).
+EventSource = pl.DataFrame | Callable[[], pl.DataFrame]
+
+
+def events_of(source: EventSource) -> pl.DataFrame:
+    """The events of `source` (read now when it is a function)."""
+    return source if isinstance(source, pl.DataFrame) else source()
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,14 @@ from recsys.evaluation.evaluate import Holdout, build_holdout
 from recsys.evaluation.metrics import bootstrap_ci, ndcg_at_k, popularity_percentile
 from recsys.models.base import Recommender, mask_rows, score_batch
 from recsys.models.cooccurrence import CooccurrenceRecommender
-from recsys.models.data import Dataset, build_dataset, index_lookup, temporal_split
+from recsys.models.data import (
+    Dataset,
+    EventSource,
+    build_dataset,
+    events_of,
+    index_lookup,
+    temporal_split,
+)
 from recsys.models.ease import EASERecommender
 from recsys.models.lightfm_model import EpochChoice, LightFMRecommender
 from recsys.models.popularity import PopularityRecommender
@@ -286,12 +293,15 @@ class _Refit:
     Not `beside` the window's work: every part waits for :meth:`result`, then runs there,
     one after the other (the same models: tested). Then the refit's dataset and generators
     are never held beside the fit window's, nor beside the other refit's work in progress:
-    a lower peak for a tenant whose generator sets are large, for a longer wall time."""
+    a lower peak for a tenant whose generator sets are large, for a longer wall time.
+
+    `events` (an :data:`EventSource`) are read when the dataset's build starts, and not held
+    by the refit after it."""
 
     def __init__(
         self,
         model: HybridRecommender,
-        events,
+        events: EventSource,
         items,
         users,
         background: bool = False,
@@ -299,7 +309,7 @@ class _Refit:
     ) -> None:
         self._background = background
         self._beside = beside
-        self._inputs = (model.dataset, events, items, users)
+        self._inputs = (model.dataset, events, items, users)  # (until the dataset is started)
         self._data = None  # started with the first part (see _dataset)
         self._parts: list = []
         self._started: set[str] = set()
@@ -321,7 +331,9 @@ class _Refit:
         choice is made, after the fit window's own dataset was built (one build at a time:
         `HybridRecommender.dataset`), so the window's work is not queued behind refits."""
         if self._data is None:
-            self._data = self._start(*self._inputs)
+            build, events, items, users = self._inputs
+            self._inputs = None
+            self._data = self._start(lambda: build(events_of(events), items, users))
         return self._data
 
     def fit(
@@ -786,7 +798,7 @@ def weigh_lightfm(
 
 
 def fit_eval_and_final(
-    events: pl.DataFrame,
+    events: EventSource,
     items: pl.DataFrame | None,
     users: pl.DataFrame | None,
     config: HybridConfig,
@@ -834,11 +846,18 @@ def fit_eval_and_final(
     models are the same as fitted one after another). Without `refits_beside`, each refit
     runs once the work before it is done, one thing at a time (S2 after R1, S3 after R2 and
     `beside_eval`): the same models, a lower peak, a longer wall time (:class:`_Refit`).
+
+    `events` may be a function that reads them (:data:`EventSource`): each phase that reads
+    them (the fit window, each refit's dataset, R2's labels, `beside_eval` if it is given the
+    same function) then reads them anew and lets go of them once its dataset or labels are
+    built, so that they are not held beside the generators' fits and the rankers'. Without
+    `refits_beside` the phases run one after the other and hold one copy at a time; beside,
+    give the frame (read functions running at once would each hold a copy).
     """
     eval_cfg = HybridConfig.from_dict(config.to_dict())
     eval_cfg.include_catalog_items = False
     eval_cfg.lightfm_factors = False  # (the evaluated model's embeddings are never served)
-    split = temporal_split(events, test_fraction)
+    train = partial(_train_part, events, test_fraction)
 
     def final_config(chosen: HybridConfig) -> HybridConfig:
         cfg = HybridConfig.from_dict(chosen.to_dict())
@@ -863,7 +882,7 @@ def fit_eval_and_final(
 
         eval_items, eval_users = eval_catalogue or (items, users)
         eval_model = HybridRecommender(eval_cfg).fit(
-            split.train,
+            train,
             eval_items,
             eval_users,
             on_config=on_config,
@@ -891,22 +910,24 @@ def fit_eval_and_final(
         # beside, else after it (their candidate rows are then not held at once)
         aside = in_thread(beside_eval, eval_model) if beside_eval and refits_beside else None
         if final_cfg.served == HYBRID:
-            # the events in order are the split's parts: cut again without sorting a copy
-            label = temporal_split(
-                pl.concat([split.train, split.test]), 0.0, final_cfg.validation_fraction
-            )
-            if label.fit.height == split.train.height:  # R2's fit window is train: S2
-                gens, side, data = eval_model.generators_, eval_model.side_, eval_model.data_
-            else:
-                data = eval_model.dataset(label.fit, items, users)
-                gens, _, _ = fit_generators(data, final_cfg)
-                data.drop_transitions()  # (read by the recent items model alone)
-                side = SideFeatures.from_data(data, gens["popularity"], final_cfg)
+            everything = events_of(events)
+            label = temporal_split(everything, 0.0, final_cfg.validation_fraction)
+            # R2's fit window is train (S2's), or its own
+            own = label.fit.height != temporal_split(everything, test_fraction).train.height
+            del everything
+            data = eval_model.dataset(label.fit, items, users) if own else eval_model.data_
             holdout = (
                 build_holdout(data, label.fit, label.validation, final_cfg.weights)
                 if label.validation.height
                 else Holdout(np.zeros(0, np.int64), [])
             )
+            del label  # (events read anew: not held beside R2's fits)
+            if own:
+                gens, _, _ = fit_generators(data, final_cfg)
+                data.drop_transitions()  # (read by the recent items model alone)
+                side = SideFeatures.from_data(data, gens["popularity"], final_cfg)
+            else:
+                gens, side = eval_model.generators_, eval_model.side_
             info["ranker_label_users"] = holdout.n_users
             info["ranker_label_pairs"] = holdout.n_pairs
             if holdout.n_pairs >= final_cfg.min_ranker_positives:
@@ -944,6 +965,10 @@ def fit_eval_and_final(
             info[k] = eval_info[k]
     model._assemble(generators, data, info, factors)
     return eval_model, model
+
+
+def _train_part(events: EventSource, test_fraction: float) -> pl.DataFrame:
+    return temporal_split(events_of(events), test_fraction).train
 
 
 def popularity_only(
@@ -1328,7 +1353,7 @@ class HybridRecommender:
 
     def fit(
         self,
-        events: pl.DataFrame,
+        events: EventSource,
         items: pl.DataFrame | None = None,
         users: pl.DataFrame | None = None,
         on_config: Callable[[HybridConfig], None] | None = None,
@@ -1363,7 +1388,7 @@ class HybridRecommender:
             refit = _Refit(self, events, items, users, beside=refits_beside)
             if _lightfm_is_chosen(c) and _uses(c, "lightfm") and not _weighs_lightfm(c):
                 refit.fit(c, ("lightfm",))  # nothing to choose for LightFM: it starts now
-            split = temporal_split(events, 0.0, c.validation_fraction)
+            split = temporal_split(events_of(events), 0.0, c.validation_fraction)
             info: dict[str, Any] = {
                 "ranker_events_fit": split.fit.height,
                 "ranker_events_label": split.validation.height,
@@ -1374,6 +1399,7 @@ class HybridRecommender:
                 if split.validation.height
                 else Holdout(np.zeros(0, np.int64), [])
             )
+            del split  # (events read anew: not held beside the window's fits)
             info["ranker_label_users"] = holdout.n_users
             info["ranker_label_pairs"] = holdout.n_pairs
             skip = (

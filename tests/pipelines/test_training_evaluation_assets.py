@@ -110,3 +110,54 @@ def test_pipeline_trains_evaluates_and_gates(storage):
         parts = temporal_split(read_inputs(storage, "shop")[0], json.load(f)["test_fraction"])
     again = permutation_importance(evaluated, parts.train, parts.test, seed=evaluated.config.seed)
     assert logged is not None and logged == json.loads(json.dumps(again))
+
+
+@pytest.mark.slow
+def test_a_tenant_above_refits_beside_max_events_reads_its_events_anew(storage, tmp_path):
+    """Above `refits_beside_max_events` the training step gives `fit_eval_and_final` a
+    function that reads the tenant's events again, from the part files it read first, in
+    each phase that needs them: the saved models are those of the step that holds the frame,
+    file for file. A part file gone between two reads (a deletion compacted its day) is a
+    clear error naming the tenant, not models fitted on two different sets of events."""
+    from pipelines.training.assets import read_model_events
+    from recsys import ingest
+
+    _write_warehouse(
+        storage, "shop", cluster_events(np.random.default_rng(4), 80, 30, 10), cluster_items(30)
+    )
+    assets = [*(dg.AssetSpec(k) for k in ("events", "items", "users")), *training.assets]
+    saved = []
+    for limit in (None, 0):  # (None: the default, far above these events)
+        train = RUN_CONFIG["ops"]["train_models"]["config"]
+        config = train if limit is None else {**train, "refits_beside_max_events": limit}
+        result = dg.materialize(
+            assets,
+            resources={"storage": StorageResource(root=storage.root), "mlflow": MlflowResource()},
+            run_config={"ops": {"train_models": {"config": config}}},
+        )
+        assert result.success
+        files = {}
+        for variant in ("eval", "final"):
+            folder = storage.path("models", "shop", variant, "hybrid")
+            for path, _, names in os.walk(folder):
+                for name in names:
+                    with open(os.path.join(path, name), "rb") as f:
+                        data = f.read()
+                    if name == "hybrid.json":  # (without its timings)
+                        data = _untimed(json.loads(data))
+                    files[os.path.relpath(os.path.join(path, name), folder) + variant] = data
+        saved.append(files)
+    assert sorted(saved[0]) == sorted(saved[1]) and len(saved[0]) > 20
+    for name, want in saved[0].items():
+        assert saved[1][name] == want, name
+    parts = ingest.event_parts(storage, "shop")
+    assert read_model_events(storage, "shop", parts).height == 800
+    os.rename(parts[0], parts[0] + ".compacted")
+    with pytest.raises(RuntimeError, match="shop: the events changed while they were being read"):
+        read_model_events(storage, "shop", parts)
+
+
+def _untimed(x):
+    if isinstance(x, dict):
+        return {k: _untimed(v) for k, v in x.items() if "seconds" not in k}
+    return [_untimed(v) for v in x] if isinstance(x, list) else x

@@ -347,6 +347,77 @@ def test_refits_after_the_window_work_are_the_refits_beside_it(tmp_path, validat
                 assert got[name] == want[name], f"{way}: {variant}/{name}"
 
 
+@pytest.mark.parametrize("validation_fraction", [0.2, 0.1])
+def test_events_read_anew_in_each_phase_are_not_held_beside_the_fits(
+    tmp_path, monkeypatch, validation_fraction
+):
+    """Given a function that reads the events (a large tenant's training step reads them
+    from the warehouse again), `fit_eval_and_final` reads them in each phase that needs them
+    (the fit window, S2's dataset, R2's labels, S3's dataset; `beside_eval` with the same
+    function) and holds none of them when a generator set is fitted: every column the reads
+    gave is gone by then (a numpy-backed column shows it: Polars keeps it, and every slice
+    of the frame holds it). The models are those fitted from the frame, file for file."""
+    import gc
+    import weakref
+
+    from synthetic_events import FAST_HYBRID, cluster_events, cluster_items
+
+    from recsys.models import hybrid
+    from recsys.models.data import temporal_split
+
+    events = cluster_events(np.random.default_rng(5), n_users=120, n_items=40, per_user=12)
+    # in time order, as the step reads them: every split of them is slices of the frame
+    events = events.sort("timestamp", "event_id")
+    items = cluster_items(40)
+    cfg = {**FAST_HYBRID, "validation_fraction": validation_fraction}
+    probes: list = []
+
+    def read():
+        probe = np.arange(events.height)  # (zero-copy: the frame and its slices hold it)
+        probes.append(weakref.ref(probe))
+        return events.with_columns(pl.Series("probe", probe))
+
+    held_at_fits = []
+    fit_generators = hybrid.fit_generators
+
+    def watched(data, config, *args, **kwargs):
+        gc.collect()
+        held_at_fits.append(sum(r() is not None for r in probes))
+        return fit_generators(data, config, *args, **kwargs)
+
+    monkeypatch.setattr(hybrid, "fit_generators", watched)
+    runs = []
+    for source in (events, read):
+        importance = []
+        ev, final = hybrid.fit_eval_and_final(
+            source,
+            items,
+            None,
+            hybrid.HybridConfig(**cfg),
+            0.2,
+            beside_eval=lambda m, s=source, seen=importance: seen.append(
+                temporal_split(s() if callable(s) else s, 0.2).test.height
+            ),
+            refits_beside=False,
+        )
+        assert importance == [events.height - int(events.height * 0.8)]
+        runs.append([_saved_folder(ev, tmp_path / f"{len(runs)}-eval"),
+                     _saved_folder(final, tmp_path / f"{len(runs)}-final")])  # fmt: skip
+        if source is events:
+            assert probes == []
+            held_at_fits.clear()
+    # the window, S2, R2's labels (and R2's own window), beside_eval, S3
+    assert len(probes) == 5
+    assert len(held_at_fits) >= 3 + (validation_fraction != 0.2) and set(held_at_fits) == {0}
+    gc.collect()
+    assert all(r() is None for r in probes)
+    (want_eval, want_final), (got_eval, got_final) = runs
+    for want, got in ((want_eval, got_eval), (want_final, got_final)):
+        assert sorted(got) == sorted(want) and len(want) > 10
+        for name in want:
+            assert got[name] == want[name], name
+
+
 def test_sequence_similarity_reads_the_transitions_without_copies_same_bits():
     """`sequence_similarity` no longer copies the dataset's transition matrix twice: the same
     float32 similarities as the copying build (the reference below), and the input is
