@@ -8,7 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recsys.models.base import Recommender
-from recsys.models.data import Dataset
+from recsys.models.data import Dataset, same_pattern
 from recsys.models.similarity import shrunk_cosine_neighbours
 
 
@@ -153,9 +153,8 @@ class CooccurrenceRecommender(HistoryTimesSimilarity):
 
     def _set_fitted(self, data: Dataset, sim: sp.csr_matrix) -> None:
         self.sim_ = sim
-        h = data.confidence.astype(np.float32).tocsr()
-        h.data = np.log1p(np.maximum(h.data, 0))
-        self.history_ = h
+        c = data.confidence.tocsr()  # (its pattern shared: read-only)
+        self.history_ = same_pattern(c, np.log1p(np.maximum(c.data.astype(np.float32), 0)))
 
     def similar_items(self, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
         """Per item, the `k` most similar items and their similarity (-1 / 0 padded)."""

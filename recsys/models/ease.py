@@ -70,7 +70,13 @@ class EASERecommender(Recommender):
         items = np.sort(order[: min(self.max_items, int((counts > 0).sum()))]).astype(np.int64)
         xs = x[:, items].astype(np.float32).tocsc()
         gram = np.asarray((xs.T @ xs).todense(), dtype=np.float32)
-        return items, gram, x.tocsr().astype(np.float32)
+        # the float32 histories are the dataset's own matrices (read-only): its seen items
+        # when binary, else its confidence (float32 already), not a copy of either
+        return (
+            items,
+            gram,
+            data.seen() if self.binary else data.confidence.astype(np.float32, copy=False),
+        )
 
     def _fit(self, data: Dataset, shared=None) -> None:
         self.items_, gram, self.x_ = self._shared_work(data) if shared is None else shared

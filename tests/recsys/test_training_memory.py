@@ -656,3 +656,37 @@ def test_event_ids_held_as_their_ranks_give_the_same_order_and_models(tmp_path, 
         assert sorted(g) == sorted(w) and len(w) > 10
         for name in w:
             assert g[name] == w[name], f"{variant}/{name}"
+
+
+def test_models_of_a_dataset_share_its_pattern_instead_of_copies():
+    """The seen items, co-occurrence's log-damped history and EASE's histories are the
+    dataset's pattern with their own values (or the dataset's matrices themselves): the same
+    values as the copies they replace, 4 bytes a pair or none instead of 8. A matrix that is
+    not canonical is copied, so that sorting it never moves another's entries."""
+    from synthetic_events import cluster_events, cluster_items
+
+    from recsys.models.cooccurrence import CooccurrenceRecommender
+    from recsys.models.data import build_dataset, same_pattern
+    from recsys.models.ease import EASERecommender
+
+    events = cluster_events(np.random.default_rng(3), n_users=60, n_items=30, per_user=8)
+    data = build_dataset(events, cluster_items(30), None)
+    c = data.confidence
+    assert c.has_canonical_format and c.nnz > 100
+    seen = data.seen()
+    assert np.shares_memory(seen.indices, c.indices) and np.shares_memory(seen.indptr, c.indptr)
+    np.testing.assert_array_equal(seen.toarray(), (c.toarray() != 0).astype(np.float32))
+    cooc = CooccurrenceRecommender().fit(data)
+    assert np.shares_memory(cooc.history_.indices, c.indices)
+    want = np.log1p(np.maximum(c.data.astype(np.float32), 0))
+    np.testing.assert_array_equal(cooc.history_.data, want)
+    assert cooc.history_.data.dtype == np.float32
+    assert EASERecommender(binary=True).fit(data).x_ is seen
+    x = EASERecommender(binary=False).fit(data).x_
+    assert x.dtype == np.float32 and np.shares_memory(x.data, c.data)
+    messy = sp.csr_matrix((np.array([1.0, 2.0], np.float32), [1, 0], [0, 2]), shape=(1, 2))
+    assert not messy.has_canonical_format
+    copy = same_pattern(messy, np.array([5.0, 6.0], np.float32))
+    copy.sort_indices()
+    np.testing.assert_array_equal(messy.indices, [1, 0])  # untouched
+    np.testing.assert_array_equal(copy.toarray(), [[6.0, 5.0]])
