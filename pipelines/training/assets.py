@@ -382,14 +382,16 @@ def train_models(
             # events throughout; a larger one reads them again in each phase that needs them
             # (fit_eval_and_final), so they are not held beside the generators' fits
             beside = events.height <= config.refits_beside_max_events
-            read = events if beside else functools.partial(read_model_events, store, tenant, parts)
+            source = (
+                events if beside else functools.partial(read_model_events, store, tenant, parts)
+            )
             del events, train
             # the evaluated model is saved (and dropped) before the refit on all events ends
             _, final = fit_eval_and_final(
-                read, items, users, cfg, split["test_fraction"],
+                source, items, users, cfg, split["test_fraction"],
                 eval_catalogue=(eval_items, eval_users),
                 beside_eval=functools.partial(
-                    _ranker_importance, importance, read, split["test_fraction"], cfg.seed
+                    _ranker_importance, importance, source, split["test_fraction"], cfg.seed
                 ),
                 refits_beside=beside,
                 on_eval=functools.partial(save, "eval"),
