@@ -165,6 +165,7 @@ def _pair_parts(
     for _, part in _range_pairs(events.lazy(), weights, half_life_days, now, FOLD_EVENTS):
         folded = True
         yield part
+        del part  # (as in _range_pairs)
     if not folded:
         yield _fold(decayed_weights(events, weights, half_life_days, now)).cast(_PAIR_ID_SCHEMA)
 
@@ -228,8 +229,8 @@ def _numbered_ranges(ranges, imap: pl.DataFrame, ids: bool = True):
     offset = 0
     for pairs, users in ranges:
         numbered = _numbered(pairs, _index_map(users, "user", offset), imap, ids)
-        del pairs  # (not held while the next range is read or folded)
-        yield numbered
+        del pairs  # (not held while the next range is read or folded: nor by the generators
+        yield numbered  # that gave it, which drop theirs after their yield)
         offset += len(users)
 
 
@@ -321,7 +322,9 @@ def _range_pairs(
         else:
             pairs = _fold_in_order(events.collect(engine="streaming"))
         # (folded on the ids as held, Categoricals or strings: the pairs' ids as strings)
-        yield int(counts[lo : hi + 1].sum()), pairs.cast(_PAIR_ID_SCHEMA)
+        pairs = pairs.cast(_PAIR_ID_SCHEMA)
+        yield int(counts[lo : hi + 1].sum()), pairs
+        del pairs  # (a generator's local is held while it waits: not while the next is folded)
 
 
 @dataclass(frozen=True)
@@ -876,6 +879,7 @@ def build_dataset(
         for part in _pair_parts(events, w, half_life_days, now):
             range_users.append(sorted(part["user_id"].unique().to_list()))
             yield part, range_users[-1]
+            del part  # (as in _range_pairs)
 
     numbered = list(_numbered_ranges(ranges(), imap, False))
     frame = pl.concat(numbered) if len(numbered) > 1 else numbered[0]
