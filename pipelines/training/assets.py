@@ -96,13 +96,16 @@ def read_inputs(
     return events, tables[0], tables[1]
 
 
-def read_model_events(store: Storage, tenant: str, parts: list[str] | None = None) -> pl.DataFrame:
+def read_model_events(
+    store: Storage, tenant: str, parts: list[str] | None = None, test_fraction: float = 0.0
+) -> pl.DataFrame:
     """The events as `read_inputs` holds them: of every part file, or of `parts`
-    (`ingest.event_parts` taken earlier: the same events again, read anew)."""
+    (`ingest.event_parts` taken earlier: the same events again, read anew); with
+    `test_fraction`, their train part alone (an :data:`EventSource`'s read function)."""
     try:
         scan = ingest.scan_events(store, tenant, parts).select(MODEL_EVENT_COLUMNS)
         typed = scan.with_columns(pl.col("event_type", "user_id", "item_id").cast(pl.Categorical))
-        return collect_in_time_order(typed, rank_ids=True)
+        return collect_in_time_order(typed, rank_ids=True, test_fraction=test_fraction)
     except FileNotFoundError as e:  # a deletion compacted a day while the step ran
         raise RuntimeError(
             f"{tenant}: the events changed while they were being read again ({e}); "
@@ -359,7 +362,7 @@ def train_models(
         parts = ingest.event_parts(store, tenant)  # (what a phase reading them again reads)
         events, items_now, users_now = read_inputs(store, tenant, parts)
         split = read_json(store, model_path(store, tenant, "split.json"))
-        train = _train_part(events, split)
+        train = events_of(events, split["test_fraction"])
         # item/user features as of the newest event each model fits (the published one: all
         # events; the evaluated one: the train part), not as upserted since
         log = read_log(store, tenant)
@@ -499,7 +502,3 @@ def _ranker_importance(
     window (logged to MLflow)."""
     parts = temporal_split(events_of(events), test_fraction)
     out["value"] = permutation_importance(eval_model, parts.train, parts.test, seed=seed)
-
-
-def _train_part(events, split: dict):
-    return temporal_split(events, split["test_fraction"]).train

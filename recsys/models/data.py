@@ -231,6 +231,7 @@ def _numbered_ranges(ranges, imap: pl.DataFrame, ids: bool = True):
         numbered = _numbered(pairs, _index_map(users, "user", offset), imap, ids)
         del pairs  # (not held while the next range is read or folded: nor by the generators
         yield numbered  # that gave it, which drop theirs after their yield)
+        del numbered  # (nor this one, while the next range is folded)
         offset += len(users)
 
 
@@ -462,13 +463,18 @@ def temporal_split(
 
 
 #: The events a fit reads: a frame, or a function that reads them, anew at each call, so
-#: that nobody holds them between the phases that read them (see `fit_eval_and_final`).
-EventSource = pl.DataFrame | Callable[[], pl.DataFrame]
+#: that nobody holds them between the phases that read them (see `fit_eval_and_final`); it
+#: is given a test fraction and reads only the train part (see `events_of`).
+EventSource = pl.DataFrame | Callable[[float], pl.DataFrame]
 
 
-def events_of(source: EventSource) -> pl.DataFrame:
-    """The events of `source` (read now when it is a function)."""
-    return source if isinstance(source, pl.DataFrame) else source()
+def events_of(source: EventSource, test_fraction: float = 0.0) -> pl.DataFrame:
+    """The events of `source`, or with `test_fraction` their train part
+    (``temporal_split(events, test_fraction).train``). A function is called with
+    `test_fraction` and reads them now (then only the train part need be read)."""
+    if not isinstance(source, pl.DataFrame):
+        return source(test_fraction)
+    return temporal_split(source, test_fraction).train if test_fraction else source
 
 
 @dataclass(frozen=True)
@@ -518,12 +524,16 @@ def temporal_split_scan(scan: pl.LazyFrame, test_fraction: float = 0.2) -> ScanS
 
 
 def collect_in_time_order(
-    scan: pl.LazyFrame, max_events: int = SORT_EVENTS, rank_ids: bool = False
+    scan: pl.LazyFrame,
+    max_events: int = SORT_EVENTS,
+    rank_ids: bool = False,
+    test_fraction: float = 0.0,
 ) -> pl.DataFrame:
     """The events of `scan` collected in `temporal_split`'s order: by (timestamp, event_id),
     ties in the scan's order (the frame ``events[arg_sort_by(timestamp, event_id,
     maintain_order=True)]`` of the collected scan, equal row for row), so every split of it
-    is cut in slices, without a sorted copy.
+    is cut in slices, without a sorted copy. With `test_fraction`, only the train part
+    (``temporal_split(events, test_fraction).train``): the days after it are never read.
 
     With `rank_ids`, each event id is replaced by its rank in that order (0, 1, ...; UInt32,
     UInt64 from 2**32 events). That is all training reads of them: the order of events with
@@ -535,29 +545,39 @@ def collect_in_time_order(
     day, then runs of whole days of at most `max_events` events (a bigger day alone) are
     each collected and sorted, in order, and the sorted runs are the frame's chunks. Memory:
     the events once, plus one run twice while it is sorted."""
+    if not 0 <= test_fraction < 1:
+        raise ValueError("fractions must be in [0, 1)")
     ts = pl.col("timestamp")
     day = (ts.dt.epoch("us") // _DAY_US).alias("day")
     counts = scan.select(day).group_by("day").agg(pl.len()).collect(engine="streaming")
     counts = counts.sort("day", nulls_last=False)  # no timestamp first, as arg_sort_by puts it
+    n = int(counts["len"].sum())
+    n_train = n - int(round(n * test_fraction))  # (temporal_split's cut)
     runs: list[pl.Expr] = []
     first = last = None  # the days of the run being gathered
     size = 0
-    for d, n in counts.iter_rows():
+    before = 0  # (the events of the runs before the one being gathered)
+    for d, n_day in counts.iter_rows():
+        if before + size >= n_train and (runs or first is not None):
+            break  # (the train part is read: the newer days are not)
         if d is None:
             runs.append(ts.is_null())
+            before += n_day
             continue
-        if first is not None and size + n > max_events:
+        if first is not None and size + n_day > max_events:
             runs.append(_days(first, last))
-            first, size = None, 0
+            first, before, size = None, before + size, 0
         first = d if first is None else first
-        last, size = d, size + n
+        last, size = d, size + n_day
     if first is not None:
         runs.append(_days(first, last))
     if not runs:
-        return _ranked(scan.collect(), 0) if rank_ids else scan.collect()
+        events = scan.collect()[:n_train]
+        return _ranked(events, 0) if rank_ids else events
     parts, start = [], 0
     for run in runs:
         part = scan.filter(run).collect().sort("timestamp", "event_id", maintain_order=True)
+        part = part[: n_train - start]  # (the last run: up to the cut)
         parts.append(_ranked(part, start) if rank_ids else part)
         start += part.height
     return pl.concat(parts, rechunk=False) if len(parts) > 1 else parts[0]
@@ -624,23 +644,57 @@ def holdout_pairs(
 # --- sequences: what the user did last ---------------------------------------------------
 
 
-def _last_days(f: pl.DataFrame, n_users: int, n_items: int, now: datetime | None) -> sp.csr_matrix:
-    """Users x items: days from each pair's last event to `now`, on the pattern of the
-    confidence matrix of the numbered pairs `f` (`_numbered`: sorted by user_idx, item_idx,
-    one row per stored pair; built from the index arrays, so a pair of age 0 is kept)."""
-    if now is None or not f.height:
-        days = np.zeros(f.height, np.float32)
-    else:
-        days = (
-            pl.lit(now).cast(EVENT_SCHEMA["timestamp"]) - f["last_ts"]
-        ).dt.total_microseconds() / _DAY_US
-        days = f.select(days.clip(lower_bound=0.0))[:, 0].to_numpy().astype(np.float32)
-    indptr = np.zeros(n_users + 1, np.int64)
-    np.cumsum(np.bincount(f["user_idx"].to_numpy(), minlength=n_users), out=indptr[1:])
-    return sp.csr_matrix(
-        (days, f["item_idx"].to_numpy().astype(np.int32), indptr),
-        shape=(n_users, n_items),
-    )
+class _PairColumns:
+    """What `build_dataset` reads of the numbered pairs (`_numbered_ranges`' frames, added in
+    order), each frame cut to it as it comes: per pair its item index (int32), confidence
+    (float32, as the matrix holds it) and days from its last event to `now` (float32, 0
+    without `now`: the sequence models' ages), per user its count of pairs, per item (of
+    the frames' item map) the time of its first event."""
+
+    _NONE = np.iinfo(np.int64).max  # (an item without a pair has no first event)
+
+    def __init__(self, n_items: int, now: datetime | None) -> None:
+        self._now = now
+        self._parts: dict[str, list[np.ndarray]] = {
+            "item_idx": [], "confidence": [], "days": [], "pairs_per_user": []
+        }  # fmt: skip
+        self._first = np.full(n_items, self._NONE, np.int64)  # (the timestamps' integers)
+        self._ts_type: pl.DataType = EVENT_SCHEMA["timestamp"]
+        self._users = 0  # (the frames' users so far: the next frame's first index)
+
+    def add(self, f: pl.DataFrame, n_users: int) -> None:
+        """One range's numbered pairs, whose users are the next `n_users` indices."""
+        parts = self._parts
+        parts["item_idx"].append(f["item_idx"].to_numpy().astype(np.int32))
+        parts["confidence"].append(f["confidence"].to_numpy().astype(np.float32))
+        if self._now is None or not f.height:
+            parts["days"].append(np.zeros(f.height, np.float32))
+        else:
+            age = pl.lit(self._now).cast(EVENT_SCHEMA["timestamp"]) - pl.col("last_ts")
+            days = (age.dt.total_microseconds() / _DAY_US).clip(lower_bound=0.0)
+            parts["days"].append(f.select(days).to_series().to_numpy().astype(np.float32))
+        users = f["user_idx"].to_numpy() - self._users
+        parts["pairs_per_user"].append(np.bincount(users, minlength=n_users))
+        self._users += n_users
+        self._ts_type = f.schema["first_ts"]
+        first = f.group_by("item_idx").agg(pl.col("first_ts").min().to_physical())
+        at, ts = first["item_idx"].to_numpy(), first["first_ts"].to_numpy()
+        self._first[at] = np.minimum(self._first[at], ts)
+
+    def take(self, name: str) -> np.ndarray:
+        """Column `name` of every pair (``pairs_per_user``: of every user), in order; no
+        longer held here."""
+        parts = self._parts.pop(name)
+        whole = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        parts.clear()
+        return whole
+
+    def first_events(self, kept: np.ndarray) -> pl.Series:
+        """``first_ts``: the first event of each item of the map that `kept` keeps, in
+        order (null: the item has no pair)."""
+        first = self._first[kept]
+        series = pl.Series("first_ts", first, dtype=pl.Int64)
+        return series.set(pl.Series(first == self._NONE), None).cast(self._ts_type)
 
 
 def sequence_transitions(
@@ -747,6 +801,24 @@ def same_pattern(m: sp.csr_matrix, values: np.ndarray) -> sp.csr_matrix:
     indices = m.indices if shared else m.indices.copy()
     indptr = m.indptr if shared else m.indptr.copy()
     return sp.csr_matrix((values, indices, indptr), shape=m.shape)
+
+
+#: stored entries of a CSR matrix a per-entry pass holds at a time (`row_blocks`)
+BLOCK_ENTRIES = 4_000_000
+
+
+def row_blocks(indptr: np.ndarray, max_entries: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive row ranges ``(lo, hi)`` covering a CSR matrix of row pointers `indptr`,
+    each of at most `max_entries` (default `BLOCK_ENTRIES`) stored entries (a longer row
+    alone): a pass over each entry (an int64 row index, a sort) holds one range's
+    temporaries, not every entry's."""
+    max_entries = BLOCK_ENTRIES if max_entries is None else max_entries
+    n_rows, bounds = len(indptr) - 1, [0]
+    while bounds[-1] < n_rows:
+        lo = bounds[-1]  # (the rows up to hi hold at most max_entries from lo's first)
+        hi = int(np.searchsorted(indptr, indptr[lo] + max_entries, "right")) - 1
+        bounds.append(max(hi, lo + 1))
+    return list(zip(bounds[:-1], bounds[1:], strict=False))
 
 
 @dataclass
@@ -881,21 +953,35 @@ def build_dataset(
             yield part, range_users[-1]
             del part  # (as in _range_pairs)
 
-    numbered = list(_numbered_ranges(ranges(), imap, False))
-    frame = pl.concat(numbered) if len(numbered) > 1 else numbered[0]
-    del numbered
+    # each range's numbered pairs are cut, as they come, to what the dataset reads of them:
+    # its confidence and the days since its last event (float32), its item index, each
+    # user's count of pairs and each item's first event (12 bytes a pair; the numbered
+    # frames, all held to be joined, were ~36: float64 sums, counts, two timestamps)
+    columns = _PairColumns(len(candidates), now)
+    for numbered in _numbered_ranges(ranges(), imap, False):
+        columns.add(numbered, len(range_users[-1]))
+        del numbered
     user_ids = np.array([u for part in range_users for u in part], dtype=object)
     range_users.clear()
+    item_idx = columns.take("item_idx")
     kept = np.zeros(len(candidates), bool)
-    kept[frame["item_idx"].to_numpy()] = True
+    kept[item_idx] = True
     in_catalogue = index_lookup(candidates, catalogue)
     kept[in_catalogue[in_catalogue >= 0]] = True
     item_ids = candidates[kept]
-    if not kept.all():
-        renumber = (np.cumsum(kept, dtype=np.int32) - 1)[frame["item_idx"].to_numpy()]
-        frame = frame.with_columns(pl.Series("item_idx", renumber, dtype=pl.Int32))
+    if not kept.all():  # (a renumbering that keeps the order, in place)
+        np.take(np.cumsum(kept, dtype=np.int32) - 1, item_idx, out=item_idx)
     n_users, n_items = len(user_ids), len(item_ids)
-    confidence = _csr(frame, "confidence", n_users, n_items)
+    indptr = np.zeros(n_users + 1, np.int64)
+    np.cumsum(columns.take("pairs_per_user"), out=indptr[1:])
+    # sorted by (user, item), one entry a pair: canonical as built
+    confidence = sp.csr_matrix(
+        (columns.take("confidence"), item_idx, indptr), shape=(n_users, n_items)
+    )
+    del item_idx, indptr
+    # the days since each pair's last event, on confidence's pattern (a pair of age 0 kept)
+    last_days = same_pattern(confidence, columns.take("days"))
+    n_pairs = confidence.nnz
 
     buy_events = events.filter(pl.col("event_type").is_in(list(BUY_EVENT_TYPES)))
     buy = interactions(
@@ -928,12 +1014,7 @@ def build_dataset(
         how="left",
         maintain_order="left",
     )
-    first_seen = frame.group_by("item_idx").agg(pl.col("first_ts").min())
-    side = (
-        side.with_row_index("item_idx")
-        .with_columns(pl.col("item_idx").cast(pl.Int32))
-        .join(first_seen, on="item_idx", how="left", maintain_order="left")
-    )
+    side = side.with_columns(columns.first_events(kept))
     item_category, categories = _codes(side["category"].to_list())
     item_brand, brands = _codes(side["brand"].to_list())
     tag_lists = [[t for t in (ts or []) if t is not None] for ts in side["tags"].to_list()]
@@ -962,9 +1043,7 @@ def build_dataset(
         maintain_order="left",
     )
     user_segment, segments = _codes(useg["segment"].to_list())
-    last_days = _last_days(frame, n_users, n_items, now)
-    n_pairs = frame.height
-    del frame, side, useg, first_seen  # (not held beside the transitions' build)
+    del side, useg  # (not held beside the transitions' build)
     transitions = sequence_transitions(events, weights, user_ids, item_ids)
 
     return Dataset(

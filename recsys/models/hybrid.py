@@ -45,6 +45,7 @@ from recsys.models.data import (
     build_dataset,
     events_of,
     index_lookup,
+    row_blocks,
     temporal_split,
 )
 from recsys.models.ease import EASERecommender
@@ -967,8 +968,10 @@ def fit_eval_and_final(
     return eval_model, model
 
 
-def _train_part(events: EventSource, test_fraction: float) -> pl.DataFrame:
-    return temporal_split(events_of(events), test_fraction).train
+def _train_part(events: EventSource, test_fraction: float, more: float = 0.0) -> pl.DataFrame:
+    """The train part of `events` (an :data:`EventSource` itself, less its newest `more`):
+    read from a function, only that part is read."""
+    return events_of(events_of(events, test_fraction), more)
 
 
 def popularity_only(
@@ -1021,7 +1024,8 @@ class SideFeatures:
     def from_data(
         cls, data: Dataset, pop: PopularityRecommender, config: HybridConfig | None = None
     ) -> SideFeatures:
-        counts = np.asarray((data.confidence > 0).sum(axis=0)).ravel().astype(np.float64)
+        c = data.confidence  # (each item's positive pairs, without a boolean copy of it)
+        counts = np.bincount(c.indices, weights=c.data > 0, minlength=data.n_items)
         price = data.item_price
         band = np.full(data.n_items, np.nan)
         known = ~np.isnan(price)
@@ -1060,21 +1064,20 @@ def _recency_arrays(data: Dataset, n_categories: int) -> tuple[np.ndarray, np.nd
     """(days since each user's last event, users x categories days since the user's last
     event in the category; NaN where none) from ``data.last_days``."""
     last = np.full(data.n_users, np.nan, np.float32)
-    cat_days = np.full((data.n_users, n_categories), np.nan, np.float32)
     m = data.last_days
     if m is None or not m.nnz:
-        return last, cat_days
-    rows = np.repeat(np.arange(data.n_users), np.diff(m.indptr))
+        return last, np.full((data.n_users, n_categories), np.nan, np.float32)
     has = np.diff(m.indptr) > 0
     last[has] = np.minimum.reduceat(m.data, m.indptr[:-1][has])
-    cat = data.item_category[m.indices]
-    ok = cat >= 0
-    if ok.any() and n_categories:
-        flat = np.full(data.n_users * n_categories, np.inf, np.float32)
-        np.minimum.at(flat, rows[ok] * n_categories + cat[ok], m.data[ok])
-        flat[np.isinf(flat)] = np.nan
-        cat_days = flat.reshape(data.n_users, n_categories)
-    return last, cat_days
+    flat = np.full(data.n_users * n_categories, np.inf, np.float32)
+    for lo, hi in row_blocks(m.indptr) if n_categories else ():  # (a block of users at a time)
+        at = slice(m.indptr[lo], m.indptr[hi])
+        rows = np.repeat(np.arange(lo, hi), np.diff(m.indptr[lo : hi + 1]))
+        cat = data.item_category[m.indices[at]]
+        ok = cat >= 0
+        np.minimum.at(flat, rows[ok] * n_categories + cat[ok], m.data[at][ok])
+    flat[np.isinf(flat)] = np.nan
+    return last, flat.reshape(data.n_users, n_categories)
 
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -1459,7 +1462,7 @@ class HybridRecommender:
                     if not verdict["kept"]:  # (LightFM's own list still competes below)
                         ranker, rinfo = alt_ranker, alt_info
                         per_user = {**alt_per_user, **({} if own is None else {"lightfm": own})}
-                    del rest, alt, alt_ranker, alt_info, alt_per_user
+                    del job, rest, alt, alt_ranker, alt_info, alt_per_user
                 del side
                 info.update(rinfo)
                 self.ranker_ = ranker

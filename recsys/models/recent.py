@@ -13,20 +13,28 @@ import numpy as np
 import scipy.sparse as sp
 
 from recsys.models.cooccurrence import HistoryTimesSimilarity, prune_rows
-from recsys.models.data import Dataset
+from recsys.models.data import Dataset, row_blocks
 
 
 def recent_history(last_days: sp.csr_matrix, n_recent: int, half_life: float) -> sp.csr_matrix:
     """Users x items: each user's `n_recent` most recent items (fewest days since their last
     event; ties by lower item index) weighted ``0.5 ** (rank / half_life)``, rank 0 the newest."""
     m = last_days.tocsr()
-    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
-    order = np.lexsort((m.indices, m.data, rows))
-    rank = np.empty(m.nnz, np.int64)
-    rank[order] = np.arange(m.nnz) - m.indptr[rows[order]]
-    keep = rank < n_recent
-    w = np.power(0.5, rank[keep] / max(half_life, 1e-9)).astype(np.float32)
-    out = sp.csr_matrix((w, (rows[keep], m.indices[keep])), shape=m.shape, dtype=np.float32)
+    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (rows, items, weights)
+    for lo, hi in row_blocks(m.indptr):  # (a block of users' ranks at a time: ~40 bytes an entry)
+        start = m.indptr[lo]
+        rows = np.repeat(np.arange(lo, hi), np.diff(m.indptr[lo : hi + 1]))
+        items, days = m.indices[start : m.indptr[hi]], m.data[start : m.indptr[hi]]
+        order = np.lexsort((items, days, rows))
+        rank = np.empty(len(rows), np.int64)
+        rank[order] = np.arange(len(rows)) - (m.indptr[rows[order]] - start)
+        keep = rank < n_recent
+        w = np.power(0.5, rank[keep] / max(half_life, 1e-9)).astype(np.float32)
+        kept.append((rows[keep], items[keep], w))
+    if not kept:  # (no users)
+        kept.append((np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)))
+    rows, items, w = (np.concatenate(c) for c in zip(*kept, strict=True))
+    out = sp.csr_matrix((w, (rows, items)), shape=m.shape, dtype=np.float32)
     out.sort_indices()
     return out
 

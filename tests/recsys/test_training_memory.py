@@ -130,6 +130,10 @@ def test_events_collected_in_time_order_are_the_sorted_frame(tmp_path, max_event
     want = as_read[order.to_series()]
     got = collect_in_time_order(scan, max_events)
     assert got.equals(want)
+    for f in (0.2, 0.55):  # the train part alone: the newer days not read
+        train = collect_in_time_order(scan, max_events, test_fraction=f)
+        assert train.equals(temporal_split(want, f).train)
+        assert max_events != 150 or train.n_chunks() < got.n_chunks()
     # one run of the six days (~500 events each), one a day, or runs of two days or so
     runs = got.n_chunks()
     assert runs == {1: 6, 150: 6, 4_000_000: 1}.get(max_events, runs) and 1 <= runs <= 6
@@ -363,29 +367,43 @@ def test_events_read_anew_in_each_phase_are_not_held_beside_the_fits(
     from synthetic_events import FAST_HYBRID, cluster_events, cluster_items
 
     from recsys.models import hybrid
-    from recsys.models.data import temporal_split
+    from recsys.models.data import events_of, temporal_split
 
     events = cluster_events(np.random.default_rng(5), n_users=120, n_items=40, per_user=12)
     # in time order, as the step reads them: every split of them is slices of the frame
     events = events.sort("timestamp", "event_id")
     items = cluster_items(40)
-    cfg = {**FAST_HYBRID, "validation_fraction": validation_fraction}
+    # served chosen on validation: LightFM is weighed (a ranker without its candidates too)
+    cfg = {**FAST_HYBRID, "validation_fraction": validation_fraction, "served": None}
     probes: list = []
+    read_heights: list[int] = []
 
-    def read():
-        probe = np.arange(events.height)  # (zero-copy: the frame and its slices hold it)
+    def read(test_fraction):  # (as the step's: only the train part, when asked for it)
+        part = events_of(events, test_fraction)
+        probe = np.arange(part.height)  # (zero-copy: the frame and its slices hold it)
         probes.append(weakref.ref(probe))
-        return events.with_columns(pl.Series("probe", probe))
+        read_heights.append(part.height)
+        return part.with_columns(pl.Series("probe", probe))
 
     held_at_fits = []
-    fit_generators = hybrid.fit_generators
+    datasets: list = []  # (weak references to each dataset built, in order)
+    alive_at_fits: list[tuple[int, list[int]]] = []  # (the fitted one, those alive)
+    fit_generators, build_dataset = hybrid.fit_generators, hybrid.build_dataset
 
     def watched(data, config, *args, **kwargs):
         gc.collect()
         held_at_fits.append(sum(r() is not None for r in probes))
+        alive = [i for i, r in enumerate(datasets) if r() is not None]
+        alive_at_fits.append((next(i for i in alive if datasets[i]() is data), alive))
         return fit_generators(data, config, *args, **kwargs)
 
+    def recorded(*args, **kwargs):
+        data = build_dataset(*args, **kwargs)
+        datasets.append(weakref.ref(data))
+        return data
+
     monkeypatch.setattr(hybrid, "fit_generators", watched)
+    monkeypatch.setattr(hybrid, "build_dataset", recorded)
     runs = []
     for source in (events, read):
         importance = []
@@ -396,18 +414,28 @@ def test_events_read_anew_in_each_phase_are_not_held_beside_the_fits(
             hybrid.HybridConfig(**cfg),
             0.2,
             beside_eval=lambda m, s=source, seen=importance: seen.append(
-                temporal_split(s() if callable(s) else s, 0.2).test.height
+                temporal_split(events_of(s), 0.2).test.height
             ),
             refits_beside=False,
         )
         assert importance == [events.height - int(events.height * 0.8)]
         runs.append([_saved_folder(ev, tmp_path / f"{len(runs)}-eval"),
                      _saved_folder(final, tmp_path / f"{len(runs)}-final")])  # fmt: skip
+        # no dataset is held beside a later one's fits, but the evaluated model's (S2's,
+        # ranked beside R2's own window): the fit window's, with its generators (kept by
+        # LightFM's weighing until the model was fitted), is gone by S2's fits
+        assert [i for i, _ in alive_at_fits][-1] >= 2 and alive_at_fits[0] == (0, [0])
+        for fitted, alive in alive_at_fits:
+            assert set(alive) - {fitted} <= {1}, alive_at_fits
+        datasets.clear()
+        alive_at_fits.clear()
         if source is events:
             assert probes == []
             held_at_fits.clear()
-    # the window, S2, R2's labels (and R2's own window), beside_eval, S3
-    assert len(probes) == 5
+    # the window and S2 read the train part alone; R2's labels (and R2's own window),
+    # beside_eval and S3 every event
+    n_train = temporal_split(events, 0.2).train.height
+    assert sorted(read_heights) == [n_train] * 2 + [events.height] * 3
     assert len(held_at_fits) >= 3 + (validation_fraction != 0.2) and set(held_at_fits) == {0}
     gc.collect()
     assert all(r() is None for r in probes)
@@ -416,6 +444,74 @@ def test_events_read_anew_in_each_phase_are_not_held_beside_the_fits(
         assert sorted(got) == sorted(want) and len(want) > 10
         for name in want:
             assert got[name] == want[name], name
+
+
+def _ages(rng, n_users=300, n_items=50):
+    """A users x items matrix of days since the pair's last event, as `build_dataset`'s
+    ``last_days``: many ties (whole days), age-0 pairs stored, empty rows, long rows."""
+    counts = rng.integers(0, 30, n_users)
+    counts[::17] = 0
+    counts[5] = n_items
+    indptr = np.concatenate(([0], np.cumsum(counts)))
+    indices = np.concatenate([np.sort(rng.choice(n_items, c, replace=False)) for c in counts])
+    days = rng.integers(0, 6, indptr[-1]).astype(np.float32)
+    return sp.csr_matrix((days, indices.astype(np.int32), indptr), shape=(n_users, n_items))
+
+
+@pytest.mark.parametrize("block", [1, 7, 100, 10**9])
+def test_recency_passes_in_blocks_of_users_are_the_one_pass_results(monkeypatch, block):
+    """`recent_history` and the side features' recency arrays pass over the users a block
+    of rows at a time (`row_blocks`: their per-entry temporaries, ~40 bytes an entry, held for
+    one block): the same arrays, bit for bit, as the one pass over every entry they replace
+    (the references below), ties in age and empty rows included, whatever the block."""
+    from types import SimpleNamespace
+
+    from recsys.models import data as data_module
+    from recsys.models.hybrid import _recency_arrays
+    from recsys.models.recent import recent_history
+
+    rng = np.random.default_rng(3)
+    m = _ages(rng)
+    category = rng.integers(-1, 4, m.shape[1])  # (-1: unknown)
+
+    def history_in_one_pass(m, n_recent, half_life):
+        rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+        order = np.lexsort((m.indices, m.data, rows))
+        rank = np.empty(m.nnz, np.int64)
+        rank[order] = np.arange(m.nnz) - m.indptr[rows[order]]
+        keep = rank < n_recent
+        w = np.power(0.5, rank[keep] / max(half_life, 1e-9)).astype(np.float32)
+        out = sp.csr_matrix((w, (rows[keep], m.indices[keep])), shape=m.shape, dtype=np.float32)
+        out.sort_indices()
+        return out
+
+    def category_days_in_one_pass(m, n_categories):
+        rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+        cat = category[m.indices]
+        ok = cat >= 0
+        flat = np.full(m.shape[0] * n_categories, np.inf, np.float32)
+        np.minimum.at(flat, rows[ok] * n_categories + cat[ok], m.data[ok])
+        flat[np.isinf(flat)] = np.nan
+        return flat.reshape(m.shape[0], n_categories)
+
+    monkeypatch.setattr(data_module, "BLOCK_ENTRIES", block)
+    blocks = data_module.row_blocks(m.indptr)  # (consecutive, each within the bound or one row)
+    assert [lo for lo, _ in blocks] == [0] + [hi for _, hi in blocks[:-1]]
+    assert blocks[-1][1] == m.shape[0] and (len(blocks) == 1) == (block == 10**9)
+    assert all(m.indptr[hi] - m.indptr[lo] <= block or hi - lo == 1 for lo, hi in blocks)
+    for n_recent, half_life in ((3, 2.0), (100, 1.0)):
+        got = recent_history(m, n_recent, half_life)
+        want = history_in_one_pass(m, n_recent, half_life)
+        for a in ("data", "indices", "indptr"):
+            assert np.array_equal(getattr(got, a), getattr(want, a)), a
+        assert np.array_equal(np.diff(got.indptr), np.minimum(np.diff(m.indptr), n_recent))
+    ds = SimpleNamespace(last_days=m, n_users=m.shape[0], item_category=category)
+    last, cat_days = _recency_arrays(ds, 4)
+    np.testing.assert_array_equal(cat_days, category_days_in_one_pass(m, 4))
+    has = np.diff(m.indptr) > 0
+    assert np.isnan(last[~has]).all() and np.isnan(cat_days[~has]).all()
+    starts, ends = m.indptr[:-1][has], m.indptr[1:][has]
+    assert np.array_equal(last[has], [m.data[a:b].min() for a, b in zip(starts, ends, strict=True)])
 
 
 def test_sequence_similarity_reads_the_transitions_without_copies_same_bits():
@@ -628,6 +724,8 @@ def test_event_ids_held_as_their_ranks_give_the_same_order_and_models(tmp_path, 
     assert ranked.schema["event_id"] == pl.UInt32 and ranked.n_chunks() == plain.n_chunks()
     assert ranked["event_id"].to_list() == list(range(plain.height))
     assert ranked.drop("event_id").equals(plain.drop("event_id"))
+    train = collect_in_time_order(scan, max_events, rank_ids=True, test_fraction=0.2)
+    assert train.equals(temporal_split(ranked, 0.2).train)  # (the same ranks: a prefix)
     assert plain["timestamp"].n_unique() < plain.height / 20
     assert plain["event_id"].to_list() != sorted(
         plain["event_id"].to_list(), key=lambda e: int(e[1:])
