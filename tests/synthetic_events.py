@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -135,3 +137,24 @@ RETAIL = [
     "INFLATABLE POLITICAL GLOBE",
     "VINTAGE HEADS AND TAILS CARD GAME",
 ]
+
+
+def saved_files(folder) -> dict[str, object]:
+    """Every file of a saved model's `folder`, by its path in it: the bytes, and a JSON file's
+    content without its timings (any key naming seconds), to compare two fits file for file."""
+
+    def untimed(x):
+        if isinstance(x, dict):
+            return {k: untimed(v) for k, v in x.items() if "seconds" not in k}
+        return [untimed(v) for v in x] if isinstance(x, list) else x
+
+    out: dict[str, object] = {}
+    for path, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(path, name)
+            with open(full, "rb") as f:
+                data = f.read()
+            out[os.path.relpath(full, folder)] = (
+                untimed(json.loads(data)) if name.endswith(".json") else data
+            )
+    return out

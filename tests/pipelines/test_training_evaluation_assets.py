@@ -6,7 +6,7 @@ import os
 import dagster as dg
 import numpy as np
 import pytest
-from synthetic_events import cluster_events, cluster_items, make_events
+from synthetic_events import cluster_events, cluster_items, make_events, saved_files
 
 from pipelines import evaluation, training
 from pipelines.resources import MlflowResource, StorageResource
@@ -137,15 +137,9 @@ def test_a_tenant_above_refits_beside_max_events_reads_its_events_anew(storage, 
         )
         assert result.success
         files = {}
-        for variant in ("eval", "final"):
+        for variant in ("eval", "final"):  # (every file; the JSON without timings)
             folder = storage.path("models", "shop", variant, "hybrid")
-            for path, _, names in os.walk(folder):
-                for name in names:
-                    with open(os.path.join(path, name), "rb") as f:
-                        data = f.read()
-                    if name == "hybrid.json":  # (without its timings)
-                        data = _untimed(json.loads(data))
-                    files[os.path.relpath(os.path.join(path, name), folder) + variant] = data
+            files.update({variant + "/" + k: v for k, v in saved_files(folder).items()})
         saved.append(files)
     assert sorted(saved[0]) == sorted(saved[1]) and len(saved[0]) > 20
     for name, want in saved[0].items():
@@ -155,9 +149,3 @@ def test_a_tenant_above_refits_beside_max_events_reads_its_events_anew(storage, 
     os.rename(parts[0], parts[0] + ".compacted")
     with pytest.raises(RuntimeError, match="shop: the events changed while they were being read"):
         read_model_events(storage, "shop", parts)
-
-
-def _untimed(x):
-    if isinstance(x, dict):
-        return {k: _untimed(v) for k, v in x.items() if "seconds" not in k}
-    return [_untimed(v) for v in x] if isinstance(x, list) else x

@@ -149,26 +149,11 @@ def test_events_collected_in_time_order_are_the_sorted_frame(tmp_path, max_event
 
 
 def _saved_folder(model, path) -> dict[str, object]:
-    """Every file of a saved model: bytes, and hybrid.json without its timings."""
-    import json
-    import os
-
-    def untimed(x):
-        if isinstance(x, dict):
-            return {k: untimed(v) for k, v in x.items() if "seconds" not in k}
-        return [untimed(v) for v in x] if isinstance(x, list) else x
+    """Every file of `model` saved at `path` (`saved_files`: hybrid.json without timings)."""
+    from synthetic_events import saved_files
 
     model.save(str(path))
-    out = {}
-    for folder, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(folder, name)
-            with open(full, "rb") as f:
-                data = f.read()
-            out[os.path.relpath(full, path)] = (
-                untimed(json.loads(data)) if name.endswith(".json") else data
-            )
-    return out
+    return saved_files(path)
 
 
 def test_models_fitted_on_the_events_in_time_order_are_those_of_the_scan_order(tmp_path):
