@@ -16,6 +16,7 @@ import json
 import posixpath
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import dagster as dg
@@ -32,7 +33,7 @@ from recsys.models.data import (
     EventSource,
     collect_in_time_order,
     events_of,
-    temporal_split,
+    scan_split,
     temporal_split_scan,
     write_interactions,
 )
@@ -101,16 +102,41 @@ def read_model_events(
 ) -> pl.DataFrame:
     """The events as `read_inputs` holds them: of every part file, or of `parts`
     (`ingest.event_parts` taken earlier: the same events again, read anew); with
-    `test_fraction`, their train part alone (an :data:`EventSource`'s read function)."""
+    `test_fraction`, their train part alone (see :class:`TenantEvents`)."""
     try:
         scan = ingest.scan_events(store, tenant, parts).select(MODEL_EVENT_COLUMNS)
         typed = scan.with_columns(pl.col("event_type", "user_id", "item_id").cast(pl.Categorical))
         return collect_in_time_order(typed, rank_ids=True, test_fraction=test_fraction)
     except FileNotFoundError as e:  # a deletion compacted a day while the step ran
-        raise RuntimeError(
-            f"{tenant}: the events changed while they were being read again ({e}); "
-            "run the step again"
-        ) from e
+        raise _events_changed(tenant, e) from e
+
+
+def _events_changed(tenant: str, why) -> RuntimeError:
+    return RuntimeError(
+        f"{tenant}: the events changed while they were being read again ({why}); run the step again"
+    )
+
+
+@dataclass(frozen=True)
+class TenantEvents:
+    """A tenant's events read anew, from the part files listed when the step first read
+    them (`ingest.event_parts`: parts are never rewritten, so the same events each time), as
+    a training phase needs them (an :class:`~recsys.models.data.EventReader`): called, the
+    frame `read_model_events` gives (the train part alone with `test_fraction`); `scan`, a
+    lazy scan of the parts for the folds that stream them (the holdouts' labels)."""
+
+    store: Storage
+    tenant: str
+    parts: list[str]
+
+    def __call__(self, test_fraction: float = 0.0) -> pl.DataFrame:
+        return read_model_events(self.store, self.tenant, self.parts, test_fraction)
+
+    def scan(self) -> pl.LazyFrame:
+        gone = [p for p in self.parts if not self.store.exists(p)]
+        if gone:  # (a deletion compacted a day while the step ran)
+            raise _events_changed(self.tenant, f"{len(gone)} part file(s) gone: {gone[0]}")
+        return ingest.scan_events(self.store, self.tenant, self.parts)
 
 
 def model_path(store: Storage, tenant: str, *parts: str) -> str:
@@ -385,9 +411,7 @@ def train_models(
             # events throughout; a larger one reads them again in each phase that needs them
             # (fit_eval_and_final), so they are not held beside the generators' fits
             beside = events.height <= config.refits_beside_max_events
-            source = (
-                events if beside else functools.partial(read_model_events, store, tenant, parts)
-            )
+            source = events if beside else TenantEvents(store, tenant, parts)
             del events, train
             # the evaluated model is saved (and dropped) before the refit on all events ends
             _, final = fit_eval_and_final(
@@ -500,5 +524,5 @@ def _ranker_importance(
 ) -> None:
     """``out["value"]``: the permutation importance of `eval_model`'s ranker on the evaluation
     window (logged to MLflow)."""
-    parts = temporal_split(events_of(events), test_fraction)
+    parts = scan_split(events, test_fraction)  # (a reader's: folded from its scan, not held)
     out["value"] = permutation_importance(eval_model, parts.train, parts.test, seed=seed)

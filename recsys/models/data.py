@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import polars as pl
@@ -464,8 +464,19 @@ def temporal_split(
 
 #: The events a fit reads: a frame, or a function that reads them, anew at each call, so
 #: that nobody holds them between the phases that read them (see `fit_eval_and_final`); it
-#: is given a test fraction and reads only the train part (see `events_of`).
+#: is given a test fraction and reads only the train part (see `events_of`). An
+#: :class:`EventReader` also gives them as a lazy scan, for the folds that stream them.
 EventSource = pl.DataFrame | Callable[[float], pl.DataFrame]
+
+
+@runtime_checkable
+class EventReader(Protocol):
+    """An :data:`EventSource` function that can also give the events as a lazy scan (in any
+    order, with unique event ids), which `scan_split` cuts without reading them."""
+
+    def __call__(self, test_fraction: float = 0.0) -> pl.DataFrame: ...
+
+    def scan(self) -> pl.LazyFrame: ...
 
 
 def events_of(source: EventSource, test_fraction: float = 0.0) -> pl.DataFrame:
@@ -521,6 +532,17 @@ def temporal_split_scan(scan: pl.LazyFrame, test_fraction: float = 0.2) -> ScanS
     t_lit = pl.lit(t).cast(EVENT_SCHEMA["timestamp"])
     is_test = (ts > t_lit) | ((ts == t_lit) & (pl.col("event_id") >= e))
     return ScanSplit(scan.filter(~is_test), scan.filter(is_test), n_train, n - n_train, t)
+
+
+def scan_split(source: EventSource, test_fraction: float) -> ScanSplit:
+    """`temporal_split(events, test_fraction)`'s train and test parts as lazy frames, for
+    the folds Polars' streaming engine runs (`holdout_pairs`): an :class:`EventReader`'s
+    scan cut by `temporal_split_scan` (the events read as they are folded, never held),
+    a frame's slices, or a plain function's events, read."""
+    if isinstance(source, EventReader):
+        return temporal_split_scan(source.scan(), test_fraction)
+    s = temporal_split(events_of(source), test_fraction)
+    return ScanSplit(s.train.lazy(), s.test.lazy(), s.train.height, s.test.height, s.test_start)
 
 
 def collect_in_time_order(

@@ -46,6 +46,7 @@ from recsys.models.data import (
     events_of,
     index_lookup,
     row_blocks,
+    scan_split,
     temporal_split,
 )
 from recsys.models.ease import EASERecommender
@@ -849,9 +850,11 @@ def fit_eval_and_final(
     `beside_eval`): the same models, a lower peak, a longer wall time (:class:`_Refit`).
 
     `events` may be a function that reads them (:data:`EventSource`): each phase that reads
-    them (the fit window, each refit's dataset, R2's labels, `beside_eval` if it is given the
-    same function) then reads them anew and lets go of them once its dataset or labels are
-    built, so that they are not held beside the generators' fits and the rankers'. Without
+    them (the fit window and the refit on train: the train part alone; the refit on all
+    events; R2's own window) then reads them anew and lets go of them once its dataset is
+    built, so that they are not held beside the generators' fits and the rankers'; R2's
+    labels are folded from an :class:`~recsys.models.data.EventReader`'s scan (`scan_split`),
+    never held (a plain function's events are read for them). Without
     `refits_beside` the phases run one after the other and hold one copy at a time; beside,
     give the frame (read functions running at once would each hold a copy).
     """
@@ -911,15 +914,18 @@ def fit_eval_and_final(
         # beside, else after it (their candidate rows are then not held at once)
         aside = in_thread(beside_eval, eval_model) if beside_eval and refits_beside else None
         if final_cfg.served == HYBRID:
-            everything = events_of(events)
-            label = temporal_split(everything, 0.0, final_cfg.validation_fraction)
-            # R2's fit window is train (S2's), or its own
-            own = label.fit.height != temporal_split(everything, test_fraction).train.height
-            del everything
-            data = eval_model.dataset(label.fit, items, users) if own else eval_model.data_
+            # R2's labels: the newest validation_fraction of all events, folded from lazy
+            # parts (a reader's scan: the events are not held for them); its fit window is
+            # train (S2's) when both cuts fall on the same event, else its own
+            vf = final_cfg.validation_fraction
+            label = scan_split(events, vf)
+            n = label.n_train + label.n_test
+            own = int(round(n * vf)) != int(round(n * test_fraction))
+            data = eval_model.dataset(events_of(events, vf), items, users) if own else None
+            data = eval_model.data_ if data is None else data
             holdout = (
-                build_holdout(data, label.fit, label.validation, final_cfg.weights)
-                if label.validation.height
+                build_holdout(data, label.train, label.test, final_cfg.weights)
+                if label.n_test
                 else Holdout(np.zeros(0, np.int64), [])
             )
             del label  # (events read anew: not held beside R2's fits)

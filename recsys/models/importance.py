@@ -40,8 +40,8 @@ def gain_importance(booster: Any, feature_names: tuple[str, ...]) -> dict[str, f
 
 def permutation_importance(
     model: Any,
-    train: pl.DataFrame,
-    test: pl.DataFrame,
+    train: pl.DataFrame | pl.LazyFrame,
+    test: pl.DataFrame | pl.LazyFrame,
     seed: int = 0,
     max_users: int = 500,
     repeats: int = 2,

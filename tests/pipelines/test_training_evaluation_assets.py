@@ -119,7 +119,7 @@ def test_a_tenant_above_refits_beside_max_events_reads_its_events_anew(storage, 
     each phase that needs them: the saved models are those of the step that holds the frame,
     file for file. A part file gone between two reads (a deletion compacted its day) is a
     clear error naming the tenant, not models fitted on two different sets of events."""
-    from pipelines.training.assets import read_model_events
+    from pipelines.training.assets import TenantEvents, read_model_events
     from recsys import ingest
 
     _write_warehouse(
@@ -149,3 +149,5 @@ def test_a_tenant_above_refits_beside_max_events_reads_its_events_anew(storage, 
     os.rename(parts[0], parts[0] + ".compacted")
     with pytest.raises(RuntimeError, match="shop: the events changed while they were being read"):
         read_model_events(storage, "shop", parts)
+    with pytest.raises(RuntimeError, match="shop: the events changed while they were being read"):
+        TenantEvents(storage, "shop", parts).scan()  # (the labels' folds: before any is read)

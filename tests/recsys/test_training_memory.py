@@ -352,7 +352,7 @@ def test_events_read_anew_in_each_phase_are_not_held_beside_the_fits(
     from synthetic_events import FAST_HYBRID, cluster_events, cluster_items
 
     from recsys.models import hybrid
-    from recsys.models.data import events_of, temporal_split
+    from recsys.models.data import events_of, scan_split, temporal_split
 
     events = cluster_events(np.random.default_rng(5), n_users=120, n_items=40, per_user=12)
     # in time order, as the step reads them: every split of them is slices of the frame
@@ -363,12 +363,18 @@ def test_events_read_anew_in_each_phase_are_not_held_beside_the_fits(
     probes: list = []
     read_heights: list[int] = []
 
-    def read(test_fraction):  # (as the step's: only the train part, when asked for it)
-        part = events_of(events, test_fraction)
-        probe = np.arange(part.height)  # (zero-copy: the frame and its slices hold it)
-        probes.append(weakref.ref(probe))
-        read_heights.append(part.height)
-        return part.with_columns(pl.Series("probe", probe))
+    class Reader:  # (as the step's: the train part alone when asked; a scan, in any order)
+        def __call__(self, test_fraction=0.0):
+            part = events_of(events, test_fraction)
+            probe = np.arange(part.height)  # (zero-copy: the frame and its slices hold it)
+            probes.append(weakref.ref(probe))
+            read_heights.append(part.height)
+            return part.with_columns(pl.Series("probe", probe))
+
+        def scan(self):
+            return events.sample(fraction=1.0, shuffle=True, seed=3).lazy()
+
+    read = Reader()
 
     held_at_fits = []
     datasets: list = []  # (weak references to each dataset built, in order)
@@ -398,9 +404,7 @@ def test_events_read_anew_in_each_phase_are_not_held_beside_the_fits(
             None,
             hybrid.HybridConfig(**cfg),
             0.2,
-            beside_eval=lambda m, s=source, seen=importance: seen.append(
-                temporal_split(events_of(s), 0.2).test.height
-            ),
+            beside_eval=lambda m, s=source, seen=importance: seen.append(scan_split(s, 0.2).n_test),
             refits_beside=False,
         )
         assert importance == [events.height - int(events.height * 0.8)]
@@ -417,10 +421,11 @@ def test_events_read_anew_in_each_phase_are_not_held_beside_the_fits(
         if source is events:
             assert probes == []
             held_at_fits.clear()
-    # the window and S2 read the train part alone; R2's labels (and R2's own window),
-    # beside_eval and S3 every event
-    n_train = temporal_split(events, 0.2).train.height
-    assert sorted(read_heights) == [n_train] * 2 + [events.height] * 3
+    # the window and S2 read the train part alone, S3 every event, R2's own window (when
+    # its cut is not train's) all but its labels; the labels and beside_eval, the scan
+    n, n_train = events.height, temporal_split(events, 0.2).train.height
+    own = [n - round(n * validation_fraction)] if validation_fraction != 0.2 else []
+    assert sorted(read_heights) == sorted([n_train] * 2 + [n] + own)
     assert len(held_at_fits) >= 3 + (validation_fraction != 0.2) and set(held_at_fits) == {0}
     gc.collect()
     assert all(r() is None for r in probes)
