@@ -921,8 +921,10 @@ def fit_eval_and_final(
             label = scan_split(events, vf)
             n = label.n_train + label.n_test
             own = int(round(n * vf)) != int(round(n * test_fraction))
-            data = eval_model.dataset(events_of(events, vf), items, users) if own else None
-            data = eval_model.data_ if data is None else data
+            if own:  # (its dataset from all but the labels, read for it alone)
+                data = eval_model.dataset(events_of(events, vf), items, users)
+            else:
+                data = eval_model.data_
             holdout = (
                 build_holdout(data, label.train, label.test, final_cfg.weights)
                 if label.n_test
