@@ -150,6 +150,33 @@ def test_holdout_pairs_of_scans_are_the_in_memory_ones(scan):
     assert got.equals(want)
 
 
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_holdout_pairs_are_the_protocol_in_plain_python(seed):
+    """The numbered users and items, the pairs matched by one integer: the same pairs as
+    the protocol spelt out with Python sets (positive total weight in the later window,
+    user and item both in train, the pair not in train), from frames, lazy frames and
+    Categorical ids alike."""
+    from recsys.contract import DEFAULT_EVENT_WEIGHTS
+
+    events = _events(seed=seed)
+    split = temporal_split(events, 0.3)
+    train = set(split.train.select("user_id", "item_id").iter_rows())
+    totals: dict[tuple[str, str], float] = {}
+    for u, i, kind in split.test.select("user_id", "item_id", "event_type").iter_rows():
+        totals[(u, i)] = totals.get((u, i), 0.0) + DEFAULT_EVENT_WEIGHTS[kind]
+    users, items = {u for u, _ in train}, {i for _, i in train}
+    want = sorted(
+        (u, i)
+        for (u, i), w in totals.items()
+        if w > 0 and u in users and i in items and (u, i) not in train
+    )
+    assert len(want) > 10
+    cat = {"user_id": pl.Categorical, "item_id": pl.Categorical}
+    assert holdout_pairs(split.train, split.test).rows() == want
+    assert holdout_pairs(split.train.lazy(), split.test.lazy()).rows() == want
+    assert holdout_pairs(split.train.cast(cat), split.test.cast(cat)).rows() == want
+
+
 def test_holdout_protocol_on_scans():
     """The known answer of test_interactions_split, from lazy frames."""
     train = make_events([("a", "x", "view", 0), ("b", "y", "view", 1), ("b", "z", "impression", 2)])
