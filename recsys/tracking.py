@@ -83,14 +83,21 @@ def data_fingerprint(events: pl.DataFrame | pl.LazyFrame) -> dict[str, Any]:
     cols = list(FINGERPRINT_COLUMNS)
     lazy = events.lazy().select(cols)
     engine = "streaming" if isinstance(events, pl.LazyFrame) else "in-memory"
-    stats = lazy.select(
-        pl.len().alias("rows"),
-        pl.col("user_id").n_unique().alias("users"),
-        pl.col("item_id").n_unique().alias("items"),
-        pl.col("timestamp").min().alias("lo"),
-        pl.col("timestamp").max().alias("hi"),
-        pl.col("event_id").null_count().alias("null_ids"),
-    ).collect(engine=engine)
+    # three queries one after another: one query of all six figures held 6.9 GB at 100M
+    # demo events (3.1M users), these 2.2 GB
+    stats = pl.concat(
+        [
+            lazy.select(
+                pl.len().alias("rows"),
+                pl.col("timestamp").min().alias("lo"),
+                pl.col("timestamp").max().alias("hi"),
+                pl.col("event_id").null_count().alias("null_ids"),
+            ).collect(engine=engine),
+            lazy.select(pl.col("user_id").n_unique().alias("users")).collect(engine=engine),
+            lazy.select(pl.col("item_id").n_unique().alias("items")).collect(engine=engine),
+        ],
+        how="horizontal",
+    )
     rows = int(stats["rows"][0])
     h = hashlib.sha256()
     for part in _id_ranges(lazy, rows, int(stats["null_ids"][0]), engine) if rows else []:

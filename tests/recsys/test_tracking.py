@@ -158,6 +158,8 @@ def test_fingerprint_of_a_scan_hashed_in_slices_is_the_one_csv_hash(model, tmp_p
     assert whole["data_sha256"] == hashlib.sha256(one_csv).hexdigest()
     assert whole["data_rows"] == events.height > 7
     assert whole["data_users"] == events["user_id"].n_unique()
+    assert whole["data_items"] == events["item_id"].n_unique()
+    assert whole["data_min_ts"] == str(events["timestamp"].min())
     assert whole["data_max_ts"] == str(events["timestamp"].max())
     monkeypatch.setattr(tracking, "FINGERPRINT_ROWS", 7)
     for k, part in enumerate(events.sample(fraction=1.0, shuffle=True, seed=5).iter_slices(40)):
