@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from recsys.models.allocator import reused_heap
 from recsys.models.hybrid import (
     _REASON_OF_GENERATOR,
     GENERATORS,
@@ -191,8 +192,9 @@ def map_served_batches(
 
     # numpy, scipy and the tree predictor release the GIL in their heavy loops: two batches
     # at a time use both cores (one BLAS thread, as in the fit: the same LightFM products as
-    # the ranker learned on)
-    return map_in_threads(one_batch, range(0, len(user_idx), batch_size), workers)
+    # the ranker learned on); each batch's arrays reuse the heap the one before freed
+    with reused_heap():
+        return map_in_threads(one_batch, range(0, len(user_idx), batch_size), workers)
 
 
 def serve_top_n(
