@@ -18,6 +18,7 @@ batch reuses what the one before freed, and gives the heap back when the loop en
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 import threading
 from collections.abc import Iterator
@@ -36,7 +37,9 @@ _fixed: int | None = None  # the threshold `fix_mmap_threshold` set (None: glibc
 _depth = 0  # `reused_heap` contexts open
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """glibc, loaded once (None elsewhere)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -76,11 +79,12 @@ def reused_heap(nbytes: int = MAX_MMAP_THRESHOLD) -> Iterator[None]:
     same sizes over and over (scoring batches); any thread may enter it."""
     global _depth
     libc = _libc()
+    threshold = min(int(nbytes), MAX_MMAP_THRESHOLD)
     with _lock:
         _depth += 1
         if _depth == 1 and _fixed is not None and libc is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, min(int(nbytes), MAX_MMAP_THRESHOLD))
-            libc.mallopt(_M_TRIM_THRESHOLD, 2 * min(int(nbytes), MAX_MMAP_THRESHOLD))
+            libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
     try:
         yield
     finally:
