@@ -38,18 +38,6 @@ def ensure_snapshot(
     return sid
 
 
-def republish_copy(
-    data_root: str, seed: int = 1, n_users: int = 1_000_000, n_items: int = 100_000, n: int = 200
-) -> str:
-    """Publish a second snapshot (another seed) to switch to under load."""
-    store = SnapshotStore(os.path.join(data_root, "snapshots", TENANT), keep=3)
-    tmp = store.new_tmp_dir()
-    build_synthetic_snapshot(
-        tmp, n_users, n_items, n=n, seed=seed, tenant=TENANT, write_parquet=False
-    )
-    return store.publish(tmp, checksums=False)
-
-
 if __name__ == "__main__":
     import sys
 

@@ -227,10 +227,6 @@ def _retail_items(df: pl.DataFrame) -> pl.DataFrame:
     ).unique(subset="item_id", keep="last", maintain_order=True)
 
 
-def _identity(df: pl.DataFrame) -> pl.DataFrame:
-    return df
-
-
 _ML100K_ITEM_COLS = ("item_id", "title", "release_date", "video_date", "imdb_url") + tuple(
     f"g{i}" for i in range(len(MOVIELENS_GENRES))
 )

@@ -281,18 +281,6 @@ class Outbox:
         )
         return None if row is None else (row[0], row[1], bytes(row[2]), row[3])
 
-    def delivery_latencies(self) -> list[float]:
-        """Seconds from emit to delivery of every delivered message (for measurements)."""
-        rows = (
-            self._db()
-            .execute(
-                "SELECT d.delivered_at - m.created_at FROM deliveries d"
-                " JOIN messages m ON m.id = d.message_id WHERE d.state = 'delivered'"
-            )
-            .fetchall()
-        )
-        return [r[0] for r in rows]
-
 
 # --- the endpoints, as the serving layer stores them ---------------------------------------------
 @dataclass(frozen=True, slots=True)

@@ -262,11 +262,6 @@ def log_to_files(folder: str, **options) -> RotatingFiles:
     return _files
 
 
-def files_folder() -> str | None:
-    """The folder of `log_to_files`, or None."""
-    return _files.folder if _files is not None else None
-
-
 def flush() -> None:
     """Write the installed log's waiting lines now."""
     if _installed is not None:

@@ -43,7 +43,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -240,18 +240,6 @@ class TenantEventLog:
 
     def is_deleted(self, event_id: str) -> bool:
         return event_id in self._deleted
-
-    def pending_events(self) -> Iterator[dict[str, Any]]:
-        """Events still in the log (not yet flushed), as contract dicts, in log order."""
-        self.log.refresh()
-        for seg in list_segments(self.log.wal_dir):
-            try:
-                records, _, _ = read_segment(os.path.join(self.log.wal_dir, segment_name(seg)))
-            except FileNotFoundError:
-                continue
-            for _, rec in records:
-                if rec.get("k") == "e":
-                    yield record_to_event(rec, self.tenant)
 
     def logged_frame(self) -> pl.DataFrame:
         """Events still in the log (not yet flushed) as a DataFrame in EVENT_SCHEMA."""

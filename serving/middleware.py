@@ -379,16 +379,8 @@ def RequestIdMiddleware() -> ServingMiddleware:  # noqa: N802 (used like the cla
     return ServingMiddleware()
 
 
-def MetricsMiddleware(metrics: Metrics, access_log_enabled: bool = True) -> ServingMiddleware:  # noqa: N802
-    return ServingMiddleware(request_ids=False, metrics=metrics, access_log=access_log_enabled)
-
-
 def BodyLimitMiddleware(max_bytes: int) -> ServingMiddleware:  # noqa: N802
     return ServingMiddleware(request_ids=False, max_body_bytes=max_bytes)
-
-
-def AuthMiddleware(authenticator: Authenticator) -> ServingMiddleware:  # noqa: N802
-    return ServingMiddleware(request_ids=False, authenticator=authenticator)
 
 
 def GzipMiddleware(min_bytes: int = 1024, level: int = 5) -> ServingMiddleware:  # noqa: N802

@@ -47,7 +47,6 @@ _NO_ROWS.flags.writeable = False
 PINNED_REASON, PINNED_TEXT = -1, "featured"
 _FILTERS = OUTCOMES[1:]  # the outcomes that remove a candidate
 _SIGNAL_INDEX = {s: j for j, s in enumerate(SIGNALS)}
-_REASON_SLUGS = {code: slug for slug, code in REASON_CODES.items()}
 
 #: The half-life (in anchors) of an anonymous session's anchors when the tenant sets none:
 #: on MovieLens 100K's test users shopping anonymously from their 5 newest items
@@ -970,7 +969,3 @@ def backfill_sources(
         if name in names:
             out.append(name)
     return out
-
-
-def reason_slug(code: int) -> str:
-    return _REASON_SLUGS.get(code, "personal")

@@ -184,19 +184,6 @@ def format_table(table: pl.DataFrame, metrics: tuple[str, ...] = METRIC_LABELS) 
     return table.select(cols)
 
 
-def print_table(table: pl.DataFrame) -> None:
-    """Print the evaluation table (mean [CI] per metric) in full, for benchmark scripts."""
-    with pl.Config(
-        tbl_rows=20,
-        tbl_cols=20,
-        tbl_width_chars=400,
-        fmt_str_lengths=30,
-        tbl_hide_dataframe_shape=True,
-        tbl_hide_column_data_types=True,
-    ):
-        print(format_table(table))
-
-
 def plot_table(
     table: pl.DataFrame,
     path: str,

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 
 from recsys.snapshot.format import CURRENT, MANIFEST
-from recsys.snapshot.reader import SnapshotError, open_snapshot
+from recsys.snapshot.reader import SnapshotError
 from recsys.snapshot.store import SnapshotStore
 from recsys.storage import Storage
 
@@ -73,12 +73,3 @@ def fetch_snapshot(
         raise
     sid = dest.publish(tmp, checksums=True)  # sha256 of every file, a full open, then CURRENT
     return FetchResult(sid, copied, previous)
-
-
-def verify_live(dest: SnapshotStore) -> str:
-    """The live snapshot's id after a full checksum verification (for health checks)."""
-    path = dest.current()
-    if path is None:
-        raise SnapshotError(f"{dest.root}: nothing published")
-    with open_snapshot(path, checksums=True) as snap:
-        return snap.snapshot_id
