@@ -220,8 +220,11 @@ def _session_chunk(
     span_us: int,
     first_id: int,
 ) -> pl.DataFrame:
-    """About n_target clean events: sessions of views with cart and purchase funnels."""
-    n_sessions = max(1, n_target // 5)
+    """n_target clean events (fewer only if a tiny target draws too few): sessions of views
+    with cart and purchase funnels, in time order. A few more sessions than needed are drawn
+    and whole sessions, chosen at random, are left out (`_sessions_to_keep`): the events cover
+    the whole window up to its end, and funnels stay whole."""
+    n_sessions = max(1, n_target * 21 // 100 + 10)  # (~5.07 events a session: ~6 % to spare)
     users = np.searchsorted(world.user_activity_cdf, rng.random(n_sessions))
     users = np.minimum(users, spec.n_users - 1)
     t0 = start_us + (rng.random(n_sessions) * span_us).astype(np.int64)
@@ -258,7 +261,9 @@ def _session_chunk(
             v = np.full(k, np.nan)
         cols["v"].append(v)
     s = np.concatenate(cols["s"])
-    order = np.argsort(np.concatenate(cols["t"]), kind="stable")
+    t = np.concatenate(cols["t"])
+    keep = _sessions_to_keep(s, t, n_target, rng)
+    order = keep[np.argsort(t[keep], kind="stable")]
     s = s[order]
     n = s.size
     value = np.concatenate(cols["v"])[order]
@@ -268,12 +273,32 @@ def _session_chunk(
             "user_id": [f"u{u:07d}" for u in users[s].tolist()],
             "item_id": [f"i{i:06d}" for i in np.concatenate(cols["i"])[order].tolist()],
             "event_type": np.concatenate(cols["e"])[order].tolist(),
-            "timestamp": np.concatenate(cols["t"])[order] // 1000,  # epoch milliseconds
+            "timestamp": t[order] // 1000,  # epoch milliseconds
             "value": pl.Series(value).fill_nan(None),
             "session_id": [f"s{spec.seed}-{first_id}-{x}" for x in s.tolist()],
         },
         schema_overrides={"timestamp": pl.Int64, "value": pl.Float64},
     )
+
+
+def _sessions_to_keep(
+    sessions: np.ndarray, t: np.ndarray, n: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Indices of `n` of the rows (session index and time per row; all when there are fewer):
+    whole sessions in a random order, the last one taken cut to its earliest events. (Keeping
+    the first `n` rows in time order instead would leave the window's last day or two empty.)"""
+    if sessions.size <= n:
+        return np.arange(sessions.size)
+    sizes = np.bincount(sessions)
+    picked = rng.permutation(sizes.size)
+    ends = np.cumsum(sizes[picked])
+    last = int(np.searchsorted(ends, n))  # (the first session whose rows reach n)
+    chosen = np.zeros(sizes.size, dtype=bool)
+    chosen[picked[:last]] = True
+    rows = np.flatnonzero(chosen[sessions])
+    tail = np.flatnonzero(sessions == picked[last])
+    tail = tail[np.argsort(t[tail], kind="stable")][: n - rows.size]
+    return np.sort(np.concatenate([rows, tail]))
 
 
 def _corrupt(
@@ -350,14 +375,15 @@ def generate(
     while written < spec.events:
         # each chunk covers the whole window; chunks are independent samples of sessions
         want = min(spec.chunk_events, spec.events - written)
-        chunk = _session_chunk(spec, world, rng, want, start_us, span_us, written).head(want)
+        chunk = _session_chunk(spec, world, rng, want, start_us, span_us, written)
+        n_clean = chunk.height
         chunk, bad, dup = _corrupt(chunk, spec, rng)
         path = storage.path(ev_dir, f"{tag}-part{part:04d}.parquet")
         _write(storage, chunk, path)
         summary.files.append(path)
         summary.malformed += bad
         summary.duplicates += dup
-        written += want
+        written += n_clean
         part += 1
         if progress:
             progress(written, spec.events)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
 
@@ -93,6 +93,23 @@ def test_demo_data_is_deterministic_and_ingests_with_the_planted_faults(storage,
     assert events["event_id"].n_unique() == events.height
     types = set(events["event_type"].unique())
     assert {"view", "add_to_cart", "purchase"} <= types
+
+
+def test_demo_events_cover_the_window_up_to_its_end(storage):
+    """Chunks were once cut to size by dropping their latest events, which left the window's
+    last one or two days empty (and the freshness check failing on the demo)."""
+    spec = DemoSpec(events=30_000, seed=5, end_date="2026-11-01", days=30, chunk_events=10_000)
+    summary = generate(spec, storage)
+    assert summary.events_written == 30_000 + summary.duplicates
+    end = datetime(2026, 11, 1, tzinfo=UTC)
+    ingest.ingest_events(storage, "default", now=end + timedelta(days=1))
+    events = ingest.read_events(storage, "default")
+    views = events.filter(pl.col("event_type") == "view")
+    assert views["timestamp"].max() > end - timedelta(hours=2)  # (~40 views an hour)
+    assert views["timestamp"].max() < end
+    per_day = views.group_by(pl.col("timestamp").dt.date()).len()
+    last_day = per_day.filter(pl.col("timestamp") == date(2026, 10, 31))["len"].item()
+    assert last_day > 0.7 * per_day["len"].mean()
     items, rep = ingest.build_table(storage, "default", "items")
     assert rep.rows == spec.n_items and items["tags"].list.len().min() >= 3
     assert set(events["item_id"].unique()) <= set(items["item_id"])
