@@ -666,6 +666,12 @@ class Engine:
             code = None  # (in the answer; read only when needed)
         else:
             plan = filters.plan(n_take, caps)
+            if pins and caps is not None:
+                # Pins count toward the caps (they are placed whatever the caps say): with
+                # brand:nike capped at 2 and a nike item pinned, one ranked nike item may join it.
+                pinned = np.fromiter(pinned_item_set, dtype=np.int32)
+                at = kernels.counts_at(plan[: kernels.PLAN_HEAD].tolist())
+                plan[at : at + caps.n_groups] += caps.members(live, pinned).sum(axis=0)
             if scores is None:
                 scores = pool.scores
             code = np.empty(n_cand, dtype=np.uint8)

@@ -78,7 +78,8 @@ class Constraints(Body):
         dict[Id, K],
         Meta(
             max_length=MAX_TAGS,
-            description="cap per tag; keys may also be brand:<b> or category:<c>",
+            description="cap per tag in the answer; keys may also be brand:<b> or "
+            "category:<c>; pinned items count toward it and are never removed by it",
         ),
     ] = {}
 

@@ -159,8 +159,8 @@ def test_a_pin_appears_at_its_slot_and_a_block_removes_the_item(
     screenshot("playground")
 
     # a diversity cap of 1 on the most frequent tag of the list that the pin does not carry
-    # (a pin is placed after the caps and is not counted by them: a tag it carries could
-    # show twice under a cap of 1)
+    # (so that the cap acts on ranked items; a pin counts toward the caps but is never removed
+    # by them: tests/serving/test_serving_recommend.py)
     tags = _tags_of(demo_server, cards)
     pinned_tags = set(tags[outsider])
     top_tag = max(

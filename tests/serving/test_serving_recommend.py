@@ -66,6 +66,25 @@ def test_max_per_tag_caps_and_brand_key(client):
     assert ids(resp) == ["a0", "a1", "a3", "a4"]  # a5 would be the 3rd nike
 
 
+def test_pins_count_toward_the_caps(client):
+    put_rules(client, [{"id": "pin5", "type": "pin", "item_id": "a5", "position": 1}])
+    body = {"k": 4, "user": {"user_id": "u1"}, "constraints": {"max_per_tag": {"brand:nike": 2}}}
+    resp = recommend(client, body)
+    # the pinned a5 is one nike: a0 is the other; a3 would be the 3rd
+    assert ids(resp) == ["a5", "a0", "a1", "a4"]
+    assert resp.json["meta"]["counts"]["capped"] == 1
+    # pins are placed whatever the caps say: two nike pins under a cap of 1
+    put_rules(
+        client,
+        [
+            {"id": "pin5", "type": "pin", "item_id": "a5", "position": 1},
+            {"id": "pin3", "type": "pin", "item_id": "a3", "position": 3},
+        ],
+    )
+    body["constraints"]["max_per_tag"]["brand:nike"] = 1
+    assert ids(recommend(client, body)) == ["a5", "a1", "a3", "a4"]
+
+
 def test_weights_rescore_from_stored_signals(client):
     resp = recommend(
         client,

@@ -2391,7 +2391,7 @@ export interface components {
             /** @default [] */
             forbidden_tags?: string[];
             /**
-             * @description cap per tag; keys may also be brand:<b> or category:<c>
+             * @description cap per tag in the answer; keys may also be brand:<b> or category:<c>; pinned items count toward it and are never removed by it
              * @default {}
              */
             max_per_tag?: {
