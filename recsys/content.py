@@ -25,8 +25,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-from sklearn.decomposition import TruncatedSVD
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 from recsys.models.threads import single_threaded_blas
 
@@ -78,6 +76,8 @@ class ContentModel:
         return int(self.components.shape[0])
 
     def _tfidf(self, texts: list[str]) -> sp.csr_matrix:
+        from sklearn.feature_extraction.text import TfidfVectorizer  # (1.4 s to import: see fit)
+
         word = TfidfVectorizer(vocabulary=self.word_vocab, use_idf=False, norm=None, **WORD)
         char = TfidfVectorizer(vocabulary=self.char_vocab, use_idf=False, norm=None, **CHAR)
         x = sp.hstack([word.fit_transform(texts), char.fit_transform(texts)]).tocsr()
@@ -137,6 +137,11 @@ class ContentModel:
 
 def fit(items: pl.DataFrame, dim: int = 64, seed: int = 0, min_df: int = 1) -> ContentModel:
     """Fit the model on a catalogue (`recsys.contract` items columns; title at least)."""
+    # scikit-learn is imported here, not with the module: the Dagster definitions import this
+    # module, and every step process and `dagster dev` would pay its 1.4 s.
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
     texts = item_texts(items)
     word = TfidfVectorizer(sublinear_tf=True, min_df=min_df, norm=None, use_idf=True, **WORD)
     char = TfidfVectorizer(sublinear_tf=True, min_df=min_df, norm=None, use_idf=True, **CHAR)

@@ -2,13 +2,14 @@
 (`recsys serve` and the benchmarks pass it: `serving.cli.gunicorn_argv`).
 
 Its one hook, `on_starting`, runs in the master before any worker is forked and imports what
-every worker would otherwise import (and compile) itself: NumPy, Numba, Falcon, orjson, PyJWT
-and the serving modules up to `serving.app` - among them `serving.kernels`, whose compiled
-kernels are built at import (from Numba's on-disk cache, or compiled when the cache is empty or
-stale). The workers inherit them copy-on-write: none compiles, none loads the cache, and the
-pages of the imported modules, of LLVM and of the machine code are shared instead of private to
-each worker (private memory per worker outside the snapshot mapping, 1M users x 100k items:
-170 -> 55 MB when the cache was empty, 109 -> 49 MB when it was warm).
+every worker would otherwise import (and compile) itself: NumPy, Numba, Falcon, orjson, PyJWT,
+scikit-learn's text vectorizer and the serving modules up to `serving.app` - among them
+`serving.kernels`, whose compiled kernels are built at import (from Numba's on-disk cache, or
+compiled when the cache is empty or stale). The workers inherit them copy-on-write: none
+compiles, none loads the cache, and the pages of the imported modules, of LLVM and of the
+machine code are shared instead of private to each worker (private memory per worker outside
+the snapshot mapping, 1M users x 100k items: 170 -> 55 MB when the cache was empty, 109 -> 49 MB
+when it was warm).
 
 It does not create the app, open a snapshot or start a thread: `serving.wsgi` (the app, its
 snapshots and the threads of the event intake) is still imported by each worker. Nor does it
@@ -34,7 +35,16 @@ import os
 import time
 
 #: Imported by the master before forking (in this order; `serving.app` imports the rest).
-THIRD_PARTY = ("numpy", "numba", "falcon", "orjson", "jwt")
+THIRD_PARTY = (
+    "numpy",
+    "numba",
+    "falcon",
+    "orjson",
+    "jwt",
+    # (text embedding at request time, POST /v1/recs/embeddings/generate: recsys.content
+    # imports it only where it is used, so that the pipelines' processes do not pay for it)
+    "sklearn.feature_extraction.text",
+)
 SERVING = ("serving.kernels", "serving.app")
 
 log = logging.getLogger("recsys.serving")
