@@ -19,6 +19,8 @@ writes need `admin`):
   Celery; a step's key says how many it scores: `shard_step_count`);
   ``schedule`` a cron -> a Dagster schedule (a file the code location reads, then reload and
   start through GraphQL). ``GET /v1/recs/batch/jobs/{id}``: shards done / total, errors.
+  ``GET /v1/recs/batch/schedules`` lists the tenant's schedules with their Dagster state;
+  ``DELETE /v1/recs/batch/schedules/{name}`` stops one, removes its file and reloads.
 * ``POST /v1/recs/exports``: recommendations, item features or embeddings of the live snapshot
   as Parquet / CSV / NDJSON to a URI through fsspec, in process (the snapshot is already
   computed: this is a copy with a join, bounded by the snapshot's size).
@@ -33,6 +35,7 @@ server. Other fsspec schemes (s3://, gs://, memory:// ...) pass through.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -50,6 +53,8 @@ from serving.control.dagster import DagsterClient, Run, client_for
 from serving.errors import ProblemError
 from serving.routing import NDJSON, Route
 from serving.schemas import Body, Id, Reply
+
+log = logging.getLogger("recsys.serving")
 
 TENANT_TAG = "recsys/tenant"
 TYPE_TAG = "recsys/job-type"
@@ -218,6 +223,16 @@ class PrecomputeReply(Reply):
     schedule: Schedule | None = None
 
 
+class ScheduleList(Reply):
+    schedules: list[Schedule]
+
+
+#: The name `schedule` gives a schedule (precompute_<tenant, word characters>_<8 hex digits>).
+ScheduleName = Annotated[
+    str, Meta(min_length=1, max_length=100, pattern=r"^precompute_[A-Za-z0-9_]+_[0-9a-f]{8}$")
+]
+
+
 class ExportRequest(Body):
     kind: Literal["recommendations", "item_features", "embeddings"]
     uri: Uri
@@ -247,6 +262,7 @@ class AsyncBatchRequest(Body):
 
 
 JOB_PARAMS = {"jobId": RunId}
+SCHEDULE_PARAMS = {"name": ScheduleName}
 _TAGS = ("jobs",)
 
 ROUTES: tuple[Route, ...] = (
@@ -357,6 +373,28 @@ ROUTES: tuple[Route, ...] = (
         SCOPE_RECOMMEND,
         params=JOB_PARAMS,
         response=BatchJob,
+        errors=(503,),
+        tags=_TAGS,
+    ),
+    Route(
+        "GET",
+        "/v1/recs/batch/schedules",
+        ("jobs", "on_get_schedules"),
+        "The tenant's precompute schedules (POST /v1/recs/batch/precompute with a cron) with "
+        "their state in Dagster",
+        SCOPE_RECOMMEND,
+        response=ScheduleList,
+        errors=(503,),
+        tags=_TAGS,
+    ),
+    Route(
+        "DELETE",
+        "/v1/recs/batch/schedules/{name}",
+        ("jobs", "on_delete_schedule"),
+        "Stop a precompute schedule in Dagster and remove it from the code location",
+        SCOPE_ADMIN,
+        params=SCHEDULE_PARAMS,
+        status=204,
         errors=(503,),
         tags=_TAGS,
     ),
@@ -882,6 +920,45 @@ class JobsResource:
         status = found["status"] if found["status"] == "RUNNING" else client.start_schedule(name)
         req.context.audit = {"target": f"schedules/{name}", "before": None, "after": cron}
         return Schedule(name, cron, job, status, f"{client.url}/locations/recsys/schedules/{name}")
+
+    def schedule_files(self, tenant: str) -> dict[str, dict[str, Any]]:
+        """{name: spec} of the tenant's schedule files (the code location's source of them)."""
+        folder = os.path.join(self.root, "serving", "schedules")
+        out = {}
+        for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+            if not entry.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(folder, entry)) as f:
+                    spec = json.load(f)
+                owner, name = spec["tags"][TENANT_TAG], spec["name"]
+            except (OSError, ValueError, KeyError, TypeError) as ex:  # (as the code location does)
+                log.error("schedule file %s skipped: %s", entry, ex)
+                continue
+            if owner == tenant and entry == f"{name}.json":
+                out[name] = spec
+        return out
+
+    def on_get_schedules(self, req: falcon.Request, resp: falcon.Response) -> None:
+        client = self.dagster()
+        out = []
+        for name, spec in self.schedule_files(req.context.principal.tenant).items():
+            found = client.schedule(name)  # (None: not loaded by the code location yet)
+            status = found["status"] if found is not None else "NOT_LOADED"
+            url = f"{client.url}/locations/recsys/schedules/{name}"
+            out.append(Schedule(name, spec["cron"], spec["job"], status, url))
+        resp.media = msgspec.to_builtins(ScheduleList(out))
+
+    def on_delete_schedule(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        spec = self.schedule_files(req.context.principal.tenant).get(name)
+        if spec is None:
+            raise ProblemError(404, f"No schedule '{name}'.", code="RECSYS_UNKNOWN_SCHEDULE")
+        client = self.dagster()  # (503 before anything changes when none is configured)
+        client.stop_schedule(name)  # (None: the code location no longer has it)
+        os.unlink(os.path.join(self.root, "serving", "schedules", f"{name}.json"))
+        client.reload()
+        req.context.audit = {"target": f"schedules/{name}", "before": spec["cron"], "after": None}
+        resp.status = falcon.HTTP_204
 
     def on_get_batch(self, req: falcon.Request, resp: falcon.Response, jobId: str) -> None:
         tenant = req.context.principal.tenant

@@ -327,9 +327,31 @@ def test_precompute_schedule_becomes_a_dagster_schedule(control_client, dagster_
     assert resp.status_code == 201, resp.text
     sched = resp.json["schedule"]
     assert sched["status"] == "RUNNING" and sched["cron"] == "0 4 * * *"
-    seen = DagsterClient(dagster_server.url).schedule(sched["name"])
+    dagster = DagsterClient(dagster_server.url)
+    seen = dagster.schedule(sched["name"])
     assert seen is not None and seen["cron"] == "0 4 * * *" and seen["job"] == "precompute_job"
     assert seen["status"] == "RUNNING"
+
+    # listed for its tenant only, and removed by it only
+    path = "/v1/recs/batch/schedules"
+    listed = control_client.simulate_get(path, headers=hdr()).json["schedules"]
+    assert [(s["name"], s["cron"], s["status"]) for s in listed] == [
+        (sched["name"], "0 4 * * *", "RUNNING")
+    ]
+    assert control_client.simulate_get(path, headers=hdr("globex")).json == {"schedules": []}
+    gone = control_client.simulate_delete(f"{path}/{sched['name']}", headers=hdr("globex"))
+    assert gone.status_code == 404 and gone.json["code"] == "RECSYS_UNKNOWN_SCHEDULE"
+    assert dagster.schedule(sched["name"])["status"] == "RUNNING"
+    resp = control_client.simulate_delete(f"{path}/{sched['name']}", headers=hdr())
+    assert resp.status_code == 204, resp.text
+    assert dagster.schedule(sched["name"]) is None  # (out of the reloaded code location)
+    assert control_client.simulate_get(path, headers=hdr()).json == {"schedules": []}
+    again = control_client.simulate_delete(f"{path}/{sched['name']}", headers=hdr())
+    assert again.status_code == 404
+    bad = control_client.simulate_delete(f"{path}/..%2Fx", headers=hdr())
+    assert bad.status_code in (400, 404) and bad.headers["content-type"].startswith(
+        "application/problem+json"
+    )
 
 
 def test_cancel_and_stop_terminate_the_run(control_client, dagster_server):
