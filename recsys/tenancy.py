@@ -20,7 +20,6 @@ import re
 #: answers under Python's `re.search` and ECMA-262 (the final lookahead refuses the newline
 #: Python's `$` lets through).
 TENANT_ID_PATTERN = r"^(?!\.\.?$)(?!.*\.\.)[A-Za-z0-9._-]{1,64}$(?!\n)"
-TENANT_ID_MAX_LENGTH = 64
 #: What a valid id looks like, in words (every refusal says it).
 TENANT_ID_RULE = "1 to 64 ASCII letters, digits, '_', '-' or '.', without '..' and not '.' alone"
 

@@ -649,6 +649,3 @@ def validate_users(raw: pl.DataFrame, *, source: str) -> tuple[pl.DataFrame, pl.
         .unique(subset="user_id", keep="last", maintain_order=True)
     )
     return good.select([pl.col(c).cast(t) for c, t in USER_SCHEMA.items()]), rejects
-
-
-VALIDATORS = {"items": validate_items, "users": validate_users}

@@ -46,8 +46,6 @@ from importlib import metadata
 
 from recsys.tenancy import TENANT_ID_RULE, describe, is_valid_tenant
 
-ALL_SCOPES = ("recommend", "admin")
-
 
 @dataclass(frozen=True)
 class ApiKey:

@@ -103,7 +103,6 @@ class TenantEventLog:
             f"event-log-{tenant}", self._commit, max_batch_rows=max_batch_rows, linger_s=linger_s
         )
         self.batches = 0
-        self.batched_rows = 0
         self.log.refresh()
 
     # -- view
@@ -193,7 +192,6 @@ class TenantEventLog:
         # duplicates are answered after the fsync too: the first copy may still be unsynced
         closed, fd = self.log.append_unsynced(prepare)
         self.batches += 1
-        self.batched_rows += len(flat)
         if closed:
             self.flush_async()
         return fd

@@ -9,8 +9,6 @@ from typing import Any
 from recsys.tenancy import check_tenant
 from serving.segment_log import SegmentLog
 
-FEEDBACK_LABELS = ("relevant", "not_relevant")
-
 
 class FeedbackLog:
     """The labels of one tenant, held in memory for reading back (labels are few compared with

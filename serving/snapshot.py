@@ -60,7 +60,6 @@ class LiveSnapshot:
     def __init__(self, snap: Snapshot) -> None:
         self.snap = snap
         self.snapshot_id = snap.snapshot_id
-        self.loaded_at = time.time()
         self.created_ts = snap.created_at.timestamp()
         self.available = np.asarray(snap.available)
         self.category_id = np.asarray(snap.category_id)
