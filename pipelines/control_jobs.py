@@ -152,22 +152,20 @@ def read_events_uri(uri: str):
     return frame
 
 
-def _as_events(frame, event_types: list[str]):
-    import polars as pl
+def validated_holdout(frame, tenant: str, source: str, event_types):
+    """(valid events, rejects by reason) of a holdout file, through the events contract's
+    validation (`recsys.validation.validate_events`: ids, types, timestamps, values), with the
+    version's own event types beside the built-in ones."""
+    from recsys.validation import validate_events
 
     missing = {"user_id", "item_id", "event_type"} - set(frame.columns)
     if missing:
         raise dg.Failure(f"holdout lacks columns {sorted(missing)} (needs the events contract)")
-    out = frame.with_columns(
-        pl.col("user_id").cast(pl.String),
-        pl.col("item_id").cast(pl.String),
-        pl.col("event_type").cast(pl.String).str.to_lowercase(),
+    good, rejects = validate_events(
+        frame, tenant=tenant, source=source, extra_event_types=event_types
     )
-    if "value" not in out.columns:
-        out = out.with_columns(pl.lit(None, dtype=pl.Float64).alias("value"))
-    if "timestamp" in out.columns and out["timestamp"].dtype == pl.String:
-        out = out.with_columns(pl.col("timestamp").str.to_datetime(time_zone="UTC"))
-    return out
+    by_reason = dict(rejects.group_by("reason").len().sort("reason").iter_rows())
+    return good, by_reason
 
 
 @dg.op(out=dg.Out(dict))
@@ -197,12 +195,24 @@ def evaluate_version(
         else client.get_model_version_by_alias(name, config.version)
     )
     model = tracking.load_registered_model(config.tenant, uri, mv.version)
-    holdout = _as_events(read_events_uri(config.holdout_uri), [])
+    holdout, rejected = validated_holdout(
+        read_events_uri(config.holdout_uri),
+        config.tenant,
+        config.holdout_uri,
+        (model.config.weights or {}).keys(),
+    )
+    if rejected:
+        context.log.warning(f"holdout rows rejected by the events contract: {rejected}")
     train, _, _ = read_inputs(store, config.tenant)
-    if "timestamp" in holdout.columns and holdout.height:
-        start = holdout["timestamp"].min()
-        train = train.filter(pl.col("timestamp") < start)
+    if holdout.height:
+        train = train.filter(pl.col("timestamp") < holdout["timestamp"].min())
     table, hold, _ = evaluate_fitted(model, train, holdout, config.bootstrap_resamples, config.seed)
+    if hold.n_users == 0:
+        raise dg.Failure(
+            f"nothing to score: the holdout's {holdout.height} valid events hold no positive "
+            f"pair of a user and an item version {mv.version} knows, new to the user "
+            f"(rejected rows: {rejected or 'none'})"
+        )
     context.log.info(f"{config.tenant} v{mv.version}: {hold.n_users} holdout users scored")
     wanted = set(config.metrics)
     metrics: dict[str, float] = {}
@@ -226,6 +236,7 @@ def evaluate_version(
     client.log_param(rid, "holdout_uri", config.holdout_uri)
     client.log_param(rid, "model_version", str(mv.version))
     client.log_param(rid, "holdout_users", hold.n_users)
+    client.log_param(rid, "holdout_rejected", json.dumps(rejected))
     for key, value in metrics.items():
         client.log_metric(rid, key, value)
     with tempfile.TemporaryDirectory() as tmp:

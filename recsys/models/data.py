@@ -295,7 +295,11 @@ def _range_pairs(
     Polars' streaming engine (memory: the range's pairs); otherwise the range's events (ids,
     times, weights) are held and folded by `_fold_in_order`."""
     weights = DEFAULT_EVENT_WEIGHTS if weights is None else weights
-    scan = scan.select("user_id", "item_id", "event_type", "timestamp")
+    # (a row without an id is no pair; a null user would also sort first and empty the
+    # ranges' bounds: validated events have none, a holdout read as it is may)
+    scan = scan.select("user_id", "item_id", "event_type", "timestamp").filter(
+        pl.col("user_id").is_not_null() & pl.col("item_id").is_not_null()
+    )
     if half_life_days is not None and half_life_days > 0 and now is None:
         now = scan.select(pl.col("timestamp").max()).collect(engine="streaming").item()
     weighted = scan.select(

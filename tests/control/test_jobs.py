@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -245,11 +246,28 @@ def test_evaluate_a_registered_version_on_a_holdout(
     assert done["status"] == "succeeded", done
     assert done["mlflow_run"]["model_version"] == version
     res = control_client.simulate_get(f"/v1/recs/jobs/{done['job_id']}/results", headers=hdr())
+    assert res.status_code == 200 and "metrics" in res.json, res.text
     metrics = res.json["metrics"]
     assert "served.NDCG_at_10" in metrics and "popularity.Recall_at_10" in metrics
     assert not any("MAP" in k for k in metrics)  # only the metrics asked for
     assert 0.0 < metrics["served.NDCG_at_10"] <= 1.0  # later events the version never saw
     assert int(res.json["params"]["holdout_users"]) > 20
+    # the demo's malformed rows are rejected by the events contract, and counted
+    rejected = json.loads(res.json["params"]["holdout_rejected"])
+    assert {"missing_id", "bad_timestamp"} <= set(rejected), rejected
+
+    # a holdout of users the version never saw has nothing to score: the run fails, saying so
+    strangers = landed.head(30).with_columns(pl.lit("nobody").alias("user_id"))
+    strangers.select("user_id", "item_id", "event_type", "timestamp", "value").write_parquet(path)
+    resp = control_client.simulate_post(
+        "/v1/recs/jobs/evaluate",
+        json={"model_version": version, "holdout_uri": path, "bootstrap_resamples": 20},
+        headers=hdr(),
+    )
+    failed = wait_job(control_client, resp.json["job_id"])
+    assert failed["status"] == "failed", failed
+    logs = DagsterClient(dagster_server.url).events(failed["job_id"])[0]
+    assert any("nothing to score" in (e["error"] or e["message"] or "") for e in logs)
     assert {"evaluation/evaluation.csv", "evaluation/evaluation.png"} <= set(res.json["artifacts"])
     assert res.json["params"]["holdout_uri"].endswith("later.parquet")
 

@@ -70,6 +70,24 @@ def test_holdout_protocol_drops_cold_and_repeat_pairs():
     assert np.array_equal(data.item_index(["y", "nope"]), [1, -1])
 
 
+def test_holdout_rows_without_ids_are_no_pairs_and_hide_none():
+    """A null user id sorted first and emptied every range of users: one such row in a holdout
+    file made the whole holdout score nobody."""
+    train = make_events([("a", "x", "view", 0), ("b", "y", "view", 1), ("a", "z", "view", 2)])
+    test = make_events([("a", "y", "view", 5), ("b", "x", "view", 6), ("b", "z", "view", 7)])
+    holed = pl.concat(
+        [
+            test,
+            test.head(1).with_columns(pl.lit(None, pl.String).alias("user_id")),
+            test.head(1).with_columns(pl.lit(None, pl.String).alias("item_id")),
+        ]
+    )
+    want = [("a", "y"), ("b", "x"), ("b", "z")]
+    assert holdout_pairs(train, test).rows() == want
+    assert holdout_pairs(train, holed).rows() == want
+    assert holdout_pairs(train, holed.lazy()).rows() == want
+
+
 @pytest.mark.parametrize("rows_at_a_time", [1_000_000, 3, 1])
 def test_in_time_order_is_whether_the_sort_keeps_every_row(monkeypatch, rows_at_a_time):
     """Frames with tied times, repeated and null ids, sorted or not: `in_time_order` says
