@@ -133,39 +133,28 @@ class EvaluateVersionConfig(dg.Config):
     seed: int = 0
 
 
-def read_events_uri(uri: str):
-    """A contract events file at any fsspec URI (by extension: Parquet, CSV, NDJSON)."""
-    import fsspec
+def read_holdout(uri: str, tenant: str, event_types):
+    """(valid events, rejected rows by reason) of a holdout events file at any fsspec URI
+    (CSV, TSV, NDJSON or Parquet, by extension): read by the landing zone's tolerant reader
+    (`recsys.readers.read_raw`) and checked by the events contract
+    (`recsys.validation.validate_events`), with the version's own event types beside the
+    built-in ones."""
     import polars as pl
 
-    with fsspec.open(uri, "rb") as f:
-        data = f.read()
-    low = uri.lower()
-    if low.endswith((".parquet", ".pq")):
-        import io
-
-        frame = pl.read_parquet(io.BytesIO(data))
-    elif low.endswith((".ndjson", ".jsonl", ".json")):
-        frame = pl.read_ndjson(data)
-    else:
-        frame = pl.read_csv(data, try_parse_dates=True)
-    return frame
-
-
-def validated_holdout(frame, tenant: str, source: str, event_types):
-    """(valid events, rejects by reason) of a holdout file, through the events contract's
-    validation (`recsys.validation.validate_events`: ids, types, timestamps, values), with the
-    version's own event types beside the built-in ones."""
+    from recsys.errors import RecsysError
+    from recsys.readers import read_raw
     from recsys.validation import validate_events
 
-    missing = {"user_id", "item_id", "event_type"} - set(frame.columns)
+    try:
+        raw, unreadable = read_raw(uri)
+    except RecsysError as ex:
+        raise dg.Failure(f"holdout {uri}: {ex}") from ex
+    missing = {"user_id", "item_id", "event_type"} - set(raw.columns)
     if missing:
         raise dg.Failure(f"holdout lacks columns {sorted(missing)} (needs the events contract)")
-    good, rejects = validate_events(
-        frame, tenant=tenant, source=source, extra_event_types=event_types
-    )
-    by_reason = dict(rejects.group_by("reason").len().sort("reason").iter_rows())
-    return good, by_reason
+    good, rejects = validate_events(raw, tenant=tenant, source=uri, extra_event_types=event_types)
+    rejects = pl.concat([unreadable, rejects])
+    return good, dict(rejects.group_by("reason").len().sort("reason").iter_rows())
 
 
 @dg.op(out=dg.Out(dict))
@@ -195,11 +184,8 @@ def evaluate_version(
         else client.get_model_version_by_alias(name, config.version)
     )
     model = tracking.load_registered_model(config.tenant, uri, mv.version)
-    holdout, rejected = validated_holdout(
-        read_events_uri(config.holdout_uri),
-        config.tenant,
-        config.holdout_uri,
-        (model.config.weights or {}).keys(),
+    holdout, rejected = read_holdout(
+        config.holdout_uri, config.tenant, (model.config.weights or {}).keys()
     )
     if rejected:
         context.log.warning(f"holdout rows rejected by the events contract: {rejected}")
