@@ -313,6 +313,7 @@ class _Share:
         self._lock = threading.Lock()
         self.dir = ""
         self._written: tuple = ()  # the counts of the last state written (`_counts`)
+        self._failing = False  # (a failure is logged when it starts and when it ends)
 
     def start(self) -> None:
         with self._lock:
@@ -360,8 +361,13 @@ class _Share:
             if _counts(state) != self._written:
                 self.write(state)
         except OSError:
-            log.exception("writing the shared metrics failed; retried")
+            if not self._failing:  # (once, not on every tick of a folder that is gone)
+                log.exception("writing the shared metrics failed; retried every tick")
+            self._failing = True
             return
+        if self._failing:
+            log.warning("writing the shared metrics works again")
+            self._failing = False
         for callback in list(self.callbacks):
             try:
                 callback(state)

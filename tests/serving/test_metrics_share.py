@@ -42,6 +42,23 @@ def test_an_idle_worker_does_not_rewrite_its_counters(tmp_path):
     assert "recsys_http_requests_total" in metrics.render()
 
 
+def test_a_failing_write_is_logged_when_it_starts_and_when_it_ends(tmp_path, caplog):
+    metrics = Metrics()
+    metrics.share(str(tmp_path), interval_s=3600)  # (ticks driven here)
+    share = metrics.shared
+    folder = share.dir
+    os.rename(folder, folder + ".away")  # (a test's temporary folder removed under a worker)
+    for _ in range(5):
+        metrics.observe_request(KEY, 0.001)
+        share.tick()
+    failed = [r for r in caplog.records if "shared metrics failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+    os.rename(folder + ".away", folder)
+    share.tick()
+    assert [r.getMessage() for r in caplog.records][-1] == "writing the shared metrics works again"
+    assert _requests(os.path.join(folder, f"{os.getpid()}.json")) == 5
+
+
 def test_the_minute_rows_are_not_rewritten_while_nothing_changed(tmp_path):
     path = str(tmp_path / "ts.sqlite")
     now = [1_800_000_000.0]  # a minute boundary
