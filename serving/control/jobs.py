@@ -921,8 +921,8 @@ class JobsResource:
         req.context.audit = {"target": f"schedules/{name}", "before": None, "after": cron}
         return Schedule(name, cron, job, status, f"{client.url}/locations/recsys/schedules/{name}")
 
-    def schedule_files(self, tenant: str) -> dict[str, dict[str, Any]]:
-        """{name: spec} of the tenant's schedule files (the code location's source of them)."""
+    def schedule_files(self, tenant: str) -> dict[str, dict[str, str]]:
+        """{name: {cron, job}} of the tenant's schedule files (the code location reads them)."""
         folder = os.path.join(self.root, "serving", "schedules")
         out = {}
         for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
@@ -931,12 +931,13 @@ class JobsResource:
             try:
                 with open(os.path.join(folder, entry)) as f:
                     spec = json.load(f)
-                owner, name = spec["tags"][TENANT_TAG], spec["name"]
+                owner = spec["tags"][TENANT_TAG]
+                name, cron, job = str(spec["name"]), str(spec["cron"]), str(spec["job"])
             except (OSError, ValueError, KeyError, TypeError) as ex:  # (as the code location does)
                 log.error("schedule file %s skipped: %s", entry, ex)
                 continue
             if owner == tenant and entry == f"{name}.json":
-                out[name] = spec
+                out[name] = {"cron": cron, "job": job}
         return out
 
     def on_get_schedules(self, req: falcon.Request, resp: falcon.Response) -> None:
