@@ -38,6 +38,7 @@ import dagster as dg
 from pipelines.resources import MlflowResource, StorageResource
 from pipelines.training.assets import model_path, read_inputs, read_json
 from pipelines.training.config import TrainingConfig
+from recsys.storage import Storage
 
 RUN_TAG = "dagster.run_id"
 
@@ -440,14 +441,10 @@ def simulate_job():
 # -- schedules written by the API -----------------------------------------------------------
 
 
-def schedules_dir(root: str) -> str:
-    return os.path.join(root, "serving", "schedules")
-
-
 def precompute_schedules(root: str | None = None) -> list[dg.ScheduleDefinition]:
     """One schedule per `<data root>/serving/schedules/<name>.json` ({name, cron, job,
     run_config, tags}); a file that does not parse is skipped (and logged by the loader)."""
-    folder = schedules_dir(root or os.environ.get("RECSYS_DATA_ROOT", "data"))
+    folder = Storage(root or os.environ.get("RECSYS_DATA_ROOT", "data")).schedules_dir()
     out: list[dg.ScheduleDefinition] = []
     if not os.path.isdir(folder):
         return out

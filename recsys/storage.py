@@ -90,6 +90,11 @@ class Storage:
     def serving_dir(self) -> str:
         return self.path("serving")
 
+    def schedules_dir(self) -> str:
+        """The precompute schedules the API writes and the code location reads (a JSON file
+        each)."""
+        return self.path("serving", "schedules")
+
     def tombstones_dir(self, tenant: str) -> str:
         """Ids of events deleted through the API (Parquet: event_id, deleted_at), written by the
         server's event log and applied to the warehouse by ingest."""

@@ -666,10 +666,10 @@ class Engine:
             code = None  # (in the answer; read only when needed)
         else:
             plan = filters.plan(n_take, caps)
+            pinned = np.fromiter(pinned_item_set, dtype=np.int32)
             if pins and caps is not None:
                 # Pins count toward the caps (they are placed whatever the caps say): with
                 # brand:nike capped at 2 and a nike item pinned, one ranked nike item may join it.
-                pinned = np.fromiter(pinned_item_set, dtype=np.int32)
                 at = kernels.counts_at(plan[: kernels.PLAN_HEAD].tolist())
                 plan[at : at + caps.n_groups] += caps.members(live, pinned).sum(axis=0)
             if scores is None:
@@ -689,9 +689,7 @@ class Engine:
             if pins:
                 if order is None:
                     order = (code == KEPT).nonzero()[0]
-                not_pinned = ~live.item_member(
-                    pool.items.take(order), np.fromiter(pinned_item_set, dtype=np.int32)
-                )
+                not_pinned = ~live.item_member(pool.items.take(order), pinned)
                 order = order[not_pinned]
             kernels.select(
                 code,

@@ -48,6 +48,7 @@ from msgspec import Meta
 
 from recsys.durable import write_atomic
 from recsys.snapshot.build import shard_step_count
+from recsys.storage import Storage
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.control.dagster import DagsterClient, Run, client_for
 from serving.errors import ProblemError
@@ -496,6 +497,7 @@ class JobsResource:
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
         self.root = ctx.config.data_root
+        self.schedules_dir = Storage(self.root).schedules_dir()
 
     # --- plumbing -----------------------------------------------------------------------------
     def dagster(self) -> DagsterClient:
@@ -897,7 +899,7 @@ class JobsResource:
                 code="RECSYS_BAD_SCHEDULE",
             )
         name = f"precompute_{re.sub(r'[^A-Za-z0-9_]', '_', tenant)}_{uuid.uuid4().hex[:8]}"
-        folder = os.path.join(self.root, "serving", "schedules")
+        folder = self.schedules_dir
         os.makedirs(folder, exist_ok=True)
         spec = {"name": name, "cron": cron, "job": job, "run_config": run_config, "tags": tags}
         path = os.path.join(folder, f"{name}.json")
@@ -923,7 +925,7 @@ class JobsResource:
 
     def schedule_files(self, tenant: str) -> dict[str, dict[str, str]]:
         """{name: {cron, job}} of the tenant's schedule files (the code location reads them)."""
-        folder = os.path.join(self.root, "serving", "schedules")
+        folder = self.schedules_dir
         out = {}
         for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
             if not entry.endswith(".json"):
@@ -956,7 +958,7 @@ class JobsResource:
             raise ProblemError(404, f"No schedule '{name}'.", code="RECSYS_UNKNOWN_SCHEDULE")
         client = self.dagster()  # (503 before anything changes when none is configured)
         client.stop_schedule(name)  # (None: the code location no longer has it)
-        os.unlink(os.path.join(self.root, "serving", "schedules", f"{name}.json"))
+        os.unlink(os.path.join(self.schedules_dir, f"{name}.json"))
         client.reload()
         req.context.audit = {"target": f"schedules/{name}", "before": spec["cron"], "after": None}
         resp.status = falcon.HTTP_204
