@@ -666,7 +666,7 @@ class Engine:
             code = None  # (in the answer; read only when needed)
         else:
             plan = filters.plan(n_take, caps)
-            pinned = np.fromiter(pinned_item_set, dtype=np.int32)
+            pinned = np.fromiter(pinned_item_set, dtype=np.int32) if pins else None
             if pins and caps is not None:
                 # Pins count toward the caps (they are placed whatever the caps say): with
                 # brand:nike capped at 2 and a nike item pinned, one ranked nike item may join it.
