@@ -22,6 +22,7 @@ from serving.errors import ProblemError
 from serving.metrics import Metrics
 from serving.rules import (
     DEFAULT_ANCHOR_HALF_LIFE,
+    Caps,
     Engine,
     Ranked,
     assign_variant,
@@ -415,16 +416,28 @@ class RecommendService:
         if len(ranked.reasons) == len(ranked.items):
             columns.append(ranked.reasons)
             extra.append([EXPLORATION_TEXT])
-        if item in ranked.items:
-            at = ranked.items.index(item)
-            for column in columns:
-                column.pop(at)
-        pos = min(slot - 1, len(ranked.items))
-        scores = ranked.scores
-        extra[1] = scores[pos] if pos < len(scores) else (scores[-1] if scores else 0.0)
+        moved = ranked.items.index(item) if item in ranked.items else None
+        others = [row for row in range(len(ranked.items)) if row != moved]
+        pos = min(slot - 1, len(others))
+        scores = ranked.scores  # (the slot's score: that of the item it displaces)
+        extra[1] = scores[others[min(pos, len(others) - 1)]] if others else 0.0
         for column, value in zip(columns, extra, strict=True):
-            column.insert(pos, value)
-            del column[req.k :]
+            column.append(value)  # (the placed item: the last row, `new`)
+        order, made_way = _slot_layout(live, req, ranked, others, pos)
+        if made_way and "capped" in ranked.counts:
+            ranked.counts["capped"] += len(made_way)
+        if ranked.trace is not None:
+            for row, cap in made_way:
+                ranked.trace.append(
+                    {
+                        "item_id": live.item_ids([ranked.items[row]])[0],
+                        "source": rule,
+                        "outcome": "capped",
+                        "rule": f"max_per_tag:{cap}",
+                    }
+                )
+        for column in columns:
+            column[:] = [column[row] for row in order[: req.k]]
         item_id = live.item_ids([item])[0]
         if ranked.trace is not None:
             ranked.trace.append(
@@ -597,6 +610,46 @@ def _backfill_sources(live: LiveSnapshot, req, segment: str, category_of, pool) 
     of = category_of.items if category_of is pool else category_of
     hint = int(live.category_id[of[0]]) if of.shape[0] else None
     return backfill_sources(live, req, segment, hint)
+
+
+def _slot_layout(
+    live: LiveSnapshot, req: RecommendRequest, ranked: Ranked, others: list[int], slot: int
+):
+    """(rows in their new order, [(row, cap name)] removed) of a ranked answer whose last row
+    is an item to place at position `slot` among the rows `others` (the rest of the answer).
+    The placed item and the pins hold their positions (a pin at the slot's moves one down);
+    the ranked items fill the rest in order. Both count toward the request's `max_per_tag`
+    whatever the caps say, as pins do in `Engine.run`: the last ranked items of a group past
+    its cap make way."""
+    new = len(ranked.items) - 1
+    target = {new: slot}
+    for pos, row in enumerate(others):
+        if any(r.startswith("pin:") for r in ranked.rules[row]):
+            while pos in target.values():
+                pos += 1
+            target[row] = pos
+    made_way = []
+    caps = Caps.build(live, req.max_per_tag, [])  # (its warnings went out with the engine's)
+    if caps is not None:
+        rows = [*others, new]
+        members = caps.members(live, np.asarray([ranked.items[r] for r in rows], dtype=np.int32))
+        over = members.sum(axis=0) - np.asarray(caps.caps)
+        for i in reversed(range(len(others))):
+            hit = members[i] & (over > 0)
+            if others[i] not in target and hit.any():
+                made_way.append((others[i], caps.names[int(hit.argmax())]))
+                over -= members[i]
+    gone = {row for row, _ in made_way}
+    free = [r for r in others if r not in target and r not in gone]
+    at = {pos: row for row, pos in target.items()}
+    n, order = len(others) + 1 - len(gone), []
+    for pos in range(n):
+        if pos in at:
+            order.append(at[pos])
+        elif free:
+            order.append(free.pop(0))
+    # (held rows past the shorter list's end follow the others)
+    return order + [at[pos] for pos in sorted(at) if pos >= n], made_way
 
 
 def _item_indices(live: LiveSnapshot, ids: list[str]) -> np.ndarray:

@@ -436,3 +436,49 @@ def test_a_slot_item_is_checked_like_a_pin_and_a_generator_fills_with_a_new_cand
     fresh = client.simulate_post("/v1/recommend", json=body, headers=ADMIN).json
     assert fresh["meta"]["bandit"] == {"id": "slot1", "arm": "fresh", "slot": 1, "item_id": "a9"}
     assert [it["item_id"] for it in fresh["items"]] == ["a9", "a0", "a1"]
+
+
+def test_a_slot_item_counts_toward_the_caps_and_a_ranked_item_makes_way(client):
+    # brand nike: a0, a3, a5. u1's list with at most 2 nike items: a0 a1 a3 a4. The arm's a5
+    # (nike) at slot 2 takes nike to 3: the last ranked nike item (a3) makes way, a6 does not
+    # come back (the list was cut at k); a pinned nike item stays where it is pinned.
+    _post(
+        client,
+        BANDIT,
+        {
+            "bandit_id": "slot2",
+            "policy": "ucb1",
+            "arms": ["nike", "other"],
+            "slot": 2,
+            "surface": "home",
+            "fill": {"nike": {"item_id": "a5"}, "other": {"item_id": "a9"}},
+        },
+    )
+    body = {
+        "user": {"user_id": "u1"},
+        "k": 4,
+        "surface": "home",
+        "constraints": {"max_per_tag": {"brand:nike": 2}},
+        "options": {"include_trace": True},
+    }
+    capped = client.simulate_post("/v1/recommend", json=body, headers=ADMIN).json
+    assert capped["meta"]["bandit"]["item_id"] == "a5"
+    assert [it["item_id"] for it in capped["items"]] == ["a0", "a5", "a1", "a4"]
+    assert capped["meta"]["counts"]["capped"] == 1
+    made_way = [t for t in capped["trace"] if t["outcome"] == "capped"]
+    assert {"item_id": "a3", "source": "bandit:slot2", "rule": "max_per_tag:brand:nike"} in [
+        {k: t[k] for k in ("item_id", "source", "rule")} for t in made_way
+    ]
+    # without the cap the list is u1's own with a5 at slot 2
+    plain = {k: v for k, v in body.items() if k != "constraints"}
+    free = client.simulate_post("/v1/recommend", json=plain, headers=ADMIN).json
+    assert [it["item_id"] for it in free["items"]] == ["a0", "a5", "a1", "a3"]
+    # a pinned nike item stays: a0 (ranked) makes way instead
+    rules = {"rules": [{"id": "pin-a3", "type": "pin", "item_id": "a3", "position": 4}]}
+    put = client.simulate_put("/v1/admin/tenants/acme/rules", json=rules, headers=ADMIN)
+    assert put.status_code == 200, put.json
+    pinned = client.simulate_post("/v1/recommend", json=body, headers=ADMIN).json
+    assert [it["item_id"] for it in pinned["items"]] == ["a1", "a5", "a4", "a3"]
+    # and holds its position 4 without caps too (the slot's item no longer pushes it past k)
+    held = client.simulate_post("/v1/recommend", json=plain, headers=ADMIN).json
+    assert [it["item_id"] for it in held["items"]] == ["a0", "a5", "a1", "a3"]
