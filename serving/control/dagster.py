@@ -144,6 +144,22 @@ query Schedule($selector: ScheduleSelector!) {
 }
 """
 
+_SCHEDULES = """
+query Schedules($selector: RepositorySelector!) {
+  repositoryOrError(repositorySelector: $selector) {
+    __typename
+    ... on Repository {
+      schedules {
+        name cronSchedule pipelineName executionTimezone
+        scheduleState { id selectorId status }
+      }
+    }
+    ... on RepositoryNotFoundError { message }
+    ... on PythonError { message }
+  }
+}
+"""
+
 _START_SCHEDULE = """
 mutation Start($selector: ScheduleSelector!) {
   startSchedule(scheduleSelector: $selector) {
@@ -472,17 +488,18 @@ class DagsterClient:
         """The schedule (name, cron, job, timezone, state status) or None if not defined."""
         result = self.query(_SCHEDULE, {"selector": self._selector(name)})["scheduleOrError"]
         if result["__typename"] == "Schedule":
-            return {
-                "name": result["name"],
-                "cron": result["cronSchedule"],
-                "job": result["pipelineName"],
-                "timezone": result.get("executionTimezone"),
-                "status": result["scheduleState"]["status"],
-                "state_id": result["scheduleState"]["id"],
-            }
+            return _schedule(result)
         if result["__typename"] == "ScheduleNotFoundError":
             return None
         raise self._failed(result, f"read schedule '{name}'")
+
+    def schedules(self) -> dict[str, dict[str, Any]]:
+        """{name: schedule} of every schedule the code location defines, in one query."""
+        selector = {"repositoryName": self.repository, "repositoryLocationName": self.location}
+        result = self.query(_SCHEDULES, {"selector": selector})["repositoryOrError"]
+        if result["__typename"] != "Repository":
+            raise self._failed(result, f"list the schedules of '{self.location}'")
+        return {found["name"]: _schedule(found) for found in result["schedules"]}
 
     def start_schedule(self, name: str) -> str:
         result = self.query(_START_SCHEDULE, {"selector": self._selector(name)})["startSchedule"]
@@ -498,6 +515,17 @@ class DagsterClient:
         if result["__typename"] != "ScheduleStateResult":
             raise self._failed(result, f"stop schedule '{name}'")
         return result["scheduleState"]["status"]
+
+
+def _schedule(found: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": found["name"],
+        "cron": found["cronSchedule"],
+        "job": found["pipelineName"],
+        "timezone": found.get("executionTimezone"),
+        "status": found["scheduleState"]["status"],
+        "state_id": found["scheduleState"]["id"],
+    }
 
 
 def client_for(url: str | None) -> DagsterClient:

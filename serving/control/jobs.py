@@ -945,8 +945,10 @@ class JobsResource:
     def on_get_schedules(self, req: falcon.Request, resp: falcon.Response) -> None:
         client = self.dagster()
         out = []
-        for name, spec in self.schedule_files(req.context.principal.tenant).items():
-            found = client.schedule(name)  # (None: not loaded by the code location yet)
+        files = self.schedule_files(req.context.principal.tenant)
+        loaded = client.schedules() if files else {}
+        for name, spec in files.items():
+            found = loaded.get(name)  # (None: not loaded by the code location yet)
             status = found["status"] if found is not None else "NOT_LOADED"
             url = f"{client.url}/locations/recsys/schedules/{name}"
             out.append(Schedule(name, spec["cron"], spec["job"], status, url))

@@ -349,6 +349,7 @@ def test_precompute_schedule_becomes_a_dagster_schedule(control_client, dagster_
     seen = dagster.schedule(sched["name"])
     assert seen is not None and seen["cron"] == "0 4 * * *" and seen["job"] == "precompute_job"
     assert seen["status"] == "RUNNING"
+    assert dagster.schedules()[sched["name"]] == seen  # (the listing's one query)
 
     # listed for its tenant only, and removed by it only
     path = "/v1/recs/batch/schedules"
