@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import polars as pl
 import pytest
 
+from recsys.contract import REJECT_REASONS
 from recsys.validation import check_event_rows, validate_events
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -95,6 +96,7 @@ def _compare(rows: list[dict[str, str | None]], extra=("promo",)) -> int:
         rn - 1: (reason, detail)
         for rn, reason, detail in rejects.select("row_number", "reason", "detail").iter_rows()
     }
+    assert {reason for reason, _ in rejected.values()} <= set(REJECT_REASONS)
     good_rows = iter(good.with_columns(pl.col("timestamp").dt.epoch("us")).iter_rows(named=True))
     expected = [rejected[i] if i in rejected else next(good_rows) for i in range(len(rows))]
     checked = check_event_rows(rows, tenant="acme", extra_event_types=extra, now=NOW)

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recsys.contract import REJECTED_SCHEMA
+from recsys.contract import REJECT_REASONS, REJECTED_SCHEMA
 from recsys.errors import RecsysError
 from recsys.ingest import import_file
 from recsys.readers import TextLayout, read_bytes, read_messages, read_raw
@@ -56,6 +56,7 @@ def check_result(result: tuple[pl.DataFrame, pl.DataFrame]) -> None:
     assert "_row" in rows.columns and rows.schema["_row"] == pl.Int64
     assert dict(rejects.schema) == dict(REJECTED_SCHEMA)
     assert rejects["reason"].null_count() == 0 and rejects["detail"].null_count() == 0
+    assert set(rejects["reason"]) <= set(REJECT_REASONS)  # (the contract's list of reasons)
     numbers = rows["_row"].to_list() + rejects["row_number"].to_list()
     assert None not in numbers and len(set(numbers)) == len(numbers)  # each line once
 
@@ -238,3 +239,4 @@ def test_fuzz_the_import_path(body, kind):
         except RecsysError:
             return
         assert result.rows >= 1
+        assert set(result.would_reject) <= set(REJECT_REASONS)
