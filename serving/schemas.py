@@ -79,7 +79,8 @@ class Constraints(Body):
         Meta(
             max_length=MAX_TAGS,
             description="cap per tag in the answer; keys may also be brand:<b> or "
-            "category:<c>; pinned items count toward it and are never removed by it",
+            "category:<c>; pinned items and an exploration slot's item count toward it and "
+            "are never removed by it",
         ),
     ] = {}
 

@@ -2425,7 +2425,7 @@ export interface components {
             /** @default [] */
             forbidden_tags?: string[];
             /**
-             * @description cap per tag in the answer; keys may also be brand:<b> or category:<c>; pinned items count toward it and are never removed by it
+             * @description cap per tag in the answer; keys may also be brand:<b> or category:<c>; pinned items and an exploration slot's item count toward it and are never removed by it
              * @default {}
              */
             max_per_tag?: {
