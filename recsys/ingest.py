@@ -454,6 +454,21 @@ def events_time_range(storage: Storage, tenant: str) -> tuple[str | None, str | 
 
 
 # --- items and users ----------------------------------------------------------------------------
+def _fold_rows(table: pl.DataFrame, rows: pl.DataFrame, carried: list[str]) -> pl.DataFrame:
+    """`table` (one row an id, the id first) with the validated `rows` of a later file whose
+    source had the columns `carried`: known ids change in those columns only (an explicit
+    null clears a value), new ids are added whole, the last row of an id wins."""
+    key = table.columns[0]
+    if len(carried) == len(table.columns):  # (every column: whole rows, as they were)
+        return pl.concat([table, rows]).unique(subset=key, keep="last", maintain_order=True)
+    known = rows[key].is_in(table[key].implode())
+    changes = rows.filter(known).select(carried).unique(subset=key, keep="last")
+    table = table.update(changes, on=key, how="left", include_nulls=True)
+    return pl.concat([table, rows.filter(~known)]).unique(
+        subset=key, keep="last", maintain_order=True
+    )
+
+
 @dataclass
 class TableReport:
     tenant: str
@@ -467,30 +482,36 @@ class TableReport:
 
 
 def build_table(storage: Storage, tenant: str, kind: str) -> tuple[pl.DataFrame, TableReport]:
-    """Rebuild the items or users table from every landing file of that kind (later files
-    override earlier rows of the same id: landing order is file modification time)."""
+    """Rebuild the items or users table from every landing file of that kind, folded in
+    landing order (file modification time): a later row of an id replaces the columns its file
+    carries and leaves the others as they were (a price feed of `item_id,price` changes prices
+    only); an id seen for the first time gets the contract's defaults for the columns its file
+    lacks. A file with every column replaces whole rows."""
     validate = validate_items if kind == "items" else validate_users
     files = landing_data_files(storage, tenant, kind)
     files.sort(key=lambda f: (storage.fs.info(f).get("mtime") or 0, f))
     report = TableReport(
         tenant=tenant, kind=kind, files=files, path=storage.table_path(tenant, kind)
     )
-    frames, rejects = [], []
+    table, rejects = empty_frame(kind), []
+    run: list[pl.DataFrame] = []  # (validated rows of consecutive files carrying `carried`)
+    carried: list[str] = []
     for path in files:
         raw = pl.read_parquet(storage.fs.open(path, "rb"))
         raw = raw.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
         report.rows_read += raw.height
         good, bad = validate(raw, source=posixpath.basename(path))
-        frames.append(good)
+        columns = [c for c in table.columns if c in raw.columns]
+        if run and columns != carried:
+            table, run = _fold_rows(table, pl.concat(run), carried), []
+        run.append(good)
+        carried = columns
         rejects.append(bad)
         sidecar = path[: -len(".parquet")] + REJECTED_SUFFIX
         if storage.exists(sidecar):
             rejects.append(pl.read_parquet(storage.fs.open(sidecar, "rb")))
-    table = (
-        pl.concat(frames).unique(subset=frames[0].columns[0], keep="last", maintain_order=True)
-        if frames
-        else empty_frame(kind)
-    )
+    if run:
+        table = _fold_rows(table, pl.concat(run), carried)
     rejected = pl.concat(rejects) if rejects else pl.DataFrame(schema=REJECTED_SCHEMA)
     report.rows = table.height
     report.rejected = rejected.height

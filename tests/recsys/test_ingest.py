@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime, timedelta
 import polars as pl
 
 from recsys import ingest
+from recsys.contract import ITEM_SCHEMA
 from recsys.demo import DemoSpec, generate
 
 NOW = datetime(2026, 11, 2, tzinfo=UTC)
@@ -184,3 +185,40 @@ def test_events_deleted_through_the_api_leave_the_warehouse(storage, tmp_path):
     again = ingest.ingest_events(storage, "default", now=NOW)
     assert (again.deleted, again.rows_new) == (0, 0)
     assert ingest.read_events(storage, "default").height == 3
+
+
+def test_a_file_with_some_columns_updates_only_those(storage, tmp_path):
+    """A price feed (item_id,price) changes prices and leaves titles, tags and availability
+    as the catalogue had them; an item it names for the first time gets the contract's
+    defaults; an empty cell clears a value; a file with every column replaces whole rows."""
+    import os
+    import time
+
+    def land(name, text, at):
+        res = ingest.import_file(storage, "items", _csv(tmp_path, name, text))
+        os.utime(res.landed, (at, at))
+
+    now = time.time()
+    land(
+        "catalogue.csv",
+        'item_id,title,category,price,tags,available\na,A,shoes,10,"[""red""]",false\n'
+        'b,B,hats,20,"[""blue""]",true\n',
+        now,
+    )
+    land("prices.csv", "item_id,price\na,12.5\nc,7\nb,\n", now + 1)
+    table, report = ingest.build_table(storage, "default", "items")
+    rows = {r["item_id"]: r for r in table.iter_rows(named=True)}
+    assert report.rows == 3 and list(rows) == ["a", "b", "c"]
+    assert rows["a"] | {"created_at": None} == {
+        "item_id": "a", "title": "A", "category": "shoes", "brand": None, "price": 12.5,
+        "tags": ["red"], "available": False, "created_at": None, "attributes": None,
+    }  # fmt: skip
+    assert rows["b"]["price"] is None and rows["b"]["title"] == "B"
+    assert rows["c"]["price"] == 7.0 and rows["c"]["available"] is True
+    assert rows["c"]["title"] is None and rows["c"]["tags"] == []
+    # a file of every column replaces the whole row (b's tags and category go)
+    header = ",".join(ITEM_SCHEMA)
+    land("full.csv", f"{header}\nb,B2,,,,,,,\n", now + 2)
+    table, _ = ingest.build_table(storage, "default", "items")
+    b = table.filter(pl.col("item_id") == "b").row(0, named=True)
+    assert (b["title"], b["category"], b["tags"], b["price"]) == ("B2", None, [], None)
