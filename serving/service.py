@@ -623,8 +623,9 @@ def _slot_layout(
     its cap make way."""
     new = len(ranked.items) - 1
     target = {new: slot}
-    for pos, row in enumerate(others):
+    for row in others:  # (a pin's row is the position the engine gave it)
         if any(r.startswith("pin:") for r in ranked.rules[row]):
+            pos = row
             while pos in target.values():
                 pos += 1
             target[row] = pos

@@ -482,3 +482,29 @@ def test_a_slot_item_counts_toward_the_caps_and_a_ranked_item_makes_way(client):
     # and holds its position 4 without caps too (the slot's item no longer pushes it past k)
     held = client.simulate_post("/v1/recommend", json=plain, headers=ADMIN).json
     assert [it["item_id"] for it in held["items"]] == ["a0", "a5", "a1", "a3"]
+
+
+def test_a_slot_item_moved_from_above_a_pin_leaves_the_pin_where_it_is(client):
+    # u1 with a3 pinned at position 3: a0 a1 a3 a4. The arm's a0 (in the list) moves to
+    # slot 4: a1 and a4 move up around the pin, which keeps position 3.
+    rules = {"rules": [{"id": "pin-a3", "type": "pin", "item_id": "a3", "position": 3}]}
+    put = client.simulate_put("/v1/admin/tenants/acme/rules", json=rules, headers=ADMIN)
+    assert put.status_code == 200, put.json
+    body = {"user": {"user_id": "u1"}, "k": 4, "surface": "home"}
+    before = client.simulate_post("/v1/recommend", json=body, headers=ADMIN).json
+    assert [it["item_id"] for it in before["items"]] == ["a0", "a1", "a3", "a4"]
+    _post(
+        client,
+        BANDIT,
+        {
+            "bandit_id": "slot4",
+            "policy": "ucb1",
+            "arms": ["top", "other"],
+            "slot": 4,
+            "surface": "home",
+            "fill": {"top": {"item_id": "a0"}, "other": {"item_id": "a9"}},
+        },
+    )
+    moved = client.simulate_post("/v1/recommend", json=body, headers=ADMIN).json
+    assert moved["meta"]["bandit"] == {"id": "slot4", "arm": "top", "slot": 4, "item_id": "a0"}
+    assert [it["item_id"] for it in moved["items"]] == ["a1", "a4", "a3", "a0"]
