@@ -19,10 +19,12 @@ import os
 import posixpath
 import time
 import uuid
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from itertools import accumulate
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -469,6 +471,38 @@ def _fold_rows(table: pl.DataFrame, rows: pl.DataFrame, carried: list[str]) -> p
     )
 
 
+def _fold_files(
+    storage: Storage,
+    validate: Callable[..., tuple[pl.DataFrame, pl.DataFrame]],
+    table: pl.DataFrame,
+    run: list[tuple[str, pl.DataFrame]],
+    rejects: list[pl.DataFrame],
+) -> pl.DataFrame:
+    """`table` with the landing files of `run` (path, rows; one schema, so one set of carried
+    columns) folded in, validated in one pass (one call a file cost ~5 ms, so a folder of API
+    records landed one a file took minutes). Each file's rejects, numbered within the file, then
+    its reader's sidecar, go to `rejects` in file order."""
+    sizes = [raw.height for _, raw in run]
+    joined = pl.concat([raw for _, raw in run])
+    joined = joined.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
+    good, bad = validate(joined, source="")
+    starts = list(accumulate(sizes, initial=0))  # (file i: rows starts[i] + 1 .. starts[i + 1])
+    file_of = [bisect_left(starts, n) - 1 for n in bad["row_number"].to_list()]
+    bad = bad.with_columns(
+        source_file=pl.Series([posixpath.basename(run[i][0]) for i in file_of], dtype=pl.String),
+        row_number=pl.col("row_number") - pl.Series([starts[i] for i in file_of], dtype=pl.Int64),
+        _file=pl.Series(file_of, dtype=pl.Int64),
+    )
+    for i, (path, _) in enumerate(run):
+        if bad.height:
+            rejects.append(bad.filter(pl.col("_file") == i).drop("_file"))
+        sidecar = path[: -len(".parquet")] + REJECTED_SUFFIX
+        if storage.exists(sidecar):
+            rejects.append(pl.read_parquet(storage.fs.open(sidecar, "rb")))
+    carried = [c for c in table.columns if c in run[0][1].columns]
+    return _fold_rows(table, good, carried)
+
+
 @dataclass
 class TableReport:
     tenant: str
@@ -494,24 +528,15 @@ def build_table(storage: Storage, tenant: str, kind: str) -> tuple[pl.DataFrame,
         tenant=tenant, kind=kind, files=files, path=storage.table_path(tenant, kind)
     )
     table, rejects = empty_frame(kind), []
-    run: list[pl.DataFrame] = []  # (validated rows of consecutive files carrying `carried`)
-    carried: list[str] = []
+    run: list[tuple[str, pl.DataFrame]] = []  # (path, rows) of consecutive files of one schema
     for path in files:
         raw = pl.read_parquet(storage.fs.open(path, "rb"))
-        raw = raw.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
         report.rows_read += raw.height
-        good, bad = validate(raw, source=posixpath.basename(path))
-        columns = [c for c in table.columns if c in raw.columns]
-        if run and columns != carried:
-            table, run = _fold_rows(table, pl.concat(run), carried), []
-        run.append(good)
-        carried = columns
-        rejects.append(bad)
-        sidecar = path[: -len(".parquet")] + REJECTED_SUFFIX
-        if storage.exists(sidecar):
-            rejects.append(pl.read_parquet(storage.fs.open(sidecar, "rb")))
+        if run and raw.schema != run[0][1].schema:
+            table, run = _fold_files(storage, validate, table, run, rejects), []
+        run.append((path, raw))
     if run:
-        table = _fold_rows(table, pl.concat(run), carried)
+        table = _fold_files(storage, validate, table, run, rejects)
     rejected = pl.concat(rejects) if rejects else pl.DataFrame(schema=REJECTED_SCHEMA)
     report.rows = table.height
     report.rejected = rejected.height

@@ -222,3 +222,34 @@ def test_a_file_with_some_columns_updates_only_those(storage, tmp_path):
     table, _ = ingest.build_table(storage, "default", "items")
     b = table.filter(pl.col("item_id") == "b").row(0, named=True)
     assert (b["title"], b["category"], b["tags"], b["price"]) == ("B2", None, [], None)
+
+
+def test_files_of_one_schema_are_validated_together_and_rejects_keep_their_file(storage, tmp_path):
+    """Consecutive files with the same columns go through the validator in one pass; each
+    reject still names its own file and its row within that file, in file order."""
+    import os
+    import time
+
+    now = time.time()
+    landed = []
+    for n, text in enumerate(
+        [
+            "item_id,price\na,1\nb,-2\nc,3\n",  # (b: a negative price)
+            "item_id,price\n,4\nd,5\n",  # (row 1: no id)
+            "item_id,price\na,6\ne,x\n",  # (e: not a number)
+        ]
+    ):
+        res = ingest.import_file(storage, "items", _csv(tmp_path, f"p{n}.csv", text))
+        os.utime(res.landed, (now + n, now + n))
+        landed.append(os.path.basename(res.landed))
+    table, report = ingest.build_table(storage, "default", "items")
+    assert dict(zip(table["item_id"], table["price"], strict=True)) == {
+        "a": 6.0, "c": 3.0, "d": 5.0
+    }  # fmt: skip
+    rejected = pl.read_parquet(storage.table_path("default", "rejected_items"))
+    assert rejected.select("source_file", "row_number", "reason").rows() == [
+        (landed[0], 2, "bad_value"),
+        (landed[1], 1, "missing_id"),
+        (landed[2], 2, "bad_value"),
+    ]
+    assert report.rejected == 3 and report.rows_read == 7
