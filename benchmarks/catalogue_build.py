@@ -1,0 +1,75 @@
+"""What rebuilding the items table costs when the API lands one file per record write
+(`recsys.ingest.build_table`, as the `items` asset runs it at every ingest).
+
+A temporary data root; `--files` one-row landing files written the way the CRR records API
+writes them (`serving.crr.records.landing_row`: every contract column, as text), round-robin
+over `--items` distinct items, then `--feeds` price files of `--feed-rows` rows each
+(`item_id,price`: a partial feed, folded by its columns). Prints the wall and CPU time of the
+rebuild (`time.process_time`, this process only), the table's size and a digest of its rows
+(the same for two versions of the code that fold alike).
+
+    .venv/bin/python benchmarks/catalogue_build.py --files 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import posixpath
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=2000)
+    parser.add_argument("--items", type=int, default=500)
+    parser.add_argument("--feeds", type=int, default=3)
+    parser.add_argument("--feed-rows", type=int, default=1000)
+    args = parser.parse_args()
+
+    import polars as pl
+
+    from recsys import ingest
+    from recsys.durable import write_parquet_atomic
+    from recsys.storage import Storage
+    from serving.crr.records import landing_row
+
+    with tempfile.TemporaryDirectory(prefix="bench-catalogue-") as root:
+        storage = Storage(root)
+        folder = storage.landing_dir("bench", "items")
+        storage.makedirs(folder)
+        stamp = time.time() - args.files - args.feeds
+        paths = []
+        for n in range(args.files):
+            record = {"title": f"Item {n}", "price": float(n % 97), "available": n % 5 != 0}
+            row = landing_row("items", f"i{n % args.items:06d}", record)
+            paths.append(posixpath.join(folder, f"api-crr-{n:07d}.parquet"))
+            write_parquet_atomic(row, paths[-1], storage.fs, sync=False)
+        for n in range(args.feeds):
+            feed = pl.DataFrame(
+                {
+                    "item_id": [f"i{i:06d}" for i in range(args.feed_rows)],
+                    "price": [str(1.0 + n + i % 10) for i in range(args.feed_rows)],
+                }
+            )
+            paths.append(posixpath.join(folder, f"prices-{n}.parquet"))
+            write_parquet_atomic(feed, paths[-1], storage.fs, sync=False)
+        for i, path in enumerate(paths):  # (landing order: the files' times)
+            os.utime(path, (stamp + i, stamp + i))
+        wall, cpu = time.perf_counter(), time.process_time()
+        table, report = ingest.build_table(storage, "bench", "items")
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        print(
+            f"build_table: {len(paths)} files ({args.files} one-row API records, {args.feeds} "
+            f"price feeds of {args.feed_rows} rows): {wall:.2f} s wall, {cpu:.2f} s CPU, "
+            f"{cpu / len(paths) * 1000:.2f} ms CPU a file; {report.rows} rows, "
+            f"{report.rejected} rejected; table digest {table.hash_rows(seed=0).sum()}"
+        )
+
+
+if __name__ == "__main__":
+    main()
