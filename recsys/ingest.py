@@ -476,12 +476,14 @@ def _fold_files(
     validate: Callable[..., tuple[pl.DataFrame, pl.DataFrame]],
     table: pl.DataFrame,
     run: list[tuple[str, pl.DataFrame]],
+    sidecars: set[str],
     rejects: list[pl.DataFrame],
 ) -> pl.DataFrame:
     """`table` with the landing files of `run` (path, rows; one schema, so one set of carried
     columns) folded in, validated in one pass (one call a file cost ~5 ms, so a folder of API
     records landed one a file took minutes). Each file's rejects, numbered within the file, then
-    its reader's sidecar, go to `rejects` in file order."""
+    its reader's sidecar (when `sidecars`, the folder's, holds one), go to `rejects` in file
+    order."""
     sizes = [raw.height for _, raw in run]
     joined = pl.concat([raw for _, raw in run])
     joined = joined.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
@@ -497,7 +499,7 @@ def _fold_files(
         if bad.height:
             rejects.append(bad.filter(pl.col("_file") == i).drop("_file"))
         sidecar = path[: -len(".parquet")] + REJECTED_SUFFIX
-        if storage.exists(sidecar):
+        if sidecar in sidecars:
             rejects.append(pl.read_parquet(storage.fs.open(sidecar, "rb")))
     carried = [c for c in table.columns if c in run[0][1].columns]
     return _fold_rows(table, good, carried)
@@ -522,7 +524,9 @@ def build_table(storage: Storage, tenant: str, kind: str) -> tuple[pl.DataFrame,
     only); an id seen for the first time gets the contract's defaults for the columns its file
     lacks. A file with every column replaces whole rows."""
     validate = validate_items if kind == "items" else validate_users
-    files = landing_data_files(storage, tenant, kind)
+    listing = storage.landing_files(tenant, kind)  # (one listing: data files and sidecars)
+    sidecars = {f for f in listing if f.endswith(REJECTED_SUFFIX)}
+    files = [f for f in listing if f not in sidecars]
     files.sort(key=lambda f: (storage.fs.info(f).get("mtime") or 0, f))
     report = TableReport(
         tenant=tenant, kind=kind, files=files, path=storage.table_path(tenant, kind)
@@ -533,10 +537,10 @@ def build_table(storage: Storage, tenant: str, kind: str) -> tuple[pl.DataFrame,
         raw = pl.read_parquet(storage.fs.open(path, "rb"))
         report.rows_read += raw.height
         if run and raw.schema != run[0][1].schema:
-            table, run = _fold_files(storage, validate, table, run, rejects), []
+            table, run = _fold_files(storage, validate, table, run, sidecars, rejects), []
         run.append((path, raw))
     if run:
-        table = _fold_files(storage, validate, table, run, rejects)
+        table = _fold_files(storage, validate, table, run, sidecars, rejects)
     rejected = pl.concat(rejects) if rejects else pl.DataFrame(schema=REJECTED_SCHEMA)
     report.rows = table.height
     report.rejected = rejected.height

@@ -253,3 +253,17 @@ def test_files_of_one_schema_are_validated_together_and_rejects_keep_their_file(
         (landed[2], 2, "bad_value"),
     ]
     assert report.rejected == 3 and report.rows_read == 7
+
+
+def test_the_readers_rejects_of_a_landed_file_reach_the_rejected_table(storage, tmp_path):
+    """Lines the reader could not parse are landed beside the file (its sidecar) and listed
+    with the validator's rejects, after that file's own."""
+    res = ingest.import_file(
+        storage, "items", _csv(tmp_path, "q.csv", 'item_id,price\na,-1\nb,2\n"c,3\n')
+    )
+    assert res.unparsable == 1
+    table, report = ingest.build_table(storage, "default", "items")
+    assert table["item_id"].to_list() == ["b"]
+    rejected = pl.read_parquet(storage.table_path("default", "rejected_items"))
+    assert rejected["reason"].to_list() == ["bad_value", "unparsable"]
+    assert report.rejected == 2
