@@ -251,6 +251,102 @@ def land(
     return written
 
 
+#: The id column of the landing kinds whose files fold by the columns they carry.
+FOLDED_KEYS = {"items": "item_id", "users": "user_id"}
+
+
+def field_layers(messages: list[bytes], id_field: str) -> list[list[int]]:
+    """A batch of JSON messages (`id_field`: the source field of the id) split into the fewest
+    files of one field set each that keep every id's messages in order: a message joins the
+    earliest file of its fields not before the file of its id's previous message, or starts a
+    new one. Returns each file's message indices, files in the order they must land.
+
+    An items or users file changes, for the ids it names, the columns it carries
+    (`recsys.ingest.build_table`), so a batch landed as one file gave every record the batch's
+    fields and cleared, for a record without one, that field. A message that is not a JSON
+    object (a reject of the reader) joins the first file."""
+    layers: list[tuple[frozenset[str] | None, list[int]]] = []
+    layer_of_id: dict[str, int] = {}
+    for i, raw in enumerate(messages):
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            if not layers:
+                layers.append((None, []))
+            layers[0][1].append(i)
+            continue
+        fields = frozenset(record)
+        value = record.get(id_field)
+        ident = value if isinstance(value, str) else orjson.dumps(value).decode()
+        after = layer_of_id.get(ident, 0)
+        for j in range(after, len(layers)):
+            if layers[j][0] in (fields, None):  # (None: a layer of rejects only, so far)
+                if layers[j][0] is None:
+                    layers[j] = (fields, layers[j][1])
+                break
+        else:
+            j = len(layers)
+            layers.append((fields, []))
+        layers[j][1].append(i)
+        layer_of_id[ident] = j
+    return [indices for _, indices in layers]
+
+
+def land_messages(
+    data_root: str,
+    tenant: str,
+    target: str,
+    name: str,
+    messages: list[bytes],
+    numbers: list[int],
+    source: str,
+    mapping: dict[str, str] | None = None,
+) -> tuple[list[str], int, int]:
+    """Read a batch of stream messages (`recsys.readers.read_messages`; `numbers`: their
+    numbers in the source) and land it under `name` (`land`). Events land as one file. Items
+    and users (which fold by the columns a file carries) land in `field_layers`: ``name``, then
+    ``name-00001``, ... in the order they fold, so that a message changes only the fields it
+    has; layer files of `name` from an earlier attempt of this batch that this one does not
+    write are removed. Returns (paths written, rows, rejects)."""
+    from recsys.readers import read_messages
+
+    kind = landing_kind(target)
+    if kind in FOLDED_KEYS:
+        key = FOLDED_KEYS[kind]
+        id_field = next((s for s, c in (mapping or {}).items() if c == key), key)
+        layers = field_layers(messages, id_field)
+    else:
+        layers = [list(range(len(messages)))]
+    written, n_rows, n_rejects = [], 0, 0
+    for j, indices in enumerate(layers):
+        rows, rejects = read_messages(
+            [messages[i] for i in indices], source=source, numbers=[numbers[i] for i in indices]
+        )
+        written += land(
+            data_root, tenant, target, f"{name}-{j:05d}" if j else name, rows, rejects, mapping
+        )
+        n_rows, n_rejects = n_rows + rows.height, n_rejects + rejects.height
+    _remove_layers(data_root, tenant, kind, name, keep=len(layers))
+    return written, n_rows, n_rejects
+
+
+def _remove_layers(data_root: str, tenant: str, kind: str, name: str, keep: int) -> None:
+    """Remove the layer files ``name-NNNNN`` (and their rejects) numbered `keep` or more."""
+    import posixpath
+    import re
+
+    from recsys.storage import Storage
+
+    storage = Storage(data_root)
+    layer = re.compile(re.escape(name) + r"-(\d{5})(\.rejected)?\.parquet")
+    for path in storage.landing_files(tenant, kind):
+        found = layer.fullmatch(posixpath.basename(path))
+        if found and int(found.group(1)) >= keep:
+            storage.fs.rm(path)
+
+
 # --- the command line: `recsys connectors run` ---------------------------------------------------
 def register(sub: Any) -> None:
     """Add ``recsys connectors run ID --tenant T`` (one run, as the Dagster op does)."""

@@ -3,8 +3,9 @@
 ``GET url`` (with the configured headers, 10 s timeout); the records are the answer itself
 (a JSON array) or the array at ``records_path`` (dotted, e.g. ``data.items``). Each record goes
 through the stream reader (`recsys.readers.read_messages`: a record that is not an object is a
-reject with its reason) and the batch lands as ``http-<connector>-<hash of the answer>``: an
-unchanged answer lands nothing new. An unreachable service, a non-2xx answer or a body that is
+reject with its reason) and the batch lands as ``http-<connector>-<hash of the answer>`` (items
+and users one file a field set, `recsys.connectors.land_messages`): an unchanged answer lands
+nothing new. An unreachable service, a non-2xx answer or a body that is
 not JSON fails the run (`ConnectorError`) with the status and the start of the body.
 """
 
@@ -16,8 +17,7 @@ from typing import Any
 import orjson
 import urllib3
 
-from recsys.connectors import ConnectorError, Log, RunSummary, land, load_state, save_state
-from recsys.readers import read_messages
+from recsys.connectors import ConnectorError, Log, RunSummary, land_messages, load_state, save_state
 
 
 def fetch_records(cfg: dict[str, Any]) -> tuple[bytes, list[Any]]:
@@ -53,11 +53,11 @@ def run_http(
         log(f"{cfg['url']}: {len(records)} records, unchanged since the last run")
         summary.skipped = len(records)
         return summary
-    rows, rejects = read_messages([orjson.dumps(r) for r in records], source=cfg["url"])
-    summary.landed_files = land(
-        data_root, tenant, target, f"http-{connector_id}-{digest}", rows, rejects, cfg.get("map")
-    )
-    summary.rows, summary.rejects = rows.height, rejects.height
+    summary.landed_files, summary.rows, summary.rejects = land_messages(
+        data_root, tenant, target, f"http-{connector_id}-{digest}",
+        [orjson.dumps(r) for r in records], list(range(1, len(records) + 1)), cfg["url"],
+        cfg.get("map"),
+    )  # fmt: skip
     save_state(data_root, tenant, connector_id, {**state, "last_digest": digest})
-    log(f"{cfg['url']}: {rows.height} records landed, {rejects.height} rejected")
+    log(f"{cfg['url']}: {summary.rows} records landed, {summary.rejects} rejected")
     return summary

@@ -2,7 +2,8 @@
 
 Exactly once into landing, across crashes: each batch of messages (in stream order) lands as
 ``landing/<tenant>/<kind>/nats-<stream>-<first seq>.parquet`` (plus ``.rejected.parquet`` for
-messages that are not JSON objects), written whole and fsync'd; then the connector's state
+messages that are not JSON objects; items and users as one file a field set,
+`recsys.connectors.land_messages`), written whole and fsync'd; then the connector's state
 (``landed_seq``, the last stream sequence landed) is written atomically; only then are the
 messages acked. A consumer killed at any point restarts from its state: messages at or below
 ``landed_seq`` that come again are acked and skipped; a batch that had landed without its state
@@ -19,8 +20,7 @@ import re
 import time
 from typing import Any
 
-from recsys.connectors import ConnectorError, Log, RunSummary, land, load_state, save_state
-from recsys.readers import read_messages
+from recsys.connectors import ConnectorError, Log, RunSummary, land_messages, load_state, save_state
 
 
 def consumer_name(tenant: str, connector_id: str) -> str:
@@ -132,17 +132,15 @@ async def _consume(
             summary.skipped += len(msgs) - len(fresh)
             if fresh:
                 seqs = [m.metadata.sequence.stream for m in fresh]
-                rows, rejects = read_messages(
-                    [m.data for m in fresh], source=f"nats:{stream}", numbers=seqs
-                )
-                name = f"nats-{stream}-{seqs[0]:012d}"
-                summary.landed_files += land(
-                    data_root, tenant, target, name, rows, rejects, cfg.get("map")
-                )
+                written, rows, rejects = land_messages(
+                    data_root, tenant, target, f"nats-{stream}-{seqs[0]:012d}",
+                    [m.data for m in fresh], seqs, f"nats:{stream}", cfg.get("map"),
+                )  # fmt: skip
+                summary.landed_files += written
                 landed = max(landed, seqs[-1])
                 save_state(data_root, tenant, connector_id, {**state, "landed_seq": landed})
-                summary.rows += rows.height
-                summary.rejects += rejects.height
+                summary.rows += rows
+                summary.rejects += rejects
             for m in msgs:  # only now: what they carried is on disk
                 await m.ack()
             await nc.flush()
@@ -237,21 +235,18 @@ def run_redis(
         if fresh:
             numbers = list(range(summary.rows + summary.rejects + 1,
                                  summary.rows + summary.rejects + 1 + len(fresh)))  # fmt: skip
-            rows, rejects = read_messages(
-                [_redis_message(f, field) for _, f in fresh],
-                source=f"redis:{stream}",
-                numbers=numbers,
-            )
             first = fresh[0][0].decode() if isinstance(fresh[0][0], bytes) else fresh[0][0]
-            summary.landed_files += land(
-                data_root, tenant, target, f"redis-{stream}-{first}", rows, rejects,
+            written, rows, rejects = land_messages(
+                data_root, tenant, target, f"redis-{stream}-{first}",
+                [_redis_message(f, field) for _, f in fresh], numbers, f"redis:{stream}",
                 cfg.get("map"),
             )  # fmt: skip
+            summary.landed_files += written
             last = fresh[-1][0]
             landed = last.decode() if isinstance(last, bytes) else last
             save_state(data_root, tenant, connector_id, {**state, "landed_id": landed})
-            summary.rows += rows.height
-            summary.rejects += rejects.height
+            summary.rows += rows
+            summary.rejects += rejects
         client.xack(stream, group, *ids)  # only now: what they carried is on disk
     took = time.perf_counter() - started
     summary.detail = {

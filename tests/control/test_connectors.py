@@ -26,7 +26,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recsys.connectors import ConnectorError, check_spec, load_state, run_connector
+from recsys.connectors import (
+    ConnectorError,
+    check_spec,
+    field_layers,
+    land_messages,
+    load_state,
+    run_connector,
+)
 from serving.documents import DocumentStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,8 +53,8 @@ def landed(root: str, tenant: str, kind: str = "events") -> tuple[pl.DataFrame, 
     files = sorted(glob.glob(os.path.join(folder, "*.parquet")))
     rows = [f for f in files if not f.endswith(".rejected.parquet")]
     rejects = [f for f in files if f.endswith(".rejected.parquet")]
-    return (
-        pl.read_parquet(rows) if rows else pl.DataFrame(),
+    return (  # (items and users land one file a field set: columns differ between files)
+        pl.concat([pl.read_parquet(f) for f in rows], how="diagonal") if rows else pl.DataFrame(),
         pl.read_parquet(rejects) if rejects else pl.DataFrame(),
     )
 
@@ -283,6 +290,81 @@ def test_http_connector_polls_records_and_lands_changes_once(tmp_path):
     # the service is gone: the run fails with its reason
     with pytest.raises(ConnectorError, match="unreachable"):
         run_connector(root, "acme", "catalog", lambda line: None)
+
+
+def test_field_layers_keep_each_ids_messages_in_order():
+    """Known answers: one file a field set, the fewest that keep every id's messages in order."""
+    msgs = [
+        b'{"id": "a", "price": 1}',  # 0
+        b'{"id": "b", "stock": 0}',  # 1
+        b'{"id": "c", "price": 2}',  # 2: joins 0 (c has no earlier message)
+        b"not json",  # 3: a reject joins the first file
+        b'{"id": "b", "price": 3}',  # 4: b's previous is in file 1 -> a new file 2
+        b'{"id": "a", "stock": 5}',  # 5: a's previous is in file 0 -> file 1
+        b'{"id": "a", "price": 6}',  # 6: a's previous is in file 1 -> file 2
+        b'{"id": 7, "price": 1}',  # 7: the number 7 ...
+        b'{"id": "7", "stock": 1}',  # 8: ... and the text "7" are one id -> file 1
+        b'{"id": "7", "price": 1}',  # 9: -> file 2
+    ]
+    assert field_layers(msgs, "id") == [[0, 2, 3, 7], [1, 5, 8], [4, 6, 9]]
+    assert field_layers([b"[1]", b'{"id": "a"}'], "id") == [[0, 1]]
+    assert field_layers([], "id") == []
+
+
+def test_partial_records_change_only_their_own_fields(tmp_path):
+    """A feed of partial updates (price changes, stock changes, one batch) changes for each
+    item only the fields its records carry. Landed as one file, the batch's fields together
+    cleared b's price and set a's availability back to the default."""
+    from recsys.ingest import build_table
+    from recsys.storage import Storage
+
+    root = str(tmp_path)
+    catalogue = [
+        {"sku": "a", "title": "A", "price": 10, "available": True},
+        {"sku": "b", "title": "B", "price": 20, "available": True},
+    ]
+    updates = [
+        {"sku": "a", "available": False},
+        {"sku": "b", "price": 21},
+        {"sku": "a", "price": 12},
+        {"sku": "b", "price": 22},
+        {"sku": "c", "title": "C"},
+    ]
+    service = JsonService(catalogue)
+    try:
+        store_connector(root, "acme", "feed", "http", "items",
+                        {"url": service.url, "map": {"sku": "item_id"}})  # fmt: skip
+        run_connector(root, "acme", "feed", lambda line: None)
+        time.sleep(0.01)  # (files fold in landing order: their modification times)
+        service.doc = updates
+        summary = run_connector(root, "acme", "feed", lambda line: None)
+    finally:
+        service.close()
+    assert (summary.rows, summary.rejects, len(summary.landed_files)) == (5, 0, 3)
+    table, _ = build_table(Storage(root), "acme", "items")
+    got = {
+        r["item_id"]: (r["title"], r["price"], r["available"]) for r in table.iter_rows(named=True)
+    }
+    assert got == {"a": ("A", 12.0, False), "b": ("B", 22.0, True), "c": ("C", None, True)}
+
+
+def test_a_batch_landed_again_replaces_its_layer_files(tmp_path):
+    """A batch landed again (after a crash before its state was saved) under the same name, with
+    fewer field sets this time: the earlier attempt's extra layer files go."""
+    root = str(tmp_path)
+    first = [b'{"item_id": "a", "price": 1}', b'{"item_id": "a", "title": "A"}', b"[1]"]
+    paths, rows, rejects = land_messages(root, "acme", "items", "nats-S-000000000001",
+                                         first, [1, 2, 3], "nats:S")  # fmt: skip
+    names = sorted(os.path.basename(p) for p in paths)
+    assert (rows, rejects) == (2, 1)
+    assert names == [
+        "nats-S-000000000001-00001.parquet",
+        "nats-S-000000000001.parquet",
+        "nats-S-000000000001.rejected.parquet",
+    ]
+    land_messages(root, "acme", "items", "nats-S-000000000001", first[:1], [1], "nats:S")
+    left = sorted(os.listdir(os.path.join(root, "landing", "acme", "items")))
+    assert left == ["nats-S-000000000001.parquet"]
 
 
 def test_bad_specs_are_refused():
