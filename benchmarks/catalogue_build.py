@@ -6,7 +6,10 @@ writes them (`serving.crr.records.landing_row`: every contract column, as text),
 over `--items` distinct items, then `--feeds` price files of `--feed-rows` rows each
 (`item_id,price`: a partial feed, folded by its columns). Prints the wall and CPU time of the
 rebuild (`time.process_time`, this process only), the table's size and a digest of its rows
-(the same for two versions of the code that fold alike).
+(the same for two versions of the code that fold alike). Then it lands `--then` more API
+record files and builds again: the build of an ingest run after a few record writes (the fold
+is incremental: it reads the files landed since the last build), and the same build from every
+file (`rebuild=True`), with their digests.
 
     .venv/bin/python benchmarks/catalogue_build.py --files 2000
 """
@@ -29,6 +32,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=500)
     parser.add_argument("--feeds", type=int, default=3)
     parser.add_argument("--feed-rows", type=int, default=1000)
+    parser.add_argument("--then", type=int, default=20, help="record files landed after")
     args = parser.parse_args()
 
     import polars as pl
@@ -44,11 +48,16 @@ def main() -> None:
         storage.makedirs(folder)
         stamp = time.time() - args.files - args.feeds
         paths = []
-        for n in range(args.files):
+
+        def record_file(n: int) -> str:
             record = {"title": f"Item {n}", "price": float(n % 97), "available": n % 5 != 0}
             row = landing_row("items", f"i{n % args.items:06d}", record)
-            paths.append(posixpath.join(folder, f"api-crr-{n:07d}.parquet"))
-            write_parquet_atomic(row, paths[-1], storage.fs, sync=False)
+            path = posixpath.join(folder, f"api-crr-{n:07d}.parquet")
+            write_parquet_atomic(row, path, storage.fs, sync=False)
+            return path
+
+        for n in range(args.files):
+            paths.append(record_file(n))
         for n in range(args.feeds):
             feed = pl.DataFrame(
                 {
@@ -60,15 +69,28 @@ def main() -> None:
             write_parquet_atomic(feed, paths[-1], storage.fs, sync=False)
         for i, path in enumerate(paths):  # (landing order: the files' times)
             os.utime(path, (stamp + i, stamp + i))
-        wall, cpu = time.perf_counter(), time.process_time()
-        table, report = ingest.build_table(storage, "bench", "items")
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+
+        def build(**options) -> tuple[float, float, object, object]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            table, report = ingest.build_table(storage, "bench", "items", **options)
+            return time.perf_counter() - wall, time.process_time() - cpu, table, report
+
+        wall, cpu, table, report = build()
         print(
             f"build_table: {len(paths)} files ({args.files} one-row API records, {args.feeds} "
             f"price feeds of {args.feed_rows} rows): {wall:.2f} s wall, {cpu:.2f} s CPU, "
             f"{cpu / len(paths) * 1000:.2f} ms CPU a file; {report.rows} rows, "
             f"{report.rejected} rejected; table digest {table.hash_rows(seed=0).sum()}"
         )
+        for n in range(args.files, args.files + args.then):
+            record_file(n)
+        for label, options in (("then", {}), ("rebuilt", {"rebuild": True})):
+            wall, cpu, table, report = build(**options)
+            print(
+                f"{label}: {args.then} more record files, {report.files_folded} of "
+                f"{len(report.files)} files folded: {wall:.2f} s wall, {cpu:.2f} s CPU; "
+                f"table digest {table.hash_rows(seed=0).sum()}"
+            )
 
 
 if __name__ == "__main__":

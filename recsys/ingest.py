@@ -135,9 +135,15 @@ def landing_data_files(storage: Storage, tenant: str, kind: str) -> list[str]:
     return [f for f in storage.landing_files(tenant, kind) if not f.endswith(REJECTED_SUFFIX)]
 
 
-def _file_key(storage: Storage, path: str) -> str:
-    info = storage.fs.info(path)
+def _file_key(storage: Storage, path: str, info: dict | None = None) -> str:
+    info = info or storage.fs.info(path)
     return f"{posixpath.basename(path)}:{info.get('size')}"
+
+
+def _mtime(info: dict) -> float:
+    """A file's modification time in seconds (0 where the filesystem has none)."""
+    mtime = info.get("mtime") or 0.0
+    return mtime.timestamp() if isinstance(mtime, datetime) else float(mtime)
 
 
 def pending_files(storage: Storage, tenant: str, kind: str = "events") -> list[str]:
@@ -510,6 +516,7 @@ class TableReport:
     tenant: str
     kind: str
     files: list[str] = field(default_factory=list)
+    files_folded: int = 0  # (the files read: those after the last build's, or all of them)
     rows_read: int = 0
     rows: int = 0
     rejected: int = 0
@@ -517,23 +524,52 @@ class TableReport:
     path: str = ""
 
 
-def build_table(storage: Storage, tenant: str, kind: str) -> tuple[pl.DataFrame, TableReport]:
+def build_table(
+    storage: Storage, tenant: str, kind: str, *, rebuild: bool = False
+) -> tuple[pl.DataFrame, TableReport]:
     """Rebuild the items or users table from every landing file of that kind, folded in
     landing order (file modification time): a later row of an id replaces the columns its file
     carries and leaves the others as they were (a price feed of `item_id,price` changes prices
     only); an id seen for the first time gets the contract's defaults for the columns its file
-    lacks. A file with every column replaces whole rows."""
+    lacks. A file with every column replaces whole rows.
+
+    The fold is incremental: when the files the last build folded (name, size and time, in
+    that order) still come first, unchanged, only the files after them are read and folded onto
+    the warehouse's table and rejects (the CRR API lands a file per record write, so reading
+    every file again made each run slower than the last). Any other change to the landing
+    folder (a file removed, replaced or landed with an earlier time), a table of another
+    schema, or `rebuild` folds every file again."""
     validate = validate_items if kind == "items" else validate_users
     listing = storage.landing_files(tenant, kind)  # (one listing: data files and sidecars)
     sidecars = {f for f in listing if f.endswith(REJECTED_SUFFIX)}
-    files = [f for f in listing if f not in sidecars]
-    files.sort(key=lambda f: (storage.fs.info(f).get("mtime") or 0, f))
+    stamped = []  # (time, file, its key): the fold's order and state
+    for f in listing:
+        if f not in sidecars:
+            info = storage.fs.info(f)
+            stamped.append((_mtime(info), f, _file_key(storage, f, info)))
+    stamped.sort()
+    files = [f for _, f, _ in stamped]
+    keys = [[key, t] for t, _, key in stamped]
     report = TableReport(
         tenant=tenant, kind=kind, files=files, path=storage.table_path(tenant, kind)
     )
+    rejected_path = storage.table_path(tenant, f"rejected_{kind}")
     table, rejects = empty_frame(kind), []
+    start = 0  # the first file to fold
+    folded = [] if rebuild else load_state(storage, tenant).get(kind, {}).get("folded", [])
+    if (
+        folded
+        and keys[: len(folded)] == folded
+        and storage.exists(report.path)
+        and storage.exists(rejected_path)
+    ):
+        before = pl.read_parquet(storage.fs.open(report.path, "rb"))
+        if before.schema == table.schema:
+            table, start = before, len(folded)
+            rejects.append(pl.read_parquet(storage.fs.open(rejected_path, "rb")))
+    report.files_folded = len(files) - start
     run: list[tuple[str, pl.DataFrame]] = []  # (path, rows) of consecutive files of one schema
-    for path in files:
+    for path in files[start:]:
         raw = pl.read_parquet(storage.fs.open(path, "rb"))
         report.rows_read += raw.height
         if run and raw.schema != run[0][1].schema:
@@ -547,9 +583,8 @@ def build_table(storage: Storage, tenant: str, kind: str) -> tuple[pl.DataFrame,
     report.rejected_by_reason = dict(Counter(rejected["reason"].to_list()))
     storage.makedirs(posixpath.dirname(report.path))
     write_parquet_atomic(table, report.path, storage.fs, sync=False)  # durable by save_state
-    rejected_path = storage.table_path(tenant, f"rejected_{kind}")
     write_parquet_atomic(rejected, rejected_path, storage.fs, sync=False)
     state = load_state(storage, tenant)
-    state[kind] = {"files": [_file_key(storage, f) for f in files]}
+    state[kind] = {"files": [key for key, _ in keys], "folded": keys}
     save_state(storage, tenant, state)
     return table, report

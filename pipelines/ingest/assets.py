@@ -120,18 +120,23 @@ def events_and_rejects(
 
 def _table_asset(kind: str, description: str):
     @dg.asset(name=kind, group_name=GROUP, kinds={"parquet", "polars"}, description=description)
-    def _asset(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    def _asset(
+        context: dg.AssetExecutionContext, config: IngestConfig, storage: StorageResource
+    ) -> dg.MaterializeResult:
         store = storage.storage()
         rows, rejected, reasons, preview = {}, 0, {}, pl.DataFrame()
-        for tenant in ingest.tenants_with_landing(store):
-            table, report = ingest.build_table(store, tenant, kind)
+        for tenant in _tenants(store, config.tenants):
+            table, report = ingest.build_table(store, tenant, kind, rebuild=config.full_refresh)
             rows[tenant] = report.rows
             rejected += report.rejected
             for k, v in report.rejected_by_reason.items():
                 reasons[k] = reasons.get(k, 0) + v
             if preview.height == 0:
                 preview = table.head(5)
-            context.log.info(f"{tenant}: {report.rows:,} {kind}, {report.rejected:,} rejected")
+            context.log.info(
+                f"{tenant}: {report.rows:,} {kind}, {report.rejected:,} rejected; "
+                f"{report.files_folded:,} of {len(report.files):,} landing files read"
+            )
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": sum(rows.values()),

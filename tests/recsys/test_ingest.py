@@ -224,6 +224,52 @@ def test_a_file_with_some_columns_updates_only_those(storage, tmp_path):
     assert (b["title"], b["category"], b["tags"], b["price"]) == ("B2", None, [], None)
 
 
+def test_the_catalogue_folds_only_the_files_landed_since_the_last_build(storage, tmp_path):
+    """After a build, a later one reads only the files landed since (incremental) and gives the
+    table and rejects a rebuild from every file gives; a file landed with an earlier time than
+    the folded ones, or one removed, makes the next build fold every file again."""
+    import os
+    import time
+
+    def land(name, text, at):
+        res = ingest.import_file(storage, "items", _csv(tmp_path, name, text))
+        os.utime(res.landed, (at, at))
+        return res.landed
+
+    def both(**kw):
+        table, report = ingest.build_table(storage, "default", "items", **kw)
+        rejected = pl.read_parquet(storage.table_path("default", "rejected_items"))
+        return table, rejected, report
+
+    now = time.time()
+    header = ",".join(ITEM_SCHEMA)
+    land("full.csv", f"{header}\na,A,shoes,,10,,,,\nb,B,hats,,20,,,,\n", now)
+    land("prices.csv", "item_id,price\na,11\nc,oops\n", now + 1)
+    table, rejected, report = both()
+    assert (report.files_folded, report.rows, report.rejected) == (2, 2, 1)
+    last = land("stock.csv", 'item_id,available\nb,false\nd,true\n"x\n', now + 2)
+    table, rejected, report = both()
+    assert report.files_folded == 1 and report.rows_read == 2
+    full_table, full_rejected, full = both(rebuild=True)
+    assert full.files_folded == 3
+    assert table.equals(full_table) and rejected.equals(full_rejected)
+    rows = {r["item_id"]: (r["price"], r["available"]) for r in table.iter_rows(named=True)}
+    assert rows == {"a": (11.0, True), "b": (20.0, False), "d": (None, True)}
+    assert sorted(rejected["reason"].to_list()) == ["bad_value", "unparsable"]
+    # nothing new: nothing read
+    assert both()[2].files_folded == 0
+    # a file whose time comes before the folded ones: every file again, in their order
+    land("old.csv", "item_id,price\ne,5\n", now - 10)
+    table, _, report = both()
+    assert report.files_folded == 4 and table["item_id"].to_list() == ["e", "a", "b", "d"]
+    assert table["price"].to_list() == [5.0, 11.0, 20.0, None]
+    # a file removed: every file again, without its rows
+    os.remove(last)
+    table, rejected, report = both()
+    assert report.files_folded == 3 and table["item_id"].to_list() == ["e", "a", "b"]
+    assert table["available"].to_list() == [True, True, True] and rejected.height == 1
+
+
 def test_files_of_one_schema_are_validated_together_and_rejects_keep_their_file(storage, tmp_path):
     """Consecutive files with the same columns go through the validator in one pass; each
     reject still names its own file and its row within that file, in file order."""
