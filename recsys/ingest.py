@@ -556,7 +556,8 @@ def build_table(
     rejected_path = storage.table_path(tenant, f"rejected_{kind}")
     table, rejects = empty_frame(kind), []
     start = 0  # the first file to fold
-    folded = [] if rebuild else load_state(storage, tenant).get(kind, {}).get("folded", [])
+    last = {} if rebuild else load_state(storage, tenant).get(kind, {})
+    folded = last.get("folded", [])
     if (
         folded
         and keys[: len(folded)] == folded
@@ -564,9 +565,12 @@ def build_table(
         and storage.exists(rejected_path)
     ):
         before = pl.read_parquet(storage.fs.open(report.path, "rb"))
-        if before.schema == table.schema:
+        rejected_before = pl.read_parquet(storage.fs.open(rejected_path, "rb"))
+        # (a build that wrote its tables and crashed before its state: refolding its files
+        # gives the same table, but would repeat their rejects)
+        if before.schema == table.schema and rejected_before.height == last.get("rejected"):
             table, start = before, len(folded)
-            rejects.append(pl.read_parquet(storage.fs.open(rejected_path, "rb")))
+            rejects.append(rejected_before)
     report.files_folded = len(files) - start
     run: list[tuple[str, pl.DataFrame]] = []  # (path, rows) of consecutive files of one schema
     for path in files[start:]:
@@ -585,6 +589,6 @@ def build_table(
     write_parquet_atomic(table, report.path, storage.fs, sync=False)  # durable by save_state
     write_parquet_atomic(rejected, rejected_path, storage.fs, sync=False)
     state = load_state(storage, tenant)
-    state[kind] = {"files": [key for key, _ in keys], "folded": keys}
+    state[kind] = {"files": [key for key, _ in keys], "folded": keys, "rejected": rejected.height}
     save_state(storage, tenant, state)
     return table, report
