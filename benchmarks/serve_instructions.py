@@ -147,7 +147,7 @@ def count(
             f"--callgrind-out-file={out}.%p",
             sys.executable,
             "-m",
-            "gunicorn",
+            "serving.gunicorn_server",  # (as served: `recsys serve`'s gunicorn)
             app,
             "--config",
             GUNICORN_CONFIG,  # (as served: the master preloads the serving modules)

@@ -113,7 +113,7 @@ def gunicorn_argv(
     argv = [
         sys.executable,
         "-m",
-        "gunicorn",
+        "serving.gunicorn_server",  # (gunicorn's command line: serving.gunicorn_server)
         app,
         "--config",
         GUNICORN_CONFIG,

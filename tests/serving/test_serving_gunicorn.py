@@ -143,3 +143,33 @@ def test_access_lines_of_requests_before_sigterm_are_all_in_the_log(tmp_path):
         if line.startswith(b'{"ts":')
     ]
     assert sorted(r for r in logged if r.startswith("sigterm-test-")) == sorted(sent)
+
+
+def test_settings_read_as_gunicorns_config_reads_them(monkeypatch):
+    """`serving.gunicorn_server.Settings` answers every known setting with the value gunicorn's
+    own `Config` gives, by default and once set (as a settings file or the command line sets
+    them), through a property of its class (not `Config.__getattr__`, whose failed lookup
+    raised an exception per read); and the runner `recsys serve` starts uses it."""
+    from gunicorn.config import KNOWN_SETTINGS, Config
+
+    from serving.cli import gunicorn_argv
+    from serving.gunicorn_server import Application, Settings
+
+    plain, fast = Config(), Settings()
+    changes = {"limit_request_line": 0, "workers": 3, "strip_header_spaces": True}
+    changes |= {"secure_scheme_headers": {"X-FORWARDED-PROTO": "https"}, "raw_env": ["A=1"]}
+    for name, value in changes.items():
+        plain.set(name, value)
+        fast.set(name, value)
+    for setting in KNOWN_SETTINGS:
+        name = setting.name
+        assert getattr(fast, name) == getattr(plain, name), name
+        assert hasattr(Config, name) or isinstance(vars(Settings).get(name), property), name
+    assert (fast.limit_request_line, fast.workers, fast.env) == (0, 3, {"A": "1"})
+
+    argv = gunicorn_argv("127.0.0.1:0", 2)
+    assert argv[1:3] == ["-m", "serving.gunicorn_server"]
+    monkeypatch.setattr("sys.argv", ["gunicorn", *argv[3:]])
+    app = Application("%(prog)s [OPTIONS] [APP_MODULE]", prog="gunicorn")
+    assert type(app.cfg) is Settings
+    assert (app.cfg.workers, app.cfg.limit_request_line, app.cfg.worker_class_str) == (2, 0, "sync")
