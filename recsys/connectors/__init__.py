@@ -328,7 +328,8 @@ def land_messages(
             data_root, tenant, target, f"{name}-{j:05d}" if j else name, rows, rejects, mapping
         )
         n_rows, n_rejects = n_rows + rows.height, n_rejects + rejects.height
-    _remove_layers(data_root, tenant, kind, name, keep=len(layers))
+    if kind in FOLDED_KEYS:
+        _remove_layers(data_root, tenant, kind, name, keep=len(layers))
     return written, n_rows, n_rejects
 
 
