@@ -255,11 +255,15 @@ def land(
 FOLDED_KEYS = {"items": "item_id", "users": "user_id"}
 
 
-def field_layers(messages: list[bytes], id_field: str) -> list[list[int]]:
+def field_layers(
+    messages: list[bytes], id_field: str, columns: frozenset[str] | None = None
+) -> list[list[int]]:
     """A batch of JSON messages (`id_field`: the source field of the id) split into the fewest
     files of one field set each that keep every id's messages in order: a message joins the
     earliest file of its fields not before the file of its id's previous message, or starts a
-    new one. Returns each file's message indices, files in the order they must land.
+    new one. `columns`: the source fields that count (the contract's columns; others are
+    dropped by validation, so they split nothing); None: all. Returns each file's message
+    indices, files in the order they must land.
 
     An items or users file changes, for the ids it names, the columns it carries
     (`recsys.ingest.build_table`), so a batch landed as one file gave every record the batch's
@@ -277,7 +281,7 @@ def field_layers(messages: list[bytes], id_field: str) -> list[list[int]]:
                 layers.append((None, []))
             layers[0][1].append(i)
             continue
-        fields = frozenset(record)
+        fields = frozenset(record if columns is None else (f for f in record if f in columns))
         value = record.get(id_field)
         ident = value if isinstance(value, str) else orjson.dumps(value).decode()
         after = layer_of_id.get(ident, 0)
@@ -310,13 +314,16 @@ def land_messages(
     ``name-00001``, ... in the order they fold, so that a message changes only the fields it
     has; layer files of `name` from an earlier attempt of this batch that this one does not
     write are removed. Returns (paths written, rows, rejects)."""
+    from recsys.contract import SCHEMAS
     from recsys.readers import read_messages
 
     kind = landing_kind(target)
     if kind in FOLDED_KEYS:
-        key = FOLDED_KEYS[kind]
-        id_field = next((s for s, c in (mapping or {}).items() if c == key), key)
-        layers = field_layers(messages, id_field)
+        key, renames = FOLDED_KEYS[kind], mapping or {}
+        id_field = next((s for s, c in renames.items() if c == key), key)
+        contract = SCHEMAS[kind]
+        columns = frozenset(contract) | {s for s, c in renames.items() if c in contract}
+        layers = field_layers(messages, id_field, columns)
     else:
         layers = [list(range(len(messages)))]
     written, n_rows, n_rejects = [], 0, 0

@@ -308,6 +308,10 @@ def test_field_layers_keep_each_ids_messages_in_order():
     ]
     assert field_layers(msgs, "id") == [[0, 2, 3, 7], [1, 5, 8], [4, 6, 9]]
     assert field_layers([b"[1]", b'{"id": "a"}'], "id") == [[0, 1]]
+    # fields outside the contract's columns (dropped by validation) split nothing
+    extra = [b'{"id": "a", "p": 1, "debug": 1}', b'{"id": "b", "p": 2}']
+    assert field_layers(extra, "id", frozenset({"id", "p"})) == [[0, 1]]
+    assert field_layers(extra, "id") == [[0], [1]]
     assert field_layers([], "id") == []
 
 
