@@ -125,9 +125,11 @@ def _table_asset(kind: str, description: str):
     ) -> dg.MaterializeResult:
         store = storage.storage()
         rows, rejected, reasons, preview = {}, 0, {}, pl.DataFrame()
+        files_read = {}
         for tenant in _tenants(store, config.tenants):
             table, report = ingest.build_table(store, tenant, kind, rebuild=config.full_refresh)
             rows[tenant] = report.rows
+            files_read[tenant] = f"{report.files_folded} of {len(report.files)}"
             rejected += report.rejected
             for k, v in report.rejected_by_reason.items():
                 reasons[k] = reasons.get(k, 0) + v
@@ -143,6 +145,7 @@ def _table_asset(kind: str, description: str):
                 "rows_per_tenant": rows,
                 "rejected": rejected,
                 "rejected_by_reason": reasons,
+                "landing_files_read": files_read,  # (incremental: those landed since)
                 "path": store.path("warehouse", "<tenant>", f"{kind}.parquet"),
                 "preview": _preview(preview),
             }

@@ -70,6 +70,15 @@ def test_ingest_run_materialises_tables_with_metadata_and_passing_checks(ingest_
     }["events"]
     assert ev2["rows_new"].value == 0
     assert ev2["dagster/row_count"].value == ev["dagster/row_count"].value
+    # the catalogue: every landing file the first time, none when nothing new has landed
+    items = [result.asset_materializations_for_node("items")[0].metadata]
+    items.append(again.asset_materializations_for_node("items")[0].metadata)
+    (tenant, first), (_, second) = (
+        next(iter(m["landing_files_read"].value.items())) for m in items
+    )
+    n = len(ingest.landing_data_files(ingest_resources["storage"].storage(), tenant, "items"))
+    assert (first, second) == (f"{n} of {n}", f"0 of {n}") and n > 0
+    assert items[1]["dagster/row_count"].value == items[0]["dagster/row_count"].value
 
 
 def test_reject_rate_check_fails_above_the_threshold(demo_root):
