@@ -25,6 +25,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from recsys.connectors import (
     ConnectorError,
@@ -313,6 +315,44 @@ def test_field_layers_keep_each_ids_messages_in_order():
     assert field_layers(extra, "id", frozenset({"id", "p"})) == [[0, 1]]
     assert field_layers(extra, "id") == [[0], [1]]
     assert field_layers([], "id") == []
+
+
+_FIELDS = ("title", "brand", "price")
+_MESSAGE = st.fixed_dictionaries(
+    {"item_id": st.sampled_from(["a", "b", "c"])},
+    optional={
+        "title": st.none() | st.sampled_from(["t1", "t2"]),
+        "brand": st.none() | st.sampled_from(["b1", "b2"]),
+        "price": st.none() | st.integers(1, 9),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(batch=st.lists(_MESSAGE, min_size=1, max_size=12))
+def test_a_folded_batch_of_partial_records_equals_applying_them_one_by_one(batch):
+    """Any batch of partial item records, landed in field layers and folded by build_table,
+    gives each item what applying its records one by one gives (a field present sets it, an
+    explicit null clears it, an absent one is left; a record's fields only)."""
+    import tempfile
+
+    from recsys.ingest import build_table
+    from recsys.storage import Storage
+
+    expected: dict[str, dict] = {}
+    for record in batch:
+        row = expected.setdefault(record["item_id"], dict.fromkeys(_FIELDS))
+        row.update({f: record[f] for f in _FIELDS if f in record})
+    with tempfile.TemporaryDirectory() as root:
+        messages = [json.dumps(r).encode() for r in batch]
+        land_messages(root, "acme", "items", "nats-S-000000000001", messages,
+                      list(range(1, len(batch) + 1)), "nats:S")  # fmt: skip
+        table, report = build_table(Storage(root), "acme", "items")
+    assert report.rejected == 0
+    got = {r["item_id"]: {f: r[f] for f in _FIELDS} for r in table.iter_rows(named=True)}
+    for row in expected.values():
+        row["price"] = None if row["price"] is None else float(row["price"])
+    assert got == expected
 
 
 def test_partial_records_change_only_their_own_fields(tmp_path):
