@@ -531,7 +531,7 @@ def build_table(
     landing order (file modification time): a later row of an id replaces the columns its file
     carries and leaves the others as they were (a price feed of `item_id,price` changes prices
     only); an id seen for the first time gets the contract's defaults for the columns its file
-    lacks. A file with every column replaces whole rows.
+    lacks. A file with every column replaces whole rows. The table is sorted by id.
 
     The fold is incremental: when the files the last build folded (name, size and time, in
     that order) still come first, unchanged, only the files after them are read and folded onto
@@ -581,6 +581,9 @@ def build_table(
         run.append((path, raw))
     if run:
         table = _fold_files(storage, validate, table, run, sidecars, rejects)
+    # (one order whatever the folds: incremental, or every file at once, where validation
+    # keeps an id's last row of the files it checks together)
+    table = table.sort(table.columns[0])
     rejected = pl.concat(rejects) if rejects else pl.DataFrame(schema=REJECTED_SCHEMA)
     report.rows = table.height
     report.rejected = rejected.height

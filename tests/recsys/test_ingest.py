@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from recsys import ingest
 from recsys.contract import ITEM_SCHEMA
@@ -267,12 +269,12 @@ def test_the_catalogue_folds_only_the_files_landed_since_the_last_build(storage,
     # a file whose time comes before the folded ones: every file again, in their order
     land("old.csv", "item_id,price\ne,5\n", now - 10)
     table, _, report = both()
-    assert report.files_folded == 4 and table["item_id"].to_list() == ["e", "a", "b", "d"]
-    assert table["price"].to_list() == [5.0, 11.0, 20.0, None]
+    assert report.files_folded == 4 and table["item_id"].to_list() == ["a", "b", "d", "e"]
+    assert table["price"].to_list() == [11.0, 20.0, None, 5.0]
     # a file removed: every file again, without its rows
     os.remove(last)
     table, rejected, report = both()
-    assert report.files_folded == 3 and table["item_id"].to_list() == ["e", "a", "b"]
+    assert report.files_folded == 3 and table["item_id"].to_list() == ["a", "b", "e"]
     assert table["available"].to_list() == [True, True, True] and rejected.height == 1
 
 
@@ -319,3 +321,44 @@ def test_the_readers_rejects_of_a_landed_file_reach_the_rejected_table(storage, 
     rejected = pl.read_parquet(storage.table_path("default", "rejected_items"))
     assert rejected["reason"].to_list() == ["bad_value", "unparsable"]
     assert report.rejected == 2
+
+
+_COLUMNS = ("title", "brand", "price")
+_FILE = st.tuples(
+    st.lists(st.sampled_from(_COLUMNS), unique=True),  # the columns it carries, besides the id
+    st.lists(
+        st.tuples(st.sampled_from("abcd"), st.sampled_from(["", "t", "u", "7", "x"])),
+        min_size=1,
+        max_size=4,
+    ),  # rows: (id, the one value every carried column gets; "x" is no price)
+)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(files=st.lists(_FILE, min_size=1, max_size=5))
+def test_building_after_each_landing_equals_one_build_of_every_file(files):
+    """Any sequence of partial catalogue files, built after each one lands (the incremental
+    fold), gives the table and rejects that one build from every file gives."""
+    import os
+    import tempfile
+    import time
+
+    from recsys.storage import Storage
+
+    with tempfile.TemporaryDirectory() as root:
+        storage = Storage(os.path.join(root, "data"))
+        now = time.time()
+        for n, (columns, rows) in enumerate(files):
+            text = ",".join(["item_id", *columns]) + "\n"
+            text += "".join(",".join([i, *[v] * len(columns)]) + "\n" for i, v in rows)
+            path = os.path.join(root, f"f{n}.csv")
+            with open(path, "w") as f:
+                f.write(text)
+            landed = ingest.import_file(storage, "items", path).landed
+            os.utime(landed, (now + n, now + n))
+            table, report = ingest.build_table(storage, "default", "items")
+            rejected = pl.read_parquet(storage.table_path("default", "rejected_items"))
+        assert report.files_folded <= 1  # (0: a file with the same content landed before)
+        full, _ = ingest.build_table(storage, "default", "items", rebuild=True)
+        full_rejected = pl.read_parquet(storage.table_path("default", "rejected_items"))
+    assert table.equals(full) and rejected.equals(full_rejected)
