@@ -324,6 +324,7 @@ def catalogue_as_of(
     """The items or users `table` (validated, as the warehouse holds it now) as it was at
     `cutoff` (see the module docstring), and what changed."""
     from recsys.ingest import landing_data_files
+    from recsys.storage import modified_s
     from recsys.validation import validate_items, validate_users
 
     entity = kind[:-1]
@@ -353,7 +354,7 @@ def catalogue_as_of(
     first_late = dict(late.group_by("entity_id").agg(pl.col("first_late").min()).iter_rows())
     # the landing rows of those entities, in the order build_table folds them
     files = landing_data_files(storage, tenant, kind)
-    stamped = sorted((storage.fs.info(f).get("mtime") or 0.0, f) for f in files)
+    stamped = sorted((modified_s(storage.fs.info(f)), f) for f in files)
     current: dict[str, dict[str, Any]] = {}
     before: dict[str, dict[str, Any]] = {}
     for mtime, path in stamped:
@@ -365,7 +366,7 @@ def catalogue_as_of(
             rid = str(row[key])
             text = {c: landing_text(v) for c, v in row.items() if c != "_row"}
             current[rid] = {**current.get(rid, {}), **text}
-            if _epoch(mtime) < first_late[rid].timestamp():
+            if mtime < first_late[rid].timestamp():
                 before[rid] = {**before.get(rid, {}), **text}
     rows = []
     for rid in sorted(ids):
@@ -393,10 +394,3 @@ def catalogue_as_of(
     report.rows_changed = good.height
     report.ids = good[key].to_list()
     return table.update(good, on=key, how="left", include_nulls=True), report
-
-
-def _epoch(mtime: Any) -> float:
-    """A file's modification time (fsspec gives a number or a datetime) as POSIX seconds."""
-    if isinstance(mtime, dt.datetime):
-        return mtime.timestamp()
-    return float(mtime)

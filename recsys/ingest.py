@@ -34,7 +34,7 @@ from recsys.contract import DEFAULT_TENANT, EVENT_SCHEMA, REJECTED_SCHEMA, empty
 from recsys.durable import sync_all, write_atomic, write_parquet_atomic
 from recsys.errors import RecsysError
 from recsys.readers import TextLayout
-from recsys.storage import Storage
+from recsys.storage import Storage, modified_s
 from recsys.tenancy import is_valid_tenant
 from recsys.validation import validate_events, validate_items, validate_users
 
@@ -138,12 +138,6 @@ def landing_data_files(storage: Storage, tenant: str, kind: str) -> list[str]:
 def _file_key(storage: Storage, path: str, info: dict | None = None) -> str:
     info = info or storage.fs.info(path)
     return f"{posixpath.basename(path)}:{info.get('size')}"
-
-
-def _mtime(info: dict) -> float:
-    """A file's modification time in seconds (0 where the filesystem has none)."""
-    mtime = info.get("mtime") or 0.0
-    return mtime.timestamp() if isinstance(mtime, datetime) else float(mtime)
 
 
 def pending_files(storage: Storage, tenant: str, kind: str = "events") -> list[str]:
@@ -546,7 +540,7 @@ def build_table(
     for f in listing:
         if f not in sidecars:
             info = storage.fs.info(f)
-            stamped.append((_mtime(info), f, _file_key(storage, f, info)))
+            stamped.append((modified_s(info), f, _file_key(storage, f, info)))
     stamped.sort()
     files = [f for _, f, _ in stamped]
     keys = [[key, t] for t, _, key in stamped]

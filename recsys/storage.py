@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import posixpath
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import fsspec
@@ -165,6 +166,13 @@ class Storage:
             proto = self.root.split("://", 1)[0]
             return f"{proto}://{p}"
         return p
+
+
+def modified_s(info: dict) -> float:
+    """A file's modification time from its fsspec ``info`` (a number, or a datetime on some
+    object stores) as POSIX seconds; 0 where the filesystem gives none."""
+    mtime = info.get("mtime") or 0.0
+    return mtime.timestamp() if isinstance(mtime, datetime) else float(mtime)
 
 
 def default_root() -> str:
