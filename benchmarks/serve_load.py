@@ -7,10 +7,11 @@ trivial Falcon endpoint (a fixed 20-item list; benchmarks/trivial_app.py) with t
 settings (2 sync workers), and prints:
 
 * throughput of POST /v1/recommend (k=20, 5 excluded ids, a forbidden tag, max_per_tag) vs the
-  trivial endpoint (goal >= 70 %), in alternating slices (the ratio's median over the rounds),
+  trivial endpoint (goal >= 75 %, issue 12; 70 % before it), in alternating slices (the
+  ratio's median over the rounds),
 * p99 latency at ~70 % of the recommend throughput (goal < 5 ms), paced with a wrk `delay()`
   (closed loop with think time, so the offered rate is approximate; the achieved rate is printed),
-* single-client median latency (goal < 0.3 ms),
+* single-client median latency (goal <= 0.25 ms, issue 12; 0.3 ms before it),
 * memory per worker beyond the shared snapshot mapping, from /proc/<pid>/smaps (goal < 150 MB),
 * a snapshot switch under load with zero failed requests.
 
@@ -317,7 +318,7 @@ def main() -> int:
         print(
             f"throughput: recommend {rec_rps:.0f} req/s vs trivial {triv_rps:.0f} req/s "
             f"(medians of {args.rounds} alternating {args.duration} s slices); ratio of "
-            f"neighbouring slices: median {ratio:.0%}, each {each} (goal >= 70%); "
+            f"neighbouring slices: median {ratio:.0%}, each {each} (goal >= 75%); "
             f"recommend non-2xx {sum(r['non2xx'] for r in runs['recommend'])}",
             flush=True,
         )
@@ -334,7 +335,7 @@ def main() -> int:
         print(
             f"single client: median {single['p50_ms']:.3f} ms, p99 {single['p99_ms']:.3f} ms, "
             f"{single['rps']:.0f} req/s (trivial endpoint: median {single_triv['p50_ms']:.3f} ms; "
-            "goal < 0.3 ms)",
+            "goal <= 0.25 ms)",
             flush=True,
         )
 
