@@ -258,12 +258,12 @@ FOLDED_KEYS = {"items": "item_id", "users": "user_id"}
 def field_layers(
     messages: list[bytes], id_field: str, columns: frozenset[str] | None = None
 ) -> list[list[int]]:
-    """A batch of JSON messages (`id_field`: the source field of the id) split into the fewest
-    files of one field set each that keep every id's messages in order: a message joins the
+    """A batch of JSON messages (`id_field`: the source field of the id) split into files of
+    one field set each that keep every id's messages in order, in one pass: a message joins the
     earliest file of its fields not before the file of its id's previous message, or starts a
-    new one. `columns`: the source fields that count (the contract's columns; others are
-    dropped by validation, so they split nothing); None: all. Returns each file's message
-    indices, files in the order they must land.
+    new one (usually one or two files a batch). `columns`: the source fields that count (the
+    contract's columns; others are dropped by validation, so they split nothing); None: all.
+    Returns each file's message indices, files in the order they must land.
 
     An items or users file changes, for the ids it names, the columns it carries
     (`recsys.ingest.build_table`), so a batch landed as one file gave every record the batch's
