@@ -543,7 +543,7 @@ def build_table(
             stamped.append((modified_s(info), f, _file_key(storage, f, info)))
     stamped.sort()
     files = [f for _, f, _ in stamped]
-    keys = [[key, t] for t, _, key in stamped]
+    keys, times = [key for _, _, key in stamped], [t for t, _, _ in stamped]
     report = TableReport(
         tenant=tenant, kind=kind, files=files, path=storage.table_path(tenant, kind)
     )
@@ -551,10 +551,11 @@ def build_table(
     table, rejects = empty_frame(kind), []
     start = 0  # the first file to fold
     last = {} if rebuild else load_state(storage, tenant).get(kind, {})
-    folded = last.get("folded", [])
+    folded, folded_times = last.get("files", []), last.get("times", [])
     if (
         folded
         and keys[: len(folded)] == folded
+        and times[: len(folded)] == folded_times
         and storage.exists(report.path)
         and storage.exists(rejected_path)
     ):
@@ -586,6 +587,6 @@ def build_table(
     write_parquet_atomic(table, report.path, storage.fs, sync=False)  # durable by save_state
     write_parquet_atomic(rejected, rejected_path, storage.fs, sync=False)
     state = load_state(storage, tenant)
-    state[kind] = {"files": [key for key, _ in keys], "folded": keys, "rejected": rejected.height}
+    state[kind] = {"files": keys, "times": times, "rejected": rejected.height}
     save_state(storage, tenant, state)
     return table, report
