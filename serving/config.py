@@ -13,7 +13,7 @@ serving package that reads `os.environ` (entry points call it; tests build the o
 | RECSYS_JWT_TENANT_CLAIMS | `tenant_id,org_id,tenant` | claims searched for the tenant |
 | RECSYS_API_KEYS | (unset) | `key=tenant:scope+scope,key2=tenant2:recommend` |
 | RECSYS_REDIS_URL | (unset) | shared rate-limit counters; in-process counters when unset |
-| RECSYS_RATE_LIMIT | `6000/60` | requests per window (seconds) per API key / token subject |
+| RECSYS_RATE_LIMIT | `6000/60` | requests per window (seconds) per API key / token subject (GCRA) |
 | RECSYS_TENANT_RATE_LIMIT | `60000/60` | requests per window per tenant (all keys together) |
 | RECSYS_CORS_ORIGINS | (none) | comma list of allowed origins, or `*` |
 | RECSYS_MAX_BODY_BYTES | `262144` | larger bodies get 413 |
@@ -39,6 +39,7 @@ serving package that reads `os.environ` (entry points call it; tests build the o
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,10 +67,16 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class RateLimitSpec:
-    """`limit` requests per `window_s` seconds (fixed windows)."""
+    """`limit` requests per `window_s` seconds: up to `limit` at once, then one every
+    `interval` seconds (`serving.ratelimit`)."""
 
     limit: int
     window_s: int
+    interval: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        interval = self.window_s / self.limit if self.limit > 0 else math.inf
+        object.__setattr__(self, "interval", interval)
 
     @classmethod
     def parse(cls, text: str) -> RateLimitSpec:

@@ -70,8 +70,9 @@ class ServingMiddleware:
     authenticator: every route but `PUBLIC_PATHS` (and OPTIONS) needs credentials; a resource
         declares `required_scope` (a string, or a dict method -> scope); a `tenant_id` route
         parameter and `X-Org-Id`, when sent, must equal the caller's tenant.
-    limiter + config: per-credential and per-tenant fixed windows; `RateLimit-Policy` and
-        `RateLimit` headers on every limited route, 429 with `Retry-After`.
+    limiter + config: per-credential and per-tenant limits (GCRA, `serving.ratelimit`);
+        `RateLimit-Policy` and `RateLimit` headers on every limited route, 429 with
+        `Retry-After`.
     gzip_min_bytes: compress bodies of at least that size when the client accepts gzip.
     request_ids: echo a well-formed `X-Request-Id` or generate one; continue a valid incoming
         `traceparent` (same trace id and flags, this server's span id; `tracestate` passed

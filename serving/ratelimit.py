@@ -1,16 +1,33 @@
-"""Fixed-window request counters: in-process by default, shared through Redis when configured.
+"""Rate limits as a generic cell rate algorithm (GCRA): in-process by default, shared through
+Redis when configured.
 
-`LimitTable` gives each tenant's windows (its rate-limit and quota documents over the server's
-configuration), re-read without a restart. `hit(key, spec)` counts one request and answers
-whether it is allowed, how many remain and when the window resets; `hit_pair` counts two at
-once (a request's credential and tenant: one lock, or one Redis round trip). With Redis every
-worker and host share one counter per key; without it each worker counts alone (so the
-effective limit is workers x limit; documented in the README).
+A spec of `limit` requests per `window_s` seconds lets a caller send up to `limit` requests at
+once, then one every ``window_s / limit`` seconds (its `RateLimitSpec.interval`): a token
+bucket of `limit` tokens refilled continuously. Each key keeps one number, its theoretical
+arrival time (TAT): when the caller's backlog drains. A request is allowed when the backlog it
+adds stays within the window. This is what fixed windows (counters reset on the clock's
+minute) did not give: a burst is never more than `limit` (a fixed window let `limit` through at
+its end and `limit` again a moment later), a refused caller waits one interval rather than
+until the window ends, callers do not all get their quota back at the same second, and the
+``t`` of the RateLimit header (draft-ietf-httpapi-ratelimit-headers-10: "seconds until
+additional quota is made available") and Retry-After say when the next request will pass. The
+long-run rate is the same: `limit` per `window_s`.
+
+`LimitTable` gives each tenant's specs (its rate-limit and quota documents over the server's
+configuration), re-read without a restart. `hit(key, spec)` takes one request and answers
+whether it is allowed, how many more would be now, and in how many seconds more quota comes;
+`hit_pair` takes a request's credential and tenant together, all or nothing (one lock, or one
+Redis round trip): a request refused by one is charged to neither, so a credential hammering
+past its own limit does not use up its tenant's. A key's TAT is kept per spec, so a changed
+limit starts afresh. With Redis every worker and host share one TAT per key (Redis's clock);
+without it each worker keeps its own (so the effective limit is workers x limit; documented in
+the README).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import NamedTuple
@@ -100,82 +117,115 @@ def _policy(key: RateLimitSpec, tenant: RateLimitSpec) -> str:
 class RateDecision(NamedTuple):  # (a tuple: built twice per request, cheaply)
     allowed: bool
     limit: int
-    remaining: int
-    reset_s: int  # seconds until the window resets
+    remaining: int  # requests that would be allowed now, after this one
+    reset_s: int  # seconds until more quota is available (>= 1)
 
 
 _decision = tuple.__new__  # (RateDecision(...) without the namedtuple's Python-level __new__)
 
+#: Relative tolerance of the comparisons (``limit * interval`` is the window up to rounding).
+_EPS = 1e-9
+
+
+def admitted_tat(tat: float, now: float, spec: RateLimitSpec) -> float | None:
+    """The TAT after one more request at `now` on a key whose TAT is `tat` (0: none yet), or
+    None when `spec` refuses the request."""
+    new = (tat if tat > now else now) + spec.interval
+    return new if new - now <= spec.window_s * (1 + _EPS) else None
+
+
+def decision(allowed: bool, tat: float, now: float, spec: RateLimitSpec) -> RateDecision:
+    """What the caller is told, from its TAT after the request (the unchanged TAT of a request
+    that was refused or not charged)."""
+    limit, window_s, interval = spec.limit, spec.window_s, spec.interval
+    if limit <= 0:
+        return _decision(RateDecision, (False, 0, 0, window_s))
+    slack = window_s - tat + now if tat > now else window_s  # (the quota not in use, in s)
+    remaining = int(slack / interval + _EPS) if slack > 0 else 0  # (<= limit: slack <= window)
+    reset = math.ceil((remaining + 1) * interval - slack - _EPS * window_s)
+    return _decision(RateDecision, (allowed, limit, remaining, reset if reset > 1 else 1))
+
 
 class InProcessLimiter:
-    """Per-process fixed windows (a dict of key -> [window start, count], updated in place)."""
+    """Per-process GCRA: a dict of key -> [TAT, spec], updated in place under one lock."""
 
     def __init__(self, clock=time.time, max_keys: int = 100_000) -> None:
         self._clock = clock
-        self._counts: dict[str, list[int]] = {}
+        self._tats: dict[str, list] = {}
         self._lock = threading.Lock()
         self._max_keys = max_keys
 
     def hit(self, key: str, spec: RateLimitSpec) -> RateDecision:
+        now = self._clock()
         with self._lock:
-            return self._hit(key, spec, self._clock())
+            slot = self._slot(key, spec)
+            new = admitted_tat(slot[0], now, spec)
+            if new is not None:
+                slot[0] = new
+        return decision(new is not None, slot[0], now, spec)
 
     def hit_pair(
         self, key_a: str, spec_a: RateLimitSpec, key_b: str, spec_b: RateLimitSpec
     ) -> tuple[RateDecision, RateDecision]:
-        """Two counters at once (a request's credential and tenant): one clock read, one lock
-        (`_hit` twice, written out: this runs on every request)."""
+        """A request's two keys (credential and tenant) at once: one clock read, one lock,
+        charged to both only when both allow it."""
         now = self._clock()
-        counts = self._counts
         with self._lock:
-            window_a, window_b = int(now // spec_a.window_s), int(now // spec_b.window_s)
-            slot_a, slot_b = counts.get(key_a), counts.get(key_b)
-            if slot_a is None or slot_b is None or slot_a is slot_b:
-                return self._hit(key_a, spec_a, now), self._hit(key_b, spec_b, now)
-            if slot_a[0] != window_a:
-                slot_a[0], slot_a[1] = window_a, 0
-            if slot_b[0] != window_b:
-                slot_b[0], slot_b[1] = window_b, 0
-            slot_a[1] = count_a = slot_a[1] + 1
-            slot_b[1] = count_b = slot_b[1] + 1
-        limit_a, limit_b = spec_a.limit, spec_b.limit
-        return _decision(
-            RateDecision,
-            (
-                count_a <= limit_a,
-                limit_a,
-                limit_a - count_a if count_a < limit_a else 0,
-                int((window_a + 1) * spec_a.window_s - now) + 1,
-            ),
-        ), _decision(
-            RateDecision,
-            (
-                count_b <= limit_b,
-                limit_b,
-                limit_b - count_b if count_b < limit_b else 0,
-                int((window_b + 1) * spec_b.window_s - now) + 1,
-            ),
+            slot_a, slot_b = self._slot(key_a, spec_a), self._slot(key_b, spec_b)
+            new_a = admitted_tat(slot_a[0], now, spec_a)
+            new_b = admitted_tat(slot_b[0], now, spec_b) if slot_b is not slot_a else None
+            if new_a is not None and new_b is not None:
+                slot_a[0], slot_b[0] = new_a, new_b
+            tat_a, tat_b = slot_a[0], slot_b[0]
+        return decision(new_a is not None, tat_a, now, spec_a), decision(
+            new_b is not None, tat_b, now, spec_b
         )
 
-    def _hit(self, key: str, spec: RateLimitSpec, now: float) -> RateDecision:
-        window_s, limit = spec.window_s, spec.limit
-        window = int(now // window_s)
-        slot = self._counts.get(key)
-        if slot is None:
-            if len(self._counts) >= self._max_keys:
-                self._counts.clear()  # bounded memory; losing old windows only forgives callers
-            slot = self._counts[key] = [window, 0]
-        elif slot[0] != window:
-            slot[0], slot[1] = window, 0
-        slot[1] = count = slot[1] + 1
-        reset = int((window + 1) * window_s - now) + 1
-        return _decision(
-            RateDecision, (count <= limit, limit, limit - count if count < limit else 0, reset)
-        )
+    def _slot(self, key: str, spec: RateLimitSpec) -> list:
+        """The key's [TAT, spec] (a new one, TAT 0, when absent or kept for another spec)."""
+        slot = self._tats.get(key)
+        if slot is None or (slot[1] is not spec and slot[1] != spec):
+            if len(self._tats) >= self._max_keys:
+                self._tats.clear()  # bounded memory; forgetting a TAT only forgives its caller
+            slot = self._tats[key] = [0.0, spec]
+        return slot
+
+
+#: One GCRA step over KEYS with ARGV = limit, window_s per key, on Redis's clock: every key is
+#: charged or none. Returns {allowed (1/0), now, TAT of each key after it} (numbers as text:
+#: Redis turns a Lua number into an integer).
+_GCRA_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local tats, news, ok = {}, {}, 1
+for i = 1, #KEYS do
+  local limit, window = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i])) or 0
+  if tat < now then tat = now end
+  tats[i] = tat
+  if limit <= 0 then
+    ok = 0
+  else
+    news[i] = tat + window / limit
+    if news[i] - now > window * (1 + 1e-9) then ok = 0 end
+  end
+end
+local out = {ok, string.format('%.6f', now)}
+for i = 1, #KEYS do
+  local tat = tats[i]
+  if ok == 1 then
+    tat = news[i]
+    redis.call('SET', KEYS[i], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 1)
+  end
+  out[#out + 1] = string.format('%.6f', tat)
+end
+return out
+"""
 
 
 class RedisLimiter:
-    """Fixed windows in Redis (INCR + EXPIRE in one round trip); shared by all workers.
+    """GCRA in Redis (one Lua script per request: a round trip, atomic); shared by every worker
+    and host, on Redis's clock.
 
     If Redis fails, the request is counted by an in-process limiter instead (fail open to a
     per-worker limit rather than refusing traffic) and a warning is logged once a minute.
@@ -187,6 +237,7 @@ class RedisLimiter:
         self._redis = client or redis.Redis.from_url(
             url, socket_timeout=0.05, socket_connect_timeout=0.05
         )
+        self._script = self._redis.register_script(_GCRA_SCRIPT)
         self._prefix = prefix
         self._fallback = InProcessLimiter()
         self._last_warning = 0.0
@@ -197,30 +248,28 @@ class RedisLimiter:
     def hit_pair(
         self, key_a: str, spec_a: RateLimitSpec, key_b: str, spec_b: RateLimitSpec
     ) -> tuple[RateDecision, RateDecision]:
-        """Two counters in one round trip (a request's credential and tenant)."""
+        """Both keys in one round trip, charged to both only when both allow the request."""
         a, b = self._hit_many(((key_a, spec_a), (key_b, spec_b)))
         return a, b
 
     def _hit_many(self, hits) -> list[RateDecision]:
-        now = time.time()
-        windows = [int(now // spec.window_s) for _, spec in hits]
+        # (the spec is part of the key: a changed limit starts afresh, as in-process)
+        keys = [f"{self._prefix}{key}:{spec.limit}/{spec.window_s}" for key, spec in hits]
+        args = [n for _, spec in hits for n in (spec.limit, spec.window_s)]
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            for (key, spec), window in zip(hits, windows, strict=True):
-                rkey = f"{self._prefix}{key}:{spec.window_s}:{window}"
-                pipe.incr(rkey)
-                pipe.expire(rkey, spec.window_s + 1)
-            replies = pipe.execute()
+            reply = self._script(keys=keys, args=args)
         except Exception as e:  # redis.RedisError, OSError: degrade, do not fail requests
+            now = time.time()
             if now - self._last_warning > 60:
                 log.warning("redis rate limiter unavailable (%s); counting in-process", e)
                 self._last_warning = now
+            if len(hits) == 2:
+                return list(self._fallback.hit_pair(*hits[0], *hits[1]))
             return [self._fallback.hit(key, spec) for key, spec in hits]
+        charged, now = int(reply[0]) == 1, float(reply[1])
         out = []
-        for j, ((_, spec), window) in enumerate(zip(hits, windows, strict=True)):
-            count = int(replies[2 * j])
-            reset = int((window + 1) * spec.window_s - now) + 1
-            out.append(
-                RateDecision(count <= spec.limit, spec.limit, max(0, spec.limit - count), reset)
-            )
+        for (_, spec), tat in zip(hits, reply[2:], strict=True):
+            tat = float(tat)
+            allowed = charged or admitted_tat(tat, now, spec) is not None
+            out.append(decision(allowed, tat, now, spec))
         return out

@@ -286,7 +286,8 @@ def test_rate_limits_answer_alike(monkeypatch, data_root):
     requests += [(f"key {i}", {"body": body, "headers": key}, True) for i in range(3)]
     answers = dict(_compare(monkeypatch, config, requests))
     assert [answers[f"jwt {i}"][0][:3] for i in range(4)] == ["200", "200", "200", "429"]
-    assert [answers[f"key {i}"][0][:3] for i in range(3)] == ["200", "429", "429"]
+    # (the key's refused 4th request was charged to neither: the tenant has 2 left of 5)
+    assert [answers[f"key {i}"][0][:3] for i in range(3)] == ["200", "200", "429"]
     assert dict(answers["key 2"][1])["ratelimit"].startswith('"tenant"')
 
 

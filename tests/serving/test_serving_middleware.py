@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import falcon
 import pytest
 from falcon import testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serving import errors
 from serving.config import RateLimitSpec, ServingConfig, parse_api_keys
@@ -51,16 +56,41 @@ def test_gzip_alone():
     assert "Content-Encoding" not in client.simulate_get("/echo").headers
 
 
-def test_in_process_limiter_windows():
+def test_in_process_limiter_lets_a_burst_through_then_one_request_an_interval():
     now = [1000.0]
     limiter = InProcessLimiter(clock=lambda: now[0])
-    spec = RateLimitSpec(2, 10)
-    assert [limiter.hit("k", spec).allowed for _ in range(3)] == [True, True, False]
+    spec = RateLimitSpec(3, 60)  # a burst of 3, then one every 20 s
+    burst = [limiter.hit("k", spec) for _ in range(4)]
+    assert [(d.allowed, d.remaining, d.reset_s) for d in burst] == [
+        (True, 2, 20),
+        (True, 1, 20),
+        (True, 0, 20),
+        (False, 0, 20),  # (Retry-After: the next request passes in 20 s)
+    ]
     now[0] += 10
-    assert limiter.hit("k", spec).allowed
+    assert limiter.hit("k", spec)[::3] == (False, 10)
+    now[0] += 10
+    assert limiter.hit("k", spec)[:3] == (True, 3, 0)
+    assert not limiter.hit("k", spec).allowed
+    now[0] += 60  # a whole window idle: the whole burst again
+    assert [limiter.hit("k", spec).allowed for _ in range(4)] == [True, True, True, False]
 
 
-def test_in_process_limiter_counts_a_pair_like_two_hits():
+def test_no_second_burst_right_after_a_window_ends():
+    """Fixed windows let 6 requests through at 59.9 s and 6 more at 60.1 s; here the second
+    burst gets the one request the 0.2 s in between earned (none) and waits."""
+    now = [59.9]
+    limiter = InProcessLimiter(clock=lambda: now[0])
+    spec = RateLimitSpec(6, 60)
+    assert all(limiter.hit("k", spec).allowed for _ in range(6))
+    now[0] = 60.1
+    refused = limiter.hit("k", spec)
+    assert not refused.allowed and refused.reset_s == 10  # (one request every 10 s; 0.2 s in)
+    now[0] = 59.9 + 10
+    assert limiter.hit("k", spec).allowed and not limiter.hit("k", spec).allowed
+
+
+def test_in_process_limiter_charges_a_pair_all_or_nothing():
     now = [1000.0]
     limiter = InProcessLimiter(clock=lambda: now[0])
     key_spec, tenant_spec = RateLimitSpec(2, 10), RateLimitSpec(3, 60)
@@ -68,12 +98,53 @@ def test_in_process_limiter_counts_a_pair_like_two_hits():
     assert [(k.allowed, t.allowed) for k, t in pairs] == [
         (True, True),
         (True, True),
+        (False, True),  # refused by the key: not charged to the tenant
         (False, True),
-        (False, False),
     ]
-    assert [(k.remaining, t.remaining) for k, t in pairs[:2]] == [(1, 2), (0, 1)]
-    assert pairs[0][0].reset_s == 11 and pairs[0][1].reset_s == 21  # windows of 10 s and 60 s
-    assert limiter.hit("t:a", tenant_spec).remaining == 0  # the same counters as hit()
+    assert [(k.remaining, t.remaining) for k, t in pairs] == [(1, 2), (0, 1), (0, 1), (0, 1)]
+    assert [(k.reset_s, t.reset_s) for k, t in pairs[:3]] == [(5, 20), (5, 20), (5, 20)]
+    # another credential of the tenant still has the tenant's last request; then none
+    assert limiter.hit_pair("k:b", key_spec, "t:a", tenant_spec)[1][:3] == (True, 3, 0)
+    assert not limiter.hit_pair("k:b", key_spec, "t:a", tenant_spec)[1].allowed
+    assert limiter.hit("t:a", tenant_spec).remaining == 0  # the same TATs as hit()
+
+
+def test_a_changed_limit_starts_afresh():
+    now = [1000.0]
+    limiter = InProcessLimiter(clock=lambda: now[0])
+    assert limiter.hit("k", RateLimitSpec(1, 3600)).allowed
+    assert not limiter.hit("k", RateLimitSpec(1, 3600)).allowed  # (an hour's backlog)
+    assert limiter.hit("k", RateLimitSpec(100, 60)).allowed  # raised: not held by the old one
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    limit=st.integers(1, 8),
+    window_s=st.sampled_from([1, 3, 10, 60]),
+    gaps_ms=st.lists(st.integers(0, 4000), min_size=1, max_size=60),
+)
+def test_the_limiter_answers_as_a_token_bucket(limit, window_s, gaps_ms):
+    """GCRA is a bucket of `limit` tokens refilled at limit / window_s a second, a request
+    taking one: computed here with exact fractions, request by request."""
+    rate = Fraction(limit, window_s)
+    tokens, last, clock = Fraction(limit), Fraction(0), [0.0]
+    limiter = InProcessLimiter(clock=lambda: clock[0])
+    spec = RateLimitSpec(limit, window_s)
+    t = Fraction(0)
+    for gap in gaps_ms:
+        t += Fraction(gap, 1000)
+        clock[0] = float(t)
+        tokens = min(Fraction(limit), tokens + (t - last) * rate)
+        last = t
+        allowed = tokens >= 1
+        if allowed:
+            tokens -= 1
+        # seconds until the bucket holds one more whole token than now
+        wait = (math.floor(tokens) + 1 - tokens) / rate
+        got = limiter.hit("k", spec)
+        assert got.allowed == allowed
+        assert got.remaining == math.floor(tokens)
+        assert got.reset_s == max(1, math.ceil(wait))
 
 
 def test_config_from_env():
@@ -107,17 +178,24 @@ def test_redis_limiter_is_shared():
     key = f"test-{uuid.uuid4().hex}"
     spec = RateLimitSpec(3, 60)
     a, b = RedisLimiter(url), RedisLimiter(url)  # two workers
-    decisions = [
-        a.hit(key, spec).allowed,
-        b.hit(key, spec).allowed,
-        a.hit(key, spec).allowed,
-        b.hit(key, spec).allowed,
+    decisions = [a.hit(key, spec), b.hit(key, spec), a.hit(key, spec), b.hit(key, spec)]
+    assert [(d.allowed, d.remaining) for d in decisions] == [
+        (True, 2),
+        (True, 1),
+        (True, 0),
+        (False, 0),
     ]
-    assert decisions == [True, True, True, False]
-    # a pair is counted in one round trip, on the same shared counters
+    assert 19 <= decisions[3].reset_s <= 20  # (the next of one every 20 s; Redis's clock)
+    # a pair in one round trip, on the same shared TATs: refused by the key, so not charged to
+    # the tenant
     k, t = a.hit_pair(key, spec, f"{key}-tenant", RateLimitSpec(5, 60))
-    assert (k.allowed, k.remaining, t.allowed, t.remaining) == (False, 0, True, 4)
+    assert (k.allowed, k.remaining, t.allowed, t.remaining) == (False, 0, True, 5)
+    k, t = b.hit_pair(f"{key}-other", spec, f"{key}-tenant", RateLimitSpec(5, 60))
+    assert (k.allowed, k.remaining, t.allowed, t.remaining) == (True, 2, True, 4)
     assert b.hit(f"{key}-tenant", RateLimitSpec(5, 60)).remaining == 3
+    # the key expires once its backlog has drained (at most the window)
+    ttl = redis.Redis.from_url(url).pttl(f"recsys:rl:{key}:3/60")
+    assert 55_000 < ttl <= 60_001
 
 
 def test_redis_limiter_fails_open_to_in_process():
@@ -125,4 +203,4 @@ def test_redis_limiter_fails_open_to_in_process():
     spec = RateLimitSpec(1, 60)
     assert limiter.hit("k", spec).allowed and not limiter.hit("k", spec).allowed
     k, t = limiter.hit_pair("k", spec, "t", spec)
-    assert not k.allowed and t.allowed
+    assert not k.allowed and t.allowed and t.remaining == 1  # (not charged: all or nothing)
