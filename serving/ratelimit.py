@@ -173,7 +173,7 @@ class InProcessLimiter:
         with self._lock:
             slot_a, slot_b = self._slot(key_a, spec_a), self._slot(key_b, spec_b)
             new_a = admitted_tat(slot_a[0], now, spec_a)
-            new_b = admitted_tat(slot_b[0], now, spec_b) if slot_b is not slot_a else None
+            new_b = admitted_tat(slot_b[0], now, spec_b)  # (key_b == key_a: charged once)
             if new_a is not None and new_b is not None:
                 slot_a[0], slot_b[0] = new_a, new_b
             tat_a, tat_b = slot_a[0], slot_b[0]
