@@ -282,7 +282,8 @@ REJECTED_SUFFIX = ".rejected.parquet"  # (recsys.ingest's name for a landing fil
 
 
 def landing_text(value: Any) -> str | None:
-    """A field value as the text a landing file holds (what validation parses)."""
+    """A field value as the text a landing file holds (what validation parses): scalars as
+    text, lists and objects as compact JSON (tags and context stay structured)."""
     if value is None:
         return None
     if isinstance(value, bool):

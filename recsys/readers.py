@@ -31,6 +31,7 @@ from fsspec.core import url_to_fs
 
 from recsys.contract import REJECTED_SCHEMA
 from recsys.errors import EmptyInputError, RecsysError
+from recsys.features import landing_text
 
 FORMATS = ("csv", "tsv", "ndjson", "parquet")
 _EXTENSIONS = {
@@ -415,7 +416,7 @@ def _parse_ndjson(lines: list[tuple[int, str]], path: str) -> tuple[pl.DataFrame
             if key not in columns:
                 columns[key] = [None] * i
         for key, col in columns.items():
-            col.append(_as_text(rec.get(key)))
+            col.append(landing_text(rec.get(key)))
     df = pl.DataFrame(
         {
             **{k: pl.Series(k, v, dtype=pl.String) for k, v in columns.items()},
@@ -423,19 +424,6 @@ def _parse_ndjson(lines: list[tuple[int, str]], path: str) -> tuple[pl.DataFrame
         }
     )
     return df, rejects
-
-
-def _as_text(value: object) -> str | None:
-    """Scalars as text, lists/objects as compact JSON (tags and context stay structured)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value) if isinstance(value, float) else str(value)
-    return orjson.dumps(value).decode()
 
 
 def _reject(path: str, n: int, reason: str, detail: str, raw: str) -> dict:
