@@ -38,6 +38,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -199,27 +200,48 @@ def quota_usage(ctx: Any, tenant: str) -> dict[str, dict[str, int | None]]:
 
 
 # --- events per day ---------------------------------------------------------------------------
-EVENTS_SYNC_S = 1.0  # a worker merges its count into the shared one at most this often
+EVENTS_SYNC_S = 1.0  # a worker gives its lease back and reads the totals at most this often
+#: The share of the quota left (beyond a request's events) that a worker takes as its lease.
+LEASE_SHARE = 8
 
 
 class EventDayCounter:
-    """Events accepted per tenant and UTC day, shared by the workers of a data root.
+    """Events accepted per tenant and UTC day, shared by the workers of a data root, never
+    past the quota.
 
-    Each worker counts in memory and merges its count into ``<data root>/serving/
-    event_counts.sqlite`` (one ``BEGIN IMMEDIATE`` transaction: the workers' lock) at most every
-    `EVENTS_SYNC_S`, reading the total back; `charge` refuses (429 naming ``events_per_day``)
-    when the last total seen plus what this worker has not merged plus the request's events
-    would pass the quota. So the cost per request is a few dict operations, and a quota can be
-    overrun by at most what the other workers accept within `EVENTS_SYNC_S`."""
+    The shared row of a tenant and day (``<data root>/serving/event_counts.sqlite``) counts
+    the events accepted plus the quota the workers hold as leases (`n`), and those leases apart
+    (`leased`). A worker accepts events out of its lease with a few dict operations. When the
+    lease cannot cover a request, one ``BEGIN IMMEDIATE`` transaction (the workers' lock) gives
+    the lease's rest back and takes the request's events plus a `LEASE_SHARE` of what is left
+    beyond them, or refuses (429 naming ``events_per_day``) when even the request's events do
+    not fit. So `n` never passes the quota, whatever the workers do at once, and near the quota
+    every request takes a transaction.
+
+    Every `EVENTS_SYNC_S` a worker gives its lease's rest back and reads the totals: `used` is
+    ``n - leased`` as of then (the events other workers accepted out of their leases since their
+    last sync are not in it yet). A lease another worker holds is not free to this one: near
+    the quota a request can be refused while another worker's lease still has room, until that
+    worker's next sync (a worker that is killed leaves its rest counted: the day's quota is
+    then under-used by that rest, never overrun)."""
 
     def __init__(self, data_root: str) -> None:
         self._path = os.path.join(data_root, "serving", "event_counts.sqlite")
         self._local = threading.Lock()
-        self._pending: dict[tuple[str, str], int] = {}  # counted here, not merged yet
-        self._total: dict[tuple[str, str], int] = {}  # the shared total last read
+        # (tenant, day) -> [events left, the limit it was taken under, leased when taken]
+        self._leases: dict[tuple[str, str], list[int]] = {}
+        self._total: dict[tuple[str, str], int] = {}  # the shared used count last read
         self._synced = 0.0
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (c := ref()) and c._forget_parent())
+
+    def _forget_parent(self) -> None:
+        """In a forked child: the parent's leases and connection are the parent's."""
+        self._local = threading.Lock()
+        self._leases, self._total, self._synced = {}, {}, 0.0
+        self._conn, self._pid = None, 0
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # (never a parent's connection)
@@ -229,55 +251,115 @@ class EventDayCounter:
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # (a count: no fsync per merge)
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS counts (tenant TEXT, day TEXT, n INTEGER, "
-                "PRIMARY KEY (tenant, day))"
-            )
-            self._conn, self._pid = conn, os.getpid()
-        return self._conn
-
-    def sync(self) -> None:
-        """Merge this worker's counts and read every total of today back."""
-        with self._local:
-            pending, self._pending = self._pending, {}
-            conn = self._connection()
-            day = _today()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for (tenant, d), n in pending.items():
-                    conn.execute(
-                        "INSERT INTO counts VALUES (?, ?, ?) "
-                        "ON CONFLICT (tenant, day) DO UPDATE SET n = n + excluded.n",
-                        (tenant, d, n),
-                    )
-                rows = conn.execute("SELECT tenant, n FROM counts WHERE day = ?", (day,))
-                self._total = {(tenant, day): n for tenant, n in rows}
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS counts (tenant TEXT, day TEXT, n INTEGER, "
+                    "leased INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, day))"
+                )
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(counts)")}
+                if "leased" not in columns:  # (a file of the release before leases)
+                    conn.execute("ALTER TABLE counts ADD COLUMN leased INTEGER NOT NULL DEFAULT 0")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
-                for key, n in pending.items():  # counted again at the next merge
-                    self._pending[key] = self._pending.get(key, 0) + n
                 raise
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def _transaction(self, step):
+        """`step(conn)` in one ``BEGIN IMMEDIATE`` transaction (call with `_local` held)."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = step(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return result
+
+    @staticmethod
+    def _give_back(conn: sqlite3.Connection, key: tuple[str, str], lease: list[int]) -> None:
+        conn.execute(
+            "UPDATE counts SET n = n - ?, leased = leased - ? WHERE tenant = ? AND day = ?",
+            (lease[0], lease[2], *key),
+        )
+
+    def sync(self) -> None:
+        """Give every lease's rest back and read every total of today."""
+        with self._local:
+            leases = self._leases
+            day = _today()
+
+            def step(conn):
+                for key, lease in leases.items():
+                    self._give_back(conn, key, lease)
+                rows = conn.execute("SELECT tenant, n - leased FROM counts WHERE day = ?", (day,))
+                return {(tenant, day): used for tenant, used in rows}
+
+            self._total = self._transaction(step)
+            self._leases = {}
             self._synced = time.monotonic()
 
     def used(self, tenant: str) -> int:
-        """Today's events of the tenant: the shared total plus this worker's unmerged ones."""
+        """Today's events of the tenant, as of the last sync (at most `EVENTS_SYNC_S` ago)."""
         if time.monotonic() - self._synced >= EVENTS_SYNC_S:
             self.sync()
-        key = (tenant, _today())
-        return self._total.get(key, 0) + self._pending.get(key, 0)
+        return self._total.get((tenant, _today()), 0)
 
     def charge(self, tenant: str, n: int, limit: int) -> None:
         """Count `n` accepted events of `tenant`, or refuse them all (429) if they would pass
         `limit` today."""
-        used = self.used(tenant)
-        if used + n > limit:
+        if time.monotonic() - self._synced >= EVENTS_SYNC_S:
+            self.sync()
+        key = (tenant, _today())
+        with self._local:
+            lease = self._leases.get(key)
+            if lease is not None and lease[1] == limit and lease[0] >= n:
+                lease[0] -= n
+                return
+            used = self._take(key, n, limit)
+        if used is not None:
             raise quota_exceeded(
                 "events_per_day", limit, used, 429, {"Retry-After": str(_seconds_to_midnight())}
             )
-        key = (tenant, _today())
-        with self._local:
-            self._pending[key] = self._pending.get(key, 0) + n
+
+    def _take(self, key: tuple[str, str], n: int, limit: int) -> int | None:
+        """Give the key's lease back and take `n` events and a new lease (None), or take none
+        (the events used, for the refusal). Call with `_local` held."""
+        old = self._leases.pop(key, None)
+
+        def step(conn):
+            if old is not None:
+                self._give_back(conn, key, old)
+            row = conn.execute(
+                "SELECT n, leased FROM counts WHERE tenant = ? AND day = ?", key
+            ).fetchone()
+            counted, leased = row if row is not None else (0, 0)
+            free = limit - counted
+            if free < n:
+                return None, counted - leased
+            rest = (free - n) // LEASE_SHARE
+            conn.execute(
+                "INSERT INTO counts (tenant, day, n, leased) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (tenant, day) DO UPDATE SET n = n + excluded.n, "
+                "leased = leased + excluded.leased",
+                (*key, n + rest, rest),
+            )
+            return [rest, limit, rest], counted - leased + n
+
+        try:
+            lease, used = self._transaction(step)
+        except BaseException:
+            if old is not None:
+                self._leases[key] = old  # (rolled back: still held)
+            raise
+        self._total[key] = used
+        if lease is None:
+            return used
+        self._leases[key] = lease
+        return None
 
 
 def _today() -> str:
