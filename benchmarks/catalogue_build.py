@@ -9,7 +9,9 @@ rebuild (`time.process_time`, this process only), the table's size and a digest 
 (the same for two versions of the code that fold alike). Then it lands `--then` more API
 record files and builds again: the build of an ingest run after a few record writes (the fold
 is incremental: it reads the files landed since the last build), and the same build from every
-file (`rebuild=True`), with their digests.
+file (`rebuild=True`), with their digests. Last, `recsys.features.catalogue_as_of` (a training
+run's point-in-time catalogue) at a cut-off halfway through the record files, with upserts of
+`--late` items logged after it: it reads every landing file for those items.
 
     .venv/bin/python benchmarks/catalogue_build.py --files 2000
 """
@@ -17,6 +19,7 @@ file (`rebuild=True`), with their digests.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import posixpath
 import sys
@@ -33,12 +36,14 @@ def main() -> None:
     parser.add_argument("--feeds", type=int, default=3)
     parser.add_argument("--feed-rows", type=int, default=1000)
     parser.add_argument("--then", type=int, default=20, help="record files landed after")
+    parser.add_argument("--late", type=int, default=3, help="items with a value upserted late")
     args = parser.parse_args()
 
     import polars as pl
 
     from recsys import ingest
     from recsys.durable import write_parquet_atomic
+    from recsys.features import LOG_SCHEMA, catalogue_as_of
     from recsys.storage import Storage
     from serving.crr.records import landing_row
 
@@ -91,6 +96,28 @@ def main() -> None:
                 f"{len(report.files)} files folded: {wall:.2f} s wall, {cpu:.2f} s CPU; "
                 f"table digest {table.hash_rows(seed=0).sum()}"
             )
+        late_at = dt.datetime.fromtimestamp(stamp + len(paths), dt.UTC)
+        ids = [f"i{n:06d}" for n in range(min(args.late, args.items))]
+        log = pl.DataFrame(
+            {
+                "entity_type": ["item"] * len(ids),
+                "entity_id": ids,
+                "feature": ["price"] * len(ids),
+                "value": ["1.5"] * len(ids),
+                "event_timestamp": [late_at] * len(ids),
+                "created_timestamp": [late_at] * len(ids),
+            },
+            schema=LOG_SCHEMA,
+        )
+        cutoff = dt.datetime.fromtimestamp(stamp + args.files / 2, dt.UTC)
+        wall, cpu = time.perf_counter(), time.process_time()
+        as_of, as_of_report = catalogue_as_of(storage, "bench", "items", table, cutoff, log)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        print(
+            f"catalogue_as_of: {len(ids)} items upserted after the cut-off, "
+            f"{as_of_report.rows_changed} rows changed, every landing file read: {wall:.2f} s "
+            f"wall, {cpu:.2f} s CPU; table digest {as_of.hash_rows(seed=0).sum()}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 import polars as pl
 
@@ -324,7 +325,7 @@ def catalogue_as_of(
 ) -> tuple[pl.DataFrame | None, AsOfReport]:
     """The items or users `table` (validated, as the warehouse holds it now) as it was at
     `cutoff` (see the module docstring), and what changed."""
-    from recsys.ingest import landing_data_files
+    from recsys.ingest import landing_data_files, landing_runs
     from recsys.storage import modified_s
     from recsys.validation import validate_items, validate_users
 
@@ -358,13 +359,15 @@ def catalogue_as_of(
     stamped = sorted((modified_s(storage.fs.info(f)), f) for f in files)
     current: dict[str, dict[str, Any]] = {}
     before: dict[str, dict[str, Any]] = {}
-    for mtime, path in stamped:
-        frame = pl.read_parquet(storage.fs.open(path, "rb"))
+    times = [t for t, _ in stamped]
+    for paths, sizes, frame in landing_runs(storage, [f for _, f in stamped]):
+        run_times, times = times[: len(paths)], times[len(paths) :]
         if key not in frame.columns:
             continue
-        frame = frame.filter(pl.col(key).cast(pl.String).is_in(list(ids)))
+        mtime = pl.Series("_mtime", np.repeat(run_times, sizes), dtype=pl.Float64)
+        frame = frame.with_columns(mtime).filter(pl.col(key).cast(pl.String).is_in(list(ids)))
         for row in frame.iter_rows(named=True):
-            rid = str(row[key])
+            rid, mtime = str(row[key]), row.pop("_mtime")
             text = {c: landing_text(v) for c, v in row.items() if c != "_row"}
             current[rid] = {**current.get(rid, {}), **text}
             if mtime < first_late[rid].timestamp():

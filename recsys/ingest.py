@@ -456,6 +456,41 @@ def events_time_range(storage: Storage, tenant: str) -> tuple[str | None, str | 
 
 
 # --- items and users ----------------------------------------------------------------------------
+def landing_runs(
+    storage: Storage, paths: list[str]
+) -> Iterator[tuple[list[str], list[int], pl.DataFrame]]:
+    """The landing files `paths`, in order, as runs of consecutive files of one schema: (the
+    run's paths, each file's row count, the run's rows together, in file order). On a local
+    folder each run is read in one call, after a look at each file's schema (Polars reads the
+    files of a run in parallel: ~0.11 ms a one-row file against ~0.45 ms read alone); on an
+    object store file by file."""
+    if storage.is_local:
+        schemas = [list(pl.read_parquet_schema(path).items()) for path in paths]
+        start = 0
+        while start < len(paths):
+            end = start + 1
+            while end < len(paths) and schemas[end] == schemas[start]:
+                end += 1
+            run = paths[start:end]
+            joined = pl.read_parquet(run, include_file_paths=_FILE_COLUMN)
+            rows = Counter(joined[_FILE_COLUMN].to_list())
+            yield run, [rows.get(path, 0) for path in run], joined.drop(_FILE_COLUMN)
+            start = end
+        return
+    run: list[tuple[str, pl.DataFrame]] = []
+    for path in paths:
+        raw = pl.read_parquet(storage.fs.open(path, "rb"))
+        if run and raw.schema != run[0][1].schema:
+            yield [p for p, _ in run], [r.height for _, r in run], pl.concat([r for _, r in run])
+            run = []
+        run.append((path, raw))
+    if run:
+        yield [p for p, _ in run], [r.height for _, r in run], pl.concat([r for _, r in run])
+
+
+_FILE_COLUMN = "_landing_file"  # (`landing_runs`' column of each row's file while it reads)
+
+
 def _fold_rows(table: pl.DataFrame, rows: pl.DataFrame, carried: list[str]) -> pl.DataFrame:
     """`table` (one row an id, the id first) with the validated `rows` of a later file whose
     source had the columns `carried`: known ids change in those columns only (an explicit
@@ -475,33 +510,32 @@ def _fold_files(
     storage: Storage,
     validate: Callable[..., tuple[pl.DataFrame, pl.DataFrame]],
     table: pl.DataFrame,
-    run: list[tuple[str, pl.DataFrame]],
+    run: tuple[list[str], list[int], pl.DataFrame],
     sidecars: set[str],
     rejects: list[pl.DataFrame],
 ) -> pl.DataFrame:
-    """`table` with the landing files of `run` (path, rows; one schema, so one set of carried
-    columns) folded in, validated in one pass (one call a file cost ~5 ms, so a folder of API
-    records landed one a file took minutes). Each file's rejects, numbered within the file, then
-    its reader's sidecar (when `sidecars`, the folder's, holds one), go to `rejects` in file
-    order."""
-    sizes = [raw.height for _, raw in run]
-    joined = pl.concat([raw for _, raw in run])
+    """`table` with the landing files of `run` (paths, row counts, rows: one schema, so one set
+    of carried columns; `landing_runs`) folded in, validated in one pass (one call a file cost
+    ~5 ms, so a folder of API records landed one a file took minutes). Each file's rejects,
+    numbered within the file, then its reader's sidecar (when `sidecars`, the folder's, holds
+    one), go to `rejects` in file order."""
+    paths, sizes, joined = run
     joined = joined.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
     good, bad = validate(joined, source="")
     starts = list(accumulate(sizes, initial=0))  # (file i: rows starts[i] + 1 .. starts[i + 1])
     file_of = [bisect_left(starts, n) - 1 for n in bad["row_number"].to_list()]
     bad = bad.with_columns(
-        source_file=pl.Series([posixpath.basename(run[i][0]) for i in file_of], dtype=pl.String),
+        source_file=pl.Series([posixpath.basename(paths[i]) for i in file_of], dtype=pl.String),
         row_number=pl.col("row_number") - pl.Series([starts[i] for i in file_of], dtype=pl.Int64),
         _file=pl.Series(file_of, dtype=pl.Int64),
     )
-    for i, (path, _) in enumerate(run):
+    for i, path in enumerate(paths):
         if bad.height:
             rejects.append(bad.filter(pl.col("_file") == i).drop("_file"))
         sidecar = path[: -len(".parquet")] + REJECTED_SUFFIX
         if sidecar in sidecars:
             rejects.append(pl.read_parquet(storage.fs.open(sidecar, "rb")))
-    carried = [c for c in table.columns if c in run[0][1].columns]
+    carried = [c for c in table.columns if c in joined.columns]
     return _fold_rows(table, good, carried)
 
 
@@ -567,14 +601,8 @@ def build_table(
             table, start = before, len(folded)
             rejects.append(rejected_before)
     report.files_folded = len(files) - start
-    run: list[tuple[str, pl.DataFrame]] = []  # (path, rows) of consecutive files of one schema
-    for path in files[start:]:
-        raw = pl.read_parquet(storage.fs.open(path, "rb"))
-        report.rows_read += raw.height
-        if run and raw.schema != run[0][1].schema:
-            table, run = _fold_files(storage, validate, table, run, sidecars, rejects), []
-        run.append((path, raw))
-    if run:
+    for run in landing_runs(storage, files[start:]):
+        report.rows_read += run[2].height
         table = _fold_files(storage, validate, table, run, sidecars, rejects)
     # (one order whatever the folds: incremental, or every file at once, where validation
     # keeps an id's last row of the files it checks together)
