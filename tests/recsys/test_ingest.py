@@ -362,3 +362,44 @@ def test_building_after_each_landing_equals_one_build_of_every_file(files):
         full, _ = ingest.build_table(storage, "default", "items", rebuild=True)
         full_rejected = pl.read_parquet(storage.table_path("default", "rejected_items"))
     assert table.equals(full) and rejected.equals(full_rejected)
+
+
+def test_landing_runs_read_a_folder_and_an_object_store_alike(tmp_path):
+    """Consecutive files of one schema come as one run (paths, row counts, rows in file order),
+    read in one call from a local folder and file by file from an object store."""
+    import uuid
+
+    from recsys.durable import write_parquet_atomic
+    from recsys.storage import Storage
+
+    frames = [
+        pl.DataFrame({"item_id": ["a", "b"], "price": ["1", "2"]}),
+        pl.DataFrame({"item_id": ["c"], "price": ["3"]}),
+        pl.DataFrame(
+            {"item_id": [], "price": []}, schema={"item_id": pl.String, "price": pl.String}
+        ),
+        pl.DataFrame({"item_id": ["a"], "title": ["A"]}),
+        pl.DataFrame({"item_id": ["d"], "price": ["4"]}),
+    ]
+    runs = {}
+    for name, storage in (
+        ("folder", Storage(str(tmp_path / "data"))),
+        ("object store", Storage(f"memory://runs-{uuid.uuid4().hex[:8]}")),
+    ):
+        folder = storage.landing_dir("default", "items")
+        storage.makedirs(folder)
+        paths = [f"{folder}/f{n}.parquet" for n in range(len(frames))]
+        for frame, path in zip(frames, paths, strict=True):
+            write_parquet_atomic(frame, path, storage.fs, sync=False)
+        runs[name] = [
+            ([p.rsplit("/", 1)[1] for p in run], sizes, rows)
+            for run, sizes, rows in ingest.landing_runs(storage, paths)
+        ]
+    for name, got in runs.items():
+        assert [(files, sizes) for files, sizes, _ in got] == [
+            (["f0.parquet", "f1.parquet", "f2.parquet"], [2, 1, 0]),
+            (["f3.parquet"], [1]),
+            (["f4.parquet"], [1]),
+        ], name
+        assert got[0][2]["item_id"].to_list() == ["a", "b", "c"], name
+    assert all(a[2].equals(b[2]) for a, b in zip(runs["folder"], runs["object store"], strict=True))
