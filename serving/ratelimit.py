@@ -21,7 +21,7 @@ Redis round trip): a request refused by one is charged to neither, so a credenti
 past its own limit does not use up its tenant's. A key's TAT is kept per spec, so a changed
 limit starts afresh. With Redis every worker and host share one TAT per key (Redis's clock);
 without it each worker keeps its own (so the effective limit is workers x limit; documented in
-the README).
+docs/serving.md).
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ class InProcessLimiter:
             new = admitted_tat(slot[0], now, spec)
             if new is not None:
                 slot[0] = new
-        return decision(new is not None, slot[0], now, spec)
+            tat = slot[0]
+        return decision(new is not None, tat, now, spec)
 
     def hit_pair(
         self, key_a: str, spec_a: RateLimitSpec, key_b: str, spec_b: RateLimitSpec
