@@ -395,7 +395,8 @@ def test_revocation_limits_and_quotas_reach_every_worker(tmp_path):
         assert call("DELETE", f"/v1/recs/keys/{key['id']}")[0] == 204
         figures["revoked key"] = _until_refused(lambda: recommend_as(as_key), 401)
 
-        # a changed rate limit (the caller has used more than the new limit this minute)
+        # a changed rate limit (a spec starts afresh: each worker lets the caller's first
+        # request under it through, then refuses until an interval, 60 s, has passed)
         jwt = {"Authorization": "Bearer " + mint_token(SECRET, "acme", subject="limited")}
         assert all(recommend_as(jwt) == 200 for _ in range(10))
         body = {"keys": {"jwt:limited": {"limit": 1, "window_s": 60}}}
