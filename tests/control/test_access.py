@@ -13,6 +13,8 @@ import urllib.request
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serving"))
 from servers import gunicorn, stop_group, wait_http  # noqa: E402
@@ -575,6 +577,40 @@ def test_two_workers_charging_in_turn_never_pass_the_quota(tmp_path):
     a.sync()
     b.sync()
     assert a.used("acme") == b.used("acme") == 100
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    limit=st.integers(1, 120),
+    steps=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(1, 30), st.booleans()), max_size=40
+    ),  # (which of three workers, events, merge first)
+)
+def test_workers_charging_in_any_order_never_pass_the_quota(tmp_path_factory, limit, steps):
+    """Three counters of one data root, charging and merging in any interleaving: the events
+    accepted never pass the quota, and once every worker has merged, the usage is exactly the
+    events accepted and the rest of the quota can be taken at once."""
+    root = str(tmp_path_factory.mktemp("quota"))
+    workers = [access.EventDayCounter(root) for _ in range(3)]
+    accepted = 0
+    for who, n, merge in steps:
+        if merge:
+            workers[who].sync()
+        try:
+            workers[who].charge("acme", n, limit)
+            accepted += n
+        except ProblemError as e:
+            assert e.status_code == 429
+        assert accepted <= limit
+    for worker in workers:
+        worker.sync()  # (each gives its lease back)
+    for worker in workers:
+        worker.sync()  # (and reads what the others gave back)
+    assert all(worker.used("acme") == accepted for worker in workers)
+    if accepted < limit:
+        workers[0].charge("acme", limit - accepted, limit)  # (no lease left anywhere)
+    workers[1].sync()
+    assert workers[1].used("acme") == limit
 
 
 def test_the_events_used_leave_out_the_leases(tmp_path):
