@@ -30,7 +30,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import orjson
 import polars as pl
 
@@ -325,6 +324,8 @@ def catalogue_as_of(
 ) -> tuple[pl.DataFrame | None, AsOfReport]:
     """The items or users `table` (validated, as the warehouse holds it now) as it was at
     `cutoff` (see the module docstring), and what changed."""
+    import numpy as np
+
     from recsys.ingest import landing_data_files, landing_runs
     from recsys.storage import modified_s
     from recsys.validation import validate_items, validate_users
