@@ -17,7 +17,9 @@ settings (2 sync workers), and prints:
 
 Both servers run with the production defaults: the JSON access log on (`--no-access-log` to
 compare; its lines go to a file in the run's temporary folder, and their count is printed),
-and rate limits on, with quotas far above the offered load.
+and rate limits on, with quotas far above the offered load. `--log-ab` adds a third server,
+the real one with the access log off, to the alternating throughput slices and prints what the
+log costs (issue 12: under a fifth of the throughput).
 
 Needs `wrk` (apt-get install -y wrk). Everything stays on 127.0.0.1; every loop is bounded.
 """
@@ -274,6 +276,11 @@ def main() -> int:
         default=True,
         help="the servers' JSON access log (default: on, as in production)",
     )
+    ap.add_argument(
+        "--log-ab",
+        action="store_true",
+        help="also measure the server with its access log off, in the same slices",
+    )
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
@@ -290,6 +297,11 @@ def main() -> int:
     port_app, port_triv = free_port(), free_port()
     server = start("serving.wsgi:app", port_app, env, logs["recommend"])
     trivial = start("benchmarks.trivial_app:app", port_triv, env, logs["trivial"])
+    log_off = None  # (--log-ab: the same server without its access log)
+    if args.log_ab and args.access_log:
+        port_off = free_port()
+        env_off = server_env(data_root, access_log=False)
+        log_off = start("serving.wsgi:app", port_off, env_off, os.path.join(tmp, "off.log"))
     results: dict[str, object] = {}
     try:
         url_app = f"http://127.0.0.1:{port_app}/v1/recommend"
@@ -300,12 +312,14 @@ def main() -> int:
         # Throughput: the two endpoints in alternating slices (the speed of a shared box drifts
         # by tens of percent within a minute; a ratio of neighbouring slices follows it less).
         triv_pids, app_pids = worker_pids(trivial.pid), worker_pids(server.pid)
-        ratios, runs = [], {"trivial": [], "recommend": []}
+        servers = [("trivial", url_triv, triv_pids), ("recommend", url_app, app_pids)]
+        if log_off is not None:
+            url_off = f"http://127.0.0.1:{port_off}/v1/recommend"
+            wrk(url_off, full, 3, args.connections)
+            servers.append(("log off", url_off, worker_pids(log_off.pid)))
+        ratios, runs = [], {name: [] for name, _, _ in servers}
         for _ in range(args.rounds):
-            for name, url, pids in (
-                ("trivial", url_triv, triv_pids),
-                ("recommend", url_app, app_pids),
-            ):
+            for name, url, pids in servers:
                 cpu0 = cpu_seconds(pids)
                 res = wrk(url, full, args.duration, args.connections)
                 res["cpu_us"] = (cpu_seconds(pids) - cpu0) / max(1, res["requests"]) * 1e6
@@ -329,6 +343,17 @@ def main() -> int:
             f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs during the run)",
             flush=True,
         )
+        if log_off is not None:
+            stop(log_off)
+            off = runs["log off"]
+            costs = [1 - on["rps"] / o["rps"] for on, o in zip(runs["recommend"], off, strict=True)]
+            print(
+                f"access log: recommend with it off {statistics.median(r['rps'] for r in off):.0f}"
+                f" req/s, {statistics.median(r['cpu_us'] for r in off):.0f} us of worker CPU; "
+                f"the log costs {statistics.median(costs):.1%} of the throughput (each slice: "
+                f"{', '.join(f'{c:.1%}' for c in costs)}; goal < 20%)",
+                flush=True,
+            )
 
         single = wrk(url_app, full, args.duration, 1)
         single_triv = wrk(url_triv, full, args.duration, 1)
@@ -410,6 +435,8 @@ def main() -> int:
     finally:
         stop(server)
         stop(trivial)
+        if log_off is not None:
+            stop(log_off)  # (stopped after the slices already, unless they failed)
         lines, failed = 0, collections.Counter()
         with open(logs["recommend"], "rb") as f:
             for line in f:
