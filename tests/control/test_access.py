@@ -641,7 +641,8 @@ def test_a_count_of_the_release_before_leases_is_kept(tmp_path):
         conn.execute(
             "CREATE TABLE counts (tenant TEXT, day TEXT, n INTEGER, PRIMARY KEY (tenant, day))"
         )
-        conn.execute("INSERT INTO counts VALUES ('acme', ?, 40)", (access._today(),))
+        today = time.strftime("%Y-%m-%d", time.gmtime())  # (the counter's UTC day)
+        conn.execute("INSERT INTO counts VALUES ('acme', ?, 40)", (today,))
     counter = access.EventDayCounter(str(tmp_path))
     assert counter.used("acme") == 40
     counter.charge("acme", 60, 100)
