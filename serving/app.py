@@ -21,7 +21,7 @@ from serving.fastpath import ServingApp
 from serving.metrics import Metrics
 from serving.middleware import ServingMiddleware
 from serving.openapi import build_spec
-from serving.ratelimit import InProcessLimiter, RedisLimiter
+from serving.ratelimit import limiter_for
 from serving.recs.events import EventResource, EventsResource, FeedbackResource
 from serving.recs.experiments import ExperimentsResource
 from serving.recs.rerank import RerankExplainResources
@@ -59,9 +59,9 @@ def create_app(
     config: server settings (default: `ServingConfig.from_env()`).
     store:  the snapshots of all tenants (default: a `SnapshotRegistry` over
             `<data_root>/snapshots`).
-    limiter / tenant_store / event_logs: overrides for tests (default: Redis or in-process
-            counters; the admin store under `<data_root>/serving`; the event logs under
-            `<data_root>`). The app's event logs are `app.event_logs`.
+    limiter / tenant_store / event_logs: overrides for tests (default: `limiter_for(config)`,
+            Redis or the host's table; the admin store under `<data_root>/serving`; the
+            event logs under `<data_root>`). The app's event logs are `app.event_logs`.
     """
     config = config or ServingConfig.from_env()
     metrics = Metrics()
@@ -84,7 +84,7 @@ def create_app(
         defaults={"config": effective_config(config), "rules": {"rules": []}},
     )
     if limiter is None:
-        limiter = RedisLimiter(config.redis_url) if config.redis_url else InProcessLimiter()
+        limiter = limiter_for(config)
     if event_logs is None:
         event_logs = EventLogs(
             config.data_root,

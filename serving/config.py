@@ -12,7 +12,7 @@ serving package that reads `os.environ` (entry points call it; tests build the o
 | RECSYS_JWT_ISSUER / RECSYS_JWT_AUDIENCE | (unset) | checked when set |
 | RECSYS_JWT_TENANT_CLAIMS | `tenant_id,org_id,tenant` | claims searched for the tenant |
 | RECSYS_API_KEYS | (unset) | `key=tenant:scope+scope,key2=tenant2:recommend` |
-| RECSYS_REDIS_URL | (unset) | shared rate-limit counters; in-process counters when unset |
+| RECSYS_REDIS_URL | (unset) | rate limits shared across hosts (else by the host's workers) |
 | RECSYS_RATE_LIMIT | `6000/60` | requests per window (seconds) per API key / token subject (GCRA) |
 | RECSYS_TENANT_RATE_LIMIT | `60000/60` | requests per window per tenant (all keys together) |
 | RECSYS_CORS_ORIGINS | (none) | comma list of allowed origins, or `*` |

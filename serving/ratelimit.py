@@ -19,19 +19,28 @@ whether it is allowed, how many more would be now, and in how many seconds more 
 `hit_pair` takes a request's credential and tenant together, all or nothing (one lock, or one
 Redis round trip): a request refused by one is charged to neither, so a credential hammering
 past its own limit does not use up its tenant's. A key's TAT is kept per spec, so a changed
-limit starts afresh. With Redis every worker and host share one TAT per key (Redis's clock);
-without it each worker keeps its own (so the effective limit is workers x limit; documented in
-docs/serving.md).
+limit starts afresh.
+
+Where the TATs live (`limiter_for`): in Redis when configured, shared by every worker and host
+(on Redis's clock); otherwise in a file of the data root shared by every worker of the host
+(`HostLimiter`). Until 2026-12-07 each worker kept its own without Redis, so the limit a
+caller met was workers x the configured one. `InProcessLimiter` (one process) is what either
+falls back to when its store fails.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
+import mmap
+import os
 import threading
 import time
-from typing import NamedTuple
+import weakref
+from typing import Any, NamedTuple
 
+from recsys.snapshot.format import id_hash
 from serving.config import RateLimitSpec, ServingConfig
 
 log = logging.getLogger("recsys.serving")
@@ -146,23 +155,21 @@ def decision(allowed: bool, tat: float, now: float, spec: RateLimitSpec) -> Rate
     return _decision(RateDecision, (allowed, limit, remaining, reset if reset > 1 else 1))
 
 
-class InProcessLimiter:
-    """Per-process GCRA: a dict of key -> [TAT, spec], updated in place under one lock."""
-
-    def __init__(self, clock=time.time, max_keys: int = 100_000) -> None:
-        self._clock = clock
-        self._tats: dict[str, list] = {}
-        self._lock = threading.Lock()
-        self._max_keys = max_keys
+class _TatTable:
+    """GCRA over a table of TATs. A subclass says where a key's TAT lives (`_cell`: a sequence
+    and an index in it, found or made under the table's lock) and how the table is locked."""
 
     def hit(self, key: str, spec: RateLimitSpec) -> RateDecision:
         now = self._clock()
-        with self._lock:
-            slot = self._slot(key, spec)
-            new = admitted_tat(slot[0], now, spec)
+        self._acquire()
+        try:
+            cells, i = self._cell(key, spec, now)
+            tat = cells[i]
+            new = admitted_tat(tat, now, spec)
             if new is not None:
-                slot[0] = new
-            tat = slot[0]
+                cells[i] = tat = new
+        finally:
+            self._release()
         return decision(new is not None, tat, now, spec)
 
     def hit_pair(
@@ -171,24 +178,157 @@ class InProcessLimiter:
         """A request's two keys (credential and tenant) at once: one clock read, one lock,
         charged to both only when both allow it."""
         now = self._clock()
-        with self._lock:
-            slot_a, slot_b = self._slot(key_a, spec_a), self._slot(key_b, spec_b)
-            new_a = admitted_tat(slot_a[0], now, spec_a)
-            new_b = admitted_tat(slot_b[0], now, spec_b)  # (key_b == key_a: charged once)
+        self._acquire()
+        try:
+            cells_a, i = self._cell(key_a, spec_a, now)
+            cells_b, j = self._cell(key_b, spec_b, now)
+            tat_a, tat_b = cells_a[i], cells_b[j]
+            new_a = admitted_tat(tat_a, now, spec_a)
+            new_b = admitted_tat(tat_b, now, spec_b)  # (key_b == key_a: charged once)
             if new_a is not None and new_b is not None:
-                slot_a[0], slot_b[0] = new_a, new_b
-            tat_a, tat_b = slot_a[0], slot_b[0]
+                cells_a[i] = tat_a = new_a
+                cells_b[j] = tat_b = new_b
+        finally:
+            self._release()
         return decision(new_a is not None, tat_a, now, spec_a), decision(
             new_b is not None, tat_b, now, spec_b
         )
 
-    def _slot(self, key: str, spec: RateLimitSpec) -> list:
+    def _acquire(self) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def _cell(self, key: str, spec: RateLimitSpec, now: float) -> tuple[Any, int]:
+        raise NotImplementedError
+
+
+class InProcessLimiter(_TatTable):
+    """Per-process GCRA: a dict of key -> [TAT, spec], updated in place under one lock (the
+    fallback of the shared limiters, and the tests' limiter with a clock of their own)."""
+
+    def __init__(self, clock=time.time, max_keys: int = 100_000) -> None:
+        self._clock = clock
+        self._tats: dict[str, list] = {}
+        lock = threading.Lock()
+        self._acquire, self._release = lock.acquire, lock.release
+        self._max_keys = max_keys
+
+    def _cell(self, key: str, spec: RateLimitSpec, now: float) -> tuple[list, int]:
         """The key's [TAT, spec] (a new one, TAT 0, when absent or kept for another spec)."""
         slot = self._tats.get(key)
         if slot is None or (slot[1] is not spec and slot[1] != spec):
             if len(self._tats) >= self._max_keys:
                 self._tats.clear()  # bounded memory; forgetting a TAT only forgives its caller
             slot = self._tats[key] = [0.0, spec]
+        return slot, 0
+
+
+class HostLimiter(_TatTable):
+    """GCRA shared by every process of the host that names the same file: the default without
+    Redis, so that a limit means the same with 1 worker or 8 (and across servers started on
+    one data root).
+
+    The file is a fixed open-addressing table of 16-byte slots - a key's 64-bit hash (0: empty)
+    and its TAT as a float - memory-mapped by each process and read and written under an
+    exclusive ``flock`` (released by the kernel if the holder dies, so a killed worker never
+    leaves it locked). A key's hash covers its spec, so a changed limit starts afresh in a slot
+    of its own. A key is looked for in `PROBES` slots from its home; a slot whose TAT has
+    passed is as good as empty (its key would start afresh anyway) and is reused, and when none
+    is, the slot with the earliest TAT is (forgiving that caller part of its backlog: bounded
+    memory, as the in-process limiter's). TATs are wall-clock times, shared by the processes
+    and kept across restarts. Threads of one process take a lock of their own first (a
+    ``flock`` does not exclude threads sharing a file descriptor); a forked child opens the
+    file again, for the same reason.
+    """
+
+    SLOTS = 1 << 16  # (1 MiB; a table in use keeps the size it was made with)
+    PROBES = 32
+
+    def __init__(self, path: str, clock=time.time, slots: int = SLOTS) -> None:
+        self._path = path
+        self._clock = clock
+        fd = self._open()
+        size = os.fstat(fd).st_size
+        if size < slots * 16:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # (another process may have made it meanwhile: only ever grown from zero)
+                if os.fstat(fd).st_size == 0:
+                    os.ftruncate(fd, slots * 16)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            size = os.fstat(fd).st_size
+        n = size // 16
+        if n < 8 or n & (n - 1) or size != n * 16:
+            os.close(fd)
+            raise OSError(f"{path}: {size} bytes is not a rate-limit table")
+        self._map = mmap.mmap(fd, size)
+        view = memoryview(self._map)
+        self._hashes, self._tats = view.cast("Q"), view.cast("d")  # (slot i: [2i], [2i + 1])
+        self._mask = n - 1
+        self._where: dict[str, list] = {}
+        self._adopt(fd)
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (c := ref()) and c._adopt(c._open()))
+
+    def _open(self) -> int:
+        os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
+        return os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def _adopt(self, fd: int) -> None:
+        """Lock through `fd` (a new one in a forked child: its parent's would not exclude it)."""
+        self._fd = fd
+        self._thread_lock = threading.Lock()
+
+    def _acquire(self) -> None:
+        self._thread_lock.acquire()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def _release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
+
+    def _cell(self, key: str, spec: RateLimitSpec, now: float) -> tuple[memoryview, int]:
+        """Where the key's TAT is: the slot it was last seen in, when it is still there."""
+        entry = self._where.get(key)  # [spec, hash, index of the slot's hash]
+        if entry is None or (entry[0] is not spec and entry[0] != spec):
+            if len(self._where) >= 100_000:
+                self._where.clear()
+            h = id_hash(f"{key}:{spec.limit}/{spec.window_s}".encode()) or 1
+            entry = self._where[key] = [spec, h, 2 * (h & self._mask)]
+        at = entry[2]
+        if self._hashes[at] != entry[1]:
+            at = entry[2] = 2 * self._slot(entry[1], now)
+        return self._tats, at + 1
+
+    def _slot(self, h: int, now: float) -> int:
+        """The slot of hash `h`: found within `PROBES` of its home, else taken (TAT 0) from
+        the first empty or drained one, else from the one whose TAT is earliest."""
+        hashes, tats, mask = self._hashes, self._tats, self._mask
+        slot, reuse, earliest = h & mask, -1, -1
+        for _ in range(self.PROBES):
+            held = hashes[2 * slot]
+            if held == h:
+                return slot
+            if held == 0:  # (the key is in no later slot: slots are never emptied)
+                if reuse < 0:
+                    reuse = slot
+                break
+            tat = tats[2 * slot + 1]
+            if tat <= now:
+                if reuse < 0:
+                    reuse = slot
+            elif earliest < 0 or tat < tats[2 * earliest + 1]:
+                earliest = slot
+            slot = (slot + 1) & mask
+        slot = reuse if reuse >= 0 else earliest
+        tats[2 * slot + 1] = 0.0
+        hashes[2 * slot] = h
         return slot
 
 
@@ -224,15 +364,36 @@ return out
 """
 
 
+def limiter_for(config: ServingConfig) -> InProcessLimiter | HostLimiter | RedisLimiter:
+    """The limiter of a server with `config`: the host's table under the data root
+    (`<data_root>/serving/ratelimits.tats`), or one per process with a warning when that file
+    cannot be made or mapped (a read-only data root); in front of it Redis when `redis_url` is
+    set (the host's table then counts while Redis is unreachable)."""
+    path = os.path.join(config.data_root, "serving", "ratelimits.tats")
+    try:
+        limiter = HostLimiter(path)
+    except OSError as e:
+        log.warning("rate limits counted per worker: %s cannot be used (%s)", path, e)
+        limiter = InProcessLimiter()
+    return RedisLimiter(config.redis_url, fallback=limiter) if config.redis_url else limiter
+
+
 class RedisLimiter:
     """GCRA in Redis (one Lua script per request: a round trip, atomic); shared by every worker
     and host, on Redis's clock.
 
-    If Redis fails, the request is counted by an in-process limiter instead (fail open to a
-    per-worker limit rather than refusing traffic) and a warning is logged once a minute.
+    If Redis fails, the request is counted by `fallback` instead (`limiter_for` gives the
+    host's table; by default one per process): fail open to a per-host limit rather than
+    refuse traffic, with a warning logged once a minute.
     """
 
-    def __init__(self, url: str, prefix: str = "recsys:rl:", client=None) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "recsys:rl:",
+        client=None,
+        fallback: InProcessLimiter | HostLimiter | None = None,
+    ) -> None:
         import redis  # optional dependency, only needed when RECSYS_REDIS_URL is set
 
         self._redis = client or redis.Redis.from_url(
@@ -240,7 +401,7 @@ class RedisLimiter:
         )
         self._script = self._redis.register_script(_GCRA_SCRIPT)
         self._prefix = prefix
-        self._fallback = InProcessLimiter()
+        self._fallback = fallback or InProcessLimiter()
         self._last_warning = 0.0
 
     def hit(self, key: str, spec: RateLimitSpec) -> RateDecision:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from serving import errors
 from serving.config import RateLimitSpec, ServingConfig, parse_api_keys
 from serving.middleware import BodyLimitMiddleware, GzipMiddleware, RequestIdMiddleware
-from serving.ratelimit import InProcessLimiter, RedisLimiter
+from serving.ratelimit import HostLimiter, InProcessLimiter, RedisLimiter
 
 
 class Echo:
@@ -56,9 +56,20 @@ def test_gzip_alone():
     assert "Content-Encoding" not in client.simulate_get("/echo").headers
 
 
-def test_in_process_limiter_lets_a_burst_through_then_one_request_an_interval():
+@pytest.fixture(params=["in_process", "host"], scope="module")
+def new_limiter(request, tmp_path_factory):
+    """A new limiter of each kind on a clock of the test's: one process's, and the host's
+    (a table file of its own each time)."""
+    if request.param == "in_process":
+        return lambda clock: InProcessLimiter(clock=clock)
+    folder = tmp_path_factory.mktemp("limiters")
+    files = iter(range(10**9))
+    return lambda clock: HostLimiter(str(folder / f"{next(files)}.tats"), clock=clock)
+
+
+def test_limiter_lets_a_burst_through_then_one_request_an_interval(new_limiter):
     now = [1000.0]
-    limiter = InProcessLimiter(clock=lambda: now[0])
+    limiter = new_limiter(lambda: now[0])
     spec = RateLimitSpec(3, 60)  # a burst of 3, then one every 20 s
     burst = [limiter.hit("k", spec) for _ in range(4)]
     assert [(d.allowed, d.remaining, d.reset_s) for d in burst] == [
@@ -76,11 +87,11 @@ def test_in_process_limiter_lets_a_burst_through_then_one_request_an_interval():
     assert [limiter.hit("k", spec).allowed for _ in range(4)] == [True, True, True, False]
 
 
-def test_no_second_burst_right_after_a_window_ends():
+def test_no_second_burst_right_after_a_window_ends(new_limiter):
     """Fixed windows let 6 requests through at 59.9 s and 6 more at 60.1 s; here the second
     burst gets the one request the 0.2 s in between earned (none) and waits."""
     now = [59.9]
-    limiter = InProcessLimiter(clock=lambda: now[0])
+    limiter = new_limiter(lambda: now[0])
     spec = RateLimitSpec(6, 60)
     assert all(limiter.hit("k", spec).allowed for _ in range(6))
     now[0] = 60.1
@@ -90,9 +101,9 @@ def test_no_second_burst_right_after_a_window_ends():
     assert limiter.hit("k", spec).allowed and not limiter.hit("k", spec).allowed
 
 
-def test_in_process_limiter_charges_a_pair_all_or_nothing():
+def test_limiter_charges_a_pair_all_or_nothing(new_limiter):
     now = [1000.0]
-    limiter = InProcessLimiter(clock=lambda: now[0])
+    limiter = new_limiter(lambda: now[0])
     key_spec, tenant_spec = RateLimitSpec(2, 10), RateLimitSpec(3, 60)
     pairs = [limiter.hit_pair("k:a", key_spec, "t:a", tenant_spec) for _ in range(4)]
     assert [(k.allowed, t.allowed) for k, t in pairs] == [
@@ -109,9 +120,9 @@ def test_in_process_limiter_charges_a_pair_all_or_nothing():
     assert limiter.hit("t:a", tenant_spec).remaining == 0  # the same TATs as hit()
 
 
-def test_a_changed_limit_starts_afresh():
+def test_a_changed_limit_starts_afresh(new_limiter):
     now = [1000.0]
-    limiter = InProcessLimiter(clock=lambda: now[0])
+    limiter = new_limiter(lambda: now[0])
     assert limiter.hit("k", RateLimitSpec(1, 3600)).allowed
     assert not limiter.hit("k", RateLimitSpec(1, 3600)).allowed  # (an hour's backlog)
     assert limiter.hit("k", RateLimitSpec(100, 60)).allowed  # raised: not held by the old one
@@ -123,12 +134,12 @@ def test_a_changed_limit_starts_afresh():
     window_s=st.sampled_from([1, 3, 10, 60]),
     gaps_ms=st.lists(st.integers(0, 4000), min_size=1, max_size=60),
 )
-def test_the_limiter_answers_as_a_token_bucket(limit, window_s, gaps_ms):
+def test_the_limiter_answers_as_a_token_bucket(new_limiter, limit, window_s, gaps_ms):
     """GCRA is a bucket of `limit` tokens refilled at limit / window_s a second, a request
     taking one: computed here with exact fractions, request by request."""
     rate = Fraction(limit, window_s)
     tokens, last, clock = Fraction(limit), Fraction(0), [0.0]
-    limiter = InProcessLimiter(clock=lambda: clock[0])
+    limiter = new_limiter(lambda: clock[0])
     spec = RateLimitSpec(limit, window_s)
     t = Fraction(0)
     for gap in gaps_ms:
