@@ -7,6 +7,11 @@ not grow with the input:
 
     .venv/bin/python benchmarks/ingest_throughput.py --events 10000000
     .venv/bin/python benchmarks/ingest_throughput.py --events 2000000
+
+`--file-events N` lands the events in files of N events instead, as the API does (a file every
+30 s a worker), to time many small files:
+
+    .venv/bin/python benchmarks/ingest_throughput.py --events 300000 --file-events 100
 """
 
 from __future__ import annotations
@@ -43,10 +48,31 @@ def child(root: str) -> None:
     )
 
 
+def split_landing(storage, per_file: int) -> int:
+    """Land the tenant's event files again as files of `per_file` events (in the same order,
+    with increasing modification times: the landing order)."""
+    import polars as pl
+
+    from recsys.ingest import landing_data_files
+
+    folder = storage.landing_dir("default", "events")
+    old = landing_data_files(storage, "default", "events")
+    events = pl.concat([pl.read_parquet(f) for f in old])
+    for f in old:
+        os.remove(f)
+    n_files = -(-events.height // per_file)
+    for n in range(n_files):
+        path = os.path.join(folder, f"api-{n:07d}.parquet")
+        events.slice(n * per_file, per_file).write_parquet(path)
+        os.utime(path, (1_700_000_000 + n, 1_700_000_000 + n))
+    return n_files
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=10_000_000)
     ap.add_argument("--root", default=None, help="data root to reuse (default: a temp folder)")
+    ap.add_argument("--file-events", type=int, default=0, help="events a landing file (0: 1M)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -55,12 +81,18 @@ def main() -> None:
     from recsys.demo import DemoSpec, generate
     from recsys.storage import Storage
 
-    root = args.root or os.path.join(tempfile.gettempdir(), f"recsys-bench-ingest-{args.events}")
+    name = f"recsys-bench-ingest-{args.events}" + (
+        f"-{args.file_events}" if args.file_events else ""
+    )
+    root = args.root or os.path.join(tempfile.gettempdir(), name)
     t = time.perf_counter()
     summary = generate(DemoSpec(events=args.events, seed=1, end_date="2026-11-01"), Storage(root))
     gen_s = time.perf_counter() - t
     if not summary.skipped:
         print(f"generated {summary.events_written:,} events in {gen_s:.1f}s into {root}")
+        if args.file_events:
+            n_files = split_landing(Storage(root), args.file_events)
+            print(f"landed again as {n_files:,} files of {args.file_events} events")
     out = subprocess.run(
         [sys.executable, __file__, "--child", root], check=True, capture_output=True, text=True
     )

@@ -218,6 +218,46 @@ def _batches(storage: Storage, path: str) -> Iterator[pl.DataFrame]:
             offset += df.height
 
 
+#: An event file of at most this many rows is read together with its neighbours (`_event_batches`).
+SMALL_FILE_ROWS = BATCH_ROWS // 8
+
+
+def _event_batches(
+    storage: Storage, paths: list[str]
+) -> Iterator[tuple[list[str], list[int], pl.DataFrame]]:
+    """The landing event files `paths`, in order, as batches of at most BATCH_ROWS rows: (the
+    batch's files, each file's row count, the rows with `_row` numbers counted from 1 across
+    the batch). A large file comes alone, in batches of whole row groups (`_batches`, numbered
+    within the file); consecutive small files (the API lands one every 30 s a worker) come
+    together, a run of one schema at a time (`landing_runs`), validated in one pass."""
+    group: list[str] = []
+    rows = 0
+
+    def runs() -> Iterator[tuple[list[str], list[int], pl.DataFrame]]:
+        for run, sizes, joined in landing_runs(storage, group):
+            yield (
+                run,
+                sizes,
+                joined.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64)),
+            )
+
+    for path in paths:
+        with storage.fs.open(path, "rb") as fh:
+            n = pq.read_metadata(fh).num_rows
+        if n > SMALL_FILE_ROWS:
+            yield from runs()
+            group, rows = [], 0
+            for batch in _batches(storage, path):
+                yield [path], [n], batch
+            continue
+        if rows + n > BATCH_ROWS:
+            yield from runs()
+            group, rows = [], 0
+        group.append(path)
+        rows += n
+    yield from runs()
+
+
 def ingest_events(
     storage: Storage,
     tenant: str,
@@ -263,42 +303,41 @@ def ingest_events(
     days: set[str] = set()
     try:
         for i, path in enumerate(files):
-            source = posixpath.basename(path)
             sidecar = path[: -len(".parquet")] + REJECTED_SUFFIX
             if storage.exists(sidecar):  # lines `recsys import` could not parse at all
                 unparsable = pl.read_parquet(storage.fs.open(sidecar, "rb"))
                 _append_rejects(storage, rejected_dir, unparsable, f"{run_id}-{i}-u")
                 reasons.update(unparsable["reason"].to_list())
                 report.rows_read += unparsable.height
-            for j, raw in enumerate(_batches(storage, path)):
-                report.rows_read += raw.height
-                good, rejects = validate_events(
-                    raw,
-                    tenant=tenant,
-                    source=source,
-                    extra_event_types=extra_event_types,
-                    now=now,
-                    dedupe=False,
-                )
-                if rejects.height:
-                    _append_rejects(storage, rejected_dir, rejects, f"{run_id}-{i}-{j}")
-                    reasons.update(rejects["reason"].to_list())
-                if deleted:
-                    before = good.height
-                    good = good.filter(~pl.col("event_id").is_in(deleted))
-                    report.deleted += before - good.height
-                report.rows_valid += good.height
-                good = good.with_columns(
-                    pl.col("timestamp").dt.date().cast(pl.String).alias("_day")
-                )
-                for (day,), part in good.partition_by("_day", as_dict=True).items():
-                    days.add(day)
-                    d = posixpath.join(staging, f"date={day}")
-                    storage.makedirs(d)
-                    with storage.fs.open(posixpath.join(d, f"{i:05d}-{j:04d}.parquet"), "wb") as fh:
-                        part.drop("_day").write_parquet(
-                            fh, compression="uncompressed", statistics=False
-                        )
+        for k, (paths, sizes, raw) in enumerate(_event_batches(storage, files)):
+            report.rows_read += raw.height
+            good, rejects = validate_events(
+                raw,
+                tenant=tenant,
+                source=posixpath.basename(paths[0]),
+                extra_event_types=extra_event_types,
+                now=now,
+                dedupe=False,
+            )
+            if rejects.height:
+                if len(paths) > 1:
+                    rejects = rejects_by_file(rejects, paths, sizes).drop("_file")
+                _append_rejects(storage, rejected_dir, rejects, f"{run_id}-{k}")
+                reasons.update(rejects["reason"].to_list())
+            if deleted:
+                before = good.height
+                good = good.filter(~pl.col("event_id").is_in(deleted))
+                report.deleted += before - good.height
+            report.rows_valid += good.height
+            good = good.with_columns(pl.col("timestamp").dt.date().cast(pl.String).alias("_day"))
+            for (day,), part in good.partition_by("_day", as_dict=True).items():
+                days.add(day)
+                d = posixpath.join(staging, f"date={day}")
+                storage.makedirs(d)
+                with storage.fs.open(posixpath.join(d, f"{k:06d}.parquet"), "wb") as fh:
+                    part.drop("_day").write_parquet(
+                        fh, compression="uncompressed", statistics=False
+                    )
         for day in sorted(days):
             new = _merge_day(
                 storage, events_dir, posixpath.join(staging, f"date={day}"), day, run_id
@@ -455,7 +494,7 @@ def events_time_range(storage: Storage, tenant: str) -> tuple[str | None, str | 
     return (lo.isoformat() if lo else None, hi.isoformat() if hi else None)
 
 
-# --- items and users ----------------------------------------------------------------------------
+# --- landing files read a run at a time (events, items, users) ---------------------------------
 def landing_runs(
     storage: Storage, paths: list[str]
 ) -> Iterator[tuple[list[str], list[int], pl.DataFrame]]:
@@ -491,6 +530,20 @@ def landing_runs(
 _FILE_COLUMN = "_landing_file"  # (`landing_runs`' column of each row's file while it reads)
 
 
+def rejects_by_file(bad: pl.DataFrame, paths: list[str], sizes: list[int]) -> pl.DataFrame:
+    """Rejects of the files `paths` validated together (`sizes`: each file's rows; their rows
+    numbered from 1 across the files) named by their file and numbered within it, with the
+    file's index in `_file`."""
+    starts = list(accumulate(sizes, initial=0))  # (file i: rows starts[i] + 1 .. starts[i + 1])
+    file_of = [bisect_left(starts, n) - 1 for n in bad["row_number"].to_list()]
+    return bad.with_columns(
+        source_file=pl.Series([posixpath.basename(paths[i]) for i in file_of], dtype=pl.String),
+        row_number=pl.col("row_number") - pl.Series([starts[i] for i in file_of], dtype=pl.Int64),
+        _file=pl.Series(file_of, dtype=pl.Int64),
+    )
+
+
+# --- items and users ----------------------------------------------------------------------------
 def _fold_rows(table: pl.DataFrame, rows: pl.DataFrame, carried: list[str]) -> pl.DataFrame:
     """`table` (one row an id, the id first) with the validated `rows` of a later file whose
     source had the columns `carried`: known ids change in those columns only (an explicit
@@ -522,13 +575,7 @@ def _fold_files(
     paths, sizes, joined = run
     joined = joined.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
     good, bad = validate(joined, source="")
-    starts = list(accumulate(sizes, initial=0))  # (file i: rows starts[i] + 1 .. starts[i + 1])
-    file_of = [bisect_left(starts, n) - 1 for n in bad["row_number"].to_list()]
-    bad = bad.with_columns(
-        source_file=pl.Series([posixpath.basename(paths[i]) for i in file_of], dtype=pl.String),
-        row_number=pl.col("row_number") - pl.Series([starts[i] for i in file_of], dtype=pl.Int64),
-        _file=pl.Series(file_of, dtype=pl.Int64),
-    )
+    bad = rejects_by_file(bad, paths, sizes)
     for i, path in enumerate(paths):
         if bad.height:
             rejects.append(bad.filter(pl.col("_file") == i).drop("_file"))

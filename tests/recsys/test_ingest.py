@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
@@ -403,3 +404,87 @@ def test_landing_runs_read_a_folder_and_an_object_store_alike(tmp_path):
         ], name
         assert got[0][2]["item_id"].to_list() == ["a", "b", "c"], name
     assert all(a[2].equals(b[2]) for a, b in zip(runs["folder"], runs["object store"], strict=True))
+
+
+def test_small_event_files_read_together_answer_as_each_file_read_alone(tmp_path, monkeypatch):
+    """Consecutive small event files are validated in one pass (`ingest._event_batches`): the
+    same events, and the same rejects named by their file and row, as when each file is read
+    alone (SMALL_FILE_ROWS 0: every file in batches of its own row groups). The files mix two
+    schemas, a large file split in row-group batches, an empty file and a batch-size limit."""
+    from recsys.storage import Storage
+
+    def events(rows, **extra):
+        columns = ("user_id", "item_id", "event_type", "timestamp")
+        frame = pl.DataFrame(rows, schema=dict.fromkeys(columns, pl.String), orient="row")
+        return frame.with_columns(**{name: pl.Series(v) for name, v in extra.items()})
+
+    t = "2026-10-01T10:00:0{}Z"
+    files = {
+        "a": events([("u1", "i1", "view", t.format(1)), ("u1", "i2", "view", "soon")]),
+        "b": events([("u2", None, "view", t.format(2)), ("u2", "i3", "add_to_cart", t.format(3))]),
+        "c": events(
+            [("u3", "i1", "view", t.format(4))] * 2 + [("u3", "i4", "rating", t.format(5))],
+            value=["1", "1", "abc"],
+        ),
+        "d": events(
+            [(f"u{n}", "i5", "view" if n != 7 else "zoom", t.format(n)) for n in range(10)]
+        ),
+        "e": events([("u9", "i9", "view", "2026-13-01")], session_id=["s1"]),
+        "f": events([]),
+        "g": events([("u8", "i8", "purchase", t.format(8))]),
+    }
+    results = {}
+    for label, small in (("alone", 0), ("together", 5)):
+        monkeypatch.setattr(ingest, "SMALL_FILE_ROWS", small)
+        monkeypatch.setattr(ingest, "BATCH_ROWS", 6)
+        storage = Storage(str(tmp_path / label))
+        folder = tmp_path / label / "landing" / "default" / "events"
+        folder.mkdir(parents=True)
+        for n, (name, frame) in enumerate(files.items()):
+            frame.write_parquet(folder / f"{name}.parquet", row_group_size=4)
+            os.utime(folder / f"{name}.parquet", (1_700_000_000 + n,) * 2)  # (landing order)
+        if label == "together":  # (how the files were batched)
+            names = [
+                ([p.rsplit("/", 1)[1][0] for p in paths], sizes, raw["_row"].to_list())
+                for paths, sizes, raw in ingest._event_batches(
+                    storage, ingest.landing_data_files(storage, "default", "events")
+                )
+            ]
+            assert [(paths, sizes) for paths, sizes, _ in names] == [
+                (["a", "b"], [2, 2]),
+                (["c"], [3]),
+                (["d"], [10]),  # (large: its row groups of 4, 4 and 2 rows in two batches)
+                (["d"], [10]),
+                (["e"], [1]),  # (a schema of its own)
+                (["f", "g"], [0, 1]),
+            ]
+            assert names[0][2] == [1, 2, 3, 4] and names[3][2] == [5, 6, 7, 8, 9, 10]
+        report = ingest.ingest_events(storage, "default", now=NOW)
+        results[label] = (
+            (report.rows_read, report.rows_new, report.rejected, report.rejected_by_reason),
+            ingest.read_events(storage, "default").sort("event_id"),
+            ingest.scan_rejected(storage, "default")
+            .collect()
+            .drop("rejected_at")
+            .sort("source_file", "row_number"),
+        )
+    alone, together = results["alone"], results["together"]
+    assert (
+        together[0]
+        == alone[0]
+        == (
+            19,
+            13,  # (c's first two rows are one event)
+            5,
+            {"bad_timestamp": 2, "bad_value": 1, "missing_id": 1, "unknown_event_type": 1},
+        )
+    )
+    assert together[1].equals(alone[1])
+    assert together[2].equals(alone[2])
+    assert together[2].select("source_file", "row_number", "reason").rows() == [
+        ("a.parquet", 2, "bad_timestamp"),
+        ("b.parquet", 1, "missing_id"),
+        ("c.parquet", 3, "bad_value"),
+        ("d.parquet", 8, "unknown_event_type"),
+        ("e.parquet", 1, "bad_timestamp"),
+    ]
