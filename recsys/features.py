@@ -360,11 +360,13 @@ def catalogue_as_of(
     stamped = sorted((modified_s(storage.fs.info(f)), f) for f in files)
     current: dict[str, dict[str, Any]] = {}
     before: dict[str, dict[str, Any]] = {}
-    times = [t for t, _ in stamped]
-    for paths, sizes, frame in landing_runs(storage, [f for _, f in stamped]):
-        run_times, times = times[: len(paths)], times[len(paths) :]
+    time_of = {f: t for t, f in stamped}
+    # (a file that cannot be read is left out, as build_table leaves it out: one of its rejects)
+    runs = landing_runs(storage, [f for _, f in stamped], lambda path, exc: None)
+    for paths, sizes, frame in runs:
         if key not in frame.columns:
             continue
+        run_times = [time_of[p] for p in paths]
         mtime = pl.Series("_mtime", np.repeat(run_times, sizes), dtype=pl.Float64)
         frame = frame.with_columns(mtime).filter(pl.col(key).cast(pl.String).is_in(list(ids)))
         for row in frame.iter_rows(named=True):

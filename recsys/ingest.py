@@ -33,7 +33,7 @@ from recsys.adapters import read_source
 from recsys.contract import DEFAULT_TENANT, EVENT_SCHEMA, REJECTED_SCHEMA, empty_frame
 from recsys.durable import sync_all, write_atomic, write_parquet_atomic
 from recsys.errors import RecsysError
-from recsys.readers import TextLayout
+from recsys.readers import MAX_RAW_CHARS, TextLayout
 from recsys.storage import Storage, modified_s
 from recsys.tenancy import is_valid_tenant
 from recsys.validation import validate_events, validate_items, validate_users
@@ -223,18 +223,20 @@ SMALL_FILE_ROWS = BATCH_ROWS // 8
 
 
 def _event_batches(
-    storage: Storage, paths: list[str]
+    storage: Storage, paths: list[str], unreadable: Callable[[str, Exception], None]
 ) -> Iterator[tuple[list[str], list[int], pl.DataFrame]]:
     """The landing event files `paths`, in order, as batches of at most BATCH_ROWS rows: (the
     batch's files, each file's row count, the rows with `_row` numbers counted from 1 across
     the batch). A large file comes alone, in batches of whole row groups (`_batches`, numbered
     within the file); consecutive small files (the API lands one every 30 s a worker) come
-    together, a run of one schema at a time (`landing_runs`), validated in one pass."""
+    together, a run of one schema at a time (`landing_runs`), validated in one pass. A file
+    that cannot be read goes to `unreadable` (a large one after the batches read before the
+    damage)."""
     group: list[str] = []
     rows = 0
 
     def runs() -> Iterator[tuple[list[str], list[int], pl.DataFrame]]:
-        for run, sizes, joined in landing_runs(storage, group):
+        for run, sizes, joined in landing_runs(storage, group, unreadable):
             yield (
                 run,
                 sizes,
@@ -242,13 +244,20 @@ def _event_batches(
             )
 
     for path in paths:
-        with storage.fs.open(path, "rb") as fh:
-            n = pq.read_metadata(fh).num_rows
+        try:
+            with storage.fs.open(path, "rb") as fh:
+                n = pq.read_metadata(fh).num_rows
+        except READ_ERRORS as exc:
+            unreadable(path, exc)
+            continue
         if n > SMALL_FILE_ROWS:
             yield from runs()
             group, rows = [], 0
-            for batch in _batches(storage, path):
-                yield [path], [n], batch
+            try:
+                for batch in _batches(storage, path):
+                    yield [path], [n], batch
+            except READ_ERRORS as exc:
+                unreadable(path, exc)
             continue
         if rows + n > BATCH_ROWS:
             yield from runs()
@@ -309,7 +318,11 @@ def ingest_events(
                 _append_rejects(storage, rejected_dir, unparsable, f"{run_id}-{i}-u")
                 reasons.update(unparsable["reason"].to_list())
                 report.rows_read += unparsable.height
-        for k, (paths, sizes, raw) in enumerate(_event_batches(storage, files)):
+        unreadable: list[pl.DataFrame] = []
+        batches = _event_batches(
+            storage, files, lambda path, exc: unreadable.append(unreadable_reject(path, exc))
+        )
+        for k, (paths, sizes, raw) in enumerate(batches):
             report.rows_read += raw.height
             good, rejects = validate_events(
                 raw,
@@ -338,6 +351,10 @@ def ingest_events(
                     part.drop("_day").write_parquet(
                         fh, compression="uncompressed", statistics=False
                     )
+        if unreadable:  # (kept as done: a file landed again whole has another size)
+            rejects = pl.concat(unreadable)
+            _append_rejects(storage, rejected_dir, rejects, f"{run_id}-unreadable")
+            reasons.update(rejects["reason"].to_list())
         for day in sorted(days):
             new = _merge_day(
                 storage, events_dir, posixpath.join(staging, f"date={day}"), day, run_id
@@ -495,36 +512,75 @@ def events_time_range(storage: Storage, tenant: str) -> tuple[str | None, str | 
 
 
 # --- landing files read a run at a time (events, items, users) ---------------------------------
+#: What reading a damaged Parquet file raises (pyarrow's ArrowInvalid is a ValueError).
+READ_ERRORS = (OSError, ValueError, pl.exceptions.PolarsError)
+
+
 def landing_runs(
-    storage: Storage, paths: list[str]
+    storage: Storage, paths: list[str], unreadable: Callable[[str, Exception], None] | None = None
 ) -> Iterator[tuple[list[str], list[int], pl.DataFrame]]:
     """The landing files `paths`, in order, as runs of consecutive files of one schema: (the
     run's paths, each file's row count, the run's rows together, in file order). On a local
     folder each run is read in one call, after a look at each file's schema (Polars reads the
     files of a run in parallel: ~0.11 ms a one-row file against ~0.45 ms read alone); on an
-    object store file by file."""
+    object store file by file.
+
+    A file that cannot be read (truncated, not Parquet, a damaged page) is passed to
+    `unreadable` with the error and left out of the runs (without `unreadable`, the error is
+    raised); the other files of its run are read one at a time."""
+
+    def failed(path: str, exc: Exception) -> None:
+        if unreadable is None:
+            raise exc
+        unreadable(path, exc)
+
     if storage.is_local:
-        schemas = [list(pl.read_parquet_schema(path).items()) for path in paths]
+        readable, schemas = [], []
+        for path in paths:
+            try:
+                schemas.append(list(pl.read_parquet_schema(path).items()))
+                readable.append(path)
+            except READ_ERRORS as exc:
+                failed(path, exc)
         start = 0
-        while start < len(paths):
+        while start < len(readable):
             end = start + 1
-            while end < len(paths) and schemas[end] == schemas[start]:
+            while end < len(readable) and schemas[end] == schemas[start]:
                 end += 1
-            run = paths[start:end]
-            joined = pl.read_parquet(run, include_file_paths=_FILE_COLUMN)
+            run = readable[start:end]
+            start = end
+            try:
+                joined = pl.read_parquet(run, include_file_paths=_FILE_COLUMN)
+            except READ_ERRORS as exc:
+                if len(run) == 1:
+                    failed(run[0], exc)
+                else:  # (a file damaged past its footer: find it)
+                    for path in run:
+                        yield from landing_runs(storage, [path], unreadable)
+                continue
             rows = Counter(joined[_FILE_COLUMN].to_list())
             yield run, [rows.get(path, 0) for path in run], joined.drop(_FILE_COLUMN)
-            start = end
         return
     run: list[tuple[str, pl.DataFrame]] = []
     for path in paths:
-        raw = pl.read_parquet(storage.fs.open(path, "rb"))
+        try:
+            raw = pl.read_parquet(storage.fs.open(path, "rb"))
+        except READ_ERRORS as exc:
+            failed(path, exc)
+            continue
         if run and raw.schema != run[0][1].schema:
             yield [p for p, _ in run], [r.height for _, r in run], pl.concat([r for _, r in run])
             run = []
         run.append((path, raw))
     if run:
         yield [p for p, _ in run], [r.height for _, r in run], pl.concat([r for _, r in run])
+
+
+def unreadable_reject(path: str, exc: Exception) -> pl.DataFrame:
+    """The reject of a landing file that cannot be read: one row, without a row number."""
+    detail = f"file unreadable: {type(exc).__name__}: {exc}"[:MAX_RAW_CHARS]
+    row = {"source_file": posixpath.basename(path), "row_number": None, "reason": "unparsable"}
+    return pl.DataFrame([{**row, "detail": detail, "raw": ""}], schema=REJECTED_SCHEMA)
 
 
 _FILE_COLUMN = "_landing_file"  # (`landing_runs`' column of each row's file while it reads)
@@ -648,7 +704,10 @@ def build_table(
             table, start = before, len(folded)
             rejects.append(rejected_before)
     report.files_folded = len(files) - start
-    for run in landing_runs(storage, files[start:]):
+    runs = landing_runs(
+        storage, files[start:], lambda path, exc: rejects.append(unreadable_reject(path, exc))
+    )
+    for run in runs:
         report.rows_read += run[2].height
         table = _fold_files(storage, validate, table, run, sidecars, rejects)
     # (one order whatever the folds: incremental, or every file at once, where validation

@@ -6,6 +6,7 @@ import os
 from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -433,6 +434,9 @@ def test_small_event_files_read_together_answer_as_each_file_read_alone(tmp_path
         "f": events([]),
         "g": events([("u8", "i8", "purchase", t.format(8))]),
     }
+    def unreadable(path, exc):
+        raise AssertionError(f"{path} is readable") from exc
+
     results = {}
     for label, small in (("alone", 0), ("together", 5)):
         monkeypatch.setattr(ingest, "SMALL_FILE_ROWS", small)
@@ -447,7 +451,7 @@ def test_small_event_files_read_together_answer_as_each_file_read_alone(tmp_path
             names = [
                 ([p.rsplit("/", 1)[1][0] for p in paths], sizes, raw["_row"].to_list())
                 for paths, sizes, raw in ingest._event_batches(
-                    storage, ingest.landing_data_files(storage, "default", "events")
+                    storage, ingest.landing_data_files(storage, "default", "events"), unreadable
                 )
             ]
             assert [(paths, sizes) for paths, sizes, _ in names] == [
@@ -488,3 +492,59 @@ def test_small_event_files_read_together_answer_as_each_file_read_alone(tmp_path
         ("d.parquet", 8, "unknown_event_type"),
         ("e.parquet", 1, "bad_timestamp"),
     ]
+
+
+@pytest.mark.parametrize("small_file_rows", [0, ingest.SMALL_FILE_ROWS])
+def test_unreadable_landing_files_are_rejects_and_the_others_are_read(
+    tmp_path, monkeypatch, small_file_rows
+):
+    """A landing file that is not Parquet, one cut short (a copy still in progress) and one
+    whose footer is whole but a page damaged are each one reject, without a row number; the
+    files around them are ingested and the run goes on. Both ways of reading the event files
+    (each alone, in row-group batches; small ones together) and the items build agree."""
+    from recsys.storage import Storage
+
+    monkeypatch.setattr(ingest, "SMALL_FILE_ROWS", small_file_rows)
+    storage = Storage(str(tmp_path / "data"))
+    t = "2026-10-01T10:00:00Z"
+    good = {
+        "events": lambda n, u: pl.DataFrame(
+            {"user_id": [u] * n, "item_id": [f"i{j}" for j in range(n)]}
+        ).with_columns(event_type=pl.lit("view"), timestamp=pl.lit(t)),
+        "items": lambda n, u: pl.DataFrame({"item_id": [f"{u}-{j}" for j in range(n)]}),
+    }
+    for kind, frame in good.items():
+        folder = tmp_path / "data" / "landing" / "default" / kind
+        folder.mkdir(parents=True)
+        frame(2, "a").write_parquet(folder / "a.parquet")
+        (folder / "b.parquet").write_bytes(b"PAR1 not a parquet file PAR1")
+        frame(1000, "c").write_parquet(folder / "c.parquet")
+        whole = (folder / "c.parquet").read_bytes()
+        (folder / "c.parquet").write_bytes(whole[: len(whole) // 2])  # (cut short)
+        frame(1000, "d").write_parquet(folder / "d.parquet")
+        damaged = bytearray((folder / "d.parquet").read_bytes())
+        damaged[60:400] = b"\x55" * 340  # (a page: the footer is whole)
+        (folder / "d.parquet").write_bytes(damaged)
+        frame(1, "e").write_parquet(folder / "e.parquet")
+        for n, name in enumerate("abcde"):
+            os.utime(folder / f"{name}.parquet", (1_700_000_000 + n,) * 2)
+
+    def unreadable(rejects):
+        rows = rejects.filter(pl.col("row_number").is_null())
+        assert set(rows["reason"]) == {"unparsable"}
+        assert all(d.startswith("file unreadable: ") for d in rows["detail"])
+        return sorted(rows["source_file"])
+
+    report = ingest.ingest_events(storage, "default", now=NOW)
+    assert (report.rows_read, report.rows_new, report.rejected) == (3, 3, 3)
+    assert report.rejected_by_reason == {"unparsable": 3}
+    assert sorted(ingest.read_events(storage, "default")["user_id"]) == ["a", "a", "e"]
+    rejected = ingest.scan_rejected(storage, "default").collect()
+    assert unreadable(rejected) == ["b.parquet", "c.parquet", "d.parquet"]
+    assert ingest.pending_files(storage, "default") == []  # (done: not read again and again)
+
+    table, built = ingest.build_table(storage, "default", "items")
+    assert table["item_id"].to_list() == ["a-0", "a-1", "e-0"]
+    assert built.rejected_by_reason == {"unparsable": 3}
+    items_rejected = pl.read_parquet(storage.table_path("default", "rejected_items"))
+    assert unreadable(items_rejected) == ["b.parquet", "c.parquet", "d.parquet"]
