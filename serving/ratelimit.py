@@ -227,8 +227,9 @@ class InProcessLimiter(_TatTable):
 
 class HostLimiter(_TatTable):
     """GCRA shared by every process of the host that names the same file: the default without
-    Redis, so that a limit means the same with 1 worker or 8 (and across servers started on
-    one data root).
+    Redis, so that a limit means the same with 1 worker or 8 (and across the servers a host
+    starts on one data root). A memory map is not kept coherent between hosts sharing a
+    network folder: several hosts need Redis.
 
     The file is a fixed open-addressing table of 16-byte slots - a key's 64-bit hash (0: empty)
     and its TAT as a float - memory-mapped by each process and read and written under an
