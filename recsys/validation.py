@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
+import orjson
 import polars as pl
 
 from recsys.contract import (
@@ -102,6 +103,43 @@ def _epoch_to_datetime(num: pl.Expr) -> pl.Expr:
     )
     micros = pl.when(micros.is_finite() & (micros.abs() < 1e17)).then(micros)
     return micros.cast(pl.Int64, strict=False).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+
+
+def _as_text_columns(raw: pl.DataFrame, lists: tuple[str, ...] = ()) -> pl.DataFrame:
+    """`raw` with the columns no cast turns into text made text, as a landing file written by
+    `recsys import` holds them: nested values (lists, structs: a Parquet file of tags as a
+    list) as compact JSON, bytes (strings written without their UTF-8 annotation) as UTF-8
+    with undecodable bytes replaced. Without this, one such column stopped a whole run. The
+    columns `lists` stay lists when they are lists of scalars."""
+    text = {}
+    for name, dtype in raw.schema.items():
+        if name in lists and isinstance(dtype, pl.List) and not dtype.inner.is_nested():
+            continue
+        if dtype.is_nested():
+            try:  # ({"v": value} as JSON, then the value's part of it)
+                encoded = pl.struct(pl.col(name).alias("v")).struct.json_encode()
+                value = encoded.str.strip_prefix('{"v":').str.strip_suffix("}")
+                text[name] = raw.select(pl.when(pl.col(name).is_not_null()).then(value))[name]
+            except pl.exceptions.PolarsError:  # (a struct of bytes, say: value by value)
+                text[name] = pl.Series(
+                    [None if v is None else _json_text(v) for v in raw[name].to_list()],
+                    dtype=pl.String,
+                )
+        elif dtype == pl.Binary:
+            try:
+                text[name] = raw[name].cast(pl.String)
+            except pl.exceptions.PolarsError:  # (invalid UTF-8 in some value)
+                text[name] = pl.Series(
+                    [None if v is None else v.decode("utf-8", "replace") for v in raw[name]],
+                    dtype=pl.String,
+                )
+    return raw.with_columns(**text) if text else raw
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(
+        value, default=lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+    ).decode()
 
 
 def _text(df: pl.DataFrame, col: str) -> pl.Expr:
@@ -222,6 +260,7 @@ def validate_events(
     """
     if "_row" not in raw.columns:
         raw = raw.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
+    raw = _as_text_columns(raw)
     now = now or datetime.now(UTC)
     known = sorted(set(BUILTIN_EVENT_TYPES) | {t.lower() for t in extra_event_types})
     source_cols = [c for c in raw.columns if c != "_row"]
@@ -304,7 +343,8 @@ def validate_events(
         .select(
             *[c for c in source_cols if c not in EVENT_SCHEMA],
             *[c for c in EVENT_SCHEMA if c != "timestamp" and c != "value"],
-            "timestamp",
+            # (the raw timestamp and value as sent, for a reject's `raw`, when the file has them)
+            *[c for c in ("timestamp", "value") if c in source_cols],
             "_ts",
             "_value",
             "_row",
@@ -513,27 +553,56 @@ def check_event_rows(
     return out
 
 
-def _parse_tags(df: pl.DataFrame) -> pl.Expr:
-    """Tags from a JSON list, or text separated by '|' or ','; trimmed, empty ones dropped."""
+_TAG_LIST = pl.List(pl.String)
+NOT_A_TAG_LIST = "tags is not a JSON list of tags"
+
+
+def _parse_tags(df: pl.DataFrame) -> pl.DataFrame:
+    """`_tags`: from a list, a JSON list, or text separated by '|' or ','; trimmed, empty ones
+    dropped. `_tags_bad`: the text starts like a JSON list but is not one of scalars (`[broken`,
+    `[[1]]`: the row is rejected; such a value used to stop the whole build)."""
+    n = df.height
     if "tags" not in df.columns:
-        return pl.lit([], dtype=pl.List(pl.String))
-    if isinstance(df.schema["tags"], pl.List):
-        col = pl.col("tags").cast(pl.List(pl.String))
+        tags = pl.Series([[]] * n, dtype=_TAG_LIST)
+        return pl.DataFrame({"_tags": tags, "_tags_bad": pl.repeat(False, n, eager=True)})
+    if isinstance(df.schema["tags"], pl.List):  # (of scalars: `_as_text_columns` keeps it)
+        tags = df.select(pl.col("tags").cast(_TAG_LIST))["tags"]
+        bad = pl.repeat(False, n, eager=True)
     else:
         text = pl.col("tags").cast(pl.String).str.strip_chars()
-        as_json = text.str.json_decode(pl.List(pl.String))
-        col = (
-            pl.when(text.str.starts_with("["))
-            .then(as_json)
-            .otherwise(
-                text.str.split(pl.lit("|"))
-                .list.eval(pl.element().str.split(","))
-                .list.eval(pl.element().explode())
-            )
+        is_json = text.str.starts_with("[").fill_null(False)
+        split = (
+            text.str.split(pl.lit("|"))
+            .list.eval(pl.element().str.split(","))
+            .list.eval(pl.element().explode())
         )
-    return col.list.eval(
+        try:
+            decoded = text.str.json_decode(_TAG_LIST)
+            tags = df.select(pl.when(is_json).then(decoded).otherwise(split).alias("t"))["t"]
+            bad = pl.repeat(False, n, eager=True)
+        except pl.exceptions.PolarsError:  # (a value is not a JSON list of scalars: by value)
+            found = df.select(text.alias("text"), is_json.alias("is_json"), split.alias("split"))
+            decoded = pl.Series(
+                [_json_tags(v) if j else None for v, j in zip(*found[:, :2], strict=True)],
+                dtype=_TAG_LIST,
+            )
+            tags = found.select(pl.when("is_json").then(decoded).otherwise("split").alias("t"))["t"]
+            bad = found["is_json"] & decoded.is_null()
+    tags = tags.list.eval(
         pl.element().str.strip_chars().filter(pl.element().str.len_chars() > 0)
-    ).fill_null(pl.lit([], dtype=pl.List(pl.String)))
+    ).fill_null(pl.lit([], dtype=_TAG_LIST))
+    return pl.DataFrame({"_tags": tags, "_tags_bad": bad})
+
+
+def _json_tags(text: str) -> list[str | None] | None:
+    """A JSON list of scalars as text values (None: not one)."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(value, list) or any(isinstance(v, list | dict) for v in value):
+        return None
+    return [v if v is None or isinstance(v, str) else orjson.dumps(v).decode() for v in value]
 
 
 _TRUE = ["1", "true", "yes", "y", "t", "in_stock", "available"]
@@ -545,6 +614,7 @@ def validate_items(raw: pl.DataFrame, *, source: str) -> tuple[pl.DataFrame, pl.
     item_id replace earlier ones (the catalog is an upsert table)."""
     if "_row" not in raw.columns:
         raw = raw.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
+    raw = _as_text_columns(raw, lists=("tags",))
     source_cols = [c for c in raw.columns if c != "_row"]
     avail_text = _text(raw, "available").str.to_lowercase()
     df = raw.with_columns(
@@ -571,7 +641,7 @@ def validate_items(raw: pl.DataFrame, *, source: str) -> tuple[pl.DataFrame, pl.
             _text(raw, "created_at").is_not_null() if "created_at" in raw.columns else pl.lit(False)
         ).alias("_created_given"),
     )
-    df = df.with_columns(_parse_tags(df).alias("_tags"))
+    df = df.hstack(_parse_tags(df))
     oversize = (
         (pl.col("item_id").str.len_bytes() > MAX_ID_LENGTH)
         | (pl.col("title").str.len_chars() > MAX_TITLE_LENGTH)
@@ -596,6 +666,7 @@ def validate_items(raw: pl.DataFrame, *, source: str) -> tuple[pl.DataFrame, pl.
                 "price is not a non-negative number",
             ),
             (pl.col("_available").is_null(), "bad_value", "available is not a boolean"),
+            (pl.col("_tags_bad"), "bad_value", NOT_A_TAG_LIST),
         ]
     )
     df = df.with_columns(reason.alias("_reason"), detail.alias("_detail"))
@@ -622,6 +693,7 @@ def validate_users(raw: pl.DataFrame, *, source: str) -> tuple[pl.DataFrame, pl.
     """Split raw user rows into (valid users in USER_SCHEMA, rejects); later rows win."""
     if "_row" not in raw.columns:
         raw = raw.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
+    raw = _as_text_columns(raw)
     source_cols = [c for c in raw.columns if c != "_row"]
     df = raw.with_columns(
         _text(raw, "user_id").alias("user_id"),

@@ -434,6 +434,7 @@ def test_small_event_files_read_together_answer_as_each_file_read_alone(tmp_path
         "f": events([]),
         "g": events([("u8", "i8", "purchase", t.format(8))]),
     }
+
     def unreadable(path, exc):
         raise AssertionError(f"{path} is readable") from exc
 

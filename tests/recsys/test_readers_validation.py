@@ -194,3 +194,40 @@ def test_event_ids_are_the_same_on_the_small_and_the_vectorised_path(monkeypatch
     monkeypatch.setattr(validation, "_VECTORISED_MD5_FROM", 0)
     large, _ = validate_events(raw, tenant="default", source="s", now=NOW)
     assert small["event_id"].to_list() == large["event_id"].to_list()
+
+
+def test_values_no_cast_reads_are_rejects_or_text_not_a_crash():
+    """Each of these stopped the whole build with a Polars error: a tags text that starts like
+    a JSON list and is not one, a Parquet column of lists or structs where the contract has
+    text, bytes that are not UTF-8, an event file without a timestamp column."""
+    raw = pl.DataFrame(
+        {
+            "item_id": ["a", "b", "c", "d", "e"],
+            "tags": ["[broken", "[[1]]", '["x", {"y": 1}]', "[1, true]", "p|q"],
+        }
+    )
+    good, rejects = validate_items(raw, source="s")
+    assert good.select("item_id", "tags").rows() == [("d", ["1", "true"]), ("e", ["p", "q"])]
+    assert rejects.select("row_number", "reason", "detail").rows() == [
+        (n, "bad_value", "tags is not a JSON list of tags") for n in (1, 2, 3)
+    ]
+    # nested columns become the JSON text `recsys import` lands; bytes become UTF-8 text
+    raw = pl.DataFrame(
+        {
+            "item_id": [["a", "1"], None, ["c"]],
+            "title": [b"caf\xc3\xa9", b"\xff ok", None],
+            "tags": [["t1", None], None, []],  # (a list of scalars: tags as they are)
+            "attributes": [{"color": "red"}, None, {"color": None}],
+        },
+    )
+    good, rejects = validate_items(raw, source="s")
+    assert good.select("item_id", "title", "tags", "attributes").rows() == [
+        ('["a","1"]', "café", ["t1"], '{"color":"red"}'),
+        ('["c"]', None, [], '{"color":null}'),
+    ]
+    assert rejects.select("row_number", "reason").rows() == [(2, "missing_id")]
+    assert '"title":"\ufffd ok"' in rejects["raw"][0]
+    events = pl.DataFrame({"user_id": ["u1"], "item_id": ["i1"], "event_type": ["view"]})
+    good, rejects = validate_events(events, tenant="default", source="s")
+    assert good.height == 0
+    assert rejects.select("reason", "detail").rows() == [("bad_timestamp", "timestamp is missing")]
