@@ -108,9 +108,9 @@ def _epoch_to_datetime(num: pl.Expr) -> pl.Expr:
 def _as_text_columns(raw: pl.DataFrame, lists: tuple[str, ...] = ()) -> pl.DataFrame:
     """`raw` with the columns no cast turns into text made text, as a landing file written by
     `recsys import` holds them: nested values (lists, structs: a Parquet file of tags as a
-    list) as compact JSON, bytes (strings written without their UTF-8 annotation) as UTF-8
-    with undecodable bytes replaced. Without this, one such column stopped a whole run. The
-    columns `lists` stay lists when they are lists of scalars."""
+    list) as compact JSON, durations as ISO 8601, bytes (strings written without their UTF-8
+    annotation) as UTF-8 with undecodable bytes replaced. Without this, one such column
+    stopped a whole run. The columns `lists` stay lists when they are lists of scalars."""
     text = {}
     for name, dtype in raw.schema.items():
         if name in lists and isinstance(dtype, pl.List) and not dtype.inner.is_nested():
@@ -125,6 +125,8 @@ def _as_text_columns(raw: pl.DataFrame, lists: tuple[str, ...] = ()) -> pl.DataF
                     [None if v is None else _json_text(v) for v in raw[name].to_list()],
                     dtype=pl.String,
                 )
+        elif isinstance(dtype, pl.Duration):  # (no cast to text: ISO 8601, "P1DT3S")
+            text[name] = raw[name].dt.to_string("iso")
         elif dtype == pl.Binary:
             try:
                 text[name] = raw[name].cast(pl.String)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
 
 import polars as pl
 import pytest
 
 from recsys.errors import EmptyInputError, RecsysError
 from recsys.readers import TextLayout, read_raw
-from recsys.validation import derive_event_ids, validate_events, validate_items
+from recsys.validation import (
+    derive_event_ids,
+    validate_events,
+    validate_items,
+    validate_users,
+)
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -231,3 +237,53 @@ def test_values_no_cast_reads_are_rejects_or_text_not_a_crash():
     good, rejects = validate_events(events, tenant="default", source="s")
     assert good.height == 0
     assert rejects.select("reason", "detail").rows() == [("bad_timestamp", "timestamp is missing")]
+
+
+_ANY_DTYPE = {  # (a value and a null of each type a Parquet file can hold)
+    "int": pl.Series([1, None], dtype=pl.Int64),
+    "uint8": pl.Series([1, None], dtype=pl.UInt8),
+    "float": pl.Series([1.5, float("nan")]),
+    "bool": pl.Series([True, None]),
+    "str": pl.Series(["x", None]),
+    "date": pl.Series([date(2026, 1, 1), None]),
+    "datetime": pl.Series([datetime(2026, 1, 1), None]),
+    "datetime_tz": pl.Series([datetime(2026, 1, 1, tzinfo=UTC), None]),
+    "time": pl.Series([time(10, 0), None]),
+    "duration": pl.Series([timedelta(days=1, seconds=3), None]),
+    "decimal": pl.Series([Decimal("1.5"), None]),
+    "binary": pl.Series([b"\xff", None]),
+    "list": pl.Series([[1], None]),
+    "list_str": pl.Series([["a"], None]),
+    "struct": pl.Series([{"a": 1}, None]),
+    "array": pl.Series([[1, 2], None], dtype=pl.Array(pl.Int64, 2)),
+    "null": pl.Series([None, None], dtype=pl.Null),
+    "categorical": pl.Series(["a", None], dtype=pl.Categorical),
+}
+
+
+@pytest.mark.parametrize("kind", ["events", "items", "users"])
+def test_a_column_of_any_parquet_type_gives_rows_or_rejects(kind):
+    """Every contract column of every kind, as each type a Parquet file can hold: each of the
+    two rows is a valid row of the contract's schema or a reject, never an error."""
+    from recsys.contract import SCHEMAS
+
+    base = {
+        "events": {
+            "user_id": ["u1", "u2"],
+            "item_id": ["i1", "i2"],
+            "event_type": ["view", "view"],
+            "timestamp": ["2026-10-01T00:00:00Z"] * 2,
+        },
+        "items": {"item_id": ["a", "b"]},
+        "users": {"user_id": ["a", "b"]},
+    }[kind]
+    validate = {
+        "events": lambda df: validate_events(df, tenant="default", source="s", now=NOW),
+        "items": lambda df: validate_items(df, source="s"),
+        "users": lambda df: validate_users(df, source="s"),
+    }[kind]
+    for column in SCHEMAS[kind]:
+        for name, values in _ANY_DTYPE.items():
+            good, rejects = validate(pl.DataFrame(base).with_columns(values.alias(column)))
+            assert good.height + rejects.height == 2, (column, name)
+            assert good.schema == pl.Schema(SCHEMAS[kind]), (column, name)
