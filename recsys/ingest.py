@@ -373,9 +373,10 @@ def ingest_events(
     done = state.setdefault("events", {}).setdefault("files", [])
     done.extend(_file_key(storage, f) for f in files)
     state["events"]["tombstone_files"] = [_file_key(storage, f) for f in tomb_files]
-    state["events"]["last_report"] = report.as_dict()
     report.seconds = time.perf_counter() - started
-    state["events"]["last_report"]["seconds"] = report.seconds
+    # (the files' count: their keys are in `files` above, and a full refresh of the API's
+    # small files would otherwise write every path again into each state)
+    state["events"]["last_report"] = {**report.as_dict(), "files": len(files)}
     save_state(storage, tenant, state)
     return report
 
