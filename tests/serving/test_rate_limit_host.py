@@ -4,6 +4,7 @@ limiter's, kind by kind, in test_serving_middleware.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -12,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from servers import BIN, free_port, start, stop_group, wait_http
+from servers import gunicorn, serving
 from serving_helpers import SECRET, make_config, publish_tiny
 
 from serving.auth import mint_token
@@ -118,7 +119,7 @@ def test_limiter_for_a_server(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_two_servers_on_one_data_root_share_the_limit(tmp_path):
-    """Two `recsys serve` on one data root, no Redis, requests alternating between them: the
+    """Two servers on one data root, no Redis, requests alternating between them: the
     credential's 10 per hour pass in all, the RateLimit header counting down across both."""
     root = str(tmp_path / "data")
     publish_tiny(root, "acme", "a")
@@ -131,18 +132,16 @@ def test_two_servers_on_one_data_root_share_the_limit(tmp_path):
     }
     env.pop("RECSYS_REDIS_URL", None)
     token = mint_token(SECRET, "acme", ["recommend"], 3600, "client-1")
-    procs, ports = [], []
-    try:
-        for i in range(2):
-            ports.append(free_port())
-            argv = [BIN / "recsys", "serve", "--bind", f"127.0.0.1:{ports[-1]}", "--workers", "1"]
-            procs.append(start(argv, env=env, log=tmp_path / f"server-{i}.log"))
-        for port, proc in zip(ports, procs, strict=True):
-            wait_http(f"http://127.0.0.1:{port}/healthz", proc, timeout=240, interval=0.2)
-        answers = []
+    answers = []
+    with contextlib.ExitStack() as servers:
+        urls = []
+        for i in range(2):  # (`recsys serve`'s gunicorn, one worker each)
+            log = tmp_path / f"server-{i}.log"
+            proc, url = gunicorn(env, workers=1, log=log)
+            urls.append(servers.enter_context(serving(proc, url, "/healthz", log=log)))
         for n in range(16):
             req = urllib.request.Request(
-                f"http://127.0.0.1:{ports[n % 2]}/v1/recommend",
+                f"{urls[n % 2]}/v1/recommend",
                 data=json.dumps({"user": {"user_id": "u1"}, "k": 3}).encode(),
                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
             )
@@ -151,9 +150,6 @@ def test_two_servers_on_one_data_root_share_the_limit(tmp_path):
                     answers.append((resp.status, resp.headers["RateLimit"]))
             except urllib.error.HTTPError as e:
                 answers.append((e.code, e.headers["RateLimit"]))
-    finally:
-        for proc in procs:
-            stop_group(proc)
     assert [status for status, _ in answers] == [200] * 10 + [429] * 6
     assert [header.split(";")[:2] for _, header in answers[:10]] == [
         ['"key"', f"r={n}"] for n in range(9, -1, -1)
