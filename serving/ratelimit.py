@@ -251,19 +251,24 @@ class HostLimiter(_TatTable):
         self._path = path
         self._clock = clock
         fd = self._open()
-        size = os.fstat(fd).st_size
-        if size < slots * 16:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:  # (another process may have made it meanwhile: only ever grown from zero)
-                if os.fstat(fd).st_size == 0:
-                    os.ftruncate(fd, slots * 16)
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+        try:
             size = os.fstat(fd).st_size
-        n = size // 16
-        if n < 8 or n & (n - 1) or size != n * 16:
+            if size < slots * 16:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:  # (another process may have made it meanwhile: only ever grown from zero)
+                    if os.fstat(fd).st_size == 0:
+                        # (blocks allocated now: a write through the map into a sparse file
+                        # on a full disk would kill the worker with SIGBUS)
+                        os.posix_fallocate(fd, 0, slots * 16)
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                size = os.fstat(fd).st_size
+            n = size // 16
+            if n < 8 or n & (n - 1) or size != n * 16:
+                raise OSError(f"{path}: {size} bytes is not a rate-limit table")
+        except BaseException:
             os.close(fd)
-            raise OSError(f"{path}: {size} bytes is not a rate-limit table")
+            raise
         self._map = mmap.mmap(fd, size)
         view = memoryview(self._map)
         self._hashes, self._tats = view.cast("Q"), view.cast("d")  # (slot i: [2i], [2i + 1])
