@@ -274,7 +274,9 @@ class HostLimiter(_TatTable):
         self._hashes, self._tats = view.cast("Q"), view.cast("d")  # (slot i: [2i], [2i + 1])
         self._mask = n - 1
         self._where: dict[str, list] = {}
-        self._adopt(fd)
+        self._fd = [fd]  # (the descriptor this process locks through; closed with the limiter)
+        self._thread_lock = threading.Lock()
+        weakref.finalize(self, lambda fds: os.close(fds[0]), self._fd)
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (c := ref()) and c._adopt(c._open()))
 
@@ -283,20 +285,22 @@ class HostLimiter(_TatTable):
         return os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def _adopt(self, fd: int) -> None:
-        """Lock through `fd` (a new one in a forked child: its parent's would not exclude it)."""
-        self._fd = fd
+        """In a forked child: lock through `fd`, a new descriptor (its parent's, which it
+        closes, would not exclude the parent or its siblings)."""
+        inherited, self._fd[0] = self._fd[0], fd
         self._thread_lock = threading.Lock()
+        os.close(inherited)
 
     def _acquire(self) -> None:
         self._thread_lock.acquire()
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            fcntl.flock(self._fd[0], fcntl.LOCK_EX)
         except BaseException:
             self._thread_lock.release()
             raise
 
     def _release(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        fcntl.flock(self._fd[0], fcntl.LOCK_UN)
         self._thread_lock.release()
 
     def _cell(self, key: str, spec: RateLimitSpec, now: float) -> tuple[memoryview, int]:

@@ -97,6 +97,20 @@ def test_the_file_keeps_its_size_and_is_checked(tmp_path):
         HostLimiter(str(bad))
 
 
+def test_a_limiter_let_go_closes_its_file(tmp_path):
+    """Tests and reloads make many apps in one process: each limiter's descriptors go with it."""
+    import gc
+
+    path = str(tmp_path / "rl.tats")
+    HostLimiter(path)  # (the file made)
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        HostLimiter(path).hit("k", SPEC)
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_limiter_for_a_server(tmp_path, caplog):
     root = tmp_path / "data"
     limiter = limiter_for(make_config(str(root)))
