@@ -326,7 +326,7 @@ def catalogue_as_of(
     `cutoff` (see the module docstring), and what changed."""
     import numpy as np
 
-    from recsys.ingest import landing_data_files, landing_runs
+    from recsys.ingest import landing_runs
     from recsys.storage import modified_s
     from recsys.validation import validate_items, validate_users
 
@@ -356,8 +356,11 @@ def catalogue_as_of(
     ids = set(late["entity_id"].to_list())
     first_late = dict(late.group_by("entity_id").agg(pl.col("first_late").min()).iter_rows())
     # the landing rows of those entities, in the order build_table folds them
-    files = landing_data_files(storage, tenant, kind)
-    stamped = sorted((modified_s(storage.fs.info(f)), f) for f in files)
+    stamped = sorted(
+        (modified_s(info), f)
+        for f, info in storage.landing_listing(tenant, kind)
+        if not f.endswith(REJECTED_SUFFIX)
+    )
     current: dict[str, dict[str, Any]] = {}
     before: dict[str, dict[str, Any]] = {}
     time_of = {f: t for t, f in stamped}

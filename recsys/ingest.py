@@ -142,10 +142,19 @@ def _file_key(storage: Storage, path: str, info: dict | None = None) -> str:
 
 def pending_files(storage: Storage, tenant: str, kind: str = "events") -> list[str]:
     """Landing files of `kind` not yet ingested (what the sensor and the assets act on)."""
-    done = set(load_state(storage, tenant).get(kind, {}).get("files", []))
-    return [
-        f for f in landing_data_files(storage, tenant, kind) if _file_key(storage, f) not in done
+    return [path for path, _ in _keyed_files(storage, tenant, kind, pending=True)]
+
+
+def _keyed_files(storage: Storage, tenant: str, kind: str, pending: bool) -> list[tuple[str, str]]:
+    """(path, key) of the landing data files of `kind` (only those not yet ingested when
+    `pending`), the keys from one listing of the folder."""
+    done = set(load_state(storage, tenant).get(kind, {}).get("files", [])) if pending else ()
+    keyed = [
+        (path, _file_key(storage, path, info))
+        for path, info in storage.landing_listing(tenant, kind)
+        if not path.endswith(REJECTED_SUFFIX)
     ]
+    return [(path, key) for path, key in keyed if key not in done]
 
 
 def load_state(storage: Storage, tenant: str) -> dict:
@@ -287,11 +296,8 @@ def ingest_events(
             if storage.exists(d):
                 storage.fs.rm(d, recursive=True)
         state.pop("events", None)
-    files = (
-        pending_files(storage, tenant, "events")
-        if not full_refresh
-        else landing_data_files(storage, tenant, "events")
-    )
+    keyed = _keyed_files(storage, tenant, "events", pending=not full_refresh)
+    files = [path for path, _ in keyed]
     report.files = files
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     tomb_files, deleted = _tombstones(storage, tenant)
@@ -371,7 +377,7 @@ def ingest_events(
     lo, hi = events_time_range(storage, tenant)
     report.min_timestamp, report.max_timestamp = lo, hi
     done = state.setdefault("events", {}).setdefault("files", [])
-    done.extend(_file_key(storage, f) for f in files)
+    done.extend(key for _, key in keyed)
     state["events"]["tombstone_files"] = [_file_key(storage, f) for f in tomb_files]
     report.seconds = time.perf_counter() - started
     # (the files' count: their keys are in `files` above, and a full refresh of the API's
@@ -672,14 +678,13 @@ def build_table(
     folder (a file removed, replaced or landed with an earlier time), a table of another
     schema, or `rebuild` folds every file again."""
     validate = validate_items if kind == "items" else validate_users
-    listing = storage.landing_files(tenant, kind)  # (one listing: data files and sidecars)
-    sidecars = {f for f in listing if f.endswith(REJECTED_SUFFIX)}
-    stamped = []  # (time, file, its key): the fold's order and state
-    for f in listing:
-        if f not in sidecars:
-            info = storage.fs.info(f)
-            stamped.append((modified_s(info), f, _file_key(storage, f, info)))
-    stamped.sort()
+    listing = storage.landing_listing(tenant, kind)  # (one listing: data files and sidecars)
+    sidecars = {f for f, _ in listing if f.endswith(REJECTED_SUFFIX)}
+    stamped = sorted(  # (time, file, its key): the fold's order and state
+        (modified_s(info), f, _file_key(storage, f, info))
+        for f, info in listing
+        if f not in sidecars
+    )
     files = [f for _, f, _ in stamped]
     keys, times = [key for _, _, key in stamped], [t for t, _, _ in stamped]
     report = TableReport(

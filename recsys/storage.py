@@ -56,13 +56,20 @@ class Storage:
 
     def landing_files(self, tenant: str, kind: str) -> list[str]:
         """Landing files of one kind, sorted by name (names start with a UTC timestamp)."""
+        return [path for path, _ in self.landing_listing(tenant, kind)]
+
+    def landing_listing(self, tenant: str, kind: str) -> list[tuple[str, dict]]:
+        """`landing_files` with each file's fsspec info (size, modification time) from the one
+        listing: no request a file on an object store."""
         d = self.landing_dir(tenant, kind)
         if not self.fs.exists(d):
             return []
-        files = [
-            f for f in self.fs.ls(d, detail=False) if not posixpath.basename(f).startswith(".")
+        listing = [
+            (self._qualify(info["name"]), info)
+            for info in self.fs.ls(d, detail=True)
+            if not posixpath.basename(info["name"]).startswith(".")
         ]
-        return sorted(self._qualify(f) for f in files)
+        return sorted(listing, key=lambda entry: entry[0])
 
     # --- warehouse -----------------------------------------------------------------------
     def events_dir(self, tenant: str) -> str:

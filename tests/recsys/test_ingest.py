@@ -549,3 +549,35 @@ def test_unreadable_landing_files_are_rejects_and_the_others_are_read(
     assert built.rejected_by_reason == {"unparsable": 3}
     items_rejected = pl.read_parquet(storage.table_path("default", "rejected_items"))
     assert unreadable(items_rejected) == ["b.parquet", "c.parquet", "d.parquet"]
+
+
+def test_pending_files_and_their_keys_come_from_one_listing(monkeypatch):
+    """On an object store a request a file is what a sensor tick cost: the sizes that key the
+    files come from the folder's listing, not from one `info` a file."""
+    import uuid
+
+    from recsys.durable import write_parquet_atomic
+    from recsys.storage import Storage
+
+    storage = Storage(f"memory://pending-{uuid.uuid4().hex[:8]}")
+    folder = storage.landing_dir("default", "events")
+    storage.makedirs(folder)
+    frame = pl.DataFrame({"user_id": ["u1"], "item_id": ["i1"], "event_type": ["view"]})
+    for n in range(20):
+        write_parquet_atomic(
+            frame.with_columns(timestamp=pl.lit(f"2026-10-01T10:00:{n:02d}Z")),
+            f"{folder}/f{n:02d}.parquet",
+            storage.fs,
+            sync=False,
+        )
+    infos = []
+    real_info = storage.fs.info
+    monkeypatch.setattr(
+        storage.fs, "info", lambda path, **kw: infos.append(path) or real_info(path, **kw)
+    )
+    assert len(ingest.pending_files(storage, "default")) == 20
+    assert len(infos) <= 2  # (the folder's, not the files')
+    # the keys are the ones `info` gives: a file recorded as done is no longer pending
+    state = {"events": {"files": [f"f00.parquet:{real_info(f'{folder}/f00.parquet')['size']}"]}}
+    ingest.save_state(storage, "default", state)
+    assert len(ingest.pending_files(storage, "default")) == 19
