@@ -39,6 +39,9 @@ from recsys.tenancy import is_valid_tenant
 from recsys.validation import validate_events, validate_items, validate_users
 
 REJECTED_SUFFIX = ".rejected.parquet"
+#: An event file that cannot be read and was modified less than this many seconds ago may still
+#: be being copied into the landing folder: it stays pending instead of becoming a reject.
+LANDING_SETTLE_S = 60.0
 BATCH_ROWS = 2_000_000  # rows validated at a time; bounds ingest memory
 
 
@@ -142,19 +145,21 @@ def _file_key(storage: Storage, path: str, info: dict | None = None) -> str:
 
 def pending_files(storage: Storage, tenant: str, kind: str = "events") -> list[str]:
     """Landing files of `kind` not yet ingested (what the sensor and the assets act on)."""
-    return [path for path, _ in _keyed_files(storage, tenant, kind, pending=True)]
+    return [path for path, _, _ in _keyed_files(storage, tenant, kind, pending=True)]
 
 
-def _keyed_files(storage: Storage, tenant: str, kind: str, pending: bool) -> list[tuple[str, str]]:
-    """(path, key) of the landing data files of `kind` (only those not yet ingested when
-    `pending`), the keys from one listing of the folder."""
+def _keyed_files(
+    storage: Storage, tenant: str, kind: str, pending: bool
+) -> list[tuple[str, str, float]]:
+    """(path, key, modification time) of the landing data files of `kind` (only those not yet
+    ingested when `pending`), from one listing of the folder."""
     done = set(load_state(storage, tenant).get(kind, {}).get("files", [])) if pending else ()
     keyed = [
-        (path, _file_key(storage, path, info))
+        (path, _file_key(storage, path, info), modified_s(info))
         for path, info in storage.landing_listing(tenant, kind)
         if not path.endswith(REJECTED_SUFFIX)
     ]
-    return [(path, key) for path, key in keyed if key not in done]
+    return [entry for entry in keyed if entry[1] not in done]
 
 
 def load_state(storage: Storage, tenant: str) -> dict:
@@ -185,6 +190,7 @@ class IngestReport:
     rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     deleted: int = 0  # events dropped because the API deleted them (tombstones)
+    deferred: list[str] = field(default_factory=list)  # unreadable, landed < LANDING_SETTLE_S ago
     days_written: list[str] = field(default_factory=list)
     min_timestamp: str | None = None
     max_timestamp: str | None = None
@@ -297,7 +303,7 @@ def ingest_events(
                 storage.fs.rm(d, recursive=True)
         state.pop("events", None)
     keyed = _keyed_files(storage, tenant, "events", pending=not full_refresh)
-    files = [path for path, _ in keyed]
+    files = [path for path, _, _ in keyed]
     report.files = files
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     tomb_files, deleted = _tombstones(storage, tenant)
@@ -316,6 +322,7 @@ def ingest_events(
     storage.makedirs(rejected_dir)
     reasons: Counter[str] = Counter()
     days: set[str] = set()
+    deferred: list[str] = []
     try:
         for i, path in enumerate(files):
             sidecar = path[: -len(".parquet")] + REJECTED_SUFFIX
@@ -325,9 +332,15 @@ def ingest_events(
                 reasons.update(unparsable["reason"].to_list())
                 report.rows_read += unparsable.height
         unreadable: list[pl.DataFrame] = []
-        batches = _event_batches(
-            storage, files, lambda path, exc: unreadable.append(unreadable_reject(path, exc))
-        )
+        modified = {path: mtime for path, _, mtime in keyed}
+
+        def unreadable_file(path: str, exc: Exception) -> None:
+            if time.time() - modified[path] < LANDING_SETTLE_S:
+                deferred.append(path)  # (maybe still being copied in: left for a later run)
+            else:
+                unreadable.append(unreadable_reject(path, exc))
+
+        batches = _event_batches(storage, files, unreadable_file)
         for k, (paths, sizes, raw) in enumerate(batches):
             report.rows_read += raw.height
             good, rejects = validate_events(
@@ -377,7 +390,8 @@ def ingest_events(
     lo, hi = events_time_range(storage, tenant)
     report.min_timestamp, report.max_timestamp = lo, hi
     done = state.setdefault("events", {}).setdefault("files", [])
-    done.extend(key for _, key in keyed)
+    report.deferred = deferred
+    done.extend(key for path, key, _ in keyed if path not in deferred)
     state["events"]["tombstone_files"] = [_file_key(storage, f) for f in tomb_files]
     report.seconds = time.perf_counter() - started
     # (the files' count: their keys are in `files` above, and a full refresh of the API's

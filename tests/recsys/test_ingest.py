@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
@@ -581,3 +582,30 @@ def test_pending_files_and_their_keys_come_from_one_listing(monkeypatch):
     state = {"events": {"files": [f"f00.parquet:{real_info(f'{folder}/f00.parquet')['size']}"]}}
     ingest.save_state(storage, "default", state)
     assert len(ingest.pending_files(storage, "default")) == 19
+
+
+def test_an_unreadable_event_file_landed_just_now_waits_for_a_later_run(storage, tmp_path):
+    """A file still being copied into landing is not Parquet yet: for `LANDING_SETTLE_S` after
+    its last change it stays pending (no reject); older, it is a reject and done."""
+    folder = tmp_path / "data" / "landing" / "default" / "events"
+    folder.mkdir(parents=True)
+    pl.DataFrame(
+        {"user_id": ["u1"], "item_id": ["i1"], "event_type": ["view"], "timestamp": ["1759312800"]}
+    ).write_parquet(folder / "a.parquet")
+    (folder / "b.parquet").write_bytes(b"PAR1 half a copy")  # (modified now)
+    report = ingest.ingest_events(storage, "default", now=NOW)
+    assert (report.rows_new, report.rejected, report.deferred) == (
+        1,
+        0,
+        [str(folder / "b.parquet")],
+    )
+    assert ingest.pending_files(storage, "default") == [str(folder / "b.parquet")]
+    past = time.time() - ingest.LANDING_SETTLE_S - 1
+    os.utime(folder / "b.parquet", (past, past))
+    report = ingest.ingest_events(storage, "default", now=NOW)
+    assert (report.rows_new, report.rejected_by_reason, report.deferred) == (
+        0,
+        {"unparsable": 1},
+        [],
+    )
+    assert ingest.pending_files(storage, "default") == []
