@@ -145,14 +145,15 @@ def _file_key(storage: Storage, path: str, info: dict | None = None) -> str:
 
 def pending_files(storage: Storage, tenant: str, kind: str = "events") -> list[str]:
     """Landing files of `kind` not yet ingested (what the sensor and the assets act on)."""
-    return [path for path, _, _ in _keyed_files(storage, tenant, kind, pending=True)]
+    return [path for path, _, _ in landing_entries(storage, tenant, kind, pending=True)]
 
 
-def _keyed_files(
+def landing_entries(
     storage: Storage, tenant: str, kind: str, pending: bool
 ) -> list[tuple[str, str, float]]:
     """(path, key, modification time) of the landing data files of `kind` (only those not yet
-    ingested when `pending`), from one listing of the folder."""
+    ingested when `pending`), from one listing of the folder. The key (name and size) is what
+    the ingest state records as done."""
     done = set(load_state(storage, tenant).get(kind, {}).get("files", [])) if pending else ()
     keyed = [
         (path, _file_key(storage, path, info), modified_s(info))
@@ -302,7 +303,7 @@ def ingest_events(
             if storage.exists(d):
                 storage.fs.rm(d, recursive=True)
         state.pop("events", None)
-    keyed = _keyed_files(storage, tenant, "events", pending=not full_refresh)
+    keyed = landing_entries(storage, tenant, "events", pending=not full_refresh)
     files = [path for path, _, _ in keyed]
     report.files = files
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]

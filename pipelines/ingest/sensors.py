@@ -1,6 +1,7 @@
 """New landing files trigger the ingest job."""
 
 import hashlib
+import time
 
 import dagster as dg
 
@@ -23,11 +24,15 @@ ingest_job = dg.define_asset_job(
 )
 def landing_sensor(context: dg.SensorEvaluationContext, storage: StorageResource):
     store = storage.storage()
+    now = time.time()
+    # (the run key names each pending file's key - a file replaced by another of that name is
+    # new - and whether it has settled: an unreadable event file that changed less than
+    # LANDING_SETTLE_S ago is left pending by the run, and becomes a reject in the next one)
     pending = sorted(
-        f
+        f"{key}:{'settled' if now - mtime >= ingest.LANDING_SETTLE_S else 'fresh'} {path}"
         for tenant in ingest.tenants_with_landing(store)
         for kind in LANDING_KINDS
-        for f in ingest.pending_files(store, tenant, kind)
+        for path, key, mtime in ingest.landing_entries(store, tenant, kind, pending=True)
     )
     if not pending:
         return dg.SkipReason("no new landing files")

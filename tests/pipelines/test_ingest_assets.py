@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import dagster as dg
+import polars as pl
 
 from pipelines import ingest as ingest_defs
 from pipelines.definitions import defs
@@ -101,3 +106,25 @@ def test_sensor_requests_a_run_only_for_new_landing_files(demo_root, ingest_reso
     ingest.import_file(demo_root, "events", str(new))
     again = ingest_defs.landing_sensor(ctx)
     assert isinstance(again, dg.RunRequest) and again.run_key != first.run_key
+    _materialize(ingest_resources)
+    # a copy still coming in (not Parquet yet): a run that leaves it pending; the same file
+    # whole, or the same bytes once settled, is new to the sensor (run keys are not repeated)
+    folder = Path(demo_root.landing_dir("default", "events"))
+    partial = folder / "copied-in.parquet"
+    partial.write_bytes(b"PAR1 the first bytes of a copy")
+    fresh = ingest_defs.landing_sensor(ctx)
+    assert isinstance(fresh, dg.RunRequest)
+    _materialize(ingest_resources)
+    assert ingest.pending_files(demo_root, "default") == [str(partial)]
+    assert ingest_defs.landing_sensor(ctx).run_key == fresh.run_key  # (nothing changed)
+    past = time.time() - ingest.LANDING_SETTLE_S - 1
+    os.utime(partial, (past, past))
+    settled = ingest_defs.landing_sensor(ctx)
+    assert settled.run_key != fresh.run_key
+    pl.DataFrame(
+        {"user_id": ["u9"], "item_id": ["i9"], "event_type": ["view"], "timestamp": ["1761955200"]}
+    ).write_parquet(partial)  # (the copy done: another size)
+    whole = ingest_defs.landing_sensor(ctx)
+    assert whole.run_key not in (fresh.run_key, settled.run_key)
+    _materialize(ingest_resources)
+    assert ingest.pending_files(demo_root, "default") == []
