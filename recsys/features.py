@@ -326,8 +326,7 @@ def catalogue_as_of(
     `cutoff` (see the module docstring), and what changed."""
     import numpy as np
 
-    from recsys.ingest import landing_runs
-    from recsys.storage import modified_s
+    from recsys.ingest import landing_entries, landing_runs
     from recsys.validation import validate_items, validate_users
 
     entity = kind[:-1]
@@ -357,9 +356,7 @@ def catalogue_as_of(
     first_late = dict(late.group_by("entity_id").agg(pl.col("first_late").min()).iter_rows())
     # the landing rows of those entities, in the order build_table folds them
     stamped = sorted(
-        (modified_s(info), f)
-        for f, info in storage.landing_listing(tenant, kind)
-        if not f.endswith(REJECTED_SUFFIX)
+        (mtime, f) for f, _, mtime in landing_entries(storage, tenant, kind, pending=False)
     )
     current: dict[str, dict[str, Any]] = {}
     before: dict[str, dict[str, Any]] = {}
