@@ -102,13 +102,25 @@ def test_a_limiter_let_go_closes_its_file(tmp_path):
     import gc
 
     path = str(tmp_path / "rl.tats")
+
+    def open_on_the_table() -> int:  # (descriptors of this file: other threads open others)
+        fds = "/proc/self/fd"
+        return sum(_target(os.path.join(fds, fd)) == path for fd in os.listdir(fds))
+
     HostLimiter(path)  # (the file made)
     gc.collect()
-    before = len(os.listdir("/proc/self/fd"))
+    assert open_on_the_table() == 0
     for _ in range(50):
         HostLimiter(path).hit("k", SPEC)
     gc.collect()
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert open_on_the_table() == 0
+
+
+def _target(link: str) -> str | None:
+    try:
+        return os.readlink(link)
+    except OSError:  # (closed meanwhile)
+        return None
 
 
 def test_limiter_for_a_server(tmp_path, caplog):
