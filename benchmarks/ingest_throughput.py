@@ -12,6 +12,9 @@ not grow with the input:
 30 s a worker), to time many small files:
 
     .venv/bin/python benchmarks/ingest_throughput.py --events 300000 --file-events 100
+
+After the ingest it prints what the landing sensor then costs at each tick (`pending_files`:
+one listing of landing, compared with the ingest state) and the state's size.
 """
 
 from __future__ import annotations
@@ -27,13 +30,18 @@ import time
 
 
 def child(root: str) -> None:
-    from recsys.ingest import ingest_events
+    from recsys.ingest import ingest_events, pending_files
     from recsys.storage import Storage
 
+    storage = Storage(root)
     started = time.perf_counter()
-    report = ingest_events(Storage(root), "default", full_refresh=True)
+    report = ingest_events(storage, "default", full_refresh=True)
     seconds = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # what the landing sensor then does at every tick: list landing, compare with the state
+    tick = time.perf_counter()
+    pending = pending_files(storage, "default")
+    tick_ms = (time.perf_counter() - tick) * 1000
     print(
         json.dumps(
             {
@@ -43,6 +51,10 @@ def child(root: str) -> None:
                 "duplicates": report.duplicates,
                 "seconds": seconds,
                 "peak_rss_mb": peak_mb,
+                "landing_files_after": len(storage.landing_files("default", "events")),
+                "pending_after": len(pending),
+                "tick_ms": tick_ms,
+                "state_kb": storage.fs.size(storage.ingest_state_path("default")) / 1024,
             }
         )
     )
@@ -104,6 +116,11 @@ def main() -> None:
     print(
         f"time: {r['seconds']:.2f}s  throughput: {r['rows_read'] / r['seconds']:,.0f} events/s  "
         f"peak RSS: {r['peak_rss_mb']:,.0f} MB  (cores: {os.cpu_count()})"
+    )
+    print(
+        f"after: {r['landing_files_after']:,} event files left in landing, the sensor's "
+        f"pending_files {r['tick_ms']:.1f} ms ({r['pending_after']} pending), "
+        f"ingest state {r['state_kb']:.1f} KB"
     )
 
 

@@ -101,7 +101,14 @@ def import_file(
     landing_dir = storage.landing_dir(tenant, kind)
     storage.makedirs(landing_dir)
     target = posixpath.join(landing_dir, name + ".parquet")
-    existed = storage.exists(target)
+    existed = storage.exists(target) or (
+        kind == "events"  # (ingested and moved out of landing: `_archive_ingested`)
+        and bool(
+            storage.glob(
+                posixpath.join(storage.ingested_landing_dir(tenant), "*", name + ".parquet")
+            )
+        )
+    )
     if not existed:
         write_parquet_atomic(data, target, storage.fs)
         if unparsable.height:
@@ -303,10 +310,13 @@ def ingest_events(
             if storage.exists(d):
                 storage.fs.rm(d, recursive=True)
         state.pop("events", None)
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    _archive_ingested(storage, tenant, state, run_id)  # (a run stopped before its moves)
     keyed = landing_entries(storage, tenant, "events", pending=not full_refresh)
+    if full_refresh:  # (read first: they landed before what is still in landing)
+        keyed = [(path, "", 0.0) for path in ingested_event_files(storage, tenant)] + keyed
     files = [path for path, _, _ in keyed]
     report.files = files
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     tomb_files, deleted = _tombstones(storage, tenant)
     done_tombs = set(state.get("events", {}).get("tombstone_files", []))
     new_tombs = [f for f in tomb_files if _file_key(storage, f) not in done_tombs]
@@ -392,14 +402,56 @@ def ingest_events(
     report.min_timestamp, report.max_timestamp = lo, hi
     done = state.setdefault("events", {}).setdefault("files", [])
     report.deferred = deferred
-    done.extend(key for path, key, _ in keyed if path not in deferred)
+    done.extend(key for path, key, _ in keyed if key and path not in deferred)
     state["events"]["tombstone_files"] = [_file_key(storage, f) for f in tomb_files]
     report.seconds = time.perf_counter() - started
     # (the files' count: their keys are in `files` above, and a full refresh of the API's
     # small files would otherwise write every path again into each state)
     state["events"]["last_report"] = {**report.as_dict(), "files": len(files)}
     save_state(storage, tenant, state)
+    _archive_ingested(storage, tenant, state, run_id)
     return report
+
+
+def ingested_event_files(storage: Storage, tenant: str) -> list[str]:
+    """The event files ingest has moved out of landing (`_archive_ingested`), by day of
+    ingest, then name (a file landed again under a name comes after the first): what a full
+    refresh reads again before the landing folder."""
+    return [
+        path
+        for path in storage.glob(posixpath.join(storage.ingested_landing_dir(tenant), "*", "*"))
+        if path.endswith(".parquet") and not path.endswith(REJECTED_SUFFIX)
+    ]
+
+
+def _archive_ingested(storage: Storage, tenant: str, state: dict, run_id: str) -> None:
+    """Move the landing event files the state records as ingested (with their import
+    sidecars) to ``ingested_landing/date=<run's day>/``, then forget their keys. Landing then
+    holds only what is pending, so the sensor's listing and the state stay the size of one
+    run's files, not of every file ever landed (the API lands ~5,800 a day). A name taken
+    that day (a file landed again under its name) gets ``~<run id>``. Stopped midway, the next
+    run moves the rest first: a key stays in the state until its file has moved."""
+    done = set(state.get("events", {}).get("files", []))
+    if not done:
+        return
+    listing = storage.landing_listing(tenant, "events")
+    names = {posixpath.basename(path) for path, _ in listing}
+    day = f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}"  # (run ids start with the UTC time)
+    folder = posixpath.join(storage.ingested_landing_dir(tenant), f"date={day}")
+    for path, info in listing:
+        if path.endswith(REJECTED_SUFFIX) or _file_key(storage, path, info) not in done:
+            continue
+        storage.makedirs(folder)
+        stem = posixpath.basename(path)[: -len(".parquet")]
+        target = posixpath.join(folder, stem)
+        if storage.exists(target + ".parquet"):
+            target += f"~{run_id}"  # (`~`: sorts after the name's first file)
+        if stem + REJECTED_SUFFIX in names:
+            sidecar = path[: -len(".parquet")] + REJECTED_SUFFIX
+            storage.fs.mv(sidecar, target + REJECTED_SUFFIX)
+        storage.fs.mv(path, target + ".parquet")
+    state["events"]["files"] = []
+    save_state(storage, tenant, state)
 
 
 def _tombstones(storage: Storage, tenant: str) -> tuple[list[str], list[str]]:

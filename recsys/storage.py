@@ -78,6 +78,12 @@ class Storage:
     def rejected_dir(self, tenant: str) -> str:
         return self.path("warehouse", check_tenant(tenant), "rejected_events")
 
+    def ingested_landing_dir(self, tenant: str) -> str:
+        """Landing event files already ingested, moved here by day of ingest
+        (``date=YYYY-MM-DD/``): out of the folder the sensor lists at every tick, kept for a
+        full refresh."""
+        return self.path("warehouse", check_tenant(tenant), "ingested_landing", "events")
+
     def table_path(self, tenant: str, name: str) -> str:
         """A single-file warehouse table: items, users, interactions, ..."""
         return self.path("warehouse", check_tenant(tenant), f"{name}.parquet")

@@ -213,7 +213,10 @@ class TenantEventLog:
 
     # -- reads
     def get(self, event_id: str) -> tuple[dict[str, Any] | None, int | None]:
-        """(event, deleted_at_us): the event from the log or from flushed landing files."""
+        """(event, deleted_at_us): the event from the log, the API's files flushed to landing
+        and not yet ingested, or the warehouse (any source, once ingested)."""
+        from recsys.ingest import scan_events  # the ingest module is heavy; only readers need it
+
         self.log.refresh()
         deleted = self._deleted.get(event_id)
         loc = self._index.get(event_id)
@@ -222,15 +225,14 @@ class TenantEventLog:
             if rec is not None:
                 return record_to_event(rec, self.tenant), deleted
         storage = Storage(self.data_root)
-        files = [
-            f
-            for f in storage.landing_files(self.tenant, "events")
-            if os.path.basename(f).startswith("api-")
-        ]
-        if files:
-            hit = pl.scan_parquet(files).filter(pl.col("event_id") == event_id).head(1).collect()
-            if hit.height:
-                row = hit.row(0, named=True)
+        files = landed_api_files(storage, self.tenant)
+        for frame in ([pl.scan_parquet(files)] if files else []) + [
+            scan_events(storage, self.tenant)
+        ]:
+            hit = frame.select(list(EVENT_SCHEMA)).filter(pl.col("event_id") == event_id)
+            found = hit.head(1).collect()
+            if found.height:
+                row = found.row(0, named=True)
                 row["timestamp"] = row["timestamp"].isoformat().replace("+00:00", "Z")
                 row["context"] = orjson.loads(row["context"]) if row["context"] else None
                 return row, deleted
@@ -355,12 +357,22 @@ class EventLogs:
 
 
 # --- reading every known event of a tenant -----------------------------------------------------
+def landed_api_files(storage: Storage, tenant: str) -> list[str]:
+    """The API's event files in landing (``api-*``): flushed from the log, not yet ingested."""
+    return [
+        f
+        for f in storage.landing_files(tenant, "events")
+        if os.path.basename(f).startswith("api-") and f.endswith(".parquet")
+    ]
+
+
 def scan_all_events(
     data_root: str, tenant: str, tlog: TenantEventLog | None = None
 ) -> pl.LazyFrame:
     """Every event of `tenant` the server can see, in EVENT_SCHEMA, each event_id once: the
-    validated warehouse (`recsys.ingest.scan_events`), the API's landed files (``api-*``, not
-    yet ingested or ingested: deduplicated) and, with `tlog`, the events still in the log.
+    validated warehouse (`recsys.ingest.scan_events`), the API's files flushed to landing and
+    not yet ingested (ingest moves them out: `landed_api_files`) and, with `tlog`, the events
+    still in the log.
     Deleted (tombstoned) events are left out. Imported landing files that ingest has not
     validated yet are not read (they may hold rows that will be rejected)."""
     from recsys.ingest import scan_events  # the ingest module is heavy; only readers need it
@@ -368,11 +380,7 @@ def scan_all_events(
     storage = Storage(data_root)
     cols = list(EVENT_SCHEMA)
     parts = [scan_events(storage, tenant).select(cols)]
-    api_files = [
-        f
-        for f in storage.landing_files(tenant, "events")
-        if os.path.basename(f).startswith("api-") and f.endswith(".parquet")
-    ]
+    api_files = landed_api_files(storage, tenant)
     if api_files:
         parts.append(pl.scan_parquet(api_files).select(cols))
     deleted = set(read_tombstones(data_root, tenant))

@@ -40,10 +40,12 @@ import falcon
 import msgspec
 from msgspec import Meta
 
+from recsys.storage import Storage
 from serving import accesslog
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.control import cache, eventstream, timeseries
 from serving.errors import ProblemError
+from serving.events_log import landed_api_files
 from serving.metrics import server_id
 from serving.routing import Route
 from serving.schemas import Reply
@@ -510,7 +512,8 @@ class MonitoringResource:
         out = {"warehouse": 0, "landed_from_api": 0, "in_log_bytes": 0}
         for path in glob.glob(os.path.join(root, "warehouse", tenant, "events", "*", "*.parquet")):
             out["warehouse"] += pq.ParquetFile(path).metadata.num_rows
-        for path in glob.glob(os.path.join(root, "landing", tenant, "events", "api-*.parquet")):
+        # (flushed from the log, not yet ingested: ingest moves them into the warehouse's folder)
+        for path in landed_api_files(Storage(root), tenant):
             out["landed_from_api"] += pq.ParquetFile(path).metadata.num_rows
         wal = os.path.join(root, "serving", "events", tenant, "wal")
         out["in_log_bytes"] = disk_usage(wal)

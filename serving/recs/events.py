@@ -185,7 +185,7 @@ class EventResource:
         if event is None:
             raise ProblemError(
                 404,
-                f"No event '{event_id}' in the event log or the events landed from the API.",
+                f"No event '{event_id}' in the event log, landing or the warehouse.",
                 code="RECSYS_UNKNOWN_EVENT",
             )
         resp.media = event

@@ -609,3 +609,93 @@ def test_an_unreadable_event_file_landed_just_now_waits_for_a_later_run(storage,
         [],
     )
     assert ingest.pending_files(storage, "default") == []
+
+
+def test_ingested_event_files_leave_landing_and_a_full_refresh_reads_them_again(storage, tmp_path):
+    """Landing keeps only what is pending: an ingested file (with its import sidecar) moves to
+    the warehouse's ingested_landing/date=<day>/ and the state forgets its key. A file landed
+    again under an ingested name is new; a full refresh reads every file again, moved or not,
+    and gives the same events and rejects."""
+    source = _csv(
+        tmp_path,
+        "a.csv",
+        "user_id,item_id,event_type,timestamp\nu1,i1,view,1759312800\nu2,i2,view,oops\nu3\n",
+    )
+    landed = ingest.import_file(storage, "events", source).landed
+    name = os.path.basename(landed)
+    report = ingest.ingest_events(storage, "default", now=NOW)
+    assert (report.rows_new, report.rejected_by_reason) == (
+        1,
+        {"bad_timestamp": 1, "unparsable": 1},
+    )
+    assert storage.landing_files("default", "events") == []
+    assert ingest.load_state(storage, "default")["events"]["files"] == []
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    folder = tmp_path / "data/warehouse/default/ingested_landing/events" / f"date={day}"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        name,
+        name.replace(".parquet", ingest.REJECTED_SUFFIX),
+    ]
+    assert ingest.ingested_event_files(storage, "default") == [str(folder / name)]
+    # importing the same file again lands nothing: it was ingested
+    assert ingest.import_file(storage, "events", source).already_landed
+    assert ingest.pending_files(storage, "default") == []
+
+    # landed again under that name with other rows: pending, ingested, kept beside the first
+    pl.DataFrame(
+        {"user_id": ["u4"], "item_id": ["i4"], "event_type": ["view"], "timestamp": ["1759312900"]}
+    ).write_parquet(landed)
+    assert ingest.pending_files(storage, "default") == [landed]
+    assert ingest.ingest_events(storage, "default", now=NOW).rows_new == 1
+    moved = [os.path.basename(p) for p in ingest.ingested_event_files(storage, "default")]
+    assert len(moved) == 2 and moved[0] == name
+    assert moved[1].startswith(name[: -len(".parquet")] + "~") and moved[1].endswith(".parquet")
+
+    events = ingest.read_events(storage, "default").sort("event_id")
+    refreshed = ingest.ingest_events(storage, "default", now=NOW, full_refresh=True)
+    assert (refreshed.rows_read, refreshed.rows_new, refreshed.rejected) == (4, 2, 2)
+    assert ingest.read_events(storage, "default").sort("event_id").equals(events)
+    assert sorted(events["user_id"].to_list()) == ["u1", "u4"]
+    assert ingest.scan_rejected(storage, "default").collect().height == 2
+    assert storage.landing_files("default", "events") == []
+    assert len(ingest.ingested_event_files(storage, "default")) == 2
+
+
+def test_files_a_stopped_run_ingested_but_did_not_move_are_moved_not_read_again(
+    storage, tmp_path, monkeypatch
+):
+    """A run that saved its state and stopped before moving its files (here: the move fails)
+    leaves them done: not pending, and the next run moves them without reading them."""
+    folder = tmp_path / "data" / "landing" / "default" / "events"
+    folder.mkdir(parents=True)
+    for n in range(2):
+        pl.DataFrame(
+            {
+                "user_id": [f"u{n}"],
+                "item_id": ["i1"],
+                "event_type": ["view"],
+                "timestamp": ["1759312800"],
+            }
+        ).write_parquet(folder / f"f{n}.parquet")
+    real_mv = storage.fs.mv
+
+    def mv_fails(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(storage.fs, "mv", mv_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        ingest.ingest_events(storage, "default", now=NOW)
+    assert ingest.read_events(storage, "default").height == 2
+    assert len(ingest.load_state(storage, "default")["events"]["files"]) == 2
+    assert ingest.pending_files(storage, "default") == []
+
+    monkeypatch.setattr(storage.fs, "mv", real_mv)
+    report = ingest.ingest_events(storage, "default", now=NOW)
+    assert (report.rows_read, report.rows_new) == (0, 0)
+    assert storage.landing_files("default", "events") == []
+    assert [os.path.basename(p) for p in ingest.ingested_event_files(storage, "default")] == [
+        "f0.parquet",
+        "f1.parquet",
+    ]
+    assert ingest.load_state(storage, "default")["events"]["files"] == []
+    assert ingest.read_events(storage, "default").height == 2

@@ -218,8 +218,16 @@ def test_delete_is_admin_only_and_tombstones_survive_the_flush(client, data_root
     assert dict(landed.schema) == EVENT_SCHEMA
     assert set(read_tombstones(data_root, "acme")) == {"drop"}
     # after the flush the event is still readable (from landing) and the tombstone still holds
-    assert client.simulate_get("/v1/recs/events/keep", headers=auth()).status_code == 200
+    kept = client.simulate_get("/v1/recs/events/keep", headers=auth())
+    assert kept.status_code == 200
     assert client.simulate_get("/v1/recs/events/drop", headers=auth()).status_code == 410
+    # and once ingested (its file moved out of landing), from the warehouse
+    assert ingest_events(Storage(data_root), "acme").rows_new == 1
+    assert Storage(data_root).landing_files("acme", "events") == []
+    again = client.simulate_get("/v1/recs/events/keep", headers=auth())
+    assert (again.status_code, again.json) == (200, kept.json)
+    assert client.simulate_get("/v1/recs/events/drop", headers=auth()).status_code == 410
+    assert client.simulate_get("/v1/recs/events/never", headers=auth()).status_code == 404
 
 
 def test_flushed_events_are_ingested_by_the_pipeline(client, data_root):
