@@ -17,7 +17,8 @@ point-in-time join a training run needs: no value written after the cut-off leak
 `catalogue_as_of` is that join for the catalogue itself (the items and users tables a training
 run reads): a catalogue column an upsert changed with an event time after the cut-off takes the
 value it had at the cut-off instead - the newest logged value not after it, else the value the
-landing zone held just before the first such upsert was written. Catalogue rows without an
+catalogue's files (`recsys.ingest.catalogue_files`: those in landing and those ingest moved out)
+held just before the first such upsert was written. Catalogue rows without an
 event time (imports, CRR record writes) are taken as they are: only upserts carry one.
 """
 
@@ -326,7 +327,7 @@ def catalogue_as_of(
     `cutoff` (see the module docstring), and what changed."""
     import numpy as np
 
-    from recsys.ingest import landing_entries, landing_runs
+    from recsys.ingest import catalogue_files, landing_runs
     from recsys.validation import validate_items, validate_users
 
     entity = kind[:-1]
@@ -355,9 +356,7 @@ def catalogue_as_of(
     ids = set(late["entity_id"].to_list())
     first_late = dict(late.group_by("entity_id").agg(pl.col("first_late").min()).iter_rows())
     # the landing rows of those entities, in the order build_table folds them
-    stamped = sorted(
-        (mtime, f) for f, _, mtime in landing_entries(storage, tenant, kind, pending=False)
-    )
+    stamped = catalogue_files(storage, tenant, kind)
     current: dict[str, dict[str, Any]] = {}
     before: dict[str, dict[str, Any]] = {}
     time_of = {f: t for t, f in stamped}

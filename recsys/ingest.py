@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import time
 import uuid
 from bisect import bisect_left
@@ -101,12 +102,9 @@ def import_file(
     landing_dir = storage.landing_dir(tenant, kind)
     storage.makedirs(landing_dir)
     target = posixpath.join(landing_dir, name + ".parquet")
-    existed = storage.exists(target) or (
-        kind == "events"  # (ingested and moved out of landing: `_archive_ingested`)
-        and bool(
-            storage.glob(
-                posixpath.join(storage.ingested_landing_dir(tenant), "*", name + ".parquet")
-            )
+    existed = storage.exists(target) or bool(  # (or ingested and moved out: `_move_ingested`)
+        storage.glob(
+            posixpath.join(storage.ingested_landing_dir(tenant, kind), "*", f"*~{name}.parquet")
         )
     )
     if not existed:
@@ -177,10 +175,14 @@ def load_state(storage: Storage, tenant: str) -> dict:
     return json.loads(storage.fs.cat_file(p))
 
 
-def save_state(storage: Storage, tenant: str, state: dict) -> None:
-    """Record the ingest state durably, after every warehouse file written before it (they are
-    written with `sync=False` and flushed here at once: the state points at them)."""
+def save_state(storage: Storage, tenant: str, kind: str, entry: dict) -> None:
+    """Record the ingest state of `kind` durably, after every warehouse file written before it
+    (they are written with `sync=False` and flushed here at once: the state points at them).
+    The other kinds' entries are read again first: the events, items and users assets of one
+    run may run at once, each saving its own kind."""
     p = storage.ingest_state_path(tenant)
+    state = load_state(storage, tenant)
+    state[kind] = entry
     storage.makedirs(posixpath.dirname(p))
     sync_all(storage.fs)
     write_atomic(p, json.dumps(state, indent=1, sort_keys=True).encode(), storage.fs)
@@ -311,10 +313,11 @@ def ingest_events(
                 storage.fs.rm(d, recursive=True)
         state.pop("events", None)
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    _archive_ingested(storage, tenant, state, run_id)  # (a run stopped before its moves)
+    _move_ingested(storage, tenant, "events", state, run_id)  # (a run stopped before its moves)
     keyed = landing_entries(storage, tenant, "events", pending=not full_refresh)
     if full_refresh:  # (read first: they landed before what is still in landing)
-        keyed = [(path, "", 0.0) for path in ingested_event_files(storage, tenant)] + keyed
+        moved, _ = ingested_files(storage, tenant, "events")
+        keyed = [(path, "", mtime) for mtime, path in moved] + keyed
     files = [path for path, _, _ in keyed]
     report.files = files
     tomb_files, deleted = _tombstones(storage, tenant)
@@ -357,7 +360,7 @@ def ingest_events(
             good, rejects = validate_events(
                 raw,
                 tenant=tenant,
-                source=posixpath.basename(paths[0]),
+                source=landing_name(paths[0]),
                 extra_event_types=extra_event_types,
                 now=now,
                 dedupe=False,
@@ -408,50 +411,74 @@ def ingest_events(
     # (the files' count: their keys are in `files` above, and a full refresh of the API's
     # small files would otherwise write every path again into each state)
     state["events"]["last_report"] = {**report.as_dict(), "files": len(files)}
-    save_state(storage, tenant, state)
-    _archive_ingested(storage, tenant, state, run_id)
+    save_state(storage, tenant, "events", state["events"])
+    _move_ingested(storage, tenant, "events", state, run_id)
     return report
 
 
-def ingested_event_files(storage: Storage, tenant: str) -> list[str]:
-    """The event files ingest has moved out of landing (`_archive_ingested`), by day of
-    ingest, then name (a file landed again under a name comes after the first): what a full
-    refresh reads again before the landing folder."""
-    return [
-        path
-        for path in storage.glob(posixpath.join(storage.ingested_landing_dir(tenant), "*", "*"))
-        if path.endswith(".parquet") and not path.endswith(REJECTED_SUFFIX)
-    ]
+def ingested_files(
+    storage: Storage, tenant: str, kind: str
+) -> tuple[list[tuple[float, str]], set[str]]:
+    """The landing files of `kind` that ingest has moved out of landing (`_move_ingested`):
+    (landing time, path) in landing order, and their import sidecars. What a full refresh,
+    a rebuild of the catalogue and its history read again before the landing folder."""
+    files, sidecars = [], set()
+    for path in storage.glob(posixpath.join(storage.ingested_landing_dir(tenant, kind), "*", "*")):
+        if path.endswith(REJECTED_SUFFIX):
+            sidecars.add(path)
+        elif path.endswith(".parquet"):
+            stamp = posixpath.basename(path).split("~", 1)[0]
+            landed = datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC).timestamp()
+            files.append((landed, path))
+    return sorted(files), sidecars
 
 
-def _archive_ingested(storage: Storage, tenant: str, state: dict, run_id: str) -> None:
-    """Move the landing event files the state records as ingested (with their import
-    sidecars) to ``ingested_landing/date=<run's day>/``, then forget their keys. Landing then
-    holds only what is pending, so the sensor's listing and the state stay the size of one
-    run's files, not of every file ever landed (the API lands ~5,800 a day). A name taken
-    that day (a file landed again under its name) gets ``~<run id>``. Stopped midway, the next
-    run moves the rest first: a key stays in the state until its file has moved."""
-    done = set(state.get("events", {}).get("files", []))
+_STAMP = "%Y%m%dT%H%M%S.%fZ"  # (a moved file's landing time, first in its name)
+_MOVED_NAME = re.compile(r"\d{8}T\d{6}\.\d{6}Z~(?P<stem>.*?)(?:~\d{8}T\d{6}-[0-9a-f]{8})?\.parquet")
+
+
+def landing_name(path: str) -> str:
+    """The name a landing file had in landing, moved out (`_move_ingested`) or not: what
+    rejects name as their source file."""
+    name = posixpath.basename(path)
+    if (moved := _MOVED_NAME.fullmatch(name)) and posixpath.basename(
+        posixpath.dirname(path)
+    ).startswith("date="):
+        return moved["stem"] + ".parquet"
+    return name
+
+
+def _move_ingested(storage: Storage, tenant: str, kind: str, state: dict, run_id: str) -> None:
+    """Move the landing files of `kind` the state records as ingested (`state[kind]["files"]`,
+    with their import sidecars) to ``ingested_landing/<kind>/date=<landing day>/<landing
+    time>~<name>``, then forget their keys. Landing then holds only what is pending, so the
+    sensor's listing and the state stay the size of one run's files, not of every file ever
+    landed (the API lands ~5,800 event files a day, and a catalogue file a record write).
+    The time in the name keeps the landing order on an object store, where a move is a copy
+    with a new time. Stopped midway, the next run moves the rest first: a key stays in the
+    state until its file has moved."""
+    done = set(state.get(kind, {}).get("files", []))
     if not done:
         return
-    listing = storage.landing_listing(tenant, "events")
+    listing = storage.landing_listing(tenant, kind)
     names = {posixpath.basename(path) for path, _ in listing}
-    day = f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}"  # (run ids start with the UTC time)
-    folder = posixpath.join(storage.ingested_landing_dir(tenant), f"date={day}")
     for path, info in listing:
         if path.endswith(REJECTED_SUFFIX) or _file_key(storage, path, info) not in done:
             continue
+        landed = datetime.fromtimestamp(modified_s(info), UTC)
+        folder = posixpath.join(
+            storage.ingested_landing_dir(tenant, kind), f"date={landed:%Y-%m-%d}"
+        )
         storage.makedirs(folder)
         stem = posixpath.basename(path)[: -len(".parquet")]
-        target = posixpath.join(folder, stem)
-        if storage.exists(target + ".parquet"):
-            target += f"~{run_id}"  # (`~`: sorts after the name's first file)
+        target = posixpath.join(folder, f"{landed:{_STAMP}}~{stem}")
+        if storage.exists(target + ".parquet"):  # (landed again with its time: keep both)
+            target += f"~{run_id}"
         if stem + REJECTED_SUFFIX in names:
-            sidecar = path[: -len(".parquet")] + REJECTED_SUFFIX
-            storage.fs.mv(sidecar, target + REJECTED_SUFFIX)
+            storage.fs.mv(path[: -len(".parquet")] + REJECTED_SUFFIX, target + REJECTED_SUFFIX)
         storage.fs.mv(path, target + ".parquet")
-    state["events"]["files"] = []
-    save_state(storage, tenant, state)
+    state[kind]["files"] = []
+    save_state(storage, tenant, kind, state[kind])
 
 
 def _tombstones(storage: Storage, tenant: str) -> tuple[list[str], list[str]]:
@@ -475,7 +502,7 @@ def _tombstones(storage: Storage, tenant: str) -> tuple[list[str], list[str]]:
 def _record_tombstones(storage: Storage, tenant: str, state: dict, files: list[str]) -> None:
     keys = state.setdefault("events", {}).setdefault("tombstone_files", [])
     keys.extend(_file_key(storage, f) for f in files)
-    save_state(storage, tenant, state)
+    save_state(storage, tenant, "events", state["events"])
 
 
 def _drop_deleted(
@@ -498,7 +525,7 @@ def _drop_deleted(
                 kept, posixpath.join(day_dir, f"part-{run_id}-c.parquet"), storage.fs, sync=False
             )
         state.setdefault("events", {})["compacting"] = old
-        save_state(storage, tenant, state)
+        save_state(storage, tenant, "events", state["events"])
         _finish_compaction(storage, tenant, state)
     return dropped
 
@@ -511,7 +538,7 @@ def _finish_compaction(storage: Storage, tenant: str, state: dict) -> None:
     for f in old:
         if storage.exists(f):
             storage.fs.rm(f)
-    save_state(storage, tenant, state)
+    save_state(storage, tenant, "events", state["events"])
 
 
 def _merge_day(storage: Storage, events_dir: str, staged_dir: str, day: str, run_id: str) -> int:
@@ -653,7 +680,7 @@ def landing_runs(
 def unreadable_reject(path: str, exc: Exception) -> pl.DataFrame:
     """The reject of a landing file that cannot be read: one row, without a row number."""
     detail = f"file unreadable: {type(exc).__name__}: {exc}"[:MAX_RAW_CHARS]
-    row = {"source_file": posixpath.basename(path), "row_number": None, "reason": "unparsable"}
+    row = {"source_file": landing_name(path), "row_number": None, "reason": "unparsable"}
     return pl.DataFrame([{**row, "detail": detail, "raw": ""}], schema=REJECTED_SCHEMA)
 
 
@@ -667,7 +694,7 @@ def rejects_by_file(bad: pl.DataFrame, paths: list[str], sizes: list[int]) -> pl
     starts = list(accumulate(sizes, initial=0))  # (file i: rows starts[i] + 1 .. starts[i + 1])
     file_of = [bisect_left(starts, n) - 1 for n in bad["row_number"].to_list()]
     return bad.with_columns(
-        source_file=pl.Series([posixpath.basename(paths[i]) for i in file_of], dtype=pl.String),
+        source_file=pl.Series([landing_name(paths[i]) for i in file_of], dtype=pl.String),
         row_number=pl.col("row_number") - pl.Series([starts[i] for i in file_of], dtype=pl.Int64),
         _file=pl.Series(file_of, dtype=pl.Int64),
     )
@@ -720,8 +747,9 @@ def _fold_files(
 class TableReport:
     tenant: str
     kind: str
-    files: list[str] = field(default_factory=list)
-    files_folded: int = 0  # (the files read: those after the last build's, or all of them)
+    files: list[str] = field(default_factory=list)  # (those folded, in order)
+    files_folded: int = 0
+    incremental: bool = False  # (folded onto the last build's table; else every file ever landed)
     rows_read: int = 0
     rows: int = 0
     rejected: int = 0
@@ -732,53 +760,52 @@ class TableReport:
 def build_table(
     storage: Storage, tenant: str, kind: str, *, rebuild: bool = False
 ) -> tuple[pl.DataFrame, TableReport]:
-    """Rebuild the items or users table from every landing file of that kind, folded in
-    landing order (file modification time): a later row of an id replaces the columns its file
+    """Build the items or users table from the landing files of that kind, folded in landing
+    order (file modification time): a later row of an id replaces the columns its file
     carries and leaves the others as they were (a price feed of `item_id,price` changes prices
     only); an id seen for the first time gets the contract's defaults for the columns its file
     lacks. A file with every column replaces whole rows. The table is sorted by id.
 
-    The fold is incremental: when the files the last build folded (name, size and time, in
-    that order) still come first, unchanged, only the files after them are read and folded onto
-    the warehouse's table and rejects (the CRR API lands a file per record write, so reading
-    every file again made each run slower than the last). Any other change to the landing
-    folder (a file removed, replaced or landed with an earlier time), a table of another
-    schema, or `rebuild` folds every file again."""
+    Landing is an inbox: a build folds the files in landing onto the warehouse's table and
+    rejects, then moves them out (`_move_ingested`; the CRR API lands a file per record
+    write, so reading every file again made each run slower than the last). A file landed
+    with a time before the last build's latest (a copy that kept its time), a table of another
+    schema or rejects that are not the last build's, or `rebuild`, fold every file again, the
+    moved ones and landing's, in landing order (`catalogue_files`)."""
     validate = validate_items if kind == "items" else validate_users
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    state = load_state(storage, tenant)
+    _move_ingested(storage, tenant, kind, state, run_id)  # (a build stopped before its moves)
     listing = storage.landing_listing(tenant, kind)  # (one listing: data files and sidecars)
     sidecars = {f for f, _ in listing if f.endswith(REJECTED_SUFFIX)}
-    stamped = sorted(  # (time, file, its key): the fold's order and state
-        (modified_s(info), f, _file_key(storage, f, info))
-        for f, info in listing
-        if f not in sidecars
-    )
-    files = [f for _, f, _ in stamped]
-    keys, times = [key for _, _, key in stamped], [t for t, _, _ in stamped]
-    report = TableReport(
-        tenant=tenant, kind=kind, files=files, path=storage.table_path(tenant, kind)
-    )
+    landed = sorted((modified_s(info), f) for f, info in listing if f not in sidecars)
+    keys = [_file_key(storage, f, info) for f, info in listing if f not in sidecars]
+    report = TableReport(tenant=tenant, kind=kind, path=storage.table_path(tenant, kind))
     rejected_path = storage.table_path(tenant, f"rejected_{kind}")
     table, rejects = empty_frame(kind), []
-    start = 0  # the first file to fold
-    last = {} if rebuild else load_state(storage, tenant).get(kind, {})
-    folded, folded_times = last.get("files", []), last.get("times", [])
+    last = {} if rebuild else state.get(kind, {})
+    incremental = False
     if (
-        folded
-        and keys[: len(folded)] == folded
-        and times[: len(folded)] == folded_times
+        "folded_until" in last
+        and all(t >= last["folded_until"] for t, _ in landed)
         and storage.exists(report.path)
         and storage.exists(rejected_path)
     ):
         before = pl.read_parquet(storage.fs.open(report.path, "rb"))
         rejected_before = pl.read_parquet(storage.fs.open(rejected_path, "rb"))
-        # (a build that wrote its tables and crashed before its state: refolding its files
-        # gives the same table, but would repeat their rejects)
+        # (a build that wrote its tables and crashed before its state: folding its files
+        # again gives the same table, but would repeat their rejects)
         if before.schema == table.schema and rejected_before.height == last.get("rejected"):
-            table, start = before, len(folded)
+            table, incremental = before, True
             rejects.append(rejected_before)
-    report.files_folded = len(files) - start
+    if not incremental:
+        moved, moved_sidecars = ingested_files(storage, tenant, kind)
+        landed = sorted(moved + landed)
+        sidecars |= moved_sidecars
+    files = [f for _, f in landed]
+    report.files, report.files_folded, report.incremental = files, len(files), incremental
     runs = landing_runs(
-        storage, files[start:], lambda path, exc: rejects.append(unreadable_reject(path, exc))
+        storage, files, lambda path, exc: rejects.append(unreadable_reject(path, exc))
     )
     for run in runs:
         report.rows_read += run[2].height
@@ -793,7 +820,19 @@ def build_table(
     storage.makedirs(posixpath.dirname(report.path))
     write_parquet_atomic(table, report.path, storage.fs, sync=False)  # durable by save_state
     write_parquet_atomic(rejected, rejected_path, storage.fs, sync=False)
-    state = load_state(storage, tenant)
-    state[kind] = {"files": keys, "times": times, "rejected": rejected.height}
-    save_state(storage, tenant, state)
+    until = max([t for t, _ in landed] + [last.get("folded_until", 0.0) if incremental else 0.0])
+    state[kind] = {"files": keys, "folded_until": until, "rejected": rejected.height}
+    save_state(storage, tenant, kind, state[kind])
+    _move_ingested(storage, tenant, kind, state, run_id)
     return table, report
+
+
+def catalogue_files(storage: Storage, tenant: str, kind: str) -> list[tuple[float, str]]:
+    """Every items or users file ever landed, moved out of landing or not, as (landing time,
+    path) in landing order: what `build_table` folds when it folds everything, and what the
+    catalogue's history is read from (`recsys.features.catalogue_as_of`)."""
+    moved, _ = ingested_files(storage, tenant, kind)
+    listing = storage.landing_listing(tenant, kind)
+    return sorted(
+        moved + [(modified_s(info), f) for f, info in listing if not f.endswith(REJECTED_SUFFIX)]
+    )

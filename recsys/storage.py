@@ -78,11 +78,13 @@ class Storage:
     def rejected_dir(self, tenant: str) -> str:
         return self.path("warehouse", check_tenant(tenant), "rejected_events")
 
-    def ingested_landing_dir(self, tenant: str) -> str:
-        """Landing event files already ingested, moved here by day of ingest
-        (``date=YYYY-MM-DD/``): out of the folder the sensor lists at every tick, kept for a
-        full refresh."""
-        return self.path("warehouse", check_tenant(tenant), "ingested_landing", "events")
+    def ingested_landing_dir(self, tenant: str, kind: str) -> str:
+        """Landing files of `kind` already ingested, moved here (``date=YYYY-MM-DD/`` of their
+        landing time, named ``<landing time>~<name>``): out of the folder the sensor lists at
+        every tick, kept for a full refresh and the catalogue's history."""
+        if kind not in LANDING_KINDS:
+            raise ValueError(f"unknown landing kind {kind!r}; expected one of {LANDING_KINDS}")
+        return self.path("warehouse", check_tenant(tenant), "ingested_landing", kind)
 
     def table_path(self, tenant: str, name: str) -> str:
         """A single-file warehouse table: items, users, interactions, ..."""

@@ -136,7 +136,8 @@ def _table_asset(kind: str, description: str):
         for tenant in _tenants(store, config.tenants):
             table, report = ingest.build_table(store, tenant, kind, rebuild=config.full_refresh)
             rows[tenant] = report.rows
-            files_read[tenant] = f"{report.files_folded} of {len(report.files)}"
+            read = "since the last build" if report.incremental else "every file"
+            files_read[tenant] = f"{report.files_folded} ({read})"
             rejected += report.rejected
             for k, v in report.rejected_by_reason.items():
                 reasons[k] = reasons.get(k, 0) + v
@@ -144,7 +145,7 @@ def _table_asset(kind: str, description: str):
                 preview = table.head(5)
             context.log.info(
                 f"{tenant}: {report.rows:,} {kind}, {report.rejected:,} rejected; "
-                f"{report.files_folded:,} of {len(report.files):,} landing files read"
+                f"{report.files_folded:,} landing files folded ({read})"
             )
         return dg.MaterializeResult(
             metadata={
@@ -152,7 +153,7 @@ def _table_asset(kind: str, description: str):
                 "rows_per_tenant": rows,
                 "rejected": rejected,
                 "rejected_by_reason": reasons,
-                "landing_files_read": files_read,  # (incremental: those landed since)
+                "landing_files_read": files_read,
                 "path": store.path("warehouse", "<tenant>", f"{kind}.parquet"),
                 "preview": _preview(preview),
             }

@@ -230,9 +230,10 @@ def test_a_file_with_some_columns_updates_only_those(storage, tmp_path):
 
 
 def test_the_catalogue_folds_only_the_files_landed_since_the_last_build(storage, tmp_path):
-    """After a build, a later one reads only the files landed since (incremental) and gives the
-    table and rejects a rebuild from every file gives; a file landed with an earlier time than
-    the folded ones, or one removed, makes the next build fold every file again."""
+    """After a build, a later one reads only the files landed since (incremental: a build moves
+    what it folded out of landing) and gives the table and rejects a rebuild from every file
+    gives; a file landed with an earlier time than the folded ones makes the next build fold
+    every file again, and a rebuild after a moved file is removed leaves its rows out."""
     import os
     import time
 
@@ -252,6 +253,10 @@ def test_the_catalogue_folds_only_the_files_landed_since_the_last_build(storage,
     land("prices.csv", "item_id,price\na,11\nc,oops\n", now + 1)
     table, rejected, report = both()
     assert (report.files_folded, report.rows, report.rejected) == (2, 2, 1)
+    assert storage.landing_files("default", "items") == []
+    moved, sidecars = ingest.ingested_files(storage, "default", "items")
+    assert [t for t, _ in moved] == [pytest.approx(now, abs=1e-5), pytest.approx(now + 1, abs=1e-5)]
+    assert [os.path.basename(p).split("~", 1)[1][:5] for _, p in moved] == ["full-", "price"]
     last = land("stock.csv", 'item_id,available\nb,false\nd,true\n"x\n', now + 2)
     state_path = storage.ingest_state_path("default")
     state_before = storage.fs.cat_file(state_path)
@@ -274,9 +279,15 @@ def test_the_catalogue_folds_only_the_files_landed_since_the_last_build(storage,
     table, _, report = both()
     assert report.files_folded == 4 and table["item_id"].to_list() == ["a", "b", "d", "e"]
     assert table["price"].to_list() == [11.0, 20.0, None, 5.0]
-    # a file removed: every file again, without its rows
-    os.remove(last)
-    table, rejected, report = both()
+    assert storage.landing_files("default", "items") == []
+    # a moved file removed, then a rebuild: every file again, without its rows
+    (moved_last,) = [
+        p
+        for _, p in ingest.ingested_files(storage, "default", "items")[0]
+        if p.endswith("~" + os.path.basename(last))
+    ]
+    os.remove(moved_last)
+    table, rejected, report = both(rebuild=True)
     assert report.files_folded == 3 and table["item_id"].to_list() == ["a", "b", "e"]
     assert table["available"].to_list() == [True, True, True] and rejected.height == 1
 
@@ -579,8 +590,8 @@ def test_pending_files_and_their_keys_come_from_one_listing(monkeypatch):
     assert len(ingest.pending_files(storage, "default")) == 20
     assert len(infos) <= 2  # (the folder's, not the files')
     # the keys are the ones `info` gives: a file recorded as done is no longer pending
-    state = {"events": {"files": [f"f00.parquet:{real_info(f'{folder}/f00.parquet')['size']}"]}}
-    ingest.save_state(storage, "default", state)
+    done = {"files": [f"f00.parquet:{real_info(f'{folder}/f00.parquet')['size']}"]}
+    ingest.save_state(storage, "default", "events", done)
     assert len(ingest.pending_files(storage, "default")) == 19
 
 
@@ -630,13 +641,16 @@ def test_ingested_event_files_leave_landing_and_a_full_refresh_reads_them_again(
     )
     assert storage.landing_files("default", "events") == []
     assert ingest.load_state(storage, "default")["events"]["files"] == []
-    day = datetime.now(UTC).strftime("%Y-%m-%d")
-    folder = tmp_path / "data/warehouse/default/ingested_landing/events" / f"date={day}"
-    assert sorted(p.name for p in folder.iterdir()) == [
-        name,
-        name.replace(".parquet", ingest.REJECTED_SUFFIX),
-    ]
-    assert ingest.ingested_event_files(storage, "default") == [str(folder / name)]
+    landed_at = (
+        datetime.fromtimestamp(os.path.getmtime(landed), UTC) if os.path.exists(landed) else None
+    )
+    assert landed_at is None
+    (moved,), sidecars = ingest.ingested_files(storage, "default", "events")
+    at = datetime.fromtimestamp(moved[0], UTC)
+    folder = tmp_path / "data/warehouse/default/ingested_landing/events" / f"date={at:%Y-%m-%d}"
+    stamped = f"{at:%Y%m%dT%H%M%S.%fZ}~{name}"
+    assert moved[1] == str(folder / stamped)
+    assert sidecars == {str(folder / stamped.replace(".parquet", ingest.REJECTED_SUFFIX))}
     # importing the same file again lands nothing: it was ingested
     assert ingest.import_file(storage, "events", source).already_landed
     assert ingest.pending_files(storage, "default") == []
@@ -647,9 +661,8 @@ def test_ingested_event_files_leave_landing_and_a_full_refresh_reads_them_again(
     ).write_parquet(landed)
     assert ingest.pending_files(storage, "default") == [landed]
     assert ingest.ingest_events(storage, "default", now=NOW).rows_new == 1
-    moved = [os.path.basename(p) for p in ingest.ingested_event_files(storage, "default")]
-    assert len(moved) == 2 and moved[0] == name
-    assert moved[1].startswith(name[: -len(".parquet")] + "~") and moved[1].endswith(".parquet")
+    moved = [os.path.basename(p) for _, p in ingest.ingested_files(storage, "default", "events")[0]]
+    assert len(moved) == 2 and moved[0] == stamped and moved[1].endswith("~" + name)
 
     events = ingest.read_events(storage, "default").sort("event_id")
     refreshed = ingest.ingest_events(storage, "default", now=NOW, full_refresh=True)
@@ -658,7 +671,7 @@ def test_ingested_event_files_leave_landing_and_a_full_refresh_reads_them_again(
     assert sorted(events["user_id"].to_list()) == ["u1", "u4"]
     assert ingest.scan_rejected(storage, "default").collect().height == 2
     assert storage.landing_files("default", "events") == []
-    assert len(ingest.ingested_event_files(storage, "default")) == 2
+    assert len(ingest.ingested_files(storage, "default", "events")[0]) == 2
 
 
 def test_files_a_stopped_run_ingested_but_did_not_move_are_moved_not_read_again(
@@ -693,9 +706,20 @@ def test_files_a_stopped_run_ingested_but_did_not_move_are_moved_not_read_again(
     report = ingest.ingest_events(storage, "default", now=NOW)
     assert (report.rows_read, report.rows_new) == (0, 0)
     assert storage.landing_files("default", "events") == []
-    assert [os.path.basename(p) for p in ingest.ingested_event_files(storage, "default")] == [
-        "f0.parquet",
-        "f1.parquet",
-    ]
+    moved = ingest.ingested_files(storage, "default", "events")[0]
+    assert [os.path.basename(p).split("~")[1] for _, p in moved] == ["f0.parquet", "f1.parquet"]
     assert ingest.load_state(storage, "default")["events"]["files"] == []
     assert ingest.read_events(storage, "default").height == 2
+
+
+def test_each_kind_saves_its_state_without_undoing_another_kinds(storage):
+    """The events, items and users assets of one run may run at once: each saves its own
+    kind's entry over the state on disk, not over the copy it read when it started."""
+    stale = ingest.load_state(storage, "default")  # (a build's copy, read at its start)
+    ingest.save_state(storage, "default", "events", {"files": ["a.parquet:1"]})  # (meanwhile)
+    stale["items"] = {"files": [], "folded_until": 1.0, "rejected": 0}
+    ingest.save_state(storage, "default", "items", stale["items"])
+    assert ingest.load_state(storage, "default") == {
+        "events": {"files": ["a.parquet:1"]},
+        "items": {"files": [], "folded_until": 1.0, "rejected": 0},
+    }
