@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from recsys.adapters import read_source
 from recsys.contract import DEFAULT_TENANT, EVENT_SCHEMA, REJECTED_SCHEMA, empty_frame
-from recsys.durable import sync_all, write_atomic, write_parquet_atomic
+from recsys.durable import sync_all, write_atomic, write_parquet_atomic, write_parquet_parts_atomic
 from recsys.errors import RecsysError
 from recsys.readers import MAX_RAW_CHARS, TextLayout
 from recsys.storage import Storage, modified_s
@@ -44,6 +44,12 @@ REJECTED_SUFFIX = ".rejected.parquet"
 #: be being copied into the landing folder: it stays pending instead of becoming a reject.
 LANDING_SETTLE_S = 60.0
 BATCH_ROWS = 2_000_000  # rows validated at a time; bounds ingest memory
+#: A day of events is rewritten as one part once it holds more than this many: each ingest run
+#: adds a part to each day it writes, and the API's files start a run every 30 s.
+DAY_PARTS_MAX = 16
+#: How long the parts a merge replaced stay on disk (left out of every new listing) for the
+#: readers that listed them before it: a training step reads its parts again.
+MERGED_PARTS_KEEP_S = 6 * 3600.0
 
 
 # --- landing -----------------------------------------------------------------------------------
@@ -202,6 +208,7 @@ class IngestReport:
     deleted: int = 0  # events dropped because the API deleted them (tombstones)
     deferred: list[str] = field(default_factory=list)  # unreadable, landed < LANDING_SETTLE_S ago
     days_written: list[str] = field(default_factory=list)
+    days_merged: list[str] = field(default_factory=list)  # (rewritten as one part: `_merge_days`)
     min_timestamp: str | None = None
     max_timestamp: str | None = None
     seconds: float = 0.0
@@ -324,11 +331,14 @@ def ingest_events(
     done_tombs = set(state.get("events", {}).get("tombstone_files", []))
     new_tombs = [f for f in tomb_files if _file_key(storage, f) not in done_tombs]
     _finish_compaction(storage, tenant, state)
+    _finish_merges(storage, tenant, state)
     if new_tombs and not full_refresh:
         report.deleted += _drop_deleted(storage, tenant, state, deleted, run_id)
     if not files:
         if new_tombs:
             _record_tombstones(storage, tenant, state, new_tombs)
+        state.setdefault("events", {})
+        report.days_merged = _merge_days(storage, tenant, state, run_id)
         report.seconds = time.perf_counter() - started
         return report
     staging = storage.path("warehouse", tenant, f"_staging-{run_id}")
@@ -390,7 +400,11 @@ def ingest_events(
             reasons.update(rejects["reason"].to_list())
         for day in sorted(days):
             new = _merge_day(
-                storage, events_dir, posixpath.join(staging, f"date={day}"), day, run_id
+                storage,
+                state.get("events", {}),
+                posixpath.join(staging, f"date={day}"),
+                posixpath.join(events_dir, f"date={day}"),
+                run_id,
             )
             report.rows_new += new
             if new:
@@ -413,6 +427,7 @@ def ingest_events(
     state["events"]["last_report"] = {**report.as_dict(), "files": len(files)}
     save_state(storage, tenant, "events", state["events"])
     _move_ingested(storage, tenant, "events", state, run_id)
+    report.days_merged = _merge_days(storage, tenant, state, run_id)
     return report
 
 
@@ -516,16 +531,21 @@ def _drop_deleted(
     dropped = 0
     for day in sorted(hit["date"].to_list()):
         day_dir = posixpath.join(storage.events_dir(tenant), f"date={day.isoformat()}")
-        old = sorted(storage.fs.glob(posixpath.join(day_dir, "*.parquet")))
-        rows = pl.read_parquet(old if storage.is_local else [storage.fs.open(f, "rb") for f in old])
+        old = storage.glob(posixpath.join(day_dir, "*.parquet"))  # (merged-away parts too)
+        live = _live_parts(state.get("events", {}), old)
+        rows = pl.read_parquet(
+            live if storage.is_local else [storage.fs.open(f, "rb") for f in live]
+        )
         kept = rows.filter(~pl.col("event_id").is_in(deleted))
         dropped += rows.height - kept.height
         if kept.height:
             write_parquet_atomic(
                 kept, posixpath.join(day_dir, f"part-{run_id}-c.parquet"), storage.fs, sync=False
             )
-        state.setdefault("events", {})["compacting"] = old
-        save_state(storage, tenant, "events", state["events"])
+        entry = state.setdefault("events", {})
+        entry["compacting"] = old
+        entry["merges"] = [m for m in entry.get("merges", []) if m["new"] not in old]
+        save_state(storage, tenant, "events", entry)
         _finish_compaction(storage, tenant, state)
     return dropped
 
@@ -541,8 +561,9 @@ def _finish_compaction(storage: Storage, tenant: str, state: dict) -> None:
     save_state(storage, tenant, "events", state["events"])
 
 
-def _merge_day(storage: Storage, events_dir: str, staged_dir: str, day: str, run_id: str) -> int:
-    """Deduplicate one day's staged rows against themselves and the warehouse; append the rest."""
+def _merge_day(storage: Storage, entry: dict, staged_dir: str, day_dir: str, run_id: str) -> int:
+    """Deduplicate one day's staged rows against themselves and the warehouse's live parts of
+    the day (`_live_parts` of the events state `entry`); append the rest as a part."""
     staged = pl.read_parquet(
         storage.fs.glob(posixpath.join(staged_dir, "*.parquet"))
         if not storage.is_local
@@ -550,11 +571,9 @@ def _merge_day(storage: Storage, events_dir: str, staged_dir: str, day: str, run
     )
     # rows with one event_id are the same event, so which copy survives does not matter
     staged = staged.unique(subset="event_id", keep="any", maintain_order=False)
-    day_dir = posixpath.join(events_dir, f"date={day}")
-    if storage.exists(day_dir):
-        existing = (
-            pl.scan_parquet(posixpath.join(day_dir, "*.parquet")).select("event_id").collect()
-        )
+    live = _live_parts(entry, storage.glob(posixpath.join(day_dir, "*.parquet")))
+    if live:
+        existing = pl.scan_parquet(live).select("event_id").collect()
         staged = staged.join(existing, on="event_id", how="anti")
     if staged.height == 0:
         return 0
@@ -573,12 +592,86 @@ def _append_rejects(storage: Storage, rejected_dir: str, rejects: pl.DataFrame, 
 
 def event_parts(storage: Storage, tenant: str) -> list[str]:
     """The part files of a tenant's validated events as they are now, sorted. Parts are never
-    rewritten (an ingest adds new ones; a deletion writes a compacted part and removes the
-    old ones), so a scan of these files reads the same events again later."""
+    rewritten: an ingest adds new ones; a merge (`_merge_days`) writes one part for a day's
+    and leaves those on disk for MERGED_PARTS_KEEP_S, out of this listing; a deletion writes
+    a compacted part and removes the old ones. So a scan of these files reads the same events
+    again later (for those hours, after a merge)."""
     d = storage.events_dir(tenant)
     if not storage.exists(d):
         return []
-    return storage.glob(posixpath.join(d, "date=*", "*.parquet"))
+    listed = storage.glob(posixpath.join(d, "date=*", "*.parquet"))
+    # (the state is read after the listing: a merge is recorded before its part is written)
+    return _live_parts(load_state(storage, tenant).get("events", {}), listed)
+
+
+def _live_parts(entry: dict, listed: list[str]) -> list[str]:
+    """The parts of `listed` that no merge of the events state `entry` has replaced with a
+    part that is in `listed` (a merge's part, once written, holds its days' parts' rows)."""
+    present = set(listed)
+    replaced = {p for m in entry.get("merges", []) if m["new"] in present for p in m["old"]}
+    return [p for p in listed if p not in replaced]
+
+
+def _merge_days(storage: Storage, tenant: str, state: dict, run_id: str) -> list[str]:
+    """Rewrite each day that holds more than DAY_PARTS_MAX parts as one part (read BATCH_ROWS
+    rows at a time): without it the API's files, an ingest run every 30 s, leave thousands of
+    parts a day, which every read of the events opens. The merge is recorded in the state
+    before its part is written, so no listing holds both (`event_parts`); the parts it
+    replaced are removed after MERGED_PARTS_KEEP_S (`_finish_merges`). Returns the days
+    merged."""
+    entry, merged = state["events"], []
+    by_day: dict[str, list[str]] = {}
+    for part in event_parts(storage, tenant):
+        by_day.setdefault(posixpath.dirname(part), []).append(part)
+    for day_dir, parts in sorted(by_day.items()):
+        if len(parts) <= DAY_PARTS_MAX:
+            continue
+        new = posixpath.join(day_dir, f"part-{run_id}-m.parquet")
+        entry.setdefault("merges", []).append({"old": parts, "new": new, "at": time.time()})
+        save_state(storage, tenant, "events", entry)
+        write_parquet_parts_atomic(_read_parts(storage, parts), new, storage.fs)
+        merged.append(posixpath.basename(day_dir).removeprefix("date="))
+    return merged
+
+
+def _read_parts(storage: Storage, parts: list[str]) -> Iterator[pl.DataFrame]:
+    """The rows of the part files `parts`, in order, up to BATCH_ROWS rows a frame."""
+    group: list[str] = []
+    rows = 0
+    for path in parts:
+        with storage.fs.open(path, "rb") as fh:
+            n = pq.read_metadata(fh).num_rows
+        if group and rows + n > BATCH_ROWS:
+            yield pl.read_parquet(
+                group if storage.is_local else [storage.fs.open(f, "rb") for f in group]
+            )
+            group, rows = [], 0
+        group.append(path)
+        rows += n
+    if group:
+        yield pl.read_parquet(
+            group if storage.is_local else [storage.fs.open(f, "rb") for f in group]
+        )
+
+
+def _finish_merges(storage: Storage, tenant: str, state: dict) -> None:
+    """Remove the parts merges replaced MERGED_PARTS_KEEP_S ago, and forget those merges; forget
+    a merge whose part was never written (its run stopped: the day's parts hold its rows)."""
+    entry = state.get("events", {})
+    merges = entry.get("merges", [])
+    kept = []
+    for merge in merges:
+        if not storage.exists(merge["new"]):
+            continue
+        if time.time() - merge["at"] < MERGED_PARTS_KEEP_S:
+            kept.append(merge)
+            continue
+        for path in merge["old"]:
+            if storage.exists(path):
+                storage.fs.rm(path)
+    if len(kept) != len(merges):
+        entry["merges"] = kept
+        save_state(storage, tenant, "events", entry)
 
 
 def scan_events(storage: Storage, tenant: str, parts: list[str] | None = None) -> pl.LazyFrame:

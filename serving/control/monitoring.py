@@ -510,7 +510,9 @@ class MonitoringResource:
 
         root = self._ctx.config.data_root
         out = {"warehouse": 0, "landed_from_api": 0, "in_log_bytes": 0}
-        for path in glob.glob(os.path.join(root, "warehouse", tenant, "events", "*", "*.parquet")):
+        from recsys.ingest import event_parts  # (heavy: only this report needs it)
+
+        for path in event_parts(Storage(root), tenant):
             out["warehouse"] += pq.ParquetFile(path).metadata.num_rows
         # (flushed from the log, not yet ingested: ingest moves them into the warehouse's folder)
         for path in landed_api_files(Storage(root), tenant):

@@ -723,3 +723,102 @@ def test_each_kind_saves_its_state_without_undoing_another_kinds(storage):
         "events": {"files": ["a.parquet:1"]},
         "items": {"files": [], "folded_until": 1.0, "rejected": 0},
     }
+
+
+def _land_one(storage, tmp_path, n: int, day: str = "2026-10-01") -> None:
+    """One landing file of two events on `day` (the n-th: its own users), as the API lands."""
+    folder = tmp_path / "data" / "landing" / "default" / "events"
+    folder.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(
+        {
+            "user_id": [f"u{n}", f"v{n}"],
+            "item_id": ["i1", "i2"],
+            "event_type": ["view", "view"],
+            "timestamp": [f"{day}T10:00:00Z", f"{day}T11:00:00Z"],
+        }
+    ).write_parquet(folder / f"api-{n:04d}.parquet")
+
+
+def test_a_day_of_many_runs_is_merged_into_one_part_and_readers_keep_theirs(
+    storage, tmp_path, monkeypatch
+):
+    """Each run adds a part to the day it writes; past DAY_PARTS_MAX the day is rewritten as
+    one part. The events read are the same; a reader that listed the parts before reads them
+    still, until MERGED_PARTS_KEEP_S has passed and a later run removes them."""
+    monkeypatch.setattr(ingest, "DAY_PARTS_MAX", 4)
+    day_dir = tmp_path / "data/warehouse/default/events/date=2026-10-01"
+    for n in range(4):
+        _land_one(storage, tmp_path, n)
+        assert ingest.ingest_events(storage, "default", now=NOW).days_merged == []
+    assert len(ingest.event_parts(storage, "default")) == 4
+    before = ingest.event_parts(storage, "default")  # (a training step's listing)
+    _land_one(storage, tmp_path, 4)
+    report = ingest.ingest_events(storage, "default", now=NOW)
+    assert (report.rows_new, report.days_merged) == (2, ["2026-10-01"])
+    (merged,) = ingest.event_parts(storage, "default")
+    assert merged.endswith("-m.parquet") and len(list(day_dir.iterdir())) == 6
+    users = sorted(f"{p}{n}" for p in "uv" for n in range(5))
+    assert sorted(ingest.read_events(storage, "default")["user_id"].to_list()) == users
+    assert ingest.scan_events(storage, "default", before).collect().height == 8
+    # a later run within the keep time leaves the old parts; past it, removes them
+    _land_one(storage, tmp_path, 5, day="2026-10-02")
+    ingest.ingest_events(storage, "default", now=NOW)
+    assert len(list(day_dir.iterdir())) == 6
+    monkeypatch.setattr(ingest, "MERGED_PARTS_KEEP_S", 0.0)
+    _land_one(storage, tmp_path, 6, day="2026-10-02")
+    ingest.ingest_events(storage, "default", now=NOW)
+    assert [p.name for p in day_dir.iterdir()] == [os.path.basename(merged)]
+    assert ingest.load_state(storage, "default")["events"]["merges"] == []
+    assert ingest.read_events(storage, "default").height == 14
+
+
+def test_a_merge_stopped_before_its_part_leaves_the_day_whole(storage, tmp_path, monkeypatch):
+    """A merge is recorded before its part is written: stopped in between, the listing keeps
+    the day's parts, and the next run forgets the merge and merges again."""
+    monkeypatch.setattr(ingest, "DAY_PARTS_MAX", 2)
+    for n in range(2):
+        _land_one(storage, tmp_path, n)
+        ingest.ingest_events(storage, "default", now=NOW)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ingest, "write_parquet_parts_atomic", disk_full)
+    _land_one(storage, tmp_path, 2)
+    with pytest.raises(OSError, match="disk full"):
+        ingest.ingest_events(storage, "default", now=NOW)
+    assert len(ingest.load_state(storage, "default")["events"]["merges"]) == 1
+    assert len(ingest.event_parts(storage, "default")) == 3
+    assert ingest.read_events(storage, "default").height == 6
+    monkeypatch.undo()
+    monkeypatch.setattr(ingest, "DAY_PARTS_MAX", 2)
+    report = ingest.ingest_events(storage, "default", now=NOW)
+    assert report.days_merged == ["2026-10-01"]
+    assert len(ingest.load_state(storage, "default")["events"]["merges"]) == 1
+    assert len(ingest.event_parts(storage, "default")) == 1
+    assert ingest.read_events(storage, "default").height == 6
+
+
+def test_deleting_an_event_of_a_merged_day_removes_it_from_every_part(
+    storage, tmp_path, monkeypatch
+):
+    """The parts a merge replaced are still on disk for a while; a deletion rewrites the day
+    from its live parts and removes those too, so no file keeps the deleted event and none is
+    read twice."""
+    monkeypatch.setattr(ingest, "DAY_PARTS_MAX", 2)
+    for n in range(3):
+        _land_one(storage, tmp_path, n)
+        ingest.ingest_events(storage, "default", now=NOW)
+    assert len(ingest.event_parts(storage, "default")) == 1
+    events = ingest.read_events(storage, "default")
+    gone = events.filter(pl.col("user_id") == "u1")["event_id"][0]
+    tombs = tmp_path / "data" / "serving" / "events" / "default" / "tombstones"
+    tombs.mkdir(parents=True)
+    pl.DataFrame({"event_id": [gone], "deleted_at": [1]}).write_parquet(tombs / "t.parquet")
+    report = ingest.ingest_events(storage, "default", now=NOW)
+    assert report.deleted == 1
+    day_dir = tmp_path / "data/warehouse/default/events/date=2026-10-01"
+    on_disk = pl.read_parquet(list(day_dir.iterdir()))
+    assert on_disk.height == 5 and gone not in on_disk["event_id"].to_list()
+    assert ingest.read_events(storage, "default").height == 5
+    assert ingest.load_state(storage, "default")["events"]["merges"] == []
