@@ -13,6 +13,7 @@ day, which makes per-day deduplication exact.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import uuid
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import accumulate
@@ -187,11 +189,26 @@ def save_state(storage: Storage, tenant: str, kind: str, entry: dict) -> None:
     The other kinds' entries are read again first: the events, items and users assets of one
     run may run at once, each saving its own kind."""
     p = storage.ingest_state_path(tenant)
-    state = load_state(storage, tenant)
-    state[kind] = entry
     storage.makedirs(posixpath.dirname(p))
     sync_all(storage.fs)
-    write_atomic(p, json.dumps(state, indent=1, sort_keys=True).encode(), storage.fs)
+    with _locked(storage, p):  # (on an object store: no lock, a window of one read and write)
+        state = load_state(storage, tenant)
+        state[kind] = entry
+        write_atomic(p, json.dumps(state, indent=1, sort_keys=True).encode(), storage.fs)
+
+
+@contextmanager
+def _locked(storage: Storage, path: str) -> Iterator[None]:
+    """An exclusive `flock` on ``<path>.lock`` while the block runs, on a local root."""
+    if not storage.is_local:
+        yield
+        return
+    fd = os.open(path.removeprefix("file://") + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 # --- events -------------------------------------------------------------------------------------

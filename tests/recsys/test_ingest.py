@@ -822,3 +822,32 @@ def test_deleting_an_event_of_a_merged_day_removes_it_from_every_part(
     assert on_disk.height == 5 and gone not in on_disk["event_id"].to_list()
     assert ingest.read_events(storage, "default").height == 5
     assert ingest.load_state(storage, "default")["events"]["merges"] == []
+
+
+def _save_many(root: str, kind: str, times: int) -> None:
+    from recsys.storage import Storage
+
+    storage = Storage(root)
+    for n in range(times):
+        if n:  # (nobody undid this kind's last write)
+            assert ingest.load_state(storage, "default")[kind] == {"n": n - 1}
+        ingest.save_state(storage, "default", kind, {"n": n})
+
+
+def test_kinds_saving_at_once_in_two_processes_lose_no_entry(tmp_path):
+    """The state is read, changed and written under a lock: two processes saving their own
+    kind 100 times each never find their last entry undone and leave both kinds' last entries
+    (without it, one's write of a stale copy undoes the other's)."""
+    import multiprocessing
+
+    root = str(tmp_path / "data")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_save_many, args=(root, kind, 100)) for kind in ("events", "items")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    from recsys.storage import Storage
+
+    assert ingest.load_state(Storage(root), "default") == {"events": {"n": 99}, "items": {"n": 99}}
