@@ -860,6 +860,7 @@ class TableReport:
     files: list[str] = field(default_factory=list)  # (those folded, in order)
     files_folded: int = 0
     incremental: bool = False  # (folded onto the last build's table; else every file ever landed)
+    deferred: list[str] = field(default_factory=list)  # unreadable, landed < LANDING_SETTLE_S ago
     rows_read: int = 0
     rows: int = 0
     rejected: int = 0
@@ -881,15 +882,18 @@ def build_table(
     write, so reading every file again made each run slower than the last). A file landed
     with a time before the last build's latest (a copy that kept its time), a table of another
     schema or rejects that are not the last build's, or `rebuild`, fold every file again, the
-    moved ones and landing's, in landing order (`catalogue_files`)."""
+    moved ones and landing's, in landing order (`catalogue_files`). A file that cannot be read
+    is a reject, or stays in landing for a later build while it changed less than
+    LANDING_SETTLE_S ago (it may still be being copied in), as for events."""
     validate = validate_items if kind == "items" else validate_users
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     state = load_state(storage, tenant)
     _move_ingested(storage, tenant, kind, state, run_id)  # (a build stopped before its moves)
     listing = storage.landing_listing(tenant, kind)  # (one listing: data files and sidecars)
     sidecars = {f for f, _ in listing if f.endswith(REJECTED_SUFFIX)}
-    landed = sorted((modified_s(info), f) for f, info in listing if f not in sidecars)
+    landed_here = [(modified_s(info), f) for f, info in listing if f not in sidecars]
     keys = [_file_key(storage, f, info) for f, info in listing if f not in sidecars]
+    landed = sorted(landed_here)
     report = TableReport(tenant=tenant, kind=kind, path=storage.table_path(tenant, kind))
     rejected_path = storage.table_path(tenant, f"rejected_{kind}")
     table, rejects = empty_frame(kind), []
@@ -914,9 +918,15 @@ def build_table(
         sidecars |= moved_sidecars
     files = [f for _, f in landed]
     report.files, report.files_folded, report.incremental = files, len(files), incremental
-    runs = landing_runs(
-        storage, files, lambda path, exc: rejects.append(unreadable_reject(path, exc))
-    )
+    time_of = {f: t for t, f in landed}
+
+    def unreadable(path: str, exc: Exception) -> None:
+        if time.time() - time_of[path] < LANDING_SETTLE_S:
+            report.deferred.append(path)  # (maybe still being copied in: left for a later build)
+        else:
+            rejects.append(unreadable_reject(path, exc))
+
+    runs = landing_runs(storage, files, unreadable)
     for run in runs:
         report.rows_read += run[2].height
         table = _fold_files(storage, validate, table, run, sidecars, rejects)
@@ -931,6 +941,7 @@ def build_table(
     write_parquet_atomic(table, report.path, storage.fs, sync=False)  # durable by save_state
     write_parquet_atomic(rejected, rejected_path, storage.fs, sync=False)
     until = max([t for t, _ in landed] + [last.get("folded_until", 0.0) if incremental else 0.0])
+    keys = [key for key, (_, f) in zip(keys, landed_here, strict=True) if f not in report.deferred]
     state[kind] = {"files": keys, "folded_until": until, "rejected": rejected.height}
     save_state(storage, tenant, kind, state[kind])
     _move_ingested(storage, tenant, kind, state, run_id)

@@ -72,12 +72,7 @@ def events_and_rejects(
             f"{report.rows_new:,} new, {report.duplicates:,} duplicates, {report.rejected:,} "
             f"rejected in {report.seconds:.1f}s"
         )
-        if report.deferred:
-            context.log.warning(
-                f"{tenant}: {len(report.deferred)} landing files cannot be read yet and changed "
-                f"less than {ingest.LANDING_SETTLE_S:.0f} s ago (still being copied?): left for "
-                f"a later run: {', '.join(report.deferred[:5])}"
-            )
+        _log_deferred(context, tenant, report.deferred)
         reports.append(report)
     total = {t: ingest.scan_events(store, t).select(pl.len()).collect().item() for t in tenants}
     preview = ingest.scan_events(store, tenants[0]).head(5).collect() if tenants else pl.DataFrame()
@@ -125,6 +120,15 @@ def events_and_rejects(
     )
 
 
+def _log_deferred(context: dg.AssetExecutionContext, tenant: str, deferred: list[str]) -> None:
+    if deferred:
+        context.log.warning(
+            f"{tenant}: {len(deferred)} landing files cannot be read yet and changed less than "
+            f"{ingest.LANDING_SETTLE_S:.0f} s ago (still being copied?): left for a later run: "
+            f"{', '.join(deferred[:5])}"
+        )
+
+
 def _table_asset(kind: str, description: str):
     @dg.asset(name=kind, group_name=GROUP, kinds={"parquet", "polars"}, description=description)
     def _asset(
@@ -143,6 +147,7 @@ def _table_asset(kind: str, description: str):
                 reasons[k] = reasons.get(k, 0) + v
             if preview.height == 0:
                 preview = table.head(5)
+            _log_deferred(context, tenant, report.deferred)
             context.log.info(
                 f"{tenant}: {report.rows:,} {kind}, {report.rejected:,} rejected; "
                 f"{report.files_folded:,} landing files folded ({read})"

@@ -851,3 +851,21 @@ def test_kinds_saving_at_once_in_two_processes_lose_no_entry(tmp_path):
     from recsys.storage import Storage
 
     assert ingest.load_state(Storage(root), "default") == {"events": {"n": 99}, "items": {"n": 99}}
+
+
+def test_an_unreadable_catalogue_file_landed_just_now_waits_for_a_later_build(storage, tmp_path):
+    """As for events: a catalogue file still being copied in stays in landing, no reject, and
+    the build folds the rest; once whole, the next build folds it onto the table."""
+    folder = tmp_path / "data" / "landing" / "default" / "items"
+    folder.mkdir(parents=True)
+    pl.DataFrame({"item_id": ["a"], "price": ["1"]}).write_parquet(folder / "a.parquet")
+    (folder / "b.parquet").write_bytes(b"PAR1 half a copy")  # (modified now)
+    table, report = ingest.build_table(storage, "default", "items")
+    assert (table["item_id"].to_list(), report.rejected) == (["a"], 0)
+    assert report.deferred == [str(folder / "b.parquet")]
+    assert ingest.pending_files(storage, "default", "items") == [str(folder / "b.parquet")]
+    pl.DataFrame({"item_id": ["b"], "price": ["2"]}).write_parquet(folder / "b.parquet")
+    table, report = ingest.build_table(storage, "default", "items")
+    assert (table["item_id"].to_list(), table["price"].to_list()) == (["a", "b"], [1.0, 2.0])
+    assert (report.rejected, report.incremental, report.deferred) == (0, True, [])
+    assert storage.landing_files("default", "items") == []
