@@ -344,6 +344,7 @@ def ingest_events(
         keyed = [(path, "", mtime) for mtime, path in moved] + keyed
     files = [path for path, _, _ in keyed]
     report.files = files
+    orphans = _orphan_sidecars(storage, tenant, "events", state, full_refresh)
     tomb_files, deleted = _tombstones(storage, tenant)
     done_tombs = set(state.get("events", {}).get("tombstone_files", []))
     new_tombs = [f for f in tomb_files if _file_key(storage, f) not in done_tombs]
@@ -351,7 +352,7 @@ def ingest_events(
     _finish_merges(storage, tenant, state)
     if new_tombs and not full_refresh:
         report.deleted += _drop_deleted(storage, tenant, state, deleted, run_id)
-    if not files:
+    if not files and not orphans:
         if new_tombs:
             _record_tombstones(storage, tenant, state, new_tombs)
         state.setdefault("events", {})
@@ -372,6 +373,11 @@ def ingest_events(
                 _append_rejects(storage, rejected_dir, unparsable, f"{run_id}-{i}-u")
                 reasons.update(unparsable["reason"].to_list())
                 report.rows_read += unparsable.height
+        for i, (sidecar, _) in enumerate(orphans):  # (a batch of malformed messages only)
+            unparsable = pl.read_parquet(storage.fs.open(sidecar, "rb"))
+            _append_rejects(storage, rejected_dir, unparsable, f"{run_id}-{i}-o")
+            reasons.update(unparsable["reason"].to_list())
+            report.rows_read += unparsable.height
         unreadable: list[pl.DataFrame] = []
         modified = {path: mtime for path, _, mtime in keyed}
 
@@ -437,6 +443,7 @@ def ingest_events(
     done = state.setdefault("events", {}).setdefault("files", [])
     report.deferred = deferred
     done.extend(key for path, key, _ in keyed if key and path not in deferred)
+    done.extend(key for _, key in orphans if key)
     state["events"]["tombstone_files"] = [_file_key(storage, f) for f in tomb_files]
     report.seconds = time.perf_counter() - started
     # (the files' count: their keys are in `files` above, and a full refresh of the API's
@@ -480,6 +487,29 @@ def landing_name(path: str) -> str:
     return name
 
 
+def _orphan_sidecars(
+    storage: Storage, tenant: str, kind: str, state: dict, every: bool
+) -> list[tuple[str, str]]:
+    """(path, key) of the import sidecars in landing that have no data file beside them and
+    are not ingested yet (a connector batch of malformed messages only lands its rejects);
+    with `every`, those ingest moved out too (key ""), first."""
+    done = set() if every else set(state.get(kind, {}).get("files", []))
+    listing = storage.landing_listing(tenant, kind)
+    names = {posixpath.basename(path) for path, _ in listing}
+    found = [
+        (path, _file_key(storage, path, info))
+        for path, info in listing
+        if path.endswith(REJECTED_SUFFIX)
+        and posixpath.basename(path)[: -len(REJECTED_SUFFIX)] + ".parquet" not in names
+    ]
+    found = [(path, key) for path, key in found if key not in done]
+    if every:
+        moved, sidecars = ingested_files(storage, tenant, kind)
+        with_data = {path[: -len(".parquet")] + REJECTED_SUFFIX for _, path in moved}
+        found = [(path, "") for path in sorted(sidecars - with_data)] + found
+    return found
+
+
 def _move_ingested(storage: Storage, tenant: str, kind: str, state: dict, run_id: str) -> None:
     """Move the landing files of `kind` the state records as ingested (`state[kind]["files"]`,
     with their import sidecars) to ``ingested_landing/<kind>/date=<landing day>/<landing
@@ -495,20 +525,24 @@ def _move_ingested(storage: Storage, tenant: str, kind: str, state: dict, run_id
     listing = storage.landing_listing(tenant, kind)
     names = {posixpath.basename(path) for path, _ in listing}
     for path, info in listing:
-        if path.endswith(REJECTED_SUFFIX) or _file_key(storage, path, info) not in done:
+        if _file_key(storage, path, info) not in done:
+            continue
+        orphan = path.endswith(REJECTED_SUFFIX)  # (a sidecar moves with its data file)
+        suffix = REJECTED_SUFFIX if orphan else ".parquet"
+        if orphan and posixpath.basename(path)[: -len(suffix)] + ".parquet" in names:
             continue
         landed = datetime.fromtimestamp(modified_s(info), UTC)
         folder = posixpath.join(
             storage.ingested_landing_dir(tenant, kind), f"date={landed:%Y-%m-%d}"
         )
         storage.makedirs(folder)
-        stem = posixpath.basename(path)[: -len(".parquet")]
+        stem = posixpath.basename(path)[: -len(suffix)]
         target = posixpath.join(folder, f"{landed:{_STAMP}}~{stem}")
-        if storage.exists(target + ".parquet"):  # (landed again with its time: keep both)
+        if storage.exists(target + suffix):  # (landed again with its time: keep both)
             target += f"~{run_id}"
-        if stem + REJECTED_SUFFIX in names:
+        if not orphan and stem + REJECTED_SUFFIX in names:
             storage.fs.mv(path[: -len(".parquet")] + REJECTED_SUFFIX, target + REJECTED_SUFFIX)
-        storage.fs.mv(path, target + ".parquet")
+        storage.fs.mv(path, target + suffix)
     state[kind]["files"] = []
     save_state(storage, tenant, kind, state[kind])
 
@@ -930,6 +964,8 @@ def build_table(
     for run in runs:
         report.rows_read += run[2].height
         table = _fold_files(storage, validate, table, run, sidecars, rejects)
+    orphans = _orphan_sidecars(storage, tenant, kind, state, every=not incremental)
+    rejects.extend(pl.read_parquet(storage.fs.open(path, "rb")) for path, _ in orphans)
     # (one order whatever the folds: incremental, or every file at once, where validation
     # keeps an id's last row of the files it checks together)
     table = table.sort(table.columns[0])
@@ -942,6 +978,7 @@ def build_table(
     write_parquet_atomic(rejected, rejected_path, storage.fs, sync=False)
     until = max([t for t, _ in landed] + [last.get("folded_until", 0.0) if incremental else 0.0])
     keys = [key for key, (_, f) in zip(keys, landed_here, strict=True) if f not in report.deferred]
+    keys += [key for _, key in orphans if key]
     state[kind] = {"files": keys, "folded_until": until, "rejected": rejected.height}
     save_state(storage, tenant, kind, state[kind])
     _move_ingested(storage, tenant, kind, state, run_id)

@@ -287,6 +287,7 @@ def test_the_catalogue_folds_only_the_files_landed_since_the_last_build(storage,
         if p.endswith("~" + os.path.basename(last))
     ]
     os.remove(moved_last)
+    os.remove(moved_last.replace(".parquet", ingest.REJECTED_SUFFIX))  # (its import's rejects)
     table, rejected, report = both(rebuild=True)
     assert report.files_folded == 3 and table["item_id"].to_list() == ["a", "b", "e"]
     assert table["available"].to_list() == [True, True, True] and rejected.height == 1
@@ -869,3 +870,45 @@ def test_an_unreadable_catalogue_file_landed_just_now_waits_for_a_later_build(st
     assert (table["item_id"].to_list(), table["price"].to_list()) == (["a", "b"], [1.0, 2.0])
     assert (report.rejected, report.incremental, report.deferred) == (0, True, [])
     assert storage.landing_files("default", "items") == []
+
+
+def test_a_sidecar_landed_without_its_data_file_reaches_the_rejects(storage, tmp_path):
+    """A connector batch whose every message was malformed lands only its rejects: the ingest
+    records them (once, and again on a full refresh), and the items build too."""
+    from recsys.contract import REJECTED_SCHEMA
+
+    def rejects(source: str, n: int) -> pl.DataFrame:
+        rows = [
+            {
+                "source_file": source,
+                "row_number": i + 1,
+                "reason": "unparsable",
+                "detail": "not JSON",
+                "raw": "{",
+            }
+            for i in range(n)
+        ]
+        return pl.DataFrame(rows, schema=REJECTED_SCHEMA)
+
+    for kind, n in (("events", 2), ("items", 3)):
+        folder = tmp_path / "data" / "landing" / "default" / kind
+        folder.mkdir(parents=True)
+        rejects(f"nats-{kind}", n).write_parquet(folder / f"nats-s-1{ingest.REJECTED_SUFFIX}")
+    report = ingest.ingest_events(storage, "default", now=NOW)
+    assert (report.rows_read, report.rejected_by_reason) == (2, {"unparsable": 2})
+    assert storage.landing_listing("default", "events") == []  # (moved out, with the others)
+    assert ingest.ingest_events(storage, "default", now=NOW).rejected == 0
+    refreshed = ingest.ingest_events(storage, "default", now=NOW, full_refresh=True)
+    assert refreshed.rejected_by_reason == {"unparsable": 2}
+    assert (
+        ingest.scan_rejected(storage, "default").collect()["source_file"].to_list()
+        == ["nats-events"] * 2
+    )
+
+    _, built = ingest.build_table(storage, "default", "items")
+    assert built.rejected_by_reason == {"unparsable": 3}
+    assert storage.landing_listing("default", "items") == []
+    _, again = ingest.build_table(storage, "default", "items")
+    assert (again.incremental, again.rejected) == (True, 3)  # (the table's rejects, not again)
+    _, rebuilt = ingest.build_table(storage, "default", "items", rebuild=True)
+    assert rebuilt.rejected == 3
