@@ -11,7 +11,8 @@ record files and builds again: the build of an ingest run after a few record wri
 is incremental: it reads the files landed since the last build), and the same build from every
 file (`rebuild=True`), with their digests. Last, `recsys.features.catalogue_as_of` (a training
 run's point-in-time catalogue) at a cut-off halfway through the record files, with upserts of
-`--late` items logged after it: it reads every file ever landed for those items. After the
+`--late` items logged after it: it reads the files that hold those items (the builds record
+which ids each file holds). After the
 incremental build it prints what the landing sensor costs at each tick (`pending_files`) and
 the ingest state's size.
 
@@ -125,7 +126,7 @@ def main() -> None:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         print(
             f"catalogue_as_of: {len(ids)} items upserted after the cut-off, "
-            f"{as_of_report.rows_changed} rows changed, every landing file read: {wall:.2f} s "
+            f"{as_of_report.rows_changed} rows changed, the files holding them read: {wall:.2f} s "
             f"wall, {cpu:.2f} s CPU; table digest {as_of.hash_rows(seed=0).sum()}"
         )
 

@@ -327,7 +327,7 @@ def catalogue_as_of(
     `cutoff` (see the module docstring), and what changed."""
     import numpy as np
 
-    from recsys.ingest import catalogue_files, landing_runs
+    from recsys.ingest import catalogue_files, files_holding, landing_runs
     from recsys.validation import validate_items, validate_users
 
     entity = kind[:-1]
@@ -356,7 +356,7 @@ def catalogue_as_of(
     ids = set(late["entity_id"].to_list())
     first_late = dict(late.group_by("entity_id").agg(pl.col("first_late").min()).iter_rows())
     # the landing rows of those entities, in the order build_table folds them
-    stamped = catalogue_files(storage, tenant, kind)
+    stamped = files_holding(storage, tenant, kind, catalogue_files(storage, tenant, kind), ids)
     current: dict[str, dict[str, Any]] = {}
     before: dict[str, dict[str, Any]] = {}
     time_of = {f: t for t, f in stamped}

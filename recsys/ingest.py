@@ -961,9 +961,11 @@ def build_table(
             rejects.append(unreadable_reject(path, exc))
 
     runs = landing_runs(storage, files, unreadable)
+    held = []  # (each folded file's ids: `files_holding`)
     for run in runs:
         report.rows_read += run[2].height
         table = _fold_files(storage, validate, table, run, sidecars, rejects)
+        held.append(_ids_by_file(run, table.columns[0], time_of))
     orphans = _orphan_sidecars(storage, tenant, kind, state, every=not incremental)
     rejects.extend(pl.read_parquet(storage.fs.open(path, "rb")) for path, _ in orphans)
     # (one order whatever the folds: incremental, or every file at once, where validation
@@ -976,6 +978,13 @@ def build_table(
     storage.makedirs(posixpath.dirname(report.path))
     write_parquet_atomic(table, report.path, storage.fs, sync=False)  # durable by save_state
     write_parquet_atomic(rejected, rejected_path, storage.fs, sync=False)
+    held_dir = _held_ids_dir(storage, tenant, kind)
+    if not incremental and storage.exists(held_dir):
+        storage.fs.rm(held_dir, recursive=True)
+    if held:
+        storage.makedirs(held_dir)
+        held_part = posixpath.join(held_dir, f"part-{run_id}.parquet")
+        write_parquet_atomic(pl.concat(held), held_part, storage.fs, sync=False)
     until = max([t for t, _ in landed] + [last.get("folded_until", 0.0) if incremental else 0.0])
     keys = [key for key, (_, f) in zip(keys, landed_here, strict=True) if f not in report.deferred]
     keys += [key for _, key in orphans if key]
@@ -983,6 +992,64 @@ def build_table(
     save_state(storage, tenant, kind, state[kind])
     _move_ingested(storage, tenant, kind, state, run_id)
     return table, report
+
+
+def _held_ids_dir(storage: Storage, tenant: str, kind: str) -> str:
+    return posixpath.join(posixpath.dirname(storage.table_path(tenant, kind)), f"{kind}_held_ids")
+
+
+_HELD_SCHEMA = {"id": pl.String, "file": pl.String, "landed_us": pl.Int64}
+
+
+def _file_mark(path: str, landed: float) -> tuple[str, int]:
+    """A file as the held-ids index names it: its landing name and landing time in whole
+    microseconds (what a moved file's name keeps)."""
+    return landing_name(path), round(landed * 1e6)
+
+
+def _ids_by_file(
+    run: tuple[list[str], list[int], pl.DataFrame], key: str, time_of: dict[str, float]
+) -> pl.DataFrame:
+    """The ids each file of a folded run holds, one row a (id, file), and a row with a null id
+    for each file (it was read: an id it lacks, it does not hold)."""
+    paths, sizes, joined = run
+    marks = [_file_mark(path, time_of[path]) for path in paths]
+    files = pl.DataFrame(
+        {"file": [m[0] for m in marks], "landed_us": [m[1] for m in marks]},
+        schema={"file": pl.String, "landed_us": pl.Int64},
+    )
+    index = pl.Series("_i", [i for i, n in enumerate(sizes) for _ in range(n)], dtype=pl.Int64)
+    ids = (
+        joined.select(pl.col(key).cast(pl.String).alias("id"), index)
+        if key in joined.columns
+        else None
+    )
+    rows = [files.with_columns(id=pl.lit(None, dtype=pl.String))]
+    if ids is not None and ids.height:
+        rows.append(
+            ids.unique()
+            .join(files.with_row_index("_i").with_columns(pl.col("_i").cast(pl.Int64)), on="_i")
+            .drop("_i")
+        )
+    return pl.concat([r.select(list(_HELD_SCHEMA)) for r in rows])
+
+
+def files_holding(
+    storage: Storage, tenant: str, kind: str, files: list[tuple[float, str]], ids: set[str]
+) -> list[tuple[float, str]]:
+    """Of `files` ((landing time, path), `catalogue_files`), those that may hold a row of one
+    of `ids`: the files a build folded and recorded as holding one (`_ids_by_file`), and every
+    file no build recorded (landed since, or a record lost in a crash: read whole, never
+    skipped). What `recsys.features.catalogue_as_of` reads instead of every file."""
+    held_dir = _held_ids_dir(storage, tenant, kind)
+    parts = storage.glob(posixpath.join(held_dir, "*.parquet")) if storage.exists(held_dir) else []
+    if not parts:
+        return files
+    held = pl.concat([pl.read_parquet(storage.fs.open(p, "rb")) for p in parts])
+    marks = held.select("file", "landed_us")
+    known = set(marks.iter_rows())
+    hits = set(held.filter(pl.col("id").is_in(list(ids))).select("file", "landed_us").iter_rows())
+    return [(t, f) for t, f in files if (mark := _file_mark(f, t)) in hits or mark not in known]
 
 
 def catalogue_files(storage: Storage, tenant: str, kind: str) -> list[tuple[float, str]]:

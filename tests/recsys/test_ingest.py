@@ -912,3 +912,63 @@ def test_a_sidecar_landed_without_its_data_file_reaches_the_rejects(storage, tmp
     assert (again.incremental, again.rejected) == (True, 3)  # (the table's rejects, not again)
     _, rebuilt = ingest.build_table(storage, "default", "items", rebuild=True)
     assert rebuilt.rejected == 3
+
+
+def test_the_catalogue_as_of_a_cutoff_reads_only_the_files_holding_its_late_ids(storage, tmp_path):
+    """A build records the ids each file it folds holds; the point-in-time catalogue then reads
+    the files that hold a late id, and every file no build has recorded, and answers as when
+    it read every file."""
+    import datetime as dt
+
+    from recsys.features import LOG_SCHEMA, catalogue_as_of
+
+    folder = tmp_path / "data" / "landing" / "default" / "items"
+    folder.mkdir(parents=True)
+    start = time.time() - 100
+
+    def land(name: str, rows: dict, at: float) -> str:
+        path = folder / f"{name}.parquet"
+        pl.DataFrame(rows).write_parquet(path)
+        os.utime(path, (at, at))
+        return name
+
+    land("f0", {"item_id": ["a", "b"], "category": ["c1", "c1"]}, start)
+    land("f1", {"item_id": ["b"], "category": ["c2"]}, start + 1)
+    land("f2", {"item_id": ["c"], "category": ["c3"]}, start + 2)
+    table, _ = ingest.build_table(storage, "default", "items")
+    land("f3", {"item_id": ["a"], "category": ["c4"]}, start + 3)  # (landed, not built yet)
+    every = ingest.catalogue_files(storage, "default", "items")
+    held = ingest.files_holding(storage, "default", "items", every, {"a"})
+    assert [ingest.landing_name(f) for _, f in held] == ["f0.parquet", "f3.parquet"]
+    held = ingest.files_holding(storage, "default", "items", every, {"b", "zz"})
+    assert [ingest.landing_name(f) for _, f in held] == ["f0.parquet", "f1.parquet", "f3.parquet"]
+
+    # b's category upserted for after the cut-off: as of it, b has the category f1 gave it
+    cutoff = dt.datetime.fromtimestamp(start + 10, dt.UTC)
+    late = dt.datetime.fromtimestamp(start + 20, dt.UTC)
+    log = pl.DataFrame(
+        {
+            "entity_type": ["item"],
+            "entity_id": ["b"],
+            "feature": ["category"],
+            "value": ['"c9"'],
+            "event_timestamp": [late],
+            "created_timestamp": [dt.datetime.now(dt.UTC)],
+        },
+        schema=LOG_SCHEMA,
+    )
+    now = table.with_columns(
+        category=pl.when(pl.col("item_id") == "b").then(pl.lit("c9")).otherwise("category")
+    )
+    as_of, report = catalogue_as_of(storage, "default", "items", now, cutoff, log)
+    assert dict(as_of.select("item_id", "category").iter_rows()) == {
+        "a": "c1",
+        "b": "c2",
+        "c": "c3",
+    }
+    assert report.rows_changed == 1
+    import shutil
+
+    shutil.rmtree(tmp_path / "data" / "warehouse" / "default" / "items_held_ids")
+    read_all, _ = catalogue_as_of(storage, "default", "items", now, cutoff, log)
+    assert read_all.equals(as_of)
