@@ -26,9 +26,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import accumulate
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
@@ -985,6 +986,13 @@ def build_table(
         storage.makedirs(held_dir)
         held_part = posixpath.join(held_dir, f"part-{run_id}.parquet")
         write_parquet_atomic(pl.concat(held), held_part, storage.fs, sync=False)
+        parts = storage.glob(posixpath.join(held_dir, "*.parquet"))
+        if len(parts) > HELD_PARTS_MAX:  # (merged first, then removed: a reader never misses)
+            merged = pl.concat([pl.read_parquet(storage.fs.open(p, "rb")) for p in parts])
+            held_part = posixpath.join(held_dir, f"part-{run_id}-m.parquet")
+            write_parquet_atomic(merged.unique(), held_part, storage.fs, sync=False)
+            for part in parts:
+                storage.fs.rm(part)
     until = max([t for t, _ in landed] + [last.get("folded_until", 0.0) if incremental else 0.0])
     keys = [key for key, (_, f) in zip(keys, landed_here, strict=True) if f not in report.deferred]
     keys += [key for _, key in orphans if key]
@@ -999,12 +1007,16 @@ def _held_ids_dir(storage: Storage, tenant: str, kind: str) -> str:
 
 
 _HELD_SCHEMA = {"id": pl.String, "file": pl.String, "landed_us": pl.Int64}
+HELD_IDS_MAX = 10_000  # a file of more rows is not recorded (read whole: a full feed holds all)
+HELD_PARTS_MAX = 16  # the held-ids parts (one a build) are merged into one past this many
 
 
 def _file_mark(path: str, landed: float) -> tuple[str, int]:
     """A file as the held-ids index names it: its landing name and landing time in whole
-    microseconds (what a moved file's name keeps)."""
-    return landing_name(path), round(landed * 1e6)
+    microseconds, as a moved file's name keeps it (`datetime.fromtimestamp`'s rounding: the
+    float's own `* 1e6` can land one off)."""
+    since = datetime.fromtimestamp(landed, UTC) - datetime.fromtimestamp(0, UTC)
+    return landing_name(path), since // timedelta(microseconds=1)
 
 
 def _ids_by_file(
@@ -1015,22 +1027,19 @@ def _ids_by_file(
     paths, sizes, joined = run
     marks = [_file_mark(path, time_of[path]) for path in paths]
     files = pl.DataFrame(
-        {"file": [m[0] for m in marks], "landed_us": [m[1] for m in marks]},
-        schema={"file": pl.String, "landed_us": pl.Int64},
-    )
-    index = pl.Series("_i", [i for i, n in enumerate(sizes) for _ in range(n)], dtype=pl.Int64)
-    ids = (
-        joined.select(pl.col(key).cast(pl.String).alias("id"), index)
-        if key in joined.columns
-        else None
-    )
+        {
+            "file": [m[0] for m in marks],
+            "landed_us": [m[1] for m in marks],
+            "_i": range(len(paths)),
+            "_rows": sizes,
+        },
+        schema={"file": pl.String, "landed_us": pl.Int64, "_i": pl.Int64, "_rows": pl.Int64},
+    ).filter(pl.col("_rows") <= HELD_IDS_MAX)  # (a larger file is read whole: not recorded)
     rows = [files.with_columns(id=pl.lit(None, dtype=pl.String))]
-    if ids is not None and ids.height:
-        rows.append(
-            ids.unique()
-            .join(files.with_row_index("_i").with_columns(pl.col("_i").cast(pl.Int64)), on="_i")
-            .drop("_i")
-        )
+    if key in joined.columns and joined.height:
+        index = pl.Series("_i", np.repeat(np.arange(len(sizes)), sizes), dtype=pl.Int64)
+        ids = joined.select(pl.col(key).cast(pl.String).alias("id"), index).unique()
+        rows.append(ids.join(files, on="_i"))
     return pl.concat([r.select(list(_HELD_SCHEMA)) for r in rows])
 
 
@@ -1045,11 +1054,24 @@ def files_holding(
     parts = storage.glob(posixpath.join(held_dir, "*.parquet")) if storage.exists(held_dir) else []
     if not parts:
         return files
-    held = pl.concat([pl.read_parquet(storage.fs.open(p, "rb")) for p in parts])
-    marks = held.select("file", "landed_us")
-    known = set(marks.iter_rows())
-    hits = set(held.filter(pl.col("id").is_in(list(ids))).select("file", "landed_us").iter_rows())
-    return [(t, f) for t, f in files if (mark := _file_mark(f, t)) in hits or mark not in known]
+    try:
+        held = pl.concat([pl.read_parquet(storage.fs.open(p, "rb")) for p in parts])
+    except READ_ERRORS:  # (a part merged away since the listing)
+        return files  # (every file: what no record allows to skip)
+    marks = [_file_mark(f, t) for t, f in files]
+    wanted = pl.DataFrame(
+        {"file": [m[0] for m in marks], "landed_us": [m[1] for m in marks]},
+        schema={"file": pl.String, "landed_us": pl.Int64},
+    ).with_row_index("_n")
+    on = ["file", "landed_us"]
+    hits = held.filter(pl.col("id").is_in(list(ids))).select(on)
+    keep = pl.concat(
+        [
+            wanted.join(held.select(on).unique(), on=on, how="anti"),
+            wanted.join(hits, on=on, how="semi"),
+        ]
+    )
+    return [files[n] for n in sorted(set(keep["_n"].to_list()))]
 
 
 def catalogue_files(storage: Storage, tenant: str, kind: str) -> list[tuple[float, str]]:

@@ -972,3 +972,34 @@ def test_the_catalogue_as_of_a_cutoff_reads_only_the_files_holding_its_late_ids(
     shutil.rmtree(tmp_path / "data" / "warehouse" / "default" / "items_held_ids")
     read_all, _ = catalogue_as_of(storage, "default", "items", now, cutoff, log)
     assert read_all.equals(as_of)
+
+
+def test_held_ids_skip_large_files_and_merge_their_parts(storage, tmp_path, monkeypatch):
+    """A file of more than HELD_IDS_MAX rows is not recorded, so always read; past
+    HELD_PARTS_MAX the records (a part a build) are merged into one, with the same answers."""
+    monkeypatch.setattr(ingest, "HELD_IDS_MAX", 1)
+    monkeypatch.setattr(ingest, "HELD_PARTS_MAX", 2)
+    folder = tmp_path / "data" / "landing" / "default" / "items"
+    folder.mkdir(parents=True)
+    start = time.time() - 100
+    for n, ids in enumerate([["a", "b"], ["b"], ["c"], ["a"]]):
+        path = folder / f"f{n}.parquet"
+        pl.DataFrame({"item_id": ids}).write_parquet(path)
+        os.utime(path, (start + n, start + n))
+        ingest.build_table(storage, "default", "items")  # (a build a file: a record a build)
+    held_dir = tmp_path / "data" / "warehouse" / "default" / "items_held_ids"
+    assert len(list(held_dir.iterdir())) == 2  # (3 parts merged into 1, then the 4th)
+    every = ingest.catalogue_files(storage, "default", "items")
+    names = {
+        want: [
+            ingest.landing_name(f)
+            for _, f in ingest.files_holding(storage, "default", "items", every, {want})
+        ]
+        for want in "abcz"
+    }
+    assert names == {
+        "a": ["f0.parquet", "f3.parquet"],  # (f0: two rows, not recorded, always read)
+        "b": ["f0.parquet", "f1.parquet"],
+        "c": ["f0.parquet", "f2.parquet"],
+        "z": ["f0.parquet"],
+    }
