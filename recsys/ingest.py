@@ -111,17 +111,18 @@ def import_file(
     landing_dir = storage.landing_dir(tenant, kind)
     storage.makedirs(landing_dir)
     target = posixpath.join(landing_dir, name + ".parquet")
-    existed = storage.exists(target) or bool(  # (or ingested and moved out: `_move_ingested`)
-        storage.glob(
-            posixpath.join(storage.ingested_landing_dir(tenant, kind), "*", f"*~{name}.parquet")
-        )
-    )
+    # (import's own record of the names it landed: ingest moves files out of landing, and a
+    # look for the name among the moved files is a listing of all of them, ~2 s a month in)
+    record = posixpath.join(landing_dir, ".imported")
+    imported = storage.fs.cat_file(record).decode().split() if storage.exists(record) else []
+    existed = name in imported or storage.exists(target)
     if not existed:
         write_parquet_atomic(data, target, storage.fs)
         if unparsable.height:
             write_parquet_atomic(
                 unparsable, posixpath.join(landing_dir, name + REJECTED_SUFFIX), storage.fs
             )
+        write_atomic(record, "".join(f"{n}\n" for n in [*imported, name]).encode(), storage.fs)
     return ImportResult(
         kind=kind,
         tenant=tenant,
