@@ -338,7 +338,7 @@ def ingest_events(
             if storage.exists(d):
                 storage.fs.rm(d, recursive=True)
         state.pop("events", None)
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    run_id = _run_id()
     _move_ingested(storage, tenant, "events", state, run_id)  # (a run stopped before its moves)
     keyed = landing_entries(storage, tenant, "events", pending=not full_refresh)
     if full_refresh:  # (read first: they landed before what is still in landing)
@@ -455,6 +455,17 @@ def ingest_events(
     _move_ingested(storage, tenant, "events", state, run_id)
     report.days_merged = _merge_days(storage, tenant, state, run_id)
     return report
+
+
+def _run_id() -> str:
+    """An ingest run's id: its UTC start time, then a random tag (names its part files)."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def _read_files(storage: Storage, paths: list[str]) -> pl.DataFrame:
+    """The Parquet files `paths` as one frame: read by Polars from a local folder, through
+    the filesystem's files on an object store."""
+    return pl.read_parquet(paths if storage.is_local else [storage.fs.open(f, "rb") for f in paths])
 
 
 def ingested_files(
@@ -586,9 +597,7 @@ def _drop_deleted(
         day_dir = posixpath.join(storage.events_dir(tenant), f"date={day.isoformat()}")
         old = storage.glob(posixpath.join(day_dir, "*.parquet"))  # (merged-away parts too)
         live = _live_parts(state.get("events", {}), old)
-        rows = pl.read_parquet(
-            live if storage.is_local else [storage.fs.open(f, "rb") for f in live]
-        )
+        rows = _read_files(storage, live)
         kept = rows.filter(~pl.col("event_id").is_in(deleted))
         dropped += rows.height - kept.height
         if kept.height:
@@ -695,16 +704,12 @@ def _read_parts(storage: Storage, parts: list[str]) -> Iterator[pl.DataFrame]:
         with storage.fs.open(path, "rb") as fh:
             n = pq.read_metadata(fh).num_rows
         if group and rows + n > BATCH_ROWS:
-            yield pl.read_parquet(
-                group if storage.is_local else [storage.fs.open(f, "rb") for f in group]
-            )
+            yield _read_files(storage, group)
             group, rows = [], 0
         group.append(path)
         rows += n
     if group:
-        yield pl.read_parquet(
-            group if storage.is_local else [storage.fs.open(f, "rb") for f in group]
-        )
+        yield _read_files(storage, group)
 
 
 def _finish_merges(storage: Storage, tenant: str, state: dict) -> None:
@@ -922,7 +927,7 @@ def build_table(
     is a reject, or stays in landing for a later build while it changed less than
     LANDING_SETTLE_S ago (it may still be being copied in), as for events."""
     validate = validate_items if kind == "items" else validate_users
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    run_id = _run_id()
     state = load_state(storage, tenant)
     _move_ingested(storage, tenant, kind, state, run_id)  # (a build stopped before its moves)
     listing = storage.landing_listing(tenant, kind)  # (one listing: data files and sidecars)
