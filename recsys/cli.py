@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import posixpath
 import sys
 import time
 from collections.abc import Callable
@@ -86,6 +87,12 @@ def cmd_import(args: argparse.Namespace) -> int:
         return 2
     bad = sum(result.would_reject.values()) + result.unparsable
     where = os.path.relpath(result.landed) if storage.is_local else result.landed
+    if not result.pending:  # (imported before, and ingested since: moved out of landing)
+        print(
+            f"{result.rows:,} {args.kind} rows from {args.file} were imported before as "
+            f"{posixpath.basename(where)} and have been ingested since; nothing landed"
+        )
+        return 0
     verb = "already landed as" if result.already_landed else "landed"
     print(f"{result.rows:,} {args.kind} rows from {args.file} {verb} {where}")
     if bad:
@@ -94,8 +101,8 @@ def cmd_import(args: argparse.Namespace) -> int:
             reasons["unparsable"] = reasons.get("unparsable", 0) + result.unparsable
         detail = ", ".join(f"{k}: {v:,}" for k, v in sorted(reasons.items()))
         print(
-            f"{bad:,} rows will be rejected at ingest ({detail}); see rejected_events after "
-            f"the next run"
+            f"{bad:,} rows will be rejected at ingest ({detail}); see rejected_{args.kind} "
+            f"after the next run"
         )
     print("the landing sensor (or `recsys run`) ingests it")
     return 0

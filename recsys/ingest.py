@@ -66,6 +66,9 @@ class ImportResult:
     unparsable: int
     would_reject: dict[str, int]
     already_landed: bool = False
+    #: Is the landed file still in landing, waiting for ingest? (False once ingest has moved
+    #: it out: the same content imported again after it was ingested)
+    pending: bool = True
 
 
 def import_file(
@@ -114,15 +117,19 @@ def import_file(
     # (import's own record of the names it landed: ingest moves files out of landing, and a
     # look for the name among the moved files is a listing of all of them, ~2 s a month in)
     record = posixpath.join(landing_dir, ".imported")
-    imported = storage.fs.cat_file(record).decode().split() if storage.exists(record) else []
-    existed = name in imported or storage.exists(target)
-    if not existed:
-        write_parquet_atomic(data, target, storage.fs)
-        if unparsable.height:
-            write_parquet_atomic(
-                unparsable, posixpath.join(landing_dir, name + REJECTED_SUFFIX), storage.fs
-            )
-        write_atomic(record, "".join(f"{n}\n" for n in [*imported, name]).encode(), storage.fs)
+    with _locked(storage, record):  # (two imports at once each keep the other's name)
+        imported = storage.fs.cat_file(record).decode().split() if storage.exists(record) else []
+        pending = storage.exists(target)
+        existed = pending or name in imported
+        if not existed:
+            write_parquet_atomic(data, target, storage.fs)
+            if unparsable.height:
+                write_parquet_atomic(
+                    unparsable, posixpath.join(landing_dir, name + REJECTED_SUFFIX), storage.fs
+                )
+            record_text = "".join(f"{n}\n" for n in [*imported, name])
+            write_atomic(record, record_text.encode(), storage.fs)
+            pending = True
     return ImportResult(
         kind=kind,
         tenant=tenant,
@@ -132,6 +139,7 @@ def import_file(
         unparsable=unparsable.height,
         would_reject=dict(would_reject),
         already_landed=existed,
+        pending=pending,
     )
 
 

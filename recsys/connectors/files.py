@@ -83,7 +83,8 @@ def run_files(
         log(
             f"{url}: {result.rows} rows, {result.unparsable} unparsable, "
             f"would reject {dict(result.would_reject)}"
-            + (" (already landed)" if result.already_landed else "")
+            + (" (already landed)" if result.pending and result.already_landed else "")
+            + ("" if result.pending else " (imported and ingested before)")
         )
         seen[url] = {"signature": sig, "landed": result.landed}
     save_state(data_root, tenant, connector_id, {**state, "files": seen})

@@ -22,6 +22,18 @@ def test_import_reports_landing_and_pending_rejects(tmp_path, capsys):
     assert main(["--data-root", str(tmp_path / "d"), "import", "events", str(f)]) == 0
     assert "already landed" in capsys.readouterr().out
 
+    # once ingested (moved out of landing), importing it again says so and lands nothing
+    from recsys import ingest
+    from recsys.storage import Storage
+
+    storage = Storage(str(tmp_path / "d"))
+    assert ingest.ingest_events(storage, "default").rows_new == 1
+    assert main(["--data-root", str(tmp_path / "d"), "import", "events", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "have been ingested since; nothing landed" in out, out
+    assert "will be rejected" not in out and "ingests it" not in out
+    assert storage.landing_files("default", "events") == []
+
 
 def test_user_mistakes_exit_2_with_one_line_and_no_traceback(tmp_path, capsys):
     root = ["--data-root", str(tmp_path / "d")]

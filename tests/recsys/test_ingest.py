@@ -862,6 +862,42 @@ def test_kinds_saving_at_once_in_two_processes_lose_no_entry(tmp_path):
     assert ingest.load_state(Storage(root), "default") == {"events": {"n": 99}, "items": {"n": 99}}
 
 
+def _import_many(root: str, sources: list[str]) -> None:
+    from recsys.storage import Storage
+
+    storage = Storage(root)
+    for source in sources:
+        assert not ingest.import_file(storage, "events", source).already_landed
+
+
+def test_imports_at_once_in_two_processes_keep_every_name_in_the_record(tmp_path):
+    """Import's record of the names it landed is read and rewritten under a lock: two
+    processes importing 40 files each leave all 80 names in it, so once ingested, no file is
+    landed again by a later import of it."""
+    import multiprocessing
+
+    from recsys.storage import Storage
+
+    root = str(tmp_path / "data")
+    sources = []
+    for n in range(80):
+        path = tmp_path / f"e{n}.csv"
+        path.write_text(f"user_id,item_id,event_type,timestamp\nu{n},i1,view,1759312800\n")
+        sources.append(str(path))
+    ctx = multiprocessing.get_context("spawn")  # (a forked child of Polars' pool can hang)
+    procs = [ctx.Process(target=_import_many, args=(root, sources[k::2])) for k in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    storage = Storage(root)
+    assert ingest.ingest_events(storage, "default", now=NOW).rows_new == 80
+    again = [ingest.import_file(storage, "events", s) for s in sources]
+    assert all(r.already_landed and not r.pending for r in again)
+    assert storage.landing_files("default", "events") == []
+
+
 def test_an_unreadable_catalogue_file_landed_just_now_waits_for_a_later_build(storage, tmp_path):
     """As for events: a catalogue file still being copied in stays in landing, no reject, and
     the build folds the rest; once whole, the next build folds it onto the table."""
