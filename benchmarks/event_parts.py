@@ -2,8 +2,9 @@
 
 The API lands its events as a file every 30 s a worker, and each file starts an ingest run that
 adds a part file to each day it writes. This lands `--runs` files of `--file-events` events on
-one day, ingesting after each (as the sensor does), then prints the day's part files, the mean
-time of the last 20 runs, and the time of `read_events` (what training reads) and of
+one day, ingesting after each (as the sensor does), then prints the day's part files, the rows
+the merges wrote (per event of the day: how often a row was rewritten), the mean time of all
+runs and of the last 20, and the time of `read_events` (what training reads) and of
 `event_parts` (its listing). `--no-merge` sets `ingest.DAY_PARTS_MAX` out of reach: the
 warehouse as it was before days were merged.
 
@@ -64,10 +65,14 @@ def main() -> None:
         events = ingest.read_events(storage, "bench")
         read_s = time.perf_counter() - started
         on_disk = len(os.listdir(os.path.join(storage.events_dir("bench"), "date=2026-10-01")))
+        merges = ingest.load_state(storage, "bench")["events"].get("merges", [])
+        written = sum(pl.read_parquet(m["new"]).height for m in merges)
         print(
             f"{args.runs} runs of {args.file_events} events on one day"
             f"{' (no merge)' if args.no_merge else ''}: {len(parts)} live parts "
-            f"({on_disk} files on disk), {events.height:,} events; a run (mean of the last 20) "
+            f"({on_disk} files on disk), {events.height:,} events; {len(merges)} merges wrote "
+            f"{written:,} rows ({written / events.height:.1f} a row); a run: mean "
+            f"{statistics.mean(seconds) * 1000:.1f} ms, of the last 20 "
             f"{statistics.mean(seconds[-20:]) * 1000:.1f} ms; event_parts {list_s * 1000:.1f} ms; "
             f"read_events {read_s * 1000:.1f} ms"
         )

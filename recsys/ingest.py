@@ -47,9 +47,12 @@ REJECTED_SUFFIX = ".rejected.parquet"
 #: be being copied into the landing folder: it stays pending instead of becoming a reject.
 LANDING_SETTLE_S = 60.0
 BATCH_ROWS = 2_000_000  # rows validated at a time; bounds ingest memory
-#: A day of events is rewritten as one part once it holds more than this many: each ingest run
-#: adds a part to each day it writes, and the API's files start a run every 30 s.
-DAY_PARTS_MAX = 16
+#: A day's parts of one tier are merged into one part of the next tier once there are more than
+#: this many: each ingest run adds a part (tier 0) to each day it writes, and the API's files
+#: start a run every 30 s. So a day of n runs keeps at most 8 parts a tier, log9(n) tiers (<= 32
+#: parts for a day of 2,880 runs), and each row is rewritten once a tier (<= 3 times for such a
+#: day; merging the whole day each time rewrote a row ~90 times on average).
+DAY_PARTS_MAX = 8
 #: How long the parts a merge replaced stay on disk (left out of every new listing) for the
 #: readers that listed them before it: a training step reads its parts again.
 MERGED_PARTS_KEEP_S = 6 * 3600.0
@@ -608,10 +611,9 @@ def _drop_deleted(
         rows = _read_files(storage, live)
         kept = rows.filter(~pl.col("event_id").is_in(deleted))
         dropped += rows.height - kept.height
-        if kept.height:
-            write_parquet_atomic(
-                kept, posixpath.join(day_dir, f"part-{run_id}-c.parquet"), storage.fs, sync=False
-            )
+        if kept.height:  # (the day in one part, of its top tier: not merged again soon)
+            part = posixpath.join(day_dir, f"part-{run_id}-c{max(map(part_tier, live))}.parquet")
+            write_parquet_atomic(kept, part, storage.fs, sync=False)
         entry = state.setdefault("events", {})
         entry["compacting"] = old
         entry["merges"] = [m for m in entry.get("merges", []) if m["new"] not in old]
@@ -683,10 +685,12 @@ def _live_parts(entry: dict, listed: list[str]) -> list[str]:
 
 
 def _merge_days(storage: Storage, tenant: str, state: dict, run_id: str) -> list[str]:
-    """Rewrite each day that holds more than DAY_PARTS_MAX parts as one part (read BATCH_ROWS
-    rows at a time): without it the API's files, an ingest run every 30 s, leave thousands of
-    parts a day, which every read of the events opens. The merge is recorded in the state
-    before its part is written, so no listing holds both (`event_parts`); the parts it
+    """Merge the parts of each day, tier by tier (`part_tier`): once a tier holds more than
+    DAY_PARTS_MAX parts, they are rewritten as one part of the next tier (read BATCH_ROWS rows
+    at a time), which may fill that tier in turn. Without it the API's files, an ingest run
+    every 30 s, leave thousands of parts a day, which every read of the events opens; merging
+    the whole day instead rewrites its old rows at every merge. A merge is recorded in the
+    state before its part is written, so no listing holds both (`event_parts`); the parts it
     replaced are removed after MERGED_PARTS_KEEP_S (`_finish_merges`). Returns the days
     merged."""
     entry, merged = state["events"], []
@@ -694,14 +698,35 @@ def _merge_days(storage: Storage, tenant: str, state: dict, run_id: str) -> list
     for part in event_parts(storage, tenant):
         by_day.setdefault(posixpath.dirname(part), []).append(part)
     for day_dir, parts in sorted(by_day.items()):
-        if len(parts) <= DAY_PARTS_MAX:
-            continue
-        new = posixpath.join(day_dir, f"part-{run_id}-m.parquet")
-        entry.setdefault("merges", []).append({"old": parts, "new": new, "at": time.time()})
-        save_state(storage, tenant, "events", entry)
-        write_parquet_parts_atomic(_read_parts(storage, parts), new, storage.fs)
-        merged.append(posixpath.basename(day_dir).removeprefix("date="))
-    return merged
+        tiers: dict[int, list[str]] = {}
+        for part in parts:
+            tiers.setdefault(part_tier(part), []).append(part)
+        tier = min(tiers)
+        while tier <= max(tiers):
+            group = tiers.get(tier, [])
+            if len(group) > DAY_PARTS_MAX:
+                new = posixpath.join(day_dir, f"part-{run_id}-m{tier + 1}.parquet")
+                entry.setdefault("merges", []).append({"old": group, "new": new, "at": time.time()})
+                save_state(storage, tenant, "events", entry)
+                write_parquet_parts_atomic(_read_parts(storage, group), new, storage.fs)
+                tiers.setdefault(tier + 1, []).append(new)
+                if not merged or merged[-1] != day_dir:
+                    merged.append(day_dir)
+            tier += 1
+    return [posixpath.basename(d).removeprefix("date=") for d in merged]
+
+
+#: (after the run id's 8-hex-digit tag, which may itself read as "c1234567")
+_TIER = re.compile(r"-[0-9a-f]{8}-[mc](\d*)\.parquet$")
+
+
+def part_tier(path: str) -> int:
+    """The merge tier of an events part file, from its name: 0 for an ingest run's part
+    (``part-<run>.parquet``), t for a merge's (``part-<run>-m<t>.parquet``) or a deletion's
+    rewrite of a day (``part-<run>-c<t>.parquet``); 1 for a whole day's part of an older
+    version (``-m`` or ``-c`` without a tier)."""
+    found = _TIER.search(path)
+    return 0 if found is None else int(found.group(1) or 1)
 
 
 def _read_parts(storage: Storage, parts: list[str]) -> Iterator[pl.DataFrame]:

@@ -8,8 +8,10 @@ otherwise), so no id can name a folder outside its tenant's.
 
 from __future__ import annotations
 
+import glob as stdlib_glob
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -172,8 +174,22 @@ class Storage:
 
     def glob(self, pattern: str) -> list[str]:
         """The paths matching `pattern` (a path of this root with wildcards), sorted, each a
-        usable URI (fsspec drops the protocol from listings)."""
-        return sorted(self._qualify(p) for p in self.fs.glob(pattern))
+        usable URI (fsspec drops the protocol from listings). A wildcard never matches a name
+        that starts with a dot (a file being written, a record such as ``.imported``).
+
+        On a local root the standard library's `glob` lists: it reads each folder once and
+        stats no file, where fsspec's stats every entry (a day of 1,100 part files: ~30 ms
+        a listing, three listings an ingest run)."""
+        if self.is_local:
+            found = stdlib_glob.glob(pattern.removeprefix("file://"))
+        else:  # (what the wildcards matched: the names below the pattern's fixed folders)
+            fixed = len(re.split(r"/[^/]*[*?\[]", strip_protocol(pattern), maxsplit=1)[0])
+            found = [
+                p
+                for p in self.fs.glob(pattern)
+                if not any(name.startswith(".") for name in p[fixed:].split("/"))
+            ]
+        return sorted(self._qualify(p) for p in found)
 
     def _qualify(self, p: str) -> str:
         # fsspec drops the protocol from listings; put it back so paths stay usable URIs.

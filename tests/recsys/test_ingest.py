@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import time
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
@@ -765,7 +767,7 @@ def test_a_day_of_many_runs_is_merged_into_one_part_and_readers_keep_theirs(
     report = ingest.ingest_events(storage, "default", now=NOW)
     assert (report.rows_new, report.days_merged) == (2, ["2026-10-01"])
     (merged,) = ingest.event_parts(storage, "default")
-    assert merged.endswith("-m.parquet") and len(list(day_dir.iterdir())) == 6
+    assert merged.endswith("-m1.parquet") and len(list(day_dir.iterdir())) == 6
     users = sorted(f"{p}{n}" for p in "uv" for n in range(5))
     assert sorted(ingest.read_events(storage, "default")["user_id"].to_list()) == users
     assert ingest.scan_events(storage, "default", before).collect().height == 8
@@ -779,6 +781,71 @@ def test_a_day_of_many_runs_is_merged_into_one_part_and_readers_keep_theirs(
     assert [p.name for p in day_dir.iterdir()] == [os.path.basename(merged)]
     assert ingest.load_state(storage, "default")["events"]["merges"] == []
     assert ingest.read_events(storage, "default").height == 14
+
+
+def test_a_days_parts_are_merged_tier_by_tier_so_each_row_is_rewritten_once_a_tier(
+    storage, tmp_path, monkeypatch
+):
+    """Past DAY_PARTS_MAX parts of one tier, those parts become one part of the next tier, which
+    may fill it in turn. 27 runs with at most 2 parts a tier: never more than 2 live parts of a
+    tier, the events read are every run's, and the merges wrote each row 3 times in all, one
+    a tier: 162 rows (merging the whole day at each merge wrote 390 here, and the gap grows
+    with the runs: ~90 writes a row for a day of 2,880 runs past 16 parts)."""
+    monkeypatch.setattr(ingest, "DAY_PARTS_MAX", 2)
+    for n in range(27):
+        _land_one(storage, tmp_path, n)
+        ingest.ingest_events(storage, "default", now=NOW)
+        tiers = Counter(map(ingest.part_tier, ingest.event_parts(storage, "default")))
+        assert max(tiers.values()) <= 2, (n, tiers)
+    (part,) = ingest.event_parts(storage, "default")
+    assert ingest.part_tier(part) == 3 and part.endswith("-m3.parquet")
+    events = ingest.read_events(storage, "default")
+    assert sorted(events["user_id"].to_list()) == sorted(f"{p}{n}" for p in "uv" for n in range(27))
+    merges = ingest.load_state(storage, "default")["events"]["merges"]
+    written = sum(pl.read_parquet(m["new"]).height for m in merges)
+    assert (len(merges), written) == (9 + 3 + 1, 3 * 54)
+
+
+def test_storage_glob_lists_alike_on_a_folder_a_file_uri_and_an_object_store(tmp_path):
+    """`Storage.glob` lists a local root with the standard library (no stat a file) and any
+    other root through fsspec: the same matches, sorted, as URIs of the root, and never a
+    dot-file (fsspec's own glob matches those)."""
+    import uuid
+
+    from recsys.storage import Storage
+
+    names = ["date=1/a.parquet", "date=1/.b.parquet", "date=2/c.parquet", "date=2/d.tmp"]
+    names += [".date=3/e.parquet", "date=1/f.parquet"]
+    bucket = f"memory://glob-{uuid.uuid4().hex}"
+    roots = [str(tmp_path / "plain"), f"file://{tmp_path / 'uri'}", bucket]
+    found = []
+    for root in roots:
+        storage = Storage(root)
+        for name in names:
+            path = storage.path("events", name)
+            storage.makedirs(posixpath.dirname(path))
+            with storage.fs.open(path, "wb") as fh:
+                fh.write(b"x")
+        listed = storage.glob(storage.path("events", "*", "*.parquet"))
+        found.append(["events/" + p.split("/events/", 1)[1] for p in listed])
+        assert all(storage.exists(p) for p in listed), listed
+    expected = ["events/date=1/a.parquet", "events/date=1/f.parquet", "events/date=2/c.parquet"]
+    assert found == [expected] * 3
+
+
+def test_part_tier_reads_the_suffix_after_the_run_tag_only():
+    """A run's tag is 8 hex digits ("c1234567" is one): only a suffix after it is a tier; an
+    older version's whole-day parts (``-m``, ``-c``) are tier 1."""
+    day = "events/date=2026-10-01/"
+    cases = {
+        "part-20261001T100000-c1234567.parquet": 0,
+        "part-20261001T100000-0123abcd.parquet": 0,
+        "part-20261001T100000-0123abcd-m2.parquet": 2,
+        "part-20261001T100000-0123abcd-c3.parquet": 3,
+        "part-20261001T100000-0123abcd-m.parquet": 1,
+        "part-20261001T100000-0123abcd-c.parquet": 1,
+    }
+    assert {name: ingest.part_tier(day + name) for name in cases} == cases
 
 
 def test_a_merge_stopped_before_its_part_leaves_the_day_whole(storage, tmp_path, monkeypatch):
