@@ -48,8 +48,3 @@ class IngestPolicy(dg.ConfigurableResource):
 
     max_reject_rate: float = 0.05
     freshness_hours: float = 48.0
-    #: event types tenants declared beyond the built-in ones, as tenant -> {type: weight}
-    extra_event_types: dict[str, dict[str, float]] = {}
-
-    def extra_types(self, tenant: str) -> list[str]:
-        return sorted(self.extra_event_types.get(tenant, {}))

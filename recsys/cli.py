@@ -60,6 +60,7 @@ def _parse_mapping(pairs: list[str]) -> dict[str, str]:
 def cmd_import(args: argparse.Namespace) -> int:
     from recsys.ingest import import_file
     from recsys.readers import TextLayout
+    from serving.documents import declared_event_types
 
     layout = None
     if args.delimiter or args.no_header or args.columns or args.encoding:
@@ -81,6 +82,8 @@ def cmd_import(args: argparse.Namespace) -> int:
             fmt=args.format,
             layout=layout,
             mapping=_parse_mapping(args.map),
+            # (the types the tenant declared, as the ingest will take them: no false rejects)
+            extra_event_types=declared_event_types(storage, args.tenant),
         )
     except EmptyInputError as exc:
         print(f"nothing to import: {exc}", file=sys.stderr)

@@ -25,6 +25,9 @@ DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
     "return": -8.0,
 }
 BUILTIN_EVENT_TYPES: tuple[str, ...] = tuple(DEFAULT_EVENT_WEIGHTS)
+#: The name of an event type a tenant declares (its config's `event_types`, with its weight):
+#: lowercase, as event types compare case-insensitively.
+EVENT_TYPE_PATTERN = "^[a-z][a-z0-9_]{0,63}$"
 
 #: Upper bounds on free-text fields; longer values are rejected as oversize, not truncated.
 MAX_ID_LENGTH = 256

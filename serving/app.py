@@ -170,6 +170,7 @@ def create_app(
     )
     resources |= control.resources(control_ctx)
     event_logs.admit = partial(charge_events, control_ctx)  # the events-per-day quota
+    event_logs.event_types = service.declared_event_types  # (beside the built-in ones)
     mount(app, ROUTES, resources)
     app.enable_fast_path(
         serving,

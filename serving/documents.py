@@ -67,6 +67,7 @@ import falcon
 import orjson
 
 from recsys.durable import fsync_dir, write_atomic
+from recsys.storage import Storage
 from recsys.tenancy import check_tenant
 from serving.errors import ProblemError
 
@@ -681,3 +682,16 @@ class TenantDocuments:
         """Forget this process's cached `kinds` documents of `tenant`."""
         for kind in kinds:
             self._kinds[kind].invalidate(tenant)
+
+
+def declared_event_types(storage: Storage, tenant: str) -> dict[str, float]:
+    """The event types (with their weights) a tenant declared in its config document
+    (``PUT /v1/admin/tenants/{tenant}/config``, `event_types`), read from ``<root>/serving``
+    of a data root: what the ingest (and `recsys import`'s dry run) accept beside the built-in
+    types, as the API's event intake does, and what training weighs events by. {} where the
+    tenant declared none, and on a root that is not a local folder (the API keeps its
+    documents on one)."""
+    if not storage.is_local:
+        return {}
+    documents = TenantDocuments(storage.serving_dir().removeprefix("file://"))
+    return dict(documents.current(tenant, "config")[0].get("event_types") or {})

@@ -142,19 +142,22 @@ def _record(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate_rows(
-    rows: list[dict[str, Any]], tenant: str
+    rows: list[dict[str, Any]], tenant: str, extra_event_types: Iterable[str] = ()
 ) -> list[dict[str, Any] | tuple[str, str | None]]:
     """Per raw row (`to_raw_row`), its log record or (reason, detail) of its rejection, by the
-    contract: `check_event_rows` in plain Python (microseconds a row), and the rows it leaves
-    undecided through `validate_events` (milliseconds a pass, however few the rows)."""
-    out = check_event_rows(rows, tenant=tenant)
+    contract (with the tenant's declared `extra_event_types` beside the built-in ones):
+    `check_event_rows` in plain Python (microseconds a row), and the rows it leaves undecided
+    through `validate_events` (milliseconds a pass, however few the rows)."""
+    out = check_event_rows(rows, tenant=tenant, extra_event_types=extra_event_types)
     undecided = [k for k, o in enumerate(out) if o is None]
     if undecided:
         raw = pl.DataFrame(
             {c: [rows[k].get(c) for k in undecided] for c in _RAW_COLUMNS},
             schema={c: pl.String for c in _RAW_COLUMNS},
         )
-        good, rejects = validate_events(raw, tenant=tenant, source="api", dedupe=False)
+        good, rejects = validate_events(
+            raw, tenant=tenant, source="api", extra_event_types=extra_event_types, dedupe=False
+        )
         rejected = {
             rn - 1: (reason, detail)
             for rn, reason, detail in rejects.select("row_number", "reason", "detail").iter_rows()

@@ -87,10 +87,14 @@ class TenantEventLog:
         max_batch_rows: int = 20_000,
         linger_s: float = DEFAULT_LINGER_S,
         admit: Callable[[str, int], None] | None = None,
+        event_types: Callable[[str], Iterable[str]] | None = None,
     ) -> None:
+        """admit: the tenant's events-per-day quota (`EventLogs.admit`); event_types: the
+        event types the tenant declared beside the built-in ones (`EventLogs.event_types`)."""
         self.tenant = tenant
         self.data_root = data_root
         self._admit = admit
+        self._event_types = event_types
         self.dir = log_dir(data_root, tenant)
         self._index: dict[str, tuple[int, int]] = {}  # event_id -> (segment, offset)
         self._by_segment: dict[int, list[str]] = {}
@@ -166,7 +170,9 @@ class TenantEventLog:
             return None
         good_slots: list[tuple[Pending, int]] = []
         records: list[dict[str, Any]] = []
-        for slot, outcome in zip(slots, validate_rows(flat, self.tenant), strict=True):
+        declared = self._event_types(self.tenant) if self._event_types is not None else ()
+        outcomes = validate_rows(flat, self.tenant, declared)
+        for slot, outcome in zip(slots, outcomes, strict=True):
             if type(outcome) is tuple:
                 slot[0].results[slot[1]] = ItemResult(
                     "rejected", reason=outcome[0], detail=outcome[1]
@@ -301,9 +307,11 @@ class EventLogs:
 
     `admit(tenant, n)`, when set (by `serving.app.create_app`, before the first request), is
     asked before `n` events of a tenant are written: the events-per-day quota
-    (`serving.control.access.charge_events`)."""
+    (`serving.control.access.charge_events`). `event_types(tenant)`, when set (likewise), names
+    the event types the tenant declared in its config beside the built-in ones."""
 
     admit: Callable[[str, int], None] | None = None
+    event_types: Callable[[str], Iterable[str]] | None = None
 
     def __init__(
         self,
@@ -332,6 +340,7 @@ class EventLogs:
                         self._segment_bytes,
                         linger_s=self._linger_s,
                         admit=self.admit,
+                        event_types=self.event_types,
                     )
         if self._interval > 0 and self._timer_pid != os.getpid():
             self._start_timer()

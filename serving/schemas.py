@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from recsys.contract import EVENT_TYPE_PATTERN
 from recsys.snapshot.format import SIGNALS
 
 #: Ceilings of the API (the config's RECSYS_MAX_* settings may only lower them).
@@ -33,6 +34,7 @@ K = Annotated[int, Meta(ge=1, le=MAX_K)]
 Count = Annotated[int, Meta(ge=0)]
 Weight = Annotated[float, Meta(ge=0)]
 Timestamp = Annotated[str, Meta(description="RFC 3339 time")]
+EventType = Annotated[str, Meta(pattern=EVENT_TYPE_PATTERN, description="an event type")]
 
 
 class Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -272,6 +274,19 @@ class TenantConfig(Body):
     strict_similar: bool | None = None
     #: surface -> the id of the declared pipeline (/v1/recs/pipelines) that answers it
     pipelines: dict[Id, Id] | None = None
+    event_types: (
+        Annotated[
+            dict[EventType, Annotated[float, Meta(ge=-100, le=100)]],
+            Meta(
+                max_length=100,
+                description="event type -> its weight in training's interactions: a built-in "
+                "type's weight changed, or a type of the tenant's own declared (accepted by the "
+                "event intake and the ingest beside the built-in ones); the built-in types keep "
+                "their weights where not listed",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class Rule(Body):

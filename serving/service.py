@@ -132,6 +132,11 @@ class RecommendService:
         view = self.view(tenant)
         return view.config, view.cversion
 
+    def declared_event_types(self, tenant: str) -> dict[str, float]:
+        """The event types (with their weights) the tenant's config declares, `event_types`:
+        what its event intake accepts beside the built-in types."""
+        return self.view(tenant).config.get("event_types") or {}
+
     def limits(self, tenant: str) -> Limits:
         """The tenant's effective limits (the server's, lowered by its config)."""
         return self.view(tenant).limits

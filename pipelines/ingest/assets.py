@@ -6,6 +6,7 @@ import polars as pl
 from pipelines.resources import IngestPolicy, StorageResource
 from recsys import ingest
 from recsys.storage import Storage
+from serving.documents import declared_event_types
 
 GROUP = "ingest"
 
@@ -65,7 +66,7 @@ def events_and_rejects(
             store,
             tenant,
             full_refresh=config.full_refresh,
-            extra_event_types=policy.extra_types(tenant),
+            extra_event_types=declared_event_types(store, tenant),
         )
         context.log.info(
             f"{tenant}: {len(report.files)} files, {report.rows_read:,} rows read, "

@@ -45,6 +45,7 @@ from recsys.models.hybrid import (
 from recsys.models.importance import permutation_importance
 from recsys.storage import Storage
 from recsys.tenancy import is_valid_tenant
+from serving.documents import declared_event_types
 
 GROUP = "training"
 #: asset name -> the generators it stands for in the hybrid
@@ -255,9 +256,11 @@ def interactions(
     """One weighted, time-decayed confidence per (user, item) and tenant
     (warehouse/<tenant>/interactions.parquet)."""
     store = storage.storage()
-    weights = {**DEFAULT_EVENT_WEIGHTS, **config.event_weights}
-    rows = []
+    rows, weights_of = [], {}
     for tenant in tenants(store, config.tenants):
+        # (the contract's, the tenant's declared types and weights, then the run's overrides)
+        declared = declared_event_types(store, tenant)
+        weights = weights_of[tenant] = {**DEFAULT_EVENT_WEIGHTS, **declared, **config.event_weights}
         # folded from a streamed scan a range of users at a time: memory holds neither all
         # the events nor all the pairs
         scan = ingest.scan_events(store, tenant).select(MODEL_EVENT_COLUMNS)
@@ -284,7 +287,7 @@ def interactions(
     return dg.MaterializeResult(
         metadata={
             "tenants": _md_table(rows),
-            "weights": dg.MetadataValue.json(weights),
+            "weights": dg.MetadataValue.json(weights_of),  # (per tenant)
             "half_life_days": config.half_life_days,
             "pairs": sum(r["pairs"] for r in rows),
         }

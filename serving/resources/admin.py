@@ -15,6 +15,7 @@ from typing import Any
 
 import falcon
 
+from recsys.contract import DEFAULT_EVENT_WEIGHTS
 from serving.auth import SCOPE_ADMIN
 from serving.config import ServingConfig
 from serving.documents import Preconditions, TenantDocuments, set_etag
@@ -54,6 +55,7 @@ def effective_config(config: ServingConfig) -> dict[str, Any]:
         "surfaces": [],
         "experiments": {},
         "strict_similar": False,
+        "event_types": dict(DEFAULT_EVENT_WEIGHTS),
     }
 
 

@@ -130,3 +130,47 @@ def test_sensor_requests_a_run_only_for_new_landing_files(demo_root, ingest_reso
     assert whole.run_key not in (fresh.run_key, settled.run_key)
     _materialize(ingest_resources)
     assert ingest.pending_files(demo_root, "default") == []
+
+
+def test_event_types_a_tenant_declared_are_ingested_and_weighed_in_training(tmp_path):
+    """The tenant config's `event_types` (the API's document: PUT /v1/admin/tenants/{t}/config)
+    is the one declaration: the ingest asset accepts a declared type beside the built-in ones,
+    and the interactions asset weighs it (and a built-in type's changed weight). Another
+    tenant's declaration does not apply: its rows of that type are rejects."""
+    from pipelines.training.assets import interactions
+    from serving.documents import TenantDocuments
+
+    root = str(tmp_path / "data")
+    storage = StorageResource(root=root)
+    store = storage.storage()
+    for tenant in ("acme", "globex"):
+        folder = store.landing_dir(tenant, "events")
+        store.makedirs(folder)
+        pl.DataFrame(
+            {
+                "user_id": ["u1", "u1", "u2"],
+                "item_id": ["i1", "i2", "i1"],
+                "event_type": ["Wishlist", "view", "wishlist"],
+                "timestamp": ["1761955200", "1761955300", "1761955400"],
+            }
+        ).write_parquet(os.path.join(folder, "e.parquet"))
+    TenantDocuments(os.path.join(root, "serving")).collection("config").put(
+        "acme", "config", {"event_types": {"wishlist": 2.5, "view": 0.5}}
+    )
+    result = dg.materialize(
+        [*ingest_defs.assets, interactions],
+        resources={"storage": storage, "policy": IngestPolicy()},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    acme = ingest.read_events(store, "acme").sort("timestamp")
+    assert acme["event_type"].to_list() == ["wishlist", "view", "wishlist"]
+    rejected = ingest.scan_rejected(store, "globex").collect()
+    assert sorted(rejected["reason"].to_list()) == ["unknown_event_type"] * 2
+    assert ingest.read_events(store, "globex")["event_type"].to_list() == ["view"]
+    weights = result.asset_materializations_for_node("interactions")[0].metadata["weights"].value
+    assert (weights["acme"]["wishlist"], weights["acme"]["view"]) == (2.5, 0.5)
+    assert "wishlist" not in weights["globex"] and weights["globex"]["view"] == 1.0
+    pairs = pl.read_parquet(store.table_path("acme", "interactions")).sort("user_id", "item_id")
+    conf = pairs["confidence"].to_list()
+    assert pairs.height == 3 and abs(conf[0] / conf[1] - 5) < 1e-3  # (2.5 against 0.5)

@@ -91,3 +91,20 @@ def test_demo_data_prints_a_summary_and_is_idempotent(tmp_path, capsys):
     assert "wrote 3,0" in capsys.readouterr().out
     assert main(argv) == 0
     assert "already in landing/default/" in capsys.readouterr().out
+
+
+def test_import_takes_the_event_types_the_tenant_declared(tmp_path, capsys):
+    """`recsys import`'s dry run counts a type the tenant's config declares as the ingest will:
+    valid, where another tenant's rows of it will be rejected."""
+    from serving.documents import TenantDocuments
+
+    root = tmp_path / "d"
+    TenantDocuments(str(root / "serving")).collection("config").put(
+        "acme", "config", {"event_types": {"wishlist": 2.0}}
+    )
+    f = tmp_path / "ev.csv"
+    f.write_text("user_id,item_id,event_type,timestamp\nu1,i1,wishlist,1761955200\n")
+    assert main(["--data-root", str(root), "import", "events", str(f), "--tenant", "acme"]) == 0
+    assert "will be rejected" not in capsys.readouterr().out
+    assert main(["--data-root", str(root), "import", "events", str(f), "--tenant", "globex"]) == 0
+    assert "1 rows will be rejected at ingest (unknown_event_type: 1)" in capsys.readouterr().out

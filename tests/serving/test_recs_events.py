@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from serving_helpers import auth
 
-from recsys.contract import EVENT_SCHEMA
+from recsys.contract import DEFAULT_EVENT_WEIGHTS, EVENT_SCHEMA
 from recsys.ingest import ingest_events, read_events
 from recsys.storage import Storage
 from recsys.validation import validate_events
@@ -242,6 +242,44 @@ def test_flushed_events_are_ingested_by_the_pipeline(client, data_root):
     assert sorted(read_events(storage, "acme")["event_id"].to_list()) == sorted(
         f"p{i}" for i in range(50)
     )
+
+
+def test_an_event_type_the_tenant_declares_is_accepted_by_the_api_and_its_ingest(client, data_root):
+    """The tenant config's `event_types` declares the tenant's own types: once PUT, the event
+    intake accepts them (any case), and the ingest of the landed file, with the declaration
+    the pipelines read from the same document, keeps them. Before it, and for another tenant,
+    the type is unknown. A GET of a config never stored shows the built-in types' weights."""
+    from serving.documents import declared_event_types
+
+    wish = {**EV, "type": "wishlist", "event_id": "w1"}
+    assert post(client, wish).json["reason"] == "unknown_event_type"
+    admin = auth("acme", ("admin",))
+    got = client.simulate_get("/v1/admin/tenants/acme/config", headers=admin)
+    assert got.json["event_types"] == DEFAULT_EVENT_WEIGHTS
+    put = client.simulate_put(
+        "/v1/admin/tenants/acme/config",
+        json={"event_types": {"wishlist": 2.5}},
+        headers={**admin, "If-Match": got.headers["ETag"]},
+    )
+    assert put.status_code == 200, put.json
+    assert post(client, wish).json["status"] == "accepted"
+    assert post(client, {**wish, "type": "WishList", "event_id": "w2"}).json["status"] == "accepted"
+    other = post(client, {**wish, "event_id": "w3"}, tenant="globex")
+    assert other.json["reason"] == "unknown_event_type"
+    for bad in ({"wish list": 1.0}, {"Wishlist": 1.0}, {"wishlist": 101}):
+        resp = client.simulate_put(
+            "/v1/admin/tenants/acme/config",
+            json={"event_types": bad},
+            headers={**admin, "If-Match": put.headers["ETag"]},
+        )
+        assert resp.status_code == 400, bad
+    flush_events(data_root, ["acme"])
+    storage = Storage(data_root)
+    assert declared_event_types(storage, "acme") == {"wishlist": 2.5}
+    assert declared_event_types(storage, "globex") == {}
+    report = ingest_events(storage, "acme", extra_event_types=declared_event_types(storage, "acme"))
+    assert (report.rows_new, report.rejected) == (2, 0)
+    assert read_events(storage, "acme")["event_type"].to_list() == ["wishlist", "wishlist"]
 
 
 def test_two_workers_share_one_log_without_duplicates(tmp_path):
