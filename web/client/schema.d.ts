@@ -4650,6 +4650,10 @@ export interface components {
             /** @default null */
             defaults?: components["schemas"]["TenantDefaults"] | null;
             /** @default null */
+            event_types?: {
+                [key: string]: number;
+            } | null;
+            /** @default null */
             experiments?: {
                 [key: string]: components["schemas"]["ConfigExperiment"];
             } | null;
