@@ -174,3 +174,56 @@ def test_event_types_a_tenant_declared_are_ingested_and_weighed_in_training(tmp_
     pairs = pl.read_parquet(store.table_path("acme", "interactions")).sort("user_id", "item_id")
     conf = pairs["confidence"].to_list()
     assert pairs.height == 3 and abs(conf[0] / conf[1] - 5) < 1e-3  # (2.5 against 0.5)
+
+
+def test_event_checks_read_the_days_the_last_ingest_wrote(tmp_path):
+    """The events checks look at the days the run's ingest wrote (the others are as they were
+    when checked), and the freshness check reads the time span the ingest keeps: a day holding
+    an event without a user id fails `events_null_ids` once a run writes that day."""
+    root = str(tmp_path / "data")
+    resources = {"storage": StorageResource(root=root), "policy": IngestPolicy()}
+    store = resources["storage"].storage()
+    folder = store.landing_dir("acme", "events")
+    store.makedirs(folder)
+
+    def land(name: str, day: str) -> None:
+        pl.DataFrame(
+            {
+                "user_id": [f"{name}1", f"{name}2"],
+                "item_id": ["i1", "i2"],
+                "event_type": ["view", "view"],
+                "timestamp": [f"{day}T10:00:00Z", f"{day}T11:00:00Z"],
+            }
+        ).write_parquet(os.path.join(folder, name))
+
+    def checked(result):
+        evaluations = {
+            e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data
+            for e in result.all_events
+            if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        }
+        nulls = evaluations["events_null_ids"]
+        return nulls.passed, nulls.metadata["days_checked"].value, evaluations
+
+    land("a.parquet", "2026-10-01")
+    land("b.parquet", "2026-10-02")
+    passed, days, evaluations = checked(_materialize(resources))
+    assert (passed, days) == (True, {"acme": 2})
+    assert evaluations["events_freshness"].metadata["age_hours"].value["acme"] > 0
+    day = os.path.join(store.events_dir("acme"), "date=2026-10-02")
+    bad = (
+        ingest.read_events(store, "acme")
+        .head(1)
+        .with_columns(pl.lit(None, pl.String).alias("user_id"), pl.lit("broken").alias("event_id"))
+    )
+    bad.write_parquet(os.path.join(day, "part-20261002T000000-0000beef.parquet"))
+    land("c.parquet", "2026-10-03")  # (another day: not checked again)
+    assert checked(_materialize(resources))[:2] == (True, {"acme": 1})
+    land("d.parquet", "2026-10-02")  # (the day with the broken row)
+    blocked = dg.materialize(
+        [*ingest_defs.assets, *ingest_defs.asset_checks],
+        resources=resources,
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+    assert checked(blocked)[:2] == (False, {"acme": 1})

@@ -833,6 +833,55 @@ def test_storage_glob_lists_alike_on_a_folder_a_file_uri_and_an_object_store(tmp
     assert found == [expected] * 3
 
 
+def test_the_time_range_is_kept_by_each_run_not_scanned(storage, tmp_path, monkeypatch):
+    """Each run widens the stored events' time span in the state by what it wrote, so
+    `events_time_range` reads no part; a deletion recomputes it (the newest event deleted: the
+    span shrinks), a full refresh starts it afresh, and a state an older version wrote (no span)
+    is scanned once. Every answer equals a scan of the stored events."""
+
+    def scanned():
+        ts = ingest.read_events(storage, "default")["timestamp"]
+        return ts.min().isoformat(), ts.max().isoformat()
+
+    _land_one(storage, tmp_path, 0, day="2026-10-02")
+    report = ingest.ingest_events(storage, "default", now=NOW)
+    assert (report.min_timestamp, report.max_timestamp) == scanned()
+    _land_one(storage, tmp_path, 1, day="2026-10-01")
+    _land_one(storage, tmp_path, 2, day="2026-10-03")
+    report = ingest.ingest_events(storage, "default", now=NOW)
+    assert (report.min_timestamp, report.max_timestamp) == scanned()
+    assert scanned() == ("2026-10-01T10:00:00+00:00", "2026-10-03T11:00:00+00:00")
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the time range scanned the events")
+
+    expected = scanned()
+    with monkeypatch.context() as patch:
+        patch.setattr(ingest, "scan_events", no_scan)
+        assert ingest.events_time_range(storage, "default") == expected
+
+    newest = ingest.read_events(storage, "default").sort("timestamp")["event_id"][-1]
+    tombs = tmp_path / "data" / "serving" / "events" / "default" / "tombstones"
+    tombs.mkdir(parents=True)
+    pl.DataFrame({"event_id": [newest], "deleted_at": [1]}).write_parquet(tombs / "t.parquet")
+    report = ingest.ingest_events(storage, "default", now=NOW)
+    assert report.deleted == 1 and report.max_timestamp == "2026-10-03T10:00:00+00:00"
+    assert ingest.events_time_range(storage, "default") == scanned()
+
+    refreshed = ingest.ingest_events(storage, "default", now=NOW, full_refresh=True)
+    assert (refreshed.min_timestamp, refreshed.max_timestamp) == scanned()
+
+    state = ingest.load_state(storage, "default")
+    del state["events"]["time_range"]  # (as an older version left it)
+    ingest.save_state(storage, "default", "events", state["events"])
+    ingest.ingest_events(storage, "default", now=NOW)  # (nothing new: scans once, keeps it)
+    assert ingest.load_state(storage, "default")["events"]["time_range"] is not None
+    expected = scanned()
+    with monkeypatch.context() as patch:
+        patch.setattr(ingest, "scan_events", no_scan)
+        assert ingest.events_time_range(storage, "default") == expected
+
+
 def test_part_tier_reads_the_suffix_after_the_run_tag_only():
     """A run's tag is 8 hex digits ("c1234567" is one): only a suffix after it is a tier; an
     older version's whole-day parts (``-m``, ``-c``) are tier 1."""
