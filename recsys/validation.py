@@ -47,7 +47,9 @@ WRONG_TENANT = "row is for tenant '{}', file landed for '{}'"
 UNPARSABLE_TIMESTAMP = "timestamp is not ISO-8601 or epoch seconds/milliseconds"
 MISSING_TIMESTAMP = "timestamp is missing"
 TIMESTAMP_OUT_OF_RANGE = "timestamp {} is outside the possible range"
-UNDECLARED_EVENT_TYPE = "event type '{}' is not declared"
+UNDECLARED_EVENT_TYPE = (
+    "event type '{}' is neither built in nor declared in the tenant config's event_types"
+)
 BAD_EVENT_VALUE = "value is not a finite number"
 
 _ISO_FORMATS = (
