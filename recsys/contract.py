@@ -48,6 +48,10 @@ EVENT_SCHEMA: dict[str, pl.DataType] = {
     "context": pl.String,
 }
 
+#: The name ending of a landing file's sidecar of rejects (rows its writer could not read:
+#: `recsys import`, connectors), beside the file it belongs to; the ingest folds it in.
+REJECTED_SUFFIX = ".rejected.parquet"
+
 REJECTED_SCHEMA: dict[str, pl.DataType] = {
     "source_file": pl.String,
     "row_number": pl.Int64,

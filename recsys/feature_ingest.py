@@ -44,11 +44,10 @@ from typing import Any
 import orjson
 import polars as pl
 
-from recsys.contract import REJECTED_SCHEMA
+from recsys.contract import REJECTED_SCHEMA, REJECTED_SUFFIX
 from recsys.durable import write_atomic, write_parquet_atomic
 from recsys.features import (
     LOG_SCHEMA,
-    REJECTED_SUFFIX,
     as_of,
     check_value,
     features_landing,

@@ -34,6 +34,8 @@ from typing import Any
 import orjson
 import polars as pl
 
+from recsys.contract import REJECTED_SUFFIX
+
 ENTITY_TYPES = ("user", "item")
 FEATURE_TYPES = ("string", "number", "integer", "boolean", "string_list", "timestamp", "object")
 SOURCES = ("catalogue", "api", "pipeline", "connector", "free")
@@ -277,9 +279,6 @@ def read_log(storage: Any, tenant: str) -> pl.DataFrame:
     if not files:
         return pl.DataFrame(schema=LOG_SCHEMA)
     return pl.concat([pl.read_parquet(storage.fs.open(f, "rb")) for f in files]).cast(LOG_SCHEMA)
-
-
-REJECTED_SUFFIX = ".rejected.parquet"  # (recsys.ingest's name for a landing file's rejects)
 
 
 def landing_text(value: Any) -> str | None:

@@ -34,7 +34,13 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from recsys.adapters import read_source
-from recsys.contract import DEFAULT_TENANT, EVENT_SCHEMA, REJECTED_SCHEMA, empty_frame
+from recsys.contract import (
+    DEFAULT_TENANT,
+    EVENT_SCHEMA,
+    REJECTED_SCHEMA,
+    REJECTED_SUFFIX,
+    empty_frame,
+)
 from recsys.durable import sync_all, write_atomic, write_parquet_atomic, write_parquet_parts_atomic
 from recsys.errors import RecsysError
 from recsys.readers import MAX_RAW_CHARS, TextLayout
@@ -42,7 +48,6 @@ from recsys.storage import Storage, modified_s
 from recsys.tenancy import is_valid_tenant
 from recsys.validation import validate_events, validate_items, validate_users
 
-REJECTED_SUFFIX = ".rejected.parquet"
 #: An event file that cannot be read and was modified less than this many seconds ago may still
 #: be being copied into the landing folder: it stays pending instead of becoming a reject.
 LANDING_SETTLE_S = 60.0

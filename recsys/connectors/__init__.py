@@ -226,8 +226,8 @@ def land(
     import posixpath
 
     from recsys.adapters import apply_mapping
+    from recsys.contract import REJECTED_SUFFIX
     from recsys.durable import write_parquet_atomic
-    from recsys.ingest import REJECTED_SUFFIX
     from recsys.storage import Storage
 
     storage = Storage(data_root)
