@@ -1,10 +1,12 @@
 """Load test of the serving API under real gunicorn, over loopback, with wrk.
 
     python benchmarks/serve_load.py [--data-root data/bench] [--duration 10] [--rounds 4]
+        [--server gunicorn|granian] [--threads 1]
 
 Builds (or reuses) a synthetic 1M-user x 100k-item, N=200 snapshot, starts the real server and a
 trivial Falcon endpoint (a fixed 20-item list; benchmarks/trivial_app.py) with the same gunicorn
-settings (2 sync workers), and prints:
+settings (2 sync workers; `--server granian` runs both under granian instead, as `recsys serve
+--threads N` does, to compare the servers), and prints:
 
 * throughput of POST /v1/recommend (k=20, 5 excluded ids, a forbidden tag, max_per_tag) vs the
   trivial endpoint (goal >= 75 %, issue 12; 70 % before it), in alternating slices (the
@@ -49,7 +51,7 @@ from recsys.snapshot import SnapshotStore  # noqa: E402
 from recsys.snapshot.format import MANIFEST  # noqa: E402
 from recsys.snapshot.writer import new_snapshot_id  # noqa: E402
 from serving.auth import mint_token  # noqa: E402
-from serving.cli import gunicorn_argv  # noqa: E402
+from serving.cli import granian_argv, gunicorn_argv  # noqa: E402
 
 SECRET = "benchmark-secret-0123456789abcdef0123456789"
 
@@ -103,11 +105,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(app: str, port: int, env: dict[str, str], log_path: str) -> subprocess.Popen:
-    """gunicorn (2 sync workers) serving `app`, its stderr (the access log) into `log_path`."""
+def start(
+    app: str,
+    port: int,
+    env: dict[str, str],
+    log_path: str,
+    server: str = "gunicorn",
+    threads: int = 1,
+) -> subprocess.Popen:
+    """`server` serving `app` with 2 workers (gunicorn: sync workers; granian: `threads` app
+    threads each, as `recsys serve --threads`), its stderr (the access log) into `log_path`."""
+    bind = f"127.0.0.1:{port}"
+    if server == "granian":
+        argv = granian_argv(bind, 2, threads, app=app)
+    else:
+        argv = gunicorn_argv(bind, 2, app=app)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            gunicorn_argv(f"127.0.0.1:{port}", 2, app=app),
+            argv,
             cwd=REPO,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -209,8 +224,15 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def worker_pids(master: int) -> list[int]:
+    """The worker processes of a server (children of `master` that serve: granian's
+    multiprocessing also starts a resource tracker, which is left out)."""
     out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    pids = []
+    for pid in map(int, out.split()):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"resource_tracker" not in f.read():
+                pids.append(pid)
+    return pids
 
 
 def memory(pid: int, snapshot_dir: str) -> dict[str, float]:
@@ -271,6 +293,14 @@ def main() -> int:
     )
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument(
+        "--server",
+        choices=("gunicorn", "granian"),
+        default="gunicorn",
+        help="the HTTP server of both endpoints: gunicorn's sync workers (`recsys serve`, the "
+        "default) or granian (`recsys serve --threads N`)",
+    )
+    ap.add_argument("--threads", type=int, default=1, help="with --server granian: app threads")
+    ap.add_argument(
         "--access-log",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -295,13 +325,19 @@ def main() -> int:
     logs = {name: os.path.join(tmp, f"{name}.log") for name in ("recommend", "trivial")}
     full = lua_file(tmp, "full.lua", args.users)
     port_app, port_triv = free_port(), free_port()
-    server = start("serving.wsgi:app", port_app, env, logs["recommend"])
-    trivial = start("benchmarks.trivial_app:app", port_triv, env, logs["trivial"])
+    how = {"server": args.server, "threads": args.threads}
+    print(
+        f"server: {args.server}, 2 workers"
+        + (f", {args.threads} app threads each" if args.server == "granian" else " (sync)"),
+        flush=True,
+    )
+    server = start("serving.wsgi:app", port_app, env, logs["recommend"], **how)
+    trivial = start("benchmarks.trivial_app:app", port_triv, env, logs["trivial"], **how)
     log_off = None  # (--log-ab: the same server without its access log)
     if args.log_ab and args.access_log:
         port_off = free_port()
         env_off = server_env(data_root, access_log=False)
-        log_off = start("serving.wsgi:app", port_off, env_off, os.path.join(tmp, "off.log"))
+        log_off = start("serving.wsgi:app", port_off, env_off, os.path.join(tmp, "off.log"), **how)
     results: dict[str, object] = {}
     try:
         url_app = f"http://127.0.0.1:{port_app}/v1/recommend"
