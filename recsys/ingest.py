@@ -244,6 +244,7 @@ class IngestReport:
     deferred: list[str] = field(default_factory=list)  # unreadable, landed < LANDING_SETTLE_S ago
     days_written: list[str] = field(default_factory=list)
     days_merged: list[str] = field(default_factory=list)  # (rewritten as one part: `_merge_days`)
+    rejects_merged: bool = False  # (the rejected rows' parts merged: `_merge_rejects`)
     min_timestamp: str | None = None
     max_timestamp: str | None = None
     seconds: float = 0.0
@@ -383,6 +384,7 @@ def ingest_events(
             save_state(storage, tenant, "events", entry)
         report.min_timestamp, report.max_timestamp = _iso(span)
         report.days_merged = _merge_days(storage, tenant, state, run_id)
+        report.rejects_merged = _merge_rejects(storage, tenant, state, run_id)
         report.seconds = time.perf_counter() - started
         return report
     staging = storage.path("warehouse", tenant, f"_staging-{run_id}")
@@ -479,6 +481,7 @@ def ingest_events(
     save_state(storage, tenant, "events", state["events"])
     _move_ingested(storage, tenant, "events", state, run_id)
     report.days_merged = _merge_days(storage, tenant, state, run_id)
+    report.rejects_merged = _merge_rejects(storage, tenant, state, run_id)
     return report
 
 
@@ -702,35 +705,55 @@ def _live_parts(entry: dict, listed: list[str]) -> list[str]:
 
 
 def _merge_days(storage: Storage, tenant: str, state: dict, run_id: str) -> list[str]:
-    """Merge the parts of each day, tier by tier (`part_tier`): once a tier holds more than
-    DAY_PARTS_MAX parts, they are rewritten as one part of the next tier (read BATCH_ROWS rows
-    at a time), which may fill that tier in turn. Without it the API's files, an ingest run
-    every 30 s, leave thousands of parts a day, which every read of the events opens; merging
-    the whole day instead rewrites its old rows at every merge. A merge is recorded in the
-    state before its part is written, so no listing holds both (`event_parts`); the parts it
-    replaced are removed after MERGED_PARTS_KEEP_S (`_finish_merges`). Returns the days
+    """Merge the parts of each day, tier by tier (`_merge_tiers`). Without it the API's files,
+    an ingest run every 30 s, leave thousands of parts a day, which every read of the events
+    opens; merging the whole day instead rewrites its old rows at every merge. Returns the days
     merged."""
-    entry, merged = state["events"], []
     by_day: dict[str, list[str]] = {}
     for part in event_parts(storage, tenant):
         by_day.setdefault(posixpath.dirname(part), []).append(part)
-    for day_dir, parts in sorted(by_day.items()):
-        tiers: dict[int, list[str]] = {}
-        for part in parts:
-            tiers.setdefault(part_tier(part), []).append(part)
-        tier = min(tiers)
-        while tier <= max(tiers):
-            group = tiers.get(tier, [])
-            if len(group) > DAY_PARTS_MAX:
-                new = posixpath.join(day_dir, f"part-{run_id}-m{tier + 1}.parquet")
-                entry.setdefault("merges", []).append({"old": group, "new": new, "at": time.time()})
-                save_state(storage, tenant, "events", entry)
-                write_parquet_parts_atomic(_read_parts(storage, group), new, storage.fs)
-                tiers.setdefault(tier + 1, []).append(new)
-                if not merged or merged[-1] != day_dir:
-                    merged.append(day_dir)
-            tier += 1
+    merged = [
+        day_dir
+        for day_dir, parts in sorted(by_day.items())
+        if _merge_tiers(storage, tenant, state["events"], day_dir, parts, run_id)
+    ]
     return [posixpath.basename(d).removeprefix("date=") for d in merged]
+
+
+def _merge_rejects(storage: Storage, tenant: str, state: dict, run_id: str) -> bool:
+    """Merge the parts of the rejected rows tier by tier (`_merge_tiers`), as a day of events:
+    each run that rejects rows writes a part, and a stream with a steady trickle of malformed
+    messages would otherwise leave thousands a day for every read of the rejects to open."""
+    folder, parts = storage.rejected_dir(tenant), rejected_parts(storage, tenant)
+    return _merge_tiers(storage, tenant, state["events"], folder, parts, run_id)
+
+
+def _merge_tiers(
+    storage: Storage, tenant: str, entry: dict, folder: str, parts: list[str], run_id: str
+) -> bool:
+    """Merge the live `parts` of `folder` (a day of events, or the rejected rows) tier by tier
+    (`part_tier`): once a tier holds more than DAY_PARTS_MAX parts, they are rewritten as one
+    part of the next tier (read BATCH_ROWS rows at a time), which may fill that tier in turn.
+    So a folder keeps at most DAY_PARTS_MAX parts a tier and a row is rewritten once a tier. A
+    merge is recorded in the events state `entry` before its part is written, so no listing
+    holds both (`_live_parts`); the parts it replaced are removed after MERGED_PARTS_KEEP_S
+    (`_finish_merges`). Returns whether anything was merged."""
+    tiers: dict[int, list[str]] = {}
+    for part in parts:
+        tiers.setdefault(part_tier(part), []).append(part)
+    merged = False
+    tier = min(tiers, default=0)
+    while tier <= max(tiers, default=-1):
+        group = tiers.get(tier, [])
+        if len(group) > DAY_PARTS_MAX:
+            new = posixpath.join(folder, f"part-{run_id}-m{tier + 1}.parquet")
+            entry.setdefault("merges", []).append({"old": group, "new": new, "at": time.time()})
+            save_state(storage, tenant, "events", entry)
+            write_parquet_parts_atomic(_read_parts(storage, group), new, storage.fs)
+            tiers.setdefault(tier + 1, []).append(new)
+            merged = True
+        tier += 1
+    return merged
 
 
 #: (after the run id's 8-hex-digit tag, which may itself read as "c1234567")
@@ -796,11 +819,23 @@ def read_events(storage: Storage, tenant: str) -> pl.DataFrame:
     return scan_events(storage, tenant).select(list(EVENT_SCHEMA)).collect()
 
 
-def scan_rejected(storage: Storage, tenant: str) -> pl.LazyFrame:
+def rejected_parts(storage: Storage, tenant: str) -> list[str]:
+    """The part files of a tenant's rejected event rows as they are now, sorted: a file for
+    each ingest run that rejected rows, merged by tier like a day of events (`_merge_tiers`;
+    the parts a merge replaced are out of this listing, as in `event_parts`)."""
     d = storage.rejected_dir(tenant)
-    if not storage.exists(d) or not storage.fs.glob(posixpath.join(d, "*.parquet")):
+    if not storage.exists(d):
+        return []
+    listed = storage.glob(posixpath.join(d, "*.parquet"))
+    return _live_parts(load_state(storage, tenant).get("events", {}), listed)
+
+
+def scan_rejected(storage: Storage, tenant: str) -> pl.LazyFrame:
+    """The rejected event rows of a tenant (REJECTED_SCHEMA and `rejected_at`), lazily."""
+    parts = rejected_parts(storage, tenant)
+    if not parts:
         return pl.LazyFrame(schema={**REJECTED_SCHEMA, "rejected_at": pl.Datetime("us", "UTC")})
-    return pl.scan_parquet(posixpath.join(d, "*.parquet"))
+    return pl.scan_parquet(parts)
 
 
 def events_time_range(storage: Storage, tenant: str) -> tuple[str | None, str | None]:

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 
+import orjson
 import polars as pl
 import pytest
 from hypothesis import given, settings
@@ -804,6 +805,45 @@ def test_a_days_parts_are_merged_tier_by_tier_so_each_row_is_rewritten_once_a_ti
     merges = ingest.load_state(storage, "default")["events"]["merges"]
     written = sum(pl.read_parquet(m["new"]).height for m in merges)
     assert (len(merges), written) == (9 + 3 + 1, 3 * 54)
+
+
+def test_the_rejected_rows_parts_are_merged_tier_by_tier_and_none_is_lost(
+    storage, tmp_path, monkeypatch
+):
+    """Each run that rejects rows writes a part of `rejected_events`; past DAY_PARTS_MAX parts of
+    a tier they become one part of the next, as a day of events: 9 runs of one good and one
+    bad row each, at most 2 parts a tier, leave 1 part of tier 2 holding every reject once
+    (with its file and reason), and the replaced parts go after MERGED_PARTS_KEEP_S."""
+    monkeypatch.setattr(ingest, "DAY_PARTS_MAX", 2)
+    folder = tmp_path / "data" / "landing" / "default" / "events"
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(9):
+        pl.DataFrame(
+            {
+                "user_id": [f"u{n}", f"v{n}"],
+                "item_id": ["i1", "i2"],
+                "event_type": ["view", "wishlist"],  # (the second: not a known type)
+                "timestamp": ["2026-10-01T10:00:00Z", "2026-10-01T11:00:00Z"],
+            }
+        ).write_parquet(folder / f"api-{n:04d}.parquet")
+        report = ingest.ingest_events(storage, "default", now=NOW)
+        assert (report.rows_new, report.rejected) == (1, 1)
+        tiers = Counter(map(ingest.part_tier, ingest.rejected_parts(storage, "default")))
+        assert max(tiers.values()) <= 2, (n, tiers)
+    (part,) = ingest.rejected_parts(storage, "default")
+    assert ingest.part_tier(part) == 2 and os.path.basename(part).startswith("part-")
+    rejected = ingest.scan_rejected(storage, "default").collect()
+    assert sorted(orjson.loads(raw)["user_id"] for raw in rejected["raw"]) == [
+        f"v{n}" for n in range(9)
+    ]
+    assert set(rejected["reason"].to_list()) == {"unknown_event_type"}
+    assert sorted(rejected["source_file"].to_list()) == [f"api-{n:04d}.parquet" for n in range(9)]
+    rejected_dir = tmp_path / "data/warehouse/default/rejected_events"
+    assert len(list(rejected_dir.iterdir())) > 1  # (the replaced parts, kept for a while)
+    monkeypatch.setattr(ingest, "MERGED_PARTS_KEEP_S", 0.0)
+    ingest.ingest_events(storage, "default", now=NOW)
+    assert [p.name for p in rejected_dir.iterdir()] == [os.path.basename(part)]
+    assert ingest.scan_rejected(storage, "default").collect().equals(rejected)
 
 
 def test_storage_glob_lists_alike_on_a_folder_a_file_uri_and_an_object_store(tmp_path):
