@@ -112,13 +112,15 @@ def start(
     log_path: str,
     server: str = "gunicorn",
     threads: int = 1,
+    argv: list[str] | None = None,
 ) -> subprocess.Popen:
     """`server` serving `app` with 2 workers (gunicorn: sync workers; granian: `threads` app
-    threads each, as `recsys serve --threads`), its stderr (the access log) into `log_path`."""
+    threads each, as `recsys serve --threads`), its stderr (the access log) into `log_path`;
+    or the command line `argv`, which serves `app` on `port`."""
     bind = f"127.0.0.1:{port}"
-    if server == "granian":
+    if argv is None and server == "granian":
         argv = granian_argv(bind, 2, threads, app=app)
-    else:
+    elif argv is None:
         argv = gunicorn_argv(bind, 2, app=app)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
