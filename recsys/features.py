@@ -34,12 +34,12 @@ from typing import Any
 import orjson
 import polars as pl
 
-from recsys.contract import REJECTED_SUFFIX
+from recsys.contract import PATTERN_END, REJECTED_SUFFIX
 
 ENTITY_TYPES = ("user", "item")
 FEATURE_TYPES = ("string", "number", "integer", "boolean", "string_list", "timestamp", "object")
 SOURCES = ("catalogue", "api", "pipeline", "connector", "free")
-FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}" + PATTERN_END)
 MAX_STRING = 4096
 MAX_LIST = 256
 

@@ -66,13 +66,14 @@ from typing import Any
 import falcon
 import orjson
 
+from recsys.contract import PATTERN_END
 from recsys.durable import fsync_dir, write_atomic
 from recsys.storage import Storage
 from recsys.tenancy import check_tenant
 from serving.errors import ProblemError
 
 #: Ids a collection without `hashed_ids` accepts (they are file names).
-DOCUMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DOCUMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}" + PATTERN_END)
 ANY = "*"
 #: The statuses a conditional write can answer besides the operation's own (for the spec).
 CONFLICT_STATUSES = (409, 412, 428)

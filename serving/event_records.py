@@ -21,6 +21,7 @@ import polars as pl
 
 from recsys.contract import EVENT_SCHEMA
 from recsys.validation import check_event_rows, validate_events
+from serving.routing import encodable
 
 #: Fields an API event may carry; `type` and `metadata` are the /v1/recs spellings of
 #: `event_type` and `context`.
@@ -96,6 +97,12 @@ def to_raw_row(body: Any, now: Callable[[], str]) -> dict[str, Any] | ItemResult
             if kind is not dict:
                 return ItemResult(
                     "rejected", reason="unparsable", detail="context/metadata must be an object"
+                )
+            if not encodable(value):
+                return ItemResult(
+                    "rejected",
+                    reason="unparsable",
+                    detail="context/metadata holds an integer beyond 64 bits or nests too deep",
                 )
             row[key] = orjson.dumps(value).decode()
         elif kind is str or value is None:

@@ -82,7 +82,7 @@ class Route:
 def _decode_error(ex: msgspec.ValidationError, where: str) -> ProblemError:
     # msgspec names the field as a JSON path ("... - at `$.k`"); say where it is
     detail = str(ex).replace("`$", f"`{where}")
-    return ProblemError(400, f"Invalid {where}: {detail}.", code="RECSYS_INVALID_REQUEST")
+    return ProblemError(400, f"Invalid {where}: {detail}.", code=INVALID)
 
 
 def read_body(req: falcon.Request) -> bytes:
@@ -111,6 +111,7 @@ def parse_json(raw: bytes) -> Any:
 
 
 MALFORMED = "RECSYS_MALFORMED_JSON"
+INVALID = "RECSYS_INVALID_REQUEST"
 
 
 @functools.cache
@@ -134,6 +135,18 @@ def decoder(type_: Any) -> Callable[[bytes], Any]:
             raise ProblemError(400, "The body is not valid JSON.", code=MALFORMED) from None
 
     return decode_body
+
+
+def encodable(value: Any) -> bool:
+    """Whether a free-form JSON value of a body (attributes, context, metadata...) can be stored
+    and answered as JSON text: orjson's integers (64 bits) and nesting (254 levels). JSON bounds
+    neither, so no schema refuses them; each place that stores such a value checks it with this
+    and answers 422 (a batch: that item alone), since one stored would fail every later read."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def _integral_floats_as_ints(value: Any) -> Any:
@@ -222,7 +235,10 @@ def _responder(route: Route, handler: Callable) -> Callable:
     def respond(req: falcon.Request, resp: falcon.Response, **kwargs: str) -> None:
         ctx = req.context
         for name, type_ in params:
-            kwargs[name] = check(kwargs[name], type_, f"path parameter '{name}'")
+            where = f"path parameter '{name}'"
+            if "\x00" in kwargs[name]:  # (no id holds one; ids name files, which end at it)
+                raise ProblemError(400, f"Invalid {where}: a NUL character.", code=INVALID)
+            kwargs[name] = check(kwargs[name], type_, where)
         if query_type is not None:
             try:
                 ctx.query = decode_query(req.params)

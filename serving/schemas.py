@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from recsys.contract import EVENT_TYPE_PATTERN
+from recsys.contract import EVENT_TYPE_PATTERN, PATTERN_END
 from recsys.snapshot.format import SIGNALS
 
 #: Ceilings of the API (the config's RECSYS_MAX_* settings may only lower them).
@@ -54,7 +54,7 @@ class Problem(Reply):
     status: Annotated[int, Meta(ge=400, le=599)]
     detail: str
     instance: str
-    code: Annotated[str, Meta(pattern="^RECSYS_[A-Z_]+$")]
+    code: Annotated[str, Meta(pattern="^RECSYS_[A-Z_]+" + PATTERN_END)]
     request_id: str | None
     current_version: str | None = None
 

@@ -47,6 +47,7 @@ import falcon
 import msgspec
 from msgspec import Meta
 
+from recsys.contract import PATTERN_END
 from recsys.durable import fsync_dir, write_atomic
 from recsys.tenancy import is_valid_tenant
 from serving.auth import SCOPE_ADMIN, Principal
@@ -535,9 +536,9 @@ class KeyRing:
 # --- schemas ---------------------------------------------------------------------------------
 Scope = Literal["recommend", "admin"]
 Name = Annotated[str, Meta(min_length=1, max_length=100)]
-KeyIdText = Annotated[str, Meta(pattern=r"^key_[0-9a-f]{16}$", description="a key id")]
+KeyIdText = Annotated[str, Meta(pattern=r"^key_[0-9a-f]{16}" + PATTERN_END, description="a key id")]
 PolicyId = Annotated[
-    str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="a policy id")
+    str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}" + PATTERN_END, description="a policy id")
 ]
 Seconds = Annotated[int, Meta(ge=60, le=10 * 365 * 86400)]
 Limit = Annotated[int, Meta(ge=1, le=10**9)]

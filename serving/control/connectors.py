@@ -26,6 +26,7 @@ import falcon
 from msgspec import Meta
 
 from recsys.connectors import TARGETS, TYPES, check_spec
+from recsys.contract import PATTERN_END
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.control.dagster import client_for
 from serving.documents import Collection, DocumentStore, set_etag
@@ -37,7 +38,11 @@ JOB = "connector_run"  # pipelines/connector_sensors.py
 TAG_TENANT, TAG_CONNECTOR, TAG_TRIGGER = "recsys/tenant", "recsys/connector", "recsys/trigger"
 ACTIVE = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING")
 ConnectorId = Annotated[
-    str, Meta(pattern=r"^cn_[0-9a-f]{16}$", description="a connector id (cn_ + 16 hex digits)")
+    str,
+    Meta(
+        pattern=r"^cn_[0-9a-f]{16}" + PATTERN_END,
+        description="a connector id (cn_ + 16 hex digits)",
+    ),
 ]
 ConnectorType = Literal[TYPES]  # type: ignore[valid-type]
 Target = Literal[TARGETS]  # type: ignore[valid-type]

@@ -44,6 +44,7 @@ import polars as pl
 from msgspec import Meta
 
 from recsys import content
+from recsys.contract import PATTERN_END
 from recsys.durable import fsync_dir, write_atomic
 from recsys.tenancy import check_tenant
 from recsys.vectors import VectorIndex
@@ -55,7 +56,7 @@ from serving.schemas import MAX_ID_LENGTH, Body, Reply
 
 #: Read-only indexes: the live snapshot's factors and the content model's item vectors.
 SNAPSHOT_INDEXES = ("items", "users", "content")
-INDEX_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+INDEX_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}" + PATTERN_END)
 IndexName = Annotated[str, Meta(pattern=INDEX_NAME.pattern, description="an index name")]
 VectorKey = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH + 5)]
 Component = Annotated[float, Meta(ge=-1e12, le=1e12)]

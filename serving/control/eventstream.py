@@ -41,6 +41,7 @@ import msgspec
 import orjson
 from msgspec import Meta
 
+from recsys.contract import PATTERN_END
 from serving.auth import SCOPE_ADMIN
 from serving.errors import ProblemError
 from serving.routing import Route
@@ -50,14 +51,14 @@ from serving.segment_log import frames, list_segments, segment_name
 POLL_S = 0.02
 #: Open streams a worker serves at once.
 MAX_STREAMS_PER_WORKER = 8
-_EVENT_ID = re.compile(r"^(\d{1,12})\.(\d{1,15})$")
+_EVENT_ID = re.compile(r"^(\d{1,12})\.(\d{1,15})" + PATTERN_END)
 
 
 class StreamQuery(msgspec.Struct, omit_defaults=True):
     from_: Literal["now", "start"] = msgspec.field(default="now", name="from")
-    last_event_id: Annotated[str, Meta(max_length=32, pattern=r"^\d{1,12}\.\d{1,15}$")] | None = (
-        None
-    )
+    last_event_id: (
+        Annotated[str, Meta(max_length=32, pattern=r"^\d{1,12}\.\d{1,15}" + PATTERN_END)] | None
+    ) = None
     heartbeat: Annotated[float, Meta(ge=0.05, le=60, description="seconds")] = 15.0
     max_s: Annotated[float, Meta(ge=0.1, le=3600, description="seconds")] = 300.0
 

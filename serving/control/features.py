@@ -36,6 +36,7 @@ import msgspec
 import orjson
 from msgspec import Meta
 
+from recsys.contract import PATTERN_END
 from recsys.feature_ingest import READABLE_TYPES
 from recsys.features import (
     ENTITY_TYPES,
@@ -190,7 +191,10 @@ class FeatureHealth(Reply, forbid_unknown_fields=True):
 
 IngestName = Annotated[
     str,
-    Meta(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$", description="the computed feature's name"),
+    Meta(
+        pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}" + PATTERN_END,
+        description="the computed feature's name",
+    ),
 ]
 
 

@@ -46,6 +46,7 @@ import falcon
 import msgspec
 from msgspec import Meta
 
+from recsys.contract import PATTERN_END
 from recsys.durable import write_atomic
 from recsys.snapshot.build import shard_step_count
 from recsys.storage import Storage
@@ -69,7 +70,7 @@ JobType = Literal["train", "evaluate", "precompute", "snapshot", "async_batch", 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceling", "canceled"]
 Format = Literal["parquet", "csv", "ndjson"]
 Uri = Annotated[str, Meta(min_length=1, max_length=2048)]
-RunId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[0-9a-fA-F-]+$")]
+RunId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[0-9a-fA-F-]+" + PATTERN_END)]
 Cron = Annotated[str, Meta(max_length=100)]
 Metric = Annotated[str, Meta(min_length=1, max_length=40)]
 
@@ -230,7 +231,10 @@ class ScheduleList(Reply):
 
 #: The name `schedule` gives a schedule (precompute_<tenant, word characters>_<8 hex digits>).
 ScheduleName = Annotated[
-    str, Meta(min_length=1, max_length=100, pattern=r"^precompute_[A-Za-z0-9_]+_[0-9a-f]{8}$")
+    str,
+    Meta(
+        min_length=1, max_length=100, pattern=r"^precompute_[A-Za-z0-9_]+_[0-9a-f]{8}" + PATTERN_END
+    ),
 ]
 
 
@@ -522,6 +526,10 @@ class JobsResource:
         from fsspec.core import split_protocol
         from fsspec.registry import known_implementations
 
+        if "\x00" in uri:  # (no path or URL holds one: the OS would refuse it)
+            raise ProblemError(
+                422, f"{field}: a URI cannot hold a NUL character.", code="RECSYS_BAD_URI"
+            )
         protocol, path = split_protocol(uri)
         if protocol not in (None, "file", "local"):
             if "::" in uri or protocol not in known_implementations:
@@ -1149,7 +1157,7 @@ def _read_manifest(dest_uri: str) -> dict[str, Any] | None:
         return None
 
 
-_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,?-]+$")
+_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,?-]+" + PATTERN_END)
 
 
 def valid_cron(text: str) -> bool:

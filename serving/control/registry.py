@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from serving.errors import ProblemError
+from serving.routing import encodable
 
 T = TypeVar("T")
 
@@ -254,7 +255,12 @@ def tag_json(tags: dict[str, str], key: str) -> Any:
 
 
 def dump_tag(value: Any, field: str) -> str:
-    """A value as a JSON tag; 422 when it is longer than MLflow keeps."""
+    """A value as a JSON tag; 422 when it is longer than MLflow keeps, or holds what the API's
+    JSON cannot answer with (`encodable`: stored, it would fail every later read)."""
+    if not encodable(value):
+        raise ProblemError(
+            422, f"Field '{field}' holds an integer beyond 64 bits or nests too deep."
+        )
     text = json.dumps(value, separators=(",", ":"), sort_keys=True)
     if len(text) > MAX_TAG_CHARS:
         raise ProblemError(

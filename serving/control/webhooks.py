@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 import falcon
 from msgspec import Meta
 
+from recsys.contract import PATTERN_END
 from recsys.outbox import EVENT_TYPES, SECRET_PREFIX, Outbox, new_secret
 from serving.auth import SCOPE_ADMIN, SCOPE_RECOMMEND
 from serving.control.access import require_quota
@@ -34,7 +35,10 @@ from serving.schemas import Body, Reply, Timestamp
 
 EventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]
 WebhookId = Annotated[
-    str, Meta(pattern=r"^wh_[0-9a-f]{16}$", description="a webhook id (wh_ + 16 hex digits)")
+    str,
+    Meta(
+        pattern=r"^wh_[0-9a-f]{16}" + PATTERN_END, description="a webhook id (wh_ + 16 hex digits)"
+    ),
 ]
 Url = Annotated[str, Meta(min_length=1, max_length=2048, description="an http(s) URL")]
 #: Endpoints a tenant may subscribe (besides the `webhooks` quota, which is per tenant too).

@@ -24,7 +24,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 import polars as pl
 from msgspec import UNSET
 
@@ -37,6 +36,7 @@ from serving.crr.overlay import append_changes, rule_fields
 from serving.crr.schemas import CrrItemRecord, CrrUserRecord, given
 from serving.documents import NONE, Collection, Conflict, Document, Legacy, Preconditions
 from serving.errors import ProblemError
+from serving.routing import encodable
 
 KINDS = ("users", "items")
 ID_FIELD = {"users": "uid", "items": "iid"}
@@ -87,15 +87,6 @@ def parse_record(
         )
     rec_id = getattr(body, ID_FIELD[kind])
     return (None if rec_id is UNSET else rec_id), body.rid, record
-
-
-def encodable(value: Any) -> bool:
-    """Whether a free-form JSON value can be stored as the contract's JSON text."""
-    try:
-        orjson.dumps(value)
-    except orjson.JSONEncodeError:
-        return False
-    return True
 
 
 def _legacy_record(raw: dict[str, Any]) -> tuple[str, dict[str, Any], str, str]:

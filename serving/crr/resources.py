@@ -35,11 +35,12 @@ import polars as pl
 
 from recsys.contract import BUILTIN_EVENT_TYPES
 from serving.crr.entities import SNAPSHOT_REVISION, EntityView
-from serving.crr.records import FIELDS, ID_FIELD, RecordStore, encodable, parse_record
+from serving.crr.records import FIELDS, ID_FIELD, RecordStore, parse_record
 from serving.crr.schemas import CrrNewEvent, CrrUserEvent, CrrUserRecord, EventsQuery
 from serving.documents import Preconditions, set_etag
 from serving.errors import ProblemError
 from serving.events_log import EventLogs, scan_all_events
+from serving.routing import encodable
 from serving.service import RecommendService
 from serving.snapshot import LiveSnapshot, SnapshotRegistry
 

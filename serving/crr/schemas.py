@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from recsys.contract import BUILTIN_EVENT_TYPES, MAX_TITLE_LENGTH
+from recsys.contract import BUILTIN_EVENT_TYPES, MAX_TITLE_LENGTH, PATTERN_END
 from serving.recs.schemas import Query
 from serving.schemas import MAX_ID_LENGTH, Body, Id, IdList, Reply, ResponseMeta, TagList, Warning
 
@@ -56,9 +56,6 @@ __all__ = [
 ]
 
 PageLimit = Annotated[int, Meta(ge=1, le=10_000)]
-#: The end of the text in both Python's re (which msgspec checks with) and ECMA-262 (what
-#: clients check with): `$` also matches before a final newline in Python.
-_END = r"(?![\s\S])"
 #: Blanks: Unicode White_Space plus what Python's or ECMA-262's \s adds (not left to \S,
 #: which differs between the two).
 _BLANKS = r" \t\n\x0b\x0c\r\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
@@ -69,7 +66,7 @@ RecordId = Annotated[
     Meta(
         min_length=1,
         max_length=MAX_ID_LENGTH,
-        pattern=f"^[^{_BLANKS}]([\\s\\S]*[^{_BLANKS}])?{_END}",
+        pattern=f"^[^{_BLANKS}]([\\s\\S]*[^{_BLANKS}])?{PATTERN_END}",
         description="an id (no blank at either end)",
     ),
 ]
@@ -82,7 +79,7 @@ EventTypeName = Literal[
 ]
 _TIME = (
     r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
-    r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])(?![\s\S])"
+    r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])" + PATTERN_END
 )
 #: Month and day (February up to the 29th: a 29th of a common year is the contract's 422).
 _DATE = (
@@ -114,7 +111,7 @@ class EventsQuery(Query):
     history: Annotated[
         str,
         Meta(
-            pattern=r"^(all|current|[0-9]{1,6}(s|min|h|d|w|m|y))" + _END,
+            pattern=r"^(all|current|[0-9]{1,6}(s|min|h|d|w|m|y))" + PATTERN_END,
             description="all, current (the latest event per user, item and type), or a window "
             "<n><unit> back from now (unit s, min, h, d, w, m = 30 days, y = 365 days)",
         ),

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from recsys.contract import PATTERN_END
 from recsys.validation import MISSING_ITEM, MISSING_USER, OVERSIZE_EVENT_FIELD
 from serving.schemas import (
     MAX_ANCHORS,
@@ -41,9 +42,6 @@ Object = dict[str, Any]
 Limit = Annotated[int, Meta(ge=1, le=1000)]
 Count = Annotated[int, Meta(ge=0)]
 Cursor = Annotated[int, Meta(ge=0, le=2**31 - 1, description="offset of the next page")]
-#: Ends a pattern at the end of the text under both Python's `re` and ECMA-262 (Python's `$`
-#: also matches before a final newline).
-_END = r"$(?!\n)"
 
 
 class Query(msgspec.Struct, omit_defaults=True):
@@ -387,7 +385,7 @@ class SearchRequest(Body):
         Annotated[
             str,
             Meta(
-                pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+                pattern=r"^[a-z0-9][a-z0-9_-]{0,63}" + PATTERN_END,
                 description="items (default) or users: the live snapshot's factors; any other "
                 "name: a client index (POST /v1/recs/embeddings/index; its own metric)",
             ),
@@ -430,7 +428,7 @@ class Embedding(Reply):
 
 
 # --- experiments ------------------------------------------------------------------------------
-ExperimentId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}" + _END)]
+ExperimentId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}" + PATTERN_END)]
 Status = Literal["draft", "running", "paused", "stopped"]
 Metric = Literal["ctr", "conversion"]
 Time = Annotated[dt.datetime, Meta(tz=True, description="RFC 3339 date-time with an offset")]
@@ -735,7 +733,7 @@ SeedStrategy = Annotated[
     str,
     Meta(
         max_length=MAX_ID_LENGTH,
-        pattern=r"^(popular|trending|(category|tag|segment):[\s\S]*)" + _END,
+        pattern=r"^(popular|trending|(category|tag|segment):[\s\S]*)" + PATTERN_END,
         description="a fallback list of the snapshot: popular, trending, category:<c>, tag:<t>, "
         "segment:<s>",
     ),
