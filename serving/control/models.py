@@ -466,6 +466,10 @@ class ModelsResource:
         if body.training_job_id is not None:
             tags["recsys.training_job_id"] = body.training_job_id
         url = body.artifact_url
+        if "\x00" in url:  # (no path or run holds one: the OS would refuse it)
+            raise ProblemError(
+                422, "artifact_url cannot hold a NUL character.", code="RECSYS_BAD_ARTIFACT_URL"
+            )
         if url.startswith("runs:/"):
             source, run_id = self._run_artifacts(tenant, url)
         else:

@@ -82,3 +82,23 @@ def test_an_event_with_a_huge_integer_in_its_metadata_is_rejected_alone(client):
         "/v1/recs/events", json={**good, "metadata": {"n": BIG}}, headers=ADMIN
     )
     assert one.status_code == 422 and one.json["reason"] == "unparsable", one.text
+
+
+def test_a_model_takes_neither_a_huge_integer_nor_a_nul_artifact_url(client):
+    """Through the registry (MLflow's store under the test's data root): the model stays
+    readable, and its version's artifact_url with a NUL is a 422."""
+    made = client.simulate_post(
+        "/v1/recs/models", json={"name": "m1", "output_schema": {"n": 1}}, headers=ADMIN
+    )
+    assert made.status_code == 201, made.text
+    model = made.json["id"]
+    patch = client.simulate_patch(
+        f"/v1/recs/models/{model}", json={"output_schema": {"n": BIG}}, headers=ADMIN
+    )
+    assert patch.status_code == 422 and "output_schema" in patch.json["detail"], patch.text
+    got = client.simulate_get(f"/v1/recs/models/{model}", headers=ADMIN)
+    assert got.status_code == 200 and got.json["output_schema"] == {"n": 1}, got.text
+    resp = client.simulate_post(
+        f"/v1/recs/models/{model}/versions", json={"artifact_url": "a\x00b"}, headers=ADMIN
+    )
+    _problem(resp, 422, "RECSYS_BAD_ARTIFACT_URL", "NUL")
