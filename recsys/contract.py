@@ -25,12 +25,12 @@ DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
     "return": -8.0,
 }
 BUILTIN_EVENT_TYPES: tuple[str, ...] = tuple(DEFAULT_EVENT_WEIGHTS)
-#: The name of an event type a tenant declares (its config's `event_types`, with its weight):
-#: lowercase, as event types compare case-insensitively.
 #: The end of a pattern that must match a whole text, alike under Python's `re` (with which
 #: msgspec and our own checks match: its `$` also matches before a final newline, so
 #: "abc\n" would pass `^[a-z]+$`) and ECMA-262 (what the OpenAPI spec's clients match with).
 PATTERN_END = r"$(?!\n)"
+#: The name of an event type a tenant declares (its config's `event_types`, with its weight):
+#: lowercase, as event types compare case-insensitively.
 EVENT_TYPE_PATTERN = "^[a-z][a-z0-9_]{0,63}" + PATTERN_END
 
 #: Upper bounds on free-text fields; longer values are rejected as oversize, not truncated.
